@@ -1,0 +1,138 @@
+# kvpager — one build for the library, tools, tests and benchmarks.
+#   make            shared + static library, tools, tests, benchmarks (built, not run)
+#   make test       every Criterion suite, the ASan+UBSan build's suites, and (on x86-64 with the
+#                   cross compiler present) the NEON kernels under qemu-aarch64
+#   make bench      build and run the benchmarks
+#   make asan       tests under AddressSanitizer + UndefinedBehaviorSanitizer
+#   make neon       NEON kernel checks, cross-built and run under qemu-aarch64
+#   make install    PREFIX=/usr/local DESTDIR=
+#   CC=clang make   builds with clang
+
+CC       ?= cc
+PREFIX   ?= /usr/local
+DESTDIR  ?=
+BUILD    ?= build
+VERSION  := 1.0.0
+SOMAJOR  := 1
+
+ARCH     := $(shell $(CC) -dumpmachine | cut -d- -f1)
+WARN     := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes
+CFLAGS   ?= -O2 -g
+CFLAGS   += -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) -Iinclude -I.
+# The library loads jemalloc itself (pager/arena.c says why); executables load it at start-up, which is
+# what lets the library dlopen it in their processes.
+LIB_LIBS := -lnuma -luring -lpthread -lm -ldl
+LIBS     := -Wl,--no-as-needed -ljemalloc -Wl,--as-needed $(LIB_LIBS)
+TESTLIBS := -lcriterion
+
+LAYERS   := base kernels codecs policies pager plugin
+LIB_SRC  := $(foreach d,$(LAYERS),$(wildcard $(d)/*.c))
+ifeq ($(ARCH),x86_64)
+LIB_SRC  := $(filter-out %neon.c,$(LIB_SRC))
+else ifeq ($(ARCH),aarch64)
+LIB_SRC  := $(filter-out %avx2.c,$(LIB_SRC))
+else
+LIB_SRC  := $(filter-out %neon.c %avx2.c,$(LIB_SRC))
+endif
+LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
+
+TOOL_MAIN := $(wildcard tools/kvpager-*.c)
+TOOL_LIB  := $(filter-out $(TOOL_MAIN),$(wildcard tools/*.c))
+TOOL_OBJ  := $(TOOL_LIB:%.c=$(BUILD)/obj/%.o)
+TOOLS     := $(TOOL_MAIN:tools/%.c=$(BUILD)/%)
+
+TEST_SRC  := $(wildcard tests/test_*.c)
+TESTS     := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+BENCH_SRC := $(filter-out bench/harness.c,$(wildcard bench/*.c))
+BENCHES   := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
+
+SONAME    := libkvpager.so.$(SOMAJOR)
+SHARED    := $(BUILD)/$(SONAME)
+STATIC    := $(BUILD)/libkvpager.a
+
+.PHONY: all lib tools tests benches test check bench asan neon install clean
+all: lib tools tests benches $(BUILD)/kvpager.pc
+lib: $(SHARED) $(STATIC)
+tools: $(TOOLS)
+tests: $(TESTS) $(BUILD)/tests/kernels_check
+benches: $(BENCHES)
+
+$(BUILD)/obj/%avx2.o: %avx2.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -mavx2 -mfma -mf16c -MMD -MP -c $< -o $@
+
+$(BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+
+$(SHARED): $(LIB_OBJ) plugin/kvpager.map
+	$(CC) -shared -Wl,-soname,$(SONAME) -Wl,--version-script=plugin/kvpager.map -Wl,-z,defs \
+		-o $@ $(LIB_OBJ) $(LIB_LIBS)
+	ln -sf $(SONAME) $(BUILD)/libkvpager.so
+
+$(STATIC): $(LIB_OBJ)
+	rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/%: tools/%.c $(TOOL_OBJ) $(STATIC)
+	$(CC) $(CFLAGS) -MMD -MP -o $@ $< $(TOOL_OBJ) $(STATIC) $(LIBS)
+
+$(BUILD)/tests/%: tests/%.c $(TOOL_OBJ) $(STATIC) | $(SHARED)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -MMD -MP -o $@ $< $(TOOL_OBJ) $(STATIC) $(TESTLIBS) $(LIBS)
+
+# The vector-versus-scalar kernel checks without Criterion, so they also run under qemu-user.
+$(BUILD)/tests/kernels_check: tests/kernels_check.c $(STATIC)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(STATIC) $(LIBS)
+
+$(BUILD)/bench/%: bench/%.c bench/harness.c bench/harness.h $(STATIC)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< bench/harness.c $(STATIC) $(LIBS)
+
+$(BUILD)/kvpager.pc: Makefile
+	@mkdir -p $(dir $@)
+	printf 'prefix=%s\nlibdir=$${prefix}/lib\nincludedir=$${prefix}/include\n\nName: kvpager\nDescription: paged, compressed KV cache for transformer inference\nVersion: %s\nLibs: -L$${libdir} -lkvpager\nLibs.private: -ljemalloc %s\nCflags: -I$${includedir}\n' \
+		'$(PREFIX)' '$(VERSION)' '$(LIB_LIBS)' > $@
+
+# Each suite runs on its own so one crash cannot hide the others; the summary line counts suites.
+test: all
+	@KVP_TEST_BUILD=$(BUILD) sh tests/run.sh $(TESTS) $(BUILD)/tests/kernels_check
+	$(MAKE) --no-print-directory asan
+	@if [ "$(ARCH)" = x86_64 ] && command -v aarch64-linux-gnu-gcc >/dev/null; then \
+		$(MAKE) --no-print-directory neon; \
+	else echo "neon: skipped (needs x86-64 with aarch64-linux-gnu-gcc and qemu-aarch64)"; fi
+check: test
+
+bench: benches
+	@for b in $(BENCHES); do echo "== $$b"; $$b || exit 1; done
+
+asan:
+	$(MAKE) --no-print-directory BUILD=build-asan \
+		CFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all" \
+		tests
+	@ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 KVP_TEST_BUILD=build-asan \
+		sh tests/run.sh $(TESTS:$(BUILD)/%=build-asan/%) build-asan/tests/kernels_check
+
+NEON_SRC := base/error.c base/half.c kernels/dispatch.c kernels/scalar.c kernels/neon.c
+neon:
+	@mkdir -p build-neon
+	aarch64-linux-gnu-gcc -O2 -static -std=c11 -D_GNU_SOURCE $(WARN) -Iinclude -I. \
+		-o build-neon/kernels_check tests/kernels_check.c $(NEON_SRC) -lm
+	qemu-aarch64 build-neon/kernels_check
+
+install: all
+	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/bin \
+		$(DESTDIR)$(PREFIX)/lib/pkgconfig
+	install -m 644 include/kvpager.h $(DESTDIR)$(PREFIX)/include/
+	install -m 755 $(SHARED) $(DESTDIR)$(PREFIX)/lib/libkvpager.so.$(VERSION)
+	ln -sf libkvpager.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/$(SONAME)
+	ln -sf $(SONAME) $(DESTDIR)$(PREFIX)/lib/libkvpager.so
+	install -m 644 $(STATIC) $(DESTDIR)$(PREFIX)/lib/
+	install -m 644 $(BUILD)/kvpager.pc $(DESTDIR)$(PREFIX)/lib/pkgconfig/
+	for t in $(TOOLS); do install -m 755 $$t $(DESTDIR)$(PREFIX)/bin/; done
+
+clean:
+	rm -rf build build-asan build-neon
+
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

@@ -1,0 +1,77 @@
+/*
+ * base/ — the ground layer every other folder may use: the thread-local error message behind
+ * kvp_last_error(), the configuration grammar, and IEEE half-precision conversion.
+ */
+#ifndef KVP_BASE_H
+#define KVP_BASE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvpager.h"
+
+#define KVP_HIDDEN __attribute__((visibility("hidden")))
+
+/* Records a printf-style message for kvp_last_error() and returns s, so callers write
+ * `return kvp_fail(KVP_EINVAL, "block=%u is not a multiple of 32", b);`. */
+kvp_status kvp_fail(kvp_status s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Prefixes the current message with context ("tenant 'a': ..."). Returns s. */
+kvp_status kvp_fail_context(kvp_status s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void kvp_clear_error(void);
+
+/*
+ * Configuration grammar:
+ *   list  := item (',' item)*            (an empty string is an empty list)
+ *   item  := key '=' value
+ *   value := text up to the next ',' or ')' at depth 0; may contain name(list) and '|'
+ * Spaces and newlines around items are ignored. Parsing never allocates: keys and values point into the
+ * caller's string, which must outlive the kvp_args.
+ */
+#define KVP_ARGS_MAX 32
+
+struct kvp_arg {
+	const char *key, *val;
+	unsigned klen, vlen;
+	unsigned used;
+};
+
+struct kvp_args {
+	const char *what; /* "pool", "tenant", "turboquant": names the spec in messages */
+	unsigned n;
+	struct kvp_arg a[KVP_ARGS_MAX];
+};
+
+/* Splits text[0..len) into key=value items. Duplicate keys are errors. */
+kvp_status kvp_args_parse(struct kvp_args *args, const char *what, const char *text, size_t len);
+
+/*
+ * Typed lookups. A missing key leaves *out untouched and returns KVP_OK, so defaults are set first.
+ * A present key is marked used; a value that does not parse or lies outside [lo, hi] is KVP_EINVAL with
+ * a message quoting it.
+ */
+kvp_status kvp_args_u64(struct kvp_args *args, const char *key, uint64_t lo, uint64_t hi, uint64_t *out);
+kvp_status kvp_args_u32(struct kvp_args *args, const char *key, uint32_t lo, uint32_t hi, uint32_t *out);
+kvp_status kvp_args_size(struct kvp_args *args, const char *key, uint64_t *out); /* 4GiB, 512MiB, 100 */
+kvp_status kvp_args_double(struct kvp_args *args, const char *key, double lo, double hi, double *out);
+/* One of choices (NULL-terminated); *out is its index. */
+kvp_status kvp_args_choice(struct kvp_args *args, const char *key, const char *const *choices,
+			   unsigned *out);
+/* The raw value text (not NUL-terminated). */
+kvp_status kvp_args_text(struct kvp_args *args, const char *key, const char **val, unsigned *vlen);
+/* KVP_EINVAL naming the first key nobody asked for. Call after all lookups. */
+kvp_status kvp_args_finish(const struct kvp_args *args);
+
+/*
+ * Splits a value of the form name(list) or name into the name and the inner list text.
+ * "turboquant(bits=3)" -> name "turboquant", inner "bits=3". Unbalanced parentheses are KVP_EINVAL.
+ */
+kvp_status kvp_call_split(const char *val, unsigned vlen, const char **name, unsigned *nlen,
+			  const char **inner, unsigned *ilen);
+/* Does name[0..nlen) equal the NUL-terminated s? */
+int kvp_name_is(const char *name, unsigned nlen, const char *s);
+
+/* IEEE 754 binary16, round to nearest even; NaN and infinity preserved. */
+uint16_t kvp_f32_to_f16(float x);
+float kvp_f16_to_f32(uint16_t h);
+
+#endif /* KVP_BASE_H */

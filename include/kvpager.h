@@ -1,0 +1,196 @@
+/*
+ * kvpager.h — the public interface of libkvpager.
+ *
+ * kvpager holds the key/value cache of transformer inference in block-paged memory and shrinks it on
+ * three axes: fewer tokens (policies), fewer bits (codecs), fewer channels (SparK).
+ *
+ * Conventions
+ *   - Every call that can fail returns a kvp_status. On failure, kvp_last_error() returns a message for
+ *     the calling thread naming what was wrong; the objects involved are left exactly as they were.
+ *   - Handles are opaque. Closing a handle twice, or passing NULL where a handle is expected, returns
+ *     KVP_EINVAL (or is a no-op for the close calls).
+ *   - Calls on different sequences may run concurrently from different threads. Calls on one sequence
+ *     must not overlap: the caller serializes them (one decode loop per sequence is the normal case).
+ *   - Configuration strings follow one grammar: key=value pairs separated by commas; a value may be
+ *     name(args) with the same grammar inside; codec stacks are joined by '|'. Unknown keys are errors.
+ */
+#ifndef KVPAGER_H
+#define KVPAGER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#define KVP_API __attribute__((visibility("default")))
+#else
+#define KVP_API
+#endif
+
+typedef struct kvp_pool kvp_pool;
+typedef struct kvp_tenant kvp_tenant;
+typedef struct kvp_seq kvp_seq;
+typedef struct kvp_codec kvp_codec;
+typedef struct kvp_policy kvp_policy;
+
+typedef enum {
+	KVP_OK = 0,
+	KVP_EINVAL = -1,       /* bad argument, spec, shape or handle */
+	KVP_ENOMEM = -2,       /* quota, pool limit or the system is out of memory */
+	KVP_EIO = -3,          /* the spill device failed */
+	KVP_ECORRUPT = -4,     /* spilled or loaded data failed its checks */
+	KVP_EPERM = -5,        /* a handle used outside its owner */
+	KVP_EUNSUPPORTED = -6, /* valid request this build does not serve yet */
+	KVP_EABI = -7          /* host and library disagree on a structure version */
+} kvp_status;
+
+typedef enum { KVP_ROPE_HALF = 0, KVP_ROPE_INTERLEAVED = 1 } kvp_rope_layout;
+
+/* The attention geometry of one model. n_heads must be a multiple of n_kv_heads (GQA). */
+typedef struct {
+	uint32_t n_layers, n_heads, n_kv_heads, head_dim;
+	float rope_theta;
+	kvp_rope_layout rope_layout;
+} kvp_shape;
+
+/* Static description of a status; never NULL. */
+KVP_API const char *kvp_strerror(kvp_status s);
+/* Detail of the last failure on this thread ("" when none); valid until the next failing call. */
+KVP_API const char *kvp_last_error(void);
+
+/*
+ * Pool: all cache memory of one process.
+ *   mem=SIZE        global byte limit over all tenants (default: unlimited); SIZE takes B, KiB, MiB, GiB
+ *   numa=N          place block memory on NUMA node N (a no-op with a note where NUMA is absent)
+ */
+KVP_API kvp_status kvp_pool_open(const char *spec, kvp_pool **out);
+/* Closes the pool; tenants and sequences still open are closed with it. */
+KVP_API void kvp_pool_close(kvp_pool *pool);
+
+/*
+ * Tenant: a quota and a default cache configuration; its blocks live in its own jemalloc arena.
+ *   quota=SIZE      byte limit over the tenant's sequences (default: none; the pool's limit binds)
+ *   block=N         tokens per block (default 64)
+ *   sinks=N         first N tokens of every stream are kept exact (default 4)
+ *   window=N        last N tokens of every stream are kept exact (default 128)
+ *   store=fp32|fp16 storage of the exact tiers (default fp32)
+ * Names are unique within a pool.
+ */
+KVP_API kvp_status kvp_tenant_open(kvp_pool *pool, const char *name, const char *spec, kvp_tenant **out);
+/* Closes the tenant and its sequences. */
+KVP_API void kvp_tenant_close(kvp_tenant *t);
+
+/* Sequence: one request; the shape is copied. */
+KVP_API kvp_status kvp_seq_open(kvp_tenant *t, const kvp_shape *shape, kvp_seq **out);
+/* A copy-on-write duplicate of src: blocks are shared until either side writes to them. */
+KVP_API kvp_status kvp_seq_fork(kvp_seq *src, kvp_seq **out);
+KVP_API void kvp_seq_close(kvp_seq *s);
+
+/*
+ * Append n tokens to one layer of a sequence.
+ *   pos: [n] absolute positions; k, v: [n][n_kv_heads][head_dim] fp32, keys after RoPE.
+ * Either every token is appended to every KV head of the layer or nothing is (KVP_ENOMEM on quota).
+ */
+KVP_API kvp_status kvp_append(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos,
+			      const float *k, const float *v);
+/*
+ * Attention for one query token over one layer.
+ *   q: [n_heads][head_dim] after RoPE; out: [n_heads][head_dim] = softmax(q K^T / sqrt(head_dim)) V,
+ *   query head h reading KV head h / (n_heads / n_kv_heads). A layer with no tokens gives zeros.
+ */
+KVP_API kvp_status kvp_attend(kvp_seq *s, uint32_t layer, const float *q, float *out);
+/* End of one decode step: policy rounds run here. */
+KVP_API kvp_status kvp_seq_step(kvp_seq *s);
+/*
+ * Copy out the retained tokens of one stream in position order, decoded to fp32.
+ *   pos: [cap], k, v: [cap][head_dim] (any may be NULL); *n_out is the stream's token count. When the
+ *   stream holds more than cap tokens, nothing is copied and KVP_EINVAL is returned with *n_out set.
+ */
+KVP_API kvp_status kvp_gather(kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos,
+			      float *k, float *v, uint32_t *n_out);
+KVP_API kvp_status kvp_seq_park(kvp_seq *s);   /* spill every block of the sequence */
+KVP_API kvp_status kvp_seq_unpark(kvp_seq *s); /* and bring it back */
+
+/* Byte and token counters. The caller sets size = sizeof(kvp_stats); older, smaller structs are filled
+ * up to their size, so the struct can grow without breaking hosts. */
+typedef struct {
+	uint32_t size;
+	uint64_t tokens_appended, tokens_retained; /* summed over streams */
+	uint64_t bytes_exact;      /* token storage of the exact tiers, as allocated */
+	uint64_t bytes_compressed; /* token storage of codec-encoded blocks, as allocated */
+	uint64_t bytes_meta;       /* positions, block headers, stream tables */
+	uint64_t bytes_spilled;    /* bytes on the spill device */
+	uint64_t bytes_dense_fp16; /* what every appended token would take as dense fp16 K and V */
+} kvp_stats;
+/* Blocks shared by forks count in every sequence that holds them; tenant stats count them once. */
+KVP_API kvp_status kvp_seq_stats(const kvp_seq *s, kvp_stats *out);
+KVP_API kvp_status kvp_tenant_stats(const kvp_tenant *t, kvp_stats *out);
+
+/* Codecs on their own, e.g. "turboquant(bits=3)" or "spark(keep=0.5)|turboquant(bits=3)". */
+KVP_API kvp_status kvp_codec_open(const char *spec, uint32_t dim, kvp_codec **out);
+KVP_API uint32_t kvp_codec_group(const kvp_codec *c); /* tokens per group; 1 when separable */
+KVP_API size_t kvp_codec_bytes(const kvp_codec *c, uint32_t n);
+KVP_API kvp_status kvp_codec_encode(kvp_codec *c, uint32_t n, const float *x, void *dst);
+KVP_API kvp_status kvp_codec_decode(kvp_codec *c, uint32_t n, const void *src, float *x);
+KVP_API kvp_status kvp_codec_dot(kvp_codec *c, uint32_t n, const void *src, const float *q, float *out);
+KVP_API void kvp_codec_close(kvp_codec *c);
+
+/* Policies on their own: scores after the policy's own normalization and GQA aggregation. */
+KVP_API kvp_status kvp_policy_open(const char *spec, const kvp_shape *shape, kvp_policy **out);
+KVP_API kvp_status kvp_policy_score(kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t0,
+				    uint32_t n, const int32_t *pos, const float *k_post_rope,
+				    float *scores);
+KVP_API void kvp_policy_close(kvp_policy *p);
+
+/*
+ * Plugin entry for dlopen hosts. kvp_plugin(KVP_ABI_MAJOR) returns a table with one pointer per public
+ * call. Minor versions only append members: a host compiled against minor m may use every member it
+ * knows when the table's abi_minor >= m (and size covers it).
+ */
+#define KVP_ABI_MAJOR 1
+#define KVP_ABI_MINOR 0
+
+typedef struct kvp_plugin_v1 {
+	uint32_t abi_major, abi_minor, size;
+	const char *(*strerror)(kvp_status s);
+	const char *(*last_error)(void);
+	kvp_status (*pool_open)(const char *spec, kvp_pool **out);
+	void (*pool_close)(kvp_pool *pool);
+	kvp_status (*tenant_open)(kvp_pool *pool, const char *name, const char *spec, kvp_tenant **out);
+	void (*tenant_close)(kvp_tenant *t);
+	kvp_status (*seq_open)(kvp_tenant *t, const kvp_shape *shape, kvp_seq **out);
+	kvp_status (*seq_fork)(kvp_seq *src, kvp_seq **out);
+	void (*seq_close)(kvp_seq *s);
+	kvp_status (*append)(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
+			     const float *v);
+	kvp_status (*attend)(kvp_seq *s, uint32_t layer, const float *q, float *out);
+	kvp_status (*seq_step)(kvp_seq *s);
+	kvp_status (*gather)(kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos,
+			     float *k, float *v, uint32_t *n_out);
+	kvp_status (*seq_park)(kvp_seq *s);
+	kvp_status (*seq_unpark)(kvp_seq *s);
+	kvp_status (*seq_stats)(const kvp_seq *s, kvp_stats *out);
+	kvp_status (*tenant_stats)(const kvp_tenant *t, kvp_stats *out);
+	kvp_status (*codec_open)(const char *spec, uint32_t dim, kvp_codec **out);
+	uint32_t (*codec_group)(const kvp_codec *c);
+	size_t (*codec_bytes)(const kvp_codec *c, uint32_t n);
+	kvp_status (*codec_encode)(kvp_codec *c, uint32_t n, const float *x, void *dst);
+	kvp_status (*codec_decode)(kvp_codec *c, uint32_t n, const void *src, float *x);
+	kvp_status (*codec_dot)(kvp_codec *c, uint32_t n, const void *src, const float *q, float *out);
+	void (*codec_close)(kvp_codec *c);
+	kvp_status (*policy_open)(const char *spec, const kvp_shape *shape, kvp_policy **out);
+	kvp_status (*policy_score)(kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t0, uint32_t n,
+				   const int32_t *pos, const float *k_post_rope, float *scores);
+	void (*policy_close)(kvp_policy *p);
+} kvp_plugin_v1;
+
+/* NULL when abi_major is not served (kvp_last_error says which majors are). */
+KVP_API const kvp_plugin_v1 *kvp_plugin(uint32_t abi_major);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVPAGER_H */

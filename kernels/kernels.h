@@ -1,0 +1,49 @@
+/*
+ * kernels/ — the hot loops, each with a scalar reference (scalar.c) and vector versions (avx2.c,
+ * neon.c), chosen once at start-up from the CPU's features. KVP_KERNELS=scalar|avx2|neon forces one.
+ *
+ * Rows are contiguous: rows[i*d + j] is element j of row i. No alignment is required of any pointer.
+ */
+#ifndef KVP_KERNELS_H
+#define KVP_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct kvp_kernels {
+	const char *name;
+	/* out[i] = scale * <q, row_i> for i < n */
+	void (*dot_f32)(unsigned d, unsigned n, const float *rows, const float *q, float scale, float *out);
+	void (*dot_f16)(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale,
+			float *out);
+	/* acc[j] += sum_i w[i] * row_i[j] for j < d */
+	void (*axpy_f32)(unsigned d, unsigned n, const float *rows, const float *w, float *acc);
+	void (*axpy_f16)(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc);
+	/* IEEE binary16, round to nearest even, bit-identical across implementations */
+	void (*f32_to_f16)(size_t n, const float *x, uint16_t *y);
+	void (*f16_to_f32)(size_t n, const uint16_t *x, float *y);
+	/*
+	 * One step of online softmax over a block of scores s[0..n):
+	 *   m' = max(*m, max_i s[i]); s[i] = exp(s[i] - m'); *l = *l * exp(*m - m') + sum_i s[i]; *m = m'
+	 * Returns exp(old m - m'), the factor the caller applies to its running output. With *m = -INFINITY
+	 * on entry (first block) it returns 0. n >= 1.
+	 */
+	float (*softmax_step)(unsigned n, float *s, float *m, float *l);
+	/* y[j] *= a for j < d */
+	void (*scale)(unsigned d, float a, float *y);
+};
+
+/* The implementation chosen for this process (KVP_KERNELS or the best the CPU supports). */
+const struct kvp_kernels *kvp_kernels(void);
+/* A named implementation, or NULL when this build or CPU cannot run it. For tests and benchmarks. */
+const struct kvp_kernels *kvp_kernels_named(const char *name);
+
+extern const struct kvp_kernels kvp_kernels_scalar;
+#if defined(__x86_64__)
+extern const struct kvp_kernels kvp_kernels_avx2;
+#endif
+#if defined(__aarch64__)
+extern const struct kvp_kernels kvp_kernels_neon;
+#endif
+
+#endif /* KVP_KERNELS_H */

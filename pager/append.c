@@ -1,0 +1,160 @@
+/*
+ * kvp_append: all-or-nothing. Every block, copy and table an append needs is charged and allocated
+ * first (plan); only when all of them exist are tokens written and pointers swapped (commit). A failed
+ * plan is unwound and the sequence is exactly as it was.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "pager.h"
+
+struct stream_plan {
+	uint32_t sink_take, tail_take, n_fresh;
+	struct kvp_block *sink;  /* new or copied sink block; NULL when the old one is written in place */
+	struct kvp_block *tail;  /* private copy of a shared tail block */
+	struct kvp_block **table; /* grown block table */
+	uint32_t table_cap;
+	struct kvp_block **fresh;
+};
+
+static size_t table_bytes(uint32_t cap)
+{
+	return (size_t)cap * sizeof(struct kvp_block *);
+}
+
+static void plan_unwind(struct kvp_tenant *t, struct stream_plan *p, uint32_t dim)
+{
+	kvp_block_put(t, p->sink, dim);
+	kvp_block_put(t, p->tail, dim);
+	for (uint32_t i = 0; i < p->n_fresh && p->fresh; i++)
+		kvp_block_put(t, p->fresh[i], dim);
+	free(p->fresh);
+	if (p->table)
+		kvp_free(t, p->table, table_bytes(p->table_cap), KVP_BYTES_META, 0);
+	memset(p, 0, sizeof *p);
+}
+
+static int shared(struct kvp_block *b)
+{
+	return atomic_load_explicit(&b->refs, memory_order_acquire) > 1;
+}
+
+static kvp_status plan_stream(struct kvp_tenant *t, const struct kvp_stream *s, uint32_t n, uint32_t dim,
+			      struct stream_plan *p)
+{
+	const struct kvp_tenant_config *cfg = &t->cfg;
+	uint32_t sink_n = s->sink ? s->sink->n : 0, rest;
+	struct kvp_block *tail = s->n_blocks ? s->blocks[s->n_blocks - 1] : NULL;
+
+	memset(p, 0, sizeof *p);
+	p->sink_take = sink_n < cfg->sinks ? (n < cfg->sinks - sink_n ? n : cfg->sinks - sink_n) : 0;
+	if (p->sink_take && (!s->sink || shared(s->sink))) {
+		p->sink = s->sink ? kvp_block_copy(t, s->sink, dim) : kvp_block_new(t, cfg->sinks, dim, cfg->store);
+		if (!p->sink)
+			return KVP_ENOMEM;
+	}
+	rest = n - p->sink_take;
+	if (tail && tail->n < tail->cap) {
+		p->tail_take = rest < tail->cap - tail->n ? rest : tail->cap - tail->n;
+		if (p->tail_take && shared(tail) && !(p->tail = kvp_block_copy(t, tail, dim)))
+			return KVP_ENOMEM;
+	}
+	rest -= p->tail_take;
+	p->n_fresh = (rest + cfg->block - 1) / cfg->block;
+	if (!p->n_fresh)
+		return KVP_OK;
+	if (s->n_blocks + p->n_fresh > s->cap_blocks) {
+		uint32_t cap = s->cap_blocks ? s->cap_blocks : 4;
+		while (cap < s->n_blocks + p->n_fresh)
+			cap *= 2;
+		p->table = kvp_alloc(t, table_bytes(cap), KVP_BYTES_META, 0);
+		if (!p->table)
+			return KVP_ENOMEM;
+		p->table_cap = cap;
+	}
+	p->fresh = calloc(p->n_fresh, sizeof *p->fresh);
+	if (!p->fresh)
+		return kvp_fail(KVP_ENOMEM, "out of memory planning an append");
+	for (uint32_t i = 0; i < p->n_fresh; i++)
+		if (!(p->fresh[i] = kvp_block_new(t, cfg->block, dim, cfg->store)))
+			return KVP_ENOMEM;
+	return KVP_OK;
+}
+
+static void commit_stream(struct kvp_tenant *t, struct kvp_stream *s, struct stream_plan *p, uint32_t n,
+			  uint32_t dim, const int32_t *pos, const float *k, const float *v, size_t stride)
+{
+	uint32_t i = 0;
+	if (p->sink) {
+		kvp_block_put(t, s->sink, dim);
+		s->sink = p->sink;
+	}
+	if (p->sink_take) {
+		kvp_block_write(s->sink, s->sink->n, p->sink_take, dim, pos, k, v, stride);
+		i += p->sink_take;
+	}
+	if (p->tail) {
+		kvp_block_put(t, s->blocks[s->n_blocks - 1], dim);
+		s->blocks[s->n_blocks - 1] = p->tail;
+	}
+	if (p->tail_take) {
+		struct kvp_block *tail = s->blocks[s->n_blocks - 1];
+		kvp_block_write(tail, tail->n, p->tail_take, dim, pos + i, k + i * stride, v + i * stride, stride);
+		i += p->tail_take;
+	}
+	if (p->table) {
+		if (s->n_blocks)
+			memcpy(p->table, s->blocks, table_bytes(s->n_blocks));
+		if (s->blocks)
+			kvp_free(t, s->blocks, table_bytes(s->cap_blocks), KVP_BYTES_META, 0);
+		s->blocks = p->table;
+		s->cap_blocks = p->table_cap;
+	}
+	for (uint32_t f = 0; f < p->n_fresh; f++) {
+		uint32_t take = n - i < t->cfg.block ? n - i : t->cfg.block;
+		kvp_block_write(p->fresh[f], 0, take, dim, pos + i, k + i * stride, v + i * stride, stride);
+		s->blocks[s->n_blocks++] = p->fresh[f];
+		i += take;
+	}
+	free(p->fresh);
+	s->n_tokens += n;
+}
+
+kvp_status kvp_append(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
+		      const float *v)
+{
+	struct stream_plan plans[64], *plan = plans;
+	kvp_status st = KVP_OK;
+	uint32_t nkv, dim, g;
+
+	if (!s || s->magic != KVP_SEQ_MAGIC)
+		return kvp_fail(KVP_EINVAL, "kvp_append: not an open sequence");
+	if (layer >= s->shape.n_layers)
+		return kvp_fail(KVP_EINVAL, "kvp_append: layer %u of a %u-layer sequence", layer, s->shape.n_layers);
+	if (n == 0)
+		return KVP_OK;
+	if (!pos || !k || !v)
+		return kvp_fail(KVP_EINVAL, "kvp_append: pos, k and v must not be NULL");
+	nkv = s->shape.n_kv_heads;
+	dim = s->shape.head_dim;
+	if (nkv > sizeof plans / sizeof plans[0] && !(plan = calloc(nkv, sizeof *plan)))
+		return kvp_fail(KVP_ENOMEM, "kvp_append: out of memory");
+	for (g = 0; g < nkv && st == KVP_OK; g++)
+		st = plan_stream(s->tenant, kvp_seq_stream(s, layer, g), n, dim, &plan[g]);
+	if (st != KVP_OK) {
+		st = kvp_fail_context(st, "kvp_append: %u tokens to layer %u not appended", n, layer);
+		for (uint32_t u = 0; u < g; u++)
+			plan_unwind(s->tenant, &plan[u], dim);
+	} else {
+		for (g = 0; g < nkv; g++)
+			commit_stream(s->tenant, kvp_seq_stream(s, layer, g), &plan[g], n, dim, pos,
+				      k + (size_t)g * dim, v + (size_t)g * dim, (size_t)nkv * dim);
+		s->tokens_appended += (uint64_t)n * nkv;
+		atomic_fetch_add(&s->tenant->tokens_appended, (uint64_t)n * nkv);
+		atomic_fetch_add(&s->tenant->tokens_retained, (uint64_t)n * nkv);
+		atomic_fetch_add(&s->tenant->bytes_dense_fp16, (uint64_t)n * nkv * dim * 4);
+	}
+	if (plan != plans)
+		free(plan);
+	return st;
+}

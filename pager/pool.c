@@ -1,0 +1,184 @@
+/* Pools and tenants: limits, quotas, arenas, and the tenant configuration. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pager.h"
+
+static kvp_status pool_config_parse(struct kvp_pool *p, const char *spec)
+{
+	struct kvp_args args;
+	uint64_t node = UINT64_MAX;
+	kvp_status st = kvp_args_parse(&args, "pool", spec, spec ? strlen(spec) : 0);
+	if (st == KVP_OK)
+		st = kvp_args_size(&args, "mem", &p->limit);
+	if (st == KVP_OK)
+		st = kvp_args_u64(&args, "numa", 0, 1023, &node);
+	if (st == KVP_OK) {
+		const char *later[] = { "spill", "spill_max", NULL };
+		for (unsigned i = 0; later[i]; i++) {
+			const char *v = NULL;
+			unsigned n;
+			kvp_args_text(&args, later[i], &v, &n);
+			if (v)
+				return kvp_fail(KVP_EUNSUPPORTED, "pool: %s= is not served yet: the NVMe spill device "
+						"is not built in this version", later[i]);
+		}
+		st = kvp_args_finish(&args);
+	}
+	p->numa_node = node == UINT64_MAX ? -1 : (int)node;
+	return st;
+}
+
+kvp_status kvp_pool_open(const char *spec, kvp_pool **out)
+{
+	struct kvp_pool *p;
+	kvp_status st;
+	if (!out)
+		return kvp_fail(KVP_EINVAL, "kvp_pool_open: out is NULL");
+	*out = NULL;
+	if (!(p = calloc(1, sizeof *p)))
+		return kvp_fail(KVP_ENOMEM, "kvp_pool_open: out of memory");
+	p->limit = UINT64_MAX;
+	if ((st = pool_config_parse(p, spec)) != KVP_OK || (st = kvp_jemalloc_load(&p->je)) != KVP_OK) {
+		free(p);
+		return st;
+	}
+	pthread_mutex_init(&p->lock, NULL);
+	p->magic = KVP_POOL_MAGIC;
+	kvp_clear_error();
+	if (p->numa_node >= 0) {
+		st = kvp_numa_check(p->numa_node);
+		if (st == KVP_EINVAL) {
+			kvp_pool_close(p);
+			return st;
+		}
+		if (st == KVP_EUNSUPPORTED) {
+			/* Placement is an optimisation: run without it, and say so. */
+			kvp_fail(KVP_OK, "pool: numa=%d ignored: this machine has no NUMA support", p->numa_node);
+			p->numa_node = -1;
+		}
+	}
+	*out = p;
+	return KVP_OK;
+}
+
+void kvp_pool_close(kvp_pool *p)
+{
+	if (!p || p->magic != KVP_POOL_MAGIC)
+		return;
+	while (p->tenants)
+		kvp_tenant_close(p->tenants);
+	p->magic = 0;
+	pthread_mutex_destroy(&p->lock);
+	free(p);
+}
+
+kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quota, const char *spec)
+{
+	static const char *const stores[] = { "fp32", "fp16", NULL };
+	static const char *const later[] = { "policy", "k", "v", "gate", "ladder", "pin_prompt", NULL };
+	struct kvp_args args;
+	unsigned store = KVP_STORE_FP32;
+	kvp_status st;
+
+	*cfg = (struct kvp_tenant_config){ .block = 64, .sinks = 4, .window = 128, .store = KVP_STORE_FP32 };
+	st = kvp_args_parse(&args, "tenant", spec, spec ? strlen(spec) : 0);
+	if (st == KVP_OK)
+		st = kvp_args_size(&args, "quota", quota);
+	if (st == KVP_OK)
+		st = kvp_args_u32(&args, "block", 1, KVP_BLOCK_MAX, &cfg->block);
+	if (st == KVP_OK)
+		st = kvp_args_u32(&args, "sinks", 0, KVP_BLOCK_MAX, &cfg->sinks);
+	if (st == KVP_OK)
+		st = kvp_args_u32(&args, "window", 0, 1u << 24, &cfg->window);
+	if (st == KVP_OK)
+		st = kvp_args_choice(&args, "store", stores, &store);
+	for (unsigned i = 0; st == KVP_OK && later[i]; i++) {
+		const char *v = NULL;
+		unsigned n;
+		kvp_args_text(&args, later[i], &v, &n);
+		if (v)
+			st = kvp_fail(KVP_EUNSUPPORTED, "tenant: %s=%.*s is not served yet: policies and codecs in the "
+				      "cache arrive in a later version", later[i], (int)n, v);
+	}
+	if (st == KVP_OK)
+		st = kvp_args_finish(&args);
+	cfg->store = (enum kvp_store)store;
+	return st;
+}
+
+static kvp_status tenant_name_check(struct kvp_pool *pool, const char *name)
+{
+	if (!name || !*name || strlen(name) >= sizeof(((struct kvp_tenant *)0)->name))
+		return kvp_fail(KVP_EINVAL, "kvp_tenant_open: a name of 1..63 characters is required");
+	for (struct kvp_tenant *t = pool->tenants; t; t = t->next)
+		if (!strcmp(t->name, name))
+			return kvp_fail(KVP_EINVAL, "kvp_tenant_open: tenant '%s' already exists", name);
+	return KVP_OK;
+}
+
+kvp_status kvp_tenant_open(kvp_pool *pool, const char *name, const char *spec, kvp_tenant **out)
+{
+	struct kvp_tenant *t;
+	kvp_status st;
+	if (!pool || pool->magic != KVP_POOL_MAGIC || !out)
+		return kvp_fail(KVP_EINVAL, "kvp_tenant_open: not an open pool, or out is NULL");
+	*out = NULL;
+	if (!(t = calloc(1, sizeof *t)))
+		return kvp_fail(KVP_ENOMEM, "kvp_tenant_open: out of memory");
+	t->quota = UINT64_MAX; /* bounded by the pool alone */
+	if ((st = kvp_tenant_config_parse(&t->cfg, &t->quota, spec)) != KVP_OK) {
+		free(t);
+		return st;
+	}
+	pthread_mutex_lock(&pool->lock);
+	st = tenant_name_check(pool, name);
+	if (st == KVP_OK)
+		st = kvp_arena_create(pool, &t->arena);
+	if (st == KVP_OK) {
+		snprintf(t->name, sizeof t->name, "%s", name);
+		t->pool = pool;
+		t->flags = kvp_arena_flags(t->arena);
+		pthread_mutex_init(&t->lock, NULL);
+		t->magic = KVP_TENANT_MAGIC;
+		t->next = pool->tenants;
+		pool->tenants = t;
+	}
+	pthread_mutex_unlock(&pool->lock);
+	if (st != KVP_OK) {
+		free(t);
+		return st;
+	}
+	*out = t;
+	return KVP_OK;
+}
+
+void kvp_tenant_destroy(struct kvp_tenant *t)
+{
+	while (t->seqs) {
+		struct kvp_seq *s = t->seqs;
+		t->seqs = s->next;
+		kvp_seq_destroy(s);
+	}
+	kvp_arena_destroy(t->pool, t->arena);
+	pthread_mutex_destroy(&t->lock);
+	t->magic = 0;
+	free(t);
+}
+
+void kvp_tenant_close(kvp_tenant *t)
+{
+	struct kvp_pool *pool;
+	if (!t || t->magic != KVP_TENANT_MAGIC)
+		return;
+	pool = t->pool;
+	pthread_mutex_lock(&pool->lock);
+	for (struct kvp_tenant **p = &pool->tenants; *p; p = &(*p)->next)
+		if (*p == t) {
+			*p = t->next;
+			break;
+		}
+	pthread_mutex_unlock(&pool->lock);
+	kvp_tenant_destroy(t);
+}

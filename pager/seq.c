@@ -1,0 +1,311 @@
+/* Sequences: open, fork (copy-on-write), close, gather, stats. */
+#include <math.h>
+#include <string.h>
+
+#include "kernels/kernels.h"
+#include "pager.h"
+
+
+kvp_status kvp_shape_check(const kvp_shape *sh)
+{
+	if (!sh)
+		return kvp_fail(KVP_EINVAL, "shape: NULL");
+	if (!sh->n_layers || !sh->n_heads || !sh->n_kv_heads || !sh->head_dim)
+		return kvp_fail(KVP_EINVAL, "shape: layers %u, heads %u, kv heads %u, head_dim %u: none may be 0",
+				sh->n_layers, sh->n_heads, sh->n_kv_heads, sh->head_dim);
+	if (sh->n_heads % sh->n_kv_heads)
+		return kvp_fail(KVP_EINVAL, "shape: %u query heads are not a multiple of %u KV heads", sh->n_heads,
+				sh->n_kv_heads);
+	if (sh->n_heads / sh->n_kv_heads > KVP_GROUP_MAX)
+		return kvp_fail(KVP_EINVAL, "shape: %u query heads per KV head (at most %d)",
+				sh->n_heads / sh->n_kv_heads, KVP_GROUP_MAX);
+	if (sh->head_dim > KVP_HEAD_DIM_MAX || (sh->head_dim & 1))
+		return kvp_fail(KVP_EINVAL, "shape: head_dim %u must be even and at most %d", sh->head_dim,
+				KVP_HEAD_DIM_MAX);
+	if (sh->n_layers > 4096 || sh->n_kv_heads > 4096)
+		return kvp_fail(KVP_EINVAL, "shape: %u layers x %u KV heads is more than this build allows",
+				sh->n_layers, sh->n_kv_heads);
+	if (!(sh->rope_theta > 0) || !isfinite(sh->rope_theta))
+		return kvp_fail(KVP_EINVAL, "shape: rope_theta %g must be positive", (double)sh->rope_theta);
+	if (sh->rope_layout != KVP_ROPE_HALF && sh->rope_layout != KVP_ROPE_INTERLEAVED)
+		return kvp_fail(KVP_EINVAL, "shape: unknown rope_layout %d", (int)sh->rope_layout);
+	return KVP_OK;
+}
+
+struct kvp_stream *kvp_seq_stream(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head)
+{
+	return &s->streams[(size_t)layer * s->shape.n_kv_heads + kv_head];
+}
+
+static size_t streams_bytes(const kvp_shape *sh)
+{
+	return (size_t)sh->n_layers * sh->n_kv_heads * sizeof(struct kvp_stream);
+}
+
+static void link_seq(struct kvp_tenant *t, struct kvp_seq *s)
+{
+	pthread_mutex_lock(&t->lock);
+	s->next = t->seqs;
+	t->seqs = s;
+	pthread_mutex_unlock(&t->lock);
+}
+
+static struct kvp_seq *seq_alloc(struct kvp_tenant *t, const kvp_shape *shape)
+{
+	struct kvp_seq *s = kvp_alloc(t, sizeof *s, KVP_BYTES_META, 0);
+	if (!s)
+		return NULL;
+	memset(s, 0, sizeof *s);
+	s->streams = kvp_alloc(t, streams_bytes(shape), KVP_BYTES_META, 0);
+	if (!s->streams) {
+		kvp_free(t, s, sizeof *s, KVP_BYTES_META, 0);
+		return NULL;
+	}
+	memset(s->streams, 0, streams_bytes(shape));
+	s->magic = KVP_SEQ_MAGIC;
+	s->tenant = t;
+	s->shape = *shape;
+	s->group = shape->n_heads / shape->n_kv_heads;
+	return s;
+}
+
+kvp_status kvp_seq_open(kvp_tenant *t, const kvp_shape *shape, kvp_seq **out)
+{
+	struct kvp_seq *s;
+	kvp_status st;
+	if (!t || t->magic != KVP_TENANT_MAGIC || !out)
+		return kvp_fail(KVP_EINVAL, "kvp_seq_open: not an open tenant, or out is NULL");
+	if ((st = kvp_shape_check(shape)) != KVP_OK)
+		return st;
+	if (!(s = seq_alloc(t, shape)))
+		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_open");
+	link_seq(t, s);
+	*out = s;
+	return KVP_OK;
+}
+
+kvp_status kvp_stream_share(struct kvp_tenant *t, struct kvp_stream *dst, const struct kvp_stream *src)
+{
+	*dst = *src;
+	dst->blocks = NULL;
+	dst->cap_blocks = 0;
+	if (src->n_blocks) {
+		dst->blocks = kvp_alloc(t, src->n_blocks * sizeof *dst->blocks, KVP_BYTES_META, 0);
+		if (!dst->blocks) {
+			memset(dst, 0, sizeof *dst);
+			return KVP_ENOMEM;
+		}
+		dst->cap_blocks = src->n_blocks;
+		memcpy(dst->blocks, src->blocks, src->n_blocks * sizeof *dst->blocks);
+		for (uint32_t i = 0; i < src->n_blocks; i++)
+			kvp_block_get(dst->blocks[i]);
+	}
+	if (dst->sink)
+		kvp_block_get(dst->sink);
+	return KVP_OK;
+}
+
+void kvp_stream_release(struct kvp_tenant *t, struct kvp_stream *s, uint32_t dim)
+{
+	kvp_block_put(t, s->sink, dim);
+	for (uint32_t i = 0; i < s->n_blocks; i++)
+		kvp_block_put(t, s->blocks[i], dim);
+	if (s->blocks)
+		kvp_free(t, s->blocks, s->cap_blocks * sizeof *s->blocks, KVP_BYTES_META, 0);
+	memset(s, 0, sizeof *s);
+}
+
+static uint64_t seq_retained(const struct kvp_seq *s)
+{
+	uint64_t n = 0;
+	for (size_t i = 0; i < (size_t)s->shape.n_layers * s->shape.n_kv_heads; i++)
+		n += s->streams[i].n_tokens;
+	return n;
+}
+
+kvp_status kvp_seq_fork(kvp_seq *src, kvp_seq **out)
+{
+	struct kvp_tenant *t;
+	struct kvp_seq *s;
+	size_t i, n;
+	if (!src || src->magic != KVP_SEQ_MAGIC || !out)
+		return kvp_fail(KVP_EINVAL, "kvp_seq_fork: not an open sequence, or out is NULL");
+	t = src->tenant;
+	if (!(s = seq_alloc(t, &src->shape)))
+		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
+	n = (size_t)src->shape.n_layers * src->shape.n_kv_heads;
+	for (i = 0; i < n; i++)
+		if (kvp_stream_share(t, &s->streams[i], &src->streams[i]) != KVP_OK)
+			break;
+	if (i < n) {
+		kvp_seq_destroy(s);
+		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
+	}
+	s->tokens_appended = src->tokens_appended;
+	atomic_fetch_add(&t->tokens_appended, s->tokens_appended);
+	atomic_fetch_add(&t->tokens_retained, seq_retained(s));
+	atomic_fetch_add(&t->bytes_dense_fp16, s->tokens_appended * s->shape.head_dim * 4);
+	link_seq(t, s);
+	*out = s;
+	return KVP_OK;
+}
+
+void kvp_seq_destroy(struct kvp_seq *s)
+{
+	struct kvp_tenant *t = s->tenant;
+	size_t n = (size_t)s->shape.n_layers * s->shape.n_kv_heads;
+	atomic_fetch_sub(&t->tokens_appended, s->tokens_appended);
+	atomic_fetch_sub(&t->tokens_retained, seq_retained(s));
+	atomic_fetch_sub(&t->bytes_dense_fp16, s->tokens_appended * s->shape.head_dim * 4);
+	for (size_t i = 0; i < n; i++)
+		kvp_stream_release(t, &s->streams[i], s->shape.head_dim);
+	kvp_free(t, s->streams, streams_bytes(&s->shape), KVP_BYTES_META, 0);
+	s->magic = 0;
+	kvp_free(t, s, sizeof *s, KVP_BYTES_META, 0);
+}
+
+void kvp_seq_close(kvp_seq *s)
+{
+	struct kvp_tenant *t;
+	if (!s || s->magic != KVP_SEQ_MAGIC)
+		return;
+	t = s->tenant;
+	pthread_mutex_lock(&t->lock);
+	for (struct kvp_seq **p = &t->seqs; *p; p = &(*p)->next)
+		if (*p == s) {
+			*p = s->next;
+			break;
+		}
+	pthread_mutex_unlock(&t->lock);
+	kvp_seq_destroy(s);
+}
+
+kvp_status kvp_seq_step(kvp_seq *s)
+{
+	if (!s || s->magic != KVP_SEQ_MAGIC)
+		return kvp_fail(KVP_EINVAL, "kvp_seq_step: not an open sequence");
+	return KVP_OK; /* no policy rounds until policies are configured */
+}
+
+static void gather_block(const struct kvp_block *b, uint32_t dim, uint32_t at, int32_t *pos, float *k,
+			 float *v)
+{
+	const struct kvp_kernels *kern = kvp_kernels();
+	size_t off = (size_t)at * dim, rows = (size_t)b->n * dim;
+	if (pos)
+		memcpy(pos + at, b->pos, b->n * sizeof *pos);
+	if (b->store == KVP_STORE_FP16) {
+		if (k)
+			kern->f16_to_f32(rows, b->k, k + off);
+		if (v)
+			kern->f16_to_f32(rows, b->v, v + off);
+	} else {
+		if (k)
+			memcpy(k + off, b->k, rows * sizeof *k);
+		if (v)
+			memcpy(v + off, b->v, rows * sizeof *v);
+	}
+}
+
+kvp_status kvp_gather(kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos, float *k,
+		      float *v, uint32_t *n_out)
+{
+	const struct kvp_stream *st;
+	uint32_t at = 0;
+	if (!s || s->magic != KVP_SEQ_MAGIC)
+		return kvp_fail(KVP_EINVAL, "kvp_gather: not an open sequence");
+	if (layer >= s->shape.n_layers || kv_head >= s->shape.n_kv_heads)
+		return kvp_fail(KVP_EINVAL, "kvp_gather: layer %u, KV head %u outside %u x %u", layer, kv_head,
+				s->shape.n_layers, s->shape.n_kv_heads);
+	st = kvp_seq_stream(s, layer, kv_head);
+	if (n_out)
+		*n_out = st->n_tokens;
+	if (st->n_tokens > cap)
+		return kvp_fail(KVP_EINVAL, "kvp_gather: the stream holds %u tokens, more than cap %u", st->n_tokens,
+				cap);
+	if (st->sink) {
+		gather_block(st->sink, s->shape.head_dim, at, pos, k, v);
+		at += st->sink->n;
+	}
+	for (uint32_t i = 0; i < st->n_blocks; i++) {
+		gather_block(st->blocks[i], s->shape.head_dim, at, pos, k, v);
+		at += st->blocks[i]->n;
+	}
+	return KVP_OK;
+}
+
+static void stats_stream(const struct kvp_tenant *t, const struct kvp_stream *st, uint32_t dim, kvp_stats *o)
+{
+	const struct kvp_block *b;
+	o->tokens_retained += st->n_tokens;
+	for (uint32_t i = 0; i <= st->n_blocks; i++) {
+		b = i == 0 ? st->sink : st->blocks[i - 1];
+		if (!b)
+			continue;
+		o->bytes_exact += kvp_block_token_bytes(b, dim);
+		o->bytes_meta += kvp_alloc_size(t, b->size) - kvp_block_token_bytes(b, dim);
+	}
+	if (st->blocks)
+		o->bytes_meta += kvp_alloc_size(t, st->cap_blocks * sizeof *st->blocks);
+}
+
+static void stats_copy(kvp_stats *out, const kvp_stats *full)
+{
+	uint32_t size = out->size < sizeof *full ? out->size : (uint32_t)sizeof *full;
+	memcpy((char *)out + sizeof out->size, (const char *)full + sizeof full->size, size - sizeof out->size);
+}
+
+static kvp_status stats_check(const void *h, uint32_t magic, const kvp_stats *out, const char *call)
+{
+	if (!h || *(const uint32_t *)h != magic)
+		return kvp_fail(KVP_EINVAL, "%s: not an open handle", call);
+	if (!out || out->size < sizeof(uint32_t) + sizeof(uint64_t))
+		return kvp_fail(KVP_EABI, "%s: stats->size must be set to sizeof(kvp_stats)", call);
+	return KVP_OK;
+}
+
+kvp_status kvp_seq_stats(const kvp_seq *s, kvp_stats *out)
+{
+	kvp_stats full = { .size = sizeof full };
+	kvp_status st = stats_check(s, KVP_SEQ_MAGIC, out, "kvp_seq_stats");
+	if (st != KVP_OK)
+		return st;
+	for (size_t i = 0; i < (size_t)s->shape.n_layers * s->shape.n_kv_heads; i++)
+		stats_stream(s->tenant, &s->streams[i], s->shape.head_dim, &full);
+	full.bytes_meta += kvp_alloc_size(s->tenant, sizeof *s) + kvp_alloc_size(s->tenant, streams_bytes(&s->shape));
+	full.tokens_appended = s->tokens_appended;
+	full.bytes_dense_fp16 = s->tokens_appended * s->shape.head_dim * 4;
+	stats_copy(out, &full);
+	return KVP_OK;
+}
+
+kvp_status kvp_tenant_stats(const kvp_tenant *t, kvp_stats *out)
+{
+	kvp_stats full = { .size = sizeof full };
+	kvp_status st = stats_check(t, KVP_TENANT_MAGIC, out, "kvp_tenant_stats");
+	if (st != KVP_OK)
+		return st;
+	full.tokens_appended = atomic_load(&t->tokens_appended);
+	full.tokens_retained = atomic_load(&t->tokens_retained);
+	full.bytes_exact = atomic_load(&t->bytes[KVP_BYTES_EXACT]);
+	full.bytes_compressed = atomic_load(&t->bytes[KVP_BYTES_COMPRESSED]);
+	full.bytes_meta = atomic_load(&t->bytes[KVP_BYTES_META]);
+	full.bytes_dense_fp16 = atomic_load(&t->bytes_dense_fp16);
+	stats_copy(out, &full);
+	return KVP_OK;
+}
+
+kvp_status kvp_seq_park(kvp_seq *s)
+{
+	if (!s || s->magic != KVP_SEQ_MAGIC)
+		return kvp_fail(KVP_EINVAL, "kvp_seq_park: not an open sequence");
+	return kvp_fail(KVP_EUNSUPPORTED, "kvp_seq_park: the spill device is not built yet (pool spill= arrives "
+			"with the NVMe spill work)");
+}
+
+kvp_status kvp_seq_unpark(kvp_seq *s)
+{
+	if (!s || s->magic != KVP_SEQ_MAGIC)
+		return kvp_fail(KVP_EINVAL, "kvp_seq_unpark: not an open sequence");
+	return kvp_fail(KVP_EUNSUPPORTED, "kvp_seq_unpark: the spill device is not built yet");
+}

@@ -1,0 +1,35 @@
+#!/bin/sh
+# Runs each test binary on its own and closes with one line counting every test of every suite:
+# "N passed, N failed". Criterion prints "Synthesis: Tested: T | Passing: P | Failing: F | Crashing: C";
+# kernels_check prints its own "N passed, N failed" line. A binary that dies without its summary counts
+# as one failure.
+passed=0
+failed=0
+status=0
+for t in "$@"; do
+	out=$("$t" 2>&1)
+	rc=$?
+	printf '%s\n' "$out"
+	line=$(printf '%s\n' "$out" | grep -E 'Synthesis: Tested:|^[0-9]+ passed, [0-9]+ failed' | tail -n 1)
+	if [ -z "$line" ]; then
+		echo "$t: exited $rc without a summary"
+		failed=$((failed + 1))
+		status=1
+		continue
+	fi
+	case "$line" in
+	*Synthesis*)
+		p=$(printf '%s' "$line" | sed -E 's/.*Passing: ([0-9]+).*/\1/')
+		f=$(printf '%s' "$line" | sed -E 's/.*Failing: ([0-9]+).*/\1/')
+		c=$(printf '%s' "$line" | sed -E 's/.*Crashing: ([0-9]+).*/\1/')
+		f=$((f + c)) ;;
+	*)
+		p=$(printf '%s' "$line" | sed -E 's/^([0-9]+) passed.*/\1/')
+		f=$(printf '%s' "$line" | sed -E 's/.* ([0-9]+) failed.*/\1/') ;;
+	esac
+	passed=$((passed + p))
+	failed=$((failed + f))
+	[ "$rc" -eq 0 ] && [ "$f" -eq 0 ] || status=1
+done
+echo "${passed} passed, ${failed} failed"
+exit $status

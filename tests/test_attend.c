@@ -1,0 +1,156 @@
+/*
+ * Exact attention against a double-precision reference. The error metric is the relative L2 error of
+ * each query head's output, ||out - ref|| / ||ref||, and the bound applies to the worst head.
+ */
+#include <criterion/criterion.h>
+#include <string.h>
+
+#include "base/base.h"
+#include "kvpager.h"
+#include "pager_fixture.h"
+
+struct case_ {
+	const char *spec;
+	kvp_shape shape;
+	uint32_t prefill, decode;
+	float q_amplitude;
+};
+
+/* Runs prefill + decode appends, then one attend on the last layer, and returns the worst head error. */
+static double run_case(const struct case_ *c, int round_inputs_to_fp16)
+{
+	const kvp_shape *sh = &c->shape;
+	uint32_t n = c->prefill + c->decode, d = sh->head_dim, nkv = sh->n_kv_heads, group = sh->n_heads / nkv;
+	size_t row = (size_t)nkv * d;
+	float *k = malloc(n * row * sizeof *k), *v = malloc(n * row * sizeof *v);
+	float *q = malloc(sh->n_heads * d * sizeof *q), *out = malloc(sh->n_heads * d * sizeof *out);
+	float *sk = malloc((size_t)n * d * sizeof *sk), *sv = malloc((size_t)n * d * sizeof *sv);
+	double *ref = malloc(d * sizeof *ref), worst = 0;
+	int32_t *pos = malloc(n * sizeof *pos);
+	kvp_pool *p;
+	kvp_tenant *t;
+	kvp_seq *s;
+	uint32_t layer = sh->n_layers - 1;
+
+	fixture_fill(k, n * row, 11, 1);
+	fixture_fill(v, n * row, 12, 1);
+	fixture_fill(q, sh->n_heads * d, 13, c->q_amplitude);
+	for (uint32_t i = 0; i < n; i++)
+		pos[i] = (int32_t)i;
+	cr_assert_eq(kvp_pool_open("", &p), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_tenant_open(p, "t", c->spec, &t), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_open(t, sh, &s), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_append(s, layer, c->prefill, pos, k, v), KVP_OK, "%s", kvp_last_error());
+	for (uint32_t i = c->prefill; i < n; i++)
+		cr_assert_eq(kvp_append(s, layer, 1, pos + i, k + i * row, v + i * row), KVP_OK);
+	cr_assert_eq(kvp_attend(s, layer, q, out), KVP_OK, "%s", kvp_last_error());
+
+	for (uint32_t g = 0; g < nkv; g++) {
+		for (uint32_t i = 0; i < n; i++)
+			for (uint32_t j = 0; j < d; j++) {
+				float kk = k[i * row + g * d + j], vv = v[i * row + g * d + j];
+				if (round_inputs_to_fp16) {
+					kk = kvp_f16_to_f32(kvp_f32_to_f16(kk));
+					vv = kvp_f16_to_f32(kvp_f32_to_f16(vv));
+				}
+				sk[(size_t)i * d + j] = kk;
+				sv[(size_t)i * d + j] = vv;
+			}
+		for (uint32_t h = g * group; h < (g + 1) * group; h++) {
+			fixture_attend(d, n, sk, sv, q + (size_t)h * d, ref);
+			double e = fixture_rel_error(d, out + (size_t)h * d, ref);
+			if (e > worst)
+				worst = e;
+		}
+	}
+	kvp_pool_close(p);
+	free(k), free(v), free(q), free(out), free(sk), free(sv), free(ref), free(pos);
+	return worst;
+}
+
+Test(attend, fp32_store_matches_double_reference)
+{
+	struct case_ c = { "block=64,sinks=4", { 2, 8, 2, 64, 1e4f, KVP_ROPE_HALF }, 300, 45, 1.0f };
+	double e = run_case(&c, 0);
+	cr_log_info("fp32 store, d=64, 345 tokens: worst head relative error %.3g", e);
+	cr_assert_lt(e, 1e-5);
+}
+
+Test(attend, fp32_store_matches_at_d128_with_gqa_4)
+{
+	struct case_ c = { "block=32,sinks=0", { 1, 32, 8, 128, 1e4f, KVP_ROPE_HALF }, 1000, 3, 1.0f };
+	cr_assert_lt(run_case(&c, 0), 1e-5);
+}
+
+Test(attend, fp16_store_matches_reference_on_fp16_inputs)
+{
+	struct case_ c = { "block=16,sinks=4,store=fp16", { 1, 4, 2, 64, 1e4f, KVP_ROPE_HALF }, 100, 70, 1.0f };
+	double e = run_case(&c, 1);
+	cr_log_info("fp16 store: worst head relative error %.3g against fp16-rounded inputs", e);
+	cr_assert_lt(e, 1e-5);
+}
+
+Test(attend, large_scores_do_not_overflow)
+{
+	/* |q.k| / sqrt(d) reaches the hundreds: exp() of raw scores would overflow fp32 */
+	struct case_ c = { "block=8,sinks=1", { 1, 2, 1, 32, 1e4f, KVP_ROPE_HALF }, 50, 10, 400.0f };
+	cr_assert_lt(run_case(&c, 0), 1e-5);
+}
+
+Test(attend, odd_block_sizes_and_single_tokens)
+{
+	struct case_ c = { "block=7,sinks=3,window=5", { 1, 6, 3, 16, 1e4f, KVP_ROPE_HALF }, 1, 40, 1.0f };
+	cr_assert_lt(run_case(&c, 0), 1e-5);
+}
+
+Test(attend, each_query_head_reads_its_own_kv_head)
+{
+	/* KV head g holds value vectors all equal to g+1, so every head of group g must output g+1. */
+	kvp_shape sh = { 1, 6, 3, 8, 1e4f, KVP_ROPE_HALF };
+	float k[5 * 3 * 8], v[5 * 3 * 8], q[6 * 8], out[6 * 8];
+	int32_t pos[5] = { 0, 1, 2, 3, 4 };
+	kvp_pool *p;
+	kvp_tenant *t;
+	kvp_seq *s;
+	fixture_fill(k, sizeof k / sizeof *k, 1, 1);
+	fixture_fill(q, sizeof q / sizeof *q, 2, 1);
+	for (int i = 0; i < 5; i++)
+		for (int g = 0; g < 3; g++)
+			for (int j = 0; j < 8; j++)
+				v[(i * 3 + g) * 8 + j] = (float)(g + 1);
+	cr_assert_eq(kvp_pool_open("", &p), KVP_OK);
+	cr_assert_eq(kvp_tenant_open(p, "t", "", &t), KVP_OK);
+	cr_assert_eq(kvp_seq_open(t, &sh, &s), KVP_OK);
+	cr_assert_eq(kvp_append(s, 0, 5, pos, k, v), KVP_OK);
+	cr_assert_eq(kvp_attend(s, 0, q, out), KVP_OK);
+	for (int h = 0; h < 6; h++)
+		for (int j = 0; j < 8; j++)
+			cr_assert_float_eq(out[h * 8 + j], (float)(h / 2 + 1), 1e-6, "head %d", h);
+	kvp_pool_close(p);
+}
+
+Test(attend, an_empty_layer_gives_zeros)
+{
+	kvp_shape sh = { 2, 2, 1, 8, 1e4f, KVP_ROPE_HALF };
+	float q[16], out[16];
+	kvp_pool *p;
+	kvp_tenant *t;
+	kvp_seq *s;
+	fixture_fill(q, 16, 1, 1);
+	memset(out, 0x7f, sizeof out);
+	cr_assert_eq(kvp_pool_open("", &p), KVP_OK);
+	cr_assert_eq(kvp_tenant_open(p, "t", "", &t), KVP_OK);
+	cr_assert_eq(kvp_seq_open(t, &sh, &s), KVP_OK);
+	cr_assert_eq(kvp_attend(s, 1, q, out), KVP_OK);
+	for (int j = 0; j < 16; j++)
+		cr_assert_eq(out[j], 0.0f);
+	kvp_pool_close(p);
+}
+
+Test(attend, every_kernel_set_gives_the_same_answer)
+{
+	/* The pager must be right whichever kernels the CPU selects; scalar is the reference. */
+	struct case_ c = { "block=64,sinks=4,store=fp16", { 1, 8, 2, 128, 1e4f, KVP_ROPE_HALF }, 200, 1, 1.0f };
+	setenv("KVP_KERNELS", "scalar", 1);
+	cr_assert_lt(run_case(&c, 1), 1e-5);
+}
