@@ -1,0 +1,384 @@
+/*
+ * AVX2 + FMA + F16C kernels. Built with -mavx2 -mfma -mf16c and only called after dispatch.c has seen
+ * those features. Loads are unaligned throughout; tails shorter than a vector go through maskload or a
+ * zero-padded copy, never past the caller's buffers.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#include "kernels/kernels.h"
+
+/* Lane j < k of the result is all ones: the mask for the first k lanes of a tail, 0 < k < 8. */
+static __m256i tail_mask(unsigned k)
+{
+	static const int32_t ramp[16] = { -1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0 };
+
+	return _mm256_loadu_si256((const __m256i *)(ramp + 8 - k));
+}
+
+/* k < 8 halves into a vector, zeros above; a 16-byte load could run past the row end. */
+static __m256 load_f16_tail(const uint16_t *p, unsigned k)
+{
+	uint16_t tmp[8] = { 0 };
+
+	memcpy(tmp, p, k * sizeof *p);
+	return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tmp));
+}
+
+static __m256 load_f16(const uint16_t *p)
+{
+	return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+static float hsum(__m256 v)
+{
+	__m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+
+	s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+	s = _mm_add_ss(s, _mm_movehdup_ps(s));
+	return _mm_cvtss_f32(s);
+}
+
+/* The four horizontal sums of a..d, in order, in one vector. */
+static __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d)
+{
+	__m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+
+	return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/*
+ * Four rows per pass so four FMA chains are in flight; FMA latency is 4 cycles at 2 per cycle, so one
+ * row at a time would leave the FMA units mostly idle for the usual d = 64 or 128.
+ */
+static void dot_f32(unsigned d, unsigned n, const float *rows, const float *q, float scale, float *out)
+{
+	const unsigned d8 = d & ~7u, k = d & 7u;
+	const __m256i mask = k ? tail_mask(k) : _mm256_setzero_si256();
+	const __m128 vscale = _mm_set1_ps(scale);
+	unsigned i = 0;
+
+	for (; i + 4 <= n; i += 4) {
+		const float *r0 = rows + (size_t)i * d, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
+		__m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+
+		for (unsigned j = 0; j < d8; j += 8) {
+			__m256 qv = _mm256_loadu_ps(q + j);
+
+			a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + j), qv, a0);
+			a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + j), qv, a1);
+			a2 = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + j), qv, a2);
+			a3 = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + j), qv, a3);
+		}
+		if (k) {
+			__m256 qv = _mm256_maskload_ps(q + d8, mask);
+
+			a0 = _mm256_fmadd_ps(_mm256_maskload_ps(r0 + d8, mask), qv, a0);
+			a1 = _mm256_fmadd_ps(_mm256_maskload_ps(r1 + d8, mask), qv, a1);
+			a2 = _mm256_fmadd_ps(_mm256_maskload_ps(r2 + d8, mask), qv, a2);
+			a3 = _mm256_fmadd_ps(_mm256_maskload_ps(r3 + d8, mask), qv, a3);
+		}
+		_mm_storeu_ps(out + i, _mm_mul_ps(hsum4(a0, a1, a2, a3), vscale));
+	}
+	for (; i < n; i++) {
+		const float *r = rows + (size_t)i * d;
+		__m256 a = _mm256_setzero_ps();
+
+		for (unsigned j = 0; j < d8; j += 8)
+			a = _mm256_fmadd_ps(_mm256_loadu_ps(r + j), _mm256_loadu_ps(q + j), a);
+		if (k) {
+			__m256 qv = _mm256_maskload_ps(q + d8, mask);
+
+			a = _mm256_fmadd_ps(_mm256_maskload_ps(r + d8, mask), qv, a);
+		}
+		out[i] = scale * hsum(a);
+	}
+}
+
+static void dot_f16(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale, float *out)
+{
+	const unsigned d8 = d & ~7u, k = d & 7u;
+	const __m256i mask = k ? tail_mask(k) : _mm256_setzero_si256();
+	const __m128 vscale = _mm_set1_ps(scale);
+	unsigned i = 0;
+
+	for (; i + 4 <= n; i += 4) {
+		const uint16_t *r0 = rows + (size_t)i * d, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
+		__m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+
+		for (unsigned j = 0; j < d8; j += 8) {
+			__m256 qv = _mm256_loadu_ps(q + j);
+
+			a0 = _mm256_fmadd_ps(load_f16(r0 + j), qv, a0);
+			a1 = _mm256_fmadd_ps(load_f16(r1 + j), qv, a1);
+			a2 = _mm256_fmadd_ps(load_f16(r2 + j), qv, a2);
+			a3 = _mm256_fmadd_ps(load_f16(r3 + j), qv, a3);
+		}
+		if (k) {
+			__m256 qv = _mm256_maskload_ps(q + d8, mask);
+
+			a0 = _mm256_fmadd_ps(load_f16_tail(r0 + d8, k), qv, a0);
+			a1 = _mm256_fmadd_ps(load_f16_tail(r1 + d8, k), qv, a1);
+			a2 = _mm256_fmadd_ps(load_f16_tail(r2 + d8, k), qv, a2);
+			a3 = _mm256_fmadd_ps(load_f16_tail(r3 + d8, k), qv, a3);
+		}
+		_mm_storeu_ps(out + i, _mm_mul_ps(hsum4(a0, a1, a2, a3), vscale));
+	}
+	for (; i < n; i++) {
+		const uint16_t *r = rows + (size_t)i * d;
+		__m256 a = _mm256_setzero_ps();
+
+		for (unsigned j = 0; j < d8; j += 8)
+			a = _mm256_fmadd_ps(load_f16(r + j), _mm256_loadu_ps(q + j), a);
+		if (k)
+			a = _mm256_fmadd_ps(load_f16_tail(r + d8, k), _mm256_maskload_ps(q + d8, mask), a);
+		out[i] = scale * hsum(a);
+	}
+}
+
+/*
+ * Columns outer, rows inner: a strip of 32 accumulators stays in registers across all n rows, so acc is
+ * read and written once per call rather than once per row.
+ */
+static void axpy_f32(unsigned d, unsigned n, const float *rows, const float *w, float *acc)
+{
+	unsigned j = 0;
+
+	for (; j + 32 <= d; j += 32) {
+		__m256 a0 = _mm256_loadu_ps(acc + j), a1 = _mm256_loadu_ps(acc + j + 8);
+		__m256 a2 = _mm256_loadu_ps(acc + j + 16), a3 = _mm256_loadu_ps(acc + j + 24);
+
+		for (unsigned i = 0; i < n; i++) {
+			const float *r = rows + (size_t)i * d + j;
+			__m256 wv = _mm256_broadcast_ss(w + i);
+
+			a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(r), a0);
+			a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(r + 8), a1);
+			a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(r + 16), a2);
+			a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(r + 24), a3);
+		}
+		_mm256_storeu_ps(acc + j, a0);
+		_mm256_storeu_ps(acc + j + 8, a1);
+		_mm256_storeu_ps(acc + j + 16, a2);
+		_mm256_storeu_ps(acc + j + 24, a3);
+	}
+	for (; j + 8 <= d; j += 8) {
+		__m256 a = _mm256_loadu_ps(acc + j);
+
+		for (unsigned i = 0; i < n; i++) {
+			const float *r = rows + (size_t)i * d + j;
+
+			a = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i), _mm256_loadu_ps(r), a);
+		}
+		_mm256_storeu_ps(acc + j, a);
+	}
+	if (j < d) {
+		const __m256i mask = tail_mask(d - j);
+		__m256 a = _mm256_maskload_ps(acc + j, mask);
+
+		for (unsigned i = 0; i < n; i++)
+			a = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i),
+					    _mm256_maskload_ps(rows + (size_t)i * d + j, mask), a);
+		_mm256_maskstore_ps(acc + j, mask, a);
+	}
+}
+
+static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc)
+{
+	unsigned j = 0;
+
+	for (; j + 32 <= d; j += 32) {
+		__m256 a0 = _mm256_loadu_ps(acc + j), a1 = _mm256_loadu_ps(acc + j + 8);
+		__m256 a2 = _mm256_loadu_ps(acc + j + 16), a3 = _mm256_loadu_ps(acc + j + 24);
+
+		for (unsigned i = 0; i < n; i++) {
+			const uint16_t *r = rows + (size_t)i * d + j;
+			__m256 wv = _mm256_broadcast_ss(w + i);
+
+			a0 = _mm256_fmadd_ps(wv, load_f16(r), a0);
+			a1 = _mm256_fmadd_ps(wv, load_f16(r + 8), a1);
+			a2 = _mm256_fmadd_ps(wv, load_f16(r + 16), a2);
+			a3 = _mm256_fmadd_ps(wv, load_f16(r + 24), a3);
+		}
+		_mm256_storeu_ps(acc + j, a0);
+		_mm256_storeu_ps(acc + j + 8, a1);
+		_mm256_storeu_ps(acc + j + 16, a2);
+		_mm256_storeu_ps(acc + j + 24, a3);
+	}
+	for (; j + 8 <= d; j += 8) {
+		__m256 a = _mm256_loadu_ps(acc + j);
+
+		for (unsigned i = 0; i < n; i++)
+			a = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i), load_f16(rows + (size_t)i * d + j),
+					    a);
+		_mm256_storeu_ps(acc + j, a);
+	}
+	if (j < d) {
+		const unsigned k = d - j;
+		const __m256i mask = tail_mask(k);
+		__m256 a = _mm256_maskload_ps(acc + j, mask);
+
+		for (unsigned i = 0; i < n; i++)
+			a = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i),
+					    load_f16_tail(rows + (size_t)i * d + j, k), a);
+		_mm256_maskstore_ps(acc + j, mask, a);
+	}
+}
+
+/* The immediate rounding mode (not MXCSR) makes this round to nearest even whatever the caller set. */
+static void f32_to_f16(size_t n, const float *x, uint16_t *y)
+{
+	size_t i = 0;
+
+	for (; i + 8 <= n; i += 8) {
+		__m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT);
+
+		_mm_storeu_si128((__m128i *)(y + i), h);
+	}
+	if (i < n) {
+		const unsigned k = (unsigned)(n - i);
+		uint16_t tmp[8];
+		__m256 v = _mm256_maskload_ps(x + i, tail_mask(k));
+		__m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+
+		_mm_storeu_si128((__m128i *)tmp, h);
+		memcpy(y + i, tmp, k * sizeof *y);
+	}
+}
+
+static void f16_to_f32(size_t n, const uint16_t *x, float *y)
+{
+	size_t i = 0;
+
+	for (; i + 8 <= n; i += 8)
+		_mm256_storeu_ps(y + i, load_f16(x + i));
+	if (i < n) {
+		const unsigned k = (unsigned)(n - i);
+
+		_mm256_maskstore_ps(y + i, tail_mask(k), load_f16_tail(x + i, k));
+	}
+}
+
+/*
+ * e^x for a vector: x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial (1 + r + r^2 p(r),
+ * p a least-squares fit of (e^r - 1 - r) / r^2, relative error 4e-9 before rounding; ~2 ulp after), then
+ * times 2^n built in the exponent field. 2^n is applied as two halves so results down in the subnormal
+ * range round once, as expf's do; x is clamped to [-104, 89], outside which e^x is 0 or inf anyway.
+ * NaN propagates through r.
+ */
+static __m256 exp_ps(__m256 x)
+{
+	const __m256 ln2_hi = _mm256_set1_ps(0x1.62e4p-1f);   /* 15 significant bits: n*ln2_hi is exact */
+	const __m256 ln2_lo = _mm256_set1_ps(0x1.7f7d1cp-20f);
+	const __m256 one = _mm256_set1_ps(1.0f);
+
+	x = _mm256_min_ps(_mm256_set1_ps(89.0f), x);   /* operand order keeps a NaN x */
+	x = _mm256_max_ps(_mm256_set1_ps(-104.0f), x);
+
+	__m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(0x1.715476p+0f)),
+				   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+	__m256 r = _mm256_fnmadd_ps(n, ln2_hi, x);
+
+	r = _mm256_fnmadd_ps(n, ln2_lo, r);
+
+	__m256 p = _mm256_set1_ps(1.374882297e-03f);
+
+	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.369628340e-03f));
+	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166964442e-02f));
+	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666651219e-01f));
+	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.999998808e-01f));
+	p = _mm256_fmadd_ps(_mm256_mul_ps(r, r), p, _mm256_add_ps(r, one));
+
+	__m256i ni = _mm256_cvtps_epi32(n);
+	__m256i n1 = _mm256_srai_epi32(ni, 1);
+	__m256i n2 = _mm256_sub_epi32(ni, n1);
+	__m256i bias = _mm256_set1_epi32(127);
+	__m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+	__m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+
+	return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+
+static float hmax(__m256 v)
+{
+	__m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+
+	m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+	m = _mm_max_ss(m, _mm_movehdup_ps(m));
+	return _mm_cvtss_f32(m);
+}
+
+/* Same contract and same all-masked (-inf) handling as the scalar reference; see scalar.c. */
+static float softmax_step(unsigned n, float *s, float *m, float *l)
+{
+	const unsigned n8 = n & ~7u, k = n & 7u;
+	const __m256i mask = k ? tail_mask(k) : _mm256_setzero_si256();
+	const __m256 ninf = _mm256_set1_ps(-INFINITY);
+	__m256 vmax = ninf;
+
+	for (unsigned i = 0; i < n8; i += 8)
+		vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + i));
+	if (k)
+		vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(ninf, _mm256_maskload_ps(s + n8, mask),
+							    _mm256_castsi256_ps(mask)));
+
+	float mx = fmaxf(*m, hmax(vmax));
+
+	if (mx == -INFINITY) {
+		memset(s, 0, n * sizeof *s);
+		*l = 0.0f;
+		return 0.0f;
+	}
+
+	const __m256 vmx = _mm256_set1_ps(mx);
+	__m256 sum = _mm256_setzero_ps();
+
+	for (unsigned i = 0; i < n8; i += 8) {
+		__m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + i), vmx));
+
+		_mm256_storeu_ps(s + i, e);
+		sum = _mm256_add_ps(sum, e);
+	}
+	if (k) {
+		/* masked-off lanes load 0, giving e^-mx: zero them before they reach the sum */
+		__m256 e = exp_ps(_mm256_sub_ps(_mm256_maskload_ps(s + n8, mask), vmx));
+
+		e = _mm256_and_ps(e, _mm256_castsi256_ps(mask));
+		_mm256_maskstore_ps(s + n8, mask, e);
+		sum = _mm256_add_ps(sum, e);
+	}
+
+	/* one exponential per block: libm's is not worth replacing here */
+	float corr = expf(*m - mx);
+
+	*l = *l * corr + hsum(sum);
+	*m = mx;
+	return corr;
+}
+
+static void scale(unsigned d, float a, float *y)
+{
+	const __m256 va = _mm256_set1_ps(a);
+	unsigned j = 0;
+
+	for (; j + 8 <= d; j += 8)
+		_mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_loadu_ps(y + j), va));
+	if (j < d) {
+		const __m256i mask = tail_mask(d - j);
+
+		_mm256_maskstore_ps(y + j, mask, _mm256_mul_ps(_mm256_maskload_ps(y + j, mask), va));
+	}
+}
+
+const struct kvp_kernels kvp_kernels_avx2 = {
+	.name = "avx2",
+	.dot_f32 = dot_f32,
+	.dot_f16 = dot_f16,
+	.axpy_f32 = axpy_f32,
+	.axpy_f16 = axpy_f16,
+	.f32_to_f16 = f32_to_f16,
+	.f16_to_f32 = f16_to_f32,
+	.softmax_step = softmax_step,
+	.scale = scale,
+};

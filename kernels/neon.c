@@ -1,0 +1,383 @@
+/*
+ * NEON (AdvSIMD) kernels for aarch64, where AdvSIMD is architectural, so dispatch.c only double-checks
+ * HWCAP. Conversions use fcvt, which rounds to nearest even and keeps NaN payloads under Linux's default
+ * FPCR, matching base/half.c and F16C bit for bit. Tails shorter than a vector go through zero-padded
+ * copies so no load runs past the caller's buffers.
+ */
+#if defined(__aarch64__)
+
+#include <arm_neon.h>
+#include <math.h>
+#include <string.h>
+
+#include "kernels/kernels.h"
+
+static float32x4_t load_f16x4(const uint16_t *p)
+{
+	return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
+}
+
+/* k < 4 floats, zeros above */
+static float32x4_t load_f32_tail(const float *p, unsigned k)
+{
+	float tmp[4] = { 0 };
+
+	memcpy(tmp, p, k * sizeof *p);
+	return vld1q_f32(tmp);
+}
+
+static float32x4_t load_f16_tail(const uint16_t *p, unsigned k)
+{
+	uint16_t tmp[4] = { 0 };
+
+	memcpy(tmp, p, k * sizeof *p);
+	return load_f16x4(tmp);
+}
+
+static void store_f32_tail(float *p, float32x4_t v, unsigned k)
+{
+	float tmp[4];
+
+	vst1q_f32(tmp, v);
+	memcpy(p, tmp, k * sizeof *p);
+}
+
+/* The four horizontal sums of a..d, in order, in one vector. */
+static float32x4_t hsum4(float32x4_t a, float32x4_t b, float32x4_t c, float32x4_t d)
+{
+	return vpaddq_f32(vpaddq_f32(a, b), vpaddq_f32(c, d));
+}
+
+/*
+ * Four rows per pass, two accumulators each: eight independent FMA chains cover the FMA latency of
+ * current cores for the usual d = 64 or 128.
+ */
+static void dot_f32(unsigned d, unsigned n, const float *rows, const float *q, float scale, float *out)
+{
+	const unsigned d4 = d & ~3u, k = d & 3u;
+	unsigned i = 0;
+
+	for (; i + 4 <= n; i += 4) {
+		const float *r0 = rows + (size_t)i * d, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
+		float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;
+		float32x4_t b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+		unsigned j = 0;
+
+		for (; j + 8 <= d; j += 8) {
+			float32x4_t qa = vld1q_f32(q + j), qb = vld1q_f32(q + j + 4);
+
+			a0 = vfmaq_f32(a0, vld1q_f32(r0 + j), qa);
+			a1 = vfmaq_f32(a1, vld1q_f32(r1 + j), qa);
+			a2 = vfmaq_f32(a2, vld1q_f32(r2 + j), qa);
+			a3 = vfmaq_f32(a3, vld1q_f32(r3 + j), qa);
+			b0 = vfmaq_f32(b0, vld1q_f32(r0 + j + 4), qb);
+			b1 = vfmaq_f32(b1, vld1q_f32(r1 + j + 4), qb);
+			b2 = vfmaq_f32(b2, vld1q_f32(r2 + j + 4), qb);
+			b3 = vfmaq_f32(b3, vld1q_f32(r3 + j + 4), qb);
+		}
+		for (; j < d4; j += 4) {
+			float32x4_t qa = vld1q_f32(q + j);
+
+			a0 = vfmaq_f32(a0, vld1q_f32(r0 + j), qa);
+			a1 = vfmaq_f32(a1, vld1q_f32(r1 + j), qa);
+			a2 = vfmaq_f32(a2, vld1q_f32(r2 + j), qa);
+			a3 = vfmaq_f32(a3, vld1q_f32(r3 + j), qa);
+		}
+		if (k) {
+			float32x4_t qa = load_f32_tail(q + d4, k);
+
+			a0 = vfmaq_f32(a0, load_f32_tail(r0 + d4, k), qa);
+			a1 = vfmaq_f32(a1, load_f32_tail(r1 + d4, k), qa);
+			a2 = vfmaq_f32(a2, load_f32_tail(r2 + d4, k), qa);
+			a3 = vfmaq_f32(a3, load_f32_tail(r3 + d4, k), qa);
+		}
+		float32x4_t s = hsum4(vaddq_f32(a0, b0), vaddq_f32(a1, b1), vaddq_f32(a2, b2),
+				      vaddq_f32(a3, b3));
+
+		vst1q_f32(out + i, vmulq_n_f32(s, scale));
+	}
+	for (; i < n; i++) {
+		const float *r = rows + (size_t)i * d;
+		float32x4_t a = vdupq_n_f32(0.0f);
+
+		for (unsigned j = 0; j < d4; j += 4)
+			a = vfmaq_f32(a, vld1q_f32(r + j), vld1q_f32(q + j));
+		if (k)
+			a = vfmaq_f32(a, load_f32_tail(r + d4, k), load_f32_tail(q + d4, k));
+		out[i] = scale * vaddvq_f32(a);
+	}
+}
+
+static void dot_f16(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale, float *out)
+{
+	const unsigned d4 = d & ~3u, k = d & 3u;
+	unsigned i = 0;
+
+	for (; i + 4 <= n; i += 4) {
+		const uint16_t *r0 = rows + (size_t)i * d, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
+		float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;
+		float32x4_t b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+		unsigned j = 0;
+
+		for (; j + 8 <= d; j += 8) {
+			float32x4_t qa = vld1q_f32(q + j), qb = vld1q_f32(q + j + 4);
+
+			a0 = vfmaq_f32(a0, load_f16x4(r0 + j), qa);
+			a1 = vfmaq_f32(a1, load_f16x4(r1 + j), qa);
+			a2 = vfmaq_f32(a2, load_f16x4(r2 + j), qa);
+			a3 = vfmaq_f32(a3, load_f16x4(r3 + j), qa);
+			b0 = vfmaq_f32(b0, load_f16x4(r0 + j + 4), qb);
+			b1 = vfmaq_f32(b1, load_f16x4(r1 + j + 4), qb);
+			b2 = vfmaq_f32(b2, load_f16x4(r2 + j + 4), qb);
+			b3 = vfmaq_f32(b3, load_f16x4(r3 + j + 4), qb);
+		}
+		for (; j < d4; j += 4) {
+			float32x4_t qa = vld1q_f32(q + j);
+
+			a0 = vfmaq_f32(a0, load_f16x4(r0 + j), qa);
+			a1 = vfmaq_f32(a1, load_f16x4(r1 + j), qa);
+			a2 = vfmaq_f32(a2, load_f16x4(r2 + j), qa);
+			a3 = vfmaq_f32(a3, load_f16x4(r3 + j), qa);
+		}
+		if (k) {
+			float32x4_t qa = load_f32_tail(q + d4, k);
+
+			a0 = vfmaq_f32(a0, load_f16_tail(r0 + d4, k), qa);
+			a1 = vfmaq_f32(a1, load_f16_tail(r1 + d4, k), qa);
+			a2 = vfmaq_f32(a2, load_f16_tail(r2 + d4, k), qa);
+			a3 = vfmaq_f32(a3, load_f16_tail(r3 + d4, k), qa);
+		}
+		float32x4_t s = hsum4(vaddq_f32(a0, b0), vaddq_f32(a1, b1), vaddq_f32(a2, b2),
+				      vaddq_f32(a3, b3));
+
+		vst1q_f32(out + i, vmulq_n_f32(s, scale));
+	}
+	for (; i < n; i++) {
+		const uint16_t *r = rows + (size_t)i * d;
+		float32x4_t a = vdupq_n_f32(0.0f);
+
+		for (unsigned j = 0; j < d4; j += 4)
+			a = vfmaq_f32(a, load_f16x4(r + j), vld1q_f32(q + j));
+		if (k)
+			a = vfmaq_f32(a, load_f16_tail(r + d4, k), load_f32_tail(q + d4, k));
+		out[i] = scale * vaddvq_f32(a);
+	}
+}
+
+/* Columns outer, rows inner: a strip of 16 accumulators stays in registers across all n rows. */
+static void axpy_f32(unsigned d, unsigned n, const float *rows, const float *w, float *acc)
+{
+	unsigned j = 0;
+
+	for (; j + 16 <= d; j += 16) {
+		float32x4_t a0 = vld1q_f32(acc + j), a1 = vld1q_f32(acc + j + 4);
+		float32x4_t a2 = vld1q_f32(acc + j + 8), a3 = vld1q_f32(acc + j + 12);
+
+		for (unsigned i = 0; i < n; i++) {
+			const float *r = rows + (size_t)i * d + j;
+
+			a0 = vfmaq_n_f32(a0, vld1q_f32(r), w[i]);
+			a1 = vfmaq_n_f32(a1, vld1q_f32(r + 4), w[i]);
+			a2 = vfmaq_n_f32(a2, vld1q_f32(r + 8), w[i]);
+			a3 = vfmaq_n_f32(a3, vld1q_f32(r + 12), w[i]);
+		}
+		vst1q_f32(acc + j, a0);
+		vst1q_f32(acc + j + 4, a1);
+		vst1q_f32(acc + j + 8, a2);
+		vst1q_f32(acc + j + 12, a3);
+	}
+	for (; j + 4 <= d; j += 4) {
+		float32x4_t a = vld1q_f32(acc + j);
+
+		for (unsigned i = 0; i < n; i++)
+			a = vfmaq_n_f32(a, vld1q_f32(rows + (size_t)i * d + j), w[i]);
+		vst1q_f32(acc + j, a);
+	}
+	if (j < d) {
+		const unsigned k = d - j;
+		float32x4_t a = load_f32_tail(acc + j, k);
+
+		for (unsigned i = 0; i < n; i++)
+			a = vfmaq_n_f32(a, load_f32_tail(rows + (size_t)i * d + j, k), w[i]);
+		store_f32_tail(acc + j, a, k);
+	}
+}
+
+static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc)
+{
+	unsigned j = 0;
+
+	for (; j + 16 <= d; j += 16) {
+		float32x4_t a0 = vld1q_f32(acc + j), a1 = vld1q_f32(acc + j + 4);
+		float32x4_t a2 = vld1q_f32(acc + j + 8), a3 = vld1q_f32(acc + j + 12);
+
+		for (unsigned i = 0; i < n; i++) {
+			const uint16_t *r = rows + (size_t)i * d + j;
+
+			a0 = vfmaq_n_f32(a0, load_f16x4(r), w[i]);
+			a1 = vfmaq_n_f32(a1, load_f16x4(r + 4), w[i]);
+			a2 = vfmaq_n_f32(a2, load_f16x4(r + 8), w[i]);
+			a3 = vfmaq_n_f32(a3, load_f16x4(r + 12), w[i]);
+		}
+		vst1q_f32(acc + j, a0);
+		vst1q_f32(acc + j + 4, a1);
+		vst1q_f32(acc + j + 8, a2);
+		vst1q_f32(acc + j + 12, a3);
+	}
+	for (; j + 4 <= d; j += 4) {
+		float32x4_t a = vld1q_f32(acc + j);
+
+		for (unsigned i = 0; i < n; i++)
+			a = vfmaq_n_f32(a, load_f16x4(rows + (size_t)i * d + j), w[i]);
+		vst1q_f32(acc + j, a);
+	}
+	if (j < d) {
+		const unsigned k = d - j;
+		float32x4_t a = load_f32_tail(acc + j, k);
+
+		for (unsigned i = 0; i < n; i++)
+			a = vfmaq_n_f32(a, load_f16_tail(rows + (size_t)i * d + j, k), w[i]);
+		store_f32_tail(acc + j, a, k);
+	}
+}
+
+static void f32_to_f16(size_t n, const float *x, uint16_t *y)
+{
+	size_t i = 0;
+
+	for (; i + 4 <= n; i += 4)
+		vst1_u16(y + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(x + i))));
+	if (i < n) {
+		const unsigned k = (unsigned)(n - i);
+		uint16_t tmp[4];
+
+		vst1_u16(tmp, vreinterpret_u16_f16(vcvt_f16_f32(load_f32_tail(x + i, k))));
+		memcpy(y + i, tmp, k * sizeof *y);
+	}
+}
+
+static void f16_to_f32(size_t n, const uint16_t *x, float *y)
+{
+	size_t i = 0;
+
+	for (; i + 4 <= n; i += 4)
+		vst1q_f32(y + i, load_f16x4(x + i));
+	if (i < n) {
+		const unsigned k = (unsigned)(n - i);
+
+		store_f32_tail(y + i, load_f16_tail(x + i, k), k);
+	}
+}
+
+/*
+ * e^x for a vector; the same reduction and polynomial as avx2.c: x = n ln2 + r with |r| <= ln2/2,
+ * e^r = 1 + r + r^2 p(r) with p a degree-4 least-squares fit (relative error 4e-9 before rounding),
+ * times 2^n applied as two halves so subnormal results round once. x is clamped to [-104, 89]; vminq and
+ * vmaxq return NaN for a NaN x, so NaN propagates.
+ */
+static float32x4_t exp_f32x4(float32x4_t x)
+{
+	x = vminq_f32(x, vdupq_n_f32(89.0f));
+	x = vmaxq_f32(x, vdupq_n_f32(-104.0f));
+
+	float32x4_t n = vrndnq_f32(vmulq_n_f32(x, 0x1.715476p+0f));
+	float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0x1.62e4p-1f));   /* n * ln2_hi is exact */
+
+	r = vfmsq_f32(r, n, vdupq_n_f32(0x1.7f7d1cp-20f));
+
+	float32x4_t p = vdupq_n_f32(1.374882297e-03f);
+
+	p = vfmaq_f32(vdupq_n_f32(8.369628340e-03f), p, r);
+	p = vfmaq_f32(vdupq_n_f32(4.166964442e-02f), p, r);
+	p = vfmaq_f32(vdupq_n_f32(1.666651219e-01f), p, r);
+	p = vfmaq_f32(vdupq_n_f32(4.999998808e-01f), p, r);
+	p = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0f)), vmulq_f32(r, r), p);
+
+	int32x4_t ni = vcvtq_s32_f32(n);
+	int32x4_t n1 = vshrq_n_s32(ni, 1);
+	int32x4_t n2 = vsubq_s32(ni, n1);
+	int32x4_t bias = vdupq_n_s32(127);
+	float32x4_t s1 = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(n1, bias), 23));
+	float32x4_t s2 = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(n2, bias), 23));
+
+	return vmulq_f32(vmulq_f32(p, s1), s2);
+}
+
+/* Same contract and same all-masked (-inf) handling as the scalar reference; see scalar.c. */
+static float softmax_step(unsigned n, float *s, float *m, float *l)
+{
+	const unsigned n4 = n & ~3u, k = n & 3u;
+	/* maxnm, like fmaxf, ignores a NaN operand */
+	float32x4_t vmax = vdupq_n_f32(-INFINITY);
+
+	for (unsigned i = 0; i < n4; i += 4)
+		vmax = vmaxnmq_f32(vmax, vld1q_f32(s + i));
+
+	float mx = fmaxf(*m, vmaxnmvq_f32(vmax));
+
+	for (unsigned i = n4; i < n; i++)
+		mx = fmaxf(mx, s[i]);
+	if (mx == -INFINITY) {
+		memset(s, 0, n * sizeof *s);
+		*l = 0.0f;
+		return 0.0f;
+	}
+
+	const float32x4_t vmx = vdupq_n_f32(mx);
+	float32x4_t sum = vdupq_n_f32(0.0f);
+
+	for (unsigned i = 0; i < n4; i += 4) {
+		float32x4_t e = exp_f32x4(vsubq_f32(vld1q_f32(s + i), vmx));
+
+		vst1q_f32(s + i, e);
+		sum = vaddq_f32(sum, e);
+	}
+	if (k) {
+		/* padding lanes are 0 - mx, not -inf: keep them out of the sum */
+		float32x4_t e = exp_f32x4(vsubq_f32(load_f32_tail(s + n4, k), vmx));
+		static const uint32_t keep[4][4] = {
+			{ 0, 0, 0, 0 }, { ~0u, 0, 0, 0 }, { ~0u, ~0u, 0, 0 }, { ~0u, ~0u, ~0u, 0 },
+		};
+
+		e = vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(e), vld1q_u32(keep[k])));
+		store_f32_tail(s + n4, e, k);
+		sum = vaddq_f32(sum, e);
+	}
+
+	/* one exponential per block: libm's is not worth replacing here */
+	float corr = expf(*m - mx);
+
+	*l = *l * corr + vaddvq_f32(sum);
+	*m = mx;
+	return corr;
+}
+
+static void scale(unsigned d, float a, float *y)
+{
+	unsigned j = 0;
+
+	for (; j + 4 <= d; j += 4)
+		vst1q_f32(y + j, vmulq_n_f32(vld1q_f32(y + j), a));
+	if (j < d) {
+		const unsigned k = d - j;
+
+		store_f32_tail(y + j, vmulq_n_f32(load_f32_tail(y + j, k), a), k);
+	}
+}
+
+const struct kvp_kernels kvp_kernels_neon = {
+	.name = "neon",
+	.dot_f32 = dot_f32,
+	.dot_f16 = dot_f16,
+	.axpy_f32 = axpy_f32,
+	.axpy_f16 = axpy_f16,
+	.f32_to_f16 = f32_to_f16,
+	.f16_to_f32 = f16_to_f32,
+	.softmax_step = softmax_step,
+	.scale = scale,
+};
+
+#else
+/* ISO C wants a declaration in every translation unit */
+typedef int kvp_neon_not_built;
+#endif /* __aarch64__ */

@@ -1,0 +1,114 @@
+/*
+ * The reference kernels: plain loops in the order the contract in kernels.h reads. Every vector version
+ * is tested against these, so they favour obviousness over speed.
+ */
+#include <math.h>
+
+#include "base/base.h"
+#include "kernels/kernels.h"
+
+static void dot_f32(unsigned d, unsigned n, const float *rows, const float *q, float scale, float *out)
+{
+	for (unsigned i = 0; i < n; i++) {
+		const float *r = rows + (size_t)i * d;
+		float s = 0.0f;
+
+		for (unsigned j = 0; j < d; j++)
+			s += r[j] * q[j];
+		out[i] = scale * s;
+	}
+}
+
+static void dot_f16(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale, float *out)
+{
+	for (unsigned i = 0; i < n; i++) {
+		const uint16_t *r = rows + (size_t)i * d;
+		float s = 0.0f;
+
+		for (unsigned j = 0; j < d; j++)
+			s += kvp_f16_to_f32(r[j]) * q[j];
+		out[i] = scale * s;
+	}
+}
+
+static void axpy_f32(unsigned d, unsigned n, const float *rows, const float *w, float *acc)
+{
+	for (unsigned i = 0; i < n; i++) {
+		const float *r = rows + (size_t)i * d;
+
+		for (unsigned j = 0; j < d; j++)
+			acc[j] += w[i] * r[j];
+	}
+}
+
+static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc)
+{
+	for (unsigned i = 0; i < n; i++) {
+		const uint16_t *r = rows + (size_t)i * d;
+
+		for (unsigned j = 0; j < d; j++)
+			acc[j] += w[i] * kvp_f16_to_f32(r[j]);
+	}
+}
+
+static void f32_to_f16(size_t n, const float *x, uint16_t *y)
+{
+	for (size_t i = 0; i < n; i++)
+		y[i] = kvp_f32_to_f16(x[i]);
+}
+
+static void f16_to_f32(size_t n, const uint16_t *x, float *y)
+{
+	for (size_t i = 0; i < n; i++)
+		y[i] = kvp_f16_to_f32(x[i]);
+}
+
+/*
+ * When the new maximum is still -inf (every score so far masked out) exp(-inf - -inf) would be NaN;
+ * nothing has been accumulated yet, so zero weights, a zero sum and a zero factor are the true values.
+ * The vector versions treat this case the same way.
+ */
+static float softmax_step(unsigned n, float *s, float *m, float *l)
+{
+	float mx = *m;
+
+	for (unsigned i = 0; i < n; i++)
+		mx = fmaxf(mx, s[i]);
+	if (mx == -INFINITY) {
+		for (unsigned i = 0; i < n; i++)
+			s[i] = 0.0f;
+		*l = 0.0f;
+		return 0.0f;
+	}
+
+	float sum = 0.0f;
+
+	for (unsigned i = 0; i < n; i++) {
+		s[i] = expf(s[i] - mx);
+		sum += s[i];
+	}
+
+	float corr = expf(*m - mx);
+
+	*l = *l * corr + sum;
+	*m = mx;
+	return corr;
+}
+
+static void scale(unsigned d, float a, float *y)
+{
+	for (unsigned j = 0; j < d; j++)
+		y[j] *= a;
+}
+
+const struct kvp_kernels kvp_kernels_scalar = {
+	.name = "scalar",
+	.dot_f32 = dot_f32,
+	.dot_f16 = dot_f16,
+	.axpy_f32 = axpy_f32,
+	.axpy_f16 = axpy_f16,
+	.f32_to_f16 = f32_to_f16,
+	.f16_to_f32 = f16_to_f32,
+	.softmax_step = softmax_step,
+	.scale = scale,
+};

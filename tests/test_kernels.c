@@ -1,0 +1,753 @@
+/*
+ * The kernels suite: the scalar reference against double-precision arithmetic and exact fp16 rules, every
+ * vector table runnable here against the scalar one, and the dispatch rules.
+ *
+ * Tolerances (the same as tests/kernels_check.c):
+ *   dot, axpy   |vector - scalar| <= 1e-5 * sum of |products| (summation order and FMA differ; a plain
+ *               relative bound means nothing when the terms cancel)
+ *   f32_to_f16  bit-identical, NaN payloads included
+ *   f16_to_f32  bit-identical, except a NaN need only stay a NaN of the same sign (F16C quiets signalling
+ *               NaNs, base/half.c keeps them signalling)
+ *   scale       bit-identical
+ *   softmax     weights, running sum and factor within 1e-6 relative (+1e-30 absolute for underflow);
+ *               the running maximum exact
+ *
+ * The dispatch tests call setenv before the first kvp_kernels() of the process, relying on Criterion's
+ * default of one forked process per test; with --no-fork the cached choice would leak between them.
+ */
+#include <criterion/criterion.h>
+#include <math.h>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/base.h"
+#include "kernels/kernels.h"
+
+#define DOT_TOL 1e-5
+#define SOFTMAX_TOL 1e-6
+#define UNDERFLOW_TOL 1e-30
+
+static const unsigned dims[] = { 1, 3, 7, 8, 9, 31, 64, 65, 127, 128 };
+static const unsigned counts[] = { 1, 2, 5, 64, 67 };
+#define COUNT(a) (sizeof(a) / sizeof((a)[0]))
+
+static const struct kvp_kernels *runnable(const char *name)
+{
+	const struct kvp_kernels *k = kvp_kernels_named(name);
+
+	if (!k)
+		cr_skip("the %s kernels cannot run on this build or CPU", name);
+	return k;
+}
+
+static uint64_t rng_state = 0x2545f4914f6cdd1du;
+
+static uint32_t rnd32(void)
+{
+	rng_state ^= rng_state << 13;
+	rng_state ^= rng_state >> 7;
+	rng_state ^= rng_state << 17;
+	return (uint32_t)(rng_state >> 32);
+}
+
+/* uniform in [-1, 1) */
+static float rndf(void)
+{
+	return (float)((double)rnd32() / 2147483648.0 - 1.0);
+}
+
+static uint32_t bits_of(float x)
+{
+	uint32_t u;
+
+	memcpy(&u, &x, sizeof u);
+	return u;
+}
+
+static float float_of(uint32_t u)
+{
+	float x;
+
+	memcpy(&x, &u, sizeof x);
+	return x;
+}
+
+/* Sized exactly (plus the offset) so that a kernel reading past the end shows up under ASan. */
+static float *rand_f32(size_t n, unsigned off)
+{
+	float *p = malloc((n + off) * sizeof *p + 1);
+
+	cr_assert(p);
+	for (size_t i = 0; i < n + off; i++)
+		p[i] = rndf();
+	return p;
+}
+
+static uint16_t *rand_f16(size_t n, unsigned off)
+{
+	uint16_t *p = malloc((n + off) * sizeof *p + 1);
+
+	cr_assert(p);
+	for (size_t i = 0; i < n + off; i++)
+		p[i] = kvp_f32_to_f16(4.0f * rndf());
+	return p;
+}
+
+static float *copy_f32(const float *x, size_t n)
+{
+	float *p = malloc(n * sizeof *p + 1);
+
+	cr_assert(p);
+	memcpy(p, x, n * sizeof *p);
+	return p;
+}
+
+static int same_f32(float a, float b)
+{
+	if (isnan(a) || isnan(b))
+		return isnan(a) && isnan(b) && signbit(a) == signbit(b);
+	return bits_of(a) == bits_of(b);
+}
+
+static int is_nan_f16(uint16_t h)
+{
+	return (h & 0x7c00u) == 0x7c00u && (h & 0x3ffu);
+}
+
+/* ---- dot and axpy against the scalar reference ---- */
+
+static double row_value(const float *rows, const uint16_t *hrows, size_t at)
+{
+	return hrows ? kvp_f16_to_f32(hrows[at]) : rows[at];
+}
+
+static void dot_case(const struct kvp_kernels *k, int half, unsigned d, unsigned n, unsigned off)
+{
+	const float scale = 0.125f;
+	float *q = rand_f32(d, off), *rows = half ? NULL : rand_f32((size_t)n * d, off);
+	uint16_t *hrows = half ? rand_f16((size_t)n * d, off) : NULL;
+	float *want = rand_f32(n, off), *got = copy_f32(want, n + off);
+
+	if (half) {
+		kvp_kernels_scalar.dot_f16(d, n, hrows + off, q + off, scale, want + off);
+		k->dot_f16(d, n, hrows + off, q + off, scale, got + off);
+	} else {
+		kvp_kernels_scalar.dot_f32(d, n, rows + off, q + off, scale, want + off);
+		k->dot_f32(d, n, rows + off, q + off, scale, got + off);
+	}
+	for (unsigned i = 0; i < n; i++) {
+		double mag = 0;
+
+		for (unsigned j = 0; j < d; j++)
+			mag += fabs(row_value(rows, hrows, off + (size_t)i * d + j) * q[off + j]);
+		cr_assert(fabs(got[off + i] - want[off + i]) <= DOT_TOL * scale * mag + 1e-30,
+			  "%s dot_%s d=%u n=%u off=%u row %u: %.9g, scalar %.9g", k->name,
+			  half ? "f16" : "f32", d, n, off, i, got[off + i], want[off + i]);
+	}
+	free(q);
+	free(rows);
+	free(hrows);
+	free(want);
+	free(got);
+}
+
+static void axpy_case(const struct kvp_kernels *k, int half, unsigned d, unsigned n, unsigned off)
+{
+	float *w = rand_f32(n, off), *rows = half ? NULL : rand_f32((size_t)n * d, off);
+	uint16_t *hrows = half ? rand_f16((size_t)n * d, off) : NULL;
+	float *want = rand_f32(d, off), *got = copy_f32(want, d + off), *acc0 = copy_f32(want, d + off);
+
+	if (half) {
+		kvp_kernels_scalar.axpy_f16(d, n, hrows + off, w + off, want + off);
+		k->axpy_f16(d, n, hrows + off, w + off, got + off);
+	} else {
+		kvp_kernels_scalar.axpy_f32(d, n, rows + off, w + off, want + off);
+		k->axpy_f32(d, n, rows + off, w + off, got + off);
+	}
+	for (unsigned j = 0; j < d; j++) {
+		double mag = fabs(acc0[off + j]);
+
+		for (unsigned i = 0; i < n; i++)
+			mag += fabs(w[off + i] * row_value(rows, hrows, off + (size_t)i * d + j));
+		cr_assert(fabs(got[off + j] - want[off + j]) <= DOT_TOL * mag + 1e-30,
+			  "%s axpy_%s d=%u n=%u off=%u column %u: %.9g, scalar %.9g", k->name,
+			  half ? "f16" : "f32", d, n, off, j, got[off + j], want[off + j]);
+	}
+	free(w);
+	free(rows);
+	free(hrows);
+	free(want);
+	free(got);
+	free(acc0);
+}
+
+typedef void (*case_fn)(const struct kvp_kernels *k, int half, unsigned d, unsigned n, unsigned off);
+
+static void every_shape(const struct kvp_kernels *k, case_fn fn, int half, unsigned off)
+{
+	for (size_t a = 0; a < COUNT(dims); a++)
+		for (size_t b = 0; b < COUNT(counts); b++)
+			fn(k, half, dims[a], counts[b], off);
+}
+
+static void scale_case(const struct kvp_kernels *k, unsigned d, unsigned off)
+{
+	float *want = rand_f32(d, off), *got = copy_f32(want, d + off);
+
+	kvp_kernels_scalar.scale(d, -0.37f, want + off);
+	k->scale(d, -0.37f, got + off);
+	cr_assert(!memcmp(want + off, got + off, d * sizeof *got), "%s scale d=%u off=%u: not bit-identical",
+		  k->name, d, off);
+	free(want);
+	free(got);
+}
+
+/* ---- fp16 conversion ---- */
+
+/* zeros, subnormal and normal edges, ties, the overflow threshold 65520, infinities, NaN payloads */
+static const uint32_t special_bits[] = {
+	0x00000000, 0x80000000, 0x00000001, 0x33000000, 0x33000001, 0x337fffff, 0x33800000, 0x33c00000,
+	0x387fc000, 0x387fe000, 0x387fffff, 0x38800000, 0x3f800000, 0x3f801000, 0x3f803000, 0x3f801001,
+	0x477fe000, 0x477fefff, 0x477ff000, 0x477ff001, 0x47800000, 0x7f7fffff, 0x7f800000, 0xff800000,
+	0x7f800001, 0x7fa00000, 0x7fc00000, 0xffc00001, 0x7f802000, 0x7fbfffff, 0xfffffff0, 0x00800000,
+	0xb3000000, 0x80000001, 0xc77ff000, 0xc77fefff, 0x387fefff, 0x38000000, 0x37ffffff, 0x3f7ff000,
+};
+
+static void f32_to_f16_case(const struct kvp_kernels *k, const float *x, size_t n, unsigned off)
+{
+	float *xs = malloc((n + off) * sizeof *xs + 1);
+	uint16_t *want = malloc(n * sizeof *want + 1), *got = malloc((n + off) * sizeof *got + 1);
+
+	cr_assert(xs && want && got);
+	memcpy(xs + off, x, n * sizeof *x);
+	kvp_kernels_scalar.f32_to_f16(n, xs + off, want);
+	k->f32_to_f16(n, xs + off, got + off);
+	for (size_t i = 0; i < n; i++)
+		cr_assert(got[off + i] == want[i], "%s f32_to_f16 n=%zu off=%u: %08x -> %04x, scalar %04x",
+			  k->name, n, off, bits_of(x[i]), got[off + i], want[i]);
+	free(xs);
+	free(want);
+	free(got);
+}
+
+static void f32_to_f16_special(const struct kvp_kernels *k)
+{
+	float x[COUNT(special_bits)];
+
+	for (size_t i = 0; i < COUNT(x); i++)
+		x[i] = float_of(special_bits[i]);
+	for (unsigned off = 0; off < 2; off++)
+		f32_to_f16_case(k, x, COUNT(x), off);
+}
+
+/* The exact midpoint above every finite half, both signs: all ties, half of them to round up. */
+static void f32_to_f16_ties(const struct kvp_kernels *k)
+{
+	enum { N = 2 * 0x7c00 };
+	float *x = malloc(N * sizeof *x);
+
+	cr_assert(x);
+	for (uint32_t h = 0; h < 0x7c00; h++) {
+		double lo = kvp_f16_to_f32((uint16_t)h), hi = kvp_f16_to_f32((uint16_t)(h + 1));
+
+		x[2 * h] = (float)((lo + hi) / 2);
+		x[2 * h + 1] = -x[2 * h];
+	}
+	f32_to_f16_case(k, x, N, 0);
+	f32_to_f16_case(k, x, N - 3, 1);
+	free(x);
+}
+
+/* A stride through all 2^32 bit patterns, so every exponent meets varied low mantissa bits. */
+static void f32_to_f16_sweep(const struct kvp_kernels *k)
+{
+	enum { CHUNK = 4096, STRIDE = 4093 };
+	float x[CHUNK];
+	uint16_t want[CHUNK], got[CHUNK];
+	uint32_t u = 0;
+
+	for (uint64_t done = 0; done < (1ull << 32); done += (uint64_t)CHUNK * STRIDE) {
+		for (unsigned i = 0; i < CHUNK; i++, u += STRIDE)
+			x[i] = float_of(u);
+		kvp_kernels_scalar.f32_to_f16(CHUNK, x, want);
+		k->f32_to_f16(CHUNK, x, got);
+		for (unsigned i = 0; i < CHUNK; i++)
+			cr_assert(got[i] == want[i], "%s f32_to_f16: %08x -> %04x, scalar %04x", k->name,
+				  bits_of(x[i]), got[i], want[i]);
+	}
+}
+
+static void f32_to_f16_tails(const struct kvp_kernels *k)
+{
+	float x[40];
+
+	for (size_t i = 0; i < COUNT(x); i++)
+		x[i] = i % 4 ? 1000.0f * rndf() : float_of(special_bits[i]);
+	for (size_t n = 1; n <= COUNT(x); n++)
+		for (unsigned off = 0; off < 2; off++)
+			f32_to_f16_case(k, x, n, off);
+}
+
+static void f16_to_f32_case(const struct kvp_kernels *k, uint32_t first, size_t n, unsigned off)
+{
+	uint16_t *h = malloc((n + off) * sizeof *h + 1);
+	float *want = malloc(n * sizeof *want + 1), *got = malloc((n + off) * sizeof *got + 1);
+
+	cr_assert(h && want && got);
+	for (size_t i = 0; i < n; i++)
+		h[off + i] = (uint16_t)(first + i);
+	kvp_kernels_scalar.f16_to_f32(n, h + off, want);
+	k->f16_to_f32(n, h + off, got + off);
+	for (size_t i = 0; i < n; i++)
+		cr_assert(same_f32(got[off + i], want[i]),
+			  "%s f16_to_f32 n=%zu off=%u: %04x -> %08x, scalar %08x", k->name, n, off,
+			  h[off + i], bits_of(got[off + i]), bits_of(want[i]));
+	free(h);
+	free(want);
+	free(got);
+}
+
+/* ---- online softmax ---- */
+
+static int softmax_close(float got, float want)
+{
+	if (isinf(want) || isnan(want))
+		return same_f32(got, want);
+	return fabs(got - want) <= SOFTMAX_TOL * fabs(want) + UNDERFLOW_TOL;
+}
+
+/* Scores in [-spread, spread]; with masked set, every fifth is -inf as a causal or padding mask gives. */
+static void fill_scores(float *s, unsigned n, float spread, int masked)
+{
+	for (unsigned i = 0; i < n; i++)
+		s[i] = masked && i % 5 == 2 ? -INFINITY : spread * rndf();
+}
+
+/* Three consecutive blocks, as attention walks a sequence, compared with scalar after every step. */
+static void softmax_case(const struct kvp_kernels *k, unsigned n, unsigned off, float spread, int masked)
+{
+	float *want = malloc((n + off) * sizeof *want), *got = malloc((n + off) * sizeof *got);
+	float wm = -INFINITY, wl = 0, gm = -INFINITY, gl = 0;
+
+	cr_assert(want && got);
+	for (unsigned step = 0; step < 3; step++) {
+		fill_scores(want + off, n, spread, masked);
+		memcpy(got + off, want + off, n * sizeof *got);
+
+		float wc = kvp_kernels_scalar.softmax_step(n, want + off, &wm, &wl);
+		float gc = k->softmax_step(n, got + off, &gm, &gl);
+
+		for (unsigned i = 0; i < n; i++)
+			cr_assert(softmax_close(got[off + i], want[off + i]),
+				  "%s softmax n=%u off=%u spread=%g step %u: s[%u] = %.9g, scalar %.9g",
+				  k->name, n, off, (double)spread, step, i, got[off + i], want[off + i]);
+		cr_assert(softmax_close(gc, wc), "%s softmax n=%u step %u: factor %.9g, scalar %.9g",
+			  k->name, n, step, gc, wc);
+		cr_assert(same_f32(gm, wm), "%s softmax n=%u step %u: max %.9g, scalar %.9g",
+			  k->name, n, step, gm, wm);
+		cr_assert(softmax_close(gl, wl), "%s softmax n=%u step %u: sum %.9g, scalar %.9g",
+			  k->name, n, step, gl, wl);
+	}
+	free(want);
+	free(got);
+}
+
+static void softmax_shapes(const struct kvp_kernels *k, unsigned off)
+{
+	for (size_t a = 0; a < COUNT(dims); a++)
+		softmax_case(k, dims[a], off, 8.0f, 0);
+}
+
+/* Spreads of +-120 push exp far into underflow; masked scores must come out exactly 0. */
+static void softmax_extremes(const struct kvp_kernels *k)
+{
+	for (size_t a = 0; a < COUNT(dims); a++)
+		for (int masked = 0; masked < 2; masked++)
+			softmax_case(k, dims[a], 1, 120.0f, masked);
+}
+
+static void softmax_first_block(const struct kvp_kernels *k)
+{
+	for (size_t a = 0; a < COUNT(dims); a++) {
+		unsigned n = dims[a];
+		float s[128] = { 0 }, m = -INFINITY, l = 0;
+
+		fill_scores(s, n, 8.0f, 0);
+
+		float top = s[0];
+
+		for (unsigned i = 1; i < n; i++)
+			top = fmaxf(top, s[i]);
+		float c = k->softmax_step(n, s, &m, &l);
+
+		cr_assert(c == 0.0f, "%s n=%u: first block factor %g, not 0", k->name, n, c);
+		cr_assert(m == top, "%s n=%u: max %g, want %g", k->name, n, m, top);
+	}
+}
+
+static void softmax_all_masked(const struct kvp_kernels *k)
+{
+	for (size_t a = 0; a < COUNT(dims); a++) {
+		unsigned n = dims[a];
+		float s[128], m = -INFINITY, l = 0;
+
+		for (unsigned i = 0; i < n; i++)
+			s[i] = -INFINITY;
+
+		float c = k->softmax_step(n, s, &m, &l);
+
+		cr_assert(c == 0.0f && l == 0.0f && m == -INFINITY, "%s n=%u: factor %g sum %g max %g",
+			  k->name, n, c, l, m);
+		for (unsigned i = 0; i < n; i++)
+			cr_assert(bits_of(s[i]) == 0, "%s n=%u: weight %u is %g, not +0",
+				  k->name, n, i, s[i]);
+	}
+}
+
+/*
+ * Blocks of uneven sizes composed as the pager does: earlier weights rescaled by each returned factor,
+ * divided by the final sum at the end, against softmax over all scores in double precision.
+ */
+static void softmax_composed(const struct kvp_kernels *k)
+{
+	static const unsigned blocks[] = { 64, 5, 67, 1, 64, 31 };
+	float s[400], p[400], m = -INFINITY, l = 0;
+	unsigned total = 0;
+
+	for (size_t b = 0; b < COUNT(blocks); b++) {
+		unsigned n = blocks[b];
+
+		/* later blocks drift upwards so the running maximum moves */
+		for (unsigned i = 0; i < n; i++)
+			s[total + i] = 6.0f * rndf() + (float)b;
+		memcpy(p + total, s + total, n * sizeof *p);
+
+		float c = k->softmax_step(n, p + total, &m, &l);
+
+		for (unsigned i = 0; i < total; i++)
+			p[i] *= c;
+		total += n;
+	}
+
+	double top = -INFINITY, sum = 0, psum = 0;
+
+	for (unsigned i = 0; i < total; i++)
+		top = fmax(top, s[i]);
+	for (unsigned i = 0; i < total; i++)
+		sum += exp((double)s[i] - top);
+	for (unsigned i = 0; i < total; i++) {
+		double want = exp((double)s[i] - top) / sum, got = (double)p[i] / l;
+
+		cr_assert(fabs(got - want) <= SOFTMAX_TOL * want, "%s p[%u] = %.9g, reference %.9g",
+			  k->name, i, got, want);
+		psum += got;
+	}
+	cr_assert(fabs(psum - 1.0) <= SOFTMAX_TOL, "%s probabilities sum to %.9g", k->name, psum);
+	cr_assert(m == (float)top, "%s max %g, reference %g", k->name, m, top);
+}
+
+/* ---- the scalar reference on its own ---- */
+
+Test(kernels, scalar_f16_round_trips_every_half)
+{
+	static uint16_t h[65536], back[65536];
+	static float f[65536];
+
+	for (uint32_t i = 0; i < 65536; i++)
+		h[i] = (uint16_t)i;
+	kvp_kernels_scalar.f16_to_f32(65536, h, f);
+	kvp_kernels_scalar.f32_to_f16(65536, f, back);
+	for (uint32_t i = 0; i < 65536; i++) {
+		if (is_nan_f16(h[i]))
+			cr_assert(is_nan_f16(back[i]) && isnan(f[i]), "NaN %04x came back as %04x",
+				  h[i], back[i]);
+		else
+			cr_assert(back[i] == h[i], "%04x -> %a -> %04x", h[i], (double)f[i], back[i]);
+	}
+}
+
+Test(kernels, scalar_f32_to_f16_rounds_ties_to_even)
+{
+	static const struct { float x; uint16_t h; } cases[] = {
+		{ 1.0f + 0x1p-11f, 0x3c00 },	    /* tie between 1 and 1+2^-10: even is 1 */
+		{ 1.0f + 3 * 0x1p-11f, 0x3c02 },    /* tie between 1+2^-10 and 1+2^-9: even is up */
+		{ 1.0f + 0x1p-11f + 0x1p-23f, 0x3c01 },
+		{ -(1.0f + 0x1p-11f), 0xbc00 },
+		{ 0x1p-25f, 0x0000 },		    /* half the smallest subnormal: ties to 0 */
+		{ 3 * 0x1p-25f, 0x0002 },	    /* between subnormals 1 and 2: to 2 */
+		{ 0x1p-25f + 0x1p-40f, 0x0001 },
+		{ 2047 * 0x1p-25f, 0x0400 },	    /* largest subnormal tie rounds up into the normals */
+		{ 65504.0f, 0x7bff },
+		{ 65519.99f, 0x7bff },
+		{ 65520.0f, 0x7c00 },		    /* the tie above the largest half overflows */
+		{ -65520.0f, 0xfc00 },
+		{ 1e10f, 0x7c00 },
+		{ 0x1p-14f, 0x0400 },
+	};
+
+	for (size_t i = 0; i < COUNT(cases); i++) {
+		uint16_t h;
+
+		kvp_kernels_scalar.f32_to_f16(1, &cases[i].x, &h);
+		cr_assert(h == cases[i].h, "%a -> %04x, want %04x", (double)cases[i].x, h, cases[i].h);
+	}
+}
+
+Test(kernels, scalar_f32_to_f16_keeps_signed_zeros_infinities_and_nans)
+{
+	static const float x[] = { 0.0f, -0.0f, INFINITY, -INFINITY, NAN, -NAN };
+	uint16_t h[COUNT(x)];
+
+	kvp_kernels_scalar.f32_to_f16(COUNT(x), x, h);
+	cr_assert(h[0] == 0x0000 && h[1] == 0x8000, "zeros: %04x %04x", h[0], h[1]);
+	cr_assert(h[2] == 0x7c00 && h[3] == 0xfc00, "infinities: %04x %04x", h[2], h[3]);
+	cr_assert(is_nan_f16(h[4]) && is_nan_f16(h[5]) && !(h[4] & 0x8000) && (h[5] & 0x8000),
+		  "NaNs: %04x %04x", h[4], h[5]);
+}
+
+Test(kernels, scalar_dot_and_axpy_match_double_precision)
+{
+	const unsigned d = 65, n = 67;
+	float *rows = rand_f32((size_t)n * d, 0), *q = rand_f32(d, 0), *w = rand_f32(n, 0);
+	float *acc = rand_f32(d, 0), *acc0 = copy_f32(acc, d), out[67];
+
+	kvp_kernels_scalar.dot_f32(d, n, rows, q, 0.5f, out);
+	kvp_kernels_scalar.axpy_f32(d, n, rows, w, acc);
+	for (unsigned i = 0; i < n; i++) {
+		double want = 0, mag = 0;
+
+		for (unsigned j = 0; j < d; j++) {
+			want += (double)rows[i * d + j] * q[j];
+			mag += fabs((double)rows[i * d + j] * q[j]);
+		}
+		cr_assert(fabs(out[i] - 0.5 * want) <= DOT_TOL * 0.5 * mag, "dot row %u: %.9g, want %.9g", i,
+			  out[i], 0.5 * want);
+	}
+	for (unsigned j = 0; j < d; j++) {
+		double want = acc0[j], mag = fabs(acc0[j]);
+
+		for (unsigned i = 0; i < n; i++) {
+			want += (double)w[i] * rows[i * d + j];
+			mag += fabs((double)w[i] * rows[i * d + j]);
+		}
+		cr_assert(fabs(acc[j] - want) <= DOT_TOL * mag, "axpy column %u: %.9g, want %.9g",
+			  j, acc[j], want);
+	}
+	free(rows);
+	free(q);
+	free(w);
+	free(acc);
+	free(acc0);
+}
+
+Test(kernels, scalar_softmax_step_on_first_block_returns_zero)
+{
+	softmax_first_block(&kvp_kernels_scalar);
+}
+
+Test(kernels, scalar_softmax_step_on_all_masked_block_gives_zero_weights)
+{
+	softmax_all_masked(&kvp_kernels_scalar);
+}
+
+Test(kernels, scalar_softmax_step_composed_over_blocks_matches_double_reference)
+{
+	softmax_composed(&kvp_kernels_scalar);
+}
+
+/* ---- each vector table against the scalar one ---- */
+
+#define VECTOR_TESTS(impl) \
+	Test(kernels, impl##_dot_f32_matches_scalar_on_odd_lengths) \
+	{ \
+		every_shape(runnable(#impl), dot_case, 0, 0); \
+	} \
+	Test(kernels, impl##_dot_f32_matches_scalar_on_unaligned_pointers) \
+	{ \
+		every_shape(runnable(#impl), dot_case, 0, 1); \
+	} \
+	Test(kernels, impl##_dot_f16_matches_scalar_on_odd_lengths) \
+	{ \
+		every_shape(runnable(#impl), dot_case, 1, 0); \
+	} \
+	Test(kernels, impl##_dot_f16_matches_scalar_on_unaligned_pointers) \
+	{ \
+		every_shape(runnable(#impl), dot_case, 1, 1); \
+	} \
+	Test(kernels, impl##_axpy_f32_matches_scalar_on_odd_lengths) \
+	{ \
+		every_shape(runnable(#impl), axpy_case, 0, 0); \
+	} \
+	Test(kernels, impl##_axpy_f32_matches_scalar_on_unaligned_pointers) \
+	{ \
+		every_shape(runnable(#impl), axpy_case, 0, 1); \
+	} \
+	Test(kernels, impl##_axpy_f16_matches_scalar_on_odd_lengths) \
+	{ \
+		every_shape(runnable(#impl), axpy_case, 1, 0); \
+	} \
+	Test(kernels, impl##_axpy_f16_matches_scalar_on_unaligned_pointers) \
+	{ \
+		every_shape(runnable(#impl), axpy_case, 1, 1); \
+	} \
+	Test(kernels, impl##_scale_is_bit_identical_to_scalar_on_odd_and_unaligned_lengths) \
+	{ \
+		const struct kvp_kernels *k = runnable(#impl); \
+		for (size_t a = 0; a < COUNT(dims); a++) \
+			for (unsigned off = 0; off < 2; off++) \
+				scale_case(k, dims[a], off); \
+	} \
+	Test(kernels, impl##_f32_to_f16_is_bit_identical_on_zeros_subnormals_inf_nan_and_overflow) \
+	{ \
+		f32_to_f16_special(runnable(#impl)); \
+	} \
+	Test(kernels, impl##_f32_to_f16_is_bit_identical_on_every_tie) \
+	{ \
+		f32_to_f16_ties(runnable(#impl)); \
+	} \
+	Test(kernels, impl##_f32_to_f16_is_bit_identical_across_a_sweep_of_all_floats) \
+	{ \
+		f32_to_f16_sweep(runnable(#impl)); \
+	} \
+	Test(kernels, impl##_f32_to_f16_is_bit_identical_on_odd_lengths_and_unaligned_pointers) \
+	{ \
+		f32_to_f16_tails(runnable(#impl)); \
+	} \
+	Test(kernels, impl##_f16_to_f32_matches_scalar_on_every_half) \
+	{ \
+		f16_to_f32_case(runnable(#impl), 0, 65536, 0); \
+	} \
+	Test(kernels, impl##_f16_to_f32_matches_scalar_on_odd_lengths_and_unaligned_pointers) \
+	{ \
+		const struct kvp_kernels *k = runnable(#impl); \
+		/* runs ending past 0x7c00 put max-normal, inf and NaN in every tail position */ \
+		for (size_t n = 1; n <= 20; n++) \
+			for (unsigned off = 0; off < 2; off++) \
+				f16_to_f32_case(k, 0x7bf0, n, off); \
+	} \
+	Test(kernels, impl##_softmax_step_matches_scalar_on_odd_lengths) \
+	{ \
+		softmax_shapes(runnable(#impl), 0); \
+	} \
+	Test(kernels, impl##_softmax_step_matches_scalar_on_unaligned_pointers) \
+	{ \
+		softmax_shapes(runnable(#impl), 1); \
+	} \
+	Test(kernels, impl##_softmax_step_matches_scalar_with_masked_scores_and_underflow) \
+	{ \
+		softmax_extremes(runnable(#impl)); \
+	} \
+	Test(kernels, impl##_softmax_step_on_first_block_returns_zero) \
+	{ \
+		softmax_first_block(runnable(#impl)); \
+	} \
+	Test(kernels, impl##_softmax_step_on_all_masked_block_gives_zero_weights) \
+	{ \
+		softmax_all_masked(runnable(#impl)); \
+	} \
+	Test(kernels, impl##_softmax_step_composed_over_blocks_matches_double_reference) \
+	{ \
+		softmax_composed(runnable(#impl)); \
+	}
+
+VECTOR_TESTS(avx2)
+VECTOR_TESTS(neon)
+
+/* ---- dispatch ---- */
+
+static const struct kvp_kernels *best_here(void)
+{
+	static const char *const order[] = { "avx2", "neon", "scalar" };
+	const struct kvp_kernels *k = NULL;
+
+	for (size_t i = 0; !k && i < COUNT(order); i++)
+		k = kvp_kernels_named(order[i]);
+	return k;
+}
+
+Test(kernels, dispatch_names_scalar_everywhere)
+{
+	cr_assert(kvp_kernels_named("scalar") == &kvp_kernels_scalar);
+}
+
+Test(kernels, dispatch_returns_null_for_unknown_or_foreign_names)
+{
+	cr_assert_null(kvp_kernels_named("sse9"));
+	cr_assert_null(kvp_kernels_named(""));
+	cr_assert_null(kvp_kernels_named(NULL));
+	cr_assert_null(kvp_kernels_named("AVX2"));
+#if defined(__x86_64__)
+	cr_assert_null(kvp_kernels_named("neon"));
+#elif defined(__aarch64__)
+	cr_assert_null(kvp_kernels_named("avx2"));
+#endif
+}
+
+Test(kernels, dispatch_tables_are_complete_and_named_for_their_name)
+{
+	static const char *const names[] = { "scalar", "avx2", "neon" };
+
+	for (size_t i = 0; i < COUNT(names); i++) {
+		const struct kvp_kernels *k = kvp_kernels_named(names[i]);
+
+		if (!k)
+			continue;
+		cr_assert_str_eq(k->name, names[i]);
+		cr_assert(k->dot_f32 && k->dot_f16 && k->axpy_f32 && k->axpy_f16 && k->f32_to_f16 &&
+			  k->f16_to_f32 && k->softmax_step && k->scale, "%s has an empty slot", names[i]);
+	}
+}
+
+Test(kernels, dispatch_honours_kvp_kernels_scalar)
+{
+	cr_assert(setenv("KVP_KERNELS", "scalar", 1) == 0);
+	cr_assert(kvp_kernels() == &kvp_kernels_scalar, "chose %s", kvp_kernels()->name);
+}
+
+Test(kernels, dispatch_honours_kvp_kernels_naming_a_vector_table)
+{
+	const struct kvp_kernels *k = kvp_kernels_named("avx2") ? kvp_kernels_named("avx2")
+								 : kvp_kernels_named("neon");
+
+	if (!k)
+		cr_skip("no vector kernels run here");
+	cr_assert(setenv("KVP_KERNELS", k->name, 1) == 0);
+	cr_assert(kvp_kernels() == k, "chose %s, not %s", kvp_kernels()->name, k->name);
+}
+
+Test(kernels, dispatch_falls_back_to_the_best_for_an_unknown_kvp_kernels)
+{
+	cr_assert(setenv("KVP_KERNELS", "sse9", 1) == 0);
+	cr_assert(kvp_kernels() == best_here(), "chose %s, best is %s",
+		  kvp_kernels()->name, best_here()->name);
+}
+
+Test(kernels, dispatch_picks_the_best_the_cpu_runs_without_kvp_kernels)
+{
+	cr_assert(unsetenv("KVP_KERNELS") == 0);
+	cr_assert(kvp_kernels() == best_here(), "chose %s, best is %s",
+		  kvp_kernels()->name, best_here()->name);
+#if defined(__x86_64__)
+	/* asked of the CPU directly rather than through dispatch.c's own probe */
+	unsigned a, b, c, d;
+	int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+
+	if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)
+		cr_assert_str_eq(kvp_kernels()->name, "avx2");
+#elif defined(__aarch64__)
+	cr_assert_str_eq(kvp_kernels()->name, "neon");
+#endif
+}
+
+Test(kernels, dispatch_chooses_once_per_process)
+{
+	cr_assert(setenv("KVP_KERNELS", "scalar", 1) == 0);
+
+	const struct kvp_kernels *first = kvp_kernels();
+
+	cr_assert(unsetenv("KVP_KERNELS") == 0);
+	cr_assert(kvp_kernels() == first);
+}
