@@ -23,18 +23,32 @@
 /* May stand left of '|': hands a reduced vector down to the next codec of the stack. */
 #define KVP_CODEC_STACKS 2u
 
+/* Which side of the cache a codec encodes. Codecs whose reference layout differs between keys and values
+ * take their default from it (KIVI: keys per channel, values per token); an explicit argument wins. */
+#define KVP_CODEC_KEYS 0u
+#define KVP_CODEC_VALUES 1u
+
+/* Largest vector a codec takes: the scalar paths keep one vector of scratch on the stack. */
+#define KVP_CODEC_DIM_MAX 4096u
+
 struct kvp_codec;
 
 struct kvp_codec_ops {
 	const char *name;
-	unsigned flags;
+	unsigned flags; /* what every instance can do; struct kvp_codec.flags is what this one does */
+	/* STACKS codecs only (NULL otherwise): the dimension handed to the next codec of the stack for
+	 * vectors of dim floats. Reads the same args as open; the registry calls it before opening inner. */
+	kvp_status (*inner_dim)(struct kvp_args *args, unsigned dim, unsigned *out);
 	/* Parse args (every key must be looked up; kvp_args_finish is called by the registry), set c->group,
-	 * c->ctx_bytes, c->qprep_bytes, c->acc_dim and c->state. inner is the rest of a stack or NULL. */
+	 * c->ctx_bytes, c->qprep_bytes, c->acc_dim and c->state. inner is the rest of a stack, already opened with the
+	 * dimension inner_dim() returned, or NULL. The registry frees inner; close() releases only state.
+	 * On entry c->flags == ops->flags, c->group == 1 and c->role is set; open may clear flags. */
 	kvp_status (*open)(struct kvp_codec *c, struct kvp_args *args, unsigned dim, struct kvp_codec *inner);
 	size_t (*bytes)(const struct kvp_codec *c, unsigned n); /* n a multiple of c->group */
-	/* Fill ctx from n >= group vectors and nq observed queries (q may be NULL when nq == 0). */
-	void (*fit)(const struct kvp_codec *c, void *ctx, unsigned n, const float *x, unsigned nq,
-		    const float *q);
+	/* Fill ctx from n >= group vectors and nq observed queries (q may be NULL when nq == 0).
+	 * NULL for codecs with ctx_bytes == 0. Fails only with KVP_ENOMEM (a stack fits its inner codec). */
+	kvp_status (*fit)(const struct kvp_codec *c, void *ctx, unsigned n, const float *x, unsigned nq,
+			  const float *q);
 	kvp_status (*encode)(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x, void *dst);
 	kvp_status (*decode)(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, float *x);
 	/* qprep: qprep_bytes of scratch filled once per query, then used by dot over many blocks */
@@ -53,6 +67,8 @@ struct kvp_codec_ops {
 struct kvp_codec {
 	const struct kvp_codec_ops *ops;
 	unsigned dim;
+	unsigned flags;       /* KVP_CODEC_*: ops->flags, refined by open (kivi(axis=channel) is not separable) */
+	unsigned role;        /* KVP_CODEC_KEYS or KVP_CODEC_VALUES, as given to kvp_codec_parse_role */
 	unsigned group;       /* tokens per group; 1 when separable */
 	size_t ctx_bytes;     /* per-stream context, 0 when none */
 	size_t qprep_bytes;   /* scratch for prepare_query */
@@ -67,6 +83,38 @@ struct kvp_codec {
 /* Parse spec[0..len) ("fp16", "turboquant(bits=3)", "spark(keep=0.5)|turboquant(bits=3)") for vectors
  * of dim floats. The codec is allocated with malloc; kvp_codec_free releases it. */
 kvp_status kvp_codec_parse(const char *spec, size_t len, unsigned dim, struct kvp_codec **out);
+/* The same for one side of the cache (KVP_CODEC_KEYS or KVP_CODEC_VALUES); kvp_codec_parse means keys.
+ * The pager parses v= with KVP_CODEC_VALUES, so "kivi(bits=2)" quantizes values per token. */
+kvp_status kvp_codec_parse_role(const char *spec, size_t len, unsigned dim, unsigned role,
+				struct kvp_codec **out);
 void kvp_codec_free(struct kvp_codec *c);
+
+/* The codecs of the registry (codecs/registry.c). */
+extern const struct kvp_codec_ops kvp_codec_fp32;
+extern const struct kvp_codec_ops kvp_codec_fp16;
+extern const struct kvp_codec_ops kvp_codec_turboquant;
+extern const struct kvp_codec_ops kvp_codec_kivi;
+extern const struct kvp_codec_ops kvp_codec_spark;
+
+/* Dense bit streams, least significant bit first: a field of w <= 8 bits at bit offset o of p. Writers
+ * start from zeroed bytes. A field never touches a byte past its own last bit. */
+static inline void kvp_bits_put(uint8_t *p, size_t o, unsigned w, unsigned v)
+{
+	unsigned s = (unsigned)(o & 7);
+	p += o >> 3;
+	p[0] |= (uint8_t)(v << s);
+	if (s + w > 8)
+		p[1] |= (uint8_t)(v >> (8 - s));
+}
+
+static inline unsigned kvp_bits_get(const uint8_t *p, size_t o, unsigned w)
+{
+	unsigned s = (unsigned)(o & 7), v;
+	p += o >> 3;
+	v = (unsigned)p[0] >> s;
+	if (s + w > 8)
+		v |= (unsigned)p[1] << (8 - s);
+	return v & ((1u << w) - 1);
+}
 
 #endif /* KVP_CODEC_H */

@@ -1,0 +1,96 @@
+/*
+ * fp32: the identity codec. Separable, group 1, no per-stream context.
+ *
+ * Layout of one token: dim IEEE binary32 values, little endian as in memory (4*dim bytes).
+ * bytes(n) = 4 * dim * n.
+ */
+#include <string.h>
+
+#include "codecs/codec.h"
+
+static kvp_status fp32_open(struct kvp_codec *c, struct kvp_args *args, unsigned dim, struct kvp_codec *inner)
+{
+	(void)args;
+	(void)inner;
+	c->qprep_bytes = sizeof(float) * dim;
+	c->acc_dim = dim;
+	return KVP_OK;
+}
+
+static size_t fp32_bytes(const struct kvp_codec *c, unsigned n)
+{
+	return sizeof(float) * (size_t)c->dim * n;
+}
+
+static kvp_status fp32_encode(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x, void *dst)
+{
+	(void)ctx;
+	memcpy(dst, x, fp32_bytes(c, n));
+	return KVP_OK;
+}
+
+static kvp_status fp32_decode(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, float *x)
+{
+	(void)ctx;
+	memcpy(x, src, fp32_bytes(c, n));
+	return KVP_OK;
+}
+
+static void fp32_prepare_query(const struct kvp_codec *c, const void *ctx, const float *q, void *qprep)
+{
+	(void)ctx;
+	memcpy(qprep, q, sizeof(float) * c->dim);
+}
+
+/* The encoded bytes need not be aligned, so rows are read through memcpy. */
+static void fp32_dot(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, const void *qprep,
+		     float *out)
+{
+	const unsigned char *p = src;
+	const float *q = qprep;
+
+	(void)ctx;
+	for (unsigned i = 0; i < n; i++) {
+		float s = 0.0f, v;
+		for (unsigned j = 0; j < c->dim; j++, p += sizeof v) {
+			memcpy(&v, p, sizeof v);
+			s += q[j] * v;
+		}
+		out[i] = s;
+	}
+}
+
+static void fp32_axpy(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, const float *w,
+		      float *acc)
+{
+	const unsigned char *p = src;
+
+	(void)ctx;
+	for (unsigned i = 0; i < n; i++) {
+		float v;
+		for (unsigned j = 0; j < c->dim; j++, p += sizeof v) {
+			memcpy(&v, p, sizeof v);
+			acc[j] += w[i] * v;
+		}
+	}
+}
+
+static void fp32_finish(const struct kvp_codec *c, const void *ctx, const float *acc, float *out)
+{
+	(void)ctx;
+	for (unsigned j = 0; j < c->dim; j++)
+		out[j] += acc[j];
+}
+
+const struct kvp_codec_ops kvp_codec_fp32 = {
+	.name = "fp32",
+	.flags = KVP_CODEC_SEPARABLE,
+	.open = fp32_open,
+	.bytes = fp32_bytes,
+	.encode = fp32_encode,
+	.decode = fp32_decode,
+	.prepare_query = fp32_prepare_query,
+	.dot = fp32_dot,
+	.axpy = fp32_axpy,
+	.finish = fp32_finish,
+};

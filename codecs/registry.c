@@ -1,0 +1,298 @@
+/*
+ * The codec registry: the one table of codecs, the spec parser that builds stacks from it, and the public
+ * kvp_codec_* calls for codecs used on their own.
+ *
+ * A spec is one or more elements joined by '|' at parenthesis depth 0, each `name` or `name(args)`:
+ *   "fp16", "turboquant(bits=3,qjl=1)", "spark(keep=0.5)|turboquant(bits=3)"
+ * Every element but the last must be a KVP_CODEC_STACKS codec. The left codec decides the dimension the
+ * next one sees (inner_dim), so the dimensions are computed left to right and the codecs are opened
+ * right to left: each stacking codec receives its inner codec already opened.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "codecs/codec.h"
+
+/* Adding a codec: one file and one line here. */
+static const struct kvp_codec_ops *const codecs[] = {
+	&kvp_codec_fp32, &kvp_codec_fp16, &kvp_codec_turboquant, &kvp_codec_kivi,
+};
+
+#define STACK_MAX 4
+
+struct element {
+	const char *text; /* the whole element, for messages */
+	unsigned len;
+	const struct kvp_codec_ops *ops;
+	struct kvp_args args;
+	unsigned dim;
+};
+
+static const struct kvp_codec_ops *lookup(const char *name, unsigned nlen)
+{
+	for (size_t i = 0; i < sizeof codecs / sizeof codecs[0]; i++)
+		if (kvp_name_is(name, nlen, codecs[i]->name))
+			return codecs[i];
+	return NULL;
+}
+
+static void trim(const char **s, unsigned *len)
+{
+	while (*len && (**s == ' ' || **s == '\t' || **s == '\n' || **s == '\r')) {
+		(*s)++;
+		(*len)--;
+	}
+	while (*len && ((*s)[*len - 1] == ' ' || (*s)[*len - 1] == '\t' || (*s)[*len - 1] == '\n' ||
+			(*s)[*len - 1] == '\r'))
+		(*len)--;
+}
+
+/* Splits spec on '|' at depth 0 after checking that its parentheses balance. */
+static kvp_status split(const char *spec, unsigned len, struct element *el, unsigned *n)
+{
+	unsigned start = 0, depth = 0;
+
+	*n = 0;
+	for (unsigned i = 0; i <= len; i++) {
+		if (i < len && spec[i] == '(') {
+			depth++;
+		} else if (i < len && spec[i] == ')') {
+			if (depth == 0)
+				return kvp_fail(KVP_EINVAL, "codec: unbalanced ')' in '%.*s'", (int)len, spec);
+			depth--;
+		} else if (i == len || (spec[i] == '|' && depth == 0)) {
+			if (i == len && depth != 0)
+				return kvp_fail(KVP_EINVAL, "codec: unclosed '(' in '%.*s'", (int)len, spec);
+			if (*n == STACK_MAX)
+				return kvp_fail(KVP_EINVAL, "codec: more than %d codecs stacked in '%.*s'", STACK_MAX,
+						(int)len, spec);
+			el[*n].text = spec + start;
+			el[*n].len = i - start;
+			trim(&el[*n].text, &el[*n].len);
+			if (el[*n].len == 0)
+				return kvp_fail(KVP_EINVAL, "codec: empty codec name in '%.*s'", (int)len, spec);
+			(*n)++;
+			start = i + 1;
+		}
+	}
+	return KVP_OK;
+}
+
+/* Looks up the element's codec and splits its arguments (they point into the spec). */
+static kvp_status parse_element(struct element *e)
+{
+	const char *name, *inner;
+	unsigned nlen, ilen;
+	kvp_status st = kvp_call_split(e->text, e->len, &name, &nlen, &inner, &ilen);
+
+	if (st != KVP_OK)
+		return st;
+	e->ops = lookup(name, nlen);
+	if (!e->ops)
+		return kvp_fail(KVP_EINVAL, "codec: unknown codec '%.*s' (known: fp32, fp16, turboquant, kivi, spark)",
+				(int)nlen, name);
+	return kvp_args_parse(&e->args, e->ops->name, inner, ilen);
+}
+
+static kvp_status open_one(struct element *e, unsigned role, struct kvp_codec *inner, struct kvp_codec **out)
+{
+	struct kvp_codec *c = calloc(1, sizeof *c);
+	kvp_status st;
+
+	if (!c)
+		return kvp_fail(KVP_ENOMEM, "%s: out of memory", e->ops->name);
+	c->ops = e->ops;
+	c->dim = e->dim;
+	c->flags = e->ops->flags;
+	c->role = role;
+	c->group = 1;
+	c->acc_dim = e->dim;
+	st = e->ops->open(c, &e->args, e->dim, inner);
+	if (st != KVP_OK) {
+		free(c);
+		return st;
+	}
+	c->inner = inner;
+	st = kvp_args_finish(&e->args);
+	if (st != KVP_OK) {
+		c->inner = NULL; /* the caller still owns inner */
+		if (c->ops->close)
+			c->ops->close(c);
+		free(c);
+		return st;
+	}
+	*out = c;
+	return KVP_OK;
+}
+
+kvp_status kvp_codec_parse_role(const char *spec, size_t len, unsigned dim, unsigned role,
+				struct kvp_codec **out)
+{
+	struct element el[STACK_MAX];
+	struct kvp_codec *c = NULL;
+	unsigned n;
+	kvp_status st;
+
+	if (!spec || !out)
+		return kvp_fail(KVP_EINVAL, "codec: NULL spec or result");
+	if (len > 65536)
+		return kvp_fail(KVP_EINVAL, "codec: spec of %zu bytes is too long", len);
+	if (dim == 0 || dim > KVP_CODEC_DIM_MAX)
+		return kvp_fail(KVP_EINVAL, "codec: dim=%u is outside 1..%u", dim, KVP_CODEC_DIM_MAX);
+	if (role != KVP_CODEC_KEYS && role != KVP_CODEC_VALUES)
+		return kvp_fail(KVP_EINVAL, "codec: role %u is neither keys nor values", role);
+	st = split(spec, (unsigned)len, el, &n);
+	for (unsigned i = 0; st == KVP_OK && i < n; i++)
+		st = parse_element(&el[i]);
+	if (st != KVP_OK)
+		return st;
+	el[0].dim = dim;
+	for (unsigned i = 0; i + 1 < n; i++) {
+		if (!(el[i].ops->flags & KVP_CODEC_STACKS) || !el[i].ops->inner_dim)
+			return kvp_fail(KVP_EINVAL, "codec: '%.*s' cannot stand left of '|' in '%.*s' (only spark stacks)",
+					(int)el[i].len, el[i].text, (int)len, spec);
+		st = el[i].ops->inner_dim(&el[i].args, el[i].dim, &el[i + 1].dim);
+		if (st != KVP_OK)
+			return st;
+	}
+	for (unsigned i = n; i-- > 0;) {
+		struct kvp_codec *outer = NULL;
+		st = open_one(&el[i], role, c, &outer);
+		if (st != KVP_OK) {
+			kvp_codec_free(c);
+			return st;
+		}
+		c = outer;
+	}
+	*out = c;
+	return KVP_OK;
+}
+
+kvp_status kvp_codec_parse(const char *spec, size_t len, unsigned dim, struct kvp_codec **out)
+{
+	return kvp_codec_parse_role(spec, len, dim, KVP_CODEC_KEYS, out);
+}
+
+void kvp_codec_free(struct kvp_codec *c)
+{
+	while (c) {
+		struct kvp_codec *inner = c->inner;
+		if (c->ops->close)
+			c->ops->close(c);
+		free(c->own_ctx);
+		free(c);
+		c = inner;
+	}
+}
+
+/* ---- Codecs on their own: the public calls keep one context, fitted on the first encode. ---- */
+
+KVP_API kvp_status kvp_codec_open(const char *spec, uint32_t dim, kvp_codec **out)
+{
+	struct kvp_codec *c;
+	kvp_status st;
+
+	if (!spec || !out)
+		return kvp_fail(KVP_EINVAL, "kvp_codec_open: NULL spec or result");
+	st = kvp_codec_parse(spec, strlen(spec), dim, &c);
+	if (st != KVP_OK)
+		return st;
+	if (c->ctx_bytes) {
+		c->own_ctx = calloc(1, c->ctx_bytes);
+		if (!c->own_ctx) {
+			kvp_codec_free(c);
+			return kvp_fail(KVP_ENOMEM, "kvp_codec_open: out of memory");
+		}
+	}
+	*out = c;
+	return KVP_OK;
+}
+
+KVP_API uint32_t kvp_codec_group(const kvp_codec *c)
+{
+	return c ? c->group : 0;
+}
+
+/* n is rounded up to whole groups, so the result is always enough room to encode n tokens' groups. */
+KVP_API size_t kvp_codec_bytes(const kvp_codec *c, uint32_t n)
+{
+	if (!c)
+		return 0;
+	n = (uint32_t)(((uint64_t)n + c->group - 1) / c->group * c->group);
+	return c->ops->bytes(c, n);
+}
+
+static kvp_status check_call(const char *what, const kvp_codec *c, uint32_t n, const void *a, const void *b)
+{
+	if (!c)
+		return kvp_fail(KVP_EINVAL, "%s: NULL codec", what);
+	if (n % c->group)
+		return kvp_fail(KVP_EINVAL, "%s: n=%u is not a multiple of the %s group of %u tokens", what, n,
+				c->ops->name, c->group);
+	if (n && (!a || !b))
+		return kvp_fail(KVP_EINVAL, "%s: NULL buffer", what);
+	return KVP_OK;
+}
+
+static kvp_status check_fitted(const char *what, const kvp_codec *c)
+{
+	if (c->ctx_bytes && !c->own_ctx_fitted)
+		return kvp_fail(KVP_EINVAL, "%s: nothing encoded yet (%s fits its parameters on the first encode)",
+				what, c->ops->name);
+	return KVP_OK;
+}
+
+KVP_API kvp_status kvp_codec_encode(kvp_codec *c, uint32_t n, const float *x, void *dst)
+{
+	kvp_status st = check_call("kvp_codec_encode", c, n, x, dst);
+
+	if (st != KVP_OK || n == 0)
+		return st;
+	if (c->ctx_bytes && !c->own_ctx_fitted)
+		st = c->ops->fit(c, c->own_ctx, n, x, 0, NULL);
+	if (st == KVP_OK)
+		st = c->ops->encode(c, c->own_ctx, n, x, dst);
+	if (c->ctx_bytes && !c->own_ctx_fitted) {
+		if (st == KVP_OK)
+			c->own_ctx_fitted = 1;
+		else
+			memset(c->own_ctx, 0, c->ctx_bytes);
+	}
+	return st;
+}
+
+KVP_API kvp_status kvp_codec_decode(kvp_codec *c, uint32_t n, const void *src, float *x)
+{
+	kvp_status st = check_call("kvp_codec_decode", c, n, src, x);
+
+	if (st == KVP_OK && n)
+		st = check_fitted("kvp_codec_decode", c);
+	if (st != KVP_OK || n == 0)
+		return st;
+	return c->ops->decode(c, c->own_ctx, n, src, x);
+}
+
+KVP_API kvp_status kvp_codec_dot(kvp_codec *c, uint32_t n, const void *src, const float *q, float *out)
+{
+	kvp_status st = check_call("kvp_codec_dot", c, n, src, q);
+	void *qprep;
+
+	if (st == KVP_OK && n && !out)
+		st = kvp_fail(KVP_EINVAL, "kvp_codec_dot: NULL buffer");
+	if (st == KVP_OK && n)
+		st = check_fitted("kvp_codec_dot", c);
+	if (st != KVP_OK || n == 0)
+		return st;
+	qprep = malloc(c->qprep_bytes ? c->qprep_bytes : 1);
+	if (!qprep)
+		return kvp_fail(KVP_ENOMEM, "kvp_codec_dot: out of memory");
+	c->ops->prepare_query(c, c->own_ctx, q, qprep);
+	c->ops->dot(c, c->own_ctx, n, src, qprep, out);
+	free(qprep);
+	return KVP_OK;
+}
+
+KVP_API void kvp_codec_close(kvp_codec *c)
+{
+	kvp_codec_free(c);
+}

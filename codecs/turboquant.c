@@ -1,0 +1,659 @@
+/*
+ * turboquant(bits=1..4, qjl=0|1, seed=N, outliers=N, outlier_bits=1..4): TurboQuant (Zandieh et al.,
+ * arXiv 2504.19874), the data-oblivious vector quantizer. Separable, group 1.
+ *
+ * Per token and per part (see outliers below), for the m channels x of the part:
+ *   n = ||x||; y = R(x / n) with R a randomized Hadamard rotation; idx_j = the Lloyd-Max cell of y_j;
+ *   decode x~ = n * R^T c[idx].
+ * qjl=1 is TurboQuant_prod: bits-1 MSE bits plus one QJL sign per coordinate. With r = y - c[idx] the
+ * residual of the unit vector in the rotated domain, gamma = ||r|| and sigma = sign(S r), where S is an
+ * i.i.d. N(0,1) m x m matrix. The paper applies S to the residual in the original domain; S R is again
+ * i.i.d. N(0,1) because R is orthogonal, so drawing S in the rotated domain is the same estimator and
+ * needs no extra rotation. Decode adds n * R^T (sqrt(pi/2)/m * gamma * S^T sigma); sign(0) is +1.
+ *
+ * Rotation R for m channels: with p the largest power of two <= m, one pass is "multiply the window
+ * [w, w+p) by random signs, then the orthonormal Walsh-Hadamard transform H/sqrt(p)". A power of two
+ * takes one pass on [0, m). Other m (48, 80, 96, ...) take three passes, on [0, p), [m-p, m), [0, p):
+ * the two windows overlap and cover every channel, and after the third pass every output depends on
+ * every input. Each pass is orthogonal, so R is, and no padding changes the bytes.
+ *
+ * Codebook: the Lloyd-Max quantizer of the exact density of one coordinate of a uniform point on
+ * S^(m-1), f(x) ~ (1-x^2)^((m-3)/2) on [-1,1], computed at open time. In x = cos(t) the density is
+ * sin(t)^(m-2) on [0, pi], smooth for every m >= 2. The mass of a cell comes from a table of the
+ * cumulative integral (composite Simpson, 4096 steps on [0, pi/2]) plus one Simpson panel to the
+ * threshold; the first moment is exact, sin(t)^(m-1)/(m-1). Lloyd iterations (thresholds at midpoints,
+ * centroids at the cell means) on the positive half run until the centroids move less than 1e-13.
+ *
+ * Outliers (paper section 4.3, fractional rates): outliers=K splits the channels into K outlier channels
+ * quantized at outlier_bits (default bits+1, at most 4) and dim-K regular channels at bits, by two
+ * independent TurboQuant instances, each with its own dimension, rotation, codebook and norm. The
+ * outlier channels are chosen per stream by fit(): the K channels of largest L2 norm over the vectors
+ * given to it (ties to the lower index). The context holds the channel order: dim uint32 indices, the
+ * regular channels ascending, then the outlier channels ascending. Note: 32 channels at 3 bits and 96
+ * at 2 bits cost (32*3 + 96*2)/128 = 2.25 bits of codes per coordinate (the paper prints 2.5);
+ * 2.5 bits is outliers=64,outlier_bits=3,bits=2 or outliers=32,outlier_bits=4,bits=2.
+ *
+ * Layout of one token (P = 1 part, or 2 with outliers; part 0 = regular channels, part 1 = outliers):
+ *   float32 norm[P]                       the part's L2 norm (fp32: fp16 would add a relative error of
+ *                                         up to 2^-11 to every coordinate and can overflow)
+ *   float32 gamma[P]                      qjl=1 only: ||r|| of the part's unit vector
+ *   bit stream, LSB first, zero padded to a byte:
+ *     codes of part 0 (m0 * b0 bits), codes of part 1 (m1 * b1 bits), b = bits - qjl per coordinate,
+ *     then with qjl=1: signs of part 0 (m0 bits), signs of part 1 (m1 bits); bit 1 means +1.
+ *   bytes(n) = n * (4*P*(1+qjl) + ceil((m0*b0 + m1*b1 + qjl*dim) / 8))
+ * d=128, bits=3: 4 + 48 = 52 bytes (3.25 bits per value).
+ *
+ * dot works in the rotated domain: prepare_query stores R q (and S R q) per part, and a token costs one
+ * codebook lookup per coordinate plus one signed sum. axpy accumulates in the same domain (acc_dim =
+ * dim * (1 + qjl)), with the norm and gamma folded in per token; finish applies S^T and R^T once.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "codecs/codec.h"
+
+#define TQ_PARTS 2
+#define TQ_LEVELS_MAX 16
+#define GRID 4096 /* Simpson steps of the cumulative table on [0, pi/2] */
+
+struct tq_part {
+	unsigned m;                  /* channels of the part */
+	unsigned bits;               /* MSE bits per coordinate; 0 for qjl=1 at bits=1 */
+	unsigned p, npass;           /* Hadamard size and number of passes */
+	unsigned win[3];             /* first channel of each pass's window */
+	float *sign[3];              /* p random signs per pass */
+	float *s;                    /* qjl=1: m x m N(0,1), row-major */
+	float centroid[TQ_LEVELS_MAX];
+	float threshold[TQ_LEVELS_MAX - 1];
+	size_t code_bit, sign_bit;   /* bit offsets of the part's codes and signs in a token's stream */
+	unsigned first;              /* index of the part's first channel in the context's order */
+};
+
+struct tq {
+	unsigned nparts, qjl, outliers;
+	struct tq_part part[TQ_PARTS];
+	size_t head, stride;         /* bytes of scalars per token, bytes per token */
+};
+
+/* ---- Random numbers: splitmix64, one independent stream per (seed, part, purpose). ---- */
+
+static uint64_t splitmix64(uint64_t *s)
+{
+	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+	return z ^ (z >> 31);
+}
+
+static uint64_t stream(uint64_t seed, unsigned part, unsigned purpose)
+{
+	uint64_t s = seed ^ ((uint64_t)(part * 8 + purpose + 1) * 0xd1342543de82ef95ull);
+	splitmix64(&s);
+	return s;
+}
+
+/* Box-Muller; u1 lies in (0, 1] so the log is finite. */
+static double gaussian(uint64_t *s)
+{
+	double u1 = ((double)(splitmix64(s) >> 11) + 1.0) * 0x1p-53;
+	double u2 = (double)(splitmix64(s) >> 11) * 0x1p-53;
+	return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+}
+
+/* ---- Lloyd-Max codebook for one coordinate of a uniform point on S^(m-1). ---- */
+
+struct beta_table {
+	unsigned m;
+	double h;
+	double cum[GRID + 1]; /* cum[i] = integral of sin^(m-2) over [0, i*h] */
+};
+
+static double beta_w(unsigned m, double t)
+{
+	return pow(sin(t), (double)(m - 2));
+}
+
+static void beta_table_init(struct beta_table *b, unsigned m)
+{
+	b->m = m;
+	b->h = 1.5707963267948966 / GRID;
+	b->cum[0] = 0.0;
+	for (unsigned i = 0; i < GRID; i++) {
+		double t = i * b->h;
+		b->cum[i + 1] = b->cum[i] + b->h / 6.0 * (beta_w(m, t) + 4.0 * beta_w(m, t + b->h / 2) +
+							   beta_w(m, t + b->h));
+	}
+}
+
+/* Integral of sin^(m-2) over [0, t], t in [0, pi/2]. */
+static double beta_mass(const struct beta_table *b, double t)
+{
+	unsigned i = (unsigned)(t / b->h);
+	double t0, dt;
+
+	if (i >= GRID)
+		i = GRID - 1;
+	t0 = i * b->h;
+	dt = t - t0;
+	return b->cum[i] + dt / 6.0 * (beta_w(b->m, t0) + 4.0 * beta_w(b->m, t0 + dt / 2) + beta_w(b->m, t));
+}
+
+/* Integral of cos * sin^(m-2) over [0, t]. */
+static double beta_moment(const struct beta_table *b, double t)
+{
+	return pow(sin(t), (double)(b->m - 1)) / (b->m - 1);
+}
+
+/* Positive-half centroids c[0..half) for 2*half levels; thresholds are the midpoints and 0. */
+static void lloyd_max(const struct beta_table *b, unsigned half, double *c)
+{
+	double top = fmin(1.0, 3.0 / sqrt((double)b->m));
+	double mass[TQ_LEVELS_MAX / 2 + 1], mom[TQ_LEVELS_MAX / 2 + 1];
+
+	for (unsigned i = 0; i < half; i++)
+		c[i] = top * (i + 0.5) / half;
+	for (unsigned it = 0; it < 100000; it++) {
+		double moved = 0.0;
+		/* cell i is x in [t_i, t_i+1]: t_0 = 0, t_half = 1; x = cos(theta) runs backwards */
+		for (unsigned i = 0; i <= half; i++) {
+			double x = i == 0 ? 0.0 : i == half ? 1.0 : (c[i - 1] + c[i]) / 2;
+			double th = acos(x);
+			mass[i] = beta_mass(b, th);
+			mom[i] = beta_moment(b, th);
+		}
+		for (unsigned i = 0; i < half; i++) {
+			double w = mass[i] - mass[i + 1], next;
+			if (!(w > 0.0))
+				continue; /* a cell beyond the representable mass keeps its place */
+			next = (mom[i] - mom[i + 1]) / w;
+			moved = fmax(moved, fabs(next - c[i]));
+			c[i] = next;
+		}
+		if (moved < 1e-13)
+			break;
+	}
+}
+
+static void codebook(struct tq_part *pt, const struct beta_table *b)
+{
+	unsigned half = (1u << pt->bits) / 2;
+	double c[TQ_LEVELS_MAX / 2];
+
+	if (pt->bits == 0) {
+		pt->centroid[0] = 0.0f;
+		return;
+	}
+	lloyd_max(b, half, c);
+	for (unsigned i = 0; i < half; i++) {
+		pt->centroid[half + i] = (float)c[i];
+		pt->centroid[half - 1 - i] = (float)-c[i];
+	}
+	pt->threshold[half - 1] = 0.0f;
+	for (unsigned i = 0; i + 1 < half; i++) {
+		pt->threshold[half + i] = (float)((c[i] + c[i + 1]) / 2);
+		pt->threshold[half - 2 - i] = -pt->threshold[half + i];
+	}
+}
+
+/* ---- Randomized Hadamard rotation. ---- */
+
+static void fwht(float *v, unsigned p)
+{
+	for (unsigned h = 1; h < p; h *= 2)
+		for (unsigned i = 0; i < p; i += 2 * h)
+			for (unsigned j = i; j < i + h; j++) {
+				float a = v[j], b = v[j + h];
+				v[j] = a + b;
+				v[j + h] = a - b;
+			}
+}
+
+static void rotate(const struct tq_part *pt, float *v)
+{
+	float scale = 1.0f / sqrtf((float)pt->p);
+
+	for (unsigned k = 0; k < pt->npass; k++) {
+		float *w = v + pt->win[k];
+		for (unsigned j = 0; j < pt->p; j++)
+			w[j] *= pt->sign[k][j];
+		fwht(w, pt->p);
+		for (unsigned j = 0; j < pt->p; j++)
+			w[j] *= scale;
+	}
+}
+
+static void unrotate(const struct tq_part *pt, float *v)
+{
+	float scale = 1.0f / sqrtf((float)pt->p);
+
+	for (unsigned k = pt->npass; k-- > 0;) {
+		float *w = v + pt->win[k];
+		fwht(w, pt->p);
+		for (unsigned j = 0; j < pt->p; j++)
+			w[j] *= scale * pt->sign[k][j];
+	}
+}
+
+/* ---- Open and close. ---- */
+
+static void part_free(struct tq_part *pt)
+{
+	for (unsigned k = 0; k < 3; k++)
+		free(pt->sign[k]);
+	free(pt->s);
+}
+
+static kvp_status part_init(struct tq_part *pt, unsigned m, unsigned bits, unsigned qjl, uint64_t seed,
+			    unsigned index)
+{
+	struct beta_table *b;
+	uint64_t s;
+
+	pt->m = m;
+	pt->bits = bits;
+	for (pt->p = 1; pt->p * 2 <= m; pt->p *= 2)
+		;
+	pt->npass = pt->p == m ? 1 : 3;
+	pt->win[0] = 0;
+	pt->win[1] = m - pt->p;
+	pt->win[2] = 0;
+	for (unsigned k = 0; k < pt->npass; k++) {
+		pt->sign[k] = malloc(sizeof(float) * pt->p);
+		if (!pt->sign[k])
+			return KVP_ENOMEM;
+		s = stream(seed, index, k);
+		for (unsigned j = 0; j < pt->p; j++)
+			pt->sign[k][j] = (splitmix64(&s) >> 63) ? -1.0f : 1.0f;
+	}
+	if (qjl) {
+		pt->s = malloc(sizeof(float) * m * m);
+		if (!pt->s)
+			return KVP_ENOMEM;
+		s = stream(seed, index, 3);
+		for (size_t i = 0; i < (size_t)m * m; i++)
+			pt->s[i] = (float)gaussian(&s);
+	}
+	b = malloc(sizeof *b);
+	if (!b)
+		return KVP_ENOMEM;
+	beta_table_init(b, m);
+	codebook(pt, b);
+	free(b);
+	return KVP_OK;
+}
+
+static void tq_close(struct kvp_codec *c)
+{
+	struct tq *t = c->state;
+
+	if (!t)
+		return;
+	for (unsigned k = 0; k < TQ_PARTS; k++)
+		part_free(&t->part[k]);
+	free(t);
+	c->state = NULL;
+}
+
+static kvp_status tq_layout(struct kvp_codec *c, struct tq *t, unsigned bits, unsigned obits, uint64_t seed)
+{
+	unsigned m[TQ_PARTS] = { c->dim - t->outliers, t->outliers };
+	unsigned b[TQ_PARTS] = { bits - t->qjl, obits - t->qjl };
+	size_t bit = 0;
+
+	for (unsigned k = 0; k < t->nparts; k++) {
+		kvp_status st = part_init(&t->part[k], m[k], b[k], t->qjl, seed, k);
+		if (st != KVP_OK)
+			return kvp_fail(st, "turboquant: out of memory");
+		t->part[k].first = k ? m[0] : 0;
+		t->part[k].code_bit = bit;
+		bit += (size_t)m[k] * b[k];
+	}
+	for (unsigned k = 0; k < t->nparts && t->qjl; k++) {
+		t->part[k].sign_bit = bit;
+		bit += m[k];
+	}
+	t->head = sizeof(float) * t->nparts * (1 + t->qjl);
+	t->stride = t->head + (bit + 7) / 8;
+	return KVP_OK;
+}
+
+static kvp_status tq_open(struct kvp_codec *c, struct kvp_args *args, unsigned dim, struct kvp_codec *inner)
+{
+	uint32_t bits = 3, qjl = 0, outliers = 0, obits = 0;
+	uint64_t seed = 0x6b7670616765ull;
+	struct tq *t;
+	kvp_status st;
+
+	(void)inner;
+	if ((st = kvp_args_u32(args, "bits", 1, 4, &bits)) != KVP_OK ||
+	    (st = kvp_args_u32(args, "qjl", 0, 1, &qjl)) != KVP_OK ||
+	    (st = kvp_args_u64(args, "seed", 0, UINT64_MAX, &seed)) != KVP_OK ||
+	    (st = kvp_args_u32(args, "outliers", 0, dim, &outliers)) != KVP_OK)
+		return st;
+	obits = bits < 4 ? bits + 1 : 4;
+	if ((st = kvp_args_u32(args, "outlier_bits", 1, 4, &obits)) != KVP_OK)
+		return st;
+	if (dim < 2)
+		return kvp_fail(KVP_EINVAL, "turboquant: dim=%u is too small (at least 2)", dim);
+	if (outliers && (outliers < 2 || dim - outliers < 2))
+		return kvp_fail(KVP_EINVAL, "turboquant: outliers=%u on dim=%u leaves a part below 2 channels",
+				outliers, dim);
+	t = calloc(1, sizeof *t);
+	if (!t)
+		return kvp_fail(KVP_ENOMEM, "turboquant: out of memory");
+	t->qjl = qjl;
+	t->outliers = outliers;
+	t->nparts = outliers ? 2 : 1;
+	c->state = t;
+	st = tq_layout(c, t, bits, obits, seed);
+	if (st != KVP_OK) {
+		tq_close(c);
+		return st;
+	}
+	c->ctx_bytes = outliers ? sizeof(uint32_t) * dim : 0;
+	c->qprep_bytes = sizeof(float) * dim * (1 + qjl);
+	c->acc_dim = dim * (1 + qjl);
+	return KVP_OK;
+}
+
+static size_t tq_bytes(const struct kvp_codec *c, unsigned n)
+{
+	const struct tq *t = c->state;
+	return t->stride * n;
+}
+
+/* ---- Per-stream context: the outlier channels. ---- */
+
+static kvp_status tq_fit(const struct kvp_codec *c, void *ctx, unsigned n, const float *x, unsigned nq,
+			 const float *q)
+{
+	const struct tq *t = c->state;
+	uint32_t *chan = ctx;
+	double norm2[KVP_CODEC_DIM_MAX];
+	unsigned char outlier[KVP_CODEC_DIM_MAX];
+	unsigned at = 0;
+
+	(void)nq;
+	(void)q;
+	if (!t->outliers)
+		return KVP_OK;
+	for (unsigned j = 0; j < c->dim; j++) {
+		norm2[j] = 0.0;
+		outlier[j] = 0;
+	}
+	for (size_t i = 0; i < n; i++)
+		for (unsigned j = 0; j < c->dim; j++)
+			norm2[j] += (double)x[i * c->dim + j] * x[i * c->dim + j];
+	/* K passes of "largest unmarked": K * dim work once per stream, and ties go to the lower index. */
+	for (unsigned k = 0; k < t->outliers; k++) {
+		unsigned best = c->dim;
+		for (unsigned j = 0; j < c->dim; j++)
+			if (!outlier[j] && (best == c->dim || norm2[j] > norm2[best]))
+				best = j;
+		outlier[best] = 1;
+	}
+	for (unsigned j = 0; j < c->dim; j++)
+		if (!outlier[j])
+			chan[at++] = j;
+	for (unsigned j = 0; j < c->dim; j++)
+		if (outlier[j])
+			chan[at++] = j;
+	return KVP_OK;
+}
+
+/* The part's channels in x, in the part's order. */
+static void gather(const struct tq_part *pt, const uint32_t *chan, const float *x, float *y)
+{
+	if (!chan) {
+		memcpy(y, x, sizeof(float) * pt->m);
+		return;
+	}
+	for (unsigned j = 0; j < pt->m; j++)
+		y[j] = x[chan[pt->first + j]];
+}
+
+static void scatter_add(const struct tq_part *pt, const uint32_t *chan, const float *y, float *x)
+{
+	for (unsigned j = 0; j < pt->m; j++)
+		x[chan ? chan[pt->first + j] : j] += y[j];
+}
+
+static float load_f32(const unsigned char *p)
+{
+	float v;
+	memcpy(&v, p, sizeof v);
+	return v;
+}
+
+/* ---- Encode and decode. ---- */
+
+static unsigned cell(const struct tq_part *pt, float y)
+{
+	unsigned idx = 0, levels = 1u << pt->bits;
+	for (unsigned k = 0; k + 1 < levels; k++)
+		idx += y > pt->threshold[k];
+	return idx;
+}
+
+/* Quantizes the unit vector y (rotated in place) of one part; returns gamma for qjl. */
+static float encode_part(const struct tq_part *pt, unsigned qjl, float *y, unsigned char *bits)
+{
+	float r[KVP_CODEC_DIM_MAX];
+	double g2 = 0.0;
+
+	for (unsigned j = 0; j < pt->m; j++) {
+		unsigned idx = pt->bits ? cell(pt, y[j]) : 0;
+		if (pt->bits)
+			kvp_bits_put(bits, pt->code_bit + (size_t)j * pt->bits, pt->bits, idx);
+		r[j] = y[j] - pt->centroid[idx];
+		g2 += (double)r[j] * r[j];
+	}
+	if (!qjl)
+		return 0.0f;
+	for (unsigned i = 0; i < pt->m; i++) {
+		const float *row = pt->s + (size_t)i * pt->m;
+		float s = 0.0f;
+		for (unsigned j = 0; j < pt->m; j++)
+			s += row[j] * r[j];
+		if (s >= 0.0f)
+			kvp_bits_put(bits, pt->sign_bit + i, 1, 1);
+	}
+	return (float)sqrt(g2);
+}
+
+static kvp_status tq_encode(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x, void *dst)
+{
+	const struct tq *t = c->state;
+	unsigned char *p = dst;
+	float y[KVP_CODEC_DIM_MAX];
+
+	for (unsigned i = 0; i < n; i++, p += t->stride, x += c->dim) {
+		memset(p, 0, t->stride);
+		for (unsigned k = 0; k < t->nparts; k++) {
+			const struct tq_part *pt = &t->part[k];
+			double n2 = 0.0;
+			float norm, gamma = 0.0f;
+
+			gather(pt, ctx, x, y);
+			for (unsigned j = 0; j < pt->m; j++)
+				n2 += (double)y[j] * y[j];
+			norm = (float)sqrt(n2);
+			if (!isfinite(norm))
+				return kvp_fail(KVP_EINVAL, "turboquant: token %u has a non-finite value", i);
+			for (unsigned j = 0; j < pt->m; j++)
+				y[j] = norm > 0.0f ? y[j] / norm : 0.0f;
+			rotate(pt, y);
+			gamma = encode_part(pt, t->qjl, y, p + t->head);
+			memcpy(p + sizeof(float) * k, &norm, sizeof norm);
+			if (t->qjl)
+				memcpy(p + sizeof(float) * (t->nparts + k), &gamma, sizeof gamma);
+		}
+	}
+	return KVP_OK;
+}
+
+static float qjl_scale(const struct tq_part *pt)
+{
+	return 1.2533141373155003f / (float)pt->m; /* sqrt(pi/2) / m */
+}
+
+/* The part's decoded unit vector in the rotated domain, times the norm: v = norm * (c[idx] + qjl term). */
+static void decode_rotated(const struct tq *t, const struct tq_part *pt, unsigned k, const unsigned char *p,
+			   float *v)
+{
+	const unsigned char *bits = p + t->head;
+	float norm = load_f32(p + sizeof(float) * k);
+
+	for (unsigned j = 0; j < pt->m; j++)
+		v[j] = pt->bits ? pt->centroid[kvp_bits_get(bits, pt->code_bit + (size_t)j * pt->bits, pt->bits)]
+				: 0.0f;
+	if (t->qjl) {
+		float a = qjl_scale(pt) * load_f32(p + sizeof(float) * (t->nparts + k));
+		for (unsigned i = 0; i < pt->m; i++) {
+			const float *row = pt->s + (size_t)i * pt->m;
+			float s = kvp_bits_get(bits, pt->sign_bit + i, 1) ? a : -a;
+			for (unsigned j = 0; j < pt->m; j++)
+				v[j] += s * row[j];
+		}
+	}
+	for (unsigned j = 0; j < pt->m; j++)
+		v[j] *= norm;
+}
+
+static kvp_status tq_decode(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, float *x)
+{
+	const struct tq *t = c->state;
+	const unsigned char *p = src;
+	float v[KVP_CODEC_DIM_MAX];
+
+	for (unsigned i = 0; i < n; i++, p += t->stride, x += c->dim) {
+		memset(x, 0, sizeof(float) * c->dim);
+		for (unsigned k = 0; k < t->nparts; k++) {
+			decode_rotated(t, &t->part[k], k, p, v);
+			unrotate(&t->part[k], v);
+			scatter_add(&t->part[k], ctx, v, x);
+		}
+	}
+	return KVP_OK;
+}
+
+/* ---- Fused paths in the rotated domain. ---- */
+
+/* qprep and the accumulator: per part, m floats of the MSE domain, then (qjl) m floats of the S domain. */
+static size_t part_offset(const struct tq *t, unsigned k)
+{
+	return k ? (size_t)t->part[0].m * (1 + t->qjl) : 0;
+}
+
+static void tq_prepare_query(const struct kvp_codec *c, const void *ctx, const float *q, void *qprep)
+{
+	const struct tq *t = c->state;
+
+	for (unsigned k = 0; k < t->nparts; k++) {
+		const struct tq_part *pt = &t->part[k];
+		float *qr = (float *)qprep + part_offset(t, k), *sq = qr + pt->m;
+
+		gather(pt, ctx, q, qr);
+		rotate(pt, qr);
+		for (unsigned i = 0; i < pt->m && t->qjl; i++) {
+			const float *row = pt->s + (size_t)i * pt->m;
+			float s = 0.0f;
+			for (unsigned j = 0; j < pt->m; j++)
+				s += row[j] * qr[j];
+			sq[i] = s;
+		}
+	}
+}
+
+static void tq_dot(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, const void *qprep,
+		   float *out)
+{
+	const struct tq *t = c->state;
+	const unsigned char *p = src;
+
+	(void)ctx;
+	for (unsigned i = 0; i < n; i++, p += t->stride) {
+		float total = 0.0f;
+		for (unsigned k = 0; k < t->nparts; k++) {
+			const struct tq_part *pt = &t->part[k];
+			const float *qr = (const float *)qprep + part_offset(t, k), *sq = qr + pt->m;
+			const unsigned char *bits = p + t->head;
+			float s = 0.0f;
+
+			for (unsigned j = 0; j < pt->m && pt->bits; j++)
+				s += pt->centroid[kvp_bits_get(bits, pt->code_bit + (size_t)j * pt->bits, pt->bits)] *
+				     qr[j];
+			if (t->qjl) {
+				float z = 0.0f;
+				for (unsigned j = 0; j < pt->m; j++)
+					z += kvp_bits_get(bits, pt->sign_bit + j, 1) ? sq[j] : -sq[j];
+				s += qjl_scale(pt) * load_f32(p + sizeof(float) * (t->nparts + k)) * z;
+			}
+			total += load_f32(p + sizeof(float) * k) * s;
+		}
+		out[i] = total;
+	}
+}
+
+static void tq_axpy(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, const float *w,
+		    float *acc)
+{
+	const struct tq *t = c->state;
+	const unsigned char *p = src;
+
+	(void)ctx;
+	for (unsigned i = 0; i < n; i++, p += t->stride) {
+		for (unsigned k = 0; k < t->nparts; k++) {
+			const struct tq_part *pt = &t->part[k];
+			const unsigned char *bits = p + t->head;
+			float *a = acc + part_offset(t, k), *as = a + pt->m;
+			float wn = w[i] * load_f32(p + sizeof(float) * k), wg;
+
+			for (unsigned j = 0; j < pt->m && pt->bits; j++)
+				a[j] += wn * pt->centroid[kvp_bits_get(bits, pt->code_bit + (size_t)j * pt->bits,
+								      pt->bits)];
+			if (!t->qjl)
+				continue;
+			wg = wn * load_f32(p + sizeof(float) * (t->nparts + k));
+			for (unsigned j = 0; j < pt->m; j++)
+				as[j] += kvp_bits_get(bits, pt->sign_bit + j, 1) ? wg : -wg;
+		}
+	}
+}
+
+static void tq_finish(const struct kvp_codec *c, const void *ctx, const float *acc, float *out)
+{
+	const struct tq *t = c->state;
+	float v[KVP_CODEC_DIM_MAX];
+
+	for (unsigned k = 0; k < t->nparts; k++) {
+		const struct tq_part *pt = &t->part[k];
+		const float *a = acc + part_offset(t, k), *as = a + pt->m;
+
+		memcpy(v, a, sizeof(float) * pt->m);
+		for (unsigned i = 0; i < pt->m && t->qjl; i++) {
+			const float *row = pt->s + (size_t)i * pt->m;
+			float s = qjl_scale(pt) * as[i];
+			for (unsigned j = 0; j < pt->m; j++)
+				v[j] += s * row[j];
+		}
+		unrotate(pt, v);
+		scatter_add(pt, ctx, v, out);
+	}
+}
+
+const struct kvp_codec_ops kvp_codec_turboquant = {
+	.name = "turboquant",
+	.flags = KVP_CODEC_SEPARABLE,
+	.open = tq_open,
+	.bytes = tq_bytes,
+	.fit = tq_fit,
+	.encode = tq_encode,
+	.decode = tq_decode,
+	.prepare_query = tq_prepare_query,
+	.dot = tq_dot,
+	.axpy = tq_axpy,
+	.finish = tq_finish,
+	.close = tq_close,
+};
