@@ -1,0 +1,78 @@
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "harness.h"
+
+double bench_now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+double bench_time(void (*fn)(void *), void *arg, int reps)
+{
+	double best = 1e30;
+	fn(arg);
+	for (int r = 0; r < reps; r++) {
+		double t0 = bench_now();
+		fn(arg);
+		double t = bench_now() - t0;
+		if (t < best)
+			best = t;
+	}
+	return best;
+}
+
+struct copy {
+	void *dst;
+	const void *src;
+	size_t bytes;
+};
+
+static void do_copy(void *arg)
+{
+	struct copy *c = arg;
+	memcpy(c->dst, c->src, c->bytes);
+	__asm__ volatile("" : : "r"(c->dst) : "memory");
+}
+
+double bench_memcpy_bandwidth(size_t bytes)
+{
+	struct copy c = { malloc(bytes), malloc(bytes), bytes };
+	double t;
+	if (!c.dst || !c.src) {
+		fprintf(stderr, "bench: cannot allocate %zu bytes for the memcpy probe\n", bytes);
+		exit(1);
+	}
+	memset((void *)c.src, 1, bytes);
+	memset(c.dst, 2, bytes);
+	t = bench_time(do_copy, &c, 5);
+	free(c.dst);
+	free((void *)c.src);
+	return (double)bytes / t;
+}
+
+int bench_reps(int fallback)
+{
+	const char *e = getenv("KVP_BENCH_REPS");
+	int r = e ? atoi(e) : 0;
+	return r > 0 ? r : fallback;
+}
+
+void bench_header(const char *title)
+{
+	printf("\n%s\n", title);
+	printf("%-34s %-22s %14s %10s  %s\n", "config", "measure", "value", "ratio", "baseline");
+}
+
+void bench_row(const char *config, const char *measure, double value, double baseline, double scale,
+	       const char *unit, const char *baseline_name)
+{
+	char v[32];
+	snprintf(v, sizeof v, "%.3f %s", value * scale, unit);
+	printf("%-34s %-22s %14s %9.2fx  %s\n", config, measure, v, value / baseline, baseline_name);
+	fflush(stdout);
+}

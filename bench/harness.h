@@ -1,0 +1,25 @@
+/*
+ * The benchmark harness: wall-clock timing with warm-up and best-of-N, a memcpy bandwidth probe, and
+ * one table format, so every figure is printed beside the baseline it was measured against in the
+ * same run.
+ */
+#ifndef KVP_BENCH_HARNESS_H
+#define KVP_BENCH_HARNESS_H
+
+#include <stddef.h>
+
+double bench_now(void);
+/* Seconds per call of fn(arg): best of `reps` timed runs after one warm-up. */
+double bench_time(void (*fn)(void *), void *arg, int reps);
+/* memcpy bandwidth in bytes/s over buffers of `bytes`, best of a few runs. */
+double bench_memcpy_bandwidth(size_t bytes);
+/* Reps from the environment (KVP_BENCH_REPS) or the given default: CI can make runs short. */
+int bench_reps(int fallback);
+
+void bench_header(const char *title);
+/* One row: what was measured and its ratio to the baseline (value / baseline, both in the same unit);
+ * the value is printed as value * scale in `unit`. */
+void bench_row(const char *config, const char *measure, double value, double baseline, double scale,
+	       const char *unit, const char *baseline_name);
+
+#endif
