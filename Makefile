@@ -18,7 +18,7 @@ SOMAJOR  := 1
 ARCH     := $(shell $(CC) -dumpmachine | cut -d- -f1)
 WARN     := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes
 CFLAGS   ?= -O2 -g
-CFLAGS   += -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) -Iinclude -I.
+override CFLAGS += -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) -Iinclude -I.
 # The library loads jemalloc itself (pager/arena.c says why); executables load it at start-up, which is
 # what lets the library dlopen it in their processes.
 LIB_LIBS := -lnuma -luring -lpthread -lm -ldl
@@ -50,7 +50,7 @@ SONAME    := libkvpager.so.$(SOMAJOR)
 SHARED    := $(BUILD)/$(SONAME)
 STATIC    := $(BUILD)/libkvpager.a
 
-.PHONY: all lib tools tests benches test check bench asan neon install clean
+.PHONY: all lib tools tests benches suites test check bench asan neon valgrind install clean
 all: lib tools tests benches $(BUILD)/kvpager.pc
 lib: $(SHARED) $(STATIC)
 tools: $(TOOLS)
@@ -67,7 +67,7 @@ $(BUILD)/obj/%.o: %.c
 
 $(SHARED): $(LIB_OBJ) plugin/kvpager.map
 	$(CC) -shared -Wl,-soname,$(SONAME) -Wl,--version-script=plugin/kvpager.map -Wl,-z,defs \
-		-o $@ $(LIB_OBJ) $(LIB_LIBS)
+		$(CFLAGS) -o $@ $(LIB_OBJ) $(LIB_LIBS)
 	ln -sf $(SONAME) $(BUILD)/libkvpager.so
 
 $(STATIC): $(LIB_OBJ)
@@ -92,17 +92,27 @@ $(BUILD)/bench/%: bench/%.c bench/harness.c bench/harness.h $(STATIC)
 
 $(BUILD)/kvpager.pc: Makefile
 	@mkdir -p $(dir $@)
-	printf 'prefix=%s\nlibdir=$${prefix}/lib\nincludedir=$${prefix}/include\n\nName: kvpager\nDescription: paged, compressed KV cache for transformer inference\nVersion: %s\nLibs: -L$${libdir} -lkvpager\nLibs.private: -ljemalloc %s\nCflags: -I$${includedir}\n' \
+	printf 'prefix=%s\nlibdir=$${prefix}/lib\nincludedir=$${prefix}/include\n\nName: kvpager\nDescription: paged, compressed KV cache for transformer inference\nVersion: %s\nLibs: -L$${libdir} -lkvpager -ljemalloc\nLibs.private: %s\nCflags: -I$${includedir}\n' \
 		'$(PREFIX)' '$(VERSION)' '$(LIB_LIBS)' > $@
 
-# Each suite runs on its own so one crash cannot hide the others; the summary line counts suites.
-test: all
+# Each suite binary runs on its own so one crash cannot hide the others; run.sh closes with one line
+# counting every test: "N passed, N failed".
+suites: all
 	@KVP_TEST_BUILD=$(BUILD) sh tests/run.sh $(TESTS) $(BUILD)/tests/kernels_check
+
+test:
+	$(MAKE) --no-print-directory suites
+	$(MAKE) --no-print-directory valgrind
 	$(MAKE) --no-print-directory asan
 	@if [ "$(ARCH)" = x86_64 ] && command -v aarch64-linux-gnu-gcc >/dev/null; then \
 		$(MAKE) --no-print-directory neon; \
 	else echo "neon: skipped (needs x86-64 with aarch64-linux-gnu-gcc and qemu-aarch64)"; fi
 check: test
+
+# The plugin test under valgrind: a dlopen host must see no invalid access and no leak from the library.
+valgrind: all
+	KVP_TEST_BUILD=$(BUILD) valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite \
+		--trace-children=yes --trace-children-skip='*/sh,*/nm' $(BUILD)/tests/test_plugin --jobs 1
 
 bench: benches
 	@for b in $(BENCHES); do echo "== $$b"; $$b || exit 1; done
