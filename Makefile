@@ -124,7 +124,7 @@ asan:
 	@ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 KVP_TEST_BUILD=build-asan \
 		sh tests/run.sh $(TESTS:$(BUILD)/%=build-asan/%) build-asan/tests/kernels_check
 
-NEON_SRC := base/error.c base/half.c kernels/dispatch.c kernels/scalar.c kernels/neon.c
+NEON_SRC := base/error.c base/half.c kernels/dispatch.c kernels/scalar.c kernels/neon.c kernels/crc32c.c
 neon:
 	@mkdir -p build-neon
 	aarch64-linux-gnu-gcc -O2 -static -std=c11 -D_GNU_SOURCE $(WARN) -Iinclude -I. \
