@@ -63,6 +63,8 @@ kvp_status kvp_attend(kvp_seq *s, uint32_t layer, const float *q, float *out)
 
 	if (!s || s->magic != KVP_SEQ_MAGIC)
 		return kvp_fail(KVP_EINVAL, "kvp_attend: not an open sequence");
+	if (s->parked)
+		return kvp_seq_parked_error(s, "kvp_attend");
 	if (layer >= s->shape.n_layers)
 		return kvp_fail(KVP_EINVAL, "kvp_attend: layer %u of a %u-layer sequence", layer, s->shape.n_layers);
 	if (!q || !out)

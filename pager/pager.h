@@ -19,6 +19,7 @@
 #include <stdint.h>
 
 #include "base/base.h"
+#include "pager/spill.h"
 
 /* ---- jemalloc, loaded at pool open (see arena.c for why not linked) ---- */
 struct kvp_jemalloc {
@@ -45,6 +46,7 @@ struct kvp_pool {
 	int numa_node; /* -1 when not placed */
 	pthread_mutex_t lock; /* guards the tenant list */
 	struct kvp_tenant *tenants;
+	struct kvp_spill *spill; /* NULL without spill= */
 };
 
 struct kvp_tenant_config {
@@ -66,6 +68,8 @@ struct kvp_tenant {
 	struct kvp_tenant_config cfg;
 	pthread_mutex_t lock; /* guards the sequence list */
 	struct kvp_seq *seqs;
+	_Atomic uint64_t bytes_spilled; /* records on the spill device, each counted once */
+	uint64_t spill_id; /* names the tenant in slot headers; 0 until its first park */
 };
 
 struct kvp_block {
@@ -92,6 +96,8 @@ struct kvp_seq {
 	uint32_t group; /* query heads per KV head */
 	struct kvp_stream *streams; /* [n_layers][n_kv_heads] */
 	uint64_t tokens_appended;
+	struct kvp_parked *parked; /* non-NULL while parked: its blocks are on the spill device */
+	uint64_t spill_id; /* names the sequence in slot headers; 0 until its first park */
 };
 
 #define KVP_POOL_MAGIC 0x6b76706fu

@@ -5,7 +5,29 @@
 
 #include "pager.h"
 
-static kvp_status pool_config_parse(struct kvp_pool *p, const char *spec)
+/* spill= and spill_max= as parsed; the device opens once the rest of the pool exists. */
+struct spill_spec {
+	const char *path;
+	unsigned path_len;
+	uint64_t max;
+};
+
+static kvp_status spill_spec_parse(struct kvp_args *args, struct spill_spec *sp)
+{
+	kvp_status st = kvp_args_text(args, "spill", &sp->path, &sp->path_len);
+	if (st == KVP_OK)
+		st = kvp_args_size(args, "spill_max", &sp->max);
+	if (st != KVP_OK)
+		return st;
+	if (sp->path && sp->max == UINT64_MAX)
+		return kvp_fail(KVP_EINVAL, "pool: spill=%.*s needs spill_max=SIZE, the bytes to reserve for it",
+				(int)sp->path_len, sp->path);
+	if (!sp->path && sp->max != UINT64_MAX)
+		return kvp_fail(KVP_EINVAL, "pool: spill_max= without spill=PATH");
+	return KVP_OK;
+}
+
+static kvp_status pool_config_parse(struct kvp_pool *p, const char *spec, struct spill_spec *sp)
 {
 	struct kvp_args args;
 	uint64_t node = UINT64_MAX;
@@ -14,18 +36,10 @@ static kvp_status pool_config_parse(struct kvp_pool *p, const char *spec)
 		st = kvp_args_size(&args, "mem", &p->limit);
 	if (st == KVP_OK)
 		st = kvp_args_u64(&args, "numa", 0, 1023, &node);
-	if (st == KVP_OK) {
-		const char *later[] = { "spill", "spill_max", NULL };
-		for (unsigned i = 0; later[i]; i++) {
-			const char *v = NULL;
-			unsigned n;
-			kvp_args_text(&args, later[i], &v, &n);
-			if (v)
-				return kvp_fail(KVP_EUNSUPPORTED, "pool: %s= is not served yet: the NVMe spill device "
-						"is not built in this version", later[i]);
-		}
+	if (st == KVP_OK)
+		st = spill_spec_parse(&args, sp);
+	if (st == KVP_OK)
 		st = kvp_args_finish(&args);
-	}
 	p->numa_node = node == UINT64_MAX ? -1 : (int)node;
 	return st;
 }
@@ -33,6 +47,7 @@ static kvp_status pool_config_parse(struct kvp_pool *p, const char *spec)
 kvp_status kvp_pool_open(const char *spec, kvp_pool **out)
 {
 	struct kvp_pool *p;
+	struct spill_spec sp = { .max = UINT64_MAX };
 	kvp_status st;
 	if (!out)
 		return kvp_fail(KVP_EINVAL, "kvp_pool_open: out is NULL");
@@ -40,7 +55,7 @@ kvp_status kvp_pool_open(const char *spec, kvp_pool **out)
 	if (!(p = calloc(1, sizeof *p)))
 		return kvp_fail(KVP_ENOMEM, "kvp_pool_open: out of memory");
 	p->limit = UINT64_MAX;
-	if ((st = pool_config_parse(p, spec)) != KVP_OK || (st = kvp_jemalloc_load(&p->je)) != KVP_OK) {
+	if ((st = pool_config_parse(p, spec, &sp)) != KVP_OK || (st = kvp_jemalloc_load(&p->je)) != KVP_OK) {
 		free(p);
 		return st;
 	}
@@ -59,6 +74,10 @@ kvp_status kvp_pool_open(const char *spec, kvp_pool **out)
 			p->numa_node = -1;
 		}
 	}
+	if (sp.path && (st = kvp_spill_open(p, sp.path, sp.path_len, sp.max)) != KVP_OK) {
+		kvp_pool_close(p);
+		return st;
+	}
 	*out = p;
 	return KVP_OK;
 }
@@ -69,6 +88,7 @@ void kvp_pool_close(kvp_pool *p)
 		return;
 	while (p->tenants)
 		kvp_tenant_close(p->tenants);
+	kvp_spill_close(p);
 	p->magic = 0;
 	pthread_mutex_destroy(&p->lock);
 	free(p);

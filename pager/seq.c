@@ -130,6 +130,8 @@ kvp_status kvp_seq_fork(kvp_seq *src, kvp_seq **out)
 	size_t i, n;
 	if (!src || src->magic != KVP_SEQ_MAGIC || !out)
 		return kvp_fail(KVP_EINVAL, "kvp_seq_fork: not an open sequence, or out is NULL");
+	if (src->parked)
+		return kvp_seq_parked_error(src, "kvp_seq_fork");
 	t = src->tenant;
 	if (!(s = seq_alloc(t, &src->shape)))
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
@@ -154,6 +156,7 @@ void kvp_seq_destroy(struct kvp_seq *s)
 {
 	struct kvp_tenant *t = s->tenant;
 	size_t n = (size_t)s->shape.n_layers * s->shape.n_kv_heads;
+	kvp_seq_parked_release(s);
 	atomic_fetch_sub(&t->tokens_appended, s->tokens_appended);
 	atomic_fetch_sub(&t->tokens_retained, seq_retained(s));
 	atomic_fetch_sub(&t->bytes_dense_fp16, s->tokens_appended * s->shape.head_dim * 4);
@@ -214,6 +217,8 @@ kvp_status kvp_gather(kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap
 	uint32_t at = 0;
 	if (!s || s->magic != KVP_SEQ_MAGIC)
 		return kvp_fail(KVP_EINVAL, "kvp_gather: not an open sequence");
+	if (s->parked)
+		return kvp_seq_parked_error(s, "kvp_gather");
 	if (layer >= s->shape.n_layers || kv_head >= s->shape.n_kv_heads)
 		return kvp_fail(KVP_EINVAL, "kvp_gather: layer %u, KV head %u outside %u x %u", layer, kv_head,
 				s->shape.n_layers, s->shape.n_kv_heads);
@@ -275,6 +280,7 @@ kvp_status kvp_seq_stats(const kvp_seq *s, kvp_stats *out)
 	full.bytes_meta += kvp_alloc_size(s->tenant, sizeof *s) + kvp_alloc_size(s->tenant, streams_bytes(&s->shape));
 	full.tokens_appended = s->tokens_appended;
 	full.bytes_dense_fp16 = s->tokens_appended * s->shape.head_dim * 4;
+	full.bytes_spilled = kvp_seq_parked_bytes(s);
 	stats_copy(out, &full);
 	return KVP_OK;
 }
@@ -291,21 +297,7 @@ kvp_status kvp_tenant_stats(const kvp_tenant *t, kvp_stats *out)
 	full.bytes_compressed = atomic_load(&t->bytes[KVP_BYTES_COMPRESSED]);
 	full.bytes_meta = atomic_load(&t->bytes[KVP_BYTES_META]);
 	full.bytes_dense_fp16 = atomic_load(&t->bytes_dense_fp16);
+	full.bytes_spilled = atomic_load(&t->bytes_spilled);
 	stats_copy(out, &full);
 	return KVP_OK;
-}
-
-kvp_status kvp_seq_park(kvp_seq *s)
-{
-	if (!s || s->magic != KVP_SEQ_MAGIC)
-		return kvp_fail(KVP_EINVAL, "kvp_seq_park: not an open sequence");
-	return kvp_fail(KVP_EUNSUPPORTED, "kvp_seq_park: the spill device is not built yet (pool spill= arrives "
-			"with the NVMe spill work)");
-}
-
-kvp_status kvp_seq_unpark(kvp_seq *s)
-{
-	if (!s || s->magic != KVP_SEQ_MAGIC)
-		return kvp_fail(KVP_EINVAL, "kvp_seq_unpark: not an open sequence");
-	return kvp_fail(KVP_EUNSUPPORTED, "kvp_seq_unpark: the spill device is not built yet");
 }

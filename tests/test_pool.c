@@ -27,11 +27,13 @@ Test(pool, rejects_unknown_keys_and_bad_sizes_by_name)
 	cr_assert(strstr(kvp_last_error(), "mem=lots"), "%s", kvp_last_error());
 }
 
-Test(pool, spill_is_refused_until_the_spill_device_exists)
+Test(pool, spill_needs_both_a_path_and_a_size)
 {
 	kvp_pool *p;
-	cr_assert_eq(kvp_pool_open("spill=/tmp/x.spill", &p), KVP_EUNSUPPORTED);
-	cr_assert(strstr(kvp_last_error(), "spill="), "%s", kvp_last_error());
+	cr_assert_eq(kvp_pool_open("spill=/tmp/x.spill", &p), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "spill_max="), "%s", kvp_last_error());
+	cr_assert_eq(kvp_pool_open("spill_max=1GiB", &p), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "spill=PATH"), "%s", kvp_last_error());
 }
 
 Test(pool, numa_node_is_placed_or_ignored_with_a_note)

@@ -1,0 +1,120 @@
+/*
+ * The spill device: one preallocated file per pool (spill=PATH,spill_max=SIZE) that parked sequences'
+ * blocks are written to through io_uring.
+ *
+ * File layout: 4 KiB pages. A block's record is a run of whole pages: a 64-byte slot header, the block's
+ * image (positions, then the K and V buffers as opaque bytes), zero padding to the page. The file lives
+ * only as long as the pool, so records are in host byte order and carry no format version.
+ *
+ * One ring per pool, guarded by ring_lock. Why not one per thread: the threads belong to the host and
+ * come and go without telling us, each ring costs a file descriptor, locked memory and registered
+ * buffers, and a park already submits a whole sequence in large batches, so the device (not the lock)
+ * is the bottleneck. Slot bookkeeping has its own lock so a park that waits for I/O never blocks another
+ * sequence's plan or release.
+ */
+#ifndef KVP_PAGER_SPILL_H
+#define KVP_PAGER_SPILL_H
+
+#include <stdint.h>
+
+#include "base/base.h"
+
+struct kvp_pool;
+struct kvp_tenant;
+struct kvp_seq;
+struct kvp_block;
+struct kvp_spill;
+
+#define KVP_SPILL_PAGE 4096u
+#define KVP_SLOT_MAGIC 0x5350564bu /* "KVPS" in a little-endian dump */
+#define KVP_SLOT_SINK UINT32_MAX   /* block_no of a stream's sink block */
+
+/* The first 64 bytes of every record. Everything after crc is the block's identity and shape: a read
+ * must find exactly the header that was written, so a slot can never be taken for another block. */
+struct kvp_slot_header {
+	uint32_t crc;   /* CRC32C of bytes [4, 64) of this header, then of the payload */
+	uint32_t magic; /* KVP_SLOT_MAGIC */
+	uint64_t tenant, seq; /* spill ids of the tenant and of the sequence that wrote the record */
+	uint32_t layer, kv_head;
+	uint32_t block_no;    /* index in the stream's block table, or KVP_SLOT_SINK */
+	uint32_t n, cap, store;
+	uint64_t generation; /* pool-wide, new for every record: a reused slot never matches an old one */
+	uint64_t payload;    /* bytes after the header */
+};
+_Static_assert(sizeof(struct kvp_slot_header) == 64, "the slot header is 64 bytes");
+
+/* A block's record on the device. Shared by every parked sequence whose table held that block. Guarded
+ * by the device lock. */
+struct kvp_spilled {
+	struct kvp_tenant *tenant;
+	uint32_t refs;           /* parked table entries that point here */
+	uint64_t first_page, pages;
+	struct kvp_slot_header header; /* as written, crc included */
+	/* An in-memory twin of the record, held with a block reference, or NULL. While it is held the block
+	 * is shared, so nobody writes it in place: a later park of a sequence holding it writes nothing, and
+	 * a later unpark shares it instead of reading. */
+	struct kvp_block *twin;
+	uint32_t dim; /* of the sequence's streams: block accounting needs it */
+};
+
+/* Twins by block: open addressing, linear probing, backward-shift deletion. Under the device lock. */
+struct kvp_twin_map {
+	struct kvp_block **keys;
+	struct kvp_spilled **vals;
+	size_t cap, n; /* cap is 0 or a power of two */
+};
+
+/* One record to move: its stub and the block it is written from or read into. */
+struct kvp_spill_io {
+	struct kvp_spilled *stub;
+	struct kvp_block *block;
+};
+
+/* Test hooks, compiled in: they make the next I/Os fail the way a device can. Counts are 1-based: 1
+ * means the next write (or read) from now. */
+struct kvp_spill_faults {
+	uint32_t fail_write;  /* that write completes with EIO (after really being written) */
+	uint32_t short_write; /* that write is submitted one page short: a real short write */
+	uint32_t fail_read;   /* that read completes with EIO */
+};
+void kvp_spill_inject(struct kvp_pool *pool, const struct kvp_spill_faults *f);
+/* Nonzero makes the next kvp_spill_open behave as if the file system refused O_DIRECT. */
+extern int kvp_spill_refuse_direct;
+
+/* ---- device (spill.c) ---- */
+kvp_status kvp_spill_open(struct kvp_pool *pool, const char *path, unsigned path_len, uint64_t max_bytes);
+void kvp_spill_close(struct kvp_pool *pool);
+int kvp_spill_is_direct(const struct kvp_pool *pool);
+int kvp_spill_is_registered(const struct kvp_pool *pool);
+uint64_t kvp_spill_pages_used(const struct kvp_pool *pool);
+uint64_t kvp_spill_pages_total(const struct kvp_pool *pool);
+void kvp_spill_lock(struct kvp_spill *d);
+void kvp_spill_unlock(struct kvp_spill *d);
+/* Under the device lock. */
+uint64_t kvp_spill_next_id(struct kvp_spill *d);
+struct kvp_twin_map *kvp_spill_twins(struct kvp_spill *d);
+kvp_status kvp_spill_slot_alloc(struct kvp_spill *d, uint64_t pages, uint64_t *first);
+void kvp_spill_slot_free(struct kvp_spill *d, uint64_t first, uint64_t pages);
+/* Pages a record of payload bytes takes. */
+uint64_t kvp_spill_record_pages(uint64_t payload);
+/* The block's image as the device sees it: the one place its byte size is computed. */
+struct kvp_block_image {
+	void *part[3];
+	size_t bytes[3];
+};
+void kvp_spill_block_image(const struct kvp_block *b, uint32_t dim, struct kvp_block_image *im);
+/* Without the device lock (they take the ring lock). Write: records from io[i].block to their slots;
+ * sets each stub's header.crc. Read: records into io[i].block (already allocated with the stub's shape),
+ * checked against the stub's header; the block's n is set. All or nothing is the caller's business:
+ * on failure some records may have been transferred. */
+kvp_status kvp_spill_write(struct kvp_spill *d, struct kvp_spill_io *io, size_t n, uint32_t dim);
+kvp_status kvp_spill_read(struct kvp_spill *d, struct kvp_spill_io *io, size_t n, uint32_t dim);
+
+/* ---- parking (park.c) ---- */
+struct kvp_parked;
+/* KVP_EINVAL naming the call: a parked sequence serves only unpark, stats, step and close. */
+kvp_status kvp_seq_parked_error(const struct kvp_seq *s, const char *call);
+void kvp_seq_parked_release(struct kvp_seq *s); /* on destroy: drop the records */
+uint64_t kvp_seq_parked_bytes(const struct kvp_seq *s);
+
+#endif /* KVP_PAGER_SPILL_H */
