@@ -327,78 +327,7 @@ void kvp_spill_block_image(const struct kvp_block *b, uint32_t dim, struct kvp_b
 	im->bytes[2] = kv;
 }
 
-/* ---- batches: records packed into staging, submitted together, reaped together ---- */
-
-struct batch {
-	size_t used;        /* staging bytes taken */
-	unsigned n;         /* SQEs queued */
-	size_t first;       /* io index of the batch's first record */
-	size_t len[RING_ENTRIES];
-	int res[RING_ENTRIES];
-};
-
-static int fault_due(uint32_t *countdown)
-{
-	return *countdown && --*countdown == 0;
-}
-
-static void batch_queue(struct kvp_spill *d, struct batch *b, int write, const struct kvp_spilled *stub,
-			size_t len)
-{
-	struct io_uring_sqe *sqe = io_uring_get_sqe(&d->ring); /* never NULL: at most RING_ENTRIES queued */
-	unsigned char *buf = d->staging + b->used;
-	off_t off = (off_t)(stub->first_page * KVP_SPILL_PAGE);
-	size_t submit = len;
-	if (write && fault_due(&d->faults.short_write) && len > KVP_SPILL_PAGE)
-		submit = len - KVP_SPILL_PAGE;
-	if (d->registered && write)
-		io_uring_prep_write_fixed(sqe, d->fd, buf, (unsigned)submit, off, 0);
-	else if (d->registered)
-		io_uring_prep_read_fixed(sqe, d->fd, buf, (unsigned)submit, off, 0);
-	else if (write)
-		io_uring_prep_write(sqe, d->fd, buf, (unsigned)submit, off);
-	else
-		io_uring_prep_read(sqe, d->fd, buf, (unsigned)submit, off);
-	io_uring_sqe_set_data64(sqe, b->n);
-	b->len[b->n++] = len;
-	b->used += len;
-}
-
-/* Submits every queued SQE and waits for all of them; res[i] is each one's result, with injected
- * faults applied. Returns KVP_OK when every request moved all of its bytes. */
-static kvp_status batch_run(struct kvp_spill *d, struct batch *b, int write)
-{
-	unsigned submitted = 0, reaped = 0;
-	kvp_status st = KVP_OK;
-	while (submitted < b->n) {
-		int r = io_uring_submit(&d->ring);
-		if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY)
-			return kvp_fail(KVP_EIO, "spill=%s: io_uring_submit: %s", d->path, strerror(-r));
-		submitted += r > 0 ? (unsigned)r : 0;
-	}
-	while (reaped < b->n) {
-		struct io_uring_cqe *cqe;
-		int r = io_uring_wait_cqe(&d->ring, &cqe);
-		if (r == -EINTR)
-			continue;
-		if (r < 0)
-			return kvp_fail(KVP_EIO, "spill=%s: io_uring_wait_cqe: %s", d->path, strerror(-r));
-		b->res[io_uring_cqe_get_data64(cqe)] = cqe->res;
-		io_uring_cqe_seen(&d->ring, cqe);
-		reaped++;
-	}
-	for (unsigned i = 0; i < b->n; i++) {
-		if (fault_due(write ? &d->faults.fail_write : &d->faults.fail_read))
-			b->res[i] = -EIO;
-		if (st == KVP_OK && b->res[i] < 0)
-			st = kvp_fail(KVP_EIO, "spill=%s: a %s of %zu bytes failed: %s", d->path, write ? "write" : "read",
-				      b->len[i], strerror(-b->res[i]));
-		else if (st == KVP_OK && (size_t)b->res[i] != b->len[i])
-			st = kvp_fail(KVP_EIO, "spill=%s: short %s: %d of %zu bytes", d->path, write ? "write" : "read",
-				      b->res[i], b->len[i]);
-	}
-	return st;
-}
+/* ---- records ---- */
 
 static size_t record_bytes(const struct kvp_spilled *stub)
 {
@@ -421,28 +350,6 @@ static void record_pack(struct kvp_spilled *stub, const struct kvp_block *block,
 	memcpy(dst, &stub->header, sizeof stub->header);
 	stub->header.crc = kvp_crc32c(0, dst + 4, at - 4);
 	memcpy(dst, &stub->header, sizeof stub->header.crc);
-}
-
-kvp_status kvp_spill_write(struct kvp_spill *d, struct kvp_spill_io *io, size_t n, uint32_t dim)
-{
-	struct batch b = { 0 };
-	kvp_status st = KVP_OK;
-	pthread_mutex_lock(&d->ring_lock);
-	for (size_t i = 0; i < n && st == KVP_OK; i++) {
-		size_t len = record_bytes(io[i].stub);
-		if (b.n == RING_ENTRIES || b.used + len > d->staging_cap) {
-			st = batch_run(d, &b, 1);
-			b = (struct batch){ .first = i };
-		}
-		if (st == KVP_OK && (st = staging_reserve(d, len)) == KVP_OK) {
-			record_pack(io[i].stub, io[i].block, dim, d->staging + b.used);
-			batch_queue(d, &b, 1, io[i].stub, len);
-		}
-	}
-	if (st == KVP_OK)
-		st = batch_run(d, &b, 1);
-	pthread_mutex_unlock(&d->ring_lock);
-	return st;
 }
 
 /* Checks one record read into src against its stub, then copies the image into the block. */
@@ -474,37 +381,205 @@ static kvp_status record_unpack(const struct kvp_spilled *stub, struct kvp_block
 	return KVP_OK;
 }
 
-static kvp_status batch_unpack(struct kvp_spill *d, const struct batch *b, struct kvp_spill_io *io,
-			       uint32_t dim)
+/* ---- batches ----
+ * Two batches alternate over the two halves of the staging buffer: while the device works on one, the
+ * CPU packs (or checks) the other. Records adjacent in the file are adjacent in staging too, so they go
+ * out as one request: a park into consecutive slots becomes a few large I/Os, not one per block. */
+
+#define BATCH_RECORDS 256
+#define BATCH_REQUESTS (RING_ENTRIES / 2)
+
+struct request {
+	size_t at, len; /* in the batch's half of staging */
+	uint64_t page;  /* in the file */
+	int res;
+};
+
+struct batch {
+	unsigned id;       /* which half of staging; the tag in user_data */
+	size_t used;       /* bytes of the half taken */
+	size_t first;      /* io index of the first record */
+	unsigned records, n, pending;
+	int submitted;
+	size_t rec_len[BATCH_RECORDS];
+	struct request req[BATCH_REQUESTS];
+};
+
+static unsigned char *batch_base(const struct kvp_spill *d, const struct batch *b)
 {
-	size_t at = 0;
+	return d->staging + b->id * (d->staging_cap / 2);
+}
+
+static int batch_merges(const struct batch *b, uint64_t page)
+{
+	return b->n && (b->req[b->n - 1].page * KVP_SPILL_PAGE + b->req[b->n - 1].len == page * KVP_SPILL_PAGE);
+}
+
+static int batch_fits(const struct kvp_spill *d, const struct batch *b, size_t len, uint64_t page)
+{
+	return b->records < BATCH_RECORDS && b->used + len <= d->staging_cap / 2 &&
+	       (batch_merges(b, page) || b->n < BATCH_REQUESTS);
+}
+
+/* Takes the next len bytes of the half for the record at file page `page`; returns where they are. */
+static unsigned char *batch_add(const struct kvp_spill *d, struct batch *b, size_t index, size_t len,
+				uint64_t page)
+{
+	unsigned char *at = batch_base(d, b) + b->used;
+	if (!b->records)
+		b->first = index;
+	if (batch_merges(b, page))
+		b->req[b->n - 1].len += len;
+	else
+		b->req[b->n++] = (struct request){ .at = b->used, .len = len, .page = page };
+	b->rec_len[b->records++] = len;
+	b->used += len;
+	return at;
+}
+
+static int fault_due(uint32_t *countdown)
+{
+	return *countdown && --*countdown == 0;
+}
+
+static kvp_status batch_submit(struct kvp_spill *d, struct batch *b, int write)
+{
+	unsigned submitted = 0;
 	for (unsigned i = 0; i < b->n; i++) {
-		kvp_status st = record_unpack(io[b->first + i].stub, io[b->first + i].block, dim, d->staging + at);
-		if (st != KVP_OK)
-			return st;
-		at += b->len[i];
+		/* never NULL: two batches of BATCH_REQUESTS fit the ring */
+		struct io_uring_sqe *sqe = io_uring_get_sqe(&d->ring);
+		unsigned char *buf = batch_base(d, b) + b->req[i].at;
+		size_t len = b->req[i].len;
+		off_t off = (off_t)(b->req[i].page * KVP_SPILL_PAGE);
+		if (write && fault_due(&d->faults.short_write) && len > KVP_SPILL_PAGE)
+			len -= KVP_SPILL_PAGE;
+		if (d->registered && write)
+			io_uring_prep_write_fixed(sqe, d->fd, buf, (unsigned)len, off, 0);
+		else if (d->registered)
+			io_uring_prep_read_fixed(sqe, d->fd, buf, (unsigned)len, off, 0);
+		else if (write)
+			io_uring_prep_write(sqe, d->fd, buf, (unsigned)len, off);
+		else
+			io_uring_prep_read(sqe, d->fd, buf, (unsigned)len, off);
+		io_uring_sqe_set_data64(sqe, (uint64_t)b->id << 32 | i);
 	}
+	while (submitted < b->n) {
+		int r = io_uring_submit(&d->ring);
+		if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY) {
+			b->pending = submitted;
+			b->submitted = 1;
+			return kvp_fail(KVP_EIO, "spill=%s: io_uring_submit: %s", d->path, strerror(-r));
+		}
+		submitted += r > 0 ? (unsigned)r : 0;
+	}
+	b->pending = b->n;
+	b->submitted = 1;
 	return KVP_OK;
+}
+
+/* Waits for every request of bs[id]; completions of the other batch are filed as they come. */
+static kvp_status batch_wait(struct kvp_spill *d, struct batch *bs, unsigned id, int write)
+{
+	struct batch *b = &bs[id];
+	kvp_status st = KVP_OK;
+	while (b->pending) {
+		struct io_uring_cqe *cqe;
+		int r = io_uring_wait_cqe(&d->ring, &cqe);
+		if (r == -EINTR)
+			continue;
+		if (r < 0)
+			return kvp_fail(KVP_EIO, "spill=%s: io_uring_wait_cqe: %s", d->path, strerror(-r));
+		uint64_t tag = io_uring_cqe_get_data64(cqe);
+		bs[tag >> 32].req[tag & 0xffffffffu].res = cqe->res;
+		bs[tag >> 32].pending--;
+		io_uring_cqe_seen(&d->ring, cqe);
+	}
+	for (unsigned i = 0; i < b->n; i++) {
+		int res = fault_due(write ? &d->faults.fail_write : &d->faults.fail_read) ? -EIO : b->req[i].res;
+		if (st == KVP_OK && res < 0)
+			st = kvp_fail(KVP_EIO, "spill=%s: a %s of %zu bytes failed: %s", d->path, write ? "write" : "read",
+				      b->req[i].len, strerror(-res));
+		else if (st == KVP_OK && (size_t)res != b->req[i].len)
+			st = kvp_fail(KVP_EIO, "spill=%s: short %s: %d of %zu bytes", d->path, write ? "write" : "read",
+				      res, b->req[i].len);
+	}
+	return st;
+}
+
+/* What a transfer needs besides the batches. */
+struct transfer {
+	struct kvp_spill *d;
+	struct kvp_spill_io *io;
+	uint32_t dim;
+	int write;
+	struct batch b[2];
+	unsigned cur;
+	kvp_status st;
+};
+
+/* Waits for batch id when it was submitted, checks and (reading) unpacks it, and empties it. Runs even
+ * after a failure: the device must be done with the staging buffer before anyone reuses it. */
+static void settle(struct transfer *x, unsigned id)
+{
+	struct batch *b = &x->b[id];
+	size_t at = 0;
+	if (b->submitted) {
+		kvp_status st = batch_wait(x->d, x->b, id, x->write);
+		if (x->st == KVP_OK)
+			x->st = st;
+	}
+	for (unsigned i = 0; !x->write && x->st == KVP_OK && i < b->records; i++) {
+		x->st = record_unpack(x->io[b->first + i].stub, x->io[b->first + i].block, x->dim,
+				      batch_base(x->d, b) + at);
+		at += b->rec_len[i];
+	}
+	*b = (struct batch){ .id = id };
+}
+
+/* Submits the current batch (reads and writes are packed or queued before this), settles the other one
+ * and makes it current. */
+static void rotate(struct transfer *x)
+{
+	if (x->st == KVP_OK && x->b[x->cur].n)
+		x->st = batch_submit(x->d, &x->b[x->cur], x->write);
+	x->cur ^= 1;
+	settle(x, x->cur);
+}
+
+static kvp_status transfer(struct kvp_spill *d, struct kvp_spill_io *io, size_t n, uint32_t dim, int write)
+{
+	struct transfer x = { .d = d, .io = io, .dim = dim, .write = write, .b = { { .id = 0 }, { .id = 1 } } };
+	pthread_mutex_lock(&d->ring_lock);
+	for (size_t i = 0; i < n && x.st == KVP_OK; i++) {
+		size_t len = record_bytes(io[i].stub);
+		uint64_t page = io[i].stub->first_page;
+		unsigned char *at;
+		if (!batch_fits(d, &x.b[x.cur], len, page))
+			rotate(&x);
+		if (x.st == KVP_OK && len > d->staging_cap / 2) { /* a record larger than half: grow, idle */
+			settle(&x, x.cur ^ 1);
+			if (x.st == KVP_OK)
+				x.st = staging_reserve(d, 2 * len);
+		}
+		if (x.st != KVP_OK)
+			break;
+		at = batch_add(d, &x.b[x.cur], i, len, page);
+		if (write)
+			record_pack(io[i].stub, io[i].block, dim, at);
+	}
+	rotate(&x);
+	settle(&x, x.cur ^ 1);
+	settle(&x, x.cur);
+	pthread_mutex_unlock(&d->ring_lock);
+	return x.st;
+}
+
+kvp_status kvp_spill_write(struct kvp_spill *d, struct kvp_spill_io *io, size_t n, uint32_t dim)
+{
+	return transfer(d, io, n, dim, 1);
 }
 
 kvp_status kvp_spill_read(struct kvp_spill *d, struct kvp_spill_io *io, size_t n, uint32_t dim)
 {
-	struct batch b = { 0 };
-	kvp_status st = KVP_OK;
-	pthread_mutex_lock(&d->ring_lock);
-	for (size_t i = 0; i < n && st == KVP_OK; i++) {
-		size_t len = record_bytes(io[i].stub);
-		if (b.n == RING_ENTRIES || b.used + len > d->staging_cap) {
-			st = batch_run(d, &b, 0);
-			if (st == KVP_OK)
-				st = batch_unpack(d, &b, io, dim);
-			b = (struct batch){ .first = i };
-		}
-		if (st == KVP_OK && (st = staging_reserve(d, len)) == KVP_OK)
-			batch_queue(d, &b, 0, io[i].stub, len);
-	}
-	if (st == KVP_OK && (st = batch_run(d, &b, 0)) == KVP_OK)
-		st = batch_unpack(d, &b, io, dim);
-	pthread_mutex_unlock(&d->ring_lock);
-	return st;
+	return transfer(d, io, n, dim, 0);
 }

@@ -431,11 +431,13 @@ static void check_scalar_round_trip(void)
 }
 
 /* CRC32C: the reference against the published check value, then every hardware version against the
- * reference over lengths around the 8-byte stride, unaligned starts, and continuation piece by piece. */
+ * reference over lengths around the 8-byte stride and the three-lane split, unaligned starts, and
+ * continuation piece by piece. */
 static void check_crc32c(void)
 {
 	static const char *const hw[] = { "sse42", "armv8" };
-	unsigned char buf[1100];
+	static const size_t lanes[] = { 6143, 6144, 6145, 6151, 12288 + 5, 20000, 49999 };
+	static unsigned char buf[50100];
 	unsigned ran = 0;
 
 	check(kvp_crc32c_scalar(0, "123456789", 9) == 0xe3069283u, "scalar crc32c check value: %08x",
@@ -459,6 +461,11 @@ static void check_crc32c(void)
 				check(f(0, buf + off, n) == want, "crc32c %s: %zu bytes at +%zu", hw[i], n, off);
 				check(split == want, "crc32c %s continued: %zu bytes at +%zu", hw[i], n, off);
 			}
+		/* three-lane inputs */
+		for (size_t off = 0; off < 8; off += 3)
+			for (size_t j = 0; j < COUNT(lanes); j++)
+				check(f(0, buf + off, lanes[j]) == kvp_crc32c_scalar(0, buf + off, lanes[j]),
+				      "crc32c %s: %zu bytes at +%zu", hw[i], lanes[j], off);
 	}
 	if (!ran)
 		printf("no hardware crc32c runnable here; checked the reference only\n");

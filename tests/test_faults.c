@@ -76,12 +76,12 @@ static void failed_write_leaves_the_sequence_in_memory(struct kvp_spill_faults f
 
 Test(faults, a_failed_write_leaves_the_blocks_in_memory_and_reports_eio)
 {
-	failed_write_leaves_the_sequence_in_memory((struct kvp_spill_faults){ .fail_write = 5 }, "write of");
+	failed_write_leaves_the_sequence_in_memory((struct kvp_spill_faults){ .fail_write = 1 }, "write of");
 }
 
 Test(faults, a_short_write_leaves_the_blocks_in_memory_and_reports_eio)
 {
-	failed_write_leaves_the_sequence_in_memory((struct kvp_spill_faults){ .short_write = 5 }, "short write");
+	failed_write_leaves_the_sequence_in_memory((struct kvp_spill_faults){ .short_write = 1 }, "short write");
 }
 
 Test(faults, a_failed_read_keeps_the_slots_and_a_later_unpark_succeeds)
@@ -98,7 +98,7 @@ Test(faults, a_failed_read_keeps_the_slots_and_a_later_unpark_succeeds)
 	cr_assert_eq(kvp_seq_park(s), KVP_OK, "%s", kvp_last_error());
 	pages = kvp_spill_pages_used(pool);
 	meta = park_tenant_stats().bytes_meta;
-	kvp_spill_inject(pool, &(struct kvp_spill_faults){ .fail_read = 7 });
+	kvp_spill_inject(pool, &(struct kvp_spill_faults){ .fail_read = 1 });
 	cr_assert_eq(kvp_seq_unpark(s), KVP_EIO);
 	cr_assert(strstr(kvp_last_error(), "stays parked"), "%s", kvp_last_error());
 	cr_assert_eq(kvp_spill_pages_used(pool), pages, "the records are kept");
