@@ -5,6 +5,7 @@
 #   make bench      build and run the benchmarks
 #   make asan       tests under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make neon       NEON kernel checks, cross-built and run under qemu-aarch64
+#   make tsan       the multi-thread suites under ThreadSanitizer
 #   make install    PREFIX=/usr/local DESTDIR=
 #   CC=clang make   builds with clang
 
@@ -50,7 +51,7 @@ SONAME    := libkvpager.so.$(SOMAJOR)
 SHARED    := $(BUILD)/$(SONAME)
 STATIC    := $(BUILD)/libkvpager.a
 
-.PHONY: all lib tools tests benches suites test check bench asan neon valgrind install clean
+.PHONY: all lib tools tests benches suites test check bench asan tsan neon valgrind install clean
 all: lib tools tests benches $(BUILD)/kvpager.pc
 lib: $(SHARED) $(STATIC)
 tools: $(TOOLS)
@@ -83,6 +84,10 @@ $(BUILD)/tests/%: tests/%.c $(TOOL_OBJ) $(STATIC) | $(SHARED)
 
 # The vector-versus-scalar kernel checks without Criterion, so they also run under qemu-user.
 $(BUILD)/tests/kernels_check: tests/kernels_check.c $(STATIC)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(STATIC) $(LIBS)
+
+$(BUILD)/tests/stress_check: tests/stress_check.c tests/stress.h $(STATIC)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $< $(STATIC) $(LIBS)
 
@@ -124,6 +129,13 @@ asan:
 	@ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 KVP_TEST_BUILD=build-asan \
 		sh tests/run.sh $(TESTS:$(BUILD)/%=build-asan/%) build-asan/tests/kernels_check
 
+# The multi-thread stress under ThreadSanitizer, as a plain program: Criterion cannot start under TSan.
+TSAN_TESTS := build-tsan/tests/stress_check
+tsan:
+	$(MAKE) --no-print-directory BUILD=build-tsan \
+		CFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=thread" $(TSAN_TESTS)
+	@TSAN_OPTIONS=halt_on_error=1 KVP_TEST_BUILD=build-tsan sh tests/run.sh $(TSAN_TESTS)
+
 NEON_SRC := base/error.c base/half.c kernels/dispatch.c kernels/scalar.c kernels/neon.c kernels/crc32c.c
 neon:
 	@mkdir -p build-neon
@@ -143,6 +155,6 @@ install: all
 	for t in $(TOOLS); do install -m 755 $$t $(DESTDIR)$(PREFIX)/bin/; done
 
 clean:
-	rm -rf build build-asan build-neon
+	rm -rf build build-asan build-tsan build-neon
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
