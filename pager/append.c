@@ -120,7 +120,7 @@ static void commit_stream(struct kvp_tenant *t, struct kvp_stream *s, struct str
 	s->n_tokens += n;
 }
 
-kvp_status kvp_append(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
+kvp_status kvp_append_resident(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
 		      const float *v)
 {
 	struct stream_plan plans[64], *plan = plans;
@@ -129,8 +129,6 @@ kvp_status kvp_append(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos
 
 	if (!s || s->magic != KVP_SEQ_MAGIC)
 		return kvp_fail(KVP_EINVAL, "kvp_append: not an open sequence");
-	if (s->parked)
-		return kvp_seq_parked_error(s, "kvp_append");
 	if (layer >= s->shape.n_layers)
 		return kvp_fail(KVP_EINVAL, "kvp_append: layer %u of a %u-layer sequence", layer, s->shape.n_layers);
 	if (n == 0)

@@ -192,7 +192,7 @@ static kvp_status charge_one(_Atomic uint64_t *used, uint64_t limit, uint64_t by
 	return KVP_OK;
 }
 
-kvp_status kvp_charge(struct kvp_tenant *t, uint64_t bytes)
+static kvp_status charge_limits(struct kvp_tenant *t, uint64_t bytes)
 {
 	if (charge_one(&t->used, t->quota, bytes) != KVP_OK)
 		return kvp_fail(KVP_ENOMEM, "tenant '%s': %llu more bytes would pass its quota of %llu (%llu in use)",
@@ -205,6 +205,23 @@ kvp_status kvp_charge(struct kvp_tenant *t, uint64_t bytes)
 				(unsigned long long)atomic_load(&t->pool->used));
 	}
 	return KVP_OK;
+}
+
+_Thread_local unsigned kvp_charge_mode;
+
+kvp_status kvp_charge(struct kvp_tenant *t, uint64_t bytes)
+{
+	kvp_status st;
+	if (kvp_charge_mode & KVP_CHARGE_OVERDRAFT) {
+		atomic_fetch_add(&t->used, bytes);
+		atomic_fetch_add(&t->pool->used, bytes);
+		return KVP_OK;
+	}
+	/* Over a limit, spilling this tenant's idle sequences comes before failing. */
+	while ((st = charge_limits(t, bytes)) == KVP_ENOMEM && !(kvp_charge_mode & KVP_CHARGE_NO_RELIEF) &&
+	       kvp_pressure_relieve(t, bytes))
+		;
+	return st;
 }
 
 void kvp_uncharge(struct kvp_tenant *t, uint64_t bytes)

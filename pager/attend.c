@@ -55,7 +55,7 @@ static void attend_stream(const struct kvp_kernels *kern, const struct kvp_strea
 			kern->scale(dim, 1.0f / hs[h].l, out + (size_t)h * dim);
 }
 
-kvp_status kvp_attend(kvp_seq *s, uint32_t layer, const float *q, float *out)
+kvp_status kvp_attend_resident(kvp_seq *s, uint32_t layer, const float *q, float *out)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
 	float scores[KVP_BLOCK_MAX];
@@ -63,8 +63,6 @@ kvp_status kvp_attend(kvp_seq *s, uint32_t layer, const float *q, float *out)
 
 	if (!s || s->magic != KVP_SEQ_MAGIC)
 		return kvp_fail(KVP_EINVAL, "kvp_attend: not an open sequence");
-	if (s->parked)
-		return kvp_seq_parked_error(s, "kvp_attend");
 	if (layer >= s->shape.n_layers)
 		return kvp_fail(KVP_EINVAL, "kvp_attend: layer %u of a %u-layer sequence", layer, s->shape.n_layers);
 	if (!q || !out)

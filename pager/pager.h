@@ -70,6 +70,7 @@ struct kvp_tenant {
 	struct kvp_seq *seqs;
 	_Atomic uint64_t bytes_spilled; /* records on the spill device, each counted once */
 	uint64_t spill_id; /* names the tenant in slot headers; 0 until its first park */
+	_Atomic uint64_t clock; /* ticks once per call on any of its sequences */
 };
 
 struct kvp_block {
@@ -98,6 +99,10 @@ struct kvp_seq {
 	uint64_t tokens_appended;
 	struct kvp_parked *parked; /* non-NULL while parked: its blocks are on the spill device */
 	uint64_t spill_id; /* names the sequence in slot headers; 0 until its first park */
+	int pressure_parked; /* parked by memory pressure, not by the host: unparked on next use */
+	_Atomic int parked_flag; /* parked != NULL, for pressure.c to read without entering the sequence */
+	_Atomic uint32_t calls; /* public calls in progress, or KVP_SEQ_CLAIMED (pressure.c) */
+	_Atomic uint64_t last_use; /* the tenant's clock at the last call: pressure spills the oldest */
 };
 
 #define KVP_POOL_MAGIC 0x6b76706fu
@@ -138,6 +143,33 @@ kvp_status kvp_stream_share(struct kvp_tenant *t, struct kvp_stream *dst, const 
 struct kvp_stream *kvp_seq_stream(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head);
 void kvp_seq_destroy(struct kvp_seq *s); /* without unlinking from the tenant */
 void kvp_tenant_destroy(struct kvp_tenant *t);
+
+/*
+ * ---- calls on a sequence (pressure.c) ----
+ * The public calls on a sequence are wrappers that enter the sequence (waiting while memory pressure is
+ * parking it), bring back a sequence that pressure parked when the call needs its tokens, and run these:
+ */
+kvp_status kvp_append_resident(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
+			       const float *v);
+kvp_status kvp_attend_resident(kvp_seq *s, uint32_t layer, const float *q, float *out);
+kvp_status kvp_gather_resident(kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos,
+			       float *k, float *v, uint32_t *n_out);
+kvp_status kvp_seq_fork_resident(kvp_seq *src, kvp_seq **out);
+kvp_status kvp_seq_stats_entered(const kvp_seq *s, kvp_stats *out);
+kvp_status kvp_seq_step_entered(kvp_seq *s);
+void kvp_seq_close_entered(kvp_seq *s);
+/* Internal park and unpark of an entered (or claimed) sequence. */
+kvp_status kvp_park_sequence(struct kvp_seq *s);
+kvp_status kvp_unpark_sequence(struct kvp_seq *s);
+
+/* Charging mode of the calling thread, set by the spill code around its own allocations:
+ * NO_RELIEF: a failed charge does not try to spill (inside the device lock, or already relieving);
+ * OVERDRAFT: park's own tables are charged past the limits, because parking is what frees memory. */
+enum { KVP_CHARGE_NO_RELIEF = 1, KVP_CHARGE_OVERDRAFT = 2 };
+extern _Thread_local unsigned kvp_charge_mode;
+/* Parks the least recently used idle sequence of t (never another tenant's) to make room for bytes.
+ * Returns nonzero when it parked one, so the caller charges again. */
+int kvp_pressure_relieve(struct kvp_tenant *t, uint64_t bytes);
 
 /* ---- configuration ---- */
 kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quota, const char *spec);

@@ -15,9 +15,11 @@
  * unpark reads a shared record once: the first reader keeps the block as the twin, later ones share it.
  * Concurrent parks of two siblings may each write a shared block; both records are valid.
  *
- * A parked sequence refuses append, attend, gather and fork with KVP_EINVAL (kvp_seq_parked_error):
- * unparking behind the caller's back would hide I/O latency and failures in calls that cannot report
- * them sensibly, so the host decides when to pay for it.
+ * A sequence the host parked refuses append, attend, gather and fork with KVP_EINVAL
+ * (kvp_seq_parked_error): the host parked it, so the host decides when to pay for bringing it back, and
+ * a call that needs its tokens by mistake is reported, not silently slowed down by I/O. A sequence that
+ * memory pressure parked (pressure.c) is brought back by the next call that needs its tokens instead:
+ * the host never asked for it to go.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -260,18 +262,20 @@ static void park_commit(struct kvp_spill *d, struct kvp_seq *s, struct position 
 		*pos[i].where = NULL;
 	}
 	s->parked = parked;
+	atomic_store(&s->parked_flag, 1);
 	kvp_spill_lock(d);
 	twins_trim(kvp_spill_twins(d));
 	kvp_spill_unlock(d);
 }
 
-kvp_status kvp_seq_park(kvp_seq *s)
+kvp_status kvp_park_sequence(struct kvp_seq *s)
 {
 	struct kvp_spill *d;
 	struct kvp_parked *parked;
 	struct position *pos;
 	struct kvp_spill_io *io;
 	size_t n, n_io = 0;
+	unsigned mode = kvp_charge_mode;
 	kvp_status st = seq_check(s, "kvp_seq_park");
 	if (st != KVP_OK || s->parked)
 		return st;
@@ -279,6 +283,7 @@ kvp_status kvp_seq_park(kvp_seq *s)
 	n = positions_count(s);
 	pos = calloc(n, sizeof *pos);
 	io = calloc(n, sizeof *io);
+	kvp_charge_mode |= KVP_CHARGE_OVERDRAFT | KVP_CHARGE_NO_RELIEF;
 	parked = kvp_alloc(s->tenant, parked_bytes(n), KVP_BYTES_META, 0);
 	if (!pos || !io || !parked) {
 		st = kvp_fail(KVP_ENOMEM, "kvp_seq_park: out of memory for the table of %zu records", n);
@@ -290,6 +295,7 @@ kvp_status kvp_seq_park(kvp_seq *s)
 	kvp_spill_lock(d);
 	st = park_plan(d, s, pos, parked, io, &n_io);
 	kvp_spill_unlock(d);
+	kvp_charge_mode = mode;
 	if (st == KVP_OK)
 		st = kvp_spill_write(d, io, n_io, s->shape.head_dim);
 	if (st == KVP_OK) {
@@ -302,6 +308,7 @@ kvp_status kvp_seq_park(kvp_seq *s)
 		kvp_spill_unlock(d);
 	}
 out:
+	kvp_charge_mode = mode;
 	if (parked)
 		kvp_free(s->tenant, parked, parked_bytes(n), KVP_BYTES_META, 0);
 	free(pos);
@@ -348,10 +355,12 @@ static void unpark_commit(struct kvp_spill *d, struct kvp_seq *s, struct positio
 	for (size_t i = 0; i < p->n; i++)
 		*pos[i].where = blocks[i];
 	s->parked = NULL;
+	atomic_store(&s->parked_flag, 0);
+	s->pressure_parked = 0;
 	kvp_free(s->tenant, p, parked_bytes(p->n), KVP_BYTES_META, 0);
 }
 
-kvp_status kvp_seq_unpark(kvp_seq *s)
+kvp_status kvp_unpark_sequence(struct kvp_seq *s)
 {
 	struct kvp_spill *d;
 	struct kvp_block **blocks;

@@ -123,15 +123,13 @@ static uint64_t seq_retained(const struct kvp_seq *s)
 	return n;
 }
 
-kvp_status kvp_seq_fork(kvp_seq *src, kvp_seq **out)
+kvp_status kvp_seq_fork_resident(kvp_seq *src, kvp_seq **out)
 {
 	struct kvp_tenant *t;
 	struct kvp_seq *s;
 	size_t i, n;
 	if (!src || src->magic != KVP_SEQ_MAGIC || !out)
 		return kvp_fail(KVP_EINVAL, "kvp_seq_fork: not an open sequence, or out is NULL");
-	if (src->parked)
-		return kvp_seq_parked_error(src, "kvp_seq_fork");
 	t = src->tenant;
 	if (!(s = seq_alloc(t, &src->shape)))
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
@@ -167,7 +165,7 @@ void kvp_seq_destroy(struct kvp_seq *s)
 	kvp_free(t, s, sizeof *s, KVP_BYTES_META, 0);
 }
 
-void kvp_seq_close(kvp_seq *s)
+void kvp_seq_close_entered(kvp_seq *s)
 {
 	struct kvp_tenant *t;
 	if (!s || s->magic != KVP_SEQ_MAGIC)
@@ -183,7 +181,7 @@ void kvp_seq_close(kvp_seq *s)
 	kvp_seq_destroy(s);
 }
 
-kvp_status kvp_seq_step(kvp_seq *s)
+kvp_status kvp_seq_step_entered(kvp_seq *s)
 {
 	if (!s || s->magic != KVP_SEQ_MAGIC)
 		return kvp_fail(KVP_EINVAL, "kvp_seq_step: not an open sequence");
@@ -210,15 +208,13 @@ static void gather_block(const struct kvp_block *b, uint32_t dim, uint32_t at, i
 	}
 }
 
-kvp_status kvp_gather(kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos, float *k,
-		      float *v, uint32_t *n_out)
+kvp_status kvp_gather_resident(kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos,
+			       float *k, float *v, uint32_t *n_out)
 {
 	const struct kvp_stream *st;
 	uint32_t at = 0;
 	if (!s || s->magic != KVP_SEQ_MAGIC)
 		return kvp_fail(KVP_EINVAL, "kvp_gather: not an open sequence");
-	if (s->parked)
-		return kvp_seq_parked_error(s, "kvp_gather");
 	if (layer >= s->shape.n_layers || kv_head >= s->shape.n_kv_heads)
 		return kvp_fail(KVP_EINVAL, "kvp_gather: layer %u, KV head %u outside %u x %u", layer, kv_head,
 				s->shape.n_layers, s->shape.n_kv_heads);
@@ -269,7 +265,7 @@ static kvp_status stats_check(const void *h, uint32_t magic, const kvp_stats *ou
 	return KVP_OK;
 }
 
-kvp_status kvp_seq_stats(const kvp_seq *s, kvp_stats *out)
+kvp_status kvp_seq_stats_entered(const kvp_seq *s, kvp_stats *out)
 {
 	kvp_stats full = { .size = sizeof full };
 	kvp_status st = stats_check(s, KVP_SEQ_MAGIC, out, "kvp_seq_stats");

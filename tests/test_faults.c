@@ -190,15 +190,17 @@ Test(faults, unpark_over_quota_stays_parked_until_memory_is_free)
 {
 	static float before[PARK_LAYERS * PARK_OUT], after[PARK_LAYERS * PARK_OUT];
 	kvp_seq *s, *hog;
-	park_open("16MiB", "block=16,sinks=4,quota=256KiB");
+	/* s takes 52 pages and ~110 KB, hog 92 pages and ~195 KB: both fit the quota or the file, not both */
+	park_open("512KiB", "block=16,sinks=4,quota=288KiB");
 	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &s), KVP_OK);
 	park_fill(s, 0, 100, 3);
 	park_attend(s, before);
 	cr_assert_eq(kvp_seq_park(s), KVP_OK, "%s", kvp_last_error());
 	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &hog), KVP_OK);
-	park_fill(hog, 0, 150, 9);
+	park_fill(hog, 0, 180, 9);
 	cr_assert_eq(kvp_seq_unpark(s), KVP_ENOMEM);
 	cr_assert(strstr(kvp_last_error(), "quota"), "%s", kvp_last_error());
+	cr_assert(strstr(kvp_last_error(), "spill file full"), "pressure tried to park hog: %s", kvp_last_error());
 	kvp_seq_close(hog);
 	cr_assert_eq(kvp_seq_unpark(s), KVP_OK, "%s", kvp_last_error());
 	park_attend(s, after);

@@ -1,0 +1,221 @@
+/*
+ * Calls on a sequence, and memory pressure.
+ *
+ * Every public call on a sequence enters it: `calls` counts the calls in progress. Memory pressure on a
+ * tenant (a charge that would pass its quota or the pool's limit) parks the tenant's least recently used
+ * sequence that no call is in: it claims it by swapping `calls` from 0 to KVP_SEQ_CLAIMED, so the owner's
+ * next call waits until the park is done, then parks it and marks it pressure_parked. The next call that
+ * needs its tokens brings it back (which may in turn park another idle sequence). Only the same tenant's
+ * sequences are ever parked for a tenant's pressure, so one tenant never pays for another.
+ *
+ * Victims are whole sequences, oldest last call first: a sequence nobody is calling is idle as a whole,
+ * and one park writes it in large sequential batches.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "pager.h"
+
+#define KVP_SEQ_CLAIMED 0x80000000u
+
+static pthread_mutex_t claim_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t claim_released = PTHREAD_COND_INITIALIZER;
+
+static kvp_status handle_check(const struct kvp_seq *s, const char *call)
+{
+	if (!s || s->magic != KVP_SEQ_MAGIC)
+		return kvp_fail(KVP_EINVAL, "%s: not an open sequence", call);
+	return KVP_OK;
+}
+
+static void enter_wait(struct kvp_seq *s)
+{
+	uint32_t c = atomic_load(&s->calls);
+	for (;;) {
+		if (c & KVP_SEQ_CLAIMED) {
+			pthread_mutex_lock(&claim_lock);
+			while (atomic_load(&s->calls) & KVP_SEQ_CLAIMED)
+				pthread_cond_wait(&claim_released, &claim_lock);
+			pthread_mutex_unlock(&claim_lock);
+			c = atomic_load(&s->calls);
+		} else if (atomic_compare_exchange_weak(&s->calls, &c, c + 1)) {
+			break;
+		}
+	}
+	atomic_store(&s->last_use, atomic_fetch_add(&s->tenant->clock, 1) + 1);
+}
+
+static void leave(struct kvp_seq *s)
+{
+	atomic_fetch_sub(&s->calls, 1);
+}
+
+/* Enters s; a call that needs the tokens gets a pressure-parked sequence back, and a host-parked one
+ * refused. On failure s is not entered. */
+static kvp_status enter(struct kvp_seq *s, const char *call, int needs_tokens)
+{
+	kvp_status st;
+	if ((st = handle_check(s, call)) != KVP_OK)
+		return st;
+	enter_wait(s);
+	if (!needs_tokens || !s->parked)
+		return KVP_OK;
+	if (!s->pressure_parked)
+		st = kvp_seq_parked_error(s, call);
+	else if ((st = kvp_unpark_sequence(s)) != KVP_OK)
+		st = kvp_fail_context(st, "%s: bringing back the sequence memory pressure parked", call);
+	if (st != KVP_OK)
+		leave(s);
+	return st;
+}
+
+/* ---- relief ---- */
+
+/* Under t->lock: claims the idle, resident sequence with the oldest last call, or returns NULL. */
+static struct kvp_seq *victim_claim(struct kvp_tenant *t)
+{
+	for (;;) {
+		struct kvp_seq *best = NULL;
+		uint32_t idle = 0;
+		for (struct kvp_seq *s = t->seqs; s; s = s->next)
+			if (!atomic_load(&s->parked_flag) && atomic_load(&s->calls) == 0 &&
+			    (!best || atomic_load(&s->last_use) < atomic_load(&best->last_use)))
+				best = s;
+		if (!best)
+			return NULL;
+		if (atomic_compare_exchange_strong(&best->calls, &idle, KVP_SEQ_CLAIMED))
+			return best;
+		/* its owner called it meanwhile: look again */
+	}
+}
+
+static void victim_release(struct kvp_seq *s)
+{
+	pthread_mutex_lock(&claim_lock);
+	atomic_store(&s->calls, 0);
+	pthread_cond_broadcast(&claim_released);
+	pthread_mutex_unlock(&claim_lock);
+}
+
+int kvp_pressure_relieve(struct kvp_tenant *t, uint64_t bytes)
+{
+	struct kvp_seq *victim;
+	unsigned mode = kvp_charge_mode;
+	char why[256];
+	kvp_status st;
+	(void)bytes; /* one victim per call: kvp_charge asks again until the bytes fit or nobody is idle */
+	if (!t->pool->spill)
+		return 0;
+	pthread_mutex_lock(&t->lock);
+	victim = victim_claim(t);
+	pthread_mutex_unlock(&t->lock);
+	if (!victim)
+		return 0;
+	snprintf(why, sizeof why, "%s", kvp_last_error()); /* the charge's message, which the caller reports */
+	kvp_charge_mode |= KVP_CHARGE_NO_RELIEF;
+	st = kvp_park_sequence(victim);
+	kvp_charge_mode = mode;
+	if (st == KVP_OK)
+		victim->pressure_parked = 1;
+	else {
+		char park[256];
+		snprintf(park, sizeof park, "%s", kvp_last_error());
+		kvp_fail(KVP_ENOMEM, "%s (parking an idle sequence to make room failed: %s)", why, park);
+	}
+	victim_release(victim);
+	return st == KVP_OK;
+}
+
+/* ---- the public calls on a sequence ---- */
+
+kvp_status kvp_append(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
+		      const float *v)
+{
+	kvp_status st = enter(s, "kvp_append", 1);
+	if (st == KVP_OK) {
+		st = kvp_append_resident(s, layer, n, pos, k, v);
+		leave(s);
+	}
+	return st;
+}
+
+kvp_status kvp_attend(kvp_seq *s, uint32_t layer, const float *q, float *out)
+{
+	kvp_status st = enter(s, "kvp_attend", 1);
+	if (st == KVP_OK) {
+		st = kvp_attend_resident(s, layer, q, out);
+		leave(s);
+	}
+	return st;
+}
+
+kvp_status kvp_gather(kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos, float *k,
+		      float *v, uint32_t *n_out)
+{
+	kvp_status st = enter(s, "kvp_gather", 1);
+	if (st == KVP_OK) {
+		st = kvp_gather_resident(s, layer, kv_head, cap, pos, k, v, n_out);
+		leave(s);
+	}
+	return st;
+}
+
+kvp_status kvp_seq_fork(kvp_seq *src, kvp_seq **out)
+{
+	kvp_status st = enter(src, "kvp_seq_fork", 1);
+	if (st == KVP_OK) {
+		st = kvp_seq_fork_resident(src, out);
+		leave(src);
+	}
+	return st;
+}
+
+kvp_status kvp_seq_stats(const kvp_seq *s, kvp_stats *out)
+{
+	struct kvp_seq *m = (struct kvp_seq *)s; /* entering writes the call count, not the sequence */
+	kvp_status st = enter(m, "kvp_seq_stats", 0);
+	if (st == KVP_OK) {
+		st = kvp_seq_stats_entered(s, out);
+		leave(m);
+	}
+	return st;
+}
+
+kvp_status kvp_seq_step(kvp_seq *s)
+{
+	kvp_status st = enter(s, "kvp_seq_step", 0);
+	if (st == KVP_OK) {
+		st = kvp_seq_step_entered(s);
+		leave(s);
+	}
+	return st;
+}
+
+void kvp_seq_close(kvp_seq *s)
+{
+	if (enter(s, "kvp_seq_close", 0) == KVP_OK)
+		kvp_seq_close_entered(s); /* the count goes with the sequence */
+}
+
+kvp_status kvp_seq_park(kvp_seq *s)
+{
+	kvp_status st = enter(s, "kvp_seq_park", 0);
+	if (st != KVP_OK)
+		return st;
+	if (s->parked)
+		s->pressure_parked = 0; /* the host's now: it stays parked until the host unparks it */
+	else
+		st = kvp_park_sequence(s);
+	leave(s);
+	return st;
+}
+
+kvp_status kvp_seq_unpark(kvp_seq *s)
+{
+	kvp_status st = enter(s, "kvp_seq_unpark", 0);
+	if (st == KVP_OK) {
+		st = kvp_unpark_sequence(s);
+		leave(s);
+	}
+	return st;
+}
