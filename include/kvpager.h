@@ -8,7 +8,9 @@
  *   - Every call that can fail returns a kvp_status. On failure, kvp_last_error() returns a message for
  *     the calling thread naming what was wrong; the objects involved are left exactly as they were.
  *   - Handles are opaque. Closing a handle twice, or passing NULL where a handle is expected, returns
- *     KVP_EINVAL (or is a no-op for the close calls).
+ *     KVP_EINVAL (or is a no-op for the close calls). A sequence handle carries a generation: after
+ *     kvp_seq_close (or its tenant's or pool's close) every call with it returns KVP_EPERM without
+ *     touching memory, and so does a value that never was a sequence handle.
  *   - Calls on different sequences may run concurrently from different threads. Calls on one sequence
  *     must not overlap: the caller serializes them (one decode loop per sequence is the normal case).
  *   - Configuration strings follow one grammar: key=value pairs separated by commas; a value may be

@@ -101,6 +101,8 @@ struct kvp_seq {
 	uint64_t spill_id; /* names the sequence in slot headers; 0 until its first park */
 	int pressure_parked; /* parked by memory pressure, not by the host: unparked on next use */
 	_Atomic int parked_flag; /* parked != NULL, for pressure.c to read without entering the sequence */
+	uint32_t handle_index; /* its slot in the handle table (handle.c) */
+	kvp_seq *handle;       /* what the host holds */
 	_Atomic uint32_t calls; /* public calls in progress, or KVP_SEQ_CLAIMED (pressure.c) */
 	_Atomic uint64_t last_use; /* the tenant's clock at the last call: pressure spills the oldest */
 };
@@ -158,6 +160,11 @@ kvp_status kvp_seq_fork_resident(kvp_seq *src, kvp_seq **out);
 kvp_status kvp_seq_stats_entered(const kvp_seq *s, kvp_stats *out);
 kvp_status kvp_seq_step_entered(kvp_seq *s);
 void kvp_seq_close_entered(kvp_seq *s);
+/* Handles (handle.c): what the host holds instead of the address. get: KVP_EINVAL for NULL, KVP_EPERM
+ * for a closed handle or a value that never was one. new: 0 with KVP_ENOMEM set when the table is full. */
+int kvp_seq_handle_new(struct kvp_seq *s);
+void kvp_seq_handle_free(struct kvp_seq *s);
+kvp_status kvp_seq_handle_get(const kvp_seq *h, const char *call, struct kvp_seq **out);
 /* Internal park and unpark of an entered (or claimed) sequence. */
 kvp_status kvp_park_sequence(struct kvp_seq *s);
 kvp_status kvp_unpark_sequence(struct kvp_seq *s);

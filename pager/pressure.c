@@ -1,7 +1,8 @@
 /*
  * Calls on a sequence, and memory pressure.
  *
- * Every public call on a sequence enters it: `calls` counts the calls in progress. Memory pressure on a
+ * Every public call on a sequence starts here: its handle is looked up (handle.c), then the sequence is
+ * entered: `calls` counts the calls in progress. Memory pressure on a
  * tenant (a charge that would pass its quota or the pool's limit) parks the tenant's least recently used
  * sequence that no call is in: it claims it by swapping `calls` from 0 to KVP_SEQ_CLAIMED, so the owner's
  * next call waits until the park is done, then parks it and marks it pressure_parked. The next call that
@@ -20,13 +21,6 @@
 
 static pthread_mutex_t claim_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t claim_released = PTHREAD_COND_INITIALIZER;
-
-static kvp_status handle_check(const struct kvp_seq *s, const char *call)
-{
-	if (!s || s->magic != KVP_SEQ_MAGIC)
-		return kvp_fail(KVP_EINVAL, "%s: not an open sequence", call);
-	return KVP_OK;
-}
 
 static void enter_wait(struct kvp_seq *s)
 {
@@ -50,13 +44,15 @@ static void leave(struct kvp_seq *s)
 	atomic_fetch_sub(&s->calls, 1);
 }
 
-/* Enters s; a call that needs the tokens gets a pressure-parked sequence back, and a host-parked one
- * refused. On failure s is not entered. */
-static kvp_status enter(struct kvp_seq *s, const char *call, int needs_tokens)
+/* Enters the sequence handle h names; a call that needs the tokens gets a pressure-parked sequence
+ * back, and a host-parked one refused. On failure nothing is entered. */
+static kvp_status enter(const kvp_seq *h, const char *call, int needs_tokens, struct kvp_seq **out)
 {
+	struct kvp_seq *s;
 	kvp_status st;
-	if ((st = handle_check(s, call)) != KVP_OK)
+	if ((st = kvp_seq_handle_get(h, call, &s)) != KVP_OK)
 		return st;
+	*out = s;
 	enter_wait(s);
 	if (!needs_tokens || !s->parked)
 		return KVP_OK;
@@ -128,10 +124,11 @@ int kvp_pressure_relieve(struct kvp_tenant *t, uint64_t bytes)
 
 /* ---- the public calls on a sequence ---- */
 
-kvp_status kvp_append(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
+kvp_status kvp_append(kvp_seq *h, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
 		      const float *v)
 {
-	kvp_status st = enter(s, "kvp_append", 1);
+	struct kvp_seq *s;
+	kvp_status st = enter(h, "kvp_append", 1, &s);
 	if (st == KVP_OK) {
 		st = kvp_append_resident(s, layer, n, pos, k, v);
 		leave(s);
@@ -139,9 +136,10 @@ kvp_status kvp_append(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos
 	return st;
 }
 
-kvp_status kvp_attend(kvp_seq *s, uint32_t layer, const float *q, float *out)
+kvp_status kvp_attend(kvp_seq *h, uint32_t layer, const float *q, float *out)
 {
-	kvp_status st = enter(s, "kvp_attend", 1);
+	struct kvp_seq *s;
+	kvp_status st = enter(h, "kvp_attend", 1, &s);
 	if (st == KVP_OK) {
 		st = kvp_attend_resident(s, layer, q, out);
 		leave(s);
@@ -149,10 +147,11 @@ kvp_status kvp_attend(kvp_seq *s, uint32_t layer, const float *q, float *out)
 	return st;
 }
 
-kvp_status kvp_gather(kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos, float *k,
+kvp_status kvp_gather(kvp_seq *h, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos, float *k,
 		      float *v, uint32_t *n_out)
 {
-	kvp_status st = enter(s, "kvp_gather", 1);
+	struct kvp_seq *s;
+	kvp_status st = enter(h, "kvp_gather", 1, &s);
 	if (st == KVP_OK) {
 		st = kvp_gather_resident(s, layer, kv_head, cap, pos, k, v, n_out);
 		leave(s);
@@ -160,30 +159,32 @@ kvp_status kvp_gather(kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap
 	return st;
 }
 
-kvp_status kvp_seq_fork(kvp_seq *src, kvp_seq **out)
+kvp_status kvp_seq_fork(kvp_seq *h, kvp_seq **out)
 {
-	kvp_status st = enter(src, "kvp_seq_fork", 1);
+	struct kvp_seq *s;
+	kvp_status st = enter(h, "kvp_seq_fork", 1, &s);
 	if (st == KVP_OK) {
-		st = kvp_seq_fork_resident(src, out);
-		leave(src);
+		st = kvp_seq_fork_resident(s, out);
+		leave(s);
 	}
 	return st;
 }
 
-kvp_status kvp_seq_stats(const kvp_seq *s, kvp_stats *out)
+kvp_status kvp_seq_stats(const kvp_seq *h, kvp_stats *out)
 {
-	struct kvp_seq *m = (struct kvp_seq *)s; /* entering writes the call count, not the sequence */
-	kvp_status st = enter(m, "kvp_seq_stats", 0);
+	struct kvp_seq *s;
+	kvp_status st = enter(h, "kvp_seq_stats", 0, &s);
 	if (st == KVP_OK) {
 		st = kvp_seq_stats_entered(s, out);
-		leave(m);
+		leave(s);
 	}
 	return st;
 }
 
-kvp_status kvp_seq_step(kvp_seq *s)
+kvp_status kvp_seq_step(kvp_seq *h)
 {
-	kvp_status st = enter(s, "kvp_seq_step", 0);
+	struct kvp_seq *s;
+	kvp_status st = enter(h, "kvp_seq_step", 0, &s);
 	if (st == KVP_OK) {
 		st = kvp_seq_step_entered(s);
 		leave(s);
@@ -191,15 +192,17 @@ kvp_status kvp_seq_step(kvp_seq *s)
 	return st;
 }
 
-void kvp_seq_close(kvp_seq *s)
+void kvp_seq_close(kvp_seq *h)
 {
-	if (enter(s, "kvp_seq_close", 0) == KVP_OK)
+	struct kvp_seq *s;
+	if (enter(h, "kvp_seq_close", 0, &s) == KVP_OK)
 		kvp_seq_close_entered(s); /* the count goes with the sequence */
 }
 
-kvp_status kvp_seq_park(kvp_seq *s)
+kvp_status kvp_seq_park(kvp_seq *h)
 {
-	kvp_status st = enter(s, "kvp_seq_park", 0);
+	struct kvp_seq *s;
+	kvp_status st = enter(h, "kvp_seq_park", 0, &s);
 	if (st != KVP_OK)
 		return st;
 	if (s->parked)
@@ -210,9 +213,10 @@ kvp_status kvp_seq_park(kvp_seq *s)
 	return st;
 }
 
-kvp_status kvp_seq_unpark(kvp_seq *s)
+kvp_status kvp_seq_unpark(kvp_seq *h)
 {
-	kvp_status st = enter(s, "kvp_seq_unpark", 0);
+	struct kvp_seq *s;
+	kvp_status st = enter(h, "kvp_seq_unpark", 0, &s);
 	if (st == KVP_OK) {
 		st = kvp_unpark_sequence(s);
 		leave(s);

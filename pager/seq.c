@@ -62,6 +62,11 @@ static struct kvp_seq *seq_alloc(struct kvp_tenant *t, const kvp_shape *shape)
 		return NULL;
 	}
 	memset(s->streams, 0, streams_bytes(shape));
+	if (!kvp_seq_handle_new(s)) {
+		kvp_free(t, s->streams, streams_bytes(shape), KVP_BYTES_META, 0);
+		kvp_free(t, s, sizeof *s, KVP_BYTES_META, 0);
+		return NULL;
+	}
 	s->magic = KVP_SEQ_MAGIC;
 	s->tenant = t;
 	s->shape = *shape;
@@ -80,7 +85,7 @@ kvp_status kvp_seq_open(kvp_tenant *t, const kvp_shape *shape, kvp_seq **out)
 	if (!(s = seq_alloc(t, shape)))
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_open");
 	link_seq(t, s);
-	*out = s;
+	*out = s->handle;
 	return KVP_OK;
 }
 
@@ -146,7 +151,7 @@ kvp_status kvp_seq_fork_resident(kvp_seq *src, kvp_seq **out)
 	atomic_fetch_add(&t->tokens_retained, seq_retained(s));
 	atomic_fetch_add(&t->bytes_dense_fp16, s->tokens_appended * s->shape.head_dim * 4);
 	link_seq(t, s);
-	*out = s;
+	*out = s->handle;
 	return KVP_OK;
 }
 
@@ -155,6 +160,7 @@ void kvp_seq_destroy(struct kvp_seq *s)
 	struct kvp_tenant *t = s->tenant;
 	size_t n = (size_t)s->shape.n_layers * s->shape.n_kv_heads;
 	kvp_seq_parked_release(s);
+	kvp_seq_handle_free(s);
 	atomic_fetch_sub(&t->tokens_appended, s->tokens_appended);
 	atomic_fetch_sub(&t->tokens_retained, seq_retained(s));
 	atomic_fetch_sub(&t->bytes_dense_fp16, s->tokens_appended * s->shape.head_dim * 4);
