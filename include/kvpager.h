@@ -67,6 +67,13 @@ KVP_API const char *kvp_last_error(void);
  * Pool: all cache memory of one process.
  *   mem=SIZE        global byte limit over all tenants (default: unlimited); SIZE takes B, KiB, MiB, GiB
  *   numa=N          place block memory on NUMA node N (a no-op with a note where NUMA is absent)
+ *   spill=PATH      the spill device: a file (created, preallocated and removed at close when the pool
+ *                   made it; reused and kept otherwise) or a block device, written with O_DIRECT through
+ *                   io_uring (buffered, with a note in kvp_last_error, where the file system refuses
+ *                   O_DIRECT). KVP_EUNSUPPORTED where io_uring is not permitted.
+ *   spill_max=SIZE  bytes of the spill device to use; required with spill=
+ * With a spill device, a charge that would pass a tenant's quota or the pool's limit first parks the
+ * tenant's least recently used idle sequence (never another tenant's); see kvp_seq_park.
  */
 KVP_API kvp_status kvp_pool_open(const char *spec, kvp_pool **out);
 /* Closes the pool; tenants and sequences still open are closed with it. */
@@ -113,8 +120,18 @@ KVP_API kvp_status kvp_seq_step(kvp_seq *s);
  */
 KVP_API kvp_status kvp_gather(kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos,
 			      float *k, float *v, uint32_t *n_out);
-KVP_API kvp_status kvp_seq_park(kvp_seq *s);   /* spill every block of the sequence */
-KVP_API kvp_status kvp_seq_unpark(kvp_seq *s); /* and bring it back */
+/*
+ * Park: write every block of the sequence to the spill device (blocks shared with forks once) and free
+ * their memory; all or nothing (KVP_EIO on a failed write, KVP_ENOMEM when the device is full: the
+ * sequence stays in memory, unchanged). While the host keeps it parked, append, attend, gather and fork
+ * return KVP_EINVAL; stats, step, close and unpark work. Unpark: read and check every block back, all or
+ * nothing (KVP_EIO on a failed read, KVP_ECORRUPT when a record fails its CRC32C or identity check,
+ * KVP_ENOMEM over quota: the sequence stays parked); attention afterwards is bit-identical. A sequence
+ * parked by memory pressure instead comes back by itself on its next append, attend, gather or fork.
+ * Without a spill device both return KVP_EUNSUPPORTED. Parking or unparking twice is a no-op.
+ */
+KVP_API kvp_status kvp_seq_park(kvp_seq *s);
+KVP_API kvp_status kvp_seq_unpark(kvp_seq *s);
 
 /* Byte and token counters. The caller sets size = sizeof(kvp_stats); older, smaller structs are filled
  * up to their size, so the struct can grow without breaking hosts. */

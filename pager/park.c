@@ -417,6 +417,18 @@ void kvp_seq_parked_release(struct kvp_seq *s)
 	s->parked = NULL;
 }
 
+uint64_t kvp_seq_parked_meta(const struct kvp_seq *s)
+{
+	uint64_t bytes;
+	if (!s->parked)
+		return 0;
+	bytes = kvp_alloc_size(s->tenant, parked_bytes(s->parked->n));
+	for (size_t i = 0; i < s->parked->n; i++)
+		if (s->parked->stubs[i])
+			bytes += kvp_alloc_size(s->tenant, sizeof(struct kvp_spilled));
+	return bytes;
+}
+
 uint64_t kvp_seq_parked_bytes(const struct kvp_seq *s)
 {
 	uint64_t bytes = 0;

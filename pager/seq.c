@@ -283,6 +283,7 @@ kvp_status kvp_seq_stats_entered(const kvp_seq *s, kvp_stats *out)
 	full.tokens_appended = s->tokens_appended;
 	full.bytes_dense_fp16 = s->tokens_appended * s->shape.head_dim * 4;
 	full.bytes_spilled = kvp_seq_parked_bytes(s);
+	full.bytes_meta += kvp_seq_parked_meta(s);
 	stats_copy(out, &full);
 	return KVP_OK;
 }

@@ -115,6 +115,7 @@ struct kvp_parked;
 /* KVP_EINVAL naming the call: a parked sequence serves only unpark, stats, step and close. */
 kvp_status kvp_seq_parked_error(const struct kvp_seq *s, const char *call);
 void kvp_seq_parked_release(struct kvp_seq *s); /* on destroy: drop the records */
-uint64_t kvp_seq_parked_bytes(const struct kvp_seq *s);
+uint64_t kvp_seq_parked_bytes(const struct kvp_seq *s); /* its records on the device */
+uint64_t kvp_seq_parked_meta(const struct kvp_seq *s);  /* its record table and stubs in memory */
 
 #endif /* KVP_PAGER_SPILL_H */

@@ -64,6 +64,7 @@ Test(park, frees_block_memory_and_counts_spilled_bytes)
 	cr_assert_eq(kvp_seq_stats(s, &seq), KVP_OK);
 	cr_assert_eq(seq.bytes_spilled, parked.bytes_spilled);
 	cr_assert_eq(seq.bytes_exact, 0);
+	cr_assert_eq(seq.bytes_meta, parked.bytes_meta, "one sequence: its view and the tenant's agree");
 	cr_assert_eq(kvp_seq_unpark(s), KVP_OK, "%s", kvp_last_error());
 	back = park_tenant_stats();
 	cr_assert_eq(back.bytes_exact, full.bytes_exact);
