@@ -6,6 +6,7 @@
 #   make asan       tests under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make neon       NEON kernel checks, cross-built and run under qemu-aarch64
 #   make tsan       the multi-thread suites under ThreadSanitizer
+#   make fuzz       libFuzzer targets (clang), each for FUZZ_SECONDS (default 30)
 #   make install    PREFIX=/usr/local DESTDIR=
 #   CC=clang make   builds with clang
 
@@ -51,7 +52,7 @@ SONAME    := libkvpager.so.$(SOMAJOR)
 SHARED    := $(BUILD)/$(SONAME)
 STATIC    := $(BUILD)/libkvpager.a
 
-.PHONY: all lib tools tests benches suites test check bench asan tsan neon valgrind install clean
+.PHONY: all lib tools tests benches suites test check bench asan tsan fuzz neon valgrind install clean
 all: lib tools tests benches $(BUILD)/kvpager.pc
 lib: $(SHARED) $(STATIC)
 tools: $(TOOLS)
@@ -136,6 +137,19 @@ tsan:
 		CFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=thread" $(TSAN_TESTS)
 	@TSAN_OPTIONS=halt_on_error=1 KVP_TEST_BUILD=build-tsan sh tests/run.sh $(TSAN_TESTS)
 
+# libFuzzer targets: the library built with coverage and sanitizers, each target run for a bounded time.
+FUZZ_SECONDS ?= 30
+FUZZ_TARGETS := $(patsubst tests/%.c,build-fuzz/%,$(wildcard tests/fuzz_*.c))
+FUZZ_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined
+fuzz:
+	$(MAKE) --no-print-directory CC=clang BUILD=build-fuzz CFLAGS="$(FUZZ_FLAGS) -fsanitize=fuzzer-no-link" build-fuzz/libkvpager.a
+	@for t in $(FUZZ_TARGETS); do \
+		clang -std=c11 -D_GNU_SOURCE $(WARN) -Iinclude -I. $(FUZZ_FLAGS) -fsanitize=fuzzer -o $$t \
+			tests/$${t#build-fuzz/}.c build-fuzz/libkvpager.a $(LIBS) || exit 1; \
+		echo "== $$t for $(FUZZ_SECONDS) s"; \
+		$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 2>&1 | tail -n 12 || exit 1; \
+	done
+
 NEON_SRC := base/error.c base/half.c kernels/dispatch.c kernels/scalar.c kernels/neon.c kernels/crc32c.c
 neon:
 	@mkdir -p build-neon
@@ -155,6 +169,6 @@ install: all
 	for t in $(TOOLS); do install -m 755 $$t $(DESTDIR)$(PREFIX)/bin/; done
 
 clean:
-	rm -rf build build-asan build-tsan build-neon
+	rm -rf build build-asan build-tsan build-fuzz build-neon
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

@@ -352,9 +352,8 @@ static void record_pack(struct kvp_spilled *stub, const struct kvp_block *block,
 	memcpy(dst, &stub->header, sizeof stub->header.crc);
 }
 
-/* Checks one record read into src against its stub, then copies the image into the block. */
-static kvp_status record_unpack(const struct kvp_spilled *stub, struct kvp_block *block, uint32_t dim,
-				const unsigned char *src)
+kvp_status kvp_spill_record_unpack(const struct kvp_spilled *stub, struct kvp_block *block, uint32_t dim,
+				   const unsigned char *src)
 {
 	struct kvp_slot_header h;
 	struct kvp_block_image im;
@@ -529,7 +528,7 @@ static void settle(struct transfer *x, unsigned id)
 			x->st = st;
 	}
 	for (unsigned i = 0; !x->write && x->st == KVP_OK && i < b->records; i++) {
-		x->st = record_unpack(x->io[b->first + i].stub, x->io[b->first + i].block, x->dim,
+		x->st = kvp_spill_record_unpack(x->io[b->first + i].stub, x->io[b->first + i].block, x->dim,
 				      batch_base(x->d, b) + at);
 		at += b->rec_len[i];
 	}

@@ -107,6 +107,11 @@ void kvp_spill_block_image(const struct kvp_block *b, uint32_t dim, struct kvp_b
  * sets each stub's header.crc. Read: records into io[i].block (already allocated with the stub's shape),
  * checked against the stub's header; the block's n is set. All or nothing is the caller's business:
  * on failure some records may have been transferred. */
+/* The slot reader: checks the record at src (the stub's pages, as read) against the stub: CRC32C first,
+ * then every header byte; only then copies the image into the block and sets its n. Sizes come from the
+ * stub, never from the bytes read. KVP_ECORRUPT on any mismatch. */
+kvp_status kvp_spill_record_unpack(const struct kvp_spilled *stub, struct kvp_block *block, uint32_t dim,
+				   const unsigned char *src);
 kvp_status kvp_spill_write(struct kvp_spill *d, struct kvp_spill_io *io, size_t n, uint32_t dim);
 kvp_status kvp_spill_read(struct kvp_spill *d, struct kvp_spill_io *io, size_t n, uint32_t dim);
 
