@@ -34,24 +34,15 @@ static double dd_seconds(const char *args)
 	return bench_now() - t0;
 }
 
-/* dd's best write and read times for bytes (a multiple of 1 MiB) into a preallocated file. */
-static void dd_baseline(uint64_t bytes, int reps, double *write_s, double *read_s)
+/* One dd write and one dd read of bytes (a multiple of 1 MiB) through the preallocated plain file. */
+static void dd_once(uint64_t bytes, double *write_s, double *read_s)
 {
 	char args[1400];
 	unsigned mib = (unsigned)(bytes >> 20);
-	*write_s = *read_s = 1e30;
-	snprintf(args, sizeof args, "if=/dev/zero of=%s bs=1M count=%u", plain, mib);
-	dd_seconds(args); /* allocate the file, so later writes overwrite like the spill file's */
-	for (int r = 0; r < reps; r++) {
-		double w, rd;
-		snprintf(args, sizeof args, "if=/dev/zero of=%s bs=1M count=%u oflag=direct conv=notrunc", plain, mib);
-		w = dd_seconds(args);
-		snprintf(args, sizeof args, "if=%s of=/dev/null bs=1M count=%u iflag=direct", plain, mib);
-		rd = dd_seconds(args);
-		*write_s = w < *write_s ? w : *write_s;
-		*read_s = rd < *read_s ? rd : *read_s;
-	}
-	unlink(plain);
+	snprintf(args, sizeof args, "if=/dev/zero of=%s bs=1M count=%u oflag=direct conv=notrunc", plain, mib);
+	*write_s = dd_seconds(args);
+	snprintf(args, sizeof args, "if=%s of=/dev/null bs=1M count=%u iflag=direct", plain, mib);
+	*read_s = dd_seconds(args);
 }
 
 static void fill(kvp_seq *s)
@@ -82,17 +73,73 @@ static void check(kvp_status st, const char *what)
 	}
 }
 
-int main(void)
+struct figures {
+	double park_s, unpark_s, dd_w, dd_r;
+	uint64_t cache, records, dd_bytes;
+	int direct, registered;
+};
+
+/* One pool with the given staging buffer: ours and dd's alternate, best of each, so a noisy neighbour
+ * hurts both alike. */
+static void measure(const char *buffer, int reps, struct figures *f)
 {
 	const kvp_shape shape = { LAYERS, NH, NKV, D, 10000.0f, KVP_ROPE_HALF };
-	const char *base = getenv("KVP_BENCH_DIR");
-	int reps = bench_reps(5);
 	kvp_stats mem = { .size = sizeof mem }, parked = { .size = sizeof parked };
-	double park_s = 1e30, unpark_s = 1e30, dd_w, dd_r;
-	char spec[800], config[64];
+	char spec[800], args[1400];
 	kvp_pool *pool;
 	kvp_tenant *t;
 	kvp_seq *s;
+	snprintf(spec, sizeof spec, "spill=%s,spill_max=512MiB,spill_buffer=%s", spill, buffer);
+	check(kvp_pool_open(spec, &pool), "pool");
+	check(kvp_tenant_open(pool, "bench", "block=64,sinks=0", &t), "tenant");
+	check(kvp_seq_open(t, &shape, &s), "sequence");
+	fill(s);
+	check(kvp_seq_stats(s, &mem), "stats");
+	check(kvp_seq_park(s), "park");
+	check(kvp_seq_stats(s, &parked), "stats");
+	check(kvp_seq_unpark(s), "unpark");
+	*f = (struct figures){ .park_s = 1e30, .unpark_s = 1e30, .dd_w = 1e30, .dd_r = 1e30,
+			       .cache = mem.bytes_exact, .records = parked.bytes_spilled,
+			       .dd_bytes = (parked.bytes_spilled + (1u << 20) - 1) & ~(uint64_t)((1u << 20) - 1),
+			       .direct = kvp_spill_is_direct(pool), .registered = kvp_spill_is_registered(pool) };
+	snprintf(args, sizeof args, "if=/dev/zero of=%s bs=1M count=%u", plain, (unsigned)(f->dd_bytes >> 20));
+	dd_seconds(args); /* allocate the plain file, so dd overwrites like the spill device does */
+	for (int r = 0; r < reps + 1; r++) {
+		double t0 = bench_now(), t1, t2, w, rd;
+		check(kvp_seq_park(s), "park");
+		t1 = bench_now();
+		check(kvp_seq_unpark(s), "unpark");
+		t2 = bench_now();
+		dd_once(f->dd_bytes, &w, &rd);
+		if (r == 0) /* warm-up */
+			continue;
+		f->park_s = t1 - t0 < f->park_s ? t1 - t0 : f->park_s;
+		f->unpark_s = t2 - t1 < f->unpark_s ? t2 - t1 : f->unpark_s;
+		f->dd_w = w < f->dd_w ? w : f->dd_w;
+		f->dd_r = rd < f->dd_r ? rd : f->dd_r;
+	}
+	unlink(plain);
+	kvp_pool_close(pool);
+}
+
+static void report(const char *buffer, const struct figures *f)
+{
+	double rec = (double)f->records, cache = (double)f->cache, dd = (double)f->dd_bytes;
+	char config[64];
+	snprintf(config, sizeof config, "%.0f MiB, spill_buffer=%s", cache / 1048576, buffer);
+	bench_row(config, "park write", rec / f->park_s, dd / f->dd_w, 1.0 / 1048576, "MiB/s", "dd oflag=direct bs=1M");
+	bench_row(config, "unpark read+check", rec / f->unpark_s, dd / f->dd_r, 1.0 / 1048576, "MiB/s",
+		  "dd iflag=direct bs=1M");
+	bench_row(config, "park+unpark per MiB", (f->park_s + f->unpark_s) / (cache / 1048576),
+		  (f->dd_w + f->dd_r) / (dd / 1048576), 1e3, "ms", "dd write+read per MiB");
+}
+
+int main(void)
+{
+	static const char *const buffers[] = { "2MiB", "8MiB" };
+	struct figures f[2];
+	const char *base = getenv("KVP_BENCH_DIR");
+	int reps = bench_reps(5);
 
 	if (!base || !*base)
 		base = getenv("TMPDIR") && *getenv("TMPDIR") ? getenv("TMPDIR") : "/var/tmp";
@@ -103,43 +150,18 @@ int main(void)
 	}
 	snprintf(spill, sizeof spill, "%s/bench.spill", dir);
 	snprintf(plain, sizeof plain, "%s/dd.bin", dir);
-	snprintf(spec, sizeof spec, "spill=%s,spill_max=512MiB", spill);
-	check(kvp_pool_open(spec, &pool), "pool");
-	check(kvp_tenant_open(pool, "bench", "block=64,sinks=0", &t), "tenant");
-	check(kvp_seq_open(t, &shape, &s), "sequence");
-	fill(s);
-	check(kvp_seq_stats(s, &mem), "stats");
-	for (int r = 0; r < reps + 1; r++) {
-		double t0 = bench_now(), t1, t2;
-		check(kvp_seq_park(s), "park");
-		t1 = bench_now();
-		check(kvp_seq_unpark(s), "unpark");
-		t2 = bench_now();
-		if (r == 0) /* warm-up */
-			continue;
-		park_s = t1 - t0 < park_s ? t1 - t0 : park_s;
-		unpark_s = t2 - t1 < unpark_s ? t2 - t1 : unpark_s;
+	for (int i = 0; i < 2; i++)
+		measure(buffers[i], reps, &f[i]);
+	printf("spill file in %s: %s I/O, crc32c %s; records are %.0f MiB for %.0f MiB of cache\n", dir,
+	       f[0].direct ? "O_DIRECT" : "buffered", kvp_crc32c_name(), (double)f[0].records / 1048576,
+	       (double)f[0].cache / 1048576);
+	bench_header("Spill: 8 layers x 8 KV heads x 1024 tokens, d=128 fp32, block=64 (64 KiB records)");
+	for (int i = 0; i < 2; i++) {
+		if (!f[i].registered)
+			printf("(spill_buffer=%s: io_uring could not register it here; plain reads and writes)\n",
+			       buffers[i]);
+		report(buffers[i], &f[i]);
 	}
-	check(kvp_seq_park(s), "park");
-	check(kvp_seq_stats(s, &parked), "stats");
-	check(kvp_seq_unpark(s), "unpark");
-	dd_baseline((parked.bytes_spilled + (1u << 20) - 1) & ~(uint64_t)((1u << 20) - 1), reps, &dd_w, &dd_r);
-	{
-		double rec = (double)parked.bytes_spilled, cache = (double)mem.bytes_exact, dd_bytes;
-		dd_bytes = (double)((parked.bytes_spilled + (1u << 20) - 1) & ~(uint64_t)((1u << 20) - 1));
-		printf("spill file %s: %s I/O, %s buffers, crc32c %s\n", spill,
-		       kvp_spill_is_direct(pool) ? "O_DIRECT" : "buffered",
-		       kvp_spill_is_registered(pool) ? "registered" : "unregistered", kvp_crc32c_name());
-		bench_header("Spill: 8 layers x 8 KV heads x 1024 tokens, d=128 fp32, block=64 (64 KiB records)");
-		snprintf(config, sizeof config, "%.0f MiB cache, %.0f MiB records", cache / 1048576, rec / 1048576);
-		bench_row(config, "park write", rec / park_s, dd_bytes / dd_w, 1.0 / 1048576, "MiB/s",
-			  "dd oflag=direct bs=1M");
-		bench_row(config, "unpark read+check", rec / unpark_s, dd_bytes / dd_r, 1.0 / 1048576, "MiB/s",
-			  "dd iflag=direct bs=1M");
-		bench_row(config, "park+unpark per MiB", (park_s + unpark_s) / (cache / 1048576),
-			  (dd_w + dd_r) / (dd_bytes / 1048576), 1e3, "ms", "dd write+read per MiB");
-	}
-	kvp_pool_close(pool);
 	rmdir(dir);
 	return 0;
 }

@@ -72,6 +72,8 @@ KVP_API const char *kvp_last_error(void);
  *                   io_uring (buffered, with a note in kvp_last_error, where the file system refuses
  *                   O_DIRECT). KVP_EUNSUPPORTED where io_uring is not permitted.
  *   spill_max=SIZE  bytes of the spill device to use; required with spill=
+ *   spill_buffer=SIZE  staging for spill I/O, registered with io_uring (default 2MiB; larger is faster
+ *                   where RLIMIT_MEMLOCK allows it, and falls back to unregistered I/O where it does not)
  * With a spill device, a charge that would pass a tenant's quota or the pool's limit first parks the
  * tenant's least recently used idle sequence (never another tenant's); see kvp_seq_park.
  */

@@ -9,7 +9,7 @@
 struct spill_spec {
 	const char *path;
 	unsigned path_len;
-	uint64_t max;
+	uint64_t max, buffer;
 };
 
 static kvp_status spill_spec_parse(struct kvp_args *args, struct spill_spec *sp)
@@ -17,13 +17,15 @@ static kvp_status spill_spec_parse(struct kvp_args *args, struct spill_spec *sp)
 	kvp_status st = kvp_args_text(args, "spill", &sp->path, &sp->path_len);
 	if (st == KVP_OK)
 		st = kvp_args_size(args, "spill_max", &sp->max);
+	if (st == KVP_OK)
+		st = kvp_args_size(args, "spill_buffer", &sp->buffer);
 	if (st != KVP_OK)
 		return st;
 	if (sp->path && sp->max == UINT64_MAX)
 		return kvp_fail(KVP_EINVAL, "pool: spill=%.*s needs spill_max=SIZE, the bytes to reserve for it",
 				(int)sp->path_len, sp->path);
-	if (!sp->path && sp->max != UINT64_MAX)
-		return kvp_fail(KVP_EINVAL, "pool: spill_max= without spill=PATH");
+	if (!sp->path && (sp->max != UINT64_MAX || sp->buffer != KVP_SPILL_BUFFER_DEFAULT))
+		return kvp_fail(KVP_EINVAL, "pool: spill_max= or spill_buffer= without spill=PATH");
 	return KVP_OK;
 }
 
@@ -47,7 +49,7 @@ static kvp_status pool_config_parse(struct kvp_pool *p, const char *spec, struct
 kvp_status kvp_pool_open(const char *spec, kvp_pool **out)
 {
 	struct kvp_pool *p;
-	struct spill_spec sp = { .max = UINT64_MAX };
+	struct spill_spec sp = { .max = UINT64_MAX, .buffer = KVP_SPILL_BUFFER_DEFAULT };
 	kvp_status st;
 	if (!out)
 		return kvp_fail(KVP_EINVAL, "kvp_pool_open: out is NULL");
@@ -74,7 +76,7 @@ kvp_status kvp_pool_open(const char *spec, kvp_pool **out)
 			p->numa_node = -1;
 		}
 	}
-	if (sp.path && (st = kvp_spill_open(p, sp.path, sp.path_len, sp.max)) != KVP_OK) {
+	if (sp.path && (st = kvp_spill_open(p, sp.path, sp.path_len, sp.max, sp.buffer)) != KVP_OK) {
 		kvp_pool_close(p);
 		return st;
 	}

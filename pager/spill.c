@@ -21,7 +21,7 @@
 #include "pager.h"
 
 #define RING_ENTRIES 64
-#define STAGING_DEFAULT (2u << 20) /* grows to the largest record; 2 MiB keeps us under small memlock limits */
+#define STAGING_MIN (64u << 10)
 #define MIN_PAGES 16
 
 int kvp_spill_refuse_direct;
@@ -37,7 +37,7 @@ struct kvp_spill {
 	pthread_mutex_t ring_lock; /* ring, staging, faults */
 	struct io_uring ring;
 	unsigned char *staging;
-	size_t staging_cap;
+	size_t staging_cap, staging_min; /* staging_min: spill_buffer=, the size it starts at */
 	int registered;
 	struct kvp_spill_faults faults;
 };
@@ -105,8 +105,8 @@ static kvp_status staging_reserve(struct kvp_spill *d, size_t bytes)
 	void *p;
 	if (bytes <= d->staging_cap)
 		return KVP_OK;
-	if (bytes < STAGING_DEFAULT)
-		bytes = STAGING_DEFAULT;
+	if (bytes < d->staging_min)
+		bytes = d->staging_min;
 	if (posix_memalign(&p, KVP_SPILL_PAGE, bytes) != 0)
 		return kvp_fail(KVP_ENOMEM, "spill: no memory for a %zu-byte staging buffer", bytes);
 	if (d->registered)
@@ -127,7 +127,7 @@ static kvp_status ring_open(struct kvp_spill *d)
 	if (r < 0)
 		return kvp_fail(KVP_EUNSUPPORTED, "spill=%s: io_uring is not available here (io_uring_queue_init: %s)",
 				d->path, strerror(-r));
-	if (staging_reserve(d, STAGING_DEFAULT) != KVP_OK) {
+	if (staging_reserve(d, d->staging_min) != KVP_OK) {
 		io_uring_queue_exit(&d->ring);
 		return KVP_ENOMEM;
 	}
@@ -148,12 +148,18 @@ static void device_free(struct kvp_spill *d)
 	free(d);
 }
 
-kvp_status kvp_spill_open(struct kvp_pool *pool, const char *path, unsigned path_len, uint64_t max_bytes)
+kvp_status kvp_spill_open(struct kvp_pool *pool, const char *path, unsigned path_len, uint64_t max_bytes,
+			  uint64_t buffer_bytes)
 {
-	struct kvp_spill *d = calloc(1, sizeof *d);
+	struct kvp_spill *d;
 	kvp_status st;
-	if (!d)
+	if (buffer_bytes < STAGING_MIN || buffer_bytes > (1u << 30))
+		return kvp_fail(KVP_EINVAL, "spill_buffer=%llu: between %u and %u bytes",
+				(unsigned long long)buffer_bytes, STAGING_MIN, 1u << 30);
+	if (!(d = calloc(1, sizeof *d)))
 		return kvp_fail(KVP_ENOMEM, "spill: out of memory");
+	/* two halves of whole pages */
+	d->staging_min = (buffer_bytes + 2 * KVP_SPILL_PAGE - 1) / (2 * KVP_SPILL_PAGE) * (2 * KVP_SPILL_PAGE);
 	if (!path_len || path_len >= sizeof d->path) {
 		free(d);
 		return kvp_fail(KVP_EINVAL, "spill=: a path of 1..%zu characters is required", sizeof d->path - 1);

@@ -28,6 +28,8 @@ struct kvp_spill;
 #define KVP_SPILL_PAGE 4096u
 #define KVP_SLOT_MAGIC 0x5350564bu /* "KVPS" in a little-endian dump */
 #define KVP_SLOT_SINK UINT32_MAX   /* block_no of a stream's sink block */
+/* 2 MiB: registered buffers count against RLIMIT_MEMLOCK, often 8 MiB for all of a user's processes. */
+#define KVP_SPILL_BUFFER_DEFAULT (2u << 20)
 
 /* The first 64 bytes of every record. Everything after crc is the block's identity and shape: a read
  * must find exactly the header that was written, so a slot can never be taken for another block. */
@@ -82,7 +84,9 @@ void kvp_spill_inject(struct kvp_pool *pool, const struct kvp_spill_faults *f);
 extern int kvp_spill_refuse_direct;
 
 /* ---- device (spill.c) ---- */
-kvp_status kvp_spill_open(struct kvp_pool *pool, const char *path, unsigned path_len, uint64_t max_bytes);
+/* buffer_bytes: the registered staging buffer (spill_buffer=), split in two halves that alternate. */
+kvp_status kvp_spill_open(struct kvp_pool *pool, const char *path, unsigned path_len, uint64_t max_bytes,
+			  uint64_t buffer_bytes);
 void kvp_spill_close(struct kvp_pool *pool);
 int kvp_spill_is_direct(const struct kvp_pool *pool);
 int kvp_spill_is_registered(const struct kvp_pool *pool);

@@ -27,7 +27,7 @@
 #define PER_TENANT 32
 #define SLOTS (TENANTS * PER_TENANT)
 #define THREADS 4
-#define OPS 1500
+#define OPS 2500
 
 static const kvp_shape shape = { 2, 4, 2, 16, 10000.0f, KVP_ROPE_HALF };
 

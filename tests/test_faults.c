@@ -46,12 +46,13 @@ static void assert_everything_given_back(void)
 	cr_assert_eq(st.tokens_retained, 0);
 }
 
-static void failed_write_leaves_the_sequence_in_memory(struct kvp_spill_faults f, const char *says)
+static void failed_write_leaves_the_sequence_in_memory(const char *spill_max, struct kvp_spill_faults f,
+						      const char *says)
 {
 	static float before[PARK_LAYERS * PARK_OUT], after[PARK_LAYERS * PARK_OUT];
 	kvp_stats full;
 	kvp_seq *s;
-	park_open("16MiB", "block=16,sinks=4");
+	park_open(spill_max, "block=16,sinks=4");
 	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &s), KVP_OK);
 	park_fill(s, 0, 100, 3);
 	park_attend(s, before);
@@ -76,12 +77,20 @@ static void failed_write_leaves_the_sequence_in_memory(struct kvp_spill_faults f
 
 Test(faults, a_failed_write_leaves_the_blocks_in_memory_and_reports_eio)
 {
-	failed_write_leaves_the_sequence_in_memory((struct kvp_spill_faults){ .fail_write = 1 }, "write of");
+	failed_write_leaves_the_sequence_in_memory("16MiB", (struct kvp_spill_faults){ .fail_write = 1 }, "write of");
+}
+
+Test(faults, a_write_failing_after_earlier_batches_were_written_leaves_the_blocks_in_memory)
+{
+	/* 32 KiB halves hold 4 records each: the 5th request fails after 4 batches went out */
+	failed_write_leaves_the_sequence_in_memory("16MiB,spill_buffer=64KiB",
+						   (struct kvp_spill_faults){ .fail_write = 5 }, "write of");
 }
 
 Test(faults, a_short_write_leaves_the_blocks_in_memory_and_reports_eio)
 {
-	failed_write_leaves_the_sequence_in_memory((struct kvp_spill_faults){ .short_write = 1 }, "short write");
+	failed_write_leaves_the_sequence_in_memory("16MiB", (struct kvp_spill_faults){ .short_write = 1 },
+						   "short write");
 }
 
 Test(faults, a_failed_read_keeps_the_slots_and_a_later_unpark_succeeds)

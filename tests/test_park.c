@@ -6,14 +6,14 @@
 #include "pager/pager.h"
 #include "park_fixture.h"
 
-static void round_trip_is_bit_identical(const char *tenant_spec)
+static void round_trip_is_bit_identical(const char *spill_max, const char *tenant_spec)
 {
 	static float before[PARK_LAYERS * PARK_OUT], after[PARK_LAYERS * PARK_OUT];
 	static float gk[200 * PARK_DIM], gv[200 * PARK_DIM], hk[200 * PARK_DIM], hv[200 * PARK_DIM];
 	int32_t gp[200], hp[200];
 	uint32_t n, m;
 	kvp_seq *s;
-	park_open("16MiB", tenant_spec);
+	park_open(spill_max, tenant_spec);
 	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &s), KVP_OK);
 	park_fill(s, 0, 150, 1); /* 4 sinks, 9 full blocks of 16, a tail of 2 */
 	park_attend(s, before);
@@ -32,17 +32,24 @@ static void round_trip_is_bit_identical(const char *tenant_spec)
 
 Test(park, unpark_restores_bit_identical_attention_fp32)
 {
-	round_trip_is_bit_identical("block=16,sinks=4");
+	round_trip_is_bit_identical("16MiB", "block=16,sinks=4");
 }
 
 Test(park, unpark_restores_bit_identical_attention_fp16)
 {
-	round_trip_is_bit_identical("block=16,sinks=4,store=fp16");
+	round_trip_is_bit_identical("16MiB", "block=16,sinks=4,store=fp16");
 }
 
 Test(park, unpark_restores_blocks_larger_than_the_staging_buffer)
 {
-	round_trip_is_bit_identical("block=4096,sinks=0"); /* one 1 MiB record per stream */
+	round_trip_is_bit_identical("16MiB", "block=4096,sinks=0"); /* one 1 MiB record per stream */
+}
+
+Test(park, unpark_restores_bit_identical_attention_through_a_small_staging_buffer)
+{
+	/* 8 KiB halves: many batches, and the buffer grows for the 1 MiB records */
+	round_trip_is_bit_identical("16MiB,spill_buffer=64KiB", "block=16,sinks=4");
+	round_trip_is_bit_identical("16MiB,spill_buffer=64KiB", "block=4096,sinks=0");
 }
 
 Test(park, frees_block_memory_and_counts_spilled_bytes)

@@ -34,6 +34,8 @@ Test(pool, spill_needs_both_a_path_and_a_size)
 	cr_assert(strstr(kvp_last_error(), "spill_max="), "%s", kvp_last_error());
 	cr_assert_eq(kvp_pool_open("spill_max=1GiB", &p), KVP_EINVAL);
 	cr_assert(strstr(kvp_last_error(), "spill=PATH"), "%s", kvp_last_error());
+	cr_assert_eq(kvp_pool_open("spill_buffer=8MiB", &p), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "spill=PATH"), "%s", kvp_last_error());
 }
 
 Test(pool, numa_node_is_placed_or_ignored_with_a_note)

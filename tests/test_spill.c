@@ -68,6 +68,9 @@ Test(spill, bad_specs_name_what_was_wrong)
 	cr_assert_eq(kvp_pool_open("spill=/dev/null,spill_max=1MiB", &p), KVP_EINVAL);
 	cr_assert(strstr(kvp_last_error(), "not a regular file"), "%s", kvp_last_error());
 	cr_assert_eq(kvp_pool_open("spill=,spill_max=1MiB", &p), KVP_EINVAL);
+	snprintf(spill_spec, sizeof spill_spec, "spill=%s,spill_max=1MiB,spill_buffer=4KiB", spill_path);
+	cr_assert_eq(kvp_pool_open(spill_spec, &p), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "spill_buffer=4096"), "%s", kvp_last_error());
 	cr_assert_eq(spill_fixture_close(), 0);
 }
 
