@@ -44,26 +44,25 @@ struct kvp_spill {
 
 /* ---- the file ---- */
 
+/* O_DIRECT first; where the file system refuses it (EINVAL), buffered. The pool removes the file at
+ * close only when it created it: an existing file (or a block device) is the operator's. */
 static int open_file(struct kvp_spill *d)
 {
-	int flags = O_RDWR | O_CLOEXEC, fd;
-	if (kvp_spill_refuse_direct) {
-		kvp_spill_refuse_direct = 0;
+	int flags = O_RDWR | O_CLOEXEC, fd = -1;
+	struct stat st;
+	int existed = stat(d->path, &st) == 0;
+	d->direct = !kvp_spill_refuse_direct;
+	kvp_spill_refuse_direct = 0;
+	if (d->direct)
+		fd = open(d->path, flags | O_DIRECT | (existed ? 0 : O_CREAT | O_EXCL), 0600);
+	else
 		errno = EINVAL;
-		fd = -1;
-	} else {
-		fd = open(d->path, flags | O_CREAT | O_EXCL | O_DIRECT, 0600);
-		d->created = fd >= 0;
-		if (fd < 0 && errno == EEXIST)
-			fd = open(d->path, flags | O_DIRECT);
-	}
-	d->direct = fd >= 0;
 	if (fd < 0 && errno == EINVAL) {
-		fd = open(d->path, flags | O_CREAT | O_EXCL, 0600);
-		d->created = fd >= 0;
-		if (fd < 0 && errno == EEXIST)
-			fd = open(d->path, flags);
+		/* the refused open may already have created the file: no O_EXCL here */
+		d->direct = 0;
+		fd = open(d->path, flags | (existed ? 0 : O_CREAT), 0600);
 	}
+	d->created = fd >= 0 && !existed;
 	return fd;
 }
 
