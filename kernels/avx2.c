@@ -227,6 +227,127 @@ static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *
 }
 
 /* The immediate rounding mode (not MXCSR) makes this round to nearest even whatever the caller set. */
+/* acc[j] += w * row[j] for from <= j < d: the column tail of the grouped axpy. */
+static void axpy_f16_columns(unsigned d, unsigned from, const uint16_t *row, float w, float *acc)
+{
+	unsigned j = from;
+
+	for (; j + 8 <= d; j += 8)
+		_mm256_storeu_ps(acc + j, _mm256_fmadd_ps(_mm256_set1_ps(w), load_f16(row + j),
+							  _mm256_loadu_ps(acc + j)));
+	if (j < d) {
+		const __m256i mask = tail_mask(d - j);
+		__m256 a = _mm256_maskload_ps(acc + j, mask);
+
+		a = _mm256_fmadd_ps(_mm256_set1_ps(w), load_f16_tail(row + j, d - j), a);
+		_mm256_maskstore_ps(acc + j, mask, a);
+	}
+}
+
+/*
+ * Four heads over two rows per pass: each widened row chunk feeds four FMAs, so the F16C conversion
+ * (one per cycle) no longer bounds the loop, and eight chains keep both FMA pipes busy.
+ */
+static void dot_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale,
+			   float *out)
+{
+	const unsigned d8 = d & ~7u, k = d & 7u;
+	const __m256i mask = k ? tail_mask(k) : _mm256_setzero_si256();
+	const float *q0 = q, *q1 = q + d, *q2 = q1 + d, *q3 = q2 + d;
+	float *o0 = out, *o1 = out + n, *o2 = o1 + n, *o3 = o2 + n;
+	unsigned i = 0;
+
+	for (; i + 2 <= n; i += 2) {
+		const uint16_t *r0 = rows + (size_t)i * d, *r1 = r0 + d;
+		__m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+		__m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+		float s[8];
+
+		for (unsigned j = 0; j < d8; j += 8) {
+			__m256 x = load_f16(r0 + j), y = load_f16(r1 + j), qv;
+
+			qv = _mm256_loadu_ps(q0 + j), a0 = _mm256_fmadd_ps(x, qv, a0), b0 = _mm256_fmadd_ps(y, qv, b0);
+			qv = _mm256_loadu_ps(q1 + j), a1 = _mm256_fmadd_ps(x, qv, a1), b1 = _mm256_fmadd_ps(y, qv, b1);
+			qv = _mm256_loadu_ps(q2 + j), a2 = _mm256_fmadd_ps(x, qv, a2), b2 = _mm256_fmadd_ps(y, qv, b2);
+			qv = _mm256_loadu_ps(q3 + j), a3 = _mm256_fmadd_ps(x, qv, a3), b3 = _mm256_fmadd_ps(y, qv, b3);
+		}
+		if (k) {
+			__m256 x = load_f16_tail(r0 + d8, k), y = load_f16_tail(r1 + d8, k), qv;
+
+			qv = _mm256_maskload_ps(q0 + d8, mask), a0 = _mm256_fmadd_ps(x, qv, a0), b0 = _mm256_fmadd_ps(y, qv, b0);
+			qv = _mm256_maskload_ps(q1 + d8, mask), a1 = _mm256_fmadd_ps(x, qv, a1), b1 = _mm256_fmadd_ps(y, qv, b1);
+			qv = _mm256_maskload_ps(q2 + d8, mask), a2 = _mm256_fmadd_ps(x, qv, a2), b2 = _mm256_fmadd_ps(y, qv, b2);
+			qv = _mm256_maskload_ps(q3 + d8, mask), a3 = _mm256_fmadd_ps(x, qv, a3), b3 = _mm256_fmadd_ps(y, qv, b3);
+		}
+		_mm_storeu_ps(s, _mm_mul_ps(hsum4(a0, a1, a2, a3), _mm_set1_ps(scale)));
+		_mm_storeu_ps(s + 4, _mm_mul_ps(hsum4(b0, b1, b2, b3), _mm_set1_ps(scale)));
+		o0[i] = s[0], o1[i] = s[1], o2[i] = s[2], o3[i] = s[3];
+		o0[i + 1] = s[4], o1[i + 1] = s[5], o2[i + 1] = s[6], o3[i + 1] = s[7];
+	}
+	for (unsigned h = 0; i < n && h < 4; h++)
+		dot_f16(d, n - i, rows + (size_t)i * d, q + (size_t)h * d, scale, out + (size_t)h * n + i);
+}
+
+static void dot_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *q,
+			  float scale, float *out)
+{
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4)
+		dot_f16_heads4(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n);
+	for (; h < g; h++)
+		dot_f16(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n);
+}
+
+/* Sixteen columns of four heads per pass: two conversions per row feed eight FMAs. */
+static void axpy_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc)
+{
+	const float *w0 = w, *w1 = w + n, *w2 = w1 + n, *w3 = w2 + n;
+	float *c0 = acc, *c1 = acc + d, *c2 = c1 + d, *c3 = c2 + d;
+	unsigned j = 0;
+
+	for (; j + 16 <= d; j += 16) {
+		__m256 a0 = _mm256_loadu_ps(c0 + j), a1 = _mm256_loadu_ps(c1 + j);
+		__m256 a2 = _mm256_loadu_ps(c2 + j), a3 = _mm256_loadu_ps(c3 + j);
+		__m256 b0 = _mm256_loadu_ps(c0 + j + 8), b1 = _mm256_loadu_ps(c1 + j + 8);
+		__m256 b2 = _mm256_loadu_ps(c2 + j + 8), b3 = _mm256_loadu_ps(c3 + j + 8);
+
+		for (unsigned i = 0; i < n; i++) {
+			const uint16_t *r = rows + (size_t)i * d + j;
+			__m256 x = load_f16(r), y = load_f16(r + 8), wv;
+
+			wv = _mm256_broadcast_ss(w0 + i), a0 = _mm256_fmadd_ps(wv, x, a0), b0 = _mm256_fmadd_ps(wv, y, b0);
+			wv = _mm256_broadcast_ss(w1 + i), a1 = _mm256_fmadd_ps(wv, x, a1), b1 = _mm256_fmadd_ps(wv, y, b1);
+			wv = _mm256_broadcast_ss(w2 + i), a2 = _mm256_fmadd_ps(wv, x, a2), b2 = _mm256_fmadd_ps(wv, y, b2);
+			wv = _mm256_broadcast_ss(w3 + i), a3 = _mm256_fmadd_ps(wv, x, a3), b3 = _mm256_fmadd_ps(wv, y, b3);
+		}
+		_mm256_storeu_ps(c0 + j, a0), _mm256_storeu_ps(c0 + j + 8, b0);
+		_mm256_storeu_ps(c1 + j, a1), _mm256_storeu_ps(c1 + j + 8, b1);
+		_mm256_storeu_ps(c2 + j, a2), _mm256_storeu_ps(c2 + j + 8, b2);
+		_mm256_storeu_ps(c3 + j, a3), _mm256_storeu_ps(c3 + j + 8, b3);
+	}
+	if (j < d) {
+		/* the last d % 16 columns, as a narrower matrix with the same row stride */
+		for (unsigned h = 0; h < 4; h++) {
+			const float *wh = w + (size_t)h * n;
+			float *ch = acc + (size_t)h * d;
+			for (unsigned i = 0; i < n; i++)
+				axpy_f16_columns(d, j, rows + (size_t)i * d, wh[i], ch);
+		}
+	}
+}
+
+static void axpy_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *w,
+			   float *acc)
+{
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4)
+		axpy_f16_heads4(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d);
+	for (; h < g; h++)
+		axpy_f16(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d);
+}
+
 static void f32_to_f16(size_t n, const float *x, uint16_t *y)
 {
 	size_t i = 0;
@@ -377,6 +498,8 @@ const struct kvp_kernels kvp_kernels_avx2 = {
 	.dot_f16 = dot_f16,
 	.axpy_f32 = axpy_f32,
 	.axpy_f16 = axpy_f16,
+	.dot_f16_group = dot_f16_group,
+	.axpy_f16_group = axpy_f16_group,
 	.f32_to_f16 = f32_to_f16,
 	.f16_to_f32 = f16_to_f32,
 	.softmax_step = softmax_step,

@@ -19,6 +19,15 @@ struct kvp_kernels {
 	/* acc[j] += sum_i w[i] * row_i[j] for j < d */
 	void (*axpy_f32)(unsigned d, unsigned n, const float *rows, const float *w, float *acc);
 	void (*axpy_f16)(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc);
+	/*
+	 * dot_f16 and axpy_f16 for the g query heads of one GQA group at once: q and acc hold g rows of d,
+	 * out and w hold g rows of n (row h is head h). Each fp16 row is widened once for several heads
+	 * instead of once per head, which is what bounds the single-head versions.
+	 */
+	void (*dot_f16_group)(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *q,
+			      float scale, float *out);
+	void (*axpy_f16_group)(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *w,
+			       float *acc);
 	/* IEEE binary16, round to nearest even, bit-identical across implementations */
 	void (*f32_to_f16)(size_t n, const float *x, uint16_t *y);
 	void (*f16_to_f32)(size_t n, const uint16_t *x, float *y);

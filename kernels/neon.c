@@ -241,6 +241,96 @@ static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *
 	}
 }
 
+/* Four heads per widened row chunk: the conversion is shared by the whole group (see kernels.h). */
+static void dot_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale,
+			   float *out)
+{
+	const unsigned d4 = d & ~3u, k = d & 3u;
+	const float *q0 = q, *q1 = q + d, *q2 = q1 + d, *q3 = q2 + d;
+
+	for (unsigned i = 0; i < n; i++) {
+		const uint16_t *r = rows + (size_t)i * d;
+		float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0, x, s;
+
+		for (unsigned j = 0; j < d4; j += 4) {
+			x = load_f16x4(r + j);
+			a0 = vfmaq_f32(a0, x, vld1q_f32(q0 + j));
+			a1 = vfmaq_f32(a1, x, vld1q_f32(q1 + j));
+			a2 = vfmaq_f32(a2, x, vld1q_f32(q2 + j));
+			a3 = vfmaq_f32(a3, x, vld1q_f32(q3 + j));
+		}
+		if (k) {
+			x = load_f16_tail(r + d4, k);
+			a0 = vfmaq_f32(a0, x, load_f32_tail(q0 + d4, k));
+			a1 = vfmaq_f32(a1, x, load_f32_tail(q1 + d4, k));
+			a2 = vfmaq_f32(a2, x, load_f32_tail(q2 + d4, k));
+			a3 = vfmaq_f32(a3, x, load_f32_tail(q3 + d4, k));
+		}
+		s = vmulq_n_f32(hsum4(a0, a1, a2, a3), scale);
+		out[i] = vgetq_lane_f32(s, 0);
+		out[n + i] = vgetq_lane_f32(s, 1);
+		out[2 * (size_t)n + i] = vgetq_lane_f32(s, 2);
+		out[3 * (size_t)n + i] = vgetq_lane_f32(s, 3);
+	}
+}
+
+static void dot_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *q,
+			  float scale, float *out)
+{
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4)
+		dot_f16_heads4(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n);
+	for (; h < g; h++)
+		dot_f16(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n);
+}
+
+static void axpy_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc)
+{
+	const unsigned d4 = d & ~3u, k = d & 3u;
+	const float *w0 = w, *w1 = w + n, *w2 = w1 + n, *w3 = w2 + n;
+	float *c0 = acc, *c1 = acc + d, *c2 = c1 + d, *c3 = c2 + d;
+
+	for (unsigned j = 0; j < d4; j += 4) {
+		float32x4_t a0 = vld1q_f32(c0 + j), a1 = vld1q_f32(c1 + j);
+		float32x4_t a2 = vld1q_f32(c2 + j), a3 = vld1q_f32(c3 + j);
+
+		for (unsigned i = 0; i < n; i++) {
+			float32x4_t x = load_f16x4(rows + (size_t)i * d + j);
+			a0 = vfmaq_n_f32(a0, x, w0[i]);
+			a1 = vfmaq_n_f32(a1, x, w1[i]);
+			a2 = vfmaq_n_f32(a2, x, w2[i]);
+			a3 = vfmaq_n_f32(a3, x, w3[i]);
+		}
+		vst1q_f32(c0 + j, a0), vst1q_f32(c1 + j, a1), vst1q_f32(c2 + j, a2), vst1q_f32(c3 + j, a3);
+	}
+	if (k) {
+		float32x4_t a0 = load_f32_tail(c0 + d4, k), a1 = load_f32_tail(c1 + d4, k);
+		float32x4_t a2 = load_f32_tail(c2 + d4, k), a3 = load_f32_tail(c3 + d4, k);
+
+		for (unsigned i = 0; i < n; i++) {
+			float32x4_t x = load_f16_tail(rows + (size_t)i * d + d4, k);
+			a0 = vfmaq_n_f32(a0, x, w0[i]);
+			a1 = vfmaq_n_f32(a1, x, w1[i]);
+			a2 = vfmaq_n_f32(a2, x, w2[i]);
+			a3 = vfmaq_n_f32(a3, x, w3[i]);
+		}
+		store_f32_tail(c0 + d4, a0, k), store_f32_tail(c1 + d4, a1, k);
+		store_f32_tail(c2 + d4, a2, k), store_f32_tail(c3 + d4, a3, k);
+	}
+}
+
+static void axpy_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *w,
+			   float *acc)
+{
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4)
+		axpy_f16_heads4(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d);
+	for (; h < g; h++)
+		axpy_f16(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d);
+}
+
 static void f32_to_f16(size_t n, const float *x, uint16_t *y)
 {
 	size_t i = 0;
@@ -371,6 +461,8 @@ const struct kvp_kernels kvp_kernels_neon = {
 	.dot_f16 = dot_f16,
 	.axpy_f32 = axpy_f32,
 	.axpy_f16 = axpy_f16,
+	.dot_f16_group = dot_f16_group,
+	.axpy_f16_group = axpy_f16_group,
 	.f32_to_f16 = f32_to_f16,
 	.f16_to_f32 = f16_to_f32,
 	.softmax_step = softmax_step,

@@ -51,6 +51,20 @@ static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *
 	}
 }
 
+static void dot_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *q,
+			  float scale, float *out)
+{
+	for (unsigned h = 0; h < g; h++)
+		dot_f16(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n);
+}
+
+static void axpy_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *w,
+			   float *acc)
+{
+	for (unsigned h = 0; h < g; h++)
+		axpy_f16(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d);
+}
+
 static void f32_to_f16(size_t n, const float *x, uint16_t *y)
 {
 	for (size_t i = 0; i < n; i++)
@@ -107,6 +121,8 @@ const struct kvp_kernels kvp_kernels_scalar = {
 	.dot_f16 = dot_f16,
 	.axpy_f32 = axpy_f32,
 	.axpy_f16 = axpy_f16,
+	.dot_f16_group = dot_f16_group,
+	.axpy_f16_group = axpy_f16_group,
 	.f32_to_f16 = f32_to_f16,
 	.f16_to_f32 = f16_to_f32,
 	.softmax_step = softmax_step,

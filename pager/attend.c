@@ -13,25 +13,71 @@ struct head_state {
 	float m, l;
 };
 
-static void attend_block(const struct kvp_kernels *kern, const struct kvp_block *b, uint32_t dim,
-			 uint32_t group, const float *q, float scale, struct head_state *hs, float *acc,
-			 float *scores)
+/*
+ * Blocks are separate allocations, so the hardware prefetcher restarts at each one. While rows
+ * [t, t+n) of a block are computed, the same rows of the next block are requested: the requests are
+ * spread over the computation instead of queued in one burst that stalls it.
+ */
+#define SLICE_ROWS 64
+
+static void prefetch_rows(const void *rows, const struct kvp_block *b, uint32_t dim, uint32_t t, uint32_t n)
+{
+	size_t row = (size_t)dim * (b->store == KVP_STORE_FP16 ? 2 : 4);
+	size_t from = t * row, to = (t + n < b->n ? t + n : b->n) * row;
+
+	for (size_t at = from; at < to; at += 64)
+		__builtin_prefetch((const char *)rows + at);
+}
+
+static void attend_block_f32(const struct kvp_kernels *kern, const struct kvp_block *b, uint32_t dim,
+			     uint32_t group, const float *q, float scale, struct head_state *hs, float *acc,
+			     float *scores)
 {
 	for (uint32_t h = 0; h < group; h++) {
-		const float *qh = q + (size_t)h * dim;
 		float *acc_h = acc + (size_t)h * dim;
-		if (b->store == KVP_STORE_FP16)
-			kern->dot_f16(dim, b->n, b->k, qh, scale, scores);
-		else
-			kern->dot_f32(dim, b->n, b->k, qh, scale, scores);
+		kern->dot_f32(dim, b->n, b->k, q + (size_t)h * dim, scale, scores);
 		float f = kern->softmax_step(b->n, scores, &hs[h].m, &hs[h].l);
 		if (f != 1.0f)
 			kern->scale(dim, f, acc_h);
-		if (b->store == KVP_STORE_FP16)
-			kern->axpy_f16(dim, b->n, b->v, scores, acc_h);
-		else
-			kern->axpy_f32(dim, b->n, b->v, scores, acc_h);
+		kern->axpy_f32(dim, b->n, b->v, scores, acc_h);
 	}
+}
+
+/* fp16 goes through the group kernels, which widen each row once for all heads of the group; the
+ * group's scores share one KVP_BLOCK_MAX buffer, so long blocks are taken in slices. */
+static void attend_block_f16(const struct kvp_kernels *kern, const struct kvp_block *b, uint32_t dim,
+			     uint32_t group, const float *q, float scale, struct head_state *hs, float *acc,
+			     float *scores, const struct kvp_block *next)
+{
+	const uint32_t slice = SLICE_ROWS < KVP_BLOCK_MAX / group ? SLICE_ROWS : KVP_BLOCK_MAX / group;
+
+	for (uint32_t t = 0; t < b->n; t += slice) {
+		uint32_t n = b->n - t < slice ? b->n - t : slice;
+		const uint16_t *k = (const uint16_t *)b->k + (size_t)t * dim;
+		const uint16_t *v = (const uint16_t *)b->v + (size_t)t * dim;
+
+		if (next)
+			prefetch_rows(next->k, next, dim, t, n);
+		kern->dot_f16_group(dim, n, k, group, q, scale, scores);
+		for (uint32_t h = 0; h < group; h++) {
+			float f = kern->softmax_step(n, scores + (size_t)h * n, &hs[h].m, &hs[h].l);
+			if (f != 1.0f)
+				kern->scale(dim, f, acc + (size_t)h * dim);
+		}
+		if (next)
+			prefetch_rows(next->v, next, dim, t, n);
+		kern->axpy_f16_group(dim, n, v, group, scores, acc);
+	}
+}
+
+static void attend_block(const struct kvp_kernels *kern, const struct kvp_block *b, uint32_t dim,
+			 uint32_t group, const float *q, float scale, struct head_state *hs, float *acc,
+			 float *scores, const struct kvp_block *next)
+{
+	if (b->store == KVP_STORE_FP16)
+		attend_block_f16(kern, b, dim, group, q, scale, hs, acc, scores, next);
+	else
+		attend_block_f32(kern, b, dim, group, q, scale, hs, acc, scores);
 }
 
 static void attend_stream(const struct kvp_kernels *kern, const struct kvp_stream *st, uint32_t dim,
@@ -46,10 +92,12 @@ static void attend_stream(const struct kvp_kernels *kern, const struct kvp_strea
 		hs[h].l = 0.0f;
 	}
 	if (st->sink && st->sink->n)
-		attend_block(kern, st->sink, dim, group, q, scale, hs, out, scores);
+		attend_block(kern, st->sink, dim, group, q, scale, hs, out, scores,
+			     st->n_blocks ? st->blocks[0] : NULL);
 	for (uint32_t i = 0; i < st->n_blocks; i++)
 		if (st->blocks[i]->n)
-			attend_block(kern, st->blocks[i], dim, group, q, scale, hs, out, scores);
+			attend_block(kern, st->blocks[i], dim, group, q, scale, hs, out, scores,
+				     i + 1 < st->n_blocks ? st->blocks[i + 1] : NULL);
 	for (uint32_t h = 0; h < group; h++)
 		if (hs[h].l > 0.0f)
 			kern->scale(dim, 1.0f / hs[h].l, out + (size_t)h * dim);

@@ -194,6 +194,51 @@ static void check_axpy(const struct kvp_kernels *k, int half, unsigned d, unsign
 	free(hrows);
 }
 
+/* The group kernels against the scalar group kernels, head by head (see test_kernels.c). */
+static void check_group(const struct kvp_kernels *k, unsigned d, unsigned n, unsigned g, unsigned off)
+{
+	const float scale = 0.125f;
+	uint16_t *rows = rand_f16((size_t)n * d, off);
+	float *q = rand_f32((size_t)g * d, off), *w = rand_f32((size_t)g * n, off);
+	float *want = xmalloc(((size_t)g * n + off) * sizeof *want), *got = xmalloc(((size_t)g * n + off) * sizeof *got);
+	float *acc0 = rand_f32((size_t)g * d, off);
+	float *acc_want = xmalloc(((size_t)g * d + off) * sizeof *acc_want);
+	float *acc_got = xmalloc(((size_t)g * d + off) * sizeof *acc_got);
+	int ok = 1;
+
+	memcpy(acc_want, acc0, ((size_t)g * d + off) * sizeof *acc0);
+	memcpy(acc_got, acc0, ((size_t)g * d + off) * sizeof *acc0);
+	kvp_kernels_scalar.dot_f16_group(d, n, rows + off, g, q + off, scale, want + off);
+	k->dot_f16_group(d, n, rows + off, g, q + off, scale, got + off);
+	kvp_kernels_scalar.axpy_f16_group(d, n, rows + off, g, w + off, acc_want + off);
+	k->axpy_f16_group(d, n, rows + off, g, w + off, acc_got + off);
+	for (unsigned h = 0; h < g && ok; h++) {
+		for (unsigned i = 0; i < n && ok; i++) {
+			size_t at = off + (size_t)h * n + i;
+			double mag = 0;
+			for (unsigned j = 0; j < d; j++)
+				mag += fabs(kvp_f16_to_f32(rows[off + (size_t)i * d + j]) * q[off + (size_t)h * d + j]);
+			ok = close_to(got[at], want[at], DOT_TOL * scale * mag + 1e-30);
+		}
+		for (unsigned j = 0; j < d && ok; j++) {
+			size_t at = off + (size_t)h * d + j;
+			double mag = fabs(acc0[at]);
+			for (unsigned i = 0; i < n; i++)
+				mag += fabs(w[off + (size_t)h * n + i] * kvp_f16_to_f32(rows[off + (size_t)i * d + j]));
+			ok = close_to(acc_got[at], acc_want[at], DOT_TOL * mag + 1e-30);
+		}
+	}
+	check(ok, "%s f16 group kernels d=%u n=%u g=%u off=%u differ from scalar", k->name, d, n, g, off);
+	free(rows);
+	free(q);
+	free(w);
+	free(want);
+	free(got);
+	free(acc0);
+	free(acc_want);
+	free(acc_got);
+}
+
 static void check_scale(const struct kvp_kernels *k, unsigned d, unsigned off)
 {
 	float *want = rand_f32(d, off), *got = xmalloc((d + off) * sizeof *got);
@@ -389,6 +434,8 @@ static void check_against_scalar(const struct kvp_kernels *k)
 				check_dot(k, 1, dims[a], counts[b], off);
 				check_axpy(k, 0, dims[a], counts[b], off);
 				check_axpy(k, 1, dims[a], counts[b], off);
+				for (unsigned g = 1; g <= 8; g++)
+					check_group(k, dims[a], counts[b], g, off);
 			}
 		}
 		for (unsigned off = 0; off < 2; off++) {

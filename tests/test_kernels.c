@@ -193,6 +193,61 @@ static void every_shape(const struct kvp_kernels *k, case_fn fn, int half, unsig
 			fn(k, half, dims[a], counts[b], off);
 }
 
+/* The group kernels against the scalar group kernels, head by head, for group sizes around the
+ * vector versions' four-head blocks. */
+static void group_case(const struct kvp_kernels *k, unsigned d, unsigned n, unsigned g, unsigned off)
+{
+	const float scale = 0.125f;
+	uint16_t *rows = rand_f16((size_t)n * d, off);
+	float *q = rand_f32((size_t)g * d, off), *w = rand_f32((size_t)g * n, off);
+	float *want = rand_f32((size_t)g * n, off), *got = copy_f32(want, (size_t)g * n + off);
+	float *acc_want = rand_f32((size_t)g * d, off), *acc_got = copy_f32(acc_want, (size_t)g * d + off);
+	float *acc0 = copy_f32(acc_want, (size_t)g * d + off);
+
+	kvp_kernels_scalar.dot_f16_group(d, n, rows + off, g, q + off, scale, want + off);
+	k->dot_f16_group(d, n, rows + off, g, q + off, scale, got + off);
+	kvp_kernels_scalar.axpy_f16_group(d, n, rows + off, g, w + off, acc_want + off);
+	k->axpy_f16_group(d, n, rows + off, g, w + off, acc_got + off);
+	for (unsigned h = 0; h < g; h++) {
+		for (unsigned i = 0; i < n; i++) {
+			size_t at = off + (size_t)h * n + i;
+			double mag = 0;
+			for (unsigned j = 0; j < d; j++)
+				mag += fabs(kvp_f16_to_f32(rows[off + (size_t)i * d + j]) * q[off + (size_t)h * d + j]);
+			cr_assert(fabs(got[at] - want[at]) <= DOT_TOL * scale * mag + 1e-30,
+				  "%s dot_f16_group d=%u n=%u g=%u off=%u head %u row %u: %.9g, scalar %.9g",
+				  k->name, d, n, g, off, h, i, got[at], want[at]);
+		}
+		for (unsigned j = 0; j < d; j++) {
+			size_t at = off + (size_t)h * d + j;
+			double mag = fabs(acc0[at]);
+			for (unsigned i = 0; i < n; i++)
+				mag += fabs(w[off + (size_t)h * n + i] * kvp_f16_to_f32(rows[off + (size_t)i * d + j]));
+			cr_assert(fabs(acc_got[at] - acc_want[at]) <= DOT_TOL * mag + 1e-30,
+				  "%s axpy_f16_group d=%u n=%u g=%u off=%u head %u column %u: %.9g, scalar %.9g",
+				  k->name, d, n, g, off, h, j, acc_got[at], acc_want[at]);
+		}
+	}
+	free(rows);
+	free(q);
+	free(w);
+	free(want);
+	free(got);
+	free(acc_want);
+	free(acc_got);
+	free(acc0);
+}
+
+static void every_group(const struct kvp_kernels *k, unsigned off)
+{
+	static const unsigned groups[] = { 1, 3, 4, 5, 8 };
+
+	for (size_t a = 0; a < COUNT(dims); a++)
+		for (size_t b = 0; b < COUNT(counts); b++)
+			for (size_t c = 0; c < COUNT(groups); c++)
+				group_case(k, dims[a], counts[b], groups[c], off);
+}
+
 static void scale_case(const struct kvp_kernels *k, unsigned d, unsigned off)
 {
 	float *want = rand_f32(d, off), *got = copy_f32(want, d + off);
@@ -592,6 +647,14 @@ Test(kernels, scalar_softmax_step_composed_over_blocks_matches_double_reference)
 	Test(kernels, impl##_axpy_f16_matches_scalar_on_unaligned_pointers) \
 	{ \
 		every_shape(runnable(#impl), axpy_case, 1, 1); \
+	} \
+	Test(kernels, impl##_f16_group_kernels_match_scalar_for_every_group_size) \
+	{ \
+		every_group(runnable(#impl), 0); \
+	} \
+	Test(kernels, impl##_f16_group_kernels_match_scalar_on_unaligned_pointers) \
+	{ \
+		every_group(runnable(#impl), 1); \
 	} \
 	Test(kernels, impl##_scale_is_bit_identical_to_scalar_on_odd_and_unaligned_lengths) \
 	{ \
