@@ -6,12 +6,31 @@
 #include <math.h>
 #include <string.h>
 
+#include "codecs/codec.h"
 #include "kernels/kernels.h"
 #include "pager.h"
 
 struct head_state {
 	float m, l;
 };
+
+/* What attention over a stream's cold blocks needs: the codecs with the stream's contexts, each head's
+ * prepared query, and each head's value accumulator in the value codec's space. */
+struct cold_view {
+	const struct kvp_codec *k, *v;
+	const void *k_ctx, *v_ctx;
+	char *qprep; /* group x k->qprep_bytes */
+	float *acc;  /* group x v->acc_dim */
+};
+
+/* A new running maximum shrinks everything accumulated so far, in both spaces. */
+static void rescale(const struct kvp_kernels *kern, uint32_t dim, float f, float *acc_h,
+		    const struct cold_view *cv, uint32_t h)
+{
+	kern->scale(dim, f, acc_h);
+	if (cv)
+		kern->scale(cv->v->acc_dim, f, cv->acc + (size_t)h * cv->v->acc_dim);
+}
 
 /*
  * Blocks are separate allocations, so the hardware prefetcher restarts at each one. While rows
@@ -31,14 +50,14 @@ static void prefetch_rows(const void *rows, const struct kvp_block *b, uint32_t 
 
 static void attend_block_f32(const struct kvp_kernels *kern, const struct kvp_block *b, uint32_t dim,
 			     uint32_t group, const float *q, float scale, struct head_state *hs, float *acc,
-			     float *scores)
+			     float *scores, const struct cold_view *cv)
 {
 	for (uint32_t h = 0; h < group; h++) {
 		float *acc_h = acc + (size_t)h * dim;
 		kern->dot_f32(dim, b->n, b->k, q + (size_t)h * dim, scale, scores);
 		float f = kern->softmax_step(b->n, scores, &hs[h].m, &hs[h].l);
 		if (f != 1.0f)
-			kern->scale(dim, f, acc_h);
+			rescale(kern, dim, f, acc_h, cv, h);
 		kern->axpy_f32(dim, b->n, b->v, scores, acc_h);
 	}
 }
@@ -47,7 +66,7 @@ static void attend_block_f32(const struct kvp_kernels *kern, const struct kvp_bl
  * group's scores share one KVP_BLOCK_MAX buffer, so long blocks are taken in slices. */
 static void attend_block_f16(const struct kvp_kernels *kern, const struct kvp_block *b, uint32_t dim,
 			     uint32_t group, const float *q, float scale, struct head_state *hs, float *acc,
-			     float *scores, const struct kvp_block *next)
+			     float *scores, const struct kvp_block *next, const struct cold_view *cv)
 {
 	const uint32_t slice = SLICE_ROWS < KVP_BLOCK_MAX / group ? SLICE_ROWS : KVP_BLOCK_MAX / group;
 
@@ -62,7 +81,7 @@ static void attend_block_f16(const struct kvp_kernels *kern, const struct kvp_bl
 		for (uint32_t h = 0; h < group; h++) {
 			float f = kern->softmax_step(n, scores + (size_t)h * n, &hs[h].m, &hs[h].l);
 			if (f != 1.0f)
-				kern->scale(dim, f, acc + (size_t)h * dim);
+				rescale(kern, dim, f, acc + (size_t)h * dim, cv, h);
 		}
 		if (next)
 			prefetch_rows(next->v, next, dim, t, n);
@@ -70,21 +89,61 @@ static void attend_block_f16(const struct kvp_kernels *kern, const struct kvp_bl
 	}
 }
 
-static void attend_block(const struct kvp_kernels *kern, const struct kvp_block *b, uint32_t dim,
-			 uint32_t group, const float *q, float scale, struct head_state *hs, float *acc,
-			 float *scores, const struct kvp_block *next)
+/* Scores straight from the key codes; values accumulate in the value codec's space (finish maps back). */
+static void attend_block_cold(const struct kvp_kernels *kern, const struct kvp_block *b, uint32_t dim,
+			      uint32_t group, float scale, struct head_state *hs, float *acc, float *scores,
+			      const struct cold_view *cv)
 {
-	if (b->store == KVP_STORE_FP16)
-		attend_block_f16(kern, b, dim, group, q, scale, hs, acc, scores, next);
-	else
-		attend_block_f32(kern, b, dim, group, q, scale, hs, acc, scores);
+	for (uint32_t h = 0; h < group; h++) {
+		cv->k->ops->dot(cv->k, cv->k_ctx, b->n, b->k, cv->qprep + h * cv->k->qprep_bytes, scores);
+		kern->scale(b->n, scale, scores);
+		float f = kern->softmax_step(b->n, scores, &hs[h].m, &hs[h].l);
+		if (f != 1.0f)
+			rescale(kern, dim, f, acc + (size_t)h * dim, cv, h);
+		cv->v->ops->axpy(cv->v, cv->v_ctx, b->n, b->v, scores, cv->acc + (size_t)h * cv->v->acc_dim);
+	}
 }
 
-static void attend_stream(const struct kvp_kernels *kern, const struct kvp_stream *st, uint32_t dim,
-			  uint32_t group, const float *q, float *out, float *scores)
+static void attend_block(const struct kvp_kernels *kern, const struct kvp_block *b, uint32_t dim,
+			 uint32_t group, const float *q, float scale, struct head_state *hs, float *acc,
+			 float *scores, const struct kvp_block *next, const struct cold_view *cv)
+{
+	if (b->store == KVP_STORE_CODEC)
+		attend_block_cold(kern, b, dim, group, scale, hs, acc, scores, cv);
+	else if (b->store == KVP_STORE_FP16)
+		attend_block_f16(kern, b, dim, group, q, scale, hs, acc, scores, next, cv);
+	else
+		attend_block_f32(kern, b, dim, group, q, scale, hs, acc, scores, cv);
+}
+
+static const struct cold_view *cold_begin(const struct kvp_seq *s, const struct kvp_stream *st,
+					  const float *q, struct cold_view *cv)
+{
+	const struct kvp_cold *c = &s->cold;
+
+	if (!st->n_cold)
+		return NULL;
+	cv->k = c->k;
+	cv->v = c->v;
+	cv->k_ctx = st->ctx->k;
+	cv->v_ctx = st->ctx->v;
+	cv->qprep = c->scratch;
+	cv->acc = (float *)((char *)c->scratch + s->group * c->k->qprep_bytes);
+	for (uint32_t h = 0; h < s->group; h++)
+		c->k->ops->prepare_query(c->k, st->ctx->k, q + (size_t)h * s->shape.head_dim,
+					 cv->qprep + h * c->k->qprep_bytes);
+	memset(cv->acc, 0, (size_t)s->group * c->v->acc_dim * sizeof *cv->acc);
+	return cv;
+}
+
+static void attend_stream(const struct kvp_kernels *kern, const struct kvp_seq *s, const struct kvp_stream *st,
+			  const float *q, float *out, float *scores)
 {
 	struct head_state hs[KVP_GROUP_MAX];
-	float scale = 1.0f / sqrtf((float)dim);
+	struct cold_view view;
+	const uint32_t dim = s->shape.head_dim, group = s->group;
+	const float scale = 1.0f / sqrtf((float)dim);
+	const struct cold_view *cv = cold_begin(s, st, q, &view);
 
 	memset(out, 0, (size_t)group * dim * sizeof *out);
 	for (uint32_t h = 0; h < group; h++) {
@@ -93,14 +152,18 @@ static void attend_stream(const struct kvp_kernels *kern, const struct kvp_strea
 	}
 	if (st->sink && st->sink->n)
 		attend_block(kern, st->sink, dim, group, q, scale, hs, out, scores,
-			     st->n_blocks ? st->blocks[0] : NULL);
+			     st->n_blocks ? st->blocks[0] : NULL, cv);
 	for (uint32_t i = 0; i < st->n_blocks; i++)
 		if (st->blocks[i]->n)
 			attend_block(kern, st->blocks[i], dim, group, q, scale, hs, out, scores,
-				     i + 1 < st->n_blocks ? st->blocks[i + 1] : NULL);
-	for (uint32_t h = 0; h < group; h++)
+				     i + 1 < st->n_blocks ? st->blocks[i + 1] : NULL, cv);
+	for (uint32_t h = 0; h < group; h++) {
+		float *out_h = out + (size_t)h * dim;
+		if (cv)
+			cv->v->ops->finish(cv->v, cv->v_ctx, cv->acc + (size_t)h * cv->v->acc_dim, out_h);
 		if (hs[h].l > 0.0f)
-			kern->scale(dim, 1.0f / hs[h].l, out + (size_t)h * dim);
+			kern->scale(dim, 1.0f / hs[h].l, out_h);
+	}
 }
 
 kvp_status kvp_attend(kvp_seq *s, uint32_t layer, const float *q, float *out)
@@ -119,7 +182,7 @@ kvp_status kvp_attend(kvp_seq *s, uint32_t layer, const float *q, float *out)
 	group = s->group;
 	for (uint32_t g = 0; g < s->shape.n_kv_heads; g++) {
 		size_t at = (size_t)g * group * dim;
-		attend_stream(kern, kvp_seq_stream(s, layer, g), dim, group, q + at, out + at, scores);
+		attend_stream(kern, s, kvp_seq_stream(s, layer, g), q + at, out + at, scores);
 	}
 	return KVP_OK;
 }

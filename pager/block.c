@@ -35,7 +35,13 @@ size_t kvp_block_size(const struct kvp_tenant *t, uint32_t cap, uint32_t dim, en
 
 size_t kvp_block_token_bytes(const struct kvp_block *b, uint32_t dim)
 {
-	return 2 * rows_bytes(b->cap, dim, b->store);
+	(void)dim;
+	return b->payload;
+}
+
+static enum kvp_bytes_kind block_kind(const struct kvp_block *b)
+{
+	return b->store == KVP_STORE_CODEC ? KVP_BYTES_COMPRESSED : KVP_BYTES_EXACT;
 }
 
 struct kvp_block *kvp_block_new(struct kvp_tenant *t, uint32_t cap, uint32_t dim, enum kvp_store store)
@@ -50,9 +56,29 @@ struct kvp_block *kvp_block_new(struct kvp_tenant *t, uint32_t cap, uint32_t dim
 	b->cap = cap;
 	b->store = store;
 	b->size = bytes;
+	b->payload = 2 * rows;
 	b->pos = (int32_t *)(b + 1);
 	b->k = (char *)b + head;
 	b->v = (char *)b + head + rows;
+	return b;
+}
+
+struct kvp_block *kvp_block_new_cold(struct kvp_tenant *t, uint32_t n, size_t k_bytes, size_t v_bytes)
+{
+	size_t head = header_bytes(n), k_room = align_up(k_bytes, 64);
+	size_t bytes = head + k_room + v_bytes;
+	struct kvp_block *b = kvp_alloc(t, bytes, KVP_BYTES_COMPRESSED, k_bytes + v_bytes);
+	if (!b)
+		return NULL;
+	atomic_init(&b->refs, 1);
+	b->n = 0;
+	b->cap = n;
+	b->store = KVP_STORE_CODEC;
+	b->size = bytes;
+	b->payload = k_bytes + v_bytes;
+	b->pos = (int32_t *)(b + 1);
+	b->k = (char *)b + head;
+	b->v = (char *)b + head + k_room;
 	return b;
 }
 
@@ -78,7 +104,8 @@ void kvp_block_put(struct kvp_tenant *t, struct kvp_block *b, uint32_t dim)
 {
 	if (!b || atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) != 1)
 		return;
-	kvp_free(t, b, b->size, KVP_BYTES_EXACT, kvp_block_token_bytes(b, dim));
+	(void)dim;
+	kvp_free(t, b, b->size, block_kind(b), b->payload);
 }
 
 void kvp_block_write(struct kvp_block *b, uint32_t at, uint32_t n, uint32_t dim, const int32_t *pos,
