@@ -130,6 +130,25 @@ struct kvp_round {
 };
 kvp_status kvp_policy_round(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, const struct kvp_round *r,
 			    uint8_t *keep, uint32_t *n_kept);
+/*
+ * select=per_head (TriAttention's reference, plan.per_head): one kept set for KV head kv_head in every
+ * layer. rounds[l] is the stream of layer l; all must hold the same positions (they do when every round
+ * applied the same set), and their keys differ. Candidates' scores are averaged over layers, then selected.
+ */
+kvp_status kvp_policy_round_layers(struct kvp_policy *p, uint32_t kv_head, const struct kvp_round *rounds,
+				   uint8_t *keep, uint32_t *n_kept);
+/*
+ * select=union (plan.union_select, TensorRT-LLM's mode): one kept set for every KV head of a layer.
+ * rounds[h] for KV head h, same positions. Each head proposes its best (budget - protected) candidates;
+ * the proposals are ranked by their best score over all heads and the selection rules apply.
+ */
+kvp_status kvp_policy_round_union(struct kvp_policy *p, uint32_t layer, const struct kvp_round *rounds,
+				  uint8_t *keep, uint32_t *n_kept);
+
+/* Argument checks shared by the registry and the rounds (messages name `what`). */
+kvp_status kvp_policy_check_stream(const char *what, const struct kvp_policy *p, uint32_t layer,
+				   uint32_t kv_head);
+kvp_status kvp_policy_check_positions(const char *what, uint32_t n, const int32_t *pos);
 
 /* TriAttention's raw S for one query head (before z-normalization and the group max): tests, experiments. */
 kvp_status kvp_tria_raw_scores(struct kvp_policy *p, uint32_t layer, uint32_t head, int64_t t0, uint32_t n,

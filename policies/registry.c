@@ -145,7 +145,8 @@ int kvp_policy_due(const struct kvp_policy *p, int64_t t0, uint32_t n)
 
 /* ---- checked calls ---- */
 
-static kvp_status check_stream(const char *what, const struct kvp_policy *p, uint32_t layer, uint32_t kv_head)
+kvp_status kvp_policy_check_stream(const char *what, const struct kvp_policy *p, uint32_t layer,
+				   uint32_t kv_head)
 {
 	if (!p)
 		return kvp_fail(KVP_EINVAL, "%s: NULL policy", what);
@@ -159,7 +160,7 @@ static kvp_status check_stream(const char *what, const struct kvp_policy *p, uin
 }
 
 /* Positions are absolute, nonnegative and increasing within a stream. */
-static kvp_status check_positions(const char *what, uint32_t n, const int32_t *pos)
+kvp_status kvp_policy_check_positions(const char *what, uint32_t n, const int32_t *pos)
 {
 	for (uint32_t i = 0; i < n; i++)
 		if (pos[i] < 0 || (i && pos[i] <= pos[i - 1]))
@@ -174,7 +175,7 @@ kvp_status kvp_policy_learn(struct kvp_policy *p, const struct kvp_observation *
 
 	if (!o)
 		return kvp_fail(KVP_EINVAL, "kvp_policy_observe: NULL observation");
-	st = check_stream("kvp_policy_observe", p, o->layer, o->kv_head);
+	st = kvp_policy_check_stream("kvp_policy_observe", p, o->layer, o->kv_head);
 	if (st != KVP_OK)
 		return st;
 	if (o->t < 0)
@@ -182,7 +183,7 @@ kvp_status kvp_policy_learn(struct kvp_policy *p, const struct kvp_observation *
 	if (o->n && o->weights && !o->pos)
 		return kvp_fail(KVP_EINVAL, "kvp_policy_observe: weights without positions");
 	if (o->weights && o->n) {
-		st = check_positions("kvp_policy_observe", o->n, o->pos);
+		st = kvp_policy_check_positions("kvp_policy_observe", o->n, o->pos);
 		if (st != KVP_OK)
 			return st;
 	}
@@ -192,76 +193,19 @@ kvp_status kvp_policy_learn(struct kvp_policy *p, const struct kvp_observation *
 static kvp_status score_checked(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t0, uint32_t n,
 				const int32_t *pos, const float *k, float *scores)
 {
-	kvp_status st = check_stream("kvp_policy_score", p, layer, kv_head);
+	kvp_status st = kvp_policy_check_stream("kvp_policy_score", p, layer, kv_head);
 
 	if (st != KVP_OK || n == 0)
 		return st;
 	if (!pos || !k || !scores)
 		return kvp_fail(KVP_EINVAL, "kvp_policy_score: NULL positions, keys or scores");
-	st = check_positions("kvp_policy_score", n, pos);
+	st = kvp_policy_check_positions("kvp_policy_score", n, pos);
 	if (st == KVP_OK && t0 <= pos[n - 1])
 		st = kvp_fail(KVP_EINVAL, "kvp_policy_score: t0=%lld is not after the last key's position %d",
 			      (long long)t0, pos[n - 1]);
 	if (st != KVP_OK)
 		return st;
 	return p->ops->score(p, layer, kv_head, t0, n, pos, k, scores);
-}
-
-/* Gathers the candidates (unprotected tokens), scores them, and hands the scores to the selection. */
-kvp_status kvp_policy_round(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, const struct kvp_round *r,
-			    uint8_t *keep, uint32_t *n_kept)
-{
-	struct kvp_protect pr;
-	uint32_t hd, nc = 0, window;
-	uint32_t *idx;
-	int32_t *cpos;
-	float *ck, *cs, *scores;
-	kvp_status st;
-
-	if (!r || !keep || !n_kept)
-		return kvp_fail(KVP_EINVAL, "kvp_policy_round: NULL round, keep or count");
-	st = check_stream("kvp_policy_round", p, layer, kv_head);
-	if (st == KVP_OK && r->n && (!r->pos || !r->k))
-		st = kvp_fail(KVP_EINVAL, "kvp_policy_round: NULL positions or keys");
-	if (st == KVP_OK)
-		st = check_positions("kvp_policy_round", r->n, r->pos);
-	if (st == KVP_OK && r->n && r->t0 <= r->pos[r->n - 1])
-		st = kvp_fail(KVP_EINVAL, "kvp_policy_round: t0=%lld is not after the last position %d",
-			      (long long)r->t0, r->pos[r->n - 1]);
-	if (st != KVP_OK)
-		return st;
-	window = kvp_policy_window(p, r->t0);
-	pr.sinks = r->sinks > p->plan.sinks ? r->sinks : p->plan.sinks;
-	pr.window = r->window > window ? r->window : window;
-	pr.prompt_end = r->prompt_end;
-	pr.pin_prompt = p->plan.pin_prompt;
-	hd = p->shape.head_dim;
-	idx = malloc(sizeof *idx * (r->n ? r->n : 1));
-	cpos = malloc(sizeof *cpos * (r->n ? r->n : 1));
-	ck = malloc(sizeof *ck * (size_t)hd * (r->n ? r->n : 1));
-	cs = malloc(sizeof *cs * (r->n ? r->n : 1));
-	scores = calloc(r->n ? r->n : 1, sizeof *scores);
-	if (!idx || !cpos || !ck || !cs || !scores) {
-		st = kvp_fail(KVP_ENOMEM, "kvp_policy_round: out of memory for %u tokens", r->n);
-		goto out;
-	}
-	for (uint32_t i = 0; i < r->n; i++) {
-		if (i < pr.sinks || (uint64_t)i + pr.window >= r->n)
-			continue; /* protected: not a candidate, so it does not shift the z-scores */
-		idx[nc] = i;
-		cpos[nc] = r->pos[i];
-		memcpy(ck + (size_t)nc * hd, r->k + (size_t)i * hd, sizeof *ck * hd);
-		nc++;
-	}
-	if (nc)
-		st = p->ops->score(p, layer, kv_head, r->t0, nc, cpos, ck, cs);
-	for (uint32_t c = 0; st == KVP_OK && c < nc; c++)
-		scores[idx[c]] = cs[c];
-	if (st == KVP_OK)
-		st = kvp_select_survivors(r->n, r->pos, scores, &pr, kvp_policy_budget(p, r->t0), keep, n_kept);
-out:
-	free(idx), free(cpos), free(ck), free(cs), free(scores);
-	return st;
 }
 
 /* ---- the public calls ---- */

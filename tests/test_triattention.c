@@ -305,3 +305,253 @@ Test(triattention, default_is_17_offsets_up_to_65536_combined_by_mean)
 	}
 	kvp_policy_close(dflt), kvp_policy_close(o17), kvp_policy_close(o16), kvp_policy_close(mx);
 }
+
+/* ---- T8 and T9-style checks on a simulated decode ---- */
+
+enum { SIM_D = 8, SIM_F = 4, SIM_KV = 2, SIM_HEADS = 4, SIM_CAP = 1024 };
+
+struct sim_stream {
+	uint32_t n;
+	int32_t pos[SIM_CAP];
+	float k[SIM_CAP][SIM_D];
+};
+
+static kvp_policy *sim_policy(const char *args, uint32_t layers)
+{
+	kvp_shape s = fixture_shape(layers, SIM_HEADS, SIM_KV, SIM_D, 1e4f, KVP_ROPE_HALF);
+	size_t n = (size_t)layers * SIM_HEADS * SIM_F;
+	float *re = malloc(n * sizeof *re), *im = malloc(n * sizeof *im), *a = malloc(n * sizeof *a);
+	unsigned seed = 11;
+	kvp_policy *p;
+
+	for (size_t i = 0; i < n; i++) {
+		re[i] = (float)(rand_r(&seed) % 100) / 50.0f - 1.0f;
+		im[i] = (float)(rand_r(&seed) % 100) / 50.0f - 1.0f;
+		a[i] = hypotf(re[i], im[i]) + 0.3f;
+	}
+	p = open_policy(args, write_stats("sim.kvtria", s, re, im, a, 1.0f), s);
+	free(re), free(im), free(a);
+	return p;
+}
+
+/* Appends the token at absolute position t to a stream, its key rotated at t. */
+static void sim_append(struct sim_stream *st, int64_t t, unsigned *seed)
+{
+	float *k = st->k[st->n];
+
+	cr_assert_lt(st->n, SIM_CAP);
+	for (unsigned i = 0; i < SIM_D; i++)
+		k[i] = (float)(rand_r(seed) % 200) / 100.0f - 1.0f;
+	fixture_rope(k, SIM_D, 1e4, KVP_ROPE_HALF, t);
+	st->pos[st->n++] = (int32_t)t;
+}
+
+static void sim_compact(struct sim_stream *st, const uint8_t *keep)
+{
+	uint32_t out = 0;
+
+	for (uint32_t i = 0; i < st->n; i++)
+		if (keep[i]) {
+			st->pos[out] = st->pos[i];
+			memcpy(st->k[out], st->k[i], sizeof st->k[0]);
+			out++;
+		}
+	st->n = out;
+}
+
+/* T8: budget 64, every 128, prompt of 20 pinned; 600 decode steps on 2 KV heads (per_layer_head rounds). */
+Test(triattention, rounds_fire_every_128_steps_and_cut_each_head_to_the_budget_keeping_the_prompt)
+{
+	enum { PROMPT = 20, STEPS = 600, BUDGET = 64 };
+	kvp_policy *p = sim_policy("budget=64,every=128,select=per_layer_head", 1);
+	static struct sim_stream st[SIM_KV];
+	int64_t rounds_at[8];
+	unsigned seed = 3, n_rounds = 0;
+	uint8_t keep[SIM_CAP];
+
+	memset(st, 0, sizeof st);
+	for (int64_t t = 0; t < PROMPT + STEPS; t++) {
+		for (int h = 0; h < SIM_KV; h++)
+			sim_append(&st[h], t, &seed);
+		if (!kvp_policy_due(p, t + 1, st[0].n)) {
+			cr_assert(st[0].n < BUDGET + 128, "a stream of %u tokens must be due", st[0].n);
+			continue;
+		}
+		cr_assert_eq(st[0].n, BUDGET + 128, "due exactly at budget + every, not at %u", st[0].n);
+		cr_assert_lt(n_rounds, 8);
+		rounds_at[n_rounds++] = t;
+		for (uint32_t h = 0; h < SIM_KV; h++) {
+			struct kvp_round r = { .t0 = t + 1, .n = st[h].n, .pos = st[h].pos, .k = &st[h].k[0][0],
+					       .prompt_end = PROMPT };
+			uint32_t kept = 0;
+			cr_assert_eq(kvp_policy_round(p, 0, h, &r, keep, &kept), KVP_OK, "%s", kvp_last_error());
+			cr_assert_eq(kept, BUDGET, "head %u kept %u", h, kept);
+			for (int i = 0; i < PROMPT; i++)
+				cr_assert(keep[i], "prompt token %d dropped by head %u", i, h);
+			sim_compact(&st[h], keep);
+			cr_assert_eq(st[h].n, BUDGET);
+		}
+	}
+	/* first round when 192 tokens are held (position 191), then every 128 decode steps */
+	cr_assert_eq(n_rounds, 4, "rounds: %u", n_rounds);
+	for (unsigned i = 0; i < n_rounds; i++)
+		cr_assert_eq(rounds_at[i], 191 + 128 * (int64_t)i, "round %u at position %lld", i, (long long)rounds_at[i]);
+	/* positions stay absolute after eviction: the newest token sits at the last position processed */
+	cr_assert_eq(st[0].pos[st[0].n - 1], PROMPT + STEPS - 1);
+	cr_assert(memcmp(st[0].pos, st[1].pos, sizeof(int32_t) * st[0].n), "heads choose independently (ragged)");
+	kvp_policy_close(p);
+}
+
+/* T9-style: a key's raw score depends on its own absolute position and t0, not on its slot or company. */
+Test(triattention, a_key_scores_the_same_alone_or_among_others_after_eviction)
+{
+	kvp_policy *p = example_policy("", KVP_ROPE_HALF, 1.0f);
+	float k[3][4], all[3], alone[1];
+
+	example_keys(k, KVP_ROPE_HALF, 0);
+	cr_assert_eq(kvp_tria_raw_scores(p, 0, 1, 12, 3, &k[0][0], all), KVP_OK);
+	cr_assert_eq(kvp_tria_raw_scores(p, 0, 1, 12, 1, k[2], alone), KVP_OK);
+	cr_assert_float_eq(alone[0], all[2], 1e-7);
+	cr_assert_float_eq(alone[0], 2.812689, EPS);
+	/* t0 must follow every key: a cache-length t0 after eviction (here 2 < 11) is refused */
+	cr_assert_eq(kvp_policy_score(p, 0, 0, 2, 3, ex_pos, &k[0][0], all), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "t0=2"), "%s", kvp_last_error());
+	kvp_policy_close(p);
+}
+
+Test(triattention, per_head_select_keeps_one_set_for_every_layer)
+{
+	enum { L = 3, N = 120, BUDGET = 40 };
+	kvp_policy *p = sim_policy("budget=40,every=8,select=per_head,pin_prompt=0", L);
+	static struct sim_stream st[L];
+	struct kvp_round r[L];
+	uint8_t keep[SIM_CAP], one[SIM_CAP];
+	uint32_t kept = 0, kept1 = 0;
+	unsigned seed = 5;
+	float mean[N] = { 0 }, s[N];
+
+	memset(st, 0, sizeof st);
+	for (int64_t t = 0; t < N; t++)
+		for (int l = 0; l < L; l++)
+			sim_append(&st[l], t, &seed);
+	for (int l = 0; l < L; l++)
+		r[l] = (struct kvp_round){ .t0 = N, .n = N, .pos = st[l].pos, .k = &st[l].k[0][0] };
+	cr_assert_eq(kvp_policy_round_layers(p, 1, r, keep, &kept), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kept, BUDGET);
+	/* the same set as ranking the layer mean of kvp_policy_score by hand */
+	for (int l = 0; l < L; l++) {
+		cr_assert_eq(kvp_policy_score(p, l, 1, N, N, st[l].pos, &st[l].k[0][0], s), KVP_OK);
+		for (int i = 0; i < N; i++)
+			mean[i] += s[i] / L;
+	}
+	{
+		struct kvp_protect none = { 0 };
+		cr_assert_eq(kvp_select_survivors(N, st[0].pos, mean, &none, BUDGET, one, &kept1), KVP_OK);
+		cr_assert_eq(memcmp(keep, one, N), 0, "per_head set differs from the layer-mean ranking");
+	}
+	/* rounds over different positions are refused */
+	st[2].pos[5] = 1000;
+	cr_assert_eq(kvp_policy_round_layers(p, 1, r, keep, &kept), KVP_EINVAL);
+	kvp_policy_close(p);
+}
+
+Test(triattention, union_select_keeps_one_set_for_every_kv_head_of_a_layer)
+{
+	enum { N = 100, BUDGET = 30 };
+	kvp_policy *p = sim_policy("budget=30,select=union,pin_prompt=0", 1);
+	static struct sim_stream st[SIM_KV];
+	struct kvp_round r[SIM_KV];
+	uint8_t keep[SIM_CAP];
+	uint32_t kept = 0;
+	unsigned seed = 9;
+	float s0[N], s1[N];
+
+	memset(st, 0, sizeof st);
+	for (int64_t t = 0; t < N; t++)
+		for (int h = 0; h < SIM_KV; h++)
+			sim_append(&st[h], t, &seed);
+	for (int h = 0; h < SIM_KV; h++)
+		r[h] = (struct kvp_round){ .t0 = N, .n = N, .pos = st[h].pos, .k = &st[h].k[0][0] };
+	cr_assert_eq(kvp_policy_round_union(p, 0, r, keep, &kept), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kept, BUDGET);
+	cr_assert_eq(kvp_policy_score(p, 0, 0, N, N, st[0].pos, &st[0].k[0][0], s0), KVP_OK);
+	cr_assert_eq(kvp_policy_score(p, 0, 1, N, N, st[1].pos, &st[1].k[0][0], s1), KVP_OK);
+	/* every kept token is at least as good, by its best head, as every dropped one */
+	{
+		float worst_kept = INFINITY, best_dropped = -INFINITY;
+		for (int i = 0; i < N; i++) {
+			float m = s0[i] > s1[i] ? s0[i] : s1[i];
+			if (keep[i])
+				worst_kept = m < worst_kept ? m : worst_kept;
+			else
+				best_dropped = m > best_dropped ? m : best_dropped;
+		}
+		cr_assert_geq(worst_kept, best_dropped);
+	}
+	kvp_policy_close(p);
+}
+
+/* Online statistics: queries observed after RoPE average to the pre-RoPE statistics of a file. */
+Test(triattention, online_stats_from_post_rope_queries_match_the_file_stats_of_the_same_queries)
+{
+	kvp_shape s = fixture_shape(1, 2, 1, 4, 1e4f, KVP_ROPE_INTERLEAVED);
+	float re[2][2] = { { 0 } }, im[2][2] = { { 0 } }, ab[2][2] = { { 0 } }, q[2][4], k[3][4], a[3], b[3];
+	kvp_policy *online, *file;
+	unsigned seed = 21;
+	enum { T = 50 };
+
+	cr_assert_eq(kvp_policy_open("triattention(stats=online)", &s, &online), KVP_OK, "%s", kvp_last_error());
+	for (int t = 0; t < T; t++) {
+		for (int h = 0; h < 2; h++) {
+			for (int f = 0; f < 2; f++) {
+				float x = 1.0f + (float)(rand_r(&seed) % 100) / 100.0f, y = 0.5f - (float)(rand_r(&seed) % 100) / 100.0f;
+				q[h][2 * f] = x, q[h][2 * f + 1] = y;
+				re[h][f] += x / T, im[h][f] += y / T, ab[h][f] += hypotf(x, y) / T;
+			}
+			fixture_rope(q[h], 4, 1e4, KVP_ROPE_INTERLEAVED, t);
+		}
+		cr_assert_eq(kvp_policy_observe(online, 0, 0, t, &q[0][0], 0, NULL, NULL), KVP_OK, "%s", kvp_last_error());
+	}
+	file = open_policy("", write_stats("online.kvtria", s, &re[0][0], &im[0][0], &ab[0][0], 1.0f), s);
+	example_keys(k, KVP_ROPE_INTERLEAVED, 40);
+	for (uint32_t h = 0; h < 2; h++) {
+		cr_assert_eq(kvp_tria_raw_scores(online, 0, h, 60, 3, &k[0][0], a), KVP_OK);
+		cr_assert_eq(kvp_tria_raw_scores(file, 0, h, 60, 3, &k[0][0], b), KVP_OK);
+		for (int i = 0; i < 3; i++)
+			cr_assert_float_eq(a[i], b[i], 1e-4, "h%u key %d: online %.6f, file %.6f", h, i, a[i], b[i]);
+	}
+	kvp_policy_close(online);
+	kvp_policy_close(file);
+}
+
+Test(triattention, bad_specs_and_stats_are_refused_with_a_reason)
+{
+	kvp_shape s = example_shape(KVP_ROPE_HALF);
+	kvp_policy *p = (kvp_policy *)&s;
+
+	cr_assert_eq(kvp_policy_open("triattention(budget=10,ratio=0.5)", &s, &p), KVP_EINVAL);
+	cr_assert_null(p);
+	cr_assert(strstr(kvp_last_error(), "not both"), "%s", kvp_last_error());
+	cr_assert_eq(kvp_policy_open("triattention(offsets=40)", &s, &p), KVP_EINVAL);
+	cr_assert_eq(kvp_policy_open("triattention(select=everything)", &s, &p), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "per_head|per_layer_head|union"), "%s", kvp_last_error());
+	cr_assert_eq(kvp_policy_open("triattention(stats=/nonexistent/x.kvtria)", &s, &p), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "/nonexistent/x.kvtria"), "%s", kvp_last_error());
+	cr_assert_eq(kvp_policy_open("triattention(budget=10,colour=red)", &s, &p), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "colour"), "%s", kvp_last_error());
+	cr_assert_eq(kvp_policy_open("lru(size=3)", &s, &p), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "unknown policy 'lru'"), "%s", kvp_last_error());
+}
+
+Test(triattention, ratio_budget_follows_the_tokens_processed)
+{
+	kvp_shape s = example_shape(KVP_ROPE_HALF);
+	struct kvp_policy *p = NULL;
+
+	cr_assert_eq(kvp_policy_open("triattention(ratio=0.25,every=16)", &s, &p), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_policy_budget(p, 400), 100);
+	cr_assert_eq(kvp_policy_budget(p, 401), 101);
+	cr_assert(!kvp_policy_due(p, 400, 115));
+	cr_assert(kvp_policy_due(p, 400, 116));
+	kvp_policy_close(p);
+}
