@@ -56,7 +56,7 @@ static kvp_status plan_blocks(struct kvp_tenant *t, const struct kvp_stream *s, 
 			return KVP_ENOMEM;
 	}
 	rest = n - p->sink_take;
-	if (tail && tail->n < tail->cap) {
+	if (tail && tail->store != KVP_STORE_CODEC && tail->n < tail->cap) {
 		p->tail_take = rest < tail->cap - tail->n ? rest : tail->cap - tail->n;
 		if (p->tail_take && shared(tail) && !(p->tail = kvp_block_copy(t, tail, dim)))
 			return KVP_ENOMEM;
@@ -87,10 +87,9 @@ static kvp_status plan_stream(struct kvp_tenant *t, const struct kvp_seq *seq, c
 			      uint32_t n, struct stream_plan *p)
 {
 	kvp_status st = plan_blocks(t, s, n, seq->shape.head_dim, p);
-	uint32_t rest = s->n_tokens - (s->sink ? s->sink->n : 0) + n - p->sink_take;
 
 	if (st == KVP_OK)
-		st = kvp_cold_plan(t, seq, s, rest, &p->cold);
+		st = kvp_cold_plan(t, seq, s, n - p->sink_take, &p->cold);
 	return st;
 }
 
@@ -136,6 +135,22 @@ static void commit_stream(struct kvp_tenant *t, const struct kvp_seq *seq, struc
 	kvp_cold_commit(t, seq, s, &p->cold);
 }
 
+/* A policy ranks tokens by absolute position: within a stream they must increase. */
+static kvp_status positions_check(const kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos)
+{
+	const struct kvp_stream *st = kvp_seq_stream(s, layer, 0);
+	const struct kvp_block *last = st->n_blocks ? st->blocks[st->n_blocks - 1] : st->sink;
+	int64_t prev = last && last->n ? last->pos[last->n - 1] : -1;
+
+	for (uint32_t i = 0; i < n; i++) {
+		if (pos[i] <= prev)
+			return kvp_fail(KVP_EINVAL, "kvp_append: position %d at index %u does not follow %lld; with "
+					"a policy, positions must increase", pos[i], i, (long long)prev);
+		prev = pos[i];
+	}
+	return KVP_OK;
+}
+
 kvp_status kvp_append(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
 		      const float *v)
 {
@@ -151,6 +166,8 @@ kvp_status kvp_append(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos
 		return KVP_OK;
 	if (!pos || !k || !v)
 		return kvp_fail(KVP_EINVAL, "kvp_append: pos, k and v must not be NULL");
+	if (s->policy && (st = positions_check(s, layer, n, pos)) != KVP_OK)
+		return st;
 	nkv = s->shape.n_kv_heads;
 	dim = s->shape.head_dim;
 	if (nkv > sizeof plans / sizeof plans[0] && !(plan = calloc(nkv, sizeof *plan)))
@@ -166,6 +183,8 @@ kvp_status kvp_append(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos
 			commit_stream(s->tenant, s, kvp_seq_stream(s, layer, g), &plan[g], n, pos,
 				      k + (size_t)g * dim, v + (size_t)g * dim, (size_t)nkv * dim);
 		s->tokens_appended += (uint64_t)n * nkv;
+		if ((int64_t)pos[n - 1] + 1 > s->t0)
+			s->t0 = (int64_t)pos[n - 1] + 1;
 		atomic_fetch_add(&s->tenant->tokens_appended, (uint64_t)n * nkv);
 		atomic_fetch_add(&s->tenant->tokens_retained, (uint64_t)n * nkv);
 		atomic_fetch_add(&s->tenant->bytes_dense_fp16, (uint64_t)n * nkv * dim * 4);

@@ -120,22 +120,38 @@ void kvp_stream_ctx_put(struct kvp_tenant *t, struct kvp_stream_ctx *x)
 		kvp_free(t, x, x->size, KVP_BYTES_META, 0);
 }
 
-/* Blocks [0, n) of a stream that holds `rest` non-sink tokens are cold: full, and older than the window. */
-static uint32_t cold_count(const struct kvp_tenant_config *cfg, uint32_t rest)
+/*
+ * How many exact blocks, from blocks[n_cold] on, turn cold once `add` more tokens arrive: the exact
+ * region is full blocks and at most one partial last block, and a block turns cold when `window` tokens
+ * follow it. With a policy only blocks a round has scored qualify: tokens are scored while exact.
+ */
+static uint32_t cold_count(const struct kvp_tenant_config *cfg, const struct kvp_seq *s,
+			   const struct kvp_stream *st, uint32_t add)
 {
-	return rest >= cfg->window ? (rest - cfg->window) / cfg->block : 0;
+	uint32_t exact = add, want, ok = 0;
+
+	for (uint32_t i = st->n_cold; i < st->n_blocks; i++)
+		exact += st->blocks[i]->n;
+	want = exact >= cfg->window ? (exact - cfg->window) / cfg->block : 0;
+	if (!s->policy)
+		return want;
+	for (uint32_t i = st->n_cold; i < st->n_blocks && ok < want; i++, ok++) {
+		const struct kvp_block *b = st->blocks[i];
+		if (b->n != cfg->block || b->pos[b->n - 1] >= st->scored_upto)
+			break;
+	}
+	return ok;
 }
 
 kvp_status kvp_cold_plan(struct kvp_tenant *t, const struct kvp_seq *s, const struct kvp_stream *st,
-			 uint32_t rest, struct kvp_cold_plan *p)
+			 uint32_t add, struct kvp_cold_plan *p)
 {
 	const struct kvp_cold *c = &s->cold;
-	uint32_t B = t->cfg.block, dim = s->shape.head_dim, want;
+	uint32_t B = t->cfg.block, dim = s->shape.head_dim;
 
 	memset(p, 0, sizeof *p);
-	if (!c->k || (want = cold_count(&t->cfg, rest)) <= st->n_cold)
+	if (!c->k || !(p->n = cold_count(&t->cfg, s, st, add)))
 		return KVP_OK;
-	p->n = want - st->n_cold;
 	if (!(p->blocks = calloc(p->n, sizeof *p->blocks)) ||
 	    !(p->rows = malloc((size_t)2 * B * dim * sizeof *p->rows)))
 		return kvp_fail(KVP_ENOMEM, "out of memory planning the cold tier");

@@ -57,6 +57,8 @@ struct kvp_tenant_config {
 	/* codec specs of the cold tier, "" when not set; either set means the tier exists and the other side
 	 * is stored as store= says */
 	char k_spec[KVP_CODEC_SPEC_MAX], v_spec[KVP_CODEC_SPEC_MAX];
+	char policy_spec[KVP_CODEC_SPEC_MAX]; /* "" when every token is kept */
+	uint32_t pin_prompt;
 };
 
 struct kvp_tenant {
@@ -99,6 +101,7 @@ struct kvp_stream {
 	uint32_t n_blocks, cap_blocks, n_cold;
 	struct kvp_block **blocks;
 	struct kvp_stream_ctx *ctx; /* NULL until the first block turns cold */
+	int64_t scored_upto;        /* with a policy: tokens below this position went through a round */
 };
 
 /* The cold tier of a sequence: its codecs, parsed for its head_dim, and the scratch attend needs. */
@@ -117,6 +120,15 @@ struct kvp_seq {
 	struct kvp_stream *streams; /* [n_layers][n_kv_heads] */
 	uint64_t tokens_appended;
 	struct kvp_cold cold; /* codecs NULL when the tenant has no k= or v= */
+	struct kvp_policy *policy; /* NULL when every token is kept */
+	int64_t t0;                /* one past the highest position appended */
+	int32_t prompt_end;        /* the prompt's end, fixed at the first kvp_seq_step; -1 before */
+	struct kvp_observe_buf {   /* what attend hands the policy: weights over one stream */
+		uint32_t cap;
+		size_t bytes;
+		float *weights; /* [group][cap] */
+		int32_t *pos;   /* [cap] */
+	} observe;
 };
 
 #define KVP_POOL_MAGIC 0x6b76706fu
@@ -162,9 +174,9 @@ struct kvp_cold_plan {
 kvp_status kvp_cold_check(const struct kvp_tenant_config *cfg);
 kvp_status kvp_cold_open(struct kvp_tenant *t, struct kvp_seq *s);
 void kvp_cold_close(struct kvp_tenant *t, struct kvp_seq *s);
-/* Allocate what turning blocks cold needs, given that the stream will hold `rest` non-sink tokens. */
+/* Allocate what turning blocks cold needs once `add` more tokens land in the stream's blocks. */
 kvp_status kvp_cold_plan(struct kvp_tenant *t, const struct kvp_seq *s, const struct kvp_stream *st,
-			 uint32_t rest, struct kvp_cold_plan *p);
+			 uint32_t add, struct kvp_cold_plan *p);
 void kvp_cold_unwind(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_cold_plan *p);
 /* Encode the planned blocks after the exact tokens are written. Cannot fail: a block that does not
  * encode stays exact, and the plan's leftovers are freed. */
@@ -173,6 +185,17 @@ void kvp_cold_commit(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_s
 void kvp_stream_ctx_put(struct kvp_tenant *t, struct kvp_stream_ctx *c);
 void kvp_cold_gather(const struct kvp_seq *s, const struct kvp_stream *st, const struct kvp_block *b,
 		     float *k, float *v);
+
+/* ---- token policies (evict.c) ---- */
+kvp_status kvp_evict_check(const struct kvp_tenant_config *cfg);
+kvp_status kvp_evict_open(struct kvp_tenant *t, struct kvp_seq *s);
+void kvp_evict_close(struct kvp_tenant *t, struct kvp_seq *s);
+/* Rounds that are due, then the cold conversion of what they scored. */
+kvp_status kvp_evict_step(struct kvp_seq *s);
+/* Room for attend's observation of streams of up to n tokens; KVP_ENOMEM leaves the old buffer. */
+kvp_status kvp_observe_reserve(struct kvp_seq *s, uint32_t n);
+/* Every token of a stream in order: positions, and keys and values as fp32 (either may be NULL). */
+void kvp_stream_gather(const struct kvp_seq *s, const struct kvp_stream *st, int32_t *pos, float *k, float *v);
 
 /* ---- streams ---- */
 void kvp_stream_release(struct kvp_tenant *t, struct kvp_stream *s, uint32_t dim);

@@ -84,7 +84,7 @@ static kvp_status codec_spec(struct kvp_args *args, const char *key, char out[KV
 	if (st != KVP_OK || !v)
 		return st;
 	if (n == 0 || n >= KVP_CODEC_SPEC_MAX)
-		return kvp_fail(KVP_EINVAL, "tenant: %s=%.*s must be a codec spec of 1..%d characters", key,
+		return kvp_fail(KVP_EINVAL, "tenant: %s=%.*s must be a spec of 1..%d characters", key,
 				(int)(n > 64 ? 64 : n), v, KVP_CODEC_SPEC_MAX - 1);
 	memcpy(out, v, n);
 	out[n] = '\0';
@@ -94,7 +94,7 @@ static kvp_status codec_spec(struct kvp_args *args, const char *key, char out[KV
 kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quota, const char *spec)
 {
 	static const char *const stores[] = { "fp32", "fp16", NULL };
-	static const char *const later[] = { "policy", "gate", "ladder", "pin_prompt", NULL };
+	static const char *const later[] = { "gate", "ladder", NULL };
 	struct kvp_args args;
 	unsigned store = KVP_STORE_FP32;
 	kvp_status st;
@@ -115,6 +115,10 @@ kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quot
 		st = codec_spec(&args, "k", cfg->k_spec);
 	if (st == KVP_OK)
 		st = codec_spec(&args, "v", cfg->v_spec);
+	if (st == KVP_OK)
+		st = codec_spec(&args, "policy", cfg->policy_spec);
+	if (st == KVP_OK)
+		st = kvp_args_u32(&args, "pin_prompt", 0, 1, &cfg->pin_prompt);
 	for (unsigned i = 0; st == KVP_OK && later[i]; i++) {
 		const char *v = NULL;
 		unsigned n;
@@ -128,6 +132,8 @@ kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quot
 	cfg->store = (enum kvp_store)store;
 	if (st == KVP_OK)
 		st = kvp_cold_check(cfg);
+	if (st == KVP_OK)
+		st = kvp_evict_check(cfg);
 	return st;
 }
 

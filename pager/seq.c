@@ -79,7 +79,7 @@ kvp_status kvp_seq_open(kvp_tenant *t, const kvp_shape *shape, kvp_seq **out)
 		return st;
 	if (!(s = seq_alloc(t, shape)))
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_open");
-	if ((st = kvp_cold_open(t, s)) != KVP_OK) {
+	if ((st = kvp_cold_open(t, s)) != KVP_OK || (st = kvp_evict_open(t, s)) != KVP_OK) {
 		kvp_seq_destroy(s);
 		return st;
 	}
@@ -140,7 +140,8 @@ kvp_status kvp_seq_fork(kvp_seq *src, kvp_seq **out)
 	t = src->tenant;
 	if (!(s = seq_alloc(t, &src->shape)))
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
-	if (kvp_cold_open(t, s) != KVP_OK) {
+	/* the fork's policy starts without history: policy state is not shared between sequences */
+	if (kvp_cold_open(t, s) != KVP_OK || kvp_evict_open(t, s) != KVP_OK) {
 		kvp_seq_destroy(s);
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
 	}
@@ -153,6 +154,8 @@ kvp_status kvp_seq_fork(kvp_seq *src, kvp_seq **out)
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
 	}
 	s->tokens_appended = src->tokens_appended;
+	s->t0 = src->t0;
+	s->prompt_end = src->prompt_end;
 	atomic_fetch_add(&t->tokens_appended, s->tokens_appended);
 	atomic_fetch_add(&t->tokens_retained, seq_retained(s));
 	atomic_fetch_add(&t->bytes_dense_fp16, s->tokens_appended * s->shape.head_dim * 4);
@@ -171,6 +174,7 @@ void kvp_seq_destroy(struct kvp_seq *s)
 	for (size_t i = 0; i < n; i++)
 		kvp_stream_release(t, &s->streams[i], s->shape.head_dim);
 	kvp_cold_close(t, s);
+	kvp_evict_close(t, s);
 	kvp_free(t, s->streams, streams_bytes(&s->shape), KVP_BYTES_META, 0);
 	s->magic = 0;
 	kvp_free(t, s, sizeof *s, KVP_BYTES_META, 0);
@@ -196,7 +200,7 @@ kvp_status kvp_seq_step(kvp_seq *s)
 {
 	if (!s || s->magic != KVP_SEQ_MAGIC)
 		return kvp_fail(KVP_EINVAL, "kvp_seq_step: not an open sequence");
-	return KVP_OK; /* no policy rounds until policies are configured */
+	return kvp_evict_step(s);
 }
 
 static void gather_block(const struct kvp_seq *s, const struct kvp_stream *st, const struct kvp_block *b,
@@ -222,11 +226,24 @@ static void gather_block(const struct kvp_seq *s, const struct kvp_stream *st, c
 	}
 }
 
+void kvp_stream_gather(const struct kvp_seq *s, const struct kvp_stream *st, int32_t *pos, float *k, float *v)
+{
+	uint32_t at = 0;
+
+	if (st->sink) {
+		gather_block(s, st, st->sink, at, pos, k, v);
+		at += st->sink->n;
+	}
+	for (uint32_t i = 0; i < st->n_blocks; i++) {
+		gather_block(s, st, st->blocks[i], at, pos, k, v);
+		at += st->blocks[i]->n;
+	}
+}
+
 kvp_status kvp_gather(kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos, float *k,
 		      float *v, uint32_t *n_out)
 {
 	const struct kvp_stream *st;
-	uint32_t at = 0;
 	if (!s || s->magic != KVP_SEQ_MAGIC)
 		return kvp_fail(KVP_EINVAL, "kvp_gather: not an open sequence");
 	if (layer >= s->shape.n_layers || kv_head >= s->shape.n_kv_heads)
@@ -238,14 +255,7 @@ kvp_status kvp_gather(kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap
 	if (st->n_tokens > cap)
 		return kvp_fail(KVP_EINVAL, "kvp_gather: the stream holds %u tokens, more than cap %u", st->n_tokens,
 				cap);
-	if (st->sink) {
-		gather_block(s, st, st->sink, at, pos, k, v);
-		at += st->sink->n;
-	}
-	for (uint32_t i = 0; i < st->n_blocks; i++) {
-		gather_block(s, st, st->blocks[i], at, pos, k, v);
-		at += st->blocks[i]->n;
-	}
+	kvp_stream_gather(s, st, pos, k, v);
 	return KVP_OK;
 }
 
@@ -295,6 +305,8 @@ kvp_status kvp_seq_stats(const kvp_seq *s, kvp_stats *out)
 	full.bytes_meta += kvp_alloc_size(s->tenant, sizeof *s) + kvp_alloc_size(s->tenant, streams_bytes(&s->shape));
 	if (s->cold.scratch)
 		full.bytes_meta += kvp_alloc_size(s->tenant, s->cold.scratch_bytes);
+	if (s->observe.bytes)
+		full.bytes_meta += kvp_alloc_size(s->tenant, s->observe.bytes);
 	full.tokens_appended = s->tokens_appended;
 	full.bytes_dense_fp16 = s->tokens_appended * s->shape.head_dim * 4;
 	stats_copy(out, &full);

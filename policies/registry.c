@@ -118,7 +118,8 @@ void kvp_policy_free(struct kvp_policy *p)
 
 static uint32_t ceil_fraction(double r, int64_t t0)
 {
-	double v = ceil(r * (double)(t0 > 0 ? t0 : 0));
+	/* 0.15 * 200 is 30.000000000000004 in binary: a relative nudge keeps exact products exact */
+	double x = r * (double)(t0 > 0 ? t0 : 0), v = ceil(x - x * 1e-12);
 	return v >= (double)UINT32_MAX ? UINT32_MAX : (uint32_t)v;
 }
 

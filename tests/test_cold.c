@@ -11,7 +11,7 @@
 
 #include "kvpager.h"
 #include "pager_fixture.h"
-#include "tools/llama.h"
+#include "model_fixture.h"
 
 #define D 64
 #define NKV 2
@@ -286,106 +286,29 @@ Test(cold, attention_error_shrinks_as_turboquant_bits_grow)
 
 /* ---- the real model ---- */
 
-static const char *model_path(const char *name)
-{
-	static char path[512];
-	const char *dir = getenv("KVP_MODELS");
-
-	snprintf(path, sizeof path, "%s/%s", dir && *dir ? dir : "../shared/models", name);
-	return path;
-}
-
-struct attention_tap {
-	float *out; /* [steps][n_layers][dim] */
-	int dim, n_layers;
-};
-
-static void record_attention(void *ctx, enum llama_tap tap, int layer, int pos, const float *x, int n)
-{
-	struct attention_tap *a = ctx;
-
-	if (tap == LLAMA_TAP_ATTENTION)
-		memcpy(a->out + ((size_t)pos * a->n_layers + layer) * a->dim, x, (size_t)n * sizeof *x);
-}
-
-/* Teacher-forces tokens through the model with the given attention; records attention outputs and argmaxes. */
-static void run_model(const struct llama_model *m, struct llama_attention att, const int *tokens, int n,
-		      struct attention_tap *tap, int *argmax)
-{
-	struct llama_observer obs = { tap, record_attention };
-	struct llama_state s;
-
-	cr_assert_eq(llama_state_init(&s, &m->config), LLAMA_OK);
-	for (int pos = 0; pos < n; pos++) {
-		cr_assert_eq(llama_forward(m, &s, &att, &obs, tokens[pos], pos), LLAMA_OK, "position %d", pos);
-		argmax[pos] = llama_argmax(s.logits, m->config.vocab_size);
-	}
-	llama_state_free(&s);
-}
-
 Test(cold, kjv64_with_a_turboquant_4bit_cold_tier_stays_close_to_the_exact_cache, .timeout = 120)
 {
 	enum { STEPS = 320 };
-	static int tokens[STEPS + 1], exact_top[STEPS], cold_top[STEPS];
+	static int tokens[STEPS], exact_top[STEPS], cold_top[STEPS];
 	char err[LLAMA_ERROR_MAX] = "";
+	kvp_stats st = { .size = sizeof st };
 	struct llama_model m;
-	struct llama_dense_cache dense;
-	struct llama_plugin_cache plugin;
 	struct attention_tap ta, tb;
-	double worst = 0, sum = 0;
+	double mean, worst;
 	int agree = 0;
 
 	cr_assert_eq(llama_model_load(&m, model_path("kjv-64.bin"), err), LLAMA_OK, "%s", err);
-	ta.dim = tb.dim = m.config.dim;
-	ta.n_layers = tb.n_layers = m.config.n_layers;
-	ta.out = calloc((size_t)STEPS * m.config.n_layers * m.config.dim, sizeof(float));
-	tb.out = calloc((size_t)STEPS * m.config.n_layers * m.config.dim, sizeof(float));
-	/* the token stream: greedy decoding with the exact cache, from BOS */
-	tokens[0] = LLAMA_TOKEN_BOS;
-	{
-		/* greedy: each next token is the argmax after the previous one */
-		struct llama_state s;
-		cr_assert_eq(llama_dense_cache_init(&dense, &m.config), LLAMA_OK);
-		cr_assert_eq(llama_state_init(&s, &m.config), LLAMA_OK);
-		struct llama_attention att = llama_dense_attention(&dense);
-		for (int pos = 0; pos < STEPS - 1; pos++) {
-			cr_assert_eq(llama_forward(&m, &s, &att, NULL, tokens[pos], pos), LLAMA_OK);
-			tokens[pos + 1] = llama_argmax(s.logits, m.config.vocab_size);
-		}
-		llama_state_free(&s);
-		llama_dense_cache_free(&dense);
-	}
-	cr_assert_eq(llama_dense_cache_init(&dense, &m.config), LLAMA_OK);
-	run_model(&m, llama_dense_attention(&dense), tokens, STEPS, &ta, exact_top);
-	llama_dense_cache_free(&dense);
-	cr_assert_eq(llama_plugin_cache_open(&plugin, kvp_plugin(KVP_ABI_MAJOR), &m.config, "mem=64MiB",
-					     "block=32,sinks=4,window=64,k=turboquant(bits=4),v=turboquant(bits=4)"),
-		     LLAMA_OK, "%s", plugin.message);
-	run_model(&m, llama_plugin_attention(&plugin), tokens, STEPS, &tb, cold_top);
-	{
-		kvp_stats st = { .size = sizeof st };
-		cr_assert_eq(kvp_seq_stats(plugin.seq, &st), KVP_OK);
-		cr_assert_gt(st.bytes_compressed, 0, "the cold tier was used");
-		cr_log_info("kjv-64 TurboQuant 4-bit cold tier: %llu exact + %llu compressed bytes",
-			    (unsigned long long)st.bytes_exact, (unsigned long long)st.bytes_compressed);
-	}
-	llama_plugin_cache_close(&plugin);
-	/* relative error of every layer's attention output, once the cold tier exists (past sinks + window) */
-	for (int pos = 100; pos < STEPS; pos++)
-		for (int l = 0; l < m.config.n_layers; l++) {
-			const float *a = ta.out + ((size_t)pos * m.config.n_layers + l) * m.config.dim;
-			const float *b = tb.out + ((size_t)pos * m.config.n_layers + l) * m.config.dim;
-			double num = 0, den = 0;
-			for (int j = 0; j < m.config.dim; j++) {
-				num += (double)(a[j] - b[j]) * (a[j] - b[j]);
-				den += (double)a[j] * a[j];
-			}
-			worst = fmax(worst, sqrt(num / den));
-			sum += sqrt(num / den);
-		}
+	tap_open(&ta, &m, STEPS);
+	tap_open(&tb, &m, STEPS);
+	greedy_tokens(&m, tokens, STEPS);
+	run_exact(&m, tokens, STEPS, &ta, exact_top);
+	run_spec(&m, "block=32,sinks=4,window=64,k=turboquant(bits=4),v=turboquant(bits=4)", tokens, STEPS, &tb,
+		 cold_top, &st);
+	cr_assert_gt(st.bytes_compressed, 0, "the cold tier was used");
+	/* every layer's attention output once the cold tier exists (past sinks + window) */
+	attention_errors(&m, &ta, &tb, 100, STEPS, &mean, &worst);
 	for (int pos = 0; pos < STEPS; pos++)
 		agree += exact_top[pos] == cold_top[pos];
-	double mean = sum / ((STEPS - 100) * m.config.n_layers);
 	cr_log_info("kjv-64, 4-bit cold tier: attention output relative error mean %.4f, worst %.4f; "
 		    "next-token argmax agrees on %d of %d steps", mean, worst, agree, STEPS);
 	/* measured: mean 0.016, worst 0.057, argmax 320 of 320 */
