@@ -3,10 +3,13 @@
  * per-stream context. Values beyond the binary16 range become infinities, as in any fp16 cache.
  *
  * Layout of one token: dim binary16 values, little endian (2*dim bytes). bytes(n) = 2 * dim * n.
+ * dot and axpy are the dense kernels (dot_f16, axpy_f16) when the bytes are 2-byte aligned, as the
+ * pager's blocks are; otherwise values are assembled byte by byte.
  */
 #include <string.h>
 
 #include "codecs/codec.h"
+#include "kernels/kernels.h"
 
 static kvp_status fp16_open(struct kvp_codec *c, struct kvp_args *args, unsigned dim, struct kvp_codec *inner)
 {
@@ -56,6 +59,11 @@ static void fp16_prepare_query(const struct kvp_codec *c, const void *ctx, const
 	memcpy(qprep, q, sizeof(float) * c->dim);
 }
 
+static int aligned(const void *p)
+{
+	return ((uintptr_t)p & 1) == 0;
+}
+
 static void fp16_dot(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, const void *qprep,
 		     float *out)
 {
@@ -63,6 +71,10 @@ static void fp16_dot(const struct kvp_codec *c, const void *ctx, unsigned n, con
 	const float *q = qprep;
 
 	(void)ctx;
+	if (aligned(src)) {
+		kvp_kernels()->dot_f16(c->dim, n, src, q, 1.0f, out);
+		return;
+	}
 	for (unsigned i = 0; i < n; i++) {
 		float s = 0.0f;
 		for (unsigned j = 0; j < c->dim; j++, p += 2)
@@ -77,6 +89,10 @@ static void fp16_axpy(const struct kvp_codec *c, const void *ctx, unsigned n, co
 	const unsigned char *p = src;
 
 	(void)ctx;
+	if (aligned(src)) {
+		kvp_kernels()->axpy_f16(c->dim, n, src, w, acc);
+		return;
+	}
 	for (unsigned i = 0; i < n; i++)
 		for (unsigned j = 0; j < c->dim; j++, p += 2)
 			acc[j] += w[i] * kvp_f16_to_f32(load16(p));
