@@ -397,12 +397,17 @@ INLINE struct lut_regs lut_regs(unsigned bits, const float *lut)
 	return r;
 }
 
+/* Byte by byte: with nbytes a constant this folds to one or two loads; a variable-length memcpy would be
+ * a library call per block. */
 INLINE uint32_t load_word(const uint8_t *p, unsigned nbytes)
 {
-	uint32_t w = 0;
-
-	memcpy(&w, p, nbytes);
-	return w;
+	switch (nbytes) {
+	case 1: return p[0];
+	case 2: return (uint32_t)p[0] | (uint32_t)p[1] << 8;
+	case 3: return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16;
+	case 4: return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+	default: return 0;
+	}
 }
 
 INLINE float32x4_t lookup4(uint32x4_t idx, const struct lut_regs *r)

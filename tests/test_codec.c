@@ -156,6 +156,7 @@ Test(codec, role_picks_kivi_axis_and_stacks_carry_it_inward)
 	cr_assert_eq(v->inner->dim, 32);
 	cr_assert_eq(kvp_codec_parse_role("kivi(bits=2)", 12, 64, KVP_CODEC_KEYS, &k), KVP_OK);
 	cr_assert_eq(k->group, 32);
+	kvp_codec_free(k);
 	cr_assert_eq(kvp_codec_parse_role("fp16", 4, 64, 7, &k), KVP_EINVAL);
 	kvp_codec_free(v);
 }

@@ -383,3 +383,167 @@ Test(turboquant, bad_arguments_are_rejected_with_a_message_quoting_them)
 	expect_rejected("turboquant(bits=x)", 128, "x");
 	expect_rejected("turboquant(bits=3", 128, "turboquant(bits=3");
 }
+
+/* ---- real keys, values and queries: kjv-64 (../shared/models) ---- */
+
+#include "tools/llama.h"
+
+enum { KJV_TOKENS = 64, KJV_LAYER = 2 };
+
+struct taps {
+	int hs, n_heads, n_kv;
+	float *k, *v, *q; /* [pos][heads][hs] of layer KJV_LAYER */
+};
+
+static void record(void *ctx, enum llama_tap tap, int layer, int pos, const float *x, int n)
+{
+	struct taps *t = ctx;
+	float *dst = tap == LLAMA_TAP_K ? t->k : tap == LLAMA_TAP_V ? t->v : tap == LLAMA_TAP_Q ? t->q : NULL;
+
+	if (layer != KJV_LAYER || !dst || pos >= KJV_TOKENS)
+		return;
+	memcpy(dst + (size_t)pos * n, x, sizeof(float) * (size_t)n);
+}
+
+/* 64 tokens of greedy decoding from a KJV prompt with the exact cache, recording one layer. */
+static void kjv_taps(struct taps *t)
+{
+	const char *dir = getenv("KVP_MODELS") && getenv("KVP_MODELS")[0] ? getenv("KVP_MODELS") : "../shared/models";
+	char path[1024], err[LLAMA_ERROR_MAX] = "";
+	struct llama_model m;
+	struct llama_tokenizer tok;
+	struct llama_state s;
+	struct llama_dense_cache cache;
+	struct llama_attention att;
+	struct llama_observer obs = { t, record };
+	int ids[256], n_ids, token;
+
+	snprintf(path, sizeof path, "%s/kjv-64.bin", dir);
+	cr_assert_eq(llama_model_load(&m, path, err), LLAMA_OK, "%s", err);
+	snprintf(path, sizeof path, "%s/tok512.bin", dir);
+	cr_assert_eq(llama_tokenizer_load(&tok, path, m.config.vocab_size, err), LLAMA_OK, "%s", err);
+	cr_assert_eq(llama_state_init(&s, &m.config), LLAMA_OK);
+	cr_assert_eq(llama_dense_cache_init(&cache, &m.config), LLAMA_OK);
+	att = llama_dense_attention(&cache);
+	t->hs = m.config.head_size;
+	t->n_heads = m.config.n_heads;
+	t->n_kv = m.config.n_kv_heads;
+	t->k = xcalloc((size_t)KJV_TOKENS * t->n_kv * t->hs, sizeof(float));
+	t->v = xcalloc((size_t)KJV_TOKENS * t->n_kv * t->hs, sizeof(float));
+	t->q = xcalloc((size_t)KJV_TOKENS * t->n_heads * t->hs, sizeof(float));
+	n_ids = llama_encode(&tok, "And the LORD said unto Moses,", 1, 0, ids);
+	token = ids[0];
+	for (int pos = 0; pos < KJV_TOKENS; pos++) {
+		cr_assert_eq(llama_forward(&m, &s, &att, &obs, token, pos), LLAMA_OK);
+		token = pos + 1 < n_ids ? ids[pos + 1] : llama_argmax(s.logits, m.config.vocab_size);
+	}
+	llama_dense_cache_free(&cache);
+	llama_state_free(&s);
+	llama_tokenizer_free(&tok);
+	llama_model_free(&m);
+}
+
+/* Softmax attention of q over n rows given their scores; out = sum p_i v_i through the codec or exactly. */
+static void softmax(float *s, unsigned n)
+{
+	float mx = s[0], sum = 0;
+
+	for (unsigned i = 1; i < n; i++)
+		mx = fmaxf(mx, s[i]);
+	for (unsigned i = 0; i < n; i++)
+		sum += s[i] = expf(s[i] - mx);
+	for (unsigned i = 0; i < n; i++)
+		s[i] /= sum;
+}
+
+/*
+ * For every query head and every position from 16 on: exact attention over that head's keys and values
+ * so far against attention whose scores come from the codec's fused dot on encoded keys and whose output
+ * comes from its fused axpy on encoded values. Returns the largest ||out - exact|| / ||exact||; *mean gets
+ * the mean.
+ */
+static double kjv_attention_error(const struct taps *t, const char *spec, double *mean)
+{
+	const unsigned d = (unsigned)t->hs, group = (unsigned)(t->n_heads / t->n_kv);
+	const float scale = 1.0f / sqrtf((float)d);
+	double worst = 0, sum = 0;
+	unsigned count = 0;
+
+	for (int kv = 0; kv < t->n_kv; kv++) {
+		kvp_codec *kc = codec_open(spec, d), *vc = codec_open(spec, d);
+		float *keys = xcalloc((size_t)KJV_TOKENS * d, sizeof(float)), *vals = xcalloc((size_t)KJV_TOKENS * d, sizeof(float));
+		void *kb = xcalloc(1, kvp_codec_bytes(kc, KJV_TOKENS)), *vb = xcalloc(1, kvp_codec_bytes(vc, KJV_TOKENS));
+		float exact_s[KJV_TOKENS], codec_s[KJV_TOKENS], exact[256], approx[256];
+
+		for (unsigned i = 0; i < KJV_TOKENS; i++) {
+			memcpy(keys + i * d, t->k + ((size_t)i * t->n_kv + kv) * d, sizeof(float) * d);
+			memcpy(vals + i * d, t->v + ((size_t)i * t->n_kv + kv) * d, sizeof(float) * d);
+		}
+		cr_assert_eq(kvp_codec_encode(kc, KJV_TOKENS, keys, kb), KVP_OK, "%s", kvp_last_error());
+		cr_assert_eq(kvp_codec_encode(vc, KJV_TOKENS, vals, vb), KVP_OK, "%s", kvp_last_error());
+		for (unsigned h = kv * group; h < (kv + 1) * group; h++)
+			for (unsigned p = 16; p < KJV_TOKENS; p++) {
+				const float *q = t->q + ((size_t)p * t->n_heads + h) * d;
+				double e2 = 0, n2 = 0;
+
+				codec_fused_dot(kc, p + 1, kb, q, codec_s);
+				for (unsigned i = 0; i <= p; i++) {
+					exact_s[i] = (float)dot_d(q, keys + i * d, d) * scale;
+					codec_s[i] *= scale;
+				}
+				softmax(exact_s, p + 1);
+				softmax(codec_s, p + 1);
+				codec_fused_axpy(vc, p + 1, vb, codec_s, approx);
+				for (unsigned j = 0; j < d; j++) {
+					exact[j] = 0;
+					for (unsigned i = 0; i <= p; i++)
+						exact[j] += exact_s[i] * vals[i * d + j];
+					e2 += (double)(approx[j] - exact[j]) * (approx[j] - exact[j]);
+					n2 += (double)exact[j] * exact[j];
+				}
+				worst = fmax(worst, sqrt(e2 / n2));
+				sum += sqrt(e2 / n2);
+				count++;
+			}
+		kvp_codec_close(kc);
+		kvp_codec_close(vc);
+		free(keys);
+		free(vals);
+		free(kb);
+		free(vb);
+	}
+	*mean = sum / count;
+	return worst;
+}
+
+/*
+ * Measured on this model and layer (x86-64, AVX2 and scalar kernels alike): with turboquant(bits=4) on
+ * both keys and values, the relative error ||out - exact|| / ||exact|| of the attention output over
+ * 2 KV heads x 2 query heads x 48 positions has mean 0.113 and worst 0.462. The keys' own MSE is 0.009,
+ * as on random unit vectors; the output error is larger because |q||k| ~ 90 turns it into ~0.13 of logit
+ * noise and because a diffuse softmax averages values into an output much shorter than they are.
+ * For comparison: bits=3 mean 0.216 worst 0.697; bits=4,qjl=1 mean 0.257 (QJL's variance hurts through
+ * softmax, as the spec reports from vLLM and others). Bounds: mean < 0.16 and worst < 0.65, ~1.4x margin;
+ * bits=3 would fail the mean bound.
+ */
+Test(turboquant, attention_on_kjv64_layer2_at_4_bits_stays_within_16_percent_mean_error_of_exact)
+{
+	struct taps t;
+	double mean, worst;
+	static const char *const info[] = { "turboquant(bits=3)", "turboquant(bits=4,qjl=1)",
+					    "turboquant(bits=4,outliers=16,outlier_bits=4)" };
+
+	kjv_taps(&t);
+	worst = kjv_attention_error(&t, "turboquant(bits=4)", &mean);
+	printf("kjv-64 layer %d attention, turboquant(bits=4): relative error mean %.4f, worst %.4f\n", KJV_LAYER, mean,
+	       worst);
+	for (size_t i = 0; i < sizeof info / sizeof info[0]; i++) {
+		double m, w = kjv_attention_error(&t, info[i], &m);
+		printf("kjv-64 layer %d attention, %s: relative error mean %.4f, worst %.4f\n", KJV_LAYER, info[i], m, w);
+	}
+	cr_assert(worst < 0.65, "worst relative error %.4f", worst);
+	cr_assert(mean < 0.16, "mean relative error %.4f", mean);
+	free(t.k);
+	free(t.v);
+	free(t.q);
+}
