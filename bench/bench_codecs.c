@@ -5,7 +5,10 @@
  *     dot_f32 and dot_f16 over the same 32K keys;
  *   - axpy of 32K weights over 32K encoded values (+ finish), against axpy_f32 and axpy_f16;
  *   - one head's attention over 32K tokens with keys and values in the codec (dot, softmax, axpy),
- *     against the same with fp16 rows and the dense kernels.
+ *     against the same with fp16 rows and the dense kernels;
+ *   - one layer's decode attention, 8 KV heads x 32K tokens, 4 query heads per KV head (bench_attend's
+ *     shape): dense fp16 K and V are 128 MiB, beyond this machine's last-level cache, while 3-bit
+ *     TurboQuant's are 26 MiB, so this is where reading fewer bytes shows.
  * Input is N(0,1). KVP_BENCH_REPS sets the repetitions (best of N after one warm-up).
  */
 #include <math.h>
@@ -249,6 +252,104 @@ static void over_32k(const float *x, const float *q, const float *w, const uint1
 	free(dense.out), free(dense.acc), free(dense.scores);
 }
 
+enum { NKV = 8, GQA = 4 };
+
+struct layer {
+	struct kvp_codec *c;
+	void *kb[NKV], *vb[NKV];       /* codec bytes per KV head */
+	uint16_t *kh[NKV], *vh[NKV];   /* fp16 rows per KV head */
+	float q[NKV * GQA][D], out[D], acc[2 * D], *scores;
+	void *qprep;
+};
+
+static void attend_layer_codec(void *arg)
+{
+	struct layer *a = arg;
+	const struct kvp_codec *c = a->c;
+
+	for (unsigned g = 0; g < NKV; g++)
+		for (unsigned h = g * GQA; h < (g + 1) * GQA; h++) {
+			float m = -INFINITY, l = 0;
+			c->ops->prepare_query(c, NULL, a->q[h], a->qprep);
+			c->ops->dot(c, NULL, N_KEYS, a->kb[g], a->qprep, a->scores);
+			kvp_kernels()->scale(N_KEYS, 1.0f / sqrtf((float)D), a->scores);
+			kvp_kernels()->softmax_step(N_KEYS, a->scores, &m, &l);
+			memset(a->acc, 0, sizeof(float) * c->acc_dim);
+			memset(a->out, 0, sizeof a->out);
+			c->ops->axpy(c, NULL, N_KEYS, a->vb[g], a->scores, a->acc);
+			c->ops->finish(c, NULL, a->acc, a->out);
+		}
+}
+
+static void attend_layer_f16(void *arg)
+{
+	struct layer *a = arg;
+
+	for (unsigned g = 0; g < NKV; g++)
+		for (unsigned h = g * GQA; h < (g + 1) * GQA; h++) {
+			float m = -INFINITY, l = 0;
+			kvp_kernels()->dot_f16(D, N_KEYS, a->kh[g], a->q[h], 1.0f / sqrtf((float)D), a->scores);
+			kvp_kernels()->softmax_step(N_KEYS, a->scores, &m, &l);
+			memset(a->out, 0, sizeof a->out);
+			kvp_kernels()->axpy_f16(D, N_KEYS, a->vh[g], a->scores, a->out);
+		}
+}
+
+/* Every KV head gets its own keys and values: x shifted by a head-dependent number of rows. */
+static void layer_attention(const float *x, int reps)
+{
+	static const char *const codecs[] = { "turboquant(bits=3)", "turboquant(bits=4)", "turboquant(bits=2)",
+					      "kivi(bits=2)" };
+	struct layer a;
+	float *rows = xmalloc(sizeof(float) * (size_t)N_KEYS * D);
+	double t16;
+
+	memset(&a, 0, sizeof a);
+	a.scores = xmalloc(sizeof(float) * N_KEYS);
+	for (unsigned h = 0; h < NKV * GQA; h++)
+		memcpy(a.q[h], x + (size_t)(h * 13 + 5) * D, sizeof a.q[h]);
+	for (unsigned g = 0; g < NKV; g++) {
+		a.kh[g] = xmalloc(sizeof(uint16_t) * (size_t)N_KEYS * D);
+		a.vh[g] = xmalloc(sizeof(uint16_t) * (size_t)N_KEYS * D);
+		for (unsigned side = 0; side < 2; side++) {
+			size_t shift = (size_t)(2 * g + side + 1) * 977 % N_KEYS * D, total = (size_t)N_KEYS * D;
+			memcpy(rows, x + shift, sizeof(float) * (total - shift));
+			memcpy(rows + (total - shift), x, sizeof(float) * shift);
+			kvp_kernels()->f32_to_f16(total, rows, side ? a.vh[g] : a.kh[g]);
+		}
+	}
+	bench_header("One layer's decode attention: 8 KV heads x 32K tokens, d=128, 32 query heads (GQA 4)");
+	t16 = bench_time(attend_layer_f16, &a, reps);
+	bench_row("dense fp16 K,V (128 MiB)", "attention", t16, t16, 1e3, "ms", "itself");
+	for (size_t i = 0; i < sizeof codecs / sizeof codecs[0]; i++) {
+		struct spec s = { codecs[i], KVP_CODEC_KEYS };
+		char name[96];
+
+		a.c = open_spec(&s);
+		a.qprep = xmalloc(a.c->qprep_bytes);
+		for (unsigned g = 0; g < NKV; g++) {
+			a.kb[g] = xmalloc(a.c->ops->bytes(a.c, N_KEYS));
+			a.vb[g] = xmalloc(a.c->ops->bytes(a.c, N_KEYS));
+			kvp_kernels()->f16_to_f32((size_t)N_KEYS * D, a.kh[g], rows);
+			must(a.c->ops->encode(a.c, NULL, N_KEYS, rows, a.kb[g]), "encode");
+			kvp_kernels()->f16_to_f32((size_t)N_KEYS * D, a.vh[g], rows);
+			must(a.c->ops->encode(a.c, NULL, N_KEYS, rows, a.vb[g]), "encode");
+		}
+		snprintf(name, sizeof name, "%s (%.0f MiB)", codecs[i],
+			 2.0 * NKV * a.c->ops->bytes(a.c, N_KEYS) / (1 << 20));
+		bench_row(name, "attention", bench_time(attend_layer_codec, &a, reps), t16, 1e3, "ms",
+			  "dense fp16 attention");
+		for (unsigned g = 0; g < NKV; g++)
+			free(a.kb[g]), free(a.vb[g]);
+		free(a.qprep);
+		kvp_codec_free(a.c);
+	}
+	for (unsigned g = 0; g < NKV; g++)
+		free(a.kh[g]), free(a.vh[g]);
+	free(a.scores);
+	free(rows);
+}
+
 int main(void)
 {
 	int reps = bench_reps(5);
@@ -272,6 +373,7 @@ int main(void)
 	printf("kernels: %s\n", kvp_kernels()->name);
 	throughput(x, reps);
 	over_32k(x, q, w, h, reps);
+	layer_attention(x, reps);
 	free(x), free(q), free(w), free(h);
 	return 0;
 }

@@ -3,8 +3,9 @@
  * per-stream context. Values beyond the binary16 range become infinities, as in any fp16 cache.
  *
  * Layout of one token: dim binary16 values, little endian (2*dim bytes). bytes(n) = 2 * dim * n.
- * dot and axpy are the dense kernels (dot_f16, axpy_f16) when the bytes are 2-byte aligned, as the
- * pager's blocks are; otherwise values are assembled byte by byte.
+ * Every path is a dense kernel (f32_to_f16, f16_to_f32, dot_f16, axpy_f16; bit-identical conversions
+ * across kernel tables) when the bytes are 2-byte aligned, as the pager's blocks are; otherwise values are
+ * converted one by one.
  */
 #include <string.h>
 
@@ -30,11 +31,20 @@ static uint16_t load16(const unsigned char *p)
 	return (uint16_t)(p[0] | p[1] << 8);
 }
 
+static int aligned(const void *p)
+{
+	return ((uintptr_t)p & 1) == 0;
+}
+
 static kvp_status fp16_encode(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x, void *dst)
 {
 	unsigned char *p = dst;
 
 	(void)ctx;
+	if (aligned(dst)) {
+		kvp_kernels()->f32_to_f16((size_t)n * c->dim, x, dst);
+		return KVP_OK;
+	}
 	for (size_t i = 0; i < (size_t)n * c->dim; i++) {
 		uint16_t h = kvp_f32_to_f16(x[i]);
 		p[2 * i] = (unsigned char)h;
@@ -48,6 +58,10 @@ static kvp_status fp16_decode(const struct kvp_codec *c, const void *ctx, unsign
 	const unsigned char *p = src;
 
 	(void)ctx;
+	if (aligned(src)) {
+		kvp_kernels()->f16_to_f32((size_t)n * c->dim, src, x);
+		return KVP_OK;
+	}
 	for (size_t i = 0; i < (size_t)n * c->dim; i++)
 		x[i] = kvp_f16_to_f32(load16(p + 2 * i));
 	return KVP_OK;
@@ -57,11 +71,6 @@ static void fp16_prepare_query(const struct kvp_codec *c, const void *ctx, const
 {
 	(void)ctx;
 	memcpy(qprep, q, sizeof(float) * c->dim);
-}
-
-static int aligned(const void *p)
-{
-	return ((uintptr_t)p & 1) == 0;
 }
 
 static void fp16_dot(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, const void *qprep,

@@ -413,6 +413,20 @@ INLINE uint32_t load_word(const uint8_t *p, unsigned nbytes)
 	}
 }
 
+/* The word of the block of codes j..j+7 of a row of m codes. A 3-bit block is 3 bytes; when another
+ * whole block follows it in the row, one 4-byte load (the top byte is shifted out) replaces three. */
+INLINE uint32_t load_block(const uint8_t *row, unsigned j, unsigned bits, unsigned m)
+{
+	const uint8_t *p = row + j * bits / 8;
+
+	if (bits == 3 && j + 16 <= m) {
+		uint32_t w;
+		memcpy(&w, p, sizeof w);
+		return w;
+	}
+	return load_word(p, bits);
+}
+
 INLINE __m256 lookup8(unsigned bits, uint32_t word, const struct lut_regs *r)
 {
 	__m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), r->shifts), r->mask);
@@ -438,13 +452,13 @@ INLINE void lut_dot_bits(unsigned bits, unsigned m, unsigned n, const uint8_t *c
 		unsigned j = 0;
 
 		for (; j + 16 <= m8; j += 16) {
-			a0 = _mm256_fmadd_ps(lookup8(bits, load_word(row + j * bits / 8, bits), &r),
+			a0 = _mm256_fmadd_ps(lookup8(bits, load_block(row, j, bits, m), &r),
 					     _mm256_loadu_ps(q + j), a0);
-			a1 = _mm256_fmadd_ps(lookup8(bits, load_word(row + (j + 8) * bits / 8, bits), &r),
+			a1 = _mm256_fmadd_ps(lookup8(bits, load_block(row, j + 8, bits, m), &r),
 					     _mm256_loadu_ps(q + j + 8), a1);
 		}
 		if (j < m8)
-			a0 = _mm256_fmadd_ps(lookup8(bits, load_word(row + j * bits / 8, bits), &r),
+			a0 = _mm256_fmadd_ps(lookup8(bits, load_block(row, j, bits, m), &r),
 					     _mm256_loadu_ps(q + j), a0);
 		/* lanes past the tail may hold the next field's bits; their q is 0 */
 		if (k)
@@ -467,6 +481,16 @@ INLINE void lut_axpy_bits(unsigned bits, unsigned m, unsigned n, const uint8_t *
 		__m256 a0 = _mm256_maskload_ps(acc + j, keep), a1 = _mm256_setzero_ps();
 		unsigned i = 0;
 
+		if (k == 8) {
+			for (; i + 2 <= n; i += 2) {
+				const uint8_t *r0 = codes + (size_t)i * stride;
+
+				a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i),
+						     lookup8(bits, load_block(r0, j, bits, m), &r), a0);
+				a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i + 1),
+						     lookup8(bits, load_block(r0 + stride, j, bits, m), &r), a1);
+			}
+		}
 		for (; i + 2 <= n; i += 2) {
 			const uint8_t *r0 = col + (size_t)i * stride;
 

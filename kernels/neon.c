@@ -410,6 +410,20 @@ INLINE uint32_t load_word(const uint8_t *p, unsigned nbytes)
 	}
 }
 
+/* The word of the block of codes j..j+7 of a row of m codes. A 3-bit block is 3 bytes; when another
+ * whole block follows it in the row, one 4-byte load (the top byte is shifted out) replaces three. */
+INLINE uint32_t load_block(const uint8_t *row, unsigned j, unsigned bits, unsigned m)
+{
+	const uint8_t *p = row + j * bits / 8;
+
+	if (bits == 3 && j + 16 <= m) {
+		uint32_t w;
+		memcpy(&w, p, sizeof w);
+		return w;
+	}
+	return load_word(p, bits);
+}
+
 INLINE float32x4_t lookup4(uint32x4_t idx, const struct lut_regs *r)
 {
 	uint32x4_t bytes = vmlaq_u32(vdupq_n_u32(0x03020100u), idx, vdupq_n_u32(0x04040404u));
@@ -439,7 +453,7 @@ INLINE void lut_dot_bits(unsigned bits, unsigned m, unsigned n, const uint8_t *c
 		float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, lo, hi;
 
 		for (unsigned j = 0; j < m8; j += 8) {
-			lookup8(load_word(row + j * bits / 8, bits), &r, &lo, &hi);
+			lookup8(load_block(row, j, bits, m), &r, &lo, &hi);
 			a0 = vfmaq_f32(a0, lo, vld1q_f32(q + j));
 			a1 = vfmaq_f32(a1, hi, vld1q_f32(q + j + 4));
 		}
@@ -468,7 +482,10 @@ INLINE void lut_axpy_bits(unsigned bits, unsigned m, unsigned n, const uint8_t *
 		a0 = vld1q_f32(tmp);
 		a1 = vld1q_f32(tmp + 4);
 		for (unsigned i = 0; i < n; i++) {
-			lookup8(load_word(col + (size_t)i * stride, nbytes), &r, &lo, &hi);
+			if (k == 8)
+				lookup8(load_block(codes + (size_t)i * stride, j, bits, m), &r, &lo, &hi);
+			else
+				lookup8(load_word(col + (size_t)i * stride, nbytes), &r, &lo, &hi);
 			a0 = vfmaq_n_f32(a0, lo, w[i]);
 			a1 = vfmaq_n_f32(a1, hi, w[i]);
 		}
