@@ -130,38 +130,67 @@ static void *inner_ctx(const struct kvp_codec *c, const void *ctx)
 
 /* ---- Channel selection. ---- */
 
-struct scored {
-	float score;
-	unsigned j;
-};
-
-static int by_score_descending(const void *a, const void *b)
+/*
+ * A channel's rank key: the score's bits above the complemented index. Scores are finite and >= 0, so
+ * their IEEE bits order as they do, and the index part makes keys distinct with ties going to the lower
+ * index. The kept channels are those whose key is at least the kept-th largest, found by quickselect in
+ * O(D) rather than a sort per token.
+ */
+static uint64_t rank_key(float score, unsigned j)
 {
-	const struct scored *x = a, *y = b;
+	uint32_t bits;
 
-	if (x->score != y->score)
-		return x->score < y->score ? 1 : -1;
-	return x->j < y->j ? -1 : x->j > y->j;
+	memcpy(&bits, &score, sizeof bits);
+	return (uint64_t)bits << 32 | (uint32_t)~j;
+}
+
+/* The k-th largest (k >= 1) of a[0..n), reordering a. */
+static uint64_t kth_largest(uint64_t *a, unsigned n, unsigned k)
+{
+	unsigned lo = 0, hi = n - 1, want = k - 1;
+
+	while (lo < hi) {
+		uint64_t pivot = a[lo + (hi - lo) / 2], t;
+		unsigned i = lo, j = hi;
+
+		while (i <= j) {
+			while (a[i] > pivot)
+				i++;
+			while (a[j] < pivot)
+				j--;
+			if (i <= j) {
+				t = a[i], a[i] = a[j], a[j] = t;
+				i++;
+				if (j-- == 0)
+					break;
+			}
+		}
+		if (want <= j && j != (unsigned)-1)
+			hi = j;
+		else if (want >= i)
+			lo = i;
+		else
+			break;
+	}
+	return a[want];
 }
 
 /* keep[j] = 1 for the kept channels of x; returns the recovery scalar s (0 when nothing is pruned). */
 static float select_channels(const struct kvp_codec *c, const float *qn, const float *x, unsigned char *keep)
 {
 	const struct spark *s = c->state;
-	struct scored sc[KVP_CODEC_DIM_MAX];
+	uint64_t key[KVP_CODEC_DIM_MAX], order[KVP_CODEC_DIM_MAX], cut;
+	float score[KVP_CODEC_DIM_MAX];
 	double sum = 0.0;
 
 	for (unsigned j = 0; j < c->dim; j++) {
-		sc[j].score = x[j] * x[j] * qn[j];
-		sc[j].j = j;
-		keep[j] = 0;
+		score[j] = x[j] * x[j] * qn[j];
+		key[j] = order[j] = rank_key(score[j], j);
 	}
-	qsort(sc, c->dim, sizeof sc[0], by_score_descending);
-	for (unsigned r = 0; r < c->dim; r++) {
-		if (r < s->kept)
-			keep[sc[r].j] = 1;
-		else
-			sum += sc[r].score;
+	cut = kth_largest(order, c->dim, s->kept);
+	for (unsigned j = 0; j < c->dim; j++) {
+		keep[j] = key[j] >= cut;
+		sum += keep[j] ? 0.0 : score[j];
 	}
 	return s->pruned ? (float)(sum / s->pruned) : 0.0f;
 }

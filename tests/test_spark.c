@@ -221,3 +221,37 @@ Test(spark, non_finite_keys_are_rejected)
 	cr_assert(strstr(kvp_last_error(), "non-finite"), "%s", kvp_last_error());
 	kvp_codec_close(c);
 }
+
+/* Small integers, so many ties: the kept set is the top T by |x|, ties to the lower channel index. */
+Test(spark, keeps_the_largest_channels_with_ties_to_the_lower_index)
+{
+	static const unsigned dims[] = { 7, 16, 33, 128 };
+	static const double keeps[] = { 0.25, 0.5, 0.7, 1.0 };
+	struct rng r = { 21 };
+	float x[128], y[128];
+	unsigned char bytes[1024];
+	char spec[64];
+
+	for (size_t a = 0; a < 4; a++)
+		for (size_t k = 0; k < 4; k++) {
+			unsigned d = dims[a];
+			snprintf(spec, sizeof spec, "spark(keep=%g,recover=zero)", keeps[k]);
+			kvp_codec *c = codec_open(spec, d);
+			unsigned kept = d - (unsigned)floor((1.0 - keeps[k]) * d + 1e-9);
+
+			for (int trial = 0; trial < 50; trial++) {
+				for (unsigned j = 0; j < d; j++)
+					x[j] = (float)((int)(rng_next(&r) % 7) - 3);
+				cr_assert_eq(kvp_codec_encode(c, 1, x, bytes), KVP_OK);
+				cr_assert_eq(kvp_codec_decode(c, 1, bytes, y), KVP_OK);
+				for (unsigned j = 0; j < d; j++) {
+					unsigned above = 0; /* channels ranked before j */
+					for (unsigned i = 0; i < d; i++)
+						above += fabsf(x[i]) > fabsf(x[j]) || (fabsf(x[i]) == fabsf(x[j]) && i < j);
+					cr_assert_eq(y[j], above < kept ? x[j] : 0.0f, "%s d=%u channel %u: %g from %g", spec, d,
+						     j, y[j], x[j]);
+				}
+			}
+			kvp_codec_close(c);
+		}
+}
