@@ -1,7 +1,7 @@
 /*
- * spark(keep=K, recover=avg|zero): SparK (Liao et al., arXiv 2508.15212), per-token unstructured pruning
- * of key channels. Separable, group 1; may stand left of '|' so the kept values go to a quantizer:
- * "spark(keep=0.5)|turboquant(bits=3)". Alone, the kept values are stored as fp16.
+ * spark(keep=K, recover=avg|zero), default keep=0.5, recover=avg: SparK (Liao et al., arXiv 2508.15212),
+ * per-token unstructured pruning of key channels. Separable, group 1; may stand left of '|' so the kept
+ * values go to a quantizer: "spark(keep=0.5)|turboquant(bits=3)". Alone, the kept values are fp16.
  *
  * Per token, of D channels, T = D - floor((1 - K) * D) are kept: those with the largest score
  * k_j^2 * ||Q_j|| (ties to the lower index), where ||Q_j|| is the L2 norm of channel j over the observed
@@ -56,7 +56,7 @@ static const char *const recover_modes[] = { "zero", "avg", NULL };
 
 static kvp_status parse(struct kvp_args *args, unsigned dim, unsigned *kept, unsigned *avg)
 {
-	double keep = 1.0;
+	double keep = 0.5; /* the reference runs prune 50% (and 80%) */
 	unsigned mode = 1;
 	kvp_status st;
 
