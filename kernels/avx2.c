@@ -492,6 +492,163 @@ static void scale(unsigned d, float a, float *y)
 	}
 }
 
+/*
+ * Packed codes. Eight codes of b bits fill exactly b bytes, so the block of codes j..j+7 (j a multiple of
+ * 8) is one little-endian word of b <= 4 bytes at byte j*b/8. The word is broadcast, each lane shifted
+ * right by its own multiple of b (srlv) and masked: eight indices. The lookup is a register permute:
+ * permutevar8x32 reads the low 3 bits, so 4-bit codes take the upper half of the table where bit 3 is
+ * set (blendv keys on the sign bit, hence the shift left by 28). The functions are always inlined into a
+ * switch on bits, so every width gets its own loop with constant shifts and load sizes.
+ */
+#define INLINE static inline __attribute__((always_inline))
+
+struct lut_regs {
+	__m256 lo, hi;
+	__m256i shifts, mask;
+};
+
+INLINE struct lut_regs lut_regs(unsigned bits, const float *lut)
+{
+	float tab[16] = { 0 };
+	struct lut_regs r;
+	int b = (int)bits;
+
+	memcpy(tab, lut, sizeof(float) << bits);
+	r.lo = _mm256_loadu_ps(tab);
+	r.hi = _mm256_loadu_ps(tab + 8);
+	r.shifts = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
+	r.mask = _mm256_set1_epi32((1 << b) - 1);
+	return r;
+}
+
+/* Byte by byte: with nbytes a constant this folds to one or two loads; a variable-length memcpy would be
+ * a library call per block. */
+INLINE uint32_t load_word(const uint8_t *p, unsigned nbytes)
+{
+	switch (nbytes) {
+	case 1: return p[0];
+	case 2: return (uint32_t)p[0] | (uint32_t)p[1] << 8;
+	case 3: return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16;
+	case 4: return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+	default: return 0;
+	}
+}
+
+/* The word of the block of codes j..j+7 of a row of m codes. A 3-bit block is 3 bytes; when another
+ * whole block follows it in the row, one 4-byte load (the top byte is shifted out) replaces three. */
+INLINE uint32_t load_block(const uint8_t *row, unsigned j, unsigned bits, unsigned m)
+{
+	const uint8_t *p = row + j * bits / 8;
+
+	if (bits == 3 && j + 16 <= m) {
+		uint32_t w;
+		memcpy(&w, p, sizeof w);
+		return w;
+	}
+	return load_word(p, bits);
+}
+
+INLINE __m256 lookup8(unsigned bits, uint32_t word, const struct lut_regs *r)
+{
+	__m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), r->shifts), r->mask);
+	__m256 lo = _mm256_permutevar8x32_ps(r->lo, idx);
+
+	if (bits < 4)
+		return lo;
+	return _mm256_blendv_ps(lo, _mm256_permutevar8x32_ps(r->hi, idx),
+				_mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+/* Two accumulators per row: the FMA chain would otherwise wait 4 cycles per block of 8 codes. */
+INLINE void lut_dot_bits(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			 const float *lut, const float *q, float *out)
+{
+	const struct lut_regs r = lut_regs(bits, lut);
+	const unsigned m8 = m & ~7u, k = m & 7u, kbytes = (k * bits + 7) / 8;
+	const __m256 qt = k ? _mm256_maskload_ps(q + m8, tail_mask(k)) : _mm256_setzero_ps();
+
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *row = codes + (size_t)i * stride;
+		__m256 a0 = _mm256_setzero_ps(), a1 = a0;
+		unsigned j = 0;
+
+		for (; j + 16 <= m8; j += 16) {
+			a0 = _mm256_fmadd_ps(lookup8(bits, load_block(row, j, bits, m), &r),
+					     _mm256_loadu_ps(q + j), a0);
+			a1 = _mm256_fmadd_ps(lookup8(bits, load_block(row, j + 8, bits, m), &r),
+					     _mm256_loadu_ps(q + j + 8), a1);
+		}
+		if (j < m8)
+			a0 = _mm256_fmadd_ps(lookup8(bits, load_block(row, j, bits, m), &r),
+					     _mm256_loadu_ps(q + j), a0);
+		/* lanes past the tail may hold the next field's bits; their q is 0 */
+		if (k)
+			a1 = _mm256_fmadd_ps(lookup8(bits, load_word(row + m8 * bits / 8, kbytes), &r), qt, a1);
+		out[i] = hsum(_mm256_add_ps(a0, a1));
+	}
+}
+
+/* Columns outer in strips of 8, rows inner in pairs: the strip's sums stay in two registers. */
+INLINE void lut_axpy_bits(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			  const float *lut, const float *w, float *acc)
+{
+	const struct lut_regs r = lut_regs(bits, lut);
+
+	for (unsigned j = 0; j < m; j += 8) {
+		const unsigned k = m - j < 8 ? m - j : 8, nbytes = (k * bits + 7) / 8;
+		const __m256i mask = tail_mask(k < 8 ? k : 7), all = _mm256_set1_epi32(-1);
+		const __m256i keep = k < 8 ? mask : all;
+		const uint8_t *col = codes + j * bits / 8;
+		__m256 a0 = _mm256_maskload_ps(acc + j, keep), a1 = _mm256_setzero_ps();
+		unsigned i = 0;
+
+		if (k == 8) {
+			for (; i + 2 <= n; i += 2) {
+				const uint8_t *r0 = codes + (size_t)i * stride;
+
+				a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i),
+						     lookup8(bits, load_block(r0, j, bits, m), &r), a0);
+				a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i + 1),
+						     lookup8(bits, load_block(r0 + stride, j, bits, m), &r), a1);
+			}
+		}
+		for (; i + 2 <= n; i += 2) {
+			const uint8_t *r0 = col + (size_t)i * stride;
+
+			a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i), lookup8(bits, load_word(r0, nbytes), &r),
+					     a0);
+			a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i + 1),
+					     lookup8(bits, load_word(r0 + stride, nbytes), &r), a1);
+		}
+		if (i < n)
+			a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i),
+					     lookup8(bits, load_word(col + (size_t)i * stride, nbytes), &r), a0);
+		_mm256_maskstore_ps(acc + j, keep, _mm256_add_ps(a0, a1));
+	}
+}
+
+static void lut_dot(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+		    const float *lut, const float *q, float *out)
+{
+	switch (bits) {
+	case 1: lut_dot_bits(1, m, n, codes, stride, lut, q, out); break;
+	case 2: lut_dot_bits(2, m, n, codes, stride, lut, q, out); break;
+	case 3: lut_dot_bits(3, m, n, codes, stride, lut, q, out); break;
+	default: lut_dot_bits(4, m, n, codes, stride, lut, q, out); break;
+	}
+}
+
+static void lut_axpy(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+		     const float *lut, const float *w, float *acc)
+{
+	switch (bits) {
+	case 1: lut_axpy_bits(1, m, n, codes, stride, lut, w, acc); break;
+	case 2: lut_axpy_bits(2, m, n, codes, stride, lut, w, acc); break;
+	case 3: lut_axpy_bits(3, m, n, codes, stride, lut, w, acc); break;
+	default: lut_axpy_bits(4, m, n, codes, stride, lut, w, acc); break;
+	}
+}
+
 const struct kvp_kernels kvp_kernels_avx2 = {
 	.name = "avx2",
 	.dot_f32 = dot_f32,
@@ -504,4 +661,6 @@ const struct kvp_kernels kvp_kernels_avx2 = {
 	.f16_to_f32 = f16_to_f32,
 	.softmax_step = softmax_step,
 	.scale = scale,
+	.lut_dot = lut_dot,
+	.lut_axpy = lut_axpy,
 };

@@ -40,6 +40,18 @@ struct kvp_kernels {
 	float (*softmax_step)(unsigned n, float *s, float *m, float *l);
 	/* y[j] *= a for j < d */
 	void (*scale)(unsigned d, float a, float *y);
+	/*
+	 * Packed codes, the fused inner loops of the codecs. A row holds m codes of `bits` (1..4) bits each,
+	 * packed least significant bit first from bit 0 of byte 0 (code j is bits [j*bits, (j+1)*bits));
+	 * rows start `stride` bytes apart, and no byte past ceil(m*bits/8) of a row is read. A code is an
+	 * index into lut, which has 1 << bits entries (a codebook, or 0, 1, 2, ... for integer codes).
+	 *   lut_dot:  out[i] = sum_j lut[code(i, j)] * q[j]            for i < n
+	 *   lut_axpy: acc[j] += sum_i w[i] * lut[code(i, j)]           for j < m
+	 */
+	void (*lut_dot)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			const float *lut, const float *q, float *out);
+	void (*lut_axpy)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			 const float *lut, const float *w, float *acc);
 };
 
 /* The implementation chosen for this process (KVP_KERNELS or the best the CPU supports). */

@@ -115,6 +115,41 @@ static void scale(unsigned d, float a, float *y)
 		y[j] *= a;
 }
 
+/* Code j of a row: up to 4 bits, so it spans at most two bytes. */
+static unsigned code_at(const uint8_t *row, unsigned bits, unsigned j)
+{
+	size_t o = (size_t)j * bits;
+	unsigned v = row[o >> 3] >> (o & 7);
+
+	if ((o & 7) + bits > 8)
+		v |= (unsigned)row[(o >> 3) + 1] << (8 - (o & 7));
+	return v & ((1u << bits) - 1);
+}
+
+static void lut_dot(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+		    const float *lut, const float *q, float *out)
+{
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *row = codes + (size_t)i * stride;
+		float s = 0.0f;
+
+		for (unsigned j = 0; j < m; j++)
+			s += lut[code_at(row, bits, j)] * q[j];
+		out[i] = s;
+	}
+}
+
+static void lut_axpy(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+		     const float *lut, const float *w, float *acc)
+{
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *row = codes + (size_t)i * stride;
+
+		for (unsigned j = 0; j < m; j++)
+			acc[j] += w[i] * lut[code_at(row, bits, j)];
+	}
+}
+
 const struct kvp_kernels kvp_kernels_scalar = {
 	.name = "scalar",
 	.dot_f32 = dot_f32,
@@ -127,4 +162,6 @@ const struct kvp_kernels kvp_kernels_scalar = {
 	.f16_to_f32 = f16_to_f32,
 	.softmax_step = softmax_step,
 	.scale = scale,
+	.lut_dot = lut_dot,
+	.lut_axpy = lut_axpy,
 };

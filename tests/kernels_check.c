@@ -425,8 +425,58 @@ static void check_softmax_all_masked(const struct kvp_kernels *k, unsigned n)
 	free(s);
 }
 
+/* Packed codes: n rows of m codes of bits bits, random bytes (padding too), sized exactly. */
+static void check_lut(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned n, unsigned off,
+		      unsigned pad)
+{
+	const size_t rowbytes = ((size_t)m * bits + 7) / 8, stride = rowbytes + pad;
+	const size_t len = (size_t)(n - 1) * stride + rowbytes + off;
+	uint8_t *codes = xmalloc(len);
+	float *lut = rand_f32(1u << bits, off), *q = rand_f32(m, off), *w = rand_f32(n, off);
+	float *want = xmalloc((n + m + off) * sizeof *want), *got = xmalloc((n + m + off) * sizeof *got);
+	int ok = 1;
+	unsigned bad = 0;
+
+	for (size_t i = 0; i < len; i++)
+		codes[i] = (uint8_t)rnd32();
+	kvp_kernels_scalar.lut_dot(bits, m, n, codes + off, stride, lut + off, q + off, want + off);
+	k->lut_dot(bits, m, n, codes + off, stride, lut + off, q + off, got + off);
+	/* every |lut| and |q| is below 1, so m bounds the sum of absolute products */
+	for (unsigned i = 0; i < n && ok; i++, bad = i)
+		ok = close_to(got[off + i], want[off + i], DOT_TOL * m);
+	check(ok, "%s lut_dot bits=%u m=%u n=%u off=%u pad=%u: row %u", k->name, bits, m, n, off, pad, bad);
+	memcpy(want + off, q + off, m * sizeof *q);
+	memcpy(got + off, q + off, m * sizeof *q);
+	kvp_kernels_scalar.lut_axpy(bits, m, n, codes + off, stride, lut + off, w + off, want + off);
+	k->lut_axpy(bits, m, n, codes + off, stride, lut + off, w + off, got + off);
+	ok = 1;
+	for (unsigned j = 0; j < m && ok; j++, bad = j)
+		ok = close_to(got[off + j], want[off + j], DOT_TOL * (n + 1));
+	check(ok, "%s lut_axpy bits=%u m=%u n=%u off=%u pad=%u: column %u", k->name, bits, m, n, off, pad,
+	      bad);
+	free(codes);
+	free(lut);
+	free(q);
+	free(w);
+	free(want);
+	free(got);
+}
+
+static void check_luts(const struct kvp_kernels *k)
+{
+	static const unsigned lut_dims[] = { 1, 3, 7, 8, 9, 16, 31, 48, 64, 65, 80, 127, 128 };
+
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(lut_dims); a++)
+			for (size_t b = 0; b < COUNT(counts); b++)
+				for (unsigned off = 0; off < 2; off++)
+					for (unsigned pad = 0; pad < 4; pad += 3)
+						check_lut(k, bits, lut_dims[a], counts[b], off, pad);
+}
+
 static void check_against_scalar(const struct kvp_kernels *k)
 {
+	check_luts(k);
 	for (size_t a = 0; a < COUNT(dims); a++) {
 		for (size_t b = 0; b < COUNT(counts); b++) {
 			for (unsigned off = 0; off < 2; off++) {
