@@ -2,7 +2,7 @@
  * H2O, heavy-hitter oracle (Zhang et al., 2023): a token's importance is the attention it has received so
  * far, summed over every query that saw it. Keeps the heavy hitters (a fraction `heavy` of the tokens
  * processed) plus the most recent ones (a fraction `recent`, protected).
- *   h2o(heavy=0.1, recent=0.1)
+ *   h2o(heavy=0.1, recent=0.1, every=1)     every: a round when the stream exceeds the budget by this much
  * Weights arrive through observe (the pager passes each step's softmax rows, or a host running its own
  * attention calls kvp_policy_observe). GQA: a KV head's token accumulates the weights of every query head
  * of its group. The accumulator is indexed by absolute position, so eviction never shifts it.
@@ -27,11 +27,14 @@ struct h2o {
 static kvp_status open_h2o(struct kvp_policy *p, struct kvp_args *args)
 {
 	double heavy = 0.1, recent = 0.1;
+	uint32_t every = 1;
 	struct h2o *h;
 	kvp_status st = kvp_args_double(args, "heavy", 0.0, 1.0, &heavy);
 
 	if (st == KVP_OK)
 		st = kvp_args_double(args, "recent", 0.0, 1.0, &recent);
+	if (st == KVP_OK)
+		st = kvp_args_u32(args, "every", 1, 1u << 20, &every);
 	if (st == KVP_OK && !(heavy + recent > 0))
 		st = kvp_fail(KVP_EINVAL, "h2o: heavy=%g and recent=%g leave no budget", heavy, recent);
 	if (st != KVP_OK)
@@ -45,7 +48,7 @@ static kvp_status open_h2o(struct kvp_policy *p, struct kvp_args *args)
 	}
 	p->plan.ratio = heavy + recent > 1.0 ? 1.0 : heavy + recent;
 	p->plan.window_ratio = recent;
-	p->plan.every = 1;
+	p->plan.every = every;
 	p->state = h;
 	return KVP_OK;
 }
