@@ -24,6 +24,8 @@ struct h2o {
 	struct accumulator *streams; /* [n_layers][n_kv_heads] */
 };
 
+static void close_h2o(struct kvp_policy *p);
+
 static kvp_status open_h2o(struct kvp_policy *p, struct kvp_args *args)
 {
 	double heavy = 0.1, recent = 0.1;
@@ -109,6 +111,32 @@ static kvp_status score(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, 
 	return KVP_OK;
 }
 
+/* A forked sequence inherits the weights its tokens accumulated so far. */
+static kvp_status clone_h2o(struct kvp_policy *dst, const struct kvp_policy *src)
+{
+	const struct h2o *from = src->state;
+	size_t n = (size_t)src->shape.n_layers * src->shape.n_kv_heads;
+	struct h2o *h = calloc(1, sizeof *h);
+
+	dst->state = h;
+	if (!h || !(h->streams = calloc(n, sizeof *h->streams)))
+		goto out_of_memory;
+	for (size_t i = 0; i < n; i++) {
+		const struct accumulator *f = &from->streams[i];
+		if (!f->cap)
+			continue;
+		h->streams[i].sum = malloc(sizeof *f->sum * f->cap);
+		if (!h->streams[i].sum)
+			goto out_of_memory;
+		h->streams[i].cap = f->cap;
+		memcpy(h->streams[i].sum, f->sum, sizeof *f->sum * f->cap);
+	}
+	return KVP_OK;
+out_of_memory:
+	close_h2o(dst);
+	return kvp_fail(KVP_ENOMEM, "h2o: out of memory copying the accumulated weights");
+}
+
 static void close_h2o(struct kvp_policy *p)
 {
 	struct h2o *h = p->state;
@@ -116,7 +144,7 @@ static void close_h2o(struct kvp_policy *p)
 
 	if (!h)
 		return;
-	for (size_t i = 0; i < n; i++)
+	for (size_t i = 0; h->streams && i < n; i++)
 		free(h->streams[i].sum);
 	free(h->streams);
 	free(h);
@@ -128,5 +156,6 @@ const struct kvp_policy_ops kvp_policy_h2o = {
 	.open = open_h2o,
 	.observe = observe,
 	.score = score,
+	.clone = clone_h2o,
 	.close = close_h2o,
 };

@@ -378,6 +378,42 @@ static kvp_status open_tria(struct kvp_policy *p, struct kvp_args *args)
 	return KVP_OK;
 }
 
+/* A forked sequence keeps the statistics: the file's, or the online sums observed so far. */
+static kvp_status clone_tria(struct kvp_policy *dst, const struct kvp_policy *src)
+{
+	const struct tria *from = src->state;
+	const kvp_shape *s = &src->shape;
+	size_t heads = (size_t)s->n_layers * s->n_heads, bands = heads * from->n_bands;
+	struct tria *t = calloc(1, sizeof *t);
+	kvp_status st;
+
+	if (!t)
+		return kvp_fail(KVP_ENOMEM, "triattention: out of memory");
+	t->n_offsets = from->n_offsets;
+	t->aggregate = from->aggregate;
+	t->online = from->online;
+	st = tria_alloc(t, s);
+	if (st == KVP_OK && !t->online)
+		st = kvp_tria_stats_alloc(&t->file, from->file.n_layers, from->file.n_heads, from->file.head_dim,
+					  from->file.rope_layout, from->file.rope_theta);
+	if (st != KVP_OK) {
+		tria_free(t);
+		return st;
+	}
+	if (t->online) {
+		memcpy(t->sums.re, from->sums.re, sizeof(double) * bands);
+		memcpy(t->sums.im, from->sums.im, sizeof(double) * bands);
+		memcpy(t->sums.abs, from->sums.abs, sizeof(double) * bands);
+		memcpy(t->sums.count, from->sums.count, sizeof(double) * heads);
+	} else {
+		memcpy(t->file.mean_re, from->file.mean_re, sizeof(float) * bands);
+		memcpy(t->file.mean_im, from->file.mean_im, sizeof(float) * bands);
+		memcpy(t->file.abs_mean, from->file.abs_mean, sizeof(float) * bands);
+	}
+	dst->state = t;
+	return KVP_OK;
+}
+
 static void close_tria(struct kvp_policy *p)
 {
 	tria_free(p->state);
@@ -389,5 +425,6 @@ const struct kvp_policy_ops kvp_policy_triattention = {
 	.open = open_tria,
 	.observe = observe,
 	.score = score,
+	.clone = clone_tria,
 	.close = close_tria,
 };

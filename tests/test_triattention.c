@@ -555,3 +555,32 @@ Test(triattention, ratio_budget_follows_the_tokens_processed)
 	cr_assert(kvp_policy_due(p, 400, 116));
 	kvp_policy_close(p);
 }
+
+Test(triattention, a_clone_keeps_the_online_statistics_and_then_goes_its_own_way)
+{
+	kvp_shape s = example_shape(KVP_ROPE_HALF);
+	kvp_policy *p = NULL, *c = NULL, *f = NULL;
+	float q[2][4] = { { 1, 0, 0, 2 }, { 0, 1, 1, 0 } }, other[2][4] = { { -3, 1, 0, 0 }, { 0, 0, 2, 2 } };
+	float k[3][4], a[3], b[3];
+
+	cr_assert_eq(kvp_policy_open("triattention(stats=online)", &s, &p), KVP_OK);
+	cr_assert_eq(kvp_policy_observe(p, 0, 0, 0, &q[0][0], 0, NULL, NULL), KVP_OK); /* at t = 0: pre = post */
+	cr_assert_eq(kvp_policy_clone(p, &c), KVP_OK, "%s", kvp_last_error());
+	example_keys(k, KVP_ROPE_HALF, 0);
+	cr_assert_eq(kvp_tria_raw_scores(p, 0, 1, 12, 3, &k[0][0], a), KVP_OK);
+	cr_assert_eq(kvp_tria_raw_scores(c, 0, 1, 12, 3, &k[0][0], b), KVP_OK);
+	for (int i = 0; i < 3; i++)
+		cr_assert_float_eq(a[i], b[i], 0, "key %d", i);
+	cr_assert_eq(kvp_policy_observe(c, 0, 0, 0, &other[0][0], 0, NULL, NULL), KVP_OK);
+	cr_assert_eq(kvp_tria_raw_scores(p, 0, 1, 12, 3, &k[0][0], b), KVP_OK);
+	for (int i = 0; i < 3; i++)
+		cr_assert_float_eq(a[i], b[i], 0, "the original moved with the clone at key %d", i);
+	cr_assert_eq(kvp_tria_raw_scores(c, 0, 1, 12, 3, &k[0][0], b), KVP_OK);
+	cr_assert(fabsf(a[0] - b[0]) > 1e-3f, "the clone learned from its own query");
+	f = example_policy("", KVP_ROPE_HALF, 1.0f);
+	kvp_policy_close(c);
+	cr_assert_eq(kvp_policy_clone(f, &c), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_tria_raw_scores(c, 0, 0, 12, 3, &k[0][0], b), KVP_OK);
+	cr_assert_float_eq(b[0], 1.099490, EPS, "a clone of file statistics scores as the file does");
+	kvp_policy_close(f), kvp_policy_close(c), kvp_policy_close(p);
+}
