@@ -121,9 +121,10 @@ kvp_status kvp_select_survivors(uint32_t n, const int32_t *pos, const float *sco
 
 /*
  * One policy round on one stream, what the pager calls when kvp_policy_due says so: scores the tokens
- * that compete (unprotected ones, so TriAttention's z-scores are taken over the candidates as in the
- * reference), then kvp_select_survivors with budget(t0) and the union of the pager's protection and the
- * policy's own (sinks, window(t0), pin_prompt). k: [n][head_dim] post-RoPE, exact.
+ * that compete (unprotected ones; a pinned prompt apart from the newer tokens, so TriAttention's z-scores
+ * are taken over the decode candidates as in the reference), then kvp_select_survivors with budget(t0)
+ * and the union of the pager's protection and the policy's own (sinks, window(t0), pin_prompt).
+ * k: [n][head_dim] post-RoPE, exact. keep: [n] out. Nothing is evicted here: the pager applies keep.
  */
 struct kvp_round {
 	int64_t t0;
