@@ -2,7 +2,7 @@
  * H2O, heavy-hitter oracle (Zhang et al., 2023): a token's importance is the attention it has received so
  * far, summed over every query that saw it. Keeps the heavy hitters (a fraction `heavy` of the tokens
  * processed) plus the most recent ones (a fraction `recent`, protected).
- *   h2o(heavy=0.1, recent=0.1)
+ *   h2o(heavy=0.1, recent=0.1, every=1)     every: a round when the stream exceeds the budget by this much
  * Weights arrive through observe (the pager passes each step's softmax rows, or a host running its own
  * attention calls kvp_policy_observe). GQA: a KV head's token accumulates the weights of every query head
  * of its group. The accumulator is indexed by absolute position, so eviction never shifts it.
@@ -24,14 +24,19 @@ struct h2o {
 	struct accumulator *streams; /* [n_layers][n_kv_heads] */
 };
 
+static void close_h2o(struct kvp_policy *p);
+
 static kvp_status open_h2o(struct kvp_policy *p, struct kvp_args *args)
 {
 	double heavy = 0.1, recent = 0.1;
+	uint32_t every = 1;
 	struct h2o *h;
 	kvp_status st = kvp_args_double(args, "heavy", 0.0, 1.0, &heavy);
 
 	if (st == KVP_OK)
 		st = kvp_args_double(args, "recent", 0.0, 1.0, &recent);
+	if (st == KVP_OK)
+		st = kvp_args_u32(args, "every", 1, 1u << 20, &every);
 	if (st == KVP_OK && !(heavy + recent > 0))
 		st = kvp_fail(KVP_EINVAL, "h2o: heavy=%g and recent=%g leave no budget", heavy, recent);
 	if (st != KVP_OK)
@@ -45,7 +50,7 @@ static kvp_status open_h2o(struct kvp_policy *p, struct kvp_args *args)
 	}
 	p->plan.ratio = heavy + recent > 1.0 ? 1.0 : heavy + recent;
 	p->plan.window_ratio = recent;
-	p->plan.every = 1;
+	p->plan.every = every;
 	p->state = h;
 	return KVP_OK;
 }
@@ -106,6 +111,32 @@ static kvp_status score(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, 
 	return KVP_OK;
 }
 
+/* A forked sequence inherits the weights its tokens accumulated so far. */
+static kvp_status clone_h2o(struct kvp_policy *dst, const struct kvp_policy *src)
+{
+	const struct h2o *from = src->state;
+	size_t n = (size_t)src->shape.n_layers * src->shape.n_kv_heads;
+	struct h2o *h = calloc(1, sizeof *h);
+
+	dst->state = h;
+	if (!h || !(h->streams = calloc(n, sizeof *h->streams)))
+		goto out_of_memory;
+	for (size_t i = 0; i < n; i++) {
+		const struct accumulator *f = &from->streams[i];
+		if (!f->cap)
+			continue;
+		h->streams[i].sum = malloc(sizeof *f->sum * f->cap);
+		if (!h->streams[i].sum)
+			goto out_of_memory;
+		h->streams[i].cap = f->cap;
+		memcpy(h->streams[i].sum, f->sum, sizeof *f->sum * f->cap);
+	}
+	return KVP_OK;
+out_of_memory:
+	close_h2o(dst);
+	return kvp_fail(KVP_ENOMEM, "h2o: out of memory copying the accumulated weights");
+}
+
 static void close_h2o(struct kvp_policy *p)
 {
 	struct h2o *h = p->state;
@@ -113,7 +144,7 @@ static void close_h2o(struct kvp_policy *p)
 
 	if (!h)
 		return;
-	for (size_t i = 0; i < n; i++)
+	for (size_t i = 0; h->streams && i < n; i++)
 		free(h->streams[i].sum);
 	free(h->streams);
 	free(h);
@@ -125,5 +156,6 @@ const struct kvp_policy_ops kvp_policy_h2o = {
 	.open = open_h2o,
 	.observe = observe,
 	.score = score,
+	.clone = clone_h2o,
 	.close = close_h2o,
 };

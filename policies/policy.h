@@ -44,6 +44,9 @@ struct kvp_policy_ops {
 	/* scores[i] for the stream's tokens i < n (pos[i], k[i] post-RoPE); n >= 1, arguments checked. */
 	kvp_status (*score)(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t0, uint32_t n,
 			    const int32_t *pos, const float *k_post_rope, float *scores);
+	/* Fill dst->state with a copy of src's history (dst has src's ops, shape and plan, state NULL), so a
+	 * forked sequence's policy starts where its parent's was. NULL for policies without state. */
+	kvp_status (*clone)(struct kvp_policy *dst, const struct kvp_policy *src);
 	void (*close)(struct kvp_policy *p);
 };
 
@@ -80,6 +83,8 @@ extern const struct kvp_policy_ops kvp_policy_triattention;
 /* Parses spec[0..len) ("h2o(heavy=0.1,recent=0.1)") for shape; kvp_policy_free releases it. */
 kvp_status kvp_policy_parse(const char *spec, size_t len, const kvp_shape *shape, struct kvp_policy **out);
 void kvp_policy_free(struct kvp_policy *p);
+/* An independent copy of p with its history (for kvp_seq_fork). On failure *out is NULL. */
+kvp_status kvp_policy_clone(const struct kvp_policy *p, struct kvp_policy **out);
 /* The checked vtable calls behind the public kvp_policy_* functions (pager-facing). */
 kvp_status kvp_policy_learn(struct kvp_policy *p, const struct kvp_observation *o);
 
@@ -116,9 +121,10 @@ kvp_status kvp_select_survivors(uint32_t n, const int32_t *pos, const float *sco
 
 /*
  * One policy round on one stream, what the pager calls when kvp_policy_due says so: scores the tokens
- * that compete (unprotected ones, so TriAttention's z-scores are taken over the candidates as in the
- * reference), then kvp_select_survivors with budget(t0) and the union of the pager's protection and the
- * policy's own (sinks, window(t0), pin_prompt). k: [n][head_dim] post-RoPE, exact.
+ * that compete (unprotected ones; a pinned prompt apart from the newer tokens, so TriAttention's z-scores
+ * are taken over the decode candidates as in the reference), then kvp_select_survivors with budget(t0)
+ * and the union of the pager's protection and the policy's own (sinks, window(t0), pin_prompt).
+ * k: [n][head_dim] post-RoPE, exact. keep: [n] out. Nothing is evicted here: the pager applies keep.
  */
 struct kvp_round {
 	int64_t t0;

@@ -114,6 +114,30 @@ void kvp_policy_free(struct kvp_policy *p)
 	free(p);
 }
 
+kvp_status kvp_policy_clone(const struct kvp_policy *p, struct kvp_policy **out)
+{
+	struct kvp_policy *c;
+	kvp_status st = KVP_OK;
+
+	if (!p || !out)
+		return kvp_fail(KVP_EINVAL, "kvp_policy_clone: NULL policy or result");
+	*out = NULL;
+	c = calloc(1, sizeof *c);
+	if (!c)
+		return kvp_fail(KVP_ENOMEM, "%s: out of memory", p->ops->name);
+	c->ops = p->ops;
+	c->shape = p->shape;
+	c->plan = p->plan;
+	if (p->ops->clone)
+		st = p->ops->clone(c, p);
+	if (st != KVP_OK) {
+		free(c);
+		return st;
+	}
+	*out = c;
+	return KVP_OK;
+}
+
 /* ---- the plan ---- */
 
 static uint32_t ceil_fraction(double r, int64_t t0)

@@ -70,22 +70,43 @@ static kvp_status candidates_alloc(struct candidates *c, uint32_t n, uint32_t he
 	return KVP_OK;
 }
 
-/* Copies the unprotected tokens of r (their keys from r->k) into c and scores them into c->scores. */
+/* Appends stream token i to the candidates. */
+static void add_candidate(struct candidates *c, const struct kvp_round *r, uint32_t i, uint32_t hd)
+{
+	c->index[c->n] = i;
+	c->pos[c->n] = r->pos[i];
+	memcpy(c->k + (size_t)c->n * hd, r->k + (size_t)i * hd, sizeof(float) * hd);
+	c->n++;
+}
+
+/*
+ * Copies the unprotected tokens of r into c and scores them into c->scores. A pinned prompt is scored on
+ * its own: the reference z-normalizes over the decode tokens only, so the prompt must not shift their
+ * rows; its own scores matter only when it outgrows the budget and competes within itself.
+ */
 static kvp_status score_candidates(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, const struct kvp_round *r,
 				   const struct kvp_protect *pr, struct candidates *c)
 {
-	uint32_t hd = p->shape.head_dim;
+	uint32_t hd = p->shape.head_dim, n_new = 0;
+	kvp_status st = KVP_OK;
 
 	c->n = 0;
-	for (uint32_t i = 0; i < r->n; i++) {
-		if (i < pr->sinks || (uint64_t)i + pr->window >= r->n)
-			continue;
-		c->index[c->n] = i;
-		c->pos[c->n] = r->pos[i];
-		memcpy(c->k + (size_t)c->n * hd, r->k + (size_t)i * hd, sizeof(float) * hd);
-		c->n++;
+	for (int prompt = 0; prompt < 2; prompt++) {
+		for (uint32_t i = 0; i < r->n; i++) {
+			int in_prompt = pr->pin_prompt && r->pos[i] < pr->prompt_end;
+			if (i < pr->sinks || (uint64_t)i + pr->window >= r->n || in_prompt != prompt)
+				continue;
+			add_candidate(c, r, i, hd);
+		}
+		if (prompt == 0)
+			n_new = c->n;
 	}
-	return c->n ? p->ops->score(p, layer, kv_head, r->t0, c->n, c->pos, c->k, c->scores) : KVP_OK;
+	if (n_new)
+		st = p->ops->score(p, layer, kv_head, r->t0, n_new, c->pos, c->k, c->scores);
+	if (st == KVP_OK && c->n > n_new)
+		st = p->ops->score(p, layer, kv_head, r->t0, c->n - n_new, c->pos + n_new, c->k + (size_t)n_new * hd,
+				   c->scores + n_new);
+	return st;
 }
 
 /* Spreads candidate values back to stream order (protected entries 0: they are not read) and selects. */

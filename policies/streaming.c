@@ -2,23 +2,25 @@
  * StreamingLLM (Xiao et al., 2023): keep the attention sinks (the first tokens) and a window of the most
  * recent ones, nothing else. Everything is decided by protection; the score only orders the rest by
  * recency, so a budget larger than sinks + window would keep the newest tokens.
- *   streaming(sinks=4, window=1024)     a round fires as soon as the stream exceeds sinks + window
+ *   streaming(sinks=4, window=1024, every=1)     a round fires when the stream holds sinks + window + every
  */
 #include "policies/policy.h"
 
 static kvp_status open_streaming(struct kvp_policy *p, struct kvp_args *args)
 {
-	uint32_t sinks = 4, window = 1024;
+	uint32_t sinks = 4, window = 1024, every = 1;
 	kvp_status st = kvp_args_u32(args, "sinks", 0, INT32_MAX, &sinks);
 
 	if (st == KVP_OK)
 		st = kvp_args_u32(args, "window", 1, INT32_MAX, &window);
+	if (st == KVP_OK)
+		st = kvp_args_u32(args, "every", 1, 1u << 20, &every);
 	if (st != KVP_OK)
 		return st;
 	p->plan.sinks = sinks;
 	p->plan.window = window;
 	p->plan.budget = sinks + window;
-	p->plan.every = 1;
+	p->plan.every = every;
 	return KVP_OK;
 }
 

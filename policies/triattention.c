@@ -49,8 +49,8 @@ struct tria {
 	/* the per-t0 phase table: [1 or n_offsets][F] cos and sin (the mean row for AGG_MEAN) */
 	int64_t table_t0;
 	float *cos_t, *sin_t;
-	/* per-call scratch: one head's coefficients, band magnitudes of one key, group rows */
-	float *alpha, *beta, *weight, *kabs;
+	/* one head's coefficients, loaded per head */
+	float *alpha, *beta, *weight;
 };
 
 /* ---- band access ---- */
@@ -132,14 +132,26 @@ static void head_coefficients(struct tria *t, const kvp_shape *s, uint32_t layer
 	}
 }
 
-/* Raw score S of one post-RoPE key for the head whose coefficients are loaded; kabs holds |k_f|. */
-static float key_score(const struct tria *t, const float *k, kvp_rope_layout layout)
+/* |k_f| of every band of n keys into kabs[n][F]: shared by every query head of the group. */
+static void band_magnitudes(unsigned F, kvp_rope_layout layout, unsigned head_dim, uint32_t n, const float *k,
+			    float *kabs)
+{
+	for (uint32_t i = 0; i < n; i++)
+		for (unsigned f = 0; f < F; f++) {
+			float kr, ki;
+			band(k + (size_t)i * head_dim, f, F, layout, &kr, &ki);
+			kabs[(size_t)i * F + f] = sqrtf(kr * kr + ki * ki);
+		}
+}
+
+/* Raw score S of one post-RoPE key for the head whose coefficients are loaded; kabs: its |k_f|. */
+static float key_score(const struct tria *t, const float *k, const float *kabs, kvp_rope_layout layout)
 {
 	unsigned F = t->n_bands, rows = t->aggregate == AGG_MEAN ? 1 : t->n_offsets;
 	float norm = 0, best = -INFINITY;
 
 	for (unsigned f = 0; f < F; f++)
-		norm += t->weight[f] * t->kabs[f];
+		norm += t->weight[f] * kabs[f];
 	for (unsigned r = 0; r < rows; r++) {
 		const float *al = t->alpha + r * F, *be = t->beta + r * F;
 		float sum = 0;
@@ -176,30 +188,26 @@ static kvp_status score(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, 
 	struct tria *t = p->state;
 	const kvp_shape *s = &p->shape;
 	unsigned group = s->n_heads / s->n_kv_heads, F = t->n_bands;
-	float *row = malloc(sizeof *row * n);
+	float *row = malloc(sizeof *row * n), *kabs = malloc(sizeof *kabs * F * n);
 
 	(void)pos; /* the post-RoPE form needs only t0 */
-	if (!row)
+	if (!row || !kabs) {
+		free(row), free(kabs);
 		return kvp_fail(KVP_ENOMEM, "triattention: out of memory scoring %u tokens", n);
+	}
 	phase_table(t, t0);
+	band_magnitudes(F, s->rope_layout, s->head_dim, n, k, kabs);
 	for (uint32_t i = 0; i < n; i++)
 		scores[i] = -INFINITY;
 	for (unsigned g = 0; g < group; g++) {
 		head_coefficients(t, s, layer, kv_head * group + g);
-		for (uint32_t i = 0; i < n; i++) {
-			const float *key = k + (size_t)i * s->head_dim;
-			for (unsigned f = 0; f < F; f++) {
-				float kr, ki;
-				band(key, f, F, s->rope_layout, &kr, &ki);
-				t->kabs[f] = sqrtf(kr * kr + ki * ki);
-			}
-			row[i] = key_score(t, key, s->rope_layout);
-		}
+		for (uint32_t i = 0; i < n; i++)
+			row[i] = key_score(t, k + (size_t)i * s->head_dim, kabs + (size_t)i * F, s->rope_layout);
 		z_normalize(row, n);
 		for (uint32_t i = 0; i < n; i++)
 			scores[i] = row[i] > scores[i] ? row[i] : scores[i];
 	}
-	free(row);
+	free(row), free(kabs);
 	return KVP_OK;
 }
 
@@ -208,21 +216,21 @@ kvp_status kvp_tria_raw_scores(struct kvp_policy *p, uint32_t layer, uint32_t he
 			       const float *k, float *out)
 {
 	struct tria *t;
+	float *kabs;
 
 	if (!p || p->ops != &kvp_policy_triattention || layer >= p->shape.n_layers || head >= p->shape.n_heads)
 		return kvp_fail(KVP_EINVAL, "kvp_tria_raw_scores: not a triattention policy or head out of range");
 	t = p->state;
+	kabs = malloc(sizeof *kabs * t->n_bands * (n ? n : 1));
+	if (!kabs)
+		return kvp_fail(KVP_ENOMEM, "triattention: out of memory scoring %u tokens", n);
 	phase_table(t, t0);
 	head_coefficients(t, &p->shape, layer, head);
-	for (uint32_t i = 0; i < n; i++) {
-		const float *key = k + (size_t)i * p->shape.head_dim;
-		for (unsigned f = 0; f < t->n_bands; f++) {
-			float kr, ki;
-			band(key, f, t->n_bands, p->shape.rope_layout, &kr, &ki);
-			t->kabs[f] = sqrtf(kr * kr + ki * ki);
-		}
-		out[i] = key_score(t, key, p->shape.rope_layout);
-	}
+	band_magnitudes(t->n_bands, p->shape.rope_layout, p->shape.head_dim, n, k, kabs);
+	for (uint32_t i = 0; i < n; i++)
+		out[i] = key_score(t, k + (size_t)i * p->shape.head_dim, kabs + (size_t)i * t->n_bands,
+				   p->shape.rope_layout);
+	free(kabs);
 	return KVP_OK;
 }
 
@@ -262,7 +270,7 @@ static void tria_free(struct tria *t)
 		return;
 	kvp_tria_stats_free(&t->file);
 	free(t->omega), free(t->cos_t), free(t->sin_t);
-	free(t->alpha), free(t->beta), free(t->weight), free(t->kabs);
+	free(t->alpha), free(t->beta), free(t->weight);
 	free(t->sums.re), free(t->sums.im), free(t->sums.abs), free(t->sums.count);
 	free(t);
 }
@@ -280,14 +288,13 @@ static kvp_status tria_alloc(struct tria *t, const kvp_shape *s)
 	t->alpha = malloc(sizeof(float) * F * rows);
 	t->beta = malloc(sizeof(float) * F * rows);
 	t->weight = malloc(sizeof(float) * F);
-	t->kabs = malloc(sizeof(float) * F);
 	if (t->online) {
 		t->sums.re = calloc(heads * F, sizeof(double));
 		t->sums.im = calloc(heads * F, sizeof(double));
 		t->sums.abs = calloc(heads * F, sizeof(double));
 		t->sums.count = calloc(heads, sizeof(double));
 	}
-	if (!t->omega || !t->cos_t || !t->sin_t || !t->alpha || !t->beta || !t->weight || !t->kabs ||
+	if (!t->omega || !t->cos_t || !t->sin_t || !t->alpha || !t->beta || !t->weight ||
 	    (t->online && (!t->sums.re || !t->sums.im || !t->sums.abs || !t->sums.count)))
 		return kvp_fail(KVP_ENOMEM, "triattention: out of memory");
 	/* plain RoPE: omega_f = theta^(-2f/d) */
@@ -371,6 +378,42 @@ static kvp_status open_tria(struct kvp_policy *p, struct kvp_args *args)
 	return KVP_OK;
 }
 
+/* A forked sequence keeps the statistics: the file's, or the online sums observed so far. */
+static kvp_status clone_tria(struct kvp_policy *dst, const struct kvp_policy *src)
+{
+	const struct tria *from = src->state;
+	const kvp_shape *s = &src->shape;
+	size_t heads = (size_t)s->n_layers * s->n_heads, bands = heads * from->n_bands;
+	struct tria *t = calloc(1, sizeof *t);
+	kvp_status st;
+
+	if (!t)
+		return kvp_fail(KVP_ENOMEM, "triattention: out of memory");
+	t->n_offsets = from->n_offsets;
+	t->aggregate = from->aggregate;
+	t->online = from->online;
+	st = tria_alloc(t, s);
+	if (st == KVP_OK && !t->online)
+		st = kvp_tria_stats_alloc(&t->file, from->file.n_layers, from->file.n_heads, from->file.head_dim,
+					  from->file.rope_layout, from->file.rope_theta);
+	if (st != KVP_OK) {
+		tria_free(t);
+		return st;
+	}
+	if (t->online) {
+		memcpy(t->sums.re, from->sums.re, sizeof(double) * bands);
+		memcpy(t->sums.im, from->sums.im, sizeof(double) * bands);
+		memcpy(t->sums.abs, from->sums.abs, sizeof(double) * bands);
+		memcpy(t->sums.count, from->sums.count, sizeof(double) * heads);
+	} else {
+		memcpy(t->file.mean_re, from->file.mean_re, sizeof(float) * bands);
+		memcpy(t->file.mean_im, from->file.mean_im, sizeof(float) * bands);
+		memcpy(t->file.abs_mean, from->file.abs_mean, sizeof(float) * bands);
+	}
+	dst->state = t;
+	return KVP_OK;
+}
+
 static void close_tria(struct kvp_policy *p)
 {
 	tria_free(p->state);
@@ -382,5 +425,6 @@ const struct kvp_policy_ops kvp_policy_triattention = {
 	.open = open_tria,
 	.observe = observe,
 	.score = score,
+	.clone = clone_tria,
 	.close = close_tria,
 };

@@ -107,3 +107,20 @@ Test(h2o, no_budget_is_refused)
 	cr_assert_eq(kvp_policy_open("h2o(heavy=1.5)", &s, &p), KVP_EINVAL);
 	cr_assert(strstr(kvp_last_error(), "heavy=1.5"), "%s", kvp_last_error());
 }
+
+Test(h2o, a_clone_inherits_the_weights_and_then_goes_its_own_way)
+{
+	kvp_policy *p = open_h2o("h2o"), *c = NULL;
+	int32_t pos[3] = { 10, 20, 30 };
+	float w[2][3] = { { 0.5f, 0.25f, 0.25f }, { 0.1f, 0.8f, 0.1f } }, k[3][8] = { { 0 } }, s[3];
+
+	cr_assert_eq(kvp_policy_observe(p, 1, 0, 31, NULL, 3, pos, &w[0][0]), KVP_OK);
+	cr_assert_eq(kvp_policy_clone(p, &c), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_policy_observe(c, 1, 0, 32, NULL, 3, pos, &w[0][0]), KVP_OK);
+	cr_assert_eq(kvp_policy_score(c, 1, 0, 33, 3, pos, &k[0][0], s), KVP_OK);
+	cr_assert_float_eq(s[1], 2.1f, 1e-6, "clone: inherited 1.05 plus its own 1.05");
+	cr_assert_eq(kvp_policy_score(p, 1, 0, 33, 3, pos, &k[0][0], s), KVP_OK);
+	cr_assert_float_eq(s[1], 1.05f, 1e-6, "the original does not see the clone's observation");
+	kvp_policy_close(p);
+	kvp_policy_close(c);
+}

@@ -555,3 +555,64 @@ Test(triattention, ratio_budget_follows_the_tokens_processed)
 	cr_assert(kvp_policy_due(p, 400, 116));
 	kvp_policy_close(p);
 }
+
+Test(triattention, a_clone_keeps_the_online_statistics_and_then_goes_its_own_way)
+{
+	kvp_shape s = example_shape(KVP_ROPE_HALF);
+	kvp_policy *p = NULL, *c = NULL, *f = NULL;
+	float q[2][4] = { { 1, 0, 0, 2 }, { 0, 1, 1, 0 } }, other[2][4] = { { -3, 1, 0, 0 }, { 0, 0, 2, 2 } };
+	float k[3][4], a[3], b[3];
+
+	cr_assert_eq(kvp_policy_open("triattention(stats=online)", &s, &p), KVP_OK);
+	cr_assert_eq(kvp_policy_observe(p, 0, 0, 0, &q[0][0], 0, NULL, NULL), KVP_OK); /* at t = 0: pre = post */
+	cr_assert_eq(kvp_policy_clone(p, &c), KVP_OK, "%s", kvp_last_error());
+	example_keys(k, KVP_ROPE_HALF, 0);
+	cr_assert_eq(kvp_tria_raw_scores(p, 0, 1, 12, 3, &k[0][0], a), KVP_OK);
+	cr_assert_eq(kvp_tria_raw_scores(c, 0, 1, 12, 3, &k[0][0], b), KVP_OK);
+	for (int i = 0; i < 3; i++)
+		cr_assert_float_eq(a[i], b[i], 0, "key %d", i);
+	cr_assert_eq(kvp_policy_observe(c, 0, 0, 0, &other[0][0], 0, NULL, NULL), KVP_OK);
+	cr_assert_eq(kvp_tria_raw_scores(p, 0, 1, 12, 3, &k[0][0], b), KVP_OK);
+	for (int i = 0; i < 3; i++)
+		cr_assert_float_eq(a[i], b[i], 0, "the original moved with the clone at key %d", i);
+	cr_assert_eq(kvp_tria_raw_scores(c, 0, 1, 12, 3, &k[0][0], b), KVP_OK);
+	cr_assert(fabsf(a[0] - b[0]) > 1e-3f, "the clone learned from its own query");
+	f = example_policy("", KVP_ROPE_HALF, 1.0f);
+	kvp_policy_close(c);
+	cr_assert_eq(kvp_policy_clone(f, &c), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_tria_raw_scores(c, 0, 0, 12, 3, &k[0][0], b), KVP_OK);
+	cr_assert_float_eq(b[0], 1.099490, EPS, "a clone of file statistics scores as the file does");
+	kvp_policy_close(f), kvp_policy_close(c), kvp_policy_close(p);
+}
+
+/* The reference z-normalizes over the decode tokens only: a pinned prompt must not shift their ranking. */
+Test(triattention, a_pinned_prompt_does_not_enter_the_decode_tokens_z_scores)
+{
+	enum { N = 100, PROMPT = 30, BUDGET = 60 };
+	kvp_policy *p = sim_policy("budget=60,select=per_layer_head", 1);
+	static struct sim_stream st;
+	struct kvp_protect none = { 0 };
+	uint8_t keep[N], want[N - PROMPT];
+	uint32_t kept = 0, kept_want = 0;
+	unsigned seed = 13;
+	float s[N - PROMPT];
+
+	memset(&st, 0, sizeof st);
+	for (int64_t t = 0; t < N; t++)
+		sim_append(&st, t, &seed);
+	for (int i = 0; i < PROMPT; i++) /* loud prompt keys: they would dominate each head's mean and std */
+		for (int j = 0; j < SIM_D; j++)
+			st.k[i][j] *= (float)(1 + (i % 3) * 20);
+	{
+		struct kvp_round r = { .t0 = N, .n = N, .pos = st.pos, .k = &st.k[0][0], .prompt_end = PROMPT };
+		cr_assert_eq(kvp_policy_round(p, 0, 1, &r, keep, &kept), KVP_OK, "%s", kvp_last_error());
+	}
+	cr_assert_eq(kept, BUDGET);
+	cr_assert_eq(kvp_policy_score(p, 0, 1, N, N - PROMPT, st.pos + PROMPT, &st.k[PROMPT][0], s), KVP_OK);
+	cr_assert_eq(kvp_select_survivors(N - PROMPT, st.pos + PROMPT, s, &none, BUDGET - PROMPT, want, &kept_want),
+		     KVP_OK);
+	for (int i = 0; i < PROMPT; i++)
+		cr_assert(keep[i], "prompt token %d dropped", i);
+	cr_assert_eq(memcmp(keep + PROMPT, want, N - PROMPT), 0, "decode tokens ranked with the prompt in their rows");
+	kvp_policy_close(p);
+}
