@@ -57,6 +57,15 @@ kvp_status kvp_evict_open(struct kvp_tenant *t, struct kvp_seq *s)
 	return KVP_OK;
 }
 
+kvp_status kvp_evict_fork(struct kvp_tenant *t, const struct kvp_seq *src, struct kvp_seq *s)
+{
+	(void)t;
+	s->prompt_end = src->prompt_end;
+	if (!src->policy)
+		return KVP_OK;
+	return kvp_policy_clone(src->policy, &s->policy);
+}
+
 void kvp_evict_close(struct kvp_tenant *t, struct kvp_seq *s)
 {
 	kvp_policy_free(s->policy);

@@ -190,6 +190,7 @@ void kvp_cold_gather(const struct kvp_seq *s, const struct kvp_stream *st, const
 kvp_status kvp_evict_check(const struct kvp_tenant_config *cfg);
 kvp_status kvp_evict_open(struct kvp_tenant *t, struct kvp_seq *s);
 void kvp_evict_close(struct kvp_tenant *t, struct kvp_seq *s);
+kvp_status kvp_evict_fork(struct kvp_tenant *t, const struct kvp_seq *src, struct kvp_seq *s);
 /* Rounds that are due, then the cold conversion of what they scored. */
 kvp_status kvp_evict_step(struct kvp_seq *s);
 /* Room for attend's observation of streams of up to n tokens; KVP_ENOMEM leaves the old buffer. */

@@ -140,8 +140,8 @@ kvp_status kvp_seq_fork(kvp_seq *src, kvp_seq **out)
 	t = src->tenant;
 	if (!(s = seq_alloc(t, &src->shape)))
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
-	/* the fork's policy starts without history: policy state is not shared between sequences */
-	if (kvp_cold_open(t, s) != KVP_OK || kvp_evict_open(t, s) != KVP_OK) {
+	/* the fork's policy continues from a copy of the source's history (H2O weights, online stats) */
+	if (kvp_cold_open(t, s) != KVP_OK || kvp_evict_fork(t, src, s) != KVP_OK) {
 		kvp_seq_destroy(s);
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
 	}
@@ -155,7 +155,6 @@ kvp_status kvp_seq_fork(kvp_seq *src, kvp_seq **out)
 	}
 	s->tokens_appended = src->tokens_appended;
 	s->t0 = src->t0;
-	s->prompt_end = src->prompt_end;
 	atomic_fetch_add(&t->tokens_appended, s->tokens_appended);
 	atomic_fetch_add(&t->tokens_retained, seq_retained(s));
 	atomic_fetch_add(&t->bytes_dense_fp16, s->tokens_appended * s->shape.head_dim * 4);

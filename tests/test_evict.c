@@ -289,11 +289,12 @@ Test(evict, positions_must_increase_with_a_policy)
 /* ---- the real model ---- */
 
 /*
- * The issue asks for TriAttention to beat StreamingLLM here. With online statistics it does not yet:
- * measured mean errors 0.090 (TriAttention, per_head) against 0.086 (StreamingLLM) at 160 of 320 tokens.
- * The comparison is logged, not asserted, until calibrated statistics (kvpager-calibrate) are tried.
+ * offsets=10: the spec's 17 offsets reach 65536 positions, far past kjv-64's 512, and the far offsets
+ * then dominate the score (measured: 0.090 with 17 offsets, worse than StreamingLLM's 0.086). With
+ * offsets up to the model's length: TriAttention 0.081, StreamingLLM 0.086, stacked with TurboQuant
+ * 4-bit 0.085, argmax 320/320. Calibrated statistics (kvpager-calibrate on other kjv-64 text) give 0.076.
  */
-Test(evict, kjv64_at_half_the_tokens_triattention_stacks_with_turboquant_and_keeps_the_argmax,
+Test(evict, kjv64_at_half_the_tokens_triattention_beats_streaming_and_stacks_with_turboquant,
      .timeout = 300)
 {
 	enum { STEPS = 320, BUDGET = 160 };
@@ -313,10 +314,10 @@ Test(evict, kjv64_at_half_the_tokens_triattention_stacks_with_turboquant_and_kee
 	run_exact(&m, tokens, STEPS, &exact, exact_top);
 	snprintf(spec, sizeof spec, "block=16,sinks=4,window=16,policy=streaming(sinks=4,window=%d)", BUDGET - 4);
 	run_spec(&m, spec, tokens, STEPS, &stream, top, NULL);
-	snprintf(spec, sizeof spec, "block=16,sinks=4,window=16,policy=triattention(budget=%d,every=16,stats=online)",
+	snprintf(spec, sizeof spec, "block=16,sinks=4,window=16,policy=triattention(budget=%d,every=16,stats=online,offsets=10)",
 		 BUDGET);
 	run_spec(&m, spec, tokens, STEPS, &tri, top, NULL);
-	snprintf(spec, sizeof spec, "block=16,sinks=4,window=16,policy=triattention(budget=%d,every=16,stats=online),"
+	snprintf(spec, sizeof spec, "block=16,sinks=4,window=16,policy=triattention(budget=%d,every=16,stats=online,offsets=10),"
 		 "k=turboquant(bits=4),v=turboquant(bits=4)", BUDGET);
 	kvp_stats st = { .size = sizeof st };
 	run_spec(&m, spec, tokens, STEPS, &stacked, top, &st);
@@ -330,7 +331,7 @@ Test(evict, kjv64_at_half_the_tokens_triattention_stacks_with_turboquant_and_kee
 	cr_log_info("kjv-64 at %d of %d tokens: attention error StreamingLLM %.4f, TriAttention %.4f, "
 		    "TriAttention+TurboQuant4 %.4f (argmax agreement %d/%d, %llu compressed bytes)", BUDGET, STEPS,
 		    stream_mean, tri_mean, stacked_mean, agree, STEPS, (unsigned long long)st.bytes_compressed);
-	cr_assert_lt(tri_mean, 0.15, "TriAttention at half the tokens: %g", tri_mean);
+	cr_assert_lt(tri_mean, stream_mean, "TriAttention %g against StreamingLLM %g", tri_mean, stream_mean);
 	cr_assert_lt(stacked_mean, tri_mean * 1.25, "TurboQuant 4-bit on top adds little: %g vs %g", stacked_mean,
 		     tri_mean);
 	cr_assert_gt(st.bytes_compressed, 0);
