@@ -43,7 +43,7 @@
 #define PATH_CAP 4096
 #define MAX_SPECS 32
 #define SYNTHETIC_TOKENS 8192
-#define SYNTHETIC_EVERY 16
+#define SYNTHETIC_EVERY 64
 
 static const char *const default_specs[] = {
 	"store=fp32",
@@ -84,7 +84,7 @@ static void usage(FILE *f)
 	      "  --spec SPEC       a cache spec to compare, repeatable (default: store=fp32,\n"
 	      "                    k=turboquant(bits=4),v=turboquant(bits=4), the same at bits=3,\n"
 	      "                    k=kivi(bits=2),v=kivi(bits=2))\n"
-	      "  --every N         attend and compare at every Nth step only (default 1; 16 for the\n"
+	      "  --every N         attend and compare at every Nth step only (default 1; 64 for the\n"
 	      "                    synthetic trace); every token is still appended\n"
 	      "  --plugin PATH     kvpager plugin (default libkvpager.so.1 next to this program)\n"
 	      "  --pool SPEC       pool spec for every run (default \"\")\n"
@@ -702,7 +702,7 @@ int main(int argc, char **argv)
 		if (!r.opt.seeded)
 			r.opt.seed = 1;
 		r.api = load_plugin(r.opt.plugin, &r.library);
-		rc = r.api ? 0 : 1;
+		rc = r.api ? 0 : EXIT_BAD_INPUT; /* a --plugin path that does not serve the table */
 	}
 	if (!rc)
 		rc = r.opt.model ? run_model(&r) : r.opt.trace ? run_trace(&r) : run_synthetic(&r);
