@@ -178,7 +178,7 @@ static void assert_compressed_row(const struct row *r, const struct row *exact, 
 	cr_assert(r->value[COL_TOP1] > 0.9 && r->value[COL_TOP1] <= 1.0, "top-1 %g", r->value[COL_TOP1]);
 }
 
-Test(ab, kjv64_exact_against_turboquant_3bit, .timeout = 120)
+Test(ab, kjv64_exact_against_turboquant_3bit)
 {
 	char csv[256], args[2048], out[8192];
 	struct row rows[4];
@@ -219,7 +219,7 @@ static void record_kjv(const char *trace)
 	cr_assert_eq(file_size(trace), KVP_TRACE_HEADER_BYTES + 64 * 4 * (long)kvp_trace_record_bytes(4, 2, 64));
 }
 
-Test(ab, recorded_trace_replays, .timeout = 60)
+Test(ab, recorded_trace_replays)
 {
 	char trace[256], csv[256], args[2048], out[8192];
 	struct row rows[4];
@@ -261,7 +261,7 @@ static void expect_bad_input(const char *args, const char *words)
 	cr_assert_not_null(strstr(out, words), "%s: the message says '%s': %s", args, words, out);
 }
 
-Test(ab, damaged_traces_and_checkpoints_exit_2, .timeout = 60)
+Test(ab, damaged_traces_and_checkpoints_exit_2)
 {
 	char trace[256], bad[256], args[2048];
 
@@ -302,7 +302,7 @@ Test(ab, bad_options_and_specs_exit_2)
 	expect_bad_input("--tokens 64 --plugin /nonexistent/libkvpager.so.1", "cannot load the plugin");
 }
 
-Test(ab, builtin_synthetic_default_run_with_plot, .timeout = 120)
+Test(ab, builtin_synthetic_default_run_with_plot)
 {
 	char csv[256], svg[256], args[1024], out[8192], head[8];
 	struct row rows[8];
@@ -333,7 +333,7 @@ Test(ab, builtin_synthetic_default_run_with_plot, .timeout = 120)
 }
 
 /* Policies may not be served yet: a clean refusal (status 2 naming the spec) or a measured row both pass. */
-Test(ab, policy_spec_is_refused_cleanly_or_measured, .timeout = 120)
+Test(ab, policy_spec_is_refused_cleanly_or_measured)
 {
 	char csv[256], args[2048], out[8192];
 	struct row rows[4];
