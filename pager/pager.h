@@ -81,8 +81,9 @@ struct kvp_block {
 	_Atomic uint32_t refs;
 	uint32_t n, cap;
 	enum kvp_store store;
-	size_t size;    /* the whole allocation, as asked of jemalloc */
-	size_t payload; /* bytes of k and v together, as counted in stats */
+	size_t size;      /* the header allocation (this struct and pos), as asked of jemalloc */
+	size_t data_size; /* the allocation k and v live in, as asked */
+	size_t payload;   /* bytes of k and v together, as counted in stats */
 	int32_t *pos;
 	void *k, *v; /* [cap][head_dim] in the block's store, or the codecs' bytes for n tokens */
 };
@@ -159,6 +160,7 @@ struct kvp_block *kvp_block_copy(struct kvp_tenant *t, const struct kvp_block *b
 void kvp_block_get(struct kvp_block *b);
 void kvp_block_put(struct kvp_tenant *t, struct kvp_block *b, uint32_t dim);
 size_t kvp_block_token_bytes(const struct kvp_block *b, uint32_t dim); /* k and v storage */
+size_t kvp_block_bytes(const struct kvp_tenant *t, const struct kvp_block *b); /* both allocations */
 /* Writes rows [at, at+n) of the block from fp32 k/v with the given row stride (floats). */
 void kvp_block_write(struct kvp_block *b, uint32_t at, uint32_t n, uint32_t dim, const int32_t *pos,
 		     const float *k, const float *v, size_t stride);

@@ -270,7 +270,7 @@ static void stats_stream(const struct kvp_tenant *t, const struct kvp_stream *st
 			o->bytes_compressed += kvp_block_token_bytes(b, dim);
 		else
 			o->bytes_exact += kvp_block_token_bytes(b, dim);
-		o->bytes_meta += kvp_alloc_size(t, b->size) - kvp_block_token_bytes(b, dim);
+		o->bytes_meta += kvp_block_bytes(t, b) - kvp_block_token_bytes(b, dim);
 	}
 	if (st->blocks)
 		o->bytes_meta += kvp_alloc_size(t, st->cap_blocks * sizeof *st->blocks);
