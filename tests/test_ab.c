@@ -333,25 +333,35 @@ Test(ab, builtin_synthetic_default_run_with_plot)
 }
 
 /* Policies may not be served yet: a clean refusal (status 2 naming the spec) or a measured row both pass. */
-Test(ab, policy_spec_is_refused_cleanly_or_measured)
+/* The issue's acceptance run: the exact cache, StreamingLLM, TriAttention, and TriAttention stacked with
+ * TurboQuant, on kjv-64 through the plugin. */
+Test(ab, kjv64_exact_streaming_triattention_and_stacked_specs)
 {
-	char csv[256], args[2048], out[8192];
+	static const char *const specs[] = {
+		"", "policy=streaming(sinks=4,window=64)", "policy=triattention(ratio=0.5)",
+		"policy=triattention(ratio=0.25)," TQ3,
+	};
+	char csv[256], args[2048], out[16384];
 	struct row rows[4];
-	int rc;
 
 	temp_path(csv, sizeof(csv), ".csv");
-	snprintf(args, sizeof(args), "--model %s --steps 256 --spec '' --spec 'policy=streaming(sinks=4,window=64)' "
-		 "--csv %s", model_path("kjv-64.bin"), csv);
-	rc = run("kvpager-ab", args, out, sizeof(out));
-	if (rc == 2) {
-		cr_assert_not_null(strstr(out, "spec 'policy=streaming(sinks=4,window=64)'"), "%s", out);
-	} else {
-		cr_assert_eq(rc, 0, "%s", out);
-		cr_assert_eq(read_csv(csv, rows, 4), 2);
-		assert_exact_row(&rows[0], 1);
-		cr_assert(rows[1].value[COL_KL_MEAN] >= 0 && rows[1].value[COL_TOP1] > 0, "%s", out);
-		cr_assert_lt(rows[1].value[COL_BYTES_PER_TOKEN], rows[0].value[COL_BYTES_PER_TOKEN],
-			     "a window of 64 keeps fewer tokens");
+	snprintf(args, sizeof(args), "--model %s --steps 256 --spec '%s' --spec '%s' --spec '%s' --spec '%s' --csv %s",
+		 model_path("kjv-64.bin"), specs[0], specs[1], specs[2], specs[3], csv);
+	cr_assert_eq(run("kvpager-ab", args, out, sizeof(out)), 0, "%s", out);
+	cr_assert_eq(read_csv(csv, rows, 4), 4);
+	assert_exact_row(&rows[0], 1);
+	for (int i = 1; i < 4; i++) {
+		const double *v = rows[i].value;
+		cr_assert_str_eq(rows[i].spec, specs[i]);
+		cr_assert_eq(v[COL_TOKENS], 256);
+		cr_assert_lt(v[COL_BYTES_PER_TOKEN], rows[0].value[COL_BYTES_PER_TOKEN], "%s keeps fewer bytes", specs[i]);
+		cr_assert(v[COL_KL_MEAN] >= 0 && v[COL_KL_MEAN] < 0.1, "%s: KL %g", specs[i], v[COL_KL_MEAN]);
+		cr_assert_geq(v[COL_KL_P99], v[COL_KL_MEAN]);
+		cr_assert(v[COL_TOP1] >= 0.9 && v[COL_TOP1] <= 1.0, "%s: top-1 %g", specs[i], v[COL_TOP1]);
+		cr_assert(v[COL_ATTENTION_ERROR] < 0.5, "%s: attention error %g", specs[i], v[COL_ATTENTION_ERROR]);
 	}
+	/* a 68-token budget drops tokens from position 69 on: the output must move */
+	cr_assert_gt(rows[1].value[COL_KL_MEAN], 0);
+	cr_assert_gt(rows[3].value[COL_KL_MEAN], 0);
 	unlink(csv);
 }
