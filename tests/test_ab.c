@@ -311,18 +311,25 @@ Test(ab, builtin_synthetic_default_run_with_plot)
 
 	temp_path(csv, sizeof(csv), ".csv");
 	temp_path(svg, sizeof(svg), ".svg");
-	snprintf(args, sizeof(args), "--tokens 1024 --every 32 --csv %s --plot %s", csv, svg);
+	/* 3072 tokens: past the policies' 2048-token budget, so they evict */
+	snprintf(args, sizeof(args), "--tokens 3072 --every 32 --csv %s --plot %s", csv, svg);
 	cr_assert_eq(run("kvpager-ab", args, out, sizeof(out)), 0, "%s", out);
-	cr_assert_not_null(strstr(out, "synthetic trace: 1024 tokens"), "%s", out);
-	cr_assert_eq(read_csv(csv, rows, 8), 4, "four default specs");
+	cr_assert_not_null(strstr(out, "synthetic trace: 3072 tokens"), "%s", out);
+	cr_assert_eq(read_csv(csv, rows, 8), 7, "seven default specs");
 	cr_assert_str_eq(rows[0].spec, "store=fp32");
 	assert_exact_row(&rows[0], 0);
-	for (i = 1; i < 4; i++) {
+	for (i = 1; i < 7; i++)
 		assert_compressed_row(&rows[i], &rows[0], 0);
+	for (i = 1; i < 4; i++)
 		cr_assert_gt(rows[i].value[COL_COMPRESSION], 1.0, "%s compresses past fp16", rows[i].spec);
-	}
 	/* more bits, less error */
 	cr_assert_lt(rows[1].value[COL_ATTENTION_ERROR], rows[2].value[COL_ATTENTION_ERROR]);
+	/* the generator's heads attend to heavy hitters a recent window misses */
+	cr_assert_lt(rows[5].value[COL_ATTENTION_ERROR], rows[4].value[COL_ATTENTION_ERROR], "TriAttention against "
+		     "StreamingLLM");
+	/* the axes multiply: the stacked spec holds fewer bytes than either part alone */
+	cr_assert_lt(rows[6].value[COL_BYTES_PER_TOKEN], rows[5].value[COL_BYTES_PER_TOKEN]);
+	cr_assert_lt(rows[6].value[COL_BYTES_PER_TOKEN], rows[2].value[COL_BYTES_PER_TOKEN]);
 	f = fopen(svg, "r");
 	cr_assert_not_null(f);
 	cr_assert_eq(fread(head, 1, 4, f), 4);

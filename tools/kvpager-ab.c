@@ -45,11 +45,15 @@
 #define SYNTHETIC_TOKENS 8192
 #define SYNTHETIC_EVERY 64
 
+/* The three axes alone and together: codecs, policies at a quarter of the tokens, and both. */
 static const char *const default_specs[] = {
 	"store=fp32",
 	"k=turboquant(bits=4),v=turboquant(bits=4)",
 	"k=turboquant(bits=3),v=turboquant(bits=3)",
 	"k=kivi(bits=2),v=kivi(bits=2)",
+	"policy=streaming(sinks=4,window=2044)",
+	"policy=triattention(budget=2048,stats=online)",
+	"policy=triattention(budget=2048,stats=online),k=turboquant(bits=3),v=turboquant(bits=3)",
 };
 
 struct options {
@@ -83,7 +87,9 @@ static void usage(FILE *f)
 	      "options:\n"
 	      "  --spec SPEC       a cache spec to compare, repeatable (default: store=fp32,\n"
 	      "                    k=turboquant(bits=4),v=turboquant(bits=4), the same at bits=3,\n"
-	      "                    k=kivi(bits=2),v=kivi(bits=2))\n"
+	      "                    k=kivi(bits=2),v=kivi(bits=2), policy=streaming(sinks=4,window=2044),\n"
+	      "                    policy=triattention(budget=2048,stats=online), and that with\n"
+	      "                    k=turboquant(bits=3),v=turboquant(bits=3))\n"
 	      "  --every N         attend and compare at every Nth step only (default 1; 64 for the\n"
 	      "                    synthetic trace); every token is still appended\n"
 	      "  --plugin PATH     kvpager plugin (default libkvpager.so.1 next to this program)\n"
