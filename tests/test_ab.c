@@ -346,7 +346,7 @@ Test(ab, kjv64_exact_streaming_triattention_and_stacked_specs)
 {
 	static const char *const specs[] = {
 		"", "policy=streaming(sinks=4,window=64)", "policy=triattention(ratio=0.5)",
-		"policy=triattention(ratio=0.25)," TQ3,
+		"policy=triattention(ratio=0.25),k=turboquant(bits=3),v=turboquant(bits=3)",
 	};
 	char csv[256], args[2048], out[16384];
 	struct row rows[4];
