@@ -160,7 +160,7 @@ neon:
 install: all
 	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/bin \
 		$(DESTDIR)$(PREFIX)/lib/pkgconfig
-	install -m 644 include/kvpager.h $(DESTDIR)$(PREFIX)/include/
+	install -m 644 include/kvpager.h include/kvpager_trace.h $(DESTDIR)$(PREFIX)/include/
 	install -m 755 $(SHARED) $(DESTDIR)$(PREFIX)/lib/libkvpager.so.$(VERSION)
 	ln -sf libkvpager.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/$(SONAME)
 	ln -sf $(SONAME) $(DESTDIR)$(PREFIX)/lib/libkvpager.so

@@ -96,6 +96,28 @@ static kvp_seq *paged_cache(kvp_tenant *t, uint32_t n, const float *k_by_head, c
 	return s;
 }
 
+/* The same cache with a TurboQuant cold tier: all but the hot window read from the codes. */
+static void run_cold(kvp_pool *pool, uint32_t n, const struct dense *dn, int bits, double t_fp16, int reps)
+{
+	struct paged pg = { NULL, dn->q, malloc(NH * D * 4) };
+	char config[64], spec[128], name[16];
+	kvp_tenant *t;
+	double t_paged;
+
+	snprintf(spec, sizeof spec, "block=64,window=128,store=fp16,k=turboquant(bits=%d),v=turboquant(bits=%d)",
+		 bits, bits);
+	snprintf(name, sizeof name, "tq%d", bits);
+	if (kvp_tenant_open(pool, name, spec, &t) != KVP_OK || !(pg.seq = paged_cache(t, n, dn->k, dn->v))) {
+		fprintf(stderr, "bench_attend: %s\n", kvp_last_error());
+		exit(1);
+	}
+	t_paged = bench_time(paged_attend, &pg, reps);
+	snprintf(config, sizeof config, "kvp_attend turboquant %d-bit, %uK", bits, n / 1024);
+	bench_row(config, "decode latency", t_paged, t_fp16, 1e3, "ms", "kvp_attend fp16");
+	kvp_tenant_close(t);
+	free(pg.out);
+}
+
 static void run(kvp_pool *pool, uint32_t n, double bandwidth, int reps)
 {
 	struct dense dn = { n, malloc((size_t)NKV * n * D * 4), malloc((size_t)NKV * n * D * 4), malloc(NH * D * 4),
@@ -110,6 +132,7 @@ static void run(kvp_pool *pool, uint32_t n, double bandwidth, int reps)
 	t_dense = bench_time(dense_attend, &dn, reps);
 	snprintf(config, sizeof config, "dense fp32 loop, %uK tokens", n / 1024);
 	bench_row(config, "decode latency", t_dense, t_dense, 1e3, "ms", "itself");
+	double t_fp16 = 0;
 	for (int st = 0; st < 2; st++) {
 		struct paged pg = { NULL, dn.q, malloc(NH * D * 4) };
 		size_t bytes = (size_t)n * NKV * D * 2 * (st ? 2 : 4);
@@ -126,7 +149,10 @@ static void run(kvp_pool *pool, uint32_t n, double bandwidth, int reps)
 		bench_row(config, "decode latency", t_paged, floor_s, 1e3, "ms", "bandwidth floor");
 		kvp_tenant_close(t);
 		free(pg.out);
+		t_fp16 = t_paged;
 	}
+	for (int bits = 4; bits >= 2; bits--)
+		run_cold(pool, n, &dn, bits, t_fp16, reps);
 	free(dn.k), free(dn.v), free(dn.q), free(dn.out), free(dn.scores);
 }
 
@@ -142,7 +168,7 @@ int main(void)
 		return 1;
 	}
 	snprintf(floor_note, sizeof floor_note, "memcpy bandwidth %.2f GB/s; kernels: %s", bw / 1e9, kvp_kernels()->name);
-	bench_header("Exact attention, one decode token over one layer: d=128, 8 KV heads, 32 query heads");
+	bench_header("Attention, one decode token over one layer: d=128, 8 KV heads, 32 query heads");
 	printf("%s\n", floor_note);
 	run(pool, 4096, bw, reps);
 	run(pool, 32768, bw, reps);

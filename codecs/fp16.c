@@ -3,10 +3,14 @@
  * per-stream context. Values beyond the binary16 range become infinities, as in any fp16 cache.
  *
  * Layout of one token: dim binary16 values, little endian (2*dim bytes). bytes(n) = 2 * dim * n.
+ * Every path is a dense kernel (f32_to_f16, f16_to_f32, dot_f16, axpy_f16; bit-identical conversions
+ * across kernel tables) when the bytes are 2-byte aligned, as the pager's blocks are; otherwise values are
+ * converted one by one.
  */
 #include <string.h>
 
 #include "codecs/codec.h"
+#include "kernels/kernels.h"
 
 static kvp_status fp16_open(struct kvp_codec *c, struct kvp_args *args, unsigned dim, struct kvp_codec *inner)
 {
@@ -27,11 +31,20 @@ static uint16_t load16(const unsigned char *p)
 	return (uint16_t)(p[0] | p[1] << 8);
 }
 
+static int aligned(const void *p)
+{
+	return ((uintptr_t)p & 1) == 0;
+}
+
 static kvp_status fp16_encode(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x, void *dst)
 {
 	unsigned char *p = dst;
 
 	(void)ctx;
+	if (aligned(dst)) {
+		kvp_kernels()->f32_to_f16((size_t)n * c->dim, x, dst);
+		return KVP_OK;
+	}
 	for (size_t i = 0; i < (size_t)n * c->dim; i++) {
 		uint16_t h = kvp_f32_to_f16(x[i]);
 		p[2 * i] = (unsigned char)h;
@@ -45,6 +58,10 @@ static kvp_status fp16_decode(const struct kvp_codec *c, const void *ctx, unsign
 	const unsigned char *p = src;
 
 	(void)ctx;
+	if (aligned(src)) {
+		kvp_kernels()->f16_to_f32((size_t)n * c->dim, src, x);
+		return KVP_OK;
+	}
 	for (size_t i = 0; i < (size_t)n * c->dim; i++)
 		x[i] = kvp_f16_to_f32(load16(p + 2 * i));
 	return KVP_OK;
@@ -63,6 +80,10 @@ static void fp16_dot(const struct kvp_codec *c, const void *ctx, unsigned n, con
 	const float *q = qprep;
 
 	(void)ctx;
+	if (aligned(src)) {
+		kvp_kernels()->dot_f16(c->dim, n, src, q, 1.0f, out);
+		return;
+	}
 	for (unsigned i = 0; i < n; i++) {
 		float s = 0.0f;
 		for (unsigned j = 0; j < c->dim; j++, p += 2)
@@ -77,6 +98,10 @@ static void fp16_axpy(const struct kvp_codec *c, const void *ctx, unsigned n, co
 	const unsigned char *p = src;
 
 	(void)ctx;
+	if (aligned(src)) {
+		kvp_kernels()->axpy_f16(c->dim, n, src, w, acc);
+		return;
+	}
 	for (unsigned i = 0; i < n; i++)
 		for (unsigned j = 0; j < c->dim; j++, p += 2)
 			acc[j] += w[i] * kvp_f16_to_f32(load16(p));

@@ -2,11 +2,13 @@
  * fp32: the identity codec. Separable, group 1, no per-stream context.
  *
  * Layout of one token: dim IEEE binary32 values, little endian as in memory (4*dim bytes).
- * bytes(n) = 4 * dim * n.
+ * bytes(n) = 4 * dim * n. dot and axpy are the dense kernels (dot_f32, axpy_f32) when the bytes are
+ * 4-byte aligned, as the pager's blocks are; otherwise rows are read through memcpy.
  */
 #include <string.h>
 
 #include "codecs/codec.h"
+#include "kernels/kernels.h"
 
 static kvp_status fp32_open(struct kvp_codec *c, struct kvp_args *args, unsigned dim, struct kvp_codec *inner)
 {
@@ -42,7 +44,11 @@ static void fp32_prepare_query(const struct kvp_codec *c, const void *ctx, const
 	memcpy(qprep, q, sizeof(float) * c->dim);
 }
 
-/* The encoded bytes need not be aligned, so rows are read through memcpy. */
+static int aligned(const void *p, size_t a)
+{
+	return ((uintptr_t)p & (a - 1)) == 0;
+}
+
 static void fp32_dot(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, const void *qprep,
 		     float *out)
 {
@@ -50,6 +56,10 @@ static void fp32_dot(const struct kvp_codec *c, const void *ctx, unsigned n, con
 	const float *q = qprep;
 
 	(void)ctx;
+	if (aligned(src, sizeof(float))) {
+		kvp_kernels()->dot_f32(c->dim, n, src, q, 1.0f, out);
+		return;
+	}
 	for (unsigned i = 0; i < n; i++) {
 		float s = 0.0f, v;
 		for (unsigned j = 0; j < c->dim; j++, p += sizeof v) {
@@ -66,6 +76,10 @@ static void fp32_axpy(const struct kvp_codec *c, const void *ctx, unsigned n, co
 	const unsigned char *p = src;
 
 	(void)ctx;
+	if (aligned(src, sizeof(float))) {
+		kvp_kernels()->axpy_f32(c->dim, n, src, w, acc);
+		return;
+	}
 	for (unsigned i = 0; i < n; i++) {
 		float v;
 		for (unsigned j = 0; j < c->dim; j++, p += sizeof v) {

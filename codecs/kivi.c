@@ -1,7 +1,9 @@
 /*
- * kivi(bits=1..8, group=G, axis=channel|token): KIVI (Liu et al., arXiv 2402.02750), asymmetric
+ * kivi(bits=1..4, group=G, axis=channel|token): KIVI (Liu et al., arXiv 2402.02750), asymmetric
  * round-to-nearest group quantization: z = min, s = (max - min) / (2^bits - 1),
- * q = clamp(round((x - z) / s), 0, 2^bits - 1), x' = z + s q. The reference uses bits 2 and 4.
+ * q = clamp(round((x - z) / s), 0, 2^bits - 1), x' = z + s q. The reference uses bits 2 and 4 (its
+ * packing also allows 8; not served here, the fused kernels take codes of up to 4 bits). G is a multiple
+ * of 8 (default 32, as in the paper), so every group's codes start on a byte.
  *
  * axis=channel (keys): one group is G consecutive tokens of one channel. Not separable: c->group = G,
  * and n must be a multiple of G. axis=token (values): one group is G consecutive channels of one token
@@ -15,19 +17,25 @@
  * has s = 0 and every code 0: it decodes to z exactly (to the value itself when that is an fp16 number).
  * Groups whose z or s overflow fp16, or with non-finite values, are rejected with KVP_EINVAL.
  *
+ * The fused paths use integer codes as the table 0, 1, 2, ... of the kernels' lut_dot/lut_axpy:
+ *   values (per token): <q, x> = sum_g z_g * sum(q over g) + s_g * sum_{j in g} q_j code_j
+ *   keys (per channel): a group's codes are d rows (channels) of G codes, so dot is one lut_axpy over
+ *   the channels with weights q_j s_j, and axpy is one lut_dot of the weights against each channel.
+ *
  * Layout, codes packed LSB first into one bit stream zero padded to a byte:
  *   axis=channel, per group of G tokens:  fp16 z[dim], fp16 s[dim], codes channel by channel, each channel's
  *     G codes consecutive (packed along tokens, as the reference packs keys).
  *     bytes(n) = n/G * (4*dim + ceil(dim*G*bits / 8))
  *   axis=token, per token (ng = ceil(dim/G)): fp16 z[ng], fp16 s[ng], codes of the dim channels in order.
  *     bytes(n) = n * (4*ng + ceil(dim*bits / 8))
- * d=128, G=32, bits=2: 3.0 bits per value on either axis; bits=4: 5.0.
+ * d=128, G=32, bits=2: 3.0 bits per value on either axis; bits=4: 5.0 (bits=1: 2.0, bits=3: 4.0).
  */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "codecs/codec.h"
+#include "kernels/kernels.h"
 
 struct kivi {
 	unsigned bits, g, per_token, ng;
@@ -43,10 +51,12 @@ static kvp_status kivi_open(struct kvp_codec *c, struct kvp_args *args, unsigned
 	kvp_status st;
 
 	(void)inner;
-	if ((st = kvp_args_u32(args, "bits", 1, 8, &bits)) != KVP_OK ||
-	    (st = kvp_args_u32(args, "group", 1, 4096, &g)) != KVP_OK ||
+	if ((st = kvp_args_u32(args, "bits", 1, 4, &bits)) != KVP_OK ||
+	    (st = kvp_args_u32(args, "group", 8, 4096, &g)) != KVP_OK ||
 	    (st = kvp_args_choice(args, "axis", axes, &axis)) != KVP_OK)
 		return st;
+	if (g % 8)
+		return kvp_fail(KVP_EINVAL, "kivi: group=%u is not a multiple of 8", g);
 	k = calloc(1, sizeof *k);
 	if (!k)
 		return kvp_fail(KVP_ENOMEM, "kivi: out of memory");
@@ -102,12 +112,15 @@ static kvp_status quantize(unsigned bits, unsigned m, const float *x, size_t ste
 	float lo = x[0], hi = x[0], z, s;
 	unsigned top = (1u << bits) - 1;
 
-	for (unsigned i = 1; i < m; i++) {
+	/* fminf skips NaNs, so every value is checked on its own */
+	for (unsigned i = 0; i < m; i++) {
+		if (!isfinite(x[i * step]))
+			return kvp_fail(KVP_EINVAL, "kivi: a group has a non-finite value");
 		lo = fminf(lo, x[i * step]);
 		hi = fmaxf(hi, x[i * step]);
 	}
-	if (!isfinite(lo) || !isfinite(hi) || !isfinite(hi - lo))
-		return kvp_fail(KVP_EINVAL, "kivi: a group has a non-finite value");
+	if (!isfinite(hi - lo))
+		return kvp_fail(KVP_EINVAL, "kivi: group range %g..%g is beyond float", (double)lo, (double)hi);
 	store16(zp, lo);
 	z = load16(zp);
 	store16(sp, (hi - z) / (float)top);
@@ -202,40 +215,87 @@ static void kivi_prepare_query(const struct kvp_codec *c, const void *ctx, const
 		qp[c->dim + j / k->g] += q[j];
 }
 
+static const float integers[16] = { 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15 };
+
+/* Tokens per pass of the per-token paths: their per-token scalars live on the stack. */
+#define CHUNK 256
+
+static void dot_per_token(const struct kvp_codec *c, unsigned n, const unsigned char *p, const float *q,
+			  float *out)
+{
+	const struct kvp_kernels *kern = kvp_kernels();
+	const struct kivi *k = c->state;
+	unsigned d = c->dim;
+	float s[CHUNK];
+
+	for (unsigned i0 = 0; i0 < n; i0 += CHUNK, p += k->stride * CHUNK, out += CHUNK) {
+		unsigned cn = n - i0 < CHUNK ? n - i0 : CHUNK;
+
+		for (unsigned i = 0; i < cn; i++)
+			out[i] = 0.0f;
+		for (unsigned g = 0; g < k->ng; g++) {
+			unsigned j0 = g * k->g, m = d - j0 < k->g ? d - j0 : k->g;
+			const unsigned char *tok = p;
+
+			kern->lut_dot(k->bits, m, cn, p + 4 * k->ng + (size_t)j0 * k->bits / 8, k->stride, integers,
+				      q + j0, s);
+			for (unsigned i = 0; i < cn; i++, tok += k->stride)
+				out[i] += load16(tok + 2 * g) * q[d + g] + load16(tok + 2 * (k->ng + g)) * s[i];
+		}
+	}
+}
+
 static void kivi_dot(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, const void *qprep,
 		     float *out)
 {
+	const struct kvp_kernels *kern = kvp_kernels();
 	const struct kivi *k = c->state;
 	const unsigned char *p = src;
 	const float *q = qprep;
 	unsigned d = c->dim;
+	float qs[KVP_CODEC_DIM_MAX];
 
 	(void)ctx;
 	if (k->per_token) {
-		for (unsigned i = 0; i < n; i++, p += k->stride) {
-			float total = 0.0f;
-			for (unsigned g = 0; g < k->ng; g++) {
-				unsigned j1 = (g + 1) * k->g < d ? (g + 1) * k->g : d;
-				float s = 0.0f;
-				for (unsigned j = g * k->g; j < j1; j++)
-					s += q[j] * code_at(k, p + 4 * k->ng, j);
-				total += load16(p + 2 * g) * q[d + g] + load16(p + 2 * (k->ng + g)) * s;
-			}
-			out[i] = total;
-		}
+		dot_per_token(c, n, p, q, out);
 		return;
 	}
-	/* Channel-major like the bytes: the z terms first, then each channel's scaled codes. */
 	for (unsigned i = 0; i < n; i += k->g, p += k->stride, out += k->g) {
 		float zq = 0.0f;
-		for (unsigned j = 0; j < d; j++)
+		for (unsigned j = 0; j < d; j++) {
 			zq += q[j] * load16(p + 2 * j);
+			qs[j] = q[j] * load16(p + 2 * (d + j));
+		}
 		for (unsigned t = 0; t < k->g; t++)
 			out[t] = zq;
-		for (unsigned j = 0; j < d; j++) {
-			float qs = q[j] * load16(p + 2 * (d + j));
-			for (unsigned t = 0; t < k->g; t++)
-				out[t] += qs * code_at(k, p + 4 * d, (size_t)j * k->g + t);
+		kern->lut_axpy(k->bits, k->g, d, p + 4 * d, (size_t)k->g * k->bits / 8, integers, qs, out);
+	}
+}
+
+static void axpy_per_token(const struct kvp_codec *c, unsigned n, const unsigned char *p, const float *w,
+			   float *acc)
+{
+	const struct kvp_kernels *kern = kvp_kernels();
+	const struct kivi *k = c->state;
+	unsigned d = c->dim;
+	float ws[CHUNK];
+
+	for (unsigned i0 = 0; i0 < n; i0 += CHUNK, p += k->stride * CHUNK, w += CHUNK) {
+		unsigned cn = n - i0 < CHUNK ? n - i0 : CHUNK;
+
+		for (unsigned g = 0; g < k->ng; g++) {
+			unsigned j0 = g * k->g, m = d - j0 < k->g ? d - j0 : k->g;
+			const unsigned char *tok = p;
+			float wz = 0.0f;
+
+			for (unsigned i = 0; i < cn; i++, tok += k->stride) {
+				wz += w[i] * load16(tok + 2 * g);
+				ws[i] = w[i] * load16(tok + 2 * (k->ng + g));
+			}
+			kern->lut_axpy(k->bits, m, cn, p + 4 * k->ng + (size_t)j0 * k->bits / 8, k->stride, integers,
+				       ws, acc + j0);
+			for (unsigned j = j0; j < j0 + m; j++)
+				acc[j] += wz;
 		}
 	}
 }
@@ -243,30 +303,24 @@ static void kivi_dot(const struct kvp_codec *c, const void *ctx, unsigned n, con
 static void kivi_axpy(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, const float *w,
 		      float *acc)
 {
+	const struct kvp_kernels *kern = kvp_kernels();
 	const struct kivi *k = c->state;
 	const unsigned char *p = src;
 	unsigned d = c->dim;
+	float s[KVP_CODEC_DIM_MAX];
 
 	(void)ctx;
 	if (k->per_token) {
-		for (unsigned i = 0; i < n; i++, p += k->stride)
-			for (unsigned j = 0; j < d; j++) {
-				unsigned g = j / k->g;
-				acc[j] += w[i] * (load16(p + 2 * g) +
-						  load16(p + 2 * (k->ng + g)) * code_at(k, p + 4 * k->ng, j));
-			}
+		axpy_per_token(c, n, p, w, acc);
 		return;
 	}
 	for (unsigned i = 0; i < n; i += k->g, p += k->stride, w += k->g) {
 		float wsum = 0.0f;
 		for (unsigned t = 0; t < k->g; t++)
 			wsum += w[t];
-		for (unsigned j = 0; j < d; j++) {
-			float s = 0.0f;
-			for (unsigned t = 0; t < k->g; t++)
-				s += w[t] * code_at(k, p + 4 * d, (size_t)j * k->g + t);
-			acc[j] += load16(p + 2 * j) * wsum + load16(p + 2 * (d + j)) * s;
-		}
+		kern->lut_dot(k->bits, k->g, d, p + 4 * d, (size_t)k->g * k->bits / 8, integers, w, s);
+		for (unsigned j = 0; j < d; j++)
+			acc[j] += load16(p + 2 * j) * wsum + load16(p + 2 * (d + j)) * s[j];
 	}
 }
 

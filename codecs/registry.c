@@ -15,7 +15,7 @@
 
 /* Adding a codec: one file and one line here. */
 static const struct kvp_codec_ops *const codecs[] = {
-	&kvp_codec_fp32, &kvp_codec_fp16, &kvp_codec_turboquant, &kvp_codec_kivi,
+	&kvp_codec_fp32, &kvp_codec_fp16, &kvp_codec_turboquant, &kvp_codec_kivi, &kvp_codec_spark,
 };
 
 #define STACK_MAX 4
@@ -153,14 +153,14 @@ kvp_status kvp_codec_parse_role(const char *spec, size_t len, unsigned dim, unsi
 					(int)el[i].len, el[i].text, (int)len, spec);
 		st = el[i].ops->inner_dim(&el[i].args, el[i].dim, &el[i + 1].dim);
 		if (st != KVP_OK)
-			return st;
+			return kvp_fail_context(st, "codec '%.*s'", (int)len, spec);
 	}
 	for (unsigned i = n; i-- > 0;) {
 		struct kvp_codec *outer = NULL;
 		st = open_one(&el[i], role, c, &outer);
 		if (st != KVP_OK) {
 			kvp_codec_free(c);
-			return st;
+			return kvp_fail_context(st, "codec '%.*s'", (int)len, spec);
 		}
 		c = outer;
 	}

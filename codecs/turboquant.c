@@ -37,21 +37,25 @@
  *   float32 norm[P]                       the part's L2 norm (fp32: fp16 would add a relative error of
  *                                         up to 2^-11 to every coordinate and can overflow)
  *   float32 gamma[P]                      qjl=1 only: ||r|| of the part's unit vector
- *   bit stream, LSB first, zero padded to a byte:
- *     codes of part 0 (m0 * b0 bits), codes of part 1 (m1 * b1 bits), b = bits - qjl per coordinate,
- *     then with qjl=1: signs of part 0 (m0 bits), signs of part 1 (m1 bits); bit 1 means +1.
- *   bytes(n) = n * (4*P*(1+qjl) + ceil((m0*b0 + m1*b1 + qjl*dim) / 8))
- * d=128, bits=3: 4 + 48 = 52 bytes (3.25 bits per value).
+ *   codes of part 0 (m0 * b0 bits), codes of part 1 (m1 * b1 bits), b = bits - qjl per coordinate,
+ *   then with qjl=1: signs of part 0 (m0 bits), signs of part 1 (m1 bits); bit 1 means +1.
+ *   Each of these sections is packed LSB first and zero padded to a whole byte, so the fused kernels
+ *   start every section on a byte (no padding at all when the part sizes are multiples of 8).
+ *   bytes(n) = n * (4*P*(1+qjl) + sum over parts of ceil(m*b/8) + qjl * ceil(m/8))
+ * d=128: bits=1..4 take 20/36/52/68 bytes (1.25/2.25/3.25/4.25 bits per value); qjl=1 the same sizes
+ * plus 4 bytes for gamma; outliers=32,outlier_bits=3,bits=2 takes 8 + 36 = 44 bytes (2.75 bits per value).
  *
  * dot works in the rotated domain: prepare_query stores R q (and S R q) per part, and a token costs one
- * codebook lookup per coordinate plus one signed sum. axpy accumulates in the same domain (acc_dim =
- * dim * (1 + qjl)), with the norm and gamma folded in per token; finish applies S^T and R^T once.
+ * codebook lookup per coordinate plus one signed sum (kernels lut_dot, with the codebook and {-1, +1} as
+ * tables). axpy accumulates in the same domain (acc_dim = dim * (1 + qjl)) through lut_axpy, with the
+ * norm and gamma folded into the weights; finish applies S^T and R^T once per query.
  */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "codecs/codec.h"
+#include "kernels/kernels.h"
 
 #define TQ_PARTS 2
 #define TQ_LEVELS_MAX 16
@@ -66,7 +70,7 @@ struct tq_part {
 	float *s;                    /* qjl=1: m x m N(0,1), row-major */
 	float centroid[TQ_LEVELS_MAX];
 	float threshold[TQ_LEVELS_MAX - 1];
-	size_t code_bit, sign_bit;   /* bit offsets of the part's codes and signs in a token's stream */
+	size_t code_at, sign_at;     /* byte offsets of the part's codes and signs in a token */
 	unsigned first;              /* index of the part's first channel in the context's order */
 };
 
@@ -299,22 +303,23 @@ static kvp_status tq_layout(struct kvp_codec *c, struct tq *t, unsigned bits, un
 {
 	unsigned m[TQ_PARTS] = { c->dim - t->outliers, t->outliers };
 	unsigned b[TQ_PARTS] = { bits - t->qjl, obits - t->qjl };
-	size_t bit = 0;
+	size_t at;
 
+	t->head = sizeof(float) * t->nparts * (1 + t->qjl);
+	at = t->head;
 	for (unsigned k = 0; k < t->nparts; k++) {
 		kvp_status st = part_init(&t->part[k], m[k], b[k], t->qjl, seed, k);
 		if (st != KVP_OK)
 			return kvp_fail(st, "turboquant: out of memory");
 		t->part[k].first = k ? m[0] : 0;
-		t->part[k].code_bit = bit;
-		bit += (size_t)m[k] * b[k];
+		t->part[k].code_at = at;
+		at += ((size_t)m[k] * b[k] + 7) / 8;
 	}
 	for (unsigned k = 0; k < t->nparts && t->qjl; k++) {
-		t->part[k].sign_bit = bit;
-		bit += m[k];
+		t->part[k].sign_at = at;
+		at += (m[k] + 7) / 8;
 	}
-	t->head = sizeof(float) * t->nparts * (1 + t->qjl);
-	t->stride = t->head + (bit + 7) / 8;
+	t->stride = at;
 	return KVP_OK;
 }
 
@@ -437,7 +442,7 @@ static unsigned cell(const struct tq_part *pt, float y)
 }
 
 /* Quantizes the unit vector y (rotated in place) of one part; returns gamma for qjl. */
-static float encode_part(const struct tq_part *pt, unsigned qjl, float *y, unsigned char *bits)
+static float encode_part(const struct tq_part *pt, unsigned qjl, float *y, unsigned char *tok)
 {
 	float r[KVP_CODEC_DIM_MAX];
 	double g2 = 0.0;
@@ -445,7 +450,7 @@ static float encode_part(const struct tq_part *pt, unsigned qjl, float *y, unsig
 	for (unsigned j = 0; j < pt->m; j++) {
 		unsigned idx = pt->bits ? cell(pt, y[j]) : 0;
 		if (pt->bits)
-			kvp_bits_put(bits, pt->code_bit + (size_t)j * pt->bits, pt->bits, idx);
+			kvp_bits_put(tok + pt->code_at, (size_t)j * pt->bits, pt->bits, idx);
 		r[j] = y[j] - pt->centroid[idx];
 		g2 += (double)r[j] * r[j];
 	}
@@ -457,7 +462,7 @@ static float encode_part(const struct tq_part *pt, unsigned qjl, float *y, unsig
 		for (unsigned j = 0; j < pt->m; j++)
 			s += row[j] * r[j];
 		if (s >= 0.0f)
-			kvp_bits_put(bits, pt->sign_bit + i, 1, 1);
+			kvp_bits_put(tok + pt->sign_at, i, 1, 1);
 	}
 	return (float)sqrt(g2);
 }
@@ -484,7 +489,7 @@ static kvp_status tq_encode(const struct kvp_codec *c, const void *ctx, unsigned
 			for (unsigned j = 0; j < pt->m; j++)
 				y[j] = norm > 0.0f ? y[j] / norm : 0.0f;
 			rotate(pt, y);
-			gamma = encode_part(pt, t->qjl, y, p + t->head);
+			gamma = encode_part(pt, t->qjl, y, p);
 			memcpy(p + sizeof(float) * k, &norm, sizeof norm);
 			if (t->qjl)
 				memcpy(p + sizeof(float) * (t->nparts + k), &gamma, sizeof gamma);
@@ -502,17 +507,16 @@ static float qjl_scale(const struct tq_part *pt)
 static void decode_rotated(const struct tq *t, const struct tq_part *pt, unsigned k, const unsigned char *p,
 			   float *v)
 {
-	const unsigned char *bits = p + t->head;
 	float norm = load_f32(p + sizeof(float) * k);
 
 	for (unsigned j = 0; j < pt->m; j++)
-		v[j] = pt->bits ? pt->centroid[kvp_bits_get(bits, pt->code_bit + (size_t)j * pt->bits, pt->bits)]
+		v[j] = pt->bits ? pt->centroid[kvp_bits_get(p + pt->code_at, (size_t)j * pt->bits, pt->bits)]
 				: 0.0f;
 	if (t->qjl) {
 		float a = qjl_scale(pt) * load_f32(p + sizeof(float) * (t->nparts + k));
 		for (unsigned i = 0; i < pt->m; i++) {
 			const float *row = pt->s + (size_t)i * pt->m;
-			float s = kvp_bits_get(bits, pt->sign_bit + i, 1) ? a : -a;
+			float s = kvp_bits_get(p + pt->sign_at, i, 1) ? a : -a;
 			for (unsigned j = 0; j < pt->m; j++)
 				v[j] += s * row[j];
 		}
@@ -566,58 +570,78 @@ static void tq_prepare_query(const struct kvp_codec *c, const void *ctx, const f
 	}
 }
 
+/* Tokens per pass of the fused paths: their per-token scalars live on the stack. */
+#define CHUNK 256
+
+static const float plus_minus_one[2] = { -1.0f, 1.0f };
+
+/* The scalar slot (0 = norm, 1 = gamma) of part k for tokens [0, n), times w[i] (or 1 when w is NULL). */
+static void scalars(const struct tq *t, unsigned k, unsigned slot, unsigned n, const unsigned char *p,
+		    const float *w, float *out)
+{
+	size_t at = sizeof(float) * (slot * t->nparts + k);
+
+	for (unsigned i = 0; i < n; i++, p += t->stride)
+		out[i] = load_f32(p + at) * (w ? w[i] : 1.0f);
+}
+
 static void tq_dot(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, const void *qprep,
 		   float *out)
 {
+	const struct kvp_kernels *kern = kvp_kernels();
 	const struct tq *t = c->state;
 	const unsigned char *p = src;
+	float s[CHUNK], scale[CHUNK];
 
 	(void)ctx;
-	for (unsigned i = 0; i < n; i++, p += t->stride) {
-		float total = 0.0f;
+	for (unsigned i0 = 0; i0 < n; i0 += CHUNK, p += t->stride * CHUNK) {
+		unsigned cn = n - i0 < CHUNK ? n - i0 : CHUNK;
+
+		for (unsigned i = 0; i < cn; i++)
+			out[i0 + i] = 0.0f;
 		for (unsigned k = 0; k < t->nparts; k++) {
 			const struct tq_part *pt = &t->part[k];
 			const float *qr = (const float *)qprep + part_offset(t, k), *sq = qr + pt->m;
-			const unsigned char *bits = p + t->head;
-			float s = 0.0f;
 
-			for (unsigned j = 0; j < pt->m && pt->bits; j++)
-				s += pt->centroid[kvp_bits_get(bits, pt->code_bit + (size_t)j * pt->bits, pt->bits)] *
-				     qr[j];
-			if (t->qjl) {
-				float z = 0.0f;
-				for (unsigned j = 0; j < pt->m; j++)
-					z += kvp_bits_get(bits, pt->sign_bit + j, 1) ? sq[j] : -sq[j];
-				s += qjl_scale(pt) * load_f32(p + sizeof(float) * (t->nparts + k)) * z;
+			scalars(t, k, 0, cn, p, NULL, scale);
+			if (pt->bits) {
+				kern->lut_dot(pt->bits, pt->m, cn, p + pt->code_at, t->stride, pt->centroid, qr, s);
+				for (unsigned i = 0; i < cn; i++)
+					out[i0 + i] += scale[i] * s[i];
 			}
-			total += load_f32(p + sizeof(float) * k) * s;
+			if (!t->qjl)
+				continue;
+			kern->lut_dot(1, pt->m, cn, p + pt->sign_at, t->stride, plus_minus_one, sq, s);
+			scalars(t, k, 1, cn, p, scale, scale); /* norm * gamma */
+			for (unsigned i = 0; i < cn; i++)
+				out[i0 + i] += qjl_scale(pt) * scale[i] * s[i];
 		}
-		out[i] = total;
 	}
 }
 
 static void tq_axpy(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, const float *w,
 		    float *acc)
 {
+	const struct kvp_kernels *kern = kvp_kernels();
 	const struct tq *t = c->state;
 	const unsigned char *p = src;
+	float wn[CHUNK], wg[CHUNK];
 
 	(void)ctx;
-	for (unsigned i = 0; i < n; i++, p += t->stride) {
+	for (unsigned i0 = 0; i0 < n; i0 += CHUNK, p += t->stride * CHUNK) {
+		unsigned cn = n - i0 < CHUNK ? n - i0 : CHUNK;
+
 		for (unsigned k = 0; k < t->nparts; k++) {
 			const struct tq_part *pt = &t->part[k];
-			const unsigned char *bits = p + t->head;
 			float *a = acc + part_offset(t, k), *as = a + pt->m;
-			float wn = w[i] * load_f32(p + sizeof(float) * k), wg;
 
-			for (unsigned j = 0; j < pt->m && pt->bits; j++)
-				a[j] += wn * pt->centroid[kvp_bits_get(bits, pt->code_bit + (size_t)j * pt->bits,
-								      pt->bits)];
+			scalars(t, k, 0, cn, p, w + i0, wn);
+			if (pt->bits)
+				kern->lut_axpy(pt->bits, pt->m, cn, p + pt->code_at, t->stride, pt->centroid, wn, a);
 			if (!t->qjl)
 				continue;
-			wg = wn * load_f32(p + sizeof(float) * (t->nparts + k));
-			for (unsigned j = 0; j < pt->m; j++)
-				as[j] += kvp_bits_get(bits, pt->sign_bit + j, 1) ? wg : -wg;
+			scalars(t, k, 1, cn, p, wn, wg);
+			kern->lut_axpy(1, pt->m, cn, p + pt->sign_at, t->stride, plus_minus_one, wg, as);
 		}
 	}
 }

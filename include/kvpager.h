@@ -159,12 +159,33 @@ KVP_API kvp_status kvp_codec_decode(kvp_codec *c, uint32_t n, const void *src, f
 KVP_API kvp_status kvp_codec_dot(kvp_codec *c, uint32_t n, const void *src, const float *q, float *out);
 KVP_API void kvp_codec_close(kvp_codec *c);
 
-/* Policies on their own: scores after the policy's own normalization and GQA aggregation. */
+/*
+ * Policies on their own: "streaming(sinks=4,window=1024)", "h2o(heavy=0.1,recent=0.1)",
+ * "triattention(budget=2048,stats=FILE|online,every=128,offsets=17,aggregate=mean|max,
+ * select=per_head|per_layer_head|union)"; every policy also takes pin_prompt=0|1. One policy holds the
+ * history of one sequence (H2O's accumulated weights, online statistics).
+ *
+ * kvp_policy_score: scores of the n tokens of stream (layer, kv_head), higher = keep, after the policy's
+ *   own normalization (TriAttention: z-score per query head over these n tokens) and GQA aggregation
+ *   (TriAttention: max over the group; H2O: sum). pos: [n] absolute positions, increasing; k_post_rope:
+ *   [n][head_dim] keys after RoPE; t0: absolute position of the next token (> pos[n-1]).
+ */
 KVP_API kvp_status kvp_policy_open(const char *spec, const kvp_shape *shape, kvp_policy **out);
 KVP_API kvp_status kvp_policy_score(kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t0,
 				    uint32_t n, const int32_t *pos, const float *k_post_rope,
 				    float *scores);
 KVP_API void kvp_policy_close(kvp_policy *p);
+/*
+ * For hosts that run their own attention: what one query token at absolute position t saw on stream
+ * (layer, kv_head). q_post_rope: [group][head_dim] the queries after RoPE of the group's query heads
+ * (kv_head*group .. kv_head*group + group - 1, group = n_heads / n_kv_heads), or NULL; weights:
+ * [group][n] their softmax weights over the stream's n tokens at positions pos (increasing), or NULL.
+ * H2O accumulates the weights; TriAttention with stats=online averages the queries (rotated back to
+ * pre-RoPE with t). On failure nothing is recorded.
+ */
+KVP_API kvp_status kvp_policy_observe(kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t,
+				      const float *q_post_rope, uint32_t n, const int32_t *pos,
+				      const float *weights);
 
 /*
  * Plugin entry for dlopen hosts. kvp_plugin(KVP_ABI_MAJOR) returns a table with one pointer per public
@@ -172,7 +193,7 @@ KVP_API void kvp_policy_close(kvp_policy *p);
  * knows when the table's abi_minor >= m (and size covers it).
  */
 #define KVP_ABI_MAJOR 1
-#define KVP_ABI_MINOR 0
+#define KVP_ABI_MINOR 1
 
 typedef struct kvp_plugin_v1 {
 	uint32_t abi_major, abi_minor, size;
@@ -206,6 +227,9 @@ typedef struct kvp_plugin_v1 {
 	kvp_status (*policy_score)(kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t0, uint32_t n,
 				   const int32_t *pos, const float *k_post_rope, float *scores);
 	void (*policy_close)(kvp_policy *p);
+	/* abi_minor 1 */
+	kvp_status (*policy_observe)(kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t,
+				     const float *q_post_rope, uint32_t n, const int32_t *pos, const float *weights);
 } kvp_plugin_v1;
 
 /* NULL when abi_major is not served (kvp_last_error says which majors are). */

@@ -227,6 +227,127 @@ static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *
 }
 
 /* The immediate rounding mode (not MXCSR) makes this round to nearest even whatever the caller set. */
+/* acc[j] += w * row[j] for from <= j < d: the column tail of the grouped axpy. */
+static void axpy_f16_columns(unsigned d, unsigned from, const uint16_t *row, float w, float *acc)
+{
+	unsigned j = from;
+
+	for (; j + 8 <= d; j += 8)
+		_mm256_storeu_ps(acc + j, _mm256_fmadd_ps(_mm256_set1_ps(w), load_f16(row + j),
+							  _mm256_loadu_ps(acc + j)));
+	if (j < d) {
+		const __m256i mask = tail_mask(d - j);
+		__m256 a = _mm256_maskload_ps(acc + j, mask);
+
+		a = _mm256_fmadd_ps(_mm256_set1_ps(w), load_f16_tail(row + j, d - j), a);
+		_mm256_maskstore_ps(acc + j, mask, a);
+	}
+}
+
+/*
+ * Four heads over two rows per pass: each widened row chunk feeds four FMAs, so the F16C conversion
+ * (one per cycle) no longer bounds the loop, and eight chains keep both FMA pipes busy.
+ */
+static void dot_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale,
+			   float *out)
+{
+	const unsigned d8 = d & ~7u, k = d & 7u;
+	const __m256i mask = k ? tail_mask(k) : _mm256_setzero_si256();
+	const float *q0 = q, *q1 = q + d, *q2 = q1 + d, *q3 = q2 + d;
+	float *o0 = out, *o1 = out + n, *o2 = o1 + n, *o3 = o2 + n;
+	unsigned i = 0;
+
+	for (; i + 2 <= n; i += 2) {
+		const uint16_t *r0 = rows + (size_t)i * d, *r1 = r0 + d;
+		__m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+		__m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+		float s[8];
+
+		for (unsigned j = 0; j < d8; j += 8) {
+			__m256 x = load_f16(r0 + j), y = load_f16(r1 + j), qv;
+
+			qv = _mm256_loadu_ps(q0 + j), a0 = _mm256_fmadd_ps(x, qv, a0), b0 = _mm256_fmadd_ps(y, qv, b0);
+			qv = _mm256_loadu_ps(q1 + j), a1 = _mm256_fmadd_ps(x, qv, a1), b1 = _mm256_fmadd_ps(y, qv, b1);
+			qv = _mm256_loadu_ps(q2 + j), a2 = _mm256_fmadd_ps(x, qv, a2), b2 = _mm256_fmadd_ps(y, qv, b2);
+			qv = _mm256_loadu_ps(q3 + j), a3 = _mm256_fmadd_ps(x, qv, a3), b3 = _mm256_fmadd_ps(y, qv, b3);
+		}
+		if (k) {
+			__m256 x = load_f16_tail(r0 + d8, k), y = load_f16_tail(r1 + d8, k), qv;
+
+			qv = _mm256_maskload_ps(q0 + d8, mask), a0 = _mm256_fmadd_ps(x, qv, a0), b0 = _mm256_fmadd_ps(y, qv, b0);
+			qv = _mm256_maskload_ps(q1 + d8, mask), a1 = _mm256_fmadd_ps(x, qv, a1), b1 = _mm256_fmadd_ps(y, qv, b1);
+			qv = _mm256_maskload_ps(q2 + d8, mask), a2 = _mm256_fmadd_ps(x, qv, a2), b2 = _mm256_fmadd_ps(y, qv, b2);
+			qv = _mm256_maskload_ps(q3 + d8, mask), a3 = _mm256_fmadd_ps(x, qv, a3), b3 = _mm256_fmadd_ps(y, qv, b3);
+		}
+		_mm_storeu_ps(s, _mm_mul_ps(hsum4(a0, a1, a2, a3), _mm_set1_ps(scale)));
+		_mm_storeu_ps(s + 4, _mm_mul_ps(hsum4(b0, b1, b2, b3), _mm_set1_ps(scale)));
+		o0[i] = s[0], o1[i] = s[1], o2[i] = s[2], o3[i] = s[3];
+		o0[i + 1] = s[4], o1[i + 1] = s[5], o2[i + 1] = s[6], o3[i + 1] = s[7];
+	}
+	for (unsigned h = 0; i < n && h < 4; h++)
+		dot_f16(d, n - i, rows + (size_t)i * d, q + (size_t)h * d, scale, out + (size_t)h * n + i);
+}
+
+static void dot_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *q,
+			  float scale, float *out)
+{
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4)
+		dot_f16_heads4(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n);
+	for (; h < g; h++)
+		dot_f16(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n);
+}
+
+/* Sixteen columns of four heads per pass: two conversions per row feed eight FMAs. */
+static void axpy_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc)
+{
+	const float *w0 = w, *w1 = w + n, *w2 = w1 + n, *w3 = w2 + n;
+	float *c0 = acc, *c1 = acc + d, *c2 = c1 + d, *c3 = c2 + d;
+	unsigned j = 0;
+
+	for (; j + 16 <= d; j += 16) {
+		__m256 a0 = _mm256_loadu_ps(c0 + j), a1 = _mm256_loadu_ps(c1 + j);
+		__m256 a2 = _mm256_loadu_ps(c2 + j), a3 = _mm256_loadu_ps(c3 + j);
+		__m256 b0 = _mm256_loadu_ps(c0 + j + 8), b1 = _mm256_loadu_ps(c1 + j + 8);
+		__m256 b2 = _mm256_loadu_ps(c2 + j + 8), b3 = _mm256_loadu_ps(c3 + j + 8);
+
+		for (unsigned i = 0; i < n; i++) {
+			const uint16_t *r = rows + (size_t)i * d + j;
+			__m256 x = load_f16(r), y = load_f16(r + 8), wv;
+
+			wv = _mm256_broadcast_ss(w0 + i), a0 = _mm256_fmadd_ps(wv, x, a0), b0 = _mm256_fmadd_ps(wv, y, b0);
+			wv = _mm256_broadcast_ss(w1 + i), a1 = _mm256_fmadd_ps(wv, x, a1), b1 = _mm256_fmadd_ps(wv, y, b1);
+			wv = _mm256_broadcast_ss(w2 + i), a2 = _mm256_fmadd_ps(wv, x, a2), b2 = _mm256_fmadd_ps(wv, y, b2);
+			wv = _mm256_broadcast_ss(w3 + i), a3 = _mm256_fmadd_ps(wv, x, a3), b3 = _mm256_fmadd_ps(wv, y, b3);
+		}
+		_mm256_storeu_ps(c0 + j, a0), _mm256_storeu_ps(c0 + j + 8, b0);
+		_mm256_storeu_ps(c1 + j, a1), _mm256_storeu_ps(c1 + j + 8, b1);
+		_mm256_storeu_ps(c2 + j, a2), _mm256_storeu_ps(c2 + j + 8, b2);
+		_mm256_storeu_ps(c3 + j, a3), _mm256_storeu_ps(c3 + j + 8, b3);
+	}
+	if (j < d) {
+		/* the last d % 16 columns, as a narrower matrix with the same row stride */
+		for (unsigned h = 0; h < 4; h++) {
+			const float *wh = w + (size_t)h * n;
+			float *ch = acc + (size_t)h * d;
+			for (unsigned i = 0; i < n; i++)
+				axpy_f16_columns(d, j, rows + (size_t)i * d, wh[i], ch);
+		}
+	}
+}
+
+static void axpy_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *w,
+			   float *acc)
+{
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4)
+		axpy_f16_heads4(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d);
+	for (; h < g; h++)
+		axpy_f16(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d);
+}
+
 static void f32_to_f16(size_t n, const float *x, uint16_t *y)
 {
 	size_t i = 0;
@@ -371,14 +492,175 @@ static void scale(unsigned d, float a, float *y)
 	}
 }
 
+/*
+ * Packed codes. Eight codes of b bits fill exactly b bytes, so the block of codes j..j+7 (j a multiple of
+ * 8) is one little-endian word of b <= 4 bytes at byte j*b/8. The word is broadcast, each lane shifted
+ * right by its own multiple of b (srlv) and masked: eight indices. The lookup is a register permute:
+ * permutevar8x32 reads the low 3 bits, so 4-bit codes take the upper half of the table where bit 3 is
+ * set (blendv keys on the sign bit, hence the shift left by 28). The functions are always inlined into a
+ * switch on bits, so every width gets its own loop with constant shifts and load sizes.
+ */
+#define INLINE static inline __attribute__((always_inline))
+
+struct lut_regs {
+	__m256 lo, hi;
+	__m256i shifts, mask;
+};
+
+INLINE struct lut_regs lut_regs(unsigned bits, const float *lut)
+{
+	float tab[16] = { 0 };
+	struct lut_regs r;
+	int b = (int)bits;
+
+	memcpy(tab, lut, sizeof(float) << bits);
+	r.lo = _mm256_loadu_ps(tab);
+	r.hi = _mm256_loadu_ps(tab + 8);
+	r.shifts = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
+	r.mask = _mm256_set1_epi32((1 << b) - 1);
+	return r;
+}
+
+/* Byte by byte: with nbytes a constant this folds to one or two loads; a variable-length memcpy would be
+ * a library call per block. */
+INLINE uint32_t load_word(const uint8_t *p, unsigned nbytes)
+{
+	switch (nbytes) {
+	case 1: return p[0];
+	case 2: return (uint32_t)p[0] | (uint32_t)p[1] << 8;
+	case 3: return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16;
+	case 4: return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+	default: return 0;
+	}
+}
+
+/* The word of the block of codes j..j+7 of a row of m codes. A 3-bit block is 3 bytes; when another
+ * whole block follows it in the row, one 4-byte load (the top byte is shifted out) replaces three. */
+INLINE uint32_t load_block(const uint8_t *row, unsigned j, unsigned bits, unsigned m)
+{
+	const uint8_t *p = row + j * bits / 8;
+
+	if (bits == 3 && j + 16 <= m) {
+		uint32_t w;
+		memcpy(&w, p, sizeof w);
+		return w;
+	}
+	return load_word(p, bits);
+}
+
+INLINE __m256 lookup8(unsigned bits, uint32_t word, const struct lut_regs *r)
+{
+	__m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), r->shifts), r->mask);
+	__m256 lo = _mm256_permutevar8x32_ps(r->lo, idx);
+
+	if (bits < 4)
+		return lo;
+	return _mm256_blendv_ps(lo, _mm256_permutevar8x32_ps(r->hi, idx),
+				_mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+/* Two accumulators per row: the FMA chain would otherwise wait 4 cycles per block of 8 codes. */
+INLINE void lut_dot_bits(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			 const float *lut, const float *q, float *out)
+{
+	const struct lut_regs r = lut_regs(bits, lut);
+	const unsigned m8 = m & ~7u, k = m & 7u, kbytes = (k * bits + 7) / 8;
+	const __m256 qt = k ? _mm256_maskload_ps(q + m8, tail_mask(k)) : _mm256_setzero_ps();
+
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *row = codes + (size_t)i * stride;
+		__m256 a0 = _mm256_setzero_ps(), a1 = a0;
+		unsigned j = 0;
+
+		for (; j + 16 <= m8; j += 16) {
+			a0 = _mm256_fmadd_ps(lookup8(bits, load_block(row, j, bits, m), &r),
+					     _mm256_loadu_ps(q + j), a0);
+			a1 = _mm256_fmadd_ps(lookup8(bits, load_block(row, j + 8, bits, m), &r),
+					     _mm256_loadu_ps(q + j + 8), a1);
+		}
+		if (j < m8)
+			a0 = _mm256_fmadd_ps(lookup8(bits, load_block(row, j, bits, m), &r),
+					     _mm256_loadu_ps(q + j), a0);
+		/* lanes past the tail may hold the next field's bits; their q is 0 */
+		if (k)
+			a1 = _mm256_fmadd_ps(lookup8(bits, load_word(row + m8 * bits / 8, kbytes), &r), qt, a1);
+		out[i] = hsum(_mm256_add_ps(a0, a1));
+	}
+}
+
+/* Columns outer in strips of 8, rows inner in pairs: the strip's sums stay in two registers. */
+INLINE void lut_axpy_bits(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			  const float *lut, const float *w, float *acc)
+{
+	const struct lut_regs r = lut_regs(bits, lut);
+
+	for (unsigned j = 0; j < m; j += 8) {
+		const unsigned k = m - j < 8 ? m - j : 8, nbytes = (k * bits + 7) / 8;
+		const __m256i mask = tail_mask(k < 8 ? k : 7), all = _mm256_set1_epi32(-1);
+		const __m256i keep = k < 8 ? mask : all;
+		const uint8_t *col = codes + j * bits / 8;
+		__m256 a0 = _mm256_maskload_ps(acc + j, keep), a1 = _mm256_setzero_ps();
+		unsigned i = 0;
+
+		if (k == 8) {
+			for (; i + 2 <= n; i += 2) {
+				const uint8_t *r0 = codes + (size_t)i * stride;
+
+				a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i),
+						     lookup8(bits, load_block(r0, j, bits, m), &r), a0);
+				a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i + 1),
+						     lookup8(bits, load_block(r0 + stride, j, bits, m), &r), a1);
+			}
+		}
+		for (; i + 2 <= n; i += 2) {
+			const uint8_t *r0 = col + (size_t)i * stride;
+
+			a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i), lookup8(bits, load_word(r0, nbytes), &r),
+					     a0);
+			a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i + 1),
+					     lookup8(bits, load_word(r0 + stride, nbytes), &r), a1);
+		}
+		if (i < n)
+			a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i),
+					     lookup8(bits, load_word(col + (size_t)i * stride, nbytes), &r), a0);
+		_mm256_maskstore_ps(acc + j, keep, _mm256_add_ps(a0, a1));
+	}
+}
+
+static void lut_dot(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+		    const float *lut, const float *q, float *out)
+{
+	switch (bits) {
+	case 1: lut_dot_bits(1, m, n, codes, stride, lut, q, out); break;
+	case 2: lut_dot_bits(2, m, n, codes, stride, lut, q, out); break;
+	case 3: lut_dot_bits(3, m, n, codes, stride, lut, q, out); break;
+	default: lut_dot_bits(4, m, n, codes, stride, lut, q, out); break;
+	}
+}
+
+static void lut_axpy(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+		     const float *lut, const float *w, float *acc)
+{
+	switch (bits) {
+	case 1: lut_axpy_bits(1, m, n, codes, stride, lut, w, acc); break;
+	case 2: lut_axpy_bits(2, m, n, codes, stride, lut, w, acc); break;
+	case 3: lut_axpy_bits(3, m, n, codes, stride, lut, w, acc); break;
+	default: lut_axpy_bits(4, m, n, codes, stride, lut, w, acc); break;
+	}
+}
+
 const struct kvp_kernels kvp_kernels_avx2 = {
 	.name = "avx2",
 	.dot_f32 = dot_f32,
 	.dot_f16 = dot_f16,
 	.axpy_f32 = axpy_f32,
 	.axpy_f16 = axpy_f16,
+	.dot_f16_group = dot_f16_group,
+	.axpy_f16_group = axpy_f16_group,
 	.f32_to_f16 = f32_to_f16,
 	.f16_to_f32 = f16_to_f32,
 	.softmax_step = softmax_step,
 	.scale = scale,
+	.lut_dot = lut_dot,
+	.lut_axpy = lut_axpy,
 };

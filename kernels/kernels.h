@@ -19,6 +19,15 @@ struct kvp_kernels {
 	/* acc[j] += sum_i w[i] * row_i[j] for j < d */
 	void (*axpy_f32)(unsigned d, unsigned n, const float *rows, const float *w, float *acc);
 	void (*axpy_f16)(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc);
+	/*
+	 * dot_f16 and axpy_f16 for the g query heads of one GQA group at once: q and acc hold g rows of d,
+	 * out and w hold g rows of n (row h is head h). Each fp16 row is widened once for several heads
+	 * instead of once per head, which is what bounds the single-head versions.
+	 */
+	void (*dot_f16_group)(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *q,
+			      float scale, float *out);
+	void (*axpy_f16_group)(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *w,
+			       float *acc);
 	/* IEEE binary16, round to nearest even, bit-identical across implementations */
 	void (*f32_to_f16)(size_t n, const float *x, uint16_t *y);
 	void (*f16_to_f32)(size_t n, const uint16_t *x, float *y);
@@ -31,6 +40,18 @@ struct kvp_kernels {
 	float (*softmax_step)(unsigned n, float *s, float *m, float *l);
 	/* y[j] *= a for j < d */
 	void (*scale)(unsigned d, float a, float *y);
+	/*
+	 * Packed codes, the fused inner loops of the codecs. A row holds m codes of `bits` (1..4) bits each,
+	 * packed least significant bit first from bit 0 of byte 0 (code j is bits [j*bits, (j+1)*bits));
+	 * rows start `stride` bytes apart, and no byte past ceil(m*bits/8) of a row is read. A code is an
+	 * index into lut, which has 1 << bits entries (a codebook, or 0, 1, 2, ... for integer codes).
+	 *   lut_dot:  out[i] = sum_j lut[code(i, j)] * q[j]            for i < n
+	 *   lut_axpy: acc[j] += sum_i w[i] * lut[code(i, j)]           for j < m
+	 */
+	void (*lut_dot)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			const float *lut, const float *q, float *out);
+	void (*lut_axpy)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			 const float *lut, const float *w, float *acc);
 };
 
 /* The implementation chosen for this process (KVP_KERNELS or the best the CPU supports). */

@@ -241,6 +241,96 @@ static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *
 	}
 }
 
+/* Four heads per widened row chunk: the conversion is shared by the whole group (see kernels.h). */
+static void dot_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale,
+			   float *out)
+{
+	const unsigned d4 = d & ~3u, k = d & 3u;
+	const float *q0 = q, *q1 = q + d, *q2 = q1 + d, *q3 = q2 + d;
+
+	for (unsigned i = 0; i < n; i++) {
+		const uint16_t *r = rows + (size_t)i * d;
+		float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0, x, s;
+
+		for (unsigned j = 0; j < d4; j += 4) {
+			x = load_f16x4(r + j);
+			a0 = vfmaq_f32(a0, x, vld1q_f32(q0 + j));
+			a1 = vfmaq_f32(a1, x, vld1q_f32(q1 + j));
+			a2 = vfmaq_f32(a2, x, vld1q_f32(q2 + j));
+			a3 = vfmaq_f32(a3, x, vld1q_f32(q3 + j));
+		}
+		if (k) {
+			x = load_f16_tail(r + d4, k);
+			a0 = vfmaq_f32(a0, x, load_f32_tail(q0 + d4, k));
+			a1 = vfmaq_f32(a1, x, load_f32_tail(q1 + d4, k));
+			a2 = vfmaq_f32(a2, x, load_f32_tail(q2 + d4, k));
+			a3 = vfmaq_f32(a3, x, load_f32_tail(q3 + d4, k));
+		}
+		s = vmulq_n_f32(hsum4(a0, a1, a2, a3), scale);
+		out[i] = vgetq_lane_f32(s, 0);
+		out[n + i] = vgetq_lane_f32(s, 1);
+		out[2 * (size_t)n + i] = vgetq_lane_f32(s, 2);
+		out[3 * (size_t)n + i] = vgetq_lane_f32(s, 3);
+	}
+}
+
+static void dot_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *q,
+			  float scale, float *out)
+{
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4)
+		dot_f16_heads4(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n);
+	for (; h < g; h++)
+		dot_f16(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n);
+}
+
+static void axpy_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc)
+{
+	const unsigned d4 = d & ~3u, k = d & 3u;
+	const float *w0 = w, *w1 = w + n, *w2 = w1 + n, *w3 = w2 + n;
+	float *c0 = acc, *c1 = acc + d, *c2 = c1 + d, *c3 = c2 + d;
+
+	for (unsigned j = 0; j < d4; j += 4) {
+		float32x4_t a0 = vld1q_f32(c0 + j), a1 = vld1q_f32(c1 + j);
+		float32x4_t a2 = vld1q_f32(c2 + j), a3 = vld1q_f32(c3 + j);
+
+		for (unsigned i = 0; i < n; i++) {
+			float32x4_t x = load_f16x4(rows + (size_t)i * d + j);
+			a0 = vfmaq_n_f32(a0, x, w0[i]);
+			a1 = vfmaq_n_f32(a1, x, w1[i]);
+			a2 = vfmaq_n_f32(a2, x, w2[i]);
+			a3 = vfmaq_n_f32(a3, x, w3[i]);
+		}
+		vst1q_f32(c0 + j, a0), vst1q_f32(c1 + j, a1), vst1q_f32(c2 + j, a2), vst1q_f32(c3 + j, a3);
+	}
+	if (k) {
+		float32x4_t a0 = load_f32_tail(c0 + d4, k), a1 = load_f32_tail(c1 + d4, k);
+		float32x4_t a2 = load_f32_tail(c2 + d4, k), a3 = load_f32_tail(c3 + d4, k);
+
+		for (unsigned i = 0; i < n; i++) {
+			float32x4_t x = load_f16_tail(rows + (size_t)i * d + d4, k);
+			a0 = vfmaq_n_f32(a0, x, w0[i]);
+			a1 = vfmaq_n_f32(a1, x, w1[i]);
+			a2 = vfmaq_n_f32(a2, x, w2[i]);
+			a3 = vfmaq_n_f32(a3, x, w3[i]);
+		}
+		store_f32_tail(c0 + d4, a0, k), store_f32_tail(c1 + d4, a1, k);
+		store_f32_tail(c2 + d4, a2, k), store_f32_tail(c3 + d4, a3, k);
+	}
+}
+
+static void axpy_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *w,
+			   float *acc)
+{
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4)
+		axpy_f16_heads4(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d);
+	for (; h < g; h++)
+		axpy_f16(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d);
+}
+
 static void f32_to_f16(size_t n, const float *x, uint16_t *y)
 {
 	size_t i = 0;
@@ -365,16 +455,172 @@ static void scale(unsigned d, float a, float *y)
 	}
 }
 
+/*
+ * Packed codes. Eight codes of b bits fill exactly b bytes, so the block of codes j..j+7 (j a multiple of
+ * 8) is one little-endian word of b <= 4 bytes at byte j*b/8. The word is duplicated into two vectors of
+ * four lanes, each lane shifted right by its own multiple of b (vshl by a negative count) and masked.
+ * The lookup is a byte table lookup: the 16-entry float table is 64 bytes, and index i becomes the four
+ * byte indices 4i..4i+3 of its lane (i * 0x04040404 + 0x03020100), so vqtbl4q gathers whole floats.
+ * Always inlined into a switch on bits, so every width gets its own loop with constant shifts.
+ */
+#define INLINE static inline __attribute__((always_inline))
+
+struct lut_regs {
+	uint8x16x4_t tab;
+	int32x4_t shift_lo, shift_hi;
+	uint32x4_t mask;
+};
+
+INLINE struct lut_regs lut_regs(unsigned bits, const float *lut)
+{
+	float tab[16] = { 0 };
+	struct lut_regs r;
+	int b = (int)bits;
+	const int32_t lo[4] = { 0, -b, -2 * b, -3 * b }, hi[4] = { -4 * b, -5 * b, -6 * b, -7 * b };
+
+	memcpy(tab, lut, sizeof(float) << bits);
+	for (unsigned k = 0; k < 4; k++)
+		r.tab.val[k] = vld1q_u8((const uint8_t *)(tab + 4 * k));
+	r.shift_lo = vld1q_s32(lo);
+	r.shift_hi = vld1q_s32(hi);
+	r.mask = vdupq_n_u32((1u << bits) - 1);
+	return r;
+}
+
+/* Byte by byte: with nbytes a constant this folds to one or two loads; a variable-length memcpy would be
+ * a library call per block. */
+INLINE uint32_t load_word(const uint8_t *p, unsigned nbytes)
+{
+	switch (nbytes) {
+	case 1: return p[0];
+	case 2: return (uint32_t)p[0] | (uint32_t)p[1] << 8;
+	case 3: return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16;
+	case 4: return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+	default: return 0;
+	}
+}
+
+/* The word of the block of codes j..j+7 of a row of m codes. A 3-bit block is 3 bytes; when another
+ * whole block follows it in the row, one 4-byte load (the top byte is shifted out) replaces three. */
+INLINE uint32_t load_block(const uint8_t *row, unsigned j, unsigned bits, unsigned m)
+{
+	const uint8_t *p = row + j * bits / 8;
+
+	if (bits == 3 && j + 16 <= m) {
+		uint32_t w;
+		memcpy(&w, p, sizeof w);
+		return w;
+	}
+	return load_word(p, bits);
+}
+
+INLINE float32x4_t lookup4(uint32x4_t idx, const struct lut_regs *r)
+{
+	uint32x4_t bytes = vmlaq_u32(vdupq_n_u32(0x03020100u), idx, vdupq_n_u32(0x04040404u));
+
+	return vreinterpretq_f32_u8(vqtbl4q_u8(r->tab, vreinterpretq_u8_u32(bytes)));
+}
+
+/* The eight values of one block: lanes 0..3 in *lo, 4..7 in *hi. */
+INLINE void lookup8(uint32_t word, const struct lut_regs *r, float32x4_t *lo, float32x4_t *hi)
+{
+	uint32x4_t v = vdupq_n_u32(word);
+
+	*lo = lookup4(vandq_u32(vshlq_u32(v, r->shift_lo), r->mask), r);
+	*hi = lookup4(vandq_u32(vshlq_u32(v, r->shift_hi), r->mask), r);
+}
+
+INLINE void lut_dot_bits(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			 const float *lut, const float *q, float *out)
+{
+	const struct lut_regs r = lut_regs(bits, lut);
+	const unsigned m8 = m & ~7u, k = m & 7u, kbytes = (k * bits + 7) / 8;
+	float qt[8] = { 0 };
+
+	memcpy(qt, q + m8, k * sizeof *q); /* lanes past the tail may hold the next field's bits: q is 0 */
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *row = codes + (size_t)i * stride;
+		float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, lo, hi;
+
+		for (unsigned j = 0; j < m8; j += 8) {
+			lookup8(load_block(row, j, bits, m), &r, &lo, &hi);
+			a0 = vfmaq_f32(a0, lo, vld1q_f32(q + j));
+			a1 = vfmaq_f32(a1, hi, vld1q_f32(q + j + 4));
+		}
+		if (k) {
+			lookup8(load_word(row + m8 * bits / 8, kbytes), &r, &lo, &hi);
+			a0 = vfmaq_f32(a0, lo, vld1q_f32(qt));
+			a1 = vfmaq_f32(a1, hi, vld1q_f32(qt + 4));
+		}
+		out[i] = vaddvq_f32(vaddq_f32(a0, a1));
+	}
+}
+
+/* Columns outer in strips of 8, rows inner: the strip's sums stay in two registers. */
+INLINE void lut_axpy_bits(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			  const float *lut, const float *w, float *acc)
+{
+	const struct lut_regs r = lut_regs(bits, lut);
+
+	for (unsigned j = 0; j < m; j += 8) {
+		const unsigned k = m - j < 8 ? m - j : 8, nbytes = (k * bits + 7) / 8;
+		const uint8_t *col = codes + j * bits / 8;
+		float tmp[8] = { 0 };
+		float32x4_t a0, a1, lo, hi;
+
+		memcpy(tmp, acc + j, k * sizeof *acc);
+		a0 = vld1q_f32(tmp);
+		a1 = vld1q_f32(tmp + 4);
+		for (unsigned i = 0; i < n; i++) {
+			if (k == 8)
+				lookup8(load_block(codes + (size_t)i * stride, j, bits, m), &r, &lo, &hi);
+			else
+				lookup8(load_word(col + (size_t)i * stride, nbytes), &r, &lo, &hi);
+			a0 = vfmaq_n_f32(a0, lo, w[i]);
+			a1 = vfmaq_n_f32(a1, hi, w[i]);
+		}
+		vst1q_f32(tmp, a0);
+		vst1q_f32(tmp + 4, a1);
+		memcpy(acc + j, tmp, k * sizeof *acc);
+	}
+}
+
+static void lut_dot(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+		    const float *lut, const float *q, float *out)
+{
+	switch (bits) {
+	case 1: lut_dot_bits(1, m, n, codes, stride, lut, q, out); break;
+	case 2: lut_dot_bits(2, m, n, codes, stride, lut, q, out); break;
+	case 3: lut_dot_bits(3, m, n, codes, stride, lut, q, out); break;
+	default: lut_dot_bits(4, m, n, codes, stride, lut, q, out); break;
+	}
+}
+
+static void lut_axpy(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+		     const float *lut, const float *w, float *acc)
+{
+	switch (bits) {
+	case 1: lut_axpy_bits(1, m, n, codes, stride, lut, w, acc); break;
+	case 2: lut_axpy_bits(2, m, n, codes, stride, lut, w, acc); break;
+	case 3: lut_axpy_bits(3, m, n, codes, stride, lut, w, acc); break;
+	default: lut_axpy_bits(4, m, n, codes, stride, lut, w, acc); break;
+	}
+}
+
 const struct kvp_kernels kvp_kernels_neon = {
 	.name = "neon",
 	.dot_f32 = dot_f32,
 	.dot_f16 = dot_f16,
 	.axpy_f32 = axpy_f32,
 	.axpy_f16 = axpy_f16,
+	.dot_f16_group = dot_f16_group,
+	.axpy_f16_group = axpy_f16_group,
 	.f32_to_f16 = f32_to_f16,
 	.f16_to_f32 = f16_to_f32,
 	.softmax_step = softmax_step,
 	.scale = scale,
+	.lut_dot = lut_dot,
+	.lut_axpy = lut_axpy,
 };
 
 #else

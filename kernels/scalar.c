@@ -51,6 +51,20 @@ static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *
 	}
 }
 
+static void dot_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *q,
+			  float scale, float *out)
+{
+	for (unsigned h = 0; h < g; h++)
+		dot_f16(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n);
+}
+
+static void axpy_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *w,
+			   float *acc)
+{
+	for (unsigned h = 0; h < g; h++)
+		axpy_f16(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d);
+}
+
 static void f32_to_f16(size_t n, const float *x, uint16_t *y)
 {
 	for (size_t i = 0; i < n; i++)
@@ -101,14 +115,53 @@ static void scale(unsigned d, float a, float *y)
 		y[j] *= a;
 }
 
+/* Code j of a row: up to 4 bits, so it spans at most two bytes. */
+static unsigned code_at(const uint8_t *row, unsigned bits, unsigned j)
+{
+	size_t o = (size_t)j * bits;
+	unsigned v = row[o >> 3] >> (o & 7);
+
+	if ((o & 7) + bits > 8)
+		v |= (unsigned)row[(o >> 3) + 1] << (8 - (o & 7));
+	return v & ((1u << bits) - 1);
+}
+
+static void lut_dot(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+		    const float *lut, const float *q, float *out)
+{
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *row = codes + (size_t)i * stride;
+		float s = 0.0f;
+
+		for (unsigned j = 0; j < m; j++)
+			s += lut[code_at(row, bits, j)] * q[j];
+		out[i] = s;
+	}
+}
+
+static void lut_axpy(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+		     const float *lut, const float *w, float *acc)
+{
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *row = codes + (size_t)i * stride;
+
+		for (unsigned j = 0; j < m; j++)
+			acc[j] += w[i] * lut[code_at(row, bits, j)];
+	}
+}
+
 const struct kvp_kernels kvp_kernels_scalar = {
 	.name = "scalar",
 	.dot_f32 = dot_f32,
 	.dot_f16 = dot_f16,
 	.axpy_f32 = axpy_f32,
 	.axpy_f16 = axpy_f16,
+	.dot_f16_group = dot_f16_group,
+	.axpy_f16_group = axpy_f16_group,
 	.f32_to_f16 = f32_to_f16,
 	.f16_to_f32 = f16_to_f32,
 	.softmax_step = softmax_step,
 	.scale = scale,
+	.lut_dot = lut_dot,
+	.lut_axpy = lut_axpy,
 };

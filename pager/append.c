@@ -15,6 +15,7 @@ struct stream_plan {
 	struct kvp_block **table; /* grown block table */
 	uint32_t table_cap;
 	struct kvp_block **fresh;
+	struct kvp_cold_plan cold;
 };
 
 static size_t table_bytes(uint32_t cap)
@@ -22,8 +23,9 @@ static size_t table_bytes(uint32_t cap)
 	return (size_t)cap * sizeof(struct kvp_block *);
 }
 
-static void plan_unwind(struct kvp_tenant *t, struct stream_plan *p, uint32_t dim)
+static void plan_unwind(struct kvp_tenant *t, const struct kvp_seq *s, struct stream_plan *p, uint32_t dim)
 {
+	kvp_cold_unwind(t, s, &p->cold);
 	kvp_block_put(t, p->sink, dim);
 	kvp_block_put(t, p->tail, dim);
 	for (uint32_t i = 0; i < p->n_fresh && p->fresh; i++)
@@ -39,7 +41,7 @@ static int shared(struct kvp_block *b)
 	return atomic_load_explicit(&b->refs, memory_order_acquire) > 1;
 }
 
-static kvp_status plan_stream(struct kvp_tenant *t, const struct kvp_stream *s, uint32_t n, uint32_t dim,
+static kvp_status plan_blocks(struct kvp_tenant *t, const struct kvp_stream *s, uint32_t n, uint32_t dim,
 			      struct stream_plan *p)
 {
 	const struct kvp_tenant_config *cfg = &t->cfg;
@@ -54,7 +56,7 @@ static kvp_status plan_stream(struct kvp_tenant *t, const struct kvp_stream *s, 
 			return KVP_ENOMEM;
 	}
 	rest = n - p->sink_take;
-	if (tail && tail->n < tail->cap) {
+	if (tail && tail->store != KVP_STORE_CODEC && tail->n < tail->cap) {
 		p->tail_take = rest < tail->cap - tail->n ? rest : tail->cap - tail->n;
 		if (p->tail_take && shared(tail) && !(p->tail = kvp_block_copy(t, tail, dim)))
 			return KVP_ENOMEM;
@@ -81,9 +83,21 @@ static kvp_status plan_stream(struct kvp_tenant *t, const struct kvp_stream *s, 
 	return KVP_OK;
 }
 
-static void commit_stream(struct kvp_tenant *t, struct kvp_stream *s, struct stream_plan *p, uint32_t n,
-			  uint32_t dim, const int32_t *pos, const float *k, const float *v, size_t stride)
+static kvp_status plan_stream(struct kvp_tenant *t, const struct kvp_seq *seq, const struct kvp_stream *s,
+			      uint32_t n, struct stream_plan *p)
 {
+	kvp_status st = plan_blocks(t, s, n, seq->shape.head_dim, p);
+
+	if (st == KVP_OK)
+		st = kvp_cold_plan(t, seq, s, n - p->sink_take, &p->cold);
+	return st;
+}
+
+static void commit_stream(struct kvp_tenant *t, const struct kvp_seq *seq, struct kvp_stream *s,
+			  struct stream_plan *p, uint32_t n, const int32_t *pos, const float *k, const float *v,
+			  size_t stride)
+{
+	const uint32_t dim = seq->shape.head_dim;
 	uint32_t i = 0;
 	if (p->sink) {
 		kvp_block_put(t, s->sink, dim);
@@ -118,10 +132,27 @@ static void commit_stream(struct kvp_tenant *t, struct kvp_stream *s, struct str
 	}
 	free(p->fresh);
 	s->n_tokens += n;
+	kvp_cold_commit(t, seq, s, &p->cold);
+}
+
+/* A policy ranks tokens by absolute position: within a stream they must increase. */
+static kvp_status positions_check(const kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos)
+{
+	const struct kvp_stream *st = kvp_seq_stream(s, layer, 0);
+	const struct kvp_block *last = st->n_blocks ? st->blocks[st->n_blocks - 1] : st->sink;
+	int64_t prev = last && last->n ? last->pos[last->n - 1] : -1;
+
+	for (uint32_t i = 0; i < n; i++) {
+		if (pos[i] <= prev)
+			return kvp_fail(KVP_EINVAL, "kvp_append: position %d at index %u does not follow %lld; with "
+					"a policy, positions must increase", pos[i], i, (long long)prev);
+		prev = pos[i];
+	}
+	return KVP_OK;
 }
 
 kvp_status kvp_append_resident(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
-		      const float *v)
+			       const float *v)
 {
 	struct stream_plan plans[64], *plan = plans;
 	kvp_status st = KVP_OK;
@@ -135,21 +166,25 @@ kvp_status kvp_append_resident(kvp_seq *s, uint32_t layer, uint32_t n, const int
 		return KVP_OK;
 	if (!pos || !k || !v)
 		return kvp_fail(KVP_EINVAL, "kvp_append: pos, k and v must not be NULL");
+	if (s->policy && (st = positions_check(s, layer, n, pos)) != KVP_OK)
+		return st;
 	nkv = s->shape.n_kv_heads;
 	dim = s->shape.head_dim;
 	if (nkv > sizeof plans / sizeof plans[0] && !(plan = calloc(nkv, sizeof *plan)))
 		return kvp_fail(KVP_ENOMEM, "kvp_append: out of memory");
 	for (g = 0; g < nkv && st == KVP_OK; g++)
-		st = plan_stream(s->tenant, kvp_seq_stream(s, layer, g), n, dim, &plan[g]);
+		st = plan_stream(s->tenant, s, kvp_seq_stream(s, layer, g), n, &plan[g]);
 	if (st != KVP_OK) {
 		st = kvp_fail_context(st, "kvp_append: %u tokens to layer %u not appended", n, layer);
 		for (uint32_t u = 0; u < g; u++)
-			plan_unwind(s->tenant, &plan[u], dim);
+			plan_unwind(s->tenant, s, &plan[u], dim);
 	} else {
 		for (g = 0; g < nkv; g++)
-			commit_stream(s->tenant, kvp_seq_stream(s, layer, g), &plan[g], n, dim, pos,
+			commit_stream(s->tenant, s, kvp_seq_stream(s, layer, g), &plan[g], n, pos,
 				      k + (size_t)g * dim, v + (size_t)g * dim, (size_t)nkv * dim);
 		s->tokens_appended += (uint64_t)n * nkv;
+		if ((int64_t)pos[n - 1] + 1 > s->t0)
+			s->t0 = (int64_t)pos[n - 1] + 1;
 		atomic_fetch_add(&s->tenant->tokens_appended, (uint64_t)n * nkv);
 		atomic_fetch_add(&s->tenant->tokens_retained, (uint64_t)n * nkv);
 		atomic_fetch_add(&s->tenant->bytes_dense_fp16, (uint64_t)n * nkv * dim * 4);

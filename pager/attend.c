@@ -1,65 +1,230 @@
 /*
- * kvp_attend: exact softmax(q K^T / sqrt(d)) V over every tier of a stream, one block at a time with
- * online softmax. The query heads of one GQA group take turns on each block while its K and V rows are
- * still in cache, so K and V are read from memory once per step, not once per query head.
+ * kvp_attend: softmax(q K^T / sqrt(d)) V over every tier of a stream, one block at a time with online
+ * softmax. The query heads of one GQA group take turns on each block while its K and V rows are still
+ * in cache, so K and V are read from memory once per step, not once per query head. Cold blocks are
+ * read through their codecs: keys scored from the codes with a query prepared once per call, values
+ * accumulated in the codec's own space and mapped back once at the end.
+ *
+ * With a policy that observes (H2O, TriAttention's online statistics), every score is also kept and
+ * turned into the final softmax weights, which the policy receives with the group's queries.
  */
 #include <math.h>
 #include <string.h>
 
+#include "codecs/codec.h"
 #include "kernels/kernels.h"
 #include "pager.h"
+#include "policies/policy.h"
 
 struct head_state {
 	float m, l;
 };
 
-static void attend_block(const struct kvp_kernels *kern, const struct kvp_block *b, uint32_t dim,
-			 uint32_t group, const float *q, float scale, struct head_state *hs, float *acc,
-			 float *scores)
+/* One stream's attention in progress. */
+struct stream_attention {
+	const struct kvp_kernels *kern;
+	uint32_t dim, group;
+	float scale;
+	const float *q;  /* [group][dim] */
+	float *out;      /* [group][dim]: the exact tiers' accumulator, then the result */
+	float *scores;   /* KVP_BLOCK_MAX */
+	struct head_state hs[KVP_GROUP_MAX];
+	/* cold blocks: the codecs with the stream's contexts, prepared queries, value accumulators */
+	const struct kvp_codec *k, *v;
+	const void *k_ctx, *v_ctx;
+	char *qprep;     /* [group][k->qprep_bytes] */
+	float *cold_acc; /* [group][v->acc_dim], NULL when the stream has no cold block */
+	/* observation: raw scores of every token, [group][cap], filled up to `seen` */
+	float *raw;
+	uint32_t cap, seen;
+};
+
+/* A new running maximum shrinks everything accumulated so far, in both spaces. */
+static void rescale(const struct stream_attention *a, uint32_t h, float f)
 {
-	for (uint32_t h = 0; h < group; h++) {
-		const float *qh = q + (size_t)h * dim;
-		float *acc_h = acc + (size_t)h * dim;
-		if (b->store == KVP_STORE_FP16)
-			kern->dot_f16(dim, b->n, b->k, qh, scale, scores);
-		else
-			kern->dot_f32(dim, b->n, b->k, qh, scale, scores);
-		float f = kern->softmax_step(b->n, scores, &hs[h].m, &hs[h].l);
+	a->kern->scale(a->dim, f, a->out + (size_t)h * a->dim);
+	if (a->cold_acc)
+		a->kern->scale(a->v->acc_dim, f, a->cold_acc + (size_t)h * a->v->acc_dim);
+}
+
+/* Head h's scores s[0..n) of the tokens from `seen` on: kept for the observer, then folded in. */
+static float softmax_step(struct stream_attention *a, uint32_t h, uint32_t n, float *s)
+{
+	if (a->raw)
+		memcpy(a->raw + (size_t)h * a->cap + a->seen, s, n * sizeof *s);
+	return a->kern->softmax_step(n, s, &a->hs[h].m, &a->hs[h].l);
+}
+
+/*
+ * Blocks are separate allocations, so the hardware prefetcher restarts at each one: the next block's
+ * keys are requested before this block's dot, its values before this block's axpy.
+ */
+static void prefetch(const struct kvp_block *next, const void *rows, uint32_t dim)
+{
+	size_t bytes;
+
+	if (!next || next->store == KVP_STORE_CODEC)
+		return;
+	bytes = (size_t)next->n * dim * (next->store == KVP_STORE_FP16 ? 2 : 4);
+	for (size_t at = 0; at < bytes; at += 64)
+		__builtin_prefetch((const char *)rows + at);
+}
+
+static void block_f32(struct stream_attention *a, const struct kvp_block *b)
+{
+	for (uint32_t h = 0; h < a->group; h++) {
+		a->kern->dot_f32(a->dim, b->n, b->k, a->q + (size_t)h * a->dim, a->scale, a->scores);
+		float f = softmax_step(a, h, b->n, a->scores);
 		if (f != 1.0f)
-			kern->scale(dim, f, acc_h);
-		if (b->store == KVP_STORE_FP16)
-			kern->axpy_f16(dim, b->n, b->v, scores, acc_h);
-		else
-			kern->axpy_f32(dim, b->n, b->v, scores, acc_h);
+			rescale(a, h, f);
+		a->kern->axpy_f32(a->dim, b->n, b->v, a->scores, a->out + (size_t)h * a->dim);
+	}
+	a->seen += b->n;
+}
+
+/* fp16 goes through the group kernels, which widen each row once for all heads of the group; the
+ * group's scores share one KVP_BLOCK_MAX buffer, so long blocks are taken in slices. */
+static void block_f16(struct stream_attention *a, const struct kvp_block *b, const struct kvp_block *next)
+{
+	const uint32_t slice = KVP_BLOCK_MAX / a->group;
+
+	for (uint32_t t = 0; t < b->n; t += slice) {
+		uint32_t n = b->n - t < slice ? b->n - t : slice;
+		const uint16_t *k = (const uint16_t *)b->k + (size_t)t * a->dim;
+		const uint16_t *v = (const uint16_t *)b->v + (size_t)t * a->dim;
+
+		if (t == 0 && next)
+			prefetch(next, next->k, a->dim);
+		a->kern->dot_f16_group(a->dim, n, k, a->group, a->q, a->scale, a->scores);
+		for (uint32_t h = 0; h < a->group; h++) {
+			float f = softmax_step(a, h, n, a->scores + (size_t)h * n);
+			if (f != 1.0f)
+				rescale(a, h, f);
+		}
+		if (t == 0 && next)
+			prefetch(next, next->v, a->dim);
+		a->kern->axpy_f16_group(a->dim, n, v, a->group, a->scores, a->out);
+		a->seen += n;
 	}
 }
 
-static void attend_stream(const struct kvp_kernels *kern, const struct kvp_stream *st, uint32_t dim,
-			  uint32_t group, const float *q, float *out, float *scores)
+static void block_cold(struct stream_attention *a, const struct kvp_block *b)
 {
-	struct head_state hs[KVP_GROUP_MAX];
-	float scale = 1.0f / sqrtf((float)dim);
-
-	memset(out, 0, (size_t)group * dim * sizeof *out);
-	for (uint32_t h = 0; h < group; h++) {
-		hs[h].m = -INFINITY;
-		hs[h].l = 0.0f;
+	for (uint32_t h = 0; h < a->group; h++) {
+		a->k->ops->dot(a->k, a->k_ctx, b->n, b->k, a->qprep + h * a->k->qprep_bytes, a->scores);
+		a->kern->scale(b->n, a->scale, a->scores);
+		float f = softmax_step(a, h, b->n, a->scores);
+		if (f != 1.0f)
+			rescale(a, h, f);
+		a->v->ops->axpy(a->v, a->v_ctx, b->n, b->v, a->scores, a->cold_acc + (size_t)h * a->v->acc_dim);
 	}
-	if (st->sink && st->sink->n)
-		attend_block(kern, st->sink, dim, group, q, scale, hs, out, scores);
+	a->seen += b->n;
+}
+
+static void block(struct stream_attention *a, const struct kvp_block *b, const struct kvp_block *next)
+{
+	if (!b->n)
+		return;
+	if (b->store == KVP_STORE_CODEC)
+		block_cold(a, b);
+	else if (b->store == KVP_STORE_FP16)
+		block_f16(a, b, next);
+	else
+		block_f32(a, b);
+}
+
+static void begin(struct stream_attention *a, const struct kvp_seq *s, const struct kvp_stream *st,
+		  const float *q, float *out, float *scores, int observing)
+{
+	const struct kvp_cold *c = &s->cold;
+
+	a->kern = kvp_kernels();
+	a->dim = s->shape.head_dim;
+	a->group = s->group;
+	a->scale = 1.0f / sqrtf((float)a->dim);
+	a->q = q;
+	a->out = out;
+	a->scores = scores;
+	memset(out, 0, (size_t)a->group * a->dim * sizeof *out);
+	for (uint32_t h = 0; h < a->group; h++)
+		a->hs[h] = (struct head_state){ -INFINITY, 0.0f };
+	a->raw = observing ? s->observe.weights : NULL;
+	a->cap = s->observe.cap;
+	a->seen = 0;
+	a->cold_acc = NULL;
+	if (!st->n_cold)
+		return;
+	a->k = c->k;
+	a->v = c->v;
+	a->k_ctx = st->ctx->k;
+	a->v_ctx = st->ctx->v;
+	a->qprep = c->scratch;
+	a->cold_acc = (float *)((char *)c->scratch + a->group * c->k->qprep_bytes);
+	for (uint32_t h = 0; h < a->group; h++)
+		c->k->ops->prepare_query(c->k, a->k_ctx, q + (size_t)h * a->dim, a->qprep + h * c->k->qprep_bytes);
+	memset(a->cold_acc, 0, (size_t)a->group * c->v->acc_dim * sizeof *a->cold_acc);
+}
+
+static void finish(struct stream_attention *a)
+{
+	for (uint32_t h = 0; h < a->group; h++) {
+		float *out_h = a->out + (size_t)h * a->dim;
+		if (a->cold_acc)
+			a->v->ops->finish(a->v, a->v_ctx, a->cold_acc + (size_t)h * a->v->acc_dim, out_h);
+		if (a->hs[h].l > 0.0f)
+			a->kern->scale(a->dim, 1.0f / a->hs[h].l, out_h);
+	}
+}
+
+static void attend_stream(struct stream_attention *a, const struct kvp_stream *st)
+{
+	if (st->sink)
+		block(a, st->sink, st->n_blocks ? st->blocks[0] : NULL);
 	for (uint32_t i = 0; i < st->n_blocks; i++)
-		if (st->blocks[i]->n)
-			attend_block(kern, st->blocks[i], dim, group, q, scale, hs, out, scores);
-	for (uint32_t h = 0; h < group; h++)
-		if (hs[h].l > 0.0f)
-			kern->scale(dim, 1.0f / hs[h].l, out + (size_t)h * dim);
+		block(a, st->blocks[i], i + 1 < st->n_blocks ? st->blocks[i + 1] : NULL);
+	finish(a);
+}
+
+/* The raw scores become each head's final softmax weights; the policy learns them with the queries. */
+static kvp_status observe(struct stream_attention *a, struct kvp_seq *s, const struct kvp_stream *st,
+			  uint32_t layer, uint32_t kv_head)
+{
+	struct kvp_observation o;
+
+	for (uint32_t h = 0; h < a->group; h++) {
+		float *w = a->raw + (size_t)h * a->cap;
+		float m = a->hs[h].m, inv = a->hs[h].l > 0.0f ? 1.0f / a->hs[h].l : 0.0f;
+		for (uint32_t i = 0; i < a->seen; i++)
+			w[i] = expf(w[i] - m) * inv;
+	}
+	/* weights are [group][cap]: pack them to [group][n] as the policy reads them */
+	for (uint32_t h = 1; h < a->group; h++)
+		memmove(a->raw + (size_t)h * a->seen, a->raw + (size_t)h * a->cap, a->seen * sizeof *a->raw);
+	kvp_stream_gather(s, st, s->observe.pos, NULL, NULL);
+	o = (struct kvp_observation){
+		.layer = layer, .kv_head = kv_head, .t = s->t0 - 1, .q = a->q,
+		.n = a->seen, .pos = s->observe.pos, .weights = a->raw,
+	};
+	return kvp_policy_learn(s->policy, &o);
+}
+
+static kvp_status observe_reserve(kvp_seq *s, uint32_t layer)
+{
+	uint32_t most = 0;
+
+	for (uint32_t g = 0; g < s->shape.n_kv_heads; g++) {
+		uint32_t n = kvp_seq_stream(s, layer, g)->n_tokens;
+		most = n > most ? n : most;
+	}
+	return kvp_observe_reserve(s, most);
 }
 
 kvp_status kvp_attend_resident(kvp_seq *s, uint32_t layer, const float *q, float *out)
 {
-	const struct kvp_kernels *kern = kvp_kernels();
 	float scores[KVP_BLOCK_MAX];
-	uint32_t dim, group;
+	struct stream_attention a;
+	int observing;
+	kvp_status st;
 
 	if (!s || s->magic != KVP_SEQ_MAGIC)
 		return kvp_fail(KVP_EINVAL, "kvp_attend: not an open sequence");
@@ -67,11 +232,16 @@ kvp_status kvp_attend_resident(kvp_seq *s, uint32_t layer, const float *q, float
 		return kvp_fail(KVP_EINVAL, "kvp_attend: layer %u of a %u-layer sequence", layer, s->shape.n_layers);
 	if (!q || !out)
 		return kvp_fail(KVP_EINVAL, "kvp_attend: q and out must not be NULL");
-	dim = s->shape.head_dim;
-	group = s->group;
+	observing = s->policy && s->policy->ops->observe;
+	if (observing && (st = observe_reserve(s, layer)) != KVP_OK)
+		return st;
 	for (uint32_t g = 0; g < s->shape.n_kv_heads; g++) {
-		size_t at = (size_t)g * group * dim;
-		attend_stream(kern, kvp_seq_stream(s, layer, g), dim, group, q + at, out + at, scores);
+		size_t at = (size_t)g * s->group * s->shape.head_dim;
+		const struct kvp_stream *stream = kvp_seq_stream(s, layer, g);
+		begin(&a, s, stream, q + at, out + at, scores, observing);
+		attend_stream(&a, stream);
+		if (observing && (st = observe(&a, s, stream, layer, g)) != KVP_OK)
+			return kvp_fail_context(st, "kvp_attend: the policy could not observe layer %u", layer);
 	}
 	return KVP_OK;
 }

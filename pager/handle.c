@@ -108,6 +108,12 @@ kvp_status kvp_seq_handle_get(const kvp_seq *h, const char *call, struct kvp_seq
 	return KVP_OK;
 }
 
+struct kvp_seq *kvp_seq_from_handle(const kvp_seq *h)
+{
+	struct kvp_seq *s = NULL;
+	return kvp_seq_handle_get(h, "kvp_seq_from_handle", &s) == KVP_OK ? s : NULL;
+}
+
 /* The table lives as long as the library: freed when it is unloaded (a dlopen host's dlclose, or exit),
  * after which no call can look a handle up. */
 __attribute__((destructor)) static void table_free(void)

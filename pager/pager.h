@@ -9,7 +9,9 @@
  * A stream is one (layer, KV head) of a sequence:
  *   sink block   the first `sinks` tokens, exact, never evicted
  *   blocks[]     the rest in position order, `block` tokens each; the last `window` tokens are the hot
- *                window. Exact storage (store=fp32|fp16) for now; cold codec-encoded blocks come later.
+ *                window, exact (store=fp32|fp16). With k= or v= configured, every full block whose tokens
+ *                have all left the hot window is encoded by the sequence's codecs: blocks[0..n_cold) are
+ *                cold, the rest exact (cold.c).
  */
 #ifndef KVP_PAGER_H
 #define KVP_PAGER_H
@@ -36,7 +38,9 @@ kvp_status kvp_jemalloc_load(const struct kvp_jemalloc **out);
 
 enum kvp_bytes_kind { KVP_BYTES_EXACT, KVP_BYTES_COMPRESSED, KVP_BYTES_META, KVP_BYTES_KINDS };
 
-enum kvp_store { KVP_STORE_FP32, KVP_STORE_FP16 };
+enum kvp_store { KVP_STORE_FP32, KVP_STORE_FP16, KVP_STORE_CODEC };
+
+#define KVP_CODEC_SPEC_MAX 256
 
 struct kvp_pool {
 	uint32_t magic;
@@ -52,6 +56,11 @@ struct kvp_pool {
 struct kvp_tenant_config {
 	uint32_t block, sinks, window;
 	enum kvp_store store;
+	/* codec specs of the cold tier, "" when not set; either set means the tier exists and the other side
+	 * is stored as store= says */
+	char k_spec[KVP_CODEC_SPEC_MAX], v_spec[KVP_CODEC_SPEC_MAX];
+	char policy_spec[KVP_CODEC_SPEC_MAX]; /* "" when every token is kept */
+	uint32_t pin_prompt;
 };
 
 struct kvp_tenant {
@@ -77,16 +86,35 @@ struct kvp_block {
 	_Atomic uint32_t refs;
 	uint32_t n, cap;
 	enum kvp_store store;
-	size_t size; /* the whole allocation, as jemalloc sized it */
+	size_t size;      /* the header allocation (this struct and pos), as asked of jemalloc */
+	size_t data_size; /* the allocation k and v live in, as asked */
+	size_t payload;   /* bytes of k and v together, as counted in stats */
 	int32_t *pos;
-	void *k, *v; /* [cap][head_dim] in the block's store */
+	void *k, *v; /* [cap][head_dim] in the block's store, or the codecs' bytes for n tokens */
+};
+
+/* Codec contexts of one stream (outlier channels and the like), fitted on its first cold block and
+ * immutable afterwards, so forks share them. */
+struct kvp_stream_ctx {
+	_Atomic uint32_t refs;
+	size_t size;
+	void *k, *v;
 };
 
 struct kvp_stream {
 	uint32_t n_tokens;
 	struct kvp_block *sink;
-	uint32_t n_blocks, cap_blocks;
+	uint32_t n_blocks, cap_blocks, n_cold;
 	struct kvp_block **blocks;
+	struct kvp_stream_ctx *ctx; /* NULL until the first block turns cold */
+	int64_t scored_upto;        /* with a policy: tokens below this position went through a round */
+};
+
+/* The cold tier of a sequence: its codecs, parsed for its head_dim, and the scratch attend needs. */
+struct kvp_cold {
+	struct kvp_codec *k, *v;
+	size_t scratch_bytes;
+	void *scratch; /* group x qprep_bytes of k, then group x acc_dim floats of v */
 };
 
 struct kvp_seq {
@@ -97,6 +125,16 @@ struct kvp_seq {
 	uint32_t group; /* query heads per KV head */
 	struct kvp_stream *streams; /* [n_layers][n_kv_heads] */
 	uint64_t tokens_appended;
+	struct kvp_cold cold; /* codecs NULL when the tenant has no k= or v= */
+	struct kvp_policy *policy; /* NULL when every token is kept */
+	int64_t t0;                /* one past the highest position appended */
+	int32_t prompt_end;        /* the prompt's end, fixed at the first kvp_seq_step; -1 before */
+	struct kvp_observe_buf {   /* what attend hands the policy: weights over one stream */
+		uint32_t cap;
+		size_t bytes;
+		float *weights; /* [group][cap] */
+		int32_t *pos;   /* [cap] */
+	} observe;
 	struct kvp_parked *parked; /* non-NULL while parked: its blocks are on the spill device */
 	uint64_t spill_id; /* names the sequence in slot headers; 0 until its first park */
 	int pressure_parked; /* parked by memory pressure, not by the host: unparked on next use */
@@ -128,14 +166,52 @@ kvp_status kvp_numa_check(int node);
 /* ---- blocks ---- */
 size_t kvp_block_size(const struct kvp_tenant *t, uint32_t cap, uint32_t dim, enum kvp_store store);
 struct kvp_block *kvp_block_new(struct kvp_tenant *t, uint32_t cap, uint32_t dim, enum kvp_store store);
-/* A private copy of b with the same tokens (copy-on-write). */
+/* A block for n encoded tokens: positions, then k_bytes of keys and v_bytes of values. */
+struct kvp_block *kvp_block_new_cold(struct kvp_tenant *t, uint32_t n, size_t k_bytes, size_t v_bytes);
+/* A private copy of b with the same tokens (copy-on-write); b is exact (cold blocks are never written). */
 struct kvp_block *kvp_block_copy(struct kvp_tenant *t, const struct kvp_block *b, uint32_t dim);
 void kvp_block_get(struct kvp_block *b);
 void kvp_block_put(struct kvp_tenant *t, struct kvp_block *b, uint32_t dim);
 size_t kvp_block_token_bytes(const struct kvp_block *b, uint32_t dim); /* k and v storage */
+size_t kvp_block_bytes(const struct kvp_tenant *t, const struct kvp_block *b); /* both allocations */
 /* Writes rows [at, at+n) of the block from fp32 k/v with the given row stride (floats). */
 void kvp_block_write(struct kvp_block *b, uint32_t at, uint32_t n, uint32_t dim, const int32_t *pos,
 		     const float *k, const float *v, size_t stride);
+
+/* ---- the cold tier (cold.c) ---- */
+struct kvp_cold_plan {
+	uint32_t n;                /* blocks that turn cold with this append */
+	struct kvp_block **blocks; /* their encoded blocks, allocated */
+	struct kvp_stream_ctx *ctx; /* allocated when the stream has none yet */
+	float *rows;               /* fp32 scratch for one block of k and one of v */
+};
+/* KVP_EINVAL naming the spec when a codec cannot serve blocks of `block` tokens. */
+kvp_status kvp_cold_check(const struct kvp_tenant_config *cfg);
+kvp_status kvp_cold_open(struct kvp_tenant *t, struct kvp_seq *s);
+void kvp_cold_close(struct kvp_tenant *t, struct kvp_seq *s);
+/* Allocate what turning blocks cold needs once `add` more tokens land in the stream's blocks. */
+kvp_status kvp_cold_plan(struct kvp_tenant *t, const struct kvp_seq *s, const struct kvp_stream *st,
+			 uint32_t add, struct kvp_cold_plan *p);
+void kvp_cold_unwind(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_cold_plan *p);
+/* Encode the planned blocks after the exact tokens are written. Cannot fail: a block that does not
+ * encode stays exact, and the plan's leftovers are freed. */
+void kvp_cold_commit(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_stream *st,
+		     struct kvp_cold_plan *p);
+void kvp_stream_ctx_put(struct kvp_tenant *t, struct kvp_stream_ctx *c);
+void kvp_cold_gather(const struct kvp_seq *s, const struct kvp_stream *st, const struct kvp_block *b,
+		     float *k, float *v);
+
+/* ---- token policies (evict.c) ---- */
+kvp_status kvp_evict_check(const struct kvp_tenant_config *cfg);
+kvp_status kvp_evict_open(struct kvp_tenant *t, struct kvp_seq *s);
+void kvp_evict_close(struct kvp_tenant *t, struct kvp_seq *s);
+kvp_status kvp_evict_fork(struct kvp_tenant *t, const struct kvp_seq *src, struct kvp_seq *s);
+/* Rounds that are due, then the cold conversion of what they scored. */
+kvp_status kvp_evict_step(struct kvp_seq *s);
+/* Room for attend's observation of streams of up to n tokens; KVP_ENOMEM leaves the old buffer. */
+kvp_status kvp_observe_reserve(struct kvp_seq *s, uint32_t n);
+/* Every token of a stream in order: positions, and keys and values as fp32 (either may be NULL). */
+void kvp_stream_gather(const struct kvp_seq *s, const struct kvp_stream *st, int32_t *pos, float *k, float *v);
 
 /* ---- streams ---- */
 void kvp_stream_release(struct kvp_tenant *t, struct kvp_stream *s, uint32_t dim);
@@ -165,6 +241,8 @@ void kvp_seq_close_entered(kvp_seq *s);
 int kvp_seq_handle_new(struct kvp_seq *s);
 void kvp_seq_handle_free(struct kvp_seq *s);
 kvp_status kvp_seq_handle_get(const kvp_seq *h, const char *call, struct kvp_seq **out);
+/* The sequence behind an open handle, or NULL: for white-box tests that look inside. */
+struct kvp_seq *kvp_seq_from_handle(const kvp_seq *h);
 /* Internal park and unpark of an entered (or claimed) sequence. */
 kvp_status kvp_park_sequence(struct kvp_seq *s);
 kvp_status kvp_unpark_sequence(struct kvp_seq *s);

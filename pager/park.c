@@ -192,7 +192,7 @@ static kvp_status stub_new(struct kvp_spill *d, struct kvp_seq *s, const struct 
 	uint64_t first, payload;
 	kvp_status st;
 	kvp_spill_block_image(b, s->shape.head_dim, &im);
-	payload = im.bytes[0] + im.bytes[1] + im.bytes[2];
+	payload = im.bytes[0] + im.bytes[1];
 	if ((st = kvp_spill_slot_alloc(d, kvp_spill_record_pages(payload), &first)) != KVP_OK)
 		return st;
 	if (!(stub = kvp_alloc(t, sizeof *stub, KVP_BYTES_META, 0))) {
@@ -210,7 +210,10 @@ static kvp_status stub_new(struct kvp_spill *d, struct kvp_seq *s, const struct 
 			    .layer = pos->layer, .kv_head = pos->kv_head, .block_no = pos->block_no,
 			    .n = b->n, .cap = b->cap, .store = (uint32_t)b->store,
 			    .generation = kvp_spill_next_id(d), .payload = payload },
+		/* a block's V starts where its K room ends; the rest of the allocation is V */
+		.v_bytes = b->data_size - (size_t)((const char *)b->v - (const char *)b->k),
 	};
+	stub->k_bytes = b->payload - stub->v_bytes;
 	atomic_fetch_add(&t->bytes_spilled, stub->pages * KVP_SPILL_PAGE);
 	*out = stub;
 	return KVP_OK;
@@ -333,7 +336,10 @@ static kvp_status unpark_plan(struct kvp_spill *d, struct kvp_seq *s, struct kvp
 		if (!p->stubs[i] || blocks[i])
 			continue;
 		h = &p->stubs[i]->header;
-		blocks[i] = kvp_block_new(s->tenant, h->cap, s->shape.head_dim, (enum kvp_store)h->store);
+		if (h->store == KVP_STORE_CODEC)
+			blocks[i] = kvp_block_new_cold(s->tenant, h->cap, p->stubs[i]->k_bytes, p->stubs[i]->v_bytes);
+		else
+			blocks[i] = kvp_block_new(s->tenant, h->cap, s->shape.head_dim, (enum kvp_store)h->store);
 		if (!blocks[i])
 			return KVP_ENOMEM;
 		io[(*n_io)++] = (struct kvp_spill_io){ p->stubs[i], blocks[i] };

@@ -96,10 +96,27 @@ void kvp_pool_close(kvp_pool *p)
 	free(p);
 }
 
+/* The text of a codec spec, kept for the sequences (their head_dim is known only at kvp_seq_open). */
+static kvp_status codec_spec(struct kvp_args *args, const char *key, char out[KVP_CODEC_SPEC_MAX])
+{
+	const char *v = NULL;
+	unsigned n = 0;
+	kvp_status st = kvp_args_text(args, key, &v, &n);
+
+	if (st != KVP_OK || !v)
+		return st;
+	if (n == 0 || n >= KVP_CODEC_SPEC_MAX)
+		return kvp_fail(KVP_EINVAL, "tenant: %s=%.*s must be a spec of 1..%d characters", key,
+				(int)(n > 64 ? 64 : n), v, KVP_CODEC_SPEC_MAX - 1);
+	memcpy(out, v, n);
+	out[n] = '\0';
+	return KVP_OK;
+}
+
 kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quota, const char *spec)
 {
 	static const char *const stores[] = { "fp32", "fp16", NULL };
-	static const char *const later[] = { "policy", "k", "v", "gate", "ladder", "pin_prompt", NULL };
+	static const char *const later[] = { "gate", "ladder", NULL };
 	struct kvp_args args;
 	unsigned store = KVP_STORE_FP32;
 	kvp_status st;
@@ -116,6 +133,14 @@ kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quot
 		st = kvp_args_u32(&args, "window", 0, 1u << 24, &cfg->window);
 	if (st == KVP_OK)
 		st = kvp_args_choice(&args, "store", stores, &store);
+	if (st == KVP_OK)
+		st = codec_spec(&args, "k", cfg->k_spec);
+	if (st == KVP_OK)
+		st = codec_spec(&args, "v", cfg->v_spec);
+	if (st == KVP_OK)
+		st = codec_spec(&args, "policy", cfg->policy_spec);
+	if (st == KVP_OK)
+		st = kvp_args_u32(&args, "pin_prompt", 0, 1, &cfg->pin_prompt);
 	for (unsigned i = 0; st == KVP_OK && later[i]; i++) {
 		const char *v = NULL;
 		unsigned n;
@@ -127,6 +152,10 @@ kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quot
 	if (st == KVP_OK)
 		st = kvp_args_finish(&args);
 	cfg->store = (enum kvp_store)store;
+	if (st == KVP_OK)
+		st = kvp_cold_check(cfg);
+	if (st == KVP_OK)
+		st = kvp_evict_check(cfg);
 	return st;
 }
 

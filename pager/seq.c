@@ -84,6 +84,10 @@ kvp_status kvp_seq_open(kvp_tenant *t, const kvp_shape *shape, kvp_seq **out)
 		return st;
 	if (!(s = seq_alloc(t, shape)))
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_open");
+	if ((st = kvp_cold_open(t, s)) != KVP_OK || (st = kvp_evict_open(t, s)) != KVP_OK) {
+		kvp_seq_destroy(s);
+		return st;
+	}
 	link_seq(t, s);
 	*out = s->handle;
 	return KVP_OK;
@@ -107,6 +111,8 @@ kvp_status kvp_stream_share(struct kvp_tenant *t, struct kvp_stream *dst, const 
 	}
 	if (dst->sink)
 		kvp_block_get(dst->sink);
+	if (dst->ctx)
+		atomic_fetch_add_explicit(&dst->ctx->refs, 1, memory_order_relaxed);
 	return KVP_OK;
 }
 
@@ -117,6 +123,7 @@ void kvp_stream_release(struct kvp_tenant *t, struct kvp_stream *s, uint32_t dim
 		kvp_block_put(t, s->blocks[i], dim);
 	if (s->blocks)
 		kvp_free(t, s->blocks, s->cap_blocks * sizeof *s->blocks, KVP_BYTES_META, 0);
+	kvp_stream_ctx_put(t, s->ctx);
 	memset(s, 0, sizeof *s);
 }
 
@@ -138,6 +145,11 @@ kvp_status kvp_seq_fork_resident(kvp_seq *src, kvp_seq **out)
 	t = src->tenant;
 	if (!(s = seq_alloc(t, &src->shape)))
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
+	/* the fork's policy continues from a copy of the source's history (H2O weights, online stats) */
+	if (kvp_cold_open(t, s) != KVP_OK || kvp_evict_fork(t, src, s) != KVP_OK) {
+		kvp_seq_destroy(s);
+		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
+	}
 	n = (size_t)src->shape.n_layers * src->shape.n_kv_heads;
 	for (i = 0; i < n; i++)
 		if (kvp_stream_share(t, &s->streams[i], &src->streams[i]) != KVP_OK)
@@ -147,6 +159,7 @@ kvp_status kvp_seq_fork_resident(kvp_seq *src, kvp_seq **out)
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
 	}
 	s->tokens_appended = src->tokens_appended;
+	s->t0 = src->t0;
 	atomic_fetch_add(&t->tokens_appended, s->tokens_appended);
 	atomic_fetch_add(&t->tokens_retained, seq_retained(s));
 	atomic_fetch_add(&t->bytes_dense_fp16, s->tokens_appended * s->shape.head_dim * 4);
@@ -166,6 +179,8 @@ void kvp_seq_destroy(struct kvp_seq *s)
 	atomic_fetch_sub(&t->bytes_dense_fp16, s->tokens_appended * s->shape.head_dim * 4);
 	for (size_t i = 0; i < n; i++)
 		kvp_stream_release(t, &s->streams[i], s->shape.head_dim);
+	kvp_cold_close(t, s);
+	kvp_evict_close(t, s);
 	kvp_free(t, s->streams, streams_bytes(&s->shape), KVP_BYTES_META, 0);
 	s->magic = 0;
 	kvp_free(t, s, sizeof *s, KVP_BYTES_META, 0);
@@ -191,17 +206,20 @@ kvp_status kvp_seq_step_entered(kvp_seq *s)
 {
 	if (!s || s->magic != KVP_SEQ_MAGIC)
 		return kvp_fail(KVP_EINVAL, "kvp_seq_step: not an open sequence");
-	return KVP_OK; /* no policy rounds until policies are configured */
+	return kvp_evict_step(s);
 }
 
-static void gather_block(const struct kvp_block *b, uint32_t dim, uint32_t at, int32_t *pos, float *k,
-			 float *v)
+static void gather_block(const struct kvp_seq *s, const struct kvp_stream *st, const struct kvp_block *b,
+			 uint32_t at, int32_t *pos, float *k, float *v)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
+	const uint32_t dim = s->shape.head_dim;
 	size_t off = (size_t)at * dim, rows = (size_t)b->n * dim;
 	if (pos)
 		memcpy(pos + at, b->pos, b->n * sizeof *pos);
-	if (b->store == KVP_STORE_FP16) {
+	if (b->store == KVP_STORE_CODEC) {
+		kvp_cold_gather(s, st, b, k ? k + off : NULL, v ? v + off : NULL);
+	} else if (b->store == KVP_STORE_FP16) {
 		if (k)
 			kern->f16_to_f32(rows, b->k, k + off);
 		if (v)
@@ -214,11 +232,24 @@ static void gather_block(const struct kvp_block *b, uint32_t dim, uint32_t at, i
 	}
 }
 
+void kvp_stream_gather(const struct kvp_seq *s, const struct kvp_stream *st, int32_t *pos, float *k, float *v)
+{
+	uint32_t at = 0;
+
+	if (st->sink) {
+		gather_block(s, st, st->sink, at, pos, k, v);
+		at += st->sink->n;
+	}
+	for (uint32_t i = 0; i < st->n_blocks; i++) {
+		gather_block(s, st, st->blocks[i], at, pos, k, v);
+		at += st->blocks[i]->n;
+	}
+}
+
 kvp_status kvp_gather_resident(kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos,
 			       float *k, float *v, uint32_t *n_out)
 {
 	const struct kvp_stream *st;
-	uint32_t at = 0;
 	if (!s || s->magic != KVP_SEQ_MAGIC)
 		return kvp_fail(KVP_EINVAL, "kvp_gather: not an open sequence");
 	if (layer >= s->shape.n_layers || kv_head >= s->shape.n_kv_heads)
@@ -230,14 +261,7 @@ kvp_status kvp_gather_resident(kvp_seq *s, uint32_t layer, uint32_t kv_head, uin
 	if (st->n_tokens > cap)
 		return kvp_fail(KVP_EINVAL, "kvp_gather: the stream holds %u tokens, more than cap %u", st->n_tokens,
 				cap);
-	if (st->sink) {
-		gather_block(st->sink, s->shape.head_dim, at, pos, k, v);
-		at += st->sink->n;
-	}
-	for (uint32_t i = 0; i < st->n_blocks; i++) {
-		gather_block(st->blocks[i], s->shape.head_dim, at, pos, k, v);
-		at += st->blocks[i]->n;
-	}
+	kvp_stream_gather(s, st, pos, k, v);
 	return KVP_OK;
 }
 
@@ -249,11 +273,16 @@ static void stats_stream(const struct kvp_tenant *t, const struct kvp_stream *st
 		b = i == 0 ? st->sink : st->blocks[i - 1];
 		if (!b)
 			continue;
-		o->bytes_exact += kvp_block_token_bytes(b, dim);
-		o->bytes_meta += kvp_alloc_size(t, b->size) - kvp_block_token_bytes(b, dim);
+		if (b->store == KVP_STORE_CODEC)
+			o->bytes_compressed += kvp_block_token_bytes(b, dim);
+		else
+			o->bytes_exact += kvp_block_token_bytes(b, dim);
+		o->bytes_meta += kvp_block_bytes(t, b) - kvp_block_token_bytes(b, dim);
 	}
 	if (st->blocks)
 		o->bytes_meta += kvp_alloc_size(t, st->cap_blocks * sizeof *st->blocks);
+	if (st->ctx)
+		o->bytes_meta += kvp_alloc_size(t, st->ctx->size);
 }
 
 static void stats_copy(kvp_stats *out, const kvp_stats *full)
@@ -280,6 +309,10 @@ kvp_status kvp_seq_stats_entered(const kvp_seq *s, kvp_stats *out)
 	for (size_t i = 0; i < (size_t)s->shape.n_layers * s->shape.n_kv_heads; i++)
 		stats_stream(s->tenant, &s->streams[i], s->shape.head_dim, &full);
 	full.bytes_meta += kvp_alloc_size(s->tenant, sizeof *s) + kvp_alloc_size(s->tenant, streams_bytes(&s->shape));
+	if (s->cold.scratch)
+		full.bytes_meta += kvp_alloc_size(s->tenant, s->cold.scratch_bytes);
+	if (s->observe.bytes)
+		full.bytes_meta += kvp_alloc_size(s->tenant, s->observe.bytes);
 	full.tokens_appended = s->tokens_appended;
 	full.bytes_dense_fp16 = s->tokens_appended * s->shape.head_dim * 4;
 	full.bytes_spilled = kvp_seq_parked_bytes(s);

@@ -322,14 +322,13 @@ uint64_t kvp_spill_record_pages(uint64_t payload)
 
 void kvp_spill_block_image(const struct kvp_block *b, uint32_t dim, struct kvp_block_image *im)
 {
-	/* Opaque bytes: whatever representation a block has, its K and V buffers are what spills. */
-	size_t kv = kvp_block_token_bytes(b, dim) / 2;
+	/* Opaque bytes: whatever a block holds (exact rows or codec bytes), its positions and the one
+	 * allocation its K and V live in are what spills. */
+	(void)dim;
 	im->part[0] = b->pos;
 	im->bytes[0] = (size_t)b->cap * sizeof *b->pos;
 	im->part[1] = b->k;
-	im->bytes[1] = kv;
-	im->part[2] = b->v;
-	im->bytes[2] = kv;
+	im->bytes[1] = b->data_size;
 }
 
 /* ---- records ---- */
@@ -346,7 +345,7 @@ static void record_pack(struct kvp_spilled *stub, const struct kvp_block *block,
 	struct kvp_block_image im;
 	size_t at = sizeof stub->header;
 	kvp_spill_block_image(block, dim, &im);
-	for (int i = 0; i < 3; i++) {
+	for (int i = 0; i < KVP_IMAGE_PARTS; i++) {
 		memcpy(dst + at, im.part[i], im.bytes[i]);
 		at += im.bytes[i];
 	}
@@ -377,7 +376,11 @@ kvp_status kvp_spill_record_unpack(const struct kvp_spilled *stub, struct kvp_bl
 				(unsigned long long)stub->header.seq, stub->header.layer, stub->header.kv_head,
 				(int)stub->header.block_no, (unsigned long long)stub->header.generation);
 	kvp_spill_block_image(block, dim, &im);
-	for (int i = 0; i < 3; i++) {
+	if (im.bytes[0] + im.bytes[1] != stub->header.payload)
+		return kvp_fail(KVP_ECORRUPT, "spill: the block rebuilt for the record at page %llu has %zu bytes, "
+				"not the %llu it was written with", (unsigned long long)stub->first_page,
+				im.bytes[0] + im.bytes[1], (unsigned long long)stub->header.payload);
+	for (int i = 0; i < KVP_IMAGE_PARTS; i++) {
 		memcpy(im.part[i], src + at, im.bytes[i]);
 		at += im.bytes[i];
 	}

@@ -57,6 +57,7 @@ struct kvp_spilled {
 	 * a later unpark shares it instead of reading. */
 	struct kvp_block *twin;
 	uint32_t dim; /* of the sequence's streams: block accounting needs it */
+	size_t k_bytes, v_bytes; /* what a codec-encoded block is rebuilt with (kvp_block_new_cold) */
 };
 
 /* Twins by block: open addressing, linear probing, backward-shift deletion. Under the device lock. */
@@ -102,9 +103,10 @@ void kvp_spill_slot_free(struct kvp_spill *d, uint64_t first, uint64_t pages);
 /* Pages a record of payload bytes takes. */
 uint64_t kvp_spill_record_pages(uint64_t payload);
 /* The block's image as the device sees it: the one place its byte size is computed. */
+#define KVP_IMAGE_PARTS 2
 struct kvp_block_image {
-	void *part[3];
-	size_t bytes[3];
+	void *part[KVP_IMAGE_PARTS]; /* positions, then the allocation K and V live in */
+	size_t bytes[KVP_IMAGE_PARTS];
 };
 void kvp_spill_block_image(const struct kvp_block *b, uint32_t dim, struct kvp_block_image *im);
 /* Without the device lock (they take the ring lock). Write: records from io[i].block to their slots;

@@ -35,6 +35,7 @@ static const kvp_plugin_v1 table_v1 = {
 	.policy_open = kvp_policy_open,
 	.policy_score = kvp_policy_score,
 	.policy_close = kvp_policy_close,
+	.policy_observe = kvp_policy_observe,
 };
 
 const kvp_plugin_v1 *kvp_plugin(uint32_t abi_major)

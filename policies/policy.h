@@ -1,10 +1,217 @@
 /*
- * policies/ — token scorers behind one vtable (DESIGN.md, "Vtables"). The scorers themselves
- * (TriAttention, H2O, StreamingLLM) arrive with the policies work; until then the public calls say so.
+ * policies/ — token scorers behind one vtable (DESIGN.md, "Vtables"), the survivor selection the pager
+ * runs around them, the .kvtria statistics file, and the coherence gating arithmetic.
+ *
+ * A policy scores the tokens of one stream (layer, KV head); the pager protects, selects and evicts.
+ * Higher score = more worth keeping. What the pager must hand a policy:
+ *   - keys after RoPE, exact (scored before their codec group is encoded), [n][head_dim] fp32;
+ *   - every key's absolute position (never its slot in the cache: after eviction they differ);
+ *   - t0 = the absolute position of the next token (tokens processed so far), for TriAttention's phase;
+ *   - for observe: the query token's absolute position, the queries of the KV head's GQA group after
+ *     RoPE ([group][head_dim], query heads kv_head*group .. kv_head*group+group-1), and the softmax
+ *     weights of each of those query heads over the stream's n tokens ([group][n]) with their positions.
+ *
+ * One kvp_policy belongs to one sequence: H2O's accumulated weights and TriAttention's online statistics
+ * are that sequence's history. Calls on one policy must not overlap (the sequence's caller serializes).
  */
 #ifndef KVP_POLICY_H
 #define KVP_POLICY_H
 
+#include <stdint.h>
+
 #include "base/base.h"
+
+struct kvp_policy;
+
+/* What one attention call of one query token saw on one stream. */
+struct kvp_observation {
+	uint32_t layer, kv_head;
+	int64_t t;            /* absolute position of the query token */
+	const float *q;       /* [group][head_dim] after RoPE at position t, or NULL */
+	uint32_t n;           /* tokens the weights cover */
+	const int32_t *pos;   /* [n] their absolute positions (NULL when n == 0) */
+	const float *weights; /* [group][n] softmax weights of each query head of the group, or NULL */
+};
+
+struct kvp_policy_ops {
+	const char *name;
+	/* Parse args (look up every key; the registry calls kvp_args_finish), set p->state and p->plan.
+	 * p->shape is set on entry; p->plan holds the generic defaults (see struct kvp_policy_plan). */
+	kvp_status (*open)(struct kvp_policy *p, struct kvp_args *args);
+	/* Learn from one attention call. Fails only on memory or positions outside what it can index;
+	 * on failure the policy's state is as before the call. NULL: the policy learns nothing. */
+	kvp_status (*observe)(struct kvp_policy *p, const struct kvp_observation *o);
+	/* scores[i] for the stream's tokens i < n (pos[i], k[i] post-RoPE); n >= 1, arguments checked. */
+	kvp_status (*score)(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t0, uint32_t n,
+			    const int32_t *pos, const float *k_post_rope, float *scores);
+	/* Fill dst->state with a copy of src's history (dst has src's ops, shape and plan, state NULL), so a
+	 * forked sequence's policy starts where its parent's was. NULL for policies without state. */
+	kvp_status (*clone)(struct kvp_policy *dst, const struct kvp_policy *src);
+	void (*close)(struct kvp_policy *p);
+};
+
+/*
+ * How many tokens a stream keeps and when a round runs. At t0 tokens processed:
+ *   budget(t0) = budget, or ceil(ratio * t0) when ratio > 0 (at least 1)
+ *   window(t0) = window + ceil(window_ratio * t0)     protected newest tokens, counted in the budget
+ *   a round is due when the stream holds >= budget(t0) + every tokens; it cuts back to budget(t0).
+ */
+struct kvp_policy_plan {
+	uint32_t budget;
+	double ratio;
+	uint32_t every;
+	uint32_t sinks;       /* first tokens of the stream, protected */
+	uint32_t window;
+	double window_ratio;
+	int pin_prompt;       /* the prompt is kept (TriAttention's reference behaviour) */
+	int per_head;         /* TriAttention select=per_head: one kept set per KV head for every layer */
+	int union_select;     /* TriAttention select=union: one kept set for all KV heads of a layer */
+};
+
+struct kvp_policy {
+	const struct kvp_policy_ops *ops;
+	kvp_shape shape;
+	struct kvp_policy_plan plan;
+	void *state;
+};
+
+/* The registry's policies (policies/registry.c). */
+extern const struct kvp_policy_ops kvp_policy_streaming;
+extern const struct kvp_policy_ops kvp_policy_h2o;
+extern const struct kvp_policy_ops kvp_policy_triattention;
+
+/* Parses spec[0..len) ("h2o(heavy=0.1,recent=0.1)") for shape; kvp_policy_free releases it. */
+kvp_status kvp_policy_parse(const char *spec, size_t len, const kvp_shape *shape, struct kvp_policy **out);
+void kvp_policy_free(struct kvp_policy *p);
+/* An independent copy of p with its history (for kvp_seq_fork). On failure *out is NULL. */
+kvp_status kvp_policy_clone(const struct kvp_policy *p, struct kvp_policy **out);
+/* The checked vtable calls behind the public kvp_policy_* functions (pager-facing). */
+kvp_status kvp_policy_learn(struct kvp_policy *p, const struct kvp_observation *o);
+
+/* budget(t0), window(t0) and "is a round due for a stream of n tokens" from the plan. */
+uint32_t kvp_policy_budget(const struct kvp_policy *p, int64_t t0);
+uint32_t kvp_policy_window(const struct kvp_policy *p, int64_t t0);
+int kvp_policy_due(const struct kvp_policy *p, int64_t t0, uint32_t n);
+
+/* ---- Survivor selection (policies/select.c) ---- */
+
+/* Tokens that never compete. Counts are per stream; positions absolute. */
+struct kvp_protect {
+	uint32_t sinks;      /* the first sinks tokens of the stream (in position order) */
+	uint32_t window;     /* the last window tokens */
+	int32_t prompt_end;  /* with pin_prompt: tokens at positions < prompt_end are the prompt */
+	int pin_prompt;
+};
+
+/*
+ * Picks the survivors of one stream: keep[i] = 1 for kept tokens, *n_kept their count. pos is in
+ * increasing order. Scores of protected tokens are not read; NaN scores rank lowest; ties keep the newer
+ * token. Rules, in order:
+ *   1. sinks and window are always kept, even when they alone exceed the budget (then nothing else is).
+ *   2. a pinned prompt is kept when it fits in what the budget leaves. When it does not (the prompt is
+ *      longer than the budget), the prompt keeps at most half of the free slots, by score, and the newer
+ *      tokens compete for the rest, so a round never drops every generated token as long as two slots
+ *      are free; slots one side cannot use go to the other.
+ *   3. the remaining slots go to the highest-scored unprotected tokens.
+ * The result has exactly min(n, max(budget, protected)) tokens. KVP_ENOMEM is the only failure.
+ */
+kvp_status kvp_select_survivors(uint32_t n, const int32_t *pos, const float *scores,
+				const struct kvp_protect *protect, uint32_t budget, uint8_t *keep,
+				uint32_t *n_kept);
+
+/*
+ * One policy round on one stream, what the pager calls when kvp_policy_due says so: scores the tokens
+ * that compete (unprotected ones; a pinned prompt apart from the newer tokens, so TriAttention's z-scores
+ * are taken over the decode candidates as in the reference), then kvp_select_survivors with budget(t0)
+ * and the union of the pager's protection and the policy's own (sinks, window(t0), pin_prompt).
+ * k: [n][head_dim] post-RoPE, exact. keep: [n] out. Nothing is evicted here: the pager applies keep.
+ */
+struct kvp_round {
+	int64_t t0;
+	uint32_t n;
+	const int32_t *pos;
+	const float *k;
+	uint32_t sinks, window; /* the pager's protected tiers */
+	int32_t prompt_end;     /* first position after the prompt (0 when unknown) */
+};
+kvp_status kvp_policy_round(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, const struct kvp_round *r,
+			    uint8_t *keep, uint32_t *n_kept);
+/*
+ * select=per_head (TriAttention's reference, plan.per_head): one kept set for KV head kv_head in every
+ * layer. rounds[l] is the stream of layer l; all must hold the same positions (they do when every round
+ * applied the same set), and their keys differ. Candidates' scores are averaged over layers, then selected.
+ */
+kvp_status kvp_policy_round_layers(struct kvp_policy *p, uint32_t kv_head, const struct kvp_round *rounds,
+				   uint8_t *keep, uint32_t *n_kept);
+/*
+ * select=union (plan.union_select, TensorRT-LLM's mode): one kept set for every KV head of a layer.
+ * rounds[h] for KV head h, same positions. Each head proposes its best (budget - protected) candidates;
+ * the proposals are ranked by their best score over all heads and the selection rules apply.
+ */
+kvp_status kvp_policy_round_union(struct kvp_policy *p, uint32_t layer, const struct kvp_round *rounds,
+				  uint8_t *keep, uint32_t *n_kept);
+
+/* Argument checks shared by the registry and the rounds (messages name `what`). */
+kvp_status kvp_policy_check_stream(const char *what, const struct kvp_policy *p, uint32_t layer,
+				   uint32_t kv_head);
+kvp_status kvp_policy_check_positions(const char *what, uint32_t n, const int32_t *pos);
+
+/* TriAttention's raw S for one query head (before z-normalization and the group max): tests, experiments. */
+kvp_status kvp_tria_raw_scores(struct kvp_policy *p, uint32_t layer, uint32_t head, int64_t t0, uint32_t n,
+			       const float *k_post_rope, float *out);
+
+/* ---- TriAttention statistics (policies/kvtria.c) ---- */
+
+/* Per (layer, query head, band): q_mean_re, q_mean_im, q_abs_mean, each [n_layers][n_heads][head_dim/2]. */
+struct kvp_tria_stats {
+	uint32_t n_layers, n_heads, head_dim;
+	kvp_rope_layout rope_layout; /* the layout the calibration read its bands from */
+	float rope_theta;
+	float *mean_re, *mean_im, *abs_mean;
+};
+
+#define KVP_KVTRIA_MAGIC "KVTRIA01"
+#define KVP_KVTRIA_HEADER 40u
+
+/* Allocates zeroed stats for a shape (its n_heads, not n_kv_heads). */
+kvp_status kvp_tria_stats_alloc(struct kvp_tria_stats *s, uint32_t n_layers, uint32_t n_heads,
+				uint32_t head_dim, kvp_rope_layout layout, float theta);
+void kvp_tria_stats_free(struct kvp_tria_stats *s);
+/* Offset of (layer, head)'s band 0 in the three arrays. */
+size_t kvp_tria_stats_at(const struct kvp_tria_stats *s, uint32_t layer, uint32_t head);
+/*
+ * Reads a .kvtria file. Rejected with KVP_ECORRUPT and a message naming the file and the fault: wrong
+ * magic, truncated or trailing bytes, odd or zero head_dim, unknown layout, non-finite or negative
+ * values, |q_mean| > q_abs_mean. With shape non-NULL, a file for another shape (layers, heads, head_dim,
+ * theta) is KVP_EINVAL. The layout may differ: stats are indexed by band, not by memory layout.
+ */
+kvp_status kvp_tria_stats_read(const char *path, const kvp_shape *shape, struct kvp_tria_stats *out);
+kvp_status kvp_tria_stats_write(const char *path, const struct kvp_tria_stats *s);
+
+/* ---- Coherence gating (policies/gate.c) ---- */
+
+/* Energy-weighted mean resultant length of a KV head's query group in one layer:
+ * sum over group heads and bands of |q_mean| / sum of q_abs_mean, in [0, 1]; 0 when no energy. */
+double kvp_gate_mrl(const struct kvp_tria_stats *s, uint32_t layer, uint32_t kv_head, uint32_t n_kv_heads);
+/* 1 - H(w)/log(n) of a softmax row (weights need not be normalized); 1 for n <= 1. */
+double kvp_gate_entropy_coherence(uint32_t n, const float *weights);
+/*
+ * Splits total tokens over n heads: each gets floor, the rest goes in proportion to 1 - strength * c[i]
+ * (c in [0,1]: coherent heads get less), rounded by largest remainder so the parts sum to total exactly.
+ * strength in [0, 1); total >= n * floor. Ties in remainders go to the lower index.
+ */
+kvp_status kvp_gate_distribute(uint32_t n, const double *coherence, double strength, uint64_t total,
+			       uint64_t floor, uint64_t *out);
+
+#define KVP_LADDER_MAX 8
+/* "4:1.0,3:0.5,2:0.25": levels of (bits, keep fraction) from gentle to aggressive. */
+struct kvp_ladder {
+	unsigned n;
+	unsigned bits[KVP_LADDER_MAX];
+	double keep[KVP_LADDER_MAX];
+};
+kvp_status kvp_ladder_parse(const char *text, size_t len, struct kvp_ladder *out);
+/* Level for coherence c in [0, 1]: round(c * (n - 1)); coherent heads take the aggressive end. */
+unsigned kvp_ladder_level(const struct kvp_ladder *l, double coherence);
 
 #endif /* KVP_POLICY_H */

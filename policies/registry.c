@@ -1,23 +1,267 @@
-/* The public policy calls. No scorer is registered yet, so every open is refused with a reason. */
-#include "policy.h"
+/*
+ * The policy registry: the one table of policies, the spec parser, the plan arithmetic (budget, window,
+ * when a round is due), and the public kvp_policy_* calls for policies used on their own.
+ *
+ * A spec is `name` or `name(args)`: "streaming(sinks=4,window=1024)", "h2o(heavy=0.1,recent=0.1)",
+ * "triattention(budget=2048,stats=qwen3.kvtria)". Every policy also takes pin_prompt=0|1.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
-kvp_status kvp_policy_open(const char *spec, const kvp_shape *shape, kvp_policy **out)
+#include "policies/policy.h"
+
+/* Adding a policy: one file and one line here. */
+static const struct kvp_policy_ops *const policies[] = {
+	&kvp_policy_streaming, &kvp_policy_h2o, &kvp_policy_triattention,
+};
+
+static const struct kvp_policy_ops *lookup(const char *name, unsigned nlen)
 {
-	(void)shape;
+	for (size_t i = 0; i < sizeof policies / sizeof policies[0]; i++)
+		if (kvp_name_is(name, nlen, policies[i]->name))
+			return policies[i];
+	return NULL;
+}
+
+static kvp_status check_shape(const kvp_shape *s)
+{
+	if (!s)
+		return kvp_fail(KVP_EINVAL, "policy: NULL shape");
+	if (s->n_layers == 0 || s->n_heads == 0 || s->n_kv_heads == 0 || s->head_dim == 0)
+		return kvp_fail(KVP_EINVAL, "policy: shape has a zero dimension (layers %u, heads %u, kv heads %u, "
+				"head_dim %u)", s->n_layers, s->n_heads, s->n_kv_heads, s->head_dim);
+	if (s->n_heads % s->n_kv_heads)
+		return kvp_fail(KVP_EINVAL, "policy: n_heads=%u is not a multiple of n_kv_heads=%u", s->n_heads,
+				s->n_kv_heads);
+	if (s->head_dim % 2 || s->head_dim > 4096)
+		return kvp_fail(KVP_EINVAL, "policy: head_dim=%u must be even and at most 4096", s->head_dim);
+	if (s->n_layers > 4096 || s->n_heads > 4096)
+		return kvp_fail(KVP_EINVAL, "policy: shape of %u layers x %u heads is too large", s->n_layers,
+				s->n_heads);
+	if (!(s->rope_theta > 1.0f) || !isfinite(s->rope_theta))
+		return kvp_fail(KVP_EINVAL, "policy: rope_theta=%g must be a finite number above 1",
+				(double)s->rope_theta);
+	if (s->rope_layout != KVP_ROPE_HALF && s->rope_layout != KVP_ROPE_INTERLEAVED)
+		return kvp_fail(KVP_EINVAL, "policy: unknown rope_layout %d", (int)s->rope_layout);
+	return KVP_OK;
+}
+
+static kvp_status open_parsed(const struct kvp_policy_ops *ops, struct kvp_args *args, const kvp_shape *shape,
+			      struct kvp_policy **out)
+{
+	struct kvp_policy *p = calloc(1, sizeof *p);
+	uint32_t pin;
+	kvp_status st;
+
+	if (!p)
+		return kvp_fail(KVP_ENOMEM, "%s: out of memory", ops->name);
+	p->ops = ops;
+	p->shape = *shape;
+	p->plan.every = 1;
+	st = ops->open(p, args);
+	if (st != KVP_OK) {
+		free(p);
+		return st;
+	}
+	pin = (uint32_t)p->plan.pin_prompt;
+	st = kvp_args_u32(args, "pin_prompt", 0, 1, &pin);
+	if (st == KVP_OK)
+		st = kvp_args_finish(args);
+	if (st != KVP_OK) {
+		kvp_policy_free(p);
+		return st;
+	}
+	p->plan.pin_prompt = (int)pin;
+	*out = p;
+	return KVP_OK;
+}
+
+kvp_status kvp_policy_parse(const char *spec, size_t len, const kvp_shape *shape, struct kvp_policy **out)
+{
+	const char *name, *inner;
+	unsigned nlen, ilen;
+	const struct kvp_policy_ops *ops;
+	struct kvp_args args;
+	kvp_status st;
+
+	if (!spec || !out)
+		return kvp_fail(KVP_EINVAL, "policy: NULL spec or result");
+	*out = NULL;
+	if (len > 65536)
+		return kvp_fail(KVP_EINVAL, "policy: spec of %zu bytes is too long", len);
+	st = check_shape(shape);
+	if (st == KVP_OK)
+		st = kvp_call_split(spec, (unsigned)len, &name, &nlen, &inner, &ilen);
+	if (st != KVP_OK)
+		return st;
+	ops = lookup(name, nlen);
+	if (!ops)
+		return kvp_fail(KVP_EINVAL, "policy: unknown policy '%.*s' (known: streaming, h2o, triattention)",
+				(int)nlen, name);
+	st = kvp_args_parse(&args, ops->name, inner, ilen);
+	if (st != KVP_OK)
+		return st;
+	return open_parsed(ops, &args, shape, out);
+}
+
+void kvp_policy_free(struct kvp_policy *p)
+{
+	if (!p)
+		return;
+	if (p->ops->close)
+		p->ops->close(p);
+	free(p);
+}
+
+kvp_status kvp_policy_clone(const struct kvp_policy *p, struct kvp_policy **out)
+{
+	struct kvp_policy *c;
+	kvp_status st = KVP_OK;
+
+	if (!p || !out)
+		return kvp_fail(KVP_EINVAL, "kvp_policy_clone: NULL policy or result");
+	*out = NULL;
+	c = calloc(1, sizeof *c);
+	if (!c)
+		return kvp_fail(KVP_ENOMEM, "%s: out of memory", p->ops->name);
+	c->ops = p->ops;
+	c->shape = p->shape;
+	c->plan = p->plan;
+	if (p->ops->clone)
+		st = p->ops->clone(c, p);
+	if (st != KVP_OK) {
+		free(c);
+		return st;
+	}
+	*out = c;
+	return KVP_OK;
+}
+
+/* ---- the plan ---- */
+
+static uint32_t ceil_fraction(double r, int64_t t0)
+{
+	/* 0.15 * 200 is 30.000000000000004 in binary: a relative nudge keeps exact products exact */
+	double x = r * (double)(t0 > 0 ? t0 : 0), v = ceil(x - x * 1e-12);
+	return v >= (double)UINT32_MAX ? UINT32_MAX : (uint32_t)v;
+}
+
+uint32_t kvp_policy_budget(const struct kvp_policy *p, int64_t t0)
+{
+	uint32_t b;
+
+	if (p->plan.ratio <= 0)
+		return p->plan.budget;
+	b = ceil_fraction(p->plan.ratio, t0);
+	return b ? b : 1;
+}
+
+uint32_t kvp_policy_window(const struct kvp_policy *p, int64_t t0)
+{
+	uint64_t w = (uint64_t)p->plan.window + ceil_fraction(p->plan.window_ratio, t0);
+	return w > UINT32_MAX ? UINT32_MAX : (uint32_t)w;
+}
+
+int kvp_policy_due(const struct kvp_policy *p, int64_t t0, uint32_t n)
+{
+	return (uint64_t)n >= (uint64_t)kvp_policy_budget(p, t0) + p->plan.every;
+}
+
+/* ---- checked calls ---- */
+
+kvp_status kvp_policy_check_stream(const char *what, const struct kvp_policy *p, uint32_t layer,
+				   uint32_t kv_head)
+{
+	if (!p)
+		return kvp_fail(KVP_EINVAL, "%s: NULL policy", what);
+	if (layer >= p->shape.n_layers)
+		return kvp_fail(KVP_EINVAL, "%s: layer %u is outside the shape's %u layers", what, layer,
+				p->shape.n_layers);
+	if (kv_head >= p->shape.n_kv_heads)
+		return kvp_fail(KVP_EINVAL, "%s: KV head %u is outside the shape's %u KV heads", what, kv_head,
+				p->shape.n_kv_heads);
+	return KVP_OK;
+}
+
+/* Positions are absolute, nonnegative and increasing within a stream. */
+kvp_status kvp_policy_check_positions(const char *what, uint32_t n, const int32_t *pos)
+{
+	for (uint32_t i = 0; i < n; i++)
+		if (pos[i] < 0 || (i && pos[i] <= pos[i - 1]))
+			return kvp_fail(KVP_EINVAL, "%s: position %d at index %u is negative or not increasing", what,
+					pos[i], i);
+	return KVP_OK;
+}
+
+kvp_status kvp_policy_learn(struct kvp_policy *p, const struct kvp_observation *o)
+{
+	kvp_status st;
+
+	if (!o)
+		return kvp_fail(KVP_EINVAL, "kvp_policy_observe: NULL observation");
+	st = kvp_policy_check_stream("kvp_policy_observe", p, o->layer, o->kv_head);
+	if (st != KVP_OK)
+		return st;
+	if (o->t < 0)
+		return kvp_fail(KVP_EINVAL, "kvp_policy_observe: query position %lld is negative", (long long)o->t);
+	if (o->n && o->weights && !o->pos)
+		return kvp_fail(KVP_EINVAL, "kvp_policy_observe: weights without positions");
+	if (o->weights && o->n) {
+		st = kvp_policy_check_positions("kvp_policy_observe", o->n, o->pos);
+		if (st != KVP_OK)
+			return st;
+	}
+	return p->ops->observe ? p->ops->observe(p, o) : KVP_OK;
+}
+
+static kvp_status score_checked(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t0, uint32_t n,
+				const int32_t *pos, const float *k, float *scores)
+{
+	kvp_status st = kvp_policy_check_stream("kvp_policy_score", p, layer, kv_head);
+
+	if (st != KVP_OK || n == 0)
+		return st;
+	if (!pos || !k || !scores)
+		return kvp_fail(KVP_EINVAL, "kvp_policy_score: NULL positions, keys or scores");
+	st = kvp_policy_check_positions("kvp_policy_score", n, pos);
+	if (st == KVP_OK && t0 <= pos[n - 1])
+		st = kvp_fail(KVP_EINVAL, "kvp_policy_score: t0=%lld is not after the last key's position %d",
+			      (long long)t0, pos[n - 1]);
+	if (st != KVP_OK)
+		return st;
+	return p->ops->score(p, layer, kv_head, t0, n, pos, k, scores);
+}
+
+/* ---- the public calls ---- */
+
+KVP_API kvp_status kvp_policy_open(const char *spec, const kvp_shape *shape, kvp_policy **out)
+{
 	if (out)
 		*out = NULL;
-	return kvp_fail(KVP_EUNSUPPORTED, "policy '%s': no token policy is built into this version yet "
-			"(triattention, h2o and streaming arrive with the policies work)", spec ? spec : "");
+	if (!spec || !out)
+		return kvp_fail(KVP_EINVAL, "kvp_policy_open: NULL spec or result");
+	return kvp_policy_parse(spec, strlen(spec), shape, out);
 }
 
-kvp_status kvp_policy_score(kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t0, uint32_t n,
-			    const int32_t *pos, const float *k_post_rope, float *scores)
+KVP_API kvp_status kvp_policy_score(kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t0, uint32_t n,
+				    const int32_t *pos, const float *k_post_rope, float *scores)
 {
-	(void)p, (void)layer, (void)kv_head, (void)t0, (void)n, (void)pos, (void)k_post_rope, (void)scores;
-	return kvp_fail(KVP_EUNSUPPORTED, "kvp_policy_score: no token policy is built into this version yet");
+	return score_checked(p, layer, kv_head, t0, n, pos, k_post_rope, scores);
 }
 
-void kvp_policy_close(kvp_policy *p)
+KVP_API kvp_status kvp_policy_observe(kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t,
+				      const float *q_post_rope, uint32_t n, const int32_t *pos,
+				      const float *weights)
 {
-	(void)p;
+	struct kvp_observation o = {
+		.layer = layer, .kv_head = kv_head, .t = t, .q = q_post_rope, .n = n, .pos = pos,
+		.weights = weights,
+	};
+	return kvp_policy_learn(p, &o);
+}
+
+KVP_API void kvp_policy_close(kvp_policy *p)
+{
+	kvp_policy_free(p);
 }

@@ -18,7 +18,7 @@ enum { CAP = 16, DIM = 8 };
 static struct kvp_spilled stub;
 static struct kvp_block block;
 static int32_t pos[CAP];
-static float k[CAP * DIM], v[CAP * DIM];
+static float kv[2 * CAP * DIM]; /* the block's one K and V allocation */
 static unsigned char record[KVP_SPILL_PAGE];
 
 static void setup(void)
@@ -26,14 +26,16 @@ static void setup(void)
 	block.cap = CAP;
 	block.store = KVP_STORE_FP32;
 	block.pos = pos;
-	block.k = k;
-	block.v = v;
+	block.k = kv;
+	block.v = kv + CAP * DIM;
+	block.data_size = sizeof kv;
+	block.payload = sizeof kv;
 	stub.pages = 1;
 	stub.dim = DIM;
 	stub.header = (struct kvp_slot_header){ .magic = KVP_SLOT_MAGIC, .tenant = 1, .seq = 2, .layer = 3,
 						.kv_head = 1, .block_no = 7, .n = 5, .cap = CAP,
 						.store = KVP_STORE_FP32, .generation = 99,
-						.payload = sizeof pos + sizeof k + sizeof v };
+						.payload = sizeof pos + sizeof kv };
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);

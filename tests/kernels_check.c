@@ -195,6 +195,51 @@ static void check_axpy(const struct kvp_kernels *k, int half, unsigned d, unsign
 	free(hrows);
 }
 
+/* The group kernels against the scalar group kernels, head by head (see test_kernels.c). */
+static void check_group(const struct kvp_kernels *k, unsigned d, unsigned n, unsigned g, unsigned off)
+{
+	const float scale = 0.125f;
+	uint16_t *rows = rand_f16((size_t)n * d, off);
+	float *q = rand_f32((size_t)g * d, off), *w = rand_f32((size_t)g * n, off);
+	float *want = xmalloc(((size_t)g * n + off) * sizeof *want), *got = xmalloc(((size_t)g * n + off) * sizeof *got);
+	float *acc0 = rand_f32((size_t)g * d, off);
+	float *acc_want = xmalloc(((size_t)g * d + off) * sizeof *acc_want);
+	float *acc_got = xmalloc(((size_t)g * d + off) * sizeof *acc_got);
+	int ok = 1;
+
+	memcpy(acc_want, acc0, ((size_t)g * d + off) * sizeof *acc0);
+	memcpy(acc_got, acc0, ((size_t)g * d + off) * sizeof *acc0);
+	kvp_kernels_scalar.dot_f16_group(d, n, rows + off, g, q + off, scale, want + off);
+	k->dot_f16_group(d, n, rows + off, g, q + off, scale, got + off);
+	kvp_kernels_scalar.axpy_f16_group(d, n, rows + off, g, w + off, acc_want + off);
+	k->axpy_f16_group(d, n, rows + off, g, w + off, acc_got + off);
+	for (unsigned h = 0; h < g && ok; h++) {
+		for (unsigned i = 0; i < n && ok; i++) {
+			size_t at = off + (size_t)h * n + i;
+			double mag = 0;
+			for (unsigned j = 0; j < d; j++)
+				mag += fabs(kvp_f16_to_f32(rows[off + (size_t)i * d + j]) * q[off + (size_t)h * d + j]);
+			ok = close_to(got[at], want[at], DOT_TOL * scale * mag + 1e-30);
+		}
+		for (unsigned j = 0; j < d && ok; j++) {
+			size_t at = off + (size_t)h * d + j;
+			double mag = fabs(acc0[at]);
+			for (unsigned i = 0; i < n; i++)
+				mag += fabs(w[off + (size_t)h * n + i] * kvp_f16_to_f32(rows[off + (size_t)i * d + j]));
+			ok = close_to(acc_got[at], acc_want[at], DOT_TOL * mag + 1e-30);
+		}
+	}
+	check(ok, "%s f16 group kernels d=%u n=%u g=%u off=%u differ from scalar", k->name, d, n, g, off);
+	free(rows);
+	free(q);
+	free(w);
+	free(want);
+	free(got);
+	free(acc0);
+	free(acc_want);
+	free(acc_got);
+}
+
 static void check_scale(const struct kvp_kernels *k, unsigned d, unsigned off)
 {
 	float *want = rand_f32(d, off), *got = xmalloc((d + off) * sizeof *got);
@@ -381,8 +426,58 @@ static void check_softmax_all_masked(const struct kvp_kernels *k, unsigned n)
 	free(s);
 }
 
+/* Packed codes: n rows of m codes of bits bits, random bytes (padding too), sized exactly. */
+static void check_lut(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned n, unsigned off,
+		      unsigned pad)
+{
+	const size_t rowbytes = ((size_t)m * bits + 7) / 8, stride = rowbytes + pad;
+	const size_t len = (size_t)(n - 1) * stride + rowbytes + off;
+	uint8_t *codes = xmalloc(len);
+	float *lut = rand_f32(1u << bits, off), *q = rand_f32(m, off), *w = rand_f32(n, off);
+	float *want = xmalloc((n + m + off) * sizeof *want), *got = xmalloc((n + m + off) * sizeof *got);
+	int ok = 1;
+	unsigned bad = 0;
+
+	for (size_t i = 0; i < len; i++)
+		codes[i] = (uint8_t)rnd32();
+	kvp_kernels_scalar.lut_dot(bits, m, n, codes + off, stride, lut + off, q + off, want + off);
+	k->lut_dot(bits, m, n, codes + off, stride, lut + off, q + off, got + off);
+	/* every |lut| and |q| is below 1, so m bounds the sum of absolute products */
+	for (unsigned i = 0; i < n && ok; i++, bad = i)
+		ok = close_to(got[off + i], want[off + i], DOT_TOL * m);
+	check(ok, "%s lut_dot bits=%u m=%u n=%u off=%u pad=%u: row %u", k->name, bits, m, n, off, pad, bad);
+	memcpy(want + off, q + off, m * sizeof *q);
+	memcpy(got + off, q + off, m * sizeof *q);
+	kvp_kernels_scalar.lut_axpy(bits, m, n, codes + off, stride, lut + off, w + off, want + off);
+	k->lut_axpy(bits, m, n, codes + off, stride, lut + off, w + off, got + off);
+	ok = 1;
+	for (unsigned j = 0; j < m && ok; j++, bad = j)
+		ok = close_to(got[off + j], want[off + j], DOT_TOL * (n + 1));
+	check(ok, "%s lut_axpy bits=%u m=%u n=%u off=%u pad=%u: column %u", k->name, bits, m, n, off, pad,
+	      bad);
+	free(codes);
+	free(lut);
+	free(q);
+	free(w);
+	free(want);
+	free(got);
+}
+
+static void check_luts(const struct kvp_kernels *k)
+{
+	static const unsigned lut_dims[] = { 1, 3, 7, 8, 9, 16, 31, 48, 64, 65, 80, 127, 128 };
+
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(lut_dims); a++)
+			for (size_t b = 0; b < COUNT(counts); b++)
+				for (unsigned off = 0; off < 2; off++)
+					for (unsigned pad = 0; pad < 4; pad += 3)
+						check_lut(k, bits, lut_dims[a], counts[b], off, pad);
+}
+
 static void check_against_scalar(const struct kvp_kernels *k)
 {
+	check_luts(k);
 	for (size_t a = 0; a < COUNT(dims); a++) {
 		for (size_t b = 0; b < COUNT(counts); b++) {
 			for (unsigned off = 0; off < 2; off++) {
@@ -390,6 +485,8 @@ static void check_against_scalar(const struct kvp_kernels *k)
 				check_dot(k, 1, dims[a], counts[b], off);
 				check_axpy(k, 0, dims[a], counts[b], off);
 				check_axpy(k, 1, dims[a], counts[b], off);
+				for (unsigned g = 1; g <= 8; g++)
+					check_group(k, dims[a], counts[b], g, off);
 			}
 		}
 		for (unsigned off = 0; off < 2; off++) {

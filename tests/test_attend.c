@@ -90,6 +90,14 @@ Test(attend, fp16_store_matches_reference_on_fp16_inputs)
 	cr_assert_lt(e, 1e-5);
 }
 
+Test(attend, fp16_store_with_wide_groups_matches_reference)
+{
+	/* six query heads per KV head: one four-head pass of the group kernels plus two single heads;
+	 * block=4096 with six heads makes attend take the block in slices */
+	struct case_ c = { "block=4096,sinks=4,window=8,store=fp16", { 1, 12, 2, 72, 1e4f, KVP_ROPE_HALF }, 800, 5, 1.0f };
+	cr_assert_lt(run_case(&c, 1), 1e-5);
+}
+
 Test(attend, large_scores_do_not_overflow)
 {
 	/* |q.k| / sqrt(d) reaches the hundreds: exp() of raw scores would overflow fp32 */

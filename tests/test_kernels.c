@@ -193,6 +193,61 @@ static void every_shape(const struct kvp_kernels *k, case_fn fn, int half, unsig
 			fn(k, half, dims[a], counts[b], off);
 }
 
+/* The group kernels against the scalar group kernels, head by head, for group sizes around the
+ * vector versions' four-head blocks. */
+static void group_case(const struct kvp_kernels *k, unsigned d, unsigned n, unsigned g, unsigned off)
+{
+	const float scale = 0.125f;
+	uint16_t *rows = rand_f16((size_t)n * d, off);
+	float *q = rand_f32((size_t)g * d, off), *w = rand_f32((size_t)g * n, off);
+	float *want = rand_f32((size_t)g * n, off), *got = copy_f32(want, (size_t)g * n + off);
+	float *acc_want = rand_f32((size_t)g * d, off), *acc_got = copy_f32(acc_want, (size_t)g * d + off);
+	float *acc0 = copy_f32(acc_want, (size_t)g * d + off);
+
+	kvp_kernels_scalar.dot_f16_group(d, n, rows + off, g, q + off, scale, want + off);
+	k->dot_f16_group(d, n, rows + off, g, q + off, scale, got + off);
+	kvp_kernels_scalar.axpy_f16_group(d, n, rows + off, g, w + off, acc_want + off);
+	k->axpy_f16_group(d, n, rows + off, g, w + off, acc_got + off);
+	for (unsigned h = 0; h < g; h++) {
+		for (unsigned i = 0; i < n; i++) {
+			size_t at = off + (size_t)h * n + i;
+			double mag = 0;
+			for (unsigned j = 0; j < d; j++)
+				mag += fabs(kvp_f16_to_f32(rows[off + (size_t)i * d + j]) * q[off + (size_t)h * d + j]);
+			cr_assert(fabs(got[at] - want[at]) <= DOT_TOL * scale * mag + 1e-30,
+				  "%s dot_f16_group d=%u n=%u g=%u off=%u head %u row %u: %.9g, scalar %.9g",
+				  k->name, d, n, g, off, h, i, got[at], want[at]);
+		}
+		for (unsigned j = 0; j < d; j++) {
+			size_t at = off + (size_t)h * d + j;
+			double mag = fabs(acc0[at]);
+			for (unsigned i = 0; i < n; i++)
+				mag += fabs(w[off + (size_t)h * n + i] * kvp_f16_to_f32(rows[off + (size_t)i * d + j]));
+			cr_assert(fabs(acc_got[at] - acc_want[at]) <= DOT_TOL * mag + 1e-30,
+				  "%s axpy_f16_group d=%u n=%u g=%u off=%u head %u column %u: %.9g, scalar %.9g",
+				  k->name, d, n, g, off, h, j, acc_got[at], acc_want[at]);
+		}
+	}
+	free(rows);
+	free(q);
+	free(w);
+	free(want);
+	free(got);
+	free(acc_want);
+	free(acc_got);
+	free(acc0);
+}
+
+static void every_group(const struct kvp_kernels *k, unsigned off)
+{
+	static const unsigned groups[] = { 1, 3, 4, 5, 8 };
+
+	for (size_t a = 0; a < COUNT(dims); a++)
+		for (size_t b = 0; b < COUNT(counts); b++)
+			for (size_t c = 0; c < COUNT(groups); c++)
+				group_case(k, dims[a], counts[b], groups[c], off);
+}
+
 static void scale_case(const struct kvp_kernels *k, unsigned d, unsigned off)
 {
 	float *want = rand_f32(d, off), *got = copy_f32(want, d + off);
@@ -593,6 +648,14 @@ Test(kernels, scalar_softmax_step_composed_over_blocks_matches_double_reference)
 	{ \
 		every_shape(runnable(#impl), axpy_case, 1, 1); \
 	} \
+	Test(kernels, impl##_f16_group_kernels_match_scalar_for_every_group_size) \
+	{ \
+		every_group(runnable(#impl), 0); \
+	} \
+	Test(kernels, impl##_f16_group_kernels_match_scalar_on_unaligned_pointers) \
+	{ \
+		every_group(runnable(#impl), 1); \
+	} \
 	Test(kernels, impl##_scale_is_bit_identical_to_scalar_on_odd_and_unaligned_lengths) \
 	{ \
 		const struct kvp_kernels *k = runnable(#impl); \
@@ -656,6 +719,125 @@ Test(kernels, scalar_softmax_step_composed_over_blocks_matches_double_reference)
 VECTOR_TESTS(avx2)
 VECTOR_TESTS(neon)
 
+/* ---- packed codes (lut_dot, lut_axpy) against the scalar reference ---- */
+
+static const unsigned lut_dims[] = { 1, 3, 7, 8, 9, 16, 31, 48, 64, 65, 80, 127, 128 };
+
+/* n rows of m codes: random bytes (padding included, so stray bits would show), sized exactly. */
+static uint8_t *rand_codes(unsigned n, size_t stride, size_t rowbytes, unsigned off)
+{
+	size_t len = (n ? (size_t)(n - 1) * stride + rowbytes : 0) + off;
+	uint8_t *p = malloc(len ? len : 1);
+
+	cr_assert(p);
+	for (size_t i = 0; i < len; i++)
+		p[i] = (uint8_t)rnd32();
+	return p;
+}
+
+static unsigned code_of(const uint8_t *row, unsigned bits, unsigned j)
+{
+	unsigned v = 0;
+
+	for (unsigned b = 0; b < bits; b++) {
+		size_t o = (size_t)j * bits + b;
+		v |= (unsigned)((row[o >> 3] >> (o & 7)) & 1) << b;
+	}
+	return v;
+}
+
+static void lut_case(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned n, unsigned off,
+		     unsigned pad)
+{
+	const size_t rowbytes = ((size_t)m * bits + 7) / 8, stride = rowbytes + pad;
+	uint8_t *codes = rand_codes(n, stride, rowbytes, off);
+	float *lut = rand_f32(1u << bits, off), *q = rand_f32(m, off), *w = rand_f32(n, off);
+	float *want = rand_f32(n > m ? n : m, off), *got = copy_f32(want, (n > m ? n : m) + off);
+
+	k->lut_dot(bits, m, n, codes + off, stride, lut + off, q + off, got + off);
+	kvp_kernels_scalar.lut_dot(bits, m, n, codes + off, stride, lut + off, q + off, want + off);
+	for (unsigned i = 0; i < n; i++) {
+		double mag = 0;
+		for (unsigned j = 0; j < m; j++)
+			mag += fabs(lut[off + code_of(codes + off + i * stride, bits, j)] * q[off + j]);
+		cr_assert(fabs(got[off + i] - want[off + i]) <= DOT_TOL * mag + 1e-30,
+			  "%s lut_dot bits=%u m=%u n=%u off=%u pad=%u row %u: %.9g, scalar %.9g", k->name, bits,
+			  m, n, off, pad, i, got[off + i], want[off + i]);
+	}
+	for (unsigned j = 0; j < m; j++)
+		got[off + j] = want[off + j] = q[off + j];
+	k->lut_axpy(bits, m, n, codes + off, stride, lut + off, w + off, got + off);
+	kvp_kernels_scalar.lut_axpy(bits, m, n, codes + off, stride, lut + off, w + off, want + off);
+	for (unsigned j = 0; j < m; j++) {
+		double mag = fabs(q[off + j]);
+		for (unsigned i = 0; i < n; i++)
+			mag += fabs(w[off + i] * lut[off + code_of(codes + off + i * stride, bits, j)]);
+		cr_assert(fabs(got[off + j] - want[off + j]) <= DOT_TOL * mag + 1e-30,
+			  "%s lut_axpy bits=%u m=%u n=%u off=%u pad=%u column %u: %.9g, scalar %.9g", k->name,
+			  bits, m, n, off, pad, j, got[off + j], want[off + j]);
+	}
+	free(codes);
+	free(lut);
+	free(q);
+	free(w);
+	free(want);
+	free(got);
+}
+
+static void lut_shapes(const struct kvp_kernels *k, unsigned off)
+{
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(lut_dims); a++)
+			for (size_t b = 0; b < COUNT(counts); b++)
+				for (unsigned pad = 0; pad < 4; pad += 3)
+					lut_case(k, bits, lut_dims[a], counts[b], off, pad);
+}
+
+Test(kernels, scalar_lut_dot_and_axpy_match_double_precision_at_every_width)
+{
+	for (unsigned bits = 1; bits <= 4; bits++) {
+		const unsigned m = 37, n = 5;
+		const size_t stride = (m * bits + 7) / 8 + 1;
+		uint8_t *codes = rand_codes(n, stride, stride - 1, 0);
+		float *lut = rand_f32(1u << bits, 0), *q = rand_f32(m, 0), *w = rand_f32(n, 0);
+		float out[5], acc[37] = { 0 };
+
+		kvp_kernels_scalar.lut_dot(bits, m, n, codes, stride, lut, q, out);
+		kvp_kernels_scalar.lut_axpy(bits, m, n, codes, stride, lut, w, acc);
+		for (unsigned i = 0; i < n; i++) {
+			double s = 0;
+			for (unsigned j = 0; j < m; j++)
+				s += (double)lut[code_of(codes + i * stride, bits, j)] * q[j];
+			cr_assert(fabs(out[i] - s) <= 1e-5 * (1 + fabs(s)), "bits=%u row %u: %g, want %g", bits,
+				  i, out[i], s);
+		}
+		for (unsigned j = 0; j < m; j++) {
+			double s = 0;
+			for (unsigned i = 0; i < n; i++)
+				s += (double)w[i] * lut[code_of(codes + i * stride, bits, j)];
+			cr_assert(fabs(acc[j] - s) <= 1e-5 * (1 + fabs(s)), "bits=%u column %u: %g, want %g",
+				  bits, j, acc[j], s);
+		}
+		free(codes);
+		free(lut);
+		free(q);
+		free(w);
+	}
+}
+
+#define LUT_TESTS(impl) \
+	Test(kernels, impl##_lut_dot_and_axpy_match_scalar_at_every_width_and_odd_length) \
+	{ \
+		lut_shapes(runnable(#impl), 0); \
+	} \
+	Test(kernels, impl##_lut_dot_and_axpy_match_scalar_on_unaligned_pointers) \
+	{ \
+		lut_shapes(runnable(#impl), 1); \
+	}
+
+LUT_TESTS(avx2)
+LUT_TESTS(neon)
+
 /* ---- dispatch ---- */
 
 static const struct kvp_kernels *best_here(void)
@@ -697,7 +879,7 @@ Test(kernels, dispatch_tables_are_complete_and_named_for_their_name)
 			continue;
 		cr_assert_str_eq(k->name, names[i]);
 		cr_assert(k->dot_f32 && k->dot_f16 && k->axpy_f32 && k->axpy_f16 && k->f32_to_f16 &&
-			  k->f16_to_f32 && k->softmax_step && k->scale, "%s has an empty slot", names[i]);
+			  k->f16_to_f32 && k->softmax_step && k->scale && k->lut_dot && k->lut_axpy, "%s has an empty slot", names[i]);
 	}
 }
 

@@ -12,14 +12,21 @@ static void round_trip_is_bit_identical(const char *spill_max, const char *tenan
 	static float gk[200 * PARK_DIM], gv[200 * PARK_DIM], hk[200 * PARK_DIM], hv[200 * PARK_DIM];
 	int32_t gp[200], hp[200];
 	uint32_t n, m;
+	kvp_stats full, back;
 	kvp_seq *s;
 	park_open(spill_max, tenant_spec);
 	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &s), KVP_OK);
 	park_fill(s, 0, 150, 1); /* 4 sinks, 9 full blocks of 16, a tail of 2 */
 	park_attend(s, before);
 	cr_assert_eq(kvp_gather(s, 1, 1, 200, gp, gk, gv, &n), KVP_OK);
+	full = park_tenant_stats();
+	cr_assert_eq(full.bytes_compressed > 0, strstr(tenant_spec, ",k=") != NULL, "cold blocks exist iff k= is set");
 	cr_assert_eq(kvp_seq_park(s), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(park_tenant_stats().bytes_compressed + park_tenant_stats().bytes_exact, 0);
 	cr_assert_eq(kvp_seq_unpark(s), KVP_OK, "%s", kvp_last_error());
+	back = park_tenant_stats();
+	cr_assert_eq(back.bytes_compressed, full.bytes_compressed);
+	cr_assert_eq(back.bytes_exact, full.bytes_exact);
 	park_attend(s, after);
 	cr_assert_eq(memcmp(before, after, sizeof before), 0, "attention after unpark is bit-identical");
 	cr_assert_eq(kvp_gather(s, 1, 1, 200, hp, hk, hv, &m), KVP_OK);
@@ -43,6 +50,13 @@ Test(park, unpark_restores_bit_identical_attention_fp16)
 Test(park, unpark_restores_blocks_larger_than_the_staging_buffer)
 {
 	round_trip_is_bit_identical("16MiB", "block=4096,sinks=0"); /* one 1 MiB record per stream */
+}
+
+Test(park, unpark_restores_codec_encoded_cold_blocks_bit_identically)
+{
+	/* 150 tokens, window 32: most blocks are cold, their K and V codec bytes of different sizes */
+	round_trip_is_bit_identical("16MiB", "block=32,sinks=4,window=32,k=kivi(bits=2),v=turboquant(bits=3)");
+	round_trip_is_bit_identical("16MiB", "block=16,sinks=4,window=32,k=turboquant(bits=4),v=fp16");
 }
 
 Test(park, unpark_restores_bit_identical_attention_through_a_small_staging_buffer)

@@ -4,11 +4,12 @@
  *
  *   kvpager-llama [--model PATH] [--tokenizer PATH] [--prompt TEXT] [--steps N] [--temp T] [--seed N]
  *                 [--plugin PATH] [--pool SPEC] [--cache SPEC] [--dense]
- *                 [--print-logits N] [--print-ids] [--quiet]
+ *                 [--print-logits N] [--print-ids] [--quiet] [--record FILE]
  *
  * Defaults: the model is $KVP_MODELS/stories260K.bin, or ../shared/models/stories260K.bin when KVP_MODELS
  * is not set; the tokenizer is tok512.bin in the model's directory; the plugin is libkvpager.so.1 in the
- * directory of this executable. Exit status: 0 done, 2 bad input (options, checkpoint, tokenizer, specs
+ * directory of this executable. --record FILE writes every layer's post-RoPE query, key and value of
+ * every position as an attention trace (include/kvpager_trace.h) for kvpager-ab --trace. Exit status: 0 done, 2 bad input (options, checkpoint, tokenizer, specs
  * the library rejects), 1 any other failure.
  */
 #include <ctype.h>
@@ -24,17 +25,25 @@
 
 #include "kvpager.h"
 #include "tools/llama.h"
+#include "tools/trace.h"
 
 #define EXIT_BAD_INPUT 2
 #define PATH_CAP 4096
 
 struct options {
-	const char *model, *tokenizer, *prompt, *plugin, *pool, *cache;
+	const char *model, *tokenizer, *prompt, *plugin, *pool, *cache, *record;
 	char model_buf[PATH_CAP], tokenizer_buf[PATH_CAP], plugin_buf[PATH_CAP];
 	long steps, print_logits;
 	unsigned long long seed;
 	float temp;
 	int dense, print_ids, quiet, seeded;
+};
+
+/* What --record keeps of a layer until its value arrives: the record is written then. */
+struct recorder {
+	struct trace_writer writer;
+	float *q, *k;
+	int failed;
 };
 
 /* Everything one run holds, so one function can release it on every path. */
@@ -49,6 +58,8 @@ struct run {
 	void *library;
 	int *prompt_ids;
 	int n_prompt;
+	struct recorder recorder;
+	struct llama_observer observer;
 };
 
 static void usage(FILE *f)
@@ -67,7 +78,9 @@ static void usage(FILE *f)
 	      "  --dense             use the exact in-process cache instead of the plugin\n"
 	      "  --print-logits N    print the first N logits of position 0 on one line first\n"
 	      "  --print-ids         print the generated ids on one line instead of the text\n"
-	      "  --quiet             no speed and cache report on stderr\n", f);
+	      "  --quiet             no speed and cache report on stderr\n"
+	      "  --record FILE       write the post-RoPE queries, keys and values of every layer and\n"
+	      "                      position as a trace for kvpager-ab --trace (include/kvpager_trace.h)\n", f);
 }
 
 static int bad_input(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -134,6 +147,8 @@ static int parse_valued(struct options *o, const char *name, const char *val)
 		o->pool = val;
 	else if (!strcmp(name, "--cache"))
 		o->cache = val;
+	else if (!strcmp(name, "--record"))
+		o->record = val;
 	else if (!strcmp(name, "--steps") && parse_long(val, 1, INT_MAX, &o->steps))
 		return bad_input("--steps wants a positive integer, not '%s'", val);
 	else if (!strcmp(name, "--print-logits") && parse_long(val, 0, INT_MAX, &o->print_logits))
@@ -151,7 +166,7 @@ static int parse_valued(struct options *o, const char *name, const char *val)
 static int takes_value(const char *name)
 {
 	static const char *const valued[] = { "--model", "--tokenizer", "--prompt", "--plugin", "--pool",
-					      "--cache", "--steps", "--print-logits", "--temp", "--seed" };
+					      "--cache", "--steps", "--print-logits", "--temp", "--seed", "--record" };
 	size_t i;
 
 	for (i = 0; i < sizeof(valued) / sizeof(valued[0]); i++)
@@ -367,9 +382,14 @@ static int generate(struct run *r, long *positions)
 	if (!rng)
 		rng = 0x9E3779B97F4A7C15ULL; /* xorshift stays at 0 forever */
 	for (pos = 0; pos < r->opt.steps; pos++) {
-		rc = llama_forward(&r->model, &r->state, &r->attention, NULL, token, pos);
+		rc = llama_forward(&r->model, &r->state, &r->attention, r->opt.record ? &r->observer : NULL,
+				   token, pos);
 		if (rc)
 			return forward_failed(r, rc, pos);
+		if (r->recorder.failed) {
+			fprintf(stderr, "kvpager-llama: %s\n", r->recorder.writer.error);
+			return 1;
+		}
 		*positions = pos + 1;
 		if (pos == 0 && r->opt.print_logits)
 			print_logits(r);
@@ -413,6 +433,48 @@ static double now_seconds(void)
 	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+static void record_tap(void *ctx, enum llama_tap tap, int layer, int pos, const float *x, int n)
+{
+	struct recorder *rec = ctx;
+
+	if (tap == LLAMA_TAP_Q)
+		memcpy(rec->q, x, sizeof(float) * (size_t)n);
+	else if (tap == LLAMA_TAP_K)
+		memcpy(rec->k, x, sizeof(float) * (size_t)n);
+	else if (tap == LLAMA_TAP_V && !rec->failed)
+		rec->failed = trace_write(&rec->writer, (uint32_t)layer, pos, rec->q, rec->k, x) != 0;
+}
+
+static int open_recorder(struct run *r)
+{
+	kvp_shape shape = llama_model_shape(&r->model.config);
+	struct recorder *rec = &r->recorder;
+
+	if (!r->opt.record)
+		return 0;
+	rec->q = malloc(sizeof(float) * (size_t)r->model.config.dim);
+	rec->k = malloc(sizeof(float) * (size_t)r->model.config.kv_dim);
+	if (!rec->q || !rec->k)
+		return 1;
+	if (trace_writer_open(&rec->writer, r->opt.record, &shape))
+		return bad_input("%s", rec->writer.error);
+	r->observer = (struct llama_observer){ rec, record_tap };
+	return 0;
+}
+
+static int close_recorder(struct run *r)
+{
+	struct recorder *rec = &r->recorder;
+	int rc = trace_writer_close(&rec->writer);
+
+	free(rec->q);
+	free(rec->k);
+	rec->q = rec->k = NULL;
+	if (rc)
+		fprintf(stderr, "kvpager-llama: %s: %s\n", r->opt.record, rec->writer.error);
+	return rc ? 1 : 0;
+}
+
 static int run(struct run *r)
 {
 	long positions = 0;
@@ -425,10 +487,14 @@ static int run(struct run *r)
 	if (r->opt.steps > r->model.config.seq_len)
 		r->opt.steps = r->model.config.seq_len;
 	rc = open_attention(r);
+	if (!rc)
+		rc = open_recorder(r);
 	if (rc)
 		return rc;
 	t0 = now_seconds();
 	rc = generate(r, &positions);
+	if (!rc && r->opt.record)
+		rc = close_recorder(r);
 	if (!rc && !r->opt.quiet)
 		report(r, positions, now_seconds() - t0);
 	return rc;
@@ -436,6 +502,7 @@ static int run(struct run *r)
 
 static void release(struct run *r)
 {
+	close_recorder(r);
 	llama_plugin_cache_close(&r->plugin);
 	if (r->library)
 		dlclose(r->library);

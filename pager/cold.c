@@ -1,0 +1,250 @@
+/*
+ * The cold tier: full blocks whose tokens have all left the hot window are encoded by the sequence's
+ * key and value codecs (k=, v= of the tenant spec). Blocks are encoded whole, so a codec whose groups
+ * span tokens (KIVI keys) always sees complete groups; block= must be a multiple of every group size.
+ *
+ * Encoding happens inside kvp_append: the plan allocates the encoded blocks (and the stream's codec
+ * context) together with everything else the append needs, so the quota decides before anything
+ * changes; the commit encodes after the exact rows are written. A block the codec refuses to encode
+ * stays exact: nothing is lost, it is only not compressed.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "codecs/codec.h"
+#include "kernels/kernels.h"
+#include "pager.h"
+
+/* The dimension the spec is checked with at tenant open; the real one comes with each sequence. */
+#define PROBE_DIM 128
+
+static const char *side_spec(const struct kvp_tenant_config *cfg, const char *spec)
+{
+	if (spec[0])
+		return spec;
+	return cfg->store == KVP_STORE_FP16 ? "fp16" : "fp32";
+}
+
+static kvp_status parse_side(const struct kvp_tenant_config *cfg, const char *spec, unsigned role,
+			     unsigned dim, struct kvp_codec **out)
+{
+	const char *text = side_spec(cfg, spec);
+	kvp_status st = kvp_codec_parse_role(text, strlen(text), dim, role, out);
+
+	if (st != KVP_OK)
+		return kvp_fail_context(st, "tenant: %s=%s", role == KVP_CODEC_KEYS ? "k" : "v", text);
+	for (const struct kvp_codec *c = *out; c; c = c->inner)
+		if (cfg->block % c->group) {
+			st = kvp_fail(KVP_EINVAL, "tenant: block=%u is not a multiple of the %u-token groups of "
+				      "%s=%s", cfg->block, c->group, role == KVP_CODEC_KEYS ? "k" : "v", text);
+			kvp_codec_free(*out);
+			*out = NULL;
+			return st;
+		}
+	return KVP_OK;
+}
+
+static int has_cold_tier(const struct kvp_tenant_config *cfg)
+{
+	return cfg->k_spec[0] || cfg->v_spec[0];
+}
+
+kvp_status kvp_cold_check(const struct kvp_tenant_config *cfg)
+{
+	struct kvp_codec *k = NULL, *v = NULL;
+	kvp_status st;
+
+	if (!has_cold_tier(cfg))
+		return KVP_OK;
+	st = parse_side(cfg, cfg->k_spec, KVP_CODEC_KEYS, PROBE_DIM, &k);
+	if (st == KVP_OK)
+		st = parse_side(cfg, cfg->v_spec, KVP_CODEC_VALUES, PROBE_DIM, &v);
+	kvp_codec_free(k);
+	kvp_codec_free(v);
+	return st;
+}
+
+kvp_status kvp_cold_open(struct kvp_tenant *t, struct kvp_seq *s)
+{
+	struct kvp_cold *c = &s->cold;
+	uint32_t dim = s->shape.head_dim;
+	kvp_status st;
+
+	memset(c, 0, sizeof *c);
+	if (!has_cold_tier(&t->cfg))
+		return KVP_OK;
+	st = parse_side(&t->cfg, t->cfg.k_spec, KVP_CODEC_KEYS, dim, &c->k);
+	if (st == KVP_OK)
+		st = parse_side(&t->cfg, t->cfg.v_spec, KVP_CODEC_VALUES, dim, &c->v);
+	if (st == KVP_OK) {
+		c->scratch_bytes = s->group * (c->k->qprep_bytes + (size_t)c->v->acc_dim * sizeof(float));
+		c->scratch = kvp_alloc(t, c->scratch_bytes, KVP_BYTES_META, 0);
+		if (!c->scratch)
+			st = kvp_fail_context(KVP_ENOMEM, "kvp_seq_open: attention scratch of the cold tier");
+	}
+	if (st != KVP_OK)
+		kvp_cold_close(t, s);
+	return st;
+}
+
+void kvp_cold_close(struct kvp_tenant *t, struct kvp_seq *s)
+{
+	struct kvp_cold *c = &s->cold;
+
+	if (c->scratch)
+		kvp_free(t, c->scratch, c->scratch_bytes, KVP_BYTES_META, 0);
+	kvp_codec_free(c->k);
+	kvp_codec_free(c->v);
+	memset(c, 0, sizeof *c);
+}
+
+static struct kvp_stream_ctx *ctx_new(struct kvp_tenant *t, const struct kvp_cold *c)
+{
+	size_t k_room = (c->k->ctx_bytes + 63) / 64 * 64;
+	size_t size = sizeof(struct kvp_stream_ctx) + k_room + c->v->ctx_bytes;
+	struct kvp_stream_ctx *x = kvp_alloc(t, size, KVP_BYTES_META, 0);
+
+	if (!x)
+		return NULL;
+	atomic_init(&x->refs, 1);
+	x->size = size;
+	/* a codec without a context is handed NULL, as the standalone calls do */
+	x->k = c->k->ctx_bytes ? (char *)(x + 1) : NULL;
+	x->v = c->v->ctx_bytes ? (char *)(x + 1) + k_room : NULL;
+	return x;
+}
+
+void kvp_stream_ctx_put(struct kvp_tenant *t, struct kvp_stream_ctx *x)
+{
+	if (x && atomic_fetch_sub_explicit(&x->refs, 1, memory_order_acq_rel) == 1)
+		kvp_free(t, x, x->size, KVP_BYTES_META, 0);
+}
+
+/*
+ * How many exact blocks, from blocks[n_cold] on, turn cold once `add` more tokens arrive: the exact
+ * region is full blocks and at most one partial last block, and a block turns cold when `window` tokens
+ * follow it. With a policy only blocks a round has scored qualify: tokens are scored while exact.
+ */
+static uint32_t cold_count(const struct kvp_tenant_config *cfg, const struct kvp_seq *s,
+			   const struct kvp_stream *st, uint32_t add)
+{
+	uint32_t exact = add, want, ok = 0;
+
+	for (uint32_t i = st->n_cold; i < st->n_blocks; i++)
+		exact += st->blocks[i]->n;
+	want = exact >= cfg->window ? (exact - cfg->window) / cfg->block : 0;
+	if (!s->policy)
+		return want;
+	for (uint32_t i = st->n_cold; i < st->n_blocks && ok < want; i++, ok++) {
+		const struct kvp_block *b = st->blocks[i];
+		if (b->n != cfg->block || b->pos[b->n - 1] >= st->scored_upto)
+			break;
+	}
+	return ok;
+}
+
+kvp_status kvp_cold_plan(struct kvp_tenant *t, const struct kvp_seq *s, const struct kvp_stream *st,
+			 uint32_t add, struct kvp_cold_plan *p)
+{
+	const struct kvp_cold *c = &s->cold;
+	uint32_t B = t->cfg.block, dim = s->shape.head_dim;
+
+	memset(p, 0, sizeof *p);
+	if (!c->k || !(p->n = cold_count(&t->cfg, s, st, add)))
+		return KVP_OK;
+	if (!(p->blocks = calloc(p->n, sizeof *p->blocks)) ||
+	    !(p->rows = malloc((size_t)2 * B * dim * sizeof *p->rows)))
+		return kvp_fail(KVP_ENOMEM, "out of memory planning the cold tier");
+	for (uint32_t i = 0; i < p->n; i++) {
+		p->blocks[i] = kvp_block_new_cold(t, B, c->k->ops->bytes(c->k, B), c->v->ops->bytes(c->v, B));
+		if (!p->blocks[i])
+			return KVP_ENOMEM;
+	}
+	if (!st->ctx && !(p->ctx = ctx_new(t, c)))
+		return KVP_ENOMEM;
+	return KVP_OK;
+}
+
+void kvp_cold_unwind(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_cold_plan *p)
+{
+	for (uint32_t i = 0; i < p->n && p->blocks; i++)
+		kvp_block_put(t, p->blocks[i], s->shape.head_dim);
+	free(p->blocks);
+	free(p->rows);
+	kvp_stream_ctx_put(t, p->ctx);
+	memset(p, 0, sizeof *p);
+}
+
+/* fp32 rows of an exact block: in place for fp32, widened into rows for fp16. */
+static const float *exact_rows(const struct kvp_block *b, const void *src, uint32_t dim, float *rows)
+{
+	if (b->store == KVP_STORE_FP32)
+		return src;
+	kvp_kernels()->f16_to_f32((size_t)b->n * dim, src, rows);
+	return rows;
+}
+
+static kvp_status fit(const struct kvp_cold *c, struct kvp_stream_ctx *x, uint32_t n, const float *k,
+		      const float *v)
+{
+	kvp_status st = KVP_OK;
+
+	if (c->k->ops->fit)
+		st = c->k->ops->fit(c->k, x->k, n, k, 0, NULL);
+	if (st == KVP_OK && c->v->ops->fit)
+		st = c->v->ops->fit(c->v, x->v, n, v, 0, NULL);
+	return st;
+}
+
+static kvp_status encode(const struct kvp_seq *s, struct kvp_stream *st, struct kvp_cold_plan *p,
+			 const struct kvp_block *exact, struct kvp_block *cold)
+{
+	const struct kvp_cold *c = &s->cold;
+	uint32_t dim = s->shape.head_dim, n = exact->n;
+	float *kr = p->rows, *vr = p->rows + (size_t)n * dim;
+	const float *k = exact_rows(exact, exact->k, dim, kr), *v = exact_rows(exact, exact->v, dim, vr);
+	kvp_status rc;
+
+	if (!st->ctx) {
+		if ((rc = fit(c, p->ctx, n, k, v)) != KVP_OK)
+			return rc;
+		st->ctx = p->ctx;
+		p->ctx = NULL;
+	}
+	rc = c->k->ops->encode(c->k, st->ctx->k, n, k, cold->k);
+	if (rc == KVP_OK)
+		rc = c->v->ops->encode(c->v, st->ctx->v, n, v, cold->v);
+	if (rc != KVP_OK)
+		return rc;
+	memcpy(cold->pos, exact->pos, n * sizeof *cold->pos);
+	cold->n = n;
+	return KVP_OK;
+}
+
+void kvp_cold_commit(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_stream *st,
+		     struct kvp_cold_plan *p)
+{
+	uint32_t dim = s->shape.head_dim, done = 0;
+
+	while (done < p->n) {
+		struct kvp_block *exact = st->blocks[st->n_cold];
+		if (exact->store == KVP_STORE_CODEC || exact->n != t->cfg.block ||
+		    encode(s, st, p, exact, p->blocks[done]) != KVP_OK)
+			break;
+		st->blocks[st->n_cold++] = p->blocks[done];
+		p->blocks[done++] = NULL;
+		kvp_block_put(t, exact, dim);
+	}
+	kvp_cold_unwind(t, s, p);
+}
+
+void kvp_cold_gather(const struct kvp_seq *s, const struct kvp_stream *st, const struct kvp_block *b,
+		     float *k, float *v)
+{
+	const struct kvp_cold *c = &s->cold;
+
+	if (k)
+		c->k->ops->decode(c->k, st->ctx->k, b->n, b->k, k);
+	if (v)
+		c->v->ops->decode(c->v, st->ctx->v, b->n, b->v, v);
+}

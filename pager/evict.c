@@ -1,0 +1,423 @@
+/*
+ * Token policies in the pager (policy= of the tenant spec). At kvp_seq_step every stream that holds
+ * budget + every tokens goes through a policy round (policies/round.c scores and selects), and its
+ * survivors are compacted:
+ *   - the sink block and the hot window are protected: the round always keeps them;
+ *   - cold blocks of separable codecs lose tokens by moving the survivors' bytes into fresh blocks,
+ *     never by re-encoding them, so a compacted token decodes bit-identically;
+ *   - cold blocks of a codec whose groups span tokens (KIVI keys) are kept or dropped whole, by the
+ *     share of their tokens the round selected (at least half: kept);
+ *   - exact blocks are repacked the same way.
+ * A block every one of whose tokens survives is kept as it is (shared with forks, nothing copied).
+ * Cold tokens are scored from their decoded keys; a block is encoded only after a round has scored
+ * it (cold.c), so every token's first decision is made while it is exact. Until a stream's first round
+ * (it holds fewer than budget + every tokens) its blocks therefore stay exact.
+ *
+ * A round is all-or-nothing: the fresh blocks and the new table are allocated first; on KVP_ENOMEM
+ * the stream is as it was and kvp_seq_step reports it.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "codecs/codec.h"
+#include "pager.h"
+#include "policies/policy.h"
+
+/* The shape a policy spec is checked with at tenant open, when it names no statistics file. */
+static const kvp_shape probe_shape = { 1, 1, 1, 64, 1e4f, KVP_ROPE_HALF };
+
+kvp_status kvp_evict_check(const struct kvp_tenant_config *cfg)
+{
+	struct kvp_policy *p;
+	kvp_status st;
+
+	/* a .kvtria file is checked against the sequence's shape, known only at kvp_seq_open */
+	if (!cfg->policy_spec[0] || (strstr(cfg->policy_spec, "stats=") && !strstr(cfg->policy_spec, "stats=online")))
+		return KVP_OK;
+	st = kvp_policy_parse(cfg->policy_spec, strlen(cfg->policy_spec), &probe_shape, &p);
+	if (st != KVP_OK)
+		return kvp_fail_context(st, "tenant: policy=%s", cfg->policy_spec);
+	kvp_policy_free(p);
+	return KVP_OK;
+}
+
+kvp_status kvp_evict_open(struct kvp_tenant *t, struct kvp_seq *s)
+{
+	kvp_status st;
+
+	s->prompt_end = -1;
+	if (!t->cfg.policy_spec[0])
+		return KVP_OK;
+	st = kvp_policy_parse(t->cfg.policy_spec, strlen(t->cfg.policy_spec), &s->shape, &s->policy);
+	if (st != KVP_OK)
+		return kvp_fail_context(st, "kvp_seq_open: policy=%s", t->cfg.policy_spec);
+	if (t->cfg.pin_prompt)
+		s->policy->plan.pin_prompt = 1;
+	return KVP_OK;
+}
+
+kvp_status kvp_evict_fork(struct kvp_tenant *t, const struct kvp_seq *src, struct kvp_seq *s)
+{
+	(void)t;
+	s->prompt_end = src->prompt_end;
+	if (!src->policy)
+		return KVP_OK;
+	return kvp_policy_clone(src->policy, &s->policy);
+}
+
+void kvp_evict_close(struct kvp_tenant *t, struct kvp_seq *s)
+{
+	kvp_policy_free(s->policy);
+	s->policy = NULL;
+	if (s->observe.bytes)
+		kvp_free(t, s->observe.weights, s->observe.bytes, KVP_BYTES_META, 0);
+	memset(&s->observe, 0, sizeof s->observe);
+}
+
+kvp_status kvp_observe_reserve(struct kvp_seq *s, uint32_t n)
+{
+	struct kvp_observe_buf *o = &s->observe;
+	uint32_t cap = o->cap ? o->cap : 256;
+	size_t bytes;
+	void *mem;
+
+	if (n <= o->cap)
+		return KVP_OK;
+	while (cap < n)
+		cap *= 2;
+	bytes = (size_t)cap * (s->group * sizeof(float) + sizeof(int32_t));
+	if (!(mem = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0)))
+		return kvp_fail_context(KVP_ENOMEM, "kvp_attend: room to observe %u tokens for the policy", n);
+	if (o->bytes)
+		kvp_free(s->tenant, o->weights, o->bytes, KVP_BYTES_META, 0);
+	o->weights = mem;
+	o->pos = (int32_t *)(o->weights + (size_t)s->group * cap);
+	o->cap = cap;
+	o->bytes = bytes;
+	return KVP_OK;
+}
+
+/* ---- compaction ---- */
+
+/* How the tokens of one region of blocks (cold, then exact) are moved. */
+struct region {
+	uint32_t from, to;      /* blocks[from, to) of the stream */
+	int whole;              /* blocks are kept or dropped whole */
+	size_t k_stride, v_stride; /* bytes per token */
+	int cold;
+};
+
+struct compaction {
+	struct kvp_block **table; /* the new block table */
+	uint32_t cap, n, n_cold;
+	struct kvp_block **fresh; /* allocated blocks, used in order */
+	uint32_t n_fresh, used;
+	uint32_t dropped;
+};
+
+static int separable(const struct kvp_codec *c, uint32_t block)
+{
+	return (c->flags & KVP_CODEC_SEPARABLE) && c->group == 1 &&
+	       c->ops->bytes(c, block) == (size_t)block * c->ops->bytes(c, 1);
+}
+
+static struct region cold_region(const struct kvp_seq *s, const struct kvp_stream *st)
+{
+	const struct kvp_cold *c = &s->cold;
+	struct region r = { 0, st->n_cold, 0, 0, 0, 1 };
+	uint32_t B = s->tenant->cfg.block;
+
+	if (!st->n_cold)
+		return r;
+	r.whole = !separable(c->k, B) || !separable(c->v, B);
+	if (!r.whole) {
+		r.k_stride = c->k->ops->bytes(c->k, 1);
+		r.v_stride = c->v->ops->bytes(c->v, 1);
+	}
+	return r;
+}
+
+static struct region exact_region(const struct kvp_seq *s, const struct kvp_stream *st)
+{
+	struct region r = { st->n_cold, st->n_blocks, 0, 0, 0, 0 };
+
+	r.k_stride = r.v_stride = (size_t)s->shape.head_dim * (s->tenant->cfg.store == KVP_STORE_FP16 ? 2 : 4);
+	return r;
+}
+
+static uint32_t kept_in(const uint8_t *keep, uint32_t n)
+{
+	uint32_t k = 0;
+	for (uint32_t i = 0; i < n; i++)
+		k += keep[i] != 0;
+	return k;
+}
+
+/*
+ * Walks one region: fully kept blocks are reused while nothing is pending, survivors of the others
+ * are packed into fresh blocks. With c == NULL it only counts the fresh blocks needed (*fresh).
+ * keep is advanced past the region.
+ */
+static void walk_region(const struct kvp_seq *s, const struct kvp_stream *st, const struct region *r,
+			const uint8_t **keep, struct compaction *c, uint32_t *fresh)
+{
+	const uint32_t B = s->tenant->cfg.block;
+	struct kvp_block *cur = NULL;
+	uint32_t pending = 0;
+
+	for (uint32_t i = r->from; i < r->to; i++) {
+		struct kvp_block *b = st->blocks[i];
+		uint32_t kept = kept_in(*keep, b->n);
+
+		if (r->whole || (kept == b->n && !pending)) {
+			if (c && (r->whole ? 2 * kept >= b->n : 1)) {
+				kvp_block_get(b);
+				c->table[c->n++] = b;
+				c->n_cold += r->cold;
+			} else if (c) {
+				c->dropped += b->n;
+			}
+			*keep += b->n;
+			continue;
+		}
+		for (uint32_t j = 0; j < b->n; j++) {
+			if (!(*keep)[j]) {
+				if (c)
+					c->dropped++;
+				continue;
+			}
+			if (!pending)
+				*fresh += 1;
+			if (c) {
+				if (!pending) {
+					cur = c->fresh[c->used++];
+					c->table[c->n++] = cur;
+					c->n_cold += r->cold;
+				}
+				cur->pos[pending] = b->pos[j];
+				memcpy((char *)cur->k + pending * r->k_stride, (const char *)b->k + j * r->k_stride,
+				       r->k_stride);
+				memcpy((char *)cur->v + pending * r->v_stride, (const char *)b->v + j * r->v_stride,
+				       r->v_stride);
+				cur->n = pending + 1;
+			}
+			pending = pending + 1 == B ? 0 : pending + 1;
+		}
+		*keep += b->n;
+	}
+}
+
+static void compaction_free(struct kvp_tenant *t, const struct kvp_seq *s, struct compaction *c)
+{
+	for (uint32_t i = c->used; i < c->n_fresh; i++)
+		kvp_block_put(t, c->fresh[i], s->shape.head_dim);
+	free(c->fresh);
+	if (c->table)
+		kvp_free(t, c->table, (size_t)c->cap * sizeof *c->table, KVP_BYTES_META, 0);
+	memset(c, 0, sizeof *c);
+}
+
+static kvp_status compaction_plan(struct kvp_tenant *t, const struct kvp_seq *s, const struct kvp_stream *st,
+				  const uint8_t *keep, struct compaction *c)
+{
+	const struct kvp_cold *cold = &s->cold;
+	struct region rc = cold_region(s, st), re = exact_region(s, st);
+	uint32_t B = t->cfg.block, n_cold_fresh = 0, n_exact_fresh = 0;
+	const uint8_t *at = keep + (st->sink ? st->sink->n : 0);
+
+	memset(c, 0, sizeof *c);
+	walk_region(s, st, &rc, &at, NULL, &n_cold_fresh);
+	walk_region(s, st, &re, &at, NULL, &n_exact_fresh);
+	c->n_fresh = n_cold_fresh + n_exact_fresh;
+	c->cap = st->n_blocks + c->n_fresh;
+	if (!(c->table = kvp_alloc(t, (size_t)(c->cap ? c->cap : 1) * sizeof *c->table, KVP_BYTES_META, 0)))
+		return KVP_ENOMEM;
+	if (c->n_fresh && !(c->fresh = calloc(c->n_fresh, sizeof *c->fresh)))
+		return kvp_fail(KVP_ENOMEM, "policy round: out of memory");
+	for (uint32_t i = 0; i < c->n_fresh; i++) {
+		c->fresh[i] = i < n_cold_fresh ?
+			kvp_block_new_cold(t, B, cold->k->ops->bytes(cold->k, B), cold->v->ops->bytes(cold->v, B)) :
+			kvp_block_new(t, B, s->shape.head_dim, t->cfg.store);
+		if (!c->fresh[i])
+			return KVP_ENOMEM;
+	}
+	return KVP_OK;
+}
+
+static void compaction_commit(struct kvp_tenant *t, struct kvp_seq *s, struct kvp_stream *st,
+			      const uint8_t *keep, struct compaction *c)
+{
+	struct region rc = cold_region(s, st), re = exact_region(s, st);
+	const uint8_t *at = keep + (st->sink ? st->sink->n : 0);
+	uint32_t unused = 0;
+
+	walk_region(s, st, &rc, &at, c, &unused);
+	walk_region(s, st, &re, &at, c, &unused);
+	for (uint32_t i = 0; i < st->n_blocks; i++)
+		kvp_block_put(t, st->blocks[i], s->shape.head_dim);
+	if (st->blocks)
+		kvp_free(t, st->blocks, (size_t)st->cap_blocks * sizeof *st->blocks, KVP_BYTES_META, 0);
+	st->blocks = c->table;
+	st->cap_blocks = c->cap;
+	st->n_blocks = c->n;
+	st->n_cold = c->n_cold;
+	st->n_tokens -= c->dropped;
+	st->scored_upto = s->t0;
+	atomic_fetch_sub(&t->tokens_retained, c->dropped);
+	c->table = NULL;
+	compaction_free(t, s, c);
+}
+
+/* ---- rounds ---- */
+
+/* One stream loaded for a round: every token's position and fp32 key, and the round's verdict. */
+struct loaded {
+	struct kvp_stream *st;
+	struct kvp_round round;
+	int32_t *pos;
+	float *k;
+	uint8_t *keep;
+	uint32_t n_kept;
+};
+
+static void loaded_free(struct loaded *l)
+{
+	free(l->pos), free(l->k), free(l->keep);
+	memset(l, 0, sizeof *l);
+}
+
+static kvp_status load(const struct kvp_seq *s, struct kvp_stream *st, struct loaded *l)
+{
+	uint32_t n = st->n_tokens ? st->n_tokens : 1;
+
+	memset(l, 0, sizeof *l);
+	l->st = st;
+	l->pos = malloc(n * sizeof *l->pos);
+	l->k = malloc((size_t)n * s->shape.head_dim * sizeof *l->k);
+	l->keep = malloc(n);
+	if (!l->pos || !l->k || !l->keep) {
+		loaded_free(l);
+		return kvp_fail(KVP_ENOMEM, "policy round: out of memory for %u tokens", n);
+	}
+	kvp_stream_gather(s, st, l->pos, l->k, NULL);
+	l->round = (struct kvp_round){
+		.t0 = s->t0, .n = st->n_tokens, .pos = l->pos, .k = l->k,
+		.sinks = s->tenant->cfg.sinks, .window = s->tenant->cfg.window,
+		.prompt_end = s->policy->plan.pin_prompt ? s->prompt_end : 0,
+	};
+	return KVP_OK;
+}
+
+/* Applies every loaded stream's verdict, all or nothing. */
+static kvp_status apply(struct kvp_seq *s, struct loaded *l, uint32_t n)
+{
+	struct compaction *c = calloc(n, sizeof *c);
+	kvp_status st = c ? KVP_OK : kvp_fail(KVP_ENOMEM, "policy round: out of memory");
+	uint32_t i;
+
+	for (i = 0; st == KVP_OK && i < n; i++)
+		st = compaction_plan(s->tenant, s, l[i].st, l[i].keep, &c[i]);
+	if (st != KVP_OK) {
+		for (uint32_t u = 0; c && u < i; u++)
+			compaction_free(s->tenant, s, &c[u]);
+		free(c);
+		return kvp_fail_context(st, "kvp_seq_step: policy round not applied");
+	}
+	for (i = 0; i < n; i++)
+		compaction_commit(s->tenant, s, l[i].st, l[i].keep, &c[i]);
+	free(c);
+	return KVP_OK;
+}
+
+/* Rounds over `n` streams that share one verdict (per_head: every layer; union: every KV head). */
+static kvp_status round_shared(struct kvp_seq *s, struct kvp_stream **streams, uint32_t n, uint32_t layer,
+			       uint32_t kv_head, int layers)
+{
+	struct loaded *l = calloc(n, sizeof *l);
+	struct kvp_round *rounds = calloc(n, sizeof *rounds);
+	kvp_status st = l && rounds ? KVP_OK : kvp_fail(KVP_ENOMEM, "policy round: out of memory");
+	uint32_t i;
+
+	for (i = 0; st == KVP_OK && i < n; i++)
+		if ((st = load(s, streams[i], &l[i])) == KVP_OK)
+			rounds[i] = l[i].round;
+	if (st == KVP_OK)
+		st = layers ? kvp_policy_round_layers(s->policy, kv_head, rounds, l[0].keep, &l[0].n_kept) :
+			      kvp_policy_round_union(s->policy, layer, rounds, l[0].keep, &l[0].n_kept);
+	for (i = 1; st == KVP_OK && i < n; i++)
+		memcpy(l[i].keep, l[0].keep, streams[i]->n_tokens);
+	if (st == KVP_OK)
+		st = apply(s, l, n);
+	for (i = 0; l && i < n; i++)
+		loaded_free(&l[i]);
+	free(l);
+	free(rounds);
+	return st;
+}
+
+static kvp_status round_one(struct kvp_seq *s, uint32_t layer, uint32_t kv_head)
+{
+	struct loaded l;
+	kvp_status st = load(s, kvp_seq_stream(s, layer, kv_head), &l);
+
+	if (st == KVP_OK)
+		st = kvp_policy_round(s->policy, layer, kv_head, &l.round, l.keep, &l.n_kept);
+	if (st == KVP_OK)
+		st = apply(s, &l, 1);
+	loaded_free(&l);
+	return st;
+}
+
+static kvp_status rounds(struct kvp_seq *s)
+{
+	const uint32_t L = s->shape.n_layers, H = s->shape.n_kv_heads;
+	const struct kvp_policy_plan *plan = &s->policy->plan;
+	struct kvp_stream **set = calloc(L > H ? L : H, sizeof *set);
+	kvp_status st = set ? KVP_OK : kvp_fail(KVP_ENOMEM, "policy round: out of memory");
+
+	for (uint32_t a = 0; st == KVP_OK && a < (plan->per_head ? H : L); a++) {
+		for (uint32_t b = 0; st == KVP_OK && b < (plan->per_head ? L : H); b++) {
+			uint32_t layer = plan->per_head ? b : a, kv_head = plan->per_head ? a : b;
+			struct kvp_stream *stream = kvp_seq_stream(s, layer, kv_head);
+			if (plan->per_head || plan->union_select)
+				set[b] = stream;
+			else if (kvp_policy_due(s->policy, s->t0, stream->n_tokens))
+				st = round_one(s, layer, kv_head);
+		}
+		if (st != KVP_OK || !(plan->per_head || plan->union_select) ||
+		    !kvp_policy_due(s->policy, s->t0, set[0]->n_tokens))
+			continue;
+		st = round_shared(s, set, plan->per_head ? L : H, a, a, plan->per_head);
+	}
+	free(set);
+	return st;
+}
+
+static kvp_status encode_scored(struct kvp_seq *s)
+{
+	struct kvp_cold_plan p;
+
+	for (size_t i = 0; i < (size_t)s->shape.n_layers * s->shape.n_kv_heads; i++) {
+		kvp_status st = kvp_cold_plan(s->tenant, s, &s->streams[i], 0, &p);
+		if (st != KVP_OK) {
+			kvp_cold_unwind(s->tenant, s, &p);
+			return kvp_fail_context(st, "kvp_seq_step: encoding scored blocks");
+		}
+		kvp_cold_commit(s->tenant, s, &s->streams[i], &p);
+	}
+	return KVP_OK;
+}
+
+kvp_status kvp_evict_step(struct kvp_seq *s)
+{
+	kvp_status st;
+
+	if (!s->policy)
+		return KVP_OK;
+	if (s->prompt_end < 0)
+		s->prompt_end = (int32_t)s->t0;
+	if ((st = rounds(s)) != KVP_OK)
+		return st;
+	return encode_scored(s);
+}

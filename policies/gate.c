@@ -1,0 +1,162 @@
+/*
+ * Coherence gating (DESIGN.md): how predictable a head's attention is decides how hard it is pruned.
+ * Coherence c in [0, 1] comes from the calibrated mean resultant length of the head's queries (a head whose
+ * queries point one way attends predictably) or from the normalized entropy of its attention (1 - H/log n).
+ * The budget is moved between heads, never created: kvp_gate_distribute conserves the total exactly.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "policies/policy.h"
+
+double kvp_gate_mrl(const struct kvp_tria_stats *s, uint32_t layer, uint32_t kv_head, uint32_t n_kv_heads)
+{
+	unsigned group = s->n_heads / n_kv_heads, F = s->head_dim / 2;
+	double resultant = 0, energy = 0;
+
+	for (unsigned g = 0; g < group; g++) {
+		size_t at = kvp_tria_stats_at(s, layer, kv_head * group + g);
+		for (unsigned f = 0; f < F; f++) {
+			resultant += hypot(s->mean_re[at + f], s->mean_im[at + f]);
+			energy += s->abs_mean[at + f];
+		}
+	}
+	if (!(energy > 0))
+		return 0;
+	return resultant > energy ? 1.0 : resultant / energy;
+}
+
+double kvp_gate_entropy_coherence(uint32_t n, const float *weights)
+{
+	double total = 0, h = 0;
+
+	if (n <= 1)
+		return 1.0;
+	for (uint32_t i = 0; i < n; i++)
+		total += weights[i] > 0 ? weights[i] : 0;
+	if (!(total > 0))
+		return 0.0; /* no information: treat as diffuse, the safe side */
+	for (uint32_t i = 0; i < n; i++) {
+		double p = weights[i] > 0 ? weights[i] / total : 0;
+		if (p > 0)
+			h -= p * log(p);
+	}
+	h = 1.0 - h / log((double)n);
+	return h < 0 ? 0 : h > 1 ? 1 : h;
+}
+
+/* Largest-remainder rounding of share[i] * extra, so the integer parts sum to extra exactly. */
+static void round_shares(uint32_t n, const double *share, uint64_t extra, double *frac, uint64_t *out)
+{
+	uint64_t given = 0;
+
+	for (uint32_t i = 0; i < n; i++) {
+		double exact = share[i] * (double)extra;
+		uint64_t whole = (uint64_t)floor(exact);
+		if (given + whole > extra)
+			whole = extra - given; /* floating point slack, never more than the total */
+		out[i] += whole;
+		given += whole;
+		frac[i] = exact - floor(exact);
+	}
+	/* the floors leave fewer than n units; they go to the largest remainders, lower index first */
+	while (given < extra) {
+		uint32_t best = 0;
+		for (uint32_t i = 1; i < n; i++)
+			if (frac[i] > frac[best])
+				best = i;
+		if (frac[best] < 0) /* every head took one (only with rounding slack): start another pass */
+			for (uint32_t i = 0; i < n; i++)
+				frac[i] = share[i];
+		else
+			frac[best] = -1;
+		out[best]++;
+		given++;
+	}
+}
+
+kvp_status kvp_gate_distribute(uint32_t n, const double *coherence, double strength, uint64_t total,
+			       uint64_t floor_each, uint64_t *out)
+{
+	double *share, *frac, sum = 0;
+
+	if (n == 0 || !coherence || !out)
+		return kvp_fail(KVP_EINVAL, "gate: no heads to distribute over");
+	if (!(strength >= 0 && strength < 1))
+		return kvp_fail(KVP_EINVAL, "gate: strength %g is outside [0, 1)", strength);
+	if (floor_each > total / n)
+		return kvp_fail(KVP_EINVAL, "gate: %u heads x floor %llu exceed the total %llu", n,
+				(unsigned long long)floor_each, (unsigned long long)total);
+	for (uint32_t i = 0; i < n; i++)
+		if (!(coherence[i] >= 0 && coherence[i] <= 1))
+			return kvp_fail(KVP_EINVAL, "gate: coherence %g of head %u is outside [0, 1]", coherence[i], i);
+	share = malloc(sizeof *share * n);
+	frac = malloc(sizeof *frac * n);
+	if (!share || !frac) {
+		free(share), free(frac);
+		return kvp_fail(KVP_ENOMEM, "gate: out of memory for %u heads", n);
+	}
+	for (uint32_t i = 0; i < n; i++)
+		sum += share[i] = 1.0 - strength * coherence[i]; /* > 0 since strength < 1 */
+	for (uint32_t i = 0; i < n; i++) {
+		share[i] /= sum;
+		out[i] = floor_each;
+	}
+	round_shares(n, share, total - floor_each * n, frac, out);
+	free(share), free(frac);
+	return KVP_OK;
+}
+
+/* One "bits:keep" item. */
+static kvp_status parse_level(const char *s, unsigned len, unsigned *bits, double *keep)
+{
+	char buf[64], *end;
+	const char *colon = memchr(s, ':', len);
+	unsigned long b;
+
+	if (!colon || len >= sizeof buf)
+		return kvp_fail(KVP_EINVAL, "ladder: '%.*s' is not bits:keep", (int)len, s);
+	memcpy(buf, s, len);
+	buf[len] = '\0';
+	b = strtoul(buf, &end, 10);
+	if (end != buf + (colon - s) || b < 1 || b > 16)
+		return kvp_fail(KVP_EINVAL, "ladder: bits in '%.*s' must be a whole number in 1..16", (int)len, s);
+	*keep = strtod(end + 1, &end);
+	if (*end != '\0' || !(*keep > 0 && *keep <= 1))
+		return kvp_fail(KVP_EINVAL, "ladder: keep in '%.*s' must be a number in (0, 1]", (int)len, s);
+	*bits = (unsigned)b;
+	return KVP_OK;
+}
+
+kvp_status kvp_ladder_parse(const char *text, size_t len, struct kvp_ladder *out)
+{
+	struct kvp_ladder l = { 0 };
+	size_t at = 0;
+
+	if (!text || len == 0)
+		return kvp_fail(KVP_EINVAL, "ladder: empty (example: 4:1.0,3:0.5,2:0.25)");
+	while (at <= len) {
+		const char *comma = memchr(text + at, ',', len - at);
+		size_t end = comma ? (size_t)(comma - text) : len;
+		kvp_status st;
+		if (l.n == KVP_LADDER_MAX)
+			return kvp_fail(KVP_EINVAL, "ladder: more than %d levels", KVP_LADDER_MAX);
+		st = parse_level(text + at, (unsigned)(end - at), &l.bits[l.n], &l.keep[l.n]);
+		if (st != KVP_OK)
+			return st;
+		if (l.n && (l.keep[l.n] > l.keep[l.n - 1] || l.bits[l.n] > l.bits[l.n - 1]))
+			return kvp_fail(KVP_EINVAL, "ladder: level %u (%u:%g) is gentler than the one before; list "
+					"levels from gentle to aggressive", l.n + 1, l.bits[l.n], l.keep[l.n]);
+		l.n++;
+		at = end + 1;
+	}
+	*out = l;
+	return KVP_OK;
+}
+
+unsigned kvp_ladder_level(const struct kvp_ladder *l, double coherence)
+{
+	double c = coherence < 0 ? 0 : coherence > 1 ? 1 : coherence;
+	return l->n ? (unsigned)lround(c * (l->n - 1)) : 0;
+}

@@ -1,0 +1,261 @@
+/*
+ * Policy rounds: what the pager runs when kvp_policy_due says a stream is over budget + every. Protected
+ * tokens (sinks, the hot window) are not candidates: only the candidates are scored, so TriAttention's
+ * z-scores are taken over the tokens that compete, as in the reference. Three granularities:
+ *   kvp_policy_round         one stream (layer, KV head): select=per_layer_head, H2O, StreamingLLM
+ *   kvp_policy_round_layers  one KV head over every layer, scores averaged over layers: select=per_head
+ *   kvp_policy_round_union   every KV head of one layer, one shared set: select=union
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "policies/policy.h"
+
+/* Candidate buffers of one round. */
+struct candidates {
+	uint32_t n;
+	uint32_t *index; /* into the stream */
+	int32_t *pos;
+	float *k, *scores, *sum; /* sum: per-token accumulator over layers or heads */
+};
+
+static void candidates_free(struct candidates *c)
+{
+	free(c->index), free(c->pos), free(c->k), free(c->scores), free(c->sum);
+}
+
+static kvp_status check_round(const char *what, const struct kvp_policy *p, uint32_t layer, uint32_t kv_head,
+			      const struct kvp_round *r)
+{
+	kvp_status st = kvp_policy_check_stream(what, p, layer, kv_head);
+
+	if (st == KVP_OK && r->n && (!r->pos || !r->k))
+		st = kvp_fail(KVP_EINVAL, "%s: NULL positions or keys", what);
+	if (st == KVP_OK)
+		st = kvp_policy_check_positions(what, r->n, r->pos);
+	if (st == KVP_OK && r->n && r->t0 <= r->pos[r->n - 1])
+		st = kvp_fail(KVP_EINVAL, "%s: t0=%lld is not after the last position %d", what, (long long)r->t0,
+			      r->pos[r->n - 1]);
+	return st;
+}
+
+/* The union of the pager's protection and the policy's own. */
+static struct kvp_protect protection(const struct kvp_policy *p, const struct kvp_round *r)
+{
+	uint32_t window = kvp_policy_window(p, r->t0);
+	struct kvp_protect pr = {
+		.sinks = r->sinks > p->plan.sinks ? r->sinks : p->plan.sinks,
+		.window = r->window > window ? r->window : window,
+		.prompt_end = r->prompt_end,
+		.pin_prompt = p->plan.pin_prompt,
+	};
+	return pr;
+}
+
+static kvp_status candidates_alloc(struct candidates *c, uint32_t n, uint32_t head_dim)
+{
+	size_t m = n ? n : 1;
+
+	memset(c, 0, sizeof *c);
+	c->index = malloc(sizeof *c->index * m);
+	c->pos = malloc(sizeof *c->pos * m);
+	c->k = malloc(sizeof *c->k * head_dim * m);
+	c->scores = malloc(sizeof *c->scores * m);
+	c->sum = calloc(m, sizeof *c->sum);
+	if (!c->index || !c->pos || !c->k || !c->scores || !c->sum) {
+		candidates_free(c);
+		return kvp_fail(KVP_ENOMEM, "policy round: out of memory for %u tokens", n);
+	}
+	return KVP_OK;
+}
+
+/* Appends stream token i to the candidates. */
+static void add_candidate(struct candidates *c, const struct kvp_round *r, uint32_t i, uint32_t hd)
+{
+	c->index[c->n] = i;
+	c->pos[c->n] = r->pos[i];
+	memcpy(c->k + (size_t)c->n * hd, r->k + (size_t)i * hd, sizeof(float) * hd);
+	c->n++;
+}
+
+/*
+ * Copies the unprotected tokens of r into c and scores them into c->scores. A pinned prompt is scored on
+ * its own: the reference z-normalizes over the decode tokens only, so the prompt must not shift their
+ * rows; its own scores matter only when it outgrows the budget and competes within itself.
+ */
+static kvp_status score_candidates(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, const struct kvp_round *r,
+				   const struct kvp_protect *pr, struct candidates *c)
+{
+	uint32_t hd = p->shape.head_dim, n_new = 0;
+	kvp_status st = KVP_OK;
+
+	c->n = 0;
+	for (int prompt = 0; prompt < 2; prompt++) {
+		for (uint32_t i = 0; i < r->n; i++) {
+			int in_prompt = pr->pin_prompt && r->pos[i] < pr->prompt_end;
+			if (i < pr->sinks || (uint64_t)i + pr->window >= r->n || in_prompt != prompt)
+				continue;
+			add_candidate(c, r, i, hd);
+		}
+		if (prompt == 0)
+			n_new = c->n;
+	}
+	if (n_new)
+		st = p->ops->score(p, layer, kv_head, r->t0, n_new, c->pos, c->k, c->scores);
+	if (st == KVP_OK && c->n > n_new)
+		st = p->ops->score(p, layer, kv_head, r->t0, c->n - n_new, c->pos + n_new, c->k + (size_t)n_new * hd,
+				   c->scores + n_new);
+	return st;
+}
+
+/* Spreads candidate values back to stream order (protected entries 0: they are not read) and selects. */
+static kvp_status select_from(const struct kvp_policy *p, const struct kvp_round *r, const struct kvp_protect *pr,
+			      const struct candidates *c, const float *values, uint8_t *keep, uint32_t *n_kept)
+{
+	float *scores = calloc(r->n ? r->n : 1, sizeof *scores);
+	kvp_status st;
+
+	if (!scores)
+		return kvp_fail(KVP_ENOMEM, "policy round: out of memory for %u tokens", r->n);
+	for (uint32_t i = 0; i < c->n; i++)
+		scores[c->index[i]] = values[i];
+	st = kvp_select_survivors(r->n, r->pos, scores, pr, kvp_policy_budget(p, r->t0), keep, n_kept);
+	free(scores);
+	return st;
+}
+
+kvp_status kvp_policy_round(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, const struct kvp_round *r,
+			    uint8_t *keep, uint32_t *n_kept)
+{
+	struct kvp_protect pr;
+	struct candidates c;
+	kvp_status st;
+
+	if (!r || !keep || !n_kept)
+		return kvp_fail(KVP_EINVAL, "kvp_policy_round: NULL round, keep or count");
+	st = check_round("kvp_policy_round", p, layer, kv_head, r);
+	if (st == KVP_OK)
+		st = candidates_alloc(&c, r->n, p->shape.head_dim);
+	if (st != KVP_OK)
+		return st;
+	pr = protection(p, r);
+	st = score_candidates(p, layer, kv_head, r, &pr, &c);
+	if (st == KVP_OK)
+		st = select_from(p, r, &pr, &c, c.scores, keep, n_kept);
+	candidates_free(&c);
+	return st;
+}
+
+/* The rounds of a group must describe the same tokens: same t0, count and positions. */
+static kvp_status check_same_tokens(const char *what, const struct kvp_round *rounds, uint32_t count)
+{
+	for (uint32_t j = 1; j < count; j++)
+		if (rounds[j].t0 != rounds[0].t0 || rounds[j].n != rounds[0].n ||
+		    (rounds[0].n && memcmp(rounds[j].pos, rounds[0].pos, sizeof(int32_t) * rounds[0].n)))
+			return kvp_fail(KVP_EINVAL, "%s: round %u holds other tokens than round 0 (t0, count or "
+					"positions differ)", what, j);
+	return KVP_OK;
+}
+
+kvp_status kvp_policy_round_layers(struct kvp_policy *p, uint32_t kv_head, const struct kvp_round *rounds,
+				   uint8_t *keep, uint32_t *n_kept)
+{
+	const char *what = "kvp_policy_round_layers";
+	uint32_t L = p ? p->shape.n_layers : 0;
+	struct kvp_protect pr;
+	struct candidates c;
+	kvp_status st = KVP_OK;
+
+	if (!p || !rounds || !keep || !n_kept)
+		return kvp_fail(KVP_EINVAL, "%s: NULL policy, rounds, keep or count", what);
+	for (uint32_t l = 0; st == KVP_OK && l < L; l++)
+		st = check_round(what, p, l, kv_head, &rounds[l]);
+	if (st == KVP_OK)
+		st = check_same_tokens(what, rounds, L);
+	if (st == KVP_OK)
+		st = candidates_alloc(&c, rounds[0].n, p->shape.head_dim);
+	if (st != KVP_OK)
+		return st;
+	pr = protection(p, &rounds[0]);
+	for (uint32_t l = 0; st == KVP_OK && l < L; l++) {
+		st = score_candidates(p, l, kv_head, &rounds[l], &pr, &c);
+		for (uint32_t i = 0; st == KVP_OK && i < c.n; i++)
+			c.sum[i] += c.scores[i] / (float)L;
+	}
+	if (st == KVP_OK)
+		st = select_from(p, &rounds[0], &pr, &c, c.sum, keep, n_kept);
+	candidates_free(&c);
+	return st;
+}
+
+/* Marks the best `take` candidates of one head's scores in proposed[]. */
+static kvp_status propose(const float *scores, uint32_t n, uint32_t take, uint8_t *proposed)
+{
+	struct kvp_protect none = { 0 };
+	int32_t *order = malloc(sizeof *order * (n ? n : 1));
+	uint8_t *mine = malloc(n ? n : 1);
+	uint32_t got;
+	kvp_status st;
+
+	if (!order || !mine) {
+		free(order), free(mine);
+		return kvp_fail(KVP_ENOMEM, "union round: out of memory");
+	}
+	for (uint32_t i = 0; i < n; i++)
+		order[i] = (int32_t)i; /* ties: the later candidate, as in kvp_select_survivors */
+	st = kvp_select_survivors(n, order, scores, &none, take, mine, &got);
+	for (uint32_t i = 0; st == KVP_OK && i < n; i++)
+		proposed[i] |= mine[i];
+	free(order), free(mine);
+	return st;
+}
+
+kvp_status kvp_policy_round_union(struct kvp_policy *p, uint32_t layer, const struct kvp_round *rounds,
+				  uint8_t *keep, uint32_t *n_kept)
+{
+	const char *what = "kvp_policy_round_union";
+	uint32_t H = p ? p->shape.n_kv_heads : 0, take, held = 0;
+	struct kvp_protect pr;
+	struct candidates c;
+	uint8_t *proposed;
+	kvp_status st = KVP_OK;
+
+	if (!p || !rounds || !keep || !n_kept)
+		return kvp_fail(KVP_EINVAL, "%s: NULL policy, rounds, keep or count", what);
+	for (uint32_t h = 0; st == KVP_OK && h < H; h++)
+		st = check_round(what, p, layer, h, &rounds[h]);
+	if (st == KVP_OK)
+		st = check_same_tokens(what, rounds, H);
+	if (st == KVP_OK)
+		st = candidates_alloc(&c, rounds[0].n, p->shape.head_dim);
+	if (st != KVP_OK)
+		return st;
+	proposed = calloc(rounds[0].n ? rounds[0].n : 1, 1);
+	if (!proposed) {
+		candidates_free(&c);
+		return kvp_fail(KVP_ENOMEM, "%s: out of memory", what);
+	}
+	pr = protection(p, &rounds[0]);
+	for (uint32_t i = 0; i < rounds[0].n; i++)
+		held += i < pr.sinks || (uint64_t)i + pr.window >= rounds[0].n;
+	take = kvp_policy_budget(p, rounds[0].t0) > held ? kvp_policy_budget(p, rounds[0].t0) - held : 0;
+	/* each head proposes its top `take`; a proposed token ranks by its best score over all heads */
+	for (uint32_t i = 0; i < rounds[0].n; i++)
+		c.sum[i] = -INFINITY;
+	for (uint32_t h = 0; st == KVP_OK && h < H; h++) {
+		st = score_candidates(p, layer, h, &rounds[h], &pr, &c);
+		if (st == KVP_OK)
+			st = propose(c.scores, c.n, take, proposed);
+		for (uint32_t i = 0; st == KVP_OK && i < c.n; i++)
+			c.sum[i] = c.scores[i] > c.sum[i] ? c.scores[i] : c.sum[i];
+	}
+	for (uint32_t i = 0; st == KVP_OK && i < c.n; i++)
+		if (!proposed[i])
+			c.sum[i] = -INFINITY; /* every head proposed at least `take`, so these are never needed */
+	if (st == KVP_OK)
+		st = select_from(p, &rounds[0], &pr, &c, c.sum, keep, n_kept);
+	free(proposed);
+	candidates_free(&c);
+	return st;
+}

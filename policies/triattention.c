@@ -1,0 +1,430 @@
+/*
+ * TriAttention (../shared/specs/triattention.md, section 1): a key's importance is the attention it is
+ * expected to receive from future queries, predicted from per-band query statistics.
+ *
+ * For query head h, band f (complex x_f, half or interleaved layout), post-RoPE key k_f, q̄_f = E[q_f]
+ * (pre-RoPE) and A_f = E|q_f|:
+ *   a + ib   = q̄_f conj(k_f)
+ *   S(k)     = mean over δ in D of Σ_f (a_f cos ω_f(t0+δ) − b_f sin ω_f(t0+δ))  +  Σ_f (A_f − |q̄_f|) |k_f|
+ * with D = {1, 2, 4, ..., 2^(offsets-1)}. Working on post-RoPE keys with t0 needs no key positions (the
+ * spec's recommended form). C_f = mean cos, S_f = mean sin are computed once per t0, so a key costs
+ * about 3F multiply-adds and one square root per band, and no trigonometry:
+ *   S(k) = Σ_f kr_f (mr C − mi S) + ki_f (mi C + mr S) + w_f |k_f|,   q̄_f = mr + i mi, w_f = A_f − |q̄_f|.
+ * aggregate=max keeps one (cos, sin) row per offset and takes the largest offset sum instead of the mean.
+ *
+ * Each query head's row is z-normalized over the n scored tokens (population std, floored at 1e-6), then
+ * the GQA group's rows are combined by max. The reference breaks ties with 1e-6 noise from a seeded
+ * generator; here the selection breaks ties by recency instead (deterministic, no noise).
+ *
+ * Statistics: a .kvtria file (stats=FILE), or online (stats=online): running means of the queries seen
+ * by observe. Observed queries arrive post-RoPE (what kvp_attend has); they are rotated back by their
+ * own absolute position to pre-RoPE before averaging, because the statistics must not depend on where a
+ * query sits: averaged post-RoPE, a band's phasor turns with the position and its mean shrinks towards
+ * zero, which would read as "no concentration" (R = 0) for every fast band. Online means keep updating
+ * with every observed query. Until a head has seen a query its scores are all zero (ties: recency).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "policies/policy.h"
+
+#define OFFSETS_MAX 31
+#define Z_STD_FLOOR 1e-6
+
+enum aggregate { AGG_MEAN, AGG_MAX };
+enum select_mode { SELECT_PER_HEAD, SELECT_PER_LAYER_HEAD, SELECT_UNION };
+
+struct online_sums {
+	double *re, *im, *abs; /* [n_layers][n_heads][F] */
+	double *count;         /* [n_layers][n_heads] */
+};
+
+struct tria {
+	unsigned n_bands, n_offsets, aggregate, online;
+	double *omega;              /* [F] */
+	struct kvp_tria_stats file; /* stats=FILE */
+	struct online_sums sums;    /* stats=online */
+	/* the per-t0 phase table: [1 or n_offsets][F] cos and sin (the mean row for AGG_MEAN) */
+	int64_t table_t0;
+	float *cos_t, *sin_t;
+	/* one head's coefficients, loaded per head */
+	float *alpha, *beta, *weight;
+};
+
+/* ---- band access ---- */
+
+static inline void band(const float *x, unsigned f, unsigned n_bands, kvp_rope_layout layout, float *re, float *im)
+{
+	if (layout == KVP_ROPE_HALF) {
+		*re = x[f];
+		*im = x[f + n_bands];
+	} else {
+		*re = x[2 * f];
+		*im = x[2 * f + 1];
+	}
+}
+
+/* ---- statistics ---- */
+
+/* Band f of (layer, head): pre-RoPE mean (mr, mi) and mean magnitude a. */
+static void head_band(const struct tria *t, const kvp_shape *s, uint32_t layer, uint32_t head, unsigned f,
+		      float *mr, float *mi, float *a)
+{
+	size_t at = ((size_t)layer * s->n_heads + head) * t->n_bands + f;
+
+	if (!t->online) {
+		*mr = t->file.mean_re[at];
+		*mi = t->file.mean_im[at];
+		*a = t->file.abs_mean[at];
+		return;
+	}
+	double c = t->sums.count[(size_t)layer * s->n_heads + head];
+	*mr = c > 0 ? (float)(t->sums.re[at] / c) : 0.0f;
+	*mi = c > 0 ? (float)(t->sums.im[at] / c) : 0.0f;
+	*a = c > 0 ? (float)(t->sums.abs[at] / c) : 0.0f;
+}
+
+/* Builds the phase table for t0 once; later calls at the same t0 reuse it. */
+static void phase_table(struct tria *t, int64_t t0)
+{
+	unsigned F = t->n_bands, rows = t->aggregate == AGG_MEAN ? 1 : t->n_offsets;
+
+	if (t->table_t0 == t0)
+		return;
+	memset(t->cos_t, 0, sizeof(float) * F * rows);
+	memset(t->sin_t, 0, sizeof(float) * F * rows);
+	for (unsigned f = 0; f < F; f++) {
+		double cm = 0, sm = 0;
+		for (unsigned d = 0; d < t->n_offsets; d++) {
+			double angle = t->omega[f] * (double)(t0 + ((int64_t)1 << d));
+			double c = cos(angle), s = sin(angle);
+			if (t->aggregate == AGG_MAX) {
+				t->cos_t[d * F + f] = (float)c;
+				t->sin_t[d * F + f] = (float)s;
+			}
+			cm += c;
+			sm += s;
+		}
+		if (t->aggregate == AGG_MEAN) {
+			t->cos_t[f] = (float)(cm / t->n_offsets);
+			t->sin_t[f] = (float)(sm / t->n_offsets);
+		}
+	}
+	t->table_t0 = t0;
+}
+
+/* alpha/beta rows (one per table row) and the norm weights of one query head. */
+static void head_coefficients(struct tria *t, const kvp_shape *s, uint32_t layer, uint32_t head)
+{
+	unsigned F = t->n_bands, rows = t->aggregate == AGG_MEAN ? 1 : t->n_offsets;
+
+	for (unsigned f = 0; f < F; f++) {
+		float mr, mi, a;
+		head_band(t, s, layer, head, f, &mr, &mi, &a);
+		t->weight[f] = a - sqrtf(mr * mr + mi * mi);
+		for (unsigned r = 0; r < rows; r++) {
+			float c = t->cos_t[r * F + f], sn = t->sin_t[r * F + f];
+			t->alpha[r * F + f] = mr * c - mi * sn;
+			t->beta[r * F + f] = mi * c + mr * sn;
+		}
+	}
+}
+
+/* |k_f| of every band of n keys into kabs[n][F]: shared by every query head of the group. */
+static void band_magnitudes(unsigned F, kvp_rope_layout layout, unsigned head_dim, uint32_t n, const float *k,
+			    float *kabs)
+{
+	for (uint32_t i = 0; i < n; i++)
+		for (unsigned f = 0; f < F; f++) {
+			float kr, ki;
+			band(k + (size_t)i * head_dim, f, F, layout, &kr, &ki);
+			kabs[(size_t)i * F + f] = sqrtf(kr * kr + ki * ki);
+		}
+}
+
+/* Raw score S of one post-RoPE key for the head whose coefficients are loaded; kabs: its |k_f|. */
+static float key_score(const struct tria *t, const float *k, const float *kabs, kvp_rope_layout layout)
+{
+	unsigned F = t->n_bands, rows = t->aggregate == AGG_MEAN ? 1 : t->n_offsets;
+	float norm = 0, best = -INFINITY;
+
+	for (unsigned f = 0; f < F; f++)
+		norm += t->weight[f] * kabs[f];
+	for (unsigned r = 0; r < rows; r++) {
+		const float *al = t->alpha + r * F, *be = t->beta + r * F;
+		float sum = 0;
+		for (unsigned f = 0; f < F; f++) {
+			float kr, ki;
+			band(k, f, F, layout, &kr, &ki);
+			sum += kr * al[f] + ki * be[f];
+		}
+		best = sum > best ? sum : best;
+	}
+	return best + norm;
+}
+
+/* (x - mean) / max(std, floor) over the row, population std. */
+static void z_normalize(float *row, uint32_t n)
+{
+	double mean = 0, var = 0, sd;
+
+	for (uint32_t i = 0; i < n; i++)
+		mean += row[i];
+	mean /= n;
+	for (uint32_t i = 0; i < n; i++)
+		var += (row[i] - mean) * (row[i] - mean);
+	sd = sqrt(var / n);
+	if (sd < Z_STD_FLOOR)
+		sd = Z_STD_FLOOR;
+	for (uint32_t i = 0; i < n; i++)
+		row[i] = (float)((row[i] - mean) / sd);
+}
+
+static kvp_status score(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t0, uint32_t n,
+			const int32_t *pos, const float *k, float *scores)
+{
+	struct tria *t = p->state;
+	const kvp_shape *s = &p->shape;
+	unsigned group = s->n_heads / s->n_kv_heads, F = t->n_bands;
+	float *row = malloc(sizeof *row * n), *kabs = malloc(sizeof *kabs * F * n);
+
+	(void)pos; /* the post-RoPE form needs only t0 */
+	if (!row || !kabs) {
+		free(row), free(kabs);
+		return kvp_fail(KVP_ENOMEM, "triattention: out of memory scoring %u tokens", n);
+	}
+	phase_table(t, t0);
+	band_magnitudes(F, s->rope_layout, s->head_dim, n, k, kabs);
+	for (uint32_t i = 0; i < n; i++)
+		scores[i] = -INFINITY;
+	for (unsigned g = 0; g < group; g++) {
+		head_coefficients(t, s, layer, kv_head * group + g);
+		for (uint32_t i = 0; i < n; i++)
+			row[i] = key_score(t, k + (size_t)i * s->head_dim, kabs + (size_t)i * F, s->rope_layout);
+		z_normalize(row, n);
+		for (uint32_t i = 0; i < n; i++)
+			scores[i] = row[i] > scores[i] ? row[i] : scores[i];
+	}
+	free(row), free(kabs);
+	return KVP_OK;
+}
+
+/* Raw S of one query head, for tests and experiments: the unnormalized row before z and max. */
+kvp_status kvp_tria_raw_scores(struct kvp_policy *p, uint32_t layer, uint32_t head, int64_t t0, uint32_t n,
+			       const float *k, float *out)
+{
+	struct tria *t;
+	float *kabs;
+
+	if (!p || p->ops != &kvp_policy_triattention || layer >= p->shape.n_layers || head >= p->shape.n_heads)
+		return kvp_fail(KVP_EINVAL, "kvp_tria_raw_scores: not a triattention policy or head out of range");
+	t = p->state;
+	kabs = malloc(sizeof *kabs * t->n_bands * (n ? n : 1));
+	if (!kabs)
+		return kvp_fail(KVP_ENOMEM, "triattention: out of memory scoring %u tokens", n);
+	phase_table(t, t0);
+	head_coefficients(t, &p->shape, layer, head);
+	band_magnitudes(t->n_bands, p->shape.rope_layout, p->shape.head_dim, n, k, kabs);
+	for (uint32_t i = 0; i < n; i++)
+		out[i] = key_score(t, k + (size_t)i * p->shape.head_dim, kabs + (size_t)i * t->n_bands,
+				   p->shape.rope_layout);
+	free(kabs);
+	return KVP_OK;
+}
+
+/* Online statistics: rotate each observed query back to pre-RoPE at its position, then add it. */
+static kvp_status observe(struct kvp_policy *p, const struct kvp_observation *o)
+{
+	struct tria *t = p->state;
+	const kvp_shape *s = &p->shape;
+	unsigned group = s->n_heads / s->n_kv_heads, F = t->n_bands;
+
+	if (!t->online || !o->q)
+		return KVP_OK;
+	for (unsigned g = 0; g < group; g++) {
+		uint32_t head = o->kv_head * group + g;
+		size_t hi = (size_t)o->layer * s->n_heads + head, at = hi * F;
+		const float *q = o->q + (size_t)g * s->head_dim;
+		for (unsigned f = 0; f < F; f++) {
+			float qr, qi;
+			double angle = t->omega[f] * (double)o->t, c = cos(angle), sn = sin(angle), pr, pi;
+			band(q, f, F, s->rope_layout, &qr, &qi);
+			pr = qr * c + qi * sn; /* q_rot * e^{-i omega t} */
+			pi = qi * c - qr * sn;
+			t->sums.re[at + f] += pr;
+			t->sums.im[at + f] += pi;
+			t->sums.abs[at + f] += sqrt(pr * pr + pi * pi);
+		}
+		t->sums.count[hi] += 1;
+	}
+	return KVP_OK;
+}
+
+/* ---- open / close ---- */
+
+static void tria_free(struct tria *t)
+{
+	if (!t)
+		return;
+	kvp_tria_stats_free(&t->file);
+	free(t->omega), free(t->cos_t), free(t->sin_t);
+	free(t->alpha), free(t->beta), free(t->weight);
+	free(t->sums.re), free(t->sums.im), free(t->sums.abs), free(t->sums.count);
+	free(t);
+}
+
+static kvp_status tria_alloc(struct tria *t, const kvp_shape *s)
+{
+	unsigned F = s->head_dim / 2, rows = t->aggregate == AGG_MEAN ? 1 : t->n_offsets;
+	size_t heads = (size_t)s->n_layers * s->n_heads;
+
+	t->n_bands = F;
+	t->table_t0 = -1;
+	t->omega = malloc(sizeof *t->omega * F);
+	t->cos_t = malloc(sizeof(float) * F * rows);
+	t->sin_t = malloc(sizeof(float) * F * rows);
+	t->alpha = malloc(sizeof(float) * F * rows);
+	t->beta = malloc(sizeof(float) * F * rows);
+	t->weight = malloc(sizeof(float) * F);
+	if (t->online) {
+		t->sums.re = calloc(heads * F, sizeof(double));
+		t->sums.im = calloc(heads * F, sizeof(double));
+		t->sums.abs = calloc(heads * F, sizeof(double));
+		t->sums.count = calloc(heads, sizeof(double));
+	}
+	if (!t->omega || !t->cos_t || !t->sin_t || !t->alpha || !t->beta || !t->weight ||
+	    (t->online && (!t->sums.re || !t->sums.im || !t->sums.abs || !t->sums.count)))
+		return kvp_fail(KVP_ENOMEM, "triattention: out of memory");
+	/* plain RoPE: omega_f = theta^(-2f/d) */
+	for (unsigned f = 0; f < F; f++)
+		t->omega[f] = pow((double)s->rope_theta, -2.0 * f / (double)s->head_dim);
+	return KVP_OK;
+}
+
+static kvp_status parse_budget(struct kvp_policy *p, struct kvp_args *args)
+{
+	const char *v;
+	unsigned vl = 0;
+	double ratio = 0;
+	uint32_t budget = 2048; /* the reference default */
+	kvp_status st = kvp_args_u32(args, "budget", 1, INT32_MAX, &budget);
+
+	if (st == KVP_OK)
+		st = kvp_args_double(args, "ratio", 1e-6, 1.0, &ratio);
+	if (st != KVP_OK)
+		return st;
+	if (ratio > 0 && kvp_args_text(args, "budget", &v, &vl) == KVP_OK && vl)
+		return kvp_fail(KVP_EINVAL, "triattention: give budget= or ratio=, not both");
+	p->plan.budget = budget;
+	p->plan.ratio = ratio;
+	return KVP_OK;
+}
+
+static kvp_status parse_stats(struct tria *t, struct kvp_policy *p, struct kvp_args *args)
+{
+	const char *v = "online";
+	unsigned vl = 6;
+	char path[4096];
+	kvp_status st = kvp_args_text(args, "stats", &v, &vl);
+
+	if (st != KVP_OK)
+		return st;
+	t->online = kvp_name_is(v, vl, "online");
+	if (t->online)
+		return KVP_OK;
+	if (vl == 0 || vl >= sizeof path)
+		return kvp_fail(KVP_EINVAL, "triattention: stats= needs a file name or 'online'");
+	memcpy(path, v, vl);
+	path[vl] = '\0';
+	return kvp_tria_stats_read(path, &p->shape, &t->file);
+}
+
+static kvp_status open_tria(struct kvp_policy *p, struct kvp_args *args)
+{
+	static const char *const aggregates[] = { "mean", "max", NULL };
+	static const char *const selects[] = { "per_head", "per_layer_head", "union", NULL };
+	struct tria *t = calloc(1, sizeof *t);
+	unsigned select = SELECT_PER_HEAD;
+	uint32_t offsets = 17, every = 128;
+	kvp_status st;
+
+	if (!t)
+		return kvp_fail(KVP_ENOMEM, "triattention: out of memory");
+	st = parse_budget(p, args);
+	if (st == KVP_OK)
+		st = kvp_args_u32(args, "every", 1, 1u << 20, &every);
+	if (st == KVP_OK)
+		st = kvp_args_u32(args, "offsets", 1, OFFSETS_MAX, &offsets);
+	if (st == KVP_OK)
+		st = kvp_args_choice(args, "aggregate", aggregates, &t->aggregate);
+	if (st == KVP_OK)
+		st = kvp_args_choice(args, "select", selects, &select);
+	t->n_offsets = offsets;
+	if (st == KVP_OK)
+		st = parse_stats(t, p, args);
+	if (st == KVP_OK)
+		st = tria_alloc(t, &p->shape);
+	if (st != KVP_OK) {
+		tria_free(t);
+		return st;
+	}
+	p->plan.every = every;
+	p->plan.pin_prompt = 1; /* the reference keeps the prompt */
+	p->plan.per_head = select == SELECT_PER_HEAD;
+	p->plan.union_select = select == SELECT_UNION;
+	p->state = t;
+	return KVP_OK;
+}
+
+/* A forked sequence keeps the statistics: the file's, or the online sums observed so far. */
+static kvp_status clone_tria(struct kvp_policy *dst, const struct kvp_policy *src)
+{
+	const struct tria *from = src->state;
+	const kvp_shape *s = &src->shape;
+	size_t heads = (size_t)s->n_layers * s->n_heads, bands = heads * from->n_bands;
+	struct tria *t = calloc(1, sizeof *t);
+	kvp_status st;
+
+	if (!t)
+		return kvp_fail(KVP_ENOMEM, "triattention: out of memory");
+	t->n_offsets = from->n_offsets;
+	t->aggregate = from->aggregate;
+	t->online = from->online;
+	st = tria_alloc(t, s);
+	if (st == KVP_OK && !t->online)
+		st = kvp_tria_stats_alloc(&t->file, from->file.n_layers, from->file.n_heads, from->file.head_dim,
+					  from->file.rope_layout, from->file.rope_theta);
+	if (st != KVP_OK) {
+		tria_free(t);
+		return st;
+	}
+	if (t->online) {
+		memcpy(t->sums.re, from->sums.re, sizeof(double) * bands);
+		memcpy(t->sums.im, from->sums.im, sizeof(double) * bands);
+		memcpy(t->sums.abs, from->sums.abs, sizeof(double) * bands);
+		memcpy(t->sums.count, from->sums.count, sizeof(double) * heads);
+	} else {
+		memcpy(t->file.mean_re, from->file.mean_re, sizeof(float) * bands);
+		memcpy(t->file.mean_im, from->file.mean_im, sizeof(float) * bands);
+		memcpy(t->file.abs_mean, from->file.abs_mean, sizeof(float) * bands);
+	}
+	dst->state = t;
+	return KVP_OK;
+}
+
+static void close_tria(struct kvp_policy *p)
+{
+	tria_free(p->state);
+	p->state = NULL;
+}
+
+const struct kvp_policy_ops kvp_policy_triattention = {
+	.name = "triattention",
+	.open = open_tria,
+	.observe = observe,
+	.score = score,
+	.clone = clone_tria,
+	.close = close_tria,
+};

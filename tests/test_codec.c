@@ -1,0 +1,162 @@
+/*
+ * The codec registry and the public kvp_codec_* calls: lookup and parsing of specs and stacks, the rules
+ * for bad specs (KVP_EINVAL and a message quoting the text), fp32 and fp16 as codecs, and every codec's
+ * public dot against its own decode.
+ */
+#include <stdio.h>
+
+#include "codec_fixture.h"
+
+static const char *const every_codec[] = {
+	"fp32", "fp16", "turboquant(bits=1)", "turboquant(bits=2)", "turboquant(bits=3)", "turboquant(bits=4)",
+	"turboquant(bits=3,qjl=1)", "turboquant(bits=2,outliers=32,outlier_bits=3)", "kivi(bits=2)", "kivi(bits=4)",
+	"spark(keep=0.5)", "spark(keep=0.75)|turboquant(bits=3)",
+};
+#define N_CODECS (sizeof every_codec / sizeof every_codec[0])
+
+Test(codec, every_registered_codec_opens_with_its_name_and_group)
+{
+	for (size_t i = 0; i < N_CODECS; i++) {
+		kvp_codec *c = codec_open(every_codec[i], 128);
+		size_t nlen = strcspn(every_codec[i], "(|");
+
+		cr_assert(!strncmp(c->ops->name, every_codec[i], nlen) && c->ops->name[nlen] == '\0', "%s opened %s",
+			  every_codec[i], c->ops->name);
+		cr_assert_eq(kvp_codec_group(c), strncmp(every_codec[i], "kivi", 4) ? 1u : 32u, "%s", every_codec[i]);
+		kvp_codec_close(c);
+	}
+}
+
+Test(codec, public_dot_equals_the_inner_product_with_decoded_vectors_for_every_codec)
+{
+	const unsigned d = 128, n = 64;
+	struct rng r = { 12 };
+	float *x = xcalloc((size_t)n * d, sizeof *x), *y = xcalloc((size_t)n * d, sizeof *y), q[128], out[64];
+
+	rng_gaussians(&r, x, (size_t)n * d);
+	rng_gaussians(&r, q, d);
+	for (size_t k = 0; k < N_CODECS; k++) {
+		kvp_codec *c = codec_open(every_codec[k], d);
+		void *bytes = xcalloc(1, kvp_codec_bytes(c, n));
+
+		cr_assert_eq(kvp_codec_encode(c, n, x, bytes), KVP_OK, "%s: %s", every_codec[k], kvp_last_error());
+		cr_assert_eq(kvp_codec_decode(c, n, bytes, y), KVP_OK);
+		cr_assert_eq(kvp_codec_dot(c, n, bytes, q, out), KVP_OK);
+		for (unsigned i = 0; i < n; i++) {
+			double want = dot_d(q, y + (size_t)i * d, d);
+			cr_assert(fabs(out[i] - want) <= 1e-4 * (1 + fabs(want)), "%s token %u: %g, decoded %g",
+				  every_codec[k], i, out[i], want);
+		}
+		kvp_codec_close(c);
+		free(bytes);
+	}
+	free(x);
+	free(y);
+}
+
+Test(codec, fp32_is_exact_and_fp16_rounds_each_value_to_nearest_even)
+{
+	const unsigned d = 37, n = 5;
+	struct rng r = { 13 };
+	float x[37 * 5], y[37 * 5];
+	unsigned char bytes[4 * 37 * 5];
+	kvp_codec *f32 = codec_open("fp32", d), *f16 = codec_open("fp16", d);
+
+	rng_gaussians(&r, x, (size_t)n * d);
+	cr_assert_eq(kvp_codec_bytes(f32, n), 4u * d * n);
+	cr_assert_eq(kvp_codec_bytes(f16, n), 2u * d * n);
+	cr_assert_eq(kvp_codec_encode(f32, n, x, bytes), KVP_OK);
+	cr_assert_eq(kvp_codec_decode(f32, n, bytes, y), KVP_OK);
+	cr_assert(!memcmp(x, y, sizeof x));
+	cr_assert_eq(kvp_codec_encode(f16, n, x, bytes), KVP_OK);
+	cr_assert_eq(kvp_codec_decode(f16, n, bytes, y), KVP_OK);
+	for (unsigned i = 0; i < n * d; i++)
+		cr_assert_eq(y[i], kvp_f16_to_f32(kvp_f32_to_f16(x[i])));
+	kvp_codec_close(f32);
+	kvp_codec_close(f16);
+}
+
+/* The dense kernels need aligned rows; a block at an odd address takes the byte-wise path, same result. */
+Test(codec, fp32_and_fp16_dot_agree_on_aligned_and_unaligned_bytes)
+{
+	static const char *const specs[] = { "fp32", "fp16" };
+	const unsigned d = 40, n = 9;
+	struct rng r = { 14 };
+	float x[40 * 9], q[40], a[9], b[9];
+	unsigned char *buf = xcalloc(1, 4 * 40 * 9 + 8);
+
+	rng_gaussians(&r, x, (size_t)n * d);
+	rng_gaussians(&r, q, d);
+	for (int k = 0; k < 2; k++) {
+		kvp_codec *c = codec_open(specs[k], d);
+		size_t len = kvp_codec_bytes(c, n);
+
+		cr_assert_eq(kvp_codec_encode(c, n, x, buf + 4), KVP_OK);
+		cr_assert_eq(kvp_codec_dot(c, n, buf + 4, q, a), KVP_OK);
+		memmove(buf + 1, buf + 4, len);
+		cr_assert_eq(kvp_codec_dot(c, n, buf + 1, q, b), KVP_OK);
+		for (unsigned i = 0; i < n; i++)
+			cr_assert(fabsf(a[i] - b[i]) <= 1e-5f * (1 + fabsf(a[i])), "%s token %u: %g vs %g", specs[k], i,
+				  a[i], b[i]);
+		kvp_codec_close(c);
+	}
+	free(buf);
+}
+
+Test(codec, bad_specs_are_einval_with_a_message_quoting_the_text)
+{
+	expect_rejected("zstd", 128, "zstd");
+	expect_rejected("turboquant(bits=7)", 128, "bits=7");
+	expect_rejected("spark(keep=2)", 128, "keep=2");
+	expect_rejected("turboquant(bits=3,flavour=x)", 128, "flavour");
+	expect_rejected("fp16(bits=3)", 128, "bits");
+	expect_rejected("fp16|turboquant(bits=3)", 128, "fp16");
+	expect_rejected("spark(keep=0.5)|kivi(bits=2)", 128, "kivi");
+	expect_rejected("turboquant(bits=3", 128, "turboquant(bits=3");
+	expect_rejected("turboquant(bits=3))", 128, "turboquant(bits=3))");
+	expect_rejected("spark(keep=0.5)|", 128, "spark(keep=0.5)|");
+	expect_rejected("", 128, "empty");
+	expect_rejected("spark|spark|spark|spark|fp16", 128, "more than");
+}
+
+Test(codec, bad_calls_are_einval_not_crashes)
+{
+	kvp_codec *c = NULL;
+	float x[64] = { 0 }, out[1];
+	unsigned char bytes[512];
+
+	cr_assert_eq(kvp_codec_open(NULL, 64, &c), KVP_EINVAL);
+	cr_assert_eq(kvp_codec_open("fp16", 64, NULL), KVP_EINVAL);
+	cr_assert_eq(kvp_codec_open("fp16", 0, &c), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "dim=0"), "%s", kvp_last_error());
+	cr_assert_eq(kvp_codec_open("fp16", KVP_CODEC_DIM_MAX + 1, &c), KVP_EINVAL);
+	cr_assert_eq(kvp_codec_open("turboquant(bits=3)", 1, &c), KVP_EINVAL);
+	cr_assert_null(c);
+	c = codec_open("turboquant(bits=3,outliers=8)", 64);
+	cr_assert_eq(kvp_codec_decode(c, 1, bytes, x), KVP_EINVAL, "decode before the context is fitted");
+	cr_assert_eq(kvp_codec_dot(c, 1, bytes, x, out), KVP_EINVAL);
+	cr_assert_eq(kvp_codec_encode(c, 1, NULL, bytes), KVP_EINVAL);
+	cr_assert_eq(kvp_codec_encode(c, 1, x, NULL), KVP_EINVAL);
+	cr_assert_eq(kvp_codec_encode(NULL, 1, x, bytes), KVP_EINVAL);
+	cr_assert_eq(kvp_codec_encode(c, 0, NULL, NULL), KVP_OK, "nothing to do is not an error");
+	cr_assert_eq(kvp_codec_bytes(NULL, 3), 0);
+	cr_assert_eq(kvp_codec_group(NULL), 0);
+	kvp_codec_close(c);
+	kvp_codec_close(NULL);
+}
+
+/* kvp_codec_parse_role: the pager parses v= for values, so kivi quantizes them per token there. */
+Test(codec, role_picks_kivi_axis_and_stacks_carry_it_inward)
+{
+	struct kvp_codec *k = NULL, *v = NULL;
+
+	cr_assert_eq(kvp_codec_parse_role("spark(keep=0.5)|kivi(bits=2)", 28, 64, KVP_CODEC_VALUES, &v), KVP_OK, "%s",
+		     kvp_last_error());
+	cr_assert_eq(v->inner->group, 1);
+	cr_assert_eq(v->inner->dim, 32);
+	cr_assert_eq(kvp_codec_parse_role("kivi(bits=2)", 12, 64, KVP_CODEC_KEYS, &k), KVP_OK);
+	cr_assert_eq(k->group, 32);
+	kvp_codec_free(k);
+	cr_assert_eq(kvp_codec_parse_role("fp16", 4, 64, 7, &k), KVP_EINVAL);
+	kvp_codec_free(v);
+}

@@ -1,0 +1,257 @@
+/*
+ * SparK against specs/codecs.md section 3: keep=1.0 is its inner codec, less kept is more error, average
+ * recovery beats zeros, observed queries steer which channels are kept, the documented layout, stacking
+ * rules, and the query paths against decode.
+ */
+#include <stdio.h>
+
+#include "codec_fixture.h"
+
+static void *encode_all(kvp_codec *c, unsigned n, const float *x)
+{
+	void *bytes = xcalloc(1, kvp_codec_bytes(c, n));
+
+	cr_assert_eq(kvp_codec_encode(c, n, x, bytes), KVP_OK, "%s", kvp_last_error());
+	return bytes;
+}
+
+static float *gaussian_rows(unsigned n, unsigned d, uint64_t seed)
+{
+	struct rng r = { seed };
+	float *x = xcalloc((size_t)n * d, sizeof *x);
+
+	rng_gaussians(&r, x, (size_t)n * d);
+	return x;
+}
+
+Test(spark, keep_1_equals_its_inner_codec_exactly)
+{
+	static const char *const inner[] = { "turboquant(bits=3)", "turboquant(bits=2,qjl=1)", "fp16", "kivi(bits=4,axis=token)" };
+	const unsigned d = 128, n = 200;
+	float *x = gaussian_rows(n, d, 1), *a = xcalloc((size_t)n * d, sizeof *a), *b = xcalloc((size_t)n * d, sizeof *b);
+	float *q = gaussian_rows(1, d, 2), *da = xcalloc(n, sizeof *da), *db = xcalloc(n, sizeof *db);
+	char spec[96];
+
+	for (size_t k = 0; k < sizeof inner / sizeof inner[0]; k++) {
+		kvp_codec *plain = codec_open(inner[k], d);
+		snprintf(spec, sizeof spec, "spark(keep=1.0)|%s", inner[k]);
+		kvp_codec *stacked = codec_open(spec, d);
+		void *pb = encode_all(plain, n, x), *sb = encode_all(stacked, n, x);
+
+		cr_assert_eq(kvp_codec_decode(plain, n, pb, a), KVP_OK);
+		cr_assert_eq(kvp_codec_decode(stacked, n, sb, b), KVP_OK);
+		cr_assert(!memcmp(a, b, sizeof(float) * n * d), "%s does not decode as %s", spec, inner[k]);
+		cr_assert_eq(kvp_codec_dot(plain, n, pb, q, da), KVP_OK);
+		cr_assert_eq(kvp_codec_dot(stacked, n, sb, q, db), KVP_OK);
+		for (unsigned i = 0; i < n; i++)
+			cr_assert(fabsf(da[i] - db[i]) <= 1e-5f * (1 + fabsf(da[i])), "%s token %u: dot %g, inner %g", spec,
+				  i, db[i], da[i]);
+		kvp_codec_close(plain);
+		kvp_codec_close(stacked);
+		free(pb);
+		free(sb);
+	}
+	free(x);
+	free(a);
+	free(b);
+	free(q);
+	free(da);
+	free(db);
+}
+
+Test(spark, keeping_half_the_channels_errs_less_than_keeping_a_quarter)
+{
+	const unsigned d = 128, n = 2000;
+	float *x = gaussian_rows(n, d, 3);
+	double e[3];
+	const char *specs[] = { "spark(keep=0.5)", "spark(keep=0.25)", "spark(keep=0.5)|turboquant(bits=4)" };
+
+	for (int i = 0; i < 3; i++) {
+		kvp_codec *c = codec_open(specs[i], d);
+		e[i] = codec_mse(c, n, x);
+		kvp_codec_close(c);
+	}
+	cr_assert(e[0] < e[1], "keep=0.5 MSE %.4g, keep=0.25 MSE %.4g", e[0], e[1]);
+	/* half of N(0,1) pruned, the smallest half, rebuilt at their RMS: ~0.05 of the energy */
+	cr_assert(e[0] > 0.01 && e[0] < 0.1, "keep=0.5 MSE %.4g", e[0]);
+	cr_assert(e[2] > e[0] && e[2] < e[0] + 0.02, "with 4-bit TurboQuant on the kept half: %.4g", e[2]);
+	free(x);
+}
+
+Test(spark, average_recovery_errs_less_than_zeros)
+{
+	const unsigned d = 64, n = 2000;
+	float *x = gaussian_rows(n, d, 4);
+	kvp_codec *avg = codec_open("spark(keep=0.5,recover=avg)", d), *zero = codec_open("spark(keep=0.5,recover=zero)", d);
+	double ea = codec_mse(avg, n, x), ez = codec_mse(zero, n, x);
+
+	cr_assert(ea < 0.7 * ez, "avg %.4g, zero %.4g", ea, ez);
+	kvp_codec_close(avg);
+	kvp_codec_close(zero);
+	free(x);
+}
+
+/* Queries that only ever read channels 0..15 make SparK keep those, whatever the key magnitudes. */
+Test(spark, observed_queries_steer_the_kept_channels)
+{
+	const unsigned d = 64, n = 256, nq = 32;
+	float *x = gaussian_rows(n, d, 5), *q = xcalloc((size_t)nq * d, sizeof *q), *probe = gaussian_rows(1, d, 6);
+	struct kvp_codec *c;
+	void *ctx, *bytes, *qprep;
+	float *dots = xcalloc(n, sizeof *dots);
+	struct rng r = { 7 };
+
+	for (unsigned i = 0; i < nq; i++)
+		for (unsigned j = 0; j < 16; j++)
+			q[(size_t)i * d + j] = (float)rng_gaussian(&r);
+	for (unsigned j = 16; j < d; j++)
+		probe[j] = 0.0f;
+	cr_assert_eq(kvp_codec_parse("spark(keep=0.25)", 16, d, &c), KVP_OK, "%s", kvp_last_error());
+	ctx = xcalloc(1, c->ctx_bytes);
+	bytes = xcalloc(1, c->ops->bytes(c, n));
+	qprep = xcalloc(1, c->qprep_bytes);
+	cr_assert_eq(c->ops->fit(c, ctx, n, x, nq, q), KVP_OK);
+	cr_assert_eq(c->ops->encode(c, ctx, n, x, bytes), KVP_OK);
+	c->ops->prepare_query(c, ctx, probe, qprep);
+	c->ops->dot(c, ctx, n, bytes, qprep, dots);
+	for (unsigned i = 0; i < n; i++) {
+		double want = dot_d(probe, x + (size_t)i * d, d);
+		/* the 16 queried channels are kept in fp16 */
+		cr_assert(fabs(dots[i] - want) <= 1e-2 * (1 + fabs(want)), "token %u: %g, exact %g", i, dots[i], want);
+	}
+	kvp_codec_free(c);
+	free(x);
+	free(q);
+	free(probe);
+	free(ctx);
+	free(bytes);
+	free(qprep);
+	free(dots);
+}
+
+Test(spark, bytes_follow_the_documented_layout)
+{
+	static const struct {
+		const char *spec;
+		unsigned d;
+		size_t bytes;
+	} cases[] = {
+		{ "spark(keep=0.5)", 128, 4 + 16 + 8 + 128 },
+		{ "spark(keep=0.5,recover=zero)", 128, 16 + 128 },
+		{ "spark(keep=0.75)", 128, 4 + 16 + 4 + 192 },
+		{ "spark(keep=0.5)|turboquant(bits=3)", 128, 4 + 16 + 8 + 4 + 24 },
+		{ "spark(keep=0.75)|turboquant(bits=4)", 128, 4 + 16 + 4 + 4 + 48 },
+		{ "spark(keep=0.5)|turboquant(bits=3)", 80, 4 + 10 + 5 + 4 + 15 },
+		{ "spark(keep=1.0)|turboquant(bits=3)", 128, 4 + 16 + 0 + 52 },
+	};
+
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		kvp_codec *c = codec_open(cases[i].spec, cases[i].d);
+		cr_assert_eq(kvp_codec_bytes(c, 3), 3 * cases[i].bytes, "%s d=%u: %zu bytes, want 3 * %zu", cases[i].spec,
+			     cases[i].d, kvp_codec_bytes(c, 3), cases[i].bytes);
+		if (cases[i].d == 128)
+			printf("bits/value at d=128: %-40s %.4g\n", cases[i].spec, cases[i].bytes * 8.0 / 128);
+		kvp_codec_close(c);
+	}
+}
+
+static void query_paths_match_decode(const char *spec, unsigned d, unsigned n)
+{
+	kvp_codec *c = codec_open(spec, d);
+	float *x = gaussian_rows(n, d, 8), *y = xcalloc((size_t)n * d, sizeof *y), *q = gaussian_rows(1, d, 9);
+	float *w = gaussian_rows(1, n, 10), *dots = xcalloc(n, sizeof *dots), *sum = xcalloc(d, sizeof *sum);
+	void *bytes = encode_all(c, n, x);
+
+	cr_assert_eq(kvp_codec_decode(c, n, bytes, y), KVP_OK);
+	codec_fused_dot(c, n, bytes, q, dots);
+	for (unsigned i = 0; i < n; i++) {
+		double want = dot_d(q, y + (size_t)i * d, d);
+		cr_assert(fabs(dots[i] - want) <= 1e-4 * (1 + fabs(want)), "%s token %u: dot %g, decoded %g", spec, i,
+			  dots[i], want);
+	}
+	codec_fused_axpy(c, n, bytes, w, sum);
+	for (unsigned j = 0; j < d; j++) {
+		double want = 0;
+		for (unsigned i = 0; i < n; i++)
+			want += (double)w[i] * y[(size_t)i * d + j];
+		cr_assert(fabs(sum[j] - want) <= 1e-4 * (1 + fabs(want)), "%s channel %u: axpy %g, decoded %g", spec, j,
+			  sum[j], want);
+	}
+	kvp_codec_close(c);
+	free(x);
+	free(y);
+	free(q);
+	free(w);
+	free(dots);
+	free(sum);
+	free(bytes);
+}
+
+Test(spark, dot_and_axpy_equal_decode_alone_and_stacked)
+{
+	query_paths_match_decode("spark(keep=0.5)", 128, 50);
+	query_paths_match_decode("spark(keep=0.5,recover=zero)", 96, 50);
+	query_paths_match_decode("spark(keep=0.5)|turboquant(bits=3)", 128, 50);
+	query_paths_match_decode("spark(keep=0.7)|turboquant(bits=2,qjl=1)", 80, 50);
+	query_paths_match_decode("spark(keep=0.5)|turboquant(bits=2,outliers=8,outlier_bits=4)", 64, 50);
+	query_paths_match_decode("spark(keep=0.6)|kivi(bits=4,group=8,axis=token)", 48, 50);
+}
+
+Test(spark, bad_specs_are_rejected_with_a_message_quoting_them)
+{
+	expect_rejected("spark(keep=2)", 128, "keep=2");
+	expect_rejected("spark(keep=0)", 128, "keep=0");
+	expect_rejected("spark(keep=0.5,recover=mean)", 128, "mean");
+	expect_rejected("spark(keep=0.5,ratio=3)", 128, "ratio");
+	/* keys: kivi groups tokens per channel, which a per-token channel mask cannot feed */
+	expect_rejected("spark(keep=0.5)|kivi(bits=2)", 128, "spark(keep=0.5)|kivi(bits=2)");
+	expect_rejected("spark(keep=2)|turboquant(bits=3)", 128, "keep=2");
+	expect_rejected("spark(keep=0.5)|turboquant(bits=7)", 128, "bits=7");
+	expect_rejected("turboquant(bits=3)|spark(keep=0.5)", 128, "turboquant(bits=3)");
+}
+
+Test(spark, non_finite_keys_are_rejected)
+{
+	kvp_codec *c = codec_open("spark(keep=0.5)", 16);
+	float x[16] = { 0 };
+	unsigned char bytes[256];
+
+	x[2] = NAN;
+	cr_assert_eq(kvp_codec_encode(c, 1, x, bytes), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "non-finite"), "%s", kvp_last_error());
+	kvp_codec_close(c);
+}
+
+/* Small integers, so many ties: the kept set is the top T by |x|, ties to the lower channel index. */
+Test(spark, keeps_the_largest_channels_with_ties_to_the_lower_index)
+{
+	static const unsigned dims[] = { 7, 16, 33, 128 };
+	static const double keeps[] = { 0.25, 0.5, 0.7, 1.0 };
+	struct rng r = { 21 };
+	float x[128], y[128];
+	unsigned char bytes[1024];
+	char spec[64];
+
+	for (size_t a = 0; a < 4; a++)
+		for (size_t k = 0; k < 4; k++) {
+			unsigned d = dims[a];
+			snprintf(spec, sizeof spec, "spark(keep=%g,recover=zero)", keeps[k]);
+			kvp_codec *c = codec_open(spec, d);
+			unsigned kept = d - (unsigned)floor((1.0 - keeps[k]) * d + 1e-9);
+
+			for (int trial = 0; trial < 50; trial++) {
+				for (unsigned j = 0; j < d; j++)
+					x[j] = (float)((int)(rng_next(&r) % 7) - 3);
+				cr_assert_eq(kvp_codec_encode(c, 1, x, bytes), KVP_OK);
+				cr_assert_eq(kvp_codec_decode(c, 1, bytes, y), KVP_OK);
+				for (unsigned j = 0; j < d; j++) {
+					unsigned above = 0; /* channels ranked before j */
+					for (unsigned i = 0; i < d; i++)
+						above += fabsf(x[i]) > fabsf(x[j]) || (fabsf(x[i]) == fabsf(x[j]) && i < j);
+					cr_assert_eq(y[j], above < kept ? x[j] : 0.0f, "%s d=%u channel %u: %g from %g", spec, d,
+						     j, y[j], x[j]);
+				}
+			}
+			kvp_codec_close(c);
+		}
+}

@@ -1,0 +1,89 @@
+/*
+ * tools/ab.h — the pieces of the A/B runner (kvpager-ab): one cache configuration measured against the
+ * exact cache, on a token stream replayed from a trace or the synthetic generator (ab_replay.c) or run
+ * through a model (kvpager-ab.c), and the reports of the measurements (ab_report.c).
+ */
+#ifndef KVP_TOOLS_AB_H
+#define KVP_TOOLS_AB_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#include "kvpager.h"
+
+#define AB_MESSAGE_MAX 512
+
+/* What one spec measured. Values that the source cannot give (KL without logits) are NAN. */
+struct ab_result {
+	const char *spec;
+	uint64_t tokens;         /* positions run */
+	double bytes_per_token;  /* (exact + compressed + meta) / tokens, all layers and KV heads */
+	double compression;      /* bytes_dense_fp16 / (exact + compressed + meta) */
+	double kl_mean, kl_p99;  /* next-token KL(full || this), nats */
+	double top1;             /* share of positions whose argmax matches the full cache's, 0..1 */
+	double attention_error;  /* mean over checked (step, layer) of |out - exact| / |exact| */
+	double attention_error_max;
+	double tokens_per_s;
+	kvp_stats stats;
+};
+
+/* A progress bar on stderr: drawn only on a terminal, and only once the run has taken a second. */
+struct ab_progress {
+	int enabled, drawn;
+	double start, last_draw;
+	uint64_t done, total;
+};
+
+void ab_progress_start(struct ab_progress *p, uint64_t total, int allowed);
+void ab_progress_advance(struct ab_progress *p, uint64_t n, const char *label);
+void ab_progress_end(struct ab_progress *p);
+double ab_now(void);
+
+/* The table on f: one row per spec. title is printed above it. */
+void ab_print_table(FILE *f, const char *title, const struct ab_result *r, int n);
+/* The CSV and the SVG plot; 0, or -1 with message set. */
+int ab_write_csv(const char *path, const struct ab_result *r, int n, char message[AB_MESSAGE_MAX]);
+int ab_write_svg(const char *path, const char *title, const struct ab_result *r, int n,
+		 char message[AB_MESSAGE_MAX]);
+
+/* A stream of steps: every layer's q [n_layers][n_heads][d], k and v [n_layers][n_kv_heads][d]. */
+struct ab_source {
+	void *ctx;
+	kvp_shape shape;
+	uint64_t n_steps;
+	/* 1 with a step, 0 at the end, -1 on an error that error() describes */
+	int (*read_step)(void *ctx, int32_t *pos, float *q, float *k, float *v);
+	int (*rewind)(void *ctx);
+	const char *(*error)(void *ctx);
+};
+
+/* Exact attention outputs at the checked steps: [n_checked][n_layers][n_heads * head_dim]. */
+struct ab_reference {
+	float *outputs;
+	uint64_t n_checked;
+	uint32_t every; /* a step is checked when (step + 1) % every == 0, and the last always */
+};
+
+int ab_checked_step(const struct ab_reference *ref, uint64_t step, uint64_t n_steps);
+/*
+ * Reads the whole source once, computing exact softmax attention at the checked steps. Validates the
+ * source on the way. Returns 0, 2 for a bad source, 1 otherwise; message says why.
+ */
+int ab_replay_reference(const struct ab_source *src, uint32_t every, struct ab_reference *ref,
+			struct ab_progress *progress, char message[AB_MESSAGE_MAX]);
+void ab_reference_free(struct ab_reference *ref);
+/*
+ * Replays the source through one cache spec of the plugin. Returns 0, 2 when the library refuses the
+ * spec or its input, 1 otherwise; message says why.
+ */
+int ab_replay_spec(const kvp_plugin_v1 *api, const char *pool_spec, const struct ab_source *src,
+		   const struct ab_reference *ref, const char *spec, struct ab_result *out,
+		   struct ab_progress *progress, char message[AB_MESSAGE_MAX]);
+
+/* Opens and closes a sequence of this shape under spec: 0, or 2 / 1 as ab_replay_spec says. */
+int ab_check_spec(const kvp_plugin_v1 *api, const char *pool_spec, const char *spec, const kvp_shape *shape,
+		  char message[AB_MESSAGE_MAX]);
+/* Fills the byte columns of a result from the sequence's stats after `tokens` positions. */
+void ab_result_bytes(struct ab_result *r, const kvp_stats *st, uint64_t tokens);
+
+#endif /* KVP_TOOLS_AB_H */

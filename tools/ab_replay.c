@@ -1,0 +1,391 @@
+/*
+ * tools/ab_replay.c — replaying a stream of queries, keys and values (a trace or the synthetic
+ * generator) through cache specs of the kvpager plugin, against exact attention computed here.
+ *
+ * The exact reference is computed once, in its own pass, from a dense copy of every key and value: the
+ * cache under test never takes part in it. Each spec then gets a fresh pool, tenant and sequence and
+ * sees the same steps: append the step's key and value to every layer, attend with its query at the
+ * checked steps, kvp_seq_step. Only those library calls are timed, so tokens/s is the cache's own rate.
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tools/ab.h"
+
+/* The dense copy of the keys and values must fit in this much memory. */
+#define AB_REFERENCE_MAX_BYTES (8ULL << 30)
+
+static int ab_fail(char message[AB_MESSAGE_MAX], int status, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+static int ab_fail(char message[AB_MESSAGE_MAX], int status, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(message, AB_MESSAGE_MAX, fmt, ap);
+	va_end(ap);
+	return status;
+}
+
+int ab_checked_step(const struct ab_reference *ref, uint64_t step, uint64_t n_steps)
+{
+	return (step + 1) % ref->every == 0 || step + 1 == n_steps;
+}
+
+static uint64_t count_checked(uint32_t every, uint64_t n_steps)
+{
+	return n_steps / every + (n_steps % every ? 1 : 0);
+}
+
+/* One step's q, k, v for every layer. */
+struct step_buffers {
+	float *q, *k, *v, *out;
+};
+
+static int buffers_open(struct step_buffers *b, const kvp_shape *s)
+{
+	size_t nq = (size_t)s->n_layers * s->n_heads * s->head_dim;
+	size_t nkv = (size_t)s->n_layers * s->n_kv_heads * s->head_dim;
+
+	b->q = malloc(nq * sizeof(float));
+	b->out = malloc(nq * sizeof(float));
+	b->k = malloc(nkv * sizeof(float));
+	b->v = malloc(nkv * sizeof(float));
+	return b->q && b->out && b->k && b->v ? 0 : -1;
+}
+
+static void buffers_close(struct step_buffers *b)
+{
+	free(b->q);
+	free(b->out);
+	free(b->k);
+	free(b->v);
+}
+
+/* sum a[j] b[j] in eight lanes, so the compiler can vectorize without reassociating */
+static float dot(const float *a, const float *b, uint32_t n)
+{
+	float lane[8] = { 0 }, sum = 0.0f;
+	uint32_t j, i;
+
+	for (j = 0; j + 8 <= n; j += 8)
+		for (i = 0; i < 8; i++)
+			lane[i] += a[j + i] * b[j + i];
+	for (; j < n; j++)
+		sum += a[j] * b[j];
+	for (i = 0; i < 8; i++)
+		sum += lane[i];
+	return sum;
+}
+
+/* The dense history and the scratch of exact attention. */
+struct dense_history {
+	const kvp_shape *shape;
+	float *keys, *values; /* [n_steps][n_layers][n_kv_heads][d] */
+	float *scores;        /* [n_steps] */
+	size_t row;           /* floats of one step: n_layers * n_kv_heads * d */
+};
+
+/* softmax(q K^T / sqrt(d)) V of one query head over steps 0..n-1 of layer l, KV head g */
+static void exact_head(struct dense_history *h, uint32_t l, uint32_t g, uint64_t n, const float *q, float *out)
+{
+	uint32_t d = h->shape->head_dim, j;
+	size_t at = ((size_t)l * h->shape->n_kv_heads + g) * d;
+	float scale = 1.0f / sqrtf((float)d), max = -INFINITY;
+	double sum = 0;
+	uint64_t t;
+
+	for (t = 0; t < n; t++) {
+		h->scores[t] = dot(q, h->keys + t * h->row + at, d) * scale;
+		max = h->scores[t] > max ? h->scores[t] : max;
+	}
+	memset(out, 0, d * sizeof(float));
+	for (t = 0; t < n; t++) {
+		const float *v = h->values + t * h->row + at;
+		float p = expf(h->scores[t] - max);
+
+		sum += p;
+		for (j = 0; j < d; j++)
+			out[j] += p * v[j];
+	}
+	for (j = 0; j < d; j++)
+		out[j] = (float)(out[j] / sum);
+}
+
+static void exact_step(struct dense_history *h, uint64_t n, const float *q, float *out)
+{
+	const kvp_shape *s = h->shape;
+	uint32_t l, hd, group = s->n_heads / s->n_kv_heads;
+	size_t width = (size_t)s->n_heads * s->head_dim;
+
+	for (l = 0; l < s->n_layers; l++)
+		for (hd = 0; hd < s->n_heads; hd++)
+			exact_head(h, l, hd / group, n, q + l * width + (size_t)hd * s->head_dim,
+				   out + l * width + (size_t)hd * s->head_dim);
+}
+
+static int history_open(struct dense_history *h, const kvp_shape *s, uint64_t n_steps,
+			char message[AB_MESSAGE_MAX])
+{
+	memset(h, 0, sizeof(*h));
+	h->shape = s;
+	h->row = (size_t)s->n_layers * s->n_kv_heads * s->head_dim;
+	if (n_steps > AB_REFERENCE_MAX_BYTES / 8 / h->row)
+		return ab_fail(message, 1, "the exact reference needs a dense copy of %llu steps of %zu floats "
+			       "of keys and values: more than %llu GiB", (unsigned long long)n_steps, 2 * h->row,
+			       AB_REFERENCE_MAX_BYTES >> 30);
+	h->keys = malloc(n_steps * h->row * sizeof(float));
+	h->values = malloc(n_steps * h->row * sizeof(float));
+	h->scores = malloc(n_steps * sizeof(float));
+	if (!h->keys || !h->values || !h->scores)
+		return ab_fail(message, 1, "no memory for the exact reference of %llu steps",
+			       (unsigned long long)n_steps);
+	return 0;
+}
+
+static void history_close(struct dense_history *h)
+{
+	free(h->keys);
+	free(h->values);
+	free(h->scores);
+}
+
+static int source_failed(const struct ab_source *src, char message[AB_MESSAGE_MAX])
+{
+	return ab_fail(message, 2, "%s", src->error(src->ctx));
+}
+
+static int reference_pass(const struct ab_source *src, struct ab_reference *ref, struct dense_history *h,
+			  struct ab_progress *progress, char message[AB_MESSAGE_MAX])
+{
+	size_t width = (size_t)src->shape.n_layers * src->shape.n_heads * src->shape.head_dim;
+	uint64_t step, checked = 0;
+	float *q = malloc(width * sizeof(float));
+	int32_t pos;
+	int rc = 0, got;
+
+	if (!q)
+		return ab_fail(message, 1, "no memory for a query");
+	for (step = 0; step < src->n_steps && !rc; step++) {
+		got = src->read_step(src->ctx, &pos, q, h->keys + step * h->row, h->values + step * h->row);
+		if (got <= 0)
+			rc = got < 0 ? source_failed(src, message)
+				     : ab_fail(message, 2, "the stream ended after %llu of %llu steps",
+					       (unsigned long long)step, (unsigned long long)src->n_steps);
+		else if (ab_checked_step(ref, step, src->n_steps))
+			exact_step(h, step + 1, q, ref->outputs + checked++ * width);
+		ab_progress_advance(progress, 1, "exact reference");
+	}
+	free(q);
+	return rc;
+}
+
+int ab_replay_reference(const struct ab_source *src, uint32_t every, struct ab_reference *ref,
+			struct ab_progress *progress, char message[AB_MESSAGE_MAX])
+{
+	size_t width = (size_t)src->shape.n_layers * src->shape.n_heads * src->shape.head_dim;
+	struct dense_history h;
+	int rc;
+
+	memset(ref, 0, sizeof(*ref));
+	ref->every = every ? every : 1;
+	ref->n_checked = count_checked(ref->every, src->n_steps);
+	rc = history_open(&h, &src->shape, src->n_steps, message);
+	if (!rc && !(ref->outputs = malloc(ref->n_checked * width * sizeof(float))))
+		rc = ab_fail(message, 1, "no memory for %llu reference outputs", (unsigned long long)ref->n_checked);
+	if (!rc && src->rewind(src->ctx))
+		rc = source_failed(src, message);
+	if (!rc)
+		rc = reference_pass(src, ref, &h, progress, message);
+	history_close(&h);
+	if (rc)
+		ab_reference_free(ref);
+	return rc;
+}
+
+void ab_reference_free(struct ab_reference *ref)
+{
+	free(ref->outputs);
+	ref->outputs = NULL;
+}
+
+void ab_result_bytes(struct ab_result *r, const kvp_stats *st, uint64_t tokens)
+{
+	double held = (double)(st->bytes_exact + st->bytes_compressed + st->bytes_meta);
+
+	r->stats = *st;
+	r->tokens = tokens;
+	r->bytes_per_token = tokens ? held / (double)tokens : 0.0;
+	r->compression = held > 0 ? (double)st->bytes_dense_fp16 / held : 0.0;
+}
+
+/* ---- one spec ---- */
+
+struct ab_cache {
+	const kvp_plugin_v1 *api;
+	kvp_pool *pool;
+	kvp_tenant *tenant;
+	kvp_seq *seq;
+};
+
+static void cache_close(struct ab_cache *c)
+{
+	if (c->seq)
+		c->api->seq_close(c->seq);
+	if (c->tenant)
+		c->api->tenant_close(c->tenant);
+	if (c->pool)
+		c->api->pool_close(c->pool);
+	memset(c, 0, sizeof(*c));
+}
+
+/* A refused spec or shape is bad input (2); anything else is a failure of the run (1). */
+static int library_failed(const kvp_plugin_v1 *api, kvp_status st, const char *what,
+			  char message[AB_MESSAGE_MAX])
+{
+	const char *detail = api->last_error();
+
+	return ab_fail(message, st == KVP_EINVAL || st == KVP_EUNSUPPORTED ? 2 : 1, "%s: %s%s%s", what,
+		       api->strerror(st), detail[0] ? ": " : "", detail);
+}
+
+static int cache_open(struct ab_cache *c, const kvp_plugin_v1 *api, const char *pool_spec, const char *spec,
+		      const kvp_shape *shape, char message[AB_MESSAGE_MAX])
+{
+	kvp_status st;
+
+	memset(c, 0, sizeof(*c));
+	c->api = api;
+	if ((st = api->pool_open(pool_spec, &c->pool)) != KVP_OK)
+		return library_failed(api, st, "pool", message);
+	if ((st = api->tenant_open(c->pool, "ab", spec, &c->tenant)) != KVP_OK)
+		return library_failed(api, st, "cache", message);
+	if ((st = api->seq_open(c->tenant, shape, &c->seq)) != KVP_OK)
+		return library_failed(api, st, "sequence", message);
+	return 0;
+}
+
+int ab_check_spec(const kvp_plugin_v1 *api, const char *pool_spec, const char *spec, const kvp_shape *shape,
+		  char message[AB_MESSAGE_MAX])
+{
+	struct ab_cache c;
+	int rc = cache_open(&c, api, pool_spec, spec, shape, message);
+
+	cache_close(&c);
+	return rc;
+}
+
+static double relative_error(const float *got, const float *want, size_t n)
+{
+	double num = 0, den = 0;
+	size_t i;
+
+	for (i = 0; i < n; i++) {
+		num += ((double)got[i] - want[i]) * ((double)got[i] - want[i]);
+		den += (double)want[i] * want[i];
+	}
+	return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* Errors accumulated over the checked (step, layer) pairs. */
+struct error_sum {
+	double sum, max;
+	uint64_t n;
+};
+
+/* The library calls of one step; *seconds grows by their time. */
+static int cache_step(struct ab_cache *c, const kvp_shape *s, int32_t pos, struct step_buffers *b, int check,
+		      double *seconds, char message[AB_MESSAGE_MAX])
+{
+	size_t nkv = (size_t)s->n_kv_heads * s->head_dim, nq = (size_t)s->n_heads * s->head_dim;
+	double t0 = ab_now();
+	kvp_status st = KVP_OK;
+	uint32_t l;
+
+	for (l = 0; l < s->n_layers && !st; l++) {
+		st = c->api->append(c->seq, l, 1, &pos, b->k + l * nkv, b->v + l * nkv);
+		if (!st && check)
+			st = c->api->attend(c->seq, l, b->q + l * nq, b->out + l * nq);
+	}
+	if (!st)
+		st = c->api->seq_step(c->seq);
+	*seconds += ab_now() - t0;
+	if (st) {
+		char what[64];
+
+		snprintf(what, sizeof(what), "position %d", pos);
+		return library_failed(c->api, st, what, message);
+	}
+	return 0;
+}
+
+static void add_errors(struct error_sum *e, const kvp_shape *s, const float *got, const float *want)
+{
+	size_t width = (size_t)s->n_heads * s->head_dim;
+	uint32_t l;
+
+	for (l = 0; l < s->n_layers; l++) {
+		double r = relative_error(got + l * width, want + l * width, width);
+
+		e->sum += r;
+		e->max = r > e->max ? r : e->max;
+		e->n++;
+	}
+}
+
+static int replay_steps(struct ab_cache *c, const struct ab_source *src, const struct ab_reference *ref,
+			struct step_buffers *b, struct ab_result *out, struct ab_progress *progress,
+			char message[AB_MESSAGE_MAX])
+{
+	size_t width = (size_t)src->shape.n_layers * src->shape.n_heads * src->shape.head_dim;
+	struct error_sum e = { 0, 0, 0 };
+	uint64_t step, checked = 0;
+	double seconds = 0;
+	int32_t pos;
+	int rc = 0, check;
+
+	for (step = 0; step < src->n_steps && !rc; step++) {
+		if (src->read_step(src->ctx, &pos, b->q, b->k, b->v) <= 0)
+			return source_failed(src, message);
+		check = ab_checked_step(ref, step, src->n_steps);
+		rc = cache_step(c, &src->shape, pos, b, check, &seconds, message);
+		if (!rc && check)
+			add_errors(&e, &src->shape, b->out, ref->outputs + checked++ * width);
+		ab_progress_advance(progress, 1, out->spec);
+	}
+	out->attention_error = e.n ? e.sum / (double)e.n : NAN;
+	out->attention_error_max = e.n ? e.max : NAN;
+	out->tokens_per_s = seconds > 0 ? (double)src->n_steps / seconds : 0;
+	return rc;
+}
+
+int ab_replay_spec(const kvp_plugin_v1 *api, const char *pool_spec, const struct ab_source *src,
+		   const struct ab_reference *ref, const char *spec, struct ab_result *out,
+		   struct ab_progress *progress, char message[AB_MESSAGE_MAX])
+{
+	kvp_stats st = { .size = sizeof(st) };
+	struct step_buffers b = { 0 };
+	struct ab_cache c;
+	int rc;
+
+	memset(out, 0, sizeof(*out));
+	out->spec = spec;
+	out->kl_mean = out->kl_p99 = out->top1 = NAN; /* a trace has no logits */
+	rc = cache_open(&c, api, pool_spec, spec, &src->shape, message);
+	if (!rc && buffers_open(&b, &src->shape))
+		rc = ab_fail(message, 1, "no memory for one step");
+	if (!rc && src->rewind(src->ctx))
+		rc = source_failed(src, message);
+	if (!rc)
+		rc = replay_steps(&c, src, ref, &b, out, progress, message);
+	if (!rc && api->seq_stats(c.seq, &st) != KVP_OK)
+		rc = ab_fail(message, 1, "stats: %s", api->last_error());
+	if (!rc)
+		ab_result_bytes(out, &st, src->n_steps);
+	buffers_close(&b);
+	cache_close(&c);
+	return rc;
+}

@@ -1,0 +1,718 @@
+/*
+ * kvpager-ab — the A/B runner: the same token stream through several KV-cache specs of the kvpager
+ * plugin (dlopen + the kvp_plugin_v1 table), each measured against the exact (full) cache.
+ *
+ *   kvpager-ab [--model PATH [--tokenizer PATH] [--prompt TEXT] [--steps N] | --trace FILE |
+ *               --tokens N --seed N] [--spec SPEC]... [--every N] [--plugin PATH] [--pool SPEC]
+ *              [--csv FILE] [--plot FILE.svg] [--quiet]
+ *
+ * Three sources of the stream:
+ *   --model   a llama2.c checkpoint: the full cache (an exact in-process dense cache) generates greedily
+ *             from the prompt, and every spec is teacher-forced on those tokens; per position the
+ *             runner compares next-token distributions (KL, top-1) and every layer's attention output.
+ *   --trace   a recorded trace (include/kvpager_trace.h; kvpager-llama --record writes one): queries,
+ *             keys and values are replayed; the reference is exact attention computed from the trace.
+ *             A trace has no logits, so KL and top-1 are n/a.
+ *   neither   the built-in synthetic trace (tools/synthetic.h): 8192 tokens of 2 layers, 8 query and
+ *             2 KV heads of dimension 128 with RoPE, per-band query concentration, outlier key
+ *             channels, attention sinks and heavy hitters; compared like a trace.
+ * Without --spec, four specs are compared: the exact cache (store=fp32) and cold tiers of TurboQuant
+ * 4 and 3 bits and KIVI 2 bits, with the default block=64, sinks=4, window=128.
+ *
+ * Exit status: 0 done, 2 bad input (options, files, a spec the library refuses, such as a policy it
+ * does not serve yet), 1 any other failure.
+ */
+#include <dlfcn.h>
+#include <errno.h>
+#include <stddef.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "kvpager.h"
+#include "tools/ab.h"
+#include "tools/llama.h"
+#include "tools/synthetic.h"
+#include "tools/trace.h"
+
+#define EXIT_BAD_INPUT 2
+#define PATH_CAP 4096
+#define MAX_SPECS 32
+#define SYNTHETIC_TOKENS 8192
+#define SYNTHETIC_EVERY 64
+
+/* The three axes alone and together: codecs, policies at a quarter of the tokens, and both. */
+static const char *const default_specs[] = {
+	"store=fp32",
+	"k=turboquant(bits=4),v=turboquant(bits=4)",
+	"k=turboquant(bits=3),v=turboquant(bits=3)",
+	"k=kivi(bits=2),v=kivi(bits=2)",
+	"policy=streaming(sinks=4,window=2044)",
+	"policy=triattention(budget=2048,stats=online)",
+	"policy=triattention(budget=2048,stats=online),k=turboquant(bits=3),v=turboquant(bits=3)",
+};
+
+struct options {
+	const char *model, *tokenizer, *prompt, *trace, *plugin, *pool, *csv, *plot;
+	const char *specs[MAX_SPECS];
+	int n_specs, quiet, seeded;
+	long steps, tokens, every;
+	unsigned long long seed;
+	char tokenizer_buf[PATH_CAP], plugin_buf[PATH_CAP];
+};
+
+static void usage(FILE *f)
+{
+	fputs("usage: kvpager-ab [source] [--spec SPEC]... [options]\n"
+	      "Runs one token stream through each cache SPEC (a tenant spec of kvpager) and compares it with\n"
+	      "the exact full cache: KV bytes per token, compression against dense fp16, next-token KL\n"
+	      "(mean, p99) and top-1 agreement, attention-output relative error, tokens/s.\n"
+	      "source (one of):\n"
+	      "  --model PATH      llama2.c checkpoint; the full cache generates greedily, specs are\n"
+	      "                    teacher-forced on its tokens\n"
+	      "    --tokenizer PATH  (default tok512.bin next to the model)\n"
+	      "    --prompt TEXT     (default none: start from BOS)\n"
+	      "    --steps N         positions (default 256, at most the model's seq_len)\n"
+	      "  --trace FILE      a recorded trace (format: include/kvpager_trace.h); KL and top-1 are n/a\n"
+	      "  (none)            the built-in synthetic trace: 2 layers, 8 query heads, 2 KV heads,\n"
+	      "                    head_dim 128, RoPE theta 500000; per-band query concentration aligned\n"
+	      "                    with the keys (local attention), 4 outlier key channels per KV head,\n"
+	      "                    4 attention-sink tokens, 3% heavy hitters (tools/synthetic.c)\n"
+	      "    --tokens N        its length (default 8192)\n"
+	      "    --seed N          its seed (default 1)\n"
+	      "options:\n"
+	      "  --spec SPEC       a cache spec to compare, repeatable (default: store=fp32,\n"
+	      "                    k=turboquant(bits=4),v=turboquant(bits=4), the same at bits=3,\n"
+	      "                    k=kivi(bits=2),v=kivi(bits=2), policy=streaming(sinks=4,window=2044),\n"
+	      "                    policy=triattention(budget=2048,stats=online), and that with\n"
+	      "                    k=turboquant(bits=3),v=turboquant(bits=3))\n"
+	      "  --every N         attend and compare at every Nth step only (default 1; 64 for the\n"
+	      "                    synthetic trace); every token is still appended\n"
+	      "  --plugin PATH     kvpager plugin (default libkvpager.so.1 next to this program)\n"
+	      "  --pool SPEC       pool spec for every run (default \"\")\n"
+	      "  --csv FILE        write the table as CSV (unmeasured values are empty fields)\n"
+	      "  --plot FILE.svg   write an SVG plot of bytes per token against mean KL (against the\n"
+	      "                    attention error when there is no KL)\n"
+	      "  --quiet           no progress bar\n"
+	      "Exit status: 0 done, 2 bad input or a spec the library refuses, 1 other failures.\n", f);
+}
+
+static int bad_input(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static int bad_input(const char *fmt, ...)
+{
+	va_list ap;
+
+	fputs("kvpager-ab: ", stderr);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	return EXIT_BAD_INPUT;
+}
+
+static int parse_count(const char *name, const char *s, long hi, long *out)
+{
+	char *end;
+	long v;
+
+	errno = 0;
+	v = strtol(s, &end, 10);
+	if (errno || end == s || *end || v < 1 || v > hi)
+		return bad_input("%s wants an integer in 1..%ld, not '%s'", name, hi, s);
+	*out = v;
+	return 0;
+}
+
+static int parse_seed(const char *s, unsigned long long *out)
+{
+	char *end;
+
+	errno = 0;
+	*out = strtoull(s, &end, 10);
+	if (errno || end == s || *end || s[0] == '-')
+		return bad_input("--seed wants a non-negative integer, not '%s'", s);
+	return 0;
+}
+
+static int add_spec(struct options *o, const char *spec)
+{
+	if (o->n_specs == MAX_SPECS)
+		return bad_input("at most %d --spec", MAX_SPECS);
+	o->specs[o->n_specs++] = spec;
+	return 0;
+}
+
+/* Options with a value; returns 0 or an exit status. */
+static int parse_valued(struct options *o, const char *name, const char *val)
+{
+	static const struct {
+		const char *name;
+		size_t offset;
+	} paths[] = {
+		{ "--model", offsetof(struct options, model) },   { "--tokenizer", offsetof(struct options, tokenizer) },
+		{ "--prompt", offsetof(struct options, prompt) }, { "--trace", offsetof(struct options, trace) },
+		{ "--plugin", offsetof(struct options, plugin) }, { "--pool", offsetof(struct options, pool) },
+		{ "--csv", offsetof(struct options, csv) },       { "--plot", offsetof(struct options, plot) },
+	};
+	size_t i;
+
+	for (i = 0; i < sizeof(paths) / sizeof(paths[0]); i++)
+		if (!strcmp(name, paths[i].name)) {
+			*(const char **)((char *)o + paths[i].offset) = val;
+			return 0;
+		}
+	if (!strcmp(name, "--spec"))
+		return add_spec(o, val);
+	if (!strcmp(name, "--steps"))
+		return parse_count(name, val, INT_MAX, &o->steps);
+	if (!strcmp(name, "--tokens"))
+		return parse_count(name, val, INT32_MAX, &o->tokens);
+	if (!strcmp(name, "--every"))
+		return parse_count(name, val, INT32_MAX, &o->every);
+	if (!strcmp(name, "--seed")) {
+		o->seeded = 1;
+		return parse_seed(val, &o->seed);
+	}
+	return 0;
+}
+
+static int takes_value(const char *name)
+{
+	static const char *const valued[] = { "--model", "--tokenizer", "--prompt", "--trace", "--plugin",
+					      "--pool", "--csv", "--plot", "--spec", "--steps", "--tokens",
+					      "--every", "--seed" };
+	size_t i;
+
+	for (i = 0; i < sizeof(valued) / sizeof(valued[0]); i++)
+		if (!strcmp(name, valued[i]))
+			return 1;
+	return 0;
+}
+
+static int parse_options(struct options *o, int argc, char **argv)
+{
+	int i, rc;
+
+	for (i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--quiet")) {
+			o->quiet = 1;
+			continue;
+		}
+		if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+			usage(stdout);
+			exit(0);
+		}
+		if (!takes_value(argv[i])) {
+			usage(stderr);
+			return bad_input("unknown option '%s'", argv[i]);
+		}
+		if (i + 1 >= argc)
+			return bad_input("%s needs a value", argv[i]);
+		rc = parse_valued(o, argv[i], argv[i + 1]);
+		if (rc)
+			return rc;
+		i++;
+	}
+	if (o->model && o->trace)
+		return bad_input("--model and --trace are two sources; give one");
+	if ((o->tokens || o->seeded) && (o->model || o->trace))
+		return bad_input("--tokens and --seed shape the synthetic trace, not a model or a trace");
+	return 0;
+}
+
+/* dir of path with its trailing '/' into buf ("" when there is none) */
+static void directory_of(const char *path, char *buf, size_t cap)
+{
+	const char *slash = strrchr(path, '/');
+	size_t n = slash ? (size_t)(slash - path) + 1 : 0;
+
+	if (n >= cap)
+		n = 0;
+	memcpy(buf, path, n);
+	buf[n] = '\0';
+}
+
+static int default_paths(struct options *o, const char *argv0)
+{
+	char dir[PATH_CAP], exe[PATH_CAP];
+	ssize_t n;
+	int w;
+
+	if (o->model && !o->tokenizer) {
+		directory_of(o->model, dir, sizeof(dir));
+		w = snprintf(o->tokenizer_buf, PATH_CAP, "%stok512.bin", dir);
+		if (w < 0 || w >= PATH_CAP)
+			return bad_input("model path too long: %s", o->model);
+		o->tokenizer = o->tokenizer_buf;
+	}
+	if (!o->plugin) {
+		/* next to the executable, wherever it was started from */
+		n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+		if (n > 0)
+			exe[n] = '\0';
+		directory_of(n > 0 ? exe : argv0, dir, sizeof(dir));
+		w = snprintf(o->plugin_buf, PATH_CAP, "%slibkvpager.so.1", dir[0] ? dir : "./");
+		if (w < 0 || w >= PATH_CAP)
+			return bad_input("executable path too long: %s", argv0);
+		o->plugin = o->plugin_buf;
+	}
+	if (!o->n_specs)
+		for (w = 0; w < (int)(sizeof(default_specs) / sizeof(default_specs[0])); w++)
+			o->specs[o->n_specs++] = default_specs[w];
+	return 0;
+}
+
+typedef const kvp_plugin_v1 *(*plugin_entry)(uint32_t abi_major);
+
+/* dlopen the plugin and ask for the v1 table; only the table is used afterwards. */
+static const kvp_plugin_v1 *load_plugin(const char *path, void **library)
+{
+	const kvp_plugin_v1 *api;
+	plugin_entry entry;
+
+	*library = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+	if (!*library) {
+		fprintf(stderr, "kvpager-ab: cannot load the plugin: %s\n", dlerror());
+		return NULL;
+	}
+	entry = (plugin_entry)dlsym(*library, "kvp_plugin");
+	api = entry ? entry(KVP_ABI_MAJOR) : NULL;
+	if (!api || api->abi_major != KVP_ABI_MAJOR || api->size < sizeof(kvp_plugin_v1)) {
+		fprintf(stderr, "kvpager-ab: %s does not serve the kvp_plugin_v1 table of ABI %d\n", path,
+			KVP_ABI_MAJOR);
+		return NULL;
+	}
+	return api;
+}
+
+/* Every spec is tried on the stream's shape before anything runs, so a refused one costs nothing. */
+static int check_specs(const struct options *o, const kvp_plugin_v1 *api, const kvp_shape *shape)
+{
+	char message[AB_MESSAGE_MAX];
+	int i, rc;
+
+	for (i = 0; i < o->n_specs; i++) {
+		rc = ab_check_spec(api, o->pool, o->specs[i], shape, message);
+		if (rc) {
+			fprintf(stderr, "kvpager-ab: spec '%s': %s\n", o->specs[i], message);
+			return rc;
+		}
+	}
+	return 0;
+}
+
+/* ---- the model source ---- */
+
+struct model_run {
+	struct llama_model model;
+	struct llama_tokenizer tokenizer;
+	struct llama_state state;
+	int *tokens;        /* [n]: the input at each position */
+	int n, n_prompt;
+	float *log_probs;   /* [n][vocab]: the full cache's next-token log-probabilities */
+	float *attention;   /* [n][n_layers][dim]: the full cache's attention outputs */
+	float *observed;    /* [n][n_layers][dim]: the spec's */
+	double *kl;         /* [n] */
+};
+
+static int observed_index(const struct model_run *m, int pos, int layer)
+{
+	return (pos * m->model.config.n_layers + layer) * m->model.config.dim;
+}
+
+static void record_attention(void *ctx, enum llama_tap tap, int layer, int pos, const float *x, int n)
+{
+	struct model_run *m = ctx;
+
+	if (tap == LLAMA_TAP_ATTENTION)
+		memcpy(m->observed + observed_index(m, pos, layer), x, (size_t)n * sizeof(float));
+}
+
+static void log_softmax(const float *logits, int n, float *out)
+{
+	float max = logits[llama_argmax(logits, n)];
+	double sum = 0;
+	int i;
+
+	for (i = 0; i < n; i++)
+		sum += exp((double)logits[i] - max);
+	for (i = 0; i < n; i++)
+		out[i] = (float)((double)logits[i] - max - log(sum));
+}
+
+static int model_alloc(struct model_run *m, int n)
+{
+	size_t vocab = (size_t)m->model.config.vocab_size;
+	size_t att = (size_t)n * (size_t)m->model.config.n_layers * (size_t)m->model.config.dim;
+
+	m->n = n;
+	m->tokens = calloc((size_t)n + 1, sizeof(int));
+	m->log_probs = malloc((size_t)n * vocab * sizeof(float));
+	m->attention = malloc(att * sizeof(float));
+	m->observed = malloc(att * sizeof(float));
+	m->kl = malloc((size_t)n * sizeof(double));
+	if (m->tokens && m->log_probs && m->attention && m->observed && m->kl &&
+	    !llama_state_init(&m->state, &m->model.config))
+		return 0;
+	fputs("kvpager-ab: no memory for the model run\n", stderr);
+	return 1;
+}
+
+static int model_load(struct model_run *m, const struct options *o)
+{
+	char err[LLAMA_ERROR_MAX];
+	int rc, n, n_prompt;
+	int *prompt;
+
+	rc = llama_model_load(&m->model, o->model, err);
+	if (!rc)
+		rc = llama_tokenizer_load(&m->tokenizer, o->tokenizer, m->model.config.vocab_size, err);
+	if (rc) {
+		fprintf(stderr, "kvpager-ab: %s\n", err);
+		return rc == LLAMA_EINPUT ? EXIT_BAD_INPUT : 1;
+	}
+	n = (int)(o->steps < m->model.config.seq_len ? o->steps : m->model.config.seq_len);
+	if (model_alloc(m, n))
+		return 1;
+	prompt = malloc(sizeof(int) * (strlen(o->prompt) + 3));
+	if (!prompt)
+		return 1;
+	n_prompt = llama_encode(&m->tokenizer, o->prompt, 1, 0, prompt);
+	if (n_prompt > 0)
+		memcpy(m->tokens, prompt, sizeof(int) * (size_t)(n_prompt < n ? n_prompt : n));
+	free(prompt);
+	m->n_prompt = n_prompt;
+	return n_prompt < 0 ? 1 : 0;
+}
+
+/* The full cache: generates greedily after the prompt and keeps what every spec is compared with. */
+static int model_reference(struct model_run *m, struct ab_progress *progress)
+{
+	struct llama_observer obs = { m, record_attention };
+	struct llama_dense_cache dense;
+	struct llama_attention att;
+	int pos, vocab = m->model.config.vocab_size, rc = 0;
+
+	if (llama_dense_cache_init(&dense, &m->model.config))
+		return 1;
+	att = llama_dense_attention(&dense);
+	for (pos = 0; pos < m->n && !rc; pos++) {
+		rc = llama_forward(&m->model, &m->state, &att, &obs, m->tokens[pos], pos);
+		log_softmax(m->state.logits, vocab, m->log_probs + (size_t)pos * (size_t)vocab);
+		if (pos + 1 >= m->n_prompt)
+			m->tokens[pos + 1] = llama_argmax(m->state.logits, vocab);
+		ab_progress_advance(progress, 1, "full cache");
+	}
+	memcpy(m->attention, m->observed,
+	       sizeof(float) * (size_t)m->n * (size_t)m->model.config.n_layers * (size_t)m->model.config.dim);
+	llama_dense_cache_free(&dense);
+	if (rc)
+		fprintf(stderr, "kvpager-ab: the full-cache run failed at position %d (%d)\n", pos - 1, rc);
+	return rc ? 1 : 0;
+}
+
+static int compare_doubles(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return (x > y) - (x < y);
+}
+
+/* p99 by the nearest rank: the smallest value with at least 99% of the values at or below it */
+static double percentile99(double *x, int n)
+{
+	int rank = (int)ceil(0.99 * n);
+
+	qsort(x, (size_t)n, sizeof(double), compare_doubles);
+	return x[rank > 0 ? rank - 1 : 0];
+}
+
+/* KL(full || spec) at pos, from the spec's logits; *agree is 1 when the argmaxes match. */
+static double position_kl(struct model_run *m, int pos, float *log_probs, int *agree)
+{
+	int vocab = m->model.config.vocab_size, i;
+	const float *ref = m->log_probs + (size_t)pos * (size_t)vocab;
+	double kl = 0;
+
+	log_softmax(m->state.logits, vocab, log_probs);
+	for (i = 0; i < vocab; i++)
+		kl += exp((double)ref[i]) * ((double)ref[i] - log_probs[i]);
+	*agree = llama_argmax(ref, vocab) == llama_argmax(log_probs, vocab);
+	return kl > 0 ? kl : 0.0; /* rounding can leave -1e-9 where the distributions are equal */
+}
+
+static void attention_errors(const struct model_run *m, struct ab_result *r)
+{
+	int dim = m->model.config.dim, i, j, cells = m->n * m->model.config.n_layers;
+	double sum = 0, max = 0;
+
+	for (i = 0; i < cells; i++) {
+		const float *a = m->attention + (size_t)i * (size_t)dim, *b = m->observed + (size_t)i * (size_t)dim;
+		double num = 0, den = 0, e;
+
+		for (j = 0; j < dim; j++) {
+			num += ((double)b[j] - a[j]) * ((double)b[j] - a[j]);
+			den += (double)a[j] * a[j];
+		}
+		e = den > 0 ? sqrt(num / den) : sqrt(num);
+		sum += e;
+		max = e > max ? e : max;
+	}
+	r->attention_error = sum / cells;
+	r->attention_error_max = max;
+}
+
+static int spec_forward(struct model_run *m, struct llama_plugin_cache *c, struct ab_result *r,
+			struct ab_progress *progress)
+{
+	struct llama_observer obs = { m, record_attention };
+	struct llama_attention att = llama_plugin_attention(c);
+	float *log_probs = malloc(sizeof(float) * (size_t)m->model.config.vocab_size);
+	int pos, agree, agreed = 0, rc = 0;
+	double t0 = ab_now(), kl_sum = 0;
+
+	if (!log_probs)
+		return 1;
+	for (pos = 0; pos < m->n && !rc; pos++) {
+		rc = llama_forward(&m->model, &m->state, &att, &obs, m->tokens[pos], pos);
+		if (rc)
+			break;
+		m->kl[pos] = position_kl(m, pos, log_probs, &agree);
+		kl_sum += m->kl[pos];
+		agreed += agree;
+		ab_progress_advance(progress, 1, r->spec);
+	}
+	r->tokens_per_s = m->n / (ab_now() - t0);
+	free(log_probs);
+	if (rc) {
+		fprintf(stderr, "kvpager-ab: spec '%s': position %d: %s\n", r->spec, pos,
+			rc == LLAMA_EATTENTION ? c->message : "the forward pass failed");
+		return rc == LLAMA_EATTENTION && (c->status == KVP_EINVAL || c->status == KVP_EUNSUPPORTED)
+			       ? EXIT_BAD_INPUT : 1;
+	}
+	r->kl_mean = kl_sum / m->n;
+	r->top1 = (double)agreed / m->n;
+	r->kl_p99 = percentile99(m->kl, m->n);
+	attention_errors(m, r);
+	return 0;
+}
+
+static int model_spec(struct model_run *m, const kvp_plugin_v1 *api, const char *pool, const char *spec,
+		      struct ab_result *r, struct ab_progress *progress)
+{
+	struct llama_plugin_cache c;
+	kvp_stats st = { .size = sizeof(st) };
+	int rc;
+
+	memset(r, 0, sizeof(*r));
+	r->spec = spec;
+	rc = llama_plugin_cache_open(&c, api, &m->model.config, pool, spec);
+	if (rc) {
+		fprintf(stderr, "kvpager-ab: spec '%s': %s\n", spec, c.message);
+		return rc == LLAMA_EINPUT ? EXIT_BAD_INPUT : 1;
+	}
+	rc = spec_forward(m, &c, r, progress);
+	if (!rc && api->seq_stats(c.seq, &st) == KVP_OK)
+		ab_result_bytes(r, &st, (uint64_t)m->n);
+	llama_plugin_cache_close(&c);
+	return rc;
+}
+
+static void model_free(struct model_run *m)
+{
+	free(m->tokens);
+	free(m->log_probs);
+	free(m->attention);
+	free(m->observed);
+	free(m->kl);
+	llama_state_free(&m->state);
+	llama_tokenizer_free(&m->tokenizer);
+	llama_model_free(&m->model);
+}
+
+/* ---- the runs ---- */
+
+struct run {
+	struct options opt;
+	void *library;
+	const kvp_plugin_v1 *api;
+	struct ab_result results[MAX_SPECS];
+	char title[PATH_CAP + 512];
+};
+
+static int report(struct run *r)
+{
+	char message[AB_MESSAGE_MAX];
+
+	ab_print_table(stdout, r->title, r->results, r->opt.n_specs);
+	fflush(stdout);
+	if (r->opt.csv && ab_write_csv(r->opt.csv, r->results, r->opt.n_specs, message))
+		return bad_input("%s", message);
+	if (r->opt.plot && ab_write_svg(r->opt.plot, r->title, r->results, r->opt.n_specs, message))
+		return bad_input("%s", message);
+	return 0;
+}
+
+static int run_model(struct run *r)
+{
+	static struct model_run m;
+	struct ab_progress progress;
+	kvp_shape shape;
+	int rc, i;
+
+	rc = model_load(&m, &r->opt);
+	if (!rc) {
+		shape = llama_model_shape(&m.model.config);
+		rc = check_specs(&r->opt, r->api, &shape);
+	}
+	if (rc) {
+		model_free(&m);
+		return rc;
+	}
+	snprintf(r->title, sizeof(r->title), "kvpager-ab: %s, %d positions (prompt %d, then greedy with the "
+		 "full cache), every spec teacher-forced", r->opt.model, m.n, m.n_prompt);
+	ab_progress_start(&progress, (uint64_t)m.n * (uint64_t)(1 + r->opt.n_specs), !r->opt.quiet);
+	rc = model_reference(&m, &progress);
+	for (i = 0; i < r->opt.n_specs && !rc; i++)
+		rc = model_spec(&m, r->api, r->opt.pool, r->opt.specs[i], &r->results[i], &progress);
+	ab_progress_end(&progress);
+	model_free(&m);
+	return rc ? rc : report(r);
+}
+
+/* ---- trace and synthetic sources ---- */
+
+static int trace_step(void *ctx, int32_t *pos, float *q, float *k, float *v)
+{
+	return trace_read_step(ctx, pos, q, k, v);
+}
+
+static int trace_rewind(void *ctx)
+{
+	return trace_reader_rewind(ctx);
+}
+
+static const char *trace_error(void *ctx)
+{
+	return ((struct trace_reader *)ctx)->error;
+}
+
+static int synthetic_step(void *ctx, int32_t *pos, float *q, float *k, float *v)
+{
+	return synthetic_read_step(ctx, pos, q, k, v);
+}
+
+static int synthetic_restart(void *ctx)
+{
+	synthetic_rewind(ctx);
+	return 0;
+}
+
+static const char *synthetic_error(void *ctx)
+{
+	(void)ctx;
+	return "the synthetic trace failed";
+}
+
+static int replay(struct run *r, const struct ab_source *src)
+{
+	struct ab_reference ref;
+	struct ab_progress progress;
+	char message[AB_MESSAGE_MAX];
+	int rc, i;
+
+	rc = check_specs(&r->opt, r->api, &src->shape);
+	if (rc)
+		return rc;
+	ab_progress_start(&progress, src->n_steps * (uint64_t)(1 + r->opt.n_specs), !r->opt.quiet);
+	rc = ab_replay_reference(src, (uint32_t)r->opt.every, &ref, &progress, message);
+	if (rc)
+		fprintf(stderr, "kvpager-ab: %s\n", message);
+	for (i = 0; i < r->opt.n_specs && !rc; i++) {
+		rc = ab_replay_spec(r->api, r->opt.pool, src, &ref, r->opt.specs[i], &r->results[i], &progress,
+				    message);
+		if (rc)
+			fprintf(stderr, "kvpager-ab: spec '%s': %s\n", r->opt.specs[i], message);
+	}
+	ab_progress_end(&progress);
+	ab_reference_free(&ref);
+	return rc ? rc : report(r);
+}
+
+static void describe_replay(struct run *r, const char *what, const kvp_shape *s, uint64_t steps)
+{
+	snprintf(r->title, sizeof(r->title), "kvpager-ab: %s: %llu tokens, %u layers, %u query heads, %u KV "
+		 "heads, head_dim %u; attention compared every %ld steps", what, (unsigned long long)steps,
+		 s->n_layers, s->n_heads, s->n_kv_heads, s->head_dim, r->opt.every);
+}
+
+static int run_trace(struct run *r)
+{
+	struct trace_reader reader;
+	struct ab_source src;
+	char what[PATH_CAP + 16];
+	int rc;
+
+	if (trace_reader_open(&reader, r->opt.trace)) {
+		rc = bad_input("%s", reader.error);
+		trace_reader_close(&reader);
+		return rc;
+	}
+	src = (struct ab_source){ &reader, reader.shape, reader.n_steps, trace_step, trace_rewind, trace_error };
+	snprintf(what, sizeof(what), "trace %s", r->opt.trace);
+	describe_replay(r, what, &src.shape, src.n_steps);
+	rc = replay(r, &src);
+	trace_reader_close(&reader);
+	return rc;
+}
+
+static int run_synthetic(struct run *r)
+{
+	struct synthetic_trace trace;
+	struct ab_source src;
+	int rc;
+
+	if (synthetic_open(&trace, (uint64_t)r->opt.tokens, r->opt.seed)) {
+		fputs("kvpager-ab: no memory for the synthetic trace\n", stderr);
+		return 1;
+	}
+	src = (struct ab_source){ &trace, trace.shape, trace.n_steps, synthetic_step, synthetic_restart,
+				  synthetic_error };
+	describe_replay(r, "synthetic trace", &src.shape, src.n_steps);
+	rc = replay(r, &src);
+	synthetic_close(&trace);
+	return rc;
+}
+
+int main(int argc, char **argv)
+{
+	static struct run r;
+	int rc;
+
+	r.opt.prompt = "";
+	r.opt.pool = "";
+	r.opt.steps = 256;
+	rc = parse_options(&r.opt, argc, argv);
+	if (!rc)
+		rc = default_paths(&r.opt, argv[0]);
+	if (!rc) {
+		if (!r.opt.every)
+			r.opt.every = r.opt.model || r.opt.trace ? 1 : SYNTHETIC_EVERY;
+		if (!r.opt.tokens)
+			r.opt.tokens = SYNTHETIC_TOKENS;
+		if (!r.opt.seeded)
+			r.opt.seed = 1;
+		r.api = load_plugin(r.opt.plugin, &r.library);
+		rc = r.api ? 0 : EXIT_BAD_INPUT; /* a --plugin path that does not serve the table */
+	}
+	if (!rc)
+		rc = r.opt.model ? run_model(&r) : r.opt.trace ? run_trace(&r) : run_synthetic(&r);
+	if (r.library)
+		dlclose(r.library);
+	return rc;
+}
