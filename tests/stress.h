@@ -8,6 +8,7 @@
  * forks put siblings that share blocks into slots other threads then work on. Tenant "b" has a quota its
  * sequences outgrow, so memory pressure parks idle sequences under other threads' feet, and calls on
  * them bring them back; KVP_ENOMEM is then an expected answer, KVP_EINVAL too for host-parked ones.
+ * Tenant "a" keeps a codec-encoded cold tier, so cold blocks are spilled and shared too.
  */
 #ifndef KVP_TEST_STRESS_H
 #define KVP_TEST_STRESS_H
@@ -81,6 +82,8 @@ static void op_attend(struct slot *s, uint64_t *rng)
 	kvp_status st = kvp_attend(s->seq, (uint32_t)(*rng % shape.n_layers), q, out);
 	if (st != KVP_OK && st != KVP_EINVAL && st != KVP_ENOMEM)
 		fail("attend", st);
+	if (st == KVP_OK && (st = kvp_seq_step(s->seq)) != KVP_OK && st != KVP_ENOMEM)
+		fail("step", st);
 	if (st == KVP_OK)
 		atomic_fetch_add(&done[DONE_ATTEND], 1);
 }
@@ -158,6 +161,13 @@ static void check(int ok, const char *what)
 	}
 }
 
+/* a: a cold tier of codec-encoded blocks; b: a quota its sequences outgrow, and a token policy that
+ * compacts blocks (shared with forks) at every step. */
+static const char *const specs[TENANTS] = {
+	"block=8,sinks=2,window=8,k=turboquant(bits=4),v=fp16",
+	"block=8,sinks=2,window=8,quota=128KiB,policy=streaming(sinks=2,window=8)",
+};
+
 /* Runs the whole stress in a fresh directory under base; returns the number of failed checks. */
 static unsigned stress_run(const char *base)
 {
@@ -174,8 +184,7 @@ static unsigned stress_run(const char *base)
 	if (!pool)
 		return atomic_load(&failures);
 	for (int t = 0; t < TENANTS; t++)
-		check(kvp_tenant_open(pool, t ? "b" : "a", t ? "block=8,sinks=2,quota=128KiB" : "block=8,sinks=2",
-				      &tenants[t]) == KVP_OK, "tenant open");
+		check(kvp_tenant_open(pool, t ? "b" : "a", specs[t], &tenants[t]) == KVP_OK, "tenant open");
 	for (int i = 0; i < SLOTS; i++) {
 		pthread_mutex_init(&slots[i].lock, NULL);
 		slots[i].tenant = i / PER_TENANT;
