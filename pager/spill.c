@@ -233,6 +233,8 @@ uint64_t kvp_spill_pages_total(const struct kvp_pool *pool)
 
 void kvp_spill_inject(struct kvp_pool *pool, const struct kvp_spill_faults *f)
 {
+	if (!pool->spill)
+		return;
 	pthread_mutex_lock(&pool->spill->ring_lock);
 	pool->spill->faults = *f;
 	pthread_mutex_unlock(&pool->spill->ring_lock);
