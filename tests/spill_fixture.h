@@ -1,5 +1,6 @@
 /* Shared by the spill suites: a private directory under $TMPDIR (or /tmp) for spill files, removed at
- * the end of each test, and a spill-enabled pool spec pointing into it. */
+ * the end of each test (by the suite's .fini when an assertion ended it early), and a spill-enabled pool
+ * spec pointing into it. */
 #ifndef KVP_TEST_SPILL_FIXTURE_H
 #define KVP_TEST_SPILL_FIXTURE_H
 
@@ -39,7 +40,15 @@ static inline int spill_fixture_close(void)
 	if (dir)
 		closedir(dir);
 	rmdir(spill_dir);
+	spill_dir[0] = '\0';
 	return left;
+}
+
+/* Suite .fini: a test that failed before its own cleanup leaves nothing behind either. */
+static inline void spill_fixture_fini(void)
+{
+	if (spill_dir[0])
+		spill_fixture_close();
 }
 
 #endif

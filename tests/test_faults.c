@@ -14,6 +14,8 @@
 #include "pager/pager.h"
 #include "park_fixture.h"
 
+TestSuite(faults, .fini = spill_fixture_fini);
+
 /* The slot headers in the spill file, in file order. */
 static size_t records_find(struct kvp_slot_header *h, uint64_t *page, size_t cap)
 {

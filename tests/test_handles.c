@@ -5,6 +5,8 @@
 #include "kvpager.h"
 #include "park_fixture.h"
 
+TestSuite(handles, .fini = spill_fixture_fini);
+
 static void assert_refused(kvp_seq *h)
 {
 	float x[PARK_ROW] = { 0 }, out[PARK_OUT];

@@ -6,6 +6,9 @@
 #include "pager/pager.h"
 #include "park_fixture.h"
 
+TestSuite(park, .fini = spill_fixture_fini);
+TestSuite(fork_park, .fini = spill_fixture_fini);
+
 static void round_trip_is_bit_identical(const char *spill_max, const char *tenant_spec)
 {
 	static float before[PARK_LAYERS * PARK_OUT], after[PARK_LAYERS * PARK_OUT];

@@ -7,6 +7,8 @@
 #include "pager/pager.h"
 #include "park_fixture.h"
 
+TestSuite(pressure, .fini = spill_fixture_fini);
+
 static uint64_t spilled(kvp_seq *s)
 {
 	kvp_stats st = { .size = sizeof st };

@@ -9,6 +9,8 @@
 #include "pager/pager.h"
 #include "spill_fixture.h"
 
+TestSuite(spill, .fini = spill_fixture_fini);
+
 Test(spill, pool_preallocates_the_file_and_removes_it_at_close)
 {
 	struct stat st;
