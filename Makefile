@@ -147,7 +147,8 @@ fuzz:
 		clang -std=c11 -D_GNU_SOURCE $(WARN) -Iinclude -I. $(FUZZ_FLAGS) -fsanitize=fuzzer -o $$t \
 			tests/$${t#build-fuzz/}.c build-fuzz/libkvpager.a $(LIBS) || exit 1; \
 		echo "== $$t for $(FUZZ_SECONDS) s"; \
-		$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 2>&1 | tail -n 12 || exit 1; \
+		$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 > $$t.log 2>&1; rc=$$?; \
+		tail -n 12 $$t.log; [ $$rc -eq 0 ] || { echo "$$t: a finding, see $$t.log"; exit 1; }; \
 	done
 
 NEON_SRC := base/error.c base/half.c kernels/dispatch.c kernels/scalar.c kernels/neon.c kernels/crc32c.c
