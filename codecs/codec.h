@@ -59,6 +59,15 @@ struct kvp_codec_ops {
 	/* acc[0..acc_dim) += sum_i w[i] * (x_i in the codec's accumulation space) */
 	void (*axpy)(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, const float *w,
 		     float *acc);
+	/*
+	 * Optional: dot and axpy for the g query heads of a GQA group at once, so each code is unpacked
+	 * once for the group. Head h's prepared query is at qprep + h * c->qprep_bytes; out and w hold g rows
+	 * of n; acc holds g rows of c->acc_dim. NULL: callers run dot and axpy once per head.
+	 */
+	void (*dot_group)(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
+			  const void *qprep, float *out);
+	void (*axpy_group)(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
+			   const float *w, float *acc);
 	/* out[0..dim) += acc mapped back from the accumulation space (e.g. the inverse rotation) */
 	void (*finish)(const struct kvp_codec *c, const void *ctx, const float *acc, float *out);
 	void (*close)(struct kvp_codec *c);

@@ -646,6 +646,87 @@ static void tq_axpy(const struct kvp_codec *c, const void *ctx, unsigned n, cons
 	}
 }
 
+/*
+ * The group paths: the same sums as tq_dot and tq_axpy for g heads, taken in slices of tokens so that
+ * a slice's per-head scratch (g x slice floats) stays on the stack.
+ */
+#define GROUP_FLOATS 4096
+
+static void tq_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
+			 const void *qprep, float *out)
+{
+	const struct kvp_kernels *kern = kvp_kernels();
+	const struct tq *t = c->state;
+	const size_t qs = c->qprep_bytes / sizeof(float);
+	const unsigned slice = GROUP_FLOATS / g;
+	float s[GROUP_FLOATS], scale[GROUP_FLOATS];
+
+	(void)ctx;
+	memset(out, 0, sizeof(float) * g * n);
+	for (unsigned i0 = 0; i0 < n; i0 += slice) {
+		const unsigned char *p = (const unsigned char *)src + (size_t)i0 * t->stride;
+		unsigned cn = n - i0 < slice ? n - i0 : slice;
+
+		for (unsigned k = 0; k < t->nparts; k++) {
+			const struct tq_part *pt = &t->part[k];
+			const float *qr = (const float *)qprep + part_offset(t, k);
+
+			scalars(t, k, 0, cn, p, NULL, scale);
+			if (pt->bits) {
+				kern->lut_dot_group(pt->bits, pt->m, cn, p + pt->code_at, t->stride, pt->centroid, g, qr,
+						    qs, s);
+				for (unsigned h = 0; h < g; h++)
+					for (unsigned i = 0; i < cn; i++)
+						out[(size_t)h * n + i0 + i] += scale[i] * s[h * cn + i];
+			}
+			if (!t->qjl)
+				continue;
+			kern->lut_dot_group(1, pt->m, cn, p + pt->sign_at, t->stride, plus_minus_one, g, qr + pt->m, qs,
+					    s);
+			scalars(t, k, 1, cn, p, scale, scale); /* norm * gamma */
+			for (unsigned h = 0; h < g; h++)
+				for (unsigned i = 0; i < cn; i++)
+					out[(size_t)h * n + i0 + i] += qjl_scale(pt) * scale[i] * s[h * cn + i];
+		}
+	}
+}
+
+static void tq_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
+			  const float *w, float *acc)
+{
+	const struct kvp_kernels *kern = kvp_kernels();
+	const struct tq *t = c->state;
+	const unsigned slice = GROUP_FLOATS / g;
+	float wn[GROUP_FLOATS], norm[GROUP_FLOATS];
+
+	(void)ctx;
+	for (unsigned i0 = 0; i0 < n; i0 += slice) {
+		const unsigned char *p = (const unsigned char *)src + (size_t)i0 * t->stride;
+		unsigned cn = n - i0 < slice ? n - i0 : slice;
+
+		for (unsigned k = 0; k < t->nparts; k++) {
+			const struct tq_part *pt = &t->part[k];
+			float *a = acc + part_offset(t, k);
+
+			scalars(t, k, 0, cn, p, NULL, norm);
+			for (unsigned h = 0; h < g; h++)
+				for (unsigned i = 0; i < cn; i++)
+					wn[h * cn + i] = w[(size_t)h * n + i0 + i] * norm[i];
+			if (pt->bits)
+				kern->lut_axpy_group(pt->bits, pt->m, cn, p + pt->code_at, t->stride, pt->centroid, g, wn,
+						     a, c->acc_dim);
+			if (!t->qjl)
+				continue;
+			scalars(t, k, 1, cn, p, NULL, norm); /* gamma */
+			for (unsigned h = 0; h < g; h++)
+				for (unsigned i = 0; i < cn; i++)
+					wn[h * cn + i] *= norm[i];
+			kern->lut_axpy_group(1, pt->m, cn, p + pt->sign_at, t->stride, plus_minus_one, g, wn, a + pt->m,
+					     c->acc_dim);
+		}
+	}
+}
+
 static void tq_finish(const struct kvp_codec *c, const void *ctx, const float *acc, float *out)
 {
 	const struct tq *t = c->state;
@@ -678,6 +759,8 @@ const struct kvp_codec_ops kvp_codec_turboquant = {
 	.prepare_query = tq_prepare_query,
 	.dot = tq_dot,
 	.axpy = tq_axpy,
+	.dot_group = tq_dot_group,
+	.axpy_group = tq_axpy_group,
 	.finish = tq_finish,
 	.close = tq_close,
 };

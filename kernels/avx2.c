@@ -649,6 +649,112 @@ static void lut_axpy(unsigned bits, unsigned m, unsigned n, const uint8_t *codes
 	}
 }
 
+/* Four heads per looked-up block: the unpack and the permutes, which bound lut_dot, are shared. */
+INLINE void lut_dot_heads4(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			   const float *lut, const float *q, size_t qs, float *out)
+{
+	const struct lut_regs r = lut_regs(bits, lut);
+	const unsigned m8 = m & ~7u, k = m & 7u, kbytes = (k * bits + 7) / 8;
+	const __m256i tail = k ? tail_mask(k) : _mm256_setzero_si256();
+	const float *q0 = q, *q1 = q + qs, *q2 = q1 + qs, *q3 = q2 + qs;
+
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *row = codes + (size_t)i * stride;
+		__m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, x;
+		float s[4];
+
+		for (unsigned j = 0; j < m8; j += 8) {
+			x = lookup8(bits, load_block(row, j, bits, m), &r);
+			a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q0 + j), a0);
+			a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q1 + j), a1);
+			a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q2 + j), a2);
+			a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q3 + j), a3);
+		}
+		if (k) {
+			/* lanes past the tail may hold the next field's bits; their q is 0 */
+			x = lookup8(bits, load_word(row + m8 * bits / 8, kbytes), &r);
+			a0 = _mm256_fmadd_ps(x, _mm256_maskload_ps(q0 + m8, tail), a0);
+			a1 = _mm256_fmadd_ps(x, _mm256_maskload_ps(q1 + m8, tail), a1);
+			a2 = _mm256_fmadd_ps(x, _mm256_maskload_ps(q2 + m8, tail), a2);
+			a3 = _mm256_fmadd_ps(x, _mm256_maskload_ps(q3 + m8, tail), a3);
+		}
+		_mm_storeu_ps(s, hsum4(a0, a1, a2, a3));
+		out[i] = s[0], out[n + i] = s[1], out[2 * (size_t)n + i] = s[2], out[3 * (size_t)n + i] = s[3];
+	}
+}
+
+INLINE void lut_axpy_heads4(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			    const float *lut, const float *w, float *acc, size_t as)
+{
+	const struct lut_regs r = lut_regs(bits, lut);
+	const float *w0 = w, *w1 = w + n, *w2 = w1 + n, *w3 = w2 + n;
+	float *c0 = acc, *c1 = acc + as, *c2 = c1 + as, *c3 = c2 + as;
+
+	for (unsigned j = 0; j < m; j += 8) {
+		const unsigned k = m - j < 8 ? m - j : 8, nbytes = (k * bits + 7) / 8;
+		const __m256i keep = k < 8 ? tail_mask(k) : _mm256_set1_epi32(-1);
+		const uint8_t *col = codes + j * bits / 8;
+		__m256 a0 = _mm256_maskload_ps(c0 + j, keep), a1 = _mm256_maskload_ps(c1 + j, keep);
+		__m256 a2 = _mm256_maskload_ps(c2 + j, keep), a3 = _mm256_maskload_ps(c3 + j, keep), x;
+
+		for (unsigned i = 0; i < n; i++) {
+			x = k == 8 ? lookup8(bits, load_block(codes + (size_t)i * stride, j, bits, m), &r) :
+				     lookup8(bits, load_word(col + (size_t)i * stride, nbytes), &r);
+			a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w0 + i), x, a0);
+			a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(w1 + i), x, a1);
+			a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(w2 + i), x, a2);
+			a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(w3 + i), x, a3);
+		}
+		_mm256_maskstore_ps(c0 + j, keep, a0), _mm256_maskstore_ps(c1 + j, keep, a1);
+		_mm256_maskstore_ps(c2 + j, keep, a2), _mm256_maskstore_ps(c3 + j, keep, a3);
+	}
+}
+
+static void lut_dot_heads4_any(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			       const float *lut, const float *q, size_t qs, float *out)
+{
+	switch (bits) {
+	case 1: lut_dot_heads4(1, m, n, codes, stride, lut, q, qs, out); break;
+	case 2: lut_dot_heads4(2, m, n, codes, stride, lut, q, qs, out); break;
+	case 3: lut_dot_heads4(3, m, n, codes, stride, lut, q, qs, out); break;
+	default: lut_dot_heads4(4, m, n, codes, stride, lut, q, qs, out); break;
+	}
+}
+
+static void lut_axpy_heads4_any(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+				const float *lut, const float *w, float *acc, size_t as)
+{
+	switch (bits) {
+	case 1: lut_axpy_heads4(1, m, n, codes, stride, lut, w, acc, as); break;
+	case 2: lut_axpy_heads4(2, m, n, codes, stride, lut, w, acc, as); break;
+	case 3: lut_axpy_heads4(3, m, n, codes, stride, lut, w, acc, as); break;
+	default: lut_axpy_heads4(4, m, n, codes, stride, lut, w, acc, as); break;
+	}
+}
+
+static void lut_dot_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			  const float *lut, unsigned g, const float *q, size_t q_stride, float *out)
+{
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4)
+		lut_dot_heads4_any(bits, m, n, codes, stride, lut, q + h * q_stride, q_stride, out + (size_t)h * n);
+	for (; h < g; h++)
+		lut_dot(bits, m, n, codes, stride, lut, q + h * q_stride, out + (size_t)h * n);
+}
+
+static void lut_axpy_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			   const float *lut, unsigned g, const float *w, float *acc, size_t acc_stride)
+{
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4)
+		lut_axpy_heads4_any(bits, m, n, codes, stride, lut, w + (size_t)h * n, acc + h * acc_stride,
+				    acc_stride);
+	for (; h < g; h++)
+		lut_axpy(bits, m, n, codes, stride, lut, w + (size_t)h * n, acc + h * acc_stride);
+}
+
 const struct kvp_kernels kvp_kernels_avx2 = {
 	.name = "avx2",
 	.dot_f32 = dot_f32,
@@ -663,4 +769,6 @@ const struct kvp_kernels kvp_kernels_avx2 = {
 	.scale = scale,
 	.lut_dot = lut_dot,
 	.lut_axpy = lut_axpy,
+	.lut_dot_group = lut_dot_group,
+	.lut_axpy_group = lut_axpy_group,
 };

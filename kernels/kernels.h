@@ -52,6 +52,15 @@ struct kvp_kernels {
 			const float *lut, const float *q, float *out);
 	void (*lut_axpy)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			 const float *lut, const float *w, float *acc);
+	/*
+	 * The same for the g query heads of a GQA group, each code looked up once for all of them:
+	 *   lut_dot_group:  out[h*n + i] = sum_j lut[code(i, j)] * q[h*q_stride + j]
+	 *   lut_axpy_group: acc[h*acc_stride + j] += sum_i w[h*n + i] * lut[code(i, j)]
+	 */
+	void (*lut_dot_group)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			      const float *lut, unsigned g, const float *q, size_t q_stride, float *out);
+	void (*lut_axpy_group)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			       const float *lut, unsigned g, const float *w, float *acc, size_t acc_stride);
 };
 
 /* The implementation chosen for this process (KVP_KERNELS or the best the CPU supports). */

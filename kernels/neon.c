@@ -607,6 +607,120 @@ static void lut_axpy(unsigned bits, unsigned m, unsigned n, const uint8_t *codes
 	}
 }
 
+/* Four heads per looked-up block, as in avx2.c. */
+INLINE void lut_dot_heads4(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			   const float *lut, const float *q, size_t qs, float *out)
+{
+	const struct lut_regs r = lut_regs(bits, lut);
+	const unsigned m8 = m & ~7u, k = m & 7u, kbytes = (k * bits + 7) / 8;
+	float qt[4][8] = { { 0 } };
+
+	for (unsigned h = 0; h < 4; h++)
+		memcpy(qt[h], q + h * qs + m8, k * sizeof *q); /* lanes past the tail: q is 0 */
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *row = codes + (size_t)i * stride;
+		float32x4_t a[4][2], lo, hi;
+
+		for (unsigned h = 0; h < 4; h++)
+			a[h][0] = a[h][1] = vdupq_n_f32(0.0f);
+		for (unsigned j = 0; j < m8; j += 8) {
+			lookup8(load_block(row, j, bits, m), &r, &lo, &hi);
+			for (unsigned h = 0; h < 4; h++) {
+				a[h][0] = vfmaq_f32(a[h][0], lo, vld1q_f32(q + h * qs + j));
+				a[h][1] = vfmaq_f32(a[h][1], hi, vld1q_f32(q + h * qs + j + 4));
+			}
+		}
+		if (k) {
+			lookup8(load_word(row + m8 * bits / 8, kbytes), &r, &lo, &hi);
+			for (unsigned h = 0; h < 4; h++) {
+				a[h][0] = vfmaq_f32(a[h][0], lo, vld1q_f32(qt[h]));
+				a[h][1] = vfmaq_f32(a[h][1], hi, vld1q_f32(qt[h] + 4));
+			}
+		}
+		for (unsigned h = 0; h < 4; h++)
+			out[h * (size_t)n + i] = vaddvq_f32(vaddq_f32(a[h][0], a[h][1]));
+	}
+}
+
+INLINE void lut_axpy_heads4(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			    const float *lut, const float *w, float *acc, size_t as)
+{
+	const struct lut_regs r = lut_regs(bits, lut);
+
+	for (unsigned j = 0; j < m; j += 8) {
+		const unsigned k = m - j < 8 ? m - j : 8, nbytes = (k * bits + 7) / 8;
+		const uint8_t *col = codes + j * bits / 8;
+		float tmp[4][8] = { { 0 } };
+		float32x4_t a[4][2], lo, hi;
+
+		for (unsigned h = 0; h < 4; h++) {
+			memcpy(tmp[h], acc + h * as + j, k * sizeof *acc);
+			a[h][0] = vld1q_f32(tmp[h]);
+			a[h][1] = vld1q_f32(tmp[h] + 4);
+		}
+		for (unsigned i = 0; i < n; i++) {
+			if (k == 8)
+				lookup8(load_block(codes + (size_t)i * stride, j, bits, m), &r, &lo, &hi);
+			else
+				lookup8(load_word(col + (size_t)i * stride, nbytes), &r, &lo, &hi);
+			for (unsigned h = 0; h < 4; h++) {
+				a[h][0] = vfmaq_n_f32(a[h][0], lo, w[h * (size_t)n + i]);
+				a[h][1] = vfmaq_n_f32(a[h][1], hi, w[h * (size_t)n + i]);
+			}
+		}
+		for (unsigned h = 0; h < 4; h++) {
+			vst1q_f32(tmp[h], a[h][0]);
+			vst1q_f32(tmp[h] + 4, a[h][1]);
+			memcpy(acc + h * as + j, tmp[h], k * sizeof *acc);
+		}
+	}
+}
+
+static void lut_dot_heads4_any(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			       const float *lut, const float *q, size_t qs, float *out)
+{
+	switch (bits) {
+	case 1: lut_dot_heads4(1, m, n, codes, stride, lut, q, qs, out); break;
+	case 2: lut_dot_heads4(2, m, n, codes, stride, lut, q, qs, out); break;
+	case 3: lut_dot_heads4(3, m, n, codes, stride, lut, q, qs, out); break;
+	default: lut_dot_heads4(4, m, n, codes, stride, lut, q, qs, out); break;
+	}
+}
+
+static void lut_axpy_heads4_any(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+				const float *lut, const float *w, float *acc, size_t as)
+{
+	switch (bits) {
+	case 1: lut_axpy_heads4(1, m, n, codes, stride, lut, w, acc, as); break;
+	case 2: lut_axpy_heads4(2, m, n, codes, stride, lut, w, acc, as); break;
+	case 3: lut_axpy_heads4(3, m, n, codes, stride, lut, w, acc, as); break;
+	default: lut_axpy_heads4(4, m, n, codes, stride, lut, w, acc, as); break;
+	}
+}
+
+static void lut_dot_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			  const float *lut, unsigned g, const float *q, size_t q_stride, float *out)
+{
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4)
+		lut_dot_heads4_any(bits, m, n, codes, stride, lut, q + h * q_stride, q_stride, out + (size_t)h * n);
+	for (; h < g; h++)
+		lut_dot(bits, m, n, codes, stride, lut, q + h * q_stride, out + (size_t)h * n);
+}
+
+static void lut_axpy_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			   const float *lut, unsigned g, const float *w, float *acc, size_t acc_stride)
+{
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4)
+		lut_axpy_heads4_any(bits, m, n, codes, stride, lut, w + (size_t)h * n, acc + h * acc_stride,
+				    acc_stride);
+	for (; h < g; h++)
+		lut_axpy(bits, m, n, codes, stride, lut, w + (size_t)h * n, acc + h * acc_stride);
+}
+
 const struct kvp_kernels kvp_kernels_neon = {
 	.name = "neon",
 	.dot_f32 = dot_f32,
@@ -621,6 +735,8 @@ const struct kvp_kernels kvp_kernels_neon = {
 	.scale = scale,
 	.lut_dot = lut_dot,
 	.lut_axpy = lut_axpy,
+	.lut_dot_group = lut_dot_group,
+	.lut_axpy_group = lut_axpy_group,
 };
 
 #else

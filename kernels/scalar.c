@@ -150,6 +150,20 @@ static void lut_axpy(unsigned bits, unsigned m, unsigned n, const uint8_t *codes
 	}
 }
 
+static void lut_dot_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			  const float *lut, unsigned g, const float *q, size_t q_stride, float *out)
+{
+	for (unsigned h = 0; h < g; h++)
+		lut_dot(bits, m, n, codes, stride, lut, q + h * q_stride, out + (size_t)h * n);
+}
+
+static void lut_axpy_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			   const float *lut, unsigned g, const float *w, float *acc, size_t acc_stride)
+{
+	for (unsigned h = 0; h < g; h++)
+		lut_axpy(bits, m, n, codes, stride, lut, w + (size_t)h * n, acc + h * acc_stride);
+}
+
 const struct kvp_kernels kvp_kernels_scalar = {
 	.name = "scalar",
 	.dot_f32 = dot_f32,
@@ -164,4 +178,6 @@ const struct kvp_kernels kvp_kernels_scalar = {
 	.scale = scale,
 	.lut_dot = lut_dot,
 	.lut_axpy = lut_axpy,
+	.lut_dot_group = lut_dot_group,
+	.lut_axpy_group = lut_axpy_group,
 };

@@ -108,8 +108,31 @@ static void block_f16(struct stream_attention *a, const struct kvp_block *b, con
 	}
 }
 
+/* Codecs with group paths unpack each code once for the whole GQA group, as block_f16 widens rows once. */
+static int cold_group_fits(const struct stream_attention *a, const struct kvp_block *b)
+{
+	return a->k->ops->dot_group && a->v->ops->axpy_group && (size_t)a->group * b->n <= KVP_BLOCK_MAX;
+}
+
+static void block_cold_group(struct stream_attention *a, const struct kvp_block *b)
+{
+	a->k->ops->dot_group(a->k, a->k_ctx, b->n, b->k, a->group, a->qprep, a->scores);
+	a->kern->scale(a->group * b->n, a->scale, a->scores);
+	for (uint32_t h = 0; h < a->group; h++) {
+		float f = softmax_step(a, h, b->n, a->scores + (size_t)h * b->n);
+		if (f != 1.0f)
+			rescale(a, h, f);
+	}
+	a->v->ops->axpy_group(a->v, a->v_ctx, b->n, b->v, a->group, a->scores, a->cold_acc);
+	a->seen += b->n;
+}
+
 static void block_cold(struct stream_attention *a, const struct kvp_block *b)
 {
+	if (cold_group_fits(a, b)) {
+		block_cold_group(a, b);
+		return;
+	}
 	for (uint32_t h = 0; h < a->group; h++) {
 		a->k->ops->dot(a->k, a->k_ctx, b->n, b->k, a->qprep + h * a->k->qprep_bytes, a->scores);
 		a->kern->scale(b->n, a->scale, a->scores);

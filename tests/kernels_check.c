@@ -463,6 +463,38 @@ static void check_lut(const struct kvp_kernels *k, unsigned bits, unsigned m, un
 	free(got);
 }
 
+/* The group versions against the scalar single-head kernels, head by head (see test_kernels.c). */
+static void check_lut_group(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned n, unsigned g,
+			    unsigned off)
+{
+	const size_t rowbytes = ((size_t)m * bits + 7) / 8, stride = rowbytes + 1, qs = m + 3;
+	const size_t len = (size_t)(n - 1) * stride + rowbytes + off;
+	uint8_t *codes = xmalloc(len);
+	float *lut = rand_f32(1u << bits, off), *q = rand_f32(g * qs, off), *w = rand_f32((size_t)g * n, off);
+	float *got = xmalloc(((size_t)g * n + off) * sizeof *got), *want = xmalloc(((size_t)g * n + off) * sizeof *want);
+	float *acc = rand_f32(g * qs, off), *acc_want = xmalloc((g * qs + off) * sizeof *acc_want);
+	int ok = 1;
+
+	for (size_t i = 0; i < len; i++)
+		codes[i] = (uint8_t)rnd32();
+	memcpy(acc_want, acc, (g * qs + off) * sizeof *acc);
+	k->lut_dot_group(bits, m, n, codes + off, stride, lut + off, g, q + off, qs, got + off);
+	k->lut_axpy_group(bits, m, n, codes + off, stride, lut + off, g, w + off, acc + off, qs);
+	for (unsigned h = 0; h < g; h++) {
+		kvp_kernels_scalar.lut_dot(bits, m, n, codes + off, stride, lut + off, q + off + h * qs,
+					   want + off + (size_t)h * n);
+		kvp_kernels_scalar.lut_axpy(bits, m, n, codes + off, stride, lut + off, w + off + (size_t)h * n,
+					    acc_want + off + h * qs);
+	}
+	for (size_t i = 0; i < (size_t)g * n && ok; i++)
+		ok = close_to(got[off + i], want[off + i], DOT_TOL * m);
+	for (size_t j = 0; j < g * qs && ok; j++)
+		ok = close_to(acc[off + j], acc_want[off + j], DOT_TOL * (n + 1));
+	check(ok, "%s lut group kernels bits=%u m=%u n=%u g=%u off=%u differ from scalar", k->name, bits, m, n, g,
+	      off);
+	free(codes), free(lut), free(q), free(w), free(got), free(want), free(acc), free(acc_want);
+}
+
 static void check_luts(const struct kvp_kernels *k)
 {
 	static const unsigned lut_dims[] = { 1, 3, 7, 8, 9, 16, 31, 48, 64, 65, 80, 127, 128 };
@@ -473,6 +505,11 @@ static void check_luts(const struct kvp_kernels *k)
 				for (unsigned off = 0; off < 2; off++)
 					for (unsigned pad = 0; pad < 4; pad += 3)
 						check_lut(k, bits, lut_dims[a], counts[b], off, pad);
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(lut_dims); a++)
+			for (unsigned g = 1; g <= 8; g++)
+				for (unsigned off = 0; off < 2; off++)
+					check_lut_group(k, bits, lut_dims[a], 67, g, off);
 }
 
 static void check_against_scalar(const struct kvp_kernels *k)

@@ -793,6 +793,51 @@ static void lut_shapes(const struct kvp_kernels *k, unsigned off)
 					lut_case(k, bits, lut_dims[a], counts[b], off, pad);
 }
 
+/* The group versions against the scalar single-head kernels, head by head, with q and acc rows apart
+ * by a stride wider than m (as the codecs lay them out). */
+static void lut_group_case(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned n, unsigned g,
+			   unsigned off)
+{
+	const size_t rowbytes = ((size_t)m * bits + 7) / 8, stride = rowbytes + 1, qs = m + 3;
+	uint8_t *codes = rand_codes(n, stride, rowbytes, off);
+	float *lut = rand_f32(1u << bits, off), *q = rand_f32(g * qs, off), *w = rand_f32((size_t)g * n, off);
+	float *got = rand_f32((size_t)g * n, off), *want = copy_f32(got, (size_t)g * n + off);
+	float *acc = rand_f32(g * qs, off), *acc_want = copy_f32(acc, g * qs + off);
+
+	k->lut_dot_group(bits, m, n, codes + off, stride, lut + off, g, q + off, qs, got + off);
+	k->lut_axpy_group(bits, m, n, codes + off, stride, lut + off, g, w + off, acc + off, qs);
+	for (unsigned h = 0; h < g; h++) {
+		kvp_kernels_scalar.lut_dot(bits, m, n, codes + off, stride, lut + off, q + off + h * qs,
+					   want + off + (size_t)h * n);
+		kvp_kernels_scalar.lut_axpy(bits, m, n, codes + off, stride, lut + off, w + off + (size_t)h * n,
+					    acc_want + off + h * qs);
+		for (unsigned i = 0; i < n; i++) {
+			size_t at = off + (size_t)h * n + i;
+			cr_assert(fabs(got[at] - want[at]) <= DOT_TOL * m + 1e-30,
+				  "%s lut_dot_group bits=%u m=%u n=%u g=%u off=%u head %u row %u: %.9g, scalar %.9g",
+				  k->name, bits, m, n, g, off, h, i, got[at], want[at]);
+		}
+		for (unsigned j = 0; j < qs; j++) {
+			size_t at = off + h * qs + j;
+			/* columns past m are the stride's gap: nothing may write there */
+			cr_assert(fabs(acc[at] - acc_want[at]) <= DOT_TOL * (n + 1) + 1e-30,
+				  "%s lut_axpy_group bits=%u m=%u n=%u g=%u off=%u head %u column %u: %.9g, scalar %.9g",
+				  k->name, bits, m, n, g, off, h, j, acc[at], acc_want[at]);
+		}
+	}
+	free(codes), free(lut), free(q), free(w), free(got), free(want), free(acc), free(acc_want);
+}
+
+static void lut_group_shapes(const struct kvp_kernels *k, unsigned off)
+{
+	static const unsigned groups[] = { 1, 3, 4, 5, 8 };
+
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(lut_dims); a++)
+			for (size_t c = 0; c < COUNT(groups); c++)
+				lut_group_case(k, bits, lut_dims[a], 67, groups[c], off);
+}
+
 Test(kernels, scalar_lut_dot_and_axpy_match_double_precision_at_every_width)
 {
 	for (unsigned bits = 1; bits <= 4; bits++) {
@@ -833,6 +878,11 @@ Test(kernels, scalar_lut_dot_and_axpy_match_double_precision_at_every_width)
 	Test(kernels, impl##_lut_dot_and_axpy_match_scalar_on_unaligned_pointers) \
 	{ \
 		lut_shapes(runnable(#impl), 1); \
+	} \
+	Test(kernels, impl##_lut_group_kernels_match_scalar_head_by_head) \
+	{ \
+		lut_group_shapes(runnable(#impl), 0); \
+		lut_group_shapes(runnable(#impl), 1); \
 	}
 
 LUT_TESTS(avx2)

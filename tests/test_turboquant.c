@@ -547,3 +547,59 @@ Test(turboquant, attention_on_kjv64_layer2_at_4_bits_stays_within_16_percent_mea
 	free(t.v);
 	free(t.q);
 }
+
+/* dot_group and axpy_group give every head what dot and axpy give it alone. */
+static void group_matches_per_head(const char *spec, unsigned d, unsigned g)
+{
+	enum { N = 300 };
+	struct rng r = { 77 };
+	kvp_codec *c = codec_open(spec, d);
+	float *x = xcalloc((size_t)N * d, sizeof *x), *q = xcalloc((size_t)g * d, sizeof *q);
+	float *w = xcalloc((size_t)g * N, sizeof *w), *one = xcalloc(N, sizeof *one);
+	float *out = xcalloc((size_t)g * N, sizeof *out);
+	float *acc = xcalloc((size_t)g * c->acc_dim, sizeof *acc), *acc1 = xcalloc(c->acc_dim, sizeof *acc1);
+	char *qprep = xcalloc(g, c->qprep_bytes);
+	void *bytes = xcalloc(1, kvp_codec_bytes(c, N));
+
+	rng_gaussians(&r, x, (size_t)N * d);
+	rng_gaussians(&r, q, (size_t)g * d);
+	rng_gaussians(&r, w, (size_t)g * N);
+	cr_assert_eq(kvp_codec_encode(c, N, x, bytes), KVP_OK, "%s", kvp_last_error());
+	for (unsigned h = 0; h < g; h++)
+		c->ops->prepare_query(c, c->own_ctx, q + (size_t)h * d, qprep + h * c->qprep_bytes);
+	c->ops->dot_group(c, c->own_ctx, N, bytes, g, qprep, out);
+	c->ops->axpy_group(c, c->own_ctx, N, bytes, g, w, acc);
+	for (unsigned h = 0; h < g; h++) {
+		double mag = 0;
+		c->ops->dot(c, c->own_ctx, N, bytes, qprep + h * c->qprep_bytes, one);
+		for (unsigned i = 0; i < N; i++)
+			mag = fmax(mag, fabs(one[i]));
+		for (unsigned i = 0; i < N; i++)
+			cr_assert(fabs(out[(size_t)h * N + i] - one[i]) <= 1e-5 * (mag + 1), "%s g=%u head %u token %u: %g vs %g",
+				  spec, g, h, i, out[(size_t)h * N + i], one[i]);
+		memset(acc1, 0, sizeof(float) * c->acc_dim);
+		c->ops->axpy(c, c->own_ctx, N, bytes, w + (size_t)h * N, acc1);
+		mag = 0;
+		for (unsigned j = 0; j < c->acc_dim; j++)
+			mag = fmax(mag, fabs(acc1[j]));
+		for (unsigned j = 0; j < c->acc_dim; j++)
+			cr_assert(fabs(acc[(size_t)h * c->acc_dim + j] - acc1[j]) <= 1e-5 * (mag + 1),
+				  "%s g=%u head %u acc %u: %g vs %g", spec, g, h, j, acc[(size_t)h * c->acc_dim + j], acc1[j]);
+	}
+	free(x), free(q), free(w), free(one), free(out), free(acc), free(acc1), free(qprep), free(bytes);
+	kvp_codec_close(c);
+}
+
+Test(turboquant, group_dot_and_axpy_equal_the_per_head_calls)
+{
+	static const char *const specs[] = { "turboquant(bits=1)", "turboquant(bits=2)", "turboquant(bits=3)",
+					     "turboquant(bits=4)", "turboquant(bits=3,qjl=1)",
+					     "turboquant(bits=2,outliers=32,outlier_bits=3)" };
+	static const unsigned groups[] = { 1, 3, 4, 5, 8 };
+
+	for (size_t s = 0; s < sizeof specs / sizeof *specs; s++)
+		for (size_t g = 0; g < sizeof groups / sizeof *groups; g++) {
+			group_matches_per_head(specs[s], 128, groups[g]);
+			group_matches_per_head(specs[s], 80, groups[g]);
+		}
+}
