@@ -150,6 +150,50 @@ Test(cold, kivi_4bit_cold_blocks_round_trip)
 	round_trip("k=kivi(bits=4),v=kivi(bits=4)", 0.12);
 }
 
+/* The pager's cold keys are exactly what the codec on its own makes of the same blocks, in order. */
+static void keys_match_the_codec(const char *codec)
+{
+	enum { N = 256, B = 32, SINKS = 4, WINDOW = 32 };
+	static float k[N * ROW], v[N * ROW], gk[N * D], rows[B * D], want[B * D];
+	static int32_t pos[N];
+	char tenant[320];
+	struct cache c;
+	kvp_codec *alone;
+	uint32_t cold_blocks = (N - SINKS - WINDOW) / B;
+
+	fixture_fill(k, N * ROW, 21, 1.0f);
+	fixture_fill(v, N * ROW, 22, 1.0f);
+	snprintf(tenant, sizeof tenant, "block=%d,sinks=%d,window=%d,k=%s", B, SINKS, WINDOW, codec);
+	cache_open(&c, tenant, 4);
+	append_tokens(c.seq, 0, N, k, v);
+	gather_all(c.seq, 1, N, pos, gk, NULL);
+	cr_assert_eq(kvp_codec_open(codec, D, &alone), KVP_OK, "%s", kvp_last_error());
+	void *bytes = malloc(kvp_codec_bytes(alone, B));
+	for (uint32_t b = 0; b < cold_blocks; b++) {
+		for (uint32_t t = 0; t < B; t++)
+			memcpy(rows + t * D, k + (size_t)(SINKS + b * B + t) * ROW + 1 * D, D * sizeof(float));
+		cr_assert_eq(kvp_codec_encode(alone, B, rows, bytes), KVP_OK, "%s", kvp_last_error());
+		cr_assert_eq(kvp_codec_decode(alone, B, bytes, want), KVP_OK, "%s", kvp_last_error());
+		cr_assert_eq(memcmp(gk + (size_t)(SINKS + b * B) * D, want, sizeof want), 0,
+			     "%s: cold block %u differs from the codec's own round trip", codec, b);
+	}
+	cr_assert_neq(memcmp(gk + SINKS * D, k + SINKS * ROW + D, D * sizeof(float)), 0, "%s: encoded", codec);
+	free(bytes);
+	kvp_codec_close(alone);
+	cache_close(&c);
+}
+
+Test(cold, every_codec_round_trips_through_cold_blocks_as_it_does_alone)
+{
+	keys_match_the_codec("fp16");
+	keys_match_the_codec("turboquant(bits=3)");
+	keys_match_the_codec("turboquant(bits=3,qjl=1)");
+	keys_match_the_codec("turboquant(bits=2,outliers=16,outlier_bits=3)");
+	keys_match_the_codec("kivi(bits=2)");
+	keys_match_the_codec("spark(keep=0.5)|turboquant(bits=4)");
+	keys_match_the_codec("spark(keep=0.75)");
+}
+
 Test(cold, block_not_a_multiple_of_the_codec_group_is_rejected)
 {
 	kvp_pool *pool;
