@@ -10,7 +10,9 @@
  * sequences are ever parked for a tenant's pressure, so one tenant never pays for another.
  *
  * Victims are whole sequences, oldest last call first: a sequence nobody is calling is idle as a whole,
- * and one park writes it in large sequential batches.
+ * and one park writes it in large sequential batches. When no idle sequence is left, the caller's own
+ * oldest cold blocks are spilled one by one (restore.c), and only then does the charge fail with
+ * KVP_ENOMEM. Sequences in a call on another thread are never touched: their blocks are in use.
  */
 #include <stdio.h>
 #include <stdlib.h>
