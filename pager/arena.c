@@ -159,18 +159,6 @@ kvp_status kvp_arena_create(const struct kvp_pool *pool, unsigned *arena)
 	return KVP_OK;
 }
 
-/*
- * Freed block memory and other tenants: proven unreachable, not zeroed. Three facts make it so, and
- * tests/test_isolation.c checks each:
- *   1. every tenant allocates from its own arena, with no thread cache (the flags below), so memory a
- *      tenant frees goes back to its own arena and only that tenant's allocations can get it again;
- *   2. an arena is destroyed when its tenant closes, which unmaps its extents: memory it held comes back
- *      to another arena, if ever, as fresh pages from the kernel, which are zero;
- *   3. no path reads a block's rows past its n, and rows [0, n) are written by the block's owner before
- *      n covers them (kvp_block_write, encodes, copies and restores all write before they count).
- * Zeroing on reuse would cost a memset of every new block on the append path for nothing these give.
- * Within one tenant a new sequence may get memory another of its sequences freed; by 3 it never reads it.
- */
 int kvp_arena_flags(unsigned arena)
 {
 	/* No thread cache: a freed block goes straight back to its own tenant's arena. */

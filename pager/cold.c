@@ -184,16 +184,56 @@ static const float *exact_rows(const struct kvp_block *b, const void *src, uint3
 	return rows;
 }
 
-static kvp_status fit(const struct kvp_cold *c, struct kvp_stream_ctx *x, uint32_t n, const float *k,
-		      const float *v)
+/*
+ * SparK ranks key channels by k_j^2 * ||Q_j|| over the queries seen before its first group is encoded
+ * (the prefill's last queries in the reference). kvp_attend hands each stream's group queries here until
+ * the stream's context is fitted; a ring keeps the last fit_steps steps. Without it (no attend before the
+ * first cold block, or no memory for the ring) the codec fits with no queries, as it does standalone.
+ */
+void kvp_cold_note_queries(struct kvp_seq *s, struct kvp_stream *st, const float *q)
 {
-	kvp_status st = KVP_OK;
+	const struct kvp_codec *k = s->cold.k;
+	uint32_t dim = s->shape.head_dim, cap;
+	struct kvp_recent_queries *r = st->recent;
 
+	if (!k || !k->fit_steps || st->ctx)
+		return;
+	if (!r) {
+		cap = k->fit_steps * s->group;
+		size_t bytes = sizeof *r + (size_t)cap * dim * sizeof(float);
+		if (!(r = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0)))
+			return;
+		r->bytes = bytes;
+		r->cap = cap;
+		r->n = r->next = 0;
+		st->recent = r;
+	}
+	for (uint32_t h = 0; h < s->group; h++) {
+		memcpy(r->q + (size_t)r->next * dim, q + (size_t)h * dim, dim * sizeof(float));
+		r->next = (r->next + 1) % r->cap;
+		r->n += r->n < r->cap;
+	}
+}
+
+void kvp_cold_forget_queries(struct kvp_tenant *t, struct kvp_stream *st)
+{
+	if (st->recent)
+		kvp_free(t, st->recent, st->recent->bytes, KVP_BYTES_META, 0);
+	st->recent = NULL;
+}
+
+static kvp_status fit(const struct kvp_cold *c, const struct kvp_stream *st, struct kvp_stream_ctx *x,
+		      uint32_t n, const float *k, const float *v)
+{
+	const struct kvp_recent_queries *r = st->recent;
+	kvp_status st_ = KVP_OK;
+
+	/* the ring's order does not matter: the codec takes per-channel norms over the queries */
 	if (c->k->ops->fit)
-		st = c->k->ops->fit(c->k, x->k, n, k, 0, NULL);
-	if (st == KVP_OK && c->v->ops->fit)
-		st = c->v->ops->fit(c->v, x->v, n, v, 0, NULL);
-	return st;
+		st_ = c->k->ops->fit(c->k, x->k, n, k, r ? r->n : 0, r ? r->q : NULL);
+	if (st_ == KVP_OK && c->v->ops->fit)
+		st_ = c->v->ops->fit(c->v, x->v, n, v, 0, NULL);
+	return st_;
 }
 
 static kvp_status encode(const struct kvp_seq *s, struct kvp_stream *st, struct kvp_cold_plan *p,
@@ -206,7 +246,7 @@ static kvp_status encode(const struct kvp_seq *s, struct kvp_stream *st, struct 
 	kvp_status rc;
 
 	if (!st->ctx) {
-		if ((rc = fit(c, p->ctx, n, k, v)) != KVP_OK)
+		if ((rc = fit(c, st, p->ctx, n, k, v)) != KVP_OK)
 			return rc;
 		st->ctx = p->ctx;
 		p->ctx = NULL;
@@ -235,6 +275,8 @@ void kvp_cold_commit(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_s
 		p->blocks[done++] = NULL;
 		kvp_block_put(t, exact, dim);
 	}
+	if (st->ctx)
+		kvp_cold_forget_queries(t, st);
 	kvp_cold_unwind(t, s, p);
 }
 

@@ -113,6 +113,14 @@ struct kvp_stream {
 	struct kvp_block **blocks;
 	struct kvp_stream_ctx *ctx; /* NULL until the first block turns cold */
 	int64_t scored_upto;        /* with a policy: tokens below this position went through a round */
+	struct kvp_recent_queries *recent; /* for a key codec that fits on queries, until ctx is fitted */
+};
+
+/* The last decode steps' queries of a stream's GQA group, a ring of steps x group x head_dim floats. */
+struct kvp_recent_queries {
+	size_t bytes;
+	uint32_t cap, n, next; /* in query vectors */
+	float q[];
 };
 
 /* The cold tier of a sequence: its codecs, parsed for its head_dim, and the scratch attend needs. */
@@ -208,6 +216,9 @@ void kvp_cold_unwind(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_c
 void kvp_cold_commit(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_stream *st,
 		     struct kvp_cold_plan *p);
 void kvp_stream_ctx_put(struct kvp_tenant *t, struct kvp_stream_ctx *c);
+/* Keeps the group's queries (group x head_dim) for the stream's first fit, when the key codec wants them. */
+void kvp_cold_note_queries(struct kvp_seq *s, struct kvp_stream *st, const float *q);
+void kvp_cold_forget_queries(struct kvp_tenant *t, struct kvp_stream *st);
 void kvp_cold_gather(const struct kvp_seq *s, const struct kvp_stream *st, const struct kvp_block *b,
 		     float *k, float *v);
 
