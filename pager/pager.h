@@ -61,6 +61,7 @@ struct kvp_tenant_config {
 	char k_spec[KVP_CODEC_SPEC_MAX], v_spec[KVP_CODEC_SPEC_MAX];
 	char policy_spec[KVP_CODEC_SPEC_MAX]; /* "" when every token is kept */
 	uint32_t pin_prompt;
+	enum kvp_gate { KVP_GATE_OFF, KVP_GATE_MRL, KVP_GATE_ENTROPY } gate;
 };
 
 struct kvp_tenant {
@@ -140,6 +141,7 @@ struct kvp_seq {
 	uint64_t tokens_appended;
 	struct kvp_cold cold; /* codecs NULL when the tenant has no k= or v= */
 	struct kvp_policy *policy; /* NULL when every token is kept */
+	struct kvp_gating *gating; /* NULL when gate=off */
 	int64_t t0;                /* one past the highest position appended */
 	int32_t prompt_end;        /* the prompt's end, fixed at the first kvp_seq_step; -1 before */
 	struct kvp_observe_buf {   /* what attend hands the policy: weights over one stream */
@@ -233,6 +235,28 @@ kvp_status kvp_evict_step(struct kvp_seq *s);
 kvp_status kvp_observe_reserve(struct kvp_seq *s, uint32_t n);
 /* Every token of a stream in order: positions, and keys and values as fp32 (either may be NULL). */
 void kvp_stream_gather(const struct kvp_seq *s, const struct kvp_stream *st, int32_t *pos, float *k, float *v);
+
+/* ---- coherence gating (gate.c) ---- */
+/* Per (layer, KV head): coherence measured so far, the host's override, and the budget it yields. */
+struct kvp_gating {
+	size_t bytes;
+	double *coherence;   /* [layers][kv_heads] in [0, 1] */
+	uint32_t *samples;   /* entropy observations folded into coherence */
+	float *override;     /* aggressiveness set through kvp_seq_set_head_level, or -1 */
+	uint32_t *budget;    /* the stream's budget at the last step, 0 before */
+};
+kvp_status kvp_gate_check(const struct kvp_tenant_config *cfg);
+kvp_status kvp_gate_open(struct kvp_tenant *t, struct kvp_seq *s);
+void kvp_gate_close(struct kvp_tenant *t, struct kvp_seq *s);
+kvp_status kvp_gate_fork(struct kvp_tenant *t, const struct kvp_seq *src, struct kvp_seq *s);
+/* attend's final softmax weights of one stream ([group][n]) for gate=entropy */
+void kvp_gate_observe(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t n, const float *weights);
+/* Recomputes every stream's budget for this step; the rounds then use kvp_gate_budget. */
+kvp_status kvp_gate_step(struct kvp_seq *s);
+uint32_t kvp_gate_budget(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head); /* 0: the policy's */
+int kvp_gate_wants_weights(const struct kvp_seq *s);
+kvp_status kvp_seq_head_level_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_head_level *out);
+kvp_status kvp_seq_set_head_level_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, float aggressiveness);
 
 /* ---- streams ---- */
 void kvp_stream_release(struct kvp_tenant *t, struct kvp_stream *s, uint32_t dim);
