@@ -261,6 +261,7 @@ kvp_status kvp_attend_resident(kvp_seq *s, uint32_t layer, const float *q, float
 	for (uint32_t g = 0; g < s->shape.n_kv_heads; g++) {
 		size_t at = (size_t)g * s->group * s->shape.head_dim;
 		const struct kvp_stream *stream = kvp_seq_stream(s, layer, g);
+		kvp_cold_observe(s, kvp_seq_stream(s, layer, g), q + at);
 		begin(&a, s, stream, q + at, out + at, scores, observing);
 		attend_stream(&a, stream);
 		if (observing && (st = observe(&a, s, stream, layer, g)) != KVP_OK)

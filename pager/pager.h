@@ -101,12 +101,22 @@ struct kvp_stream_ctx {
 	void *k, *v;
 };
 
+/* The most recent queries of a stream's GQA group (the group's mean query, post-RoPE, one per attend),
+ * kept while the stream's codec contexts are not fitted and only when the key codec's fit() uses queries
+ * (SparK's ||Q_j||); handed to fit() when the first block turns cold, then freed. */
+struct kvp_query_window {
+	size_t size;           /* the allocation, charged as metadata */
+	uint32_t cap, n, next; /* capacity in queries, queries held, the slot the next one overwrites */
+	float q[];             /* [cap][head_dim] */
+};
+
 struct kvp_stream {
 	uint32_t n_tokens;
 	struct kvp_block *sink;
 	uint32_t n_blocks, cap_blocks, n_cold;
 	struct kvp_block **blocks;
 	struct kvp_stream_ctx *ctx; /* NULL until the first block turns cold */
+	struct kvp_query_window *queries; /* NULL unless collecting queries for ctx (cold.c) */
 	int64_t scored_upto;        /* with a policy: tokens below this position went through a round */
 };
 
@@ -198,6 +208,13 @@ void kvp_cold_unwind(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_c
 void kvp_cold_commit(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_stream *st,
 		     struct kvp_cold_plan *p);
 void kvp_stream_ctx_put(struct kvp_tenant *t, struct kvp_stream_ctx *c);
+/* Called by attend with the group's queries q ([group][head_dim]): remembered for the stream's fit()
+ * while its contexts are not fitted and the key codec uses queries; nothing otherwise. Best effort: when
+ * the window cannot be charged, fit() sees fewer (or no) queries. */
+void kvp_cold_observe(struct kvp_seq *s, struct kvp_stream *st, const float *q);
+/* A fork's own copy of a stream's window (NULL when there is none or it cannot be charged). */
+struct kvp_query_window *kvp_query_window_copy(struct kvp_tenant *t, const struct kvp_query_window *w);
+void kvp_query_window_free(struct kvp_tenant *t, struct kvp_query_window *w);
 void kvp_cold_gather(const struct kvp_seq *s, const struct kvp_stream *st, const struct kvp_block *b,
 		     float *k, float *v);
 

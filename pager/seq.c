@@ -113,6 +113,7 @@ kvp_status kvp_stream_share(struct kvp_tenant *t, struct kvp_stream *dst, const 
 		kvp_block_get(dst->sink);
 	if (dst->ctx)
 		atomic_fetch_add_explicit(&dst->ctx->refs, 1, memory_order_relaxed);
+	dst->queries = kvp_query_window_copy(t, src->queries);
 	return KVP_OK;
 }
 
@@ -124,6 +125,7 @@ void kvp_stream_release(struct kvp_tenant *t, struct kvp_stream *s, uint32_t dim
 	if (s->blocks)
 		kvp_free(t, s->blocks, s->cap_blocks * sizeof *s->blocks, KVP_BYTES_META, 0);
 	kvp_stream_ctx_put(t, s->ctx);
+	kvp_query_window_free(t, s->queries);
 	memset(s, 0, sizeof *s);
 }
 
@@ -283,6 +285,8 @@ static void stats_stream(const struct kvp_tenant *t, const struct kvp_stream *st
 		o->bytes_meta += kvp_alloc_size(t, st->cap_blocks * sizeof *st->blocks);
 	if (st->ctx)
 		o->bytes_meta += kvp_alloc_size(t, st->ctx->size);
+	if (st->queries)
+		o->bytes_meta += kvp_alloc_size(t, st->queries->size);
 }
 
 static void stats_copy(kvp_stats *out, const kvp_stats *full)
