@@ -766,8 +766,13 @@ static void mask_expand_row(unsigned d, const uint8_t *mask, const uint8_t *sign
 {
 	const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), one = _mm256_set1_epi32(1);
 	const __m256 vscale = _mm256_set1_ps(scale);
-	unsigned t = 0, r = 0;
+	unsigned t = 0, r = 0, pruned = 0, sbytes;
 
+	for (unsigned j = 0; j < d; j += 8) {
+		const unsigned k = d - j < 8 ? d - j : 8;
+		pruned += k - (unsigned)__builtin_popcount(mask[j >> 3] & ((1u << k) - 1));
+	}
+	sbytes = (pruned + 7) / 8;
 	for (unsigned j = 0; j < d; j += 8) {
 		const unsigned k = d - j < 8 ? d - j : 8, m = mask[j >> 3] & ((1u << k) - 1);
 		const unsigned nk = (unsigned)__builtin_popcount(m), np = k - nk;
@@ -778,11 +783,11 @@ static void mask_expand_row(unsigned d, const uint8_t *mask, const uint8_t *sign
 		__m256 pv = _mm256_setzero_ps();
 
 		if (sign && np) {
-			unsigned w = sign[r >> 3] >> (r & 7);
+			/* both bytes always, the second clamped into the field: no branch to mispredict */
+			const unsigned b = r >> 3, b1 = b + 1 < sbytes ? b + 1 : b;
+			unsigned w = (sign[b] | (unsigned)sign[b1] << 8) >> (r & 7);
 			__m256i bit;
 
-			if ((r & 7) + np > 8)
-				w |= (unsigned)sign[(r >> 3) + 1] << (8 - (r & 7));
 			bit = _mm256_slli_epi32(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), _mm256_sub_epi32(lane, below)),
 						31);
 			pv = _mm256_xor_ps(_mm256_mul_ps(vscale, _mm256_maskload_ps(mag + j, tail_mask(k))),

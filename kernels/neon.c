@@ -732,10 +732,11 @@ static void mask_expand_row(unsigned d, const uint8_t *mask, const uint8_t *sign
 {
 	static const uint32_t lanes[4] = { 0, 1, 2, 3 }, bits[4] = { 1, 2, 4, 8 };
 	const uint32x4_t lane = vld1q_u32(lanes), bit = vld1q_u32(bits);
-	unsigned t = 0, r = 0, total = 0;
+	unsigned t = 0, r = 0, total = 0, sbytes;
 
 	for (unsigned j = 0; j < d; j += 8)
 		total += (unsigned)__builtin_popcount(mask[j >> 3] & ((1u << (d - j < 8 ? d - j : 8)) - 1));
+	sbytes = (d - total + 7) / 8;
 	for (unsigned j = 0; j < d; j += 4) {
 		const unsigned k = d - j < 4 ? d - j : 4, m = (mask[j >> 3] >> (j & 4)) & ((1u << k) - 1);
 		const unsigned nk = (unsigned)__builtin_popcount(m), np = k - nk;
@@ -748,11 +749,11 @@ static void mask_expand_row(unsigned d, const uint8_t *mask, const uint8_t *sign
 
 		kv = vreinterpretq_f32_u8(vqtbl1q_u8(vreinterpretq_u8_f32(kv), pick));
 		if (sign && np) {
-			unsigned w = sign[r >> 3] >> (r & 7);
+			/* both bytes always, the second clamped into the field: no branch to mispredict */
+			const unsigned b = r >> 3, b1 = b + 1 < sbytes ? b + 1 : b;
+			unsigned w = (sign[b] | (unsigned)sign[b1] << 8) >> (r & 7);
 			uint32x4_t s;
 
-			if ((r & 7) + np > 8)
-				w |= (unsigned)sign[(r >> 3) + 1] << (8 - (r & 7));
 			s = vshlq_u32(vdupq_n_u32(w), vnegq_s32(vreinterpretq_s32_u32(vsubq_u32(lane, below))));
 			s = vshlq_n_u32(s, 31);
 			pv = vmulq_n_f32(k == 4 ? vld1q_f32(mag + j) : load_f32_tail(mag + j, k), scale);
