@@ -32,8 +32,8 @@
  * The inner codec must be separable with group 1 (each token's kept channels differ, so a codec grouping
  * tokens or channels across tokens has nothing consistent to group): kivi on keys is rejected.
  * The context holds ||Q_j|| and 1/sqrt(||Q_j||) per channel, then the inner codec's context, if any,
- * fitted on the kept vectors. fit() uses up to the 32 most recent queries (fit_queries); the pager keeps
- * them per stream until the stream's first block turns cold.
+ * fitted on the kept vectors. fit() uses the queries of the last 32 decode steps (fit_steps); the pager
+ * keeps them per stream until the stream's first block turns cold.
  *
  * Query paths: decode, dot and axpy take tokens in chunks that fit in L1 (4096 floats). A chunk's kept
  * values are widened from fp16 (or decoded by the inner codec, one token at a time, because each token
@@ -48,9 +48,6 @@
 
 #include "codecs/codec.h"
 #include "kernels/kernels.h"
-
-/* The reference's observation window: the last 32 queries of the prefill. */
-#define FIT_QUERIES 32
 
 struct spark {
 	unsigned kept, pruned, avg;
@@ -111,8 +108,8 @@ static kvp_status spark_open(struct kvp_codec *c, struct kvp_args *args, unsigne
 	c->state = s;
 	c->ctx_bytes = 2 * sizeof(float) * dim + (inner ? inner->ctx_bytes : 0);
 	c->qprep_bytes = sizeof(float) * dim;
-	c->fit_queries = FIT_QUERIES;
 	c->acc_dim = dim;
+	c->fit_steps = 32; /* the reference's observation window */
 	return KVP_OK;
 }
 

@@ -150,6 +150,23 @@ typedef struct {
 KVP_API kvp_status kvp_seq_stats(const kvp_seq *s, kvp_stats *out);
 KVP_API kvp_status kvp_tenant_stats(const kvp_tenant *t, kvp_stats *out);
 
+/*
+ * Coherence gating (tenant gate=mrl|entropy): each (layer, KV head) has a measured coherence in [0, 1]
+ * and an aggressiveness (the coherence, or the host's override) that sets its share of the layer's
+ * token budget; the layer's total is conserved. The caller sets size = sizeof(kvp_head_level).
+ */
+typedef struct {
+	uint32_t size;
+	float coherence;      /* measured: mean resultant length (mrl) or 1 - H/log n (entropy) */
+	float aggressiveness; /* what the budget follows: the override when set, else the coherence */
+	int32_t overridden;   /* 1 when kvp_seq_set_head_level set it */
+	uint32_t budget;      /* the stream's token budget at the last kvp_seq_step (0 before) */
+} kvp_head_level;
+KVP_API kvp_status kvp_seq_head_level(kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_head_level *out);
+/* aggressiveness in [0, 1] pins the head's level from the next kvp_seq_step on; -1 hands it back to the
+ * measured coherence. KVP_EINVAL when the tenant has gate=off. */
+KVP_API kvp_status kvp_seq_set_head_level(kvp_seq *s, uint32_t layer, uint32_t kv_head, float aggressiveness);
+
 /* Codecs on their own, e.g. "turboquant(bits=3)" or "spark(keep=0.5)|turboquant(bits=3)". */
 KVP_API kvp_status kvp_codec_open(const char *spec, uint32_t dim, kvp_codec **out);
 KVP_API uint32_t kvp_codec_group(const kvp_codec *c); /* tokens per group; 1 when separable */
@@ -193,7 +210,7 @@ KVP_API kvp_status kvp_policy_observe(kvp_policy *p, uint32_t layer, uint32_t kv
  * knows when the table's abi_minor >= m (and size covers it).
  */
 #define KVP_ABI_MAJOR 1
-#define KVP_ABI_MINOR 1
+#define KVP_ABI_MINOR 2
 
 typedef struct kvp_plugin_v1 {
 	uint32_t abi_major, abi_minor, size;
@@ -230,6 +247,9 @@ typedef struct kvp_plugin_v1 {
 	/* abi_minor 1 */
 	kvp_status (*policy_observe)(kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t,
 				     const float *q_post_rope, uint32_t n, const int32_t *pos, const float *weights);
+	/* abi_minor 2 */
+	kvp_status (*seq_head_level)(kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_head_level *out);
+	kvp_status (*seq_set_head_level)(kvp_seq *s, uint32_t layer, uint32_t kv_head, float aggressiveness);
 } kvp_plugin_v1;
 
 /* NULL when abi_major is not served (kvp_last_error says which majors are). */

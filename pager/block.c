@@ -3,6 +3,11 @@
  * of 64 tokens x 128 dims are exactly 64 KiB, a jemalloc size class; a header in the same allocation
  * would push it into the 80 KiB class and waste a fifth of the cache. Reference counted so forks share
  * them; the last put frees.
+ *
+ * Freed memory is not cleared; it is unreachable instead. A tenant's blocks come from its own jemalloc
+ * arena (no thread cache), so a freed block is only reused by the same tenant, and a closed tenant's
+ * arena is destroyed, its pages returned to the system, which gives them out again zeroed. Within a
+ * tenant no call reads a block past the n rows written into it. tests/test_isolation.c checks both.
  */
 #include <string.h>
 

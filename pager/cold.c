@@ -184,73 +184,56 @@ static const float *exact_rows(const struct kvp_block *b, const void *src, uint3
 	return rows;
 }
 
-/* ---- Observed queries for codecs whose fit() uses them (SparK). ---- */
-
-static size_t window_bytes(uint32_t cap, uint32_t dim)
-{
-	return sizeof(struct kvp_query_window) + sizeof(float) * cap * (size_t)dim;
-}
-
-void kvp_query_window_free(struct kvp_tenant *t, struct kvp_query_window *w)
-{
-	if (w)
-		kvp_free(t, w, w->size, KVP_BYTES_META, 0);
-}
-
-struct kvp_query_window *kvp_query_window_copy(struct kvp_tenant *t, const struct kvp_query_window *w)
-{
-	struct kvp_query_window *copy;
-
-	if (!w || !(copy = kvp_alloc(t, w->size, KVP_BYTES_META, 0)))
-		return NULL;
-	memcpy(copy, w, w->size);
-	return copy;
-}
-
-static struct kvp_query_window *window_new(struct kvp_tenant *t, uint32_t cap, uint32_t dim)
-{
-	size_t size = window_bytes(cap, dim);
-	struct kvp_query_window *w = kvp_alloc(t, size, KVP_BYTES_META, 0);
-
-	if (w)
-		*w = (struct kvp_query_window){ .size = size, .cap = cap };
-	return w;
-}
-
-/* The reference averages the observed queries over each GQA group: one mean query per attend. */
-void kvp_cold_observe(struct kvp_seq *s, struct kvp_stream *st, const float *q)
+/*
+ * SparK ranks key channels by k_j^2 * ||Q_j|| over the queries seen before its first group is encoded
+ * (the prefill's last queries in the reference). kvp_attend hands each stream's group queries here until
+ * the stream's context is fitted; a ring keeps the last fit_steps steps. Without it (no attend before the
+ * first cold block, or no memory for the ring) the codec fits with no queries, as it does standalone.
+ */
+void kvp_cold_note_queries(struct kvp_seq *s, struct kvp_stream *st, const float *q)
 {
 	const struct kvp_codec *k = s->cold.k;
-	uint32_t dim = s->shape.head_dim;
-	float *slot;
+	uint32_t dim = s->shape.head_dim, cap;
+	struct kvp_recent_queries *r = st->recent;
 
-	if (!k || !k->fit_queries || st->ctx)
+	if (!k || !k->fit_steps || st->ctx)
 		return;
-	if (!st->queries && !(st->queries = window_new(s->tenant, k->fit_queries, dim)))
-		return;
-	slot = st->queries->q + (size_t)st->queries->next * dim;
-	for (uint32_t j = 0; j < dim; j++) {
-		float sum = 0.0f;
-		for (uint32_t h = 0; h < s->group; h++)
-			sum += q[(size_t)h * dim + j];
-		slot[j] = sum / (float)s->group;
+	if (!r) {
+		cap = k->fit_steps * s->group;
+		size_t bytes = sizeof *r + (size_t)cap * dim * sizeof(float);
+		if (!(r = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0)))
+			return;
+		r->bytes = bytes;
+		r->cap = cap;
+		r->n = r->next = 0;
+		st->recent = r;
 	}
-	st->queries->next = (st->queries->next + 1) % st->queries->cap;
-	if (st->queries->n < st->queries->cap)
-		st->queries->n++;
+	for (uint32_t h = 0; h < s->group; h++) {
+		memcpy(r->q + (size_t)r->next * dim, q + (size_t)h * dim, dim * sizeof(float));
+		r->next = (r->next + 1) % r->cap;
+		r->n += r->n < r->cap;
+	}
 }
 
-static kvp_status fit(const struct kvp_cold *c, struct kvp_stream_ctx *x, uint32_t n, const float *k,
-		      const float *v, const struct kvp_query_window *w)
+void kvp_cold_forget_queries(struct kvp_tenant *t, struct kvp_stream *st)
 {
-	kvp_status st = KVP_OK;
+	if (st->recent)
+		kvp_free(t, st->recent, st->recent->bytes, KVP_BYTES_META, 0);
+	st->recent = NULL;
+}
 
-	/* the window's order does not matter: fit() takes norms over the queries */
+static kvp_status fit(const struct kvp_cold *c, const struct kvp_stream *st, struct kvp_stream_ctx *x,
+		      uint32_t n, const float *k, const float *v)
+{
+	const struct kvp_recent_queries *r = st->recent;
+	kvp_status st_ = KVP_OK;
+
+	/* the ring's order does not matter: the codec takes per-channel norms over the queries */
 	if (c->k->ops->fit)
-		st = c->k->ops->fit(c->k, x->k, n, k, w ? w->n : 0, w ? w->q : NULL);
-	if (st == KVP_OK && c->v->ops->fit)
-		st = c->v->ops->fit(c->v, x->v, n, v, 0, NULL);
-	return st;
+		st_ = c->k->ops->fit(c->k, x->k, n, k, r ? r->n : 0, r ? r->q : NULL);
+	if (st_ == KVP_OK && c->v->ops->fit)
+		st_ = c->v->ops->fit(c->v, x->v, n, v, 0, NULL);
+	return st_;
 }
 
 static kvp_status encode(const struct kvp_seq *s, struct kvp_stream *st, struct kvp_cold_plan *p,
@@ -263,7 +246,7 @@ static kvp_status encode(const struct kvp_seq *s, struct kvp_stream *st, struct 
 	kvp_status rc;
 
 	if (!st->ctx) {
-		if ((rc = fit(c, p->ctx, n, k, v, st->queries)) != KVP_OK)
+		if ((rc = fit(c, st, p->ctx, n, k, v)) != KVP_OK)
 			return rc;
 		st->ctx = p->ctx;
 		p->ctx = NULL;
@@ -292,11 +275,8 @@ void kvp_cold_commit(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_s
 		p->blocks[done++] = NULL;
 		kvp_block_put(t, exact, dim);
 	}
-	if (st->ctx && st->queries) {
-		/* fitted: the contexts are immutable from here on, so the queries are of no further use */
-		kvp_query_window_free(t, st->queries);
-		st->queries = NULL;
-	}
+	if (st->ctx)
+		kvp_cold_forget_queries(t, st);
 	kvp_cold_unwind(t, s, p);
 }
 

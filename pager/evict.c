@@ -361,12 +361,23 @@ static kvp_status round_one(struct kvp_seq *s, uint32_t layer, uint32_t kv_head)
 	struct loaded l;
 	kvp_status st = load(s, kvp_seq_stream(s, layer, kv_head), &l);
 
+	l.round.budget = kvp_gate_budget(s, layer, kv_head);
 	if (st == KVP_OK)
 		st = kvp_policy_round(s->policy, layer, kv_head, &l.round, l.keep, &l.n_kept);
 	if (st == KVP_OK)
 		st = apply(s, &l, 1);
 	loaded_free(&l);
 	return st;
+}
+
+/* A stream is due at its own budget (gated) + every; without gating, the policy's budget. */
+static int due(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t n)
+{
+	uint32_t budget = kvp_gate_budget(s, layer, kv_head);
+
+	if (!budget)
+		return kvp_policy_due(s->policy, s->t0, n);
+	return (uint64_t)n >= (uint64_t)budget + s->policy->plan.every;
 }
 
 static kvp_status rounds(struct kvp_seq *s)
@@ -382,7 +393,7 @@ static kvp_status rounds(struct kvp_seq *s)
 			struct kvp_stream *stream = kvp_seq_stream(s, layer, kv_head);
 			if (plan->per_head || plan->union_select)
 				set[b] = stream;
-			else if (kvp_policy_due(s->policy, s->t0, stream->n_tokens))
+			else if (due(s, layer, kv_head, stream->n_tokens))
 				st = round_one(s, layer, kv_head);
 		}
 		if (st != KVP_OK || !(plan->per_head || plan->union_select) ||
@@ -417,6 +428,8 @@ kvp_status kvp_evict_step(struct kvp_seq *s)
 		return KVP_OK;
 	if (s->prompt_end < 0)
 		s->prompt_end = (int32_t)s->t0;
+	if ((st = kvp_gate_step(s)) != KVP_OK)
+		return st;
 	if ((st = rounds(s)) != KVP_OK)
 		return st;
 	return encode_scored(s);

@@ -61,6 +61,7 @@ struct kvp_tenant_config {
 	char k_spec[KVP_CODEC_SPEC_MAX], v_spec[KVP_CODEC_SPEC_MAX];
 	char policy_spec[KVP_CODEC_SPEC_MAX]; /* "" when every token is kept */
 	uint32_t pin_prompt;
+	enum kvp_gate { KVP_GATE_OFF, KVP_GATE_MRL, KVP_GATE_ENTROPY } gate;
 };
 
 struct kvp_tenant {
@@ -101,23 +102,21 @@ struct kvp_stream_ctx {
 	void *k, *v;
 };
 
-/* The most recent queries of a stream's GQA group (the group's mean query, post-RoPE, one per attend),
- * kept while the stream's codec contexts are not fitted and only when the key codec's fit() uses queries
- * (SparK's ||Q_j||); handed to fit() when the first block turns cold, then freed. */
-struct kvp_query_window {
-	size_t size;           /* the allocation, charged as metadata */
-	uint32_t cap, n, next; /* capacity in queries, queries held, the slot the next one overwrites */
-	float q[];             /* [cap][head_dim] */
-};
-
 struct kvp_stream {
 	uint32_t n_tokens;
 	struct kvp_block *sink;
 	uint32_t n_blocks, cap_blocks, n_cold;
 	struct kvp_block **blocks;
 	struct kvp_stream_ctx *ctx; /* NULL until the first block turns cold */
-	struct kvp_query_window *queries; /* NULL unless collecting queries for ctx (cold.c) */
 	int64_t scored_upto;        /* with a policy: tokens below this position went through a round */
+	struct kvp_recent_queries *recent; /* for a key codec that fits on queries, until ctx is fitted */
+};
+
+/* The last decode steps' queries of a stream's GQA group, a ring of steps x group x head_dim floats. */
+struct kvp_recent_queries {
+	size_t bytes;
+	uint32_t cap, n, next; /* in query vectors */
+	float q[];
 };
 
 /* The cold tier of a sequence: its codecs, parsed for its head_dim, and the scratch attend needs. */
@@ -137,6 +136,7 @@ struct kvp_seq {
 	uint64_t tokens_appended;
 	struct kvp_cold cold; /* codecs NULL when the tenant has no k= or v= */
 	struct kvp_policy *policy; /* NULL when every token is kept */
+	struct kvp_gating *gating; /* NULL when gate=off */
 	int64_t t0;                /* one past the highest position appended */
 	int32_t prompt_end;        /* the prompt's end, fixed at the first kvp_seq_step; -1 before */
 	struct kvp_observe_buf {   /* what attend hands the policy: weights over one stream */
@@ -208,13 +208,9 @@ void kvp_cold_unwind(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_c
 void kvp_cold_commit(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_stream *st,
 		     struct kvp_cold_plan *p);
 void kvp_stream_ctx_put(struct kvp_tenant *t, struct kvp_stream_ctx *c);
-/* Called by attend with the group's queries q ([group][head_dim]): remembered for the stream's fit()
- * while its contexts are not fitted and the key codec uses queries; nothing otherwise. Best effort: when
- * the window cannot be charged, fit() sees fewer (or no) queries. */
-void kvp_cold_observe(struct kvp_seq *s, struct kvp_stream *st, const float *q);
-/* A fork's own copy of a stream's window (NULL when there is none or it cannot be charged). */
-struct kvp_query_window *kvp_query_window_copy(struct kvp_tenant *t, const struct kvp_query_window *w);
-void kvp_query_window_free(struct kvp_tenant *t, struct kvp_query_window *w);
+/* Keeps the group's queries (group x head_dim) for the stream's first fit, when the key codec wants them. */
+void kvp_cold_note_queries(struct kvp_seq *s, struct kvp_stream *st, const float *q);
+void kvp_cold_forget_queries(struct kvp_tenant *t, struct kvp_stream *st);
 void kvp_cold_gather(const struct kvp_seq *s, const struct kvp_stream *st, const struct kvp_block *b,
 		     float *k, float *v);
 
@@ -229,6 +225,28 @@ kvp_status kvp_evict_step(struct kvp_seq *s);
 kvp_status kvp_observe_reserve(struct kvp_seq *s, uint32_t n);
 /* Every token of a stream in order: positions, and keys and values as fp32 (either may be NULL). */
 void kvp_stream_gather(const struct kvp_seq *s, const struct kvp_stream *st, int32_t *pos, float *k, float *v);
+
+/* ---- coherence gating (gate.c) ---- */
+/* Per (layer, KV head): coherence measured so far, the host's override, and the budget it yields. */
+struct kvp_gating {
+	size_t bytes;
+	double *coherence;   /* [layers][kv_heads] in [0, 1] */
+	uint32_t *samples;   /* entropy observations folded into coherence */
+	float *override;     /* aggressiveness set through kvp_seq_set_head_level, or -1 */
+	uint32_t *budget;    /* the stream's budget at the last step, 0 before */
+};
+kvp_status kvp_gate_check(const struct kvp_tenant_config *cfg);
+kvp_status kvp_gate_open(struct kvp_tenant *t, struct kvp_seq *s);
+void kvp_gate_close(struct kvp_tenant *t, struct kvp_seq *s);
+kvp_status kvp_gate_fork(struct kvp_tenant *t, const struct kvp_seq *src, struct kvp_seq *s);
+/* attend's final softmax weights of one stream ([group][n]) for gate=entropy */
+void kvp_gate_observe(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t n, const float *weights);
+/* Recomputes every stream's budget for this step; the rounds then use kvp_gate_budget. */
+kvp_status kvp_gate_step(struct kvp_seq *s);
+uint32_t kvp_gate_budget(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head); /* 0: the policy's */
+int kvp_gate_wants_weights(const struct kvp_seq *s);
+kvp_status kvp_seq_head_level_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_head_level *out);
+kvp_status kvp_seq_set_head_level_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, float aggressiveness);
 
 /* ---- streams ---- */
 void kvp_stream_release(struct kvp_tenant *t, struct kvp_stream *s, uint32_t dim);

@@ -223,3 +223,25 @@ kvp_status kvp_seq_unpark(kvp_seq *h)
 	}
 	return st;
 }
+
+kvp_status kvp_seq_head_level(kvp_seq *h, uint32_t layer, uint32_t kv_head, kvp_head_level *out)
+{
+	struct kvp_seq *s;
+	kvp_status st = enter(h, "kvp_seq_head_level", 0, &s);
+	if (st == KVP_OK) {
+		st = kvp_seq_head_level_entered(s, layer, kv_head, out);
+		leave(s);
+	}
+	return st;
+}
+
+kvp_status kvp_seq_set_head_level(kvp_seq *h, uint32_t layer, uint32_t kv_head, float aggressiveness)
+{
+	struct kvp_seq *s;
+	kvp_status st = enter(h, "kvp_seq_set_head_level", 0, &s);
+	if (st == KVP_OK) {
+		st = kvp_seq_set_head_level_entered(s, layer, kv_head, aggressiveness);
+		leave(s);
+	}
+	return st;
+}

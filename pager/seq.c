@@ -84,7 +84,8 @@ kvp_status kvp_seq_open(kvp_tenant *t, const kvp_shape *shape, kvp_seq **out)
 		return st;
 	if (!(s = seq_alloc(t, shape)))
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_open");
-	if ((st = kvp_cold_open(t, s)) != KVP_OK || (st = kvp_evict_open(t, s)) != KVP_OK) {
+	if ((st = kvp_cold_open(t, s)) != KVP_OK || (st = kvp_evict_open(t, s)) != KVP_OK ||
+	    (st = kvp_gate_open(t, s)) != KVP_OK) {
 		kvp_seq_destroy(s);
 		return st;
 	}
@@ -113,7 +114,7 @@ kvp_status kvp_stream_share(struct kvp_tenant *t, struct kvp_stream *dst, const 
 		kvp_block_get(dst->sink);
 	if (dst->ctx)
 		atomic_fetch_add_explicit(&dst->ctx->refs, 1, memory_order_relaxed);
-	dst->queries = kvp_query_window_copy(t, src->queries);
+	dst->recent = NULL; /* the fork observes its own queries */
 	return KVP_OK;
 }
 
@@ -125,7 +126,7 @@ void kvp_stream_release(struct kvp_tenant *t, struct kvp_stream *s, uint32_t dim
 	if (s->blocks)
 		kvp_free(t, s->blocks, s->cap_blocks * sizeof *s->blocks, KVP_BYTES_META, 0);
 	kvp_stream_ctx_put(t, s->ctx);
-	kvp_query_window_free(t, s->queries);
+	kvp_cold_forget_queries(t, s);
 	memset(s, 0, sizeof *s);
 }
 
@@ -148,7 +149,7 @@ kvp_status kvp_seq_fork_resident(kvp_seq *src, kvp_seq **out)
 	if (!(s = seq_alloc(t, &src->shape)))
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
 	/* the fork's policy continues from a copy of the source's history (H2O weights, online stats) */
-	if (kvp_cold_open(t, s) != KVP_OK || kvp_evict_fork(t, src, s) != KVP_OK) {
+	if (kvp_cold_open(t, s) != KVP_OK || kvp_evict_fork(t, src, s) != KVP_OK || kvp_gate_fork(t, src, s) != KVP_OK) {
 		kvp_seq_destroy(s);
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
 	}
@@ -183,6 +184,7 @@ void kvp_seq_destroy(struct kvp_seq *s)
 		kvp_stream_release(t, &s->streams[i], s->shape.head_dim);
 	kvp_cold_close(t, s);
 	kvp_evict_close(t, s);
+	kvp_gate_close(t, s);
 	kvp_free(t, s->streams, streams_bytes(&s->shape), KVP_BYTES_META, 0);
 	s->magic = 0;
 	kvp_free(t, s, sizeof *s, KVP_BYTES_META, 0);
@@ -285,8 +287,8 @@ static void stats_stream(const struct kvp_tenant *t, const struct kvp_stream *st
 		o->bytes_meta += kvp_alloc_size(t, st->cap_blocks * sizeof *st->blocks);
 	if (st->ctx)
 		o->bytes_meta += kvp_alloc_size(t, st->ctx->size);
-	if (st->queries)
-		o->bytes_meta += kvp_alloc_size(t, st->queries->size);
+	if (st->recent)
+		o->bytes_meta += kvp_alloc_size(t, st->recent->bytes);
 }
 
 static void stats_copy(kvp_stats *out, const kvp_stats *full)
@@ -317,6 +319,8 @@ kvp_status kvp_seq_stats_entered(const kvp_seq *s, kvp_stats *out)
 		full.bytes_meta += kvp_alloc_size(s->tenant, s->cold.scratch_bytes);
 	if (s->observe.bytes)
 		full.bytes_meta += kvp_alloc_size(s->tenant, s->observe.bytes);
+	if (s->gating)
+		full.bytes_meta += kvp_alloc_size(s->tenant, s->gating->bytes);
 	full.tokens_appended = s->tokens_appended;
 	full.bytes_dense_fp16 = s->tokens_appended * s->shape.head_dim * 4;
 	full.bytes_spilled = kvp_seq_parked_bytes(s);

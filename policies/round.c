@@ -120,7 +120,8 @@ static kvp_status select_from(const struct kvp_policy *p, const struct kvp_round
 		return kvp_fail(KVP_ENOMEM, "policy round: out of memory for %u tokens", r->n);
 	for (uint32_t i = 0; i < c->n; i++)
 		scores[c->index[i]] = values[i];
-	st = kvp_select_survivors(r->n, r->pos, scores, pr, kvp_policy_budget(p, r->t0), keep, n_kept);
+	st = kvp_select_survivors(r->n, r->pos, scores, pr, r->budget ? r->budget : kvp_policy_budget(p, r->t0), keep,
+				  n_kept);
 	free(scores);
 	return st;
 }
