@@ -92,6 +92,11 @@ struct kvp_block {
 	size_t payload;   /* bytes of k and v together, as counted in stats */
 	int32_t *pos;
 	void *k, *v; /* [cap][head_dim] in the block's store, or the codecs' bytes for n tokens */
+	/* Non-NULL while the block is spilled (restore.c): k and v are NULL, the allocation they lived in
+	 * is freed, and this record holds their bytes; the header (n, cap, positions) stays in memory.
+	 * Only private cold blocks are spilled, so only their sequence ever sees this. */
+	struct kvp_spilled *spilled;
+	size_t v_offset; /* where v starts in the allocation k points to: what a restore rebuilds */
 };
 
 /* Codec contexts of one stream (outlier channels and the like), fitted on its first cold block and
@@ -153,6 +158,11 @@ struct kvp_seq {
 	kvp_seq *handle;       /* what the host holds */
 	_Atomic uint32_t calls; /* public calls in progress, or KVP_SEQ_CLAIMED (pressure.c) */
 	_Atomic uint64_t last_use; /* the tenant's clock at the last call: pressure spills the oldest */
+	/* Cold blocks spilled one by one under pressure (restore.c), read back before use. Touched only by
+	 * the thread that entered the sequence (or claimed it). */
+	uint32_t n_spilled;          /* blocks whose record is on the device, in flight or not: attend's one branch */
+	uint32_t pin_from, pin_to;   /* layers pressure must not spill from: the ones a call is using */
+	struct kvp_restore *restore; /* reads in flight (the prefetched layer), or NULL */
 };
 
 #define KVP_POOL_MAGIC 0x6b76706fu
@@ -290,6 +300,24 @@ extern _Thread_local unsigned kvp_charge_mode;
 /* Parks the least recently used idle sequence of t (never another tenant's) to make room for bytes.
  * Returns nonzero when it parked one, so the caller charges again. */
 int kvp_pressure_relieve(struct kvp_tenant *t, uint64_t bytes);
+
+/* ---- cold blocks of a resident sequence on the spill device (restore.c) ---- */
+/* The sequence whose public call this thread is running (pressure.c), or NULL. */
+extern _Thread_local struct kvp_seq *kvp_calling_seq;
+/* Pressure's second resort: spills the oldest private cold blocks of s outside its pinned layers, at
+ * least `bytes` of memory when there are that many. Nonzero when it freed something. */
+int kvp_spill_cold_blocks(struct kvp_seq *s, uint64_t bytes);
+/* attend: brings back layer's spilled blocks (waiting for the prefetch when it read them) and starts
+ * the reads of the next layer's. KVP_EIO, KVP_ECORRUPT or KVP_ENOMEM leave the failed blocks spilled. */
+kvp_status kvp_restore_layer(struct kvp_seq *s, uint32_t layer);
+/* Every spilled block back in memory (fork, step, gather need them). */
+kvp_status kvp_restore_all(struct kvp_seq *s);
+/* Waits for reads in flight and files them; on any path that may free or park the sequence's blocks. */
+void kvp_restore_settle(struct kvp_seq *s);
+/* Block side (block.c): drop the rows of a private block whose record is written, or take new rows. */
+void kvp_block_spill_out(struct kvp_tenant *t, struct kvp_block *b, struct kvp_spilled *stub);
+kvp_status kvp_block_rows_alloc(struct kvp_tenant *t, struct kvp_block *b);
+void kvp_block_rows_free(struct kvp_tenant *t, struct kvp_block *b);
 
 /* ---- configuration ---- */
 kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quota, const char *spec);

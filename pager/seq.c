@@ -175,6 +175,7 @@ void kvp_seq_destroy(struct kvp_seq *s)
 {
 	struct kvp_tenant *t = s->tenant;
 	size_t n = (size_t)s->shape.n_layers * s->shape.n_kv_heads;
+	kvp_restore_settle(s); /* the device must be done with blocks before they are freed */
 	kvp_seq_parked_release(s);
 	kvp_seq_handle_free(s);
 	atomic_fetch_sub(&t->tokens_appended, s->tokens_appended);
@@ -282,6 +283,10 @@ static void stats_stream(const struct kvp_tenant *t, const struct kvp_stream *st
 		else
 			o->bytes_exact += kvp_block_token_bytes(b, dim);
 		o->bytes_meta += kvp_block_bytes(t, b) - kvp_block_token_bytes(b, dim);
+		if (b->spilled) { /* its rows are a record on the device, described by a stub in memory */
+			o->bytes_spilled += b->spilled->pages * KVP_SPILL_PAGE;
+			o->bytes_meta += kvp_alloc_size(t, sizeof *b->spilled);
+		}
 	}
 	if (st->blocks)
 		o->bytes_meta += kvp_alloc_size(t, st->cap_blocks * sizeof *st->blocks);
@@ -323,7 +328,7 @@ kvp_status kvp_seq_stats_entered(const kvp_seq *s, kvp_stats *out)
 		full.bytes_meta += kvp_alloc_size(s->tenant, s->gating->bytes);
 	full.tokens_appended = s->tokens_appended;
 	full.bytes_dense_fp16 = s->tokens_appended * s->shape.head_dim * 4;
-	full.bytes_spilled = kvp_seq_parked_bytes(s);
+	full.bytes_spilled += kvp_seq_parked_bytes(s);
 	full.bytes_meta += kvp_seq_parked_meta(s);
 	stats_copy(out, &full);
 	return KVP_OK;
