@@ -1,6 +1,8 @@
 /*
- * A TriAttention policy round (scoring + survivor selection; the pager's compaction is not included)
- * against one exact attention step measured in the same run, per layer:
+ * A TriAttention policy round against one exact attention step measured in the same run, per layer.
+ * First the policy alone (scoring + survivor selection), then the pager's whole round through
+ * kvp_seq_step (gathering the keys, scoring, selection and compaction) against kvp_attend on the same
+ * fp16 cache:
  *   shape d=128, 8 KV heads, 32 query heads (GQA 4), 32K tokens per stream + the 128 of one round;
  *   a round runs every 128 decode tokens, so its cost per decode token is round / 128.
  * Both scale with the layer count the same way, so the per-layer ratio is the 32-layer ratio.
@@ -84,6 +86,64 @@ static float uniform(unsigned *seed)
 	return (float)(rand_r(seed) % 1001) / 1000.0f - 0.5f;
 }
 
+/* The pager's round: a sequence of N tokens per stream (fp16, the policy due at budget + every), one
+ * kvp_attend timed on it, then its kvp_seq_step timed once (a round changes the sequence). */
+struct pager_round {
+	double attend, step;
+};
+
+static int pager_round(const struct layer *a, struct pager_round *r, int reps)
+{
+	kvp_shape shape = { 1, NH, NKV, D, 1e6f, KVP_ROPE_HALF };
+	char spec[256];
+	kvp_pool *pool;
+	kvp_tenant *t;
+	kvp_seq *s;
+	float *kv_k = malloc(sizeof(float) * NKV * D * 1024), *kv_v = malloc(sizeof(float) * NKV * D * 1024);
+	int32_t pos[1024];
+	double t0;
+	int rc = 1;
+
+	snprintf(spec, sizeof spec, "block=64,sinks=4,window=128,store=fp16,policy=triattention(budget=%d,every=%d,"
+		 "stats=online,select=per_layer_head)", BUDGET, EVERY);
+	if (!kv_k || !kv_v || kvp_pool_open("", &pool) != KVP_OK)
+		goto out;
+	if (kvp_tenant_open(pool, "round", spec, &t) != KVP_OK || kvp_seq_open(t, &shape, &s) != KVP_OK)
+		goto close;
+	/* the layer's [NKV][N][D] rows, appended 1024 tokens at a time as [n][NKV][D] */
+	for (uint32_t i0 = 0; i0 < N; i0 += 1024) {
+		uint32_t n = N - i0 < 1024 ? N - i0 : 1024;
+		for (uint32_t i = 0; i < n; i++) {
+			pos[i] = (int32_t)(i0 + i);
+			for (uint32_t g = 0; g < NKV; g++) {
+				memcpy(kv_k + ((size_t)i * NKV + g) * D, a->k + ((size_t)g * N + i0 + i) * D, D * sizeof(float));
+				memcpy(kv_v + ((size_t)i * NKV + g) * D, a->v + ((size_t)g * N + i0 + i) * D, D * sizeof(float));
+			}
+		}
+		if (kvp_append(s, 0, n, pos, kv_k, kv_v) != KVP_OK)
+			goto close;
+	}
+	for (int i = 0; i < reps + 1; i++) {
+		t0 = bench_now();
+		if (kvp_attend(s, 0, a->q, a->out) != KVP_OK)
+			goto close;
+		t0 = bench_now() - t0;
+		r->attend = i == 0 || t0 < r->attend ? t0 : r->attend;
+	}
+	t0 = bench_now();
+	if (kvp_seq_step(s) != KVP_OK)
+		goto close;
+	r->step = bench_now() - t0;
+	rc = 0;
+close:
+	if (rc)
+		fprintf(stderr, "bench_policy: %s\n", kvp_last_error());
+	kvp_pool_close(pool);
+out:
+	free(kv_k), free(kv_v);
+	return rc;
+}
+
 int main(void)
 {
 	kvp_shape shape = { .n_layers = 1, .n_heads = NH, .n_kv_heads = NKV, .head_dim = D, .rope_theta = 1e6f,
@@ -128,6 +188,13 @@ int main(void)
 	bench_row("triattention round", "per round", tria, exact, 1e3, "ms", "exact attention");
 	bench_row("triattention round", "per decode token", tria / EVERY, exact, 1e3, "ms", "exact attention");
 	bench_row("h2o round (selection only)", "per decode token", h2o / EVERY, exact, 1e3, "ms", "exact attention");
+	struct pager_round pr;
+	if (pager_round(&a, &pr, reps))
+		return 1;
+	bench_row("kvp_attend fp16", "step", pr.attend, pr.attend, 1e3, "ms", "itself");
+	bench_row("pager round (with compaction)", "per round", pr.step, pr.attend, 1e3, "ms", "kvp_attend fp16");
+	bench_row("pager round (with compaction)", "per decode token", pr.step / EVERY, pr.attend, 1e3, "ms",
+		  "kvp_attend fp16");
 	kvp_policy_close(a.policy);
 	kvp_policy_close(a.h2o);
 	free(a.k), free(a.v), free(a.pos), free(a.q), free(a.out), free(a.scores), free(a.keep);
