@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/kernels.h"
 #include "policies/policy.h"
 
 #define OFFSETS_MAX 31
@@ -182,17 +183,53 @@ static void z_normalize(float *row, uint32_t n)
 		row[i] = (float)((row[i] - mean) / sd);
 }
 
+/*
+ * The band sums of key_score are one dot product over the key's own layout: sum_f kr*alpha_f + ki*beta_f
+ * is <k, c> with c holding alpha and beta where the layout keeps each band's real and imaginary parts.
+ * So a head scores all n keys with the dot kernels (vectorized, checked against scalar in kernels/), and
+ * key_score stays the reference the tests compare with.
+ */
+static void layout_coefficients(const struct tria *t, const kvp_shape *s, unsigned r, float *c)
+{
+	unsigned F = t->n_bands;
+
+	for (unsigned f = 0; f < F; f++) {
+		unsigned re = s->rope_layout == KVP_ROPE_HALF ? f : 2 * f;
+		unsigned im = s->rope_layout == KVP_ROPE_HALF ? f + F : 2 * f + 1;
+		c[re] = t->alpha[r * F + f];
+		c[im] = t->beta[r * F + f];
+	}
+}
+
+static void head_scores(const struct tria *t, const kvp_shape *s, uint32_t n, const float *k, const float *kabs,
+			float *row, float *tmp, float *coef)
+{
+	const struct kvp_kernels *kern = kvp_kernels();
+	unsigned rows = t->aggregate == AGG_MEAN ? 1 : t->n_offsets;
+
+	for (unsigned r = 0; r < rows; r++) {
+		layout_coefficients(t, s, r, coef);
+		kern->dot_f32(s->head_dim, n, k, coef, 1.0f, r ? tmp : row);
+		for (uint32_t i = 0; r && i < n; i++)
+			row[i] = tmp[i] > row[i] ? tmp[i] : row[i];
+	}
+	kern->dot_f32(t->n_bands, n, kabs, t->weight, 1.0f, tmp);
+	for (uint32_t i = 0; i < n; i++)
+		row[i] += tmp[i];
+}
+
 static kvp_status score(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t0, uint32_t n,
 			const int32_t *pos, const float *k, float *scores)
 {
 	struct tria *t = p->state;
 	const kvp_shape *s = &p->shape;
 	unsigned group = s->n_heads / s->n_kv_heads, F = t->n_bands;
-	float *row = malloc(sizeof *row * n), *kabs = malloc(sizeof *kabs * F * n);
+	float *row = malloc(sizeof *row * n), *tmp = malloc(sizeof *tmp * n), *kabs = malloc(sizeof *kabs * F * n);
+	float *coef = malloc(sizeof *coef * s->head_dim);
 
 	(void)pos; /* the post-RoPE form needs only t0 */
-	if (!row || !kabs) {
-		free(row), free(kabs);
+	if (!row || !tmp || !kabs || !coef) {
+		free(row), free(tmp), free(kabs), free(coef);
 		return kvp_fail(KVP_ENOMEM, "triattention: out of memory scoring %u tokens", n);
 	}
 	phase_table(t, t0);
@@ -201,13 +238,12 @@ static kvp_status score(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, 
 		scores[i] = -INFINITY;
 	for (unsigned g = 0; g < group; g++) {
 		head_coefficients(t, s, layer, kv_head * group + g);
-		for (uint32_t i = 0; i < n; i++)
-			row[i] = key_score(t, k + (size_t)i * s->head_dim, kabs + (size_t)i * F, s->rope_layout);
+		head_scores(t, s, n, k, kabs, row, tmp, coef);
 		z_normalize(row, n);
 		for (uint32_t i = 0; i < n; i++)
 			scores[i] = row[i] > scores[i] ? row[i] : scores[i];
 	}
-	free(row), free(kabs);
+	free(row), free(tmp), free(kabs), free(coef);
 	return KVP_OK;
 }
 
