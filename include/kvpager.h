@@ -88,6 +88,22 @@ KVP_API void kvp_pool_close(kvp_pool *pool);
  *   sinks=N         first N tokens of every stream are kept exact (default 4)
  *   window=N        last N tokens of every stream are kept exact (default 128)
  *   store=fp32|fp16 storage of the exact tiers (default fp32)
+ *   gate=off|mrl|entropy  coherence gating (default off; needs a policy= that ranks tokens):
+ *                   each (layer, KV head) gets a coherence c in [0, 1] — mrl: the energy-weighted mean
+ *                   resultant length of its query group from TriAttention's statistics (the .kvtria file
+ *                   or the online means); entropy: the running mean of 1 - H/log n of the softmax weights
+ *                   kvp_attend computes — and an aggressiveness a (c itself, or the ladder level's). At
+ *                   each round the sequence's total budget (the policy's budget x its streams) is split
+ *                   over the heads in proportion to 1 - a/2 (with a ladder: the level's keep fraction),
+ *                   exactly conserved, no head below its protected tokens: coherent heads give budget to
+ *                   diffuse ones. select=per_layer_head splits over every stream; select=per_head over KV
+ *                   heads (coherence averaged over layers); select=union over layers (averaged over KV
+ *                   heads of the layer).
+ *   ladder=B:K,...  levels from gentle to aggressive, e.g. 4:1.0,3:0.5,2:0.25: a head at level l keeps a
+ *                   budget share K and its cold blocks encoded from then on use B bits (bits=B on every
+ *                   codec of k=/v= that takes bits: turboquant, kivi). The level is round(c x (levels-1)).
+ *                   Needs gate= and a cold tier with such a codec. A block keeps the level it was encoded
+ *                   at: it is always read with its own codecs, and compaction packs blocks of one level.
  * Names are unique within a pool.
  */
 KVP_API kvp_status kvp_tenant_open(kvp_pool *pool, const char *name, const char *spec, kvp_tenant **out);
@@ -150,6 +166,27 @@ typedef struct {
 KVP_API kvp_status kvp_seq_stats(const kvp_seq *s, kvp_stats *out);
 KVP_API kvp_status kvp_tenant_stats(const kvp_tenant *t, kvp_stats *out);
 
+/*
+ * Coherence gating: every (layer, KV head)'s level, readable and overridable (tenant gate=, ladder=).
+ * The caller sets size = sizeof(kvp_level); older, smaller structs are read and filled up to their size.
+ */
+typedef struct {
+	uint32_t size;
+	uint32_t overridden;   /* read: 1 while an override holds; set: 1 to override, 0 to release it */
+	uint32_t level;        /* ladder level, 0 = gentlest (0 without a ladder); set: used with a ladder */
+	uint32_t n_levels;     /* read only: ladder levels, 1 without a ladder */
+	double aggressiveness; /* a in [0, 1]; set: used without a ladder (with one: level / (n_levels - 1)) */
+	double coherence;      /* read only: the measured coherence in [0, 1] (0 before any measurement) */
+	uint32_t bits;         /* read only: codec bits of the level's new cold blocks (0 without a ladder) */
+	uint32_t budget;       /* read only: tokens the head's last round gave it (0 before the first) */
+	double keep;           /* read only: the level's budget share (1 without a ladder) */
+} kvp_level;
+/* KVP_EINVAL for a sequence with gate=off, a head outside the shape, or (set) a level or aggressiveness
+ * out of range; nothing changes then. An override holds until released, and takes effect at the next
+ * round (budget) and the next block that turns cold (bits). */
+KVP_API kvp_status kvp_seq_levels(kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_level *out);
+KVP_API kvp_status kvp_seq_set_level(kvp_seq *s, uint32_t layer, uint32_t kv_head, const kvp_level *in);
+
 /* Codecs on their own, e.g. "turboquant(bits=3)" or "spark(keep=0.5)|turboquant(bits=3)". */
 KVP_API kvp_status kvp_codec_open(const char *spec, uint32_t dim, kvp_codec **out);
 KVP_API uint32_t kvp_codec_group(const kvp_codec *c); /* tokens per group; 1 when separable */
@@ -193,7 +230,7 @@ KVP_API kvp_status kvp_policy_observe(kvp_policy *p, uint32_t layer, uint32_t kv
  * knows when the table's abi_minor >= m (and size covers it).
  */
 #define KVP_ABI_MAJOR 1
-#define KVP_ABI_MINOR 1
+#define KVP_ABI_MINOR 2
 
 typedef struct kvp_plugin_v1 {
 	uint32_t abi_major, abi_minor, size;
@@ -230,6 +267,9 @@ typedef struct kvp_plugin_v1 {
 	/* abi_minor 1 */
 	kvp_status (*policy_observe)(kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t,
 				     const float *q_post_rope, uint32_t n, const int32_t *pos, const float *weights);
+	/* abi_minor 2 */
+	kvp_status (*seq_levels)(kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_level *out);
+	kvp_status (*seq_set_level)(kvp_seq *s, uint32_t layer, uint32_t kv_head, const kvp_level *in);
 } kvp_plugin_v1;
 
 /* NULL when abi_major is not served (kvp_last_error says which majors are). */

@@ -122,20 +122,30 @@ static int separable(const struct kvp_codec *c, uint32_t block)
 	       c->ops->bytes(c, block) == (size_t)block * c->ops->bytes(c, 1);
 }
 
-static struct region cold_region(const struct kvp_seq *s, const struct kvp_stream *st)
+/* Cold blocks [from, to) of one ladder level: their codecs decide whether bytes can be moved. */
+static struct region cold_region(const struct kvp_seq *s, uint32_t level, uint32_t from, uint32_t to)
 {
-	const struct kvp_cold *c = &s->cold;
-	struct region r = { 0, st->n_cold, 0, 0, 0, 1 };
+	const struct kvp_codec *k = s->cold.k_level[level], *v = s->cold.v_level[level];
+	struct region r = { from, to, 0, 0, 0, 1 };
 	uint32_t B = s->tenant->cfg.block;
 
-	if (!st->n_cold)
-		return r;
-	r.whole = !separable(c->k, B) || !separable(c->v, B);
+	r.whole = !separable(k, B) || !separable(v, B);
 	if (!r.whole) {
-		r.k_stride = c->k->ops->bytes(c->k, 1);
-		r.v_stride = c->v->ops->bytes(c->v, 1);
+		r.k_stride = k->ops->bytes(k, 1);
+		r.v_stride = v->ops->bytes(v, 1);
 	}
 	return r;
+}
+
+/* One past the last cold block from `from` on with the same level: survivors are packed only among
+ * blocks of one level, so every block stays readable by the codecs it records. */
+static uint32_t level_run_end(const struct kvp_stream *st, uint32_t from)
+{
+	uint32_t to = from + 1;
+
+	while (to < st->n_cold && st->blocks[to]->level == st->blocks[from]->level)
+		to++;
+	return to;
 }
 
 static struct region exact_region(const struct kvp_seq *s, const struct kvp_stream *st)
@@ -218,42 +228,74 @@ static void compaction_free(struct kvp_tenant *t, const struct kvp_seq *s, struc
 	memset(c, 0, sizeof *c);
 }
 
+/* Fresh blocks for `n` survivors' blocks of a region, appended to c->fresh. */
+static kvp_status fresh_blocks(struct kvp_tenant *t, const struct kvp_seq *s, const struct region *r,
+			       uint32_t level, uint32_t n, struct compaction *c)
+{
+	const struct kvp_codec *k = s->cold.k_level[level], *v = s->cold.v_level[level];
+	uint32_t B = t->cfg.block;
+
+	for (uint32_t i = 0; i < n; i++) {
+		struct kvp_block *b = r->cold ? kvp_block_new_cold(t, B, k->ops->bytes(k, B), v->ops->bytes(v, B)) :
+						kvp_block_new(t, B, s->shape.head_dim, t->cfg.store);
+		if (!b)
+			return KVP_ENOMEM;
+		b->level = r->cold ? level : 0;
+		c->fresh[c->n_fresh++] = b;
+	}
+	return KVP_OK;
+}
+
+/*
+ * Walks the stream's regions in block order: cold blocks in runs of one level, then the exact blocks.
+ * Planning (plan != 0) allocates each region's fresh blocks; committing packs survivors into them.
+ */
+static kvp_status walk_stream(struct kvp_tenant *t, const struct kvp_seq *s, const struct kvp_stream *st,
+			      const uint8_t *keep, struct compaction *c, int plan)
+{
+	const uint8_t *at = keep + (st->sink ? st->sink->n : 0);
+	kvp_status rc = KVP_OK;
+	uint32_t n = 0;
+
+	for (uint32_t from = 0; rc == KVP_OK && from < st->n_cold;) {
+		uint32_t to = level_run_end(st, from), level = st->blocks[from]->level;
+		struct region r = cold_region(s, level, from, to);
+		walk_region(s, st, &r, &at, plan ? NULL : c, &n);
+		if (plan)
+			rc = fresh_blocks(t, s, &r, level, n, c);
+		n = 0;
+		from = to;
+	}
+	if (rc == KVP_OK) {
+		struct region r = exact_region(s, st);
+		walk_region(s, st, &r, &at, plan ? NULL : c, &n);
+		if (plan)
+			rc = fresh_blocks(t, s, &r, 0, n, c);
+	}
+	return rc;
+}
+
 static kvp_status compaction_plan(struct kvp_tenant *t, const struct kvp_seq *s, const struct kvp_stream *st,
 				  const uint8_t *keep, struct compaction *c)
 {
-	const struct kvp_cold *cold = &s->cold;
-	struct region rc = cold_region(s, st), re = exact_region(s, st);
-	uint32_t B = t->cfg.block, n_cold_fresh = 0, n_exact_fresh = 0;
-	const uint8_t *at = keep + (st->sink ? st->sink->n : 0);
+	kvp_status rc;
 
 	memset(c, 0, sizeof *c);
-	walk_region(s, st, &rc, &at, NULL, &n_cold_fresh);
-	walk_region(s, st, &re, &at, NULL, &n_exact_fresh);
-	c->n_fresh = n_cold_fresh + n_exact_fresh;
+	/* a region of m blocks needs at most m fresh ones */
+	if (st->n_blocks && !(c->fresh = calloc(st->n_blocks, sizeof *c->fresh)))
+		return kvp_fail(KVP_ENOMEM, "policy round: out of memory");
+	if ((rc = walk_stream(t, s, st, keep, c, 1)) != KVP_OK)
+		return rc;
 	c->cap = st->n_blocks + c->n_fresh;
 	if (!(c->table = kvp_alloc(t, (size_t)(c->cap ? c->cap : 1) * sizeof *c->table, KVP_BYTES_META, 0)))
 		return KVP_ENOMEM;
-	if (c->n_fresh && !(c->fresh = calloc(c->n_fresh, sizeof *c->fresh)))
-		return kvp_fail(KVP_ENOMEM, "policy round: out of memory");
-	for (uint32_t i = 0; i < c->n_fresh; i++) {
-		c->fresh[i] = i < n_cold_fresh ?
-			kvp_block_new_cold(t, B, cold->k->ops->bytes(cold->k, B), cold->v->ops->bytes(cold->v, B)) :
-			kvp_block_new(t, B, s->shape.head_dim, t->cfg.store);
-		if (!c->fresh[i])
-			return KVP_ENOMEM;
-	}
 	return KVP_OK;
 }
 
 static void compaction_commit(struct kvp_tenant *t, struct kvp_seq *s, struct kvp_stream *st,
 			      const uint8_t *keep, struct compaction *c)
 {
-	struct region rc = cold_region(s, st), re = exact_region(s, st);
-	const uint8_t *at = keep + (st->sink ? st->sink->n : 0);
-	uint32_t unused = 0;
-
-	walk_region(s, st, &rc, &at, c, &unused);
-	walk_region(s, st, &re, &at, c, &unused);
+	walk_stream(t, s, st, keep, c, 0);
 	for (uint32_t i = 0; i < st->n_blocks; i++)
 		kvp_block_put(t, st->blocks[i], s->shape.head_dim);
 	if (st->blocks)
@@ -287,7 +329,7 @@ static void loaded_free(struct loaded *l)
 	memset(l, 0, sizeof *l);
 }
 
-static kvp_status load(const struct kvp_seq *s, struct kvp_stream *st, struct loaded *l)
+static kvp_status load(const struct kvp_seq *s, struct kvp_stream *st, uint32_t budget, struct loaded *l)
 {
 	uint32_t n = st->n_tokens ? st->n_tokens : 1;
 
@@ -305,6 +347,7 @@ static kvp_status load(const struct kvp_seq *s, struct kvp_stream *st, struct lo
 		.t0 = s->t0, .n = st->n_tokens, .pos = l->pos, .k = l->k,
 		.sinks = s->tenant->cfg.sinks, .window = s->tenant->cfg.window,
 		.prompt_end = s->policy->plan.pin_prompt ? s->prompt_end : 0,
+		.budget = budget,
 	};
 	return KVP_OK;
 }
@@ -332,7 +375,7 @@ static kvp_status apply(struct kvp_seq *s, struct loaded *l, uint32_t n)
 
 /* Rounds over `n` streams that share one verdict (per_head: every layer; union: every KV head). */
 static kvp_status round_shared(struct kvp_seq *s, struct kvp_stream **streams, uint32_t n, uint32_t layer,
-			       uint32_t kv_head, int layers)
+			       uint32_t kv_head, int layers, uint32_t budget)
 {
 	struct loaded *l = calloc(n, sizeof *l);
 	struct kvp_round *rounds = calloc(n, sizeof *rounds);
@@ -340,7 +383,7 @@ static kvp_status round_shared(struct kvp_seq *s, struct kvp_stream **streams, u
 	uint32_t i;
 
 	for (i = 0; st == KVP_OK && i < n; i++)
-		if ((st = load(s, streams[i], &l[i])) == KVP_OK)
+		if ((st = load(s, streams[i], budget, &l[i])) == KVP_OK)
 			rounds[i] = l[i].round;
 	if (st == KVP_OK)
 		st = layers ? kvp_policy_round_layers(s->policy, kv_head, rounds, l[0].keep, &l[0].n_kept) :
@@ -356,10 +399,10 @@ static kvp_status round_shared(struct kvp_seq *s, struct kvp_stream **streams, u
 	return st;
 }
 
-static kvp_status round_one(struct kvp_seq *s, uint32_t layer, uint32_t kv_head)
+static kvp_status round_one(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t budget)
 {
 	struct loaded l;
-	kvp_status st = load(s, kvp_seq_stream(s, layer, kv_head), &l);
+	kvp_status st = load(s, kvp_seq_stream(s, layer, kv_head), budget, &l);
 
 	if (st == KVP_OK)
 		st = kvp_policy_round(s->policy, layer, kv_head, &l.round, l.keep, &l.n_kept);
@@ -369,28 +412,48 @@ static kvp_status round_one(struct kvp_seq *s, uint32_t layer, uint32_t kv_head)
 	return st;
 }
 
+/* A stream is due when it holds its budget + every: the plan's budget, or gating's share of it. */
+static int due(const struct kvp_seq *s, const uint32_t *budgets, uint32_t layer, uint32_t kv_head)
+{
+	const struct kvp_stream *st = kvp_seq_stream(s, layer, kv_head);
+
+	if (!budgets)
+		return kvp_policy_due(s->policy, s->t0, st->n_tokens);
+	return (uint64_t)st->n_tokens >=
+	       (uint64_t)budgets[(size_t)layer * s->shape.n_kv_heads + kv_head] + s->policy->plan.every;
+}
+
+static uint32_t budget_of(const struct kvp_seq *s, const uint32_t *budgets, uint32_t layer, uint32_t kv_head)
+{
+	return budgets ? budgets[(size_t)layer * s->shape.n_kv_heads + kv_head] : 0;
+}
+
 static kvp_status rounds(struct kvp_seq *s)
 {
 	const uint32_t L = s->shape.n_layers, H = s->shape.n_kv_heads;
 	const struct kvp_policy_plan *plan = &s->policy->plan;
 	struct kvp_stream **set = calloc(L > H ? L : H, sizeof *set);
-	kvp_status st = set ? KVP_OK : kvp_fail(KVP_ENOMEM, "policy round: out of memory");
+	uint32_t *budgets = s->gate ? calloc((size_t)L * H, sizeof *budgets) : NULL;
+	kvp_status st = set && (budgets || !s->gate) ? KVP_OK : kvp_fail(KVP_ENOMEM, "policy round: out of memory");
 
+	if (st == KVP_OK && budgets)
+		st = kvp_gate_budgets(s, budgets);
 	for (uint32_t a = 0; st == KVP_OK && a < (plan->per_head ? H : L); a++) {
 		for (uint32_t b = 0; st == KVP_OK && b < (plan->per_head ? L : H); b++) {
 			uint32_t layer = plan->per_head ? b : a, kv_head = plan->per_head ? a : b;
-			struct kvp_stream *stream = kvp_seq_stream(s, layer, kv_head);
 			if (plan->per_head || plan->union_select)
-				set[b] = stream;
-			else if (kvp_policy_due(s->policy, s->t0, stream->n_tokens))
-				st = round_one(s, layer, kv_head);
+				set[b] = kvp_seq_stream(s, layer, kv_head);
+			else if (due(s, budgets, layer, kv_head))
+				st = round_one(s, layer, kv_head, budget_of(s, budgets, layer, kv_head));
 		}
 		if (st != KVP_OK || !(plan->per_head || plan->union_select) ||
-		    !kvp_policy_due(s->policy, s->t0, set[0]->n_tokens))
+		    !due(s, budgets, plan->per_head ? 0 : a, plan->per_head ? a : 0))
 			continue;
-		st = round_shared(s, set, plan->per_head ? L : H, a, a, plan->per_head);
+		st = round_shared(s, set, plan->per_head ? L : H, a, a, plan->per_head,
+				  budget_of(s, budgets, plan->per_head ? 0 : a, plan->per_head ? a : 0));
 	}
 	free(set);
+	free(budgets);
 	return st;
 }
 

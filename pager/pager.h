@@ -22,6 +22,7 @@
 
 #include "base/base.h"
 #include "pager/spill.h"
+#include "policies/policy.h"
 
 /* ---- jemalloc, loaded at pool open (see arena.c for why not linked) ---- */
 struct kvp_jemalloc {
@@ -61,6 +62,9 @@ struct kvp_tenant_config {
 	char k_spec[KVP_CODEC_SPEC_MAX], v_spec[KVP_CODEC_SPEC_MAX];
 	char policy_spec[KVP_CODEC_SPEC_MAX]; /* "" when every token is kept */
 	uint32_t pin_prompt;
+	uint32_t gate;            /* enum kvp_gate_kind (gating.c) */
+	struct kvp_ladder ladder; /* n == 0 without ladder= */
+	char ladder_spec[KVP_CODEC_SPEC_MAX]; /* its text, for messages */
 };
 
 struct kvp_tenant {
@@ -89,16 +93,19 @@ struct kvp_block {
 	size_t size;      /* the header allocation (this struct and pos), as asked of jemalloc */
 	size_t data_size; /* the allocation k and v live in, as asked */
 	size_t payload;   /* bytes of k and v together, as counted in stats */
+	uint32_t level;   /* codec-encoded blocks: the ladder level whose codecs encoded it (0 without) */
 	int32_t *pos;
 	void *k, *v; /* [cap][head_dim] in the block's store, or the codecs' bytes for n tokens */
 };
 
 /* Codec contexts of one stream (outlier channels and the like), fitted on its first cold block and
- * immutable afterwards, so forks share them. */
+ * immutable afterwards, so forks share them. With a ladder, every level's codecs have their own
+ * context, all fitted on that first block; k and v are level 0's. */
 struct kvp_stream_ctx {
 	_Atomic uint32_t refs;
 	size_t size;
 	void *k, *v;
+	void *k_level[KVP_LADDER_MAX], *v_level[KVP_LADDER_MAX];
 };
 
 struct kvp_stream {
@@ -110,11 +117,27 @@ struct kvp_stream {
 	int64_t scored_upto;        /* with a policy: tokens below this position went through a round */
 };
 
-/* The cold tier of a sequence: its codecs, parsed for its head_dim, and the scratch attend needs. */
+/* The cold tier of a sequence: its codecs, parsed for its head_dim, and the scratch attend needs.
+ * With a ladder, level l's codecs are the k=/v= specs with the level's bits (k_level[0] == k); a block
+ * is always read with the codecs of the level recorded in it. */
 struct kvp_cold {
 	struct kvp_codec *k, *v;
+	unsigned n_levels; /* 1 without a ladder */
+	struct kvp_codec *k_level[KVP_LADDER_MAX], *v_level[KVP_LADDER_MAX];
+	size_t qprep_max, acc_max; /* largest qprep_bytes and acc_dim over the levels */
 	size_t scratch_bytes;
-	void *scratch; /* group x qprep_bytes of k, then group x acc_dim floats of v */
+	void *scratch; /* group x qprep_max bytes, then group x acc_max floats */
+};
+
+/* Coherence gating of one stream (gating.c). */
+struct kvp_head_gate {
+	double entropy_sum;   /* gate=entropy: sum of observed 1 - H/log n (mean over the group) */
+	uint64_t observed;    /* attention calls observed */
+	double coherence;     /* the last measured coherence, in [0, 1] */
+	double aggressiveness; /* a in [0, 1]: the override's, or the one coherence gives */
+	uint32_t level;       /* ladder level (0 without a ladder) */
+	uint32_t budget;      /* tokens the last gated round gave the stream; 0 before */
+	int overridden;
 };
 
 struct kvp_seq {
@@ -127,6 +150,7 @@ struct kvp_seq {
 	uint64_t tokens_appended;
 	struct kvp_cold cold; /* codecs NULL when the tenant has no k= or v= */
 	struct kvp_policy *policy; /* NULL when every token is kept */
+	struct kvp_head_gate *gate; /* [n_layers][n_kv_heads]; NULL with gate=off */
 	int64_t t0;                /* one past the highest position appended */
 	int32_t prompt_end;        /* the prompt's end, fixed at the first kvp_seq_step; -1 before */
 	struct kvp_observe_buf {   /* what attend hands the policy: weights over one stream */
@@ -212,6 +236,26 @@ kvp_status kvp_evict_step(struct kvp_seq *s);
 kvp_status kvp_observe_reserve(struct kvp_seq *s, uint32_t n);
 /* Every token of a stream in order: positions, and keys and values as fp32 (either may be NULL). */
 void kvp_stream_gather(const struct kvp_seq *s, const struct kvp_stream *st, int32_t *pos, float *k, float *v);
+
+/* ---- coherence gating (gating.c) ---- */
+enum kvp_gate_kind { KVP_GATE_OFF, KVP_GATE_MRL, KVP_GATE_ENTROPY };
+/* gate= and ladder= of a tenant spec, checked against its policy= and codecs (cfg->gate, cfg->ladder). */
+kvp_status kvp_gate_config(struct kvp_args *args, struct kvp_tenant_config *cfg);
+kvp_status kvp_gate_check(const struct kvp_tenant_config *cfg);
+kvp_status kvp_gate_open(struct kvp_tenant *t, struct kvp_seq *s);
+kvp_status kvp_gate_fork(struct kvp_tenant *t, const struct kvp_seq *src, struct kvp_seq *s);
+void kvp_gate_close(struct kvp_tenant *t, struct kvp_seq *s);
+/* gate=entropy: attend hands over each stream's softmax weights ([group][n]). */
+int kvp_gate_observes(const struct kvp_seq *s);
+void kvp_gate_observe(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t n, const float *weights);
+/* Per-stream budgets of a round at s->t0 ([n_layers][n_kv_heads]); levels are refreshed first. */
+kvp_status kvp_gate_budgets(struct kvp_seq *s, uint32_t *budgets);
+/* The ladder level new cold blocks of st are encoded at (0 without a ladder). */
+uint32_t kvp_gate_level(const struct kvp_seq *s, const struct kvp_stream *st);
+/* The k= or v= spec with bits=N on every codec of the stack that takes bits; *changed counts them. */
+kvp_status kvp_gate_spec_bits(const char *spec, unsigned bits, char *out, size_t cap, unsigned *changed);
+kvp_status kvp_seq_levels_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_level *out);
+kvp_status kvp_seq_set_level_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, const kvp_level *in);
 
 /* ---- streams ---- */
 void kvp_stream_release(struct kvp_tenant *t, struct kvp_stream *s, uint32_t dim);

@@ -116,7 +116,6 @@ static kvp_status codec_spec(struct kvp_args *args, const char *key, char out[KV
 kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quota, const char *spec)
 {
 	static const char *const stores[] = { "fp32", "fp16", NULL };
-	static const char *const later[] = { "gate", "ladder", NULL };
 	struct kvp_args args;
 	unsigned store = KVP_STORE_FP32;
 	kvp_status st;
@@ -141,14 +140,8 @@ kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quot
 		st = codec_spec(&args, "policy", cfg->policy_spec);
 	if (st == KVP_OK)
 		st = kvp_args_u32(&args, "pin_prompt", 0, 1, &cfg->pin_prompt);
-	for (unsigned i = 0; st == KVP_OK && later[i]; i++) {
-		const char *v = NULL;
-		unsigned n;
-		kvp_args_text(&args, later[i], &v, &n);
-		if (v)
-			st = kvp_fail(KVP_EUNSUPPORTED, "tenant: %s=%.*s is not served yet: policies and codecs in the "
-				      "cache arrive in a later version", later[i], (int)n, v);
-	}
+	if (st == KVP_OK)
+		st = kvp_gate_config(&args, cfg);
 	if (st == KVP_OK)
 		st = kvp_args_finish(&args);
 	cfg->store = (enum kvp_store)store;
@@ -156,6 +149,8 @@ kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quot
 		st = kvp_cold_check(cfg);
 	if (st == KVP_OK)
 		st = kvp_evict_check(cfg);
+	if (st == KVP_OK)
+		st = kvp_gate_check(cfg);
 	return st;
 }
 

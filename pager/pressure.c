@@ -223,3 +223,25 @@ kvp_status kvp_seq_unpark(kvp_seq *h)
 	}
 	return st;
 }
+
+kvp_status kvp_seq_levels(kvp_seq *h, uint32_t layer, uint32_t kv_head, kvp_level *out)
+{
+	struct kvp_seq *s;
+	kvp_status st = enter(h, "kvp_seq_levels", 0, &s);
+	if (st == KVP_OK) {
+		st = kvp_seq_levels_entered(s, layer, kv_head, out);
+		leave(s);
+	}
+	return st;
+}
+
+kvp_status kvp_seq_set_level(kvp_seq *h, uint32_t layer, uint32_t kv_head, const kvp_level *in)
+{
+	struct kvp_seq *s;
+	kvp_status st = enter(h, "kvp_seq_set_level", 0, &s);
+	if (st == KVP_OK) {
+		st = kvp_seq_set_level_entered(s, layer, kv_head, in);
+		leave(s);
+	}
+	return st;
+}

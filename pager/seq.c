@@ -84,7 +84,8 @@ kvp_status kvp_seq_open(kvp_tenant *t, const kvp_shape *shape, kvp_seq **out)
 		return st;
 	if (!(s = seq_alloc(t, shape)))
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_open");
-	if ((st = kvp_cold_open(t, s)) != KVP_OK || (st = kvp_evict_open(t, s)) != KVP_OK) {
+	if ((st = kvp_cold_open(t, s)) != KVP_OK || (st = kvp_evict_open(t, s)) != KVP_OK ||
+	    (st = kvp_gate_open(t, s)) != KVP_OK) {
 		kvp_seq_destroy(s);
 		return st;
 	}
@@ -146,7 +147,8 @@ kvp_status kvp_seq_fork_resident(kvp_seq *src, kvp_seq **out)
 	if (!(s = seq_alloc(t, &src->shape)))
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
 	/* the fork's policy continues from a copy of the source's history (H2O weights, online stats) */
-	if (kvp_cold_open(t, s) != KVP_OK || kvp_evict_fork(t, src, s) != KVP_OK) {
+	if (kvp_cold_open(t, s) != KVP_OK || kvp_evict_fork(t, src, s) != KVP_OK ||
+	    kvp_gate_fork(t, src, s) != KVP_OK) {
 		kvp_seq_destroy(s);
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
 	}
@@ -181,6 +183,7 @@ void kvp_seq_destroy(struct kvp_seq *s)
 		kvp_stream_release(t, &s->streams[i], s->shape.head_dim);
 	kvp_cold_close(t, s);
 	kvp_evict_close(t, s);
+	kvp_gate_close(t, s);
 	kvp_free(t, s->streams, streams_bytes(&s->shape), KVP_BYTES_META, 0);
 	s->magic = 0;
 	kvp_free(t, s, sizeof *s, KVP_BYTES_META, 0);
@@ -313,6 +316,9 @@ kvp_status kvp_seq_stats_entered(const kvp_seq *s, kvp_stats *out)
 		full.bytes_meta += kvp_alloc_size(s->tenant, s->cold.scratch_bytes);
 	if (s->observe.bytes)
 		full.bytes_meta += kvp_alloc_size(s->tenant, s->observe.bytes);
+	if (s->gate)
+		full.bytes_meta += kvp_alloc_size(s->tenant, (size_t)s->shape.n_layers * s->shape.n_kv_heads *
+						  sizeof *s->gate);
 	full.tokens_appended = s->tokens_appended;
 	full.bytes_dense_fp16 = s->tokens_appended * s->shape.head_dim * 4;
 	full.bytes_spilled = kvp_seq_parked_bytes(s);

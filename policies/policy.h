@@ -133,6 +133,8 @@ struct kvp_round {
 	const float *k;
 	uint32_t sinks, window; /* the pager's protected tiers */
 	int32_t prompt_end;     /* first position after the prompt (0 when unknown) */
+	uint32_t budget;        /* tokens to keep: coherence gating's share; 0: the plan's budget(t0). The
+				 * shared rounds read rounds[0].budget. */
 };
 kvp_status kvp_policy_round(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, const struct kvp_round *r,
 			    uint8_t *keep, uint32_t *n_kept);
@@ -159,6 +161,10 @@ kvp_status kvp_policy_check_positions(const char *what, uint32_t n, const int32_
 /* TriAttention's raw S for one query head (before z-normalization and the group max): tests, experiments. */
 kvp_status kvp_tria_raw_scores(struct kvp_policy *p, uint32_t layer, uint32_t head, int64_t t0, uint32_t n,
 			       const float *k_post_rope, float *out);
+
+/* Coherence gating's mrl: kvp_gate_mrl of (layer, kv_head)'s query group over the policy's statistics
+ * (the .kvtria file, or the online means so far: 0 before any query). KVP_EINVAL for another policy. */
+kvp_status kvp_tria_coherence(const struct kvp_policy *p, uint32_t layer, uint32_t kv_head, double *out);
 
 /* ---- TriAttention statistics (policies/kvtria.c) ---- */
 

@@ -428,3 +428,29 @@ const struct kvp_policy_ops kvp_policy_triattention = {
 	.clone = clone_tria,
 	.close = close_tria,
 };
+
+/* kvp_gate_mrl's sum over the group's heads and bands, read through head_band so the online means count
+ * the same way as a file's. */
+kvp_status kvp_tria_coherence(const struct kvp_policy *p, uint32_t layer, uint32_t kv_head, double *out)
+{
+	const struct tria *t;
+	unsigned group;
+	double resultant = 0, energy = 0;
+	kvp_status st;
+
+	if (!p || p->ops != &kvp_policy_triattention || !out)
+		return kvp_fail(KVP_EINVAL, "gate=mrl: the policy is not triattention");
+	if ((st = kvp_policy_check_stream("gate=mrl", p, layer, kv_head)) != KVP_OK)
+		return st;
+	t = p->state;
+	group = p->shape.n_heads / p->shape.n_kv_heads;
+	for (unsigned g = 0; g < group; g++)
+		for (unsigned f = 0; f < t->n_bands; f++) {
+			float mr, mi, a;
+			head_band(t, &p->shape, layer, kv_head * group + g, f, &mr, &mi, &a);
+			resultant += hypot(mr, mi);
+			energy += a;
+		}
+	*out = !(energy > 0) ? 0.0 : resultant > energy ? 1.0 : resultant / energy;
+	return KVP_OK;
+}
