@@ -82,6 +82,7 @@ struct kvp_codec {
 	size_t ctx_bytes;     /* per-stream context, 0 when none */
 	size_t qprep_bytes;   /* scratch for prepare_query */
 	unsigned acc_dim;     /* floats of the axpy accumulator */
+	unsigned fit_steps;   /* decode steps of observed queries fit() can use (SparK: 32); 0: none */
 	void *state;          /* the codec's own configuration */
 	struct kvp_codec *inner;
 	/* standalone use (kvp_codec_* public calls): the context fitted on the first encode */

@@ -107,6 +107,7 @@ static kvp_status spark_open(struct kvp_codec *c, struct kvp_args *args, unsigne
 	c->ctx_bytes = sizeof(float) * dim + (inner ? inner->ctx_bytes : 0);
 	c->qprep_bytes = 2 * sizeof(float) * dim;
 	c->acc_dim = dim;
+	c->fit_steps = 32; /* the reference's observation window */
 	return KVP_OK;
 }
 

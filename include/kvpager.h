@@ -88,22 +88,6 @@ KVP_API void kvp_pool_close(kvp_pool *pool);
  *   sinks=N         first N tokens of every stream are kept exact (default 4)
  *   window=N        last N tokens of every stream are kept exact (default 128)
  *   store=fp32|fp16 storage of the exact tiers (default fp32)
- *   gate=off|mrl|entropy  coherence gating (default off; needs a policy= that ranks tokens):
- *                   each (layer, KV head) gets a coherence c in [0, 1] — mrl: the energy-weighted mean
- *                   resultant length of its query group from TriAttention's statistics (the .kvtria file
- *                   or the online means); entropy: the running mean of 1 - H/log n of the softmax weights
- *                   kvp_attend computes — and an aggressiveness a (c itself, or the ladder level's). At
- *                   each round the sequence's total budget (the policy's budget x its streams) is split
- *                   over the heads in proportion to 1 - a/2 (with a ladder: the level's keep fraction),
- *                   exactly conserved, no head below its protected tokens: coherent heads give budget to
- *                   diffuse ones. select=per_layer_head splits over every stream; select=per_head over KV
- *                   heads (coherence averaged over layers); select=union over layers (averaged over KV
- *                   heads of the layer).
- *   ladder=B:K,...  levels from gentle to aggressive, e.g. 4:1.0,3:0.5,2:0.25: a head at level l keeps a
- *                   budget share K and its cold blocks encoded from then on use B bits (bits=B on every
- *                   codec of k=/v= that takes bits: turboquant, kivi). The level is round(c x (levels-1)).
- *                   Needs gate= and a cold tier with such a codec. A block keeps the level it was encoded
- *                   at: it is always read with its own codecs, and compaction packs blocks of one level.
  * Names are unique within a pool.
  */
 KVP_API kvp_status kvp_tenant_open(kvp_pool *pool, const char *name, const char *spec, kvp_tenant **out);
@@ -167,25 +151,24 @@ KVP_API kvp_status kvp_seq_stats(const kvp_seq *s, kvp_stats *out);
 KVP_API kvp_status kvp_tenant_stats(const kvp_tenant *t, kvp_stats *out);
 
 /*
- * Coherence gating: every (layer, KV head)'s level, readable and overridable (tenant gate=, ladder=).
- * The caller sets size = sizeof(kvp_level); older, smaller structs are read and filled up to their size.
+ * Coherence gating (tenant gate=mrl|entropy): each (layer, KV head) has a measured coherence in [0, 1]
+ * and an aggressiveness (the coherence, or the host's override) that sets its share of the layer's
+ * token budget; the layer's total is conserved. The caller sets size = sizeof(kvp_head_level).
  */
 typedef struct {
 	uint32_t size;
-	uint32_t overridden;   /* read: 1 while an override holds; set: 1 to override, 0 to release it */
-	uint32_t level;        /* ladder level, 0 = gentlest (0 without a ladder); set: used with a ladder */
-	uint32_t n_levels;     /* read only: ladder levels, 1 without a ladder */
-	double aggressiveness; /* a in [0, 1]; set: used without a ladder (with one: level / (n_levels - 1)) */
-	double coherence;      /* read only: the measured coherence in [0, 1] (0 before any measurement) */
-	uint32_t bits;         /* read only: codec bits of the level's new cold blocks (0 without a ladder) */
-	uint32_t budget;       /* read only: tokens the head's last round gave it (0 before the first) */
-	double keep;           /* read only: the level's budget share (1 without a ladder) */
-} kvp_level;
-/* KVP_EINVAL for a sequence with gate=off, a head outside the shape, or (set) a level or aggressiveness
- * out of range; nothing changes then. An override holds until released, and takes effect at the next
- * round (budget) and the next block that turns cold (bits). */
-KVP_API kvp_status kvp_seq_levels(kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_level *out);
-KVP_API kvp_status kvp_seq_set_level(kvp_seq *s, uint32_t layer, uint32_t kv_head, const kvp_level *in);
+	float coherence;      /* measured: mean resultant length (mrl) or 1 - H/log n (entropy) */
+	float aggressiveness; /* what the budget follows: the override when set, else the coherence */
+	int32_t overridden;   /* 1 when kvp_seq_set_head_level set it */
+	uint32_t budget;      /* the stream's token budget at the last kvp_seq_step (0 before) */
+	/* with ladder=: the level round(aggressiveness x (levels - 1)), 0 = gentlest, and the codec bits of
+	 * the head's cold blocks encoded from now on; 0 and 0 without a ladder */
+	uint32_t level, bits;
+} kvp_head_level;
+KVP_API kvp_status kvp_seq_head_level(kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_head_level *out);
+/* aggressiveness in [0, 1] pins the head's level from the next kvp_seq_step on; -1 hands it back to the
+ * measured coherence. KVP_EINVAL when the tenant has gate=off. */
+KVP_API kvp_status kvp_seq_set_head_level(kvp_seq *s, uint32_t layer, uint32_t kv_head, float aggressiveness);
 
 /* Codecs on their own, e.g. "turboquant(bits=3)" or "spark(keep=0.5)|turboquant(bits=3)". */
 KVP_API kvp_status kvp_codec_open(const char *spec, uint32_t dim, kvp_codec **out);
@@ -268,8 +251,8 @@ typedef struct kvp_plugin_v1 {
 	kvp_status (*policy_observe)(kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t,
 				     const float *q_post_rope, uint32_t n, const int32_t *pos, const float *weights);
 	/* abi_minor 2 */
-	kvp_status (*seq_levels)(kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_level *out);
-	kvp_status (*seq_set_level)(kvp_seq *s, uint32_t layer, uint32_t kv_head, const kvp_level *in);
+	kvp_status (*seq_head_level)(kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_head_level *out);
+	kvp_status (*seq_set_head_level)(kvp_seq *s, uint32_t layer, uint32_t kv_head, float aggressiveness);
 } kvp_plugin_v1;
 
 /* NULL when abi_major is not served (kvp_last_error says which majors are). */

@@ -233,7 +233,6 @@ static kvp_status observe(struct stream_attention *a, struct kvp_seq *s, const s
 			  uint32_t layer, uint32_t kv_head)
 {
 	struct kvp_observation o;
-	kvp_status rc;
 
 	for (uint32_t h = 0; h < a->group; h++) {
 		float *w = a->raw + (size_t)h * a->cap;
@@ -244,15 +243,16 @@ static kvp_status observe(struct stream_attention *a, struct kvp_seq *s, const s
 	/* weights are [group][cap]: pack them to [group][n] as the policy reads them */
 	for (uint32_t h = 1; h < a->group; h++)
 		memmove(a->raw + (size_t)h * a->seen, a->raw + (size_t)h * a->cap, a->seen * sizeof *a->raw);
+	if (kvp_gate_wants_weights(s))
+		kvp_gate_observe(s, layer, kv_head, a->seen, a->raw);
+	if (!s->policy->ops->observe)
+		return KVP_OK;
 	kvp_stream_gather(s, st, s->observe.pos, NULL, NULL);
 	o = (struct kvp_observation){
 		.layer = layer, .kv_head = kv_head, .t = s->t0 - 1, .q = a->q,
 		.n = a->seen, .pos = s->observe.pos, .weights = a->raw,
 	};
-	rc = kvp_policy_learn(s->policy, &o);
-	if (rc == KVP_OK && kvp_gate_observes(s)) /* gate=entropy measures the same weights */
-		kvp_gate_observe(s, layer, kv_head, a->seen, a->raw);
-	return rc;
+	return kvp_policy_learn(s->policy, &o);
 }
 
 static kvp_status observe_reserve(kvp_seq *s, uint32_t layer)
@@ -279,12 +279,16 @@ kvp_status kvp_attend_resident(kvp_seq *s, uint32_t layer, const float *q, float
 		return kvp_fail(KVP_EINVAL, "kvp_attend: layer %u of a %u-layer sequence", layer, s->shape.n_layers);
 	if (!q || !out)
 		return kvp_fail(KVP_EINVAL, "kvp_attend: q and out must not be NULL");
-	observing = (s->policy && s->policy->ops->observe) || kvp_gate_observes(s);
+	observing = (s->policy && s->policy->ops->observe) || kvp_gate_wants_weights(s);
 	if (observing && (st = observe_reserve(s, layer)) != KVP_OK)
 		return st;
+	/* cold blocks pressure spilled come back, and the next layer's start coming (restore.c) */
+	if (s->n_spilled && (st = kvp_restore_layer(s, layer)) != KVP_OK)
+		return kvp_fail_context(st, "kvp_attend");
 	for (uint32_t g = 0; g < s->shape.n_kv_heads; g++) {
 		size_t at = (size_t)g * s->group * s->shape.head_dim;
 		const struct kvp_stream *stream = kvp_seq_stream(s, layer, g);
+		kvp_cold_note_queries(s, kvp_seq_stream(s, layer, g), q + at);
 		begin(&a, s, stream, q + at, out + at, scores, observing);
 		attend_stream(&a, stream);
 		if (observing && (st = observe(&a, s, stream, layer, g)) != KVP_OK)

@@ -3,6 +3,11 @@
  * of 64 tokens x 128 dims are exactly 64 KiB, a jemalloc size class; a header in the same allocation
  * would push it into the 80 KiB class and waste a fifth of the cache. Reference counted so forks share
  * them; the last put frees.
+ *
+ * Freed memory is not cleared; it is unreachable instead. A tenant's blocks come from its own jemalloc
+ * arena (no thread cache), so a freed block is only reused by the same tenant, and a closed tenant's
+ * arena is destroyed, its pages returned to the system, which gives them out again zeroed. Within a
+ * tenant no call reads a block past the n rows written into it. tests/test_isolation.c checks both.
  */
 #include <string.h>
 
@@ -36,13 +41,13 @@ size_t kvp_block_size(const struct kvp_tenant *t, uint32_t cap, uint32_t dim, en
 
 size_t kvp_block_bytes(const struct kvp_tenant *t, const struct kvp_block *b)
 {
-	return kvp_alloc_size(t, b->size) + kvp_alloc_size(t, b->data_size);
+	return kvp_alloc_size(t, b->size) + (b->spilled ? 0 : kvp_alloc_size(t, b->data_size));
 }
 
 size_t kvp_block_token_bytes(const struct kvp_block *b, uint32_t dim)
 {
 	(void)dim;
-	return b->payload;
+	return b->spilled ? 0 : b->payload; /* a spilled block's tokens are counted by its record */
 }
 
 static enum kvp_bytes_kind block_kind(const struct kvp_block *b)
@@ -75,6 +80,8 @@ static struct kvp_block *block_new(struct kvp_tenant *t, uint32_t cap, enum kvp_
 	b->pos = (int32_t *)(b + 1);
 	b->k = rows;
 	b->v = rows + k_room;
+	b->spilled = NULL;
+	b->v_offset = k_room;
 	return b;
 }
 
@@ -113,8 +120,39 @@ void kvp_block_put(struct kvp_tenant *t, struct kvp_block *b, uint32_t dim)
 	if (!b || atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) != 1)
 		return;
 	(void)dim;
-	kvp_free(t, b->k, b->data_size, block_kind(b), b->payload);
+	if (b->spilled) {
+		/* never under the device lock: spilled blocks are private, never a twin (park.c) */
+		kvp_spill_lock(t->pool->spill);
+		kvp_spill_stub_drop(t->pool->spill, b->spilled);
+		kvp_spill_unlock(t->pool->spill);
+	}
+	kvp_block_rows_free(t, b);
 	kvp_free(t, b, b->size, KVP_BYTES_META, 0);
+}
+
+void kvp_block_rows_free(struct kvp_tenant *t, struct kvp_block *b)
+{
+	kvp_free(t, b->k, b->data_size, block_kind(b), b->payload);
+	b->k = b->v = NULL;
+}
+
+/* The record holds the rows now; the header stays, so positions and n are still there to read. */
+void kvp_block_spill_out(struct kvp_tenant *t, struct kvp_block *b, struct kvp_spilled *stub)
+{
+	kvp_block_rows_free(t, b);
+	b->spilled = stub;
+}
+
+/* Rows for a spilled block to be read into: the same size class, charged again. */
+kvp_status kvp_block_rows_alloc(struct kvp_tenant *t, struct kvp_block *b)
+{
+	char *rows = kvp_alloc(t, b->data_size, block_kind(b), b->payload);
+
+	if (!rows)
+		return KVP_ENOMEM;
+	b->k = rows;
+	b->v = rows + b->v_offset;
+	return KVP_OK;
 }
 
 void kvp_block_write(struct kvp_block *b, uint32_t at, uint32_t n, uint32_t dim, const int32_t *pos,

@@ -54,16 +54,14 @@ static int has_cold_tier(const struct kvp_tenant_config *cfg)
 static kvp_status level_spec(const struct kvp_tenant_config *cfg, const char *spec, unsigned level, char *out)
 {
 	unsigned changed;
-	kvp_status st;
 
 	snprintf(out, KVP_CODEC_SPEC_MAX, "%s", spec);
 	if (!cfg->ladder.n || !spec[0])
 		return KVP_OK;
-	st = kvp_gate_spec_bits(spec, cfg->ladder.bits[level], out, KVP_CODEC_SPEC_MAX, &changed);
-	return st == KVP_OK ? st : kvp_fail_context(st, "tenant: ladder");
+	return kvp_ladder_spec_bits(spec, cfg->ladder.bits[level], out, KVP_CODEC_SPEC_MAX, &changed);
 }
 
-/* Both sides' codecs of one level. */
+/* Both sides' codecs of one level; on failure neither is left allocated. */
 static kvp_status parse_level(const struct kvp_tenant_config *cfg, unsigned level, unsigned dim,
 			      struct kvp_codec **k, struct kvp_codec **v)
 {
@@ -118,8 +116,7 @@ kvp_status kvp_cold_open(struct kvp_tenant *t, struct kvp_seq *s)
 		return KVP_OK;
 	st = KVP_OK;
 	for (unsigned l = 0; st == KVP_OK && l < level_count(&t->cfg); l++) {
-		st = parse_level(&t->cfg, l, dim, &c->k_level[l], &c->v_level[l]);
-		if (st != KVP_OK)
+		if ((st = parse_level(&t->cfg, l, dim, &c->k_level[l], &c->v_level[l])) != KVP_OK)
 			break;
 		c->n_levels = l + 1;
 		c->qprep_max = c->k_level[l]->qprep_bytes > c->qprep_max ? c->k_level[l]->qprep_bytes : c->qprep_max;
@@ -214,8 +211,7 @@ kvp_status kvp_cold_plan(struct kvp_tenant *t, const struct kvp_seq *s, const st
 			 uint32_t add, struct kvp_cold_plan *p)
 {
 	const struct kvp_cold *c = &s->cold;
-	uint32_t B = t->cfg.block, dim = s->shape.head_dim, level = kvp_gate_level(s, st);
-	const struct kvp_codec *k = c->k_level[level], *v = c->v_level[level];
+	uint32_t B = t->cfg.block, dim = s->shape.head_dim, level = kvp_ladder_stream_level(s, st);
 
 	memset(p, 0, sizeof *p);
 	if (!c->k || !(p->n = cold_count(&t->cfg, s, st, add)))
@@ -224,7 +220,8 @@ kvp_status kvp_cold_plan(struct kvp_tenant *t, const struct kvp_seq *s, const st
 	    !(p->rows = malloc((size_t)2 * B * dim * sizeof *p->rows)))
 		return kvp_fail(KVP_ENOMEM, "out of memory planning the cold tier");
 	for (uint32_t i = 0; i < p->n; i++) {
-		/* the level is fixed from here to the commit: the block records the codecs it is encoded with */
+		/* the level is fixed from here to the commit: the block records the codecs that encode it */
+		const struct kvp_codec *k = c->k_level[level], *v = c->v_level[level];
 		p->blocks[i] = kvp_block_new_cold(t, B, k->ops->bytes(k, B), v->ops->bytes(v, B));
 		if (!p->blocks[i])
 			return KVP_ENOMEM;
@@ -254,20 +251,60 @@ static const float *exact_rows(const struct kvp_block *b, const void *src, uint3
 	return rows;
 }
 
-/* Every level's contexts from the stream's first cold block, so a later level change finds its own. */
-static kvp_status fit(const struct kvp_cold *c, struct kvp_stream_ctx *x, uint32_t n, const float *k,
-		      const float *v)
+/*
+ * SparK ranks key channels by k_j^2 * ||Q_j|| over the queries seen before its first group is encoded
+ * (the prefill's last queries in the reference). kvp_attend hands each stream's group queries here until
+ * the stream's context is fitted; a ring keeps the last fit_steps steps. Without it (no attend before the
+ * first cold block, or no memory for the ring) the codec fits with no queries, as it does standalone.
+ */
+void kvp_cold_note_queries(struct kvp_seq *s, struct kvp_stream *st, const float *q)
 {
-	kvp_status st = KVP_OK;
+	const struct kvp_codec *k = s->cold.k;
+	uint32_t dim = s->shape.head_dim, cap;
+	struct kvp_recent_queries *r = st->recent;
 
-	for (unsigned l = 0; st == KVP_OK && l < c->n_levels; l++) {
+	if (!k || !k->fit_steps || st->ctx)
+		return;
+	if (!r) {
+		cap = k->fit_steps * s->group;
+		size_t bytes = sizeof *r + (size_t)cap * dim * sizeof(float);
+		if (!(r = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0)))
+			return;
+		r->bytes = bytes;
+		r->cap = cap;
+		r->n = r->next = 0;
+		st->recent = r;
+	}
+	for (uint32_t h = 0; h < s->group; h++) {
+		memcpy(r->q + (size_t)r->next * dim, q + (size_t)h * dim, dim * sizeof(float));
+		r->next = (r->next + 1) % r->cap;
+		r->n += r->n < r->cap;
+	}
+}
+
+void kvp_cold_forget_queries(struct kvp_tenant *t, struct kvp_stream *st)
+{
+	if (st->recent)
+		kvp_free(t, st->recent, st->recent->bytes, KVP_BYTES_META, 0);
+	st->recent = NULL;
+}
+
+static kvp_status fit(const struct kvp_cold *c, const struct kvp_stream *st, struct kvp_stream_ctx *x,
+		      uint32_t n, const float *k, const float *v)
+{
+	const struct kvp_recent_queries *r = st->recent;
+	kvp_status st_ = KVP_OK;
+
+	/* the ring's order does not matter: the codec takes per-channel norms over the queries. Every
+	 * level is fitted now, so a later level change finds its contexts */
+	for (unsigned l = 0; st_ == KVP_OK && l < c->n_levels; l++) {
 		const struct kvp_codec *kc = c->k_level[l], *vc = c->v_level[l];
 		if (kc->ops->fit)
-			st = kc->ops->fit(kc, x->k_level[l], n, k, 0, NULL);
-		if (st == KVP_OK && vc->ops->fit)
-			st = vc->ops->fit(vc, x->v_level[l], n, v, 0, NULL);
+			st_ = kc->ops->fit(kc, x->k_level[l], n, k, r ? r->n : 0, r ? r->q : NULL);
+		if (st_ == KVP_OK && vc->ops->fit)
+			st_ = vc->ops->fit(vc, x->v_level[l], n, v, 0, NULL);
 	}
-	return st;
+	return st_;
 }
 
 static kvp_status encode(const struct kvp_seq *s, struct kvp_stream *st, struct kvp_cold_plan *p,
@@ -280,7 +317,7 @@ static kvp_status encode(const struct kvp_seq *s, struct kvp_stream *st, struct 
 	kvp_status rc;
 
 	if (!st->ctx) {
-		if ((rc = fit(c, p->ctx, n, k, v)) != KVP_OK)
+		if ((rc = fit(c, st, p->ctx, n, k, v)) != KVP_OK)
 			return rc;
 		st->ctx = p->ctx;
 		p->ctx = NULL;
@@ -311,6 +348,8 @@ void kvp_cold_commit(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_s
 		p->blocks[done++] = NULL;
 		kvp_block_put(t, exact, dim);
 	}
+	if (st->ctx)
+		kvp_cold_forget_queries(t, st);
 	kvp_cold_unwind(t, s, p);
 }
 
@@ -318,6 +357,7 @@ void kvp_cold_gather(const struct kvp_seq *s, const struct kvp_stream *st, const
 		     float *k, float *v)
 {
 	const struct kvp_cold *c = &s->cold;
+
 	const struct kvp_codec *kc = c->k_level[b->level], *vc = c->v_level[b->level];
 
 	if (k)

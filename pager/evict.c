@@ -329,7 +329,7 @@ static void loaded_free(struct loaded *l)
 	memset(l, 0, sizeof *l);
 }
 
-static kvp_status load(const struct kvp_seq *s, struct kvp_stream *st, uint32_t budget, struct loaded *l)
+static kvp_status load(const struct kvp_seq *s, struct kvp_stream *st, struct loaded *l)
 {
 	uint32_t n = st->n_tokens ? st->n_tokens : 1;
 
@@ -347,7 +347,6 @@ static kvp_status load(const struct kvp_seq *s, struct kvp_stream *st, uint32_t 
 		.t0 = s->t0, .n = st->n_tokens, .pos = l->pos, .k = l->k,
 		.sinks = s->tenant->cfg.sinks, .window = s->tenant->cfg.window,
 		.prompt_end = s->policy->plan.pin_prompt ? s->prompt_end : 0,
-		.budget = budget,
 	};
 	return KVP_OK;
 }
@@ -375,7 +374,7 @@ static kvp_status apply(struct kvp_seq *s, struct loaded *l, uint32_t n)
 
 /* Rounds over `n` streams that share one verdict (per_head: every layer; union: every KV head). */
 static kvp_status round_shared(struct kvp_seq *s, struct kvp_stream **streams, uint32_t n, uint32_t layer,
-			       uint32_t kv_head, int layers, uint32_t budget)
+			       uint32_t kv_head, int layers)
 {
 	struct loaded *l = calloc(n, sizeof *l);
 	struct kvp_round *rounds = calloc(n, sizeof *rounds);
@@ -383,7 +382,7 @@ static kvp_status round_shared(struct kvp_seq *s, struct kvp_stream **streams, u
 	uint32_t i;
 
 	for (i = 0; st == KVP_OK && i < n; i++)
-		if ((st = load(s, streams[i], budget, &l[i])) == KVP_OK)
+		if ((st = load(s, streams[i], &l[i])) == KVP_OK)
 			rounds[i] = l[i].round;
 	if (st == KVP_OK)
 		st = layers ? kvp_policy_round_layers(s->policy, kv_head, rounds, l[0].keep, &l[0].n_kept) :
@@ -399,11 +398,12 @@ static kvp_status round_shared(struct kvp_seq *s, struct kvp_stream **streams, u
 	return st;
 }
 
-static kvp_status round_one(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t budget)
+static kvp_status round_one(struct kvp_seq *s, uint32_t layer, uint32_t kv_head)
 {
 	struct loaded l;
-	kvp_status st = load(s, kvp_seq_stream(s, layer, kv_head), budget, &l);
+	kvp_status st = load(s, kvp_seq_stream(s, layer, kv_head), &l);
 
+	l.round.budget = kvp_gate_budget(s, layer, kv_head);
 	if (st == KVP_OK)
 		st = kvp_policy_round(s->policy, layer, kv_head, &l.round, l.keep, &l.n_kept);
 	if (st == KVP_OK)
@@ -412,20 +412,14 @@ static kvp_status round_one(struct kvp_seq *s, uint32_t layer, uint32_t kv_head,
 	return st;
 }
 
-/* A stream is due when it holds its budget + every: the plan's budget, or gating's share of it. */
-static int due(const struct kvp_seq *s, const uint32_t *budgets, uint32_t layer, uint32_t kv_head)
+/* A stream is due at its own budget (gated) + every; without gating, the policy's budget. */
+static int due(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t n)
 {
-	const struct kvp_stream *st = kvp_seq_stream(s, layer, kv_head);
+	uint32_t budget = kvp_gate_budget(s, layer, kv_head);
 
-	if (!budgets)
-		return kvp_policy_due(s->policy, s->t0, st->n_tokens);
-	return (uint64_t)st->n_tokens >=
-	       (uint64_t)budgets[(size_t)layer * s->shape.n_kv_heads + kv_head] + s->policy->plan.every;
-}
-
-static uint32_t budget_of(const struct kvp_seq *s, const uint32_t *budgets, uint32_t layer, uint32_t kv_head)
-{
-	return budgets ? budgets[(size_t)layer * s->shape.n_kv_heads + kv_head] : 0;
+	if (!budget)
+		return kvp_policy_due(s->policy, s->t0, n);
+	return (uint64_t)n >= (uint64_t)budget + s->policy->plan.every;
 }
 
 static kvp_status rounds(struct kvp_seq *s)
@@ -433,27 +427,23 @@ static kvp_status rounds(struct kvp_seq *s)
 	const uint32_t L = s->shape.n_layers, H = s->shape.n_kv_heads;
 	const struct kvp_policy_plan *plan = &s->policy->plan;
 	struct kvp_stream **set = calloc(L > H ? L : H, sizeof *set);
-	uint32_t *budgets = s->gate ? calloc((size_t)L * H, sizeof *budgets) : NULL;
-	kvp_status st = set && (budgets || !s->gate) ? KVP_OK : kvp_fail(KVP_ENOMEM, "policy round: out of memory");
+	kvp_status st = set ? KVP_OK : kvp_fail(KVP_ENOMEM, "policy round: out of memory");
 
-	if (st == KVP_OK && budgets)
-		st = kvp_gate_budgets(s, budgets);
 	for (uint32_t a = 0; st == KVP_OK && a < (plan->per_head ? H : L); a++) {
 		for (uint32_t b = 0; st == KVP_OK && b < (plan->per_head ? L : H); b++) {
 			uint32_t layer = plan->per_head ? b : a, kv_head = plan->per_head ? a : b;
+			struct kvp_stream *stream = kvp_seq_stream(s, layer, kv_head);
 			if (plan->per_head || plan->union_select)
-				set[b] = kvp_seq_stream(s, layer, kv_head);
-			else if (due(s, budgets, layer, kv_head))
-				st = round_one(s, layer, kv_head, budget_of(s, budgets, layer, kv_head));
+				set[b] = stream;
+			else if (due(s, layer, kv_head, stream->n_tokens))
+				st = round_one(s, layer, kv_head);
 		}
 		if (st != KVP_OK || !(plan->per_head || plan->union_select) ||
-		    !due(s, budgets, plan->per_head ? 0 : a, plan->per_head ? a : 0))
+		    !kvp_policy_due(s->policy, s->t0, set[0]->n_tokens))
 			continue;
-		st = round_shared(s, set, plan->per_head ? L : H, a, a, plan->per_head,
-				  budget_of(s, budgets, plan->per_head ? 0 : a, plan->per_head ? a : 0));
+		st = round_shared(s, set, plan->per_head ? L : H, a, a, plan->per_head);
 	}
 	free(set);
-	free(budgets);
 	return st;
 }
 
@@ -480,6 +470,8 @@ kvp_status kvp_evict_step(struct kvp_seq *s)
 		return KVP_OK;
 	if (s->prompt_end < 0)
 		s->prompt_end = (int32_t)s->t0;
+	if ((st = kvp_gate_step(s)) != KVP_OK)
+		return st;
 	if ((st = rounds(s)) != KVP_OK)
 		return st;
 	return encode_scored(s);

@@ -62,8 +62,8 @@ struct kvp_tenant_config {
 	char k_spec[KVP_CODEC_SPEC_MAX], v_spec[KVP_CODEC_SPEC_MAX];
 	char policy_spec[KVP_CODEC_SPEC_MAX]; /* "" when every token is kept */
 	uint32_t pin_prompt;
-	uint32_t gate;            /* enum kvp_gate_kind (gating.c) */
-	struct kvp_ladder ladder; /* n == 0 without ladder= */
+	enum kvp_gate { KVP_GATE_OFF, KVP_GATE_MRL, KVP_GATE_ENTROPY } gate;
+	struct kvp_ladder ladder;             /* n == 0 without ladder= (ladder.c) */
 	char ladder_spec[KVP_CODEC_SPEC_MAX]; /* its text, for messages */
 };
 
@@ -96,15 +96,19 @@ struct kvp_block {
 	uint32_t level;   /* codec-encoded blocks: the ladder level whose codecs encoded it (0 without) */
 	int32_t *pos;
 	void *k, *v; /* [cap][head_dim] in the block's store, or the codecs' bytes for n tokens */
+	/* Non-NULL while the block is spilled (restore.c): k and v are NULL, the allocation they lived in
+	 * is freed, and this record holds their bytes; the header (n, cap, positions) stays in memory.
+	 * Only private cold blocks are spilled, so only their sequence ever sees this. */
+	struct kvp_spilled *spilled;
+	size_t v_offset; /* where v starts in the allocation k points to: what a restore rebuilds */
 };
 
 /* Codec contexts of one stream (outlier channels and the like), fitted on its first cold block and
- * immutable afterwards, so forks share them. With a ladder, every level's codecs have their own
- * context, all fitted on that first block; k and v are level 0's. */
+ * immutable afterwards, so forks share them. */
 struct kvp_stream_ctx {
 	_Atomic uint32_t refs;
 	size_t size;
-	void *k, *v;
+	void *k, *v; /* level 0's; with a ladder every level has its own, all fitted on the first block */
 	void *k_level[KVP_LADDER_MAX], *v_level[KVP_LADDER_MAX];
 };
 
@@ -115,29 +119,26 @@ struct kvp_stream {
 	struct kvp_block **blocks;
 	struct kvp_stream_ctx *ctx; /* NULL until the first block turns cold */
 	int64_t scored_upto;        /* with a policy: tokens below this position went through a round */
+	struct kvp_recent_queries *recent; /* for a key codec that fits on queries, until ctx is fitted */
 };
 
-/* The cold tier of a sequence: its codecs, parsed for its head_dim, and the scratch attend needs.
- * With a ladder, level l's codecs are the k=/v= specs with the level's bits (k_level[0] == k); a block
- * is always read with the codecs of the level recorded in it. */
+/* The last decode steps' queries of a stream's GQA group, a ring of steps x group x head_dim floats. */
+struct kvp_recent_queries {
+	size_t bytes;
+	uint32_t cap, n, next; /* in query vectors */
+	float q[];
+};
+
+/* The cold tier of a sequence: its codecs, parsed for its head_dim, and the scratch attend needs. */
 struct kvp_cold {
-	struct kvp_codec *k, *v;
+	struct kvp_codec *k, *v; /* level 0's */
+	/* With a ladder, level l's codecs are k=/v= with the level's bits (k_level[0] == k); a block is
+	 * always read with the codecs of the level recorded in it. */
 	unsigned n_levels; /* 1 without a ladder */
 	struct kvp_codec *k_level[KVP_LADDER_MAX], *v_level[KVP_LADDER_MAX];
 	size_t qprep_max, acc_max; /* largest qprep_bytes and acc_dim over the levels */
 	size_t scratch_bytes;
 	void *scratch; /* group x qprep_max bytes, then group x acc_max floats */
-};
-
-/* Coherence gating of one stream (gating.c). */
-struct kvp_head_gate {
-	double entropy_sum;   /* gate=entropy: sum of observed 1 - H/log n (mean over the group) */
-	uint64_t observed;    /* attention calls observed */
-	double coherence;     /* the last measured coherence, in [0, 1] */
-	double aggressiveness; /* a in [0, 1]: the override's, or the one coherence gives */
-	uint32_t level;       /* ladder level (0 without a ladder) */
-	uint32_t budget;      /* tokens the last gated round gave the stream; 0 before */
-	int overridden;
 };
 
 struct kvp_seq {
@@ -150,7 +151,7 @@ struct kvp_seq {
 	uint64_t tokens_appended;
 	struct kvp_cold cold; /* codecs NULL when the tenant has no k= or v= */
 	struct kvp_policy *policy; /* NULL when every token is kept */
-	struct kvp_head_gate *gate; /* [n_layers][n_kv_heads]; NULL with gate=off */
+	struct kvp_gating *gating; /* NULL when gate=off */
 	int64_t t0;                /* one past the highest position appended */
 	int32_t prompt_end;        /* the prompt's end, fixed at the first kvp_seq_step; -1 before */
 	struct kvp_observe_buf {   /* what attend hands the policy: weights over one stream */
@@ -167,6 +168,11 @@ struct kvp_seq {
 	kvp_seq *handle;       /* what the host holds */
 	_Atomic uint32_t calls; /* public calls in progress, or KVP_SEQ_CLAIMED (pressure.c) */
 	_Atomic uint64_t last_use; /* the tenant's clock at the last call: pressure spills the oldest */
+	/* Cold blocks spilled one by one under pressure (restore.c), read back before use. Touched only by
+	 * the thread that entered the sequence (or claimed it). */
+	uint32_t n_spilled;          /* blocks whose record is on the device, in flight or not: attend's one branch */
+	uint32_t pin_from, pin_to;   /* layers pressure must not spill from: the ones a call is using */
+	struct kvp_restore *restore; /* reads in flight (the prefetched layer), or NULL */
 };
 
 #define KVP_POOL_MAGIC 0x6b76706fu
@@ -222,6 +228,9 @@ void kvp_cold_unwind(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_c
 void kvp_cold_commit(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_stream *st,
 		     struct kvp_cold_plan *p);
 void kvp_stream_ctx_put(struct kvp_tenant *t, struct kvp_stream_ctx *c);
+/* Keeps the group's queries (group x head_dim) for the stream's first fit, when the key codec wants them. */
+void kvp_cold_note_queries(struct kvp_seq *s, struct kvp_stream *st, const float *q);
+void kvp_cold_forget_queries(struct kvp_tenant *t, struct kvp_stream *st);
 void kvp_cold_gather(const struct kvp_seq *s, const struct kvp_stream *st, const struct kvp_block *b,
 		     float *k, float *v);
 
@@ -237,25 +246,36 @@ kvp_status kvp_observe_reserve(struct kvp_seq *s, uint32_t n);
 /* Every token of a stream in order: positions, and keys and values as fp32 (either may be NULL). */
 void kvp_stream_gather(const struct kvp_seq *s, const struct kvp_stream *st, int32_t *pos, float *k, float *v);
 
-/* ---- coherence gating (gating.c) ---- */
-enum kvp_gate_kind { KVP_GATE_OFF, KVP_GATE_MRL, KVP_GATE_ENTROPY };
-/* gate= and ladder= of a tenant spec, checked against its policy= and codecs (cfg->gate, cfg->ladder). */
-kvp_status kvp_gate_config(struct kvp_args *args, struct kvp_tenant_config *cfg);
+/* ---- ladders of codec bits (ladder.c) ---- */
+kvp_status kvp_ladder_config(struct kvp_args *args, struct kvp_tenant_config *cfg);
+kvp_status kvp_ladder_check(const struct kvp_tenant_config *cfg);
+/* The level new cold blocks of st are encoded at, and the level a head is at (0 without a ladder). */
+uint32_t kvp_ladder_stream_level(const struct kvp_seq *s, const struct kvp_stream *st);
+uint32_t kvp_ladder_head_level(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head);
+/* The k= or v= spec with bits=N on every codec of the stack that takes bits; *changed counts them. */
+kvp_status kvp_ladder_spec_bits(const char *spec, unsigned bits, char *out, size_t cap, unsigned *changed);
+
+/* ---- coherence gating (gate.c) ---- */
+/* Per (layer, KV head): coherence measured so far, the host's override, and the budget it yields. */
+struct kvp_gating {
+	size_t bytes;
+	double *coherence;   /* [layers][kv_heads] in [0, 1] */
+	uint32_t *samples;   /* entropy observations folded into coherence */
+	float *override;     /* aggressiveness set through kvp_seq_set_head_level, or -1 */
+	uint32_t *budget;    /* the stream's budget at the last step, 0 before */
+};
 kvp_status kvp_gate_check(const struct kvp_tenant_config *cfg);
 kvp_status kvp_gate_open(struct kvp_tenant *t, struct kvp_seq *s);
-kvp_status kvp_gate_fork(struct kvp_tenant *t, const struct kvp_seq *src, struct kvp_seq *s);
 void kvp_gate_close(struct kvp_tenant *t, struct kvp_seq *s);
-/* gate=entropy: attend hands over each stream's softmax weights ([group][n]). */
-int kvp_gate_observes(const struct kvp_seq *s);
+kvp_status kvp_gate_fork(struct kvp_tenant *t, const struct kvp_seq *src, struct kvp_seq *s);
+/* attend's final softmax weights of one stream ([group][n]) for gate=entropy */
 void kvp_gate_observe(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t n, const float *weights);
-/* Per-stream budgets of a round at s->t0 ([n_layers][n_kv_heads]); levels are refreshed first. */
-kvp_status kvp_gate_budgets(struct kvp_seq *s, uint32_t *budgets);
-/* The ladder level new cold blocks of st are encoded at (0 without a ladder). */
-uint32_t kvp_gate_level(const struct kvp_seq *s, const struct kvp_stream *st);
-/* The k= or v= spec with bits=N on every codec of the stack that takes bits; *changed counts them. */
-kvp_status kvp_gate_spec_bits(const char *spec, unsigned bits, char *out, size_t cap, unsigned *changed);
-kvp_status kvp_seq_levels_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_level *out);
-kvp_status kvp_seq_set_level_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, const kvp_level *in);
+/* Recomputes every stream's budget for this step; the rounds then use kvp_gate_budget. */
+kvp_status kvp_gate_step(struct kvp_seq *s);
+uint32_t kvp_gate_budget(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head); /* 0: the policy's */
+int kvp_gate_wants_weights(const struct kvp_seq *s);
+kvp_status kvp_seq_head_level_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_head_level *out);
+kvp_status kvp_seq_set_head_level_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, float aggressiveness);
 
 /* ---- streams ---- */
 void kvp_stream_release(struct kvp_tenant *t, struct kvp_stream *s, uint32_t dim);
@@ -299,6 +319,24 @@ extern _Thread_local unsigned kvp_charge_mode;
 /* Parks the least recently used idle sequence of t (never another tenant's) to make room for bytes.
  * Returns nonzero when it parked one, so the caller charges again. */
 int kvp_pressure_relieve(struct kvp_tenant *t, uint64_t bytes);
+
+/* ---- cold blocks of a resident sequence on the spill device (restore.c) ---- */
+/* The sequence whose public call this thread is running (pressure.c), or NULL. */
+extern _Thread_local struct kvp_seq *kvp_calling_seq;
+/* Pressure's second resort: spills the oldest private cold blocks of s outside its pinned layers, at
+ * least `bytes` of memory when there are that many. Nonzero when it freed something. */
+int kvp_spill_cold_blocks(struct kvp_seq *s, uint64_t bytes);
+/* attend: brings back layer's spilled blocks (waiting for the prefetch when it read them) and starts
+ * the reads of the next layer's. KVP_EIO, KVP_ECORRUPT or KVP_ENOMEM leave the failed blocks spilled. */
+kvp_status kvp_restore_layer(struct kvp_seq *s, uint32_t layer);
+/* Every spilled block back in memory (fork, step, gather need them). */
+kvp_status kvp_restore_all(struct kvp_seq *s);
+/* Waits for reads in flight and files them; on any path that may free or park the sequence's blocks. */
+void kvp_restore_settle(struct kvp_seq *s);
+/* Block side (block.c): drop the rows of a private block whose record is written, or take new rows. */
+void kvp_block_spill_out(struct kvp_tenant *t, struct kvp_block *b, struct kvp_spilled *stub);
+kvp_status kvp_block_rows_alloc(struct kvp_tenant *t, struct kvp_block *b);
+void kvp_block_rows_free(struct kvp_tenant *t, struct kvp_block *b);
 
 /* ---- configuration ---- */
 kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quota, const char *spec);

@@ -220,6 +220,18 @@ static kvp_status stub_new(struct kvp_spill *d, struct kvp_seq *s, const struct 
 	return KVP_OK;
 }
 
+kvp_status kvp_spill_stub_new(struct kvp_spill *d, struct kvp_seq *s, uint32_t layer, uint32_t kv_head,
+			      uint32_t block_no, const struct kvp_block *b, struct kvp_spilled **out)
+{
+	struct position pos = { NULL, layer, kv_head, block_no };
+	return stub_new(d, s, &pos, b, out);
+}
+
+void kvp_spill_stub_drop(struct kvp_spill *d, struct kvp_spilled *stub)
+{
+	stub_drop(d, stub);
+}
+
 /* ---- park ---- */
 
 static kvp_status park_plan(struct kvp_spill *d, struct kvp_seq *s, const struct position *pos,
@@ -231,6 +243,11 @@ static kvp_status park_plan(struct kvp_spill *d, struct kvp_seq *s, const struct
 		kvp_status st;
 		if (!b)
 			continue;
+		if (b->spilled) { /* spilled alone under pressure: its record joins the table as it is */
+			b->spilled->refs++;
+			parked->stubs[i] = b->spilled;
+			continue;
+		}
 		if ((stub = twin_find(kvp_spill_twins(d), b))) {
 			stub->refs++; /* written by a sibling that parked first */
 			parked->stubs[i] = stub;
@@ -266,6 +283,7 @@ static void park_commit(struct kvp_spill *d, struct kvp_seq *s, struct position 
 		*pos[i].where = NULL;
 	}
 	s->parked = parked;
+	s->n_spilled = 0; /* their records belong to the table now */
 	atomic_store(&s->parked_flag, 1);
 	kvp_spill_lock(d);
 	twins_trim(kvp_spill_twins(d));
@@ -283,6 +301,7 @@ kvp_status kvp_park_sequence(struct kvp_seq *s)
 	kvp_status st = seq_check(s, "kvp_seq_park");
 	if (st != KVP_OK || s->parked)
 		return st;
+	kvp_restore_settle(s);
 	d = s->tenant->pool->spill;
 	n = positions_count(s);
 	pos = calloc(n, sizeof *pos);

@@ -116,6 +116,8 @@ static kvp_status codec_spec(struct kvp_args *args, const char *key, char out[KV
 kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quota, const char *spec)
 {
 	static const char *const stores[] = { "fp32", "fp16", NULL };
+	static const char *const gates[] = { "off", "mrl", "entropy", NULL };
+	unsigned gate = KVP_GATE_OFF;
 	struct kvp_args args;
 	unsigned store = KVP_STORE_FP32;
 	kvp_status st;
@@ -141,16 +143,21 @@ kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quot
 	if (st == KVP_OK)
 		st = kvp_args_u32(&args, "pin_prompt", 0, 1, &cfg->pin_prompt);
 	if (st == KVP_OK)
-		st = kvp_gate_config(&args, cfg);
+		st = kvp_args_choice(&args, "gate", gates, &gate);
+	if (st == KVP_OK)
+		st = kvp_ladder_config(&args, cfg);
 	if (st == KVP_OK)
 		st = kvp_args_finish(&args);
 	cfg->store = (enum kvp_store)store;
+	cfg->gate = (enum kvp_gate)gate;
 	if (st == KVP_OK)
 		st = kvp_cold_check(cfg);
 	if (st == KVP_OK)
-		st = kvp_evict_check(cfg);
-	if (st == KVP_OK)
 		st = kvp_gate_check(cfg);
+	if (st == KVP_OK)
+		st = kvp_ladder_check(cfg);
+	if (st == KVP_OK)
+		st = kvp_evict_check(cfg);
 	return st;
 }
 

@@ -10,7 +10,9 @@
  * sequences are ever parked for a tenant's pressure, so one tenant never pays for another.
  *
  * Victims are whole sequences, oldest last call first: a sequence nobody is calling is idle as a whole,
- * and one park writes it in large sequential batches.
+ * and one park writes it in large sequential batches. When no idle sequence is left, the caller's own
+ * oldest cold blocks are spilled one by one (restore.c), and only then does the charge fail with
+ * KVP_ENOMEM. Sequences in a call on another thread are never touched: their blocks are in use.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,8 +41,12 @@ static void enter_wait(struct kvp_seq *s)
 	atomic_store(&s->last_use, atomic_fetch_add(&s->tenant->clock, 1) + 1);
 }
 
+_Thread_local struct kvp_seq *kvp_calling_seq;
+
 static void leave(struct kvp_seq *s)
 {
+	s->pin_from = s->pin_to = 0;
+	kvp_calling_seq = NULL;
 	atomic_fetch_sub(&s->calls, 1);
 }
 
@@ -54,6 +60,7 @@ static kvp_status enter(const kvp_seq *h, const char *call, int needs_tokens, st
 		return st;
 	*out = s;
 	enter_wait(s);
+	kvp_calling_seq = s;
 	if (!needs_tokens || !s->parked)
 		return KVP_OK;
 	if (!s->pressure_parked)
@@ -105,8 +112,8 @@ int kvp_pressure_relieve(struct kvp_tenant *t, uint64_t bytes)
 	pthread_mutex_lock(&t->lock);
 	victim = victim_claim(t);
 	pthread_mutex_unlock(&t->lock);
-	if (!victim)
-		return 0;
+	if (!victim) /* the last resort before KVP_ENOMEM: the caller's own oldest cold blocks */
+		return kvp_calling_seq && kvp_calling_seq->tenant == t && kvp_spill_cold_blocks(kvp_calling_seq, bytes);
 	snprintf(why, sizeof why, "%s", kvp_last_error()); /* the charge's message, which the caller reports */
 	kvp_charge_mode |= KVP_CHARGE_NO_RELIEF;
 	st = kvp_park_sequence(victim);
@@ -130,6 +137,7 @@ kvp_status kvp_append(kvp_seq *h, uint32_t layer, uint32_t n, const int32_t *pos
 	struct kvp_seq *s;
 	kvp_status st = enter(h, "kvp_append", 1, &s);
 	if (st == KVP_OK) {
+		kvp_restore_settle(s); /* appends never read cold rows; reads in flight are only waited for */
 		st = kvp_append_resident(s, layer, n, pos, k, v);
 		leave(s);
 	}
@@ -141,6 +149,8 @@ kvp_status kvp_attend(kvp_seq *h, uint32_t layer, const float *q, float *out)
 	struct kvp_seq *s;
 	kvp_status st = enter(h, "kvp_attend", 1, &s);
 	if (st == KVP_OK) {
+		s->pin_from = layer; /* what attend's own allocations may spill: not the layer it reads */
+		s->pin_to = layer + 1;
 		st = kvp_attend_resident(s, layer, q, out);
 		leave(s);
 	}
@@ -153,7 +163,12 @@ kvp_status kvp_gather(kvp_seq *h, uint32_t layer, uint32_t kv_head, uint32_t cap
 	struct kvp_seq *s;
 	kvp_status st = enter(h, "kvp_gather", 1, &s);
 	if (st == KVP_OK) {
-		st = kvp_gather_resident(s, layer, kv_head, cap, pos, k, v, n_out);
+		if (s->n_spilled && layer < s->shape.n_layers)
+			st = kvp_restore_layer(s, layer);
+		if (st == KVP_OK)
+			st = kvp_gather_resident(s, layer, kv_head, cap, pos, k, v, n_out);
+		else
+			st = kvp_fail_context(st, "kvp_gather");
 		leave(s);
 	}
 	return st;
@@ -164,7 +179,11 @@ kvp_status kvp_seq_fork(kvp_seq *h, kvp_seq **out)
 	struct kvp_seq *s;
 	kvp_status st = enter(h, "kvp_seq_fork", 1, &s);
 	if (st == KVP_OK) {
-		st = kvp_seq_fork_resident(s, out);
+		/* a fork shares blocks, and spilled blocks are private: all of them come back first */
+		if ((st = kvp_restore_all(s)) != KVP_OK)
+			st = kvp_fail_context(st, "kvp_seq_fork: nothing was forked");
+		else
+			st = kvp_seq_fork_resident(s, out);
 		leave(s);
 	}
 	return st;
@@ -175,6 +194,7 @@ kvp_status kvp_seq_stats(const kvp_seq *h, kvp_stats *out)
 	struct kvp_seq *s;
 	kvp_status st = enter(h, "kvp_seq_stats", 0, &s);
 	if (st == KVP_OK) {
+		kvp_restore_settle(s);
 		st = kvp_seq_stats_entered(s, out);
 		leave(s);
 	}
@@ -186,7 +206,12 @@ kvp_status kvp_seq_step(kvp_seq *h)
 	struct kvp_seq *s;
 	kvp_status st = enter(h, "kvp_seq_step", 0, &s);
 	if (st == KVP_OK) {
-		st = kvp_seq_step_entered(s);
+		kvp_restore_settle(s);
+		/* a policy's round moves the bytes of the cold blocks it compacts */
+		if (s->policy && s->n_spilled && (st = kvp_restore_all(s)) != KVP_OK)
+			st = kvp_fail_context(st, "kvp_seq_step: no round ran");
+		else
+			st = kvp_seq_step_entered(s);
 		leave(s);
 	}
 	return st;
@@ -195,8 +220,10 @@ kvp_status kvp_seq_step(kvp_seq *h)
 void kvp_seq_close(kvp_seq *h)
 {
 	struct kvp_seq *s;
-	if (enter(h, "kvp_seq_close", 0, &s) == KVP_OK)
-		kvp_seq_close_entered(s); /* the count goes with the sequence */
+	if (enter(h, "kvp_seq_close", 0, &s) == KVP_OK) {
+		kvp_calling_seq = NULL;
+		kvp_seq_close_entered(s); /* the count goes with the sequence; it waits for reads in flight */
+	}
 }
 
 kvp_status kvp_seq_park(kvp_seq *h)
@@ -205,6 +232,7 @@ kvp_status kvp_seq_park(kvp_seq *h)
 	kvp_status st = enter(h, "kvp_seq_park", 0, &s);
 	if (st != KVP_OK)
 		return st;
+	kvp_restore_settle(s);
 	if (s->parked)
 		s->pressure_parked = 0; /* the host's now: it stays parked until the host unparks it */
 	else
@@ -218,29 +246,30 @@ kvp_status kvp_seq_unpark(kvp_seq *h)
 	struct kvp_seq *s;
 	kvp_status st = enter(h, "kvp_seq_unpark", 0, &s);
 	if (st == KVP_OK) {
+		kvp_restore_settle(s);
 		st = kvp_unpark_sequence(s);
 		leave(s);
 	}
 	return st;
 }
 
-kvp_status kvp_seq_levels(kvp_seq *h, uint32_t layer, uint32_t kv_head, kvp_level *out)
+kvp_status kvp_seq_head_level(kvp_seq *h, uint32_t layer, uint32_t kv_head, kvp_head_level *out)
 {
 	struct kvp_seq *s;
-	kvp_status st = enter(h, "kvp_seq_levels", 0, &s);
+	kvp_status st = enter(h, "kvp_seq_head_level", 0, &s);
 	if (st == KVP_OK) {
-		st = kvp_seq_levels_entered(s, layer, kv_head, out);
+		st = kvp_seq_head_level_entered(s, layer, kv_head, out);
 		leave(s);
 	}
 	return st;
 }
 
-kvp_status kvp_seq_set_level(kvp_seq *h, uint32_t layer, uint32_t kv_head, const kvp_level *in)
+kvp_status kvp_seq_set_head_level(kvp_seq *h, uint32_t layer, uint32_t kv_head, float aggressiveness)
 {
 	struct kvp_seq *s;
-	kvp_status st = enter(h, "kvp_seq_set_level", 0, &s);
+	kvp_status st = enter(h, "kvp_seq_set_head_level", 0, &s);
 	if (st == KVP_OK) {
-		st = kvp_seq_set_level_entered(s, layer, kv_head, in);
+		st = kvp_seq_set_head_level_entered(s, layer, kv_head, aggressiveness);
 		leave(s);
 	}
 	return st;

@@ -114,6 +114,7 @@ kvp_status kvp_stream_share(struct kvp_tenant *t, struct kvp_stream *dst, const 
 		kvp_block_get(dst->sink);
 	if (dst->ctx)
 		atomic_fetch_add_explicit(&dst->ctx->refs, 1, memory_order_relaxed);
+	dst->recent = NULL; /* the fork observes its own queries */
 	return KVP_OK;
 }
 
@@ -125,6 +126,7 @@ void kvp_stream_release(struct kvp_tenant *t, struct kvp_stream *s, uint32_t dim
 	if (s->blocks)
 		kvp_free(t, s->blocks, s->cap_blocks * sizeof *s->blocks, KVP_BYTES_META, 0);
 	kvp_stream_ctx_put(t, s->ctx);
+	kvp_cold_forget_queries(t, s);
 	memset(s, 0, sizeof *s);
 }
 
@@ -147,8 +149,7 @@ kvp_status kvp_seq_fork_resident(kvp_seq *src, kvp_seq **out)
 	if (!(s = seq_alloc(t, &src->shape)))
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
 	/* the fork's policy continues from a copy of the source's history (H2O weights, online stats) */
-	if (kvp_cold_open(t, s) != KVP_OK || kvp_evict_fork(t, src, s) != KVP_OK ||
-	    kvp_gate_fork(t, src, s) != KVP_OK) {
+	if (kvp_cold_open(t, s) != KVP_OK || kvp_evict_fork(t, src, s) != KVP_OK || kvp_gate_fork(t, src, s) != KVP_OK) {
 		kvp_seq_destroy(s);
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
 	}
@@ -174,6 +175,7 @@ void kvp_seq_destroy(struct kvp_seq *s)
 {
 	struct kvp_tenant *t = s->tenant;
 	size_t n = (size_t)s->shape.n_layers * s->shape.n_kv_heads;
+	kvp_restore_settle(s); /* the device must be done with blocks before they are freed */
 	kvp_seq_parked_release(s);
 	kvp_seq_handle_free(s);
 	atomic_fetch_sub(&t->tokens_appended, s->tokens_appended);
@@ -281,11 +283,17 @@ static void stats_stream(const struct kvp_tenant *t, const struct kvp_stream *st
 		else
 			o->bytes_exact += kvp_block_token_bytes(b, dim);
 		o->bytes_meta += kvp_block_bytes(t, b) - kvp_block_token_bytes(b, dim);
+		if (b->spilled) { /* its rows are a record on the device, described by a stub in memory */
+			o->bytes_spilled += b->spilled->pages * KVP_SPILL_PAGE;
+			o->bytes_meta += kvp_alloc_size(t, sizeof *b->spilled);
+		}
 	}
 	if (st->blocks)
 		o->bytes_meta += kvp_alloc_size(t, st->cap_blocks * sizeof *st->blocks);
 	if (st->ctx)
 		o->bytes_meta += kvp_alloc_size(t, st->ctx->size);
+	if (st->recent)
+		o->bytes_meta += kvp_alloc_size(t, st->recent->bytes);
 }
 
 static void stats_copy(kvp_stats *out, const kvp_stats *full)
@@ -316,12 +324,11 @@ kvp_status kvp_seq_stats_entered(const kvp_seq *s, kvp_stats *out)
 		full.bytes_meta += kvp_alloc_size(s->tenant, s->cold.scratch_bytes);
 	if (s->observe.bytes)
 		full.bytes_meta += kvp_alloc_size(s->tenant, s->observe.bytes);
-	if (s->gate)
-		full.bytes_meta += kvp_alloc_size(s->tenant, (size_t)s->shape.n_layers * s->shape.n_kv_heads *
-						  sizeof *s->gate);
+	if (s->gating)
+		full.bytes_meta += kvp_alloc_size(s->tenant, s->gating->bytes);
 	full.tokens_appended = s->tokens_appended;
 	full.bytes_dense_fp16 = s->tokens_appended * s->shape.head_dim * 4;
-	full.bytes_spilled = kvp_seq_parked_bytes(s);
+	full.bytes_spilled += kvp_seq_parked_bytes(s);
 	full.bytes_meta += kvp_seq_parked_meta(s);
 	stats_copy(out, &full);
 	return KVP_OK;

@@ -21,6 +21,7 @@
 #include "pager.h"
 
 #define RING_ENTRIES 64
+#define ASYNC_ENTRIES 256
 #define STAGING_MIN (64u << 10)
 #define MIN_PAGES 16
 
@@ -40,6 +41,10 @@ struct kvp_spill {
 	size_t staging_cap, staging_min; /* staging_min: spill_buffer=, the size it starts at */
 	int registered;
 	struct kvp_spill_faults faults;
+	/* The second ring: single-record reads that outlive the call that submitted them (restore.c).
+	 * Separate from the first so a park waiting on its batches never takes another's completion. */
+	pthread_mutex_t aring_lock;
+	struct io_uring aring;
 };
 
 /* ---- the file ---- */
@@ -123,11 +128,14 @@ static kvp_status staging_reserve(struct kvp_spill *d, size_t bytes)
 static kvp_status ring_open(struct kvp_spill *d)
 {
 	int r = io_uring_queue_init(RING_ENTRIES, &d->ring, 0);
+	if (r >= 0 && (r = io_uring_queue_init(ASYNC_ENTRIES, &d->aring, 0)) < 0)
+		io_uring_queue_exit(&d->ring);
 	if (r < 0)
 		return kvp_fail(KVP_EUNSUPPORTED, "spill=%s: io_uring is not available here (io_uring_queue_init: %s)",
 				d->path, strerror(-r));
 	if (staging_reserve(d, d->staging_min) != KVP_OK) {
 		io_uring_queue_exit(&d->ring);
+		io_uring_queue_exit(&d->aring);
 		return KVP_ENOMEM;
 	}
 	return KVP_OK;
@@ -186,6 +194,7 @@ kvp_status kvp_spill_open(struct kvp_pool *pool, const char *path, unsigned path
 	}
 	pthread_mutex_init(&d->lock, NULL);
 	pthread_mutex_init(&d->ring_lock, NULL);
+	pthread_mutex_init(&d->aring_lock, NULL);
 	d->next_id = 1;
 	pool->spill = d;
 	return KVP_OK;
@@ -199,8 +208,10 @@ void kvp_spill_close(struct kvp_pool *pool)
 	if (d->registered)
 		io_uring_unregister_buffers(&d->ring);
 	io_uring_queue_exit(&d->ring);
+	io_uring_queue_exit(&d->aring);
 	pthread_mutex_destroy(&d->lock);
 	pthread_mutex_destroy(&d->ring_lock);
+	pthread_mutex_destroy(&d->aring_lock);
 	pool->spill = NULL;
 	device_free(d);
 }
@@ -591,4 +602,100 @@ kvp_status kvp_spill_write(struct kvp_spill *d, struct kvp_spill_io *io, size_t 
 kvp_status kvp_spill_read(struct kvp_spill *d, struct kvp_spill_io *io, size_t n, uint32_t dim)
 {
 	return transfer(d, io, n, dim, 0);
+}
+
+/* ---- single-record reads on the second ring ---- */
+
+/* Submits what is queued; SQEs a failed submit leaves behind go out with the next submit_and_wait. */
+static void async_flush(struct kvp_spill *d)
+{
+	int r;
+	do
+		r = io_uring_submit(&d->aring);
+	while (r == -EINTR);
+}
+
+void kvp_spill_read_submit(struct kvp_spill *d, struct kvp_spill_pending *p, size_t n)
+{
+	pthread_mutex_lock(&d->aring_lock);
+	for (size_t i = 0; i < n; i++) {
+		size_t len = record_bytes(p[i].stub);
+		struct io_uring_sqe *sqe = io_uring_get_sqe(&d->aring);
+		p[i].done = 0;
+		p[i].buf = NULL;
+		if (!sqe) { /* the queue is full: send it, which empties it */
+			async_flush(d);
+			sqe = io_uring_get_sqe(&d->aring);
+		}
+		if (!sqe || posix_memalign((void **)&p[i].buf, KVP_SPILL_PAGE, len) != 0) {
+			p[i].buf = NULL;
+			p[i].res = -ENOMEM;
+			p[i].done = 1;
+			if (sqe) { /* the slot is taken: a no-op nobody waits for fills it */
+				io_uring_prep_nop(sqe);
+				io_uring_sqe_set_data(sqe, NULL);
+			}
+			continue;
+		}
+		io_uring_prep_read(sqe, d->fd, p[i].buf, (unsigned)len, (off_t)(p[i].stub->first_page * KVP_SPILL_PAGE));
+		io_uring_sqe_set_data(sqe, &p[i]);
+	}
+	async_flush(d);
+	pthread_mutex_unlock(&d->aring_lock);
+}
+
+/* Under aring_lock: waits for one completion and files it with its request. */
+static void async_reap_one(struct kvp_spill *d)
+{
+	struct io_uring_cqe *cqe;
+	int r = io_uring_submit_and_wait(&d->aring, 1);
+	if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY)
+		return;
+	while (io_uring_peek_cqe(&d->aring, &cqe) == 0) {
+		struct kvp_spill_pending *req = io_uring_cqe_get_data(cqe);
+		if (req) {
+			req->res = cqe->res;
+			req->done = 1;
+		}
+		io_uring_cqe_seen(&d->aring, cqe);
+	}
+}
+
+static kvp_status async_check(struct kvp_spill *d, struct kvp_spill_pending *p, uint32_t dim)
+{
+	size_t len = record_bytes(p->stub);
+	int res = p->res, fault;
+	pthread_mutex_lock(&d->ring_lock);
+	fault = p->buf && fault_due(&d->faults.fail_read);
+	pthread_mutex_unlock(&d->ring_lock);
+	if (fault)
+		res = -EIO;
+	if (res == -ENOMEM && !p->buf)
+		return kvp_fail(KVP_ENOMEM, "spill: no memory for a %zu-byte read buffer", len);
+	if (res < 0)
+		return kvp_fail(KVP_EIO, "spill=%s: a read of %zu bytes failed: %s", d->path, len, strerror(-res));
+	if ((size_t)res != len)
+		return kvp_fail(KVP_EIO, "spill=%s: short read: %d of %zu bytes", d->path, res, len);
+	return kvp_spill_record_unpack(p->stub, p->block, dim, p->buf);
+}
+
+kvp_status kvp_spill_read_wait(struct kvp_spill *d, struct kvp_spill_pending *p, size_t n, uint32_t dim)
+{
+	kvp_status first = KVP_OK;
+	char why[512] = "";
+	pthread_mutex_lock(&d->aring_lock);
+	for (size_t i = 0; i < n; i++)
+		while (!p[i].done)
+			async_reap_one(d);
+	pthread_mutex_unlock(&d->aring_lock);
+	for (size_t i = 0; i < n; i++) {
+		p[i].st = async_check(d, &p[i], dim);
+		if (first == KVP_OK && p[i].st != KVP_OK) {
+			first = p[i].st;
+			snprintf(why, sizeof why, "%s", kvp_last_error()); /* later failures must not hide it */
+		}
+		free(p[i].buf);
+		p[i].buf = NULL;
+	}
+	return first == KVP_OK ? KVP_OK : kvp_fail(first, "%s", why);
 }

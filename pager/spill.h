@@ -122,6 +122,29 @@ kvp_status kvp_spill_record_unpack(const struct kvp_spilled *stub, struct kvp_bl
 kvp_status kvp_spill_write(struct kvp_spill *d, struct kvp_spill_io *io, size_t n, uint32_t dim);
 kvp_status kvp_spill_read(struct kvp_spill *d, struct kvp_spill_io *io, size_t n, uint32_t dim);
 
+/* Asynchronous record reads, for restores of single blocks with prefetch (restore.c). They go through
+ * the device's second ring, so they can stay in flight between calls while parks and unparks use the
+ * first: whoever waits files every completion of that ring by the request's address, so requests must
+ * stay alive until waited for. Each has its own page-aligned buffer. */
+struct kvp_spill_pending {
+	struct kvp_spilled *stub;
+	struct kvp_block *block; /* rows already allocated with the stub's shape */
+	unsigned char *buf;
+	int res, done; /* under the ring's lock */
+	kvp_status st; /* after the wait: KVP_OK when the block holds the record */
+};
+/* Submits what it can; a request that could not be submitted is done with res -ENOMEM. */
+void kvp_spill_read_submit(struct kvp_spill *d, struct kvp_spill_pending *p, size_t n);
+/* Waits for every request, checks and unpacks each; the first failure is returned and each request's
+ * own outcome is in its st. Buffers are freed. */
+kvp_status kvp_spill_read_wait(struct kvp_spill *d, struct kvp_spill_pending *p, size_t n, uint32_t dim);
+
+/* Records of single blocks (park.c), under the device lock. */
+struct kvp_seq;
+kvp_status kvp_spill_stub_new(struct kvp_spill *d, struct kvp_seq *s, uint32_t layer, uint32_t kv_head,
+			      uint32_t block_no, const struct kvp_block *b, struct kvp_spilled **out);
+void kvp_spill_stub_drop(struct kvp_spill *d, struct kvp_spilled *stub);
+
 /* ---- parking (park.c) ---- */
 struct kvp_parked;
 /* KVP_EINVAL naming the call: a parked sequence serves only unpark, stats, step and close. */

@@ -36,8 +36,8 @@ static const kvp_plugin_v1 table_v1 = {
 	.policy_score = kvp_policy_score,
 	.policy_close = kvp_policy_close,
 	.policy_observe = kvp_policy_observe,
-	.seq_levels = kvp_seq_levels,
-	.seq_set_level = kvp_seq_set_level,
+	.seq_head_level = kvp_seq_head_level,
+	.seq_set_head_level = kvp_seq_set_head_level,
 };
 
 const kvp_plugin_v1 *kvp_plugin(uint32_t abi_major)

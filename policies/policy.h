@@ -133,8 +133,7 @@ struct kvp_round {
 	const float *k;
 	uint32_t sinks, window; /* the pager's protected tiers */
 	int32_t prompt_end;     /* first position after the prompt (0 when unknown) */
-	uint32_t budget;        /* tokens to keep: coherence gating's share; 0: the plan's budget(t0). The
-				 * shared rounds read rounds[0].budget. */
+	uint32_t budget;        /* this stream's budget when gating moved it; 0: the policy's budget(t0) */
 };
 kvp_status kvp_policy_round(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, const struct kvp_round *r,
 			    uint8_t *keep, uint32_t *n_kept);
@@ -161,10 +160,6 @@ kvp_status kvp_policy_check_positions(const char *what, uint32_t n, const int32_
 /* TriAttention's raw S for one query head (before z-normalization and the group max): tests, experiments. */
 kvp_status kvp_tria_raw_scores(struct kvp_policy *p, uint32_t layer, uint32_t head, int64_t t0, uint32_t n,
 			       const float *k_post_rope, float *out);
-
-/* Coherence gating's mrl: kvp_gate_mrl of (layer, kv_head)'s query group over the policy's statistics
- * (the .kvtria file, or the online means so far: 0 before any query). KVP_EINVAL for another policy. */
-kvp_status kvp_tria_coherence(const struct kvp_policy *p, uint32_t layer, uint32_t kv_head, double *out);
 
 /* ---- TriAttention statistics (policies/kvtria.c) ---- */
 
@@ -199,6 +194,9 @@ kvp_status kvp_tria_stats_write(const char *path, const struct kvp_tria_stats *s
 /* Energy-weighted mean resultant length of a KV head's query group in one layer:
  * sum over group heads and bands of |q_mean| / sum of q_abs_mean, in [0, 1]; 0 when no energy. */
 double kvp_gate_mrl(const struct kvp_tria_stats *s, uint32_t layer, uint32_t kv_head, uint32_t n_kv_heads);
+/* A TriAttention policy's mean resultant length for (layer, kv_head), from its file or its online sums
+ * (0 before any query was seen). KVP_EINVAL for other policies. */
+kvp_status kvp_tria_coherence(const struct kvp_policy *p, uint32_t layer, uint32_t kv_head, double *out);
 /* 1 - H(w)/log(n) of a softmax row (weights need not be normalized); 1 for n <= 1. */
 double kvp_gate_entropy_coherence(uint32_t n, const float *weights);
 /*

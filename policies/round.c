@@ -109,12 +109,6 @@ static kvp_status score_candidates(struct kvp_policy *p, uint32_t layer, uint32_
 	return st;
 }
 
-/* The round's budget: coherence gating's share when it set one, else the plan's. */
-static uint32_t round_budget(const struct kvp_policy *p, const struct kvp_round *r)
-{
-	return r->budget ? r->budget : kvp_policy_budget(p, r->t0);
-}
-
 /* Spreads candidate values back to stream order (protected entries 0: they are not read) and selects. */
 static kvp_status select_from(const struct kvp_policy *p, const struct kvp_round *r, const struct kvp_protect *pr,
 			      const struct candidates *c, const float *values, uint8_t *keep, uint32_t *n_kept)
@@ -126,7 +120,8 @@ static kvp_status select_from(const struct kvp_policy *p, const struct kvp_round
 		return kvp_fail(KVP_ENOMEM, "policy round: out of memory for %u tokens", r->n);
 	for (uint32_t i = 0; i < c->n; i++)
 		scores[c->index[i]] = values[i];
-	st = kvp_select_survivors(r->n, r->pos, scores, pr, round_budget(p, r), keep, n_kept);
+	st = kvp_select_survivors(r->n, r->pos, scores, pr, r->budget ? r->budget : kvp_policy_budget(p, r->t0), keep,
+				  n_kept);
 	free(scores);
 	return st;
 }
@@ -245,7 +240,7 @@ kvp_status kvp_policy_round_union(struct kvp_policy *p, uint32_t layer, const st
 	pr = protection(p, &rounds[0]);
 	for (uint32_t i = 0; i < rounds[0].n; i++)
 		held += i < pr.sinks || (uint64_t)i + pr.window >= rounds[0].n;
-	take = round_budget(p, &rounds[0]) > held ? round_budget(p, &rounds[0]) - held : 0;
+	take = kvp_policy_budget(p, rounds[0].t0) > held ? kvp_policy_budget(p, rounds[0].t0) - held : 0;
 	/* each head proposes its top `take`; a proposed token ranks by its best score over all heads */
 	for (uint32_t i = 0; i < rounds[0].n; i++)
 		c.sum[i] = -INFINITY;

@@ -420,6 +420,33 @@ static void close_tria(struct kvp_policy *p)
 	p->state = NULL;
 }
 
+kvp_status kvp_tria_coherence(const struct kvp_policy *p, uint32_t layer, uint32_t kv_head, double *out)
+{
+	const struct tria *t;
+	unsigned group, F;
+	double resultant = 0, energy = 0;
+
+	if (!p || p->ops != &kvp_policy_triattention || layer >= p->shape.n_layers || kv_head >= p->shape.n_kv_heads)
+		return kvp_fail(KVP_EINVAL, "gate=mrl: the mean resultant length needs a triattention policy");
+	t = p->state;
+	if (!t->online) {
+		*out = kvp_gate_mrl(&t->file, layer, kv_head, p->shape.n_kv_heads);
+		return KVP_OK;
+	}
+	group = p->shape.n_heads / p->shape.n_kv_heads;
+	F = t->n_bands;
+	for (unsigned g = 0; g < group; g++) {
+		size_t head = (size_t)layer * p->shape.n_heads + kv_head * group + g, at = head * F;
+		for (unsigned f = 0; f < F; f++) {
+			resultant += hypot(t->sums.re[at + f], t->sums.im[at + f]);
+			energy += t->sums.abs[at + f];
+		}
+	}
+	/* sums over the same count: the means' ratio is the sums' ratio */
+	*out = energy > 0 ? (resultant > energy ? 1.0 : resultant / energy) : 0.0;
+	return KVP_OK;
+}
+
 const struct kvp_policy_ops kvp_policy_triattention = {
 	.name = "triattention",
 	.open = open_tria,
@@ -428,29 +455,3 @@ const struct kvp_policy_ops kvp_policy_triattention = {
 	.clone = clone_tria,
 	.close = close_tria,
 };
-
-/* kvp_gate_mrl's sum over the group's heads and bands, read through head_band so the online means count
- * the same way as a file's. */
-kvp_status kvp_tria_coherence(const struct kvp_policy *p, uint32_t layer, uint32_t kv_head, double *out)
-{
-	const struct tria *t;
-	unsigned group;
-	double resultant = 0, energy = 0;
-	kvp_status st;
-
-	if (!p || p->ops != &kvp_policy_triattention || !out)
-		return kvp_fail(KVP_EINVAL, "gate=mrl: the policy is not triattention");
-	if ((st = kvp_policy_check_stream("gate=mrl", p, layer, kv_head)) != KVP_OK)
-		return st;
-	t = p->state;
-	group = p->shape.n_heads / p->shape.n_kv_heads;
-	for (unsigned g = 0; g < group; g++)
-		for (unsigned f = 0; f < t->n_bands; f++) {
-			float mr, mi, a;
-			head_band(t, &p->shape, layer, kv_head * group + g, f, &mr, &mi, &a);
-			resultant += hypot(mr, mi);
-			energy += a;
-		}
-	*out = !(energy > 0) ? 0.0 : resultant > energy ? 1.0 : resultant / energy;
-	return KVP_OK;
-}

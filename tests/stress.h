@@ -8,7 +8,9 @@
  * forks put siblings that share blocks into slots other threads then work on. Tenant "b" has a quota its
  * sequences outgrow, so memory pressure parks idle sequences under other threads' feet, and calls on
  * them bring them back; KVP_ENOMEM is then an expected answer, KVP_EINVAL too for host-parked ones.
- * Tenant "a" keeps a codec-encoded cold tier, so cold blocks are spilled and shared too.
+ * Tenant "a" keeps a codec-encoded cold tier, so cold blocks are spilled and shared too, under a quota
+ * tight enough that, with every other sequence parked or busy, a caller's own cold blocks are spilled one
+ * by one and attention reads them back (with the next layer prefetched) while other threads park.
  */
 #ifndef KVP_TEST_STRESS_H
 #define KVP_TEST_STRESS_H
@@ -161,10 +163,10 @@ static void check(int ok, const char *what)
 	}
 }
 
-/* a: a cold tier of codec-encoded blocks; b: a quota its sequences outgrow, and a token policy that
+/* a: a cold tier of codec-encoded blocks, spilled block by block under its quota; b: a quota its sequences outgrow, and a token policy that
  * compacts blocks (shared with forks) at every step. */
 static const char *const specs[TENANTS] = {
-	"block=8,sinks=2,window=8,k=turboquant(bits=4),v=fp16",
+	"block=8,sinks=2,window=8,k=turboquant(bits=4),v=fp16,quota=96KiB",
 	"block=8,sinks=2,window=8,quota=128KiB,policy=streaming(sinks=2,window=8)",
 };
 

@@ -194,6 +194,55 @@ Test(cold, every_codec_round_trips_through_cold_blocks_as_it_does_alone)
 	keys_match_the_codec("spark(keep=0.75)");
 }
 
+/* Relative error of the cold tokens' keys over channels [0, channels) of KV head 0. */
+static double spark_error_on_channels(int observe_first, uint32_t channels)
+{
+	enum { N = 96, NH = 4 };
+	static float k[N * ROW], v[N * ROW], q[NH * D], out[NH * D], gk[N * D];
+	static int32_t pos[N];
+	struct cache c;
+	double num = 0, den = 0;
+	kvp_stats st = { .size = sizeof st };
+
+	fixture_fill(k, N * ROW, 31, 1.0f);
+	fixture_fill(v, N * ROW, 32, 1.0f);
+	/* every query lives on the first channels only */
+	memset(q, 0, sizeof q);
+	for (uint32_t h = 0; h < NH; h++)
+		for (uint32_t j = 0; j < channels; j++)
+			q[h * D + j] = 1.0f + 0.1f * (float)j;
+	cache_open(&c, "block=16,sinks=0,window=16,k=spark(keep=0.25)", NH);
+	append_tokens(c.seq, 0, 16, k, v);
+	if (observe_first)
+		cr_assert_eq(kvp_attend(c.seq, 0, q, out), KVP_OK, "%s", kvp_last_error());
+	for (uint32_t t = 16; t < N; t++)
+		append_tokens(c.seq, t, 1, k, v);
+	gather_all(c.seq, 0, N, pos, gk, NULL);
+	for (uint32_t t = 0; t < N - 16; t++)
+		for (uint32_t j = 0; j < channels; j++) {
+			double w = k[(size_t)t * ROW + j], e = gk[(size_t)t * D + j] - w;
+			num += e * e;
+			den += w * w;
+		}
+	cr_assert_eq(kvp_seq_stats(c.seq, &st), KVP_OK);
+	cr_assert_gt(st.bytes_compressed, 0);
+	kvp_seq_close(c.seq);
+	cr_assert_eq(kvp_tenant_stats(c.tenant, &st), KVP_OK);
+	cr_assert_eq(st.bytes_exact + st.bytes_compressed + st.bytes_meta, 0, "the query ring is freed too");
+	cache_close(&c);
+	return sqrt(num / den);
+}
+
+Test(cold, spark_keeps_the_channels_the_observed_queries_use)
+{
+	/* keep=0.25 of 64 channels is 16: exactly the channels the queries live on */
+	double seen = spark_error_on_channels(1, 16), blind = spark_error_on_channels(0, 16);
+
+	cr_log_info("SparK keys on the queried channels: error %.4f with queries observed, %.4f without", seen, blind);
+	cr_assert_lt(seen, 1e-3, "the queried channels are kept (fp16): %g", seen);
+	cr_assert_gt(blind, 0.3, "without queries, k^2 alone drops many of them: %g", blind);
+}
+
 Test(cold, block_not_a_multiple_of_the_codec_group_is_rejected)
 {
 	kvp_pool *pool;

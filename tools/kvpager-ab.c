@@ -35,12 +35,11 @@
 
 #include "kvpager.h"
 #include "tools/ab.h"
+#include "tools/cli.h"
 #include "tools/llama.h"
 #include "tools/synthetic.h"
 #include "tools/trace.h"
 
-#define EXIT_BAD_INPUT 2
-#define PATH_CAP 4096
 #define MAX_SPECS 32
 #define SYNTHETIC_TOKENS 8192
 #define SYNTHETIC_EVERY 64
@@ -62,7 +61,7 @@ struct options {
 	int n_specs, quiet, seeded;
 	long steps, tokens, every;
 	unsigned long long seed;
-	char tokenizer_buf[PATH_CAP], plugin_buf[PATH_CAP];
+	char tokenizer_buf[CLI_PATH_CAP], plugin_buf[CLI_PATH_CAP];
 };
 
 static void usage(FILE *f)
@@ -92,7 +91,8 @@ static void usage(FILE *f)
 	      "                    k=turboquant(bits=3),v=turboquant(bits=3))\n"
 	      "  --every N         attend and compare at every Nth step only (default 1; 64 for the\n"
 	      "                    synthetic trace); every token is still appended\n"
-	      "  --plugin PATH     kvpager plugin (default libkvpager.so.1 next to this program)\n"
+	      "  --plugin PATH     kvpager plugin (default libkvpager.so.1 next to this program,\n"
+	      "                    else the installed one)\n"
 	      "  --pool SPEC       pool spec for every run (default \"\")\n"
 	      "  --csv FILE        write the table as CSV (unmeasured values are empty fields)\n"
 	      "  --plot FILE.svg   write an SVG plot of bytes per token against mean KL (against the\n"
@@ -101,30 +101,10 @@ static void usage(FILE *f)
 	      "Exit status: 0 done, 2 bad input or a spec the library refuses, 1 other failures.\n", f);
 }
 
-static int bad_input(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static int bad_input(const char *fmt, ...)
-{
-	va_list ap;
-
-	fputs("kvpager-ab: ", stderr);
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-	return EXIT_BAD_INPUT;
-}
-
 static int parse_count(const char *name, const char *s, long hi, long *out)
 {
-	char *end;
-	long v;
-
-	errno = 0;
-	v = strtol(s, &end, 10);
-	if (errno || end == s || *end || v < 1 || v > hi)
-		return bad_input("%s wants an integer in 1..%ld, not '%s'", name, hi, s);
-	*out = v;
+	if (cli_parse_long(s, 1, hi, out))
+		return cli_bad_input("%s wants an integer in 1..%ld, not '%s'", name, hi, s);
 	return 0;
 }
 
@@ -135,14 +115,14 @@ static int parse_seed(const char *s, unsigned long long *out)
 	errno = 0;
 	*out = strtoull(s, &end, 10);
 	if (errno || end == s || *end || s[0] == '-')
-		return bad_input("--seed wants a non-negative integer, not '%s'", s);
+		return cli_bad_input("--seed wants a non-negative integer, not '%s'", s);
 	return 0;
 }
 
 static int add_spec(struct options *o, const char *spec)
 {
 	if (o->n_specs == MAX_SPECS)
-		return bad_input("at most %d --spec", MAX_SPECS);
+		return cli_bad_input("at most %d --spec", MAX_SPECS);
 	o->specs[o->n_specs++] = spec;
 	return 0;
 }
@@ -209,85 +189,41 @@ static int parse_options(struct options *o, int argc, char **argv)
 		}
 		if (!takes_value(argv[i])) {
 			usage(stderr);
-			return bad_input("unknown option '%s'", argv[i]);
+			return cli_bad_input("unknown option '%s'", argv[i]);
 		}
 		if (i + 1 >= argc)
-			return bad_input("%s needs a value", argv[i]);
+			return cli_bad_input("%s needs a value", argv[i]);
 		rc = parse_valued(o, argv[i], argv[i + 1]);
 		if (rc)
 			return rc;
 		i++;
 	}
 	if (o->model && o->trace)
-		return bad_input("--model and --trace are two sources; give one");
+		return cli_bad_input("--model and --trace are two sources; give one");
 	if ((o->tokens || o->seeded) && (o->model || o->trace))
-		return bad_input("--tokens and --seed shape the synthetic trace, not a model or a trace");
+		return cli_bad_input("--tokens and --seed shape the synthetic trace, not a model or a trace");
 	return 0;
 }
 
 /* dir of path with its trailing '/' into buf ("" when there is none) */
-static void directory_of(const char *path, char *buf, size_t cap)
-{
-	const char *slash = strrchr(path, '/');
-	size_t n = slash ? (size_t)(slash - path) + 1 : 0;
-
-	if (n >= cap)
-		n = 0;
-	memcpy(buf, path, n);
-	buf[n] = '\0';
-}
-
 static int default_paths(struct options *o, const char *argv0)
 {
-	char dir[PATH_CAP], exe[PATH_CAP];
-	ssize_t n;
 	int w;
 
 	if (o->model && !o->tokenizer) {
-		directory_of(o->model, dir, sizeof(dir));
-		w = snprintf(o->tokenizer_buf, PATH_CAP, "%stok512.bin", dir);
-		if (w < 0 || w >= PATH_CAP)
-			return bad_input("model path too long: %s", o->model);
+		if (cli_beside(o->model, "tok512.bin", o->tokenizer_buf))
+			return cli_bad_input("model path too long: %s", o->model);
 		o->tokenizer = o->tokenizer_buf;
 	}
 	if (!o->plugin) {
-		/* next to the executable, wherever it was started from */
-		n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-		if (n > 0)
-			exe[n] = '\0';
-		directory_of(n > 0 ? exe : argv0, dir, sizeof(dir));
-		w = snprintf(o->plugin_buf, PATH_CAP, "%slibkvpager.so.1", dir[0] ? dir : "./");
-		if (w < 0 || w >= PATH_CAP)
-			return bad_input("executable path too long: %s", argv0);
+		if (cli_default_plugin(argv0, o->plugin_buf))
+			return cli_bad_input("executable path too long: %s", argv0);
 		o->plugin = o->plugin_buf;
 	}
 	if (!o->n_specs)
 		for (w = 0; w < (int)(sizeof(default_specs) / sizeof(default_specs[0])); w++)
 			o->specs[o->n_specs++] = default_specs[w];
 	return 0;
-}
-
-typedef const kvp_plugin_v1 *(*plugin_entry)(uint32_t abi_major);
-
-/* dlopen the plugin and ask for the v1 table; only the table is used afterwards. */
-static const kvp_plugin_v1 *load_plugin(const char *path, void **library)
-{
-	const kvp_plugin_v1 *api;
-	plugin_entry entry;
-
-	*library = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-	if (!*library) {
-		fprintf(stderr, "kvpager-ab: cannot load the plugin: %s\n", dlerror());
-		return NULL;
-	}
-	entry = (plugin_entry)dlsym(*library, "kvp_plugin");
-	api = entry ? entry(KVP_ABI_MAJOR) : NULL;
-	if (!api || api->abi_major != KVP_ABI_MAJOR || api->size < sizeof(kvp_plugin_v1)) {
-		fprintf(stderr, "kvpager-ab: %s does not serve the kvp_plugin_v1 table of ABI %d\n", path,
-			KVP_ABI_MAJOR);
-		return NULL;
-	}
-	return api;
 }
 
 /* Every spec is tried on the stream's shape before anything runs, so a refused one costs nothing. */
@@ -374,7 +310,7 @@ static int model_load(struct model_run *m, const struct options *o)
 		rc = llama_tokenizer_load(&m->tokenizer, o->tokenizer, m->model.config.vocab_size, err);
 	if (rc) {
 		fprintf(stderr, "kvpager-ab: %s\n", err);
-		return rc == LLAMA_EINPUT ? EXIT_BAD_INPUT : 1;
+		return rc == LLAMA_EINPUT ? CLI_EXIT_BAD_INPUT : 1;
 	}
 	n = (int)(o->steps < m->model.config.seq_len ? o->steps : m->model.config.seq_len);
 	if (model_alloc(m, n))
@@ -493,7 +429,7 @@ static int spec_forward(struct model_run *m, struct llama_plugin_cache *c, struc
 		fprintf(stderr, "kvpager-ab: spec '%s': position %d: %s\n", r->spec, pos,
 			rc == LLAMA_EATTENTION ? c->message : "the forward pass failed");
 		return rc == LLAMA_EATTENTION && (c->status == KVP_EINVAL || c->status == KVP_EUNSUPPORTED)
-			       ? EXIT_BAD_INPUT : 1;
+			       ? CLI_EXIT_BAD_INPUT : 1;
 	}
 	r->kl_mean = kl_sum / m->n;
 	r->top1 = (double)agreed / m->n;
@@ -514,7 +450,7 @@ static int model_spec(struct model_run *m, const kvp_plugin_v1 *api, const char 
 	rc = llama_plugin_cache_open(&c, api, &m->model.config, pool, spec);
 	if (rc) {
 		fprintf(stderr, "kvpager-ab: spec '%s': %s\n", spec, c.message);
-		return rc == LLAMA_EINPUT ? EXIT_BAD_INPUT : 1;
+		return rc == LLAMA_EINPUT ? CLI_EXIT_BAD_INPUT : 1;
 	}
 	rc = spec_forward(m, &c, r, progress);
 	if (!rc && api->seq_stats(c.seq, &st) == KVP_OK)
@@ -542,7 +478,7 @@ struct run {
 	void *library;
 	const kvp_plugin_v1 *api;
 	struct ab_result results[MAX_SPECS];
-	char title[PATH_CAP + 512];
+	char title[CLI_PATH_CAP + 512];
 };
 
 static int report(struct run *r)
@@ -552,9 +488,9 @@ static int report(struct run *r)
 	ab_print_table(stdout, r->title, r->results, r->opt.n_specs);
 	fflush(stdout);
 	if (r->opt.csv && ab_write_csv(r->opt.csv, r->results, r->opt.n_specs, message))
-		return bad_input("%s", message);
+		return cli_bad_input("%s", message);
 	if (r->opt.plot && ab_write_svg(r->opt.plot, r->title, r->results, r->opt.n_specs, message))
-		return bad_input("%s", message);
+		return cli_bad_input("%s", message);
 	return 0;
 }
 
@@ -655,11 +591,11 @@ static int run_trace(struct run *r)
 {
 	struct trace_reader reader;
 	struct ab_source src;
-	char what[PATH_CAP + 16];
+	char what[CLI_PATH_CAP + 16];
 	int rc;
 
 	if (trace_reader_open(&reader, r->opt.trace)) {
-		rc = bad_input("%s", reader.error);
+		rc = cli_bad_input("%s", reader.error);
 		trace_reader_close(&reader);
 		return rc;
 	}
@@ -694,6 +630,7 @@ int main(int argc, char **argv)
 	static struct run r;
 	int rc;
 
+	cli_program = "kvpager-ab";
 	r.opt.prompt = "";
 	r.opt.pool = "";
 	r.opt.steps = 256;
@@ -707,8 +644,8 @@ int main(int argc, char **argv)
 			r.opt.tokens = SYNTHETIC_TOKENS;
 		if (!r.opt.seeded)
 			r.opt.seed = 1;
-		r.api = load_plugin(r.opt.plugin, &r.library);
-		rc = r.api ? 0 : EXIT_BAD_INPUT; /* a --plugin path that does not serve the table */
+		r.api = cli_plugin_load(r.opt.plugin, &r.library);
+		rc = r.api ? 0 : CLI_EXIT_BAD_INPUT; /* a --plugin path that does not serve the table */
 	}
 	if (!rc)
 		rc = r.opt.model ? run_model(&r) : r.opt.trace ? run_trace(&r) : run_synthetic(&r);

@@ -27,15 +27,14 @@
 #include <string.h>
 
 #include "policies/policy.h"
+#include "tools/cli.h"
 #include "tools/llama.h"
 
-#define EXIT_BAD_INPUT 2
-#define PATH_CAP 4096
 #define TEXT_MAX (1u << 20) /* bytes; the tokenizer's merge loop is quadratic in the worst case */
 
 struct options {
 	const char *model, *tokenizer, *text, *prompt, *out;
-	char model_buf[PATH_CAP], tokenizer_buf[PATH_CAP];
+	char model_buf[CLI_PATH_CAP], tokenizer_buf[CLI_PATH_CAP];
 	long steps, max_tokens;
 	int quiet;
 };
@@ -58,20 +57,6 @@ struct run {
 	int n_ids;
 };
 
-static int bad_input(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static int bad_input(const char *fmt, ...)
-{
-	va_list ap;
-
-	fputs("kvpager-calibrate: ", stderr);
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-	return EXIT_BAD_INPUT;
-}
-
 static void usage(FILE *f)
 {
 	fputs("usage: kvpager-calibrate --out FILE [options]\n"
@@ -87,15 +72,7 @@ static void usage(FILE *f)
 
 static int parse_count(const char *s, long hi, long *out)
 {
-	char *end;
-	long v;
-
-	errno = 0;
-	v = strtol(s, &end, 10);
-	if (errno || end == s || *end || v < 1 || v > hi)
-		return -1;
-	*out = v;
-	return 0;
+	return cli_parse_long(s, 1, hi, out);
 }
 
 static int parse_valued(struct options *o, const char *name, const char *val)
@@ -111,9 +88,9 @@ static int parse_valued(struct options *o, const char *name, const char *val)
 	else if (!strcmp(name, "--out"))
 		o->out = val;
 	else if (!strcmp(name, "--steps") && parse_count(val, INT_MAX, &o->steps))
-		return bad_input("--steps wants a positive integer, not '%s'", val);
+		return cli_bad_input("--steps wants a positive integer, not '%s'", val);
 	else if (!strcmp(name, "--max-tokens") && parse_count(val, INT_MAX / 2, &o->max_tokens))
-		return bad_input("--max-tokens wants a positive integer, not '%s'", val);
+		return cli_bad_input("--max-tokens wants a positive integer, not '%s'", val);
 	return 0;
 }
 
@@ -137,39 +114,35 @@ static int parse_options(struct options *o, int argc, char **argv)
 			;
 		if (v == sizeof valued / sizeof valued[0]) {
 			usage(stderr);
-			return bad_input("unknown option '%s'", a);
+			return cli_bad_input("unknown option '%s'", a);
 		}
 		if (i + 1 >= argc)
-			return bad_input("%s needs a value", a);
+			return cli_bad_input("%s needs a value", a);
 		int rc = parse_valued(o, a, argv[++i]);
 		if (rc)
 			return rc;
 	}
 	if (!o->out)
-		return bad_input("--out FILE is required (where to write the statistics)");
+		return cli_bad_input("--out FILE is required (where to write the statistics)");
 	if (o->text && o->prompt)
-		return bad_input("give --text or --prompt, not both");
+		return cli_bad_input("give --text or --prompt, not both");
 	return 0;
 }
 
 static int default_paths(struct options *o)
 {
 	const char *models = getenv("KVP_MODELS");
-	const char *slash;
 	int n;
 
 	if (!o->model) {
-		n = snprintf(o->model_buf, PATH_CAP, "%s/stories260K.bin", models && models[0] ? models : "../shared/models");
-		if (n < 0 || n >= PATH_CAP)
-			return bad_input("KVP_MODELS is too long");
+		n = snprintf(o->model_buf, CLI_PATH_CAP, "%s/stories260K.bin", models && models[0] ? models : "../shared/models");
+		if (n < 0 || n >= CLI_PATH_CAP)
+			return cli_bad_input("KVP_MODELS is too long");
 		o->model = o->model_buf;
 	}
 	if (!o->tokenizer) {
-		slash = strrchr(o->model, '/');
-		n = snprintf(o->tokenizer_buf, PATH_CAP, "%.*stok512.bin", slash ? (int)(slash - o->model + 1) : 0,
-			     o->model);
-		if (n < 0 || n >= PATH_CAP)
-			return bad_input("model path too long: %s", o->model);
+		if (cli_beside(o->model, "tok512.bin", o->tokenizer_buf))
+			return cli_bad_input("model path too long: %s", o->model);
 		o->tokenizer = o->tokenizer_buf;
 	}
 	return 0;
@@ -237,7 +210,7 @@ static int write_stats(struct run *r)
 	s = kvp_tria_stats_write(r->opt.out, &st);
 	kvp_tria_stats_free(&st);
 	if (s != KVP_OK)
-		return bad_input("%s", kvp_last_error());
+		return cli_bad_input("%s", kvp_last_error());
 	s = kvp_tria_stats_read(r->opt.out, sh, &check);
 	if (s != KVP_OK) {
 		fprintf(stderr, "kvpager-calibrate: the file written does not read back: %s\n", kvp_last_error());
@@ -266,7 +239,7 @@ static int read_text(const char *path, char **out)
 	char *buf;
 
 	if (!f)
-		return bad_input("cannot open --text %s: %s", path, strerror(errno));
+		return cli_bad_input("cannot open --text %s: %s", path, strerror(errno));
 	buf = malloc(TEXT_MAX + 2);
 	if (!buf) {
 		fclose(f);
@@ -276,7 +249,7 @@ static int read_text(const char *path, char **out)
 	fclose(f);
 	if (n > TEXT_MAX || n == 0 || memchr(buf, '\0', n)) {
 		free(buf);
-		return bad_input("--text %s: %s", path, n == 0 ? "is empty" : n > TEXT_MAX ? "is larger than 1 MiB" :
+		return cli_bad_input("--text %s: %s", path, n == 0 ? "is empty" : n > TEXT_MAX ? "is larger than 1 MiB" :
 			"holds NUL bytes (not text)");
 	}
 	buf[n] = '\0';
@@ -291,7 +264,7 @@ static int tokenize(struct run *r, const char *text)
 		return 1;
 	r->n_ids = llama_encode(&r->tokenizer, text, 1, 0, r->ids);
 	if (r->n_ids < 2)
-		return bad_input("the calibration text encodes to no tokens");
+		return cli_bad_input("the calibration text encodes to no tokens");
 	if (r->n_ids > r->opt.max_tokens)
 		r->n_ids = (int)r->opt.max_tokens;
 	return 0;
@@ -331,11 +304,11 @@ static int load(struct run *r)
 	kvp_shape shape;
 
 	if (llama_model_load(&r->model, r->opt.model, err))
-		return bad_input("%s", err);
+		return cli_bad_input("%s", err);
 	if (llama_tokenizer_load(&r->tokenizer, r->opt.tokenizer, r->model.config.vocab_size, err))
-		return bad_input("%s", err);
+		return cli_bad_input("%s", err);
 	if (!r->opt.text && r->opt.steps > r->model.config.seq_len)
-		return bad_input("--steps %ld exceeds the model's %d positions", r->opt.steps, r->model.config.seq_len);
+		return cli_bad_input("--steps %ld exceeds the model's %d positions", r->opt.steps, r->model.config.seq_len);
 	shape = llama_model_shape(&r->model.config);
 	if (llama_state_init(&r->state, &r->model.config) || llama_dense_cache_init(&r->cache, &r->model.config) ||
 	    sums_init(&r->sums, &shape)) {
@@ -371,6 +344,7 @@ int main(int argc, char **argv)
 	static struct run r;
 	int rc;
 
+	cli_program = "kvpager-calibrate";
 	r.opt.steps = 256;
 	r.opt.max_tokens = 32768;
 	rc = parse_options(&r.opt, argc, argv);

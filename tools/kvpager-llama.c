@@ -16,7 +16,6 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <limits.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,15 +23,14 @@
 #include <unistd.h>
 
 #include "kvpager.h"
+#include "tools/cli.h"
 #include "tools/llama.h"
 #include "tools/trace.h"
 
-#define EXIT_BAD_INPUT 2
-#define PATH_CAP 4096
 
 struct options {
 	const char *model, *tokenizer, *prompt, *plugin, *pool, *cache, *record;
-	char model_buf[PATH_CAP], tokenizer_buf[PATH_CAP], plugin_buf[PATH_CAP];
+	char model_buf[CLI_PATH_CAP], tokenizer_buf[CLI_PATH_CAP], plugin_buf[CLI_PATH_CAP];
 	long steps, print_logits;
 	unsigned long long seed;
 	float temp;
@@ -72,7 +70,8 @@ static void usage(FILE *f)
 	      "  --steps N           positions to run, prompt included (default 256, at most seq_len)\n"
 	      "  --temp T            sampling temperature; 0 is greedy argmax (default 0)\n"
 	      "  --seed N            random seed for --temp > 0 (default: the time)\n"
-	      "  --plugin PATH       kvpager plugin (default libkvpager.so.1 next to this program)\n"
+	      "  --plugin PATH       kvpager plugin (default libkvpager.so.1 next to this program,\n"
+	      "                      else the installed one)\n"
 	      "  --pool SPEC         pool specification (default \"\")\n"
 	      "  --cache SPEC        tenant specification: the cache configuration (default \"\")\n"
 	      "  --dense             use the exact in-process cache instead of the plugin\n"
@@ -81,33 +80,6 @@ static void usage(FILE *f)
 	      "  --quiet             no speed and cache report on stderr\n"
 	      "  --record FILE       write the post-RoPE queries, keys and values of every layer and\n"
 	      "                      position as a trace for kvpager-ab --trace (include/kvpager_trace.h)\n", f);
-}
-
-static int bad_input(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static int bad_input(const char *fmt, ...)
-{
-	va_list ap;
-
-	fputs("kvpager-llama: ", stderr);
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-	return EXIT_BAD_INPUT;
-}
-
-static int parse_long(const char *s, long lo, long hi, long *out)
-{
-	char *end;
-	long v;
-
-	errno = 0;
-	v = strtol(s, &end, 10);
-	if (errno || end == s || *end || v < lo || v > hi)
-		return -1;
-	*out = v;
-	return 0;
 }
 
 static int parse_temp(const char *s, float *out)
@@ -149,15 +121,15 @@ static int parse_valued(struct options *o, const char *name, const char *val)
 		o->cache = val;
 	else if (!strcmp(name, "--record"))
 		o->record = val;
-	else if (!strcmp(name, "--steps") && parse_long(val, 1, INT_MAX, &o->steps))
-		return bad_input("--steps wants a positive integer, not '%s'", val);
-	else if (!strcmp(name, "--print-logits") && parse_long(val, 0, INT_MAX, &o->print_logits))
-		return bad_input("--print-logits wants a count, not '%s'", val);
+	else if (!strcmp(name, "--steps") && cli_parse_long(val, 1, INT_MAX, &o->steps))
+		return cli_bad_input("--steps wants a positive integer, not '%s'", val);
+	else if (!strcmp(name, "--print-logits") && cli_parse_long(val, 0, INT_MAX, &o->print_logits))
+		return cli_bad_input("--print-logits wants a count, not '%s'", val);
 	else if (!strcmp(name, "--temp") && parse_temp(val, &o->temp))
-		return bad_input("--temp wants a number in [0, 1000], not '%s'", val);
+		return cli_bad_input("--temp wants a number in [0, 1000], not '%s'", val);
 	else if (!strcmp(name, "--seed")) {
 		if (parse_seed(val, &o->seed))
-			return bad_input("--seed wants a non-negative integer, not '%s'", val);
+			return cli_bad_input("--seed wants a non-negative integer, not '%s'", val);
 		o->seeded = 1;
 	}
 	return 0;
@@ -193,95 +165,40 @@ static int parse_options(struct options *o, int argc, char **argv)
 			exit(0);
 		} else if (takes_value(a)) {
 			if (i + 1 >= argc)
-				return bad_input("%s needs a value", a);
+				return cli_bad_input("%s needs a value", a);
 			rc = parse_valued(o, a, argv[++i]);
 			if (rc)
 				return rc;
 		} else {
 			usage(stderr);
-			return bad_input("unknown option '%s'", a);
+			return cli_bad_input("unknown option '%s'", a);
 		}
 	}
 	return 0;
 }
 
 /* dir of path, with the trailing '/', into buf; "" when path has no directory part */
-static void directory_of(const char *path, char *buf, size_t cap)
-{
-	const char *slash = strrchr(path, '/');
-	size_t n = slash ? (size_t)(slash - path) + 1 : 0;
-
-	if (n >= cap)
-		n = 0;
-	memcpy(buf, path, n);
-	buf[n] = '\0';
-}
-
-/* dir + name into buf (PATH_CAP); nonzero when it does not fit */
-static int join_path(char *buf, const char *dir, const char *name)
-{
-	int n = snprintf(buf, PATH_CAP, "%s%s", dir, name);
-
-	return n < 0 || n >= PATH_CAP;
-}
-
 static int default_paths(struct options *o, const char *argv0)
 {
-	char dir[PATH_CAP], exe[PATH_CAP];
 	const char *models = getenv("KVP_MODELS");
 	const char *models_dir = models && models[0] ? models : "../shared/models";
-	ssize_t n;
 
 	if (!o->model) {
-		if (join_path(o->model_buf, models_dir, "/stories260K.bin"))
-			return bad_input("KVP_MODELS is too long");
+		if (snprintf(o->model_buf, CLI_PATH_CAP, "%s/stories260K.bin", models_dir) >= CLI_PATH_CAP)
+			return cli_bad_input("KVP_MODELS is too long");
 		o->model = o->model_buf;
 	}
 	if (!o->tokenizer) {
-		directory_of(o->model, dir, sizeof(dir));
-		if (join_path(o->tokenizer_buf, dir, "tok512.bin"))
-			return bad_input("model path too long: %s", o->model);
+		if (cli_beside(o->model, "tok512.bin", o->tokenizer_buf))
+			return cli_bad_input("model path too long: %s", o->model);
 		o->tokenizer = o->tokenizer_buf;
 	}
 	if (!o->plugin) {
-		/* next to the executable, wherever it was started from */
-		n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-		if (n > 0)
-			exe[n] = '\0';
-		directory_of(n > 0 ? exe : argv0, dir, sizeof(dir));
-		if (join_path(o->plugin_buf, dir[0] ? dir : "./", "libkvpager.so.1"))
-			return bad_input("executable path too long: %s", argv0);
+		if (cli_default_plugin(argv0, o->plugin_buf))
+			return cli_bad_input("executable path too long: %s", argv0);
 		o->plugin = o->plugin_buf;
 	}
 	return 0;
-}
-
-typedef const kvp_plugin_v1 *(*plugin_entry)(uint32_t abi_major);
-
-/* dlopen the plugin and ask for the v1 table; only the table is used afterwards. */
-static const kvp_plugin_v1 *load_plugin(struct run *r)
-{
-	const kvp_plugin_v1 *api;
-	plugin_entry entry;
-
-	r->library = dlopen(r->opt.plugin, RTLD_NOW | RTLD_LOCAL);
-	if (!r->library) {
-		fprintf(stderr, "kvpager-llama: cannot load the plugin: %s\n", dlerror());
-		return NULL;
-	}
-	entry = (plugin_entry)dlsym(r->library, "kvp_plugin");
-	if (!entry) {
-		fprintf(stderr, "kvpager-llama: %s has no kvp_plugin entry\n", r->opt.plugin);
-		return NULL;
-	}
-	api = entry(KVP_ABI_MAJOR);
-	if (!api || api->abi_major != KVP_ABI_MAJOR || api->size < sizeof(kvp_plugin_v1)) {
-		fprintf(stderr, "kvpager-llama: %s does not serve ABI %d (table %s, size %u, want >= %zu)\n",
-			r->opt.plugin, KVP_ABI_MAJOR, api ? "present" : "missing", api ? api->size : 0,
-			sizeof(kvp_plugin_v1));
-		return NULL;
-	}
-	return api;
 }
 
 static int open_attention(struct run *r)
@@ -297,13 +214,13 @@ static int open_attention(struct run *r)
 		r->attention = llama_dense_attention(&r->dense);
 		return 0;
 	}
-	api = load_plugin(r);
+	api = cli_plugin_load(r->opt.plugin, &r->library);
 	if (!api)
 		return 1;
 	rc = llama_plugin_cache_open(&r->plugin, api, &r->model.config, r->opt.pool, r->opt.cache);
 	if (rc) {
 		fprintf(stderr, "kvpager-llama: %s\n", r->plugin.message);
-		return rc == LLAMA_EINPUT ? EXIT_BAD_INPUT : 1;
+		return rc == LLAMA_EINPUT ? CLI_EXIT_BAD_INPUT : 1;
 	}
 	r->attention = llama_plugin_attention(&r->plugin);
 	return 0;
@@ -319,7 +236,7 @@ static int load_inputs(struct run *r)
 		rc = llama_tokenizer_load(&r->tokenizer, r->opt.tokenizer, r->model.config.vocab_size, err);
 	if (rc) {
 		fprintf(stderr, "kvpager-llama: %s\n", err);
-		return rc == LLAMA_EINPUT ? EXIT_BAD_INPUT : 1;
+		return rc == LLAMA_EINPUT ? CLI_EXIT_BAD_INPUT : 1;
 	}
 	if (llama_state_init(&r->state, &r->model.config)) {
 		fputs("kvpager-llama: no memory for the activations\n", stderr);
@@ -457,7 +374,7 @@ static int open_recorder(struct run *r)
 	if (!rec->q || !rec->k)
 		return 1;
 	if (trace_writer_open(&rec->writer, r->opt.record, &shape))
-		return bad_input("%s", rec->writer.error);
+		return cli_bad_input("%s", rec->writer.error);
 	r->observer = (struct llama_observer){ rec, record_tap };
 	return 0;
 }
@@ -518,6 +435,7 @@ int main(int argc, char **argv)
 	static struct run r;
 	int rc;
 
+	cli_program = "kvpager-llama";
 	r.opt.steps = 256;
 	r.opt.prompt = "";
 	r.opt.pool = "";

@@ -1,0 +1,227 @@
+/*
+ * Cold blocks of resident sequences on the spill device, one block at a time.
+ *
+ * Pressure's second resort (pressure.c): when no idle sequence is left to park, the calling sequence's
+ * oldest cold blocks (codec-encoded, blocks[0..n_cold) of its streams) are written to the device and
+ * their rows freed; the block headers (n, positions) stay, so appends, positions and policies never
+ * notice. Only private blocks (one reference) are spilled: a block shared with a fork would be read by
+ * another sequence on another thread. Exact blocks are never spilled: they are the hot window, the
+ * sinks, and the blocks the next append encodes.
+ *
+ * Who needs rows brings them back first: kvp_attend restores its layer and starts the reads of the next
+ * layer's spilled blocks (prefetch one layer ahead), which stay in flight while the host computes the
+ * rest of the layer; fork, gather and a policy's step restore what they read; every other call (and a
+ * park, a close) waits for the reads in flight first, so nothing frees a block the device is writing.
+ * A restore is checked like an unpark (CRC32C, then the record's identity), and a failed one leaves
+ * the block spilled with its record: the call reports KVP_EIO or KVP_ECORRUPT and the next one tries
+ * again.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "pager.h"
+
+/* Spilled blocks brought back or prefetched in one go: one layer's. */
+struct kvp_restore {
+	uint32_t layer;
+	size_t n;
+	struct kvp_spill_pending reads[];
+};
+
+/* ---- spilling ---- */
+
+struct victim {
+	struct kvp_block *block;
+	uint32_t layer, kv_head, block_no;
+};
+
+static int pinned(const struct kvp_seq *s, uint32_t layer)
+{
+	return layer >= s->pin_from && layer < s->pin_to;
+}
+
+static int spillable(const struct kvp_block *b)
+{
+	return !b->spilled && b->store == KVP_STORE_CODEC &&
+	       atomic_load_explicit(&b->refs, memory_order_acquire) == 1;
+}
+
+/* Oldest first: block 0 of every stream outside the pinned layers, then block 1, ... until `bytes` of
+ * rows are covered or `cap` blocks are taken. */
+static size_t victims_pick(const struct kvp_seq *s, uint64_t bytes, struct victim *v, size_t cap)
+{
+	uint32_t most = 0;
+	uint64_t freed = 0;
+	size_t n = 0;
+	for (size_t i = 0; i < (size_t)s->shape.n_layers * s->shape.n_kv_heads; i++)
+		most = s->streams[i].n_cold > most ? s->streams[i].n_cold : most;
+	for (uint32_t b = 0; b < most && freed < bytes && n < cap; b++)
+		for (uint32_t l = 0; l < s->shape.n_layers && freed < bytes && n < cap; l++)
+			for (uint32_t g = 0; !pinned(s, l) && g < s->shape.n_kv_heads && freed < bytes && n < cap; g++) {
+				const struct kvp_stream *st = kvp_seq_stream(s, l, g);
+				if (b >= st->n_cold || !spillable(st->blocks[b]))
+					continue;
+				v[n++] = (struct victim){ st->blocks[b], l, g, b };
+				freed += kvp_alloc_size(s->tenant, st->blocks[b]->data_size);
+			}
+	return n;
+}
+
+#define SPILL_BATCH 256 /* blocks per relief: enough for large appends, bounded memory for the lists */
+
+int kvp_spill_cold_blocks(struct kvp_seq *s, uint64_t bytes)
+{
+	struct kvp_spill *d = s->tenant->pool->spill;
+	struct victim *v;
+	struct kvp_spill_io *io;
+	unsigned mode = kvp_charge_mode;
+	size_t n, made = 0;
+	kvp_status st = KVP_OK;
+	if (!d || s->parked || !s->cold.k)
+		return 0;
+	v = calloc(SPILL_BATCH, sizeof *v);
+	io = calloc(SPILL_BATCH, sizeof *io);
+	n = v && io ? victims_pick(s, bytes, v, SPILL_BATCH) : 0;
+	kvp_charge_mode |= KVP_CHARGE_OVERDRAFT | KVP_CHARGE_NO_RELIEF; /* stubs are charged past the limits */
+	kvp_spill_lock(d);
+	for (; made < n && st == KVP_OK; made++) {
+		st = kvp_spill_stub_new(d, s, v[made].layer, v[made].kv_head, v[made].block_no, v[made].block,
+					&io[made].stub);
+		io[made].block = v[made].block;
+	}
+	kvp_spill_unlock(d);
+	made -= st != KVP_OK; /* the failed one made no stub */
+	if (made && (st = kvp_spill_write(d, io, made, s->shape.head_dim)) == KVP_OK) {
+		for (size_t i = 0; i < made; i++)
+			kvp_block_spill_out(s->tenant, io[i].block, io[i].stub);
+		s->n_spilled += (uint32_t)made;
+	} else if (made) {
+		kvp_spill_lock(d); /* the blocks stay as they were; their slots go back */
+		for (size_t i = 0; i < made; i++)
+			kvp_spill_stub_drop(d, io[i].stub);
+		kvp_spill_unlock(d);
+	}
+	kvp_charge_mode = mode;
+	free(v);
+	free(io);
+	return made && st == KVP_OK;
+}
+
+/* ---- restoring ---- */
+
+/* Rows for every spilled block of the layer that is not being read yet, and their reads submitted.
+ * KVP_ENOMEM when rows ran out: the reads of the blocks that got rows are submitted all the same. */
+static kvp_status restore_start(struct kvp_seq *s, uint32_t layer, struct kvp_restore **out)
+{
+	struct kvp_restore *r;
+	size_t n = 0;
+	kvp_status st = KVP_OK;
+	*out = NULL;
+	for (uint32_t g = 0; g < s->shape.n_kv_heads; g++) {
+		const struct kvp_stream *stream = kvp_seq_stream(s, layer, g);
+		for (uint32_t b = 0; b < stream->n_cold; b++)
+			n += stream->blocks[b]->spilled && !stream->blocks[b]->k;
+	}
+	if (!n)
+		return KVP_OK;
+	if (!(r = malloc(sizeof *r + n * sizeof r->reads[0])))
+		return kvp_fail(KVP_ENOMEM, "out of memory for %zu block reads", n);
+	r->layer = layer;
+	r->n = 0;
+	for (uint32_t g = 0; g < s->shape.n_kv_heads && st == KVP_OK; g++) {
+		const struct kvp_stream *stream = kvp_seq_stream(s, layer, g);
+		for (uint32_t i = 0; i < stream->n_cold && st == KVP_OK; i++) {
+			struct kvp_block *b = stream->blocks[i];
+			if (!b->spilled || b->k)
+				continue;
+			if ((st = kvp_block_rows_alloc(s->tenant, b)) == KVP_OK)
+				r->reads[r->n++] = (struct kvp_spill_pending){ .stub = b->spilled, .block = b };
+		}
+	}
+	kvp_spill_read_submit(s->tenant->pool->spill, r->reads, r->n);
+	*out = r;
+	return st;
+}
+
+/* Waits for the reads; each block that checked out is resident again and its record freed, each that
+ * did not gives its rows back and stays spilled. */
+static kvp_status restore_finish(struct kvp_seq *s, struct kvp_restore *r)
+{
+	struct kvp_spill *d = s->tenant->pool->spill;
+	kvp_status st = kvp_spill_read_wait(d, r->reads, r->n, s->shape.head_dim);
+	kvp_spill_lock(d);
+	for (size_t i = 0; i < r->n; i++) {
+		struct kvp_block *b = r->reads[i].block;
+		if (r->reads[i].st != KVP_OK)
+			continue;
+		kvp_spill_stub_drop(d, b->spilled);
+		b->spilled = NULL;
+		s->n_spilled--;
+	}
+	kvp_spill_unlock(d);
+	for (size_t i = 0; i < r->n; i++)
+		if (r->reads[i].st != KVP_OK)
+			kvp_block_rows_free(s->tenant, r->reads[i].block);
+	free(r);
+	return st;
+}
+
+void kvp_restore_settle(struct kvp_seq *s)
+{
+	struct kvp_restore *r = s->restore;
+	char why[512];
+	if (!r)
+		return;
+	s->restore = NULL;
+	snprintf(why, sizeof why, "%s", kvp_last_error());
+	restore_finish(s, r); /* a failed prefetch is reported by the call that needs the block */
+	kvp_fail(KVP_OK, "%s", why);
+}
+
+/* The layer's spilled blocks, read now. */
+static kvp_status restore_now(struct kvp_seq *s, uint32_t layer)
+{
+	struct kvp_restore *r;
+	kvp_status st = restore_start(s, layer, &r), done = r ? restore_finish(s, r) : KVP_OK;
+	return st != KVP_OK ? st : done;
+}
+
+kvp_status kvp_restore_layer(struct kvp_seq *s, uint32_t layer)
+{
+	struct kvp_restore *ahead;
+	kvp_status st = KVP_OK;
+	s->pin_from = layer; /* until the call leaves: its restores must not spill what it reads */
+	s->pin_to = layer + 1;
+	if (s->restore && s->restore->layer == layer) { /* the prefetch: its errors are this call's */
+		struct kvp_restore *r = s->restore;
+		s->restore = NULL;
+		st = restore_finish(s, r);
+	} else {
+		kvp_restore_settle(s);
+	}
+	if (st == KVP_OK)
+		st = restore_now(s, layer);
+	if (st != KVP_OK)
+		return kvp_fail_context(st, "layer %u: its spilled blocks stay on the device", layer);
+	/* A failed or partial prefetch costs nothing now: attending that layer reads what is missing. */
+	if (layer + 1 < s->shape.n_layers && s->n_spilled) {
+		char why[512];
+		snprintf(why, sizeof why, "%s", kvp_last_error());
+		s->pin_to = layer + 2; /* nor what it reads ahead */
+		restore_start(s, layer + 1, &ahead);
+		s->restore = ahead;
+		kvp_fail(KVP_OK, "%s", why);
+	}
+	return KVP_OK;
+}
+
+kvp_status kvp_restore_all(struct kvp_seq *s)
+{
+	kvp_status st = KVP_OK;
+	kvp_restore_settle(s);
+	s->pin_from = 0;
+	s->pin_to = s->shape.n_layers;
+	for (uint32_t l = 0; l < s->shape.n_layers && st == KVP_OK && s->n_spilled; l++)
+		st = restore_now(s, l);
+	return st;
+}
