@@ -12,6 +12,7 @@
 #include "kvpager.h"
 #include "pager/pager.h"
 #include "pager_fixture.h"
+#include "spill_fixture.h"
 
 #define D 32
 #define NKV 2
@@ -22,6 +23,8 @@
 #define BUDGET 64
 #define SHARP 40 /* the position head 0's queries find */
 
+#define LADDER "block=8,sinks=4,window=16,gate=entropy,ladder=(4:1.0,2:1.0),k=turboquant(bits=4)," \
+	"v=turboquant(bits=4)," POLICY
 #define POLICY "policy=triattention(budget=64,every=16,stats=online,select=per_layer_head,pin_prompt=0)"
 
 struct cache {
@@ -47,14 +50,19 @@ static void tokens(void)
 		k_all[(size_t)SHARP * ROW + j] = 8.0f * q[j];
 }
 
-static void cache_open(struct cache *c, const char *spec)
+static void cache_open_in(struct cache *c, const char *pool, const char *spec)
 {
 	const kvp_shape sh = { 1, NH, NKV, D, 1e4f, KVP_ROPE_HALF };
 
 	memset(c, 0, sizeof *c);
-	cr_assert_eq(kvp_pool_open("mem=256MiB", &c->pool), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_pool_open(pool, &c->pool), KVP_OK, "%s", kvp_last_error());
 	cr_assert_eq(kvp_tenant_open(c->pool, "ladder", spec, &c->tenant), KVP_OK, "%s: %s", spec, kvp_last_error());
 	cr_assert_eq(kvp_seq_open(c->tenant, &sh, &c->seq), KVP_OK, "%s", kvp_last_error());
+}
+
+static void cache_open(struct cache *c, const char *spec)
+{
+	cache_open_in(c, "mem=256MiB", spec);
 }
 
 static void append(struct cache *c, uint32_t n)
@@ -160,8 +168,7 @@ Test(ladder, a_ladder_gives_coherent_heads_fewer_bits_and_every_block_decodes)
 	kvp_stats stats = { .size = sizeof stats };
 
 	tokens();
-	cache_open(&c, "block=8,sinks=4,window=16,gate=entropy,ladder=(4:1.0,2:1.0),k=turboquant(bits=4),"
-		       "v=turboquant(bits=4)," POLICY);
+	cache_open(&c, LADDER);
 	append(&c, 200);
 	attend(&c, 3);
 	cr_assert_eq(kvp_seq_step(c.seq), KVP_OK, "%s", kvp_last_error());
@@ -239,3 +246,38 @@ Test(ladder, ladder_bits_reach_every_codec_that_takes_them)
 	cr_assert_eq(kvp_ladder_spec_bits("turboquant(qjl=1,bits=3)", 1, out, 12, &n), KVP_EINVAL);
 }
 
+
+Test(ladder, parked_blocks_come_back_at_their_level, .fini = spill_fixture_fini)
+{
+	const struct kvp_stream *st;
+	struct cache c;
+	float before[NH * D], after[NH * D];
+	uint32_t levels[64], n;
+
+	tokens();
+	spill_fixture_open("64MiB", NULL);
+	cache_open_in(&c, spill_spec, LADDER);
+	append(&c, 200);
+	attend(&c, 3);
+	cr_assert_eq(kvp_seq_step(c.seq), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_set_head_level(c.seq, 0, 1, 1.0f), KVP_OK, "%s", kvp_last_error());
+	append(&c, 16);
+	cr_assert_eq(kvp_seq_step(c.seq), KVP_OK, "%s", kvp_last_error());
+	st = kvp_seq_stream(kvp_seq_from_handle(c.seq), 0, 1);
+	n = st->n_cold;
+	cr_assert(n > 1 && n <= 64 && st->blocks[0]->level == 0 && st->blocks[n - 1]->level == 1,
+		  "head 1 holds both levels (%u cold blocks)", n);
+	for (uint32_t i = 0; i < n; i++)
+		levels[i] = st->blocks[i]->level;
+	cr_assert_eq(kvp_attend(c.seq, 0, q, before), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_park(c.seq), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_unpark(c.seq), KVP_OK, "%s", kvp_last_error());
+	st = kvp_seq_stream(kvp_seq_from_handle(c.seq), 0, 1);
+	cr_assert_eq(st->n_cold, n);
+	for (uint32_t i = 0; i < n; i++)
+		cr_assert_eq(st->blocks[i]->level, levels[i], "block %u came back at level %u", i, st->blocks[i]->level);
+	cr_assert_eq(kvp_attend(c.seq, 0, q, after), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(memcmp(before, after, sizeof before), 0, "attention after unpark is bit-identical");
+	kvp_pool_close(c.pool);
+	cr_assert_eq(spill_fixture_close(), 0, "the pool removed its spill file");
+}
