@@ -22,29 +22,32 @@
  *   keep mask, D bits              bit j set when channel j is kept, LSB first, padded to a byte
  *   signs, P bits                  recover=avg only: of the pruned channels in ascending order, 1 = negative
  *   kept values                    the T kept values in ascending channel order: inner codec bytes(1) of a
- *                                  vector of T floats, or T fp16 values alone
- *   bytes(n) = n * (4*avg + ceil(D/8) + avg*ceil(P/8) + inner_bytes(T) or 2T)
+ *                                  vector of T floats, or T fp16 values alone, then starting on an even
+ *                                  byte (one zero byte of padding when the fields before end on an odd one)
+ *   bytes(n) = n * (4*avg + ceil(D/8) + avg*ceil(P/8) [+ pad] + inner_bytes(T) or 2T)
  * d=128, keep=0.5, recover=avg: 4 + 16 + 8 + 128 = 156 bytes (9.75 bits per value) alone;
- * with |turboquant(bits=3) the kept part is 4 + 24 bytes: 56 bytes, 3.5 bits per value.
+ * with |turboquant(bits=3) the kept part is 4 + 24 bytes: 56 bytes, 3.5 bits per value. No padding at
+ * d=128 (or any d that is a multiple of 16).
  *
  * The inner codec must be separable with group 1 (each token's kept channels differ, so a codec grouping
  * tokens or channels across tokens has nothing consistent to group): kivi on keys is rejected.
- * Its per-stream context, if any, follows SparK's in the context and is fitted on the kept vectors.
+ * The context holds ||Q_j|| and 1/sqrt(||Q_j||) per channel, then the inner codec's context, if any,
+ * fitted on the kept vectors. fit() uses the queries of the last 32 decode steps (fit_steps); the pager
+ * keeps them per stream until the stream's first block turns cold.
  *
- * dot: the pruned part is sqrt(s) * sum over pruned j of sign_j * q_j / sqrt(||Q_j||), with
- * q_j / sqrt(||Q_j||) computed once in prepare_query. The kept part differs in its channels per token, so
- * the inner codec's query is gathered and prepared per token (for TurboQuant, one rotation of T values
- * per token) before the inner codec's own fused dot. axpy decodes one token at a time into the dense
- * accumulator (acc_dim = D).
+ * Query paths: decode, dot and axpy take tokens in chunks that fit in L1 (4096 floats). A chunk's kept
+ * values are widened from fp16 (or decoded by the inner codec, one token at a time, because each token
+ * has its own kept channels), then the kernel mask_expand places them and the recovered pruned values
+ * (sign * sqrt(s) * 1/sqrt(||Q_j||)) into dense rows, and the dense kernels dot_f32 and axpy_f32 run on
+ * those rows: once per head, so dot_group and axpy_group expand each token once for a whole GQA group.
+ * acc_dim = D and qprep is the query itself.
  */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "codecs/codec.h"
-
-/* The inner codec's query scratch is kept on the stack of dot: its size is bounded at open. */
-#define QPREP_MAX (2 * KVP_CODEC_DIM_MAX * sizeof(float))
+#include "kernels/kernels.h"
 
 struct spark {
 	unsigned kept, pruned, avg;
@@ -89,9 +92,6 @@ static kvp_status spark_open(struct kvp_codec *c, struct kvp_args *args, unsigne
 	if (inner && (!(inner->flags & KVP_CODEC_SEPARABLE) || inner->group != 1))
 		return kvp_fail(KVP_EINVAL, "spark: the codec right of '|' (%s, group %u) is not separable; SparK's "
 				"kept channels differ per token", inner->ops->name, inner->group);
-	if (inner && inner->qprep_bytes > QPREP_MAX)
-		return kvp_fail(KVP_EINVAL, "spark: %s needs %zu bytes of query scratch (at most %zu)",
-				inner->ops->name, inner->qprep_bytes, (size_t)QPREP_MAX);
 	s = calloc(1, sizeof *s);
 	if (!s)
 		return kvp_fail(KVP_ENOMEM, "spark: out of memory");
@@ -101,11 +101,13 @@ static kvp_status spark_open(struct kvp_codec *c, struct kvp_args *args, unsigne
 	s->mask_at = avg ? sizeof(float) : 0;
 	s->sign_at = s->mask_at + (dim + 7) / 8;
 	s->kept_at = s->sign_at + (avg ? (s->pruned + 7) / 8 : 0);
+	if (!inner)
+		s->kept_at += s->kept_at & 1; /* fp16 values on a 2-byte boundary: widened in place */
 	s->kept_bytes = inner ? inner->ops->bytes(inner, 1) : 2 * (size_t)kept;
 	s->stride = s->kept_at + s->kept_bytes;
 	c->state = s;
-	c->ctx_bytes = sizeof(float) * dim + (inner ? inner->ctx_bytes : 0);
-	c->qprep_bytes = 2 * sizeof(float) * dim;
+	c->ctx_bytes = 2 * sizeof(float) * dim + (inner ? inner->ctx_bytes : 0);
+	c->qprep_bytes = sizeof(float) * dim;
 	c->acc_dim = dim;
 	c->fit_steps = 32; /* the reference's observation window */
 	return KVP_OK;
@@ -126,7 +128,13 @@ static size_t spark_bytes(const struct kvp_codec *c, unsigned n)
 
 static void *inner_ctx(const struct kvp_codec *c, const void *ctx)
 {
-	return c->inner && c->inner->ctx_bytes ? (char *)ctx + sizeof(float) * c->dim : NULL;
+	return c->inner && c->inner->ctx_bytes ? (char *)ctx + 2 * sizeof(float) * c->dim : NULL;
+}
+
+/* 1 / sqrt(||Q_j||) per channel, after ||Q_j|| in the context: a pruned channel's factor. */
+static const float *rq_of(const struct kvp_codec *c, const void *ctx)
+{
+	return (const float *)ctx + c->dim;
 }
 
 /* ---- Channel selection. ---- */
@@ -222,8 +230,10 @@ static kvp_status spark_fit(const struct kvp_codec *c, void *ctx, unsigned n, co
 		qn[j] = (float)sqrt(n2);
 		top = fmaxf(top, qn[j]);
 	}
-	for (unsigned j = 0; j < c->dim; j++)
+	for (unsigned j = 0; j < c->dim; j++) {
 		qn[j] = top > 0.0f && isfinite(top) ? fmaxf(qn[j], 1e-6f * top) : 1.0f;
+		qn[c->dim + j] = 1.0f / sqrtf(qn[j]);
+	}
 	if (!c->inner || !c->inner->ctx_bytes)
 		return KVP_OK;
 	kept = malloc(sizeof(float) * s->kept * (size_t)n);
@@ -299,7 +309,7 @@ static kvp_status spark_encode(const struct kvp_codec *c, const void *ctx, unsig
 	return KVP_OK;
 }
 
-/* The recovered magnitude sqrt(s / ||Q_j||) of a token's pruned channels is sqrt(s) * rq[j]. */
+/* The recovery scalar s of a token (0 with recover=zero). */
 static float load_sbar(const struct spark *s, const unsigned char *p)
 {
 	float v = 0.0f;
@@ -309,105 +319,150 @@ static float load_sbar(const struct spark *s, const unsigned char *p)
 	return v;
 }
 
-static void decode_one(const struct kvp_codec *c, const void *ctx, const unsigned char *p, float *x)
+/*
+ * Whether a token's mask keeps exactly `kept` channels, as every encoded token does. The expand kernel
+ * reads as many kept values as the mask has bits, so bytes that were never encoded (a caller's garbage)
+ * must not reach it; such a token decodes as zeros.
+ */
+static int mask_is_sound(const struct kvp_codec *c, const unsigned char *mask)
 {
 	const struct spark *s = c->state;
-	const float *qn = ctx;
-	float y[KVP_CODEC_DIM_MAX], root = sqrtf(load_sbar(s, p));
-	size_t r = 0;
-	unsigned t = 0;
+	unsigned bits = 0, j = 0;
 
-	if (c->inner)
-		c->inner->ops->decode(c->inner, inner_ctx(c, ctx), 1, p + s->kept_at, y);
-	else
-		for (unsigned k = 0; k < s->kept; k++)
-			y[k] = load16(p + s->kept_at + 2 * k);
-	for (unsigned j = 0; j < c->dim; j++) {
-		if (kvp_bits_get(p + s->mask_at, j, 1)) {
-			x[j] = y[t++];
-		} else if (s->avg) {
-			float v = root / sqrtf(qn[j]);
-			x[j] = kvp_bits_get(p + s->sign_at, r++, 1) ? -v : v;
-		} else {
-			x[j] = 0.0f;
-		}
+	for (; j + 64 <= c->dim; j += 64) {
+		uint64_t w;
+		memcpy(&w, mask + j / 8, sizeof w);
+		bits += (unsigned)__builtin_popcountll(w);
 	}
+	for (; j < c->dim; j++)
+		bits += mask[j >> 3] >> (j & 7) & 1;
+	return bits == s->kept;
+}
+
+/* The kept values of token p as floats: decoded by the inner codec, or widened from fp16. */
+static void load_kept(const struct kvp_codec *c, const void *ctx, const unsigned char *p, float *y)
+{
+	const struct spark *s = c->state;
+	const unsigned char *v = p + s->kept_at;
+
+	if (c->inner) {
+		c->inner->ops->decode(c->inner, inner_ctx(c, ctx), 1, v, y);
+	} else if (((uintptr_t)v & 1) == 0) {
+		kvp_kernels()->f16_to_f32(s->kept, (const uint16_t *)(const void *)v, y);
+	} else {
+		for (unsigned t = 0; t < s->kept; t++)
+			y[t] = load16(v + 2 * t);
+	}
+}
+
+/* Tokens decoded per pass of the query paths: their dense rows (and kept values) stay in L1. */
+#define CHUNK_FLOATS 4096
+
+static unsigned chunk_tokens(const struct kvp_codec *c)
+{
+	return c->dim < CHUNK_FLOATS ? CHUNK_FLOATS / c->dim : 1;
+}
+
+/* Expands tokens [from, to) of a chunk whose kept values and recovery scales are in place. */
+static void expand_run(const struct kvp_codec *c, const void *ctx, const unsigned char *p, unsigned from,
+		       unsigned to, const float *kept, const float *scale, float *x)
+{
+	const struct spark *s = c->state;
+
+	if (from == to)
+		return;
+	p += (size_t)from * s->stride;
+	kvp_kernels()->mask_expand(c->dim, to - from, p + s->mask_at, s->avg ? p + s->sign_at : NULL, s->stride,
+				   kept + (size_t)from * s->kept, s->kept, scale + from, rq_of(c, ctx),
+				   x + (size_t)from * c->dim);
+}
+
+/* n <= chunk_tokens tokens of p, decoded into x ([n][dim]). */
+static void decode_chunk(const struct kvp_codec *c, const void *ctx, unsigned n, const unsigned char *p, float *x)
+{
+	const struct spark *s = c->state;
+	float kept[CHUNK_FLOATS], scale[CHUNK_FLOATS];
+	unsigned from = 0;
+
+	for (unsigned i = 0; i < n; i++) {
+		const unsigned char *tok = p + (size_t)i * s->stride;
+
+		if (!mask_is_sound(c, tok + s->mask_at)) {
+			expand_run(c, ctx, p, from, i, kept, scale, x);
+			memset(x + (size_t)i * c->dim, 0, sizeof(float) * c->dim);
+			from = i + 1;
+			continue;
+		}
+		load_kept(c, ctx, tok, kept + (size_t)i * s->kept);
+		scale[i] = sqrtf(load_sbar(s, tok));
+	}
+	expand_run(c, ctx, p, from, n, kept, scale, x);
 }
 
 static kvp_status spark_decode(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, float *x)
 {
 	const struct spark *s = c->state;
-	const unsigned char *p = src;
+	const unsigned step = chunk_tokens(c);
 
-	for (unsigned i = 0; i < n; i++, p += s->stride, x += c->dim)
-		decode_one(c, ctx, p, x);
+	for (unsigned i = 0; i < n; i += step)
+		decode_chunk(c, ctx, n - i < step ? n - i : step, (const unsigned char *)src + (size_t)i * s->stride,
+			     x + (size_t)i * c->dim);
 	return KVP_OK;
 }
 
-/* ---- Query paths. ---- */
+/* ---- Query paths: a chunk is expanded to dense rows once, then the dense kernels run on it. ---- */
 
-/* qprep: q, then q_j / sqrt(||Q_j||), the factor of a pruned channel's recovered value. */
 static void spark_prepare_query(const struct kvp_codec *c, const void *ctx, const float *q, void *qprep)
 {
-	const float *qn = ctx;
-	float *qp = qprep;
-
-	memcpy(qp, q, sizeof(float) * c->dim);
-	for (unsigned j = 0; j < c->dim; j++)
-		qp[c->dim + j] = q[j] / sqrtf(qn[j]);
+	(void)ctx;
+	memcpy(qprep, q, sizeof(float) * c->dim);
 }
 
-static float dot_kept(const struct kvp_codec *c, const void *ctx, const unsigned char *p, const float *qk)
+static void spark_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
+			    const void *qprep, float *out)
 {
+	const struct kvp_kernels *kern = kvp_kernels();
 	const struct spark *s = c->state;
-	float out = 0.0f;
+	const unsigned step = chunk_tokens(c);
+	float x[CHUNK_FLOATS];
 
-	if (c->inner) {
-		float scratch[QPREP_MAX / sizeof(float)];
-		c->inner->ops->prepare_query(c->inner, inner_ctx(c, ctx), qk, scratch);
-		c->inner->ops->dot(c->inner, inner_ctx(c, ctx), 1, p, scratch, &out);
-		return out;
+	for (unsigned i = 0; i < n; i += step) {
+		unsigned cn = n - i < step ? n - i : step;
+
+		decode_chunk(c, ctx, cn, (const unsigned char *)src + (size_t)i * s->stride, x);
+		for (unsigned h = 0; h < g; h++)
+			kern->dot_f32(c->dim, cn, x, (const float *)qprep + (size_t)h * c->dim, 1.0f,
+				      out + (size_t)h * n + i);
 	}
-	for (unsigned t = 0; t < s->kept; t++)
-		out += qk[t] * load16(p + 2 * t);
-	return out;
 }
 
 static void spark_dot(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, const void *qprep,
 		      float *out)
 {
+	spark_dot_group(c, ctx, n, src, 1, qprep, out);
+}
+
+static void spark_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
+			     const float *w, float *acc)
+{
+	const struct kvp_kernels *kern = kvp_kernels();
 	const struct spark *s = c->state;
-	const unsigned char *p = src;
-	const float *q = qprep, *qr = q + c->dim;
-	float qk[KVP_CODEC_DIM_MAX];
+	const unsigned step = chunk_tokens(c);
+	float x[CHUNK_FLOATS];
 
-	for (unsigned i = 0; i < n; i++, p += s->stride) {
-		float pruned = 0.0f;
-		unsigned t = 0;
-		size_t r = 0;
+	for (unsigned i = 0; i < n; i += step) {
+		unsigned cn = n - i < step ? n - i : step;
 
-		for (unsigned j = 0; j < c->dim; j++) {
-			if (kvp_bits_get(p + s->mask_at, j, 1))
-				qk[t++] = q[j];
-			else if (s->avg)
-				pruned += kvp_bits_get(p + s->sign_at, r++, 1) ? -qr[j] : qr[j];
-		}
-		out[i] = dot_kept(c, ctx, p + s->kept_at, qk) + sqrtf(load_sbar(s, p)) * pruned;
+		decode_chunk(c, ctx, cn, (const unsigned char *)src + (size_t)i * s->stride, x);
+		for (unsigned h = 0; h < g; h++)
+			kern->axpy_f32(c->dim, cn, x, w + (size_t)h * n + i, acc + (size_t)h * c->acc_dim);
 	}
 }
 
 static void spark_axpy(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, const float *w,
 		       float *acc)
 {
-	const struct spark *s = c->state;
-	const unsigned char *p = src;
-	float x[KVP_CODEC_DIM_MAX];
-
-	for (unsigned i = 0; i < n; i++, p += s->stride) {
-		decode_one(c, ctx, p, x);
-		for (unsigned j = 0; j < c->dim; j++)
-			acc[j] += w[i] * x[j];
-	}
+	spark_axpy_group(c, ctx, n, src, 1, w, acc);
 }
 
 static void spark_finish(const struct kvp_codec *c, const void *ctx, const float *acc, float *out)
@@ -429,6 +484,8 @@ const struct kvp_codec_ops kvp_codec_spark = {
 	.prepare_query = spark_prepare_query,
 	.dot = spark_dot,
 	.axpy = spark_axpy,
+	.dot_group = spark_dot_group,
+	.axpy_group = spark_axpy_group,
 	.finish = spark_finish,
 	.close = spark_close,
 };

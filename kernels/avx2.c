@@ -9,7 +9,7 @@
 
 #include "kernels/kernels.h"
 
-/* Lane j < k of the result is all ones: the mask for the first k lanes of a tail, 0 < k < 8. */
+/* Lane j < k of the result is all ones: the mask for the first k lanes of a tail, 0 <= k <= 8. */
 static __m256i tail_mask(unsigned k)
 {
 	static const int32_t ramp[16] = { -1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0 };
@@ -755,6 +755,62 @@ static void lut_axpy_group(unsigned bits, unsigned m, unsigned n, const uint8_t 
 		lut_axpy(bits, m, n, codes, stride, lut, w + (size_t)h * n, acc + h * acc_stride);
 }
 
+/*
+ * Masked rows, eight channels (one mask byte) per step. The byte's entry of kvp_kernels_mask_below gives
+ * each lane its place among the byte's kept values, so one permute moves the kept values (a maskload of
+ * exactly popcount values) into their lanes; a pruned lane's place among the pruned ones is its lane
+ * minus that, which shifts its sign bit down for a variable shift. A blend picks per lane.
+ */
+static void mask_expand_row(unsigned d, const uint8_t *mask, const uint8_t *sign, const float *v, float scale,
+			    const float *mag, float *x)
+{
+	const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), one = _mm256_set1_epi32(1);
+	const __m256 vscale = _mm256_set1_ps(scale);
+	unsigned t = 0, r = 0, pruned = 0, sbytes;
+
+	for (unsigned j = 0; j < d; j += 8) {
+		const unsigned k = d - j < 8 ? d - j : 8;
+		pruned += k - (unsigned)__builtin_popcount(mask[j >> 3] & ((1u << k) - 1));
+	}
+	sbytes = (pruned + 7) / 8;
+	for (unsigned j = 0; j < d; j += 8) {
+		const unsigned k = d - j < 8 ? d - j : 8, m = mask[j >> 3] & ((1u << k) - 1);
+		const unsigned nk = (unsigned)__builtin_popcount(m), np = k - nk;
+		const __m256i below = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)&kvp_kernels_mask_below[m]));
+		const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)m), lane),
+									   one), one);
+		__m256 kv = _mm256_permutevar8x32_ps(_mm256_maskload_ps(v + t, tail_mask(nk)), below);
+		__m256 pv = _mm256_setzero_ps();
+
+		if (sign && np) {
+			/* both bytes always, the second clamped into the field: no branch to mispredict */
+			const unsigned b = r >> 3, b1 = b + 1 < sbytes ? b + 1 : b;
+			unsigned w = (sign[b] | (unsigned)sign[b1] << 8) >> (r & 7);
+			__m256i bit;
+
+			bit = _mm256_slli_epi32(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), _mm256_sub_epi32(lane, below)),
+						31);
+			pv = _mm256_xor_ps(_mm256_mul_ps(vscale, _mm256_maskload_ps(mag + j, tail_mask(k))),
+					   _mm256_castsi256_ps(bit));
+		}
+		kv = _mm256_blendv_ps(pv, kv, _mm256_castsi256_ps(keep));
+		if (k == 8)
+			_mm256_storeu_ps(x + j, kv);
+		else
+			_mm256_maskstore_ps(x + j, tail_mask(k), kv);
+		t += nk;
+		r += np;
+	}
+}
+
+static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint8_t *signs, size_t stride,
+			const float *kept, size_t kept_stride, const float *scale, const float *mag, float *x)
+{
+	for (unsigned i = 0; i < n; i++)
+		mask_expand_row(d, masks + (size_t)i * stride, signs ? signs + (size_t)i * stride : NULL,
+				kept + (size_t)i * kept_stride, signs ? scale[i] : 0.0f, mag, x + (size_t)i * d);
+}
+
 const struct kvp_kernels kvp_kernels_avx2 = {
 	.name = "avx2",
 	.dot_f32 = dot_f32,
@@ -771,4 +827,5 @@ const struct kvp_kernels kvp_kernels_avx2 = {
 	.lut_axpy = lut_axpy,
 	.lut_dot_group = lut_dot_group,
 	.lut_axpy_group = lut_axpy_group,
+	.mask_expand = mask_expand,
 };

@@ -61,7 +61,24 @@ struct kvp_kernels {
 			      const float *lut, unsigned g, const float *q, size_t q_stride, float *out);
 	void (*lut_axpy_group)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			       const float *lut, unsigned g, const float *w, float *acc, size_t acc_stride);
+	/*
+	 * Masked rows (SparK's per-token channel pruning). Row i's keep mask is d bits at masks + i*stride
+	 * (bit j set: channel j is kept; LSB first; bits past d are ignored). Its kept channels' values, in
+	 * channel order, are kept[i*kept_stride + t] for t below the mask's popcount, and nothing past that
+	 * is read. signs + i*stride holds one bit per pruned channel of row i, in channel order (1 =
+	 * negative), and no byte past the last pruned channel's is read; signs == NULL means pruned channels
+	 * are 0 and scale, mag are not read.
+	 *   mask_expand: x[i*d + j] = kept[i*kept_stride + (kept channels below j)]   when j is kept
+	 *                             (sign ? -1 : 1) * (scale[i] * mag[j])              when j is pruned
+	 * The result is exact (a product and a sign per value), so every implementation gives the same bits.
+	 */
+	void (*mask_expand)(unsigned d, unsigned n, const uint8_t *masks, const uint8_t *signs, size_t stride,
+			    const float *kept, size_t kept_stride, const float *scale, const float *mag, float *x);
 };
+
+/* Byte j of entry m is the number of set bits of m below bit j: where the value of a kept channel j of a
+ * mask byte m sits among that byte's kept values. Shared by the vector mask_expand kernels. */
+extern const uint64_t kvp_kernels_mask_below[256];
 
 /* The implementation chosen for this process (KVP_KERNELS or the best the CPU supports). */
 const struct kvp_kernels *kvp_kernels(void);

@@ -721,6 +721,62 @@ static void lut_axpy_group(unsigned bits, unsigned m, unsigned n, const uint8_t 
 		lut_axpy(bits, m, n, codes, stride, lut, w + (size_t)h * n, acc + h * acc_stride);
 }
 
+/*
+ * Masked rows, four channels (half a mask byte) per step. The nibble's entry of kvp_kernels_mask_below gives
+ * each lane its place among the nibble's kept values; a table lookup over the bytes of the next four kept
+ * values moves them into their lanes. A pruned lane's place among the pruned ones is its lane minus that,
+ * which shifts its sign bit down. A bit select picks per lane.
+ */
+static void mask_expand_row(unsigned d, const uint8_t *mask, const uint8_t *sign, const float *v, float scale,
+			    const float *mag, float *x)
+{
+	static const uint32_t lanes[4] = { 0, 1, 2, 3 }, bits[4] = { 1, 2, 4, 8 };
+	const uint32x4_t lane = vld1q_u32(lanes), bit = vld1q_u32(bits);
+	unsigned t = 0, r = 0, total = 0, sbytes;
+
+	for (unsigned j = 0; j < d; j += 8)
+		total += (unsigned)__builtin_popcount(mask[j >> 3] & ((1u << (d - j < 8 ? d - j : 8)) - 1));
+	sbytes = (d - total + 7) / 8;
+	for (unsigned j = 0; j < d; j += 4) {
+		const unsigned k = d - j < 4 ? d - j : 4, m = (mask[j >> 3] >> (j & 4)) & ((1u << k) - 1);
+		const unsigned nk = (unsigned)__builtin_popcount(m), np = k - nk;
+		const uint32x4_t below = vmovl_u16(vget_low_u16(vmovl_u8(vcreate_u8(kvp_kernels_mask_below[m]))));
+		const uint32x4_t keep = vtstq_u32(vdupq_n_u32(m), bit);
+		/* byte b of lane l picks byte 4*below[l] + b of the kept values */
+		const uint8x16_t pick = vreinterpretq_u8_u32(vmlaq_n_u32(vdupq_n_u32(0x03020100u), below, 0x04040404u));
+		float32x4_t kv = t + 4 <= total ? vld1q_f32(v + t) : load_f32_tail(v + t, total - t);
+		float32x4_t pv = vdupq_n_f32(0.0f);
+
+		kv = vreinterpretq_f32_u8(vqtbl1q_u8(vreinterpretq_u8_f32(kv), pick));
+		if (sign && np) {
+			/* both bytes always, the second clamped into the field: no branch to mispredict */
+			const unsigned b = r >> 3, b1 = b + 1 < sbytes ? b + 1 : b;
+			unsigned w = (sign[b] | (unsigned)sign[b1] << 8) >> (r & 7);
+			uint32x4_t s;
+
+			s = vshlq_u32(vdupq_n_u32(w), vnegq_s32(vreinterpretq_s32_u32(vsubq_u32(lane, below))));
+			s = vshlq_n_u32(s, 31);
+			pv = vmulq_n_f32(k == 4 ? vld1q_f32(mag + j) : load_f32_tail(mag + j, k), scale);
+			pv = vreinterpretq_f32_u32(veorq_u32(vreinterpretq_u32_f32(pv), s));
+		}
+		kv = vbslq_f32(keep, kv, pv);
+		if (k == 4)
+			vst1q_f32(x + j, kv);
+		else
+			store_f32_tail(x + j, kv, k);
+		t += nk;
+		r += np;
+	}
+}
+
+static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint8_t *signs, size_t stride,
+			const float *kept, size_t kept_stride, const float *scale, const float *mag, float *x)
+{
+	for (unsigned i = 0; i < n; i++)
+		mask_expand_row(d, masks + (size_t)i * stride, signs ? signs + (size_t)i * stride : NULL,
+				kept + (size_t)i * kept_stride, signs ? scale[i] : 0.0f, mag, x + (size_t)i * d);
+}
+
 const struct kvp_kernels kvp_kernels_neon = {
 	.name = "neon",
 	.dot_f32 = dot_f32,
@@ -737,6 +793,7 @@ const struct kvp_kernels kvp_kernels_neon = {
 	.lut_axpy = lut_axpy,
 	.lut_dot_group = lut_dot_group,
 	.lut_axpy_group = lut_axpy_group,
+	.mask_expand = mask_expand,
 };
 
 #else

@@ -164,6 +164,41 @@ static void lut_axpy_group(unsigned bits, unsigned m, unsigned n, const uint8_t 
 		lut_axpy(bits, m, n, codes, stride, lut, w + (size_t)h * n, acc + h * acc_stride);
 }
 
+/* Built by the preprocessor so the table is constant data, not something filled at start-up. */
+#define BIT(m, j) (((m) >> (j)) & 1u)
+#define BELOW(m, j) ((j) > 0 ? BIT(m, 0) : 0) + ((j) > 1 ? BIT(m, 1) : 0) + ((j) > 2 ? BIT(m, 2) : 0) + \
+	((j) > 3 ? BIT(m, 3) : 0) + ((j) > 4 ? BIT(m, 4) : 0) + ((j) > 5 ? BIT(m, 5) : 0) + ((j) > 6 ? BIT(m, 6) : 0)
+#define ROW(m) ((uint64_t)(BELOW(m, 1)) << 8 | (uint64_t)(BELOW(m, 2)) << 16 | (uint64_t)(BELOW(m, 3)) << 24 | \
+		(uint64_t)(BELOW(m, 4)) << 32 | (uint64_t)(BELOW(m, 5)) << 40 | (uint64_t)(BELOW(m, 6)) << 48 | \
+		(uint64_t)(BELOW(m, 7)) << 56)
+#define ROW4(m) ROW(m), ROW((m) + 1), ROW((m) + 2), ROW((m) + 3)
+#define ROW16(m) ROW4(m), ROW4((m) + 4), ROW4((m) + 8), ROW4((m) + 12)
+#define ROW64(m) ROW16(m), ROW16((m) + 16), ROW16((m) + 32), ROW16((m) + 48)
+
+const uint64_t kvp_kernels_mask_below[256] = { ROW64(0u), ROW64(64u), ROW64(128u), ROW64(192u) };
+
+static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint8_t *signs, size_t stride,
+			const float *kept, size_t kept_stride, const float *scale, const float *mag, float *x)
+{
+	for (unsigned i = 0; i < n; i++, x += d) {
+		const uint8_t *mask = masks + (size_t)i * stride, *sign = signs ? signs + (size_t)i * stride : NULL;
+		const float *v = kept + (size_t)i * kept_stride;
+		unsigned t = 0, r = 0;
+
+		for (unsigned j = 0; j < d; j++) {
+			if (mask[j >> 3] >> (j & 7) & 1) {
+				x[j] = v[t++];
+			} else if (sign) {
+				float a = scale[i] * mag[j];
+				x[j] = sign[r >> 3] >> (r & 7) & 1 ? -a : a;
+				r++;
+			} else {
+				x[j] = 0.0f;
+			}
+		}
+	}
+}
+
 const struct kvp_kernels kvp_kernels_scalar = {
 	.name = "scalar",
 	.dot_f32 = dot_f32,
@@ -180,4 +215,5 @@ const struct kvp_kernels kvp_kernels_scalar = {
 	.lut_axpy = lut_axpy,
 	.lut_dot_group = lut_dot_group,
 	.lut_axpy_group = lut_axpy_group,
+	.mask_expand = mask_expand,
 };

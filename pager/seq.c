@@ -158,6 +158,10 @@ kvp_status kvp_seq_fork_resident(kvp_seq *src, kvp_seq **out)
 		if (kvp_stream_share(t, &s->streams[i], &src->streams[i]) != KVP_OK)
 			break;
 	if (i < n) {
+		/* the tenant has not counted the fork's tokens yet: give back its streams before destroy,
+		 * which would uncount them */
+		for (size_t j = 0; j < i; j++)
+			kvp_stream_release(t, &s->streams[j], s->shape.head_dim);
 		kvp_seq_destroy(s);
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
 	}

@@ -512,8 +512,59 @@ static void check_luts(const struct kvp_kernels *k)
 					check_lut_group(k, bits, lut_dims[a], 67, g, off);
 }
 
+/* Masked rows (mask_expand) against scalar, bit for bit; the layout is test_kernels.c's mask_case. */
+static void check_mask(const struct kvp_kernels *k, unsigned d, unsigned n, unsigned off, int with_signs)
+{
+	const size_t mbytes = (d + 7) / 8, stride = 2 * mbytes + 1, kept_stride = d + 2;
+	unsigned last_kept = 0, bad = 0;
+	size_t len;
+	uint8_t *rows;
+	float *scale = rand_f32(n, off), *mag = rand_f32(d, off), *kept, *got, *want;
+	int ok = 1;
+
+	/* the random rows are drawn first, so the last row's kept count sizes the exact buffers */
+	uint8_t *draft = xmalloc(n * stride + off);
+	for (size_t i = 0; i < n * stride + off; i++)
+		draft[i] = (uint8_t)rnd32();
+	for (unsigned i = 0; i < n; i++) {
+		uint8_t *mask = draft + off + i * stride;
+		if (i % 4 == 1 || i % 4 == 3)
+			memset(mask, i % 4 == 1 ? 0xff : 0x00, mbytes);
+		last_kept = 0;
+		for (unsigned j = 0; j < d; j++)
+			last_kept += mask[j >> 3] >> (j & 7) & 1;
+	}
+	len = off + (n - 1) * stride + mbytes + (d - last_kept + 7) / 8;
+	rows = xmalloc(len);
+	memcpy(rows, draft, len);
+	free(draft);
+	kept = rand_f32((n - 1) * kept_stride + last_kept, off);
+	got = xmalloc(((size_t)n * d + off) * sizeof *got);
+	want = xmalloc(((size_t)n * d + off) * sizeof *want);
+	kvp_kernels_scalar.mask_expand(d, n, rows + off, with_signs ? rows + off + mbytes : NULL, stride,
+				       kept + off, kept_stride, scale + off, mag + off, want + off);
+	k->mask_expand(d, n, rows + off, with_signs ? rows + off + mbytes : NULL, stride, kept + off, kept_stride,
+		       scale + off, mag + off, got + off);
+	for (size_t at = 0; at < (size_t)n * d && ok; at++, bad = (unsigned)at)
+		ok = bits_of(got[off + at]) == bits_of(want[off + at]);
+	check(ok, "%s mask_expand d=%u n=%u off=%u signs=%d: value %u", k->name, d, n, off, with_signs, bad);
+	free(rows), free(scale), free(mag), free(kept), free(got), free(want);
+}
+
+static void check_masks(const struct kvp_kernels *k)
+{
+	static const unsigned mask_dims[] = { 1, 3, 7, 8, 9, 16, 31, 48, 64, 65, 80, 127, 128 };
+
+	for (size_t a = 0; a < COUNT(mask_dims); a++)
+		for (size_t b = 0; b < COUNT(counts); b++)
+			for (unsigned off = 0; off < 3; off += 1)
+				for (int signs = 0; signs < 2; signs++)
+					check_mask(k, mask_dims[a], counts[b], off, signs);
+}
+
 static void check_against_scalar(const struct kvp_kernels *k)
 {
+	check_masks(k);
 	check_luts(k);
 	for (size_t a = 0; a < COUNT(dims); a++) {
 		for (size_t b = 0; b < COUNT(counts); b++) {

@@ -412,3 +412,89 @@ Test(cold, kjv64_with_a_turboquant_4bit_cold_tier_stays_close_to_the_exact_cache
 	free(tb.out);
 	llama_model_free(&m);
 }
+
+/* ---- observed queries for SparK's fit ---- */
+
+enum { QN = 64, QNH = 4 * NKV, QHOT = 8 };
+
+/* Relative error of stream kv_head's gathered keys [0, to) on channels [0, QHOT). */
+static double hot_channel_error(const float *got, const float *want, uint32_t kv_head, uint32_t to)
+{
+	double num = 0, den = 0;
+
+	for (uint32_t t = 0; t < to; t++)
+		for (uint32_t j = 0; j < QHOT; j++) {
+			double w = want[(size_t)t * ROW + kv_head * D + j], e = got[(size_t)t * D + j] - w;
+			num += e * e;
+			den += w * w;
+		}
+	return sqrt(num / den);
+}
+
+/*
+ * 8 tokens arrive (nothing is cold yet), `attends` decode steps run with queries that only read channels
+ * 0..7, then the rest arrive and 3 blocks turn cold. Returns the cold keys' error on channels 0..7, and
+ * the sequence's metadata bytes before and after the attends.
+ */
+static double spark_hot_error(const char *spec, unsigned attends, uint64_t *meta_before, uint64_t *meta_after)
+{
+	static float k[QN * ROW], v[QN * ROW], q[QNH * D], out[QNH * D], gk[QN * D], gv[QN * D];
+	static int32_t pos[QN];
+	kvp_stats st = { .size = sizeof st };
+	struct cache c;
+	double worst = 0;
+
+	fixture_fill(k, QN * ROW, 31, 1.0f);
+	fixture_fill(v, QN * ROW, 32, 1.0f);
+	cache_open(&c, spec, QNH);
+	append_tokens(c.seq, 0, 8, k, v);
+	cr_assert_eq(kvp_seq_stats(c.seq, &st), KVP_OK);
+	*meta_before = st.bytes_meta;
+	for (unsigned a = 0; a < attends; a++) {
+		fixture_fill(q, QNH * D, 40 + a, 1.0f);
+		for (uint32_t h = 0; h < QNH; h++)
+			memset(q + (size_t)h * D + QHOT, 0, (D - QHOT) * sizeof *q);
+		cr_assert_eq(kvp_attend(c.seq, 0, q, out), KVP_OK, "%s", kvp_last_error());
+	}
+	cr_assert_eq(kvp_seq_stats(c.seq, &st), KVP_OK);
+	*meta_after = st.bytes_meta;
+	append_tokens(c.seq, 8, QN - 8, k, v);
+	for (uint32_t h = 0; h < NKV; h++) {
+		double e;
+		gather_all(c.seq, h, QN, pos, gk, gv);
+		e = hot_channel_error(gk, k, h, 48);
+		worst = e > worst ? e : worst;
+	}
+	kvp_seq_close(c.seq);
+	cr_assert_eq(kvp_tenant_stats(c.tenant, &st), KVP_OK);
+	cr_assert_eq(st.bytes_compressed + st.bytes_exact + st.bytes_meta, 0, "%s: everything freed", spec);
+	cache_close(&c);
+	return worst;
+}
+
+/* Queries drawn at random on 8 channels over 20 steps (the suite's other SparK test uses one step). */
+Test(cold, spark_query_ring_is_charged_as_metadata_and_steers_the_kept_channels)
+{
+	const char *spec = "block=16,sinks=0,window=16,k=spark(keep=0.25)";
+	const size_t window = sizeof(float) * 32 * D; /* at least 32 queries of D floats, per stream */
+	uint64_t b0, a0, b1, a1;
+	double blind = spark_hot_error(spec, 0, &b0, &a0);
+	double seen = spark_hot_error(spec, 20, &b1, &a1);
+
+	cr_log_info("keys' error on the queried channels: %.4g without queries, %.4g with", blind, seen);
+	/* with queries the 8 queried channels rank first and stay fp16; without, most are pruned */
+	cr_assert_lt(seen, 0.01, "with queries: %g", seen);
+	cr_assert_gt(blind, 0.2, "without queries: %g", blind);
+	cr_assert_eq(a0, b0, "no attend, no window");
+	cr_assert_geq(a1 - b1, NKV * window, "each stream's ring is charged as metadata: %llu more bytes",
+		      (unsigned long long)(a1 - b1));
+}
+
+Test(cold, codecs_that_ignore_queries_keep_no_query_ring)
+{
+	uint64_t before, after;
+
+	spark_hot_error("block=16,sinks=0,window=16,k=turboquant(bits=3)", 20, &before, &after);
+	cr_assert_eq(after, before, "turboquant's fit takes no queries: %llu bytes more",
+		     (unsigned long long)(after - before));
+}

@@ -888,6 +888,105 @@ Test(kernels, scalar_lut_dot_and_axpy_match_double_precision_at_every_width)
 LUT_TESTS(avx2)
 LUT_TESTS(neon)
 
+/* ---- masked rows (mask_expand) against the scalar reference, bit for bit ---- */
+
+/* Kept channels of a mask of d bits (bits past d do not count). */
+static unsigned kept_count(const uint8_t *mask, unsigned d)
+{
+	unsigned c = 0;
+
+	for (unsigned j = 0; j < d; j++)
+		c += mask[j >> 3] >> (j & 7) & 1;
+	return c;
+}
+
+/*
+ * n rows of [mask][signs] at stride bytes, and their kept values kept_stride floats apart; the last row
+ * and its kept values end exactly at the end of their allocations, so a read past them is caught under
+ * ASan. Every fourth row keeps all channels or none; the others keep each channel with chance 1/2, and
+ * the mask's padding bits are random.
+ */
+static void mask_case(const struct kvp_kernels *k, unsigned d, unsigned n, unsigned off, int with_signs)
+{
+	const size_t mbytes = (d + 7) / 8, stride = 2 * mbytes + 1, kept_stride = d + 2;
+	uint8_t *rows = malloc(n * stride + off);
+	float *scale = rand_f32(n, off), *mag = rand_f32(d, off), *kept, *got, *want;
+	unsigned last_kept = 0;
+	size_t len;
+
+	cr_assert(rows);
+	for (size_t i = 0; i < n * stride + off; i++)
+		rows[i] = (uint8_t)rnd32();
+	for (unsigned i = 0; i < n; i++) {
+		uint8_t *mask = rows + off + i * stride;
+		if (i % 4 == 1 || i % 4 == 3)
+			memset(mask, i % 4 == 1 ? 0xff : 0x00, mbytes);
+		last_kept = kept_count(mask, d);
+	}
+	/* the last row's signs end at its last pruned channel's byte */
+	len = off + (n - 1) * stride + mbytes + (d - last_kept + 7) / 8;
+	kept = rand_f32((n - 1) * kept_stride + last_kept, off);
+	got = rand_f32((size_t)n * d, off);
+	want = copy_f32(got, (size_t)n * d + off);
+	{
+		uint8_t *exact = malloc(len);
+		cr_assert(exact);
+		memcpy(exact, rows, len);
+		free(rows);
+		rows = exact;
+	}
+	k->mask_expand(d, n, rows + off, with_signs ? rows + off + mbytes : NULL, stride, kept + off, kept_stride,
+		       scale + off, mag + off, got + off);
+	kvp_kernels_scalar.mask_expand(d, n, rows + off, with_signs ? rows + off + mbytes : NULL, stride,
+				       kept + off, kept_stride, scale + off, mag + off, want + off);
+	for (size_t at = 0; at < (size_t)n * d; at++)
+		cr_assert(bits_of(got[off + at]) == bits_of(want[off + at]),
+			  "%s mask_expand d=%u n=%u off=%u signs=%d row %zu channel %zu: %.9g, scalar %.9g", k->name,
+			  d, n, off, with_signs, at / d, at % d, got[off + at], want[off + at]);
+	free(rows), free(scale), free(mag), free(kept), free(got), free(want);
+}
+
+static void mask_shapes(const struct kvp_kernels *k, unsigned off)
+{
+	for (size_t a = 0; a < COUNT(lut_dims); a++)
+		for (size_t b = 0; b < COUNT(counts); b++)
+			for (int signs = 0; signs < 2; signs++)
+				mask_case(k, lut_dims[a], counts[b], off, signs);
+}
+
+/* The reference's own meaning on one hand-made row: d=11, kept channels 0, 3, 4 and 10. */
+Test(kernels, scalar_mask_expand_places_kept_values_and_signed_recoveries)
+{
+	const uint8_t row[4] = { 0x19, 0x04, 0x05, 0x00 }; /* mask 0b100'0001'1001; signs of 1,2,5,6,7,8,9 */
+	const float kept[4] = { 10, 13, 14, 20 }, scale = 2.0f;
+	float mag[11], x[11];
+	const float want[11] = { 10, -2, 4, 13, 14, -10, 12, 14, 16, 18, 20 };
+
+	for (unsigned j = 0; j < 11; j++)
+		mag[j] = (float)j;
+	/* signs bits: pruned #0 (ch1) = 1, #2 (ch5) = 1: byte 0x05 */
+	kvp_kernels_scalar.mask_expand(11, 1, row, row + 2, 4, kept, 4, &scale, mag, x);
+	for (unsigned j = 0; j < 11; j++)
+		cr_assert_float_eq(x[j], want[j], 0.0, "channel %u: %g, want %g", j, x[j], want[j]);
+	kvp_kernels_scalar.mask_expand(11, 1, row, NULL, 4, kept, 4, NULL, NULL, x);
+	for (unsigned j = 0; j < 11; j++)
+		cr_assert_float_eq(x[j], row[j >> 3] >> (j & 7) & 1 ? want[j] : 0.0f, 0.0, "channel %u", j);
+}
+
+#define MASK_TESTS(impl) \
+	Test(kernels, impl##_mask_expand_matches_scalar_bit_for_bit_on_odd_lengths) \
+	{ \
+		mask_shapes(runnable(#impl), 0); \
+	} \
+	Test(kernels, impl##_mask_expand_matches_scalar_on_unaligned_pointers) \
+	{ \
+		mask_shapes(runnable(#impl), 1); \
+		mask_shapes(runnable(#impl), 3); \
+	}
+
+MASK_TESTS(avx2)
+MASK_TESTS(neon)
+
 /* ---- dispatch ---- */
 
 static const struct kvp_kernels *best_here(void)
@@ -929,7 +1028,8 @@ Test(kernels, dispatch_tables_are_complete_and_named_for_their_name)
 			continue;
 		cr_assert_str_eq(k->name, names[i]);
 		cr_assert(k->dot_f32 && k->dot_f16 && k->axpy_f32 && k->axpy_f16 && k->f32_to_f16 &&
-			  k->f16_to_f32 && k->softmax_step && k->scale && k->lut_dot && k->lut_axpy, "%s has an empty slot", names[i]);
+			  k->f16_to_f32 && k->softmax_step && k->scale && k->lut_dot && k->lut_axpy &&
+			  k->lut_dot_group && k->lut_axpy_group && k->mask_expand, "%s has an empty slot", names[i]);
 	}
 }
 

@@ -143,6 +143,9 @@ Test(spark, bytes_follow_the_documented_layout)
 		{ "spark(keep=0.75)|turboquant(bits=4)", 128, 4 + 16 + 4 + 4 + 48 },
 		{ "spark(keep=0.5)|turboquant(bits=3)", 80, 4 + 10 + 5 + 4 + 15 },
 		{ "spark(keep=1.0)|turboquant(bits=3)", 128, 4 + 16 + 0 + 52 },
+		/* fp16 values start on an even byte: one byte of padding after 4 + 2 + 1 */
+		{ "spark(keep=0.5)", 9, 4 + 2 + 1 + 1 + 10 },
+		{ "spark(keep=0.5)|turboquant(bits=3)", 9, 4 + 2 + 1 + 4 + 2 },
 	};
 
 	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
