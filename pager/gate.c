@@ -8,6 +8,8 @@
  * exactly (policies/gate.c). No head gets less than its protected tiers (sinks + window) while the
  * total allows it. Rounds of select=per_layer_head, H2O and StreamingLLM use each stream's budget;
  * select=per_head and union share one verdict over several streams and keep the policy's budget.
+ * With ladder= (ladder.c) a head's share is its level's keep fraction instead of 1 - STRENGTH * a, and
+ * its level also picks the bits of its cold blocks (per stream, whatever select= is).
  */
 #include <stdlib.h>
 #include <string.h>
