@@ -92,7 +92,9 @@ struct pager_round {
 	double attend, step;
 };
 
-static int pager_round(const struct layer *a, struct pager_round *r, int reps)
+/* gate: "" or ",gate=entropy" (kvp_attend then measures every stream's entropy, and the round splits the
+ * budget by it). */
+static int pager_round(const struct layer *a, struct pager_round *r, int reps, const char *gate)
 {
 	kvp_shape shape = { 1, NH, NKV, D, 1e6f, KVP_ROPE_HALF };
 	char spec[256];
@@ -104,8 +106,8 @@ static int pager_round(const struct layer *a, struct pager_round *r, int reps)
 	double t0;
 	int rc = 1;
 
-	snprintf(spec, sizeof spec, "block=64,sinks=4,window=128,store=fp16,policy=triattention(budget=%d,every=%d,"
-		 "stats=online,select=per_layer_head)", BUDGET, EVERY);
+	snprintf(spec, sizeof spec, "block=64,sinks=4,window=128,store=fp16%s,policy=triattention(budget=%d,every=%d,"
+		 "stats=online,select=per_layer_head)", gate, BUDGET, EVERY);
 	if (!kv_k || !kv_v || kvp_pool_open("", &pool) != KVP_OK)
 		goto out;
 	if (kvp_tenant_open(pool, "round", spec, &t) != KVP_OK || kvp_seq_open(t, &shape, &s) != KVP_OK)
@@ -188,13 +190,16 @@ int main(void)
 	bench_row("triattention round", "per round", tria, exact, 1e3, "ms", "exact attention");
 	bench_row("triattention round", "per decode token", tria / EVERY, exact, 1e3, "ms", "exact attention");
 	bench_row("h2o round (selection only)", "per decode token", h2o / EVERY, exact, 1e3, "ms", "exact attention");
-	struct pager_round pr;
-	if (pager_round(&a, &pr, reps))
+	struct pager_round pr, gated;
+	if (pager_round(&a, &pr, reps, "") || pager_round(&a, &gated, reps, ",gate=entropy"))
 		return 1;
 	bench_row("kvp_attend fp16", "step", pr.attend, pr.attend, 1e3, "ms", "itself");
 	bench_row("pager round (with compaction)", "per round", pr.step, pr.attend, 1e3, "ms", "kvp_attend fp16");
 	bench_row("pager round (with compaction)", "per decode token", pr.step / EVERY, pr.attend, 1e3, "ms",
 		  "kvp_attend fp16");
+	bench_row("kvp_attend fp16, gate=entropy", "step", gated.attend, pr.attend, 1e3, "ms", "kvp_attend fp16");
+	bench_row("gated pager round", "per decode token", gated.step / EVERY, gated.attend, 1e3, "ms",
+		  "kvp_attend fp16, gate=entropy");
 	kvp_policy_close(a.policy);
 	kvp_policy_close(a.h2o);
 	free(a.k), free(a.v), free(a.pos), free(a.q), free(a.out), free(a.scores), free(a.keep);

@@ -32,6 +32,9 @@ struct stream_attention {
 	/* cold blocks: the codecs with the stream's contexts, prepared queries, value accumulators */
 	const struct kvp_codec *k, *v;
 	const void *k_ctx, *v_ctx;
+	const struct kvp_cold *cold; /* with a ladder, blocks name the level whose codecs read them */
+	const struct kvp_stream_ctx *ctx;
+	uint32_t level;
 	char *qprep;     /* [group][k->qprep_bytes] */
 	float *cold_acc; /* [group][v->acc_dim], NULL when the stream has no cold block */
 	/* observation: raw scores of every token, [group][cap], filled up to `seen` */
@@ -127,8 +130,29 @@ static void block_cold_group(struct stream_attention *a, const struct kvp_block 
 	a->seen += b->n;
 }
 
+/* A block of another ladder level: what the old codecs accumulated is mapped back into out (it shares
+ * out's running maximum, so this is exact), and the queries are prepared for the new codecs. */
+static void use_level(struct stream_attention *a, uint32_t level, int flush)
+{
+	for (uint32_t h = 0; flush && h < a->group; h++) {
+		float *acc = a->cold_acc + (size_t)h * a->v->acc_dim;
+		a->v->ops->finish(a->v, a->v_ctx, acc, a->out + (size_t)h * a->dim);
+		memset(acc, 0, a->v->acc_dim * sizeof *acc);
+	}
+	a->level = level;
+	a->k = a->cold->k_level[level];
+	a->v = a->cold->v_level[level];
+	a->k_ctx = a->ctx->k_level[level];
+	a->v_ctx = a->ctx->v_level[level];
+	for (uint32_t h = 0; h < a->group; h++)
+		a->k->ops->prepare_query(a->k, a->k_ctx, a->q + (size_t)h * a->dim, a->qprep + h * a->k->qprep_bytes);
+	memset(a->cold_acc, 0, (size_t)a->group * a->v->acc_dim * sizeof *a->cold_acc);
+}
+
 static void block_cold(struct stream_attention *a, const struct kvp_block *b)
 {
+	if (b->level != a->level)
+		use_level(a, b->level, 1);
 	if (cold_group_fits(a, b)) {
 		block_cold_group(a, b);
 		return;
@@ -177,15 +201,11 @@ static void begin(struct stream_attention *a, const struct kvp_seq *s, const str
 	a->cold_acc = NULL;
 	if (!st->n_cold)
 		return;
-	a->k = c->k;
-	a->v = c->v;
-	a->k_ctx = st->ctx->k;
-	a->v_ctx = st->ctx->v;
+	a->cold = c;
+	a->ctx = st->ctx;
 	a->qprep = c->scratch;
-	a->cold_acc = (float *)((char *)c->scratch + a->group * c->k->qprep_bytes);
-	for (uint32_t h = 0; h < a->group; h++)
-		c->k->ops->prepare_query(c->k, a->k_ctx, q + (size_t)h * a->dim, a->qprep + h * c->k->qprep_bytes);
-	memset(a->cold_acc, 0, (size_t)a->group * c->v->acc_dim * sizeof *a->cold_acc);
+	a->cold_acc = (float *)((char *)c->scratch + a->group * c->qprep_max);
+	use_level(a, st->blocks[0]->level, 0);
 }
 
 static void finish(struct stream_attention *a)

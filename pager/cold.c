@@ -8,6 +8,7 @@
  * changes; the commit encodes after the exact rows are written. A block the codec refuses to encode
  * stays exact: nothing is lost, it is only not compressed.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -49,18 +50,58 @@ static int has_cold_tier(const struct kvp_tenant_config *cfg)
 	return cfg->k_spec[0] || cfg->v_spec[0];
 }
 
+/* One side's spec at ladder level `level` (the spec itself without a ladder) into out. */
+static kvp_status level_spec(const struct kvp_tenant_config *cfg, const char *spec, unsigned level, char *out)
+{
+	unsigned changed;
+
+	snprintf(out, KVP_CODEC_SPEC_MAX, "%s", spec);
+	if (!cfg->ladder.n || !spec[0])
+		return KVP_OK;
+	return kvp_ladder_spec_bits(spec, cfg->ladder.bits[level], out, KVP_CODEC_SPEC_MAX, &changed);
+}
+
+/* Both sides' codecs of one level; on failure neither is left allocated. */
+static kvp_status parse_level(const struct kvp_tenant_config *cfg, unsigned level, unsigned dim,
+			      struct kvp_codec **k, struct kvp_codec **v)
+{
+	char spec[KVP_CODEC_SPEC_MAX];
+	kvp_status st = level_spec(cfg, cfg->k_spec, level, spec);
+
+	*k = *v = NULL;
+	if (st == KVP_OK)
+		st = parse_side(cfg, spec, KVP_CODEC_KEYS, dim, k);
+	if (st == KVP_OK)
+		st = level_spec(cfg, cfg->v_spec, level, spec);
+	if (st == KVP_OK)
+		st = parse_side(cfg, spec, KVP_CODEC_VALUES, dim, v);
+	if (st != KVP_OK) {
+		if (cfg->ladder.n)
+			kvp_fail_context(st, "tenant: ladder=%s, level %u (%u:%g)", cfg->ladder_spec, level + 1,
+					 cfg->ladder.bits[level], cfg->ladder.keep[level]);
+		kvp_codec_free(*k);
+		*k = NULL;
+	}
+	return st;
+}
+
+static unsigned level_count(const struct kvp_tenant_config *cfg)
+{
+	return cfg->ladder.n ? cfg->ladder.n : 1;
+}
+
 kvp_status kvp_cold_check(const struct kvp_tenant_config *cfg)
 {
-	struct kvp_codec *k = NULL, *v = NULL;
-	kvp_status st;
+	kvp_status st = KVP_OK;
 
 	if (!has_cold_tier(cfg))
 		return KVP_OK;
-	st = parse_side(cfg, cfg->k_spec, KVP_CODEC_KEYS, PROBE_DIM, &k);
-	if (st == KVP_OK)
-		st = parse_side(cfg, cfg->v_spec, KVP_CODEC_VALUES, PROBE_DIM, &v);
-	kvp_codec_free(k);
-	kvp_codec_free(v);
+	for (unsigned l = 0; st == KVP_OK && l < level_count(cfg); l++) {
+		struct kvp_codec *k, *v;
+		st = parse_level(cfg, l, PROBE_DIM, &k, &v);
+		kvp_codec_free(k);
+		kvp_codec_free(v);
+	}
 	return st;
 }
 
@@ -73,11 +114,18 @@ kvp_status kvp_cold_open(struct kvp_tenant *t, struct kvp_seq *s)
 	memset(c, 0, sizeof *c);
 	if (!has_cold_tier(&t->cfg))
 		return KVP_OK;
-	st = parse_side(&t->cfg, t->cfg.k_spec, KVP_CODEC_KEYS, dim, &c->k);
-	if (st == KVP_OK)
-		st = parse_side(&t->cfg, t->cfg.v_spec, KVP_CODEC_VALUES, dim, &c->v);
+	st = KVP_OK;
+	for (unsigned l = 0; st == KVP_OK && l < level_count(&t->cfg); l++) {
+		if ((st = parse_level(&t->cfg, l, dim, &c->k_level[l], &c->v_level[l])) != KVP_OK)
+			break;
+		c->n_levels = l + 1;
+		c->qprep_max = c->k_level[l]->qprep_bytes > c->qprep_max ? c->k_level[l]->qprep_bytes : c->qprep_max;
+		c->acc_max = c->v_level[l]->acc_dim > c->acc_max ? c->v_level[l]->acc_dim : c->acc_max;
+	}
+	c->k = c->k_level[0];
+	c->v = c->v_level[0];
 	if (st == KVP_OK) {
-		c->scratch_bytes = s->group * (c->k->qprep_bytes + (size_t)c->v->acc_dim * sizeof(float));
+		c->scratch_bytes = s->group * (c->qprep_max + c->acc_max * sizeof(float));
 		c->scratch = kvp_alloc(t, c->scratch_bytes, KVP_BYTES_META, 0);
 		if (!c->scratch)
 			st = kvp_fail_context(KVP_ENOMEM, "kvp_seq_open: attention scratch of the cold tier");
@@ -93,24 +141,40 @@ void kvp_cold_close(struct kvp_tenant *t, struct kvp_seq *s)
 
 	if (c->scratch)
 		kvp_free(t, c->scratch, c->scratch_bytes, KVP_BYTES_META, 0);
-	kvp_codec_free(c->k);
-	kvp_codec_free(c->v);
+	for (unsigned l = 0; l < KVP_LADDER_MAX; l++) {
+		kvp_codec_free(c->k_level[l]);
+		kvp_codec_free(c->v_level[l]);
+	}
 	memset(c, 0, sizeof *c);
 }
 
+static size_t room(size_t bytes)
+{
+	return (bytes + 63) / 64 * 64;
+}
+
+/* One allocation for the contexts of every level, each 64-byte aligned after the header. */
 static struct kvp_stream_ctx *ctx_new(struct kvp_tenant *t, const struct kvp_cold *c)
 {
-	size_t k_room = (c->k->ctx_bytes + 63) / 64 * 64;
-	size_t size = sizeof(struct kvp_stream_ctx) + k_room + c->v->ctx_bytes;
-	struct kvp_stream_ctx *x = kvp_alloc(t, size, KVP_BYTES_META, 0);
+	size_t size = room(sizeof(struct kvp_stream_ctx)), at = size;
+	struct kvp_stream_ctx *x;
 
-	if (!x)
+	for (unsigned l = 0; l < c->n_levels; l++)
+		size += room(c->k_level[l]->ctx_bytes) + room(c->v_level[l]->ctx_bytes);
+	if (!(x = kvp_alloc(t, size, KVP_BYTES_META, 0)))
 		return NULL;
+	memset(x, 0, sizeof *x);
 	atomic_init(&x->refs, 1);
 	x->size = size;
 	/* a codec without a context is handed NULL, as the standalone calls do */
-	x->k = c->k->ctx_bytes ? (char *)(x + 1) : NULL;
-	x->v = c->v->ctx_bytes ? (char *)(x + 1) + k_room : NULL;
+	for (unsigned l = 0; l < c->n_levels; l++) {
+		x->k_level[l] = c->k_level[l]->ctx_bytes ? (char *)x + at : NULL;
+		at += room(c->k_level[l]->ctx_bytes);
+		x->v_level[l] = c->v_level[l]->ctx_bytes ? (char *)x + at : NULL;
+		at += room(c->v_level[l]->ctx_bytes);
+	}
+	x->k = x->k_level[0];
+	x->v = x->v_level[0];
 	return x;
 }
 
@@ -147,7 +211,7 @@ kvp_status kvp_cold_plan(struct kvp_tenant *t, const struct kvp_seq *s, const st
 			 uint32_t add, struct kvp_cold_plan *p)
 {
 	const struct kvp_cold *c = &s->cold;
-	uint32_t B = t->cfg.block, dim = s->shape.head_dim;
+	uint32_t B = t->cfg.block, dim = s->shape.head_dim, level = kvp_ladder_stream_level(s, st);
 
 	memset(p, 0, sizeof *p);
 	if (!c->k || !(p->n = cold_count(&t->cfg, s, st, add)))
@@ -156,9 +220,12 @@ kvp_status kvp_cold_plan(struct kvp_tenant *t, const struct kvp_seq *s, const st
 	    !(p->rows = malloc((size_t)2 * B * dim * sizeof *p->rows)))
 		return kvp_fail(KVP_ENOMEM, "out of memory planning the cold tier");
 	for (uint32_t i = 0; i < p->n; i++) {
-		p->blocks[i] = kvp_block_new_cold(t, B, c->k->ops->bytes(c->k, B), c->v->ops->bytes(c->v, B));
+		/* the level is fixed from here to the commit: the block records the codecs that encode it */
+		const struct kvp_codec *k = c->k_level[level], *v = c->v_level[level];
+		p->blocks[i] = kvp_block_new_cold(t, B, k->ops->bytes(k, B), v->ops->bytes(v, B));
 		if (!p->blocks[i])
 			return KVP_ENOMEM;
+		p->blocks[i]->level = level;
 	}
 	if (!st->ctx && !(p->ctx = ctx_new(t, c)))
 		return KVP_ENOMEM;
@@ -228,11 +295,15 @@ static kvp_status fit(const struct kvp_cold *c, const struct kvp_stream *st, str
 	const struct kvp_recent_queries *r = st->recent;
 	kvp_status st_ = KVP_OK;
 
-	/* the ring's order does not matter: the codec takes per-channel norms over the queries */
-	if (c->k->ops->fit)
-		st_ = c->k->ops->fit(c->k, x->k, n, k, r ? r->n : 0, r ? r->q : NULL);
-	if (st_ == KVP_OK && c->v->ops->fit)
-		st_ = c->v->ops->fit(c->v, x->v, n, v, 0, NULL);
+	/* the ring's order does not matter: the codec takes per-channel norms over the queries. Every
+	 * level is fitted now, so a later level change finds its contexts */
+	for (unsigned l = 0; st_ == KVP_OK && l < c->n_levels; l++) {
+		const struct kvp_codec *kc = c->k_level[l], *vc = c->v_level[l];
+		if (kc->ops->fit)
+			st_ = kc->ops->fit(kc, x->k_level[l], n, k, r ? r->n : 0, r ? r->q : NULL);
+		if (st_ == KVP_OK && vc->ops->fit)
+			st_ = vc->ops->fit(vc, x->v_level[l], n, v, 0, NULL);
+	}
 	return st_;
 }
 
@@ -251,9 +322,11 @@ static kvp_status encode(const struct kvp_seq *s, struct kvp_stream *st, struct 
 		st->ctx = p->ctx;
 		p->ctx = NULL;
 	}
-	rc = c->k->ops->encode(c->k, st->ctx->k, n, k, cold->k);
+	rc = c->k_level[cold->level]->ops->encode(c->k_level[cold->level], st->ctx->k_level[cold->level], n, k,
+						    cold->k);
 	if (rc == KVP_OK)
-		rc = c->v->ops->encode(c->v, st->ctx->v, n, v, cold->v);
+		rc = c->v_level[cold->level]->ops->encode(c->v_level[cold->level], st->ctx->v_level[cold->level], n,
+							    v, cold->v);
 	if (rc != KVP_OK)
 		return rc;
 	memcpy(cold->pos, exact->pos, n * sizeof *cold->pos);
@@ -285,8 +358,10 @@ void kvp_cold_gather(const struct kvp_seq *s, const struct kvp_stream *st, const
 {
 	const struct kvp_cold *c = &s->cold;
 
+	const struct kvp_codec *kc = c->k_level[b->level], *vc = c->v_level[b->level];
+
 	if (k)
-		c->k->ops->decode(c->k, st->ctx->k, b->n, b->k, k);
+		kc->ops->decode(kc, st->ctx->k_level[b->level], b->n, b->k, k);
 	if (v)
-		c->v->ops->decode(c->v, st->ctx->v, b->n, b->v, v);
+		vc->ops->decode(vc, st->ctx->v_level[b->level], b->n, b->v, v);
 }

@@ -122,20 +122,30 @@ static int separable(const struct kvp_codec *c, uint32_t block)
 	       c->ops->bytes(c, block) == (size_t)block * c->ops->bytes(c, 1);
 }
 
-static struct region cold_region(const struct kvp_seq *s, const struct kvp_stream *st)
+/* Cold blocks [from, to) of one ladder level: their codecs decide whether bytes can be moved. */
+static struct region cold_region(const struct kvp_seq *s, uint32_t level, uint32_t from, uint32_t to)
 {
-	const struct kvp_cold *c = &s->cold;
-	struct region r = { 0, st->n_cold, 0, 0, 0, 1 };
+	const struct kvp_codec *k = s->cold.k_level[level], *v = s->cold.v_level[level];
+	struct region r = { from, to, 0, 0, 0, 1 };
 	uint32_t B = s->tenant->cfg.block;
 
-	if (!st->n_cold)
-		return r;
-	r.whole = !separable(c->k, B) || !separable(c->v, B);
+	r.whole = !separable(k, B) || !separable(v, B);
 	if (!r.whole) {
-		r.k_stride = c->k->ops->bytes(c->k, 1);
-		r.v_stride = c->v->ops->bytes(c->v, 1);
+		r.k_stride = k->ops->bytes(k, 1);
+		r.v_stride = v->ops->bytes(v, 1);
 	}
 	return r;
+}
+
+/* One past the last cold block from `from` on with the same level: survivors are packed only among
+ * blocks of one level, so every block stays readable by the codecs it records. */
+static uint32_t level_run_end(const struct kvp_stream *st, uint32_t from)
+{
+	uint32_t to = from + 1;
+
+	while (to < st->n_cold && st->blocks[to]->level == st->blocks[from]->level)
+		to++;
+	return to;
 }
 
 static struct region exact_region(const struct kvp_seq *s, const struct kvp_stream *st)
@@ -218,42 +228,74 @@ static void compaction_free(struct kvp_tenant *t, const struct kvp_seq *s, struc
 	memset(c, 0, sizeof *c);
 }
 
+/* Fresh blocks for `n` survivors' blocks of a region, appended to c->fresh. */
+static kvp_status fresh_blocks(struct kvp_tenant *t, const struct kvp_seq *s, const struct region *r,
+			       uint32_t level, uint32_t n, struct compaction *c)
+{
+	const struct kvp_codec *k = s->cold.k_level[level], *v = s->cold.v_level[level];
+	uint32_t B = t->cfg.block;
+
+	for (uint32_t i = 0; i < n; i++) {
+		struct kvp_block *b = r->cold ? kvp_block_new_cold(t, B, k->ops->bytes(k, B), v->ops->bytes(v, B)) :
+						kvp_block_new(t, B, s->shape.head_dim, t->cfg.store);
+		if (!b)
+			return KVP_ENOMEM;
+		b->level = r->cold ? level : 0;
+		c->fresh[c->n_fresh++] = b;
+	}
+	return KVP_OK;
+}
+
+/*
+ * Walks the stream's regions in block order: cold blocks in runs of one level, then the exact blocks.
+ * Planning (plan != 0) allocates each region's fresh blocks; committing packs survivors into them.
+ */
+static kvp_status walk_stream(struct kvp_tenant *t, const struct kvp_seq *s, const struct kvp_stream *st,
+			      const uint8_t *keep, struct compaction *c, int plan)
+{
+	const uint8_t *at = keep + (st->sink ? st->sink->n : 0);
+	kvp_status rc = KVP_OK;
+	uint32_t n = 0;
+
+	for (uint32_t from = 0; rc == KVP_OK && from < st->n_cold;) {
+		uint32_t to = level_run_end(st, from), level = st->blocks[from]->level;
+		struct region r = cold_region(s, level, from, to);
+		walk_region(s, st, &r, &at, plan ? NULL : c, &n);
+		if (plan)
+			rc = fresh_blocks(t, s, &r, level, n, c);
+		n = 0;
+		from = to;
+	}
+	if (rc == KVP_OK) {
+		struct region r = exact_region(s, st);
+		walk_region(s, st, &r, &at, plan ? NULL : c, &n);
+		if (plan)
+			rc = fresh_blocks(t, s, &r, 0, n, c);
+	}
+	return rc;
+}
+
 static kvp_status compaction_plan(struct kvp_tenant *t, const struct kvp_seq *s, const struct kvp_stream *st,
 				  const uint8_t *keep, struct compaction *c)
 {
-	const struct kvp_cold *cold = &s->cold;
-	struct region rc = cold_region(s, st), re = exact_region(s, st);
-	uint32_t B = t->cfg.block, n_cold_fresh = 0, n_exact_fresh = 0;
-	const uint8_t *at = keep + (st->sink ? st->sink->n : 0);
+	kvp_status rc;
 
 	memset(c, 0, sizeof *c);
-	walk_region(s, st, &rc, &at, NULL, &n_cold_fresh);
-	walk_region(s, st, &re, &at, NULL, &n_exact_fresh);
-	c->n_fresh = n_cold_fresh + n_exact_fresh;
+	/* a region of m blocks needs at most m fresh ones */
+	if (st->n_blocks && !(c->fresh = calloc(st->n_blocks, sizeof *c->fresh)))
+		return kvp_fail(KVP_ENOMEM, "policy round: out of memory");
+	if ((rc = walk_stream(t, s, st, keep, c, 1)) != KVP_OK)
+		return rc;
 	c->cap = st->n_blocks + c->n_fresh;
 	if (!(c->table = kvp_alloc(t, (size_t)(c->cap ? c->cap : 1) * sizeof *c->table, KVP_BYTES_META, 0)))
 		return KVP_ENOMEM;
-	if (c->n_fresh && !(c->fresh = calloc(c->n_fresh, sizeof *c->fresh)))
-		return kvp_fail(KVP_ENOMEM, "policy round: out of memory");
-	for (uint32_t i = 0; i < c->n_fresh; i++) {
-		c->fresh[i] = i < n_cold_fresh ?
-			kvp_block_new_cold(t, B, cold->k->ops->bytes(cold->k, B), cold->v->ops->bytes(cold->v, B)) :
-			kvp_block_new(t, B, s->shape.head_dim, t->cfg.store);
-		if (!c->fresh[i])
-			return KVP_ENOMEM;
-	}
 	return KVP_OK;
 }
 
 static void compaction_commit(struct kvp_tenant *t, struct kvp_seq *s, struct kvp_stream *st,
 			      const uint8_t *keep, struct compaction *c)
 {
-	struct region rc = cold_region(s, st), re = exact_region(s, st);
-	const uint8_t *at = keep + (st->sink ? st->sink->n : 0);
-	uint32_t unused = 0;
-
-	walk_region(s, st, &rc, &at, c, &unused);
-	walk_region(s, st, &re, &at, c, &unused);
+	walk_stream(t, s, st, keep, c, 0);
 	for (uint32_t i = 0; i < st->n_blocks; i++)
 		kvp_block_put(t, st->blocks[i], s->shape.head_dim);
 	if (st->blocks)

@@ -8,6 +8,8 @@
  * exactly (policies/gate.c). No head gets less than its protected tiers (sinks + window) while the
  * total allows it. Rounds of select=per_layer_head, H2O and StreamingLLM use each stream's budget;
  * select=per_head and union share one verdict over several streams and keep the policy's budget.
+ * With ladder= (ladder.c) a head's share is its level's keep fraction instead of 1 - STRENGTH * a, and
+ * its level also picks the bits of its cold blocks (per stream, whatever select= is).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -106,6 +108,27 @@ static kvp_status measure_mrl(struct kvp_seq *s)
 	return KVP_OK;
 }
 
+/*
+ * With a ladder a head's share is its level's keep fraction. kvp_gate_distribute splits in proportion to
+ * 1 - strength x c; keeps in (0, 1] are that with strength = 1 - the smallest keep of the layer and
+ * c = (1 - keep) / strength.
+ */
+static void ladder_shares(const struct kvp_seq *s, uint32_t layer, double *a, double *strength)
+{
+	const struct kvp_ladder *l = &s->tenant->cfg.ladder;
+	double least = 1.0;
+
+	for (uint32_t h = 0; h < s->shape.n_kv_heads; h++) {
+		a[h] = l->keep[kvp_ladder_head_level(s, layer, h)];
+		least = a[h] < least ? a[h] : least;
+	}
+	*strength = 1.0 - least;
+	for (uint32_t h = 0; h < s->shape.n_kv_heads; h++) {
+		double c = *strength > 0 ? (1.0 - a[h]) / *strength : 0.0;
+		a[h] = c < 0 ? 0 : c > 1 ? 1 : c;
+	}
+}
+
 kvp_status kvp_gate_step(struct kvp_seq *s)
 {
 	const uint32_t H = s->shape.n_kv_heads;
@@ -128,13 +151,16 @@ kvp_status kvp_gate_step(struct kvp_seq *s)
 	for (uint32_t l = 0; l < s->shape.n_layers; l++) {
 		uint64_t total = (uint64_t)kvp_policy_budget(s->policy, s->t0) * H;
 		uint64_t floor = (uint64_t)cfg->sinks + cfg->window;
+		double strength = STRENGTH;
 		for (uint32_t h = 0; h < H; h++) {
 			size_t i = at(s, l, h);
 			a[h] = g->override[i] >= 0 ? g->override[i] : g->coherence[i];
 		}
+		if (cfg->ladder.n)
+			ladder_shares(s, l, a, &strength);
 		if (floor > total / H)
 			floor = total / H;
-		if ((st = kvp_gate_distribute(H, a, STRENGTH, total, floor, out)) != KVP_OK) {
+		if ((st = kvp_gate_distribute(H, a, strength, total, floor, out)) != KVP_OK) {
 			st = kvp_fail_context(st, "kvp_seq_step: gating layer %u", l);
 			break;
 		}
@@ -177,6 +203,8 @@ kvp_status kvp_seq_head_level_entered(struct kvp_seq *s, uint32_t layer, uint32_
 	full.overridden = s->gating->override[i] >= 0;
 	full.aggressiveness = full.overridden ? s->gating->override[i] : full.coherence;
 	full.budget = s->gating->budget[i];
+	full.level = kvp_ladder_head_level(s, layer, kv_head);
+	full.bits = s->tenant->cfg.ladder.n ? s->tenant->cfg.ladder.bits[full.level] : 0;
 	memcpy((char *)out + sizeof out->size, (const char *)&full + sizeof full.size,
 	       (out->size < sizeof full ? out->size : sizeof full) - sizeof out->size);
 	return KVP_OK;

@@ -22,6 +22,7 @@
 
 #include "base/base.h"
 #include "pager/spill.h"
+#include "policies/policy.h"
 
 /* ---- jemalloc, loaded at pool open (see arena.c for why not linked) ---- */
 struct kvp_jemalloc {
@@ -62,6 +63,8 @@ struct kvp_tenant_config {
 	char policy_spec[KVP_CODEC_SPEC_MAX]; /* "" when every token is kept */
 	uint32_t pin_prompt;
 	enum kvp_gate { KVP_GATE_OFF, KVP_GATE_MRL, KVP_GATE_ENTROPY } gate;
+	struct kvp_ladder ladder;             /* n == 0 without ladder= (ladder.c) */
+	char ladder_spec[KVP_CODEC_SPEC_MAX]; /* its text, for messages */
 };
 
 struct kvp_tenant {
@@ -90,6 +93,7 @@ struct kvp_block {
 	size_t size;      /* the header allocation (this struct and pos), as asked of jemalloc */
 	size_t data_size; /* the allocation k and v live in, as asked */
 	size_t payload;   /* bytes of k and v together, as counted in stats */
+	uint32_t level;   /* codec-encoded blocks: the ladder level whose codecs encoded it (0 without) */
 	int32_t *pos;
 	void *k, *v; /* [cap][head_dim] in the block's store, or the codecs' bytes for n tokens */
 	/* Non-NULL while the block is spilled (restore.c): k and v are NULL, the allocation they lived in
@@ -104,7 +108,8 @@ struct kvp_block {
 struct kvp_stream_ctx {
 	_Atomic uint32_t refs;
 	size_t size;
-	void *k, *v;
+	void *k, *v; /* level 0's; with a ladder every level has its own, all fitted on the first block */
+	void *k_level[KVP_LADDER_MAX], *v_level[KVP_LADDER_MAX];
 };
 
 struct kvp_stream {
@@ -126,9 +131,14 @@ struct kvp_recent_queries {
 
 /* The cold tier of a sequence: its codecs, parsed for its head_dim, and the scratch attend needs. */
 struct kvp_cold {
-	struct kvp_codec *k, *v;
+	struct kvp_codec *k, *v; /* level 0's */
+	/* With a ladder, level l's codecs are k=/v= with the level's bits (k_level[0] == k); a block is
+	 * always read with the codecs of the level recorded in it. */
+	unsigned n_levels; /* 1 without a ladder */
+	struct kvp_codec *k_level[KVP_LADDER_MAX], *v_level[KVP_LADDER_MAX];
+	size_t qprep_max, acc_max; /* largest qprep_bytes and acc_dim over the levels */
 	size_t scratch_bytes;
-	void *scratch; /* group x qprep_bytes of k, then group x acc_dim floats of v */
+	void *scratch; /* group x qprep_max bytes, then group x acc_max floats */
 };
 
 struct kvp_seq {
@@ -235,6 +245,15 @@ kvp_status kvp_evict_step(struct kvp_seq *s);
 kvp_status kvp_observe_reserve(struct kvp_seq *s, uint32_t n);
 /* Every token of a stream in order: positions, and keys and values as fp32 (either may be NULL). */
 void kvp_stream_gather(const struct kvp_seq *s, const struct kvp_stream *st, int32_t *pos, float *k, float *v);
+
+/* ---- ladders of codec bits (ladder.c) ---- */
+kvp_status kvp_ladder_config(struct kvp_args *args, struct kvp_tenant_config *cfg);
+kvp_status kvp_ladder_check(const struct kvp_tenant_config *cfg);
+/* The level new cold blocks of st are encoded at, and the level a head is at (0 without a ladder). */
+uint32_t kvp_ladder_stream_level(const struct kvp_seq *s, const struct kvp_stream *st);
+uint32_t kvp_ladder_head_level(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head);
+/* The k= or v= spec with bits=N on every codec of the stack that takes bits; *changed counts them. */
+kvp_status kvp_ladder_spec_bits(const char *spec, unsigned bits, char *out, size_t cap, unsigned *changed);
 
 /* ---- coherence gating (gate.c) ---- */
 /* Per (layer, KV head): coherence measured so far, the host's override, and the budget it yields. */

@@ -212,6 +212,7 @@ static kvp_status stub_new(struct kvp_spill *d, struct kvp_seq *s, const struct 
 			    .generation = kvp_spill_next_id(d), .payload = payload },
 		/* a block's V starts where its K room ends; the rest of the allocation is V */
 		.v_bytes = b->data_size - (size_t)((const char *)b->v - (const char *)b->k),
+		.level = b->level,
 	};
 	stub->k_bytes = b->payload - stub->v_bytes;
 	atomic_fetch_add(&t->bytes_spilled, stub->pages * KVP_SPILL_PAGE);
@@ -355,9 +356,11 @@ static kvp_status unpark_plan(struct kvp_spill *d, struct kvp_seq *s, struct kvp
 		if (!p->stubs[i] || blocks[i])
 			continue;
 		h = &p->stubs[i]->header;
-		if (h->store == KVP_STORE_CODEC)
+		if (h->store == KVP_STORE_CODEC) {
 			blocks[i] = kvp_block_new_cold(s->tenant, h->cap, p->stubs[i]->k_bytes, p->stubs[i]->v_bytes);
-		else
+			if (blocks[i])
+				blocks[i]->level = p->stubs[i]->level;
+		} else
 			blocks[i] = kvp_block_new(s->tenant, h->cap, s->shape.head_dim, (enum kvp_store)h->store);
 		if (!blocks[i])
 			return KVP_ENOMEM;

@@ -116,7 +116,6 @@ static kvp_status codec_spec(struct kvp_args *args, const char *key, char out[KV
 kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quota, const char *spec)
 {
 	static const char *const stores[] = { "fp32", "fp16", NULL };
-	static const char *const later[] = { "ladder", NULL };
 	static const char *const gates[] = { "off", "mrl", "entropy", NULL };
 	unsigned gate = KVP_GATE_OFF;
 	struct kvp_args args;
@@ -145,14 +144,8 @@ kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quot
 		st = kvp_args_u32(&args, "pin_prompt", 0, 1, &cfg->pin_prompt);
 	if (st == KVP_OK)
 		st = kvp_args_choice(&args, "gate", gates, &gate);
-	for (unsigned i = 0; st == KVP_OK && later[i]; i++) {
-		const char *v = NULL;
-		unsigned n;
-		kvp_args_text(&args, later[i], &v, &n);
-		if (v)
-			st = kvp_fail(KVP_EUNSUPPORTED, "tenant: %s=%.*s is not served yet: per-head codec bits are not "
-				      "built (gate= moves token budgets only)", later[i], (int)n, v);
-	}
+	if (st == KVP_OK)
+		st = kvp_ladder_config(&args, cfg);
 	if (st == KVP_OK)
 		st = kvp_args_finish(&args);
 	cfg->store = (enum kvp_store)store;
@@ -161,6 +154,8 @@ kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quot
 		st = kvp_cold_check(cfg);
 	if (st == KVP_OK)
 		st = kvp_gate_check(cfg);
+	if (st == KVP_OK)
+		st = kvp_ladder_check(cfg);
 	if (st == KVP_OK)
 		st = kvp_evict_check(cfg);
 	return st;

@@ -58,6 +58,7 @@ struct kvp_spilled {
 	struct kvp_block *twin;
 	uint32_t dim; /* of the sequence's streams: block accounting needs it */
 	size_t k_bytes, v_bytes; /* what a codec-encoded block is rebuilt with (kvp_block_new_cold) */
+	uint32_t level;          /* and the ladder level whose codecs read it */
 };
 
 /* Twins by block: open addressing, linear probing, backward-shift deletion. Under the device lock. */
