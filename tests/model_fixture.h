@@ -11,16 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "tool_fixture.h"
 #include "tools/llama.h"
-
-static inline const char *model_path(const char *name)
-{
-	static char path[512];
-	const char *dir = getenv("KVP_MODELS");
-
-	snprintf(path, sizeof path, "%s/%s", dir && *dir ? dir : "../shared/models", name);
-	return path;
-}
 
 struct attention_tap {
 	float *out; /* [steps][n_layers][dim] */

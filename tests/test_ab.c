@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "kvpager_trace.h"
+#include "tool_fixture.h"
 
 #define TQ3 "k=turboquant(bits=3),v=turboquant(bits=3)"
 
@@ -28,38 +29,6 @@ struct row {
 	double value[N_COLUMNS]; /* NAN for an empty field */
 };
 
-static char path_buf[8][1024];
-static int path_next;
-
-static const char *join(const char *dir, const char *name)
-{
-	char *p = path_buf[path_next++ % 8];
-
-	snprintf(p, sizeof(path_buf[0]), "%s/%s", dir, name);
-	return p;
-}
-
-static const char *env_or(const char *name, const char *fallback)
-{
-	const char *v = getenv(name);
-
-	return v && v[0] ? v : fallback;
-}
-
-static const char *model_path(const char *name)
-{
-	return join(env_or("KVP_MODELS", "../shared/models"), name);
-}
-
-static const char *tool_path(const char *name)
-{
-	const char *tool = join(env_or("KVP_TEST_BUILD", "build"), name);
-
-	if (access(tool, X_OK) != 0)
-		cr_skip_test("%s is not built here", tool);
-	return tool;
-}
-
 /* A fresh temporary path (the file is created empty). */
 static const char *temp_path(char *buf, size_t cap, const char *suffix)
 {
@@ -72,22 +41,13 @@ static const char *temp_path(char *buf, size_t cap, const char *suffix)
 	return buf;
 }
 
-/* Runs a tool with args; stderr (merged after stdout) lands in out. Returns the exit status. */
+/* Runs a tool quietly with args; stderr (merged after stdout) lands in out. Returns the exit status. */
 static int run(const char *tool, const char *args, char *out, size_t cap)
 {
-	char cmd[8192];
-	size_t n;
-	FILE *f;
-	int st;
+	char quiet[8192];
 
-	snprintf(cmd, sizeof(cmd), "%s --quiet %s 2>&1", tool_path(tool), args);
-	f = popen(cmd, "r");
-	cr_assert_not_null(f);
-	n = fread(out, 1, cap - 1, f);
-	out[n] = '\0';
-	st = pclose(f);
-	cr_assert(WIFEXITED(st), "%s: did not exit normally (status %#x)", cmd, st);
-	return WEXITSTATUS(st);
+	snprintf(quiet, sizeof quiet, "--quiet %s", args);
+	return run_tool(tool, quiet, 1, out, cap);
 }
 
 /* The spec field: quoted, with "" for a quote. Returns the rest of the line after the comma. */

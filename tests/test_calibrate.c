@@ -7,49 +7,20 @@
 #include <sys/wait.h>
 
 #include "policy_fixture.h"
+#include "tool_fixture.h"
 #include "tools/llama.h"
-
-static const char *env_or(const char *name, const char *fallback)
-{
-	const char *v = getenv(name);
-	return v && v[0] ? v : fallback;
-}
-
-static const char *model_file(const char *name)
-{
-	static char buf[4][1024];
-	static int next;
-	char *p = buf[next++ % 4];
-	snprintf(p, sizeof buf[0], "%s/%s", env_or("KVP_MODELS", "../shared/models"), name);
-	return p;
-}
 
 /* Runs the calibrator with args; its stderr lands in out. Returns the exit status. Skips when this build
  * has no tools (the sanitizer build makes only the tests). */
 static int calibrate(const char *args, char *out, size_t cap)
 {
-	char cmd[4096], tool[1024];
-	FILE *f;
-	size_t n;
-	int st;
-
-	snprintf(tool, sizeof tool, "%s/kvpager-calibrate", env_or("KVP_TEST_BUILD", "build"));
-	if (access(tool, X_OK) != 0)
-		cr_skip_test("%s is not built here", tool);
-	snprintf(cmd, sizeof cmd, "%s %s 2>&1", tool, args);
-	f = popen(cmd, "r");
-	cr_assert_not_null(f);
-	n = fread(out, 1, cap - 1, f);
-	out[n] = '\0';
-	st = pclose(f);
-	cr_assert(WIFEXITED(st), "%s: status %#x", cmd, st);
-	return WEXITSTATUS(st);
+	return run_tool("kvpager-calibrate", args, 1, out, cap);
 }
 
 static void load_model(struct llama_model *m)
 {
 	char err[LLAMA_ERROR_MAX] = "";
-	cr_assert_eq(llama_model_load(m, model_file("stories260K.bin"), err), LLAMA_OK, "%s", err);
+	cr_assert_eq(llama_model_load(m, model_path("stories260K.bin"), err), LLAMA_OK, "%s", err);
 }
 
 Test(calibrate, stories260k_statistics_are_accepted_and_finite)
@@ -64,7 +35,7 @@ Test(calibrate, stories260k_statistics_are_accepted_and_finite)
 
 	load_model(&m);
 	shape = llama_model_shape(&m.config);
-	snprintf(args, sizeof args, "--model %s --out %s --steps 256", model_file("stories260K.bin"), out);
+	snprintf(args, sizeof args, "--model %s --out %s --steps 256", model_path("stories260K.bin"), out);
 	cr_assert_eq(calibrate(args, msg, sizeof msg), 0, "%s", msg);
 	cr_assert(strstr(msg, "256 positions"), "%s", msg);
 	cr_assert_eq(kvp_tria_stats_read(out, &shape, &st), KVP_OK, "%s", kvp_last_error());
@@ -135,13 +106,13 @@ Test(calibrate, online_statistics_match_the_calibrated_file_on_the_same_run)
 	unsigned seed = 2;
 
 	load_model(&m);
-	cr_assert_eq(llama_tokenizer_load(&tok, model_file("tok512.bin"), m.config.vocab_size, err), LLAMA_OK, "%s", err);
+	cr_assert_eq(llama_tokenizer_load(&tok, model_path("tok512.bin"), m.config.vocab_size, err), LLAMA_OK, "%s", err);
 	cr_assert_eq(llama_state_init(&state, &m.config), LLAMA_OK);
 	cr_assert_eq(llama_dense_cache_init(&cache, &m.config), LLAMA_OK);
 	f.shape = llama_model_shape(&m.config);
 	cr_assert_eq(kvp_policy_open("triattention(stats=online)", &f.shape, &f.p), KVP_OK, "%s", kvp_last_error());
 	snprintf(args, sizeof args, "--model %s --out %s --steps 200 --prompt 'Once upon a time'",
-		 model_file("stories260K.bin"), out);
+		 model_path("stories260K.bin"), out);
 	cr_assert_eq(calibrate(args, msg, sizeof msg), 0, "%s", msg);
 	/* the same run: prompt, then greedy, 200 positions */
 	n_ids = llama_encode(&tok, "Once upon a time", 1, 0, ids);
@@ -188,15 +159,15 @@ Test(calibrate, bad_inputs_exit_2_with_a_message)
 	const char *trunc = fixture_path("trunc.bin"), *empty = fixture_path("empty.txt");
 	char args[2048], cmd[2048];
 
-	snprintf(cmd, sizeof cmd, "head -c 100000 %s > %s && : > %s", model_file("stories260K.bin"), trunc, empty);
+	snprintf(cmd, sizeof cmd, "head -c 100000 %s > %s && : > %s", model_path("stories260K.bin"), trunc, empty);
 	cr_assert_eq(system(cmd), 0);
 	snprintf(args, sizeof args, "--model %s --tokenizer %s --out /tmp/kvp-never.kvtria", trunc,
-		 model_file("tok512.bin"));
+		 model_path("tok512.bin"));
 	expect_bad_input(args, "truncated");
 	expect_bad_input("", "--out");
-	snprintf(args, sizeof args, "--model %s --out /tmp/kvp-never.kvtria --text %s", model_file("stories260K.bin"), empty);
+	snprintf(args, sizeof args, "--model %s --out /tmp/kvp-never.kvtria --text %s", model_path("stories260K.bin"), empty);
 	expect_bad_input(args, "empty");
-	snprintf(args, sizeof args, "--model %s --out /nonexistent-dir/x.kvtria --steps 4", model_file("stories260K.bin"));
+	snprintf(args, sizeof args, "--model %s --out /nonexistent-dir/x.kvtria --steps 4", model_path("stories260K.bin"));
 	expect_bad_input(args, "cannot write");
 	expect_bad_input("--out /tmp/kvp-never.kvtria --steps -3", "--steps");
 	expect_bad_input("--out /tmp/kvp-never.kvtria --text a --prompt b", "not both");

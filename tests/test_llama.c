@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "kvpager.h"
+#include "tool_fixture.h"
 #include "tools/llama.h"
 
 #define TOL 1e-4
@@ -41,35 +42,6 @@ static const char kjv_prompt[] = "And the LORD said unto Moses,";
 static const char kjv_continuation[] =
 	" What shall I beseech thee, and thou shalt not be ashamed.\nAnd the LORD said unto Moses, "
 	"What shall thou say, I will send thee, and thy servants, and thy son, and thy servants, and thy s";
-
-static char path_buf[8][1024];
-static int path_next;
-
-/* dir/name in one of a few rotating buffers: enough for the paths one test holds at once */
-static const char *join(const char *dir, const char *name)
-{
-	char *p = path_buf[path_next++ % 8];
-
-	snprintf(p, sizeof(path_buf[0]), "%s/%s", dir, name);
-	return p;
-}
-
-static const char *env_or(const char *name, const char *fallback)
-{
-	const char *v = getenv(name);
-
-	return v && v[0] ? v : fallback;
-}
-
-static const char *model_path(const char *name)
-{
-	return join(env_or("KVP_MODELS", "../shared/models"), name);
-}
-
-static const char *build_path(const char *name)
-{
-	return join(env_or("KVP_TEST_BUILD", "build"), name);
-}
 
 /* One loaded model with its tokenizer and activations. */
 struct bench {
@@ -389,33 +361,14 @@ Test(llama, plugin_rejects_bad_cache_spec)
 
 /* ---- the tool, end to end ---- */
 
-/* Runs kvpager-llama with args; stdout (and stderr when merge) into out. Returns the exit status, or -1
- * when the tool did not exit normally. Skips when this build has no tool (the sanitizer build). */
-static const char *require_tool(void)
+/* Runs kvpager-llama quietly with args; stdout (and stderr when merge) into out. Returns the exit status.
+ * Skips when this build has no tool (the sanitizer build). */
+static int run_llama(const char *args, int merge, char *out, size_t cap)
 {
-	const char *tool = build_path("kvpager-llama");
+	char quiet[4096];
 
-	if (access(tool, X_OK) != 0)
-		cr_skip_test("%s is not built here", tool);
-	return tool;
-}
-
-static int run_tool(const char *args, int merge, char *out, size_t cap)
-{
-	const char *tool = require_tool();
-	char cmd[4096];
-	size_t n;
-	FILE *f;
-	int st;
-
-	snprintf(cmd, sizeof(cmd), "%s --quiet %s%s", tool, args, merge ? " 2>&1" : " 2>/dev/null");
-	f = popen(cmd, "r");
-	cr_assert_not_null(f);
-	n = fread(out, 1, cap - 1, f);
-	out[n] = '\0';
-	st = pclose(f);
-	cr_assert(WIFEXITED(st), "%s: did not exit normally (status %#x)", cmd, st);
-	return WEXITSTATUS(st);
+	snprintf(quiet, sizeof quiet, "--quiet %s", args);
+	return run_tool("kvpager-llama", quiet, merge, out, cap);
 }
 
 static void parse_ids(const char *line, int *ids, int n)
@@ -439,7 +392,7 @@ static void check_tool(const char *model, const char *mode, const float *logits,
 
 	snprintf(args, sizeof(args), "--model %s %s --print-ids --steps %d --temp 0 --print-logits %d",
 		 model_path(model), mode, N_IDS, n_logits);
-	cr_assert_eq(run_tool(args, 0, out, sizeof(out)), 0, "output: %s", out);
+	cr_assert_eq(run_llama(args, 0, out, sizeof(out)), 0, "output: %s", out);
 	nl = strchr(out, '\n');
 	cr_assert_not_null(nl, "no logits line: %s", out);
 	s = out;
@@ -471,12 +424,12 @@ Test(llama, tool_prompt_text_dense_and_plugin_agree)
 	/* the prompt takes 18 positions and the last of them yields the first of the 100 tokens: 117 */
 	snprintf(args, sizeof(args), "--model %s --prompt '%s' --steps 117 --dense", model_path("kjv-64.bin"),
 		 kjv_prompt);
-	cr_assert_eq(run_tool(args, 0, dense, sizeof(dense)), 0);
+	cr_assert_eq(run_llama(args, 0, dense, sizeof(dense)), 0);
 	snprintf(want, sizeof(want), "%s%s\n", kjv_prompt, kjv_continuation);
 	cr_assert_str_eq(dense, want);
 	snprintf(args, sizeof(args), "--model %s --prompt '%s' --steps 117", model_path("kjv-64.bin"),
 		 kjv_prompt);
-	cr_assert_eq(run_tool(args, 0, plugin, sizeof(plugin)), 0);
+	cr_assert_eq(run_llama(args, 0, plugin, sizeof(plugin)), 0);
 	cr_assert_str_eq(plugin, want);
 }
 
@@ -583,21 +536,21 @@ Test(llama, tool_bad_inputs_exit_2)
 {
 	char tmp[64], args[1024], out[4096];
 
-	require_tool();
+	tool_path("kvpager-llama");
 	truncated_copy(model_path("stories260K.bin"), 100000, tmp, sizeof(tmp));
 	snprintf(args, sizeof(args), "--dense --model %s --tokenizer %s", tmp, model_path("tok512.bin"));
-	cr_assert_eq(run_tool(args, 1, out, sizeof(out)), 2, "%s", out);
+	cr_assert_eq(run_llama(args, 1, out, sizeof(out)), 2, "%s", out);
 	cr_assert_not_null(strstr(out, "truncated"), "%s", out);
 	unlink(tmp);
-	cr_assert_eq(run_tool("--dense --model /nonexistent/m.bin", 1, out, sizeof(out)), 2, "%s", out);
+	cr_assert_eq(run_llama("--dense --model /nonexistent/m.bin", 1, out, sizeof(out)), 2, "%s", out);
 	cr_assert_not_null(strstr(out, "/nonexistent/m.bin"), "%s", out);
 	truncated_copy(model_path("tok512.bin"), 3000, tmp, sizeof(tmp));
 	snprintf(args, sizeof(args), "--dense --model %s --tokenizer %s", model_path("stories260K.bin"), tmp);
-	cr_assert_eq(run_tool(args, 1, out, sizeof(out)), 2, "%s", out);
+	cr_assert_eq(run_llama(args, 1, out, sizeof(out)), 2, "%s", out);
 	cr_assert_not_null(strstr(out, "truncated"), "%s", out);
 	unlink(tmp);
-	cr_assert_eq(run_tool("--steps zero", 1, out, sizeof(out)), 2, "%s", out);
+	cr_assert_eq(run_llama("--steps zero", 1, out, sizeof(out)), 2, "%s", out);
 	snprintf(args, sizeof(args), "--model %s --cache no_such_key=1", model_path("stories260K.bin"));
-	cr_assert_eq(run_tool(args, 1, out, sizeof(out)), 2, "%s", out);
+	cr_assert_eq(run_llama(args, 1, out, sizeof(out)), 2, "%s", out);
 	cr_assert_not_null(strstr(out, "no_such_key"), "the library's message is shown: %s", out);
 }
