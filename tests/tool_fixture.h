@@ -55,9 +55,9 @@ static inline int run_tool(const char *name, const char *args, int merge, char *
 	char cmd[8192];
 	size_t n;
 	FILE *f;
-	int st;
+	int st = snprintf(cmd, sizeof cmd, "%s %s%s", tool_path(name), args, merge ? " 2>&1" : " 2>/dev/null");
 
-	snprintf(cmd, sizeof cmd, "%s %s%s", tool_path(name), args, merge ? " 2>&1" : " 2>/dev/null");
+	cr_assert(st > 0 && (size_t)st < sizeof cmd, "the command line for %s is too long", name);
 	f = popen(cmd, "r");
 	cr_assert_not_null(f);
 	n = fread(out, 1, cap - 1, f);
