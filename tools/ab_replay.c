@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "tools/ab.h"
+#include "tools/llama.h"
 
 /* The dense copy of the keys and values must fit in this much memory. */
 #define AB_REFERENCE_MAX_BYTES (8ULL << 30)
@@ -65,22 +66,6 @@ static void buffers_close(struct step_buffers *b)
 	free(b->v);
 }
 
-/* sum a[j] b[j] in eight lanes, so the compiler can vectorize without reassociating */
-static float dot(const float *a, const float *b, uint32_t n)
-{
-	float lane[8] = { 0 }, sum = 0.0f;
-	uint32_t j, i;
-
-	for (j = 0; j + 8 <= n; j += 8)
-		for (i = 0; i < 8; i++)
-			lane[i] += a[j + i] * b[j + i];
-	for (; j < n; j++)
-		sum += a[j] * b[j];
-	for (i = 0; i < 8; i++)
-		sum += lane[i];
-	return sum;
-}
-
 /* The dense history and the scratch of exact attention. */
 struct dense_history {
 	const kvp_shape *shape;
@@ -99,7 +84,7 @@ static void exact_head(struct dense_history *h, uint32_t l, uint32_t g, uint64_t
 	uint64_t t;
 
 	for (t = 0; t < n; t++) {
-		h->scores[t] = dot(q, h->keys + t * h->row + at, d) * scale;
+		h->scores[t] = llama_dot(q, h->keys + t * h->row + at, (int)d) * scale;
 		max = h->scores[t] > max ? h->scores[t] : max;
 	}
 	memset(out, 0, d * sizeof(float));

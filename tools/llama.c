@@ -548,8 +548,7 @@ static void rmsnorm(float *out, const float *x, const float *w, int n)
 		out[i] = w[i] * (ss * x[i]);
 }
 
-/* sum_j a[j] b[j]; eight running sums let the compiler use vector lanes without -ffast-math */
-static float dot(const float *a, const float *b, int n)
+float llama_dot(const float *a, const float *b, int n)
 {
 	float lane[8] = { 0 }, sum = 0.0f;
 	int j, i;
@@ -570,7 +569,7 @@ static void matmul(float *out, const float *x, const float *w, int cols, int row
 	int r;
 
 	for (r = 0; r < rows; r++)
-		out[r] = dot(w + (size_t)r * (size_t)cols, x, cols);
+		out[r] = llama_dot(w + (size_t)r * (size_t)cols, x, cols);
 }
 
 /* Rotates adjacent pairs (2m, 2m+1) of every head of x[0..n) by pos * theta^(-2m/head_size). */
@@ -746,7 +745,7 @@ static void dense_attend_head(struct llama_dense_cache *c, int layer, int g, con
 	for (t = 0; t < n; t++) {
 		const float *k = c->keys + dense_offset(c, layer, t) + (size_t)g * (size_t)hs;
 
-		c->scores[t] = dot(q, k, hs) * scale;
+		c->scores[t] = llama_dot(q, k, hs) * scale;
 	}
 	memset(out, 0, sizeof(float) * (size_t)hs);
 	if (!n)

@@ -166,6 +166,10 @@ int llama_plugin_cache_open(struct llama_plugin_cache *c, const kvp_plugin_v1 *a
 void llama_plugin_cache_close(struct llama_plugin_cache *c);
 struct llama_attention llama_plugin_attention(struct llama_plugin_cache *c);
 
+/* sum_j a[j] b[j]; eight running sums let the compiler use vector lanes without -ffast-math. The dense
+ * references (this file's exact cache, kvpager-ab's trace replay) share it. */
+float llama_dot(const float *a, const float *b, int n);
+
 /* Sampling */
 int llama_argmax(const float *x, int n);
 /* xorshift64* generator; the state must not be 0 */
