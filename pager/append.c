@@ -23,13 +23,13 @@ static size_t table_bytes(uint32_t cap)
 	return (size_t)cap * sizeof(struct kvp_block *);
 }
 
-static void plan_unwind(struct kvp_tenant *t, const struct kvp_seq *s, struct stream_plan *p, uint32_t dim)
+static void plan_unwind(struct kvp_tenant *t, struct stream_plan *p)
 {
-	kvp_cold_unwind(t, s, &p->cold);
-	kvp_block_put(t, p->sink, dim);
-	kvp_block_put(t, p->tail, dim);
+	kvp_cold_unwind(t, &p->cold);
+	kvp_block_put(t, p->sink);
+	kvp_block_put(t, p->tail);
 	for (uint32_t i = 0; i < p->n_fresh && p->fresh; i++)
-		kvp_block_put(t, p->fresh[i], dim);
+		kvp_block_put(t, p->fresh[i]);
 	free(p->fresh);
 	if (p->table)
 		kvp_free(t, p->table, table_bytes(p->table_cap), KVP_BYTES_META, 0);
@@ -100,7 +100,7 @@ static void commit_stream(struct kvp_tenant *t, const struct kvp_seq *seq, struc
 	const uint32_t dim = seq->shape.head_dim;
 	uint32_t i = 0;
 	if (p->sink) {
-		kvp_block_put(t, s->sink, dim);
+		kvp_block_put(t, s->sink);
 		s->sink = p->sink;
 	}
 	if (p->sink_take) {
@@ -108,7 +108,7 @@ static void commit_stream(struct kvp_tenant *t, const struct kvp_seq *seq, struc
 		i += p->sink_take;
 	}
 	if (p->tail) {
-		kvp_block_put(t, s->blocks[s->n_blocks - 1], dim);
+		kvp_block_put(t, s->blocks[s->n_blocks - 1]);
 		s->blocks[s->n_blocks - 1] = p->tail;
 	}
 	if (p->tail_take) {
@@ -177,7 +177,7 @@ kvp_status kvp_append_resident(kvp_seq *s, uint32_t layer, uint32_t n, const int
 	if (st != KVP_OK) {
 		st = kvp_fail_context(st, "kvp_append: %u tokens to layer %u not appended", n, layer);
 		for (uint32_t u = 0; u < g; u++)
-			plan_unwind(s->tenant, s, &plan[u], dim);
+			plan_unwind(s->tenant, &plan[u]);
 	} else {
 		for (g = 0; g < nkv; g++)
 			commit_stream(s->tenant, s, kvp_seq_stream(s, layer, g), &plan[g], n, pos,

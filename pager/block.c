@@ -34,19 +34,13 @@ static size_t rows_bytes(uint32_t cap, uint32_t dim, enum kvp_store store)
 	return align_up((size_t)cap * dim * store_size(store), 64);
 }
 
-size_t kvp_block_size(const struct kvp_tenant *t, uint32_t cap, uint32_t dim, enum kvp_store store)
-{
-	return kvp_alloc_size(t, header_bytes(cap)) + kvp_alloc_size(t, 2 * rows_bytes(cap, dim, store));
-}
-
 size_t kvp_block_bytes(const struct kvp_tenant *t, const struct kvp_block *b)
 {
 	return kvp_alloc_size(t, b->size) + (b->spilled ? 0 : kvp_alloc_size(t, b->data_size));
 }
 
-size_t kvp_block_token_bytes(const struct kvp_block *b, uint32_t dim)
+size_t kvp_block_token_bytes(const struct kvp_block *b)
 {
-	(void)dim;
 	return b->spilled ? 0 : b->payload; /* a spilled block's tokens are counted by its record */
 }
 
@@ -115,11 +109,10 @@ void kvp_block_get(struct kvp_block *b)
 	atomic_fetch_add_explicit(&b->refs, 1, memory_order_relaxed);
 }
 
-void kvp_block_put(struct kvp_tenant *t, struct kvp_block *b, uint32_t dim)
+void kvp_block_put(struct kvp_tenant *t, struct kvp_block *b)
 {
 	if (!b || atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) != 1)
 		return;
-	(void)dim;
 	if (b->spilled) {
 		/* never under the device lock: spilled blocks are private, never a twin (park.c) */
 		kvp_spill_lock(t->pool->spill);

@@ -232,10 +232,10 @@ kvp_status kvp_cold_plan(struct kvp_tenant *t, const struct kvp_seq *s, const st
 	return KVP_OK;
 }
 
-void kvp_cold_unwind(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_cold_plan *p)
+void kvp_cold_unwind(struct kvp_tenant *t, struct kvp_cold_plan *p)
 {
 	for (uint32_t i = 0; i < p->n && p->blocks; i++)
-		kvp_block_put(t, p->blocks[i], s->shape.head_dim);
+		kvp_block_put(t, p->blocks[i]);
 	free(p->blocks);
 	free(p->rows);
 	kvp_stream_ctx_put(t, p->ctx);
@@ -337,7 +337,7 @@ static kvp_status encode(const struct kvp_seq *s, struct kvp_stream *st, struct 
 void kvp_cold_commit(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_stream *st,
 		     struct kvp_cold_plan *p)
 {
-	uint32_t dim = s->shape.head_dim, done = 0;
+	uint32_t done = 0;
 
 	while (done < p->n) {
 		struct kvp_block *exact = st->blocks[st->n_cold];
@@ -346,11 +346,11 @@ void kvp_cold_commit(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_s
 			break;
 		st->blocks[st->n_cold++] = p->blocks[done];
 		p->blocks[done++] = NULL;
-		kvp_block_put(t, exact, dim);
+		kvp_block_put(t, exact);
 	}
 	if (st->ctx)
 		kvp_cold_forget_queries(t, st);
-	kvp_cold_unwind(t, s, p);
+	kvp_cold_unwind(t, p);
 }
 
 void kvp_cold_gather(const struct kvp_seq *s, const struct kvp_stream *st, const struct kvp_block *b,

@@ -218,10 +218,10 @@ static void walk_region(const struct kvp_seq *s, const struct kvp_stream *st, co
 	}
 }
 
-static void compaction_free(struct kvp_tenant *t, const struct kvp_seq *s, struct compaction *c)
+static void compaction_free(struct kvp_tenant *t, struct compaction *c)
 {
 	for (uint32_t i = c->used; i < c->n_fresh; i++)
-		kvp_block_put(t, c->fresh[i], s->shape.head_dim);
+		kvp_block_put(t, c->fresh[i]);
 	free(c->fresh);
 	if (c->table)
 		kvp_free(t, c->table, (size_t)c->cap * sizeof *c->table, KVP_BYTES_META, 0);
@@ -297,7 +297,7 @@ static void compaction_commit(struct kvp_tenant *t, struct kvp_seq *s, struct kv
 {
 	walk_stream(t, s, st, keep, c, 0);
 	for (uint32_t i = 0; i < st->n_blocks; i++)
-		kvp_block_put(t, st->blocks[i], s->shape.head_dim);
+		kvp_block_put(t, st->blocks[i]);
 	if (st->blocks)
 		kvp_free(t, st->blocks, (size_t)st->cap_blocks * sizeof *st->blocks, KVP_BYTES_META, 0);
 	st->blocks = c->table;
@@ -308,7 +308,7 @@ static void compaction_commit(struct kvp_tenant *t, struct kvp_seq *s, struct kv
 	st->scored_upto = s->t0;
 	atomic_fetch_sub(&t->tokens_retained, c->dropped);
 	c->table = NULL;
-	compaction_free(t, s, c);
+	compaction_free(t, c);
 }
 
 /* ---- rounds ---- */
@@ -362,7 +362,7 @@ static kvp_status apply(struct kvp_seq *s, struct loaded *l, uint32_t n)
 		st = compaction_plan(s->tenant, s, l[i].st, l[i].keep, &c[i]);
 	if (st != KVP_OK) {
 		for (uint32_t u = 0; c && u < i; u++)
-			compaction_free(s->tenant, s, &c[u]);
+			compaction_free(s->tenant, &c[u]);
 		free(c);
 		return kvp_fail_context(st, "kvp_seq_step: policy round not applied");
 	}
@@ -454,7 +454,7 @@ static kvp_status encode_scored(struct kvp_seq *s)
 	for (size_t i = 0; i < (size_t)s->shape.n_layers * s->shape.n_kv_heads; i++) {
 		kvp_status st = kvp_cold_plan(s->tenant, s, &s->streams[i], 0, &p);
 		if (st != KVP_OK) {
-			kvp_cold_unwind(s->tenant, s, &p);
+			kvp_cold_unwind(s->tenant, &p);
 			return kvp_fail_context(st, "kvp_seq_step: encoding scored blocks");
 		}
 		kvp_cold_commit(s->tenant, s, &s->streams[i], &p);

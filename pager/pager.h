@@ -194,15 +194,14 @@ int kvp_arena_flags(unsigned arena);
 kvp_status kvp_numa_check(int node);
 
 /* ---- blocks ---- */
-size_t kvp_block_size(const struct kvp_tenant *t, uint32_t cap, uint32_t dim, enum kvp_store store);
 struct kvp_block *kvp_block_new(struct kvp_tenant *t, uint32_t cap, uint32_t dim, enum kvp_store store);
 /* A block for n encoded tokens: positions, then k_bytes of keys and v_bytes of values. */
 struct kvp_block *kvp_block_new_cold(struct kvp_tenant *t, uint32_t n, size_t k_bytes, size_t v_bytes);
 /* A private copy of b with the same tokens (copy-on-write); b is exact (cold blocks are never written). */
 struct kvp_block *kvp_block_copy(struct kvp_tenant *t, const struct kvp_block *b, uint32_t dim);
 void kvp_block_get(struct kvp_block *b);
-void kvp_block_put(struct kvp_tenant *t, struct kvp_block *b, uint32_t dim);
-size_t kvp_block_token_bytes(const struct kvp_block *b, uint32_t dim); /* k and v storage */
+void kvp_block_put(struct kvp_tenant *t, struct kvp_block *b);
+size_t kvp_block_token_bytes(const struct kvp_block *b); /* k and v storage */
 size_t kvp_block_bytes(const struct kvp_tenant *t, const struct kvp_block *b); /* both allocations */
 /* Writes rows [at, at+n) of the block from fp32 k/v with the given row stride (floats). */
 void kvp_block_write(struct kvp_block *b, uint32_t at, uint32_t n, uint32_t dim, const int32_t *pos,
@@ -222,7 +221,7 @@ void kvp_cold_close(struct kvp_tenant *t, struct kvp_seq *s);
 /* Allocate what turning blocks cold needs once `add` more tokens land in the stream's blocks. */
 kvp_status kvp_cold_plan(struct kvp_tenant *t, const struct kvp_seq *s, const struct kvp_stream *st,
 			 uint32_t add, struct kvp_cold_plan *p);
-void kvp_cold_unwind(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_cold_plan *p);
+void kvp_cold_unwind(struct kvp_tenant *t, struct kvp_cold_plan *p);
 /* Encode the planned blocks after the exact tokens are written. Cannot fail: a block that does not
  * encode stays exact, and the plan's leftovers are freed. */
 void kvp_cold_commit(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_stream *st,
@@ -278,7 +277,7 @@ kvp_status kvp_seq_head_level_entered(struct kvp_seq *s, uint32_t layer, uint32_
 kvp_status kvp_seq_set_head_level_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, float aggressiveness);
 
 /* ---- streams ---- */
-void kvp_stream_release(struct kvp_tenant *t, struct kvp_stream *s, uint32_t dim);
+void kvp_stream_release(struct kvp_tenant *t, struct kvp_stream *s);
 kvp_status kvp_stream_share(struct kvp_tenant *t, struct kvp_stream *dst, const struct kvp_stream *src);
 
 /* ---- sequences ---- */

@@ -149,7 +149,7 @@ static void twin_drop(struct kvp_twin_map *m, struct kvp_spilled *stub)
 			break;
 		}
 	stub->twin = NULL;
-	kvp_block_put(stub->tenant, b, stub->dim);
+	kvp_block_put(stub->tenant, b);
 }
 
 /* Twins no sequence holds any more are memory the device keeps for nothing: free them. */
@@ -279,7 +279,7 @@ static void park_commit(struct kvp_spill *d, struct kvp_seq *s, struct position 
 		twin_set(kvp_spill_twins(d), io[i].stub, io[i].block);
 	kvp_spill_unlock(d);
 	for (size_t i = 0; i < parked->n; i++) {
-		kvp_block_put(s->tenant, *pos[i].where, s->shape.head_dim);
+		kvp_block_put(s->tenant, *pos[i].where);
 		*pos[i].where = NULL;
 	}
 	s->parked = parked;
@@ -416,7 +416,7 @@ kvp_status kvp_unpark_sequence(struct kvp_seq *s)
 	} else {
 		st = kvp_fail_context(st, "kvp_seq_unpark: the sequence stays parked");
 		for (size_t i = 0; i < n; i++)
-			kvp_block_put(s->tenant, blocks[i], s->shape.head_dim);
+			kvp_block_put(s->tenant, blocks[i]);
 	}
 out:
 	free(pos);

@@ -118,11 +118,11 @@ kvp_status kvp_stream_share(struct kvp_tenant *t, struct kvp_stream *dst, const 
 	return KVP_OK;
 }
 
-void kvp_stream_release(struct kvp_tenant *t, struct kvp_stream *s, uint32_t dim)
+void kvp_stream_release(struct kvp_tenant *t, struct kvp_stream *s)
 {
-	kvp_block_put(t, s->sink, dim);
+	kvp_block_put(t, s->sink);
 	for (uint32_t i = 0; i < s->n_blocks; i++)
-		kvp_block_put(t, s->blocks[i], dim);
+		kvp_block_put(t, s->blocks[i]);
 	if (s->blocks)
 		kvp_free(t, s->blocks, s->cap_blocks * sizeof *s->blocks, KVP_BYTES_META, 0);
 	kvp_stream_ctx_put(t, s->ctx);
@@ -161,7 +161,7 @@ kvp_status kvp_seq_fork_resident(kvp_seq *src, kvp_seq **out)
 		/* the tenant has not counted the fork's tokens yet: give back its streams before destroy,
 		 * which would uncount them */
 		for (size_t j = 0; j < i; j++)
-			kvp_stream_release(t, &s->streams[j], s->shape.head_dim);
+			kvp_stream_release(t, &s->streams[j]);
 		kvp_seq_destroy(s);
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
 	}
@@ -186,7 +186,7 @@ void kvp_seq_destroy(struct kvp_seq *s)
 	atomic_fetch_sub(&t->tokens_retained, seq_retained(s));
 	atomic_fetch_sub(&t->bytes_dense_fp16, s->tokens_appended * s->shape.head_dim * 4);
 	for (size_t i = 0; i < n; i++)
-		kvp_stream_release(t, &s->streams[i], s->shape.head_dim);
+		kvp_stream_release(t, &s->streams[i]);
 	kvp_cold_close(t, s);
 	kvp_evict_close(t, s);
 	kvp_gate_close(t, s);
@@ -274,7 +274,7 @@ kvp_status kvp_gather_resident(kvp_seq *s, uint32_t layer, uint32_t kv_head, uin
 	return KVP_OK;
 }
 
-static void stats_stream(const struct kvp_tenant *t, const struct kvp_stream *st, uint32_t dim, kvp_stats *o)
+static void stats_stream(const struct kvp_tenant *t, const struct kvp_stream *st, kvp_stats *o)
 {
 	const struct kvp_block *b;
 	o->tokens_retained += st->n_tokens;
@@ -283,10 +283,10 @@ static void stats_stream(const struct kvp_tenant *t, const struct kvp_stream *st
 		if (!b)
 			continue;
 		if (b->store == KVP_STORE_CODEC)
-			o->bytes_compressed += kvp_block_token_bytes(b, dim);
+			o->bytes_compressed += kvp_block_token_bytes(b);
 		else
-			o->bytes_exact += kvp_block_token_bytes(b, dim);
-		o->bytes_meta += kvp_block_bytes(t, b) - kvp_block_token_bytes(b, dim);
+			o->bytes_exact += kvp_block_token_bytes(b);
+		o->bytes_meta += kvp_block_bytes(t, b) - kvp_block_token_bytes(b);
 		if (b->spilled) { /* its rows are a record on the device, described by a stub in memory */
 			o->bytes_spilled += b->spilled->pages * KVP_SPILL_PAGE;
 			o->bytes_meta += kvp_alloc_size(t, sizeof *b->spilled);
@@ -322,7 +322,7 @@ kvp_status kvp_seq_stats_entered(const kvp_seq *s, kvp_stats *out)
 	if (st != KVP_OK)
 		return st;
 	for (size_t i = 0; i < (size_t)s->shape.n_layers * s->shape.n_kv_heads; i++)
-		stats_stream(s->tenant, &s->streams[i], s->shape.head_dim, &full);
+		stats_stream(s->tenant, &s->streams[i], &full);
 	full.bytes_meta += kvp_alloc_size(s->tenant, sizeof *s) + kvp_alloc_size(s->tenant, streams_bytes(&s->shape));
 	if (s->cold.scratch)
 		full.bytes_meta += kvp_alloc_size(s->tenant, s->cold.scratch_bytes);
