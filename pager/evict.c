@@ -332,13 +332,14 @@ static void loaded_free(struct loaded *l)
 static kvp_status load(const struct kvp_seq *s, struct kvp_stream *st, struct loaded *l)
 {
 	uint32_t n = st->n_tokens ? st->n_tokens : 1;
+	int keys = s->policy->ops->scores_keys; /* StreamingLLM and H2O rank without reading keys */
 
 	memset(l, 0, sizeof *l);
 	l->st = st;
 	l->pos = malloc(n * sizeof *l->pos);
-	l->k = malloc((size_t)n * s->shape.head_dim * sizeof *l->k);
+	l->k = keys ? malloc((size_t)n * s->shape.head_dim * sizeof *l->k) : NULL;
 	l->keep = malloc(n);
-	if (!l->pos || !l->k || !l->keep) {
+	if (!l->pos || (keys && !l->k) || !l->keep) {
 		loaded_free(l);
 		return kvp_fail(KVP_ENOMEM, "policy round: out of memory for %u tokens", n);
 	}

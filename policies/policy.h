@@ -44,6 +44,9 @@ struct kvp_policy_ops {
 	/* scores[i] for the stream's tokens i < n (pos[i], k[i] post-RoPE); n >= 1, arguments checked. */
 	kvp_status (*score)(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t0, uint32_t n,
 			    const int32_t *pos, const float *k_post_rope, float *scores);
+	/* 1 when score reads k_post_rope; 0 lets rounds skip loading (and decoding) a stream's keys, and
+	 * score then receives NULL */
+	int scores_keys;
 	/* Fill dst->state with a copy of src's history (dst has src's ops, shape and plan, state NULL), so a
 	 * forked sequence's policy starts where its parent's was. NULL for policies without state. */
 	kvp_status (*clone)(struct kvp_policy *dst, const struct kvp_policy *src);

@@ -30,7 +30,7 @@ static kvp_status check_round(const char *what, const struct kvp_policy *p, uint
 {
 	kvp_status st = kvp_policy_check_stream(what, p, layer, kv_head);
 
-	if (st == KVP_OK && r->n && (!r->pos || !r->k))
+	if (st == KVP_OK && r->n && (!r->pos || (!r->k && p->ops->scores_keys)))
 		st = kvp_fail(KVP_EINVAL, "%s: NULL positions or keys", what);
 	if (st == KVP_OK)
 		st = kvp_policy_check_positions(what, r->n, r->pos);
@@ -53,17 +53,18 @@ static struct kvp_protect protection(const struct kvp_policy *p, const struct kv
 	return pr;
 }
 
-static kvp_status candidates_alloc(struct candidates *c, uint32_t n, uint32_t head_dim)
+/* keys: whether the policy's score reads them (else c->k stays NULL and nothing is copied) */
+static kvp_status candidates_alloc(struct candidates *c, uint32_t n, uint32_t head_dim, int keys)
 {
 	size_t m = n ? n : 1;
 
 	memset(c, 0, sizeof *c);
 	c->index = malloc(sizeof *c->index * m);
 	c->pos = malloc(sizeof *c->pos * m);
-	c->k = malloc(sizeof *c->k * head_dim * m);
+	c->k = keys ? malloc(sizeof *c->k * head_dim * m) : NULL;
 	c->scores = malloc(sizeof *c->scores * m);
 	c->sum = calloc(m, sizeof *c->sum);
-	if (!c->index || !c->pos || !c->k || !c->scores || !c->sum) {
+	if (!c->index || !c->pos || (keys && !c->k) || !c->scores || !c->sum) {
 		candidates_free(c);
 		return kvp_fail(KVP_ENOMEM, "policy round: out of memory for %u tokens", n);
 	}
@@ -75,7 +76,8 @@ static void add_candidate(struct candidates *c, const struct kvp_round *r, uint3
 {
 	c->index[c->n] = i;
 	c->pos[c->n] = r->pos[i];
-	memcpy(c->k + (size_t)c->n * hd, r->k + (size_t)i * hd, sizeof(float) * hd);
+	if (c->k)
+		memcpy(c->k + (size_t)c->n * hd, r->k + (size_t)i * hd, sizeof(float) * hd);
 	c->n++;
 }
 
@@ -104,7 +106,8 @@ static kvp_status score_candidates(struct kvp_policy *p, uint32_t layer, uint32_
 	if (n_new)
 		st = p->ops->score(p, layer, kv_head, r->t0, n_new, c->pos, c->k, c->scores);
 	if (st == KVP_OK && c->n > n_new)
-		st = p->ops->score(p, layer, kv_head, r->t0, c->n - n_new, c->pos + n_new, c->k + (size_t)n_new * hd,
+		st = p->ops->score(p, layer, kv_head, r->t0, c->n - n_new, c->pos + n_new,
+				   c->k ? c->k + (size_t)n_new * hd : NULL,
 				   c->scores + n_new);
 	return st;
 }
@@ -137,7 +140,7 @@ kvp_status kvp_policy_round(struct kvp_policy *p, uint32_t layer, uint32_t kv_he
 		return kvp_fail(KVP_EINVAL, "kvp_policy_round: NULL round, keep or count");
 	st = check_round("kvp_policy_round", p, layer, kv_head, r);
 	if (st == KVP_OK)
-		st = candidates_alloc(&c, r->n, p->shape.head_dim);
+		st = candidates_alloc(&c, r->n, p->shape.head_dim, p->ops->scores_keys);
 	if (st != KVP_OK)
 		return st;
 	pr = protection(p, r);
@@ -175,7 +178,7 @@ kvp_status kvp_policy_round_layers(struct kvp_policy *p, uint32_t kv_head, const
 	if (st == KVP_OK)
 		st = check_same_tokens(what, rounds, L);
 	if (st == KVP_OK)
-		st = candidates_alloc(&c, rounds[0].n, p->shape.head_dim);
+		st = candidates_alloc(&c, rounds[0].n, p->shape.head_dim, p->ops->scores_keys);
 	if (st != KVP_OK)
 		return st;
 	pr = protection(p, &rounds[0]);
@@ -229,7 +232,7 @@ kvp_status kvp_policy_round_union(struct kvp_policy *p, uint32_t layer, const st
 	if (st == KVP_OK)
 		st = check_same_tokens(what, rounds, H);
 	if (st == KVP_OK)
-		st = candidates_alloc(&c, rounds[0].n, p->shape.head_dim);
+		st = candidates_alloc(&c, rounds[0].n, p->shape.head_dim, p->ops->scores_keys);
 	if (st != KVP_OK)
 		return st;
 	proposed = calloc(rounds[0].n ? rounds[0].n : 1, 1);

@@ -486,6 +486,7 @@ kvp_status kvp_tria_coherence(const struct kvp_policy *p, uint32_t layer, uint32
 const struct kvp_policy_ops kvp_policy_triattention = {
 	.name = "triattention",
 	.open = open_tria,
+	.scores_keys = 1,
 	.observe = observe,
 	.score = score,
 	.clone = clone_tria,
