@@ -96,7 +96,9 @@ static void dot_f32(unsigned d, unsigned n, const float *rows, const float *q, f
 	}
 }
 
-static void dot_f16(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale, float *out)
+/* ahead: see dot_f16_group in kernels.h */
+static void dot_f16_ahead(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale,
+			  float *out, const uint16_t *ahead)
 {
 	const unsigned d8 = d & ~7u, k = d & 7u;
 	const __m256i mask = k ? tail_mask(k) : _mm256_setzero_si256();
@@ -106,6 +108,8 @@ static void dot_f16(unsigned d, unsigned n, const uint16_t *rows, const float *q
 	for (; i + 4 <= n; i += 4) {
 		const uint16_t *r0 = rows + (size_t)i * d, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
 		__m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+
+		kvp_prefetch_span(ahead, (size_t)i * d * 2, (size_t)(i + 4) * d * 2);
 
 		for (unsigned j = 0; j < d8; j += 8) {
 			__m256 qv = _mm256_loadu_ps(q + j);
@@ -135,6 +139,11 @@ static void dot_f16(unsigned d, unsigned n, const uint16_t *rows, const float *q
 			a = _mm256_fmadd_ps(load_f16_tail(r + d8, k), _mm256_maskload_ps(q + d8, mask), a);
 		out[i] = scale * hsum(a);
 	}
+}
+
+static void dot_f16(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale, float *out)
+{
+	dot_f16_ahead(d, n, rows, q, scale, out, NULL);
 }
 
 /*
@@ -184,8 +193,14 @@ static void axpy_f32(unsigned d, unsigned n, const float *rows, const float *w, 
 	}
 }
 
-static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc)
+/*
+ * Columns outer, rows inner, so ahead's bytes are spread over the strip loop's steps rather than its
+ * rows: step `it` asks for bytes [it * share, (it + 1) * share) of the n * d halves.
+ */
+static void axpy_f16_ahead(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc,
+			   const uint16_t *ahead)
 {
+	const size_t steps = (size_t)(d / 32) * n, share = steps ? ((size_t)n * d * 2 + steps - 1) / steps : 0;
 	unsigned j = 0;
 
 	for (; j + 32 <= d; j += 32) {
@@ -194,8 +209,10 @@ static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *
 
 		for (unsigned i = 0; i < n; i++) {
 			const uint16_t *r = rows + (size_t)i * d + j;
+			const size_t it = (size_t)(j / 32) * n + i;
 			__m256 wv = _mm256_broadcast_ss(w + i);
 
+			kvp_prefetch_span(ahead, it * share, (it + 1) * share);
 			a0 = _mm256_fmadd_ps(wv, load_f16(r), a0);
 			a1 = _mm256_fmadd_ps(wv, load_f16(r + 8), a1);
 			a2 = _mm256_fmadd_ps(wv, load_f16(r + 16), a2);
@@ -226,6 +243,11 @@ static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *
 	}
 }
 
+static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc)
+{
+	axpy_f16_ahead(d, n, rows, w, acc, NULL);
+}
+
 /* The immediate rounding mode (not MXCSR) makes this round to nearest even whatever the caller set. */
 /* acc[j] += w * row[j] for from <= j < d: the column tail of the grouped axpy. */
 static void axpy_f16_columns(unsigned d, unsigned from, const uint16_t *row, float w, float *acc)
@@ -249,7 +271,7 @@ static void axpy_f16_columns(unsigned d, unsigned from, const uint16_t *row, flo
  * (one per cycle) no longer bounds the loop, and eight chains keep both FMA pipes busy.
  */
 static void dot_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale,
-			   float *out)
+			   float *out, const uint16_t *ahead)
 {
 	const unsigned d8 = d & ~7u, k = d & 7u;
 	const __m256i mask = k ? tail_mask(k) : _mm256_setzero_si256();
@@ -262,6 +284,8 @@ static void dot_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const f
 		__m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
 		__m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
 		float s[8];
+
+		kvp_prefetch_span(ahead, (size_t)i * d * 2, (size_t)(i + 2) * d * 2);
 
 		for (unsigned j = 0; j < d8; j += 8) {
 			__m256 x = load_f16(r0 + j), y = load_f16(r1 + j), qv;
@@ -288,22 +312,26 @@ static void dot_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const f
 		dot_f16(d, n - i, rows + (size_t)i * d, q + (size_t)h * d, scale, out + (size_t)h * n + i);
 }
 
+/* The first pass over rows asks for ahead; later passes find rows in cache and ahead on its way. */
 static void dot_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *q,
-			  float scale, float *out)
+			  float scale, float *out, const uint16_t *ahead)
 {
 	unsigned h = 0;
 
-	for (; h + 4 <= g; h += 4)
-		dot_f16_heads4(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n);
-	for (; h < g; h++)
-		dot_f16(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n);
+	for (; h + 4 <= g; h += 4, ahead = NULL)
+		dot_f16_heads4(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n, ahead);
+	for (; h < g; h++, ahead = NULL)
+		dot_f16_ahead(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n, ahead);
 }
 
-/* Sixteen columns of four heads per pass: two conversions per row feed eight FMAs. */
-static void axpy_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc)
+/* Sixteen columns of four heads per pass: two conversions per row feed eight FMAs. ahead is spread
+ * over the steps as in axpy_f16_ahead. */
+static void axpy_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc,
+			    const uint16_t *ahead)
 {
 	const float *w0 = w, *w1 = w + n, *w2 = w1 + n, *w3 = w2 + n;
 	float *c0 = acc, *c1 = acc + d, *c2 = c1 + d, *c3 = c2 + d;
+	const size_t steps = (size_t)(d / 16) * n, share = steps ? ((size_t)n * d * 2 + steps - 1) / steps : 0;
 	unsigned j = 0;
 
 	for (; j + 16 <= d; j += 16) {
@@ -314,8 +342,10 @@ static void axpy_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const 
 
 		for (unsigned i = 0; i < n; i++) {
 			const uint16_t *r = rows + (size_t)i * d + j;
+			const size_t it = (size_t)(j / 16) * n + i;
 			__m256 x = load_f16(r), y = load_f16(r + 8), wv;
 
+			kvp_prefetch_span(ahead, it * share, (it + 1) * share);
 			wv = _mm256_broadcast_ss(w0 + i), a0 = _mm256_fmadd_ps(wv, x, a0), b0 = _mm256_fmadd_ps(wv, y, b0);
 			wv = _mm256_broadcast_ss(w1 + i), a1 = _mm256_fmadd_ps(wv, x, a1), b1 = _mm256_fmadd_ps(wv, y, b1);
 			wv = _mm256_broadcast_ss(w2 + i), a2 = _mm256_fmadd_ps(wv, x, a2), b2 = _mm256_fmadd_ps(wv, y, b2);
@@ -338,14 +368,14 @@ static void axpy_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const 
 }
 
 static void axpy_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *w,
-			   float *acc)
+			   float *acc, const uint16_t *ahead)
 {
 	unsigned h = 0;
 
-	for (; h + 4 <= g; h += 4)
-		axpy_f16_heads4(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d);
-	for (; h < g; h++)
-		axpy_f16(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d);
+	for (; h + 4 <= g; h += 4, ahead = NULL)
+		axpy_f16_heads4(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d, ahead);
+	for (; h < g; h++, ahead = NULL)
+		axpy_f16_ahead(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d, ahead);
 }
 
 static void f32_to_f16(size_t n, const float *x, uint16_t *y)

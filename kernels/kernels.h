@@ -23,11 +23,16 @@ struct kvp_kernels {
 	 * dot_f16 and axpy_f16 for the g query heads of one GQA group at once: q and acc hold g rows of d,
 	 * out and w hold g rows of n (row h is head h). Each fp16 row is widened once for several heads
 	 * instead of once per head, which is what bounds the single-head versions.
+	 *
+	 * ahead, when not NULL, is n rows of d that the caller reads next (the next block's K or V): the
+	 * vector versions ask for them, a share per step of their loop, while they compute on rows. A read
+	 * from memory then overlaps the arithmetic instead of following it; one burst of prefetches per
+	 * block would stall on the core's few line-fill buffers instead. Results never depend on ahead.
 	 */
 	void (*dot_f16_group)(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *q,
-			      float scale, float *out);
+			      float scale, float *out, const uint16_t *ahead);
 	void (*axpy_f16_group)(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *w,
-			       float *acc);
+			       float *acc, const uint16_t *ahead);
 	/* IEEE binary16, round to nearest even, bit-identical across implementations */
 	void (*f32_to_f16)(size_t n, const float *x, uint16_t *y);
 	void (*f16_to_f32)(size_t n, const uint16_t *x, float *y);
@@ -75,6 +80,19 @@ struct kvp_kernels {
 	void (*mask_expand)(unsigned d, unsigned n, const uint8_t *masks, const uint8_t *signs, size_t stride,
 			    const float *kept, size_t kept_stride, const float *scale, const float *mag, float *x);
 };
+
+/*
+ * Asks for the cache lines that start within bytes [from, to) of base, into L2 (the caller reads them
+ * one loop step later, long after L1 would have kept them). Prefetches never fault, so a hint that runs
+ * past base's allocation is harmless; base == NULL asks for nothing.
+ */
+static inline void kvp_prefetch_span(const void *base, size_t from, size_t to)
+{
+	if (!base)
+		return;
+	for (size_t at = (from + 63) & ~(size_t)63; at < to; at += 64)
+		__builtin_prefetch((const char *)base + at, 0, 2);
+}
 
 /* Byte j of entry m is the number of set bits of m below bit j: where the value of a kept channel j of a
  * mask byte m sits among that byte's kept values. Shared by the vector mask_expand kernels. */

@@ -108,7 +108,9 @@ static void dot_f32(unsigned d, unsigned n, const float *rows, const float *q, f
 	}
 }
 
-static void dot_f16(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale, float *out)
+/* ahead: see dot_f16_group in kernels.h */
+static void dot_f16_ahead(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale,
+			  float *out, const uint16_t *ahead)
 {
 	const unsigned d4 = d & ~3u, k = d & 3u;
 	unsigned i = 0;
@@ -119,6 +121,7 @@ static void dot_f16(unsigned d, unsigned n, const uint16_t *rows, const float *q
 		float32x4_t b0 = a0, b1 = a0, b2 = a0, b3 = a0;
 		unsigned j = 0;
 
+		kvp_prefetch_span(ahead, (size_t)i * d * 2, (size_t)(i + 4) * d * 2);
 		for (; j + 8 <= d; j += 8) {
 			float32x4_t qa = vld1q_f32(q + j), qb = vld1q_f32(q + j + 4);
 
@@ -164,6 +167,11 @@ static void dot_f16(unsigned d, unsigned n, const uint16_t *rows, const float *q
 	}
 }
 
+static void dot_f16(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale, float *out)
+{
+	dot_f16_ahead(d, n, rows, q, scale, out, NULL);
+}
+
 /* Columns outer, rows inner: a strip of 16 accumulators stays in registers across all n rows. */
 static void axpy_f32(unsigned d, unsigned n, const float *rows, const float *w, float *acc)
 {
@@ -203,8 +211,12 @@ static void axpy_f32(unsigned d, unsigned n, const float *rows, const float *w, 
 	}
 }
 
-static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc)
+/* Columns outer, rows inner, so ahead's bytes are spread over the strip loop's steps: step `it` asks
+ * for bytes [it * share, (it + 1) * share) of the n * d halves. */
+static void axpy_f16_ahead(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc,
+			   const uint16_t *ahead)
 {
+	const size_t steps = (size_t)(d / 16) * n, share = steps ? ((size_t)n * d * 2 + steps - 1) / steps : 0;
 	unsigned j = 0;
 
 	for (; j + 16 <= d; j += 16) {
@@ -213,7 +225,9 @@ static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *
 
 		for (unsigned i = 0; i < n; i++) {
 			const uint16_t *r = rows + (size_t)i * d + j;
+			const size_t it = (size_t)(j / 16) * n + i;
 
+			kvp_prefetch_span(ahead, it * share, (it + 1) * share);
 			a0 = vfmaq_n_f32(a0, load_f16x4(r), w[i]);
 			a1 = vfmaq_n_f32(a1, load_f16x4(r + 4), w[i]);
 			a2 = vfmaq_n_f32(a2, load_f16x4(r + 8), w[i]);
@@ -241,9 +255,14 @@ static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *
 	}
 }
 
+static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc)
+{
+	axpy_f16_ahead(d, n, rows, w, acc, NULL);
+}
+
 /* Four heads per widened row chunk: the conversion is shared by the whole group (see kernels.h). */
 static void dot_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale,
-			   float *out)
+			   float *out, const uint16_t *ahead)
 {
 	const unsigned d4 = d & ~3u, k = d & 3u;
 	const float *q0 = q, *q1 = q + d, *q2 = q1 + d, *q3 = q2 + d;
@@ -252,6 +271,7 @@ static void dot_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const f
 		const uint16_t *r = rows + (size_t)i * d;
 		float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0, x, s;
 
+		kvp_prefetch_span(ahead, (size_t)i * d * 2, (size_t)(i + 1) * d * 2);
 		for (unsigned j = 0; j < d4; j += 4) {
 			x = load_f16x4(r + j);
 			a0 = vfmaq_f32(a0, x, vld1q_f32(q0 + j));
@@ -274,29 +294,36 @@ static void dot_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const f
 	}
 }
 
+/* The first pass over rows asks for ahead; later passes find rows in cache and ahead on its way. */
 static void dot_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *q,
-			  float scale, float *out)
+			  float scale, float *out, const uint16_t *ahead)
 {
 	unsigned h = 0;
 
-	for (; h + 4 <= g; h += 4)
-		dot_f16_heads4(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n);
-	for (; h < g; h++)
-		dot_f16(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n);
+	for (; h + 4 <= g; h += 4, ahead = NULL)
+		dot_f16_heads4(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n, ahead);
+	for (; h < g; h++, ahead = NULL)
+		dot_f16_ahead(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n, ahead);
 }
 
-static void axpy_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc)
+/* ahead is spread over the strip loop's steps as in axpy_f16_ahead. */
+static void axpy_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc,
+			    const uint16_t *ahead)
 {
 	const unsigned d4 = d & ~3u, k = d & 3u;
 	const float *w0 = w, *w1 = w + n, *w2 = w1 + n, *w3 = w2 + n;
 	float *c0 = acc, *c1 = acc + d, *c2 = c1 + d, *c3 = c2 + d;
+	const size_t steps = (size_t)(d / 4) * n, share = steps ? ((size_t)n * d * 2 + steps - 1) / steps : 0;
 
 	for (unsigned j = 0; j < d4; j += 4) {
 		float32x4_t a0 = vld1q_f32(c0 + j), a1 = vld1q_f32(c1 + j);
 		float32x4_t a2 = vld1q_f32(c2 + j), a3 = vld1q_f32(c3 + j);
 
 		for (unsigned i = 0; i < n; i++) {
+			const size_t it = (size_t)(j / 4) * n + i;
 			float32x4_t x = load_f16x4(rows + (size_t)i * d + j);
+
+			kvp_prefetch_span(ahead, it * share, (it + 1) * share);
 			a0 = vfmaq_n_f32(a0, x, w0[i]);
 			a1 = vfmaq_n_f32(a1, x, w1[i]);
 			a2 = vfmaq_n_f32(a2, x, w2[i]);
@@ -321,14 +348,14 @@ static void axpy_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const 
 }
 
 static void axpy_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *w,
-			   float *acc)
+			   float *acc, const uint16_t *ahead)
 {
 	unsigned h = 0;
 
-	for (; h + 4 <= g; h += 4)
-		axpy_f16_heads4(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d);
-	for (; h < g; h++)
-		axpy_f16(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d);
+	for (; h + 4 <= g; h += 4, ahead = NULL)
+		axpy_f16_heads4(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d, ahead);
+	for (; h < g; h++, ahead = NULL)
+		axpy_f16_ahead(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d, ahead);
 }
 
 static void f32_to_f16(size_t n, const float *x, uint16_t *y)

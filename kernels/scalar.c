@@ -51,16 +51,19 @@ static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *
 	}
 }
 
+/* The reference reads no ahead: a prefetch changes when bytes arrive, never what is computed. */
 static void dot_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *q,
-			  float scale, float *out)
+			  float scale, float *out, const uint16_t *ahead)
 {
+	(void)ahead;
 	for (unsigned h = 0; h < g; h++)
 		dot_f16(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n);
 }
 
 static void axpy_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *w,
-			   float *acc)
+			   float *acc, const uint16_t *ahead)
 {
+	(void)ahead;
 	for (unsigned h = 0; h < g; h++)
 		axpy_f16(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d);
 }

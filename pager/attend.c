@@ -58,21 +58,6 @@ static float softmax_step(struct stream_attention *a, uint32_t h, uint32_t n, fl
 	return a->kern->softmax_step(n, s, &a->hs[h].m, &a->hs[h].l);
 }
 
-/*
- * Blocks are separate allocations, so the hardware prefetcher restarts at each one: the next block's
- * keys are requested before this block's dot, its values before this block's axpy.
- */
-static void prefetch(const struct kvp_block *next, const void *rows, uint32_t dim)
-{
-	size_t bytes;
-
-	if (!next || next->store == KVP_STORE_CODEC)
-		return;
-	bytes = (size_t)next->n * dim * (next->store == KVP_STORE_FP16 ? 2 : 4);
-	for (size_t at = 0; at < bytes; at += 64)
-		__builtin_prefetch((const char *)rows + at);
-}
-
 static void block_f32(struct stream_attention *a, const struct kvp_block *b)
 {
 	for (uint32_t h = 0; h < a->group; h++) {
@@ -85,28 +70,34 @@ static void block_f32(struct stream_attention *a, const struct kvp_block *b)
 	a->seen += b->n;
 }
 
-/* fp16 goes through the group kernels, which widen each row once for all heads of the group; the
- * group's scores share one KVP_BLOCK_MAX buffer, so long blocks are taken in slices. */
+/*
+ * fp16 goes through the group kernels, which widen each row once for all heads of the group; the
+ * group's scores share one KVP_BLOCK_MAX buffer, so long blocks are taken in slices. Blocks are
+ * separate allocations, which the hardware prefetcher does not follow from one to the next, so the
+ * kernels are handed what is read after this slice (the next slice, or the next fp16 block) and ask
+ * for it while they compute: at 32K tokens that overlap is the difference between the sum of the
+ * memory and the arithmetic time and the larger of the two.
+ */
 static void block_f16(struct stream_attention *a, const struct kvp_block *b, const struct kvp_block *next)
 {
 	const uint32_t slice = KVP_BLOCK_MAX / a->group;
+	const int next_f16 = next && next->store == KVP_STORE_FP16;
 
 	for (uint32_t t = 0; t < b->n; t += slice) {
 		uint32_t n = b->n - t < slice ? b->n - t : slice;
 		const uint16_t *k = (const uint16_t *)b->k + (size_t)t * a->dim;
 		const uint16_t *v = (const uint16_t *)b->v + (size_t)t * a->dim;
+		const uint16_t *k_ahead = next_f16 ? next->k : NULL, *v_ahead = next_f16 ? next->v : NULL;
 
-		if (t == 0 && next)
-			prefetch(next, next->k, a->dim);
-		a->kern->dot_f16_group(a->dim, n, k, a->group, a->q, a->scale, a->scores);
+		if (t + n < b->n)
+			k_ahead = k + (size_t)n * a->dim, v_ahead = v + (size_t)n * a->dim;
+		a->kern->dot_f16_group(a->dim, n, k, a->group, a->q, a->scale, a->scores, k_ahead);
 		for (uint32_t h = 0; h < a->group; h++) {
 			float f = softmax_step(a, h, n, a->scores + (size_t)h * n);
 			if (f != 1.0f)
 				rescale(a, h, f);
 		}
-		if (t == 0 && next)
-			prefetch(next, next->v, a->dim);
-		a->kern->axpy_f16_group(a->dim, n, v, a->group, a->scores, a->out);
+		a->kern->axpy_f16_group(a->dim, n, v, a->group, a->scores, a->out, v_ahead);
 		a->seen += n;
 	}
 }

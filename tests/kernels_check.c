@@ -200,6 +200,8 @@ static void check_group(const struct kvp_kernels *k, unsigned d, unsigned n, uns
 {
 	const float scale = 0.125f;
 	uint16_t *rows = rand_f16((size_t)n * d, off);
+	/* what the kernels prefetch: other rows, which must change nothing */
+	uint16_t *ahead = rand_f16((size_t)n * d, off + 1);
 	float *q = rand_f32((size_t)g * d, off), *w = rand_f32((size_t)g * n, off);
 	float *want = xmalloc(((size_t)g * n + off) * sizeof *want), *got = xmalloc(((size_t)g * n + off) * sizeof *got);
 	float *acc0 = rand_f32((size_t)g * d, off);
@@ -209,10 +211,10 @@ static void check_group(const struct kvp_kernels *k, unsigned d, unsigned n, uns
 
 	memcpy(acc_want, acc0, ((size_t)g * d + off) * sizeof *acc0);
 	memcpy(acc_got, acc0, ((size_t)g * d + off) * sizeof *acc0);
-	kvp_kernels_scalar.dot_f16_group(d, n, rows + off, g, q + off, scale, want + off);
-	k->dot_f16_group(d, n, rows + off, g, q + off, scale, got + off);
-	kvp_kernels_scalar.axpy_f16_group(d, n, rows + off, g, w + off, acc_want + off);
-	k->axpy_f16_group(d, n, rows + off, g, w + off, acc_got + off);
+	kvp_kernels_scalar.dot_f16_group(d, n, rows + off, g, q + off, scale, want + off, NULL);
+	k->dot_f16_group(d, n, rows + off, g, q + off, scale, got + off, ahead + off);
+	kvp_kernels_scalar.axpy_f16_group(d, n, rows + off, g, w + off, acc_want + off, NULL);
+	k->axpy_f16_group(d, n, rows + off, g, w + off, acc_got + off, ahead + off);
 	for (unsigned h = 0; h < g && ok; h++) {
 		for (unsigned i = 0; i < n && ok; i++) {
 			size_t at = off + (size_t)h * n + i;
@@ -230,7 +232,15 @@ static void check_group(const struct kvp_kernels *k, unsigned d, unsigned n, uns
 		}
 	}
 	check(ok, "%s f16 group kernels d=%u n=%u g=%u off=%u differ from scalar", k->name, d, n, g, off);
+	/* without the prefetch hint, the same bits */
+	memcpy(acc_want, acc0, ((size_t)g * d + off) * sizeof *acc0);
+	k->dot_f16_group(d, n, rows + off, g, q + off, scale, want + off, NULL);
+	k->axpy_f16_group(d, n, rows + off, g, w + off, acc_want + off, NULL);
+	check(!memcmp(want + off, got + off, (size_t)g * n * sizeof *got) &&
+		      !memcmp(acc_want + off, acc_got + off, (size_t)g * d * sizeof *acc_got),
+	      "%s f16 group kernels d=%u n=%u g=%u off=%u: ahead changed the result", k->name, d, n, g, off);
 	free(rows);
+	free(ahead);
 	free(q);
 	free(w);
 	free(want);

@@ -199,15 +199,17 @@ static void group_case(const struct kvp_kernels *k, unsigned d, unsigned n, unsi
 {
 	const float scale = 0.125f;
 	uint16_t *rows = rand_f16((size_t)n * d, off);
+	/* what the kernels prefetch: other rows, which must change nothing */
+	uint16_t *ahead = rand_f16((size_t)n * d, off + 1);
 	float *q = rand_f32((size_t)g * d, off), *w = rand_f32((size_t)g * n, off);
 	float *want = rand_f32((size_t)g * n, off), *got = copy_f32(want, (size_t)g * n + off);
 	float *acc_want = rand_f32((size_t)g * d, off), *acc_got = copy_f32(acc_want, (size_t)g * d + off);
 	float *acc0 = copy_f32(acc_want, (size_t)g * d + off);
 
-	kvp_kernels_scalar.dot_f16_group(d, n, rows + off, g, q + off, scale, want + off);
-	k->dot_f16_group(d, n, rows + off, g, q + off, scale, got + off);
-	kvp_kernels_scalar.axpy_f16_group(d, n, rows + off, g, w + off, acc_want + off);
-	k->axpy_f16_group(d, n, rows + off, g, w + off, acc_got + off);
+	kvp_kernels_scalar.dot_f16_group(d, n, rows + off, g, q + off, scale, want + off, NULL);
+	k->dot_f16_group(d, n, rows + off, g, q + off, scale, got + off, ahead + off);
+	kvp_kernels_scalar.axpy_f16_group(d, n, rows + off, g, w + off, acc_want + off, NULL);
+	k->axpy_f16_group(d, n, rows + off, g, w + off, acc_got + off, ahead + off);
 	for (unsigned h = 0; h < g; h++) {
 		for (unsigned i = 0; i < n; i++) {
 			size_t at = off + (size_t)h * n + i;
@@ -229,6 +231,7 @@ static void group_case(const struct kvp_kernels *k, unsigned d, unsigned n, unsi
 		}
 	}
 	free(rows);
+	free(ahead);
 	free(q);
 	free(w);
 	free(want);
@@ -246,6 +249,36 @@ static void every_group(const struct kvp_kernels *k, unsigned off)
 		for (size_t b = 0; b < COUNT(counts); b++)
 			for (size_t c = 0; c < COUNT(groups); c++)
 				group_case(k, dims[a], counts[b], groups[c], off);
+}
+
+/* The prefetch hint changes when bytes arrive, never what is computed: the same kernel with and
+ * without ahead gives the same bits. */
+static void ahead_case(const struct kvp_kernels *k, unsigned d, unsigned n, unsigned g)
+{
+	uint16_t *rows = rand_f16((size_t)n * d, 0), *ahead = rand_f16((size_t)n * d, 0);
+	float *q = rand_f32((size_t)g * d, 0), *w = rand_f32((size_t)g * n, 0);
+	float *plain = rand_f32((size_t)g * n, 0), *hinted = copy_f32(plain, (size_t)g * n);
+	float *acc_plain = rand_f32((size_t)g * d, 0), *acc_hinted = copy_f32(acc_plain, (size_t)g * d);
+
+	k->dot_f16_group(d, n, rows, g, q, 0.125f, plain, NULL);
+	k->dot_f16_group(d, n, rows, g, q, 0.125f, hinted, ahead);
+	k->axpy_f16_group(d, n, rows, g, w, acc_plain, NULL);
+	k->axpy_f16_group(d, n, rows, g, w, acc_hinted, ahead);
+	cr_assert(!memcmp(plain, hinted, (size_t)g * n * sizeof *plain),
+		  "%s dot_f16_group d=%u n=%u g=%u: ahead changed the scores", k->name, d, n, g);
+	cr_assert(!memcmp(acc_plain, acc_hinted, (size_t)g * d * sizeof *acc_plain),
+		  "%s axpy_f16_group d=%u n=%u g=%u: ahead changed the sums", k->name, d, n, g);
+	free(rows), free(ahead), free(q), free(w), free(plain), free(hinted), free(acc_plain), free(acc_hinted);
+}
+
+static void every_ahead(const struct kvp_kernels *k)
+{
+	static const unsigned groups[] = { 1, 2, 4, 8 };
+
+	for (size_t a = 0; a < COUNT(dims); a++)
+		for (size_t b = 0; b < COUNT(counts); b++)
+			for (size_t c = 0; c < COUNT(groups); c++)
+				ahead_case(k, dims[a], counts[b], groups[c]);
 }
 
 static void scale_case(const struct kvp_kernels *k, unsigned d, unsigned off)
@@ -655,6 +688,10 @@ Test(kernels, scalar_softmax_step_composed_over_blocks_matches_double_reference)
 	Test(kernels, impl##_f16_group_kernels_match_scalar_on_unaligned_pointers) \
 	{ \
 		every_group(runnable(#impl), 1); \
+	} \
+	Test(kernels, impl##_f16_group_kernels_give_the_same_bits_whatever_they_prefetch) \
+	{ \
+		every_ahead(runnable(#impl)); \
 	} \
 	Test(kernels, impl##_scale_is_bit_identical_to_scalar_on_odd_and_unaligned_lengths) \
 	{ \
