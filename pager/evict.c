@@ -173,14 +173,45 @@ static uint32_t kept_in(const uint8_t *keep, uint32_t n)
 }
 
 /*
- * Walks one region: fully kept blocks are reused while nothing is pending, survivors of the others
- * are packed into fresh blocks. With c == NULL it only counts the fresh blocks needed (*fresh).
- * keep is advanced past the region.
+ * Where packing may stop: when the blocks that lose tokens are the region's first ones (a prefix: what
+ * StreamingLLM's oldest-first eviction always gives), returns the first block after them, and the
+ * blocks from there on are reused as they are, leaving the prefix's last packed block partly filled.
+ * Otherwise (or when that could leave a second partly filled block, or stall the cold tier) returns
+ * r->to: everything after the first block that loses a token is repacked.
+ */
+static uint32_t reuse_from(const struct kvp_seq *s, const struct kvp_stream *st, const struct region *r,
+			   const uint8_t *keep)
+{
+	const uint32_t B = s->tenant->cfg.block;
+	uint32_t i = r->from, prefix_end = r->from;
+
+	/* cold_count turns exact blocks cold only while they are full: a partial one would stall it */
+	if (r->whole || (!r->cold && s->cold.k))
+		return r->to;
+	for (; i < r->to; keep += st->blocks[i]->n, i++) {
+		uint32_t n = st->blocks[i]->n;
+		if (kept_in(keep, n) == n) {
+			/* a partial block would be left in the middle of a reused run */
+			if (n != B && i + 1 < r->to)
+				return r->to;
+		} else if (prefix_end != i) {
+			return r->to; /* a loss after a kept block: not a prefix */
+		} else {
+			prefix_end = i + 1;
+		}
+	}
+	return prefix_end;
+}
+
+/*
+ * Walks one region: fully kept blocks are reused while nothing is pending (and from reuse_from on in
+ * any case), survivors of the others are packed into fresh blocks. With c == NULL it only counts the
+ * fresh blocks needed (*fresh). keep is advanced past the region.
  */
 static void walk_region(const struct kvp_seq *s, const struct kvp_stream *st, const struct region *r,
 			const uint8_t **keep, struct compaction *c, uint32_t *fresh)
 {
-	const uint32_t B = s->tenant->cfg.block;
+	const uint32_t B = s->tenant->cfg.block, reuse = reuse_from(s, st, r, *keep);
 	struct kvp_block *cur = NULL;
 	uint32_t pending = 0;
 
@@ -188,6 +219,8 @@ static void walk_region(const struct kvp_seq *s, const struct kvp_stream *st, co
 		struct kvp_block *b = st->blocks[i];
 		uint32_t kept = kept_in(*keep, b->n);
 
+		if (i == reuse)
+			pending = 0;
 		if (r->whole || (kept == b->n && !pending)) {
 			if (c && (r->whole ? 2 * kept >= b->n : 1)) {
 				kvp_block_get(b);
