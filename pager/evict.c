@@ -8,7 +8,11 @@
  *   - cold blocks of a codec whose groups span tokens (KIVI keys) are kept or dropped whole, by the
  *     share of their tokens the round selected (at least half: kept);
  *   - exact blocks are repacked the same way.
- * A block every one of whose tokens survives is kept as it is (shared with forks, nothing copied).
+ * A block every one of whose tokens survives is kept as it is (shared with forks, nothing copied) until
+ * a block before it has lost tokens; from then on survivors are packed into full blocks, except when
+ * the losses are a prefix of the region (StreamingLLM drops the oldest): then the blocks after it are
+ * kept as they are, and the prefix's last packed block may stay partly filled.
+ * Single-stream rounds load into the sequence's round space (kept between rounds, charged as metadata).
  * Cold tokens are scored from their decoded keys; a block is encoded only after a round has scored
  * it (cold.c), so every token's first decision is made while it is exact. Until a stream's first round
  * (it holds fewer than budget + every tokens) its blocks therefore stay exact.
