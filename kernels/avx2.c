@@ -841,6 +841,41 @@ static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint
 				kept + (size_t)i * kept_stride, signs ? scale[i] : 0.0f, mag, x + (size_t)i * d);
 }
 
+static float band_norm(float re, float im)
+{
+	float rr = re * re, ii = im * im, sum = rr + ii;
+
+	return sqrtf(sum);
+}
+
+/* Eight bands at a time; mul, mul, add, sqrt are each rounded as in the scalar reference. */
+static void band_norms(unsigned d, unsigned n, int interleaved, const float *rows, float *out)
+{
+	const unsigned F = d / 2, F8 = F & ~7u;
+
+	for (unsigned i = 0; i < n; i++) {
+		const float *r = rows + (size_t)i * d;
+		float *o = out + (size_t)i * F;
+		unsigned f = 0;
+
+		for (; f < F8; f += 8) {
+			__m256 sum;
+			if (interleaved) {
+				__m256 a = _mm256_loadu_ps(r + 2 * f), b = _mm256_loadu_ps(r + 2 * f + 8);
+				/* hadd pairs re^2 + im^2 per band; lanes come out as bands 0 1 4 5 | 2 3 6 7 */
+				sum = _mm256_hadd_ps(_mm256_mul_ps(a, a), _mm256_mul_ps(b, b));
+				sum = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(sum), 0xd8));
+			} else {
+				__m256 re = _mm256_loadu_ps(r + f), im = _mm256_loadu_ps(r + f + F);
+				sum = _mm256_add_ps(_mm256_mul_ps(re, re), _mm256_mul_ps(im, im));
+			}
+			_mm256_storeu_ps(o + f, _mm256_sqrt_ps(sum));
+		}
+		for (; f < F; f++)
+			o[f] = interleaved ? band_norm(r[2 * f], r[2 * f + 1]) : band_norm(r[f], r[f + F]);
+	}
+}
+
 const struct kvp_kernels kvp_kernels_avx2 = {
 	.name = "avx2",
 	.dot_f32 = dot_f32,
@@ -849,6 +884,7 @@ const struct kvp_kernels kvp_kernels_avx2 = {
 	.axpy_f16 = axpy_f16,
 	.dot_f16_group = dot_f16_group,
 	.axpy_f16_group = axpy_f16_group,
+	.band_norms = band_norms,
 	.f32_to_f16 = f32_to_f16,
 	.f16_to_f32 = f16_to_f32,
 	.softmax_step = softmax_step,

@@ -33,6 +33,13 @@ struct kvp_kernels {
 			      float scale, float *out, const uint16_t *ahead);
 	void (*axpy_f16_group)(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *w,
 			       float *acc, const uint16_t *ahead);
+	/*
+	 * Magnitudes of the d/2 complex bands of n rows (d even): out[i*d/2 + f] = sqrt(re^2 + im^2) with
+	 * (re, im) = (row[f], row[f + d/2]) in the half-split RoPE layout, (row[2f], row[2f+1]) interleaved.
+	 * Two products, one sum and one square root, each rounded (never fused), so every implementation
+	 * gives the same bits.
+	 */
+	void (*band_norms)(unsigned d, unsigned n, int interleaved, const float *rows, float *out);
 	/* IEEE binary16, round to nearest even, bit-identical across implementations */
 	void (*f32_to_f16)(size_t n, const float *x, uint16_t *y);
 	void (*f16_to_f32)(size_t n, const uint16_t *x, float *y);

@@ -804,6 +804,40 @@ static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint
 				kept + (size_t)i * kept_stride, signs ? scale[i] : 0.0f, mag, x + (size_t)i * d);
 }
 
+static float band_norm(float re, float im)
+{
+	float rr = re * re, ii = im * im, sum = rr + ii;
+
+	return sqrtf(sum);
+}
+
+/* Four bands at a time; vmulq, vaddq and vsqrtq round each step, as the scalar reference does. */
+static void band_norms(unsigned d, unsigned n, int interleaved, const float *rows, float *out)
+{
+	const unsigned F = d / 2, F4 = F & ~3u;
+
+	for (unsigned i = 0; i < n; i++) {
+		const float *r = rows + (size_t)i * d;
+		float *o = out + (size_t)i * F;
+		unsigned f = 0;
+
+		for (; f < F4; f += 4) {
+			float32x4_t re, im;
+			if (interleaved) {
+				float32x4x2_t pair = vld2q_f32(r + 2 * f);
+				re = pair.val[0];
+				im = pair.val[1];
+			} else {
+				re = vld1q_f32(r + f);
+				im = vld1q_f32(r + f + F);
+			}
+			vst1q_f32(o + f, vsqrtq_f32(vaddq_f32(vmulq_f32(re, re), vmulq_f32(im, im))));
+		}
+		for (; f < F; f++)
+			o[f] = interleaved ? band_norm(r[2 * f], r[2 * f + 1]) : band_norm(r[f], r[f + F]);
+	}
+}
+
 const struct kvp_kernels kvp_kernels_neon = {
 	.name = "neon",
 	.dot_f32 = dot_f32,
@@ -812,6 +846,7 @@ const struct kvp_kernels kvp_kernels_neon = {
 	.axpy_f16 = axpy_f16,
 	.dot_f16_group = dot_f16_group,
 	.axpy_f16_group = axpy_f16_group,
+	.band_norms = band_norms,
 	.f32_to_f16 = f32_to_f16,
 	.f16_to_f32 = f16_to_f32,
 	.softmax_step = softmax_step,

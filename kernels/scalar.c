@@ -202,6 +202,27 @@ static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint
 	}
 }
 
+/* One band's magnitude; separate statements so no compiler fuses the products into the sum. */
+static float band_norm(float re, float im)
+{
+	float rr = re * re, ii = im * im, sum = rr + ii;
+
+	return sqrtf(sum);
+}
+
+static void band_norms(unsigned d, unsigned n, int interleaved, const float *rows, float *out)
+{
+	const unsigned F = d / 2;
+
+	for (unsigned i = 0; i < n; i++) {
+		const float *r = rows + (size_t)i * d;
+		float *o = out + (size_t)i * F;
+
+		for (unsigned f = 0; f < F; f++)
+			o[f] = interleaved ? band_norm(r[2 * f], r[2 * f + 1]) : band_norm(r[f], r[f + F]);
+	}
+}
+
 const struct kvp_kernels kvp_kernels_scalar = {
 	.name = "scalar",
 	.dot_f32 = dot_f32,
@@ -210,6 +231,7 @@ const struct kvp_kernels kvp_kernels_scalar = {
 	.axpy_f16 = axpy_f16,
 	.dot_f16_group = dot_f16_group,
 	.axpy_f16_group = axpy_f16_group,
+	.band_norms = band_norms,
 	.f32_to_f16 = f32_to_f16,
 	.f16_to_f32 = f16_to_f32,
 	.softmax_step = softmax_step,

@@ -8,7 +8,11 @@
  *   - cold blocks of a codec whose groups span tokens (KIVI keys) are kept or dropped whole, by the
  *     share of their tokens the round selected (at least half: kept);
  *   - exact blocks are repacked the same way.
- * A block every one of whose tokens survives is kept as it is (shared with forks, nothing copied).
+ * A block every one of whose tokens survives is kept as it is (shared with forks, nothing copied) until
+ * a block before it has lost tokens; from then on survivors are packed into full blocks, except when
+ * the losses are a prefix of the region (StreamingLLM drops the oldest): then the blocks after it are
+ * kept as they are, and the prefix's last packed block may stay partly filled.
+ * Single-stream rounds load into the sequence's round space (kept between rounds, charged as metadata).
  * Cold tokens are scored from their decoded keys; a block is encoded only after a round has scored
  * it (cold.c), so every token's first decision is made while it is exact. Until a stream's first round
  * (it holds fewer than budget + every tokens) its blocks therefore stay exact.
@@ -66,8 +70,16 @@ kvp_status kvp_evict_fork(struct kvp_tenant *t, const struct kvp_seq *src, struc
 	return kvp_policy_clone(src->policy, &s->policy);
 }
 
+static void round_space_release(struct kvp_tenant *t, struct kvp_round_space *r)
+{
+	if (r->bytes) /* one allocation: the keys first when there are any */
+		kvp_free(t, r->k ? (void *)r->k : (void *)r->pos, r->bytes, KVP_BYTES_META, 0);
+	memset(r, 0, sizeof *r);
+}
+
 void kvp_evict_close(struct kvp_tenant *t, struct kvp_seq *s)
 {
+	round_space_release(t, &s->round_space);
 	kvp_policy_free(s->policy);
 	s->policy = NULL;
 	if (s->observe.bytes)
@@ -165,14 +177,45 @@ static uint32_t kept_in(const uint8_t *keep, uint32_t n)
 }
 
 /*
- * Walks one region: fully kept blocks are reused while nothing is pending, survivors of the others
- * are packed into fresh blocks. With c == NULL it only counts the fresh blocks needed (*fresh).
- * keep is advanced past the region.
+ * Where packing may stop: when the blocks that lose tokens are the region's first ones (a prefix: what
+ * StreamingLLM's oldest-first eviction always gives), returns the first block after them, and the
+ * blocks from there on are reused as they are, leaving the prefix's last packed block partly filled.
+ * Otherwise (or when that could leave a second partly filled block, or stall the cold tier) returns
+ * r->to: everything after the first block that loses a token is repacked.
+ */
+static uint32_t reuse_from(const struct kvp_seq *s, const struct kvp_stream *st, const struct region *r,
+			   const uint8_t *keep)
+{
+	const uint32_t B = s->tenant->cfg.block;
+	uint32_t i = r->from, prefix_end = r->from;
+
+	/* cold_count turns exact blocks cold only while they are full: a partial one would stall it */
+	if (r->whole || (!r->cold && s->cold.k))
+		return r->to;
+	for (; i < r->to; keep += st->blocks[i]->n, i++) {
+		uint32_t n = st->blocks[i]->n;
+		if (kept_in(keep, n) == n) {
+			/* a partial block would be left in the middle of a reused run */
+			if (n != B && i + 1 < r->to)
+				return r->to;
+		} else if (prefix_end != i) {
+			return r->to; /* a loss after a kept block: not a prefix */
+		} else {
+			prefix_end = i + 1;
+		}
+	}
+	return prefix_end;
+}
+
+/*
+ * Walks one region: fully kept blocks are reused while nothing is pending (and from reuse_from on in
+ * any case), survivors of the others are packed into fresh blocks. With c == NULL it only counts the
+ * fresh blocks needed (*fresh). keep is advanced past the region.
  */
 static void walk_region(const struct kvp_seq *s, const struct kvp_stream *st, const struct region *r,
 			const uint8_t **keep, struct compaction *c, uint32_t *fresh)
 {
-	const uint32_t B = s->tenant->cfg.block;
+	const uint32_t B = s->tenant->cfg.block, reuse = reuse_from(s, st, r, *keep);
 	struct kvp_block *cur = NULL;
 	uint32_t pending = 0;
 
@@ -180,6 +223,8 @@ static void walk_region(const struct kvp_seq *s, const struct kvp_stream *st, co
 		struct kvp_block *b = st->blocks[i];
 		uint32_t kept = kept_in(*keep, b->n);
 
+		if (i == reuse)
+			pending = 0;
 		if (r->whole || (kept == b->n && !pending)) {
 			if (c && (r->whole ? 2 * kept >= b->n : 1)) {
 				kvp_block_get(b);
@@ -321,21 +366,62 @@ struct loaded {
 	float *k;
 	uint8_t *keep;
 	uint32_t n_kept;
+	int owned; /* the buffers are this round's own (else the sequence's round space) */
 };
 
 static void loaded_free(struct loaded *l)
 {
-	free(l->pos), free(l->k), free(l->keep);
+	if (l->owned)
+		free(l->pos), free(l->k), free(l->keep);
 	memset(l, 0, sizeof *l);
 }
 
-static kvp_status load(const struct kvp_seq *s, struct kvp_stream *st, struct loaded *l)
+/*
+ * A round space for n tokens, n plus an eighth so a stream that grows by `every` between rounds does not
+ * reallocate at each. Charged without relief: parking other sequences to make room for scratch would
+ * cost more than it saves, so when the quota says no (0 returned) the round uses buffers of its own.
+ */
+static int round_space_alloc(struct kvp_seq *s, uint32_t n, int keys, struct kvp_round_space *r)
 {
-	uint32_t n = st->n_tokens ? st->n_tokens : 1;
-	int keys = s->policy->ops->scores_keys; /* StreamingLLM and H2O rank without reading keys */
+	const size_t dim = s->shape.head_dim;
+	unsigned mode = kvp_charge_mode;
+	uint32_t cap = n + n / 8 > n ? n + n / 8 : n;
+	size_t bytes = (size_t)cap * ((keys ? dim * sizeof(float) : 0) + sizeof(int32_t) + 1);
+	char *mem;
 
-	memset(l, 0, sizeof *l);
-	l->st = st;
+	kvp_charge_mode |= KVP_CHARGE_NO_RELIEF;
+	mem = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0);
+	kvp_charge_mode = mode;
+	if (!mem)
+		return 0;
+	r->k = keys ? (float *)mem : NULL;
+	r->pos = (int32_t *)(mem + (keys ? (size_t)cap * dim * sizeof(float) : 0));
+	r->keep = (uint8_t *)(r->pos + cap);
+	r->cap = cap;
+	r->bytes = bytes;
+	return 1;
+}
+
+/*
+ * Buffers for n tokens. With grown != NULL (a single-stream round) they are the sequence's round space
+ * when it holds n, else a larger one made into *grown, which the round installs only when it succeeds
+ * (round_space_settle), so a failed round leaves the sequence's memory as it was. Otherwise, and when
+ * the quota refuses, the round's own.
+ */
+static kvp_status load_buffers(struct kvp_seq *s, uint32_t n, int keys, struct kvp_round_space *grown,
+			       struct loaded *l)
+{
+	const struct kvp_round_space *r = &s->round_space;
+
+	if (grown && !(n <= r->cap && (!keys || r->k)) && round_space_alloc(s, n, keys, grown))
+		r = grown;
+	if (grown && n <= r->cap && (!keys || r->k)) {
+		l->pos = r->pos;
+		l->k = keys ? r->k : NULL;
+		l->keep = r->keep;
+		return KVP_OK;
+	}
+	l->owned = 1;
 	l->pos = malloc(n * sizeof *l->pos);
 	l->k = keys ? malloc((size_t)n * s->shape.head_dim * sizeof *l->k) : NULL;
 	l->keep = malloc(n);
@@ -343,6 +429,33 @@ static kvp_status load(const struct kvp_seq *s, struct kvp_stream *st, struct lo
 		loaded_free(l);
 		return kvp_fail(KVP_ENOMEM, "policy round: out of memory for %u tokens", n);
 	}
+	return KVP_OK;
+}
+
+/* After a single-stream round: a grown round space replaces the old one if the round succeeded. */
+static void round_space_settle(struct kvp_seq *s, struct kvp_round_space *grown, kvp_status st)
+{
+	if (!grown->bytes)
+		return;
+	if (st == KVP_OK) {
+		round_space_release(s->tenant, &s->round_space);
+		s->round_space = *grown;
+	} else {
+		round_space_release(s->tenant, grown);
+	}
+}
+
+/* grown: see load_buffers; NULL when several streams are loaded at once. */
+static kvp_status load(struct kvp_seq *s, struct kvp_stream *st, struct loaded *l, struct kvp_round_space *grown)
+{
+	uint32_t n = st->n_tokens ? st->n_tokens : 1;
+	int keys = s->policy->ops->scores_keys; /* StreamingLLM and H2O rank without reading keys */
+	kvp_status rc;
+
+	memset(l, 0, sizeof *l);
+	if ((rc = load_buffers(s, n, keys, grown, l)) != KVP_OK)
+		return rc;
+	l->st = st;
 	kvp_stream_gather(s, st, l->pos, l->k, NULL);
 	l->round = (struct kvp_round){
 		.t0 = s->t0, .n = st->n_tokens, .pos = l->pos, .k = l->k,
@@ -383,7 +496,7 @@ static kvp_status round_shared(struct kvp_seq *s, struct kvp_stream **streams, u
 	uint32_t i;
 
 	for (i = 0; st == KVP_OK && i < n; i++)
-		if ((st = load(s, streams[i], &l[i])) == KVP_OK)
+		if ((st = load(s, streams[i], &l[i], NULL)) == KVP_OK)
 			rounds[i] = l[i].round;
 	if (st == KVP_OK)
 		st = layers ? kvp_policy_round_layers(s->policy, kv_head, rounds, l[0].keep, &l[0].n_kept) :
@@ -401,8 +514,9 @@ static kvp_status round_shared(struct kvp_seq *s, struct kvp_stream **streams, u
 
 static kvp_status round_one(struct kvp_seq *s, uint32_t layer, uint32_t kv_head)
 {
+	struct kvp_round_space grown = { 0 };
 	struct loaded l;
-	kvp_status st = load(s, kvp_seq_stream(s, layer, kv_head), &l);
+	kvp_status st = load(s, kvp_seq_stream(s, layer, kv_head), &l, &grown);
 
 	l.round.budget = kvp_gate_budget(s, layer, kv_head);
 	if (st == KVP_OK)
@@ -410,6 +524,7 @@ static kvp_status round_one(struct kvp_seq *s, uint32_t layer, uint32_t kv_head)
 	if (st == KVP_OK)
 		st = apply(s, &l, 1);
 	loaded_free(&l);
+	round_space_settle(s, &grown, st);
 	return st;
 }
 

@@ -160,6 +160,15 @@ struct kvp_seq {
 		float *weights; /* [group][cap] */
 		int32_t *pos;   /* [cap] */
 	} observe;
+	/* One stream's positions, fp32 keys and verdict for single-stream policy rounds, kept between rounds
+	 * (charged as metadata) so a long stream's round does not fault in fresh pages each time (evict.c). */
+	struct kvp_round_space {
+		uint32_t cap;   /* tokens */
+		size_t bytes;
+		float *k;       /* [cap][head_dim], or NULL when the policy does not read keys */
+		int32_t *pos;   /* [cap] */
+		uint8_t *keep;  /* [cap] */
+	} round_space;
 	struct kvp_parked *parked; /* non-NULL while parked: its blocks are on the spill device */
 	uint64_t spill_id; /* names the sequence in slot headers; 0 until its first park */
 	int pressure_parked; /* parked by memory pressure, not by the host: unparked on next use */

@@ -12,17 +12,27 @@
 
 #include "policies/policy.h"
 
-/* Candidate buffers of one round. */
+/*
+ * The candidates of one round. Positions increase, so the unprotected tokens are one run of the stream
+ * and a pinned prompt is a prefix of it: the candidates are at most two runs, the newer tokens
+ * [decode_from, decode_to) first, then the prompt's [prompt_from, prompt_to). The policy scores the
+ * stream's own positions and keys in place; nothing is copied.
+ */
 struct candidates {
-	uint32_t n;
-	uint32_t *index; /* into the stream */
-	int32_t *pos;
-	float *k, *scores, *sum; /* sum: per-token accumulator over layers or heads */
+	uint32_t n, n_decode;
+	uint32_t decode_from, prompt_from;
+	float *scores, *sum; /* [n], candidate order; sum: per-token accumulator over layers or heads */
 };
 
 static void candidates_free(struct candidates *c)
 {
-	free(c->index), free(c->pos), free(c->k), free(c->scores), free(c->sum);
+	free(c->scores), free(c->sum);
+}
+
+/* Stream index of candidate j. */
+static uint32_t candidate_index(const struct candidates *c, uint32_t j)
+{
+	return j < c->n_decode ? c->decode_from + j : c->prompt_from + (j - c->n_decode);
 }
 
 static kvp_status check_round(const char *what, const struct kvp_policy *p, uint32_t layer, uint32_t kv_head,
@@ -53,62 +63,53 @@ static struct kvp_protect protection(const struct kvp_policy *p, const struct kv
 	return pr;
 }
 
-/* keys: whether the policy's score reads them (else c->k stays NULL and nothing is copied) */
-static kvp_status candidates_alloc(struct candidates *c, uint32_t n, uint32_t head_dim, int keys)
+/* The runs of candidates of a round of n tokens with positions pos under protection pr. */
+static void candidates_find(struct candidates *c, uint32_t n, const int32_t *pos, const struct kvp_protect *pr)
 {
-	size_t m = n ? n : 1;
+	uint32_t from = pr->sinks < n ? pr->sinks : n, to = pr->window < n ? n - pr->window : 0, prompt_end = from;
 
+	if (to < from)
+		to = from;
+	if (pr->pin_prompt)
+		while (prompt_end < to && pos[prompt_end] < pr->prompt_end)
+			prompt_end++;
+	c->decode_from = prompt_end;
+	c->n_decode = to - prompt_end;
+	c->prompt_from = from;
+	c->n = to - from;
+}
+
+static kvp_status candidates_alloc(struct candidates *c, const struct kvp_round *r, const struct kvp_protect *pr)
+{
 	memset(c, 0, sizeof *c);
-	c->index = malloc(sizeof *c->index * m);
-	c->pos = malloc(sizeof *c->pos * m);
-	c->k = keys ? malloc(sizeof *c->k * head_dim * m) : NULL;
-	c->scores = malloc(sizeof *c->scores * m);
-	c->sum = calloc(m, sizeof *c->sum);
-	if (!c->index || !c->pos || (keys && !c->k) || !c->scores || !c->sum) {
+	candidates_find(c, r->n, r->pos, pr);
+	c->scores = malloc(sizeof *c->scores * (c->n ? c->n : 1));
+	c->sum = calloc(c->n ? c->n : 1, sizeof *c->sum);
+	if (!c->scores || !c->sum) {
 		candidates_free(c);
-		return kvp_fail(KVP_ENOMEM, "policy round: out of memory for %u tokens", n);
+		return kvp_fail(KVP_ENOMEM, "policy round: out of memory for %u tokens", r->n);
 	}
 	return KVP_OK;
 }
 
-/* Appends stream token i to the candidates. */
-static void add_candidate(struct candidates *c, const struct kvp_round *r, uint32_t i, uint32_t hd)
-{
-	c->index[c->n] = i;
-	c->pos[c->n] = r->pos[i];
-	if (c->k)
-		memcpy(c->k + (size_t)c->n * hd, r->k + (size_t)i * hd, sizeof(float) * hd);
-	c->n++;
-}
-
 /*
- * Copies the unprotected tokens of r into c and scores them into c->scores. A pinned prompt is scored on
- * its own: the reference z-normalizes over the decode tokens only, so the prompt must not shift their
- * rows; its own scores matter only when it outgrows the budget and competes within itself.
+ * Scores the candidates of r into c->scores. A pinned prompt is scored on its own: the reference
+ * z-normalizes over the decode tokens only, so the prompt must not shift their rows; its own scores
+ * matter only when it outgrows the budget and competes within itself.
  */
 static kvp_status score_candidates(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, const struct kvp_round *r,
-				   const struct kvp_protect *pr, struct candidates *c)
+				   const struct candidates *c)
 {
-	uint32_t hd = p->shape.head_dim, n_new = 0;
+	size_t hd = p->shape.head_dim;
+	uint32_t n_prompt = c->n - c->n_decode;
 	kvp_status st = KVP_OK;
 
-	c->n = 0;
-	for (int prompt = 0; prompt < 2; prompt++) {
-		for (uint32_t i = 0; i < r->n; i++) {
-			int in_prompt = pr->pin_prompt && r->pos[i] < pr->prompt_end;
-			if (i < pr->sinks || (uint64_t)i + pr->window >= r->n || in_prompt != prompt)
-				continue;
-			add_candidate(c, r, i, hd);
-		}
-		if (prompt == 0)
-			n_new = c->n;
-	}
-	if (n_new)
-		st = p->ops->score(p, layer, kv_head, r->t0, n_new, c->pos, c->k, c->scores);
-	if (st == KVP_OK && c->n > n_new)
-		st = p->ops->score(p, layer, kv_head, r->t0, c->n - n_new, c->pos + n_new,
-				   c->k ? c->k + (size_t)n_new * hd : NULL,
-				   c->scores + n_new);
+	if (c->n_decode)
+		st = p->ops->score(p, layer, kv_head, r->t0, c->n_decode, r->pos + c->decode_from,
+				   r->k ? r->k + c->decode_from * hd : NULL, c->scores);
+	if (st == KVP_OK && n_prompt)
+		st = p->ops->score(p, layer, kv_head, r->t0, n_prompt, r->pos + c->prompt_from,
+				   r->k ? r->k + c->prompt_from * hd : NULL, c->scores + c->n_decode);
 	return st;
 }
 
@@ -121,8 +122,8 @@ static kvp_status select_from(const struct kvp_policy *p, const struct kvp_round
 
 	if (!scores)
 		return kvp_fail(KVP_ENOMEM, "policy round: out of memory for %u tokens", r->n);
-	for (uint32_t i = 0; i < c->n; i++)
-		scores[c->index[i]] = values[i];
+	for (uint32_t j = 0; j < c->n; j++)
+		scores[candidate_index(c, j)] = values[j];
 	st = kvp_select_survivors(r->n, r->pos, scores, pr, r->budget ? r->budget : kvp_policy_budget(p, r->t0), keep,
 				  n_kept);
 	free(scores);
@@ -139,12 +140,12 @@ kvp_status kvp_policy_round(struct kvp_policy *p, uint32_t layer, uint32_t kv_he
 	if (!r || !keep || !n_kept)
 		return kvp_fail(KVP_EINVAL, "kvp_policy_round: NULL round, keep or count");
 	st = check_round("kvp_policy_round", p, layer, kv_head, r);
-	if (st == KVP_OK)
-		st = candidates_alloc(&c, r->n, p->shape.head_dim, p->ops->scores_keys);
 	if (st != KVP_OK)
 		return st;
 	pr = protection(p, r);
-	st = score_candidates(p, layer, kv_head, r, &pr, &c);
+	if ((st = candidates_alloc(&c, r, &pr)) != KVP_OK)
+		return st;
+	st = score_candidates(p, layer, kv_head, r, &c);
 	if (st == KVP_OK)
 		st = select_from(p, r, &pr, &c, c.scores, keep, n_kept);
 	candidates_free(&c);
@@ -177,13 +178,13 @@ kvp_status kvp_policy_round_layers(struct kvp_policy *p, uint32_t kv_head, const
 		st = check_round(what, p, l, kv_head, &rounds[l]);
 	if (st == KVP_OK)
 		st = check_same_tokens(what, rounds, L);
-	if (st == KVP_OK)
-		st = candidates_alloc(&c, rounds[0].n, p->shape.head_dim, p->ops->scores_keys);
 	if (st != KVP_OK)
 		return st;
 	pr = protection(p, &rounds[0]);
+	if ((st = candidates_alloc(&c, &rounds[0], &pr)) != KVP_OK)
+		return st;
 	for (uint32_t l = 0; st == KVP_OK && l < L; l++) {
-		st = score_candidates(p, l, kv_head, &rounds[l], &pr, &c);
+		st = score_candidates(p, l, kv_head, &rounds[l], &c);
 		for (uint32_t i = 0; st == KVP_OK && i < c.n; i++)
 			c.sum[i] += c.scores[i] / (float)L;
 	}
@@ -231,24 +232,24 @@ kvp_status kvp_policy_round_union(struct kvp_policy *p, uint32_t layer, const st
 		st = check_round(what, p, layer, h, &rounds[h]);
 	if (st == KVP_OK)
 		st = check_same_tokens(what, rounds, H);
-	if (st == KVP_OK)
-		st = candidates_alloc(&c, rounds[0].n, p->shape.head_dim, p->ops->scores_keys);
 	if (st != KVP_OK)
+		return st;
+	pr = protection(p, &rounds[0]);
+	if ((st = candidates_alloc(&c, &rounds[0], &pr)) != KVP_OK)
 		return st;
 	proposed = calloc(rounds[0].n ? rounds[0].n : 1, 1);
 	if (!proposed) {
 		candidates_free(&c);
 		return kvp_fail(KVP_ENOMEM, "%s: out of memory", what);
 	}
-	pr = protection(p, &rounds[0]);
 	for (uint32_t i = 0; i < rounds[0].n; i++)
 		held += i < pr.sinks || (uint64_t)i + pr.window >= rounds[0].n;
 	take = kvp_policy_budget(p, rounds[0].t0) > held ? kvp_policy_budget(p, rounds[0].t0) - held : 0;
 	/* each head proposes its top `take`; a proposed token ranks by its best score over all heads */
-	for (uint32_t i = 0; i < rounds[0].n; i++)
+	for (uint32_t i = 0; i < c.n; i++)
 		c.sum[i] = -INFINITY;
 	for (uint32_t h = 0; st == KVP_OK && h < H; h++) {
-		st = score_candidates(p, layer, h, &rounds[h], &pr, &c);
+		st = score_candidates(p, layer, h, &rounds[h], &c);
 		if (st == KVP_OK)
 			st = propose(c.scores, c.n, take, proposed);
 		for (uint32_t i = 0; st == KVP_OK && i < c.n; i++)

@@ -1,24 +1,103 @@
-/* Survivor selection: protection first, then the budget's free slots by score (policy.h states the rules). */
+/*
+ * Survivor selection: protection first, then the budget's free slots by score (policy.h states the rules).
+ *
+ * The best `take` tokens are found by quickselect, not by sorting: only the set matters, and the rank is
+ * a strict total order (score, NaN as -inf, then the newer position), so any correct selection gives the
+ * one set a full sort would. Each candidate's rank is packed into one integer key so that comparing
+ * keys is comparing ranks.
+ */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "policies/policy.h"
 
 struct ranked {
-	float score;
-	int32_t pos;
+	uint64_t key; /* rank_key(score, pos): larger is better */
 	uint32_t index;
 };
 
-/* Best first: higher score, then newer position (recent tokens are the safer keep when scores tie). */
-static int by_rank(const void *a, const void *b)
+/*
+ * Higher score first, then newer position (recent tokens are the safer keep when scores tie). The
+ * score's bits are mapped so that unsigned order is float order (NaN ranks as -inf; -0 and +0 are one
+ * score, as they compare equal), and the position breaks ties in the low half. Positions of one stream
+ * differ, so keys do.
+ */
+static uint64_t rank_key(float score, int32_t pos)
+{
+	uint32_t bits;
+
+	if (isnan(score))
+		score = -INFINITY;
+	if (score == 0.0f)
+		score = 0.0f;
+	memcpy(&bits, &score, sizeof bits);
+	bits = bits & 0x80000000u ? ~bits : bits | 0x80000000u;
+	return (uint64_t)bits << 32 | ((uint32_t)pos ^ 0x80000000u);
+}
+
+static void swap(struct ranked *a, struct ranked *b)
+{
+	struct ranked t = *a;
+	*a = *b;
+	*b = t;
+}
+
+/* Orders list[lo], list[mid], list[hi] best first and returns the median's key: a pivot that is never
+ * the range's worst, so each partition below makes progress. */
+static uint64_t median_of_three(struct ranked *list, uint32_t lo, uint32_t hi)
+{
+	uint32_t mid = lo + (hi - lo) / 2;
+
+	if (list[mid].key > list[lo].key)
+		swap(&list[mid], &list[lo]);
+	if (list[hi].key > list[lo].key)
+		swap(&list[hi], &list[lo]);
+	if (list[hi].key > list[mid].key)
+		swap(&list[hi], &list[mid]);
+	return list[mid].key;
+}
+
+static int by_key_desc(const void *a, const void *b)
 {
 	const struct ranked *x = a, *y = b;
-	float sx = isnan(x->score) ? -INFINITY : x->score, sy = isnan(y->score) ? -INFINITY : y->score;
+	return x->key > y->key ? -1 : x->key < y->key;
+}
 
-	if (sx != sy)
-		return sx > sy ? -1 : 1;
-	return x->pos > y->pos ? -1 : x->pos < y->pos;
+/*
+ * Rearranges list[0..n) so that its best `take` entries come first (in no particular order), 0 < take <
+ * n. Hoare partitions around a median of three; after 2 log2(n) rounds without converging (inputs
+ * built to defeat the pivot) the remaining range is sorted instead, so the worst case stays n log n.
+ */
+static void select_best(struct ranked *list, uint32_t n, uint32_t take)
+{
+	uint32_t lo = 0, hi = n - 1, budget = 2;
+
+	for (uint32_t m = n; m > 1; m >>= 1)
+		budget += 2;
+	while (hi - lo > 2) {
+		if (!budget--) {
+			qsort(list + lo, hi - lo + 1, sizeof *list, by_key_desc);
+			return;
+		}
+		uint64_t pivot = median_of_three(list, lo, hi);
+		uint32_t i = lo, j = hi;
+		for (;;) {
+			while (list[i].key > pivot)
+				i++;
+			while (list[j].key < pivot)
+				j--;
+			if (i >= j)
+				break;
+			swap(&list[i++], &list[j--]);
+		}
+		/* list[lo..j] are all >= pivot's rank and list[j+1..hi] all <= it */
+		if (take <= j)
+			hi = j;
+		else
+			lo = j + 1;
+	}
+	qsort(list + lo, hi - lo + 1, sizeof *list, by_key_desc);
 }
 
 /* Keeps the best `take` of list[0..n), ranked; returns how many it kept. */
@@ -26,7 +105,8 @@ static uint32_t keep_best(struct ranked *list, uint32_t n, uint32_t take, uint8_
 {
 	if (take > n)
 		take = n;
-	qsort(list, n, sizeof *list, by_rank);
+	if (take && take < n)
+		select_best(list, n, take);
 	for (uint32_t i = 0; i < take; i++)
 		keep[list[i].index] = 1;
 	return take;
@@ -50,9 +130,9 @@ kvp_status kvp_select_survivors(uint32_t n, const int32_t *pos, const float *sco
 		if (keep[i])
 			held++;
 		else if (protect->pin_prompt && pos[i] < protect->prompt_end)
-			prompt[n_prompt++] = (struct ranked){ scores[i], pos[i], i };
+			prompt[n_prompt++] = (struct ranked){ rank_key(scores[i], pos[i]), i };
 		else
-			decode[n_decode++] = (struct ranked){ scores[i], pos[i], i };
+			decode[n_decode++] = (struct ranked){ rank_key(scores[i], pos[i]), i };
 	}
 	free_slots = budget > held ? budget - held : 0;
 	if (n_prompt <= free_slots) {

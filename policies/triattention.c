@@ -42,6 +42,19 @@ struct online_sums {
 	double *count;         /* [n_layers][n_heads] */
 };
 
+/*
+ * What score works in, grown on demand and kept between calls so a round over a long stream does not
+ * fault in fresh pages every time: the GQA group's coefficients, one raw row per query head, and one
+ * tile of band magnitudes.
+ */
+struct tria_scratch {
+	uint32_t cap;        /* tokens the rows hold */
+	float *rows;         /* [group][cap] */
+	float *coef;         /* [group][table rows][head_dim], in the keys' layout */
+	float *weights;      /* [group][F] */
+	float *kabs, *tmp;   /* [TILE][F], [TILE] */
+};
+
 struct tria {
 	unsigned n_bands, n_offsets, aggregate, online;
 	double *omega;              /* [F] */
@@ -52,6 +65,7 @@ struct tria {
 	float *cos_t, *sin_t;
 	/* one head's coefficients, loaded per head */
 	float *alpha, *beta, *weight;
+	struct tria_scratch scratch; /* score's buffers, kept between calls */
 };
 
 /* ---- band access ---- */
@@ -201,21 +215,83 @@ static void layout_coefficients(const struct tria *t, const kvp_shape *s, unsign
 	}
 }
 
-static void head_scores(const struct tria *t, const kvp_shape *s, uint32_t n, const float *k, const float *kabs,
-			float *row, float *tmp, float *coef)
+/*
+ * Keys are scored a tile at a time for every query head of the group, so a tile's keys and band
+ * magnitudes are read from cache by all of them instead of streaming the whole stream once per head.
+ * TILE is a multiple of 4: the dot kernels take keys four at a time from the start of each call, so
+ * tiling leaves every key's sum exactly as one call over all n keys would give it.
+ */
+#define TILE 256
+
+static kvp_status scratch_reserve(struct tria *t, const kvp_shape *s, uint32_t n)
+{
+	struct tria_scratch *w = &t->scratch;
+	unsigned group = s->n_heads / s->n_kv_heads, rows = t->aggregate == AGG_MEAN ? 1 : t->n_offsets;
+	uint32_t cap = w->cap ? w->cap : TILE;
+	float *grown;
+
+	if (!w->coef) {
+		w->coef = malloc(sizeof(float) * group * rows * s->head_dim);
+		w->weights = malloc(sizeof(float) * group * t->n_bands);
+		w->kabs = malloc(sizeof(float) * TILE * t->n_bands);
+		w->tmp = malloc(sizeof(float) * TILE);
+		if (!w->coef || !w->weights || !w->kabs || !w->tmp)
+			return kvp_fail(KVP_ENOMEM, "triattention: out of memory scoring %u tokens", n);
+	}
+	if (w->rows && n <= w->cap)
+		return KVP_OK;
+	while (cap < n)
+		cap *= 2;
+	if (!(grown = malloc(sizeof(float) * group * cap)))
+		return kvp_fail(KVP_ENOMEM, "triattention: out of memory scoring %u tokens", n);
+	free(w->rows);
+	w->rows = grown;
+	w->cap = cap;
+	return KVP_OK;
+}
+
+static void scratch_free(struct tria_scratch *w)
+{
+	free(w->rows), free(w->coef), free(w->weights), free(w->kabs), free(w->tmp);
+	memset(w, 0, sizeof *w);
+}
+
+/* Every group head's coefficients in the keys' layout, and its norm weights. */
+static void group_coefficients(struct tria *t, const kvp_shape *s, uint32_t layer, uint32_t kv_head)
+{
+	struct tria_scratch *w = &t->scratch;
+	unsigned group = s->n_heads / s->n_kv_heads, rows = t->aggregate == AGG_MEAN ? 1 : t->n_offsets;
+
+	for (unsigned g = 0; g < group; g++) {
+		head_coefficients(t, s, layer, kv_head * group + g);
+		for (unsigned r = 0; r < rows; r++)
+			layout_coefficients(t, s, r, w->coef + ((size_t)g * rows + r) * s->head_dim);
+		memcpy(w->weights + (size_t)g * t->n_bands, t->weight, sizeof(float) * t->n_bands);
+	}
+}
+
+/* Raw rows of the group's heads for keys [at, at + m) (m <= TILE): w->rows[g][at + i]. */
+static void tile_scores(const struct tria *t, const kvp_shape *s, uint32_t n, uint32_t at, uint32_t m,
+			const float *k)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
-	unsigned rows = t->aggregate == AGG_MEAN ? 1 : t->n_offsets;
+	const struct tria_scratch *w = &t->scratch;
+	unsigned group = s->n_heads / s->n_kv_heads, rows = t->aggregate == AGG_MEAN ? 1 : t->n_offsets;
+	const float *keys = k + (size_t)at * s->head_dim;
 
-	for (unsigned r = 0; r < rows; r++) {
-		layout_coefficients(t, s, r, coef);
-		kern->dot_f32(s->head_dim, n, k, coef, 1.0f, r ? tmp : row);
-		for (uint32_t i = 0; r && i < n; i++)
-			row[i] = tmp[i] > row[i] ? tmp[i] : row[i];
+	kern->band_norms(s->head_dim, m, s->rope_layout == KVP_ROPE_INTERLEAVED, keys, w->kabs);
+	for (unsigned g = 0; g < group; g++) {
+		float *row = w->rows + (size_t)g * n + at;
+		for (unsigned r = 0; r < rows; r++) {
+			kern->dot_f32(s->head_dim, m, keys, w->coef + ((size_t)g * rows + r) * s->head_dim, 1.0f,
+				      r ? w->tmp : row);
+			for (uint32_t i = 0; r && i < m; i++)
+				row[i] = w->tmp[i] > row[i] ? w->tmp[i] : row[i];
+		}
+		kern->dot_f32(t->n_bands, m, w->kabs, w->weights + (size_t)g * t->n_bands, 1.0f, w->tmp);
+		for (uint32_t i = 0; i < m; i++)
+			row[i] += w->tmp[i];
 	}
-	kern->dot_f32(t->n_bands, n, kabs, t->weight, 1.0f, tmp);
-	for (uint32_t i = 0; i < n; i++)
-		row[i] += tmp[i];
 }
 
 static kvp_status score(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t0, uint32_t n,
@@ -223,27 +299,24 @@ static kvp_status score(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, 
 {
 	struct tria *t = p->state;
 	const kvp_shape *s = &p->shape;
-	unsigned group = s->n_heads / s->n_kv_heads, F = t->n_bands;
-	float *row = malloc(sizeof *row * n), *tmp = malloc(sizeof *tmp * n), *kabs = malloc(sizeof *kabs * F * n);
-	float *coef = malloc(sizeof *coef * s->head_dim);
+	unsigned group = s->n_heads / s->n_kv_heads;
+	kvp_status st = scratch_reserve(t, s, n);
 
 	(void)pos; /* the post-RoPE form needs only t0 */
-	if (!row || !tmp || !kabs || !coef) {
-		free(row), free(tmp), free(kabs), free(coef);
-		return kvp_fail(KVP_ENOMEM, "triattention: out of memory scoring %u tokens", n);
-	}
+	if (st != KVP_OK)
+		return st;
 	phase_table(t, t0);
-	band_magnitudes(F, s->rope_layout, s->head_dim, n, k, kabs);
+	group_coefficients(t, s, layer, kv_head);
+	for (uint32_t at = 0; at < n; at += TILE)
+		tile_scores(t, s, n, at, n - at < TILE ? n - at : TILE, k);
 	for (uint32_t i = 0; i < n; i++)
 		scores[i] = -INFINITY;
 	for (unsigned g = 0; g < group; g++) {
-		head_coefficients(t, s, layer, kv_head * group + g);
-		head_scores(t, s, n, k, kabs, row, tmp, coef);
+		float *row = t->scratch.rows + (size_t)g * n;
 		z_normalize(row, n);
 		for (uint32_t i = 0; i < n; i++)
 			scores[i] = row[i] > scores[i] ? row[i] : scores[i];
 	}
-	free(row), free(tmp), free(kabs), free(coef);
 	return KVP_OK;
 }
 
@@ -307,6 +380,7 @@ static void tria_free(struct tria *t)
 	kvp_tria_stats_free(&t->file);
 	free(t->omega), free(t->cos_t), free(t->sin_t);
 	free(t->alpha), free(t->beta), free(t->weight);
+	scratch_free(&t->scratch);
 	free(t->sums.re), free(t->sums.im), free(t->sums.abs), free(t->sums.count);
 	free(t);
 }

@@ -7,7 +7,7 @@
  * and FMA differ, and a plain relative bound is meaningless when terms cancel); conversions and scale are
  * bit-identical, except that an f16 NaN widened to f32 only has to stay a NaN of the same sign (F16C quiets
  * signalling NaNs, base/half.c keeps them); softmax weights, sums and factors agree within 1e-6 relative
- * (plus 1e-30 absolute for results that underflow).
+ * (plus 1e-30 absolute for results that underflow); band norms are bit-identical.
  */
 #include <math.h>
 #include <stdarg.h>
@@ -378,6 +378,30 @@ static void check_f16_to_f32(const struct kvp_kernels *k)
 	free(got);
 }
 
+/* band_norms: bit-identical to scalar in both layouts, on even dims around the vector widths. */
+static void check_band_norms(const struct kvp_kernels *k)
+{
+	static const unsigned band_dims[] = { 2, 6, 8, 14, 16, 18, 30, 64, 128, 130 };
+
+	for (size_t a = 0; a < COUNT(band_dims); a++)
+		for (size_t b = 0; b < COUNT(counts); b++)
+			for (unsigned off = 0; off < 2; off++)
+				for (int il = 0; il < 2; il++) {
+					unsigned d = band_dims[a], n = counts[b], m = n * (d / 2), i = 0;
+					float *rows = rand_f32((size_t)n * d, off), *want = xmalloc(m * sizeof *want);
+					float *got = xmalloc((m + off) * sizeof *got);
+
+					kvp_kernels_scalar.band_norms(d, n, il, rows + off, want);
+					k->band_norms(d, n, il, rows + off, got + off);
+					while (i < m && bits_of(got[off + i]) == bits_of(want[i]))
+						i++;
+					check(i == m, "%s band_norms d=%u n=%u interleaved=%d off=%u: band %u %08x, scalar %08x",
+					      k->name, d, n, il, off, i, i < m ? bits_of(got[off + i]) : 0,
+					      i < m ? bits_of(want[i]) : 0);
+					free(rows), free(want), free(got);
+				}
+}
+
 static int softmax_close(float got, float want)
 {
 	if (isinf(want) || isnan(want))
@@ -599,6 +623,7 @@ static void check_against_scalar(const struct kvp_kernels *k)
 	check_f32_to_f16(k);
 	check_f32_to_f16_sweep(k);
 	check_f16_to_f32(k);
+	check_band_norms(k);
 }
 
 /* The reference itself: every half survives the trip through f32 (NaNs as some NaN). */

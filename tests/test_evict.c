@@ -218,6 +218,48 @@ Test(evict, kivi_key_blocks_are_kept_or_dropped_whole)
 	kvp_pool_close(c.pool);
 }
 
+/*
+ * StreamingLLM drops the oldest tokens: the blocks that lose them are a prefix of the stream, so a round
+ * repacks only those and reuses every later block as it is (at most one partly filled block besides the
+ * last), instead of repacking the whole stream at every step; the kept set is still sinks + window.
+ */
+Test(evict, streaming_rounds_reuse_the_blocks_after_the_oldest)
+{
+	static float k[MAXT * ROW], v[MAXT * ROW];
+	int32_t pos[MAXT];
+	struct cache c;
+
+	fixture_fill(k, MAXT * ROW, 21, 1.0f);
+	fixture_fill(v, MAXT * ROW, 22, 1.0f);
+	cache_open(&c, "block=8,sinks=4,window=45,policy=streaming(sinks=4,window=45)");
+	cr_assert_eq(append(&c, 80, k, v), KVP_OK);
+	cr_assert_eq(kvp_seq_step(c.seq), KVP_OK, "%s", kvp_last_error());
+	for (int step = 0; step < 100; step++) {
+		const struct kvp_stream *st = kvp_seq_stream(kvp_seq_from_handle(c.seq), 0, 0);
+		struct kvp_block *before[MAXT / 8];
+		uint32_t n_before = st->n_blocks, partial = 0, reused = 0;
+
+		memcpy(before, st->blocks, n_before * sizeof *before);
+		cr_assert_eq(append(&c, 1 + step % 3, k, v), KVP_OK);
+		cr_assert_eq(kvp_seq_step(c.seq), KVP_OK, "%s", kvp_last_error());
+		for (uint32_t i = 0; i < st->n_blocks; i++) {
+			partial += i + 1 < st->n_blocks && st->blocks[i]->n != 8;
+			for (uint32_t j = 1; j + 1 < n_before; j++)
+				reused += st->blocks[i] == before[j];
+		}
+		cr_assert_leq(partial, 1, "step %d: %u partly filled blocks before the last", step, partial);
+		cr_assert_geq(reused + 3, n_before, "step %d: only %u of %u blocks reused", step, reused, n_before);
+		for (uint32_t h = 0; h < NKV; h++) {
+			cr_assert_eq(positions(&c, h, pos), 49);
+			for (int i = 0; i < 4; i++)
+				cr_assert_eq(pos[i], i);
+			for (int i = 4; i < 49; i++)
+				cr_assert_eq(pos[i], (int32_t)c.t - 49 + i);
+		}
+	}
+	kvp_pool_close(c.pool);
+}
+
 Test(evict, round_that_cannot_be_paid_for_changes_nothing)
 {
 	static float k[MAXT * ROW], v[MAXT * ROW];

@@ -9,6 +9,7 @@
  *   f16_to_f32  bit-identical, except a NaN need only stay a NaN of the same sign (F16C quiets signalling
  *               NaNs, base/half.c keeps them signalling)
  *   scale       bit-identical
+ *   band_norms  bit-identical (products, sum and square root each rounded, never fused)
  *   softmax     weights, running sum and factor within 1e-6 relative (+1e-30 absolute for underflow);
  *               the running maximum exact
  *
@@ -1024,6 +1025,47 @@ Test(kernels, scalar_mask_expand_places_kept_values_and_signed_recoveries)
 MASK_TESTS(avx2)
 MASK_TESTS(neon)
 
+/* ---- band_norms ---- */
+
+Test(kernels, scalar_band_norms_reads_both_layouts)
+{
+	const float rows[8] = { 3, 0, 4, 1, /* half: bands (3,4) and (0,1) */ 6, 8, 0, -2 /* interleaved */ };
+	float out[2];
+
+	kvp_kernels_scalar.band_norms(4, 1, 0, rows, out);
+	cr_assert(out[0] == 5.0f && out[1] == 1.0f, "half: %g %g", out[0], out[1]);
+	kvp_kernels_scalar.band_norms(4, 1, 1, rows + 4, out);
+	cr_assert(out[0] == 10.0f && out[1] == 2.0f, "interleaved: %g %g", out[0], out[1]);
+}
+
+static void band_norms_case(const struct kvp_kernels *k, unsigned d, unsigned n, int interleaved, unsigned off)
+{
+	unsigned m = n * (d / 2);
+	float *rows = rand_f32((size_t)n * d, off), *want = rand_f32(m, 0), *got = rand_f32(m, off);
+
+	kvp_kernels_scalar.band_norms(d, n, interleaved, rows + off, want);
+	k->band_norms(d, n, interleaved, rows + off, got + off);
+	for (unsigned i = 0; i < m; i++)
+		cr_assert_eq(bits_of(got[off + i]), bits_of(want[i]), "%s d=%u n=%u interleaved=%d off=%u band %u: %a vs %a",
+			     k->name, d, n, interleaved, off, i, got[off + i], want[i]);
+	free(rows), free(want), free(got);
+}
+
+#define BAND_TESTS(impl) \
+	Test(kernels, impl##_band_norms_is_bit_identical_to_scalar_in_both_layouts) \
+	{ \
+		static const unsigned band_dims[] = { 2, 6, 8, 14, 16, 18, 30, 64, 128, 130 }; \
+		const struct kvp_kernels *k = runnable(#impl); \
+		for (size_t a = 0; a < COUNT(band_dims); a++) \
+			for (size_t b = 0; b < COUNT(counts); b++) \
+				for (unsigned off = 0; off < 2; off++) \
+					for (int il = 0; il < 2; il++) \
+						band_norms_case(k, band_dims[a], counts[b], il, off); \
+	}
+
+BAND_TESTS(avx2)
+BAND_TESTS(neon)
+
 /* ---- dispatch ---- */
 
 static const struct kvp_kernels *best_here(void)
@@ -1066,7 +1108,7 @@ Test(kernels, dispatch_tables_are_complete_and_named_for_their_name)
 		cr_assert_str_eq(k->name, names[i]);
 		cr_assert(k->dot_f32 && k->dot_f16 && k->axpy_f32 && k->axpy_f16 && k->f32_to_f16 &&
 			  k->f16_to_f32 && k->softmax_step && k->scale && k->lut_dot && k->lut_axpy &&
-			  k->lut_dot_group && k->lut_axpy_group && k->mask_expand, "%s has an empty slot", names[i]);
+			  k->lut_dot_group && k->lut_axpy_group && k->mask_expand && k->band_norms, "%s has an empty slot", names[i]);
 	}
 }
 

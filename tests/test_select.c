@@ -106,3 +106,48 @@ Test(select, an_unpinned_prompt_competes_by_score)
 	cr_assert_eq(kvp_select_survivors(N, pos, s, &pr, 4, keep, &kept), KVP_OK);
 	cr_assert(keep[0] && keep[2] && keep[4] && keep[6] && !keep[10] && !keep[11]);
 }
+
+/* The reference: a full sort by (score, NaN lowest, then newer position), best `take` kept. */
+static int by_rank_reference(const void *a, const void *b, void *arg)
+{
+	const float *s = arg;
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+	float sx = isnan(s[x]) ? -INFINITY : s[x], sy = isnan(s[y]) ? -INFINITY : s[y];
+
+	if (sx != sy)
+		return sx > sy ? -1 : 1;
+	return x > y ? -1 : x < y; /* positions increase with the index */
+}
+
+Test(select, selection_keeps_the_set_a_full_sort_keeps)
+{
+	enum { M = 3000 };
+	static const float values[] = { 1.0f, -1.0f, 0.0f, -0.0f, NAN, INFINITY, -INFINITY, 0.5f, 2.0f };
+	static float s[M];
+	static int32_t pos[M];
+	static uint32_t order[M];
+	static uint8_t keep[M], want[M];
+	struct kvp_protect none = { 0 };
+	unsigned seed = 5;
+
+	for (int trial = 0; trial < 200; trial++) {
+		uint32_t n = 1 + (uint32_t)rand_r(&seed) % M, take = (uint32_t)rand_r(&seed) % (n + 2), kept = 0;
+		int few = trial % 2; /* half the trials: scores from a few values, so most of them tie */
+		for (uint32_t i = 0; i < n; i++) {
+			s[i] = few ? values[rand_r(&seed) % (sizeof values / sizeof *values)] :
+				     (float)rand_r(&seed) / (float)RAND_MAX - 0.5f;
+			pos[i] = (int32_t)(3 * i) - 1000;
+			order[i] = i;
+		}
+		if (trial % 7 == 0) /* sorted input, the classic quicksort worst case */
+			for (uint32_t i = 0; i < n; i++)
+				s[i] = (float)i;
+		qsort_r(order, n, sizeof *order, by_rank_reference, s);
+		memset(want, 0, n);
+		for (uint32_t i = 0; i < take && i < n; i++)
+			want[order[i]] = 1;
+		cr_assert_eq(kvp_select_survivors(n, pos, s, &none, take, keep, &kept), KVP_OK);
+		cr_assert_eq(kept, take < n ? take : n);
+		cr_assert_eq(memcmp(keep, want, n), 0, "trial %d: n=%u take=%u", trial, n, take);
+	}
+}
