@@ -532,9 +532,14 @@ static void scale(unsigned d, float a, float *y)
  */
 #define INLINE static inline __attribute__((always_inline))
 
+/*
+ * vpermps reads only the low three bits of each index, so codes are never masked out of their word:
+ * tables of 2 and 4 entries are repeated to fill eight (the bits above a code then change nothing),
+ * and a 4-bit code's top bit, which picks the upper half, is shifted to the sign bit that blendv reads.
+ */
 struct lut_regs {
 	__m256 lo, hi;
-	__m256i shifts, mask;
+	__m256i shifts, top;
 };
 
 INLINE struct lut_regs lut_regs(unsigned bits, const float *lut)
@@ -543,11 +548,12 @@ INLINE struct lut_regs lut_regs(unsigned bits, const float *lut)
 	struct lut_regs r;
 	int b = (int)bits;
 
-	memcpy(tab, lut, sizeof(float) << bits);
+	for (unsigned i = 0; i < 16; i++)
+		tab[i] = lut[bits < 4 ? i & ((1u << bits) - 1) : i];
 	r.lo = _mm256_loadu_ps(tab);
 	r.hi = _mm256_loadu_ps(tab + 8);
 	r.shifts = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
-	r.mask = _mm256_set1_epi32((1 << b) - 1);
+	r.top = _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0);
 	return r;
 }
 
@@ -580,13 +586,13 @@ INLINE uint32_t load_block(const uint8_t *row, unsigned j, unsigned bits, unsign
 
 INLINE __m256 lookup8(unsigned bits, uint32_t word, const struct lut_regs *r)
 {
-	__m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), r->shifts), r->mask);
+	const __m256i w = _mm256_set1_epi32((int)word), idx = _mm256_srlv_epi32(w, r->shifts);
 	__m256 lo = _mm256_permutevar8x32_ps(r->lo, idx);
 
 	if (bits < 4)
 		return lo;
 	return _mm256_blendv_ps(lo, _mm256_permutevar8x32_ps(r->hi, idx),
-				_mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+				_mm256_castsi256_ps(_mm256_sllv_epi32(w, r->top)));
 }
 
 /* Two accumulators per row: the FMA chain would otherwise wait 4 cycles per block of 8 codes. */
