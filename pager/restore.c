@@ -151,6 +151,18 @@ static int restore_wanted(const struct kvp_block *b, enum restore_scope scope)
 	return b->spilled && !b->k && (scope == RESTORE_EVERY || b->store != KVP_STORE_CODEC);
 }
 
+/* Room for all the rows a restore takes at once: a charge given back at once, so that pressure spills
+ * what they need in one batch of writes instead of one small synchronous spill per block's rows. What
+ * it cannot make room for, the blocks' own allocations report. */
+static void room_make(struct kvp_tenant *t, uint64_t bytes)
+{
+	char why[512];
+	snprintf(why, sizeof why, "%s", kvp_last_error());
+	if (kvp_charge(t, bytes) == KVP_OK)
+		kvp_uncharge(t, bytes);
+	kvp_fail(KVP_OK, "%s", why);
+}
+
 /* Rows for every spilled block of the layer in scope that is not being read yet, and their reads
  * submitted. KVP_ENOMEM when rows ran out: the reads of the blocks that got rows are submitted all the
  * same. */
@@ -159,15 +171,20 @@ static kvp_status restore_start(struct kvp_seq *s, uint32_t layer, enum restore_
 {
 	struct kvp_restore *r;
 	size_t n = 0;
+	uint64_t bytes = 0;
 	kvp_status st = KVP_OK;
 	*out = NULL;
 	for (uint32_t g = 0; g < s->shape.n_kv_heads; g++) {
 		const struct kvp_stream *stream = kvp_seq_stream(s, layer, g);
 		for (uint32_t b = 0; b < stream->n_blocks; b++)
-			n += restore_wanted(stream->blocks[b], scope);
+			if (restore_wanted(stream->blocks[b], scope)) {
+				n++;
+				bytes += kvp_alloc_size(s->tenant, stream->blocks[b]->data_size);
+			}
 	}
 	if (!n)
 		return KVP_OK;
+	room_make(s->tenant, bytes);
 	if (!(r = malloc(sizeof *r + n * sizeof r->reads[0])))
 		return kvp_fail(KVP_ENOMEM, "out of memory for %zu block reads", n);
 	r->layer = layer;
