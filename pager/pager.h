@@ -98,7 +98,7 @@ struct kvp_block {
 	void *k, *v; /* [cap][head_dim] in the block's store, or the codecs' bytes for n tokens */
 	/* Non-NULL while the block is spilled (restore.c): k and v are NULL, the allocation they lived in
 	 * is freed, and this record holds their bytes; the header (n, cap, positions) stays in memory.
-	 * Only private cold blocks are spilled, so only their sequence ever sees this. */
+	 * Only private blocks are spilled, so only their sequence ever sees this. */
 	struct kvp_spilled *spilled;
 	size_t v_offset; /* where v starts in the allocation k points to: what a restore rebuilds */
 };
@@ -177,8 +177,8 @@ struct kvp_seq {
 	kvp_seq *handle;       /* what the host holds */
 	_Atomic uint32_t calls; /* public calls in progress, or KVP_SEQ_CLAIMED (pressure.c) */
 	_Atomic uint64_t last_use; /* the tenant's clock at the last call: pressure spills the oldest */
-	/* Cold blocks spilled one by one under pressure (restore.c), read back before use. Touched only by
-	 * the thread that entered the sequence (or claimed it). */
+	/* Blocks spilled one by one under pressure (restore.c), read back before use. Touched only by the
+	 * thread that entered the sequence (or claimed it). */
 	uint32_t n_spilled;          /* blocks whose record is on the device, in flight or not: attend's one branch */
 	uint32_t pin_from, pin_to;   /* layers pressure must not spill from: the ones a call is using */
 	struct kvp_restore *restore; /* reads in flight (the prefetched layer), or NULL */
@@ -324,19 +324,32 @@ kvp_status kvp_unpark_sequence(struct kvp_seq *s);
  * OVERDRAFT: park's own tables are charged past the limits, because parking is what frees memory. */
 enum { KVP_CHARGE_NO_RELIEF = 1, KVP_CHARGE_OVERDRAFT = 2 };
 extern _Thread_local unsigned kvp_charge_mode;
-/* Parks the least recently used idle sequence of t (never another tenant's) to make room for bytes.
- * Returns nonzero when it parked one, so the caller charges again. */
+/* Relieves memory pressure on t (never another tenant's) to make room for bytes: blocks of its least
+ * recently used idle sequence first, then that sequence whole, then the calling sequence's own oldest cold
+ * blocks. Returns nonzero when it freed something, so the caller charges again. */
 int kvp_pressure_relieve(struct kvp_tenant *t, uint64_t bytes);
+/* What pressure spilled and parked during the calling thread's current public call (reset when a call
+ * enters and leaves): a KVP_ENOMEM that follows says so. */
+enum kvp_spill_reach { KVP_SPILL_IDLE, KVP_SPILL_OWN_COLD, KVP_SPILL_REACHES };
+struct kvp_pressure_tally {
+	uint32_t blocks[KVP_SPILL_REACHES]; /* blocks spilled, by whose */
+	uint32_t parked;                    /* idle sequences parked whole */
+	uint64_t bytes;                     /* records written */
+};
+extern _Thread_local struct kvp_pressure_tally kvp_pressure_tally;
 
-/* ---- cold blocks of a resident sequence on the spill device (restore.c) ---- */
+/* ---- blocks of a resident sequence on the spill device (restore.c) ---- */
 /* The sequence whose public call this thread is running (pressure.c), or NULL. */
 extern _Thread_local struct kvp_seq *kvp_calling_seq;
-/* Pressure's second resort: spills the oldest private cold blocks of s outside its pinned layers, at
- * least `bytes` of memory when there are that many. Nonzero when it freed something. */
-int kvp_spill_cold_blocks(struct kvp_seq *s, uint64_t bytes);
+/* Spills the oldest private blocks of s within reach, at least `bytes` of memory when there are that
+ * many. KVP_SPILL_IDLE: s is claimed by pressure; every block but sinks and tails. KVP_SPILL_OWN_COLD: s
+ * is the caller; only cold blocks outside its pinned layers. Returns how many blocks it spilled. */
+size_t kvp_spill_blocks(struct kvp_seq *s, uint64_t bytes, enum kvp_spill_reach reach);
 /* attend: brings back layer's spilled blocks (waiting for the prefetch when it read them) and starts
  * the reads of the next layer's. KVP_EIO, KVP_ECORRUPT or KVP_ENOMEM leave the failed blocks spilled. */
 kvp_status kvp_restore_layer(struct kvp_seq *s, uint32_t layer);
+/* append: brings back layer's spilled exact blocks, the ones its cold conversion may encode. */
+kvp_status kvp_restore_exact(struct kvp_seq *s, uint32_t layer);
 /* Every spilled block back in memory (fork, step, gather need them). */
 kvp_status kvp_restore_all(struct kvp_seq *s);
 /* Waits for reads in flight and files them; on any path that may free or park the sequence's blocks. */

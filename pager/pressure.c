@@ -2,17 +2,26 @@
  * Calls on a sequence, and memory pressure.
  *
  * Every public call on a sequence starts here: its handle is looked up (handle.c), then the sequence is
- * entered: `calls` counts the calls in progress. Memory pressure on a
- * tenant (a charge that would pass its quota or the pool's limit) parks the tenant's least recently used
- * sequence that no call is in: it claims it by swapping `calls` from 0 to KVP_SEQ_CLAIMED, so the owner's
- * next call waits until the park is done, then parks it and marks it pressure_parked. The next call that
- * needs its tokens brings it back (which may in turn park another idle sequence). Only the same tenant's
- * sequences are ever parked for a tenant's pressure, so one tenant never pays for another.
+ * entered: `calls` counts the calls in progress. Memory pressure on a tenant (a charge that would pass
+ * its quota or the pool's limit) relieves itself on the tenant's least recently used sequence that no
+ * call is in: it claims it by swapping `calls` from 0 to KVP_SEQ_CLAIMED, so the owner's next call waits
+ * until the pressure is done with it. Only the same tenant's sequences are ever touched for a tenant's
+ * pressure, so one tenant never pays for another.
  *
- * Victims are whole sequences, oldest last call first: a sequence nobody is calling is idle as a whole,
- * and one park writes it in large sequential batches. When no idle sequence is left, the caller's own
- * oldest cold blocks are spilled one by one (restore.c), and only then does the charge fail with
- * KVP_ENOMEM. Sequences in a call on another thread are never touched: their blocks are in use.
+ * What goes, in order, one relief at a time until the charge fits:
+ *   1. blocks of the idle sequence with the oldest last call, its oldest block positions first (block 0
+ *      of every stream, then block 1, ...), only as many as the charge is short of (restore.c). The
+ *      sequence stays resident: its next call reads back what it needs, attend with prefetch of the
+ *      next layer. LRU by sequence first because a conversation nobody called for longest is the least
+ *      likely to be called next; by block position within it because its oldest tokens are the ones
+ *      its attention weighs least with every policy that keeps recent tokens exact.
+ *   2. when that sequence has no block left that can be spilled alone (sinks, tails, blocks shared with
+ *      a fork), the sequence is parked whole and marked pressure_parked; its next call that needs its
+ *      tokens unparks it. Then the next oldest idle sequence.
+ *   3. when no idle sequence is left, the caller's own oldest cold blocks outside the layers it is using.
+ * Only then does the charge fail with KVP_ENOMEM, naming what was spilled on the way: those blocks are
+ * on the device, not lost, and come back when used. Sequences in a call on another thread are never
+ * touched: their blocks are in use.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,10 +52,13 @@ static void enter_wait(struct kvp_seq *s)
 
 _Thread_local struct kvp_seq *kvp_calling_seq;
 
+_Thread_local struct kvp_pressure_tally kvp_pressure_tally;
+
 static void leave(struct kvp_seq *s)
 {
 	s->pin_from = s->pin_to = 0;
 	kvp_calling_seq = NULL;
+	kvp_pressure_tally = (struct kvp_pressure_tally){ 0 };
 	atomic_fetch_sub(&s->calls, 1);
 }
 
@@ -61,6 +73,7 @@ static kvp_status enter(const kvp_seq *h, const char *call, int needs_tokens, st
 	*out = s;
 	enter_wait(s);
 	kvp_calling_seq = s;
+	kvp_pressure_tally = (struct kvp_pressure_tally){ 0 };
 	if (!needs_tokens || !s->parked)
 		return KVP_OK;
 	if (!s->pressure_parked)
@@ -100,33 +113,72 @@ static void victim_release(struct kvp_seq *s)
 	pthread_mutex_unlock(&claim_lock);
 }
 
+/* How many bytes the charge is short of: past the quota or past the pool's limit, whichever is more. */
+static uint64_t shortfall(const struct kvp_tenant *t, uint64_t bytes)
+{
+	uint64_t used = atomic_load(&t->used), pool = atomic_load(&t->pool->used), need = 1;
+	if (used + bytes > t->quota)
+		need = used + bytes - t->quota;
+	if (pool + bytes > t->pool->limit && pool + bytes - t->pool->limit > need)
+		need = pool + bytes - t->pool->limit;
+	return need;
+}
+
+/* Resorts 1 and 2 on a claimed idle sequence: some of its blocks, or when none can go alone, all of it. */
+static kvp_status relieve_on(struct kvp_seq *victim, uint64_t need)
+{
+	kvp_status st;
+	if (kvp_spill_blocks(victim, need, KVP_SPILL_IDLE))
+		return KVP_OK;
+	if ((st = kvp_park_sequence(victim)) != KVP_OK)
+		return st;
+	victim->pressure_parked = 1;
+	kvp_pressure_tally.parked++;
+	return KVP_OK;
+}
+
+/* The failed charge's message `why`, what the last resort tried, and what pressure spilled on the way
+ * (on the device, not lost). */
+static void relief_failed(const char *why, const char *tried)
+{
+	const struct kvp_pressure_tally *y = &kvp_pressure_tally;
+	char spilled[320] = "";
+	if (y->blocks[KVP_SPILL_IDLE] || y->blocks[KVP_SPILL_OWN_COLD] || y->parked)
+		snprintf(spilled, sizeof spilled, "; to make room memory pressure first spilled %u blocks of idle "
+			 "sequences and %u of the caller's cold blocks (%llu bytes of records) and parked %u idle "
+			 "sequences whole: they are on the spill device and come back when used",
+			 y->blocks[KVP_SPILL_IDLE], y->blocks[KVP_SPILL_OWN_COLD], (unsigned long long)y->bytes, y->parked);
+	kvp_fail(KVP_ENOMEM, "%s%s%s%s", why, spilled, tried, tried[0] ? ")" : "");
+}
+
 int kvp_pressure_relieve(struct kvp_tenant *t, uint64_t bytes)
 {
-	struct kvp_seq *victim;
+	struct kvp_seq *victim, *caller = kvp_calling_seq;
+	uint64_t need = shortfall(t, bytes);
 	unsigned mode = kvp_charge_mode;
-	char why[256];
+	char why[256], tried[300] = "";
 	kvp_status st;
-	(void)bytes; /* one victim per call: kvp_charge asks again until the bytes fit or nobody is idle */
 	if (!t->pool->spill)
 		return 0;
+	snprintf(why, sizeof why, "%s", kvp_last_error()); /* the charge's message, which the caller reports */
 	pthread_mutex_lock(&t->lock);
 	victim = victim_claim(t);
 	pthread_mutex_unlock(&t->lock);
-	if (!victim) /* the last resort before KVP_ENOMEM: the caller's own oldest cold blocks */
-		return kvp_calling_seq && kvp_calling_seq->tenant == t && kvp_spill_cold_blocks(kvp_calling_seq, bytes);
-	snprintf(why, sizeof why, "%s", kvp_last_error()); /* the charge's message, which the caller reports */
-	kvp_charge_mode |= KVP_CHARGE_NO_RELIEF;
-	st = kvp_park_sequence(victim);
-	kvp_charge_mode = mode;
-	if (st == KVP_OK)
-		victim->pressure_parked = 1;
-	else {
-		char park[256];
-		snprintf(park, sizeof park, "%s", kvp_last_error());
-		kvp_fail(KVP_ENOMEM, "%s (parking an idle sequence to make room failed: %s)", why, park);
+	if (!victim) { /* the last resort: the caller's own oldest cold blocks */
+		if (caller && caller->tenant == t && kvp_spill_blocks(caller, need, KVP_SPILL_OWN_COLD))
+			return 1;
+		relief_failed(why, tried);
+		return 0;
 	}
+	kvp_charge_mode |= KVP_CHARGE_NO_RELIEF;
+	st = relieve_on(victim, need);
+	kvp_charge_mode = mode;
 	victim_release(victim);
-	return st == KVP_OK;
+	if (st == KVP_OK)
+		return 1;
+	snprintf(tried, sizeof tried, " (spilling an idle sequence to make room failed: %s", kvp_last_error());
+	relief_failed(why, tried);
+	return 0;
 }
 
 /* ---- the public calls on a sequence ---- */
@@ -138,7 +190,11 @@ kvp_status kvp_append(kvp_seq *h, uint32_t layer, uint32_t n, const int32_t *pos
 	kvp_status st = enter(h, "kvp_append", 1, &s);
 	if (st == KVP_OK) {
 		kvp_restore_settle(s); /* appends never read cold rows; reads in flight are only waited for */
-		st = kvp_append_resident(s, layer, n, pos, k, v);
+		/* but the exact blocks they encode into cold ones may have been spilled while it was idle */
+		if (s->n_spilled && s->cold.k && layer < s->shape.n_layers && (st = kvp_restore_exact(s, layer)) != KVP_OK)
+			st = kvp_fail_context(st, "kvp_append: %u tokens to layer %u not appended", n, layer);
+		else
+			st = kvp_append_resident(s, layer, n, pos, k, v);
 		leave(s);
 	}
 	return st;

@@ -86,7 +86,7 @@ void kvp_spill_inject(struct kvp_pool *pool, const struct kvp_spill_faults *f);
 extern int kvp_spill_refuse_direct;
 
 /* ---- device (spill.c) ---- */
-/* buffer_bytes: the registered staging buffer (spill_buffer=), split in two halves that alternate. */
+/* buffer_bytes: the registered staging buffer (spill_buffer=), cut in slices that rotate (spill.c). */
 kvp_status kvp_spill_open(struct kvp_pool *pool, const char *path, unsigned path_len, uint64_t max_bytes,
 			  uint64_t buffer_bytes);
 void kvp_spill_close(struct kvp_pool *pool);

@@ -6,8 +6,9 @@
  *
  * Each slot holds one sequence and a mutex: calls on one sequence never overlap (the API's rule), while
  * forks put siblings that share blocks into slots other threads then work on. Tenant "b" has a quota its
- * sequences outgrow, so memory pressure parks idle sequences under other threads' feet, and calls on
- * them bring them back; KVP_ENOMEM is then an expected answer, KVP_EINVAL too for host-parked ones.
+ * sequences outgrow, so memory pressure spills blocks of idle sequences (and parks those with nothing left
+ * to spill alone) under other threads' feet, and calls on them bring them back, steps of its policy all
+ * of them; KVP_ENOMEM is then an expected answer, KVP_EINVAL too for host-parked ones.
  * Tenant "a" keeps a codec-encoded cold tier, so cold blocks are spilled and shared too, under a quota
  * tight enough that, with every other sequence parked or busy, a caller's own cold blocks are spilled one
  * by one and attention reads them back (with the next layer prefetched) while other threads park.

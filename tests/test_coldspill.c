@@ -131,6 +131,35 @@ Test(coldspill, pressure_spills_the_active_sequences_cold_blocks_and_attention_s
 	close_pair();
 }
 
+static uint32_t exact_spilled(const struct kvp_seq *s)
+{
+	uint32_t n = 0;
+	for (uint32_t l = 0; l < LAYERS; l++)
+		for (uint32_t g = 0; g < KV; g++) {
+			const struct kvp_stream *st = kvp_seq_stream(s, l, g);
+			for (uint32_t b = 0; b < st->n_blocks; b++)
+				n += st->blocks[b]->spilled && st->blocks[b]->store != KVP_STORE_CODEC;
+		}
+	return n;
+}
+
+Test(coldspill, an_idle_sequences_spilled_exact_blocks_come_back_for_the_append_that_encodes_them)
+{
+	struct kvp_seq *s;
+	open_pair(200);
+	s = kvp_seq_from_handle(seq);
+	/* what pressure does to an idle sequence, all at once: cold and exact blocks but the tails go */
+	cr_assert_gt(kvp_spill_blocks(s, UINT64_MAX, KVP_SPILL_IDLE), 0);
+	cr_assert_gt(exact_spilled(s), 0, "exact blocks older than the tails went too");
+	cr_assert_eq(fill(seq, TOKENS, 40), KVP_OK, "%s", kvp_last_error()); /* turns them cold */
+	cr_assert_eq(fill(ref, TOKENS, 40), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(exact_spilled(s), 0, "each append read its layer's back before encoding them");
+	cr_assert_gt(s->n_spilled, 0, "the cold ones stay on the device until attention needs them");
+	assert_same_attention();
+	cr_assert_eq(s->n_spilled, 0);
+	close_pair();
+}
+
 Test(coldspill, a_tenant_without_a_quota_problem_never_spills)
 {
 	open_pair(200);

@@ -201,8 +201,9 @@ Test(faults, unpark_over_quota_stays_parked_until_memory_is_free)
 {
 	static float before[PARK_LAYERS * PARK_OUT], after[PARK_LAYERS * PARK_OUT];
 	kvp_seq *s, *hog;
-	/* s takes 52 pages and ~110 KB, hog 92 pages and ~195 KB: both fit the quota or the file, not both */
-	park_open("512KiB", "block=16,sinks=4,quota=288KiB");
+	/* s takes 52 pages and ~110 KB, hog ~195 KB: both fit the quota, not both; the file is just s's, so
+	 * pressure cannot spill even one of hog's blocks to make room */
+	park_open("208KiB", "block=16,sinks=4,quota=288KiB");
 	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &s), KVP_OK);
 	park_fill(s, 0, 100, 3);
 	park_attend(s, before);
@@ -211,7 +212,7 @@ Test(faults, unpark_over_quota_stays_parked_until_memory_is_free)
 	park_fill(hog, 0, 180, 9);
 	cr_assert_eq(kvp_seq_unpark(s), KVP_ENOMEM);
 	cr_assert(strstr(kvp_last_error(), "quota"), "%s", kvp_last_error());
-	cr_assert(strstr(kvp_last_error(), "spill file full"), "pressure tried to park hog: %s", kvp_last_error());
+	cr_assert(strstr(kvp_last_error(), "spill file full"), "pressure tried to spill hog: %s", kvp_last_error());
 	kvp_seq_close(hog);
 	cr_assert_eq(kvp_seq_unpark(s), KVP_OK, "%s", kvp_last_error());
 	park_attend(s, after);

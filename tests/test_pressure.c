@@ -1,5 +1,7 @@
-/* Memory pressure: a charge over the tenant's quota or the pool's limit first parks the tenant's least
- * recently used idle sequence; such a sequence comes back by itself on its next call. */
+/* Memory pressure: a charge over the tenant's quota or the pool's limit first spills blocks of the
+ * tenant's least recently used idle sequence, only as many as it is short of, oldest first; then parks
+ * an idle sequence with nothing left to spill alone. Such a sequence comes back by itself, block by block
+ * or whole, on its next call, bit-identical. */
 #include <criterion/criterion.h>
 #include <string.h>
 
@@ -32,7 +34,7 @@ static void three_sequences(kvp_seq **a, kvp_seq **b, kvp_seq **c, float *b_befo
 	park_attend(*c, out);
 }
 
-Test(pressure, an_append_over_quota_parks_the_least_recently_used_idle_sequence)
+Test(pressure, an_append_over_quota_spills_blocks_of_the_least_recently_used_idle_sequence)
 {
 	float before[PARK_LAYERS * PARK_OUT];
 	kvp_seq *a, *b, *c;
@@ -40,28 +42,172 @@ Test(pressure, an_append_over_quota_parks_the_least_recently_used_idle_sequence)
 	cr_assert_eq(park_tenant_stats().bytes_spilled, 0);
 	park_fill(c, 100, 100, 4); /* would pass the quota by ~40 KB */
 	cr_assert_gt(spilled(b), 0, "b was the least recently used");
+	cr_assert_null(kvp_seq_from_handle(b)->parked, "b lost some blocks, and stays resident");
 	cr_assert_eq(spilled(a), 0);
 	cr_assert_eq(spilled(c), 0);
 	cr_assert_eq(park_tenant_stats().bytes_spilled, spilled(b));
 	park_close();
 }
 
-Test(pressure, a_pressure_parked_sequence_comes_back_on_its_next_call_bit_identical)
+static uint64_t tenant_used(void)
+{
+	kvp_stats st = park_tenant_stats();
+	return st.bytes_exact + st.bytes_compressed + st.bytes_meta;
+}
+
+/* n tokens at positions first.. to layer 0 only: one call, so one charge sequence. */
+static kvp_status append_layer0(kvp_seq *s, int32_t first, uint32_t n)
+{
+	static float k[400 * PARK_ROW], v[400 * PARK_ROW];
+	int32_t pos[400];
+	cr_assert_leq(n, 400);
+	for (uint32_t i = 0; i < n; i++)
+		pos[i] = first + (int32_t)i;
+	fixture_fill(k, (size_t)n * PARK_ROW, 77, 2);
+	fixture_fill(v, (size_t)n * PARK_ROW, 78, 2);
+	return kvp_append(s, 0, n, pos, k, v);
+}
+
+static void assert_everything_given_back(void)
+{
+	kvp_stats st = park_tenant_stats();
+	cr_assert_eq(st.bytes_exact + st.bytes_compressed + st.bytes_meta, 0, "no byte is left charged");
+	cr_assert_eq(st.bytes_spilled, 0);
+	cr_assert_eq(kvp_spill_pages_used(pool), 0, "every slot is free");
+}
+
+/* An exact fp32 block of 16 tokens x 32 dims: 4 KiB of rows, a 2-page record. */
+#define BLOCK_RECORD (2 * 4096)
+
+Test(pressure, an_append_spills_only_as_many_idle_blocks_as_it_is_short_of)
+{
+	float before[PARK_LAYERS * PARK_OUT], after[PARK_LAYERS * PARK_OUT];
+	kvp_seq *idle, *twin, *s;
+	uint64_t used, delta, net, k;
+	park_open("16MiB", "block=16,sinks=4");
+	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &idle), KVP_OK);
+	park_fill(idle, 0, 100, 1); /* per stream 4 sinks and 6 blocks: 5 can go alone, 20 in all */
+	park_attend(idle, before);
+	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &s), KVP_OK);
+	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &twin), KVP_OK);
+	park_fill(s, 0, 40, 2);
+	park_fill(twin, 0, 40, 2);
+	/* what the append takes, measured on a twin in the same state */
+	used = tenant_used();
+	cr_assert_eq(append_layer0(twin, 40, 64), KVP_OK, "%s", kvp_last_error());
+	delta = tenant_used() - used;
+	kvp_seq_close(twin);
+	tenant->quota = tenant_used(); /* full: the append is short of exactly delta */
+	net = kvp_alloc_size(tenant, 4096) - kvp_alloc_size(tenant, sizeof(struct kvp_spilled));
+	k = (delta + net - 1) / net;
+	cr_log_info("the append is short of %llu bytes: %llu blocks", (unsigned long long)delta, (unsigned long long)k);
+	cr_assert(k >= 2 && k < 20, "the append needs %llu of the idle sequence's 20 blocks", (unsigned long long)k);
+	cr_assert_eq(append_layer0(s, 40, 64), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(spilled(idle), k * BLOCK_RECORD, "%llu bytes spilled, %llu blocks' worth needed",
+		     (unsigned long long)spilled(idle), (unsigned long long)k);
+	cr_assert_eq(kvp_seq_from_handle(idle)->n_spilled, k);
+	cr_assert_null(kvp_seq_from_handle(idle)->parked, "the idle sequence stays resident");
+	cr_assert_eq(spilled(s), 0);
+	tenant->quota = UINT64_MAX;
+	park_attend(idle, after);
+	cr_assert_eq(memcmp(before, after, sizeof before), 0, "the idle sequence attends bit-identically");
+	cr_assert_eq(spilled(idle), 0, "attention brought every spilled block back");
+	kvp_seq_close(idle);
+	kvp_seq_close(s);
+	assert_everything_given_back();
+	park_close();
+}
+
+Test(pressure, the_oldest_blocks_of_an_idle_sequence_go_first_and_its_sinks_and_tails_stay)
+{
+	kvp_seq *idle;
+	struct kvp_seq *in;
+	park_open("16MiB", "block=16,sinks=4");
+	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &idle), KVP_OK);
+	park_fill(idle, 0, 100, 1);
+	in = kvp_seq_from_handle(idle);
+	cr_assert_eq(kvp_spill_blocks(in, 1, KVP_SPILL_IDLE), 1, "one block covers one byte");
+	cr_assert_not_null(kvp_seq_stream(in, 0, 0)->blocks[0]->spilled, "block 0 of the first stream went");
+	cr_assert_eq(kvp_spill_blocks(in, UINT64_MAX, KVP_SPILL_IDLE), 19, "then every block that can go alone");
+	for (uint32_t l = 0; l < PARK_LAYERS; l++)
+		for (uint32_t g = 0; g < PARK_KV; g++) {
+			const struct kvp_stream *st = kvp_seq_stream(in, l, g);
+			cr_assert_null(st->sink->spilled);
+			cr_assert_null(st->blocks[st->n_blocks - 1]->spilled, "the tail takes the next append");
+		}
+	park_fill(idle, 100, 20, 5); /* appends into the resident tail and new blocks */
+	kvp_seq_close(idle);
+	assert_everything_given_back();
+	park_close();
+}
+
+Test(pressure, an_idle_sequence_with_no_block_left_to_spill_alone_is_parked_whole)
+{
+	float before[PARK_LAYERS * PARK_OUT], after[PARK_LAYERS * PARK_OUT];
+	kvp_seq *idle, *s;
+	park_open("16MiB", "block=16,sinks=4");
+	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &idle), KVP_OK);
+	park_fill(idle, 0, 100, 1);
+	park_attend(idle, before);
+	cr_assert_eq(kvp_spill_blocks(kvp_seq_from_handle(idle), UINT64_MAX, KVP_SPILL_IDLE), 20);
+	tenant->quota = tenant_used();
+	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &s), KVP_OK, "%s", kvp_last_error());
+	cr_assert_not_null(kvp_seq_from_handle(idle)->parked, "its sinks and tails went with the rest");
+	cr_assert(kvp_seq_from_handle(idle)->pressure_parked);
+	tenant->quota = UINT64_MAX;
+	park_attend(idle, after);
+	cr_assert_eq(memcmp(before, after, sizeof before), 0, "unparked on its next call, bit-identical");
+	kvp_seq_close(idle);
+	kvp_seq_close(s);
+	assert_everything_given_back();
+	park_close();
+}
+
+Test(pressure, an_append_that_does_not_fit_after_spilling_fails_whole_and_says_what_was_spilled)
+{
+	float before[PARK_LAYERS * PARK_OUT], after[PARK_LAYERS * PARK_OUT];
+	kvp_seq *idle, *s;
+	uint32_t n;
+	park_open("16MiB", "block=16,sinks=4,quota=256KiB");
+	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &idle), KVP_OK);
+	park_fill(idle, 0, 100, 1);
+	park_attend(idle, before);
+	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &s), KVP_OK);
+	park_fill(s, 0, 100, 2);
+	cr_assert_eq(append_layer0(s, 100, 400), KVP_ENOMEM, "400 tokens take ~210 KB, more than idle can give");
+	cr_assert(strstr(kvp_last_error(), "quota"), "%s", kvp_last_error());
+	cr_assert(strstr(kvp_last_error(), "spilled 20 blocks of idle sequences"), "%s", kvp_last_error());
+	cr_assert(strstr(kvp_last_error(), "parked 1 idle"), "%s", kvp_last_error());
+	cr_assert(strstr(kvp_last_error(), "come back when used"), "%s", kvp_last_error());
+	cr_assert_eq(kvp_gather(s, 0, 0, 0, NULL, NULL, NULL, &n), KVP_EINVAL);
+	cr_assert_eq(n, 100, "nothing was appended");
+	cr_assert_eq(spilled(s), 0);
+	cr_assert_gt(spilled(idle), 0, "what was spilled stays on the device");
+	park_attend(idle, after); /* back within the quota: s's blocks make room */
+	cr_assert_eq(memcmp(before, after, sizeof before), 0, "and nothing of it was lost");
+	kvp_seq_close(idle);
+	kvp_seq_close(s);
+	assert_everything_given_back();
+	park_close();
+}
+
+Test(pressure, a_sequence_pressure_spilled_from_comes_back_on_its_next_call_bit_identical)
 {
 	float before[PARK_LAYERS * PARK_OUT], after[PARK_LAYERS * PARK_OUT];
 	kvp_seq *a, *b, *c;
 	three_sequences(&a, &b, &c, before);
 	park_fill(c, 100, 100, 4);
 	cr_assert_gt(spilled(b), 0);
-	park_attend(b, after); /* brings b back, parking the now least recently used a to make room */
+	park_attend(b, after); /* brings b's blocks back, spilling the now least recently used a's to make room */
 	cr_assert_eq(memcmp(before, after, sizeof before), 0);
 	cr_assert_eq(spilled(b), 0);
 	cr_assert_gt(spilled(a), 0, "a was idle longest when b came back");
+	cr_assert_eq(spilled(c), 0);
 	park_fill(b, 100, 1, 5); /* appends work on it too */
 	park_close();
 }
 
-Test(pressure, the_host_parking_a_pressure_parked_sequence_makes_it_stay_parked)
+Test(pressure, the_host_parking_a_sequence_pressure_spilled_from_makes_it_stay_parked)
 {
 	float before[PARK_LAYERS * PARK_OUT], out[PARK_OUT];
 	kvp_seq *a, *b, *c;
