@@ -524,11 +524,12 @@ static void scale(unsigned d, float a, float *y)
 
 /*
  * Packed codes. Eight codes of b bits fill exactly b bytes, so the block of codes j..j+7 (j a multiple of
- * 8) is one little-endian word of b <= 4 bytes at byte j*b/8. The word is broadcast, each lane shifted
- * right by its own multiple of b (srlv) and masked: eight indices. The lookup is a register permute:
- * permutevar8x32 reads the low 3 bits, so 4-bit codes take the upper half of the table where bit 3 is
- * set (blendv keys on the sign bit, hence the shift left by 28). The functions are always inlined into a
- * switch on bits, so every width gets its own loop with constant shifts and load sizes.
+ * 8) is one little-endian word of b <= 4 bytes at byte j*b/8. The word is broadcast and each lane shifted
+ * right by its own multiple of b (srlv): eight indices, with the next codes' bits above them. The lookup
+ * is a register permute: permutevar8x32 reads the low 3 bits, so 4-bit codes take the upper half of the
+ * table where bit 3 is set (blendv keys on the sign bit, where a per-lane shift left puts bit 3; see
+ * lut_regs). The functions are always inlined into a switch on bits, so every width gets its own loop
+ * with constant shifts and load sizes.
  */
 #define INLINE static inline __attribute__((always_inline))
 
