@@ -93,7 +93,9 @@ kvp_status kvp_policy_parse(const char *spec, size_t len, const kvp_shape *shape
 void kvp_policy_free(struct kvp_policy *p);
 /* An independent copy of p with its history (for kvp_seq_fork). On failure *out is NULL. */
 kvp_status kvp_policy_clone(const struct kvp_policy *p, struct kvp_policy **out);
-/* The checked vtable calls behind the public kvp_policy_* functions (pager-facing). */
+/* The checked vtable call behind the public kvp_policy_observe (pager-facing). It checks the stream and
+ * the arguments but not that o->pos increases: the pager's positions were checked at append, and the
+ * public call checks a host's before it gets here. */
 kvp_status kvp_policy_learn(struct kvp_policy *p, const struct kvp_observation *o);
 
 /* budget(t0), window(t0) and "is a round due for a stream of n tokens" from the plan. */
@@ -139,6 +141,9 @@ void kvp_select_split(uint32_t held, uint32_t n_prompt, uint32_t n_decode, uint3
  * are taken over the decode candidates as in the reference), then kvp_select_survivors with budget(t0)
  * and the union of the pager's protection and the policy's own (sinks, window(t0), pin_prompt).
  * k: [n][head_dim] post-RoPE, exact. keep: [n] out. Nothing is evicted here: the pager applies keep.
+ * Positions are taken as the pager hands them (nonnegative and increasing, checked when they were
+ * appended) and not checked again: that would cost a pass over the stream at every round. The public
+ * kvp_policy_score and kvp_policy_observe do check theirs.
  */
 struct kvp_round {
 	int64_t t0;

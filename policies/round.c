@@ -42,8 +42,6 @@ static kvp_status check_round(const char *what, const struct kvp_policy *p, uint
 
 	if (st == KVP_OK && r->n && (!r->pos || (!r->k && p->ops->scores_keys)))
 		st = kvp_fail(KVP_EINVAL, "%s: NULL positions or keys", what);
-	if (st == KVP_OK)
-		st = kvp_policy_check_positions(what, r->n, r->pos);
 	if (st == KVP_OK && r->n && r->t0 <= r->pos[r->n - 1])
 		st = kvp_fail(KVP_EINVAL, "%s: t0=%lld is not after the last position %d", what, (long long)r->t0,
 			      r->pos[r->n - 1]);
