@@ -125,6 +125,9 @@ struct compaction {
 	uint32_t cap, n, n_cold;
 	struct kvp_block **fresh; /* allocated blocks, used in order */
 	uint32_t n_fresh, used;
+	/* [the old table's n_blocks]: 1 when the new table holds the block as it is. Its reference moves
+	 * there rather than being taken and dropped, which would touch every block at every round. */
+	uint8_t *reused;
 	uint32_t dropped;
 };
 
@@ -255,7 +258,7 @@ static void walk_region(const struct kvp_seq *s, const struct kvp_stream *st, co
 			pending = 0;
 		if (r->whole || (kept == b->n && !pending)) {
 			if (c && (r->whole ? 2 * kept >= b->n : 1)) {
-				kvp_block_get(b);
+				c->reused[i] = 1;
 				c->table[c->n++] = b;
 				c->n_cold += r->cold;
 			} else if (c) {
@@ -296,6 +299,7 @@ static void compaction_free(struct kvp_tenant *t, struct compaction *c)
 	for (uint32_t i = c->used; i < c->n_fresh; i++)
 		kvp_block_put(t, c->fresh[i]);
 	free(c->fresh);
+	free(c->reused);
 	if (c->table)
 		kvp_free(t, c->table, (size_t)c->cap * sizeof *c->table, KVP_BYTES_META, 0);
 	memset(c, 0, sizeof *c);
@@ -355,7 +359,8 @@ static kvp_status compaction_plan(struct kvp_tenant *t, const struct kvp_seq *s,
 
 	memset(c, 0, sizeof *c);
 	/* a region of m blocks needs at most m fresh ones */
-	if (st->n_blocks && !(c->fresh = calloc(st->n_blocks, sizeof *c->fresh)))
+	if (st->n_blocks && (!(c->fresh = calloc(st->n_blocks, sizeof *c->fresh)) ||
+			     !(c->reused = calloc(st->n_blocks, sizeof *c->reused))))
 		return kvp_fail(KVP_ENOMEM, "policy round: out of memory");
 	if ((rc = walk_stream(t, s, st, v, c, 1)) != KVP_OK)
 		return rc;
@@ -370,7 +375,8 @@ static void compaction_commit(struct kvp_tenant *t, struct kvp_seq *s, struct kv
 {
 	walk_stream(t, s, st, v, c, 0);
 	for (uint32_t i = 0; i < st->n_blocks; i++)
-		kvp_block_put(t, st->blocks[i]);
+		if (!c->reused[i])
+			kvp_block_put(t, st->blocks[i]);
 	if (st->blocks)
 		kvp_free(t, st->blocks, (size_t)st->cap_blocks * sizeof *st->blocks, KVP_BYTES_META, 0);
 	st->blocks = c->table;
