@@ -1,7 +1,9 @@
 /*
  * Token policies in the pager (policy= of the tenant spec). At kvp_seq_step every stream that holds
  * budget + every tokens goes through a policy round (policies/round.c scores and selects), and its
- * survivors are compacted:
+ * survivors are compacted. A policy whose scores follow position (keeps_newest: StreamingLLM) is not
+ * scored: kvp_policy_cut gives its verdict as runs of the oldest unprotected tokens, so nothing is
+ * gathered and only the blocks holding those runs are read token by token. Compaction:
  *   - the sink block and the hot window are protected: the round always keeps them;
  *   - cold blocks of separable codecs lose tokens by moving the survivors' bytes into fresh blocks,
  *     never by re-encoding them, so a compacted token decodes bit-identically;
@@ -185,7 +187,16 @@ static int kept_at(const struct verdict *v, uint32_t i)
 {
 	if (v->keep)
 		return v->keep[i] != 0;
+	/* unsigned: an index before a run wraps past its count */
 	return !(i - v->cut.from[0] < v->cut.count[0] || i - v->cut.from[1] < v->cut.count[1]);
+}
+
+/* How many of the tokens [at, at + n) lie in [from, from + count). */
+static uint32_t overlap(uint32_t at, uint32_t n, uint32_t from, uint32_t count)
+{
+	uint32_t lo = at > from ? at : from, hi = at + n < from + count ? at + n : from + count;
+
+	return hi > lo ? hi - lo : 0;
 }
 
 /* How many of the tokens [at, at + n) the verdict keeps. */
@@ -193,15 +204,8 @@ static uint32_t kept_in(const struct verdict *v, uint32_t at, uint32_t n)
 {
 	uint32_t k = 0;
 
-	if (!v->keep) {
-		k = n;
-		for (int r = 0; r < 2; r++) {
-			uint32_t lo = at > v->cut.from[r] ? at : v->cut.from[r];
-			uint32_t hi = at + n < v->cut.from[r] + v->cut.count[r] ? at + n : v->cut.from[r] + v->cut.count[r];
-			k -= hi > lo ? hi - lo : 0;
-		}
-		return k;
-	}
+	if (!v->keep)
+		return n - overlap(at, n, v->cut.from[0], v->cut.count[0]) - overlap(at, n, v->cut.from[1], v->cut.count[1]);
 	for (uint32_t i = 0; i < n; i++)
 		k += v->keep[at + i] != 0;
 	return k;
