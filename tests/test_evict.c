@@ -318,7 +318,7 @@ static void twin_step(struct twin *w, uint32_t n, const float *k, const float *v
  * keys (blocks dropped whole); from step 60 a fork of each runs on other tokens, sharing the parents'
  * blocks.
  */
-Test(evict, streaming_fast_path_keeps_what_the_general_path_keeps, .timeout = 120)
+Test(evict, streaming_fast_path_keeps_what_the_general_path_keeps)
 {
 	static const struct { const char *spec; uint32_t prompt; } cases[] = {
 		{ "block=8,sinks=4,window=13,policy=streaming(sinks=4,window=29)", 50 },
