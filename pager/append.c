@@ -135,12 +135,28 @@ static void commit_stream(struct kvp_tenant *t, const struct kvp_seq *seq, struc
 	kvp_cold_commit(t, seq, s, &p->cold);
 }
 
-/* A policy ranks tokens by absolute position: within a stream they must increase. */
+/* The highest position a layer's streams hold (-1 when empty). Streams are ragged: a policy without a
+ * window may have dropped one head's newest token and kept another's. */
+static int64_t last_position(const kvp_seq *s, uint32_t layer)
+{
+	int64_t last = -1;
+
+	for (uint32_t g = 0; g < s->shape.n_kv_heads; g++) {
+		const struct kvp_stream *st = kvp_seq_stream(s, layer, g);
+		const struct kvp_block *b = st->n_blocks ? st->blocks[st->n_blocks - 1] : st->sink;
+		if (b && b->n && b->pos[b->n - 1] > last)
+			last = b->pos[b->n - 1];
+	}
+	return last;
+}
+
+/*
+ * A policy ranks tokens by absolute position: within a stream they must increase. Checked here once for
+ * good, so rounds and the pager's observations take the positions as they are.
+ */
 static kvp_status positions_check(const kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos)
 {
-	const struct kvp_stream *st = kvp_seq_stream(s, layer, 0);
-	const struct kvp_block *last = st->n_blocks ? st->blocks[st->n_blocks - 1] : st->sink;
-	int64_t prev = last && last->n ? last->pos[last->n - 1] : -1;
+	int64_t prev = last_position(s, layer);
 
 	for (uint32_t i = 0; i < n; i++) {
 		if (pos[i] <= prev)

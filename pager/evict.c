@@ -1,7 +1,9 @@
 /*
  * Token policies in the pager (policy= of the tenant spec). At kvp_seq_step every stream that holds
  * budget + every tokens goes through a policy round (policies/round.c scores and selects), and its
- * survivors are compacted:
+ * survivors are compacted. A policy whose scores follow position (keeps_newest: StreamingLLM) is not
+ * scored: kvp_policy_cut gives its verdict as runs of the oldest unprotected tokens, so nothing is
+ * gathered and only the blocks holding those runs are read token by token. Compaction:
  *   - the sink block and the hot window are protected: the round always keeps them;
  *   - cold blocks of separable codecs lose tokens by moving the survivors' bytes into fresh blocks,
  *     never by re-encoding them, so a compacted token decodes bit-identically;
@@ -125,6 +127,9 @@ struct compaction {
 	uint32_t cap, n, n_cold;
 	struct kvp_block **fresh; /* allocated blocks, used in order */
 	uint32_t n_fresh, used;
+	/* [the old table's n_blocks]: 1 when the new table holds the block as it is. Its reference moves
+	 * there rather than being taken and dropped, which would touch every block at every round. */
+	uint8_t *reused;
 	uint32_t dropped;
 };
 
@@ -168,11 +173,41 @@ static struct region exact_region(const struct kvp_seq *s, const struct kvp_stre
 	return r;
 }
 
-static uint32_t kept_in(const uint8_t *keep, uint32_t n)
+/*
+ * What a round keeps of one stream, by stream index (the sink block's tokens first): a flag per token
+ * from a scored round, or, from a keeps_newest policy's cut, everything but two runs, so that a block's
+ * count is arithmetic and only the blocks that lose tokens are read token by token.
+ */
+struct verdict {
+	const uint8_t *keep; /* [n_tokens], 1 = kept; NULL: cut says what is dropped */
+	struct kvp_cut cut;
+};
+
+static int kept_at(const struct verdict *v, uint32_t i)
+{
+	if (v->keep)
+		return v->keep[i] != 0;
+	/* unsigned: an index before a run wraps past its count */
+	return !(i - v->cut.from[0] < v->cut.count[0] || i - v->cut.from[1] < v->cut.count[1]);
+}
+
+/* How many of the tokens [at, at + n) lie in [from, from + count). */
+static uint32_t overlap(uint32_t at, uint32_t n, uint32_t from, uint32_t count)
+{
+	uint32_t lo = at > from ? at : from, hi = at + n < from + count ? at + n : from + count;
+
+	return hi > lo ? hi - lo : 0;
+}
+
+/* How many of the tokens [at, at + n) the verdict keeps. */
+static uint32_t kept_in(const struct verdict *v, uint32_t at, uint32_t n)
 {
 	uint32_t k = 0;
+
+	if (!v->keep)
+		return n - overlap(at, n, v->cut.from[0], v->cut.count[0]) - overlap(at, n, v->cut.from[1], v->cut.count[1]);
 	for (uint32_t i = 0; i < n; i++)
-		k += keep[i] != 0;
+		k += v->keep[at + i] != 0;
 	return k;
 }
 
@@ -184,7 +219,7 @@ static uint32_t kept_in(const uint8_t *keep, uint32_t n)
  * r->to: everything after the first block that loses a token is repacked.
  */
 static uint32_t reuse_from(const struct kvp_seq *s, const struct kvp_stream *st, const struct region *r,
-			   const uint8_t *keep)
+			   const struct verdict *v, uint32_t at)
 {
 	const uint32_t B = s->tenant->cfg.block;
 	uint32_t i = r->from, prefix_end = r->from;
@@ -192,9 +227,9 @@ static uint32_t reuse_from(const struct kvp_seq *s, const struct kvp_stream *st,
 	/* cold_count turns exact blocks cold only while they are full: a partial one would stall it */
 	if (r->whole || (!r->cold && s->cold.k))
 		return r->to;
-	for (; i < r->to; keep += st->blocks[i]->n, i++) {
+	for (; i < r->to; at += st->blocks[i]->n, i++) {
 		uint32_t n = st->blocks[i]->n;
-		if (kept_in(keep, n) == n) {
+		if (kept_in(v, at, n) == n) {
 			/* a partial block would be left in the middle of a reused run */
 			if (n != B && i + 1 < r->to)
 				return r->to;
@@ -210,34 +245,34 @@ static uint32_t reuse_from(const struct kvp_seq *s, const struct kvp_stream *st,
 /*
  * Walks one region: fully kept blocks are reused while nothing is pending (and from reuse_from on in
  * any case), survivors of the others are packed into fresh blocks. With c == NULL it only counts the
- * fresh blocks needed (*fresh). keep is advanced past the region.
+ * fresh blocks needed (*fresh). *at, the stream index of the region's first token, is advanced past it.
  */
 static void walk_region(const struct kvp_seq *s, const struct kvp_stream *st, const struct region *r,
-			const uint8_t **keep, struct compaction *c, uint32_t *fresh)
+			const struct verdict *v, uint32_t *at, struct compaction *c, uint32_t *fresh)
 {
-	const uint32_t B = s->tenant->cfg.block, reuse = reuse_from(s, st, r, *keep);
+	const uint32_t B = s->tenant->cfg.block, reuse = reuse_from(s, st, r, v, *at);
 	struct kvp_block *cur = NULL;
 	uint32_t pending = 0;
 
 	for (uint32_t i = r->from; i < r->to; i++) {
 		struct kvp_block *b = st->blocks[i];
-		uint32_t kept = kept_in(*keep, b->n);
+		uint32_t kept = kept_in(v, *at, b->n);
 
 		if (i == reuse)
 			pending = 0;
 		if (r->whole || (kept == b->n && !pending)) {
 			if (c && (r->whole ? 2 * kept >= b->n : 1)) {
-				kvp_block_get(b);
+				c->reused[i] = 1;
 				c->table[c->n++] = b;
 				c->n_cold += r->cold;
 			} else if (c) {
 				c->dropped += b->n;
 			}
-			*keep += b->n;
+			*at += b->n;
 			continue;
 		}
 		for (uint32_t j = 0; j < b->n; j++) {
-			if (!(*keep)[j]) {
+			if (!kept_at(v, *at + j)) {
 				if (c)
 					c->dropped++;
 				continue;
@@ -259,7 +294,7 @@ static void walk_region(const struct kvp_seq *s, const struct kvp_stream *st, co
 			}
 			pending = pending + 1 == B ? 0 : pending + 1;
 		}
-		*keep += b->n;
+		*at += b->n;
 	}
 }
 
@@ -268,6 +303,7 @@ static void compaction_free(struct kvp_tenant *t, struct compaction *c)
 	for (uint32_t i = c->used; i < c->n_fresh; i++)
 		kvp_block_put(t, c->fresh[i]);
 	free(c->fresh);
+	free(c->reused);
 	if (c->table)
 		kvp_free(t, c->table, (size_t)c->cap * sizeof *c->table, KVP_BYTES_META, 0);
 	memset(c, 0, sizeof *c);
@@ -296,16 +332,16 @@ static kvp_status fresh_blocks(struct kvp_tenant *t, const struct kvp_seq *s, co
  * Planning (plan != 0) allocates each region's fresh blocks; committing packs survivors into them.
  */
 static kvp_status walk_stream(struct kvp_tenant *t, const struct kvp_seq *s, const struct kvp_stream *st,
-			      const uint8_t *keep, struct compaction *c, int plan)
+			      const struct verdict *v, struct compaction *c, int plan)
 {
-	const uint8_t *at = keep + (st->sink ? st->sink->n : 0);
+	uint32_t at = st->sink ? st->sink->n : 0;
 	kvp_status rc = KVP_OK;
 	uint32_t n = 0;
 
 	for (uint32_t from = 0; rc == KVP_OK && from < st->n_cold;) {
 		uint32_t to = level_run_end(st, from), level = st->blocks[from]->level;
 		struct region r = cold_region(s, level, from, to);
-		walk_region(s, st, &r, &at, plan ? NULL : c, &n);
+		walk_region(s, st, &r, v, &at, plan ? NULL : c, &n);
 		if (plan)
 			rc = fresh_blocks(t, s, &r, level, n, c);
 		n = 0;
@@ -313,7 +349,7 @@ static kvp_status walk_stream(struct kvp_tenant *t, const struct kvp_seq *s, con
 	}
 	if (rc == KVP_OK) {
 		struct region r = exact_region(s, st);
-		walk_region(s, st, &r, &at, plan ? NULL : c, &n);
+		walk_region(s, st, &r, v, &at, plan ? NULL : c, &n);
 		if (plan)
 			rc = fresh_blocks(t, s, &r, 0, n, c);
 	}
@@ -321,15 +357,16 @@ static kvp_status walk_stream(struct kvp_tenant *t, const struct kvp_seq *s, con
 }
 
 static kvp_status compaction_plan(struct kvp_tenant *t, const struct kvp_seq *s, const struct kvp_stream *st,
-				  const uint8_t *keep, struct compaction *c)
+				  const struct verdict *v, struct compaction *c)
 {
 	kvp_status rc;
 
 	memset(c, 0, sizeof *c);
 	/* a region of m blocks needs at most m fresh ones */
-	if (st->n_blocks && !(c->fresh = calloc(st->n_blocks, sizeof *c->fresh)))
+	if (st->n_blocks && (!(c->fresh = calloc(st->n_blocks, sizeof *c->fresh)) ||
+			     !(c->reused = calloc(st->n_blocks, sizeof *c->reused))))
 		return kvp_fail(KVP_ENOMEM, "policy round: out of memory");
-	if ((rc = walk_stream(t, s, st, keep, c, 1)) != KVP_OK)
+	if ((rc = walk_stream(t, s, st, v, c, 1)) != KVP_OK)
 		return rc;
 	c->cap = st->n_blocks + c->n_fresh;
 	if (!(c->table = kvp_alloc(t, (size_t)(c->cap ? c->cap : 1) * sizeof *c->table, KVP_BYTES_META, 0)))
@@ -338,11 +375,12 @@ static kvp_status compaction_plan(struct kvp_tenant *t, const struct kvp_seq *s,
 }
 
 static void compaction_commit(struct kvp_tenant *t, struct kvp_seq *s, struct kvp_stream *st,
-			      const uint8_t *keep, struct compaction *c)
+			      const struct verdict *v, struct compaction *c)
 {
-	walk_stream(t, s, st, keep, c, 0);
+	walk_stream(t, s, st, v, c, 0);
 	for (uint32_t i = 0; i < st->n_blocks; i++)
-		kvp_block_put(t, st->blocks[i]);
+		if (!c->reused[i])
+			kvp_block_put(t, st->blocks[i]);
 	if (st->blocks)
 		kvp_free(t, st->blocks, (size_t)st->cap_blocks * sizeof *st->blocks, KVP_BYTES_META, 0);
 	st->blocks = c->table;
@@ -366,6 +404,7 @@ struct loaded {
 	float *k;
 	uint8_t *keep;
 	uint32_t n_kept;
+	struct verdict verdict; /* keep, or a cut for a stream that was not loaded (round_newest) */
 	int owned; /* the buffers are this round's own (else the sequence's round space) */
 };
 
@@ -456,6 +495,7 @@ static kvp_status load(struct kvp_seq *s, struct kvp_stream *st, struct loaded *
 	if ((rc = load_buffers(s, n, keys, grown, l)) != KVP_OK)
 		return rc;
 	l->st = st;
+	l->verdict.keep = l->keep;
 	kvp_stream_gather(s, st, l->pos, l->k, NULL);
 	l->round = (struct kvp_round){
 		.t0 = s->t0, .n = st->n_tokens, .pos = l->pos, .k = l->k,
@@ -473,7 +513,7 @@ static kvp_status apply(struct kvp_seq *s, struct loaded *l, uint32_t n)
 	uint32_t i;
 
 	for (i = 0; st == KVP_OK && i < n; i++)
-		st = compaction_plan(s->tenant, s, l[i].st, l[i].keep, &c[i]);
+		st = compaction_plan(s->tenant, s, l[i].st, &l[i].verdict, &c[i]);
 	if (st != KVP_OK) {
 		for (uint32_t u = 0; c && u < i; u++)
 			compaction_free(s->tenant, &c[u]);
@@ -481,7 +521,7 @@ static kvp_status apply(struct kvp_seq *s, struct loaded *l, uint32_t n)
 		return kvp_fail_context(st, "kvp_seq_step: policy round not applied");
 	}
 	for (i = 0; i < n; i++)
-		compaction_commit(s->tenant, s, l[i].st, l[i].keep, &c[i]);
+		compaction_commit(s->tenant, s, l[i].st, &l[i].verdict, &c[i]);
 	free(c);
 	return KVP_OK;
 }
@@ -512,11 +552,66 @@ static kvp_status round_shared(struct kvp_seq *s, struct kvp_stream **streams, u
 	return st;
 }
 
+/* How many of a block's tokens have positions below `end`. */
+static uint32_t block_tokens_before(const struct kvp_block *b, int32_t end)
+{
+	uint32_t n = 0;
+
+	if (!b->n || b->pos[b->n - 1] < end)
+		return b->n;
+	while (b->pos[n] < end)
+		n++;
+	return n;
+}
+
+/* How many of the stream's tokens have positions below `end`: whole blocks, then part of one. */
+static uint32_t tokens_before(const struct kvp_stream *st, int32_t end)
+{
+	uint32_t n = st->sink ? block_tokens_before(st->sink, end) : 0;
+
+	if (st->sink && n < st->sink->n)
+		return n;
+	for (uint32_t i = 0; i < st->n_blocks; i++) {
+		uint32_t m = block_tokens_before(st->blocks[i], end);
+		n += m;
+		if (m < st->blocks[i]->n)
+			break;
+	}
+	return n;
+}
+
+/*
+ * A round of a keeps_newest policy (StreamingLLM): the verdict is positional, so nothing is loaded,
+ * scored or selected; kvp_policy_cut names the runs to drop and the compaction reads only the blocks
+ * that lose tokens, so the round costs what it evicts plus a pass over the block table.
+ */
+static kvp_status round_newest(struct kvp_seq *s, uint32_t layer, uint32_t kv_head)
+{
+	struct kvp_stream *st = kvp_seq_stream(s, layer, kv_head);
+	const int pin = s->policy->plan.pin_prompt;
+	struct kvp_round r = {
+		.t0 = s->t0, .n = st->n_tokens,
+		.sinks = s->tenant->cfg.sinks, .window = s->tenant->cfg.window,
+		.prompt_end = pin ? s->prompt_end : 0,
+		.budget = kvp_gate_budget(s, layer, kv_head),
+	};
+	struct loaded l = { .st = st };
+	kvp_status rc = kvp_policy_cut(s->policy, &r, pin ? tokens_before(st, r.prompt_end) : 0, &l.verdict.cut);
+
+	if (rc == KVP_OK)
+		rc = apply(s, &l, 1);
+	return rc;
+}
+
 static kvp_status round_one(struct kvp_seq *s, uint32_t layer, uint32_t kv_head)
 {
 	struct kvp_round_space grown = { 0 };
 	struct loaded l;
-	kvp_status st = load(s, kvp_seq_stream(s, layer, kv_head), &l, &grown);
+	kvp_status st;
+
+	if (s->policy->ops->keeps_newest)
+		return round_newest(s, layer, kv_head);
+	st = load(s, kvp_seq_stream(s, layer, kv_head), &l, &grown);
 
 	l.round.budget = kvp_gate_budget(s, layer, kv_head);
 	if (st == KVP_OK)

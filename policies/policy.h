@@ -47,6 +47,11 @@ struct kvp_policy_ops {
 	/* 1 when score reads k_post_rope; 0 lets rounds skip loading (and decoding) a stream's keys, and
 	 * score then receives NULL */
 	int scores_keys;
+	/* 1 when score is non-decreasing in position whatever the keys and the history (StreamingLLM: the
+	 * position itself). Ties rank the newer token first, so a round then keeps exactly the newest
+	 * candidates: its verdict follows from positions alone, and the pager takes it from kvp_policy_cut
+	 * instead of scoring and selecting every token. */
+	int keeps_newest;
 	/* Fill dst->state with a copy of src's history (dst has src's ops, shape and plan, state NULL), so a
 	 * forked sequence's policy starts where its parent's was. NULL for policies without state. */
 	kvp_status (*clone)(struct kvp_policy *dst, const struct kvp_policy *src);
@@ -88,7 +93,9 @@ kvp_status kvp_policy_parse(const char *spec, size_t len, const kvp_shape *shape
 void kvp_policy_free(struct kvp_policy *p);
 /* An independent copy of p with its history (for kvp_seq_fork). On failure *out is NULL. */
 kvp_status kvp_policy_clone(const struct kvp_policy *p, struct kvp_policy **out);
-/* The checked vtable calls behind the public kvp_policy_* functions (pager-facing). */
+/* The checked vtable call behind the public kvp_policy_observe (pager-facing). It checks the stream and
+ * the arguments but not that o->pos increases: the pager's positions were checked at append, and the
+ * public call checks a host's before it gets here. */
 kvp_status kvp_policy_learn(struct kvp_policy *p, const struct kvp_observation *o);
 
 /* budget(t0), window(t0) and "is a round due for a stream of n tokens" from the plan. */
@@ -121,6 +128,12 @@ struct kvp_protect {
 kvp_status kvp_select_survivors(uint32_t n, const int32_t *pos, const float *scores,
 				const struct kvp_protect *protect, uint32_t budget, uint8_t *keep,
 				uint32_t *n_kept);
+/*
+ * Rule 2's arithmetic: how many of n_prompt pinned-prompt candidates and n_decode newer ones a budget
+ * keeps when `held` tokens are protected (the two takes may exceed what their side holds: cap them).
+ */
+void kvp_select_split(uint32_t held, uint32_t n_prompt, uint32_t n_decode, uint32_t budget,
+		      uint32_t *prompt_take, uint32_t *decode_take);
 
 /*
  * One policy round on one stream, what the pager calls when kvp_policy_due says so: scores the tokens
@@ -128,6 +141,9 @@ kvp_status kvp_select_survivors(uint32_t n, const int32_t *pos, const float *sco
  * are taken over the decode candidates as in the reference), then kvp_select_survivors with budget(t0)
  * and the union of the pager's protection and the policy's own (sinks, window(t0), pin_prompt).
  * k: [n][head_dim] post-RoPE, exact. keep: [n] out. Nothing is evicted here: the pager applies keep.
+ * Positions are taken as the pager hands them (nonnegative and increasing, checked when they were
+ * appended) and not checked again: that would cost a pass over the stream at every round. The public
+ * kvp_policy_score and kvp_policy_observe do check theirs.
  */
 struct kvp_round {
 	int64_t t0;
@@ -140,6 +156,19 @@ struct kvp_round {
 };
 kvp_status kvp_policy_round(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, const struct kvp_round *r,
 			    uint8_t *keep, uint32_t *n_kept);
+/*
+ * The verdict of a round of a keeps_newest policy, without positions, keys or scores: what
+ * kvp_policy_round would select, as the runs of stream indices it drops, [from[i], from[i] + count[i])
+ * for i < 2 (the oldest candidates of a pinned prompt, then the oldest of the newer tokens; either
+ * may be empty). r->pos and r->k are not read; prompt_tokens is how many of the stream's tokens have
+ * positions below r->prompt_end (read only with pin_prompt). KVP_EINVAL for other policies.
+ */
+struct kvp_cut {
+	uint32_t from[2], count[2];
+	uint32_t n_kept;
+};
+kvp_status kvp_policy_cut(const struct kvp_policy *p, const struct kvp_round *r, uint32_t prompt_tokens,
+			  struct kvp_cut *cut);
 /*
  * select=per_head (TriAttention's reference, plan.per_head): one kept set for KV head kv_head in every
  * layer. rounds[l] is the stream of layer l; all must hold the same positions (they do when every round

@@ -194,7 +194,8 @@ kvp_status kvp_policy_check_positions(const char *what, uint32_t n, const int32_
 	return KVP_OK;
 }
 
-kvp_status kvp_policy_learn(struct kvp_policy *p, const struct kvp_observation *o)
+/* What an observation must hold before a policy reads it, short of increasing positions. */
+static kvp_status check_observation(const struct kvp_policy *p, const struct kvp_observation *o)
 {
 	kvp_status st;
 
@@ -207,11 +208,15 @@ kvp_status kvp_policy_learn(struct kvp_policy *p, const struct kvp_observation *
 		return kvp_fail(KVP_EINVAL, "kvp_policy_observe: query position %lld is negative", (long long)o->t);
 	if (o->n && o->weights && !o->pos)
 		return kvp_fail(KVP_EINVAL, "kvp_policy_observe: weights without positions");
-	if (o->weights && o->n) {
-		st = kvp_policy_check_positions("kvp_policy_observe", o->n, o->pos);
-		if (st != KVP_OK)
-			return st;
-	}
+	return KVP_OK;
+}
+
+kvp_status kvp_policy_learn(struct kvp_policy *p, const struct kvp_observation *o)
+{
+	kvp_status st = check_observation(p, o);
+
+	if (st != KVP_OK)
+		return st;
 	return p->ops->observe ? p->ops->observe(p, o) : KVP_OK;
 }
 
@@ -258,6 +263,13 @@ KVP_API kvp_status kvp_policy_observe(kvp_policy *p, uint32_t layer, uint32_t kv
 		.layer = layer, .kv_head = kv_head, .t = t, .q = q_post_rope, .n = n, .pos = pos,
 		.weights = weights,
 	};
+	kvp_status st = check_observation(p, &o);
+
+	/* a host's positions are checked here; the pager's were checked when they were appended */
+	if (st == KVP_OK && weights && n)
+		st = kvp_policy_check_positions("kvp_policy_observe", n, pos);
+	if (st != KVP_OK)
+		return st;
 	return kvp_policy_learn(p, &o);
 }
 

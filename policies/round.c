@@ -42,8 +42,6 @@ static kvp_status check_round(const char *what, const struct kvp_policy *p, uint
 
 	if (st == KVP_OK && r->n && (!r->pos || (!r->k && p->ops->scores_keys)))
 		st = kvp_fail(KVP_EINVAL, "%s: NULL positions or keys", what);
-	if (st == KVP_OK)
-		st = kvp_policy_check_positions(what, r->n, r->pos);
 	if (st == KVP_OK && r->n && r->t0 <= r->pos[r->n - 1])
 		st = kvp_fail(KVP_EINVAL, "%s: t0=%lld is not after the last position %d", what, (long long)r->t0,
 			      r->pos[r->n - 1]);
@@ -63,13 +61,22 @@ static struct kvp_protect protection(const struct kvp_policy *p, const struct kv
 	return pr;
 }
 
+/* The unprotected tokens [*from, *to) of a stream of n under pr: everything between sinks and window. */
+static void candidate_run(uint32_t n, const struct kvp_protect *pr, uint32_t *from, uint32_t *to)
+{
+	*from = pr->sinks < n ? pr->sinks : n;
+	*to = pr->window < n ? n - pr->window : 0;
+	if (*to < *from)
+		*to = *from;
+}
+
 /* The runs of candidates of a round of n tokens with positions pos under protection pr. */
 static void candidates_find(struct candidates *c, uint32_t n, const int32_t *pos, const struct kvp_protect *pr)
 {
-	uint32_t from = pr->sinks < n ? pr->sinks : n, to = pr->window < n ? n - pr->window : 0, prompt_end = from;
+	uint32_t from, to, prompt_end;
 
-	if (to < from)
-		to = from;
+	candidate_run(n, pr, &from, &to);
+	prompt_end = from;
 	if (pr->pin_prompt)
 		while (prompt_end < to && pos[prompt_end] < pr->prompt_end)
 			prompt_end++;
@@ -150,6 +157,35 @@ kvp_status kvp_policy_round(struct kvp_policy *p, uint32_t layer, uint32_t kv_he
 		st = select_from(p, r, &pr, &c, c.scores, keep, n_kept);
 	candidates_free(&c);
 	return st;
+}
+
+/*
+ * Scores that never decrease with position rank candidates by position (ties go to the newer token), so
+ * each side of rule 2 keeps its newest take and drops its oldest: kvp_select_survivors' result, by
+ * index arithmetic.
+ */
+kvp_status kvp_policy_cut(const struct kvp_policy *p, const struct kvp_round *r, uint32_t prompt_tokens,
+			  struct kvp_cut *cut)
+{
+	struct kvp_protect pr;
+	uint32_t from, to, prompt_to, prompt_take, decode_take, n_prompt, n_decode;
+
+	if (!p || !r || !cut || !p->ops->keeps_newest)
+		return kvp_fail(KVP_EINVAL, "kvp_policy_cut: NULL argument or a policy that does not keep the newest");
+	pr = protection(p, r);
+	candidate_run(r->n, &pr, &from, &to);
+	prompt_to = !pr.pin_prompt || prompt_tokens < from ? from : prompt_tokens > to ? to : prompt_tokens;
+	n_prompt = prompt_to - from;
+	n_decode = to - prompt_to;
+	kvp_select_split(r->n - (to - from), n_prompt, n_decode, r->budget ? r->budget : kvp_policy_budget(p, r->t0),
+			 &prompt_take, &decode_take);
+	decode_take = decode_take < n_decode ? decode_take : n_decode;
+	*cut = (struct kvp_cut){
+		.from = { from, prompt_to },
+		.count = { n_prompt - prompt_take, n_decode - decode_take },
+		.n_kept = r->n - (n_prompt - prompt_take) - (n_decode - decode_take),
+	};
+	return KVP_OK;
 }
 
 /* The rounds of a group must describe the same tokens: same t0, count and positions. */

@@ -112,12 +112,28 @@ static uint32_t keep_best(struct ranked *list, uint32_t n, uint32_t take, uint8_
 	return take;
 }
 
+void kvp_select_split(uint32_t held, uint32_t n_prompt, uint32_t n_decode, uint32_t budget,
+		      uint32_t *prompt_take, uint32_t *decode_take)
+{
+	uint32_t free_slots = budget > held ? budget - held : 0;
+
+	if (n_prompt <= free_slots) {
+		*prompt_take = n_prompt; /* the pinned prompt fits: all of it stays */
+	} else {
+		/* The prompt is longer than the budget leaves: it gets half, and whatever the newer tokens
+		 * cannot use. */
+		uint32_t half = free_slots - free_slots / 2;
+		*prompt_take = n_decode >= free_slots - half ? half : free_slots - n_decode;
+	}
+	*decode_take = free_slots - *prompt_take;
+}
+
 kvp_status kvp_select_survivors(uint32_t n, const int32_t *pos, const float *scores,
 				const struct kvp_protect *protect, uint32_t budget, uint8_t *keep,
 				uint32_t *n_kept)
 {
 	struct ranked *prompt, *decode;
-	uint32_t n_prompt = 0, n_decode = 0, held = 0, free_slots, prompt_take, decode_take;
+	uint32_t n_prompt = 0, n_decode = 0, held = 0, prompt_take, decode_take;
 
 	prompt = malloc(sizeof *prompt * (n ? n : 1));
 	decode = malloc(sizeof *decode * (n ? n : 1));
@@ -134,16 +150,7 @@ kvp_status kvp_select_survivors(uint32_t n, const int32_t *pos, const float *sco
 		else
 			decode[n_decode++] = (struct ranked){ rank_key(scores[i], pos[i]), i };
 	}
-	free_slots = budget > held ? budget - held : 0;
-	if (n_prompt <= free_slots) {
-		prompt_take = n_prompt; /* the pinned prompt fits: all of it stays */
-	} else {
-		/* The prompt is longer than the budget leaves: it gets half, and whatever the newer tokens
-		 * cannot use. */
-		uint32_t half = free_slots - free_slots / 2;
-		prompt_take = n_decode >= free_slots - half ? half : free_slots - n_decode;
-	}
-	decode_take = free_slots - prompt_take;
+	kvp_select_split(held, n_prompt, n_decode, budget, &prompt_take, &decode_take);
 	held += keep_best(prompt, n_prompt, prompt_take, keep);
 	held += keep_best(decode, n_decode, decode_take, keep);
 	free(prompt), free(decode);

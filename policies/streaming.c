@@ -37,4 +37,5 @@ const struct kvp_policy_ops kvp_policy_streaming = {
 	.name = "streaming",
 	.open = open_streaming,
 	.score = score,
+	.keeps_newest = 1,
 };

@@ -260,6 +260,110 @@ Test(evict, streaming_rounds_reuse_the_blocks_after_the_oldest)
 	kvp_pool_close(c.pool);
 }
 
+/* ---- StreamingLLM's positional round against the general one ---- */
+
+/* StreamingLLM's vtable without keeps_newest: the same scores through gathering, scoring and selection. */
+static struct kvp_policy_ops scored_streaming;
+
+static void force_general_path(kvp_seq *seq)
+{
+	scored_streaming = kvp_policy_streaming;
+	scored_streaming.keeps_newest = 0;
+	kvp_seq_from_handle(seq)->policy->ops = &scored_streaming;
+}
+
+/* The same sequence twice: positional rounds in fast, scored rounds in general. */
+struct twin {
+	struct cache fast, general;
+};
+
+static void twin_fork(const struct twin *parent, struct twin *child)
+{
+	*child = *parent;
+	cr_assert_eq(kvp_seq_fork(parent->fast.seq, &child->fast.seq), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_fork(parent->general.seq, &child->general.seq), KVP_OK, "%s", kvp_last_error());
+}
+
+/* Appends n tokens of k, v to both, attends with q, steps, and compares outputs and every stream. */
+static void twin_step(struct twin *w, uint32_t n, const float *k, const float *v, const float *q, const char *what)
+{
+	static float out_fast[NH * D], out_general[NH * D], k_fast[MAXT * D], k_general[MAXT * D];
+	static float v_fast[MAXT * D], v_general[MAXT * D];
+	int32_t pos_fast[MAXT], pos_general[MAXT];
+	uint32_t n_fast, n_general;
+
+	cr_assert_eq(append(&w->fast, n, k, v), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(append(&w->general, n, k, v), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_step(w->fast.seq), KVP_OK, "%s: %s", what, kvp_last_error());
+	cr_assert_eq(kvp_seq_step(w->general.seq), KVP_OK, "%s: %s", what, kvp_last_error());
+	cr_assert_eq(kvp_attend(w->fast.seq, 0, q, out_fast), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_attend(w->general.seq, 0, q, out_general), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(memcmp(out_fast, out_general, sizeof out_fast), 0, "%s at t=%u: attention differs", what, w->fast.t);
+	for (uint32_t h = 0; h < NKV; h++) {
+		cr_assert_eq(kvp_gather(w->fast.seq, 0, h, MAXT, pos_fast, k_fast, v_fast, &n_fast), KVP_OK);
+		cr_assert_eq(kvp_gather(w->general.seq, 0, h, MAXT, pos_general, k_general, v_general, &n_general), KVP_OK);
+		cr_assert_eq(n_fast, n_general, "%s at t=%u, head %u: %u tokens kept against %u", what, w->fast.t, h,
+			     n_fast, n_general);
+		cr_assert_eq(memcmp(pos_fast, pos_general, n_fast * sizeof *pos_fast), 0, "%s at t=%u: kept positions",
+			     what, w->fast.t);
+		cr_assert_eq(memcmp(k_fast, k_general, (size_t)n_fast * D * sizeof *k_fast), 0, "%s: keys", what);
+		cr_assert_eq(memcmp(v_fast, v_general, (size_t)n_fast * D * sizeof *v_fast), 0, "%s: values", what);
+	}
+}
+
+/*
+ * Sinks and window of the pager and of the policy, every > 1, a pinned prompt, budgets moved between
+ * heads by gating (a budget above sinks + window is what lets a pinned prompt keep tokens, and a
+ * prompt longer than the free slots competes with the newer tokens), a TurboQuant cold tier and KIVI
+ * keys (blocks dropped whole); from step 60 a fork of each runs on other tokens, sharing the parents'
+ * blocks.
+ */
+Test(evict, streaming_fast_path_keeps_what_the_general_path_keeps)
+{
+	static const struct { const char *spec; uint32_t prompt; } cases[] = {
+		{ "block=8,sinks=4,window=13,policy=streaming(sinks=4,window=29)", 50 },
+		{ "block=8,sinks=2,window=8,policy=streaming(sinks=6,window=21,every=5)", 3 },
+		{ "block=8,sinks=4,window=8,pin_prompt=1,policy=streaming(sinks=4,window=40)", 30 },
+		{ "block=8,sinks=4,window=8,policy=streaming(sinks=4,window=24,pin_prompt=1)", 70 },
+		{ "block=8,sinks=4,window=16,gate=entropy,policy=streaming(sinks=4,window=37,every=3)", 64 },
+		{ "block=8,sinks=4,window=8,gate=entropy,pin_prompt=1,policy=streaming(sinks=4,window=20)", 40 },
+		{ "block=8,sinks=4,window=16,k=turboquant(bits=4),v=turboquant(bits=4),policy=streaming(sinks=4,window=37)",
+		  64 },
+		{ "block=32,sinks=4,window=32,k=kivi(bits=2),v=kivi(bits=2),policy=streaming(sinks=4,window=70)", 100 },
+	};
+	static float k[MAXT * ROW], v[MAXT * ROW], k2[MAXT * ROW], v2[MAXT * ROW], q[NH * D];
+
+	fixture_fill(k, MAXT * ROW, 31, 1.0f);
+	fixture_fill(v, MAXT * ROW, 32, 1.0f);
+	fixture_fill(k2, MAXT * ROW, 33, 1.0f);
+	fixture_fill(v2, MAXT * ROW, 34, 1.0f);
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		struct twin w, fork;
+		cache_open(&w.fast, cases[i].spec);
+		cache_open(&w.general, cases[i].spec);
+		force_general_path(w.general.seq);
+		for (uint32_t h = 0; strstr(cases[i].spec, "gate=") && h < NKV; h++) {
+			/* head 0 gives budget to head 1, whose free slots then go to the pinned prompt */
+			cr_assert_eq(kvp_seq_set_head_level(w.fast.seq, 0, h, h ? 0.0f : 1.0f), KVP_OK);
+			cr_assert_eq(kvp_seq_set_head_level(w.general.seq, 0, h, h ? 0.0f : 1.0f), KVP_OK);
+		}
+		fixture_fill(q, NH * D, 35, 1.0f);
+		twin_step(&w, cases[i].prompt, k, v, q, cases[i].spec);
+		for (uint32_t step = 0; step < 200; step++) {
+			fixture_fill(q, NH * D, 400 + step, 1.0f);
+			if (step == 60)
+				twin_fork(&w, &fork);
+			twin_step(&w, 1 + step % 3, k, v, q, cases[i].spec);
+			if (step >= 60)
+				twin_step(&fork, 1 + step % 2, k2, v2, q, cases[i].spec);
+		}
+		cr_assert_eq(kvp_seq_from_handle(w.fast.seq)->round_space.bytes, 0, "%s: the fast path loaded a stream",
+			     cases[i].spec);
+		kvp_pool_close(w.fast.pool);
+		kvp_pool_close(w.general.pool);
+	}
+}
+
 Test(evict, round_that_cannot_be_paid_for_changes_nothing)
 {
 	static float k[MAXT * ROW], v[MAXT * ROW];
