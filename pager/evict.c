@@ -217,29 +217,40 @@ static uint32_t kept_in(const struct verdict *v, uint32_t at, uint32_t n)
  * blocks from there on are reused as they are, leaving the prefix's last packed block partly filled.
  * Otherwise (or when that could leave a second partly filled block, or stall the cold tier) returns
  * r->to: everything after the first block that loses a token is repacked.
+ *
+ * The partly filled block can cost a block of memory for as long as it lives (packing everything would
+ * have merged it with the partly filled newest block), so reuse is only taken when it costs no block or
+ * when the region holds at least eight blocks' worth: a long stream saves the copying for an eighth of
+ * its memory at most, and a short one, where copying is cheap anyway, is repacked full.
  */
 static uint32_t reuse_from(const struct kvp_seq *s, const struct kvp_stream *st, const struct region *r,
 			   const struct verdict *v, uint32_t at)
 {
 	const uint32_t B = s->tenant->cfg.block;
-	uint32_t i = r->from, prefix_end = r->from;
+	uint32_t i = r->from, prefix_end = r->from, prefix_kept = 0;
+	uint64_t tokens = 0, after = 0, reused_blocks, packed_blocks;
 
 	/* cold_count turns exact blocks cold only while they are full: a partial one would stall it */
 	if (r->whole || (!r->cold && s->cold.k))
 		return r->to;
 	for (; i < r->to; at += st->blocks[i]->n, i++) {
-		uint32_t n = st->blocks[i]->n;
-		if (kept_in(v, at, n) == n) {
+		uint32_t n = st->blocks[i]->n, kept = kept_in(v, at, n);
+		tokens += n;
+		if (kept == n) {
 			/* a partial block would be left in the middle of a reused run */
 			if (n != B && i + 1 < r->to)
 				return r->to;
+			after += n;
 		} else if (prefix_end != i) {
 			return r->to; /* a loss after a kept block: not a prefix */
 		} else {
 			prefix_end = i + 1;
+			prefix_kept += kept;
 		}
 	}
-	return prefix_end;
+	reused_blocks = (prefix_kept + B - 1) / B + (r->to - prefix_end);
+	packed_blocks = (prefix_kept + after + B - 1) / B;
+	return reused_blocks <= packed_blocks || tokens >= 8 * (uint64_t)B ? prefix_end : r->to;
 }
 
 /*

@@ -220,8 +220,9 @@ Test(evict, kivi_key_blocks_are_kept_or_dropped_whole)
 
 /*
  * StreamingLLM drops the oldest tokens: the blocks that lose them are a prefix of the stream, so a round
- * repacks only those and reuses every later block as it is (at most one partly filled block besides the
- * last), instead of repacking the whole stream at every step; the kept set is still sinks + window.
+ * on a stream of eight blocks or more repacks only those and reuses every later block as it is (at most
+ * one partly filled block besides the last), instead of repacking the whole stream at every step; the
+ * kept set is still sinks + window.
  */
 Test(evict, streaming_rounds_reuse_the_blocks_after_the_oldest)
 {
@@ -231,8 +232,8 @@ Test(evict, streaming_rounds_reuse_the_blocks_after_the_oldest)
 
 	fixture_fill(k, MAXT * ROW, 21, 1.0f);
 	fixture_fill(v, MAXT * ROW, 22, 1.0f);
-	cache_open(&c, "block=8,sinks=4,window=45,policy=streaming(sinks=4,window=45)");
-	cr_assert_eq(append(&c, 80, k, v), KVP_OK);
+	cache_open(&c, "block=8,sinks=4,window=77,policy=streaming(sinks=4,window=77)");
+	cr_assert_eq(append(&c, 120, k, v), KVP_OK);
 	cr_assert_eq(kvp_seq_step(c.seq), KVP_OK, "%s", kvp_last_error());
 	for (int step = 0; step < 100; step++) {
 		const struct kvp_stream *st = kvp_seq_stream(kvp_seq_from_handle(c.seq), 0, 0);
@@ -250,11 +251,41 @@ Test(evict, streaming_rounds_reuse_the_blocks_after_the_oldest)
 		cr_assert_leq(partial, 1, "step %d: %u partly filled blocks before the last", step, partial);
 		cr_assert_geq(reused + 3, n_before, "step %d: only %u of %u blocks reused", step, reused, n_before);
 		for (uint32_t h = 0; h < NKV; h++) {
-			cr_assert_eq(positions(&c, h, pos), 49);
+			cr_assert_eq(positions(&c, h, pos), 81);
 			for (int i = 0; i < 4; i++)
 				cr_assert_eq(pos[i], i);
-			for (int i = 4; i < 49; i++)
-				cr_assert_eq(pos[i], (int32_t)c.t - 49 + i);
+			for (int i = 4; i < 81; i++)
+				cr_assert_eq(pos[i], (int32_t)c.t - 81 + i);
+		}
+	}
+	kvp_pool_close(c.pool);
+}
+
+/*
+ * On a short stream a reused run would keep a partly filled block beside the partly filled newest one,
+ * a block of memory for a few copies saved: rounds there pack the survivors into as few blocks as they
+ * fill, whatever they keep.
+ */
+Test(evict, streaming_rounds_on_a_short_stream_take_no_more_blocks_than_the_tokens_fill)
+{
+	static float k[MAXT * ROW], v[MAXT * ROW];
+	struct cache c;
+
+	fixture_fill(k, MAXT * ROW, 23, 1.0f);
+	fixture_fill(v, MAXT * ROW, 24, 1.0f);
+	cache_open(&c, "block=8,sinks=4,window=45,policy=streaming(sinks=4,window=45)");
+	cr_assert_eq(append(&c, 80, k, v), KVP_OK);
+	for (int step = 0; step < 100; step++) {
+		cr_assert_eq(append(&c, 1 + step % 3, k, v), KVP_OK);
+		cr_assert_eq(kvp_seq_step(c.seq), KVP_OK, "%s", kvp_last_error());
+		for (uint32_t h = 0; h < NKV; h++) {
+			const struct kvp_stream *st = kvp_seq_stream(kvp_seq_from_handle(c.seq), 0, h);
+			uint32_t tokens = 0;
+
+			for (uint32_t i = 0; i < st->n_blocks; i++)
+				tokens += st->blocks[i]->n;
+			cr_assert_eq(st->n_blocks, (tokens + 7) / 8, "step %d, head %u: %u blocks for %u tokens", step,
+				     h, st->n_blocks, tokens);
 		}
 	}
 	kvp_pool_close(c.pool);
