@@ -200,7 +200,7 @@ static void axpy_f32(unsigned d, unsigned n, const float *rows, const float *w, 
 static void axpy_f16_ahead(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc,
 			   const uint16_t *ahead)
 {
-	const size_t steps = (size_t)(d / 32) * n, share = steps ? ((size_t)n * d * 2 + steps - 1) / steps : 0;
+	const size_t steps = (size_t)(d / 32) * n, share = kvp_prefetch_share((size_t)n * d * 2, steps);
 	unsigned j = 0;
 
 	for (; j + 32 <= d; j += 32) {
@@ -331,7 +331,7 @@ static void axpy_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const 
 {
 	const float *w0 = w, *w1 = w + n, *w2 = w1 + n, *w3 = w2 + n;
 	float *c0 = acc, *c1 = acc + d, *c2 = c1 + d, *c3 = c2 + d;
-	const size_t steps = (size_t)(d / 16) * n, share = steps ? ((size_t)n * d * 2 + steps - 1) / steps : 0;
+	const size_t steps = (size_t)(d / 16) * n, share = kvp_prefetch_share((size_t)n * d * 2, steps);
 	unsigned j = 0;
 
 	for (; j + 16 <= d; j += 16) {
@@ -848,13 +848,6 @@ static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint
 				kept + (size_t)i * kept_stride, signs ? scale[i] : 0.0f, mag, x + (size_t)i * d);
 }
 
-static float band_norm(float re, float im)
-{
-	float rr = re * re, ii = im * im, sum = rr + ii;
-
-	return sqrtf(sum);
-}
-
 /* Eight bands at a time; mul, mul, add, sqrt are each rounded as in the scalar reference. */
 static void band_norms(unsigned d, unsigned n, int interleaved, const float *rows, float *out)
 {
@@ -879,7 +872,7 @@ static void band_norms(unsigned d, unsigned n, int interleaved, const float *row
 			_mm256_storeu_ps(o + f, _mm256_sqrt_ps(sum));
 		}
 		for (; f < F; f++)
-			o[f] = interleaved ? band_norm(r[2 * f], r[2 * f + 1]) : band_norm(r[f], r[f + F]);
+			o[f] = interleaved ? kvp_band_norm(r[2 * f], r[2 * f + 1]) : kvp_band_norm(r[f], r[f + F]);
 	}
 }
 

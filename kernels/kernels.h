@@ -7,6 +7,7 @@
 #ifndef KVP_KERNELS_H
 #define KVP_KERNELS_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -99,6 +100,23 @@ static inline void kvp_prefetch_span(const void *base, size_t from, size_t to)
 		return;
 	for (size_t at = (from + 63) & ~(size_t)63; at < to; at += 64)
 		__builtin_prefetch((const char *)base + at, 0, 2);
+}
+
+/* Bytes of ahead one of `steps` loop steps asks for, so that the steps cover `bytes` (0 without steps). */
+static inline size_t kvp_prefetch_share(size_t bytes, size_t steps)
+{
+	return steps ? (bytes + steps - 1) / steps : 0;
+}
+
+/*
+ * One band's magnitude, for band_norms and the scalar tails of its vector versions. Separate statements,
+ * so no compiler fuses the products into the sum: every implementation rounds the same steps.
+ */
+static inline float kvp_band_norm(float re, float im)
+{
+	float rr = re * re, ii = im * im, sum = rr + ii;
+
+	return sqrtf(sum);
 }
 
 /* Byte j of entry m is the number of set bits of m below bit j: where the value of a kept channel j of a

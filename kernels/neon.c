@@ -216,7 +216,7 @@ static void axpy_f32(unsigned d, unsigned n, const float *rows, const float *w, 
 static void axpy_f16_ahead(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc,
 			   const uint16_t *ahead)
 {
-	const size_t steps = (size_t)(d / 16) * n, share = steps ? ((size_t)n * d * 2 + steps - 1) / steps : 0;
+	const size_t steps = (size_t)(d / 16) * n, share = kvp_prefetch_share((size_t)n * d * 2, steps);
 	unsigned j = 0;
 
 	for (; j + 16 <= d; j += 16) {
@@ -313,7 +313,7 @@ static void axpy_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const 
 	const unsigned d4 = d & ~3u, k = d & 3u;
 	const float *w0 = w, *w1 = w + n, *w2 = w1 + n, *w3 = w2 + n;
 	float *c0 = acc, *c1 = acc + d, *c2 = c1 + d, *c3 = c2 + d;
-	const size_t steps = (size_t)(d / 4) * n, share = steps ? ((size_t)n * d * 2 + steps - 1) / steps : 0;
+	const size_t steps = (size_t)(d / 4) * n, share = kvp_prefetch_share((size_t)n * d * 2, steps);
 
 	for (unsigned j = 0; j < d4; j += 4) {
 		float32x4_t a0 = vld1q_f32(c0 + j), a1 = vld1q_f32(c1 + j);
@@ -804,13 +804,6 @@ static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint
 				kept + (size_t)i * kept_stride, signs ? scale[i] : 0.0f, mag, x + (size_t)i * d);
 }
 
-static float band_norm(float re, float im)
-{
-	float rr = re * re, ii = im * im, sum = rr + ii;
-
-	return sqrtf(sum);
-}
-
 /* Four bands at a time; vmulq, vaddq and vsqrtq round each step, as the scalar reference does. */
 static void band_norms(unsigned d, unsigned n, int interleaved, const float *rows, float *out)
 {
@@ -834,7 +827,7 @@ static void band_norms(unsigned d, unsigned n, int interleaved, const float *row
 			vst1q_f32(o + f, vsqrtq_f32(vaddq_f32(vmulq_f32(re, re), vmulq_f32(im, im))));
 		}
 		for (; f < F; f++)
-			o[f] = interleaved ? band_norm(r[2 * f], r[2 * f + 1]) : band_norm(r[f], r[f + F]);
+			o[f] = interleaved ? kvp_band_norm(r[2 * f], r[2 * f + 1]) : kvp_band_norm(r[f], r[f + F]);
 	}
 }
 

@@ -202,14 +202,6 @@ static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint
 	}
 }
 
-/* One band's magnitude; separate statements so no compiler fuses the products into the sum. */
-static float band_norm(float re, float im)
-{
-	float rr = re * re, ii = im * im, sum = rr + ii;
-
-	return sqrtf(sum);
-}
-
 static void band_norms(unsigned d, unsigned n, int interleaved, const float *rows, float *out)
 {
 	const unsigned F = d / 2;
@@ -219,7 +211,7 @@ static void band_norms(unsigned d, unsigned n, int interleaved, const float *row
 		float *o = out + (size_t)i * F;
 
 		for (unsigned f = 0; f < F; f++)
-			o[f] = interleaved ? band_norm(r[2 * f], r[2 * f + 1]) : band_norm(r[f], r[f + F]);
+			o[f] = interleaved ? kvp_band_norm(r[2 * f], r[2 * f + 1]) : kvp_band_norm(r[f], r[f + F]);
 	}
 }
 
