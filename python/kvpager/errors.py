@@ -17,7 +17,8 @@ class Error(Exception):
         self.status = status
         self.detail = detail
         self.call = call
-        where = f"{call}: " if call else ""
+        # most details already start with the call's name
+        where = f"{call}: " if call and not (detail or "").startswith(call) else ""
         super().__init__(f"{where}{detail}" if detail else f"{where}{strerror(status)}")
 
 
