@@ -65,3 +65,12 @@ def test_a_cache_spec_the_library_refuses_exits_2_naming_it():
                            "--cache", "windoww=3"], capture_output=True, env=os.environ, timeout=60)
     assert done.returncode == 2
     assert b"windoww" in done.stderr
+
+
+def test_a_prompt_with_byte_fallback_prints_as_kvpager_llama_does():
+    """é is a piece of tok512, ✓ is not: its three bytes go through <0xHH> pieces, which the printer
+    drops as lone non-ASCII bytes."""
+    path, prompt = model_file("kjv-64.bin"), "And Moses said, é ✓"
+    expected = reference(path, 40, prompt)
+    assert example(path, 40, prompt) == expected
+    assert "é" in expected and "✓" not in expected
