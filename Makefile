@@ -108,12 +108,26 @@ suites: all
 
 test:
 	$(MAKE) --no-print-directory suites
+	$(MAKE) --no-print-directory pytest
 	$(MAKE) --no-print-directory valgrind
 	$(MAKE) --no-print-directory asan
 	@if [ "$(ARCH)" = x86_64 ] && command -v aarch64-linux-gnu-gcc >/dev/null; then \
 		$(MAKE) --no-print-directory neon; \
 	else echo "neon: skipped (needs x86-64 with aarch64-linux-gnu-gcc and qemu-aarch64)"; fi
 check: test
+
+# The Python binding's suites (python/tests) against this build's library, with Debian's python3-numpy
+# and python3-pytest; skipped with a message where those are missing. Any non-zero pytest status fails,
+# 5 (nothing collected) too.
+PYTHON ?= /usr/bin/python3
+.PHONY: pytest
+pytest: $(SHARED) $(BUILD)/kvpager-llama
+	@if ! $(PYTHON) -c 'import numpy, pytest' 2>/dev/null; then \
+		echo "pytest: skipped ($(PYTHON) lacks numpy or pytest: apt-get install python3-numpy python3-pytest)"; \
+	else \
+		KVPAGER_LIB=$(abspath $(SHARED)) PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest -q -p no:cacheprovider \
+			python/tests; \
+	fi
 
 # The plugin test under valgrind: a dlopen host must see no invalid access and no leak from the library.
 valgrind: all
