@@ -192,6 +192,12 @@ KVP_API void kvp_codec_close(kvp_codec *c);
  * "triattention(budget=2048,stats=FILE|online,every=128,offsets=17,aggregate=mean|max,
  * select=per_head|per_layer_head|union)"; every policy also takes pin_prompt=0|1. One policy holds the
  * history of one sequence (H2O's accumulated weights, online statistics).
+ * stats=FILE is a .kvtria file: a regular file (a directory, FIFO or device is KVP_EINVAL, and a FIFO
+ * never blocks) whose size must be exactly what its 40-byte header implies (KVP_ECORRUPT otherwise,
+ * before the body is read), for the shape's layers, heads, head_dim, rope_theta and rope_layout
+ * (KVP_EINVAL otherwise). As a tenant's policy= the file is read once, at kvp_tenant_open (a bad file
+ * fails it), and shared read-only by the tenant's sequences, each checked against its shape at
+ * kvp_seq_open; a fork shares its parent's.
  *
  * kvp_policy_score: scores of the n tokens of stream (layer, kv_head), higher = keep, after the policy's
  *   own normalization (TriAttention: z-score per query head over these n tokens) and GQA aggregation
