@@ -67,11 +67,22 @@ KVP_API const char *kvp_last_error(void);
  * Pool: all cache memory of one process.
  *   mem=SIZE        global byte limit over all tenants (default: unlimited); SIZE takes B, KiB, MiB, GiB
  *   numa=N          place block memory on NUMA node N (a no-op with a note where NUMA is absent)
- *   spill=PATH      the spill device: a file (created, preallocated and removed at close when the pool
- *                   made it; reused and kept otherwise) or a block device, written with O_DIRECT through
- *                   io_uring (buffered, with a note in kvp_last_error, where the file system refuses
- *                   O_DIRECT). KVP_EUNSUPPORTED where io_uring is not permitted.
- *   spill_max=SIZE  bytes of the spill device to use; required with spill=
+ *   spill=PATH      the spill device, written with O_DIRECT through io_uring (buffered, with a note in
+ *                   kvp_last_error, where the file system refuses O_DIRECT; KVP_EUNSUPPORTED where
+ *                   io_uring is not permitted). PATH may name:
+ *                   - a directory: an unnamed file in it (O_TMPFILE): nothing to remove at close, nothing
+ *                     left after a crash (KVP_EUNSUPPORTED where the file system has no O_TMPFILE);
+ *                   - nothing yet: a file created there with mode 0600 (never through a symbolic link),
+ *                     removed at close only if the path still names that same file;
+ *                   - a block device: used as it is, and kept;
+ *                   - a spill file this library made (its last page holds the library's label; one left
+ *                     by a crashed process, say) owned by this user with no group or other permissions:
+ *                     its contents are discarded, and it is reused and kept.
+ *                   Anything else (a symbolic link, a FIFO, a file without the label, one others may
+ *                   read) is KVP_EINVAL and left untouched: every check comes before any change.
+ *                   Files are preallocated to spill_max plus one 4 KiB page for the label.
+ *   spill_max=SIZE  bytes of the spill device to use for blocks (at least 64KiB; KVP_EINVAL before the
+ *                   path is touched otherwise); required with spill=
  *   spill_buffer=SIZE  staging for spill I/O, registered with io_uring (default 2MiB; larger is faster
  *                   where RLIMIT_MEMLOCK allows it, and falls back to unregistered I/O where it does not)
  * With a spill device, a charge that would pass a tenant's quota or the pool's limit first parks the
