@@ -437,7 +437,6 @@ static kvp_status prepare_tria(struct kvp_args *args, void **shared)
 	kvp_status st = stats_path(args, path, sizeof path);
 	struct tria_file *f = NULL;
 
-	*shared = NULL;
 	if (st == KVP_OK && path[0])
 		st = file_load(path, NULL, &f);
 	*shared = f;
