@@ -178,8 +178,7 @@ static void remove_created(const struct kvp_spill *d)
 /* The page after the slots, written before O_DIRECT is on (it needs no aligned buffer then). */
 static kvp_status label_write(struct kvp_spill *d, uint64_t bytes)
 {
-	static char page[KVP_SPILL_PAGE];
-	memcpy(page, LABEL_MAGIC, sizeof LABEL_MAGIC - 1);
+	char page[KVP_SPILL_PAGE] = LABEL_MAGIC; /* the rest zeros */
 	if (pwrite(d->fd, page, sizeof page, (off_t)bytes) != (ssize_t)sizeof page)
 		return fail_errno(d, "writing the label");
 	return KVP_OK;
@@ -187,11 +186,10 @@ static kvp_status label_write(struct kvp_spill *d, uint64_t bytes)
 
 /* O_DIRECT where the file system takes it (set after the open, so a refusal never costs a second open of
  * the path); buffered otherwise. */
-static void direct_enable(struct kvp_spill *d)
+static void direct_enable(struct kvp_spill *d, int refuse)
 {
 	int flags = fcntl(d->fd, F_GETFL);
-	d->direct = !kvp_spill_refuse_direct && flags >= 0 && fcntl(d->fd, F_SETFL, flags | O_DIRECT) == 0;
-	kvp_spill_refuse_direct = 0;
+	d->direct = !refuse && flags >= 0 && fcntl(d->fd, F_SETFL, flags | O_DIRECT) == 0;
 }
 
 /* Regular files are preallocated so a park never waits for block allocation or finds the disk full; a
@@ -280,6 +278,8 @@ kvp_status kvp_spill_open(struct kvp_pool *pool, const char *path, unsigned path
 {
 	struct kvp_spill *d;
 	kvp_status st;
+	int refuse_direct = kvp_spill_refuse_direct; /* the test hook serves this open, whatever happens */
+	kvp_spill_refuse_direct = 0;
 	if (buffer_bytes < STAGING_MIN || buffer_bytes > (1u << 30))
 		return kvp_fail(KVP_EINVAL, "spill_buffer=%llu: between %u and %u bytes",
 				(unsigned long long)buffer_bytes, STAGING_MIN, 1u << 30);
@@ -302,7 +302,7 @@ kvp_status kvp_spill_open(struct kvp_pool *pool, const char *path, unsigned path
 		device_free(d);
 		return st;
 	}
-	direct_enable(d);
+	direct_enable(d, refuse_direct);
 	if (!d->direct)
 		kvp_fail(KVP_OK, "spill=%s: the file system refused O_DIRECT; using buffered I/O", d->path);
 	if (!(d->bitmap = calloc((d->pages + 63) / 64, sizeof *d->bitmap))) {
