@@ -153,17 +153,34 @@ tsan:
 
 # libFuzzer targets: the library built with coverage and sanitizers, each target run for a bounded time.
 FUZZ_SECONDS ?= 30
+# Each target starts from its seed corpus, FUZZ_CORPUS/<target> (files the library made, committed; `make
+# fuzz-seeds` writes them again); FUZZ_CORPUS= runs without seeds. What a run finds goes to
+# build-fuzz/<target>.corpus, emptied first, never into the committed seeds.
 FUZZ_TARGETS := $(patsubst tests/%.c,build-fuzz/%,$(wildcard tests/fuzz_*.c))
 FUZZ_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined
+FUZZ_CORPUS ?= tests/corpus
+.PHONY: fuzz-seeds
 fuzz:
 	$(MAKE) --no-print-directory CC=clang BUILD=build-fuzz CFLAGS="$(FUZZ_FLAGS) -fsanitize=fuzzer-no-link" build-fuzz/libkvpager.a
 	@for t in $(FUZZ_TARGETS); do \
+		name=$${t#build-fuzz/}; \
 		clang -std=c11 -D_GNU_SOURCE $(WARN) -Iinclude -I. $(FUZZ_FLAGS) -fsanitize=fuzzer -o $$t \
-			tests/$${t#build-fuzz/}.c build-fuzz/libkvpager.a $(LIBS) || exit 1; \
-		echo "== $$t for $(FUZZ_SECONDS) s"; \
-		$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 > $$t.log 2>&1; rc=$$?; \
-		tail -n 12 $$t.log; [ $$rc -eq 0 ] || { echo "$$t: a finding, see $$t.log"; exit 1; }; \
+			tests/$$name.c build-fuzz/libkvpager.a $(LIBS) || exit 1; \
+		rm -rf $$t.corpus; mkdir -p $$t.corpus; \
+		seeds=$(if $(FUZZ_CORPUS),$(FUZZ_CORPUS)/$$name); \
+		echo "== $$t for $(FUZZ_SECONDS) s, seeds: $${seeds:-none}"; \
+		$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 $$t.corpus $$seeds > $$t.log 2>&1; rc=$$?; \
+		grep -E '^#[0-9]+[[:space:]]+(INITED|DONE)' $$t.log; tail -n 12 $$t.log; \
+		[ $$rc -eq 0 ] || { echo "$$t: a finding, see $$t.log"; exit 1; }; \
 	done
+
+$(BUILD)/tests/seed_corpus: tests/seed_corpus.c tests/fuzz_slot_stub.h $(STATIC)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(STATIC) $(LIBS)
+
+fuzz-seeds: $(BUILD)/tests/seed_corpus
+	mkdir -p $(FUZZ_TARGETS:build-fuzz/%=tests/corpus/%)
+	$(BUILD)/tests/seed_corpus tests/corpus
 
 NEON_SRC := base/error.c base/half.c kernels/dispatch.c kernels/scalar.c kernels/neon.c kernels/crc32c.c
 neon:

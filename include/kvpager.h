@@ -67,11 +67,22 @@ KVP_API const char *kvp_last_error(void);
  * Pool: all cache memory of one process.
  *   mem=SIZE        global byte limit over all tenants (default: unlimited); SIZE takes B, KiB, MiB, GiB
  *   numa=N          place block memory on NUMA node N (a no-op with a note where NUMA is absent)
- *   spill=PATH      the spill device: a file (created, preallocated and removed at close when the pool
- *                   made it; reused and kept otherwise) or a block device, written with O_DIRECT through
- *                   io_uring (buffered, with a note in kvp_last_error, where the file system refuses
- *                   O_DIRECT). KVP_EUNSUPPORTED where io_uring is not permitted.
- *   spill_max=SIZE  bytes of the spill device to use; required with spill=
+ *   spill=PATH      the spill device, written with O_DIRECT through io_uring (buffered, with a note in
+ *                   kvp_last_error, where the file system refuses O_DIRECT; KVP_EUNSUPPORTED where
+ *                   io_uring is not permitted). PATH may name:
+ *                   - a directory: an unnamed file in it (O_TMPFILE): nothing to remove at close, nothing
+ *                     left after a crash (KVP_EUNSUPPORTED where the file system has no O_TMPFILE);
+ *                   - nothing yet: a file created there with mode 0600 (never through a symbolic link),
+ *                     removed at close only if the path still names that same file;
+ *                   - a block device: used as it is, and kept;
+ *                   - a spill file this library made (its last page holds the library's label; one left
+ *                     by a crashed process, say) owned by this user with no group or other permissions:
+ *                     its contents are discarded, and it is reused and kept.
+ *                   Anything else (a symbolic link, a FIFO, a file without the label, one others may
+ *                   read) is KVP_EINVAL and left untouched: every check comes before any change.
+ *                   Files are preallocated to spill_max plus one 4 KiB page for the label.
+ *   spill_max=SIZE  bytes of the spill device to use for blocks (at least 64KiB; KVP_EINVAL before the
+ *                   path is touched otherwise); required with spill=
  *   spill_buffer=SIZE  staging for spill I/O, registered with io_uring (default 2MiB; larger is faster
  *                   where RLIMIT_MEMLOCK allows it, and falls back to unregistered I/O where it does not)
  * With a spill device, a charge that would pass a tenant's quota or the pool's limit first parks the
@@ -192,6 +203,12 @@ KVP_API void kvp_codec_close(kvp_codec *c);
  * "triattention(budget=2048,stats=FILE|online,every=128,offsets=17,aggregate=mean|max,
  * select=per_head|per_layer_head|union)"; every policy also takes pin_prompt=0|1. One policy holds the
  * history of one sequence (H2O's accumulated weights, online statistics).
+ * stats=FILE is a .kvtria file: a regular file (a directory, FIFO or device is KVP_EINVAL, and a FIFO
+ * never blocks) whose size must be exactly what its 40-byte header implies (KVP_ECORRUPT otherwise,
+ * before the body is read), for the shape's layers, heads, head_dim, rope_theta and rope_layout
+ * (KVP_EINVAL otherwise). As a tenant's policy= the file is read once, at kvp_tenant_open (a bad file
+ * fails it), and shared read-only by the tenant's sequences, each checked against its shape at
+ * kvp_seq_open; a fork shares its parent's.
  *
  * kvp_policy_score: scores of the n tokens of stream (layer, kv_head), higher = keep, after the policy's
  *   own normalization (TriAttention: z-score per query head over these n tokens) and GQA aggregation

@@ -38,14 +38,31 @@ kvp_status kvp_evict_check(const struct kvp_tenant_config *cfg)
 	struct kvp_policy *p;
 	kvp_status st;
 
-	/* a .kvtria file is checked against the sequence's shape, known only at kvp_seq_open */
+	/* a .kvtria file is read at kvp_evict_prepare, and checked against each sequence's shape, known only
+	 * at kvp_seq_open */
 	if (!cfg->policy_spec[0] || (strstr(cfg->policy_spec, "stats=") && !strstr(cfg->policy_spec, "stats=online")))
 		return KVP_OK;
-	st = kvp_policy_parse(cfg->policy_spec, strlen(cfg->policy_spec), &probe_shape, &p);
+	st = kvp_policy_parse(cfg->policy_spec, strlen(cfg->policy_spec), &probe_shape, NULL, &p);
 	if (st != KVP_OK)
 		return kvp_fail_context(st, "tenant: policy=%s", cfg->policy_spec);
 	kvp_policy_free(p);
 	return KVP_OK;
+}
+
+kvp_status kvp_evict_prepare(struct kvp_tenant *t)
+{
+	kvp_status st;
+
+	if (!t->cfg.policy_spec[0])
+		return KVP_OK;
+	st = kvp_policy_prepare(t->cfg.policy_spec, strlen(t->cfg.policy_spec), &t->policy_shared);
+	return st == KVP_OK ? st : kvp_fail_context(st, "tenant: policy=%s", t->cfg.policy_spec);
+}
+
+void kvp_evict_unprepare(struct kvp_tenant *t)
+{
+	kvp_policy_shared_free(t->policy_shared);
+	t->policy_shared = NULL;
 }
 
 kvp_status kvp_evict_open(struct kvp_tenant *t, struct kvp_seq *s)
@@ -55,7 +72,8 @@ kvp_status kvp_evict_open(struct kvp_tenant *t, struct kvp_seq *s)
 	s->prompt_end = -1;
 	if (!t->cfg.policy_spec[0])
 		return KVP_OK;
-	st = kvp_policy_parse(t->cfg.policy_spec, strlen(t->cfg.policy_spec), &s->shape, &s->policy);
+	st = kvp_policy_parse(t->cfg.policy_spec, strlen(t->cfg.policy_spec), &s->shape, t->policy_shared,
+			      &s->policy);
 	if (st != KVP_OK)
 		return kvp_fail_context(st, "kvp_seq_open: policy=%s", t->cfg.policy_spec);
 	if (t->cfg.pin_prompt)

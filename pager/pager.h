@@ -79,6 +79,7 @@ struct kvp_tenant {
 	_Atomic uint64_t bytes[KVP_BYTES_KINDS];
 	_Atomic uint64_t tokens_appended, tokens_retained, bytes_dense_fp16;
 	struct kvp_tenant_config cfg;
+	struct kvp_policy_shared *policy_shared; /* kvp_evict_prepare's; read-only until the tenant closes */
 	pthread_mutex_t lock; /* guards the sequence list */
 	struct kvp_seq *seqs;
 	_Atomic uint64_t bytes_spilled; /* records on the spill device, each counted once */
@@ -244,6 +245,9 @@ void kvp_cold_gather(const struct kvp_seq *s, const struct kvp_stream *st, const
 
 /* ---- token policies (evict.c) ---- */
 kvp_status kvp_evict_check(const struct kvp_tenant_config *cfg);
+/* At tenant open and close: what every sequence's policy shares (a stats file, read once). */
+kvp_status kvp_evict_prepare(struct kvp_tenant *t);
+void kvp_evict_unprepare(struct kvp_tenant *t);
 kvp_status kvp_evict_open(struct kvp_tenant *t, struct kvp_seq *s);
 void kvp_evict_close(struct kvp_tenant *t, struct kvp_seq *s);
 kvp_status kvp_evict_fork(struct kvp_tenant *t, const struct kvp_seq *src, struct kvp_seq *s);

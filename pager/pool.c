@@ -181,7 +181,8 @@ kvp_status kvp_tenant_open(kvp_pool *pool, const char *name, const char *spec, k
 	if (!(t = calloc(1, sizeof *t)))
 		return kvp_fail(KVP_ENOMEM, "kvp_tenant_open: out of memory");
 	t->quota = UINT64_MAX; /* bounded by the pool alone */
-	if ((st = kvp_tenant_config_parse(&t->cfg, &t->quota, spec)) != KVP_OK) {
+	if ((st = kvp_tenant_config_parse(&t->cfg, &t->quota, spec)) != KVP_OK ||
+	    (st = kvp_evict_prepare(t)) != KVP_OK) {
 		free(t);
 		return st;
 	}
@@ -200,6 +201,7 @@ kvp_status kvp_tenant_open(kvp_pool *pool, const char *name, const char *spec, k
 	}
 	pthread_mutex_unlock(&pool->lock);
 	if (st != KVP_OK) {
+		kvp_evict_unprepare(t);
 		free(t);
 		return st;
 	}
@@ -214,6 +216,7 @@ void kvp_tenant_destroy(struct kvp_tenant *t)
 		t->seqs = s->next;
 		kvp_seq_destroy(s);
 	}
+	kvp_evict_unprepare(t);
 	kvp_arena_destroy(t->pool, t->arena);
 	pthread_mutex_destroy(&t->lock);
 	t->magic = 0;

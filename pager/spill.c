@@ -32,8 +32,14 @@
 
 int kvp_spill_refuse_direct;
 
+/* Where the file came from: what close may do with it. */
+enum spill_origin { ORIGIN_UNNAMED, ORIGIN_CREATED, ORIGIN_REUSED, ORIGIN_DEVICE };
+
 struct kvp_spill {
-	int fd, direct, created;
+	int fd, direct;
+	enum spill_origin origin;
+	dev_t dev; /* the file's identity, for ORIGIN_CREATED's removal */
+	ino_t ino;
 	char path[4096];
 	uint64_t pages;
 	pthread_mutex_t lock; /* bitmap, counters, stubs and twins (park.c) */
@@ -52,28 +58,138 @@ struct kvp_spill {
 	struct io_uring aring;
 };
 
-/* ---- the file ---- */
+/* ---- the file ----
+ * What spill=PATH may name (include/kvpager.h states the same rules):
+ *   - a directory: an unnamed file in it (O_TMPFILE), so there is nothing to remove at close and nothing
+ *     left behind by a crash;
+ *   - a path that does not exist: a file created there (O_EXCL | O_NOFOLLOW, mode 0600), removed at close
+ *     only while the path still names that very file (device and inode), never whatever took its place;
+ *   - a block device: used as it is, and kept;
+ *   - an existing regular file: only one this library made (it carries the label below: say one left by
+ *     a process that crashed), owned by this user and closed to everyone else (no group or other
+ *     permission bits); its old contents are discarded, and it is kept at close;
+ *   - anything else (a symbolic link, never followed; a FIFO; a foreign file): KVP_EINVAL, untouched.
+ * Everything is checked before anything changes: a refused spec (spill_max too small included) creates,
+ * truncates and writes nothing.
+ *
+ * The label: the page after a regular file's slots begins with LABEL_MAGIC. It sits at the end, so a
+ * slot's page number is its offset in the file divided by the page size, as in a block device.
+ */
+#define LABEL_MAGIC "kvpager spill file, version 1\n"
 
-/* O_DIRECT first; where the file system refuses it (EINVAL), buffered. The pool removes the file at
- * close only when it created it: an existing file (or a block device) is the operator's. */
-static int open_file(struct kvp_spill *d)
+static kvp_status refuse(const struct kvp_spill *d, const char *why)
 {
-	int flags = O_RDWR | O_CLOEXEC, fd = -1;
+	return kvp_fail(KVP_EINVAL, "spill=%s: %s", d->path, why);
+}
+
+static kvp_status fail_errno(const struct kvp_spill *d, const char *what)
+{
+	return kvp_fail(KVP_EIO, "spill=%s: %s%s%s", d->path, what, *what ? ": " : "", strerror(errno));
+}
+
+/* An existing regular file may be reused only when this library made it for this user alone. */
+static kvp_status check_label(const struct kvp_spill *d, const struct stat *st)
+{
+	char label[sizeof LABEL_MAGIC - 1];
+	if (st->st_uid != geteuid())
+		return kvp_fail(KVP_EINVAL, "spill=%s: owned by uid %u, not this process's %u", d->path,
+				(unsigned)st->st_uid, (unsigned)geteuid());
+	if (st->st_mode & 077)
+		return kvp_fail(KVP_EINVAL, "spill=%s: mode %04o lets other users read the cache (chmod 600 it)",
+				d->path, (unsigned)(st->st_mode & 07777));
+	if (st->st_size < KVP_SPILL_PAGE || st->st_size % KVP_SPILL_PAGE ||
+	    pread(d->fd, label, sizeof label, st->st_size - KVP_SPILL_PAGE) != (ssize_t)sizeof label ||
+	    memcmp(label, LABEL_MAGIC, sizeof label))
+		return refuse(d, "an existing file that is not a spill file of this library: refused, not "
+			      "overwritten (name a new path or a directory)");
+	return KVP_OK;
+}
+
+/* A block device or a labelled file at the path lstat described in lst, opened without following it. */
+static kvp_status open_existing(struct kvp_spill *d, const struct stat *lst)
+{
 	struct stat st;
-	int existed = stat(d->path, &st) == 0;
-	d->direct = !kvp_spill_refuse_direct;
-	kvp_spill_refuse_direct = 0;
-	if (d->direct)
-		fd = open(d->path, flags | O_DIRECT | (existed ? 0 : O_CREAT | O_EXCL), 0600);
-	else
-		errno = EINVAL;
-	if (fd < 0 && errno == EINVAL) {
-		/* the refused open may already have created the file: no O_EXCL here */
-		d->direct = 0;
-		fd = open(d->path, flags | (existed ? 0 : O_CREAT), 0600);
+	d->fd = open(d->path, O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY);
+	if (d->fd < 0)
+		return errno == ELOOP ? refuse(d, "a symbolic link: not followed") : fail_errno(d, "");
+	if (fstat(d->fd, &st) != 0)
+		return fail_errno(d, "fstat");
+	if (st.st_dev != lst->st_dev || st.st_ino != lst->st_ino)
+		return refuse(d, "replaced while it was being opened");
+	d->dev = st.st_dev;
+	d->ino = st.st_ino;
+	if (S_ISBLK(st.st_mode)) {
+		d->origin = ORIGIN_DEVICE;
+		return KVP_OK;
 	}
-	d->created = fd >= 0 && !existed;
-	return fd;
+	d->origin = ORIGIN_REUSED;
+	return check_label(d, &st);
+}
+
+static kvp_status open_unnamed(struct kvp_spill *d)
+{
+	d->fd = open(d->path, O_TMPFILE | O_RDWR | O_EXCL | O_CLOEXEC, 0600);
+	if (d->fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR))
+		return kvp_fail(KVP_EUNSUPPORTED, "spill=%s: this file system cannot hold an unnamed file "
+				"(O_TMPFILE); name a file in the directory instead", d->path);
+	if (d->fd < 0)
+		return fail_errno(d, "");
+	d->origin = ORIGIN_UNNAMED;
+	return KVP_OK;
+}
+
+static kvp_status open_new(struct kvp_spill *d)
+{
+	struct stat st;
+	d->fd = open(d->path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+	if (d->fd < 0)
+		return fail_errno(d, "");
+	d->origin = ORIGIN_CREATED;
+	if (fstat(d->fd, &st) != 0)
+		return fail_errno(d, "fstat");
+	d->dev = st.st_dev;
+	d->ino = st.st_ino;
+	return KVP_OK;
+}
+
+static kvp_status open_file(struct kvp_spill *d)
+{
+	struct stat st;
+	if (lstat(d->path, &st) != 0)
+		return errno == ENOENT ? open_new(d) : fail_errno(d, "");
+	if (S_ISDIR(st.st_mode))
+		return open_unnamed(d);
+	if (S_ISLNK(st.st_mode))
+		return refuse(d, "a symbolic link: not followed (name its target)");
+	if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))
+		return refuse(d, "not a regular file, a directory or a block device");
+	return open_existing(d, &st);
+}
+
+/* Only the file this pool created, and only while the path still names it: it may have been moved away
+ * and something else put in its place. */
+static void remove_created(const struct kvp_spill *d)
+{
+	struct stat st;
+	if (d->origin == ORIGIN_CREATED && lstat(d->path, &st) == 0 && st.st_dev == d->dev && st.st_ino == d->ino)
+		unlink(d->path);
+}
+
+/* The page after the slots, written before O_DIRECT is on (it needs no aligned buffer then). */
+static kvp_status label_write(struct kvp_spill *d, uint64_t bytes)
+{
+	char page[KVP_SPILL_PAGE] = LABEL_MAGIC; /* the rest zeros */
+	if (pwrite(d->fd, page, sizeof page, (off_t)bytes) != (ssize_t)sizeof page)
+		return fail_errno(d, "writing the label");
+	return KVP_OK;
+}
+
+/* O_DIRECT where the file system takes it (set after the open, so a refusal never costs a second open of
+ * the path); buffered otherwise. */
+static void direct_enable(struct kvp_spill *d, int refuse)
+{
+	int flags = fcntl(d->fd, F_GETFL);
+	d->direct = !refuse && flags >= 0 && fcntl(d->fd, F_SETFL, flags | O_DIRECT) == 0;
 }
 
 /* Regular files are preallocated so a park never waits for block allocation or finds the disk full; a
@@ -83,27 +199,25 @@ static kvp_status size_file(struct kvp_spill *d, uint64_t max_bytes)
 	struct stat st;
 	uint64_t bytes = max_bytes / KVP_SPILL_PAGE * KVP_SPILL_PAGE;
 	if (fstat(d->fd, &st) != 0)
-		return kvp_fail(KVP_EIO, "spill=%s: fstat: %s", d->path, strerror(errno));
+		return fail_errno(d, "fstat");
 	if (S_ISBLK(st.st_mode)) {
 		uint64_t dev = 0;
 		if (ioctl(d->fd, BLKGETSIZE64, &dev) != 0)
-			return kvp_fail(KVP_EIO, "spill=%s: device size: %s", d->path, strerror(errno));
+			return fail_errno(d, "device size");
 		bytes = dev < bytes ? dev / KVP_SPILL_PAGE * KVP_SPILL_PAGE : bytes;
-	} else if (!S_ISREG(st.st_mode)) {
-		return kvp_fail(KVP_EINVAL, "spill=%s: not a regular file or a block device", d->path);
-	} else if (ftruncate(d->fd, 0) != 0 || fallocate(d->fd, 0, 0, (off_t)bytes) != 0) {
+		if (bytes / KVP_SPILL_PAGE < MIN_PAGES)
+			return kvp_fail(KVP_EINVAL, "spill=%s: the device holds %llu bytes; at least %u are needed",
+					d->path, (unsigned long long)dev, MIN_PAGES * KVP_SPILL_PAGE);
+	} else if (ftruncate(d->fd, 0) != 0 || fallocate(d->fd, 0, 0, (off_t)(bytes + KVP_SPILL_PAGE)) != 0) {
 		int e = errno;
-		if (e == EOPNOTSUPP && ftruncate(d->fd, (off_t)bytes) == 0)
+		if (e == EOPNOTSUPP && ftruncate(d->fd, (off_t)(bytes + KVP_SPILL_PAGE)) == 0)
 			kvp_fail(KVP_OK, "spill=%s: the file system cannot preallocate; the file is sparse", d->path);
 		else
 			return kvp_fail(e == ENOSPC ? KVP_ENOMEM : KVP_EIO, "spill=%s: reserving %llu bytes: %s",
-					d->path, (unsigned long long)bytes, strerror(e));
+					d->path, (unsigned long long)bytes + KVP_SPILL_PAGE, strerror(e));
 	}
 	d->pages = bytes / KVP_SPILL_PAGE;
-	if (d->pages < MIN_PAGES)
-		return kvp_fail(KVP_EINVAL, "spill_max=%llu: at least %u bytes are needed",
-				(unsigned long long)max_bytes, MIN_PAGES * KVP_SPILL_PAGE);
-	return KVP_OK;
+	return S_ISBLK(st.st_mode) ? KVP_OK : label_write(d, bytes);
 }
 
 /* ---- the ring and its staging buffer ---- */
@@ -149,9 +263,8 @@ static kvp_status ring_open(struct kvp_spill *d)
 static void device_free(struct kvp_spill *d)
 {
 	if (d->fd >= 0) {
+		remove_created(d);
 		close(d->fd);
-		if (d->created)
-			unlink(d->path);
 	}
 	free(d->bitmap);
 	free(d->staging);
@@ -165,6 +278,8 @@ kvp_status kvp_spill_open(struct kvp_pool *pool, const char *path, unsigned path
 {
 	struct kvp_spill *d;
 	kvp_status st;
+	int refuse_direct = kvp_spill_refuse_direct; /* the test hook serves this open, whatever happens */
+	kvp_spill_refuse_direct = 0;
 	if (buffer_bytes < STAGING_MIN || buffer_bytes > (1u << 30))
 		return kvp_fail(KVP_EINVAL, "spill_buffer=%llu: between %u and %u bytes",
 				(unsigned long long)buffer_bytes, STAGING_MIN, 1u << 30);
@@ -177,18 +292,19 @@ kvp_status kvp_spill_open(struct kvp_pool *pool, const char *path, unsigned path
 		return kvp_fail(KVP_EINVAL, "spill=: a path of 1..%zu characters is required", sizeof d->path - 1);
 	}
 	memcpy(d->path, path, path_len);
-	if ((d->fd = open_file(d)) < 0) {
-		st = kvp_fail(KVP_EIO, "spill=%s: %s", d->path, strerror(errno));
-		d->fd = -1;
+	d->fd = -1;
+	if (max_bytes / KVP_SPILL_PAGE < MIN_PAGES) { /* before the path is touched */
+		free(d);
+		return kvp_fail(KVP_EINVAL, "spill_max=%llu: at least %u bytes are needed",
+				(unsigned long long)max_bytes, MIN_PAGES * KVP_SPILL_PAGE);
+	}
+	if ((st = open_file(d)) != KVP_OK || (st = size_file(d, max_bytes)) != KVP_OK) {
 		device_free(d);
 		return st;
 	}
+	direct_enable(d, refuse_direct);
 	if (!d->direct)
 		kvp_fail(KVP_OK, "spill=%s: the file system refused O_DIRECT; using buffered I/O", d->path);
-	if ((st = size_file(d, max_bytes)) != KVP_OK) {
-		device_free(d);
-		return st;
-	}
 	if (!(d->bitmap = calloc((d->pages + 63) / 64, sizeof *d->bitmap))) {
 		device_free(d);
 		return kvp_fail(KVP_ENOMEM, "spill: out of memory for the slot map");

@@ -3,8 +3,9 @@
  * blocks are written to through io_uring.
  *
  * File layout: 4 KiB pages. A block's record is a run of whole pages: a 64-byte slot header, the block's
- * image (positions, then the K and V buffers as opaque bytes), zero padding to the page. The file lives
- * only as long as the pool, so records are in host byte order and carry no format version.
+ * image (positions, then the K and V buffers as opaque bytes), zero padding to the page. A regular file
+ * has one more page after the slots: the label that says this library made it (spill.c). Records live
+ * only as long as the pool, so they are in host byte order and carry no format version.
  *
  * One ring per pool, guarded by ring_lock. Why not one per thread: the threads belong to the host and
  * come and go without telling us, each ring costs a file descriptor, locked memory and registered

@@ -3,12 +3,20 @@
  * float32 rope_theta, uint32 reserved[3], then per layer, per query head: float32 q_mean_re[d/2],
  * q_mean_im[d/2], q_abs_mean[d/2]. Little endian throughout; read and written byte by byte so the code
  * does not depend on the host's byte order.
+ *
+ * Reading checks before it spends: only a regular file is read (opened without blocking, so a FIFO is
+ * refused instead of waiting for a writer); the 40-byte header is checked, against the model's shape
+ * when one is given, and the file's size must be exactly what the header implies before a byte of the
+ * body is read. The body is then read a chunk at a time straight into the statistics.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "policies/policy.h"
 
@@ -17,6 +25,8 @@
 #define MAX_HEAD_DIM 4096u
 /* |E q| <= E|q| holds exactly; the slack covers fp32 rounding of the sums. */
 #define MRL_SLACK 1e-3f
+/* bytes of the body read at a time */
+#define BODY_CHUNK (256u << 10)
 
 kvp_status kvp_tria_stats_alloc(struct kvp_tria_stats *s, uint32_t n_layers, uint32_t n_heads,
 				uint32_t head_dim, kvp_rope_layout layout, float theta)
@@ -100,7 +110,12 @@ static kvp_status check_header(const char *path, const unsigned char *h, struct 
 	return KVP_OK;
 }
 
-static kvp_status check_shape(const char *path, const struct kvp_tria_stats *s, const kvp_shape *shape)
+static const char *layout_name(kvp_rope_layout l)
+{
+	return l == KVP_ROPE_HALF ? "half" : "interleaved";
+}
+
+kvp_status kvp_tria_stats_check(const char *path, const struct kvp_tria_stats *s, const kvp_shape *shape)
 {
 	if (s->n_layers != shape->n_layers || s->n_heads != shape->n_heads || s->head_dim != shape->head_dim)
 		return kvp_fail(KVP_EINVAL, "kvtria '%s': statistics for %u layers x %u heads x head_dim %u do not "
@@ -109,94 +124,129 @@ static kvp_status check_shape(const char *path, const struct kvp_tria_stats *s, 
 	if (fabsf(s->rope_theta - shape->rope_theta) > 1e-5f * shape->rope_theta)
 		return kvp_fail(KVP_EINVAL, "kvtria '%s': rope_theta %g does not match the model's %g", path,
 				(double)s->rope_theta, (double)shape->rope_theta);
+	/* a file calibrated with the other layout comes from another model's (or another export's) queries */
+	if (s->rope_layout != shape->rope_layout)
+		return kvp_fail(KVP_EINVAL, "kvtria '%s': rope_layout %s does not match the model's %s", path,
+				layout_name(s->rope_layout), layout_name(shape->rope_layout));
 	return KVP_OK;
 }
 
-/* Decodes the body into s's arrays, checking every value; returns the fault's message on failure. */
-static kvp_status read_body(const char *path, const unsigned char *b, struct kvp_tria_stats *s)
+/* Decodes one head's record (q_mean_re, q_mean_im, q_abs_mean) into s, checking every value. */
+static kvp_status decode_head(const char *path, const unsigned char *p, struct kvp_tria_stats *s, uint32_t l,
+			      uint32_t h)
 {
 	unsigned F = s->head_dim / 2;
+	size_t at = kvp_tria_stats_at(s, l, h);
 
-	for (uint32_t l = 0; l < s->n_layers; l++)
-		for (uint32_t h = 0; h < s->n_heads; h++) {
-			size_t at = kvp_tria_stats_at(s, l, h);
-			const unsigned char *p = b + at * 3 * 4;
-			for (unsigned f = 0; f < F; f++) {
-				float re = get_f32(p + 4 * f), im = get_f32(p + 4 * (F + f)),
-				      a = get_f32(p + 4 * (2 * F + f));
-				if (!isfinite(re) || !isfinite(im) || !isfinite(a) || a < 0)
-					return kvp_fail(KVP_ECORRUPT, "kvtria '%s': layer %u head %u band %u holds a "
-							"non-finite or negative value", path, l, h, f);
-				if (sqrtf(re * re + im * im) > a * (1 + MRL_SLACK) + 1e-6f)
-					return kvp_fail(KVP_ECORRUPT, "kvtria '%s': layer %u head %u band %u: |q_mean| "
-							"%g exceeds q_abs_mean %g", path, l, h, f,
-							(double)sqrtf(re * re + im * im), (double)a);
-				s->mean_re[at + f] = re;
-				s->mean_im[at + f] = im;
-				s->abs_mean[at + f] = a;
-			}
-		}
+	for (unsigned f = 0; f < F; f++) {
+		float re = get_f32(p + 4 * f), im = get_f32(p + 4 * (F + f)), a = get_f32(p + 4 * (2 * F + f));
+		if (!isfinite(re) || !isfinite(im) || !isfinite(a) || a < 0)
+			return kvp_fail(KVP_ECORRUPT, "kvtria '%s': layer %u head %u band %u holds a non-finite or "
+					"negative value", path, l, h, f);
+		if (sqrtf(re * re + im * im) > a * (1 + MRL_SLACK) + 1e-6f)
+			return kvp_fail(KVP_ECORRUPT, "kvtria '%s': layer %u head %u band %u: |q_mean| %g exceeds "
+					"q_abs_mean %g", path, l, h, f, (double)sqrtf(re * re + im * im), (double)a);
+		s->mean_re[at + f] = re;
+		s->mean_im[at + f] = im;
+		s->abs_mean[at + f] = a;
+	}
 	return KVP_OK;
 }
 
-static kvp_status read_file(const char *path, unsigned char **buf, size_t *len)
+/* Reads exactly len bytes at offset, across short reads and interruptions. */
+static kvp_status read_at(const char *path, int fd, unsigned char *buf, size_t len, off_t offset)
 {
-	FILE *f = fopen(path, "rb");
-	long size;
-
-	if (!f)
-		return kvp_fail(KVP_EINVAL, "kvtria '%s': cannot open: %s", path, strerror(errno));
-	if (fseek(f, 0, SEEK_END) || (size = ftell(f)) < 0 || fseek(f, 0, SEEK_SET)) {
-		fclose(f);
-		return kvp_fail(KVP_EIO, "kvtria '%s': cannot size the file", path);
-	}
-	*buf = malloc((size_t)size + 1);
-	if (!*buf) {
-		fclose(f);
-		return kvp_fail(KVP_ENOMEM, "kvtria '%s': out of memory for %ld bytes", path, size);
-	}
-	*len = fread(*buf, 1, (size_t)size, f);
-	fclose(f);
-	if (*len != (size_t)size) {
-		free(*buf);
-		return kvp_fail(KVP_EIO, "kvtria '%s': short read", path);
+	while (len) {
+		ssize_t r = pread(fd, buf, len, offset);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			return kvp_fail(KVP_EIO, "kvtria '%s': read at offset %lld: %s", path, (long long)offset,
+					r < 0 ? strerror(errno) : "the file shrank while it was read");
+		buf += r, len -= (size_t)r, offset += r;
 	}
 	return KVP_OK;
+}
+
+/*
+ * Opens path for reading without blocking (a FIFO would wait for a writer forever) and without
+ * following it into anything but a regular file; *size is its length.
+ */
+static kvp_status open_regular(const char *path, int *fd, off_t *size)
+{
+	struct stat st;
+
+	*fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+	if (*fd < 0)
+		return kvp_fail(KVP_EINVAL, "kvtria '%s': cannot open: %s", path, strerror(errno));
+	if (fstat(*fd, &st) != 0) {
+		close(*fd);
+		return kvp_fail(KVP_EIO, "kvtria '%s': fstat: %s", path, strerror(errno));
+	}
+	if (!S_ISREG(st.st_mode)) {
+		close(*fd);
+		return kvp_fail(KVP_EINVAL, "kvtria '%s': %s, not a regular file", path,
+				S_ISDIR(st.st_mode) ? "a directory" : S_ISFIFO(st.st_mode) ? "a FIFO"
+				: S_ISSOCK(st.st_mode) ? "a socket" : "a device");
+	}
+	*size = st.st_size;
+	return KVP_OK;
+}
+
+/* The body, a chunk of whole heads at a time: memory is the statistics and one chunk, not the file. */
+static kvp_status read_body(const char *path, int fd, struct kvp_tria_stats *s)
+{
+	size_t head_bytes = (size_t)s->head_dim / 2 * 3 * 4, heads = (size_t)s->n_layers * s->n_heads;
+	size_t per_chunk = BODY_CHUNK / head_bytes ? BODY_CHUNK / head_bytes : 1;
+	unsigned char *buf = malloc(per_chunk * head_bytes);
+	kvp_status st = buf ? KVP_OK : kvp_fail(KVP_ENOMEM, "kvtria '%s': out of memory", path);
+
+	for (size_t h = 0; st == KVP_OK && h < heads; h += per_chunk) {
+		size_t n = heads - h < per_chunk ? heads - h : per_chunk;
+		st = read_at(path, fd, buf, n * head_bytes, (off_t)(KVP_KVTRIA_HEADER + h * head_bytes));
+		for (size_t i = 0; st == KVP_OK && i < n; i++)
+			st = decode_head(path, buf + i * head_bytes, s, (uint32_t)((h + i) / s->n_heads),
+					 (uint32_t)((h + i) % s->n_heads));
+	}
+	free(buf);
+	return st;
 }
 
 kvp_status kvp_tria_stats_read(const char *path, const kvp_shape *shape, struct kvp_tria_stats *out)
 {
 	struct kvp_tria_stats s;
-	unsigned char *buf = NULL;
-	size_t len = 0, want;
+	unsigned char header[KVP_KVTRIA_HEADER];
+	off_t size = 0;
+	uint64_t want;
 	kvp_status st;
+	int fd;
 
 	if (!path || !out)
 		return kvp_fail(KVP_EINVAL, "kvtria: NULL path or result");
-	st = read_file(path, &buf, &len);
-	if (st != KVP_OK)
-		return st;
+	memset(out, 0, sizeof *out);
 	memset(&s, 0, sizeof s);
-	if (len < KVP_KVTRIA_HEADER)
-		st = kvp_fail(KVP_ECORRUPT, "kvtria '%s': %zu bytes is shorter than the %u-byte header", path, len,
-			      KVP_KVTRIA_HEADER);
+	if ((st = open_regular(path, &fd, &size)) != KVP_OK)
+		return st;
+	if (size < (off_t)KVP_KVTRIA_HEADER)
+		st = kvp_fail(KVP_ECORRUPT, "kvtria '%s': %lld bytes is shorter than the %u-byte header", path,
+			      (long long)size, KVP_KVTRIA_HEADER);
 	if (st == KVP_OK)
-		st = check_header(path, buf, &s);
+		st = read_at(path, fd, header, sizeof header, 0);
+	if (st == KVP_OK)
+		st = check_header(path, header, &s);
 	if (st == KVP_OK && shape)
-		st = check_shape(path, &s, shape);
-	want = KVP_KVTRIA_HEADER + (size_t)s.n_layers * s.n_heads * (s.head_dim / 2) * 3 * 4;
-	if (st == KVP_OK && len != want)
-		st = kvp_fail(KVP_ECORRUPT, "kvtria '%s': %zu bytes, but %u layers x %u heads x head_dim %u need %zu "
-			      "(%s)", path, len, s.n_layers, s.n_heads, s.head_dim, want,
-			      len < want ? "truncated" : "trailing bytes");
+		st = kvp_tria_stats_check(path, &s, shape);
+	/* the size follows from the header: anything else is refused before a byte of the body is read */
+	want = KVP_KVTRIA_HEADER + (uint64_t)s.n_layers * s.n_heads * (s.head_dim / 2) * 3 * 4;
+	if (st == KVP_OK && (uint64_t)size != want)
+		st = kvp_fail(KVP_ECORRUPT, "kvtria '%s': %lld bytes, but %u layers x %u heads x head_dim %u need "
+			      "%llu (%s)", path, (long long)size, s.n_layers, s.n_heads, s.head_dim,
+			      (unsigned long long)want, (uint64_t)size < want ? "truncated" : "trailing bytes");
 	if (st == KVP_OK)
 		st = kvp_tria_stats_alloc(out, s.n_layers, s.n_heads, s.head_dim, s.rope_layout, s.rope_theta);
-	if (st == KVP_OK) {
-		st = read_body(path, buf + KVP_KVTRIA_HEADER, out);
-		if (st != KVP_OK)
-			kvp_tria_stats_free(out);
-	}
-	free(buf);
+	if (st == KVP_OK && (st = read_body(path, fd, out)) != KVP_OK)
+		kvp_tria_stats_free(out);
+	close(fd);
 	return st;
 }
 

@@ -38,6 +38,12 @@ struct kvp_policy_ops {
 	/* Parse args (look up every key; the registry calls kvp_args_finish), set p->state and p->plan.
 	 * p->shape is set on entry; p->plan holds the generic defaults (see struct kvp_policy_plan). */
 	kvp_status (*open)(struct kvp_policy *p, struct kvp_args *args);
+	/* Load what every policy opened from these args may share read-only, before any shape is known
+	 * (TriAttention: its .kvtria file): *shared, or NULL when there is nothing to share. open finds it in
+	 * p->shared and holds its own reference; release drops one. Both NULL for policies without. Reads
+	 * only the keys it needs: open checks the rest. */
+	kvp_status (*prepare)(struct kvp_args *args, void **shared);
+	void (*release)(void *shared);
 	/* Learn from one attention call. Fails only on memory or positions outside what it can index;
 	 * on failure the policy's state is as before the call. NULL: the policy learns nothing. */
 	kvp_status (*observe)(struct kvp_policy *p, const struct kvp_observation *o);
@@ -81,6 +87,7 @@ struct kvp_policy {
 	kvp_shape shape;
 	struct kvp_policy_plan plan;
 	void *state;
+	void *shared; /* during open: what prepare loaded for this spec, or NULL */
 };
 
 /* The registry's policies (policies/registry.c). */
@@ -88,8 +95,18 @@ extern const struct kvp_policy_ops kvp_policy_streaming;
 extern const struct kvp_policy_ops kvp_policy_h2o;
 extern const struct kvp_policy_ops kvp_policy_triattention;
 
-/* Parses spec[0..len) ("h2o(heavy=0.1,recent=0.1)") for shape; kvp_policy_free releases it. */
-kvp_status kvp_policy_parse(const char *spec, size_t len, const kvp_shape *shape, struct kvp_policy **out);
+/*
+ * What the policies of one spec share, loaded once (a tenant prepares its policy= spec when it opens and
+ * hands the result to every sequence's kvp_policy_parse). *out is NULL when the policy shares nothing.
+ * Failures name the spec's fault as kvp_policy_parse would.
+ */
+struct kvp_policy_shared;
+kvp_status kvp_policy_prepare(const char *spec, size_t len, struct kvp_policy_shared **out);
+void kvp_policy_shared_free(struct kvp_policy_shared *shared);
+/* Parses spec[0..len) ("h2o(heavy=0.1,recent=0.1)") for shape; kvp_policy_free releases it. shared:
+ * from kvp_policy_prepare of the same spec, or NULL (the policy then loads what it needs itself). */
+kvp_status kvp_policy_parse(const char *spec, size_t len, const kvp_shape *shape,
+			    const struct kvp_policy_shared *shared, struct kvp_policy **out);
 void kvp_policy_free(struct kvp_policy *p);
 /* An independent copy of p with its history (for kvp_seq_fork). On failure *out is NULL. */
 kvp_status kvp_policy_clone(const struct kvp_policy *p, struct kvp_policy **out);
@@ -213,12 +230,17 @@ void kvp_tria_stats_free(struct kvp_tria_stats *s);
 /* Offset of (layer, head)'s band 0 in the three arrays. */
 size_t kvp_tria_stats_at(const struct kvp_tria_stats *s, uint32_t layer, uint32_t head);
 /*
- * Reads a .kvtria file. Rejected with KVP_ECORRUPT and a message naming the file and the fault: wrong
- * magic, truncated or trailing bytes, odd or zero head_dim, unknown layout, non-finite or negative
- * values, |q_mean| > q_abs_mean. With shape non-NULL, a file for another shape (layers, heads, head_dim,
- * theta) is KVP_EINVAL. The layout may differ: stats are indexed by band, not by memory layout.
+ * Reads a .kvtria file. Only a regular file is read (a directory, FIFO, socket or device is KVP_EINVAL,
+ * and a FIFO is never waited on). Rejected with KVP_ECORRUPT and a message naming the file and the
+ * fault: wrong magic, a size other than the header implies (truncated or trailing bytes; checked
+ * before the body is read), odd or zero head_dim, unknown layout, non-finite or negative values,
+ * |q_mean| > q_abs_mean. With shape non-NULL, a file for another shape is KVP_EINVAL (see
+ * kvp_tria_stats_check). On failure *out is zeroed.
  */
 kvp_status kvp_tria_stats_read(const char *path, const kvp_shape *shape, struct kvp_tria_stats *out);
+/* KVP_EINVAL, naming path, when s was made for another shape: layers, query heads, head_dim, rope_theta
+ * (relative 1e-5) or rope_layout (the bands the calibration read). */
+kvp_status kvp_tria_stats_check(const char *path, const struct kvp_tria_stats *s, const kvp_shape *shape);
 kvp_status kvp_tria_stats_write(const char *path, const struct kvp_tria_stats *s);
 
 /* ---- Coherence gating (policies/gate.c) ---- */

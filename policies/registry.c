@@ -47,8 +47,13 @@ static kvp_status check_shape(const kvp_shape *s)
 	return KVP_OK;
 }
 
+struct kvp_policy_shared {
+	const struct kvp_policy_ops *ops;
+	void *state;
+};
+
 static kvp_status open_parsed(const struct kvp_policy_ops *ops, struct kvp_args *args, const kvp_shape *shape,
-			      struct kvp_policy **out)
+			      const struct kvp_policy_shared *shared, struct kvp_policy **out)
 {
 	struct kvp_policy *p = calloc(1, sizeof *p);
 	uint32_t pin;
@@ -59,7 +64,9 @@ static kvp_status open_parsed(const struct kvp_policy_ops *ops, struct kvp_args 
 	p->ops = ops;
 	p->shape = *shape;
 	p->plan.every = 1;
+	p->shared = shared && shared->ops == ops ? shared->state : NULL;
 	st = ops->open(p, args);
+	p->shared = NULL;
 	if (st != KVP_OK) {
 		free(p);
 		return st;
@@ -77,10 +84,28 @@ static kvp_status open_parsed(const struct kvp_policy_ops *ops, struct kvp_args 
 	return KVP_OK;
 }
 
-kvp_status kvp_policy_parse(const char *spec, size_t len, const kvp_shape *shape, struct kvp_policy **out)
+/* The policy spec names and its parsed arguments. */
+static kvp_status spec_split(const char *spec, size_t len, const struct kvp_policy_ops **ops, struct kvp_args *args)
 {
 	const char *name, *inner;
 	unsigned nlen, ilen;
+	kvp_status st;
+
+	if (len > 65536)
+		return kvp_fail(KVP_EINVAL, "policy: spec of %zu bytes is too long", len);
+	st = kvp_call_split(spec, (unsigned)len, &name, &nlen, &inner, &ilen);
+	if (st != KVP_OK)
+		return st;
+	*ops = lookup(name, nlen);
+	if (!*ops)
+		return kvp_fail(KVP_EINVAL, "policy: unknown policy '%.*s' (known: streaming, h2o, triattention)",
+				(int)nlen, name);
+	return kvp_args_parse(args, (*ops)->name, inner, ilen);
+}
+
+kvp_status kvp_policy_parse(const char *spec, size_t len, const kvp_shape *shape,
+			    const struct kvp_policy_shared *shared, struct kvp_policy **out)
+{
 	const struct kvp_policy_ops *ops;
 	struct kvp_args args;
 	kvp_status st;
@@ -88,21 +113,45 @@ kvp_status kvp_policy_parse(const char *spec, size_t len, const kvp_shape *shape
 	if (!spec || !out)
 		return kvp_fail(KVP_EINVAL, "policy: NULL spec or result");
 	*out = NULL;
-	if (len > 65536)
-		return kvp_fail(KVP_EINVAL, "policy: spec of %zu bytes is too long", len);
 	st = check_shape(shape);
 	if (st == KVP_OK)
-		st = kvp_call_split(spec, (unsigned)len, &name, &nlen, &inner, &ilen);
+		st = spec_split(spec, len, &ops, &args);
 	if (st != KVP_OK)
 		return st;
-	ops = lookup(name, nlen);
-	if (!ops)
-		return kvp_fail(KVP_EINVAL, "policy: unknown policy '%.*s' (known: streaming, h2o, triattention)",
-				(int)nlen, name);
-	st = kvp_args_parse(&args, ops->name, inner, ilen);
-	if (st != KVP_OK)
+	return open_parsed(ops, &args, shape, shared, out);
+}
+
+kvp_status kvp_policy_prepare(const char *spec, size_t len, struct kvp_policy_shared **out)
+{
+	const struct kvp_policy_ops *ops;
+	struct kvp_args args;
+	void *state = NULL;
+	kvp_status st;
+
+	*out = NULL;
+	if (!spec)
+		return kvp_fail(KVP_EINVAL, "policy: NULL spec");
+	st = spec_split(spec, len, &ops, &args);
+	if (st != KVP_OK || !ops->prepare)
 		return st;
-	return open_parsed(ops, &args, shape, out);
+	st = ops->prepare(&args, &state);
+	if (st != KVP_OK || !state)
+		return st;
+	if (!(*out = malloc(sizeof **out))) {
+		ops->release(state);
+		return kvp_fail(KVP_ENOMEM, "%s: out of memory", ops->name);
+	}
+	(*out)->ops = ops;
+	(*out)->state = state;
+	return KVP_OK;
+}
+
+void kvp_policy_shared_free(struct kvp_policy_shared *shared)
+{
+	if (!shared)
+		return;
+	shared->ops->release(shared->state);
+	free(shared);
 }
 
 void kvp_policy_free(struct kvp_policy *p)
@@ -246,7 +295,7 @@ KVP_API kvp_status kvp_policy_open(const char *spec, const kvp_shape *shape, kvp
 		*out = NULL;
 	if (!spec || !out)
 		return kvp_fail(KVP_EINVAL, "kvp_policy_open: NULL spec or result");
-	return kvp_policy_parse(spec, strlen(spec), shape, out);
+	return kvp_policy_parse(spec, strlen(spec), shape, NULL, out);
 }
 
 KVP_API kvp_status kvp_policy_score(kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t0, uint32_t n,

@@ -24,6 +24,7 @@
  * with every observed query. Until a head has seen a query its scores are all zero (ties: recency).
  */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -55,10 +56,17 @@ struct tria_scratch {
 	float *kabs, *tmp;   /* [TILE][F], [TILE] */
 };
 
+/* A .kvtria file's statistics, read once and then only read: shared by the policies of a tenant's
+ * sequences (prepared at tenant open) and by a policy and its forks; freed with the last reference. */
+struct tria_file {
+	_Atomic uint32_t refs;
+	struct kvp_tria_stats stats;
+};
+
 struct tria {
 	unsigned n_bands, n_offsets, aggregate, online;
 	double *omega;              /* [F] */
-	struct kvp_tria_stats file; /* stats=FILE */
+	struct tria_file *file;     /* stats=FILE */
 	struct online_sums sums;    /* stats=online */
 	/* the per-t0 phase table: [1 or n_offsets][F] cos and sin (the mean row for AGG_MEAN) */
 	int64_t table_t0;
@@ -90,9 +98,9 @@ static void head_band(const struct tria *t, const kvp_shape *s, uint32_t layer, 
 	size_t at = ((size_t)layer * s->n_heads + head) * t->n_bands + f;
 
 	if (!t->online) {
-		*mr = t->file.mean_re[at];
-		*mi = t->file.mean_im[at];
-		*a = t->file.abs_mean[at];
+		*mr = t->file->stats.mean_re[at];
+		*mi = t->file->stats.mean_im[at];
+		*a = t->file->stats.abs_mean[at];
 		return;
 	}
 	double c = t->sums.count[(size_t)layer * s->n_heads + head];
@@ -371,13 +379,82 @@ static kvp_status observe(struct kvp_policy *p, const struct kvp_observation *o)
 	return KVP_OK;
 }
 
+/* ---- the statistics file ---- */
+
+static kvp_status file_load(const char *path, const kvp_shape *shape, struct tria_file **out)
+{
+	struct tria_file *f = calloc(1, sizeof *f);
+	kvp_status st;
+
+	*out = NULL;
+	if (!f)
+		return kvp_fail(KVP_ENOMEM, "triattention: out of memory");
+	st = kvp_tria_stats_read(path, shape, &f->stats);
+	if (st != KVP_OK) {
+		free(f);
+		return st;
+	}
+	atomic_init(&f->refs, 1);
+	*out = f;
+	return KVP_OK;
+}
+
+static struct tria_file *file_get(struct tria_file *f)
+{
+	atomic_fetch_add_explicit(&f->refs, 1, memory_order_relaxed);
+	return f;
+}
+
+static void file_put(struct tria_file *f)
+{
+	if (!f || atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1)
+		return;
+	kvp_tria_stats_free(&f->stats);
+	free(f);
+}
+
+/* stats=: path[0] == '\0' for online (the default), else the file's name. */
+static kvp_status stats_path(struct kvp_args *args, char *path, size_t cap)
+{
+	const char *v = "online";
+	unsigned vl = 6;
+	kvp_status st = kvp_args_text(args, "stats", &v, &vl);
+
+	path[0] = '\0';
+	if (st != KVP_OK || kvp_name_is(v, vl, "online"))
+		return st;
+	if (vl == 0 || vl >= cap)
+		return kvp_fail(KVP_EINVAL, "triattention: stats= needs a file name or 'online'");
+	memcpy(path, v, vl);
+	path[vl] = '\0';
+	return KVP_OK;
+}
+
+/* Reads stats=FILE once for every policy of this spec; the shape is checked when each opens. */
+static kvp_status prepare_tria(struct kvp_args *args, void **shared)
+{
+	char path[4096];
+	kvp_status st = stats_path(args, path, sizeof path);
+	struct tria_file *f = NULL;
+
+	if (st == KVP_OK && path[0])
+		st = file_load(path, NULL, &f);
+	*shared = f;
+	return st;
+}
+
+static void release_tria(void *shared)
+{
+	file_put(shared);
+}
+
 /* ---- open / close ---- */
 
 static void tria_free(struct tria *t)
 {
 	if (!t)
 		return;
-	kvp_tria_stats_free(&t->file);
+	file_put(t->file);
 	free(t->omega), free(t->cos_t), free(t->sin_t);
 	free(t->alpha), free(t->beta), free(t->weight);
 	scratch_free(&t->scratch);
@@ -432,23 +509,23 @@ static kvp_status parse_budget(struct kvp_policy *p, struct kvp_args *args)
 	return KVP_OK;
 }
 
+/* stats=FILE: the prepared statistics when the opener has them (checked against this shape), else read now. */
 static kvp_status parse_stats(struct tria *t, struct kvp_policy *p, struct kvp_args *args)
 {
-	const char *v = "online";
-	unsigned vl = 6;
 	char path[4096];
-	kvp_status st = kvp_args_text(args, "stats", &v, &vl);
+	kvp_status st = stats_path(args, path, sizeof path);
 
 	if (st != KVP_OK)
 		return st;
-	t->online = kvp_name_is(v, vl, "online");
+	t->online = !path[0];
 	if (t->online)
 		return KVP_OK;
-	if (vl == 0 || vl >= sizeof path)
-		return kvp_fail(KVP_EINVAL, "triattention: stats= needs a file name or 'online'");
-	memcpy(path, v, vl);
-	path[vl] = '\0';
-	return kvp_tria_stats_read(path, &p->shape, &t->file);
+	if (!p->shared)
+		return file_load(path, &p->shape, &t->file);
+	st = kvp_tria_stats_check(path, &((struct tria_file *)p->shared)->stats, &p->shape);
+	if (st == KVP_OK)
+		t->file = file_get(p->shared);
+	return st;
 }
 
 static kvp_status open_tria(struct kvp_policy *p, struct kvp_args *args)
@@ -488,7 +565,7 @@ static kvp_status open_tria(struct kvp_policy *p, struct kvp_args *args)
 	return KVP_OK;
 }
 
-/* A forked sequence keeps the statistics: the file's, or the online sums observed so far. */
+/* A forked sequence keeps the statistics: shares the file's, copies the online sums observed so far. */
 static kvp_status clone_tria(struct kvp_policy *dst, const struct kvp_policy *src)
 {
 	const struct tria *from = src->state;
@@ -503,9 +580,6 @@ static kvp_status clone_tria(struct kvp_policy *dst, const struct kvp_policy *sr
 	t->aggregate = from->aggregate;
 	t->online = from->online;
 	st = tria_alloc(t, s);
-	if (st == KVP_OK && !t->online)
-		st = kvp_tria_stats_alloc(&t->file, from->file.n_layers, from->file.n_heads, from->file.head_dim,
-					  from->file.rope_layout, from->file.rope_theta);
 	if (st != KVP_OK) {
 		tria_free(t);
 		return st;
@@ -516,9 +590,7 @@ static kvp_status clone_tria(struct kvp_policy *dst, const struct kvp_policy *sr
 		memcpy(t->sums.abs, from->sums.abs, sizeof(double) * bands);
 		memcpy(t->sums.count, from->sums.count, sizeof(double) * heads);
 	} else {
-		memcpy(t->file.mean_re, from->file.mean_re, sizeof(float) * bands);
-		memcpy(t->file.mean_im, from->file.mean_im, sizeof(float) * bands);
-		memcpy(t->file.abs_mean, from->file.abs_mean, sizeof(float) * bands);
+		t->file = file_get(from->file);
 	}
 	dst->state = t;
 	return KVP_OK;
@@ -540,7 +612,7 @@ kvp_status kvp_tria_coherence(const struct kvp_policy *p, uint32_t layer, uint32
 		return kvp_fail(KVP_EINVAL, "gate=mrl: the mean resultant length needs a triattention policy");
 	t = p->state;
 	if (!t->online) {
-		*out = kvp_gate_mrl(&t->file, layer, kv_head, p->shape.n_kv_heads);
+		*out = kvp_gate_mrl(&t->file->stats, layer, kv_head, p->shape.n_kv_heads);
 		return KVP_OK;
 	}
 	group = p->shape.n_heads / p->shape.n_kv_heads;
@@ -560,6 +632,8 @@ kvp_status kvp_tria_coherence(const struct kvp_policy *p, uint32_t layer, uint32
 const struct kvp_policy_ops kvp_policy_triattention = {
 	.name = "triattention",
 	.open = open_tria,
+	.prepare = prepare_tria,
+	.release = release_tria,
 	.scores_keys = 1,
 	.observe = observe,
 	.score = score,

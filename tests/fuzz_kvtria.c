@@ -2,7 +2,9 @@
  * libFuzzer target for the .kvtria reader: any file must be read back or refused with a message, never
  * crash or read past its end. The input is written to a private file that kvp_tria_stats_read opens,
  * checked against a shape that matches the header's, so the fuzzer reaches the statistics themselves.
- * Built and run by `make fuzz`.
+ * Built and run by `make fuzz`, seeded with valid files the library wrote (tests/corpus/fuzz_kvtria, from
+ * tests/seed_corpus.c): the reader refuses any file whose size is not exactly what its header implies,
+ * which random bytes almost never are.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,6 +41,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		shape.n_heads = shape.n_kv_heads = u32_at(data + 12);
 		shape.head_dim = u32_at(data + 16);
 	}
+	if (size >= 24 && u32_at(data + 20) <= KVP_ROPE_INTERLEAVED)
+		shape.rope_layout = (kvp_rope_layout)u32_at(data + 20);
 	if (size >= 28)
 		memcpy(&shape.rope_theta, data + 24, 4);
 	if (kvp_tria_stats_read(path, &shape, &st) == KVP_OK)

@@ -1,6 +1,11 @@
 /* The .kvtria statistics file: round trip, and every kind of bad file refused with a message naming it. */
 #include <criterion/criterion.h>
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <time.h>
 
+#include "kvpager.h"
 #include "policy_fixture.h"
 
 /* 2 layers x 4 heads x head_dim 8: 40 + 2*4*3*4*4 = 424 bytes. */
@@ -92,10 +97,6 @@ Test(kvtria, a_written_file_reads_back_bit_for_bit)
 	cr_assert_float_eq(st.mean_im[31], value(-0.02f, 31, 0.0f), 0);
 	cr_assert_float_eq(st.abs_mean[31], value(0.05f, 31, 0.5f), 0);
 	kvp_tria_stats_free(&st);
-	/* the layout may differ from the model's: the statistics are indexed by band */
-	s.rope_layout = KVP_ROPE_HALF;
-	cr_assert_eq(kvp_tria_stats_read(path, &s, &st), KVP_OK, "%s", kvp_last_error());
-	kvp_tria_stats_free(&st);
 	unlink(path);
 }
 
@@ -170,6 +171,106 @@ Test(kvtria, a_file_for_another_model_shape_is_refused)
 	s = small_shape(), s.rope_theta = 1e6f;
 	path = write_valid("theta2.kvtria");
 	expect_refused(path, &s, KVP_EINVAL, "rope_theta");
+}
+
+Test(kvtria, a_file_for_the_other_rope_layout_is_refused)
+{
+	kvp_shape s = small_shape();
+	const char *path = write_valid("rope.kvtria"); /* interleaved */
+
+	s.rope_layout = KVP_ROPE_HALF;
+	expect_refused(path, &s, KVP_EINVAL, "rope_layout interleaved does not match the model's half");
+}
+
+static long max_rss_kib(void)
+{
+	struct rusage ru;
+	cr_assert_eq(getrusage(RUSAGE_SELF, &ru), 0);
+	return ru.ru_maxrss;
+}
+
+Test(kvtria, a_huge_file_is_refused_from_its_header_without_reading_it)
+{
+	kvp_shape s = small_shape();
+	const char *path = write_valid("huge3g.kvtria");
+	struct kvp_tria_stats st = { 0 };
+	struct timespec t0, t1;
+	long rss = max_rss_kib();
+
+	cr_assert_eq(truncate(path, 3ll << 30), 0, "a sparse 3 GiB file"); /* holes read as zeros */
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	cr_assert_eq(kvp_tria_stats_read(path, &s, &st), KVP_ECORRUPT);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	cr_assert(strstr(kvp_last_error(), "3221225472 bytes, but 2 layers x 4 heads x head_dim 8 need 424 "
+				   "(trailing bytes)"), "%s", kvp_last_error());
+	cr_assert_lt(max_rss_kib() - rss, 16 << 10, "peak RSS grew by %ld KiB", max_rss_kib() - rss);
+	cr_assert_lt((double)(t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9, 0.5);
+	cr_assert_null(st.mean_re);
+	unlink(path);
+}
+
+Test(kvtria, a_fifo_is_refused_without_waiting_for_a_writer, .timeout = 10)
+{
+	const char *path = fixture_path("fifo.kvtria");
+
+	cr_assert_eq(mkfifo(path, 0600), 0);
+	expect_refused(path, NULL, KVP_EINVAL, "a FIFO, not a regular file");
+}
+
+Test(kvtria, a_directory_is_refused_with_a_message)
+{
+	const char *path = fixture_path("dir.kvtria");
+	struct kvp_tria_stats st = { 0 };
+
+	cr_assert_eq(mkdir(path, 0700), 0);
+	cr_assert_eq(kvp_tria_stats_read(path, NULL, &st), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), path), "%s", kvp_last_error());
+	cr_assert(strstr(kvp_last_error(), "a directory, not a regular file"), "%s", kvp_last_error());
+	rmdir(path);
+}
+
+Test(kvtria, a_tenant_reads_its_stats_file_once_for_all_its_sequences)
+{
+	kvp_shape s = small_shape(), other = small_shape();
+	const char *path = write_valid("tenant.kvtria");
+	char spec[400];
+	kvp_pool *pool;
+	kvp_tenant *t;
+	kvp_seq *a, *b, *c, *bad = NULL;
+
+	snprintf(spec, sizeof spec, "policy=triattention(budget=64,stats=%s)", path);
+	cr_assert_eq(kvp_pool_open("", &pool), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_tenant_open(pool, "t", spec, &t), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(unlink(path), 0);
+	cr_assert_eq(kvp_seq_open(t, &s, &a), KVP_OK, "the file is gone: %s", kvp_last_error());
+	cr_assert_eq(kvp_seq_open(t, &s, &b), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_fork(a, &c), KVP_OK, "%s", kvp_last_error());
+	other.head_dim = 16; /* each sequence's shape is still checked against the file */
+	cr_assert_eq(kvp_seq_open(t, &other, &bad), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "head_dim 8 do not match the model's 2 x 4 x 16"), "%s", kvp_last_error());
+	kvp_seq_close(a);
+	kvp_seq_close(c);
+	cr_assert_eq(kvp_seq_open(t, &s, &a), KVP_OK, "%s", kvp_last_error());
+	kvp_tenant_close(t); /* closes a and b */
+	kvp_pool_close(pool);
+}
+
+Test(kvtria, a_tenant_with_a_bad_stats_file_is_refused_at_open)
+{
+	const char *path = write_valid("tenant-bad.kvtria");
+	char spec[400];
+	kvp_pool *pool;
+	kvp_tenant *t = (kvp_tenant *)1;
+
+	poke_u32(path, 0, 0);
+	snprintf(spec, sizeof spec, "policy=triattention(stats=%s)", path);
+	cr_assert_eq(kvp_pool_open("", &pool), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_tenant_open(pool, "t", spec, &t), KVP_ECORRUPT);
+	cr_assert(strstr(kvp_last_error(), "wrong magic"), "%s", kvp_last_error());
+	cr_assert(strstr(kvp_last_error(), "policy=triattention"), "%s", kvp_last_error());
+	cr_assert_null(t);
+	kvp_pool_close(pool);
+	unlink(path);
 }
 
 Test(kvtria, the_policy_refuses_a_mismatched_stats_file)
