@@ -3,6 +3,7 @@
  * an idle sequence with nothing left to spill alone. Such a sequence comes back by itself, block by block
  * or whole, on its next call, bit-identical. */
 #include <criterion/criterion.h>
+#include <pthread.h>
 #include <string.h>
 
 #include "kvpager.h"
@@ -395,5 +396,68 @@ Test(pressure, a_rounds_own_allocations_never_spill_the_blocks_it_reads)
 	cr_assert_eq(kvp_seq_step(twin), KVP_OK, "%s", kvp_last_error());
 	park_attend(s, out);
 	assert_same_attention(s, twin);
+	park_close();
+}
+
+/* ---- the quota holds the spill's own metadata too ---- */
+
+struct used_watch {
+	kvp_tenant *t;
+	_Atomic int stop;
+	uint64_t most; /* the highest charge seen */
+};
+
+static void *watch_used(void *arg)
+{
+	struct used_watch *w = arg;
+	while (!atomic_load(&w->stop)) {
+		uint64_t used = atomic_load(&w->t->used);
+		w->most = used > w->most ? used : w->most;
+	}
+	return NULL;
+}
+
+Test(pressure, relief_never_charges_past_the_quota_while_it_writes)
+{
+	float before[PARK_LAYERS * PARK_OUT];
+	struct used_watch w = { 0 };
+	pthread_t th;
+	kvp_seq *a, *b, *c;
+	int32_t t = 100;
+	uint32_t relieved = 0;
+	three_sequences(&a, &b, &c, before);
+	w.t = tenant;
+	cr_assert_eq(pthread_create(&th, NULL, watch_used, &w), 0);
+	/* every append over the quota writes the stubs of the idle blocks it spills, then frees their rows */
+	while (t < 1000 && append_layer0(c, t, 16) == KVP_OK) {
+		relieved += spilled(a) + spilled(b) > 0;
+		t += 16;
+	}
+	atomic_store(&w.stop, 1);
+	pthread_join(th, NULL);
+	cr_assert_gt(relieved, 5, "appends went on by spilling idle blocks");
+	cr_assert_leq(w.most, tenant->quota, "%llu bytes charged, over the quota of %llu", (unsigned long long)w.most,
+		      (unsigned long long)tenant->quota);
+	park_close();
+}
+
+Test(pressure, parking_a_sequence_whose_blocks_a_running_fork_shares_stays_within_the_quota)
+{
+	kvp_seq *a, *b;
+	park_open("16MiB", "block=16,sinks=4");
+	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &a), KVP_OK);
+	park_fill(a, 0, 100, 1);
+	cr_assert_eq(kvp_seq_fork(a, &b), KVP_OK, "%s", kvp_last_error());
+	tenant->quota = atomic_load(&tenant->used); /* full: b's append must make room */
+	/* a is idle, but every block it has b shares: parking it would free nothing and cost its records */
+	cr_assert_eq(append_layer0(b, 100, 64), KVP_ENOMEM);
+	cr_assert(strstr(kvp_last_error(), "quota"), "%s", kvp_last_error());
+	cr_assert_leq(atomic_load(&tenant->used), tenant->quota, "%llu bytes charged, over the quota of %llu",
+		      (unsigned long long)atomic_load(&tenant->used), (unsigned long long)tenant->quota);
+	cr_assert_null(kvp_seq_from_handle(a)->parked, "a park the quota has no room for fails whole");
+	tenant->quota = UINT64_MAX;
+	kvp_seq_close(a);
+	kvp_seq_close(b);
+	assert_everything_given_back();
 	park_close();
 }
