@@ -94,9 +94,12 @@ static void reopen(struct owned *o)
  * there, most often another thread's. */
 static void note_spilled(const struct owned *o)
 {
+	const kvp_tenant *t = tenants[o->tenant];
 	kvp_stats st = { .size = sizeof st };
 	if (fine(kvp_seq_stats(o->seq, &st), "stats", o->tenant) && st.bytes_spilled)
 		atomic_fetch_add(&seen[SEEN_SPILLED], 1);
+	if (atomic_load(&t->used) > t->quota) /* relief included: its records are paid from what it frees */
+		fail("charged past its quota", o->tenant, KVP_OK);
 }
 
 static void park_step_unpark(struct owned *o)
