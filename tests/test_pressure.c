@@ -461,3 +461,29 @@ Test(pressure, parking_a_sequence_whose_blocks_a_running_fork_shares_stays_withi
 	assert_everything_given_back();
 	park_close();
 }
+
+Test(pressure, gather_and_stats_on_a_sequence_pressure_spilled_from_read_no_spilled_row)
+{
+	static float k0[100 * PARK_DIM], v0[100 * PARK_DIM], k1[100 * PARK_DIM], v1[100 * PARK_DIM];
+	int32_t p0[100], p1[100];
+	kvp_stats st = { .size = sizeof st };
+	uint32_t n0, n1;
+	kvp_seq *idle;
+	park_open("16MiB", "block=16,sinks=4");
+	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &idle), KVP_OK);
+	park_fill(idle, 0, 100, 1);
+	cr_assert_eq(kvp_gather(idle, 1, 1, 100, p0, k0, v0, &n0), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_spill_blocks(kvp_seq_from_handle(idle), UINT64_MAX, KVP_SPILL_IDLE), 20);
+	cr_assert_eq(kvp_seq_stats(idle, &st), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(st.bytes_spilled, 20 * BLOCK_RECORD, "stats count the records, not the freed rows");
+	cr_assert_eq(st.tokens_retained, 4 * 100);
+	cr_assert_eq(kvp_gather(idle, 1, 1, 100, p1, k1, v1, &n1), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(n1, n0);
+	cr_assert_eq(memcmp(p0, p1, sizeof p0), 0);
+	cr_assert_eq(memcmp(k0, k1, sizeof k0), 0, "the gathered layer was read back first");
+	cr_assert_eq(memcmp(v0, v1, sizeof v0), 0);
+	cr_assert_eq(kvp_seq_from_handle(idle)->n_spilled, 10, "only the gathered layer came back");
+	kvp_seq_close(idle);
+	assert_everything_given_back();
+	park_close();
+}
