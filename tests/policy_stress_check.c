@@ -10,11 +10,11 @@
  * tenant on the sequences other threads are between two calls of (between an attend and its step, say),
  * spilling their oldest blocks or parking them whole. Now and then a thread parks its own sequence, steps
  * it while parked (the round waits) and unparks it, and it reopens its sequences every REOPEN tokens
- * (H2O's budget grows with the stream). KVP_ENOMEM is an expected answer to anything but a step on a
- * parked sequence and a park; every other failure, and every byte or slot not given back at the end,
- * counts as a failure. The run stops at TOKENS tokens a thread or after SECONDS, whichever comes first.
+ * (H2O's budget grows with the stream), or when an append failed after some layers took the token.
+ * KVP_ENOMEM is an expected answer to anything but a step on a parked sequence; every other failure, a
+ * tenant seen charged past its quota, and every byte or slot not given back at the end count as
+ * failures. The run stops at TOKENS tokens a thread or after SECONDS, whichever comes first.
  */
-#include <dirent.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
