@@ -5,7 +5,7 @@
 #   make bench      build and run the benchmarks
 #   make asan       tests under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make neon       NEON kernel checks, cross-built and run under qemu-aarch64
-#   make tsan       the multi-thread suites under ThreadSanitizer
+#   make tsan       the multi-thread stresses under ThreadSanitizer
 #   make fuzz       libFuzzer targets (clang), each for FUZZ_SECONDS (default 30)
 #   make install    PREFIX=/usr/local DESTDIR=
 #   CC=clang make   builds with clang
@@ -56,7 +56,7 @@ STATIC    := $(BUILD)/libkvpager.a
 all: lib tools tests benches $(BUILD)/kvpager.pc
 lib: $(SHARED) $(STATIC)
 tools: $(TOOLS)
-tests: $(TESTS) $(BUILD)/tests/kernels_check
+tests: $(TESTS) $(BUILD)/tests/kernels_check $(BUILD)/tests/policy_stress_check
 benches: $(BENCHES)
 
 $(BUILD)/obj/%avx2.o: %avx2.c
@@ -92,6 +92,11 @@ $(BUILD)/tests/stress_check: tests/stress_check.c tests/stress.h $(STATIC)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $< $(STATIC) $(LIBS)
 
+# Policy rounds under other threads' memory pressure, a plain program for the same reason.
+$(BUILD)/tests/policy_stress_check: tests/policy_stress_check.c tests/pager_fixture.h $(STATIC)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(STATIC) $(LIBS)
+
 $(BUILD)/bench/%: bench/%.c bench/harness.c bench/harness.h $(STATIC)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $< bench/harness.c $(STATIC) $(LIBS)
@@ -104,7 +109,7 @@ $(BUILD)/kvpager.pc: Makefile
 # Each suite binary runs on its own so one crash cannot hide the others; run.sh closes with one line
 # counting every test: "N passed, N failed".
 suites: all
-	@KVP_TEST_BUILD=$(BUILD) sh tests/run.sh $(TESTS) $(BUILD)/tests/kernels_check
+	@KVP_TEST_BUILD=$(BUILD) sh tests/run.sh $(TESTS) $(BUILD)/tests/kernels_check $(BUILD)/tests/policy_stress_check
 
 test:
 	$(MAKE) --no-print-directory suites
@@ -142,10 +147,11 @@ asan:
 		CFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all" \
 		tests
 	@ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 KVP_TEST_BUILD=build-asan \
-		sh tests/run.sh $(TESTS:$(BUILD)/%=build-asan/%) build-asan/tests/kernels_check
+		sh tests/run.sh $(TESTS:$(BUILD)/%=build-asan/%) build-asan/tests/kernels_check \
+		build-asan/tests/policy_stress_check
 
-# The multi-thread stress under ThreadSanitizer, as a plain program: Criterion cannot start under TSan.
-TSAN_TESTS := build-tsan/tests/stress_check
+# The multi-thread stresses under ThreadSanitizer, as plain programs: Criterion cannot start under TSan.
+TSAN_TESTS := build-tsan/tests/stress_check build-tsan/tests/policy_stress_check
 tsan:
 	$(MAKE) --no-print-directory BUILD=build-tsan \
 		CFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=thread" $(TSAN_TESTS)

@@ -85,8 +85,9 @@ KVP_API const char *kvp_last_error(void);
  *                   path is touched otherwise); required with spill=
  *   spill_buffer=SIZE  staging for spill I/O, registered with io_uring (default 2MiB; larger is faster
  *                   where RLIMIT_MEMLOCK allows it, and falls back to unregistered I/O where it does not)
- * With a spill device, a charge that would pass a tenant's quota or the pool's limit first parks the
- * tenant's least recently used idle sequence (never another tenant's); see kvp_seq_park.
+ * With a spill device, a charge that would pass a tenant's quota or the pool's limit first spills blocks
+ * of the tenant's least recently used idle sequence, or parks it (never another tenant's); see
+ * kvp_seq_park. The spill's own metadata is paid from the memory it frees: no charge passes a limit.
  */
 KVP_API kvp_status kvp_pool_open(const char *spec, kvp_pool **out);
 /* Closes the pool; tenants and sequences still open are closed with it. */
@@ -132,7 +133,14 @@ KVP_API kvp_status kvp_append(kvp_seq *s, uint32_t layer, uint32_t n, const int3
  *   query head h reading KV head h / (n_heads / n_kv_heads). A layer with no tokens gives zeros.
  */
 KVP_API kvp_status kvp_attend(kvp_seq *s, uint32_t layer, const float *q, float *out);
-/* End of one decode step: policy rounds run here. */
+/*
+ * End of one decode step: policy rounds run here, all or nothing per round (KVP_ENOMEM leaves the stream
+ * as it was). Blocks memory pressure spilled are read back first; the step's own allocations never spill
+ * the caller's blocks, since its rounds read every layer. On a parked sequence (by the host or by memory
+ * pressure) a step runs no round and leaves the sequence parked: its rounds wait for the first step after
+ * it is back, and then do what they would have done (a round is due by a stream's size, which does not
+ * change while parked).
+ */
 KVP_API kvp_status kvp_seq_step(kvp_seq *s);
 /*
  * Copy out the retained tokens of one stream in position order, decoded to fp32.
@@ -143,13 +151,15 @@ KVP_API kvp_status kvp_gather(kvp_seq *s, uint32_t layer, uint32_t kv_head, uint
 			      float *k, float *v, uint32_t *n_out);
 /*
  * Park: write every block of the sequence to the spill device (blocks shared with forks once) and free
- * their memory; all or nothing (KVP_EIO on a failed write, KVP_ENOMEM when the device is full: the
+ * their memory; all or nothing (KVP_EIO on a failed write, KVP_ENOMEM when the device is full or when the
+ * records' metadata, paid from the memory the park frees, does not fit the quota past that: the
  * sequence stays in memory, unchanged). While the host keeps it parked, append, attend, gather and fork
- * return KVP_EINVAL; stats, step, close and unpark work. Unpark: read and check every block back, all or
- * nothing (KVP_EIO on a failed read, KVP_ECORRUPT when a record fails its CRC32C or identity check,
- * KVP_ENOMEM over quota: the sequence stays parked); attention afterwards is bit-identical. A sequence
- * parked by memory pressure instead comes back by itself on its next append, attend, gather or fork.
- * Without a spill device both return KVP_EUNSUPPORTED. Parking or unparking twice is a no-op.
+ * return KVP_EINVAL; stats, step (see kvp_seq_step), close and unpark work. Unpark: read and check every
+ * block back, all or nothing (KVP_EIO on a failed read, KVP_ECORRUPT when a record fails its CRC32C or
+ * identity check, KVP_ENOMEM over quota: the sequence stays parked); attention afterwards is
+ * bit-identical. A sequence parked by memory pressure instead comes back by itself on its next append,
+ * attend, gather or fork. Without a spill device both return KVP_EUNSUPPORTED. Parking or unparking
+ * twice is a no-op.
  */
 KVP_API kvp_status kvp_seq_park(kvp_seq *s);
 KVP_API kvp_status kvp_seq_unpark(kvp_seq *s);

@@ -209,12 +209,46 @@ static kvp_status charge_limits(struct kvp_tenant *t, uint64_t bytes)
 
 _Thread_local unsigned kvp_charge_mode;
 
+/*
+ * Prepaid charges. A spill allocates the stubs of its records (a park also its table) before it can free
+ * the blocks they replace: charged as usual, they would pass the quota just when it is full, and a
+ * quota full to the byte could not be relieved at all. Instead, between kvp_prepay_begin and
+ * kvp_prepay_end, the calling thread's charges to the tenant are paid from the memory the spill is about
+ * to free, up to `cap` bytes: they leave the counters as they are, and the frees that follow (of those
+ * blocks, or of the metadata itself when the spill fails) settle them before they lower the counters.
+ * Charges past the cap are ordinary, checked ones (a park of blocks a running fork shares frees little).
+ * So the counters never rise above what the limits allow, and no byte is charged twice.
+ */
+static _Thread_local struct {
+	const struct kvp_tenant *t;
+	uint64_t cap, held; /* held: charges paid this way and not yet settled by a free */
+} prepaid;
+
+void kvp_prepay_begin(const struct kvp_tenant *t, uint64_t cap)
+{
+	prepaid.t = t;
+	prepaid.cap = cap;
+	prepaid.held = 0;
+}
+
+void kvp_prepay_end(struct kvp_tenant *t)
+{
+	uint64_t held = prepaid.held;
+	prepaid.t = NULL;
+	prepaid.cap = prepaid.held = 0;
+	/* Only a spill that freed less than it said it would leaves some: the charge becomes an ordinary one,
+	 * so the counters stay true. The callers' caps count only blocks whose last reference they drop. */
+	if (held) {
+		atomic_fetch_add(&t->used, held);
+		atomic_fetch_add(&t->pool->used, held);
+	}
+}
+
 kvp_status kvp_charge(struct kvp_tenant *t, uint64_t bytes)
 {
 	kvp_status st;
-	if (kvp_charge_mode & KVP_CHARGE_OVERDRAFT) {
-		atomic_fetch_add(&t->used, bytes);
-		atomic_fetch_add(&t->pool->used, bytes);
+	if (prepaid.t == t && bytes <= prepaid.cap - prepaid.held) {
+		prepaid.held += bytes;
 		return KVP_OK;
 	}
 	/* Over a limit, spilling this tenant's idle sequences comes before failing. */
@@ -226,6 +260,11 @@ kvp_status kvp_charge(struct kvp_tenant *t, uint64_t bytes)
 
 void kvp_uncharge(struct kvp_tenant *t, uint64_t bytes)
 {
+	if (prepaid.t == t) {
+		uint64_t settle = bytes < prepaid.held ? bytes : prepaid.held;
+		prepaid.held -= settle;
+		bytes -= settle;
+	}
 	atomic_fetch_sub(&t->used, bytes);
 	atomic_fetch_sub(&t->pool->used, bytes);
 }

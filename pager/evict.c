@@ -710,6 +710,11 @@ kvp_status kvp_evict_step(struct kvp_seq *s)
 		return KVP_OK;
 	if (s->prompt_end < 0)
 		s->prompt_end = (int32_t)s->t0;
+	/* A parked sequence's blocks are on the spill device and its table holds no block: its rounds wait
+	 * for the first step after it is back. Nothing is skipped by waiting: a round is due by a stream's
+	 * size, which does not change while the sequence is parked. */
+	if (s->parked)
+		return KVP_OK;
 	if ((st = kvp_gate_step(s)) != KVP_OK)
 		return st;
 	if ((st = rounds(s)) != KVP_OK)

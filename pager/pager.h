@@ -324,10 +324,13 @@ kvp_status kvp_park_sequence(struct kvp_seq *s);
 kvp_status kvp_unpark_sequence(struct kvp_seq *s);
 
 /* Charging mode of the calling thread, set by the spill code around its own allocations:
- * NO_RELIEF: a failed charge does not try to spill (inside the device lock, or already relieving);
- * OVERDRAFT: park's own tables are charged past the limits, because parking is what frees memory. */
-enum { KVP_CHARGE_NO_RELIEF = 1, KVP_CHARGE_OVERDRAFT = 2 };
+ * NO_RELIEF: a failed charge does not try to spill (inside the device lock, or already relieving). */
+enum { KVP_CHARGE_NO_RELIEF = 1 };
 extern _Thread_local unsigned kvp_charge_mode;
+/* Until end, the calling thread's charges to t, up to cap bytes, are paid from the memory the spill in
+ * progress frees (arena.c): the metadata of a spill never takes a tenant past its quota. */
+void kvp_prepay_begin(const struct kvp_tenant *t, uint64_t cap);
+void kvp_prepay_end(struct kvp_tenant *t);
 /* Relieves memory pressure on t (never another tenant's) to make room for bytes: blocks of its least
  * recently used idle sequence first, then that sequence whole, then the calling sequence's own oldest cold
  * blocks. Returns nonzero when it freed something, so the caller charges again. */

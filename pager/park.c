@@ -261,6 +261,19 @@ static kvp_status park_plan(struct kvp_spill *d, struct kvp_seq *s, const struct
 	return KVP_OK;
 }
 
+/* What a park's commit surely frees: the blocks only this sequence holds (the claim or the call keeps
+ * forks out). A block a sibling shares may live on in it. */
+static uint64_t private_bytes(const struct kvp_seq *s, const struct position *pos, size_t n)
+{
+	uint64_t bytes = 0;
+	for (size_t i = 0; i < n; i++) {
+		const struct kvp_block *b = *pos[i].where;
+		if (b && atomic_load_explicit(&b->refs, memory_order_acquire) == 1)
+			bytes += kvp_block_bytes(s->tenant, b);
+	}
+	return bytes;
+}
+
 static kvp_status seq_check(const struct kvp_seq *s, const char *call)
 {
 	if (!s || s->magic != KVP_SEQ_MAGIC)
@@ -306,7 +319,12 @@ kvp_status kvp_park_sequence(struct kvp_seq *s)
 	n = positions_count(s);
 	pos = calloc(n, sizeof *pos);
 	io = calloc(n, sizeof *io);
-	kvp_charge_mode |= KVP_CHARGE_OVERDRAFT | KVP_CHARGE_NO_RELIEF;
+	if (pos)
+		positions_list(s, pos);
+	/* The table and the stubs are paid from the blocks the commit frees; past that they are charged as
+	 * anything else, and a park the quota has no room for fails whole. */
+	kvp_charge_mode |= KVP_CHARGE_NO_RELIEF;
+	kvp_prepay_begin(s->tenant, pos ? private_bytes(s, pos, n) : 0);
 	parked = kvp_alloc(s->tenant, parked_bytes(n), KVP_BYTES_META, 0);
 	if (!pos || !io || !parked) {
 		st = kvp_fail(KVP_ENOMEM, "kvp_seq_park: out of memory for the table of %zu records", n);
@@ -314,7 +332,6 @@ kvp_status kvp_park_sequence(struct kvp_seq *s)
 	}
 	memset(parked, 0, parked_bytes(n));
 	parked->n = n;
-	positions_list(s, pos);
 	kvp_spill_lock(d);
 	st = park_plan(d, s, pos, parked, io, &n_io);
 	kvp_spill_unlock(d);
@@ -331,9 +348,10 @@ kvp_status kvp_park_sequence(struct kvp_seq *s)
 		kvp_spill_unlock(d);
 	}
 out:
-	kvp_charge_mode = mode;
 	if (parked)
 		kvp_free(s->tenant, parked, parked_bytes(n), KVP_BYTES_META, 0);
+	kvp_prepay_end(s->tenant);
+	kvp_charge_mode = mode;
 	free(pos);
 	free(io);
 	return st;

@@ -263,7 +263,12 @@ kvp_status kvp_seq_step(kvp_seq *h)
 	kvp_status st = enter(h, "kvp_seq_step", 0, &s);
 	if (st == KVP_OK) {
 		kvp_restore_settle(s);
-		/* a policy's round moves the bytes of the cold blocks it compacts */
+		/* Rounds read every layer's blocks: the step's own allocations must not spill them (its last
+		 * resort, the caller's cold blocks, fails instead, and the round with it, whole). */
+		s->pin_from = 0;
+		s->pin_to = s->shape.n_layers;
+		/* a policy's round moves the bytes of the cold blocks it compacts; a parked sequence's rounds
+		 * wait until it is back (kvp_evict_step) */
 		if (s->policy && s->n_spilled && (st = kvp_restore_all(s)) != KVP_OK)
 			st = kvp_fail_context(st, "kvp_seq_step: no round ran");
 		else

@@ -63,9 +63,10 @@ static uint32_t reach_end(const struct kvp_stream *st, enum kvp_spill_reach reac
 }
 
 /* Oldest first: block 0 of every stream, then block 1, ... until `bytes` of memory are freed (rows, less
- * the stub each record needs) or `cap` blocks are taken. */
+ * the stub each record needs) or `cap` blocks are taken. Blocks whose rows take no more memory than a
+ * stub would free nothing. *rows_out: the memory of the rows taken, what pays for their stubs. */
 static size_t victims_pick(const struct kvp_seq *s, uint64_t bytes, enum kvp_spill_reach reach, struct victim *v,
-			   size_t cap)
+			   size_t cap, uint64_t *rows_out)
 {
 	const uint64_t stub = kvp_alloc_size(s->tenant, sizeof(struct kvp_spilled));
 	uint32_t most = 0;
@@ -80,9 +81,12 @@ static size_t victims_pick(const struct kvp_seq *s, uint64_t bytes, enum kvp_spi
 				uint64_t rows;
 				if (b >= reach_end(st, reach) || !spillable(s, st, l, b, reach))
 					continue;
-				v[n++] = (struct victim){ st->blocks[b], l, g, b };
 				rows = kvp_alloc_size(s->tenant, st->blocks[b]->data_size);
-				freed += rows > stub ? rows - stub : 0;
+				if (rows <= stub)
+					continue;
+				v[n++] = (struct victim){ st->blocks[b], l, g, b };
+				freed += rows - stub;
+				*rows_out += rows;
 			}
 	return n;
 }
@@ -113,13 +117,15 @@ size_t kvp_spill_blocks(struct kvp_seq *s, uint64_t bytes, enum kvp_spill_reach 
 	struct kvp_spill_io *io;
 	unsigned mode = kvp_charge_mode;
 	size_t n, made = 0;
+	uint64_t rows = 0;
 	kvp_status st;
 	if (!d || s->parked || (reach == KVP_SPILL_OWN_COLD && !s->cold.k))
 		return 0;
 	v = calloc(SPILL_BATCH, sizeof *v);
 	io = calloc(SPILL_BATCH, sizeof *io);
-	n = v && io ? victims_pick(s, bytes, reach, v, SPILL_BATCH) : 0;
-	kvp_charge_mode |= KVP_CHARGE_OVERDRAFT | KVP_CHARGE_NO_RELIEF; /* stubs are charged past the limits */
+	n = v && io ? victims_pick(s, bytes, reach, v, SPILL_BATCH, &rows) : 0;
+	kvp_charge_mode |= KVP_CHARGE_NO_RELIEF;
+	kvp_prepay_begin(s->tenant, rows); /* the stubs are paid from the rows they replace */
 	st = stubs_make(d, s, v, n, io, &made);
 	if (made && (st = kvp_spill_write(d, io, made, s->shape.head_dim)) == KVP_OK) {
 		for (size_t i = 0; i < made; i++) {
@@ -134,6 +140,7 @@ size_t kvp_spill_blocks(struct kvp_seq *s, uint64_t bytes, enum kvp_spill_reach 
 			kvp_spill_stub_drop(d, io[i].stub);
 		kvp_spill_unlock(d);
 	}
+	kvp_prepay_end(s->tenant);
 	kvp_charge_mode = mode;
 	free(v);
 	free(io);

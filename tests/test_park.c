@@ -275,3 +275,89 @@ Test(fork_park, closing_the_running_sibling_releases_the_blocks_at_the_next_park
 	cr_assert_eq(kvp_spill_pages_used(pool), 0);
 	park_close();
 }
+
+/* ---- steps while parked ---- */
+
+static kvp_stats seq_stats(kvp_seq *s)
+{
+	kvp_stats st = { .size = sizeof st };
+	cr_assert_eq(kvp_seq_stats(s, &st), KVP_OK, "%s", kvp_last_error());
+	return st;
+}
+
+/*
+ * A round that is due while the sequence is parked waits for the first step after it is back, and then
+ * does what it does on a twin that was never parked. `primed`: one step before the park and a few tokens
+ * after it, so the parked step has no round due and only walks the cold tier's candidates.
+ */
+static void a_step_while_parked_waits_for_unpark(const char *tenant_spec, int primed)
+{
+	static float a[PARK_LAYERS * PARK_OUT], b[PARK_LAYERS * PARK_OUT];
+	kvp_stats held;
+	kvp_seq *s, *ref;
+	park_open("16MiB", tenant_spec);
+	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &s), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &ref), KVP_OK, "%s", kvp_last_error());
+	park_fill(s, 0, 150, 1);
+	park_fill(ref, 0, 150, 1);
+	park_attend(s, a); /* H2O and online TriAttention learn from attention */
+	park_attend(ref, b);
+	if (primed) {
+		cr_assert_eq(kvp_seq_step(s), KVP_OK, "%s", kvp_last_error());
+		cr_assert_eq(kvp_seq_step(ref), KVP_OK, "%s", kvp_last_error());
+		park_fill(s, 150, 20, 2);
+		park_fill(ref, 150, 20, 2);
+	}
+	held = seq_stats(s);
+	cr_assert_eq(kvp_seq_park(s), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_step(s), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_step(s), KVP_OK, "%s", kvp_last_error());
+	cr_assert_not_null(kvp_seq_from_handle(s)->parked, "a step does not bring the sequence back");
+	cr_assert_eq(seq_stats(s).tokens_retained, held.tokens_retained, "no round ran while parked");
+	cr_assert_eq(kvp_seq_unpark(s), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_step(s), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_step(ref), KVP_OK, "%s", kvp_last_error());
+	if (primed) { /* no round: the step only walked the cold tier's candidates */
+		cr_assert_gt(held.bytes_compressed, 0, "the sequence had a cold tier when it was parked");
+		cr_assert_eq(seq_stats(ref).tokens_retained, held.tokens_retained, "no round was due");
+	} else
+		cr_assert_lt(seq_stats(ref).tokens_retained, held.tokens_retained, "a round was due");
+	cr_assert_eq(seq_stats(s).tokens_retained, seq_stats(ref).tokens_retained, "the first step after unpark ran it");
+	cr_assert_eq(seq_stats(s).bytes_compressed, seq_stats(ref).bytes_compressed);
+	park_attend(s, a);
+	park_attend(ref, b);
+	cr_assert_eq(memcmp(a, b, sizeof a), 0, "as if it had never been parked");
+	park_close();
+}
+
+Test(park, a_step_while_parked_waits_for_unpark_streaming)
+{
+	a_step_while_parked_waits_for_unpark("block=16,sinks=4,window=16,policy=streaming(sinks=4,window=40)", 0);
+}
+
+Test(park, a_step_while_parked_waits_for_unpark_h2o)
+{
+	a_step_while_parked_waits_for_unpark("block=16,sinks=4,window=16,policy=h2o(heavy=0.2,recent=0.2)", 0);
+}
+
+Test(park, a_step_while_parked_waits_for_unpark_triattention)
+{
+	a_step_while_parked_waits_for_unpark("block=16,sinks=4,window=16,"
+					      "policy=triattention(budget=64,every=16,stats=online)", 0);
+}
+
+Test(park, a_step_while_parked_waits_for_unpark_with_a_cold_tier)
+{
+	a_step_while_parked_waits_for_unpark("block=16,sinks=4,window=16,k=turboquant(bits=4),v=turboquant(bits=4),"
+					      "policy=streaming(sinks=4,window=40)", 0);
+	a_step_while_parked_waits_for_unpark("block=32,sinks=4,window=32,k=kivi(bits=2),v=fp16,"
+					      "policy=h2o(heavy=0.2,recent=0.2)", 0);
+}
+
+Test(park, a_step_while_parked_with_no_round_due_leaves_the_cold_tier_to_unpark)
+{
+	/* the first step scores and encodes; 20 more tokens stay under budget + every, so the parked step
+	 * only looks for scored blocks to encode */
+	a_step_while_parked_waits_for_unpark("block=16,sinks=4,window=16,k=turboquant(bits=4),v=turboquant(bits=4),"
+					      "policy=triattention(budget=64,every=64,stats=online)", 1);
+}

@@ -3,6 +3,7 @@
  * an idle sequence with nothing left to spill alone. Such a sequence comes back by itself, block by block
  * or whole, on its next call, bit-identical. */
 #include <criterion/criterion.h>
+#include <pthread.h>
 #include <string.h>
 
 #include "kvpager.h"
@@ -279,4 +280,210 @@ Test(pressure, without_a_spill_device_over_quota_is_plain_enomem)
 	cr_assert_eq(kvp_append(b, 0, 100, pos, k, k), KVP_ENOMEM, "a is idle, but there is nowhere to put it");
 	cr_assert(strstr(kvp_last_error(), "quota"), "%s", kvp_last_error());
 	kvp_pool_close(p);
+}
+
+/* ---- steps on sequences pressure spilled from ---- */
+
+#define POLICY_SPEC "block=16,sinks=4,window=16,policy=streaming(sinks=4,window=40)"
+#define COLD_POLICY_SPEC "block=16,sinks=4,window=16,k=turboquant(bits=4),v=turboquant(bits=4)," \
+	"policy=streaming(sinks=4,window=40)"
+
+/* A twin of every sequence under test lives in a tenant of its own, where no pressure reaches it. */
+static kvp_seq *twin_open(const char *spec)
+{
+	kvp_tenant *other;
+	kvp_seq *s;
+	cr_assert_eq(kvp_tenant_open(pool, "twin", spec, &other), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_open(other, &park_shape, &s), KVP_OK, "%s", kvp_last_error());
+	return s;
+}
+
+static uint64_t retained(kvp_seq *s)
+{
+	kvp_stats st = { .size = sizeof st };
+	cr_assert_eq(kvp_seq_stats(s, &st), KVP_OK);
+	return st.tokens_retained;
+}
+
+/* The same tokens, attention and steps give bit for bit the same attention. */
+static void assert_same_attention(kvp_seq *s, kvp_seq *twin)
+{
+	float a[PARK_LAYERS * PARK_OUT], b[PARK_LAYERS * PARK_OUT];
+	park_attend(s, a);
+	park_attend(twin, b);
+	cr_assert_eq(retained(s), retained(twin));
+	cr_assert_eq(memcmp(a, b, sizeof a), 0, "as if pressure had never touched it");
+}
+
+Test(pressure, a_step_on_a_sequence_pressure_parked_leaves_its_round_to_its_return)
+{
+	float out[PARK_LAYERS * PARK_OUT];
+	kvp_seq *idle, *s, *twin;
+	uint64_t held;
+	park_open("16MiB", POLICY_SPEC);
+	twin = twin_open(POLICY_SPEC);
+	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &idle), KVP_OK);
+	park_fill(idle, 0, 100, 1);
+	park_fill(twin, 0, 100, 1);
+	park_attend(idle, out);
+	park_attend(twin, out);
+	held = retained(idle);
+	cr_assert_eq(kvp_spill_blocks(kvp_seq_from_handle(idle), UINT64_MAX, KVP_SPILL_IDLE), 20);
+	tenant->quota = tenant_used();
+	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &s), KVP_OK, "%s", kvp_last_error());
+	cr_assert(kvp_seq_from_handle(idle)->pressure_parked, "pressure parked it");
+	tenant->quota = UINT64_MAX;
+	cr_assert_eq(kvp_seq_step(idle), KVP_OK, "%s", kvp_last_error());
+	cr_assert_not_null(kvp_seq_from_handle(idle)->parked, "a step does not bring it back");
+	cr_assert_eq(retained(idle), held, "its round waits");
+	park_attend(idle, out); /* brings it back */
+	cr_assert_null(kvp_seq_from_handle(idle)->parked);
+	cr_assert_eq(kvp_seq_step(idle), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_step(twin), KVP_OK, "%s", kvp_last_error());
+	cr_assert_lt(retained(twin), held, "a round was due");
+	assert_same_attention(idle, twin);
+	park_close();
+}
+
+Test(pressure, a_step_brings_back_the_blocks_pressure_spilled_before_its_round)
+{
+	float out[PARK_LAYERS * PARK_OUT];
+	kvp_seq *idle, *twin;
+	uint64_t held;
+	park_open("16MiB", COLD_POLICY_SPEC);
+	twin = twin_open(COLD_POLICY_SPEC);
+	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &idle), KVP_OK);
+	for (int32_t t = 0; t < 120; t += 30) { /* rounds, and cold blocks of the tokens they scored */
+		park_fill(idle, t, 30, 1 + (uint64_t)t);
+		park_fill(twin, t, 30, 1 + (uint64_t)t);
+		park_attend(idle, out);
+		park_attend(twin, out);
+		cr_assert_eq(kvp_seq_step(idle), KVP_OK, "%s", kvp_last_error());
+		cr_assert_eq(kvp_seq_step(twin), KVP_OK, "%s", kvp_last_error());
+	}
+	park_fill(idle, 120, 20, 9);
+	park_fill(twin, 120, 20, 9);
+	held = retained(idle);
+	cr_assert_gt(kvp_spill_blocks(kvp_seq_from_handle(idle), UINT64_MAX, KVP_SPILL_IDLE), 0);
+	cr_assert_eq(kvp_seq_step(idle), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_from_handle(idle)->n_spilled, 0, "the round read every block back first");
+	cr_assert_eq(kvp_seq_step(twin), KVP_OK, "%s", kvp_last_error());
+	cr_assert_lt(retained(twin), held, "a round was due");
+	assert_same_attention(idle, twin);
+	park_close();
+}
+
+Test(pressure, a_rounds_own_allocations_never_spill_the_blocks_it_reads)
+{
+	float out[PARK_LAYERS * PARK_OUT];
+	kvp_seq *s, *twin;
+	park_open("16MiB", COLD_POLICY_SPEC);
+	twin = twin_open(COLD_POLICY_SPEC);
+	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &s), KVP_OK);
+	park_fill(s, 0, 100, 1);
+	park_fill(twin, 0, 100, 1);
+	cr_assert_eq(kvp_seq_step(s), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_step(twin), KVP_OK, "%s", kvp_last_error());
+	cr_assert_gt(kvp_seq_stream(kvp_seq_from_handle(s), 0, 0)->n_cold, 0, "the round's tokens turned cold");
+	park_fill(s, 100, 1, 2); /* the next round drops one token of the oldest cold block: packs the rest */
+	park_fill(twin, 100, 1, 2);
+	tenant->quota = tenant_used(); /* its fresh block is over quota, and s is the tenant's only sequence */
+	cr_assert_eq(kvp_seq_step(s), KVP_ENOMEM, "the round fails whole rather than spill what it reads");
+	cr_assert(strstr(kvp_last_error(), "quota"), "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_from_handle(s)->n_spilled, 0);
+	tenant->quota = UINT64_MAX;
+	cr_assert_eq(kvp_seq_step(s), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_step(twin), KVP_OK, "%s", kvp_last_error());
+	park_attend(s, out);
+	assert_same_attention(s, twin);
+	park_close();
+}
+
+/* ---- the quota holds the spill's own metadata too ---- */
+
+struct used_watch {
+	kvp_tenant *t;
+	_Atomic int stop;
+	uint64_t most; /* the highest charge seen */
+};
+
+static void *watch_used(void *arg)
+{
+	struct used_watch *w = arg;
+	while (!atomic_load(&w->stop)) {
+		uint64_t used = atomic_load(&w->t->used);
+		w->most = used > w->most ? used : w->most;
+	}
+	return NULL;
+}
+
+Test(pressure, relief_never_charges_past_the_quota_while_it_writes)
+{
+	float before[PARK_LAYERS * PARK_OUT];
+	struct used_watch w = { 0 };
+	pthread_t th;
+	kvp_seq *a, *b, *c;
+	int32_t t = 100;
+	uint32_t relieved = 0;
+	three_sequences(&a, &b, &c, before);
+	w.t = tenant;
+	cr_assert_eq(pthread_create(&th, NULL, watch_used, &w), 0);
+	/* every append over the quota writes the stubs of the idle blocks it spills, then frees their rows */
+	while (t < 1000 && append_layer0(c, t, 16) == KVP_OK) {
+		relieved += spilled(a) + spilled(b) > 0;
+		t += 16;
+	}
+	atomic_store(&w.stop, 1);
+	pthread_join(th, NULL);
+	cr_assert_gt(relieved, 5, "appends went on by spilling idle blocks");
+	cr_assert_leq(w.most, tenant->quota, "%llu bytes charged, over the quota of %llu", (unsigned long long)w.most,
+		      (unsigned long long)tenant->quota);
+	park_close();
+}
+
+Test(pressure, parking_a_sequence_whose_blocks_a_running_fork_shares_stays_within_the_quota)
+{
+	kvp_seq *a, *b;
+	park_open("16MiB", "block=16,sinks=4");
+	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &a), KVP_OK);
+	park_fill(a, 0, 100, 1);
+	cr_assert_eq(kvp_seq_fork(a, &b), KVP_OK, "%s", kvp_last_error());
+	tenant->quota = atomic_load(&tenant->used); /* full: b's append must make room */
+	/* a is idle, but every block it has b shares: parking it would free nothing and cost its records */
+	cr_assert_eq(append_layer0(b, 100, 64), KVP_ENOMEM);
+	cr_assert(strstr(kvp_last_error(), "quota"), "%s", kvp_last_error());
+	cr_assert_leq(atomic_load(&tenant->used), tenant->quota, "%llu bytes charged, over the quota of %llu",
+		      (unsigned long long)atomic_load(&tenant->used), (unsigned long long)tenant->quota);
+	cr_assert_null(kvp_seq_from_handle(a)->parked, "a park the quota has no room for fails whole");
+	tenant->quota = UINT64_MAX;
+	kvp_seq_close(a);
+	kvp_seq_close(b);
+	assert_everything_given_back();
+	park_close();
+}
+
+Test(pressure, gather_and_stats_on_a_sequence_pressure_spilled_from_read_no_spilled_row)
+{
+	static float k0[100 * PARK_DIM], v0[100 * PARK_DIM], k1[100 * PARK_DIM], v1[100 * PARK_DIM];
+	int32_t p0[100], p1[100];
+	kvp_stats st = { .size = sizeof st };
+	uint32_t n0, n1;
+	kvp_seq *idle;
+	park_open("16MiB", "block=16,sinks=4");
+	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &idle), KVP_OK);
+	park_fill(idle, 0, 100, 1);
+	cr_assert_eq(kvp_gather(idle, 1, 1, 100, p0, k0, v0, &n0), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_spill_blocks(kvp_seq_from_handle(idle), UINT64_MAX, KVP_SPILL_IDLE), 20);
+	cr_assert_eq(kvp_seq_stats(idle, &st), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(st.bytes_spilled, 20 * BLOCK_RECORD, "stats count the records, not the freed rows");
+	cr_assert_eq(st.tokens_retained, 4 * 100);
+	cr_assert_eq(kvp_gather(idle, 1, 1, 100, p1, k1, v1, &n1), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(n1, n0);
+	cr_assert_eq(memcmp(p0, p1, sizeof p0), 0);
+	cr_assert_eq(memcmp(k0, k1, sizeof k0), 0, "the gathered layer was read back first");
+	cr_assert_eq(memcmp(v0, v1, sizeof v0), 0);
+	cr_assert_eq(kvp_seq_from_handle(idle)->n_spilled, 10, "only the gathered layer came back");
+	kvp_seq_close(idle);
+	assert_everything_given_back();
+	park_close();
 }
