@@ -7,12 +7,18 @@
  * Conventions
  *   - Every call that can fail returns a kvp_status. On failure, kvp_last_error() returns a message for
  *     the calling thread naming what was wrong; the objects involved are left exactly as they were.
- *   - Handles are opaque. Closing a handle twice, or passing NULL where a handle is expected, returns
- *     KVP_EINVAL (or is a no-op for the close calls). A sequence handle carries a generation: after
- *     kvp_seq_close (or its tenant's or pool's close) every call with it returns KVP_EPERM without
- *     touching memory, and so does a value that never was a sequence handle.
+ *   - Handles are opaque. Passing NULL where a handle is expected returns KVP_EINVAL (a no-op for the
+ *     close calls). Pool, tenant and sequence handles carry a generation: after the object's close (or,
+ *     for a tenant or sequence, its pool's or tenant's close) every call with the handle returns
+ *     KVP_EPERM without touching memory and closing it again is a no-op, even when a newer object now
+ *     lives at the same address; so does a handle of another kind (a sequence handle passed as a tenant)
+ *     and a value that never was a handle. Of two closes of one pool or tenant racing from two threads,
+ *     one closes it and the other is a no-op. With 32-bit pointers a generation has 15 bits, so a handle
+ *     could name a newer object again after 32768 objects have used its slot since.
  *   - Calls on different sequences may run concurrently from different threads. Calls on one sequence
  *     must not overlap: the caller serializes them (one decode loop per sequence is the normal case).
+ *     Opening and closing tenants and sequences may run from any thread; closing a pool or tenant must
+ *     not overlap calls on what it contains.
  *   - Configuration strings follow one grammar: key=value pairs separated by commas; a value may be
  *     name(args) with the same grammar inside; codec stacks are joined by '|'. Unknown keys are errors.
  */
@@ -78,7 +84,7 @@ KVP_API const char *kvp_last_error(void);
  * tenant's least recently used idle sequence (never another tenant's); see kvp_seq_park.
  */
 KVP_API kvp_status kvp_pool_open(const char *spec, kvp_pool **out);
-/* Closes the pool; tenants and sequences still open are closed with it. */
+/* Closes the pool; tenants and sequences still open are closed with it, and their handles refused. */
 KVP_API void kvp_pool_close(kvp_pool *pool);
 
 /*
@@ -99,7 +105,7 @@ KVP_API void kvp_pool_close(kvp_pool *pool);
  * Names are unique within a pool.
  */
 KVP_API kvp_status kvp_tenant_open(kvp_pool *pool, const char *name, const char *spec, kvp_tenant **out);
-/* Closes the tenant and its sequences. */
+/* Closes the tenant and its sequences; their handles are refused from then on. */
 KVP_API void kvp_tenant_close(kvp_tenant *t);
 
 /* Sequence: one request; the shape is copied. */
