@@ -36,6 +36,9 @@ kvp_status kvp_jemalloc_load(const struct kvp_jemalloc **out);
 #define KVP_BLOCK_MAX 4096 /* tokens per block, and per sink block */
 #define KVP_GROUP_MAX 128  /* query heads per KV head */
 #define KVP_HEAD_DIM_MAX 1024
+/* tokens one stream may hold: positions are int32_t, and every token and block count of a stream stays
+ * far enough below 2^32 that uint32_t arithmetic on it cannot wrap */
+#define KVP_STREAM_TOKENS_MAX INT32_MAX
 
 enum kvp_bytes_kind { KVP_BYTES_EXACT, KVP_BYTES_COMPRESSED, KVP_BYTES_META, KVP_BYTES_KINDS };
 
