@@ -118,13 +118,16 @@ KVP_API void kvp_seq_close(kvp_seq *s);
  * Append n tokens to one layer of a sequence.
  *   pos: [n] absolute positions; k, v: [n][n_kv_heads][head_dim] fp32, keys after RoPE.
  * Either every token is appended to every KV head of the layer or nothing is (KVP_ENOMEM on quota).
+ * A stream holds at most 2^31 - 1 tokens: an n that would take one past that is KVP_EINVAL before pos, k
+ * or v is read.
  */
 KVP_API kvp_status kvp_append(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos,
 			      const float *k, const float *v);
 /*
  * Attention for one query token over one layer.
  *   q: [n_heads][head_dim] after RoPE; out: [n_heads][head_dim] = softmax(q K^T / sqrt(head_dim)) V,
- *   query head h reading KV head h / (n_heads / n_kv_heads). A layer with no tokens gives zeros.
+ *   query head h reading KV head h / (n_heads / n_kv_heads). A layer with no tokens gives zeros, with any
+ *   policy (a policy or gate that observes attention learns nothing from a stream without tokens).
  */
 KVP_API kvp_status kvp_attend(kvp_seq *s, uint32_t layer, const float *q, float *out);
 /* End of one decode step: policy rounds run here. */
@@ -187,6 +190,7 @@ KVP_API kvp_status kvp_seq_set_head_level(kvp_seq *s, uint32_t layer, uint32_t k
 /* Codecs on their own, e.g. "turboquant(bits=3)" or "spark(keep=0.5)|turboquant(bits=3)". */
 KVP_API kvp_status kvp_codec_open(const char *spec, uint32_t dim, kvp_codec **out);
 KVP_API uint32_t kvp_codec_group(const kvp_codec *c); /* tokens per group; 1 when separable */
+/* Bytes of n tokens, n rounded up to whole groups; SIZE_MAX when they do not fit size_t. */
 KVP_API size_t kvp_codec_bytes(const kvp_codec *c, uint32_t n);
 KVP_API kvp_status kvp_codec_encode(kvp_codec *c, uint32_t n, const float *x, void *dst);
 KVP_API kvp_status kvp_codec_decode(kvp_codec *c, uint32_t n, const void *src, float *x);
