@@ -213,13 +213,24 @@ KVP_API uint32_t kvp_codec_group(const kvp_codec *c)
 	return c ? c->group : 0;
 }
 
-/* n is rounded up to whole groups, so the result is always enough room to encode n tokens' groups. */
+/* The bytes of n tokens rounded up to whole groups, counted in 64 bits: the rounding of n near 2^32
+ * must not wrap to 0. Every codec's bytes are a whole number of groups' bytes. UINT64_MAX when the
+ * bytes pass 64 bits. */
+static uint64_t group_bytes(const struct kvp_codec *c, uint32_t n)
+{
+	uint64_t groups = ((uint64_t)n + c->group - 1) / c->group, one = c->ops->bytes(c, c->group);
+	return one && groups > UINT64_MAX / one ? UINT64_MAX : groups * one;
+}
+
+/* n is rounded up to whole groups, so the result is always enough room to encode n tokens' groups;
+ * SIZE_MAX (which no allocation gets) when that room does not fit size_t. */
 KVP_API size_t kvp_codec_bytes(const kvp_codec *c, uint32_t n)
 {
+	uint64_t bytes;
 	if (!c)
 		return 0;
-	n = (uint32_t)(((uint64_t)n + c->group - 1) / c->group * c->group);
-	return c->ops->bytes(c, n);
+	bytes = group_bytes(c, n);
+	return bytes > SIZE_MAX ? SIZE_MAX : (size_t)bytes;
 }
 
 static kvp_status check_call(const char *what, const kvp_codec *c, uint32_t n, const void *a, const void *b)
@@ -231,6 +242,10 @@ static kvp_status check_call(const char *what, const kvp_codec *c, uint32_t n, c
 				c->ops->name, c->group);
 	if (n && (!a || !b))
 		return kvp_fail(KVP_EINVAL, "%s: NULL buffer", what);
+	/* only where size_t is narrower than the products (32-bit): no buffer of n tokens can exist */
+	if ((uint64_t)n * c->dim > SIZE_MAX / sizeof(float) || group_bytes(c, n) > SIZE_MAX)
+		return kvp_fail(KVP_EINVAL, "%s: n=%u tokens of %u floats are more than this machine can address", what,
+				n, c->dim);
 	return KVP_OK;
 }
 

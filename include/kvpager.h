@@ -7,12 +7,18 @@
  * Conventions
  *   - Every call that can fail returns a kvp_status. On failure, kvp_last_error() returns a message for
  *     the calling thread naming what was wrong; the objects involved are left exactly as they were.
- *   - Handles are opaque. Closing a handle twice, or passing NULL where a handle is expected, returns
- *     KVP_EINVAL (or is a no-op for the close calls). A sequence handle carries a generation: after
- *     kvp_seq_close (or its tenant's or pool's close) every call with it returns KVP_EPERM without
- *     touching memory, and so does a value that never was a sequence handle.
+ *   - Handles are opaque. Passing NULL where a handle is expected returns KVP_EINVAL (a no-op for the
+ *     close calls). Pool, tenant and sequence handles carry a generation: after the object's close (or,
+ *     for a tenant or sequence, its pool's or tenant's close) every call with the handle returns
+ *     KVP_EPERM without touching memory and closing it again is a no-op, even when a newer object now
+ *     lives at the same address; so does a handle of another kind (a sequence handle passed as a tenant)
+ *     and a value that never was a handle. Of two closes of one pool or tenant racing from two threads,
+ *     one closes it and the other is a no-op. With 32-bit pointers a generation has 15 bits, so a handle
+ *     could name a newer object again after 32768 objects have used its slot since.
  *   - Calls on different sequences may run concurrently from different threads. Calls on one sequence
  *     must not overlap: the caller serializes them (one decode loop per sequence is the normal case).
+ *     Opening and closing tenants and sequences may run from any thread; closing a pool or tenant must
+ *     not overlap calls on what it contains.
  *   - Configuration strings follow one grammar: key=value pairs separated by commas; a value may be
  *     name(args) with the same grammar inside; codec stacks are joined by '|'. Unknown keys are errors.
  */
@@ -90,7 +96,7 @@ KVP_API const char *kvp_last_error(void);
  * kvp_seq_park. The spill's own metadata is paid from the memory it frees: no charge passes a limit.
  */
 KVP_API kvp_status kvp_pool_open(const char *spec, kvp_pool **out);
-/* Closes the pool; tenants and sequences still open are closed with it. */
+/* Closes the pool; tenants and sequences still open are closed with it, and their handles refused. */
 KVP_API void kvp_pool_close(kvp_pool *pool);
 
 /*
@@ -111,7 +117,7 @@ KVP_API void kvp_pool_close(kvp_pool *pool);
  * Names are unique within a pool.
  */
 KVP_API kvp_status kvp_tenant_open(kvp_pool *pool, const char *name, const char *spec, kvp_tenant **out);
-/* Closes the tenant and its sequences. */
+/* Closes the tenant and its sequences; their handles are refused from then on. */
 KVP_API void kvp_tenant_close(kvp_tenant *t);
 
 /* Sequence: one request; the shape is copied. */
@@ -124,13 +130,16 @@ KVP_API void kvp_seq_close(kvp_seq *s);
  * Append n tokens to one layer of a sequence.
  *   pos: [n] absolute positions; k, v: [n][n_kv_heads][head_dim] fp32, keys after RoPE.
  * Either every token is appended to every KV head of the layer or nothing is (KVP_ENOMEM on quota).
+ * A stream holds at most 2^31 - 1 tokens: an n that would take one past that is KVP_EINVAL before pos, k
+ * or v is read.
  */
 KVP_API kvp_status kvp_append(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos,
 			      const float *k, const float *v);
 /*
  * Attention for one query token over one layer.
  *   q: [n_heads][head_dim] after RoPE; out: [n_heads][head_dim] = softmax(q K^T / sqrt(head_dim)) V,
- *   query head h reading KV head h / (n_heads / n_kv_heads). A layer with no tokens gives zeros.
+ *   query head h reading KV head h / (n_heads / n_kv_heads). A layer with no tokens gives zeros, with any
+ *   policy (a policy or gate that observes attention learns nothing from a stream without tokens).
  */
 KVP_API kvp_status kvp_attend(kvp_seq *s, uint32_t layer, const float *q, float *out);
 /*
@@ -202,6 +211,7 @@ KVP_API kvp_status kvp_seq_set_head_level(kvp_seq *s, uint32_t layer, uint32_t k
 /* Codecs on their own, e.g. "turboquant(bits=3)" or "spark(keep=0.5)|turboquant(bits=3)". */
 KVP_API kvp_status kvp_codec_open(const char *spec, uint32_t dim, kvp_codec **out);
 KVP_API uint32_t kvp_codec_group(const kvp_codec *c); /* tokens per group; 1 when separable */
+/* Bytes of n tokens, n rounded up to whole groups; SIZE_MAX when they do not fit size_t. */
 KVP_API size_t kvp_codec_bytes(const kvp_codec *c, uint32_t n);
 KVP_API kvp_status kvp_codec_encode(kvp_codec *c, uint32_t n, const float *x, void *dst);
 KVP_API kvp_status kvp_codec_decode(kvp_codec *c, uint32_t n, const void *src, float *x);

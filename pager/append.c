@@ -62,17 +62,20 @@ static kvp_status plan_blocks(struct kvp_tenant *t, const struct kvp_stream *s, 
 			return KVP_ENOMEM;
 	}
 	rest -= p->tail_take;
-	p->n_fresh = (rest + cfg->block - 1) / cfg->block;
+	p->n_fresh = rest / cfg->block + (rest % cfg->block != 0);
 	if (!p->n_fresh)
 		return KVP_OK;
-	if (s->n_blocks + p->n_fresh > s->cap_blocks) {
-		uint32_t cap = s->cap_blocks ? s->cap_blocks : 4;
-		while (cap < s->n_blocks + p->n_fresh)
+	if ((uint64_t)s->n_blocks + p->n_fresh > s->cap_blocks) {
+		uint64_t cap = s->cap_blocks ? s->cap_blocks : 4;
+		while (cap < (uint64_t)s->n_blocks + p->n_fresh)
 			cap *= 2;
-		p->table = kvp_alloc(t, table_bytes(cap), KVP_BYTES_META, 0);
+		if (cap > UINT32_MAX || cap > SIZE_MAX / sizeof(struct kvp_block *))
+			return kvp_fail(KVP_ENOMEM, "a table of %llu blocks does not fit this machine",
+					(unsigned long long)cap);
+		p->table = kvp_alloc(t, table_bytes((uint32_t)cap), KVP_BYTES_META, 0);
 		if (!p->table)
 			return KVP_ENOMEM;
-		p->table_cap = cap;
+		p->table_cap = (uint32_t)cap;
 	}
 	p->fresh = calloc(p->n_fresh, sizeof *p->fresh);
 	if (!p->fresh)
@@ -151,6 +154,27 @@ static int64_t last_position(const kvp_seq *s, uint32_t layer)
 }
 
 /*
+ * n is the caller's: refused before anything reads n tokens of pos, k or v, or counts them, when the
+ * rows are more than the machine can address or a stream of the layer would pass KVP_STREAM_TOKENS_MAX.
+ */
+static kvp_status count_check(const kvp_seq *s, uint32_t layer, uint32_t n)
+{
+	uint64_t most = 0;
+
+	if ((uint64_t)n * s->shape.n_kv_heads * s->shape.head_dim > SIZE_MAX / sizeof(float))
+		return kvp_fail(KVP_EINVAL, "kvp_append: n=%u tokens of %u x %u floats are more than this machine "
+				"can address", n, s->shape.n_kv_heads, s->shape.head_dim);
+	for (uint32_t g = 0; g < s->shape.n_kv_heads; g++) {
+		uint32_t held = kvp_seq_stream(s, layer, g)->n_tokens;
+		most = held > most ? held : most;
+	}
+	if (most + n > KVP_STREAM_TOKENS_MAX)
+		return kvp_fail(KVP_EINVAL, "kvp_append: n=%u tokens would take a stream of layer %u holding %llu "
+				"past %d tokens", n, layer, (unsigned long long)most, KVP_STREAM_TOKENS_MAX);
+	return KVP_OK;
+}
+
+/*
  * A policy ranks tokens by absolute position: within a stream they must increase. Checked here once for
  * good, so rounds and the pager's observations take the positions as they are.
  */
@@ -182,6 +206,8 @@ kvp_status kvp_append_resident(kvp_seq *s, uint32_t layer, uint32_t n, const int
 		return KVP_OK;
 	if (!pos || !k || !v)
 		return kvp_fail(KVP_EINVAL, "kvp_append: pos, k and v must not be NULL");
+	if ((st = count_check(s, layer, n)) != KVP_OK)
+		return st;
 	if (s->policy && (st = positions_check(s, layer, n, pos)) != KVP_OK)
 		return st;
 	nkv = s->shape.n_kv_heads;

@@ -282,7 +282,9 @@ kvp_status kvp_attend_resident(kvp_seq *s, uint32_t layer, const float *q, float
 		kvp_cold_note_queries(s, kvp_seq_stream(s, layer, g), q + at);
 		begin(&a, s, stream, q + at, out + at, scores, observing);
 		attend_stream(&a, stream);
-		if (observing && (st = observe(&a, s, stream, layer, g)) != KVP_OK)
+		/* a stream without tokens gave zeros and weighed nothing: there is nothing to observe, and before
+		 * the first append there is no query position either */
+		if (observing && a.seen && (st = observe(&a, s, stream, layer, g)) != KVP_OK)
 			return kvp_fail_context(st, "kvp_attend: the policy could not observe layer %u", layer);
 	}
 	return KVP_OK;

@@ -1,111 +1,205 @@
 /*
- * Sequence handles. kvp_seq_open and kvp_seq_fork hand out an index into a process-wide table and the
- * slot's generation, not the sequence's address, so a closed handle, a handle whose slot now holds a
- * newer sequence, or a value that was never a handle is recognized without touching the memory it
- * might once have named, and refused with KVP_EPERM.
+ * Handles of pools, tenants and sequences. The open calls hand out an index into a process-wide table
+ * and the slot's generation, not the object's address, so a closed handle, a handle whose slot now holds
+ * a newer object, a handle of another kind or a value that was never a handle is recognized without
+ * touching the memory it might once have named, and refused with KVP_EPERM.
  *
- * Encoding: (generation << 32) | (index << 1) | 1. Odd, so no real object address ever equals one;
- * hosts only store, compare and pass handles, so they see no difference. A slot's generation is odd
- * while a sequence holds it and is bumped on both allocation and release.
+ * Encoding, in a uintptr_t of W bits: (generation << (1 + INDEX_BITS)) | (index << 1) | 1. Odd, so no
+ * real object address ever equals one; hosts only store, compare and pass handles, so they see no
+ * difference. With 64-bit pointers that is a 31-bit index and a 32-bit generation; with 32-bit pointers
+ * a 16-bit index (65535 objects alive at once) and a 15-bit generation. A slot's generation is bumped
+ * when its object is closed; freed slots are reused oldest first, so a stale handle could only match
+ * again after its slot has served 2^15 (32-bit) or 2^32 newer objects.
  * The table grows in chunks that never move, so lookups need no lock.
  */
+#include <limits.h>
 #include <stdlib.h>
 
 #include "pager.h"
 
+#ifndef KVP_HANDLE_BITS /* defined only to check the 32-bit layout on a 64-bit build */
+#define KVP_HANDLE_BITS (sizeof(uintptr_t) * CHAR_BIT)
+#endif
+#define HANDLE_BITS KVP_HANDLE_BITS
+#define INDEX_BITS (HANDLE_BITS >= 64 ? 31u : 16u)
+#define GEN_BITS (HANDLE_BITS - 1 - INDEX_BITS)
+#define INDEX_MASK ((1u << INDEX_BITS) - 1)
+#define GEN_MASK ((uint32_t)(((uint64_t)1 << GEN_BITS) - 1))
+
 #define CHUNK_SLOTS 1024u
-#define CHUNKS 4096u /* 4M sequences alive at once */
+#define CHUNKS 4096u /* 4M objects alive at once */
+/* slots the encoding can name: index 0 is never used, so 0 never names an object */
+#define SLOTS_MAX (INDEX_MASK < CHUNK_SLOTS * CHUNKS ? INDEX_MASK + 1 : CHUNK_SLOTS * CHUNKS)
 
 struct slot {
 	_Atomic uint32_t gen;
-	struct kvp_seq *_Atomic seq;
+	_Atomic uint32_t kind; /* enum kvp_handle_kind while alive */
+	void *_Atomic obj;     /* NULL while free */
 	uint32_t next_free;
 };
 
 static struct slot *_Atomic chunks[CHUNKS];
 static pthread_mutex_t table_lock = PTHREAD_MUTEX_INITIALIZER;
-static uint32_t free_head; /* 0: none; slot 0 is never used, so 0 never names a sequence */
-static uint32_t high;      /* slots ever handed out, slot 0 included */
+static uint32_t free_head, free_tail; /* 0: none */
+static uint32_t high;                 /* slots ever handed out, slot 0 included */
+
+static const char *const kind_names[] = { "", "pool", "tenant", "sequence" };
 
 static struct slot *slot_at(uint32_t index)
 {
 	struct slot *c;
-	if (index >= CHUNK_SLOTS * CHUNKS)
+	if (index >= SLOTS_MAX)
 		return NULL;
 	c = atomic_load_explicit(&chunks[index / CHUNK_SLOTS], memory_order_acquire);
 	return c ? &c[index % CHUNK_SLOTS] : NULL;
 }
 
-/* Under table_lock. */
+/* Under table_lock. The oldest free slot, so a slot's generations go round as slowly as they can. */
 static uint32_t slot_take(void)
 {
 	uint32_t index;
 	if (free_head) {
 		index = free_head;
 		free_head = slot_at(index)->next_free;
+		if (!free_head)
+			free_tail = 0;
 		return index;
 	}
 	if (high == 0)
 		high = 1;
-	if (high >= CHUNK_SLOTS * CHUNKS)
+	if (high >= SLOTS_MAX)
 		return 0;
 	if (!slot_at(high)) {
 		struct slot *c = calloc(CHUNK_SLOTS, sizeof *c);
 		if (!c)
 			return 0;
+		for (uint32_t i = 0; i < CHUNK_SLOTS; i++) /* generation 0 would make small integers handles */
+			atomic_init(&c[i].gen, 1);
 		atomic_store_explicit(&chunks[high / CHUNK_SLOTS], c, memory_order_release);
 	}
 	return high++;
 }
 
-int kvp_seq_handle_new(struct kvp_seq *s)
+/* Under table_lock: every copy of the slot's handle is dead from here. */
+static void slot_release(uint32_t index)
 {
+	struct slot *sl = slot_at(index);
+	if (!sl) /* only after table_free, at unload */
+		return;
+	atomic_store(&sl->obj, NULL);
+	atomic_fetch_add(&sl->gen, 1);
+	sl->next_free = 0;
+	if (free_tail)
+		slot_at(free_tail)->next_free = index;
+	else
+		free_head = index;
+	free_tail = index;
+}
+
+uintptr_t kvp_handle_new(enum kvp_handle_kind kind, void *obj, uint32_t *index_out)
+{
+	uintptr_t h = 0;
 	uint32_t index;
 	pthread_mutex_lock(&table_lock);
 	index = slot_take();
 	if (index) {
 		struct slot *sl = slot_at(index);
-		atomic_store(&sl->seq, s);
-		atomic_fetch_add(&sl->gen, 1); /* odd: alive */
-		s->handle_index = index;
-		s->handle = (kvp_seq *)(uintptr_t)((uint64_t)atomic_load(&sl->gen) << 32 | (uint64_t)index << 1 | 1);
+		uint32_t gen = atomic_load(&sl->gen) & GEN_MASK;
+		atomic_store(&sl->kind, (uint32_t)kind);
+		atomic_store_explicit(&sl->obj, obj, memory_order_release);
+		h = (uintptr_t)gen << (1 + INDEX_BITS) | (uintptr_t)index << 1 | 1;
 	}
 	pthread_mutex_unlock(&table_lock);
+	*index_out = index;
 	if (!index)
-		kvp_fail(KVP_ENOMEM, "no room for another sequence handle");
-	return index != 0;
+		kvp_fail(KVP_ENOMEM, "no room for another %s handle", kind_names[kind]);
+	return h;
+}
+
+void kvp_handle_free(uint32_t index)
+{
+	if (!index)
+		return;
+	pthread_mutex_lock(&table_lock);
+	slot_release(index);
+	pthread_mutex_unlock(&table_lock);
+}
+
+/* The object h names when it is an open handle of this kind, else NULL. The generation is read on both
+ * sides of the object: when it did not move, the object is the one that generation named. */
+static void *lookup(enum kvp_handle_kind kind, const void *h, uint32_t *index_out)
+{
+	uintptr_t v = (uintptr_t)h;
+	uint32_t index = (uint32_t)(v >> 1) & INDEX_MASK, gen = (uint32_t)(v >> (1 + INDEX_BITS)) & GEN_MASK;
+	struct slot *sl = (v & 1) && index ? slot_at(index) : NULL;
+	uint32_t before, after, k;
+	void *obj;
+	if (!sl)
+		return NULL;
+	before = atomic_load(&sl->gen);
+	obj = atomic_load_explicit(&sl->obj, memory_order_acquire);
+	k = atomic_load(&sl->kind);
+	after = atomic_load(&sl->gen);
+	if (before != after || (before & GEN_MASK) != gen || !obj || k != (uint32_t)kind)
+		return NULL;
+	*index_out = index;
+	return obj;
+}
+
+static kvp_status refuse(enum kvp_handle_kind kind, const void *h, const char *call)
+{
+	if (!h)
+		return kvp_fail(KVP_EINVAL, "%s: the %s is NULL", call, kind_names[kind]);
+	return kvp_fail(KVP_EPERM, "%s: %p is not an open %s (closed, or never one)", call, h, kind_names[kind]);
+}
+
+kvp_status kvp_handle_get(enum kvp_handle_kind kind, const void *h, const char *call, void **out)
+{
+	uint32_t index = 0;
+	void *obj = h ? lookup(kind, h, &index) : NULL;
+	if (!obj)
+		return refuse(kind, h, call);
+	*out = obj;
+	return KVP_OK;
+}
+
+kvp_status kvp_handle_take(enum kvp_handle_kind kind, const void *h, const char *call, void **out)
+{
+	uint32_t index = 0;
+	void *obj = NULL;
+	if (h) {
+		pthread_mutex_lock(&table_lock);
+		if ((obj = lookup(kind, h, &index)))
+			slot_release(index);
+		pthread_mutex_unlock(&table_lock);
+	}
+	if (!obj)
+		return refuse(kind, h, call);
+	*out = obj;
+	return KVP_OK;
+}
+
+/* ---- sequences ---- */
+
+int kvp_seq_handle_new(struct kvp_seq *s)
+{
+	s->handle = (kvp_seq *)kvp_handle_new(KVP_HANDLE_SEQ, s, &s->handle_index);
+	return s->handle_index != 0;
 }
 
 void kvp_seq_handle_free(struct kvp_seq *s)
 {
-	struct slot *sl;
-	if (!s->handle_index)
-		return;
-	pthread_mutex_lock(&table_lock);
-	if ((sl = slot_at(s->handle_index))) { /* NULL only after table_free, at unload */
-		atomic_fetch_add(&sl->gen, 1); /* even: every copy of the handle is dead from here */
-		atomic_store(&sl->seq, NULL);
-		sl->next_free = free_head;
-		free_head = s->handle_index;
-	}
-	pthread_mutex_unlock(&table_lock);
+	kvp_handle_free(s->handle_index);
 	s->handle_index = 0;
 }
 
 kvp_status kvp_seq_handle_get(const kvp_seq *h, const char *call, struct kvp_seq **out)
 {
-	uintptr_t v = (uintptr_t)h;
-	uint32_t index = (uint32_t)(v >> 1) & 0x7fffffffu, gen = (uint32_t)((uint64_t)v >> 32);
-	struct slot *sl;
-	struct kvp_seq *s;
-	if (!h)
-		return kvp_fail(KVP_EINVAL, "%s: the sequence is NULL", call);
-	sl = (v & 1) && index ? slot_at(index) : NULL;
-	if (!sl || atomic_load_explicit(&sl->gen, memory_order_acquire) != gen ||
-	    !(s = atomic_load_explicit(&sl->seq, memory_order_acquire)))
-		return kvp_fail(KVP_EPERM, "%s: %p is not an open sequence (closed, or never one)", call, (const void *)h);
-	*out = s;
-	return KVP_OK;
+	void *s = NULL;
+	kvp_status st = kvp_handle_get(KVP_HANDLE_SEQ, h, call, &s);
+	if (st == KVP_OK)
+		*out = s;
+	return st;
 }
 
 struct kvp_seq *kvp_seq_from_handle(const kvp_seq *h)
@@ -114,12 +208,26 @@ struct kvp_seq *kvp_seq_from_handle(const kvp_seq *h)
 	return kvp_seq_handle_get(h, "kvp_seq_from_handle", &s) == KVP_OK ? s : NULL;
 }
 
+/* ---- pools and tenants: for white-box tests that look inside ---- */
+
+struct kvp_pool *kvp_pool_from_handle(const kvp_pool *h)
+{
+	void *p = NULL;
+	return kvp_handle_get(KVP_HANDLE_POOL, h, "kvp_pool_from_handle", &p) == KVP_OK ? p : NULL;
+}
+
+struct kvp_tenant *kvp_tenant_from_handle(const kvp_tenant *h)
+{
+	void *t = NULL;
+	return kvp_handle_get(KVP_HANDLE_TENANT, h, "kvp_tenant_from_handle", &t) == KVP_OK ? t : NULL;
+}
+
 /* The table lives as long as the library: freed when it is unloaded (a dlopen host's dlclose, or exit),
  * after which no call can look a handle up. */
 __attribute__((destructor)) static void table_free(void)
 {
 	for (uint32_t c = 0; c < CHUNKS; c++)
 		free(atomic_exchange(&chunks[c], NULL));
-	free_head = 0;
+	free_head = free_tail = 0;
 	high = 0;
 }

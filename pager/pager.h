@@ -36,6 +36,9 @@ kvp_status kvp_jemalloc_load(const struct kvp_jemalloc **out);
 #define KVP_BLOCK_MAX 4096 /* tokens per block, and per sink block */
 #define KVP_GROUP_MAX 128  /* query heads per KV head */
 #define KVP_HEAD_DIM_MAX 1024
+/* tokens one stream may hold: positions are int32_t, and every token and block count of a stream stays
+ * far enough below 2^32 that uint32_t arithmetic on it cannot wrap */
+#define KVP_STREAM_TOKENS_MAX INT32_MAX
 
 enum kvp_bytes_kind { KVP_BYTES_EXACT, KVP_BYTES_COMPRESSED, KVP_BYTES_META, KVP_BYTES_KINDS };
 
@@ -45,6 +48,8 @@ enum kvp_store { KVP_STORE_FP32, KVP_STORE_FP16, KVP_STORE_CODEC };
 
 struct kvp_pool {
 	uint32_t magic;
+	uint32_t handle_index; /* its slot in the handle table (handle.c) */
+	kvp_pool *handle;      /* what the host holds */
 	const struct kvp_jemalloc *je;
 	uint64_t limit; /* UINT64_MAX when unlimited */
 	_Atomic uint64_t used;
@@ -69,6 +74,8 @@ struct kvp_tenant_config {
 
 struct kvp_tenant {
 	uint32_t magic;
+	uint32_t handle_index; /* its slot in the handle table (handle.c) */
+	kvp_tenant *handle;    /* what the host holds */
 	struct kvp_pool *pool;
 	struct kvp_tenant *next;
 	char name[64];
@@ -313,7 +320,17 @@ kvp_status kvp_seq_stats_entered(const kvp_seq *s, kvp_stats *out);
 kvp_status kvp_seq_step_entered(kvp_seq *s);
 void kvp_seq_close_entered(kvp_seq *s);
 /* Handles (handle.c): what the host holds instead of the address. get: KVP_EINVAL for NULL, KVP_EPERM
- * for a closed handle or a value that never was one. new: 0 with KVP_ENOMEM set when the table is full. */
+ * for a closed handle, a handle of another kind or a value that never was one. take: get, and the handle
+ * is closed at once, so of two closes racing on one handle exactly one gets the object. new: 0 with
+ * KVP_ENOMEM set when the table is full; *index names the slot for kvp_handle_free. */
+enum kvp_handle_kind { KVP_HANDLE_POOL = 1, KVP_HANDLE_TENANT, KVP_HANDLE_SEQ };
+uintptr_t kvp_handle_new(enum kvp_handle_kind kind, void *obj, uint32_t *index);
+void kvp_handle_free(uint32_t index);
+kvp_status kvp_handle_get(enum kvp_handle_kind kind, const void *h, const char *call, void **out);
+kvp_status kvp_handle_take(enum kvp_handle_kind kind, const void *h, const char *call, void **out);
+/* The pool or tenant behind an open handle, or NULL: for white-box tests that look inside. */
+struct kvp_pool *kvp_pool_from_handle(const kvp_pool *h);
+struct kvp_tenant *kvp_tenant_from_handle(const kvp_tenant *h);
 int kvp_seq_handle_new(struct kvp_seq *s);
 void kvp_seq_handle_free(struct kvp_seq *s);
 kvp_status kvp_seq_handle_get(const kvp_seq *h, const char *call, struct kvp_seq **out);

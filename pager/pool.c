@@ -46,6 +46,8 @@ static kvp_status pool_config_parse(struct kvp_pool *p, const char *spec, struct
 	return st;
 }
 
+static void pool_destroy(struct kvp_pool *p);
+
 kvp_status kvp_pool_open(const char *spec, kvp_pool **out)
 {
 	struct kvp_pool *p;
@@ -67,7 +69,7 @@ kvp_status kvp_pool_open(const char *spec, kvp_pool **out)
 	if (p->numa_node >= 0) {
 		st = kvp_numa_check(p->numa_node);
 		if (st == KVP_EINVAL) {
-			kvp_pool_close(p);
+			pool_destroy(p);
 			return st;
 		}
 		if (st == KVP_EUNSUPPORTED) {
@@ -77,23 +79,41 @@ kvp_status kvp_pool_open(const char *spec, kvp_pool **out)
 		}
 	}
 	if (sp.path && (st = kvp_spill_open(p, sp.path, sp.path_len, sp.max, sp.buffer)) != KVP_OK) {
-		kvp_pool_close(p);
+		pool_destroy(p);
 		return st;
 	}
-	*out = p;
+	p->handle = (kvp_pool *)kvp_handle_new(KVP_HANDLE_POOL, p, &p->handle_index);
+	if (!p->handle_index) {
+		pool_destroy(p);
+		return kvp_fail_context(KVP_ENOMEM, "kvp_pool_open");
+	}
+	*out = p->handle;
 	return KVP_OK;
 }
 
-void kvp_pool_close(kvp_pool *p)
+static void tenant_unlink_destroy(struct kvp_tenant *t);
+
+/* Its handle is dead from the first line: its tenants' and sequences' handles die with them. */
+static void pool_destroy(struct kvp_pool *p)
 {
-	if (!p || p->magic != KVP_POOL_MAGIC)
-		return;
+	kvp_handle_free(p->handle_index);
+	p->handle_index = 0;
 	while (p->tenants)
-		kvp_tenant_close(p->tenants);
+		tenant_unlink_destroy(p->tenants);
 	kvp_spill_close(p);
 	p->magic = 0;
 	pthread_mutex_destroy(&p->lock);
 	free(p);
+}
+
+void kvp_pool_close(kvp_pool *h)
+{
+	void *p;
+	/* take: of two closes of one handle, only one gets the pool */
+	if (kvp_handle_take(KVP_HANDLE_POOL, h, "kvp_pool_close", &p) != KVP_OK)
+		return;
+	((struct kvp_pool *)p)->handle_index = 0;
+	pool_destroy(p);
 }
 
 /* The text of a codec spec, kept for the sequences (their head_dim is known only at kvp_seq_open). */
@@ -171,13 +191,19 @@ static kvp_status tenant_name_check(struct kvp_pool *pool, const char *name)
 	return KVP_OK;
 }
 
-kvp_status kvp_tenant_open(kvp_pool *pool, const char *name, const char *spec, kvp_tenant **out)
+kvp_status kvp_tenant_open(kvp_pool *h, const char *name, const char *spec, kvp_tenant **out)
 {
+	struct kvp_pool *pool;
 	struct kvp_tenant *t;
+	void *found;
 	kvp_status st;
-	if (!pool || pool->magic != KVP_POOL_MAGIC || !out)
-		return kvp_fail(KVP_EINVAL, "kvp_tenant_open: not an open pool, or out is NULL");
-	*out = NULL;
+	if (out)
+		*out = NULL;
+	if ((st = kvp_handle_get(KVP_HANDLE_POOL, h, "kvp_tenant_open", &found)) != KVP_OK)
+		return st;
+	if (!out)
+		return kvp_fail(KVP_EINVAL, "kvp_tenant_open: out is NULL");
+	pool = found;
 	if (!(t = calloc(1, sizeof *t)))
 		return kvp_fail(KVP_ENOMEM, "kvp_tenant_open: out of memory");
 	t->quota = UINT64_MAX; /* bounded by the pool alone */
@@ -196,6 +222,14 @@ kvp_status kvp_tenant_open(kvp_pool *pool, const char *name, const char *spec, k
 		t->flags = kvp_arena_flags(t->arena);
 		pthread_mutex_init(&t->lock, NULL);
 		t->magic = KVP_TENANT_MAGIC;
+		t->handle = (kvp_tenant *)kvp_handle_new(KVP_HANDLE_TENANT, t, &t->handle_index);
+		if (!t->handle_index) {
+			pthread_mutex_destroy(&t->lock);
+			kvp_arena_destroy(pool, t->arena);
+			st = kvp_fail_context(KVP_ENOMEM, "kvp_tenant_open");
+		}
+	}
+	if (st == KVP_OK) {
 		t->next = pool->tenants;
 		pool->tenants = t;
 	}
@@ -205,12 +239,14 @@ kvp_status kvp_tenant_open(kvp_pool *pool, const char *name, const char *spec, k
 		free(t);
 		return st;
 	}
-	*out = t;
+	*out = t->handle;
 	return KVP_OK;
 }
 
 void kvp_tenant_destroy(struct kvp_tenant *t)
 {
+	kvp_handle_free(t->handle_index);
+	t->handle_index = 0;
 	while (t->seqs) {
 		struct kvp_seq *s = t->seqs;
 		t->seqs = s->next;
@@ -223,12 +259,9 @@ void kvp_tenant_destroy(struct kvp_tenant *t)
 	free(t);
 }
 
-void kvp_tenant_close(kvp_tenant *t)
+static void tenant_unlink_destroy(struct kvp_tenant *t)
 {
-	struct kvp_pool *pool;
-	if (!t || t->magic != KVP_TENANT_MAGIC)
-		return;
-	pool = t->pool;
+	struct kvp_pool *pool = t->pool;
 	pthread_mutex_lock(&pool->lock);
 	for (struct kvp_tenant **p = &pool->tenants; *p; p = &(*p)->next)
 		if (*p == t) {
@@ -237,4 +270,14 @@ void kvp_tenant_close(kvp_tenant *t)
 		}
 	pthread_mutex_unlock(&pool->lock);
 	kvp_tenant_destroy(t);
+}
+
+void kvp_tenant_close(kvp_tenant *h)
+{
+	void *t;
+	/* take: of two closes of one handle, only one gets the tenant */
+	if (kvp_handle_take(KVP_HANDLE_TENANT, h, "kvp_tenant_close", &t) != KVP_OK)
+		return;
+	((struct kvp_tenant *)t)->handle_index = 0;
+	tenant_unlink_destroy(t);
 }

@@ -74,12 +74,19 @@ static struct kvp_seq *seq_alloc(struct kvp_tenant *t, const kvp_shape *shape)
 	return s;
 }
 
-kvp_status kvp_seq_open(kvp_tenant *t, const kvp_shape *shape, kvp_seq **out)
+kvp_status kvp_seq_open(kvp_tenant *h, const kvp_shape *shape, kvp_seq **out)
 {
+	struct kvp_tenant *t;
 	struct kvp_seq *s;
+	void *found;
 	kvp_status st;
-	if (!t || t->magic != KVP_TENANT_MAGIC || !out)
-		return kvp_fail(KVP_EINVAL, "kvp_seq_open: not an open tenant, or out is NULL");
+	if (out)
+		*out = NULL;
+	if ((st = kvp_handle_get(KVP_HANDLE_TENANT, h, "kvp_seq_open", &found)) != KVP_OK)
+		return st;
+	if (!out)
+		return kvp_fail(KVP_EINVAL, "kvp_seq_open: out is NULL");
+	t = found;
 	if ((st = kvp_shape_check(shape)) != KVP_OK)
 		return st;
 	if (!(s = seq_alloc(t, shape)))
@@ -340,11 +347,16 @@ kvp_status kvp_seq_stats_entered(const kvp_seq *s, kvp_stats *out)
 	return KVP_OK;
 }
 
-kvp_status kvp_tenant_stats(const kvp_tenant *t, kvp_stats *out)
+kvp_status kvp_tenant_stats(const kvp_tenant *h, kvp_stats *out)
 {
 	kvp_stats full = { .size = sizeof full };
-	kvp_status st = stats_check(t, KVP_TENANT_MAGIC, out, "kvp_tenant_stats");
+	const struct kvp_tenant *t;
+	void *found;
+	kvp_status st = kvp_handle_get(KVP_HANDLE_TENANT, h, "kvp_tenant_stats", &found);
 	if (st != KVP_OK)
+		return st;
+	t = found;
+	if ((st = stats_check(t, KVP_TENANT_MAGIC, out, "kvp_tenant_stats")) != KVP_OK)
 		return st;
 	full.tokens_appended = atomic_load(&t->tokens_appended);
 	full.tokens_retained = atomic_load(&t->tokens_retained);

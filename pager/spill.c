@@ -337,39 +337,51 @@ void kvp_spill_close(struct kvp_pool *pool)
 	device_free(d);
 }
 
-int kvp_spill_is_direct(const struct kvp_pool *pool)
+/* The device of the pool behind handle h, or NULL. */
+static struct kvp_spill *device_of(const kvp_pool *h)
 {
-	return pool->spill && pool->spill->direct;
+	const struct kvp_pool *pool = kvp_pool_from_handle(h);
+	return pool ? pool->spill : NULL;
 }
 
-int kvp_spill_is_registered(const struct kvp_pool *pool)
+int kvp_spill_is_direct(const kvp_pool *h)
 {
-	return pool->spill && pool->spill->registered;
+	const struct kvp_spill *d = device_of(h);
+	return d && d->direct;
 }
 
-uint64_t kvp_spill_pages_used(const struct kvp_pool *pool)
+int kvp_spill_is_registered(const kvp_pool *h)
 {
+	const struct kvp_spill *d = device_of(h);
+	return d && d->registered;
+}
+
+uint64_t kvp_spill_pages_used(const kvp_pool *h)
+{
+	struct kvp_spill *d = device_of(h);
 	uint64_t n;
-	if (!pool->spill)
+	if (!d)
 		return 0;
-	pthread_mutex_lock(&pool->spill->lock);
-	n = pool->spill->used;
-	pthread_mutex_unlock(&pool->spill->lock);
+	pthread_mutex_lock(&d->lock);
+	n = d->used;
+	pthread_mutex_unlock(&d->lock);
 	return n;
 }
 
-uint64_t kvp_spill_pages_total(const struct kvp_pool *pool)
+uint64_t kvp_spill_pages_total(const kvp_pool *h)
 {
-	return pool->spill ? pool->spill->pages : 0;
+	const struct kvp_spill *d = device_of(h);
+	return d ? d->pages : 0;
 }
 
-void kvp_spill_inject(struct kvp_pool *pool, const struct kvp_spill_faults *f)
+void kvp_spill_inject(kvp_pool *h, const struct kvp_spill_faults *f)
 {
-	if (!pool->spill)
+	struct kvp_spill *d = device_of(h);
+	if (!d)
 		return;
-	pthread_mutex_lock(&pool->spill->ring_lock);
-	pool->spill->faults = *f;
-	pthread_mutex_unlock(&pool->spill->ring_lock);
+	pthread_mutex_lock(&d->ring_lock);
+	d->faults = *f;
+	pthread_mutex_unlock(&d->ring_lock);
 }
 
 void kvp_spill_lock(struct kvp_spill *d)

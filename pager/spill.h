@@ -76,13 +76,13 @@ struct kvp_spill_io {
 };
 
 /* Test hooks, compiled in: they make the next I/Os fail the way a device can. Counts are 1-based: 1
- * means the next write (or read) from now. */
+ * means the next write (or read) from now. The hooks take the pool's handle, as the host holds it. */
 struct kvp_spill_faults {
 	uint32_t fail_write;  /* that write completes with EIO (after really being written) */
 	uint32_t short_write; /* that write is submitted one page short: a real short write */
 	uint32_t fail_read;   /* that read completes with EIO */
 };
-void kvp_spill_inject(struct kvp_pool *pool, const struct kvp_spill_faults *f);
+void kvp_spill_inject(kvp_pool *pool, const struct kvp_spill_faults *f);
 /* Nonzero makes the next kvp_spill_open behave as if the file system refused O_DIRECT. */
 extern int kvp_spill_refuse_direct;
 
@@ -91,10 +91,11 @@ extern int kvp_spill_refuse_direct;
 kvp_status kvp_spill_open(struct kvp_pool *pool, const char *path, unsigned path_len, uint64_t max_bytes,
 			  uint64_t buffer_bytes);
 void kvp_spill_close(struct kvp_pool *pool);
-int kvp_spill_is_direct(const struct kvp_pool *pool);
-int kvp_spill_is_registered(const struct kvp_pool *pool);
-uint64_t kvp_spill_pages_used(const struct kvp_pool *pool);
-uint64_t kvp_spill_pages_total(const struct kvp_pool *pool);
+/* For tests and benchmarks: what the device of the pool behind a handle does (0 without one). */
+int kvp_spill_is_direct(const kvp_pool *pool);
+int kvp_spill_is_registered(const kvp_pool *pool);
+uint64_t kvp_spill_pages_used(const kvp_pool *pool);
+uint64_t kvp_spill_pages_total(const kvp_pool *pool);
 void kvp_spill_lock(struct kvp_spill *d);
 void kvp_spill_unlock(struct kvp_spill *d);
 /* Under the device lock. */

@@ -155,6 +155,46 @@ Test(attend, an_empty_layer_gives_zeros)
 	kvp_pool_close(p);
 }
 
+/* A policy that observes attention has nothing to observe before the first token: zeros, as without one,
+ * and the sequence goes on as usual afterwards. */
+Test(attend, an_empty_sequence_with_an_observing_policy_gives_zeros)
+{
+	static const char *const specs[] = {
+		"policy=h2o(heavy=0.1,recent=0.1)",
+		"policy=triattention(budget=64,stats=online)",
+		"gate=entropy,policy=streaming(sinks=4,window=20)",
+	};
+	kvp_shape sh = { 2, 4, 2, 8, 1e4f, KVP_ROPE_HALF };
+	float q[32], out[32], k[3 * 16], v[3 * 16];
+	int32_t pos[3] = { 0, 1, 2 };
+	fixture_fill(q, 32, 1, 1);
+	fixture_fill(k, 3 * 16, 2, 1);
+	fixture_fill(v, 3 * 16, 3, 1);
+	for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
+		kvp_pool *p;
+		kvp_tenant *t;
+		kvp_seq *s;
+		cr_assert_eq(kvp_pool_open("", &p), KVP_OK);
+		cr_assert_eq(kvp_tenant_open(p, "t", specs[i], &t), KVP_OK, "%s: %s", specs[i], kvp_last_error());
+		cr_assert_eq(kvp_seq_open(t, &sh, &s), KVP_OK);
+		for (uint32_t layer = 0; layer < 2; layer++) {
+			memset(out, 0x7f, sizeof out);
+			cr_assert_eq(kvp_attend(s, layer, q, out), KVP_OK, "%s: %s", specs[i], kvp_last_error());
+			for (int j = 0; j < 32; j++)
+				cr_assert_eq(out[j], 0.0f, "%s: layer %u", specs[i], layer);
+		}
+		cr_assert_eq(kvp_seq_step(s), KVP_OK, "%s: %s", specs[i], kvp_last_error());
+		cr_assert_eq(kvp_append(s, 0, 3, pos, k, v), KVP_OK, "%s: %s", specs[i], kvp_last_error());
+		cr_assert_eq(kvp_attend(s, 0, q, out), KVP_OK, "%s: %s", specs[i], kvp_last_error());
+		cr_assert_eq(kvp_attend(s, 1, q, out), KVP_OK, "%s: an empty layer after the first token: %s",
+			     specs[i], kvp_last_error());
+		for (int j = 0; j < 32; j++)
+			cr_assert_eq(out[j], 0.0f, "%s: the empty layer", specs[i]);
+		cr_assert_eq(kvp_seq_step(s), KVP_OK, "%s: %s", specs[i], kvp_last_error());
+		kvp_pool_close(p);
+	}
+}
+
 Test(attend, every_kernel_set_gives_the_same_answer)
 {
 	/* The pager must be right whichever kernels the CPU selects; scalar is the reference. */

@@ -119,6 +119,23 @@ Test(codec, bad_specs_are_einval_with_a_message_quoting_the_text)
 	expect_rejected("spark|spark|spark|spark|fp16", 128, "more than");
 }
 
+/* Rounding n up to whole groups happens in 64 bits: UINT32_MAX tokens of kivi's 32-token groups are 2^27
+ * groups, not the 0 bytes a 32-bit round-up wrapped to. */
+Test(codec, bytes_of_the_largest_n_are_whole_groups_without_wrapping)
+{
+	for (size_t i = 0; i < N_CODECS; i++) {
+		kvp_codec *c = codec_open(every_codec[i], 128);
+		uint64_t group = kvp_codec_group(c), one = kvp_codec_bytes(c, (uint32_t)group);
+		uint64_t want = ((uint64_t)UINT32_MAX + group - 1) / group * one;
+
+		cr_assert_gt(one, 0, "%s", every_codec[i]);
+		cr_assert_eq(kvp_codec_bytes(c, UINT32_MAX), want > SIZE_MAX ? SIZE_MAX : (size_t)want, "%s",
+			     every_codec[i]);
+		cr_assert_eq(kvp_codec_bytes(c, 1), (size_t)one, "%s: one token takes a whole group", every_codec[i]);
+		kvp_codec_close(c);
+	}
+}
+
 Test(codec, bad_calls_are_einval_not_crashes)
 {
 	kvp_codec *c = NULL;

@@ -19,8 +19,9 @@
 static const kvp_shape shape = { 1, 4, NKV, D, 1e4f, KVP_ROPE_HALF };
 static const uint32_t pattern = 0x5a17c0deu;
 
-static unsigned arena_of(const struct kvp_pool *pool, const void *p)
+static unsigned arena_of(const kvp_pool *h, const void *p)
 {
+	const struct kvp_pool *pool = kvp_pool_from_handle(h);
 	unsigned arena = ~0u;
 	size_t sz = sizeof arena;
 
@@ -74,11 +75,12 @@ Test(isolation, every_block_comes_from_its_own_tenants_arena)
 	cr_assert_eq(kvp_tenant_open(pool, "b", "block=16", &b), KVP_OK);
 	struct kvp_seq *sa = kvp_seq_from_handle(filled_seq(a, k, v));
 	struct kvp_seq *sb = kvp_seq_from_handle(filled_seq(b, k, v));
-	cr_assert_neq(a->arena, b->arena);
+	const unsigned arena_a = kvp_tenant_from_handle(a)->arena, arena_b = kvp_tenant_from_handle(b)->arena;
+	cr_assert_neq(arena_a, arena_b);
 	for (uint32_t g = 0; g < NKV; g++)
 		for (uint32_t i = 0; i < kvp_seq_stream(sa, 0, g)->n_blocks; i++) {
-			cr_assert_eq(arena_of(pool, kvp_seq_stream(sa, 0, g)->blocks[i]->k), a->arena);
-			cr_assert_eq(arena_of(pool, kvp_seq_stream(sb, 0, g)->blocks[i]->k), b->arena);
+			cr_assert_eq(arena_of(pool, kvp_seq_stream(sa, 0, g)->blocks[i]->k), arena_a);
+			cr_assert_eq(arena_of(pool, kvp_seq_stream(sb, 0, g)->blocks[i]->k), arena_b);
 		}
 	kvp_pool_close(pool);
 }

@@ -98,8 +98,9 @@ Test(pressure, an_append_spills_only_as_many_idle_blocks_as_it_is_short_of)
 	cr_assert_eq(append_layer0(twin, 40, 64), KVP_OK, "%s", kvp_last_error());
 	delta = tenant_used() - used;
 	kvp_seq_close(twin);
-	tenant->quota = tenant_used(); /* full: the append is short of exactly delta */
-	net = kvp_alloc_size(tenant, 4096) - kvp_alloc_size(tenant, sizeof(struct kvp_spilled));
+	kvp_tenant_from_handle(tenant)->quota = tenant_used(); /* full: the append is short of exactly delta */
+	net = kvp_alloc_size(kvp_tenant_from_handle(tenant), 4096) -
+	      kvp_alloc_size(kvp_tenant_from_handle(tenant), sizeof(struct kvp_spilled));
 	k = (delta + net - 1) / net;
 	cr_log_info("the append is short of %llu bytes: %llu blocks", (unsigned long long)delta, (unsigned long long)k);
 	cr_assert(k >= 2 && k < 20, "the append needs %llu of the idle sequence's 20 blocks", (unsigned long long)k);
@@ -109,7 +110,7 @@ Test(pressure, an_append_spills_only_as_many_idle_blocks_as_it_is_short_of)
 	cr_assert_eq(kvp_seq_from_handle(idle)->n_spilled, k);
 	cr_assert_null(kvp_seq_from_handle(idle)->parked, "the idle sequence stays resident");
 	cr_assert_eq(spilled(s), 0);
-	tenant->quota = UINT64_MAX;
+	kvp_tenant_from_handle(tenant)->quota = UINT64_MAX;
 	park_attend(idle, after);
 	cr_assert_eq(memcmp(before, after, sizeof before), 0, "the idle sequence attends bit-identically");
 	cr_assert_eq(spilled(idle), 0, "attention brought every spilled block back");
@@ -151,11 +152,11 @@ Test(pressure, an_idle_sequence_with_no_block_left_to_spill_alone_is_parked_whol
 	park_fill(idle, 0, 100, 1);
 	park_attend(idle, before);
 	cr_assert_eq(kvp_spill_blocks(kvp_seq_from_handle(idle), UINT64_MAX, KVP_SPILL_IDLE), 20);
-	tenant->quota = tenant_used();
+	kvp_tenant_from_handle(tenant)->quota = tenant_used();
 	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &s), KVP_OK, "%s", kvp_last_error());
 	cr_assert_not_null(kvp_seq_from_handle(idle)->parked, "its sinks and tails went with the rest");
 	cr_assert(kvp_seq_from_handle(idle)->pressure_parked);
-	tenant->quota = UINT64_MAX;
+	kvp_tenant_from_handle(tenant)->quota = UINT64_MAX;
 	park_attend(idle, after);
 	cr_assert_eq(memcmp(before, after, sizeof before), 0, "unparked on its next call, bit-identical");
 	kvp_seq_close(idle);

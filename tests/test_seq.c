@@ -95,6 +95,56 @@ Test(seq, gather_refuses_a_small_buffer_and_reports_the_count)
 	kvp_pool_close(pool);
 }
 
+/* n counts the tokens of k and v, so n past what a stream can count is refused before a byte of them is
+ * read: nothing is appended, and gather reports the tokens its buffer was sized for. */
+Test(seq, appends_too_large_to_count_are_einval_and_change_nothing)
+{
+	static float k[8 * ROW], v[8 * ROW], gk[8 * 32];
+	const uint32_t huge[] = { UINT32_MAX, UINT32_MAX - 4, UINT32_MAX - 63, 1u << 31 };
+	int32_t pos[8] = { 100, 101, 102, 103, 104, 105, 106, 107 };
+	kvp_stats st = { .size = sizeof st };
+	uint32_t n = 0;
+	kvp_seq *s;
+	open_tenant("block=64");
+	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK);
+	append_range(s, 0, 0, 5, k, v, 1);
+	/* layer 1 first, empty: there n + block - 1 used to wrap and the append "succeeded" */
+	for (uint32_t layer = 1; layer != UINT32_MAX; layer--)
+		for (size_t i = 0; i < sizeof huge / sizeof huge[0]; i++) {
+			cr_assert_eq(kvp_append(s, layer, huge[i], pos, k, v), KVP_EINVAL, "layer %u, n=%u", layer, huge[i]);
+			cr_assert(strstr(kvp_last_error(), "n="), "%s", kvp_last_error());
+		}
+	/* one past what a stream may hold, counting the 5 it has */
+	cr_assert_eq(kvp_append(s, 0, INT32_MAX - 4, pos, k, v), KVP_EINVAL);
+	for (uint32_t g = 0; g < 2; g++) {
+		cr_assert_eq(kvp_gather(s, 0, g, 8, NULL, gk, NULL, &n), KVP_OK, "%s", kvp_last_error());
+		cr_assert_eq(n, 5);
+		cr_assert_eq(kvp_gather(s, 1, g, 8, NULL, gk, NULL, &n), KVP_OK, "%s", kvp_last_error());
+		cr_assert_eq(n, 0);
+	}
+	cr_assert_eq(kvp_seq_stats(s, &st), KVP_OK);
+	cr_assert_eq(st.tokens_appended, 5 * 2);
+	cr_assert_eq(st.tokens_retained, 5 * 2);
+	kvp_pool_close(pool);
+}
+
+/* A count the stream can hold but memory cannot fails its plan before any token is written. */
+Test(seq, a_huge_append_over_the_quota_is_enomem_and_changes_nothing)
+{
+	static float k[8 * ROW], v[8 * ROW];
+	int32_t pos[8] = { 0 };
+	kvp_stats before = { .size = sizeof before }, after = { .size = sizeof after };
+	kvp_seq *s;
+	open_tenant("quota=1MiB");
+	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK);
+	append_range(s, 0, 0, 5, k, v, 1);
+	cr_assert_eq(kvp_tenant_stats(tenant, &before), KVP_OK);
+	cr_assert_eq(kvp_append(s, 0, INT32_MAX - 5, pos, k, v), KVP_ENOMEM, "%s", kvp_last_error());
+	cr_assert_eq(kvp_tenant_stats(tenant, &after), KVP_OK);
+	cr_assert_eq(memcmp(&before, &after, sizeof before), 0, "nothing charged or counted");
+	kvp_pool_close(pool);
+}
+
 Test(seq, bad_arguments_are_refused_without_effect)
 {
 	float k[ROW] = { 0 }, v[ROW] = { 0 };

@@ -271,7 +271,7 @@ Test(spill, slots_are_first_fit_runs_of_pages_and_come_back_when_freed)
 	uint64_t a, b, c, e;
 	spill_fixture_open("64KiB", NULL); /* 16 pages */
 	cr_assert_eq(kvp_pool_open(spill_spec, &p), KVP_OK, "%s", kvp_last_error());
-	d = p->spill;
+	d = kvp_pool_from_handle(p)->spill;
 	kvp_spill_lock(d);
 	cr_assert_eq(kvp_spill_slot_alloc(d, 5, &a), KVP_OK);
 	cr_assert_eq(kvp_spill_slot_alloc(d, 5, &b), KVP_OK);
