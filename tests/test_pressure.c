@@ -330,10 +330,10 @@ Test(pressure, a_step_on_a_sequence_pressure_parked_leaves_its_round_to_its_retu
 	park_attend(twin, out);
 	held = retained(idle);
 	cr_assert_eq(kvp_spill_blocks(kvp_seq_from_handle(idle), UINT64_MAX, KVP_SPILL_IDLE), 20);
-	tenant->quota = tenant_used();
+	kvp_tenant_from_handle(tenant)->quota = tenant_used();
 	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &s), KVP_OK, "%s", kvp_last_error());
 	cr_assert(kvp_seq_from_handle(idle)->pressure_parked, "pressure parked it");
-	tenant->quota = UINT64_MAX;
+	kvp_tenant_from_handle(tenant)->quota = UINT64_MAX;
 	cr_assert_eq(kvp_seq_step(idle), KVP_OK, "%s", kvp_last_error());
 	cr_assert_not_null(kvp_seq_from_handle(idle)->parked, "a step does not bring it back");
 	cr_assert_eq(retained(idle), held, "its round waits");
@@ -388,11 +388,12 @@ Test(pressure, a_rounds_own_allocations_never_spill_the_blocks_it_reads)
 	cr_assert_gt(kvp_seq_stream(kvp_seq_from_handle(s), 0, 0)->n_cold, 0, "the round's tokens turned cold");
 	park_fill(s, 100, 1, 2); /* the next round drops one token of the oldest cold block: packs the rest */
 	park_fill(twin, 100, 1, 2);
-	tenant->quota = tenant_used(); /* its fresh block is over quota, and s is the tenant's only sequence */
+	/* its fresh block is over quota, and s is the tenant's only sequence */
+	kvp_tenant_from_handle(tenant)->quota = tenant_used();
 	cr_assert_eq(kvp_seq_step(s), KVP_ENOMEM, "the round fails whole rather than spill what it reads");
 	cr_assert(strstr(kvp_last_error(), "quota"), "%s", kvp_last_error());
 	cr_assert_eq(kvp_seq_from_handle(s)->n_spilled, 0);
-	tenant->quota = UINT64_MAX;
+	kvp_tenant_from_handle(tenant)->quota = UINT64_MAX;
 	cr_assert_eq(kvp_seq_step(s), KVP_OK, "%s", kvp_last_error());
 	cr_assert_eq(kvp_seq_step(twin), KVP_OK, "%s", kvp_last_error());
 	park_attend(s, out);
@@ -403,7 +404,7 @@ Test(pressure, a_rounds_own_allocations_never_spill_the_blocks_it_reads)
 /* ---- the quota holds the spill's own metadata too ---- */
 
 struct used_watch {
-	kvp_tenant *t;
+	struct kvp_tenant *t;
 	_Atomic int stop;
 	uint64_t most; /* the highest charge seen */
 };
@@ -427,7 +428,7 @@ Test(pressure, relief_never_charges_past_the_quota_while_it_writes)
 	int32_t t = 100;
 	uint32_t relieved = 0;
 	three_sequences(&a, &b, &c, before);
-	w.t = tenant;
+	w.t = kvp_tenant_from_handle(tenant);
 	cr_assert_eq(pthread_create(&th, NULL, watch_used, &w), 0);
 	/* every append over the quota writes the stubs of the idle blocks it spills, then frees their rows */
 	while (t < 1000 && append_layer0(c, t, 16) == KVP_OK) {
@@ -437,26 +438,29 @@ Test(pressure, relief_never_charges_past_the_quota_while_it_writes)
 	atomic_store(&w.stop, 1);
 	pthread_join(th, NULL);
 	cr_assert_gt(relieved, 5, "appends went on by spilling idle blocks");
-	cr_assert_leq(w.most, tenant->quota, "%llu bytes charged, over the quota of %llu", (unsigned long long)w.most,
-		      (unsigned long long)tenant->quota);
+	cr_assert_leq(w.most, w.t->quota, "%llu bytes charged, over the quota of %llu", (unsigned long long)w.most,
+		      (unsigned long long)w.t->quota);
 	park_close();
 }
 
 Test(pressure, parking_a_sequence_whose_blocks_a_running_fork_shares_stays_within_the_quota)
 {
+	struct kvp_tenant *owner;
 	kvp_seq *a, *b;
 	park_open("16MiB", "block=16,sinks=4");
+	owner = kvp_tenant_from_handle(tenant);
 	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &a), KVP_OK);
 	park_fill(a, 0, 100, 1);
 	cr_assert_eq(kvp_seq_fork(a, &b), KVP_OK, "%s", kvp_last_error());
-	tenant->quota = atomic_load(&tenant->used); /* full: b's append must make room */
+	owner->quota = atomic_load(&owner->used); /* full: b's append must make room */
 	/* a is idle, but every block it has b shares: parking it would free nothing and cost its records */
 	cr_assert_eq(append_layer0(b, 100, 64), KVP_ENOMEM);
 	cr_assert(strstr(kvp_last_error(), "quota"), "%s", kvp_last_error());
-	cr_assert_leq(atomic_load(&tenant->used), tenant->quota, "%llu bytes charged, over the quota of %llu",
-		      (unsigned long long)atomic_load(&tenant->used), (unsigned long long)tenant->quota);
+	cr_assert_leq(atomic_load(&owner->used), owner->quota,
+		      "%llu bytes charged, over the quota of %llu", (unsigned long long)atomic_load(&owner->used),
+		      (unsigned long long)owner->quota);
 	cr_assert_null(kvp_seq_from_handle(a)->parked, "a park the quota has no room for fails whole");
-	tenant->quota = UINT64_MAX;
+	owner->quota = UINT64_MAX;
 	kvp_seq_close(a);
 	kvp_seq_close(b);
 	assert_everything_given_back();
