@@ -10,10 +10,12 @@
  *   - cold blocks of a codec whose groups span tokens (KIVI keys) are kept or dropped whole, by the
  *     share of their tokens the round selected (at least half: kept);
  *   - exact blocks are repacked the same way.
- * A block every one of whose tokens survives is kept as it is (shared with forks, nothing copied) until
- * a block before it has lost tokens; from then on survivors are packed into full blocks, except when
- * the losses are a prefix of the region (StreamingLLM drops the oldest): then the blocks after it are
- * kept as they are, and the prefix's last packed block may stay partly filled.
+ * A full block every one of whose tokens survives is kept as it is (shared with forks, nothing copied)
+ * until a block before it has lost tokens (a partly filled one only as its region's last: H2O keeps its
+ * heavy hitters, and a partly filled cold block in the middle would hold a block's bytes for their few
+ * tokens round after round); from then on survivors are packed into full blocks, except when the losses
+ * are a prefix of the region (StreamingLLM drops the oldest): then the blocks after it are kept as they
+ * are, and the prefix's last packed block may stay partly filled.
  * Single-stream rounds load into the sequence's round space (kept between rounds, charged as metadata).
  * Cold tokens are scored from their decoded keys; a block is encoded only after a round has scored
  * it (cold.c), so every token's first decision is made while it is exact. Until a stream's first round
@@ -271,7 +273,9 @@ static void walk_region(const struct kvp_seq *s, const struct kvp_stream *st, co
 
 		if (i == reuse)
 			pending = 0;
-		if (r->whole || (kept == b->n && !pending)) {
+		/* a partly filled block is reused only as the region's last: one in the middle would hold a
+		 * block's bytes for its few tokens at every round to come (H2O keeps its heavy hitters) */
+		if (r->whole || (kept == b->n && !pending && (b->n == B || i + 1 == r->to))) {
 			if (c && (r->whole ? 2 * kept >= b->n : 1)) {
 				c->reused[i] = 1;
 				c->table[c->n++] = b;

@@ -192,6 +192,48 @@ Test(evict, compacted_cold_tokens_decode_bit_identically)
 	kvp_pool_close(c.pool);
 }
 
+/*
+ * H2O keeps its heavy hitters round after round, so the cold blocks that hold them stay fully kept while
+ * later cold blocks lose tokens. Their survivors must be packed together: a cold tier whose codecs take
+ * the bytes of the exact store (fp16 both ways) holds the same tokens in as many bytes, give or take one
+ * partly filled block per stream, and not a block per round's few survivors.
+ */
+Test(evict, h2o_cold_bytes_follow_the_retained_tokens)
+{
+	static float k[MAXT * ROW], v[MAXT * ROW], q[NH * D], out[NH * D];
+	static const char *const specs[2] = {
+		"block=8,sinks=4,window=8,store=fp16,policy=h2o(heavy=0.0625,recent=0.0625,every=8)",
+		"block=8,sinks=4,window=8,store=fp16,policy=h2o(heavy=0.0625,recent=0.0625,every=8),k=fp16,v=fp16",
+	};
+	kvp_stats st[2];
+
+	fixture_fill(k, MAXT * ROW, 31, 1.0f);
+	fixture_fill(v, MAXT * ROW, 32, 1.0f);
+	for (int i = 0; i < 2; i++) {
+		struct cache c;
+		cache_open(&c, specs[i]);
+		cr_assert_eq(append(&c, 16, k, v), KVP_OK);
+		for (int step = 0; step < 600; step++) {
+			fixture_fill(q, NH * D, 300 + step, 1.0f);
+			cr_assert_eq(append(&c, 1, k, v), KVP_OK);
+			cr_assert_eq(kvp_attend(c.seq, 0, q, out), KVP_OK, "%s", kvp_last_error());
+			cr_assert_eq(kvp_seq_step(c.seq), KVP_OK, "%s", kvp_last_error());
+		}
+		st[i] = (kvp_stats){ .size = sizeof st[i] };
+		cr_assert_eq(kvp_seq_stats(c.seq, &st[i]), KVP_OK);
+		kvp_pool_close(c.pool);
+	}
+	uint64_t exact = st[0].bytes_exact, tiered = st[1].bytes_exact + st[1].bytes_compressed;
+	cr_log_info("h2o: %llu retained tokens in %llu bytes exact, %llu with a cold tier (%llu cold)",
+		    (unsigned long long)st[0].tokens_retained, (unsigned long long)exact, (unsigned long long)tiered,
+		    (unsigned long long)st[1].bytes_compressed);
+	cr_assert_eq(st[0].tokens_retained, st[1].tokens_retained, "the same tokens are kept either way");
+	cr_assert_gt(st[1].bytes_compressed, 0, "the cold tier must hold tokens for the test to mean anything");
+	/* one block of 8 fp16 tokens per stream: 8 x 2 x 32 x 2 bytes */
+	cr_assert_leq(tiered, exact + NKV * 8 * 2 * D * 2, "%llu token bytes with a cold tier against %llu without",
+		      (unsigned long long)tiered, (unsigned long long)exact);
+}
+
 Test(evict, kivi_key_blocks_are_kept_or_dropped_whole)
 {
 	static float k[MAXT * ROW], v[MAXT * ROW], q[NH * D], out[NH * D];
