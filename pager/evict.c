@@ -52,12 +52,14 @@ kvp_status kvp_evict_check(const struct kvp_tenant_config *cfg)
 
 kvp_status kvp_evict_open(struct kvp_tenant *t, struct kvp_seq *s)
 {
+	/* the policy's state is the sequence's: charged to the tenant, counted in its bytes_meta */
+	struct kvp_allocator mem = kvp_seq_allocator(s);
 	kvp_status st;
 
 	s->prompt_end = -1;
 	if (!t->cfg.policy_spec[0])
 		return KVP_OK;
-	st = kvp_policy_parse(t->cfg.policy_spec, strlen(t->cfg.policy_spec), &s->shape, &s->policy);
+	st = kvp_policy_parse_in(t->cfg.policy_spec, strlen(t->cfg.policy_spec), &s->shape, &mem, &s->policy);
 	if (st != KVP_OK)
 		return kvp_fail_context(st, "kvp_seq_open: policy=%s", t->cfg.policy_spec);
 	if (t->cfg.pin_prompt)
@@ -67,11 +69,13 @@ kvp_status kvp_evict_open(struct kvp_tenant *t, struct kvp_seq *s)
 
 kvp_status kvp_evict_fork(struct kvp_tenant *t, const struct kvp_seq *src, struct kvp_seq *s)
 {
+	struct kvp_allocator mem = kvp_seq_allocator(s);
+
 	(void)t;
 	s->prompt_end = src->prompt_end;
 	if (!src->policy)
 		return KVP_OK;
-	return kvp_policy_clone(src->policy, &s->policy);
+	return kvp_policy_clone_in(src->policy, &mem, &s->policy);
 }
 
 static void round_space_release(struct kvp_tenant *t, struct kvp_round_space *r)

@@ -151,6 +151,9 @@ struct kvp_seq {
 	uint64_t tokens_appended;
 	struct kvp_cold cold; /* codecs NULL when the tenant has no k= or v= */
 	struct kvp_policy *policy; /* NULL when every token is kept */
+	/* Bytes the policy and the codecs hold for this sequence (their state and buffers), as allocated
+	 * through kvp_seq_allocator: charged to the tenant as metadata and counted in the sequence's bytes_meta. */
+	uint64_t state_bytes;
 	struct kvp_gating *gating; /* NULL when gate=off */
 	int64_t t0;                /* one past the highest position appended */
 	int32_t prompt_end;        /* the prompt's end, fixed at the first kvp_seq_step; -1 before */
@@ -196,6 +199,8 @@ size_t kvp_alloc_size(const struct kvp_tenant *t, size_t bytes); /* what jemallo
  * metadata. NULL with KVP_ENOMEM set on failure. kvp_free takes the same three numbers. */
 void *kvp_alloc(struct kvp_tenant *t, size_t bytes, enum kvp_bytes_kind kind, size_t payload);
 void kvp_free(struct kvp_tenant *t, void *p, size_t bytes, enum kvp_bytes_kind kind, size_t payload);
+/* What the sequence hands its policy and codecs: kvp_alloc/kvp_free as metadata, counted in state_bytes. */
+struct kvp_allocator kvp_seq_allocator(struct kvp_seq *s);
 kvp_status kvp_arena_create(const struct kvp_pool *pool, unsigned *arena);
 void kvp_arena_destroy(const struct kvp_pool *pool, unsigned arena);
 int kvp_arena_flags(unsigned arena);

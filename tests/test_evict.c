@@ -6,8 +6,10 @@
  */
 #include <criterion/criterion.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kvpager.h"
 #include "model_fixture.h"
@@ -232,6 +234,60 @@ Test(evict, h2o_cold_bytes_follow_the_retained_tokens)
 	/* one block of 8 fp16 tokens per stream: 8 x 2 x 32 x 2 bytes */
 	cr_assert_leq(tiered, exact + NKV * 8 * 2 * D * 2, "%llu token bytes with a cold tier against %llu without",
 		      (unsigned long long)tiered, (unsigned long long)exact);
+}
+
+/* Resident memory of this process, from /proc/self/statm. */
+static uint64_t resident_bytes(void)
+{
+	unsigned long long size = 0, pages = 0;
+	FILE *f = fopen("/proc/self/statm", "r");
+
+	cr_assert(f);
+	cr_assert_eq(fscanf(f, "%llu %llu", &size, &pages), 2);
+	fclose(f);
+	return (uint64_t)pages * (uint64_t)sysconf(_SC_PAGESIZE);
+}
+
+/*
+ * H2O's weights are the sequence's memory, sized by the tokens it holds: under quota=1MiB two tokens at
+ * positions 0 and 2^28 - 2 cost a few pairs (the accumulator once grew to 2^28 floats, a GiB outside
+ * every quota), charged to the tenant and shown in the sequence's bytes_meta.
+ */
+Test(evict, h2o_weights_of_far_positions_are_small_and_charged)
+{
+	const kvp_shape sh = { 1, 2, 1, D, 1e4f, KVP_ROPE_HALF };
+	static float k[2 * D], v[2 * D], q[2 * D], out[2 * D];
+	const int32_t far[2] = { 0, (1 << 28) - 2 };
+	kvp_stats before = { .size = sizeof before }, after = { .size = sizeof after }, tenant = { .size = sizeof tenant };
+	kvp_pool *pool;
+	kvp_tenant *t;
+	kvp_seq *seq;
+
+	fixture_fill(k, 2 * D, 41, 1.0f);
+	fixture_fill(v, 2 * D, 42, 1.0f);
+	fixture_fill(q, 2 * D, 43, 1.0f);
+	cr_assert_eq(kvp_pool_open("mem=2MiB", &pool), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_tenant_open(pool, "far", "quota=1MiB,block=8,sinks=0,window=0,policy=h2o(heavy=0.5,recent=0.5)",
+				     &t), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_open(t, &sh, &seq), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_append(seq, 0, 1, &far[0], k, v), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_append(seq, 0, 1, &far[1], k + D, v + D), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_stats(seq, &before), KVP_OK);
+	uint64_t rss = resident_bytes();
+	cr_assert_eq(kvp_attend(seq, 0, q, out), KVP_OK, "%s", kvp_last_error());
+	uint64_t grown = resident_bytes() - rss;
+	cr_assert_eq(kvp_seq_stats(seq, &after), KVP_OK);
+	cr_assert_eq(kvp_tenant_stats(t, &tenant), KVP_OK);
+	const struct kvp_seq *s = kvp_seq_from_handle(seq);
+	uint64_t observe = kvp_alloc_size(s->tenant, s->observe.bytes);
+	cr_log_info("h2o at positions 0 and 2^28-2: resident +%llu bytes, bytes_meta +%llu (observation buffer %llu)",
+		    (unsigned long long)grown, (unsigned long long)(after.bytes_meta - before.bytes_meta),
+		    (unsigned long long)observe);
+	cr_assert_lt(grown, 16u << 20, "attend took %llu resident bytes", (unsigned long long)grown);
+	cr_assert_gt(after.bytes_meta - before.bytes_meta, observe, "the weights must be charged as metadata");
+	cr_assert_eq(tenant.bytes_meta, after.bytes_meta, "the sequence's bytes_meta is what the tenant was charged");
+	cr_assert_eq(kvp_seq_step(seq), KVP_OK, "%s", kvp_last_error());
+	kvp_pool_close(pool);
 }
 
 Test(evict, kivi_key_blocks_are_kept_or_dropped_whole)
