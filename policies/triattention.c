@@ -22,6 +22,9 @@
  * query sits: averaged post-RoPE, a band's phasor turns with the position and its mean shrinks towards
  * zero, which would read as "no concentration" (R = 0) for every fast band. Online means keep updating
  * with every observed query. Until a head has seen a query its scores are all zero (ties: recency).
+ *
+ * Memory: the tables, statistics and fixed scratch are one allocation from the policy's allocator (the
+ * pager's charges the sequence's tenant), laid out by tria_layout; score's rows grow with the stream.
  */
 #include <math.h>
 #include <stdio.h>
@@ -43,13 +46,13 @@ struct online_sums {
 };
 
 /*
- * What score works in, grown on demand and kept between calls so a round over a long stream does not
- * fault in fresh pages every time: the GQA group's coefficients, one raw row per query head, and one
+ * What score works in, kept between calls so a round over a long stream does not fault in fresh pages
+ * every time: the GQA group's coefficients, one raw row per query head (grown with the stream), and one
  * tile of band magnitudes.
  */
 struct tria_scratch {
 	uint32_t cap;        /* tokens the rows hold */
-	float *rows;         /* [group][cap] */
+	float *rows;         /* [group][cap], its own allocation */
 	float *coef;         /* [group][table rows][head_dim], in the keys' layout */
 	float *weights;      /* [group][F] */
 	float *kabs, *tmp;   /* [TILE][F], [TILE] */
@@ -66,6 +69,8 @@ struct tria {
 	/* one head's coefficients, loaded per head */
 	float *alpha, *beta, *weight;
 	struct tria_scratch scratch; /* score's buffers, kept between calls */
+	void *block;                 /* the fixed arrays above, block_bytes long (tria_layout) */
+	size_t block_bytes;
 };
 
 /* ---- band access ---- */
@@ -223,37 +228,25 @@ static void layout_coefficients(const struct tria *t, const kvp_shape *s, unsign
  */
 #define TILE 256
 
-static kvp_status scratch_reserve(struct tria *t, const kvp_shape *s, uint32_t n)
+/* Rows for n tokens; the only step of score that can fail, so it runs first. */
+static kvp_status scratch_reserve(struct kvp_policy *p, struct tria *t, uint32_t n)
 {
 	struct tria_scratch *w = &t->scratch;
-	unsigned group = s->n_heads / s->n_kv_heads, rows = t->aggregate == AGG_MEAN ? 1 : t->n_offsets;
+	unsigned group = p->shape.n_heads / p->shape.n_kv_heads;
 	uint32_t cap = w->cap ? w->cap : TILE;
 	float *grown;
 
-	if (!w->coef) {
-		w->coef = malloc(sizeof(float) * group * rows * s->head_dim);
-		w->weights = malloc(sizeof(float) * group * t->n_bands);
-		w->kabs = malloc(sizeof(float) * TILE * t->n_bands);
-		w->tmp = malloc(sizeof(float) * TILE);
-		if (!w->coef || !w->weights || !w->kabs || !w->tmp)
-			return kvp_fail(KVP_ENOMEM, "triattention: out of memory scoring %u tokens", n);
-	}
 	if (w->rows && n <= w->cap)
 		return KVP_OK;
 	while (cap < n)
 		cap *= 2;
-	if (!(grown = malloc(sizeof(float) * group * cap)))
-		return kvp_fail(KVP_ENOMEM, "triattention: out of memory scoring %u tokens", n);
-	free(w->rows);
+	if (!(grown = kvp_allocate_array(&p->mem, (size_t)group * cap, sizeof(float), "triattention: score rows")))
+		return kvp_fail_context(KVP_ENOMEM, "triattention: scoring %u tokens", n);
+	if (w->rows)
+		kvp_release(&p->mem, w->rows, (size_t)group * w->cap * sizeof(float));
 	w->rows = grown;
 	w->cap = cap;
 	return KVP_OK;
-}
-
-static void scratch_free(struct tria_scratch *w)
-{
-	free(w->rows), free(w->coef), free(w->weights), free(w->kabs), free(w->tmp);
-	memset(w, 0, sizeof *w);
 }
 
 /* Every group head's coefficients in the keys' layout, and its norm weights. */
@@ -300,7 +293,7 @@ static kvp_status score(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, 
 	struct tria *t = p->state;
 	const kvp_shape *s = &p->shape;
 	unsigned group = s->n_heads / s->n_kv_heads;
-	kvp_status st = scratch_reserve(t, s, n);
+	kvp_status st = scratch_reserve(p, t, n);
 
 	(void)pos; /* the post-RoPE form needs only t0 */
 	if (st != KVP_OK)
@@ -330,16 +323,16 @@ kvp_status kvp_tria_raw_scores(struct kvp_policy *p, uint32_t layer, uint32_t he
 	if (!p || p->ops != &kvp_policy_triattention || layer >= p->shape.n_layers || head >= p->shape.n_heads)
 		return kvp_fail(KVP_EINVAL, "kvp_tria_raw_scores: not a triattention policy or head out of range");
 	t = p->state;
-	kabs = malloc(sizeof *kabs * t->n_bands * (n ? n : 1));
+	kabs = kvp_allocate_array(&p->mem, (size_t)t->n_bands * n, sizeof *kabs, "triattention: band magnitudes");
 	if (!kabs)
-		return kvp_fail(KVP_ENOMEM, "triattention: out of memory scoring %u tokens", n);
+		return KVP_ENOMEM;
 	phase_table(t, t0);
 	head_coefficients(t, &p->shape, layer, head);
 	band_magnitudes(t->n_bands, p->shape.rope_layout, p->shape.head_dim, n, k, kabs);
 	for (uint32_t i = 0; i < n; i++)
 		out[i] = key_score(t, k + (size_t)i * p->shape.head_dim, kabs + (size_t)i * t->n_bands,
 				   p->shape.rope_layout);
-	free(kabs);
+	kvp_release(&p->mem, kabs, (size_t)t->n_bands * n * sizeof *kabs);
 	return KVP_OK;
 }
 
@@ -373,44 +366,90 @@ static kvp_status observe(struct kvp_policy *p, const struct kvp_observation *o)
 
 /* ---- open / close ---- */
 
-static void tria_free(struct tria *t)
+/* The next array of a layout: 64-byte aligned from the block's start (NULL while only measuring). */
+static void *carve(char *block, size_t *at, size_t bytes)
 {
-	if (!t)
-		return;
-	kvp_tria_stats_free(&t->file);
-	free(t->omega), free(t->cos_t), free(t->sin_t);
-	free(t->alpha), free(t->beta), free(t->weight);
-	scratch_free(&t->scratch);
-	free(t->sums.re), free(t->sums.im), free(t->sums.abs), free(t->sums.count);
-	free(t);
+	void *p = block ? block + *at : NULL;
+
+	*at += (bytes + 63) / 64 * 64;
+	return p;
 }
 
-static kvp_status tria_alloc(struct tria *t, const kvp_shape *s)
+/* Points t's fixed arrays into block, or with block NULL only measures them; returns their bytes. */
+static size_t tria_layout(struct tria *t, const kvp_shape *s, char *block)
 {
 	unsigned F = s->head_dim / 2, rows = t->aggregate == AGG_MEAN ? 1 : t->n_offsets;
-	size_t heads = (size_t)s->n_layers * s->n_heads;
+	unsigned group = s->n_heads / s->n_kv_heads;
+	size_t heads = (size_t)s->n_layers * s->n_heads, at = 0;
+
+	t->omega = carve(block, &at, sizeof(double) * F);
+	t->cos_t = carve(block, &at, sizeof(float) * F * rows);
+	t->sin_t = carve(block, &at, sizeof(float) * F * rows);
+	t->alpha = carve(block, &at, sizeof(float) * F * rows);
+	t->beta = carve(block, &at, sizeof(float) * F * rows);
+	t->weight = carve(block, &at, sizeof(float) * F);
+	if (t->online) {
+		t->sums.re = carve(block, &at, sizeof(double) * heads * F);
+		t->sums.im = carve(block, &at, sizeof(double) * heads * F);
+		t->sums.abs = carve(block, &at, sizeof(double) * heads * F);
+		t->sums.count = carve(block, &at, sizeof(double) * heads);
+	} else {
+		t->file.mean_re = carve(block, &at, sizeof(float) * heads * F);
+		t->file.mean_im = carve(block, &at, sizeof(float) * heads * F);
+		t->file.abs_mean = carve(block, &at, sizeof(float) * heads * F);
+	}
+	t->scratch.coef = carve(block, &at, sizeof(float) * group * rows * s->head_dim);
+	t->scratch.weights = carve(block, &at, sizeof(float) * group * F);
+	t->scratch.kabs = carve(block, &at, sizeof(float) * TILE * F);
+	t->scratch.tmp = carve(block, &at, sizeof(float) * TILE);
+	return at;
+}
+
+static void tria_free(struct kvp_policy *p, struct tria *t)
+{
+	unsigned group = p->shape.n_heads / p->shape.n_kv_heads;
+
+	if (!t)
+		return;
+	kvp_release(&p->mem, t->block, t->block_bytes);
+	if (t->scratch.rows)
+		kvp_release(&p->mem, t->scratch.rows, (size_t)group * t->scratch.cap * sizeof(float));
+	kvp_release(&p->mem, t, sizeof *t);
+}
+
+/* The fixed arrays of t (online, aggregate and n_offsets set), zeroed; stats from a file are copied in
+ * by the caller. */
+static kvp_status tria_alloc(struct kvp_policy *p, struct tria *t)
+{
+	const kvp_shape *s = &p->shape;
+	unsigned F = s->head_dim / 2;
 
 	t->n_bands = F;
 	t->table_t0 = -1;
-	t->omega = malloc(sizeof *t->omega * F);
-	t->cos_t = malloc(sizeof(float) * F * rows);
-	t->sin_t = malloc(sizeof(float) * F * rows);
-	t->alpha = malloc(sizeof(float) * F * rows);
-	t->beta = malloc(sizeof(float) * F * rows);
-	t->weight = malloc(sizeof(float) * F);
-	if (t->online) {
-		t->sums.re = calloc(heads * F, sizeof(double));
-		t->sums.im = calloc(heads * F, sizeof(double));
-		t->sums.abs = calloc(heads * F, sizeof(double));
-		t->sums.count = calloc(heads, sizeof(double));
-	}
-	if (!t->omega || !t->cos_t || !t->sin_t || !t->alpha || !t->beta || !t->weight ||
-	    (t->online && (!t->sums.re || !t->sums.im || !t->sums.abs || !t->sums.count)))
-		return kvp_fail(KVP_ENOMEM, "triattention: out of memory");
+	t->block_bytes = tria_layout(t, s, NULL);
+	if (!(t->block = kvp_allocate(&p->mem, t->block_bytes, "triattention: tables and statistics")))
+		return KVP_ENOMEM;
+	tria_layout(t, s, t->block);
 	/* plain RoPE: omega_f = theta^(-2f/d) */
 	for (unsigned f = 0; f < F; f++)
 		t->omega[f] = pow((double)s->rope_theta, -2.0 * f / (double)s->head_dim);
 	return KVP_OK;
+}
+
+/* A file's statistics into t's own arrays (the file is read into the C heap and dropped). */
+static void take_file(struct tria *t, const kvp_shape *s, struct kvp_tria_stats *read)
+{
+	size_t bands = (size_t)s->n_layers * s->n_heads * t->n_bands;
+
+	memcpy(t->file.mean_re, read->mean_re, sizeof(float) * bands);
+	memcpy(t->file.mean_im, read->mean_im, sizeof(float) * bands);
+	memcpy(t->file.abs_mean, read->abs_mean, sizeof(float) * bands);
+	t->file.n_layers = read->n_layers;
+	t->file.n_heads = read->n_heads;
+	t->file.head_dim = read->head_dim;
+	t->file.rope_layout = read->rope_layout;
+	t->file.rope_theta = read->rope_theta;
+	kvp_tria_stats_free(read);
 }
 
 static kvp_status parse_budget(struct kvp_policy *p, struct kvp_args *args)
@@ -432,7 +471,9 @@ static kvp_status parse_budget(struct kvp_policy *p, struct kvp_args *args)
 	return KVP_OK;
 }
 
-static kvp_status parse_stats(struct tria *t, struct kvp_policy *p, struct kvp_args *args)
+/* stats=: online, or a file read into *read. */
+static kvp_status parse_stats(struct tria *t, struct kvp_policy *p, struct kvp_args *args,
+			      struct kvp_tria_stats *read)
 {
 	const char *v = "online";
 	unsigned vl = 6;
@@ -448,20 +489,21 @@ static kvp_status parse_stats(struct tria *t, struct kvp_policy *p, struct kvp_a
 		return kvp_fail(KVP_EINVAL, "triattention: stats= needs a file name or 'online'");
 	memcpy(path, v, vl);
 	path[vl] = '\0';
-	return kvp_tria_stats_read(path, &p->shape, &t->file);
+	return kvp_tria_stats_read(path, &p->shape, read);
 }
 
 static kvp_status open_tria(struct kvp_policy *p, struct kvp_args *args)
 {
 	static const char *const aggregates[] = { "mean", "max", NULL };
 	static const char *const selects[] = { "per_head", "per_layer_head", "union", NULL };
-	struct tria *t = calloc(1, sizeof *t);
+	struct tria *t = kvp_allocate(&p->mem, sizeof *t, "triattention: its state");
+	struct kvp_tria_stats read = { 0 };
 	unsigned select = SELECT_PER_HEAD;
 	uint32_t offsets = 17, every = 128;
 	kvp_status st;
 
 	if (!t)
-		return kvp_fail(KVP_ENOMEM, "triattention: out of memory");
+		return KVP_ENOMEM;
 	st = parse_budget(p, args);
 	if (st == KVP_OK)
 		st = kvp_args_u32(args, "every", 1, 1u << 20, &every);
@@ -473,13 +515,16 @@ static kvp_status open_tria(struct kvp_policy *p, struct kvp_args *args)
 		st = kvp_args_choice(args, "select", selects, &select);
 	t->n_offsets = offsets;
 	if (st == KVP_OK)
-		st = parse_stats(t, p, args);
+		st = parse_stats(t, p, args, &read);
 	if (st == KVP_OK)
-		st = tria_alloc(t, &p->shape);
+		st = tria_alloc(p, t);
 	if (st != KVP_OK) {
-		tria_free(t);
+		kvp_tria_stats_free(&read);
+		tria_free(p, t);
 		return st;
 	}
+	if (!t->online)
+		take_file(t, &p->shape, &read);
 	p->plan.every = every;
 	p->plan.pin_prompt = 1; /* the reference keeps the prompt */
 	p->plan.per_head = select == SELECT_PER_HEAD;
@@ -494,22 +539,22 @@ static kvp_status clone_tria(struct kvp_policy *dst, const struct kvp_policy *sr
 	const struct tria *from = src->state;
 	const kvp_shape *s = &src->shape;
 	size_t heads = (size_t)s->n_layers * s->n_heads, bands = heads * from->n_bands;
-	struct tria *t = calloc(1, sizeof *t);
-	kvp_status st;
+	struct tria *t = kvp_allocate(&dst->mem, sizeof *t, "triattention: its state");
 
 	if (!t)
-		return kvp_fail(KVP_ENOMEM, "triattention: out of memory");
+		return KVP_ENOMEM;
 	t->n_offsets = from->n_offsets;
 	t->aggregate = from->aggregate;
 	t->online = from->online;
-	st = tria_alloc(t, s);
-	if (st == KVP_OK && !t->online)
-		st = kvp_tria_stats_alloc(&t->file, from->file.n_layers, from->file.n_heads, from->file.head_dim,
-					  from->file.rope_layout, from->file.rope_theta);
-	if (st != KVP_OK) {
-		tria_free(t);
-		return st;
+	if (tria_alloc(dst, t) != KVP_OK) {
+		tria_free(dst, t);
+		return KVP_ENOMEM;
 	}
+	t->file.n_layers = from->file.n_layers;
+	t->file.n_heads = from->file.n_heads;
+	t->file.head_dim = from->file.head_dim;
+	t->file.rope_layout = from->file.rope_layout;
+	t->file.rope_theta = from->file.rope_theta;
 	if (t->online) {
 		memcpy(t->sums.re, from->sums.re, sizeof(double) * bands);
 		memcpy(t->sums.im, from->sums.im, sizeof(double) * bands);
@@ -526,7 +571,7 @@ static kvp_status clone_tria(struct kvp_policy *dst, const struct kvp_policy *sr
 
 static void close_tria(struct kvp_policy *p)
 {
-	tria_free(p->state);
+	tria_free(p, p->state);
 	p->state = NULL;
 }
 

@@ -290,6 +290,64 @@ Test(evict, h2o_weights_of_far_positions_are_small_and_charged)
 	kvp_pool_close(pool);
 }
 
+/* bytes_meta of a fresh sequence of shape sh under a tenant with spec (its own pool each). */
+static kvp_status fresh_meta(const char *spec, const kvp_shape *sh, uint64_t *meta, uint64_t *tenant_used)
+{
+	kvp_stats st = { .size = sizeof st };
+	kvp_pool *pool;
+	kvp_tenant *t;
+	kvp_seq *seq;
+	kvp_status rc;
+
+	cr_assert_eq(kvp_pool_open("", &pool), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_tenant_open(pool, "meta", spec, &t), KVP_OK, "%s: %s", spec, kvp_last_error());
+	rc = kvp_seq_open(t, sh, &seq);
+	if (rc == KVP_OK) {
+		cr_assert_eq(kvp_seq_stats(seq, &st), KVP_OK);
+		*meta = st.bytes_meta;
+	}
+	cr_assert_eq(kvp_tenant_stats(t, &st), KVP_OK);
+	*tenant_used = st.bytes_meta;
+	kvp_pool_close(pool);
+	return rc;
+}
+
+/*
+ * TriAttention's online statistics are three doubles per (layer, query head, band): 3 x 8 x 32 x 64 x 8
+ * = 384 KiB for this shape, the sequence's own history. They are charged to the tenant and shown in the
+ * sequence's bytes_meta, which a sequence whose policy keeps nothing (StreamingLLM) does not have.
+ */
+Test(evict, a_policy_state_is_charged_and_shown_in_bytes_meta)
+{
+	const kvp_shape sh = { 8, 32, 8, 128, 1e4f, KVP_ROPE_HALF };
+	uint64_t tria = 0, streaming = 0, tria_tenant = 0, streaming_tenant = 0;
+
+	cr_assert_eq(fresh_meta("policy=triattention(stats=online,budget=256)", &sh, &tria, &tria_tenant), KVP_OK,
+		     "%s", kvp_last_error());
+	cr_assert_eq(fresh_meta("policy=streaming(sinks=4,window=256)", &sh, &streaming, &streaming_tenant), KVP_OK,
+		     "%s", kvp_last_error());
+	cr_log_info("bytes_meta of a fresh sequence: triattention %llu, streaming %llu",
+		    (unsigned long long)tria, (unsigned long long)streaming);
+	cr_assert_geq(tria - streaming, 3ull * 8 * 32 * 64 * 8, "the online statistics must count in bytes_meta");
+	cr_assert_eq(tria, tria_tenant, "and be charged to the tenant");
+	cr_assert_eq(streaming, streaming_tenant);
+}
+
+/* A quota that cannot hold a policy's state refuses the sequence, with nothing left charged. */
+Test(evict, a_policy_state_over_the_quota_refuses_the_sequence)
+{
+	const kvp_shape sh = { 8, 32, 8, 128, 1e4f, KVP_ROPE_HALF };
+	uint64_t meta = 0, used = 1;
+
+	cr_assert_eq(fresh_meta("quota=256KiB,policy=triattention(stats=online,budget=256)", &sh, &meta, &used),
+		     KVP_ENOMEM);
+	cr_assert(strstr(kvp_last_error(), "triattention"), "%s", kvp_last_error());
+	cr_assert(strstr(kvp_last_error(), "quota"), "%s", kvp_last_error());
+	cr_assert_eq(used, 0, "a refused sequence leaves nothing charged");
+	cr_assert_eq(fresh_meta("quota=1MiB,policy=triattention(stats=online,budget=256)", &sh, &meta, &used), KVP_OK,
+		     "%s", kvp_last_error());
+}
+
 Test(evict, kivi_key_blocks_are_kept_or_dropped_whole)
 {
 	static float k[MAXT * ROW], v[MAXT * ROW], q[NH * D], out[NH * D];
