@@ -424,22 +424,22 @@ struct loaded {
 	uint8_t *keep;
 	uint32_t n_kept;
 	struct verdict verdict; /* keep, or a cut for a stream that was not loaded (round_newest) */
-	int owned; /* the buffers are this round's own (else the sequence's round space) */
+	struct kvp_round_space own; /* the round's own buffers, when not the sequence's round space */
 };
 
-static void loaded_free(struct loaded *l)
+static void loaded_free(struct kvp_tenant *t, struct loaded *l)
 {
-	if (l->owned)
-		free(l->pos), free(l->k), free(l->keep);
+	round_space_release(t, &l->own);
 	memset(l, 0, sizeof *l);
 }
 
 /*
  * A round space for n tokens, n plus an eighth so a stream that grows by `every` between rounds does not
- * reallocate at each. Charged without relief: parking other sequences to make room for scratch would
- * cost more than it saves, so when the quota says no (0 returned) the round uses buffers of its own.
+ * reallocate at each. The sequence's is charged without relief (`relief` 0): parking other sequences to
+ * make room for kept scratch would cost more than it saves, so when the quota says no (0 returned) the
+ * round takes buffers of its own, for itself only, charged like any other memory.
  */
-static int round_space_alloc(struct kvp_seq *s, uint32_t n, int keys, struct kvp_round_space *r)
+static int round_space_alloc(struct kvp_seq *s, uint32_t n, int keys, int relief, struct kvp_round_space *r)
 {
 	const size_t dim = s->shape.head_dim;
 	unsigned mode = kvp_charge_mode;
@@ -447,7 +447,8 @@ static int round_space_alloc(struct kvp_seq *s, uint32_t n, int keys, struct kvp
 	size_t bytes = (size_t)cap * ((keys ? dim * sizeof(float) : 0) + sizeof(int32_t) + 1);
 	char *mem;
 
-	kvp_charge_mode |= KVP_CHARGE_NO_RELIEF;
+	if (!relief)
+		kvp_charge_mode |= KVP_CHARGE_NO_RELIEF;
 	mem = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0);
 	kvp_charge_mode = mode;
 	if (!mem)
@@ -464,29 +465,23 @@ static int round_space_alloc(struct kvp_seq *s, uint32_t n, int keys, struct kvp
  * Buffers for n tokens. With grown != NULL (a single-stream round) they are the sequence's round space
  * when it holds n, else a larger one made into *grown, which the round installs only when it succeeds
  * (round_space_settle), so a failed round leaves the sequence's memory as it was. Otherwise, and when
- * the quota refuses, the round's own.
+ * the quota refuses, the round's own (l->own, charged too: no round buffer escapes the quota).
  */
 static kvp_status load_buffers(struct kvp_seq *s, uint32_t n, int keys, struct kvp_round_space *grown,
 			       struct loaded *l)
 {
 	const struct kvp_round_space *r = &s->round_space;
 
-	if (grown && !(n <= r->cap && (!keys || r->k)) && round_space_alloc(s, n, keys, grown))
+	if (grown && !(n <= r->cap && (!keys || r->k)) && round_space_alloc(s, n, keys, 0, grown))
 		r = grown;
-	if (grown && n <= r->cap && (!keys || r->k)) {
-		l->pos = r->pos;
-		l->k = keys ? r->k : NULL;
-		l->keep = r->keep;
-		return KVP_OK;
+	if (!grown || !(n <= r->cap && (!keys || r->k))) {
+		if (!round_space_alloc(s, n, keys, 1, &l->own))
+			return kvp_fail_context(KVP_ENOMEM, "policy round: buffers for %u tokens", n);
+		r = &l->own;
 	}
-	l->owned = 1;
-	l->pos = malloc(n * sizeof *l->pos);
-	l->k = keys ? malloc((size_t)n * s->shape.head_dim * sizeof *l->k) : NULL;
-	l->keep = malloc(n);
-	if (!l->pos || (keys && !l->k) || !l->keep) {
-		loaded_free(l);
-		return kvp_fail(KVP_ENOMEM, "policy round: out of memory for %u tokens", n);
-	}
+	l->pos = r->pos;
+	l->k = keys ? r->k : NULL;
+	l->keep = r->keep;
 	return KVP_OK;
 }
 
@@ -565,7 +560,7 @@ static kvp_status round_shared(struct kvp_seq *s, struct kvp_stream **streams, u
 	if (st == KVP_OK)
 		st = apply(s, l, n);
 	for (i = 0; l && i < n; i++)
-		loaded_free(&l[i]);
+		loaded_free(s->tenant, &l[i]);
 	free(l);
 	free(rounds);
 	return st;
@@ -637,7 +632,7 @@ static kvp_status round_one(struct kvp_seq *s, uint32_t layer, uint32_t kv_head)
 		st = kvp_policy_round(s->policy, layer, kv_head, &l.round, l.keep, &l.n_kept);
 	if (st == KVP_OK)
 		st = apply(s, &l, 1);
-	loaded_free(&l);
+	loaded_free(s->tenant, &l);
 	round_space_settle(s, &grown, st);
 	return st;
 }
