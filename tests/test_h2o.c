@@ -1,6 +1,7 @@
 /* H2O: accumulated attention weights decide, summed over each KV head's query group. */
 #include <criterion/criterion.h>
 
+#include "memory_fixture.h"
 #include "policy_fixture.h"
 
 /* 2 KV heads, 4 query heads: group of 2. */
@@ -160,4 +161,40 @@ Test(h2o, a_token_left_out_of_an_observation_is_forgotten)
 	cr_assert_float_eq(s[1], 0.0f, 0, "token 20 was evicted: its 0.6 is gone");
 	cr_assert_float_eq(s[2], 2.0f, 1e-6);
 	kvp_policy_close(p);
+}
+
+/*
+ * The weights come from the policy's allocator. An observation that needs more than it grants fails with
+ * KVP_ENOMEM, a message and nothing recorded; every byte comes back at close.
+ */
+Test(h2o, an_observation_refused_memory_records_nothing)
+{
+	kvp_shape sh = fixture_shape(1, 2, 1, 8, 1e4f, KVP_ROPE_HALF);
+	struct fixture_memory mem;
+	kvp_policy *p = NULL;
+	int32_t pos[40];
+	float w[2 * 40], k[40][8] = { { 0 } }, s[40];
+
+	fixture_memory_init(&mem, 1 << 20);
+	for (int i = 0; i < 40; i++)
+		pos[i] = 1000 * i, w[i] = w[40 + i] = 0.5f;
+	cr_assert_eq(kvp_policy_parse_in("h2o", 3, &sh, &mem.ops, &p), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_policy_observe(p, 0, 0, 40000, NULL, 3, pos, w), KVP_OK, "%s", kvp_last_error());
+	mem.left = 0;
+	cr_assert_eq(kvp_policy_observe(p, 0, 0, 40000, NULL, 40, pos, w), KVP_ENOMEM);
+	cr_assert(strstr(kvp_last_error(), "h2o"), "%s", kvp_last_error());
+	cr_assert_eq(kvp_policy_score(p, 0, 0, 40000, 40, pos, &k[0][0], s), KVP_OK);
+	for (int i = 0; i < 40; i++)
+		cr_assert_float_eq(s[i], i < 3 ? 1.0f : 0.0f, 0, "token %d: %f after a refused observation", i, s[i]);
+	mem.left = 1 << 20;
+	cr_assert_eq(kvp_policy_observe(p, 0, 0, 40000, NULL, 40, pos, w), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_policy_score(p, 0, 0, 40000, 40, pos, &k[0][0], s), KVP_OK);
+	cr_assert_float_eq(s[0], 2.0f, 0);
+	cr_assert_float_eq(s[39], 1.0f, 0);
+	/* a round evicts most tokens: the next observation gives their pairs back */
+	size_t before = mem.held;
+	cr_assert_eq(kvp_policy_observe(p, 0, 0, 40001, NULL, 2, pos + 38, w), KVP_OK, "%s", kvp_last_error());
+	cr_assert_lt(mem.held, before, "the weights shrink with the tokens the stream holds");
+	kvp_policy_free(p);
+	cr_assert_eq(mem.held, 0, "%zu bytes not given back", mem.held);
 }
