@@ -94,7 +94,7 @@ static kvp_status candidates_alloc(const struct kvp_policy *p, struct candidates
 {
 	memset(c, 0, sizeof *c);
 	candidates_find(c, r->n, r->pos, pr);
-	c->scores = kvp_allocate_array(&p->mem, 2 * (size_t)c->n, sizeof *c->scores, "policy round: candidates' scores");
+	c->scores = kvp_allocate_array(&p->mem, 2 * (size_t)c->n, sizeof *c->scores, "the candidates' scores");
 	if (!c->scores)
 		return kvp_fail_context(KVP_ENOMEM, "policy round of %u tokens", r->n);
 	c->sum = c->scores + c->n;
@@ -126,7 +126,7 @@ static kvp_status score_candidates(struct kvp_policy *p, uint32_t layer, uint32_
 static kvp_status select_from(const struct kvp_policy *p, const struct kvp_round *r, const struct kvp_protect *pr,
 			      const struct candidates *c, const float *values, uint8_t *keep, uint32_t *n_kept)
 {
-	float *scores = kvp_allocate_array(&p->mem, r->n, sizeof *scores, "policy round: scores");
+	float *scores = kvp_allocate_array(&p->mem, r->n, sizeof *scores, "the scores in stream order");
 	kvp_status st;
 
 	if (!scores)
