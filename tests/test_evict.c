@@ -348,6 +348,51 @@ Test(evict, a_policy_state_over_the_quota_refuses_the_sequence)
 		     "%s", kvp_last_error());
 }
 
+/* A TriAttention whose score notes the tenant's bytes_meta while the round runs. */
+static kvp_tenant *watched;
+static uint64_t meta_while_scoring;
+static struct kvp_policy_ops watching_tria;
+
+static kvp_status watching_score(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t0, uint32_t n,
+				 const int32_t *pos, const float *k, float *scores)
+{
+	kvp_stats st = { .size = sizeof st };
+
+	cr_assert_eq(kvp_tenant_stats(watched, &st), KVP_OK);
+	meta_while_scoring = st.bytes_meta > meta_while_scoring ? st.bytes_meta : meta_while_scoring;
+	return kvp_policy_triattention.score(p, layer, kv_head, t0, n, pos, k, scores);
+}
+
+/*
+ * A round loads its streams' positions and keys into buffers: with select=per_head they are the round's
+ * own (not the sequence's round space). They are charged to the tenant while the round runs, like the
+ * policy's candidates and score rows, so the quota sees them.
+ */
+Test(evict, a_rounds_buffers_are_charged_while_it_runs)
+{
+	static float k[MAXT * ROW], v[MAXT * ROW];
+	kvp_stats before = { .size = sizeof before };
+	struct cache c;
+
+	fixture_fill(k, MAXT * ROW, 51, 1.0f);
+	fixture_fill(v, MAXT * ROW, 52, 1.0f);
+	cache_open(&c, "block=8,sinks=4,window=8,policy=triattention(stats=online,budget=32,every=16,select=per_head)");
+	watching_tria = kvp_policy_triattention;
+	watching_tria.score = watching_score;
+	kvp_seq_from_handle(c.seq)->policy->ops = &watching_tria;
+	watched = c.tenant;
+	meta_while_scoring = 0;
+	cr_assert_eq(append(&c, 64, k, v), KVP_OK);
+	cr_assert_eq(kvp_tenant_stats(c.tenant, &before), KVP_OK);
+	cr_assert_eq(kvp_seq_step(c.seq), KVP_OK, "%s", kvp_last_error());
+	cr_assert_gt(meta_while_scoring, 0, "the round must have scored for the test to mean anything");
+	cr_log_info("bytes_meta %llu before the step, %llu while scoring", (unsigned long long)before.bytes_meta,
+		    (unsigned long long)meta_while_scoring);
+	/* 64 tokens' positions, fp32 keys and verdicts */
+	cr_assert_geq(meta_while_scoring - before.bytes_meta, 64u * (D * sizeof(float) + sizeof(int32_t) + 1));
+	kvp_pool_close(c.pool);
+}
+
 Test(evict, kivi_key_blocks_are_kept_or_dropped_whole)
 {
 	static float k[MAXT * ROW], v[MAXT * ROW], q[NH * D], out[NH * D];
