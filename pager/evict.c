@@ -695,6 +695,10 @@ kvp_status kvp_evict_step(struct kvp_seq *s)
 		return KVP_OK;
 	if (s->prompt_end < 0)
 		s->prompt_end = (int32_t)s->t0;
+	/* Rounds read and move the blocks of every layer: a charge of theirs that relieves pressure must
+	 * not spill this sequence's own cold blocks under them (the call's exit unpins). */
+	s->pin_from = 0;
+	s->pin_to = s->shape.n_layers;
 	if ((st = kvp_gate_step(s)) != KVP_OK)
 		return st;
 	if ((st = rounds(s)) != KVP_OK)

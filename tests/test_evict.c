@@ -6,6 +6,7 @@
  */
 #include <criterion/criterion.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -391,6 +392,67 @@ Test(evict, a_rounds_buffers_are_charged_while_it_runs)
 	/* 64 tokens' positions, fp32 keys and verdicts */
 	cr_assert_geq(meta_while_scoring - before.bytes_meta, 64u * (D * sizeof(float) + sizeof(int32_t) + 1));
 	kvp_pool_close(c.pool);
+}
+
+/*
+ * A round reads and moves the blocks of every layer. When its memory (buffers, fresh blocks) passes the
+ * quota and no other sequence is idle, relief must not spill the stepping sequence's own cold blocks
+ * under it: the round either gets its memory or fails with KVP_ENOMEM, and the sequence reads back as
+ * it was.
+ */
+Test(evict, a_round_over_the_quota_does_not_spill_the_blocks_it_reads)
+{
+	static float k[MAXT * ROW], v[MAXT * ROW], q[NH * D], out[NH * D];
+	static char dir[] = "/tmp/kvpager-evict-XXXXXX";
+	static int32_t pos[MAXT];
+	static float gk[MAXT * D];
+	const kvp_shape sh = { 2, NH, NKV, D, 1e4f, KVP_ROPE_HALF };
+	char spec[256];
+	kvp_pool *pool;
+	kvp_tenant *t;
+	kvp_seq *seq;
+	uint32_t n = 0;
+
+	cr_assert_not_null(mkdtemp(dir));
+	snprintf(spec, sizeof spec, "spill=%s/spill,spill_max=16MiB", dir);
+	fixture_fill(k, MAXT * ROW, 61, 1.0f);
+	fixture_fill(v, MAXT * ROW, 62, 1.0f);
+	fixture_fill(q, NH * D, 63, 1.0f);
+	cr_assert_eq(kvp_pool_open(spec, &pool), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_tenant_open(pool, "a", "block=8,sinks=4,window=8,k=fp16,v=fp16,"
+				     "policy=triattention(stats=online,budget=48,every=16,select=per_layer_head)", &t), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_open(t, &sh, &seq), KVP_OK, "%s", kvp_last_error());
+	for (int32_t i = 0; i < 200; i++)
+		pos[i] = i;
+	for (uint32_t l = 0; l < 2; l++) {
+		cr_assert_eq(kvp_append(seq, l, 100, pos, k, v), KVP_OK, "%s", kvp_last_error());
+		cr_assert_eq(kvp_attend(seq, l, q, out), KVP_OK, "%s", kvp_last_error());
+	}
+	cr_assert_eq(kvp_seq_step(seq), KVP_OK, "%s", kvp_last_error()); /* the first round: blocks turn cold */
+	for (uint32_t l = 0; l < 2; l++) {
+		cr_assert_eq(kvp_append(seq, l, 100, pos + 100, k + 100 * ROW, v + 100 * ROW), KVP_OK, "%s",
+			     kvp_last_error());
+		cr_assert_eq(kvp_attend(seq, l, q, out), KVP_OK, "%s", kvp_last_error());
+	}
+	/* the quota now ends a few bytes above what the tenant holds (white box) */
+	struct kvp_seq *s = kvp_seq_from_handle(seq);
+	cr_assert_gt(s->streams[0].n_cold, 0, "cold blocks are what relief would spill");
+	cr_assert_eq(s->n_spilled, 0);
+	kvp_stats before = { .size = sizeof before }, after = { .size = sizeof after };
+	cr_assert_eq(kvp_seq_stats(seq, &before), KVP_OK);
+	s->tenant->quota = atomic_load(&s->tenant->used) + 8192; /* less than the round's buffers */
+	kvp_status st = kvp_seq_step(seq);
+	cr_assert(st == KVP_OK || st == KVP_ENOMEM, "%d: %s", st, kvp_last_error());
+	cr_log_info("a round at the quota: %s", st == KVP_OK ? "ran" : kvp_last_error());
+	cr_assert_eq(kvp_seq_stats(seq, &after), KVP_OK);
+	if (st != KVP_OK)
+		cr_assert_eq(after.tokens_retained, before.tokens_retained, "a refused round changes nothing");
+	s->tenant->quota = UINT64_MAX;
+	for (uint32_t l = 0; l < 2; l++)
+		for (uint32_t h = 0; h < NKV; h++)
+			cr_assert_eq(kvp_gather(seq, l, h, MAXT, pos, gk, NULL, &n), KVP_OK, "%s", kvp_last_error());
+	kvp_pool_close(pool);
+	rmdir(dir);
 }
 
 Test(evict, kivi_key_blocks_are_kept_or_dropped_whole)
