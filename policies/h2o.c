@@ -38,7 +38,7 @@ static size_t pair_bytes(uint32_t cap)
 /* Pairs for cap tokens in one allocation, positions first. */
 static kvp_status accumulator_alloc(const struct kvp_allocator *mem, uint32_t cap, struct accumulator *a)
 {
-	char *m = kvp_allocate(mem, pair_bytes(cap), "h2o: the accumulated weights");
+	char *m = kvp_allocate(mem, pair_bytes(cap), "room for the accumulated weights");
 
 	if (!m)
 		return KVP_ENOMEM;

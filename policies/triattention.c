@@ -240,7 +240,7 @@ static kvp_status scratch_reserve(struct kvp_policy *p, struct tria *t, uint32_t
 		return KVP_OK;
 	while (cap < n)
 		cap *= 2;
-	if (!(grown = kvp_allocate_array(&p->mem, (size_t)group * cap, sizeof(float), "triattention: score rows")))
+	if (!(grown = kvp_allocate_array(&p->mem, (size_t)group * cap, sizeof(float), "score rows")))
 		return kvp_fail_context(KVP_ENOMEM, "triattention: scoring %u tokens", n);
 	if (w->rows)
 		kvp_release(&p->mem, w->rows, (size_t)group * w->cap * sizeof(float));
