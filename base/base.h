@@ -1,6 +1,7 @@
 /*
  * base/ — the ground layer every other folder may use: the thread-local error message behind
- * kvp_last_error(), the configuration grammar, and IEEE half-precision conversion.
+ * kvp_last_error(), the configuration grammar, IEEE half-precision conversion, and the allocator
+ * interface that lets the pager hand its tenants' memory down to policies and codecs.
  */
 #ifndef KVP_BASE_H
 #define KVP_BASE_H
@@ -69,6 +70,26 @@ kvp_status kvp_call_split(const char *val, unsigned vlen, const char **name, uns
 			  const char **inner, unsigned *ilen);
 /* Does name[0..nlen) equal the NUL-terminated s? */
 int kvp_name_is(const char *name, unsigned nlen, const char *s);
+
+/*
+ * Memory a policy or codec keeps for its owner. Policies and codecs sit below the pager and must not call
+ * up into it, so the pager passes one of these down: its alloc charges the sequence's tenant and allocates
+ * from the tenant's arena (counted in the sequence's bytes_meta). Objects opened on their own get
+ * kvp_heap (the C heap). alloc returns NULL after kvp_fail(KVP_ENOMEM, ...) naming what refused; free
+ * takes the size alloc was given.
+ */
+struct kvp_allocator {
+	void *(*alloc)(void *ctx, size_t bytes);
+	void (*free)(void *ctx, void *p, size_t bytes);
+	void *ctx;
+};
+extern const struct kvp_allocator kvp_heap;
+/* Zeroed memory for bytes (at least one), or NULL with KVP_ENOMEM set; `what` names it in the message. */
+void *kvp_allocate(const struct kvp_allocator *a, size_t bytes, const char *what);
+/* count x size bytes, refusing a product that overflows. */
+void *kvp_allocate_array(const struct kvp_allocator *a, size_t count, size_t size, const char *what);
+/* Gives back what kvp_allocate(a, bytes) or kvp_allocate_array(a, count, size) returned; NULL is a no-op. */
+void kvp_release(const struct kvp_allocator *a, void *p, size_t bytes);
 
 /* IEEE 754 binary16, round to nearest even; NaN and infinity preserved. */
 uint16_t kvp_f32_to_f16(float x);

@@ -83,7 +83,8 @@ struct kvp_codec {
 	size_t qprep_bytes;   /* scratch for prepare_query */
 	unsigned acc_dim;     /* floats of the axpy accumulator */
 	unsigned fit_steps;   /* decode steps of observed queries fit() can use (SparK: 32); 0: none */
-	void *state;          /* the codec's own configuration */
+	void *state;          /* the codec's own configuration, from mem */
+	struct kvp_allocator mem; /* where this struct, state and the codec's buffers come from */
 	struct kvp_codec *inner;
 	/* standalone use (kvp_codec_* public calls): the context fitted on the first encode */
 	void *own_ctx;
@@ -91,12 +92,16 @@ struct kvp_codec {
 };
 
 /* Parse spec[0..len) ("fp16", "turboquant(bits=3)", "spark(keep=0.5)|turboquant(bits=3)") for vectors
- * of dim floats. The codec is allocated with malloc; kvp_codec_free releases it. */
+ * of dim floats. The codec is allocated on the C heap (kvp_codec_parse_in: from mem, which the pager
+ * points at the sequence's tenant, so a codec's tables are charged like its blocks); kvp_codec_free
+ * releases it. */
 kvp_status kvp_codec_parse(const char *spec, size_t len, unsigned dim, struct kvp_codec **out);
 /* The same for one side of the cache (KVP_CODEC_KEYS or KVP_CODEC_VALUES); kvp_codec_parse means keys.
  * The pager parses v= with KVP_CODEC_VALUES, so "kivi(bits=2)" quantizes values per token. */
 kvp_status kvp_codec_parse_role(const char *spec, size_t len, unsigned dim, unsigned role,
 				struct kvp_codec **out);
+kvp_status kvp_codec_parse_in(const char *spec, size_t len, unsigned dim, unsigned role,
+			      const struct kvp_allocator *mem, struct kvp_codec **out);
 void kvp_codec_free(struct kvp_codec *c);
 
 /* The codecs of the registry (codecs/registry.c). */

@@ -57,9 +57,9 @@ static kvp_status kivi_open(struct kvp_codec *c, struct kvp_args *args, unsigned
 		return st;
 	if (g % 8)
 		return kvp_fail(KVP_EINVAL, "kivi: group=%u is not a multiple of 8", g);
-	k = calloc(1, sizeof *k);
+	k = kvp_allocate(&c->mem, sizeof *k, "kivi: its configuration");
 	if (!k)
-		return kvp_fail(KVP_ENOMEM, "kivi: out of memory");
+		return KVP_ENOMEM;
 	k->bits = bits;
 	k->g = g;
 	k->per_token = axis == 1;
@@ -80,7 +80,7 @@ static kvp_status kivi_open(struct kvp_codec *c, struct kvp_args *args, unsigned
 
 static void kivi_close(struct kvp_codec *c)
 {
-	free(c->state);
+	kvp_release(&c->mem, c->state, sizeof(struct kivi));
 	c->state = NULL;
 }
 

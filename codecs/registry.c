@@ -94,13 +94,23 @@ static kvp_status parse_element(struct element *e)
 	return kvp_args_parse(&e->args, e->ops->name, inner, ilen);
 }
 
-static kvp_status open_one(struct element *e, unsigned role, struct kvp_codec *inner, struct kvp_codec **out)
+/* The struct itself comes from mem, like everything the codec keeps. */
+static void codec_release(struct kvp_codec *c)
 {
-	struct kvp_codec *c = calloc(1, sizeof *c);
+	struct kvp_allocator mem = c->mem;
+
+	kvp_release(&mem, c, sizeof *c);
+}
+
+static kvp_status open_one(struct element *e, unsigned role, const struct kvp_allocator *mem,
+			   struct kvp_codec *inner, struct kvp_codec **out)
+{
+	struct kvp_codec *c = kvp_allocate(mem, sizeof *c, e->ops->name);
 	kvp_status st;
 
 	if (!c)
-		return kvp_fail(KVP_ENOMEM, "%s: out of memory", e->ops->name);
+		return KVP_ENOMEM;
+	c->mem = *mem;
 	c->ops = e->ops;
 	c->dim = e->dim;
 	c->flags = e->ops->flags;
@@ -109,7 +119,7 @@ static kvp_status open_one(struct element *e, unsigned role, struct kvp_codec *i
 	c->acc_dim = e->dim;
 	st = e->ops->open(c, &e->args, e->dim, inner);
 	if (st != KVP_OK) {
-		free(c);
+		codec_release(c);
 		return st;
 	}
 	c->inner = inner;
@@ -118,7 +128,7 @@ static kvp_status open_one(struct element *e, unsigned role, struct kvp_codec *i
 		c->inner = NULL; /* the caller still owns inner */
 		if (c->ops->close)
 			c->ops->close(c);
-		free(c);
+		codec_release(c);
 		return st;
 	}
 	*out = c;
@@ -128,13 +138,19 @@ static kvp_status open_one(struct element *e, unsigned role, struct kvp_codec *i
 kvp_status kvp_codec_parse_role(const char *spec, size_t len, unsigned dim, unsigned role,
 				struct kvp_codec **out)
 {
+	return kvp_codec_parse_in(spec, len, dim, role, &kvp_heap, out);
+}
+
+kvp_status kvp_codec_parse_in(const char *spec, size_t len, unsigned dim, unsigned role,
+			      const struct kvp_allocator *mem, struct kvp_codec **out)
+{
 	struct element el[STACK_MAX];
 	struct kvp_codec *c = NULL;
 	unsigned n;
 	kvp_status st;
 
-	if (!spec || !out)
-		return kvp_fail(KVP_EINVAL, "codec: NULL spec or result");
+	if (!spec || !mem || !out)
+		return kvp_fail(KVP_EINVAL, "codec: NULL spec, memory or result");
 	if (len > 65536)
 		return kvp_fail(KVP_EINVAL, "codec: spec of %zu bytes is too long", len);
 	if (dim == 0 || dim > KVP_CODEC_DIM_MAX)
@@ -157,7 +173,7 @@ kvp_status kvp_codec_parse_role(const char *spec, size_t len, unsigned dim, unsi
 	}
 	for (unsigned i = n; i-- > 0;) {
 		struct kvp_codec *outer = NULL;
-		st = open_one(&el[i], role, c, &outer);
+		st = open_one(&el[i], role, mem, c, &outer);
 		if (st != KVP_OK) {
 			kvp_codec_free(c);
 			return kvp_fail_context(st, "codec '%.*s'", (int)len, spec);
@@ -179,8 +195,9 @@ void kvp_codec_free(struct kvp_codec *c)
 		struct kvp_codec *inner = c->inner;
 		if (c->ops->close)
 			c->ops->close(c);
-		free(c->own_ctx);
-		free(c);
+		if (c->own_ctx)
+			kvp_release(&c->mem, c->own_ctx, c->ctx_bytes);
+		codec_release(c);
 		c = inner;
 	}
 }
@@ -198,10 +215,10 @@ KVP_API kvp_status kvp_codec_open(const char *spec, uint32_t dim, kvp_codec **ou
 	if (st != KVP_OK)
 		return st;
 	if (c->ctx_bytes) {
-		c->own_ctx = calloc(1, c->ctx_bytes);
+		c->own_ctx = kvp_allocate(&c->mem, c->ctx_bytes, "kvp_codec_open: the codec's context");
 		if (!c->own_ctx) {
 			kvp_codec_free(c);
-			return kvp_fail(KVP_ENOMEM, "kvp_codec_open: out of memory");
+			return KVP_ENOMEM;
 		}
 	}
 	*out = c;

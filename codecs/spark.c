@@ -92,9 +92,9 @@ static kvp_status spark_open(struct kvp_codec *c, struct kvp_args *args, unsigne
 	if (inner && (!(inner->flags & KVP_CODEC_SEPARABLE) || inner->group != 1))
 		return kvp_fail(KVP_EINVAL, "spark: the codec right of '|' (%s, group %u) is not separable; SparK's "
 				"kept channels differ per token", inner->ops->name, inner->group);
-	s = calloc(1, sizeof *s);
+	s = kvp_allocate(&c->mem, sizeof *s, "spark: its configuration");
 	if (!s)
-		return kvp_fail(KVP_ENOMEM, "spark: out of memory");
+		return KVP_ENOMEM;
 	s->kept = kept;
 	s->pruned = dim - kept;
 	s->avg = avg;
@@ -115,7 +115,7 @@ static kvp_status spark_open(struct kvp_codec *c, struct kvp_args *args, unsigne
 
 static void spark_close(struct kvp_codec *c)
 {
-	free(c->state);
+	kvp_release(&c->mem, c->state, sizeof(struct spark));
 	c->state = NULL;
 }
 
@@ -236,15 +236,15 @@ static kvp_status spark_fit(const struct kvp_codec *c, void *ctx, unsigned n, co
 	}
 	if (!c->inner || !c->inner->ctx_bytes)
 		return KVP_OK;
-	kept = malloc(sizeof(float) * s->kept * (size_t)n);
+	kept = kvp_allocate_array(&c->mem, (size_t)s->kept * n, sizeof(float), "spark: kept channels to fit on");
 	if (!kept)
-		return kvp_fail(KVP_ENOMEM, "spark: out of memory");
+		return KVP_ENOMEM;
 	for (unsigned i = 0; i < n; i++) {
 		select_channels(c, qn, x + (size_t)i * c->dim, keep);
 		gather_kept(c->dim, keep, x + (size_t)i * c->dim, kept + (size_t)i * s->kept);
 	}
 	st = c->inner->ops->fit(c->inner, inner_ctx(c, ctx), n, kept, 0, NULL);
-	free(kept);
+	kvp_release(&c->mem, kept, (size_t)s->kept * n * sizeof(float));
 	return st;
 }
 

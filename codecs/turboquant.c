@@ -241,15 +241,16 @@ static void unrotate(const struct tq_part *pt, float *v)
 
 /* ---- Open and close. ---- */
 
-static void part_free(struct tq_part *pt)
+/* A part's sign vectors (p floats each) and QJL matrix (m x m floats) come from the codec's allocator. */
+static void part_free(const struct kvp_allocator *mem, struct tq_part *pt)
 {
 	for (unsigned k = 0; k < 3; k++)
-		free(pt->sign[k]);
-	free(pt->s);
+		kvp_release(mem, pt->sign[k], sizeof(float) * pt->p);
+	kvp_release(mem, pt->s, sizeof(float) * pt->m * pt->m);
 }
 
-static kvp_status part_init(struct tq_part *pt, unsigned m, unsigned bits, unsigned qjl, uint64_t seed,
-			    unsigned index)
+static kvp_status part_init(const struct kvp_allocator *mem, struct tq_part *pt, unsigned m, unsigned bits,
+			    unsigned qjl, uint64_t seed, unsigned index)
 {
 	struct beta_table *b;
 	uint64_t s;
@@ -263,7 +264,7 @@ static kvp_status part_init(struct tq_part *pt, unsigned m, unsigned bits, unsig
 	pt->win[1] = m - pt->p;
 	pt->win[2] = 0;
 	for (unsigned k = 0; k < pt->npass; k++) {
-		pt->sign[k] = malloc(sizeof(float) * pt->p);
+		pt->sign[k] = kvp_allocate(mem, sizeof(float) * pt->p, "turboquant: rotation signs");
 		if (!pt->sign[k])
 			return KVP_ENOMEM;
 		s = stream(seed, index, k);
@@ -271,19 +272,19 @@ static kvp_status part_init(struct tq_part *pt, unsigned m, unsigned bits, unsig
 			pt->sign[k][j] = (splitmix64(&s) >> 63) ? -1.0f : 1.0f;
 	}
 	if (qjl) {
-		pt->s = malloc(sizeof(float) * m * m);
+		pt->s = kvp_allocate(mem, sizeof(float) * m * m, "turboquant: QJL matrix");
 		if (!pt->s)
 			return KVP_ENOMEM;
 		s = stream(seed, index, 3);
 		for (size_t i = 0; i < (size_t)m * m; i++)
 			pt->s[i] = (float)gaussian(&s);
 	}
-	b = malloc(sizeof *b);
+	b = kvp_allocate(mem, sizeof *b, "turboquant: codebook table");
 	if (!b)
 		return KVP_ENOMEM;
 	beta_table_init(b, m);
 	codebook(pt, b);
-	free(b);
+	kvp_release(mem, b, sizeof *b);
 	return KVP_OK;
 }
 
@@ -294,8 +295,8 @@ static void tq_close(struct kvp_codec *c)
 	if (!t)
 		return;
 	for (unsigned k = 0; k < TQ_PARTS; k++)
-		part_free(&t->part[k]);
-	free(t);
+		part_free(&c->mem, &t->part[k]);
+	kvp_release(&c->mem, t, sizeof *t);
 	c->state = NULL;
 }
 
@@ -308,9 +309,9 @@ static kvp_status tq_layout(struct kvp_codec *c, struct tq *t, unsigned bits, un
 	t->head = sizeof(float) * t->nparts * (1 + t->qjl);
 	at = t->head;
 	for (unsigned k = 0; k < t->nparts; k++) {
-		kvp_status st = part_init(&t->part[k], m[k], b[k], t->qjl, seed, k);
+		kvp_status st = part_init(&c->mem, &t->part[k], m[k], b[k], t->qjl, seed, k);
 		if (st != KVP_OK)
-			return kvp_fail(st, "turboquant: out of memory");
+			return st;
 		t->part[k].first = k ? m[0] : 0;
 		t->part[k].code_at = at;
 		at += ((size_t)m[k] * b[k] + 7) / 8;
@@ -344,9 +345,9 @@ static kvp_status tq_open(struct kvp_codec *c, struct kvp_args *args, unsigned d
 	if (outliers && (outliers < 2 || dim - outliers < 2))
 		return kvp_fail(KVP_EINVAL, "turboquant: outliers=%u on dim=%u leaves a part below 2 channels",
 				outliers, dim);
-	t = calloc(1, sizeof *t);
+	t = kvp_allocate(&c->mem, sizeof *t, "turboquant: its configuration");
 	if (!t)
-		return kvp_fail(KVP_ENOMEM, "turboquant: out of memory");
+		return KVP_ENOMEM;
 	t->qjl = qjl;
 	t->outliers = outliers;
 	t->nparts = outliers ? 2 : 1;

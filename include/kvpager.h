@@ -101,7 +101,9 @@ KVP_API void kvp_pool_close(kvp_pool *pool);
 
 /*
  * Tenant: a quota and a default cache configuration; its blocks live in its own jemalloc arena.
- *   quota=SIZE      byte limit over the tenant's sequences (default: none; the pool's limit binds)
+ *   quota=SIZE      byte limit over the tenant's sequences (default: none; the pool's limit binds): their
+ *                   blocks and tables, and what their policies and codecs keep (H2O's weights, TriAttention's
+ *                   statistics and score rows, codec tables, round buffers), sized by the tokens retained
  *   block=N         tokens per block (default 64)
  *   sinks=N         first N tokens of every stream are kept exact (default 4)
  *   window=N        last N tokens of every stream are kept exact (default 128)
@@ -180,7 +182,7 @@ typedef struct {
 	uint64_t tokens_appended, tokens_retained; /* summed over streams */
 	uint64_t bytes_exact;      /* token storage of the exact tiers, as allocated */
 	uint64_t bytes_compressed; /* token storage of codec-encoded blocks, as allocated */
-	uint64_t bytes_meta;       /* positions, block headers, stream tables */
+	uint64_t bytes_meta;       /* positions, block headers, stream tables, and the policy's and codecs' state */
 	uint64_t bytes_spilled;    /* bytes on the spill device */
 	uint64_t bytes_dense_fp16; /* what every appended token would take as dense fp16 K and V */
 } kvp_stats;
@@ -245,8 +247,10 @@ KVP_API void kvp_policy_close(kvp_policy *p);
  * (layer, kv_head). q_post_rope: [group][head_dim] the queries after RoPE of the group's query heads
  * (kv_head*group .. kv_head*group + group - 1, group = n_heads / n_kv_heads), or NULL; weights:
  * [group][n] their softmax weights over the stream's n tokens at positions pos (increasing), or NULL.
- * H2O accumulates the weights; TriAttention with stats=online averages the queries (rotated back to
- * pre-RoPE with t). On failure nothing is recorded.
+ * H2O accumulates the weights, one per token of pos: pos names every token the host still holds, and a
+ * token left out is taken as evicted and its weight dropped, so H2O's memory follows the tokens held,
+ * not the values of their positions. TriAttention with stats=online averages the queries (rotated back
+ * to pre-RoPE with t). On failure (KVP_ENOMEM) nothing is recorded.
  */
 KVP_API kvp_status kvp_policy_observe(kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t,
 				      const float *q_post_rope, uint32_t n, const int32_t *pos,

@@ -317,3 +317,29 @@ void kvp_free(struct kvp_tenant *t, void *p, size_t bytes, enum kvp_bytes_kind k
 	count(t, real, kind, payload, -1);
 	kvp_uncharge(t, real);
 }
+
+/* Memory a sequence's policy and codecs keep: charged and allocated like the pager's own metadata (a
+ * charge over the quota may relieve pressure first, as every other charge does), and counted in the
+ * sequence's state_bytes so its stats show it. Calls on one sequence are serialized, stats included. */
+static void *state_alloc(void *ctx, size_t bytes)
+{
+	struct kvp_seq *s = ctx;
+	void *p = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0);
+
+	if (p)
+		s->state_bytes += kvp_alloc_size(s->tenant, bytes);
+	return p;
+}
+
+static void state_free(void *ctx, void *p, size_t bytes)
+{
+	struct kvp_seq *s = ctx;
+
+	kvp_free(s->tenant, p, bytes, KVP_BYTES_META, 0);
+	s->state_bytes -= kvp_alloc_size(s->tenant, bytes);
+}
+
+struct kvp_allocator kvp_seq_allocator(struct kvp_seq *s)
+{
+	return (struct kvp_allocator){ .alloc = state_alloc, .free = state_free, .ctx = s };
+}

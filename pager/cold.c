@@ -26,11 +26,12 @@ static const char *side_spec(const struct kvp_tenant_config *cfg, const char *sp
 	return cfg->store == KVP_STORE_FP16 ? "fp16" : "fp32";
 }
 
+/* mem: the sequence's (its codecs' tables are charged to its tenant), or the heap for a check. */
 static kvp_status parse_side(const struct kvp_tenant_config *cfg, const char *spec, unsigned role,
-			     unsigned dim, struct kvp_codec **out)
+			     unsigned dim, const struct kvp_allocator *mem, struct kvp_codec **out)
 {
 	const char *text = side_spec(cfg, spec);
-	kvp_status st = kvp_codec_parse_role(text, strlen(text), dim, role, out);
+	kvp_status st = kvp_codec_parse_in(text, strlen(text), dim, role, mem, out);
 
 	if (st != KVP_OK)
 		return kvp_fail_context(st, "tenant: %s=%s", role == KVP_CODEC_KEYS ? "k" : "v", text);
@@ -63,18 +64,18 @@ static kvp_status level_spec(const struct kvp_tenant_config *cfg, const char *sp
 
 /* Both sides' codecs of one level; on failure neither is left allocated. */
 static kvp_status parse_level(const struct kvp_tenant_config *cfg, unsigned level, unsigned dim,
-			      struct kvp_codec **k, struct kvp_codec **v)
+			      const struct kvp_allocator *mem, struct kvp_codec **k, struct kvp_codec **v)
 {
 	char spec[KVP_CODEC_SPEC_MAX];
 	kvp_status st = level_spec(cfg, cfg->k_spec, level, spec);
 
 	*k = *v = NULL;
 	if (st == KVP_OK)
-		st = parse_side(cfg, spec, KVP_CODEC_KEYS, dim, k);
+		st = parse_side(cfg, spec, KVP_CODEC_KEYS, dim, mem, k);
 	if (st == KVP_OK)
 		st = level_spec(cfg, cfg->v_spec, level, spec);
 	if (st == KVP_OK)
-		st = parse_side(cfg, spec, KVP_CODEC_VALUES, dim, v);
+		st = parse_side(cfg, spec, KVP_CODEC_VALUES, dim, mem, v);
 	if (st != KVP_OK) {
 		if (cfg->ladder.n)
 			kvp_fail_context(st, "tenant: ladder=%s, level %u (%u:%g)", cfg->ladder_spec, level + 1,
@@ -98,7 +99,7 @@ kvp_status kvp_cold_check(const struct kvp_tenant_config *cfg)
 		return KVP_OK;
 	for (unsigned l = 0; st == KVP_OK && l < level_count(cfg); l++) {
 		struct kvp_codec *k, *v;
-		st = parse_level(cfg, l, PROBE_DIM, &k, &v);
+		st = parse_level(cfg, l, PROBE_DIM, &kvp_heap, &k, &v);
 		kvp_codec_free(k);
 		kvp_codec_free(v);
 	}
@@ -108,6 +109,7 @@ kvp_status kvp_cold_check(const struct kvp_tenant_config *cfg)
 kvp_status kvp_cold_open(struct kvp_tenant *t, struct kvp_seq *s)
 {
 	struct kvp_cold *c = &s->cold;
+	struct kvp_allocator mem = kvp_seq_allocator(s);
 	uint32_t dim = s->shape.head_dim;
 	kvp_status st;
 
@@ -116,7 +118,7 @@ kvp_status kvp_cold_open(struct kvp_tenant *t, struct kvp_seq *s)
 		return KVP_OK;
 	st = KVP_OK;
 	for (unsigned l = 0; st == KVP_OK && l < level_count(&t->cfg); l++) {
-		if ((st = parse_level(&t->cfg, l, dim, &c->k_level[l], &c->v_level[l])) != KVP_OK)
+		if ((st = parse_level(&t->cfg, l, dim, &mem, &c->k_level[l], &c->v_level[l])) != KVP_OK)
 			break;
 		c->n_levels = l + 1;
 		c->qprep_max = c->k_level[l]->qprep_bytes > c->qprep_max ? c->k_level[l]->qprep_bytes : c->qprep_max;

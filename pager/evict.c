@@ -10,10 +10,12 @@
  *   - cold blocks of a codec whose groups span tokens (KIVI keys) are kept or dropped whole, by the
  *     share of their tokens the round selected (at least half: kept);
  *   - exact blocks are repacked the same way.
- * A block every one of whose tokens survives is kept as it is (shared with forks, nothing copied) until
- * a block before it has lost tokens; from then on survivors are packed into full blocks, except when
- * the losses are a prefix of the region (StreamingLLM drops the oldest): then the blocks after it are
- * kept as they are, and the prefix's last packed block may stay partly filled.
+ * A full block every one of whose tokens survives is kept as it is (shared with forks, nothing copied)
+ * until a block before it has lost tokens (a partly filled one only as its region's last: H2O keeps its
+ * heavy hitters, and a partly filled cold block in the middle would hold a block's bytes for their few
+ * tokens round after round); from then on survivors are packed into full blocks, except when the losses
+ * are a prefix of the region (StreamingLLM drops the oldest): then the blocks after it are kept as they
+ * are, and the prefix's last packed block may stay partly filled.
  * Single-stream rounds load into the sequence's round space (kept between rounds, charged as metadata).
  * Cold tokens are scored from their decoded keys; a block is encoded only after a round has scored
  * it (cold.c), so every token's first decision is made while it is exact. Until a stream's first round
@@ -67,13 +69,15 @@ void kvp_evict_unprepare(struct kvp_tenant *t)
 
 kvp_status kvp_evict_open(struct kvp_tenant *t, struct kvp_seq *s)
 {
+	/* the policy's state is the sequence's: charged to the tenant, counted in its bytes_meta */
+	struct kvp_allocator mem = kvp_seq_allocator(s);
 	kvp_status st;
 
 	s->prompt_end = -1;
 	if (!t->cfg.policy_spec[0])
 		return KVP_OK;
-	st = kvp_policy_parse(t->cfg.policy_spec, strlen(t->cfg.policy_spec), &s->shape, t->policy_shared,
-			      &s->policy);
+	st = kvp_policy_parse_in(t->cfg.policy_spec, strlen(t->cfg.policy_spec), &s->shape, t->policy_shared, &mem,
+				 &s->policy);
 	if (st != KVP_OK)
 		return kvp_fail_context(st, "kvp_seq_open: policy=%s", t->cfg.policy_spec);
 	if (t->cfg.pin_prompt)
@@ -83,11 +87,13 @@ kvp_status kvp_evict_open(struct kvp_tenant *t, struct kvp_seq *s)
 
 kvp_status kvp_evict_fork(struct kvp_tenant *t, const struct kvp_seq *src, struct kvp_seq *s)
 {
+	struct kvp_allocator mem = kvp_seq_allocator(s);
+
 	(void)t;
 	s->prompt_end = src->prompt_end;
 	if (!src->policy)
 		return KVP_OK;
-	return kvp_policy_clone(src->policy, &s->policy);
+	return kvp_policy_clone_in(src->policy, &mem, &s->policy);
 }
 
 static void round_space_release(struct kvp_tenant *t, struct kvp_round_space *r)
@@ -289,7 +295,9 @@ static void walk_region(const struct kvp_seq *s, const struct kvp_stream *st, co
 
 		if (i == reuse)
 			pending = 0;
-		if (r->whole || (kept == b->n && !pending)) {
+		/* a partly filled block is reused only as the region's last: one in the middle would hold a
+		 * block's bytes for its few tokens at every round to come (H2O keeps its heavy hitters) */
+		if (r->whole || (kept == b->n && !pending && (b->n == B || i + 1 == r->to))) {
 			if (c && (r->whole ? 2 * kept >= b->n : 1)) {
 				c->reused[i] = 1;
 				c->table[c->n++] = b;
@@ -434,22 +442,22 @@ struct loaded {
 	uint8_t *keep;
 	uint32_t n_kept;
 	struct verdict verdict; /* keep, or a cut for a stream that was not loaded (round_newest) */
-	int owned; /* the buffers are this round's own (else the sequence's round space) */
+	struct kvp_round_space own; /* the round's own buffers, when not the sequence's round space */
 };
 
-static void loaded_free(struct loaded *l)
+static void loaded_free(struct kvp_tenant *t, struct loaded *l)
 {
-	if (l->owned)
-		free(l->pos), free(l->k), free(l->keep);
+	round_space_release(t, &l->own);
 	memset(l, 0, sizeof *l);
 }
 
 /*
  * A round space for n tokens, n plus an eighth so a stream that grows by `every` between rounds does not
- * reallocate at each. Charged without relief: parking other sequences to make room for scratch would
- * cost more than it saves, so when the quota says no (0 returned) the round uses buffers of its own.
+ * reallocate at each. The sequence's is charged without relief (`relief` 0): parking other sequences to
+ * make room for kept scratch would cost more than it saves, so when the quota says no (0 returned) the
+ * round takes buffers of its own, for itself only, charged like any other memory.
  */
-static int round_space_alloc(struct kvp_seq *s, uint32_t n, int keys, struct kvp_round_space *r)
+static int round_space_alloc(struct kvp_seq *s, uint32_t n, int keys, int relief, struct kvp_round_space *r)
 {
 	const size_t dim = s->shape.head_dim;
 	unsigned mode = kvp_charge_mode;
@@ -457,7 +465,8 @@ static int round_space_alloc(struct kvp_seq *s, uint32_t n, int keys, struct kvp
 	size_t bytes = (size_t)cap * ((keys ? dim * sizeof(float) : 0) + sizeof(int32_t) + 1);
 	char *mem;
 
-	kvp_charge_mode |= KVP_CHARGE_NO_RELIEF;
+	if (!relief)
+		kvp_charge_mode |= KVP_CHARGE_NO_RELIEF;
 	mem = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0);
 	kvp_charge_mode = mode;
 	if (!mem)
@@ -474,29 +483,23 @@ static int round_space_alloc(struct kvp_seq *s, uint32_t n, int keys, struct kvp
  * Buffers for n tokens. With grown != NULL (a single-stream round) they are the sequence's round space
  * when it holds n, else a larger one made into *grown, which the round installs only when it succeeds
  * (round_space_settle), so a failed round leaves the sequence's memory as it was. Otherwise, and when
- * the quota refuses, the round's own.
+ * the quota refuses, the round's own (l->own, charged too: no round buffer escapes the quota).
  */
 static kvp_status load_buffers(struct kvp_seq *s, uint32_t n, int keys, struct kvp_round_space *grown,
 			       struct loaded *l)
 {
 	const struct kvp_round_space *r = &s->round_space;
 
-	if (grown && !(n <= r->cap && (!keys || r->k)) && round_space_alloc(s, n, keys, grown))
+	if (grown && !(n <= r->cap && (!keys || r->k)) && round_space_alloc(s, n, keys, 0, grown))
 		r = grown;
-	if (grown && n <= r->cap && (!keys || r->k)) {
-		l->pos = r->pos;
-		l->k = keys ? r->k : NULL;
-		l->keep = r->keep;
-		return KVP_OK;
+	if (!grown || !(n <= r->cap && (!keys || r->k))) {
+		if (!round_space_alloc(s, n, keys, 1, &l->own))
+			return kvp_fail_context(KVP_ENOMEM, "policy round: buffers for %u tokens", n);
+		r = &l->own;
 	}
-	l->owned = 1;
-	l->pos = malloc(n * sizeof *l->pos);
-	l->k = keys ? malloc((size_t)n * s->shape.head_dim * sizeof *l->k) : NULL;
-	l->keep = malloc(n);
-	if (!l->pos || (keys && !l->k) || !l->keep) {
-		loaded_free(l);
-		return kvp_fail(KVP_ENOMEM, "policy round: out of memory for %u tokens", n);
-	}
+	l->pos = r->pos;
+	l->k = keys ? r->k : NULL;
+	l->keep = r->keep;
 	return KVP_OK;
 }
 
@@ -575,7 +578,7 @@ static kvp_status round_shared(struct kvp_seq *s, struct kvp_stream **streams, u
 	if (st == KVP_OK)
 		st = apply(s, l, n);
 	for (i = 0; l && i < n; i++)
-		loaded_free(&l[i]);
+		loaded_free(s->tenant, &l[i]);
 	free(l);
 	free(rounds);
 	return st;
@@ -647,7 +650,7 @@ static kvp_status round_one(struct kvp_seq *s, uint32_t layer, uint32_t kv_head)
 		st = kvp_policy_round(s->policy, layer, kv_head, &l.round, l.keep, &l.n_kept);
 	if (st == KVP_OK)
 		st = apply(s, &l, 1);
-	loaded_free(&l);
+	loaded_free(s->tenant, &l);
 	round_space_settle(s, &grown, st);
 	return st;
 }

@@ -3,8 +3,9 @@
  *
  * Memory: every byte a sequence holds is allocated from its tenant's jemalloc arena and charged to the
  * tenant and the pool before it is allocated, so an append that would pass a limit fails before it
- * changes anything. Blocks are reference counted so forks share them; a shared block is copied before
- * it is written (copy-on-write).
+ * changes anything. Its policy and codecs get theirs the same way, through the allocator the sequence
+ * hands them (kvp_seq_allocator), and it shows in the sequence's bytes_meta. Blocks are reference
+ * counted so forks share them; a shared block is copied before it is written (copy-on-write).
  *
  * A stream is one (layer, KV head) of a sequence:
  *   sink block   the first `sinks` tokens, exact, never evicted
@@ -159,6 +160,9 @@ struct kvp_seq {
 	uint64_t tokens_appended;
 	struct kvp_cold cold; /* codecs NULL when the tenant has no k= or v= */
 	struct kvp_policy *policy; /* NULL when every token is kept */
+	/* Bytes the policy and the codecs hold for this sequence (their state and buffers), as allocated
+	 * through kvp_seq_allocator: charged to the tenant as metadata and counted in the sequence's bytes_meta. */
+	uint64_t state_bytes;
 	struct kvp_gating *gating; /* NULL when gate=off */
 	int64_t t0;                /* one past the highest position appended */
 	int32_t prompt_end;        /* the prompt's end, fixed at the first kvp_seq_step; -1 before */
@@ -204,6 +208,8 @@ size_t kvp_alloc_size(const struct kvp_tenant *t, size_t bytes); /* what jemallo
  * metadata. NULL with KVP_ENOMEM set on failure. kvp_free takes the same three numbers. */
 void *kvp_alloc(struct kvp_tenant *t, size_t bytes, enum kvp_bytes_kind kind, size_t payload);
 void kvp_free(struct kvp_tenant *t, void *p, size_t bytes, enum kvp_bytes_kind kind, size_t payload);
+/* What the sequence hands its policy and codecs: kvp_alloc/kvp_free as metadata, counted in state_bytes. */
+struct kvp_allocator kvp_seq_allocator(struct kvp_seq *s);
 kvp_status kvp_arena_create(const struct kvp_pool *pool, unsigned *arena);
 void kvp_arena_destroy(const struct kvp_pool *pool, unsigned arena);
 int kvp_arena_flags(unsigned arena);

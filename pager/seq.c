@@ -339,6 +339,7 @@ kvp_status kvp_seq_stats_entered(const kvp_seq *s, kvp_stats *out)
 		full.bytes_meta += kvp_alloc_size(s->tenant, s->gating->bytes);
 	if (s->round_space.bytes)
 		full.bytes_meta += kvp_alloc_size(s->tenant, s->round_space.bytes);
+	full.bytes_meta += s->state_bytes; /* the policy's and the codecs' */
 	full.tokens_appended = s->tokens_appended;
 	full.bytes_dense_fp16 = s->tokens_appended * s->shape.head_dim * 4;
 	full.bytes_spilled += kvp_seq_parked_bytes(s);

@@ -13,6 +13,9 @@
  *
  * One kvp_policy belongs to one sequence: H2O's accumulated weights and TriAttention's online statistics
  * are that sequence's history. Calls on one policy must not overlap (the sequence's caller serializes).
+ * Every byte a policy keeps (the struct, its state, its scoring buffers) comes from p->mem, the allocator
+ * it was opened with: the pager's charges the sequence's tenant, so a policy that cannot get memory fails
+ * its call with KVP_ENOMEM and leaves its state as it was.
  */
 #ifndef KVP_POLICY_H
 #define KVP_POLICY_H
@@ -44,8 +47,9 @@ struct kvp_policy_ops {
 	 * only the keys it needs: open checks the rest. */
 	kvp_status (*prepare)(struct kvp_args *args, void **shared);
 	void (*release)(void *shared);
-	/* Learn from one attention call. Fails only on memory or positions outside what it can index;
-	 * on failure the policy's state is as before the call. NULL: the policy learns nothing. */
+	/* Learn from one attention call. o->pos are every token the stream holds (a token left out has
+	 * been evicted). Fails only on memory; on failure the policy's state is as before the call. NULL:
+	 * the policy learns nothing. */
 	kvp_status (*observe)(struct kvp_policy *p, const struct kvp_observation *o);
 	/* scores[i] for the stream's tokens i < n (pos[i], k[i] post-RoPE); n >= 1, arguments checked. */
 	kvp_status (*score)(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t0, uint32_t n,
@@ -58,8 +62,8 @@ struct kvp_policy_ops {
 	 * candidates: its verdict follows from positions alone, and the pager takes it from kvp_policy_cut
 	 * instead of scoring and selecting every token. */
 	int keeps_newest;
-	/* Fill dst->state with a copy of src's history (dst has src's ops, shape and plan, state NULL), so a
-	 * forked sequence's policy starts where its parent's was. NULL for policies without state. */
+	/* Fill dst->state with a copy of src's history (dst has src's ops, shape and plan, its own mem, state
+	 * NULL), so a forked sequence's policy starts where its parent's was. NULL for policies without state. */
 	kvp_status (*clone)(struct kvp_policy *dst, const struct kvp_policy *src);
 	void (*close)(struct kvp_policy *p);
 };
@@ -86,6 +90,7 @@ struct kvp_policy {
 	const struct kvp_policy_ops *ops;
 	kvp_shape shape;
 	struct kvp_policy_plan plan;
+	struct kvp_allocator mem; /* where this struct and everything the policy keeps come from */
 	void *state;
 	void *shared; /* during open: what prepare loaded for this spec, or NULL */
 };
@@ -103,13 +108,19 @@ extern const struct kvp_policy_ops kvp_policy_triattention;
 struct kvp_policy_shared;
 kvp_status kvp_policy_prepare(const char *spec, size_t len, struct kvp_policy_shared **out);
 void kvp_policy_shared_free(struct kvp_policy_shared *shared);
-/* Parses spec[0..len) ("h2o(heavy=0.1,recent=0.1)") for shape; kvp_policy_free releases it. shared:
- * from kvp_policy_prepare of the same spec, or NULL (the policy then loads what it needs itself). */
+/* Parses spec[0..len) ("h2o(heavy=0.1,recent=0.1)") for shape, in memory from mem (the pager's tenant)
+ * or the C heap (kvp_policy_parse); kvp_policy_free releases it. shared: from kvp_policy_prepare of the
+ * same spec, or NULL (the policy then loads what it needs itself). */
 kvp_status kvp_policy_parse(const char *spec, size_t len, const kvp_shape *shape,
 			    const struct kvp_policy_shared *shared, struct kvp_policy **out);
+kvp_status kvp_policy_parse_in(const char *spec, size_t len, const kvp_shape *shape,
+			       const struct kvp_policy_shared *shared, const struct kvp_allocator *mem,
+			       struct kvp_policy **out);
 void kvp_policy_free(struct kvp_policy *p);
-/* An independent copy of p with its history (for kvp_seq_fork). On failure *out is NULL. */
+/* An independent copy of p with its history (for kvp_seq_fork), in p's memory or mem's. On failure *out
+ * is NULL. */
 kvp_status kvp_policy_clone(const struct kvp_policy *p, struct kvp_policy **out);
+kvp_status kvp_policy_clone_in(const struct kvp_policy *p, const struct kvp_allocator *mem, struct kvp_policy **out);
 /* The checked vtable call behind the public kvp_policy_observe (pager-facing). It checks the stream and
  * the arguments but not that o->pos increases: the pager's positions were checked at append, and the
  * public call checks a host's before it gets here. */

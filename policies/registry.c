@@ -52,23 +52,43 @@ struct kvp_policy_shared {
 	void *state;
 };
 
-static kvp_status open_parsed(const struct kvp_policy_ops *ops, struct kvp_args *args, const kvp_shape *shape,
-			      const struct kvp_policy_shared *shared, struct kvp_policy **out)
+/* The struct itself, from mem like everything the policy keeps. */
+static struct kvp_policy *policy_new(const struct kvp_policy_ops *ops, const kvp_shape *shape,
+				     const struct kvp_allocator *mem)
 {
-	struct kvp_policy *p = calloc(1, sizeof *p);
+	struct kvp_policy *p = kvp_allocate(mem, sizeof *p, ops->name);
+
+	if (!p)
+		return NULL;
+	p->ops = ops;
+	p->shape = *shape;
+	p->mem = *mem;
+	return p;
+}
+
+static void policy_release(struct kvp_policy *p)
+{
+	struct kvp_allocator mem = p->mem;
+
+	kvp_release(&mem, p, sizeof *p);
+}
+
+static kvp_status open_parsed(const struct kvp_policy_ops *ops, struct kvp_args *args, const kvp_shape *shape,
+			      const struct kvp_policy_shared *shared, const struct kvp_allocator *mem,
+			      struct kvp_policy **out)
+{
+	struct kvp_policy *p = policy_new(ops, shape, mem);
 	uint32_t pin;
 	kvp_status st;
 
 	if (!p)
-		return kvp_fail(KVP_ENOMEM, "%s: out of memory", ops->name);
-	p->ops = ops;
-	p->shape = *shape;
+		return KVP_ENOMEM;
 	p->plan.every = 1;
 	p->shared = shared && shared->ops == ops ? shared->state : NULL;
 	st = ops->open(p, args);
 	p->shared = NULL;
 	if (st != KVP_OK) {
-		free(p);
+		policy_release(p);
 		return st;
 	}
 	pin = (uint32_t)p->plan.pin_prompt;
@@ -106,19 +126,26 @@ static kvp_status spec_split(const char *spec, size_t len, const struct kvp_poli
 kvp_status kvp_policy_parse(const char *spec, size_t len, const kvp_shape *shape,
 			    const struct kvp_policy_shared *shared, struct kvp_policy **out)
 {
+	return kvp_policy_parse_in(spec, len, shape, shared, &kvp_heap, out);
+}
+
+kvp_status kvp_policy_parse_in(const char *spec, size_t len, const kvp_shape *shape,
+			       const struct kvp_policy_shared *shared, const struct kvp_allocator *mem,
+			       struct kvp_policy **out)
+{
 	const struct kvp_policy_ops *ops;
 	struct kvp_args args;
 	kvp_status st;
 
-	if (!spec || !out)
-		return kvp_fail(KVP_EINVAL, "policy: NULL spec or result");
+	if (!spec || !mem || !out)
+		return kvp_fail(KVP_EINVAL, "policy: NULL spec, memory or result");
 	*out = NULL;
 	st = check_shape(shape);
 	if (st == KVP_OK)
 		st = spec_split(spec, len, &ops, &args);
 	if (st != KVP_OK)
 		return st;
-	return open_parsed(ops, &args, shape, shared, out);
+	return open_parsed(ops, &args, shape, shared, mem, out);
 }
 
 kvp_status kvp_policy_prepare(const char *spec, size_t len, struct kvp_policy_shared **out)
@@ -160,27 +187,31 @@ void kvp_policy_free(struct kvp_policy *p)
 		return;
 	if (p->ops->close)
 		p->ops->close(p);
-	free(p);
+	policy_release(p);
 }
 
 kvp_status kvp_policy_clone(const struct kvp_policy *p, struct kvp_policy **out)
 {
+	if (!p || !out)
+		return kvp_fail(KVP_EINVAL, "kvp_policy_clone: NULL policy or result");
+	return kvp_policy_clone_in(p, &p->mem, out);
+}
+
+kvp_status kvp_policy_clone_in(const struct kvp_policy *p, const struct kvp_allocator *mem, struct kvp_policy **out)
+{
 	struct kvp_policy *c;
 	kvp_status st = KVP_OK;
 
-	if (!p || !out)
-		return kvp_fail(KVP_EINVAL, "kvp_policy_clone: NULL policy or result");
+	if (!p || !mem || !out)
+		return kvp_fail(KVP_EINVAL, "kvp_policy_clone: NULL policy, memory or result");
 	*out = NULL;
-	c = calloc(1, sizeof *c);
-	if (!c)
-		return kvp_fail(KVP_ENOMEM, "%s: out of memory", p->ops->name);
-	c->ops = p->ops;
-	c->shape = p->shape;
+	if (!(c = policy_new(p->ops, &p->shape, mem)))
+		return KVP_ENOMEM;
 	c->plan = p->plan;
 	if (p->ops->clone)
 		st = p->ops->clone(c, p);
 	if (st != KVP_OK) {
-		free(c);
+		policy_release(c);
 		return st;
 	}
 	*out = c;

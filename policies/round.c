@@ -5,6 +5,8 @@
  *   kvp_policy_round         one stream (layer, KV head): select=per_layer_head, H2O, StreamingLLM
  *   kvp_policy_round_layers  one KV head over every layer, scores averaged over layers: select=per_head
  *   kvp_policy_round_union   every KV head of one layer, one shared set: select=union
+ * A round's buffers come from the policy's allocator, so the pager charges them to the sequence's tenant
+ * for as long as the round runs.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -24,9 +26,10 @@ struct candidates {
 	float *scores, *sum; /* [n], candidate order; sum: per-token accumulator over layers or heads */
 };
 
-static void candidates_free(struct candidates *c)
+/* scores and sum are one allocation of 2n floats. */
+static void candidates_free(const struct kvp_policy *p, struct candidates *c)
 {
-	free(c->scores), free(c->sum);
+	kvp_release(&p->mem, c->scores, 2 * (size_t)c->n * sizeof *c->scores);
 }
 
 /* Stream index of candidate j. */
@@ -86,16 +89,15 @@ static void candidates_find(struct candidates *c, uint32_t n, const int32_t *pos
 	c->n = to - from;
 }
 
-static kvp_status candidates_alloc(struct candidates *c, const struct kvp_round *r, const struct kvp_protect *pr)
+static kvp_status candidates_alloc(const struct kvp_policy *p, struct candidates *c, const struct kvp_round *r,
+				   const struct kvp_protect *pr)
 {
 	memset(c, 0, sizeof *c);
 	candidates_find(c, r->n, r->pos, pr);
-	c->scores = malloc(sizeof *c->scores * (c->n ? c->n : 1));
-	c->sum = calloc(c->n ? c->n : 1, sizeof *c->sum);
-	if (!c->scores || !c->sum) {
-		candidates_free(c);
-		return kvp_fail(KVP_ENOMEM, "policy round: out of memory for %u tokens", r->n);
-	}
+	c->scores = kvp_allocate_array(&p->mem, 2 * (size_t)c->n, sizeof *c->scores, "the candidates' scores");
+	if (!c->scores)
+		return kvp_fail_context(KVP_ENOMEM, "policy round of %u tokens", r->n);
+	c->sum = c->scores + c->n;
 	return KVP_OK;
 }
 
@@ -124,16 +126,16 @@ static kvp_status score_candidates(struct kvp_policy *p, uint32_t layer, uint32_
 static kvp_status select_from(const struct kvp_policy *p, const struct kvp_round *r, const struct kvp_protect *pr,
 			      const struct candidates *c, const float *values, uint8_t *keep, uint32_t *n_kept)
 {
-	float *scores = calloc(r->n ? r->n : 1, sizeof *scores);
+	float *scores = kvp_allocate_array(&p->mem, r->n, sizeof *scores, "the scores in stream order");
 	kvp_status st;
 
 	if (!scores)
-		return kvp_fail(KVP_ENOMEM, "policy round: out of memory for %u tokens", r->n);
+		return kvp_fail_context(KVP_ENOMEM, "policy round of %u tokens", r->n);
 	for (uint32_t j = 0; j < c->n; j++)
 		scores[candidate_index(c, j)] = values[j];
 	st = kvp_select_survivors(r->n, r->pos, scores, pr, r->budget ? r->budget : kvp_policy_budget(p, r->t0), keep,
 				  n_kept);
-	free(scores);
+	kvp_release(&p->mem, scores, (size_t)r->n * sizeof *scores);
 	return st;
 }
 
@@ -150,12 +152,12 @@ kvp_status kvp_policy_round(struct kvp_policy *p, uint32_t layer, uint32_t kv_he
 	if (st != KVP_OK)
 		return st;
 	pr = protection(p, r);
-	if ((st = candidates_alloc(&c, r, &pr)) != KVP_OK)
+	if ((st = candidates_alloc(p, &c, r, &pr)) != KVP_OK)
 		return st;
 	st = score_candidates(p, layer, kv_head, r, &c);
 	if (st == KVP_OK)
 		st = select_from(p, r, &pr, &c, c.scores, keep, n_kept);
-	candidates_free(&c);
+	candidates_free(p, &c);
 	return st;
 }
 
@@ -217,7 +219,7 @@ kvp_status kvp_policy_round_layers(struct kvp_policy *p, uint32_t kv_head, const
 	if (st != KVP_OK)
 		return st;
 	pr = protection(p, &rounds[0]);
-	if ((st = candidates_alloc(&c, &rounds[0], &pr)) != KVP_OK)
+	if ((st = candidates_alloc(p, &c, &rounds[0], &pr)) != KVP_OK)
 		return st;
 	for (uint32_t l = 0; st == KVP_OK && l < L; l++) {
 		st = score_candidates(p, l, kv_head, &rounds[l], &c);
@@ -226,29 +228,30 @@ kvp_status kvp_policy_round_layers(struct kvp_policy *p, uint32_t kv_head, const
 	}
 	if (st == KVP_OK)
 		st = select_from(p, &rounds[0], &pr, &c, c.sum, keep, n_kept);
-	candidates_free(&c);
+	candidates_free(p, &c);
 	return st;
 }
 
-/* Marks the best `take` candidates of one head's scores in proposed[]. */
-static kvp_status propose(const float *scores, uint32_t n, uint32_t take, uint8_t *proposed)
+/* Marks the best `take` candidates of one head's scores in proposed[]; order and mine are one
+ * allocation of n int32 and n bytes. */
+static kvp_status propose(const struct kvp_policy *p, const float *scores, uint32_t n, uint32_t take,
+			  uint8_t *proposed)
 {
 	struct kvp_protect none = { 0 };
-	int32_t *order = malloc(sizeof *order * (n ? n : 1));
-	uint8_t *mine = malloc(n ? n : 1);
+	size_t bytes = (size_t)n * (sizeof(int32_t) + 1);
+	int32_t *order = kvp_allocate(&p->mem, bytes, "union round: proposals");
+	uint8_t *mine = (uint8_t *)(order + n);
 	uint32_t got;
 	kvp_status st;
 
-	if (!order || !mine) {
-		free(order), free(mine);
-		return kvp_fail(KVP_ENOMEM, "union round: out of memory");
-	}
+	if (!order)
+		return KVP_ENOMEM;
 	for (uint32_t i = 0; i < n; i++)
 		order[i] = (int32_t)i; /* ties: the later candidate, as in kvp_select_survivors */
 	st = kvp_select_survivors(n, order, scores, &none, take, mine, &got);
 	for (uint32_t i = 0; st == KVP_OK && i < n; i++)
 		proposed[i] |= mine[i];
-	free(order), free(mine);
+	kvp_release(&p->mem, order, bytes);
 	return st;
 }
 
@@ -271,12 +274,12 @@ kvp_status kvp_policy_round_union(struct kvp_policy *p, uint32_t layer, const st
 	if (st != KVP_OK)
 		return st;
 	pr = protection(p, &rounds[0]);
-	if ((st = candidates_alloc(&c, &rounds[0], &pr)) != KVP_OK)
+	if ((st = candidates_alloc(p, &c, &rounds[0], &pr)) != KVP_OK)
 		return st;
-	proposed = calloc(rounds[0].n ? rounds[0].n : 1, 1);
+	proposed = kvp_allocate(&p->mem, rounds[0].n, what);
 	if (!proposed) {
-		candidates_free(&c);
-		return kvp_fail(KVP_ENOMEM, "%s: out of memory", what);
+		candidates_free(p, &c);
+		return KVP_ENOMEM;
 	}
 	for (uint32_t i = 0; i < rounds[0].n; i++)
 		held += i < pr.sinks || (uint64_t)i + pr.window >= rounds[0].n;
@@ -287,7 +290,7 @@ kvp_status kvp_policy_round_union(struct kvp_policy *p, uint32_t layer, const st
 	for (uint32_t h = 0; st == KVP_OK && h < H; h++) {
 		st = score_candidates(p, layer, h, &rounds[h], &c);
 		if (st == KVP_OK)
-			st = propose(c.scores, c.n, take, proposed);
+			st = propose(p, c.scores, c.n, take, proposed);
 		for (uint32_t i = 0; st == KVP_OK && i < c.n; i++)
 			c.sum[i] = c.scores[i] > c.sum[i] ? c.scores[i] : c.sum[i];
 	}
@@ -296,7 +299,7 @@ kvp_status kvp_policy_round_union(struct kvp_policy *p, uint32_t layer, const st
 			c.sum[i] = -INFINITY; /* every head proposed at least `take`, so these are never needed */
 	if (st == KVP_OK)
 		st = select_from(p, &rounds[0], &pr, &c, c.sum, keep, n_kept);
-	free(proposed);
-	candidates_free(&c);
+	kvp_release(&p->mem, proposed, rounds[0].n);
+	candidates_free(p, &c);
 	return st;
 }

@@ -22,6 +22,10 @@
  * query sits: averaged post-RoPE, a band's phasor turns with the position and its mean shrinks towards
  * zero, which would read as "no concentration" (R = 0) for every fast band. Online means keep updating
  * with every observed query. Until a head has seen a query its scores are all zero (ties: recency).
+ *
+ * Memory: the tables, online statistics and fixed scratch are one allocation from the policy's allocator
+ * (the pager's charges the sequence's tenant), laid out by tria_layout; score's rows grow with the stream.
+ * A stats file's statistics are read once and shared read-only (struct tria_file).
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -44,13 +48,13 @@ struct online_sums {
 };
 
 /*
- * What score works in, grown on demand and kept between calls so a round over a long stream does not
- * fault in fresh pages every time: the GQA group's coefficients, one raw row per query head, and one
+ * What score works in, kept between calls so a round over a long stream does not fault in fresh pages
+ * every time: the GQA group's coefficients, one raw row per query head (grown with the stream), and one
  * tile of band magnitudes.
  */
 struct tria_scratch {
 	uint32_t cap;        /* tokens the rows hold */
-	float *rows;         /* [group][cap] */
+	float *rows;         /* [group][cap], its own allocation */
 	float *coef;         /* [group][table rows][head_dim], in the keys' layout */
 	float *weights;      /* [group][F] */
 	float *kabs, *tmp;   /* [TILE][F], [TILE] */
@@ -66,7 +70,7 @@ struct tria_file {
 struct tria {
 	unsigned n_bands, n_offsets, aggregate, online;
 	double *omega;              /* [F] */
-	struct tria_file *file;     /* stats=FILE */
+	struct tria_file *file;     /* stats=FILE: shared, read only */
 	struct online_sums sums;    /* stats=online */
 	/* the per-t0 phase table: [1 or n_offsets][F] cos and sin (the mean row for AGG_MEAN) */
 	int64_t table_t0;
@@ -74,6 +78,8 @@ struct tria {
 	/* one head's coefficients, loaded per head */
 	float *alpha, *beta, *weight;
 	struct tria_scratch scratch; /* score's buffers, kept between calls */
+	void *block;                 /* the fixed arrays above, block_bytes long (tria_layout) */
+	size_t block_bytes;
 };
 
 /* ---- band access ---- */
@@ -231,37 +237,25 @@ static void layout_coefficients(const struct tria *t, const kvp_shape *s, unsign
  */
 #define TILE 256
 
-static kvp_status scratch_reserve(struct tria *t, const kvp_shape *s, uint32_t n)
+/* Rows for n tokens; the only step of score that can fail, so it runs first. */
+static kvp_status scratch_reserve(struct kvp_policy *p, struct tria *t, uint32_t n)
 {
 	struct tria_scratch *w = &t->scratch;
-	unsigned group = s->n_heads / s->n_kv_heads, rows = t->aggregate == AGG_MEAN ? 1 : t->n_offsets;
+	unsigned group = p->shape.n_heads / p->shape.n_kv_heads;
 	uint32_t cap = w->cap ? w->cap : TILE;
 	float *grown;
 
-	if (!w->coef) {
-		w->coef = malloc(sizeof(float) * group * rows * s->head_dim);
-		w->weights = malloc(sizeof(float) * group * t->n_bands);
-		w->kabs = malloc(sizeof(float) * TILE * t->n_bands);
-		w->tmp = malloc(sizeof(float) * TILE);
-		if (!w->coef || !w->weights || !w->kabs || !w->tmp)
-			return kvp_fail(KVP_ENOMEM, "triattention: out of memory scoring %u tokens", n);
-	}
 	if (w->rows && n <= w->cap)
 		return KVP_OK;
 	while (cap < n)
 		cap *= 2;
-	if (!(grown = malloc(sizeof(float) * group * cap)))
-		return kvp_fail(KVP_ENOMEM, "triattention: out of memory scoring %u tokens", n);
-	free(w->rows);
+	if (!(grown = kvp_allocate_array(&p->mem, (size_t)group * cap, sizeof(float), "score rows")))
+		return kvp_fail_context(KVP_ENOMEM, "triattention: scoring %u tokens", n);
+	if (w->rows)
+		kvp_release(&p->mem, w->rows, (size_t)group * w->cap * sizeof(float));
 	w->rows = grown;
 	w->cap = cap;
 	return KVP_OK;
-}
-
-static void scratch_free(struct tria_scratch *w)
-{
-	free(w->rows), free(w->coef), free(w->weights), free(w->kabs), free(w->tmp);
-	memset(w, 0, sizeof *w);
 }
 
 /* Every group head's coefficients in the keys' layout, and its norm weights. */
@@ -308,7 +302,7 @@ static kvp_status score(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, 
 	struct tria *t = p->state;
 	const kvp_shape *s = &p->shape;
 	unsigned group = s->n_heads / s->n_kv_heads;
-	kvp_status st = scratch_reserve(t, s, n);
+	kvp_status st = scratch_reserve(p, t, n);
 
 	(void)pos; /* the post-RoPE form needs only t0 */
 	if (st != KVP_OK)
@@ -338,16 +332,16 @@ kvp_status kvp_tria_raw_scores(struct kvp_policy *p, uint32_t layer, uint32_t he
 	if (!p || p->ops != &kvp_policy_triattention || layer >= p->shape.n_layers || head >= p->shape.n_heads)
 		return kvp_fail(KVP_EINVAL, "kvp_tria_raw_scores: not a triattention policy or head out of range");
 	t = p->state;
-	kabs = malloc(sizeof *kabs * t->n_bands * (n ? n : 1));
+	kabs = kvp_allocate_array(&p->mem, (size_t)t->n_bands * n, sizeof *kabs, "triattention: band magnitudes");
 	if (!kabs)
-		return kvp_fail(KVP_ENOMEM, "triattention: out of memory scoring %u tokens", n);
+		return KVP_ENOMEM;
 	phase_table(t, t0);
 	head_coefficients(t, &p->shape, layer, head);
 	band_magnitudes(t->n_bands, p->shape.rope_layout, p->shape.head_dim, n, k, kabs);
 	for (uint32_t i = 0; i < n; i++)
 		out[i] = key_score(t, k + (size_t)i * p->shape.head_dim, kabs + (size_t)i * t->n_bands,
 				   p->shape.rope_layout);
-	free(kabs);
+	kvp_release(&p->mem, kabs, (size_t)t->n_bands * n * sizeof *kabs);
 	return KVP_OK;
 }
 
@@ -450,40 +444,66 @@ static void release_tria(void *shared)
 
 /* ---- open / close ---- */
 
-static void tria_free(struct tria *t)
+/* The next array of a layout: 64-byte aligned from the block's start (NULL while only measuring). */
+static void *carve(char *block, size_t *at, size_t bytes)
 {
+	void *p = block ? block + *at : NULL;
+
+	*at += (bytes + 63) / 64 * 64;
+	return p;
+}
+
+/* Points t's fixed arrays into block, or with block NULL only measures them; returns their bytes. */
+static size_t tria_layout(struct tria *t, const kvp_shape *s, char *block)
+{
+	unsigned F = s->head_dim / 2, rows = t->aggregate == AGG_MEAN ? 1 : t->n_offsets;
+	unsigned group = s->n_heads / s->n_kv_heads;
+	size_t heads = (size_t)s->n_layers * s->n_heads, at = 0;
+
+	t->omega = carve(block, &at, sizeof(double) * F);
+	t->cos_t = carve(block, &at, sizeof(float) * F * rows);
+	t->sin_t = carve(block, &at, sizeof(float) * F * rows);
+	t->alpha = carve(block, &at, sizeof(float) * F * rows);
+	t->beta = carve(block, &at, sizeof(float) * F * rows);
+	t->weight = carve(block, &at, sizeof(float) * F);
+	if (t->online) {
+		t->sums.re = carve(block, &at, sizeof(double) * heads * F);
+		t->sums.im = carve(block, &at, sizeof(double) * heads * F);
+		t->sums.abs = carve(block, &at, sizeof(double) * heads * F);
+		t->sums.count = carve(block, &at, sizeof(double) * heads);
+	}
+	t->scratch.coef = carve(block, &at, sizeof(float) * group * rows * s->head_dim);
+	t->scratch.weights = carve(block, &at, sizeof(float) * group * F);
+	t->scratch.kabs = carve(block, &at, sizeof(float) * TILE * F);
+	t->scratch.tmp = carve(block, &at, sizeof(float) * TILE);
+	return at;
+}
+
+static void tria_free(struct kvp_policy *p, struct tria *t)
+{
+	unsigned group = p->shape.n_heads / p->shape.n_kv_heads;
+
 	if (!t)
 		return;
 	file_put(t->file);
-	free(t->omega), free(t->cos_t), free(t->sin_t);
-	free(t->alpha), free(t->beta), free(t->weight);
-	scratch_free(&t->scratch);
-	free(t->sums.re), free(t->sums.im), free(t->sums.abs), free(t->sums.count);
-	free(t);
+	kvp_release(&p->mem, t->block, t->block_bytes);
+	if (t->scratch.rows)
+		kvp_release(&p->mem, t->scratch.rows, (size_t)group * t->scratch.cap * sizeof(float));
+	kvp_release(&p->mem, t, sizeof *t);
 }
 
-static kvp_status tria_alloc(struct tria *t, const kvp_shape *s)
+/* The fixed arrays of t (online, aggregate and n_offsets set), zeroed. */
+static kvp_status tria_alloc(struct kvp_policy *p, struct tria *t)
 {
-	unsigned F = s->head_dim / 2, rows = t->aggregate == AGG_MEAN ? 1 : t->n_offsets;
-	size_t heads = (size_t)s->n_layers * s->n_heads;
+	const kvp_shape *s = &p->shape;
+	unsigned F = s->head_dim / 2;
 
 	t->n_bands = F;
 	t->table_t0 = -1;
-	t->omega = malloc(sizeof *t->omega * F);
-	t->cos_t = malloc(sizeof(float) * F * rows);
-	t->sin_t = malloc(sizeof(float) * F * rows);
-	t->alpha = malloc(sizeof(float) * F * rows);
-	t->beta = malloc(sizeof(float) * F * rows);
-	t->weight = malloc(sizeof(float) * F);
-	if (t->online) {
-		t->sums.re = calloc(heads * F, sizeof(double));
-		t->sums.im = calloc(heads * F, sizeof(double));
-		t->sums.abs = calloc(heads * F, sizeof(double));
-		t->sums.count = calloc(heads, sizeof(double));
-	}
-	if (!t->omega || !t->cos_t || !t->sin_t || !t->alpha || !t->beta || !t->weight ||
-	    (t->online && (!t->sums.re || !t->sums.im || !t->sums.abs || !t->sums.count)))
-		return kvp_fail(KVP_ENOMEM, "triattention: out of memory");
+	t->block_bytes = tria_layout(t, s, NULL);
+	if (!(t->block = kvp_allocate(&p->mem, t->block_bytes, "triattention: tables and statistics")))
+		return KVP_ENOMEM;
+	tria_layout(t, s, t->block);
 	/* plain RoPE: omega_f = theta^(-2f/d) */
 	for (unsigned f = 0; f < F; f++)
 		t->omega[f] = pow((double)s->rope_theta, -2.0 * f / (double)s->head_dim);
@@ -532,13 +552,13 @@ static kvp_status open_tria(struct kvp_policy *p, struct kvp_args *args)
 {
 	static const char *const aggregates[] = { "mean", "max", NULL };
 	static const char *const selects[] = { "per_head", "per_layer_head", "union", NULL };
-	struct tria *t = calloc(1, sizeof *t);
+	struct tria *t = kvp_allocate(&p->mem, sizeof *t, "triattention: its state");
 	unsigned select = SELECT_PER_HEAD;
 	uint32_t offsets = 17, every = 128;
 	kvp_status st;
 
 	if (!t)
-		return kvp_fail(KVP_ENOMEM, "triattention: out of memory");
+		return KVP_ENOMEM;
 	st = parse_budget(p, args);
 	if (st == KVP_OK)
 		st = kvp_args_u32(args, "every", 1, 1u << 20, &every);
@@ -552,9 +572,9 @@ static kvp_status open_tria(struct kvp_policy *p, struct kvp_args *args)
 	if (st == KVP_OK)
 		st = parse_stats(t, p, args);
 	if (st == KVP_OK)
-		st = tria_alloc(t, &p->shape);
+		st = tria_alloc(p, t);
 	if (st != KVP_OK) {
-		tria_free(t);
+		tria_free(p, t);
 		return st;
 	}
 	p->plan.every = every;
@@ -571,18 +591,16 @@ static kvp_status clone_tria(struct kvp_policy *dst, const struct kvp_policy *sr
 	const struct tria *from = src->state;
 	const kvp_shape *s = &src->shape;
 	size_t heads = (size_t)s->n_layers * s->n_heads, bands = heads * from->n_bands;
-	struct tria *t = calloc(1, sizeof *t);
-	kvp_status st;
+	struct tria *t = kvp_allocate(&dst->mem, sizeof *t, "triattention: its state");
 
 	if (!t)
-		return kvp_fail(KVP_ENOMEM, "triattention: out of memory");
+		return KVP_ENOMEM;
 	t->n_offsets = from->n_offsets;
 	t->aggregate = from->aggregate;
 	t->online = from->online;
-	st = tria_alloc(t, s);
-	if (st != KVP_OK) {
-		tria_free(t);
-		return st;
+	if (tria_alloc(dst, t) != KVP_OK) {
+		tria_free(dst, t);
+		return KVP_ENOMEM;
 	}
 	if (t->online) {
 		memcpy(t->sums.re, from->sums.re, sizeof(double) * bands);
@@ -598,7 +616,7 @@ static kvp_status clone_tria(struct kvp_policy *dst, const struct kvp_policy *sr
 
 static void close_tria(struct kvp_policy *p)
 {
-	tria_free(p->state);
+	tria_free(p, p->state);
 	p->state = NULL;
 }
 

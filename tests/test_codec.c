@@ -6,6 +6,7 @@
 #include <stdio.h>
 
 #include "codec_fixture.h"
+#include "memory_fixture.h"
 
 static const char *const every_codec[] = {
 	"fp32", "fp16", "turboquant(bits=1)", "turboquant(bits=2)", "turboquant(bits=3)", "turboquant(bits=4)",
@@ -176,4 +177,34 @@ Test(codec, role_picks_kivi_axis_and_stacks_carry_it_inward)
 	kvp_codec_free(k);
 	cr_assert_eq(kvp_codec_parse_role("fp16", 4, 64, 7, &k), KVP_EINVAL);
 	kvp_codec_free(v);
+}
+
+/*
+ * A codec's struct, configuration and tables come from the allocator it is parsed with (the pager's
+ * charges the sequence's tenant). Every byte comes back at free, and a budget too small for them refuses
+ * the parse with KVP_ENOMEM and leaves nothing held.
+ */
+Test(codec, tables_come_from_the_allocator_and_all_of_them_come_back)
+{
+	static const char *const specs[] = {
+		"fp16", "kivi(bits=2)", "turboquant(bits=3,qjl=1,outliers=8)", "spark(keep=0.5)|turboquant(bits=3,qjl=1)",
+	};
+
+	for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
+		struct fixture_memory mem;
+		struct kvp_codec *c = NULL;
+		size_t held;
+
+		fixture_memory_init(&mem, 1 << 20);
+		cr_assert_eq(kvp_codec_parse_in(specs[i], strlen(specs[i]), 64, KVP_CODEC_VALUES, &mem.ops, &c), KVP_OK,
+			     "%s: %s", specs[i], kvp_last_error());
+		held = mem.held;
+		cr_assert_gt(held, 0, "%s", specs[i]);
+		kvp_codec_free(c);
+		cr_assert_eq(mem.held, 0, "%s: %zu bytes not given back", specs[i], mem.held);
+		fixture_memory_init(&mem, held - 1);
+		cr_assert_eq(kvp_codec_parse_in(specs[i], strlen(specs[i]), 64, KVP_CODEC_VALUES, &mem.ops, &c),
+			     KVP_ENOMEM, "%s", specs[i]);
+		cr_assert_eq(mem.held, 0, "%s: a refused parse left %zu bytes held", specs[i], mem.held);
+	}
 }

@@ -498,3 +498,28 @@ Test(cold, codecs_that_ignore_queries_keep_no_query_ring)
 	cr_assert_eq(after, before, "turboquant's fit takes no queries: %llu bytes more",
 		     (unsigned long long)(after - before));
 }
+
+/*
+ * A sequence's codecs are its own (parsed for its head_dim): TurboQuant's QJL matrices take D x D floats
+ * per side. They come from the tenant's arena, so bytes_meta shows them and the quota holds them.
+ */
+Test(cold, codec_tables_are_charged_and_shown_in_bytes_meta)
+{
+	static const char *const specs[2] = { "k=fp16,v=fp16", "k=turboquant(bits=3,qjl=1),v=turboquant(bits=3,qjl=1)" };
+	kvp_stats seq[2], tenant[2];
+
+	for (int i = 0; i < 2; i++) {
+		struct cache c;
+		cache_open(&c, specs[i], NKV);
+		seq[i] = (kvp_stats){ .size = sizeof seq[i] };
+		tenant[i] = (kvp_stats){ .size = sizeof tenant[i] };
+		cr_assert_eq(kvp_seq_stats(c.seq, &seq[i]), KVP_OK);
+		cr_assert_eq(kvp_tenant_stats(c.tenant, &tenant[i]), KVP_OK);
+		cr_assert_eq(seq[i].bytes_meta, tenant[i].bytes_meta, "%s: the sequence shows what the tenant is charged",
+			     specs[i]);
+		cache_close(&c);
+	}
+	cr_log_info("bytes_meta of a fresh sequence: %llu with fp16, %llu with QJL TurboQuant",
+		    (unsigned long long)seq[0].bytes_meta, (unsigned long long)seq[1].bytes_meta);
+	cr_assert_geq(seq[1].bytes_meta - seq[0].bytes_meta, 2u * D * D * sizeof(float));
+}

@@ -6,8 +6,11 @@
  */
 #include <criterion/criterion.h>
 #include <math.h>
+#include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kvpager.h"
 #include "model_fixture.h"
@@ -190,6 +193,266 @@ Test(evict, compacted_cold_tokens_decode_bit_identically)
 	cr_assert_eq(kvp_seq_stats(c.seq, &st), KVP_OK);
 	cr_assert_gt(st.bytes_compressed, 0);
 	kvp_pool_close(c.pool);
+}
+
+/*
+ * H2O keeps its heavy hitters round after round, so the cold blocks that hold them stay fully kept while
+ * later cold blocks lose tokens. Their survivors must be packed together: a cold tier whose codecs take
+ * the bytes of the exact store (fp16 both ways) holds the same tokens in as many bytes, give or take one
+ * partly filled block per stream, and not a block per round's few survivors.
+ */
+Test(evict, h2o_cold_bytes_follow_the_retained_tokens)
+{
+	static float k[MAXT * ROW], v[MAXT * ROW], q[NH * D], out[NH * D];
+	static const char *const specs[2] = {
+		"block=8,sinks=4,window=8,store=fp16,policy=h2o(heavy=0.0625,recent=0.0625,every=8)",
+		"block=8,sinks=4,window=8,store=fp16,policy=h2o(heavy=0.0625,recent=0.0625,every=8),k=fp16,v=fp16",
+	};
+	kvp_stats st[2];
+
+	fixture_fill(k, MAXT * ROW, 31, 1.0f);
+	fixture_fill(v, MAXT * ROW, 32, 1.0f);
+	for (int i = 0; i < 2; i++) {
+		struct cache c;
+		cache_open(&c, specs[i]);
+		cr_assert_eq(append(&c, 16, k, v), KVP_OK);
+		for (int step = 0; step < 600; step++) {
+			fixture_fill(q, NH * D, 300 + step, 1.0f);
+			cr_assert_eq(append(&c, 1, k, v), KVP_OK);
+			cr_assert_eq(kvp_attend(c.seq, 0, q, out), KVP_OK, "%s", kvp_last_error());
+			cr_assert_eq(kvp_seq_step(c.seq), KVP_OK, "%s", kvp_last_error());
+		}
+		st[i] = (kvp_stats){ .size = sizeof st[i] };
+		cr_assert_eq(kvp_seq_stats(c.seq, &st[i]), KVP_OK);
+		kvp_pool_close(c.pool);
+	}
+	uint64_t exact = st[0].bytes_exact, tiered = st[1].bytes_exact + st[1].bytes_compressed;
+	cr_log_info("h2o: %llu retained tokens in %llu bytes exact, %llu with a cold tier (%llu cold)",
+		    (unsigned long long)st[0].tokens_retained, (unsigned long long)exact, (unsigned long long)tiered,
+		    (unsigned long long)st[1].bytes_compressed);
+	cr_assert_eq(st[0].tokens_retained, st[1].tokens_retained, "the same tokens are kept either way");
+	cr_assert_gt(st[1].bytes_compressed, 0, "the cold tier must hold tokens for the test to mean anything");
+	/* one block of 8 fp16 tokens per stream: 8 x 2 x 32 x 2 bytes */
+	cr_assert_leq(tiered, exact + NKV * 8 * 2 * D * 2, "%llu token bytes with a cold tier against %llu without",
+		      (unsigned long long)tiered, (unsigned long long)exact);
+}
+
+/* Resident memory of this process, from /proc/self/statm. */
+static uint64_t resident_bytes(void)
+{
+	unsigned long long size = 0, pages = 0;
+	FILE *f = fopen("/proc/self/statm", "r");
+
+	cr_assert(f);
+	cr_assert_eq(fscanf(f, "%llu %llu", &size, &pages), 2);
+	fclose(f);
+	return (uint64_t)pages * (uint64_t)sysconf(_SC_PAGESIZE);
+}
+
+/*
+ * H2O's weights are the sequence's memory, sized by the tokens it holds: under quota=1MiB two tokens at
+ * positions 0 and 2^28 - 2 cost a few pairs (the accumulator once grew to 2^28 floats, a GiB outside
+ * every quota), charged to the tenant and shown in the sequence's bytes_meta.
+ */
+Test(evict, h2o_weights_of_far_positions_are_small_and_charged)
+{
+	const kvp_shape sh = { 1, 2, 1, D, 1e4f, KVP_ROPE_HALF };
+	static float k[2 * D], v[2 * D], q[2 * D], out[2 * D];
+	const int32_t far[2] = { 0, (1 << 28) - 2 };
+	kvp_stats before = { .size = sizeof before }, after = { .size = sizeof after }, tenant = { .size = sizeof tenant };
+	kvp_pool *pool;
+	kvp_tenant *t;
+	kvp_seq *seq;
+
+	fixture_fill(k, 2 * D, 41, 1.0f);
+	fixture_fill(v, 2 * D, 42, 1.0f);
+	fixture_fill(q, 2 * D, 43, 1.0f);
+	cr_assert_eq(kvp_pool_open("mem=2MiB", &pool), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_tenant_open(pool, "far", "quota=1MiB,block=8,sinks=0,window=0,policy=h2o(heavy=0.5,recent=0.5)",
+				     &t), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_open(t, &sh, &seq), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_append(seq, 0, 1, &far[0], k, v), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_append(seq, 0, 1, &far[1], k + D, v + D), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_stats(seq, &before), KVP_OK);
+	uint64_t rss = resident_bytes();
+	cr_assert_eq(kvp_attend(seq, 0, q, out), KVP_OK, "%s", kvp_last_error());
+	uint64_t grown = resident_bytes() - rss;
+	cr_assert_eq(kvp_seq_stats(seq, &after), KVP_OK);
+	cr_assert_eq(kvp_tenant_stats(t, &tenant), KVP_OK);
+	const struct kvp_seq *s = kvp_seq_from_handle(seq);
+	uint64_t observe = kvp_alloc_size(s->tenant, s->observe.bytes);
+	cr_log_info("h2o at positions 0 and 2^28-2: resident +%llu bytes, bytes_meta +%llu (observation buffer %llu)",
+		    (unsigned long long)grown, (unsigned long long)(after.bytes_meta - before.bytes_meta),
+		    (unsigned long long)observe);
+	cr_assert_lt(grown, 16u << 20, "attend took %llu resident bytes", (unsigned long long)grown);
+	cr_assert_gt(after.bytes_meta - before.bytes_meta, observe, "the weights must be charged as metadata");
+	cr_assert_eq(tenant.bytes_meta, after.bytes_meta, "the sequence's bytes_meta is what the tenant was charged");
+	cr_assert_eq(kvp_seq_step(seq), KVP_OK, "%s", kvp_last_error());
+	kvp_pool_close(pool);
+}
+
+/* bytes_meta of a fresh sequence of shape sh under a tenant with spec (its own pool each). */
+static kvp_status fresh_meta(const char *spec, const kvp_shape *sh, uint64_t *meta, uint64_t *tenant_used)
+{
+	kvp_stats st = { .size = sizeof st };
+	kvp_pool *pool;
+	kvp_tenant *t;
+	kvp_seq *seq;
+	kvp_status rc;
+
+	cr_assert_eq(kvp_pool_open("", &pool), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_tenant_open(pool, "meta", spec, &t), KVP_OK, "%s: %s", spec, kvp_last_error());
+	rc = kvp_seq_open(t, sh, &seq);
+	if (rc == KVP_OK) {
+		cr_assert_eq(kvp_seq_stats(seq, &st), KVP_OK);
+		*meta = st.bytes_meta;
+	}
+	cr_assert_eq(kvp_tenant_stats(t, &st), KVP_OK);
+	*tenant_used = st.bytes_meta;
+	kvp_pool_close(pool);
+	return rc;
+}
+
+/*
+ * TriAttention's online statistics are three doubles per (layer, query head, band): 3 x 8 x 32 x 64 x 8
+ * = 384 KiB for this shape, the sequence's own history. They are charged to the tenant and shown in the
+ * sequence's bytes_meta, which a sequence whose policy keeps nothing (StreamingLLM) does not have.
+ */
+Test(evict, a_policy_state_is_charged_and_shown_in_bytes_meta)
+{
+	const kvp_shape sh = { 8, 32, 8, 128, 1e4f, KVP_ROPE_HALF };
+	uint64_t tria = 0, streaming = 0, tria_tenant = 0, streaming_tenant = 0;
+
+	cr_assert_eq(fresh_meta("policy=triattention(stats=online,budget=256)", &sh, &tria, &tria_tenant), KVP_OK,
+		     "%s", kvp_last_error());
+	cr_assert_eq(fresh_meta("policy=streaming(sinks=4,window=256)", &sh, &streaming, &streaming_tenant), KVP_OK,
+		     "%s", kvp_last_error());
+	cr_log_info("bytes_meta of a fresh sequence: triattention %llu, streaming %llu",
+		    (unsigned long long)tria, (unsigned long long)streaming);
+	cr_assert_geq(tria - streaming, 3ull * 8 * 32 * 64 * 8, "the online statistics must count in bytes_meta");
+	cr_assert_eq(tria, tria_tenant, "and be charged to the tenant");
+	cr_assert_eq(streaming, streaming_tenant);
+}
+
+/* A quota that cannot hold a policy's state refuses the sequence, with nothing left charged. */
+Test(evict, a_policy_state_over_the_quota_refuses_the_sequence)
+{
+	const kvp_shape sh = { 8, 32, 8, 128, 1e4f, KVP_ROPE_HALF };
+	uint64_t meta = 0, used = 1;
+
+	cr_assert_eq(fresh_meta("quota=256KiB,policy=triattention(stats=online,budget=256)", &sh, &meta, &used),
+		     KVP_ENOMEM);
+	cr_assert(strstr(kvp_last_error(), "triattention"), "%s", kvp_last_error());
+	cr_assert(strstr(kvp_last_error(), "quota"), "%s", kvp_last_error());
+	cr_assert_eq(used, 0, "a refused sequence leaves nothing charged");
+	cr_assert_eq(fresh_meta("quota=1MiB,policy=triattention(stats=online,budget=256)", &sh, &meta, &used), KVP_OK,
+		     "%s", kvp_last_error());
+}
+
+/* A TriAttention whose score notes the tenant's bytes_meta while the round runs. */
+static kvp_tenant *watched;
+static uint64_t meta_while_scoring;
+static struct kvp_policy_ops watching_tria;
+
+static kvp_status watching_score(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t0, uint32_t n,
+				 const int32_t *pos, const float *k, float *scores)
+{
+	kvp_stats st = { .size = sizeof st };
+
+	cr_assert_eq(kvp_tenant_stats(watched, &st), KVP_OK);
+	meta_while_scoring = st.bytes_meta > meta_while_scoring ? st.bytes_meta : meta_while_scoring;
+	return kvp_policy_triattention.score(p, layer, kv_head, t0, n, pos, k, scores);
+}
+
+/*
+ * A round loads its streams' positions and keys into buffers: with select=per_head they are the round's
+ * own (not the sequence's round space). They are charged to the tenant while the round runs, like the
+ * policy's candidates and score rows, so the quota sees them.
+ */
+Test(evict, a_rounds_buffers_are_charged_while_it_runs)
+{
+	static float k[MAXT * ROW], v[MAXT * ROW];
+	kvp_stats before = { .size = sizeof before };
+	struct cache c;
+
+	fixture_fill(k, MAXT * ROW, 51, 1.0f);
+	fixture_fill(v, MAXT * ROW, 52, 1.0f);
+	cache_open(&c, "block=8,sinks=4,window=8,policy=triattention(stats=online,budget=32,every=16,select=per_head)");
+	watching_tria = kvp_policy_triattention;
+	watching_tria.score = watching_score;
+	kvp_seq_from_handle(c.seq)->policy->ops = &watching_tria;
+	watched = c.tenant;
+	meta_while_scoring = 0;
+	cr_assert_eq(append(&c, 64, k, v), KVP_OK);
+	cr_assert_eq(kvp_tenant_stats(c.tenant, &before), KVP_OK);
+	cr_assert_eq(kvp_seq_step(c.seq), KVP_OK, "%s", kvp_last_error());
+	cr_assert_gt(meta_while_scoring, 0, "the round must have scored for the test to mean anything");
+	cr_log_info("bytes_meta %llu before the step, %llu while scoring", (unsigned long long)before.bytes_meta,
+		    (unsigned long long)meta_while_scoring);
+	/* 64 tokens' positions, fp32 keys and verdicts */
+	cr_assert_geq(meta_while_scoring - before.bytes_meta, 64u * (D * sizeof(float) + sizeof(int32_t) + 1));
+	kvp_pool_close(c.pool);
+}
+
+/*
+ * A round reads and moves the blocks of every layer. When its memory (buffers, fresh blocks) passes the
+ * quota and no other sequence is idle, relief must not spill the stepping sequence's own cold blocks
+ * under it: the round either gets its memory or fails with KVP_ENOMEM, and the sequence reads back as
+ * it was.
+ */
+Test(evict, a_round_over_the_quota_does_not_spill_the_blocks_it_reads)
+{
+	static float k[MAXT * ROW], v[MAXT * ROW], q[NH * D], out[NH * D];
+	static char dir[] = "/tmp/kvpager-evict-XXXXXX";
+	static int32_t pos[MAXT];
+	static float gk[MAXT * D];
+	const kvp_shape sh = { 2, NH, NKV, D, 1e4f, KVP_ROPE_HALF };
+	char spec[256];
+	kvp_pool *pool;
+	kvp_tenant *t;
+	kvp_seq *seq;
+	uint32_t n = 0;
+
+	cr_assert_not_null(mkdtemp(dir));
+	snprintf(spec, sizeof spec, "spill=%s/spill,spill_max=16MiB", dir);
+	fixture_fill(k, MAXT * ROW, 61, 1.0f);
+	fixture_fill(v, MAXT * ROW, 62, 1.0f);
+	fixture_fill(q, NH * D, 63, 1.0f);
+	cr_assert_eq(kvp_pool_open(spec, &pool), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_tenant_open(pool, "a", "block=8,sinks=4,window=8,k=fp16,v=fp16,"
+				     "policy=triattention(stats=online,budget=48,every=16,select=per_layer_head)", &t), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_open(t, &sh, &seq), KVP_OK, "%s", kvp_last_error());
+	for (int32_t i = 0; i < 200; i++)
+		pos[i] = i;
+	for (uint32_t l = 0; l < 2; l++) {
+		cr_assert_eq(kvp_append(seq, l, 100, pos, k, v), KVP_OK, "%s", kvp_last_error());
+		cr_assert_eq(kvp_attend(seq, l, q, out), KVP_OK, "%s", kvp_last_error());
+	}
+	cr_assert_eq(kvp_seq_step(seq), KVP_OK, "%s", kvp_last_error()); /* the first round: blocks turn cold */
+	for (uint32_t l = 0; l < 2; l++) {
+		cr_assert_eq(kvp_append(seq, l, 100, pos + 100, k + 100 * ROW, v + 100 * ROW), KVP_OK, "%s",
+			     kvp_last_error());
+		cr_assert_eq(kvp_attend(seq, l, q, out), KVP_OK, "%s", kvp_last_error());
+	}
+	/* the quota now ends a few bytes above what the tenant holds (white box) */
+	struct kvp_seq *s = kvp_seq_from_handle(seq);
+	cr_assert_gt(s->streams[0].n_cold, 0, "cold blocks are what relief would spill");
+	cr_assert_eq(s->n_spilled, 0);
+	kvp_stats before = { .size = sizeof before }, after = { .size = sizeof after };
+	cr_assert_eq(kvp_seq_stats(seq, &before), KVP_OK);
+	s->tenant->quota = atomic_load(&s->tenant->used) + 8192; /* less than the round's buffers */
+	kvp_status st = kvp_seq_step(seq);
+	cr_assert(st == KVP_OK || st == KVP_ENOMEM, "%d: %s", st, kvp_last_error());
+	cr_log_info("a round at the quota: %s", st == KVP_OK ? "ran" : kvp_last_error());
+	cr_assert_eq(kvp_seq_stats(seq, &after), KVP_OK);
+	if (st != KVP_OK)
+		cr_assert_eq(after.tokens_retained, before.tokens_retained, "a refused round changes nothing");
+	s->tenant->quota = UINT64_MAX;
+	for (uint32_t l = 0; l < 2; l++)
+		for (uint32_t h = 0; h < NKV; h++)
+			cr_assert_eq(kvp_gather(seq, l, h, MAXT, pos, gk, NULL, &n), KVP_OK, "%s", kvp_last_error());
+	kvp_pool_close(pool);
+	rmdir(dir);
 }
 
 Test(evict, kivi_key_blocks_are_kept_or_dropped_whole)

@@ -5,6 +5,7 @@
  */
 #include <criterion/criterion.h>
 
+#include "memory_fixture.h"
 #include "policy_fixture.h"
 
 #define EPS 1e-5
@@ -615,4 +616,52 @@ Test(triattention, a_pinned_prompt_does_not_enter_the_decode_tokens_z_scores)
 		cr_assert(keep[i], "prompt token %d dropped", i);
 	cr_assert_eq(memcmp(keep + PROMPT, want, N - PROMPT), 0, "decode tokens ranked with the prompt in their rows");
 	kvp_policy_close(p);
+}
+
+/*
+ * Tables, statistics and score rows come from the policy's allocator: a score that needs rows it refuses
+ * fails with KVP_ENOMEM and a message, and the policy scores as before afterwards; a clone takes its own
+ * memory from its own allocator; every byte comes back at close.
+ */
+Test(triattention, memory_comes_from_its_allocator_and_all_of_it_comes_back)
+{
+	enum { N = 1000 };
+	kvp_shape sh = fixture_shape(2, 4, 2, 16, 1e4f, KVP_ROPE_HALF);
+	static const char spec[] = "triattention(stats=online,budget=64)";
+	struct fixture_memory mem, other;
+	kvp_policy *p = NULL, *c = NULL;
+	static float k[N][16], q[2][16];
+	static int32_t pos[N];
+	static float a[N], b[N];
+
+	fixture_memory_init(&mem, 1 << 20);
+	fixture_memory_init(&other, 1 << 20);
+	for (int i = 0; i < N; i++) {
+		pos[i] = i;
+		for (int j = 0; j < 16; j++)
+			k[i][j] = sinf(0.37f * (float)(i * 16 + j));
+	}
+	for (int j = 0; j < 16; j++)
+		q[0][j] = cosf(0.11f * j), q[1][j] = sinf(0.23f * j);
+	cr_assert_eq(kvp_policy_parse_in(spec, strlen(spec), &sh, NULL, &mem.ops, &p), KVP_OK, "%s", kvp_last_error());
+	cr_assert_gt(mem.held, 0, "the statistics come from the allocator");
+	cr_assert_eq(kvp_policy_observe(p, 1, 1, 5, &q[0][0], 0, NULL, NULL), KVP_OK);
+	cr_assert_eq(kvp_policy_score(p, 1, 1, N, 100, pos, &k[0][0], a), KVP_OK, "%s", kvp_last_error());
+	mem.left = 0;
+	cr_assert_eq(kvp_policy_score(p, 1, 1, N, N, pos, &k[0][0], b), KVP_ENOMEM);
+	cr_assert(strstr(kvp_last_error(), "triattention"), "%s", kvp_last_error());
+	cr_assert_eq(kvp_policy_score(p, 1, 1, N, 100, pos, &k[0][0], b), KVP_OK, "%s", kvp_last_error());
+	for (int i = 0; i < 100; i++)
+		cr_assert_float_eq(a[i], b[i], 0, "token %d scores differently after a refused call", i);
+	mem.left = 1 << 20;
+	cr_assert_eq(kvp_policy_score(p, 1, 1, N, N, pos, &k[0][0], b), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_policy_clone_in(p, &other.ops, &c), KVP_OK, "%s", kvp_last_error());
+	cr_assert_gt(other.held, 0, "the clone's memory is its own allocator's");
+	cr_assert_eq(kvp_policy_score(c, 1, 1, N, 100, pos, &k[0][0], b), KVP_OK, "%s", kvp_last_error());
+	for (int i = 0; i < 100; i++)
+		cr_assert_float_eq(a[i], b[i], 0, "the clone scores token %d as its parent", i);
+	kvp_policy_free(p);
+	kvp_policy_free(c);
+	cr_assert_eq(mem.held, 0, "%zu bytes not given back", mem.held);
+	cr_assert_eq(other.held, 0, "%zu bytes of the clone not given back", other.held);
 }
