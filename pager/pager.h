@@ -24,15 +24,6 @@
 #include "pager/spill.h"
 #include "policies/policy.h"
 
-/* ---- jemalloc, loaded at pool open (see arena.c for why not linked) ---- */
-struct kvp_jemalloc {
-	void *(*mallocx)(size_t size, int flags);
-	void (*dallocx)(void *ptr, int flags);
-	size_t (*nallocx)(size_t size, int flags);
-	int (*mallctl)(const char *name, void *oldp, size_t *oldlenp, void *newp, size_t newlen);
-};
-kvp_status kvp_jemalloc_load(const struct kvp_jemalloc **out);
-
 #define KVP_BLOCK_MAX 4096 /* tokens per block, and per sink block */
 #define KVP_GROUP_MAX 128  /* query heads per KV head */
 #define KVP_HEAD_DIM_MAX 1024
@@ -45,7 +36,6 @@ enum kvp_store { KVP_STORE_FP32, KVP_STORE_FP16, KVP_STORE_CODEC };
 
 struct kvp_pool {
 	uint32_t magic;
-	const struct kvp_jemalloc *je;
 	uint64_t limit; /* UINT64_MAX when unlimited */
 	_Atomic uint64_t used;
 	int numa_node; /* -1 when not placed */
@@ -197,7 +187,7 @@ size_t kvp_alloc_size(const struct kvp_tenant *t, size_t bytes); /* what jemallo
 void *kvp_alloc(struct kvp_tenant *t, size_t bytes, enum kvp_bytes_kind kind, size_t payload);
 void kvp_free(struct kvp_tenant *t, void *p, size_t bytes, enum kvp_bytes_kind kind, size_t payload);
 kvp_status kvp_arena_create(const struct kvp_pool *pool, unsigned *arena);
-void kvp_arena_destroy(const struct kvp_pool *pool, unsigned arena);
+void kvp_arena_destroy(unsigned arena);
 int kvp_arena_flags(unsigned arena);
 /* KVP_EUNSUPPORTED where the machine has no NUMA, KVP_EINVAL for a node it does not have. */
 kvp_status kvp_numa_check(int node);

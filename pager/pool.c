@@ -57,7 +57,7 @@ kvp_status kvp_pool_open(const char *spec, kvp_pool **out)
 	if (!(p = calloc(1, sizeof *p)))
 		return kvp_fail(KVP_ENOMEM, "kvp_pool_open: out of memory");
 	p->limit = UINT64_MAX;
-	if ((st = pool_config_parse(p, spec, &sp)) != KVP_OK || (st = kvp_jemalloc_load(&p->je)) != KVP_OK) {
+	if ((st = pool_config_parse(p, spec, &sp)) != KVP_OK) {
 		free(p);
 		return st;
 	}
@@ -214,7 +214,7 @@ void kvp_tenant_destroy(struct kvp_tenant *t)
 		t->seqs = s->next;
 		kvp_seq_destroy(s);
 	}
-	kvp_arena_destroy(t->pool, t->arena);
+	kvp_arena_destroy(t->arena);
 	pthread_mutex_destroy(&t->lock);
 	t->magic = 0;
 	free(t);
