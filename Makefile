@@ -1,5 +1,6 @@
 # kvpager — one build for the library, tools, tests and benchmarks.
-#   make            shared + static library, tools, tests, benchmarks (built, not run)
+#   make            shared + static library, tools, tests, benchmarks (built, not run); first jemalloc
+#                   from third_party/ (tools/jemalloc.sh fetch puts it there; tools/setup.sh does it all)
 #   make test       every Criterion suite, the ASan+UBSan build's suites, and (on x86-64 with the
 #                   cross compiler present) the NEON kernels under qemu-aarch64
 #   make bench      build and run the benchmarks
@@ -189,4 +190,5 @@ install: all
 clean:
 	rm -rf build build-asan build-tsan build-fuzz build-neon
 
--include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+# jemalloc's own .d files under build/jemalloc are its Makefile's, not ours.
+-include $(shell find $(BUILD) -path $(JE_DIR) -prune -o -name '*.d' -print 2>/dev/null)
