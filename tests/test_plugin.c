@@ -152,15 +152,31 @@ static int host_has_jemalloc(void)
 	return dlsym(RTLD_DEFAULT, "mallocx") != NULL;
 }
 
+static int defined_by_library(const char *name)
+{
+	Dl_info where;
+	void *sym = dlsym(library, name);
+	return sym && dladdr(sym, &where) && where.dli_fname && strstr(where.dli_fname, "libkvpager");
+}
+
 Test(plugin, the_host_has_no_jemalloc_but_in_the_preloaded_run)
 {
 	int preloaded = getenv(HOST_JEMALLOC_ENV) != NULL;
-	const kvp_plugin_v1 *api = open_table(KVP_ABI_MAJOR);
-	cr_assert_not_null(api);
+	kvp_pool *pool;
+	const kvp_plugin_v1 *api;
 	cr_assert_eq(host_has_jemalloc(), preloaded, "%s",
 		     preloaded ? "LD_PRELOAD=libjemalloc.so.2 did not load it: install libjemalloc2"
 			       : "this host must not have jemalloc: its link line names one");
-	cr_assert_eq(host_has_jemalloc(), preloaded, "loading the library added no jemalloc symbol to the host");
+	api = open_table(KVP_ABI_MAJOR);
+	cr_assert_eq(api->pool_open("mem=1MiB", &pool), KVP_OK, "%s", api->last_error());
+	api->pool_close(pool);
+	/* Looked up in the library's own scope, which starts with the library: a malloc or free it
+	 * exported would be found there, and would take over the host's. */
+	cr_assert_not(defined_by_library("malloc"));
+	cr_assert_not(defined_by_library("free"));
+	cr_assert_not(defined_by_library("mallocx"));
+	cr_assert_null(dlsym(library, "kvp_je_mallocx"), "the private jemalloc is not exported");
+	cr_assert_eq(host_has_jemalloc(), preloaded, "loading the library gave the host no jemalloc");
 	dlclose(library);
 }
 
