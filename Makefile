@@ -1,5 +1,6 @@
 # kvpager — one build for the library, tools, tests and benchmarks.
-#   make            shared + static library, tools, tests, benchmarks (built, not run)
+#   make            shared + static library, tools, tests, benchmarks (built, not run); first jemalloc
+#                   from third_party/ (tools/jemalloc.sh fetch puts it there; tools/setup.sh does it all)
 #   make test       every Criterion suite, the ASan+UBSan build's suites, and (on x86-64 with the
 #                   cross compiler present) the NEON kernels under qemu-aarch64
 #   make bench      build and run the benchmarks
@@ -20,11 +21,14 @@ SOMAJOR  := 1
 ARCH     := $(shell $(CC) -dumpmachine | cut -d- -f1)
 WARN     := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes
 CFLAGS   ?= -O2 -g
-override CFLAGS += -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) -Iinclude -I.
-# The library loads jemalloc itself (pager/arena.c says why); executables load it at start-up, which is
-# what lets the library dlopen it in their processes.
+# jemalloc is a private copy inside the library (pager/arena.c says why), built once from the tarball
+# that tools/jemalloc.sh fetch put in third_party/, and shared by every BUILD (the sanitizer builds too).
+JE_DIR   := build/jemalloc
+JE_LIB   := $(JE_DIR)/lib/libjemalloc_pic.a
+JE_CC    ?= cc
+override CFLAGS += -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) -Iinclude -I. -I$(JE_DIR)/include
 LIB_LIBS := -lnuma -luring -lpthread -lm -ldl
-LIBS     := -Wl,--no-as-needed -ljemalloc -Wl,--as-needed $(LIB_LIBS)
+LIBS     := $(LIB_LIBS)
 TESTLIBS := -lcriterion
 
 LAYERS   := base kernels codecs policies pager plugin
@@ -67,14 +71,23 @@ $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
 
-$(SHARED): $(LIB_OBJ) plugin/kvpager.map
+$(JE_LIB): tools/jemalloc.sh third_party/jemalloc.sha256 $(wildcard third_party/jemalloc_*.orig.tar.bz2)
+	JE_CC=$(JE_CC) tools/jemalloc.sh build $(JE_DIR)
+
+# Objects that include jemalloc.h wait for the build that generates it.
+$(LIB_OBJ) $(TOOL_OBJ): | $(JE_LIB)
+
+# jemalloc's symbols stay inside: hidden, and local by --exclude-libs; nm -D shows only kvp_*.
+# nodelete: jemalloc's per-thread destructor must outlive a dlclose, for threads that exit later.
+$(SHARED): $(LIB_OBJ) $(JE_LIB) plugin/kvpager.map
 	$(CC) -shared -Wl,-soname,$(SONAME) -Wl,--version-script=plugin/kvpager.map -Wl,-z,defs \
-		$(CFLAGS) -o $@ $(LIB_OBJ) $(LIB_LIBS)
+		-Wl,--exclude-libs,ALL -Wl,-z,nodelete $(CFLAGS) -o $@ $(LIB_OBJ) $(JE_LIB) $(LIB_LIBS)
 	ln -sf $(SONAME) $(BUILD)/libkvpager.so
 
-$(STATIC): $(LIB_OBJ)
+# The static library carries jemalloc's objects too, so whatever links it needs nothing more.
+$(STATIC): $(LIB_OBJ) $(JE_LIB)
 	rm -f $@
-	ar rcs $@ $^
+	ar rcs $@ $(LIB_OBJ) $(JE_DIR)/src/*.pic.o
 
 $(BUILD)/%: tools/%.c $(TOOL_OBJ) $(STATIC)
 	$(CC) $(CFLAGS) -MMD -MP -o $@ $< $(TOOL_OBJ) $(STATIC) $(LIBS)
@@ -82,6 +95,11 @@ $(BUILD)/%: tools/%.c $(TOOL_OBJ) $(STATIC)
 $(BUILD)/tests/%: tests/%.c $(TOOL_OBJ) $(STATIC) | $(SHARED)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -MMD -MP -o $@ $< $(TOOL_OBJ) $(STATIC) $(TESTLIBS) $(LIBS)
+
+# The plugin test is a dlopen host with nothing of the library or of jemalloc linked in (tests/test_plugin.c).
+$(BUILD)/tests/test_plugin: tests/test_plugin.c | $(SHARED)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -MMD -MP -o $@ $< $(TESTLIBS) -lpthread -lm -ldl
 
 # The vector-versus-scalar kernel checks without Criterion, so they also run under qemu-user.
 $(BUILD)/tests/kernels_check: tests/kernels_check.c $(STATIC)
@@ -103,7 +121,7 @@ $(BUILD)/bench/%: bench/%.c bench/harness.c bench/harness.h $(STATIC)
 
 $(BUILD)/kvpager.pc: Makefile
 	@mkdir -p $(dir $@)
-	printf 'prefix=%s\nlibdir=$${prefix}/lib\nincludedir=$${prefix}/include\n\nName: kvpager\nDescription: paged, compressed KV cache for transformer inference\nVersion: %s\nLibs: -L$${libdir} -lkvpager -ljemalloc\nLibs.private: %s\nCflags: -I$${includedir}\n' \
+	printf 'prefix=%s\nlibdir=$${prefix}/lib\nincludedir=$${prefix}/include\n\nName: kvpager\nDescription: paged, compressed KV cache for transformer inference\nVersion: %s\nLibs: -L$${libdir} -lkvpager\nLibs.private: %s\nCflags: -I$${includedir}\n' \
 		'$(PREFIX)' '$(VERSION)' '$(LIB_LIBS)' > $@
 
 # Each suite binary runs on its own so one crash cannot hide the others; run.sh closes with one line
@@ -137,7 +155,7 @@ pytest: $(SHARED) $(BUILD)/kvpager-llama
 # The plugin test under valgrind: a dlopen host must see no invalid access and no leak from the library.
 valgrind: all
 	KVP_TEST_BUILD=$(BUILD) valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite \
-		--trace-children=yes --trace-children-skip='*/sh,*/nm' $(BUILD)/tests/test_plugin --jobs 1
+		--trace-children=yes --trace-children-skip='*/sh,*/nm,*/env,*/readelf' $(BUILD)/tests/test_plugin --jobs 1
 
 bench: benches
 	@for b in $(BENCHES); do echo "== $$b"; $$b || exit 1; done
@@ -209,4 +227,5 @@ install: all
 clean:
 	rm -rf build build-asan build-tsan build-fuzz build-neon
 
--include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+# jemalloc's own .d files under build/jemalloc are its Makefile's, not ours.
+-include $(shell find $(BUILD) -path $(JE_DIR) -prune -o -name '*.d' -print 2>/dev/null)

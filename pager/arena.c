@@ -1,13 +1,13 @@
 /*
  * Tenant memory: jemalloc arenas, NUMA placement, and the charge-before-allocate accounting.
  *
- * Why jemalloc is loaded with dlopen instead of linked: libjemalloc.so.2 uses initial-exec TLS (2.6 KiB),
- * more than glibc keeps spare for libraries opened after start-up. A libkvpager.so that named it as
- * DT_NEEDED could not itself be dlopen'ed by a host that did not already have jemalloc, and the host
- * would see only "cannot allocate memory in static TLS block". Loading it here lets codecs and policies
- * work in any host, and lets kvp_pool_open say exactly what the host must do.
+ * jemalloc is a private copy linked into the library (tools/jemalloc.sh builds it), not the system's
+ * libjemalloc.so.2: that one uses initial-exec TLS (2.6 KiB), more than glibc keeps spare for libraries
+ * opened after start-up, so a host that had not started with it could not open a pool. The copy is built
+ * with global-dynamic TLS, and with the kvp_je_ prefix and no exports: it never replaces the host's
+ * malloc, and the host's allocator (glibc's, or its own jemalloc) never sees a block pointer. Block memory
+ * goes through kvp_je_* only; everything else the library allocates uses the host's malloc.
  */
-#include <dlfcn.h>
 #include <jemalloc/jemalloc.h>
 #include <numa.h>
 #include <numaif.h>
@@ -16,40 +16,6 @@
 #include <string.h>
 
 #include "pager.h"
-
-static struct kvp_jemalloc jemalloc;
-static kvp_status jemalloc_status = KVP_EUNSUPPORTED;
-static char jemalloc_error[256];
-static pthread_once_t jemalloc_once = PTHREAD_ONCE_INIT;
-
-static void jemalloc_open(void)
-{
-	void *h = dlopen("libjemalloc.so.2", RTLD_NOW | RTLD_LOCAL);
-	if (!h) {
-		snprintf(jemalloc_error, sizeof jemalloc_error,
-			 "jemalloc could not be loaded (%s); start the host with jemalloc already loaded: link it "
-			 "with -ljemalloc or run it with LD_PRELOAD=libjemalloc.so.2", dlerror());
-		return;
-	}
-	*(void **)&jemalloc.mallocx = dlsym(h, "mallocx");
-	*(void **)&jemalloc.dallocx = dlsym(h, "dallocx");
-	*(void **)&jemalloc.nallocx = dlsym(h, "nallocx");
-	*(void **)&jemalloc.mallctl = dlsym(h, "mallctl");
-	if (!jemalloc.mallocx || !jemalloc.dallocx || !jemalloc.nallocx || !jemalloc.mallctl) {
-		snprintf(jemalloc_error, sizeof jemalloc_error, "libjemalloc.so.2 lacks the mallocx API");
-		return;
-	}
-	jemalloc_status = KVP_OK;
-}
-
-kvp_status kvp_jemalloc_load(const struct kvp_jemalloc **out)
-{
-	pthread_once(&jemalloc_once, jemalloc_open);
-	if (jemalloc_status != KVP_OK)
-		return kvp_fail(jemalloc_status, "%s", jemalloc_error);
-	*out = &jemalloc;
-	return KVP_OK;
-}
 
 /*
  * NUMA placement: an arena whose extents are bound to one node. Every hook forwards to jemalloc's
@@ -112,7 +78,7 @@ static bool node_purge_forced(extent_hooks_t *h, void *a, size_t s, size_t o, si
 static struct numa_hooks numa_table[64];
 static pthread_mutex_t numa_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static kvp_status numa_hooks_for(const struct kvp_jemalloc *je, int node, extent_hooks_t **out)
+static kvp_status numa_hooks_for(int node, extent_hooks_t **out)
 {
 	kvp_status st = KVP_OK;
 	if (node < 0 || node >= (int)(sizeof numa_table / sizeof numa_table[0]))
@@ -122,7 +88,7 @@ static kvp_status numa_hooks_for(const struct kvp_jemalloc *je, int node, extent
 	if (!nh->base) {
 		extent_hooks_t *base;
 		size_t sz = sizeof base;
-		if (je->mallctl("arena.0.extent_hooks", &base, &sz, NULL, 0) != 0) {
+		if (kvp_je_mallctl("arena.0.extent_hooks", &base, &sz, NULL, 0) != 0) {
 			st = kvp_fail(KVP_EUNSUPPORTED, "jemalloc refused to report its extent hooks");
 		} else {
 			nh->hooks = (extent_hooks_t){
@@ -150,11 +116,11 @@ kvp_status kvp_arena_create(const struct kvp_pool *pool, unsigned *arena)
 	extent_hooks_t *hooks = NULL;
 	size_t sz = sizeof *arena;
 	if (pool->numa_node >= 0) {
-		kvp_status st = numa_hooks_for(pool->je, pool->numa_node, &hooks);
+		kvp_status st = numa_hooks_for(pool->numa_node, &hooks);
 		if (st != KVP_OK)
 			return st;
 	}
-	if (pool->je->mallctl("arenas.create", arena, &sz, hooks ? &hooks : NULL, hooks ? sizeof hooks : 0))
+	if (kvp_je_mallctl("arenas.create", arena, &sz, hooks ? &hooks : NULL, hooks ? sizeof hooks : 0))
 		return kvp_fail(KVP_ENOMEM, "jemalloc could not create an arena");
 	return KVP_OK;
 }
@@ -165,11 +131,11 @@ int kvp_arena_flags(unsigned arena)
 	return MALLOCX_ARENA(arena) | MALLOCX_TCACHE_NONE;
 }
 
-void kvp_arena_destroy(const struct kvp_pool *pool, unsigned arena)
+void kvp_arena_destroy(unsigned arena)
 {
 	char name[64];
 	snprintf(name, sizeof name, "arena.%u.destroy", arena);
-	pool->je->mallctl(name, NULL, NULL, NULL, 0);
+	kvp_je_mallctl(name, NULL, NULL, NULL, 0);
 }
 
 kvp_status kvp_numa_check(int node)
@@ -271,7 +237,7 @@ void kvp_uncharge(struct kvp_tenant *t, uint64_t bytes)
 
 size_t kvp_alloc_size(const struct kvp_tenant *t, size_t bytes)
 {
-	return t->pool->je->nallocx(bytes, t->flags);
+	return kvp_je_nallocx(bytes, t->flags);
 }
 
 /* The payload bytes count under kind; headers and jemalloc's size-class slack count as metadata. */
@@ -297,7 +263,7 @@ void *kvp_alloc(struct kvp_tenant *t, size_t bytes, enum kvp_bytes_kind kind, si
 	}
 	if (kvp_charge(t, real) != KVP_OK)
 		return NULL;
-	p = t->pool->je->mallocx(bytes, t->flags);
+	p = kvp_je_mallocx(bytes, t->flags);
 	if (!p) {
 		kvp_uncharge(t, real);
 		kvp_fail(KVP_ENOMEM, "tenant '%s': the system is out of memory (%zu bytes)", t->name, bytes);
@@ -313,7 +279,7 @@ void kvp_free(struct kvp_tenant *t, void *p, size_t bytes, enum kvp_bytes_kind k
 	if (!p)
 		return;
 	real = kvp_alloc_size(t, bytes);
-	t->pool->je->dallocx(p, t->flags);
+	kvp_je_dallocx(p, t->flags);
 	count(t, real, kind, payload, -1);
 	kvp_uncharge(t, real);
 }

@@ -25,15 +25,6 @@
 #include "pager/spill.h"
 #include "policies/policy.h"
 
-/* ---- jemalloc, loaded at pool open (see arena.c for why not linked) ---- */
-struct kvp_jemalloc {
-	void *(*mallocx)(size_t size, int flags);
-	void (*dallocx)(void *ptr, int flags);
-	size_t (*nallocx)(size_t size, int flags);
-	int (*mallctl)(const char *name, void *oldp, size_t *oldlenp, void *newp, size_t newlen);
-};
-kvp_status kvp_jemalloc_load(const struct kvp_jemalloc **out);
-
 #define KVP_BLOCK_MAX 4096 /* tokens per block, and per sink block */
 #define KVP_GROUP_MAX 128  /* query heads per KV head */
 #define KVP_HEAD_DIM_MAX 1024
@@ -51,7 +42,6 @@ struct kvp_pool {
 	uint32_t magic;
 	uint32_t handle_index; /* its slot in the handle table (handle.c) */
 	kvp_pool *handle;      /* what the host holds */
-	const struct kvp_jemalloc *je;
 	uint64_t limit; /* UINT64_MAX when unlimited */
 	_Atomic uint64_t used;
 	int numa_node; /* -1 when not placed */
@@ -211,7 +201,7 @@ void kvp_free(struct kvp_tenant *t, void *p, size_t bytes, enum kvp_bytes_kind k
 /* What the sequence hands its policy and codecs: kvp_alloc/kvp_free as metadata, counted in state_bytes. */
 struct kvp_allocator kvp_seq_allocator(struct kvp_seq *s);
 kvp_status kvp_arena_create(const struct kvp_pool *pool, unsigned *arena);
-void kvp_arena_destroy(const struct kvp_pool *pool, unsigned arena);
+void kvp_arena_destroy(unsigned arena);
 int kvp_arena_flags(unsigned arena);
 /* KVP_EUNSUPPORTED where the machine has no NUMA, KVP_EINVAL for a node it does not have. */
 kvp_status kvp_numa_check(int node);

@@ -59,7 +59,7 @@ kvp_status kvp_pool_open(const char *spec, kvp_pool **out)
 	if (!(p = calloc(1, sizeof *p)))
 		return kvp_fail(KVP_ENOMEM, "kvp_pool_open: out of memory");
 	p->limit = UINT64_MAX;
-	if ((st = pool_config_parse(p, spec, &sp)) != KVP_OK || (st = kvp_jemalloc_load(&p->je)) != KVP_OK) {
+	if ((st = pool_config_parse(p, spec, &sp)) != KVP_OK) {
 		free(p);
 		return st;
 	}
@@ -225,7 +225,7 @@ kvp_status kvp_tenant_open(kvp_pool *h, const char *name, const char *spec, kvp_
 		t->handle = (kvp_tenant *)kvp_handle_new(KVP_HANDLE_TENANT, t, &t->handle_index);
 		if (!t->handle_index) {
 			pthread_mutex_destroy(&t->lock);
-			kvp_arena_destroy(pool, t->arena);
+			kvp_arena_destroy(t->arena);
 			st = kvp_fail_context(KVP_ENOMEM, "kvp_tenant_open");
 		}
 	}
@@ -253,7 +253,7 @@ void kvp_tenant_destroy(struct kvp_tenant *t)
 		kvp_seq_destroy(s);
 	}
 	kvp_evict_unprepare(t);
-	kvp_arena_destroy(t->pool, t->arena);
+	kvp_arena_destroy(t->arena);
 	pthread_mutex_destroy(&t->lock);
 	t->magic = 0;
 	free(t);

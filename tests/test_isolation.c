@@ -6,6 +6,7 @@
  * no call reads a block past the n rows its owner wrote.
  */
 #include <criterion/criterion.h>
+#include <jemalloc/jemalloc.h>
 #include <string.h>
 
 #include "kvpager.h"
@@ -19,13 +20,12 @@
 static const kvp_shape shape = { 1, 4, NKV, D, 1e4f, KVP_ROPE_HALF };
 static const uint32_t pattern = 0x5a17c0deu;
 
-static unsigned arena_of(const kvp_pool *h, const void *p)
+static unsigned arena_of(const void *p)
 {
-	const struct kvp_pool *pool = kvp_pool_from_handle(h);
 	unsigned arena = ~0u;
 	size_t sz = sizeof arena;
 
-	cr_assert_eq(pool->je->mallctl("arenas.lookup", &arena, &sz, &p, sizeof p), 0, "arenas.lookup");
+	cr_assert_eq(kvp_je_mallctl("arenas.lookup", &arena, &sz, &p, sizeof p), 0, "arenas.lookup");
 	return arena;
 }
 
@@ -79,8 +79,8 @@ Test(isolation, every_block_comes_from_its_own_tenants_arena)
 	cr_assert_neq(arena_a, arena_b);
 	for (uint32_t g = 0; g < NKV; g++)
 		for (uint32_t i = 0; i < kvp_seq_stream(sa, 0, g)->n_blocks; i++) {
-			cr_assert_eq(arena_of(pool, kvp_seq_stream(sa, 0, g)->blocks[i]->k), arena_a);
-			cr_assert_eq(arena_of(pool, kvp_seq_stream(sb, 0, g)->blocks[i]->k), arena_b);
+			cr_assert_eq(arena_of(kvp_seq_stream(sa, 0, g)->blocks[i]->k), arena_a);
+			cr_assert_eq(arena_of(kvp_seq_stream(sb, 0, g)->blocks[i]->k), arena_b);
 		}
 	kvp_pool_close(pool);
 }
