@@ -153,9 +153,13 @@ pytest: $(SHARED) $(BUILD)/kvpager-llama
 	fi
 
 # The plugin test under valgrind: a dlopen host must see no invalid access and no leak from the library.
+# Criterion does not fail a test whose worker valgrind found errors in, so any report in the log fails it.
 valgrind: all
-	KVP_TEST_BUILD=$(BUILD) valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite \
-		--trace-children=yes --trace-children-skip='*/sh,*/nm,*/env,*/readelf' $(BUILD)/tests/test_plugin --jobs 1
+	@KVP_TEST_BUILD=$(BUILD) valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite \
+		--trace-children=yes --trace-children-skip='*/sh,*/nm,*/env,*/readelf' $(BUILD)/tests/test_plugin --jobs 1 \
+		> $(BUILD)/valgrind.log 2>&1; rc=$$?; cat $(BUILD)/valgrind.log; \
+	if [ $$rc -ne 0 ] || grep -q '^==[0-9]*==' $(BUILD)/valgrind.log; then \
+		echo "valgrind: errors in the plugin test (above)"; exit 1; fi
 
 bench: benches
 	@for b in $(BENCHES); do echo "== $$b"; $$b || exit 1; done
