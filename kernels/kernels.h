@@ -1,6 +1,7 @@
 /*
  * kernels/ — the hot loops, each with a scalar reference (scalar.c) and vector versions (avx2.c,
- * neon.c), chosen once at start-up from the CPU's features. KVP_KERNELS=scalar|avx2|neon forces one.
+ * neon.c, sharing the loops of loops.h), chosen once at start-up from the CPU's features by dispatch.c,
+ * together with the CRC32C version (crc32c.h). KVP_KERNELS=scalar|avx2|neon forces one.
  *
  * Rows are contiguous: rows[i*d + j] is element j of row i. No alignment is required of any pointer.
  */
