@@ -127,7 +127,7 @@ static float float_of(uint32_t u)
 /* Sized exactly (plus the offset) so that a kernel reading past the end shows up under ASan. */
 static float *rand_f32(size_t n, unsigned off)
 {
-	float *p = xmalloc((n + off) * sizeof *p + 1);
+	float *p = xmalloc((n + off) * sizeof *p);
 
 	for (size_t i = 0; i < n + off; i++)
 		p[i] = rndf();
@@ -136,7 +136,7 @@ static float *rand_f32(size_t n, unsigned off)
 
 static uint16_t *rand_f16(size_t n, unsigned off)
 {
-	uint16_t *p = xmalloc((n + off) * sizeof *p + 1);
+	uint16_t *p = xmalloc((n + off) * sizeof *p);
 
 	for (size_t i = 0; i < n + off; i++)
 		p[i] = kvp_f32_to_f16(4.0f * rndf());
@@ -145,7 +145,7 @@ static uint16_t *rand_f16(size_t n, unsigned off)
 
 static float *copy_f32(const float *x, size_t n)
 {
-	float *p = xmalloc(n * sizeof *p + 1);
+	float *p = xmalloc(n * sizeof *p);
 
 	memcpy(p, x, n * sizeof *p);
 	return p;
@@ -350,8 +350,8 @@ static const uint32_t special_bits[] = {
 
 static void f32_to_f16_case(const struct kvp_kernels *k, const float *x, size_t n, unsigned off)
 {
-	float *xs = xmalloc((n + off) * sizeof *xs + 1);
-	uint16_t *want = xmalloc(n * sizeof *want + 1), *got = xmalloc((n + off) * sizeof *got + 1);
+	float *xs = xmalloc((n + off) * sizeof *xs);
+	uint16_t *want = xmalloc(n * sizeof *want), *got = xmalloc((n + off) * sizeof *got);
 
 	memcpy(xs + off, x, n * sizeof *x);
 	kvp_kernels_scalar.f32_to_f16(n, xs + off, want);
@@ -423,8 +423,8 @@ static void f32_to_f16_tails(const struct kvp_kernels *k)
 
 static void f16_to_f32_case(const struct kvp_kernels *k, uint32_t first, size_t n, unsigned off)
 {
-	uint16_t *h = xmalloc((n + off) * sizeof *h + 1);
-	float *want = xmalloc(n * sizeof *want + 1), *got = xmalloc((n + off) * sizeof *got + 1);
+	uint16_t *h = xmalloc((n + off) * sizeof *h);
+	float *want = xmalloc(n * sizeof *want), *got = xmalloc((n + off) * sizeof *got);
 
 	for (size_t i = 0; i < n; i++)
 		h[off + i] = (uint16_t)(first + i);
