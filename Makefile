@@ -5,7 +5,7 @@
 #                   cross compiler present) the NEON kernels under qemu-aarch64
 #   make bench      build and run the benchmarks
 #   make asan       tests under AddressSanitizer + UndefinedBehaviorSanitizer
-#   make neon       NEON kernel checks, cross-built and run under qemu-aarch64
+#   make neon       the kernels suite (tests/kernels_check.c), cross-built and run under qemu-aarch64
 #   make tsan       the multi-thread stresses under ThreadSanitizer
 #   make fuzz       libFuzzer targets (clang), each for FUZZ_SECONDS (default 30)
 #   make install    PREFIX=/usr/local DESTDIR=
@@ -101,7 +101,8 @@ $(BUILD)/tests/test_plugin: tests/test_plugin.c | $(SHARED)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -MMD -MP -o $@ $< $(TESTLIBS) -lpthread -lm -ldl
 
-# The vector-versus-scalar kernel checks without Criterion, so they also run under qemu-user.
+# The kernels suite, a plain program rather than Criterion, so the same source also runs under qemu-user
+# (make neon).
 $(BUILD)/tests/kernels_check: tests/kernels_check.c $(STATIC)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $< $(STATIC) $(LIBS)
@@ -125,7 +126,7 @@ $(BUILD)/kvpager.pc: Makefile
 		'$(PREFIX)' '$(VERSION)' '$(LIB_LIBS)' > $@
 
 # Each suite binary runs on its own so one crash cannot hide the others; run.sh closes with one line
-# counting every test: "N passed, N failed".
+# counting every test: "N passed, N failed", after one counting the kernel suite's compared values.
 suites: all
 	@KVP_TEST_BUILD=$(BUILD) sh tests/run.sh $(TESTS) $(BUILD)/tests/kernels_check $(BUILD)/tests/policy_stress_check
 

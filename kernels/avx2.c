@@ -1,7 +1,8 @@
 /*
  * AVX2 + FMA + F16C kernels. Built with -mavx2 -mfma -mf16c and only called after dispatch.c has seen
  * those features. Loads are unaligned throughout; tails shorter than a vector go through maskload or a
- * zero-padded copy, never past the caller's buffers.
+ * zero-padded copy, never past the caller's buffers. The loops that do not depend on the instruction set
+ * (over heads, bit widths and rows) are in loops.h, included at the end.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -141,11 +142,6 @@ static void dot_f16_ahead(unsigned d, unsigned n, const uint16_t *rows, const fl
 	}
 }
 
-static void dot_f16(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale, float *out)
-{
-	dot_f16_ahead(d, n, rows, q, scale, out, NULL);
-}
-
 /*
  * Columns outer, rows inner: a strip of 32 accumulators stays in registers across all n rows, so acc is
  * read and written once per call rather than once per row.
@@ -243,12 +239,6 @@ static void axpy_f16_ahead(unsigned d, unsigned n, const uint16_t *rows, const f
 	}
 }
 
-static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc)
-{
-	axpy_f16_ahead(d, n, rows, w, acc, NULL);
-}
-
-/* The immediate rounding mode (not MXCSR) makes this round to nearest even whatever the caller set. */
 /* acc[j] += w * row[j] for from <= j < d: the column tail of the grouped axpy. */
 static void axpy_f16_columns(unsigned d, unsigned from, const uint16_t *row, float w, float *acc)
 {
@@ -309,19 +299,8 @@ static void dot_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const f
 		o0[i + 1] = s[4], o1[i + 1] = s[5], o2[i + 1] = s[6], o3[i + 1] = s[7];
 	}
 	for (unsigned h = 0; i < n && h < 4; h++)
-		dot_f16(d, n - i, rows + (size_t)i * d, q + (size_t)h * d, scale, out + (size_t)h * n + i);
-}
-
-/* The first pass over rows asks for ahead; later passes find rows in cache and ahead on its way. */
-static void dot_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *q,
-			  float scale, float *out, const uint16_t *ahead)
-{
-	unsigned h = 0;
-
-	for (; h + 4 <= g; h += 4, ahead = NULL)
-		dot_f16_heads4(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n, ahead);
-	for (; h < g; h++, ahead = NULL)
-		dot_f16_ahead(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n, ahead);
+		dot_f16_ahead(d, n - i, rows + (size_t)i * d, q + (size_t)h * d, scale, out + (size_t)h * n + i,
+			      NULL);
 }
 
 /* Sixteen columns of four heads per pass: two conversions per row feed eight FMAs. ahead is spread
@@ -367,17 +346,7 @@ static void axpy_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const 
 	}
 }
 
-static void axpy_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *w,
-			   float *acc, const uint16_t *ahead)
-{
-	unsigned h = 0;
-
-	for (; h + 4 <= g; h += 4, ahead = NULL)
-		axpy_f16_heads4(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d, ahead);
-	for (; h < g; h++, ahead = NULL)
-		axpy_f16_ahead(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d, ahead);
-}
-
+/* The immediate rounding mode (not MXCSR) makes this round to nearest even whatever the caller set. */
 static void f32_to_f16(size_t n, const float *x, uint16_t *y)
 {
 	size_t i = 0;
@@ -528,8 +497,8 @@ static void scale(unsigned d, float a, float *y)
  * right by its own multiple of b (srlv): eight indices, with the next codes' bits above them. The lookup
  * is a register permute: permutevar8x32 reads the low 3 bits, so 4-bit codes take the upper half of the
  * table where bit 3 is set (blendv keys on the sign bit, where a per-lane shift left puts bit 3; see
- * lut_regs). The functions are always inlined into a switch on bits, so every width gets its own loop
- * with constant shifts and load sizes.
+ * lut_regs). The functions are always inlined into loops.h's switch on bits, so every width gets its own
+ * loop with constant shifts and load sizes.
  */
 #define INLINE static inline __attribute__((always_inline))
 
@@ -558,33 +527,6 @@ INLINE struct lut_regs lut_regs(unsigned bits, const float *lut)
 	return r;
 }
 
-/* Byte by byte: with nbytes a constant this folds to one or two loads; a variable-length memcpy would be
- * a library call per block. */
-INLINE uint32_t load_word(const uint8_t *p, unsigned nbytes)
-{
-	switch (nbytes) {
-	case 1: return p[0];
-	case 2: return (uint32_t)p[0] | (uint32_t)p[1] << 8;
-	case 3: return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16;
-	case 4: return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-	default: return 0;
-	}
-}
-
-/* The word of the block of codes j..j+7 of a row of m codes. A 3-bit block is 3 bytes; when another
- * whole block follows it in the row, one 4-byte load (the top byte is shifted out) replaces three. */
-INLINE uint32_t load_block(const uint8_t *row, unsigned j, unsigned bits, unsigned m)
-{
-	const uint8_t *p = row + j * bits / 8;
-
-	if (bits == 3 && j + 16 <= m) {
-		uint32_t w;
-		memcpy(&w, p, sizeof w);
-		return w;
-	}
-	return load_word(p, bits);
-}
-
 INLINE __m256 lookup8(unsigned bits, uint32_t word, const struct lut_regs *r)
 {
 	const __m256i w = _mm256_set1_epi32((int)word), idx = _mm256_srlv_epi32(w, r->shifts);
@@ -610,17 +552,17 @@ INLINE void lut_dot_bits(unsigned bits, unsigned m, unsigned n, const uint8_t *c
 		unsigned j = 0;
 
 		for (; j + 16 <= m8; j += 16) {
-			a0 = _mm256_fmadd_ps(lookup8(bits, load_block(row, j, bits, m), &r),
+			a0 = _mm256_fmadd_ps(lookup8(bits, kvp_code_block(row, j, bits, m), &r),
 					     _mm256_loadu_ps(q + j), a0);
-			a1 = _mm256_fmadd_ps(lookup8(bits, load_block(row, j + 8, bits, m), &r),
+			a1 = _mm256_fmadd_ps(lookup8(bits, kvp_code_block(row, j + 8, bits, m), &r),
 					     _mm256_loadu_ps(q + j + 8), a1);
 		}
 		if (j < m8)
-			a0 = _mm256_fmadd_ps(lookup8(bits, load_block(row, j, bits, m), &r),
+			a0 = _mm256_fmadd_ps(lookup8(bits, kvp_code_block(row, j, bits, m), &r),
 					     _mm256_loadu_ps(q + j), a0);
 		/* lanes past the tail may hold the next field's bits; their q is 0 */
 		if (k)
-			a1 = _mm256_fmadd_ps(lookup8(bits, load_word(row + m8 * bits / 8, kbytes), &r), qt, a1);
+			a1 = _mm256_fmadd_ps(lookup8(bits, kvp_code_word(row + m8 * bits / 8, kbytes), &r), qt, a1);
 		out[i] = hsum(_mm256_add_ps(a0, a1));
 	}
 }
@@ -644,45 +586,23 @@ INLINE void lut_axpy_bits(unsigned bits, unsigned m, unsigned n, const uint8_t *
 				const uint8_t *r0 = codes + (size_t)i * stride;
 
 				a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i),
-						     lookup8(bits, load_block(r0, j, bits, m), &r), a0);
+						     lookup8(bits, kvp_code_block(r0, j, bits, m), &r), a0);
 				a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i + 1),
-						     lookup8(bits, load_block(r0 + stride, j, bits, m), &r), a1);
+						     lookup8(bits, kvp_code_block(r0 + stride, j, bits, m), &r), a1);
 			}
 		}
 		for (; i + 2 <= n; i += 2) {
 			const uint8_t *r0 = col + (size_t)i * stride;
 
-			a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i), lookup8(bits, load_word(r0, nbytes), &r),
+			a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i), lookup8(bits, kvp_code_word(r0, nbytes), &r),
 					     a0);
 			a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i + 1),
-					     lookup8(bits, load_word(r0 + stride, nbytes), &r), a1);
+					     lookup8(bits, kvp_code_word(r0 + stride, nbytes), &r), a1);
 		}
 		if (i < n)
 			a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i),
-					     lookup8(bits, load_word(col + (size_t)i * stride, nbytes), &r), a0);
+					     lookup8(bits, kvp_code_word(col + (size_t)i * stride, nbytes), &r), a0);
 		_mm256_maskstore_ps(acc + j, keep, _mm256_add_ps(a0, a1));
-	}
-}
-
-static void lut_dot(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-		    const float *lut, const float *q, float *out)
-{
-	switch (bits) {
-	case 1: lut_dot_bits(1, m, n, codes, stride, lut, q, out); break;
-	case 2: lut_dot_bits(2, m, n, codes, stride, lut, q, out); break;
-	case 3: lut_dot_bits(3, m, n, codes, stride, lut, q, out); break;
-	default: lut_dot_bits(4, m, n, codes, stride, lut, q, out); break;
-	}
-}
-
-static void lut_axpy(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-		     const float *lut, const float *w, float *acc)
-{
-	switch (bits) {
-	case 1: lut_axpy_bits(1, m, n, codes, stride, lut, w, acc); break;
-	case 2: lut_axpy_bits(2, m, n, codes, stride, lut, w, acc); break;
-	case 3: lut_axpy_bits(3, m, n, codes, stride, lut, w, acc); break;
-	default: lut_axpy_bits(4, m, n, codes, stride, lut, w, acc); break;
 	}
 }
 
@@ -701,7 +621,7 @@ INLINE void lut_dot_heads4(unsigned bits, unsigned m, unsigned n, const uint8_t 
 		float s[4];
 
 		for (unsigned j = 0; j < m8; j += 8) {
-			x = lookup8(bits, load_block(row, j, bits, m), &r);
+			x = lookup8(bits, kvp_code_block(row, j, bits, m), &r);
 			a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q0 + j), a0);
 			a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q1 + j), a1);
 			a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q2 + j), a2);
@@ -709,7 +629,7 @@ INLINE void lut_dot_heads4(unsigned bits, unsigned m, unsigned n, const uint8_t 
 		}
 		if (k) {
 			/* lanes past the tail may hold the next field's bits; their q is 0 */
-			x = lookup8(bits, load_word(row + m8 * bits / 8, kbytes), &r);
+			x = lookup8(bits, kvp_code_word(row + m8 * bits / 8, kbytes), &r);
 			a0 = _mm256_fmadd_ps(x, _mm256_maskload_ps(q0 + m8, tail), a0);
 			a1 = _mm256_fmadd_ps(x, _mm256_maskload_ps(q1 + m8, tail), a1);
 			a2 = _mm256_fmadd_ps(x, _mm256_maskload_ps(q2 + m8, tail), a2);
@@ -735,8 +655,8 @@ INLINE void lut_axpy_heads4(unsigned bits, unsigned m, unsigned n, const uint8_t
 		__m256 a2 = _mm256_maskload_ps(c2 + j, keep), a3 = _mm256_maskload_ps(c3 + j, keep), x;
 
 		for (unsigned i = 0; i < n; i++) {
-			x = k == 8 ? lookup8(bits, load_block(codes + (size_t)i * stride, j, bits, m), &r) :
-				     lookup8(bits, load_word(col + (size_t)i * stride, nbytes), &r);
+			x = k == 8 ? lookup8(bits, kvp_code_block(codes + (size_t)i * stride, j, bits, m), &r) :
+				     lookup8(bits, kvp_code_word(col + (size_t)i * stride, nbytes), &r);
 			a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w0 + i), x, a0);
 			a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(w1 + i), x, a1);
 			a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(w2 + i), x, a2);
@@ -745,51 +665,6 @@ INLINE void lut_axpy_heads4(unsigned bits, unsigned m, unsigned n, const uint8_t
 		_mm256_maskstore_ps(c0 + j, keep, a0), _mm256_maskstore_ps(c1 + j, keep, a1);
 		_mm256_maskstore_ps(c2 + j, keep, a2), _mm256_maskstore_ps(c3 + j, keep, a3);
 	}
-}
-
-static void lut_dot_heads4_any(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			       const float *lut, const float *q, size_t qs, float *out)
-{
-	switch (bits) {
-	case 1: lut_dot_heads4(1, m, n, codes, stride, lut, q, qs, out); break;
-	case 2: lut_dot_heads4(2, m, n, codes, stride, lut, q, qs, out); break;
-	case 3: lut_dot_heads4(3, m, n, codes, stride, lut, q, qs, out); break;
-	default: lut_dot_heads4(4, m, n, codes, stride, lut, q, qs, out); break;
-	}
-}
-
-static void lut_axpy_heads4_any(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-				const float *lut, const float *w, float *acc, size_t as)
-{
-	switch (bits) {
-	case 1: lut_axpy_heads4(1, m, n, codes, stride, lut, w, acc, as); break;
-	case 2: lut_axpy_heads4(2, m, n, codes, stride, lut, w, acc, as); break;
-	case 3: lut_axpy_heads4(3, m, n, codes, stride, lut, w, acc, as); break;
-	default: lut_axpy_heads4(4, m, n, codes, stride, lut, w, acc, as); break;
-	}
-}
-
-static void lut_dot_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			  const float *lut, unsigned g, const float *q, size_t q_stride, float *out)
-{
-	unsigned h = 0;
-
-	for (; h + 4 <= g; h += 4)
-		lut_dot_heads4_any(bits, m, n, codes, stride, lut, q + h * q_stride, q_stride, out + (size_t)h * n);
-	for (; h < g; h++)
-		lut_dot(bits, m, n, codes, stride, lut, q + h * q_stride, out + (size_t)h * n);
-}
-
-static void lut_axpy_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			   const float *lut, unsigned g, const float *w, float *acc, size_t acc_stride)
-{
-	unsigned h = 0;
-
-	for (; h + 4 <= g; h += 4)
-		lut_axpy_heads4_any(bits, m, n, codes, stride, lut, w + (size_t)h * n, acc + h * acc_stride,
-				    acc_stride);
-	for (; h < g; h++)
-		lut_axpy(bits, m, n, codes, stride, lut, w + (size_t)h * n, acc + h * acc_stride);
 }
 
 /*
@@ -840,58 +715,28 @@ static void mask_expand_row(unsigned d, const uint8_t *mask, const uint8_t *sign
 	}
 }
 
-static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint8_t *signs, size_t stride,
-			const float *kept, size_t kept_stride, const float *scale, const float *mag, float *x)
+/* Bands [0, returned) of one row, eight at a time; mul, mul, add, sqrt are each rounded as in the scalar
+ * reference. */
+INLINE unsigned band_norms_vector(unsigned F, int interleaved, const float *r, float *o)
 {
-	for (unsigned i = 0; i < n; i++)
-		mask_expand_row(d, masks + (size_t)i * stride, signs ? signs + (size_t)i * stride : NULL,
-				kept + (size_t)i * kept_stride, signs ? scale[i] : 0.0f, mag, x + (size_t)i * d);
-}
+	const unsigned F8 = F & ~7u;
 
-/* Eight bands at a time; mul, mul, add, sqrt are each rounded as in the scalar reference. */
-static void band_norms(unsigned d, unsigned n, int interleaved, const float *rows, float *out)
-{
-	const unsigned F = d / 2, F8 = F & ~7u;
-
-	for (unsigned i = 0; i < n; i++) {
-		const float *r = rows + (size_t)i * d;
-		float *o = out + (size_t)i * F;
-		unsigned f = 0;
-
-		for (; f < F8; f += 8) {
-			__m256 sum;
-			if (interleaved) {
-				__m256 a = _mm256_loadu_ps(r + 2 * f), b = _mm256_loadu_ps(r + 2 * f + 8);
-				/* hadd pairs re^2 + im^2 per band; lanes come out as bands 0 1 4 5 | 2 3 6 7 */
-				sum = _mm256_hadd_ps(_mm256_mul_ps(a, a), _mm256_mul_ps(b, b));
-				sum = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(sum), 0xd8));
-			} else {
-				__m256 re = _mm256_loadu_ps(r + f), im = _mm256_loadu_ps(r + f + F);
-				sum = _mm256_add_ps(_mm256_mul_ps(re, re), _mm256_mul_ps(im, im));
-			}
-			_mm256_storeu_ps(o + f, _mm256_sqrt_ps(sum));
+	for (unsigned f = 0; f < F8; f += 8) {
+		__m256 sum;
+		if (interleaved) {
+			__m256 a = _mm256_loadu_ps(r + 2 * f), b = _mm256_loadu_ps(r + 2 * f + 8);
+			/* hadd pairs re^2 + im^2 per band; lanes come out as bands 0 1 4 5 | 2 3 6 7 */
+			sum = _mm256_hadd_ps(_mm256_mul_ps(a, a), _mm256_mul_ps(b, b));
+			sum = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(sum), 0xd8));
+		} else {
+			__m256 re = _mm256_loadu_ps(r + f), im = _mm256_loadu_ps(r + f + F);
+			sum = _mm256_add_ps(_mm256_mul_ps(re, re), _mm256_mul_ps(im, im));
 		}
-		for (; f < F; f++)
-			o[f] = interleaved ? kvp_band_norm(r[2 * f], r[2 * f + 1]) : kvp_band_norm(r[f], r[f + F]);
+		_mm256_storeu_ps(o + f, _mm256_sqrt_ps(sum));
 	}
+	return F8;
 }
 
-const struct kvp_kernels kvp_kernels_avx2 = {
-	.name = "avx2",
-	.dot_f32 = dot_f32,
-	.dot_f16 = dot_f16,
-	.axpy_f32 = axpy_f32,
-	.axpy_f16 = axpy_f16,
-	.dot_f16_group = dot_f16_group,
-	.axpy_f16_group = axpy_f16_group,
-	.band_norms = band_norms,
-	.f32_to_f16 = f32_to_f16,
-	.f16_to_f32 = f16_to_f32,
-	.softmax_step = softmax_step,
-	.scale = scale,
-	.lut_dot = lut_dot,
-	.lut_axpy = lut_axpy,
-	.lut_dot_group = lut_dot_group,
-	.lut_axpy_group = lut_axpy_group,
-	.mask_expand = mask_expand,
-};
+#define KVP_ISA_NAME "avx2"
+#define KVP_ISA_TABLE kvp_kernels_avx2
+#include "kernels/loops.h"

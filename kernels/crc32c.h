@@ -5,8 +5,8 @@
  * result as crc continues it, so a record can be checksummed piece by piece.
  *
  * Implementations: a table-driven scalar reference, SSE4.2 crc32 on x86-64, the ARMv8 CRC extension on
- * aarch64; chosen once per process from the CPU's features. KVP_KERNELS=scalar forces the reference,
- * like the other kernels.
+ * aarch64; chosen once per process from the CPU's features, by dispatch.c together with the other
+ * kernels. KVP_KERNELS=scalar forces the reference, like the other kernels.
  */
 #ifndef KVP_KERNELS_CRC32C_H
 #define KVP_KERNELS_CRC32C_H
@@ -18,6 +18,13 @@ typedef uint32_t (*kvp_crc32c_fn)(uint32_t crc, const void *p, size_t n);
 
 uint32_t kvp_crc32c(uint32_t crc, const void *p, size_t n);
 uint32_t kvp_crc32c_scalar(uint32_t crc, const void *p, size_t n);
+/* The hardware versions: only for dispatch.c, which calls them after checking the CPU has the instruction. */
+#if defined(__x86_64__)
+uint32_t kvp_crc32c_sse42(uint32_t crc, const void *p, size_t n);
+#endif
+#if defined(__aarch64__)
+uint32_t kvp_crc32c_armv8(uint32_t crc, const void *p, size_t n);
+#endif
 /* "scalar", "sse42" or "armv8": NULL when this build or CPU cannot run it. For tests and benchmarks. */
 kvp_crc32c_fn kvp_crc32c_named(const char *name);
 /* The name of the implementation kvp_crc32c uses. */

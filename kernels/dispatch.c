@@ -1,6 +1,8 @@
 /*
- * Chooses the kernel table once per process. KVP_KERNELS names one; a name this build or CPU cannot run
- * silently falls back to the best available, so a stale setting never stops a server from starting.
+ * Chooses the kernels once per process: the kernel table and the CRC32C version, from one look at the CPU
+ * and at KVP_KERNELS. KVP_KERNELS names a table; a name this build or CPU cannot run silently falls back
+ * to the best available, so a stale setting never stops a server from starting. CRC32C versions carry
+ * other names (sse42, armv8), so of KVP_KERNELS only "scalar" reaches them: it forces every reference.
  */
 #include <pthread.h>
 #include <stdlib.h>
@@ -14,6 +16,7 @@
 #include <sys/auxv.h>
 #endif
 
+#include "kernels/crc32c.h"
 #include "kernels/kernels.h"
 
 #if defined(__x86_64__)
@@ -31,6 +34,12 @@ static int avx2_runnable(void)
 	/* libgcc and compiler-rt also check XCR0, so "avx2" implies the OS saves the YMM registers */
 	return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c_present();
 }
+
+static int sse42_runnable(void)
+{
+	__builtin_cpu_init();
+	return __builtin_cpu_supports("sse4.2");
+}
 #endif
 
 #if defined(__aarch64__)
@@ -38,42 +47,96 @@ static int neon_runnable(void)
 {
 	return (getauxval(AT_HWCAP) & HWCAP_ASIMD) != 0;
 }
+
+static int armv8_crc_runnable(void)
+{
+	return (getauxval(AT_HWCAP) & HWCAP_CRC32) != 0;
+}
 #endif
+
+static int always_runnable(void)
+{
+	return 1;
+}
+
+/* Each list most preferred first; the scalar reference always runs, so a walk down one always ends. */
+static const struct kernels_version {
+	const char *name;
+	int (*runnable)(void);
+	const struct kvp_kernels *table;
+} tables[] = {
+#if defined(__x86_64__)
+	{ "avx2", avx2_runnable, &kvp_kernels_avx2 },
+#endif
+#if defined(__aarch64__)
+	{ "neon", neon_runnable, &kvp_kernels_neon },
+#endif
+	{ "scalar", always_runnable, &kvp_kernels_scalar },
+};
+
+static const struct crc32c_version {
+	const char *name;
+	int (*runnable)(void);
+	kvp_crc32c_fn crc32c;
+} crc32cs[] = {
+#if defined(__x86_64__)
+	{ "sse42", sse42_runnable, kvp_crc32c_sse42 },
+#endif
+#if defined(__aarch64__)
+	{ "armv8", armv8_crc_runnable, kvp_crc32c_armv8 },
+#endif
+	{ "scalar", always_runnable, kvp_crc32c_scalar },
+};
+
+#define COUNT(a) (sizeof(a) / sizeof((a)[0]))
 
 const struct kvp_kernels *kvp_kernels_named(const char *name)
 {
-	if (!name)
-		return NULL;
-	if (!strcmp(name, "scalar"))
-		return &kvp_kernels_scalar;
-#if defined(__x86_64__)
-	if (!strcmp(name, "avx2"))
-		return avx2_runnable() ? &kvp_kernels_avx2 : NULL;
-#endif
-#if defined(__aarch64__)
-	if (!strcmp(name, "neon"))
-		return neon_runnable() ? &kvp_kernels_neon : NULL;
-#endif
+	for (size_t i = 0; name && i < COUNT(tables); i++)
+		if (!strcmp(name, tables[i].name))
+			return tables[i].runnable() ? tables[i].table : NULL;
 	return NULL;
 }
 
-/* Most preferred first; scalar always runs, so the walk always ends in a table. */
-static const char *const preference[] = { "avx2", "neon", "scalar" };
+kvp_crc32c_fn kvp_crc32c_named(const char *name)
+{
+	for (size_t i = 0; name && i < COUNT(crc32cs); i++)
+		if (!strcmp(name, crc32cs[i].name))
+			return crc32cs[i].runnable() ? crc32cs[i].crc32c : NULL;
+	return NULL;
+}
 
-static const struct kvp_kernels *chosen;
+static const struct kvp_kernels *chosen_table;
+static const struct crc32c_version *chosen_crc32c;
 static pthread_once_t chosen_once = PTHREAD_ONCE_INIT;
 
 static void choose(void)
 {
 	const char *env = getenv("KVP_KERNELS");
+	const int references = env && !strcmp(env, "scalar");
 
-	chosen = env && *env ? kvp_kernels_named(env) : NULL;
-	for (size_t i = 0; !chosen && i < sizeof preference / sizeof preference[0]; i++)
-		chosen = kvp_kernels_named(preference[i]);
+	chosen_table = env && *env ? kvp_kernels_named(env) : NULL;
+	for (size_t i = 0; !chosen_table; i++)
+		chosen_table = kvp_kernels_named(tables[i].name);
+	for (size_t i = 0; !chosen_crc32c; i++)
+		if (references ? !strcmp(crc32cs[i].name, "scalar") : crc32cs[i].runnable())
+			chosen_crc32c = &crc32cs[i];
 }
 
 const struct kvp_kernels *kvp_kernels(void)
 {
 	pthread_once(&chosen_once, choose);
-	return chosen;
+	return chosen_table;
+}
+
+uint32_t kvp_crc32c(uint32_t crc, const void *p, size_t n)
+{
+	pthread_once(&chosen_once, choose);
+	return chosen_crc32c->crc32c(crc, p, n);
+}
+
+const char *kvp_crc32c_name(void)
+{
+	pthread_once(&chosen_once, choose);
+	return chosen_crc32c->name;
 }

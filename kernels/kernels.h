@@ -1,6 +1,7 @@
 /*
  * kernels/ — the hot loops, each with a scalar reference (scalar.c) and vector versions (avx2.c,
- * neon.c), chosen once at start-up from the CPU's features. KVP_KERNELS=scalar|avx2|neon forces one.
+ * neon.c, sharing the loops of loops.h), chosen once at start-up from the CPU's features by dispatch.c,
+ * together with the CRC32C version (crc32c.h). KVP_KERNELS=scalar|avx2|neon forces one.
  *
  * Rows are contiguous: rows[i*d + j] is element j of row i. No alignment is required of any pointer.
  */
@@ -10,6 +11,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 struct kvp_kernels {
 	const char *name;
@@ -117,6 +119,40 @@ static inline float kvp_band_norm(float re, float im)
 	float rr = re * re, ii = im * im, sum = rr + ii;
 
 	return sqrtf(sum);
+}
+
+/*
+ * Packed codes for the vector lut kernels (layout in struct kvp_kernels). Eight codes of b bits fill
+ * exactly b bytes, so the block of codes j..j+7 (j a multiple of 8) is one little-endian word of b <= 4
+ * bytes at byte j*b/8. Always inlined, so nbytes and bits are constants in each width's own loop.
+ *
+ * kvp_code_word: nbytes bytes, byte by byte. With nbytes a constant this folds to one or two loads; a
+ * variable-length memcpy would be a library call per block.
+ */
+static inline __attribute__((always_inline)) uint32_t kvp_code_word(const uint8_t *p, unsigned nbytes)
+{
+	switch (nbytes) {
+	case 1: return p[0];
+	case 2: return (uint32_t)p[0] | (uint32_t)p[1] << 8;
+	case 3: return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16;
+	case 4: return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+	default: return 0;
+	}
+}
+
+/* The word of the block of codes j..j+7 of a row of m codes. A 3-bit block is 3 bytes; when another
+ * whole block follows it in the row, one 4-byte load (the top byte is shifted out) replaces three. */
+static inline __attribute__((always_inline)) uint32_t kvp_code_block(const uint8_t *row, unsigned j, unsigned bits,
+								      unsigned m)
+{
+	const uint8_t *p = row + j * bits / 8;
+
+	if (bits == 3 && j + 16 <= m) {
+		uint32_t w;
+		memcpy(&w, p, sizeof w);
+		return w;
+	}
+	return kvp_code_word(p, bits);
 }
 
 /* Byte j of entry m is the number of set bits of m below bit j: where the value of a kept channel j of a

@@ -2,7 +2,8 @@
  * NEON (AdvSIMD) kernels for aarch64, where AdvSIMD is architectural, so dispatch.c only double-checks
  * HWCAP. Conversions use fcvt, which rounds to nearest even and keeps NaN payloads under Linux's default
  * FPCR, matching base/half.c and F16C bit for bit. Tails shorter than a vector go through zero-padded
- * copies so no load runs past the caller's buffers.
+ * copies so no load runs past the caller's buffers. The loops that do not depend on the instruction set
+ * (over heads, bit widths and rows) are in loops.h, included at the end.
  */
 #if defined(__aarch64__)
 
@@ -167,11 +168,6 @@ static void dot_f16_ahead(unsigned d, unsigned n, const uint16_t *rows, const fl
 	}
 }
 
-static void dot_f16(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale, float *out)
-{
-	dot_f16_ahead(d, n, rows, q, scale, out, NULL);
-}
-
 /* Columns outer, rows inner: a strip of 16 accumulators stays in registers across all n rows. */
 static void axpy_f32(unsigned d, unsigned n, const float *rows, const float *w, float *acc)
 {
@@ -255,11 +251,6 @@ static void axpy_f16_ahead(unsigned d, unsigned n, const uint16_t *rows, const f
 	}
 }
 
-static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc)
-{
-	axpy_f16_ahead(d, n, rows, w, acc, NULL);
-}
-
 /* Four heads per widened row chunk: the conversion is shared by the whole group (see kernels.h). */
 static void dot_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale,
 			   float *out, const uint16_t *ahead)
@@ -292,18 +283,6 @@ static void dot_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const f
 		out[2 * (size_t)n + i] = vgetq_lane_f32(s, 2);
 		out[3 * (size_t)n + i] = vgetq_lane_f32(s, 3);
 	}
-}
-
-/* The first pass over rows asks for ahead; later passes find rows in cache and ahead on its way. */
-static void dot_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *q,
-			  float scale, float *out, const uint16_t *ahead)
-{
-	unsigned h = 0;
-
-	for (; h + 4 <= g; h += 4, ahead = NULL)
-		dot_f16_heads4(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n, ahead);
-	for (; h < g; h++, ahead = NULL)
-		dot_f16_ahead(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n, ahead);
 }
 
 /* ahead is spread over the strip loop's steps as in axpy_f16_ahead. */
@@ -345,17 +324,6 @@ static void axpy_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const 
 		store_f32_tail(c0 + d4, a0, k), store_f32_tail(c1 + d4, a1, k);
 		store_f32_tail(c2 + d4, a2, k), store_f32_tail(c3 + d4, a3, k);
 	}
-}
-
-static void axpy_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *w,
-			   float *acc, const uint16_t *ahead)
-{
-	unsigned h = 0;
-
-	for (; h + 4 <= g; h += 4, ahead = NULL)
-		axpy_f16_heads4(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d, ahead);
-	for (; h < g; h++, ahead = NULL)
-		axpy_f16_ahead(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d, ahead);
 }
 
 static void f32_to_f16(size_t n, const float *x, uint16_t *y)
@@ -488,7 +456,7 @@ static void scale(unsigned d, float a, float *y)
  * four lanes, each lane shifted right by its own multiple of b (vshl by a negative count) and masked.
  * The lookup is a byte table lookup: the 16-entry float table is 64 bytes, and index i becomes the four
  * byte indices 4i..4i+3 of its lane (i * 0x04040404 + 0x03020100), so vqtbl4q gathers whole floats.
- * Always inlined into a switch on bits, so every width gets its own loop with constant shifts.
+ * Always inlined into loops.h's switch on bits, so every width gets its own loop with constant shifts.
  */
 #define INLINE static inline __attribute__((always_inline))
 
@@ -512,33 +480,6 @@ INLINE struct lut_regs lut_regs(unsigned bits, const float *lut)
 	r.shift_hi = vld1q_s32(hi);
 	r.mask = vdupq_n_u32((1u << bits) - 1);
 	return r;
-}
-
-/* Byte by byte: with nbytes a constant this folds to one or two loads; a variable-length memcpy would be
- * a library call per block. */
-INLINE uint32_t load_word(const uint8_t *p, unsigned nbytes)
-{
-	switch (nbytes) {
-	case 1: return p[0];
-	case 2: return (uint32_t)p[0] | (uint32_t)p[1] << 8;
-	case 3: return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16;
-	case 4: return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-	default: return 0;
-	}
-}
-
-/* The word of the block of codes j..j+7 of a row of m codes. A 3-bit block is 3 bytes; when another
- * whole block follows it in the row, one 4-byte load (the top byte is shifted out) replaces three. */
-INLINE uint32_t load_block(const uint8_t *row, unsigned j, unsigned bits, unsigned m)
-{
-	const uint8_t *p = row + j * bits / 8;
-
-	if (bits == 3 && j + 16 <= m) {
-		uint32_t w;
-		memcpy(&w, p, sizeof w);
-		return w;
-	}
-	return load_word(p, bits);
 }
 
 INLINE float32x4_t lookup4(uint32x4_t idx, const struct lut_regs *r)
@@ -570,12 +511,12 @@ INLINE void lut_dot_bits(unsigned bits, unsigned m, unsigned n, const uint8_t *c
 		float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, lo, hi;
 
 		for (unsigned j = 0; j < m8; j += 8) {
-			lookup8(load_block(row, j, bits, m), &r, &lo, &hi);
+			lookup8(kvp_code_block(row, j, bits, m), &r, &lo, &hi);
 			a0 = vfmaq_f32(a0, lo, vld1q_f32(q + j));
 			a1 = vfmaq_f32(a1, hi, vld1q_f32(q + j + 4));
 		}
 		if (k) {
-			lookup8(load_word(row + m8 * bits / 8, kbytes), &r, &lo, &hi);
+			lookup8(kvp_code_word(row + m8 * bits / 8, kbytes), &r, &lo, &hi);
 			a0 = vfmaq_f32(a0, lo, vld1q_f32(qt));
 			a1 = vfmaq_f32(a1, hi, vld1q_f32(qt + 4));
 		}
@@ -600,37 +541,15 @@ INLINE void lut_axpy_bits(unsigned bits, unsigned m, unsigned n, const uint8_t *
 		a1 = vld1q_f32(tmp + 4);
 		for (unsigned i = 0; i < n; i++) {
 			if (k == 8)
-				lookup8(load_block(codes + (size_t)i * stride, j, bits, m), &r, &lo, &hi);
+				lookup8(kvp_code_block(codes + (size_t)i * stride, j, bits, m), &r, &lo, &hi);
 			else
-				lookup8(load_word(col + (size_t)i * stride, nbytes), &r, &lo, &hi);
+				lookup8(kvp_code_word(col + (size_t)i * stride, nbytes), &r, &lo, &hi);
 			a0 = vfmaq_n_f32(a0, lo, w[i]);
 			a1 = vfmaq_n_f32(a1, hi, w[i]);
 		}
 		vst1q_f32(tmp, a0);
 		vst1q_f32(tmp + 4, a1);
 		memcpy(acc + j, tmp, k * sizeof *acc);
-	}
-}
-
-static void lut_dot(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-		    const float *lut, const float *q, float *out)
-{
-	switch (bits) {
-	case 1: lut_dot_bits(1, m, n, codes, stride, lut, q, out); break;
-	case 2: lut_dot_bits(2, m, n, codes, stride, lut, q, out); break;
-	case 3: lut_dot_bits(3, m, n, codes, stride, lut, q, out); break;
-	default: lut_dot_bits(4, m, n, codes, stride, lut, q, out); break;
-	}
-}
-
-static void lut_axpy(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-		     const float *lut, const float *w, float *acc)
-{
-	switch (bits) {
-	case 1: lut_axpy_bits(1, m, n, codes, stride, lut, w, acc); break;
-	case 2: lut_axpy_bits(2, m, n, codes, stride, lut, w, acc); break;
-	case 3: lut_axpy_bits(3, m, n, codes, stride, lut, w, acc); break;
-	default: lut_axpy_bits(4, m, n, codes, stride, lut, w, acc); break;
 	}
 }
 
@@ -651,14 +570,14 @@ INLINE void lut_dot_heads4(unsigned bits, unsigned m, unsigned n, const uint8_t 
 		for (unsigned h = 0; h < 4; h++)
 			a[h][0] = a[h][1] = vdupq_n_f32(0.0f);
 		for (unsigned j = 0; j < m8; j += 8) {
-			lookup8(load_block(row, j, bits, m), &r, &lo, &hi);
+			lookup8(kvp_code_block(row, j, bits, m), &r, &lo, &hi);
 			for (unsigned h = 0; h < 4; h++) {
 				a[h][0] = vfmaq_f32(a[h][0], lo, vld1q_f32(q + h * qs + j));
 				a[h][1] = vfmaq_f32(a[h][1], hi, vld1q_f32(q + h * qs + j + 4));
 			}
 		}
 		if (k) {
-			lookup8(load_word(row + m8 * bits / 8, kbytes), &r, &lo, &hi);
+			lookup8(kvp_code_word(row + m8 * bits / 8, kbytes), &r, &lo, &hi);
 			for (unsigned h = 0; h < 4; h++) {
 				a[h][0] = vfmaq_f32(a[h][0], lo, vld1q_f32(qt[h]));
 				a[h][1] = vfmaq_f32(a[h][1], hi, vld1q_f32(qt[h] + 4));
@@ -687,9 +606,9 @@ INLINE void lut_axpy_heads4(unsigned bits, unsigned m, unsigned n, const uint8_t
 		}
 		for (unsigned i = 0; i < n; i++) {
 			if (k == 8)
-				lookup8(load_block(codes + (size_t)i * stride, j, bits, m), &r, &lo, &hi);
+				lookup8(kvp_code_block(codes + (size_t)i * stride, j, bits, m), &r, &lo, &hi);
 			else
-				lookup8(load_word(col + (size_t)i * stride, nbytes), &r, &lo, &hi);
+				lookup8(kvp_code_word(col + (size_t)i * stride, nbytes), &r, &lo, &hi);
 			for (unsigned h = 0; h < 4; h++) {
 				a[h][0] = vfmaq_n_f32(a[h][0], lo, w[h * (size_t)n + i]);
 				a[h][1] = vfmaq_n_f32(a[h][1], hi, w[h * (size_t)n + i]);
@@ -701,51 +620,6 @@ INLINE void lut_axpy_heads4(unsigned bits, unsigned m, unsigned n, const uint8_t
 			memcpy(acc + h * as + j, tmp[h], k * sizeof *acc);
 		}
 	}
-}
-
-static void lut_dot_heads4_any(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			       const float *lut, const float *q, size_t qs, float *out)
-{
-	switch (bits) {
-	case 1: lut_dot_heads4(1, m, n, codes, stride, lut, q, qs, out); break;
-	case 2: lut_dot_heads4(2, m, n, codes, stride, lut, q, qs, out); break;
-	case 3: lut_dot_heads4(3, m, n, codes, stride, lut, q, qs, out); break;
-	default: lut_dot_heads4(4, m, n, codes, stride, lut, q, qs, out); break;
-	}
-}
-
-static void lut_axpy_heads4_any(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-				const float *lut, const float *w, float *acc, size_t as)
-{
-	switch (bits) {
-	case 1: lut_axpy_heads4(1, m, n, codes, stride, lut, w, acc, as); break;
-	case 2: lut_axpy_heads4(2, m, n, codes, stride, lut, w, acc, as); break;
-	case 3: lut_axpy_heads4(3, m, n, codes, stride, lut, w, acc, as); break;
-	default: lut_axpy_heads4(4, m, n, codes, stride, lut, w, acc, as); break;
-	}
-}
-
-static void lut_dot_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			  const float *lut, unsigned g, const float *q, size_t q_stride, float *out)
-{
-	unsigned h = 0;
-
-	for (; h + 4 <= g; h += 4)
-		lut_dot_heads4_any(bits, m, n, codes, stride, lut, q + h * q_stride, q_stride, out + (size_t)h * n);
-	for (; h < g; h++)
-		lut_dot(bits, m, n, codes, stride, lut, q + h * q_stride, out + (size_t)h * n);
-}
-
-static void lut_axpy_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			   const float *lut, unsigned g, const float *w, float *acc, size_t acc_stride)
-{
-	unsigned h = 0;
-
-	for (; h + 4 <= g; h += 4)
-		lut_axpy_heads4_any(bits, m, n, codes, stride, lut, w + (size_t)h * n, acc + h * acc_stride,
-				    acc_stride);
-	for (; h < g; h++)
-		lut_axpy(bits, m, n, codes, stride, lut, w + (size_t)h * n, acc + h * acc_stride);
 }
 
 /*
@@ -796,60 +670,30 @@ static void mask_expand_row(unsigned d, const uint8_t *mask, const uint8_t *sign
 	}
 }
 
-static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint8_t *signs, size_t stride,
-			const float *kept, size_t kept_stride, const float *scale, const float *mag, float *x)
+/* Bands [0, returned) of one row, four at a time; vmulq, vaddq and vsqrtq round each step, as the scalar
+ * reference does. */
+INLINE unsigned band_norms_vector(unsigned F, int interleaved, const float *r, float *o)
 {
-	for (unsigned i = 0; i < n; i++)
-		mask_expand_row(d, masks + (size_t)i * stride, signs ? signs + (size_t)i * stride : NULL,
-				kept + (size_t)i * kept_stride, signs ? scale[i] : 0.0f, mag, x + (size_t)i * d);
-}
+	const unsigned F4 = F & ~3u;
 
-/* Four bands at a time; vmulq, vaddq and vsqrtq round each step, as the scalar reference does. */
-static void band_norms(unsigned d, unsigned n, int interleaved, const float *rows, float *out)
-{
-	const unsigned F = d / 2, F4 = F & ~3u;
-
-	for (unsigned i = 0; i < n; i++) {
-		const float *r = rows + (size_t)i * d;
-		float *o = out + (size_t)i * F;
-		unsigned f = 0;
-
-		for (; f < F4; f += 4) {
-			float32x4_t re, im;
-			if (interleaved) {
-				float32x4x2_t pair = vld2q_f32(r + 2 * f);
-				re = pair.val[0];
-				im = pair.val[1];
-			} else {
-				re = vld1q_f32(r + f);
-				im = vld1q_f32(r + f + F);
-			}
-			vst1q_f32(o + f, vsqrtq_f32(vaddq_f32(vmulq_f32(re, re), vmulq_f32(im, im))));
+	for (unsigned f = 0; f < F4; f += 4) {
+		float32x4_t re, im;
+		if (interleaved) {
+			float32x4x2_t pair = vld2q_f32(r + 2 * f);
+			re = pair.val[0];
+			im = pair.val[1];
+		} else {
+			re = vld1q_f32(r + f);
+			im = vld1q_f32(r + f + F);
 		}
-		for (; f < F; f++)
-			o[f] = interleaved ? kvp_band_norm(r[2 * f], r[2 * f + 1]) : kvp_band_norm(r[f], r[f + F]);
+		vst1q_f32(o + f, vsqrtq_f32(vaddq_f32(vmulq_f32(re, re), vmulq_f32(im, im))));
 	}
+	return F4;
 }
 
-const struct kvp_kernels kvp_kernels_neon = {
-	.name = "neon",
-	.dot_f32 = dot_f32,
-	.dot_f16 = dot_f16,
-	.axpy_f32 = axpy_f32,
-	.axpy_f16 = axpy_f16,
-	.dot_f16_group = dot_f16_group,
-	.axpy_f16_group = axpy_f16_group,
-	.band_norms = band_norms,
-	.f32_to_f16 = f32_to_f16,
-	.f16_to_f32 = f16_to_f32,
-	.softmax_step = softmax_step,
-	.scale = scale,
-	.lut_dot = lut_dot,
-	.lut_axpy = lut_axpy,
-	.lut_dot_group = lut_dot_group,
-	.lut_axpy_group = lut_axpy_group,
-	.mask_expand = mask_expand,
-};
+#define KVP_ISA_NAME "neon"
+#define KVP_ISA_TABLE kvp_kernels_neon
+#include "kernels/loops.h"
 
 #else
 /* ISO C wants a declaration in every translation unit */

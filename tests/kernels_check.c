@@ -1,19 +1,43 @@
 /*
- * Every runnable vector kernel table against the scalar reference, without Criterion, so the same checks
- * run natively and, statically linked, under qemu-aarch64. Prints one line per failed check and ends with
- * "N passed, M failed"; exits 0 iff M == 0.
+ * The kernels suite: the scalar reference against double-precision arithmetic and exact fp16 rules, every
+ * vector table runnable here against the scalar one, CRC32C's versions against its reference, and the
+ * dispatch rules. A plain program, not Criterion, so the same source runs natively (make suites) and,
+ * cross-built and statically linked, under qemu-aarch64 (make neon).
  *
- * Tolerances: dots and axpy agree within 1e-5 relative to the sum of absolute products (summation order
- * and FMA differ, and a plain relative bound is meaningless when terms cancel); conversions and scale are
- * bit-identical, except that an f16 NaN widened to f32 only has to stay a NaN of the same sign (F16C quiets
- * signalling NaNs, base/half.c keeps them); softmax weights, sums and factors agree within 1e-6 relative
- * (plus 1e-30 absolute for results that underflow); band norms are bit-identical.
+ * Each test is a function; each value it compares is one comparison. The output names every failed
+ * comparison (the first few of each test), then two counts for tests/run.sh:
+ *   "K comparisons: N passed, M failed"   values compared
+ *   "N passed, M failed"                  tests (a test passes when all its comparisons do)
+ * and the exit status is 0 iff no test failed. The vector tests run once per vector table runnable here
+ * (named "avx2: ..."); those of a table this build or CPU cannot run are counted as skipped.
+ *
+ * Tolerances:
+ *   dot, axpy   |vector - scalar| <= 1e-5 * sum of |products| (summation order and FMA differ; a plain
+ *               relative bound means nothing when the terms cancel)
+ *   f32_to_f16  bit-identical, NaN payloads included
+ *   f16_to_f32  bit-identical, except a NaN need only stay a NaN of the same sign (F16C quiets signalling
+ *               NaNs, base/half.c keeps them signalling)
+ *   scale       bit-identical
+ *   band_norms  bit-identical (products, sum and square root each rounded, never fused)
+ *   mask_expand bit-identical
+ *   softmax     weights, running sum and factor within 1e-6 relative (+1e-30 absolute for underflow);
+ *               the running maximum exact
+ *   crc32c      equal
+ *
+ * The dispatch tests call setenv before the first kvp_kernels() of their process, so each runs in a
+ * forked child of its own: the process's cached choice would otherwise leak between them.
  */
 #include <math.h>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "base/base.h"
 #include "kernels/crc32c.h"
@@ -22,12 +46,21 @@
 #define DOT_TOL 1e-5
 #define SOFTMAX_TOL 1e-6
 #define UNDERFLOW_TOL 1e-30
+/* failed comparisons printed per test; the rest are only counted */
+#define SHOWN_FAILURES 10
 
 static const unsigned dims[] = { 1, 3, 7, 8, 9, 31, 64, 65, 127, 128 };
 static const unsigned counts[] = { 1, 2, 5, 64, 67 };
 #define COUNT(a) (sizeof(a) / sizeof((a)[0]))
 
-static unsigned passed, failed;
+/* Counts of comparisons, in shared memory so that a dispatch test's forked child adds to them too. */
+struct tally {
+	unsigned long passed, failed;
+	unsigned long failed_in_test; /* failed comparisons of the running test */
+	char test[160];               /* its name, for the failure lines */
+};
+
+static struct tally *tally;
 
 static void check(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void check(int ok, const char *fmt, ...)
@@ -35,18 +68,31 @@ static void check(int ok, const char *fmt, ...)
 	va_list ap;
 
 	if (ok) {
-		passed++;
+		tally->passed++;
 		return;
 	}
-	failed++;
-	printf("FAIL ");
+	tally->failed++;
+	if (tally->failed_in_test++ >= SHOWN_FAILURES)
+		return;
+	printf("FAIL %s: ", tally->test);
 	va_start(ap, fmt);
 	vprintf(fmt, ap);
 	va_end(ap);
 	putchar('\n');
 }
 
-static uint64_t rng_state = 0x9e3779b97f4a7c15u;
+static void *xmalloc(size_t n)
+{
+	void *p = malloc(n ? n : 1);
+
+	if (!p) {
+		perror("malloc");
+		exit(2);
+	}
+	return p;
+}
+
+static uint64_t rng_state = 0x2545f4914f6cdd1du;
 
 static uint32_t rnd32(void)
 {
@@ -78,18 +124,7 @@ static float float_of(uint32_t u)
 	return x;
 }
 
-static void *xmalloc(size_t n)
-{
-	void *p = malloc(n ? n : 1);
-
-	if (!p) {
-		perror("malloc");
-		exit(2);
-	}
-	return p;
-}
-
-/* Buffers are sized exactly (plus the offset), so a kernel reading past its end trips ASan. */
+/* Sized exactly (plus the offset) so that a kernel reading past the end shows up under ASan. */
 static float *rand_f32(size_t n, unsigned off)
 {
 	float *p = xmalloc((n + off) * sizeof *p);
@@ -108,240 +143,12 @@ static uint16_t *rand_f16(size_t n, unsigned off)
 	return p;
 }
 
-static int close_to(double got, double want, double bound)
+static float *copy_f32(const float *x, size_t n)
 {
-	return fabs(got - want) <= bound;
-}
+	float *p = xmalloc(n * sizeof *p);
 
-static void check_dot(const struct kvp_kernels *k, int half, unsigned d, unsigned n, unsigned off)
-{
-	const float scale = 0.125f;
-	float *q = rand_f32(d, off), *want = xmalloc((n + off) * sizeof *want);
-	float *got = xmalloc((n + off) * sizeof *got);
-	float *rows = half ? NULL : rand_f32((size_t)n * d, off);
-	uint16_t *hrows = half ? rand_f16((size_t)n * d, off) : NULL;
-
-	if (half) {
-		kvp_kernels_scalar.dot_f16(d, n, hrows + off, q + off, scale, want + off);
-		k->dot_f16(d, n, hrows + off, q + off, scale, got + off);
-	} else {
-		kvp_kernels_scalar.dot_f32(d, n, rows + off, q + off, scale, want + off);
-		k->dot_f32(d, n, rows + off, q + off, scale, got + off);
-	}
-
-	int ok = 1;
-	unsigned bad = 0;
-
-	for (unsigned i = 0; i < n && ok; i++) {
-		double mag = 0;
-
-		for (unsigned j = 0; j < d; j++) {
-			size_t at = off + (size_t)i * d + j;
-			double r = half ? kvp_f16_to_f32(hrows[at]) : rows[at];
-
-			mag += fabs(r * q[off + j]);
-		}
-		ok = close_to(got[off + i], want[off + i], DOT_TOL * scale * mag + 1e-30);
-		bad = i;
-	}
-	check(ok, "%s dot_%s d=%u n=%u off=%u: row %u got %.9g want %.9g", k->name,
-	      half ? "f16" : "f32", d, n, off, bad, got[off + bad], want[off + bad]);
-	free(q);
-	free(want);
-	free(got);
-	free(rows);
-	free(hrows);
-}
-
-static void check_axpy(const struct kvp_kernels *k, int half, unsigned d, unsigned n, unsigned off)
-{
-	float *w = rand_f32(n, off), *acc0 = rand_f32(d, off);
-	float *want = xmalloc((d + off) * sizeof *want), *got = xmalloc((d + off) * sizeof *got);
-	float *rows = half ? NULL : rand_f32((size_t)n * d, off);
-	uint16_t *hrows = half ? rand_f16((size_t)n * d, off) : NULL;
-
-	memcpy(want, acc0, (d + off) * sizeof *want);
-	memcpy(got, acc0, (d + off) * sizeof *got);
-	if (half) {
-		kvp_kernels_scalar.axpy_f16(d, n, hrows + off, w + off, want + off);
-		k->axpy_f16(d, n, hrows + off, w + off, got + off);
-	} else {
-		kvp_kernels_scalar.axpy_f32(d, n, rows + off, w + off, want + off);
-		k->axpy_f32(d, n, rows + off, w + off, got + off);
-	}
-
-	int ok = 1;
-	unsigned bad = 0;
-
-	for (unsigned j = 0; j < d && ok; j++) {
-		double mag = fabs(acc0[off + j]);
-
-		for (unsigned i = 0; i < n; i++) {
-			size_t at = off + (size_t)i * d + j;
-			double r = half ? kvp_f16_to_f32(hrows[at]) : rows[at];
-
-			mag += fabs(w[off + i] * r);
-		}
-		ok = close_to(got[off + j], want[off + j], DOT_TOL * mag + 1e-30);
-		bad = j;
-	}
-	check(ok, "%s axpy_%s d=%u n=%u off=%u: column %u got %.9g want %.9g", k->name,
-	      half ? "f16" : "f32", d, n, off, bad, got[off + bad], want[off + bad]);
-	free(w);
-	free(acc0);
-	free(want);
-	free(got);
-	free(rows);
-	free(hrows);
-}
-
-/* The group kernels against the scalar group kernels, head by head (see test_kernels.c). */
-static void check_group(const struct kvp_kernels *k, unsigned d, unsigned n, unsigned g, unsigned off)
-{
-	const float scale = 0.125f;
-	uint16_t *rows = rand_f16((size_t)n * d, off);
-	/* what the kernels prefetch: other rows, which must change nothing */
-	uint16_t *ahead = rand_f16((size_t)n * d, off + 1);
-	float *q = rand_f32((size_t)g * d, off), *w = rand_f32((size_t)g * n, off);
-	float *want = xmalloc(((size_t)g * n + off) * sizeof *want), *got = xmalloc(((size_t)g * n + off) * sizeof *got);
-	float *acc0 = rand_f32((size_t)g * d, off);
-	float *acc_want = xmalloc(((size_t)g * d + off) * sizeof *acc_want);
-	float *acc_got = xmalloc(((size_t)g * d + off) * sizeof *acc_got);
-	int ok = 1;
-
-	memcpy(acc_want, acc0, ((size_t)g * d + off) * sizeof *acc0);
-	memcpy(acc_got, acc0, ((size_t)g * d + off) * sizeof *acc0);
-	kvp_kernels_scalar.dot_f16_group(d, n, rows + off, g, q + off, scale, want + off, NULL);
-	k->dot_f16_group(d, n, rows + off, g, q + off, scale, got + off, ahead + off);
-	kvp_kernels_scalar.axpy_f16_group(d, n, rows + off, g, w + off, acc_want + off, NULL);
-	k->axpy_f16_group(d, n, rows + off, g, w + off, acc_got + off, ahead + off);
-	for (unsigned h = 0; h < g && ok; h++) {
-		for (unsigned i = 0; i < n && ok; i++) {
-			size_t at = off + (size_t)h * n + i;
-			double mag = 0;
-			for (unsigned j = 0; j < d; j++)
-				mag += fabs(kvp_f16_to_f32(rows[off + (size_t)i * d + j]) * q[off + (size_t)h * d + j]);
-			ok = close_to(got[at], want[at], DOT_TOL * scale * mag + 1e-30);
-		}
-		for (unsigned j = 0; j < d && ok; j++) {
-			size_t at = off + (size_t)h * d + j;
-			double mag = fabs(acc0[at]);
-			for (unsigned i = 0; i < n; i++)
-				mag += fabs(w[off + (size_t)h * n + i] * kvp_f16_to_f32(rows[off + (size_t)i * d + j]));
-			ok = close_to(acc_got[at], acc_want[at], DOT_TOL * mag + 1e-30);
-		}
-	}
-	check(ok, "%s f16 group kernels d=%u n=%u g=%u off=%u differ from scalar", k->name, d, n, g, off);
-	/* without the prefetch hint, the same bits */
-	memcpy(acc_want, acc0, ((size_t)g * d + off) * sizeof *acc0);
-	k->dot_f16_group(d, n, rows + off, g, q + off, scale, want + off, NULL);
-	k->axpy_f16_group(d, n, rows + off, g, w + off, acc_want + off, NULL);
-	check(!memcmp(want + off, got + off, (size_t)g * n * sizeof *got) &&
-		      !memcmp(acc_want + off, acc_got + off, (size_t)g * d * sizeof *acc_got),
-	      "%s f16 group kernels d=%u n=%u g=%u off=%u: ahead changed the result", k->name, d, n, g, off);
-	free(rows);
-	free(ahead);
-	free(q);
-	free(w);
-	free(want);
-	free(got);
-	free(acc0);
-	free(acc_want);
-	free(acc_got);
-}
-
-static void check_scale(const struct kvp_kernels *k, unsigned d, unsigned off)
-{
-	float *want = rand_f32(d, off), *got = xmalloc((d + off) * sizeof *got);
-
-	memcpy(got, want, (d + off) * sizeof *got);
-	kvp_kernels_scalar.scale(d, 0.37f, want + off);
-	k->scale(d, 0.37f, got + off);
-	check(!memcmp(want + off, got + off, d * sizeof *got), "%s scale d=%u off=%u: not bit-identical",
-	      k->name, d, off);
-	free(want);
-	free(got);
-}
-
-/*
- * Inputs that exercise every rounding path: zeros, the subnormal and normal boundaries, ties between
- * adjacent halves, the overflow threshold 65520, infinities and NaNs with payloads.
- */
-static const uint32_t special_bits[] = {
-	0x00000000, 0x80000000, 0x00000001, 0x33000000, 0x33000001, 0x337fffff, 0x33800000, 0x33c00000,
-	0x387fc000, 0x387fe000, 0x387fffff, 0x38800000, 0x3f800000, 0x3f801000, 0x3f803000, 0x3f801001,
-	0x477fe000, 0x477fefff, 0x477ff000, 0x477ff001, 0x47800000, 0x7f7fffff, 0x7f800000, 0xff800000,
-	0x7f800001, 0x7fa00000, 0x7fc00000, 0xffc00001, 0x7f802000, 0x7fbfffff, 0xfffffff0, 0x00800000,
-	0xb3000000, 0x80000001, 0xc77ff000, 0xc77fefff, 0x387fefff, 0x38000000, 0x37ffffff, 0x3f7ff000,
-};
-
-static size_t special_floats(float *x, size_t cap)
-{
-	size_t n = 0;
-
-	for (size_t i = 0; i < COUNT(special_bits) && n < cap; i++)
-		x[n++] = float_of(special_bits[i]);
-	/* the exact midpoint above every finite half, both signs: all ties, half of them rounding up */
-	for (uint32_t h = 0; h < 0x7c00 && n + 2 <= cap; h++) {
-		double lo = kvp_f16_to_f32((uint16_t)h), hi = kvp_f16_to_f32((uint16_t)(h + 1));
-		float mid = (float)((lo + hi) / 2);
-
-		x[n++] = mid;
-		x[n++] = -mid;
-	}
-	return n;
-}
-
-static void check_f32_to_f16(const struct kvp_kernels *k)
-{
-	enum { CAP = 2 * 0x7c00 + COUNT(special_bits) };
-	float *base = xmalloc(CAP * sizeof *base);
-	size_t n = special_floats(base, CAP);
-	float *x = xmalloc((n + 1) * sizeof *x);
-	uint16_t *want = xmalloc(n * sizeof *want), *got = xmalloc((n + 1) * sizeof *got);
-
-	for (unsigned off = 0; off < 2; off++) {
-		memcpy(x + off, base, n * sizeof *x);
-		/* lengths 1..17 cover every tail; then the whole set */
-		for (size_t len = 1; len <= 18; len++) {
-			size_t m = len == 18 ? n : len, i = 0;
-
-			kvp_kernels_scalar.f32_to_f16(m, x + off, want);
-			k->f32_to_f16(m, x + off, got + off);
-			while (i < m && want[i] == got[off + i])
-				i++;
-			check(i == m, "%s f32_to_f16 len=%zu off=%u: %08x -> %04x, scalar %04x",
-			      k->name, m, off, i < m ? bits_of(x[off + i]) : 0, i < m ? got[off + i] : 0,
-			      i < m ? want[i] : 0);
-		}
-	}
-	free(base);
-	free(x);
-	free(want);
-	free(got);
-}
-
-/* A stride through all 2^32 bit patterns: every exponent, with varied low mantissa bits. */
-static void check_f32_to_f16_sweep(const struct kvp_kernels *k)
-{
-	enum { CHUNK = 4096 };
-	float x[CHUNK];
-	uint16_t want[CHUNK], got[CHUNK];
-	uint32_t u = 0, bad = 0;
-	int ok = 1;
-
-	for (uint64_t done = 0; done < (1ull << 32) && ok; done += (uint64_t)CHUNK * 4093) {
-		for (unsigned i = 0; i < CHUNK; i++, u += 4093)
-			x[i] = float_of(u);
-		kvp_kernels_scalar.f32_to_f16(CHUNK, x, want);
-		k->f32_to_f16(CHUNK, x, got);
-		for (unsigned i = 0; i < CHUNK && ok; i++)
-			if (want[i] != got[i]) {
-				ok = 0;
-				bad = bits_of(x[i]);
-			}
-	}
-	check(ok, "%s f32_to_f16 sweep: %08x differs", k->name, bad);
+	memcpy(p, x, n * sizeof *p);
+	return p;
 }
 
 static int same_f32(float a, float b)
@@ -351,73 +158,305 @@ static int same_f32(float a, float b)
 	return bits_of(a) == bits_of(b);
 }
 
-static void check_f16_to_f32(const struct kvp_kernels *k)
+static int is_nan_f16(uint16_t h)
 {
-	uint16_t *h = xmalloc((65536 + 1) * sizeof *h);
-	float *want = xmalloc(65536 * sizeof *want), *got = xmalloc((65536 + 1) * sizeof *got);
+	return (h & 0x7c00u) == 0x7c00u && (h & 0x3ffu);
+}
 
-	for (unsigned off = 0; off < 2; off++) {
-		for (uint32_t i = 0; i < 65536; i++)
-			h[off + i] = (uint16_t)i;
-		/* short runs ending past 0x7c00 give every tail length across max-normal, inf and NaN */
-		for (size_t len = 1; len <= 18; len++) {
-			size_t m = len == 18 ? 65536 : len, i = 0;
-			const uint16_t *src = h + off + (len == 18 ? 0 : 0x7bf0);
+/* ---- dot and axpy against the scalar reference ---- */
 
-			kvp_kernels_scalar.f16_to_f32(m, src, want);
-			k->f16_to_f32(m, src, got + off);
-			while (i < m && same_f32(got[off + i], want[i]))
-				i++;
-			check(i == m, "%s f16_to_f32 len=%zu off=%u: %04x -> %08x, scalar %08x",
-			      k->name, m, off, i < m ? src[i] : 0, i < m ? bits_of(got[off + i]) : 0,
-			      i < m ? bits_of(want[i]) : 0);
+static double row_value(const float *rows, const uint16_t *hrows, size_t at)
+{
+	return hrows ? kvp_f16_to_f32(hrows[at]) : rows[at];
+}
+
+static void dot_case(const struct kvp_kernels *k, int half, unsigned d, unsigned n, unsigned off)
+{
+	const float scale = 0.125f;
+	float *q = rand_f32(d, off), *rows = half ? NULL : rand_f32((size_t)n * d, off);
+	uint16_t *hrows = half ? rand_f16((size_t)n * d, off) : NULL;
+	float *want = rand_f32(n, off), *got = copy_f32(want, n + off);
+
+	if (half) {
+		kvp_kernels_scalar.dot_f16(d, n, hrows + off, q + off, scale, want + off);
+		k->dot_f16(d, n, hrows + off, q + off, scale, got + off);
+	} else {
+		kvp_kernels_scalar.dot_f32(d, n, rows + off, q + off, scale, want + off);
+		k->dot_f32(d, n, rows + off, q + off, scale, got + off);
+	}
+	for (unsigned i = 0; i < n; i++) {
+		double mag = 0;
+
+		for (unsigned j = 0; j < d; j++)
+			mag += fabs(row_value(rows, hrows, off + (size_t)i * d + j) * q[off + j]);
+		check(fabs(got[off + i] - want[off + i]) <= DOT_TOL * scale * mag + 1e-30,
+			  "%s dot_%s d=%u n=%u off=%u row %u: %.9g, scalar %.9g", k->name,
+			  half ? "f16" : "f32", d, n, off, i, got[off + i], want[off + i]);
+	}
+	free(q);
+	free(rows);
+	free(hrows);
+	free(want);
+	free(got);
+}
+
+static void axpy_case(const struct kvp_kernels *k, int half, unsigned d, unsigned n, unsigned off)
+{
+	float *w = rand_f32(n, off), *rows = half ? NULL : rand_f32((size_t)n * d, off);
+	uint16_t *hrows = half ? rand_f16((size_t)n * d, off) : NULL;
+	float *want = rand_f32(d, off), *got = copy_f32(want, d + off), *acc0 = copy_f32(want, d + off);
+
+	if (half) {
+		kvp_kernels_scalar.axpy_f16(d, n, hrows + off, w + off, want + off);
+		k->axpy_f16(d, n, hrows + off, w + off, got + off);
+	} else {
+		kvp_kernels_scalar.axpy_f32(d, n, rows + off, w + off, want + off);
+		k->axpy_f32(d, n, rows + off, w + off, got + off);
+	}
+	for (unsigned j = 0; j < d; j++) {
+		double mag = fabs(acc0[off + j]);
+
+		for (unsigned i = 0; i < n; i++)
+			mag += fabs(w[off + i] * row_value(rows, hrows, off + (size_t)i * d + j));
+		check(fabs(got[off + j] - want[off + j]) <= DOT_TOL * mag + 1e-30,
+			  "%s axpy_%s d=%u n=%u off=%u column %u: %.9g, scalar %.9g", k->name,
+			  half ? "f16" : "f32", d, n, off, j, got[off + j], want[off + j]);
+	}
+	free(w);
+	free(rows);
+	free(hrows);
+	free(want);
+	free(got);
+	free(acc0);
+}
+
+typedef void (*case_fn)(const struct kvp_kernels *k, int half, unsigned d, unsigned n, unsigned off);
+
+static void every_shape(const struct kvp_kernels *k, case_fn fn, int half, unsigned off)
+{
+	for (size_t a = 0; a < COUNT(dims); a++)
+		for (size_t b = 0; b < COUNT(counts); b++)
+			fn(k, half, dims[a], counts[b], off);
+}
+
+/* The group kernels against the scalar group kernels, head by head, for group sizes around the
+ * vector versions' four-head blocks. */
+static void group_case(const struct kvp_kernels *k, unsigned d, unsigned n, unsigned g, unsigned off)
+{
+	const float scale = 0.125f;
+	uint16_t *rows = rand_f16((size_t)n * d, off);
+	/* what the kernels prefetch: other rows, which must change nothing */
+	uint16_t *ahead = rand_f16((size_t)n * d, off + 1);
+	float *q = rand_f32((size_t)g * d, off), *w = rand_f32((size_t)g * n, off);
+	float *want = rand_f32((size_t)g * n, off), *got = copy_f32(want, (size_t)g * n + off);
+	float *acc_want = rand_f32((size_t)g * d, off), *acc_got = copy_f32(acc_want, (size_t)g * d + off);
+	float *acc0 = copy_f32(acc_want, (size_t)g * d + off);
+
+	kvp_kernels_scalar.dot_f16_group(d, n, rows + off, g, q + off, scale, want + off, NULL);
+	k->dot_f16_group(d, n, rows + off, g, q + off, scale, got + off, ahead + off);
+	kvp_kernels_scalar.axpy_f16_group(d, n, rows + off, g, w + off, acc_want + off, NULL);
+	k->axpy_f16_group(d, n, rows + off, g, w + off, acc_got + off, ahead + off);
+	for (unsigned h = 0; h < g; h++) {
+		for (unsigned i = 0; i < n; i++) {
+			size_t at = off + (size_t)h * n + i;
+			double mag = 0;
+			for (unsigned j = 0; j < d; j++)
+				mag += fabs(kvp_f16_to_f32(rows[off + (size_t)i * d + j]) * q[off + (size_t)h * d + j]);
+			check(fabs(got[at] - want[at]) <= DOT_TOL * scale * mag + 1e-30,
+				  "%s dot_f16_group d=%u n=%u g=%u off=%u head %u row %u: %.9g, scalar %.9g",
+				  k->name, d, n, g, off, h, i, got[at], want[at]);
+		}
+		for (unsigned j = 0; j < d; j++) {
+			size_t at = off + (size_t)h * d + j;
+			double mag = fabs(acc0[at]);
+			for (unsigned i = 0; i < n; i++)
+				mag += fabs(w[off + (size_t)h * n + i] * kvp_f16_to_f32(rows[off + (size_t)i * d + j]));
+			check(fabs(acc_got[at] - acc_want[at]) <= DOT_TOL * mag + 1e-30,
+				  "%s axpy_f16_group d=%u n=%u g=%u off=%u head %u column %u: %.9g, scalar %.9g",
+				  k->name, d, n, g, off, h, j, acc_got[at], acc_want[at]);
 		}
 	}
+	free(rows);
+	free(ahead);
+	free(q);
+	free(w);
+	free(want);
+	free(got);
+	free(acc_want);
+	free(acc_got);
+	free(acc0);
+}
+
+static void every_group(const struct kvp_kernels *k, unsigned off)
+{
+	for (size_t a = 0; a < COUNT(dims); a++)
+		for (size_t b = 0; b < COUNT(counts); b++)
+			for (unsigned g = 1; g <= 8; g++)
+				group_case(k, dims[a], counts[b], g, off);
+}
+
+/* The prefetch hint changes when bytes arrive, never what is computed: the same kernel with and
+ * without ahead gives the same bits. */
+static void ahead_case(const struct kvp_kernels *k, unsigned d, unsigned n, unsigned g)
+{
+	uint16_t *rows = rand_f16((size_t)n * d, 0), *ahead = rand_f16((size_t)n * d, 0);
+	float *q = rand_f32((size_t)g * d, 0), *w = rand_f32((size_t)g * n, 0);
+	float *plain = rand_f32((size_t)g * n, 0), *hinted = copy_f32(plain, (size_t)g * n);
+	float *acc_plain = rand_f32((size_t)g * d, 0), *acc_hinted = copy_f32(acc_plain, (size_t)g * d);
+
+	k->dot_f16_group(d, n, rows, g, q, 0.125f, plain, NULL);
+	k->dot_f16_group(d, n, rows, g, q, 0.125f, hinted, ahead);
+	k->axpy_f16_group(d, n, rows, g, w, acc_plain, NULL);
+	k->axpy_f16_group(d, n, rows, g, w, acc_hinted, ahead);
+	check(!memcmp(plain, hinted, (size_t)g * n * sizeof *plain),
+		  "%s dot_f16_group d=%u n=%u g=%u: ahead changed the scores", k->name, d, n, g);
+	check(!memcmp(acc_plain, acc_hinted, (size_t)g * d * sizeof *acc_plain),
+		  "%s axpy_f16_group d=%u n=%u g=%u: ahead changed the sums", k->name, d, n, g);
+	free(rows), free(ahead), free(q), free(w), free(plain), free(hinted), free(acc_plain), free(acc_hinted);
+}
+
+static void every_ahead(const struct kvp_kernels *k)
+{
+	static const unsigned groups[] = { 1, 2, 4, 8 };
+
+	for (size_t a = 0; a < COUNT(dims); a++)
+		for (size_t b = 0; b < COUNT(counts); b++)
+			for (size_t c = 0; c < COUNT(groups); c++)
+				ahead_case(k, dims[a], counts[b], groups[c]);
+}
+
+static void scale_case(const struct kvp_kernels *k, unsigned d, unsigned off)
+{
+	float *want = rand_f32(d, off), *got = copy_f32(want, d + off);
+
+	kvp_kernels_scalar.scale(d, -0.37f, want + off);
+	k->scale(d, -0.37f, got + off);
+	check(!memcmp(want + off, got + off, d * sizeof *got), "%s scale d=%u off=%u: not bit-identical",
+		  k->name, d, off);
+	free(want);
+	free(got);
+}
+
+/* ---- fp16 conversion ---- */
+
+/* zeros, subnormal and normal edges, ties, the overflow threshold 65520, infinities, NaN payloads */
+static const uint32_t special_bits[] = {
+	0x00000000, 0x80000000, 0x00000001, 0x33000000, 0x33000001, 0x337fffff, 0x33800000, 0x33c00000,
+	0x387fc000, 0x387fe000, 0x387fffff, 0x38800000, 0x3f800000, 0x3f801000, 0x3f803000, 0x3f801001,
+	0x477fe000, 0x477fefff, 0x477ff000, 0x477ff001, 0x47800000, 0x7f7fffff, 0x7f800000, 0xff800000,
+	0x7f800001, 0x7fa00000, 0x7fc00000, 0xffc00001, 0x7f802000, 0x7fbfffff, 0xfffffff0, 0x00800000,
+	0xb3000000, 0x80000001, 0xc77ff000, 0xc77fefff, 0x387fefff, 0x38000000, 0x37ffffff, 0x3f7ff000,
+};
+
+static void f32_to_f16_case(const struct kvp_kernels *k, const float *x, size_t n, unsigned off)
+{
+	float *xs = xmalloc((n + off) * sizeof *xs);
+	uint16_t *want = xmalloc(n * sizeof *want), *got = xmalloc((n + off) * sizeof *got);
+
+	memcpy(xs + off, x, n * sizeof *x);
+	kvp_kernels_scalar.f32_to_f16(n, xs + off, want);
+	k->f32_to_f16(n, xs + off, got + off);
+	for (size_t i = 0; i < n; i++)
+		check(got[off + i] == want[i], "%s f32_to_f16 n=%zu off=%u: %08x -> %04x, scalar %04x",
+			  k->name, n, off, bits_of(x[i]), got[off + i], want[i]);
+	free(xs);
+	free(want);
+	free(got);
+}
+
+static void f32_to_f16_special(const struct kvp_kernels *k)
+{
+	float x[COUNT(special_bits)];
+
+	for (size_t i = 0; i < COUNT(x); i++)
+		x[i] = float_of(special_bits[i]);
+	for (unsigned off = 0; off < 2; off++)
+		f32_to_f16_case(k, x, COUNT(x), off);
+}
+
+/* The exact midpoint above every finite half, both signs: all ties, half of them to round up. */
+static void f32_to_f16_ties(const struct kvp_kernels *k)
+{
+	enum { N = 2 * 0x7c00 };
+	float *x = xmalloc(N * sizeof *x);
+
+	for (uint32_t h = 0; h < 0x7c00; h++) {
+		double lo = kvp_f16_to_f32((uint16_t)h), hi = kvp_f16_to_f32((uint16_t)(h + 1));
+
+		x[2 * h] = (float)((lo + hi) / 2);
+		x[2 * h + 1] = -x[2 * h];
+	}
+	f32_to_f16_case(k, x, N, 0);
+	f32_to_f16_case(k, x, N - 3, 1);
+	free(x);
+}
+
+/* A stride through all 2^32 bit patterns, so every exponent meets varied low mantissa bits. */
+static void f32_to_f16_sweep(const struct kvp_kernels *k)
+{
+	enum { CHUNK = 4096, STRIDE = 4093 };
+	float x[CHUNK];
+	uint16_t want[CHUNK], got[CHUNK];
+	uint32_t u = 0;
+
+	for (uint64_t done = 0; done < (1ull << 32); done += (uint64_t)CHUNK * STRIDE) {
+		for (unsigned i = 0; i < CHUNK; i++, u += STRIDE)
+			x[i] = float_of(u);
+		kvp_kernels_scalar.f32_to_f16(CHUNK, x, want);
+		k->f32_to_f16(CHUNK, x, got);
+		for (unsigned i = 0; i < CHUNK; i++)
+			check(got[i] == want[i], "%s f32_to_f16: %08x -> %04x, scalar %04x", k->name,
+				  bits_of(x[i]), got[i], want[i]);
+	}
+}
+
+static void f32_to_f16_tails(const struct kvp_kernels *k)
+{
+	float x[40];
+
+	for (size_t i = 0; i < COUNT(x); i++)
+		x[i] = i % 4 ? 1000.0f * rndf() : float_of(special_bits[i]);
+	for (size_t n = 1; n <= COUNT(x); n++)
+		for (unsigned off = 0; off < 2; off++)
+			f32_to_f16_case(k, x, n, off);
+}
+
+static void f16_to_f32_case(const struct kvp_kernels *k, uint32_t first, size_t n, unsigned off)
+{
+	uint16_t *h = xmalloc((n + off) * sizeof *h);
+	float *want = xmalloc(n * sizeof *want), *got = xmalloc((n + off) * sizeof *got);
+
+	for (size_t i = 0; i < n; i++)
+		h[off + i] = (uint16_t)(first + i);
+	kvp_kernels_scalar.f16_to_f32(n, h + off, want);
+	k->f16_to_f32(n, h + off, got + off);
+	for (size_t i = 0; i < n; i++)
+		check(same_f32(got[off + i], want[i]),
+			  "%s f16_to_f32 n=%zu off=%u: %04x -> %08x, scalar %08x", k->name, n, off,
+			  h[off + i], bits_of(got[off + i]), bits_of(want[i]));
 	free(h);
 	free(want);
 	free(got);
 }
 
-/* band_norms: bit-identical to scalar in both layouts, on even dims around the vector widths. */
-static void check_band_norms(const struct kvp_kernels *k)
-{
-	static const unsigned band_dims[] = { 2, 6, 8, 14, 16, 18, 30, 64, 128, 130 };
-
-	for (size_t a = 0; a < COUNT(band_dims); a++)
-		for (size_t b = 0; b < COUNT(counts); b++)
-			for (unsigned off = 0; off < 2; off++)
-				for (int il = 0; il < 2; il++) {
-					unsigned d = band_dims[a], n = counts[b], m = n * (d / 2), i = 0;
-					float *rows = rand_f32((size_t)n * d, off), *want = xmalloc(m * sizeof *want);
-					float *got = xmalloc((m + off) * sizeof *got);
-
-					kvp_kernels_scalar.band_norms(d, n, il, rows + off, want);
-					k->band_norms(d, n, il, rows + off, got + off);
-					while (i < m && bits_of(got[off + i]) == bits_of(want[i]))
-						i++;
-					check(i == m, "%s band_norms d=%u n=%u interleaved=%d off=%u: band %u %08x, scalar %08x",
-					      k->name, d, n, il, off, i, i < m ? bits_of(got[off + i]) : 0,
-					      i < m ? bits_of(want[i]) : 0);
-					free(rows), free(want), free(got);
-				}
-}
+/* ---- online softmax ---- */
 
 static int softmax_close(float got, float want)
 {
 	if (isinf(want) || isnan(want))
 		return same_f32(got, want);
-	return close_to(got, want, SOFTMAX_TOL * fabs(want) + UNDERFLOW_TOL);
+	return fabs(got - want) <= SOFTMAX_TOL * fabs(want) + UNDERFLOW_TOL;
 }
 
-/* Scores spread over [-spread, spread]; every fifth one masked to -inf when masked is set. */
+/* Scores in [-spread, spread]; with masked set, every fifth is -inf as a causal or padding mask gives. */
 static void fill_scores(float *s, unsigned n, float spread, int masked)
 {
 	for (unsigned i = 0; i < n; i++)
 		s[i] = masked && i % 5 == 2 ? -INFINITY : spread * rndf();
 }
 
-/* Three consecutive blocks, as attention walks a sequence, compared step by step. */
-static void check_softmax(const struct kvp_kernels *k, unsigned n, unsigned off, float spread, int masked)
+/* Three consecutive blocks, as attention walks a sequence, compared with scalar after every step. */
+static void softmax_case(const struct kvp_kernels *k, unsigned n, unsigned off, float spread, int masked)
 {
 	float *want = xmalloc((n + off) * sizeof *want), *got = xmalloc((n + off) * sizeof *got);
 	float wm = -INFINITY, wl = 0, gm = -INFINITY, gl = 0;
@@ -428,67 +467,389 @@ static void check_softmax(const struct kvp_kernels *k, unsigned n, unsigned off,
 
 		float wc = kvp_kernels_scalar.softmax_step(n, want + off, &wm, &wl);
 		float gc = k->softmax_step(n, got + off, &gm, &gl);
-		unsigned i = 0;
 
-		while (i < n && softmax_close(got[off + i], want[off + i]))
-			i++;
-		check(i == n && softmax_close(gc, wc) && same_f32(gm, wm) && softmax_close(gl, wl),
-		      "%s softmax_step n=%u off=%u spread=%g masked=%d step %u: "
-		      "s[%u] %.9g/%.9g factor %.9g/%.9g m %.9g/%.9g l %.9g/%.9g",
-		      k->name, n, off, (double)spread, masked, step, i,
-		      i < n ? got[off + i] : 0.0, i < n ? want[off + i] : 0.0, gc, wc, gm, wm, gl, wl);
+		for (unsigned i = 0; i < n; i++)
+			check(softmax_close(got[off + i], want[off + i]),
+				  "%s softmax n=%u off=%u spread=%g step %u: s[%u] = %.9g, scalar %.9g",
+				  k->name, n, off, (double)spread, step, i, got[off + i], want[off + i]);
+		check(softmax_close(gc, wc), "%s softmax n=%u step %u: factor %.9g, scalar %.9g",
+			  k->name, n, step, gc, wc);
+		check(same_f32(gm, wm), "%s softmax n=%u step %u: max %.9g, scalar %.9g",
+			  k->name, n, step, gm, wm);
+		check(softmax_close(gl, wl), "%s softmax n=%u step %u: sum %.9g, scalar %.9g",
+			  k->name, n, step, gl, wl);
 	}
 	free(want);
 	free(got);
 }
 
-/* A block with nothing but masked scores at the start leaves the state empty and the weights zero. */
-static void check_softmax_all_masked(const struct kvp_kernels *k, unsigned n)
+static void softmax_shapes(const struct kvp_kernels *k, unsigned off)
 {
-	float *s = xmalloc(n * sizeof *s), m = -INFINITY, l = 0;
-
-	for (unsigned i = 0; i < n; i++)
-		s[i] = -INFINITY;
-
-	float c = k->softmax_step(n, s, &m, &l);
-	unsigned i = 0;
-
-	while (i < n && bits_of(s[i]) == 0)
-		i++;
-	check(i == n && c == 0 && l == 0 && m == -INFINITY,
-	      "%s softmax_step all masked n=%u: factor %g l %g m %g", k->name, n, c, l, m);
-	free(s);
+	for (size_t a = 0; a < COUNT(dims); a++)
+		for (int masked = 0; masked < 2; masked++)
+			softmax_case(k, dims[a], off, 8.0f, masked);
 }
 
-/* Packed codes: n rows of m codes of bits bits, random bytes (padding too), sized exactly. */
-static void check_lut(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned n, unsigned off,
-		      unsigned pad)
+/* Spreads of +-120 push exp far into underflow; masked scores must come out exactly 0. */
+static void softmax_extremes(const struct kvp_kernels *k)
 {
-	const size_t rowbytes = ((size_t)m * bits + 7) / 8, stride = rowbytes + pad;
-	const size_t len = (size_t)(n - 1) * stride + rowbytes + off;
-	uint8_t *codes = xmalloc(len);
-	float *lut = rand_f32(1u << bits, off), *q = rand_f32(m, off), *w = rand_f32(n, off);
-	float *want = xmalloc((n + m + off) * sizeof *want), *got = xmalloc((n + m + off) * sizeof *got);
-	int ok = 1;
-	unsigned bad = 0;
+	for (size_t a = 0; a < COUNT(dims); a++)
+		for (unsigned off = 0; off < 2; off++)
+			for (int masked = 0; masked < 2; masked++)
+				softmax_case(k, dims[a], off, 120.0f, masked);
+}
+
+static void softmax_first_block(const struct kvp_kernels *k)
+{
+	for (size_t a = 0; a < COUNT(dims); a++) {
+		unsigned n = dims[a];
+		float s[128] = { 0 }, m = -INFINITY, l = 0;
+
+		fill_scores(s, n, 8.0f, 0);
+
+		float top = s[0];
+
+		for (unsigned i = 1; i < n; i++)
+			top = fmaxf(top, s[i]);
+		float c = k->softmax_step(n, s, &m, &l);
+
+		check(c == 0.0f, "%s n=%u: first block factor %g, not 0", k->name, n, c);
+		check(m == top, "%s n=%u: max %g, want %g", k->name, n, m, top);
+	}
+}
+
+static void softmax_all_masked(const struct kvp_kernels *k)
+{
+	for (size_t a = 0; a < COUNT(dims); a++) {
+		unsigned n = dims[a];
+		float s[128], m = -INFINITY, l = 0;
+
+		for (unsigned i = 0; i < n; i++)
+			s[i] = -INFINITY;
+
+		float c = k->softmax_step(n, s, &m, &l);
+
+		check(c == 0.0f && l == 0.0f && m == -INFINITY, "%s n=%u: factor %g sum %g max %g",
+			  k->name, n, c, l, m);
+		for (unsigned i = 0; i < n; i++)
+			check(bits_of(s[i]) == 0, "%s n=%u: weight %u is %g, not +0",
+				  k->name, n, i, s[i]);
+	}
+}
+
+/*
+ * Blocks of uneven sizes composed as the pager does: earlier weights rescaled by each returned factor,
+ * divided by the final sum at the end, against softmax over all scores in double precision.
+ */
+static void softmax_composed(const struct kvp_kernels *k)
+{
+	static const unsigned blocks[] = { 64, 5, 67, 1, 64, 31 };
+	float s[400], p[400], m = -INFINITY, l = 0;
+	unsigned total = 0;
+
+	for (size_t b = 0; b < COUNT(blocks); b++) {
+		unsigned n = blocks[b];
+
+		/* later blocks drift upwards so the running maximum moves */
+		for (unsigned i = 0; i < n; i++)
+			s[total + i] = 6.0f * rndf() + (float)b;
+		memcpy(p + total, s + total, n * sizeof *p);
+
+		float c = k->softmax_step(n, p + total, &m, &l);
+
+		for (unsigned i = 0; i < total; i++)
+			p[i] *= c;
+		total += n;
+	}
+
+	double top = -INFINITY, sum = 0, psum = 0;
+
+	for (unsigned i = 0; i < total; i++)
+		top = fmax(top, s[i]);
+	for (unsigned i = 0; i < total; i++)
+		sum += exp((double)s[i] - top);
+	for (unsigned i = 0; i < total; i++) {
+		double want = exp((double)s[i] - top) / sum, got = (double)p[i] / l;
+
+		check(fabs(got - want) <= SOFTMAX_TOL * want, "%s p[%u] = %.9g, reference %.9g",
+			  k->name, i, got, want);
+		psum += got;
+	}
+	check(fabs(psum - 1.0) <= SOFTMAX_TOL, "%s probabilities sum to %.9g", k->name, psum);
+	check(m == (float)top, "%s max %g, reference %g", k->name, m, top);
+}
+
+/* ---- the scalar reference on its own ---- */
+
+static void scalar_f16_round_trips_every_half(void)
+{
+	static uint16_t h[65536], back[65536];
+	static float f[65536];
+
+	for (uint32_t i = 0; i < 65536; i++)
+		h[i] = (uint16_t)i;
+	kvp_kernels_scalar.f16_to_f32(65536, h, f);
+	kvp_kernels_scalar.f32_to_f16(65536, f, back);
+	for (uint32_t i = 0; i < 65536; i++) {
+		if (is_nan_f16(h[i]))
+			check(is_nan_f16(back[i]) && isnan(f[i]), "NaN %04x came back as %04x",
+				  h[i], back[i]);
+		else
+			check(back[i] == h[i], "%04x -> %a -> %04x", h[i], (double)f[i], back[i]);
+	}
+}
+
+static void scalar_f32_to_f16_rounds_ties_to_even(void)
+{
+	static const struct { float x; uint16_t h; } cases[] = {
+		{ 1.0f + 0x1p-11f, 0x3c00 },	    /* tie between 1 and 1+2^-10: even is 1 */
+		{ 1.0f + 3 * 0x1p-11f, 0x3c02 },    /* tie between 1+2^-10 and 1+2^-9: even is up */
+		{ 1.0f + 0x1p-11f + 0x1p-23f, 0x3c01 },
+		{ -(1.0f + 0x1p-11f), 0xbc00 },
+		{ 0x1p-25f, 0x0000 },		    /* half the smallest subnormal: ties to 0 */
+		{ 3 * 0x1p-25f, 0x0002 },	    /* between subnormals 1 and 2: to 2 */
+		{ 0x1p-25f + 0x1p-40f, 0x0001 },
+		{ 2047 * 0x1p-25f, 0x0400 },	    /* largest subnormal tie rounds up into the normals */
+		{ 65504.0f, 0x7bff },
+		{ 65519.99f, 0x7bff },
+		{ 65520.0f, 0x7c00 },		    /* the tie above the largest half overflows */
+		{ -65520.0f, 0xfc00 },
+		{ 1e10f, 0x7c00 },
+		{ 0x1p-14f, 0x0400 },
+	};
+
+	for (size_t i = 0; i < COUNT(cases); i++) {
+		uint16_t h;
+
+		kvp_kernels_scalar.f32_to_f16(1, &cases[i].x, &h);
+		check(h == cases[i].h, "%a -> %04x, want %04x", (double)cases[i].x, h, cases[i].h);
+	}
+}
+
+static void scalar_f32_to_f16_keeps_signed_zeros_infinities_and_nans(void)
+{
+	static const float x[] = { 0.0f, -0.0f, INFINITY, -INFINITY, NAN, -NAN };
+	uint16_t h[COUNT(x)];
+
+	kvp_kernels_scalar.f32_to_f16(COUNT(x), x, h);
+	check(h[0] == 0x0000 && h[1] == 0x8000, "zeros: %04x %04x", h[0], h[1]);
+	check(h[2] == 0x7c00 && h[3] == 0xfc00, "infinities: %04x %04x", h[2], h[3]);
+	check(is_nan_f16(h[4]) && is_nan_f16(h[5]) && !(h[4] & 0x8000) && (h[5] & 0x8000),
+		  "NaNs: %04x %04x", h[4], h[5]);
+}
+
+static void scalar_dot_and_axpy_match_double_precision(void)
+{
+	const unsigned d = 65, n = 67;
+	float *rows = rand_f32((size_t)n * d, 0), *q = rand_f32(d, 0), *w = rand_f32(n, 0);
+	float *acc = rand_f32(d, 0), *acc0 = copy_f32(acc, d), out[67];
+
+	kvp_kernels_scalar.dot_f32(d, n, rows, q, 0.5f, out);
+	kvp_kernels_scalar.axpy_f32(d, n, rows, w, acc);
+	for (unsigned i = 0; i < n; i++) {
+		double want = 0, mag = 0;
+
+		for (unsigned j = 0; j < d; j++) {
+			want += (double)rows[i * d + j] * q[j];
+			mag += fabs((double)rows[i * d + j] * q[j]);
+		}
+		check(fabs(out[i] - 0.5 * want) <= DOT_TOL * 0.5 * mag, "dot row %u: %.9g, want %.9g", i,
+			  out[i], 0.5 * want);
+	}
+	for (unsigned j = 0; j < d; j++) {
+		double want = acc0[j], mag = fabs(acc0[j]);
+
+		for (unsigned i = 0; i < n; i++) {
+			want += (double)w[i] * rows[i * d + j];
+			mag += fabs((double)w[i] * rows[i * d + j]);
+		}
+		check(fabs(acc[j] - want) <= DOT_TOL * mag, "axpy column %u: %.9g, want %.9g",
+			  j, acc[j], want);
+	}
+	free(rows);
+	free(q);
+	free(w);
+	free(acc);
+	free(acc0);
+}
+
+static void scalar_softmax_step_on_first_block_returns_zero(void)
+{
+	softmax_first_block(&kvp_kernels_scalar);
+}
+
+static void scalar_softmax_step_on_all_masked_block_gives_zero_weights(void)
+{
+	softmax_all_masked(&kvp_kernels_scalar);
+}
+
+static void scalar_softmax_step_composed_over_blocks_matches_double_reference(void)
+{
+	softmax_composed(&kvp_kernels_scalar);
+}
+
+/* ---- each vector table against the scalar one ---- */
+
+static void dot_f32_matches_scalar_on_odd_lengths(const struct kvp_kernels *k)
+{
+	every_shape(k, dot_case, 0, 0);
+}
+static void dot_f32_matches_scalar_on_unaligned_pointers(const struct kvp_kernels *k)
+{
+	every_shape(k, dot_case, 0, 1);
+}
+static void dot_f16_matches_scalar_on_odd_lengths(const struct kvp_kernels *k)
+{
+	every_shape(k, dot_case, 1, 0);
+}
+static void dot_f16_matches_scalar_on_unaligned_pointers(const struct kvp_kernels *k)
+{
+	every_shape(k, dot_case, 1, 1);
+}
+static void axpy_f32_matches_scalar_on_odd_lengths(const struct kvp_kernels *k)
+{
+	every_shape(k, axpy_case, 0, 0);
+}
+static void axpy_f32_matches_scalar_on_unaligned_pointers(const struct kvp_kernels *k)
+{
+	every_shape(k, axpy_case, 0, 1);
+}
+static void axpy_f16_matches_scalar_on_odd_lengths(const struct kvp_kernels *k)
+{
+	every_shape(k, axpy_case, 1, 0);
+}
+static void axpy_f16_matches_scalar_on_unaligned_pointers(const struct kvp_kernels *k)
+{
+	every_shape(k, axpy_case, 1, 1);
+}
+static void f16_group_kernels_match_scalar_for_every_group_size(const struct kvp_kernels *k)
+{
+	every_group(k, 0);
+}
+static void f16_group_kernels_match_scalar_on_unaligned_pointers(const struct kvp_kernels *k)
+{
+	every_group(k, 1);
+}
+static void f16_group_kernels_give_the_same_bits_whatever_they_prefetch(const struct kvp_kernels *k)
+{
+	every_ahead(k);
+}
+static void scale_is_bit_identical_to_scalar_on_odd_and_unaligned_lengths(const struct kvp_kernels *k)
+{
+	for (size_t a = 0; a < COUNT(dims); a++)
+		for (unsigned off = 0; off < 2; off++)
+			scale_case(k, dims[a], off);
+}
+static void f32_to_f16_is_bit_identical_on_zeros_subnormals_inf_nan_and_overflow(const struct kvp_kernels *k)
+{
+	f32_to_f16_special(k);
+}
+static void f32_to_f16_is_bit_identical_on_every_tie(const struct kvp_kernels *k)
+{
+	f32_to_f16_ties(k);
+}
+static void f32_to_f16_is_bit_identical_across_a_sweep_of_all_floats(const struct kvp_kernels *k)
+{
+	f32_to_f16_sweep(k);
+}
+static void f32_to_f16_is_bit_identical_on_odd_lengths_and_unaligned_pointers(const struct kvp_kernels *k)
+{
+	f32_to_f16_tails(k);
+}
+static void f16_to_f32_matches_scalar_on_every_half(const struct kvp_kernels *k)
+{
+	f16_to_f32_case(k, 0, 65536, 0);
+	f16_to_f32_case(k, 0, 65536, 1);
+}
+static void f16_to_f32_matches_scalar_on_odd_lengths_and_unaligned_pointers(const struct kvp_kernels *k)
+{
+	/* runs ending past 0x7c00 put max-normal, inf and NaN in every tail position */
+	for (size_t n = 1; n <= 20; n++)
+		for (unsigned off = 0; off < 2; off++)
+			f16_to_f32_case(k, 0x7bf0, n, off);
+}
+static void softmax_step_matches_scalar_on_odd_lengths(const struct kvp_kernels *k)
+{
+	softmax_shapes(k, 0);
+}
+static void softmax_step_matches_scalar_on_unaligned_pointers(const struct kvp_kernels *k)
+{
+	softmax_shapes(k, 1);
+}
+static void softmax_step_matches_scalar_with_masked_scores_and_underflow(const struct kvp_kernels *k)
+{
+	softmax_extremes(k);
+}
+static void softmax_step_on_first_block_returns_zero(const struct kvp_kernels *k)
+{
+	softmax_first_block(k);
+}
+static void softmax_step_on_all_masked_block_gives_zero_weights(const struct kvp_kernels *k)
+{
+	softmax_all_masked(k);
+}
+static void softmax_step_composed_over_blocks_matches_double_reference(const struct kvp_kernels *k)
+{
+	softmax_composed(k);
+}
+
+
+/* ---- packed codes (lut_dot, lut_axpy) against the scalar reference ---- */
+
+static const unsigned lut_dims[] = { 1, 3, 7, 8, 9, 16, 31, 48, 64, 65, 80, 127, 128 };
+
+/* n rows of m codes: random bytes (padding included, so stray bits would show), sized exactly. */
+static uint8_t *rand_codes(unsigned n, size_t stride, size_t rowbytes, unsigned off)
+{
+	size_t len = (n ? (size_t)(n - 1) * stride + rowbytes : 0) + off;
+	uint8_t *p = xmalloc(len ? len : 1);
 
 	for (size_t i = 0; i < len; i++)
-		codes[i] = (uint8_t)rnd32();
-	kvp_kernels_scalar.lut_dot(bits, m, n, codes + off, stride, lut + off, q + off, want + off);
+		p[i] = (uint8_t)rnd32();
+	return p;
+}
+
+static unsigned code_of(const uint8_t *row, unsigned bits, unsigned j)
+{
+	unsigned v = 0;
+
+	for (unsigned b = 0; b < bits; b++) {
+		size_t o = (size_t)j * bits + b;
+		v |= (unsigned)((row[o >> 3] >> (o & 7)) & 1) << b;
+	}
+	return v;
+}
+
+static void lut_case(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned n, unsigned off,
+		     unsigned pad)
+{
+	const size_t rowbytes = ((size_t)m * bits + 7) / 8, stride = rowbytes + pad;
+	uint8_t *codes = rand_codes(n, stride, rowbytes, off);
+	float *lut = rand_f32(1u << bits, off), *q = rand_f32(m, off), *w = rand_f32(n, off);
+	float *want = rand_f32(n > m ? n : m, off), *got = copy_f32(want, (n > m ? n : m) + off);
+
 	k->lut_dot(bits, m, n, codes + off, stride, lut + off, q + off, got + off);
-	/* every |lut| and |q| is below 1, so m bounds the sum of absolute products */
-	for (unsigned i = 0; i < n && ok; i++, bad = i)
-		ok = close_to(got[off + i], want[off + i], DOT_TOL * m);
-	check(ok, "%s lut_dot bits=%u m=%u n=%u off=%u pad=%u: row %u", k->name, bits, m, n, off, pad, bad);
-	memcpy(want + off, q + off, m * sizeof *q);
-	memcpy(got + off, q + off, m * sizeof *q);
-	kvp_kernels_scalar.lut_axpy(bits, m, n, codes + off, stride, lut + off, w + off, want + off);
+	kvp_kernels_scalar.lut_dot(bits, m, n, codes + off, stride, lut + off, q + off, want + off);
+	for (unsigned i = 0; i < n; i++) {
+		double mag = 0;
+		for (unsigned j = 0; j < m; j++)
+			mag += fabs(lut[off + code_of(codes + off + i * stride, bits, j)] * q[off + j]);
+		check(fabs(got[off + i] - want[off + i]) <= DOT_TOL * mag + 1e-30,
+			  "%s lut_dot bits=%u m=%u n=%u off=%u pad=%u row %u: %.9g, scalar %.9g", k->name, bits,
+			  m, n, off, pad, i, got[off + i], want[off + i]);
+	}
+	for (unsigned j = 0; j < m; j++)
+		got[off + j] = want[off + j] = q[off + j];
 	k->lut_axpy(bits, m, n, codes + off, stride, lut + off, w + off, got + off);
-	ok = 1;
-	for (unsigned j = 0; j < m && ok; j++, bad = j)
-		ok = close_to(got[off + j], want[off + j], DOT_TOL * (n + 1));
-	check(ok, "%s lut_axpy bits=%u m=%u n=%u off=%u pad=%u: column %u", k->name, bits, m, n, off, pad,
-	      bad);
+	kvp_kernels_scalar.lut_axpy(bits, m, n, codes + off, stride, lut + off, w + off, want + off);
+	for (unsigned j = 0; j < m; j++) {
+		double mag = fabs(q[off + j]);
+		for (unsigned i = 0; i < n; i++)
+			mag += fabs(w[off + i] * lut[off + code_of(codes + off + i * stride, bits, j)]);
+		check(fabs(got[off + j] - want[off + j]) <= DOT_TOL * mag + 1e-30,
+			  "%s lut_axpy bits=%u m=%u n=%u off=%u pad=%u column %u: %.9g, scalar %.9g", k->name,
+			  bits, m, n, off, pad, j, got[off + j], want[off + j]);
+	}
 	free(codes);
 	free(lut);
 	free(q);
@@ -497,21 +858,26 @@ static void check_lut(const struct kvp_kernels *k, unsigned bits, unsigned m, un
 	free(got);
 }
 
-/* The group versions against the scalar single-head kernels, head by head (see test_kernels.c). */
-static void check_lut_group(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned n, unsigned g,
-			    unsigned off)
+static void lut_shapes(const struct kvp_kernels *k, unsigned off)
+{
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(lut_dims); a++)
+			for (size_t b = 0; b < COUNT(counts); b++)
+				for (unsigned pad = 0; pad < 4; pad += 3)
+					lut_case(k, bits, lut_dims[a], counts[b], off, pad);
+}
+
+/* The group versions against the scalar single-head kernels, head by head, with q and acc rows apart
+ * by a stride wider than m (as the codecs lay them out). */
+static void lut_group_case(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned n, unsigned g,
+			   unsigned off)
 {
 	const size_t rowbytes = ((size_t)m * bits + 7) / 8, stride = rowbytes + 1, qs = m + 3;
-	const size_t len = (size_t)(n - 1) * stride + rowbytes + off;
-	uint8_t *codes = xmalloc(len);
+	uint8_t *codes = rand_codes(n, stride, rowbytes, off);
 	float *lut = rand_f32(1u << bits, off), *q = rand_f32(g * qs, off), *w = rand_f32((size_t)g * n, off);
-	float *got = xmalloc(((size_t)g * n + off) * sizeof *got), *want = xmalloc(((size_t)g * n + off) * sizeof *want);
-	float *acc = rand_f32(g * qs, off), *acc_want = xmalloc((g * qs + off) * sizeof *acc_want);
-	int ok = 1;
+	float *got = rand_f32((size_t)g * n, off), *want = copy_f32(got, (size_t)g * n + off);
+	float *acc = rand_f32(g * qs, off), *acc_want = copy_f32(acc, g * qs + off);
 
-	for (size_t i = 0; i < len; i++)
-		codes[i] = (uint8_t)rnd32();
-	memcpy(acc_want, acc, (g * qs + off) * sizeof *acc);
 	k->lut_dot_group(bits, m, n, codes + off, stride, lut + off, g, q + off, qs, got + off);
 	k->lut_axpy_group(bits, m, n, codes + off, stride, lut + off, g, w + off, acc + off, qs);
 	for (unsigned h = 0; h < g; h++) {
@@ -519,150 +885,327 @@ static void check_lut_group(const struct kvp_kernels *k, unsigned bits, unsigned
 					   want + off + (size_t)h * n);
 		kvp_kernels_scalar.lut_axpy(bits, m, n, codes + off, stride, lut + off, w + off + (size_t)h * n,
 					    acc_want + off + h * qs);
+		for (unsigned i = 0; i < n; i++) {
+			size_t at = off + (size_t)h * n + i;
+			check(fabs(got[at] - want[at]) <= DOT_TOL * m + 1e-30,
+				  "%s lut_dot_group bits=%u m=%u n=%u g=%u off=%u head %u row %u: %.9g, scalar %.9g",
+				  k->name, bits, m, n, g, off, h, i, got[at], want[at]);
+		}
+		for (unsigned j = 0; j < qs; j++) {
+			size_t at = off + h * qs + j;
+			/* columns past m are the stride's gap: nothing may write there */
+			check(fabs(acc[at] - acc_want[at]) <= DOT_TOL * (n + 1) + 1e-30,
+				  "%s lut_axpy_group bits=%u m=%u n=%u g=%u off=%u head %u column %u: %.9g, scalar %.9g",
+				  k->name, bits, m, n, g, off, h, j, acc[at], acc_want[at]);
+		}
 	}
-	for (size_t i = 0; i < (size_t)g * n && ok; i++)
-		ok = close_to(got[off + i], want[off + i], DOT_TOL * m);
-	for (size_t j = 0; j < g * qs && ok; j++)
-		ok = close_to(acc[off + j], acc_want[off + j], DOT_TOL * (n + 1));
-	check(ok, "%s lut group kernels bits=%u m=%u n=%u g=%u off=%u differ from scalar", k->name, bits, m, n, g,
-	      off);
 	free(codes), free(lut), free(q), free(w), free(got), free(want), free(acc), free(acc_want);
 }
 
-static void check_luts(const struct kvp_kernels *k)
+static void lut_group_shapes(const struct kvp_kernels *k, unsigned off)
 {
-	static const unsigned lut_dims[] = { 1, 3, 7, 8, 9, 16, 31, 48, 64, 65, 80, 127, 128 };
-
-	for (unsigned bits = 1; bits <= 4; bits++)
-		for (size_t a = 0; a < COUNT(lut_dims); a++)
-			for (size_t b = 0; b < COUNT(counts); b++)
-				for (unsigned off = 0; off < 2; off++)
-					for (unsigned pad = 0; pad < 4; pad += 3)
-						check_lut(k, bits, lut_dims[a], counts[b], off, pad);
 	for (unsigned bits = 1; bits <= 4; bits++)
 		for (size_t a = 0; a < COUNT(lut_dims); a++)
 			for (unsigned g = 1; g <= 8; g++)
-				for (unsigned off = 0; off < 2; off++)
-					check_lut_group(k, bits, lut_dims[a], 67, g, off);
+				lut_group_case(k, bits, lut_dims[a], 67, g, off);
 }
 
-/* Masked rows (mask_expand) against scalar, bit for bit; the layout is test_kernels.c's mask_case. */
-static void check_mask(const struct kvp_kernels *k, unsigned d, unsigned n, unsigned off, int with_signs)
+static void scalar_lut_dot_and_axpy_match_double_precision_at_every_width(void)
+{
+	for (unsigned bits = 1; bits <= 4; bits++) {
+		const unsigned m = 37, n = 5;
+		const size_t stride = (m * bits + 7) / 8 + 1;
+		uint8_t *codes = rand_codes(n, stride, stride - 1, 0);
+		float *lut = rand_f32(1u << bits, 0), *q = rand_f32(m, 0), *w = rand_f32(n, 0);
+		float out[5], acc[37] = { 0 };
+
+		kvp_kernels_scalar.lut_dot(bits, m, n, codes, stride, lut, q, out);
+		kvp_kernels_scalar.lut_axpy(bits, m, n, codes, stride, lut, w, acc);
+		for (unsigned i = 0; i < n; i++) {
+			double s = 0;
+			for (unsigned j = 0; j < m; j++)
+				s += (double)lut[code_of(codes + i * stride, bits, j)] * q[j];
+			check(fabs(out[i] - s) <= 1e-5 * (1 + fabs(s)), "bits=%u row %u: %g, want %g", bits,
+				  i, out[i], s);
+		}
+		for (unsigned j = 0; j < m; j++) {
+			double s = 0;
+			for (unsigned i = 0; i < n; i++)
+				s += (double)w[i] * lut[code_of(codes + i * stride, bits, j)];
+			check(fabs(acc[j] - s) <= 1e-5 * (1 + fabs(s)), "bits=%u column %u: %g, want %g",
+				  bits, j, acc[j], s);
+		}
+		free(codes);
+		free(lut);
+		free(q);
+		free(w);
+	}
+}
+
+static void lut_dot_and_axpy_match_scalar_at_every_width_and_odd_length(const struct kvp_kernels *k)
+{
+	lut_shapes(k, 0);
+}
+static void lut_dot_and_axpy_match_scalar_on_unaligned_pointers(const struct kvp_kernels *k)
+{
+	lut_shapes(k, 1);
+}
+static void lut_group_kernels_match_scalar_head_by_head(const struct kvp_kernels *k)
+{
+	lut_group_shapes(k, 0);
+	lut_group_shapes(k, 1);
+}
+
+
+/* ---- masked rows (mask_expand) against the scalar reference, bit for bit ---- */
+
+/* Kept channels of a mask of d bits (bits past d do not count). */
+static unsigned kept_count(const uint8_t *mask, unsigned d)
+{
+	unsigned c = 0;
+
+	for (unsigned j = 0; j < d; j++)
+		c += mask[j >> 3] >> (j & 7) & 1;
+	return c;
+}
+
+/*
+ * n rows of [mask][signs] at stride bytes, and their kept values kept_stride floats apart; the last row
+ * and its kept values end exactly at the end of their allocations, so a read past them is caught under
+ * ASan. Every fourth row keeps all channels or none; the others keep each channel with chance 1/2, and
+ * the mask's padding bits are random.
+ */
+static void mask_case(const struct kvp_kernels *k, unsigned d, unsigned n, unsigned off, int with_signs)
 {
 	const size_t mbytes = (d + 7) / 8, stride = 2 * mbytes + 1, kept_stride = d + 2;
-	unsigned last_kept = 0, bad = 0;
-	size_t len;
-	uint8_t *rows;
+	uint8_t *rows = xmalloc(n * stride + off);
 	float *scale = rand_f32(n, off), *mag = rand_f32(d, off), *kept, *got, *want;
-	int ok = 1;
+	unsigned last_kept = 0;
+	size_t len;
 
-	/* the random rows are drawn first, so the last row's kept count sizes the exact buffers */
-	uint8_t *draft = xmalloc(n * stride + off);
 	for (size_t i = 0; i < n * stride + off; i++)
-		draft[i] = (uint8_t)rnd32();
+		rows[i] = (uint8_t)rnd32();
 	for (unsigned i = 0; i < n; i++) {
-		uint8_t *mask = draft + off + i * stride;
+		uint8_t *mask = rows + off + i * stride;
 		if (i % 4 == 1 || i % 4 == 3)
 			memset(mask, i % 4 == 1 ? 0xff : 0x00, mbytes);
-		last_kept = 0;
-		for (unsigned j = 0; j < d; j++)
-			last_kept += mask[j >> 3] >> (j & 7) & 1;
+		last_kept = kept_count(mask, d);
 	}
+	/* the last row's signs end at its last pruned channel's byte */
 	len = off + (n - 1) * stride + mbytes + (d - last_kept + 7) / 8;
-	rows = xmalloc(len);
-	memcpy(rows, draft, len);
-	free(draft);
 	kept = rand_f32((n - 1) * kept_stride + last_kept, off);
-	got = xmalloc(((size_t)n * d + off) * sizeof *got);
-	want = xmalloc(((size_t)n * d + off) * sizeof *want);
-	kvp_kernels_scalar.mask_expand(d, n, rows + off, with_signs ? rows + off + mbytes : NULL, stride,
-				       kept + off, kept_stride, scale + off, mag + off, want + off);
+	got = rand_f32((size_t)n * d, off);
+	want = copy_f32(got, (size_t)n * d + off);
+	{
+		uint8_t *exact = xmalloc(len);
+		memcpy(exact, rows, len);
+		free(rows);
+		rows = exact;
+	}
 	k->mask_expand(d, n, rows + off, with_signs ? rows + off + mbytes : NULL, stride, kept + off, kept_stride,
 		       scale + off, mag + off, got + off);
-	for (size_t at = 0; at < (size_t)n * d && ok; at++, bad = (unsigned)at)
-		ok = bits_of(got[off + at]) == bits_of(want[off + at]);
-	check(ok, "%s mask_expand d=%u n=%u off=%u signs=%d: value %u", k->name, d, n, off, with_signs, bad);
+	kvp_kernels_scalar.mask_expand(d, n, rows + off, with_signs ? rows + off + mbytes : NULL, stride,
+				       kept + off, kept_stride, scale + off, mag + off, want + off);
+	for (size_t at = 0; at < (size_t)n * d; at++)
+		check(bits_of(got[off + at]) == bits_of(want[off + at]),
+			  "%s mask_expand d=%u n=%u off=%u signs=%d row %zu channel %zu: %.9g, scalar %.9g", k->name,
+			  d, n, off, with_signs, at / d, at % d, got[off + at], want[off + at]);
 	free(rows), free(scale), free(mag), free(kept), free(got), free(want);
 }
 
-static void check_masks(const struct kvp_kernels *k)
+static void mask_shapes(const struct kvp_kernels *k, unsigned off)
 {
-	static const unsigned mask_dims[] = { 1, 3, 7, 8, 9, 16, 31, 48, 64, 65, 80, 127, 128 };
-
-	for (size_t a = 0; a < COUNT(mask_dims); a++)
+	for (size_t a = 0; a < COUNT(lut_dims); a++)
 		for (size_t b = 0; b < COUNT(counts); b++)
-			for (unsigned off = 0; off < 3; off += 1)
-				for (int signs = 0; signs < 2; signs++)
-					check_mask(k, mask_dims[a], counts[b], off, signs);
+			for (int signs = 0; signs < 2; signs++)
+				mask_case(k, lut_dims[a], counts[b], off, signs);
 }
 
-static void check_against_scalar(const struct kvp_kernels *k)
+/* The reference's own meaning on one hand-made row: d=11, kept channels 0, 3, 4 and 10. */
+static void scalar_mask_expand_places_kept_values_and_signed_recoveries(void)
 {
-	check_masks(k);
-	check_luts(k);
-	for (size_t a = 0; a < COUNT(dims); a++) {
-		for (size_t b = 0; b < COUNT(counts); b++) {
-			for (unsigned off = 0; off < 2; off++) {
-				check_dot(k, 0, dims[a], counts[b], off);
-				check_dot(k, 1, dims[a], counts[b], off);
-				check_axpy(k, 0, dims[a], counts[b], off);
-				check_axpy(k, 1, dims[a], counts[b], off);
-				for (unsigned g = 1; g <= 8; g++)
-					check_group(k, dims[a], counts[b], g, off);
-			}
-		}
-		for (unsigned off = 0; off < 2; off++) {
-			check_scale(k, dims[a], off);
-			for (int masked = 0; masked < 2; masked++) {
-				check_softmax(k, dims[a], off, 8.0f, masked);
-				check_softmax(k, dims[a], off, 120.0f, masked);
-			}
-		}
-		check_softmax_all_masked(k, dims[a]);
-	}
-	check_f32_to_f16(k);
-	check_f32_to_f16_sweep(k);
-	check_f16_to_f32(k);
-	check_band_norms(k);
+	const uint8_t row[4] = { 0x19, 0x04, 0x05, 0x00 }; /* mask 0b100'0001'1001; signs of 1,2,5,6,7,8,9 */
+	const float kept[4] = { 10, 13, 14, 20 }, scale = 2.0f;
+	float mag[11], x[11];
+	const float want[11] = { 10, -2, 4, 13, 14, -10, 12, 14, 16, 18, 20 };
+
+	for (unsigned j = 0; j < 11; j++)
+		mag[j] = (float)j;
+	/* signs bits: pruned #0 (ch1) = 1, #2 (ch5) = 1: byte 0x05 */
+	kvp_kernels_scalar.mask_expand(11, 1, row, row + 2, 4, kept, 4, &scale, mag, x);
+	for (unsigned j = 0; j < 11; j++)
+		check((x[j]) == (want[j]), "channel %u: %g, want %g", j, x[j], want[j]);
+	kvp_kernels_scalar.mask_expand(11, 1, row, NULL, 4, kept, 4, NULL, NULL, x);
+	for (unsigned j = 0; j < 11; j++)
+		check((x[j]) == (row[j >> 3] >> (j & 7) & 1 ? want[j] : 0.0f), "channel %u", j);
 }
 
-/* The reference itself: every half survives the trip through f32 (NaNs as some NaN). */
-static void check_scalar_round_trip(void)
+static void mask_expand_matches_scalar_bit_for_bit_on_odd_lengths(const struct kvp_kernels *k)
 {
-	uint16_t *h = xmalloc(65536 * sizeof *h), *back = xmalloc(65536 * sizeof *back);
-	float *f = xmalloc(65536 * sizeof *f);
-	uint32_t i;
-
-	for (i = 0; i < 65536; i++)
-		h[i] = (uint16_t)i;
-	kvp_kernels_scalar.f16_to_f32(65536, h, f);
-	kvp_kernels_scalar.f32_to_f16(65536, f, back);
-	for (i = 0; i < 65536; i++) {
-		int nan = (h[i] & 0x7c00) == 0x7c00 && (h[i] & 0x3ff);
-
-		if (nan ? !((back[i] & 0x7c00) == 0x7c00 && (back[i] & 0x3ff)) : back[i] != h[i])
-			break;
-	}
-	check(i == 65536, "scalar f16 round trip: %04x came back as %04x", i < 65536 ? h[i] : 0,
-	      i < 65536 ? back[i] : 0);
-	free(h);
-	free(back);
-	free(f);
+	mask_shapes(k, 0);
+}
+static void mask_expand_matches_scalar_on_unaligned_pointers(const struct kvp_kernels *k)
+{
+	mask_shapes(k, 1);
+	mask_shapes(k, 2);
+	mask_shapes(k, 3);
 }
 
-/* CRC32C: the reference against the published check value, then every hardware version against the
- * reference over lengths around the 8-byte stride and the three-lane split, unaligned starts, and
- * continuation piece by piece. */
-static void check_crc32c(void)
+
+/* ---- band_norms ---- */
+
+static void scalar_band_norms_reads_both_layouts(void)
+{
+	const float rows[8] = { 3, 0, 4, 1, /* half: bands (3,4) and (0,1) */ 6, 8, 0, -2 /* interleaved */ };
+	float out[2];
+
+	kvp_kernels_scalar.band_norms(4, 1, 0, rows, out);
+	check(out[0] == 5.0f && out[1] == 1.0f, "half: %g %g", out[0], out[1]);
+	kvp_kernels_scalar.band_norms(4, 1, 1, rows + 4, out);
+	check(out[0] == 10.0f && out[1] == 2.0f, "interleaved: %g %g", out[0], out[1]);
+}
+
+static void band_norms_case(const struct kvp_kernels *k, unsigned d, unsigned n, int interleaved, unsigned off)
+{
+	unsigned m = n * (d / 2);
+	float *rows = rand_f32((size_t)n * d, off), *want = rand_f32(m, 0), *got = rand_f32(m, off);
+
+	kvp_kernels_scalar.band_norms(d, n, interleaved, rows + off, want);
+	k->band_norms(d, n, interleaved, rows + off, got + off);
+	for (unsigned i = 0; i < m; i++)
+		check(bits_of(got[off + i]) == bits_of(want[i]), "%s d=%u n=%u interleaved=%d off=%u band %u: %a vs %a",
+			     k->name, d, n, interleaved, off, i, got[off + i], want[i]);
+	free(rows), free(want), free(got);
+}
+
+static void band_norms_is_bit_identical_to_scalar_in_both_layouts(const struct kvp_kernels *k)
+{
+	static const unsigned band_dims[] = { 2, 6, 8, 14, 16, 18, 30, 64, 128, 130 };
+	for (size_t a = 0; a < COUNT(band_dims); a++)
+		for (size_t b = 0; b < COUNT(counts); b++)
+			for (unsigned off = 0; off < 2; off++)
+				for (int il = 0; il < 2; il++)
+					band_norms_case(k, band_dims[a], counts[b], il, off);
+}
+
+
+/* ---- dispatch ---- */
+
+static const struct kvp_kernels *best_here(void)
+{
+	static const char *const order[] = { "avx2", "neon", "scalar" };
+	const struct kvp_kernels *k = NULL;
+
+	for (size_t i = 0; !k && i < COUNT(order); i++)
+		k = kvp_kernels_named(order[i]);
+	return k;
+}
+
+static void dispatch_names_scalar_everywhere(void)
+{
+	check(kvp_kernels_named("scalar") == &kvp_kernels_scalar, "scalar is not the scalar table");
+}
+
+static void dispatch_returns_null_for_unknown_or_foreign_names(void)
+{
+	check(kvp_kernels_named("sse9") == NULL, "kvp_kernels_named(\"sse9\") is not NULL");
+	check(kvp_kernels_named("") == NULL, "kvp_kernels_named(\"\") is not NULL");
+	check(kvp_kernels_named(NULL) == NULL, "kvp_kernels_named(NULL) is not NULL");
+	check(kvp_kernels_named("AVX2") == NULL, "kvp_kernels_named(\"AVX2\") is not NULL");
+#if defined(__x86_64__)
+	check(kvp_kernels_named("neon") == NULL, "kvp_kernels_named(\"neon\") is not NULL");
+#elif defined(__aarch64__)
+	check(kvp_kernels_named("avx2") == NULL, "kvp_kernels_named(\"avx2\") is not NULL");
+#endif
+}
+
+static void dispatch_tables_are_complete_and_named_for_their_name(void)
+{
+	static const char *const names[] = { "scalar", "avx2", "neon" };
+
+	for (size_t i = 0; i < COUNT(names); i++) {
+		const struct kvp_kernels *k = kvp_kernels_named(names[i]);
+
+		if (!k)
+			continue;
+		check(!strcmp(k->name, names[i]), "%s is named %s", names[i], k->name);
+		check(k->dot_f32 && k->dot_f16 && k->axpy_f32 && k->axpy_f16 && k->f32_to_f16 &&
+			  k->f16_to_f32 && k->softmax_step && k->scale && k->lut_dot && k->lut_axpy &&
+			  k->lut_dot_group && k->lut_axpy_group && k->mask_expand && k->band_norms, "%s has an empty slot", names[i]);
+	}
+}
+
+static void dispatch_honours_kvp_kernels_scalar(void)
+{
+	check(setenv("KVP_KERNELS", "scalar", 1) == 0, "setenv");
+	check(kvp_kernels() == &kvp_kernels_scalar, "chose %s", kvp_kernels()->name);
+}
+
+static void dispatch_honours_kvp_kernels_naming_a_vector_table(void)
+{
+	const struct kvp_kernels *k = kvp_kernels_named("avx2") ? kvp_kernels_named("avx2")
+								 : kvp_kernels_named("neon");
+
+	if (!k) {
+		printf("no vector kernels run here: nothing to name\n");
+		return;
+	}
+	check(setenv("KVP_KERNELS", k->name, 1) == 0, "setenv");
+	check(kvp_kernels() == k, "chose %s, not %s", kvp_kernels()->name, k->name);
+}
+
+static void dispatch_falls_back_to_the_best_for_an_unknown_kvp_kernels(void)
+{
+	check(setenv("KVP_KERNELS", "sse9", 1) == 0, "setenv");
+	check(kvp_kernels() == best_here(), "chose %s, best is %s",
+		  kvp_kernels()->name, best_here()->name);
+}
+
+static void dispatch_picks_the_best_the_cpu_runs_without_kvp_kernels(void)
+{
+	check(unsetenv("KVP_KERNELS") == 0, "unsetenv");
+	check(kvp_kernels() == best_here(), "chose %s, best is %s",
+		  kvp_kernels()->name, best_here()->name);
+#if defined(__x86_64__)
+	/* asked of the CPU directly rather than through dispatch.c's own probe */
+	unsigned a, b, c, d;
+	int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+
+	if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)
+		check(!strcmp(kvp_kernels()->name, "avx2"), "chose %s, not avx2", kvp_kernels()->name);
+#elif defined(__aarch64__)
+	check(!strcmp(kvp_kernels()->name, "neon"), "chose %s, not neon", kvp_kernels()->name);
+#endif
+}
+
+static void dispatch_chooses_once_per_process(void)
+{
+	check(setenv("KVP_KERNELS", "scalar", 1) == 0, "setenv");
+
+	const struct kvp_kernels *first = kvp_kernels();
+
+	check(unsetenv("KVP_KERNELS") == 0, "unsetenv");
+	check(kvp_kernels() == first, "chose %s, then %s", first->name, kvp_kernels()->name);
+}
+
+/* ---- CRC32C ---- */
+
+static void crc32c_reference_gives_the_published_check_values(void)
+{
+	check(kvp_crc32c_scalar(0, "123456789", 9) == 0xe3069283u, "check value: %08x",
+	      kvp_crc32c_scalar(0, "123456789", 9));
+	check(kvp_crc32c_scalar(0, "", 0) == 0, "crc32c of nothing: %08x", kvp_crc32c_scalar(0, "", 0));
+}
+
+/* Every hardware version runnable here against the reference: lengths around the 8-byte stride and the
+ * three-lane split, unaligned starts, and continuation piece by piece. */
+static void crc32c_hardware_versions_match_the_reference(void)
 {
 	static const char *const hw[] = { "sse42", "armv8" };
 	static const size_t lanes[] = { 6143, 6144, 6145, 6151, 12288 + 5, 20000, 49999 };
 	static unsigned char buf[50100];
 	unsigned ran = 0;
 
-	check(kvp_crc32c_scalar(0, "123456789", 9) == 0xe3069283u, "scalar crc32c check value: %08x",
-	      kvp_crc32c_scalar(0, "123456789", 9));
-	check(kvp_crc32c_scalar(0, "", 0) == 0, "scalar crc32c of nothing");
 	for (size_t i = 0; i < sizeof buf; i++)
 		buf[i] = (unsigned char)rnd32();
 	for (size_t i = 0; i < COUNT(hw); i++) {
@@ -681,7 +1224,6 @@ static void check_crc32c(void)
 				check(f(0, buf + off, n) == want, "crc32c %s: %zu bytes at +%zu", hw[i], n, off);
 				check(split == want, "crc32c %s continued: %zu bytes at +%zu", hw[i], n, off);
 			}
-		/* three-lane inputs */
 		for (size_t off = 0; off < 8; off += 3)
 			for (size_t j = 0; j < COUNT(lanes); j++)
 				check(f(0, buf + off, lanes[j]) == kvp_crc32c_scalar(0, buf + off, lanes[j]),
@@ -691,24 +1233,175 @@ static void check_crc32c(void)
 		printf("no hardware crc32c runnable here; checked the reference only\n");
 }
 
+static void dispatch_kvp_kernels_scalar_also_chooses_the_crc32c_reference(void)
+{
+	check(setenv("KVP_KERNELS", "scalar", 1) == 0, "setenv");
+	check(!strcmp(kvp_crc32c_name(), "scalar"), "chose crc32c %s", kvp_crc32c_name());
+	check(kvp_crc32c(0, "123456789", 9) == 0xe3069283u, "check value");
+}
+
+static void dispatch_picks_the_best_crc32c_the_cpu_runs(void)
+{
+	const char *best = kvp_crc32c_named("sse42") ? "sse42" : kvp_crc32c_named("armv8") ? "armv8" : "scalar";
+
+	check(setenv("KVP_KERNELS", "sse9", 1) == 0, "setenv");
+	check(!strcmp(kvp_crc32c_name(), best), "chose crc32c %s, best is %s", kvp_crc32c_name(), best);
+	check(kvp_crc32c(0, "123456789", 9) == 0xe3069283u, "check value");
+}
+
+/* ---- running them ---- */
+
+struct test {
+	const char *name;
+	void (*run)(void);
+};
+
+struct vector_test {
+	const char *name;
+	void (*run)(const struct kvp_kernels *k);
+};
+
+#define TEST(fn) { #fn, fn }
+
+static const struct test reference_tests[] = {
+	TEST(scalar_f16_round_trips_every_half),
+	TEST(scalar_f32_to_f16_rounds_ties_to_even),
+	TEST(scalar_f32_to_f16_keeps_signed_zeros_infinities_and_nans),
+	TEST(scalar_dot_and_axpy_match_double_precision),
+	TEST(scalar_softmax_step_on_first_block_returns_zero),
+	TEST(scalar_softmax_step_on_all_masked_block_gives_zero_weights),
+	TEST(scalar_softmax_step_composed_over_blocks_matches_double_reference),
+	TEST(scalar_lut_dot_and_axpy_match_double_precision_at_every_width),
+	TEST(scalar_mask_expand_places_kept_values_and_signed_recoveries),
+	TEST(scalar_band_norms_reads_both_layouts),
+	TEST(crc32c_reference_gives_the_published_check_values),
+	TEST(crc32c_hardware_versions_match_the_reference),
+	TEST(dispatch_names_scalar_everywhere),
+	TEST(dispatch_returns_null_for_unknown_or_foreign_names),
+	TEST(dispatch_tables_are_complete_and_named_for_their_name),
+};
+
+/* Each in a process of its own: they set KVP_KERNELS before the process's one choice. */
+static const struct test own_process_tests[] = {
+	TEST(dispatch_honours_kvp_kernels_scalar),
+	TEST(dispatch_honours_kvp_kernels_naming_a_vector_table),
+	TEST(dispatch_falls_back_to_the_best_for_an_unknown_kvp_kernels),
+	TEST(dispatch_picks_the_best_the_cpu_runs_without_kvp_kernels),
+	TEST(dispatch_chooses_once_per_process),
+	TEST(dispatch_kvp_kernels_scalar_also_chooses_the_crc32c_reference),
+	TEST(dispatch_picks_the_best_crc32c_the_cpu_runs),
+};
+
+/* Run once per vector table runnable here, each against the scalar table. */
+static const struct vector_test vector_tests[] = {
+	TEST(dot_f32_matches_scalar_on_odd_lengths),
+	TEST(dot_f32_matches_scalar_on_unaligned_pointers),
+	TEST(dot_f16_matches_scalar_on_odd_lengths),
+	TEST(dot_f16_matches_scalar_on_unaligned_pointers),
+	TEST(axpy_f32_matches_scalar_on_odd_lengths),
+	TEST(axpy_f32_matches_scalar_on_unaligned_pointers),
+	TEST(axpy_f16_matches_scalar_on_odd_lengths),
+	TEST(axpy_f16_matches_scalar_on_unaligned_pointers),
+	TEST(f16_group_kernels_match_scalar_for_every_group_size),
+	TEST(f16_group_kernels_match_scalar_on_unaligned_pointers),
+	TEST(f16_group_kernels_give_the_same_bits_whatever_they_prefetch),
+	TEST(scale_is_bit_identical_to_scalar_on_odd_and_unaligned_lengths),
+	TEST(f32_to_f16_is_bit_identical_on_zeros_subnormals_inf_nan_and_overflow),
+	TEST(f32_to_f16_is_bit_identical_on_every_tie),
+	TEST(f32_to_f16_is_bit_identical_across_a_sweep_of_all_floats),
+	TEST(f32_to_f16_is_bit_identical_on_odd_lengths_and_unaligned_pointers),
+	TEST(f16_to_f32_matches_scalar_on_every_half),
+	TEST(f16_to_f32_matches_scalar_on_odd_lengths_and_unaligned_pointers),
+	TEST(softmax_step_matches_scalar_on_odd_lengths),
+	TEST(softmax_step_matches_scalar_on_unaligned_pointers),
+	TEST(softmax_step_matches_scalar_with_masked_scores_and_underflow),
+	TEST(softmax_step_on_first_block_returns_zero),
+	TEST(softmax_step_on_all_masked_block_gives_zero_weights),
+	TEST(softmax_step_composed_over_blocks_matches_double_reference),
+	TEST(lut_dot_and_axpy_match_scalar_at_every_width_and_odd_length),
+	TEST(lut_dot_and_axpy_match_scalar_on_unaligned_pointers),
+	TEST(lut_group_kernels_match_scalar_head_by_head),
+	TEST(mask_expand_matches_scalar_bit_for_bit_on_odd_lengths),
+	TEST(mask_expand_matches_scalar_on_unaligned_pointers),
+	TEST(band_norms_is_bit_identical_to_scalar_in_both_layouts),
+};
+
+static unsigned tests_passed, tests_failed;
+
+static void begin(const char *prefix, const char *name)
+{
+	snprintf(tally->test, sizeof tally->test, "%s%s", prefix, name);
+	tally->failed_in_test = 0;
+}
+
+static void end(void)
+{
+	if (tally->failed_in_test > SHOWN_FAILURES)
+		printf("FAIL %s: %lu failed comparisons in all\n", tally->test, tally->failed_in_test);
+	if (tally->failed_in_test)
+		tests_failed++;
+	else
+		tests_passed++;
+}
+
+/* A child that dies, or cannot start, fails the test. */
+static void run_in_own_process(const struct test *t)
+{
+	int status = 0;
+	pid_t pid;
+
+	begin("", t->name);
+	fflush(stdout);
+	pid = fork();
+	if (pid == 0) {
+		t->run();
+		fflush(stdout);
+		_exit(0);
+	}
+	if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+		check(0, "its process %s", pid < 0 ? "could not start" : "died");
+	end();
+}
+
+static void run_vector_tests(const char *table)
+{
+	const struct kvp_kernels *k = kvp_kernels_named(table);
+	char prefix[16];
+
+	if (!k) {
+		printf("the %s kernels cannot run on this build or CPU: %zu tests skipped\n", table,
+		       COUNT(vector_tests));
+		return;
+	}
+	printf("checking %s against scalar\n", k->name);
+	snprintf(prefix, sizeof prefix, "%s_", k->name);
+	for (size_t i = 0; i < COUNT(vector_tests); i++) {
+		begin(prefix, vector_tests[i].name);
+		vector_tests[i].run(k);
+		end();
+	}
+}
+
 int main(void)
 {
-	static const char *const vector[] = { "avx2", "neon" };
-	unsigned ran = 0;
+	static const char *const vector_tables[] = { "avx2", "neon" };
 
-	check_scalar_round_trip();
-	check_crc32c();
-	for (size_t i = 0; i < COUNT(vector); i++) {
-		const struct kvp_kernels *k = kvp_kernels_named(vector[i]);
-
-		if (!k)
-			continue;
-		printf("checking %s against scalar\n", k->name);
-		check_against_scalar(k);
-		ran++;
+	tally = mmap(NULL, sizeof *tally, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	if (tally == MAP_FAILED) {
+		perror("mmap");
+		return 2;
 	}
-	if (!ran)
-		printf("no vector kernels runnable here; checked the scalar reference only\n");
-	printf("%u passed, %u failed\n", passed, failed);
-	return failed != 0;
+	for (size_t i = 0; i < COUNT(reference_tests); i++) {
+		begin("", reference_tests[i].name);
+		reference_tests[i].run();
+		end();
+	}
+	for (size_t i = 0; i < COUNT(own_process_tests); i++)
+		run_in_own_process(&own_process_tests[i]);
+	for (size_t i = 0; i < COUNT(vector_tables); i++)
+		run_vector_tests(vector_tables[i]);
+	printf("%lu comparisons: %lu passed, %lu failed\n", tally->passed + tally->failed, tally->passed,
+	       tally->failed);
+	printf("%u passed, %u failed\n", tests_passed, tests_failed);
+	return tests_failed != 0;
 }

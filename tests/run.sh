@@ -1,16 +1,24 @@
 #!/bin/sh
 # Runs each test binary on its own and closes with one line counting every test of every suite:
 # "N passed, N failed". Criterion prints "Synthesis: Tested: T | Passing: P | Failing: F | Crashing: C";
-# kernels_check prints its own "N passed, N failed" line. A binary that dies without its summary counts
-# as one failure.
+# the plain programs print their own "N passed, N failed" line. A binary that dies without its summary
+# counts as one failure. kernels_check also counts the values its tests compare, "K comparisons: N passed,
+# N failed"; those are summed on a line of their own, above the tests' line, never into it.
 passed=0
 failed=0
+compared_passed=0
+compared_failed=0
 status=0
 for t in "$@"; do
 	out=$("$t" 2>&1)
 	rc=$?
 	printf '%s\n' "$out"
 	line=$(printf '%s\n' "$out" | grep -E 'Synthesis: Tested:|^[0-9]+ passed, [0-9]+ failed' | tail -n 1)
+	compared=$(printf '%s\n' "$out" | grep -E '^[0-9]+ comparisons: [0-9]+ passed, [0-9]+ failed' | tail -n 1)
+	if [ -n "$compared" ]; then
+		compared_passed=$((compared_passed + $(printf '%s' "$compared" | sed -E 's/.*: ([0-9]+) passed.*/\1/')))
+		compared_failed=$((compared_failed + $(printf '%s' "$compared" | sed -E 's/.* ([0-9]+) failed.*/\1/')))
+	fi
 	if [ -z "$line" ]; then
 		echo "$t: exited $rc without a summary"
 		failed=$((failed + 1))
@@ -31,5 +39,7 @@ for t in "$@"; do
 	failed=$((failed + f))
 	[ "$rc" -eq 0 ] && [ "$f" -eq 0 ] || status=1
 done
+[ $((compared_passed + compared_failed)) -eq 0 ] ||
+	echo "comparisons: ${compared_passed} passed, ${compared_failed} failed"
 echo "${passed} passed, ${failed} failed"
 exit $status

@@ -1,0 +1,164 @@
+/*
+ * kernels/loops.h — the part of a vector kernel table that does not depend on the instruction set: the
+ * walk over a GQA group's heads in blocks of four, the switch that gives every code width its own loop,
+ * the walks over rows of masked and band-norm kernels, and the table itself.
+ *
+ * Not a header for general use: avx2.c and neon.c each include it once, at their end, after their
+ * primitives. The loops then compile once per instruction set, with that file's flags, and the
+ * primitives (static, mostly always inlined) inline into them as if written there.
+ *
+ * The including file defines, as static functions:
+ *   dot_f32, axpy_f32, f32_to_f16, f16_to_f32, softmax_step, scale
+ *                                   the table's entries of those names (contracts in kernels.h)
+ *   dot_f16_ahead, axpy_f16_ahead   dot_f16 and axpy_f16 with the prefetch hint `ahead` (see kernels.h)
+ *   dot_f16_heads4, axpy_f16_heads4 four heads of a group at once, q or w and acc holding 4 rows, same hint
+ *   lut_dot_bits, lut_axpy_bits     lut_dot and lut_axpy for a bit width that is a constant once inlined
+ *   lut_dot_heads4, lut_axpy_heads4 the same for four heads, strides as in lut_*_group
+ *   mask_expand_row                 one row of mask_expand: (d, mask, sign or NULL, kept, scale, mag, x)
+ *   band_norms_vector               the bands [0, returned) of one row of band_norms, F = d / 2
+ * and the macros KVP_ISA_NAME (the table's name string) and KVP_ISA_TABLE (its identifier, declared in
+ * kernels.h).
+ */
+
+static void dot_f16(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale, float *out)
+{
+	dot_f16_ahead(d, n, rows, q, scale, out, NULL);
+}
+
+static void axpy_f16(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc)
+{
+	axpy_f16_ahead(d, n, rows, w, acc, NULL);
+}
+
+/* The first pass over rows asks for ahead; later passes find rows in cache and ahead on its way. */
+static void dot_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *q,
+			  float scale, float *out, const uint16_t *ahead)
+{
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4, ahead = NULL)
+		dot_f16_heads4(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n, ahead);
+	for (; h < g; h++, ahead = NULL)
+		dot_f16_ahead(d, n, rows, q + (size_t)h * d, scale, out + (size_t)h * n, ahead);
+}
+
+static void axpy_f16_group(unsigned d, unsigned n, const uint16_t *rows, unsigned g, const float *w,
+			   float *acc, const uint16_t *ahead)
+{
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4, ahead = NULL)
+		axpy_f16_heads4(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d, ahead);
+	for (; h < g; h++, ahead = NULL)
+		axpy_f16_ahead(d, n, rows, w + (size_t)h * n, acc + (size_t)h * d, ahead);
+}
+
+/* One case per width: the *_bits functions inline into each with bits a constant (shifts, load sizes). */
+static void lut_dot(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+		    const float *lut, const float *q, float *out)
+{
+	switch (bits) {
+	case 1: lut_dot_bits(1, m, n, codes, stride, lut, q, out); break;
+	case 2: lut_dot_bits(2, m, n, codes, stride, lut, q, out); break;
+	case 3: lut_dot_bits(3, m, n, codes, stride, lut, q, out); break;
+	default: lut_dot_bits(4, m, n, codes, stride, lut, q, out); break;
+	}
+}
+
+static void lut_axpy(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+		     const float *lut, const float *w, float *acc)
+{
+	switch (bits) {
+	case 1: lut_axpy_bits(1, m, n, codes, stride, lut, w, acc); break;
+	case 2: lut_axpy_bits(2, m, n, codes, stride, lut, w, acc); break;
+	case 3: lut_axpy_bits(3, m, n, codes, stride, lut, w, acc); break;
+	default: lut_axpy_bits(4, m, n, codes, stride, lut, w, acc); break;
+	}
+}
+
+static void lut_dot_heads4_any(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			       const float *lut, const float *q, size_t qs, float *out)
+{
+	switch (bits) {
+	case 1: lut_dot_heads4(1, m, n, codes, stride, lut, q, qs, out); break;
+	case 2: lut_dot_heads4(2, m, n, codes, stride, lut, q, qs, out); break;
+	case 3: lut_dot_heads4(3, m, n, codes, stride, lut, q, qs, out); break;
+	default: lut_dot_heads4(4, m, n, codes, stride, lut, q, qs, out); break;
+	}
+}
+
+static void lut_axpy_heads4_any(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+				const float *lut, const float *w, float *acc, size_t as)
+{
+	switch (bits) {
+	case 1: lut_axpy_heads4(1, m, n, codes, stride, lut, w, acc, as); break;
+	case 2: lut_axpy_heads4(2, m, n, codes, stride, lut, w, acc, as); break;
+	case 3: lut_axpy_heads4(3, m, n, codes, stride, lut, w, acc, as); break;
+	default: lut_axpy_heads4(4, m, n, codes, stride, lut, w, acc, as); break;
+	}
+}
+
+static void lut_dot_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			  const float *lut, unsigned g, const float *q, size_t q_stride, float *out)
+{
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4)
+		lut_dot_heads4_any(bits, m, n, codes, stride, lut, q + h * q_stride, q_stride, out + (size_t)h * n);
+	for (; h < g; h++)
+		lut_dot(bits, m, n, codes, stride, lut, q + h * q_stride, out + (size_t)h * n);
+}
+
+static void lut_axpy_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			   const float *lut, unsigned g, const float *w, float *acc, size_t acc_stride)
+{
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4)
+		lut_axpy_heads4_any(bits, m, n, codes, stride, lut, w + (size_t)h * n, acc + h * acc_stride,
+				    acc_stride);
+	for (; h < g; h++)
+		lut_axpy(bits, m, n, codes, stride, lut, w + (size_t)h * n, acc + h * acc_stride);
+}
+
+static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint8_t *signs, size_t stride,
+			const float *kept, size_t kept_stride, const float *scale, const float *mag, float *x)
+{
+	for (unsigned i = 0; i < n; i++)
+		mask_expand_row(d, masks + (size_t)i * stride, signs ? signs + (size_t)i * stride : NULL,
+				kept + (size_t)i * kept_stride, signs ? scale[i] : 0.0f, mag, x + (size_t)i * d);
+}
+
+/* The vector part of each row, then the bands short of a whole vector as the scalar reference does them. */
+static void band_norms(unsigned d, unsigned n, int interleaved, const float *rows, float *out)
+{
+	const unsigned F = d / 2;
+
+	for (unsigned i = 0; i < n; i++) {
+		const float *r = rows + (size_t)i * d;
+		float *o = out + (size_t)i * F;
+
+		for (unsigned f = band_norms_vector(F, interleaved, r, o); f < F; f++)
+			o[f] = interleaved ? kvp_band_norm(r[2 * f], r[2 * f + 1]) : kvp_band_norm(r[f], r[f + F]);
+	}
+}
+
+const struct kvp_kernels KVP_ISA_TABLE = {
+	.name = KVP_ISA_NAME,
+	.dot_f32 = dot_f32,
+	.dot_f16 = dot_f16,
+	.axpy_f32 = axpy_f32,
+	.axpy_f16 = axpy_f16,
+	.dot_f16_group = dot_f16_group,
+	.axpy_f16_group = axpy_f16_group,
+	.band_norms = band_norms,
+	.f32_to_f16 = f32_to_f16,
+	.f16_to_f32 = f16_to_f32,
+	.softmax_step = softmax_step,
+	.scale = scale,
+	.lut_dot = lut_dot,
+	.lut_axpy = lut_axpy,
+	.lut_dot_group = lut_dot_group,
+	.lut_axpy_group = lut_axpy_group,
+	.mask_expand = mask_expand,
+};
