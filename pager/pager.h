@@ -263,7 +263,8 @@ void kvp_cold_gather(const struct kvp_seq *s, const struct kvp_stream *st, const
 
 /* ---- token policies (evict.c) ---- */
 kvp_status kvp_evict_check(const struct kvp_tenant_config *cfg);
-/* At tenant open and close: what every sequence's policy shares (a stats file, read once). */
+/* At tenant open and close: policy= parsed once, with what every sequence's policy shares (a stats file,
+ * read once), and its arguments checked. */
 kvp_status kvp_evict_prepare(struct kvp_tenant *t);
 void kvp_evict_unprepare(struct kvp_tenant *t);
 kvp_status kvp_evict_open(struct kvp_tenant *t, struct kvp_seq *s);
