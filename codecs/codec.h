@@ -126,7 +126,8 @@ unsigned kvp_codec_spec_bits_members(const struct kvp_codec_spec *spec);
 kvp_status kvp_codec_spec_open(const struct kvp_codec_spec *spec, unsigned bits, unsigned dim, unsigned role,
 			       const struct kvp_allocator *mem, struct kvp_codec **out);
 /* The spec's text at a width (as kvp_codec_spec_open reads it): members that take bits are written
- * name(bits=N,<their other arguments>), the others as given. KVP_EINVAL when it needs cap bytes or more. */
+ * name(bits=N,<their other arguments>), the others as given. KVP_EINVAL when it needs cap bytes or more,
+ * without a message (callers write it while reporting another fault). */
 kvp_status kvp_codec_spec_write(const struct kvp_codec_spec *spec, unsigned bits, char *out, size_t cap);
 /* The registry's codec names that have every flag of `flags`, joined by ", " (for messages). */
 void kvp_codec_names(unsigned flags, char *out, size_t cap);

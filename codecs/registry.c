@@ -179,26 +179,24 @@ static kvp_status open_one(struct element *e, unsigned role, const struct kvp_al
 	return KVP_OK;
 }
 
-/* Opens parsed elements (each opened once: open marks their arguments used). spec names them in messages. */
-static kvp_status open_elements(struct element *el, unsigned n, const char *spec, size_t len, unsigned dim,
-				unsigned role, const struct kvp_allocator *mem, struct kvp_codec **out)
+/* Opens parsed elements (each opened once: open marks their arguments used); the caller names the spec in
+ * the message. */
+static kvp_status open_elements(struct element *el, unsigned n, unsigned dim, unsigned role,
+				const struct kvp_allocator *mem, struct kvp_codec **out)
 {
 	struct kvp_codec *c = NULL;
 	kvp_status st;
 
 	*out = NULL;
 	el[0].dim = dim;
-	for (unsigned i = 0; i + 1 < n; i++) {
-		st = el[i].ops->inner_dim(&el[i].args, el[i].dim, &el[i + 1].dim);
-		if (st != KVP_OK)
-			return kvp_fail_context(st, "codec '%.*s'", (int)len, spec);
-	}
+	for (unsigned i = 0; i + 1 < n; i++)
+		if ((st = el[i].ops->inner_dim(&el[i].args, el[i].dim, &el[i + 1].dim)) != KVP_OK)
+			return st;
 	for (unsigned i = n; i-- > 0;) {
 		struct kvp_codec *outer = NULL;
-		st = open_one(&el[i], role, mem, c, &outer);
-		if (st != KVP_OK) {
+		if ((st = open_one(&el[i], role, mem, c, &outer)) != KVP_OK) {
 			kvp_codec_free(c);
-			return kvp_fail_context(st, "codec '%.*s'", (int)len, spec);
+			return st;
 		}
 		c = outer;
 	}
@@ -235,9 +233,9 @@ kvp_status kvp_codec_parse_in(const char *spec, size_t len, unsigned dim, unsign
 		st = kvp_fail(KVP_EINVAL, "codec: spec of %zu bytes is too long", len);
 	if (st == KVP_OK)
 		st = parse_elements(spec, (unsigned)len, el, &n);
-	if (st != KVP_OK)
-		return st;
-	return open_elements(el, n, spec, len, dim, role, mem, out);
+	if (st == KVP_OK && (st = open_elements(el, n, dim, role, mem, out)) != KVP_OK)
+		kvp_fail_context(st, "codec '%.*s'", (int)len, spec);
+	return st;
 }
 
 kvp_status kvp_codec_parse(const char *spec, size_t len, unsigned dim, struct kvp_codec **out)
@@ -327,11 +325,12 @@ kvp_status kvp_codec_spec_open(const struct kvp_codec_spec *spec, unsigned bits,
 
 	if (st == KVP_OK)
 		st = elements_at(spec, bits, el, digits);
-	if (st != KVP_OK)
+	if (st != KVP_OK || (st = open_elements(el, spec->n, dim, role, mem, out)) == KVP_OK)
 		return st;
+	/* the message quotes the spec as this width reads it */
 	if (!bits || kvp_codec_spec_write(spec, bits, text, sizeof text) != KVP_OK)
-		return open_elements(el, spec->n, spec->text, spec->len, dim, role, mem, out);
-	return open_elements(el, spec->n, text, strlen(text), dim, role, mem, out);
+		snprintf(text, sizeof text, "%s", spec->text);
+	return kvp_fail_context(st, "codec '%s'", text);
 }
 
 /* name(key=value,...) of one element as it is opened. */
@@ -364,10 +363,8 @@ kvp_status kvp_codec_spec_write(const struct kvp_codec_spec *spec, unsigned bits
 		}
 		at += w < 0 ? cap : (size_t)w;
 	}
-	if (st == KVP_OK && at >= cap)
-		st = kvp_fail(KVP_EINVAL, "codec: '%s' with bits=%u is longer than %zu characters", spec->text, bits,
-			      cap ? cap - 1 : 0);
-	return st;
+	/* no message: callers write this text while reporting another fault */
+	return st == KVP_OK && at >= cap ? KVP_EINVAL : st;
 }
 
 /* ---- Codecs on their own: the public calls keep one context, fitted on the first encode. ---- */

@@ -139,6 +139,8 @@ kvp_status kvp_ladder_spec_bits(const char *text, unsigned bits, char *out, size
 	st = kvp_codec_spec_write(spec, bits, out, cap);
 	if (st == KVP_OK)
 		*changed = kvp_codec_spec_bits_members(spec);
+	else
+		kvp_fail(st, "tenant: %s with bits=%u is longer than %zu characters", text, bits, cap ? cap - 1 : 0);
 	kvp_codec_spec_free(spec);
 	return st;
 }

@@ -49,7 +49,7 @@ static kvp_status open_side(const struct kvp_tenant_config *cfg, const struct kv
 	char text[KVP_CODEC_SPEC_MAX + 64];
 	kvp_status st = kvp_codec_spec_open(spec, bits, dim, role, mem, out);
 
-	/* messages quote the spec as this level reads it */
+	/* messages quote the spec as this level reads it (writing it records no message) */
 	if (!bits || kvp_codec_spec_write(spec, bits, text, sizeof text) != KVP_OK)
 		snprintf(text, sizeof text, "%s", kvp_codec_spec_text(spec));
 	if (st != KVP_OK)

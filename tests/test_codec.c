@@ -273,6 +273,10 @@ Test(codec, a_parsed_spec_opens_at_any_width_as_its_rewritten_text_would)
 	kvp_codec_free(a);
 	kvp_codec_free(b);
 	kvp_codec_free(same);
+	cr_assert_eq(kvp_codec_spec_open(spec, 7, 64, KVP_CODEC_KEYS, &kvp_heap, &a), KVP_EINVAL);
+	cr_assert_null(a);
+	cr_assert(strstr(kvp_last_error(), "codec 'spark(keep=0.5)|turboquant(bits=7,qjl=1)'") &&
+		  strstr(kvp_last_error(), "bits=7 is outside 1..4"), "%s", kvp_last_error());
 	kvp_codec_spec_free(spec);
 	cr_assert_eq(kvp_codec_spec_parse("nosuch(bits=2)", 14, &spec), KVP_EINVAL);
 	cr_assert(strstr(kvp_last_error(), "nosuch"), "%s", kvp_last_error());
