@@ -59,6 +59,9 @@ kvp_status kvp_args_choice(struct kvp_args *args, const char *key, const char *c
 			   unsigned *out);
 /* The raw value text (not NUL-terminated). */
 kvp_status kvp_args_text(struct kvp_args *args, const char *key, const char **val, unsigned *vlen);
+/* Puts key=val first, in place of any item with that key (a ladder sets a codec's bits= this way). key and
+ * val must outlive args, as the parsed text must. KVP_EINVAL when args are full. */
+kvp_status kvp_args_put(struct kvp_args *args, const char *key, const char *val);
 /* KVP_EINVAL naming the first key nobody asked for. Call after all lookups. */
 kvp_status kvp_args_finish(const struct kvp_args *args);
 

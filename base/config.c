@@ -245,6 +245,22 @@ kvp_status kvp_args_text(struct kvp_args *args, const char *key, const char **va
 	return KVP_OK;
 }
 
+kvp_status kvp_args_put(struct kvp_args *args, const char *key, const char *val)
+{
+	unsigned at = 0;
+
+	for (unsigned i = 0; i < args->n; i++)
+		if (!kvp_name_is(args->a[i].key, args->a[i].klen, key))
+			args->a[at++] = args->a[i];
+	if (at == KVP_ARGS_MAX)
+		return kvp_fail(KVP_EINVAL, "%s: more than %d items with %s=%s", args->what, KVP_ARGS_MAX, key, val);
+	memmove(&args->a[1], &args->a[0], at * sizeof args->a[0]);
+	args->a[0] = (struct kvp_arg){ .key = key, .klen = (unsigned)strlen(key), .val = val,
+				      .vlen = (unsigned)strlen(val) };
+	args->n = at + 1;
+	return KVP_OK;
+}
+
 kvp_status kvp_args_finish(const struct kvp_args *args)
 {
 	for (unsigned i = 0; i < args->n; i++)

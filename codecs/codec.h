@@ -22,6 +22,8 @@
 #define KVP_CODEC_SEPARABLE 1u
 /* May stand left of '|': hands a reduced vector down to the next codec of the stack. */
 #define KVP_CODEC_STACKS 2u
+/* Takes a bit width as bits= and offers with_bits, so a ladder can open it at each of its levels' widths. */
+#define KVP_CODEC_BITS 4u
 
 /* Which side of the cache a codec encodes. Codecs whose reference layout differs between keys and values
  * take their default from it (KIVI: keys per channel, values per token); an explicit argument wins. */
@@ -39,6 +41,9 @@ struct kvp_codec_ops {
 	/* STACKS codecs only (NULL otherwise): the dimension handed to the next codec of the stack for
 	 * vectors of dim floats. Reads the same args as open; the registry calls it before opening inner. */
 	kvp_status (*inner_dim)(struct kvp_args *args, unsigned dim, unsigned *out);
+	/* KVP_CODEC_BITS codecs only (NULL otherwise): args as open will read them for a width of `bits`
+	 * (decimal text that outlives args), in place of any width they hold; the other arguments stay. */
+	kvp_status (*with_bits)(struct kvp_args *args, const char *bits);
 	/* Parse args (every key must be looked up; kvp_args_finish is called by the registry), set c->group,
 	 * c->ctx_bytes, c->qprep_bytes, c->acc_dim and c->state. inner is the rest of a stack, already opened with the
 	 * dimension inner_dim() returned, or NULL. The registry frees inner; close() releases only state.
@@ -103,6 +108,31 @@ kvp_status kvp_codec_parse_role(const char *spec, size_t len, unsigned dim, unsi
 kvp_status kvp_codec_parse_in(const char *spec, size_t len, unsigned dim, unsigned role,
 			      const struct kvp_allocator *mem, struct kvp_codec **out);
 void kvp_codec_free(struct kvp_codec *c);
+
+/*
+ * A spec parsed once (the pager's tenant parses k= and v= when it opens) into its stack of (codec ops,
+ * arguments): opening it for a sequence repeats no lookup, and a ladder opens it at other bit widths
+ * without rewriting text. The spec owns a copy of its text; kvp_codec_spec_free releases it. Names and
+ * argument syntax are checked here; argument values when a codec is opened.
+ */
+struct kvp_codec_spec;
+kvp_status kvp_codec_spec_parse(const char *text, size_t len, struct kvp_codec_spec **out);
+void kvp_codec_spec_free(struct kvp_codec_spec *spec);
+const char *kvp_codec_spec_text(const struct kvp_codec_spec *spec);
+/* How many codecs of the stack take bits (KVP_CODEC_BITS). */
+unsigned kvp_codec_spec_bits_members(const struct kvp_codec_spec *spec);
+/* Opens the stack as kvp_codec_parse_in would; bits > 0 sets that width on every member that takes bits
+ * (through its with_bits), bits == 0 opens it as written. Messages quote the spec at that width. */
+kvp_status kvp_codec_spec_open(const struct kvp_codec_spec *spec, unsigned bits, unsigned dim, unsigned role,
+			       const struct kvp_allocator *mem, struct kvp_codec **out);
+/* The spec's text at a width (as kvp_codec_spec_open reads it): members that take bits are written
+ * name(bits=N,<their other arguments>), the others as given. KVP_EINVAL when it needs cap bytes or more,
+ * without a message (callers write it while reporting another fault). */
+kvp_status kvp_codec_spec_write(const struct kvp_codec_spec *spec, unsigned bits, char *out, size_t cap);
+/* The registry's codec names that have every flag of `flags`, joined by ", " (for messages). */
+void kvp_codec_names(unsigned flags, char *out, size_t cap);
+/* The with_bits of the codecs that take their width as bits=. */
+kvp_status kvp_codec_bits_arg(struct kvp_args *args, const char *bits);
 
 /* The codecs of the registry (codecs/registry.c). */
 extern const struct kvp_codec_ops kvp_codec_fp32;

@@ -333,7 +333,8 @@ static void kivi_finish(const struct kvp_codec *c, const void *ctx, const float 
 
 const struct kvp_codec_ops kvp_codec_kivi = {
 	.name = "kivi",
-	.flags = KVP_CODEC_SEPARABLE, /* axis=channel clears it in open */
+	.flags = KVP_CODEC_SEPARABLE | KVP_CODEC_BITS, /* axis=channel clears SEPARABLE in open */
+	.with_bits = kvp_codec_bits_arg,
 	.open = kivi_open,
 	.bytes = kivi_bytes,
 	.encode = kivi_encode,

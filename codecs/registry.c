@@ -7,13 +7,16 @@
  * Every element but the last must be a KVP_CODEC_STACKS codec. The left codec decides the dimension the
  * next one sees (inner_dim), so the dimensions are computed left to right and the codecs are opened
  * right to left: each stacking codec receives its inner codec already opened.
+ *
+ * What a codec can do is in its ops row (flags, inner_dim, with_bits), and the messages that list codecs
+ * are written from this table: adding a codec is its file and one line here.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "codecs/codec.h"
 
-/* Adding a codec: one file and one line here. */
 static const struct kvp_codec_ops *const codecs[] = {
 	&kvp_codec_fp32, &kvp_codec_fp16, &kvp_codec_turboquant, &kvp_codec_kivi, &kvp_codec_spark,
 };
@@ -28,12 +31,34 @@ struct element {
 	unsigned dim;
 };
 
+struct kvp_codec_spec {
+	unsigned n;
+	struct element el[STACK_MAX]; /* their text and arguments point into text */
+	size_t len;
+	char text[];
+};
+
 static const struct kvp_codec_ops *lookup(const char *name, unsigned nlen)
 {
 	for (size_t i = 0; i < sizeof codecs / sizeof codecs[0]; i++)
 		if (kvp_name_is(name, nlen, codecs[i]->name))
 			return codecs[i];
 	return NULL;
+}
+
+void kvp_codec_names(unsigned flags, char *out, size_t cap)
+{
+	size_t at = 0;
+
+	out[0] = '\0';
+	for (size_t i = 0; i < sizeof codecs / sizeof codecs[0] && at < cap; i++)
+		if ((codecs[i]->flags & flags) == flags)
+			at += (size_t)snprintf(out + at, cap - at, "%s%s", at ? ", " : "", codecs[i]->name);
+}
+
+kvp_status kvp_codec_bits_arg(struct kvp_args *args, const char *bits)
+{
+	return kvp_args_put(args, "bits", bits);
 }
 
 static void trim(const char **s, unsigned *len)
@@ -83,15 +108,34 @@ static kvp_status parse_element(struct element *e)
 {
 	const char *name, *inner;
 	unsigned nlen, ilen;
+	char known[128];
 	kvp_status st = kvp_call_split(e->text, e->len, &name, &nlen, &inner, &ilen);
 
 	if (st != KVP_OK)
 		return st;
 	e->ops = lookup(name, nlen);
-	if (!e->ops)
-		return kvp_fail(KVP_EINVAL, "codec: unknown codec '%.*s' (known: fp32, fp16, turboquant, kivi, spark)",
-				(int)nlen, name);
+	if (!e->ops) {
+		kvp_codec_names(0, known, sizeof known);
+		return kvp_fail(KVP_EINVAL, "codec: unknown codec '%.*s' (known: %s)", (int)nlen, name, known);
+	}
 	return kvp_args_parse(&e->args, e->ops->name, inner, ilen);
+}
+
+/* The stack's elements and their arguments; only the last may be other than a stacking codec. */
+static kvp_status parse_elements(const char *spec, unsigned len, struct element *el, unsigned *n)
+{
+	char stacking[128];
+	kvp_status st = split(spec, len, el, n);
+
+	for (unsigned i = 0; st == KVP_OK && i < *n; i++)
+		st = parse_element(&el[i]);
+	for (unsigned i = 0; st == KVP_OK && i + 1 < *n; i++)
+		if (!(el[i].ops->flags & KVP_CODEC_STACKS) || !el[i].ops->inner_dim) {
+			kvp_codec_names(KVP_CODEC_STACKS, stacking, sizeof stacking);
+			return kvp_fail(KVP_EINVAL, "codec: '%.*s' cannot stand left of '|' in '%.*s' (codecs that "
+					"stack: %s)", (int)el[i].len, el[i].text, (int)len, spec, stacking);
+		}
+	return st;
 }
 
 /* The struct itself comes from mem, like everything the codec keeps. */
@@ -135,6 +179,43 @@ static kvp_status open_one(struct element *e, unsigned role, const struct kvp_al
 	return KVP_OK;
 }
 
+/* Opens parsed elements (each opened once: open marks their arguments used); the caller names the spec in
+ * the message. */
+static kvp_status open_elements(struct element *el, unsigned n, unsigned dim, unsigned role,
+				const struct kvp_allocator *mem, struct kvp_codec **out)
+{
+	struct kvp_codec *c = NULL;
+	kvp_status st;
+
+	*out = NULL;
+	el[0].dim = dim;
+	for (unsigned i = 0; i + 1 < n; i++)
+		if ((st = el[i].ops->inner_dim(&el[i].args, el[i].dim, &el[i + 1].dim)) != KVP_OK)
+			return st;
+	for (unsigned i = n; i-- > 0;) {
+		struct kvp_codec *outer = NULL;
+		if ((st = open_one(&el[i], role, mem, c, &outer)) != KVP_OK) {
+			kvp_codec_free(c);
+			return st;
+		}
+		c = outer;
+	}
+	*out = c;
+	return KVP_OK;
+}
+
+static kvp_status check_open(const void *spec, unsigned dim, unsigned role, const struct kvp_allocator *mem,
+			     const void *out)
+{
+	if (!spec || !mem || !out)
+		return kvp_fail(KVP_EINVAL, "codec: NULL spec, memory or result");
+	if (dim == 0 || dim > KVP_CODEC_DIM_MAX)
+		return kvp_fail(KVP_EINVAL, "codec: dim=%u is outside 1..%u", dim, KVP_CODEC_DIM_MAX);
+	if (role != KVP_CODEC_KEYS && role != KVP_CODEC_VALUES)
+		return kvp_fail(KVP_EINVAL, "codec: role %u is neither keys nor values", role);
+	return KVP_OK;
+}
+
 kvp_status kvp_codec_parse_role(const char *spec, size_t len, unsigned dim, unsigned role,
 				struct kvp_codec **out)
 {
@@ -145,43 +226,16 @@ kvp_status kvp_codec_parse_in(const char *spec, size_t len, unsigned dim, unsign
 			      const struct kvp_allocator *mem, struct kvp_codec **out)
 {
 	struct element el[STACK_MAX];
-	struct kvp_codec *c = NULL;
 	unsigned n;
-	kvp_status st;
+	kvp_status st = check_open(spec, dim, role, mem, out);
 
-	if (!spec || !mem || !out)
-		return kvp_fail(KVP_EINVAL, "codec: NULL spec, memory or result");
-	if (len > 65536)
-		return kvp_fail(KVP_EINVAL, "codec: spec of %zu bytes is too long", len);
-	if (dim == 0 || dim > KVP_CODEC_DIM_MAX)
-		return kvp_fail(KVP_EINVAL, "codec: dim=%u is outside 1..%u", dim, KVP_CODEC_DIM_MAX);
-	if (role != KVP_CODEC_KEYS && role != KVP_CODEC_VALUES)
-		return kvp_fail(KVP_EINVAL, "codec: role %u is neither keys nor values", role);
-	st = split(spec, (unsigned)len, el, &n);
-	for (unsigned i = 0; st == KVP_OK && i < n; i++)
-		st = parse_element(&el[i]);
-	if (st != KVP_OK)
-		return st;
-	el[0].dim = dim;
-	for (unsigned i = 0; i + 1 < n; i++) {
-		if (!(el[i].ops->flags & KVP_CODEC_STACKS) || !el[i].ops->inner_dim)
-			return kvp_fail(KVP_EINVAL, "codec: '%.*s' cannot stand left of '|' in '%.*s' (only spark stacks)",
-					(int)el[i].len, el[i].text, (int)len, spec);
-		st = el[i].ops->inner_dim(&el[i].args, el[i].dim, &el[i + 1].dim);
-		if (st != KVP_OK)
-			return kvp_fail_context(st, "codec '%.*s'", (int)len, spec);
-	}
-	for (unsigned i = n; i-- > 0;) {
-		struct kvp_codec *outer = NULL;
-		st = open_one(&el[i], role, mem, c, &outer);
-		if (st != KVP_OK) {
-			kvp_codec_free(c);
-			return kvp_fail_context(st, "codec '%.*s'", (int)len, spec);
-		}
-		c = outer;
-	}
-	*out = c;
-	return KVP_OK;
+	if (st == KVP_OK && len > 65536)
+		st = kvp_fail(KVP_EINVAL, "codec: spec of %zu bytes is too long", len);
+	if (st == KVP_OK)
+		st = parse_elements(spec, (unsigned)len, el, &n);
+	if (st == KVP_OK && (st = open_elements(el, n, dim, role, mem, out)) != KVP_OK)
+		kvp_fail_context(st, "codec '%.*s'", (int)len, spec);
+	return st;
 }
 
 kvp_status kvp_codec_parse(const char *spec, size_t len, unsigned dim, struct kvp_codec **out)
@@ -200,6 +254,117 @@ void kvp_codec_free(struct kvp_codec *c)
 		codec_release(c);
 		c = inner;
 	}
+}
+
+/* ---- specs parsed once ---- */
+
+kvp_status kvp_codec_spec_parse(const char *text, size_t len, struct kvp_codec_spec **out)
+{
+	struct kvp_codec_spec *spec;
+	kvp_status st;
+
+	if (!text || !out)
+		return kvp_fail(KVP_EINVAL, "codec: NULL spec or result");
+	*out = NULL;
+	if (len > 65536)
+		return kvp_fail(KVP_EINVAL, "codec: spec of %zu bytes is too long", len);
+	if (!(spec = malloc(sizeof *spec + len + 1)))
+		return kvp_fail(KVP_ENOMEM, "codec: out of memory for the spec '%.*s'", (int)len, text);
+	memcpy(spec->text, text, len);
+	spec->text[len] = '\0';
+	spec->len = len;
+	st = parse_elements(spec->text, (unsigned)len, spec->el, &spec->n);
+	if (st != KVP_OK) {
+		free(spec);
+		return st;
+	}
+	*out = spec;
+	return KVP_OK;
+}
+
+void kvp_codec_spec_free(struct kvp_codec_spec *spec)
+{
+	free(spec);
+}
+
+const char *kvp_codec_spec_text(const struct kvp_codec_spec *spec)
+{
+	return spec->text;
+}
+
+unsigned kvp_codec_spec_bits_members(const struct kvp_codec_spec *spec)
+{
+	unsigned n = 0;
+
+	for (unsigned i = 0; i < spec->n; i++)
+		n += (spec->el[i].ops->flags & KVP_CODEC_BITS) && spec->el[i].ops->with_bits;
+	return n;
+}
+
+/* The spec's elements with bits set on those that take it; digits holds the width's text. */
+static kvp_status elements_at(const struct kvp_codec_spec *spec, unsigned bits, struct element *el, char digits[12])
+{
+	kvp_status st = KVP_OK;
+
+	snprintf(digits, 12, "%u", bits);
+	for (unsigned i = 0; i < spec->n; i++) {
+		el[i] = spec->el[i];
+		if (bits && (el[i].ops->flags & KVP_CODEC_BITS) && el[i].ops->with_bits &&
+		    (st = el[i].ops->with_bits(&el[i].args, digits)) != KVP_OK)
+			return st;
+	}
+	return st;
+}
+
+kvp_status kvp_codec_spec_open(const struct kvp_codec_spec *spec, unsigned bits, unsigned dim, unsigned role,
+			       const struct kvp_allocator *mem, struct kvp_codec **out)
+{
+	struct element el[STACK_MAX];
+	char digits[12], text[512];
+	kvp_status st = check_open(spec, dim, role, mem, out);
+
+	if (st == KVP_OK)
+		st = elements_at(spec, bits, el, digits);
+	if (st != KVP_OK || (st = open_elements(el, spec->n, dim, role, mem, out)) == KVP_OK)
+		return st;
+	/* the message quotes the spec as this width reads it */
+	if (!bits || kvp_codec_spec_write(spec, bits, text, sizeof text) != KVP_OK)
+		snprintf(text, sizeof text, "%s", spec->text);
+	return kvp_fail_context(st, "codec '%s'", text);
+}
+
+/* name(key=value,...) of one element as it is opened. */
+static int write_element(const struct element *e, char *out, size_t cap)
+{
+	int w = snprintf(out, cap, "%s", e->ops->name);
+
+	for (unsigned i = 0; i < e->args.n && w >= 0 && (size_t)w < cap; i++)
+		w += snprintf(out + w, cap - (size_t)w, "%c%.*s=%.*s", i ? ',' : '(', (int)e->args.a[i].klen,
+			      e->args.a[i].key, (int)e->args.a[i].vlen, e->args.a[i].val);
+	if (e->args.n && w >= 0 && (size_t)w < cap)
+		w += snprintf(out + w, cap - (size_t)w, ")");
+	return w;
+}
+
+kvp_status kvp_codec_spec_write(const struct kvp_codec_spec *spec, unsigned bits, char *out, size_t cap)
+{
+	struct element el[STACK_MAX];
+	char digits[12];
+	size_t at = 0;
+	kvp_status st = elements_at(spec, bits, el, digits);
+
+	for (unsigned i = 0; st == KVP_OK && i < spec->n && at < cap; i++) {
+		int w = snprintf(out + at, cap - at, "%s", i ? "|" : "");
+		if (w >= 0 && (size_t)w < cap - at) {
+			if (bits && (el[i].ops->flags & KVP_CODEC_BITS))
+				w += write_element(&el[i], out + at + w, cap - at - (size_t)w);
+			else
+				w += snprintf(out + at + w, cap - at - (size_t)w, "%.*s", (int)el[i].len, el[i].text);
+		}
+		at += w < 0 ? cap : (size_t)w;
+	}
+	/* no message: callers write this text while reporting another fault */
+	return st == KVP_OK && at >= cap ? KVP_EINVAL : st;
 }
 
 /* ---- Codecs on their own: the public calls keep one context, fitted on the first encode. ---- */

@@ -751,7 +751,8 @@ static void tq_finish(const struct kvp_codec *c, const void *ctx, const float *a
 
 const struct kvp_codec_ops kvp_codec_turboquant = {
 	.name = "turboquant",
-	.flags = KVP_CODEC_SEPARABLE,
+	.flags = KVP_CODEC_SEPARABLE | KVP_CODEC_BITS,
+	.with_bits = kvp_codec_bits_arg,
 	.open = tq_open,
 	.bytes = tq_bytes,
 	.fit = tq_fit,

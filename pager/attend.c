@@ -234,8 +234,8 @@ static kvp_status observe(struct stream_attention *a, struct kvp_seq *s, const s
 	/* weights are [group][cap]: pack them to [group][n] as the policy reads them */
 	for (uint32_t h = 1; h < a->group; h++)
 		memmove(a->raw + (size_t)h * a->seen, a->raw + (size_t)h * a->cap, a->seen * sizeof *a->raw);
-	if (kvp_gate_wants_weights(s))
-		kvp_gate_observe(s, layer, kv_head, a->seen, a->raw);
+	if (kvp_gating_wants_weights(s->gating))
+		kvp_gating_observe(s->gating, layer, kv_head, a->seen, a->raw);
 	if (!s->policy->ops->observe)
 		return KVP_OK;
 	kvp_stream_gather(s, st, s->observe.pos, NULL, NULL);
@@ -270,7 +270,7 @@ kvp_status kvp_attend_resident(kvp_seq *s, uint32_t layer, const float *q, float
 		return kvp_fail(KVP_EINVAL, "kvp_attend: layer %u of a %u-layer sequence", layer, s->shape.n_layers);
 	if (!q || !out)
 		return kvp_fail(KVP_EINVAL, "kvp_attend: q and out must not be NULL");
-	observing = (s->policy && s->policy->ops->observe) || kvp_gate_wants_weights(s);
+	observing = (s->policy && s->policy->ops->observe) || kvp_gating_wants_weights(s->gating);
 	if (observing && (st = observe_reserve(s, layer)) != KVP_OK)
 		return st;
 	/* cold blocks pressure spilled come back, and the next layer's start coming (restore.c) */

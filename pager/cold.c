@@ -26,19 +26,38 @@ static const char *side_spec(const struct kvp_tenant_config *cfg, const char *sp
 	return cfg->store == KVP_STORE_FP16 ? "fp16" : "fp32";
 }
 
-/* mem: the sequence's (its codecs' tables are charged to its tenant), or the heap for a check. */
-static kvp_status parse_side(const struct kvp_tenant_config *cfg, const char *spec, unsigned role,
-			     unsigned dim, const struct kvp_allocator *mem, struct kvp_codec **out)
+static const char *side_name(unsigned role)
+{
+	return role == KVP_CODEC_KEYS ? "k" : "v";
+}
+
+/* One side's spec, parsed once: what a side without k= or v= is stored as when the other has one. */
+static kvp_status spec_parse(const struct kvp_tenant_config *cfg, const char *spec, unsigned role,
+			     struct kvp_codec_spec **out)
 {
 	const char *text = side_spec(cfg, spec);
-	kvp_status st = kvp_codec_parse_in(text, strlen(text), dim, role, mem, out);
+	kvp_status st = kvp_codec_spec_parse(text, strlen(text), out);
 
+	return st == KVP_OK ? st : kvp_fail_context(st, "tenant: %s=%s", side_name(role), text);
+}
+
+/* One side's codecs at a ladder level's bits (0: as written). mem: the sequence's (its codecs' tables are
+ * charged to its tenant), or the heap for a check. */
+static kvp_status open_side(const struct kvp_tenant_config *cfg, const struct kvp_codec_spec *spec, unsigned bits,
+			    unsigned role, unsigned dim, const struct kvp_allocator *mem, struct kvp_codec **out)
+{
+	char text[KVP_CODEC_SPEC_MAX + 64];
+	kvp_status st = kvp_codec_spec_open(spec, bits, dim, role, mem, out);
+
+	/* messages quote the spec as this level reads it (writing it records no message) */
+	if (!bits || kvp_codec_spec_write(spec, bits, text, sizeof text) != KVP_OK)
+		snprintf(text, sizeof text, "%s", kvp_codec_spec_text(spec));
 	if (st != KVP_OK)
-		return kvp_fail_context(st, "tenant: %s=%s", role == KVP_CODEC_KEYS ? "k" : "v", text);
+		return kvp_fail_context(st, "tenant: %s=%s", side_name(role), text);
 	for (const struct kvp_codec *c = *out; c; c = c->inner)
 		if (cfg->block % c->group) {
 			st = kvp_fail(KVP_EINVAL, "tenant: block=%u is not a multiple of the %u-token groups of "
-				      "%s=%s", cfg->block, c->group, role == KVP_CODEC_KEYS ? "k" : "v", text);
+				      "%s=%s", cfg->block, c->group, side_name(role), text);
 			kvp_codec_free(*out);
 			*out = NULL;
 			return st;
@@ -51,59 +70,71 @@ static int has_cold_tier(const struct kvp_tenant_config *cfg)
 	return cfg->k_spec[0] || cfg->v_spec[0];
 }
 
-/* One side's spec at ladder level `level` (the spec itself without a ladder) into out. */
-static kvp_status level_spec(const struct kvp_tenant_config *cfg, const char *spec, unsigned level, char *out)
-{
-	unsigned changed;
-
-	snprintf(out, KVP_CODEC_SPEC_MAX, "%s", spec);
-	if (!cfg->ladder.n || !spec[0])
-		return KVP_OK;
-	return kvp_ladder_spec_bits(spec, cfg->ladder.bits[level], out, KVP_CODEC_SPEC_MAX, &changed);
-}
-
 /* Both sides' codecs of one level; on failure neither is left allocated. */
-static kvp_status parse_level(const struct kvp_tenant_config *cfg, unsigned level, unsigned dim,
-			      const struct kvp_allocator *mem, struct kvp_codec **k, struct kvp_codec **v)
+static kvp_status open_level(const struct kvp_tenant_config *cfg, const struct kvp_codec_spec *ks,
+			     const struct kvp_codec_spec *vs, unsigned level, unsigned dim,
+			     const struct kvp_allocator *mem, struct kvp_codec **k, struct kvp_codec **v)
 {
-	char spec[KVP_CODEC_SPEC_MAX];
-	kvp_status st = level_spec(cfg, cfg->k_spec, level, spec);
+	unsigned bits = kvp_gating_level_bits(&cfg->gating, level);
+	kvp_status st;
 
 	*k = *v = NULL;
+	st = open_side(cfg, ks, bits, KVP_CODEC_KEYS, dim, mem, k);
 	if (st == KVP_OK)
-		st = parse_side(cfg, spec, KVP_CODEC_KEYS, dim, mem, k);
-	if (st == KVP_OK)
-		st = level_spec(cfg, cfg->v_spec, level, spec);
-	if (st == KVP_OK)
-		st = parse_side(cfg, spec, KVP_CODEC_VALUES, dim, mem, v);
+		st = open_side(cfg, vs, bits, KVP_CODEC_VALUES, dim, mem, v);
 	if (st != KVP_OK) {
-		if (cfg->ladder.n)
-			kvp_fail_context(st, "tenant: ladder=%s, level %u (%u:%g)", cfg->ladder_spec, level + 1,
-					 cfg->ladder.bits[level], cfg->ladder.keep[level]);
+		kvp_gating_level_fail(&cfg->gating, level, st);
 		kvp_codec_free(*k);
 		*k = NULL;
 	}
 	return st;
 }
 
-static unsigned level_count(const struct kvp_tenant_config *cfg)
+/* Both sides' specs; on failure neither is left allocated. */
+static kvp_status specs_parse(const struct kvp_tenant_config *cfg, struct kvp_codec_spec **k,
+			      struct kvp_codec_spec **v)
 {
-	return cfg->ladder.n ? cfg->ladder.n : 1;
+	kvp_status st = spec_parse(cfg, cfg->k_spec, KVP_CODEC_KEYS, k);
+
+	*v = NULL;
+	if (st == KVP_OK && (st = spec_parse(cfg, cfg->v_spec, KVP_CODEC_VALUES, v)) != KVP_OK) {
+		kvp_codec_spec_free(*k);
+		*k = NULL;
+	}
+	return st;
 }
 
 kvp_status kvp_cold_check(const struct kvp_tenant_config *cfg)
 {
-	kvp_status st = KVP_OK;
+	struct kvp_codec_spec *ks, *vs;
+	kvp_status st;
 
 	if (!has_cold_tier(cfg))
 		return KVP_OK;
-	for (unsigned l = 0; st == KVP_OK && l < level_count(cfg); l++) {
+	if ((st = specs_parse(cfg, &ks, &vs)) != KVP_OK)
+		return st;
+	for (unsigned l = 0; st == KVP_OK && l < kvp_gating_levels(&cfg->gating); l++) {
 		struct kvp_codec *k, *v;
-		st = parse_level(cfg, l, PROBE_DIM, &kvp_heap, &k, &v);
+		st = open_level(cfg, ks, vs, l, PROBE_DIM, &kvp_heap, &k, &v);
 		kvp_codec_free(k);
 		kvp_codec_free(v);
 	}
+	kvp_codec_spec_free(ks);
+	kvp_codec_spec_free(vs);
 	return st;
+}
+
+kvp_status kvp_cold_prepare(struct kvp_tenant *t)
+{
+	t->k_codec = t->v_codec = NULL;
+	return has_cold_tier(&t->cfg) ? specs_parse(&t->cfg, &t->k_codec, &t->v_codec) : KVP_OK;
+}
+
+void kvp_cold_unprepare(struct kvp_tenant *t)
+{
+	kvp_codec_spec_free(t->k_codec);
+	kvp_codec_spec_free(t->v_codec);
+	t->k_codec = t->v_codec = NULL;
 }
 
 kvp_status kvp_cold_open(struct kvp_tenant *t, struct kvp_seq *s)
@@ -114,11 +145,12 @@ kvp_status kvp_cold_open(struct kvp_tenant *t, struct kvp_seq *s)
 	kvp_status st;
 
 	memset(c, 0, sizeof *c);
-	if (!has_cold_tier(&t->cfg))
+	if (!t->k_codec)
 		return KVP_OK;
 	st = KVP_OK;
-	for (unsigned l = 0; st == KVP_OK && l < level_count(&t->cfg); l++) {
-		if ((st = parse_level(&t->cfg, l, dim, &mem, &c->k_level[l], &c->v_level[l])) != KVP_OK)
+	for (unsigned l = 0; st == KVP_OK && l < kvp_gating_levels(&t->cfg.gating); l++) {
+		if ((st = open_level(&t->cfg, t->k_codec, t->v_codec, l, dim, &mem, &c->k_level[l], &c->v_level[l])) !=
+		    KVP_OK)
 			break;
 		c->n_levels = l + 1;
 		c->qprep_max = c->k_level[l]->qprep_bytes > c->qprep_max ? c->k_level[l]->qprep_bytes : c->qprep_max;
@@ -209,11 +241,19 @@ static uint32_t cold_count(const struct kvp_tenant_config *cfg, const struct kvp
 	return ok;
 }
 
+/* The ladder level new cold blocks of st are encoded at (0 without a ladder). */
+static uint32_t stream_level(const struct kvp_seq *s, const struct kvp_stream *st)
+{
+	size_t i = (size_t)(st - s->streams);
+
+	return kvp_gating_level(s->gating, (uint32_t)(i / s->shape.n_kv_heads), (uint32_t)(i % s->shape.n_kv_heads));
+}
+
 kvp_status kvp_cold_plan(struct kvp_tenant *t, const struct kvp_seq *s, const struct kvp_stream *st,
 			 uint32_t add, struct kvp_cold_plan *p)
 {
 	const struct kvp_cold *c = &s->cold;
-	uint32_t B = t->cfg.block, dim = s->shape.head_dim, level = kvp_ladder_stream_level(s, st);
+	uint32_t B = t->cfg.block, dim = s->shape.head_dim, level = stream_level(s, st);
 
 	memset(p, 0, sizeof *p);
 	if (!c->k || !(p->n = cold_count(&t->cfg, s, st, add)))

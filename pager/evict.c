@@ -32,39 +32,46 @@
 #include "pager.h"
 #include "policies/policy.h"
 
-/* The shape a policy spec is checked with at tenant open, when it names no statistics file. */
-static const kvp_shape probe_shape = { 1, 1, 1, 64, 1e4f, KVP_ROPE_HALF };
-
+/* At tenant open, the name and argument syntax; the arguments' values at kvp_evict_prepare, which checks
+ * them once what the policy loads once (its statistics file) is loaded. */
 kvp_status kvp_evict_check(const struct kvp_tenant_config *cfg)
 {
-	struct kvp_policy *p;
+	struct kvp_policy_spec *spec;
 	kvp_status st;
 
-	/* a .kvtria file is read at kvp_evict_prepare, and checked against each sequence's shape, known only
-	 * at kvp_seq_open */
-	if (!cfg->policy_spec[0] || (strstr(cfg->policy_spec, "stats=") && !strstr(cfg->policy_spec, "stats=online")))
+	if (!cfg->policy_spec[0])
 		return KVP_OK;
-	st = kvp_policy_parse(cfg->policy_spec, strlen(cfg->policy_spec), &probe_shape, NULL, &p);
+	st = kvp_policy_spec_parse(cfg->policy_spec, strlen(cfg->policy_spec), &spec);
 	if (st != KVP_OK)
 		return kvp_fail_context(st, "tenant: policy=%s", cfg->policy_spec);
-	kvp_policy_free(p);
+	kvp_policy_spec_free(spec);
 	return KVP_OK;
 }
 
 kvp_status kvp_evict_prepare(struct kvp_tenant *t)
 {
+	const char *text = t->cfg.policy_spec;
 	kvp_status st;
 
-	if (!t->cfg.policy_spec[0])
+	t->policy_spec = NULL;
+	if (!text[0])
 		return KVP_OK;
-	st = kvp_policy_prepare(t->cfg.policy_spec, strlen(t->cfg.policy_spec), &t->policy_shared);
-	return st == KVP_OK ? st : kvp_fail_context(st, "tenant: policy=%s", t->cfg.policy_spec);
+	st = kvp_policy_spec_parse(text, strlen(text), &t->policy_spec);
+	if (st == KVP_OK)
+		st = kvp_policy_spec_prepare(t->policy_spec);
+	if (st == KVP_OK)
+		st = kvp_policy_spec_check(t->policy_spec);
+	if (st != KVP_OK) {
+		kvp_evict_unprepare(t);
+		return kvp_fail_context(st, "tenant: policy=%s", text);
+	}
+	return KVP_OK;
 }
 
 void kvp_evict_unprepare(struct kvp_tenant *t)
 {
-	kvp_policy_shared_free(t->policy_shared);
-	t->policy_shared = NULL;
+	kvp_policy_spec_free(t->policy_spec);
+	t->policy_spec = NULL;
 }
 
 kvp_status kvp_evict_open(struct kvp_tenant *t, struct kvp_seq *s)
@@ -74,10 +81,9 @@ kvp_status kvp_evict_open(struct kvp_tenant *t, struct kvp_seq *s)
 	kvp_status st;
 
 	s->prompt_end = -1;
-	if (!t->cfg.policy_spec[0])
+	if (!t->policy_spec)
 		return KVP_OK;
-	st = kvp_policy_parse_in(t->cfg.policy_spec, strlen(t->cfg.policy_spec), &s->shape, t->policy_shared, &mem,
-				 &s->policy);
+	st = kvp_policy_spec_open(t->policy_spec, &s->shape, &mem, &s->policy);
 	if (st != KVP_OK)
 		return kvp_fail_context(st, "kvp_seq_open: policy=%s", t->cfg.policy_spec);
 	if (t->cfg.pin_prompt)
@@ -558,7 +564,8 @@ static kvp_status apply(struct kvp_seq *s, struct loaded *l, uint32_t n)
 	return KVP_OK;
 }
 
-/* Rounds over `n` streams that share one verdict (per_head: every layer; union: every KV head). */
+/* Rounds over `n` streams that share one verdict (KVP_ROUND_HEAD: every layer; KVP_ROUND_LAYER: every KV
+ * head). */
 static kvp_status round_shared(struct kvp_seq *s, struct kvp_stream **streams, uint32_t n, uint32_t layer,
 			       uint32_t kv_head, int layers)
 {
@@ -625,7 +632,7 @@ static kvp_status round_newest(struct kvp_seq *s, uint32_t layer, uint32_t kv_he
 		.t0 = s->t0, .n = st->n_tokens,
 		.sinks = s->tenant->cfg.sinks, .window = s->tenant->cfg.window,
 		.prompt_end = pin ? s->prompt_end : 0,
-		.budget = kvp_gate_budget(s, layer, kv_head),
+		.budget = kvp_gating_budget(s->gating, layer, kv_head),
 	};
 	struct loaded l = { .st = st };
 	kvp_status rc = kvp_policy_cut(s->policy, &r, pin ? tokens_before(st, r.prompt_end) : 0, &l.verdict.cut);
@@ -645,7 +652,7 @@ static kvp_status round_one(struct kvp_seq *s, uint32_t layer, uint32_t kv_head)
 		return round_newest(s, layer, kv_head);
 	st = load(s, kvp_seq_stream(s, layer, kv_head), &l, &grown);
 
-	l.round.budget = kvp_gate_budget(s, layer, kv_head);
+	l.round.budget = kvp_gating_budget(s->gating, layer, kv_head);
 	if (st == KVP_OK)
 		st = kvp_policy_round(s->policy, layer, kv_head, &l.round, l.keep, &l.n_kept);
 	if (st == KVP_OK)
@@ -658,7 +665,7 @@ static kvp_status round_one(struct kvp_seq *s, uint32_t layer, uint32_t kv_head)
 /* A stream is due at its own budget (gated) + every; without gating, the policy's budget. */
 static int due(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t n)
 {
-	uint32_t budget = kvp_gate_budget(s, layer, kv_head);
+	uint32_t budget = kvp_gating_budget(s->gating, layer, kv_head);
 
 	if (!budget)
 		return kvp_policy_due(s->policy, s->t0, n);
@@ -668,23 +675,23 @@ static int due(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32
 static kvp_status rounds(struct kvp_seq *s)
 {
 	const uint32_t L = s->shape.n_layers, H = s->shape.n_kv_heads;
-	const struct kvp_policy_plan *plan = &s->policy->plan;
+	const enum kvp_round_scope scope = s->policy->plan.scope;
+	const int per_head = scope == KVP_ROUND_HEAD, shared = scope != KVP_ROUND_STREAM;
 	struct kvp_stream **set = calloc(L > H ? L : H, sizeof *set);
 	kvp_status st = set ? KVP_OK : kvp_fail(KVP_ENOMEM, "policy round: out of memory");
 
-	for (uint32_t a = 0; st == KVP_OK && a < (plan->per_head ? H : L); a++) {
-		for (uint32_t b = 0; st == KVP_OK && b < (plan->per_head ? L : H); b++) {
-			uint32_t layer = plan->per_head ? b : a, kv_head = plan->per_head ? a : b;
+	for (uint32_t a = 0; st == KVP_OK && a < (per_head ? H : L); a++) {
+		for (uint32_t b = 0; st == KVP_OK && b < (per_head ? L : H); b++) {
+			uint32_t layer = per_head ? b : a, kv_head = per_head ? a : b;
 			struct kvp_stream *stream = kvp_seq_stream(s, layer, kv_head);
-			if (plan->per_head || plan->union_select)
+			if (shared)
 				set[b] = stream;
 			else if (due(s, layer, kv_head, stream->n_tokens))
 				st = round_one(s, layer, kv_head);
 		}
-		if (st != KVP_OK || !(plan->per_head || plan->union_select) ||
-		    !kvp_policy_due(s->policy, s->t0, set[0]->n_tokens))
+		if (st != KVP_OK || !shared || !kvp_policy_due(s->policy, s->t0, set[0]->n_tokens))
 			continue;
-		st = round_shared(s, set, plan->per_head ? L : H, a, a, plan->per_head);
+		st = round_shared(s, set, per_head ? L : H, a, a, per_head);
 	}
 	free(set);
 	return st;
@@ -718,9 +725,59 @@ kvp_status kvp_evict_step(struct kvp_seq *s)
 	 * size, which does not change while the sequence is parked. */
 	if (s->parked)
 		return KVP_OK;
-	if ((st = kvp_gate_step(s)) != KVP_OK)
+	if ((st = kvp_gating_step(s->gating, s->policy, s->t0,
+				   (uint64_t)s->tenant->cfg.sinks + s->tenant->cfg.window)) != KVP_OK)
 		return st;
 	if ((st = rounds(s)) != KVP_OK)
 		return st;
 	return encode_scored(s);
+}
+
+/* ---- gating: the budgets rounds use ---- */
+
+kvp_status kvp_gate_open(struct kvp_tenant *t, struct kvp_seq *s)
+{
+	struct kvp_allocator mem = kvp_seq_allocator(s);
+	kvp_status st = kvp_gating_open(&t->cfg.gating, &s->shape, &mem, &s->gating);
+
+	return st == KVP_OK ? st : kvp_fail_context(st, "kvp_seq_open");
+}
+
+kvp_status kvp_gate_fork(struct kvp_tenant *t, const struct kvp_seq *src, struct kvp_seq *s)
+{
+	struct kvp_allocator mem = kvp_seq_allocator(s);
+
+	(void)t;
+	return kvp_gating_fork(src->gating, &mem, &s->gating);
+}
+
+void kvp_gate_close(struct kvp_tenant *t, struct kvp_seq *s)
+{
+	(void)t;
+	kvp_gating_close(s->gating);
+	s->gating = NULL;
+}
+
+/* ---- the public calls on a head's gating (entered through pressure.c like every sequence call) ---- */
+
+static kvp_status check_head(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head, const char *call)
+{
+	if (layer >= s->shape.n_layers || kv_head >= s->shape.n_kv_heads)
+		return kvp_fail(KVP_EINVAL, "%s: layer %u, KV head %u outside %u x %u", call, layer, kv_head,
+				s->shape.n_layers, s->shape.n_kv_heads);
+	return KVP_OK;
+}
+
+kvp_status kvp_seq_head_level_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_head_level *out)
+{
+	kvp_status st = check_head(s, layer, kv_head, "kvp_seq_head_level");
+
+	return st == KVP_OK ? kvp_gating_head_level(s->gating, layer, kv_head, out) : st;
+}
+
+kvp_status kvp_seq_set_head_level_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, float aggressiveness)
+{
+	kvp_status st = check_head(s, layer, kv_head, "kvp_seq_set_head_level");
+
+	return st == KVP_OK ? kvp_gating_set_head_level(s->gating, layer, kv_head, aggressiveness) : st;
 }

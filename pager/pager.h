@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 #include "base/base.h"
+#include "gating/gating.h"
 #include "pager/spill.h"
 #include "policies/policy.h"
 
@@ -58,9 +59,7 @@ struct kvp_tenant_config {
 	char k_spec[KVP_CODEC_SPEC_MAX], v_spec[KVP_CODEC_SPEC_MAX];
 	char policy_spec[KVP_CODEC_SPEC_MAX]; /* "" when every token is kept */
 	uint32_t pin_prompt;
-	enum kvp_gate { KVP_GATE_OFF, KVP_GATE_MRL, KVP_GATE_ENTROPY } gate;
-	struct kvp_ladder ladder;             /* n == 0 without ladder= (ladder.c) */
-	char ladder_spec[KVP_CODEC_SPEC_MAX]; /* its text, for messages */
+	struct kvp_gating_config gating; /* gate= and ladder= (gating/) */
 };
 
 struct kvp_tenant {
@@ -77,7 +76,10 @@ struct kvp_tenant {
 	_Atomic uint64_t bytes[KVP_BYTES_KINDS];
 	_Atomic uint64_t tokens_appended, tokens_retained, bytes_dense_fp16;
 	struct kvp_tenant_config cfg;
-	struct kvp_policy_shared *policy_shared; /* kvp_evict_prepare's; read-only until the tenant closes */
+	/* The specs, parsed once at tenant open (with what the policy loads once, e.g. a .kvtria file) and
+	 * read-only until the tenant closes: NULL when not set. */
+	struct kvp_policy_spec *policy_spec;    /* kvp_evict_prepare's */
+	struct kvp_codec_spec *k_codec, *v_codec; /* kvp_cold_prepare's */
 	pthread_mutex_t lock; /* guards the sequence list */
 	struct kvp_seq *seqs;
 	_Atomic uint64_t bytes_spilled; /* records on the spill device, each counted once */
@@ -153,7 +155,7 @@ struct kvp_seq {
 	/* Bytes the policy and the codecs hold for this sequence (their state and buffers), as allocated
 	 * through kvp_seq_allocator: charged to the tenant as metadata and counted in the sequence's bytes_meta. */
 	uint64_t state_bytes;
-	struct kvp_gating *gating; /* NULL when gate=off */
+	struct kvp_gating *gating; /* NULL when gate=off (gating/gating.h) */
 	int64_t t0;                /* one past the highest position appended */
 	int32_t prompt_end;        /* the prompt's end, fixed at the first kvp_seq_step; -1 before */
 	struct kvp_observe_buf {   /* what attend hands the policy: weights over one stream */
@@ -229,6 +231,9 @@ struct kvp_cold_plan {
 };
 /* KVP_EINVAL naming the spec when a codec cannot serve blocks of `block` tokens. */
 kvp_status kvp_cold_check(const struct kvp_tenant_config *cfg);
+/* At tenant open and close: k= and v= parsed once for every sequence. */
+kvp_status kvp_cold_prepare(struct kvp_tenant *t);
+void kvp_cold_unprepare(struct kvp_tenant *t);
 kvp_status kvp_cold_open(struct kvp_tenant *t, struct kvp_seq *s);
 void kvp_cold_close(struct kvp_tenant *t, struct kvp_seq *s);
 /* Allocate what turning blocks cold needs once `add` more tokens land in the stream's blocks. */
@@ -248,7 +253,8 @@ void kvp_cold_gather(const struct kvp_seq *s, const struct kvp_stream *st, const
 
 /* ---- token policies (evict.c) ---- */
 kvp_status kvp_evict_check(const struct kvp_tenant_config *cfg);
-/* At tenant open and close: what every sequence's policy shares (a stats file, read once). */
+/* At tenant open and close: policy= parsed once, with what every sequence's policy shares (a stats file,
+ * read once), and its arguments checked. */
 kvp_status kvp_evict_prepare(struct kvp_tenant *t);
 void kvp_evict_unprepare(struct kvp_tenant *t);
 kvp_status kvp_evict_open(struct kvp_tenant *t, struct kvp_seq *s);
@@ -261,34 +267,11 @@ kvp_status kvp_observe_reserve(struct kvp_seq *s, uint32_t n);
 /* Every token of a stream in order: positions, and keys and values as fp32 (either may be NULL). */
 void kvp_stream_gather(const struct kvp_seq *s, const struct kvp_stream *st, int32_t *pos, float *k, float *v);
 
-/* ---- ladders of codec bits (ladder.c) ---- */
-kvp_status kvp_ladder_config(struct kvp_args *args, struct kvp_tenant_config *cfg);
-kvp_status kvp_ladder_check(const struct kvp_tenant_config *cfg);
-/* The level new cold blocks of st are encoded at, and the level a head is at (0 without a ladder). */
-uint32_t kvp_ladder_stream_level(const struct kvp_seq *s, const struct kvp_stream *st);
-uint32_t kvp_ladder_head_level(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head);
-/* The k= or v= spec with bits=N on every codec of the stack that takes bits; *changed counts them. */
-kvp_status kvp_ladder_spec_bits(const char *spec, unsigned bits, char *out, size_t cap, unsigned *changed);
-
-/* ---- coherence gating (gate.c) ---- */
-/* Per (layer, KV head): coherence measured so far, the host's override, and the budget it yields. */
-struct kvp_gating {
-	size_t bytes;
-	double *coherence;   /* [layers][kv_heads] in [0, 1] */
-	uint32_t *samples;   /* entropy observations folded into coherence */
-	float *override;     /* aggressiveness set through kvp_seq_set_head_level, or -1 */
-	uint32_t *budget;    /* the stream's budget at the last step, 0 before */
-};
-kvp_status kvp_gate_check(const struct kvp_tenant_config *cfg);
+/* ---- coherence gating (gating/gating.h) of a sequence, and the public calls on heads (evict.c) ---- */
+/* The state comes from kvp_seq_allocator: its bytes count in state_bytes. */
 kvp_status kvp_gate_open(struct kvp_tenant *t, struct kvp_seq *s);
-void kvp_gate_close(struct kvp_tenant *t, struct kvp_seq *s);
 kvp_status kvp_gate_fork(struct kvp_tenant *t, const struct kvp_seq *src, struct kvp_seq *s);
-/* attend's final softmax weights of one stream ([group][n]) for gate=entropy */
-void kvp_gate_observe(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t n, const float *weights);
-/* Recomputes every stream's budget for this step; the rounds then use kvp_gate_budget. */
-kvp_status kvp_gate_step(struct kvp_seq *s);
-uint32_t kvp_gate_budget(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head); /* 0: the policy's */
-int kvp_gate_wants_weights(const struct kvp_seq *s);
+void kvp_gate_close(struct kvp_tenant *t, struct kvp_seq *s);
 kvp_status kvp_seq_head_level_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_head_level *out);
 kvp_status kvp_seq_set_head_level_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, float aggressiveness);
 

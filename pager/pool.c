@@ -136,8 +136,6 @@ static kvp_status codec_spec(struct kvp_args *args, const char *key, char out[KV
 kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quota, const char *spec)
 {
 	static const char *const stores[] = { "fp32", "fp16", NULL };
-	static const char *const gates[] = { "off", "mrl", "entropy", NULL };
-	unsigned gate = KVP_GATE_OFF;
 	struct kvp_args args;
 	unsigned store = KVP_STORE_FP32;
 	kvp_status st;
@@ -163,19 +161,14 @@ kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quot
 	if (st == KVP_OK)
 		st = kvp_args_u32(&args, "pin_prompt", 0, 1, &cfg->pin_prompt);
 	if (st == KVP_OK)
-		st = kvp_args_choice(&args, "gate", gates, &gate);
-	if (st == KVP_OK)
-		st = kvp_ladder_config(&args, cfg);
+		st = kvp_gating_config(&args, &cfg->gating);
 	if (st == KVP_OK)
 		st = kvp_args_finish(&args);
 	cfg->store = (enum kvp_store)store;
-	cfg->gate = (enum kvp_gate)gate;
 	if (st == KVP_OK)
 		st = kvp_cold_check(cfg);
 	if (st == KVP_OK)
-		st = kvp_gate_check(cfg);
-	if (st == KVP_OK)
-		st = kvp_ladder_check(cfg);
+		st = kvp_gating_check(&cfg->gating, cfg->policy_spec, cfg->k_spec, cfg->v_spec);
 	if (st == KVP_OK)
 		st = kvp_evict_check(cfg);
 	return st;
@@ -208,7 +201,8 @@ kvp_status kvp_tenant_open(kvp_pool *h, const char *name, const char *spec, kvp_
 		return kvp_fail(KVP_ENOMEM, "kvp_tenant_open: out of memory");
 	t->quota = UINT64_MAX; /* bounded by the pool alone */
 	if ((st = kvp_tenant_config_parse(&t->cfg, &t->quota, spec)) != KVP_OK ||
-	    (st = kvp_evict_prepare(t)) != KVP_OK) {
+	    (st = kvp_cold_prepare(t)) != KVP_OK || (st = kvp_evict_prepare(t)) != KVP_OK) {
+		kvp_cold_unprepare(t);
 		free(t);
 		return st;
 	}
@@ -236,6 +230,7 @@ kvp_status kvp_tenant_open(kvp_pool *h, const char *name, const char *spec, kvp_
 	pthread_mutex_unlock(&pool->lock);
 	if (st != KVP_OK) {
 		kvp_evict_unprepare(t);
+		kvp_cold_unprepare(t);
 		free(t);
 		return st;
 	}
@@ -253,6 +248,7 @@ void kvp_tenant_destroy(struct kvp_tenant *t)
 		kvp_seq_destroy(s);
 	}
 	kvp_evict_unprepare(t);
+	kvp_cold_unprepare(t);
 	kvp_arena_destroy(t->arena);
 	pthread_mutex_destroy(&t->lock);
 	t->magic = 0;

@@ -335,8 +335,6 @@ kvp_status kvp_seq_stats_entered(const kvp_seq *s, kvp_stats *out)
 		full.bytes_meta += kvp_alloc_size(s->tenant, s->cold.scratch_bytes);
 	if (s->observe.bytes)
 		full.bytes_meta += kvp_alloc_size(s->tenant, s->observe.bytes);
-	if (s->gating)
-		full.bytes_meta += kvp_alloc_size(s->tenant, s->gating->bytes);
 	if (s->round_space.bytes)
 		full.bytes_meta += kvp_alloc_size(s->tenant, s->round_space.bytes);
 	full.bytes_meta += s->state_bytes; /* the policy's and the codecs' */

@@ -279,3 +279,20 @@ kvp_status kvp_tria_stats_write(const char *path, const struct kvp_tria_stats *s
 		return kvp_fail(KVP_EIO, "kvtria '%s': cannot write: %s", path, strerror(errno));
 	return KVP_OK;
 }
+
+double kvp_gate_mrl(const struct kvp_tria_stats *s, uint32_t layer, uint32_t kv_head, uint32_t n_kv_heads)
+{
+	unsigned group = s->n_heads / n_kv_heads, F = s->head_dim / 2;
+	double resultant = 0, energy = 0;
+
+	for (unsigned g = 0; g < group; g++) {
+		size_t at = kvp_tria_stats_at(s, layer, kv_head * group + g);
+		for (unsigned f = 0; f < F; f++) {
+			resultant += hypot(s->mean_re[at + f], s->mean_im[at + f]);
+			energy += s->abs_mean[at + f];
+		}
+	}
+	if (!(energy > 0))
+		return 0;
+	return resultant > energy ? 1.0 : resultant / energy;
+}

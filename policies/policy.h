@@ -1,6 +1,8 @@
 /*
  * policies/ — token scorers behind one vtable (DESIGN.md, "Vtables"), the survivor selection the pager
- * runs around them, the .kvtria statistics file, and the coherence gating arithmetic.
+ * runs around them, and the .kvtria statistics file. What a policy offers beyond scoring (a coherence signal
+ * for gate=mrl, the scope of its rounds, shared state loaded once) is in its ops row and plan, so the
+ * pager and the gating module never ask for a policy by name: adding one is its file and a registry row.
  *
  * A policy scores the tokens of one stream (layer, KV head); the pager protects, selects and evicts.
  * Higher score = more worth keeping. What the pager must hand a policy:
@@ -36,6 +38,13 @@ struct kvp_observation {
 	const float *weights; /* [group][n] softmax weights of each query head of the group, or NULL */
 };
 
+/* Which streams one verdict of a round covers. */
+enum kvp_round_scope {
+	KVP_ROUND_STREAM, /* each (layer, KV head) on its own: kvp_policy_round */
+	KVP_ROUND_HEAD,   /* one kept set per KV head for every layer: kvp_policy_round_layers */
+	KVP_ROUND_LAYER,  /* one kept set per layer for every KV head: kvp_policy_round_union */
+};
+
 struct kvp_policy_ops {
 	const char *name;
 	/* Parse args (look up every key; the registry calls kvp_args_finish), set p->state and p->plan.
@@ -65,6 +74,10 @@ struct kvp_policy_ops {
 	/* Fill dst->state with a copy of src's history (dst has src's ops, shape and plan, its own mem, state
 	 * NULL), so a forked sequence's policy starts where its parent's was. NULL for policies without state. */
 	kvp_status (*clone)(struct kvp_policy *dst, const struct kvp_policy *src);
+	/* Policies that yield a coherence signal (gate=mrl moves budget by it): how predictable the
+	 * attention of (layer, kv_head) is, in [0, 1], from what the policy knows now (arguments checked).
+	 * NULL for policies without one. */
+	kvp_status (*coherence)(const struct kvp_policy *p, uint32_t layer, uint32_t kv_head, double *out);
 	void (*close)(struct kvp_policy *p);
 };
 
@@ -82,8 +95,7 @@ struct kvp_policy_plan {
 	uint32_t window;
 	double window_ratio;
 	int pin_prompt;       /* the prompt is kept (TriAttention's reference behaviour) */
-	int per_head;         /* TriAttention select=per_head: one kept set per KV head for every layer */
-	int union_select;     /* TriAttention select=union: one kept set for all KV heads of a layer */
+	enum kvp_round_scope scope; /* KVP_ROUND_STREAM unless the policy's open says otherwise */
 };
 
 struct kvp_policy {
@@ -100,23 +112,39 @@ extern const struct kvp_policy_ops kvp_policy_streaming;
 extern const struct kvp_policy_ops kvp_policy_h2o;
 extern const struct kvp_policy_ops kvp_policy_triattention;
 
-/*
- * What the policies of one spec share, loaded once (a tenant prepares its policy= spec when it opens and
- * hands the result to every sequence's kvp_policy_parse). *out is NULL when the policy shares nothing.
- * Failures name the spec's fault as kvp_policy_parse would.
- */
+/* What the policies of one spec share, loaded once by the spec's prepare op (see struct kvp_policy_spec). */
 struct kvp_policy_shared;
-kvp_status kvp_policy_prepare(const char *spec, size_t len, struct kvp_policy_shared **out);
-void kvp_policy_shared_free(struct kvp_policy_shared *shared);
 /* Parses spec[0..len) ("h2o(heavy=0.1,recent=0.1)") for shape, in memory from mem (the pager's tenant)
- * or the C heap (kvp_policy_parse); kvp_policy_free releases it. shared: from kvp_policy_prepare of the
- * same spec, or NULL (the policy then loads what it needs itself). */
+ * or the C heap (kvp_policy_parse); kvp_policy_free releases it. shared: what the same spec's prepare
+ * loaded, or NULL (the policy then loads what it needs itself). The pager opens its sequences' policies
+ * from a struct kvp_policy_spec instead, parsed and prepared once. */
 kvp_status kvp_policy_parse(const char *spec, size_t len, const kvp_shape *shape,
 			    const struct kvp_policy_shared *shared, struct kvp_policy **out);
 kvp_status kvp_policy_parse_in(const char *spec, size_t len, const kvp_shape *shape,
 			       const struct kvp_policy_shared *shared, const struct kvp_allocator *mem,
 			       struct kvp_policy **out);
 void kvp_policy_free(struct kvp_policy *p);
+
+/*
+ * A policy= spec parsed once (the pager's tenant parses its spec when it opens) into the policy's ops and
+ * arguments, with what its prepare op loads (TriAttention: its .kvtria file, read once). Opening it for a
+ * sequence repeats no lookup and no load. The spec owns a copy of its text; kvp_policy_spec_free releases
+ * it. parse checks the name and the argument syntax and reads nothing; prepare loads the shared state;
+ * check opens the policy for a small shape, unless prepare loaded something (made for a shape known only
+ * when a sequence opens). Failures name the spec's fault as kvp_policy_parse would.
+ */
+struct kvp_policy_spec;
+kvp_status kvp_policy_spec_parse(const char *text, size_t len, struct kvp_policy_spec **out);
+kvp_status kvp_policy_spec_prepare(struct kvp_policy_spec *spec);
+kvp_status kvp_policy_spec_check(const struct kvp_policy_spec *spec);
+void kvp_policy_spec_free(struct kvp_policy_spec *spec);
+const struct kvp_policy_ops *kvp_policy_spec_ops(const struct kvp_policy_spec *spec);
+kvp_status kvp_policy_spec_open(const struct kvp_policy_spec *spec, const kvp_shape *shape,
+				const struct kvp_allocator *mem, struct kvp_policy **out);
+/* The registry's policy names, joined by ", "; with coherence set, only those that offer a coherence op. */
+void kvp_policy_names(int coherence, char *out, size_t cap);
+/* The policy's coherence for (layer, kv_head); KVP_EINVAL for a policy that offers none. */
+kvp_status kvp_policy_coherence(const struct kvp_policy *p, uint32_t layer, uint32_t kv_head, double *out);
 /* An independent copy of p with its history (for kvp_seq_fork), in p's memory or mem's. On failure *out
  * is NULL. */
 kvp_status kvp_policy_clone(const struct kvp_policy *p, struct kvp_policy **out);
@@ -198,14 +226,14 @@ struct kvp_cut {
 kvp_status kvp_policy_cut(const struct kvp_policy *p, const struct kvp_round *r, uint32_t prompt_tokens,
 			  struct kvp_cut *cut);
 /*
- * select=per_head (TriAttention's reference, plan.per_head): one kept set for KV head kv_head in every
- * layer. rounds[l] is the stream of layer l; all must hold the same positions (they do when every round
+ * KVP_ROUND_HEAD (TriAttention's select=per_head, its reference): one kept set for KV head kv_head in
+ * every layer. rounds[l] is the stream of layer l; all must hold the same positions (they do when every round
  * applied the same set), and their keys differ. Candidates' scores are averaged over layers, then selected.
  */
 kvp_status kvp_policy_round_layers(struct kvp_policy *p, uint32_t kv_head, const struct kvp_round *rounds,
 				   uint8_t *keep, uint32_t *n_kept);
 /*
- * select=union (plan.union_select, TensorRT-LLM's mode): one kept set for every KV head of a layer.
+ * KVP_ROUND_LAYER (select=union, TensorRT-LLM's mode): one kept set for every KV head of a layer.
  * rounds[h] for KV head h, same positions. Each head proposes its best (budget - protected) candidates;
  * the proposals are ranked by their best score over all heads and the selection rules apply.
  */
@@ -254,33 +282,9 @@ kvp_status kvp_tria_stats_read(const char *path, const kvp_shape *shape, struct 
 kvp_status kvp_tria_stats_check(const char *path, const struct kvp_tria_stats *s, const kvp_shape *shape);
 kvp_status kvp_tria_stats_write(const char *path, const struct kvp_tria_stats *s);
 
-/* ---- Coherence gating (policies/gate.c) ---- */
-
-/* Energy-weighted mean resultant length of a KV head's query group in one layer:
- * sum over group heads and bands of |q_mean| / sum of q_abs_mean, in [0, 1]; 0 when no energy. */
+/* The mean resultant length of a KV head's query group in one layer from calibrated statistics (TriAttention's
+ * coherence signal with a stats file): sum over the group's heads and bands of |q_mean| / sum of
+ * q_abs_mean, in [0, 1]; 0 when there is no energy. */
 double kvp_gate_mrl(const struct kvp_tria_stats *s, uint32_t layer, uint32_t kv_head, uint32_t n_kv_heads);
-/* A TriAttention policy's mean resultant length for (layer, kv_head), from its file or its online sums
- * (0 before any query was seen). KVP_EINVAL for other policies. */
-kvp_status kvp_tria_coherence(const struct kvp_policy *p, uint32_t layer, uint32_t kv_head, double *out);
-/* 1 - H(w)/log(n) of a softmax row (weights need not be normalized); 1 for n <= 1. */
-double kvp_gate_entropy_coherence(uint32_t n, const float *weights);
-/*
- * Splits total tokens over n heads: each gets floor, the rest goes in proportion to 1 - strength * c[i]
- * (c in [0,1]: coherent heads get less), rounded by largest remainder so the parts sum to total exactly.
- * strength in [0, 1); total >= n * floor. Ties in remainders go to the lower index.
- */
-kvp_status kvp_gate_distribute(uint32_t n, const double *coherence, double strength, uint64_t total,
-			       uint64_t floor, uint64_t *out);
-
-#define KVP_LADDER_MAX 8
-/* "4:1.0,3:0.5,2:0.25": levels of (bits, keep fraction) from gentle to aggressive. */
-struct kvp_ladder {
-	unsigned n;
-	unsigned bits[KVP_LADDER_MAX];
-	double keep[KVP_LADDER_MAX];
-};
-kvp_status kvp_ladder_parse(const char *text, size_t len, struct kvp_ladder *out);
-/* Level for coherence c in [0, 1]: round(c * (n - 1)); coherent heads take the aggressive end. */
-unsigned kvp_ladder_level(const struct kvp_ladder *l, double coherence);
 
 #endif /* KVP_POLICY_H */

@@ -4,14 +4,18 @@
  *
  * A spec is `name` or `name(args)`: "streaming(sinks=4,window=1024)", "h2o(heavy=0.1,recent=0.1)",
  * "triattention(budget=2048,stats=qwen3.kvtria)". Every policy also takes pin_prompt=0|1.
+ *
+ * What a policy can do is in its ops row (prepare, coherence, scores_keys, keeps_newest) and its plan (round
+ * scope), and the messages that list policies are written from this table: adding a policy is its file
+ * and one line here.
  */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "policies/policy.h"
 
-/* Adding a policy: one file and one line here. */
 static const struct kvp_policy_ops *const policies[] = {
 	&kvp_policy_streaming, &kvp_policy_h2o, &kvp_policy_triattention,
 };
@@ -22,6 +26,16 @@ static const struct kvp_policy_ops *lookup(const char *name, unsigned nlen)
 		if (kvp_name_is(name, nlen, policies[i]->name))
 			return policies[i];
 	return NULL;
+}
+
+void kvp_policy_names(int coherence, char *out, size_t cap)
+{
+	size_t at = 0;
+
+	out[0] = '\0';
+	for (size_t i = 0; i < sizeof policies / sizeof policies[0] && at < cap; i++)
+		if (!coherence || policies[i]->coherence)
+			at += (size_t)snprintf(out + at, cap - at, "%s%s", at ? ", " : "", policies[i]->name);
 }
 
 static kvp_status check_shape(const kvp_shape *s)
@@ -109,6 +123,7 @@ static kvp_status spec_split(const char *spec, size_t len, const struct kvp_poli
 {
 	const char *name, *inner;
 	unsigned nlen, ilen;
+	char known[128];
 	kvp_status st;
 
 	if (len > 65536)
@@ -117,9 +132,10 @@ static kvp_status spec_split(const char *spec, size_t len, const struct kvp_poli
 	if (st != KVP_OK)
 		return st;
 	*ops = lookup(name, nlen);
-	if (!*ops)
-		return kvp_fail(KVP_EINVAL, "policy: unknown policy '%.*s' (known: streaming, h2o, triattention)",
-				(int)nlen, name);
+	if (!*ops) {
+		kvp_policy_names(0, known, sizeof known);
+		return kvp_fail(KVP_EINVAL, "policy: unknown policy '%.*s' (known: %s)", (int)nlen, name, known);
+	}
 	return kvp_args_parse(args, (*ops)->name, inner, ilen);
 }
 
@@ -148,37 +164,90 @@ kvp_status kvp_policy_parse_in(const char *spec, size_t len, const kvp_shape *sh
 	return open_parsed(ops, &args, shape, shared, mem, out);
 }
 
-kvp_status kvp_policy_prepare(const char *spec, size_t len, struct kvp_policy_shared **out)
-{
+/* ---- specs parsed once ---- */
+
+struct kvp_policy_spec {
 	const struct kvp_policy_ops *ops;
-	struct kvp_args args;
-	void *state = NULL;
+	struct kvp_args args;            /* point into text */
+	struct kvp_policy_shared shared; /* state NULL until prepare loads something */
+	char text[];
+};
+
+/* The shape a spec is checked with when it prepared nothing. */
+static const kvp_shape probe_shape = { 1, 1, 1, 64, 1e4f, KVP_ROPE_HALF };
+
+kvp_status kvp_policy_spec_parse(const char *text, size_t len, struct kvp_policy_spec **out)
+{
+	struct kvp_policy_spec *spec;
 	kvp_status st;
 
+	if (!text || !out)
+		return kvp_fail(KVP_EINVAL, "policy: NULL spec or result");
 	*out = NULL;
-	if (!spec)
-		return kvp_fail(KVP_EINVAL, "policy: NULL spec");
-	st = spec_split(spec, len, &ops, &args);
-	if (st != KVP_OK || !ops->prepare)
+	if (len > 65536)
+		return kvp_fail(KVP_EINVAL, "policy: spec of %zu bytes is too long", len);
+	if (!(spec = calloc(1, sizeof *spec + len + 1)))
+		return kvp_fail(KVP_ENOMEM, "policy: out of memory for the spec '%.*s'", (int)len, text);
+	memcpy(spec->text, text, len);
+	st = spec_split(spec->text, len, &spec->ops, &spec->args);
+	if (st != KVP_OK) {
+		free(spec);
 		return st;
-	st = ops->prepare(&args, &state);
-	if (st != KVP_OK || !state)
-		return st;
-	if (!(*out = malloc(sizeof **out))) {
-		ops->release(state);
-		return kvp_fail(KVP_ENOMEM, "%s: out of memory", ops->name);
 	}
-	(*out)->ops = ops;
-	(*out)->state = state;
+	spec->shared.ops = spec->ops;
+	*out = spec;
 	return KVP_OK;
 }
 
-void kvp_policy_shared_free(struct kvp_policy_shared *shared)
+kvp_status kvp_policy_spec_prepare(struct kvp_policy_spec *spec)
 {
-	if (!shared)
+	struct kvp_args args = spec->args;
+
+	if (!spec->ops->prepare || spec->shared.state)
+		return KVP_OK;
+	return spec->ops->prepare(&args, &spec->shared.state);
+}
+
+kvp_status kvp_policy_spec_check(const struct kvp_policy_spec *spec)
+{
+	struct kvp_policy *p;
+	kvp_status st;
+
+	/* what prepare loaded (a .kvtria file) is checked against each sequence's shape when it opens */
+	if (spec->shared.state)
+		return KVP_OK;
+	st = kvp_policy_spec_open(spec, &probe_shape, &kvp_heap, &p);
+	kvp_policy_free(p);
+	return st;
+}
+
+void kvp_policy_spec_free(struct kvp_policy_spec *spec)
+{
+	if (!spec)
 		return;
-	shared->ops->release(shared->state);
-	free(shared);
+	if (spec->shared.state)
+		spec->ops->release(spec->shared.state);
+	free(spec);
+}
+
+const struct kvp_policy_ops *kvp_policy_spec_ops(const struct kvp_policy_spec *spec)
+{
+	return spec->ops;
+}
+
+kvp_status kvp_policy_spec_open(const struct kvp_policy_spec *spec, const kvp_shape *shape,
+				const struct kvp_allocator *mem, struct kvp_policy **out)
+{
+	struct kvp_args args = spec->args; /* open marks the keys it reads: the spec's stay unread */
+	kvp_status st;
+
+	if (!mem || !out)
+		return kvp_fail(KVP_EINVAL, "policy: NULL memory or result");
+	*out = NULL;
+	st = check_shape(shape);
+	if (st != KVP_OK)
+		return st;
+	return open_parsed(spec->ops, &args, shape, &spec->shared, mem, out);
 }
 
 void kvp_policy_free(struct kvp_policy *p)
@@ -249,6 +318,21 @@ int kvp_policy_due(const struct kvp_policy *p, int64_t t0, uint32_t n)
 }
 
 /* ---- checked calls ---- */
+
+kvp_status kvp_policy_coherence(const struct kvp_policy *p, uint32_t layer, uint32_t kv_head, double *out)
+{
+	char known[128];
+	kvp_status st = kvp_policy_check_stream("coherence", p, layer, kv_head);
+
+	if (st != KVP_OK)
+		return st;
+	if (!p->ops->coherence) {
+		kvp_policy_names(1, known, sizeof known);
+		return kvp_fail(KVP_EINVAL, "gate=mrl: policy %s offers no coherence signal (%s do)", p->ops->name,
+				known);
+	}
+	return p->ops->coherence(p, layer, kv_head, out);
+}
 
 kvp_status kvp_policy_check_stream(const char *what, const struct kvp_policy *p, uint32_t layer,
 				   uint32_t kv_head)

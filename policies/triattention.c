@@ -579,8 +579,9 @@ static kvp_status open_tria(struct kvp_policy *p, struct kvp_args *args)
 	}
 	p->plan.every = every;
 	p->plan.pin_prompt = 1; /* the reference keeps the prompt */
-	p->plan.per_head = select == SELECT_PER_HEAD;
-	p->plan.union_select = select == SELECT_UNION;
+	p->plan.scope = select == SELECT_PER_HEAD ? KVP_ROUND_HEAD :
+			select == SELECT_UNION	  ? KVP_ROUND_LAYER :
+						    KVP_ROUND_STREAM;
 	p->state = t;
 	return KVP_OK;
 }
@@ -620,15 +621,14 @@ static void close_tria(struct kvp_policy *p)
 	p->state = NULL;
 }
 
-kvp_status kvp_tria_coherence(const struct kvp_policy *p, uint32_t layer, uint32_t kv_head, double *out)
+/* The coherence signal: the mean resultant length of the KV head's query group, from the file's
+ * statistics or the online sums (0 before any query was seen). */
+static kvp_status coherence(const struct kvp_policy *p, uint32_t layer, uint32_t kv_head, double *out)
 {
-	const struct tria *t;
+	const struct tria *t = p->state;
 	unsigned group, F;
 	double resultant = 0, energy = 0;
 
-	if (!p || p->ops != &kvp_policy_triattention || layer >= p->shape.n_layers || kv_head >= p->shape.n_kv_heads)
-		return kvp_fail(KVP_EINVAL, "gate=mrl: the mean resultant length needs a triattention policy");
-	t = p->state;
 	if (!t->online) {
 		*out = kvp_gate_mrl(&t->file->stats, layer, kv_head, p->shape.n_kv_heads);
 		return KVP_OK;
@@ -656,5 +656,6 @@ const struct kvp_policy_ops kvp_policy_triattention = {
 	.observe = observe,
 	.score = score,
 	.clone = clone_tria,
+	.coherence = coherence,
 	.close = close_tria,
 };

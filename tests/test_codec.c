@@ -208,3 +208,76 @@ Test(codec, tables_come_from_the_allocator_and_all_of_them_come_back)
 		cr_assert_eq(mem.held, 0, "%s: a refused parse left %zu bytes held", specs[i], mem.held);
 	}
 }
+
+/* Capabilities are in the ops rows: every codec that says it takes bits offers with_bits, and the
+ * messages' lists are written from the table. */
+Test(codec, the_registry_lists_codecs_by_what_their_ops_rows_say)
+{
+	const struct kvp_codec_ops *const all[] = {
+		&kvp_codec_fp32, &kvp_codec_fp16, &kvp_codec_turboquant, &kvp_codec_kivi, &kvp_codec_spark,
+	};
+	char names[128];
+	struct kvp_codec *c = NULL;
+
+	for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+		cr_assert_eq(!!(all[i]->flags & KVP_CODEC_BITS), all[i]->with_bits != NULL, "%s", all[i]->name);
+	kvp_codec_names(KVP_CODEC_BITS, names, sizeof names);
+	cr_assert_str_eq(names, "turboquant, kivi");
+	kvp_codec_names(KVP_CODEC_STACKS, names, sizeof names);
+	cr_assert_str_eq(names, "spark");
+	cr_assert_eq(kvp_codec_parse("fp8", 3, 64, &c), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "(known: fp32, fp16, turboquant, kivi, spark)"), "%s", kvp_last_error());
+	cr_assert_eq(kvp_codec_parse("fp16|fp32", 9, 64, &c), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "codecs that stack: spark"), "%s", kvp_last_error());
+}
+
+/* Encodes n vectors with a context of its own, fitted on them. */
+static void encode_fitted(const struct kvp_codec *c, unsigned n, const float *x, uint8_t *dst)
+{
+	void *ctx = c->ctx_bytes ? calloc(1, c->ctx_bytes) : NULL;
+
+	memset(dst, 0, c->ops->bytes(c, n));
+	if (c->ops->fit)
+		cr_assert_eq(c->ops->fit(c, ctx, n, x, 0, NULL), KVP_OK);
+	cr_assert_eq(c->ops->encode(c, ctx, n, x, dst), KVP_OK);
+	free(ctx);
+}
+
+/* A spec parsed once opens as often as needed, and at a bit width: the members that take bits get it
+ * through with_bits, the others stay as written, and the result is the codec of the rewritten text. */
+Test(codec, a_parsed_spec_opens_at_any_width_as_its_rewritten_text_would)
+{
+	const char *text = "spark(keep=0.5)|turboquant(qjl=1,bits=3)";
+	struct kvp_codec_spec *spec;
+	struct kvp_codec *a = NULL, *b = NULL, *same = NULL;
+	char written[128];
+	float x[32 * 64];
+	uint8_t ea[4096], eb[4096];
+
+	for (size_t i = 0; i < sizeof x / sizeof x[0]; i++)
+		x[i] = sinf(0.37f * (float)i) + 0.01f * (float)(i % 7);
+	cr_assert_eq(kvp_codec_spec_parse(text, strlen(text), &spec), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_codec_spec_bits_members(spec), 1);
+	cr_assert_eq(kvp_codec_spec_write(spec, 2, written, sizeof written), KVP_OK);
+	cr_assert_str_eq(written, "spark(keep=0.5)|turboquant(bits=2,qjl=1)");
+	cr_assert_eq(kvp_codec_spec_write(spec, 2, written, 20), KVP_EINVAL);
+	cr_assert_eq(kvp_codec_spec_open(spec, 2, 64, KVP_CODEC_KEYS, &kvp_heap, &a), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_codec_parse("spark(keep=0.5)|turboquant(bits=2,qjl=1)", 40, 64, &b), KVP_OK);
+	cr_assert_eq(a->ops->bytes(a, 32), b->ops->bytes(b, 32));
+	cr_assert_lt(a->ops->bytes(a, 32), sizeof ea);
+	cr_assert_eq(kvp_codec_spec_open(spec, 0, 64, KVP_CODEC_KEYS, &kvp_heap, &same), KVP_OK);
+	cr_assert_gt(same->ops->bytes(same, 32), a->ops->bytes(a, 32), "bits=3 as written takes more room than 2");
+	encode_fitted(a, 32, x, ea);
+	encode_fitted(b, 32, x, eb);
+	cr_assert_eq(memcmp(ea, eb, a->ops->bytes(a, 32)), 0);
+	kvp_codec_free(a);
+	kvp_codec_free(b);
+	kvp_codec_free(same);
+	cr_assert_eq(kvp_codec_spec_open(spec, 7, 64, KVP_CODEC_KEYS, &kvp_heap, &a), KVP_EINVAL);
+	cr_assert_null(a);
+	cr_assert(strstr(kvp_last_error(), "codec 'spark(keep=0.5)|turboquant(bits=7,qjl=1)'") &&
+		  strstr(kvp_last_error(), "bits=7 is outside 1..4"), "%s", kvp_last_error());
+	kvp_codec_spec_free(spec);
+	cr_assert_eq(kvp_codec_spec_parse("nosuch(bits=2)", 14, &spec), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "nosuch"), "%s", kvp_last_error());
+}

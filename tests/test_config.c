@@ -155,3 +155,33 @@ Test(config, half_precision_rounds_to_nearest_even)
 	cr_assert_float_eq(kvp_f16_to_f32(0x0001), 0x1p-24f, 0);
 	cr_assert_float_eq(kvp_f16_to_f32(0x3555), 0.33325195f, 0);
 }
+
+/* What a ladder uses to give a codec its width: the key goes first, in place of the one it had. */
+Test(config, put_sets_a_key_first_in_place_of_its_old_value)
+{
+	struct kvp_args a;
+	uint32_t bits = 0, qjl = 0;
+
+	cr_assert_eq(parse(&a, "qjl=1, bits=3"), KVP_OK);
+	cr_assert_eq(kvp_args_put(&a, "bits", "2"), KVP_OK);
+	cr_assert_eq(a.n, 2);
+	cr_assert_eq(a.a[0].klen, 4);
+	cr_assert(!memcmp(a.a[0].key, "bits", 4));
+	cr_assert(!memcmp(a.a[1].key, "qjl", 3));
+	cr_assert_eq(kvp_args_u32(&a, "bits", 1, 8, &bits), KVP_OK);
+	cr_assert_eq(kvp_args_u32(&a, "qjl", 0, 1, &qjl), KVP_OK);
+	cr_assert_eq(bits, 2);
+	cr_assert_eq(qjl, 1);
+	cr_assert_eq(kvp_args_finish(&a), KVP_OK);
+	cr_assert_eq(parse(&a, ""), KVP_OK);
+	cr_assert_eq(kvp_args_put(&a, "bits", "4"), KVP_OK);
+	cr_assert_eq(a.n, 1);
+	cr_assert_eq(kvp_args_finish(&a), KVP_EINVAL, "a put key is unread until someone reads it");
+	cr_assert_eq(parse(&a, "a=1,b=1,c=1,d=1,e=1,f=1,g=1,h=1,i=1,j=1,k=1,l=1,m=1,n=1,o=1,p=1,q=1,r=1,s=1,t=1,"
+			       "u=1,v=1,w=1,x=1,y=1,z=1,aa=1,ab=1,ac=1,ad=1,ae=1,af=1"), KVP_OK);
+	cr_assert_eq(a.n, KVP_ARGS_MAX);
+	cr_assert_eq(kvp_args_put(&a, "bits", "2"), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "bits=2"), "%s", kvp_last_error());
+	cr_assert_eq(kvp_args_put(&a, "af", "2"), KVP_OK, "replacing needs no room");
+	cr_assert_eq(a.n, KVP_ARGS_MAX);
+}

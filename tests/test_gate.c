@@ -1,6 +1,9 @@
-/* Coherence gating: entropy and mean resultant length, budget distribution, the bits ladder. */
+/* Coherence gating (gating/): entropy and mean resultant length, budget distribution, the bits ladder, a
+ * tenant's gate= and ladder= checks, and one sequence's gating state on its own. */
 #include <criterion/criterion.h>
 
+#include "gating/gating.h"
+#include "memory_fixture.h"
 #include "policy_fixture.h"
 
 Test(gate, entropy_coherence_is_one_for_a_spike_and_zero_for_uniform)
@@ -108,4 +111,85 @@ Test(gate, malformed_ladders_are_refused_with_the_item)
 		cr_assert(strstr(kvp_last_error(), "ladder"), "%s", kvp_last_error());
 	}
 	cr_assert_eq(l.n, 99, "a refused ladder leaves the output alone");
+}
+
+static struct kvp_gating_config gating_config(enum kvp_gate gate, const char *ladder)
+{
+	struct kvp_gating_config cfg = { .gate = gate };
+
+	if (ladder) {
+		cr_assert_eq(kvp_ladder_parse(ladder, strlen(ladder), &cfg.ladder), KVP_OK, "%s", kvp_last_error());
+		snprintf(cfg.ladder_spec, sizeof cfg.ladder_spec, "%s", ladder);
+	}
+	return cfg;
+}
+
+/* The checks ask the policy and codec registries what they offer, never for a name, and list what does. */
+Test(gate, checks_ask_policies_and_codecs_what_they_offer)
+{
+	struct kvp_gating_config mrl = gating_config(KVP_GATE_MRL, NULL);
+	struct kvp_gating_config ladder = gating_config(KVP_GATE_ENTROPY, "4:1.0,2:0.5");
+
+	cr_assert_eq(kvp_gating_check(&mrl, "h2o(heavy=0.1,recent=0.1)", "", ""), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "gate=mrl") && strstr(kvp_last_error(), "(triattention)"), "%s",
+		  kvp_last_error());
+	cr_assert_eq(kvp_gating_check(&mrl, "triattention(stats=online)", "", ""), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_gating_check(&mrl, "", "", ""), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "no policy="), "%s", kvp_last_error());
+	cr_assert_eq(kvp_gating_check(&ladder, "streaming", "spark(keep=0.5)|fp16", "fp16"), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "takes bits= (turboquant, kivi)"), "%s", kvp_last_error());
+	cr_assert_eq(kvp_gating_check(&ladder, "streaming", "fp16", "spark(keep=0.5)|kivi"), KVP_OK, "%s",
+		     kvp_last_error());
+	cr_assert_eq(kvp_gating_levels(&ladder), 2);
+	cr_assert_eq(kvp_gating_level_bits(&ladder, 1), 2);
+	cr_assert_eq(kvp_gating_levels(&mrl), 1);
+	cr_assert_eq(kvp_gating_level_bits(&mrl, 0), 0, "without a ladder codecs open as written");
+}
+
+/*
+ * One sequence's gating, without a pager: gate=entropy folds attention weights into coherence, a step
+ * moves the layer's budget to the diffuse head and conserves it, a fork continues from its source, an
+ * override sticks, and every byte comes from and goes back to the allocator it was opened with.
+ */
+Test(gate, a_sequences_gating_moves_budget_to_the_diffuse_head)
+{
+	struct kvp_gating_config cfg = gating_config(KVP_GATE_ENTROPY, "4:1.0,3:0.5"), off = { .gate = KVP_GATE_OFF };
+	kvp_shape s = fixture_shape(2, 4, 2, 8, 1e4f, KVP_ROPE_HALF);
+	float sharp[2][8] = { { 0, 0, 0, 0, 0, 0, 0, 1 }, { 0, 0, 0, 0, 0, 0, 1, 0 } };
+	float flat[2][8] = { { 1, 1, 1, 1, 1, 1, 1, 1 }, { 1, 1, 1, 1, 1, 1, 1, 1 } };
+	struct fixture_memory mem;
+	struct kvp_gating *g, *fork;
+	kvp_policy *p;
+	kvp_head_level level = { .size = sizeof level };
+
+	fixture_memory_init(&mem, 1 << 20);
+	cr_assert_eq(kvp_gating_open(&off, &s, &mem.ops, &g), KVP_OK);
+	cr_assert_null(g, "gate=off keeps no state");
+	cr_assert_eq(kvp_gating_head_level(NULL, 0, 0, &level), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "gate=off"), "%s", kvp_last_error());
+	cr_assert_eq(kvp_policy_open("streaming(sinks=4,window=60)", &s, &p), KVP_OK);
+	cr_assert_eq(kvp_gating_open(&cfg, &s, &mem.ops, &g), KVP_OK, "%s", kvp_last_error());
+	cr_assert_gt(mem.held, 0);
+	cr_assert(kvp_gating_wants_weights(g));
+	for (uint32_t l = 0; l < 2; l++) {
+		kvp_gating_observe(g, l, 0, 8, &sharp[0][0]);
+		kvp_gating_observe(g, l, 1, 8, &flat[0][0]);
+	}
+	cr_assert_eq(kvp_gating_step(g, p, 100, 8), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_gating_budget(g, 1, 0) + kvp_gating_budget(g, 1, 1), 2 * 64, "the total is conserved");
+	cr_assert_gt(kvp_gating_budget(g, 1, 1), kvp_gating_budget(g, 1, 0));
+	cr_assert_eq(kvp_gating_level(g, 0, 0), 1, "the sharp head takes the aggressive level");
+	cr_assert_eq(kvp_gating_level(g, 0, 1), 0);
+	cr_assert_eq(kvp_gating_fork(g, &mem.ops, &fork), KVP_OK);
+	cr_assert_eq(kvp_gating_budget(fork, 1, 1), kvp_gating_budget(g, 1, 1));
+	cr_assert_eq(kvp_gating_set_head_level(fork, 0, 0, 0.0f), KVP_OK);
+	cr_assert_eq(kvp_gating_head_level(fork, 0, 0, &level), KVP_OK);
+	cr_assert(level.overridden && level.level == 0 && level.bits == 4);
+	cr_assert_eq(kvp_gating_head_level(g, 0, 0, &level), KVP_OK);
+	cr_assert(!level.overridden && level.level == 1 && level.bits == 3, "the source keeps its own");
+	cr_assert_eq(kvp_gating_set_head_level(g, 0, 0, 1.5f), KVP_EINVAL);
+	kvp_gating_close(fork);
+	kvp_gating_close(g);
+	kvp_policy_close(p);
+	cr_assert_eq(mem.held, 0, "%zu bytes not given back", mem.held);
 }

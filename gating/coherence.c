@@ -1,31 +1,15 @@
 /*
- * Coherence gating (DESIGN.md): how predictable a head's attention is decides how hard it is pruned.
- * Coherence c in [0, 1] comes from the calibrated mean resultant length of the head's queries (a head whose
- * queries point one way attends predictably) or from the normalized entropy of its attention (1 - H/log n).
+ * The arithmetic of coherence gating (DESIGN.md): how predictable a head's attention is decides how hard
+ * it is pruned. Coherence c in [0, 1] comes from the policy's coherence op (TriAttention: the mean resultant
+ * length of the head's queries: a head whose queries point one way attends predictably) or from the
+ * normalized entropy of its attention (1 - H/log n).
  * The budget is moved between heads, never created: kvp_gate_distribute conserves the total exactly.
  */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "policies/policy.h"
-
-double kvp_gate_mrl(const struct kvp_tria_stats *s, uint32_t layer, uint32_t kv_head, uint32_t n_kv_heads)
-{
-	unsigned group = s->n_heads / n_kv_heads, F = s->head_dim / 2;
-	double resultant = 0, energy = 0;
-
-	for (unsigned g = 0; g < group; g++) {
-		size_t at = kvp_tria_stats_at(s, layer, kv_head * group + g);
-		for (unsigned f = 0; f < F; f++) {
-			resultant += hypot(s->mean_re[at + f], s->mean_im[at + f]);
-			energy += s->abs_mean[at + f];
-		}
-	}
-	if (!(energy > 0))
-		return 0;
-	return resultant > energy ? 1.0 : resultant / energy;
-}
+#include "gating/gating.h"
 
 double kvp_gate_entropy_coherence(uint32_t n, const float *weights)
 {
@@ -106,57 +90,4 @@ kvp_status kvp_gate_distribute(uint32_t n, const double *coherence, double stren
 	round_shares(n, share, total - floor_each * n, frac, out);
 	free(share), free(frac);
 	return KVP_OK;
-}
-
-/* One "bits:keep" item. */
-static kvp_status parse_level(const char *s, unsigned len, unsigned *bits, double *keep)
-{
-	char buf[64], *end;
-	const char *colon = memchr(s, ':', len);
-	unsigned long b;
-
-	if (!colon || len >= sizeof buf)
-		return kvp_fail(KVP_EINVAL, "ladder: '%.*s' is not bits:keep", (int)len, s);
-	memcpy(buf, s, len);
-	buf[len] = '\0';
-	b = strtoul(buf, &end, 10);
-	if (end != buf + (colon - s) || b < 1 || b > 16)
-		return kvp_fail(KVP_EINVAL, "ladder: bits in '%.*s' must be a whole number in 1..16", (int)len, s);
-	*keep = strtod(end + 1, &end);
-	if (*end != '\0' || !(*keep > 0 && *keep <= 1))
-		return kvp_fail(KVP_EINVAL, "ladder: keep in '%.*s' must be a number in (0, 1]", (int)len, s);
-	*bits = (unsigned)b;
-	return KVP_OK;
-}
-
-kvp_status kvp_ladder_parse(const char *text, size_t len, struct kvp_ladder *out)
-{
-	struct kvp_ladder l = { 0 };
-	size_t at = 0;
-
-	if (!text || len == 0)
-		return kvp_fail(KVP_EINVAL, "ladder: empty (example: 4:1.0,3:0.5,2:0.25)");
-	while (at <= len) {
-		const char *comma = memchr(text + at, ',', len - at);
-		size_t end = comma ? (size_t)(comma - text) : len;
-		kvp_status st;
-		if (l.n == KVP_LADDER_MAX)
-			return kvp_fail(KVP_EINVAL, "ladder: more than %d levels", KVP_LADDER_MAX);
-		st = parse_level(text + at, (unsigned)(end - at), &l.bits[l.n], &l.keep[l.n]);
-		if (st != KVP_OK)
-			return st;
-		if (l.n && (l.keep[l.n] > l.keep[l.n - 1] || l.bits[l.n] > l.bits[l.n - 1]))
-			return kvp_fail(KVP_EINVAL, "ladder: level %u (%u:%g) is gentler than the one before; list "
-					"levels from gentle to aggressive", l.n + 1, l.bits[l.n], l.keep[l.n]);
-		l.n++;
-		at = end + 1;
-	}
-	*out = l;
-	return KVP_OK;
-}
-
-unsigned kvp_ladder_level(const struct kvp_ladder *l, double coherence)
-{
-	double c = coherence < 0 ? 0 : coherence > 1 ? 1 : coherence;
-	return l->n ? (unsigned)lround(c * (l->n - 1)) : 0;
 }

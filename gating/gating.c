@@ -1,0 +1,223 @@
+/*
+ * One sequence's gating: per (layer, KV head) the coherence measured so far, the host's override, and the
+ * budget they yield at each kvp_seq_step (see gating.h). Rounds of a KVP_ROUND_STREAM policy use each
+ * stream's budget; rounds whose verdict covers several streams (select=per_head, union) keep the policy's.
+ * With a ladder a head's share is its level's keep fraction instead of 1 - STRENGTH * a, and its level also
+ * picks the bits of its cold blocks (per stream, whatever the round scope is).
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "gating/gating.h"
+
+/* How far budget moves: a fully coherent head keeps 1 - STRENGTH of the share of a diffuse one. */
+#define STRENGTH 0.75
+
+struct kvp_gating {
+	const struct kvp_gating_config *cfg;
+	struct kvp_allocator mem;
+	size_t bytes;
+	uint32_t n_layers, n_kv_heads, group;
+	/* the arrays follow the struct in the same allocation: a fork copies them in one go */
+	double *coherence;   /* [layers][kv_heads] in [0, 1] */
+	uint32_t *samples;   /* entropy observations folded into coherence */
+	uint32_t *budget;    /* the stream's budget at the last step, 0 before */
+	float *override;     /* aggressiveness set through kvp_seq_set_head_level, or -1 */
+};
+
+kvp_status kvp_gating_open(const struct kvp_gating_config *cfg, const kvp_shape *shape,
+			   const struct kvp_allocator *mem, struct kvp_gating **out)
+{
+	size_t n = (size_t)shape->n_layers * shape->n_kv_heads;
+	size_t bytes = sizeof(struct kvp_gating) + n * (sizeof(double) + 2 * sizeof(uint32_t) + sizeof(float));
+	struct kvp_gating *g;
+
+	*out = NULL;
+	if (cfg->gate == KVP_GATE_OFF)
+		return KVP_OK;
+	if (!(g = kvp_allocate(mem, bytes, "gating state")))
+		return KVP_ENOMEM;
+	g->cfg = cfg;
+	g->mem = *mem;
+	g->bytes = bytes;
+	g->n_layers = shape->n_layers;
+	g->n_kv_heads = shape->n_kv_heads;
+	g->group = shape->n_heads / shape->n_kv_heads;
+	g->coherence = (double *)(g + 1);
+	g->samples = (uint32_t *)(g->coherence + n);
+	g->budget = g->samples + n;
+	g->override = (float *)(g->budget + n);
+	for (size_t i = 0; i < n; i++)
+		g->override[i] = -1.0f;
+	*out = g;
+	return KVP_OK;
+}
+
+kvp_status kvp_gating_fork(const struct kvp_gating *src, const struct kvp_allocator *mem, struct kvp_gating **out)
+{
+	kvp_shape shape = { .n_layers = 0 };
+	kvp_status st;
+
+	*out = NULL;
+	if (!src)
+		return KVP_OK;
+	shape.n_layers = src->n_layers;
+	shape.n_kv_heads = src->n_kv_heads;
+	shape.n_heads = src->n_kv_heads * src->group;
+	if ((st = kvp_gating_open(src->cfg, &shape, mem, out)) == KVP_OK)
+		memcpy(*out + 1, src + 1, src->bytes - sizeof *src);
+	return st;
+}
+
+void kvp_gating_close(struct kvp_gating *g)
+{
+	if (g) {
+		struct kvp_allocator mem = g->mem;
+		kvp_release(&mem, g, g->bytes);
+	}
+}
+
+int kvp_gating_wants_weights(const struct kvp_gating *g)
+{
+	return g && g->cfg->gate == KVP_GATE_ENTROPY;
+}
+
+static size_t at(const struct kvp_gating *g, uint32_t layer, uint32_t kv_head)
+{
+	return (size_t)layer * g->n_kv_heads + kv_head;
+}
+
+void kvp_gating_observe(struct kvp_gating *g, uint32_t layer, uint32_t kv_head, uint32_t n, const float *weights)
+{
+	size_t i = at(g, layer, kv_head);
+	double c = 0;
+
+	for (uint32_t h = 0; h < g->group; h++)
+		c += kvp_gate_entropy_coherence(n, weights + (size_t)h * n);
+	c /= g->group;
+	/* a running mean that keeps adapting: the last 256 observations weigh the most */
+	if (g->samples[i] < 256)
+		g->samples[i]++;
+	g->coherence[i] += (c - g->coherence[i]) / g->samples[i];
+}
+
+/* gate=mrl: the policy's coherence signal, read afresh at every step. */
+static kvp_status measure(struct kvp_gating *g, const struct kvp_policy *policy)
+{
+	for (uint32_t l = 0; l < g->n_layers; l++)
+		for (uint32_t h = 0; h < g->n_kv_heads; h++) {
+			kvp_status st = kvp_policy_coherence(policy, l, h, &g->coherence[at(g, l, h)]);
+			if (st != KVP_OK)
+				return st;
+		}
+	return KVP_OK;
+}
+
+static double aggressiveness(const struct kvp_gating *g, size_t i)
+{
+	return g->override[i] >= 0 ? g->override[i] : g->coherence[i];
+}
+
+uint32_t kvp_gating_level(const struct kvp_gating *g, uint32_t layer, uint32_t kv_head)
+{
+	if (!g || !g->cfg->ladder.n)
+		return 0;
+	return kvp_ladder_level(&g->cfg->ladder, aggressiveness(g, at(g, layer, kv_head)));
+}
+
+/*
+ * With a ladder a head's share is its level's keep fraction. kvp_gate_distribute splits in proportion to
+ * 1 - strength x c; keeps in (0, 1] are that with strength = 1 - the smallest keep of the layer and
+ * c = (1 - keep) / strength.
+ */
+static void ladder_shares(const struct kvp_gating *g, uint32_t layer, double *a, double *strength)
+{
+	const struct kvp_ladder *l = &g->cfg->ladder;
+	double least = 1.0;
+
+	for (uint32_t h = 0; h < g->n_kv_heads; h++) {
+		a[h] = l->keep[kvp_gating_level(g, layer, h)];
+		least = a[h] < least ? a[h] : least;
+	}
+	*strength = 1.0 - least;
+	for (uint32_t h = 0; h < g->n_kv_heads; h++) {
+		double c = *strength > 0 ? (1.0 - a[h]) / *strength : 0.0;
+		a[h] = c < 0 ? 0 : c > 1 ? 1 : c;
+	}
+}
+
+kvp_status kvp_gating_step(struct kvp_gating *g, const struct kvp_policy *policy, int64_t t0, uint64_t floor_each)
+{
+	const uint32_t H = g ? g->n_kv_heads : 0;
+	double *a;
+	uint64_t *out;
+	kvp_status st = KVP_OK;
+
+	if (!g)
+		return KVP_OK;
+	if (g->cfg->gate == KVP_GATE_MRL && (st = measure(g, policy)) != KVP_OK)
+		return st;
+	a = malloc(H * sizeof *a);
+	out = malloc(H * sizeof *out);
+	if (!a || !out) {
+		free(a), free(out);
+		return kvp_fail(KVP_ENOMEM, "kvp_seq_step: gating %u heads", H);
+	}
+	for (uint32_t l = 0; l < g->n_layers; l++) {
+		uint64_t total = (uint64_t)kvp_policy_budget(policy, t0) * H, floor = floor_each;
+		double strength = STRENGTH;
+		for (uint32_t h = 0; h < H; h++)
+			a[h] = aggressiveness(g, at(g, l, h));
+		if (g->cfg->ladder.n)
+			ladder_shares(g, l, a, &strength);
+		if (floor > total / H)
+			floor = total / H;
+		if ((st = kvp_gate_distribute(H, a, strength, total, floor, out)) != KVP_OK) {
+			st = kvp_fail_context(st, "kvp_seq_step: gating layer %u", l);
+			break;
+		}
+		for (uint32_t h = 0; h < H; h++)
+			g->budget[at(g, l, h)] = out[h] > UINT32_MAX ? UINT32_MAX : (uint32_t)out[h];
+	}
+	free(a), free(out);
+	return st;
+}
+
+uint32_t kvp_gating_budget(const struct kvp_gating *g, uint32_t layer, uint32_t kv_head)
+{
+	return g ? g->budget[at(g, layer, kv_head)] : 0;
+}
+
+/* ---- what the host reads and sets (the pager checks the head against the shape first) ---- */
+
+kvp_status kvp_gating_head_level(const struct kvp_gating *g, uint32_t layer, uint32_t kv_head, kvp_head_level *out)
+{
+	kvp_head_level full = { .size = sizeof full };
+	size_t i;
+
+	if (!g)
+		return kvp_fail(KVP_EINVAL, "kvp_seq_head_level: the tenant has gate=off, so heads have no levels");
+	if (!out || out->size < sizeof(uint32_t) + sizeof(float))
+		return kvp_fail(KVP_EABI, "kvp_seq_head_level: out->size must be set to sizeof(kvp_head_level)");
+	i = at(g, layer, kv_head);
+	full.coherence = (float)g->coherence[i];
+	full.overridden = g->override[i] >= 0;
+	full.aggressiveness = full.overridden ? g->override[i] : full.coherence;
+	full.budget = g->budget[i];
+	full.level = kvp_gating_level(g, layer, kv_head);
+	full.bits = g->cfg->ladder.n ? g->cfg->ladder.bits[full.level] : 0;
+	memcpy((char *)out + sizeof out->size, (const char *)&full + sizeof full.size,
+	       (out->size < sizeof full ? out->size : sizeof full) - sizeof out->size);
+	return KVP_OK;
+}
+
+kvp_status kvp_gating_set_head_level(struct kvp_gating *g, uint32_t layer, uint32_t kv_head, float aggressiveness)
+{
+	if (!g)
+		return kvp_fail(KVP_EINVAL, "kvp_seq_set_head_level: the tenant has gate=off, so heads have no levels");
+	if (!(aggressiveness <= 1.0f) || (aggressiveness < 0 && aggressiveness != -1.0f))
+		return kvp_fail(KVP_EINVAL, "kvp_seq_set_head_level: aggressiveness %g is outside [0, 1] (or -1 to "
+				"return the head to its measured coherence)", (double)aggressiveness);
+	g->override[at(g, layer, kv_head)] = aggressiveness;
+	return KVP_OK;
+}
