@@ -27,7 +27,7 @@ LIB_LIBS := -lnuma -luring -lpthread -lm -ldl
 LIBS     := -Wl,--no-as-needed -ljemalloc -Wl,--as-needed $(LIB_LIBS)
 TESTLIBS := -lcriterion
 
-LAYERS   := base kernels codecs policies pager plugin
+LAYERS   := base kernels codecs policies tier pager plugin
 LIB_SRC  := $(foreach d,$(LAYERS),$(wildcard $(d)/*.c))
 ifeq ($(ARCH),x86_64)
 LIB_SRC  := $(filter-out %neon.c,$(LIB_SRC))

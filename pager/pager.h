@@ -22,7 +22,7 @@
 #include <stdint.h>
 
 #include "base/base.h"
-#include "pager/spill.h"
+#include "tier/spill.h"
 #include "policies/policy.h"
 
 /* ---- jemalloc, loaded at pool open (see arena.c for why not linked) ---- */

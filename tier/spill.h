@@ -13,8 +13,8 @@
  * is the bottleneck. Slot bookkeeping has its own lock so a park that waits for I/O never blocks another
  * sequence's plan or release.
  */
-#ifndef KVP_PAGER_SPILL_H
-#define KVP_PAGER_SPILL_H
+#ifndef KVP_TIER_SPILL_H
+#define KVP_TIER_SPILL_H
 
 #include <stdint.h>
 
@@ -155,4 +155,4 @@ void kvp_seq_parked_release(struct kvp_seq *s); /* on destroy: drop the records 
 uint64_t kvp_seq_parked_bytes(const struct kvp_seq *s); /* its records on the device */
 uint64_t kvp_seq_parked_meta(const struct kvp_seq *s);  /* its record table and stubs in memory */
 
-#endif /* KVP_PAGER_SPILL_H */
+#endif /* KVP_TIER_SPILL_H */

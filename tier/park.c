@@ -24,7 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "pager.h"
+#include "pager/pager.h"
 
 struct kvp_parked {
 	size_t n;

@@ -12,7 +12,7 @@
 #include <string.h>
 
 #include "kernels/kernels.h"
-#include "pager.h"
+#include "pager/pager.h"
 
 static size_t store_size(enum kvp_store store)
 {

@@ -26,7 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "pager.h"
+#include "pager/pager.h"
 
 #define KVP_SEQ_CLAIMED 0x80000000u
 

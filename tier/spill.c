@@ -19,7 +19,7 @@
 #include <unistd.h>
 
 #include "kernels/crc32c.h"
-#include "pager.h"
+#include "pager/pager.h"
 
 #define RING_ENTRIES 64
 #define ASYNC_ENTRIES 256

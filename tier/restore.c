@@ -24,7 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "pager.h"
+#include "pager/pager.h"
 
 /* Spilled blocks brought back or prefetched in one go: one layer's. */
 struct kvp_restore {
