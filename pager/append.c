@@ -42,7 +42,7 @@ static int shared(struct kvp_block *b)
 }
 
 static kvp_status plan_blocks(struct kvp_tenant *t, const struct kvp_stream *s, uint32_t n, uint32_t dim,
-			      struct stream_plan *p)
+			      struct stream_plan *p, struct kvp_call *call)
 {
 	const struct kvp_tenant_config *cfg = &t->cfg;
 	uint32_t sink_n = s->sink ? s->sink->n : 0, rest;
@@ -51,14 +51,15 @@ static kvp_status plan_blocks(struct kvp_tenant *t, const struct kvp_stream *s, 
 	memset(p, 0, sizeof *p);
 	p->sink_take = sink_n < cfg->sinks ? (n < cfg->sinks - sink_n ? n : cfg->sinks - sink_n) : 0;
 	if (p->sink_take && (!s->sink || shared(s->sink))) {
-		p->sink = s->sink ? kvp_block_copy(t, s->sink, dim) : kvp_block_new(t, cfg->sinks, dim, cfg->store);
+		p->sink = s->sink ? kvp_block_copy(t, s->sink, dim, call) :
+				  kvp_block_new(t, cfg->sinks, dim, cfg->store, call);
 		if (!p->sink)
 			return KVP_ENOMEM;
 	}
 	rest = n - p->sink_take;
 	if (tail && tail->store != KVP_STORE_CODEC && tail->n < tail->cap) {
 		p->tail_take = rest < tail->cap - tail->n ? rest : tail->cap - tail->n;
-		if (p->tail_take && shared(tail) && !(p->tail = kvp_block_copy(t, tail, dim)))
+		if (p->tail_take && shared(tail) && !(p->tail = kvp_block_copy(t, tail, dim, call)))
 			return KVP_ENOMEM;
 	}
 	rest -= p->tail_take;
@@ -72,7 +73,7 @@ static kvp_status plan_blocks(struct kvp_tenant *t, const struct kvp_stream *s, 
 		if (cap > UINT32_MAX || cap > SIZE_MAX / sizeof(struct kvp_block *))
 			return kvp_fail(KVP_ENOMEM, "a table of %llu blocks does not fit this machine",
 					(unsigned long long)cap);
-		p->table = kvp_alloc(t, table_bytes((uint32_t)cap), KVP_BYTES_META, 0);
+		p->table = kvp_alloc(t, table_bytes((uint32_t)cap), KVP_BYTES_META, 0, call);
 		if (!p->table)
 			return KVP_ENOMEM;
 		p->table_cap = (uint32_t)cap;
@@ -81,7 +82,7 @@ static kvp_status plan_blocks(struct kvp_tenant *t, const struct kvp_stream *s, 
 	if (!p->fresh)
 		return kvp_fail(KVP_ENOMEM, "out of memory planning an append");
 	for (uint32_t i = 0; i < p->n_fresh; i++)
-		if (!(p->fresh[i] = kvp_block_new(t, cfg->block, dim, cfg->store)))
+		if (!(p->fresh[i] = kvp_block_new(t, cfg->block, dim, cfg->store, call)))
 			return KVP_ENOMEM;
 	return KVP_OK;
 }
@@ -89,7 +90,7 @@ static kvp_status plan_blocks(struct kvp_tenant *t, const struct kvp_stream *s, 
 static kvp_status plan_stream(struct kvp_tenant *t, const struct kvp_seq *seq, const struct kvp_stream *s,
 			      uint32_t n, struct stream_plan *p)
 {
-	kvp_status st = plan_blocks(t, s, n, seq->shape.head_dim, p);
+	kvp_status st = plan_blocks(t, s, n, seq->shape.head_dim, p, seq->call);
 
 	if (st == KVP_OK)
 		st = kvp_cold_plan(t, seq, s, n - p->sink_take, &p->cold);

@@ -273,8 +273,8 @@ kvp_status kvp_attend_resident(kvp_seq *s, uint32_t layer, const float *q, float
 	observing = (s->policy && s->policy->ops->observe) || kvp_gate_wants_weights(s);
 	if (observing && (st = observe_reserve(s, layer)) != KVP_OK)
 		return st;
-	/* cold blocks pressure spilled come back, and the next layer's start coming (restore.c) */
-	if (s->n_spilled && (st = kvp_restore_layer(s, layer)) != KVP_OK)
+	/* cold blocks pressure spilled come back, and the next layer's start coming (tier/restore.c) */
+	if (s->n_spilled && (st = kvp_restore_layer(s, layer, s->call)) != KVP_OK)
 		return kvp_fail_context(st, "kvp_attend");
 	for (uint32_t g = 0; g < s->shape.n_kv_heads; g++) {
 		size_t at = (size_t)g * s->group * s->shape.head_dim;

@@ -41,7 +41,7 @@ kvp_status kvp_gate_open(struct kvp_tenant *t, struct kvp_seq *s)
 
 	if (t->cfg.gate == KVP_GATE_OFF)
 		return KVP_OK;
-	if (!(g = kvp_alloc(t, bytes, KVP_BYTES_META, 0)))
+	if (!(g = kvp_alloc(t, bytes, KVP_BYTES_META, 0, s->call)))
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_open: gating state");
 	memset(g, 0, bytes);
 	g->bytes = bytes;
@@ -176,7 +176,7 @@ uint32_t kvp_gate_budget(const struct kvp_seq *s, uint32_t layer, uint32_t kv_he
 	return s->gating ? s->gating->budget[at(s, layer, kv_head)] : 0;
 }
 
-/* ---- the public calls (entered through pressure.c like every sequence call) ---- */
+/* ---- the public calls (entered through calls.c like every sequence call) ---- */
 
 static kvp_status check_head(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head, const char *call)
 {

@@ -1,8 +1,8 @@
 /*
- * Calls on a sequence, and memory pressure.
+ * Memory pressure, and the claims that keep it off sequences in use.
  *
- * Every public call on a sequence starts here: its handle is looked up (handle.c), then the sequence is
- * entered: `calls` counts the calls in progress. Memory pressure on a tenant (a charge that would pass
+ * Every public call on a sequence (pager/calls.c) enters the sequence here: `calls` counts the calls in
+ * progress. Memory pressure on a tenant (a charge that would pass
  * its quota or the pool's limit) relieves itself on the tenant's least recently used sequence that no
  * call is in: it claims it by swapping `calls` from 0 to KVP_SEQ_CLAIMED, so the owner's next call waits
  * until the pressure is done with it. Only the same tenant's sequences are ever touched for a tenant's
@@ -27,13 +27,14 @@
 #include <stdlib.h>
 
 #include "pager/pager.h"
+#include "tier/tier.h"
 
 #define KVP_SEQ_CLAIMED 0x80000000u
 
 static pthread_mutex_t claim_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t claim_released = PTHREAD_COND_INITIALIZER;
 
-static void enter_wait(struct kvp_seq *s)
+void kvp_seq_enter(struct kvp_seq *s, struct kvp_call *call)
 {
 	uint32_t c = atomic_load(&s->calls);
 	for (;;) {
@@ -48,41 +49,15 @@ static void enter_wait(struct kvp_seq *s)
 		}
 	}
 	atomic_store(&s->last_use, atomic_fetch_add(&s->tenant->clock, 1) + 1);
+	*call = (struct kvp_call){ .seq = s };
+	s->call = call;
 }
 
-_Thread_local struct kvp_seq *kvp_calling_seq;
-
-_Thread_local struct kvp_pressure_tally kvp_pressure_tally;
-
-static void leave(struct kvp_seq *s)
+void kvp_seq_leave(struct kvp_seq *s)
 {
 	s->pin_from = s->pin_to = 0;
-	kvp_calling_seq = NULL;
-	kvp_pressure_tally = (struct kvp_pressure_tally){ 0 };
+	s->call = NULL;
 	atomic_fetch_sub(&s->calls, 1);
-}
-
-/* Enters the sequence handle h names; a call that needs the tokens gets a pressure-parked sequence
- * back, and a host-parked one refused. On failure nothing is entered. */
-static kvp_status enter(const kvp_seq *h, const char *call, int needs_tokens, struct kvp_seq **out)
-{
-	struct kvp_seq *s;
-	kvp_status st;
-	if ((st = kvp_seq_handle_get(h, call, &s)) != KVP_OK)
-		return st;
-	*out = s;
-	enter_wait(s);
-	kvp_calling_seq = s;
-	kvp_pressure_tally = (struct kvp_pressure_tally){ 0 };
-	if (!needs_tokens || !s->parked)
-		return KVP_OK;
-	if (!s->pressure_parked)
-		st = kvp_seq_parked_error(s, call);
-	else if ((st = kvp_unpark_sequence(s)) != KVP_OK)
-		st = kvp_fail_context(st, "%s: bringing back the sequence memory pressure parked", call);
-	if (st != KVP_OK)
-		leave(s);
-	return st;
 }
 
 /* ---- relief ---- */
@@ -125,23 +100,22 @@ static uint64_t shortfall(const struct kvp_tenant *t, uint64_t bytes)
 }
 
 /* Resorts 1 and 2 on a claimed idle sequence: some of its blocks, or when none can go alone, all of it. */
-static kvp_status relieve_on(struct kvp_seq *victim, uint64_t need)
+static kvp_status relieve_on(struct kvp_seq *victim, uint64_t need, struct kvp_call *call)
 {
 	kvp_status st;
-	if (kvp_spill_blocks(victim, need, KVP_SPILL_IDLE))
+	if (kvp_spill_blocks(victim, need, KVP_SPILL_IDLE, call))
 		return KVP_OK;
-	if ((st = kvp_park_sequence(victim)) != KVP_OK)
+	if ((st = kvp_park_sequence(victim, call)) != KVP_OK)
 		return st;
 	victim->pressure_parked = 1;
-	kvp_pressure_tally.parked++;
+	call->tally.parked++;
 	return KVP_OK;
 }
 
 /* The failed charge's message `why`, what the last resort tried, and what pressure spilled on the way
  * (on the device, not lost). */
-static void relief_failed(const char *why, const char *tried)
+static void relief_failed(const char *why, const char *tried, const struct kvp_pressure_tally *y)
 {
-	const struct kvp_pressure_tally *y = &kvp_pressure_tally;
 	char spilled[320] = "";
 	if (y->blocks[KVP_SPILL_IDLE] || y->blocks[KVP_SPILL_OWN_COLD] || y->parked)
 		snprintf(spilled, sizeof spilled, "; to make room memory pressure first spilled %u blocks of idle "
@@ -151,187 +125,37 @@ static void relief_failed(const char *why, const char *tried)
 	kvp_fail(KVP_ENOMEM, "%s%s%s%s", why, spilled, tried, tried[0] ? ")" : "");
 }
 
-int kvp_pressure_relieve(struct kvp_tenant *t, uint64_t bytes)
+int kvp_pressure_relieve(struct kvp_tenant *t, uint64_t bytes, struct kvp_call *call)
 {
-	struct kvp_seq *victim, *caller = kvp_calling_seq;
+	struct kvp_call none = { 0 };
+	struct kvp_seq *victim, *caller;
 	uint64_t need = shortfall(t, bytes);
-	unsigned mode = kvp_charge_mode;
 	char why[256], tried[300] = "";
 	kvp_status st;
+	int mode;
 	if (!t->pool->spill)
 		return 0;
+	if (!call)
+		call = &none; /* a charge outside a call on a sequence: no caller, and a tally of its own */
+	caller = call->seq;
+	mode = call->no_relief;
 	snprintf(why, sizeof why, "%s", kvp_last_error()); /* the charge's message, which the caller reports */
 	pthread_mutex_lock(&t->lock);
 	victim = victim_claim(t);
 	pthread_mutex_unlock(&t->lock);
 	if (!victim) { /* the last resort: the caller's own oldest cold blocks */
-		if (caller && caller->tenant == t && kvp_spill_blocks(caller, need, KVP_SPILL_OWN_COLD))
+		if (caller && caller->tenant == t && kvp_spill_blocks(caller, need, KVP_SPILL_OWN_COLD, call))
 			return 1;
-		relief_failed(why, tried);
+		relief_failed(why, tried, &call->tally);
 		return 0;
 	}
-	kvp_charge_mode |= KVP_CHARGE_NO_RELIEF;
-	st = relieve_on(victim, need);
-	kvp_charge_mode = mode;
+	call->no_relief = 1;
+	st = relieve_on(victim, need, call);
+	call->no_relief = mode;
 	victim_release(victim);
 	if (st == KVP_OK)
 		return 1;
 	snprintf(tried, sizeof tried, " (spilling an idle sequence to make room failed: %s", kvp_last_error());
-	relief_failed(why, tried);
+	relief_failed(why, tried, &call->tally);
 	return 0;
-}
-
-/* ---- the public calls on a sequence ---- */
-
-kvp_status kvp_append(kvp_seq *h, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
-		      const float *v)
-{
-	struct kvp_seq *s;
-	kvp_status st = enter(h, "kvp_append", 1, &s);
-	if (st == KVP_OK) {
-		kvp_restore_settle(s); /* appends never read cold rows; reads in flight are only waited for */
-		/* but the exact blocks they encode into cold ones may have been spilled while it was idle */
-		if (s->n_spilled && s->cold.k && layer < s->shape.n_layers && (st = kvp_restore_exact(s, layer)) != KVP_OK)
-			st = kvp_fail_context(st, "kvp_append: %u tokens to layer %u not appended", n, layer);
-		else
-			st = kvp_append_resident(s, layer, n, pos, k, v);
-		leave(s);
-	}
-	return st;
-}
-
-kvp_status kvp_attend(kvp_seq *h, uint32_t layer, const float *q, float *out)
-{
-	struct kvp_seq *s;
-	kvp_status st = enter(h, "kvp_attend", 1, &s);
-	if (st == KVP_OK) {
-		s->pin_from = layer; /* what attend's own allocations may spill: not the layer it reads */
-		s->pin_to = layer + 1;
-		st = kvp_attend_resident(s, layer, q, out);
-		leave(s);
-	}
-	return st;
-}
-
-kvp_status kvp_gather(kvp_seq *h, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos, float *k,
-		      float *v, uint32_t *n_out)
-{
-	struct kvp_seq *s;
-	kvp_status st = enter(h, "kvp_gather", 1, &s);
-	if (st == KVP_OK) {
-		if (s->n_spilled && layer < s->shape.n_layers)
-			st = kvp_restore_layer(s, layer);
-		if (st == KVP_OK)
-			st = kvp_gather_resident(s, layer, kv_head, cap, pos, k, v, n_out);
-		else
-			st = kvp_fail_context(st, "kvp_gather");
-		leave(s);
-	}
-	return st;
-}
-
-kvp_status kvp_seq_fork(kvp_seq *h, kvp_seq **out)
-{
-	struct kvp_seq *s;
-	kvp_status st = enter(h, "kvp_seq_fork", 1, &s);
-	if (st == KVP_OK) {
-		/* a fork shares blocks, and spilled blocks are private: all of them come back first */
-		if ((st = kvp_restore_all(s)) != KVP_OK)
-			st = kvp_fail_context(st, "kvp_seq_fork: nothing was forked");
-		else
-			st = kvp_seq_fork_resident(s, out);
-		leave(s);
-	}
-	return st;
-}
-
-kvp_status kvp_seq_stats(const kvp_seq *h, kvp_stats *out)
-{
-	struct kvp_seq *s;
-	kvp_status st = enter(h, "kvp_seq_stats", 0, &s);
-	if (st == KVP_OK) {
-		kvp_restore_settle(s);
-		st = kvp_seq_stats_entered(s, out);
-		leave(s);
-	}
-	return st;
-}
-
-kvp_status kvp_seq_step(kvp_seq *h)
-{
-	struct kvp_seq *s;
-	kvp_status st = enter(h, "kvp_seq_step", 0, &s);
-	if (st == KVP_OK) {
-		kvp_restore_settle(s);
-		/* Rounds read every layer's blocks: the step's own allocations must not spill them (its last
-		 * resort, the caller's cold blocks, fails instead, and the round with it, whole). */
-		s->pin_from = 0;
-		s->pin_to = s->shape.n_layers;
-		/* a policy's round moves the bytes of the cold blocks it compacts; a parked sequence's rounds
-		 * wait until it is back (kvp_evict_step) */
-		if (s->policy && s->n_spilled && (st = kvp_restore_all(s)) != KVP_OK)
-			st = kvp_fail_context(st, "kvp_seq_step: no round ran");
-		else
-			st = kvp_seq_step_entered(s);
-		leave(s);
-	}
-	return st;
-}
-
-void kvp_seq_close(kvp_seq *h)
-{
-	struct kvp_seq *s;
-	if (enter(h, "kvp_seq_close", 0, &s) == KVP_OK) {
-		kvp_calling_seq = NULL;
-		kvp_seq_close_entered(s); /* the count goes with the sequence; it waits for reads in flight */
-	}
-}
-
-kvp_status kvp_seq_park(kvp_seq *h)
-{
-	struct kvp_seq *s;
-	kvp_status st = enter(h, "kvp_seq_park", 0, &s);
-	if (st != KVP_OK)
-		return st;
-	kvp_restore_settle(s);
-	if (s->parked)
-		s->pressure_parked = 0; /* the host's now: it stays parked until the host unparks it */
-	else
-		st = kvp_park_sequence(s);
-	leave(s);
-	return st;
-}
-
-kvp_status kvp_seq_unpark(kvp_seq *h)
-{
-	struct kvp_seq *s;
-	kvp_status st = enter(h, "kvp_seq_unpark", 0, &s);
-	if (st == KVP_OK) {
-		kvp_restore_settle(s);
-		st = kvp_unpark_sequence(s);
-		leave(s);
-	}
-	return st;
-}
-
-kvp_status kvp_seq_head_level(kvp_seq *h, uint32_t layer, uint32_t kv_head, kvp_head_level *out)
-{
-	struct kvp_seq *s;
-	kvp_status st = enter(h, "kvp_seq_head_level", 0, &s);
-	if (st == KVP_OK) {
-		st = kvp_seq_head_level_entered(s, layer, kv_head, out);
-		leave(s);
-	}
-	return st;
-}
-
-kvp_status kvp_seq_set_head_level(kvp_seq *h, uint32_t layer, uint32_t kv_head, float aggressiveness)
-{
-	struct kvp_seq *s;
-	kvp_status st = enter(h, "kvp_seq_set_head_level", 0, &s);
-	if (st == KVP_OK) {
-		st = kvp_seq_set_head_level_entered(s, layer, kv_head, aggressiveness);
-		leave(s);
-	}
-	return st;
 }
