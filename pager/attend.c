@@ -246,7 +246,7 @@ static kvp_status observe(struct stream_attention *a, struct kvp_seq *s, const s
 	return kvp_policy_learn(s->policy, &o);
 }
 
-static kvp_status observe_reserve(kvp_seq *s, uint32_t layer)
+static kvp_status observe_reserve(struct kvp_seq *s, uint32_t layer)
 {
 	uint32_t most = 0;
 
@@ -257,7 +257,7 @@ static kvp_status observe_reserve(kvp_seq *s, uint32_t layer)
 	return kvp_observe_reserve(s, most);
 }
 
-kvp_status kvp_attend_resident(kvp_seq *s, uint32_t layer, const float *q, float *out)
+kvp_status kvp_attend_resident(struct kvp_seq *s, uint32_t layer, const float *q, float *out)
 {
 	float scores[KVP_BLOCK_MAX];
 	struct stream_attention a;

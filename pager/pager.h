@@ -304,15 +304,15 @@ void kvp_tenant_destroy(struct kvp_tenant *t);
  * The public calls on a sequence are wrappers that enter the sequence (waiting while memory pressure is
  * parking it), bring back a sequence that pressure parked when the call needs its tokens, and run these:
  */
-kvp_status kvp_append_resident(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
+kvp_status kvp_append_resident(struct kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
 			       const float *v);
-kvp_status kvp_attend_resident(kvp_seq *s, uint32_t layer, const float *q, float *out);
-kvp_status kvp_gather_resident(kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos,
+kvp_status kvp_attend_resident(struct kvp_seq *s, uint32_t layer, const float *q, float *out);
+kvp_status kvp_gather_resident(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos,
 			       float *k, float *v, uint32_t *n_out);
-kvp_status kvp_seq_fork_resident(kvp_seq *src, kvp_seq **out);
-kvp_status kvp_seq_stats_entered(const kvp_seq *s, kvp_stats *out);
-kvp_status kvp_seq_step_entered(kvp_seq *s);
-void kvp_seq_close_entered(kvp_seq *s);
+kvp_status kvp_seq_fork_resident(struct kvp_seq *src, kvp_seq **out);
+kvp_status kvp_seq_stats_entered(const struct kvp_seq *s, kvp_stats *out);
+kvp_status kvp_seq_step_entered(struct kvp_seq *s);
+void kvp_seq_close_entered(struct kvp_seq *s);
 /* Handles (handle.c): what the host holds instead of the address. get: KVP_EINVAL for NULL, KVP_EPERM
  * for a closed handle, a handle of another kind or a value that never was one. take: get, and the handle
  * is closed at once, so of two closes racing on one handle exactly one gets the object. new: 0 with

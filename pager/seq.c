@@ -98,7 +98,7 @@ static uint64_t seq_retained(const struct kvp_seq *s)
 	return n;
 }
 
-kvp_status kvp_seq_fork_resident(kvp_seq *src, kvp_seq **out)
+kvp_status kvp_seq_fork_resident(struct kvp_seq *src, kvp_seq **out)
 {
 	struct kvp_tenant *t;
 	struct kvp_seq *s;
@@ -156,7 +156,7 @@ void kvp_seq_destroy(struct kvp_seq *s)
 	kvp_free(t, s, sizeof *s, KVP_BYTES_META, 0);
 }
 
-void kvp_seq_close_entered(kvp_seq *s)
+void kvp_seq_close_entered(struct kvp_seq *s)
 {
 	struct kvp_tenant *t;
 	if (!s || s->magic != KVP_SEQ_MAGIC)
@@ -172,14 +172,14 @@ void kvp_seq_close_entered(kvp_seq *s)
 	kvp_seq_destroy(s);
 }
 
-kvp_status kvp_seq_step_entered(kvp_seq *s)
+kvp_status kvp_seq_step_entered(struct kvp_seq *s)
 {
 	if (!s || s->magic != KVP_SEQ_MAGIC)
 		return kvp_fail(KVP_EINVAL, "kvp_seq_step: not an open sequence");
 	return kvp_evict_step(s);
 }
 
-kvp_status kvp_gather_resident(kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos,
+kvp_status kvp_gather_resident(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos,
 			       float *k, float *v, uint32_t *n_out)
 {
 	const struct kvp_stream *st;
@@ -239,7 +239,7 @@ static kvp_status stats_check(const void *h, uint32_t magic, const kvp_stats *ou
 	return KVP_OK;
 }
 
-kvp_status kvp_seq_stats_entered(const kvp_seq *s, kvp_stats *out)
+kvp_status kvp_seq_stats_entered(const struct kvp_seq *s, kvp_stats *out)
 {
 	kvp_stats full = { .size = sizeof full };
 	kvp_status st = stats_check(s, KVP_SEQ_MAGIC, out, "kvp_seq_stats");
