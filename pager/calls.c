@@ -6,7 +6,7 @@
  * pager's own work (append.c, attend.c, seq.c, evict.c, gate.c) and leaves. The call's context (struct
  * kvp_call: who is calling, what its allocations may do, what pressure spilled on its behalf) lives on
  * this stack frame; the tier functions get it as a parameter, and the allocations below the call find it
- * in the entered sequence (kvp_seq.call) until the call leaves.
+ * in the entered sequence (its `call` field) until the call leaves.
  */
 #include "pager.h"
 

@@ -5,7 +5,7 @@
  *
  * The pager (pager/) calls the tier; the tier never calls the pager. It reads the data model (tenants,
  * sequences, streams, blocks) whose types pager/pager.h defines, and it reaches memory relief only through
- * the hook the pool installs on each tenant (kvp_tenant.relieve), so the allocator does not call up into
+ * the hook the pool installs on each tenant (its `relieve` field), so the allocator does not call up into
  * pressure. What a public call's allocations and reliefs need to know travels in one explicit call
  * context (struct kvp_call), never in per-thread state.
  */
@@ -45,7 +45,7 @@ struct kvp_prepaid {
 };
 
 /* One public call on a sequence: made on the call's stack (pager/calls.c), passed down to every tier
- * function, and reachable from the entered sequence (kvp_seq.call) for the allocations made below the
+ * function, and reachable from the entered sequence (its `call` field) for the allocations made below the
  * call. NULL where no call is in progress (opening a tenant or a sequence): relief then has no caller. */
 struct kvp_call {
 	struct kvp_seq *seq; /* the entered sequence: relief's last resort is its own cold blocks */
