@@ -32,7 +32,6 @@ static kvp_status enter(const kvp_seq *h, const char *name, int needs_tokens, st
 	return st;
 }
 
-
 /* ---- the public calls on a sequence ---- */
 
 kvp_status kvp_seq_open(kvp_tenant *h, const kvp_shape *shape, kvp_seq **out)
@@ -60,7 +59,8 @@ kvp_status kvp_append(kvp_seq *h, uint32_t layer, uint32_t n, const int32_t *pos
 	if (st == KVP_OK) {
 		kvp_restore_settle(s); /* appends never read cold rows; reads in flight are only waited for */
 		/* but the exact blocks they encode into cold ones may have been spilled while it was idle */
-		if (s->n_spilled && s->cold.k && layer < s->shape.n_layers && (st = kvp_restore_exact(s, layer, &call)) != KVP_OK)
+		if (s->n_spilled && s->cold.k && layer < s->shape.n_layers &&
+		    (st = kvp_restore_exact(s, layer, &call)) != KVP_OK)
 			st = kvp_fail_context(st, "kvp_append: %u tokens to layer %u not appended", n, layer);
 		else
 			st = kvp_append_resident(s, layer, n, pos, k, v);

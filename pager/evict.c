@@ -354,8 +354,9 @@ static kvp_status fresh_blocks(struct kvp_tenant *t, const struct kvp_seq *s, co
 	uint32_t B = t->cfg.block;
 
 	for (uint32_t i = 0; i < n; i++) {
-		struct kvp_block *b = r->cold ? kvp_block_new_cold(t, B, k->ops->bytes(k, B), v->ops->bytes(v, B), s->call) :
-						kvp_block_new(t, B, s->shape.head_dim, t->cfg.store, s->call);
+		struct kvp_block *b = r->cold ?
+			kvp_block_new_cold(t, B, k->ops->bytes(k, B), v->ops->bytes(v, B), s->call) :
+			kvp_block_new(t, B, s->shape.head_dim, t->cfg.store, s->call);
 		if (!b)
 			return KVP_ENOMEM;
 		b->level = r->cold ? level : 0;
@@ -406,7 +407,8 @@ static kvp_status compaction_plan(struct kvp_tenant *t, const struct kvp_seq *s,
 	if ((rc = walk_stream(t, s, st, v, c, 1)) != KVP_OK)
 		return rc;
 	c->cap = st->n_blocks + c->n_fresh;
-	if (!(c->table = kvp_alloc(t, (size_t)(c->cap ? c->cap : 1) * sizeof *c->table, KVP_BYTES_META, 0, s->call)))
+	c->table = kvp_alloc(t, (size_t)(c->cap ? c->cap : 1) * sizeof *c->table, KVP_BYTES_META, 0, s->call);
+	if (!c->table)
 		return KVP_ENOMEM;
 	return KVP_OK;
 }

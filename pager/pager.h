@@ -5,10 +5,10 @@
  * calls the tier (tier/tier.h), never the other way round.
  *
  * Memory: every byte a sequence holds is allocated from its tenant's jemalloc arena and charged to the
- * tenant and the pool before it is allocated (tier/memory.c), so an append that would pass a limit fails before it
- * changes anything. Its policy and codecs get theirs the same way, through the allocator the sequence
- * hands them (kvp_seq_allocator), and it shows in the sequence's bytes_meta. Blocks are reference
- * counted so forks share them; a shared block is copied before it is written (copy-on-write).
+ * tenant and the pool before it is allocated (tier/memory.c), so an append that would pass a limit fails
+ * before it changes anything. Its policy and codecs get theirs the same way, through the allocator the
+ * sequence hands them (kvp_seq_allocator), and it shows in the sequence's bytes_meta. Blocks are
+ * reference counted so forks share them; a shared block is copied before it is written (copy-on-write).
  *
  * A stream is one (layer, KV head) of a sequence:
  *   sink block   the first `sinks` tokens, exact, never evicted

@@ -140,7 +140,8 @@ void kvp_block_rows_free(struct kvp_tenant *t, struct kvp_block *b, struct kvp_c
 }
 
 /* The record holds the rows now; the header stays, so positions and n are still there to read. */
-void kvp_block_spill_out(struct kvp_tenant *t, struct kvp_block *b, struct kvp_spilled *stub, struct kvp_call *call)
+void kvp_block_spill_out(struct kvp_tenant *t, struct kvp_block *b, struct kvp_spilled *stub,
+			 struct kvp_call *call)
 {
 	kvp_block_rows_free(t, b, call);
 	b->spilled = stub;

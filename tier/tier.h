@@ -92,7 +92,8 @@ size_t kvp_block_bytes(const struct kvp_tenant *t, const struct kvp_block *b); /
 void kvp_block_write(struct kvp_block *b, uint32_t at, uint32_t n, uint32_t dim, const int32_t *pos,
 		     const float *k, const float *v, size_t stride);
 /* Drop the rows of a private block whose record is written, or take new rows to read it into. */
-void kvp_block_spill_out(struct kvp_tenant *t, struct kvp_block *b, struct kvp_spilled *stub, struct kvp_call *call);
+void kvp_block_spill_out(struct kvp_tenant *t, struct kvp_block *b, struct kvp_spilled *stub,
+			 struct kvp_call *call);
 kvp_status kvp_block_rows_alloc(struct kvp_tenant *t, struct kvp_block *b, struct kvp_call *call);
 void kvp_block_rows_free(struct kvp_tenant *t, struct kvp_block *b, struct kvp_call *call);
 
