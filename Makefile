@@ -31,7 +31,7 @@ LIB_LIBS := -lnuma -luring -lpthread -lm -ldl
 LIBS     := $(LIB_LIBS)
 TESTLIBS := -lcriterion
 
-LAYERS   := base kernels codecs policies gating pager plugin
+LAYERS   := base kernels codecs policies gating tier pager plugin
 LIB_SRC  := $(foreach d,$(LAYERS),$(wildcard $(d)/*.c))
 ifeq ($(ARCH),x86_64)
 LIB_SRC  := $(filter-out %neon.c,$(LIB_SRC))

@@ -131,8 +131,12 @@ kvp_status kvp_codec_spec_open(const struct kvp_codec_spec *spec, unsigned bits,
 kvp_status kvp_codec_spec_write(const struct kvp_codec_spec *spec, unsigned bits, char *out, size_t cap);
 /* The registry's codec names that have every flag of `flags`, joined by ", " (for messages). */
 void kvp_codec_names(unsigned flags, char *out, size_t cap);
-/* The with_bits of the codecs that take their width as bits=. */
-kvp_status kvp_codec_bits_arg(struct kvp_args *args, const char *bits);
+/* The with_bits of the codecs that take their width as bits=. Inline, so that such a codec's file does not
+ * call back into the registry that lists it. */
+static inline kvp_status kvp_codec_bits_arg(struct kvp_args *args, const char *bits)
+{
+	return kvp_args_put(args, "bits", bits);
+}
 
 /* The codecs of the registry (codecs/registry.c). */
 extern const struct kvp_codec_ops kvp_codec_fp32;

@@ -56,11 +56,6 @@ void kvp_codec_names(unsigned flags, char *out, size_t cap)
 			at += (size_t)snprintf(out + at, cap - at, "%s%s", at ? ", " : "", codecs[i]->name);
 }
 
-kvp_status kvp_codec_bits_arg(struct kvp_args *args, const char *bits)
-{
-	return kvp_args_put(args, "bits", bits);
-}
-
 static void trim(const char **s, unsigned *len)
 {
 	while (*len && (**s == ' ' || **s == '\t' || **s == '\n' || **s == '\r')) {

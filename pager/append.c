@@ -42,7 +42,7 @@ static int shared(struct kvp_block *b)
 }
 
 static kvp_status plan_blocks(struct kvp_tenant *t, const struct kvp_stream *s, uint32_t n, uint32_t dim,
-			      struct stream_plan *p)
+			      struct stream_plan *p, struct kvp_call *call)
 {
 	const struct kvp_tenant_config *cfg = &t->cfg;
 	uint32_t sink_n = s->sink ? s->sink->n : 0, rest;
@@ -51,14 +51,15 @@ static kvp_status plan_blocks(struct kvp_tenant *t, const struct kvp_stream *s, 
 	memset(p, 0, sizeof *p);
 	p->sink_take = sink_n < cfg->sinks ? (n < cfg->sinks - sink_n ? n : cfg->sinks - sink_n) : 0;
 	if (p->sink_take && (!s->sink || shared(s->sink))) {
-		p->sink = s->sink ? kvp_block_copy(t, s->sink, dim) : kvp_block_new(t, cfg->sinks, dim, cfg->store);
+		p->sink = s->sink ? kvp_block_copy(t, s->sink, dim, call) :
+				  kvp_block_new(t, cfg->sinks, dim, cfg->store, call);
 		if (!p->sink)
 			return KVP_ENOMEM;
 	}
 	rest = n - p->sink_take;
 	if (tail && tail->store != KVP_STORE_CODEC && tail->n < tail->cap) {
 		p->tail_take = rest < tail->cap - tail->n ? rest : tail->cap - tail->n;
-		if (p->tail_take && shared(tail) && !(p->tail = kvp_block_copy(t, tail, dim)))
+		if (p->tail_take && shared(tail) && !(p->tail = kvp_block_copy(t, tail, dim, call)))
 			return KVP_ENOMEM;
 	}
 	rest -= p->tail_take;
@@ -72,7 +73,7 @@ static kvp_status plan_blocks(struct kvp_tenant *t, const struct kvp_stream *s, 
 		if (cap > UINT32_MAX || cap > SIZE_MAX / sizeof(struct kvp_block *))
 			return kvp_fail(KVP_ENOMEM, "a table of %llu blocks does not fit this machine",
 					(unsigned long long)cap);
-		p->table = kvp_alloc(t, table_bytes((uint32_t)cap), KVP_BYTES_META, 0);
+		p->table = kvp_alloc(t, table_bytes((uint32_t)cap), KVP_BYTES_META, 0, call);
 		if (!p->table)
 			return KVP_ENOMEM;
 		p->table_cap = (uint32_t)cap;
@@ -81,7 +82,7 @@ static kvp_status plan_blocks(struct kvp_tenant *t, const struct kvp_stream *s, 
 	if (!p->fresh)
 		return kvp_fail(KVP_ENOMEM, "out of memory planning an append");
 	for (uint32_t i = 0; i < p->n_fresh; i++)
-		if (!(p->fresh[i] = kvp_block_new(t, cfg->block, dim, cfg->store)))
+		if (!(p->fresh[i] = kvp_block_new(t, cfg->block, dim, cfg->store, call)))
 			return KVP_ENOMEM;
 	return KVP_OK;
 }
@@ -89,7 +90,7 @@ static kvp_status plan_blocks(struct kvp_tenant *t, const struct kvp_stream *s, 
 static kvp_status plan_stream(struct kvp_tenant *t, const struct kvp_seq *seq, const struct kvp_stream *s,
 			      uint32_t n, struct stream_plan *p)
 {
-	kvp_status st = plan_blocks(t, s, n, seq->shape.head_dim, p);
+	kvp_status st = plan_blocks(t, s, n, seq->shape.head_dim, p, seq->call);
 
 	if (st == KVP_OK)
 		st = kvp_cold_plan(t, seq, s, n - p->sink_take, &p->cold);
@@ -140,7 +141,7 @@ static void commit_stream(struct kvp_tenant *t, const struct kvp_seq *seq, struc
 
 /* The highest position a layer's streams hold (-1 when empty). Streams are ragged: a policy without a
  * window may have dropped one head's newest token and kept another's. */
-static int64_t last_position(const kvp_seq *s, uint32_t layer)
+static int64_t last_position(const struct kvp_seq *s, uint32_t layer)
 {
 	int64_t last = -1;
 
@@ -157,7 +158,7 @@ static int64_t last_position(const kvp_seq *s, uint32_t layer)
  * n is the caller's: refused before anything reads n tokens of pos, k or v, or counts them, when the
  * rows are more than the machine can address or a stream of the layer would pass KVP_STREAM_TOKENS_MAX.
  */
-static kvp_status count_check(const kvp_seq *s, uint32_t layer, uint32_t n)
+static kvp_status count_check(const struct kvp_seq *s, uint32_t layer, uint32_t n)
 {
 	uint64_t most = 0;
 
@@ -178,7 +179,7 @@ static kvp_status count_check(const kvp_seq *s, uint32_t layer, uint32_t n)
  * A policy ranks tokens by absolute position: within a stream they must increase. Checked here once for
  * good, so rounds and the pager's observations take the positions as they are.
  */
-static kvp_status positions_check(const kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos)
+static kvp_status positions_check(const struct kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos)
 {
 	int64_t prev = last_position(s, layer);
 
@@ -191,7 +192,7 @@ static kvp_status positions_check(const kvp_seq *s, uint32_t layer, uint32_t n, 
 	return KVP_OK;
 }
 
-kvp_status kvp_append_resident(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
+kvp_status kvp_append_resident(struct kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
 			       const float *v)
 {
 	struct stream_plan plans[64], *plan = plans;

@@ -246,7 +246,7 @@ static kvp_status observe(struct stream_attention *a, struct kvp_seq *s, const s
 	return kvp_policy_learn(s->policy, &o);
 }
 
-static kvp_status observe_reserve(kvp_seq *s, uint32_t layer)
+static kvp_status observe_reserve(struct kvp_seq *s, uint32_t layer)
 {
 	uint32_t most = 0;
 
@@ -257,7 +257,7 @@ static kvp_status observe_reserve(kvp_seq *s, uint32_t layer)
 	return kvp_observe_reserve(s, most);
 }
 
-kvp_status kvp_attend_resident(kvp_seq *s, uint32_t layer, const float *q, float *out)
+kvp_status kvp_attend_resident(struct kvp_seq *s, uint32_t layer, const float *q, float *out)
 {
 	float scores[KVP_BLOCK_MAX];
 	struct stream_attention a;
@@ -273,8 +273,8 @@ kvp_status kvp_attend_resident(kvp_seq *s, uint32_t layer, const float *q, float
 	observing = (s->policy && s->policy->ops->observe) || kvp_gating_wants_weights(s->gating);
 	if (observing && (st = observe_reserve(s, layer)) != KVP_OK)
 		return st;
-	/* cold blocks pressure spilled come back, and the next layer's start coming (restore.c) */
-	if (s->n_spilled && (st = kvp_restore_layer(s, layer)) != KVP_OK)
+	/* cold blocks pressure spilled come back, and the next layer's start coming (tier/restore.c) */
+	if (s->n_spilled && (st = kvp_restore_layer(s, layer, s->call)) != KVP_OK)
 		return kvp_fail_context(st, "kvp_attend");
 	for (uint32_t g = 0; g < s->shape.n_kv_heads; g++) {
 		size_t at = (size_t)g * s->group * s->shape.head_dim;

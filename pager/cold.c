@@ -160,7 +160,7 @@ kvp_status kvp_cold_open(struct kvp_tenant *t, struct kvp_seq *s)
 	c->v = c->v_level[0];
 	if (st == KVP_OK) {
 		c->scratch_bytes = s->group * (c->qprep_max + c->acc_max * sizeof(float));
-		c->scratch = kvp_alloc(t, c->scratch_bytes, KVP_BYTES_META, 0);
+		c->scratch = kvp_alloc(t, c->scratch_bytes, KVP_BYTES_META, 0, s->call);
 		if (!c->scratch)
 			st = kvp_fail_context(KVP_ENOMEM, "kvp_seq_open: attention scratch of the cold tier");
 	}
@@ -188,14 +188,14 @@ static size_t room(size_t bytes)
 }
 
 /* One allocation for the contexts of every level, each 64-byte aligned after the header. */
-static struct kvp_stream_ctx *ctx_new(struct kvp_tenant *t, const struct kvp_cold *c)
+static struct kvp_stream_ctx *ctx_new(struct kvp_tenant *t, const struct kvp_cold *c, struct kvp_call *call)
 {
 	size_t size = room(sizeof(struct kvp_stream_ctx)), at = size;
 	struct kvp_stream_ctx *x;
 
 	for (unsigned l = 0; l < c->n_levels; l++)
 		size += room(c->k_level[l]->ctx_bytes) + room(c->v_level[l]->ctx_bytes);
-	if (!(x = kvp_alloc(t, size, KVP_BYTES_META, 0)))
+	if (!(x = kvp_alloc(t, size, KVP_BYTES_META, 0, call)))
 		return NULL;
 	memset(x, 0, sizeof *x);
 	atomic_init(&x->refs, 1);
@@ -264,12 +264,12 @@ kvp_status kvp_cold_plan(struct kvp_tenant *t, const struct kvp_seq *s, const st
 	for (uint32_t i = 0; i < p->n; i++) {
 		/* the level is fixed from here to the commit: the block records the codecs that encode it */
 		const struct kvp_codec *k = c->k_level[level], *v = c->v_level[level];
-		p->blocks[i] = kvp_block_new_cold(t, B, k->ops->bytes(k, B), v->ops->bytes(v, B));
+		p->blocks[i] = kvp_block_new_cold(t, B, k->ops->bytes(k, B), v->ops->bytes(v, B), s->call);
 		if (!p->blocks[i])
 			return KVP_ENOMEM;
 		p->blocks[i]->level = level;
 	}
-	if (!st->ctx && !(p->ctx = ctx_new(t, c)))
+	if (!st->ctx && !(p->ctx = ctx_new(t, c, s->call)))
 		return KVP_ENOMEM;
 	return KVP_OK;
 }
@@ -310,7 +310,7 @@ void kvp_cold_note_queries(struct kvp_seq *s, struct kvp_stream *st, const float
 	if (!r) {
 		cap = k->fit_steps * s->group;
 		size_t bytes = sizeof *r + (size_t)cap * dim * sizeof(float);
-		if (!(r = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0)))
+		if (!(r = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0, s->call)))
 			return;
 		r->bytes = bytes;
 		r->cap = cap;

@@ -131,7 +131,7 @@ kvp_status kvp_observe_reserve(struct kvp_seq *s, uint32_t n)
 	while (cap < n)
 		cap *= 2;
 	bytes = (size_t)cap * (s->group * sizeof(float) + sizeof(int32_t));
-	if (!(mem = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0)))
+	if (!(mem = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0, s->call)))
 		return kvp_fail_context(KVP_ENOMEM, "kvp_attend: room to observe %u tokens for the policy", n);
 	if (o->bytes)
 		kvp_free(s->tenant, o->weights, o->bytes, KVP_BYTES_META, 0);
@@ -360,8 +360,9 @@ static kvp_status fresh_blocks(struct kvp_tenant *t, const struct kvp_seq *s, co
 	uint32_t B = t->cfg.block;
 
 	for (uint32_t i = 0; i < n; i++) {
-		struct kvp_block *b = r->cold ? kvp_block_new_cold(t, B, k->ops->bytes(k, B), v->ops->bytes(v, B)) :
-						kvp_block_new(t, B, s->shape.head_dim, t->cfg.store);
+		struct kvp_block *b = r->cold ?
+			kvp_block_new_cold(t, B, k->ops->bytes(k, B), v->ops->bytes(v, B), s->call) :
+			kvp_block_new(t, B, s->shape.head_dim, t->cfg.store, s->call);
 		if (!b)
 			return KVP_ENOMEM;
 		b->level = r->cold ? level : 0;
@@ -412,7 +413,8 @@ static kvp_status compaction_plan(struct kvp_tenant *t, const struct kvp_seq *s,
 	if ((rc = walk_stream(t, s, st, v, c, 1)) != KVP_OK)
 		return rc;
 	c->cap = st->n_blocks + c->n_fresh;
-	if (!(c->table = kvp_alloc(t, (size_t)(c->cap ? c->cap : 1) * sizeof *c->table, KVP_BYTES_META, 0)))
+	c->table = kvp_alloc(t, (size_t)(c->cap ? c->cap : 1) * sizeof *c->table, KVP_BYTES_META, 0, s->call);
+	if (!c->table)
 		return KVP_ENOMEM;
 	return KVP_OK;
 }
@@ -466,15 +468,12 @@ static void loaded_free(struct kvp_tenant *t, struct loaded *l)
 static int round_space_alloc(struct kvp_seq *s, uint32_t n, int keys, int relief, struct kvp_round_space *r)
 {
 	const size_t dim = s->shape.head_dim;
-	unsigned mode = kvp_charge_mode;
+	struct kvp_call quiet = { .no_relief = 1 }; /* a charge that never relieves */
 	uint32_t cap = n + n / 8 > n ? n + n / 8 : n;
 	size_t bytes = (size_t)cap * ((keys ? dim * sizeof(float) : 0) + sizeof(int32_t) + 1);
 	char *mem;
 
-	if (!relief)
-		kvp_charge_mode |= KVP_CHARGE_NO_RELIEF;
-	mem = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0);
-	kvp_charge_mode = mode;
+	mem = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0, relief ? s->call : &quiet);
 	if (!mem)
 		return 0;
 	r->k = keys ? (float *)mem : NULL;

@@ -1,11 +1,14 @@
 /*
- * pager/ — pools, tenants, sequences, streams and blocks.
+ * pager/ — the public calls on sequences (calls.c), pools and tenants (pool.c), sequences, streams and
+ * their block tables, the cold tier and policy rounds. The data model below (pool, tenant, sequence,
+ * stream, block) is read by tier/ too, which keeps the blocks' memory and the spill device; the pager
+ * calls the tier (tier/tier.h), never the other way round.
  *
  * Memory: every byte a sequence holds is allocated from its tenant's jemalloc arena and charged to the
- * tenant and the pool before it is allocated, so an append that would pass a limit fails before it
- * changes anything. Its policy and codecs get theirs the same way, through the allocator the sequence
- * hands them (kvp_seq_allocator), and it shows in the sequence's bytes_meta. Blocks are reference
- * counted so forks share them; a shared block is copied before it is written (copy-on-write).
+ * tenant and the pool before it is allocated (tier/memory.c), so an append that would pass a limit fails
+ * before it changes anything. Its policy and codecs get theirs the same way, through the allocator the
+ * sequence hands them (kvp_seq_allocator), and it shows in the sequence's bytes_meta. Blocks are
+ * reference counted so forks share them; a shared block is copied before it is written (copy-on-write).
  *
  * A stream is one (layer, KV head) of a sequence:
  *   sink block   the first `sinks` tokens, exact, never evicted
@@ -23,7 +26,7 @@
 
 #include "base/base.h"
 #include "gating/gating.h"
-#include "pager/spill.h"
+#include "tier/tier.h"
 #include "policies/policy.h"
 
 #define KVP_BLOCK_MAX 4096 /* tokens per block, and per sink block */
@@ -32,10 +35,6 @@
 /* tokens one stream may hold: positions are int32_t, and every token and block count of a stream stays
  * far enough below 2^32 that uint32_t arithmetic on it cannot wrap */
 #define KVP_STREAM_TOKENS_MAX INT32_MAX
-
-enum kvp_bytes_kind { KVP_BYTES_EXACT, KVP_BYTES_COMPRESSED, KVP_BYTES_META, KVP_BYTES_KINDS };
-
-enum kvp_store { KVP_STORE_FP32, KVP_STORE_FP16, KVP_STORE_CODEC };
 
 #define KVP_CODEC_SPEC_MAX 256
 
@@ -85,6 +84,9 @@ struct kvp_tenant {
 	_Atomic uint64_t bytes_spilled; /* records on the spill device, each counted once */
 	uint64_t spill_id; /* names the tenant in slot headers; 0 until its first park */
 	_Atomic uint64_t clock; /* ticks once per call on any of its sequences */
+	/* Memory relief the pool installs on the tenant's allocator (kvp_pressure_relieve with a spill device,
+	 * else NULL): a charge over a limit calls it instead of calling up into pressure. */
+	int (*relieve)(struct kvp_tenant *t, uint64_t bytes, struct kvp_call *call);
 };
 
 struct kvp_block {
@@ -97,7 +99,7 @@ struct kvp_block {
 	uint32_t level;   /* codec-encoded blocks: the ladder level whose codecs encoded it (0 without) */
 	int32_t *pos;
 	void *k, *v; /* [cap][head_dim] in the block's store, or the codecs' bytes for n tokens */
-	/* Non-NULL while the block is spilled (restore.c): k and v are NULL, the allocation they lived in
+	/* Non-NULL while the block is spilled (tier/restore.c): k and v are NULL, the allocation they lived in
 	 * is freed, and this record holds their bytes; the header (n, cap, positions) stays in memory.
 	 * Only private blocks are spilled, so only their sequence ever sees this. */
 	struct kvp_spilled *spilled;
@@ -144,6 +146,7 @@ struct kvp_cold {
 
 struct kvp_seq {
 	uint32_t magic;
+	uint32_t handle_index; /* its slot in the handle table (handle.c) */
 	struct kvp_tenant *tenant;
 	struct kvp_seq *next;
 	kvp_shape shape;
@@ -176,12 +179,12 @@ struct kvp_seq {
 	struct kvp_parked *parked; /* non-NULL while parked: its blocks are on the spill device */
 	uint64_t spill_id; /* names the sequence in slot headers; 0 until its first park */
 	int pressure_parked; /* parked by memory pressure, not by the host: unparked on next use */
-	_Atomic int parked_flag; /* parked != NULL, for pressure.c to read without entering the sequence */
-	uint32_t handle_index; /* its slot in the handle table (handle.c) */
+	_Atomic int parked_flag; /* parked != NULL, for tier/pressure.c to read without entering the sequence */
 	kvp_seq *handle;       /* what the host holds */
-	_Atomic uint32_t calls; /* public calls in progress, or KVP_SEQ_CLAIMED (pressure.c) */
+	_Atomic uint32_t calls; /* public calls in progress, or KVP_SEQ_CLAIMED (tier/pressure.c) */
+	struct kvp_call *call;  /* the context of the call in progress (pager/calls.c), or NULL */
 	_Atomic uint64_t last_use; /* the tenant's clock at the last call: pressure spills the oldest */
-	/* Blocks spilled one by one under pressure (restore.c), read back before use. Touched only by the
+	/* Blocks spilled one by one under pressure (tier/restore.c), read back before use. Touched only by the
 	 * thread that entered the sequence (or claimed it). */
 	uint32_t n_spilled;          /* blocks whose record is on the device, in flight or not: attend's one branch */
 	uint32_t pin_from, pin_to;   /* layers pressure must not spill from: the ones a call is using */
@@ -192,14 +195,7 @@ struct kvp_seq {
 #define KVP_TENANT_MAGIC 0x6b767074u
 #define KVP_SEQ_MAGIC 0x6b767073u
 
-/* ---- tenant memory: charge first, then allocate from the tenant's arena ---- */
-kvp_status kvp_charge(struct kvp_tenant *t, uint64_t bytes);
-void kvp_uncharge(struct kvp_tenant *t, uint64_t bytes);
-size_t kvp_alloc_size(const struct kvp_tenant *t, size_t bytes); /* what jemalloc will really give */
-/* Charged allocation: payload bytes count under kind, the rest (headers, size-class slack) as
- * metadata. NULL with KVP_ENOMEM set on failure. kvp_free takes the same three numbers. */
-void *kvp_alloc(struct kvp_tenant *t, size_t bytes, enum kvp_bytes_kind kind, size_t payload);
-void kvp_free(struct kvp_tenant *t, void *p, size_t bytes, enum kvp_bytes_kind kind, size_t payload);
+/* ---- tenant memory (arena.c; charging and allocating is the tier's, tier/memory.c) ---- */
 /* What the sequence hands its policy and codecs: kvp_alloc/kvp_free as metadata, counted in state_bytes. */
 struct kvp_allocator kvp_seq_allocator(struct kvp_seq *s);
 kvp_status kvp_arena_create(const struct kvp_pool *pool, unsigned *arena);
@@ -207,20 +203,6 @@ void kvp_arena_destroy(unsigned arena);
 int kvp_arena_flags(unsigned arena);
 /* KVP_EUNSUPPORTED where the machine has no NUMA, KVP_EINVAL for a node it does not have. */
 kvp_status kvp_numa_check(int node);
-
-/* ---- blocks ---- */
-struct kvp_block *kvp_block_new(struct kvp_tenant *t, uint32_t cap, uint32_t dim, enum kvp_store store);
-/* A block for n encoded tokens: positions, then k_bytes of keys and v_bytes of values. */
-struct kvp_block *kvp_block_new_cold(struct kvp_tenant *t, uint32_t n, size_t k_bytes, size_t v_bytes);
-/* A private copy of b with the same tokens (copy-on-write); b is exact (cold blocks are never written). */
-struct kvp_block *kvp_block_copy(struct kvp_tenant *t, const struct kvp_block *b, uint32_t dim);
-void kvp_block_get(struct kvp_block *b);
-void kvp_block_put(struct kvp_tenant *t, struct kvp_block *b);
-size_t kvp_block_token_bytes(const struct kvp_block *b); /* k and v storage */
-size_t kvp_block_bytes(const struct kvp_tenant *t, const struct kvp_block *b); /* both allocations */
-/* Writes rows [at, at+n) of the block from fp32 k/v with the given row stride (floats). */
-void kvp_block_write(struct kvp_block *b, uint32_t at, uint32_t n, uint32_t dim, const int32_t *pos,
-		     const float *k, const float *v, size_t stride);
 
 /* ---- the cold tier (cold.c) ---- */
 struct kvp_cold_plan {
@@ -264,8 +246,6 @@ kvp_status kvp_evict_fork(struct kvp_tenant *t, const struct kvp_seq *src, struc
 kvp_status kvp_evict_step(struct kvp_seq *s);
 /* Room for attend's observation of streams of up to n tokens; KVP_ENOMEM leaves the old buffer. */
 kvp_status kvp_observe_reserve(struct kvp_seq *s, uint32_t n);
-/* Every token of a stream in order: positions, and keys and values as fp32 (either may be NULL). */
-void kvp_stream_gather(const struct kvp_seq *s, const struct kvp_stream *st, int32_t *pos, float *k, float *v);
 
 /* ---- coherence gating (gating/gating.h) of a sequence, and the public calls on heads (evict.c) ---- */
 /* The state comes from kvp_seq_allocator: its bytes count in state_bytes. */
@@ -275,29 +255,37 @@ void kvp_gate_close(struct kvp_tenant *t, struct kvp_seq *s);
 kvp_status kvp_seq_head_level_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_head_level *out);
 kvp_status kvp_seq_set_head_level_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, float aggressiveness);
 
-/* ---- streams ---- */
+/* ---- streams (stream.c) ---- */
+/* Every token of a stream in order: positions, and keys and values as fp32 (either may be NULL). */
+void kvp_stream_gather(const struct kvp_seq *s, const struct kvp_stream *st, int32_t *pos, float *k, float *v);
 void kvp_stream_release(struct kvp_tenant *t, struct kvp_stream *s);
-kvp_status kvp_stream_share(struct kvp_tenant *t, struct kvp_stream *dst, const struct kvp_stream *src);
+kvp_status kvp_stream_share(struct kvp_tenant *t, struct kvp_stream *dst, const struct kvp_stream *src,
+			    struct kvp_call *call);
 
 /* ---- sequences ---- */
-struct kvp_stream *kvp_seq_stream(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head);
+static inline struct kvp_stream *kvp_seq_stream(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head)
+{
+	return &s->streams[(size_t)layer * s->shape.n_kv_heads + kv_head];
+}
+/* A new sequence of t, open and linked to it (kvp_seq_open's work); the shape is checked first. */
+kvp_status kvp_seq_create(struct kvp_tenant *t, const kvp_shape *shape, struct kvp_seq **out);
 void kvp_seq_destroy(struct kvp_seq *s); /* without unlinking from the tenant */
 void kvp_tenant_destroy(struct kvp_tenant *t);
 
 /*
- * ---- calls on a sequence (pressure.c) ----
+ * ---- calls on a sequence (calls.c) ----
  * The public calls on a sequence are wrappers that enter the sequence (waiting while memory pressure is
  * parking it), bring back a sequence that pressure parked when the call needs its tokens, and run these:
  */
-kvp_status kvp_append_resident(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
+kvp_status kvp_append_resident(struct kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
 			       const float *v);
-kvp_status kvp_attend_resident(kvp_seq *s, uint32_t layer, const float *q, float *out);
-kvp_status kvp_gather_resident(kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos,
+kvp_status kvp_attend_resident(struct kvp_seq *s, uint32_t layer, const float *q, float *out);
+kvp_status kvp_gather_resident(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos,
 			       float *k, float *v, uint32_t *n_out);
-kvp_status kvp_seq_fork_resident(kvp_seq *src, kvp_seq **out);
-kvp_status kvp_seq_stats_entered(const kvp_seq *s, kvp_stats *out);
-kvp_status kvp_seq_step_entered(kvp_seq *s);
-void kvp_seq_close_entered(kvp_seq *s);
+kvp_status kvp_seq_fork_resident(struct kvp_seq *src, kvp_seq **out);
+kvp_status kvp_seq_stats_entered(const struct kvp_seq *s, kvp_stats *out);
+kvp_status kvp_seq_step_entered(struct kvp_seq *s);
+void kvp_seq_close_entered(struct kvp_seq *s);
 /* Handles (handle.c): what the host holds instead of the address. get: KVP_EINVAL for NULL, KVP_EPERM
  * for a closed handle, a handle of another kind or a value that never was one. take: get, and the handle
  * is closed at once, so of two closes racing on one handle exactly one gets the object. new: 0 with
@@ -315,52 +303,13 @@ void kvp_seq_handle_free(struct kvp_seq *s);
 kvp_status kvp_seq_handle_get(const kvp_seq *h, const char *call, struct kvp_seq **out);
 /* The sequence behind an open handle, or NULL: for white-box tests that look inside. */
 struct kvp_seq *kvp_seq_from_handle(const kvp_seq *h);
-/* Internal park and unpark of an entered (or claimed) sequence. */
-kvp_status kvp_park_sequence(struct kvp_seq *s);
-kvp_status kvp_unpark_sequence(struct kvp_seq *s);
-
-/* Charging mode of the calling thread, set by the spill code around its own allocations:
- * NO_RELIEF: a failed charge does not try to spill (inside the device lock, or already relieving). */
-enum { KVP_CHARGE_NO_RELIEF = 1 };
-extern _Thread_local unsigned kvp_charge_mode;
-/* Until end, the calling thread's charges to t, up to cap bytes, are paid from the memory the spill in
- * progress frees (arena.c): the metadata of a spill never takes a tenant past its quota. */
-void kvp_prepay_begin(const struct kvp_tenant *t, uint64_t cap);
-void kvp_prepay_end(struct kvp_tenant *t);
-/* Relieves memory pressure on t (never another tenant's) to make room for bytes: blocks of its least
- * recently used idle sequence first, then that sequence whole, then the calling sequence's own oldest cold
- * blocks. Returns nonzero when it freed something, so the caller charges again. */
-int kvp_pressure_relieve(struct kvp_tenant *t, uint64_t bytes);
-/* What pressure spilled and parked during the calling thread's current public call (reset when a call
- * enters and leaves): a KVP_ENOMEM that follows says so. */
-enum kvp_spill_reach { KVP_SPILL_IDLE, KVP_SPILL_OWN_COLD, KVP_SPILL_REACHES };
-struct kvp_pressure_tally {
-	uint32_t blocks[KVP_SPILL_REACHES]; /* blocks spilled, by whose */
-	uint32_t parked;                    /* idle sequences parked whole */
-	uint64_t bytes;                     /* records written */
-};
-extern _Thread_local struct kvp_pressure_tally kvp_pressure_tally;
-
-/* ---- blocks of a resident sequence on the spill device (restore.c) ---- */
-/* The sequence whose public call this thread is running (pressure.c), or NULL. */
-extern _Thread_local struct kvp_seq *kvp_calling_seq;
-/* Spills the oldest private blocks of s within reach, at least `bytes` of memory when there are that
- * many. KVP_SPILL_IDLE: s is claimed by pressure; every block but sinks and tails. KVP_SPILL_OWN_COLD: s
- * is the caller; only cold blocks outside its pinned layers. Returns how many blocks it spilled. */
-size_t kvp_spill_blocks(struct kvp_seq *s, uint64_t bytes, enum kvp_spill_reach reach);
-/* attend: brings back layer's spilled blocks (waiting for the prefetch when it read them) and starts
- * the reads of the next layer's. KVP_EIO, KVP_ECORRUPT or KVP_ENOMEM leave the failed blocks spilled. */
-kvp_status kvp_restore_layer(struct kvp_seq *s, uint32_t layer);
-/* append: brings back layer's spilled exact blocks, the ones its cold conversion may encode. */
-kvp_status kvp_restore_exact(struct kvp_seq *s, uint32_t layer);
-/* Every spilled block back in memory (fork, step, gather need them). */
-kvp_status kvp_restore_all(struct kvp_seq *s);
-/* Waits for reads in flight and files them; on any path that may free or park the sequence's blocks. */
-void kvp_restore_settle(struct kvp_seq *s);
-/* Block side (block.c): drop the rows of a private block whose record is written, or take new rows. */
-void kvp_block_spill_out(struct kvp_tenant *t, struct kvp_block *b, struct kvp_spilled *stub);
-kvp_status kvp_block_rows_alloc(struct kvp_tenant *t, struct kvp_block *b);
-void kvp_block_rows_free(struct kvp_tenant *t, struct kvp_block *b);
+/* For tests and benchmarks: what the device of the pool behind a handle does (0 without one), and
+ * faults injected into it (tier/spill.h). */
+int kvp_spill_is_direct(const kvp_pool *pool);
+int kvp_spill_is_registered(const kvp_pool *pool);
+uint64_t kvp_spill_pages_used(const kvp_pool *pool);
+uint64_t kvp_spill_pages_total(const kvp_pool *pool);
+void kvp_spill_inject(kvp_pool *pool, const struct kvp_spill_faults *f);
 
 /* ---- configuration ---- */
 kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quota, const char *spec);

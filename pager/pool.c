@@ -214,6 +214,8 @@ kvp_status kvp_tenant_open(kvp_pool *h, const char *name, const char *spec, kvp_
 		snprintf(t->name, sizeof t->name, "%s", name);
 		t->pool = pool;
 		t->flags = kvp_arena_flags(t->arena);
+		/* memory relief is the tier's, reached through this hook: the allocator never calls up */
+		t->relieve = pool->spill ? kvp_pressure_relieve : NULL;
 		pthread_mutex_init(&t->lock, NULL);
 		t->magic = KVP_TENANT_MAGIC;
 		t->handle = (kvp_tenant *)kvp_handle_new(KVP_HANDLE_TENANT, t, &t->handle_index);
@@ -276,4 +278,37 @@ void kvp_tenant_close(kvp_tenant *h)
 		return;
 	((struct kvp_tenant *)t)->handle_index = 0;
 	tenant_unlink_destroy(t);
+}
+
+/* ---- the spill device's test hooks, by the pool's handle as the host holds it ---- */
+
+static struct kvp_spill *device_of(const kvp_pool *h)
+{
+	const struct kvp_pool *pool = kvp_pool_from_handle(h);
+	return pool ? pool->spill : NULL;
+}
+
+int kvp_spill_is_direct(const kvp_pool *h)
+{
+	return kvp_spill_device_direct(device_of(h));
+}
+
+int kvp_spill_is_registered(const kvp_pool *h)
+{
+	return kvp_spill_device_registered(device_of(h));
+}
+
+uint64_t kvp_spill_pages_used(const kvp_pool *h)
+{
+	return kvp_spill_device_pages_used(device_of(h));
+}
+
+uint64_t kvp_spill_pages_total(const kvp_pool *h)
+{
+	return kvp_spill_device_pages_total(device_of(h));
+}
+
+void kvp_spill_inject(kvp_pool *h, const struct kvp_spill_faults *f)
+{
+	kvp_spill_device_inject(device_of(h), f);
 }

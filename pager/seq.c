@@ -1,8 +1,7 @@
-/* Sequences: open, fork (copy-on-write), close, gather, stats. */
+/* Sequences: made, forked (copy-on-write), destroyed; their gather and stats. */
 #include <math.h>
 #include <string.h>
 
-#include "kernels/kernels.h"
 #include "pager.h"
 
 
@@ -32,11 +31,6 @@ kvp_status kvp_shape_check(const kvp_shape *sh)
 	return KVP_OK;
 }
 
-struct kvp_stream *kvp_seq_stream(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head)
-{
-	return &s->streams[(size_t)layer * s->shape.n_kv_heads + kv_head];
-}
-
 static size_t streams_bytes(const kvp_shape *sh)
 {
 	return (size_t)sh->n_layers * sh->n_kv_heads * sizeof(struct kvp_stream);
@@ -50,13 +44,15 @@ static void link_seq(struct kvp_tenant *t, struct kvp_seq *s)
 	pthread_mutex_unlock(&t->lock);
 }
 
-static struct kvp_seq *seq_alloc(struct kvp_tenant *t, const kvp_shape *shape)
+/* call: the context of the call that makes it (a fork's), or NULL; the new sequence's own allocations
+ * use it until the call is done with it. */
+static struct kvp_seq *seq_alloc(struct kvp_tenant *t, const kvp_shape *shape, struct kvp_call *call)
 {
-	struct kvp_seq *s = kvp_alloc(t, sizeof *s, KVP_BYTES_META, 0);
+	struct kvp_seq *s = kvp_alloc(t, sizeof *s, KVP_BYTES_META, 0, call);
 	if (!s)
 		return NULL;
 	memset(s, 0, sizeof *s);
-	s->streams = kvp_alloc(t, streams_bytes(shape), KVP_BYTES_META, 0);
+	s->streams = kvp_alloc(t, streams_bytes(shape), KVP_BYTES_META, 0, call);
 	if (!s->streams) {
 		kvp_free(t, s, sizeof *s, KVP_BYTES_META, 0);
 		return NULL;
@@ -69,27 +65,20 @@ static struct kvp_seq *seq_alloc(struct kvp_tenant *t, const kvp_shape *shape)
 	}
 	s->magic = KVP_SEQ_MAGIC;
 	s->tenant = t;
+	s->call = call;
 	s->shape = *shape;
 	s->group = shape->n_heads / shape->n_kv_heads;
 	return s;
 }
 
-kvp_status kvp_seq_open(kvp_tenant *h, const kvp_shape *shape, kvp_seq **out)
+/* A new sequence of tenant t, open and linked: its cold tier, policy and gating ready. */
+kvp_status kvp_seq_create(struct kvp_tenant *t, const kvp_shape *shape, struct kvp_seq **out)
 {
-	struct kvp_tenant *t;
 	struct kvp_seq *s;
-	void *found;
 	kvp_status st;
-	if (out)
-		*out = NULL;
-	if ((st = kvp_handle_get(KVP_HANDLE_TENANT, h, "kvp_seq_open", &found)) != KVP_OK)
-		return st;
-	if (!out)
-		return kvp_fail(KVP_EINVAL, "kvp_seq_open: out is NULL");
-	t = found;
 	if ((st = kvp_shape_check(shape)) != KVP_OK)
 		return st;
-	if (!(s = seq_alloc(t, shape)))
+	if (!(s = seq_alloc(t, shape, NULL)))
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_open");
 	if ((st = kvp_cold_open(t, s)) != KVP_OK || (st = kvp_evict_open(t, s)) != KVP_OK ||
 	    (st = kvp_gate_open(t, s)) != KVP_OK) {
@@ -97,44 +86,8 @@ kvp_status kvp_seq_open(kvp_tenant *h, const kvp_shape *shape, kvp_seq **out)
 		return st;
 	}
 	link_seq(t, s);
-	*out = s->handle;
+	*out = s;
 	return KVP_OK;
-}
-
-kvp_status kvp_stream_share(struct kvp_tenant *t, struct kvp_stream *dst, const struct kvp_stream *src)
-{
-	*dst = *src;
-	dst->blocks = NULL;
-	dst->cap_blocks = 0;
-	if (src->n_blocks) {
-		dst->blocks = kvp_alloc(t, src->n_blocks * sizeof *dst->blocks, KVP_BYTES_META, 0);
-		if (!dst->blocks) {
-			memset(dst, 0, sizeof *dst);
-			return KVP_ENOMEM;
-		}
-		dst->cap_blocks = src->n_blocks;
-		memcpy(dst->blocks, src->blocks, src->n_blocks * sizeof *dst->blocks);
-		for (uint32_t i = 0; i < src->n_blocks; i++)
-			kvp_block_get(dst->blocks[i]);
-	}
-	if (dst->sink)
-		kvp_block_get(dst->sink);
-	if (dst->ctx)
-		atomic_fetch_add_explicit(&dst->ctx->refs, 1, memory_order_relaxed);
-	dst->recent = NULL; /* the fork observes its own queries */
-	return KVP_OK;
-}
-
-void kvp_stream_release(struct kvp_tenant *t, struct kvp_stream *s)
-{
-	kvp_block_put(t, s->sink);
-	for (uint32_t i = 0; i < s->n_blocks; i++)
-		kvp_block_put(t, s->blocks[i]);
-	if (s->blocks)
-		kvp_free(t, s->blocks, s->cap_blocks * sizeof *s->blocks, KVP_BYTES_META, 0);
-	kvp_stream_ctx_put(t, s->ctx);
-	kvp_cold_forget_queries(t, s);
-	memset(s, 0, sizeof *s);
 }
 
 static uint64_t seq_retained(const struct kvp_seq *s)
@@ -145,7 +98,7 @@ static uint64_t seq_retained(const struct kvp_seq *s)
 	return n;
 }
 
-kvp_status kvp_seq_fork_resident(kvp_seq *src, kvp_seq **out)
+kvp_status kvp_seq_fork_resident(struct kvp_seq *src, kvp_seq **out)
 {
 	struct kvp_tenant *t;
 	struct kvp_seq *s;
@@ -153,7 +106,7 @@ kvp_status kvp_seq_fork_resident(kvp_seq *src, kvp_seq **out)
 	if (!src || src->magic != KVP_SEQ_MAGIC || !out)
 		return kvp_fail(KVP_EINVAL, "kvp_seq_fork: not an open sequence, or out is NULL");
 	t = src->tenant;
-	if (!(s = seq_alloc(t, &src->shape)))
+	if (!(s = seq_alloc(t, &src->shape, src->call)))
 		return kvp_fail_context(KVP_ENOMEM, "kvp_seq_fork");
 	/* the fork's policy continues from a copy of the source's history (H2O weights, online stats) */
 	if (kvp_cold_open(t, s) != KVP_OK || kvp_evict_fork(t, src, s) != KVP_OK || kvp_gate_fork(t, src, s) != KVP_OK) {
@@ -162,7 +115,7 @@ kvp_status kvp_seq_fork_resident(kvp_seq *src, kvp_seq **out)
 	}
 	n = (size_t)src->shape.n_layers * src->shape.n_kv_heads;
 	for (i = 0; i < n; i++)
-		if (kvp_stream_share(t, &s->streams[i], &src->streams[i]) != KVP_OK)
+		if (kvp_stream_share(t, &s->streams[i], &src->streams[i], src->call) != KVP_OK)
 			break;
 	if (i < n) {
 		/* the tenant has not counted the fork's tokens yet: give back its streams before destroy,
@@ -177,6 +130,7 @@ kvp_status kvp_seq_fork_resident(kvp_seq *src, kvp_seq **out)
 	atomic_fetch_add(&t->tokens_appended, s->tokens_appended);
 	atomic_fetch_add(&t->tokens_retained, seq_retained(s));
 	atomic_fetch_add(&t->bytes_dense_fp16, s->tokens_appended * s->shape.head_dim * 4);
+	s->call = NULL; /* the fork call is the source's, not the new sequence's */
 	link_seq(t, s);
 	*out = s->handle;
 	return KVP_OK;
@@ -202,7 +156,7 @@ void kvp_seq_destroy(struct kvp_seq *s)
 	kvp_free(t, s, sizeof *s, KVP_BYTES_META, 0);
 }
 
-void kvp_seq_close_entered(kvp_seq *s)
+void kvp_seq_close_entered(struct kvp_seq *s)
 {
 	struct kvp_tenant *t;
 	if (!s || s->magic != KVP_SEQ_MAGIC)
@@ -218,51 +172,14 @@ void kvp_seq_close_entered(kvp_seq *s)
 	kvp_seq_destroy(s);
 }
 
-kvp_status kvp_seq_step_entered(kvp_seq *s)
+kvp_status kvp_seq_step_entered(struct kvp_seq *s)
 {
 	if (!s || s->magic != KVP_SEQ_MAGIC)
 		return kvp_fail(KVP_EINVAL, "kvp_seq_step: not an open sequence");
 	return kvp_evict_step(s);
 }
 
-static void gather_block(const struct kvp_seq *s, const struct kvp_stream *st, const struct kvp_block *b,
-			 uint32_t at, int32_t *pos, float *k, float *v)
-{
-	const struct kvp_kernels *kern = kvp_kernels();
-	const uint32_t dim = s->shape.head_dim;
-	size_t off = (size_t)at * dim, rows = (size_t)b->n * dim;
-	if (pos)
-		memcpy(pos + at, b->pos, b->n * sizeof *pos);
-	if (b->store == KVP_STORE_CODEC) {
-		kvp_cold_gather(s, st, b, k ? k + off : NULL, v ? v + off : NULL);
-	} else if (b->store == KVP_STORE_FP16) {
-		if (k)
-			kern->f16_to_f32(rows, b->k, k + off);
-		if (v)
-			kern->f16_to_f32(rows, b->v, v + off);
-	} else {
-		if (k)
-			memcpy(k + off, b->k, rows * sizeof *k);
-		if (v)
-			memcpy(v + off, b->v, rows * sizeof *v);
-	}
-}
-
-void kvp_stream_gather(const struct kvp_seq *s, const struct kvp_stream *st, int32_t *pos, float *k, float *v)
-{
-	uint32_t at = 0;
-
-	if (st->sink) {
-		gather_block(s, st, st->sink, at, pos, k, v);
-		at += st->sink->n;
-	}
-	for (uint32_t i = 0; i < st->n_blocks; i++) {
-		gather_block(s, st, st->blocks[i], at, pos, k, v);
-		at += st->blocks[i]->n;
-	}
-}
-
-kvp_status kvp_gather_resident(kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos,
+kvp_status kvp_gather_resident(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos,
 			       float *k, float *v, uint32_t *n_out)
 {
 	const struct kvp_stream *st;
@@ -322,7 +239,7 @@ static kvp_status stats_check(const void *h, uint32_t magic, const kvp_stats *ou
 	return KVP_OK;
 }
 
-kvp_status kvp_seq_stats_entered(const kvp_seq *s, kvp_stats *out)
+kvp_status kvp_seq_stats_entered(const struct kvp_seq *s, kvp_stats *out)
 {
 	kvp_stats full = { .size = sizeof full };
 	kvp_status st = stats_check(s, KVP_SEQ_MAGIC, out, "kvp_seq_stats");

@@ -105,7 +105,7 @@ static void slot_seeds(void)
 	if (kvp_pool_open(spec, &pool) != KVP_OK)
 		die(spec);
 	slot_stub_init(&slot);
-	record_written(pool, file, &slot, rec, sizeof rec);
+	record_written(kvp_pool_from_handle(pool), file, &slot, rec, sizeof rec);
 	if (slot.stub.header.crc != slot.written_crc) {
 		fprintf(stderr, "seed_corpus: the device wrote CRC %08x, fuzz_slot_stub.h expects %08x\n",
 			slot.stub.header.crc, slot.written_crc);
@@ -116,7 +116,7 @@ static void slot_seeds(void)
 	/* another generation of the same block: a valid record that fails the identity check */
 	slot_stub_init(&slot);
 	slot.stub.header.generation = 98;
-	record_written(pool, file, &slot, rec, sizeof rec);
+	record_written(kvp_pool_from_handle(pool), file, &slot, rec, sizeof rec);
 	seed_write("fuzz_slot", "record-other-generation", 1, rec, sizeof rec);
 	kvp_pool_close(pool);
 	rmdir(dir);

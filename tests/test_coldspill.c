@@ -149,7 +149,7 @@ Test(coldspill, an_idle_sequences_spilled_exact_blocks_come_back_for_the_append_
 	open_pair(200);
 	s = kvp_seq_from_handle(seq);
 	/* what pressure does to an idle sequence, all at once: cold and exact blocks but the tails go */
-	cr_assert_gt(kvp_spill_blocks(s, UINT64_MAX, KVP_SPILL_IDLE), 0);
+	cr_assert_gt(kvp_spill_blocks(s, UINT64_MAX, KVP_SPILL_IDLE, NULL), 0);
 	cr_assert_gt(exact_spilled(s), 0, "exact blocks older than the tails went too");
 	cr_assert_eq(fill(seq, TOKENS, 40), KVP_OK, "%s", kvp_last_error()); /* turns them cold */
 	cr_assert_eq(fill(ref, TOKENS, 40), KVP_OK, "%s", kvp_last_error());

@@ -1,6 +1,6 @@
 /*
  * Suite isolation: freed block memory of one tenant is never readable by another tenant's sequence.
- * The claim (pager/block.c) is "unreachable", not "zeroed": every tenant allocates from its own jemalloc
+ * The claim (tier/block.c) is "unreachable", not "zeroed": every tenant allocates from its own jemalloc
  * arena, so a freed block only ever comes back to the same tenant, and a closed tenant's arena is
  * destroyed, its pages given back to the system, which hands them out again zeroed. Within one tenant,
  * no call reads a block past the n rows its owner wrote.

@@ -128,9 +128,9 @@ Test(pressure, the_oldest_blocks_of_an_idle_sequence_go_first_and_its_sinks_and_
 	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &idle), KVP_OK);
 	park_fill(idle, 0, 100, 1);
 	in = kvp_seq_from_handle(idle);
-	cr_assert_eq(kvp_spill_blocks(in, 1, KVP_SPILL_IDLE), 1, "one block covers one byte");
+	cr_assert_eq(kvp_spill_blocks(in, 1, KVP_SPILL_IDLE, NULL), 1, "one block covers one byte");
 	cr_assert_not_null(kvp_seq_stream(in, 0, 0)->blocks[0]->spilled, "block 0 of the first stream went");
-	cr_assert_eq(kvp_spill_blocks(in, UINT64_MAX, KVP_SPILL_IDLE), 19, "then every block that can go alone");
+	cr_assert_eq(kvp_spill_blocks(in, UINT64_MAX, KVP_SPILL_IDLE, NULL), 19, "then every block that can go alone");
 	for (uint32_t l = 0; l < PARK_LAYERS; l++)
 		for (uint32_t g = 0; g < PARK_KV; g++) {
 			const struct kvp_stream *st = kvp_seq_stream(in, l, g);
@@ -151,7 +151,7 @@ Test(pressure, an_idle_sequence_with_no_block_left_to_spill_alone_is_parked_whol
 	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &idle), KVP_OK);
 	park_fill(idle, 0, 100, 1);
 	park_attend(idle, before);
-	cr_assert_eq(kvp_spill_blocks(kvp_seq_from_handle(idle), UINT64_MAX, KVP_SPILL_IDLE), 20);
+	cr_assert_eq(kvp_spill_blocks(kvp_seq_from_handle(idle), UINT64_MAX, KVP_SPILL_IDLE, NULL), 20);
 	kvp_tenant_from_handle(tenant)->quota = tenant_used();
 	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &s), KVP_OK, "%s", kvp_last_error());
 	cr_assert_not_null(kvp_seq_from_handle(idle)->parked, "its sinks and tails went with the rest");
@@ -329,7 +329,7 @@ Test(pressure, a_step_on_a_sequence_pressure_parked_leaves_its_round_to_its_retu
 	park_attend(idle, out);
 	park_attend(twin, out);
 	held = retained(idle);
-	cr_assert_eq(kvp_spill_blocks(kvp_seq_from_handle(idle), UINT64_MAX, KVP_SPILL_IDLE), 20);
+	cr_assert_eq(kvp_spill_blocks(kvp_seq_from_handle(idle), UINT64_MAX, KVP_SPILL_IDLE, NULL), 20);
 	kvp_tenant_from_handle(tenant)->quota = tenant_used();
 	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &s), KVP_OK, "%s", kvp_last_error());
 	cr_assert(kvp_seq_from_handle(idle)->pressure_parked, "pressure parked it");
@@ -365,7 +365,7 @@ Test(pressure, a_step_brings_back_the_blocks_pressure_spilled_before_its_round)
 	park_fill(idle, 120, 20, 9);
 	park_fill(twin, 120, 20, 9);
 	held = retained(idle);
-	cr_assert_gt(kvp_spill_blocks(kvp_seq_from_handle(idle), UINT64_MAX, KVP_SPILL_IDLE), 0);
+	cr_assert_gt(kvp_spill_blocks(kvp_seq_from_handle(idle), UINT64_MAX, KVP_SPILL_IDLE, NULL), 0);
 	cr_assert_eq(kvp_seq_step(idle), KVP_OK, "%s", kvp_last_error());
 	cr_assert_eq(kvp_seq_from_handle(idle)->n_spilled, 0, "the round read every block back first");
 	cr_assert_eq(kvp_seq_step(twin), KVP_OK, "%s", kvp_last_error());
@@ -478,7 +478,7 @@ Test(pressure, gather_and_stats_on_a_sequence_pressure_spilled_from_read_no_spil
 	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &idle), KVP_OK);
 	park_fill(idle, 0, 100, 1);
 	cr_assert_eq(kvp_gather(idle, 1, 1, 100, p0, k0, v0, &n0), KVP_OK, "%s", kvp_last_error());
-	cr_assert_eq(kvp_spill_blocks(kvp_seq_from_handle(idle), UINT64_MAX, KVP_SPILL_IDLE), 20);
+	cr_assert_eq(kvp_spill_blocks(kvp_seq_from_handle(idle), UINT64_MAX, KVP_SPILL_IDLE, NULL), 20);
 	cr_assert_eq(kvp_seq_stats(idle, &st), KVP_OK, "%s", kvp_last_error());
 	cr_assert_eq(st.bytes_spilled, 20 * BLOCK_RECORD, "stats count the records, not the freed rows");
 	cr_assert_eq(st.tokens_retained, 4 * 100);

@@ -13,8 +13,8 @@
  * is the bottleneck. Slot bookkeeping has its own lock so a park that waits for I/O never blocks another
  * sequence's plan or release.
  */
-#ifndef KVP_PAGER_SPILL_H
-#define KVP_PAGER_SPILL_H
+#ifndef KVP_TIER_SPILL_H
+#define KVP_TIER_SPILL_H
 
 #include <stdint.h>
 
@@ -76,13 +76,14 @@ struct kvp_spill_io {
 };
 
 /* Test hooks, compiled in: they make the next I/Os fail the way a device can. Counts are 1-based: 1
- * means the next write (or read) from now. The hooks take the pool's handle, as the host holds it. */
+ * means the next write (or read) from now. The pager's kvp_spill_inject takes the pool's handle, as the
+ * host holds it. */
 struct kvp_spill_faults {
 	uint32_t fail_write;  /* that write completes with EIO (after really being written) */
 	uint32_t short_write; /* that write is submitted one page short: a real short write */
 	uint32_t fail_read;   /* that read completes with EIO */
 };
-void kvp_spill_inject(kvp_pool *pool, const struct kvp_spill_faults *f);
+void kvp_spill_device_inject(struct kvp_spill *d, const struct kvp_spill_faults *f);
 /* Nonzero makes the next kvp_spill_open behave as if the file system refused O_DIRECT. */
 extern int kvp_spill_refuse_direct;
 
@@ -91,11 +92,12 @@ extern int kvp_spill_refuse_direct;
 kvp_status kvp_spill_open(struct kvp_pool *pool, const char *path, unsigned path_len, uint64_t max_bytes,
 			  uint64_t buffer_bytes);
 void kvp_spill_close(struct kvp_pool *pool);
-/* For tests and benchmarks: what the device of the pool behind a handle does (0 without one). */
-int kvp_spill_is_direct(const kvp_pool *pool);
-int kvp_spill_is_registered(const kvp_pool *pool);
-uint64_t kvp_spill_pages_used(const kvp_pool *pool);
-uint64_t kvp_spill_pages_total(const kvp_pool *pool);
+/* For tests and benchmarks: what the device does (0 without one; the pager's kvp_spill_is_direct and
+ * the like ask it for the pool behind a handle). */
+int kvp_spill_device_direct(const struct kvp_spill *d);
+int kvp_spill_device_registered(const struct kvp_spill *d);
+uint64_t kvp_spill_device_pages_used(struct kvp_spill *d);
+uint64_t kvp_spill_device_pages_total(const struct kvp_spill *d);
 void kvp_spill_lock(struct kvp_spill *d);
 void kvp_spill_unlock(struct kvp_spill *d);
 /* Under the device lock. */
@@ -141,11 +143,19 @@ void kvp_spill_read_submit(struct kvp_spill *d, struct kvp_spill_pending *p, siz
  * own outcome is in its st. Buffers are freed. */
 kvp_status kvp_spill_read_wait(struct kvp_spill *d, struct kvp_spill_pending *p, size_t n, uint32_t dim);
 
-/* Records of single blocks (park.c), under the device lock. */
+/* Records of single blocks (block.c), under the device lock. */
 struct kvp_seq;
+struct kvp_call;
 kvp_status kvp_spill_stub_new(struct kvp_spill *d, struct kvp_seq *s, uint32_t layer, uint32_t kv_head,
-			      uint32_t block_no, const struct kvp_block *b, struct kvp_spilled **out);
-void kvp_spill_stub_drop(struct kvp_spill *d, struct kvp_spilled *stub);
+			      uint32_t block_no, const struct kvp_block *b, struct kvp_spilled **out,
+			      struct kvp_call *call);
+/* call: the spill whose prepaid charges the stub's free settles, or NULL */
+void kvp_spill_stub_drop(struct kvp_spill *d, struct kvp_spilled *stub, struct kvp_call *call);
+/* Twins (block.c), under the device lock: the record's in-memory twin of b, or NULL; make b the stub's
+ * twin (a block reference); free the twins no sequence holds any more. */
+struct kvp_spilled *kvp_twin_find(struct kvp_twin_map *m, const struct kvp_block *b);
+void kvp_twin_set(struct kvp_twin_map *m, struct kvp_spilled *stub, struct kvp_block *b);
+void kvp_twins_trim(struct kvp_twin_map *m, struct kvp_call *call);
 
 /* ---- parking (park.c) ---- */
 struct kvp_parked;
@@ -155,4 +165,4 @@ void kvp_seq_parked_release(struct kvp_seq *s); /* on destroy: drop the records 
 uint64_t kvp_seq_parked_bytes(const struct kvp_seq *s); /* its records on the device */
 uint64_t kvp_seq_parked_meta(const struct kvp_seq *s);  /* its record table and stubs in memory */
 
-#endif /* KVP_PAGER_SPILL_H */
+#endif /* KVP_TIER_SPILL_H */

@@ -19,7 +19,7 @@
 #include <unistd.h>
 
 #include "kernels/crc32c.h"
-#include "pager.h"
+#include "pager/pager.h"
 
 /* io_uring fills read buffers from the kernel, which valgrind's memcheck (3.19) does not see: tell it, so
  * that the plugin test under valgrind reports real errors only. A no-op without valgrind's header. */
@@ -53,7 +53,7 @@ struct kvp_spill {
 	ino_t ino;
 	char path[4096];
 	uint64_t pages;
-	pthread_mutex_t lock; /* bitmap, counters, stubs and twins (park.c) */
+	pthread_mutex_t lock; /* bitmap, counters, stubs and twins (block.c) */
 	uint64_t *bitmap, used, hint;
 	uint64_t next_id; /* tenant and sequence ids, and record generations */
 	struct kvp_twin_map twins;
@@ -348,28 +348,19 @@ void kvp_spill_close(struct kvp_pool *pool)
 	device_free(d);
 }
 
-/* The device of the pool behind handle h, or NULL. */
-static struct kvp_spill *device_of(const kvp_pool *h)
+/* What the device does, for tests and benchmarks (the pager's hooks take the pool's handle). */
+int kvp_spill_device_direct(const struct kvp_spill *d)
 {
-	const struct kvp_pool *pool = kvp_pool_from_handle(h);
-	return pool ? pool->spill : NULL;
-}
-
-int kvp_spill_is_direct(const kvp_pool *h)
-{
-	const struct kvp_spill *d = device_of(h);
 	return d && d->direct;
 }
 
-int kvp_spill_is_registered(const kvp_pool *h)
+int kvp_spill_device_registered(const struct kvp_spill *d)
 {
-	const struct kvp_spill *d = device_of(h);
 	return d && d->registered;
 }
 
-uint64_t kvp_spill_pages_used(const kvp_pool *h)
+uint64_t kvp_spill_device_pages_used(struct kvp_spill *d)
 {
-	struct kvp_spill *d = device_of(h);
 	uint64_t n;
 	if (!d)
 		return 0;
@@ -379,15 +370,13 @@ uint64_t kvp_spill_pages_used(const kvp_pool *h)
 	return n;
 }
 
-uint64_t kvp_spill_pages_total(const kvp_pool *h)
+uint64_t kvp_spill_device_pages_total(const struct kvp_spill *d)
 {
-	const struct kvp_spill *d = device_of(h);
 	return d ? d->pages : 0;
 }
 
-void kvp_spill_inject(kvp_pool *h, const struct kvp_spill_faults *f)
+void kvp_spill_device_inject(struct kvp_spill *d, const struct kvp_spill_faults *f)
 {
-	struct kvp_spill *d = device_of(h);
 	if (!d)
 		return;
 	pthread_mutex_lock(&d->ring_lock);

@@ -24,7 +24,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "pager.h"
+#include "pager/pager.h"
+#include "tier/tier.h"
 
 /* Spilled blocks brought back or prefetched in one go: one layer's. */
 struct kvp_restore {
@@ -95,13 +96,13 @@ static size_t victims_pick(const struct kvp_seq *s, uint64_t bytes, enum kvp_spi
 
 /* Stubs (slots) for the victims; on failure the ones made so far are kept and counted in *made. */
 static kvp_status stubs_make(struct kvp_spill *d, struct kvp_seq *s, const struct victim *v, size_t n,
-			     struct kvp_spill_io *io, size_t *made)
+			     struct kvp_spill_io *io, size_t *made, struct kvp_call *call)
 {
 	kvp_status st = KVP_OK;
 	kvp_spill_lock(d);
 	for (*made = 0; *made < n; ++*made) {
 		st = kvp_spill_stub_new(d, s, v[*made].layer, v[*made].kv_head, v[*made].block_no, v[*made].block,
-					&io[*made].stub);
+					&io[*made].stub, call);
 		if (st != KVP_OK)
 			break;
 		io[*made].block = v[*made].block;
@@ -110,38 +111,42 @@ static kvp_status stubs_make(struct kvp_spill *d, struct kvp_seq *s, const struc
 	return st;
 }
 
-size_t kvp_spill_blocks(struct kvp_seq *s, uint64_t bytes, enum kvp_spill_reach reach)
+size_t kvp_spill_blocks(struct kvp_seq *s, uint64_t bytes, enum kvp_spill_reach reach, struct kvp_call *call)
 {
 	struct kvp_spill *d = s->tenant->pool->spill;
+	struct kvp_call none = { 0 };
 	struct victim *v;
 	struct kvp_spill_io *io;
-	unsigned mode = kvp_charge_mode;
 	size_t n, made = 0;
 	uint64_t rows = 0;
 	kvp_status st;
+	int mode;
 	if (!d || s->parked || (reach == KVP_SPILL_OWN_COLD && !s->cold.k))
 		return 0;
+	if (!call)
+		call = &none;
+	mode = call->no_relief;
 	v = calloc(SPILL_BATCH, sizeof *v);
 	io = calloc(SPILL_BATCH, sizeof *io);
 	n = v && io ? victims_pick(s, bytes, reach, v, SPILL_BATCH, &rows) : 0;
-	kvp_charge_mode |= KVP_CHARGE_NO_RELIEF;
-	kvp_prepay_begin(s->tenant, rows); /* the stubs are paid from the rows they replace */
-	st = stubs_make(d, s, v, n, io, &made);
+	call->no_relief = 1;
+	kvp_prepay_begin(call, s->tenant, rows); /* the stubs are paid from the rows they replace */
+	st = stubs_make(d, s, v, n, io, &made, call);
 	if (made && (st = kvp_spill_write(d, io, made, s->shape.head_dim)) == KVP_OK) {
 		for (size_t i = 0; i < made; i++) {
-			kvp_pressure_tally.bytes += io[i].stub->pages * KVP_SPILL_PAGE;
-			kvp_block_spill_out(s->tenant, io[i].block, io[i].stub);
+			call->tally.bytes += io[i].stub->pages * KVP_SPILL_PAGE;
+			kvp_block_spill_out(s->tenant, io[i].block, io[i].stub, call);
 		}
 		s->n_spilled += (uint32_t)made;
-		kvp_pressure_tally.blocks[reach] += (uint32_t)made;
+		call->tally.blocks[reach] += (uint32_t)made;
 	} else if (made) {
 		kvp_spill_lock(d); /* the blocks stay as they were; their slots go back */
 		for (size_t i = 0; i < made; i++)
-			kvp_spill_stub_drop(d, io[i].stub);
+			kvp_spill_stub_drop(d, io[i].stub, call);
 		kvp_spill_unlock(d);
 	}
-	kvp_prepay_end(s->tenant);
-	kvp_charge_mode = mode;
+	kvp_prepay_end(call, s->tenant);
+	call->no_relief = mode;
 	free(v);
 	free(io);
 	return st == KVP_OK ? made : 0;
@@ -161,12 +166,12 @@ static int restore_wanted(const struct kvp_block *b, enum restore_scope scope)
 /* Room for all the rows a restore takes at once: a charge given back at once, so that pressure spills
  * what they need in one batch of writes instead of one small synchronous spill per block's rows. What
  * it cannot make room for, the blocks' own allocations report. */
-static void room_make(struct kvp_tenant *t, uint64_t bytes)
+static void room_make(struct kvp_tenant *t, uint64_t bytes, struct kvp_call *call)
 {
 	char why[512];
 	snprintf(why, sizeof why, "%s", kvp_last_error());
-	if (kvp_charge(t, bytes) == KVP_OK)
-		kvp_uncharge(t, bytes);
+	if (kvp_charge(t, bytes, call) == KVP_OK)
+		kvp_uncharge(t, bytes, call);
 	kvp_fail(KVP_OK, "%s", why);
 }
 
@@ -174,7 +179,7 @@ static void room_make(struct kvp_tenant *t, uint64_t bytes)
  * submitted. KVP_ENOMEM when rows ran out: the reads of the blocks that got rows are submitted all the
  * same. */
 static kvp_status restore_start(struct kvp_seq *s, uint32_t layer, enum restore_scope scope,
-				struct kvp_restore **out)
+				struct kvp_restore **out, struct kvp_call *call)
 {
 	struct kvp_restore *r;
 	size_t n = 0;
@@ -191,7 +196,7 @@ static kvp_status restore_start(struct kvp_seq *s, uint32_t layer, enum restore_
 	}
 	if (!n)
 		return KVP_OK;
-	room_make(s->tenant, bytes);
+	room_make(s->tenant, bytes, call);
 	if (!(r = malloc(sizeof *r + n * sizeof r->reads[0])))
 		return kvp_fail(KVP_ENOMEM, "out of memory for %zu block reads", n);
 	r->layer = layer;
@@ -202,7 +207,7 @@ static kvp_status restore_start(struct kvp_seq *s, uint32_t layer, enum restore_
 			struct kvp_block *b = stream->blocks[i];
 			if (!restore_wanted(b, scope))
 				continue;
-			if ((st = kvp_block_rows_alloc(s->tenant, b)) == KVP_OK)
+			if ((st = kvp_block_rows_alloc(s->tenant, b, call)) == KVP_OK)
 				r->reads[r->n++] = (struct kvp_spill_pending){ .stub = b->spilled, .block = b };
 		}
 	}
@@ -222,14 +227,14 @@ static kvp_status restore_finish(struct kvp_seq *s, struct kvp_restore *r)
 		struct kvp_block *b = r->reads[i].block;
 		if (r->reads[i].st != KVP_OK)
 			continue;
-		kvp_spill_stub_drop(d, b->spilled);
+		kvp_spill_stub_drop(d, b->spilled, NULL);
 		b->spilled = NULL;
 		s->n_spilled--;
 	}
 	kvp_spill_unlock(d);
 	for (size_t i = 0; i < r->n; i++)
 		if (r->reads[i].st != KVP_OK)
-			kvp_block_rows_free(s->tenant, r->reads[i].block);
+			kvp_block_rows_free(s->tenant, r->reads[i].block, NULL);
 	free(r);
 	return st;
 }
@@ -247,14 +252,15 @@ void kvp_restore_settle(struct kvp_seq *s)
 }
 
 /* The layer's spilled blocks in scope, read now. */
-static kvp_status restore_now(struct kvp_seq *s, uint32_t layer, enum restore_scope scope)
+static kvp_status restore_now(struct kvp_seq *s, uint32_t layer, enum restore_scope scope,
+			      struct kvp_call *call)
 {
 	struct kvp_restore *r;
-	kvp_status st = restore_start(s, layer, scope, &r), done = r ? restore_finish(s, r) : KVP_OK;
+	kvp_status st = restore_start(s, layer, scope, &r, call), done = r ? restore_finish(s, r) : KVP_OK;
 	return st != KVP_OK ? st : done;
 }
 
-kvp_status kvp_restore_layer(struct kvp_seq *s, uint32_t layer)
+kvp_status kvp_restore_layer(struct kvp_seq *s, uint32_t layer, struct kvp_call *call)
 {
 	struct kvp_restore *ahead;
 	kvp_status st = KVP_OK;
@@ -268,7 +274,7 @@ kvp_status kvp_restore_layer(struct kvp_seq *s, uint32_t layer)
 		kvp_restore_settle(s);
 	}
 	if (st == KVP_OK)
-		st = restore_now(s, layer, RESTORE_EVERY);
+		st = restore_now(s, layer, RESTORE_EVERY, call);
 	if (st != KVP_OK)
 		return kvp_fail_context(st, "layer %u: its spilled blocks stay on the device", layer);
 	/* A failed or partial prefetch costs nothing now: attending that layer reads what is missing. */
@@ -276,29 +282,29 @@ kvp_status kvp_restore_layer(struct kvp_seq *s, uint32_t layer)
 		char why[512];
 		snprintf(why, sizeof why, "%s", kvp_last_error());
 		s->pin_to = layer + 2; /* nor what it reads ahead */
-		restore_start(s, layer + 1, RESTORE_EVERY, &ahead);
+		restore_start(s, layer + 1, RESTORE_EVERY, &ahead, call);
 		s->restore = ahead;
 		kvp_fail(KVP_OK, "%s", why);
 	}
 	return KVP_OK;
 }
 
-kvp_status kvp_restore_all(struct kvp_seq *s)
+kvp_status kvp_restore_all(struct kvp_seq *s, struct kvp_call *call)
 {
 	kvp_status st = KVP_OK;
 	kvp_restore_settle(s);
 	s->pin_from = 0;
 	s->pin_to = s->shape.n_layers;
 	for (uint32_t l = 0; l < s->shape.n_layers && st == KVP_OK && s->n_spilled; l++)
-		st = restore_now(s, l, RESTORE_EVERY);
+		st = restore_now(s, l, RESTORE_EVERY, call);
 	return st;
 }
 
-kvp_status kvp_restore_exact(struct kvp_seq *s, uint32_t layer)
+kvp_status kvp_restore_exact(struct kvp_seq *s, uint32_t layer, struct kvp_call *call)
 {
 	kvp_status st;
 	kvp_restore_settle(s);
-	if ((st = restore_now(s, layer, RESTORE_EXACT)) != KVP_OK)
+	if ((st = restore_now(s, layer, RESTORE_EXACT, call)) != KVP_OK)
 		return kvp_fail_context(st, "layer %u: its spilled exact blocks stay on the device", layer);
 	return KVP_OK;
 }
