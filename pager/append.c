@@ -23,7 +23,7 @@ static size_t table_bytes(uint32_t cap)
 	return (size_t)cap * sizeof(struct kvp_block *);
 }
 
-static void plan_unwind(struct kvp_tenant *t, struct stream_plan *p)
+static void plan_unwind(struct kvp_tenant_obj *t, struct stream_plan *p)
 {
 	kvp_cold_unwind(t, &p->cold);
 	kvp_block_put(t, p->sink);
@@ -41,7 +41,7 @@ static int shared(struct kvp_block *b)
 	return atomic_load_explicit(&b->refs, memory_order_acquire) > 1;
 }
 
-static kvp_status plan_blocks(struct kvp_tenant *t, const struct kvp_stream *s, uint32_t n, uint32_t dim,
+static kvp_status plan_blocks(struct kvp_tenant_obj *t, const struct kvp_stream *s, uint32_t n, uint32_t dim,
 			      struct stream_plan *p, struct kvp_call *call)
 {
 	const struct kvp_tenant_config *cfg = &t->cfg;
@@ -87,7 +87,7 @@ static kvp_status plan_blocks(struct kvp_tenant *t, const struct kvp_stream *s, 
 	return KVP_OK;
 }
 
-static kvp_status plan_stream(struct kvp_tenant *t, const struct kvp_seq *seq, const struct kvp_stream *s,
+static kvp_status plan_stream(struct kvp_tenant_obj *t, const struct kvp_seq_obj *seq, const struct kvp_stream *s,
 			      uint32_t n, struct stream_plan *p)
 {
 	kvp_status st = plan_blocks(t, s, n, seq->shape.head_dim, p, seq->call);
@@ -97,7 +97,7 @@ static kvp_status plan_stream(struct kvp_tenant *t, const struct kvp_seq *seq, c
 	return st;
 }
 
-static void commit_stream(struct kvp_tenant *t, const struct kvp_seq *seq, struct kvp_stream *s,
+static void commit_stream(struct kvp_tenant_obj *t, const struct kvp_seq_obj *seq, struct kvp_stream *s,
 			  struct stream_plan *p, uint32_t n, const int32_t *pos, const float *k, const float *v,
 			  size_t stride)
 {
@@ -141,7 +141,7 @@ static void commit_stream(struct kvp_tenant *t, const struct kvp_seq *seq, struc
 
 /* The highest position a layer's streams hold (-1 when empty). Streams are ragged: a policy without a
  * window may have dropped one head's newest token and kept another's. */
-static int64_t last_position(const struct kvp_seq *s, uint32_t layer)
+static int64_t last_position(const struct kvp_seq_obj *s, uint32_t layer)
 {
 	int64_t last = -1;
 
@@ -158,7 +158,7 @@ static int64_t last_position(const struct kvp_seq *s, uint32_t layer)
  * n is the caller's: refused before anything reads n tokens of pos, k or v, or counts them, when the
  * rows are more than the machine can address or a stream of the layer would pass KVP_STREAM_TOKENS_MAX.
  */
-static kvp_status count_check(const struct kvp_seq *s, uint32_t layer, uint32_t n)
+static kvp_status count_check(const struct kvp_seq_obj *s, uint32_t layer, uint32_t n)
 {
 	uint64_t most = 0;
 
@@ -179,7 +179,7 @@ static kvp_status count_check(const struct kvp_seq *s, uint32_t layer, uint32_t 
  * A policy ranks tokens by absolute position: within a stream they must increase. Checked here once for
  * good, so rounds and the pager's observations take the positions as they are.
  */
-static kvp_status positions_check(const struct kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos)
+static kvp_status positions_check(const struct kvp_seq_obj *s, uint32_t layer, uint32_t n, const int32_t *pos)
 {
 	int64_t prev = last_position(s, layer);
 
@@ -192,7 +192,7 @@ static kvp_status positions_check(const struct kvp_seq *s, uint32_t layer, uint3
 	return KVP_OK;
 }
 
-kvp_status kvp_append_resident(struct kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
+kvp_status kvp_append_resident(struct kvp_seq_obj *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
 			       const float *v)
 {
 	struct stream_plan plans[64], *plan = plans;

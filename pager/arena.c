@@ -112,7 +112,7 @@ static kvp_status numa_hooks_for(int node, extent_hooks_t **out)
 	return st;
 }
 
-kvp_status kvp_arena_create(const struct kvp_pool *pool, unsigned *arena)
+kvp_status kvp_arena_create(const struct kvp_pool_obj *pool, unsigned *arena)
 {
 	extent_hooks_t *hooks = NULL;
 	size_t sz = sizeof *arena;
@@ -153,7 +153,7 @@ kvp_status kvp_numa_check(int node)
  * sequence's state_bytes so its stats show it. Calls on one sequence are serialized, stats included. */
 static void *state_alloc(void *ctx, size_t bytes)
 {
-	struct kvp_seq *s = ctx;
+	struct kvp_seq_obj *s = ctx;
 	void *p = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0, s->call);
 
 	if (p)
@@ -163,13 +163,13 @@ static void *state_alloc(void *ctx, size_t bytes)
 
 static void state_free(void *ctx, void *p, size_t bytes)
 {
-	struct kvp_seq *s = ctx;
+	struct kvp_seq_obj *s = ctx;
 
 	kvp_free(s->tenant, p, bytes, KVP_BYTES_META, 0);
 	s->state_bytes -= kvp_alloc_size(s->tenant, bytes);
 }
 
-struct kvp_allocator kvp_seq_allocator(struct kvp_seq *s)
+struct kvp_allocator kvp_seq_allocator(struct kvp_seq_obj *s)
 {
 	return (struct kvp_allocator){ .alloc = state_alloc, .free = state_free, .ctx = s };
 }

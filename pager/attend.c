@@ -171,7 +171,7 @@ static void block(struct stream_attention *a, const struct kvp_block *b, const s
 		block_f32(a, b);
 }
 
-static void begin(struct stream_attention *a, const struct kvp_seq *s, const struct kvp_stream *st,
+static void begin(struct stream_attention *a, const struct kvp_seq_obj *s, const struct kvp_stream *st,
 		  const float *q, float *out, float *scores, int observing)
 {
 	const struct kvp_cold *c = &s->cold;
@@ -220,7 +220,7 @@ static void attend_stream(struct stream_attention *a, const struct kvp_stream *s
 }
 
 /* The raw scores become each head's final softmax weights; the policy learns them with the queries. */
-static kvp_status observe(struct stream_attention *a, struct kvp_seq *s, const struct kvp_stream *st,
+static kvp_status observe(struct stream_attention *a, struct kvp_seq_obj *s, const struct kvp_stream *st,
 			  uint32_t layer, uint32_t kv_head)
 {
 	struct kvp_observation o;
@@ -246,7 +246,7 @@ static kvp_status observe(struct stream_attention *a, struct kvp_seq *s, const s
 	return kvp_policy_learn(s->policy, &o);
 }
 
-static kvp_status observe_reserve(struct kvp_seq *s, uint32_t layer)
+static kvp_status observe_reserve(struct kvp_seq_obj *s, uint32_t layer)
 {
 	uint32_t most = 0;
 
@@ -257,7 +257,7 @@ static kvp_status observe_reserve(struct kvp_seq *s, uint32_t layer)
 	return kvp_observe_reserve(s, most);
 }
 
-kvp_status kvp_attend_resident(struct kvp_seq *s, uint32_t layer, const float *q, float *out)
+kvp_status kvp_attend_resident(struct kvp_seq_obj *s, uint32_t layer, const float *q, float *out)
 {
 	float scores[KVP_BLOCK_MAX];
 	struct stream_attention a;

@@ -13,9 +13,9 @@
 /* Enters the sequence handle h names; a call that needs the tokens gets a pressure-parked sequence
  * back, and a host-parked one refused. On failure nothing is entered. */
 static kvp_status enter(const kvp_seq *h, const char *name, int needs_tokens, struct kvp_call *call,
-			struct kvp_seq **out)
+			struct kvp_seq_obj **out)
 {
-	struct kvp_seq *s;
+	struct kvp_seq_obj *s;
 	kvp_status st;
 	if ((st = kvp_seq_handle_get(h, name, &s)) != KVP_OK)
 		return st;
@@ -36,7 +36,7 @@ static kvp_status enter(const kvp_seq *h, const char *name, int needs_tokens, st
 
 kvp_status kvp_seq_open(kvp_tenant *h, const kvp_shape *shape, kvp_seq **out)
 {
-	struct kvp_seq *s;
+	struct kvp_seq_obj *s;
 	void *t;
 	kvp_status st;
 	if (out)
@@ -54,7 +54,7 @@ kvp_status kvp_append(kvp_seq *h, uint32_t layer, uint32_t n, const int32_t *pos
 		      const float *v)
 {
 	struct kvp_call call;
-	struct kvp_seq *s;
+	struct kvp_seq_obj *s;
 	kvp_status st = enter(h, "kvp_append", 1, &call, &s);
 	if (st == KVP_OK) {
 		kvp_restore_settle(s); /* appends never read cold rows; reads in flight are only waited for */
@@ -72,7 +72,7 @@ kvp_status kvp_append(kvp_seq *h, uint32_t layer, uint32_t n, const int32_t *pos
 kvp_status kvp_attend(kvp_seq *h, uint32_t layer, const float *q, float *out)
 {
 	struct kvp_call call;
-	struct kvp_seq *s;
+	struct kvp_seq_obj *s;
 	kvp_status st = enter(h, "kvp_attend", 1, &call, &s);
 	if (st == KVP_OK) {
 		s->pin_from = layer; /* what attend's own allocations may spill: not the layer it reads */
@@ -87,7 +87,7 @@ kvp_status kvp_gather(kvp_seq *h, uint32_t layer, uint32_t kv_head, uint32_t cap
 		      float *v, uint32_t *n_out)
 {
 	struct kvp_call call;
-	struct kvp_seq *s;
+	struct kvp_seq_obj *s;
 	kvp_status st = enter(h, "kvp_gather", 1, &call, &s);
 	if (st == KVP_OK) {
 		if (s->n_spilled && layer < s->shape.n_layers)
@@ -104,7 +104,7 @@ kvp_status kvp_gather(kvp_seq *h, uint32_t layer, uint32_t kv_head, uint32_t cap
 kvp_status kvp_seq_fork(kvp_seq *h, kvp_seq **out)
 {
 	struct kvp_call call;
-	struct kvp_seq *s;
+	struct kvp_seq_obj *s;
 	kvp_status st = enter(h, "kvp_seq_fork", 1, &call, &s);
 	if (st == KVP_OK) {
 		/* a fork shares blocks, and spilled blocks are private: all of them come back first */
@@ -120,7 +120,7 @@ kvp_status kvp_seq_fork(kvp_seq *h, kvp_seq **out)
 kvp_status kvp_seq_stats(const kvp_seq *h, kvp_stats *out)
 {
 	struct kvp_call call;
-	struct kvp_seq *s;
+	struct kvp_seq_obj *s;
 	kvp_status st = enter(h, "kvp_seq_stats", 0, &call, &s);
 	if (st == KVP_OK) {
 		kvp_restore_settle(s);
@@ -133,7 +133,7 @@ kvp_status kvp_seq_stats(const kvp_seq *h, kvp_stats *out)
 kvp_status kvp_seq_step(kvp_seq *h)
 {
 	struct kvp_call call;
-	struct kvp_seq *s;
+	struct kvp_seq_obj *s;
 	kvp_status st = enter(h, "kvp_seq_step", 0, &call, &s);
 	if (st == KVP_OK) {
 		kvp_restore_settle(s);
@@ -155,7 +155,7 @@ kvp_status kvp_seq_step(kvp_seq *h)
 void kvp_seq_close(kvp_seq *h)
 {
 	struct kvp_call call;
-	struct kvp_seq *s;
+	struct kvp_seq_obj *s;
 	if (enter(h, "kvp_seq_close", 0, &call, &s) == KVP_OK) {
 		s->call = NULL;
 		kvp_seq_close_entered(s); /* the count goes with the sequence; it waits for reads in flight */
@@ -165,7 +165,7 @@ void kvp_seq_close(kvp_seq *h)
 kvp_status kvp_seq_park(kvp_seq *h)
 {
 	struct kvp_call call;
-	struct kvp_seq *s;
+	struct kvp_seq_obj *s;
 	kvp_status st = enter(h, "kvp_seq_park", 0, &call, &s);
 	if (st != KVP_OK)
 		return st;
@@ -181,7 +181,7 @@ kvp_status kvp_seq_park(kvp_seq *h)
 kvp_status kvp_seq_unpark(kvp_seq *h)
 {
 	struct kvp_call call;
-	struct kvp_seq *s;
+	struct kvp_seq_obj *s;
 	kvp_status st = enter(h, "kvp_seq_unpark", 0, &call, &s);
 	if (st == KVP_OK) {
 		kvp_restore_settle(s);
@@ -194,7 +194,7 @@ kvp_status kvp_seq_unpark(kvp_seq *h)
 kvp_status kvp_seq_head_level(kvp_seq *h, uint32_t layer, uint32_t kv_head, kvp_head_level *out)
 {
 	struct kvp_call call;
-	struct kvp_seq *s;
+	struct kvp_seq_obj *s;
 	kvp_status st = enter(h, "kvp_seq_head_level", 0, &call, &s);
 	if (st == KVP_OK) {
 		st = kvp_seq_head_level_entered(s, layer, kv_head, out);
@@ -206,7 +206,7 @@ kvp_status kvp_seq_head_level(kvp_seq *h, uint32_t layer, uint32_t kv_head, kvp_
 kvp_status kvp_seq_set_head_level(kvp_seq *h, uint32_t layer, uint32_t kv_head, float aggressiveness)
 {
 	struct kvp_call call;
-	struct kvp_seq *s;
+	struct kvp_seq_obj *s;
 	kvp_status st = enter(h, "kvp_seq_set_head_level", 0, &call, &s);
 	if (st == KVP_OK) {
 		st = kvp_seq_set_head_level_entered(s, layer, kv_head, aggressiveness);

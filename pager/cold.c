@@ -124,20 +124,20 @@ kvp_status kvp_cold_check(const struct kvp_tenant_config *cfg)
 	return st;
 }
 
-kvp_status kvp_cold_prepare(struct kvp_tenant *t)
+kvp_status kvp_cold_prepare(struct kvp_tenant_obj *t)
 {
 	t->k_codec = t->v_codec = NULL;
 	return has_cold_tier(&t->cfg) ? specs_parse(&t->cfg, &t->k_codec, &t->v_codec) : KVP_OK;
 }
 
-void kvp_cold_unprepare(struct kvp_tenant *t)
+void kvp_cold_unprepare(struct kvp_tenant_obj *t)
 {
 	kvp_codec_spec_free(t->k_codec);
 	kvp_codec_spec_free(t->v_codec);
 	t->k_codec = t->v_codec = NULL;
 }
 
-kvp_status kvp_cold_open(struct kvp_tenant *t, struct kvp_seq *s)
+kvp_status kvp_cold_open(struct kvp_tenant_obj *t, struct kvp_seq_obj *s)
 {
 	struct kvp_cold *c = &s->cold;
 	struct kvp_allocator mem = kvp_seq_allocator(s);
@@ -169,7 +169,7 @@ kvp_status kvp_cold_open(struct kvp_tenant *t, struct kvp_seq *s)
 	return st;
 }
 
-void kvp_cold_close(struct kvp_tenant *t, struct kvp_seq *s)
+void kvp_cold_close(struct kvp_tenant_obj *t, struct kvp_seq_obj *s)
 {
 	struct kvp_cold *c = &s->cold;
 
@@ -188,7 +188,7 @@ static size_t room(size_t bytes)
 }
 
 /* One allocation for the contexts of every level, each 64-byte aligned after the header. */
-static struct kvp_stream_ctx *ctx_new(struct kvp_tenant *t, const struct kvp_cold *c, struct kvp_call *call)
+static struct kvp_stream_ctx *ctx_new(struct kvp_tenant_obj *t, const struct kvp_cold *c, struct kvp_call *call)
 {
 	size_t size = room(sizeof(struct kvp_stream_ctx)), at = size;
 	struct kvp_stream_ctx *x;
@@ -212,7 +212,7 @@ static struct kvp_stream_ctx *ctx_new(struct kvp_tenant *t, const struct kvp_col
 	return x;
 }
 
-void kvp_stream_ctx_put(struct kvp_tenant *t, struct kvp_stream_ctx *x)
+void kvp_stream_ctx_put(struct kvp_tenant_obj *t, struct kvp_stream_ctx *x)
 {
 	if (x && atomic_fetch_sub_explicit(&x->refs, 1, memory_order_acq_rel) == 1)
 		kvp_free(t, x, x->size, KVP_BYTES_META, 0);
@@ -223,7 +223,7 @@ void kvp_stream_ctx_put(struct kvp_tenant *t, struct kvp_stream_ctx *x)
  * region is full blocks and at most one partial last block, and a block turns cold when `window` tokens
  * follow it. With a policy only blocks a round has scored qualify: tokens are scored while exact.
  */
-static uint32_t cold_count(const struct kvp_tenant_config *cfg, const struct kvp_seq *s,
+static uint32_t cold_count(const struct kvp_tenant_config *cfg, const struct kvp_seq_obj *s,
 			   const struct kvp_stream *st, uint32_t add)
 {
 	uint32_t exact = add, want, ok = 0;
@@ -242,14 +242,14 @@ static uint32_t cold_count(const struct kvp_tenant_config *cfg, const struct kvp
 }
 
 /* The ladder level new cold blocks of st are encoded at (0 without a ladder). */
-static uint32_t stream_level(const struct kvp_seq *s, const struct kvp_stream *st)
+static uint32_t stream_level(const struct kvp_seq_obj *s, const struct kvp_stream *st)
 {
 	size_t i = (size_t)(st - s->streams);
 
 	return kvp_gating_level(s->gating, (uint32_t)(i / s->shape.n_kv_heads), (uint32_t)(i % s->shape.n_kv_heads));
 }
 
-kvp_status kvp_cold_plan(struct kvp_tenant *t, const struct kvp_seq *s, const struct kvp_stream *st,
+kvp_status kvp_cold_plan(struct kvp_tenant_obj *t, const struct kvp_seq_obj *s, const struct kvp_stream *st,
 			 uint32_t add, struct kvp_cold_plan *p)
 {
 	const struct kvp_cold *c = &s->cold;
@@ -274,7 +274,7 @@ kvp_status kvp_cold_plan(struct kvp_tenant *t, const struct kvp_seq *s, const st
 	return KVP_OK;
 }
 
-void kvp_cold_unwind(struct kvp_tenant *t, struct kvp_cold_plan *p)
+void kvp_cold_unwind(struct kvp_tenant_obj *t, struct kvp_cold_plan *p)
 {
 	for (uint32_t i = 0; i < p->n && p->blocks; i++)
 		kvp_block_put(t, p->blocks[i]);
@@ -299,7 +299,7 @@ static const float *exact_rows(const struct kvp_block *b, const void *src, uint3
  * the stream's context is fitted; a ring keeps the last fit_steps steps. Without it (no attend before the
  * first cold block, or no memory for the ring) the codec fits with no queries, as it does standalone.
  */
-void kvp_cold_note_queries(struct kvp_seq *s, struct kvp_stream *st, const float *q)
+void kvp_cold_note_queries(struct kvp_seq_obj *s, struct kvp_stream *st, const float *q)
 {
 	const struct kvp_codec *k = s->cold.k;
 	uint32_t dim = s->shape.head_dim, cap;
@@ -324,7 +324,7 @@ void kvp_cold_note_queries(struct kvp_seq *s, struct kvp_stream *st, const float
 	}
 }
 
-void kvp_cold_forget_queries(struct kvp_tenant *t, struct kvp_stream *st)
+void kvp_cold_forget_queries(struct kvp_tenant_obj *t, struct kvp_stream *st)
 {
 	if (st->recent)
 		kvp_free(t, st->recent, st->recent->bytes, KVP_BYTES_META, 0);
@@ -349,7 +349,7 @@ static kvp_status fit(const struct kvp_cold *c, const struct kvp_stream *st, str
 	return st_;
 }
 
-static kvp_status encode(const struct kvp_seq *s, struct kvp_stream *st, struct kvp_cold_plan *p,
+static kvp_status encode(const struct kvp_seq_obj *s, struct kvp_stream *st, struct kvp_cold_plan *p,
 			 const struct kvp_block *exact, struct kvp_block *cold)
 {
 	const struct kvp_cold *c = &s->cold;
@@ -376,7 +376,7 @@ static kvp_status encode(const struct kvp_seq *s, struct kvp_stream *st, struct 
 	return KVP_OK;
 }
 
-void kvp_cold_commit(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_stream *st,
+void kvp_cold_commit(struct kvp_tenant_obj *t, const struct kvp_seq_obj *s, struct kvp_stream *st,
 		     struct kvp_cold_plan *p)
 {
 	uint32_t done = 0;
@@ -395,7 +395,7 @@ void kvp_cold_commit(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_s
 	kvp_cold_unwind(t, p);
 }
 
-void kvp_cold_gather(const struct kvp_seq *s, const struct kvp_stream *st, const struct kvp_block *b,
+void kvp_cold_gather(const struct kvp_seq_obj *s, const struct kvp_stream *st, const struct kvp_block *b,
 		     float *k, float *v)
 {
 	const struct kvp_cold *c = &s->cold;

@@ -48,7 +48,7 @@ kvp_status kvp_evict_check(const struct kvp_tenant_config *cfg)
 	return KVP_OK;
 }
 
-kvp_status kvp_evict_prepare(struct kvp_tenant *t)
+kvp_status kvp_evict_prepare(struct kvp_tenant_obj *t)
 {
 	const char *text = t->cfg.policy_spec;
 	kvp_status st;
@@ -68,13 +68,13 @@ kvp_status kvp_evict_prepare(struct kvp_tenant *t)
 	return KVP_OK;
 }
 
-void kvp_evict_unprepare(struct kvp_tenant *t)
+void kvp_evict_unprepare(struct kvp_tenant_obj *t)
 {
 	kvp_policy_spec_free(t->policy_spec);
 	t->policy_spec = NULL;
 }
 
-kvp_status kvp_evict_open(struct kvp_tenant *t, struct kvp_seq *s)
+kvp_status kvp_evict_open(struct kvp_tenant_obj *t, struct kvp_seq_obj *s)
 {
 	/* the policy's state is the sequence's: charged to the tenant, counted in its bytes_meta */
 	struct kvp_allocator mem = kvp_seq_allocator(s);
@@ -91,7 +91,7 @@ kvp_status kvp_evict_open(struct kvp_tenant *t, struct kvp_seq *s)
 	return KVP_OK;
 }
 
-kvp_status kvp_evict_fork(struct kvp_tenant *t, const struct kvp_seq *src, struct kvp_seq *s)
+kvp_status kvp_evict_fork(struct kvp_tenant_obj *t, const struct kvp_seq_obj *src, struct kvp_seq_obj *s)
 {
 	struct kvp_allocator mem = kvp_seq_allocator(s);
 
@@ -102,14 +102,14 @@ kvp_status kvp_evict_fork(struct kvp_tenant *t, const struct kvp_seq *src, struc
 	return kvp_policy_clone_in(src->policy, &mem, &s->policy);
 }
 
-static void round_space_release(struct kvp_tenant *t, struct kvp_round_space *r)
+static void round_space_release(struct kvp_tenant_obj *t, struct kvp_round_space *r)
 {
 	if (r->bytes) /* one allocation: the keys first when there are any */
 		kvp_free(t, r->k ? (void *)r->k : (void *)r->pos, r->bytes, KVP_BYTES_META, 0);
 	memset(r, 0, sizeof *r);
 }
 
-void kvp_evict_close(struct kvp_tenant *t, struct kvp_seq *s)
+void kvp_evict_close(struct kvp_tenant_obj *t, struct kvp_seq_obj *s)
 {
 	round_space_release(t, &s->round_space);
 	kvp_policy_free(s->policy);
@@ -119,7 +119,7 @@ void kvp_evict_close(struct kvp_tenant *t, struct kvp_seq *s)
 	memset(&s->observe, 0, sizeof s->observe);
 }
 
-kvp_status kvp_observe_reserve(struct kvp_seq *s, uint32_t n)
+kvp_status kvp_observe_reserve(struct kvp_seq_obj *s, uint32_t n)
 {
 	struct kvp_observe_buf *o = &s->observe;
 	uint32_t cap = o->cap ? o->cap : 256;
@@ -170,7 +170,7 @@ static int separable(const struct kvp_codec *c, uint32_t block)
 }
 
 /* Cold blocks [from, to) of one ladder level: their codecs decide whether bytes can be moved. */
-static struct region cold_region(const struct kvp_seq *s, uint32_t level, uint32_t from, uint32_t to)
+static struct region cold_region(const struct kvp_seq_obj *s, uint32_t level, uint32_t from, uint32_t to)
 {
 	const struct kvp_codec *k = s->cold.k_level[level], *v = s->cold.v_level[level];
 	struct region r = { from, to, 0, 0, 0, 1 };
@@ -195,7 +195,7 @@ static uint32_t level_run_end(const struct kvp_stream *st, uint32_t from)
 	return to;
 }
 
-static struct region exact_region(const struct kvp_seq *s, const struct kvp_stream *st)
+static struct region exact_region(const struct kvp_seq_obj *s, const struct kvp_stream *st)
 {
 	struct region r = { st->n_cold, st->n_blocks, 0, 0, 0, 0 };
 
@@ -253,7 +253,7 @@ static uint32_t kept_in(const struct verdict *v, uint32_t at, uint32_t n)
  * when the region holds at least eight blocks' worth: a long stream saves the copying for an eighth of
  * its memory at most, and a short one, where copying is cheap anyway, is repacked full.
  */
-static uint32_t reuse_from(const struct kvp_seq *s, const struct kvp_stream *st, const struct region *r,
+static uint32_t reuse_from(const struct kvp_seq_obj *s, const struct kvp_stream *st, const struct region *r,
 			   const struct verdict *v, uint32_t at)
 {
 	const uint32_t B = s->tenant->cfg.block;
@@ -288,7 +288,7 @@ static uint32_t reuse_from(const struct kvp_seq *s, const struct kvp_stream *st,
  * any case), survivors of the others are packed into fresh blocks. With c == NULL it only counts the
  * fresh blocks needed (*fresh). *at, the stream index of the region's first token, is advanced past it.
  */
-static void walk_region(const struct kvp_seq *s, const struct kvp_stream *st, const struct region *r,
+static void walk_region(const struct kvp_seq_obj *s, const struct kvp_stream *st, const struct region *r,
 			const struct verdict *v, uint32_t *at, struct compaction *c, uint32_t *fresh)
 {
 	const uint32_t B = s->tenant->cfg.block, reuse = reuse_from(s, st, r, v, *at);
@@ -341,7 +341,7 @@ static void walk_region(const struct kvp_seq *s, const struct kvp_stream *st, co
 	}
 }
 
-static void compaction_free(struct kvp_tenant *t, struct compaction *c)
+static void compaction_free(struct kvp_tenant_obj *t, struct compaction *c)
 {
 	for (uint32_t i = c->used; i < c->n_fresh; i++)
 		kvp_block_put(t, c->fresh[i]);
@@ -353,7 +353,7 @@ static void compaction_free(struct kvp_tenant *t, struct compaction *c)
 }
 
 /* Fresh blocks for `n` survivors' blocks of a region, appended to c->fresh. */
-static kvp_status fresh_blocks(struct kvp_tenant *t, const struct kvp_seq *s, const struct region *r,
+static kvp_status fresh_blocks(struct kvp_tenant_obj *t, const struct kvp_seq_obj *s, const struct region *r,
 			       uint32_t level, uint32_t n, struct compaction *c)
 {
 	const struct kvp_codec *k = s->cold.k_level[level], *v = s->cold.v_level[level];
@@ -375,7 +375,7 @@ static kvp_status fresh_blocks(struct kvp_tenant *t, const struct kvp_seq *s, co
  * Walks the stream's regions in block order: cold blocks in runs of one level, then the exact blocks.
  * Planning (plan != 0) allocates each region's fresh blocks; committing packs survivors into them.
  */
-static kvp_status walk_stream(struct kvp_tenant *t, const struct kvp_seq *s, const struct kvp_stream *st,
+static kvp_status walk_stream(struct kvp_tenant_obj *t, const struct kvp_seq_obj *s, const struct kvp_stream *st,
 			      const struct verdict *v, struct compaction *c, int plan)
 {
 	uint32_t at = st->sink ? st->sink->n : 0;
@@ -400,7 +400,7 @@ static kvp_status walk_stream(struct kvp_tenant *t, const struct kvp_seq *s, con
 	return rc;
 }
 
-static kvp_status compaction_plan(struct kvp_tenant *t, const struct kvp_seq *s, const struct kvp_stream *st,
+static kvp_status compaction_plan(struct kvp_tenant_obj *t, const struct kvp_seq_obj *s, const struct kvp_stream *st,
 				  const struct verdict *v, struct compaction *c)
 {
 	kvp_status rc;
@@ -419,7 +419,7 @@ static kvp_status compaction_plan(struct kvp_tenant *t, const struct kvp_seq *s,
 	return KVP_OK;
 }
 
-static void compaction_commit(struct kvp_tenant *t, struct kvp_seq *s, struct kvp_stream *st,
+static void compaction_commit(struct kvp_tenant_obj *t, struct kvp_seq_obj *s, struct kvp_stream *st,
 			      const struct verdict *v, struct compaction *c)
 {
 	walk_stream(t, s, st, v, c, 0);
@@ -453,7 +453,7 @@ struct loaded {
 	struct kvp_round_space own; /* the round's own buffers, when not the sequence's round space */
 };
 
-static void loaded_free(struct kvp_tenant *t, struct loaded *l)
+static void loaded_free(struct kvp_tenant_obj *t, struct loaded *l)
 {
 	round_space_release(t, &l->own);
 	memset(l, 0, sizeof *l);
@@ -465,7 +465,7 @@ static void loaded_free(struct kvp_tenant *t, struct loaded *l)
  * make room for kept scratch would cost more than it saves, so when the quota says no (0 returned) the
  * round takes buffers of its own, for itself only, charged like any other memory.
  */
-static int round_space_alloc(struct kvp_seq *s, uint32_t n, int keys, int relief, struct kvp_round_space *r)
+static int round_space_alloc(struct kvp_seq_obj *s, uint32_t n, int keys, int relief, struct kvp_round_space *r)
 {
 	const size_t dim = s->shape.head_dim;
 	struct kvp_call quiet = { .no_relief = 1 }; /* a charge that never relieves */
@@ -490,7 +490,7 @@ static int round_space_alloc(struct kvp_seq *s, uint32_t n, int keys, int relief
  * (round_space_settle), so a failed round leaves the sequence's memory as it was. Otherwise, and when
  * the quota refuses, the round's own (l->own, charged too: no round buffer escapes the quota).
  */
-static kvp_status load_buffers(struct kvp_seq *s, uint32_t n, int keys, struct kvp_round_space *grown,
+static kvp_status load_buffers(struct kvp_seq_obj *s, uint32_t n, int keys, struct kvp_round_space *grown,
 			       struct loaded *l)
 {
 	const struct kvp_round_space *r = &s->round_space;
@@ -509,7 +509,7 @@ static kvp_status load_buffers(struct kvp_seq *s, uint32_t n, int keys, struct k
 }
 
 /* After a single-stream round: a grown round space replaces the old one if the round succeeded. */
-static void round_space_settle(struct kvp_seq *s, struct kvp_round_space *grown, kvp_status st)
+static void round_space_settle(struct kvp_seq_obj *s, struct kvp_round_space *grown, kvp_status st)
 {
 	if (!grown->bytes)
 		return;
@@ -522,7 +522,7 @@ static void round_space_settle(struct kvp_seq *s, struct kvp_round_space *grown,
 }
 
 /* grown: see load_buffers; NULL when several streams are loaded at once. */
-static kvp_status load(struct kvp_seq *s, struct kvp_stream *st, struct loaded *l, struct kvp_round_space *grown)
+static kvp_status load(struct kvp_seq_obj *s, struct kvp_stream *st, struct loaded *l, struct kvp_round_space *grown)
 {
 	uint32_t n = st->n_tokens ? st->n_tokens : 1;
 	int keys = s->policy->ops->scores_keys; /* StreamingLLM and H2O rank without reading keys */
@@ -543,7 +543,7 @@ static kvp_status load(struct kvp_seq *s, struct kvp_stream *st, struct loaded *
 }
 
 /* Applies every loaded stream's verdict, all or nothing. */
-static kvp_status apply(struct kvp_seq *s, struct loaded *l, uint32_t n)
+static kvp_status apply(struct kvp_seq_obj *s, struct loaded *l, uint32_t n)
 {
 	struct compaction *c = calloc(n, sizeof *c);
 	kvp_status st = c ? KVP_OK : kvp_fail(KVP_ENOMEM, "policy round: out of memory");
@@ -565,7 +565,7 @@ static kvp_status apply(struct kvp_seq *s, struct loaded *l, uint32_t n)
 
 /* Rounds over `n` streams that share one verdict (KVP_ROUND_HEAD: every layer; KVP_ROUND_LAYER: every KV
  * head). */
-static kvp_status round_shared(struct kvp_seq *s, struct kvp_stream **streams, uint32_t n, uint32_t layer,
+static kvp_status round_shared(struct kvp_seq_obj *s, struct kvp_stream **streams, uint32_t n, uint32_t layer,
 			       uint32_t kv_head, int layers)
 {
 	struct loaded *l = calloc(n, sizeof *l);
@@ -623,7 +623,7 @@ static uint32_t tokens_before(const struct kvp_stream *st, int32_t end)
  * scored or selected; kvp_policy_cut names the runs to drop and the compaction reads only the blocks
  * that lose tokens, so the round costs what it evicts plus a pass over the block table.
  */
-static kvp_status round_newest(struct kvp_seq *s, uint32_t layer, uint32_t kv_head)
+static kvp_status round_newest(struct kvp_seq_obj *s, uint32_t layer, uint32_t kv_head)
 {
 	struct kvp_stream *st = kvp_seq_stream(s, layer, kv_head);
 	const int pin = s->policy->plan.pin_prompt;
@@ -641,7 +641,7 @@ static kvp_status round_newest(struct kvp_seq *s, uint32_t layer, uint32_t kv_he
 	return rc;
 }
 
-static kvp_status round_one(struct kvp_seq *s, uint32_t layer, uint32_t kv_head)
+static kvp_status round_one(struct kvp_seq_obj *s, uint32_t layer, uint32_t kv_head)
 {
 	struct kvp_round_space grown = { 0 };
 	struct loaded l;
@@ -662,7 +662,7 @@ static kvp_status round_one(struct kvp_seq *s, uint32_t layer, uint32_t kv_head)
 }
 
 /* A stream is due at its own budget (gated) + every; without gating, the policy's budget. */
-static int due(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t n)
+static int due(const struct kvp_seq_obj *s, uint32_t layer, uint32_t kv_head, uint32_t n)
 {
 	uint32_t budget = kvp_gating_budget(s->gating, layer, kv_head);
 
@@ -671,7 +671,7 @@ static int due(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32
 	return (uint64_t)n >= (uint64_t)budget + s->policy->plan.every;
 }
 
-static kvp_status rounds(struct kvp_seq *s)
+static kvp_status rounds(struct kvp_seq_obj *s)
 {
 	const uint32_t L = s->shape.n_layers, H = s->shape.n_kv_heads;
 	const enum kvp_round_scope scope = s->policy->plan.scope;
@@ -696,7 +696,7 @@ static kvp_status rounds(struct kvp_seq *s)
 	return st;
 }
 
-static kvp_status encode_scored(struct kvp_seq *s)
+static kvp_status encode_scored(struct kvp_seq_obj *s)
 {
 	struct kvp_cold_plan p;
 
@@ -711,7 +711,7 @@ static kvp_status encode_scored(struct kvp_seq *s)
 	return KVP_OK;
 }
 
-kvp_status kvp_evict_step(struct kvp_seq *s)
+kvp_status kvp_evict_step(struct kvp_seq_obj *s)
 {
 	kvp_status st;
 
@@ -734,7 +734,7 @@ kvp_status kvp_evict_step(struct kvp_seq *s)
 
 /* ---- gating: the budgets rounds use ---- */
 
-kvp_status kvp_gate_open(struct kvp_tenant *t, struct kvp_seq *s)
+kvp_status kvp_gate_open(struct kvp_tenant_obj *t, struct kvp_seq_obj *s)
 {
 	struct kvp_allocator mem = kvp_seq_allocator(s);
 	kvp_status st = kvp_gating_open(&t->cfg.gating, &s->shape, &mem, &s->gating);
@@ -742,7 +742,7 @@ kvp_status kvp_gate_open(struct kvp_tenant *t, struct kvp_seq *s)
 	return st == KVP_OK ? st : kvp_fail_context(st, "kvp_seq_open");
 }
 
-kvp_status kvp_gate_fork(struct kvp_tenant *t, const struct kvp_seq *src, struct kvp_seq *s)
+kvp_status kvp_gate_fork(struct kvp_tenant_obj *t, const struct kvp_seq_obj *src, struct kvp_seq_obj *s)
 {
 	struct kvp_allocator mem = kvp_seq_allocator(s);
 
@@ -750,7 +750,7 @@ kvp_status kvp_gate_fork(struct kvp_tenant *t, const struct kvp_seq *src, struct
 	return kvp_gating_fork(src->gating, &mem, &s->gating);
 }
 
-void kvp_gate_close(struct kvp_tenant *t, struct kvp_seq *s)
+void kvp_gate_close(struct kvp_tenant_obj *t, struct kvp_seq_obj *s)
 {
 	(void)t;
 	kvp_gating_close(s->gating);
@@ -759,7 +759,7 @@ void kvp_gate_close(struct kvp_tenant *t, struct kvp_seq *s)
 
 /* ---- the public calls on a head's gating (entered through pressure.c like every sequence call) ---- */
 
-static kvp_status check_head(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head, const char *call)
+static kvp_status check_head(const struct kvp_seq_obj *s, uint32_t layer, uint32_t kv_head, const char *call)
 {
 	if (layer >= s->shape.n_layers || kv_head >= s->shape.n_kv_heads)
 		return kvp_fail(KVP_EINVAL, "%s: layer %u, KV head %u outside %u x %u", call, layer, kv_head,
@@ -767,14 +767,14 @@ static kvp_status check_head(const struct kvp_seq *s, uint32_t layer, uint32_t k
 	return KVP_OK;
 }
 
-kvp_status kvp_seq_head_level_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_head_level *out)
+kvp_status kvp_seq_head_level_entered(struct kvp_seq_obj *s, uint32_t layer, uint32_t kv_head, kvp_head_level *out)
 {
 	kvp_status st = check_head(s, layer, kv_head, "kvp_seq_head_level");
 
 	return st == KVP_OK ? kvp_gating_head_level(s->gating, layer, kv_head, out) : st;
 }
 
-kvp_status kvp_seq_set_head_level_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, float aggressiveness)
+kvp_status kvp_seq_set_head_level_entered(struct kvp_seq_obj *s, uint32_t layer, uint32_t kv_head, float aggressiveness)
 {
 	kvp_status st = check_head(s, layer, kv_head, "kvp_seq_set_head_level");
 

@@ -181,19 +181,19 @@ kvp_status kvp_handle_take(enum kvp_handle_kind kind, const void *h, const char 
 
 /* ---- sequences ---- */
 
-int kvp_seq_handle_new(struct kvp_seq *s)
+int kvp_seq_handle_new(struct kvp_seq_obj *s)
 {
 	s->handle = (kvp_seq *)kvp_handle_new(KVP_HANDLE_SEQ, s, &s->handle_index);
 	return s->handle_index != 0;
 }
 
-void kvp_seq_handle_free(struct kvp_seq *s)
+void kvp_seq_handle_free(struct kvp_seq_obj *s)
 {
 	kvp_handle_free(s->handle_index);
 	s->handle_index = 0;
 }
 
-kvp_status kvp_seq_handle_get(const kvp_seq *h, const char *call, struct kvp_seq **out)
+kvp_status kvp_seq_handle_get(const kvp_seq *h, const char *call, struct kvp_seq_obj **out)
 {
 	void *s = NULL;
 	kvp_status st = kvp_handle_get(KVP_HANDLE_SEQ, h, call, &s);
@@ -202,21 +202,21 @@ kvp_status kvp_seq_handle_get(const kvp_seq *h, const char *call, struct kvp_seq
 	return st;
 }
 
-struct kvp_seq *kvp_seq_from_handle(const kvp_seq *h)
+struct kvp_seq_obj *kvp_seq_from_handle(const kvp_seq *h)
 {
-	struct kvp_seq *s = NULL;
+	struct kvp_seq_obj *s = NULL;
 	return kvp_seq_handle_get(h, "kvp_seq_from_handle", &s) == KVP_OK ? s : NULL;
 }
 
 /* ---- pools and tenants: for white-box tests that look inside ---- */
 
-struct kvp_pool *kvp_pool_from_handle(const kvp_pool *h)
+struct kvp_pool_obj *kvp_pool_from_handle(const kvp_pool *h)
 {
 	void *p = NULL;
 	return kvp_handle_get(KVP_HANDLE_POOL, h, "kvp_pool_from_handle", &p) == KVP_OK ? p : NULL;
 }
 
-struct kvp_tenant *kvp_tenant_from_handle(const kvp_tenant *h)
+struct kvp_tenant_obj *kvp_tenant_from_handle(const kvp_tenant *h)
 {
 	void *t = NULL;
 	return kvp_handle_get(KVP_HANDLE_TENANT, h, "kvp_tenant_from_handle", &t) == KVP_OK ? t : NULL;

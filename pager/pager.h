@@ -38,7 +38,7 @@
 
 #define KVP_CODEC_SPEC_MAX 256
 
-struct kvp_pool {
+struct kvp_pool_obj {
 	uint32_t magic;
 	uint32_t handle_index; /* its slot in the handle table (handle.c) */
 	kvp_pool *handle;      /* what the host holds */
@@ -46,7 +46,7 @@ struct kvp_pool {
 	_Atomic uint64_t used;
 	int numa_node; /* -1 when not placed */
 	pthread_mutex_t lock; /* guards the tenant list */
-	struct kvp_tenant *tenants;
+	struct kvp_tenant_obj *tenants;
 	struct kvp_spill *spill; /* NULL without spill= */
 };
 
@@ -61,12 +61,12 @@ struct kvp_tenant_config {
 	struct kvp_gating_config gating; /* gate= and ladder= (gating/) */
 };
 
-struct kvp_tenant {
+struct kvp_tenant_obj {
 	uint32_t magic;
 	uint32_t handle_index; /* its slot in the handle table (handle.c) */
 	kvp_tenant *handle;    /* what the host holds */
-	struct kvp_pool *pool;
-	struct kvp_tenant *next;
+	struct kvp_pool_obj *pool;
+	struct kvp_tenant_obj *next;
 	char name[64];
 	unsigned arena;
 	int flags; /* MALLOCX_ARENA(arena) | MALLOCX_TCACHE_NONE */
@@ -80,13 +80,13 @@ struct kvp_tenant {
 	struct kvp_policy_spec *policy_spec;    /* kvp_evict_prepare's */
 	struct kvp_codec_spec *k_codec, *v_codec; /* kvp_cold_prepare's */
 	pthread_mutex_t lock; /* guards the sequence list */
-	struct kvp_seq *seqs;
+	struct kvp_seq_obj *seqs;
 	_Atomic uint64_t bytes_spilled; /* records on the spill device, each counted once */
 	uint64_t spill_id; /* names the tenant in slot headers; 0 until its first park */
 	_Atomic uint64_t clock; /* ticks once per call on any of its sequences */
 	/* Memory relief the pool installs on the tenant's allocator (kvp_pressure_relieve with a spill device,
 	 * else NULL): a charge over a limit calls it instead of calling up into pressure. */
-	int (*relieve)(struct kvp_tenant *t, uint64_t bytes, struct kvp_call *call);
+	int (*relieve)(struct kvp_tenant_obj *t, uint64_t bytes, struct kvp_call *call);
 };
 
 struct kvp_block {
@@ -144,11 +144,11 @@ struct kvp_cold {
 	void *scratch; /* group x qprep_max bytes, then group x acc_max floats */
 };
 
-struct kvp_seq {
+struct kvp_seq_obj {
 	uint32_t magic;
 	uint32_t handle_index; /* its slot in the handle table (handle.c) */
-	struct kvp_tenant *tenant;
-	struct kvp_seq *next;
+	struct kvp_tenant_obj *tenant;
+	struct kvp_seq_obj *next;
 	kvp_shape shape;
 	uint32_t group; /* query heads per KV head */
 	struct kvp_stream *streams; /* [n_layers][n_kv_heads] */
@@ -197,8 +197,8 @@ struct kvp_seq {
 
 /* ---- tenant memory (arena.c; charging and allocating is the tier's, tier/memory.c) ---- */
 /* What the sequence hands its policy and codecs: kvp_alloc/kvp_free as metadata, counted in state_bytes. */
-struct kvp_allocator kvp_seq_allocator(struct kvp_seq *s);
-kvp_status kvp_arena_create(const struct kvp_pool *pool, unsigned *arena);
+struct kvp_allocator kvp_seq_allocator(struct kvp_seq_obj *s);
+kvp_status kvp_arena_create(const struct kvp_pool_obj *pool, unsigned *arena);
 void kvp_arena_destroy(unsigned arena);
 int kvp_arena_flags(unsigned arena);
 /* KVP_EUNSUPPORTED where the machine has no NUMA, KVP_EINVAL for a node it does not have. */
@@ -214,78 +214,79 @@ struct kvp_cold_plan {
 /* KVP_EINVAL naming the spec when a codec cannot serve blocks of `block` tokens. */
 kvp_status kvp_cold_check(const struct kvp_tenant_config *cfg);
 /* At tenant open and close: k= and v= parsed once for every sequence. */
-kvp_status kvp_cold_prepare(struct kvp_tenant *t);
-void kvp_cold_unprepare(struct kvp_tenant *t);
-kvp_status kvp_cold_open(struct kvp_tenant *t, struct kvp_seq *s);
-void kvp_cold_close(struct kvp_tenant *t, struct kvp_seq *s);
+kvp_status kvp_cold_prepare(struct kvp_tenant_obj *t);
+void kvp_cold_unprepare(struct kvp_tenant_obj *t);
+kvp_status kvp_cold_open(struct kvp_tenant_obj *t, struct kvp_seq_obj *s);
+void kvp_cold_close(struct kvp_tenant_obj *t, struct kvp_seq_obj *s);
 /* Allocate what turning blocks cold needs once `add` more tokens land in the stream's blocks. */
-kvp_status kvp_cold_plan(struct kvp_tenant *t, const struct kvp_seq *s, const struct kvp_stream *st,
+kvp_status kvp_cold_plan(struct kvp_tenant_obj *t, const struct kvp_seq_obj *s, const struct kvp_stream *st,
 			 uint32_t add, struct kvp_cold_plan *p);
-void kvp_cold_unwind(struct kvp_tenant *t, struct kvp_cold_plan *p);
+void kvp_cold_unwind(struct kvp_tenant_obj *t, struct kvp_cold_plan *p);
 /* Encode the planned blocks after the exact tokens are written. Cannot fail: a block that does not
  * encode stays exact, and the plan's leftovers are freed. */
-void kvp_cold_commit(struct kvp_tenant *t, const struct kvp_seq *s, struct kvp_stream *st,
+void kvp_cold_commit(struct kvp_tenant_obj *t, const struct kvp_seq_obj *s, struct kvp_stream *st,
 		     struct kvp_cold_plan *p);
-void kvp_stream_ctx_put(struct kvp_tenant *t, struct kvp_stream_ctx *c);
+void kvp_stream_ctx_put(struct kvp_tenant_obj *t, struct kvp_stream_ctx *c);
 /* Keeps the group's queries (group x head_dim) for the stream's first fit, when the key codec wants them. */
-void kvp_cold_note_queries(struct kvp_seq *s, struct kvp_stream *st, const float *q);
-void kvp_cold_forget_queries(struct kvp_tenant *t, struct kvp_stream *st);
-void kvp_cold_gather(const struct kvp_seq *s, const struct kvp_stream *st, const struct kvp_block *b,
+void kvp_cold_note_queries(struct kvp_seq_obj *s, struct kvp_stream *st, const float *q);
+void kvp_cold_forget_queries(struct kvp_tenant_obj *t, struct kvp_stream *st);
+void kvp_cold_gather(const struct kvp_seq_obj *s, const struct kvp_stream *st, const struct kvp_block *b,
 		     float *k, float *v);
 
 /* ---- token policies (evict.c) ---- */
 kvp_status kvp_evict_check(const struct kvp_tenant_config *cfg);
 /* At tenant open and close: policy= parsed once, with what every sequence's policy shares (a stats file,
  * read once), and its arguments checked. */
-kvp_status kvp_evict_prepare(struct kvp_tenant *t);
-void kvp_evict_unprepare(struct kvp_tenant *t);
-kvp_status kvp_evict_open(struct kvp_tenant *t, struct kvp_seq *s);
-void kvp_evict_close(struct kvp_tenant *t, struct kvp_seq *s);
-kvp_status kvp_evict_fork(struct kvp_tenant *t, const struct kvp_seq *src, struct kvp_seq *s);
+kvp_status kvp_evict_prepare(struct kvp_tenant_obj *t);
+void kvp_evict_unprepare(struct kvp_tenant_obj *t);
+kvp_status kvp_evict_open(struct kvp_tenant_obj *t, struct kvp_seq_obj *s);
+void kvp_evict_close(struct kvp_tenant_obj *t, struct kvp_seq_obj *s);
+kvp_status kvp_evict_fork(struct kvp_tenant_obj *t, const struct kvp_seq_obj *src, struct kvp_seq_obj *s);
 /* Rounds that are due, then the cold conversion of what they scored. */
-kvp_status kvp_evict_step(struct kvp_seq *s);
+kvp_status kvp_evict_step(struct kvp_seq_obj *s);
 /* Room for attend's observation of streams of up to n tokens; KVP_ENOMEM leaves the old buffer. */
-kvp_status kvp_observe_reserve(struct kvp_seq *s, uint32_t n);
+kvp_status kvp_observe_reserve(struct kvp_seq_obj *s, uint32_t n);
 
 /* ---- coherence gating (gating/gating.h) of a sequence, and the public calls on heads (evict.c) ---- */
 /* The state comes from kvp_seq_allocator: its bytes count in state_bytes. */
-kvp_status kvp_gate_open(struct kvp_tenant *t, struct kvp_seq *s);
-kvp_status kvp_gate_fork(struct kvp_tenant *t, const struct kvp_seq *src, struct kvp_seq *s);
-void kvp_gate_close(struct kvp_tenant *t, struct kvp_seq *s);
-kvp_status kvp_seq_head_level_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_head_level *out);
-kvp_status kvp_seq_set_head_level_entered(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, float aggressiveness);
+kvp_status kvp_gate_open(struct kvp_tenant_obj *t, struct kvp_seq_obj *s);
+kvp_status kvp_gate_fork(struct kvp_tenant_obj *t, const struct kvp_seq_obj *src, struct kvp_seq_obj *s);
+void kvp_gate_close(struct kvp_tenant_obj *t, struct kvp_seq_obj *s);
+kvp_status kvp_seq_head_level_entered(struct kvp_seq_obj *s, uint32_t layer, uint32_t kv_head, kvp_head_level *out);
+kvp_status kvp_seq_set_head_level_entered(struct kvp_seq_obj *s, uint32_t layer, uint32_t kv_head,
+					   float aggressiveness);
 
 /* ---- streams (stream.c) ---- */
 /* Every token of a stream in order: positions, and keys and values as fp32 (either may be NULL). */
-void kvp_stream_gather(const struct kvp_seq *s, const struct kvp_stream *st, int32_t *pos, float *k, float *v);
-void kvp_stream_release(struct kvp_tenant *t, struct kvp_stream *s);
-kvp_status kvp_stream_share(struct kvp_tenant *t, struct kvp_stream *dst, const struct kvp_stream *src,
+void kvp_stream_gather(const struct kvp_seq_obj *s, const struct kvp_stream *st, int32_t *pos, float *k, float *v);
+void kvp_stream_release(struct kvp_tenant_obj *t, struct kvp_stream *s);
+kvp_status kvp_stream_share(struct kvp_tenant_obj *t, struct kvp_stream *dst, const struct kvp_stream *src,
 			    struct kvp_call *call);
 
 /* ---- sequences ---- */
-static inline struct kvp_stream *kvp_seq_stream(const struct kvp_seq *s, uint32_t layer, uint32_t kv_head)
+static inline struct kvp_stream *kvp_seq_stream(const struct kvp_seq_obj *s, uint32_t layer, uint32_t kv_head)
 {
 	return &s->streams[(size_t)layer * s->shape.n_kv_heads + kv_head];
 }
 /* A new sequence of t, open and linked to it (kvp_seq_open's work); the shape is checked first. */
-kvp_status kvp_seq_create(struct kvp_tenant *t, const kvp_shape *shape, struct kvp_seq **out);
-void kvp_seq_destroy(struct kvp_seq *s); /* without unlinking from the tenant */
-void kvp_tenant_destroy(struct kvp_tenant *t);
+kvp_status kvp_seq_create(struct kvp_tenant_obj *t, const kvp_shape *shape, struct kvp_seq_obj **out);
+void kvp_seq_destroy(struct kvp_seq_obj *s); /* without unlinking from the tenant */
+void kvp_tenant_destroy(struct kvp_tenant_obj *t);
 
 /*
  * ---- calls on a sequence (calls.c) ----
  * The public calls on a sequence are wrappers that enter the sequence (waiting while memory pressure is
  * parking it), bring back a sequence that pressure parked when the call needs its tokens, and run these:
  */
-kvp_status kvp_append_resident(struct kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
+kvp_status kvp_append_resident(struct kvp_seq_obj *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
 			       const float *v);
-kvp_status kvp_attend_resident(struct kvp_seq *s, uint32_t layer, const float *q, float *out);
-kvp_status kvp_gather_resident(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos,
+kvp_status kvp_attend_resident(struct kvp_seq_obj *s, uint32_t layer, const float *q, float *out);
+kvp_status kvp_gather_resident(struct kvp_seq_obj *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos,
 			       float *k, float *v, uint32_t *n_out);
-kvp_status kvp_seq_fork_resident(struct kvp_seq *src, kvp_seq **out);
-kvp_status kvp_seq_stats_entered(const struct kvp_seq *s, kvp_stats *out);
-kvp_status kvp_seq_step_entered(struct kvp_seq *s);
-void kvp_seq_close_entered(struct kvp_seq *s);
+kvp_status kvp_seq_fork_resident(struct kvp_seq_obj *src, kvp_seq **out);
+kvp_status kvp_seq_stats_entered(const struct kvp_seq_obj *s, kvp_stats *out);
+kvp_status kvp_seq_step_entered(struct kvp_seq_obj *s);
+void kvp_seq_close_entered(struct kvp_seq_obj *s);
 /* Handles (handle.c): what the host holds instead of the address. get: KVP_EINVAL for NULL, KVP_EPERM
  * for a closed handle, a handle of another kind or a value that never was one. take: get, and the handle
  * is closed at once, so of two closes racing on one handle exactly one gets the object. new: 0 with
@@ -296,13 +297,13 @@ void kvp_handle_free(uint32_t index);
 kvp_status kvp_handle_get(enum kvp_handle_kind kind, const void *h, const char *call, void **out);
 kvp_status kvp_handle_take(enum kvp_handle_kind kind, const void *h, const char *call, void **out);
 /* The pool or tenant behind an open handle, or NULL: for white-box tests that look inside. */
-struct kvp_pool *kvp_pool_from_handle(const kvp_pool *h);
-struct kvp_tenant *kvp_tenant_from_handle(const kvp_tenant *h);
-int kvp_seq_handle_new(struct kvp_seq *s);
-void kvp_seq_handle_free(struct kvp_seq *s);
-kvp_status kvp_seq_handle_get(const kvp_seq *h, const char *call, struct kvp_seq **out);
+struct kvp_pool_obj *kvp_pool_from_handle(const kvp_pool *h);
+struct kvp_tenant_obj *kvp_tenant_from_handle(const kvp_tenant *h);
+int kvp_seq_handle_new(struct kvp_seq_obj *s);
+void kvp_seq_handle_free(struct kvp_seq_obj *s);
+kvp_status kvp_seq_handle_get(const kvp_seq *h, const char *call, struct kvp_seq_obj **out);
 /* The sequence behind an open handle, or NULL: for white-box tests that look inside. */
-struct kvp_seq *kvp_seq_from_handle(const kvp_seq *h);
+struct kvp_seq_obj *kvp_seq_from_handle(const kvp_seq *h);
 /* For tests and benchmarks: what the device of the pool behind a handle does (0 without one), and
  * faults injected into it (tier/spill.h). */
 int kvp_spill_is_direct(const kvp_pool *pool);

@@ -29,7 +29,7 @@ static kvp_status spill_spec_parse(struct kvp_args *args, struct spill_spec *sp)
 	return KVP_OK;
 }
 
-static kvp_status pool_config_parse(struct kvp_pool *p, const char *spec, struct spill_spec *sp)
+static kvp_status pool_config_parse(struct kvp_pool_obj *p, const char *spec, struct spill_spec *sp)
 {
 	struct kvp_args args;
 	uint64_t node = UINT64_MAX;
@@ -46,11 +46,11 @@ static kvp_status pool_config_parse(struct kvp_pool *p, const char *spec, struct
 	return st;
 }
 
-static void pool_destroy(struct kvp_pool *p);
+static void pool_destroy(struct kvp_pool_obj *p);
 
 kvp_status kvp_pool_open(const char *spec, kvp_pool **out)
 {
-	struct kvp_pool *p;
+	struct kvp_pool_obj *p;
 	struct spill_spec sp = { .max = UINT64_MAX, .buffer = KVP_SPILL_BUFFER_DEFAULT };
 	kvp_status st;
 	if (!out)
@@ -91,10 +91,10 @@ kvp_status kvp_pool_open(const char *spec, kvp_pool **out)
 	return KVP_OK;
 }
 
-static void tenant_unlink_destroy(struct kvp_tenant *t);
+static void tenant_unlink_destroy(struct kvp_tenant_obj *t);
 
 /* Its handle is dead from the first line: its tenants' and sequences' handles die with them. */
-static void pool_destroy(struct kvp_pool *p)
+static void pool_destroy(struct kvp_pool_obj *p)
 {
 	kvp_handle_free(p->handle_index);
 	p->handle_index = 0;
@@ -112,7 +112,7 @@ void kvp_pool_close(kvp_pool *h)
 	/* take: of two closes of one handle, only one gets the pool */
 	if (kvp_handle_take(KVP_HANDLE_POOL, h, "kvp_pool_close", &p) != KVP_OK)
 		return;
-	((struct kvp_pool *)p)->handle_index = 0;
+	((struct kvp_pool_obj *)p)->handle_index = 0;
 	pool_destroy(p);
 }
 
@@ -174,11 +174,11 @@ kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quot
 	return st;
 }
 
-static kvp_status tenant_name_check(struct kvp_pool *pool, const char *name)
+static kvp_status tenant_name_check(struct kvp_pool_obj *pool, const char *name)
 {
-	if (!name || !*name || strlen(name) >= sizeof(((struct kvp_tenant *)0)->name))
+	if (!name || !*name || strlen(name) >= sizeof(((struct kvp_tenant_obj *)0)->name))
 		return kvp_fail(KVP_EINVAL, "kvp_tenant_open: a name of 1..63 characters is required");
-	for (struct kvp_tenant *t = pool->tenants; t; t = t->next)
+	for (struct kvp_tenant_obj *t = pool->tenants; t; t = t->next)
 		if (!strcmp(t->name, name))
 			return kvp_fail(KVP_EINVAL, "kvp_tenant_open: tenant '%s' already exists", name);
 	return KVP_OK;
@@ -186,8 +186,8 @@ static kvp_status tenant_name_check(struct kvp_pool *pool, const char *name)
 
 kvp_status kvp_tenant_open(kvp_pool *h, const char *name, const char *spec, kvp_tenant **out)
 {
-	struct kvp_pool *pool;
-	struct kvp_tenant *t;
+	struct kvp_pool_obj *pool;
+	struct kvp_tenant_obj *t;
 	void *found;
 	kvp_status st;
 	if (out)
@@ -240,12 +240,12 @@ kvp_status kvp_tenant_open(kvp_pool *h, const char *name, const char *spec, kvp_
 	return KVP_OK;
 }
 
-void kvp_tenant_destroy(struct kvp_tenant *t)
+void kvp_tenant_destroy(struct kvp_tenant_obj *t)
 {
 	kvp_handle_free(t->handle_index);
 	t->handle_index = 0;
 	while (t->seqs) {
-		struct kvp_seq *s = t->seqs;
+		struct kvp_seq_obj *s = t->seqs;
 		t->seqs = s->next;
 		kvp_seq_destroy(s);
 	}
@@ -257,11 +257,11 @@ void kvp_tenant_destroy(struct kvp_tenant *t)
 	free(t);
 }
 
-static void tenant_unlink_destroy(struct kvp_tenant *t)
+static void tenant_unlink_destroy(struct kvp_tenant_obj *t)
 {
-	struct kvp_pool *pool = t->pool;
+	struct kvp_pool_obj *pool = t->pool;
 	pthread_mutex_lock(&pool->lock);
-	for (struct kvp_tenant **p = &pool->tenants; *p; p = &(*p)->next)
+	for (struct kvp_tenant_obj **p = &pool->tenants; *p; p = &(*p)->next)
 		if (*p == t) {
 			*p = t->next;
 			break;
@@ -276,7 +276,7 @@ void kvp_tenant_close(kvp_tenant *h)
 	/* take: of two closes of one handle, only one gets the tenant */
 	if (kvp_handle_take(KVP_HANDLE_TENANT, h, "kvp_tenant_close", &t) != KVP_OK)
 		return;
-	((struct kvp_tenant *)t)->handle_index = 0;
+	((struct kvp_tenant_obj *)t)->handle_index = 0;
 	tenant_unlink_destroy(t);
 }
 
@@ -284,7 +284,7 @@ void kvp_tenant_close(kvp_tenant *h)
 
 static struct kvp_spill *device_of(const kvp_pool *h)
 {
-	const struct kvp_pool *pool = kvp_pool_from_handle(h);
+	const struct kvp_pool_obj *pool = kvp_pool_from_handle(h);
 	return pool ? pool->spill : NULL;
 }
 

@@ -36,7 +36,7 @@ static size_t streams_bytes(const kvp_shape *sh)
 	return (size_t)sh->n_layers * sh->n_kv_heads * sizeof(struct kvp_stream);
 }
 
-static void link_seq(struct kvp_tenant *t, struct kvp_seq *s)
+static void link_seq(struct kvp_tenant_obj *t, struct kvp_seq_obj *s)
 {
 	pthread_mutex_lock(&t->lock);
 	s->next = t->seqs;
@@ -46,9 +46,9 @@ static void link_seq(struct kvp_tenant *t, struct kvp_seq *s)
 
 /* call: the context of the call that makes it (a fork's), or NULL; the new sequence's own allocations
  * use it until the call is done with it. */
-static struct kvp_seq *seq_alloc(struct kvp_tenant *t, const kvp_shape *shape, struct kvp_call *call)
+static struct kvp_seq_obj *seq_alloc(struct kvp_tenant_obj *t, const kvp_shape *shape, struct kvp_call *call)
 {
-	struct kvp_seq *s = kvp_alloc(t, sizeof *s, KVP_BYTES_META, 0, call);
+	struct kvp_seq_obj *s = kvp_alloc(t, sizeof *s, KVP_BYTES_META, 0, call);
 	if (!s)
 		return NULL;
 	memset(s, 0, sizeof *s);
@@ -72,9 +72,9 @@ static struct kvp_seq *seq_alloc(struct kvp_tenant *t, const kvp_shape *shape, s
 }
 
 /* A new sequence of tenant t, open and linked: its cold tier, policy and gating ready. */
-kvp_status kvp_seq_create(struct kvp_tenant *t, const kvp_shape *shape, struct kvp_seq **out)
+kvp_status kvp_seq_create(struct kvp_tenant_obj *t, const kvp_shape *shape, struct kvp_seq_obj **out)
 {
-	struct kvp_seq *s;
+	struct kvp_seq_obj *s;
 	kvp_status st;
 	if ((st = kvp_shape_check(shape)) != KVP_OK)
 		return st;
@@ -90,7 +90,7 @@ kvp_status kvp_seq_create(struct kvp_tenant *t, const kvp_shape *shape, struct k
 	return KVP_OK;
 }
 
-static uint64_t seq_retained(const struct kvp_seq *s)
+static uint64_t seq_retained(const struct kvp_seq_obj *s)
 {
 	uint64_t n = 0;
 	for (size_t i = 0; i < (size_t)s->shape.n_layers * s->shape.n_kv_heads; i++)
@@ -98,10 +98,10 @@ static uint64_t seq_retained(const struct kvp_seq *s)
 	return n;
 }
 
-kvp_status kvp_seq_fork_resident(struct kvp_seq *src, kvp_seq **out)
+kvp_status kvp_seq_fork_resident(struct kvp_seq_obj *src, kvp_seq **out)
 {
-	struct kvp_tenant *t;
-	struct kvp_seq *s;
+	struct kvp_tenant_obj *t;
+	struct kvp_seq_obj *s;
 	size_t i, n;
 	if (!src || src->magic != KVP_SEQ_MAGIC || !out)
 		return kvp_fail(KVP_EINVAL, "kvp_seq_fork: not an open sequence, or out is NULL");
@@ -136,9 +136,9 @@ kvp_status kvp_seq_fork_resident(struct kvp_seq *src, kvp_seq **out)
 	return KVP_OK;
 }
 
-void kvp_seq_destroy(struct kvp_seq *s)
+void kvp_seq_destroy(struct kvp_seq_obj *s)
 {
-	struct kvp_tenant *t = s->tenant;
+	struct kvp_tenant_obj *t = s->tenant;
 	size_t n = (size_t)s->shape.n_layers * s->shape.n_kv_heads;
 	kvp_restore_settle(s); /* the device must be done with blocks before they are freed */
 	kvp_seq_parked_release(s);
@@ -156,14 +156,14 @@ void kvp_seq_destroy(struct kvp_seq *s)
 	kvp_free(t, s, sizeof *s, KVP_BYTES_META, 0);
 }
 
-void kvp_seq_close_entered(struct kvp_seq *s)
+void kvp_seq_close_entered(struct kvp_seq_obj *s)
 {
-	struct kvp_tenant *t;
+	struct kvp_tenant_obj *t;
 	if (!s || s->magic != KVP_SEQ_MAGIC)
 		return;
 	t = s->tenant;
 	pthread_mutex_lock(&t->lock);
-	for (struct kvp_seq **p = &t->seqs; *p; p = &(*p)->next)
+	for (struct kvp_seq_obj **p = &t->seqs; *p; p = &(*p)->next)
 		if (*p == s) {
 			*p = s->next;
 			break;
@@ -172,14 +172,14 @@ void kvp_seq_close_entered(struct kvp_seq *s)
 	kvp_seq_destroy(s);
 }
 
-kvp_status kvp_seq_step_entered(struct kvp_seq *s)
+kvp_status kvp_seq_step_entered(struct kvp_seq_obj *s)
 {
 	if (!s || s->magic != KVP_SEQ_MAGIC)
 		return kvp_fail(KVP_EINVAL, "kvp_seq_step: not an open sequence");
 	return kvp_evict_step(s);
 }
 
-kvp_status kvp_gather_resident(struct kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos,
+kvp_status kvp_gather_resident(struct kvp_seq_obj *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos,
 			       float *k, float *v, uint32_t *n_out)
 {
 	const struct kvp_stream *st;
@@ -198,7 +198,7 @@ kvp_status kvp_gather_resident(struct kvp_seq *s, uint32_t layer, uint32_t kv_he
 	return KVP_OK;
 }
 
-static void stats_stream(const struct kvp_tenant *t, const struct kvp_stream *st, kvp_stats *o)
+static void stats_stream(const struct kvp_tenant_obj *t, const struct kvp_stream *st, kvp_stats *o)
 {
 	const struct kvp_block *b;
 	o->tokens_retained += st->n_tokens;
@@ -239,7 +239,7 @@ static kvp_status stats_check(const void *h, uint32_t magic, const kvp_stats *ou
 	return KVP_OK;
 }
 
-kvp_status kvp_seq_stats_entered(const struct kvp_seq *s, kvp_stats *out)
+kvp_status kvp_seq_stats_entered(const struct kvp_seq_obj *s, kvp_stats *out)
 {
 	kvp_stats full = { .size = sizeof full };
 	kvp_status st = stats_check(s, KVP_SEQ_MAGIC, out, "kvp_seq_stats");
@@ -266,7 +266,7 @@ kvp_status kvp_seq_stats_entered(const struct kvp_seq *s, kvp_stats *out)
 kvp_status kvp_tenant_stats(const kvp_tenant *h, kvp_stats *out)
 {
 	kvp_stats full = { .size = sizeof full };
-	const struct kvp_tenant *t;
+	const struct kvp_tenant_obj *t;
 	void *found;
 	kvp_status st = kvp_handle_get(KVP_HANDLE_TENANT, h, "kvp_tenant_stats", &found);
 	if (st != KVP_OK)

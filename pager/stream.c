@@ -4,7 +4,7 @@
 #include "kernels/kernels.h"
 #include "pager.h"
 
-kvp_status kvp_stream_share(struct kvp_tenant *t, struct kvp_stream *dst, const struct kvp_stream *src,
+kvp_status kvp_stream_share(struct kvp_tenant_obj *t, struct kvp_stream *dst, const struct kvp_stream *src,
 			    struct kvp_call *call)
 {
 	*dst = *src;
@@ -29,7 +29,7 @@ kvp_status kvp_stream_share(struct kvp_tenant *t, struct kvp_stream *dst, const 
 	return KVP_OK;
 }
 
-void kvp_stream_release(struct kvp_tenant *t, struct kvp_stream *s)
+void kvp_stream_release(struct kvp_tenant_obj *t, struct kvp_stream *s)
 {
 	kvp_block_put(t, s->sink);
 	for (uint32_t i = 0; i < s->n_blocks; i++)
@@ -41,7 +41,7 @@ void kvp_stream_release(struct kvp_tenant *t, struct kvp_stream *s)
 	memset(s, 0, sizeof *s);
 }
 
-static void gather_block(const struct kvp_seq *s, const struct kvp_stream *st, const struct kvp_block *b,
+static void gather_block(const struct kvp_seq_obj *s, const struct kvp_stream *st, const struct kvp_block *b,
 			 uint32_t at, int32_t *pos, float *k, float *v)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
@@ -64,7 +64,7 @@ static void gather_block(const struct kvp_seq *s, const struct kvp_stream *st, c
 	}
 }
 
-void kvp_stream_gather(const struct kvp_seq *s, const struct kvp_stream *st, int32_t *pos, float *k, float *v)
+void kvp_stream_gather(const struct kvp_seq_obj *s, const struct kvp_stream *st, int32_t *pos, float *k, float *v)
 {
 	uint32_t at = 0;
 

@@ -94,7 +94,7 @@ static void reopen(struct owned *o)
  * there, most often another thread's. */
 static void note_spilled(const struct owned *o)
 {
-	const struct kvp_tenant *t = kvp_tenant_from_handle(tenants[o->tenant]);
+	const struct kvp_tenant_obj *t = kvp_tenant_from_handle(tenants[o->tenant]);
 	kvp_stats st = { .size = sizeof st };
 	if (fine(kvp_seq_stats(o->seq, &st), "stats", o->tenant) && st.bytes_spilled)
 		atomic_fetch_add(&seen[SEEN_SPILLED], 1);

@@ -72,7 +72,7 @@ static void kvtria_seeds(void)
 /* ---- spill records ---- */
 
 /* The record the device writes for slot's block, as it lies in the file. */
-static void record_written(struct kvp_pool *pool, const char *file, struct slot_stub *slot, unsigned char *rec,
+static void record_written(struct kvp_pool_obj *pool, const char *file, struct slot_stub *slot, unsigned char *rec,
 			   size_t n)
 {
 	struct kvp_spill_io io = { &slot->stub, &slot->block };

@@ -102,7 +102,7 @@ static void assert_same_attention(void)
 	}
 }
 
-static uint32_t spilled_in_layer(const struct kvp_seq *s, uint32_t l)
+static uint32_t spilled_in_layer(const struct kvp_seq_obj *s, uint32_t l)
 {
 	uint32_t n = 0;
 	for (uint32_t g = 0; g < KV; g++) {
@@ -115,7 +115,7 @@ static uint32_t spilled_in_layer(const struct kvp_seq *s, uint32_t l)
 
 Test(coldspill, pressure_spills_the_active_sequences_cold_blocks_and_attention_stays_bit_identical)
 {
-	struct kvp_seq *s;
+	struct kvp_seq_obj *s;
 	kvp_stats st = { .size = sizeof st };
 	open_pair(85);
 	s = kvp_seq_from_handle(seq);
@@ -131,7 +131,7 @@ Test(coldspill, pressure_spills_the_active_sequences_cold_blocks_and_attention_s
 	close_pair();
 }
 
-static uint32_t exact_spilled(const struct kvp_seq *s)
+static uint32_t exact_spilled(const struct kvp_seq_obj *s)
 {
 	uint32_t n = 0;
 	for (uint32_t l = 0; l < LAYERS; l++)
@@ -145,7 +145,7 @@ static uint32_t exact_spilled(const struct kvp_seq *s)
 
 Test(coldspill, an_idle_sequences_spilled_exact_blocks_come_back_for_the_append_that_encodes_them)
 {
-	struct kvp_seq *s;
+	struct kvp_seq_obj *s;
 	open_pair(200);
 	s = kvp_seq_from_handle(seq);
 	/* what pressure does to an idle sequence, all at once: cold and exact blocks but the tails go */
@@ -170,7 +170,7 @@ Test(coldspill, a_tenant_without_a_quota_problem_never_spills)
 
 Test(coldspill, attending_layer_l_starts_reading_layer_l_plus_1s_spilled_blocks)
 {
-	struct kvp_seq *s;
+	struct kvp_seq_obj *s;
 	float out[OUT];
 	open_pair(85);
 	s = kvp_seq_from_handle(seq);
@@ -192,7 +192,7 @@ Test(coldspill, attending_layer_l_starts_reading_layer_l_plus_1s_spilled_blocks)
 
 Test(coldspill, a_failed_restore_read_returns_eio_keeps_the_record_and_the_next_attend_works)
 {
-	struct kvp_seq *s;
+	struct kvp_seq_obj *s;
 	float q[OUT] = { 0 }, out[OUT];
 	uint32_t before;
 	open_pair(85);
@@ -210,7 +210,7 @@ Test(coldspill, a_failed_restore_read_returns_eio_keeps_the_record_and_the_next_
 
 Test(coldspill, a_corrupt_record_returns_ecorrupt_every_time_and_closing_gives_everything_back)
 {
-	struct kvp_seq *s;
+	struct kvp_seq_obj *s;
 	const struct kvp_stream *st;
 	float q[OUT] = { 0 }, out[OUT];
 	unsigned char junk = 0xa5;

@@ -279,7 +279,7 @@ Test(evict, h2o_weights_of_far_positions_are_small_and_charged)
 	uint64_t grown = resident_bytes() - rss;
 	cr_assert_eq(kvp_seq_stats(seq, &after), KVP_OK);
 	cr_assert_eq(kvp_tenant_stats(t, &tenant), KVP_OK);
-	const struct kvp_seq *s = kvp_seq_from_handle(seq);
+	const struct kvp_seq_obj *s = kvp_seq_from_handle(seq);
 	uint64_t observe = kvp_alloc_size(s->tenant, s->observe.bytes);
 	cr_log_info("h2o at positions 0 and 2^28-2: resident +%llu bytes, bytes_meta +%llu (observation buffer %llu)",
 		    (unsigned long long)grown, (unsigned long long)(after.bytes_meta - before.bytes_meta),
@@ -435,7 +435,7 @@ Test(evict, a_round_over_the_quota_does_not_spill_the_blocks_it_reads)
 		cr_assert_eq(kvp_attend(seq, l, q, out), KVP_OK, "%s", kvp_last_error());
 	}
 	/* the quota now ends a few bytes above what the tenant holds (white box) */
-	struct kvp_seq *s = kvp_seq_from_handle(seq);
+	struct kvp_seq_obj *s = kvp_seq_from_handle(seq);
 	cr_assert_gt(s->streams[0].n_cold, 0, "cold blocks are what relief would spill");
 	cr_assert_eq(s->n_spilled, 0);
 	kvp_stats before = { .size = sizeof before }, after = { .size = sizeof after };

@@ -132,7 +132,7 @@ Test(handles, a_closed_tenant_is_refused_and_closing_it_again_is_a_no_op)
 Test(handles, a_stale_tenant_handle_never_reaches_the_tenant_that_reuses_its_memory_and_arena)
 {
 	kvp_tenant *old, *fresh;
-	struct kvp_tenant *inside;
+	struct kvp_tenant_obj *inside;
 	unsigned arena;
 	park_open("1MiB", "");
 	cr_assert_eq(kvp_tenant_open(pool, "a", "", &old), KVP_OK);

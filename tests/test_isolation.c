@@ -73,8 +73,8 @@ Test(isolation, every_block_comes_from_its_own_tenants_arena)
 	cr_assert_eq(kvp_pool_open("", &pool), KVP_OK);
 	cr_assert_eq(kvp_tenant_open(pool, "a", "block=16", &a), KVP_OK);
 	cr_assert_eq(kvp_tenant_open(pool, "b", "block=16", &b), KVP_OK);
-	struct kvp_seq *sa = kvp_seq_from_handle(filled_seq(a, k, v));
-	struct kvp_seq *sb = kvp_seq_from_handle(filled_seq(b, k, v));
+	struct kvp_seq_obj *sa = kvp_seq_from_handle(filled_seq(a, k, v));
+	struct kvp_seq_obj *sb = kvp_seq_from_handle(filled_seq(b, k, v));
 	const unsigned arena_a = kvp_tenant_from_handle(a)->arena, arena_b = kvp_tenant_from_handle(b)->arena;
 	cr_assert_neq(arena_a, arena_b);
 	for (uint32_t g = 0; g < NKV; g++)
@@ -95,7 +95,7 @@ static uint32_t blocks_holding_pattern(kvp_tenant *t, const float *one, int seqs
 		kvp_seq *h;
 		cr_assert_eq(kvp_seq_open(t, &shape, &h), KVP_OK, "%s", kvp_last_error());
 		cr_assert_eq(kvp_append(h, 0, 1, &pos, one, one), KVP_OK, "%s", kvp_last_error());
-		struct kvp_seq *s = kvp_seq_from_handle(h);
+		struct kvp_seq_obj *s = kvp_seq_from_handle(h);
 		for (uint32_t g = 0; g < NKV; g++)
 			found += holds_pattern(kvp_seq_stream(s, 0, g)->blocks[0]);
 	}

@@ -145,7 +145,7 @@ static double value_error(struct cache *c, uint32_t kv_head)
 /* Cold blocks of one stream at each level, and their value bytes per token. */
 static void cold_blocks(struct cache *c, uint32_t kv_head, uint32_t count[2], size_t bytes[2])
 {
-	const struct kvp_seq *s = kvp_seq_from_handle(c->seq);
+	const struct kvp_seq_obj *s = kvp_seq_from_handle(c->seq);
 	const struct kvp_stream *st = kvp_seq_stream(s, 0, kv_head);
 
 	count[0] = count[1] = 0;

@@ -123,7 +123,7 @@ Test(pressure, an_append_spills_only_as_many_idle_blocks_as_it_is_short_of)
 Test(pressure, the_oldest_blocks_of_an_idle_sequence_go_first_and_its_sinks_and_tails_stay)
 {
 	kvp_seq *idle;
-	struct kvp_seq *in;
+	struct kvp_seq_obj *in;
 	park_open("16MiB", "block=16,sinks=4");
 	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &idle), KVP_OK);
 	park_fill(idle, 0, 100, 1);
@@ -404,7 +404,7 @@ Test(pressure, a_rounds_own_allocations_never_spill_the_blocks_it_reads)
 /* ---- the quota holds the spill's own metadata too ---- */
 
 struct used_watch {
-	struct kvp_tenant *t;
+	struct kvp_tenant_obj *t;
 	_Atomic int stop;
 	uint64_t most; /* the highest charge seen */
 };
@@ -445,7 +445,7 @@ Test(pressure, relief_never_charges_past_the_quota_while_it_writes)
 
 Test(pressure, parking_a_sequence_whose_blocks_a_running_fork_shares_stays_within_the_quota)
 {
-	struct kvp_tenant *owner;
+	struct kvp_tenant_obj *owner;
 	kvp_seq *a, *b;
 	park_open("16MiB", "block=16,sinks=4");
 	owner = kvp_tenant_from_handle(tenant);

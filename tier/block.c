@@ -36,7 +36,7 @@ static size_t rows_bytes(uint32_t cap, uint32_t dim, enum kvp_store store)
 	return align_up((size_t)cap * dim * store_size(store), 64);
 }
 
-size_t kvp_block_bytes(const struct kvp_tenant *t, const struct kvp_block *b)
+size_t kvp_block_bytes(const struct kvp_tenant_obj *t, const struct kvp_block *b)
 {
 	return kvp_alloc_size(t, b->size) + (b->spilled ? 0 : kvp_alloc_size(t, b->data_size));
 }
@@ -52,7 +52,7 @@ static enum kvp_bytes_kind block_kind(const struct kvp_block *b)
 }
 
 /* A block of cap tokens whose k and v take k_bytes and v_bytes, counted as kind. */
-static struct kvp_block *block_new(struct kvp_tenant *t, uint32_t cap, enum kvp_store store, size_t k_bytes,
+static struct kvp_block *block_new(struct kvp_tenant_obj *t, uint32_t cap, enum kvp_store store, size_t k_bytes,
 				   size_t v_bytes, struct kvp_call *call)
 {
 	enum kvp_bytes_kind kind = store == KVP_STORE_CODEC ? KVP_BYTES_COMPRESSED : KVP_BYTES_EXACT;
@@ -81,7 +81,7 @@ static struct kvp_block *block_new(struct kvp_tenant *t, uint32_t cap, enum kvp_
 	return b;
 }
 
-struct kvp_block *kvp_block_new(struct kvp_tenant *t, uint32_t cap, uint32_t dim, enum kvp_store store,
+struct kvp_block *kvp_block_new(struct kvp_tenant_obj *t, uint32_t cap, uint32_t dim, enum kvp_store store,
 				struct kvp_call *call)
 {
 	size_t rows = rows_bytes(cap, dim, store);
@@ -89,13 +89,13 @@ struct kvp_block *kvp_block_new(struct kvp_tenant *t, uint32_t cap, uint32_t dim
 	return block_new(t, cap, store, rows, rows, call);
 }
 
-struct kvp_block *kvp_block_new_cold(struct kvp_tenant *t, uint32_t n, size_t k_bytes, size_t v_bytes,
+struct kvp_block *kvp_block_new_cold(struct kvp_tenant_obj *t, uint32_t n, size_t k_bytes, size_t v_bytes,
 				     struct kvp_call *call)
 {
 	return block_new(t, n, KVP_STORE_CODEC, k_bytes, v_bytes, call);
 }
 
-struct kvp_block *kvp_block_copy(struct kvp_tenant *t, const struct kvp_block *b, uint32_t dim,
+struct kvp_block *kvp_block_copy(struct kvp_tenant_obj *t, const struct kvp_block *b, uint32_t dim,
 				 struct kvp_call *call)
 {
 	struct kvp_block *c = kvp_block_new(t, b->cap, dim, b->store, call);
@@ -114,7 +114,7 @@ void kvp_block_get(struct kvp_block *b)
 	atomic_fetch_add_explicit(&b->refs, 1, memory_order_relaxed);
 }
 
-void kvp_block_put_during(struct kvp_tenant *t, struct kvp_block *b, struct kvp_call *call)
+void kvp_block_put_during(struct kvp_tenant_obj *t, struct kvp_block *b, struct kvp_call *call)
 {
 	if (!b || atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) != 1)
 		return;
@@ -128,19 +128,19 @@ void kvp_block_put_during(struct kvp_tenant *t, struct kvp_block *b, struct kvp_
 	kvp_free_during(t, b, b->size, KVP_BYTES_META, 0, call);
 }
 
-void kvp_block_put(struct kvp_tenant *t, struct kvp_block *b)
+void kvp_block_put(struct kvp_tenant_obj *t, struct kvp_block *b)
 {
 	kvp_block_put_during(t, b, NULL);
 }
 
-void kvp_block_rows_free(struct kvp_tenant *t, struct kvp_block *b, struct kvp_call *call)
+void kvp_block_rows_free(struct kvp_tenant_obj *t, struct kvp_block *b, struct kvp_call *call)
 {
 	kvp_free_during(t, b->k, b->data_size, block_kind(b), b->payload, call);
 	b->k = b->v = NULL;
 }
 
 /* The record holds the rows now; the header stays, so positions and n are still there to read. */
-void kvp_block_spill_out(struct kvp_tenant *t, struct kvp_block *b, struct kvp_spilled *stub,
+void kvp_block_spill_out(struct kvp_tenant_obj *t, struct kvp_block *b, struct kvp_spilled *stub,
 			 struct kvp_call *call)
 {
 	kvp_block_rows_free(t, b, call);
@@ -148,7 +148,7 @@ void kvp_block_spill_out(struct kvp_tenant *t, struct kvp_block *b, struct kvp_s
 }
 
 /* Rows for a spilled block to be read into: the same size class, charged again. */
-kvp_status kvp_block_rows_alloc(struct kvp_tenant *t, struct kvp_block *b, struct kvp_call *call)
+kvp_status kvp_block_rows_alloc(struct kvp_tenant_obj *t, struct kvp_block *b, struct kvp_call *call)
 {
 	char *rows = kvp_alloc(t, b->data_size, block_kind(b), b->payload, call);
 
@@ -295,11 +295,11 @@ static void stub_drop(struct kvp_spill *d, struct kvp_spilled *stub, struct kvp_
 	kvp_free_during(stub->tenant, stub, sizeof *stub, KVP_BYTES_META, 0, call);
 }
 
-kvp_status kvp_spill_stub_new(struct kvp_spill *d, struct kvp_seq *s, uint32_t layer, uint32_t kv_head,
+kvp_status kvp_spill_stub_new(struct kvp_spill *d, struct kvp_seq_obj *s, uint32_t layer, uint32_t kv_head,
 			      uint32_t block_no, const struct kvp_block *b, struct kvp_spilled **out,
 			      struct kvp_call *call)
 {
-	struct kvp_tenant *t = s->tenant;
+	struct kvp_tenant_obj *t = s->tenant;
 	struct kvp_block_image im;
 	struct kvp_spilled *stub;
 	uint64_t first, payload;

@@ -23,7 +23,7 @@ static kvp_status charge_one(_Atomic uint64_t *used, uint64_t limit, uint64_t by
 	return KVP_OK;
 }
 
-static kvp_status charge_limits(struct kvp_tenant *t, uint64_t bytes)
+static kvp_status charge_limits(struct kvp_tenant_obj *t, uint64_t bytes)
 {
 	if (charge_one(&t->used, t->quota, bytes) != KVP_OK)
 		return kvp_fail(KVP_ENOMEM, "tenant '%s': %llu more bytes would pass its quota of %llu (%llu in use)",
@@ -48,12 +48,12 @@ static kvp_status charge_limits(struct kvp_tenant *t, uint64_t bytes)
  * Charges past the cap are ordinary, checked ones (a park of blocks a running fork shares frees little).
  * So the counters never rise above what the limits allow, and no byte is charged twice.
  */
-void kvp_prepay_begin(struct kvp_call *call, const struct kvp_tenant *t, uint64_t cap)
+void kvp_prepay_begin(struct kvp_call *call, const struct kvp_tenant_obj *t, uint64_t cap)
 {
 	call->prepaid = (struct kvp_prepaid){ .t = t, .cap = cap };
 }
 
-void kvp_prepay_end(struct kvp_call *call, struct kvp_tenant *t)
+void kvp_prepay_end(struct kvp_call *call, struct kvp_tenant_obj *t)
 {
 	uint64_t held = call->prepaid.held;
 	call->prepaid = (struct kvp_prepaid){ 0 };
@@ -65,7 +65,7 @@ void kvp_prepay_end(struct kvp_call *call, struct kvp_tenant *t)
 	}
 }
 
-kvp_status kvp_charge(struct kvp_tenant *t, uint64_t bytes, struct kvp_call *call)
+kvp_status kvp_charge(struct kvp_tenant_obj *t, uint64_t bytes, struct kvp_call *call)
 {
 	kvp_status st;
 	if (call && call->prepaid.t == t && bytes <= call->prepaid.cap - call->prepaid.held) {
@@ -79,7 +79,7 @@ kvp_status kvp_charge(struct kvp_tenant *t, uint64_t bytes, struct kvp_call *cal
 	return st;
 }
 
-void kvp_uncharge(struct kvp_tenant *t, uint64_t bytes, struct kvp_call *call)
+void kvp_uncharge(struct kvp_tenant_obj *t, uint64_t bytes, struct kvp_call *call)
 {
 	if (call && call->prepaid.t == t) {
 		uint64_t settle = bytes < call->prepaid.held ? bytes : call->prepaid.held;
@@ -90,13 +90,13 @@ void kvp_uncharge(struct kvp_tenant *t, uint64_t bytes, struct kvp_call *call)
 	atomic_fetch_sub(&t->pool->used, bytes);
 }
 
-size_t kvp_alloc_size(const struct kvp_tenant *t, size_t bytes)
+size_t kvp_alloc_size(const struct kvp_tenant_obj *t, size_t bytes)
 {
 	return kvp_je_nallocx(bytes, t->flags);
 }
 
 /* The payload bytes count under kind; headers and jemalloc's size-class slack count as metadata. */
-static void count(struct kvp_tenant *t, size_t real, enum kvp_bytes_kind kind, size_t payload, int sign)
+static void count(struct kvp_tenant_obj *t, size_t real, enum kvp_bytes_kind kind, size_t payload, int sign)
 {
 	uint64_t meta = real - payload;
 	if (sign > 0) {
@@ -108,7 +108,7 @@ static void count(struct kvp_tenant *t, size_t real, enum kvp_bytes_kind kind, s
 	}
 }
 
-void *kvp_alloc(struct kvp_tenant *t, size_t bytes, enum kvp_bytes_kind kind, size_t payload,
+void *kvp_alloc(struct kvp_tenant_obj *t, size_t bytes, enum kvp_bytes_kind kind, size_t payload,
 		struct kvp_call *call)
 {
 	size_t real = kvp_alloc_size(t, bytes);
@@ -129,7 +129,7 @@ void *kvp_alloc(struct kvp_tenant *t, size_t bytes, enum kvp_bytes_kind kind, si
 	return p;
 }
 
-void kvp_free_during(struct kvp_tenant *t, void *p, size_t bytes, enum kvp_bytes_kind kind, size_t payload,
+void kvp_free_during(struct kvp_tenant_obj *t, void *p, size_t bytes, enum kvp_bytes_kind kind, size_t payload,
 		     struct kvp_call *call)
 {
 	size_t real;
@@ -141,7 +141,7 @@ void kvp_free_during(struct kvp_tenant *t, void *p, size_t bytes, enum kvp_bytes
 	kvp_uncharge(t, real, call);
 }
 
-void kvp_free(struct kvp_tenant *t, void *p, size_t bytes, enum kvp_bytes_kind kind, size_t payload)
+void kvp_free(struct kvp_tenant_obj *t, void *p, size_t bytes, enum kvp_bytes_kind kind, size_t payload)
 {
 	kvp_free_during(t, p, bytes, kind, payload, NULL);
 }

@@ -43,7 +43,7 @@ static size_t parked_bytes(size_t n)
 	return sizeof(struct kvp_parked) + n * sizeof(struct kvp_spilled *);
 }
 
-static size_t positions_count(const struct kvp_seq *s)
+static size_t positions_count(const struct kvp_seq_obj *s)
 {
 	size_t n = 0;
 	for (size_t i = 0; i < (size_t)s->shape.n_layers * s->shape.n_kv_heads; i++)
@@ -51,7 +51,7 @@ static size_t positions_count(const struct kvp_seq *s)
 	return n;
 }
 
-static void positions_list(struct kvp_seq *s, struct position *p)
+static void positions_list(struct kvp_seq_obj *s, struct position *p)
 {
 	size_t at = 0;
 	for (uint32_t l = 0; l < s->shape.n_layers; l++)
@@ -73,7 +73,7 @@ static void parked_drop(struct kvp_spill *d, struct kvp_parked *p, struct kvp_ca
 
 /* ---- park ---- */
 
-static kvp_status park_plan(struct kvp_spill *d, struct kvp_seq *s, const struct position *pos,
+static kvp_status park_plan(struct kvp_spill *d, struct kvp_seq_obj *s, const struct position *pos,
 			    struct kvp_parked *parked, struct kvp_spill_io *io, size_t *n_io, struct kvp_call *call)
 {
 	for (size_t i = 0; i < parked->n; i++) {
@@ -102,7 +102,7 @@ static kvp_status park_plan(struct kvp_spill *d, struct kvp_seq *s, const struct
 
 /* What a park's commit surely frees: the blocks only this sequence holds (the claim or the call keeps
  * forks out). A block a sibling shares may live on in it. */
-static uint64_t private_bytes(const struct kvp_seq *s, const struct position *pos, size_t n)
+static uint64_t private_bytes(const struct kvp_seq_obj *s, const struct position *pos, size_t n)
 {
 	uint64_t bytes = 0;
 	for (size_t i = 0; i < n; i++) {
@@ -113,7 +113,7 @@ static uint64_t private_bytes(const struct kvp_seq *s, const struct position *po
 	return bytes;
 }
 
-static kvp_status seq_check(const struct kvp_seq *s, const char *call)
+static kvp_status seq_check(const struct kvp_seq_obj *s, const char *call)
 {
 	if (!s || s->magic != KVP_SEQ_MAGIC)
 		return kvp_fail(KVP_EINVAL, "%s: not an open sequence", call);
@@ -123,7 +123,7 @@ static kvp_status seq_check(const struct kvp_seq *s, const char *call)
 	return KVP_OK;
 }
 
-static void park_commit(struct kvp_spill *d, struct kvp_seq *s, struct position *pos,
+static void park_commit(struct kvp_spill *d, struct kvp_seq_obj *s, struct position *pos,
 			struct kvp_parked *parked, struct kvp_spill_io *io, size_t n_io, struct kvp_call *call)
 {
 	kvp_spill_lock(d);
@@ -142,7 +142,7 @@ static void park_commit(struct kvp_spill *d, struct kvp_seq *s, struct position 
 	kvp_spill_unlock(d);
 }
 
-kvp_status kvp_park_sequence(struct kvp_seq *s, struct kvp_call *call)
+kvp_status kvp_park_sequence(struct kvp_seq_obj *s, struct kvp_call *call)
 {
 	struct kvp_call none = { 0 };
 	struct kvp_spill *d;
@@ -203,7 +203,7 @@ out:
 /* ---- unpark ---- */
 
 /* Every position gets its block: the record's twin where it has one, else a fresh block to read into. */
-static kvp_status unpark_plan(struct kvp_spill *d, struct kvp_seq *s, struct kvp_block **blocks,
+static kvp_status unpark_plan(struct kvp_spill *d, struct kvp_seq_obj *s, struct kvp_block **blocks,
 			      struct kvp_spill_io *io, size_t *n_io, struct kvp_call *call)
 {
 	struct kvp_parked *p = s->parked;
@@ -231,7 +231,7 @@ static kvp_status unpark_plan(struct kvp_spill *d, struct kvp_seq *s, struct kvp
 	return KVP_OK;
 }
 
-static void unpark_commit(struct kvp_spill *d, struct kvp_seq *s, struct position *pos,
+static void unpark_commit(struct kvp_spill *d, struct kvp_seq_obj *s, struct position *pos,
 			  struct kvp_block **blocks, struct kvp_spill_io *io, size_t n_io)
 {
 	struct kvp_parked *p = s->parked;
@@ -250,7 +250,7 @@ static void unpark_commit(struct kvp_spill *d, struct kvp_seq *s, struct positio
 	kvp_free(s->tenant, p, parked_bytes(p->n), KVP_BYTES_META, 0);
 }
 
-kvp_status kvp_unpark_sequence(struct kvp_seq *s, struct kvp_call *call)
+kvp_status kvp_unpark_sequence(struct kvp_seq_obj *s, struct kvp_call *call)
 {
 	struct kvp_spill *d;
 	struct kvp_block **blocks;
@@ -289,13 +289,13 @@ out:
 
 /* ---- the rest of the sequence's life ---- */
 
-kvp_status kvp_seq_parked_error(const struct kvp_seq *s, const char *call)
+kvp_status kvp_seq_parked_error(const struct kvp_seq_obj *s, const char *call)
 {
 	(void)s;
 	return kvp_fail(KVP_EINVAL, "%s: the sequence is parked; call kvp_seq_unpark first", call);
 }
 
-void kvp_seq_parked_release(struct kvp_seq *s)
+void kvp_seq_parked_release(struct kvp_seq_obj *s)
 {
 	struct kvp_spill *d = s->tenant->pool->spill;
 	if (!s->parked)
@@ -307,7 +307,7 @@ void kvp_seq_parked_release(struct kvp_seq *s)
 	s->parked = NULL;
 }
 
-uint64_t kvp_seq_parked_meta(const struct kvp_seq *s)
+uint64_t kvp_seq_parked_meta(const struct kvp_seq_obj *s)
 {
 	uint64_t bytes;
 	if (!s->parked)
@@ -319,7 +319,7 @@ uint64_t kvp_seq_parked_meta(const struct kvp_seq *s)
 	return bytes;
 }
 
-uint64_t kvp_seq_parked_bytes(const struct kvp_seq *s)
+uint64_t kvp_seq_parked_bytes(const struct kvp_seq_obj *s)
 {
 	uint64_t bytes = 0;
 	for (size_t i = 0; s->parked && i < s->parked->n; i++)

@@ -34,7 +34,7 @@
 static pthread_mutex_t claim_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t claim_released = PTHREAD_COND_INITIALIZER;
 
-void kvp_seq_enter(struct kvp_seq *s, struct kvp_call *call)
+void kvp_seq_enter(struct kvp_seq_obj *s, struct kvp_call *call)
 {
 	uint32_t c = atomic_load(&s->calls);
 	for (;;) {
@@ -53,7 +53,7 @@ void kvp_seq_enter(struct kvp_seq *s, struct kvp_call *call)
 	s->call = call;
 }
 
-void kvp_seq_leave(struct kvp_seq *s)
+void kvp_seq_leave(struct kvp_seq_obj *s)
 {
 	s->pin_from = s->pin_to = 0;
 	s->call = NULL;
@@ -63,12 +63,12 @@ void kvp_seq_leave(struct kvp_seq *s)
 /* ---- relief ---- */
 
 /* Under t->lock: claims the idle, resident sequence with the oldest last call, or returns NULL. */
-static struct kvp_seq *victim_claim(struct kvp_tenant *t)
+static struct kvp_seq_obj *victim_claim(struct kvp_tenant_obj *t)
 {
 	for (;;) {
-		struct kvp_seq *best = NULL;
+		struct kvp_seq_obj *best = NULL;
 		uint32_t idle = 0;
-		for (struct kvp_seq *s = t->seqs; s; s = s->next)
+		for (struct kvp_seq_obj *s = t->seqs; s; s = s->next)
 			if (!atomic_load(&s->parked_flag) && atomic_load(&s->calls) == 0 &&
 			    (!best || atomic_load(&s->last_use) < atomic_load(&best->last_use)))
 				best = s;
@@ -80,7 +80,7 @@ static struct kvp_seq *victim_claim(struct kvp_tenant *t)
 	}
 }
 
-static void victim_release(struct kvp_seq *s)
+static void victim_release(struct kvp_seq_obj *s)
 {
 	pthread_mutex_lock(&claim_lock);
 	atomic_store(&s->calls, 0);
@@ -89,7 +89,7 @@ static void victim_release(struct kvp_seq *s)
 }
 
 /* How many bytes the charge is short of: past the quota or past the pool's limit, whichever is more. */
-static uint64_t shortfall(const struct kvp_tenant *t, uint64_t bytes)
+static uint64_t shortfall(const struct kvp_tenant_obj *t, uint64_t bytes)
 {
 	uint64_t used = atomic_load(&t->used), pool = atomic_load(&t->pool->used), need = 1;
 	if (used + bytes > t->quota)
@@ -100,7 +100,7 @@ static uint64_t shortfall(const struct kvp_tenant *t, uint64_t bytes)
 }
 
 /* Resorts 1 and 2 on a claimed idle sequence: some of its blocks, or when none can go alone, all of it. */
-static kvp_status relieve_on(struct kvp_seq *victim, uint64_t need, struct kvp_call *call)
+static kvp_status relieve_on(struct kvp_seq_obj *victim, uint64_t need, struct kvp_call *call)
 {
 	kvp_status st;
 	if (kvp_spill_blocks(victim, need, KVP_SPILL_IDLE, call))
@@ -125,10 +125,10 @@ static void relief_failed(const char *why, const char *tried, const struct kvp_p
 	kvp_fail(KVP_ENOMEM, "%s%s%s%s", why, spilled, tried, tried[0] ? ")" : "");
 }
 
-int kvp_pressure_relieve(struct kvp_tenant *t, uint64_t bytes, struct kvp_call *call)
+int kvp_pressure_relieve(struct kvp_tenant_obj *t, uint64_t bytes, struct kvp_call *call)
 {
 	struct kvp_call none = { 0 };
-	struct kvp_seq *victim, *caller;
+	struct kvp_seq_obj *victim, *caller;
 	uint64_t need = shortfall(t, bytes);
 	char why[256], tried[300] = "";
 	kvp_status st;

@@ -41,12 +41,12 @@ struct victim {
 	uint32_t layer, kv_head, block_no;
 };
 
-static int pinned(const struct kvp_seq *s, uint32_t layer)
+static int pinned(const struct kvp_seq_obj *s, uint32_t layer)
 {
 	return layer >= s->pin_from && layer < s->pin_to;
 }
 
-static int spillable(const struct kvp_seq *s, const struct kvp_stream *st, uint32_t layer, uint32_t i,
+static int spillable(const struct kvp_seq_obj *s, const struct kvp_stream *st, uint32_t layer, uint32_t i,
 		     enum kvp_spill_reach reach)
 {
 	const struct kvp_block *b = st->blocks[i];
@@ -66,7 +66,7 @@ static uint32_t reach_end(const struct kvp_stream *st, enum kvp_spill_reach reac
 /* Oldest first: block 0 of every stream, then block 1, ... until `bytes` of memory are freed (rows, less
  * the stub each record needs) or `cap` blocks are taken. Blocks whose rows take no more memory than a
  * stub would free nothing. *rows_out: the memory of the rows taken, what pays for their stubs. */
-static size_t victims_pick(const struct kvp_seq *s, uint64_t bytes, enum kvp_spill_reach reach, struct victim *v,
+static size_t victims_pick(const struct kvp_seq_obj *s, uint64_t bytes, enum kvp_spill_reach reach, struct victim *v,
 			   size_t cap, uint64_t *rows_out)
 {
 	const uint64_t stub = kvp_alloc_size(s->tenant, sizeof(struct kvp_spilled));
@@ -95,7 +95,7 @@ static size_t victims_pick(const struct kvp_seq *s, uint64_t bytes, enum kvp_spi
 #define SPILL_BATCH 256 /* blocks per relief: enough for large appends, bounded memory for the lists */
 
 /* Stubs (slots) for the victims; on failure the ones made so far are kept and counted in *made. */
-static kvp_status stubs_make(struct kvp_spill *d, struct kvp_seq *s, const struct victim *v, size_t n,
+static kvp_status stubs_make(struct kvp_spill *d, struct kvp_seq_obj *s, const struct victim *v, size_t n,
 			     struct kvp_spill_io *io, size_t *made, struct kvp_call *call)
 {
 	kvp_status st = KVP_OK;
@@ -111,7 +111,7 @@ static kvp_status stubs_make(struct kvp_spill *d, struct kvp_seq *s, const struc
 	return st;
 }
 
-size_t kvp_spill_blocks(struct kvp_seq *s, uint64_t bytes, enum kvp_spill_reach reach, struct kvp_call *call)
+size_t kvp_spill_blocks(struct kvp_seq_obj *s, uint64_t bytes, enum kvp_spill_reach reach, struct kvp_call *call)
 {
 	struct kvp_spill *d = s->tenant->pool->spill;
 	struct kvp_call none = { 0 };
@@ -166,7 +166,7 @@ static int restore_wanted(const struct kvp_block *b, enum restore_scope scope)
 /* Room for all the rows a restore takes at once: a charge given back at once, so that pressure spills
  * what they need in one batch of writes instead of one small synchronous spill per block's rows. What
  * it cannot make room for, the blocks' own allocations report. */
-static void room_make(struct kvp_tenant *t, uint64_t bytes, struct kvp_call *call)
+static void room_make(struct kvp_tenant_obj *t, uint64_t bytes, struct kvp_call *call)
 {
 	char why[512];
 	snprintf(why, sizeof why, "%s", kvp_last_error());
@@ -178,7 +178,7 @@ static void room_make(struct kvp_tenant *t, uint64_t bytes, struct kvp_call *cal
 /* Rows for every spilled block of the layer in scope that is not being read yet, and their reads
  * submitted. KVP_ENOMEM when rows ran out: the reads of the blocks that got rows are submitted all the
  * same. */
-static kvp_status restore_start(struct kvp_seq *s, uint32_t layer, enum restore_scope scope,
+static kvp_status restore_start(struct kvp_seq_obj *s, uint32_t layer, enum restore_scope scope,
 				struct kvp_restore **out, struct kvp_call *call)
 {
 	struct kvp_restore *r;
@@ -218,7 +218,7 @@ static kvp_status restore_start(struct kvp_seq *s, uint32_t layer, enum restore_
 
 /* Waits for the reads; each block that checked out is resident again and its record freed, each that
  * did not gives its rows back and stays spilled. */
-static kvp_status restore_finish(struct kvp_seq *s, struct kvp_restore *r)
+static kvp_status restore_finish(struct kvp_seq_obj *s, struct kvp_restore *r)
 {
 	struct kvp_spill *d = s->tenant->pool->spill;
 	kvp_status st = kvp_spill_read_wait(d, r->reads, r->n, s->shape.head_dim);
@@ -239,7 +239,7 @@ static kvp_status restore_finish(struct kvp_seq *s, struct kvp_restore *r)
 	return st;
 }
 
-void kvp_restore_settle(struct kvp_seq *s)
+void kvp_restore_settle(struct kvp_seq_obj *s)
 {
 	struct kvp_restore *r = s->restore;
 	char why[512];
@@ -252,7 +252,7 @@ void kvp_restore_settle(struct kvp_seq *s)
 }
 
 /* The layer's spilled blocks in scope, read now. */
-static kvp_status restore_now(struct kvp_seq *s, uint32_t layer, enum restore_scope scope,
+static kvp_status restore_now(struct kvp_seq_obj *s, uint32_t layer, enum restore_scope scope,
 			      struct kvp_call *call)
 {
 	struct kvp_restore *r;
@@ -260,7 +260,7 @@ static kvp_status restore_now(struct kvp_seq *s, uint32_t layer, enum restore_sc
 	return st != KVP_OK ? st : done;
 }
 
-kvp_status kvp_restore_layer(struct kvp_seq *s, uint32_t layer, struct kvp_call *call)
+kvp_status kvp_restore_layer(struct kvp_seq_obj *s, uint32_t layer, struct kvp_call *call)
 {
 	struct kvp_restore *ahead;
 	kvp_status st = KVP_OK;
@@ -289,7 +289,7 @@ kvp_status kvp_restore_layer(struct kvp_seq *s, uint32_t layer, struct kvp_call 
 	return KVP_OK;
 }
 
-kvp_status kvp_restore_all(struct kvp_seq *s, struct kvp_call *call)
+kvp_status kvp_restore_all(struct kvp_seq_obj *s, struct kvp_call *call)
 {
 	kvp_status st = KVP_OK;
 	kvp_restore_settle(s);
@@ -300,7 +300,7 @@ kvp_status kvp_restore_all(struct kvp_seq *s, struct kvp_call *call)
 	return st;
 }
 
-kvp_status kvp_restore_exact(struct kvp_seq *s, uint32_t layer, struct kvp_call *call)
+kvp_status kvp_restore_exact(struct kvp_seq_obj *s, uint32_t layer, struct kvp_call *call)
 {
 	kvp_status st;
 	kvp_restore_settle(s);

@@ -284,7 +284,7 @@ static void device_free(struct kvp_spill *d)
 	free(d);
 }
 
-kvp_status kvp_spill_open(struct kvp_pool *pool, const char *path, unsigned path_len, uint64_t max_bytes,
+kvp_status kvp_spill_open(struct kvp_pool_obj *pool, const char *path, unsigned path_len, uint64_t max_bytes,
 			  uint64_t buffer_bytes)
 {
 	struct kvp_spill *d;
@@ -332,7 +332,7 @@ kvp_status kvp_spill_open(struct kvp_pool *pool, const char *path, unsigned path
 	return KVP_OK;
 }
 
-void kvp_spill_close(struct kvp_pool *pool)
+void kvp_spill_close(struct kvp_pool_obj *pool)
 {
 	struct kvp_spill *d = pool->spill;
 	if (!d)

@@ -20,9 +20,9 @@
 
 #include "base/base.h"
 
-struct kvp_pool;
-struct kvp_tenant;
-struct kvp_seq;
+struct kvp_pool_obj;
+struct kvp_tenant_obj;
+struct kvp_seq_obj;
 struct kvp_block;
 struct kvp_spill;
 
@@ -49,7 +49,7 @@ _Static_assert(sizeof(struct kvp_slot_header) == 64, "the slot header is 64 byte
 /* A block's record on the device. Shared by every parked sequence whose table held that block. Guarded
  * by the device lock. */
 struct kvp_spilled {
-	struct kvp_tenant *tenant;
+	struct kvp_tenant_obj *tenant;
 	uint32_t refs;           /* parked table entries that point here */
 	uint64_t first_page, pages;
 	struct kvp_slot_header header; /* as written, crc included */
@@ -89,9 +89,9 @@ extern int kvp_spill_refuse_direct;
 
 /* ---- device (spill.c) ---- */
 /* buffer_bytes: the registered staging buffer (spill_buffer=), cut in slices that rotate (spill.c). */
-kvp_status kvp_spill_open(struct kvp_pool *pool, const char *path, unsigned path_len, uint64_t max_bytes,
+kvp_status kvp_spill_open(struct kvp_pool_obj *pool, const char *path, unsigned path_len, uint64_t max_bytes,
 			  uint64_t buffer_bytes);
-void kvp_spill_close(struct kvp_pool *pool);
+void kvp_spill_close(struct kvp_pool_obj *pool);
 /* For tests and benchmarks: what the device does (0 without one; the pager's kvp_spill_is_direct and
  * the like ask it for the pool behind a handle). */
 int kvp_spill_device_direct(const struct kvp_spill *d);
@@ -144,9 +144,9 @@ void kvp_spill_read_submit(struct kvp_spill *d, struct kvp_spill_pending *p, siz
 kvp_status kvp_spill_read_wait(struct kvp_spill *d, struct kvp_spill_pending *p, size_t n, uint32_t dim);
 
 /* Records of single blocks (block.c), under the device lock. */
-struct kvp_seq;
+struct kvp_seq_obj;
 struct kvp_call;
-kvp_status kvp_spill_stub_new(struct kvp_spill *d, struct kvp_seq *s, uint32_t layer, uint32_t kv_head,
+kvp_status kvp_spill_stub_new(struct kvp_spill *d, struct kvp_seq_obj *s, uint32_t layer, uint32_t kv_head,
 			      uint32_t block_no, const struct kvp_block *b, struct kvp_spilled **out,
 			      struct kvp_call *call);
 /* call: the spill whose prepaid charges the stub's free settles, or NULL */
@@ -160,9 +160,9 @@ void kvp_twins_trim(struct kvp_twin_map *m, struct kvp_call *call);
 /* ---- parking (park.c) ---- */
 struct kvp_parked;
 /* KVP_EINVAL naming the call: a parked sequence serves only unpark, stats, step and close. */
-kvp_status kvp_seq_parked_error(const struct kvp_seq *s, const char *call);
-void kvp_seq_parked_release(struct kvp_seq *s); /* on destroy: drop the records */
-uint64_t kvp_seq_parked_bytes(const struct kvp_seq *s); /* its records on the device */
-uint64_t kvp_seq_parked_meta(const struct kvp_seq *s);  /* its record table and stubs in memory */
+kvp_status kvp_seq_parked_error(const struct kvp_seq_obj *s, const char *call);
+void kvp_seq_parked_release(struct kvp_seq_obj *s); /* on destroy: drop the records */
+uint64_t kvp_seq_parked_bytes(const struct kvp_seq_obj *s); /* its records on the device */
+uint64_t kvp_seq_parked_meta(const struct kvp_seq_obj *s);  /* its record table and stubs in memory */
 
 #endif /* KVP_TIER_SPILL_H */

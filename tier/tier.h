@@ -18,8 +18,8 @@
 #include "base/base.h"
 #include "tier/spill.h"
 
-struct kvp_tenant;
-struct kvp_seq;
+struct kvp_tenant_obj;
+struct kvp_seq_obj;
 struct kvp_block;
 struct kvp_spilled;
 
@@ -40,7 +40,7 @@ struct kvp_pressure_tally {
 
 /* Charges to t, up to cap bytes, paid from the memory the spill in progress frees (memory.c). */
 struct kvp_prepaid {
-	const struct kvp_tenant *t;
+	const struct kvp_tenant_obj *t;
 	uint64_t cap, held; /* held: charges paid this way and not yet settled by a free */
 };
 
@@ -48,7 +48,7 @@ struct kvp_prepaid {
  * function, and reachable from the entered sequence (its `call` field) for the allocations made below the
  * call. NULL where no call is in progress (opening a tenant or a sequence): relief then has no caller. */
 struct kvp_call {
-	struct kvp_seq *seq; /* the entered sequence: relief's last resort is its own cold blocks */
+	struct kvp_seq_obj *seq; /* the entered sequence: relief's last resort is its own cold blocks */
 	int no_relief;       /* a failed charge does not relieve (inside a spill, or already relieving) */
 	struct kvp_prepaid prepaid;
 	struct kvp_pressure_tally tally;
@@ -57,75 +57,75 @@ struct kvp_call {
 /* ---- tenant memory: charge first, then allocate from the tenant's arena (memory.c) ---- */
 /* Over a limit, a charge calls the tenant's relief hook (when the pool installed one and the call allows
  * it) until the charge fits or the hook frees nothing. */
-kvp_status kvp_charge(struct kvp_tenant *t, uint64_t bytes, struct kvp_call *call);
-void kvp_uncharge(struct kvp_tenant *t, uint64_t bytes, struct kvp_call *call);
-size_t kvp_alloc_size(const struct kvp_tenant *t, size_t bytes); /* what jemalloc will really give */
+kvp_status kvp_charge(struct kvp_tenant_obj *t, uint64_t bytes, struct kvp_call *call);
+void kvp_uncharge(struct kvp_tenant_obj *t, uint64_t bytes, struct kvp_call *call);
+size_t kvp_alloc_size(const struct kvp_tenant_obj *t, size_t bytes); /* what jemalloc will really give */
 /* Charged allocation: payload bytes count under kind, the rest (headers, size-class slack) as
  * metadata. NULL with KVP_ENOMEM set on failure. kvp_free takes the same three numbers; only a spill's
  * own frees (kvp_free_during) settle its prepaid charges. */
-void *kvp_alloc(struct kvp_tenant *t, size_t bytes, enum kvp_bytes_kind kind, size_t payload,
+void *kvp_alloc(struct kvp_tenant_obj *t, size_t bytes, enum kvp_bytes_kind kind, size_t payload,
 		struct kvp_call *call);
-void kvp_free(struct kvp_tenant *t, void *p, size_t bytes, enum kvp_bytes_kind kind, size_t payload);
-void kvp_free_during(struct kvp_tenant *t, void *p, size_t bytes, enum kvp_bytes_kind kind, size_t payload,
+void kvp_free(struct kvp_tenant_obj *t, void *p, size_t bytes, enum kvp_bytes_kind kind, size_t payload);
+void kvp_free_during(struct kvp_tenant_obj *t, void *p, size_t bytes, enum kvp_bytes_kind kind, size_t payload,
 		     struct kvp_call *call);
 /* Until end, the call's charges to t, up to cap bytes, are paid from the memory the spill in progress
  * frees: the metadata of a spill never takes a tenant past its quota. */
-void kvp_prepay_begin(struct kvp_call *call, const struct kvp_tenant *t, uint64_t cap);
-void kvp_prepay_end(struct kvp_call *call, struct kvp_tenant *t);
+void kvp_prepay_begin(struct kvp_call *call, const struct kvp_tenant_obj *t, uint64_t cap);
+void kvp_prepay_end(struct kvp_call *call, struct kvp_tenant_obj *t);
 
 /* ---- blocks (block.c) ---- */
-struct kvp_block *kvp_block_new(struct kvp_tenant *t, uint32_t cap, uint32_t dim, enum kvp_store store,
+struct kvp_block *kvp_block_new(struct kvp_tenant_obj *t, uint32_t cap, uint32_t dim, enum kvp_store store,
 				struct kvp_call *call);
 /* A block for n encoded tokens: positions, then k_bytes of keys and v_bytes of values. */
-struct kvp_block *kvp_block_new_cold(struct kvp_tenant *t, uint32_t n, size_t k_bytes, size_t v_bytes,
+struct kvp_block *kvp_block_new_cold(struct kvp_tenant_obj *t, uint32_t n, size_t k_bytes, size_t v_bytes,
 				     struct kvp_call *call);
 /* A private copy of b with the same tokens (copy-on-write); b is exact (cold blocks are never written). */
-struct kvp_block *kvp_block_copy(struct kvp_tenant *t, const struct kvp_block *b, uint32_t dim,
+struct kvp_block *kvp_block_copy(struct kvp_tenant_obj *t, const struct kvp_block *b, uint32_t dim,
 				 struct kvp_call *call);
 void kvp_block_get(struct kvp_block *b);
-void kvp_block_put(struct kvp_tenant *t, struct kvp_block *b);
+void kvp_block_put(struct kvp_tenant_obj *t, struct kvp_block *b);
 /* kvp_block_put inside a spill, whose frees settle the call's prepaid charges. */
-void kvp_block_put_during(struct kvp_tenant *t, struct kvp_block *b, struct kvp_call *call);
+void kvp_block_put_during(struct kvp_tenant_obj *t, struct kvp_block *b, struct kvp_call *call);
 size_t kvp_block_token_bytes(const struct kvp_block *b); /* k and v storage */
-size_t kvp_block_bytes(const struct kvp_tenant *t, const struct kvp_block *b); /* both allocations */
+size_t kvp_block_bytes(const struct kvp_tenant_obj *t, const struct kvp_block *b); /* both allocations */
 /* Writes rows [at, at+n) of the block from fp32 k/v with the given row stride (floats). */
 void kvp_block_write(struct kvp_block *b, uint32_t at, uint32_t n, uint32_t dim, const int32_t *pos,
 		     const float *k, const float *v, size_t stride);
 /* Drop the rows of a private block whose record is written, or take new rows to read it into. */
-void kvp_block_spill_out(struct kvp_tenant *t, struct kvp_block *b, struct kvp_spilled *stub,
+void kvp_block_spill_out(struct kvp_tenant_obj *t, struct kvp_block *b, struct kvp_spilled *stub,
 			 struct kvp_call *call);
-kvp_status kvp_block_rows_alloc(struct kvp_tenant *t, struct kvp_block *b, struct kvp_call *call);
-void kvp_block_rows_free(struct kvp_tenant *t, struct kvp_block *b, struct kvp_call *call);
+kvp_status kvp_block_rows_alloc(struct kvp_tenant_obj *t, struct kvp_block *b, struct kvp_call *call);
+void kvp_block_rows_free(struct kvp_tenant_obj *t, struct kvp_block *b, struct kvp_call *call);
 
 /* ---- memory pressure (pressure.c) ---- */
 /* The relief hook the pool installs on a tenant with a spill device. Relieves memory pressure on t (never
  * another tenant's) to make room for bytes: blocks of its least recently used idle sequence first, then
  * that sequence whole, then the calling sequence's own oldest cold blocks. Returns nonzero when it freed
  * something, so the caller charges again. */
-int kvp_pressure_relieve(struct kvp_tenant *t, uint64_t bytes, struct kvp_call *call);
+int kvp_pressure_relieve(struct kvp_tenant_obj *t, uint64_t bytes, struct kvp_call *call);
 /* A public call enters a sequence (waiting while pressure holds it) and leaves it; the call context is
  * the sequence's from enter to leave. */
-void kvp_seq_enter(struct kvp_seq *s, struct kvp_call *call);
-void kvp_seq_leave(struct kvp_seq *s);
+void kvp_seq_enter(struct kvp_seq_obj *s, struct kvp_call *call);
+void kvp_seq_leave(struct kvp_seq_obj *s);
 
 /* ---- blocks of a resident sequence on the spill device (restore.c) ---- */
 /* Spills the oldest private blocks of s within reach, at least `bytes` of memory when there are that
  * many. KVP_SPILL_IDLE: s is claimed by pressure; every block but sinks and tails. KVP_SPILL_OWN_COLD: s
  * is the caller; only cold blocks outside its pinned layers. Returns how many blocks it spilled. */
-size_t kvp_spill_blocks(struct kvp_seq *s, uint64_t bytes, enum kvp_spill_reach reach, struct kvp_call *call);
+size_t kvp_spill_blocks(struct kvp_seq_obj *s, uint64_t bytes, enum kvp_spill_reach reach, struct kvp_call *call);
 /* attend: brings back layer's spilled blocks (waiting for the prefetch when it read them) and starts
  * the reads of the next layer's. KVP_EIO, KVP_ECORRUPT or KVP_ENOMEM leave the failed blocks spilled. */
-kvp_status kvp_restore_layer(struct kvp_seq *s, uint32_t layer, struct kvp_call *call);
+kvp_status kvp_restore_layer(struct kvp_seq_obj *s, uint32_t layer, struct kvp_call *call);
 /* append: brings back layer's spilled exact blocks, the ones its cold conversion may encode. */
-kvp_status kvp_restore_exact(struct kvp_seq *s, uint32_t layer, struct kvp_call *call);
+kvp_status kvp_restore_exact(struct kvp_seq_obj *s, uint32_t layer, struct kvp_call *call);
 /* Every spilled block back in memory (fork, step, gather need them). */
-kvp_status kvp_restore_all(struct kvp_seq *s, struct kvp_call *call);
+kvp_status kvp_restore_all(struct kvp_seq_obj *s, struct kvp_call *call);
 /* Waits for reads in flight and files them; on any path that may free or park the sequence's blocks. */
-void kvp_restore_settle(struct kvp_seq *s);
+void kvp_restore_settle(struct kvp_seq_obj *s);
 
 /* ---- whole sequences on the spill device (park.c) ---- */
 /* Park and unpark of an entered (or claimed) sequence. */
-kvp_status kvp_park_sequence(struct kvp_seq *s, struct kvp_call *call);
-kvp_status kvp_unpark_sequence(struct kvp_seq *s, struct kvp_call *call);
+kvp_status kvp_park_sequence(struct kvp_seq_obj *s, struct kvp_call *call);
+kvp_status kvp_unpark_sequence(struct kvp_seq_obj *s, struct kvp_call *call);
 
 #endif /* KVP_TIER_H */
