@@ -230,7 +230,8 @@ KVP_API void kvp_codec_close(kvp_codec *c);
  * before the body is read), for the shape's layers, heads, head_dim, rope_theta and rope_layout
  * (KVP_EINVAL otherwise). As a tenant's policy= the file is read once, at kvp_tenant_open (a bad file
  * fails it), and shared read-only by the tenant's sequences, each checked against its shape at
- * kvp_seq_open; a fork shares its parent's.
+ * kvp_seq_open; a fork shares its parent's. Its statistics are charged to the tenant (bytes_meta of
+ * kvp_tenant_stats): a quota that cannot hold them fails kvp_tenant_open with KVP_ENOMEM.
  *
  * kvp_policy_score: scores of the n tokens of stream (layer, kv_head), higher = keep, after the policy's
  *   own normalization (TriAttention: z-score per query head over these n tokens) and GQA aggregation

@@ -173,3 +173,23 @@ struct kvp_allocator kvp_seq_allocator(struct kvp_seq_obj *s)
 {
 	return (struct kvp_allocator){ .alloc = state_alloc, .free = state_free, .ctx = s };
 }
+
+/* Memory a tenant keeps for all its sequences (its policy's statistics file, read once): charged to the
+ * tenant as metadata, so it shows in kvp_tenant_stats and counts against the quota. It is taken at
+ * kvp_tenant_open, when the tenant has no sequence to relieve, so a charge over the quota just fails. */
+static void *tenant_alloc(void *ctx, size_t bytes)
+{
+	struct kvp_call call = { .no_relief = 1 };
+
+	return kvp_alloc(ctx, bytes, KVP_BYTES_META, 0, &call);
+}
+
+static void tenant_free(void *ctx, void *p, size_t bytes)
+{
+	kvp_free(ctx, p, bytes, KVP_BYTES_META, 0);
+}
+
+struct kvp_allocator kvp_tenant_allocator(struct kvp_tenant_obj *t)
+{
+	return (struct kvp_allocator){ .alloc = tenant_alloc, .free = tenant_free, .ctx = t };
+}

@@ -50,6 +50,8 @@ kvp_status kvp_evict_check(const struct kvp_tenant_config *cfg)
 
 kvp_status kvp_evict_prepare(struct kvp_tenant_obj *t)
 {
+	/* what the policy loads once is the tenant's: charged to it, counted in its bytes_meta */
+	struct kvp_allocator mem = kvp_tenant_allocator(t);
 	const char *text = t->cfg.policy_spec;
 	kvp_status st;
 
@@ -58,7 +60,7 @@ kvp_status kvp_evict_prepare(struct kvp_tenant_obj *t)
 		return KVP_OK;
 	st = kvp_policy_spec_parse(text, strlen(text), &t->policy_spec);
 	if (st == KVP_OK)
-		st = kvp_policy_spec_prepare(t->policy_spec);
+		st = kvp_policy_spec_prepare(t->policy_spec, &mem);
 	if (st == KVP_OK)
 		st = kvp_policy_spec_check(t->policy_spec);
 	if (st != KVP_OK) {

@@ -198,6 +198,9 @@ struct kvp_seq_obj {
 /* ---- tenant memory (arena.c; charging and allocating is the tier's, tier/memory.c) ---- */
 /* What the sequence hands its policy and codecs: kvp_alloc/kvp_free as metadata, counted in state_bytes. */
 struct kvp_allocator kvp_seq_allocator(struct kvp_seq_obj *s);
+/* What the tenant hands what its sequences share (a policy's statistics file): metadata of the tenant,
+ * never relieving (the tenant has no sequence yet); needs its arena. */
+struct kvp_allocator kvp_tenant_allocator(struct kvp_tenant_obj *t);
 kvp_status kvp_arena_create(const struct kvp_pool_obj *pool, unsigned *arena);
 void kvp_arena_destroy(unsigned arena);
 int kvp_arena_flags(unsigned arena);

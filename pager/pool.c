@@ -201,7 +201,7 @@ kvp_status kvp_tenant_open(kvp_pool *h, const char *name, const char *spec, kvp_
 		return kvp_fail(KVP_ENOMEM, "kvp_tenant_open: out of memory");
 	t->quota = UINT64_MAX; /* bounded by the pool alone */
 	if ((st = kvp_tenant_config_parse(&t->cfg, &t->quota, spec)) != KVP_OK ||
-	    (st = kvp_cold_prepare(t)) != KVP_OK || (st = kvp_evict_prepare(t)) != KVP_OK) {
+	    (st = kvp_cold_prepare(t)) != KVP_OK) {
 		kvp_cold_unprepare(t);
 		free(t);
 		return st;
@@ -218,11 +218,17 @@ kvp_status kvp_tenant_open(kvp_pool *h, const char *name, const char *spec, kvp_
 		t->relieve = pool->spill ? kvp_pressure_relieve : NULL;
 		pthread_mutex_init(&t->lock, NULL);
 		t->magic = KVP_TENANT_MAGIC;
-		t->handle = (kvp_tenant *)kvp_handle_new(KVP_HANDLE_TENANT, t, &t->handle_index);
-		if (!t->handle_index) {
+		/* after the arena: what the policy loads once (a statistics file) is charged to the tenant */
+		st = kvp_evict_prepare(t);
+		if (st == KVP_OK) {
+			t->handle = (kvp_tenant *)kvp_handle_new(KVP_HANDLE_TENANT, t, &t->handle_index);
+			if (!t->handle_index)
+				st = kvp_fail_context(KVP_ENOMEM, "kvp_tenant_open");
+		}
+		if (st != KVP_OK) {
+			kvp_evict_unprepare(t);
 			pthread_mutex_destroy(&t->lock);
 			kvp_arena_destroy(t->arena);
-			st = kvp_fail_context(KVP_ENOMEM, "kvp_tenant_open");
 		}
 	}
 	if (st == KVP_OK) {
@@ -231,7 +237,6 @@ kvp_status kvp_tenant_open(kvp_pool *h, const char *name, const char *spec, kvp_
 	}
 	pthread_mutex_unlock(&pool->lock);
 	if (st != KVP_OK) {
-		kvp_evict_unprepare(t);
 		kvp_cold_unprepare(t);
 		free(t);
 		return st;

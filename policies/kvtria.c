@@ -28,10 +28,16 @@
 /* bytes of the body read at a time */
 #define BODY_CHUNK (256u << 10)
 
-kvp_status kvp_tria_stats_alloc(struct kvp_tria_stats *s, uint32_t n_layers, uint32_t n_heads,
-				uint32_t head_dim, kvp_rope_layout layout, float theta)
+/* Floats in each of the three arrays. */
+static size_t stats_bands(const struct kvp_tria_stats *s)
 {
-	size_t n = (size_t)n_layers * n_heads * (head_dim / 2);
+	return (size_t)s->n_layers * s->n_heads * (s->head_dim / 2);
+}
+
+static kvp_status stats_alloc_in(struct kvp_tria_stats *s, const struct kvp_allocator *mem, uint32_t n_layers,
+				 uint32_t n_heads, uint32_t head_dim, kvp_rope_layout layout, float theta)
+{
+	size_t n;
 
 	memset(s, 0, sizeof *s);
 	s->n_layers = n_layers;
@@ -39,19 +45,31 @@ kvp_status kvp_tria_stats_alloc(struct kvp_tria_stats *s, uint32_t n_layers, uin
 	s->head_dim = head_dim;
 	s->rope_layout = layout;
 	s->rope_theta = theta;
-	s->mean_re = calloc(n ? n : 1, sizeof(float));
-	s->mean_im = calloc(n ? n : 1, sizeof(float));
-	s->abs_mean = calloc(n ? n : 1, sizeof(float));
-	if (!s->mean_re || !s->mean_im || !s->abs_mean) {
+	s->mem = *mem;
+	n = stats_bands(s);
+	s->mean_re = kvp_allocate_array(mem, n, sizeof(float), "kvtria: statistics");
+	s->mean_im = s->mean_re ? kvp_allocate_array(mem, n, sizeof(float), "kvtria: statistics") : NULL;
+	s->abs_mean = s->mean_im ? kvp_allocate_array(mem, n, sizeof(float), "kvtria: statistics") : NULL;
+	if (!s->abs_mean) {
 		kvp_tria_stats_free(s);
-		return kvp_fail(KVP_ENOMEM, "kvtria: out of memory for %u x %u heads", n_layers, n_heads);
+		return KVP_ENOMEM;
 	}
 	return KVP_OK;
 }
 
+kvp_status kvp_tria_stats_alloc(struct kvp_tria_stats *s, uint32_t n_layers, uint32_t n_heads,
+				uint32_t head_dim, kvp_rope_layout layout, float theta)
+{
+	return stats_alloc_in(s, &kvp_heap, n_layers, n_heads, head_dim, layout, theta);
+}
+
 void kvp_tria_stats_free(struct kvp_tria_stats *s)
 {
-	free(s->mean_re), free(s->mean_im), free(s->abs_mean);
+	/* a zeroed struct, never allocated, has no allocator and nothing to give back */
+	const struct kvp_allocator *mem = s->mem.free ? &s->mem : &kvp_heap;
+	size_t bytes = stats_bands(s) * sizeof(float);
+
+	kvp_release(mem, s->mean_re, bytes), kvp_release(mem, s->mean_im, bytes), kvp_release(mem, s->abs_mean, bytes);
 	s->mean_re = s->mean_im = s->abs_mean = NULL;
 }
 
@@ -214,6 +232,12 @@ static kvp_status read_body(const char *path, int fd, struct kvp_tria_stats *s)
 
 kvp_status kvp_tria_stats_read(const char *path, const kvp_shape *shape, struct kvp_tria_stats *out)
 {
+	return kvp_tria_stats_read_in(path, shape, &kvp_heap, out);
+}
+
+kvp_status kvp_tria_stats_read_in(const char *path, const kvp_shape *shape, const struct kvp_allocator *mem,
+				  struct kvp_tria_stats *out)
+{
 	struct kvp_tria_stats s;
 	unsigned char header[KVP_KVTRIA_HEADER];
 	off_t size = 0;
@@ -221,8 +245,8 @@ kvp_status kvp_tria_stats_read(const char *path, const kvp_shape *shape, struct 
 	kvp_status st;
 	int fd;
 
-	if (!path || !out)
-		return kvp_fail(KVP_EINVAL, "kvtria: NULL path or result");
+	if (!path || !mem || !out)
+		return kvp_fail(KVP_EINVAL, "kvtria: NULL path, memory or result");
 	memset(out, 0, sizeof *out);
 	memset(&s, 0, sizeof s);
 	if ((st = open_regular(path, &fd, &size)) != KVP_OK)
@@ -243,7 +267,7 @@ kvp_status kvp_tria_stats_read(const char *path, const kvp_shape *shape, struct 
 			      "%llu (%s)", path, (long long)size, s.n_layers, s.n_heads, s.head_dim,
 			      (unsigned long long)want, (uint64_t)size < want ? "truncated" : "trailing bytes");
 	if (st == KVP_OK)
-		st = kvp_tria_stats_alloc(out, s.n_layers, s.n_heads, s.head_dim, s.rope_layout, s.rope_theta);
+		st = stats_alloc_in(out, mem, s.n_layers, s.n_heads, s.head_dim, s.rope_layout, s.rope_theta);
 	if (st == KVP_OK && (st = read_body(path, fd, out)) != KVP_OK)
 		kvp_tria_stats_free(out);
 	close(fd);

@@ -54,7 +54,7 @@ struct kvp_policy_ops {
 	 * (TriAttention: its .kvtria file): *shared, or NULL when there is nothing to share. open finds it in
 	 * p->shared and holds its own reference; release drops one. Both NULL for policies without. Reads
 	 * only the keys it needs: open checks the rest. */
-	kvp_status (*prepare)(struct kvp_args *args, void **shared);
+	kvp_status (*prepare)(struct kvp_args *args, const struct kvp_allocator *mem, void **shared);
 	void (*release)(void *shared);
 	/* Learn from one attention call. o->pos are every token the stream holds (a token left out has
 	 * been evicted). Fails only on memory; on failure the policy's state is as before the call. NULL:
@@ -129,13 +129,14 @@ void kvp_policy_free(struct kvp_policy *p);
  * A policy= spec parsed once (the pager's tenant parses its spec when it opens) into the policy's ops and
  * arguments, with what its prepare op loads (TriAttention: its .kvtria file, read once). Opening it for a
  * sequence repeats no lookup and no load. The spec owns a copy of its text; kvp_policy_spec_free releases
- * it. parse checks the name and the argument syntax and reads nothing; prepare loads the shared state;
+ * it. parse checks the name and the argument syntax and reads nothing; prepare loads the shared state,
+ * in memory from mem (the pager's tenant: charged to it, counted in its bytes_meta);
  * check opens the policy for a small shape, unless prepare loaded something (made for a shape known only
  * when a sequence opens). Failures name the spec's fault as kvp_policy_parse would.
  */
 struct kvp_policy_spec;
 kvp_status kvp_policy_spec_parse(const char *text, size_t len, struct kvp_policy_spec **out);
-kvp_status kvp_policy_spec_prepare(struct kvp_policy_spec *spec);
+kvp_status kvp_policy_spec_prepare(struct kvp_policy_spec *spec, const struct kvp_allocator *mem);
 kvp_status kvp_policy_spec_check(const struct kvp_policy_spec *spec);
 void kvp_policy_spec_free(struct kvp_policy_spec *spec);
 const struct kvp_policy_ops *kvp_policy_spec_ops(const struct kvp_policy_spec *spec);
@@ -257,6 +258,7 @@ struct kvp_tria_stats {
 	kvp_rope_layout rope_layout; /* the layout the calibration read its bands from */
 	float rope_theta;
 	float *mean_re, *mean_im, *abs_mean;
+	struct kvp_allocator mem; /* where the three arrays came from (the C heap unless read with _in) */
 };
 
 #define KVP_KVTRIA_MAGIC "KVTRIA01"
@@ -277,6 +279,9 @@ size_t kvp_tria_stats_at(const struct kvp_tria_stats *s, uint32_t layer, uint32_
  * kvp_tria_stats_check). On failure *out is zeroed.
  */
 kvp_status kvp_tria_stats_read(const char *path, const kvp_shape *shape, struct kvp_tria_stats *out);
+/* The same, with the arrays from mem (kvp_tria_stats_free gives them back there). */
+kvp_status kvp_tria_stats_read_in(const char *path, const kvp_shape *shape, const struct kvp_allocator *mem,
+				  struct kvp_tria_stats *out);
 /* KVP_EINVAL, naming path, when s was made for another shape: layers, query heads, head_dim, rope_theta
  * (relative 1e-5) or rope_layout (the bands the calibration read). */
 kvp_status kvp_tria_stats_check(const char *path, const struct kvp_tria_stats *s, const kvp_shape *shape);

@@ -199,13 +199,13 @@ kvp_status kvp_policy_spec_parse(const char *text, size_t len, struct kvp_policy
 	return KVP_OK;
 }
 
-kvp_status kvp_policy_spec_prepare(struct kvp_policy_spec *spec)
+kvp_status kvp_policy_spec_prepare(struct kvp_policy_spec *spec, const struct kvp_allocator *mem)
 {
 	struct kvp_args args = spec->args;
 
 	if (!spec->ops->prepare || spec->shared.state)
 		return KVP_OK;
-	return spec->ops->prepare(&args, &spec->shared.state);
+	return spec->ops->prepare(&args, mem, &spec->shared.state);
 }
 
 kvp_status kvp_policy_spec_check(const struct kvp_policy_spec *spec)

@@ -64,6 +64,7 @@ struct tria_scratch {
  * sequences (prepared at tenant open) and by a policy and its forks; freed with the last reference. */
 struct tria_file {
 	_Atomic uint32_t refs;
+	struct kvp_allocator mem; /* where this and the statistics came from */
 	struct kvp_tria_stats stats;
 };
 
@@ -375,19 +376,21 @@ static kvp_status observe(struct kvp_policy *p, const struct kvp_observation *o)
 
 /* ---- the statistics file ---- */
 
-static kvp_status file_load(const char *path, const kvp_shape *shape, struct tria_file **out)
+static kvp_status file_load(const char *path, const kvp_shape *shape, const struct kvp_allocator *mem,
+			    struct tria_file **out)
 {
-	struct tria_file *f = calloc(1, sizeof *f);
+	struct tria_file *f = kvp_allocate(mem, sizeof *f, "triattention: statistics");
 	kvp_status st;
 
 	*out = NULL;
 	if (!f)
-		return kvp_fail(KVP_ENOMEM, "triattention: out of memory");
-	st = kvp_tria_stats_read(path, shape, &f->stats);
+		return KVP_ENOMEM;
+	st = kvp_tria_stats_read_in(path, shape, mem, &f->stats);
 	if (st != KVP_OK) {
-		free(f);
+		kvp_release(mem, f, sizeof *f);
 		return st;
 	}
+	f->mem = *mem;
 	atomic_init(&f->refs, 1);
 	*out = f;
 	return KVP_OK;
@@ -401,10 +404,13 @@ static struct tria_file *file_get(struct tria_file *f)
 
 static void file_put(struct tria_file *f)
 {
+	struct kvp_allocator mem;
+
 	if (!f || atomic_fetch_sub_explicit(&f->refs, 1, memory_order_acq_rel) != 1)
 		return;
+	mem = f->mem;
 	kvp_tria_stats_free(&f->stats);
-	free(f);
+	kvp_release(&mem, f, sizeof *f);
 }
 
 /* stats=: path[0] == '\0' for online (the default), else the file's name. */
@@ -424,15 +430,15 @@ static kvp_status stats_path(struct kvp_args *args, char *path, size_t cap)
 	return KVP_OK;
 }
 
-/* Reads stats=FILE once for every policy of this spec; the shape is checked when each opens. */
-static kvp_status prepare_tria(struct kvp_args *args, void **shared)
+/* Reads stats=FILE once, into mem, for every policy of this spec; the shape is checked when each opens. */
+static kvp_status prepare_tria(struct kvp_args *args, const struct kvp_allocator *mem, void **shared)
 {
 	char path[4096];
 	kvp_status st = stats_path(args, path, sizeof path);
 	struct tria_file *f = NULL;
 
 	if (st == KVP_OK && path[0])
-		st = file_load(path, NULL, &f);
+		st = file_load(path, NULL, mem, &f);
 	*shared = f;
 	return st;
 }
@@ -541,7 +547,7 @@ static kvp_status parse_stats(struct tria *t, struct kvp_policy *p, struct kvp_a
 	if (t->online)
 		return KVP_OK;
 	if (!p->shared)
-		return file_load(path, &p->shape, &t->file);
+		return file_load(path, &p->shape, &p->mem, &t->file);
 	st = kvp_tria_stats_check(path, &((struct tria_file *)p->shared)->stats, &p->shape);
 	if (st == KVP_OK)
 		t->file = file_get(p->shared);

@@ -290,3 +290,61 @@ Test(kvtria, the_policy_refuses_a_mismatched_stats_file)
 	kvp_policy_close(p);
 	unlink(path);
 }
+
+/* A file of zero statistics (valid: every |mean| <= mean magnitude) for 8 layers x 32 heads x head_dim
+ * 128: 3 x 16384 floats, 192 KiB. */
+static const char *write_large(const char *name)
+{
+	struct kvp_tria_stats st;
+	const char *path = fixture_path(name);
+
+	cr_assert_eq(kvp_tria_stats_alloc(&st, 8, 32, 128, KVP_ROPE_HALF, 10000.0f), KVP_OK);
+	cr_assert_eq(kvp_tria_stats_write(path, &st), KVP_OK, "%s", kvp_last_error());
+	kvp_tria_stats_free(&st);
+	return path;
+}
+
+static uint64_t tenant_meta(kvp_tenant *t)
+{
+	kvp_stats st = { .size = sizeof st };
+
+	cr_assert_eq(kvp_tenant_stats(t, &st), KVP_OK, "%s", kvp_last_error());
+	return st.bytes_meta;
+}
+
+Test(kvtria, a_tenants_stats_file_is_charged_to_it_and_shown_in_bytes_meta)
+{
+	const char *path = write_large("charged.kvtria");
+	char spec[400];
+	kvp_pool *pool;
+	kvp_tenant *online, *file;
+
+	snprintf(spec, sizeof spec, "policy=triattention(stats=%s)", path);
+	cr_assert_eq(kvp_pool_open("", &pool), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_tenant_open(pool, "online", "policy=triattention(stats=online)", &online), KVP_OK);
+	cr_assert_eq(kvp_tenant_open(pool, "file", spec, &file), KVP_OK, "%s", kvp_last_error());
+	cr_assert_geq(tenant_meta(file), tenant_meta(online) + 3 * 16384 * sizeof(float),
+		      "the statistics (192 KiB) count in the tenant's bytes_meta: %llu",
+		      (unsigned long long)tenant_meta(file));
+	kvp_pool_close(pool);
+	unlink(path);
+}
+
+Test(kvtria, a_stats_file_larger_than_the_quota_refuses_the_tenant_whole)
+{
+	const char *path = write_large("over-quota.kvtria");
+	char spec[400];
+	kvp_pool *pool;
+	kvp_tenant *t = NULL;
+
+	snprintf(spec, sizeof spec, "quota=64KiB,policy=triattention(stats=%s)", path);
+	cr_assert_eq(kvp_pool_open("", &pool), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_tenant_open(pool, "t", spec, &t), KVP_ENOMEM);
+	cr_assert(strstr(kvp_last_error(), "quota"), "%s", kvp_last_error());
+	cr_assert_null(t);
+	/* nothing of it is left: the name is free, and a quota that holds the file takes it */
+	snprintf(spec, sizeof spec, "quota=1MiB,policy=triattention(stats=%s)", path);
+	cr_assert_eq(kvp_tenant_open(pool, "t", spec, &t), KVP_OK, "%s", kvp_last_error());
+	kvp_pool_close(pool);
+	unlink(path);
+}

@@ -110,7 +110,7 @@ Test(policy_api, a_parsed_spec_opens_for_every_sequence_without_parsing_again)
 	cr_assert_eq(kvp_policy_spec_parse("lru(size=3)", 11, &spec), KVP_EINVAL);
 	cr_assert(strstr(kvp_last_error(), "(known: streaming, h2o, triattention)"), "%s", kvp_last_error());
 	cr_assert_eq(kvp_policy_spec_parse("h2o(heavy=2)", 12, &spec), KVP_OK, "values are checked at open");
-	cr_assert_eq(kvp_policy_spec_prepare(spec), KVP_OK);
+	cr_assert_eq(kvp_policy_spec_prepare(spec, &kvp_heap), KVP_OK);
 	cr_assert_eq(kvp_policy_spec_check(spec), KVP_EINVAL);
 	cr_assert(strstr(kvp_last_error(), "heavy=2"), "%s", kvp_last_error());
 	kvp_policy_spec_free(spec);
@@ -121,7 +121,7 @@ Test(policy_api, a_parsed_spec_opens_for_every_sequence_without_parsing_again)
 	snprintf(text, sizeof text, "triattention(budget=16,stats=%s)", path);
 	cr_assert_eq(kvp_policy_spec_parse(text, strlen(text), &spec), KVP_OK, "%s", kvp_last_error());
 	cr_assert_eq(kvp_policy_spec_ops(spec), &kvp_policy_triattention);
-	cr_assert_eq(kvp_policy_spec_prepare(spec), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_policy_spec_prepare(spec, &kvp_heap), KVP_OK, "%s", kvp_last_error());
 	unlink(path); /* read once, at prepare */
 	cr_assert_eq(kvp_policy_spec_check(spec), KVP_OK, "%s", kvp_last_error());
 	cr_assert_eq(kvp_policy_spec_open(spec, &s, &kvp_heap, &a), KVP_OK, "%s", kvp_last_error());
