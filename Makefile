@@ -6,6 +6,7 @@
 #   make bench      build and run the benchmarks
 #   make asan       tests under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make neon       the kernels suite (tests/kernels_check.c), cross-built and run under qemu-aarch64
+#   make stack      fails if a stack frame of the library is over 16 KiB (gcc -fstack-usage)
 #   make tsan       the multi-thread stresses under ThreadSanitizer
 #   make fuzz       libFuzzer targets (clang), each for FUZZ_SECONDS (default 30)
 #   make install    PREFIX=/usr/local DESTDIR=
@@ -32,7 +33,8 @@ LIBS     := $(LIB_LIBS)
 TESTLIBS := -lcriterion
 
 LAYERS   := base kernels codecs policies pager plugin
-LIB_SRC  := $(foreach d,$(LAYERS),$(wildcard $(d)/*.c))
+ALL_SRC  := $(foreach d,$(LAYERS),$(wildcard $(d)/*.c))
+LIB_SRC  := $(ALL_SRC)
 ifeq ($(ARCH),x86_64)
 LIB_SRC  := $(filter-out %neon.c,$(LIB_SRC))
 else ifeq ($(ARCH),aarch64)
@@ -56,7 +58,7 @@ SONAME    := libkvpager.so.$(SOMAJOR)
 SHARED    := $(BUILD)/$(SONAME)
 STATIC    := $(BUILD)/libkvpager.a
 
-.PHONY: all lib tools tests benches suites test check bench asan tsan fuzz neon valgrind install clean
+.PHONY: all lib tools tests benches suites test check bench asan tsan fuzz neon stack valgrind install clean
 all: lib tools tests benches $(BUILD)/kvpager.pc
 lib: $(SHARED) $(STATIC)
 tools: $(TOOLS)
@@ -105,16 +107,16 @@ $(BUILD)/tests/test_plugin: tests/test_plugin.c | $(SHARED)
 # (make neon).
 $(BUILD)/tests/kernels_check: tests/kernels_check.c $(STATIC)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< $(STATIC) $(LIBS)
+	$(CC) $(CFLAGS) -MMD -MP -o $@ $< $(STATIC) $(LIBS)
 
-$(BUILD)/tests/stress_check: tests/stress_check.c tests/stress.h $(STATIC)
+$(BUILD)/tests/stress_check: tests/stress_check.c $(STATIC)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< $(STATIC) $(LIBS)
+	$(CC) $(CFLAGS) -MMD -MP -o $@ $< $(STATIC) $(LIBS)
 
 # Policy rounds under other threads' memory pressure, a plain program for the same reason.
-$(BUILD)/tests/policy_stress_check: tests/policy_stress_check.c tests/pager_fixture.h $(STATIC)
+$(BUILD)/tests/policy_stress_check: tests/policy_stress_check.c $(STATIC)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< $(STATIC) $(LIBS)
+	$(CC) $(CFLAGS) -MMD -MP -o $@ $< $(STATIC) $(LIBS)
 
 $(BUILD)/bench/%: bench/%.c bench/harness.c bench/harness.h $(STATIC)
 	@mkdir -p $(dir $@)
@@ -211,12 +213,29 @@ fuzz-seeds: $(BUILD)/tests/seed_corpus
 	mkdir -p $(FUZZ_TARGETS:build-fuzz/%=tests/corpus/%)
 	$(BUILD)/tests/seed_corpus tests/corpus
 
-NEON_SRC := base/error.c base/half.c kernels/dispatch.c kernels/scalar.c kernels/neon.c kernels/crc32c.c
-neon:
-	@mkdir -p build-neon
-	aarch64-linux-gnu-gcc -O2 -static -std=c11 -D_GNU_SOURCE $(WARN) -Iinclude -I. \
-		-o build-neon/kernels_check tests/kernels_check.c $(NEON_SRC) -lm
+# The kernels layer and the one below it, with the aarch64 kernels in place of the x86-64 ones.
+NEON_SRC := $(filter-out %avx2.c,$(filter base/% kernels/%,$(ALL_SRC)))
+neon: build-neon/kernels_check
 	qemu-aarch64 build-neon/kernels_check
+
+# Built again only when a source or a header it could include changed (gcc -MMD writes one .d for a
+# link of many sources).
+build-neon/kernels_check: tests/kernels_check.c $(NEON_SRC) $(wildcard include/*.h base/*.h kernels/*.h)
+	@mkdir -p $(dir $@)
+	aarch64-linux-gnu-gcc -O2 -static -std=c11 -D_GNU_SOURCE $(WARN) -Iinclude -I. \
+		-o $@ tests/kernels_check.c $(NEON_SRC) -lm
+
+# A host thread may have a small stack (musl gives 128 KiB), so no frame of the library may take more than
+# STACK_LIMIT bytes: the library's objects are built with -fstack-usage into build-stack/, the largest
+# frames are listed, and a frame over the limit, or of a size only known at run time, fails.
+STACK_LIMIT ?= 16384
+STACK_USAGE = $(LIB_SRC:%.c=build-stack/obj/%.su)
+stack:
+	@$(MAKE) --no-print-directory BUILD=build-stack CFLAGS="-O2 -g -fstack-usage" build-stack/libkvpager.a
+	@echo "stack: the largest frames of the library (bytes; limit $(STACK_LIMIT)):"
+	@sort -t '	' -k2,2nr $(STACK_USAGE) | head -n 8
+	@awk -F '\t' -v limit=$(STACK_LIMIT) '$$2 > limit || $$3 == "dynamic" { print "stack: over the limit: " $$0; bad = 1 } \
+		END { exit bad }' $(STACK_USAGE)
 
 install: all
 	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/bin \
@@ -230,7 +249,7 @@ install: all
 	for t in $(TOOLS); do install -m 755 $$t $(DESTDIR)$(PREFIX)/bin/; done
 
 clean:
-	rm -rf build build-asan build-tsan build-fuzz build-neon
+	rm -rf build build-asan build-tsan build-fuzz build-neon build-stack
 
 # jemalloc's own .d files under build/jemalloc are its Makefile's, not ours.
 -include $(shell find $(BUILD) -path $(JE_DIR) -prune -o -name '*.d' -print 2>/dev/null)
