@@ -144,15 +144,16 @@ check: test
 
 # The Python binding's suites (python/tests) against this build's library, with Debian's python3-numpy
 # and python3-pytest; skipped with a message where those are missing. Any non-zero pytest status fails,
-# 5 (nothing collected) too.
+# 5 (nothing collected) too. PYTEST_ARGS goes to pytest: `make pytest PYTEST_ARGS="-k fork"`.
 PYTHON ?= /usr/bin/python3
+PYTEST_ARGS ?=
 .PHONY: pytest
 pytest: $(SHARED) $(BUILD)/kvpager-llama
 	@if ! $(PYTHON) -c 'import numpy, pytest' 2>/dev/null; then \
 		echo "pytest: skipped ($(PYTHON) lacks numpy or pytest: apt-get install python3-numpy python3-pytest)"; \
 	else \
 		KVPAGER_LIB=$(abspath $(SHARED)) PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest -q -p no:cacheprovider \
-			python/tests; \
+			$(PYTEST_ARGS) python/tests; \
 	fi
 
 # The plugin test under valgrind: a dlopen host must see no invalid access and no leak from the library.
