@@ -76,7 +76,8 @@ $(BUILD)/obj/%.o: %.c
 $(JE_LIB): tools/jemalloc.sh third_party/jemalloc.sha256 $(wildcard third_party/jemalloc_*.orig.tar.bz2)
 	JE_CC=$(JE_CC) tools/jemalloc.sh build $(JE_DIR)
 
-# Objects that include jemalloc.h wait for the build that generates it.
+# Objects that include jemalloc.h wait for the build that generates it. Named as targets here, the objects
+# are not intermediates either, which make would delete after each build and compile again the next time.
 $(LIB_OBJ) $(TOOL_OBJ): | $(JE_LIB)
 
 # jemalloc's symbols stay inside: hidden, and local by --exclude-libs; nm -D shows only kvp_*.
