@@ -6,6 +6,7 @@
 #   make bench      build and run the benchmarks
 #   make asan       tests under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make neon       the kernels suite (tests/kernels_check.c), cross-built and run under qemu-aarch64
+#   make stack      fails if a stack frame of the library is over 16 KiB (gcc -fstack-usage)
 #   make tsan       the multi-thread stresses under ThreadSanitizer
 #   make fuzz       libFuzzer targets (clang), each for FUZZ_SECONDS (default 30)
 #   make install    PREFIX=/usr/local DESTDIR=
@@ -32,7 +33,8 @@ LIBS     := $(LIB_LIBS)
 TESTLIBS := -lcriterion
 
 LAYERS   := base kernels codecs policies gating tier pager plugin
-LIB_SRC  := $(foreach d,$(LAYERS),$(wildcard $(d)/*.c))
+ALL_SRC  := $(foreach d,$(LAYERS),$(wildcard $(d)/*.c))
+LIB_SRC  := $(ALL_SRC)
 ifeq ($(ARCH),x86_64)
 LIB_SRC  := $(filter-out %neon.c,$(LIB_SRC))
 else ifeq ($(ARCH),aarch64)
@@ -56,7 +58,7 @@ SONAME    := libkvpager.so.$(SOMAJOR)
 SHARED    := $(BUILD)/$(SONAME)
 STATIC    := $(BUILD)/libkvpager.a
 
-.PHONY: all lib tools tests benches suites test check bench asan tsan fuzz neon valgrind install clean
+.PHONY: all lib tools tests benches suites test check bench asan tsan fuzz neon stack valgrind install clean
 all: lib tools tests benches $(BUILD)/kvpager.pc
 lib: $(SHARED) $(STATIC)
 tools: $(TOOLS)
@@ -74,7 +76,8 @@ $(BUILD)/obj/%.o: %.c
 $(JE_LIB): tools/jemalloc.sh third_party/jemalloc.sha256 $(wildcard third_party/jemalloc_*.orig.tar.bz2)
 	JE_CC=$(JE_CC) tools/jemalloc.sh build $(JE_DIR)
 
-# Objects that include jemalloc.h wait for the build that generates it.
+# Objects that include jemalloc.h wait for the build that generates it. Named as targets here, the objects
+# are not intermediates either, which make would delete after each build and compile again the next time.
 $(LIB_OBJ) $(TOOL_OBJ): | $(JE_LIB)
 
 # jemalloc's symbols stay inside: hidden, and local by --exclude-libs; nm -D shows only kvp_*.
@@ -105,16 +108,16 @@ $(BUILD)/tests/test_plugin: tests/test_plugin.c | $(SHARED)
 # (make neon).
 $(BUILD)/tests/kernels_check: tests/kernels_check.c $(STATIC)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< $(STATIC) $(LIBS)
+	$(CC) $(CFLAGS) -MMD -MP -o $@ $< $(STATIC) $(LIBS)
 
-$(BUILD)/tests/stress_check: tests/stress_check.c tests/stress.h $(STATIC)
+$(BUILD)/tests/stress_check: tests/stress_check.c $(STATIC)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< $(STATIC) $(LIBS)
+	$(CC) $(CFLAGS) -MMD -MP -o $@ $< $(STATIC) $(LIBS)
 
 # Policy rounds under other threads' memory pressure, a plain program for the same reason.
-$(BUILD)/tests/policy_stress_check: tests/policy_stress_check.c tests/pager_fixture.h $(STATIC)
+$(BUILD)/tests/policy_stress_check: tests/policy_stress_check.c $(STATIC)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< $(STATIC) $(LIBS)
+	$(CC) $(CFLAGS) -MMD -MP -o $@ $< $(STATIC) $(LIBS)
 
 $(BUILD)/bench/%: bench/%.c bench/harness.c bench/harness.h $(STATIC)
 	@mkdir -p $(dir $@)
@@ -142,15 +145,16 @@ check: test
 
 # The Python binding's suites (python/tests) against this build's library, with Debian's python3-numpy
 # and python3-pytest; skipped with a message where those are missing. Any non-zero pytest status fails,
-# 5 (nothing collected) too.
+# 5 (nothing collected) too. PYTEST_ARGS goes to pytest: `make pytest PYTEST_ARGS="-k fork"`.
 PYTHON ?= /usr/bin/python3
+PYTEST_ARGS ?=
 .PHONY: pytest
 pytest: $(SHARED) $(BUILD)/kvpager-llama
 	@if ! $(PYTHON) -c 'import numpy, pytest' 2>/dev/null; then \
 		echo "pytest: skipped ($(PYTHON) lacks numpy or pytest: apt-get install python3-numpy python3-pytest)"; \
 	else \
 		KVPAGER_LIB=$(abspath $(SHARED)) PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest -q -p no:cacheprovider \
-			python/tests; \
+			$(PYTEST_ARGS) python/tests; \
 	fi
 
 # The plugin test under valgrind: a dlopen host must see no invalid access and no leak from the library.
@@ -211,12 +215,29 @@ fuzz-seeds: $(BUILD)/tests/seed_corpus
 	mkdir -p $(FUZZ_TARGETS:build-fuzz/%=tests/corpus/%)
 	$(BUILD)/tests/seed_corpus tests/corpus
 
-NEON_SRC := base/error.c base/half.c kernels/dispatch.c kernels/scalar.c kernels/neon.c kernels/crc32c.c
-neon:
-	@mkdir -p build-neon
-	aarch64-linux-gnu-gcc -O2 -static -std=c11 -D_GNU_SOURCE $(WARN) -Iinclude -I. \
-		-o build-neon/kernels_check tests/kernels_check.c $(NEON_SRC) -lm
+# The kernels layer and the one below it, with the aarch64 kernels in place of the x86-64 ones.
+NEON_SRC := $(filter-out %avx2.c,$(filter base/% kernels/%,$(ALL_SRC)))
+neon: build-neon/kernels_check
 	qemu-aarch64 build-neon/kernels_check
+
+# Built again only when a source or a header it could include changed (gcc -MMD writes one .d for a
+# link of many sources).
+build-neon/kernels_check: tests/kernels_check.c $(NEON_SRC) $(wildcard include/*.h base/*.h kernels/*.h)
+	@mkdir -p $(dir $@)
+	aarch64-linux-gnu-gcc -O2 -static -std=c11 -D_GNU_SOURCE $(WARN) -Iinclude -I. \
+		-o $@ tests/kernels_check.c $(NEON_SRC) -lm
+
+# A host thread may have a small stack (musl gives 128 KiB), so no frame of the library may take more than
+# STACK_LIMIT bytes: the library's objects are built with -fstack-usage into build-stack/, the largest
+# frames are listed, and a frame over the limit, or of a size only known at run time, fails.
+STACK_LIMIT ?= 16384
+STACK_USAGE = $(LIB_SRC:%.c=build-stack/obj/%.su)
+stack:
+	@$(MAKE) --no-print-directory BUILD=build-stack CFLAGS="-O2 -g -fstack-usage" build-stack/libkvpager.a
+	@echo "stack: the largest frames of the library (bytes; limit $(STACK_LIMIT)):"
+	@sort -t '	' -k2,2nr $(STACK_USAGE) | head -n 8
+	@awk -F '\t' -v limit=$(STACK_LIMIT) '$$2 > limit || $$3 == "dynamic" { print "stack: over the limit: " $$0; bad = 1 } \
+		END { exit bad }' $(STACK_USAGE)
 
 install: all
 	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/bin \
@@ -230,7 +251,7 @@ install: all
 	for t in $(TOOLS); do install -m 755 $$t $(DESTDIR)$(PREFIX)/bin/; done
 
 clean:
-	rm -rf build build-asan build-tsan build-fuzz build-neon
+	rm -rf build build-asan build-tsan build-fuzz build-neon build-stack
 
 # jemalloc's own .d files under build/jemalloc are its Makefile's, not ours.
 -include $(shell find $(BUILD) -path $(JE_DIR) -prune -o -name '*.d' -print 2>/dev/null)

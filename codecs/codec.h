@@ -3,7 +3,14 @@
  *
  * A codec turns n vectors of `dim` floats into codec_bytes(n) bytes and works on those bytes directly:
  * dot() scores a query against encoded keys, axpy() accumulates weighted encoded values. A configured
- * struct kvp_codec is immutable after open and may be shared by many streams and threads.
+ * struct kvp_codec does not change after open (its scratch aside) and may serve many streams, but not two
+ * calls at once: each codec works in scratch of its own (below), so calls on one codec must not overlap.
+ * The pager parses codecs per sequence, whose calls the host serializes.
+ *
+ * Scratch: vectors of up to KVP_CODEC_DIM_MAX floats would not fit on a small thread stack (musl gives
+ * 128 KiB; no frame of the library may take more than 16 KiB, `make stack`), so a codec's working arrays
+ * live in c->scratch: scratch_bytes that open() asks for, allocated once by the registry from c->mem
+ * (charged to the tenant like the codec's tables), so the query paths allocate nothing per call.
  *
  * Per-stream parameters (TurboQuant's outlier channels, SparK's query channel norms) live in a context
  * of ctx_bytes bytes that the owner of the stream keeps once and passes to every call; fit() fills it
@@ -30,7 +37,7 @@
 #define KVP_CODEC_KEYS 0u
 #define KVP_CODEC_VALUES 1u
 
-/* Largest vector a codec takes: the scalar paths keep one vector of scratch on the stack. */
+/* Largest vector a codec takes. */
 #define KVP_CODEC_DIM_MAX 4096u
 
 struct kvp_codec;
@@ -45,8 +52,9 @@ struct kvp_codec_ops {
 	 * (decimal text that outlives args), in place of any width they hold; the other arguments stay. */
 	kvp_status (*with_bits)(struct kvp_args *args, const char *bits);
 	/* Parse args (every key must be looked up; kvp_args_finish is called by the registry), set c->group,
-	 * c->ctx_bytes, c->qprep_bytes, c->acc_dim and c->state. inner is the rest of a stack, already opened with the
-	 * dimension inner_dim() returned, or NULL. The registry frees inner; close() releases only state.
+	 * c->ctx_bytes, c->qprep_bytes, c->scratch_bytes, c->acc_dim and c->state. inner is the rest of a
+	 * stack, already opened with the dimension inner_dim() returned, or NULL. The registry frees inner
+	 * and the scratch; close() releases only state.
 	 * On entry c->flags == ops->flags, c->group == 1 and c->role is set; open may clear flags. */
 	kvp_status (*open)(struct kvp_codec *c, struct kvp_args *args, unsigned dim, struct kvp_codec *inner);
 	size_t (*bytes)(const struct kvp_codec *c, unsigned n); /* n a multiple of c->group */
@@ -88,6 +96,8 @@ struct kvp_codec {
 	size_t qprep_bytes;   /* scratch for prepare_query */
 	unsigned acc_dim;     /* floats of the axpy accumulator */
 	unsigned fit_steps;   /* decode steps of observed queries fit() can use (SparK: 32); 0: none */
+	size_t scratch_bytes; /* working memory any call may use, set by open; 0 when none */
+	void *scratch;        /* scratch_bytes from mem, allocated by the registry after open */
 	void *state;          /* the codec's own configuration, from mem */
 	struct kvp_allocator mem; /* where this struct, state and the codec's buffers come from */
 	struct kvp_codec *inner;

@@ -74,6 +74,7 @@ static kvp_status kivi_open(struct kvp_codec *c, struct kvp_args *args, unsigned
 		c->qprep_bytes = sizeof(float) * dim;
 	}
 	c->acc_dim = dim;
+	c->scratch_bytes = sizeof(float) * dim; /* kivi_dot's and kivi_axpy's per-channel products */
 	c->state = k;
 	return KVP_OK;
 }
@@ -253,7 +254,7 @@ static void kivi_dot(const struct kvp_codec *c, const void *ctx, unsigned n, con
 	const unsigned char *p = src;
 	const float *q = qprep;
 	unsigned d = c->dim;
-	float qs[KVP_CODEC_DIM_MAX];
+	float *qs = c->scratch; /* [dim] */
 
 	(void)ctx;
 	if (k->per_token) {
@@ -307,7 +308,7 @@ static void kivi_axpy(const struct kvp_codec *c, const void *ctx, unsigned n, co
 	const struct kivi *k = c->state;
 	const unsigned char *p = src;
 	unsigned d = c->dim;
-	float s[KVP_CODEC_DIM_MAX];
+	float *s = c->scratch; /* [dim] */
 
 	(void)ctx;
 	if (k->per_token) {

@@ -163,6 +163,9 @@ static kvp_status open_one(struct element *e, unsigned role, const struct kvp_al
 	}
 	c->inner = inner;
 	st = kvp_args_finish(&e->args);
+	if (st == KVP_OK && c->scratch_bytes &&
+	    !(c->scratch = kvp_allocate(mem, c->scratch_bytes, "codec: its scratch")))
+		st = KVP_ENOMEM;
 	if (st != KVP_OK) {
 		c->inner = NULL; /* the caller still owns inner */
 		if (c->ops->close)
@@ -246,6 +249,7 @@ void kvp_codec_free(struct kvp_codec *c)
 			c->ops->close(c);
 		if (c->own_ctx)
 			kvp_release(&c->mem, c->own_ctx, c->ctx_bytes);
+		kvp_release(&c->mem, c->scratch, c->scratch_bytes);
 		codec_release(c);
 		c = inner;
 	}

@@ -35,9 +35,10 @@
  * fitted on the kept vectors. fit() uses the queries of the last 32 decode steps (fit_steps); the pager
  * keeps them per stream until the stream's first block turns cold.
  *
- * Query paths: decode, dot and axpy take tokens in chunks that fit in L1 (4096 floats). A chunk's kept
- * values are widened from fp16 (or decoded by the inner codec, one token at a time, because each token
- * has its own kept channels), then the kernel mask_expand places them and the recovered pruned values
+ * Query paths: decode, dot and axpy take tokens in chunks of 1024 floats of dense rows (at least one
+ * token), which the codec's scratch holds with the chunk's kept values. A chunk's kept values are
+ * widened from fp16 (or decoded by the inner codec, one token at a time, because each token has its
+ * own kept channels), then the kernel mask_expand places them and the recovered pruned values
  * (sign * sqrt(s) * 1/sqrt(||Q_j||)) into dense rows, and the dense kernels dot_f32 and axpy_f32 run on
  * those rows: once per head, so dot_group and axpy_group expand each token once for a whole GQA group.
  * acc_dim = D and qprep is the query itself.
@@ -81,6 +82,58 @@ static kvp_status spark_inner_dim(struct kvp_args *args, unsigned dim, unsigned 
 	return parse(args, dim, out, &avg);
 }
 
+/* Tokens decoded per pass of the query paths: their dense rows (and kept values) stay in L1, and the
+ * codec's scratch small. */
+#define CHUNK_FLOATS 1024
+
+static unsigned chunk_tokens(unsigned dim)
+{
+	return dim < CHUNK_FLOATS ? CHUNK_FLOATS / dim : 1;
+}
+
+/*
+ * The scratch, for one call at a time. Encode and fit: the rank keys of a token's channels (dim), its
+ * kept values (kept floats) and its mask (dim bytes). The query paths: a chunk's dense rows, its kept
+ * values and its recovery scales.
+ */
+struct spark_scratch {
+	uint64_t *order;
+	float *y;
+	unsigned char *keep;
+	float *rows, *kept, *scale;
+};
+
+static size_t scratch_layout(unsigned dim, unsigned kept, void *base, struct spark_scratch *w)
+{
+	const size_t chunk = chunk_tokens(dim);
+	size_t encode = sizeof(uint64_t) * dim + sizeof(float) * kept + dim;
+	size_t query = sizeof(float) * chunk * (dim + kept + 1);
+
+	if (base) {
+		w->order = base;
+		w->y = (float *)(w->order + dim);
+		w->keep = (unsigned char *)(w->y + kept);
+		w->rows = base;
+		w->kept = w->rows + chunk * dim;
+		w->scale = w->kept + chunk * kept;
+	}
+	return encode > query ? encode : query;
+}
+
+static size_t spark_scratch_bytes(unsigned dim, unsigned kept)
+{
+	return scratch_layout(dim, kept, NULL, NULL);
+}
+
+static struct spark_scratch scratch_of(const struct kvp_codec *c)
+{
+	const struct spark *s = c->state;
+	struct spark_scratch w;
+
+	scratch_layout(c->dim, s->kept, c->scratch, &w);
+	return w;
+}
+
 static kvp_status spark_open(struct kvp_codec *c, struct kvp_args *args, unsigned dim, struct kvp_codec *inner)
 {
 	struct spark *s;
@@ -108,6 +161,7 @@ static kvp_status spark_open(struct kvp_codec *c, struct kvp_args *args, unsigne
 	c->state = s;
 	c->ctx_bytes = 2 * sizeof(float) * dim + (inner ? inner->ctx_bytes : 0);
 	c->qprep_bytes = sizeof(float) * dim;
+	c->scratch_bytes = spark_scratch_bytes(dim, kept);
 	c->acc_dim = dim;
 	c->fit_steps = 32; /* the reference's observation window */
 	return KVP_OK;
@@ -184,22 +238,31 @@ static uint64_t kth_largest(uint64_t *a, unsigned n, unsigned k)
 	return a[want];
 }
 
-/* keep[j] = 1 for the kept channels of x; returns the recovery scalar s (0 when nothing is pruned). */
-static float select_channels(const struct kvp_codec *c, const float *qn, const float *x, unsigned char *keep)
+static float channel_score(const float *qn, const float *x, unsigned j)
+{
+	return x[j] * x[j] * qn[j];
+}
+
+/*
+ * keep[j] = 1 for the kept channels of x; returns the recovery scalar s (0 when nothing is pruned).
+ * order is room for dim keys; a channel's key and score are computed again rather than kept, so the
+ * stack holds nothing per channel.
+ */
+static float select_channels(const struct kvp_codec *c, const float *qn, const float *x, uint64_t *order,
+			     unsigned char *keep)
 {
 	const struct spark *s = c->state;
-	uint64_t key[KVP_CODEC_DIM_MAX], order[KVP_CODEC_DIM_MAX], cut;
-	float score[KVP_CODEC_DIM_MAX];
+	uint64_t cut;
 	double sum = 0.0;
 
-	for (unsigned j = 0; j < c->dim; j++) {
-		score[j] = x[j] * x[j] * qn[j];
-		key[j] = order[j] = rank_key(score[j], j);
-	}
+	for (unsigned j = 0; j < c->dim; j++)
+		order[j] = rank_key(channel_score(qn, x, j), j);
 	cut = kth_largest(order, c->dim, s->kept);
 	for (unsigned j = 0; j < c->dim; j++) {
-		keep[j] = key[j] >= cut;
-		sum += keep[j] ? 0.0 : score[j];
+		float score = channel_score(qn, x, j);
+
+		keep[j] = rank_key(score, j) >= cut;
+		sum += keep[j] ? 0.0 : score;
 	}
 	return s->pruned ? (float)(sum / s->pruned) : 0.0f;
 }
@@ -218,8 +281,8 @@ static kvp_status spark_fit(const struct kvp_codec *c, void *ctx, unsigned n, co
 			    const float *q)
 {
 	const struct spark *s = c->state;
+	const struct spark_scratch w = scratch_of(c);
 	float *qn = ctx, top = 0.0f;
-	unsigned char keep[KVP_CODEC_DIM_MAX];
 	float *kept;
 	kvp_status st;
 
@@ -240,8 +303,8 @@ static kvp_status spark_fit(const struct kvp_codec *c, void *ctx, unsigned n, co
 	if (!kept)
 		return KVP_ENOMEM;
 	for (unsigned i = 0; i < n; i++) {
-		select_channels(c, qn, x + (size_t)i * c->dim, keep);
-		gather_kept(c->dim, keep, x + (size_t)i * c->dim, kept + (size_t)i * s->kept);
+		select_channels(c, qn, x + (size_t)i * c->dim, w.order, w.keep);
+		gather_kept(c->dim, w.keep, x + (size_t)i * c->dim, kept + (size_t)i * s->kept);
 	}
 	st = c->inner->ops->fit(c->inner, inner_ctx(c, ctx), n, kept, 0, NULL);
 	kvp_release(&c->mem, kept, (size_t)s->kept * n * sizeof(float));
@@ -277,8 +340,8 @@ static kvp_status encode_kept(const struct kvp_codec *c, const void *ctx, const 
 static kvp_status spark_encode(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x, void *dst)
 {
 	const struct spark *s = c->state;
-	unsigned char *p = dst, keep[KVP_CODEC_DIM_MAX];
-	float y[KVP_CODEC_DIM_MAX];
+	const struct spark_scratch w = scratch_of(c);
+	unsigned char *p = dst, *keep = w.keep;
 
 	for (unsigned i = 0; i < n; i++, p += s->stride, x += c->dim) {
 		float sbar;
@@ -289,7 +352,7 @@ static kvp_status spark_encode(const struct kvp_codec *c, const void *ctx, unsig
 			if (!isfinite(x[j]))
 				return kvp_fail(KVP_EINVAL, "spark: token %u has a non-finite value", i);
 		memset(p, 0, s->kept_at);
-		sbar = select_channels(c, ctx, x, keep);
+		sbar = select_channels(c, ctx, x, w.order, keep);
 		for (unsigned j = 0; j < c->dim; j++) {
 			if (keep[j]) {
 				kvp_bits_put(p + s->mask_at, j, 1, 1);
@@ -301,8 +364,8 @@ static kvp_status spark_encode(const struct kvp_codec *c, const void *ctx, unsig
 		}
 		if (s->avg)
 			memcpy(p, &sbar, sizeof sbar);
-		gather_kept(c->dim, keep, x, y);
-		st = encode_kept(c, ctx, y, p + s->kept_at);
+		gather_kept(c->dim, keep, x, w.y);
+		st = encode_kept(c, ctx, w.y, p + s->kept_at);
 		if (st != KVP_OK)
 			return st;
 	}
@@ -355,14 +418,6 @@ static void load_kept(const struct kvp_codec *c, const void *ctx, const unsigned
 	}
 }
 
-/* Tokens decoded per pass of the query paths: their dense rows (and kept values) stay in L1. */
-#define CHUNK_FLOATS 4096
-
-static unsigned chunk_tokens(const struct kvp_codec *c)
-{
-	return c->dim < CHUNK_FLOATS ? CHUNK_FLOATS / c->dim : 1;
-}
-
 /* Expands tokens [from, to) of a chunk whose kept values and recovery scales are in place. */
 static void expand_run(const struct kvp_codec *c, const void *ctx, const unsigned char *p, unsigned from,
 		       unsigned to, const float *kept, const float *scale, float *x)
@@ -377,11 +432,12 @@ static void expand_run(const struct kvp_codec *c, const void *ctx, const unsigne
 				   x + (size_t)from * c->dim);
 }
 
-/* n <= chunk_tokens tokens of p, decoded into x ([n][dim]). */
+/* n <= chunk_tokens tokens of p, decoded into x ([n][dim]), which may be the scratch's rows. */
 static void decode_chunk(const struct kvp_codec *c, const void *ctx, unsigned n, const unsigned char *p, float *x)
 {
 	const struct spark *s = c->state;
-	float kept[CHUNK_FLOATS], scale[CHUNK_FLOATS];
+	const struct spark_scratch w = scratch_of(c);
+	float *kept = w.kept, *scale = w.scale;
 	unsigned from = 0;
 
 	for (unsigned i = 0; i < n; i++) {
@@ -402,7 +458,7 @@ static void decode_chunk(const struct kvp_codec *c, const void *ctx, unsigned n,
 static kvp_status spark_decode(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, float *x)
 {
 	const struct spark *s = c->state;
-	const unsigned step = chunk_tokens(c);
+	const unsigned step = chunk_tokens(c->dim);
 
 	for (unsigned i = 0; i < n; i += step)
 		decode_chunk(c, ctx, n - i < step ? n - i : step, (const unsigned char *)src + (size_t)i * s->stride,
@@ -423,8 +479,8 @@ static void spark_dot_group(const struct kvp_codec *c, const void *ctx, unsigned
 {
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct spark *s = c->state;
-	const unsigned step = chunk_tokens(c);
-	float x[CHUNK_FLOATS];
+	const unsigned step = chunk_tokens(c->dim);
+	float *x = scratch_of(c).rows;
 
 	for (unsigned i = 0; i < n; i += step) {
 		unsigned cn = n - i < step ? n - i : step;
@@ -447,8 +503,8 @@ static void spark_axpy_group(const struct kvp_codec *c, const void *ctx, unsigne
 {
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct spark *s = c->state;
-	const unsigned step = chunk_tokens(c);
-	float x[CHUNK_FLOATS];
+	const unsigned step = chunk_tokens(c->dim);
+	float *x = scratch_of(c).rows;
 
 	for (unsigned i = 0; i < n; i += step) {
 		unsigned cn = n - i < step ? n - i : step;

@@ -324,6 +324,15 @@ static kvp_status tq_layout(struct kvp_codec *c, struct tq *t, unsigned bits, un
 	return KVP_OK;
 }
 
+/* fit: a norm and an outlier flag per channel; encode: a part's vector and its residual; decode and
+ * finish: one vector. */
+static size_t tq_scratch_bytes(unsigned dim)
+{
+	size_t fit = (sizeof(double) + 1) * dim, encode = 2 * sizeof(float) * dim;
+
+	return fit > encode ? fit : encode;
+}
+
 static kvp_status tq_open(struct kvp_codec *c, struct kvp_args *args, unsigned dim, struct kvp_codec *inner)
 {
 	uint32_t bits = 3, qjl = 0, outliers = 0, obits = 0;
@@ -359,6 +368,7 @@ static kvp_status tq_open(struct kvp_codec *c, struct kvp_args *args, unsigned d
 	}
 	c->ctx_bytes = outliers ? sizeof(uint32_t) * dim : 0;
 	c->qprep_bytes = sizeof(float) * dim * (1 + qjl);
+	c->scratch_bytes = tq_scratch_bytes(dim);
 	c->acc_dim = dim * (1 + qjl);
 	return KVP_OK;
 }
@@ -376,8 +386,8 @@ static kvp_status tq_fit(const struct kvp_codec *c, void *ctx, unsigned n, const
 {
 	const struct tq *t = c->state;
 	uint32_t *chan = ctx;
-	double norm2[KVP_CODEC_DIM_MAX];
-	unsigned char outlier[KVP_CODEC_DIM_MAX];
+	double *norm2 = c->scratch;                           /* [dim] */
+	unsigned char *outlier = (unsigned char *)(norm2 + c->dim); /* [dim] */
 	unsigned at = 0;
 
 	(void)nq;
@@ -442,10 +452,10 @@ static unsigned cell(const struct tq_part *pt, float y)
 	return idx;
 }
 
-/* Quantizes the unit vector y (rotated in place) of one part; returns gamma for qjl. */
-static float encode_part(const struct tq_part *pt, unsigned qjl, float *y, unsigned char *tok)
+/* Quantizes the unit vector y (rotated in place) of one part, r being room for its residual; returns
+ * gamma for qjl. */
+static float encode_part(const struct tq_part *pt, unsigned qjl, float *y, float *r, unsigned char *tok)
 {
-	float r[KVP_CODEC_DIM_MAX];
 	double g2 = 0.0;
 
 	for (unsigned j = 0; j < pt->m; j++) {
@@ -472,7 +482,7 @@ static kvp_status tq_encode(const struct kvp_codec *c, const void *ctx, unsigned
 {
 	const struct tq *t = c->state;
 	unsigned char *p = dst;
-	float y[KVP_CODEC_DIM_MAX];
+	float *y = c->scratch, *r = y + c->dim; /* [dim] each */
 
 	for (unsigned i = 0; i < n; i++, p += t->stride, x += c->dim) {
 		memset(p, 0, t->stride);
@@ -490,7 +500,7 @@ static kvp_status tq_encode(const struct kvp_codec *c, const void *ctx, unsigned
 			for (unsigned j = 0; j < pt->m; j++)
 				y[j] = norm > 0.0f ? y[j] / norm : 0.0f;
 			rotate(pt, y);
-			gamma = encode_part(pt, t->qjl, y, p);
+			gamma = encode_part(pt, t->qjl, y, r, p);
 			memcpy(p + sizeof(float) * k, &norm, sizeof norm);
 			if (t->qjl)
 				memcpy(p + sizeof(float) * (t->nparts + k), &gamma, sizeof gamma);
@@ -530,7 +540,7 @@ static kvp_status tq_decode(const struct kvp_codec *c, const void *ctx, unsigned
 {
 	const struct tq *t = c->state;
 	const unsigned char *p = src;
-	float v[KVP_CODEC_DIM_MAX];
+	float *v = c->scratch; /* [dim] */
 
 	for (unsigned i = 0; i < n; i++, p += t->stride, x += c->dim) {
 		memset(x, 0, sizeof(float) * c->dim);
@@ -649,9 +659,9 @@ static void tq_axpy(const struct kvp_codec *c, const void *ctx, unsigned n, cons
 
 /*
  * The group paths: the same sums as tq_dot and tq_axpy for g heads, taken in slices of tokens so that
- * a slice's per-head scratch (g x slice floats) stays on the stack.
+ * a slice's per-head scratch (g x slice floats) stays on the stack, 8 KiB in all.
  */
-#define GROUP_FLOATS 4096
+#define GROUP_FLOATS 1024
 
 static void tq_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
 			 const void *qprep, float *out)
@@ -731,7 +741,7 @@ static void tq_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n
 static void tq_finish(const struct kvp_codec *c, const void *ctx, const float *acc, float *out)
 {
 	const struct tq *t = c->state;
-	float v[KVP_CODEC_DIM_MAX];
+	float *v = c->scratch; /* [dim] */
 
 	for (unsigned k = 0; k < t->nparts; k++) {
 		const struct tq_part *pt = &t->part[k];

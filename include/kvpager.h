@@ -210,7 +210,8 @@ KVP_API kvp_status kvp_seq_head_level(kvp_seq *s, uint32_t layer, uint32_t kv_he
  * measured coherence. KVP_EINVAL when the tenant has gate=off. */
 KVP_API kvp_status kvp_seq_set_head_level(kvp_seq *s, uint32_t layer, uint32_t kv_head, float aggressiveness);
 
-/* Codecs on their own, e.g. "turboquant(bits=3)" or "spark(keep=0.5)|turboquant(bits=3)". */
+/* Codecs on their own, e.g. "turboquant(bits=3)" or "spark(keep=0.5)|turboquant(bits=3)". A codec works in
+ * memory of its own: calls on one codec must not overlap (different codecs may run concurrently). */
 KVP_API kvp_status kvp_codec_open(const char *spec, uint32_t dim, kvp_codec **out);
 KVP_API uint32_t kvp_codec_group(const kvp_codec *c); /* tokens per group; 1 when separable */
 /* Bytes of n tokens, n rounded up to whole groups; SIZE_MAX when they do not fit size_t. */

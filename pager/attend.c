@@ -27,7 +27,8 @@ struct stream_attention {
 	float scale;
 	const float *q;  /* [group][dim] */
 	float *out;      /* [group][dim]: the exact tiers' accumulator, then the result */
-	float *scores;   /* KVP_BLOCK_MAX */
+	float *scores;   /* scores_cap floats of the sequence's scratch (cold.c) */
+	uint32_t scores_cap;
 	struct head_state hs[KVP_GROUP_MAX];
 	/* cold blocks: the codecs with the stream's contexts, prepared queries, value accumulators */
 	const struct kvp_codec *k, *v;
@@ -72,7 +73,7 @@ static void block_f32(struct stream_attention *a, const struct kvp_block *b)
 
 /*
  * fp16 goes through the group kernels, which widen each row once for all heads of the group; the
- * group's scores share one KVP_BLOCK_MAX buffer, so long blocks are taken in slices. Blocks are
+ * group's scores share one buffer of at most KVP_BLOCK_MAX, so long blocks are taken in slices. Blocks are
  * separate allocations, which the hardware prefetcher does not follow from one to the next, so the
  * kernels are handed what is read after this slice (the next slice, or the next fp16 block) and ask
  * for it while they compute: at 32K tokens that overlap is the difference between the sum of the
@@ -80,7 +81,7 @@ static void block_f32(struct stream_attention *a, const struct kvp_block *b)
  */
 static void block_f16(struct stream_attention *a, const struct kvp_block *b, const struct kvp_block *next)
 {
-	const uint32_t slice = KVP_BLOCK_MAX / a->group;
+	const uint32_t slice = a->scores_cap / a->group;
 	const int next_f16 = next && next->store == KVP_STORE_FP16;
 
 	for (uint32_t t = 0; t < b->n; t += slice) {
@@ -105,7 +106,7 @@ static void block_f16(struct stream_attention *a, const struct kvp_block *b, con
 /* Codecs with group paths unpack each code once for the whole GQA group, as block_f16 widens rows once. */
 static int cold_group_fits(const struct stream_attention *a, const struct kvp_block *b)
 {
-	return a->k->ops->dot_group && a->v->ops->axpy_group && (size_t)a->group * b->n <= KVP_BLOCK_MAX;
+	return a->k->ops->dot_group && a->v->ops->axpy_group && (size_t)a->group * b->n <= a->scores_cap;
 }
 
 static void block_cold_group(struct stream_attention *a, const struct kvp_block *b)
@@ -172,7 +173,7 @@ static void block(struct stream_attention *a, const struct kvp_block *b, const s
 }
 
 static void begin(struct stream_attention *a, const struct kvp_seq_obj *s, const struct kvp_stream *st,
-		  const float *q, float *out, float *scores, int observing)
+		  const float *q, float *out, int observing)
 {
 	const struct kvp_cold *c = &s->cold;
 
@@ -182,7 +183,8 @@ static void begin(struct stream_attention *a, const struct kvp_seq_obj *s, const
 	a->scale = 1.0f / sqrtf((float)a->dim);
 	a->q = q;
 	a->out = out;
-	a->scores = scores;
+	a->scores = c->scratch;
+	a->scores_cap = c->scores_cap;
 	memset(out, 0, (size_t)a->group * a->dim * sizeof *out);
 	for (uint32_t h = 0; h < a->group; h++)
 		a->hs[h] = (struct head_state){ -INFINITY, 0.0f };
@@ -194,8 +196,8 @@ static void begin(struct stream_attention *a, const struct kvp_seq_obj *s, const
 		return;
 	a->cold = c;
 	a->ctx = st->ctx;
-	a->qprep = c->scratch;
-	a->cold_acc = (float *)((char *)c->scratch + a->group * c->qprep_max);
+	a->qprep = (char *)(a->scores + a->scores_cap);
+	a->cold_acc = (float *)(a->qprep + a->group * c->qprep_max);
 	use_level(a, st->blocks[0]->level, 0);
 }
 
@@ -259,7 +261,6 @@ static kvp_status observe_reserve(struct kvp_seq_obj *s, uint32_t layer)
 
 kvp_status kvp_attend_resident(struct kvp_seq_obj *s, uint32_t layer, const float *q, float *out)
 {
-	float scores[KVP_BLOCK_MAX];
 	struct stream_attention a;
 	int observing;
 	kvp_status st;
@@ -280,7 +281,7 @@ kvp_status kvp_attend_resident(struct kvp_seq_obj *s, uint32_t layer, const floa
 		size_t at = (size_t)g * s->group * s->shape.head_dim;
 		const struct kvp_stream *stream = kvp_seq_stream(s, layer, g);
 		kvp_cold_note_queries(s, kvp_seq_stream(s, layer, g), q + at);
-		begin(&a, s, stream, q + at, out + at, scores, observing);
+		begin(&a, s, stream, q + at, out + at, observing);
 		attend_stream(&a, stream);
 		/* a stream without tokens gave zeros and weighed nothing: there is nothing to observe, and before
 		 * the first append there is no query position either */

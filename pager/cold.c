@@ -137,18 +137,24 @@ void kvp_cold_unprepare(struct kvp_tenant_obj *t)
 	t->k_codec = t->v_codec = NULL;
 }
 
+/* Attend's scores: one block's tokens for each query head of a GQA group, at most KVP_BLOCK_MAX (attend.c
+ * takes longer fp16 blocks in slices). A block holds at most block= (or, the sink block, sinks=) tokens. */
+static uint32_t scores_cap(const struct kvp_tenant_config *cfg, uint32_t group)
+{
+	uint64_t most = (uint64_t)(cfg->block > cfg->sinks ? cfg->block : cfg->sinks) * group;
+
+	return most < KVP_BLOCK_MAX ? (uint32_t)most : KVP_BLOCK_MAX;
+}
+
 kvp_status kvp_cold_open(struct kvp_tenant_obj *t, struct kvp_seq_obj *s)
 {
 	struct kvp_cold *c = &s->cold;
 	struct kvp_allocator mem = kvp_seq_allocator(s);
 	uint32_t dim = s->shape.head_dim;
-	kvp_status st;
+	kvp_status st = KVP_OK;
 
 	memset(c, 0, sizeof *c);
-	if (!t->k_codec)
-		return KVP_OK;
-	st = KVP_OK;
-	for (unsigned l = 0; st == KVP_OK && l < kvp_gating_levels(&t->cfg.gating); l++) {
+	for (unsigned l = 0; t->k_codec && st == KVP_OK && l < kvp_gating_levels(&t->cfg.gating); l++) {
 		if ((st = open_level(&t->cfg, t->k_codec, t->v_codec, l, dim, &mem, &c->k_level[l], &c->v_level[l])) !=
 		    KVP_OK)
 			break;
@@ -159,10 +165,12 @@ kvp_status kvp_cold_open(struct kvp_tenant_obj *t, struct kvp_seq_obj *s)
 	c->k = c->k_level[0];
 	c->v = c->v_level[0];
 	if (st == KVP_OK) {
-		c->scratch_bytes = s->group * (c->qprep_max + c->acc_max * sizeof(float));
+		c->scores_cap = scores_cap(&t->cfg, s->group);
+		c->scratch_bytes = c->scores_cap * sizeof(float) +
+				   s->group * (c->qprep_max + c->acc_max * sizeof(float));
 		c->scratch = kvp_alloc(t, c->scratch_bytes, KVP_BYTES_META, 0, s->call);
 		if (!c->scratch)
-			st = kvp_fail_context(KVP_ENOMEM, "kvp_seq_open: attention scratch of the cold tier");
+			st = kvp_fail_context(KVP_ENOMEM, "kvp_seq_open: attention scratch");
 	}
 	if (st != KVP_OK)
 		kvp_cold_close(t, s);

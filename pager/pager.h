@@ -132,7 +132,8 @@ struct kvp_recent_queries {
 	float q[];
 };
 
-/* The cold tier of a sequence: its codecs, parsed for its head_dim, and the scratch attend needs. */
+/* The cold tier of a sequence: its codecs, parsed for its head_dim, and the scratch attend needs (every
+ * sequence has that, cold tier or not). */
 struct kvp_cold {
 	struct kvp_codec *k, *v; /* level 0's */
 	/* With a ladder, level l's codecs are k=/v= with the level's bits (k_level[0] == k); a block is
@@ -140,8 +141,9 @@ struct kvp_cold {
 	unsigned n_levels; /* 1 without a ladder */
 	struct kvp_codec *k_level[KVP_LADDER_MAX], *v_level[KVP_LADDER_MAX];
 	size_t qprep_max, acc_max; /* largest qprep_bytes and acc_dim over the levels */
+	uint32_t scores_cap;       /* floats of scores: one block's tokens x group, at most KVP_BLOCK_MAX */
 	size_t scratch_bytes;
-	void *scratch; /* group x qprep_max bytes, then group x acc_max floats */
+	void *scratch; /* scores_cap floats, then group x qprep_max bytes, then group x acc_max floats */
 };
 
 struct kvp_seq_obj {

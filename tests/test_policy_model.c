@@ -12,6 +12,7 @@
 #include <criterion/criterion.h>
 
 #include "policy_fixture.h"
+#include "tool_fixture.h"
 #include "tools/llama.h"
 
 enum { T = 320, L = 5, H = 8, KV = 4, D = 8, GROUP = H / KV, FROM = 64, SINKS = 4, EVERY = 16 };
@@ -35,8 +36,7 @@ static void record(void *ctx, enum llama_tap tap, int layer, int pos, const floa
 
 static void run_model(void)
 {
-	char err[LLAMA_ERROR_MAX] = "", path[1024];
-	const char *dir = getenv("KVP_MODELS");
+	char err[LLAMA_ERROR_MAX] = "";
 	struct llama_model m;
 	struct llama_tokenizer tok;
 	struct llama_state st;
@@ -45,10 +45,9 @@ static void run_model(void)
 	struct llama_observer obs = { .observe = record };
 	int ids[64], n_ids, token;
 
-	snprintf(path, sizeof path, "%s/stories260K.bin", dir && dir[0] ? dir : "../shared/models");
-	cr_assert_eq(llama_model_load(&m, path, err), LLAMA_OK, "%s", err);
-	snprintf(path, sizeof path, "%s/tok512.bin", dir && dir[0] ? dir : "../shared/models");
-	cr_assert_eq(llama_tokenizer_load(&tok, path, m.config.vocab_size, err), LLAMA_OK, "%s", err);
+	cr_assert_eq(llama_model_load(&m, model_path("stories260K.bin"), err), LLAMA_OK, "%s", err);
+	cr_assert_eq(llama_tokenizer_load(&tok, model_path("tok512.bin"), m.config.vocab_size, err), LLAMA_OK, "%s",
+		     err);
 	cr_assert_eq(llama_state_init(&st, &m.config), LLAMA_OK);
 	cr_assert_eq(llama_dense_cache_init(&cache, &m.config), LLAMA_OK);
 	att = llama_dense_attention(&cache);

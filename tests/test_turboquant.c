@@ -386,6 +386,7 @@ Test(turboquant, bad_arguments_are_rejected_with_a_message_quoting_them)
 
 /* ---- real keys, values and queries: kjv-64 (../shared/models) ---- */
 
+#include "tool_fixture.h"
 #include "tools/llama.h"
 
 enum { KJV_TOKENS = 64, KJV_LAYER = 2 };
@@ -408,8 +409,7 @@ static void record(void *ctx, enum llama_tap tap, int layer, int pos, const floa
 /* 64 tokens of greedy decoding from a KJV prompt with the exact cache, recording one layer. */
 static void kjv_taps(struct taps *t)
 {
-	const char *dir = getenv("KVP_MODELS") && getenv("KVP_MODELS")[0] ? getenv("KVP_MODELS") : "../shared/models";
-	char path[1024], err[LLAMA_ERROR_MAX] = "";
+	char err[LLAMA_ERROR_MAX] = "";
 	struct llama_model m;
 	struct llama_tokenizer tok;
 	struct llama_state s;
@@ -418,10 +418,9 @@ static void kjv_taps(struct taps *t)
 	struct llama_observer obs = { t, record };
 	int ids[256], n_ids, token;
 
-	snprintf(path, sizeof path, "%s/kjv-64.bin", dir);
-	cr_assert_eq(llama_model_load(&m, path, err), LLAMA_OK, "%s", err);
-	snprintf(path, sizeof path, "%s/tok512.bin", dir);
-	cr_assert_eq(llama_tokenizer_load(&tok, path, m.config.vocab_size, err), LLAMA_OK, "%s", err);
+	cr_assert_eq(llama_model_load(&m, model_path("kjv-64.bin"), err), LLAMA_OK, "%s", err);
+	cr_assert_eq(llama_tokenizer_load(&tok, model_path("tok512.bin"), m.config.vocab_size, err), LLAMA_OK, "%s",
+		     err);
 	cr_assert_eq(llama_state_init(&s, &m.config), LLAMA_OK);
 	cr_assert_eq(llama_dense_cache_init(&cache, &m.config), LLAMA_OK);
 	att = llama_dense_attention(&cache);
