@@ -37,8 +37,9 @@ static int avx2_runnable(void)
 
 /*
  * XCR0 bits 1-2 (SSE, AVX) and 5-7 (opmask, upper halves of zmm0-15, zmm16-31): without them the OS
- * does not save the AVX-512 registers across a context switch. Read here rather than trusted to
- * __builtin_cpu_supports, whose libgcc versions have not always checked the zmm bits.
+ * does not save the AVX-512 registers across a context switch, and an AVX-512 instruction faults. Read
+ * here, so the rule holds whichever runtime library answers __builtin_cpu_supports and however it reads
+ * XCR0.
  */
 static int os_saves_zmm(void)
 {
