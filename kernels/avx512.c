@@ -493,10 +493,12 @@ INLINE __m512 lookup16(__m512i codes, const struct lut_regs *r)
 	return _mm512_permutexvar_ps(idx, r->tab);
 }
 
-/* The block of codes j..j+15 of a row (j + 16 <= m). */
-INLINE __m512 lookup_block(unsigned bits, const uint8_t *row, unsigned j, const struct lut_regs *r)
+/* The block of codes j..j+15 of a row of m codes (j + 16 <= m). When the row holds 8 bytes from the
+ * block on, one plain broadcast load replaces the masked one (the bytes past the block are ignored). */
+INLINE __m512 lookup_block(unsigned bits, const uint8_t *row, unsigned j, unsigned m,
+			   const struct lut_regs *r)
 {
-	return lookup16(load_codes(row + j * bits / 8, 2 * bits), r);
+	return lookup16(load_codes(row + j * bits / 8, (m - j) * bits >= 64 ? 8 : 2 * bits), r);
 }
 
 /* The k < 16 codes from j on: lanes past k look up whatever bits follow (within the row's last byte). */
@@ -520,11 +522,11 @@ INLINE void lut_dot_bits(unsigned bits, unsigned m, unsigned n, const uint8_t *c
 		unsigned j = 0;
 
 		for (; j + 32 <= m16; j += 32) {
-			a0 = _mm512_fmadd_ps(lookup_block(bits, row, j, &r), _mm512_loadu_ps(q + j), a0);
-			a1 = _mm512_fmadd_ps(lookup_block(bits, row, j + 16, &r), _mm512_loadu_ps(q + j + 16), a1);
+			a0 = _mm512_fmadd_ps(lookup_block(bits, row, j, m, &r), _mm512_loadu_ps(q + j), a0);
+			a1 = _mm512_fmadd_ps(lookup_block(bits, row, j + 16, m, &r), _mm512_loadu_ps(q + j + 16), a1);
 		}
 		if (j < m16)
-			a0 = _mm512_fmadd_ps(lookup_block(bits, row, j, &r), _mm512_loadu_ps(q + j), a0);
+			a0 = _mm512_fmadd_ps(lookup_block(bits, row, j, m, &r), _mm512_loadu_ps(q + j), a0);
 		if (k)
 			a1 = _mm512_fmadd_ps(lookup_tail(bits, row, m16, k, &r), qt, a1);
 		out[i] = hsum(_mm512_add_ps(a0, a1));
@@ -546,12 +548,12 @@ INLINE void lut_axpy_bits(unsigned bits, unsigned m, unsigned n, const uint8_t *
 			for (; i + 2 <= n; i += 2) {
 				const uint8_t *r0 = codes + (size_t)i * stride;
 
-				a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[i]), lookup_block(bits, r0, j, &r), a0);
-				a1 = _mm512_fmadd_ps(_mm512_set1_ps(w[i + 1]), lookup_block(bits, r0 + stride, j, &r), a1);
+				a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[i]), lookup_block(bits, r0, j, m, &r), a0);
+				a1 = _mm512_fmadd_ps(_mm512_set1_ps(w[i + 1]), lookup_block(bits, r0 + stride, j, m, &r), a1);
 			}
 			if (i < n)
 				a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[i]),
-						     lookup_block(bits, codes + (size_t)i * stride, j, &r), a0);
+						     lookup_block(bits, codes + (size_t)i * stride, j, m, &r), a0);
 		} else {
 			for (; i < n; i++)
 				a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[i]),
@@ -575,7 +577,7 @@ INLINE void lut_dot_heads4(unsigned bits, unsigned m, unsigned n, const uint8_t 
 		float s[4];
 
 		for (unsigned j = 0; j < m16; j += 16) {
-			x = lookup_block(bits, row, j, &r);
+			x = lookup_block(bits, row, j, m, &r);
 			a0 = _mm512_fmadd_ps(x, _mm512_loadu_ps(q0 + j), a0);
 			a1 = _mm512_fmadd_ps(x, _mm512_loadu_ps(q1 + j), a1);
 			a2 = _mm512_fmadd_ps(x, _mm512_loadu_ps(q2 + j), a2);
@@ -610,7 +612,7 @@ INLINE void lut_axpy_heads4(unsigned bits, unsigned m, unsigned n, const uint8_t
 		for (unsigned i = 0; i < n; i++) {
 			const uint8_t *row = codes + (size_t)i * stride;
 
-			x = k == 16 ? lookup_block(bits, row, j, &r) : lookup_tail(bits, row, j, k, &r);
+			x = k == 16 ? lookup_block(bits, row, j, m, &r) : lookup_tail(bits, row, j, k, &r);
 			a0 = _mm512_fmadd_ps(_mm512_set1_ps(w0[i]), x, a0);
 			a1 = _mm512_fmadd_ps(_mm512_set1_ps(w1[i]), x, a1);
 			a2 = _mm512_fmadd_ps(_mm512_set1_ps(w2[i]), x, a2);
