@@ -13,7 +13,7 @@
  *
  * Tolerances:
  *   dot, axpy   |vector - scalar| <= 1e-5 * sum of |products| (summation order and FMA differ; a plain
- *               relative bound means nothing when the terms cancel); lut_* the same, and avx512 sums
+ *               relative bound means nothing when the terms cancel); lut_dot, lut_axpy the same; avx512 sums
  *               in 16 lanes where avx2 sums in 8, under the same bound
  *   f32_to_f16  bit-identical, NaN payloads included
  *   f16_to_f32  bit-identical, except a NaN need only stay a NaN of the same sign (F16C quiets signalling
