@@ -38,9 +38,9 @@ LIB_SRC  := $(ALL_SRC)
 ifeq ($(ARCH),x86_64)
 LIB_SRC  := $(filter-out %neon.c,$(LIB_SRC))
 else ifeq ($(ARCH),aarch64)
-LIB_SRC  := $(filter-out %avx2.c,$(LIB_SRC))
+LIB_SRC  := $(filter-out %avx2.c %avx512.c,$(LIB_SRC))
 else
-LIB_SRC  := $(filter-out %neon.c %avx2.c,$(LIB_SRC))
+LIB_SRC  := $(filter-out %neon.c %avx2.c %avx512.c,$(LIB_SRC))
 endif
 LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 
@@ -68,6 +68,10 @@ benches: $(BENCHES)
 $(BUILD)/obj/%avx2.o: %avx2.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -mavx2 -mfma -mf16c -MMD -MP -c $< -o $@
+
+$(BUILD)/obj/%avx512.o: %avx512.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c -MMD -MP -c $< -o $@
 
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -216,7 +220,7 @@ fuzz-seeds: $(BUILD)/tests/seed_corpus
 	$(BUILD)/tests/seed_corpus tests/corpus
 
 # The kernels layer and the one below it, with the aarch64 kernels in place of the x86-64 ones.
-NEON_SRC := $(filter-out %avx2.c,$(filter base/% kernels/%,$(ALL_SRC)))
+NEON_SRC := $(filter-out %avx2.c %avx512.c,$(filter base/% kernels/%,$(ALL_SRC)))
 neon: build-neon/kernels_check
 	qemu-aarch64 build-neon/kernels_check
 

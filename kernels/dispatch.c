@@ -35,6 +35,32 @@ static int avx2_runnable(void)
 	return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c_present();
 }
 
+/*
+ * XCR0 bits 1-2 (SSE, AVX) and 5-7 (opmask, upper halves of zmm0-15, zmm16-31): without them the OS
+ * does not save the AVX-512 registers across a context switch, and an AVX-512 instruction faults. Read
+ * here, so the rule holds whichever runtime library answers __builtin_cpu_supports and however it reads
+ * XCR0.
+ */
+static int os_saves_zmm(void)
+{
+	unsigned a, b, c, d, lo, hi;
+
+	if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_OSXSAVE))
+		return 0;
+	__asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+	(void)hi;
+	return (lo & 0xe6u) == 0xe6u;
+}
+
+/* avx512.c is built with F, BW, VL and DQ (every AVX-512 CPU with BW and VL has DQ), FMA and F16C. */
+static int avx512_runnable(void)
+{
+	__builtin_cpu_init();
+	return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+	       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+	       __builtin_cpu_supports("fma") && f16c_present() && os_saves_zmm();
+}
+
 static int sse42_runnable(void)
 {
 	__builtin_cpu_init();
@@ -66,6 +92,7 @@ static const struct kernels_version {
 	const struct kvp_kernels *table;
 } tables[] = {
 #if defined(__x86_64__)
+	{ "avx512", avx512_runnable, &kvp_kernels_avx512 },
 	{ "avx2", avx2_runnable, &kvp_kernels_avx2 },
 #endif
 #if defined(__aarch64__)

@@ -1,7 +1,7 @@
 /*
- * kernels/ — the hot loops, each with a scalar reference (scalar.c) and vector versions (avx2.c,
- * neon.c, sharing the loops of loops.h), chosen once at start-up from the CPU's features by dispatch.c,
- * together with the CRC32C version (crc32c.h). KVP_KERNELS=scalar|avx2|neon forces one.
+ * kernels/ — the hot loops, each with a scalar reference (scalar.c) and vector versions (avx512.c,
+ * avx2.c, neon.c, sharing the loops of loops.h), chosen once at start-up from the CPU's features by
+ * dispatch.c, together with the CRC32C version (crc32c.h). KVP_KERNELS=scalar|avx2|avx512|neon forces one.
  *
  * Rows are contiguous: rows[i*d + j] is element j of row i. No alignment is required of any pointer.
  */
@@ -167,6 +167,7 @@ const struct kvp_kernels *kvp_kernels_named(const char *name);
 extern const struct kvp_kernels kvp_kernels_scalar;
 #if defined(__x86_64__)
 extern const struct kvp_kernels kvp_kernels_avx2;
+extern const struct kvp_kernels kvp_kernels_avx512;
 #endif
 #if defined(__aarch64__)
 extern const struct kvp_kernels kvp_kernels_neon;

@@ -3,7 +3,7 @@
  * walk over a GQA group's heads in blocks of four, the switch that gives every code width its own loop,
  * the walks over rows of masked and band-norm kernels, and the table itself.
  *
- * Not a header for general use: avx2.c and neon.c each include it once, at their end, after their
+ * Not a header for general use: avx512.c, avx2.c and neon.c each include it once, at their end, after their
  * primitives. The loops then compile once per instruction set, with that file's flags, and the
  * primitives (static, mostly always inlined) inline into them as if written there.
  *

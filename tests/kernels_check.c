@@ -9,11 +9,12 @@
  *   "K comparisons: N passed, M failed"   values compared
  *   "N passed, M failed"                  tests (a test passes when all its comparisons do)
  * and the exit status is 0 iff no test failed. The vector tests run once per vector table runnable here
- * (named "avx2: ..."); those of a table this build or CPU cannot run are counted as skipped.
+ * (named "avx2_...", "avx512_..."); those of a table this build or CPU cannot run are counted as skipped.
  *
  * Tolerances:
  *   dot, axpy   |vector - scalar| <= 1e-5 * sum of |products| (summation order and FMA differ; a plain
- *               relative bound means nothing when the terms cancel)
+ *               relative bound means nothing when the terms cancel); lut_dot, lut_axpy the same; avx512 sums
+ *               in 16 lanes where avx2 sums in 8, under the same bound
  *   f32_to_f16  bit-identical, NaN payloads included
  *   f16_to_f32  bit-identical, except a NaN need only stay a NaN of the same sign (F16C quiets signalling
  *               NaNs, base/half.c keeps them signalling)
@@ -1093,7 +1094,7 @@ static void band_norms_is_bit_identical_to_scalar_in_both_layouts(const struct k
 
 static const struct kvp_kernels *best_here(void)
 {
-	static const char *const order[] = { "avx2", "neon", "scalar" };
+	static const char *const order[] = { "avx512", "avx2", "neon", "scalar" };
 	const struct kvp_kernels *k = NULL;
 
 	for (size_t i = 0; !k && i < COUNT(order); i++)
@@ -1114,14 +1115,17 @@ static void dispatch_returns_null_for_unknown_or_foreign_names(void)
 	check(kvp_kernels_named("AVX2") == NULL, "kvp_kernels_named(\"AVX2\") is not NULL");
 #if defined(__x86_64__)
 	check(kvp_kernels_named("neon") == NULL, "kvp_kernels_named(\"neon\") is not NULL");
+	check(kvp_kernels_named("AVX512") == NULL, "kvp_kernels_named(\"AVX512\") is not NULL");
+	check(kvp_kernels_named("avx512f") == NULL, "kvp_kernels_named(\"avx512f\") is not NULL");
 #elif defined(__aarch64__)
 	check(kvp_kernels_named("avx2") == NULL, "kvp_kernels_named(\"avx2\") is not NULL");
+	check(kvp_kernels_named("avx512") == NULL, "kvp_kernels_named(\"avx512\") is not NULL");
 #endif
 }
 
 static void dispatch_tables_are_complete_and_named_for_their_name(void)
 {
-	static const char *const names[] = { "scalar", "avx2", "neon" };
+	static const char *const names[] = { "scalar", "avx2", "avx512", "neon" };
 
 	for (size_t i = 0; i < COUNT(names); i++) {
 		const struct kvp_kernels *k = kvp_kernels_named(names[i]);
@@ -1161,6 +1165,39 @@ static void dispatch_falls_back_to_the_best_for_an_unknown_kvp_kernels(void)
 		  kvp_kernels()->name, best_here()->name);
 }
 
+#if defined(__x86_64__)
+/* AVX-512 F, BW, VL and DQ, and XCR0 saying the OS saves the opmask and zmm registers, asked of the CPU
+ * directly rather than through dispatch.c's own probe. */
+static int avx512_here(void)
+{
+	unsigned a, b, c, d, lo, hi;
+
+	if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_OSXSAVE) || !(c & bit_F16C))
+		return 0;
+	__asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+	(void)hi;
+	if ((lo & 0xe6u) != 0xe6u || !__get_cpuid_count(7, 0, &a, &b, &c, &d))
+		return 0;
+	return (b & bit_AVX512F) && (b & bit_AVX512BW) && (b & bit_AVX512VL) && (b & bit_AVX512DQ);
+}
+#endif
+
+/* KVP_KERNELS=avx512 picks the AVX-512 table where the CPU runs it, and anywhere else falls back to
+ * the best table that does run, as for any name this build or CPU cannot run. */
+static void dispatch_honours_kvp_kernels_avx512(void)
+{
+	check(setenv("KVP_KERNELS", "avx512", 1) == 0, "setenv");
+#if defined(__x86_64__)
+	if (avx512_here()) {
+		check(kvp_kernels() == &kvp_kernels_avx512, "chose %s, not avx512", kvp_kernels()->name);
+		check(!strcmp(kvp_kernels()->name, "avx512"), "the avx512 table is named %s", kvp_kernels()->name);
+		return;
+	}
+	check(kvp_kernels_named("avx512") == NULL, "avx512 is named although the CPU cannot run it");
+#endif
+	check(kvp_kernels() == best_here(), "chose %s, best is %s", kvp_kernels()->name, best_here()->name);
+}
+
 static void dispatch_picks_the_best_the_cpu_runs_without_kvp_kernels(void)
 {
 	check(unsetenv("KVP_KERNELS") == 0, "unsetenv");
@@ -1171,7 +1208,11 @@ static void dispatch_picks_the_best_the_cpu_runs_without_kvp_kernels(void)
 	unsigned a, b, c, d;
 	int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
 
-	if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)
+	int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+
+	if (avx2 && avx512_here())
+		check(!strcmp(kvp_kernels()->name, "avx512"), "chose %s, not avx512", kvp_kernels()->name);
+	else if (avx2)
 		check(!strcmp(kvp_kernels()->name, "avx2"), "chose %s, not avx2", kvp_kernels()->name);
 #elif defined(__aarch64__)
 	check(!strcmp(kvp_kernels()->name, "neon"), "chose %s, not neon", kvp_kernels()->name);
@@ -1285,6 +1326,7 @@ static const struct test reference_tests[] = {
 static const struct test own_process_tests[] = {
 	TEST(dispatch_honours_kvp_kernels_scalar),
 	TEST(dispatch_honours_kvp_kernels_naming_a_vector_table),
+	TEST(dispatch_honours_kvp_kernels_avx512),
 	TEST(dispatch_falls_back_to_the_best_for_an_unknown_kvp_kernels),
 	TEST(dispatch_picks_the_best_the_cpu_runs_without_kvp_kernels),
 	TEST(dispatch_chooses_once_per_process),
@@ -1384,7 +1426,7 @@ static void run_vector_tests(const char *table)
 
 int main(void)
 {
-	static const char *const vector_tables[] = { "avx2", "neon" };
+	static const char *const vector_tables[] = { "avx2", "avx512", "neon" };
 
 	tally = mmap(NULL, sizeof *tally, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	if (tally == MAP_FAILED) {

@@ -1,0 +1,692 @@
+/*
+ * AVX-512 (F, BW, DQ, VL) + FMA + F16C kernels. Built with those flags and only called after dispatch.c
+ * has seen the features and that the OS saves the zmm and mask registers. Sixteen floats per vector;
+ * tails shorter than a vector use AVX-512 masked loads and stores, which never touch (or fault on) the
+ * lanes masked off, so no read or write goes past the caller's buffers. The loops that do not depend on
+ * the instruction set (over heads, bit widths and rows) are in loops.h, included at the end.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#include "kernels/kernels.h"
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* The first k lanes, 0 <= k <= 16. */
+INLINE __mmask16 tail16(unsigned k)
+{
+	return (__mmask16)((1u << k) - 1);
+}
+
+INLINE __m512 load_f16(const uint16_t *p)
+{
+	return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+
+/* k <= 16 halves, zeros above; the masked load reads nothing past them. */
+INLINE __m512 load_f16_tail(const uint16_t *p, unsigned k)
+{
+	return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tail16(k), p));
+}
+
+INLINE __m512 load_f32_tail(const float *p, unsigned k)
+{
+	return _mm512_maskz_loadu_ps(tail16(k), p);
+}
+
+/* The 16 lanes added pairwise into 8: the first step of every horizontal sum. */
+INLINE __m256 fold(__m512 v)
+{
+	return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+}
+
+INLINE float hsum(__m512 v)
+{
+	__m256 h = fold(v);
+	__m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+
+	s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+	s = _mm_add_ss(s, _mm_movehdup_ps(s));
+	return _mm_cvtss_f32(s);
+}
+
+/* The four horizontal sums of a..d, in order, in one vector. */
+INLINE __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d)
+{
+	__m256 h = _mm256_hadd_ps(_mm256_hadd_ps(fold(a), fold(b)), _mm256_hadd_ps(fold(c), fold(d)));
+
+	return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* Four rows per pass, so four FMA chains are in flight (see avx2.c). */
+static void dot_f32(unsigned d, unsigned n, const float *rows, const float *q, float scale, float *out)
+{
+	const unsigned d16 = d & ~15u, k = d & 15u;
+	const __m128 vscale = _mm_set1_ps(scale);
+	unsigned i = 0;
+
+	for (; i + 4 <= n; i += 4) {
+		const float *r0 = rows + (size_t)i * d, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
+		__m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+
+		for (unsigned j = 0; j < d16; j += 16) {
+			__m512 qv = _mm512_loadu_ps(q + j);
+
+			a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + j), qv, a0);
+			a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r1 + j), qv, a1);
+			a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r2 + j), qv, a2);
+			a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r3 + j), qv, a3);
+		}
+		if (k) {
+			__m512 qv = load_f32_tail(q + d16, k);
+
+			a0 = _mm512_fmadd_ps(load_f32_tail(r0 + d16, k), qv, a0);
+			a1 = _mm512_fmadd_ps(load_f32_tail(r1 + d16, k), qv, a1);
+			a2 = _mm512_fmadd_ps(load_f32_tail(r2 + d16, k), qv, a2);
+			a3 = _mm512_fmadd_ps(load_f32_tail(r3 + d16, k), qv, a3);
+		}
+		_mm_storeu_ps(out + i, _mm_mul_ps(hsum4(a0, a1, a2, a3), vscale));
+	}
+	for (; i < n; i++) {
+		const float *r = rows + (size_t)i * d;
+		__m512 a = _mm512_setzero_ps();
+
+		for (unsigned j = 0; j < d16; j += 16)
+			a = _mm512_fmadd_ps(_mm512_loadu_ps(r + j), _mm512_loadu_ps(q + j), a);
+		if (k)
+			a = _mm512_fmadd_ps(load_f32_tail(r + d16, k), load_f32_tail(q + d16, k), a);
+		out[i] = scale * hsum(a);
+	}
+}
+
+/* ahead: see dot_f16_group in kernels.h */
+static void dot_f16_ahead(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale,
+			  float *out, const uint16_t *ahead)
+{
+	const unsigned d16 = d & ~15u, k = d & 15u;
+	const __m128 vscale = _mm_set1_ps(scale);
+	unsigned i = 0;
+
+	for (; i + 4 <= n; i += 4) {
+		const uint16_t *r0 = rows + (size_t)i * d, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
+		__m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+
+		kvp_prefetch_span(ahead, (size_t)i * d * 2, (size_t)(i + 4) * d * 2);
+
+		for (unsigned j = 0; j < d16; j += 16) {
+			__m512 qv = _mm512_loadu_ps(q + j);
+
+			a0 = _mm512_fmadd_ps(load_f16(r0 + j), qv, a0);
+			a1 = _mm512_fmadd_ps(load_f16(r1 + j), qv, a1);
+			a2 = _mm512_fmadd_ps(load_f16(r2 + j), qv, a2);
+			a3 = _mm512_fmadd_ps(load_f16(r3 + j), qv, a3);
+		}
+		if (k) {
+			__m512 qv = load_f32_tail(q + d16, k);
+
+			a0 = _mm512_fmadd_ps(load_f16_tail(r0 + d16, k), qv, a0);
+			a1 = _mm512_fmadd_ps(load_f16_tail(r1 + d16, k), qv, a1);
+			a2 = _mm512_fmadd_ps(load_f16_tail(r2 + d16, k), qv, a2);
+			a3 = _mm512_fmadd_ps(load_f16_tail(r3 + d16, k), qv, a3);
+		}
+		_mm_storeu_ps(out + i, _mm_mul_ps(hsum4(a0, a1, a2, a3), vscale));
+	}
+	for (; i < n; i++) {
+		const uint16_t *r = rows + (size_t)i * d;
+		__m512 a = _mm512_setzero_ps();
+
+		for (unsigned j = 0; j < d16; j += 16)
+			a = _mm512_fmadd_ps(load_f16(r + j), _mm512_loadu_ps(q + j), a);
+		if (k)
+			a = _mm512_fmadd_ps(load_f16_tail(r + d16, k), load_f32_tail(q + d16, k), a);
+		out[i] = scale * hsum(a);
+	}
+}
+
+/* acc[j] += sum_i w[i] * rows[i*d + j] for from <= j < d, sixteen columns (the last masked) at a time. */
+static void axpy_f32_columns(unsigned d, unsigned from, unsigned n, const float *rows, const float *w,
+			     float *acc)
+{
+	for (unsigned j = from; j < d; j += 16) {
+		const unsigned k = d - j < 16 ? d - j : 16;
+		__m512 a = load_f32_tail(acc + j, k);
+
+		for (unsigned i = 0; i < n; i++)
+			a = _mm512_fmadd_ps(_mm512_set1_ps(w[i]), load_f32_tail(rows + (size_t)i * d + j, k), a);
+		_mm512_mask_storeu_ps(acc + j, tail16(k), a);
+	}
+}
+
+/* Columns outer, rows inner: a strip of 64 accumulators stays in registers across all n rows. */
+static void axpy_f32(unsigned d, unsigned n, const float *rows, const float *w, float *acc)
+{
+	unsigned j = 0;
+
+	for (; j + 64 <= d; j += 64) {
+		__m512 a0 = _mm512_loadu_ps(acc + j), a1 = _mm512_loadu_ps(acc + j + 16);
+		__m512 a2 = _mm512_loadu_ps(acc + j + 32), a3 = _mm512_loadu_ps(acc + j + 48);
+
+		for (unsigned i = 0; i < n; i++) {
+			const float *r = rows + (size_t)i * d + j;
+			__m512 wv = _mm512_set1_ps(w[i]);
+
+			a0 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(r), a0);
+			a1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(r + 16), a1);
+			a2 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(r + 32), a2);
+			a3 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(r + 48), a3);
+		}
+		_mm512_storeu_ps(acc + j, a0);
+		_mm512_storeu_ps(acc + j + 16, a1);
+		_mm512_storeu_ps(acc + j + 32, a2);
+		_mm512_storeu_ps(acc + j + 48, a3);
+	}
+	axpy_f32_columns(d, j, n, rows, w, acc);
+}
+
+/* The same over fp16 rows; ahead is spread over the strip loop's steps as in avx2.c. */
+static void axpy_f16_ahead(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc,
+			   const uint16_t *ahead)
+{
+	const size_t steps = (size_t)(d / 64) * n, share = kvp_prefetch_share((size_t)n * d * 2, steps);
+	unsigned j = 0;
+
+	for (; j + 64 <= d; j += 64) {
+		__m512 a0 = _mm512_loadu_ps(acc + j), a1 = _mm512_loadu_ps(acc + j + 16);
+		__m512 a2 = _mm512_loadu_ps(acc + j + 32), a3 = _mm512_loadu_ps(acc + j + 48);
+
+		for (unsigned i = 0; i < n; i++) {
+			const uint16_t *r = rows + (size_t)i * d + j;
+			const size_t it = (size_t)(j / 64) * n + i;
+			__m512 wv = _mm512_set1_ps(w[i]);
+
+			kvp_prefetch_span(ahead, it * share, (it + 1) * share);
+			a0 = _mm512_fmadd_ps(wv, load_f16(r), a0);
+			a1 = _mm512_fmadd_ps(wv, load_f16(r + 16), a1);
+			a2 = _mm512_fmadd_ps(wv, load_f16(r + 32), a2);
+			a3 = _mm512_fmadd_ps(wv, load_f16(r + 48), a3);
+		}
+		_mm512_storeu_ps(acc + j, a0);
+		_mm512_storeu_ps(acc + j + 16, a1);
+		_mm512_storeu_ps(acc + j + 32, a2);
+		_mm512_storeu_ps(acc + j + 48, a3);
+	}
+	for (; j < d; j += 16) {
+		const unsigned k = d - j < 16 ? d - j : 16;
+		__m512 a = load_f32_tail(acc + j, k);
+
+		for (unsigned i = 0; i < n; i++)
+			a = _mm512_fmadd_ps(_mm512_set1_ps(w[i]), load_f16_tail(rows + (size_t)i * d + j, k), a);
+		_mm512_mask_storeu_ps(acc + j, tail16(k), a);
+	}
+}
+
+/*
+ * Four heads over two rows per pass: each widened row chunk feeds four FMAs, so the conversions do not
+ * bound the loop, and eight chains keep both FMA pipes busy.
+ */
+static void dot_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale,
+			   float *out, const uint16_t *ahead)
+{
+	const unsigned d16 = d & ~15u, k = d & 15u;
+	const float *q0 = q, *q1 = q + d, *q2 = q1 + d, *q3 = q2 + d;
+	float *o0 = out, *o1 = out + n, *o2 = o1 + n, *o3 = o2 + n;
+	unsigned i = 0;
+
+	for (; i + 2 <= n; i += 2) {
+		const uint16_t *r0 = rows + (size_t)i * d, *r1 = r0 + d;
+		__m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+		__m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+		float s[8];
+
+		kvp_prefetch_span(ahead, (size_t)i * d * 2, (size_t)(i + 2) * d * 2);
+
+		for (unsigned j = 0; j < d16; j += 16) {
+			__m512 x = load_f16(r0 + j), y = load_f16(r1 + j), qv;
+
+			qv = _mm512_loadu_ps(q0 + j), a0 = _mm512_fmadd_ps(x, qv, a0), b0 = _mm512_fmadd_ps(y, qv, b0);
+			qv = _mm512_loadu_ps(q1 + j), a1 = _mm512_fmadd_ps(x, qv, a1), b1 = _mm512_fmadd_ps(y, qv, b1);
+			qv = _mm512_loadu_ps(q2 + j), a2 = _mm512_fmadd_ps(x, qv, a2), b2 = _mm512_fmadd_ps(y, qv, b2);
+			qv = _mm512_loadu_ps(q3 + j), a3 = _mm512_fmadd_ps(x, qv, a3), b3 = _mm512_fmadd_ps(y, qv, b3);
+		}
+		if (k) {
+			__m512 x = load_f16_tail(r0 + d16, k), y = load_f16_tail(r1 + d16, k), qv;
+
+			qv = load_f32_tail(q0 + d16, k), a0 = _mm512_fmadd_ps(x, qv, a0), b0 = _mm512_fmadd_ps(y, qv, b0);
+			qv = load_f32_tail(q1 + d16, k), a1 = _mm512_fmadd_ps(x, qv, a1), b1 = _mm512_fmadd_ps(y, qv, b1);
+			qv = load_f32_tail(q2 + d16, k), a2 = _mm512_fmadd_ps(x, qv, a2), b2 = _mm512_fmadd_ps(y, qv, b2);
+			qv = load_f32_tail(q3 + d16, k), a3 = _mm512_fmadd_ps(x, qv, a3), b3 = _mm512_fmadd_ps(y, qv, b3);
+		}
+		_mm_storeu_ps(s, _mm_mul_ps(hsum4(a0, a1, a2, a3), _mm_set1_ps(scale)));
+		_mm_storeu_ps(s + 4, _mm_mul_ps(hsum4(b0, b1, b2, b3), _mm_set1_ps(scale)));
+		o0[i] = s[0], o1[i] = s[1], o2[i] = s[2], o3[i] = s[3];
+		o0[i + 1] = s[4], o1[i + 1] = s[5], o2[i + 1] = s[6], o3[i + 1] = s[7];
+	}
+	for (unsigned h = 0; i < n && h < 4; h++)
+		dot_f16_ahead(d, n - i, rows + (size_t)i * d, q + (size_t)h * d, scale, out + (size_t)h * n + i,
+			      NULL);
+}
+
+/* Thirty-two columns of four heads per pass: two conversions per row feed eight FMAs; the last d % 32
+ * columns sixteen (the last masked) at a time. ahead is spread over the steps as in axpy_f16_ahead. */
+static void axpy_f16_heads4(unsigned d, unsigned n, const uint16_t *rows, const float *w, float *acc,
+			    const uint16_t *ahead)
+{
+	const float *w0 = w, *w1 = w + n, *w2 = w1 + n, *w3 = w2 + n;
+	float *c0 = acc, *c1 = acc + d, *c2 = c1 + d, *c3 = c2 + d;
+	const size_t steps = (size_t)(d / 32) * n, share = kvp_prefetch_share((size_t)n * d * 2, steps);
+	unsigned j = 0;
+
+	for (; j + 32 <= d; j += 32) {
+		__m512 a0 = _mm512_loadu_ps(c0 + j), a1 = _mm512_loadu_ps(c1 + j);
+		__m512 a2 = _mm512_loadu_ps(c2 + j), a3 = _mm512_loadu_ps(c3 + j);
+		__m512 b0 = _mm512_loadu_ps(c0 + j + 16), b1 = _mm512_loadu_ps(c1 + j + 16);
+		__m512 b2 = _mm512_loadu_ps(c2 + j + 16), b3 = _mm512_loadu_ps(c3 + j + 16);
+
+		for (unsigned i = 0; i < n; i++) {
+			const uint16_t *r = rows + (size_t)i * d + j;
+			const size_t it = (size_t)(j / 32) * n + i;
+			__m512 x = load_f16(r), y = load_f16(r + 16), wv;
+
+			kvp_prefetch_span(ahead, it * share, (it + 1) * share);
+			wv = _mm512_set1_ps(w0[i]), a0 = _mm512_fmadd_ps(wv, x, a0), b0 = _mm512_fmadd_ps(wv, y, b0);
+			wv = _mm512_set1_ps(w1[i]), a1 = _mm512_fmadd_ps(wv, x, a1), b1 = _mm512_fmadd_ps(wv, y, b1);
+			wv = _mm512_set1_ps(w2[i]), a2 = _mm512_fmadd_ps(wv, x, a2), b2 = _mm512_fmadd_ps(wv, y, b2);
+			wv = _mm512_set1_ps(w3[i]), a3 = _mm512_fmadd_ps(wv, x, a3), b3 = _mm512_fmadd_ps(wv, y, b3);
+		}
+		_mm512_storeu_ps(c0 + j, a0), _mm512_storeu_ps(c0 + j + 16, b0);
+		_mm512_storeu_ps(c1 + j, a1), _mm512_storeu_ps(c1 + j + 16, b1);
+		_mm512_storeu_ps(c2 + j, a2), _mm512_storeu_ps(c2 + j + 16, b2);
+		_mm512_storeu_ps(c3 + j, a3), _mm512_storeu_ps(c3 + j + 16, b3);
+	}
+	for (; j < d; j += 16) {
+		const unsigned k = d - j < 16 ? d - j : 16;
+		__m512 a0 = load_f32_tail(c0 + j, k), a1 = load_f32_tail(c1 + j, k);
+		__m512 a2 = load_f32_tail(c2 + j, k), a3 = load_f32_tail(c3 + j, k);
+
+		for (unsigned i = 0; i < n; i++) {
+			__m512 x = load_f16_tail(rows + (size_t)i * d + j, k);
+
+			a0 = _mm512_fmadd_ps(_mm512_set1_ps(w0[i]), x, a0);
+			a1 = _mm512_fmadd_ps(_mm512_set1_ps(w1[i]), x, a1);
+			a2 = _mm512_fmadd_ps(_mm512_set1_ps(w2[i]), x, a2);
+			a3 = _mm512_fmadd_ps(_mm512_set1_ps(w3[i]), x, a3);
+		}
+		_mm512_mask_storeu_ps(c0 + j, tail16(k), a0), _mm512_mask_storeu_ps(c1 + j, tail16(k), a1);
+		_mm512_mask_storeu_ps(c2 + j, tail16(k), a2), _mm512_mask_storeu_ps(c3 + j, tail16(k), a3);
+	}
+}
+
+/* The immediate rounding mode (not MXCSR) makes this round to nearest even whatever the caller set. */
+static void f32_to_f16(size_t n, const float *x, uint16_t *y)
+{
+	size_t i = 0;
+
+	for (; i + 16 <= n; i += 16)
+		_mm256_storeu_si256((__m256i *)(y + i), _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+	if (i < n) {
+		const unsigned k = (unsigned)(n - i);
+
+		_mm256_mask_storeu_epi16(y + i, tail16(k), _mm512_cvtps_ph(load_f32_tail(x + i, k),
+									    _MM_FROUND_TO_NEAREST_INT));
+	}
+}
+
+static void f16_to_f32(size_t n, const uint16_t *x, float *y)
+{
+	size_t i = 0;
+
+	for (; i + 16 <= n; i += 16)
+		_mm512_storeu_ps(y + i, load_f16(x + i));
+	if (i < n) {
+		const unsigned k = (unsigned)(n - i);
+
+		_mm512_mask_storeu_ps(y + i, tail16(k), load_f16_tail(x + i, k));
+	}
+}
+
+/* e^x for a vector: avx2.c's exp_ps (same reduction, polynomial and two-step 2^n) on sixteen lanes, so
+ * each lane's result is the same bits as there. */
+static __m512 exp_ps(__m512 x)
+{
+	const __m512 ln2_hi = _mm512_set1_ps(0x1.62e4p-1f);   /* 15 significant bits: n*ln2_hi is exact */
+	const __m512 ln2_lo = _mm512_set1_ps(0x1.7f7d1cp-20f);
+	const __m512 one = _mm512_set1_ps(1.0f);
+
+	x = _mm512_min_ps(_mm512_set1_ps(89.0f), x);   /* operand order keeps a NaN x */
+	x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+
+	__m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(0x1.715476p+0f)),
+					_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+	__m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
+
+	r = _mm512_fnmadd_ps(n, ln2_lo, r);
+
+	__m512 p = _mm512_set1_ps(1.374882297e-03f);
+
+	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.369628340e-03f));
+	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166964442e-02f));
+	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666651219e-01f));
+	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.999998808e-01f));
+	p = _mm512_fmadd_ps(_mm512_mul_ps(r, r), p, _mm512_add_ps(r, one));
+
+	__m512i ni = _mm512_cvtps_epi32(n);
+	__m512i n1 = _mm512_srai_epi32(ni, 1);
+	__m512i n2 = _mm512_sub_epi32(ni, n1);
+	__m512i bias = _mm512_set1_epi32(127);
+	__m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n1, bias), 23));
+	__m512 s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n2, bias), 23));
+
+	return _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
+}
+
+/* Same contract and same all-masked (-inf) handling as the scalar reference; see scalar.c. */
+static float softmax_step(unsigned n, float *s, float *m, float *l)
+{
+	const unsigned n16 = n & ~15u, k = n & 15u;
+	const __m512 ninf = _mm512_set1_ps(-INFINITY);
+	__m512 vmax = ninf;
+
+	for (unsigned i = 0; i < n16; i += 16)
+		vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + i));
+	if (k)
+		vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(ninf, tail16(k), s + n16));
+
+	float mx = fmaxf(*m, _mm512_reduce_max_ps(vmax));
+
+	if (mx == -INFINITY) {
+		memset(s, 0, n * sizeof *s);
+		*l = 0.0f;
+		return 0.0f;
+	}
+
+	const __m512 vmx = _mm512_set1_ps(mx);
+	__m512 sum = _mm512_setzero_ps();
+
+	for (unsigned i = 0; i < n16; i += 16) {
+		__m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), vmx));
+
+		_mm512_storeu_ps(s + i, e);
+		sum = _mm512_add_ps(sum, e);
+	}
+	if (k) {
+		/* masked-off lanes would give e^-mx: zero them before they reach the sum */
+		__m512 e = _mm512_maskz_mov_ps(tail16(k), exp_ps(_mm512_sub_ps(load_f32_tail(s + n16, k), vmx)));
+
+		_mm512_mask_storeu_ps(s + n16, tail16(k), e);
+		sum = _mm512_add_ps(sum, e);
+	}
+
+	/* one exponential per block: libm's is not worth replacing here */
+	float corr = expf(*m - mx);
+
+	*l = *l * corr + hsum(sum);
+	*m = mx;
+	return corr;
+}
+
+static void scale(unsigned d, float a, float *y)
+{
+	const __m512 va = _mm512_set1_ps(a);
+	unsigned j = 0;
+
+	for (; j + 16 <= d; j += 16)
+		_mm512_storeu_ps(y + j, _mm512_mul_ps(_mm512_loadu_ps(y + j), va));
+	if (j < d)
+		_mm512_mask_storeu_ps(y + j, tail16(d - j), _mm512_mul_ps(load_f32_tail(y + j, d - j), va));
+}
+
+/*
+ * Packed codes, sixteen per vector. Sixteen codes of b bits fill exactly 2b bytes (at most 8), so the
+ * block of codes j..j+15 (j a multiple of 16) starts at byte j*b/8. Those bytes are loaded (masked: no
+ * byte past them), repeated into every 128-bit lane, and one byte shuffle gives lane L the two bytes
+ * holding code L (a code of 4 bits at bit offset 7 at most ends within them); a per-lane shift right
+ * by (L*b) % 8 brings it to bit 0. vpermps then reads the low four bits of each lane as the index into
+ * a 16-entry table in one register: 4-bit codes need no second half and no blend, and tables of 2, 4
+ * and 8 entries are repeated to fill 16, so the bits above a narrower code change nothing.
+ */
+struct lut_regs {
+	__m512 tab;
+	__m512i bytes, shifts;
+};
+
+INLINE struct lut_regs lut_regs(unsigned bits, const float *lut)
+{
+	float tab[16];
+	int8_t bytes[64];
+	int32_t shifts[16];
+	struct lut_regs r;
+
+	for (unsigned i = 0; i < 16; i++) {
+		const unsigned bit = i * bits, at = (i & 3) * 4;
+
+		tab[i] = lut[i & ((1u << bits) - 1)];
+		shifts[i] = (int32_t)(bit & 7);
+		/* pshufb indexes within a 128-bit lane: lane L's bytes sit at (L % 4) * 4 of lane L / 4 */
+		bytes[(i / 4) * 16 + at] = (int8_t)(bit >> 3);
+		bytes[(i / 4) * 16 + at + 1] = (int8_t)((bit >> 3) + 1);
+		bytes[(i / 4) * 16 + at + 2] = -128;
+		bytes[(i / 4) * 16 + at + 3] = -128;
+	}
+	r.tab = _mm512_loadu_ps(tab);
+	r.bytes = _mm512_loadu_si512(bytes);
+	r.shifts = _mm512_loadu_si512(shifts);
+	return r;
+}
+
+/* nbytes <= 8 bytes of codes at p, in the low 8 bytes of every 128-bit lane. The 8-byte block of 4-bit
+ * codes is one broadcast load; shorter blocks a masked load that reads only their bytes. */
+INLINE __m512i load_codes(const uint8_t *p, unsigned nbytes)
+{
+	if (nbytes == 8) {
+		long long w;
+		memcpy(&w, p, sizeof w);
+		return _mm512_set1_epi64(w);
+	}
+	return _mm512_broadcastq_epi64(_mm_maskz_loadu_epi8((__mmask16)((1u << nbytes) - 1), p));
+}
+
+INLINE __m512 lookup16(__m512i codes, const struct lut_regs *r)
+{
+	__m512i idx = _mm512_srlv_epi32(_mm512_shuffle_epi8(codes, r->bytes), r->shifts);
+
+	return _mm512_permutexvar_ps(idx, r->tab);
+}
+
+/* The block of codes j..j+15 of a row of m codes (j + 16 <= m). When the row holds 8 bytes from the
+ * block on, one plain broadcast load replaces the masked one (the bytes past the block are ignored). */
+INLINE __m512 lookup_block(unsigned bits, const uint8_t *row, unsigned j, unsigned m,
+			   const struct lut_regs *r)
+{
+	return lookup16(load_codes(row + j * bits / 8, (m - j) * bits >= 64 ? 8 : 2 * bits), r);
+}
+
+/* The k < 16 codes from j on: lanes past k look up whatever bits follow (within the row's last byte). */
+INLINE __m512 lookup_tail(unsigned bits, const uint8_t *row, unsigned j, unsigned k, const struct lut_regs *r)
+{
+	return lookup16(load_codes(row + j * bits / 8, (k * bits + 7) / 8), r);
+}
+
+/* Two accumulators per row: the FMA chain would otherwise wait 4 cycles per block of 16 codes. */
+INLINE void lut_dot_bits(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			 const float *lut, const float *q, float *out)
+{
+	const struct lut_regs r = lut_regs(bits, lut);
+	const unsigned m16 = m & ~15u, k = m & 15u;
+	/* lanes past the tail look up stray bits; their q is 0 */
+	const __m512 qt = load_f32_tail(q + m16, k);
+
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *row = codes + (size_t)i * stride;
+		__m512 a0 = _mm512_setzero_ps(), a1 = a0;
+		unsigned j = 0;
+
+		for (; j + 32 <= m16; j += 32) {
+			a0 = _mm512_fmadd_ps(lookup_block(bits, row, j, m, &r), _mm512_loadu_ps(q + j), a0);
+			a1 = _mm512_fmadd_ps(lookup_block(bits, row, j + 16, m, &r), _mm512_loadu_ps(q + j + 16), a1);
+		}
+		if (j < m16)
+			a0 = _mm512_fmadd_ps(lookup_block(bits, row, j, m, &r), _mm512_loadu_ps(q + j), a0);
+		if (k)
+			a1 = _mm512_fmadd_ps(lookup_tail(bits, row, m16, k, &r), qt, a1);
+		out[i] = hsum(_mm512_add_ps(a0, a1));
+	}
+}
+
+/* Columns outer in strips of 16, rows inner in pairs: the strip's sums stay in two registers. */
+INLINE void lut_axpy_bits(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			  const float *lut, const float *w, float *acc)
+{
+	const struct lut_regs r = lut_regs(bits, lut);
+
+	for (unsigned j = 0; j < m; j += 16) {
+		const unsigned k = m - j < 16 ? m - j : 16;
+		__m512 a0 = load_f32_tail(acc + j, k), a1 = _mm512_setzero_ps();
+		unsigned i = 0;
+
+		if (k == 16) {
+			for (; i + 2 <= n; i += 2) {
+				const uint8_t *r0 = codes + (size_t)i * stride;
+
+				a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[i]), lookup_block(bits, r0, j, m, &r), a0);
+				a1 = _mm512_fmadd_ps(_mm512_set1_ps(w[i + 1]), lookup_block(bits, r0 + stride, j, m, &r), a1);
+			}
+			if (i < n)
+				a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[i]),
+						     lookup_block(bits, codes + (size_t)i * stride, j, m, &r), a0);
+		} else {
+			for (; i < n; i++)
+				a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[i]),
+						     lookup_tail(bits, codes + (size_t)i * stride, j, k, &r), a0);
+		}
+		_mm512_mask_storeu_ps(acc + j, tail16(k), _mm512_add_ps(a0, a1));
+	}
+}
+
+/* Four heads per looked-up block: the unpack and the permute, which bound lut_dot, are shared. */
+INLINE void lut_dot_heads4(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			   const float *lut, const float *q, size_t qs, float *out)
+{
+	const struct lut_regs r = lut_regs(bits, lut);
+	const unsigned m16 = m & ~15u, k = m & 15u;
+	const float *q0 = q, *q1 = q + qs, *q2 = q1 + qs, *q3 = q2 + qs;
+
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *row = codes + (size_t)i * stride;
+		__m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, x;
+		float s[4];
+
+		for (unsigned j = 0; j < m16; j += 16) {
+			x = lookup_block(bits, row, j, m, &r);
+			a0 = _mm512_fmadd_ps(x, _mm512_loadu_ps(q0 + j), a0);
+			a1 = _mm512_fmadd_ps(x, _mm512_loadu_ps(q1 + j), a1);
+			a2 = _mm512_fmadd_ps(x, _mm512_loadu_ps(q2 + j), a2);
+			a3 = _mm512_fmadd_ps(x, _mm512_loadu_ps(q3 + j), a3);
+		}
+		if (k) {
+			/* lanes past the tail look up stray bits; their q is 0 */
+			x = lookup_tail(bits, row, m16, k, &r);
+			a0 = _mm512_fmadd_ps(x, load_f32_tail(q0 + m16, k), a0);
+			a1 = _mm512_fmadd_ps(x, load_f32_tail(q1 + m16, k), a1);
+			a2 = _mm512_fmadd_ps(x, load_f32_tail(q2 + m16, k), a2);
+			a3 = _mm512_fmadd_ps(x, load_f32_tail(q3 + m16, k), a3);
+		}
+		_mm_storeu_ps(s, hsum4(a0, a1, a2, a3));
+		out[i] = s[0], out[n + i] = s[1], out[2 * (size_t)n + i] = s[2], out[3 * (size_t)n + i] = s[3];
+	}
+}
+
+INLINE void lut_axpy_heads4(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			    const float *lut, const float *w, float *acc, size_t as)
+{
+	const struct lut_regs r = lut_regs(bits, lut);
+	const float *w0 = w, *w1 = w + n, *w2 = w1 + n, *w3 = w2 + n;
+	float *c0 = acc, *c1 = acc + as, *c2 = c1 + as, *c3 = c2 + as;
+
+	for (unsigned j = 0; j < m; j += 16) {
+		const unsigned k = m - j < 16 ? m - j : 16;
+		const __mmask16 keep = tail16(k);
+		__m512 a0 = load_f32_tail(c0 + j, k), a1 = load_f32_tail(c1 + j, k);
+		__m512 a2 = load_f32_tail(c2 + j, k), a3 = load_f32_tail(c3 + j, k), x;
+
+		for (unsigned i = 0; i < n; i++) {
+			const uint8_t *row = codes + (size_t)i * stride;
+
+			x = k == 16 ? lookup_block(bits, row, j, m, &r) : lookup_tail(bits, row, j, k, &r);
+			a0 = _mm512_fmadd_ps(_mm512_set1_ps(w0[i]), x, a0);
+			a1 = _mm512_fmadd_ps(_mm512_set1_ps(w1[i]), x, a1);
+			a2 = _mm512_fmadd_ps(_mm512_set1_ps(w2[i]), x, a2);
+			a3 = _mm512_fmadd_ps(_mm512_set1_ps(w3[i]), x, a3);
+		}
+		_mm512_mask_storeu_ps(c0 + j, keep, a0), _mm512_mask_storeu_ps(c1 + j, keep, a1);
+		_mm512_mask_storeu_ps(c2 + j, keep, a2), _mm512_mask_storeu_ps(c3 + j, keep, a3);
+	}
+}
+
+/*
+ * Masked rows, sixteen channels (two mask bytes) per step. An expanding load puts the step's kept
+ * values, read exactly popcount of them, into the kept lanes in order. Expanding 0, 1, 2, ... into the
+ * pruned lanes gives each its place among the step's pruned channels, which shifts its sign bit down
+ * for a variable shift. A blend on the keep mask picks per lane; no table is needed.
+ */
+static void mask_expand_row(unsigned d, const uint8_t *mask, const uint8_t *sign, const float *v, float scale,
+			    const float *mag, float *x)
+{
+	const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+	const __m512 vscale = _mm512_set1_ps(scale);
+	unsigned t = 0, r = 0, pruned = 0, last;
+
+	for (unsigned j = 0; j < d; j += 8) {
+		const unsigned k = d - j < 8 ? d - j : 8;
+		pruned += k - (unsigned)__builtin_popcount(mask[j >> 3] & ((1u << k) - 1));
+	}
+	last = pruned ? (pruned - 1) / 8 : 0; /* the last byte of sign that may be read */
+	for (unsigned j = 0; j < d; j += 16) {
+		const unsigned k = d - j < 16 ? d - j : 16;
+		const unsigned bits = mask[j >> 3] | (j + 8 < d ? (unsigned)mask[(j >> 3) + 1] << 8 : 0u);
+		const __mmask16 keep = (__mmask16)(bits & tail16(k)), prune = (__mmask16)(~bits & tail16(k));
+		const unsigned nk = (unsigned)__builtin_popcount(keep), np = k - nk;
+		__m512 kv = _mm512_maskz_expandloadu_ps(keep, v + t), pv = _mm512_setzero_ps();
+
+		if (sign && np) {
+			/* three bytes hold the step's at most 16 sign bits from bit r & 7; clamped into the field */
+			const unsigned b = r >> 3, b1 = b + 1 < last ? b + 1 : last, b2 = b + 2 < last ? b + 2 : last;
+			const unsigned w = (sign[b] | (unsigned)sign[b1] << 8 | (unsigned)sign[b2] << 16) >> (r & 7);
+			const __m512i place = _mm512_maskz_expand_epi32(prune, lane);
+			const __m512i bit = _mm512_slli_epi32(_mm512_srlv_epi32(_mm512_set1_epi32((int)w), place), 31);
+
+			pv = _mm512_xor_ps(_mm512_mul_ps(vscale, load_f32_tail(mag + j, k)), _mm512_castsi512_ps(bit));
+		}
+		_mm512_mask_storeu_ps(x + j, tail16(k), _mm512_mask_blend_ps(keep, pv, kv));
+		t += nk;
+		r += np;
+	}
+}
+
+/* Bands [0, returned) of one row, sixteen at a time; mul, mul, add, sqrt are each rounded as in the
+ * scalar reference. */
+INLINE unsigned band_norms_vector(unsigned F, int interleaved, const float *r, float *o)
+{
+	const unsigned F16 = F & ~15u;
+	const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+	const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+
+	for (unsigned f = 0; f < F16; f += 16) {
+		__m512 sum;
+		if (interleaved) {
+			__m512 a = _mm512_loadu_ps(r + 2 * f), b = _mm512_loadu_ps(r + 2 * f + 16);
+			__m512 aa = _mm512_mul_ps(a, a), bb = _mm512_mul_ps(b, b);
+
+			sum = _mm512_add_ps(_mm512_permutex2var_ps(aa, even, bb), _mm512_permutex2var_ps(aa, odd, bb));
+		} else {
+			__m512 re = _mm512_loadu_ps(r + f), im = _mm512_loadu_ps(r + f + F);
+			sum = _mm512_add_ps(_mm512_mul_ps(re, re), _mm512_mul_ps(im, im));
+		}
+		_mm512_storeu_ps(o + f, _mm512_sqrt_ps(sum));
+	}
+	return F16;
+}
+
+#define KVP_ISA_NAME "avx512"
+#define KVP_ISA_TABLE kvp_kernels_avx512
+#include "kernels/loops.h"
