@@ -618,10 +618,11 @@ static float part_norm(const float *y, unsigned m)
 	unsigned j = 0;
 
 	for (; j + 4 <= m; j += 4) { /* four sums in registers (an array of them stays in memory) */
-		a0 += (double)y[j] * y[j];
-		a1 += (double)y[j + 1] * y[j + 1];
-		a2 += (double)y[j + 2] * y[j + 2];
-		a3 += (double)y[j + 3] * y[j + 3];
+		const float *b = y + j;
+		a0 += (double)b[0] * b[0];
+		a1 += (double)b[1] * b[1];
+		a2 += (double)b[2] * b[2];
+		a3 += (double)b[3] * b[3];
 	}
 	for (; j < m; j++)
 		a0 += (double)y[j] * y[j];
@@ -797,46 +798,85 @@ static void unrotate_fast(const struct tq_part *pt, float *v)
  */
 #define CELL_BLOCK 16
 
-static void cells16(const int32_t *restrict tb, unsigned nt, int32_t half, const float *restrict y,
-		    int32_t *restrict idx)
+/* One block: the thresholds arrive as values so that they stay in registers; nt is a constant where this
+ * is inlined, which unrolls the count. */
+static inline void cells16(const float *restrict y, int32_t *restrict idx, int32_t half, unsigned nt,
+			   const int32_t *restrict tb)
 {
-	int32_t u[CELL_BLOCK], b[CELL_BLOCK], neg[CELL_BLOCK], cnt[CELL_BLOCK];
+	int32_t u[CELL_BLOCK];
 
 	memcpy(u, y, sizeof u);
 	for (unsigned l = 0; l < CELL_BLOCK; l++) {
-		neg[l] = -(u[l] <= 0); /* y <= 0 (y is finite) */
-		b[l] = (u[l] & 0x7fffffff) - neg[l];
-		cnt[l] = 0;
+		int32_t neg = -(u[l] <= 0), b = (u[l] & 0x7fffffff) - neg, cnt = 0; /* neg: y <= 0 */
+#pragma GCC unroll 8
+		for (unsigned k = 0; k < nt; k++)
+			cnt += b > tb[k];
+		idx[l] = half + (cnt ^ neg);
 	}
-	for (unsigned k = 0; k < nt; k++) {
-		int32_t tk = tb[k];
-		for (unsigned l = 0; l < CELL_BLOCK; l++)
-			cnt[l] += b[l] > tk;
-	}
-	for (unsigned l = 0; l < CELL_BLOCK; l++)
-		idx[l] = half + (cnt[l] ^ neg[l]);
 }
 
-/* The codes of the unit vector y (rotated) into a zeroed token, as encode_part writes them. */
-static void quantize(const struct tq_part *pt, const float *y, unsigned char *tok)
+/* cell() of y[0, n), n a multiple of CELL_BLOCK, for half - 1 = 1, 3 or 7 thresholds tb. */
+static void cells(const float *y, int32_t *idx, unsigned n, unsigned half, const int32_t *tb)
+{
+	int32_t t[7];
+
+	memcpy(t, tb, sizeof(int32_t) * (half - 1));
+	for (unsigned j = 0; j < n; j += CELL_BLOCK) {
+		if (half == 8)
+			cells16(y + j, idx + j, 8, 7, t);
+		else if (half == 4)
+			cells16(y + j, idx + j, 4, 3, t);
+		else if (half == 2)
+			cells16(y + j, idx + j, 2, 1, t);
+		else
+			cells16(y + j, idx + j, 1, 0, t);
+	}
+}
+
+/* 8 codes of `bits` bits, LSB first, into `bits` bytes; each width its own constant shifts. */
+static inline void pack8_width(const int32_t *restrict idx, unsigned bits, unsigned char *restrict out)
+{
+	uint64_t word = 0;
+
+	for (unsigned l = 0; l < 8; l++)
+		word |= (uint64_t)(uint32_t)idx[l] << (bits * l);
+	for (unsigned q = 0; q < bits; q++)
+		out[q] = (unsigned char)(word >> (8 * q));
+}
+
+static void pack8(const int32_t *idx, unsigned bits, unsigned char *out)
+{
+	switch (bits) {
+	case 1:
+		pack8_width(idx, 1, out);
+		break;
+	case 2:
+		pack8_width(idx, 2, out);
+		break;
+	case 3:
+		pack8_width(idx, 3, out);
+		break;
+	default:
+		pack8_width(idx, 4, out);
+		break;
+	}
+}
+
+/* The codes of the unit vector y (rotated) into a zeroed token, as encode_part writes them; room holds m
+ * int32. */
+static void quantize(const struct tq_part *pt, const float *y, void *room, unsigned char *tok)
 {
 	const unsigned bits = pt->bits, half = (1u << bits) / 2;
 	unsigned char *out = tok + pt->code_at;
-	int32_t tb[TQ_LEVELS_MAX / 2], idx[CELL_BLOCK];
+	const unsigned whole = pt->m / CELL_BLOCK * CELL_BLOCK;
+	int32_t tb[TQ_LEVELS_MAX / 2], *idx = room; /* m cells */
 	unsigned j = 0;
 
 	for (unsigned i = 0; i + 1 < half; i++)
 		memcpy(&tb[i], &pt->threshold[half + i], sizeof tb[i]);
-	for (; j + CELL_BLOCK <= pt->m; j += CELL_BLOCK, out += 2 * bits) {
-		cells16(tb, half - 1, (int32_t)half, y + j, idx);
-		for (unsigned g = 0; g < 2; g++) { /* 8 codes are bits bytes */
-			uint64_t word = 0;
-			for (unsigned l = 0; l < 8; l++)
-				word |= (uint64_t)idx[8 * g + l] << (bits * l);
-			for (unsigned q = 0; q < bits; q++)
-				out[bits * g + q] = (unsigned char)(word >> (8 * q));
-		}
-	}
+	cells(y, idx, whole, half, tb);
+	for (; j < whole; j += 8, out += bits) /* 8 codes are bits bytes */
+		pack8(idx + j, bits, out);
 	for (; j < pt->m; j++)
 		kvp_bits_put(tok + pt->code_at, (size_t)j * bits, bits, cell(pt, y[j]));
 }
@@ -860,7 +900,7 @@ static kvp_status tq_encode(const struct kvp_codec *c, const void *ctx, unsigned
 			rotate_unit(pt, y, norm);
 			memcpy(p + sizeof(float) * k, &norm, sizeof norm);
 			if (!t->qjl) {
-				quantize(pt, y, p);
+				quantize(pt, y, r, p);
 				continue;
 			}
 			gamma = encode_part(pt, 1, y, r, p); /* the m x m product S r dominates: left as it was */
