@@ -633,16 +633,25 @@ static float part_norm(const float *y, unsigned m)
 	return norm_reference(y, m);
 }
 
-/* Stages h = 1, 2, 4 of the transform on 8 values: the reference's butterflies, in registers. */
-static void fwht8(float *v)
+/* Stages h = 1 and 2 on 16 values, four groups of 4: written as one group per iteration, which the
+ * vectorizer takes as a 4 x 4 transpose, 4-wide sums and the transpose back. */
+static void fwht_stages12(float *restrict v)
 {
-	float a0 = v[0] + v[1], a1 = v[0] - v[1], a2 = v[2] + v[3], a3 = v[2] - v[3];
-	float a4 = v[4] + v[5], a5 = v[4] - v[5], a6 = v[6] + v[7], a7 = v[6] - v[7];
-	float b0 = a0 + a2, b2 = a0 - a2, b1 = a1 + a3, b3 = a1 - a3;
-	float b4 = a4 + a6, b6 = a4 - a6, b5 = a5 + a7, b7 = a5 - a7;
+	for (unsigned g = 0; g < 4; g++) {
+		float *w = v + 4 * g;
+		float s0 = w[0] + w[1], d0 = w[0] - w[1], s1 = w[2] + w[3], d1 = w[2] - w[3];
+		w[0] = s0 + s1, w[1] = d0 + d1, w[2] = s0 - s1, w[3] = d0 - d1;
+	}
+}
 
-	v[0] = b0 + b4, v[4] = b0 - b4, v[1] = b1 + b5, v[5] = b1 - b5;
-	v[2] = b2 + b6, v[6] = b2 - b6, v[3] = b3 + b7, v[7] = b3 - b7;
+/* Stage h = 4 on 16 values. */
+static void fwht_stage4(float *restrict v)
+{
+	for (unsigned g = 0; g < 16; g += 8)
+		for (unsigned l = 0; l < 4; l++) {
+			float a = v[g + l], b = v[g + 4 + l];
+			v[g + l] = a + b, v[g + 4 + l] = a - b;
+		}
 }
 
 /* Stages h and 2h (h >= LANES) on the LANES columns at a, a + h, a + 2h, a + 3h. */
@@ -667,12 +676,14 @@ static void fwht_fast(float *v, unsigned p)
 {
 	unsigned h = LANES;
 
-	if (p < LANES) {
+	if (p < 16) {
 		fwht(v, p);
 		return;
 	}
-	for (unsigned i = 0; i < p; i += LANES)
-		fwht8(v + i);
+	for (unsigned i = 0; i < p; i += 16)
+		fwht_stages12(v + i);
+	for (unsigned i = 0; i < p; i += 16)
+		fwht_stage4(v + i);
 	for (; 4 * h <= p; h *= 4)
 		for (unsigned i = 0; i < p; i += 4 * h)
 			for (unsigned j = i; j < i + h; j += LANES)
@@ -910,6 +921,36 @@ static kvp_status tq_encode(const struct kvp_codec *c, const void *ctx, unsigned
 	return KVP_OK;
 }
 
+/* 8 codes of `bits` bits from `bits` bytes, each looked up in lut; each width its own constant shifts. */
+static inline void unpack8_width(const unsigned char *restrict in, unsigned bits, const float *restrict lut,
+				 float *restrict v)
+{
+	uint64_t word = 0;
+
+	for (unsigned q = 0; q < bits; q++)
+		word |= (uint64_t)in[q] << (8 * q);
+	for (unsigned l = 0; l < 8; l++)
+		v[l] = lut[(word >> (bits * l)) & ((1u << bits) - 1)];
+}
+
+static void unpack8(const unsigned char *in, unsigned bits, const float *lut, float *v)
+{
+	switch (bits) {
+	case 1:
+		unpack8_width(in, 1, lut, v);
+		break;
+	case 2:
+		unpack8_width(in, 2, lut, v);
+		break;
+	case 3:
+		unpack8_width(in, 3, lut, v);
+		break;
+	default:
+		unpack8_width(in, 4, lut, v);
+		break;
+	}
+}
+
 /* qjl=0: v = norm * c[idx], as decode_rotated computes it (c[idx] * norm is one product either way). */
 static void decode_codes(const struct tq_part *pt, unsigned k, const unsigned char *p, float *v)
 {
@@ -920,13 +961,8 @@ static void decode_codes(const struct tq_part *pt, unsigned k, const unsigned ch
 
 	for (unsigned c = 0; c <= mask; c++)
 		lut[c] = pt->centroid[c] * norm;
-	for (; j + LANES <= pt->m; j += LANES, in += b) {
-		uint64_t word = 0;
-		for (unsigned q = 0; q < b; q++)
-			word |= (uint64_t)in[q] << (8 * q);
-		for (unsigned l = 0; l < LANES; l++)
-			v[j + l] = lut[(word >> (b * l)) & mask];
-	}
+	for (; j + 8 <= pt->m; j += 8, in += b)
+		unpack8(in, b, lut, v + j);
 	for (; j < pt->m; j++)
 		v[j] = lut[kvp_bits_get(p + pt->code_at, (size_t)j * b, b)];
 }
