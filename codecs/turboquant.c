@@ -606,7 +606,7 @@ kvp_status kvp_turboquant_decode_reference(const struct kvp_codec *c, const void
 #define LANES 8
 
 /*
- * The reference's norm, (float)sqrt of a double sum of squares, with the sum taken in LANES interleaved
+ * The reference's norm, (float)sqrt of a double sum of squares, with the sum taken in 8 interleaved
  * partial sums. Each term (double)y*y is exact and nonnegative, so each order's sum is within (m-1) * 2^-53
  * of the exact sum, relatively, and the two roots within about (m + 2) * 2^-53 of each other. Both round to
  * the same float unless the root lies that close to a midpoint between two floats (about one vector in 2^20
@@ -614,33 +614,45 @@ kvp_status kvp_turboquant_decode_reference(const struct kvp_codec *c, const void
  */
 static float part_norm(const float *y, unsigned m)
 {
-	double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0, n2, s, e = (m + 4) * 0x1p-52;
+	double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0, a4 = 0.0, a5 = 0.0, a6 = 0.0, a7 = 0.0, n2, s;
+	double e = (m + 4) * 0x1p-52;
 	unsigned j = 0;
 
-	for (; j + 4 <= m; j += 4) { /* four sums in registers (an array of them stays in memory) */
+	for (; j + 8 <= m; j += 8) { /* eight sums in registers (an array of them stays in memory) */
 		const float *b = y + j;
 		a0 += (double)b[0] * b[0];
 		a1 += (double)b[1] * b[1];
 		a2 += (double)b[2] * b[2];
 		a3 += (double)b[3] * b[3];
+		a4 += (double)b[4] * b[4];
+		a5 += (double)b[5] * b[5];
+		a6 += (double)b[6] * b[6];
+		a7 += (double)b[7] * b[7];
 	}
 	for (; j < m; j++)
 		a0 += (double)y[j] * y[j];
-	n2 = (a0 + a1) + (a2 + a3);
+	n2 = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7));
 	s = sqrt(n2);
 	if ((float)(s * (1.0 - e)) == (float)(s * (1.0 + e)))
 		return (float)s;
 	return norm_reference(y, m);
 }
 
-/* Stages h = 1 and 2 on 16 values, four groups of 4: written as one group per iteration, which the
- * vectorizer takes as a 4 x 4 transpose, 4-wide sums and the transpose back. */
-static void fwht_stages12(float *restrict v)
+/* Stage h = 1 on 16 values: even and odd lanes, which the vectorizer splits and interleaves again. */
+static void fwht_stage1(float *restrict v)
 {
-	for (unsigned g = 0; g < 4; g++) {
-		float *w = v + 4 * g;
-		float s0 = w[0] + w[1], d0 = w[0] - w[1], s1 = w[2] + w[3], d1 = w[2] - w[3];
-		w[0] = s0 + s1, w[1] = d0 + d1, w[2] = s0 - s1, w[3] = d0 - d1;
+	for (unsigned i = 0; i < 16; i += 2) {
+		float a = v[i], b = v[i + 1];
+		v[i] = a + b, v[i + 1] = a - b;
+	}
+}
+
+/* Stage h = 2 on 16 values. */
+static void fwht_stage2(float *restrict v)
+{
+	for (unsigned i = 0; i < 16; i += 4) {
+		float a0 = v[i], a1 = v[i + 1], b0 = v[i + 2], b1 = v[i + 3];
+		v[i] = a0 + b0, v[i + 1] = a1 + b1, v[i + 2] = a0 - b0, v[i + 3] = a1 - b1;
 	}
 }
 
@@ -680,10 +692,11 @@ static void fwht_fast(float *v, unsigned p)
 		fwht(v, p);
 		return;
 	}
-	for (unsigned i = 0; i < p; i += 16)
-		fwht_stages12(v + i);
-	for (unsigned i = 0; i < p; i += 16)
+	for (unsigned i = 0; i < p; i += 16) {
+		fwht_stage1(v + i);
+		fwht_stage2(v + i);
 		fwht_stage4(v + i);
+	}
 	for (; 4 * h <= p; h *= 4)
 		for (unsigned i = 0; i < p; i += 4 * h)
 			for (unsigned j = i; j < i + h; j += LANES)
@@ -849,8 +862,10 @@ static inline void pack8_width(const int32_t *restrict idx, unsigned bits, unsig
 {
 	uint64_t word = 0;
 
+#pragma GCC unroll 8
 	for (unsigned l = 0; l < 8; l++)
 		word |= (uint64_t)(uint32_t)idx[l] << (bits * l);
+#pragma GCC unroll 4
 	for (unsigned q = 0; q < bits; q++)
 		out[q] = (unsigned char)(word >> (8 * q));
 }
@@ -927,8 +942,10 @@ static inline void unpack8_width(const unsigned char *restrict in, unsigned bits
 {
 	uint64_t word = 0;
 
+#pragma GCC unroll 4
 	for (unsigned q = 0; q < bits; q++)
 		word |= (uint64_t)in[q] << (8 * q);
+#pragma GCC unroll 8
 	for (unsigned l = 0; l < 8; l++)
 		v[l] = lut[(word >> (bits * l)) & ((1u << bits) - 1)];
 }
