@@ -984,6 +984,28 @@ static void decode_codes(const struct tq_part *pt, unsigned k, const unsigned ch
 		v[j] = lut[kvp_bits_get(p + pt->code_at, (size_t)j * b, b)];
 }
 
+static void unsign_into8(const float *restrict w, const float *restrict sign, float scale, float *restrict x)
+{
+	for (unsigned l = 0; l < LANES; l++)
+		x[l] = 0.0f + w[l] * (scale * sign[l]);
+}
+
+/*
+ * One part of all the channels, one pass (m a power of two): x = 0 + R^T v, the reference's unrotate and
+ * scatter_add into zeros in one sweep (0 + t keeps the reference's +0 for -0).
+ */
+static void unrotate_into(const struct tq_part *pt, float *v, float *x)
+{
+	float scale = 1.0f / sqrtf((float)pt->p);
+	unsigned j = 0;
+
+	fwht_fast(v, pt->p);
+	for (; j + LANES <= pt->p; j += LANES)
+		unsign_into8(v + j, pt->sign[0] + j, scale, x + j);
+	for (; j < pt->p; j++)
+		x[j] = 0.0f + v[j] * (scale * pt->sign[0][j]);
+}
+
 static kvp_status tq_decode(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, float *x)
 {
 	const struct tq *t = c->state;
@@ -991,6 +1013,11 @@ static kvp_status tq_decode(const struct kvp_codec *c, const void *ctx, unsigned
 	float *v = c->scratch; /* [dim] */
 
 	for (unsigned i = 0; i < n; i++, p += t->stride, x += c->dim) {
+		if (t->nparts == 1 && !t->qjl && t->part[0].npass == 1) {
+			decode_codes(&t->part[0], 0, p, v);
+			unrotate_into(&t->part[0], v, x);
+			continue;
+		}
 		memset(x, 0, sizeof(float) * c->dim);
 		for (unsigned k = 0; k < t->nparts; k++) {
 			const struct tq_part *pt = &t->part[k];
