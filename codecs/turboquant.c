@@ -721,10 +721,10 @@ static void scale8(float *restrict v, float k)
 		v[l] *= k;
 }
 
-static void divide8(float *restrict v, const float *restrict sign, float norm)
+static void divide8(const float *restrict from, float *restrict v, const float *restrict sign, float norm)
 {
 	for (unsigned l = 0; l < LANES; l++)
-		v[l] = v[l] / norm * sign[l];
+		v[l] = from[l] / norm * sign[l];
 }
 
 static void unsign8(float *restrict v, const float *restrict sign, float scale)
@@ -751,21 +751,22 @@ static void multiply(float *restrict v, const float *restrict by, float k, unsig
 		v[j] *= k;
 }
 
-/* v[j] = v[j] / norm, times sign[j] for j < p, as the reference divides and then rotates. */
-static void divide(float *restrict v, const float *restrict sign, float norm, unsigned p, unsigned m)
+/* v[j] = from[j] / norm, times sign[j] for j < p, as the reference divides and then rotates. */
+static void divide(const float *restrict from, float *restrict v, const float *restrict sign, float norm,
+		   unsigned p, unsigned m)
 {
 	unsigned j = 0;
 
 	for (; j + LANES <= p; j += LANES)
-		divide8(v + j, sign + j, norm);
+		divide8(from + j, v + j, sign + j, norm);
 	for (; j < p; j++)
-		v[j] = v[j] / norm * sign[j];
+		v[j] = from[j] / norm * sign[j];
 	for (; j < m; j++)
-		v[j] = v[j] / norm;
+		v[j] = from[j] / norm;
 }
 
-/* y = R(y / norm), the reference's divisions and rotation; a zero vector stays zero. */
-static void rotate_unit(const struct tq_part *pt, float *y, float norm)
+/* y = R(x / norm), the reference's divisions and rotation; a zero vector stays zero. */
+static void rotate_unit(const struct tq_part *pt, const float *x, float *y, float norm)
 {
 	float scale = 1.0f / sqrtf((float)pt->p);
 
@@ -773,7 +774,7 @@ static void rotate_unit(const struct tq_part *pt, float *y, float norm)
 		memset(y, 0, sizeof(float) * pt->m); /* R maps it to zeros, some negative: the same cells */
 		return;
 	}
-	divide(y, pt->sign[0], norm, pt->p, pt->m);
+	divide(x, y, pt->sign[0], norm, pt->p, pt->m);
 	for (unsigned k = 0; k < pt->npass; k++) {
 		float *w = y + pt->win[k];
 		if (k)
@@ -919,11 +920,16 @@ static kvp_status tq_encode(const struct kvp_codec *c, const void *ctx, unsigned
 			const struct tq_part *pt = &t->part[k];
 			float norm, gamma;
 
-			gather(pt, ctx, x, y);
-			norm = part_norm(y, pt->m);
+			const float *from = x; /* the part's channels: x itself without an outlier split */
+
+			if (ctx) {
+				gather(pt, ctx, x, r); /* r is free until encode_part */
+				from = r;
+			}
+			norm = part_norm(from, pt->m);
 			if (!isfinite(norm))
 				return kvp_fail(KVP_EINVAL, "turboquant: token %u has a non-finite value", i);
-			rotate_unit(pt, y, norm);
+			rotate_unit(pt, from, y, norm);
 			memcpy(p + sizeof(float) * k, &norm, sizeof norm);
 			if (!t->qjl) {
 				quantize(pt, y, r, p);
