@@ -597,11 +597,11 @@ kvp_status kvp_turboquant_decode_reference(const struct kvp_codec *c, const void
 /* ---- Encode and decode: the fast paths. ---- */
 
 /*
- * Every loop below runs in blocks of LANES with a fixed trip count, which gcc (its -O2 "very cheap" cost
- * model takes no loop that needs a remainder) and clang vectorize for SSE2, AVX2 or NEON alike, and ends
- * with the scalar remainder. Each computes the reference's float operations on the same operands (only
- * independent operations change their order), so the results are the same bits; the norm is the one sum
- * whose order changes, and part_norm says why its result does not.
+ * Every loop below runs in blocks of a fixed size (LANES, or 16) with a fixed trip count, which gcc (its -O2
+ * "very cheap" cost model takes no loop that needs a remainder) and clang vectorize for SSE2, AVX2 or NEON
+ * alike, and ends with the scalar remainder. Each computes the reference's float operations on the same
+ * operands (only independent operations change their order), so the results are the same bits; the norm is
+ * the one sum whose order changes, and part_norm says why its result does not.
  */
 #define LANES 8
 
