@@ -612,13 +612,28 @@ kvp_status kvp_turboquant_decode_reference(const struct kvp_codec *c, const void
  * the same float unless the root lies that close to a midpoint between two floats (about one vector in 2^20
  * at m = 128); then the reference's sequential sum decides.
  */
+static void squares64(const float *restrict y, double *restrict sq)
+{
+	for (unsigned l = 0; l < 64; l++)
+		sq[l] = (double)y[l] * y[l];
+}
+
 static float part_norm(const float *y, unsigned m)
 {
 	double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0, a4 = 0.0, a5 = 0.0, a6 = 0.0, a7 = 0.0, n2, s;
 	double e = (m + 4) * 0x1p-52;
 	unsigned j = 0;
 
-	for (; j + 8 <= m; j += 8) { /* eight sums in registers (an array of them stays in memory) */
+	for (; j + 64 <= m; j += 64) { /* the squares by the vectorizer, then eight sums in registers */
+		double sq[64];
+		squares64(y + j, sq);
+		for (unsigned k = 0; k < 64; k += 8) {
+			const double *q = sq + k;
+			a0 += q[0], a1 += q[1], a2 += q[2], a3 += q[3];
+			a4 += q[4], a5 += q[5], a6 += q[6], a7 += q[7];
+		}
+	}
+	for (; j + 8 <= m; j += 8) { /* an array of sums would stay in memory */
 		const float *b = y + j;
 		a0 += (double)b[0] * b[0];
 		a1 += (double)b[1] * b[1];
