@@ -1,6 +1,6 @@
 /*
  * Codecs on their own, d=128, every figure beside a baseline measured in the same run:
- *   - encode and decode throughput (vectors/s) of 4096 vectors, against fp16's;
+ *   - encode and decode of 4096 vectors, in ns per vector, against fp16's;
  *   - dot of one query over 32K encoded keys (prepare_query + fused dot), against the dense kernels
  *     dot_f32 and dot_f16 over the same 32K keys;
  *   - axpy of 32K weights over 32K encoded values (+ finish), against axpy_f32 and axpy_f16;
@@ -199,20 +199,20 @@ static void throughput(const float *x, int reps)
 	double base_enc = 0, base_dec = 0;
 	char name[96];
 
-	bench_header("Encode and decode, 4096 vectors of d=128 (vectors/s; ratio to fp16 in this run)");
+	bench_header("Encode and decode, 4096 vectors of d=128 (ns per vector; ratio to fp16 in this run)");
 	for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
 		struct kvp_codec *c = open_spec(&specs[i]);
 		struct work a = prepare(c, N_CODE, x, NULL, NULL, NULL);
 		double te = bench_time(run_encode, &a, reps), td = bench_time(run_decode, &a, reps);
 
 		if (!strcmp(specs[i].text, "fp16")) {
-			base_enc = N_CODE / te;
-			base_dec = N_CODE / td;
+			base_enc = te / N_CODE;
+			base_dec = td / N_CODE;
 		}
 		label(&specs[i], name, sizeof name);
 		printf("  %.2f bits/value\n", c->ops->bytes(c, N_CODE) * 8.0 / ((double)N_CODE * D));
-		bench_row(name, "encode", N_CODE / te, base_enc ? base_enc : N_CODE / te, 1e-6, "Mvec/s", "fp16 encode");
-		bench_row(name, "decode", N_CODE / td, base_dec ? base_dec : N_CODE / td, 1e-6, "Mvec/s", "fp16 decode");
+		bench_row(name, "encode", te / N_CODE, base_enc ? base_enc : te / N_CODE, 1e9, "ns/vec", "fp16 encode");
+		bench_row(name, "decode", td / N_CODE, base_dec ? base_dec : td / N_CODE, 1e9, "ns/vec", "fp16 decode");
 		release(&a);
 		kvp_codec_free(c);
 	}

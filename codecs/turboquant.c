@@ -429,10 +429,27 @@ static void gather(const struct tq_part *pt, const uint32_t *chan, const float *
 		y[j] = x[chan[pt->first + j]];
 }
 
+/* A block of fixed size on restrict pointers, which the vectorizer takes (scatter_add's loop on j + l in
+ * unsigned could wrap, for all it knows). */
+static void add8(float *restrict x, const float *restrict y)
+{
+	for (unsigned l = 0; l < 8; l++)
+		x[l] += y[l];
+}
+
 static void scatter_add(const struct tq_part *pt, const uint32_t *chan, const float *y, float *x)
 {
-	for (unsigned j = 0; j < pt->m; j++)
-		x[chan ? chan[pt->first + j] : j] += y[j];
+	unsigned j = 0;
+
+	if (chan) {
+		for (; j < pt->m; j++)
+			x[chan[pt->first + j]] += y[j];
+		return;
+	}
+	for (; j + 8 <= pt->m; j += 8)
+		add8(x + j, y + j);
+	for (; j < pt->m; j++)
+		x[j] += y[j];
 }
 
 static float load_f32(const unsigned char *p)
@@ -442,7 +459,17 @@ static float load_f32(const unsigned char *p)
 	return v;
 }
 
-/* ---- Encode and decode. ---- */
+/* ---- Encode and decode: the scalar reference. ---- */
+
+/*
+ * The codec's first encoder and decoder, kept as they were: the fast paths below give the same bytes and
+ * the same floats, and tests/test_turboquant.c compares the two on every layout. Not in the vtable; the
+ * suite declares these two itself (hidden in the shared library, linked from the static one).
+ */
+kvp_status kvp_turboquant_encode_reference(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x,
+					   void *dst);
+kvp_status kvp_turboquant_decode_reference(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src,
+					   float *x);
 
 static unsigned cell(const struct tq_part *pt, float y)
 {
@@ -478,7 +505,17 @@ static float encode_part(const struct tq_part *pt, unsigned qjl, float *y, float
 	return (float)sqrt(g2);
 }
 
-static kvp_status tq_encode(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x, void *dst)
+static float norm_reference(const float *y, unsigned m)
+{
+	double n2 = 0.0;
+
+	for (unsigned j = 0; j < m; j++)
+		n2 += (double)y[j] * y[j];
+	return (float)sqrt(n2);
+}
+
+kvp_status kvp_turboquant_encode_reference(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x,
+					   void *dst)
 {
 	const struct tq *t = c->state;
 	unsigned char *p = dst;
@@ -488,13 +525,10 @@ static kvp_status tq_encode(const struct kvp_codec *c, const void *ctx, unsigned
 		memset(p, 0, t->stride);
 		for (unsigned k = 0; k < t->nparts; k++) {
 			const struct tq_part *pt = &t->part[k];
-			double n2 = 0.0;
 			float norm, gamma = 0.0f;
 
 			gather(pt, ctx, x, y);
-			for (unsigned j = 0; j < pt->m; j++)
-				n2 += (double)y[j] * y[j];
-			norm = (float)sqrt(n2);
+			norm = norm_reference(y, pt->m);
 			if (!isfinite(norm))
 				return kvp_fail(KVP_EINVAL, "turboquant: token %u has a non-finite value", i);
 			for (unsigned j = 0; j < pt->m; j++)
@@ -536,7 +570,14 @@ static void decode_rotated(const struct tq *t, const struct tq_part *pt, unsigne
 		v[j] *= norm;
 }
 
-static kvp_status tq_decode(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, float *x)
+static void scatter_add_reference(const struct tq_part *pt, const uint32_t *chan, const float *y, float *x)
+{
+	for (unsigned j = 0; j < pt->m; j++)
+		x[chan ? chan[pt->first + j] : j] += y[j];
+}
+
+kvp_status kvp_turboquant_decode_reference(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src,
+					   float *x)
 {
 	const struct tq *t = c->state;
 	const unsigned char *p = src;
@@ -547,11 +588,471 @@ static kvp_status tq_decode(const struct kvp_codec *c, const void *ctx, unsigned
 		for (unsigned k = 0; k < t->nparts; k++) {
 			decode_rotated(t, &t->part[k], k, p, v);
 			unrotate(&t->part[k], v);
-			scatter_add(&t->part[k], ctx, v, x);
+			scatter_add_reference(&t->part[k], ctx, v, x);
 		}
 	}
 	return KVP_OK;
 }
+
+/* ---- Encode and decode: the fast paths. ---- */
+
+/*
+ * Every loop below runs in blocks of a fixed size (LANES, or 16) with a fixed trip count, which gcc (its -O2
+ * "very cheap" cost model takes no loop that needs a remainder) and clang vectorize for SSE2, AVX2 or NEON
+ * alike, and ends with the scalar remainder. Each computes the reference's float operations on the same
+ * operands (only independent operations change their order), so the results are the same bits; the norm is
+ * the one sum whose order changes, and part_norm says why its result does not.
+ */
+#define LANES 8
+
+/*
+ * The reference's norm, (float)sqrt of a double sum of squares, with the sum taken in 8 interleaved
+ * partial sums. Each term (double)y*y is exact and nonnegative, so each order's sum is within (m-1) * 2^-53
+ * of the exact sum, relatively, and the two roots within about (m + 2) * 2^-53 of each other. Both round to
+ * the same float unless the root lies that close to a midpoint between two floats (about one vector in 2^20
+ * at m = 128); then the reference's sequential sum decides.
+ */
+static void squares64(const float *restrict y, double *restrict sq)
+{
+	for (unsigned l = 0; l < 64; l++)
+		sq[l] = (double)y[l] * y[l];
+}
+
+static float part_norm(const float *y, unsigned m)
+{
+	double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0, a4 = 0.0, a5 = 0.0, a6 = 0.0, a7 = 0.0, n2, s;
+	double e = (m + 4) * 0x1p-52;
+	unsigned j = 0;
+
+	for (; j + 64 <= m; j += 64) { /* the squares by the vectorizer, then eight sums in registers */
+		double sq[64];
+		squares64(y + j, sq);
+		for (unsigned k = 0; k < 64; k += 8) {
+			const double *q = sq + k;
+			a0 += q[0], a1 += q[1], a2 += q[2], a3 += q[3];
+			a4 += q[4], a5 += q[5], a6 += q[6], a7 += q[7];
+		}
+	}
+	for (; j + 8 <= m; j += 8) { /* an array of sums would stay in memory */
+		const float *b = y + j;
+		a0 += (double)b[0] * b[0];
+		a1 += (double)b[1] * b[1];
+		a2 += (double)b[2] * b[2];
+		a3 += (double)b[3] * b[3];
+		a4 += (double)b[4] * b[4];
+		a5 += (double)b[5] * b[5];
+		a6 += (double)b[6] * b[6];
+		a7 += (double)b[7] * b[7];
+	}
+	for (; j < m; j++)
+		a0 += (double)y[j] * y[j];
+	n2 = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7));
+	s = sqrt(n2);
+	if ((float)(s * (1.0 - e)) == (float)(s * (1.0 + e)))
+		return (float)s;
+	return norm_reference(y, m);
+}
+
+/* Stage h = 1 on 16 values: even and odd lanes, which the vectorizer splits and interleaves again. */
+static void fwht_stage1(float *restrict v)
+{
+	for (unsigned i = 0; i < 16; i += 2) {
+		float a = v[i], b = v[i + 1];
+		v[i] = a + b, v[i + 1] = a - b;
+	}
+}
+
+/* Stage h = 2 on 16 values. */
+static void fwht_stage2(float *restrict v)
+{
+	for (unsigned i = 0; i < 16; i += 4) {
+		float a0 = v[i], a1 = v[i + 1], b0 = v[i + 2], b1 = v[i + 3];
+		v[i] = a0 + b0, v[i + 1] = a1 + b1, v[i + 2] = a0 - b0, v[i + 3] = a1 - b1;
+	}
+}
+
+/* Stage h = 4 on 16 values. */
+static void fwht_stage4(float *restrict v)
+{
+	for (unsigned g = 0; g < 16; g += 8)
+		for (unsigned l = 0; l < 4; l++) {
+			float a = v[g + l], b = v[g + 4 + l];
+			v[g + l] = a + b, v[g + 4 + l] = a - b;
+		}
+}
+
+/* Stages h and 2h (h >= LANES) on the LANES columns at a, a + h, a + 2h, a + 3h. */
+static void fwht_radix4(float *restrict a, float *restrict b, float *restrict c, float *restrict d)
+{
+	for (unsigned l = 0; l < LANES; l++) {
+		float s0 = a[l] + b[l], d0 = a[l] - b[l], s1 = c[l] + d[l], d1 = c[l] - d[l];
+		a[l] = s0 + s1, c[l] = s0 - s1, b[l] = d0 + d1, d[l] = d0 - d1;
+	}
+}
+
+static void fwht_radix2(float *restrict a, float *restrict b)
+{
+	for (unsigned l = 0; l < LANES; l++) {
+		float s = a[l] + b[l], d = a[l] - b[l];
+		a[l] = s, b[l] = d;
+	}
+}
+
+/* The same transform as fwht(): every output is the same tree of sums, stage after stage. */
+static void fwht_fast(float *v, unsigned p)
+{
+	unsigned h = LANES;
+
+	if (p < 16) {
+		fwht(v, p);
+		return;
+	}
+	for (unsigned i = 0; i < p; i += 16) {
+		fwht_stage1(v + i);
+		fwht_stage2(v + i);
+		fwht_stage4(v + i);
+	}
+	for (; 4 * h <= p; h *= 4)
+		for (unsigned i = 0; i < p; i += 4 * h)
+			for (unsigned j = i; j < i + h; j += LANES)
+				fwht_radix4(v + j, v + j + h, v + j + 2 * h, v + j + 3 * h);
+	for (; h < p; h *= 2)
+		for (unsigned i = 0; i < p; i += 2 * h)
+			for (unsigned j = i; j < i + h; j += LANES)
+				fwht_radix2(v + j, v + j + h);
+}
+
+/* The blocks of the loops below, on pointers: an index j + l in unsigned could wrap, which the
+ * vectorizer cannot rule out. */
+static void multiply8(float *restrict v, const float *restrict by)
+{
+	for (unsigned l = 0; l < LANES; l++)
+		v[l] *= by[l];
+}
+
+static void scale8(float *restrict v, float k)
+{
+	for (unsigned l = 0; l < LANES; l++)
+		v[l] *= k;
+}
+
+static void divide8(const float *restrict from, float *restrict v, const float *restrict sign, float norm)
+{
+	for (unsigned l = 0; l < LANES; l++)
+		v[l] = from[l] / norm * sign[l];
+}
+
+static void unsign8(float *restrict v, const float *restrict sign, float scale)
+{
+	for (unsigned l = 0; l < LANES; l++)
+		v[l] *= scale * sign[l];
+}
+
+/* v[j] *= by[j] (by NULL: v[j] *= k) for j < n. */
+static void multiply(float *restrict v, const float *restrict by, float k, unsigned n)
+{
+	unsigned j = 0;
+
+	if (by) {
+		for (; j + LANES <= n; j += LANES)
+			multiply8(v + j, by + j);
+		for (; j < n; j++)
+			v[j] *= by[j];
+		return;
+	}
+	for (; j + LANES <= n; j += LANES)
+		scale8(v + j, k);
+	for (; j < n; j++)
+		v[j] *= k;
+}
+
+/* v[j] = from[j] / norm, times sign[j] for j < p, as the reference divides and then rotates. */
+static void divide(const float *restrict from, float *restrict v, const float *restrict sign, float norm,
+		   unsigned p, unsigned m)
+{
+	unsigned j = 0;
+
+	for (; j + LANES <= p; j += LANES)
+		divide8(from + j, v + j, sign + j, norm);
+	for (; j < p; j++)
+		v[j] = from[j] / norm * sign[j];
+	for (; j < m; j++)
+		v[j] = from[j] / norm;
+}
+
+/* y = R(x / norm), the reference's divisions and rotation; a zero vector stays zero. */
+static void rotate_unit(const struct tq_part *pt, const float *x, float *y, float norm)
+{
+	float scale = 1.0f / sqrtf((float)pt->p);
+
+	if (!(norm > 0.0f)) {
+		memset(y, 0, sizeof(float) * pt->m); /* R maps it to zeros, some negative: the same cells */
+		return;
+	}
+	divide(x, y, pt->sign[0], norm, pt->p, pt->m);
+	for (unsigned k = 0; k < pt->npass; k++) {
+		float *w = y + pt->win[k];
+		if (k)
+			multiply(w, pt->sign[k], 0.0f, pt->p);
+		fwht_fast(w, pt->p);
+		multiply(w, NULL, scale, pt->p);
+	}
+}
+
+static void rotate_fast(const struct tq_part *pt, float *v)
+{
+	float scale = 1.0f / sqrtf((float)pt->p);
+
+	for (unsigned k = 0; k < pt->npass; k++) {
+		float *w = v + pt->win[k];
+		multiply(w, pt->sign[k], 0.0f, pt->p);
+		fwht_fast(w, pt->p);
+		multiply(w, NULL, scale, pt->p);
+	}
+}
+
+static void unrotate_fast(const struct tq_part *pt, float *v)
+{
+	float scale = 1.0f / sqrtf((float)pt->p);
+
+	for (unsigned k = pt->npass; k-- > 0;) {
+		float *w = v + pt->win[k];
+		unsigned j = 0;
+		fwht_fast(w, pt->p);
+		for (; j + LANES <= pt->p; j += LANES)
+			unsign8(w + j, pt->sign[k] + j, scale);
+		for (; j < pt->p; j++)
+			w[j] *= scale * pt->sign[k][j];
+	}
+}
+
+/*
+ * cell() without a search, on the bit patterns of the floats: for finite floats, y > t is a comparison of
+ * signed integers after the map u -> u >= 0 ? u : ~(u & 0x7fffffff) (with -0 below +0, which no threshold
+ * but t = 0 can tell apart, and y > 0 is false for both). The thresholds are symmetric (t[half - 1] = 0,
+ * t[half - 1 - i] = -t[half - 1 + i]), so with A = |y|'s bits and T_i = the bits of t[half + i]:
+ *   y > 0:  cell = half + #{i : A > T_i}
+ *   y <= 0: cell = #{i : y > -t[half + i]} = #{i : T_i > A} = half - 1 - #{i : A + 1 > T_i}
+ * one count over half - 1 thresholds instead of 2 * half - 1; B = A or A + 1 and the result half + (count
+ * XOR -1 when y <= 0).
+ */
+#define CELL_BLOCK 16
+
+/* One block: the thresholds arrive as values so that they stay in registers; nt is a constant where this
+ * is inlined, which unrolls the count. */
+static inline void cells16(const float *restrict y, int32_t *restrict idx, int32_t half, unsigned nt,
+			   const int32_t *restrict tb)
+{
+	int32_t u[CELL_BLOCK];
+
+	memcpy(u, y, sizeof u);
+	for (unsigned l = 0; l < CELL_BLOCK; l++) {
+		int32_t neg = -(u[l] <= 0), b = (u[l] & 0x7fffffff) - neg, cnt = 0; /* neg: y <= 0 */
+#pragma GCC unroll 8
+		for (unsigned k = 0; k < nt; k++)
+			cnt += b > tb[k];
+		idx[l] = half + (cnt ^ neg);
+	}
+}
+
+/* cell() of y[0, n), n a multiple of CELL_BLOCK, for half - 1 = 1, 3 or 7 thresholds tb. */
+static void cells(const float *y, int32_t *idx, unsigned n, unsigned half, const int32_t *tb)
+{
+	int32_t t[7];
+
+	memcpy(t, tb, sizeof(int32_t) * (half - 1));
+	for (unsigned j = 0; j < n; j += CELL_BLOCK) {
+		if (half == 8)
+			cells16(y + j, idx + j, 8, 7, t);
+		else if (half == 4)
+			cells16(y + j, idx + j, 4, 3, t);
+		else if (half == 2)
+			cells16(y + j, idx + j, 2, 1, t);
+		else
+			cells16(y + j, idx + j, 1, 0, t);
+	}
+}
+
+/* 8 codes of `bits` bits, LSB first, into `bits` bytes; each width its own constant shifts. */
+static inline void pack8_width(const int32_t *restrict idx, unsigned bits, unsigned char *restrict out)
+{
+	uint64_t word = 0;
+
+#pragma GCC unroll 8
+	for (unsigned l = 0; l < 8; l++)
+		word |= (uint64_t)(uint32_t)idx[l] << (bits * l);
+#pragma GCC unroll 4
+	for (unsigned q = 0; q < bits; q++)
+		out[q] = (unsigned char)(word >> (8 * q));
+}
+
+static void pack8(const int32_t *idx, unsigned bits, unsigned char *out)
+{
+	switch (bits) {
+	case 1:
+		pack8_width(idx, 1, out);
+		break;
+	case 2:
+		pack8_width(idx, 2, out);
+		break;
+	case 3:
+		pack8_width(idx, 3, out);
+		break;
+	default:
+		pack8_width(idx, 4, out);
+		break;
+	}
+}
+
+/* The codes of the unit vector y (rotated) into a zeroed token, as encode_part writes them; room holds m
+ * int32. */
+static void quantize(const struct tq_part *pt, const float *y, void *room, unsigned char *tok)
+{
+	const unsigned bits = pt->bits, half = (1u << bits) / 2;
+	unsigned char *out = tok + pt->code_at;
+	const unsigned whole = pt->m / CELL_BLOCK * CELL_BLOCK;
+	int32_t tb[TQ_LEVELS_MAX / 2], *idx = room; /* m cells */
+	unsigned j = 0;
+
+	for (unsigned i = 0; i + 1 < half; i++)
+		memcpy(&tb[i], &pt->threshold[half + i], sizeof tb[i]);
+	cells(y, idx, whole, half, tb);
+	for (; j < whole; j += 8, out += bits) /* 8 codes are bits bytes */
+		pack8(idx + j, bits, out);
+	for (; j < pt->m; j++)
+		kvp_bits_put(tok + pt->code_at, (size_t)j * bits, bits, cell(pt, y[j]));
+}
+
+static kvp_status tq_encode(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x, void *dst)
+{
+	const struct tq *t = c->state;
+	unsigned char *p = dst;
+	float *y = c->scratch, *r = y + c->dim; /* [dim] each */
+
+	for (unsigned i = 0; i < n; i++, p += t->stride, x += c->dim) {
+		memset(p, 0, t->stride);
+		for (unsigned k = 0; k < t->nparts; k++) {
+			const struct tq_part *pt = &t->part[k];
+			float norm, gamma;
+
+			const float *from = x; /* the part's channels: x itself without an outlier split */
+
+			if (ctx) {
+				gather(pt, ctx, x, r); /* r is free until encode_part */
+				from = r;
+			}
+			norm = part_norm(from, pt->m);
+			if (!isfinite(norm))
+				return kvp_fail(KVP_EINVAL, "turboquant: token %u has a non-finite value", i);
+			rotate_unit(pt, from, y, norm);
+			memcpy(p + sizeof(float) * k, &norm, sizeof norm);
+			if (!t->qjl) {
+				quantize(pt, y, r, p);
+				continue;
+			}
+			gamma = encode_part(pt, 1, y, r, p); /* the m x m product S r dominates: left as it was */
+			memcpy(p + sizeof(float) * (t->nparts + k), &gamma, sizeof gamma);
+		}
+	}
+	return KVP_OK;
+}
+
+/* 8 codes of `bits` bits from `bits` bytes, each looked up in lut; each width its own constant shifts. */
+static inline void unpack8_width(const unsigned char *restrict in, unsigned bits, const float *restrict lut,
+				 float *restrict v)
+{
+	uint64_t word = 0;
+
+#pragma GCC unroll 4
+	for (unsigned q = 0; q < bits; q++)
+		word |= (uint64_t)in[q] << (8 * q);
+#pragma GCC unroll 8
+	for (unsigned l = 0; l < 8; l++)
+		v[l] = lut[(word >> (bits * l)) & ((1u << bits) - 1)];
+}
+
+static void unpack8(const unsigned char *in, unsigned bits, const float *lut, float *v)
+{
+	switch (bits) {
+	case 1:
+		unpack8_width(in, 1, lut, v);
+		break;
+	case 2:
+		unpack8_width(in, 2, lut, v);
+		break;
+	case 3:
+		unpack8_width(in, 3, lut, v);
+		break;
+	default:
+		unpack8_width(in, 4, lut, v);
+		break;
+	}
+}
+
+/* qjl=0: v = norm * c[idx], as decode_rotated computes it (c[idx] * norm is one product either way). */
+static void decode_codes(const struct tq_part *pt, unsigned k, const unsigned char *p, float *v)
+{
+	const unsigned char *in = p + pt->code_at;
+	const unsigned b = pt->bits, mask = (1u << b) - 1;
+	float norm = load_f32(p + sizeof(float) * k), lut[TQ_LEVELS_MAX];
+	unsigned j = 0;
+
+	for (unsigned c = 0; c <= mask; c++)
+		lut[c] = pt->centroid[c] * norm;
+	for (; j + 8 <= pt->m; j += 8, in += b)
+		unpack8(in, b, lut, v + j);
+	for (; j < pt->m; j++)
+		v[j] = lut[kvp_bits_get(p + pt->code_at, (size_t)j * b, b)];
+}
+
+static void unsign_into8(const float *restrict w, const float *restrict sign, float scale, float *restrict x)
+{
+	for (unsigned l = 0; l < LANES; l++)
+		x[l] = 0.0f + w[l] * (scale * sign[l]);
+}
+
+/*
+ * One part of all the channels, one pass (m a power of two): x = 0 + R^T v, the reference's unrotate and
+ * scatter_add into zeros in one sweep (0 + t keeps the reference's +0 for -0).
+ */
+static void unrotate_into(const struct tq_part *pt, float *v, float *x)
+{
+	float scale = 1.0f / sqrtf((float)pt->p);
+	unsigned j = 0;
+
+	fwht_fast(v, pt->p);
+	for (; j + LANES <= pt->p; j += LANES)
+		unsign_into8(v + j, pt->sign[0] + j, scale, x + j);
+	for (; j < pt->p; j++)
+		x[j] = 0.0f + v[j] * (scale * pt->sign[0][j]);
+}
+
+static kvp_status tq_decode(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, float *x)
+{
+	const struct tq *t = c->state;
+	const unsigned char *p = src;
+	float *v = c->scratch; /* [dim] */
+
+	for (unsigned i = 0; i < n; i++, p += t->stride, x += c->dim) {
+		if (t->nparts == 1 && !t->qjl && t->part[0].npass == 1) {
+			decode_codes(&t->part[0], 0, p, v);
+			unrotate_into(&t->part[0], v, x);
+			continue;
+		}
+		memset(x, 0, sizeof(float) * c->dim);
+		for (unsigned k = 0; k < t->nparts; k++) {
+			const struct tq_part *pt = &t->part[k];
+			if (t->qjl)
+				decode_rotated(t, pt, k, p, v);
+			else
+				decode_codes(pt, k, p, v);
+			unrotate_fast(pt, v);
+			scatter_add(pt, ctx, v, x);
+		}
+	}
+	return KVP_OK;
+}
+
 
 /* ---- Fused paths in the rotated domain. ---- */
 
@@ -570,7 +1071,7 @@ static void tq_prepare_query(const struct kvp_codec *c, const void *ctx, const f
 		float *qr = (float *)qprep + part_offset(t, k), *sq = qr + pt->m;
 
 		gather(pt, ctx, q, qr);
-		rotate(pt, qr);
+		rotate_fast(pt, qr);
 		for (unsigned i = 0; i < pt->m && t->qjl; i++) {
 			const float *row = pt->s + (size_t)i * pt->m;
 			float s = 0.0f;
@@ -754,7 +1255,7 @@ static void tq_finish(const struct kvp_codec *c, const void *ctx, const float *a
 			for (unsigned j = 0; j < pt->m; j++)
 				v[j] += s * row[j];
 		}
-		unrotate(pt, v);
+		unrotate_fast(pt, v);
 		scatter_add(pt, ctx, v, out);
 	}
 }

@@ -602,3 +602,112 @@ Test(turboquant, group_dot_and_axpy_equal_the_per_head_calls)
 			group_matches_per_head(specs[s], 80, groups[g]);
 		}
 }
+
+/* ---- the fast encoder and decoder against the scalar reference (codecs/turboquant.c) ---- */
+
+kvp_status kvp_turboquant_encode_reference(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x,
+					   void *dst);
+kvp_status kvp_turboquant_decode_reference(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src,
+					   float *x);
+
+/*
+ * Inputs that reach every branch: Gaussian rows, a loud channel (for the outlier split), zero rows, one-hot
+ * rows, rows of tiny and of huge values, and rows whose norm's square root lies within 2^-47 of the
+ * midpoint between two floats (1 and 1 + 2^-23: x = (1, 2^-11.5, 0, ...)), where the fast norm defers to
+ * the reference's sum.
+ */
+static void awkward_rows(struct rng *r, float *x, unsigned n, unsigned d)
+{
+	rng_gaussians(r, x, (size_t)n * d);
+	for (unsigned i = 0; i < n; i++) {
+		float *row = x + (size_t)i * d;
+		switch (i % 8) {
+		case 1:
+			row[d / 3] *= 8.0f;
+			break;
+		case 2:
+			memset(row, 0, sizeof(float) * d);
+			break;
+		case 3:
+			memset(row, 0, sizeof(float) * d);
+			row[(i / 8) % d] = (i & 8) ? -1.0f : 1.0f;
+			break;
+		case 4:
+			for (unsigned j = 0; j < d; j++)
+				row[j] *= 1e-30f;
+			break;
+		case 5:
+			for (unsigned j = 0; j < d; j++)
+				row[j] *= 1e30f;
+			break;
+		case 6:
+			memset(row, 0, sizeof(float) * d);
+			row[0] = 1.0f;
+			row[1 + (i / 8) % (d - 1)] = (float)sqrt(0x1p-23) * (1.0f + (float)(i / 8) * 0x1p-20f);
+			break;
+		}
+	}
+}
+
+static void fast_matches_reference(const char *spec, unsigned d, unsigned n)
+{
+	struct rng r = { 1234 + d };
+	kvp_codec *c = codec_open(spec, d);
+	size_t bytes = kvp_codec_bytes(c, n);
+	float *x = xcalloc((size_t)n * d, sizeof *x), *y = xcalloc((size_t)n * d, sizeof *y);
+	float *yr = xcalloc((size_t)n * d, sizeof *yr);
+	unsigned char *fast = xcalloc(1, bytes), *ref = xcalloc(1, bytes);
+
+	awkward_rows(&r, x, n, d);
+	cr_assert_eq(kvp_codec_encode(c, n, x, fast), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_turboquant_encode_reference(c, c->own_ctx, n, x, ref), KVP_OK, "%s", kvp_last_error());
+	for (size_t i = 0; i < bytes; i++)
+		cr_assert_eq(fast[i], ref[i], "%s d=%u: token %zu byte %zu is %#x, the reference wrote %#x", spec, d,
+			     i / kvp_codec_bytes(c, 1), i % kvp_codec_bytes(c, 1), fast[i], ref[i]);
+	cr_assert_eq(kvp_codec_decode(c, n, fast, y), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_turboquant_decode_reference(c, c->own_ctx, n, fast, yr), KVP_OK);
+	cr_assert(!memcmp(y, yr, sizeof(float) * n * d), "%s d=%u: decode differs from the reference", spec, d);
+	kvp_codec_close(c);
+	free(x), free(y), free(yr), free(fast), free(ref);
+}
+
+Test(turboquant, fast_encode_and_decode_give_the_reference_bytes_and_floats_at_every_layout)
+{
+	static const unsigned dims[] = { 128, 64, 256, 48, 80, 96, 65, 2, 3, 7, 8, 9, 16, 17, 24, 33 };
+	char spec[96];
+
+	for (size_t a = 0; a < sizeof dims / sizeof dims[0]; a++)
+		for (unsigned b = 1; b <= 4; b++)
+			for (unsigned qjl = 0; qjl < 2; qjl++) {
+				snprintf(spec, sizeof spec, "turboquant(bits=%u,qjl=%u)", b, qjl);
+				fast_matches_reference(spec, dims[a], dims[a] >= 128 ? 2000 : 600);
+			}
+	fast_matches_reference("turboquant(bits=2,outliers=32,outlier_bits=3)", 128, 600);
+	fast_matches_reference("turboquant(bits=3,outliers=16,outlier_bits=4,qjl=1)", 128, 600);
+	fast_matches_reference("turboquant(bits=1,outliers=7,outlier_bits=2)", 48, 600);
+}
+
+/* 2^16 unit vectors per width at d=128, the shape the cache encodes, byte for byte. */
+Test(turboquant, fast_encode_gives_the_reference_bytes_on_many_unit_vectors_at_d128)
+{
+	for (unsigned b = 2; b <= 4; b++) {
+		enum { N = 1 << 16, D = 128 };
+		struct rng r = { 99 + b };
+		char spec[64];
+		kvp_codec *c;
+		float *x = xcalloc((size_t)N * D, sizeof *x);
+		unsigned char *fast, *ref;
+
+		snprintf(spec, sizeof spec, "turboquant(bits=%u)", b);
+		c = codec_open(spec, D);
+		fast = xcalloc(1, kvp_codec_bytes(c, N));
+		ref = xcalloc(1, kvp_codec_bytes(c, N));
+		for (unsigned i = 0; i < N; i++)
+			rng_unit(&r, x + (size_t)i * D, D);
+		cr_assert_eq(kvp_codec_encode(c, N, x, fast), KVP_OK);
+		cr_assert_eq(kvp_turboquant_encode_reference(c, NULL, N, x, ref), KVP_OK);
+		cr_assert(!memcmp(fast, ref, kvp_codec_bytes(c, N)), "%s: bytes differ from the reference", spec);
+		kvp_codec_close(c);
+		free(x), free(fast), free(ref);
+	}
+}
