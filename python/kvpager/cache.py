@@ -6,6 +6,10 @@ kvpager.PermissionDenied before any call, so a freed C pointer is never passed o
 context manager, closes when it is garbage-collected, and holds a lock that its calls take; a parent's
 close takes its children's locks first, so it waits for calls in flight on other threads. Locks are
 taken pool, then tenant, then sequence, never the other way.
+
+The collector runs finalizers on whatever thread it interrupts, which may hold a child's lock while
+another thread holding the parent waits for it. So a finalizer never waits for its parent's lock: when
+the parent is busy, it hands the handle to the parent, whose next call (or close) closes it in C.
 """
 
 import ctypes
@@ -101,9 +105,13 @@ class _Handle:
     def __del__(self):
         try:
             if self._handle is not None:
-                self.close()
+                self._collect()
         except Exception:
             pass  # interpreter shutdown: the library or the module may be gone already
+
+    def _collect(self):
+        """close() for the collector: never waits for a parent's lock (see the module's comment)."""
+        self.close()
 
     @property
     def closed(self):
@@ -137,15 +145,22 @@ class Pool(_Handle):
         check(lib.native().kvp_pool_open(checks.text("spec", spec), ctypes.byref(raw)), "kvp_pool_open")
         self._lock = threading.RLock()
         self._children = weakref.WeakSet()
+        self._orphans = []  # tenant handles their collector could not close while the pool was busy
         self._handle = raw.value
 
     def _live_handle(self):
         return self._handle
 
+    def _drain(self):
+        """Closes what the collector handed over; the caller holds the pool's lock."""
+        while self._orphans:
+            lib.native().kvp_tenant_close(self._orphans.pop())
+
     def tenant(self, name, spec=""):
         """A new tenant: a quota and a default cache configuration (kvp_tenant_open)."""
         name_c, spec_c = checks.text("name", name), checks.text("spec", spec)
         with self._lock:
+            self._drain()
             raw = ctypes.c_void_p()
             check(lib.native().kvp_tenant_open(self._live(), name_c, spec_c, ctypes.byref(raw)),
                   "kvp_tenant_open")
@@ -161,6 +176,7 @@ class Pool(_Handle):
                 return
             for t in list(self._children):
                 t._forget()
+            self._orphans.clear()  # the pool's close closes them
             self._handle = None
             lib.native().kvp_pool_close(h)
 
@@ -178,7 +194,13 @@ class Tenant(_Handle):
         self.name = name
         self._lock = threading.RLock()
         self._children = weakref.WeakSet()
+        self._orphans = []  # sequence handles their collector could not close while the tenant was busy
         self._handle = handle
+
+    def _drain(self):
+        """Closes what the collector handed over; the caller holds the tenant's lock."""
+        while self._orphans:
+            lib.native().kvp_seq_close(self._orphans.pop())
 
     def _live_handle(self):
         return self._handle if self.pool._handle is not None else None
@@ -189,6 +211,8 @@ class Tenant(_Handle):
             raise ValueError(f"shape: expected a kvpager.Shape, got {type(shape).__name__}")
         native_shape = shape.native()
         with self._lock:
+            self._live()
+            self._drain()
             raw = ctypes.c_void_p()
             check(lib.native().kvp_seq_open(self._live(), ctypes.byref(native_shape), ctypes.byref(raw)),
                   "kvp_seq_open")
@@ -202,7 +226,9 @@ class Tenant(_Handle):
     def stats(self):
         """Counters over the tenant's sequences; blocks shared by forks count once (kvp_tenant_stats)."""
         with self._lock:
-            return Stats.read(lib.native().kvp_tenant_stats, self._live(), "kvp_tenant_stats")
+            h = self._live()
+            self._drain()
+            return Stats.read(lib.native().kvp_tenant_stats, h, "kvp_tenant_stats")
 
     def close(self):
         """Closes the tenant and its sequences; a second close does nothing."""
@@ -210,10 +236,14 @@ class Tenant(_Handle):
             h = self._live_handle()
             for s in list(self._children):
                 s._forget()
+            self._orphans.clear()  # the tenant's close closes them
             self._handle = None
             self.pool._children.discard(self)
             if h is not None:
                 lib.native().kvp_tenant_close(h)
+
+    def _collect(self):
+        _collect_child(self, self.pool)
 
     def __repr__(self):
         return f"<kvpager.Tenant {self.name!r} {'closed' if self.closed else 'open'}>"
@@ -372,5 +402,22 @@ class Sequence(_Handle):
             if h is not None:
                 lib.native().kvp_seq_close(h)
 
+    def _collect(self):
+        _collect_child(self, self.tenant)
+
     def __repr__(self):
         return f"<kvpager.Sequence {'closed' if self.closed else 'open'}>"
+
+
+def _collect_child(child, parent):
+    """A collected tenant or sequence: closed now when its parent is free, else handed to the parent."""
+    if parent._lock.acquire(blocking=False):
+        try:
+            child.close()
+        finally:
+            parent._lock.release()
+        return
+    # the parent's holder may be closing it; then its close frees this handle in C along with the rest
+    h, child._handle = child._handle, None
+    if h is not None and parent._handle is not None:
+        parent._orphans.append(h)

@@ -102,3 +102,34 @@ def test_a_fork_outlives_its_source(tenant):
     np.testing.assert_array_equal(attend_all(fork), before)
     fork.close()
     assert tenant.stats().bytes_exact == 0
+
+
+def test_a_collected_sequence_never_waits_for_its_tenants_lock(pool):
+    """The collector may finalize a sequence on any thread, at any point, even while another thread holds
+    its tenant (closing it, or opening a sequence): the finalizer must not block on that lock, or two
+    threads can each wait for the other. Its close waits for the tenant's next call instead."""
+    import threading
+
+    tenant = pool.tenant("a")
+    seq = tenant.sequence(SHAPE)
+    fill(seq, 0, 8, seed=3)
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_tenant():
+        with tenant._lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_the_tenant)
+    holder.start()
+    held.wait(10)
+    finalizer = threading.Thread(target=lambda: (seq.__del__()))
+    finalizer.start()
+    finalizer.join(5)
+    blocked = finalizer.is_alive()
+    release.set()
+    holder.join(10)
+    finalizer.join(10)
+    assert not blocked, "the finalizer waited for the tenant's lock"
+    assert tenant.stats().tokens_retained == 0, "the tenant's next call closed the sequence in C"
+    assert seq.closed
