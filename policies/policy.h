@@ -114,14 +114,12 @@ extern const struct kvp_policy_ops kvp_policy_triattention;
 
 /* What the policies of one spec share, loaded once by the spec's prepare op (see struct kvp_policy_spec). */
 struct kvp_policy_shared;
-/* Parses spec[0..len) ("h2o(heavy=0.1,recent=0.1)") for shape, in memory from mem (the pager's tenant)
- * or the C heap (kvp_policy_parse); kvp_policy_free releases it. shared: what the same spec's prepare
- * loaded, or NULL (the policy then loads what it needs itself). The pager opens its sequences' policies
- * from a struct kvp_policy_spec instead, parsed and prepared once. */
-kvp_status kvp_policy_parse(const char *spec, size_t len, const kvp_shape *shape,
-			    const struct kvp_policy_shared *shared, struct kvp_policy **out);
-kvp_status kvp_policy_parse_in(const char *spec, size_t len, const kvp_shape *shape,
-			       const struct kvp_policy_shared *shared, const struct kvp_allocator *mem,
+/* Parses spec[0..len) ("h2o(heavy=0.1,recent=0.1)") for shape, in memory from mem or the C heap
+ * (kvp_policy_parse); kvp_policy_free releases it. The policy loads what it needs itself (a stats file);
+ * the pager opens its sequences' policies from a struct kvp_policy_spec instead, parsed and prepared
+ * once. */
+kvp_status kvp_policy_parse(const char *spec, size_t len, const kvp_shape *shape, struct kvp_policy **out);
+kvp_status kvp_policy_parse_in(const char *spec, size_t len, const kvp_shape *shape, const struct kvp_allocator *mem,
 			       struct kvp_policy **out);
 void kvp_policy_free(struct kvp_policy *p);
 

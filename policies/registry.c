@@ -139,14 +139,12 @@ static kvp_status spec_split(const char *spec, size_t len, const struct kvp_poli
 	return kvp_args_parse(args, (*ops)->name, inner, ilen);
 }
 
-kvp_status kvp_policy_parse(const char *spec, size_t len, const kvp_shape *shape,
-			    const struct kvp_policy_shared *shared, struct kvp_policy **out)
+kvp_status kvp_policy_parse(const char *spec, size_t len, const kvp_shape *shape, struct kvp_policy **out)
 {
-	return kvp_policy_parse_in(spec, len, shape, shared, &kvp_heap, out);
+	return kvp_policy_parse_in(spec, len, shape, &kvp_heap, out);
 }
 
-kvp_status kvp_policy_parse_in(const char *spec, size_t len, const kvp_shape *shape,
-			       const struct kvp_policy_shared *shared, const struct kvp_allocator *mem,
+kvp_status kvp_policy_parse_in(const char *spec, size_t len, const kvp_shape *shape, const struct kvp_allocator *mem,
 			       struct kvp_policy **out)
 {
 	const struct kvp_policy_ops *ops;
@@ -161,7 +159,7 @@ kvp_status kvp_policy_parse_in(const char *spec, size_t len, const kvp_shape *sh
 		st = spec_split(spec, len, &ops, &args);
 	if (st != KVP_OK)
 		return st;
-	return open_parsed(ops, &args, shape, shared, mem, out);
+	return open_parsed(ops, &args, shape, NULL, mem, out);
 }
 
 /* ---- specs parsed once ---- */
@@ -410,7 +408,7 @@ KVP_API kvp_status kvp_policy_open(const char *spec, const kvp_shape *shape, kvp
 		*out = NULL;
 	if (!spec || !out)
 		return kvp_fail(KVP_EINVAL, "kvp_policy_open: NULL spec or result");
-	return kvp_policy_parse(spec, strlen(spec), shape, NULL, out);
+	return kvp_policy_parse(spec, strlen(spec), shape, out);
 }
 
 KVP_API kvp_status kvp_policy_score(kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t0, uint32_t n,

@@ -178,7 +178,7 @@ Test(h2o, an_observation_refused_memory_records_nothing)
 	fixture_memory_init(&mem, 1 << 20);
 	for (int i = 0; i < 40; i++)
 		pos[i] = 1000 * i, w[i] = w[40 + i] = 0.5f;
-	cr_assert_eq(kvp_policy_parse_in("h2o", 3, &sh, NULL, &mem.ops, &p), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_policy_parse_in("h2o", 3, &sh, &mem.ops, &p), KVP_OK, "%s", kvp_last_error());
 	cr_assert_eq(kvp_policy_observe(p, 0, 0, 40000, NULL, 3, pos, w), KVP_OK, "%s", kvp_last_error());
 	mem.left = 0;
 	cr_assert_eq(kvp_policy_observe(p, 0, 0, 40000, NULL, 40, pos, w), KVP_ENOMEM);

@@ -643,7 +643,7 @@ Test(triattention, memory_comes_from_its_allocator_and_all_of_it_comes_back)
 	}
 	for (int j = 0; j < 16; j++)
 		q[0][j] = cosf(0.11f * j), q[1][j] = sinf(0.23f * j);
-	cr_assert_eq(kvp_policy_parse_in(spec, strlen(spec), &sh, NULL, &mem.ops, &p), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_policy_parse_in(spec, strlen(spec), &sh, &mem.ops, &p), KVP_OK, "%s", kvp_last_error());
 	cr_assert_gt(mem.held, 0, "the statistics come from the allocator");
 	cr_assert_eq(kvp_policy_observe(p, 1, 1, 5, &q[0][0], 0, NULL, NULL), KVP_OK);
 	cr_assert_eq(kvp_policy_score(p, 1, 1, N, 100, pos, &k[0][0], a), KVP_OK, "%s", kvp_last_error());
