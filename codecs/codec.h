@@ -155,6 +155,13 @@ extern const struct kvp_codec_ops kvp_codec_turboquant;
 extern const struct kvp_codec_ops kvp_codec_kivi;
 extern const struct kvp_codec_ops kvp_codec_spark;
 
+/* TurboQuant's scalar reference encoder and decoder, outside the vtable: its fast paths give the same
+ * bytes and floats, which tests/test_turboquant.c checks against these. */
+kvp_status kvp_turboquant_encode_reference(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x,
+					   void *dst);
+kvp_status kvp_turboquant_decode_reference(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src,
+					   float *x);
+
 /* Dense bit streams, least significant bit first: a field of w <= 8 bits at bit offset o of p. Writers
  * start from zeroed bytes. A field never touches a byte past its own last bit. */
 static inline void kvp_bits_put(uint8_t *p, size_t o, unsigned w, unsigned v)

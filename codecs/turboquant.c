@@ -463,13 +463,9 @@ static float load_f32(const unsigned char *p)
 
 /*
  * The codec's first encoder and decoder, kept as they were: the fast paths below give the same bytes and
- * the same floats, and tests/test_turboquant.c compares the two on every layout. Not in the vtable; the
- * suite declares these two itself (hidden in the shared library, linked from the static one).
+ * the same floats, and tests/test_turboquant.c compares the two on every layout. Not in the vtable
+ * (declared in codec.h; hidden in the shared library, linked from the static one).
  */
-kvp_status kvp_turboquant_encode_reference(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x,
-					   void *dst);
-kvp_status kvp_turboquant_decode_reference(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src,
-					   float *x);
 
 static unsigned cell(const struct tq_part *pt, float y)
 {

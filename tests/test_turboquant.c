@@ -605,11 +605,6 @@ Test(turboquant, group_dot_and_axpy_equal_the_per_head_calls)
 
 /* ---- the fast encoder and decoder against the scalar reference (codecs/turboquant.c) ---- */
 
-kvp_status kvp_turboquant_encode_reference(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x,
-					   void *dst);
-kvp_status kvp_turboquant_decode_reference(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src,
-					   float *x);
-
 /*
  * Inputs that reach every branch: Gaussian rows, a loud channel (for the outlier split), zero rows, one-hot
  * rows, rows of tiny and of huge values, and rows whose norm's square root lies within 2^-47 of the
