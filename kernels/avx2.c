@@ -737,6 +737,44 @@ INLINE unsigned band_norms_vector(unsigned F, int interleaved, const float *r, f
 	return F8;
 }
 
+/* Interim: the integer lookups as plain loops until this table has its own. */
+static void lut_dot_i8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			     const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, int32_t *out)
+{
+	for (unsigned h = 0; h < g; h++)
+		for (unsigned i = 0; i < n; i++) {
+			const uint8_t *row = codes + (size_t)i * stride;
+			int32_t s = 0;
+
+			for (unsigned j = 0; j < m; j++) {
+				size_t o = (size_t)j * bits;
+				unsigned v = row[o >> 3] >> (o & 7);
+				if ((o & 7) + bits > 8)
+					v |= (unsigned)row[(o >> 3) + 1] << (8 - (o & 7));
+				s += lut[v & ((1u << bits) - 1)] * q[h * q_stride + j];
+			}
+			out[(size_t)h * n + i] = s;
+		}
+}
+
+static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			       const int16_t *lut, unsigned g, const int16_t *w, int32_t *acc, size_t acc_stride)
+{
+	for (unsigned h = 0; h < g; h++)
+		for (unsigned i = 0; i < n; i++) {
+			const uint8_t *row = codes + (size_t)i * stride;
+			int32_t *a = acc + h * acc_stride;
+
+			for (unsigned j = 0; j < m; j++) {
+				size_t o = (size_t)j * bits;
+				unsigned v = row[o >> 3] >> (o & 7);
+				if ((o & 7) + bits > 8)
+					v |= (unsigned)row[(o >> 3) + 1] << (8 - (o & 7));
+				a[j] += w[(size_t)h * n + i] * lut[v & ((1u << bits) - 1)];
+			}
+		}
+}
+
 #define KVP_ISA_NAME "avx2"
 #define KVP_ISA_TABLE kvp_kernels_avx2
 #include "kernels/loops.h"

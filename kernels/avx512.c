@@ -687,6 +687,216 @@ INLINE unsigned band_norms_vector(unsigned F, int interleaved, const float *r, f
 	return F16;
 }
 
+/*
+ * Integer lookups (VBMI, VNNI). A row's codes from code j on (j a multiple of 64) become one byte each:
+ * up to 8b bytes are loaded (masked: none past the row's last code byte), vpermb gives qword k the 8
+ * bytes from byte k*b on, and vpmultishiftqb moves code 8k+r, at bit r*b of that qword, to bit 0 of
+ * byte 8k+r. The bits above a code are the next code's: tables are repeated with the code's period, so
+ * a lookup that reads 6 (vpermb) or 5 (vpermw) index bits sees only the code.
+ */
+struct int_regs {
+	__m512i spread, shifts, tab8, tab16;
+};
+
+INLINE struct int_regs int_regs(unsigned bits, const int8_t *lut8, const int16_t *lut16, int bias)
+{
+	int8_t spread[64], shifts[64], tab8[64];
+	int16_t tab16[32];
+	struct int_regs r;
+
+	for (unsigned i = 0; i < 64; i++) {
+		spread[i] = (int8_t)((i / 8) * bits + i % 8);
+		shifts[i] = (int8_t)((i % 8) * bits);
+		/* keys: vpdpbusd multiplies unsigned bytes, so the table is stored +128 and callers subtract */
+		tab8[i] = lut8 ? (int8_t)(lut8[i & ((1u << bits) - 1)] + bias) : 0;
+	}
+	for (unsigned i = 0; i < 32; i++)
+		tab16[i] = lut16 ? lut16[i & ((1u << bits) - 1)] : 0;
+	r.spread = _mm512_loadu_si512(spread);
+	r.shifts = _mm512_loadu_si512(shifts);
+	r.tab8 = _mm512_loadu_si512(tab8);
+	r.tab16 = _mm512_loadu_si512(tab16);
+	return r;
+}
+
+/* The first k <= 64 lanes. */
+INLINE __mmask64 tail64(unsigned k)
+{
+	return k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << k) - 1);
+}
+
+/* Codes j..j+k-1 (k <= 64) of a row, one per byte; lanes past k hold zeros or stray bits. */
+INLINE __m512i code_bytes(unsigned bits, const uint8_t *row, unsigned j, unsigned k, const struct int_regs *r)
+{
+	__m512i raw = _mm512_maskz_loadu_epi8(tail64((k * bits + 7) / 8), row + j * bits / 8);
+
+	return _mm512_multishift_epi64_epi8(r->shifts, _mm512_permutexvar_epi8(r->spread, raw));
+}
+
+/* The four int32 horizontal sums of a..d, in order. */
+INLINE __m128i hsum4_epi32(__m512i a, __m512i b, __m512i c, __m512i d)
+{
+	__m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+	__m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+	__m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+	__m256i v = _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
+
+	return _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+}
+
+/*
+ * hn <= 4 heads: each row's 64-code chunks are looked up once (as unsigned bytes, lut + 128) and
+ * multiplied into every head's sum by vpdpbusd; 128 * sum(q) comes off each head's total at the end.
+ * Query lanes past m are loaded as zeros, so the stray lanes of a row's last chunk add nothing.
+ */
+INLINE void dot_i8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			 const struct int_regs *r, const int8_t *q, size_t qs, int32_t *out)
+{
+	int32_t bias[4] = { 0, 0, 0, 0 }, s[4];
+
+	for (unsigned h = 0; h < hn; h++)
+		for (unsigned j = 0; j < m; j++)
+			bias[h] += 128 * q[h * qs + j];
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *row = codes + (size_t)i * stride;
+		__m512i a[4] = { _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+				 _mm512_setzero_si512() };
+
+		for (unsigned j = 0; j < m; j += 64) {
+			const unsigned k = m - j < 64 ? m - j : 64;
+			const __m512i x = _mm512_permutexvar_epi8(code_bytes(bits, row, j, k, r), r->tab8);
+
+			for (unsigned h = 0; h < hn; h++)
+				a[h] = _mm512_dpbusd_epi32(a[h], x, _mm512_maskz_loadu_epi8(tail64(k), q + h * qs + j));
+		}
+		_mm_storeu_si128((__m128i *)s, hsum4_epi32(a[0], a[1], a[2], a[3]));
+		for (unsigned h = 0; h < hn; h++)
+			out[(size_t)h * n + i] = s[h] - bias[h];
+	}
+}
+
+INLINE void dot_i8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			 const int8_t *lut, unsigned g, const int8_t *q, size_t qs, int32_t *out)
+{
+	const struct int_regs r = int_regs(bits, lut, NULL, 128);
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4)
+		dot_i8_heads(4, bits, m, n, codes, stride, &r, q + h * qs, qs, out + (size_t)h * n);
+	switch (g - h) {
+	case 3: dot_i8_heads(3, bits, m, n, codes, stride, &r, q + h * qs, qs, out + (size_t)h * n); break;
+	case 2: dot_i8_heads(2, bits, m, n, codes, stride, &r, q + h * qs, qs, out + (size_t)h * n); break;
+	case 1: dot_i8_heads(1, bits, m, n, codes, stride, &r, q + h * qs, qs, out + (size_t)h * n); break;
+	default: break;
+	}
+}
+
+static void lut_dot_i8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			     const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, int32_t *out)
+{
+	switch (bits) {
+	case 1: dot_i8_width(1, m, n, codes, stride, lut, g, q, q_stride, out); break;
+	case 2: dot_i8_width(2, m, n, codes, stride, lut, g, q, q_stride, out); break;
+	case 3: dot_i8_width(3, m, n, codes, stride, lut, g, q, q_stride, out); break;
+	default: dot_i8_width(4, m, n, codes, stride, lut, g, q, q_stride, out); break;
+	}
+}
+
+/* Codes j..j+k-1 (k <= 64) of a row as int16 table values: lanes 0-31 in lo, 32-63 in hi. */
+INLINE void values16(unsigned bits, const uint8_t *row, unsigned j, unsigned k, const struct int_regs *r,
+		     __m512i *lo, __m512i *hi)
+{
+	const __m512i c = code_bytes(bits, row, j, k, r);
+
+	*lo = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(c)), r->tab16);
+	*hi = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(c, 1)), r->tab16);
+}
+
+/* Weights i and i+1 of a head as one int32 (i in the low half); a missing second row weighs 0. */
+INLINE __m512i weight_pair(const int16_t *w, unsigned i, unsigned n)
+{
+	uint32_t lo = (uint16_t)w[i], hi = i + 1 < n ? (uint16_t)w[i + 1] : 0;
+
+	return _mm512_set1_epi32((int)(lo | hi << 16));
+}
+
+/*
+ * Columns in chunks of 64, rows in pairs: unpacking the two rows' int16 values interleaves them so that
+ * each int32 lane holds one column of both, which vpdpwssd multiplies by the pair of weights. A 128-bit
+ * lane L of the unpacked low half holds columns 8L..8L+3, of the high half 8L+4..8L+7; one permute per
+ * 32 columns puts them back in order at the end.
+ */
+INLINE void axpy_i16_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes,
+			   size_t stride, const struct int_regs *r, const int16_t *w, int32_t *acc, size_t as)
+{
+	const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+	const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+
+	for (unsigned j = 0; j < m; j += 64) {
+		const unsigned k = m - j < 64 ? m - j : 64;
+		__m512i a[4][4];
+
+		for (unsigned h = 0; h < hn; h++)
+			for (unsigned e = 0; e < 4; e++)
+				a[h][e] = _mm512_setzero_si512();
+		for (unsigned i = 0; i < n; i += 2) {
+			__m512i x0, x1, y0 = _mm512_setzero_si512(), y1 = y0, d[4];
+
+			values16(bits, codes + (size_t)i * stride, j, k, r, &x0, &x1);
+			if (i + 1 < n)
+				values16(bits, codes + (size_t)(i + 1) * stride, j, k, r, &y0, &y1);
+			d[0] = _mm512_unpacklo_epi16(x0, y0), d[1] = _mm512_unpackhi_epi16(x0, y0);
+			d[2] = _mm512_unpacklo_epi16(x1, y1), d[3] = _mm512_unpackhi_epi16(x1, y1);
+			for (unsigned h = 0; h < hn; h++) {
+				const __m512i wp = weight_pair(w + (size_t)h * n, i, n);
+				for (unsigned e = 0; e < 4; e++)
+					a[h][e] = _mm512_dpwssd_epi32(a[h][e], d[e], wp);
+			}
+		}
+		for (unsigned h = 0; h < hn; h++)
+			for (unsigned half = 0; half < 2 && 32 * half < k; half++) {
+				const __m512i lo = a[h][2 * half], hi = a[h][2 * half + 1];
+				int32_t *p = acc + h * as + j + 32 * half;
+				const unsigned left = k - 32 * half;
+				const __mmask16 m0 = tail16(left < 16 ? left : 16);
+				const __mmask16 m1 = tail16(left > 16 ? (left < 32 ? left - 16 : 16) : 0);
+				__m512i c0 = _mm512_permutex2var_epi64(lo, first, hi);
+				__m512i c1 = _mm512_permutex2var_epi64(lo, second, hi);
+
+				_mm512_mask_storeu_epi32(p, m0, _mm512_add_epi32(_mm512_maskz_loadu_epi32(m0, p), c0));
+				_mm512_mask_storeu_epi32(p + 16, m1,
+							 _mm512_add_epi32(_mm512_maskz_loadu_epi32(m1, p + 16), c1));
+			}
+	}
+}
+
+INLINE void axpy_i16_width(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			   const int16_t *lut, unsigned g, const int16_t *w, int32_t *acc, size_t as)
+{
+	const struct int_regs r = int_regs(bits, NULL, lut, 0);
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4)
+		axpy_i16_heads(4, bits, m, n, codes, stride, &r, w + (size_t)h * n, acc + h * as, as);
+	switch (g - h) {
+	case 3: axpy_i16_heads(3, bits, m, n, codes, stride, &r, w + (size_t)h * n, acc + h * as, as); break;
+	case 2: axpy_i16_heads(2, bits, m, n, codes, stride, &r, w + (size_t)h * n, acc + h * as, as); break;
+	case 1: axpy_i16_heads(1, bits, m, n, codes, stride, &r, w + (size_t)h * n, acc + h * as, as); break;
+	default: break;
+	}
+}
+
+static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			       const int16_t *lut, unsigned g, const int16_t *w, int32_t *acc, size_t acc_stride)
+{
+	switch (bits) {
+	case 1: axpy_i16_width(1, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
+	case 2: axpy_i16_width(2, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
+	case 3: axpy_i16_width(3, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
+	default: axpy_i16_width(4, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
+	}
+}
+
 #define KVP_ISA_NAME "avx512"
 #define KVP_ISA_TABLE kvp_kernels_avx512
 #include "kernels/loops.h"

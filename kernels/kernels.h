@@ -77,6 +77,20 @@ struct kvp_kernels {
 	void (*lut_axpy_group)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			       const float *lut, unsigned g, const float *w, float *acc, size_t acc_stride);
 	/*
+	 * The integer lookups of TurboQuant's attention path, for the g heads of a GQA group: the same sums in
+	 * exact int32 arithmetic, so every implementation gives the same integers. Keys take an int8 table and
+	 * int8 queries (VNNI vpdpbusd, NEON sdot); values an int16 table and int16 weights (vpdpwssd, smlal),
+	 * because the weights of a block need more than 8 bits to keep the output within 1e-3 of the float sum.
+	 *   lut_dot_i8_group:   out[h*n + i] = sum_j lut[code(i, j)] * q[h*q_stride + j]
+	 *   lut_axpy_i16_group: acc[h*acc_stride + j] += sum_i w[h*n + i] * lut[code(i, j)]
+	 * lut entries lie in [-127, 127] (int8) and [-32767, 32767] (int16); callers keep every sum, and every
+	 * partial sum of two products, within int32.
+	 */
+	void (*lut_dot_i8_group)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+				 const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, int32_t *out);
+	void (*lut_axpy_i16_group)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+				   const int16_t *lut, unsigned g, const int16_t *w, int32_t *acc, size_t acc_stride);
+	/*
 	 * Masked rows (SparK's per-token channel pruning). Row i's keep mask is d bits at masks + i*stride
 	 * (bit j set: channel j is kept; LSB first; bits past d are ignored). Its kept channels' values, in
 	 * channel order, are kept[i*kept_stride + t] for t below the mask's popcount, and nothing past that

@@ -14,6 +14,8 @@
  *   dot_f16_heads4, axpy_f16_heads4 four heads of a group at once, q or w and acc holding 4 rows, same hint
  *   lut_dot_bits, lut_axpy_bits     lut_dot and lut_axpy for a bit width that is a constant once inlined
  *   lut_dot_heads4, lut_axpy_heads4 the same for four heads, strides as in lut_*_group
+ *   lut_dot_i8_group, lut_axpy_i16_group
+ *                                   the table's entries of those names (contracts in kernels.h)
  *   mask_expand_row                 one row of mask_expand: (d, mask, sign or NULL, kept, scale, mag, x)
  *   band_norms_vector               the bands [0, returned) of one row of band_norms, F = d / 2
  * and the macros KVP_ISA_NAME (the table's name string) and KVP_ISA_TABLE (its identifier, declared in
@@ -160,5 +162,7 @@ const struct kvp_kernels KVP_ISA_TABLE = {
 	.lut_axpy = lut_axpy,
 	.lut_dot_group = lut_dot_group,
 	.lut_axpy_group = lut_axpy_group,
+	.lut_dot_i8_group = lut_dot_i8_group,
+	.lut_axpy_i16_group = lut_axpy_i16_group,
 	.mask_expand = mask_expand,
 };

@@ -167,6 +167,33 @@ static void lut_axpy_group(unsigned bits, unsigned m, unsigned n, const uint8_t 
 		lut_axpy(bits, m, n, codes, stride, lut, w + (size_t)h * n, acc + h * acc_stride);
 }
 
+static void lut_dot_i8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			     const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, int32_t *out)
+{
+	for (unsigned h = 0; h < g; h++)
+		for (unsigned i = 0; i < n; i++) {
+			const uint8_t *row = codes + (size_t)i * stride;
+			int32_t s = 0;
+
+			for (unsigned j = 0; j < m; j++)
+				s += lut[code_at(row, bits, j)] * q[h * q_stride + j];
+			out[(size_t)h * n + i] = s;
+		}
+}
+
+static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			       const int16_t *lut, unsigned g, const int16_t *w, int32_t *acc, size_t acc_stride)
+{
+	for (unsigned h = 0; h < g; h++)
+		for (unsigned i = 0; i < n; i++) {
+			const uint8_t *row = codes + (size_t)i * stride;
+			int32_t *a = acc + h * acc_stride;
+
+			for (unsigned j = 0; j < m; j++)
+				a[j] += w[(size_t)h * n + i] * lut[code_at(row, bits, j)];
+		}
+}
+
 /* Built by the preprocessor so the table is constant data, not something filled at start-up. */
 #define BIT(m, j) (((m) >> (j)) & 1u)
 #define BELOW(m, j) ((j) > 0 ? BIT(m, 0) : 0) + ((j) > 1 ? BIT(m, 1) : 0) + ((j) > 2 ? BIT(m, 2) : 0) + \
@@ -232,5 +259,7 @@ const struct kvp_kernels kvp_kernels_scalar = {
 	.lut_axpy = lut_axpy,
 	.lut_dot_group = lut_dot_group,
 	.lut_axpy_group = lut_axpy_group,
+	.lut_dot_i8_group = lut_dot_i8_group,
+	.lut_axpy_i16_group = lut_axpy_i16_group,
 	.mask_expand = mask_expand,
 };

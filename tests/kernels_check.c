@@ -958,6 +958,106 @@ static void lut_group_kernels_match_scalar_head_by_head(const struct kvp_kernels
 }
 
 
+/* ---- integer lookups (lut_dot_i8_group, lut_axpy_i16_group): equal to the scalar integers ---- */
+
+static int32_t rand_int(int32_t lo, int32_t hi)
+{
+	return lo + (int32_t)(rnd32() % (uint32_t)(hi - lo + 1));
+}
+
+/*
+ * g heads over n rows of m codes starting `off` bytes into their allocation, q and acc rows a stride wider
+ * than m apart. Weights up to 511 against int16 entries of any size keep 67 rows within int32. The acc gap
+ * past m of each row must stay as it was.
+ */
+static void lut_int_case(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned n, unsigned g,
+			 unsigned off)
+{
+	const size_t rowbytes = ((size_t)m * bits + 7) / 8, stride = rowbytes + (m & 1), qs = m + 5;
+	uint8_t *codes = rand_codes(n, stride, rowbytes, off);
+	int8_t lut8[16], *q = xmalloc(g * qs);
+	int16_t lut16[16], *w = xmalloc(sizeof *w * g * n);
+	int32_t *got = xmalloc(sizeof *got * g * n), *want = xmalloc(sizeof *want * g * n);
+	int32_t *acc = xmalloc(sizeof *acc * g * qs), *acc_want = xmalloc(sizeof *acc_want * g * qs);
+
+	for (unsigned v = 0; v < 16; v++)
+		lut8[v] = (int8_t)rand_int(-127, 127), lut16[v] = (int16_t)rand_int(-32767, 32767);
+	for (size_t j = 0; j < g * qs; j++)
+		q[j] = (int8_t)rand_int(-128, 127), acc[j] = acc_want[j] = rand_int(-1000000, 1000000);
+	for (size_t i = 0; i < (size_t)g * n; i++)
+		w[i] = (int16_t)rand_int(-511, 511), got[i] = want[i] = rand_int(-5, 5);
+	k->lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, got);
+	k->lut_axpy_i16_group(bits, m, n, codes + off, stride, lut16, g, w, acc, qs);
+	kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, want);
+	kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes + off, stride, lut16, g, w, acc_want, qs);
+	for (size_t i = 0; i < (size_t)g * n; i++)
+		check(got[i] == want[i], "%s lut_dot_i8_group bits=%u m=%u n=%u g=%u off=%u head %zu row %zu: %d, scalar %d",
+		      k->name, bits, m, n, g, off, i / n, i % n, got[i], want[i]);
+	for (size_t j = 0; j < g * qs; j++)
+		check(acc[j] == acc_want[j],
+		      "%s lut_axpy_i16_group bits=%u m=%u n=%u g=%u off=%u head %zu column %zu: %d, scalar %d",
+		      k->name, bits, m, n, g, off, j / qs, j % qs, acc[j], acc_want[j]);
+	free(codes), free(q), free(w), free(got), free(want), free(acc), free(acc_want);
+}
+
+static void scalar_integer_lookups_match_their_definition(void)
+{
+	for (unsigned bits = 1; bits <= 4; bits++) {
+		const unsigned m = 37, n = 5, g = 2;
+		const size_t stride = (m * bits + 7) / 8 + 1;
+		uint8_t *codes = rand_codes(n, stride, stride - 1, 0);
+		int8_t lut8[16], q[2 * 37];
+		int16_t lut16[16], w[2 * 5];
+		int32_t out[2 * 5], acc[2 * 37] = { 0 };
+
+		for (unsigned v = 0; v < 16; v++)
+			lut8[v] = (int8_t)rand_int(-127, 127), lut16[v] = (int16_t)rand_int(-32767, 32767);
+		for (unsigned j = 0; j < g * m; j++)
+			q[j] = (int8_t)rand_int(-128, 127);
+		for (unsigned i = 0; i < g * n; i++)
+			w[i] = (int16_t)rand_int(-8191, 8191);
+		kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, out);
+		kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes, stride, lut16, g, w, acc, m);
+		for (unsigned h = 0; h < g; h++) {
+			for (unsigned i = 0; i < n; i++) {
+				int64_t s = 0;
+				for (unsigned j = 0; j < m; j++)
+					s += lut8[code_of(codes + i * stride, bits, j)] * q[h * m + j];
+				check(out[h * n + i] == s, "bits=%u head %u row %u: %d, want %lld", bits, h, i,
+				      out[h * n + i], (long long)s);
+			}
+			for (unsigned j = 0; j < m; j++) {
+				int64_t s = 0;
+				for (unsigned i = 0; i < n; i++)
+					s += (int64_t)w[h * n + i] * lut16[code_of(codes + i * stride, bits, j)];
+				check(acc[h * m + j] == s, "bits=%u head %u column %u: %d, want %lld", bits, h, j,
+				      acc[h * m + j], (long long)s);
+			}
+		}
+		free(codes);
+	}
+}
+
+static void integer_lookups_equal_scalar_for_every_width_group_and_length(const struct kvp_kernels *k)
+{
+	static const unsigned rows[] = { 1, 3, 4, 5, 64, 67 }, heads[] = { 1, 2, 3, 4, 5, 8 };
+
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(lut_dims); a++)
+			for (size_t b = 0; b < COUNT(rows); b++)
+				for (size_t c = 0; c < COUNT(heads); c++)
+					lut_int_case(k, bits, lut_dims[a], rows[b], heads[c], 0);
+}
+
+static void integer_lookups_equal_scalar_on_unaligned_pointers(const struct kvp_kernels *k)
+{
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(lut_dims); a++)
+			for (unsigned g = 1; g <= 8; g++)
+				lut_int_case(k, bits, lut_dims[a], 67, g, 1 + (g & 2));
+}
+
+
 /* ---- masked rows (mask_expand) against the scalar reference, bit for bit ---- */
 
 /* Kept channels of a mask of d bits (bits past d do not count). */
@@ -1313,6 +1413,7 @@ static const struct test reference_tests[] = {
 	TEST(scalar_softmax_step_on_all_masked_block_gives_zero_weights),
 	TEST(scalar_softmax_step_composed_over_blocks_matches_double_reference),
 	TEST(scalar_lut_dot_and_axpy_match_double_precision_at_every_width),
+	TEST(scalar_integer_lookups_match_their_definition),
 	TEST(scalar_mask_expand_places_kept_values_and_signed_recoveries),
 	TEST(scalar_band_norms_reads_both_layouts),
 	TEST(crc32c_reference_gives_the_published_check_values),
@@ -1363,6 +1464,8 @@ static const struct vector_test vector_tests[] = {
 	TEST(lut_dot_and_axpy_match_scalar_at_every_width_and_odd_length),
 	TEST(lut_dot_and_axpy_match_scalar_on_unaligned_pointers),
 	TEST(lut_group_kernels_match_scalar_head_by_head),
+	TEST(integer_lookups_equal_scalar_for_every_width_group_and_length),
+	TEST(integer_lookups_equal_scalar_on_unaligned_pointers),
 	TEST(mask_expand_matches_scalar_bit_for_bit_on_odd_lengths),
 	TEST(mask_expand_matches_scalar_on_unaligned_pointers),
 	TEST(band_norms_is_bit_identical_to_scalar_in_both_layouts),
