@@ -37,6 +37,9 @@
 #define KVP_CODEC_KEYS 0u
 #define KVP_CODEC_VALUES 1u
 
+/* Most query heads a group path (dot_group, axpy_group) is handed at once. */
+#define KVP_CODEC_GROUP_MAX 128u
+
 /* Largest vector a codec takes. */
 #define KVP_CODEC_DIM_MAX 4096u
 

@@ -70,6 +70,10 @@ struct tq_part {
 	float *s;                    /* qjl=1: m x m N(0,1), row-major */
 	float centroid[TQ_LEVELS_MAX];
 	float threshold[TQ_LEVELS_MAX - 1];
+	/* the codebook for the integer kernels: centroid[v] ~ lut8[v] * unit8 ~ lut16[v] * unit16 */
+	int8_t lut8[TQ_LEVELS_MAX];
+	int16_t lut16[TQ_LEVELS_MAX];
+	float unit8, unit16;
 	size_t code_at, sign_at;     /* byte offsets of the part's codes and signs in a token */
 	unsigned first;              /* index of the part's first channel in the context's order */
 };
@@ -179,6 +183,25 @@ static void lloyd_max(const struct beta_table *b, unsigned half, double *c)
 	}
 }
 
+/*
+ * Keys are scored with an int8 codebook and values summed with an int16 one (kernels.h). Keys' rounding
+ * moves a score by a fraction of a percent of its spread; values' would bias the output itself, so they
+ * take 11 bits (2047 steps), which leaves room in int32 for 256 tokens of 12-bit weights (see axpy).
+ */
+#define TQ_LUT16_MAX 2047
+
+static void integer_codebook(struct tq_part *pt, float top)
+{
+	unsigned levels = 1u << pt->bits;
+
+	pt->unit8 = top / 127.0f;
+	pt->unit16 = top / TQ_LUT16_MAX;
+	for (unsigned v = 0; v < levels; v++) {
+		pt->lut8[v] = (int8_t)lrintf(pt->centroid[v] / pt->unit8);
+		pt->lut16[v] = (int16_t)lrintf(pt->centroid[v] / pt->unit16);
+	}
+}
+
 static void codebook(struct tq_part *pt, const struct beta_table *b)
 {
 	unsigned half = (1u << pt->bits) / 2;
@@ -186,6 +209,8 @@ static void codebook(struct tq_part *pt, const struct beta_table *b)
 
 	if (pt->bits == 0) {
 		pt->centroid[0] = 0.0f;
+		pt->lut8[0] = 0, pt->lut16[0] = 0;
+		pt->unit8 = pt->unit16 = 0.0f;
 		return;
 	}
 	lloyd_max(b, half, c);
@@ -198,6 +223,7 @@ static void codebook(struct tq_part *pt, const struct beta_table *b)
 		pt->threshold[half + i] = (float)((c[i] + c[i + 1]) / 2);
 		pt->threshold[half - 2 - i] = -pt->threshold[half + i];
 	}
+	integer_codebook(pt, (float)c[half - 1]);
 }
 
 /* ---- Randomized Hadamard rotation. ---- */
@@ -324,6 +350,18 @@ static kvp_status tq_layout(struct kvp_codec *c, struct tq *t, unsigned bits, un
 	return KVP_OK;
 }
 
+static size_t query_values(unsigned dim, unsigned qjl)
+{
+	return (size_t)dim * (1 + qjl);
+}
+
+static size_t query_bytes(unsigned dim, unsigned qjl)
+{
+	size_t a = query_values(dim, qjl), bytes = sizeof(float) * a + (a + 3) / 4 * 4 + sizeof(float) * 2 * TQ_PARTS;
+
+	return (bytes + 15) / 16 * 16; /* each head's query in a group stays 16-byte aligned */
+}
+
 /* fit: a norm and an outlier flag per channel; encode: a part's vector and its residual; decode and
  * finish: one vector. */
 static size_t tq_scratch_bytes(unsigned dim)
@@ -367,7 +405,7 @@ static kvp_status tq_open(struct kvp_codec *c, struct kvp_args *args, unsigned d
 		return st;
 	}
 	c->ctx_bytes = outliers ? sizeof(uint32_t) * dim : 0;
-	c->qprep_bytes = sizeof(float) * dim * (1 + qjl);
+	c->qprep_bytes = query_bytes(dim, qjl);
 	c->scratch_bytes = tq_scratch_bytes(dim);
 	c->acc_dim = dim * (1 + qjl);
 	return KVP_OK;
@@ -1058,16 +1096,55 @@ static size_t part_offset(const struct tq *t, unsigned k)
 	return k ? (size_t)t->part[0].m * (1 + t->qjl) : 0;
 }
 
+/*
+ * A prepared query: R q per part (and S R q with qjl=1) in floats, at part_offset, then the same values
+ * as int8 for the integer kernels, then the step of each int8 section (q ~ q8 * step). One step per
+ * section: the kernels add integers across the whole section.
+ */
+struct tq_query {
+	float *f;
+	int8_t *q8;
+	float *step; /* [part * 2 + (0 codes, 1 signs)] */
+};
+
+static struct tq_query query_at(const struct kvp_codec *c, const void *qprep)
+{
+	const struct tq *t = c->state;
+	size_t a = query_values(c->dim, t->qjl);
+	struct tq_query q;
+
+	q.f = (float *)qprep;
+	q.q8 = (int8_t *)(q.f + a);
+	q.step = (float *)(q.q8 + (a + 3) / 4 * 4);
+	return q;
+}
+
+static float quantize_query(const float *x, unsigned m, int8_t *q8)
+{
+	float top = 0.0f, step, inv;
+
+	for (unsigned j = 0; j < m; j++)
+		top = fabsf(x[j]) > top ? fabsf(x[j]) : top;
+	step = top / 127.0f;
+	inv = top > 0.0f ? 127.0f / top : 0.0f;
+	for (unsigned j = 0; j < m; j++)
+		q8[j] = (int8_t)kvp_nearest(x[j] * inv);
+	return step;
+}
+
 static void tq_prepare_query(const struct kvp_codec *c, const void *ctx, const float *q, void *qprep)
 {
 	const struct tq *t = c->state;
+	struct tq_query out = query_at(c, qprep);
 
 	for (unsigned k = 0; k < t->nparts; k++) {
 		const struct tq_part *pt = &t->part[k];
-		float *qr = (float *)qprep + part_offset(t, k), *sq = qr + pt->m;
+		size_t at = part_offset(t, k);
+		float *qr = out.f + at, *sq = qr + pt->m;
 
 		gather(pt, ctx, q, qr);
 		rotate_fast(pt, qr);
+		out.step[2 * k] = quantize_query(qr, pt->m, out.q8 + at);
 		for (unsigned i = 0; i < pt->m && t->qjl; i++) {
 			const float *row = pt->s + (size_t)i * pt->m;
 			float s = 0.0f;
@@ -1075,13 +1152,10 @@ static void tq_prepare_query(const struct kvp_codec *c, const void *ctx, const f
 				s += row[j] * qr[j];
 			sq[i] = s;
 		}
+		if (t->qjl)
+			out.step[2 * k + 1] = quantize_query(sq, pt->m, out.q8 + at + pt->m);
 	}
 }
-
-/* Tokens per pass of the fused paths: their per-token scalars live on the stack. */
-#define CHUNK 256
-
-static const float plus_minus_one[2] = { -1.0f, 1.0f };
 
 /* The scalar slot (0 = norm, 1 = gamma) of part k for tokens [0, n), times w[i] (or 1 when w is NULL). */
 static void scalars(const struct tq *t, unsigned k, unsigned slot, unsigned n, const unsigned char *p,
@@ -1093,6 +1167,15 @@ static void scalars(const struct tq *t, unsigned k, unsigned slot, unsigned n, c
 		out[i] = load_f32(p + at) * (w ? w[i] : 1.0f);
 }
 
+/* Tokens per pass of the fused paths: their per-token scalars live on the stack. */
+#define CHUNK 256
+
+static const float plus_minus_one[2] = { -1.0f, 1.0f };
+
+/*
+ * dot and axpy, one head at a time, in floats: the reference the group paths are measured against, and
+ * what kvp_codec_dot gives (the inner product with the decoded vector, to float rounding).
+ */
 static void tq_dot(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, const void *qprep,
 		   float *out)
 {
@@ -1155,82 +1238,89 @@ static void tq_axpy(const struct kvp_codec *c, const void *ctx, unsigned n, cons
 }
 
 /*
- * The group paths: the same sums as tq_dot and tq_axpy for g heads, taken in slices of tokens so that
- * a slice's per-head scratch (g x slice floats) stays on the stack, 8 KiB in all.
+ * The group paths, which attention uses: the kernels' integer lookups (kernels.h), with the query in int8
+ * and each head's weights in 12-bit integers. Keys: one kernel call per section looks every code up once for
+ * the whole group; the kernel reads each token's norm from the token itself. Signs (qjl=1) scale by
+ * norm * gamma, gathered first. Tokens go in slices of KVP_AXPY_I16_ROWS, the most one values call takes.
  */
-#define GROUP_FLOATS 1024
+static const int8_t sign8[2] = { -1, 1 };
+static const int16_t sign16[2] = { -1, 1 };
+
+#define SLICE KVP_AXPY_I16_ROWS
+
+/* Each head's step of a query section (0 codes, 1 signs) times the section's unit. */
+static void head_scales(const struct kvp_codec *c, const struct tq_query *q, unsigned g, unsigned section,
+			float unit, float *out)
+{
+	for (unsigned h = 0; h < g; h++)
+		out[h] = unit * *(const float *)((const char *)(q->step + section) + (size_t)h * c->qprep_bytes);
+}
 
 static void tq_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
 			 const void *qprep, float *out)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct tq *t = c->state;
-	const size_t qs = c->qprep_bytes / sizeof(float);
-	const unsigned slice = GROUP_FLOATS / g;
-	float s[GROUP_FLOATS], scale[GROUP_FLOATS];
+	const struct tq_query q = query_at(c, qprep);
+	float hs[KVP_CODEC_GROUP_MAX], both[SLICE];
 
 	(void)ctx;
 	memset(out, 0, sizeof(float) * g * n);
-	for (unsigned i0 = 0; i0 < n; i0 += slice) {
+	for (unsigned i0 = 0; i0 < n; i0 += SLICE) {
 		const unsigned char *p = (const unsigned char *)src + (size_t)i0 * t->stride;
-		unsigned cn = n - i0 < slice ? n - i0 : slice;
+		const unsigned cn = n - i0 < SLICE ? n - i0 : SLICE;
 
 		for (unsigned k = 0; k < t->nparts; k++) {
 			const struct tq_part *pt = &t->part[k];
-			const float *qr = (const float *)qprep + part_offset(t, k);
+			const size_t at = part_offset(t, k);
+			const uint8_t *norm = p + sizeof(float) * k;
 
-			scalars(t, k, 0, cn, p, NULL, scale);
 			if (pt->bits) {
-				kern->lut_dot_group(pt->bits, pt->m, cn, p + pt->code_at, t->stride, pt->centroid, g, qr,
-						    qs, s);
-				for (unsigned h = 0; h < g; h++)
-					for (unsigned i = 0; i < cn; i++)
-						out[(size_t)h * n + i0 + i] += scale[i] * s[h * cn + i];
+				head_scales(c, &q, g, 2 * k, pt->unit8, hs);
+				kern->lut_dot_i8_group(pt->bits, pt->m, cn, p + pt->code_at, t->stride, pt->lut8, g, q.q8 + at,
+						       c->qprep_bytes, hs, norm, t->stride, out + i0, n);
 			}
 			if (!t->qjl)
 				continue;
-			kern->lut_dot_group(1, pt->m, cn, p + pt->sign_at, t->stride, plus_minus_one, g, qr + pt->m, qs,
-					    s);
-			scalars(t, k, 1, cn, p, scale, scale); /* norm * gamma */
-			for (unsigned h = 0; h < g; h++)
-				for (unsigned i = 0; i < cn; i++)
-					out[(size_t)h * n + i0 + i] += qjl_scale(pt) * scale[i] * s[h * cn + i];
+			scalars(t, k, 1, cn, p, NULL, both);
+			for (unsigned i = 0; i < cn; i++)
+				both[i] *= load_f32(norm + (size_t)i * t->stride);
+			head_scales(c, &q, g, 2 * k + 1, qjl_scale(pt), hs);
+			kern->lut_dot_i8_group(1, pt->m, cn, p + pt->sign_at, t->stride, sign8, g, q.q8 + at + pt->m,
+					       c->qprep_bytes, hs, (const uint8_t *)both, sizeof(float), out + i0, n);
 		}
 	}
 }
 
+/* Values: the kernel rounds each head's weights times the tokens' norms (or norm * gamma) itself. */
 static void tq_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
 			  const float *w, float *acc)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct tq *t = c->state;
-	const unsigned slice = GROUP_FLOATS / g;
-	float wn[GROUP_FLOATS], norm[GROUP_FLOATS];
+	float both[SLICE];
 
 	(void)ctx;
-	for (unsigned i0 = 0; i0 < n; i0 += slice) {
+	for (unsigned i0 = 0; i0 < n; i0 += SLICE) {
 		const unsigned char *p = (const unsigned char *)src + (size_t)i0 * t->stride;
-		unsigned cn = n - i0 < slice ? n - i0 : slice;
+		const unsigned cn = n - i0 < SLICE ? n - i0 : SLICE;
 
 		for (unsigned k = 0; k < t->nparts; k++) {
 			const struct tq_part *pt = &t->part[k];
 			float *a = acc + part_offset(t, k);
+			const uint8_t *norm = p + sizeof(float) * k;
 
-			scalars(t, k, 0, cn, p, NULL, norm);
-			for (unsigned h = 0; h < g; h++)
-				for (unsigned i = 0; i < cn; i++)
-					wn[h * cn + i] = w[(size_t)h * n + i0 + i] * norm[i];
 			if (pt->bits)
-				kern->lut_axpy_group(pt->bits, pt->m, cn, p + pt->code_at, t->stride, pt->centroid, g, wn,
-						     a, c->acc_dim);
+				kern->lut_axpy_i16_group(pt->bits, pt->m, cn, p + pt->code_at, t->stride, pt->lut16, pt->unit16,
+							 g, w + i0, n, norm, t->stride, a, c->acc_dim);
 			if (!t->qjl)
 				continue;
-			scalars(t, k, 1, cn, p, NULL, norm); /* gamma */
-			for (unsigned h = 0; h < g; h++)
-				for (unsigned i = 0; i < cn; i++)
-					wn[h * cn + i] *= norm[i];
-			kern->lut_axpy_group(1, pt->m, cn, p + pt->sign_at, t->stride, plus_minus_one, g, wn, a + pt->m,
-					     c->acc_dim);
+			scalars(t, k, 1, cn, p, NULL, both);
+			for (unsigned i = 0; i < cn; i++)
+				both[i] *= load_f32(norm + (size_t)i * t->stride);
+			/* finish applies sqrt(pi/2) / m, as for the float axpy */
+			kern->lut_axpy_i16_group(1, pt->m, cn, p + pt->sign_at, t->stride, sign16, 1.0f, g, w + i0, n,
+						 (const uint8_t *)both, sizeof(float), a + pt->m, c->acc_dim);
 		}
 	}
 }

@@ -738,7 +738,7 @@ INLINE unsigned band_norms_vector(unsigned F, int interleaved, const float *r, f
 }
 
 /* Interim: the integer lookups as plain loops until this table has its own. */
-static void lut_dot_i8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+static void dot_i8_core(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			     const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, int32_t *out)
 {
 	for (unsigned h = 0; h < g; h++)
@@ -757,7 +757,7 @@ static void lut_dot_i8_group(unsigned bits, unsigned m, unsigned n, const uint8_
 		}
 }
 
-static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+static void axpy_i16_core(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			       const int16_t *lut, unsigned g, const int16_t *w, int32_t *acc, size_t acc_stride)
 {
 	for (unsigned h = 0; h < g; h++)

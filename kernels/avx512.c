@@ -744,61 +744,96 @@ INLINE __m128i hsum4_epi32(__m512i a, __m512i b, __m512i c, __m512i d)
 	return _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
 }
 
+/* sum(q[0..m)) of int8 values, by vpdpbusd against ones. */
+INLINE int32_t sum_i8(const int8_t *q, unsigned m)
+{
+	const __m512i ones = _mm512_set1_epi8(1);
+	__m512i s = _mm512_setzero_si512();
+
+	for (unsigned j = 0; j < m; j += 64)
+		s = _mm512_dpbusd_epi32(s, ones, _mm512_maskz_loadu_epi8(tail64(m - j), q + j));
+	return _mm512_reduce_add_epi32(s);
+}
+
 /*
- * hn <= 4 heads: each row's 64-code chunks are looked up once (as unsigned bytes, lut + 128) and
- * multiplied into every head's sum by vpdpbusd; 128 * sum(q) comes off each head's total at the end.
- * Query lanes past m are loaded as zeros, so the stray lanes of a row's last chunk add nothing.
+ * hn <= 4 heads (a constant once inlined; the accumulators are named so that they stay in registers):
+ * each row's 64-code chunks are looked up once, as unsigned bytes (lut + 128), and multiplied into every
+ * head's sum by vpdpbusd; 128 * sum(q) comes off each head's total at the end. Query lanes past m are
+ * loaded as zeros, so the stray lanes of a row's last chunk add nothing.
  */
 INLINE void dot_i8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			 const struct int_regs *r, const int8_t *q, size_t qs, int32_t *out)
+			 const struct int_regs *r, const int8_t *q, size_t qs, const float *head_scale,
+			 const uint8_t *row_scale, size_t scale_stride, float *out, size_t os)
 {
-	int32_t bias[4] = { 0, 0, 0, 0 }, s[4];
+	const int8_t *q0 = q, *q1 = q + qs, *q2 = q1 + qs, *q3 = q2 + qs;
+	int32_t bias[4] = { 0, 0, 0, 0 };
+	float hs[4] = { 0, 0, 0, 0 }, s[4];
+	__m128i bias4;
+	__m128 hs4;
 
 	for (unsigned h = 0; h < hn; h++)
-		for (unsigned j = 0; j < m; j++)
-			bias[h] += 128 * q[h * qs + j];
+		bias[h] = 128 * sum_i8(q + h * qs, m), hs[h] = head_scale[h];
+	bias4 = _mm_loadu_si128((const __m128i *)bias);
+	hs4 = _mm_loadu_ps(hs);
 	for (unsigned i = 0; i < n; i++) {
 		const uint8_t *row = codes + (size_t)i * stride;
-		__m512i a[4] = { _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
-				 _mm512_setzero_si512() };
+		__m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
 
 		for (unsigned j = 0; j < m; j += 64) {
 			const unsigned k = m - j < 64 ? m - j : 64;
+			const __mmask64 in = tail64(k);
 			const __m512i x = _mm512_permutexvar_epi8(code_bytes(bits, row, j, k, r), r->tab8);
 
-			for (unsigned h = 0; h < hn; h++)
-				a[h] = _mm512_dpbusd_epi32(a[h], x, _mm512_maskz_loadu_epi8(tail64(k), q + h * qs + j));
+			a0 = _mm512_dpbusd_epi32(a0, x, _mm512_maskz_loadu_epi8(in, q0 + j));
+			if (hn > 1)
+				a1 = _mm512_dpbusd_epi32(a1, x, _mm512_maskz_loadu_epi8(in, q1 + j));
+			if (hn > 2)
+				a2 = _mm512_dpbusd_epi32(a2, x, _mm512_maskz_loadu_epi8(in, q2 + j));
+			if (hn > 3)
+				a3 = _mm512_dpbusd_epi32(a3, x, _mm512_maskz_loadu_epi8(in, q3 + j));
 		}
-		_mm_storeu_si128((__m128i *)s, hsum4_epi32(a[0], a[1], a[2], a[3]));
+		/* ((float)S * head scale) * row scale, rounded step by step as the scalar reference does */
+		_mm_storeu_ps(s, _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(hsum4_epi32(a0, a1, a2, a3), bias4)),
+						       hs4),
+					    _mm_set1_ps(kvp_load_f32(row_scale + i * scale_stride))));
 		for (unsigned h = 0; h < hn; h++)
-			out[(size_t)h * n + i] = s[h] - bias[h];
+			out[h * os + i] += s[h];
 	}
 }
 
 INLINE void dot_i8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			 const int8_t *lut, unsigned g, const int8_t *q, size_t qs, int32_t *out)
+			 const int8_t *lut, unsigned g, const int8_t *q, size_t qs, const float *head_scale,
+			 const uint8_t *row_scale, size_t scale_stride, float *out, size_t os)
 {
 	const struct int_regs r = int_regs(bits, lut, NULL, 128);
 	unsigned h = 0;
 
+/* Head dimensions of 64 and 128 get loops of their own: constant chunks, no masks, queries in registers. */
+#define DOT_HEADS_M(hn, mm)                                                                                   \
+	dot_i8_heads(hn, bits, mm, n, codes, stride, &r, q + h * qs, qs, head_scale + h, row_scale, scale_stride, \
+		     out + h * os, os)
+#define DOT_HEADS(hn) (m == 128 ? DOT_HEADS_M(hn, 128) : m == 64 ? DOT_HEADS_M(hn, 64) : DOT_HEADS_M(hn, m))
 	for (; h + 4 <= g; h += 4)
-		dot_i8_heads(4, bits, m, n, codes, stride, &r, q + h * qs, qs, out + (size_t)h * n);
+		DOT_HEADS(4);
 	switch (g - h) {
-	case 3: dot_i8_heads(3, bits, m, n, codes, stride, &r, q + h * qs, qs, out + (size_t)h * n); break;
-	case 2: dot_i8_heads(2, bits, m, n, codes, stride, &r, q + h * qs, qs, out + (size_t)h * n); break;
-	case 1: dot_i8_heads(1, bits, m, n, codes, stride, &r, q + h * qs, qs, out + (size_t)h * n); break;
+	case 3: DOT_HEADS(3); break;
+	case 2: DOT_HEADS(2); break;
+	case 1: DOT_HEADS(1); break;
 	default: break;
 	}
+#undef DOT_HEADS
+#undef DOT_HEADS_M
 }
 
 static void lut_dot_i8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			     const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, int32_t *out)
+			     const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, const float *head_scale,
+			     const uint8_t *row_scale, size_t scale_stride, float *out, size_t out_stride)
 {
 	switch (bits) {
-	case 1: dot_i8_width(1, m, n, codes, stride, lut, g, q, q_stride, out); break;
-	case 2: dot_i8_width(2, m, n, codes, stride, lut, g, q, q_stride, out); break;
-	case 3: dot_i8_width(3, m, n, codes, stride, lut, g, q, q_stride, out); break;
-	default: dot_i8_width(4, m, n, codes, stride, lut, g, q, q_stride, out); break;
+	case 1: dot_i8_width(1, m, n, codes, stride, lut, g, q, q_stride, head_scale, row_scale, scale_stride, out, out_stride); break;
+	case 2: dot_i8_width(2, m, n, codes, stride, lut, g, q, q_stride, head_scale, row_scale, scale_stride, out, out_stride); break;
+	case 3: dot_i8_width(3, m, n, codes, stride, lut, g, q, q_stride, head_scale, row_scale, scale_stride, out, out_stride); break;
+	default: dot_i8_width(4, m, n, codes, stride, lut, g, q, q_stride, head_scale, row_scale, scale_stride, out, out_stride); break;
 	}
 }
 
@@ -820,83 +855,151 @@ INLINE __m512i weight_pair(const int16_t *w, unsigned i, unsigned n)
 	return _mm512_set1_epi32((int)(lo | hi << 16));
 }
 
+/* acc[0..k) += f * the 32-column chunk's sums held as lo and hi (see axpy_i16_heads), k <= 32. */
+INLINE void add_columns(float *acc, unsigned k, float f, __m512i lo, __m512i hi)
+{
+	const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+	const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+	const __mmask16 m0 = tail16(k < 16 ? k : 16), m1 = tail16(k > 16 ? k - 16 : 0);
+	const __m512 fv = _mm512_set1_ps(f);
+	__m512 c0 = _mm512_mul_ps(fv, _mm512_cvtepi32_ps(_mm512_permutex2var_epi64(lo, first, hi)));
+	__m512 c1 = _mm512_mul_ps(fv, _mm512_cvtepi32_ps(_mm512_permutex2var_epi64(lo, second, hi)));
+
+	_mm512_mask_storeu_ps(acc, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, acc), c0));
+	_mm512_mask_storeu_ps(acc + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, acc + 16), c1));
+}
+
+/*
+ * One head's weights as int16 (the rounding of kernels.h, lane by lane): u = w * scale, top = max |u|,
+ * W = nearest(u * (4095 / top)). Returns unit * (top / 4095), the factor of the head's integer sums.
+ */
+INLINE float weights_i16(unsigned n, const float *w, const float *scale, float unit, int16_t *w16)
+{
+	const __m512 half = _mm512_set1_ps(0.5f), minus_half = _mm512_set1_ps(-0.5f), zero = _mm512_setzero_ps();
+	__m512 top = zero, inv;
+	float t;
+
+	for (unsigned i = 0; i < n; i += 16) {
+		const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
+		__m512 u = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, w + i), _mm512_maskz_loadu_ps(in, scale + i));
+		top = _mm512_max_ps(top, _mm512_abs_ps(u));
+	}
+	t = _mm512_reduce_max_ps(top);
+	inv = _mm512_set1_ps(t > 0.0f ? KVP_WEIGHT_MAX / t : 0.0f);
+	for (unsigned i = 0; i < n; i += 16) {
+		const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
+		__m512 x = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, w + i), _mm512_maskz_loadu_ps(in, scale + i)),
+					 inv);
+		__m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), half, minus_half);
+		_mm256_mask_storeu_epi16(w16 + i, in, _mm512_cvtsepi32_epi16(_mm512_cvttps_epi32(_mm512_add_ps(x, r))));
+	}
+	return unit * (t / KVP_WEIGHT_MAX);
+}
+
+/* One head's step: the pair of weights against the four unpacked vectors d0..d3. */
+#define AXPY_HEAD(wrow, a0, a1, a2, a3)                                 \
+	do {                                                            \
+		const __m512i wp = weight_pair((wrow), i, n);           \
+		a0 = _mm512_dpwssd_epi32(a0, d0, wp);                   \
+		a1 = _mm512_dpwssd_epi32(a1, d1, wp);                   \
+		a2 = _mm512_dpwssd_epi32(a2, d2, wp);                   \
+		a3 = _mm512_dpwssd_epi32(a3, d3, wp);                   \
+	} while (0)
+
 /*
  * Columns in chunks of 64, rows in pairs: unpacking the two rows' int16 values interleaves them so that
  * each int32 lane holds one column of both, which vpdpwssd multiplies by the pair of weights. A 128-bit
  * lane L of the unpacked low half holds columns 8L..8L+3, of the high half 8L+4..8L+7; one permute per
- * 32 columns puts them back in order at the end.
+ * 16 columns puts them back in order at the end. hn <= 4 heads, a constant once inlined.
  */
 INLINE void axpy_i16_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes,
-			   size_t stride, const struct int_regs *r, const int16_t *w, int32_t *acc, size_t as)
+			   size_t stride, const struct int_regs *r, float unit, const float *w, size_t ws,
+			   const float *scale, float *acc, size_t as)
 {
-	const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
-	const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+	int16_t w16[4][KVP_AXPY_I16_ROWS];
+	const int16_t *w0 = w16[0], *w1 = w16[1], *w2 = w16[2], *w3 = w16[3];
+	float f[4];
+
+	for (unsigned h = 0; h < hn; h++)
+		f[h] = weights_i16(n, w + h * ws, scale, unit, w16[h]);
 
 	for (unsigned j = 0; j < m; j += 64) {
 		const unsigned k = m - j < 64 ? m - j : 64;
-		__m512i a[4][4];
+		__m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00;
+		__m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+		__m512i a30 = a00, a31 = a00, a32 = a00, a33 = a00;
 
-		for (unsigned h = 0; h < hn; h++)
-			for (unsigned e = 0; e < 4; e++)
-				a[h][e] = _mm512_setzero_si512();
 		for (unsigned i = 0; i < n; i += 2) {
-			__m512i x0, x1, y0 = _mm512_setzero_si512(), y1 = y0, d[4];
+			__m512i x0, x1, y0 = _mm512_setzero_si512(), y1 = y0, d0, d1, d2, d3;
 
 			values16(bits, codes + (size_t)i * stride, j, k, r, &x0, &x1);
 			if (i + 1 < n)
 				values16(bits, codes + (size_t)(i + 1) * stride, j, k, r, &y0, &y1);
-			d[0] = _mm512_unpacklo_epi16(x0, y0), d[1] = _mm512_unpackhi_epi16(x0, y0);
-			d[2] = _mm512_unpacklo_epi16(x1, y1), d[3] = _mm512_unpackhi_epi16(x1, y1);
-			for (unsigned h = 0; h < hn; h++) {
-				const __m512i wp = weight_pair(w + (size_t)h * n, i, n);
-				for (unsigned e = 0; e < 4; e++)
-					a[h][e] = _mm512_dpwssd_epi32(a[h][e], d[e], wp);
-			}
+			d0 = _mm512_unpacklo_epi16(x0, y0), d1 = _mm512_unpackhi_epi16(x0, y0);
+			d2 = _mm512_unpacklo_epi16(x1, y1), d3 = _mm512_unpackhi_epi16(x1, y1);
+			AXPY_HEAD(w0, a00, a01, a02, a03);
+			if (hn > 1)
+				AXPY_HEAD(w1, a10, a11, a12, a13);
+			if (hn > 2)
+				AXPY_HEAD(w2, a20, a21, a22, a23);
+			if (hn > 3)
+				AXPY_HEAD(w3, a30, a31, a32, a33);
 		}
-		for (unsigned h = 0; h < hn; h++)
-			for (unsigned half = 0; half < 2 && 32 * half < k; half++) {
-				const __m512i lo = a[h][2 * half], hi = a[h][2 * half + 1];
-				int32_t *p = acc + h * as + j + 32 * half;
-				const unsigned left = k - 32 * half;
-				const __mmask16 m0 = tail16(left < 16 ? left : 16);
-				const __mmask16 m1 = tail16(left > 16 ? (left < 32 ? left - 16 : 16) : 0);
-				__m512i c0 = _mm512_permutex2var_epi64(lo, first, hi);
-				__m512i c1 = _mm512_permutex2var_epi64(lo, second, hi);
+		for (unsigned half = 0; half < 2 && 32 * half < k; half++) {
+			const unsigned left = k - 32 * half < 32 ? k - 32 * half : 32;
+			float *p = acc + j + 32 * half;
 
-				_mm512_mask_storeu_epi32(p, m0, _mm512_add_epi32(_mm512_maskz_loadu_epi32(m0, p), c0));
-				_mm512_mask_storeu_epi32(p + 16, m1,
-							 _mm512_add_epi32(_mm512_maskz_loadu_epi32(m1, p + 16), c1));
-			}
+			add_columns(p, left, f[0], half ? a02 : a00, half ? a03 : a01);
+			if (hn > 1)
+				add_columns(p + as, left, f[1], half ? a12 : a10, half ? a13 : a11);
+			if (hn > 2)
+				add_columns(p + 2 * as, left, f[2], half ? a22 : a20, half ? a23 : a21);
+			if (hn > 3)
+				add_columns(p + 3 * as, left, f[3], half ? a32 : a30, half ? a33 : a31);
+		}
 	}
 }
 
+#undef AXPY_HEAD
+
 INLINE void axpy_i16_width(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			   const int16_t *lut, unsigned g, const int16_t *w, int32_t *acc, size_t as)
+			   const int16_t *lut, float unit, unsigned g, const float *w, size_t ws, const float *scale,
+			   float *acc, size_t as)
 {
 	const struct int_regs r = int_regs(bits, NULL, lut, 0);
 	unsigned h = 0;
 
+#define AXPY_HEADS(hn) \
+	axpy_i16_heads(hn, bits, m, n, codes, stride, &r, unit, w + h * ws, ws, scale, acc + h * as, as)
 	for (; h + 4 <= g; h += 4)
-		axpy_i16_heads(4, bits, m, n, codes, stride, &r, w + (size_t)h * n, acc + h * as, as);
+		AXPY_HEADS(4);
 	switch (g - h) {
-	case 3: axpy_i16_heads(3, bits, m, n, codes, stride, &r, w + (size_t)h * n, acc + h * as, as); break;
-	case 2: axpy_i16_heads(2, bits, m, n, codes, stride, &r, w + (size_t)h * n, acc + h * as, as); break;
-	case 1: axpy_i16_heads(1, bits, m, n, codes, stride, &r, w + (size_t)h * n, acc + h * as, as); break;
+	case 3: AXPY_HEADS(3); break;
+	case 2: AXPY_HEADS(2); break;
+	case 1: AXPY_HEADS(1); break;
 	default: break;
 	}
+#undef AXPY_HEADS
 }
 
+/* The rows' scales are gathered once into a contiguous array for every head's weights. */
 static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			       const int16_t *lut, unsigned g, const int16_t *w, int32_t *acc, size_t acc_stride)
+			       const int16_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
+			       const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
 {
+	float scale[KVP_AXPY_I16_ROWS];
+
+	for (unsigned i = 0; i < n; i++)
+		scale[i] = kvp_load_f32(row_scale + i * scale_stride);
 	switch (bits) {
-	case 1: axpy_i16_width(1, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
-	case 2: axpy_i16_width(2, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
-	case 3: axpy_i16_width(3, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
-	default: axpy_i16_width(4, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
+	case 1: axpy_i16_width(1, m, n, codes, stride, lut, unit, g, w, w_stride, scale, acc, acc_stride); break;
+	case 2: axpy_i16_width(2, m, n, codes, stride, lut, unit, g, w, w_stride, scale, acc, acc_stride); break;
+	case 3: axpy_i16_width(3, m, n, codes, stride, lut, unit, g, w, w_stride, scale, acc, acc_stride); break;
+	default: axpy_i16_width(4, m, n, codes, stride, lut, unit, g, w, w_stride, scale, acc, acc_stride); break;
 	}
 }
 
+#define KVP_ISA_FUSED_LOOKUPS
 #define KVP_ISA_NAME "avx512"
 #define KVP_ISA_TABLE kvp_kernels_avx512
 #include "kernels/loops.h"

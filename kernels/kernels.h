@@ -77,19 +77,28 @@ struct kvp_kernels {
 	void (*lut_axpy_group)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			       const float *lut, unsigned g, const float *w, float *acc, size_t acc_stride);
 	/*
-	 * The integer lookups of TurboQuant's attention path, for the g heads of a GQA group: the same sums in
-	 * exact int32 arithmetic, so every implementation gives the same integers. Keys take an int8 table and
-	 * int8 queries (VNNI vpdpbusd, NEON sdot); values an int16 table and int16 weights (vpdpwssd, smlal),
-	 * because the weights of a block need more than 8 bits to keep the output within 1e-3 of the float sum.
-	 *   lut_dot_i8_group:   out[h*n + i] = sum_j lut[code(i, j)] * q[h*q_stride + j]
-	 *   lut_axpy_i16_group: acc[h*acc_stride + j] += sum_i w[h*n + i] * lut[code(i, j)]
-	 * lut entries lie in [-127, 127] (int8) and [-32767, 32767] (int16); callers keep every sum, and every
-	 * partial sum of two products, within int32.
+	 * The integer lookups of compressed attention, for the g heads of a GQA group: the sums over codes are
+	 * exact int32 (keys: int8 table times int8 query, VNNI vpdpbusd or NEON sdot; values: int16 table times
+	 * int16 weights, vpdpwssd or smlal), and the few float steps around them are the same operations in
+	 * the same order everywhere (products and sums rounded one at a time, never fused), so every
+	 * implementation gives the same bits. Row i's scale is the float at row_scale + i * scale_stride
+	 * bytes (no alignment needed: a norm stored inside the row itself).
+	 *
+	 *   lut_dot_i8_group: out[h*out_stride + i] += ((float)S(h, i) * head_scale[h]) * scale(i), where
+	 *     S(h, i) = sum_j lut[code(i, j)] * q[h*q_stride + j]; lut entries in [-127, 127].
+	 *
+	 *   lut_axpy_i16_group: n <= 256. Per head, u(i) = w[h*w_stride + i] * scale(i); top = max |u(i)|;
+	 *     W(i) = nearest(u(i) * (4095 / top)) (halves away from zero; 0 when top is 0);
+	 *     acc[h*acc_stride + j] += (unit * (top / 4095)) * (float)sum_i W(i) * lut[code(i, j)];
+	 *     lut entries in [-2047, 2047], so that 256 rows stay within int32. 12-bit weights keep the output
+	 *     within about 1e-4 of the float sum, where 8 bits would move it by 1e-3.
 	 */
 	void (*lut_dot_i8_group)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-				 const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, int32_t *out);
+				 const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, const float *head_scale,
+				 const uint8_t *row_scale, size_t scale_stride, float *out, size_t out_stride);
 	void (*lut_axpy_i16_group)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-				   const int16_t *lut, unsigned g, const int16_t *w, int32_t *acc, size_t acc_stride);
+				   const int16_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
+				   const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride);
 	/*
 	 * Masked rows (SparK's per-token channel pruning). Row i's keep mask is d bits at masks + i*stride
 	 * (bit j set: channel j is kept; LSB first; bits past d are ignored). Its kept channels' values, in
@@ -167,6 +176,25 @@ static inline __attribute__((always_inline)) uint32_t kvp_code_block(const uint8
 		return w;
 	}
 	return kvp_code_word(p, bits);
+}
+
+/* The weights of lut_axpy_i16_group: at most this magnitude, and at most this many rows per call. */
+#define KVP_WEIGHT_MAX 4095.0f
+#define KVP_AXPY_I16_ROWS 256u
+
+/* Nearest integer, halves away from zero, as every implementation of the integer lookups rounds. */
+static inline int32_t kvp_nearest(float x)
+{
+	return (int32_t)(x + (x < 0.0f ? -0.5f : 0.5f));
+}
+
+/* The float at p, wherever it is. */
+static inline float kvp_load_f32(const uint8_t *p)
+{
+	float v;
+
+	memcpy(&v, p, sizeof v);
+	return v;
 }
 
 /* Byte j of entry m is the number of set bits of m below bit j: where the value of a kept channel j of a

@@ -14,8 +14,12 @@
  *   dot_f16_heads4, axpy_f16_heads4 four heads of a group at once, q or w and acc holding 4 rows, same hint
  *   lut_dot_bits, lut_axpy_bits     lut_dot and lut_axpy for a bit width that is a constant once inlined
  *   lut_dot_heads4, lut_axpy_heads4 the same for four heads, strides as in lut_*_group
- *   lut_dot_i8_group, lut_axpy_i16_group
- *                                   the table's entries of those names (contracts in kernels.h)
+ *   dot_i8_core, axpy_i16_core      the integer sums of lut_dot_i8_group and lut_axpy_i16_group alone:
+ *                                   dot_i8_core(bits, m, n, codes, stride, lut, g, q, q_stride, int32 out[g*n]) sets
+ *                                   out[h*n + i] = S(h, i); axpy_i16_core(bits, m, n, codes, stride, lut16, g,
+ *                                   int16 w[g*n], int32 acc, acc_stride) adds sum_i w[h*n + i] * lut[code(i, j)]
+ *                                   to acc[h*acc_stride + j]; the float steps around them are below
+ *   or, with KVP_ISA_FUSED_LOOKUPS defined, lut_dot_i8_group and lut_axpy_i16_group themselves
  *   mask_expand_row                 one row of mask_expand: (d, mask, sign or NULL, kept, scale, mag, x)
  *   band_norms_vector               the bands [0, returned) of one row of band_norms, F = d / 2
  * and the macros KVP_ISA_NAME (the table's name string) and KVP_ISA_TABLE (its identifier, declared in
@@ -122,6 +126,71 @@ static void lut_axpy_group(unsigned bits, unsigned m, unsigned n, const uint8_t 
 	for (; h < g; h++)
 		lut_axpy(bits, m, n, codes, stride, lut, w + (size_t)h * n, acc + h * acc_stride);
 }
+
+#ifndef KVP_ISA_FUSED_LOOKUPS
+/* The float steps of kernels.h around the integer cores, in slices of rows whose sums fit the stack. */
+#define CORE_INTS 1024
+
+static void lut_dot_i8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			     const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, const float *head_scale,
+			     const uint8_t *row_scale, size_t scale_stride, float *out, size_t out_stride)
+{
+	const unsigned slice = g < CORE_INTS ? CORE_INTS / g : 1;
+	int32_t s[CORE_INTS];
+
+	for (unsigned h0 = 0; h0 < g; h0 += CORE_INTS) {
+		const unsigned gn = g - h0 < CORE_INTS ? g - h0 : CORE_INTS;
+		for (unsigned i0 = 0; i0 < n; i0 += slice) {
+			const unsigned cn = n - i0 < slice ? n - i0 : slice;
+
+			dot_i8_core(bits, m, cn, codes + (size_t)i0 * stride, stride, lut, gn, q + h0 * q_stride, q_stride,
+				    s);
+			for (unsigned h = 0; h < gn; h++)
+				for (unsigned i = 0; i < cn; i++)
+					out[(h0 + h) * out_stride + i0 + i] +=
+						((float)s[h * cn + i] * head_scale[h0 + h]) *
+						kvp_load_f32(row_scale + (size_t)(i0 + i) * scale_stride);
+		}
+	}
+}
+
+/* Columns 64 at a time (a multiple of 8, so each chunk's codes start on a byte), four heads at a time. */
+static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			       const int16_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
+			       const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
+{
+	int16_t w16[4 * KVP_AXPY_I16_ROWS];
+	int32_t sums[4 * 64];
+	float f[4];
+
+	for (unsigned h0 = 0; h0 < g; h0 += 4) {
+		const unsigned gn = g - h0 < 4 ? g - h0 : 4;
+
+		for (unsigned h = 0; h < gn; h++) {
+			const float *wh = w + (h0 + h) * w_stride;
+			float top = 0.0f, inv;
+			for (unsigned i = 0; i < n; i++) {
+				float u = wh[i] * kvp_load_f32(row_scale + i * scale_stride);
+				top = fabsf(u) > top ? fabsf(u) : top;
+			}
+			inv = top > 0.0f ? KVP_WEIGHT_MAX / top : 0.0f;
+			for (unsigned i = 0; i < n; i++)
+				w16[h * n + i] = (int16_t)kvp_nearest((wh[i] * kvp_load_f32(row_scale + i * scale_stride)) * inv);
+			f[h] = unit * (top / KVP_WEIGHT_MAX);
+		}
+		for (unsigned j = 0; j < m; j += 64) {
+			const unsigned k = m - j < 64 ? m - j : 64;
+
+			memset(sums, 0, sizeof sums);
+			axpy_i16_core(bits, k, n, codes + j * bits / 8, stride, lut, gn, w16, sums, 64);
+			for (unsigned h = 0; h < gn; h++)
+				for (unsigned c = 0; c < k; c++)
+					acc[(h0 + h) * acc_stride + j + c] += f[h] * (float)sums[h * 64 + c];
+		}
+	}
+}
+#undef CORE_INTS
+#endif
 
 static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint8_t *signs, size_t stride,
 			const float *kept, size_t kept_stride, const float *scale, const float *mag, float *x)

@@ -168,7 +168,8 @@ static void lut_axpy_group(unsigned bits, unsigned m, unsigned n, const uint8_t 
 }
 
 static void lut_dot_i8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			     const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, int32_t *out)
+			     const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, const float *head_scale,
+			     const uint8_t *row_scale, size_t scale_stride, float *out, size_t out_stride)
 {
 	for (unsigned h = 0; h < g; h++)
 		for (unsigned i = 0; i < n; i++) {
@@ -177,21 +178,43 @@ static void lut_dot_i8_group(unsigned bits, unsigned m, unsigned n, const uint8_
 
 			for (unsigned j = 0; j < m; j++)
 				s += lut[code_at(row, bits, j)] * q[h * q_stride + j];
-			out[(size_t)h * n + i] = s;
+			out[h * out_stride + i] += ((float)s * head_scale[h]) * kvp_load_f32(row_scale + i * scale_stride);
 		}
 }
 
-static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			       const int16_t *lut, unsigned g, const int16_t *w, int32_t *acc, size_t acc_stride)
+/* One head's weights as lut_axpy_i16_group rounds them; returns top / KVP_WEIGHT_MAX. */
+static float weights_i16(unsigned n, const float *w, const uint8_t *row_scale, size_t scale_stride, int16_t *w16)
 {
-	for (unsigned h = 0; h < g; h++)
-		for (unsigned i = 0; i < n; i++) {
-			const uint8_t *row = codes + (size_t)i * stride;
-			int32_t *a = acc + h * acc_stride;
+	float top = 0.0f, inv;
 
-			for (unsigned j = 0; j < m; j++)
-				a[j] += w[(size_t)h * n + i] * lut[code_at(row, bits, j)];
+	for (unsigned i = 0; i < n; i++) {
+		float u = w[i] * kvp_load_f32(row_scale + i * scale_stride);
+		top = fabsf(u) > top ? fabsf(u) : top;
+	}
+	inv = top > 0.0f ? KVP_WEIGHT_MAX / top : 0.0f;
+	for (unsigned i = 0; i < n; i++)
+		w16[i] = (int16_t)kvp_nearest((w[i] * kvp_load_f32(row_scale + i * scale_stride)) * inv);
+	return top / KVP_WEIGHT_MAX;
+}
+
+static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			       const int16_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
+			       const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
+{
+	int16_t w16[KVP_AXPY_I16_ROWS];
+
+	for (unsigned h = 0; h < g; h++) {
+		float f = unit * weights_i16(n, w + h * w_stride, row_scale, scale_stride, w16);
+		float *a = acc + h * acc_stride;
+
+		for (unsigned j = 0; j < m; j++) {
+			int32_t s = 0;
+
+			for (unsigned i = 0; i < n; i++)
+				s += w16[i] * lut[code_at(codes + (size_t)i * stride, bits, j)];
+			a[j] += f * (float)s;
 		}
+	}
 }
 
 /* Built by the preprocessor so the table is constant data, not something filled at start-up. */

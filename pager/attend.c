@@ -109,8 +109,19 @@ static int cold_group_fits(const struct stream_attention *a, const struct kvp_bl
 	return a->k->ops->dot_group && a->v->ops->axpy_group && (size_t)a->group * b->n <= a->scores_cap;
 }
 
-static void block_cold_group(struct stream_attention *a, const struct kvp_block *b)
+/*
+ * The start of the next cold block's keys is asked for while this block's keys are scored, of its values
+ * while these values are summed: a block is a separate allocation, where the hardware prefetcher starts
+ * over, and without this every block would begin with a wait on memory. A few lines are enough for the
+ * prefetcher to take up the rest; asking for all of them at once stalls on the core's line-fill buffers.
+ */
+#define COLD_AHEAD 512
+static void block_cold_group(struct stream_attention *a, const struct kvp_block *b, const struct kvp_block *next)
 {
+	const int ahead = next && next->store == KVP_STORE_CODEC && next->level == b->level;
+
+	if (ahead)
+		kvp_prefetch_span(next->k, 0, COLD_AHEAD);
 	a->k->ops->dot_group(a->k, a->k_ctx, b->n, b->k, a->group, a->qprep, a->scores);
 	a->kern->scale(a->group * b->n, a->scale, a->scores);
 	for (uint32_t h = 0; h < a->group; h++) {
@@ -118,6 +129,8 @@ static void block_cold_group(struct stream_attention *a, const struct kvp_block 
 		if (f != 1.0f)
 			rescale(a, h, f);
 	}
+	if (ahead)
+		kvp_prefetch_span(next->v, 0, COLD_AHEAD);
 	a->v->ops->axpy_group(a->v, a->v_ctx, b->n, b->v, a->group, a->scores, a->cold_acc);
 	a->seen += b->n;
 }
@@ -141,12 +154,12 @@ static void use_level(struct stream_attention *a, uint32_t level, int flush)
 	memset(a->cold_acc, 0, (size_t)a->group * a->v->acc_dim * sizeof *a->cold_acc);
 }
 
-static void block_cold(struct stream_attention *a, const struct kvp_block *b)
+static void block_cold(struct stream_attention *a, const struct kvp_block *b, const struct kvp_block *next)
 {
 	if (b->level != a->level)
 		use_level(a, b->level, 1);
 	if (cold_group_fits(a, b)) {
-		block_cold_group(a, b);
+		block_cold_group(a, b, next);
 		return;
 	}
 	for (uint32_t h = 0; h < a->group; h++) {
@@ -165,7 +178,7 @@ static void block(struct stream_attention *a, const struct kvp_block *b, const s
 	if (!b->n)
 		return;
 	if (b->store == KVP_STORE_CODEC)
-		block_cold(a, b);
+		block_cold(a, b, next);
 	else if (b->store == KVP_STORE_FP16)
 		block_f16(a, b, next);
 	else

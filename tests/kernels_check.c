@@ -965,76 +965,110 @@ static int32_t rand_int(int32_t lo, int32_t hi)
 	return lo + (int32_t)(rnd32() % (uint32_t)(hi - lo + 1));
 }
 
+/* n floats at stride bytes from off bytes into a buffer: the rows' scales as the kernels read them. */
+static uint8_t *rand_scales(unsigned n, size_t stride, unsigned off)
+{
+	uint8_t *p = xmalloc(off + (size_t)n * stride + 4);
+
+	for (unsigned i = 0; i < n; i++) {
+		float v = 0.25f + (float)(rnd32() % 1000) / 250.0f;
+		memcpy(p + off + (size_t)i * stride, &v, sizeof v);
+	}
+	return p;
+}
+
+static int same_bits(float a, float b)
+{
+	return !memcmp(&a, &b, sizeof a);
+}
+
 /*
  * g heads over n rows of m codes starting `off` bytes into their allocation, q and acc rows a stride wider
- * than m apart. Weights up to 511 against int16 entries of any size keep 67 rows within int32. The acc gap
- * past m of each row must stay as it was.
+ * than m apart, the rows' scales at an odd stride. Outputs must equal the scalar reference bit for bit,
+ * and the acc gap past m of each row must stay as it was.
  */
 static void lut_int_case(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned n, unsigned g,
 			 unsigned off)
 {
-	const size_t rowbytes = ((size_t)m * bits + 7) / 8, stride = rowbytes + (m & 1), qs = m + 5;
-	uint8_t *codes = rand_codes(n, stride, rowbytes, off);
+	const size_t rowbytes = ((size_t)m * bits + 7) / 8, stride = rowbytes + (m & 1), qs = m + 5, ws = n + 3;
+	uint8_t *codes = rand_codes(n, stride, rowbytes, off), *scales = rand_scales(n, 7, off);
 	int8_t lut8[16], *q = xmalloc(g * qs);
-	int16_t lut16[16], *w = xmalloc(sizeof *w * g * n);
-	int32_t *got = xmalloc(sizeof *got * g * n), *want = xmalloc(sizeof *want * g * n);
-	int32_t *acc = xmalloc(sizeof *acc * g * qs), *acc_want = xmalloc(sizeof *acc_want * g * qs);
+	int16_t lut16[16];
+	float *hs = rand_f32(g, 0), *w = rand_f32(g * ws, 0), unit = 1e-3f * (1 + rnd32() % 100);
+	float *got = rand_f32((size_t)g * n, 0), *want = copy_f32(got, (size_t)g * n);
+	float *acc = rand_f32(g * qs, 0), *acc_want = copy_f32(acc, g * qs);
 
 	for (unsigned v = 0; v < 16; v++)
-		lut8[v] = (int8_t)rand_int(-127, 127), lut16[v] = (int16_t)rand_int(-32767, 32767);
+		lut8[v] = (int8_t)rand_int(-127, 127), lut16[v] = (int16_t)rand_int(-2047, 2047);
 	for (size_t j = 0; j < g * qs; j++)
-		q[j] = (int8_t)rand_int(-128, 127), acc[j] = acc_want[j] = rand_int(-1000000, 1000000);
+		q[j] = (int8_t)rand_int(-128, 127);
+	k->lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, hs, scales + off, 7, got, n);
+	k->lut_axpy_i16_group(bits, m, n, codes + off, stride, lut16, unit, g, w, ws, scales + off, 7, acc, qs);
+	kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, hs, scales + off, 7, want,
+					    n);
+	kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes + off, stride, lut16, unit, g, w, ws, scales + off, 7,
+					      acc_want, qs);
 	for (size_t i = 0; i < (size_t)g * n; i++)
-		w[i] = (int16_t)rand_int(-511, 511), got[i] = want[i] = rand_int(-5, 5);
-	k->lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, got);
-	k->lut_axpy_i16_group(bits, m, n, codes + off, stride, lut16, g, w, acc, qs);
-	kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, want);
-	kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes + off, stride, lut16, g, w, acc_want, qs);
-	for (size_t i = 0; i < (size_t)g * n; i++)
-		check(got[i] == want[i], "%s lut_dot_i8_group bits=%u m=%u n=%u g=%u off=%u head %zu row %zu: %d, scalar %d",
-		      k->name, bits, m, n, g, off, i / n, i % n, got[i], want[i]);
+		check(same_bits(got[i], want[i]),
+		      "%s lut_dot_i8_group bits=%u m=%u n=%u g=%u off=%u head %zu row %zu: %.9g, scalar %.9g", k->name,
+		      bits, m, n, g, off, i / n, i % n, got[i], want[i]);
 	for (size_t j = 0; j < g * qs; j++)
-		check(acc[j] == acc_want[j],
-		      "%s lut_axpy_i16_group bits=%u m=%u n=%u g=%u off=%u head %zu column %zu: %d, scalar %d",
+		check(same_bits(acc[j], acc_want[j]),
+		      "%s lut_axpy_i16_group bits=%u m=%u n=%u g=%u off=%u head %zu column %zu: %.9g, scalar %.9g",
 		      k->name, bits, m, n, g, off, j / qs, j % qs, acc[j], acc_want[j]);
-	free(codes), free(q), free(w), free(got), free(want), free(acc), free(acc_want);
+	free(codes), free(scales), free(q), free(hs), free(w), free(got), free(want), free(acc), free(acc_want);
 }
 
+/* The contract of kernels.h written out once more, in the test's own words. */
 static void scalar_integer_lookups_match_their_definition(void)
 {
 	for (unsigned bits = 1; bits <= 4; bits++) {
 		const unsigned m = 37, n = 5, g = 2;
 		const size_t stride = (m * bits + 7) / 8 + 1;
-		uint8_t *codes = rand_codes(n, stride, stride - 1, 0);
+		uint8_t *codes = rand_codes(n, stride, stride - 1, 0), *scales = rand_scales(n, 5, 1);
 		int8_t lut8[16], q[2 * 37];
-		int16_t lut16[16], w[2 * 5];
-		int32_t out[2 * 5], acc[2 * 37] = { 0 };
+		int16_t lut16[16];
+		float hs[2] = { 0.37f, -1.5f }, w[2 * 5], out[2 * 5] = { 0 }, acc[2 * 37] = { 0 }, unit = 0.01f;
 
 		for (unsigned v = 0; v < 16; v++)
-			lut8[v] = (int8_t)rand_int(-127, 127), lut16[v] = (int16_t)rand_int(-32767, 32767);
+			lut8[v] = (int8_t)rand_int(-127, 127), lut16[v] = (int16_t)rand_int(-2047, 2047);
 		for (unsigned j = 0; j < g * m; j++)
 			q[j] = (int8_t)rand_int(-128, 127);
 		for (unsigned i = 0; i < g * n; i++)
-			w[i] = (int16_t)rand_int(-8191, 8191);
-		kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, out);
-		kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes, stride, lut16, g, w, acc, m);
+			w[i] = (float)rand_int(-1000, 1000) / 999.0f;
+		kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, hs, scales + 1, 5, out, n);
+		kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes, stride, lut16, unit, g, w, n, scales + 1, 5, acc, m);
 		for (unsigned h = 0; h < g; h++) {
+			float top = 0, u[5], f;
+			int32_t wq[5];
+
 			for (unsigned i = 0; i < n; i++) {
-				int64_t s = 0;
+				int32_t s = 0;
+				float sc;
+				memcpy(&sc, scales + 1 + i * 5, sizeof sc);
 				for (unsigned j = 0; j < m; j++)
 					s += lut8[code_of(codes + i * stride, bits, j)] * q[h * m + j];
-				check(out[h * n + i] == s, "bits=%u head %u row %u: %d, want %lld", bits, h, i,
-				      out[h * n + i], (long long)s);
+				check(same_bits(out[h * n + i], ((float)s * hs[h]) * sc), "bits=%u head %u row %u: %.9g", bits,
+				      h, i, out[h * n + i]);
+				u[i] = w[h * n + i] * sc;
+				top = fabsf(u[i]) > top ? fabsf(u[i]) : top;
 			}
+			for (unsigned i = 0; i < n; i++) {
+				float x = u[i] * (4095.0f / top);
+				wq[i] = (int32_t)(x < 0 ? x - 0.5f : x + 0.5f);
+				check(wq[i] >= -4095 && wq[i] <= 4095, "bits=%u head %u weight %u: %d", bits, h, i, wq[i]);
+			}
+			f = unit * (top / 4095.0f);
 			for (unsigned j = 0; j < m; j++) {
-				int64_t s = 0;
+				int32_t s = 0;
 				for (unsigned i = 0; i < n; i++)
-					s += (int64_t)w[h * n + i] * lut16[code_of(codes + i * stride, bits, j)];
-				check(acc[h * m + j] == s, "bits=%u head %u column %u: %d, want %lld", bits, h, j,
-				      acc[h * m + j], (long long)s);
+					s += wq[i] * lut16[code_of(codes + i * stride, bits, j)];
+				check(same_bits(acc[h * m + j], f * (float)s), "bits=%u head %u column %u: %.9g, want %.9g",
+				      bits, h, j, acc[h * m + j], f * (float)s);
 			}
 		}
 		free(codes);
+		free(scales);
 	}
 }
 

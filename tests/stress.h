@@ -169,7 +169,7 @@ static void check(int ok, const char *what)
 /* a: a cold tier of codec-encoded blocks, spilled block by block under its quota; b: a quota its sequences outgrow, and a token policy that
  * compacts blocks (shared with forks) at every step. */
 static const char *const specs[TENANTS] = {
-	"block=8,sinks=2,window=8,k=turboquant(bits=4),v=fp16,quota=106KiB",
+	"block=8,sinks=2,window=8,k=turboquant(bits=4),v=fp16,quota=112KiB",
 	"block=8,sinks=2,window=8,quota=128KiB,policy=streaming(sinks=2,window=8)",
 };
 

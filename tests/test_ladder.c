@@ -184,7 +184,8 @@ Test(ladder, a_ladder_gives_coherent_heads_fewer_bits_and_every_block_decodes)
 	cr_assert_lt(b0[1], b1[0], "fewer bytes per token at 2 bits: %zu vs %zu", b0[1], b1[0]);
 	cr_assert_eq(kvp_seq_stats(c.seq, &stats), KVP_OK);
 	cr_assert_eq(stats.bytes_compressed, (n0[1] * b0[1] + n1[0] * b1[0]) * 8);
-	cr_assert_lt(attend_vs_gather(&c), 1e-4);
+	/* cold blocks are read by the integer group paths: within 3e-3 of attention over the decoded vectors */
+	cr_assert_lt(attend_vs_gather(&c), 3e-3);
 	cr_assert_lt(value_error(&c, 0), 0.45, "2-bit values decode with their own codec");
 	cr_assert_lt(value_error(&c, 1), 0.15, "4-bit values decode with their own codec");
 
@@ -200,7 +201,8 @@ Test(ladder, a_ladder_gives_coherent_heads_fewer_bits_and_every_block_decodes)
 	cr_assert(n1[0] > 0 && n1[1] > 0, "head 1 holds both levels: %u, %u", n1[0], n1[1]);
 	cr_assert_lt(b1[1], b1[0]);
 	cr_assert_eq(held(&c, 1), BUDGET);
-	cr_assert_lt(attend_vs_gather(&c), 1e-4);
+	/* cold blocks are read by the integer group paths: within 3e-3 of attention over the decoded vectors */
+	cr_assert_lt(attend_vs_gather(&c), 3e-3);
 	cr_assert_lt(value_error(&c, 1), 0.45);
 	kvp_pool_close(c.pool);
 }

@@ -547,16 +547,25 @@ Test(turboquant, attention_on_kjv64_layer2_at_4_bits_stays_within_16_percent_mea
 	free(t.q);
 }
 
-/* dot_group and axpy_group give every head what dot and axpy give it alone. */
-static void group_matches_per_head(const char *spec, unsigned d, unsigned g)
+/*
+ * dot_group and axpy_group run on integers (kernels.h): the query in int8 against an int8 codebook, each
+ * head's weights in 12 bits against an 11-bit codebook. Against the float per-head calls, with x^ the
+ * decoded vectors:
+ *   keys:   every token within 6% of |q| |x^_i| (the int8 roundings' worst case, sqrt(d)/254 + 3/254 at
+ *           d=128), and the root mean square within 0.3% of |q| rms |x^|;
+ *   values: the output (after finish) within 0.3% of sum_i |w_i| |x^_i|.
+ */
+static void group_near_per_head(const char *spec, unsigned d, unsigned g)
 {
 	enum { N = 300 };
 	struct rng r = { 77 };
 	kvp_codec *c = codec_open(spec, d);
-	float *x = xcalloc((size_t)N * d, sizeof *x), *q = xcalloc((size_t)g * d, sizeof *q);
-	float *w = xcalloc((size_t)g * N, sizeof *w), *one = xcalloc(N, sizeof *one);
-	float *out = xcalloc((size_t)g * N, sizeof *out);
+	float *x = xcalloc((size_t)N * d, sizeof *x), *y = xcalloc((size_t)N * d, sizeof *y);
+	float *q = xcalloc((size_t)g * d, sizeof *q), *w = xcalloc((size_t)g * N, sizeof *w);
+	float *one = xcalloc(N, sizeof *one), *out = xcalloc((size_t)g * N, sizeof *out);
 	float *acc = xcalloc((size_t)g * c->acc_dim, sizeof *acc), *acc1 = xcalloc(c->acc_dim, sizeof *acc1);
+	float *o = xcalloc(d, sizeof *o), *o1 = xcalloc(d, sizeof *o1);
+	double norm[N], sum_sq = 0;
 	char *qprep = xcalloc(g, c->qprep_bytes);
 	void *bytes = xcalloc(1, kvp_codec_bytes(c, N));
 
@@ -564,32 +573,45 @@ static void group_matches_per_head(const char *spec, unsigned d, unsigned g)
 	rng_gaussians(&r, q, (size_t)g * d);
 	rng_gaussians(&r, w, (size_t)g * N);
 	cr_assert_eq(kvp_codec_encode(c, N, x, bytes), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_codec_decode(c, N, bytes, y), KVP_OK, "%s", kvp_last_error());
+	for (unsigned i = 0; i < N; i++)
+		norm[i] = sqrt(dot_d(y + (size_t)i * d, y + (size_t)i * d, d)), sum_sq += norm[i] * norm[i];
 	for (unsigned h = 0; h < g; h++)
 		c->ops->prepare_query(c, c->own_ctx, q + (size_t)h * d, qprep + h * c->qprep_bytes);
 	c->ops->dot_group(c, c->own_ctx, N, bytes, g, qprep, out);
 	c->ops->axpy_group(c, c->own_ctx, N, bytes, g, w, acc);
 	for (unsigned h = 0; h < g; h++) {
-		double mag = 0;
+		const double qn = sqrt(dot_d(q + (size_t)h * d, q + (size_t)h * d, d));
+		double err2 = 0, err = 0, mag = 0;
+
 		c->ops->dot(c, c->own_ctx, N, bytes, qprep + h * c->qprep_bytes, one);
-		for (unsigned i = 0; i < N; i++)
-			mag = fmax(mag, fabs(one[i]));
-		for (unsigned i = 0; i < N; i++)
-			cr_assert(fabs(out[(size_t)h * N + i] - one[i]) <= 1e-5 * (mag + 1), "%s g=%u head %u token %u: %g vs %g",
-				  spec, g, h, i, out[(size_t)h * N + i], one[i]);
+		for (unsigned i = 0; i < N; i++) {
+			double e = out[(size_t)h * N + i] - one[i];
+			err2 += e * e;
+			cr_assert(fabs(e) <= 0.06 * qn * norm[i], "%s d=%u g=%u head %u token %u: %g vs %g", spec, d, g, h,
+				  i, out[(size_t)h * N + i], one[i]);
+		}
+		cr_assert(sqrt(err2 / N) <= 3e-3 * qn * sqrt(sum_sq / N), "%s d=%u g=%u head %u: rms error %g of %g",
+			  spec, d, g, h, sqrt(err2 / N), qn * sqrt(sum_sq / N));
 		memset(acc1, 0, sizeof(float) * c->acc_dim);
 		c->ops->axpy(c, c->own_ctx, N, bytes, w + (size_t)h * N, acc1);
-		mag = 0;
-		for (unsigned j = 0; j < c->acc_dim; j++)
-			mag = fmax(mag, fabs(acc1[j]));
-		for (unsigned j = 0; j < c->acc_dim; j++)
-			cr_assert(fabs(acc[(size_t)h * c->acc_dim + j] - acc1[j]) <= 1e-5 * (mag + 1),
-				  "%s g=%u head %u acc %u: %g vs %g", spec, g, h, j, acc[(size_t)h * c->acc_dim + j], acc1[j]);
+		memset(o, 0, sizeof(float) * d);
+		memset(o1, 0, sizeof(float) * d);
+		c->ops->finish(c, c->own_ctx, acc + (size_t)h * c->acc_dim, o);
+		c->ops->finish(c, c->own_ctx, acc1, o1);
+		for (unsigned j = 0; j < d; j++)
+			err += ((double)o[j] - o1[j]) * ((double)o[j] - o1[j]);
+		for (unsigned i = 0; i < N; i++)
+			mag += fabs(w[(size_t)h * N + i]) * norm[i];
+		cr_assert(sqrt(err) <= 3e-3 * mag, "%s d=%u g=%u head %u: axpy error %g of %g", spec, d, g, h, sqrt(err),
+			  mag);
 	}
-	free(x), free(q), free(w), free(one), free(out), free(acc), free(acc1), free(qprep), free(bytes);
+	free(x), free(y), free(q), free(w), free(one), free(out), free(acc), free(acc1), free(o), free(o1);
+	free(qprep), free(bytes);
 	kvp_codec_close(c);
 }
 
-Test(turboquant, group_dot_and_axpy_equal_the_per_head_calls)
+Test(turboquant, group_dot_and_axpy_stay_within_the_integer_bounds_of_the_per_head_calls)
 {
 	static const char *const specs[] = { "turboquant(bits=1)", "turboquant(bits=2)", "turboquant(bits=3)",
 					     "turboquant(bits=4)", "turboquant(bits=3,qjl=1)",
@@ -598,8 +620,8 @@ Test(turboquant, group_dot_and_axpy_equal_the_per_head_calls)
 
 	for (size_t s = 0; s < sizeof specs / sizeof *specs; s++)
 		for (size_t g = 0; g < sizeof groups / sizeof *groups; g++) {
-			group_matches_per_head(specs[s], 128, groups[g]);
-			group_matches_per_head(specs[s], 80, groups[g]);
+			group_near_per_head(specs[s], 128, groups[g]);
+			group_near_per_head(specs[s], 80, groups[g]);
 		}
 }
 
