@@ -844,6 +844,15 @@ INLINE __m128i hsum4_epi32(__m256i a, __m256i b, __m256i c, __m256i d)
 	return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
+/* a + the products of the chunk's 32 values x0, x1 with the widened queries qw[0..32). */
+INLINE __m256i dot_i8_chunk(__m256i a, __m256i x0, __m256i x1, const int16_t *qw)
+{
+	const __m256i p0 = _mm256_madd_epi16(x0, _mm256_loadu_si256((const __m256i *)qw));
+	const __m256i p1 = _mm256_madd_epi16(x1, _mm256_loadu_si256((const __m256i *)(qw + 16)));
+
+	return _mm256_add_epi32(a, _mm256_add_epi32(p0, p1));
+}
+
 /* Columns per pass of lut_dot_i8_group: the widened queries of four heads stay on the stack (2 KiB). */
 #define KEY_COLUMNS 256u
 
@@ -872,12 +881,14 @@ INLINE void dot_i8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, con
 			const __m256i window = key_window(bits, row, j0 + t, m);
 			const __m256i x0 = key_values(bits, s, 0, window, tab), x1 = key_values(bits, s, 1, window, tab);
 
-			for (unsigned h = 0; h < hn; h++) {
-				const __m256i p0 = _mm256_madd_epi16(x0, _mm256_loadu_si256((const __m256i *)&qw[h][t]));
-				const __m256i p1 = _mm256_madd_epi16(x1, _mm256_loadu_si256((const __m256i *)&qw[h][t + 16]));
-
-				a[h] = _mm256_add_epi32(a[h], _mm256_add_epi32(p0, p1));
-			}
+			/* written out per head: GCC keeps a loop over hn, and with it the sums, in memory */
+			a[0] = dot_i8_chunk(a[0], x0, x1, qw[0] + t);
+			if (hn > 1)
+				a[1] = dot_i8_chunk(a[1], x0, x1, qw[1] + t);
+			if (hn > 2)
+				a[2] = dot_i8_chunk(a[2], x0, x1, qw[2] + t);
+			if (hn > 3)
+				a[3] = dot_i8_chunk(a[3], x0, x1, qw[3] + t);
 		}
 		_mm_storeu_si128((__m128i *)sum, hsum4_epi32(a[0], a[1], a[2], a[3]));
 		for (unsigned h = 0; h < hn; h++)
@@ -987,10 +998,48 @@ INLINE void add_columns(int32_t *acc, unsigned k, __m256i a, __m256i b)
 	_mm256_maskstore_epi32(acc + 8, m1, _mm256_add_epi32(_mm256_maskload_epi32(acc + 8, m1), b));
 }
 
+/* a[0..1] += the pair of weights at w (one int32, the first weight low) times d0, d1. */
+INLINE void axpy_i16_head(__m256i *a, __m256i d0, __m256i d1, uint32_t pair)
+{
+	const __m256i wp = _mm256_set1_epi32((int)pair);
+
+	a[0] = _mm256_add_epi32(a[0], _mm256_madd_epi16(d0, wp));
+	a[1] = _mm256_add_epi32(a[1], _mm256_madd_epi16(d1, wp));
+}
+
+/* Weights i and i+1 of a head (i + 1 < n) as one int32, weight i low. */
+INLINE uint32_t weight_pair(const int16_t *w)
+{
+	uint32_t pair;
+
+	memcpy(&pair, w, sizeof pair);
+	return pair;
+}
+
+/* Rows i and i + 1 of hn heads (written out per head: GCC keeps a loop over hn, and with it the sums, in
+ * memory). Without a row i + 1, row i is read twice and the second weighs 0. */
+INLINE void axpy_i16_rows(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			  unsigned i, unsigned j, const struct spread *s, __m256i lo, __m256i hi, const int16_t *w,
+			  __m256i a[4][2])
+{
+	const uint8_t *r0 = codes + (size_t)i * stride, *r1 = i + 1 < n ? r0 + stride : r0;
+	const __m256i window = _mm256_blend_epi32(value_row(bits, r0, j, m), value_row(bits, r1, j, m), 0xcc);
+	const int pair = i + 1 < n;
+	__m256i d0, d1;
+
+	value_pairs(bits, s, window, lo, hi, &d0, &d1);
+	axpy_i16_head(a[0], d0, d1, pair ? weight_pair(w + i) : (uint16_t)w[i]);
+	if (hn > 1)
+		axpy_i16_head(a[1], d0, d1, pair ? weight_pair(w + n + i) : (uint16_t)w[n + i]);
+	if (hn > 2)
+		axpy_i16_head(a[2], d0, d1, pair ? weight_pair(w + 2 * (size_t)n + i) : (uint16_t)w[2 * (size_t)n + i]);
+	if (hn > 3)
+		axpy_i16_head(a[3], d0, d1, pair ? weight_pair(w + 3 * (size_t)n + i) : (uint16_t)w[3 * (size_t)n + i]);
+}
+
 /*
  * hn <= 4 heads, columns in chunks of 16 so the 2 * hn sums stay in registers, rows in pairs: each
- * vpmaddwd multiplies a column of two rows by the pair of weights. A missing second row repeats the
- * first with weight 0.
+ * vpmaddwd multiplies a column of two rows by the pair of weights.
  */
 INLINE void axpy_i16_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes,
 			   size_t stride, const struct spread *s, __m256i lo, __m256i hi, const int16_t *w,
@@ -998,28 +1047,14 @@ INLINE void axpy_i16_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, c
 {
 	for (unsigned j = 0; j < m; j += 16) {
 		__m256i a[4][2];
+		unsigned i = 0;
 
-		for (unsigned h = 0; h < hn; h++)
+		for (unsigned h = 0; h < 4; h++)
 			a[h][0] = a[h][1] = _mm256_setzero_si256();
-		for (unsigned i = 0; i < n; i += 2) {
-			const uint8_t *r0 = codes + (size_t)i * stride, *r1 = i + 1 < n ? r0 + stride : r0;
-			const __m256i window = _mm256_blend_epi32(value_row(bits, r0, j, m), value_row(bits, r1, j, m),
-								  0xcc);
-			__m256i d0, d1;
-
-			value_pairs(bits, s, window, lo, hi, &d0, &d1);
-			for (unsigned h = 0; h < hn; h++) {
-				const int16_t *wh = w + (size_t)h * n + i;
-				uint32_t pair = (uint16_t)wh[0];
-				__m256i wp;
-
-				if (i + 1 < n)
-					memcpy(&pair, wh, sizeof pair);
-				wp = _mm256_set1_epi32((int)pair);
-				a[h][0] = _mm256_add_epi32(a[h][0], _mm256_madd_epi16(d0, wp));
-				a[h][1] = _mm256_add_epi32(a[h][1], _mm256_madd_epi16(d1, wp));
-			}
-		}
+		for (; i + 2 <= n; i += 2)
+			axpy_i16_rows(hn, bits, m, n, codes, stride, i, j, s, lo, hi, w, a);
+		if (i < n)
+			axpy_i16_rows(hn, bits, m, n, codes, stride, i, j, s, lo, hi, w, a);
 		for (unsigned h = 0; h < hn; h++)
 			add_columns(acc + h * as + j, m - j < 16 ? m - j : 16, a[h][0], a[h][1]);
 	}
