@@ -806,16 +806,22 @@ INLINE __m256i broadcast_bytes(const uint8_t *p, unsigned nbytes)
  * load covers 12 and, near the row's end, starts 4 bytes early instead. A shorter tail goes through a
  * zeroed copy, its missing codes reading as 0.
  */
+/* key_window for a whole chunk that one load of 4b bytes (16 for 3 bits) reads within the row. */
+INLINE __m256i key_direct(unsigned bits, const uint8_t *p)
+{
+	if (bits == 1 || bits == 2)
+		return broadcast_bytes(p, 4 * bits);
+	return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+}
+
 INLINE __m256i key_window(unsigned bits, const uint8_t *row, unsigned j, unsigned m)
 {
 	const uint8_t *p = row + j * bits / 8;
 	uint8_t tmp[16] = { 0 };
 
 	if (j + 32 <= m) {
-		if (bits == 1 || bits == 2)
-			return broadcast_bytes(p, 4 * bits);
-		if (bits == 4 || j + 48 <= m)
-			return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+		if (bits != 3 || j + 48 <= m)
+			return key_direct(bits, p);
 		if (j >= 32)
 			return _mm256_srli_si256(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p - 4))),
 						 4);
@@ -844,8 +850,11 @@ INLINE __m128i hsum4_epi32(__m256i a, __m256i b, __m256i c, __m256i d)
 	return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
-/* a + the products of the chunk's 32 values x0, x1 with the widened queries qw[0..32). */
-INLINE __m256i dot_i8_chunk(__m256i a, __m256i x0, __m256i x1, const int16_t *qw)
+/* Columns per pass of lut_dot_i8_group: the widened queries of four heads stay on the stack (2 KiB). */
+#define KEY_COLUMNS 256u
+
+/* a[h] + the products of the chunk's 32 values x0, x1 with the widened queries qw[h][0..32). */
+INLINE __m256i dot_i8_head(__m256i a, __m256i x0, __m256i x1, const int16_t *qw)
 {
 	const __m256i p0 = _mm256_madd_epi16(x0, _mm256_loadu_si256((const __m256i *)qw));
 	const __m256i p1 = _mm256_madd_epi16(x1, _mm256_loadu_si256((const __m256i *)(qw + 16)));
@@ -853,8 +862,21 @@ INLINE __m256i dot_i8_chunk(__m256i a, __m256i x0, __m256i x1, const int16_t *qw
 	return _mm256_add_epi32(a, _mm256_add_epi32(p0, p1));
 }
 
-/* Columns per pass of lut_dot_i8_group: the widened queries of four heads stay on the stack (2 KiB). */
-#define KEY_COLUMNS 256u
+/* The chunk of 32 codes in window, from column t of the pass, into the sums of hn heads (written out per
+ * head: GCC keeps a loop over hn, and with it the sums, in memory). */
+INLINE void dot_i8_chunk(unsigned hn, unsigned bits, const struct spread *s, __m256i tab, __m256i window,
+			 int16_t qw[][KEY_COLUMNS], unsigned t, __m256i *a)
+{
+	const __m256i x0 = key_values(bits, s, 0, window, tab), x1 = key_values(bits, s, 1, window, tab);
+
+	a[0] = dot_i8_head(a[0], x0, x1, qw[0] + t);
+	if (hn > 1)
+		a[1] = dot_i8_head(a[1], x0, x1, qw[1] + t);
+	if (hn > 2)
+		a[2] = dot_i8_head(a[2], x0, x1, qw[2] + t);
+	if (hn > 3)
+		a[3] = dot_i8_head(a[3], x0, x1, qw[3] + t);
+}
 
 /*
  * hn <= 4 heads over the columns [j0, j0 + len) of every row, added to out unless first. The queries are
@@ -867,29 +889,32 @@ INLINE void dot_i8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, con
 {
 	int16_t qw[4][KEY_COLUMNS];
 	const unsigned len32 = (len + 31) & ~31u;
+	unsigned direct = 0;
 	int32_t sum[4];
 
-	for (unsigned h = 0; h < hn; h++)
-		for (unsigned t = 0; t < len32; t++)
-			qw[h][t] = t < len ? q[h * qs + j0 + t] : 0;
+	for (unsigned h = 0; h < hn; h++) {
+		const int8_t *qh = q + h * qs + j0;
+		unsigned t = 0;
+
+		for (; t + 16 <= len; t += 16)
+			_mm256_storeu_si256((__m256i *)&qw[h][t],
+					    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qh + t))));
+		for (; t < len32; t++)
+			qw[h][t] = t < len ? qh[t] : 0;
+	}
+	/* chunks before `direct` are whole and read by one load each; key_window sorts out the rest */
+	while (direct + 32 <= len && (bits != 3 || j0 + direct + 48 <= m))
+		direct += 32;
 	for (unsigned i = 0; i < n; i++) {
-		const uint8_t *row = codes + (size_t)i * stride;
+		const uint8_t *row = codes + (size_t)i * stride + j0 * bits / 8;
 		__m256i a[4] = { _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
 				 _mm256_setzero_si256() };
+		unsigned t = 0;
 
-		for (unsigned t = 0; t < len32; t += 32) {
-			const __m256i window = key_window(bits, row, j0 + t, m);
-			const __m256i x0 = key_values(bits, s, 0, window, tab), x1 = key_values(bits, s, 1, window, tab);
-
-			/* written out per head: GCC keeps a loop over hn, and with it the sums, in memory */
-			a[0] = dot_i8_chunk(a[0], x0, x1, qw[0] + t);
-			if (hn > 1)
-				a[1] = dot_i8_chunk(a[1], x0, x1, qw[1] + t);
-			if (hn > 2)
-				a[2] = dot_i8_chunk(a[2], x0, x1, qw[2] + t);
-			if (hn > 3)
-				a[3] = dot_i8_chunk(a[3], x0, x1, qw[3] + t);
-		}
+		for (; t < direct; t += 32)
+			dot_i8_chunk(hn, bits, s, tab, key_direct(bits, row + t * bits / 8), qw, t, a);
+		for (; t < len32; t += 32)
+			dot_i8_chunk(hn, bits, s, tab, key_window(bits, row - j0 * bits / 8, j0 + t, m), qw, t, a);
 		_mm_storeu_si128((__m128i *)sum, hsum4_epi32(a[0], a[1], a[2], a[3]));
 		for (unsigned h = 0; h < hn; h++)
 			out[(size_t)h * n + i] = first ? sum[h] : out[(size_t)h * n + i] + sum[h];
@@ -1018,13 +1043,16 @@ INLINE uint32_t weight_pair(const int16_t *w)
 
 /* Rows i and i + 1 of hn heads (written out per head: GCC keeps a loop over hn, and with it the sums, in
  * memory). Without a row i + 1, row i is read twice and the second weighs 0. */
-INLINE void axpy_i16_rows(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			  unsigned i, unsigned j, const struct spread *s, __m256i lo, __m256i hi, const int16_t *w,
-			  __m256i a[4][2])
+INLINE void axpy_i16_rows(unsigned hn, unsigned bits, int direct, int pair, unsigned m, unsigned n,
+			  const uint8_t *codes, size_t stride, unsigned i, unsigned j, const struct spread *s, __m256i lo,
+			  __m256i hi, const int16_t *w, __m256i a[4][2])
 {
-	const uint8_t *r0 = codes + (size_t)i * stride, *r1 = i + 1 < n ? r0 + stride : r0;
-	const __m256i window = _mm256_blend_epi32(value_row(bits, r0, j, m), value_row(bits, r1, j, m), 0xcc);
-	const int pair = i + 1 < n;
+	const uint8_t *r0 = codes + (size_t)i * stride, *r1 = pair ? r0 + stride : r0;
+	const __m256i window = _mm256_blend_epi32(direct ? broadcast_bytes(r0 + j * bits / 8, 2 * bits) :
+							   value_row(bits, r0, j, m),
+						  direct ? broadcast_bytes(r1 + j * bits / 8, 2 * bits) :
+							   value_row(bits, r1, j, m),
+						  0xcc);
 	__m256i d0, d1;
 
 	value_pairs(bits, s, window, lo, hi, &d0, &d1);
@@ -1037,6 +1065,19 @@ INLINE void axpy_i16_rows(unsigned hn, unsigned bits, unsigned m, unsigned n, co
 		axpy_i16_head(a[3], d0, d1, pair ? weight_pair(w + 3 * (size_t)n + i) : (uint16_t)w[3 * (size_t)n + i]);
 }
 
+/* Columns j..j+15 of all rows into a. */
+INLINE void axpy_i16_chunk(unsigned hn, unsigned bits, int direct, unsigned m, unsigned n, const uint8_t *codes,
+			   size_t stride, unsigned j, const struct spread *s, __m256i lo, __m256i hi, const int16_t *w,
+			   __m256i a[4][2])
+{
+	unsigned i = 0;
+
+	for (; i + 2 <= n; i += 2)
+		axpy_i16_rows(hn, bits, direct, 1, m, n, codes, stride, i, j, s, lo, hi, w, a);
+	if (i < n)
+		axpy_i16_rows(hn, bits, direct, 0, m, n, codes, stride, i, j, s, lo, hi, w, a);
+}
+
 /*
  * hn <= 4 heads, columns in chunks of 16 so the 2 * hn sums stay in registers, rows in pairs: each
  * vpmaddwd multiplies a column of two rows by the pair of weights.
@@ -1046,15 +1087,16 @@ INLINE void axpy_i16_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, c
 			   int32_t *acc, size_t as)
 {
 	for (unsigned j = 0; j < m; j += 16) {
+		/* whole chunks that one load of 2b bytes (8 for 3 bits) per row reads within the row */
+		const int direct = j + 16 <= m && (bits != 3 || j + 32 <= m);
 		__m256i a[4][2];
-		unsigned i = 0;
 
 		for (unsigned h = 0; h < 4; h++)
 			a[h][0] = a[h][1] = _mm256_setzero_si256();
-		for (; i + 2 <= n; i += 2)
-			axpy_i16_rows(hn, bits, m, n, codes, stride, i, j, s, lo, hi, w, a);
-		if (i < n)
-			axpy_i16_rows(hn, bits, m, n, codes, stride, i, j, s, lo, hi, w, a);
+		if (direct)
+			axpy_i16_chunk(hn, bits, 1, m, n, codes, stride, j, s, lo, hi, w, a);
+		else
+			axpy_i16_chunk(hn, bits, 0, m, n, codes, stride, j, s, lo, hi, w, a);
 		for (unsigned h = 0; h < hn; h++)
 			add_columns(acc + h * as + j, m - j < 16 ? m - j : 16, a[h][0], a[h][1]);
 	}
