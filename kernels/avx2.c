@@ -801,11 +801,6 @@ INLINE __m256i broadcast_bytes(const uint8_t *p, unsigned nbytes)
 	}
 }
 
-/*
- * Keys, codes j..j+31 of a row in both lanes of the window. 32 codes fill 4b bytes; for 3 bits the 16-byte
- * load covers 12 and, near the row's end, starts 4 bytes early instead. A shorter tail goes through a
- * zeroed copy, its missing codes reading as 0.
- */
 /* key_window for a whole chunk that one load of 4b bytes (16 for 3 bits) reads within the row. */
 INLINE __m256i key_direct(unsigned bits, const uint8_t *p)
 {
@@ -814,6 +809,11 @@ INLINE __m256i key_direct(unsigned bits, const uint8_t *p)
 	return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
 }
 
+/*
+ * Keys, codes j..j+31 of a row in both lanes of the window. 32 codes fill 4b bytes; for 3 bits the 16-byte
+ * load covers 12 and, near the row's end, starts 4 bytes early instead. A shorter tail goes through a
+ * zeroed copy, its missing codes reading as 0.
+ */
 INLINE __m256i key_window(unsigned bits, const uint8_t *row, unsigned j, unsigned m)
 {
 	const uint8_t *p = row + j * bits / 8;
@@ -906,15 +906,15 @@ INLINE void dot_i8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, con
 	while (direct + 32 <= len && (bits != 3 || j0 + direct + 48 <= m))
 		direct += 32;
 	for (unsigned i = 0; i < n; i++) {
-		const uint8_t *row = codes + (size_t)i * stride + j0 * bits / 8;
+		const uint8_t *row = codes + (size_t)i * stride;
 		__m256i a[4] = { _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
 				 _mm256_setzero_si256() };
 		unsigned t = 0;
 
 		for (; t < direct; t += 32)
-			dot_i8_chunk(hn, bits, s, tab, key_direct(bits, row + t * bits / 8), qw, t, a);
+			dot_i8_chunk(hn, bits, s, tab, key_direct(bits, row + (j0 + t) * bits / 8), qw, t, a);
 		for (; t < len32; t += 32)
-			dot_i8_chunk(hn, bits, s, tab, key_window(bits, row - j0 * bits / 8, j0 + t, m), qw, t, a);
+			dot_i8_chunk(hn, bits, s, tab, key_window(bits, row, j0 + t, m), qw, t, a);
 		_mm_storeu_si128((__m128i *)sum, hsum4_epi32(a[0], a[1], a[2], a[3]));
 		for (unsigned h = 0; h < hn; h++)
 			out[(size_t)h * n + i] = first ? sum[h] : out[(size_t)h * n + i] + sum[h];
@@ -1023,7 +1023,7 @@ INLINE void add_columns(int32_t *acc, unsigned k, __m256i a, __m256i b)
 	_mm256_maskstore_epi32(acc + 8, m1, _mm256_add_epi32(_mm256_maskload_epi32(acc + 8, m1), b));
 }
 
-/* a[0..1] += the pair of weights at w (one int32, the first weight low) times d0, d1. */
+/* a[0..1] += d0, d1 times the pair of weights (one int32, the first row's weight low). */
 INLINE void axpy_i16_head(__m256i *a, __m256i d0, __m256i d1, uint32_t pair)
 {
 	const __m256i wp = _mm256_set1_epi32((int)pair);
@@ -1032,37 +1032,36 @@ INLINE void axpy_i16_head(__m256i *a, __m256i d0, __m256i d1, uint32_t pair)
 	a[1] = _mm256_add_epi32(a[1], _mm256_madd_epi16(d1, wp));
 }
 
-/* Weights i and i+1 of a head (i + 1 < n) as one int32, weight i low. */
-INLINE uint32_t weight_pair(const int16_t *w)
+/* Weights w[0] and w[1] as one int32, w[0] low; w[1] is not read and counts as 0 without a pair. */
+INLINE uint32_t weight_pair(const int16_t *w, int pair)
 {
-	uint32_t pair;
+	uint32_t two = (uint16_t)w[0];
 
-	memcpy(&pair, w, sizeof pair);
-	return pair;
+	if (pair)
+		memcpy(&two, w, sizeof two);
+	return two;
 }
 
 /* Rows i and i + 1 of hn heads (written out per head: GCC keeps a loop over hn, and with it the sums, in
  * memory). Without a row i + 1, row i is read twice and the second weighs 0. */
 INLINE void axpy_i16_rows(unsigned hn, unsigned bits, int direct, int pair, unsigned m, unsigned n,
-			  const uint8_t *codes, size_t stride, unsigned i, unsigned j, const struct spread *s, __m256i lo,
-			  __m256i hi, const int16_t *w, __m256i a[4][2])
+			  const uint8_t *codes, size_t stride, unsigned i, unsigned j, const struct spread *s,
+			  __m256i lo, __m256i hi, const int16_t *w, __m256i a[4][2])
 {
 	const uint8_t *r0 = codes + (size_t)i * stride, *r1 = pair ? r0 + stride : r0;
-	const __m256i window = _mm256_blend_epi32(direct ? broadcast_bytes(r0 + j * bits / 8, 2 * bits) :
-							   value_row(bits, r0, j, m),
-						  direct ? broadcast_bytes(r1 + j * bits / 8, 2 * bits) :
-							   value_row(bits, r1, j, m),
-						  0xcc);
+	const __m256i x0 = direct ? broadcast_bytes(r0 + j * bits / 8, 2 * bits) : value_row(bits, r0, j, m);
+	const __m256i x1 = direct ? broadcast_bytes(r1 + j * bits / 8, 2 * bits) : value_row(bits, r1, j, m);
+	const __m256i window = _mm256_blend_epi32(x0, x1, 0xcc);
 	__m256i d0, d1;
 
 	value_pairs(bits, s, window, lo, hi, &d0, &d1);
-	axpy_i16_head(a[0], d0, d1, pair ? weight_pair(w + i) : (uint16_t)w[i]);
+	axpy_i16_head(a[0], d0, d1, weight_pair(w + i, pair));
 	if (hn > 1)
-		axpy_i16_head(a[1], d0, d1, pair ? weight_pair(w + n + i) : (uint16_t)w[n + i]);
+		axpy_i16_head(a[1], d0, d1, weight_pair(w + n + i, pair));
 	if (hn > 2)
-		axpy_i16_head(a[2], d0, d1, pair ? weight_pair(w + 2 * (size_t)n + i) : (uint16_t)w[2 * (size_t)n + i]);
+		axpy_i16_head(a[2], d0, d1, weight_pair(w + 2 * (size_t)n + i, pair));
 	if (hn > 3)
-		axpy_i16_head(a[3], d0, d1, pair ? weight_pair(w + 3 * (size_t)n + i) : (uint16_t)w[3 * (size_t)n + i]);
+		axpy_i16_head(a[3], d0, d1, weight_pair(w + 3 * (size_t)n + i, pair));
 }
 
 /* Columns j..j+15 of all rows into a. */
@@ -1112,8 +1111,9 @@ INLINE void axpy_i16_width(unsigned bits, unsigned m, unsigned n, const uint8_t 
 	unsigned h = 0;
 
 	/*
-	 * Vector v, lane l, word t: column 8v + 4l + t/2 of row t % 2 (in bytes 8-15 of the window). After
-	 * the pack, lane l holds columns 4l..4l+3 then 8+4l..8+4l+3, so the unpacks give columns in order.
+	 * Vector v, lane l, word t: column 8v + 4l + t/2 of row i + t % 2 (row i + 1 from bit 64 of the
+	 * window). After the pack, lane l holds columns 4l..4l+3 and then 8+4l..8+4l+3, each of both rows,
+	 * so the byte unpacks of the looked-up halves give columns 0-7 and 8-15 in order.
 	 */
 	for (unsigned v = 0; v < 2; v++)
 		for (unsigned l = 0; l < 2; l++)
@@ -1128,10 +1128,11 @@ INLINE void axpy_i16_width(unsigned bits, unsigned m, unsigned n, const uint8_t 
 	hi = byte_table(bytes + 1, 1u << bits, 2);
 	for (; h + 4 <= g; h += 4)
 		axpy_i16_heads(4, bits, m, n, codes, stride, &s, lo, hi, w + (size_t)h * n, acc + h * as, as);
+	w += (size_t)h * n, acc += h * as;
 	switch (g - h) {
-	case 3: axpy_i16_heads(3, bits, m, n, codes, stride, &s, lo, hi, w + (size_t)h * n, acc + h * as, as); break;
-	case 2: axpy_i16_heads(2, bits, m, n, codes, stride, &s, lo, hi, w + (size_t)h * n, acc + h * as, as); break;
-	case 1: axpy_i16_heads(1, bits, m, n, codes, stride, &s, lo, hi, w + (size_t)h * n, acc + h * as, as); break;
+	case 3: axpy_i16_heads(3, bits, m, n, codes, stride, &s, lo, hi, w, acc, as); break;
+	case 2: axpy_i16_heads(2, bits, m, n, codes, stride, &s, lo, hi, w, acc, as); break;
+	case 1: axpy_i16_heads(1, bits, m, n, codes, stride, &s, lo, hi, w, acc, as); break;
 	default: break;
 	}
 }
