@@ -737,42 +737,415 @@ INLINE unsigned band_norms_vector(unsigned F, int interleaved, const float *r, f
 	return F8;
 }
 
-/* Interim: the integer lookups as plain loops until this table has its own. */
+/*
+ * Integer lookups. AVX2 has no per-byte or per-word variable shift, so codes become one per 16-bit word:
+ * vpshufb puts the two bytes holding a code into its word, and vpmullw by 2^(16 - b - s) (s the code's
+ * bit within the first byte) shifts the code to the top of the word, dropping the codes above it; a
+ * constant shift then brings it down. The bytes come from a window of the row broadcast to both 128-bit
+ * lanes, since vpshufb cannot cross lanes.
+ */
+struct spread {
+	__m256i ctl[2], mul[2];
+};
+
+/* Word t of lane l of vector v reads the code at bit pos[v][l][t] of the (16-byte) window. */
+INLINE struct spread spread_of(unsigned bits, const unsigned pos[2][2][8])
+{
+	uint8_t ctl[2][32];
+	uint16_t mul[2][16];
+	struct spread s;
+
+	for (unsigned v = 0; v < 2; v++)
+		for (unsigned l = 0; l < 2; l++)
+			for (unsigned t = 0; t < 8; t++) {
+				const unsigned p = pos[v][l][t], at = 16 * l + 2 * t;
+
+				ctl[v][at] = (uint8_t)(p / 8);
+				ctl[v][at + 1] = (uint8_t)(p / 8 + 1 < 16 ? p / 8 + 1 : 0x80);
+				mul[v][8 * l + t] = (uint16_t)(1u << (16 - bits - p % 8));
+			}
+	for (unsigned v = 0; v < 2; v++) {
+		s.ctl[v] = _mm256_loadu_si256((const __m256i *)ctl[v]);
+		s.mul[v] = _mm256_loadu_si256((const __m256i *)mul[v]);
+	}
+	return s;
+}
+
+/* Vector v of a spread window: each word's code in its top `bits` bits, the bits below it not cleared. */
+INLINE __m256i spread_top(const struct spread *s, unsigned v, __m256i window)
+{
+	return _mm256_mullo_epi16(_mm256_shuffle_epi8(window, s->ctl[v]), s->mul[v]);
+}
+
+/* The first `count` entries of a 16-entry table of bytes, repeated in both lanes; zeros after them. */
+INLINE __m256i byte_table(const uint8_t *bytes, unsigned count, unsigned step)
+{
+	uint8_t t[16] = { 0 };
+
+	for (unsigned i = 0; i < count; i++)
+		t[i] = bytes[i * step];
+	return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)t));
+}
+
+/* Loads of 1, 2, 4 or 8 bytes repeated over the vector. */
+INLINE __m256i broadcast_bytes(const uint8_t *p, unsigned nbytes)
+{
+	uint16_t w;
+	uint32_t d;
+	uint64_t q;
+
+	switch (nbytes) {
+	case 2: memcpy(&w, p, 2); return _mm256_set1_epi16((short)w);
+	case 4: memcpy(&d, p, 4); return _mm256_set1_epi32((int)d);
+	default: memcpy(&q, p, 8); return _mm256_set1_epi64x((long long)q);
+	}
+}
+
+/* key_window for a whole chunk that one load of 4b bytes (16 for 3 bits) reads within the row. */
+INLINE __m256i key_direct(unsigned bits, const uint8_t *p)
+{
+	if (bits == 1 || bits == 2)
+		return broadcast_bytes(p, 4 * bits);
+	return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+}
+
+/*
+ * Keys, codes j..j+31 of a row in both lanes of the window. 32 codes fill 4b bytes; for 3 bits the 16-byte
+ * load covers 12 and, near the row's end, starts 4 bytes early instead. A shorter tail goes through a
+ * zeroed copy, its missing codes reading as 0.
+ */
+INLINE __m256i key_window(unsigned bits, const uint8_t *row, unsigned j, unsigned m)
+{
+	const uint8_t *p = row + j * bits / 8;
+	uint8_t tmp[16] = { 0 };
+
+	if (j + 32 <= m) {
+		if (bits != 3 || j + 48 <= m)
+			return key_direct(bits, p);
+		if (j >= 32)
+			return _mm256_srli_si256(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p - 4))),
+						 4);
+	}
+	memcpy(tmp, p, ((m - j < 32 ? m - j : 32) * bits + 7) / 8);
+	return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tmp));
+}
+
+/*
+ * Keys: the table's entry lands in the high byte of the word (the code is there, below bit 7 and with
+ * zeros above it; the low byte is whatever), and an arithmetic shift sign-extends it, so vpmaddwd takes
+ * two int16 products per lane, exact. vpmaddubsw would saturate for full-range tables and queries.
+ */
+INLINE __m256i key_values(unsigned bits, const struct spread *s, unsigned v, __m256i window, __m256i tab)
+{
+	const __m256i code = _mm256_srli_epi16(spread_top(s, v, window), 8 - (int)bits);
+
+	return _mm256_srai_epi16(_mm256_shuffle_epi8(tab, code), 8);
+}
+
+/* The four int32 horizontal sums of a..d, in order. */
+INLINE __m128i hsum4_epi32(__m256i a, __m256i b, __m256i c, __m256i d)
+{
+	__m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+
+	return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+/* Columns per pass of dot_i8_core: the widened queries of four heads stay on the stack (2 KiB). */
+#define KEY_COLUMNS 256u
+
+/* a[h] + the products of the chunk's 32 values x0, x1 with the widened queries qw[h][0..32). */
+INLINE __m256i dot_i8_head(__m256i a, __m256i x0, __m256i x1, const int16_t *qw)
+{
+	const __m256i p0 = _mm256_madd_epi16(x0, _mm256_loadu_si256((const __m256i *)qw));
+	const __m256i p1 = _mm256_madd_epi16(x1, _mm256_loadu_si256((const __m256i *)(qw + 16)));
+
+	return _mm256_add_epi32(a, _mm256_add_epi32(p0, p1));
+}
+
+/* The chunk of 32 codes in window, from column t of the pass, into the sums of hn heads (written out per
+ * head: GCC keeps a loop over hn, and with it the sums, in memory). */
+INLINE void dot_i8_chunk(unsigned hn, unsigned bits, const struct spread *s, __m256i tab, __m256i window,
+			 int16_t qw[][KEY_COLUMNS], unsigned t, __m256i *a)
+{
+	const __m256i x0 = key_values(bits, s, 0, window, tab), x1 = key_values(bits, s, 1, window, tab);
+
+	a[0] = dot_i8_head(a[0], x0, x1, qw[0] + t);
+	if (hn > 1)
+		a[1] = dot_i8_head(a[1], x0, x1, qw[1] + t);
+	if (hn > 2)
+		a[2] = dot_i8_head(a[2], x0, x1, qw[2] + t);
+	if (hn > 3)
+		a[3] = dot_i8_head(a[3], x0, x1, qw[3] + t);
+}
+
+/*
+ * hn <= 4 heads over the columns [j0, j0 + len) of every row, added to out unless first. The queries are
+ * widened to int16 once per pass, zero past len to a multiple of 32, so the missing codes of a row's
+ * last chunk add nothing.
+ */
+INLINE void dot_i8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			 const struct spread *s, __m256i tab, const int8_t *q, size_t qs, unsigned j0, unsigned len,
+			 int first, int32_t *out)
+{
+	int16_t qw[4][KEY_COLUMNS];
+	const unsigned len32 = (len + 31) & ~31u;
+	unsigned direct = 0;
+	int32_t sum[4];
+
+	for (unsigned h = 0; h < hn; h++) {
+		const int8_t *qh = q + h * qs + j0;
+		unsigned t = 0;
+
+		for (; t + 16 <= len; t += 16)
+			_mm256_storeu_si256((__m256i *)&qw[h][t],
+					    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qh + t))));
+		for (; t < len32; t++)
+			qw[h][t] = t < len ? qh[t] : 0;
+	}
+	/* chunks before `direct` are whole and read by one load each; key_window sorts out the rest */
+	while (direct + 32 <= len && (bits != 3 || j0 + direct + 48 <= m))
+		direct += 32;
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *row = codes + (size_t)i * stride;
+		__m256i a[4] = { _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+				 _mm256_setzero_si256() };
+		unsigned t = 0;
+
+		for (; t < direct; t += 32)
+			dot_i8_chunk(hn, bits, s, tab, key_direct(bits, row + (j0 + t) * bits / 8), qw, t, a);
+		for (; t < len32; t += 32)
+			dot_i8_chunk(hn, bits, s, tab, key_window(bits, row, j0 + t, m), qw, t, a);
+		_mm_storeu_si128((__m128i *)sum, hsum4_epi32(a[0], a[1], a[2], a[3]));
+		for (unsigned h = 0; h < hn; h++)
+			out[(size_t)h * n + i] = first ? sum[h] : out[(size_t)h * n + i] + sum[h];
+	}
+}
+
+INLINE void dot_i8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			 const int8_t *lut, unsigned g, const int8_t *q, size_t qs, int32_t *out)
+{
+	unsigned pos[2][2][8];
+	struct spread s;
+	__m256i tab;
+
+	/* natural order: vector v, lane l, word t holds code 16v + 8l + t of the chunk */
+	for (unsigned v = 0; v < 2; v++)
+		for (unsigned l = 0; l < 2; l++)
+			for (unsigned t = 0; t < 8; t++)
+				pos[v][l][t] = (16 * v + 8 * l + t) * bits;
+	s = spread_of(bits, pos);
+	tab = byte_table((const uint8_t *)lut, 1u << bits, 1);
+	for (unsigned j0 = 0; j0 < m; j0 += KEY_COLUMNS) {
+		const unsigned len = m - j0 < KEY_COLUMNS ? m - j0 : KEY_COLUMNS;
+		unsigned h = 0;
+
+		for (; h + 4 <= g; h += 4)
+			dot_i8_heads(4, bits, m, n, codes, stride, &s, tab, q + h * qs, qs, j0, len, j0 == 0,
+				     out + (size_t)h * n);
+		switch (g - h) {
+		case 3: dot_i8_heads(3, bits, m, n, codes, stride, &s, tab, q + h * qs, qs, j0, len, j0 == 0,
+				     out + (size_t)h * n); break;
+		case 2: dot_i8_heads(2, bits, m, n, codes, stride, &s, tab, q + h * qs, qs, j0, len, j0 == 0,
+				     out + (size_t)h * n); break;
+		case 1: dot_i8_heads(1, bits, m, n, codes, stride, &s, tab, q + h * qs, qs, j0, len, j0 == 0,
+				     out + (size_t)h * n); break;
+		default: break;
+		}
+	}
+}
+
 static void dot_i8_core(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			     const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, int32_t *out)
 {
-	for (unsigned h = 0; h < g; h++)
-		for (unsigned i = 0; i < n; i++) {
-			const uint8_t *row = codes + (size_t)i * stride;
-			int32_t s = 0;
+	if (m == 0) {
+		for (size_t i = 0; i < (size_t)g * n; i++)
+			out[i] = 0;
+		return;
+	}
+	switch (bits) {
+	case 1: dot_i8_width(1, m, n, codes, stride, lut, g, q, q_stride, out); break;
+	case 2: dot_i8_width(2, m, n, codes, stride, lut, g, q, q_stride, out); break;
+	case 3: dot_i8_width(3, m, n, codes, stride, lut, g, q, q_stride, out); break;
+	default: dot_i8_width(4, m, n, codes, stride, lut, g, q, q_stride, out); break;
+	}
+}
 
-			for (unsigned j = 0; j < m; j++) {
-				size_t o = (size_t)j * bits;
-				unsigned v = row[o >> 3] >> (o & 7);
-				if ((o & 7) + bits > 8)
-					v |= (unsigned)row[(o >> 3) + 1] << (8 - (o & 7));
-				s += lut[v & ((1u << bits) - 1)] * q[h * q_stride + j];
-			}
-			out[(size_t)h * n + i] = s;
-		}
+/*
+ * Values, columns j..j+15 of rows i and i+1: 2b bytes of each row, row i's in bytes 0-7 of both lanes
+ * and row i+1's in bytes 8-15. For 3 bits the 8-byte load covers 6 and, near the row's end, starts 2
+ * bytes early instead; a shorter tail is read byte by byte.
+ */
+INLINE __m256i value_row(unsigned bits, const uint8_t *row, unsigned j, unsigned m)
+{
+	const uint8_t *p = row + j * bits / 8;
+	uint64_t word = 0;
+
+	if (j + 16 <= m) {
+		if (bits != 3 || j + 32 <= m)
+			return broadcast_bytes(p, 2 * bits);
+		if (j >= 16)
+			return _mm256_srli_epi64(broadcast_bytes(p - 2, 8), 16);
+	}
+	for (unsigned b = 0, nb = ((m - j < 16 ? m - j : 16) * bits + 7) / 8; b < nb; b++)
+		word |= (uint64_t)p[b] << 8 * b;
+	return _mm256_set1_epi64x((long long)word);
+}
+
+/*
+ * The int16 values of the window's 32 codes, two rows interleaved so that each int32 lane holds one
+ * column of both (row i low): vector 0 holds columns 0-7, vector 1 columns 8-15. The codes come out as
+ * bytes in the order that the byte unpack of the two table halves needs for that.
+ */
+INLINE void value_pairs(unsigned bits, const struct spread *s, __m256i window, __m256i lo, __m256i hi,
+			__m256i *d0, __m256i *d1)
+{
+	const __m256i a = _mm256_srli_epi16(spread_top(s, 0, window), 16 - (int)bits);
+	const __m256i b = _mm256_srli_epi16(spread_top(s, 1, window), 16 - (int)bits);
+	const __m256i code = _mm256_packus_epi16(a, b);
+	const __m256i l = _mm256_shuffle_epi8(lo, code), h = _mm256_shuffle_epi8(hi, code);
+
+	*d0 = _mm256_unpacklo_epi8(l, h);
+	*d1 = _mm256_unpackhi_epi8(l, h);
+}
+
+/* acc[0..k) += the k <= 16 int32 of a (columns 0-7) and b (8-15). */
+INLINE void add_columns(int32_t *acc, unsigned k, __m256i a, __m256i b)
+{
+	if (k == 16) {
+		_mm256_storeu_si256((__m256i *)acc, _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)acc), a));
+		_mm256_storeu_si256((__m256i *)(acc + 8),
+				    _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(acc + 8)), b));
+		return;
+	}
+	const __m256i m0 = tail_mask(k < 8 ? k : 8), m1 = tail_mask(k > 8 ? k - 8 : 0);
+
+	_mm256_maskstore_epi32(acc, m0, _mm256_add_epi32(_mm256_maskload_epi32(acc, m0), a));
+	_mm256_maskstore_epi32(acc + 8, m1, _mm256_add_epi32(_mm256_maskload_epi32(acc + 8, m1), b));
+}
+
+/* a[0..1] += d0, d1 times the pair of weights (one int32, the first row's weight low). */
+INLINE void axpy_i16_head(__m256i *a, __m256i d0, __m256i d1, uint32_t pair)
+{
+	const __m256i wp = _mm256_set1_epi32((int)pair);
+
+	a[0] = _mm256_add_epi32(a[0], _mm256_madd_epi16(d0, wp));
+	a[1] = _mm256_add_epi32(a[1], _mm256_madd_epi16(d1, wp));
+}
+
+/* Weights w[0] and w[1] as one int32, w[0] low; w[1] is not read and counts as 0 without a pair. */
+INLINE uint32_t weight_pair(const int16_t *w, int pair)
+{
+	uint32_t two = (uint16_t)w[0];
+
+	if (pair)
+		memcpy(&two, w, sizeof two);
+	return two;
+}
+
+/* Rows i and i + 1 of hn heads (written out per head: GCC keeps a loop over hn, and with it the sums, in
+ * memory). Without a row i + 1, row i is read twice and the second weighs 0. */
+INLINE void axpy_i16_rows(unsigned hn, unsigned bits, int direct, int pair, unsigned m, unsigned n,
+			  const uint8_t *codes, size_t stride, unsigned i, unsigned j, const struct spread *s,
+			  __m256i lo, __m256i hi, const int16_t *w, __m256i a[4][2])
+{
+	const uint8_t *r0 = codes + (size_t)i * stride, *r1 = pair ? r0 + stride : r0;
+	const __m256i x0 = direct ? broadcast_bytes(r0 + j * bits / 8, 2 * bits) : value_row(bits, r0, j, m);
+	const __m256i x1 = direct ? broadcast_bytes(r1 + j * bits / 8, 2 * bits) : value_row(bits, r1, j, m);
+	const __m256i window = _mm256_blend_epi32(x0, x1, 0xcc);
+	__m256i d0, d1;
+
+	value_pairs(bits, s, window, lo, hi, &d0, &d1);
+	axpy_i16_head(a[0], d0, d1, weight_pair(w + i, pair));
+	if (hn > 1)
+		axpy_i16_head(a[1], d0, d1, weight_pair(w + n + i, pair));
+	if (hn > 2)
+		axpy_i16_head(a[2], d0, d1, weight_pair(w + 2 * (size_t)n + i, pair));
+	if (hn > 3)
+		axpy_i16_head(a[3], d0, d1, weight_pair(w + 3 * (size_t)n + i, pair));
+}
+
+/* Columns j..j+15 of all rows into a. */
+INLINE void axpy_i16_chunk(unsigned hn, unsigned bits, int direct, unsigned m, unsigned n, const uint8_t *codes,
+			   size_t stride, unsigned j, const struct spread *s, __m256i lo, __m256i hi, const int16_t *w,
+			   __m256i a[4][2])
+{
+	unsigned i = 0;
+
+	for (; i + 2 <= n; i += 2)
+		axpy_i16_rows(hn, bits, direct, 1, m, n, codes, stride, i, j, s, lo, hi, w, a);
+	if (i < n)
+		axpy_i16_rows(hn, bits, direct, 0, m, n, codes, stride, i, j, s, lo, hi, w, a);
+}
+
+/*
+ * hn <= 4 heads, columns in chunks of 16 so the 2 * hn sums stay in registers, rows in pairs: each
+ * vpmaddwd multiplies a column of two rows by the pair of weights.
+ */
+INLINE void axpy_i16_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes,
+			   size_t stride, const struct spread *s, __m256i lo, __m256i hi, const int16_t *w,
+			   int32_t *acc, size_t as)
+{
+	for (unsigned j = 0; j < m; j += 16) {
+		/* whole chunks that one load of 2b bytes (8 for 3 bits) per row reads within the row */
+		const int direct = j + 16 <= m && (bits != 3 || j + 32 <= m);
+		__m256i a[4][2];
+
+		for (unsigned h = 0; h < 4; h++)
+			a[h][0] = a[h][1] = _mm256_setzero_si256();
+		if (direct)
+			axpy_i16_chunk(hn, bits, 1, m, n, codes, stride, j, s, lo, hi, w, a);
+		else
+			axpy_i16_chunk(hn, bits, 0, m, n, codes, stride, j, s, lo, hi, w, a);
+		for (unsigned h = 0; h < hn; h++)
+			add_columns(acc + h * as + j, m - j < 16 ? m - j : 16, a[h][0], a[h][1]);
+	}
+}
+
+INLINE void axpy_i16_width(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			   const int16_t *lut, unsigned g, const int16_t *w, int32_t *acc, size_t as)
+{
+	unsigned pos[2][2][8];
+	struct spread s;
+	__m256i lo, hi;
+	uint8_t bytes[32];
+	unsigned h = 0;
+
+	/*
+	 * Vector v, lane l, word t: column 8v + 4l + t/2 of row i + t % 2 (row i + 1 from bit 64 of the
+	 * window). After the pack, lane l holds columns 4l..4l+3 and then 8+4l..8+4l+3, each of both rows,
+	 * so the byte unpacks of the looked-up halves give columns 0-7 and 8-15 in order.
+	 */
+	for (unsigned v = 0; v < 2; v++)
+		for (unsigned l = 0; l < 2; l++)
+			for (unsigned t = 0; t < 8; t++)
+				pos[v][l][t] = 64 * (t % 2) + (8 * v + 4 * l + t / 2) * bits;
+	s = spread_of(bits, pos);
+	for (unsigned i = 0; i < 16; i++) {
+		const uint16_t v = (uint16_t)lut[i < (1u << bits) ? i : 0];
+		bytes[2 * i] = (uint8_t)v, bytes[2 * i + 1] = (uint8_t)(v >> 8);
+	}
+	lo = byte_table(bytes, 1u << bits, 2);
+	hi = byte_table(bytes + 1, 1u << bits, 2);
+	for (; h + 4 <= g; h += 4)
+		axpy_i16_heads(4, bits, m, n, codes, stride, &s, lo, hi, w + (size_t)h * n, acc + h * as, as);
+	w += (size_t)h * n, acc += h * as;
+	switch (g - h) {
+	case 3: axpy_i16_heads(3, bits, m, n, codes, stride, &s, lo, hi, w, acc, as); break;
+	case 2: axpy_i16_heads(2, bits, m, n, codes, stride, &s, lo, hi, w, acc, as); break;
+	case 1: axpy_i16_heads(1, bits, m, n, codes, stride, &s, lo, hi, w, acc, as); break;
+	default: break;
+	}
 }
 
 static void axpy_i16_core(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			       const int16_t *lut, unsigned g, const int16_t *w, int32_t *acc, size_t acc_stride)
 {
-	for (unsigned h = 0; h < g; h++)
-		for (unsigned i = 0; i < n; i++) {
-			const uint8_t *row = codes + (size_t)i * stride;
-			int32_t *a = acc + h * acc_stride;
-
-			for (unsigned j = 0; j < m; j++) {
-				size_t o = (size_t)j * bits;
-				unsigned v = row[o >> 3] >> (o & 7);
-				if ((o & 7) + bits > 8)
-					v |= (unsigned)row[(o >> 3) + 1] << (8 - (o & 7));
-				a[j] += w[(size_t)h * n + i] * lut[v & ((1u << bits) - 1)];
-			}
-		}
+	switch (bits) {
+	case 1: axpy_i16_width(1, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
+	case 2: axpy_i16_width(2, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
+	case 3: axpy_i16_width(3, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
+	default: axpy_i16_width(4, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
+	}
 }
 
 #define KVP_ISA_NAME "avx2"

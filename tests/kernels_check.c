@@ -1091,6 +1091,16 @@ static void integer_lookups_equal_scalar_on_unaligned_pointers(const struct kvp_
 				lut_int_case(k, bits, lut_dims[a], 67, g, 1 + (g & 2));
 }
 
+/* Rows past a few hundred codes, which a vector version may work through in passes (AVX2 widens the
+ * queries 256 columns at a time), with their ends on both sides of a pass. */
+static void integer_lookups_equal_scalar_on_long_rows(const struct kvp_kernels *k)
+{
+	static const unsigned lengths[] = { 255, 256, 257, 300, 543, 1000 };
+
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(lengths); a++)
+			lut_int_case(k, bits, lengths[a], 5, 5, 1);
+}
 
 /* ---- masked rows (mask_expand) against the scalar reference, bit for bit ---- */
 
@@ -1500,6 +1510,7 @@ static const struct vector_test vector_tests[] = {
 	TEST(lut_group_kernels_match_scalar_head_by_head),
 	TEST(integer_lookups_equal_scalar_for_every_width_group_and_length),
 	TEST(integer_lookups_equal_scalar_on_unaligned_pointers),
+	TEST(integer_lookups_equal_scalar_on_long_rows),
 	TEST(mask_expand_matches_scalar_bit_for_bit_on_odd_lengths),
 	TEST(mask_expand_matches_scalar_on_unaligned_pointers),
 	TEST(band_norms_is_bit_identical_to_scalar_in_both_layouts),
