@@ -21,6 +21,7 @@
  *   scale       bit-identical
  *   band_norms  bit-identical (products, sum and square root each rounded, never fused)
  *   mask_expand bit-identical
+ *   lut_dot_i8_group, lut_axpy_i16_group   equal (exact integers)
  *   softmax     weights, running sum and factor within 1e-6 relative (+1e-30 absolute for underflow);
  *               the running maximum exact
  *   crc32c      equal
@@ -965,13 +966,20 @@ static int32_t rand_int(int32_t lo, int32_t hi)
 	return lo + (int32_t)(rnd32() % (uint32_t)(hi - lo + 1));
 }
 
+/* lo or hi when `ends`, else anything between */
+static int32_t rand_in(int ends, int32_t lo, int32_t hi)
+{
+	return ends ? (rnd32() & 1 ? hi : lo) : rand_int(lo, hi);
+}
+
 /*
  * g heads over n rows of m codes starting `off` bytes into their allocation, q and acc rows a stride wider
  * than m apart. Weights up to 511 against int16 entries of any size keep 67 rows within int32. The acc gap
- * past m of each row must stay as it was.
+ * past m of each row must stay as it was. With `ends`, every table entry, query and weight is one end of
+ * its range (products and pair sums at their largest).
  */
 static void lut_int_case(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned n, unsigned g,
-			 unsigned off)
+			 unsigned off, int ends)
 {
 	const size_t rowbytes = ((size_t)m * bits + 7) / 8, stride = rowbytes + (m & 1), qs = m + 5;
 	uint8_t *codes = rand_codes(n, stride, rowbytes, off);
@@ -981,11 +989,11 @@ static void lut_int_case(const struct kvp_kernels *k, unsigned bits, unsigned m,
 	int32_t *acc = xmalloc(sizeof *acc * g * qs), *acc_want = xmalloc(sizeof *acc_want * g * qs);
 
 	for (unsigned v = 0; v < 16; v++)
-		lut8[v] = (int8_t)rand_int(-127, 127), lut16[v] = (int16_t)rand_int(-32767, 32767);
+		lut8[v] = (int8_t)rand_in(ends, -127, 127), lut16[v] = (int16_t)rand_in(ends, -32767, 32767);
 	for (size_t j = 0; j < g * qs; j++)
-		q[j] = (int8_t)rand_int(-128, 127), acc[j] = acc_want[j] = rand_int(-1000000, 1000000);
+		q[j] = (int8_t)rand_in(ends, -128, 127), acc[j] = acc_want[j] = rand_int(-1000000, 1000000);
 	for (size_t i = 0; i < (size_t)g * n; i++)
-		w[i] = (int16_t)rand_int(-511, 511), got[i] = want[i] = rand_int(-5, 5);
+		w[i] = (int16_t)rand_in(ends, -511, 511), got[i] = want[i] = rand_int(-5, 5);
 	k->lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, got);
 	k->lut_axpy_i16_group(bits, m, n, codes + off, stride, lut16, g, w, acc, qs);
 	kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, want);
@@ -1046,7 +1054,7 @@ static void integer_lookups_equal_scalar_for_every_width_group_and_length(const 
 		for (size_t a = 0; a < COUNT(lut_dims); a++)
 			for (size_t b = 0; b < COUNT(rows); b++)
 				for (size_t c = 0; c < COUNT(heads); c++)
-					lut_int_case(k, bits, lut_dims[a], rows[b], heads[c], 0);
+					lut_int_case(k, bits, lut_dims[a], rows[b], heads[c], 0, 0);
 }
 
 static void integer_lookups_equal_scalar_on_unaligned_pointers(const struct kvp_kernels *k)
@@ -1054,7 +1062,89 @@ static void integer_lookups_equal_scalar_on_unaligned_pointers(const struct kvp_
 	for (unsigned bits = 1; bits <= 4; bits++)
 		for (size_t a = 0; a < COUNT(lut_dims); a++)
 			for (unsigned g = 1; g <= 8; g++)
-				lut_int_case(k, bits, lut_dims[a], 67, g, 1 + (g & 2));
+				lut_int_case(k, bits, lut_dims[a], 67, g, 1 + (g & 2), 0);
+}
+
+/* The largest products and sums the contract allows are still exact. */
+static void integer_lookups_equal_scalar_at_the_ends_of_their_ranges(const struct kvp_kernels *k)
+{
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(lut_dims); a++)
+			for (unsigned g = 1; g <= 5; g += 4)
+				lut_int_case(k, bits, lut_dims[a], 67, g, 0, 1);
+}
+
+
+/* `bytes` bytes that end where an unreadable page begins, so a read past them faults; free with unguard. */
+static void *guarded(size_t bytes)
+{
+	const size_t page = 4096 * 16, body = (bytes + page - 1) / page * page; /* 64 KiB: any aarch64 page */
+	char *map = mmap(NULL, body + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	if (map == MAP_FAILED || mprotect(map + body, page, PROT_NONE)) {
+		perror("mmap");
+		exit(2);
+	}
+	return map + body - bytes;
+}
+
+static void unguard(void *p, size_t bytes)
+{
+	const size_t page = 4096 * 16, body = (bytes + page - 1) / page * page;
+
+	munmap((char *)p + bytes - body, body + page);
+}
+
+/*
+ * The last code row, the last head's query, weights, accumulator row and outputs each end where an
+ * unreadable page begins (rows packed with no gap: stride = ceil(m*bits/8)), and the results still equal
+ * the scalar ones. In a child process, so a read past any of them fails this test rather than the suite.
+ */
+static void integer_lookups_read_nothing_past_their_inputs(const struct kvp_kernels *k)
+{
+	static const unsigned rows[] = { 1, 5 }, heads[] = { 1, 3, 4, 5 };
+	int status = 0;
+	pid_t pid;
+
+	fflush(stdout);
+	pid = fork();
+	if (pid == 0) {
+		for (unsigned bits = 1; bits <= 4; bits++)
+			for (size_t a = 0; a < COUNT(lut_dims); a++)
+				for (size_t b = 0; b < COUNT(rows); b++)
+					for (size_t c = 0; c < COUNT(heads); c++) {
+						const unsigned m = lut_dims[a], n = rows[b], g = heads[c];
+						const size_t stride = ((size_t)m * bits + 7) / 8, cb = n * stride;
+						uint8_t *codes = guarded(cb);
+						int8_t lut8[16], *q = guarded((size_t)g * m);
+						int16_t lut16[16], *w = guarded(sizeof *w * g * n);
+						int32_t *out = guarded(sizeof *out * g * n), *acc = guarded(sizeof *acc * g * m);
+						int32_t want[8 * 5], acc_want[8 * 128];
+
+						for (size_t i = 0; i < cb; i++)
+							codes[i] = (uint8_t)rnd32();
+						for (unsigned v = 0; v < 16; v++)
+							lut8[v] = (int8_t)rand_int(-127, 127), lut16[v] = (int16_t)rand_int(-32767, 32767);
+						for (size_t j = 0; j < (size_t)g * m; j++)
+							q[j] = (int8_t)rand_int(-128, 127), acc[j] = acc_want[j] = rand_int(-9, 9);
+						for (size_t i = 0; i < (size_t)g * n; i++)
+							w[i] = (int16_t)rand_int(-511, 511);
+						k->lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, out);
+						k->lut_axpy_i16_group(bits, m, n, codes, stride, lut16, g, w, acc, m);
+						kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, want);
+						kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes, stride, lut16, g, w, acc_want, m);
+						check(!memcmp(out, want, sizeof *out * g * n),
+						      "%s lut_dot_i8_group bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
+						check(!memcmp(acc, acc_want, sizeof *acc * g * m),
+						      "%s lut_axpy_i16_group bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
+						unguard(codes, cb), unguard(q, (size_t)g * m), unguard(w, sizeof *w * g * n);
+						unguard(out, sizeof *out * g * n), unguard(acc, sizeof *acc * g * m);
+					}
+		fflush(stdout);
+		_exit(0);
+	}
+	if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+		check(0, "%s: its process %s", k->name, pid < 0 ? "could not start" : "died (a read past an input?)");
 }
 
 
@@ -1466,6 +1556,8 @@ static const struct vector_test vector_tests[] = {
 	TEST(lut_group_kernels_match_scalar_head_by_head),
 	TEST(integer_lookups_equal_scalar_for_every_width_group_and_length),
 	TEST(integer_lookups_equal_scalar_on_unaligned_pointers),
+	TEST(integer_lookups_equal_scalar_at_the_ends_of_their_ranges),
+	TEST(integer_lookups_read_nothing_past_their_inputs),
 	TEST(mask_expand_matches_scalar_bit_for_bit_on_odd_lengths),
 	TEST(mask_expand_matches_scalar_on_unaligned_pointers),
 	TEST(band_norms_is_bit_identical_to_scalar_in_both_layouts),
