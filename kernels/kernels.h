@@ -1,7 +1,8 @@
 /*
  * kernels/ — the hot loops, each with a scalar reference (scalar.c) and vector versions (avx512.c,
  * avx2.c, neon.c, sharing the loops of loops.h), chosen once at start-up from the CPU's features by
- * dispatch.c, together with the CRC32C version (crc32c.h). KVP_KERNELS=scalar|avx2|avx512|neon forces one.
+ * dispatch.c, together with the CRC32C version (crc32c.h). KVP_KERNELS=scalar|avx2|avx512|neon|neon-dotprod
+ * forces one (neon-dotprod is neon with sdot for the keys' integer lookups, on CPUs with the dot product).
  *
  * Rows are contiguous: rows[i*d + j] is element j of row i. No alignment is required of any pointer.
  */
@@ -185,6 +186,7 @@ extern const struct kvp_kernels kvp_kernels_avx512;
 #endif
 #if defined(__aarch64__)
 extern const struct kvp_kernels kvp_kernels_neon;
+extern const struct kvp_kernels kvp_kernels_neon_dotprod;
 #endif
 
 #endif /* KVP_KERNELS_H */

@@ -19,7 +19,7 @@
  *   mask_expand_row                 one row of mask_expand: (d, mask, sign or NULL, kept, scale, mag, x)
  *   band_norms_vector               the bands [0, returned) of one row of band_norms, F = d / 2
  * and the macros KVP_ISA_NAME (the table's name string) and KVP_ISA_TABLE (its identifier, declared in
- * kernels.h).
+ * kernels.h). KVP_ISA_ENTRIES, defined here, lets the file build another table from the same loops.
  */
 
 static void dot_f16(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale, float *out)
@@ -145,24 +145,31 @@ static void band_norms(unsigned d, unsigned n, int interleaved, const float *row
 	}
 }
 
+/*
+ * The table's entries but its name, with dot_i8 as lut_dot_i8_group: a file can build a second table that
+ * differs from the first only there (neon.c: neon-dotprod, whose keys need an extension).
+ */
+#define KVP_ISA_ENTRIES(dot_i8) \
+	.dot_f32 = dot_f32, \
+	.dot_f16 = dot_f16, \
+	.axpy_f32 = axpy_f32, \
+	.axpy_f16 = axpy_f16, \
+	.dot_f16_group = dot_f16_group, \
+	.axpy_f16_group = axpy_f16_group, \
+	.band_norms = band_norms, \
+	.f32_to_f16 = f32_to_f16, \
+	.f16_to_f32 = f16_to_f32, \
+	.softmax_step = softmax_step, \
+	.scale = scale, \
+	.lut_dot = lut_dot, \
+	.lut_axpy = lut_axpy, \
+	.lut_dot_group = lut_dot_group, \
+	.lut_axpy_group = lut_axpy_group, \
+	.lut_dot_i8_group = (dot_i8), \
+	.lut_axpy_i16_group = lut_axpy_i16_group, \
+	.mask_expand = mask_expand,
+
 const struct kvp_kernels KVP_ISA_TABLE = {
 	.name = KVP_ISA_NAME,
-	.dot_f32 = dot_f32,
-	.dot_f16 = dot_f16,
-	.axpy_f32 = axpy_f32,
-	.axpy_f16 = axpy_f16,
-	.dot_f16_group = dot_f16_group,
-	.axpy_f16_group = axpy_f16_group,
-	.band_norms = band_norms,
-	.f32_to_f16 = f32_to_f16,
-	.f16_to_f32 = f16_to_f32,
-	.softmax_step = softmax_step,
-	.scale = scale,
-	.lut_dot = lut_dot,
-	.lut_axpy = lut_axpy,
-	.lut_dot_group = lut_dot_group,
-	.lut_axpy_group = lut_axpy_group,
-	.lut_dot_i8_group = lut_dot_i8_group,
-	.lut_axpy_i16_group = lut_axpy_i16_group,
-	.mask_expand = mask_expand,
+	KVP_ISA_ENTRIES(lut_dot_i8_group)
 };

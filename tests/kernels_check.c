@@ -9,7 +9,8 @@
  *   "K comparisons: N passed, M failed"   values compared
  *   "N passed, M failed"                  tests (a test passes when all its comparisons do)
  * and the exit status is 0 iff no test failed. The vector tests run once per vector table runnable here
- * (named "avx2_...", "avx512_..."); those of a table this build or CPU cannot run are counted as skipped.
+ * (named "avx2_...", "avx512_...", "neon_...", "neon-dotprod_..."); those of a table this build or CPU cannot
+ * run are counted as skipped.
  *
  * Tolerances:
  *   dot, axpy   |vector - scalar| <= 1e-5 * sum of |products| (summation order and FMA differ; a plain
@@ -32,6 +33,13 @@
 #include <math.h>
 #if defined(__x86_64__)
 #include <cpuid.h>
+#endif
+#if defined(__aarch64__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
 #endif
 #include <stdarg.h>
 #include <stdio.h>
@@ -1284,7 +1292,7 @@ static void band_norms_is_bit_identical_to_scalar_in_both_layouts(const struct k
 
 static const struct kvp_kernels *best_here(void)
 {
-	static const char *const order[] = { "avx512", "avx2", "neon", "scalar" };
+	static const char *const order[] = { "avx512", "avx2", "neon-dotprod", "neon", "scalar" };
 	const struct kvp_kernels *k = NULL;
 
 	for (size_t i = 0; !k && i < COUNT(order); i++)
@@ -1305,6 +1313,7 @@ static void dispatch_returns_null_for_unknown_or_foreign_names(void)
 	check(kvp_kernels_named("AVX2") == NULL, "kvp_kernels_named(\"AVX2\") is not NULL");
 #if defined(__x86_64__)
 	check(kvp_kernels_named("neon") == NULL, "kvp_kernels_named(\"neon\") is not NULL");
+	check(kvp_kernels_named("neon-dotprod") == NULL, "kvp_kernels_named(\"neon-dotprod\") is not NULL");
 	check(kvp_kernels_named("AVX512") == NULL, "kvp_kernels_named(\"AVX512\") is not NULL");
 	check(kvp_kernels_named("avx512f") == NULL, "kvp_kernels_named(\"avx512f\") is not NULL");
 #elif defined(__aarch64__)
@@ -1315,7 +1324,7 @@ static void dispatch_returns_null_for_unknown_or_foreign_names(void)
 
 static void dispatch_tables_are_complete_and_named_for_their_name(void)
 {
-	static const char *const names[] = { "scalar", "avx2", "avx512", "neon" };
+	static const char *const names[] = { "scalar", "avx2", "avx512", "neon", "neon-dotprod" };
 
 	for (size_t i = 0; i < COUNT(names); i++) {
 		const struct kvp_kernels *k = kvp_kernels_named(names[i]);
@@ -1325,7 +1334,9 @@ static void dispatch_tables_are_complete_and_named_for_their_name(void)
 		check(!strcmp(k->name, names[i]), "%s is named %s", names[i], k->name);
 		check(k->dot_f32 && k->dot_f16 && k->axpy_f32 && k->axpy_f16 && k->f32_to_f16 &&
 			  k->f16_to_f32 && k->softmax_step && k->scale && k->lut_dot && k->lut_axpy &&
-			  k->lut_dot_group && k->lut_axpy_group && k->mask_expand && k->band_norms, "%s has an empty slot", names[i]);
+			  k->lut_dot_group && k->lut_axpy_group && k->lut_dot_i8_group && k->lut_axpy_i16_group &&
+			  k->dot_f16_group && k->axpy_f16_group && k->mask_expand && k->band_norms,
+		      "%s has an empty slot", names[i]);
 	}
 }
 
@@ -1353,6 +1364,43 @@ static void dispatch_falls_back_to_the_best_for_an_unknown_kvp_kernels(void)
 	check(setenv("KVP_KERNELS", "sse9", 1) == 0, "setenv");
 	check(kvp_kernels() == best_here(), "chose %s, best is %s",
 		  kvp_kernels()->name, best_here()->name);
+}
+
+#if defined(__aarch64__)
+/* The dot product (sdot), asked of the kernel directly rather than through dispatch.c's own probe. */
+static int dotprod_here(void)
+{
+	return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+}
+#endif
+
+/* KVP_KERNELS=neon picks the plain NEON table even where the CPU has the dot product (neon-dotprod would
+ * be the best); where NEON does not run, it falls back to the best that does. */
+static void dispatch_honours_kvp_kernels_neon_where_neon_dotprod_runs_too(void)
+{
+	check(setenv("KVP_KERNELS", "neon", 1) == 0, "setenv");
+#if defined(__aarch64__)
+	check(kvp_kernels() == &kvp_kernels_neon, "chose %s, not neon", kvp_kernels()->name);
+#else
+	check(kvp_kernels() == best_here(), "chose %s, best is %s", kvp_kernels()->name, best_here()->name);
+#endif
+}
+
+/* KVP_KERNELS=neon-dotprod picks that table where the CPU has the dot product, and anywhere else falls back
+ * to the best table that runs (neon on an ARM CPU without it). */
+static void dispatch_honours_kvp_kernels_neon_dotprod_where_the_cpu_has_the_dot_product(void)
+{
+	check(setenv("KVP_KERNELS", "neon-dotprod", 1) == 0, "setenv");
+#if defined(__aarch64__)
+	if (dotprod_here()) {
+		check(kvp_kernels() == &kvp_kernels_neon_dotprod, "chose %s, not neon-dotprod", kvp_kernels()->name);
+		check(!strcmp(kvp_kernels()->name, "neon-dotprod"), "the table is named %s", kvp_kernels()->name);
+		return;
+	}
+	check(kvp_kernels_named("neon-dotprod") == NULL, "neon-dotprod is named although the CPU cannot run it");
+	check(kvp_kernels() == &kvp_kernels_neon, "chose %s, not neon", kvp_kernels()->name);
+#endif
+	check(kvp_kernels() == best_here(), "chose %s, best is %s", kvp_kernels()->name, best_here()->name);
 }
 
 #if defined(__x86_64__)
@@ -1405,7 +1453,9 @@ static void dispatch_picks_the_best_the_cpu_runs_without_kvp_kernels(void)
 	else if (avx2)
 		check(!strcmp(kvp_kernels()->name, "avx2"), "chose %s, not avx2", kvp_kernels()->name);
 #elif defined(__aarch64__)
-	check(!strcmp(kvp_kernels()->name, "neon"), "chose %s, not neon", kvp_kernels()->name);
+	const char *want = dotprod_here() ? "neon-dotprod" : "neon";
+
+	check(!strcmp(kvp_kernels()->name, want), "chose %s, not %s", kvp_kernels()->name, want);
 #endif
 }
 
@@ -1518,6 +1568,8 @@ static const struct test own_process_tests[] = {
 	TEST(dispatch_honours_kvp_kernels_scalar),
 	TEST(dispatch_honours_kvp_kernels_naming_a_vector_table),
 	TEST(dispatch_honours_kvp_kernels_avx512),
+	TEST(dispatch_honours_kvp_kernels_neon_where_neon_dotprod_runs_too),
+	TEST(dispatch_honours_kvp_kernels_neon_dotprod_where_the_cpu_has_the_dot_product),
 	TEST(dispatch_falls_back_to_the_best_for_an_unknown_kvp_kernels),
 	TEST(dispatch_picks_the_best_the_cpu_runs_without_kvp_kernels),
 	TEST(dispatch_chooses_once_per_process),
@@ -1621,7 +1673,7 @@ static void run_vector_tests(const char *table)
 
 int main(void)
 {
-	static const char *const vector_tables[] = { "avx2", "avx512", "neon" };
+	static const char *const vector_tables[] = { "avx2", "avx512", "neon", "neon-dotprod" };
 
 	tally = mmap(NULL, sizeof *tally, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	if (tally == MAP_FAILED) {
