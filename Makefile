@@ -219,10 +219,12 @@ fuzz-seeds: $(BUILD)/tests/seed_corpus
 	mkdir -p $(FUZZ_TARGETS:build-fuzz/%=tests/corpus/%)
 	$(BUILD)/tests/seed_corpus tests/corpus
 
-# The kernels layer and the one below it, with the aarch64 kernels in place of the x86-64 ones.
+# The kernels layer and the one below it, with the aarch64 kernels in place of the x86-64 ones: once on a
+# CPU with the dot product (both NEON tables run), once on one without (neon-dotprod must not be chosen).
 NEON_SRC := $(filter-out %avx2.c %avx512.c,$(filter base/% kernels/%,$(ALL_SRC)))
 neon: build-neon/kernels_check
-	qemu-aarch64 build-neon/kernels_check
+	qemu-aarch64 -cpu max build-neon/kernels_check
+	qemu-aarch64 -cpu cortex-a53 build-neon/kernels_check
 
 # Built again only when a source or a header it could include changed (gcc -MMD writes one .d for a
 # link of many sources).

@@ -885,7 +885,7 @@ INLINE float weights_i16(unsigned n, const float *w, const float *scale, float u
 		top = _mm512_max_ps(top, _mm512_abs_ps(u));
 	}
 	t = _mm512_reduce_max_ps(top);
-	inv = _mm512_set1_ps(t > 0.0f ? KVP_WEIGHT_MAX / t : 0.0f);
+	inv = _mm512_set1_ps(kvp_weight_inv(t));
 	for (unsigned i = 0; i < n; i += 16) {
 		const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
 		__m512 x = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, w + i), _mm512_maskz_loadu_ps(in, scale + i)),

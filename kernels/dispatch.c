@@ -14,6 +14,9 @@
 #if defined(__aarch64__)
 #include <asm/hwcap.h>
 #include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP /* kernel headers older than Linux 4.15 */
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
 #endif
 
 #include "kernels/crc32c.h"
@@ -76,6 +79,12 @@ static int neon_runnable(void)
 	return (getauxval(AT_HWCAP) & HWCAP_ASIMD) != 0;
 }
 
+/* sdot and udot (Armv8.2 dot product): neon-dotprod's keys */
+static int neon_dotprod_runnable(void)
+{
+	return neon_runnable() && (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+}
+
 static int armv8_crc_runnable(void)
 {
 	return (getauxval(AT_HWCAP) & HWCAP_CRC32) != 0;
@@ -98,6 +107,7 @@ static const struct kernels_version {
 	{ "avx2", avx2_runnable, &kvp_kernels_avx2 },
 #endif
 #if defined(__aarch64__)
+	{ "neon-dotprod", neon_dotprod_runnable, &kvp_kernels_neon_dotprod },
 	{ "neon", neon_runnable, &kvp_kernels_neon },
 #endif
 	{ "scalar", always_runnable, &kvp_kernels_scalar },

@@ -1,7 +1,8 @@
 /*
  * kernels/ — the hot loops, each with a scalar reference (scalar.c) and vector versions (avx512.c,
  * avx2.c, neon.c, sharing the loops of loops.h), chosen once at start-up from the CPU's features by
- * dispatch.c, together with the CRC32C version (crc32c.h). KVP_KERNELS=scalar|avx2|avx512|neon forces one.
+ * dispatch.c, together with the CRC32C version (crc32c.h). KVP_KERNELS=scalar|avx2|avx512|neon|neon-dotprod
+ * forces one (neon-dotprod is neon with sdot for the keys' integer lookups, on CPUs with the dot product).
  *
  * Rows are contiguous: rows[i*d + j] is element j of row i. No alignment is required of any pointer.
  */
@@ -88,7 +89,7 @@ struct kvp_kernels {
 	 *     S(h, i) = sum_j lut[code(i, j)] * q[h*q_stride + j]; lut entries in [-127, 127].
 	 *
 	 *   lut_axpy_i16_group: n <= 256. Per head, u(i) = w[h*w_stride + i] * scale(i); top = max |u(i)|;
-	 *     W(i) = nearest(u(i) * (4095 / top)) (halves away from zero; 0 when top is 0);
+	 *     W(i) = nearest(u(i) * kvp_weight_inv(top)) (halves away from zero; 0 when top is 0 or tiny);
 	 *     acc[h*acc_stride + j] += (unit * (top / 4095)) * (float)sum_i W(i) * lut[code(i, j)];
 	 *     lut entries in [-2047, 2047], so that 256 rows stay within int32. 12-bit weights keep the output
 	 *     within about 1e-4 of the float sum, where 8 bits would move it by 1e-3.
@@ -182,6 +183,13 @@ static inline __attribute__((always_inline)) uint32_t kvp_code_block(const uint8
 #define KVP_WEIGHT_MAX 4095.0f
 #define KVP_AXPY_I16_ROWS 256u
 
+/* KVP_WEIGHT_MAX / top, or 0 where that is not a finite float (top 0 or below 1e-35: such weights count as
+ * 0, where an infinite factor would leave the integers undefined). */
+static inline float kvp_weight_inv(float top)
+{
+	return top > KVP_WEIGHT_MAX / 3.0e38f ? KVP_WEIGHT_MAX / top : 0.0f;
+}
+
 /* Nearest integer, halves away from zero, as every implementation of the integer lookups rounds. */
 static inline int32_t kvp_nearest(float x)
 {
@@ -213,6 +221,7 @@ extern const struct kvp_kernels kvp_kernels_avx512;
 #endif
 #if defined(__aarch64__)
 extern const struct kvp_kernels kvp_kernels_neon;
+extern const struct kvp_kernels kvp_kernels_neon_dotprod;
 #endif
 
 #endif /* KVP_KERNELS_H */

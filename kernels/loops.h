@@ -23,7 +23,7 @@
  *   mask_expand_row                 one row of mask_expand: (d, mask, sign or NULL, kept, scale, mag, x)
  *   band_norms_vector               the bands [0, returned) of one row of band_norms, F = d / 2
  * and the macros KVP_ISA_NAME (the table's name string) and KVP_ISA_TABLE (its identifier, declared in
- * kernels.h).
+ * kernels.h). KVP_ISA_ENTRIES, defined here, lets the file build another table from the same loops.
  */
 
 static void dot_f16(unsigned d, unsigned n, const uint16_t *rows, const float *q, float scale, float *out)
@@ -131,28 +131,32 @@ static void lut_axpy_group(unsigned bits, unsigned m, unsigned n, const uint8_t 
 /* The float steps of kernels.h around the integer cores, in slices of rows whose sums fit the stack. */
 #define CORE_INTS 1024
 
-static void lut_dot_i8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			     const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, const float *head_scale,
-			     const uint8_t *row_scale, size_t scale_stride, float *out, size_t out_stride)
-{
-	const unsigned slice = g < CORE_INTS ? CORE_INTS / g : 1;
-	int32_t s[CORE_INTS];
-
-	for (unsigned h0 = 0; h0 < g; h0 += CORE_INTS) {
-		const unsigned gn = g - h0 < CORE_INTS ? g - h0 : CORE_INTS;
-		for (unsigned i0 = 0; i0 < n; i0 += slice) {
-			const unsigned cn = n - i0 < slice ? n - i0 : slice;
-
-			dot_i8_core(bits, m, cn, codes + (size_t)i0 * stride, stride, lut, gn, q + h0 * q_stride, q_stride,
-				    s);
-			for (unsigned h = 0; h < gn; h++)
-				for (unsigned i = 0; i < cn; i++)
-					out[(h0 + h) * out_stride + i0 + i] +=
-						((float)s[h * cn + i] * head_scale[h0 + h]) *
-						kvp_load_f32(row_scale + (size_t)(i0 + i) * scale_stride);
-		}
+/* lut_dot_i8_group as `name`, on the integer sums of `core` (a file with two cores builds two of these). */
+#define KVP_DOT_I8_GROUP(name, core)                                                                            \
+	static void name(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,            \
+			 const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, const float *head_scale,  \
+			 const uint8_t *row_scale, size_t scale_stride, float *out, size_t out_stride)          \
+	{                                                                                                        \
+		const unsigned slice = g < CORE_INTS ? CORE_INTS / g : 1;                                        \
+		int32_t s[CORE_INTS];                                                                            \
+                                                                                                                 \
+		for (unsigned h0 = 0; h0 < g; h0 += CORE_INTS) {                                                 \
+			const unsigned gn = g - h0 < CORE_INTS ? g - h0 : CORE_INTS;                             \
+			for (unsigned i0 = 0; i0 < n; i0 += slice) {                                             \
+				const unsigned cn = n - i0 < slice ? n - i0 : slice;                             \
+                                                                                                                 \
+				core(bits, m, cn, codes + (size_t)i0 * stride, stride, lut, gn, q + h0 * q_stride, \
+				     q_stride, s);                                                               \
+				for (unsigned h = 0; h < gn; h++)                                                \
+					for (unsigned i = 0; i < cn; i++)                                        \
+						out[(h0 + h) * out_stride + i0 + i] +=                           \
+							((float)s[h * cn + i] * head_scale[h0 + h]) *            \
+							kvp_load_f32(row_scale + (size_t)(i0 + i) * scale_stride); \
+			}                                                                                        \
+		}                                                                                                \
 	}
-}
+
+KVP_DOT_I8_GROUP(lut_dot_i8_group, dot_i8_core)
 
 /* Columns 64 at a time (a multiple of 8, so each chunk's codes start on a byte), four heads at a time. */
 static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
@@ -173,7 +177,7 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
 				float u = wh[i] * kvp_load_f32(row_scale + i * scale_stride);
 				top = fabsf(u) > top ? fabsf(u) : top;
 			}
-			inv = top > 0.0f ? KVP_WEIGHT_MAX / top : 0.0f;
+			inv = kvp_weight_inv(top);
 			for (unsigned i = 0; i < n; i++)
 				w16[h * n + i] = (int16_t)kvp_nearest((wh[i] * kvp_load_f32(row_scale + i * scale_stride)) * inv);
 			f[h] = unit * (top / KVP_WEIGHT_MAX);
@@ -189,7 +193,6 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
 		}
 	}
 }
-#undef CORE_INTS
 #endif
 
 static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint8_t *signs, size_t stride,
@@ -214,24 +217,31 @@ static void band_norms(unsigned d, unsigned n, int interleaved, const float *row
 	}
 }
 
+/*
+ * The table's entries but its name, with dot_i8 as lut_dot_i8_group: a file can build a second table that
+ * differs from the first only there (neon.c: neon-dotprod, whose keys need an extension).
+ */
+#define KVP_ISA_ENTRIES(dot_i8) \
+	.dot_f32 = dot_f32, \
+	.dot_f16 = dot_f16, \
+	.axpy_f32 = axpy_f32, \
+	.axpy_f16 = axpy_f16, \
+	.dot_f16_group = dot_f16_group, \
+	.axpy_f16_group = axpy_f16_group, \
+	.band_norms = band_norms, \
+	.f32_to_f16 = f32_to_f16, \
+	.f16_to_f32 = f16_to_f32, \
+	.softmax_step = softmax_step, \
+	.scale = scale, \
+	.lut_dot = lut_dot, \
+	.lut_axpy = lut_axpy, \
+	.lut_dot_group = lut_dot_group, \
+	.lut_axpy_group = lut_axpy_group, \
+	.lut_dot_i8_group = (dot_i8), \
+	.lut_axpy_i16_group = lut_axpy_i16_group, \
+	.mask_expand = mask_expand,
+
 const struct kvp_kernels KVP_ISA_TABLE = {
 	.name = KVP_ISA_NAME,
-	.dot_f32 = dot_f32,
-	.dot_f16 = dot_f16,
-	.axpy_f32 = axpy_f32,
-	.axpy_f16 = axpy_f16,
-	.dot_f16_group = dot_f16_group,
-	.axpy_f16_group = axpy_f16_group,
-	.band_norms = band_norms,
-	.f32_to_f16 = f32_to_f16,
-	.f16_to_f32 = f16_to_f32,
-	.softmax_step = softmax_step,
-	.scale = scale,
-	.lut_dot = lut_dot,
-	.lut_axpy = lut_axpy,
-	.lut_dot_group = lut_dot_group,
-	.lut_axpy_group = lut_axpy_group,
-	.lut_dot_i8_group = lut_dot_i8_group,
-	.lut_axpy_i16_group = lut_axpy_i16_group,
-	.mask_expand = mask_expand,
+	KVP_ISA_ENTRIES(lut_dot_i8_group)
 };

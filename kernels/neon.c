@@ -3,7 +3,8 @@
  * HWCAP. Conversions use fcvt, which rounds to nearest even and keeps NaN payloads under Linux's default
  * FPCR, matching base/half.c and F16C bit for bit. Tails shorter than a vector go through zero-padded
  * copies so no load runs past the caller's buffers. The loops that do not depend on the instruction set
- * (over heads, bit widths and rows) are in loops.h, included at the end.
+ * (over heads, bit widths and rows) are in loops.h, included at the end. Two tables come out: neon, and
+ * neon-dotprod, the same but for the keys' integer lookups, which use sdot (Armv8.2 dot product).
  */
 #if defined(__aarch64__)
 
@@ -691,47 +692,335 @@ INLINE unsigned band_norms_vector(unsigned F, int interleaved, const float *r, f
 	return F4;
 }
 
-/* Interim: the integer lookups as plain loops until this table has its own. */
-static void dot_i8_core(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			     const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, int32_t *out)
-{
-	for (unsigned h = 0; h < g; h++)
-		for (unsigned i = 0; i < n; i++) {
-			const uint8_t *row = codes + (size_t)i * stride;
-			int32_t s = 0;
+/*
+ * Integer lookups. Sixteen codes (2 * bits bytes, one word) become one byte each: a byte table lookup
+ * gives lane r the byte holding bit r*bits of the word, a per-lane shift (ushl by a negative count) brings
+ * the code to bit 0, and a mask drops the next codes' bits. A 3-bit code may straddle two bytes, so at
+ * that width the following byte, shifted left, supplies its top bits. The bytes then index a 16-byte
+ * table by tbl: the int8 table for keys, and for values the low and the high bytes of the int16 table,
+ * zipped back into int16. Always inlined into one function per width, so bits is a constant.
+ */
+struct int_regs {
+	uint8x16_t pick, pick_next, mask;
+	int8x16_t shift, shift_next;
+	int8x16_t tab8;
+	uint8x16_t tab16_lo, tab16_hi;
+};
 
-			for (unsigned j = 0; j < m; j++) {
-				size_t o = (size_t)j * bits;
-				unsigned v = row[o >> 3] >> (o & 7);
-				if ((o & 7) + bits > 8)
-					v |= (unsigned)row[(o >> 3) + 1] << (8 - (o & 7));
-				s += lut[v & ((1u << bits) - 1)] * q[h * q_stride + j];
+INLINE struct int_regs int_regs(unsigned bits, const int8_t *lut8, const int16_t *lut16)
+{
+	uint8_t pick[16], pick_next[16], tab16_lo[16] = { 0 }, tab16_hi[16] = { 0 };
+	int8_t shift[16], shift_next[16], tab8[16] = { 0 };
+	struct int_regs r;
+
+	for (unsigned i = 0; i < 16; i++) {
+		const unsigned bit = i * bits;
+
+		pick[i] = (uint8_t)(bit / 8);
+		pick_next[i] = (uint8_t)(bit / 8 + 1);
+		shift[i] = (int8_t)-(int)(bit % 8);
+		shift_next[i] = (int8_t)(8 - bit % 8); /* 8 (nothing straddles) shifts everything out */
+	}
+	for (unsigned v = 0; v < (1u << bits); v++) {
+		tab8[v] = lut8 ? lut8[v] : 0;
+		tab16_lo[v] = lut16 ? (uint8_t)((uint16_t)lut16[v] & 0xff) : 0;
+		tab16_hi[v] = lut16 ? (uint8_t)((uint16_t)lut16[v] >> 8) : 0;
+	}
+	r.pick = vld1q_u8(pick);
+	r.pick_next = vld1q_u8(pick_next);
+	r.shift = vld1q_s8(shift);
+	r.shift_next = vld1q_s8(shift_next);
+	r.mask = vdupq_n_u8((uint8_t)((1u << bits) - 1));
+	r.tab8 = vld1q_s8(tab8);
+	r.tab16_lo = vld1q_u8(tab16_lo);
+	r.tab16_hi = vld1q_u8(tab16_hi);
+	return r;
+}
+
+/*
+ * The word of the sixteen codes at p: 2 * bits bytes, little-endian like the vector lanes. At 3 bits, when
+ * another whole chunk follows (more), one 8-byte load replaces a 4- and a 2-byte one; the two extra bytes
+ * only ever reach pick_next lanes whose shift moves them above the mask.
+ */
+INLINE uint64_t chunk_word(const uint8_t *p, unsigned bits, int more)
+{
+	uint64_t w = 0;
+	uint32_t lo;
+	uint16_t hi;
+
+	if (bits == 3 && more) {
+		memcpy(&w, p, sizeof w);
+	} else if (bits == 3) {
+		/* two loads: gcc builds a 6-byte memcpy into a word through the stack */
+		memcpy(&lo, p, sizeof lo);
+		memcpy(&hi, p + 4, sizeof hi);
+		w = lo | (uint64_t)hi << 32;
+	} else {
+		memcpy(&w, p, 2 * bits);
+	}
+	return w;
+}
+
+/* The last nbytes < 2 * bits bytes of a row, zeros above: nothing past the row's last byte is read. */
+INLINE uint64_t tail_word(const uint8_t *p, unsigned nbytes)
+{
+	uint64_t w = 0;
+
+	for (unsigned t = 0; t < nbytes; t++)
+		w |= (uint64_t)p[t] << (8 * t);
+	return w;
+}
+
+/* The sixteen codes of a word, one per byte (pick only names bytes 0-7 of x). */
+INLINE uint8x16_t code_bytes(unsigned bits, uint64_t word, const struct int_regs *r)
+{
+	const uint8x16_t x = vcombine_u8(vcreate_u8(word), vdup_n_u8(0));
+	uint8x16_t v = vshlq_u8(vqtbl1q_u8(x, r->pick), r->shift);
+
+	if (bits == 3)
+		v = vorrq_u8(v, vshlq_u8(vqtbl1q_u8(x, r->pick_next), r->shift_next));
+	return vandq_u8(v, r->mask);
+}
+
+INLINE int8x16_t keys16(unsigned bits, uint64_t word, const struct int_regs *r)
+{
+	return vqtbl1q_s8(r->tab8, code_bytes(bits, word, r));
+}
+
+/* Built for the dot product; only the neon-dotprod table calls it, and dispatch.c only chooses that table
+ * where HWCAP says the CPU has sdot. */
+#if defined(__clang__)
+#define DOTPROD_TARGET __attribute__((target("dotprod")))
+#else
+#define DOTPROD_TARGET __attribute__((target("arch=armv8.2-a+dotprod")))
+#endif
+
+/*
+ * acc += the 16 products x*q, spread over acc's lanes (only the lanes' total is used), in one sdot. Not
+ * always_inline: it is called from the loops shared with the plain version, whose plain instance has no
+ * dotprod and may not inline it (nor, unoptimized, drop the call); dot_i8_core_dotprod is flatten
+ * instead, which inlines it there. clang before 16 declares vdotq_s32 only when the whole file is built
+ * for dotprod, hence asm there.
+ */
+DOTPROD_TARGET static inline int32x4_t sdot16(int32x4_t acc, int8x16_t x, int8x16_t q)
+{
+#if defined(__clang__) && !defined(__ARM_FEATURE_DOTPROD)
+	__asm__("sdot %0.4s, %1.16b, %2.16b" : "+w"(acc) : "w"(x), "w"(q));
+	return acc;
+#else
+	return vdotq_s32(acc, x, q);
+#endif
+}
+
+/* The plain version sums two products in int16, exact because table entries lie in [-127, 127]:
+ * |2 * 127 * -128| < 32768. */
+INLINE int32x4_t mac16(int dotprod, int32x4_t acc, int8x16_t x, int8x16_t q)
+{
+	if (dotprod)
+		return sdot16(acc, x, q);
+	return vpadalq_s16(acc, vmlal_high_s8(vmull_s8(vget_low_s8(x), vget_low_s8(q)), x, q));
+}
+
+/*
+ * hn <= 4 heads: each row's codes are looked up once, 32 per step, and multiplied into every head's two
+ * sums (two, so consecutive sdots of one head do not wait on each other). The last m % 16 codes are
+ * read with tail_word and met by a copy of the queries' tail, zero past m, so their stray lanes add 0.
+ * The loops over heads are unrolled, or gcc keeps a[][] in memory: a load and a store per sdot.
+ */
+INLINE void dot_i8_heads(int dotprod, unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes,
+			 size_t stride, const struct int_regs *r, const int8_t *q, size_t qs, int32_t *out)
+{
+	const unsigned m16 = m & ~15u, k = m & 15u, kbytes = (k * bits + 7) / 8;
+	int8_t qt[4][16] = { { 0 } };
+
+	for (unsigned h = 0; h < hn; h++)
+		memcpy(qt[h], q + h * qs + m16, k);
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *row = codes + (size_t)i * stride;
+		int32x4_t a[4][2];
+		size_t j = 0; /* not unsigned: a 32-bit index that may wrap keeps gcc from stepping pointers */
+
+#pragma GCC unroll 4
+		for (unsigned h = 0; h < hn; h++)
+			a[h][0] = a[h][1] = vdupq_n_s32(0);
+		for (; j + 32 <= m; j += 32) {
+			const uint8_t *p = row + j / 8 * bits;
+			const int8x16_t x0 = keys16(bits, chunk_word(p, bits, 1), r);
+			const int8x16_t x1 = keys16(bits, chunk_word(p + 2 * bits, bits, j + 48 <= m), r);
+
+#pragma GCC unroll 4
+			for (unsigned h = 0; h < hn; h++) {
+				a[h][0] = mac16(dotprod, a[h][0], x0, vld1q_s8(q + h * qs + j));
+				a[h][1] = mac16(dotprod, a[h][1], x1, vld1q_s8(q + h * qs + j + 16));
 			}
-			out[(size_t)h * n + i] = s;
 		}
+		if (j < m16) {
+			const int8x16_t x0 = keys16(bits, chunk_word(row + j / 8 * bits, bits, 0), r);
+
+#pragma GCC unroll 4
+			for (unsigned h = 0; h < hn; h++)
+				a[h][0] = mac16(dotprod, a[h][0], x0, vld1q_s8(q + h * qs + j));
+		}
+		if (k) {
+			const int8x16_t x1 = keys16(bits, tail_word(row + m16 / 8 * bits, kbytes), r);
+
+#pragma GCC unroll 4
+			for (unsigned h = 0; h < hn; h++)
+				a[h][1] = mac16(dotprod, a[h][1], x1, vld1q_s8(qt[h]));
+		}
+#pragma GCC unroll 4
+		for (unsigned h = 0; h < hn; h++)
+			out[(size_t)h * n + i] = vaddvq_s32(vaddq_s32(a[h][0], a[h][1]));
+	}
+}
+
+INLINE void dot_i8_width(int dotprod, unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			 const int8_t *lut, unsigned g, const int8_t *q, size_t qs, int32_t *out)
+{
+	const struct int_regs r = int_regs(bits, lut, NULL);
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4)
+		dot_i8_heads(dotprod, 4, bits, m, n, codes, stride, &r, q + h * qs, qs, out + (size_t)h * n);
+	switch (g - h) {
+	case 3: dot_i8_heads(dotprod, 3, bits, m, n, codes, stride, &r, q + h * qs, qs, out + (size_t)h * n); break;
+	case 2: dot_i8_heads(dotprod, 2, bits, m, n, codes, stride, &r, q + h * qs, qs, out + (size_t)h * n); break;
+	case 1: dot_i8_heads(dotprod, 1, bits, m, n, codes, stride, &r, q + h * qs, qs, out + (size_t)h * n); break;
+	default: break;
+	}
+}
+
+INLINE void dot_i8_any(int dotprod, unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+		       const int8_t *lut, unsigned g, const int8_t *q, size_t qs, int32_t *out)
+{
+	switch (bits) {
+	case 1: dot_i8_width(dotprod, 1, m, n, codes, stride, lut, g, q, qs, out); break;
+	case 2: dot_i8_width(dotprod, 2, m, n, codes, stride, lut, g, q, qs, out); break;
+	case 3: dot_i8_width(dotprod, 3, m, n, codes, stride, lut, g, q, qs, out); break;
+	default: dot_i8_width(dotprod, 4, m, n, codes, stride, lut, g, q, qs, out); break;
+	}
+}
+
+static void dot_i8_core(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, int32_t *out)
+{
+	dot_i8_any(0, bits, m, n, codes, stride, lut, g, q, q_stride, out);
+}
+
+DOTPROD_TARGET __attribute__((flatten)) static void dot_i8_core_dotprod(unsigned bits, unsigned m, unsigned n,
+									       const uint8_t *codes, size_t stride,
+									       const int8_t *lut, unsigned g, const int8_t *q,
+									       size_t q_stride, int32_t *out)
+{
+	dot_i8_any(1, bits, m, n, codes, stride, lut, g, q, q_stride, out);
+}
+
+/* The int16 values of the sixteen codes of a word: codes 0-7 in *lo, 8-15 in *hi. */
+INLINE void values16(unsigned bits, uint64_t word, const struct int_regs *r, int16x8_t *lo, int16x8_t *hi)
+{
+	const uint8x16_t c = code_bytes(bits, word, r);
+	const uint8x16_t low = vqtbl1q_u8(r->tab16_lo, c), high = vqtbl1q_u8(r->tab16_hi, c);
+
+	*lo = vreinterpretq_s16_u8(vzip1q_u8(low, high));
+	*hi = vreinterpretq_s16_u8(vzip2q_u8(low, high));
+}
+
+/*
+ * Sixteen columns j..j+15 (k <= 16 of them real) of hn <= 4 heads, over all n rows: the 4 * hn sums stay
+ * in registers, each row adding its weight times the row's values by widening multiply-accumulate (the
+ * products of int16 by int16 are exact in int32). With k < 16 (the row's last columns: `tail`, a
+ * constant once inlined) codes are read with tail_word and acc goes through a copy, so neither is read
+ * or written past column m.
+ */
+INLINE void axpy_i16_columns(int tail, unsigned hn, unsigned bits, unsigned j, unsigned k, unsigned m, unsigned n,
+			     const uint8_t *codes, size_t stride, const struct int_regs *r, const int16_t *w,
+			     int32_t *acc, size_t as)
+{
+	const unsigned kbytes = (k * bits + 7) / 8;
+	const int more = j + 32 <= m;
+	const uint8_t *p = codes + j / 8 * bits;
+	int32_t part[4][16] = { { 0 } };
+	int32x4_t a[4][4];
+	int16x8_t lo, hi;
+
+	/* unrolled, or gcc keeps a[][] in memory and the sums go through the stack at every row */
+#pragma GCC unroll 4
+	for (unsigned h = 0; h < hn; h++) {
+		if (tail)
+			memcpy(part[h], acc + h * as + j, k * sizeof *acc);
+		for (unsigned e = 0; e < 4; e++)
+			a[h][e] = vld1q_s32(tail ? part[h] + 4 * e : acc + h * as + j + 4 * e);
+	}
+	for (size_t i = 0; i < n; i++, p += stride) {
+		values16(bits, tail ? tail_word(p, kbytes) : chunk_word(p, bits, more), r, &lo, &hi);
+#pragma GCC unroll 4
+		for (unsigned h = 0; h < hn; h++) {
+			const int16_t wi = w[h * (size_t)n + i];
+
+			a[h][0] = vmlal_n_s16(a[h][0], vget_low_s16(lo), wi);
+			a[h][1] = vmlal_high_n_s16(a[h][1], lo, wi);
+			a[h][2] = vmlal_n_s16(a[h][2], vget_low_s16(hi), wi);
+			a[h][3] = vmlal_high_n_s16(a[h][3], hi, wi);
+		}
+	}
+#pragma GCC unroll 4
+	for (unsigned h = 0; h < hn; h++) {
+		for (unsigned e = 0; e < 4; e++)
+			vst1q_s32(tail ? part[h] + 4 * e : acc + h * as + j + 4 * e, a[h][e]);
+		if (tail)
+			memcpy(acc + h * as + j, part[h], k * sizeof *acc);
+	}
+}
+
+INLINE void axpy_i16_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			   const struct int_regs *r, const int16_t *w, int32_t *acc, size_t as)
+{
+	unsigned j = 0;
+
+	for (; j + 16 <= m; j += 16)
+		axpy_i16_columns(0, hn, bits, j, 16, m, n, codes, stride, r, w, acc, as);
+	if (j < m)
+		axpy_i16_columns(1, hn, bits, j, m - j, m, n, codes, stride, r, w, acc, as);
+}
+
+INLINE void axpy_i16_width(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			   const int16_t *lut, unsigned g, const int16_t *w, int32_t *acc, size_t as)
+{
+	const struct int_regs r = int_regs(bits, NULL, lut);
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4)
+		axpy_i16_heads(4, bits, m, n, codes, stride, &r, w + (size_t)h * n, acc + h * as, as);
+	switch (g - h) {
+	case 3: axpy_i16_heads(3, bits, m, n, codes, stride, &r, w + (size_t)h * n, acc + h * as, as); break;
+	case 2: axpy_i16_heads(2, bits, m, n, codes, stride, &r, w + (size_t)h * n, acc + h * as, as); break;
+	case 1: axpy_i16_heads(1, bits, m, n, codes, stride, &r, w + (size_t)h * n, acc + h * as, as); break;
+	default: break;
+	}
 }
 
 static void axpy_i16_core(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			       const int16_t *lut, unsigned g, const int16_t *w, int32_t *acc, size_t acc_stride)
+			  const int16_t *lut, unsigned g, const int16_t *w, int32_t *acc, size_t acc_stride)
 {
-	for (unsigned h = 0; h < g; h++)
-		for (unsigned i = 0; i < n; i++) {
-			const uint8_t *row = codes + (size_t)i * stride;
-			int32_t *a = acc + h * acc_stride;
-
-			for (unsigned j = 0; j < m; j++) {
-				size_t o = (size_t)j * bits;
-				unsigned v = row[o >> 3] >> (o & 7);
-				if ((o & 7) + bits > 8)
-					v |= (unsigned)row[(o >> 3) + 1] << (8 - (o & 7));
-				a[j] += w[(size_t)h * n + i] * lut[v & ((1u << bits) - 1)];
-			}
-		}
+	switch (bits) {
+	case 1: axpy_i16_width(1, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
+	case 2: axpy_i16_width(2, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
+	case 3: axpy_i16_width(3, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
+	default: axpy_i16_width(4, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
+	}
 }
 
 #define KVP_ISA_NAME "neon"
 #define KVP_ISA_TABLE kvp_kernels_neon
 #include "kernels/loops.h"
+
+/* The same table but for the keys' integer lookups, which use sdot (Armv8.2 dot product). */
+KVP_DOT_I8_GROUP(lut_dot_i8_group_dotprod, dot_i8_core_dotprod)
+
+const struct kvp_kernels kvp_kernels_neon_dotprod = {
+	.name = "neon-dotprod",
+	KVP_ISA_ENTRIES(lut_dot_i8_group_dotprod)
+};
 
 #else
 /* ISO C wants a declaration in every translation unit */

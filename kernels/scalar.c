@@ -191,7 +191,7 @@ static float weights_i16(unsigned n, const float *w, const uint8_t *row_scale, s
 		float u = w[i] * kvp_load_f32(row_scale + i * scale_stride);
 		top = fabsf(u) > top ? fabsf(u) : top;
 	}
-	inv = top > 0.0f ? KVP_WEIGHT_MAX / top : 0.0f;
+	inv = kvp_weight_inv(top);
 	for (unsigned i = 0; i < n; i++)
 		w16[i] = (int16_t)kvp_nearest((w[i] * kvp_load_f32(row_scale + i * scale_stride)) * inv);
 	return top / KVP_WEIGHT_MAX;

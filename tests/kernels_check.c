@@ -9,7 +9,8 @@
  *   "K comparisons: N passed, M failed"   values compared
  *   "N passed, M failed"                  tests (a test passes when all its comparisons do)
  * and the exit status is 0 iff no test failed. The vector tests run once per vector table runnable here
- * (named "avx2_...", "avx512_..."); those of a table this build or CPU cannot run are counted as skipped.
+ * (named "avx2_...", "avx512_...", "neon_...", "neon-dotprod_..."); those of a table this build or CPU cannot
+ * run are counted as skipped.
  *
  * Tolerances:
  *   dot, axpy   |vector - scalar| <= 1e-5 * sum of |products| (summation order and FMA differ; a plain
@@ -21,6 +22,7 @@
  *   scale       bit-identical
  *   band_norms  bit-identical (products, sum and square root each rounded, never fused)
  *   mask_expand bit-identical
+ *   lut_dot_i8_group, lut_axpy_i16_group   equal (exact integers)
  *   softmax     weights, running sum and factor within 1e-6 relative (+1e-30 absolute for underflow);
  *               the running maximum exact
  *   crc32c      equal
@@ -31,6 +33,13 @@
 #include <math.h>
 #if defined(__x86_64__)
 #include <cpuid.h>
+#endif
+#if defined(__aarch64__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
 #endif
 #include <stdarg.h>
 #include <stdio.h>
@@ -982,13 +991,19 @@ static int same_bits(float a, float b)
 	return !memcmp(&a, &b, sizeof a);
 }
 
+/* lo or hi when `ends`, else anything between */
+static int32_t rand_in(int ends, int32_t lo, int32_t hi)
+{
+	return ends ? (rnd32() & 1 ? hi : lo) : rand_int(lo, hi);
+}
+
 /*
  * g heads over n rows of m codes starting `off` bytes into their allocation, q and acc rows a stride wider
  * than m apart, the rows' scales at an odd stride. Outputs must equal the scalar reference bit for bit,
  * and the acc gap past m of each row must stay as it was.
  */
 static void lut_int_case(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned n, unsigned g,
-			 unsigned off)
+			 unsigned off, int ends)
 {
 	const size_t rowbytes = ((size_t)m * bits + 7) / 8, stride = rowbytes + (m & 1), qs = m + 5, ws = n + 3;
 	uint8_t *codes = rand_codes(n, stride, rowbytes, off), *scales = rand_scales(n, 7, off);
@@ -999,9 +1014,9 @@ static void lut_int_case(const struct kvp_kernels *k, unsigned bits, unsigned m,
 	float *acc = rand_f32(g * qs, 0), *acc_want = copy_f32(acc, g * qs);
 
 	for (unsigned v = 0; v < 16; v++)
-		lut8[v] = (int8_t)rand_int(-127, 127), lut16[v] = (int16_t)rand_int(-2047, 2047);
+		lut8[v] = (int8_t)rand_in(ends, -127, 127), lut16[v] = (int16_t)rand_in(ends, -2047, 2047);
 	for (size_t j = 0; j < g * qs; j++)
-		q[j] = (int8_t)rand_int(-128, 127);
+		q[j] = (int8_t)rand_in(ends, -128, 127);
 	k->lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, hs, scales + off, 7, got, n);
 	k->lut_axpy_i16_group(bits, m, n, codes + off, stride, lut16, unit, g, w, ws, scales + off, 7, acc, qs);
 	kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, hs, scales + off, 7, want,
@@ -1080,7 +1095,7 @@ static void integer_lookups_equal_scalar_for_every_width_group_and_length(const 
 		for (size_t a = 0; a < COUNT(lut_dims); a++)
 			for (size_t b = 0; b < COUNT(rows); b++)
 				for (size_t c = 0; c < COUNT(heads); c++)
-					lut_int_case(k, bits, lut_dims[a], rows[b], heads[c], 0);
+					lut_int_case(k, bits, lut_dims[a], rows[b], heads[c], 0, 0);
 }
 
 static void integer_lookups_equal_scalar_on_unaligned_pointers(const struct kvp_kernels *k)
@@ -1088,7 +1103,100 @@ static void integer_lookups_equal_scalar_on_unaligned_pointers(const struct kvp_
 	for (unsigned bits = 1; bits <= 4; bits++)
 		for (size_t a = 0; a < COUNT(lut_dims); a++)
 			for (unsigned g = 1; g <= 8; g++)
-				lut_int_case(k, bits, lut_dims[a], 67, g, 1 + (g & 2));
+				lut_int_case(k, bits, lut_dims[a], 67, g, 1 + (g & 2), 0);
+}
+
+/* The largest products and sums the contract allows are still exact. */
+static void integer_lookups_equal_scalar_at_the_ends_of_their_ranges(const struct kvp_kernels *k)
+{
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(lut_dims); a++)
+			for (unsigned g = 1; g <= 5; g += 4)
+				lut_int_case(k, bits, lut_dims[a], 67, g, 0, 1);
+}
+
+
+/* `bytes` bytes that end where an unreadable page begins, so a read past them faults; free with unguard. */
+static void *guarded(size_t bytes)
+{
+	const size_t page = 4096 * 16, body = (bytes + page - 1) / page * page; /* 64 KiB: any aarch64 page */
+	char *map = mmap(NULL, body + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	if (map == MAP_FAILED || mprotect(map + body, page, PROT_NONE)) {
+		perror("mmap");
+		exit(2);
+	}
+	return map + body - bytes;
+}
+
+static void unguard(void *p, size_t bytes)
+{
+	const size_t page = 4096 * 16, body = (bytes + page - 1) / page * page;
+
+	munmap((char *)p + bytes - body, body + page);
+}
+
+/*
+ * The last code row, the last head's query, weights, accumulator row and outputs each end where an
+ * unreadable page begins (rows packed with no gap: stride = ceil(m*bits/8)), and the results still equal
+ * the scalar ones. In a child process, so a read past any of them fails this test rather than the suite.
+ */
+static void integer_lookups_read_nothing_past_their_inputs(const struct kvp_kernels *k)
+{
+	static const unsigned rows[] = { 1, 5 }, heads[] = { 1, 3, 4, 5 };
+	int status = 0;
+	pid_t pid;
+
+	fflush(stdout);
+	pid = fork();
+	if (pid == 0) {
+		for (unsigned bits = 1; bits <= 4; bits++)
+			for (size_t a = 0; a < COUNT(lut_dims); a++)
+				for (size_t b = 0; b < COUNT(rows); b++)
+					for (size_t c = 0; c < COUNT(heads); c++) {
+						const unsigned m = lut_dims[a], n = rows[b], g = heads[c];
+						const size_t stride = ((size_t)m * bits + 7) / 8, cb = n * stride;
+						uint8_t *codes = guarded(cb);
+						float *sc = guarded(sizeof(float) * n);
+						int8_t lut8[16], *q = guarded((size_t)g * m);
+						int16_t lut16[16];
+						float *hs = guarded(sizeof *hs * g), *w = guarded(sizeof *w * g * n);
+						float *out = guarded(sizeof *out * g * n), *acc = guarded(sizeof *acc * g * m);
+						float want[8 * 5] = { 0 }, acc_want[8 * 128] = { 0 };
+
+						for (size_t i = 0; i < cb; i++)
+							codes[i] = (uint8_t)rnd32();
+						for (unsigned v = 0; v < 16; v++)
+							lut8[v] = (int8_t)rand_int(-127, 127), lut16[v] = (int16_t)rand_int(-2047, 2047);
+						for (size_t j = 0; j < (size_t)g * m; j++)
+							q[j] = (int8_t)rand_int(-128, 127), acc[j] = 0;
+						for (size_t i = 0; i < (size_t)g * n; i++)
+							w[i] = (float)rand_int(-511, 511), out[i] = 0;
+						for (unsigned i = 0; i < n; i++)
+							sc[i] = (float)rand_int(1, 9);
+						for (unsigned h = 0; h < g; h++)
+							hs[h] = (float)rand_int(1, 9);
+						k->lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, hs, (const uint8_t *)sc,
+								    sizeof(float), out, n);
+						k->lut_axpy_i16_group(bits, m, n, codes, stride, lut16, 0.5f, g, w, n,
+								      (const uint8_t *)sc, sizeof(float), acc, m);
+						kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, hs,
+										    (const uint8_t *)sc, sizeof(float), want, n);
+						kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes, stride, lut16, 0.5f, g, w, n,
+										      (const uint8_t *)sc, sizeof(float), acc_want, m);
+						check(!memcmp(out, want, sizeof *out * g * n),
+						      "%s lut_dot_i8_group bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
+						check(!memcmp(acc, acc_want, sizeof *acc * g * m),
+						      "%s lut_axpy_i16_group bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
+						unguard(codes, cb), unguard(sc, sizeof(float) * n), unguard(q, (size_t)g * m);
+						unguard(hs, sizeof *hs * g), unguard(w, sizeof *w * g * n);
+						unguard(out, sizeof *out * g * n), unguard(acc, sizeof *acc * g * m);
+					}
+		fflush(stdout);
+		_exit(0);
+	}
+	if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+		check(0, "%s: its process %s", k->name, pid < 0 ? "could not start" : "died (a read past an input?)");
 }
 
 /* Rows past a few hundred codes, which a vector version may work through in passes (AVX2 widens the
@@ -1099,7 +1207,7 @@ static void integer_lookups_equal_scalar_on_long_rows(const struct kvp_kernels *
 
 	for (unsigned bits = 1; bits <= 4; bits++)
 		for (size_t a = 0; a < COUNT(lengths); a++)
-			lut_int_case(k, bits, lengths[a], 5, 5, 1);
+			lut_int_case(k, bits, lengths[a], 5, 5, 1, 0);
 }
 
 /* ---- masked rows (mask_expand) against the scalar reference, bit for bit ---- */
@@ -1238,7 +1346,7 @@ static void band_norms_is_bit_identical_to_scalar_in_both_layouts(const struct k
 
 static const struct kvp_kernels *best_here(void)
 {
-	static const char *const order[] = { "avx512", "avx2", "neon", "scalar" };
+	static const char *const order[] = { "avx512", "avx2", "neon-dotprod", "neon", "scalar" };
 	const struct kvp_kernels *k = NULL;
 
 	for (size_t i = 0; !k && i < COUNT(order); i++)
@@ -1259,6 +1367,7 @@ static void dispatch_returns_null_for_unknown_or_foreign_names(void)
 	check(kvp_kernels_named("AVX2") == NULL, "kvp_kernels_named(\"AVX2\") is not NULL");
 #if defined(__x86_64__)
 	check(kvp_kernels_named("neon") == NULL, "kvp_kernels_named(\"neon\") is not NULL");
+	check(kvp_kernels_named("neon-dotprod") == NULL, "kvp_kernels_named(\"neon-dotprod\") is not NULL");
 	check(kvp_kernels_named("AVX512") == NULL, "kvp_kernels_named(\"AVX512\") is not NULL");
 	check(kvp_kernels_named("avx512f") == NULL, "kvp_kernels_named(\"avx512f\") is not NULL");
 #elif defined(__aarch64__)
@@ -1269,7 +1378,7 @@ static void dispatch_returns_null_for_unknown_or_foreign_names(void)
 
 static void dispatch_tables_are_complete_and_named_for_their_name(void)
 {
-	static const char *const names[] = { "scalar", "avx2", "avx512", "neon" };
+	static const char *const names[] = { "scalar", "avx2", "avx512", "neon", "neon-dotprod" };
 
 	for (size_t i = 0; i < COUNT(names); i++) {
 		const struct kvp_kernels *k = kvp_kernels_named(names[i]);
@@ -1279,7 +1388,9 @@ static void dispatch_tables_are_complete_and_named_for_their_name(void)
 		check(!strcmp(k->name, names[i]), "%s is named %s", names[i], k->name);
 		check(k->dot_f32 && k->dot_f16 && k->axpy_f32 && k->axpy_f16 && k->f32_to_f16 &&
 			  k->f16_to_f32 && k->softmax_step && k->scale && k->lut_dot && k->lut_axpy &&
-			  k->lut_dot_group && k->lut_axpy_group && k->mask_expand && k->band_norms, "%s has an empty slot", names[i]);
+			  k->lut_dot_group && k->lut_axpy_group && k->lut_dot_i8_group && k->lut_axpy_i16_group &&
+			  k->dot_f16_group && k->axpy_f16_group && k->mask_expand && k->band_norms,
+		      "%s has an empty slot", names[i]);
 	}
 }
 
@@ -1307,6 +1418,43 @@ static void dispatch_falls_back_to_the_best_for_an_unknown_kvp_kernels(void)
 	check(setenv("KVP_KERNELS", "sse9", 1) == 0, "setenv");
 	check(kvp_kernels() == best_here(), "chose %s, best is %s",
 		  kvp_kernels()->name, best_here()->name);
+}
+
+#if defined(__aarch64__)
+/* The dot product (sdot), asked of the kernel directly rather than through dispatch.c's own probe. */
+static int dotprod_here(void)
+{
+	return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+}
+#endif
+
+/* KVP_KERNELS=neon picks the plain NEON table even where the CPU has the dot product (neon-dotprod would
+ * be the best); where NEON does not run, it falls back to the best that does. */
+static void dispatch_honours_kvp_kernels_neon_where_neon_dotprod_runs_too(void)
+{
+	check(setenv("KVP_KERNELS", "neon", 1) == 0, "setenv");
+#if defined(__aarch64__)
+	check(kvp_kernels() == &kvp_kernels_neon, "chose %s, not neon", kvp_kernels()->name);
+#else
+	check(kvp_kernels() == best_here(), "chose %s, best is %s", kvp_kernels()->name, best_here()->name);
+#endif
+}
+
+/* KVP_KERNELS=neon-dotprod picks that table where the CPU has the dot product, and anywhere else falls back
+ * to the best table that runs (neon on an ARM CPU without it). */
+static void dispatch_honours_kvp_kernels_neon_dotprod_where_the_cpu_has_the_dot_product(void)
+{
+	check(setenv("KVP_KERNELS", "neon-dotprod", 1) == 0, "setenv");
+#if defined(__aarch64__)
+	if (dotprod_here()) {
+		check(kvp_kernels() == &kvp_kernels_neon_dotprod, "chose %s, not neon-dotprod", kvp_kernels()->name);
+		check(!strcmp(kvp_kernels()->name, "neon-dotprod"), "the table is named %s", kvp_kernels()->name);
+		return;
+	}
+	check(kvp_kernels_named("neon-dotprod") == NULL, "neon-dotprod is named although the CPU cannot run it");
+	check(kvp_kernels() == &kvp_kernels_neon, "chose %s, not neon", kvp_kernels()->name);
+#endif
+	check(kvp_kernels() == best_here(), "chose %s, best is %s", kvp_kernels()->name, best_here()->name);
 }
 
 #if defined(__x86_64__)
@@ -1359,7 +1507,9 @@ static void dispatch_picks_the_best_the_cpu_runs_without_kvp_kernels(void)
 	else if (avx2)
 		check(!strcmp(kvp_kernels()->name, "avx2"), "chose %s, not avx2", kvp_kernels()->name);
 #elif defined(__aarch64__)
-	check(!strcmp(kvp_kernels()->name, "neon"), "chose %s, not neon", kvp_kernels()->name);
+	const char *want = dotprod_here() ? "neon-dotprod" : "neon";
+
+	check(!strcmp(kvp_kernels()->name, want), "chose %s, not %s", kvp_kernels()->name, want);
 #endif
 }
 
@@ -1472,6 +1622,8 @@ static const struct test own_process_tests[] = {
 	TEST(dispatch_honours_kvp_kernels_scalar),
 	TEST(dispatch_honours_kvp_kernels_naming_a_vector_table),
 	TEST(dispatch_honours_kvp_kernels_avx512),
+	TEST(dispatch_honours_kvp_kernels_neon_where_neon_dotprod_runs_too),
+	TEST(dispatch_honours_kvp_kernels_neon_dotprod_where_the_cpu_has_the_dot_product),
 	TEST(dispatch_falls_back_to_the_best_for_an_unknown_kvp_kernels),
 	TEST(dispatch_picks_the_best_the_cpu_runs_without_kvp_kernels),
 	TEST(dispatch_chooses_once_per_process),
@@ -1511,6 +1663,8 @@ static const struct vector_test vector_tests[] = {
 	TEST(integer_lookups_equal_scalar_for_every_width_group_and_length),
 	TEST(integer_lookups_equal_scalar_on_unaligned_pointers),
 	TEST(integer_lookups_equal_scalar_on_long_rows),
+	TEST(integer_lookups_equal_scalar_at_the_ends_of_their_ranges),
+	TEST(integer_lookups_read_nothing_past_their_inputs),
 	TEST(mask_expand_matches_scalar_bit_for_bit_on_odd_lengths),
 	TEST(mask_expand_matches_scalar_on_unaligned_pointers),
 	TEST(band_norms_is_bit_identical_to_scalar_in_both_layouts),
@@ -1574,7 +1728,7 @@ static void run_vector_tests(const char *table)
 
 int main(void)
 {
-	static const char *const vector_tables[] = { "avx2", "avx512", "neon" };
+	static const char *const vector_tables[] = { "avx2", "avx512", "neon", "neon-dotprod" };
 
 	tally = mmap(NULL, sizeof *tally, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	if (tally == MAP_FAILED) {
