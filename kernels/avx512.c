@@ -698,24 +698,39 @@ struct int_regs {
 	__m512i spread, shifts, tab8, tab16;
 };
 
+/* Byte i of a spread or shift vector for width b, written out by the preprocessor as constant data. */
+#define SPREAD(b, i) (char)(((i) / 8) * (b) + (i) % 8)
+#define SHIFT(b, i) (char)(((i) % 8) * (b))
+#define BYTES8(F, b, i) F(b, i), F(b, i + 1), F(b, i + 2), F(b, i + 3), F(b, i + 4), F(b, i + 5), F(b, i + 6), F(b, i + 7)
+#define BYTES64(F, b)                                                                                         \
+	{ BYTES8(F, b, 0), BYTES8(F, b, 8), BYTES8(F, b, 16), BYTES8(F, b, 24), BYTES8(F, b, 32), BYTES8(F, b, 40), \
+	  BYTES8(F, b, 48), BYTES8(F, b, 56) }
+
+static const char spread_of[5][64] = { { 0 }, BYTES64(SPREAD, 1), BYTES64(SPREAD, 2), BYTES64(SPREAD, 3),
+					BYTES64(SPREAD, 4) };
+static const char iota[64] = BYTES64(SPREAD, 8);
+static const char shift_of[5][64] = { { 0 }, BYTES64(SHIFT, 1), BYTES64(SHIFT, 2), BYTES64(SHIFT, 3),
+				       BYTES64(SHIFT, 4) };
+
+/* The tables repeat the 1 << bits entries of lut across the register: an index i reads lut[i % 2^bits].
+ * Keys' bytes are stored + 128: vpdpbusd multiplies unsigned bytes, and callers subtract 128 * sum(q). */
 INLINE struct int_regs int_regs(unsigned bits, const int8_t *lut8, const int16_t *lut16, int bias)
 {
-	int8_t spread[64], shifts[64], tab8[64];
-	int16_t tab16[32];
+	const unsigned levels = 1u << bits;
+	const __m512i iota8 = _mm512_loadu_si512(iota), period = _mm512_set1_epi8((char)(levels - 1));
 	struct int_regs r;
 
-	for (unsigned i = 0; i < 64; i++) {
-		spread[i] = (int8_t)((i / 8) * bits + i % 8);
-		shifts[i] = (int8_t)((i % 8) * bits);
-		/* keys: vpdpbusd multiplies unsigned bytes, so the table is stored +128 and callers subtract */
-		tab8[i] = lut8 ? (int8_t)(lut8[i & ((1u << bits) - 1)] + bias) : 0;
-	}
-	for (unsigned i = 0; i < 32; i++)
-		tab16[i] = lut16 ? lut16[i & ((1u << bits) - 1)] : 0;
-	r.spread = _mm512_loadu_si512(spread);
-	r.shifts = _mm512_loadu_si512(shifts);
-	r.tab8 = _mm512_loadu_si512(tab8);
-	r.tab16 = _mm512_loadu_si512(tab16);
+	r.spread = _mm512_loadu_si512(spread_of[bits]);
+	r.shifts = _mm512_loadu_si512(shift_of[bits]);
+	r.tab8 = r.tab16 = _mm512_setzero_si512();
+	if (lut8)
+		r.tab8 = _mm512_add_epi8(_mm512_permutexvar_epi8(_mm512_and_si512(iota8, period),
+								 _mm512_maskz_loadu_epi8(((__mmask64)1 << levels) - 1, lut8)),
+					 _mm512_set1_epi8((char)bias));
+	if (lut16)
+		r.tab16 = _mm512_permutexvar_epi16(_mm512_and_si512(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(iota8)),
+								    _mm512_set1_epi16((short)(levels - 1))),
+						   _mm512_maskz_loadu_epi16((__mmask32)((1u << levels) - 1), lut16));
 	return r;
 }
 
@@ -756,48 +771,80 @@ INLINE int32_t sum_i8(const int8_t *q, unsigned m)
 }
 
 /*
+ * Sixteen rows' sums, R[k] holding rows 4k..4k+3 as [row][head], become one vector per head, H[h] holding
+ * rows 0..15: two rounds of two-source permutes, eight in all.
+ */
+INLINE void rows_to_heads(const __m512i R[4], __m512i H[4])
+{
+	const __m512i pick01 = _mm512_set_epi32(29, 25, 21, 17, 13, 9, 5, 1, 28, 24, 20, 16, 12, 8, 4, 0);
+	const __m512i pick23 = _mm512_set_epi32(31, 27, 23, 19, 15, 11, 7, 3, 30, 26, 22, 18, 14, 10, 6, 2);
+	const __m512i low = _mm512_set_epi32(23, 22, 21, 20, 19, 18, 17, 16, 7, 6, 5, 4, 3, 2, 1, 0);
+	const __m512i high = _mm512_set_epi32(31, 30, 29, 28, 27, 26, 25, 24, 15, 14, 13, 12, 11, 10, 9, 8);
+	const __m512i a = _mm512_permutex2var_epi32(R[0], pick01, R[1]), b = _mm512_permutex2var_epi32(R[0], pick23, R[1]);
+	const __m512i c = _mm512_permutex2var_epi32(R[2], pick01, R[3]), d = _mm512_permutex2var_epi32(R[2], pick23, R[3]);
+
+	H[0] = _mm512_permutex2var_epi32(a, low, c);
+	H[1] = _mm512_permutex2var_epi32(a, high, c);
+	H[2] = _mm512_permutex2var_epi32(b, low, d);
+	H[3] = _mm512_permutex2var_epi32(b, high, d);
+}
+
+/*
  * hn <= 4 heads (a constant once inlined; the accumulators are named so that they stay in registers):
  * each row's 64-code chunks are looked up once, as unsigned bytes (lut + 128), and multiplied into every
- * head's sum by vpdpbusd; 128 * sum(q) comes off each head's total at the end. Query lanes past m are
- * loaded as zeros, so the stray lanes of a row's last chunk add nothing.
+ * head's sum by vpdpbusd; 128 * sum(q) comes off each head's total. Query lanes past m are loaded as
+ * zeros, so the stray lanes of a row's last chunk add nothing. A row's four sums are kept, with its
+ * scale, until sixteen rows are done; their float steps then run sixteen rows per instruction.
  */
 INLINE void dot_i8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			 const struct int_regs *r, const int8_t *q, size_t qs, const float *head_scale,
 			 const uint8_t *row_scale, size_t scale_stride, float *out, size_t os)
 {
 	const int8_t *q0 = q, *q1 = q + qs, *q2 = q1 + qs, *q3 = q2 + qs;
-	int32_t bias[4] = { 0, 0, 0, 0 };
-	float hs[4] = { 0, 0, 0, 0 }, s[4];
+	int32_t bias[4] = { 0, 0, 0, 0 }, sums[16 * 4];
+	float scale[16];
 	__m128i bias4;
-	__m128 hs4;
 
 	for (unsigned h = 0; h < hn; h++)
-		bias[h] = 128 * sum_i8(q + h * qs, m), hs[h] = head_scale[h];
+		bias[h] = 128 * sum_i8(q + h * qs, m);
 	bias4 = _mm_loadu_si128((const __m128i *)bias);
-	hs4 = _mm_loadu_ps(hs);
-	for (unsigned i = 0; i < n; i++) {
-		const uint8_t *row = codes + (size_t)i * stride;
-		__m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+	for (unsigned i0 = 0; i0 < n; i0 += 16) {
+		const unsigned rows = n - i0 < 16 ? n - i0 : 16;
+		__m512i R[4], H[4];
 
-		for (unsigned j = 0; j < m; j += 64) {
-			const unsigned k = m - j < 64 ? m - j : 64;
-			const __mmask64 in = tail64(k);
-			const __m512i x = _mm512_permutexvar_epi8(code_bytes(bits, row, j, k, r), r->tab8);
+		for (unsigned t = 0; t < rows; t++) {
+			const uint8_t *row = codes + (size_t)(i0 + t) * stride;
+			__m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
 
-			a0 = _mm512_dpbusd_epi32(a0, x, _mm512_maskz_loadu_epi8(in, q0 + j));
-			if (hn > 1)
-				a1 = _mm512_dpbusd_epi32(a1, x, _mm512_maskz_loadu_epi8(in, q1 + j));
-			if (hn > 2)
-				a2 = _mm512_dpbusd_epi32(a2, x, _mm512_maskz_loadu_epi8(in, q2 + j));
-			if (hn > 3)
-				a3 = _mm512_dpbusd_epi32(a3, x, _mm512_maskz_loadu_epi8(in, q3 + j));
+			for (unsigned j = 0; j < m; j += 64) {
+				const unsigned k = m - j < 64 ? m - j : 64;
+				const __mmask64 in = tail64(k);
+				const __m512i x = _mm512_permutexvar_epi8(code_bytes(bits, row, j, k, r), r->tab8);
+
+				a0 = _mm512_dpbusd_epi32(a0, x, _mm512_maskz_loadu_epi8(in, q0 + j));
+				if (hn > 1)
+					a1 = _mm512_dpbusd_epi32(a1, x, _mm512_maskz_loadu_epi8(in, q1 + j));
+				if (hn > 2)
+					a2 = _mm512_dpbusd_epi32(a2, x, _mm512_maskz_loadu_epi8(in, q2 + j));
+				if (hn > 3)
+					a3 = _mm512_dpbusd_epi32(a3, x, _mm512_maskz_loadu_epi8(in, q3 + j));
+			}
+			_mm_storeu_si128((__m128i *)(sums + 4 * t), _mm_sub_epi32(hsum4_epi32(a0, a1, a2, a3), bias4));
+			scale[t] = kvp_load_f32(row_scale + (size_t)(i0 + t) * scale_stride);
 		}
+		if (rows < 16) /* the missing rows' lanes are never stored; zeros keep them defined */
+			memset(sums + 4 * rows, 0, sizeof(int32_t) * 4 * (16 - rows));
+		for (unsigned k = 0; k < 4; k++)
+			R[k] = _mm512_loadu_si512(sums + 16 * k);
+		rows_to_heads(R, H);
 		/* ((float)S * head scale) * row scale, rounded step by step as the scalar reference does */
-		_mm_storeu_ps(s, _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(hsum4_epi32(a0, a1, a2, a3), bias4)),
-						       hs4),
-					    _mm_set1_ps(kvp_load_f32(row_scale + i * scale_stride))));
-		for (unsigned h = 0; h < hn; h++)
-			out[h * os + i] += s[h];
+		for (unsigned h = 0; h < hn; h++) {
+			const __mmask16 keep = tail16(rows);
+			float *o = out + h * os + i0;
+			__m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(H[h]), _mm512_set1_ps(head_scale[h])),
+						 _mm512_maskz_loadu_ps(keep, scale));
+			_mm512_mask_storeu_ps(o, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, o), v));
+		}
 	}
 }
 
@@ -847,13 +894,7 @@ INLINE void values16(unsigned bits, const uint8_t *row, unsigned j, unsigned k, 
 	*hi = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(c, 1)), r->tab16);
 }
 
-/* Weights i and i+1 of a head as one int32 (i in the low half); a missing second row weighs 0. */
-INLINE __m512i weight_pair(const int16_t *w, unsigned i, unsigned n)
-{
-	uint32_t lo = (uint16_t)w[i], hi = i + 1 < n ? (uint16_t)w[i + 1] : 0;
 
-	return _mm512_set1_epi32((int)(lo | hi << 16));
-}
 
 /* acc[0..k) += f * the 32-column chunk's sums held as lo and hi (see axpy_i16_heads), k <= 32. */
 INLINE void add_columns(float *acc, unsigned k, float f, __m512i lo, __m512i hi)
@@ -899,7 +940,7 @@ INLINE float weights_i16(unsigned n, const float *w, const float *scale, float u
 /* One head's step: the pair of weights against the four unpacked vectors d0..d3. */
 #define AXPY_HEAD(wrow, a0, a1, a2, a3)                                 \
 	do {                                                            \
-		const __m512i wp = weight_pair((wrow), i, n);           \
+		const __m512i wp = _mm512_set1_epi32((wrow)[i / 2]);   \
 		a0 = _mm512_dpwssd_epi32(a0, d0, wp);                   \
 		a1 = _mm512_dpwssd_epi32(a1, d1, wp);                   \
 		a2 = _mm512_dpwssd_epi32(a2, d2, wp);                   \
@@ -916,12 +957,19 @@ INLINE void axpy_i16_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, c
 			   size_t stride, const struct int_regs *r, float unit, const float *w, size_t ws,
 			   const float *scale, float *acc, size_t as)
 {
-	int16_t w16[4][KVP_AXPY_I16_ROWS];
-	const int16_t *w0 = w16[0], *w1 = w16[1], *w2 = w16[2], *w3 = w16[3];
+	/* each head's weights as int16, then as pairs: rows 2p and 2p+1 in one int32 (the first low), a
+	 * missing last row weighing 0, which vpdpwssd takes straight from memory */
+	int16_t w16[4][KVP_AXPY_I16_ROWS + 1];
+	int32_t pairs[4][KVP_AXPY_I16_ROWS / 2];
+	const int32_t *w0 = pairs[0], *w1 = pairs[1], *w2 = pairs[2], *w3 = pairs[3];
 	float f[4];
 
-	for (unsigned h = 0; h < hn; h++)
+	for (unsigned h = 0; h < hn; h++) {
 		f[h] = weights_i16(n, w + h * ws, scale, unit, w16[h]);
+		w16[h][n] = 0;
+		for (unsigned p = 0; p < (n + 1) / 2; p++)
+			pairs[h][p] = (int32_t)((uint32_t)(uint16_t)w16[h][2 * p] | (uint32_t)(uint16_t)w16[h][2 * p + 1] << 16);
+	}
 
 	for (unsigned j = 0; j < m; j += 64) {
 		const unsigned k = m - j < 64 ? m - j : 64;

@@ -110,18 +110,17 @@ static int cold_group_fits(const struct stream_attention *a, const struct kvp_bl
 }
 
 /*
- * The start of the next cold block's keys is asked for while this block's keys are scored, of its values
- * while these values are summed: a block is a separate allocation, where the hardware prefetcher starts
- * over, and without this every block would begin with a wait on memory. A few lines are enough for the
- * prefetcher to take up the rest; asking for all of them at once stalls on the core's line-fill buffers.
+ * A block is a separate allocation, where the hardware prefetcher starts over: without help every block
+ * would begin with a wait on memory. So this block's values are asked for while its keys are scored, and
+ * the next block's keys while these values are summed; a few lines each, which the prefetcher takes up
+ * (asking for whole blocks at once stalls on the core's line-fill buffers instead).
  */
 #define COLD_AHEAD 512
 static void block_cold_group(struct stream_attention *a, const struct kvp_block *b, const struct kvp_block *next)
 {
 	const int ahead = next && next->store == KVP_STORE_CODEC && next->level == b->level;
 
-	if (ahead)
-		kvp_prefetch_span(next->k, 0, COLD_AHEAD);
+	kvp_prefetch_span(b->v, 0, COLD_AHEAD);
 	a->k->ops->dot_group(a->k, a->k_ctx, b->n, b->k, a->group, a->qprep, a->scores);
 	a->kern->scale(a->group * b->n, a->scale, a->scores);
 	for (uint32_t h = 0; h < a->group; h++) {
@@ -130,7 +129,7 @@ static void block_cold_group(struct stream_attention *a, const struct kvp_block 
 			rescale(a, h, f);
 	}
 	if (ahead)
-		kvp_prefetch_span(next->v, 0, COLD_AHEAD);
+		kvp_prefetch_span(next->k, 0, COLD_AHEAD);
 	a->v->ops->axpy_group(a->v, a->v_ctx, b->n, b->v, a->group, a->scores, a->cold_acc);
 	a->seen += b->n;
 }
