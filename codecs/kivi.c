@@ -60,20 +60,26 @@ struct kivi {
 	size_t stride; /* bytes of one group of G tokens (channel) or of one token (token) */
 };
 
-/* Heads of a GQA group whose weights the group paths prepare at once. */
-#define HEADS 8
+/* Heads of a GQA group whose weights the group paths prepare at once (the kernels take them four at a time). */
+#define HEADS 4
 /* Key groups whose scalars dot converts at once. */
-#define GROUPS 8
+#define GROUPS 2
 /* Tokens per pass of the per-token paths: their per-token weights live on the stack. */
 #define SLICE 128
 /* fp16 scalars of one pass of the per-token paths (z and s of each channel group of each token). */
 #define SLICE_SCALARS 1024
 
 /*
- * c->scratch, rows of dim: floats zf, sf (z and s per channel), lo, hi, bad (encode's ranges), ws (HEADS
- * rows: queries or weights times the scales), zs (2 GROUPS rows: dot's z and s of GROUPS key groups), then
- * words (uint32: eight codes of each channel), h16 (2 GROUPS rows of fp16), codes (8 rows of bytes).
+ * c->scratch, in rows of dim floats; regions that no call uses together overlap:
+ *   0 zf, 1 sf              z and s per channel (encode, decode, axpy per channel)
+ *   2-4 lo, hi, bad         encode's ranges (encode per token: every group's lo, hi, bad, z, s in 2-4)
+ *   2-5 ws                  HEADS rows: queries or weights times the scales (dot, axpy)
+ *   6-9 zs                  2 GROUPS rows: dot's z and s of GROUPS key groups
+ *   6 words, 7-8 codes      encode and decode: eight codes of each channel as a word, 8 rows of code bytes
+ *   10-11 h16               2 GROUPS rows of fp16 scalars
  */
+#define SCRATCH_ROWS 12
+
 struct kivi_scratch {
 	float *zf, *sf, *lo, *hi, *bad, *ws, *zs;
 	uint32_t *words;
@@ -81,23 +87,17 @@ struct kivi_scratch {
 	uint8_t *codes;
 };
 
-static size_t scratch_bytes(unsigned dim)
-{
-	return (size_t)dim * ((5 + HEADS + 2 * GROUPS) * sizeof(float) + sizeof(uint32_t) +
-			      2 * GROUPS * sizeof(uint16_t) + 8);
-}
-
 static struct kivi_scratch scratch_of(const struct kvp_codec *c)
 {
 	const size_t d = c->dim;
 	float *f = c->scratch;
 	struct kivi_scratch s;
 
-	s.zf = f, s.sf = f + d, s.lo = f + 2 * d, s.hi = f + 3 * d, s.bad = f + 4 * d, s.ws = f + 5 * d;
-	s.zs = s.ws + HEADS * d;
-	s.words = (uint32_t *)(s.zs + 2 * GROUPS * d);
-	s.h16 = (uint16_t *)(s.words + d);
-	s.codes = (uint8_t *)(s.h16 + 2 * GROUPS * d);
+	s.zf = f, s.sf = f + d, s.lo = f + 2 * d, s.hi = f + 3 * d, s.bad = f + 4 * d;
+	s.ws = f + 2 * d, s.zs = f + (2 + HEADS) * d;
+	s.words = (uint32_t *)s.zs;
+	s.codes = (uint8_t *)(s.zs + d);
+	s.h16 = (uint16_t *)(s.zs + 2 * GROUPS * d);
 	return s;
 }
 
@@ -137,7 +137,7 @@ static kvp_status kivi_open(struct kvp_codec *c, struct kvp_args *args, unsigned
 		c->qprep_bytes = sizeof(float) * dim;
 		c->acc_dim = dim;
 	}
-	c->scratch_bytes = scratch_bytes(dim);
+	c->scratch_bytes = SCRATCH_ROWS * sizeof(float) * dim;
 	c->state = k;
 	return KVP_OK;
 }
@@ -633,8 +633,8 @@ static kvp_status encode_token(const struct kvp_codec *c, const struct kivi_scra
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct kivi *k = c->state;
 	const unsigned d = c->dim, ng = k->ng;
-	/* per channel group (ng <= dim of them): ranges in lo, hi, bad; z and s in ws */
-	float *lo = w->lo, *hi = w->hi, *bad = w->bad, *zg = w->ws, *sg = w->ws + ng;
+	/* per channel group (ng <= dim of them): five rows of ng in scratch rows 2-4 */
+	float *lo = w->lo, *hi = lo + ng, *bad = hi + ng, *zg = bad + ng, *sg = zg + ng;
 
 	for (unsigned g = 0; g < ng; g++) {
 		const unsigned j0 = g * k->g, m = d - j0 < k->g ? d - j0 : k->g;
@@ -693,7 +693,7 @@ static kvp_status kivi_encode(const struct kvp_codec *c, const void *ctx, unsign
 static void token_scalars(const struct kvp_kernels *kern, const struct kivi *k, unsigned d,
 			  const struct kivi_scratch *w, const unsigned char *p)
 {
-	float *zs = w->ws; /* z[ng] then s[ng] */
+	float *zs = w->lo; /* z[ng] then s[ng] */
 
 	load16_row(kern, 2 * k->ng, p, w->h16, zs);
 	for (unsigned g = 0; g < k->ng; g++) {
@@ -798,17 +798,12 @@ static void slice_scalars(const struct kvp_kernels *kern, const struct kivi *k, 
 			  const unsigned char *p, float *zs)
 {
 	uint16_t h16[SLICE_SCALARS];
-	float f[SLICE_SCALARS];
 	const unsigned per = 2 * k->ng;
 
-	/* a token's scalars are 4 ng bytes: fixed-size copies, not a call per token */
 	for (unsigned i = 0; i < cn; i++, p += k->stride)
-		for (unsigned e = 0; e < per; e += 2)
-			memcpy(h16 + (size_t)i * per + e, p + 2 * e, 2 * sizeof(uint16_t));
-	kern->f16_to_f32((size_t)cn * per, h16, f);
-	for (unsigned e = 0; e < per; e++)
-		for (unsigned i = 0; i < cn; i++)
-			zs[(size_t)e * cn + i] = f[(size_t)i * per + e];
+		for (unsigned e = 0; e < per; e++)
+			memcpy(h16 + (size_t)e * cn + i, p + 2 * e, sizeof(uint16_t));
+	kern->f16_to_f32((size_t)cn * per, h16, zs);
 }
 
 /* Tokens per pass of the per-token paths: as many as SLICE_SCALARS and SLICE allow, at least one. */
