@@ -625,8 +625,68 @@ static kvp_status encode_group(const struct kvp_codec *c, const struct kivi_scra
 	return KVP_OK;
 }
 
-/* One value token: each channel group's range in BLOCK lanes, the token's z and s rounded to fp16
- * together, expanded per channel, then the token's row of codes. */
+/* Lanes [0, w) take the range of lanes [w, 2w) too. */
+static inline __attribute__((always_inline)) void fold(unsigned w, float *restrict lo, float *restrict hi,
+						       float *restrict bad)
+{
+	for (unsigned l = 0; l < w; l++) {
+		lo[l] = lo[l + w] < lo[l] ? lo[l + w] : lo[l];
+		hi[l] = hi[l + w] > hi[l] ? hi[l + w] : hi[l];
+		bad[l] += bad[l + w];
+	}
+}
+
+/* The range of m values: BLOCK lanes, folded to one (the same min and max as in any order: zeros are made
+ * +0 afterwards), NaN in *bad when a value is not finite. */
+static void range_of(unsigned m, const float *x, float *lo, float *hi, float *bad)
+{
+	float l16[BLOCK], h16[BLOCK], b16[BLOCK] = { 0 };
+	unsigned j = BLOCK;
+
+	if (m < BLOCK) {
+		float l = x[0], h = x[0], b = 0.0f;
+		for (j = 0; j < m; j++) {
+			l = x[j] < l ? x[j] : l;
+			h = x[j] > h ? x[j] : h;
+			b += x[j] * 0.0f;
+		}
+		*lo = l, *hi = h, *bad = b;
+		return;
+	}
+	memcpy(l16, x, sizeof l16);
+	memcpy(h16, x, sizeof h16);
+	range16(l16, h16, b16, x); /* the first block's values against themselves: only bad changes */
+	for (; j + BLOCK <= m; j += BLOCK)
+		range16(l16, h16, b16, x + j);
+	fold(8, l16, h16, b16), fold(4, l16, h16, b16), fold(2, l16, h16, b16), fold(1, l16, h16, b16);
+	for (; j < m; j++) {
+		l16[0] = x[j] < l16[0] ? x[j] : l16[0];
+		h16[0] = x[j] > h16[0] ? x[j] : h16[0];
+		b16[0] += x[j] * 0.0f;
+	}
+	*lo = l16[0], *hi = h16[0], *bad = b16[0];
+}
+
+static void codes16_of(uint8_t *restrict c, const float *restrict x, float z, float s, float top)
+{
+	for (unsigned l = 0; l < BLOCK; l++)
+		c[l] = (uint8_t)(int)code_of(x[l], z, s, top);
+}
+
+/* codes_of for m values against one z and s */
+static void codes_against(unsigned bits, unsigned m, const float *x, float z, float s, uint8_t *codes)
+{
+	const float top = (float)((1u << bits) - 1);
+	unsigned j = 0;
+
+	for (; j + BLOCK <= m; j += BLOCK)
+		codes16_of(codes + j, x + j, z, s, top);
+	for (; j < m; j++)
+		codes[j] = (uint8_t)(int)code_of(x[j], z, s, top);
+}
+
+/* One value token: each channel group's range, the token's z and s rounded to fp16 together, then the
+ * token's codes, group by group, and its row. */
 static kvp_status encode_token(const struct kvp_codec *c, const struct kivi_scratch *w, const float *x,
 			       unsigned char *p)
 {
@@ -637,22 +697,8 @@ static kvp_status encode_token(const struct kvp_codec *c, const struct kivi_scra
 	float *lo = w->lo, *hi = lo + ng, *bad = hi + ng, *zg = bad + ng, *sg = zg + ng;
 
 	for (unsigned g = 0; g < ng; g++) {
-		const unsigned j0 = g * k->g, m = d - j0 < k->g ? d - j0 : k->g;
-		float lanes_lo[BLOCK], lanes_hi[BLOCK], lanes_bad[BLOCK] = { 0 };
-		unsigned j = 0;
-
-		for (unsigned r = 0; r < BLOCK; r++)
-			lanes_lo[r] = lanes_hi[r] = x[j0];
-		for (; j + BLOCK <= m; j += BLOCK)
-			range16(lanes_lo, lanes_hi, lanes_bad, x + j0 + j);
-		for (; j < m; j++) /* into lane 0, which the reduction below keeps */
-			range_row(1, lanes_lo, lanes_hi, lanes_bad, x + j0 + j);
-		for (unsigned r = 1; r < BLOCK; r++) {
-			range_row(1, lanes_lo, lanes_hi, lanes_bad, &lanes_lo[r]);
-			range_row(1, lanes_lo, lanes_hi, lanes_bad, &lanes_hi[r]);
-			lanes_bad[0] += lanes_bad[r];
-		}
-		lo[g] = lanes_lo[0], hi[g] = lanes_hi[0], bad[g] = lanes_bad[0];
+		const unsigned j0 = g * k->g;
+		range_of(d - j0 < k->g ? d - j0 : k->g, x + j0, &lo[g], &hi[g], &bad[g]);
 	}
 	canonical_zeros(ng, lo, hi);
 	memcpy(zg, lo, sizeof(float) * ng);
@@ -663,11 +709,9 @@ static kvp_status encode_token(const struct kvp_codec *c, const struct kivi_scra
 		if (!scalars_fine(lo[g], hi[g], bad[g], zg[g], sg[g]))
 			return encode_token_reference(k, d, x, p);
 	for (unsigned g = 0; g < ng; g++) {
-		const unsigned j0 = g * k->g, m = d - j0 < k->g ? d - j0 : k->g;
-		fill(m, w->zf + j0, zg[g]);
-		fill(m, w->sf + j0, sg[g]);
+		const unsigned j0 = g * k->g;
+		codes_against(k->bits, d - j0 < k->g ? d - j0 : k->g, x + j0, zg[g], sg[g], w->codes + j0);
 	}
-	codes_of(k->bits, d, x, w->zf, w->sf, w->codes);
 	pack(k->bits, d, w->codes, p + 4 * ng);
 	return KVP_OK;
 }
