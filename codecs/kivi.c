@@ -814,17 +814,16 @@ static void dot_channel(const struct kvp_codec *c, unsigned n, const unsigned ch
 		const unsigned an = groups - a < GROUPS ? groups - a : GROUPS;
 		float zq[HEADS * GROUPS];
 
-		/* z rows of the an groups, then their s rows */
+		/* z rows of the an groups, then their s rows; <q, z> straight from fp16 for every head */
 		for (unsigned e = 0; e < an; e++) {
 			memcpy(w.h16 + (size_t)e * d, p + e * k->stride, sizeof(uint16_t) * d);
 			memcpy(w.h16 + (size_t)(an + e) * d, p + e * k->stride + 2 * (size_t)d, sizeof(uint16_t) * d);
 		}
-		kern->f16_to_f32((size_t)2 * an * d, w.h16, w.zs);
-		for (unsigned h = 0; h < hn; h++)
-			kern->dot_f32(d, an, w.zs, qprep + (size_t)h * d, 1.0f, zq + h * an);
+		kern->dot_f16_group(d, an, w.h16, hn, qprep, 1.0f, zq, NULL);
+		kern->f16_to_f32((size_t)an * d, w.h16 + (size_t)an * d, w.zs);
 		for (unsigned e = 0; e < an; e++) {
 			const unsigned i = (a + e) * k->g;
-			const float *sf = w.zs + (size_t)(an + e) * d;
+			const float *sf = w.zs + (size_t)e * d;
 
 			for (unsigned h = 0; h < hn; h++) {
 				mul_rows(d, w.ws + (size_t)h * d, qprep + (size_t)h * d, sf);
@@ -836,18 +835,18 @@ static void dot_channel(const struct kvp_codec *c, unsigned n, const unsigned ch
 	}
 }
 
-/* The z and s of a pass of cn value tokens from p on, planar: zs[g * cn + i] is z of token i's channel group
- * g, zs[(ng + g) * cn + i] its s, so that the loops over tokens below run on contiguous floats. */
-static void slice_scalars(const struct kvp_kernels *kern, const struct kivi *k, unsigned cn,
-			  const unsigned char *p, float *zs)
+/* The z and s of a pass of cn value tokens from p on, as fp16 in h16, planar: h16[g * cn + i] is z of token i's
+ * channel group g, h16[(ng + g) * cn + i] its s, so that the loops over tokens below run on contiguous rows.
+ * Rows from `from` on are converted to floats in zs (from row 0 on at zs). */
+static void slice_scalars(const struct kvp_kernels *kern, const struct kivi *k, unsigned cn, const unsigned char *p,
+			  uint16_t *h16, unsigned from, float *zs)
 {
-	uint16_t h16[SLICE_SCALARS];
 	const unsigned per = 2 * k->ng;
 
 	for (unsigned i = 0; i < cn; i++, p += k->stride)
 		for (unsigned e = 0; e < per; e++)
 			memcpy(h16 + (size_t)e * cn + i, p + 2 * e, sizeof(uint16_t));
-	kern->f16_to_f32((size_t)cn * per, h16, zs);
+	kern->f16_to_f32((size_t)cn * (per - from), h16 + (size_t)from * cn, zs);
 }
 
 /* Tokens per pass of the per-token paths: as many as SLICE_SCALARS and SLICE allow, at least one. */
@@ -864,11 +863,12 @@ static void dot_token(const struct kvp_codec *c, unsigned n, const unsigned char
 	const struct kivi *k = c->state;
 	const unsigned d = c->dim, slice = token_slice(k);
 	float s[SLICE], zs[SLICE_SCALARS];
+	uint16_t h16[SLICE_SCALARS];
 
 	for (unsigned i0 = 0; i0 < n; i0 += slice, p += k->stride * slice, out += slice) {
 		const unsigned cn = n - i0 < slice ? n - i0 : slice;
 
-		slice_scalars(kern, k, cn, p, zs);
+		slice_scalars(kern, k, cn, p, h16, 0, zs);
 		fill(cn, out, 0.0f);
 		for (unsigned g = 0; g < k->ng; g++) {
 			const unsigned j0 = g * k->g, m = d - j0 < k->g ? d - j0 : k->g;
@@ -910,9 +910,9 @@ static void kivi_dot_group(const struct kvp_codec *c, const void *ctx, unsigned 
 
 /*
  * axis=token, hn <= HEADS heads (weights w + h * w_stride, accumulators acc + h * acc_dim): per pass of
- * tokens, each head's sums of w_i z_ig (one dot, rows: the groups' z) go to acc[dim + g], which finish adds
- * to the group's channels; per channel group, weights w_i s_ig for every head, and one lut_axpy_group over
- * the group's channels.
+ * tokens, each head's sums of w_i z_ig (a dot straight from the fp16 z, rows: the channel groups) go to
+ * acc[dim + g], which finish adds to the group's channels; per channel group, weights w_i s_ig for every
+ * head, and one lut_axpy_group over the group's channels.
  */
 static void axpy_token(const struct kvp_codec *c, unsigned n, const unsigned char *p, unsigned hn, const float *w,
 		       size_t w_stride, float *acc)
@@ -920,24 +920,28 @@ static void axpy_token(const struct kvp_codec *c, unsigned n, const unsigned cha
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct kivi *k = c->state;
 	const unsigned d = c->dim, slice = token_slice(k), ng = k->ng;
-	float zs[SLICE_SCALARS], ws[HEADS * SLICE], *wz = scratch_of(c).ws; /* ng */
+	float sc[SLICE_SCALARS / 2], ws[HEADS * SLICE], *wz = scratch_of(c).ws; /* hn rows of ng */
+	uint16_t h16[SLICE_SCALARS];
 
 	for (unsigned i0 = 0; i0 < n; i0 += slice, p += k->stride * slice, w += slice) {
 		const unsigned cn = n - i0 < slice ? n - i0 : slice;
 
-		slice_scalars(kern, k, cn, p, zs);
+		slice_scalars(kern, k, cn, p, h16, ng, sc);
+		if (w_stride == cn) /* the heads' weights are hn rows of cn */
+			kern->dot_f16_group(cn, ng, h16, hn, w, 1.0f, wz, NULL);
+		else
+			for (unsigned h = 0; h < hn; h++)
+				kern->dot_f16(cn, ng, h16, w + h * w_stride, 1.0f, wz + h * ng);
 		for (unsigned h = 0; h < hn; h++) {
 			float *a = acc + (size_t)h * c->acc_dim + d;
-
-			kern->dot_f32(cn, ng, zs, w + h * w_stride, 1.0f, wz);
 			for (unsigned g = 0; g < ng; g++)
-				a[g] += wz[g];
+				a[g] += wz[h * ng + g];
 		}
 		for (unsigned g = 0; g < ng; g++) {
 			const unsigned j0 = g * k->g, m = d - j0 < k->g ? d - j0 : k->g;
 
 			for (unsigned h = 0; h < hn; h++)
-				mul_rows(cn, ws + h * cn, w + h * w_stride, zs + (size_t)(ng + g) * cn);
+				mul_rows(cn, ws + h * cn, w + h * w_stride, sc + (size_t)g * cn);
 			kern->lut_axpy_group(k->bits, m, cn, p + 4 * ng + (size_t)j0 * k->bits / 8, k->stride, integers, hn,
 					     ws, acc + j0, c->acc_dim);
 		}
