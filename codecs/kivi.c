@@ -15,6 +15,7 @@
  * z and s are stored as fp16 (as in the reference, whose cache dtype is fp16), and the codes are computed
  * against the rounded z and s, so decode matches what encode measured. A group whose values are all equal
  * has s = 0 and every code 0: it decodes to z exactly (to the value itself when that is an fp16 number).
+ * A range that ends on a zero ends on +0, whatever the signs of the zeros and their order.
  * Groups whose z or s overflow fp16, or with non-finite values, are rejected with KVP_EINVAL.
  *
  * Layout, codes packed LSB first into rows (code i of a row at bits [i*bits, (i+1)*bits)), zero padded
@@ -31,16 +32,18 @@
  * the row's lookups (rows of 128 2-bit codes); an axpy keeps its sums in registers across rows.
  *   keys (per channel): <q, x_t> = sum_j q_j z_j + sum_j (q_j s_j) code_jt. Per group of G tokens, the
  *     query times the scales, then one lut_axpy over the channels' rows (columns: tokens), for all the
- *     heads of a GQA group at once in dot_group (lut_axpy_group).
+ *     heads of a GQA group at once in dot_group (lut_axpy_group); <q, z> of every head by one dot_f16_group
+ *     on the stored fp16 z.
  *   values (per token): sum_t w_t x_tj = sum_t (w_t s_tg) code_tj + sum_t w_t z_tg over each channel group
  *     g: one lut_axpy (lut_axpy_group for all heads) per channel group with weights w_t s_tg. The sums of
  *     w_t z_tg, one per channel group, accumulate in ng more floats (acc_dim = dim + ng), which finish adds
  *     to the group's channels once per step.
  *   The other two combinations (explicit axis=) run the lookup dot: keys per token one lut_dot per channel
  *   group, values per channel one lut_dot (lut_dot_group) per group of tokens.
- * Tried and measured slower at G=32 (pager attention, d=128, GQA 4): rows of tokens with lut_dot_group
- * (the horizontal sums), and lut_dot_i8_group with the query times the scales in int8 per group (its
- * per-call setup and the quantization, once per 32 tokens, outweigh its cheaper products).
+ * Tried at G=32 (pager attention, d=128, GQA 4) and not kept: key rows of tokens with lut_dot_group (no
+ * faster; about 40% of its time goes to the per-row horizontal sums), and lut_dot_i8_group with the query
+ * times the scales in int8 per group (slower: its per-call setup, and the quantization, come once per 32
+ * tokens and outweigh its cheaper products).
  *
  * Encode and decode run in blocks of fixed size that the compiler vectorizes (ranges over rows of
  * channels, fp16 rounding by the kernels' converters, rounding by adding 1.5 * 2^23, packing eight codes
