@@ -46,9 +46,11 @@
  * tokens and outweigh its cheaper products).
  *
  * Encode and decode run in blocks of fixed size that the compiler vectorizes (ranges over rows of
- * channels, fp16 rounding by the kernels' converters, rounding by adding 1.5 * 2^23, packing eight codes
- * to a word with constant shifts), and give the same bytes and floats as the scalar reference kept below
- * (kvp_kivi_encode_reference, kvp_kivi_decode_reference), which tests/test_kivi.c compares them with.
+ * channels, fp16 rounding by the kernels' converters, rounding by adding 1.5 * 2^23, key codes put into
+ * the channels' rows eight tokens at a time, a token's codes packed eight at a time by shifts within a
+ * 64-bit word; the host is little-endian, as kernels.h's code words take it), and give the same bytes
+ * and floats as the scalar reference kept below (kvp_kivi_encode_reference, kvp_kivi_decode_reference),
+ * which tests/test_kivi.c compares them with.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -296,14 +298,14 @@ kvp_status kvp_kivi_decode_reference(const struct kvp_codec *c, const void *ctx,
  * integers. A larger |v| comes back near v, so clamping it to [0, top] gives what clamping rintf(v) does. */
 #define ROUNDER 12582912.0f
 
-/* The reference's code of x against z and s (0 where s <= 0), as a float in [0, top]. */
+/* The reference's code of x against z and s, as a float in [0, top]. Where s <= 0 the quotient by +inf is a
+ * zero and so the code 0, as the reference has it, without a second branch (which gcc would not vectorize). */
 static inline float code_of(float x, float z, float s, float top)
 {
-	float v = (x - z) / (s > 0.0f ? s : 1.0f), r = (v + ROUNDER) - ROUNDER;
+	float v = (x - z) / (s > 0.0f ? s : INFINITY), r = (v + ROUNDER) - ROUNDER;
 
 	r = r < 0.0f ? 0.0f : r;
-	r = r > top ? top : r;
-	return s > 0.0f ? r : 0.0f;
+	return r > top ? top : r;
 }
 
 static void codes16(uint8_t *restrict c, const float *restrict x, const float *restrict z, const float *restrict s,
@@ -470,6 +472,25 @@ static inline __attribute__((always_inline)) void put_word(uint8_t *p, uint32_t 
 		p[b] = (uint8_t)(w >> (8 * b));
 }
 
+/*
+ * Eight code bytes (a little-endian word of 64 bits, code r in byte r) to the word of 8 b bits that packs
+ * them, and back: three steps that each join (or split) neighbours, pairs of bytes, then of 16-bit lanes,
+ * then of 32-bit halves.
+ */
+static inline __attribute__((always_inline)) uint64_t join8(uint64_t x, unsigned b)
+{
+	x = (x | x >> (8 - b)) & (((1ull << 2 * b) - 1) * 0x0001000100010001ull);
+	x = (x | x >> (16 - 2 * b)) & (((1ull << 4 * b) - 1) * 0x0000000100000001ull);
+	return (x | x >> (32 - 4 * b)) & ((1ull << 8 * b) - 1);
+}
+
+static inline __attribute__((always_inline)) uint64_t split8(uint64_t x, unsigned b)
+{
+	x = (x | x << (32 - 4 * b)) & (((1ull << 4 * b) - 1) * 0x0000000100000001ull);
+	x = (x | x << (16 - 2 * b)) & (((1ull << 2 * b) - 1) * 0x0001000100010001ull);
+	return (x | x << (8 - b)) & (((1ull << b) - 1) * 0x0101010101010101ull);
+}
+
 /* m codes (bytes) into a row, LSB first: blocks of eight as words, the tail code by code. */
 static inline __attribute__((always_inline)) void pack_bits(unsigned bits, unsigned m, const uint8_t *codes,
 							     uint8_t *row)
@@ -477,10 +498,9 @@ static inline __attribute__((always_inline)) void pack_bits(unsigned bits, unsig
 	unsigned j = 0;
 
 	for (; j + 8 <= m; j += 8) {
-		uint32_t w = 0;
-		for (unsigned r = 0; r < 8; r++)
-			w |= (uint32_t)codes[j + r] << (r * bits);
-		put_word(row + j / 8 * bits, w, bits);
+		uint64_t x;
+		memcpy(&x, codes + j, sizeof x);
+		put_word(row + j / 8 * bits, (uint32_t)join8(x, bits), bits);
 	}
 	if (j < m) {
 		memset(row + j / 8 * bits, 0, ((m - j) * bits + 7) / 8);
@@ -492,31 +512,41 @@ static inline __attribute__((always_inline)) void pack_bits(unsigned bits, unsig
 static inline __attribute__((always_inline)) void unpack_bits(unsigned bits, unsigned m, const uint8_t *row,
 							       uint8_t *codes)
 {
-	const uint32_t mask = (1u << bits) - 1;
 	unsigned j = 0;
 
 	for (; j + 8 <= m; j += 8) {
-		uint32_t w = kvp_code_word(row + j / 8 * bits, bits);
-		for (unsigned r = 0; r < 8; r++)
-			codes[j + r] = (uint8_t)((w >> (r * bits)) & mask);
+		uint64_t x = split8(kvp_code_word(row + j / 8 * bits, bits), bits);
+		memcpy(codes + j, &x, sizeof x);
 	}
 	for (; j < m; j++)
 		codes[j] = (uint8_t)kvp_bits_get(row, (size_t)j * bits, bits);
 }
 
-/*
- * Keys: eight tokens' codes of every channel (codes: 8 rows of d) into each channel's row at byte `at`,
- * and back. words[j] gathers channel j's eight codes; building and splitting the words runs along the
- * channels, which the vectorizer takes.
- */
+static void or_shifted16(uint32_t *restrict words, const uint8_t *restrict codes, unsigned shift)
+{
+	for (unsigned l = 0; l < BLOCK; l++)
+		words[l] |= (uint32_t)codes[l] << shift;
+}
+
+static void split16(uint8_t *restrict codes, const uint32_t *restrict words, unsigned shift, uint32_t mask)
+{
+	for (unsigned l = 0; l < BLOCK; l++)
+		codes[l] = (uint8_t)((words[l] >> shift) & mask);
+}
+
 static inline __attribute__((always_inline)) void put_columns_bits(unsigned bits, unsigned d, const uint8_t *codes,
 								    uint32_t *words, uint8_t *rows, size_t row)
 {
-	for (unsigned j = 0; j < d; j++)
-		words[j] = 0;
-	for (unsigned r = 0; r < 8; r++)
-		for (unsigned j = 0; j < d; j++)
-			words[j] |= (uint32_t)codes[(size_t)r * d + j] << (r * bits);
+	memset(words, 0, sizeof(uint32_t) * d);
+	for (unsigned r = 0; r < 8; r++) {
+		const uint8_t *c = codes + (size_t)r * d;
+		unsigned j = 0;
+
+		for (; j + BLOCK <= d; j += BLOCK)
+			or_shifted16(words + j, c + j, r * bits);
+		for (; j < d; j++)
+			words[j] |= (uint32_t)c[j] << (r * bits);
+	}
 	for (unsigned j = 0; j < d; j++)
 		put_word(rows + j * row, words[j], bits);
 }
@@ -528,9 +558,15 @@ static inline __attribute__((always_inline)) void get_columns_bits(unsigned bits
 
 	for (unsigned j = 0; j < d; j++)
 		words[j] = kvp_code_word(rows + j * row, bits);
-	for (unsigned r = 0; r < 8; r++)
-		for (unsigned j = 0; j < d; j++)
-			codes[(size_t)r * d + j] = (uint8_t)((words[j] >> (r * bits)) & mask);
+	for (unsigned r = 0; r < 8; r++) {
+		uint8_t *c = codes + (size_t)r * d;
+		unsigned j = 0;
+
+		for (; j + BLOCK <= d; j += BLOCK)
+			split16(c + j, words + j, r * bits, mask);
+		for (; j < d; j++)
+			c[j] = (uint8_t)((words[j] >> (r * bits)) & mask);
+	}
 }
 
 /* One case per width: the *_bits functions inline into each with bits a constant. */
