@@ -165,6 +165,13 @@ kvp_status kvp_turboquant_encode_reference(const struct kvp_codec *c, const void
 kvp_status kvp_turboquant_decode_reference(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src,
 					   float *x);
 
+/* KIVI's scalar reference encoder and decoder: its fast paths give the same bytes and floats, which
+ * tests/test_kivi.c checks against these. */
+kvp_status kvp_kivi_encode_reference(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x,
+				     void *dst);
+kvp_status kvp_kivi_decode_reference(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src,
+				     float *x);
+
 /* Dense bit streams, least significant bit first: a field of w <= 8 bits at bit offset o of p. Writers
  * start from zeroed bytes. A field never touches a byte past its own last bit. */
 static inline void kvp_bits_put(uint8_t *p, size_t o, unsigned w, unsigned v)

@@ -15,20 +15,42 @@
  * z and s are stored as fp16 (as in the reference, whose cache dtype is fp16), and the codes are computed
  * against the rounded z and s, so decode matches what encode measured. A group whose values are all equal
  * has s = 0 and every code 0: it decodes to z exactly (to the value itself when that is an fp16 number).
+ * A range that ends on a zero ends on +0, whatever the signs of the zeros and their order.
  * Groups whose z or s overflow fp16, or with non-finite values, are rejected with KVP_EINVAL.
  *
- * The fused paths use integer codes as the table 0, 1, 2, ... of the kernels' lut_dot/lut_axpy:
- *   values (per token): <q, x> = sum_g z_g * sum(q over g) + s_g * sum_{j in g} q_j code_j
- *   keys (per channel): a group's codes are d rows (channels) of G codes, so dot is one lut_axpy over
- *   the channels with weights q_j s_j, and axpy is one lut_dot of the weights against each channel.
- *
- * Layout, codes packed LSB first into one bit stream zero padded to a byte:
- *   axis=channel, per group of G tokens:  fp16 z[dim], fp16 s[dim], codes channel by channel, each channel's
- *     G codes consecutive (packed along tokens, as the reference packs keys).
- *     bytes(n) = n/G * (4*dim + ceil(dim*G*bits / 8))
- *   axis=token, per token (ng = ceil(dim/G)): fp16 z[ng], fp16 s[ng], codes of the dim channels in order.
+ * Layout, codes packed LSB first into rows (code i of a row at bits [i*bits, (i+1)*bits)), zero padded
+ * to a byte:
+ *   axis=channel, per group of G tokens:  fp16 z[dim], fp16 s[dim], then one row per channel of its G
+ *     codes, token by token (packed along tokens, as the reference packs keys; row = G*bits/8 bytes).
+ *     bytes(n) = n/G * (4*dim + dim*G*bits/8)
+ *   axis=token, per token (ng = ceil(dim/G)): fp16 z[ng], fp16 s[ng], one row of the dim channels' codes.
  *     bytes(n) = n * (4*ng + ceil(dim*bits / 8))
  * d=128, G=32, bits=2: 3.0 bits per value on either axis; bits=4: 5.0 (bits=1: 2.0, bits=3: 4.0).
+ *
+ * Attention works on the codes with the kernels' lookups, the integers 0, 1, 2, ... as the table, and in
+ * their axpy form wherever it can: a lookup dot ends each row with a horizontal sum, which costs as much as
+ * the row's lookups (rows of 128 2-bit codes); an axpy keeps its sums in registers across rows.
+ *   keys (per channel): <q, x_t> = sum_j q_j z_j + sum_j (q_j s_j) code_jt. Per group of G tokens, the
+ *     query times the scales, then one lut_axpy over the channels' rows (columns: tokens), for all the
+ *     heads of a GQA group at once in dot_group (lut_axpy_group); <q, z> of every head by one dot_f16_group
+ *     on the stored fp16 z.
+ *   values (per token): sum_t w_t x_tj = sum_t (w_t s_tg) code_tj + sum_t w_t z_tg over each channel group
+ *     g: one lut_axpy (lut_axpy_group for all heads) per channel group with weights w_t s_tg. The sums of
+ *     w_t z_tg, one per channel group, accumulate in ng more floats (acc_dim = dim + ng), which finish adds
+ *     to the group's channels once per step.
+ *   The other two combinations (explicit axis=) run the lookup dot: keys per token one lut_dot per channel
+ *   group, values per channel one lut_dot (lut_dot_group) per group of tokens.
+ * Tried at G=32 (pager attention, d=128, GQA 4) and not kept: key rows of tokens with lut_dot_group (no
+ * faster; about 40% of its time goes to the per-row horizontal sums), and lut_dot_i8_group with the query
+ * times the scales in int8 per group (slower: its per-call setup, and the quantization, come once per 32
+ * tokens and outweigh its cheaper products).
+ *
+ * Encode and decode run in blocks of fixed size that the compiler vectorizes (ranges over rows of
+ * channels, fp16 rounding by the kernels' converters, rounding by adding 1.5 * 2^23, key codes put into
+ * the channels' rows eight tokens at a time, a token's codes packed eight at a time by shifts within a
+ * 64-bit word; the host is little-endian, as kernels.h's code words take it), and give the same bytes
+ * and floats as the scalar reference kept below (kvp_kivi_encode_reference, kvp_kivi_decode_reference),
+ * which tests/test_kivi.c compares them with.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -39,8 +61,50 @@
 
 struct kivi {
 	unsigned bits, g, per_token, ng;
+	size_t row;    /* bytes of a row of codes: a channel's G (channel) or a token's dim (token) */
 	size_t stride; /* bytes of one group of G tokens (channel) or of one token (token) */
 };
+
+/* Heads of a GQA group whose weights the group paths prepare at once (the kernels take them four at a time). */
+#define HEADS 4
+/* Key groups whose scalars dot converts at once. */
+#define GROUPS 2
+/* Tokens per pass of the per-token paths: their per-token weights live on the stack. */
+#define SLICE 128
+/* fp16 scalars of one pass of the per-token paths (z and s of each channel group of each token). */
+#define SLICE_SCALARS 1024
+
+/*
+ * c->scratch, in rows of dim floats; regions that no call uses together overlap:
+ *   0 zf, 1 sf              z and s per channel (encode, decode, axpy per channel)
+ *   2-4 lo, hi, bad         encode's ranges (encode per token: every group's lo, hi, bad, z, s in 2-4)
+ *   2-5 ws                  HEADS rows: queries or weights times the scales (dot, axpy)
+ *   6-9 zs                  2 GROUPS rows: dot's z and s of GROUPS key groups
+ *   6 words, 7-8 codes      encode and decode: eight codes of each channel as a word, 8 rows of code bytes
+ *   10-11 h16               2 GROUPS rows of fp16 scalars
+ */
+#define SCRATCH_ROWS 12
+
+struct kivi_scratch {
+	float *zf, *sf, *lo, *hi, *bad, *ws, *zs;
+	uint32_t *words;
+	uint16_t *h16;
+	uint8_t *codes;
+};
+
+static struct kivi_scratch scratch_of(const struct kvp_codec *c)
+{
+	const size_t d = c->dim;
+	float *f = c->scratch;
+	struct kivi_scratch s;
+
+	s.zf = f, s.sf = f + d, s.lo = f + 2 * d, s.hi = f + 3 * d, s.bad = f + 4 * d;
+	s.ws = f + 2 * d, s.zs = f + (2 + HEADS) * d;
+	s.words = (uint32_t *)s.zs;
+	s.codes = (uint8_t *)(s.zs + d);
+	s.h16 = (uint16_t *)(s.zs + 2 * GROUPS * d);
+	return s;
+}
 
 static kvp_status kivi_open(struct kvp_codec *c, struct kvp_args *args, unsigned dim, struct kvp_codec *inner)
 {
@@ -65,16 +129,20 @@ static kvp_status kivi_open(struct kvp_codec *c, struct kvp_args *args, unsigned
 	k->per_token = axis == 1;
 	if (k->per_token) {
 		k->ng = (dim + g - 1) / g;
-		k->stride = 4 * (size_t)k->ng + ((size_t)dim * bits + 7) / 8;
+		k->row = ((size_t)dim * bits + 7) / 8;
+		k->stride = 4 * (size_t)k->ng + k->row;
 		c->qprep_bytes = sizeof(float) * (dim + k->ng);
+		c->acc_dim = dim + k->ng; /* then the sums of w z per channel group, added to its channels by finish */
 	} else {
-		k->stride = 4 * (size_t)dim + ((size_t)dim * g * bits + 7) / 8;
+		k->ng = dim;
+		k->row = (size_t)g * bits / 8;
+		k->stride = 4 * (size_t)dim + dim * k->row;
 		c->group = g;
 		c->flags &= ~KVP_CODEC_SEPARABLE;
 		c->qprep_bytes = sizeof(float) * dim;
+		c->acc_dim = dim;
 	}
-	c->acc_dim = dim;
-	c->scratch_bytes = sizeof(float) * dim; /* kivi_dot's and kivi_axpy's per-channel products */
+	c->scratch_bytes = SCRATCH_ROWS * sizeof(float) * dim;
 	c->state = k;
 	return KVP_OK;
 }
@@ -90,6 +158,8 @@ static size_t kivi_bytes(const struct kvp_codec *c, unsigned n)
 	const struct kivi *k = c->state;
 	return k->stride * (k->per_token ? n : n / k->g);
 }
+
+/* ---- The scalar reference ---- */
 
 static void store16(unsigned char *p, float v)
 {
@@ -113,15 +183,16 @@ static kvp_status quantize(unsigned bits, unsigned m, const float *x, size_t ste
 	float lo = x[0], hi = x[0], z, s;
 	unsigned top = (1u << bits) - 1;
 
-	/* fminf skips NaNs, so every value is checked on its own */
+	/* comparisons skip NaNs, so every value is checked on its own */
 	for (unsigned i = 0; i < m; i++) {
 		if (!isfinite(x[i * step]))
 			return kvp_fail(KVP_EINVAL, "kivi: a group has a non-finite value");
-		lo = fminf(lo, x[i * step]);
-		hi = fmaxf(hi, x[i * step]);
+		lo = x[i * step] < lo ? x[i * step] : lo;
+		hi = x[i * step] > hi ? x[i * step] : hi;
 	}
 	if (!isfinite(hi - lo))
 		return kvp_fail(KVP_EINVAL, "kivi: group range %g..%g is beyond float", (double)lo, (double)hi);
+	lo += 0.0f, hi += 0.0f; /* -0 as +0: which zero a range ends on does not depend on the order of values */
 	store16(zp, lo);
 	z = load16(zp);
 	store16(sp, (hi - z) / (float)top);
@@ -138,35 +209,47 @@ static kvp_status quantize(unsigned bits, unsigned m, const float *x, size_t ste
 	return KVP_OK;
 }
 
-static kvp_status kivi_encode(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x, void *dst)
+/* One group of G key tokens (channel) into p. */
+static kvp_status encode_group_reference(const struct kivi *k, unsigned d, const float *x, unsigned char *p)
+{
+	kvp_status st;
+
+	memset(p, 0, k->stride);
+	for (unsigned j = 0; j < d; j++)
+		if ((st = quantize(k->bits, k->g, x + j, d, p + 2 * j, p + 2 * (d + j), p + 4 * (size_t)d,
+				   (size_t)j * k->g * k->bits)) != KVP_OK)
+			return st;
+	return KVP_OK;
+}
+
+/* One value token (token) into p. */
+static kvp_status encode_token_reference(const struct kivi *k, unsigned d, const float *x, unsigned char *p)
+{
+	kvp_status st;
+
+	memset(p, 0, k->stride);
+	for (unsigned g = 0; g < k->ng; g++) {
+		unsigned j0 = g * k->g, m = d - j0 < k->g ? d - j0 : k->g;
+		if ((st = quantize(k->bits, m, x + j0, 1, p + 2 * g, p + 2 * (k->ng + g), p + 4 * k->ng,
+				   (size_t)j0 * k->bits)) != KVP_OK)
+			return st;
+	}
+	return KVP_OK;
+}
+
+kvp_status kvp_kivi_encode_reference(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x,
+				     void *dst)
 {
 	const struct kivi *k = c->state;
+	const unsigned d = c->dim, step = k->per_token ? 1 : k->g;
 	unsigned char *p = dst;
-	unsigned d = c->dim;
 	kvp_status st;
 
 	(void)ctx;
-	if (k->per_token) {
-		for (unsigned i = 0; i < n; i++, p += k->stride, x += d) {
-			memset(p, 0, k->stride);
-			for (unsigned g = 0; g < k->ng; g++) {
-				unsigned j0 = g * k->g, m = d - j0 < k->g ? d - j0 : k->g;
-				st = quantize(k->bits, m, x + j0, 1, p + 2 * g, p + 2 * (k->ng + g), p + 4 * k->ng,
-					      (size_t)j0 * k->bits);
-				if (st != KVP_OK)
-					return st;
-			}
-		}
-		return KVP_OK;
-	}
-	for (unsigned i = 0; i < n; i += k->g, p += k->stride, x += (size_t)k->g * d) {
-		memset(p, 0, k->stride);
-		for (unsigned j = 0; j < d; j++) {
-			st = quantize(k->bits, k->g, x + j, d, p + 2 * j, p + 2 * (d + j), p + 4 * d,
-				      (size_t)j * k->g * k->bits);
-			if (st != KVP_OK)
-				return st;
-		}
+	for (unsigned i = 0; i < n; i += step, p += k->stride, x += (size_t)step * d) {
+		st = k->per_token ? encode_token_reference(k, d, x, p) : encode_group_reference(k, d, x, p);
+		if (st != KVP_OK)
+			return st;
 	}
 	return KVP_OK;
 }
@@ -176,11 +259,12 @@ static float code_at(const struct kivi *k, const unsigned char *codes, size_t in
 	return (float)kvp_bits_get(codes, index * k->bits, k->bits);
 }
 
-static kvp_status kivi_decode(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, float *x)
+kvp_status kvp_kivi_decode_reference(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src,
+				     float *x)
 {
 	const struct kivi *k = c->state;
 	const unsigned char *p = src;
-	unsigned d = c->dim;
+	const unsigned d = c->dim;
 
 	(void)ctx;
 	if (k->per_token) {
@@ -195,10 +279,543 @@ static kvp_status kivi_decode(const struct kvp_codec *c, const void *ctx, unsign
 		for (unsigned j = 0; j < d; j++) {
 			float z = load16(p + 2 * j), s = load16(p + 2 * (d + j));
 			for (unsigned t = 0; t < k->g; t++)
-				x[(size_t)t * d + j] = z + s * code_at(k, p + 4 * d, (size_t)j * k->g + t);
+				x[(size_t)t * d + j] = z + s * code_at(k, p + 4 * (size_t)d, (size_t)j * k->g + t);
 		}
 	return KVP_OK;
 }
+
+/* ---- Blocks the vectorizer takes ---- */
+
+/*
+ * Every loop below runs in blocks of BLOCK on restrict pointers with a fixed trip count, which gcc's -O2
+ * vectorizer (its "very cheap" cost model takes no loop that needs a remainder) and clang's take for SSE2,
+ * AVX2 or NEON alike, and ends with the scalar remainder. Each computes the reference's float operations
+ * on the same operands, so encode and decode give the reference's bits.
+ */
+#define BLOCK 16
+
+/* rintf for |v| < 2^22 (ties to even): v + 1.5 * 2^23 lies in [2^23, 2^24), where the floats are the
+ * integers. A larger |v| comes back near v, so clamping it to [0, top] gives what clamping rintf(v) does. */
+#define ROUNDER 12582912.0f
+
+/* The reference's code of x against z and s, as a float in [0, top]. Where s <= 0 the quotient by +inf is a
+ * zero and so the code 0, as the reference has it, without a second branch (which gcc would not vectorize). */
+static inline float code_of(float x, float z, float s, float top)
+{
+	float v = (x - z) / (s > 0.0f ? s : INFINITY), r = (v + ROUNDER) - ROUNDER;
+
+	r = r < 0.0f ? 0.0f : r;
+	return r > top ? top : r;
+}
+
+static void codes16(uint8_t *restrict c, const float *restrict x, const float *restrict z, const float *restrict s,
+		    float top)
+{
+	for (unsigned l = 0; l < BLOCK; l++)
+		c[l] = (uint8_t)(int)code_of(x[l], z[l], s[l], top);
+}
+
+/* codes[j] = the code of x[j] against z[j] and s[j], m of them */
+static void codes_of(unsigned bits, unsigned m, const float *x, const float *z, const float *s, uint8_t *codes)
+{
+	const float top = (float)((1u << bits) - 1);
+	unsigned j = 0;
+
+	for (; j + BLOCK <= m; j += BLOCK)
+		codes16(codes + j, x + j, z + j, s + j, top);
+	for (; j < m; j++)
+		codes[j] = (uint8_t)(int)code_of(x[j], z[j], s[j], top);
+}
+
+/* The running range of a row, NaN in bad from the first value that is not finite (v * 0 is NaN then). */
+static void range16(float *restrict lo, float *restrict hi, float *restrict bad, const float *restrict x)
+{
+	for (unsigned l = 0; l < BLOCK; l++) {
+		float v = x[l];
+		lo[l] = v < lo[l] ? v : lo[l];
+		hi[l] = v > hi[l] ? v : hi[l];
+		bad[l] += v * 0.0f;
+	}
+}
+
+static void range_row(unsigned m, float *lo, float *hi, float *bad, const float *x)
+{
+	unsigned j = 0;
+
+	for (; j + BLOCK <= m; j += BLOCK)
+		range16(lo + j, hi + j, bad + j, x + j);
+	for (; j < m; j++) {
+		lo[j] = x[j] < lo[j] ? x[j] : lo[j];
+		hi[j] = x[j] > hi[j] ? x[j] : hi[j];
+		bad[j] += x[j] * 0.0f;
+	}
+}
+
+static void scale16(float *restrict s, const float *restrict hi, const float *restrict z, float top)
+{
+	for (unsigned l = 0; l < BLOCK; l++)
+		s[l] = (hi[l] - z[l]) / top;
+}
+
+/* s = (hi - z) / top, m of them */
+static void scales_of(unsigned m, float *s, const float *hi, const float *z, float top)
+{
+	unsigned j = 0;
+
+	for (; j + BLOCK <= m; j += BLOCK)
+		scale16(s + j, hi + j, z + j, top);
+	for (; j < m; j++)
+		s[j] = (hi[j] - z[j]) / top;
+}
+
+/* x = z + s * code: product, then sum, as the reference (the same floats). */
+static void decode16(float *restrict x, const float *restrict z, const float *restrict s, const uint8_t *restrict c)
+{
+	for (unsigned l = 0; l < BLOCK; l++)
+		x[l] = z[l] + s[l] * (float)c[l];
+}
+
+static void decode_row(unsigned m, const float *z, const float *s, const uint8_t *codes, float *x)
+{
+	unsigned j = 0;
+
+	for (; j + BLOCK <= m; j += BLOCK)
+		decode16(x + j, z + j, s + j, codes + j);
+	for (; j < m; j++)
+		x[j] = z[j] + s[j] * (float)codes[j];
+}
+
+static void mul16(float *restrict out, const float *restrict a, const float *restrict b)
+{
+	for (unsigned l = 0; l < BLOCK; l++)
+		out[l] = a[l] * b[l];
+}
+
+/* out = a * b, n of them */
+static inline __attribute__((always_inline)) void mul_rows(unsigned n, float *out, const float *a, const float *b)
+{
+	unsigned i = 0;
+
+	for (; i + BLOCK <= n; i += BLOCK)
+		mul16(out + i, a + i, b + i);
+	for (; i < n; i++)
+		out[i] = a[i] * b[i];
+}
+
+static void fill16(float *restrict x, float a)
+{
+	for (unsigned l = 0; l < BLOCK; l++)
+		x[l] = a;
+}
+
+static void fill(unsigned n, float *x, float a)
+{
+	unsigned i = 0;
+
+	for (; i + BLOCK <= n; i += BLOCK)
+		fill16(x + i, a);
+	for (; i < n; i++)
+		x[i] = a;
+}
+
+static void add16(float *restrict x, float a)
+{
+	for (unsigned l = 0; l < BLOCK; l++)
+		x[l] += a;
+}
+
+/* x += a, n of them */
+static void add_scalar(unsigned n, float *x, float a)
+{
+	unsigned i = 0;
+
+	for (; i + BLOCK <= n; i += BLOCK)
+		add16(x + i, a);
+	for (; i < n; i++)
+		x[i] += a;
+}
+
+/* lo and hi += 0: -0 becomes +0, as in the reference */
+static void canonical_zeros(unsigned m, float *lo, float *hi)
+{
+	add_scalar(m, lo, 0.0f);
+	add_scalar(m, hi, 0.0f);
+}
+
+static void axpby16(float *restrict acc, const float *restrict z, float a, const float *restrict s,
+		    const float *restrict b)
+{
+	for (unsigned l = 0; l < BLOCK; l++)
+		acc[l] += z[l] * a + s[l] * b[l];
+}
+
+/* acc += z * a + s * b, n of them */
+static void axpby(unsigned n, float *acc, const float *z, float a, const float *s, const float *b)
+{
+	unsigned i = 0;
+
+	for (; i + BLOCK <= n; i += BLOCK)
+		axpby16(acc + i, z + i, a, s + i, b + i);
+	for (; i < n; i++)
+		acc[i] += z[i] * a + s[i] * b[i];
+}
+
+/* ---- Rows of codes and of fp16 scalars ---- */
+
+/*
+ * Eight codes of b bits are b whole bytes, one little-endian word (kernels.h). Always inlined, so that
+ * bits is a constant in each width's loop: constant shifts, and b single-byte stores.
+ */
+static inline __attribute__((always_inline)) void put_word(uint8_t *p, uint32_t w, unsigned bits)
+{
+	for (unsigned b = 0; b < bits; b++)
+		p[b] = (uint8_t)(w >> (8 * b));
+}
+
+/*
+ * Eight code bytes (a little-endian word of 64 bits, code r in byte r) to the word of 8 b bits that packs
+ * them, and back: three steps that each join (or split) neighbours, pairs of bytes, then of 16-bit lanes,
+ * then of 32-bit halves.
+ */
+static inline __attribute__((always_inline)) uint64_t join8(uint64_t x, unsigned b)
+{
+	x = (x | x >> (8 - b)) & (((1ull << 2 * b) - 1) * 0x0001000100010001ull);
+	x = (x | x >> (16 - 2 * b)) & (((1ull << 4 * b) - 1) * 0x0000000100000001ull);
+	return (x | x >> (32 - 4 * b)) & ((1ull << 8 * b) - 1);
+}
+
+static inline __attribute__((always_inline)) uint64_t split8(uint64_t x, unsigned b)
+{
+	x = (x | x << (32 - 4 * b)) & (((1ull << 4 * b) - 1) * 0x0000000100000001ull);
+	x = (x | x << (16 - 2 * b)) & (((1ull << 2 * b) - 1) * 0x0001000100010001ull);
+	return (x | x << (8 - b)) & (((1ull << b) - 1) * 0x0101010101010101ull);
+}
+
+/* m codes (bytes) into a row, LSB first: blocks of eight as words, the tail code by code. */
+static inline __attribute__((always_inline)) void pack_bits(unsigned bits, unsigned m, const uint8_t *codes,
+							     uint8_t *row)
+{
+	unsigned j = 0;
+
+	for (; j + 8 <= m; j += 8) {
+		uint64_t x;
+		memcpy(&x, codes + j, sizeof x);
+		put_word(row + j / 8 * bits, (uint32_t)join8(x, bits), bits);
+	}
+	if (j < m) {
+		memset(row + j / 8 * bits, 0, ((m - j) * bits + 7) / 8);
+		for (; j < m; j++)
+			kvp_bits_put(row, (size_t)j * bits, bits, codes[j]);
+	}
+}
+
+static inline __attribute__((always_inline)) void unpack_bits(unsigned bits, unsigned m, const uint8_t *row,
+							       uint8_t *codes)
+{
+	unsigned j = 0;
+
+	for (; j + 8 <= m; j += 8) {
+		uint64_t x = split8(kvp_code_word(row + j / 8 * bits, bits), bits);
+		memcpy(codes + j, &x, sizeof x);
+	}
+	for (; j < m; j++)
+		codes[j] = (uint8_t)kvp_bits_get(row, (size_t)j * bits, bits);
+}
+
+static void or_shifted16(uint32_t *restrict words, const uint8_t *restrict codes, unsigned shift)
+{
+	for (unsigned l = 0; l < BLOCK; l++)
+		words[l] |= (uint32_t)codes[l] << shift;
+}
+
+static void split16(uint8_t *restrict codes, const uint32_t *restrict words, unsigned shift, uint32_t mask)
+{
+	for (unsigned l = 0; l < BLOCK; l++)
+		codes[l] = (uint8_t)((words[l] >> shift) & mask);
+}
+
+static inline __attribute__((always_inline)) void put_columns_bits(unsigned bits, unsigned d, const uint8_t *codes,
+								    uint32_t *words, uint8_t *rows, size_t row)
+{
+	memset(words, 0, sizeof(uint32_t) * d);
+	for (unsigned r = 0; r < 8; r++) {
+		const uint8_t *c = codes + (size_t)r * d;
+		unsigned j = 0;
+
+		for (; j + BLOCK <= d; j += BLOCK)
+			or_shifted16(words + j, c + j, r * bits);
+		for (; j < d; j++)
+			words[j] |= (uint32_t)c[j] << (r * bits);
+	}
+	for (unsigned j = 0; j < d; j++)
+		put_word(rows + j * row, words[j], bits);
+}
+
+static inline __attribute__((always_inline)) void get_columns_bits(unsigned bits, unsigned d, const uint8_t *rows,
+								    size_t row, uint32_t *words, uint8_t *codes)
+{
+	const uint32_t mask = (1u << bits) - 1;
+
+	for (unsigned j = 0; j < d; j++)
+		words[j] = kvp_code_word(rows + j * row, bits);
+	for (unsigned r = 0; r < 8; r++) {
+		uint8_t *c = codes + (size_t)r * d;
+		unsigned j = 0;
+
+		for (; j + BLOCK <= d; j += BLOCK)
+			split16(c + j, words + j, r * bits, mask);
+		for (; j < d; j++)
+			c[j] = (uint8_t)((words[j] >> (r * bits)) & mask);
+	}
+}
+
+/* One case per width: the *_bits functions inline into each with bits a constant. */
+#define BY_WIDTH(bits, call) \
+	switch (bits) { \
+	case 1: call(1); break; \
+	case 2: call(2); break; \
+	case 3: call(3); break; \
+	default: call(4); break; \
+	}
+
+static void pack(unsigned bits, unsigned m, const uint8_t *codes, uint8_t *row)
+{
+#define PACK(b) pack_bits(b, m, codes, row)
+	BY_WIDTH(bits, PACK)
+#undef PACK
+}
+
+static void unpack(unsigned bits, unsigned m, const uint8_t *row, uint8_t *codes)
+{
+#define UNPACK(b) unpack_bits(b, m, row, codes)
+	BY_WIDTH(bits, UNPACK)
+#undef UNPACK
+}
+
+static void put_columns(unsigned bits, unsigned d, const uint8_t *codes, uint32_t *words, uint8_t *rows, size_t row)
+{
+#define PUT(b) put_columns_bits(b, d, codes, words, rows, row)
+	BY_WIDTH(bits, PUT)
+#undef PUT
+}
+
+static void get_columns(unsigned bits, unsigned d, const uint8_t *rows, size_t row, uint32_t *words, uint8_t *codes)
+{
+#define GET(b) get_columns_bits(b, d, rows, row, words, codes)
+	BY_WIDTH(bits, GET)
+#undef GET
+}
+
+/* m little-endian fp16 numbers at p as floats (copied to h16 first: p need not be aligned; the host is
+ * little-endian, as kernels.h's code words take it). */
+static void load16_row(const struct kvp_kernels *kern, unsigned m, const unsigned char *p, uint16_t *h16,
+		       float *out)
+{
+	memcpy(h16, p, sizeof(uint16_t) * m);
+	kern->f16_to_f32(m, h16, out);
+}
+
+/* x rounded to fp16, stored little-endian at p, and read back into x: m of them. */
+static void store16_row(const struct kvp_kernels *kern, unsigned m, float *x, uint16_t *h16, unsigned char *p)
+{
+	kern->f32_to_f16(m, x, h16);
+	memcpy(p, h16, sizeof(uint16_t) * m);
+	kern->f16_to_f32(m, h16, x);
+}
+
+/* A range and its fp16 scalars are fine: finite values, a float range, z and s within fp16. */
+static int scalars_fine(float lo, float hi, float bad, float z, float s)
+{
+	return bad == 0.0f && isfinite(hi - lo) && isfinite(z) && isfinite(s);
+}
+
+/* ---- Encode and decode ---- */
+
+/*
+ * One group of G key tokens: every channel's range over the tokens (row by row, along the channels), z
+ * and s rounded to fp16 in one pass each, then the codes of eight tokens at a time, put into the channels'
+ * rows as words. A group with a fault goes to the reference, which finds the first and says what it was.
+ */
+static kvp_status encode_group(const struct kvp_codec *c, const struct kivi_scratch *w, const float *x,
+			       unsigned char *p)
+{
+	const struct kvp_kernels *kern = kvp_kernels();
+	const struct kivi *k = c->state;
+	const unsigned d = c->dim;
+
+	memcpy(w->lo, x, sizeof(float) * d);
+	memcpy(w->hi, x, sizeof(float) * d);
+	memset(w->bad, 0, sizeof(float) * d);
+	for (unsigned t = 0; t < k->g; t++)
+		range_row(d, w->lo, w->hi, w->bad, x + (size_t)t * d);
+	canonical_zeros(d, w->lo, w->hi);
+	memcpy(w->zf, w->lo, sizeof(float) * d);
+	store16_row(kern, d, w->zf, w->h16, p);
+	scales_of(d, w->sf, w->hi, w->zf, (float)((1u << k->bits) - 1));
+	store16_row(kern, d, w->sf, w->h16, p + 2 * (size_t)d);
+	for (unsigned j = 0; j < d; j++)
+		if (!scalars_fine(w->lo[j], w->hi[j], w->bad[j], w->zf[j], w->sf[j]))
+			return encode_group_reference(k, d, x, p);
+	for (unsigned t = 0; t < k->g; t += 8) {
+		for (unsigned r = 0; r < 8; r++)
+			codes_of(k->bits, d, x + (size_t)(t + r) * d, w->zf, w->sf, w->codes + (size_t)r * d);
+		put_columns(k->bits, d, w->codes, w->words, p + 4 * (size_t)d + t / 8 * k->bits, k->row);
+	}
+	return KVP_OK;
+}
+
+/* Lanes [0, w) take the range of lanes [w, 2w) too. */
+static inline __attribute__((always_inline)) void fold(unsigned w, float *restrict lo, float *restrict hi,
+						       float *restrict bad)
+{
+	for (unsigned l = 0; l < w; l++) {
+		lo[l] = lo[l + w] < lo[l] ? lo[l + w] : lo[l];
+		hi[l] = hi[l + w] > hi[l] ? hi[l + w] : hi[l];
+		bad[l] += bad[l + w];
+	}
+}
+
+/* The range of m values: BLOCK lanes, folded to one (the same min and max as in any order: zeros are made
+ * +0 afterwards), NaN in *bad when a value is not finite. */
+static void range_of(unsigned m, const float *x, float *lo, float *hi, float *bad)
+{
+	float l16[BLOCK], h16[BLOCK], b16[BLOCK] = { 0 };
+	unsigned j = BLOCK;
+
+	if (m < BLOCK) {
+		float l = x[0], h = x[0], b = 0.0f;
+		for (j = 0; j < m; j++) {
+			l = x[j] < l ? x[j] : l;
+			h = x[j] > h ? x[j] : h;
+			b += x[j] * 0.0f;
+		}
+		*lo = l, *hi = h, *bad = b;
+		return;
+	}
+	memcpy(l16, x, sizeof l16);
+	memcpy(h16, x, sizeof h16);
+	range16(l16, h16, b16, x); /* the first block's values against themselves: only bad changes */
+	for (; j + BLOCK <= m; j += BLOCK)
+		range16(l16, h16, b16, x + j);
+	fold(8, l16, h16, b16), fold(4, l16, h16, b16), fold(2, l16, h16, b16), fold(1, l16, h16, b16);
+	for (; j < m; j++) {
+		l16[0] = x[j] < l16[0] ? x[j] : l16[0];
+		h16[0] = x[j] > h16[0] ? x[j] : h16[0];
+		b16[0] += x[j] * 0.0f;
+	}
+	*lo = l16[0], *hi = h16[0], *bad = b16[0];
+}
+
+static void codes16_of(uint8_t *restrict c, const float *restrict x, float z, float s, float top)
+{
+	for (unsigned l = 0; l < BLOCK; l++)
+		c[l] = (uint8_t)(int)code_of(x[l], z, s, top);
+}
+
+/* codes_of for m values against one z and s */
+static void codes_against(unsigned bits, unsigned m, const float *x, float z, float s, uint8_t *codes)
+{
+	const float top = (float)((1u << bits) - 1);
+	unsigned j = 0;
+
+	for (; j + BLOCK <= m; j += BLOCK)
+		codes16_of(codes + j, x + j, z, s, top);
+	for (; j < m; j++)
+		codes[j] = (uint8_t)(int)code_of(x[j], z, s, top);
+}
+
+/* One value token: each channel group's range, the token's z and s rounded to fp16 together, then the
+ * token's codes, group by group, and its row. */
+static kvp_status encode_token(const struct kvp_codec *c, const struct kivi_scratch *w, const float *x,
+			       unsigned char *p)
+{
+	const struct kvp_kernels *kern = kvp_kernels();
+	const struct kivi *k = c->state;
+	const unsigned d = c->dim, ng = k->ng;
+	/* per channel group (ng <= dim of them): five rows of ng in scratch rows 2-4 */
+	float *lo = w->lo, *hi = lo + ng, *bad = hi + ng, *zg = bad + ng, *sg = zg + ng;
+
+	for (unsigned g = 0; g < ng; g++) {
+		const unsigned j0 = g * k->g;
+		range_of(d - j0 < k->g ? d - j0 : k->g, x + j0, &lo[g], &hi[g], &bad[g]);
+	}
+	canonical_zeros(ng, lo, hi);
+	memcpy(zg, lo, sizeof(float) * ng);
+	store16_row(kern, ng, zg, w->h16, p);
+	scales_of(ng, sg, hi, zg, (float)((1u << k->bits) - 1));
+	store16_row(kern, ng, sg, w->h16, p + 2 * ng);
+	for (unsigned g = 0; g < ng; g++)
+		if (!scalars_fine(lo[g], hi[g], bad[g], zg[g], sg[g]))
+			return encode_token_reference(k, d, x, p);
+	for (unsigned g = 0; g < ng; g++) {
+		const unsigned j0 = g * k->g;
+		codes_against(k->bits, d - j0 < k->g ? d - j0 : k->g, x + j0, zg[g], sg[g], w->codes + j0);
+	}
+	pack(k->bits, d, w->codes, p + 4 * ng);
+	return KVP_OK;
+}
+
+static kvp_status kivi_encode(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x, void *dst)
+{
+	const struct kivi *k = c->state;
+	const struct kivi_scratch w = scratch_of(c);
+	const unsigned step = k->per_token ? 1 : k->g;
+	unsigned char *p = dst;
+	kvp_status st;
+
+	(void)ctx;
+	for (unsigned i = 0; i < n; i += step, p += k->stride, x += (size_t)step * c->dim) {
+		st = k->per_token ? encode_token(c, &w, x, p) : encode_group(c, &w, x, p);
+		if (st != KVP_OK)
+			return st;
+	}
+	return KVP_OK;
+}
+
+/* The per-channel z and s of one value token at p, from its groups' fp16 scalars. */
+static void token_scalars(const struct kvp_kernels *kern, const struct kivi *k, unsigned d,
+			  const struct kivi_scratch *w, const unsigned char *p)
+{
+	float *zs = w->lo; /* z[ng] then s[ng] */
+
+	load16_row(kern, 2 * k->ng, p, w->h16, zs);
+	for (unsigned g = 0; g < k->ng; g++) {
+		const unsigned j0 = g * k->g, m = d - j0 < k->g ? d - j0 : k->g;
+		fill(m, w->zf + j0, zs[g]);
+		fill(m, w->sf + j0, zs[k->ng + g]);
+	}
+}
+
+static kvp_status kivi_decode(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, float *x)
+{
+	const struct kvp_kernels *kern = kvp_kernels();
+	const struct kivi *k = c->state;
+	const struct kivi_scratch w = scratch_of(c);
+	const unsigned char *p = src;
+	const unsigned d = c->dim;
+
+	(void)ctx;
+	if (k->per_token) {
+		for (unsigned i = 0; i < n; i++, p += k->stride, x += d) {
+			token_scalars(kern, k, d, &w, p);
+			unpack(k->bits, d, p + 4 * k->ng, w.codes);
+			decode_row(d, w.zf, w.sf, w.codes, x);
+		}
+		return KVP_OK;
+	}
+	for (unsigned i = 0; i < n; i += k->g, p += k->stride) {
+		load16_row(kern, d, p, w.h16, w.zf);
+		load16_row(kern, d, p + 2 * (size_t)d, w.h16, w.sf);
+		for (unsigned t = 0; t < k->g; t += 8) {
+			get_columns(k->bits, d, p + 4 * (size_t)d + t / 8 * k->bits, k->row, w.words, w.codes);
+			for (unsigned r = 0; r < 8; r++, x += d)
+				decode_row(d, w.zf, w.sf, w.codes + (size_t)r * d, x);
+		}
+	}
+	return KVP_OK;
+}
+
+/* ---- Attention ---- */
 
 /* qprep: q, then (axis=token) the sum of q over each channel group, which multiplies that group's z. */
 static void kivi_prepare_query(const struct kvp_codec *c, const void *ctx, const float *q, void *qprep)
@@ -218,30 +835,86 @@ static void kivi_prepare_query(const struct kvp_codec *c, const void *ctx, const
 
 static const float integers[16] = { 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15 };
 
-/* Tokens per pass of the per-token paths: their per-token scalars live on the stack. */
-#define CHUNK 256
-
-static void dot_per_token(const struct kvp_codec *c, unsigned n, const unsigned char *p, const float *q,
-			  float *out)
+/*
+ * axis=channel, hn <= HEADS heads (queries qprep + h * dim; out holds hn rows of out_stride). Groups of G
+ * tokens are taken GROUPS at a time: their z and s converted in one pass, each head's <q, z> of every group
+ * by one dot (rows: the groups' z). Per group, each head's query times the scales, out = <q, z>, and one
+ * lut_axpy_group over the channels' rows adds sum_j (q_j s_j) code_jt.
+ */
+static void dot_channel(const struct kvp_codec *c, unsigned n, const unsigned char *p, unsigned hn,
+			const float *qprep, float *out, size_t out_stride)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct kivi *k = c->state;
-	unsigned d = c->dim;
-	float s[CHUNK];
+	const struct kivi_scratch w = scratch_of(c);
+	const unsigned d = c->dim, groups = n / k->g;
 
-	for (unsigned i0 = 0; i0 < n; i0 += CHUNK, p += k->stride * CHUNK, out += CHUNK) {
-		unsigned cn = n - i0 < CHUNK ? n - i0 : CHUNK;
+	for (unsigned a = 0; a < groups; a += GROUPS, p += k->stride * GROUPS) {
+		const unsigned an = groups - a < GROUPS ? groups - a : GROUPS;
+		float zq[HEADS * GROUPS];
 
-		for (unsigned i = 0; i < cn; i++)
-			out[i] = 0.0f;
+		/* z rows of the an groups, then their s rows; <q, z> straight from fp16 for every head */
+		for (unsigned e = 0; e < an; e++) {
+			memcpy(w.h16 + (size_t)e * d, p + e * k->stride, sizeof(uint16_t) * d);
+			memcpy(w.h16 + (size_t)(an + e) * d, p + e * k->stride + 2 * (size_t)d, sizeof(uint16_t) * d);
+		}
+		kern->dot_f16_group(d, an, w.h16, hn, qprep, 1.0f, zq, NULL);
+		kern->f16_to_f32((size_t)an * d, w.h16 + (size_t)an * d, w.zs);
+		for (unsigned e = 0; e < an; e++) {
+			const unsigned i = (a + e) * k->g;
+			const float *sf = w.zs + (size_t)e * d;
+
+			for (unsigned h = 0; h < hn; h++) {
+				mul_rows(d, w.ws + (size_t)h * d, qprep + (size_t)h * d, sf);
+				fill(k->g, out + h * out_stride + i, zq[h * an + e]);
+			}
+			kern->lut_axpy_group(k->bits, k->g, d, p + e * k->stride + 4 * (size_t)d, k->row, integers, hn,
+					     w.ws, out + i, out_stride);
+		}
+	}
+}
+
+/* The z and s of a pass of cn value tokens from p on, as fp16 in h16, planar: h16[g * cn + i] is z of token i's
+ * channel group g, h16[(ng + g) * cn + i] its s, so that the loops over tokens below run on contiguous rows.
+ * Rows from `from` on are converted to floats in zs (from row 0 on at zs). */
+static void slice_scalars(const struct kvp_kernels *kern, const struct kivi *k, unsigned cn, const unsigned char *p,
+			  uint16_t *h16, unsigned from, float *zs)
+{
+	const unsigned per = 2 * k->ng;
+
+	for (unsigned i = 0; i < cn; i++, p += k->stride)
+		for (unsigned e = 0; e < per; e++)
+			memcpy(h16 + (size_t)e * cn + i, p + 2 * e, sizeof(uint16_t));
+	kern->f16_to_f32((size_t)cn * (per - from), h16 + (size_t)from * cn, zs);
+}
+
+/* Tokens per pass of the per-token paths: as many as SLICE_SCALARS and SLICE allow, at least one. */
+static unsigned token_slice(const struct kivi *k)
+{
+	unsigned s = SLICE_SCALARS / (2 * k->ng);
+	return s < 1 ? 1 : s > SLICE ? SLICE : s;
+}
+
+/* axis=token, one head: out[i] = sum_g z_ig * (sum of q over g) + s_ig * <q_g, codes_ig>. */
+static void dot_token(const struct kvp_codec *c, unsigned n, const unsigned char *p, const float *q, float *out)
+{
+	const struct kvp_kernels *kern = kvp_kernels();
+	const struct kivi *k = c->state;
+	const unsigned d = c->dim, slice = token_slice(k);
+	float s[SLICE], zs[SLICE_SCALARS];
+	uint16_t h16[SLICE_SCALARS];
+
+	for (unsigned i0 = 0; i0 < n; i0 += slice, p += k->stride * slice, out += slice) {
+		const unsigned cn = n - i0 < slice ? n - i0 : slice;
+
+		slice_scalars(kern, k, cn, p, h16, 0, zs);
+		fill(cn, out, 0.0f);
 		for (unsigned g = 0; g < k->ng; g++) {
-			unsigned j0 = g * k->g, m = d - j0 < k->g ? d - j0 : k->g;
-			const unsigned char *tok = p;
+			const unsigned j0 = g * k->g, m = d - j0 < k->g ? d - j0 : k->g;
 
 			kern->lut_dot(k->bits, m, cn, p + 4 * k->ng + (size_t)j0 * k->bits / 8, k->stride, integers,
 				      q + j0, s);
-			for (unsigned i = 0; i < cn; i++, tok += k->stride)
-				out[i] += load16(tok + 2 * g) * q[d + g] + load16(tok + 2 * (k->ng + g)) * s[i];
+			axpby(cn, out, zs + (size_t)g * cn, q[d + g], zs + (size_t)(k->ng + g) * cn, s);
 		}
 	}
 }
@@ -249,54 +922,93 @@ static void dot_per_token(const struct kvp_codec *c, unsigned n, const unsigned 
 static void kivi_dot(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, const void *qprep,
 		     float *out)
 {
-	const struct kvp_kernels *kern = kvp_kernels();
 	const struct kivi *k = c->state;
-	const unsigned char *p = src;
-	const float *q = qprep;
-	unsigned d = c->dim;
-	float *qs = c->scratch; /* [dim] */
 
 	(void)ctx;
-	if (k->per_token) {
-		dot_per_token(c, n, p, q, out);
-		return;
-	}
-	for (unsigned i = 0; i < n; i += k->g, p += k->stride, out += k->g) {
-		float zq = 0.0f;
-		for (unsigned j = 0; j < d; j++) {
-			zq += q[j] * load16(p + 2 * j);
-			qs[j] = q[j] * load16(p + 2 * (d + j));
-		}
-		for (unsigned t = 0; t < k->g; t++)
-			out[t] = zq;
-		kern->lut_axpy(k->bits, k->g, d, p + 4 * d, (size_t)k->g * k->bits / 8, integers, qs, out);
+	if (k->per_token)
+		dot_token(c, n, src, qprep, out);
+	else
+		dot_channel(c, n, src, 1, qprep, out, n);
+}
+
+static void kivi_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
+			   const void *qprep, float *out)
+{
+	const struct kivi *k = c->state;
+	const size_t qs = c->qprep_bytes / sizeof(float);
+	const float *q = qprep;
+
+	(void)ctx;
+	for (unsigned h = 0; h < g; h += k->per_token ? 1 : HEADS) {
+		if (k->per_token)
+			dot_token(c, n, src, q + h * qs, out + (size_t)h * n);
+		else
+			dot_channel(c, n, src, g - h < HEADS ? g - h : HEADS, q + h * qs, out + (size_t)h * n, n);
 	}
 }
 
-static void axpy_per_token(const struct kvp_codec *c, unsigned n, const unsigned char *p, const float *w,
-			   float *acc)
+/*
+ * axis=token, hn <= HEADS heads (weights w + h * w_stride, accumulators acc + h * acc_dim): per pass of
+ * tokens, each head's sums of w_i z_ig (a dot straight from the fp16 z, rows: the channel groups) go to
+ * acc[dim + g], which finish adds to the group's channels; per channel group, weights w_i s_ig for every
+ * head, and one lut_axpy_group over the group's channels.
+ */
+static void axpy_token(const struct kvp_codec *c, unsigned n, const unsigned char *p, unsigned hn, const float *w,
+		       size_t w_stride, float *acc)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct kivi *k = c->state;
-	unsigned d = c->dim;
-	float ws[CHUNK];
+	const unsigned d = c->dim, slice = token_slice(k), ng = k->ng;
+	float sc[SLICE_SCALARS / 2], ws[HEADS * SLICE], *wz = scratch_of(c).ws; /* hn rows of ng */
+	uint16_t h16[SLICE_SCALARS];
 
-	for (unsigned i0 = 0; i0 < n; i0 += CHUNK, p += k->stride * CHUNK, w += CHUNK) {
-		unsigned cn = n - i0 < CHUNK ? n - i0 : CHUNK;
+	for (unsigned i0 = 0; i0 < n; i0 += slice, p += k->stride * slice, w += slice) {
+		const unsigned cn = n - i0 < slice ? n - i0 : slice;
 
-		for (unsigned g = 0; g < k->ng; g++) {
-			unsigned j0 = g * k->g, m = d - j0 < k->g ? d - j0 : k->g;
-			const unsigned char *tok = p;
-			float wz = 0.0f;
+		slice_scalars(kern, k, cn, p, h16, ng, sc);
+		if (w_stride == cn) /* the heads' weights are hn rows of cn */
+			kern->dot_f16_group(cn, ng, h16, hn, w, 1.0f, wz, NULL);
+		else
+			for (unsigned h = 0; h < hn; h++)
+				kern->dot_f16(cn, ng, h16, w + h * w_stride, 1.0f, wz + h * ng);
+		for (unsigned h = 0; h < hn; h++) {
+			float *a = acc + (size_t)h * c->acc_dim + d;
+			for (unsigned g = 0; g < ng; g++)
+				a[g] += wz[h * ng + g];
+		}
+		for (unsigned g = 0; g < ng; g++) {
+			const unsigned j0 = g * k->g, m = d - j0 < k->g ? d - j0 : k->g;
 
-			for (unsigned i = 0; i < cn; i++, tok += k->stride) {
-				wz += w[i] * load16(tok + 2 * g);
-				ws[i] = w[i] * load16(tok + 2 * (k->ng + g));
-			}
-			kern->lut_axpy(k->bits, m, cn, p + 4 * k->ng + (size_t)j0 * k->bits / 8, k->stride, integers,
-				       ws, acc + j0);
-			for (unsigned j = j0; j < j0 + m; j++)
-				acc[j] += wz;
+			for (unsigned h = 0; h < hn; h++)
+				mul_rows(cn, ws + h * cn, w + h * w_stride, sc + (size_t)g * cn);
+			kern->lut_axpy_group(k->bits, m, cn, p + 4 * ng + (size_t)j0 * k->bits / 8, k->stride, integers, hn,
+					     ws, acc + j0, c->acc_dim);
+		}
+	}
+}
+
+/* axis=channel, hn <= HEADS heads: per group of tokens, acc_j += z_j * sum(w) + s_j * sum_t w_t code_jt,
+ * the sums over tokens by one lut_dot_group over the channels' rows. */
+static void axpy_channel(const struct kvp_codec *c, unsigned n, const unsigned char *p, unsigned hn,
+			 const float *w, size_t w_stride, float *acc)
+{
+	const struct kvp_kernels *kern = kvp_kernels();
+	const struct kivi *k = c->state;
+	const struct kivi_scratch s = scratch_of(c);
+	const unsigned d = c->dim;
+	float *sums = s.ws; /* hn rows of d */
+
+	for (unsigned i = 0; i < n; i += k->g, p += k->stride) {
+		load16_row(kern, d, p, s.h16, s.zf);
+		load16_row(kern, d, p + 2 * (size_t)d, s.h16, s.sf);
+		kern->lut_dot_group(k->bits, k->g, d, p + 4 * (size_t)d, k->row, integers, hn, w + i, w_stride, sums);
+		for (unsigned h = 0; h < hn; h++) {
+			const float *wh = w + h * w_stride + i;
+			float wsum = 0.0f;
+
+			for (unsigned t = 0; t < k->g; t++)
+				wsum += wh[t];
+			axpby(d, acc + (size_t)h * c->acc_dim, s.zf, wsum, s.sf, sums + (size_t)h * d);
 		}
 	}
 }
@@ -304,32 +1016,45 @@ static void axpy_per_token(const struct kvp_codec *c, unsigned n, const unsigned
 static void kivi_axpy(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, const float *w,
 		      float *acc)
 {
-	const struct kvp_kernels *kern = kvp_kernels();
 	const struct kivi *k = c->state;
-	const unsigned char *p = src;
-	unsigned d = c->dim;
-	float *s = c->scratch; /* [dim] */
 
 	(void)ctx;
-	if (k->per_token) {
-		axpy_per_token(c, n, p, w, acc);
-		return;
-	}
-	for (unsigned i = 0; i < n; i += k->g, p += k->stride, w += k->g) {
-		float wsum = 0.0f;
-		for (unsigned t = 0; t < k->g; t++)
-			wsum += w[t];
-		kern->lut_dot(k->bits, k->g, d, p + 4 * d, (size_t)k->g * k->bits / 8, integers, w, s);
-		for (unsigned j = 0; j < d; j++)
-			acc[j] += load16(p + 2 * j) * wsum + load16(p + 2 * (d + j)) * s[j];
+	if (k->per_token)
+		axpy_token(c, n, src, 1, w, n, acc);
+	else
+		axpy_channel(c, n, src, 1, w, n, acc);
+}
+
+static void kivi_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
+			    const float *w, float *acc)
+{
+	const struct kivi *k = c->state;
+
+	(void)ctx;
+	for (unsigned h = 0; h < g; h += HEADS) {
+		const unsigned hn = g - h < HEADS ? g - h : HEADS;
+		const float *wh = w + (size_t)h * n;
+		float *ah = acc + (size_t)h * c->acc_dim;
+
+		if (k->per_token)
+			axpy_token(c, n, src, hn, wh, n, ah);
+		else
+			axpy_channel(c, n, src, hn, wh, n, ah);
 	}
 }
 
 static void kivi_finish(const struct kvp_codec *c, const void *ctx, const float *acc, float *out)
 {
+	const struct kivi *k = c->state;
+
 	(void)ctx;
+	if (!k->per_token) {
+		for (unsigned j = 0; j < c->dim; j++)
+			out[j] += acc[j];
+		return;
+	}
 	for (unsigned j = 0; j < c->dim; j++)
-		out[j] += acc[j];
+		out[j] += acc[j] + acc[c->dim + j / k->g];
 }
 
 const struct kvp_codec_ops kvp_codec_kivi = {
@@ -343,6 +1068,8 @@ const struct kvp_codec_ops kvp_codec_kivi = {
 	.prepare_query = kivi_prepare_query,
 	.dot = kivi_dot,
 	.axpy = kivi_axpy,
+	.dot_group = kivi_dot_group,
+	.axpy_group = kivi_axpy_group,
 	.finish = kivi_finish,
 	.close = kivi_close,
 };

@@ -233,3 +233,167 @@ Test(kivi, public_calls_need_whole_groups_of_tokens_for_keys)
 	cr_assert_eq(kvp_codec_encode(c, 32, x, bytes), KVP_OK, "%s", kvp_last_error());
 	kvp_codec_close(c);
 }
+
+/* ---- the fast encoder and decoder against the scalar reference (codecs/kivi.c) ---- */
+
+/*
+ * Gaussian data with the groups the fast paths must not get wrong: constant ones (s = 0), ranges that end
+ * on zeros of both signs, ranges below fp16's resolution at a large offset (z rounds past the values, codes
+ * clamp), and a range whose s is an fp16 subnormal.
+ */
+static void awkward_data(struct rng *r, float *x, unsigned n, unsigned d)
+{
+	rng_gaussians(r, x, (size_t)n * d);
+	for (unsigned i = 0; i < n; i++)
+		for (unsigned j = 0; j < d; j++) {
+			float *v = &x[(size_t)i * d + j];
+			switch ((i / 8 + j) % 11) {
+			case 0: *v = 0.75f; break;
+			case 1: *v = (i + j) % 2 ? -0.0f : 0.0f; break;
+			case 2: *v = 1000.4f + (float)((i * 7 + j) % 5) * 0.01f; break;
+			case 3: *v = (float)((i + j) % 3) * 1e-6f; break;
+			default: break;
+			}
+		}
+}
+
+static void fast_matches_reference(const char *spec, unsigned role, unsigned d, unsigned n)
+{
+	struct rng r = { 5 + d + n };
+	struct kvp_codec *c = open_role(spec, d, role);
+	size_t bytes = c->ops->bytes(c, n);
+	float *x = xcalloc((size_t)n * d, sizeof *x), *y = xcalloc((size_t)n * d, sizeof *y);
+	float *yr = xcalloc((size_t)n * d, sizeof *yr);
+	unsigned char *fast = xcalloc(1, bytes), *ref = xcalloc(1, bytes);
+
+	awkward_data(&r, x, n, d);
+	memset(fast, 0xa5, bytes); /* every byte must be written */
+	cr_assert_eq(c->ops->encode(c, NULL, n, x, fast), KVP_OK, "%s: %s", spec, kvp_last_error());
+	cr_assert_eq(kvp_kivi_encode_reference(c, NULL, n, x, ref), KVP_OK, "%s: %s", spec, kvp_last_error());
+	for (size_t i = 0; i < bytes; i++)
+		cr_assert_eq(fast[i], ref[i], "%s role %u d=%u: byte %zu is %#x, the reference wrote %#x", spec, role, d,
+			     i, fast[i], ref[i]);
+	cr_assert_eq(c->ops->decode(c, NULL, n, fast, y), KVP_OK);
+	cr_assert_eq(kvp_kivi_decode_reference(c, NULL, n, fast, yr), KVP_OK);
+	cr_assert(!memcmp(y, yr, sizeof(float) * n * d), "%s role %u d=%u: decode differs from the reference", spec,
+		  role, d);
+	kvp_codec_free(c);
+	free(x), free(y), free(yr), free(fast), free(ref);
+}
+
+Test(kivi, fast_encode_and_decode_give_the_reference_bytes_and_floats)
+{
+	static const unsigned dims[] = { 128, 64, 80, 44, 9, 1 };
+	char spec[64];
+
+	for (unsigned b = 1; b <= 4; b++)
+		for (unsigned a = 0; a < sizeof dims / sizeof dims[0]; a++) {
+			snprintf(spec, sizeof spec, "kivi(bits=%u,group=32)", b);
+			fast_matches_reference(spec, KVP_CODEC_KEYS, dims[a], 96);
+			fast_matches_reference(spec, KVP_CODEC_VALUES, dims[a], 37);
+			snprintf(spec, sizeof spec, "kivi(bits=%u,group=8)", b);
+			fast_matches_reference(spec, KVP_CODEC_KEYS, dims[a], 24);
+			fast_matches_reference(spec, KVP_CODEC_VALUES, dims[a], 37);
+			snprintf(spec, sizeof spec, "kivi(bits=%u,group=40)", b);
+			fast_matches_reference(spec, KVP_CODEC_VALUES, dims[a], 5);
+		}
+}
+
+/* A fault in a key group: the fast encoder reports what the reference reports, for the first faulty group. */
+Test(kivi, a_key_group_with_a_fault_is_reported_as_the_reference_reports_it)
+{
+	static const struct {
+		float value;
+		const char *says;
+	} faults[] = { { INFINITY, "non-finite" }, { NAN, "non-finite" }, { 1e6f, "fp16" } };
+	struct kvp_codec *c = open_role("kivi(bits=2,group=8)", 16, KVP_CODEC_KEYS);
+	float x[16 * 16] = { 0 };
+	unsigned char bytes[1024];
+
+	for (size_t f = 0; f < sizeof faults / sizeof faults[0]; f++) {
+		x[8 * 16 + 5] = faults[f].value; /* second group, channel 5 */
+		cr_assert_eq(c->ops->encode(c, NULL, 16, x, bytes), KVP_EINVAL);
+		cr_assert(strstr(kvp_last_error(), faults[f].says), "%s", kvp_last_error());
+		cr_assert_eq(kvp_kivi_encode_reference(c, NULL, 16, x, bytes), KVP_EINVAL);
+		cr_assert(strstr(kvp_last_error(), faults[f].says), "%s", kvp_last_error());
+	}
+	kvp_codec_free(c);
+}
+
+/* ---- the group paths against dot and axpy head by head ---- */
+
+/*
+ * dot_group and axpy_group for g heads give what dot and axpy give one head at a time, within float
+ * rounding (the kernels sum in other orders): 1e-5 of the sum of the terms' magnitudes.
+ */
+static void group_matches_heads(const char *spec, unsigned role, unsigned d, unsigned n, unsigned g)
+{
+	struct rng r = { 17 + g };
+	struct kvp_codec *c = open_role(spec, d, role);
+	const size_t qs = c->qprep_bytes, ad = c->acc_dim;
+	float *x = xcalloc((size_t)n * d, sizeof *x), *y = xcalloc((size_t)n * d, sizeof *y);
+	float *q = xcalloc((size_t)g * d, sizeof *q), *w = xcalloc((size_t)g * n, sizeof *w);
+	float *out = xcalloc((size_t)g * n, sizeof *out), *one = xcalloc(n, sizeof *one);
+	float *acc = xcalloc(g * ad, sizeof *acc), *acc1 = xcalloc(ad, sizeof *acc1);
+	float *sum = xcalloc(d, sizeof *sum), *sum1 = xcalloc(d, sizeof *sum1);
+	char *qprep = xcalloc(g, qs);
+	void *bytes = xcalloc(1, c->ops->bytes(c, n));
+
+	cr_assert(c->ops->dot_group && c->ops->axpy_group, "kivi offers the group paths");
+	rng_gaussians(&r, x, (size_t)n * d);
+	rng_gaussians(&r, q, (size_t)g * d);
+	for (size_t i = 0; i < (size_t)g * n; i++) /* softmax weights are positive */
+		w[i] = (float)rng_uniform(&r);
+	cr_assert_eq(c->ops->encode(c, NULL, n, x, bytes), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(c->ops->decode(c, NULL, n, bytes, y), KVP_OK);
+	for (unsigned h = 0; h < g; h++)
+		c->ops->prepare_query(c, NULL, q + (size_t)h * d, qprep + h * qs);
+	c->ops->dot_group(c, NULL, n, bytes, g, qprep, out);
+	c->ops->axpy_group(c, NULL, n, bytes, g, w, acc);
+	for (unsigned h = 0; h < g; h++) {
+		c->ops->dot(c, NULL, n, bytes, qprep + h * qs, one);
+		for (unsigned i = 0; i < n; i++) {
+			double mag = 0;
+			for (unsigned j = 0; j < d; j++)
+				mag += fabs(q[(size_t)h * d + j] * y[(size_t)i * d + j]);
+			cr_assert(fabs(out[(size_t)h * n + i] - one[i]) <= 1e-5 * mag + 1e-6,
+				  "%s role %u d=%u g=%u head %u token %u: dot_group %.7g, dot %.7g", spec, role, d, g, h, i,
+				  out[(size_t)h * n + i], one[i]);
+		}
+		memset(acc1, 0, ad * sizeof *acc1);
+		memset(sum, 0, d * sizeof *sum);
+		memset(sum1, 0, d * sizeof *sum1);
+		c->ops->axpy(c, NULL, n, bytes, w + (size_t)h * n, acc1);
+		c->ops->finish(c, NULL, acc + h * ad, sum);
+		c->ops->finish(c, NULL, acc1, sum1);
+		for (unsigned j = 0; j < d; j++) {
+			double mag = 0;
+			for (unsigned i = 0; i < n; i++)
+				mag += fabs(w[(size_t)h * n + i] * y[(size_t)i * d + j]);
+			cr_assert(fabs(sum[j] - sum1[j]) <= 1e-5 * mag + 1e-6,
+				  "%s role %u d=%u g=%u head %u channel %u: axpy_group %.7g, axpy %.7g", spec, role, d, g, h,
+				  j, sum[j], sum1[j]);
+		}
+	}
+	kvp_codec_free(c);
+	free(x), free(y), free(q), free(w), free(out), free(one), free(acc), free(acc1), free(sum), free(sum1);
+	free(qprep), free(bytes);
+}
+
+Test(kivi, group_paths_equal_dot_and_axpy_head_by_head_on_either_axis)
+{
+	static const unsigned heads[] = { 1, 3, 4, 5, 9 };
+	char spec[64];
+
+	for (unsigned b = 1; b <= 4; b++)
+		for (size_t a = 0; a < sizeof heads / sizeof heads[0]; a++) {
+			snprintf(spec, sizeof spec, "kivi(bits=%u)", b);
+			group_matches_heads(spec, KVP_CODEC_KEYS, 128, 160, heads[a]);
+			group_matches_heads(spec, KVP_CODEC_VALUES, 128, 200, heads[a]);
+			group_matches_heads(spec, KVP_CODEC_VALUES, 80, 7, heads[a]);
+			snprintf(spec, sizeof spec, "kivi(bits=%u,group=8,axis=token)", b);
+			group_matches_heads(spec, KVP_CODEC_KEYS, 44, 300, heads[a]);
+			snprintf(spec, sizeof spec, "kivi(bits=%u,group=16,axis=channel)", b);
+			group_matches_heads(spec, KVP_CODEC_VALUES, 48, 48, heads[a]);
+		}
+}
