@@ -1126,7 +1126,7 @@ static float quantize_query(const float *x, unsigned m, int8_t *q8)
 	for (unsigned j = 0; j < m; j++)
 		top = fabsf(x[j]) > top ? fabsf(x[j]) : top;
 	step = top / 127.0f;
-	inv = top > 0.0f ? 127.0f / top : 0.0f;
+	inv = top > 127.0f / 3.0e38f ? 127.0f / top : 0.0f; /* no infinite factor for tiny queries */
 	for (unsigned j = 0; j < m; j++)
 		q8[j] = (int8_t)kvp_nearest(x[j] * inv);
 	return step;
