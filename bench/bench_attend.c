@@ -1,8 +1,12 @@
 /*
- * Exact kvp_attend decode latency (one token, one layer) against two baselines measured in the same run:
+ * kvp_attend decode latency (one token, one layer) against baselines measured in the same run:
  *   - a plain dense fp32 attention loop over contiguous [tokens][head_dim] arrays;
- *   - the memory-bandwidth floor: bytes of K and V read / measured memcpy bandwidth.
- * Shape: d=128, 8 KV heads, 32 query heads (GQA 4), 4K and 32K tokens.
+ *   - the fp16 cache (block=64,store=fp16), the thing a compressed cold tier replaces;
+ *   - each configuration's own bandwidth floor: the bytes of K and V it reads (its token storage, from
+ *     kvp_seq_stats) over the measured memcpy bandwidth.
+ * Compressed configurations also print their output's relative error against exact attention over the
+ * vectors their codes decode to (kvp_gather), the worst of the 32 query heads.
+ * Shape: 8 KV heads, 32 query heads (GQA 4), d = 128 and 64, 4K and 32K tokens.
  */
 #include <math.h>
 #include <stdio.h>
@@ -13,11 +17,11 @@
 #include "kernels/kernels.h"
 #include "kvpager.h"
 
-enum { D = 128, NKV = 8, NH = 32, GROUP = NH / NKV };
+enum { NKV = 8, NH = 32, GROUP = NH / NKV, DMAX = 128 };
 
 struct dense {
-	uint32_t n;
-	float *k, *v; /* [NKV][n][D] */
+	uint32_t n, d;
+	float *k, *v; /* [NKV][n][d] */
 	float *q, *out, *scores;
 };
 
@@ -25,6 +29,7 @@ struct dense {
 static void dense_attend(void *arg)
 {
 	struct dense *a = arg;
+	const uint32_t D = a->d;
 	const float scale = 1.0f / sqrtf((float)D);
 	for (uint32_t h = 0; h < NH; h++) {
 		const float *k = a->k + (size_t)(h / GROUP) * a->n * D, *v = a->v + (size_t)(h / GROUP) * a->n * D;
@@ -72,87 +77,149 @@ static void fill(float *x, size_t n, uint64_t seed)
 	}
 }
 
-static kvp_seq *paged_cache(kvp_tenant *t, uint32_t n, const float *k_by_head, const float *v_by_head)
+static void fail(const char *what)
 {
-	const kvp_shape sh = { 1, NH, NKV, D, 10000.0f, KVP_ROPE_HALF };
+	fprintf(stderr, "bench_attend: %s: %s\n", what, kvp_last_error());
+	exit(1);
+}
+
+static kvp_seq *paged_cache(kvp_tenant *t, const struct dense *dn)
+{
+	const kvp_shape sh = { 1, NH, NKV, dn->d, 10000.0f, KVP_ROPE_HALF };
 	enum { CHUNK = 1024 };
-	static float k[CHUNK * NKV * D], v[CHUNK * NKV * D];
+	static float k[CHUNK * NKV * DMAX], v[CHUNK * NKV * DMAX];
 	static int32_t pos[CHUNK];
+	const uint32_t D = dn->d;
 	kvp_seq *s;
+
 	if (kvp_seq_open(t, &sh, &s) != KVP_OK)
-		return NULL;
-	for (uint32_t at = 0; at < n; at += CHUNK) {
-		uint32_t m = n - at < CHUNK ? n - at : CHUNK;
+		fail("kvp_seq_open");
+	for (uint32_t at = 0; at < dn->n; at += CHUNK) {
+		uint32_t m = dn->n - at < CHUNK ? dn->n - at : CHUNK;
 		for (uint32_t i = 0; i < m; i++) {
 			pos[i] = (int32_t)(at + i);
 			for (uint32_t g = 0; g < NKV; g++) {
-				memcpy(k + ((size_t)i * NKV + g) * D, k_by_head + ((size_t)g * n + at + i) * D, D * 4);
-				memcpy(v + ((size_t)i * NKV + g) * D, v_by_head + ((size_t)g * n + at + i) * D, D * 4);
+				memcpy(k + ((size_t)i * NKV + g) * D, dn->k + ((size_t)g * dn->n + at + i) * D, D * 4);
+				memcpy(v + ((size_t)i * NKV + g) * D, dn->v + ((size_t)g * dn->n + at + i) * D, D * 4);
 			}
 		}
 		if (kvp_append(s, 0, m, pos, k, v) != KVP_OK)
-			return NULL;
+			fail("kvp_append");
 	}
 	return s;
 }
 
-/* The same cache with a TurboQuant cold tier: all but the hot window read from the codes. */
-static void run_cold(kvp_pool *pool, uint32_t n, const struct dense *dn, int bits, double t_fp16, int reps)
+/* Bytes of token storage attention reads: the bandwidth floor's numerator. */
+static double storage_bytes(const kvp_seq *s)
 {
-	struct paged pg = { NULL, dn->q, malloc(NH * D * 4) };
-	char config[64], spec[128], name[16];
-	kvp_tenant *t;
-	double t_paged;
+	kvp_stats st = { .size = sizeof st };
 
-	snprintf(spec, sizeof spec, "block=64,window=128,store=fp16,k=turboquant(bits=%d),v=turboquant(bits=%d)",
-		 bits, bits);
-	snprintf(name, sizeof name, "tq%d", bits);
-	if (kvp_tenant_open(pool, name, spec, &t) != KVP_OK || !(pg.seq = paged_cache(t, n, dn->k, dn->v))) {
-		fprintf(stderr, "bench_attend: %s\n", kvp_last_error());
-		exit(1);
-	}
-	t_paged = bench_time(paged_attend, &pg, reps);
-	snprintf(config, sizeof config, "kvp_attend turboquant %d-bit, %uK", bits, n / 1024);
-	bench_row(config, "decode latency", t_paged, t_fp16, 1e3, "ms", "kvp_attend fp16");
-	kvp_tenant_close(t);
-	free(pg.out);
+	if (kvp_seq_stats(s, &st) != KVP_OK)
+		fail("kvp_seq_stats");
+	return (double)(st.bytes_exact + st.bytes_compressed);
 }
 
-static void run(kvp_pool *pool, uint32_t n, double bandwidth, int reps)
+/* Worst head's ||out - ref|| / ||ref||, ref being exact attention over what kvp_gather returns. */
+static double decoded_error(kvp_seq *s, const struct dense *dn, const float *out)
 {
-	struct dense dn = { n, malloc((size_t)NKV * n * D * 4), malloc((size_t)NKV * n * D * 4), malloc(NH * D * 4),
-			    malloc(NH * D * 4), malloc((size_t)n * 4) };
-	static const char *const stores[] = { "fp32", "fp16" };
-	char config[64], spec[64];
-	double t_dense;
+	const uint32_t D = dn->d, n = dn->n;
+	float *k = malloc(sizeof *k * n * D), *v = malloc(sizeof *v * n * D);
+	int32_t *pos = malloc(sizeof *pos * n);
+	double *sc = malloc(sizeof *sc * n), worst = 0;
 
-	fill(dn.k, (size_t)NKV * n * D, 1);
-	fill(dn.v, (size_t)NKV * n * D, 2);
-	fill(dn.q, NH * D, 3);
-	t_dense = bench_time(dense_attend, &dn, reps);
-	snprintf(config, sizeof config, "dense fp32 loop, %uK tokens", n / 1024);
-	bench_row(config, "decode latency", t_dense, t_dense, 1e3, "ms", "itself");
-	double t_fp16 = 0;
-	for (int st = 0; st < 2; st++) {
-		struct paged pg = { NULL, dn.q, malloc(NH * D * 4) };
-		size_t bytes = (size_t)n * NKV * D * 2 * (st ? 2 : 4);
-		kvp_tenant *t;
-		double t_paged, floor_s = (double)bytes / bandwidth;
-		snprintf(spec, sizeof spec, "block=64,store=%s", stores[st]);
-		if (kvp_tenant_open(pool, stores[st], spec, &t) != KVP_OK || !(pg.seq = paged_cache(t, n, dn.k, dn.v))) {
-			fprintf(stderr, "bench_attend: %s\n", kvp_last_error());
-			exit(1);
+	for (uint32_t g = 0; g < NKV; g++) {
+		uint32_t got;
+		if (kvp_gather(s, 0, g, n, pos, k, v, &got) != KVP_OK)
+			fail("kvp_gather");
+		for (uint32_t h = g * GROUP; h < (g + 1) * GROUP; h++) {
+			const float *q = dn->q + h * D;
+			double ref[DMAX] = { 0 }, m = -INFINITY, l = 0, num = 0, den = 0;
+			for (uint32_t i = 0; i < got; i++) {
+				double dot = 0;
+				for (uint32_t j = 0; j < D; j++)
+					dot += (double)q[j] * k[(size_t)i * D + j];
+				sc[i] = dot / sqrt((double)D);
+				m = sc[i] > m ? sc[i] : m;
+			}
+			for (uint32_t i = 0; i < got; i++) {
+				double p = exp(sc[i] - m);
+				l += p;
+				for (uint32_t j = 0; j < D; j++)
+					ref[j] += p * v[(size_t)i * D + j];
+			}
+			for (uint32_t j = 0; j < D; j++) {
+				double r = ref[j] / l;
+				num += (out[h * D + j] - r) * (out[h * D + j] - r);
+				den += r * r;
+			}
+			worst = fmax(worst, sqrt(num / den));
 		}
-		t_paged = bench_time(paged_attend, &pg, reps);
-		snprintf(config, sizeof config, "kvp_attend %s, %uK tokens", stores[st], n / 1024);
-		bench_row(config, "decode latency", t_paged, t_dense, 1e3, "ms", "dense fp32 loop");
-		bench_row(config, "decode latency", t_paged, floor_s, 1e3, "ms", "bandwidth floor");
-		kvp_tenant_close(t);
-		free(pg.out);
-		t_fp16 = t_paged;
 	}
-	for (int bits = 4; bits >= 2; bits--)
-		run_cold(pool, n, &dn, bits, t_fp16, reps);
+	free(k), free(v), free(pos), free(sc);
+	return worst;
+}
+
+/* Opens spec over the data, times kvp_attend, and closes it; returns the time, fills *bytes. */
+static double run_spec(kvp_pool *pool, const char *spec, const struct dense *dn, int reps, double *bytes,
+		       double *error)
+{
+	struct paged pg = { NULL, dn->q, malloc(sizeof(float) * NH * DMAX) };
+	kvp_tenant *t;
+	double s;
+
+	if (kvp_tenant_open(pool, "bench", spec, &t) != KVP_OK)
+		fail(spec);
+	pg.seq = paged_cache(t, dn);
+	s = bench_time(paged_attend, &pg, reps);
+	*bytes = storage_bytes(pg.seq);
+	if (error)
+		*error = decoded_error(pg.seq, dn, pg.out);
+	kvp_tenant_close(t);
+	free(pg.out);
+	return s;
+}
+
+static const struct {
+	const char *name, *spec;
+} cold[] = {
+	{ "turboquant 4-bit", "block=64,window=128,store=fp16,k=turboquant(bits=4),v=turboquant(bits=4)" },
+	{ "turboquant 3-bit", "block=64,window=128,store=fp16,k=turboquant(bits=3),v=turboquant(bits=3)" },
+	{ "turboquant 2-bit", "block=64,window=128,store=fp16,k=turboquant(bits=2),v=turboquant(bits=2)" },
+	{ "kivi 2-bit", "block=64,window=128,store=fp16,k=kivi(bits=2),v=kivi(bits=2)" },
+	{ "spark|tq3 k, tq3 v",
+	  "block=64,window=128,store=fp16,k=spark(keep=0.5)|turboquant(bits=3),v=turboquant(bits=3)" },
+};
+
+static void run(kvp_pool *pool, uint32_t n, uint32_t d, double bandwidth, int reps)
+{
+	struct dense dn = { n, d, malloc((size_t)NKV * n * d * 4), malloc((size_t)NKV * n * d * 4),
+			    malloc(NH * d * 4), malloc(NH * d * 4), malloc((size_t)n * 4) };
+	static const char *const stores[] = { "fp32", "fp16" };
+	char config[80], spec[64];
+	double t_dense, t_fp16 = 0, bytes;
+
+	fill(dn.k, (size_t)NKV * n * d, 1);
+	fill(dn.v, (size_t)NKV * n * d, 2);
+	fill(dn.q, NH * d, 3);
+	t_dense = bench_time(dense_attend, &dn, reps);
+	snprintf(config, sizeof config, "dense fp32 loop, %uK, d=%u", n / 1024, d);
+	bench_row(config, "decode latency", t_dense, t_dense, 1e3, "ms", "itself");
+	for (int st = 0; st < 2; st++) {
+		double t;
+		snprintf(spec, sizeof spec, "block=64,store=%s", stores[st]);
+		t = run_spec(pool, spec, &dn, reps, &bytes, NULL);
+		snprintf(config, sizeof config, "kvp_attend %s, %uK, d=%u", stores[st], n / 1024, d);
+		bench_row(config, "decode latency", t, t_dense, 1e3, "ms", "dense fp32 loop");
+		bench_row(config, "decode latency", t, bytes / bandwidth, 1e3, "ms", "its bandwidth floor");
+		t_fp16 = t;
+	}
+	for (size_t c = 0; c < sizeof cold / sizeof cold[0]; c++) {
+		double err, t = run_spec(pool, cold[c].spec, &dn, reps, &bytes, &err);
+		snprintf(config, sizeof config, "kvp_attend %s, %uK, d=%u", cold[c].name, n / 1024, d);
+		bench_row(config, "decode latency", t, t_fp16, 1e3, "ms", "kvp_attend fp16");
+		bench_row(config, "decode latency", t, bytes / bandwidth, 1e3, "ms", "its bandwidth floor");
+		printf("%-34s %-22s %14.2e\n", config, "error vs its decode", err);
+	}
 	free(dn.k), free(dn.v), free(dn.q), free(dn.out), free(dn.scores);
 }
 
@@ -161,17 +228,15 @@ int main(void)
 	kvp_pool *pool;
 	double bw = bench_memcpy_bandwidth((size_t)256 << 20);
 	int reps = bench_reps(10);
-	char floor_note[96];
 
-	if (kvp_pool_open("", &pool) != KVP_OK) {
-		fprintf(stderr, "bench_attend: %s\n", kvp_last_error());
-		return 1;
+	if (kvp_pool_open("", &pool) != KVP_OK)
+		fail("kvp_pool_open");
+	bench_header("Attention, one decode token over one layer: 8 KV heads, 32 query heads");
+	printf("memcpy bandwidth %.2f GB/s; kernels: %s\n", bw / 1e9, kvp_kernels()->name);
+	for (uint32_t d = 128; d >= 64; d /= 2) {
+		run(pool, 4096, d, bw, reps);
+		run(pool, 32768, d, bw, reps);
 	}
-	snprintf(floor_note, sizeof floor_note, "memcpy bandwidth %.2f GB/s; kernels: %s", bw / 1e9, kvp_kernels()->name);
-	bench_header("Attention, one decode token over one layer: d=128, 8 KV heads, 32 query heads");
-	printf("%s\n", floor_note);
-	run(pool, 4096, bw, reps);
-	run(pool, 32768, bw, reps);
 	kvp_pool_close(pool);
 	return 0;
 }

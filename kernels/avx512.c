@@ -695,7 +695,7 @@ INLINE unsigned band_norms_vector(unsigned F, int interleaved, const float *r, f
  * a lookup that reads 6 (vpermb) or 5 (vpermw) index bits sees only the code.
  */
 struct int_regs {
-	__m512i spread, shifts, tab8, tab16;
+	__m512i spread, shifts, tab8, tab16, tab_lo, tab_hi;
 };
 
 /* Byte i of a spread or shift vector for width b, written out by the preprocessor as constant data. */
@@ -722,15 +722,20 @@ INLINE struct int_regs int_regs(unsigned bits, const int8_t *lut8, const int16_t
 
 	r.spread = _mm512_loadu_si512(spread_of[bits]);
 	r.shifts = _mm512_loadu_si512(shift_of[bits]);
-	r.tab8 = r.tab16 = _mm512_setzero_si512();
+	r.tab8 = _mm512_setzero_si512();
 	if (lut8)
 		r.tab8 = _mm512_add_epi8(_mm512_permutexvar_epi8(_mm512_and_si512(iota8, period),
 								 _mm512_maskz_loadu_epi8(((__mmask64)1 << levels) - 1, lut8)),
 					 _mm512_set1_epi8((char)bias));
-	if (lut16)
-		r.tab16 = _mm512_permutexvar_epi16(_mm512_and_si512(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(iota8)),
-								    _mm512_set1_epi16((short)(levels - 1))),
-						   _mm512_maskz_loadu_epi16((__mmask32)((1u << levels) - 1), lut16));
+	r.tab_lo = r.tab_hi = _mm512_setzero_si512();
+	if (lut16) {
+		/* the low and the high bytes of the int16 table, each a byte table of its own */
+		const __m512i words = _mm512_maskz_loadu_epi16((__mmask32)((1u << levels) - 1), lut16);
+		const __m512i at = _mm512_add_epi8(_mm512_and_si512(iota8, period), _mm512_and_si512(iota8, period));
+
+		r.tab_lo = _mm512_permutexvar_epi8(at, words);
+		r.tab_hi = _mm512_permutexvar_epi8(_mm512_add_epi8(at, _mm512_set1_epi8(1)), words);
+	}
 	return r;
 }
 
@@ -884,30 +889,41 @@ static void lut_dot_i8_group(unsigned bits, unsigned m, unsigned n, const uint8_
 	}
 }
 
-/* Codes j..j+k-1 (k <= 64) of a row as int16 table values: lanes 0-31 in lo, 32-63 in hi. */
-INLINE void values16(unsigned bits, const uint8_t *row, unsigned j, unsigned k, const struct int_regs *r,
-		     __m512i *lo, __m512i *hi)
+/*
+ * Codes j..j+k-1 (k <= 64) of rows x and y as int16 table values, each int32 lane holding one column of
+ * both (x low): the two rows' code bytes are interleaved first, so that two byte lookups (the table's low
+ * and high bytes) and one more interleave give the pairs. d[e] lane (L, t) is column 16L + 4e + t.
+ */
+INLINE void value_pairs(__m512i cx, __m512i cy, const struct int_regs *r, __m512i d[4])
 {
-	const __m512i c = code_bytes(bits, row, j, k, r);
+	const __m512i p0 = _mm512_unpacklo_epi8(cx, cy), p1 = _mm512_unpackhi_epi8(cx, cy);
+	const __m512i lo0 = _mm512_permutexvar_epi8(p0, r->tab_lo), hi0 = _mm512_permutexvar_epi8(p0, r->tab_hi);
+	const __m512i lo1 = _mm512_permutexvar_epi8(p1, r->tab_lo), hi1 = _mm512_permutexvar_epi8(p1, r->tab_hi);
 
-	*lo = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(c)), r->tab16);
-	*hi = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(c, 1)), r->tab16);
+	d[0] = _mm512_unpacklo_epi8(lo0, hi0), d[1] = _mm512_unpackhi_epi8(lo0, hi0);
+	d[2] = _mm512_unpacklo_epi8(lo1, hi1), d[3] = _mm512_unpackhi_epi8(lo1, hi1);
 }
 
 
 
-/* acc[0..k) += f * the 32-column chunk's sums held as lo and hi (see axpy_i16_heads), k <= 32. */
-INLINE void add_columns(float *acc, unsigned k, float f, __m512i lo, __m512i hi)
+/*
+ * acc[0..k) += f * a 64-column chunk's sums, k <= 64: a[e] lane (L, t) holds column 16L + 4e + t, so the
+ * four registers' 128-bit lanes are transposed (column block L gathers lane L of each) before the steps.
+ */
+INLINE void add_columns(float *acc, unsigned k, float f, __m512i a0, __m512i a1, __m512i a2, __m512i a3)
 {
-	const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
-	const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
-	const __mmask16 m0 = tail16(k < 16 ? k : 16), m1 = tail16(k > 16 ? k - 16 : 0);
+	const __m512i t0 = _mm512_shuffle_i64x2(a0, a1, 0x44), t1 = _mm512_shuffle_i64x2(a0, a1, 0xee);
+	const __m512i t2 = _mm512_shuffle_i64x2(a2, a3, 0x44), t3 = _mm512_shuffle_i64x2(a2, a3, 0xee);
+	const __m512i c[4] = { _mm512_shuffle_i64x2(t0, t2, 0x88), _mm512_shuffle_i64x2(t0, t2, 0xdd),
+			       _mm512_shuffle_i64x2(t1, t3, 0x88), _mm512_shuffle_i64x2(t1, t3, 0xdd) };
 	const __m512 fv = _mm512_set1_ps(f);
-	__m512 c0 = _mm512_mul_ps(fv, _mm512_cvtepi32_ps(_mm512_permutex2var_epi64(lo, first, hi)));
-	__m512 c1 = _mm512_mul_ps(fv, _mm512_cvtepi32_ps(_mm512_permutex2var_epi64(lo, second, hi)));
 
-	_mm512_mask_storeu_ps(acc, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, acc), c0));
-	_mm512_mask_storeu_ps(acc + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, acc + 16), c1));
+	for (unsigned q = 0; q < 4 && 16 * q < k; q++) {
+		const __mmask16 keep = tail16(k - 16 * q < 16 ? k - 16 * q : 16);
+		float *p = acc + 16 * q;
+		_mm512_mask_storeu_ps(p, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, p),
+							     _mm512_mul_ps(fv, _mm512_cvtepi32_ps(c[q]))));
+	}
 }
 
 /*
@@ -978,13 +994,13 @@ INLINE void axpy_i16_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, c
 		__m512i a30 = a00, a31 = a00, a32 = a00, a33 = a00;
 
 		for (unsigned i = 0; i < n; i += 2) {
-			__m512i x0, x1, y0 = _mm512_setzero_si512(), y1 = y0, d0, d1, d2, d3;
+			const __m512i cx = code_bytes(bits, codes + (size_t)i * stride, j, k, r);
+			const __m512i cy = i + 1 < n ? code_bytes(bits, codes + (size_t)(i + 1) * stride, j, k, r)
+						     : _mm512_setzero_si512();
+			__m512i d[4], d0, d1, d2, d3;
 
-			values16(bits, codes + (size_t)i * stride, j, k, r, &x0, &x1);
-			if (i + 1 < n)
-				values16(bits, codes + (size_t)(i + 1) * stride, j, k, r, &y0, &y1);
-			d0 = _mm512_unpacklo_epi16(x0, y0), d1 = _mm512_unpackhi_epi16(x0, y0);
-			d2 = _mm512_unpacklo_epi16(x1, y1), d3 = _mm512_unpackhi_epi16(x1, y1);
+			value_pairs(cx, cy, r, d);
+			d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
 			AXPY_HEAD(w0, a00, a01, a02, a03);
 			if (hn > 1)
 				AXPY_HEAD(w1, a10, a11, a12, a13);
@@ -993,18 +1009,13 @@ INLINE void axpy_i16_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, c
 			if (hn > 3)
 				AXPY_HEAD(w3, a30, a31, a32, a33);
 		}
-		for (unsigned half = 0; half < 2 && 32 * half < k; half++) {
-			const unsigned left = k - 32 * half < 32 ? k - 32 * half : 32;
-			float *p = acc + j + 32 * half;
-
-			add_columns(p, left, f[0], half ? a02 : a00, half ? a03 : a01);
-			if (hn > 1)
-				add_columns(p + as, left, f[1], half ? a12 : a10, half ? a13 : a11);
-			if (hn > 2)
-				add_columns(p + 2 * as, left, f[2], half ? a22 : a20, half ? a23 : a21);
-			if (hn > 3)
-				add_columns(p + 3 * as, left, f[3], half ? a32 : a30, half ? a33 : a31);
-		}
+		add_columns(acc + j, k, f[0], a00, a01, a02, a03);
+		if (hn > 1)
+			add_columns(acc + as + j, k, f[1], a10, a11, a12, a13);
+		if (hn > 2)
+			add_columns(acc + 2 * as + j, k, f[2], a20, a21, a22, a23);
+		if (hn > 3)
+			add_columns(acc + 3 * as + j, k, f[3], a30, a31, a32, a33);
 	}
 }
 
