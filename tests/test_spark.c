@@ -258,3 +258,101 @@ Test(spark, keeps_the_largest_channels_with_ties_to_the_lower_index)
 			kvp_codec_close(c);
 		}
 }
+
+/* The bytes of one token of spark alone (fp16 kept values), written from the documented layout by plain
+ * loops: a sort-free rank per channel, a branch per field. */
+static void reference_token(unsigned d, unsigned kept, int avg, const float *x, unsigned char *p)
+{
+	size_t mask_at = avg ? 4 : 0, sign_at = mask_at + (d + 7) / 8, kept_at;
+	unsigned r = 0, t = 0;
+	double sum = 0.0;
+
+	kept_at = sign_at + (avg ? (d - kept + 7) / 8 : 0);
+	kept_at += kept_at & 1;
+	memset(p, 0, kept_at + 2 * kept);
+	for (unsigned j = 0; j < d; j++) {
+		unsigned above = 0;
+		for (unsigned i = 0; i < d; i++)
+			above += x[i] * x[i] > x[j] * x[j] || (x[i] * x[i] == x[j] * x[j] && i < j);
+		if (above < kept) {
+			uint16_t h = kvp_f32_to_f16(x[j]);
+			p[mask_at + j / 8] |= (unsigned char)(1u << (j % 8));
+			memcpy(p + kept_at + 2 * t++, &h, 2);
+			continue;
+		}
+		sum += (double)(x[j] * x[j]); /* the score, a float (||Q_j|| = 1 without observed queries) */
+		if (avg && signbit(x[j]))
+			p[sign_at + r / 8] |= (unsigned char)(1u << (r % 8));
+		r++;
+	}
+	if (avg) {
+		float s = d > kept ? (float)(sum / (d - kept)) : 0.0f;
+		memcpy(p, &s, 4);
+	}
+}
+
+/* Odd widths, many ties (small integers) and Gaussians: every byte as the plain loops write it. */
+Test(spark, encode_writes_the_bytes_of_the_plain_reference)
+{
+	static const unsigned dims[] = { 7, 13, 33, 64, 128 };
+	static const double keeps[] = { 0.25, 0.5, 0.7, 1.0 };
+	static const char *const modes[] = { "avg", "zero" };
+	struct rng r = { 31 };
+	float x[128];
+	unsigned char got[1024], want[1024];
+	char spec[64];
+
+	for (size_t a = 0; a < 5; a++)
+		for (size_t k = 0; k < 4; k++)
+			for (int m = 0; m < 2; m++) {
+				unsigned d = dims[a], kept = d - (unsigned)floor((1.0 - keeps[k]) * d + 1e-9);
+				snprintf(spec, sizeof spec, "spark(keep=%g,recover=%s)", keeps[k], modes[m]);
+				kvp_codec *c = codec_open(spec, d);
+				size_t bytes = kvp_codec_bytes(c, 1);
+
+				for (int trial = 0; trial < 40; trial++) {
+					for (unsigned j = 0; j < d; j++)
+						x[j] = trial & 1 ? (float)((int)(rng_next(&r) % 7) - 3) : (float)rng_gaussian(&r);
+					cr_assert_eq(kvp_codec_encode(c, 1, x, got), KVP_OK);
+					reference_token(d, kept, m == 0, x, want);
+					cr_assert(!memcmp(got, want, bytes), "%s d=%u trial %d: the bytes differ", spec, d, trial);
+				}
+				kvp_codec_close(c);
+			}
+}
+
+/* dot_group and axpy_group over 4 heads give each head what dot and axpy give it, bit for bit: the same
+ * rows, expanded once for the group instead of once per head. */
+Test(spark, group_paths_equal_the_per_head_paths)
+{
+	const unsigned d = 128, n = 70, g = 4;
+	kvp_codec *c = codec_open("spark(keep=0.5)|turboquant(bits=3)", d);
+	float *x = gaussian_rows(n, d, 41), *q = gaussian_rows(g, d, 42), *w = gaussian_rows(g, n, 43);
+	float *one = xcalloc(n, sizeof *one), *all = xcalloc((size_t)g * n, sizeof *all);
+	float *acc1 = xcalloc(c->acc_dim, sizeof *acc1), *accg = xcalloc((size_t)g * c->acc_dim, sizeof *accg);
+	char *qprep = xcalloc(g, c->qprep_bytes);
+	void *bytes = encode_all(c, n, x);
+
+	for (unsigned h = 0; h < g; h++)
+		c->ops->prepare_query(c, c->own_ctx, q + (size_t)h * d, qprep + h * c->qprep_bytes);
+	c->ops->dot_group(c, c->own_ctx, n, bytes, g, qprep, all);
+	c->ops->axpy_group(c, c->own_ctx, n, bytes, g, w, accg);
+	for (unsigned h = 0; h < g; h++) {
+		c->ops->dot(c, c->own_ctx, n, bytes, qprep + h * c->qprep_bytes, one);
+		cr_assert(!memcmp(one, all + (size_t)h * n, sizeof *one * n), "head %u: dot_group differs from dot", h);
+		memset(acc1, 0, sizeof *acc1 * c->acc_dim);
+		c->ops->axpy(c, c->own_ctx, n, bytes, w + (size_t)h * n, acc1);
+		cr_assert(!memcmp(acc1, accg + (size_t)h * c->acc_dim, sizeof *acc1 * c->acc_dim),
+			  "head %u: axpy_group differs from axpy", h);
+	}
+	kvp_codec_close(c);
+	free(x);
+	free(q);
+	free(w);
+	free(one);
+	free(all);
+	free(acc1);
+	free(accg);
+	free(qprep);
+	free(bytes);
+}
