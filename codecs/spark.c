@@ -37,8 +37,9 @@
  *
  * Query paths: decode, dot and axpy take tokens in chunks of 1024 floats of dense rows (at least one
  * token), which the codec's scratch holds with the chunk's kept values. A chunk's kept values are
- * widened from fp16 (or decoded by the inner codec, one token at a time, because each token has its
- * own kept channels), then the kernel mask_expand places them and the recovered pruned values
+ * widened from fp16, or decoded by one call of the inner codec on a copy of the chunk's inner records
+ * placed side by side (each token has its own kept channels, so the inner codec cannot score them
+ * against one prepared query: a quantizer that rotates, like TurboQuant, rotates every token back), then the kernel mask_expand places them and the recovered pruned values
  * (sign * sqrt(s) * 1/sqrt(||Q_j||)) into dense rows, and the dense kernels dot_f32 and axpy_f32 run on
  * those rows: once per head, so dot_group and axpy_group expand each token once for a whole GQA group.
  * acc_dim = D and qprep is the query itself.
@@ -108,13 +109,14 @@ struct spark_scratch {
 	unsigned char *keep;
 	uint16_t *half;
 	float *rows, *kept, *scale;
+	unsigned char *codes; /* a chunk's inner records, side by side, for one inner decode */
 };
 
-static size_t scratch_layout(unsigned dim, unsigned kept, void *base, struct spark_scratch *w)
+static size_t scratch_layout(unsigned dim, unsigned kept, size_t kept_bytes, void *base, struct spark_scratch *w)
 {
 	const size_t chunk = chunk_tokens(dim);
 	size_t encode = (sizeof(int32_t) + sizeof(float)) * dim + sizeof(uint16_t) * kept + dim;
-	size_t query = sizeof(float) * chunk * (dim + kept + 1);
+	size_t query = sizeof(float) * chunk * (dim + kept + 1) + chunk * kept_bytes;
 
 	if (base) {
 		w->key = base;
@@ -124,13 +126,14 @@ static size_t scratch_layout(unsigned dim, unsigned kept, void *base, struct spa
 		w->rows = base;
 		w->kept = w->rows + chunk * dim;
 		w->scale = w->kept + chunk * kept;
+		w->codes = (unsigned char *)(w->scale + chunk);
 	}
 	return encode > query ? encode : query;
 }
 
-static size_t spark_scratch_bytes(unsigned dim, unsigned kept)
+static size_t spark_scratch_bytes(unsigned dim, unsigned kept, size_t kept_bytes)
 {
-	return scratch_layout(dim, kept, NULL, NULL);
+	return scratch_layout(dim, kept, kept_bytes, NULL, NULL);
 }
 
 static struct spark_scratch scratch_of(const struct kvp_codec *c)
@@ -138,7 +141,7 @@ static struct spark_scratch scratch_of(const struct kvp_codec *c)
 	const struct spark *s = c->state;
 	struct spark_scratch w;
 
-	scratch_layout(c->dim, s->kept, c->scratch, &w);
+	scratch_layout(c->dim, s->kept, c->inner ? s->kept_bytes : 0, c->scratch, &w);
 	return w;
 }
 
@@ -169,7 +172,7 @@ static kvp_status spark_open(struct kvp_codec *c, struct kvp_args *args, unsigne
 	c->state = s;
 	c->ctx_bytes = 2 * sizeof(float) * dim + (inner ? inner->ctx_bytes : 0);
 	c->qprep_bytes = sizeof(float) * dim;
-	c->scratch_bytes = spark_scratch_bytes(dim, kept);
+	c->scratch_bytes = spark_scratch_bytes(dim, kept, inner ? s->kept_bytes : 0);
 	c->acc_dim = dim;
 	c->fit_steps = 32; /* the reference's observation window */
 	return KVP_OK;
@@ -535,15 +538,13 @@ static int mask_is_sound(const struct kvp_codec *c, const unsigned char *mask)
 	return bits == s->kept;
 }
 
-/* The kept values of token p as floats: decoded by the inner codec, or widened from fp16. */
-static void load_kept(const struct kvp_codec *c, const void *ctx, const unsigned char *p, float *y)
+/* The kept values of token p, widened from fp16 (spark alone). */
+static void load_fp16(const struct kvp_codec *c, const unsigned char *p, float *y)
 {
 	const struct spark *s = c->state;
 	const unsigned char *v = p + s->kept_at;
 
-	if (c->inner) {
-		c->inner->ops->decode(c->inner, inner_ctx(c, ctx), 1, v, y);
-	} else if (((uintptr_t)v & 1) == 0) {
+	if (((uintptr_t)v & 1) == 0) {
 		kvp_kernels()->f16_to_f32(s->kept, (const uint16_t *)(const void *)v, y);
 	} else {
 		for (unsigned t = 0; t < s->kept; t++)
@@ -573,6 +574,12 @@ static void decode_chunk(const struct kvp_codec *c, const void *ctx, unsigned n,
 	float *kept = w.kept, *scale = w.scale;
 	unsigned from = 0;
 
+	if (c->inner) {
+		/* the chunk's inner records side by side: one call of the inner decode for all of them */
+		for (unsigned i = 0; i < n; i++)
+			memcpy(w.codes + i * s->kept_bytes, p + (size_t)i * s->stride + s->kept_at, s->kept_bytes);
+		c->inner->ops->decode(c->inner, inner_ctx(c, ctx), n, w.codes, kept);
+	}
 	for (unsigned i = 0; i < n; i++) {
 		const unsigned char *tok = p + (size_t)i * s->stride;
 
@@ -582,7 +589,8 @@ static void decode_chunk(const struct kvp_codec *c, const void *ctx, unsigned n,
 			from = i + 1;
 			continue;
 		}
-		load_kept(c, ctx, tok, kept + (size_t)i * s->kept);
+		if (!c->inner)
+			load_fp16(c, tok, kept + (size_t)i * s->kept);
 		scale[i] = sqrtf(load_sbar(s, tok));
 	}
 	expand_run(c, ctx, p, from, n, kept, scale, x);
