@@ -143,6 +143,8 @@ Test(spark, bytes_follow_the_documented_layout)
 		{ "spark(keep=0.75)|turboquant(bits=4)", 128, 4 + 16 + 4 + 4 + 48 },
 		{ "spark(keep=0.5)|turboquant(bits=3)", 80, 4 + 10 + 5 + 4 + 15 },
 		{ "spark(keep=1.0)|turboquant(bits=3)", 128, 4 + 16 + 0 + 52 },
+		/* quantize=all: the inner codec's bytes for the whole vector, nothing else */
+		{ "spark(keep=0.5,quantize=all)|turboquant(bits=3)", 128, 4 + 48 },
 		/* fp16 values start on an even byte: one byte of padding after 4 + 2 + 1 */
 		{ "spark(keep=0.5)", 9, 4 + 2 + 1 + 1 + 10 },
 		{ "spark(keep=0.5)|turboquant(bits=3)", 9, 4 + 2 + 1 + 4 + 2 },
@@ -198,6 +200,9 @@ Test(spark, dot_and_axpy_equal_decode_alone_and_stacked)
 	query_paths_match_decode("spark(keep=0.7)|turboquant(bits=2,qjl=1)", 80, 50);
 	query_paths_match_decode("spark(keep=0.5)|turboquant(bits=2,outliers=8,outlier_bits=4)", 64, 50);
 	query_paths_match_decode("spark(keep=0.6)|kivi(bits=4,group=8,axis=token)", 48, 50);
+	query_paths_match_decode("spark(keep=0.5,quantize=all)|turboquant(bits=3)", 128, 50);
+	query_paths_match_decode("spark(keep=0.5,quantize=all,recover=zero)|turboquant(bits=2,outliers=8,outlier_bits=4)",
+				 64, 50);
 }
 
 Test(spark, bad_specs_are_rejected_with_a_message_quoting_them)
@@ -211,6 +216,9 @@ Test(spark, bad_specs_are_rejected_with_a_message_quoting_them)
 	expect_rejected("spark(keep=2)|turboquant(bits=3)", 128, "keep=2");
 	expect_rejected("spark(keep=0.5)|turboquant(bits=7)", 128, "bits=7");
 	expect_rejected("turboquant(bits=3)|spark(keep=0.5)", 128, "turboquant(bits=3)");
+	expect_rejected("spark(keep=0.5,quantize=some)|turboquant(bits=3)", 128, "some");
+	/* alone there is no codec to take the whole vector */
+	expect_rejected("spark(keep=0.5,quantize=all)", 128, "quantize=all");
 }
 
 Test(spark, non_finite_keys_are_rejected)
@@ -321,12 +329,13 @@ Test(spark, encode_writes_the_bytes_of_the_plain_reference)
 			}
 }
 
-/* dot_group and axpy_group over 4 heads give each head what dot and axpy give it, bit for bit: the same
- * rows, expanded once for the group instead of once per head. */
-Test(spark, group_paths_equal_the_per_head_paths)
+/* dot_group and axpy_group over 4 heads give each head what dot and axpy give it, within 1e-5 relative
+ * (quantize=kept: bit for bit, the same rows expanded once for the group instead of once per head;
+ * quantize=all: the inner codec's group kernels against its single-head ones). */
+static void group_paths_match(const char *spec)
 {
 	const unsigned d = 128, n = 70, g = 4;
-	kvp_codec *c = codec_open("spark(keep=0.5)|turboquant(bits=3)", d);
+	kvp_codec *c = codec_open(spec, d);
 	float *x = gaussian_rows(n, d, 41), *q = gaussian_rows(g, d, 42), *w = gaussian_rows(g, n, 43);
 	float *one = xcalloc(n, sizeof *one), *all = xcalloc((size_t)g * n, sizeof *all);
 	float *acc1 = xcalloc(c->acc_dim, sizeof *acc1), *accg = xcalloc((size_t)g * c->acc_dim, sizeof *accg);
@@ -339,11 +348,15 @@ Test(spark, group_paths_equal_the_per_head_paths)
 	c->ops->axpy_group(c, c->own_ctx, n, bytes, g, w, accg);
 	for (unsigned h = 0; h < g; h++) {
 		c->ops->dot(c, c->own_ctx, n, bytes, qprep + h * c->qprep_bytes, one);
-		cr_assert(!memcmp(one, all + (size_t)h * n, sizeof *one * n), "head %u: dot_group differs from dot", h);
+		for (unsigned i = 0; i < n; i++)
+			cr_assert(fabsf(one[i] - all[(size_t)h * n + i]) <= 1e-5f * (1 + fabsf(one[i])),
+				  "%s head %u token %u: dot_group %g, dot %g", spec, h, i, all[(size_t)h * n + i], one[i]);
 		memset(acc1, 0, sizeof *acc1 * c->acc_dim);
 		c->ops->axpy(c, c->own_ctx, n, bytes, w + (size_t)h * n, acc1);
-		cr_assert(!memcmp(acc1, accg + (size_t)h * c->acc_dim, sizeof *acc1 * c->acc_dim),
-			  "head %u: axpy_group differs from axpy", h);
+		for (unsigned j = 0; j < c->acc_dim; j++)
+			cr_assert(fabsf(acc1[j] - accg[(size_t)h * c->acc_dim + j]) <= 1e-5f * (1 + fabsf(acc1[j])),
+				  "%s head %u channel %u: axpy_group %g, axpy %g", spec, h, j,
+				  accg[(size_t)h * c->acc_dim + j], acc1[j]);
 	}
 	kvp_codec_close(c);
 	free(x);
@@ -355,4 +368,39 @@ Test(spark, group_paths_equal_the_per_head_paths)
 	free(accg);
 	free(qprep);
 	free(bytes);
+}
+
+Test(spark, group_paths_equal_the_per_head_paths)
+{
+	group_paths_match("spark(keep=0.5)|turboquant(bits=3)");
+	group_paths_match("spark(keep=0.5)");
+	group_paths_match("spark(keep=0.5,quantize=all)|turboquant(bits=3)");
+}
+
+/* quantize=all hands the inner codec SparK's own decode of the token (kept values, recovered pruned ones):
+ * it decodes as that codec on what spark|fp32 decodes to, bit for bit. */
+Test(spark, quantize_all_is_its_inner_codec_on_the_recovered_vector)
+{
+	const unsigned d = 128, n = 100;
+	float *x = gaussian_rows(n, d, 51), *z = xcalloc((size_t)n * d, sizeof *z);
+	float *a = xcalloc((size_t)n * d, sizeof *a), *b = xcalloc((size_t)n * d, sizeof *b);
+	kvp_codec *exact = codec_open("spark(keep=0.5)|fp32", d), *tq = codec_open("turboquant(bits=3)", d);
+	kvp_codec *all = codec_open("spark(keep=0.5,quantize=all)|turboquant(bits=3)", d);
+	void *eb = encode_all(exact, n, x), *ab = encode_all(all, n, x), *tb;
+
+	cr_assert_eq(kvp_codec_decode(exact, n, eb, z), KVP_OK);
+	tb = encode_all(tq, n, z);
+	cr_assert_eq(kvp_codec_decode(tq, n, tb, a), KVP_OK);
+	cr_assert_eq(kvp_codec_decode(all, n, ab, b), KVP_OK);
+	cr_assert(!memcmp(a, b, sizeof(float) * n * d), "quantize=all does not decode as turboquant of spark's decode");
+	kvp_codec_close(exact);
+	kvp_codec_close(tq);
+	kvp_codec_close(all);
+	free(x);
+	free(z);
+	free(a);
+	free(b);
+	free(eb);
+	free(ab);
+	free(tb);
 }
