@@ -366,7 +366,8 @@ static float select_channels(const struct kvp_codec *c, const float *qn, const f
 	return s->pruned ? (float)(pruned_sum(c->dim, key, keep) / s->pruned) : 0.0f;
 }
 
-/* The kept values of x in channel order, without a branch: every value is written, the kept advance. */
+/* The kept values of x in channel order, without a branch: every value is written, the kept advance, so y
+ * needs room for dim floats (the scratch's y), of which the first `kept` hold the result. */
 static void gather_kept(unsigned dim, const unsigned char *keep, const float *x, float *y)
 {
 	for (unsigned j = 0, t = 0; j < dim; j++) {
@@ -423,10 +424,12 @@ static kvp_status spark_fit(const struct kvp_codec *c, void *ctx, unsigned n, co
 		const float *xi = x + (size_t)i * c->dim;
 		float sbar = select_channels(c, qn, xi, w.key, w.keep);
 
-		if (s->all)
+		if (s->all) {
 			recover(c, ctx, w.keep, sbar, xi, kept + (size_t)i * m);
-		else
-			gather_kept(c->dim, w.keep, xi, kept + (size_t)i * m);
+		} else {
+			gather_kept(c->dim, w.keep, xi, w.y);
+			memcpy(kept + (size_t)i * m, w.y, sizeof(float) * m);
+		}
 	}
 	st = c->inner->ops->fit(c->inner, inner_ctx(c, ctx), n, kept, 0, NULL);
 	kvp_release(&c->mem, kept, (size_t)m * n * sizeof(float));
