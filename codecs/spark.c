@@ -376,19 +376,35 @@ static void gather_kept(unsigned dim, const unsigned char *keep, const float *x,
 	}
 }
 
+/* A run of recover(): bit operations, so the run is vectorized and nothing branches on the data. */
+static void recover_run(const unsigned char *restrict keep, float scale, uint32_t sign, const float *restrict rq,
+			const float *restrict x, float *restrict z, unsigned n)
+{
+	for (unsigned j = 0; j < n; j++) {
+		float a = scale * rq[j];
+		uint32_t xb, ab, m = 0u - (uint32_t)keep[j], zb;
+
+		memcpy(&xb, x + j, sizeof xb);
+		memcpy(&ab, &a, sizeof ab);
+		zb = (xb & m) | ((ab | (xb & sign)) & ~m);
+		memcpy(z + j, &zb, sizeof zb);
+	}
+}
+
 /* quantize=all: the vector as SparK decodes it, kept channels as they are and the pruned ones recovered
- * (sign * (sqrt(s) * 1/sqrt(||Q_j||)), or 0), the product rounded as mask_expand rounds it. */
+ * (x's sign on sqrt(s) * 1/sqrt(||Q_j||), the product rounded as mask_expand rounds it), or +0. */
 static void recover(const struct kvp_codec *c, const void *ctx, const unsigned char *keep, float sbar,
 		    const float *x, float *z)
 {
 	const struct spark *s = c->state;
 	const float *rq = rq_of(c, ctx);
 	const float scale = s->avg ? sqrtf(sbar) : 0.0f;
+	const uint32_t sign = s->avg ? 0x80000000u : 0u;
+	unsigned j = 0;
 
-	for (unsigned j = 0; j < c->dim; j++) {
-		float a = scale * rq[j];
-		z[j] = keep[j] ? x[j] : signbit(x[j]) ? -a : a;
-	}
+	for (; j + RUN <= c->dim; j += RUN)
+		recover_run(keep + j, scale, sign, rq + j, x + j, z + j, RUN);
+	recover_run(keep + j, scale, sign, rq + j, x + j, z + j, c->dim - j);
 }
 
 /* ---- Per-stream context: the query channel norms. ---- */

@@ -379,20 +379,26 @@ Test(spark, group_paths_equal_the_per_head_paths)
 
 /* quantize=all hands the inner codec SparK's own decode of the token (kept values, recovered pruned ones):
  * it decodes as that codec on what spark|fp32 decodes to, bit for bit. */
-Test(spark, quantize_all_is_its_inner_codec_on_the_recovered_vector)
+static void quantize_all_matches(const char *recover, unsigned d)
 {
-	const unsigned d = 128, n = 100;
+	const unsigned n = 100;
+	char exact_spec[64], all_spec[96];
 	float *x = gaussian_rows(n, d, 51), *z = xcalloc((size_t)n * d, sizeof *z);
 	float *a = xcalloc((size_t)n * d, sizeof *a), *b = xcalloc((size_t)n * d, sizeof *b);
-	kvp_codec *exact = codec_open("spark(keep=0.5)|fp32", d), *tq = codec_open("turboquant(bits=3)", d);
-	kvp_codec *all = codec_open("spark(keep=0.5,quantize=all)|turboquant(bits=3)", d);
+	kvp_codec *exact, *tq = codec_open("turboquant(bits=3)", d), *all;
+
+	snprintf(exact_spec, sizeof exact_spec, "spark(keep=0.5,recover=%s)|fp32", recover);
+	snprintf(all_spec, sizeof all_spec, "spark(keep=0.5,recover=%s,quantize=all)|turboquant(bits=3)", recover);
+	exact = codec_open(exact_spec, d);
+	all = codec_open(all_spec, d);
 	void *eb = encode_all(exact, n, x), *ab = encode_all(all, n, x), *tb;
 
 	cr_assert_eq(kvp_codec_decode(exact, n, eb, z), KVP_OK);
 	tb = encode_all(tq, n, z);
 	cr_assert_eq(kvp_codec_decode(tq, n, tb, a), KVP_OK);
 	cr_assert_eq(kvp_codec_decode(all, n, ab, b), KVP_OK);
-	cr_assert(!memcmp(a, b, sizeof(float) * n * d), "quantize=all does not decode as turboquant of spark's decode");
+	cr_assert(!memcmp(a, b, sizeof(float) * n * d), "%s does not decode as turboquant of %s's decode", all_spec,
+		  exact_spec);
 	kvp_codec_close(exact);
 	kvp_codec_close(tq);
 	kvp_codec_close(all);
@@ -403,4 +409,11 @@ Test(spark, quantize_all_is_its_inner_codec_on_the_recovered_vector)
 	free(eb);
 	free(ab);
 	free(tb);
+}
+
+Test(spark, quantize_all_is_its_inner_codec_on_the_recovered_vector)
+{
+	quantize_all_matches("avg", 128);
+	quantize_all_matches("zero", 128);
+	quantize_all_matches("avg", 52); /* runs of 16 channels and a tail of 4 */
 }
