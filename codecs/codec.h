@@ -27,7 +27,8 @@
 
 /* Each token's bytes stand alone at a fixed stride: a block can be compacted by moving bytes. */
 #define KVP_CODEC_SEPARABLE 1u
-/* May stand left of '|': hands a reduced vector down to the next codec of the stack. */
+/* May stand left of '|': hands a vector down to the next codec of the stack (reduced, like SparK's kept
+ * channels, or transformed at the same width, like spark(quantize=all)'s recovered vector). */
 #define KVP_CODEC_STACKS 2u
 /* Takes a bit width as bits= and offers with_bits, so a ladder can open it at each of its levels' widths. */
 #define KVP_CODEC_BITS 4u

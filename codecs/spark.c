@@ -1,5 +1,6 @@
 /*
- * spark(keep=K, recover=avg|zero), default keep=0.5, recover=avg: SparK (Liao et al., arXiv 2508.15212),
+ * spark(keep=K, recover=avg|zero, quantize=kept|all), default keep=0.5, recover=avg, quantize=kept: SparK
+ * (Liao et al., arXiv 2508.15212),
  * per-token unstructured pruning of key channels. Separable, group 1; may stand left of '|' so the kept
  * values go to a quantizer: "spark(keep=0.5)|turboquant(bits=3)". Alone, the kept values are fp16.
  *
@@ -29,19 +30,38 @@
  * with |turboquant(bits=3) the kept part is 4 + 24 bytes: 56 bytes, 3.5 bits per value. No padding at
  * d=128 (or any d that is a multiple of 16).
  *
+ * quantize=all (stacked only): the inner codec, opened for D channels, takes the whole vector as SparK
+ * decodes it (kept values, pruned ones recovered as below, or 0), and a token is the inner codec's bytes
+ * alone: no s, mask or signs (SparK's choice lives in the values). decode, dot and axpy are the inner
+ * codec's, so a rotating quantizer scores every token against one prepared query (qprep and acc_dim are
+ * the inner codec's). d=128 with |turboquant(bits=3): 52 bytes, 3.25 bits per value. Measured on kjv-64
+ * (kvpager-ab, 512 steps, block=16,sinks=4,window=16, v=turboquant(bits=3)): next-token KL 1.13e-3
+ * against 1.28e-3 for quantize=kept, at 92% of its bytes per token; turboquant(bits=3) keys alone: 8.7e-4.
+ * quantize=kept cannot score without rotating each token back (its kept channels differ per token): a layer
+ * at 32K tokens (d=128, GQA 4, values turboquant(bits=3)) took 3.7x the fp16 cache's time, quantize=all
+ * 0.98x, turboquant(bits=3) keys 0.95x.
+ *
  * The inner codec must be separable with group 1 (each token's kept channels differ, so a codec grouping
  * tokens or channels across tokens has nothing consistent to group): kivi on keys is rejected.
  * The context holds ||Q_j|| and 1/sqrt(||Q_j||) per channel, then the inner codec's context, if any,
- * fitted on the kept vectors. fit() uses the queries of the last 32 decode steps (fit_steps); the pager
- * keeps them per stream until the stream's first block turns cold.
+ * fitted on the kept vectors (quantize=all: on the recovered vectors). fit() uses the queries of the
+ * last 32 decode steps (fit_steps); the pager keeps them per stream until the stream's first block turns
+ * cold.
  *
  * Query paths: decode, dot and axpy take tokens in chunks of 1024 floats of dense rows (at least one
  * token), which the codec's scratch holds with the chunk's kept values. A chunk's kept values are
- * widened from fp16 (or decoded by the inner codec, one token at a time, because each token has its
- * own kept channels), then the kernel mask_expand places them and the recovered pruned values
+ * widened from fp16, or decoded by one call of the inner codec on a copy of the chunk's inner records
+ * placed side by side (each token has its own kept channels, so the inner codec cannot score them
+ * against one prepared query: a quantizer that rotates, like TurboQuant, rotates every token back),
+ * then the kernel mask_expand places them and the recovered pruned values
  * (sign * sqrt(s) * 1/sqrt(||Q_j||)) into dense rows, and the dense kernels dot_f32 and axpy_f32 run on
  * those rows: once per head, so dot_group and axpy_group expand each token once for a whole GQA group.
  * acc_dim = D and qprep is the query itself.
+ *
+ * Encode branches on no value: the scores' bits are int32 keys, the kept-th largest key is found bit by
+ * bit with vector counts, and the mask, the pruned signs and the kept values are packed by loops whose
+ * runs of a constant length the compiler vectorizes. The bytes are those of the plain loops they replace
+ * (a quickselect per token and a branch per channel, 4-8x slower).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -54,18 +74,22 @@ struct spark {
 	unsigned kept, pruned, avg;
 	size_t mask_at, sign_at, kept_at, stride;
 	size_t kept_bytes; /* inner bytes(1), or 2 * kept */
+	unsigned all;      /* quantize=all: the inner codec takes the whole recovered vector */
 };
 
 static const char *const recover_modes[] = { "zero", "avg", NULL };
+static const char *const quantize_modes[] = { "kept", "all", NULL };
 
-static kvp_status parse(struct kvp_args *args, unsigned dim, unsigned *kept, unsigned *avg)
+static kvp_status parse(struct kvp_args *args, unsigned dim, unsigned *kept, unsigned *avg, unsigned *all)
 {
 	double keep = 0.5; /* the reference runs prune 50% (and 80%) */
 	unsigned mode = 1;
 	kvp_status st;
 
+	*all = 0;
 	if ((st = kvp_args_double(args, "keep", 0.0, 1.0, &keep)) != KVP_OK ||
-	    (st = kvp_args_choice(args, "recover", recover_modes, &mode)) != KVP_OK)
+	    (st = kvp_args_choice(args, "recover", recover_modes, &mode)) != KVP_OK ||
+	    (st = kvp_args_choice(args, "quantize", quantize_modes, all)) != KVP_OK)
 		return st;
 	/* the epsilon keeps keep=0.7 at d=10 from losing a channel to 0.3*10 = 3.0000000000000004 */
 	*kept = dim - (unsigned)floor((1.0 - keep) * dim + 1e-9);
@@ -77,9 +101,12 @@ static kvp_status parse(struct kvp_args *args, unsigned dim, unsigned *kept, uns
 
 static kvp_status spark_inner_dim(struct kvp_args *args, unsigned dim, unsigned *out)
 {
-	unsigned avg;
+	unsigned avg, all;
+	kvp_status st = parse(args, dim, out, &avg, &all);
 
-	return parse(args, dim, out, &avg);
+	if (st == KVP_OK && all)
+		*out = dim;
+	return st;
 }
 
 /* Tokens decoded per pass of the query paths: their dense rows (and kept values) stay in L1, and the
@@ -92,37 +119,42 @@ static unsigned chunk_tokens(unsigned dim)
 }
 
 /*
- * The scratch, for one call at a time. Encode and fit: the rank keys of a token's channels (dim), its
- * kept values (kept floats) and its mask (dim bytes). The query paths: a chunk's dense rows, its kept
- * values and its recovery scales.
+ * The scratch, for one call at a time. Encode and fit: a token's channel keys (dim), its kept values
+ * (dim floats: the branchless gather writes every channel, and only the first `kept` stay), its mask
+ * (dim bytes) and the kept values in fp16 (kept). The query paths: a chunk's dense rows, its kept values
+ * and its recovery scales.
  */
 struct spark_scratch {
-	uint64_t *order;
+	int32_t *key;
 	float *y;
 	unsigned char *keep;
+	uint16_t *half;
 	float *rows, *kept, *scale;
+	unsigned char *codes; /* a chunk's inner records, side by side, for one inner decode */
 };
 
-static size_t scratch_layout(unsigned dim, unsigned kept, void *base, struct spark_scratch *w)
+static size_t scratch_layout(unsigned dim, unsigned kept, size_t kept_bytes, void *base, struct spark_scratch *w)
 {
 	const size_t chunk = chunk_tokens(dim);
-	size_t encode = sizeof(uint64_t) * dim + sizeof(float) * kept + dim;
-	size_t query = sizeof(float) * chunk * (dim + kept + 1);
+	size_t encode = (sizeof(int32_t) + sizeof(float)) * dim + sizeof(uint16_t) * kept + dim;
+	size_t query = sizeof(float) * chunk * (dim + kept + 1) + chunk * kept_bytes;
 
 	if (base) {
-		w->order = base;
-		w->y = (float *)(w->order + dim);
-		w->keep = (unsigned char *)(w->y + kept);
+		w->key = base;
+		w->y = (float *)(w->key + dim);
+		w->half = (uint16_t *)(w->y + dim);
+		w->keep = (unsigned char *)(w->half + kept);
 		w->rows = base;
 		w->kept = w->rows + chunk * dim;
 		w->scale = w->kept + chunk * kept;
+		w->codes = (unsigned char *)(w->scale + chunk);
 	}
 	return encode > query ? encode : query;
 }
 
-static size_t spark_scratch_bytes(unsigned dim, unsigned kept)
+static size_t spark_scratch_bytes(unsigned dim, unsigned kept, size_t kept_bytes)
 {
-	return scratch_layout(dim, kept, NULL, NULL);
+	return scratch_layout(dim, kept, kept_bytes, NULL, NULL);
 }
 
 static struct spark_scratch scratch_of(const struct kvp_codec *c)
@@ -130,18 +162,20 @@ static struct spark_scratch scratch_of(const struct kvp_codec *c)
 	const struct spark *s = c->state;
 	struct spark_scratch w;
 
-	scratch_layout(c->dim, s->kept, c->scratch, &w);
+	scratch_layout(c->dim, s->kept, c->inner ? s->kept_bytes : 0, c->scratch, &w);
 	return w;
 }
 
 static kvp_status spark_open(struct kvp_codec *c, struct kvp_args *args, unsigned dim, struct kvp_codec *inner)
 {
 	struct spark *s;
-	unsigned kept, avg;
-	kvp_status st = parse(args, dim, &kept, &avg);
+	unsigned kept, avg, all;
+	kvp_status st = parse(args, dim, &kept, &avg, &all);
 
 	if (st != KVP_OK)
 		return st;
+	if (all && !inner)
+		return kvp_fail(KVP_EINVAL, "spark: quantize=all needs a codec right of '|' to quantize the vector");
 	if (inner && (!(inner->flags & KVP_CODEC_SEPARABLE) || inner->group != 1))
 		return kvp_fail(KVP_EINVAL, "spark: the codec right of '|' (%s, group %u) is not separable; SparK's "
 				"kept channels differ per token", inner->ops->name, inner->group);
@@ -158,12 +192,19 @@ static kvp_status spark_open(struct kvp_codec *c, struct kvp_args *args, unsigne
 		s->kept_at += s->kept_at & 1; /* fp16 values on a 2-byte boundary: widened in place */
 	s->kept_bytes = inner ? inner->ops->bytes(inner, 1) : 2 * (size_t)kept;
 	s->stride = s->kept_at + s->kept_bytes;
+	s->all = all;
+	if (all)
+		s->stride = s->kept_bytes;
 	c->state = s;
 	c->ctx_bytes = 2 * sizeof(float) * dim + (inner ? inner->ctx_bytes : 0);
 	c->qprep_bytes = sizeof(float) * dim;
-	c->scratch_bytes = spark_scratch_bytes(dim, kept);
+	c->scratch_bytes = spark_scratch_bytes(dim, kept, inner ? s->kept_bytes : 0);
 	c->acc_dim = dim;
 	c->fit_steps = 32; /* the reference's observation window */
+	if (all) {
+		c->qprep_bytes = inner->qprep_bytes;
+		c->acc_dim = inner->acc_dim;
+	}
 	return KVP_OK;
 }
 
@@ -194,85 +235,177 @@ static const float *rq_of(const struct kvp_codec *c, const void *ctx)
 /* ---- Channel selection. ---- */
 
 /*
- * A channel's rank key: the score's bits above the complemented index. Scores are finite and >= 0, so
- * their IEEE bits order as they do, and the index part makes keys distinct with ties going to the lower
- * index. The kept channels are those whose key is at least the kept-th largest, found by quickselect in
- * O(D) rather than a sort per token.
+ * Channels go through these loops in runs of RUN: a loop of a constant count is one the compiler
+ * vectorizes at -O2 (gcc's cheap cost model takes no loop of unknown count), and the rest of a vector
+ * takes the plain loop after it.
  */
-static uint64_t rank_key(float score, unsigned j)
+#define RUN 16
+
+/*
+ * A channel's rank key: the bits of its score k_j^2 * ||Q_j||. Scores are >= 0 and never NaN (x is finite
+ * and ||Q_j|| > 0; an overflow is +inf), so their bits order as they do, as int32 below 2^31.
+ */
+static void score_run(const float *restrict qn, const float *restrict x, int32_t *restrict key, unsigned n)
 {
-	uint32_t bits;
-
-	memcpy(&bits, &score, sizeof bits);
-	return (uint64_t)bits << 32 | (uint32_t)~j;
-}
-
-/* The k-th largest (k >= 1) of a[0..n), reordering a. */
-static uint64_t kth_largest(uint64_t *a, unsigned n, unsigned k)
-{
-	unsigned lo = 0, hi = n - 1, want = k - 1;
-
-	while (lo < hi) {
-		uint64_t pivot = a[lo + (hi - lo) / 2], t;
-		unsigned i = lo, j = hi;
-
-		while (i <= j) {
-			while (a[i] > pivot)
-				i++;
-			while (a[j] < pivot)
-				j--;
-			if (i <= j) {
-				t = a[i], a[i] = a[j], a[j] = t;
-				i++;
-				if (j-- == 0)
-					break;
-			}
-		}
-		if (want <= j && j != (unsigned)-1)
-			hi = j;
-		else if (want >= i)
-			lo = i;
-		else
-			break;
+	for (unsigned j = 0; j < n; j++) {
+		float score = x[j] * x[j] * qn[j];
+		memcpy(key + j, &score, sizeof score);
 	}
-	return a[want];
 }
 
-static float channel_score(const float *qn, const float *x, unsigned j)
+static void score_keys(unsigned dim, const float *qn, const float *x, int32_t *key)
 {
-	return x[j] * x[j] * qn[j];
+	unsigned j = 0;
+
+	for (; j + RUN <= dim; j += RUN)
+		score_run(qn + j, x + j, key + j, RUN);
+	score_run(qn + j, x + j, key + j, dim - j);
+}
+
+static unsigned count_run(const int32_t *restrict key, int32_t t, unsigned n)
+{
+	unsigned c = 0;
+
+	for (unsigned j = 0; j < n; j++)
+		c += key[j] >= t;
+	return c;
+}
+
+/* How many keys are >= t. */
+static unsigned count_at_least(unsigned dim, const int32_t *key, int32_t t)
+{
+	unsigned c = 0, j = 0;
+
+	for (; j + RUN <= dim; j += RUN)
+		c += count_run(key + j, t, RUN);
+	return c + count_run(key + j, t, dim - j);
 }
 
 /*
- * keep[j] = 1 for the kept channels of x; returns the recovery scalar s (0 when nothing is pruned).
- * order is room for dim keys; a channel's key and score are computed again rather than kept, so the
- * stack holds nothing per channel.
+ * The largest t with at least `kept` keys >= t: the kept-th largest key, found bit by bit from the top
+ * (31 counts of D keys at most, each a few vector compares, and no branch on the data but the count's).
+ * It stops early once exactly `kept` keys reach t: that set is the answer, whatever bits are left.
+ * *at_least is how many keys are >= the result.
  */
-static float select_channels(const struct kvp_codec *c, const float *qn, const float *x, uint64_t *order,
+static int32_t kth_key(unsigned dim, const int32_t *key, unsigned kept, unsigned *at_least)
+{
+	int32_t t = 0;
+	unsigned have = dim;
+
+	for (int b = 30; b >= 0; b--) {
+		int32_t cand = t | (int32_t)1 << b;
+		unsigned c = count_at_least(dim, key, cand);
+
+		if (c >= kept) {
+			t = cand, have = c;
+			if (c == kept)
+				break;
+		}
+	}
+	*at_least = have;
+	return t;
+}
+
+static void keep_run(const int32_t *restrict key, int32_t t, unsigned char *restrict keep, unsigned n)
+{
+	for (unsigned j = 0; j < n; j++)
+		keep[j] = key[j] >= t;
+}
+
+/* The scores of 8 channels, the kept ones as 0, in double: each is exact, and the vectorizer takes it. */
+static void pruned8(const int32_t *restrict key, const unsigned char *restrict keep, double *restrict out)
+{
+	for (unsigned l = 0; l < 8; l++) {
+		int32_t bits = key[l] & -(int32_t)(keep[l] ^ 1u);
+		float score;
+
+		memcpy(&score, &bits, sizeof score);
+		out[l] = score;
+	}
+}
+
+/* The pruned channels' scores summed in double, in eight partial sums held in registers (the order changes
+ * only the last bits of a double, which the float result does not see but once in a long while). */
+static double pruned_sum(unsigned dim, const int32_t *key, const unsigned char *keep)
+{
+	double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0, a4 = 0.0, a5 = 0.0, a6 = 0.0, a7 = 0.0, t[8];
+	unsigned j = 0;
+
+	for (; j + 8 <= dim; j += 8) {
+		pruned8(key + j, keep + j, t);
+		a0 += t[0], a1 += t[1], a2 += t[2], a3 += t[3];
+		a4 += t[4], a5 += t[5], a6 += t[6], a7 += t[7];
+	}
+	for (; j < dim; j++) {
+		float score;
+		memcpy(&score, key + j, sizeof score);
+		a0 += keep[j] ? 0.0 : (double)score;
+	}
+	return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7));
+}
+
+/*
+ * keep[j] = 1 for the kept channels of x: the `kept` largest scores, ties to the lower index. Returns the
+ * recovery scalar s (0 when nothing is pruned). key is room for dim keys.
+ */
+static float select_channels(const struct kvp_codec *c, const float *qn, const float *x, int32_t *key,
 			     unsigned char *keep)
 {
 	const struct spark *s = c->state;
-	uint64_t cut;
-	double sum = 0.0;
+	unsigned at_least, j = 0;
+	int32_t t;
 
-	for (unsigned j = 0; j < c->dim; j++)
-		order[j] = rank_key(channel_score(qn, x, j), j);
-	cut = kth_largest(order, c->dim, s->kept);
-	for (unsigned j = 0; j < c->dim; j++) {
-		float score = channel_score(qn, x, j);
-
-		keep[j] = rank_key(score, j) >= cut;
-		sum += keep[j] ? 0.0 : score;
-	}
-	return s->pruned ? (float)(sum / s->pruned) : 0.0f;
+	score_keys(c->dim, qn, x, key);
+	t = kth_key(c->dim, key, s->kept, &at_least);
+	for (; j + RUN <= c->dim; j += RUN)
+		keep_run(key + j, t, keep + j, RUN);
+	keep_run(key + j, t, keep + j, c->dim - j);
+	/* ties at t beyond the kept count: the highest channels among them go */
+	for (j = c->dim; at_least > s->kept && j-- > 0;)
+		if (key[j] == t)
+			keep[j] = 0, at_least--;
+	return s->pruned ? (float)(pruned_sum(c->dim, key, keep) / s->pruned) : 0.0f;
 }
 
-/* The kept values of x in channel order. */
+/* The kept values of x in channel order, without a branch: every value is written, the kept advance, so y
+ * needs room for dim floats (the scratch's y), of which the first `kept` hold the result. */
 static void gather_kept(unsigned dim, const unsigned char *keep, const float *x, float *y)
 {
-	for (unsigned j = 0, t = 0; j < dim; j++)
-		if (keep[j])
-			y[t++] = x[j];
+	for (unsigned j = 0, t = 0; j < dim; j++) {
+		y[t] = x[j];
+		t += keep[j];
+	}
+}
+
+/* A run of recover(): bit operations, so the run is vectorized and nothing branches on the data. */
+static void recover_run(const unsigned char *restrict keep, float scale, uint32_t sign, const float *restrict rq,
+			const float *restrict x, float *restrict z, unsigned n)
+{
+	for (unsigned j = 0; j < n; j++) {
+		float a = scale * rq[j];
+		uint32_t xb, ab, m = 0u - (uint32_t)keep[j], zb;
+
+		memcpy(&xb, x + j, sizeof xb);
+		memcpy(&ab, &a, sizeof ab);
+		zb = (xb & m) | ((ab | (xb & sign)) & ~m);
+		memcpy(z + j, &zb, sizeof zb);
+	}
+}
+
+/* quantize=all: the vector as SparK decodes it, kept channels as they are and the pruned ones recovered
+ * (x's sign on sqrt(s) * 1/sqrt(||Q_j||), the product rounded as mask_expand rounds it), or +0. */
+static void recover(const struct kvp_codec *c, const void *ctx, const unsigned char *keep, float sbar,
+		    const float *x, float *z)
+{
+	const struct spark *s = c->state;
+	const float *rq = rq_of(c, ctx);
+	const float scale = s->avg ? sqrtf(sbar) : 0.0f;
+	const uint32_t sign = s->avg ? 0x80000000u : 0u;
+	unsigned j = 0;
+
+	for (; j + RUN <= c->dim; j += RUN)
+		recover_run(keep + j, scale, sign, rq + j, x + j, z + j, RUN);
+	recover_run(keep + j, scale, sign, rq + j, x + j, z + j, c->dim - j);
 }
 
 /* ---- Per-stream context: the query channel norms. ---- */
@@ -284,6 +417,7 @@ static kvp_status spark_fit(const struct kvp_codec *c, void *ctx, unsigned n, co
 	const struct spark_scratch w = scratch_of(c);
 	float *qn = ctx, top = 0.0f;
 	float *kept;
+	unsigned m;
 	kvp_status st;
 
 	for (unsigned j = 0; j < c->dim; j++) {
@@ -299,73 +433,144 @@ static kvp_status spark_fit(const struct kvp_codec *c, void *ctx, unsigned n, co
 	}
 	if (!c->inner || !c->inner->ctx_bytes)
 		return KVP_OK;
-	kept = kvp_allocate_array(&c->mem, (size_t)s->kept * n, sizeof(float), "spark: kept channels to fit on");
+	m = s->all ? c->dim : s->kept;
+	kept = kvp_allocate_array(&c->mem, (size_t)m * n, sizeof(float), "spark: kept channels to fit on");
 	if (!kept)
 		return KVP_ENOMEM;
 	for (unsigned i = 0; i < n; i++) {
-		select_channels(c, qn, x + (size_t)i * c->dim, w.order, w.keep);
-		gather_kept(c->dim, w.keep, x + (size_t)i * c->dim, kept + (size_t)i * s->kept);
+		const float *xi = x + (size_t)i * c->dim;
+		float sbar = select_channels(c, qn, xi, w.key, w.keep);
+
+		if (s->all) {
+			recover(c, ctx, w.keep, sbar, xi, kept + (size_t)i * m);
+		} else {
+			gather_kept(c->dim, w.keep, xi, w.y);
+			memcpy(kept + (size_t)i * m, w.y, sizeof(float) * m);
+		}
 	}
 	st = c->inner->ops->fit(c->inner, inner_ctx(c, ctx), n, kept, 0, NULL);
-	kvp_release(&c->mem, kept, (size_t)s->kept * n * sizeof(float));
+	kvp_release(&c->mem, kept, (size_t)m * n * sizeof(float));
 	return st;
 }
 
 /* ---- Encode and decode. ---- */
-
-static void store16(unsigned char *p, float v)
-{
-	uint16_t h = kvp_f32_to_f16(v);
-
-	p[0] = (unsigned char)h;
-	p[1] = (unsigned char)(h >> 8);
-}
 
 static float load16(const unsigned char *p)
 {
 	return kvp_f16_to_f32((uint16_t)(p[0] | p[1] << 8));
 }
 
-static kvp_status encode_kept(const struct kvp_codec *c, const void *ctx, const float *y, unsigned char *dst)
+static kvp_status encode_kept(const struct kvp_codec *c, const void *ctx, const float *y, uint16_t *half,
+			      unsigned char *dst)
 {
 	const struct spark *s = c->state;
 
 	if (c->inner)
 		return c->inner->ops->encode(c->inner, inner_ctx(c, ctx), 1, y, dst);
-	for (unsigned t = 0; t < s->kept; t++)
-		store16(dst + 2 * t, y[t]);
+	kvp_kernels()->f32_to_f16(s->kept, y, half);
+	memcpy(dst, half, sizeof *half * s->kept);
 	return KVP_OK;
+}
+
+static unsigned non_finite_run(const float *restrict x, unsigned n)
+{
+	unsigned bad = 0;
+
+	for (unsigned j = 0; j < n; j++) {
+		uint32_t bits;
+		memcpy(&bits, x + j, sizeof bits);
+		bad |= (bits & 0x7f800000u) == 0x7f800000u;
+	}
+	return bad;
+}
+
+static int all_finite(unsigned dim, const float *x)
+{
+	unsigned bad = 0, j = 0;
+
+	for (; j + RUN <= dim; j += RUN)
+		bad |= non_finite_run(x + j, RUN);
+	return !(bad | non_finite_run(x + j, dim - j));
+}
+
+/* The keep mask as bits, eight channels a byte. */
+static void pack_mask(unsigned dim, const unsigned char *keep, unsigned char *mask)
+{
+	unsigned j = 0;
+
+	for (; j + 8 <= dim; j += 8) {
+		unsigned m = 0;
+		for (unsigned l = 0; l < 8; l++)
+			m |= (unsigned)keep[j + l] << l;
+		mask[j >> 3] = (unsigned char)m;
+	}
+	for (; j < dim; j++)
+		mask[j >> 3] |= (unsigned char)(keep[j] << (j & 7));
+}
+
+/* The sign bits of a run of up to 8 channels' pruned ones, packed, in the low bits; *np their count. */
+static unsigned pruned_signs8(const unsigned char *keep, const float *x, unsigned n, unsigned *np)
+{
+	unsigned out = 0, r = 0;
+
+	for (unsigned l = 0; l < n; l++) {
+		uint32_t bits;
+		unsigned pruned = keep[l] ^ 1u;
+
+		memcpy(&bits, x + l, sizeof bits);
+		out |= ((bits >> 31) & pruned) << r;
+		r += pruned;
+	}
+	*np = r;
+	return out;
+}
+
+/* The pruned channels' signs, in channel order, into zeroed bytes: eight channels' bits are gathered in a
+ * register, then ORed in at the field's bit offset (a second byte only when they cross one). */
+static void pack_signs(unsigned dim, const unsigned char *keep, const float *x, unsigned char *sign)
+{
+	for (unsigned j = 0, r = 0; j < dim; j += 8) {
+		unsigned np, bits = pruned_signs8(keep + j, x + j, dim - j < 8 ? dim - j : 8, &np);
+
+		if (!np)
+			continue;
+		sign[r >> 3] |= (unsigned char)(bits << (r & 7));
+		if ((r & 7) + np > 8)
+			sign[(r >> 3) + 1] |= (unsigned char)(bits >> (8 - (r & 7)));
+		r += np;
+	}
 }
 
 static kvp_status spark_encode(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x, void *dst)
 {
 	const struct spark *s = c->state;
 	const struct spark_scratch w = scratch_of(c);
-	unsigned char *p = dst, *keep = w.keep;
+	unsigned char *p = dst;
 
 	for (unsigned i = 0; i < n; i++, p += s->stride, x += c->dim) {
 		float sbar;
-		size_t r = 0;
 		kvp_status st;
 
-		for (unsigned j = 0; j < c->dim; j++)
-			if (!isfinite(x[j]))
-				return kvp_fail(KVP_EINVAL, "spark: token %u has a non-finite value", i);
-		memset(p, 0, s->kept_at);
-		sbar = select_channels(c, ctx, x, w.order, keep);
-		for (unsigned j = 0; j < c->dim; j++) {
-			if (keep[j]) {
-				kvp_bits_put(p + s->mask_at, j, 1, 1);
-				continue;
-			}
-			if (s->avg && signbit(x[j]))
-				kvp_bits_put(p + s->sign_at, r, 1, 1);
-			r++;
+		if (!all_finite(c->dim, x))
+			return kvp_fail(KVP_EINVAL, "spark: token %u has a non-finite value", i);
+		if (s->all) {
+			sbar = select_channels(c, ctx, x, w.key, w.keep);
+			recover(c, ctx, w.keep, sbar, x, w.y);
+			st = c->inner->ops->encode(c->inner, inner_ctx(c, ctx), 1, w.y, p);
+			if (st != KVP_OK)
+				return st;
+			continue;
 		}
-		if (s->avg)
+		memset(p, 0, s->kept_at);
+		sbar = select_channels(c, ctx, x, w.key, w.keep);
+		pack_mask(c->dim, w.keep, p + s->mask_at);
+		if (s->avg) {
+			if (s->pruned)
+				pack_signs(c->dim, w.keep, x, p + s->sign_at);
 			memcpy(p, &sbar, sizeof sbar);
-		gather_kept(c->dim, keep, x, w.y);
-		st = encode_kept(c, ctx, w.y, p + s->kept_at);
+		}
+		gather_kept(c->dim, w.keep, x, w.y);
+		st = encode_kept(c, ctx, w.y, w.half, p + s->kept_at);
 		if (st != KVP_OK)
 			return st;
 	}
@@ -387,6 +592,16 @@ static float load_sbar(const struct spark *s, const unsigned char *p)
  * reads as many kept values as the mask has bits, so bytes that were never encoded (a caller's garbage)
  * must not reach it; such a token decodes as zeros.
  */
+/* Set bits of w by halves, quarters, ...: without -mpopcnt, __builtin_popcountll is a call into libgcc,
+ * which a token's check paid on the query path. */
+static unsigned popcount64(uint64_t w)
+{
+	w -= (w >> 1) & 0x5555555555555555u;
+	w = (w & 0x3333333333333333u) + ((w >> 2) & 0x3333333333333333u);
+	w = (w + (w >> 4)) & 0x0f0f0f0f0f0f0f0fu;
+	return (unsigned)((w * 0x0101010101010101u) >> 56);
+}
+
 static int mask_is_sound(const struct kvp_codec *c, const unsigned char *mask)
 {
 	const struct spark *s = c->state;
@@ -395,22 +610,20 @@ static int mask_is_sound(const struct kvp_codec *c, const unsigned char *mask)
 	for (; j + 64 <= c->dim; j += 64) {
 		uint64_t w;
 		memcpy(&w, mask + j / 8, sizeof w);
-		bits += (unsigned)__builtin_popcountll(w);
+		bits += popcount64(w);
 	}
 	for (; j < c->dim; j++)
 		bits += mask[j >> 3] >> (j & 7) & 1;
 	return bits == s->kept;
 }
 
-/* The kept values of token p as floats: decoded by the inner codec, or widened from fp16. */
-static void load_kept(const struct kvp_codec *c, const void *ctx, const unsigned char *p, float *y)
+/* The kept values of token p, widened from fp16 (spark alone). */
+static void load_fp16(const struct kvp_codec *c, const unsigned char *p, float *y)
 {
 	const struct spark *s = c->state;
 	const unsigned char *v = p + s->kept_at;
 
-	if (c->inner) {
-		c->inner->ops->decode(c->inner, inner_ctx(c, ctx), 1, v, y);
-	} else if (((uintptr_t)v & 1) == 0) {
+	if (((uintptr_t)v & 1) == 0) {
 		kvp_kernels()->f16_to_f32(s->kept, (const uint16_t *)(const void *)v, y);
 	} else {
 		for (unsigned t = 0; t < s->kept; t++)
@@ -440,6 +653,12 @@ static void decode_chunk(const struct kvp_codec *c, const void *ctx, unsigned n,
 	float *kept = w.kept, *scale = w.scale;
 	unsigned from = 0;
 
+	if (c->inner) {
+		/* the chunk's inner records side by side: one call of the inner decode for all of them */
+		for (unsigned i = 0; i < n; i++)
+			memcpy(w.codes + i * s->kept_bytes, p + (size_t)i * s->stride + s->kept_at, s->kept_bytes);
+		c->inner->ops->decode(c->inner, inner_ctx(c, ctx), n, w.codes, kept);
+	}
 	for (unsigned i = 0; i < n; i++) {
 		const unsigned char *tok = p + (size_t)i * s->stride;
 
@@ -449,7 +668,8 @@ static void decode_chunk(const struct kvp_codec *c, const void *ctx, unsigned n,
 			from = i + 1;
 			continue;
 		}
-		load_kept(c, ctx, tok, kept + (size_t)i * s->kept);
+		if (!c->inner)
+			load_fp16(c, tok, kept + (size_t)i * s->kept);
 		scale[i] = sqrtf(load_sbar(s, tok));
 	}
 	expand_run(c, ctx, p, from, n, kept, scale, x);
@@ -460,6 +680,8 @@ static kvp_status spark_decode(const struct kvp_codec *c, const void *ctx, unsig
 	const struct spark *s = c->state;
 	const unsigned step = chunk_tokens(c->dim);
 
+	if (s->all)
+		return c->inner->ops->decode(c->inner, inner_ctx(c, ctx), n, src, x);
 	for (unsigned i = 0; i < n; i += step)
 		decode_chunk(c, ctx, n - i < step ? n - i : step, (const unsigned char *)src + (size_t)i * s->stride,
 			     x + (size_t)i * c->dim);
@@ -470,8 +692,40 @@ static kvp_status spark_decode(const struct kvp_codec *c, const void *ctx, unsig
 
 static void spark_prepare_query(const struct kvp_codec *c, const void *ctx, const float *q, void *qprep)
 {
-	(void)ctx;
-	memcpy(qprep, q, sizeof(float) * c->dim);
+	const struct spark *s = c->state;
+
+	if (s->all)
+		c->inner->ops->prepare_query(c->inner, inner_ctx(c, ctx), q, qprep);
+	else
+		memcpy(qprep, q, sizeof(float) * c->dim);
+}
+
+/* quantize=all: the inner codec's own group paths, or its single-head ones once per head. */
+static void inner_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
+			    const void *qprep, float *out)
+{
+	const struct kvp_codec *in = c->inner;
+
+	if (in->ops->dot_group) {
+		in->ops->dot_group(in, inner_ctx(c, ctx), n, src, g, qprep, out);
+		return;
+	}
+	for (unsigned h = 0; h < g; h++)
+		in->ops->dot(in, inner_ctx(c, ctx), n, src, (const char *)qprep + h * in->qprep_bytes,
+			     out + (size_t)h * n);
+}
+
+static void inner_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
+			     const float *w, float *acc)
+{
+	const struct kvp_codec *in = c->inner;
+
+	if (in->ops->axpy_group) {
+		in->ops->axpy_group(in, inner_ctx(c, ctx), n, src, g, w, acc);
+		return;
+	}
+	for (unsigned h = 0; h < g; h++)
+		in->ops->axpy(in, inner_ctx(c, ctx), n, src, w + (size_t)h * n, acc + (size_t)h * in->acc_dim);
 }
 
 static void spark_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
@@ -482,6 +736,10 @@ static void spark_dot_group(const struct kvp_codec *c, const void *ctx, unsigned
 	const unsigned step = chunk_tokens(c->dim);
 	float *x = scratch_of(c).rows;
 
+	if (s->all) {
+		inner_dot_group(c, ctx, n, src, g, qprep, out);
+		return;
+	}
 	for (unsigned i = 0; i < n; i += step) {
 		unsigned cn = n - i < step ? n - i : step;
 
@@ -506,6 +764,10 @@ static void spark_axpy_group(const struct kvp_codec *c, const void *ctx, unsigne
 	const unsigned step = chunk_tokens(c->dim);
 	float *x = scratch_of(c).rows;
 
+	if (s->all) {
+		inner_axpy_group(c, ctx, n, src, g, w, acc);
+		return;
+	}
 	for (unsigned i = 0; i < n; i += step) {
 		unsigned cn = n - i < step ? n - i : step;
 
@@ -523,7 +785,12 @@ static void spark_axpy(const struct kvp_codec *c, const void *ctx, unsigned n, c
 
 static void spark_finish(const struct kvp_codec *c, const void *ctx, const float *acc, float *out)
 {
-	(void)ctx;
+	const struct spark *s = c->state;
+
+	if (s->all) {
+		c->inner->ops->finish(c->inner, inner_ctx(c, ctx), acc, out);
+		return;
+	}
 	for (unsigned j = 0; j < c->dim; j++)
 		out[j] += acc[j];
 }

@@ -192,6 +192,7 @@ Test(cold, every_codec_round_trips_through_cold_blocks_as_it_does_alone)
 	keys_match_the_codec("kivi(bits=2)");
 	keys_match_the_codec("spark(keep=0.5)|turboquant(bits=4)");
 	keys_match_the_codec("spark(keep=0.75)");
+	keys_match_the_codec("spark(keep=0.5,quantize=all)|turboquant(bits=4)");
 }
 
 /* Relative error of the cold tokens' keys over channels [0, channels) of KV head 0. */

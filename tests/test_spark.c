@@ -143,6 +143,8 @@ Test(spark, bytes_follow_the_documented_layout)
 		{ "spark(keep=0.75)|turboquant(bits=4)", 128, 4 + 16 + 4 + 4 + 48 },
 		{ "spark(keep=0.5)|turboquant(bits=3)", 80, 4 + 10 + 5 + 4 + 15 },
 		{ "spark(keep=1.0)|turboquant(bits=3)", 128, 4 + 16 + 0 + 52 },
+		/* quantize=all: the inner codec's bytes for the whole vector, nothing else */
+		{ "spark(keep=0.5,quantize=all)|turboquant(bits=3)", 128, 4 + 48 },
 		/* fp16 values start on an even byte: one byte of padding after 4 + 2 + 1 */
 		{ "spark(keep=0.5)", 9, 4 + 2 + 1 + 1 + 10 },
 		{ "spark(keep=0.5)|turboquant(bits=3)", 9, 4 + 2 + 1 + 4 + 2 },
@@ -198,6 +200,9 @@ Test(spark, dot_and_axpy_equal_decode_alone_and_stacked)
 	query_paths_match_decode("spark(keep=0.7)|turboquant(bits=2,qjl=1)", 80, 50);
 	query_paths_match_decode("spark(keep=0.5)|turboquant(bits=2,outliers=8,outlier_bits=4)", 64, 50);
 	query_paths_match_decode("spark(keep=0.6)|kivi(bits=4,group=8,axis=token)", 48, 50);
+	query_paths_match_decode("spark(keep=0.5,quantize=all)|turboquant(bits=3)", 128, 50);
+	query_paths_match_decode("spark(keep=0.5,quantize=all,recover=zero)|turboquant(bits=2,outliers=8,outlier_bits=4)",
+				 64, 50);
 }
 
 Test(spark, bad_specs_are_rejected_with_a_message_quoting_them)
@@ -211,6 +216,9 @@ Test(spark, bad_specs_are_rejected_with_a_message_quoting_them)
 	expect_rejected("spark(keep=2)|turboquant(bits=3)", 128, "keep=2");
 	expect_rejected("spark(keep=0.5)|turboquant(bits=7)", 128, "bits=7");
 	expect_rejected("turboquant(bits=3)|spark(keep=0.5)", 128, "turboquant(bits=3)");
+	expect_rejected("spark(keep=0.5,quantize=some)|turboquant(bits=3)", 128, "some");
+	/* alone there is no codec to take the whole vector */
+	expect_rejected("spark(keep=0.5,quantize=all)", 128, "quantize=all");
 }
 
 Test(spark, non_finite_keys_are_rejected)
@@ -257,4 +265,155 @@ Test(spark, keeps_the_largest_channels_with_ties_to_the_lower_index)
 			}
 			kvp_codec_close(c);
 		}
+}
+
+/* The bytes of one token of spark alone (fp16 kept values), written from the documented layout by plain
+ * loops: a sort-free rank per channel, a branch per field. */
+static void reference_token(unsigned d, unsigned kept, int avg, const float *x, unsigned char *p)
+{
+	size_t mask_at = avg ? 4 : 0, sign_at = mask_at + (d + 7) / 8, kept_at;
+	unsigned r = 0, t = 0;
+	double sum = 0.0;
+
+	kept_at = sign_at + (avg ? (d - kept + 7) / 8 : 0);
+	kept_at += kept_at & 1;
+	memset(p, 0, kept_at + 2 * kept);
+	for (unsigned j = 0; j < d; j++) {
+		unsigned above = 0;
+		for (unsigned i = 0; i < d; i++)
+			above += x[i] * x[i] > x[j] * x[j] || (x[i] * x[i] == x[j] * x[j] && i < j);
+		if (above < kept) {
+			uint16_t h = kvp_f32_to_f16(x[j]);
+			p[mask_at + j / 8] |= (unsigned char)(1u << (j % 8));
+			memcpy(p + kept_at + 2 * t++, &h, 2);
+			continue;
+		}
+		sum += (double)(x[j] * x[j]); /* the score, a float (||Q_j|| = 1 without observed queries) */
+		if (avg && signbit(x[j]))
+			p[sign_at + r / 8] |= (unsigned char)(1u << (r % 8));
+		r++;
+	}
+	if (avg) {
+		float s = d > kept ? (float)(sum / (d - kept)) : 0.0f;
+		memcpy(p, &s, 4);
+	}
+}
+
+/* Odd widths, many ties (small integers) and Gaussians: every byte as the plain loops write it. */
+Test(spark, encode_writes_the_bytes_of_the_plain_reference)
+{
+	static const unsigned dims[] = { 7, 13, 33, 64, 128 };
+	static const double keeps[] = { 0.25, 0.5, 0.7, 1.0 };
+	static const char *const modes[] = { "avg", "zero" };
+	struct rng r = { 31 };
+	float x[128];
+	unsigned char got[1024], want[1024];
+	char spec[64];
+
+	for (size_t a = 0; a < 5; a++)
+		for (size_t k = 0; k < 4; k++)
+			for (int m = 0; m < 2; m++) {
+				unsigned d = dims[a], kept = d - (unsigned)floor((1.0 - keeps[k]) * d + 1e-9);
+				snprintf(spec, sizeof spec, "spark(keep=%g,recover=%s)", keeps[k], modes[m]);
+				kvp_codec *c = codec_open(spec, d);
+				size_t bytes = kvp_codec_bytes(c, 1);
+
+				for (int trial = 0; trial < 40; trial++) {
+					for (unsigned j = 0; j < d; j++)
+						x[j] = trial & 1 ? (float)((int)(rng_next(&r) % 7) - 3) : (float)rng_gaussian(&r);
+					cr_assert_eq(kvp_codec_encode(c, 1, x, got), KVP_OK);
+					reference_token(d, kept, m == 0, x, want);
+					cr_assert(!memcmp(got, want, bytes), "%s d=%u trial %d: the bytes differ", spec, d, trial);
+				}
+				kvp_codec_close(c);
+			}
+}
+
+/* dot_group and axpy_group over 4 heads give each head what dot and axpy give it, within 1e-5 relative
+ * (quantize=kept: bit for bit, the same rows expanded once for the group instead of once per head;
+ * quantize=all: the inner codec's group kernels against its single-head ones). */
+static void group_paths_match(const char *spec)
+{
+	const unsigned d = 128, n = 70, g = 4;
+	kvp_codec *c = codec_open(spec, d);
+	float *x = gaussian_rows(n, d, 41), *q = gaussian_rows(g, d, 42), *w = gaussian_rows(g, n, 43);
+	float *one = xcalloc(n, sizeof *one), *all = xcalloc((size_t)g * n, sizeof *all);
+	float *acc1 = xcalloc(c->acc_dim, sizeof *acc1), *accg = xcalloc((size_t)g * c->acc_dim, sizeof *accg);
+	char *qprep = xcalloc(g, c->qprep_bytes);
+	void *bytes = encode_all(c, n, x);
+
+	for (unsigned h = 0; h < g; h++)
+		c->ops->prepare_query(c, c->own_ctx, q + (size_t)h * d, qprep + h * c->qprep_bytes);
+	c->ops->dot_group(c, c->own_ctx, n, bytes, g, qprep, all);
+	c->ops->axpy_group(c, c->own_ctx, n, bytes, g, w, accg);
+	for (unsigned h = 0; h < g; h++) {
+		c->ops->dot(c, c->own_ctx, n, bytes, qprep + h * c->qprep_bytes, one);
+		for (unsigned i = 0; i < n; i++)
+			cr_assert(fabsf(one[i] - all[(size_t)h * n + i]) <= 1e-5f * (1 + fabsf(one[i])),
+				  "%s head %u token %u: dot_group %g, dot %g", spec, h, i, all[(size_t)h * n + i], one[i]);
+		memset(acc1, 0, sizeof *acc1 * c->acc_dim);
+		c->ops->axpy(c, c->own_ctx, n, bytes, w + (size_t)h * n, acc1);
+		for (unsigned j = 0; j < c->acc_dim; j++)
+			cr_assert(fabsf(acc1[j] - accg[(size_t)h * c->acc_dim + j]) <= 1e-5f * (1 + fabsf(acc1[j])),
+				  "%s head %u channel %u: axpy_group %g, axpy %g", spec, h, j,
+				  accg[(size_t)h * c->acc_dim + j], acc1[j]);
+	}
+	kvp_codec_close(c);
+	free(x);
+	free(q);
+	free(w);
+	free(one);
+	free(all);
+	free(acc1);
+	free(accg);
+	free(qprep);
+	free(bytes);
+}
+
+Test(spark, group_paths_equal_the_per_head_paths)
+{
+	group_paths_match("spark(keep=0.5)|turboquant(bits=3)");
+	group_paths_match("spark(keep=0.5)");
+	group_paths_match("spark(keep=0.5,quantize=all)|turboquant(bits=3)");
+}
+
+/* quantize=all hands the inner codec SparK's own decode of the token (kept values, recovered pruned ones):
+ * it decodes as that codec on what spark|fp32 decodes to, bit for bit. */
+static void quantize_all_matches(const char *recover, unsigned d)
+{
+	const unsigned n = 100;
+	char exact_spec[64], all_spec[96];
+	float *x = gaussian_rows(n, d, 51), *z = xcalloc((size_t)n * d, sizeof *z);
+	float *a = xcalloc((size_t)n * d, sizeof *a), *b = xcalloc((size_t)n * d, sizeof *b);
+	kvp_codec *exact, *tq = codec_open("turboquant(bits=3)", d), *all;
+
+	snprintf(exact_spec, sizeof exact_spec, "spark(keep=0.5,recover=%s)|fp32", recover);
+	snprintf(all_spec, sizeof all_spec, "spark(keep=0.5,recover=%s,quantize=all)|turboquant(bits=3)", recover);
+	exact = codec_open(exact_spec, d);
+	all = codec_open(all_spec, d);
+	void *eb = encode_all(exact, n, x), *ab = encode_all(all, n, x), *tb;
+
+	cr_assert_eq(kvp_codec_decode(exact, n, eb, z), KVP_OK);
+	tb = encode_all(tq, n, z);
+	cr_assert_eq(kvp_codec_decode(tq, n, tb, a), KVP_OK);
+	cr_assert_eq(kvp_codec_decode(all, n, ab, b), KVP_OK);
+	cr_assert(!memcmp(a, b, sizeof(float) * n * d), "%s does not decode as turboquant of %s's decode", all_spec,
+		  exact_spec);
+	kvp_codec_close(exact);
+	kvp_codec_close(tq);
+	kvp_codec_close(all);
+	free(x);
+	free(z);
+	free(a);
+	free(b);
+	free(eb);
+	free(ab);
+	free(tb);
+}
+
+Test(spark, quantize_all_is_its_inner_codec_on_the_recovered_vector)
+{
+	quantize_all_matches("avg", 128);
+	quantize_all_matches("zero", 128);
+	quantize_all_matches("avg", 52); /* runs of 16 channels and a tail of 4 */
 }
