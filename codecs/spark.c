@@ -750,10 +750,17 @@ static void spark_dot_group(const struct kvp_codec *c, const void *ctx, unsigned
 	}
 }
 
+/* One head: with quantize=all the inner codec's own dot, which its group path approximates (TurboQuant's
+ * runs on integers), so that dot stays the inner product with the decoded vector. */
 static void spark_dot(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, const void *qprep,
 		      float *out)
 {
-	spark_dot_group(c, ctx, n, src, 1, qprep, out);
+	const struct spark *s = c->state;
+
+	if (s->all)
+		c->inner->ops->dot(c->inner, inner_ctx(c, ctx), n, src, qprep, out);
+	else
+		spark_dot_group(c, ctx, n, src, 1, qprep, out);
 }
 
 static void spark_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
@@ -780,7 +787,12 @@ static void spark_axpy_group(const struct kvp_codec *c, const void *ctx, unsigne
 static void spark_axpy(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, const float *w,
 		       float *acc)
 {
-	spark_axpy_group(c, ctx, n, src, 1, w, acc);
+	const struct spark *s = c->state;
+
+	if (s->all)
+		c->inner->ops->axpy(c->inner, inner_ctx(c, ctx), n, src, w, acc);
+	else
+		spark_axpy_group(c, ctx, n, src, 1, w, acc);
 }
 
 static void spark_finish(const struct kvp_codec *c, const void *ctx, const float *acc, float *out)
