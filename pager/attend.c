@@ -111,16 +111,15 @@ static int cold_group_fits(const struct stream_attention *a, const struct kvp_bl
 
 /*
  * A block is a separate allocation, where the hardware prefetcher starts over: without help every block
- * would begin with a wait on memory. So this block's values are asked for while its keys are scored, and
- * the next block's keys while these values are summed; a few lines each, which the prefetcher takes up
- * (asking for whole blocks at once stalls on the core's line-fill buffers instead).
+ * would begin with a wait on memory. So the whole of this block's values is asked for while its keys are
+ * scored, and the next block's keys while these values are summed; each has a block's worth of arithmetic
+ * to arrive in (at 32K tokens this took TurboQuant 3-bit from 7.7 to 6.3 ms, best of five).
  */
-#define COLD_AHEAD 512
 static void block_cold_group(struct stream_attention *a, const struct kvp_block *b, const struct kvp_block *next)
 {
 	const int ahead = next && next->store == KVP_STORE_CODEC && next->level == b->level;
 
-	kvp_prefetch_span(b->v, 0, COLD_AHEAD);
+	kvp_prefetch_span(b->v, 0, a->v->ops->bytes(a->v, b->n));
 	a->k->ops->dot_group(a->k, a->k_ctx, b->n, b->k, a->group, a->qprep, a->scores);
 	a->kern->scale(a->group * b->n, a->scale, a->scores);
 	for (uint32_t h = 0; h < a->group; h++) {
@@ -129,7 +128,7 @@ static void block_cold_group(struct stream_attention *a, const struct kvp_block 
 			rescale(a, h, f);
 	}
 	if (ahead)
-		kvp_prefetch_span(next->k, 0, COLD_AHEAD);
+		kvp_prefetch_span(next->k, 0, a->k->ops->bytes(a->k, next->n));
 	a->v->ops->axpy_group(a->v, a->v_ctx, b->n, b->v, a->group, a->scores, a->cold_acc);
 	a->seen += b->n;
 }
