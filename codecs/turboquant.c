@@ -710,75 +710,6 @@ static float part_norm(const float *y, unsigned m)
 	return norm_reference(y, m);
 }
 
-/* Stage h = 1 on 16 values: even and odd lanes, which the vectorizer splits and interleaves again. */
-static void fwht_stage1(float *restrict v)
-{
-	for (unsigned i = 0; i < 16; i += 2) {
-		float a = v[i], b = v[i + 1];
-		v[i] = a + b, v[i + 1] = a - b;
-	}
-}
-
-/* Stage h = 2 on 16 values. */
-static void fwht_stage2(float *restrict v)
-{
-	for (unsigned i = 0; i < 16; i += 4) {
-		float a0 = v[i], a1 = v[i + 1], b0 = v[i + 2], b1 = v[i + 3];
-		v[i] = a0 + b0, v[i + 1] = a1 + b1, v[i + 2] = a0 - b0, v[i + 3] = a1 - b1;
-	}
-}
-
-/* Stage h = 4 on 16 values. */
-static void fwht_stage4(float *restrict v)
-{
-	for (unsigned g = 0; g < 16; g += 8)
-		for (unsigned l = 0; l < 4; l++) {
-			float a = v[g + l], b = v[g + 4 + l];
-			v[g + l] = a + b, v[g + 4 + l] = a - b;
-		}
-}
-
-/* Stages h and 2h (h >= LANES) on the LANES columns at a, a + h, a + 2h, a + 3h. */
-static void fwht_radix4(float *restrict a, float *restrict b, float *restrict c, float *restrict d)
-{
-	for (unsigned l = 0; l < LANES; l++) {
-		float s0 = a[l] + b[l], d0 = a[l] - b[l], s1 = c[l] + d[l], d1 = c[l] - d[l];
-		a[l] = s0 + s1, c[l] = s0 - s1, b[l] = d0 + d1, d[l] = d0 - d1;
-	}
-}
-
-static void fwht_radix2(float *restrict a, float *restrict b)
-{
-	for (unsigned l = 0; l < LANES; l++) {
-		float s = a[l] + b[l], d = a[l] - b[l];
-		a[l] = s, b[l] = d;
-	}
-}
-
-/* The same transform as fwht(): every output is the same tree of sums, stage after stage. */
-static void fwht_fast(float *v, unsigned p)
-{
-	unsigned h = LANES;
-
-	if (p < 16) {
-		fwht(v, p);
-		return;
-	}
-	for (unsigned i = 0; i < p; i += 16) {
-		fwht_stage1(v + i);
-		fwht_stage2(v + i);
-		fwht_stage4(v + i);
-	}
-	for (; 4 * h <= p; h *= 4)
-		for (unsigned i = 0; i < p; i += 4 * h)
-			for (unsigned j = i; j < i + h; j += LANES)
-				fwht_radix4(v + j, v + j + h, v + j + 2 * h, v + j + 3 * h);
-	for (; h < p; h *= 2)
-		for (unsigned i = 0; i < p; i += 2 * h)
-			for (unsigned j = i; j < i + h; j += LANES)
-				fwht_radix2(v + j, v + j + h);
-}
-
 /* The blocks of the loops below, on pointers: an index j + l in unsigned could wrap, which the
  * vectorizer cannot rule out. */
 static void multiply8(float *restrict v, const float *restrict by)
@@ -851,7 +782,7 @@ static void rotate_unit(const struct tq_part *pt, const float *x, float *y, floa
 		float *w = y + pt->win[k];
 		if (k)
 			multiply(w, pt->sign[k], 0.0f, pt->p);
-		fwht_fast(w, pt->p);
+		kvp_kernels()->fwht(pt->p, w);
 		multiply(w, NULL, scale, pt->p);
 	}
 }
@@ -863,7 +794,7 @@ static void rotate_fast(const struct tq_part *pt, float *v)
 	for (unsigned k = 0; k < pt->npass; k++) {
 		float *w = v + pt->win[k];
 		multiply(w, pt->sign[k], 0.0f, pt->p);
-		fwht_fast(w, pt->p);
+		kvp_kernels()->fwht(pt->p, w);
 		multiply(w, NULL, scale, pt->p);
 	}
 }
@@ -875,7 +806,7 @@ static void unrotate_fast(const struct tq_part *pt, float *v)
 	for (unsigned k = pt->npass; k-- > 0;) {
 		float *w = v + pt->win[k];
 		unsigned j = 0;
-		fwht_fast(w, pt->p);
+		kvp_kernels()->fwht(pt->p, w);
 		for (; j + LANES <= pt->p; j += LANES)
 			unsign8(w + j, pt->sign[k] + j, scale);
 		for (; j < pt->p; j++)
@@ -1077,7 +1008,7 @@ static void unrotate_into(const struct tq_part *pt, float *v, float *x)
 	float scale = 1.0f / sqrtf((float)pt->p);
 	unsigned j = 0;
 
-	fwht_fast(v, pt->p);
+	kvp_kernels()->fwht(pt->p, v);
 	for (; j + LANES <= pt->p; j += LANES)
 		unsign_into8(v + j, pt->sign[0] + j, scale, x + j);
 	for (; j < pt->p; j++)

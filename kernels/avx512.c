@@ -1058,6 +1058,29 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
 	}
 }
 
+/*
+ * fwht's stages within 16 values, in one register: each lane meets its partner (lane ^ h) by a permute,
+ * a lane with bit h clear keeps self + partner, one with it set partner - self: the sums of the definition.
+ */
+INLINE __m512 fwht_step(__m512 x, __m512 partner, __mmask16 high)
+{
+	return _mm512_mask_sub_ps(_mm512_add_ps(x, partner), high, partner, x);
+}
+
+static void fwht_blocks16(unsigned p, float *v)
+{
+	for (unsigned i = 0; i < p; i += 16) {
+		__m512 x = _mm512_loadu_ps(v + i);
+
+		x = fwht_step(x, _mm512_permute_ps(x, 0xb1), 0xaaaa);
+		x = fwht_step(x, _mm512_permute_ps(x, 0x4e), 0xcccc);
+		x = fwht_step(x, _mm512_shuffle_f32x4(x, x, 0xb1), 0xf0f0);
+		x = fwht_step(x, _mm512_shuffle_f32x4(x, x, 0x4e), 0xff00);
+		_mm512_storeu_ps(v + i, x);
+	}
+}
+
+#define KVP_ISA_FWHT
 #define KVP_ISA_FUSED_LOOKUPS
 #define KVP_ISA_NAME "avx512"
 #define KVP_ISA_TABLE kvp_kernels_avx512

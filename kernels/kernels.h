@@ -101,6 +101,12 @@ struct kvp_kernels {
 				   const int16_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
 				   const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride);
 	/*
+	 * The Walsh-Hadamard transform of v[0..p), p a power of two, in place and unnormalized: stages
+	 * h = 1, 2, 4, ..., p/2, each taking (v[j], v[j+h]) to (v[j] + v[j+h], v[j] - v[j+h]) for j with bit h
+	 * clear. Every output is the same tree of sums in every implementation, so all give the same bits.
+	 */
+	void (*fwht)(unsigned p, float *v);
+	/*
 	 * Masked rows (SparK's per-token channel pruning). Row i's keep mask is d bits at masks + i*stride
 	 * (bit j set: channel j is kept; LSB first; bits past d are ignored). Its kept channels' values, in
 	 * channel order, are kept[i*kept_stride + t] for t below the mask's popcount, and nothing past that

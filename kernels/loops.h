@@ -20,6 +20,8 @@
  *                                   int16 w[g*n], int32 acc, acc_stride) adds sum_i w[h*n + i] * lut[code(i, j)]
  *                                   to acc[h*acc_stride + j]; the float steps around them are below
  *   or, with KVP_ISA_FUSED_LOOKUPS defined, lut_dot_i8_group and lut_axpy_i16_group themselves
+ *   fwht_blocks16 (with KVP_ISA_FWHT defined)
+ *                                   stages 1, 2, 4 and 8 of fwht on each block of 16 values of v[0..p), p >= 16
  *   mask_expand_row                 one row of mask_expand: (d, mask, sign or NULL, kept, scale, mag, x)
  *   band_norms_vector               the bands [0, returned) of one row of band_norms, F = d / 2
  * and the macros KVP_ISA_NAME (the table's name string) and KVP_ISA_TABLE (its identifier, declared in
@@ -195,6 +197,60 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
 }
 #endif
 
+/*
+ * fwht: the stages within blocks of 16 (the file's own, or plain loops a compiler vectorizes), then the
+ * wider stages between blocks, two at a time, on 16 columns each. The sums are those of kernels.h's
+ * definition, stage after stage, so every version gives the same bits.
+ */
+#ifndef KVP_ISA_FWHT
+static void fwht_blocks16(unsigned p, float *v)
+{
+	for (unsigned i = 0; i < p; i += 16)
+		for (unsigned h = 1; h < 16; h *= 2)
+			for (unsigned l = 0; l < 16; l++)
+				if (!(l & h)) {
+					float a = v[i + l], b = v[i + l + h];
+					v[i + l] = a + b, v[i + l + h] = a - b;
+				}
+}
+#endif
+
+/* Stages h and 2h on the 16 columns at a, a + h, a + 2h, a + 3h; restrict lets them vectorize. */
+static void fwht_radix4(float *restrict a, float *restrict b, float *restrict c, float *restrict d)
+{
+	for (unsigned l = 0; l < 16; l++) {
+		float s0 = a[l] + b[l], d0 = a[l] - b[l], s1 = c[l] + d[l], d1 = c[l] - d[l];
+		a[l] = s0 + s1, c[l] = s0 - s1, b[l] = d0 + d1, d[l] = d0 - d1;
+	}
+}
+
+static void fwht_radix2(float *restrict a, float *restrict b)
+{
+	for (unsigned l = 0; l < 16; l++) {
+		float s = a[l] + b[l], d = a[l] - b[l];
+		a[l] = s, b[l] = d;
+	}
+}
+
+static void fwht(unsigned p, float *v)
+{
+	unsigned h = 16;
+
+	if (p < 16) {
+		kvp_kernels_scalar.fwht(p, v);
+		return;
+	}
+	fwht_blocks16(p, v);
+	for (; 4 * h <= p; h *= 4)
+		for (unsigned i = 0; i < p; i += 4 * h)
+			for (unsigned j = i; j < i + h; j += 16)
+				fwht_radix4(v + j, v + j + h, v + j + 2 * h, v + j + 3 * h);
+	for (; h < p; h *= 2)
+		for (unsigned i = 0; i < p; i += 2 * h)
+			for (unsigned j = i; j < i + h; j += 16)
+				fwht_radix2(v + j, v + j + h);
+}
+
 static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint8_t *signs, size_t stride,
 			const float *kept, size_t kept_stride, const float *scale, const float *mag, float *x)
 {
@@ -239,6 +295,7 @@ static void band_norms(unsigned d, unsigned n, int interleaved, const float *row
 	.lut_axpy_group = lut_axpy_group, \
 	.lut_dot_i8_group = (dot_i8), \
 	.lut_axpy_i16_group = lut_axpy_i16_group, \
+	.fwht = fwht, \
 	.mask_expand = mask_expand,
 
 const struct kvp_kernels KVP_ISA_TABLE = {

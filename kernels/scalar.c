@@ -167,6 +167,17 @@ static void lut_axpy_group(unsigned bits, unsigned m, unsigned n, const uint8_t 
 		lut_axpy(bits, m, n, codes, stride, lut, w + (size_t)h * n, acc + h * acc_stride);
 }
 
+static void fwht(unsigned p, float *v)
+{
+	for (unsigned h = 1; h < p; h *= 2)
+		for (unsigned i = 0; i < p; i += 2 * h)
+			for (unsigned j = i; j < i + h; j++) {
+				float a = v[j], b = v[j + h];
+				v[j] = a + b;
+				v[j + h] = a - b;
+			}
+}
+
 static void lut_dot_i8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			     const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, const float *head_scale,
 			     const uint8_t *row_scale, size_t scale_stride, float *out, size_t out_stride)
@@ -284,5 +295,6 @@ const struct kvp_kernels kvp_kernels_scalar = {
 	.lut_axpy_group = lut_axpy_group,
 	.lut_dot_i8_group = lut_dot_i8_group,
 	.lut_axpy_i16_group = lut_axpy_i16_group,
+	.fwht = fwht,
 	.mask_expand = mask_expand,
 };

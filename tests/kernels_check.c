@@ -1210,6 +1210,41 @@ static void integer_lookups_equal_scalar_on_long_rows(const struct kvp_kernels *
 			lut_int_case(k, bits, lengths[a], 5, 5, 1, 0);
 }
 
+/* ---- fwht: the same bits as the scalar reference, at every power of two up to 4096 ---- */
+
+static void fwht_is_bit_identical_to_scalar_at_every_power_of_two(const struct kvp_kernels *k)
+{
+	for (unsigned p = 1; p <= 4096; p *= 2)
+		for (unsigned off = 0; off < 2; off++) {
+			float *want = rand_f32(p, off), *got = copy_f32(want, p + off);
+
+			k->fwht(p, got + off);
+			kvp_kernels_scalar.fwht(p, want + off);
+			for (unsigned j = 0; j < p; j++)
+				check(same_bits(got[off + j], want[off + j]), "%s fwht p=%u off=%u value %u: %.9g, scalar %.9g",
+				      k->name, p, off, j, got[off + j], want[off + j]);
+			free(want);
+			free(got);
+		}
+}
+
+static void scalar_fwht_matches_the_hadamard_matrix(void)
+{
+	enum { P = 32 };
+	float v[P];
+	double x[P];
+
+	for (unsigned j = 0; j < P; j++)
+		x[j] = v[j] = (float)rand_int(-50, 50);
+	kvp_kernels_scalar.fwht(P, v);
+	for (unsigned i = 0; i < P; i++) {
+		double want = 0;
+		for (unsigned j = 0; j < P; j++)
+			want += (__builtin_popcount(i & j) & 1 ? -1 : 1) * x[j];
+		check(v[i] == want, "row %u: %g, want %g", i, v[i], want);
+	}
+}
+
 /* ---- masked rows (mask_expand) against the scalar reference, bit for bit ---- */
 
 /* Kept channels of a mask of d bits (bits past d do not count). */
@@ -1388,7 +1423,7 @@ static void dispatch_tables_are_complete_and_named_for_their_name(void)
 		check(!strcmp(k->name, names[i]), "%s is named %s", names[i], k->name);
 		check(k->dot_f32 && k->dot_f16 && k->axpy_f32 && k->axpy_f16 && k->f32_to_f16 &&
 			  k->f16_to_f32 && k->softmax_step && k->scale && k->lut_dot && k->lut_axpy &&
-			  k->lut_dot_group && k->lut_axpy_group && k->lut_dot_i8_group && k->lut_axpy_i16_group &&
+			  k->lut_dot_group && k->lut_axpy_group && k->lut_dot_i8_group && k->lut_axpy_i16_group && k->fwht &&
 			  k->dot_f16_group && k->axpy_f16_group && k->mask_expand && k->band_norms,
 		      "%s has an empty slot", names[i]);
 	}
@@ -1608,6 +1643,7 @@ static const struct test reference_tests[] = {
 	TEST(scalar_softmax_step_composed_over_blocks_matches_double_reference),
 	TEST(scalar_lut_dot_and_axpy_match_double_precision_at_every_width),
 	TEST(scalar_integer_lookups_match_their_definition),
+	TEST(scalar_fwht_matches_the_hadamard_matrix),
 	TEST(scalar_mask_expand_places_kept_values_and_signed_recoveries),
 	TEST(scalar_band_norms_reads_both_layouts),
 	TEST(crc32c_reference_gives_the_published_check_values),
@@ -1663,6 +1699,7 @@ static const struct vector_test vector_tests[] = {
 	TEST(integer_lookups_equal_scalar_for_every_width_group_and_length),
 	TEST(integer_lookups_equal_scalar_on_unaligned_pointers),
 	TEST(integer_lookups_equal_scalar_on_long_rows),
+	TEST(fwht_is_bit_identical_to_scalar_at_every_power_of_two),
 	TEST(integer_lookups_equal_scalar_at_the_ends_of_their_ranges),
 	TEST(integer_lookups_read_nothing_past_their_inputs),
 	TEST(mask_expand_matches_scalar_bit_for_bit_on_odd_lengths),
