@@ -662,49 +662,10 @@ kvp_status kvp_turboquant_decode_reference(const struct kvp_codec *c, const void
  */
 #define LANES 8
 
-/*
- * The reference's norm, (float)sqrt of a double sum of squares, with the sum taken in 8 interleaved
- * partial sums. Each term (double)y*y is exact and nonnegative, so each order's sum is within (m-1) * 2^-53
- * of the exact sum, relatively, and the two roots within about (m + 2) * 2^-53 of each other. Both round to
- * the same float unless the root lies that close to a midpoint between two floats (about one vector in 2^20
- * at m = 128); then the reference's sequential sum decides.
- */
-static void squares64(const float *restrict y, double *restrict sq)
-{
-	for (unsigned l = 0; l < 64; l++)
-		sq[l] = (double)y[l] * y[l];
-}
-
 static float part_norm(const float *y, unsigned m)
 {
-	double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0, a4 = 0.0, a5 = 0.0, a6 = 0.0, a7 = 0.0, n2, s;
-	double e = (m + 4) * 0x1p-52;
-	unsigned j = 0;
+	double e = (m + 4) * 0x1p-52, s = sqrt(kvp_kernels()->sum_squares(m, y));
 
-	for (; j + 64 <= m; j += 64) { /* the squares by the vectorizer, then eight sums in registers */
-		double sq[64];
-		squares64(y + j, sq);
-		for (unsigned k = 0; k < 64; k += 8) {
-			const double *q = sq + k;
-			a0 += q[0], a1 += q[1], a2 += q[2], a3 += q[3];
-			a4 += q[4], a5 += q[5], a6 += q[6], a7 += q[7];
-		}
-	}
-	for (; j + 8 <= m; j += 8) { /* an array of sums would stay in memory */
-		const float *b = y + j;
-		a0 += (double)b[0] * b[0];
-		a1 += (double)b[1] * b[1];
-		a2 += (double)b[2] * b[2];
-		a3 += (double)b[3] * b[3];
-		a4 += (double)b[4] * b[4];
-		a5 += (double)b[5] * b[5];
-		a6 += (double)b[6] * b[6];
-		a7 += (double)b[7] * b[7];
-	}
-	for (; j < m; j++)
-		a0 += (double)y[j] * y[j];
-	n2 = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7));
-	s = sqrt(n2);
 	if ((float)(s * (1.0 - e)) == (float)(s * (1.0 + e)))
 		return (float)s;
 	return norm_reference(y, m);
@@ -815,99 +776,21 @@ static void unrotate_fast(const struct tq_part *pt, float *v)
 }
 
 /*
- * cell() without a search, on the bit patterns of the floats: for finite floats, y > t is a comparison of
- * signed integers after the map u -> u >= 0 ? u : ~(u & 0x7fffffff) (with -0 below +0, which no threshold
- * but t = 0 can tell apart, and y > 0 is false for both). The thresholds are symmetric (t[half - 1] = 0,
- * t[half - 1 - i] = -t[half - 1 + i]), so with A = |y|'s bits and T_i = the bits of t[half + i]:
- *   y > 0:  cell = half + #{i : A > T_i}
- *   y <= 0: cell = #{i : y > -t[half + i]} = #{i : T_i > A} = half - 1 - #{i : A + 1 > T_i}
- * one count over half - 1 thresholds instead of 2 * half - 1; B = A or A + 1 and the result half + (count
- * XOR -1 when y <= 0).
+ * The codes of the unit vector y (rotated) into a zeroed token, as encode_part writes them. The kernels'
+ * sym_codes is cell() without a search, on the bit patterns of the floats (for finite floats y > t is a
+ * comparison of integers once the signs are split off; the thresholds are symmetric: t[half - 1] = 0,
+ * t[half - 1 - i] = -t[half - 1 + i]), so it takes the positive thresholds' bits; the last m % 16 codes
+ * go through cell().
  */
-#define CELL_BLOCK 16
-
-/* One block: the thresholds arrive as values so that they stay in registers; nt is a constant where this
- * is inlined, which unrolls the count. */
-static inline void cells16(const float *restrict y, int32_t *restrict idx, int32_t half, unsigned nt,
-			   const int32_t *restrict tb)
+static void quantize(const struct tq_part *pt, const float *y, unsigned char *tok)
 {
-	int32_t u[CELL_BLOCK];
-
-	memcpy(u, y, sizeof u);
-	for (unsigned l = 0; l < CELL_BLOCK; l++) {
-		int32_t neg = -(u[l] <= 0), b = (u[l] & 0x7fffffff) - neg, cnt = 0; /* neg: y <= 0 */
-#pragma GCC unroll 8
-		for (unsigned k = 0; k < nt; k++)
-			cnt += b > tb[k];
-		idx[l] = half + (cnt ^ neg);
-	}
-}
-
-/* cell() of y[0, n), n a multiple of CELL_BLOCK, for half - 1 = 1, 3 or 7 thresholds tb. */
-static void cells(const float *y, int32_t *idx, unsigned n, unsigned half, const int32_t *tb)
-{
-	int32_t t[7];
-
-	memcpy(t, tb, sizeof(int32_t) * (half - 1));
-	for (unsigned j = 0; j < n; j += CELL_BLOCK) {
-		if (half == 8)
-			cells16(y + j, idx + j, 8, 7, t);
-		else if (half == 4)
-			cells16(y + j, idx + j, 4, 3, t);
-		else if (half == 2)
-			cells16(y + j, idx + j, 2, 1, t);
-		else
-			cells16(y + j, idx + j, 1, 0, t);
-	}
-}
-
-/* 8 codes of `bits` bits, LSB first, into `bits` bytes; each width its own constant shifts. */
-static inline void pack8_width(const int32_t *restrict idx, unsigned bits, unsigned char *restrict out)
-{
-	uint64_t word = 0;
-
-#pragma GCC unroll 8
-	for (unsigned l = 0; l < 8; l++)
-		word |= (uint64_t)(uint32_t)idx[l] << (bits * l);
-#pragma GCC unroll 4
-	for (unsigned q = 0; q < bits; q++)
-		out[q] = (unsigned char)(word >> (8 * q));
-}
-
-static void pack8(const int32_t *idx, unsigned bits, unsigned char *out)
-{
-	switch (bits) {
-	case 1:
-		pack8_width(idx, 1, out);
-		break;
-	case 2:
-		pack8_width(idx, 2, out);
-		break;
-	case 3:
-		pack8_width(idx, 3, out);
-		break;
-	default:
-		pack8_width(idx, 4, out);
-		break;
-	}
-}
-
-/* The codes of the unit vector y (rotated) into a zeroed token, as encode_part writes them; room holds m
- * int32. */
-static void quantize(const struct tq_part *pt, const float *y, void *room, unsigned char *tok)
-{
-	const unsigned bits = pt->bits, half = (1u << bits) / 2;
-	unsigned char *out = tok + pt->code_at;
-	const unsigned whole = pt->m / CELL_BLOCK * CELL_BLOCK;
-	int32_t tb[TQ_LEVELS_MAX / 2], *idx = room; /* m cells */
-	unsigned j = 0;
+	const unsigned bits = pt->bits, half = (1u << bits) / 2, whole = pt->m / 16 * 16;
+	int32_t tb[TQ_LEVELS_MAX / 2];
 
 	for (unsigned i = 0; i + 1 < half; i++)
 		memcpy(&tb[i], &pt->threshold[half + i], sizeof tb[i]);
-	cells(y, idx, whole, half, tb);
-	for (; j < whole; j += 8, out += bits) /* 8 codes are bits bytes */
-		pack8(idx + j, bits, out);
-	for (; j < pt->m; j++)
+	kvp_kernels()->sym_codes(bits, whole, y, tb, tok + pt->code_at);
+	for (unsigned j = whole; j < pt->m; j++)
 		kvp_bits_put(tok + pt->code_at, (size_t)j * bits, bits, cell(pt, y[j]));
 }
 
@@ -935,7 +818,7 @@ static kvp_status tq_encode(const struct kvp_codec *c, const void *ctx, unsigned
 			rotate_unit(pt, from, y, norm);
 			memcpy(p + sizeof(float) * k, &norm, sizeof norm);
 			if (!t->qjl) {
-				quantize(pt, y, r, p);
+				quantize(pt, y, p);
 				continue;
 			}
 			gamma = encode_part(pt, 1, y, r, p); /* the m x m product S r dominates: left as it was */

@@ -1148,6 +1148,103 @@ static void axpy_i16_core(unsigned bits, unsigned m, unsigned n, const uint8_t *
 	}
 }
 
+/*
+ * fwht's stages within 16 values, two registers of eight: stages 1, 2 and 4 by a permute and a blend of the
+ * sum and the difference (a lane with bit h set keeps partner - self), stage 8 between the registers.
+ */
+INLINE __m256 fwht_step8(__m256 x, __m256 partner, int high)
+{
+	return _mm256_blend_ps(_mm256_add_ps(x, partner), _mm256_sub_ps(partner, x), high);
+}
+
+INLINE __m256 fwht_within8(__m256 x)
+{
+	x = fwht_step8(x, _mm256_permute_ps(x, 0xb1), 0xaa);
+	x = fwht_step8(x, _mm256_permute_ps(x, 0x4e), 0xcc);
+	return fwht_step8(x, _mm256_permute2f128_ps(x, x, 0x01), 0xf0);
+}
+
+static void fwht_blocks16(unsigned p, float *v)
+{
+	for (unsigned i = 0; i < p; i += 16) {
+		__m256 lo = fwht_within8(_mm256_loadu_ps(v + i)), hi = fwht_within8(_mm256_loadu_ps(v + i + 8));
+
+		_mm256_storeu_ps(v + i, _mm256_add_ps(lo, hi));
+		_mm256_storeu_ps(v + i + 8, _mm256_sub_ps(lo, hi));
+	}
+}
+
+#define KVP_ISA_FWHT
+/*
+ * TurboQuant's encoder steps. sym_codes: eight values per register, one compare per threshold on
+ * b = a (above zero) or min(a, 2^31 - 2) + 1 (at or below: a >= t as b > t), the code mirrored below
+ * zero, then eight codes packed by shifts into `bits` bytes.
+ */
+INLINE __m256i sym_count8(const float *y, const __m256i *th, int32_t half)
+{
+	const __m256i u = _mm256_loadu_si256((const __m256i *)y);
+	const __m256i a = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+	const __m256i pos = _mm256_cmpgt_epi32(u, _mm256_setzero_si256());
+	const __m256i up = _mm256_add_epi32(_mm256_min_epi32(a, _mm256_set1_epi32(0x7ffffffe)), _mm256_set1_epi32(1));
+	const __m256i b = _mm256_blendv_epi8(up, a, pos);
+	__m256i cnt = _mm256_setzero_si256();
+
+	for (int32_t k = 0; k + 1 < half; k++)
+		cnt = _mm256_sub_epi32(cnt, _mm256_cmpgt_epi32(b, th[k]));
+	/* half + cnt above zero, half - 1 - cnt at or below */
+	return _mm256_blendv_epi8(_mm256_sub_epi32(_mm256_set1_epi32(half - 1), cnt),
+				  _mm256_add_epi32(_mm256_set1_epi32(half), cnt), pos);
+}
+
+INLINE void sym_codes_width(unsigned bits, unsigned m, const float *y, const int32_t *t, uint8_t *out)
+{
+	const int32_t half = 1 << (bits - 1);
+	__m256i th[7];
+
+	for (int32_t k = 0; k + 1 < half; k++)
+		th[k] = _mm256_set1_epi32(t[k]);
+	for (unsigned j = 0; j < m; j += 8, out += bits) {
+		int32_t code[8];
+		uint64_t word = 0;
+
+		_mm256_storeu_si256((__m256i *)code, sym_count8(y + j, th, half));
+		for (unsigned l = 0; l < 8; l++)
+			word |= (uint64_t)(uint32_t)code[l] << (bits * l);
+		for (unsigned q = 0; q < bits; q++)
+			out[q] = (uint8_t)(word >> (8 * q));
+	}
+}
+
+static void sym_codes(unsigned bits, unsigned m, const float *y, const int32_t *t, uint8_t *out)
+{
+	switch (bits) {
+	case 1: sym_codes_width(1, m, y, t, out); break;
+	case 2: sym_codes_width(2, m, y, t, out); break;
+	case 3: sym_codes_width(3, m, y, t, out); break;
+	default: sym_codes_width(4, m, y, t, out); break;
+	}
+}
+
+/* Two registers of four doubles are the definition's eight running sums. */
+static double sum_squares(unsigned m, const float *y)
+{
+	__m256d lo = _mm256_setzero_pd(), hi = lo;
+	double a[8];
+	unsigned j = 0;
+
+	for (; j + 8 <= m; j += 8) {
+		const __m256d v0 = _mm256_cvtps_pd(_mm_loadu_ps(y + j)), v1 = _mm256_cvtps_pd(_mm_loadu_ps(y + j + 4));
+		lo = _mm256_add_pd(lo, _mm256_mul_pd(v0, v0));
+		hi = _mm256_add_pd(hi, _mm256_mul_pd(v1, v1));
+	}
+	_mm256_storeu_pd(a, lo);
+	_mm256_storeu_pd(a + 4, hi);
+	for (; j < m; j++)
+		a[0] += (double)y[j] * y[j];
+	return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+#define KVP_ISA_ENCODE
 #define KVP_ISA_NAME "avx2"
 #define KVP_ISA_TABLE kvp_kernels_avx2
 #include "kernels/loops.h"

@@ -1081,6 +1081,69 @@ static void fwht_blocks16(unsigned p, float *v)
 }
 
 #define KVP_ISA_FWHT
+
+/*
+ * TurboQuant's encoder. sym_codes: sixteen values per step, each threshold one compare and one masked
+ * increment; a value <= 0 counts thresholds at or below |y|, and its code mirrors. Codes go to bytes, and BMI2 pext gathers the low `bits` of eight bytes at a time.
+ */
+INLINE void sym_codes_width(unsigned bits, unsigned m, const float *y, const int32_t *t, uint8_t *out)
+{
+	const int32_t half = 1 << (bits - 1);
+	const uint64_t low = 0x0101010101010101ull * ((1u << bits) - 1);
+	const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), one = _mm512_set1_epi32(1);
+	const __m512i below_max = _mm512_set1_epi32(0x7ffffffe);
+	__m512i th[7];
+
+	for (int32_t k = 0; k + 1 < half; k++)
+		th[k] = _mm512_set1_epi32(t[k]);
+	for (unsigned j = 0; j < m; j += 16, out += 2 * bits) {
+		const __m512i u = _mm512_loadu_si512(y + j), a = _mm512_and_si512(u, magnitude);
+		const __mmask16 pos = _mm512_cmpgt_epi32_mask(u, _mm512_setzero_si512());
+		/* at or below zero a >= t is min(a, 2^31 - 2) + 1 > t: one compare per threshold for both */
+		const __m512i b = _mm512_mask_add_epi32(a, (__mmask16)~pos, _mm512_min_epi32(a, below_max), one);
+		__m512i cnt = _mm512_setzero_si512(), code;
+		uint64_t w[2];
+
+		for (int32_t k = 0; k + 1 < half; k++)
+			cnt = _mm512_mask_add_epi32(cnt, _mm512_cmpgt_epi32_mask(b, th[k]), cnt, one);
+		/* half + cnt above zero, half - 1 - cnt at or below */
+		code = _mm512_mask_sub_epi32(_mm512_sub_epi32(_mm512_set1_epi32(half - 1), cnt), pos,
+					     _mm512_set1_epi32(half), _mm512_sub_epi32(_mm512_setzero_si512(), cnt));
+		_mm_storeu_si128((__m128i *)w, _mm512_cvtepi32_epi8(code));
+		w[0] = _pext_u64(w[0], low), w[1] = _pext_u64(w[1], low);
+		memcpy(out, &w[0], bits);
+		memcpy(out + bits, &w[1], bits);
+	}
+}
+
+static void sym_codes(unsigned bits, unsigned m, const float *y, const int32_t *t, uint8_t *out)
+{
+	switch (bits) {
+	case 1: sym_codes_width(1, m, y, t, out); break;
+	case 2: sym_codes_width(2, m, y, t, out); break;
+	case 3: sym_codes_width(3, m, y, t, out); break;
+	default: sym_codes_width(4, m, y, t, out); break;
+	}
+}
+
+/* Eight double lanes are the definition's eight running sums: each square is exact in double. */
+static double sum_squares(unsigned m, const float *y)
+{
+	__m512d acc = _mm512_setzero_pd();
+	double a[8];
+	unsigned j = 0;
+
+	for (; j + 8 <= m; j += 8) {
+		const __m512d v = _mm512_cvtps_pd(_mm256_loadu_ps(y + j));
+		acc = _mm512_add_pd(acc, _mm512_mul_pd(v, v));
+	}
+	_mm512_storeu_pd(a, acc);
+	for (; j < m; j++)
+		a[0] += (double)y[j] * y[j];
+	return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+#define KVP_ISA_ENCODE
 #define KVP_ISA_FUSED_LOOKUPS
 #define KVP_ISA_NAME "avx512"
 #define KVP_ISA_TABLE kvp_kernels_avx512

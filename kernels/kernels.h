@@ -107,6 +107,18 @@ struct kvp_kernels {
 	 */
 	void (*fwht)(unsigned p, float *v);
 	/*
+	 * TurboQuant's encoder. sym_codes: the cells of y[0..m) (m a multiple of 16) in a symmetric codebook
+	 * of 2^bits levels (bits 1..4, half = 2^(bits-1)), whose positive thresholds t[0..half-1) are given as
+	 * the bit patterns of their floats; with u the bit pattern of y_j read as an int32, code j =
+	 * half + #{k : (u & 0x7fffffff) > t[k]} when u > 0, and half - 1 - #{k : (u & 0x7fffffff) >= t[k]}
+	 * otherwise (y <= 0, -0 included). The codes are packed LSB first into m * bits / 8 bytes of out.
+	 * sum_squares: eight running sums, a[j % 8] += (double)y[j] * y[j] for j below m rounded down to 8, the
+	 * rest added to a[0] in order, returned as ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)). Both give
+	 * the same results in every implementation.
+	 */
+	void (*sym_codes)(unsigned bits, unsigned m, const float *y, const int32_t *t, uint8_t *out);
+	double (*sum_squares)(unsigned m, const float *y);
+	/*
 	 * Masked rows (SparK's per-token channel pruning). Row i's keep mask is d bits at masks + i*stride
 	 * (bit j set: channel j is kept; LSB first; bits past d are ignored). Its kept channels' values, in
 	 * channel order, are kept[i*kept_stride + t] for t below the mask's popcount, and nothing past that
@@ -209,6 +221,16 @@ static inline float kvp_load_f32(const uint8_t *p)
 
 	memcpy(&v, p, sizeof v);
 	return v;
+}
+
+/* Code j of `bits` bits into a zeroed row, LSB first (a code spans at most two bytes). */
+static inline void kvp_code_put(uint8_t *row, unsigned j, unsigned bits, unsigned v)
+{
+	size_t o = (size_t)j * bits;
+
+	row[o >> 3] |= (uint8_t)(v << (o & 7));
+	if ((o & 7) + bits > 8)
+		row[(o >> 3) + 1] |= (uint8_t)(v >> (8 - (o & 7)));
 }
 
 /* Byte j of entry m is the number of set bits of m below bit j: where the value of a kept channel j of a

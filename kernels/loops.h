@@ -203,15 +203,27 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
  * definition, stage after stage, so every version gives the same bits.
  */
 #ifndef KVP_ISA_FWHT
+/* Stage h of 16 values: pairs (l, l + h) for l with bit h clear, written out per h so each loop has a fixed
+ * pattern a compiler can vectorize. */
+static inline __attribute__((always_inline)) void fwht16_stage(float *restrict v, unsigned h)
+{
+	float w[16];
+
+	for (unsigned l = 0; l < 16; l++) {
+		float self = v[l], partner = v[l ^ h];
+		w[l] = (l & h) ? partner - self : self + partner;
+	}
+	memcpy(v, w, sizeof w);
+}
+
 static void fwht_blocks16(unsigned p, float *v)
 {
-	for (unsigned i = 0; i < p; i += 16)
-		for (unsigned h = 1; h < 16; h *= 2)
-			for (unsigned l = 0; l < 16; l++)
-				if (!(l & h)) {
-					float a = v[i + l], b = v[i + l + h];
-					v[i + l] = a + b, v[i + l + h] = a - b;
-				}
+	for (unsigned i = 0; i < p; i += 16) {
+		fwht16_stage(v + i, 1);
+		fwht16_stage(v + i, 2);
+		fwht16_stage(v + i, 4);
+		fwht16_stage(v + i, 8);
+	}
 }
 #endif
 
@@ -250,6 +262,60 @@ static void fwht(unsigned p, float *v)
 			for (unsigned j = i; j < i + h; j += 16)
 				fwht_radix2(v + j, v + j + h);
 }
+
+#ifndef KVP_ISA_ENCODE
+/*
+ * sym_codes and sum_squares in fixed-size blocks a compiler vectorizes: sixteen codes counted on integers
+ * (b = a, or min(a, 2^31 - 2) + 1 at or below zero, so that one compare serves both signs), eight packed
+ * into `bits` bytes by shifts; the squares in the definition's eight running sums.
+ */
+static inline __attribute__((always_inline)) void sym_codes16(unsigned bits, const float *restrict y,
+							      const int32_t *restrict t, uint8_t *restrict out)
+{
+	const int32_t half = 1 << (bits - 1);
+	int32_t u[16], code[16];
+
+	memcpy(u, y, sizeof u);
+	for (unsigned l = 0; l < 16; l++) {
+		int32_t a = u[l] & 0x7fffffff, pos = u[l] > 0, b = pos ? a : (a < 0x7ffffffe ? a : 0x7ffffffe) + 1;
+		int32_t cnt = 0;
+		for (int32_t k = 0; k + 1 < half; k++)
+			cnt += b > t[k];
+		code[l] = pos ? half + cnt : half - 1 - cnt;
+	}
+	for (unsigned g = 0; g < 16; g += 8, out += bits) {
+		uint64_t word = 0;
+		for (unsigned l = 0; l < 8; l++)
+			word |= (uint64_t)(uint32_t)code[g + l] << (bits * l);
+		for (unsigned q = 0; q < bits; q++)
+			out[q] = (uint8_t)(word >> (8 * q));
+	}
+}
+
+static void sym_codes(unsigned bits, unsigned m, const float *y, const int32_t *t, uint8_t *out)
+{
+	for (unsigned j = 0; j < m; j += 16, out += 2 * bits)
+		switch (bits) {
+		case 1: sym_codes16(1, y + j, t, out); break;
+		case 2: sym_codes16(2, y + j, t, out); break;
+		case 3: sym_codes16(3, y + j, t, out); break;
+		default: sym_codes16(4, y + j, t, out); break;
+		}
+}
+
+static double sum_squares(unsigned m, const float *y)
+{
+	double a[8] = { 0 };
+	unsigned j = 0;
+
+	for (; j + 8 <= m; j += 8)
+		for (unsigned l = 0; l < 8; l++)
+			a[l] += (double)y[j + l] * y[j + l];
+	for (; j < m; j++)
+		a[0] += (double)y[j] * y[j];
+	return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+#endif
 
 static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint8_t *signs, size_t stride,
 			const float *kept, size_t kept_stride, const float *scale, const float *mag, float *x)
@@ -296,6 +362,8 @@ static void band_norms(unsigned d, unsigned n, int interleaved, const float *row
 	.lut_dot_i8_group = (dot_i8), \
 	.lut_axpy_i16_group = lut_axpy_i16_group, \
 	.fwht = fwht, \
+	.sym_codes = sym_codes, \
+	.sum_squares = sum_squares, \
 	.mask_expand = mask_expand,
 
 const struct kvp_kernels KVP_ISA_TABLE = {

@@ -178,6 +178,35 @@ static void fwht(unsigned p, float *v)
 			}
 }
 
+static void sym_codes(unsigned bits, unsigned m, const float *y, const int32_t *t, uint8_t *out)
+{
+	const int32_t half = 1 << (bits - 1);
+
+	memset(out, 0, (size_t)m * bits / 8);
+	for (unsigned j = 0; j < m; j++) {
+		int32_t u, a, cnt = 0;
+
+		memcpy(&u, y + j, sizeof u);
+		a = u & 0x7fffffff;
+		for (int32_t k = 0; k + 1 < half; k++)
+			cnt += u > 0 ? a > t[k] : a >= t[k];
+		kvp_code_put(out, j, bits, (unsigned)(u > 0 ? half + cnt : half - 1 - cnt));
+	}
+}
+
+static double sum_squares(unsigned m, const float *y)
+{
+	double a[8] = { 0 };
+	unsigned j = 0;
+
+	for (; j + 8 <= m; j += 8)
+		for (unsigned l = 0; l < 8; l++)
+			a[l] += (double)y[j + l] * y[j + l];
+	for (; j < m; j++)
+		a[0] += (double)y[j] * y[j];
+	return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
 static void lut_dot_i8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			     const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, const float *head_scale,
 			     const uint8_t *row_scale, size_t scale_stride, float *out, size_t out_stride)
@@ -296,5 +325,7 @@ const struct kvp_kernels kvp_kernels_scalar = {
 	.lut_dot_i8_group = lut_dot_i8_group,
 	.lut_axpy_i16_group = lut_axpy_i16_group,
 	.fwht = fwht,
+	.sym_codes = sym_codes,
+	.sum_squares = sum_squares,
 	.mask_expand = mask_expand,
 };

@@ -1245,6 +1245,80 @@ static void scalar_fwht_matches_the_hadamard_matrix(void)
 	}
 }
 
+/* ---- TurboQuant's encoder steps (sym_codes, sum_squares): the scalar reference's bytes and bits ---- */
+
+/* Symmetric thresholds 0 < t[0] < ... as floats, and values that hit them exactly, their negatives, +-0. */
+static void encoder_inputs(unsigned bits, unsigned m, float *t, float *y)
+{
+	const unsigned half = 1u << (bits - 1);
+
+	for (unsigned k = 0; k + 1 < half; k++)
+		t[k] = 0.1f * (float)(k + 1) + 0.01f * (float)(rnd32() % 7);
+	for (unsigned j = 0; j < m; j++) {
+		unsigned pick = rnd32() % 6;
+		float v = pick == 0 && half > 1 ? t[rnd32() % (half - 1)] : pick == 1 ? 0.0f : (float)rand_int(-1000, 1000) / 1000.0f;
+		y[j] = (pick == 2 || rnd32() % 2) ? -v : v;
+	}
+}
+
+static void sym_codes_equal_scalar_at_every_width_with_ties_and_zeros(const struct kvp_kernels *k)
+{
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (unsigned m = 16; m <= 256; m += 48) {
+			float t[7], *y = rand_f32(m, 0);
+			int32_t tb[7];
+			uint8_t got[129], want[128];
+
+			encoder_inputs(bits, m, t, y);
+			memcpy(tb, t, sizeof t);
+			memset(got, 0xa5, sizeof got);
+			k->sym_codes(bits, m, y, tb, got);
+			kvp_kernels_scalar.sym_codes(bits, m, y, tb, want);
+			check(!memcmp(got, want, m * bits / 8), "%s sym_codes bits=%u m=%u: the bytes differ", k->name, bits, m);
+			check(got[m * bits / 8] == 0xa5, "%s sym_codes bits=%u m=%u: wrote past its bytes", k->name, bits, m);
+			free(y);
+		}
+}
+
+static void sum_squares_equals_scalar_bit_for_bit(const struct kvp_kernels *k)
+{
+	for (unsigned m = 0; m <= 300; m += 7) {
+		float *y = rand_f32(m + 1, 1);
+		double got = k->sum_squares(m, y + 1), want = kvp_kernels_scalar.sum_squares(m, y + 1);
+
+		check(!memcmp(&got, &want, sizeof got), "%s sum_squares m=%u: %.17g, scalar %.17g", k->name, m, got, want);
+		free(y);
+	}
+}
+
+/* The scalar sym_codes is the nearest cell: the count of all 2^bits - 1 thresholds (-t, 0, t) below y. */
+static void scalar_sym_codes_count_the_thresholds_below(void)
+{
+	for (unsigned bits = 1; bits <= 4; bits++) {
+		const unsigned m = 64, half = 1u << (bits - 1);
+		float t[7], y[64], all[15];
+		int32_t tb[7];
+		uint8_t out[32];
+		unsigned n = 0;
+
+		encoder_inputs(bits, m, t, y);
+		memcpy(tb, t, sizeof t);
+		for (unsigned k = half - 1; k-- > 0;)
+			all[n++] = -t[k];
+		all[n++] = 0.0f;
+		for (unsigned k = 0; k + 1 < half; k++)
+			all[n++] = t[k];
+		kvp_kernels_scalar.sym_codes(bits, m, y, tb, out);
+		for (unsigned j = 0; j < m; j++) {
+			unsigned want = 0;
+			for (unsigned k = 0; k < n; k++)
+				want += y[j] > all[k];
+			check(code_of(out, bits, j) == want, "bits=%u value %u (%g): code %u, want %u", bits, j, y[j],
+			      code_of(out, bits, j), want);
+		}
+	}
+}
+
 /* ---- masked rows (mask_expand) against the scalar reference, bit for bit ---- */
 
 /* Kept channels of a mask of d bits (bits past d do not count). */
@@ -1424,6 +1498,7 @@ static void dispatch_tables_are_complete_and_named_for_their_name(void)
 		check(k->dot_f32 && k->dot_f16 && k->axpy_f32 && k->axpy_f16 && k->f32_to_f16 &&
 			  k->f16_to_f32 && k->softmax_step && k->scale && k->lut_dot && k->lut_axpy &&
 			  k->lut_dot_group && k->lut_axpy_group && k->lut_dot_i8_group && k->lut_axpy_i16_group && k->fwht &&
+			  k->sym_codes && k->sum_squares &&
 			  k->dot_f16_group && k->axpy_f16_group && k->mask_expand && k->band_norms,
 		      "%s has an empty slot", names[i]);
 	}
@@ -1644,6 +1719,7 @@ static const struct test reference_tests[] = {
 	TEST(scalar_lut_dot_and_axpy_match_double_precision_at_every_width),
 	TEST(scalar_integer_lookups_match_their_definition),
 	TEST(scalar_fwht_matches_the_hadamard_matrix),
+	TEST(scalar_sym_codes_count_the_thresholds_below),
 	TEST(scalar_mask_expand_places_kept_values_and_signed_recoveries),
 	TEST(scalar_band_norms_reads_both_layouts),
 	TEST(crc32c_reference_gives_the_published_check_values),
@@ -1700,6 +1776,8 @@ static const struct vector_test vector_tests[] = {
 	TEST(integer_lookups_equal_scalar_on_unaligned_pointers),
 	TEST(integer_lookups_equal_scalar_on_long_rows),
 	TEST(fwht_is_bit_identical_to_scalar_at_every_power_of_two),
+	TEST(sym_codes_equal_scalar_at_every_width_with_ties_and_zeros),
+	TEST(sum_squares_equals_scalar_bit_for_bit),
 	TEST(integer_lookups_equal_scalar_at_the_ends_of_their_ranges),
 	TEST(integer_lookups_read_nothing_past_their_inputs),
 	TEST(mask_expand_matches_scalar_bit_for_bit_on_odd_lengths),
