@@ -79,7 +79,9 @@ struct kvp_codec_ops {
 	/*
 	 * Optional: dot and axpy for the g query heads of a GQA group at once, so each code is unpacked
 	 * once for the group. Head h's prepared query is at qprep + h * c->qprep_bytes; out and w hold g rows
-	 * of n; acc holds g rows of c->acc_dim. NULL: callers run dot and axpy once per head.
+	 * of n; acc holds g rows of c->acc_dim, g <= KVP_CODEC_GROUP_MAX. NULL: callers run dot and axpy once
+	 * per head. Attention's fast path: it may approximate dot and axpy (TurboQuant's runs on the integer
+	 * kernels), within a bound its codec states and tests; dot and axpy stay the float reference.
 	 */
 	void (*dot_group)(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
 			  const void *qprep, float *out);

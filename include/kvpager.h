@@ -142,6 +142,9 @@ KVP_API kvp_status kvp_append(kvp_seq *s, uint32_t layer, uint32_t n, const int3
  *   q: [n_heads][head_dim] after RoPE; out: [n_heads][head_dim] = softmax(q K^T / sqrt(head_dim)) V,
  *   query head h reading KV head h / (n_heads / n_kv_heads). A layer with no tokens gives zeros, with any
  *   policy (a policy or gate that observes attention learns nothing from a stream without tokens).
+ *   Exact tiers are read in floats. Codec-encoded blocks are read by their codecs' group paths, which may
+ *   work on integers: TurboQuant's quantize the query to int8 and each block's weights to 12 bits, which
+ *   keeps the output within about 1e-3 (relative) of exact attention over the vectors kvp_gather returns.
  */
 KVP_API kvp_status kvp_attend(kvp_seq *s, uint32_t layer, const float *q, float *out);
 /*
@@ -218,6 +221,7 @@ KVP_API uint32_t kvp_codec_group(const kvp_codec *c); /* tokens per group; 1 whe
 KVP_API size_t kvp_codec_bytes(const kvp_codec *c, uint32_t n);
 KVP_API kvp_status kvp_codec_encode(kvp_codec *c, uint32_t n, const float *x, void *dst);
 KVP_API kvp_status kvp_codec_decode(kvp_codec *c, uint32_t n, const void *src, float *x);
+/* out[i] = <q, decode(token i)>, in floats (the single-head path, not attention's integer group path). */
 KVP_API kvp_status kvp_codec_dot(kvp_codec *c, uint32_t n, const void *src, const float *q, float *out);
 KVP_API void kvp_codec_close(kvp_codec *c);
 
