@@ -421,7 +421,7 @@ Test(ab, svg_axes_are_logarithmic_with_zero_on_a_floor_line)
 	int i;
 
 	for (i = 0; i < 4; i++) {
-		char label[8];
+		char label[16];
 
 		snprintf(label, sizeof(label), "S%d", i + 1);
 		cr_assert(point_at(svg, label, &x[i], &y[i]), "%s is drawn", label);
@@ -553,7 +553,8 @@ Test(ab, html_escapes_every_spec_and_the_title)
 	unlink(path);
 	cr_assert_null(strstr(page, "<script>alert"), "a spec is text, never markup");
 	cr_assert_null(strstr(page, "<b>title"));
-	cr_assert_not_null(strstr(page, "<td class=\"spec\">&lt;script&gt;alert(&quot;x&amp;y&quot;)&lt;/script&gt;</td>"));
+	cr_assert_not_null(strstr(page, "<td class=\"spec\">&lt;script&gt;alert(&quot;x&amp;y&quot;)&lt;/script&gt;"
+					"</td>"));
 	cr_assert_not_null(strstr(page, "<td class=\"spec\">&#39;</td>"));
 	cr_assert_not_null(strstr(page, "<h1>&lt;b&gt;title&lt;/b&gt;</h1>"));
 	/* self-contained: nothing fetched */

@@ -527,8 +527,9 @@ static int layout_plot(struct svg_layout *l, const char *title, const struct ab_
 		legend_lines += wrap_lines(l->entries[i], l->legend_cap);
 	top = SVG_MARGIN + l->title_lines * SVG_TITLE_LINE + 12;
 	l->frame = (struct svg_box){ SVG_LEFT, top, l->width - SVG_RIGHT, top + SVG_PLOT_HEIGHT };
-	/* axis names, the notes line, then the legend: an entry's lines and a gap after each */
-	l->height = (int)l->frame.y1 + 84 + legend_lines * SVG_LEGEND_LINE + n * 4 + SVG_MARGIN;
+	/* axis names, the notes line, then the legend: its first baseline 84 below the plot, its last
+	 * (legend_lines - 1) lines and (n - 1) gaps of 4 further, then 4 for descenders */
+	l->height = (int)l->frame.y1 + 84 + (legend_lines - 1) * SVG_LEGEND_LINE + (n - 1) * 4 + 4 + SVG_MARGIN;
 	/* px and py hold the values until the axes fit them, then the pixels */
 	for (i = 0; i < n; i++) {
 		l->px[i] = r[i].bytes_per_token;
