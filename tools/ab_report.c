@@ -262,7 +262,7 @@ static size_t wrap_len(const char *s, size_t cap)
 {
 	size_t len = strlen(s), i;
 
-	if (len <= cap)
+	if (len <= cap || cap == 0)
 		return len;
 	for (i = cap; i > cap / 2; i--)
 		if (strchr(", |", s[i - 1]))
