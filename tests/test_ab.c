@@ -2,7 +2,9 @@
  * Suite ab: kvpager-ab end to end — a real model (kjv-64) with the exact cache and a TurboQuant cold
  * tier, a trace recorded by kvpager-llama and replayed, the built-in synthetic trace, the CSV and the
  * SVG, and bad inputs (truncated traces and checkpoints, a wrong magic, unknown options and spec keys,
- * a policy spec the library may not serve yet).
+ * a policy spec the library may not serve yet). Then the plot's geometry (log axes, width, labels, the
+ * best trade-off curve), the HTML report's escaping, and the report in headless chromium (skipped,
+ * saying so, where chromium is not installed; CI installs it).
  *
  * Models come from $KVP_MODELS (default ../shared/models); the tools from $KVP_TEST_BUILD (default build).
  */
@@ -15,6 +17,7 @@
 #include <unistd.h>
 
 #include "kvpager_trace.h"
+#include "tools/ab.h"
 #include "tool_fixture.h"
 
 #define TQ3 "k=turboquant(bits=3),v=turboquant(bits=3)"
@@ -331,4 +334,351 @@ Test(ab, kjv64_exact_streaming_triattention_and_stacked_specs)
 	cr_assert_gt(rows[1].value[COL_KL_MEAN], 0);
 	cr_assert_gt(rows[3].value[COL_KL_MEAN], 0);
 	unlink(csv);
+}
+
+/* ---- the plot and the HTML report ---- */
+
+/* A result as the plot sees it: the rest of the fields as a run without logits leaves them. */
+static struct ab_result plotted(const char *spec, double bytes_per_token, double kl)
+{
+	struct ab_result r = { .spec = spec, .tokens = 512, .bytes_per_token = bytes_per_token,
+			       .compression = 1024.0 / bytes_per_token, .kl_mean = kl, .kl_p99 = kl,
+			       .top1 = NAN, .attention_error = 0.1, .attention_error_max = 0.2,
+			       .tokens_per_s = 1000 };
+
+	return r;
+}
+
+/* The SVG ab_write_svg makes of r, read back whole (the caller frees it). */
+static char *svg_of(const struct ab_result *r, int n, const char *title)
+{
+	char path[256], message[AB_MESSAGE_MAX], *text;
+	long size;
+	FILE *f;
+
+	temp_path(path, sizeof(path), ".svg");
+	cr_assert_eq(ab_write_svg(path, title, r, n, message), 0, "%s", message);
+	size = file_size(path);
+	text = calloc(1, (size_t)size + 1);
+	f = fopen(path, "r");
+	cr_assert(text && f);
+	cr_assert_eq(fread(text, 1, (size_t)size, f), (size_t)size);
+	fclose(f);
+	unlink(path);
+	return text;
+}
+
+/* Where the SVG draws the point labelled label: 1, or 0 when it is not drawn. */
+static int point_at(const char *svg, const char *label, double *x, double *y)
+{
+	char key[64];
+	const char *at;
+
+	snprintf(key, sizeof(key), "class=\"point\" data-label=\"%s\"", label);
+	at = strstr(svg, key);
+	if (!at)
+		return 0;
+	cr_assert_eq(sscanf(at + strlen(key), " transform=\"translate(%lf,%lf)\"", x, y), 2, "%.80s", at);
+	return 1;
+}
+
+static int svg_width(const char *svg)
+{
+	int width = 0;
+
+	cr_assert_eq(sscanf(strstr(svg, " width=\""), " width=\"%d\"", &width), 1);
+	return width;
+}
+
+/* The text of the legend entry for label, its wrapped lines joined. */
+static void legend_text(const char *svg, const char *label, char *out, size_t cap)
+{
+	char key[64];
+	const char *s, *end;
+	size_t n = 0;
+	int in_tag = 0;
+
+	snprintf(key, sizeof(key), "class=\"legend\" data-label=\"%s\"", label);
+	s = strstr(svg, key);
+	cr_assert_not_null(s, "the legend has %s", label);
+	s = strchr(s, '>') + 1;
+	end = strstr(s, "</text>");
+	for (; s < end; s++) {
+		if (*s == '<' || *s == '>')
+			in_tag = *s == '<';
+		else if (!in_tag && n + 1 < cap)
+			out[n++] = *s;
+	}
+	out[n] = '\0';
+}
+
+Test(ab, svg_axes_are_logarithmic_with_zero_on_a_floor_line)
+{
+	struct ab_result r[4] = { plotted("a", 100, 1e-1), plotted("b", 200, 1e-4), plotted("c", 400, 1e-3),
+				  plotted("d", 800, 0) };
+	double x[4], y[4];
+	char *svg = svg_of(r, 4, "log axes");
+	int i;
+
+	for (i = 0; i < 4; i++) {
+		char label[16];
+
+		snprintf(label, sizeof(label), "S%d", i + 1);
+		cr_assert(point_at(svg, label, &x[i], &y[i]), "%s is drawn", label);
+	}
+	/* 1e-1 and 1e-4 far apart, 1e-3 a third of the way up from 1e-4 as the decades say */
+	cr_assert_gt(y[1] - y[0], 150, "KL 1e-1 at y %g, 1e-4 at y %g", y[0], y[1]);
+	cr_assert_float_eq((y[1] - y[2]) / (y[1] - y[0]), 1.0 / 3, 0.01, "1e-3 at y %g", y[2]);
+	/* bytes doubling: equal steps across */
+	cr_assert_float_eq(x[2] - x[1], x[1] - x[0], 0.2);
+	cr_assert_float_eq(x[3] - x[2], x[1] - x[0], 0.2);
+	/* KL 0: below every positive value, on the dashed line, and the legend says so */
+	cr_assert_gt(y[3], y[1] + 10);
+	cr_assert_not_null(strstr(svg, "stroke-dasharray"));
+	cr_assert_not_null(strstr(svg, "d  (800.0 B/token, 1.28x vs fp16, KL 0, drawn on the 0 line)"));
+	free(svg);
+}
+
+Test(ab, svg_width_fits_a_long_spec_and_wraps_past_its_maximum)
+{
+	static const char long_spec[] = "policy=triattention(budget=2048,stats=online),k=turboquant(bits=3),"
+					"v=turboquant(bits=3),block=64,sinks=4,window=128";
+	struct ab_result r[2] = { plotted("store=fp32", 4096, 1e-8), plotted("k=kivi(bits=2)", 1024, 1e-2) };
+	char huge[1200], text[2048], *svg;
+	int narrow, wide, i;
+
+	svg = svg_of(r, 2, "short");
+	narrow = svg_width(svg);
+	free(svg);
+	r[1].spec = long_spec;
+	svg = svg_of(r, 2, "short");
+	wide = svg_width(svg);
+	/* 12 px monospace is 7.2 px a character: the whole entry fits on one line */
+	cr_assert_gt(wide, narrow, "a %zu-character spec widens the plot", strlen(long_spec));
+	cr_assert_geq(wide, 7.2 * (double)(strlen(long_spec) + 50));
+	legend_text(svg, "S2", text, sizeof(text));
+	cr_assert_eq(strncmp(text, long_spec, strlen(long_spec)), 0, "%s", text);
+	free(svg);
+	/* past the maximum the width stops growing and the entry wraps, every character kept */
+	for (i = 0; i + 1 < (int)sizeof(huge); i++)
+		huge[i] = "k=kivi(bits=2),"[i % 15];
+	huge[sizeof(huge) - 1] = '\0';
+	r[1].spec = huge;
+	svg = svg_of(r, 2, "short");
+	cr_assert_leq(svg_width(svg), 1200);
+	legend_text(svg, "S2", text, sizeof(text));
+	cr_assert_eq(strncmp(text, huge, strlen(huge)), 0, "the wrapped spec, joined: %s", text);
+	cr_assert_not_null(strstr(strstr(svg, "class=\"legend\" data-label=\"S2\""), "</tspan><tspan"), "wrapped");
+	free(svg);
+}
+
+/* The boxes the 11 px bold monospace labels take, from their text's position (x, baseline y). */
+static void label_box(const char *svg, int i, double box[4])
+{
+	char key[64];
+	const char *at;
+	double x, y;
+
+	snprintf(key, sizeof(key), "class=\"label\" data-label=\"S%d\"", i + 1);
+	at = strstr(svg, key);
+	cr_assert_not_null(at, "label S%d is drawn", i + 1);
+	cr_assert_eq(sscanf(at + strlen(key), " x=\"%lf\" y=\"%lf\"", &x, &y), 2);
+	box[0] = x;
+	box[1] = y - 10;
+	box[2] = x + 6.7 * (i + 1 >= 10 ? 3 : 2);
+	box[3] = y + 1;
+}
+
+Test(ab, svg_labels_s1_to_sn_do_not_overlap)
+{
+	struct ab_result r[14];
+	double box[14][4];
+	char *svg;
+	int i, j;
+
+	/* a cluster: 14 specs within 3% of each other's bytes and KL */
+	for (i = 0; i < 14; i++)
+		r[i] = plotted("k=kivi(bits=2),v=kivi(bits=2)", 1000 + 2 * i, 1e-3 * (1 + 0.002 * (i % 4)));
+	r[0] = plotted("store=fp32", 4000, 1e-8); /* spreads the axes: the rest crowd together */
+	svg = svg_of(r, 14, "crowded");
+	for (i = 0; i < 14; i++)
+		label_box(svg, i, box[i]);
+	for (i = 0; i < 14; i++)
+		for (j = i + 1; j < 14; j++)
+			cr_assert(box[i][2] <= box[j][0] || box[j][2] <= box[i][0] || box[i][3] <= box[j][1] ||
+					  box[j][3] <= box[i][1],
+				  "S%d at (%g, %g) and S%d at (%g, %g) overlap", i + 1, box[i][0], box[i][1], j + 1,
+				  box[j][0], box[j][1]);
+	free(svg);
+}
+
+Test(ab, best_tradeoff_curve_keeps_specs_nothing_beats)
+{
+	struct ab_result r[5] = { plotted("a", 100, 1e-2), plotted("b", 200, 1e-3), plotted("c", 300, 1e-2),
+				  plotted("d", 400, NAN), plotted("e", 50, 1e-1) };
+	int on[5], expected[5] = { 1, 1, 0, 0, 1 }, i;
+	char *svg;
+
+	cr_assert_eq(ab_pareto(r, 5, on), 1, "KL where specs have it");
+	for (i = 0; i < 5; i++)
+		cr_assert_eq(on[i], expected[i], "spec %s", r[i].spec);
+	svg = svg_of(r, 5, "front");
+	cr_assert_not_null(strstr(svg, "<polyline class=\"front\""));
+	cr_assert_not_null(strstr(svg, "d  (400.0 B/token, 2.56x vs fp16, KL n/a, not drawn)"));
+	free(svg);
+	/* without KL, the attention error decides: c (300 B) is beaten by b (200 B) */
+	for (i = 0; i < 5; i++) {
+		r[i].kl_mean = NAN;
+		r[i].attention_error = (double[]){ 0.3, 0.2, 0.25, 0.1, 0.5 }[i];
+	}
+	cr_assert_eq(ab_pareto(r, 5, on), 0);
+	for (i = 0; i < 5; i++)
+		cr_assert_eq(on[i], i != 2, "spec %s", r[i].spec);
+}
+
+Test(ab, html_escapes_every_spec_and_the_title)
+{
+	struct ab_result r[2] = { plotted("<script>alert(\"x&y\")</script>", 100, 1e-3), plotted("'", 50, 1e-2) };
+	char path[256], message[AB_MESSAGE_MAX], page[65536];
+	size_t n;
+	FILE *f;
+
+	temp_path(path, sizeof(path), ".html");
+	cr_assert_eq(ab_write_html(path, "<b>title</b>", r, 2, message), 0, "%s", message);
+	f = fopen(path, "r");
+	cr_assert_not_null(f);
+	n = fread(page, 1, sizeof(page) - 1, f);
+	page[n] = '\0';
+	fclose(f);
+	unlink(path);
+	cr_assert_null(strstr(page, "<script>alert"), "a spec is text, never markup");
+	cr_assert_null(strstr(page, "<b>title"));
+	cr_assert_not_null(strstr(page, "<td class=\"spec\">&lt;script&gt;alert(&quot;x&amp;y&quot;)&lt;/script&gt;"
+					"</td>"));
+	cr_assert_not_null(strstr(page, "<td class=\"spec\">&#39;</td>"));
+	cr_assert_not_null(strstr(page, "<h1>&lt;b&gt;title&lt;/b&gt;</h1>"));
+	/* self-contained: nothing fetched */
+	cr_assert_null(strstr(page, "src="));
+	cr_assert_null(strstr(page, "<link"));
+	cr_assert_null(strstr(page, "url("));
+	cr_assert_null(strstr(page, "@import"));
+}
+
+/* The browser for the report's test, or NULL: the test then skips, saying so (CI installs chromium). */
+static const char *chromium_path(void)
+{
+	static char path[512];
+	FILE *p = popen("command -v chromium || command -v chromium-browser", "r");
+	int found;
+
+	cr_assert_not_null(p);
+	found = fgets(path, sizeof(path), p) != NULL;
+	pclose(p);
+	if (!found) {
+		fprintf(stderr, "[SKIP] %s::%s: chromium is not installed (apt-get install chromium)\n",
+			criterion_current_test->category, criterion_current_test->name);
+		cr_skip_test("chromium is not installed (apt-get install chromium)");
+	}
+	path[strcspn(path, "\n")] = '\0';
+	return path;
+}
+
+/* Headless chromium on url with what (--dump-dom, --screenshot=...), its stdout and stderr into files;
+ * killed after 60 s, so a browser that hangs fails the test instead of stalling the suite. */
+static void run_chromium(const char *browser, const char *what, const char *url, const char *out, const char *err)
+{
+	char profile[] = "/tmp/kvp_test_ab_chromium_XXXXXX", cmd[4096];
+	int st;
+
+	cr_assert_not_null(mkdtemp(profile));
+	snprintf(cmd, sizeof(cmd), "timeout -k 5 60 %s --headless --disable-gpu --no-sandbox --disable-dev-shm-usage "
+		 "--hide-scrollbars --user-data-dir=%s --enable-logging=stderr --v=0 %s '%s' >%s 2>%s; "
+		 "status=$?; rm -rf %s; exit $status", browser, profile, what, url, out, err, profile);
+	st = system(cmd);
+	cr_assert(WIFEXITED(st) && WEXITSTATUS(st) != 124, "chromium timed out: %s", cmd);
+	cr_assert_eq(WEXITSTATUS(st), 0, "%s: see %s", cmd, err);
+}
+
+static char *read_all(const char *path)
+{
+	long size = file_size(path);
+	char *text = calloc(1, (size_t)size + 1);
+	FILE *f = fopen(path, "r");
+
+	cr_assert(text && f, "%s", path);
+	cr_assert_eq(fread(text, 1, (size_t)size, f), (size_t)size);
+	fclose(f);
+	return text;
+}
+
+/* kvpager-ab's page in a real browser: its script runs without an error or any console message, every
+ * spec is in the table in full, a click's sort (#sort=4: bytes per token) orders the rows, and a
+ * screenshot is kept in the build directory for a look. */
+Test(ab, html_report_renders_in_headless_chromium)
+{
+	static const char *const specs[] = {
+		"store=fp32", "k=turboquant(bits=3),v=turboquant(bits=3)", "k=kivi(bits=2),v=kivi(bits=2)",
+		"policy=streaming(sinks=4,window=200)",
+		"policy=streaming(sinks=4,window=200),k=turboquant(bits=3),v=turboquant(bits=3)",
+	};
+	const char *browser = chromium_path(), *shot = build_path("tests/ab_report.png");
+	char html[256], csv[256], dom[256], err[256], args[2048], out[8192], url[512], cell[4096];
+	char *page, *log, *at, *last = NULL;
+	struct row rows[8];
+	unsigned char png[8];
+	double bytes = 0;
+	FILE *f;
+	int i, n;
+
+	temp_path(html, sizeof(html), ".html");
+	temp_path(csv, sizeof(csv), ".csv");
+	temp_path(dom, sizeof(dom), ".dom");
+	temp_path(err, sizeof(err), ".log");
+	snprintf(args, sizeof(args), "--tokens 512 --every 16 --csv %s --report %s", csv, html);
+	for (i = 0; i < 5; i++)
+		snprintf(args + strlen(args), sizeof(args) - strlen(args), " --spec '%s'", specs[i]);
+	cr_assert_eq(run("kvpager-ab", args, out, sizeof(out)), 0, "%s", out);
+	cr_assert_eq(n = read_csv(csv, rows, 8), 5);
+
+	snprintf(url, sizeof(url), "file://%s#sort=4", html);
+	run_chromium(browser, "--dump-dom", url, dom, err);
+	page = read_all(dom);
+	log = read_all(err);
+	cr_assert_not_null(strstr(page, "data-report=\"ready\""), "the script ran to its end: %.300s", page);
+	cr_assert_null(strstr(log, ":CONSOLE"), "console output: %s", strstr(log, ":CONSOLE"));
+	cr_assert_not_null(strstr(page, "<svg"), "the plot is inline");
+	/* every spec in full, and the rows in order of bytes per token */
+	for (at = page; (at = strstr(at, "<td class=\"spec\">")); at++) {
+		for (i = 0; i < n; i++) {
+			snprintf(cell, sizeof(cell), "<td class=\"spec\">%s</td>", rows[i].spec);
+			if (!strncmp(at, cell, strlen(cell)))
+				break;
+		}
+		cr_assert_lt(i, n, "a row of no spec: %.200s", at);
+		cr_assert_geq(rows[i].value[COL_BYTES_PER_TOKEN], bytes, "%s after %s", rows[i].spec, last);
+		bytes = rows[i].value[COL_BYTES_PER_TOKEN];
+		last = rows[i].spec;
+	}
+	for (i = 0; i < n; i++) {
+		snprintf(cell, sizeof(cell), "<td class=\"spec\">%s</td>", specs[i]);
+		cr_assert_not_null(strstr(page, cell), "%s is in the table", specs[i]);
+	}
+	free(page);
+	free(log);
+
+	snprintf(url, sizeof(url), "file://%s", html);
+	snprintf(cell, sizeof(cell), "--screenshot=%s --window-size=1280,900", shot);
+	unlink(shot);
+	run_chromium(browser, cell, url, dom, err);
+	f = fopen(shot, "rb");
+	cr_assert_not_null(f, "the screenshot %s", shot);
+	cr_assert_eq(fread(png, 1, 8, f), 8);
+	fclose(f);
+	cr_assert_eq(memcmp(png, "\x89PNG\r\n\x1a\n", 8), 0, "%s is a PNG", shot);
+	/* a blank 1280x900 page compresses to a few KB; the plot and the table take far more */
+	cr_assert_gt(file_size(shot), 30000, "%s has the page on it", shot);
+	unlink(html);
+	unlink(csv);
+	unlink(dom);
+	unlink(err);
 }

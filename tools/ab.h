@@ -45,6 +45,26 @@ void ab_print_table(FILE *f, const char *title, const struct ab_result *r, int n
 int ab_write_csv(const char *path, const struct ab_result *r, int n, char message[AB_MESSAGE_MAX]);
 int ab_write_svg(const char *path, const char *title, const struct ab_result *r, int n,
 		 char message[AB_MESSAGE_MAX]);
+/*
+ * The plot ab_write_svg writes, onto an open stream (the HTML report inlines it): log axes of bytes per
+ * token against mean KL (attention error when no spec has KL), the best trade-off curve, labels S1..Sn
+ * and a legend keying them to the specs. 0, or -1 out of memory.
+ */
+int ab_svg_plot(FILE *f, const char *title, const struct ab_result *r, int n);
+/*
+ * The best trade-off curve: on[i] = 1 when no spec has both fewer-or-equal bytes per token and a
+ * lower-or-equal error, one of them strictly. The error is KL when any spec has KL (returns 1), else
+ * the attention error (returns 0). Specs whose error is n/a are never on it.
+ */
+int ab_pareto(const struct ab_result *r, int n, int on[]);
+/* s for HTML and SVG text and attribute values: & < > " ' as entities. */
+void ab_markup_text(FILE *f, const char *s);
+/*
+ * The HTML report (ab_html.c): one page needing no network, with the table (sorted by clicking a
+ * column's header) and the plot of ab_svg_plot. 0, or -1 with message set.
+ */
+int ab_write_html(const char *path, const char *title, const struct ab_result *r, int n,
+		  char message[AB_MESSAGE_MAX]);
 
 /* A stream of steps: every layer's q [n_layers][n_heads][d], k and v [n_layers][n_kv_heads][d]. */
 struct ab_source {

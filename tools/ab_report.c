@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <math.h>
 #include <stdarg.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -180,137 +181,504 @@ int ab_write_csv(const char *path, const struct ab_result *r, int n, char messag
 
 /* ---- SVG ---- */
 
-#define SVG_WIDTH 720
-#define SVG_PLOT_HEIGHT 400
-#define SVG_LEFT 90
-#define SVG_RIGHT 30
-#define SVG_TOP 50
-#define SVG_BOTTOM 60
-#define SVG_LEGEND_LINE 18
+/*
+ * The plot: log-scaled axes, so one outlier cannot squash the rest; every spec a marker of its own
+ * (10 colours times 5 shapes) with a short label S1..Sn placed clear of the other labels and markers;
+ * the best trade-off curve drawn through the specs no other spec beats on both bytes and error; and a
+ * legend under the plot keying each label to the full spec, wrapped, never cut. The width follows the
+ * longest title or legend entry, up to SVG_MAX_WIDTH, past which lines wrap.
+ */
+#define SVG_MIN_WIDTH 760
+#define SVG_MAX_WIDTH 1200
+#define SVG_MARGIN 16
+#define SVG_LEFT 84 /* the y tick labels and the y axis name */
+#define SVG_RIGHT 24
+#define SVG_PLOT_HEIGHT 380
+#define SVG_TITLE_LINE 20
+#define SVG_LEGEND_LINE 16
+#define SVG_LEGEND_TEXT 56 /* from the legend's left edge to its spec text */
+/* Text widths are estimated, not measured: 12 px monospace is 0.6 em a character; 14 px sans-serif
+ * averages about 0.5 em (0.56 assumed). Estimating high only costs some white space. */
+#define SVG_MONO_CHAR 7.3
+#define SVG_TITLE_CHAR 7.8
+#define SVG_LABEL_CHAR 6.8 /* the 11 px S-labels */
+#define SVG_LABEL_HEIGHT 12.0
 
-static const char *const svg_colors[] = { "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e",
-					  "#9467bd", "#8c564b", "#e377c2", "#17becf" };
+static const char *const svg_colors[] = { "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
+					  "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22" };
+#define SVG_N_COLORS ((int)(sizeof(svg_colors) / sizeof(svg_colors[0])))
+#define SVG_N_SHAPES 5
 
-static void svg_text(FILE *f, const char *s)
+static void markup_n(FILE *f, const char *s, size_t n)
 {
-	for (; *s; s++) {
-		if (*s == '<')
-			fputs("&lt;", f);
-		else if (*s == '>')
-			fputs("&gt;", f);
-		else if (*s == '&')
-			fputs("&amp;", f);
-		else if (*s == '"')
-			fputs("&quot;", f);
-		else
-			fputc(*s, f);
+	size_t i;
+
+	for (i = 0; i < n && s[i]; i++) {
+		switch (s[i]) {
+		case '<': fputs("&lt;", f); break;
+		case '>': fputs("&gt;", f); break;
+		case '&': fputs("&amp;", f); break;
+		case '"': fputs("&quot;", f); break;
+		case '\'': fputs("&#39;", f); break;
+		default: fputc(s[i], f);
+		}
 	}
 }
 
-/* A tick step of 1, 2 or 5 times a power of ten giving about five ticks over [0, max]. */
-static double tick_step(double max)
+void ab_markup_text(FILE *f, const char *s)
 {
-	double raw = max / 5, unit = pow(10, floor(log10(raw)));
-
-	return raw <= unit ? unit : raw <= 2 * unit ? 2 * unit : raw <= 5 * unit ? 5 * unit : 10 * unit;
+	markup_n(f, s, strlen(s));
 }
 
-/* The axis range: a little above the largest value, and 1 when everything is 0. */
-static double axis_max(double max)
+/* The y value of the plot: KL where the source gives it, else the attention error. */
+static double plot_error(const struct ab_result *r, int use_kl)
 {
-	return max > 0 && isfinite(max) ? max * 1.12 : 1.0;
+	return use_kl ? r->kl_mean : r->attention_error;
 }
 
-struct svg_axes {
-	double x_max, y_max;
-	int plot_w, plot_h;
+int ab_pareto(const struct ab_result *r, int n, int on[])
+{
+	int i, j, use_kl = 0;
+
+	for (i = 0; i < n; i++)
+		use_kl |= !isnan(r[i].kl_mean);
+	for (i = 0; i < n; i++) {
+		double xi = r[i].bytes_per_token, yi = plot_error(&r[i], use_kl);
+
+		on[i] = !isnan(xi) && !isnan(yi);
+		for (j = 0; j < n && on[i]; j++) {
+			double xj = r[j].bytes_per_token, yj = plot_error(&r[j], use_kl);
+
+			if (xj <= xi && yj <= yi && (xj < xi || yj < yi))
+				on[i] = 0;
+		}
+	}
+	return use_kl;
+}
+
+/* The first line of s in at most cap characters: after the last ',', ' ' or '|' in its second half,
+ * else cut at cap. */
+static size_t wrap_len(const char *s, size_t cap)
+{
+	size_t len = strlen(s), i;
+
+	if (len <= cap || cap == 0)
+		return len;
+	for (i = cap; i > cap / 2; i--)
+		if (strchr(", |", s[i - 1]))
+			return i;
+	return cap;
+}
+
+static int wrap_lines(const char *s, size_t cap)
+{
+	int lines = 0;
+
+	do {
+		s += wrap_len(s, cap);
+		lines++;
+	} while (*s);
+	return lines;
+}
+
+/* s in lines of at most cap characters, one tspan each, from (x, y) down. */
+static void svg_wrapped(FILE *f, const char *s, size_t cap, double x, double y, int line_height)
+{
+	do {
+		size_t n = wrap_len(s, cap);
+
+		fprintf(f, "<tspan x=\"%.1f\" y=\"%.1f\">", x, y);
+		markup_n(f, s, n);
+		fputs("</tspan>", f);
+		s += n;
+		y += line_height;
+	} while (*s);
+}
+
+/* A log10 axis: [lo, hi] in decades onto pixels from `from` over `span` (negative going up). */
+struct log_axis {
+	double lo, hi, from, span;
+	int has_zero; /* a value of 0 is drawn on the floor line, at `from` */
 };
 
-static double svg_x(const struct svg_axes *a, double v)
+static void axis_fit(struct log_axis *a, const double *v, int n)
 {
-	return SVG_LEFT + v / a->x_max * a->plot_w;
-}
+	double lo = INFINITY, hi = -INFINITY, pad, mid;
+	int i;
 
-static double svg_y(const struct svg_axes *a, double v)
-{
-	return SVG_TOP + a->plot_h - v / a->y_max * a->plot_h;
-}
-
-static void svg_grid(FILE *f, const struct svg_axes *a, const char *x_label, const char *y_label)
-{
-	double step, v;
-
-	fprintf(f, "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"#333\"/>\n",
-		SVG_LEFT, SVG_TOP, a->plot_w, a->plot_h);
-	step = tick_step(a->x_max);
-	for (v = 0; v <= a->x_max * (1 + 1e-9); v += step)
-		fprintf(f, "<line x1=\"%.1f\" y1=\"%d\" x2=\"%.1f\" y2=\"%d\" stroke=\"#ddd\"/>"
-			"<text x=\"%.1f\" y=\"%d\" text-anchor=\"middle\">%g</text>\n",
-			svg_x(a, v), SVG_TOP, svg_x(a, v), SVG_TOP + a->plot_h, svg_x(a, v),
-			SVG_TOP + a->plot_h + 18, v);
-	step = tick_step(a->y_max);
-	for (v = 0; v <= a->y_max * (1 + 1e-9); v += step)
-		fprintf(f, "<line x1=\"%d\" y1=\"%.1f\" x2=\"%d\" y2=\"%.1f\" stroke=\"#ddd\"/>"
-			"<text x=\"%d\" y=\"%.1f\" text-anchor=\"end\">%.3g</text>\n",
-			SVG_LEFT, svg_y(a, v), SVG_LEFT + a->plot_w, svg_y(a, v), SVG_LEFT - 6, svg_y(a, v) + 4, v);
-	fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\">%s</text>\n", SVG_LEFT + a->plot_w / 2,
-		SVG_TOP + a->plot_h + 40, x_label);
-	fprintf(f, "<text transform=\"translate(20,%d) rotate(-90)\" text-anchor=\"middle\">%s</text>\n",
-		SVG_TOP + a->plot_h / 2, y_label);
-}
-
-/* Each spec is a numbered dot; the legend under the plot maps numbers to specs. */
-static void svg_points(FILE *f, const struct svg_axes *a, const struct ab_result *r, int n, int use_kl)
-{
-	int i, legend_y = SVG_TOP + a->plot_h + SVG_BOTTOM;
-
+	a->has_zero = 0;
 	for (i = 0; i < n; i++) {
-		double y = use_kl ? r[i].kl_mean : r[i].attention_error;
-		const char *color = svg_colors[i % (int)(sizeof(svg_colors) / sizeof(svg_colors[0]))];
-
-		if (isnan(y))
+		if (isnan(v[i]))
 			continue;
-		fprintf(f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"6\" fill=\"%s\"/>"
-			"<text x=\"%.1f\" y=\"%.1f\">%d</text>\n",
-			svg_x(a, r[i].bytes_per_token), svg_y(a, y), color, svg_x(a, r[i].bytes_per_token) + 8,
-			svg_y(a, y) - 8, i + 1);
-		fprintf(f, "<circle cx=\"%d\" cy=\"%d\" r=\"5\" fill=\"%s\"/><text x=\"%d\" y=\"%d\">%d: ",
-			SVG_LEFT + 6, legend_y + i * SVG_LEGEND_LINE - 4, color, SVG_LEFT + 16,
-			legend_y + i * SVG_LEGEND_LINE, i + 1);
-		svg_text(f, spec_label(r[i].spec));
-		fprintf(f, " (%.2fx vs fp16)</text>\n", r[i].compression);
+		if (v[i] <= 0) {
+			a->has_zero = 1;
+			continue;
+		}
+		lo = fmin(lo, log10(v[i]));
+		hi = fmax(hi, log10(v[i]));
 	}
+	if (lo > hi) {
+		lo = -3;
+		hi = 0;
+	}
+	if (hi - lo < 0.4) { /* at least a few ticks of 1..9 */
+		mid = (lo + hi) / 2;
+		lo = mid - 0.2;
+		hi = mid + 0.2;
+	}
+	pad = 0.06 * (hi - lo);
+	a->lo = lo - pad - (a->has_zero ? 0.1 * (hi - lo) : 0); /* a band between the floor and the least */
+	a->hi = hi + pad;
+}
+
+static double axis_pos(const struct log_axis *a, double v)
+{
+	if (!(v > 0))
+		return a->from;
+	return a->from + (log10(v) - a->lo) / (a->hi - a->lo) * a->span;
+}
+
+static void tick_text(char *buf, size_t cap, double v)
+{
+	snprintf(buf, cap, v >= 1e-3 && v < 1e6 ? "%g" : "%.0e", v);
+}
+
+/* Grid lines and labels at 1, 2, 5 (or 1..9, or only decades, as the range allows) times 10^k. */
+static void svg_ticks(FILE *f, const struct log_axis *a, int vertical, double across0, double across1)
+{
+	static const double all[] = { 1, 2, 3, 4, 5, 6, 7, 8, 9 }, some[] = { 1, 2, 5 }, decade[] = { 1 };
+	double decades = a->hi - a->lo, step = decades > 8 ? ceil(decades / 8) : 1, k, p;
+	const double *mult = decades > 2.5 ? decade : decades > 1 ? some : all;
+	int n_mult = decades > 2.5 ? 1 : decades > 1 ? 3 : 9, m;
+	char label[32];
+
+	for (k = floor(a->lo); k <= ceil(a->hi); k += step)
+		for (m = 0; m < n_mult; m++) {
+			double v = mult[m] * pow(10, k);
+
+			if (log10(v) < a->lo || log10(v) > a->hi)
+				continue;
+			p = axis_pos(a, v);
+			tick_text(label, sizeof(label), v);
+			if (vertical)
+				fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\"/>"
+					"<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%s</text>\n",
+					across0, p, across1, p, m ? "#eee" : "#ccc", across0 - 6, p + 4, label);
+			else
+				fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\"/>"
+					"<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%s</text>\n",
+					p, across0, p, across1, m ? "#eee" : "#ccc", p, across1 + 16, label);
+		}
+	if (a->has_zero && vertical)
+		fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#999\" "
+			"stroke-dasharray=\"4 3\"/><text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">0</text>\n",
+			across0, a->from, across1, a->from, across0 - 6, a->from + 4);
+	else if (a->has_zero)
+		fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#999\" "
+			"stroke-dasharray=\"4 3\"/><text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">0</text>\n",
+			a->from, across0, a->from, across1, a->from, across1 + 16);
+}
+
+/* Spec i's marker, centred on the origin: colour i % 10, and a shape that differs between any two of
+ * the first 50 specs sharing a colour. */
+static void svg_marker(FILE *f, int i)
+{
+	const char *c = svg_colors[i % SVG_N_COLORS];
+
+	switch ((i + i / SVG_N_COLORS) % SVG_N_SHAPES) {
+	case 0: fprintf(f, "<circle r=\"5\" fill=\"%s\"/>", c); break;
+	case 1: fprintf(f, "<rect x=\"-4.5\" y=\"-4.5\" width=\"9\" height=\"9\" fill=\"%s\"/>", c); break;
+	case 2: fprintf(f, "<polygon points=\"0,-6 5.5,4 -5.5,4\" fill=\"%s\"/>", c); break;
+	case 3: fprintf(f, "<polygon points=\"0,-6 6,0 0,6 -6,0\" fill=\"%s\"/>", c); break;
+	default: fprintf(f, "<path d=\"M-5,-5L5,5M-5,5L5,-5\" stroke=\"%s\" stroke-width=\"2.5\"/>", c);
+	}
+}
+
+struct svg_box {
+	double x0, y0, x1, y1;
+};
+
+static double box_overlap(const struct svg_box *a, const struct svg_box *b)
+{
+	double w = fmin(a->x1, b->x1) - fmax(a->x0, b->x0), h = fmin(a->y1, b->y1) - fmax(a->y0, b->y0);
+
+	return w > 0 && h > 0 ? w * h : 0;
+}
+
+/* How much of a label's box hides others or leaves the plot: what the placement minimizes. */
+static double label_cost(const struct svg_box *b, const struct svg_box *taken, int n_taken,
+			 const struct svg_box *frame)
+{
+	double cost = 0, area = (b->x1 - b->x0) * (b->y1 - b->y0);
+	int i;
+
+	for (i = 0; i < n_taken; i++)
+		cost += box_overlap(b, &taken[i]);
+	return cost + 10 * (area - box_overlap(b, frame));
+}
+
+/*
+ * The label's box next to its point at (px, py): the first of eight directions at growing distances
+ * where it overlaps no label or marker placed so far, else the least overlapping. Returns the box;
+ * *far says whether it moved past the first ring (a leader line then ties it to its point).
+ */
+static struct svg_box place_label(double px, double py, double w, const struct svg_box *taken, int n_taken,
+				  const struct svg_box *frame, int *far)
+{
+	static const double dir[8][2] = { { 0.7, -0.7 }, { 1, 0 },  { 0.7, 0.7 }, { -0.7, -0.7 },
+					  { -1, 0 },     { -0.7, 0.7 }, { 0, -1 }, { 0, 1 } };
+	struct svg_box best = { 0, 0, 0, 0 }, b;
+	double best_cost = INFINITY, cost, h = SVG_LABEL_HEIGHT;
+	int ring, d;
+
+	for (ring = 0; ring < 8; ring++)
+		for (d = 0; d < 8; d++) {
+			double dist = 7 + 9 * ring, ax = px + dir[d][0] * dist, ay = py + dir[d][1] * dist;
+
+			b.x0 = dir[d][0] > 0 ? ax : dir[d][0] < 0 ? ax - w : ax - w / 2;
+			b.y0 = dir[d][1] < 0 ? ay - h : dir[d][1] > 0 ? ay : ay - h / 2;
+			b.x1 = b.x0 + w;
+			b.y1 = b.y0 + h;
+			cost = label_cost(&b, taken, n_taken, frame);
+			if (cost < best_cost) {
+				best_cost = cost;
+				best = b;
+				*far = ring > 0;
+			}
+			if (cost == 0)
+				return best;
+		}
+	return best;
+}
+
+struct svg_layout {
+	int width, height, title_lines, n_drawn;
+	size_t title_cap, legend_cap;
+	struct svg_box frame;
+	struct log_axis x, y;
+	int use_kl;
+	char **entries; /* the legend's text per spec */
+	int *on_front;
+	double *px, *py; /* where each point is drawn; NAN when it is not */
+};
+
+static void layout_free(struct svg_layout *l, int n)
+{
+	int i;
+
+	for (i = 0; l->entries && i < n; i++)
+		free(l->entries[i]);
+	free(l->entries);
+	free(l->on_front);
+	free(l->px);
+	free(l->py);
+}
+
+/* Spec i's legend entry: the spec, its bytes, compression and error, and where it is drawn. */
+static char *legend_entry(const struct ab_result *r, int use_kl)
+{
+	const char *spec = spec_label(r->spec), *name = use_kl ? "KL" : "attention error";
+	double x = r->bytes_per_token, y = plot_error(r, use_kl);
+	size_t cap = strlen(spec) + 160;
+	char *s = malloc(cap), where[48] = "";
+
+	if (!s)
+		return NULL;
+	if (isnan(x) || isnan(y))
+		snprintf(where, sizeof(where), ", not drawn");
+	else if (y <= 0 || x <= 0)
+		snprintf(where, sizeof(where), ", drawn on the 0 line");
+	if (isnan(y))
+		snprintf(s, cap, "%s  (%.1f B/token, %.2fx vs fp16, %s n/a%s)", spec, x, r->compression, name, where);
+	else
+		snprintf(s, cap, "%s  (%.1f B/token, %.2fx vs fp16, %s %.3g%s)", spec, x, r->compression, name, y,
+			 where);
+	return s;
+}
+
+/* The width that fits the title and legend (within the bounds), the lines they take, and the axes. */
+static int layout_plot(struct svg_layout *l, const char *title, const struct ab_result *r, int n)
+{
+	double need;
+	size_t longest = 0;
+	int i, legend_lines = 0, top;
+
+	memset(l, 0, sizeof(*l));
+	l->entries = calloc((size_t)n + 1, sizeof(char *));
+	l->on_front = calloc((size_t)n + 1, sizeof(int));
+	l->px = calloc((size_t)n + 1, sizeof(double));
+	l->py = calloc((size_t)n + 1, sizeof(double));
+	if (!l->entries || !l->on_front || !l->px || !l->py)
+		return -1;
+	l->use_kl = ab_pareto(r, n, l->on_front);
+	for (i = 0; i < n; i++) {
+		l->entries[i] = legend_entry(&r[i], l->use_kl);
+		if (!l->entries[i])
+			return -1;
+		longest = strlen(l->entries[i]) > longest ? strlen(l->entries[i]) : longest;
+	}
+	need = fmax(SVG_MARGIN + SVG_LEGEND_TEXT + SVG_MONO_CHAR * (double)longest,
+		    SVG_MARGIN + SVG_TITLE_CHAR * (double)strlen(title)) + SVG_MARGIN;
+	l->width = need < SVG_MIN_WIDTH ? SVG_MIN_WIDTH : need > SVG_MAX_WIDTH ? SVG_MAX_WIDTH : (int)ceil(need);
+	l->title_cap = (size_t)((l->width - 2 * SVG_MARGIN) / SVG_TITLE_CHAR);
+	l->legend_cap = (size_t)((l->width - 2 * SVG_MARGIN - SVG_LEGEND_TEXT) / SVG_MONO_CHAR);
+	l->title_lines = wrap_lines(title, l->title_cap);
+	for (i = 0; i < n; i++)
+		legend_lines += wrap_lines(l->entries[i], l->legend_cap);
+	top = SVG_MARGIN + l->title_lines * SVG_TITLE_LINE + 12;
+	l->frame = (struct svg_box){ SVG_LEFT, top, l->width - SVG_RIGHT, top + SVG_PLOT_HEIGHT };
+	/* axis names, the notes line, then the legend: its first baseline 84 below the plot, its last
+	 * (legend_lines - 1) lines and (n - 1) gaps of 4 further, then 4 for descenders */
+	l->height = (int)l->frame.y1 + 84 + (legend_lines - 1) * SVG_LEGEND_LINE + (n - 1) * 4 + 4 + SVG_MARGIN;
+	/* px and py hold the values until the axes fit them, then the pixels */
+	for (i = 0; i < n; i++) {
+		l->px[i] = r[i].bytes_per_token;
+		l->py[i] = plot_error(&r[i], l->use_kl);
+	}
+	axis_fit(&l->x, l->px, n);
+	axis_fit(&l->y, l->py, n);
+	l->x.from = l->frame.x0;
+	l->x.span = l->frame.x1 - l->frame.x0;
+	l->y.from = l->frame.y1;
+	l->y.span = l->frame.y0 - l->frame.y1;
+	for (i = 0; i < n; i++) {
+		int drawn = !isnan(l->px[i]) && !isnan(l->py[i]);
+
+		l->px[i] = drawn ? axis_pos(&l->x, l->px[i]) : NAN;
+		l->py[i] = drawn ? axis_pos(&l->y, l->py[i]) : NAN;
+		l->n_drawn += drawn;
+	}
+	return 0;
+}
+
+/* The best trade-off curve: through the front's points in order of bytes. */
+static void svg_front(FILE *f, const struct svg_layout *l, int n)
+{
+	double last = -INFINITY;
+	int i, k, count = 0;
+
+	for (k = 0; k < n; k++) { /* n is small: a selection in x order */
+		int next = -1;
+
+		for (i = 0; i < n; i++)
+			if (l->on_front[i] && !isnan(l->px[i]) && l->px[i] > last &&
+			    (next < 0 || l->px[i] < l->px[next]))
+				next = i;
+		if (next < 0)
+			break;
+		fprintf(f, "%s%.1f,%.1f", count++ ? " " : "<polyline class=\"front\" fill=\"none\" stroke=\"#444\" "
+			"stroke-width=\"1.5\" stroke-opacity=\"0.6\" points=\"", l->px[next], l->py[next]);
+		last = l->px[next];
+	}
+	if (count)
+		fputs("\"/>\n", f);
+}
+
+/* Markers first, so that every label can keep clear of every marker. */
+static int svg_points(FILE *f, const struct svg_layout *l, const struct ab_result *r, int n)
+{
+	struct svg_box *taken = calloc(2 * (size_t)n + 1, sizeof(*taken));
+	int i, far = 0, n_taken = 0;
+	char label[16];
+
+	if (!taken)
+		return -1;
+	for (i = 0; i < n; i++) {
+		if (isnan(l->px[i]))
+			continue;
+		fprintf(f, "<g class=\"point\" data-label=\"S%d\" transform=\"translate(%.1f,%.1f)\"><title>S%d: ",
+			i + 1, l->px[i], l->py[i], i + 1);
+		ab_markup_text(f, spec_label(r[i].spec));
+		fputs("</title>", f);
+		svg_marker(f, i);
+		fputs("</g>\n", f);
+		taken[n_taken++] = (struct svg_box){ l->px[i] - 6, l->py[i] - 6, l->px[i] + 6, l->py[i] + 6 };
+	}
+	for (i = 0; i < n; i++) {
+		struct svg_box b;
+
+		if (isnan(l->px[i]))
+			continue;
+		snprintf(label, sizeof(label), "S%d", i + 1);
+		b = place_label(l->px[i], l->py[i], SVG_LABEL_CHAR * (double)strlen(label) + 2, taken, n_taken,
+				&l->frame, &far);
+		taken[n_taken++] = b;
+		if (far)
+			fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#999\"/>",
+				l->px[i], l->py[i], fmin(fmax(l->px[i], b.x0), b.x1), fmin(fmax(l->py[i], b.y0), b.y1));
+		fprintf(f, "<text class=\"label\" data-label=\"%s\" x=\"%.1f\" y=\"%.1f\" font-size=\"11\" "
+			"font-weight=\"bold\" font-family=\"monospace\">%s</text>\n", label, b.x0 + 1, b.y1 - 2, label);
+	}
+	free(taken);
+	return 0;
+}
+
+static void svg_legend(FILE *f, const struct svg_layout *l, int n)
+{
+	double y = l->frame.y1 + 60;
+	int i, zero = l->x.has_zero || l->y.has_zero;
+
+	fprintf(f, "<line x1=\"%d\" y1=\"%.1f\" x2=\"%d\" y2=\"%.1f\" stroke=\"#444\" stroke-width=\"1.5\" "
+		"stroke-opacity=\"0.6\"/><text x=\"%d\" y=\"%.1f\">best trade-off: no other spec has both fewer "
+		"bytes and a lower %s.%s%s</text>\n", SVG_MARGIN, y - 4, SVG_MARGIN + 24, y - 4, SVG_MARGIN + 30, y,
+		l->use_kl ? "KL" : "attention error",
+		zero ? " Log axes: a value of 0 is drawn on the dashed 0 line." : " Log axes.",
+		l->n_drawn < n ? " n/a values are not drawn." : "");
+	y += 24;
+	for (i = 0; i < n; i++) {
+		fprintf(f, "<g transform=\"translate(%.1f,%.1f)\">", SVG_MARGIN + 6.0, y - 4);
+		svg_marker(f, i);
+		fprintf(f, "</g><text x=\"%d\" y=\"%.1f\" font-weight=\"bold\" font-family=\"monospace\">S%d</text>",
+			SVG_MARGIN + 16, y, i + 1);
+		fprintf(f, "<text class=\"legend\" data-label=\"S%d\" font-family=\"monospace\">", i + 1);
+		svg_wrapped(f, l->entries[i], l->legend_cap, SVG_MARGIN + SVG_LEGEND_TEXT, y, SVG_LEGEND_LINE);
+		fputs("</text>\n", f);
+		y += wrap_lines(l->entries[i], l->legend_cap) * SVG_LEGEND_LINE + 4;
+	}
+}
+
+int ab_svg_plot(FILE *f, const char *title, const struct ab_result *r, int n)
+{
+	struct svg_layout l;
+	int rc = layout_plot(&l, title, r, n);
+
+	if (rc) {
+		layout_free(&l, n);
+		return rc;
+	}
+	fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"ab-plot\" width=\"%d\" height=\"%d\" "
+		"viewBox=\"0 0 %d %d\" font-family=\"sans-serif\" font-size=\"12\">\n"
+		"<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n<text font-size=\"14\">",
+		l.width, l.height, l.width, l.height);
+	svg_wrapped(f, title, l.title_cap, SVG_MARGIN, SVG_MARGIN + 14, SVG_TITLE_LINE);
+	fputs("</text>\n", f);
+	fprintf(f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"#333\"/>\n",
+		l.frame.x0, l.frame.y0, l.frame.x1 - l.frame.x0, l.frame.y1 - l.frame.y0);
+	svg_ticks(f, &l.x, 0, l.frame.y0, l.frame.y1);
+	svg_ticks(f, &l.y, 1, l.frame.x0, l.frame.x1);
+	fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">KV bytes per token, all layers and KV heads "
+		"(log scale)</text>\n", (l.frame.x0 + l.frame.x1) / 2, l.frame.y1 + 36);
+	fprintf(f, "<text transform=\"translate(18,%.1f) rotate(-90)\" text-anchor=\"middle\">%s (log scale)</text>\n",
+		(l.frame.y0 + l.frame.y1) / 2,
+		l.use_kl ? "mean next-token KL vs the full cache, nats" : "attention output relative error");
+	svg_front(f, &l, n);
+	rc = svg_points(f, &l, r, n);
+	svg_legend(f, &l, n);
+	fputs("</svg>\n", f);
+	layout_free(&l, n);
+	return rc;
 }
 
 int ab_write_svg(const char *path, const char *title, const struct ab_result *r, int n,
 		 char message[AB_MESSAGE_MAX])
 {
-	struct svg_axes a = { 0, 0, SVG_WIDTH - SVG_LEFT - SVG_RIGHT, SVG_PLOT_HEIGHT - SVG_TOP - SVG_BOTTOM };
-	int i, use_kl = 0, height = SVG_PLOT_HEIGHT + 20 + n * SVG_LEGEND_LINE;
-	FILE *f;
+	FILE *f = fopen(path, "w");
 
-	for (i = 0; i < n; i++)
-		use_kl |= !isnan(r[i].kl_mean);
-	for (i = 0; i < n; i++) {
-		double y = use_kl ? r[i].kl_mean : r[i].attention_error;
-
-		a.x_max = r[i].bytes_per_token > a.x_max ? r[i].bytes_per_token : a.x_max;
-		a.y_max = !isnan(y) && y > a.y_max ? y : a.y_max;
-	}
-	a.x_max = axis_max(a.x_max);
-	a.y_max = axis_max(a.y_max);
-	f = fopen(path, "w");
 	if (!f)
 		return report_fail(message, "%s: cannot create: %s", path, strerror(errno));
-	fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" "
-		"font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n",
-		SVG_WIDTH, height);
-	fprintf(f, "<text x=\"%d\" y=\"24\" font-size=\"14\">", SVG_LEFT);
-	svg_text(f, title);
-	fputs("</text>\n", f);
-	svg_grid(f, &a, "KV bytes per token (all layers and KV heads)",
-		 use_kl ? "mean next-token KL vs the full cache (nats)" : "attention output relative error");
-	svg_points(f, &a, r, n, use_kl);
-	fputs("</svg>\n", f);
+	if (ab_svg_plot(f, title, r, n)) {
+		fclose(f);
+		return report_fail(message, "%s: out of memory drawing the plot", path);
+	}
 	return finish_file(f, path, message);
 }

@@ -4,7 +4,7 @@
  *
  *   kvpager-ab [--model PATH [--tokenizer PATH] [--prompt TEXT] [--steps N] | --trace FILE |
  *               --tokens N --seed N] [--spec SPEC]... [--every N] [--plugin PATH] [--pool SPEC]
- *              [--csv FILE] [--plot FILE.svg] [--quiet]
+ *              [--csv FILE] [--plot FILE.svg] [--report FILE.html] [--quiet]
  *
  * Three sources of the stream:
  *   --model   a llama2.c checkpoint: the full cache (an exact in-process dense cache) generates greedily
@@ -56,7 +56,7 @@ static const char *const default_specs[] = {
 };
 
 struct options {
-	const char *model, *tokenizer, *prompt, *trace, *plugin, *pool, *csv, *plot;
+	const char *model, *tokenizer, *prompt, *trace, *plugin, *pool, *csv, *plot, *report;
 	const char *specs[MAX_SPECS];
 	int n_specs, quiet, seeded;
 	long steps, tokens, every;
@@ -96,7 +96,9 @@ static void usage(FILE *f)
 	      "  --pool SPEC       pool spec for every run (default \"\")\n"
 	      "  --csv FILE        write the table as CSV (unmeasured values are empty fields)\n"
 	      "  --plot FILE.svg   write an SVG plot of bytes per token against mean KL (against the\n"
-	      "                    attention error when there is no KL)\n"
+	      "                    attention error when there is no KL), log axes, labels S1..Sn\n"
+	      "  --report FILE.html  write one self-contained page (no network): the table, sortable by\n"
+	      "                    a click on a column, and the plot\n"
 	      "  --quiet           no progress bar\n"
 	      "Exit status: 0 done, 2 bad input or a spec the library refuses, 1 other failures.\n", f);
 }
@@ -138,6 +140,7 @@ static int parse_valued(struct options *o, const char *name, const char *val)
 		{ "--prompt", offsetof(struct options, prompt) }, { "--trace", offsetof(struct options, trace) },
 		{ "--plugin", offsetof(struct options, plugin) }, { "--pool", offsetof(struct options, pool) },
 		{ "--csv", offsetof(struct options, csv) },       { "--plot", offsetof(struct options, plot) },
+		{ "--report", offsetof(struct options, report) },
 	};
 	size_t i;
 
@@ -164,8 +167,8 @@ static int parse_valued(struct options *o, const char *name, const char *val)
 static int takes_value(const char *name)
 {
 	static const char *const valued[] = { "--model", "--tokenizer", "--prompt", "--trace", "--plugin",
-					      "--pool", "--csv", "--plot", "--spec", "--steps", "--tokens",
-					      "--every", "--seed" };
+					      "--pool", "--csv", "--plot", "--report", "--spec", "--steps",
+					      "--tokens", "--every", "--seed" };
 	size_t i;
 
 	for (i = 0; i < sizeof(valued) / sizeof(valued[0]); i++)
@@ -490,6 +493,8 @@ static int report(struct run *r)
 	if (r->opt.csv && ab_write_csv(r->opt.csv, r->results, r->opt.n_specs, message))
 		return cli_bad_input("%s", message);
 	if (r->opt.plot && ab_write_svg(r->opt.plot, r->title, r->results, r->opt.n_specs, message))
+		return cli_bad_input("%s", message);
+	if (r->opt.report && ab_write_html(r->opt.report, r->title, r->results, r->opt.n_specs, message))
 		return cli_bad_input("%s", message);
 	return 0;
 }
