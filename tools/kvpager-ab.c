@@ -403,11 +403,50 @@ static void attention_errors(const struct model_run *m, struct ab_result *r)
 	r->attention_error_max = max;
 }
 
+/* The plugin's attention, with the sequence's bytes sampled after each position's appends, before the
+ * step's round (struct ab_bytes_meter). */
+struct metered_attention {
+	struct llama_attention plugin;
+	struct llama_plugin_cache *cache;
+	struct ab_bytes_meter *meter;
+};
+
+static int metered_append(void *ctx, int layer, int pos, const float *k, const float *v)
+{
+	struct metered_attention *a = ctx;
+
+	return a->plugin.append(a->plugin.ctx, layer, pos, k, v);
+}
+
+static int metered_attend(void *ctx, int layer, int pos, const float *q, float *out)
+{
+	struct metered_attention *a = ctx;
+
+	return a->plugin.attend(a->plugin.ctx, layer, pos, q, out);
+}
+
+static int metered_step(void *ctx)
+{
+	struct metered_attention *a = ctx;
+	struct llama_plugin_cache *c = a->cache;
+	kvp_stats st = { .size = sizeof(st) };
+
+	c->status = c->api->seq_stats(c->seq, &st);
+	if (c->status != KVP_OK) {
+		snprintf(c->message, sizeof(c->message), "stats: %s: %s", c->api->strerror(c->status),
+			 c->api->last_error());
+		return 1;
+	}
+	ab_bytes_sample(a->meter, &st);
+	return a->plugin.step(a->plugin.ctx);
+}
+
 static int spec_forward(struct model_run *m, struct llama_plugin_cache *c, struct ab_result *r,
 			struct ab_progress *progress)
 {
 	struct llama_observer obs = { m, record_attention };
-	struct llama_attention att = llama_plugin_attention(c);
+	struct metered_attention metered = { llama_plugin_attention(c), c, &r->meter };
+	struct llama_attention att = { &metered, metered_append, metered_attend, metered_step };
 	float *log_probs = malloc(sizeof(float) * (size_t)m->model.config.vocab_size);
 	int pos, agree, agreed = 0, rc = 0;
 	double t0 = ab_now(), kl_sum = 0;
