@@ -110,6 +110,17 @@ int ab_check_spec(const kvp_plugin_v1 *api, const char *pool_spec, const char *s
 		  char message[AB_MESSAGE_MAX]);
 /* Fills the byte columns of a result from r->meter and the sequence's stats after `tokens` positions. */
 void ab_result_bytes(struct ab_result *r, const kvp_stats *st, uint64_t tokens);
+/* Tenant defaults (kvpager.h, "Tenant"): what a spec without block=, sinks= or window= gets. */
+#define AB_TENANT_BLOCK 64
+#define AB_TENANT_SINKS 4
+#define AB_TENANT_WINDOW 128
+/*
+ * 1 when the spec alone shows that its cold tier (k=, v=) can receive no block in a run of `positions`:
+ * a block turns cold only once a stream holds sinks + window + block tokens, and the run is shorter, or
+ * its policy (streaming, or triattention with budget=, without gating) never keeps that many. why says
+ * so. 0 when the spec has no cold tier or the spec alone does not decide it.
+ */
+int ab_cold_tier_unreachable(const char *spec, uint64_t positions, char why[AB_MESSAGE_MAX]);
 /* What the tenant spec gives for a tenant key (block, sinks, window), else fallback. */
 uint32_t ab_spec_u32(const char *spec, const char *key, uint32_t fallback);
 /* 1 when the tenant spec has a key (k, v, policy) at its top level. */

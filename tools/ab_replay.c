@@ -298,6 +298,70 @@ uint32_t ab_spec_u32(const char *spec, const char *key, uint32_t fallback)
 	return value[0] && !*end && v <= UINT32_MAX ? (uint32_t)v : fallback;
 }
 
+/* The policy's name and arguments: "streaming(window=28)" gives "streaming" and "window=28". */
+static void policy_parts(const char *policy, char *name, char *args, size_t cap)
+{
+	const char *open = strchr(policy, '('), *close = strrchr(policy, ')');
+	size_t n = open ? (size_t)(open - policy) : strlen(policy);
+
+	n = n < cap - 1 ? n : cap - 1;
+	memcpy(name, policy, n);
+	name[n] = '\0';
+	n = open && close > open ? (size_t)(close - open - 1) : 0;
+	n = n < cap - 1 ? n : cap - 1;
+	memcpy(args, open ? open + 1 : "", n);
+	args[n] = '\0';
+}
+
+/*
+ * The most tokens a stream holds under the spec's policy, when the spec decides it: a round cuts the
+ * stream to its budget once it holds budget + every. 0 when it does not (no policy, a ratio, gating).
+ */
+static uint64_t policy_most_held(const char *spec, char *name, size_t cap)
+{
+	char policy[256], args[256], gate[16];
+
+	spec_value(spec, "policy", policy, sizeof(policy));
+	spec_value(spec, "gate", gate, sizeof(gate));
+	if (!policy[0] || (gate[0] && strcmp(gate, "off")))
+		return 0;
+	policy_parts(policy, name, args, cap < sizeof(args) ? cap : sizeof(args));
+	if (!strcmp(name, "streaming"))
+		return (uint64_t)ab_spec_u32(args, "sinks", 4) + ab_spec_u32(args, "window", 1024) +
+		       ab_spec_u32(args, "every", 1);
+	if (!strcmp(name, "triattention") && !ab_spec_has(args, "ratio"))
+		return (uint64_t)ab_spec_u32(args, "budget", 2048) + ab_spec_u32(args, "every", 128);
+	return 0;
+}
+
+int ab_cold_tier_unreachable(const char *spec, uint64_t positions, char why[AB_MESSAGE_MAX])
+{
+	uint32_t block = ab_spec_u32(spec, "block", AB_TENANT_BLOCK);
+	uint32_t sinks = ab_spec_u32(spec, "sinks", AB_TENANT_SINKS);
+	uint32_t window = ab_spec_u32(spec, "window", AB_TENANT_WINDOW);
+	uint64_t needed = (uint64_t)sinks + window + block, most;
+	char name[64];
+	int n;
+
+	if (!ab_spec_has(spec, "k") && !ab_spec_has(spec, "v"))
+		return 0;
+	if (positions < needed)
+		n = snprintf(why, AB_MESSAGE_MAX, "the run has %llu positions", (unsigned long long)positions);
+	else if ((most = policy_most_held(spec, name, sizeof(name))) && most < needed) {
+		/* a round never cuts into the sinks and the hot window: a stream reaches one token past them,
+		 * which is short of a cold block unless blocks hold one token */
+		most = most > (uint64_t)sinks + window + 1 ? most : (uint64_t)sinks + window + 1;
+		if (most >= needed)
+			return 0;
+		n = snprintf(why, AB_MESSAGE_MAX, "%s keeps at most %llu tokens per stream", name,
+			     (unsigned long long)most);
+	} else
+		return 0;
+	snprintf(why + n, AB_MESSAGE_MAX - (size_t)n, ", and a block turns cold only once a stream holds %llu "
+		 "(sinks=%u + window=%u + block=%u)", (unsigned long long)needed, sinks, window, block);
+	return 1;
+}
+
 /* ---- one spec ---- */
 
 struct ab_cache {

@@ -79,26 +79,22 @@ static void cell(FILE *f, int width, const char *fmt, double v)
 		fprintf(f, fmt, width, v);
 }
 
-/* Tenant defaults (kvpager.h, "Tenant"): what a spec without block=, sinks= or window= gets. */
-#define TENANT_BLOCK 64
-#define TENANT_SINKS 4
-#define TENANT_WINDOW 128
-
 /*
  * A cold tier that never held a byte: the codecs of the spec did nothing, so the row measures the policy
  * alone. A block turns cold once a full block lies between the sinks and the hot window.
  */
 static void print_unused_cold_tier(FILE *f, const struct ab_result *r)
 {
-	uint32_t block = ab_spec_u32(r->spec, "block", TENANT_BLOCK);
-	uint32_t sinks = ab_spec_u32(r->spec, "sinks", TENANT_SINKS);
-	uint32_t window = ab_spec_u32(r->spec, "window", TENANT_WINDOW);
+	uint32_t block = ab_spec_u32(r->spec, "block", AB_TENANT_BLOCK);
+	uint32_t sinks = ab_spec_u32(r->spec, "sinks", AB_TENANT_SINKS);
+	uint32_t window = ab_spec_u32(r->spec, "window", AB_TENANT_WINDOW);
 	unsigned long long exact = (unsigned long long)sinks + window, needed = exact + block;
 
 	fprintf(f, "note: '%s': its cold tier (k=/v=) never received a block: ", spec_label(r->spec));
-	if (r->meter.positions)
-		fprintf(f, "%s at most %.0f tokens per stream, ",
-			ab_spec_has(r->spec, "policy") ? "the policy kept" : "the streams held", r->meter.retained_peak);
+	if (r->meter.positions && r->meter.retained_peak + 0.5 < (double)r->meter.positions)
+		fprintf(f, "the policy kept at most %.0f tokens per stream, ", r->meter.retained_peak);
+	else if (r->meter.positions)
+		fprintf(f, "the run has %llu positions, ", (unsigned long long)r->meter.positions);
 	fprintf(f, "the sinks and the hot window take %llu (sinks=%u, window=%u), and a block turns cold only "
 		"once a full block=%u lies beyond them (%llu tokens)", exact, sinks, window, block, needed);
 	if (r->meter.positions && r->meter.retained_peak >= (double)needed)

@@ -226,8 +226,10 @@ static int default_paths(struct options *o, const char *argv0)
 	return 0;
 }
 
-/* Every spec is tried on the stream's shape before anything runs, so a refused one costs nothing. */
-static int check_specs(const struct options *o, const kvp_plugin_v1 *api, const kvp_shape *shape)
+/* Every spec is tried on the stream's shape before anything runs, so a refused one costs nothing; one
+ * whose cold tier cannot be used in a run of `positions` is run, with a warning. */
+static int check_specs(const struct options *o, const kvp_plugin_v1 *api, const kvp_shape *shape,
+		       uint64_t positions)
 {
 	char message[AB_MESSAGE_MAX];
 	int i, rc;
@@ -238,6 +240,9 @@ static int check_specs(const struct options *o, const kvp_plugin_v1 *api, const 
 			fprintf(stderr, "kvpager-ab: spec '%s': %s\n", o->specs[i], message);
 			return rc;
 		}
+		if (ab_cold_tier_unreachable(o->specs[i], positions, message))
+			fprintf(stderr, "kvpager-ab: warning: spec '%s': its cold tier (k=/v=) can receive no "
+				"block: %s\n", o->specs[i], message);
 	}
 	return 0;
 }
@@ -543,7 +548,7 @@ static int run_model(struct run *r)
 	rc = model_load(&m, &r->opt);
 	if (!rc) {
 		shape = llama_model_shape(&m.model.config);
-		rc = check_specs(&r->opt, r->api, &shape);
+		rc = check_specs(&r->opt, r->api, &shape, (uint64_t)m.n);
 	}
 	if (rc) {
 		model_free(&m);
@@ -601,7 +606,7 @@ static int replay(struct run *r, const struct ab_source *src)
 	char message[AB_MESSAGE_MAX];
 	int rc, i;
 
-	rc = check_specs(&r->opt, r->api, &src->shape);
+	rc = check_specs(&r->opt, r->api, &src->shape, src->n_steps);
 	if (rc)
 		return rc;
 	ab_progress_start(&progress, src->n_steps * (uint64_t)(1 + r->opt.n_specs), !r->opt.quiet);
