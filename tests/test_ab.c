@@ -22,9 +22,13 @@
 
 #define TQ3 "k=turboquant(bits=3),v=turboquant(bits=3)"
 
+/* COL_BYTES_PER_TOKEN and COL_COMPRESSION are the run's mean; the raw bytes are the final snapshot's */
 enum column {
 	COL_SPEC, COL_TOKENS, COL_BYTES_PER_TOKEN, COL_COMPRESSION, COL_KL_MEAN, COL_KL_P99, COL_TOP1,
-	COL_ATTENTION_ERROR, COL_ATTENTION_ERROR_MAX, COL_TOKENS_PER_S, N_COLUMNS = 14
+	COL_ATTENTION_ERROR, COL_ATTENTION_ERROR_MAX, COL_TOKENS_PER_S, COL_BYTES_EXACT, COL_BYTES_COMPRESSED,
+	COL_BYTES_META, COL_BYTES_DENSE_FP16, COL_BYTES_PER_TOKEN_PEAK, COL_BYTES_PER_TOKEN_FINAL,
+	COL_COMPRESSION_FINAL, COL_BYTES_PEAK, COL_BYTES_COMPRESSED_PEAK, COL_COLD_TIER, COL_COLD_TIER_USED,
+	N_COLUMNS
 };
 
 struct row {
@@ -96,15 +100,18 @@ static void parse_row(const char *line, struct row *r)
 /* Reads the CSV: checks the header, returns the number of rows. */
 static int read_csv(const char *path, struct row *rows, int cap)
 {
-	static const char header[] = "spec,tokens,bytes_per_token,compression_vs_fp16,kl_mean,kl_p99,"
-				     "top1_agreement,attention_rel_error,attention_rel_error_max,tokens_per_s,";
+	static const char header[] = "spec,tokens,bytes_per_token_mean,compression_vs_fp16_mean,kl_mean,kl_p99,"
+				     "top1_agreement,attention_rel_error,attention_rel_error_max,tokens_per_s,"
+				     "bytes_exact,bytes_compressed,bytes_meta,bytes_dense_fp16,bytes_per_token_peak,"
+				     "bytes_per_token_final,compression_vs_fp16_final,bytes_peak,"
+				     "bytes_compressed_peak,cold_tier,cold_tier_used\n";
 	char line[4096];
 	FILE *f = fopen(path, "r");
 	int n = 0;
 
 	cr_assert_not_null(f, "%s", path);
 	cr_assert_not_null(fgets(line, sizeof(line), f));
-	cr_assert_eq(strncmp(line, header, strlen(header)), 0, "header: %s", line);
+	cr_assert_str_eq(line, header);
 	while (n < cap && fgets(line, sizeof(line), f))
 		parse_row(line, &rows[n++]);
 	fclose(f);
@@ -114,9 +121,12 @@ static int read_csv(const char *path, struct row *rows, int cap)
 static void assert_exact_row(const struct row *r, int with_logits)
 {
 	cr_assert(r->value[COL_ATTENTION_ERROR] < 1e-5, "exact attention error %g", r->value[COL_ATTENTION_ERROR]);
-	/* fp32 storage plus the block tables: a little over twice the dense fp16 bytes */
-	cr_assert(r->value[COL_COMPRESSION] > 0.3 && r->value[COL_COMPRESSION] <= 0.5,
-		  "exact compression %g", r->value[COL_COMPRESSION]);
+	/* fp32 storage plus the block tables: a little over twice the dense fp16 bytes at the end, and more
+	 * over the run, since blocks are allocated whole */
+	cr_assert(r->value[COL_COMPRESSION_FINAL] > 0.3 && r->value[COL_COMPRESSION_FINAL] <= 0.5,
+		  "exact compression %g", r->value[COL_COMPRESSION_FINAL]);
+	cr_assert(r->value[COL_COMPRESSION] > 0.1 && r->value[COL_COMPRESSION] <= r->value[COL_COMPRESSION_FINAL],
+		  "exact compression on the mean %g", r->value[COL_COMPRESSION]);
 	cr_assert(r->value[COL_TOKENS_PER_S] > 0);
 	if (!with_logits) {
 		cr_assert(isnan(r->value[COL_KL_MEAN]) && isnan(r->value[COL_TOP1]), "a trace has no logits");
@@ -290,9 +300,12 @@ Test(ab, builtin_synthetic_default_run_with_plot)
 	/* the generator's heads attend to heavy hitters a recent window misses */
 	cr_assert_lt(rows[5].value[COL_ATTENTION_ERROR], rows[4].value[COL_ATTENTION_ERROR], "TriAttention against "
 		     "StreamingLLM");
-	/* the axes multiply: the stacked spec holds fewer bytes than either part alone */
+	/* the axes multiply: at the end the stacked spec holds fewer bytes than either part alone (over the
+	 * run it does not: with a policy, a block is encoded only once a round has scored it, and the first
+	 * round comes at 2048 + 128 tokens) */
+	cr_assert_lt(rows[6].value[COL_BYTES_PER_TOKEN_FINAL], rows[5].value[COL_BYTES_PER_TOKEN_FINAL]);
+	cr_assert_lt(rows[6].value[COL_BYTES_PER_TOKEN_FINAL], rows[2].value[COL_BYTES_PER_TOKEN_FINAL]);
 	cr_assert_lt(rows[6].value[COL_BYTES_PER_TOKEN], rows[5].value[COL_BYTES_PER_TOKEN]);
-	cr_assert_lt(rows[6].value[COL_BYTES_PER_TOKEN], rows[2].value[COL_BYTES_PER_TOKEN]);
 	f = fopen(svg, "r");
 	cr_assert_not_null(f);
 	cr_assert_eq(fread(head, 1, 4, f), 4);
@@ -324,7 +337,9 @@ Test(ab, kjv64_exact_streaming_triattention_and_stacked_specs)
 		const double *v = rows[i].value;
 		cr_assert_str_eq(rows[i].spec, specs[i]);
 		cr_assert_eq(v[COL_TOKENS], 256);
-		cr_assert_lt(v[COL_BYTES_PER_TOKEN], rows[0].value[COL_BYTES_PER_TOKEN], "%s keeps fewer bytes", specs[i]);
+		/* at the end: ratio=0.5's only round runs at the last step, so over the run it held more */
+		cr_assert_lt(v[COL_BYTES_PER_TOKEN_FINAL], rows[0].value[COL_BYTES_PER_TOKEN_FINAL],
+			     "%s keeps fewer bytes", specs[i]);
 		cr_assert(v[COL_KL_MEAN] >= 0 && v[COL_KL_MEAN] < 0.1, "%s: KL %g", specs[i], v[COL_KL_MEAN]);
 		cr_assert_geq(v[COL_KL_P99], v[COL_KL_MEAN]);
 		cr_assert(v[COL_TOP1] >= 0.9 && v[COL_TOP1] <= 1.0, "%s: top-1 %g", specs[i], v[COL_TOP1]);
@@ -681,4 +696,186 @@ Test(ab, html_report_renders_in_headless_chromium)
 	unlink(csv);
 	unlink(dom);
 	unlink(err);
+}
+
+/* ---- memory figures: the run's mean, its peak, the final snapshot; a cold tier that stayed empty ---- */
+
+#define SILENT_STACK "policy=streaming(window=28),block=16,sinks=4,window=16," TQ3
+#define USED_STACK "block=16,sinks=4,window=16," TQ3
+
+/* Runs kjv-64 for steps positions with the specs (a NULL-terminated list); the CSV into rows, the table
+ * and notes into out. Returns the number of rows. */
+static int run_kjv(int steps, const char *const *specs, struct row *rows, int cap, char *out, size_t out_cap)
+{
+	char csv[256], args[4096];
+	int at, n;
+
+	temp_path(csv, sizeof(csv), ".csv");
+	at = snprintf(args, sizeof(args), "--model %s --steps %d --csv %s", model_path("kjv-64.bin"), steps, csv);
+	for (; *specs; specs++)
+		at += snprintf(args + at, sizeof(args) - (size_t)at, " --spec '%s'", *specs);
+	cr_assert_eq(run("kvpager-ab", args, out, out_cap), 0, "%s", out);
+	n = read_csv(csv, rows, cap);
+	unlink(csv);
+	return n;
+}
+
+static double held_at_end(const struct row *r)
+{
+	return r->value[COL_BYTES_EXACT] + r->value[COL_BYTES_COMPRESSED] + r->value[COL_BYTES_META];
+}
+
+/* The figures of one row agree with each other and with its raw bytes. */
+static void assert_memory_figures(const struct row *r)
+{
+	const double *v = r->value;
+
+	cr_assert_float_eq(v[COL_BYTES_PER_TOKEN_FINAL] * v[COL_TOKENS], held_at_end(r), 1e-3, "%s", r->spec);
+	cr_assert_float_eq(v[COL_BYTES_PER_TOKEN_PEAK] * v[COL_TOKENS], v[COL_BYTES_PEAK], 1e-3, "%s", r->spec);
+	cr_assert_geq(v[COL_BYTES_PEAK], held_at_end(r), "%s: the peak is at least the end", r->spec);
+	cr_assert_float_eq(v[COL_COMPRESSION_FINAL], v[COL_BYTES_DENSE_FP16] / held_at_end(r), 1e-6, "%s", r->spec);
+}
+
+/* TriAttention at ratio=0.5 over 256 positions runs its only round (due at 0.5 t + 128 tokens) at the last
+ * step: it held every token, like the full cache, for the whole run, and half of them only at the end. */
+Test(ab, mean_bytes_follow_the_run_not_the_last_round)
+{
+	static const char *const specs[] = { "", "policy=triattention(ratio=0.5)", NULL };
+	char out[16384];
+	struct row rows[2];
+
+	cr_assert_eq(run_kjv(256, specs, rows, 2, out, sizeof(out)), 2);
+	assert_memory_figures(&rows[0]);
+	assert_memory_figures(&rows[1]);
+	/* the full cache grows by whole blocks: its mean is near its end, a little above (block slack) */
+	cr_assert(rows[0].value[COL_BYTES_PER_TOKEN] >= rows[0].value[COL_BYTES_PER_TOKEN_FINAL] &&
+		  rows[0].value[COL_BYTES_PER_TOKEN] < 1.3 * rows[0].value[COL_BYTES_PER_TOKEN_FINAL],
+		  "full cache: mean %g, final %g", rows[0].value[COL_BYTES_PER_TOKEN],
+		  rows[0].value[COL_BYTES_PER_TOKEN_FINAL]);
+	/* the policy ends at about half the full cache, but over the run it held as much */
+	cr_assert_lt(rows[1].value[COL_BYTES_PER_TOKEN_FINAL], 0.6 * rows[0].value[COL_BYTES_PER_TOKEN_FINAL]);
+	cr_assert_gt(rows[1].value[COL_BYTES_PER_TOKEN], 2.0 * rows[1].value[COL_BYTES_PER_TOKEN_FINAL],
+		     "mean %g against final %g", rows[1].value[COL_BYTES_PER_TOKEN],
+		     rows[1].value[COL_BYTES_PER_TOKEN_FINAL]);
+	cr_assert_geq(rows[1].value[COL_BYTES_PER_TOKEN], 0.95 * rows[0].value[COL_BYTES_PER_TOKEN]);
+	/* its peak came before the round: the full cache's, not the end's */
+	cr_assert_geq(rows[1].value[COL_BYTES_PEAK], 0.95 * rows[0].value[COL_BYTES_PEAK]);
+	cr_assert_gt(rows[1].value[COL_BYTES_PEAK], 1.8 * held_at_end(&rows[1]));
+}
+
+/* The row of spec in the table (the first line that starts with it followed by a space). */
+static const char *table_row(const char *out, const char *spec)
+{
+	size_t n = strlen(spec);
+
+	for (const char *line = out; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL)
+		if (!strncmp(line, spec, n) && line[n] == ' ')
+			return line;
+	cr_assert_fail("no row for %s in: %s", spec, out);
+	return NULL;
+}
+
+Test(ab, vs_fp16_is_the_ratio_of_the_means)
+{
+	static const char *const specs[] = { "policy=triattention(ratio=0.5)", NULL };
+	char out[16384], mean[32], final[32];
+	const double *v;
+	struct row rows[1];
+	const char *line, *eol;
+
+	cr_assert_eq(run_kjv(256, specs, rows, 1, out, sizeof(out)), 1);
+	v = rows[0].value;
+	/* dense fp16 grows by the same bytes every position, so its mean per token is its final per token */
+	cr_assert_float_eq(v[COL_COMPRESSION], v[COL_BYTES_DENSE_FP16] / v[COL_TOKENS] / v[COL_BYTES_PER_TOKEN], 1e-6);
+	/* fp32 storage of every token for the whole run: under 0.5x on the mean, near 1x at the end */
+	cr_assert_lt(v[COL_COMPRESSION], 0.5);
+	cr_assert_gt(v[COL_COMPRESSION_FINAL], 0.8);
+	snprintf(mean, sizeof(mean), " %.2fx ", v[COL_COMPRESSION]);
+	snprintf(final, sizeof(final), " %.2fx ", v[COL_COMPRESSION_FINAL]);
+	line = table_row(out, specs[0]);
+	eol = strchr(line, '\n');
+	cr_assert(strstr(line, mean) && strstr(line, mean) < eol, "the table shows%son the mean: %s", mean, out);
+	cr_assert(!strstr(line, final) || strstr(line, final) > eol, "not%sat the end: %s", final, out);
+}
+
+static int count(const char *s, const char *what)
+{
+	int n = 0;
+
+	for (s = strstr(s, what); s; s = strstr(s + 1, what))
+		n++;
+	return n;
+}
+
+/* streaming(window=28) keeps 32 tokens (33 before a round); the sinks and hot window take 20, and a block
+ * of 16 beyond them needs 36: the codecs never see a block. Without the policy they do. */
+Test(ab, unused_cold_tier_is_noted_and_flagged)
+{
+	static const char *const specs[] = { SILENT_STACK, USED_STACK, "", NULL };
+	char out[16384];
+	struct row rows[3];
+
+	cr_assert_eq(run_kjv(128, specs, rows, 3, out, sizeof(out)), 3);
+	cr_assert_not_null(strstr(out, "note: '" SILENT_STACK "': its cold tier (k=/v=) never received a block: the "
+				       "policy kept at most 33 tokens per stream, the sinks and the hot window take 20 "
+				       "(sinks=4, window=16), and a block turns cold only once a full block=16 lies "
+				       "beyond them (36 tokens)\n"), "%s", out);
+	cr_assert_eq(count(out, "note: "), 1, "only the spec whose cold tier stayed empty: %s", out);
+	cr_assert_eq(rows[0].value[COL_COLD_TIER], 1);
+	cr_assert_eq(rows[0].value[COL_COLD_TIER_USED], 0);
+	cr_assert_eq(rows[0].value[COL_BYTES_COMPRESSED_PEAK], 0);
+	cr_assert_eq(rows[1].value[COL_COLD_TIER], 1);
+	cr_assert_eq(rows[1].value[COL_COLD_TIER_USED], 1);
+	cr_assert_gt(rows[1].value[COL_BYTES_COMPRESSED_PEAK], 0);
+	cr_assert_eq(rows[2].value[COL_COLD_TIER], 0);
+	cr_assert(isnan(rows[2].value[COL_COLD_TIER_USED]), "no cold tier: the field is empty");
+}
+
+/* The replayed sources sample the same way: a recent window's bytes stop growing, the mean does not. */
+Test(ab, replayed_stream_reports_mean_peak_final_and_cold_tier)
+{
+	char csv[256], args[1024], out[16384];
+	struct row rows[2];
+
+	temp_path(csv, sizeof(csv), ".csv");
+	snprintf(args, sizeof(args), "--tokens 512 --every 64 --spec '%s' --spec '%s' --csv %s", SILENT_STACK,
+		 USED_STACK, csv);
+	cr_assert_eq(run("kvpager-ab", args, out, sizeof(out)), 0, "%s", out);
+	cr_assert_eq(read_csv(csv, rows, 2), 2);
+	unlink(csv);
+	assert_memory_figures(&rows[0]);
+	assert_memory_figures(&rows[1]);
+	/* held stays near 33 tokens from position 33 on: the mean per token is near twice the final */
+	cr_assert_gt(rows[0].value[COL_BYTES_PER_TOKEN], 1.5 * rows[0].value[COL_BYTES_PER_TOKEN_FINAL]);
+	cr_assert_eq(rows[0].value[COL_COLD_TIER_USED], 0);
+	cr_assert_eq(rows[1].value[COL_COLD_TIER_USED], 1);
+	cr_assert_not_null(strstr(out, "note: '" SILENT_STACK "'"), "%s", out);
+	cr_assert_eq(count(out, "note: "), 1, "%s", out);
+}
+
+/* What the spec and the run's length decide is said before the run: a run shorter than sinks + window +
+ * block (4 + 128 + 64 by default), or a policy that never keeps that many. */
+Test(ab, cold_tier_out_of_reach_is_warned_before_the_run)
+{
+	static const char warning[] = "kvpager-ab: warning: spec '%s': its cold tier (k=/v=) can receive no block: %s, "
+				      "and a block turns cold only once a stream holds %s\n";
+	char args[1024], out[16384], expect[1024];
+	const char *at;
+
+	snprintf(args, sizeof(args), "--tokens 128 --spec '%s' --spec '%s' --spec 'k=turboquant(bits=3)' --spec ''",
+		 SILENT_STACK, USED_STACK);
+	cr_assert_eq(run("kvpager-ab", args, out, sizeof(out)), 0, "%s", out);
+	snprintf(expect, sizeof(expect), warning, SILENT_STACK, "streaming keeps at most 33 tokens per stream",
+		 "36 (sinks=4 + window=16 + block=16)");
+	at = strstr(out, expect);
+	cr_assert_not_null(at, "%s", out);
+	cr_assert_lt(at, strstr(out, "bytes/tok"), "before the table: %s", out);
+	snprintf(expect, sizeof(expect), warning, "k=turboquant(bits=3)", "the run has 128 positions",
+		 "196 (sinks=4 + window=128 + block=64)");
+	cr_assert_not_null(strstr(out, expect), "%s", out);
+	cr_assert_eq(count(out, "warning: "), 2, "not for the spec whose cold tier is used: %s", out);
+	/* and the run confirms both */
+	cr_assert_not_null(strstr(out, "note: 'k=turboquant(bits=3)': its cold tier (k=/v=) never received a block: "
+				       "the run has 128 positions, "), "%s", out);
+	cr_assert_eq(count(out, "note: "), 2, "%s", out);
 }

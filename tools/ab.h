@@ -13,12 +13,37 @@
 
 #define AB_MESSAGE_MAX 512
 
+/*
+ * The bytes a sequence held over a run, sampled once per position: after that position's appends (and
+ * attention) to every layer, before the step's policy round, so a round's timing moves the peak and the
+ * mean by one step at most. "Held" is bytes_exact + bytes_compressed + bytes_meta of kvp_seq_stats.
+ */
+struct ab_bytes_meter {
+	uint64_t positions;            /* samples taken */
+	double held_sum, dense_sum;    /* sums over the samples of held and of bytes_dense_fp16 */
+	double positions_sum;          /* 1 + 2 + ... + positions */
+	uint64_t held_peak, compressed_peak;
+	double retained_peak;          /* most tokens retained per stream (tokens_retained / streams) */
+};
+
+/* Takes one sample: the stats of the sequence after its position `meter->positions + 1`. */
+void ab_bytes_sample(struct ab_bytes_meter *m, const kvp_stats *st);
+
 /* What one spec measured. Values that the source cannot give (KL without logits) are NAN. */
 struct ab_result {
 	const char *spec;
 	uint64_t tokens;         /* positions run */
-	double bytes_per_token;  /* (exact + compressed + meta) / tokens, all layers and KV heads */
-	double compression;      /* bytes_dense_fp16 / (exact + compressed + meta) */
+	/* Bytes per token, all layers and KV heads (README, "Memory figures"): the mean over the run
+	 * (sum of held over the samples / sum of the positions sampled), the peak (most held at a sample or
+	 * at the end / tokens), the final snapshot (held after the last step / tokens). Mean and peak are
+	 * NAN when meter took no sample. */
+	double bytes_per_token, bytes_per_token_peak, bytes_per_token_final;
+	double compression;       /* on the mean: sum of bytes_dense_fp16 / sum of held over the samples */
+	double compression_final; /* bytes_dense_fp16 / held after the last step */
+	uint64_t bytes_peak;      /* most bytes held */
+	int cold_tier;            /* the spec has k= or v= */
+	int cold_tier_used;       /* compressed bytes were held at a sample or at the end */
+	struct ab_bytes_meter meter;
 	double kl_mean, kl_p99;  /* next-token KL(full || this), nats */
 	double top1;             /* share of positions whose argmax matches the full cache's, 0..1 */
 	double attention_error;  /* mean over checked (step, layer) of |out - exact| / |exact| */
@@ -103,7 +128,22 @@ int ab_replay_spec(const kvp_plugin_v1 *api, const char *pool_spec, const struct
 /* Opens and closes a sequence of this shape under spec: 0, or 2 / 1 as ab_replay_spec says. */
 int ab_check_spec(const kvp_plugin_v1 *api, const char *pool_spec, const char *spec, const kvp_shape *shape,
 		  char message[AB_MESSAGE_MAX]);
-/* Fills the byte columns of a result from the sequence's stats after `tokens` positions. */
+/* Fills the byte columns of a result from r->meter and the sequence's stats after `tokens` positions. */
 void ab_result_bytes(struct ab_result *r, const kvp_stats *st, uint64_t tokens);
+/* Tenant defaults (kvpager.h, "Tenant"): what a spec without block=, sinks= or window= gets. */
+#define AB_TENANT_BLOCK 64
+#define AB_TENANT_SINKS 4
+#define AB_TENANT_WINDOW 128
+/*
+ * 1 when the spec alone shows that its cold tier (k=, v=) can receive no block in a run of `positions`:
+ * a block turns cold only once a stream holds sinks + window + block tokens, and the run is shorter, or
+ * its policy (streaming, or triattention with budget=, without gating) never keeps that many. why says
+ * so. 0 when the spec has no cold tier or the spec alone does not decide it.
+ */
+int ab_cold_tier_unreachable(const char *spec, uint64_t positions, char why[AB_MESSAGE_MAX]);
+/* What the tenant spec gives for a tenant key (block, sinks, window), else fallback. */
+uint32_t ab_spec_u32(const char *spec, const char *key, uint32_t fallback);
+/* 1 when the tenant spec has a key (k, v, policy) at its top level. */
+int ab_spec_has(const char *spec, const char *key);
 
 #endif /* KVP_TOOLS_AB_H */

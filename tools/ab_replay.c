@@ -197,14 +197,169 @@ void ab_reference_free(struct ab_reference *ref)
 	ref->outputs = NULL;
 }
 
+static uint64_t bytes_held(const kvp_stats *st)
+{
+	return st->bytes_exact + st->bytes_compressed + st->bytes_meta;
+}
+
+void ab_bytes_sample(struct ab_bytes_meter *m, const kvp_stats *st)
+{
+	uint64_t held = bytes_held(st);
+	double retained;
+
+	m->positions++;
+	m->positions_sum += (double)m->positions;
+	m->held_sum += (double)held;
+	m->dense_sum += (double)st->bytes_dense_fp16;
+	m->held_peak = held > m->held_peak ? held : m->held_peak;
+	m->compressed_peak = st->bytes_compressed > m->compressed_peak ? st->bytes_compressed : m->compressed_peak;
+	/* every position appends one token to every stream, so streams = tokens_appended / positions */
+	retained = st->tokens_appended ? (double)st->tokens_retained * (double)m->positions / (double)st->tokens_appended
+				       : 0.0;
+	m->retained_peak = retained > m->retained_peak ? retained : m->retained_peak;
+}
+
+static double share(double num, double den)
+{
+	return den > 0 ? num / den : 0.0;
+}
+
 void ab_result_bytes(struct ab_result *r, const kvp_stats *st, uint64_t tokens)
 {
-	double held = (double)(st->bytes_exact + st->bytes_compressed + st->bytes_meta);
+	const struct ab_bytes_meter *m = &r->meter;
+	uint64_t held = bytes_held(st);
 
 	r->stats = *st;
 	r->tokens = tokens;
-	r->bytes_per_token = tokens ? held / (double)tokens : 0.0;
-	r->compression = held > 0 ? (double)st->bytes_dense_fp16 / held : 0.0;
+	r->bytes_peak = held > m->held_peak ? held : m->held_peak;
+	r->bytes_per_token_final = share((double)held, (double)tokens);
+	r->compression_final = share((double)st->bytes_dense_fp16, (double)held);
+	/* without samples there is no mean: n/a, rather than the final snapshot under the mean's name */
+	r->bytes_per_token = m->positions ? share(m->held_sum, m->positions_sum) : NAN;
+	r->bytes_per_token_peak = m->positions ? share((double)r->bytes_peak, (double)tokens) : NAN;
+	r->compression = m->positions ? share(m->dense_sum, m->held_sum) : NAN;
+	r->cold_tier = ab_spec_has(r->spec, "k") || ab_spec_has(r->spec, "v");
+	r->cold_tier_used = m->compressed_peak > 0 || st->bytes_compressed > 0;
+}
+
+/* ---- the tenant spec's top-level keys (the library has checked the spec before any run) ---- */
+
+static int is_blank(char c)
+{
+	return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+/* The value of key at depth 0 of spec ("" when absent), up to cap - 1 characters, into out. */
+static const char *spec_value(const char *spec, const char *key, char *out, size_t cap)
+{
+	size_t klen = strlen(key), n;
+	const char *s = spec, *end;
+	int depth;
+
+	out[0] = '\0';
+	while (*s) {
+		while (is_blank(*s))
+			s++;
+		for (end = s, depth = 0; *end && (*end != ',' || depth); end++)
+			depth += *end == '(' ? 1 : *end == ')' ? -1 : 0;
+		if (!strncmp(s, key, klen)) {
+			const char *v = s + klen;
+
+			while (is_blank(*v))
+				v++;
+			if (*v == '=') {
+				for (v++; is_blank(*v); v++)
+					;
+				n = (size_t)(end - v) < cap - 1 ? (size_t)(end - v) : cap - 1;
+				memcpy(out, v, n);
+				while (n && is_blank(out[n - 1]))
+					n--;
+				out[n] = '\0';
+				return out;
+			}
+		}
+		s = *end ? end + 1 : end;
+	}
+	return out;
+}
+
+int ab_spec_has(const char *spec, const char *key)
+{
+	char value[8];
+
+	return spec_value(spec, key, value, sizeof(value))[0] != '\0';
+}
+
+uint32_t ab_spec_u32(const char *spec, const char *key, uint32_t fallback)
+{
+	char value[32], *end;
+	unsigned long v = strtoul(spec_value(spec, key, value, sizeof(value)), &end, 10);
+
+	return value[0] && !*end && v <= UINT32_MAX ? (uint32_t)v : fallback;
+}
+
+/* The policy's name and arguments: "streaming(window=28)" gives "streaming" and "window=28". */
+static void policy_parts(const char *policy, char *name, char *args, size_t cap)
+{
+	const char *open = strchr(policy, '('), *close = strrchr(policy, ')');
+	size_t n = open ? (size_t)(open - policy) : strlen(policy);
+
+	n = n < cap - 1 ? n : cap - 1;
+	memcpy(name, policy, n);
+	name[n] = '\0';
+	n = open && close > open ? (size_t)(close - open - 1) : 0;
+	n = n < cap - 1 ? n : cap - 1;
+	memcpy(args, open ? open + 1 : "", n);
+	args[n] = '\0';
+}
+
+/*
+ * The most tokens a stream holds under the spec's policy, when the spec decides it: a round cuts the
+ * stream to its budget once it holds budget + every. 0 when it does not (no policy, a ratio, gating).
+ */
+static uint64_t policy_most_held(const char *spec, char *name, size_t cap)
+{
+	char policy[256], args[256], gate[16];
+
+	spec_value(spec, "policy", policy, sizeof(policy));
+	spec_value(spec, "gate", gate, sizeof(gate));
+	if (!policy[0] || (gate[0] && strcmp(gate, "off")))
+		return 0;
+	policy_parts(policy, name, args, cap < sizeof(args) ? cap : sizeof(args));
+	if (!strcmp(name, "streaming"))
+		return (uint64_t)ab_spec_u32(args, "sinks", 4) + ab_spec_u32(args, "window", 1024) +
+		       ab_spec_u32(args, "every", 1);
+	if (!strcmp(name, "triattention") && !ab_spec_has(args, "ratio"))
+		return (uint64_t)ab_spec_u32(args, "budget", 2048) + ab_spec_u32(args, "every", 128);
+	return 0;
+}
+
+int ab_cold_tier_unreachable(const char *spec, uint64_t positions, char why[AB_MESSAGE_MAX])
+{
+	uint32_t block = ab_spec_u32(spec, "block", AB_TENANT_BLOCK);
+	uint32_t sinks = ab_spec_u32(spec, "sinks", AB_TENANT_SINKS);
+	uint32_t window = ab_spec_u32(spec, "window", AB_TENANT_WINDOW);
+	uint64_t needed = (uint64_t)sinks + window + block, most;
+	char name[64];
+	int n;
+
+	if (!ab_spec_has(spec, "k") && !ab_spec_has(spec, "v"))
+		return 0;
+	if (positions < needed)
+		n = snprintf(why, AB_MESSAGE_MAX, "the run has %llu positions", (unsigned long long)positions);
+	else if ((most = policy_most_held(spec, name, sizeof(name))) && most < needed) {
+		/* a round never cuts into the sinks and the hot window: a stream reaches one token past them,
+		 * which is short of a cold block unless blocks hold one token */
+		most = most > (uint64_t)sinks + window + 1 ? most : (uint64_t)sinks + window + 1;
+		if (most >= needed)
+			return 0;
+		n = snprintf(why, AB_MESSAGE_MAX, "%s keeps at most %llu tokens per stream", name,
+			     (unsigned long long)most);
+	} else
+		return 0;
+	snprintf(why + n, AB_MESSAGE_MAX - (size_t)n, ", and a block turns cold only once a stream holds %llu "
+		 "(sinks=%u + window=%u + block=%u)", (unsigned long long)needed, sinks, window, block);
+	return 1;
 }
 
 /* ---- one spec ---- */
@@ -283,8 +438,9 @@ struct error_sum {
 
 /* The library calls of one step; *seconds grows by their time. */
 static int cache_step(struct ab_cache *c, const kvp_shape *s, int32_t pos, struct step_buffers *b, int check,
-		      double *seconds, char message[AB_MESSAGE_MAX])
+		      struct ab_bytes_meter *meter, double *seconds, char message[AB_MESSAGE_MAX])
 {
+	kvp_stats stats = { .size = sizeof(stats) };
 	size_t nkv = (size_t)s->n_kv_heads * s->head_dim, nq = (size_t)s->n_heads * s->head_dim;
 	double t0 = ab_now();
 	kvp_status st = KVP_OK;
@@ -295,6 +451,13 @@ static int cache_step(struct ab_cache *c, const kvp_shape *s, int32_t pos, struc
 		if (!st && check)
 			st = c->api->attend(c->seq, l, b->q + l * nq, b->out + l * nq);
 	}
+	*seconds += ab_now() - t0;
+	/* the bytes of this position, before the step's round: untimed, it is the runner's call */
+	if (!st)
+		st = c->api->seq_stats(c->seq, &stats);
+	if (!st)
+		ab_bytes_sample(meter, &stats);
+	t0 = ab_now();
 	if (!st)
 		st = c->api->seq_step(c->seq);
 	*seconds += ab_now() - t0;
@@ -336,7 +499,7 @@ static int replay_steps(struct ab_cache *c, const struct ab_source *src, const s
 		if (src->read_step(src->ctx, &pos, b->q, b->k, b->v) <= 0)
 			return source_failed(src, message);
 		check = ab_checked_step(ref, step, src->n_steps);
-		rc = cache_step(c, &src->shape, pos, b, check, &seconds, message);
+		rc = cache_step(c, &src->shape, pos, b, check, &out->meter, &seconds, message);
 		if (!rc && check)
 			add_errors(&e, &src->shape, b->out, ref->outputs + checked++ * width);
 		ab_progress_advance(progress, 1, out->spec);

@@ -80,6 +80,29 @@ static void cell(FILE *f, int width, const char *fmt, double v)
 		fprintf(f, fmt, width, v);
 }
 
+/*
+ * A cold tier that never held a byte: the codecs of the spec did nothing, so the row measures the policy
+ * alone. A block turns cold once a full block lies between the sinks and the hot window.
+ */
+static void print_unused_cold_tier(FILE *f, const struct ab_result *r)
+{
+	uint32_t block = ab_spec_u32(r->spec, "block", AB_TENANT_BLOCK);
+	uint32_t sinks = ab_spec_u32(r->spec, "sinks", AB_TENANT_SINKS);
+	uint32_t window = ab_spec_u32(r->spec, "window", AB_TENANT_WINDOW);
+	unsigned long long exact = (unsigned long long)sinks + window, needed = exact + block;
+
+	fprintf(f, "note: '%s': its cold tier (k=/v=) never received a block: ", spec_label(r->spec));
+	if (r->meter.positions && r->meter.retained_peak + 0.5 < (double)r->meter.positions)
+		fprintf(f, "the policy kept at most %.0f tokens per stream, ", r->meter.retained_peak);
+	else if (r->meter.positions)
+		fprintf(f, "the run has %llu positions, ", (unsigned long long)r->meter.positions);
+	fprintf(f, "the sinks and the hot window take %llu (sinks=%u, window=%u), and a block turns cold only "
+		"once a full block=%u lies beyond them (%llu tokens)", exact, sinks, window, block, needed);
+	if (r->meter.positions && r->meter.retained_peak >= (double)needed)
+		fputs("; no full block had left the hot window by the end", f);
+	fputs("\n", f);
+}
+
 void ab_print_table(FILE *f, const char *title, const struct ab_result *r, int n)
 {
 	int width = 4, i, w;
@@ -89,12 +112,17 @@ void ab_print_table(FILE *f, const char *title, const struct ab_result *r, int n
 		width = w > width ? w : width;
 	}
 	fprintf(f, "%s\n", title);
-	fprintf(f, "%-*s %11s %8s %9s %9s %8s %9s %9s\n", width, "spec", "bytes/tok", "vs fp16", "KL mean",
-		"KL p99", "top-1", "attn err", "tok/s");
+	fprintf(f, "%-*s %11s %8s %9s %8s %9s %9s %8s %9s %9s\n", width, "spec", "bytes/tok", "final",
+		"peak KiB", "vs fp16", "KL mean", "KL p99", "top-1", "attn err", "tok/s");
 	for (i = 0; i < n; i++) {
 		fprintf(f, "%-*s", width, spec_label(r[i].spec));
 		cell(f, 11, " %*.1f", r[i].bytes_per_token);
-		fprintf(f, " %7.2fx", r[i].compression);
+		cell(f, 8, " %*.1f", r[i].bytes_per_token_final);
+		cell(f, 9, " %*.1f", (double)r[i].bytes_peak / 1024.0);
+		if (isnan(r[i].compression))
+			fprintf(f, " %8s", "n/a");
+		else
+			fprintf(f, " %7.2fx", r[i].compression);
 		cell(f, 9, " %*.2e", r[i].kl_mean);
 		cell(f, 9, " %*.2e", r[i].kl_p99);
 		if (isnan(r[i].top1))
@@ -105,6 +133,11 @@ void ab_print_table(FILE *f, const char *title, const struct ab_result *r, int n
 		cell(f, 9, " %*.0f", r[i].tokens_per_s);
 		fputc('\n', f);
 	}
+	fputs("bytes/tok: the run's mean (bytes held after each position, summed, over the positions summed); "
+	      "final: held at the end per token; peak: the most held at once; vs fp16: on the mean\n", f);
+	for (i = 0; i < n; i++)
+		if (r[i].cold_tier && !r[i].cold_tier_used)
+			print_unused_cold_tier(f, &r[i]);
 }
 
 /* ---- CSV ---- */
@@ -158,9 +191,10 @@ int ab_write_csv(const char *path, const struct ab_result *r, int n, char messag
 
 	if (!f)
 		return report_fail(message, "%s: cannot create: %s", path, strerror(errno));
-	fputs("spec,tokens,bytes_per_token,compression_vs_fp16,kl_mean,kl_p99,top1_agreement,"
+	fputs("spec,tokens,bytes_per_token_mean,compression_vs_fp16_mean,kl_mean,kl_p99,top1_agreement,"
 	      "attention_rel_error,attention_rel_error_max,tokens_per_s,bytes_exact,bytes_compressed,"
-	      "bytes_meta,bytes_dense_fp16\n", f);
+	      "bytes_meta,bytes_dense_fp16,bytes_per_token_peak,bytes_per_token_final,compression_vs_fp16_final,"
+	      "bytes_peak,bytes_compressed_peak,cold_tier,cold_tier_used\n", f);
 	for (i = 0; i < n; i++) {
 		csv_text(f, r[i].spec);
 		fprintf(f, ",%llu", (unsigned long long)r[i].tokens);
@@ -172,9 +206,19 @@ int ab_write_csv(const char *path, const struct ab_result *r, int n, char messag
 		csv_number(f, r[i].attention_error);
 		csv_number(f, r[i].attention_error_max);
 		csv_number(f, r[i].tokens_per_s);
-		fprintf(f, ",%llu,%llu,%llu,%llu\n", (unsigned long long)r[i].stats.bytes_exact,
+		fprintf(f, ",%llu,%llu,%llu,%llu", (unsigned long long)r[i].stats.bytes_exact,
 			(unsigned long long)r[i].stats.bytes_compressed, (unsigned long long)r[i].stats.bytes_meta,
 			(unsigned long long)r[i].stats.bytes_dense_fp16);
+		csv_number(f, r[i].bytes_per_token_peak);
+		csv_number(f, r[i].bytes_per_token_final);
+		csv_number(f, r[i].compression_final);
+		fprintf(f, ",%llu,%llu,%d", (unsigned long long)r[i].bytes_peak,
+			(unsigned long long)r[i].meter.compressed_peak, r[i].cold_tier);
+		/* whether a tier that is not there was used is not a question: an empty field */
+		if (r[i].cold_tier)
+			fprintf(f, ",%d\n", r[i].cold_tier_used);
+		else
+			fputs(",\n", f);
 	}
 	return finish_file(f, path, message);
 }

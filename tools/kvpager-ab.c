@@ -229,8 +229,10 @@ static int default_paths(struct options *o, const char *argv0)
 	return 0;
 }
 
-/* Every spec is tried on the stream's shape before anything runs, so a refused one costs nothing. */
-static int check_specs(const struct options *o, const kvp_plugin_v1 *api, const kvp_shape *shape)
+/* Every spec is tried on the stream's shape before anything runs, so a refused one costs nothing; one
+ * whose cold tier cannot be used in a run of `positions` is run, with a warning. */
+static int check_specs(const struct options *o, const kvp_plugin_v1 *api, const kvp_shape *shape,
+		       uint64_t positions)
 {
 	char message[AB_MESSAGE_MAX];
 	int i, rc;
@@ -241,6 +243,9 @@ static int check_specs(const struct options *o, const kvp_plugin_v1 *api, const 
 			fprintf(stderr, "kvpager-ab: spec '%s': %s\n", o->specs[i], message);
 			return rc;
 		}
+		if (ab_cold_tier_unreachable(o->specs[i], positions, message))
+			fprintf(stderr, "kvpager-ab: warning: spec '%s': its cold tier (k=/v=) can receive no "
+				"block: %s\n", o->specs[i], message);
 	}
 	return 0;
 }
@@ -406,11 +411,50 @@ static void attention_errors(const struct model_run *m, struct ab_result *r)
 	r->attention_error_max = max;
 }
 
+/* The plugin's attention, with the sequence's bytes sampled after each position's appends, before the
+ * step's round (struct ab_bytes_meter). */
+struct metered_attention {
+	struct llama_attention plugin;
+	struct llama_plugin_cache *cache;
+	struct ab_bytes_meter *meter;
+};
+
+static int metered_append(void *ctx, int layer, int pos, const float *k, const float *v)
+{
+	struct metered_attention *a = ctx;
+
+	return a->plugin.append(a->plugin.ctx, layer, pos, k, v);
+}
+
+static int metered_attend(void *ctx, int layer, int pos, const float *q, float *out)
+{
+	struct metered_attention *a = ctx;
+
+	return a->plugin.attend(a->plugin.ctx, layer, pos, q, out);
+}
+
+static int metered_step(void *ctx)
+{
+	struct metered_attention *a = ctx;
+	struct llama_plugin_cache *c = a->cache;
+	kvp_stats st = { .size = sizeof(st) };
+
+	c->status = c->api->seq_stats(c->seq, &st);
+	if (c->status != KVP_OK) {
+		snprintf(c->message, sizeof(c->message), "stats: %s: %s", c->api->strerror(c->status),
+			 c->api->last_error());
+		return 1;
+	}
+	ab_bytes_sample(a->meter, &st);
+	return a->plugin.step(a->plugin.ctx);
+}
+
 static int spec_forward(struct model_run *m, struct llama_plugin_cache *c, struct ab_result *r,
 			struct ab_progress *progress)
 {
 	struct llama_observer obs = { m, record_attention };
-	struct llama_attention att = llama_plugin_attention(c);
+	struct metered_attention metered = { llama_plugin_attention(c), c, &r->meter };
+	struct llama_attention att = { &metered, metered_append, metered_attend, metered_step };
 	float *log_probs = malloc(sizeof(float) * (size_t)m->model.config.vocab_size);
 	int pos, agree, agreed = 0, rc = 0;
 	double t0 = ab_now(), kl_sum = 0;
@@ -509,7 +553,7 @@ static int run_model(struct run *r)
 	rc = model_load(&m, &r->opt);
 	if (!rc) {
 		shape = llama_model_shape(&m.model.config);
-		rc = check_specs(&r->opt, r->api, &shape);
+		rc = check_specs(&r->opt, r->api, &shape, (uint64_t)m.n);
 	}
 	if (rc) {
 		model_free(&m);
@@ -567,7 +611,7 @@ static int replay(struct run *r, const struct ab_source *src)
 	char message[AB_MESSAGE_MAX];
 	int rc, i;
 
-	rc = check_specs(&r->opt, r->api, &src->shape);
+	rc = check_specs(&r->opt, r->api, &src->shape, src->n_steps);
 	if (rc)
 		return rc;
 	ab_progress_start(&progress, src->n_steps * (uint64_t)(1 + r->opt.n_specs), !r->opt.quiet);
