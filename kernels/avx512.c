@@ -953,10 +953,19 @@ INLINE float weights_i16(unsigned n, const float *w, const float *scale, float u
 	return unit * (t / KVP_WEIGHT_MAX);
 }
 
+/* Two int16 weights as the int32 they make in memory (little-endian: the first in the low half). */
+INLINE int32_t pair_at(const int16_t *w)
+{
+	int32_t v;
+
+	memcpy(&v, w, sizeof v);
+	return v;
+}
+
 /* One head's step: the pair of weights against the four unpacked vectors d0..d3. */
 #define AXPY_HEAD(wrow, a0, a1, a2, a3)                                 \
 	do {                                                            \
-		const __m512i wp = _mm512_set1_epi32((wrow)[i / 2]);   \
+		const __m512i wp = _mm512_set1_epi32(pair_at((wrow) + i)); \
 		a0 = _mm512_dpwssd_epi32(a0, d0, wp);                   \
 		a1 = _mm512_dpwssd_epi32(a1, d1, wp);                   \
 		a2 = _mm512_dpwssd_epi32(a2, d2, wp);                   \
@@ -973,18 +982,15 @@ INLINE void axpy_i16_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, c
 			   size_t stride, const struct int_regs *r, float unit, const float *w, size_t ws,
 			   const float *scale, float *acc, size_t as)
 {
-	/* each head's weights as int16, then as pairs: rows 2p and 2p+1 in one int32 (the first low), a
-	 * missing last row weighing 0, which vpdpwssd takes straight from memory */
-	int16_t w16[4][KVP_AXPY_I16_ROWS + 1];
-	int32_t pairs[4][KVP_AXPY_I16_ROWS / 2];
-	const int32_t *w0 = pairs[0], *w1 = pairs[1], *w2 = pairs[2], *w3 = pairs[3];
+	/* each head's weights as int16: rows i and i + 1 (i even) are one little-endian int32, the first in the
+	 * low half, which vpdpwssd takes straight from memory; a missing last row weighs 0 */
+	int16_t w16[4][KVP_AXPY_I16_ROWS + 2] __attribute__((aligned(4)));
+	const int16_t *w0 = w16[0], *w1 = w16[1], *w2 = w16[2], *w3 = w16[3];
 	float f[4];
 
 	for (unsigned h = 0; h < hn; h++) {
 		f[h] = weights_i16(n, w + h * ws, scale, unit, w16[h]);
 		w16[h][n] = 0;
-		for (unsigned p = 0; p < (n + 1) / 2; p++)
-			pairs[h][p] = (int32_t)((uint32_t)(uint16_t)w16[h][2 * p] | (uint32_t)(uint16_t)w16[h][2 * p + 1] << 16);
 	}
 
 	for (unsigned j = 0; j < m; j += 64) {
