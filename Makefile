@@ -27,7 +27,9 @@ CFLAGS   ?= -O2 -g
 JE_DIR   := build/jemalloc
 JE_LIB   := $(JE_DIR)/lib/libjemalloc_pic.a
 JE_CC    ?= cc
-override CFLAGS += -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) -Iinclude -I. -I$(JE_DIR)/include
+# -ffp-contract=off: a product and a sum are never fused unless written as an FMA, so every kernel table and
+# its scalar reference round the same steps (clang fuses within an expression by default, gcc in GNU modes)
+override CFLAGS += -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden -ffp-contract=off $(WARN) -Iinclude -I. -I$(JE_DIR)/include
 LIB_LIBS := -lnuma -luring -lpthread -lm -ldl
 LIBS     := $(LIB_LIBS)
 TESTLIBS := -lcriterion
@@ -230,7 +232,7 @@ neon: build-neon/kernels_check
 # link of many sources).
 build-neon/kernels_check: tests/kernels_check.c $(NEON_SRC) $(wildcard include/*.h base/*.h kernels/*.h)
 	@mkdir -p $(dir $@)
-	aarch64-linux-gnu-gcc -O2 -static -std=c11 -D_GNU_SOURCE $(WARN) -Iinclude -I. \
+	aarch64-linux-gnu-gcc -O2 -static -std=c11 -D_GNU_SOURCE -ffp-contract=off $(WARN) -Iinclude -I. \
 		-o $@ tests/kernels_check.c $(NEON_SRC) -lm
 
 # A host thread may have a small stack (musl gives 128 KiB), so no frame of the library may take more than

@@ -1152,17 +1152,21 @@ static void axpy_i16_core(unsigned bits, unsigned m, unsigned n, const uint8_t *
  * fwht's stages within 16 values, two registers of eight: stages 1, 2 and 4 by a permute and a blend of the
  * sum and the difference (a lane with bit h set keeps partner - self), stage 8 between the registers.
  */
-INLINE __m256 fwht_step8(__m256 x, __m256 partner, int high)
-{
-	return _mm256_blend_ps(_mm256_add_ps(x, partner), _mm256_sub_ps(partner, x), high);
-}
+/* a macro: the blend's lanes must be a constant where the compiler checks it, before any inlining */
+#define FWHT_STEP8(x, partner, high) _mm256_blend_ps(_mm256_add_ps(x, partner), _mm256_sub_ps(partner, x), high)
 
 INLINE __m256 fwht_within8(__m256 x)
 {
-	x = fwht_step8(x, _mm256_permute_ps(x, 0xb1), 0xaa);
-	x = fwht_step8(x, _mm256_permute_ps(x, 0x4e), 0xcc);
-	return fwht_step8(x, _mm256_permute2f128_ps(x, x, 0x01), 0xf0);
+	__m256 p = _mm256_permute_ps(x, 0xb1);
+
+	x = FWHT_STEP8(x, p, 0xaa);
+	p = _mm256_permute_ps(x, 0x4e);
+	x = FWHT_STEP8(x, p, 0xcc);
+	p = _mm256_permute2f128_ps(x, x, 0x01);
+	return FWHT_STEP8(x, p, 0xf0);
 }
+
+#undef FWHT_STEP8
 
 static void fwht_blocks16(unsigned p, float *v)
 {
