@@ -2,9 +2,10 @@
  * Suite ab: kvpager-ab end to end — a real model (kjv-64) with the exact cache and a TurboQuant cold
  * tier, a trace recorded by kvpager-llama and replayed, the built-in synthetic trace, the CSV and the
  * SVG, and bad inputs (truncated traces and checkpoints, a wrong magic, unknown options and spec keys,
- * a policy spec the library may not serve yet). Then the plot's geometry (log axes, width, labels, the
- * best trade-off curve), the HTML report's escaping, and the report in headless chromium (skipped,
- * saying so, where chromium is not installed; CI installs it).
+ * a policy spec the library may not serve yet), and --text: perplexity over kjv-heldout.txt against the
+ * rule of llama.cpp's llama-perplexity computed here with the dense cache, and its bad inputs. Then the
+ * plot's geometry (log axes, width, labels, the best trade-off curve), the HTML report's escaping, and the
+ * report in headless chromium (skipped, saying so, where chromium is not installed; CI installs it).
  *
  * Models come from $KVP_MODELS (default ../shared/models); the tools from $KVP_TEST_BUILD (default build).
  */
@@ -19,6 +20,7 @@
 #include "kvpager_trace.h"
 #include "tools/ab.h"
 #include "tool_fixture.h"
+#include "tools/llama.h"
 
 #define TQ3 "k=turboquant(bits=3),v=turboquant(bits=3)"
 
@@ -878,4 +880,152 @@ Test(ab, cold_tier_out_of_reach_is_warned_before_the_run)
 	cr_assert_not_null(strstr(out, "note: 'k=turboquant(bits=3)': its cold tier (k=/v=) never received a block: "
 				       "the run has 128 positions, "), "%s", out);
 	cr_assert_eq(count(out, "note: "), 2, "%s", out);
+}
+
+/* ---- --text: perplexity as llama.cpp's llama-perplexity computes it ---- */
+
+#define TEXT_CHUNKS 3
+
+/*
+ * The rule written out again from llama-perplexity, with the in-process dense cache of tools/llama.c:
+ * the file tokenized with BOS first, chunks of n_ctx with BOS at position 0, the logits at positions
+ * n_ctx/2 .. n_ctx-2 scored against the next token.
+ */
+static double dense_perplexity(const char *model, const char *text, int n_ctx, int n_chunks)
+{
+	char err[LLAMA_ERROR_MAX] = "", *buf = malloc(200000);
+	struct llama_model m;
+	struct llama_tokenizer tok;
+	struct llama_state st;
+	struct llama_dense_cache dense;
+	struct llama_attention att;
+	int *ids = malloc(sizeof(int) * 200003), c, pos, v, n_scored = 0;
+	FILE *f = fopen(text, "rb");
+	double nll = 0, sum;
+	size_t n;
+
+	cr_assert(buf && ids && f);
+	n = fread(buf, 1, 199999, f);
+	buf[n] = '\0';
+	fclose(f);
+	cr_assert_eq(llama_model_load(&m, model, err), LLAMA_OK, "%s", err);
+	cr_assert_eq(llama_tokenizer_load(&tok, model_path("tok512.bin"), m.config.vocab_size, err), LLAMA_OK);
+	cr_assert_eq(llama_state_init(&st, &m.config), LLAMA_OK);
+	cr_assert_eq(llama_dense_cache_init(&dense, &m.config), LLAMA_OK);
+	att = llama_dense_attention(&dense);
+	cr_assert_geq(llama_encode(&tok, buf, 1, 0, ids), n_chunks * n_ctx);
+	for (c = 0; c < n_chunks; c++)
+		for (pos = 0; pos < n_ctx - 1; pos++) {
+			cr_assert_eq(llama_forward(&m, &st, &att, NULL, pos ? ids[c * n_ctx + pos] : 1, pos), 0);
+			if (pos < n_ctx / 2)
+				continue;
+			for (sum = 0, v = 0; v < m.config.vocab_size; v++)
+				sum += exp((double)st.logits[v]);
+			nll += log(sum) - st.logits[ids[c * n_ctx + pos + 1]];
+			n_scored++;
+		}
+	cr_assert_eq(n_scored, n_chunks * (n_ctx - 1 - n_ctx / 2));
+	llama_dense_cache_free(&dense);
+	llama_state_free(&st);
+	llama_tokenizer_free(&tok);
+	llama_model_free(&m);
+	free(buf);
+	free(ids);
+	return exp(nll / n_scored);
+}
+
+/* The perplexity on the table line that starts with label. */
+static double table_perplexity(const char *out, const char *label)
+{
+	const char *line = strstr(out, label);
+	double v;
+
+	cr_assert_not_null(line, "no row '%s' in: %s", label, out);
+	cr_assert_eq(sscanf(line + strlen(label), "%lf", &v), 1, "%s", line);
+	return v;
+}
+
+/* The exact cache reproduces the rule computed independently; a compressed cache and an evicting one
+ * are measured against it on the same positions. */
+Test(ab, text_perplexity_of_the_exact_cache_matches_the_rule)
+{
+	char csv[256], args[4096], out[16384];
+	const char *model = model_path("kjv-64.bin"), *text = model_path("kjv-heldout.txt");
+	double want = dense_perplexity(model, text, 512, TEXT_CHUNKS), full, exact, tq, streaming;
+	struct row rows[4];
+
+	temp_path(csv, sizeof(csv), ".csv");
+	snprintf(args, sizeof(args), "--model %s --text %s --ctx 512 --chunks %d --spec '' --spec '" TQ3 "' "
+		 "--spec 'policy=streaming(sinks=4,window=60)' --csv %s", model, text, TEXT_CHUNKS, csv);
+	cr_assert_eq(run("kvpager-ab", args, out, sizeof(out)), 0, "%s", out);
+	cr_assert_not_null(strstr(out, "3 chunks of 512"), "%s", out);
+	cr_assert_not_null(strstr(out, "255 predictions scored per chunk (positions 256..510"), "%s", out);
+	full = table_perplexity(out, "full cache (reference)");
+	exact = table_perplexity(out, "\"\" (default)");
+	tq = table_perplexity(out, TQ3);
+	streaming = table_perplexity(out, "policy=streaming(sinks=4,window=60)");
+	/* printed with 6 decimals */
+	cr_assert(fabs(full - want) <= 1e-6, "full cache %.6f, the rule %.7f", full, want);
+	cr_assert(fabs(exact - want) <= 1e-6, "exact spec %.6f, the rule %.7f", exact, want);
+	cr_assert(want > 5 && want < 7, "kjv-64 on held-out KJV: %g", want);
+	cr_assert(fabs(tq / want - 1) < 0.01, "TurboQuant 3-bit moves perplexity by <1%%: %g", tq);
+	cr_assert_neq(tq, exact);
+	/* a 64-token window moves it, in either direction: on this text it lowers it 0.4% */
+	cr_assert_gt(fabs(streaming - want), 1e-3, "streaming %g against %g", streaming, want);
+	cr_assert_eq(read_csv(csv, rows, 4), 3);
+	cr_assert_eq(rows[0].value[COL_TOKENS], TEXT_CHUNKS * 512);
+	cr_assert(rows[0].value[COL_KL_MEAN] < 1e-6 && rows[0].value[COL_TOP1] == 1.0);
+	cr_assert(rows[1].value[COL_KL_MEAN] > 0 && rows[1].value[COL_KL_MEAN] < 0.01, "TQ3 KL %g",
+		  rows[1].value[COL_KL_MEAN]);
+	cr_assert_gt(rows[2].value[COL_KL_MEAN], rows[1].value[COL_KL_MEAN], "eviction beyond the window");
+	cr_assert_lt(rows[2].value[COL_TOP1], 1.0);
+	cr_assert_lt(rows[1].value[COL_BYTES_PER_TOKEN], rows[0].value[COL_BYTES_PER_TOKEN]);
+	cr_assert_lt(rows[2].value[COL_BYTES_PER_TOKEN], rows[0].value[COL_BYTES_PER_TOKEN]);
+	unlink(csv);
+}
+
+/* A text file with these bytes. */
+static const char *text_file(char *path, size_t cap, const char *bytes, size_t n)
+{
+	FILE *f = fopen(temp_path(path, cap, ".txt"), "wb");
+
+	cr_assert_not_null(f);
+	cr_assert_eq(fwrite(bytes, 1, n, f), n);
+	fclose(f);
+	return path;
+}
+
+Test(ab, text_bad_inputs_exit_2)
+{
+	char empty[256], nul[256], shortened[256], args[4096];
+	const char *model = model_path("kjv-64.bin"), *text = model_path("kjv-heldout.txt");
+
+	text_file(empty, sizeof(empty), "", 0);
+	text_file(nul, sizeof(nul), "In the\0beginning", 16);
+	text_file(shortened, sizeof(shortened), "In the beginning God created the heaven and the earth.", 54);
+	snprintf(args, sizeof(args), "--model %s --text /nonexistent/kjv.txt", model);
+	expect_bad_input(args, "cannot open the text /nonexistent/kjv.txt");
+	snprintf(args, sizeof(args), "--model %s --text /tmp", model);
+	expect_bad_input(args, "cannot read the text /tmp");
+	snprintf(args, sizeof(args), "--model %s --text %s", model, empty);
+	expect_bad_input(args, "is empty");
+	snprintf(args, sizeof(args), "--model %s --text %s", model, nul);
+	expect_bad_input(args, "NUL byte at offset 6");
+	snprintf(args, sizeof(args), "--model %s --text %s", model, shortened);
+	expect_bad_input(args, "shorter than one chunk of 512 tokens");
+	snprintf(args, sizeof(args), "--model %s --text %s --ctx 513", model, text);
+	expect_bad_input(args, "--ctx 513 is above the context");
+	snprintf(args, sizeof(args), "--model %s --text %s --ctx 2", model, text);
+	expect_bad_input(args, "--ctx wants an integer of at least 3");
+	snprintf(args, sizeof(args), "--model %s --text %s --chunks 0", model, text);
+	expect_bad_input(args, "--chunks wants an integer");
+	snprintf(args, sizeof(args), "--model %s --text %s --steps 64", model, text);
+	expect_bad_input(args, "not --text");
+	snprintf(args, sizeof(args), "--text %s", text);
+	expect_bad_input(args, "--text needs --model");
+	snprintf(args, sizeof(args), "--model %s --ctx 64", model);
+	expect_bad_input(args, "give --text");
+	unlink(empty);
+	unlink(nul);
+	unlink(shortened);
 }

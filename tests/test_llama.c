@@ -14,6 +14,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "kvpager.h"
@@ -280,6 +281,80 @@ Test(llama, encode_decode_round_trip)
 	n = llama_encode(&b.tokenizer, texts[0], 1, 0, ids);
 	cr_assert_lt(n, 20);
 	bench_close(&b);
+}
+
+/* The merge rule written out the slow way: rescan every adjacent pair, merge the best, leftmost on ties. */
+static int encode_by_rescan(const struct llama_tokenizer *t, const char *text, int *ids)
+{
+	int n = llama_encode(t, "", 0, 0, ids), best, i, id, best_id = -1;
+	char joined[64];
+
+	ids[n++] = llama_tokenizer_find(t, " ", 1);
+	for (; *text; text++) /* ASCII only here: one id per byte */
+		ids[n++] = llama_tokenizer_find(t, text, 1);
+	for (;;) {
+		best = -1;
+		for (i = 0; i + 1 < n; i++) {
+			snprintf(joined, sizeof joined, "%s%s", t->pieces[ids[i]], t->pieces[ids[i + 1]]);
+			id = llama_tokenizer_find(t, joined, strlen(joined));
+			if (id >= 0 && (best < 0 || t->scores[id] > t->scores[best_id])) {
+				best = i;
+				best_id = id;
+			}
+		}
+		if (best < 0)
+			return n;
+		ids[best] = best_id;
+		memmove(&ids[best + 1], &ids[best + 2], sizeof(int) * (size_t)(n - best - 2));
+		n--;
+	}
+}
+
+Test(llama, encode_merges_like_a_rescan_of_every_pair)
+{
+	static const char alphabet[] = "  aeehinorsttd,.LORDAM";
+	struct bench b;
+	int fast[300], slow[300], n, i, j, len;
+	uint64_t seed = 7;
+	char text[200];
+
+	bench_open(&b, "kjv-64.bin");
+	for (i = 0; i < 300; i++) {
+		len = 1 + (int)(llama_random_u32(&seed) % 150);
+		for (j = 0; j < len; j++)
+			text[j] = alphabet[llama_random_u32(&seed) % (sizeof(alphabet) - 1)];
+		text[len] = '\0';
+		n = llama_encode(&b.tokenizer, text, 0, 0, fast);
+		cr_assert_eq(n, encode_by_rescan(&b.tokenizer, text, slow), "'%s'", text);
+		cr_assert_arr_eq(fast, slow, sizeof(int) * (size_t)n, "'%s'", text);
+	}
+	bench_close(&b);
+}
+
+/* kjv-heldout.txt, 108 KB, as the models README counts it; a rescan per merge took 16 s here. */
+Test(llama, encode_whole_file_in_well_under_a_second)
+{
+	struct bench b;
+	FILE *f = fopen(model_path("kjv-heldout.txt"), "rb");
+	char *text = malloc(200000);
+	int *ids = malloc(sizeof(int) * 200003);
+	size_t n;
+	double t0;
+	struct timespec ts;
+
+	cr_assert(f && text && ids);
+	n = fread(text, 1, 199999, f);
+	fclose(f);
+	text[n] = '\0';
+	bench_open(&b, "kjv-64.bin");
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	t0 = (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+	cr_assert_eq(llama_encode(&b.tokenizer, text, 0, 0, ids), 58875);
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	cr_assert_lt((double)ts.tv_sec + ts.tv_nsec * 1e-9 - t0, 1.0, "encoding took too long");
+	bench_close(&b);
+	free(text);
+	free(ids);
 }
 
 /* ---- the plugin as attention, in this process ---- */

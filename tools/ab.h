@@ -10,6 +10,7 @@
 #include <stdio.h>
 
 #include "kvpager.h"
+#include "tools/llama.h"
 
 #define AB_MESSAGE_MAX 512
 
@@ -49,6 +50,7 @@ struct ab_result {
 	double attention_error;  /* mean over checked (step, layer) of |out - exact| / |exact| */
 	double attention_error_max;
 	double tokens_per_s;
+	double perplexity;       /* exp(mean NLL) over the scored positions of --text; NAN without it */
 	kvp_stats stats;
 };
 
@@ -145,5 +147,74 @@ int ab_cold_tier_unreachable(const char *spec, uint64_t positions, char why[AB_M
 uint32_t ab_spec_u32(const char *spec, const char *key, uint32_t fallback);
 /* 1 when the tenant spec has a key (k, v, policy) at its top level. */
 int ab_spec_has(const char *spec, const char *key);
+
+/* ---- perplexity over a text file, as llama.cpp's llama-perplexity computes it (ab_text.c) ---- */
+
+/*
+ * The whole file tokenized at once (BOS first, as llama-perplexity's tokenization adds it) and cut into
+ * consecutive chunks of n_ctx tokens; a last partial chunk is dropped. Each chunk runs from position 0
+ * with its first token replaced by BOS, and the logits at positions n_ctx/2 .. n_ctx-2 are scored
+ * against the tokens that follow them: n_ctx - 1 - n_ctx/2 predictions per chunk, llama-perplexity's
+ * `first = n_ctx/2` and `n_ctx - 1 - first`.
+ */
+struct ab_text {
+	int *tokens;
+	int n_tokens, n_ctx, n_chunks;
+};
+
+/* Reads path and tokenizes it; at most max_chunks chunks when max_chunks > 0. Returns 0; 2 for a file
+ * that cannot be read, is empty, holds a NUL byte or is shorter than one chunk; 1 without memory. */
+int ab_text_open(struct ab_text *t, const struct llama_tokenizer *tok, const char *path, int n_ctx,
+		 int max_chunks, char message[AB_MESSAGE_MAX]);
+void ab_text_close(struct ab_text *t);
+int ab_text_first_scored(const struct ab_text *t);     /* n_ctx / 2 */
+int ab_text_scored_per_chunk(const struct ab_text *t); /* n_ctx - 1 - n_ctx / 2 */
+/* The token at position pos of chunk: BOS at position 0. */
+int ab_text_token(const struct ab_text *t, int chunk, int pos);
+
+/* What one cache measured over the chunks run so far. */
+struct ab_text_score {
+	double nll;        /* sum of -log p(the next token) */
+	double kl_sum;     /* sum of KL(full cache || this) */
+	double *kl;        /* [n_chunks * scored per chunk] */
+	uint64_t n_scored, agreed;
+	double seconds;    /* forward passes of the chunks */
+	kvp_stats summed;  /* the sequence's stats at each chunk's end, summed over chunks */
+};
+
+/* The model side: activations, and the full cache's log-probabilities on the current chunk. */
+struct ab_text_model {
+	const struct llama_model *model;
+	struct llama_state state;
+	float *reference; /* [scored per chunk][vocab] */
+	float *log_probs; /* [vocab] */
+};
+
+int ab_text_model_open(struct ab_text_model *m, const struct llama_model *model, const struct ab_text *t);
+void ab_text_model_close(struct ab_text_model *m);
+int ab_text_score_open(struct ab_text_score *s, const struct ab_text *t);
+void ab_text_score_close(struct ab_text_score *s);
+
+/*
+ * Runs chunk through the model with att as its cache (fresh: the caller opens it), scoring the second
+ * half; the reference run (the full cache) keeps its log-probabilities, every other run is compared
+ * with them. progress advances one per position, labelled with label, the rate so far and the time
+ * left. Returns 0, or llama_forward's failure.
+ */
+int ab_text_run_chunk(struct ab_text_model *m, const struct ab_text *t, int chunk,
+		      const struct llama_attention *att, int is_reference, struct ab_text_score *s,
+		      struct ab_progress *progress, const char *label);
+/* Adds a sequence's stats at the end of a chunk. */
+void ab_text_add_stats(struct ab_text_score *s, const kvp_stats *st);
+/* Fills perplexity, KL, top-1, tokens/s and the byte columns (per token appended, from the summed
+ * end-of-chunk stats) of r from s. */
+void ab_text_result(const struct ab_text_score *s, const struct ab_text *t, struct ab_result *r);
+/* The table of the text mode: the full cache's perplexity, then one row per spec. */
+void ab_print_text_table(FILE *f, const char *title, double full_perplexity, const struct ab_result *r, int n);
+
+/* log-softmax of n logits into out, in double inside */
+void ab_log_softmax(const float *logits, int n, float *out);
+/* p99 by the nearest rank (sorts x) */
+double ab_percentile99(double *x, int n);
 
 #endif /* KVP_TOOLS_AB_H */

@@ -238,7 +238,7 @@ void ab_result_bytes(struct ab_result *r, const kvp_stats *st, uint64_t tokens)
 	r->bytes_per_token = m->positions ? share(m->held_sum, m->positions_sum) : NAN;
 	r->bytes_per_token_peak = m->positions ? share((double)r->bytes_peak, (double)tokens) : NAN;
 	r->compression = m->positions ? share(m->dense_sum, m->held_sum) : NAN;
-	r->cold_tier = ab_spec_has(r->spec, "k") || ab_spec_has(r->spec, "v");
+	r->cold_tier = r->spec && (ab_spec_has(r->spec, "k") || ab_spec_has(r->spec, "v"));
 	r->cold_tier_used = m->compressed_peak > 0 || st->bytes_compressed > 0;
 }
 

@@ -2,14 +2,17 @@
  * kvpager-ab — the A/B runner: the same token stream through several KV-cache specs of the kvpager
  * plugin (dlopen + the kvp_plugin_v1 table), each measured against the exact (full) cache.
  *
- *   kvpager-ab [--model PATH [--tokenizer PATH] [--prompt TEXT] [--steps N] | --trace FILE |
- *               --tokens N --seed N] [--spec SPEC]... [--every N] [--plugin PATH] [--pool SPEC]
- *              [--csv FILE] [--plot FILE.svg] [--report FILE.html] [--quiet]
+ *   kvpager-ab [--model PATH [--tokenizer PATH] [--prompt TEXT] [--steps N | --text FILE [--ctx N]
+ *               [--chunks N]] | --trace FILE | --tokens N --seed N] [--spec SPEC]... [--every N]
+ *              [--plugin PATH] [--pool SPEC] [--csv FILE] [--plot FILE.svg] [--report FILE.html] [--quiet]
  *
  * Three sources of the stream:
  *   --model   a llama2.c checkpoint: the full cache (an exact in-process dense cache) generates greedily
  *             from the prompt, and every spec is teacher-forced on those tokens; per position the
  *             runner compares next-token distributions (KL, top-1) and every layer's attention output.
+ *             With --text, perplexity over a file instead, as llama.cpp's llama-perplexity computes it
+ *             (tools/ab_text.c), each spec with KL and top-1 against the full cache on the scored
+ *             positions.
  *   --trace   a recorded trace (include/kvpager_trace.h; kvpager-llama --record writes one): queries,
  *             keys and values are replayed; the reference is exact attention computed from the trace.
  *             A trace has no logits, so KL and top-1 are n/a.
@@ -56,10 +59,10 @@ static const char *const default_specs[] = {
 };
 
 struct options {
-	const char *model, *tokenizer, *prompt, *trace, *plugin, *pool, *csv, *plot, *report;
+	const char *model, *tokenizer, *prompt, *trace, *plugin, *pool, *csv, *plot, *report, *text;
 	const char *specs[MAX_SPECS];
 	int n_specs, quiet, seeded;
-	long steps, tokens, every;
+	long steps, tokens, every, ctx, chunks;
 	unsigned long long seed;
 	char tokenizer_buf[CLI_PATH_CAP], plugin_buf[CLI_PATH_CAP];
 };
@@ -76,6 +79,13 @@ static void usage(FILE *f)
 	      "    --tokenizer PATH  (default tok512.bin next to the model)\n"
 	      "    --prompt TEXT     (default none: start from BOS)\n"
 	      "    --steps N         positions (default 256, at most the model's seq_len)\n"
+	      "    --text FILE       perplexity over FILE instead, as llama.cpp's llama-perplexity computes\n"
+	      "                      it: the whole file tokenized (BOS first), cut into chunks of N tokens\n"
+	      "                      (a last partial chunk dropped), each chunk's first token replaced by\n"
+	      "                      BOS, the logits at positions N/2 .. N-2 scored against the tokens that\n"
+	      "                      follow; every spec with KL and top-1 against the full cache there\n"
+	      "      --ctx N           the chunk length (default the model's seq_len; 3..seq_len)\n"
+	      "      --chunks N        only the first N chunks (default all)\n"
 	      "  --trace FILE      a recorded trace (format: include/kvpager_trace.h); KL and top-1 are n/a\n"
 	      "  (none)            the built-in synthetic trace: 2 layers, 8 query heads, 2 KV heads,\n"
 	      "                    head_dim 128, RoPE theta 500000; per-band query concentration aligned\n"
@@ -110,6 +120,16 @@ static int parse_count(const char *name, const char *s, long hi, long *out)
 	return 0;
 }
 
+/* A chunk of n_ctx scores positions n_ctx/2 .. n_ctx-2: fewer than 3 tokens leave nothing to score. The
+ * model's own limit is checked once it is loaded. */
+static int parse_ctx(const char *s, long *out)
+{
+	if (cli_parse_long(s, 3, INT_MAX, out))
+		return cli_bad_input("--ctx wants an integer of at least 3 (a chunk scores the predictions at "
+				     "positions N/2 .. N-2), not '%s'", s);
+	return 0;
+}
+
 static int parse_seed(const char *s, unsigned long long *out)
 {
 	char *end;
@@ -141,6 +161,7 @@ static int parse_valued(struct options *o, const char *name, const char *val)
 		{ "--plugin", offsetof(struct options, plugin) }, { "--pool", offsetof(struct options, pool) },
 		{ "--csv", offsetof(struct options, csv) },       { "--plot", offsetof(struct options, plot) },
 		{ "--report", offsetof(struct options, report) },
+		{ "--text", offsetof(struct options, text) },
 	};
 	size_t i;
 
@@ -157,6 +178,10 @@ static int parse_valued(struct options *o, const char *name, const char *val)
 		return parse_count(name, val, INT32_MAX, &o->tokens);
 	if (!strcmp(name, "--every"))
 		return parse_count(name, val, INT32_MAX, &o->every);
+	if (!strcmp(name, "--ctx"))
+		return parse_ctx(val, &o->ctx);
+	if (!strcmp(name, "--chunks"))
+		return parse_count(name, val, INT_MAX, &o->chunks);
 	if (!strcmp(name, "--seed")) {
 		o->seeded = 1;
 		return parse_seed(val, &o->seed);
@@ -168,12 +193,25 @@ static int takes_value(const char *name)
 {
 	static const char *const valued[] = { "--model", "--tokenizer", "--prompt", "--trace", "--plugin",
 					      "--pool", "--csv", "--plot", "--report", "--spec", "--steps",
-					      "--tokens", "--every", "--seed" };
+					      "--tokens", "--every", "--seed", "--text", "--ctx", "--chunks" };
 	size_t i;
 
 	for (i = 0; i < sizeof(valued) / sizeof(valued[0]); i++)
 		if (!strcmp(name, valued[i]))
 			return 1;
+	return 0;
+}
+
+/* --text is a mode of --model; the greedy run's options do not apply to it. */
+static int check_text_options(const struct options *o)
+{
+	if (o->text && !o->model)
+		return cli_bad_input("--text needs --model: perplexity is the model's");
+	if ((o->ctx || o->chunks) && !o->text)
+		return cli_bad_input("--ctx and --chunks cut the --text file; give --text");
+	if (o->text && (o->prompt || o->steps || o->every))
+		return cli_bad_input("--prompt, --steps and --every shape the greedy run, not --text (its chunks "
+				     "are --ctx tokens, every scored position compared)");
 	return 0;
 }
 
@@ -205,7 +243,7 @@ static int parse_options(struct options *o, int argc, char **argv)
 		return cli_bad_input("--model and --trace are two sources; give one");
 	if ((o->tokens || o->seeded) && (o->model || o->trace))
 		return cli_bad_input("--tokens and --seed shape the synthetic trace, not a model or a trace");
-	return 0;
+	return check_text_options(o);
 }
 
 /* dir of path with its trailing '/' into buf ("" when there is none) */
@@ -277,18 +315,6 @@ static void record_attention(void *ctx, enum llama_tap tap, int layer, int pos, 
 		memcpy(m->observed + observed_index(m, pos, layer), x, (size_t)n * sizeof(float));
 }
 
-static void log_softmax(const float *logits, int n, float *out)
-{
-	float max = logits[llama_argmax(logits, n)];
-	double sum = 0;
-	int i;
-
-	for (i = 0; i < n; i++)
-		sum += exp((double)logits[i] - max);
-	for (i = 0; i < n; i++)
-		out[i] = (float)((double)logits[i] - max - log(sum));
-}
-
 static int model_alloc(struct model_run *m, int n)
 {
 	size_t vocab = (size_t)m->model.config.vocab_size;
@@ -307,19 +333,29 @@ static int model_alloc(struct model_run *m, int n)
 	return 1;
 }
 
-static int model_load(struct model_run *m, const struct options *o)
+static int checkpoint_load(struct llama_model *model, struct llama_tokenizer *tokenizer, const struct options *o)
 {
 	char err[LLAMA_ERROR_MAX];
-	int rc, n, n_prompt;
-	int *prompt;
+	int rc;
 
-	rc = llama_model_load(&m->model, o->model, err);
+	rc = llama_model_load(model, o->model, err);
 	if (!rc)
-		rc = llama_tokenizer_load(&m->tokenizer, o->tokenizer, m->model.config.vocab_size, err);
+		rc = llama_tokenizer_load(tokenizer, o->tokenizer, model->config.vocab_size, err);
 	if (rc) {
 		fprintf(stderr, "kvpager-ab: %s\n", err);
 		return rc == LLAMA_EINPUT ? CLI_EXIT_BAD_INPUT : 1;
 	}
+	return 0;
+}
+
+static int model_load(struct model_run *m, const struct options *o)
+{
+	int rc, n, n_prompt;
+	int *prompt;
+
+	rc = checkpoint_load(&m->model, &m->tokenizer, o);
+	if (rc)
+		return rc;
 	n = (int)(o->steps < m->model.config.seq_len ? o->steps : m->model.config.seq_len);
 	if (model_alloc(m, n))
 		return 1;
@@ -347,7 +383,7 @@ static int model_reference(struct model_run *m, struct ab_progress *progress)
 	att = llama_dense_attention(&dense);
 	for (pos = 0; pos < m->n && !rc; pos++) {
 		rc = llama_forward(&m->model, &m->state, &att, &obs, m->tokens[pos], pos);
-		log_softmax(m->state.logits, vocab, m->log_probs + (size_t)pos * (size_t)vocab);
+		ab_log_softmax(m->state.logits, vocab, m->log_probs + (size_t)pos * (size_t)vocab);
 		if (pos + 1 >= m->n_prompt)
 			m->tokens[pos + 1] = llama_argmax(m->state.logits, vocab);
 		ab_progress_advance(progress, 1, "full cache");
@@ -360,22 +396,6 @@ static int model_reference(struct model_run *m, struct ab_progress *progress)
 	return rc ? 1 : 0;
 }
 
-static int compare_doubles(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-
-	return (x > y) - (x < y);
-}
-
-/* p99 by the nearest rank: the smallest value with at least 99% of the values at or below it */
-static double percentile99(double *x, int n)
-{
-	int rank = (int)ceil(0.99 * n);
-
-	qsort(x, (size_t)n, sizeof(double), compare_doubles);
-	return x[rank > 0 ? rank - 1 : 0];
-}
-
 /* KL(full || spec) at pos, from the spec's logits; *agree is 1 when the argmaxes match. */
 static double position_kl(struct model_run *m, int pos, float *log_probs, int *agree)
 {
@@ -383,7 +403,7 @@ static double position_kl(struct model_run *m, int pos, float *log_probs, int *a
 	const float *ref = m->log_probs + (size_t)pos * (size_t)vocab;
 	double kl = 0;
 
-	log_softmax(m->state.logits, vocab, log_probs);
+	ab_log_softmax(m->state.logits, vocab, log_probs);
 	for (i = 0; i < vocab; i++)
 		kl += exp((double)ref[i]) * ((double)ref[i] - log_probs[i]);
 	*agree = llama_argmax(ref, vocab) == llama_argmax(log_probs, vocab);
@@ -480,7 +500,7 @@ static int spec_forward(struct model_run *m, struct llama_plugin_cache *c, struc
 	}
 	r->kl_mean = kl_sum / m->n;
 	r->top1 = (double)agreed / m->n;
-	r->kl_p99 = percentile99(m->kl, m->n);
+	r->kl_p99 = ab_percentile99(m->kl, m->n);
 	attention_errors(m, r);
 	return 0;
 }
@@ -499,6 +519,7 @@ static int model_spec(struct model_run *m, const kvp_plugin_v1 *api, const char 
 		fprintf(stderr, "kvpager-ab: spec '%s': %s\n", spec, c.message);
 		return rc == LLAMA_EINPUT ? CLI_EXIT_BAD_INPUT : 1;
 	}
+	r->perplexity = NAN;
 	rc = spec_forward(m, &c, r, progress);
 	if (!rc && api->seq_stats(c.seq, &st) == KVP_OK)
 		ab_result_bytes(r, &st, (uint64_t)m->n);
@@ -570,6 +591,177 @@ static int run_model(struct run *r)
 	return rc ? rc : report(r);
 }
 
+/* ---- the text source: perplexity ---- */
+
+struct text_run {
+	struct llama_model model;
+	struct llama_tokenizer tokenizer;
+	struct ab_text text;
+	struct ab_text_model scorer;
+	struct ab_text_score full, specs[MAX_SPECS];
+	struct ab_progress progress;
+	char label[128];
+};
+
+/* The model, the tokenized text and the scorers; 0, 2 for bad input, 1 otherwise. */
+static int text_load(struct text_run *t, const struct options *o, const kvp_plugin_v1 *api)
+{
+	char message[AB_MESSAGE_MAX];
+	kvp_shape shape;
+	int rc, i, seq_len, n_ctx;
+
+	rc = checkpoint_load(&t->model, &t->tokenizer, o);
+	if (rc)
+		return rc;
+	seq_len = t->model.config.seq_len;
+	if (o->ctx > seq_len)
+		return cli_bad_input("--ctx %ld is above the context of %s (%d tokens)", o->ctx, o->model, seq_len);
+	n_ctx = o->ctx ? (int)o->ctx : seq_len;
+	if (n_ctx < 3)
+		return cli_bad_input("%s has a context of %d tokens: too short to score a chunk", o->model, seq_len);
+	rc = ab_text_open(&t->text, &t->tokenizer, o->text, n_ctx, (int)o->chunks, message);
+	if (rc) {
+		fprintf(stderr, "kvpager-ab: %s\n", message);
+		return rc;
+	}
+	shape = llama_model_shape(&t->model.config);
+	rc = check_specs(o, api, &shape, (uint64_t)n_ctx);
+	if (rc)
+		return rc;
+	rc = ab_text_model_open(&t->scorer, &t->model, &t->text) || ab_text_score_open(&t->full, &t->text);
+	for (i = 0; i < o->n_specs && !rc; i++)
+		rc = ab_text_score_open(&t->specs[i], &t->text);
+	if (rc)
+		fputs("kvpager-ab: no memory for the perplexity run\n", stderr);
+	return rc;
+}
+
+static void text_free(struct text_run *t, int n_specs)
+{
+	int i;
+
+	for (i = 0; i < n_specs; i++)
+		ab_text_score_close(&t->specs[i]);
+	ab_text_score_close(&t->full);
+	ab_text_model_close(&t->scorer);
+	ab_text_close(&t->text);
+	llama_tokenizer_free(&t->tokenizer);
+	llama_model_free(&t->model);
+}
+
+/* "spec 2/5 chunk 3/114" (ab_text_run_chunk adds the rate and the time left) */
+static const char *text_label(struct text_run *t, int chunk, int spec, int n_specs)
+{
+	if (spec)
+		snprintf(t->label, sizeof(t->label), "spec %d/%d chunk %d/%d", spec, n_specs, chunk + 1,
+			 t->text.n_chunks);
+	else
+		snprintf(t->label, sizeof(t->label), "full cache chunk %d/%d", chunk + 1, t->text.n_chunks);
+	return t->label;
+}
+
+/* The full cache on one chunk: its log-probabilities become the reference of the specs. */
+static int text_reference(struct text_run *t, struct llama_dense_cache *dense, int chunk, int n_specs)
+{
+	struct llama_attention att = llama_dense_attention(dense);
+	int rc = ab_text_run_chunk(&t->scorer, &t->text, chunk, &att, 1, &t->full, &t->progress,
+				   text_label(t, chunk, 0, n_specs));
+
+	if (rc)
+		fprintf(stderr, "kvpager-ab: the full cache failed on chunk %d (%d)\n", chunk + 1, rc);
+	return rc ? 1 : 0;
+}
+
+/* One spec on one chunk, in a sequence of its own, like a fresh context in llama-perplexity. */
+static int text_spec(struct text_run *t, const kvp_plugin_v1 *api, const char *pool, const char *spec,
+		     int chunk, int index, int n_specs)
+{
+	struct llama_plugin_cache c;
+	struct llama_attention att;
+	kvp_stats st = { .size = sizeof(st) };
+	int rc = llama_plugin_cache_open(&c, api, &t->model.config, pool, spec);
+
+	if (rc) {
+		fprintf(stderr, "kvpager-ab: spec '%s': %s\n", spec, c.message);
+		return rc == LLAMA_EINPUT ? CLI_EXIT_BAD_INPUT : 1;
+	}
+	att = llama_plugin_attention(&c);
+	rc = ab_text_run_chunk(&t->scorer, &t->text, chunk, &att, 0, &t->specs[index], &t->progress,
+			       text_label(t, chunk, index + 1, n_specs));
+	if (rc) {
+		fprintf(stderr, "kvpager-ab: spec '%s': chunk %d: %s\n", spec, chunk + 1,
+			rc == LLAMA_EATTENTION ? c.message : "the forward pass failed");
+		rc = rc == LLAMA_EATTENTION && (c.status == KVP_EINVAL || c.status == KVP_EUNSUPPORTED)
+			     ? CLI_EXIT_BAD_INPUT : 1;
+	} else if (api->seq_stats(c.seq, &st) == KVP_OK) {
+		ab_text_add_stats(&t->specs[index], &st);
+	}
+	llama_plugin_cache_close(&c);
+	return rc;
+}
+
+/* Chunk by chunk, the full cache then every spec: memory stays at one chunk's distributions. */
+static int text_chunks(struct text_run *t, struct run *r)
+{
+	struct llama_dense_cache dense;
+	int chunk, i, rc = 0, n = r->opt.n_specs;
+
+	if (llama_dense_cache_init(&dense, &t->model.config)) {
+		fputs("kvpager-ab: no memory for the full cache\n", stderr);
+		return 1;
+	}
+	ab_progress_start(&t->progress, (uint64_t)t->text.n_chunks * (uint64_t)t->text.n_ctx * (uint64_t)(1 + n),
+			  !r->opt.quiet);
+	for (chunk = 0; chunk < t->text.n_chunks && !rc; chunk++) {
+		rc = text_reference(t, &dense, chunk, n);
+		for (i = 0; i < n && !rc; i++)
+			rc = text_spec(t, r->api, r->opt.pool, r->opt.specs[i], chunk, i, n);
+	}
+	ab_progress_end(&t->progress);
+	llama_dense_cache_free(&dense);
+	return rc;
+}
+
+static int text_report(struct text_run *t, struct run *r)
+{
+	char message[AB_MESSAGE_MAX];
+	struct ab_result full;
+	int i, n_ctx = t->text.n_ctx;
+
+	memset(&full, 0, sizeof(full));
+	ab_text_result(&t->full, &t->text, &full);
+	for (i = 0; i < r->opt.n_specs; i++) {
+		memset(&r->results[i], 0, sizeof(r->results[i]));
+		r->results[i].spec = r->opt.specs[i];
+		ab_text_result(&t->specs[i], &t->text, &r->results[i]);
+	}
+	snprintf(r->title, sizeof(r->title), "kvpager-ab: %s on %s: %d tokens, %d chunks of %d (BOS first), "
+		 "%d predictions scored per chunk (positions %d..%d, as llama-perplexity); KL and top-1 against "
+		 "the full cache there; bytes at each chunk's end", r->opt.model, r->opt.text, t->text.n_tokens,
+		 t->text.n_chunks, n_ctx, ab_text_scored_per_chunk(&t->text), ab_text_first_scored(&t->text),
+		 n_ctx - 2);
+	ab_print_text_table(stdout, r->title, full.perplexity, r->results, r->opt.n_specs);
+	fflush(stdout);
+	if (r->opt.csv && ab_write_csv(r->opt.csv, r->results, r->opt.n_specs, message))
+		return cli_bad_input("%s", message);
+	if (r->opt.plot && ab_write_svg(r->opt.plot, r->title, r->results, r->opt.n_specs, message))
+		return cli_bad_input("%s", message);
+	return 0;
+}
+
+static int run_text(struct run *r)
+{
+	static struct text_run t;
+	int rc = text_load(&t, &r->opt, r->api);
+
+	if (!rc)
+		rc = text_chunks(&t, r);
+	if (!rc)
+		rc = text_report(&t, r);
+	text_free(&t, r->opt.n_specs);
+	return rc;
+}
+
 /* ---- trace and synthetic sources ---- */
 
 static int trace_step(void *ctx, int32_t *pos, float *q, float *k, float *v)
@@ -621,6 +813,7 @@ static int replay(struct run *r, const struct ab_source *src)
 	for (i = 0; i < r->opt.n_specs && !rc; i++) {
 		rc = ab_replay_spec(r->api, r->opt.pool, src, &ref, r->opt.specs[i], &r->results[i], &progress,
 				    message);
+		r->results[i].perplexity = NAN;
 		if (rc)
 			fprintf(stderr, "kvpager-ab: spec '%s': %s\n", r->opt.specs[i], message);
 	}
@@ -680,10 +873,12 @@ int main(int argc, char **argv)
 	int rc;
 
 	cli_program = "kvpager-ab";
-	r.opt.prompt = "";
 	r.opt.pool = "";
-	r.opt.steps = 256;
 	rc = parse_options(&r.opt, argc, argv);
+	if (!r.opt.prompt)
+		r.opt.prompt = "";
+	if (!r.opt.steps)
+		r.opt.steps = 256;
 	if (!rc)
 		rc = default_paths(&r.opt, argv[0]);
 	if (!rc) {
@@ -697,7 +892,8 @@ int main(int argc, char **argv)
 		rc = r.api ? 0 : CLI_EXIT_BAD_INPUT; /* a --plugin path that does not serve the table */
 	}
 	if (!rc)
-		rc = r.opt.model ? run_model(&r) : r.opt.trace ? run_trace(&r) : run_synthetic(&r);
+		rc = r.opt.text ? run_text(&r) : r.opt.model ? run_model(&r) : r.opt.trace ? run_trace(&r)
+									       : run_synthetic(&r);
 	if (r.library)
 		dlclose(r.library);
 	return rc;

@@ -402,40 +402,150 @@ static int pair_id(const struct llama_tokenizer *t, int a, int b, char *buf)
 
 /*
  * Greedy BPE: merge the adjacent pair whose joined piece has the best score, leftmost on ties, until no
- * pair joins. pairs[i] caches the joined id of (ids[i], ids[i+1]) so a merge recomputes two entries.
+ * pair joins. The ids form a linked list (a merge unlinks the right one) and the candidate pairs a heap
+ * ordered by (score, position); a candidate whose ids changed since it was pushed is skipped when it
+ * surfaces. That makes the same merges in the same order as rescanning every pair after each merge,
+ * in O(n log n): a whole file of 100K characters takes milliseconds, not a quarter of a minute.
  */
-static int merge_pairs(const struct llama_tokenizer *t, int *ids, int n)
-{
-	char *buf = malloc(2 * (size_t)t->max_token_length + 1);
-	int *pairs = malloc(sizeof(int) * (size_t)(n > 0 ? n : 1));
-	int i, best;
+struct merge_candidate {
+	float score;
+	int left, right; /* positions in the list */
+	int joined;      /* the id of the joined piece */
+	int left_id, right_id;
+};
 
-	if (!buf || !pairs) {
-		free(buf);
-		free(pairs);
+struct merge_list {
+	int *id, *prev, *next; /* [n]; a merged-away position has id -1 */
+	struct merge_candidate *heap;
+	int n_heap;
+	char *buf; /* 2 * max_token_length bytes for pair_id */
+};
+
+/* a surfaces before b: a better score, or the same score further left */
+static int candidate_first(const struct merge_candidate *a, const struct merge_candidate *b)
+{
+	return a->score > b->score || (a->score == b->score && a->left < b->left);
+}
+
+static void heap_swap(struct merge_candidate *h, int i, int j)
+{
+	struct merge_candidate x = h[i];
+
+	h[i] = h[j];
+	h[j] = x;
+}
+
+static void heap_push(struct merge_list *l, const struct merge_candidate *c)
+{
+	int i = l->n_heap++;
+
+	l->heap[i] = *c;
+	for (; i > 0 && candidate_first(&l->heap[i], &l->heap[(i - 1) / 2]); i = (i - 1) / 2)
+		heap_swap(l->heap, i, (i - 1) / 2);
+}
+
+static struct merge_candidate heap_pop(struct merge_list *l)
+{
+	struct merge_candidate top = l->heap[0];
+	int i = 0, child;
+
+	l->heap[0] = l->heap[--l->n_heap];
+	for (;;) {
+		child = 2 * i + 1;
+		if (child >= l->n_heap)
+			break;
+		if (child + 1 < l->n_heap && candidate_first(&l->heap[child + 1], &l->heap[child]))
+			child++;
+		if (!candidate_first(&l->heap[child], &l->heap[i]))
+			break;
+		heap_swap(l->heap, i, child);
+		i = child;
+	}
+	return top;
+}
+
+/* Pushes the pair starting at position left, when there is one and it joins. */
+static void push_pair(const struct llama_tokenizer *t, struct merge_list *l, int left)
+{
+	struct merge_candidate c;
+
+	if (left < 0 || l->next[left] < 0)
+		return;
+	c.left = left;
+	c.right = l->next[left];
+	c.left_id = l->id[left];
+	c.right_id = l->id[c.right];
+	c.joined = pair_id(t, c.left_id, c.right_id, l->buf);
+	if (c.joined < 0)
+		return;
+	c.score = t->scores[c.joined];
+	heap_push(l, &c);
+}
+
+/* The candidate still names two neighbours holding the ids it was made from. */
+static int candidate_current(const struct merge_list *l, const struct merge_candidate *c)
+{
+	return l->id[c->left] == c->left_id && l->next[c->left] == c->right && l->id[c->right] == c->right_id;
+}
+
+static void merge_list_free(struct merge_list *l)
+{
+	free(l->id);
+	free(l->prev);
+	free(l->next);
+	free(l->heap);
+	free(l->buf);
+}
+
+static int merge_list_init(const struct llama_tokenizer *t, struct merge_list *l, const int *ids, int n)
+{
+	size_t cap = (size_t)(n > 0 ? n : 1);
+	int i;
+
+	memset(l, 0, sizeof(*l));
+	l->id = malloc(sizeof(int) * cap);
+	l->prev = malloc(sizeof(int) * cap);
+	l->next = malloc(sizeof(int) * cap);
+	l->heap = malloc(sizeof(*l->heap) * 3 * cap); /* n - 1 pairs, then at most 2 per merge */
+	l->buf = malloc(2 * (size_t)t->max_token_length + 1);
+	if (!l->id || !l->prev || !l->next || !l->heap || !l->buf) {
+		merge_list_free(l);
 		return -1;
 	}
-	for (i = 0; i + 1 < n; i++)
-		pairs[i] = pair_id(t, ids[i], ids[i + 1], buf);
-	for (;;) {
-		best = -1;
-		for (i = 0; i + 1 < n; i++)
-			if (pairs[i] >= 0 && (best < 0 || t->scores[pairs[i]] > t->scores[pairs[best]]))
-				best = i;
-		if (best < 0)
-			break;
-		ids[best] = pairs[best];
-		memmove(&ids[best + 1], &ids[best + 2], sizeof(int) * (size_t)(n - best - 2));
-		memmove(&pairs[best], &pairs[best + 1], sizeof(int) * (size_t)(n - best - 2));
-		n--;
-		if (best > 0)
-			pairs[best - 1] = pair_id(t, ids[best - 1], ids[best], buf);
-		if (best + 1 < n)
-			pairs[best] = pair_id(t, ids[best], ids[best + 1], buf);
+	for (i = 0; i < n; i++) {
+		l->id[i] = ids[i];
+		l->prev[i] = i - 1;
+		l->next[i] = i + 1 < n ? i + 1 : -1;
 	}
-	free(buf);
-	free(pairs);
-	return n;
+	for (i = 0; i + 1 < n; i++)
+		push_pair(t, l, i);
+	return 0;
+}
+
+static int merge_pairs(const struct llama_tokenizer *t, int *ids, int n)
+{
+	struct merge_list l;
+	struct merge_candidate c;
+	int i, out = 0;
+
+	if (merge_list_init(t, &l, ids, n))
+		return -1;
+	while (l.n_heap > 0) {
+		c = heap_pop(&l);
+		if (!candidate_current(&l, &c))
+			continue;
+		l.id[c.left] = c.joined;
+		l.id[c.right] = -1;
+		l.next[c.left] = l.next[c.right];
+		if (l.next[c.left] >= 0)
+			l.prev[l.next[c.left]] = c.left;
+		push_pair(t, &l, l.prev[c.left]);
+		push_pair(t, &l, c.left);
+	}
+	for (i = n > 0 ? 0 : -1; i >= 0; i = l.next[i])
+		ids[out++] = l.id[i];
+	merge_list_free(&l);
+	return out;
 }
 
 int llama_encode(const struct llama_tokenizer *t, const char *text, int bos, int eos, int *ids)
