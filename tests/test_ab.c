@@ -275,6 +275,9 @@ Test(ab, bad_options_and_specs_exit_2)
 	expect_bad_input("--tokens 64 --spec 'k=turboquant(bits=9)'", "turboquant");
 	expect_bad_input("--model a --trace b", "two sources");
 	expect_bad_input("--tokens 64 --plugin /nonexistent/libkvpager.so.1", "cannot load the plugin");
+	expect_bad_input("--tokens=64 --bogus=1", "unknown option '--bogus'");
+	expect_bad_input("--model=a --every=4", "--every thins the comparisons of a trace");
+	expect_bad_input("--tokens=64 '--spec=k=turboquant(bits=9)'", "turboquant");
 }
 
 Test(ab, builtin_synthetic_default_run_with_plot)

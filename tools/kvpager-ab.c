@@ -19,8 +19,10 @@
  *   neither   the built-in synthetic trace (tools/synthetic.h): 8192 tokens of 2 layers, 8 query and
  *             2 KV heads of dimension 128 with RoPE, per-band query concentration, outlier key
  *             channels, attention sinks and heavy hitters; compared like a trace.
- * Without --spec, four specs are compared: the exact cache (store=fp32) and cold tiers of TurboQuant
- * 4 and 3 bits and KIVI 2 bits, with the default block=64, sinks=4, window=128.
+ * Without --spec, the seven default_specs below are compared: the exact cache (store=fp32), cold tiers of
+ * TurboQuant 4 and 3 bits and KIVI 2 bits (the default block=64, sinks=4, window=128), StreamingLLM and
+ * TriAttention at 2048 tokens, and TriAttention with TurboQuant 3 bits. Options take their value as the
+ * next argument or after '=' (--spec=SPEC).
  *
  * Exit status: 0 done, 2 bad input (options, files, a spec the library refuses, such as a policy it
  * does not serve yet), 1 any other failure.
@@ -212,6 +214,9 @@ static int check_text_options(const struct options *o)
 	if (o->text && (o->prompt || o->steps || o->every))
 		return cli_bad_input("--prompt, --steps and --every shape the greedy run, not --text (its chunks "
 				     "are --ctx tokens, every scored position compared)");
+	if (o->model && o->every)
+		return cli_bad_input("--every thins the comparisons of a trace; with --model every position is "
+				     "compared (its KL needs each step's logits)");
 	return 0;
 }
 
@@ -227,6 +232,19 @@ static int parse_options(struct options *o, int argc, char **argv)
 		if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
 			usage(stdout);
 			exit(0);
+		}
+		const char *eq = strchr(argv[i], '=');
+		if (eq && !strncmp(argv[i], "--", 2)) { /* --name=value */
+			char name[32];
+			size_t len = (size_t)(eq - argv[i]);
+			if (len >= sizeof(name) || (memcpy(name, argv[i], len), name[len] = '\0', !takes_value(name))) {
+				usage(stderr);
+				return cli_bad_input("unknown option '%.*s'", (int)len, argv[i]);
+			}
+			rc = parse_valued(o, name, eq + 1);
+			if (rc)
+				return rc;
+			continue;
 		}
 		if (!takes_value(argv[i])) {
 			usage(stderr);
@@ -580,8 +598,12 @@ static int run_model(struct run *r)
 		model_free(&m);
 		return rc;
 	}
-	snprintf(r->title, sizeof(r->title), "kvpager-ab: %s, %d positions (prompt %d, then greedy with the "
-		 "full cache), every spec teacher-forced", r->opt.model, m.n, m.n_prompt);
+	if (m.n > m.n_prompt)
+		snprintf(r->title, sizeof(r->title), "kvpager-ab: %s, %d positions (prompt %d, then greedy with the "
+			 "full cache), every spec teacher-forced", r->opt.model, m.n, m.n_prompt);
+	else
+		snprintf(r->title, sizeof(r->title), "kvpager-ab: %s, %d positions of the prompt, every spec "
+			 "teacher-forced", r->opt.model, m.n);
 	ab_progress_start(&progress, (uint64_t)m.n * (uint64_t)(1 + r->opt.n_specs), !r->opt.quiet);
 	rc = model_reference(&m, &progress);
 	for (i = 0; i < r->opt.n_specs && !rc; i++)
