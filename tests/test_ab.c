@@ -30,7 +30,7 @@ enum column {
 	COL_ATTENTION_ERROR, COL_ATTENTION_ERROR_MAX, COL_TOKENS_PER_S, COL_BYTES_EXACT, COL_BYTES_COMPRESSED,
 	COL_BYTES_META, COL_BYTES_DENSE_FP16, COL_BYTES_PER_TOKEN_PEAK, COL_BYTES_PER_TOKEN_FINAL,
 	COL_COMPRESSION_FINAL, COL_BYTES_PEAK, COL_BYTES_COMPRESSED_PEAK, COL_COLD_TIER, COL_COLD_TIER_USED,
-	N_COLUMNS
+	COL_PERPLEXITY, N_COLUMNS
 };
 
 struct row {
@@ -106,7 +106,7 @@ static int read_csv(const char *path, struct row *rows, int cap)
 				     "top1_agreement,attention_rel_error,attention_rel_error_max,tokens_per_s,"
 				     "bytes_exact,bytes_compressed,bytes_meta,bytes_dense_fp16,bytes_per_token_peak,"
 				     "bytes_per_token_final,compression_vs_fp16_final,bytes_peak,"
-				     "bytes_compressed_peak,cold_tier,cold_tier_used\n";
+				     "bytes_compressed_peak,cold_tier,cold_tier_used,perplexity\n";
 	char line[4096];
 	FILE *f = fopen(path, "r");
 	int n = 0;
@@ -978,6 +978,8 @@ Test(ab, text_perplexity_of_the_exact_cache_matches_the_rule)
 	cr_assert_eq(read_csv(csv, rows, 4), 3);
 	cr_assert_eq(rows[0].value[COL_TOKENS], TEXT_CHUNKS * 512);
 	cr_assert(rows[0].value[COL_KL_MEAN] < 1e-6 && rows[0].value[COL_TOP1] == 1.0);
+	cr_assert(fabs(rows[0].value[COL_PERPLEXITY] - exact) < 1e-5, "CSV perplexity %g, table %g",
+		  rows[0].value[COL_PERPLEXITY], exact);
 	cr_assert(rows[1].value[COL_KL_MEAN] > 0 && rows[1].value[COL_KL_MEAN] < 0.01, "TQ3 KL %g",
 		  rows[1].value[COL_KL_MEAN]);
 	cr_assert_gt(rows[2].value[COL_KL_MEAN], rows[1].value[COL_KL_MEAN], "eviction beyond the window");

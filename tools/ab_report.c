@@ -207,7 +207,7 @@ int ab_write_csv(const char *path, const struct ab_result *r, int n, char messag
 	fputs("spec,tokens,bytes_per_token_mean,compression_vs_fp16_mean,kl_mean,kl_p99,top1_agreement,"
 	      "attention_rel_error,attention_rel_error_max,tokens_per_s,bytes_exact,bytes_compressed,"
 	      "bytes_meta,bytes_dense_fp16,bytes_per_token_peak,bytes_per_token_final,compression_vs_fp16_final,"
-	      "bytes_peak,bytes_compressed_peak,cold_tier,cold_tier_used\n", f);
+	      "bytes_peak,bytes_compressed_peak,cold_tier,cold_tier_used,perplexity\n", f);
 	for (i = 0; i < n; i++) {
 		csv_text(f, r[i].spec);
 		fprintf(f, ",%llu", (unsigned long long)r[i].tokens);
@@ -229,9 +229,11 @@ int ab_write_csv(const char *path, const struct ab_result *r, int n, char messag
 			(unsigned long long)r[i].meter.compressed_peak, r[i].cold_tier);
 		/* whether a tier that is not there was used is not a question: an empty field */
 		if (r[i].cold_tier)
-			fprintf(f, ",%d\n", r[i].cold_tier_used);
+			fprintf(f, ",%d", r[i].cold_tier_used);
 		else
-			fputs(",\n", f);
+			fputs(",", f);
+		csv_number(f, r[i].perplexity); /* --text only */
+		fputs("\n", f);
 	}
 	return finish_file(f, path, message);
 }
