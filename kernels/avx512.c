@@ -1144,9 +1144,7 @@ static double sum_squares(unsigned m, const float *y)
 		acc = _mm512_add_pd(acc, _mm512_mul_pd(v, v));
 	}
 	_mm512_storeu_pd(a, acc);
-	for (; j < m; j++)
-		a[0] += (double)y[j] * y[j];
-	return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+	return kvp_sum_squares_end(a, j, m, y);
 }
 
 #define KVP_ISA_ENCODE

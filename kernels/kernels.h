@@ -223,6 +223,14 @@ static inline float kvp_load_f32(const uint8_t *p)
 	return v;
 }
 
+/* The end of sum_squares (contract in struct kvp_kernels): the values from j on into a[0], then the tree. */
+static inline double kvp_sum_squares_end(double a[8], unsigned j, unsigned m, const float *y)
+{
+	for (; j < m; j++)
+		a[0] += (double)y[j] * y[j];
+	return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
 /* Code j of `bits` bits into a zeroed row, LSB first (a code spans at most two bytes). */
 static inline void kvp_code_put(uint8_t *row, unsigned j, unsigned bits, unsigned v)
 {

@@ -303,17 +303,10 @@ static void sym_codes(unsigned bits, unsigned m, const float *y, const int32_t *
 		}
 }
 
+/* The definition's order is the scalar loop's: a compiler may vectorize it there, or not. */
 static double sum_squares(unsigned m, const float *y)
 {
-	double a[8] = { 0 };
-	unsigned j = 0;
-
-	for (; j + 8 <= m; j += 8)
-		for (unsigned l = 0; l < 8; l++)
-			a[l] += (double)y[j + l] * y[j + l];
-	for (; j < m; j++)
-		a[0] += (double)y[j] * y[j];
-	return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+	return kvp_kernels_scalar.sum_squares(m, y);
 }
 #endif
 

@@ -202,9 +202,7 @@ static double sum_squares(unsigned m, const float *y)
 	for (; j + 8 <= m; j += 8)
 		for (unsigned l = 0; l < 8; l++)
 			a[l] += (double)y[j + l] * y[j + l];
-	for (; j < m; j++)
-		a[0] += (double)y[j] * y[j];
-	return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+	return kvp_sum_squares_end(a, j, m, y);
 }
 
 static void lut_dot_i8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
