@@ -1137,17 +1137,6 @@ INLINE void axpy_i16_width(unsigned bits, unsigned m, unsigned n, const uint8_t 
 	}
 }
 
-static void axpy_i16_core(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			       const int16_t *lut, unsigned g, const int16_t *w, int32_t *acc, size_t acc_stride)
-{
-	switch (bits) {
-	case 1: axpy_i16_width(1, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
-	case 2: axpy_i16_width(2, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
-	case 3: axpy_i16_width(3, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
-	default: axpy_i16_width(4, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
-	}
-}
-
 /*
  * fwht's stages within 16 values, two registers of eight: stages 1, 2 and 4 by a permute and a blend of the
  * sum and the difference (a lane with bit h set keeps partner - self), stage 8 between the registers.

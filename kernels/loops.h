@@ -14,11 +14,12 @@
  *   dot_f16_heads4, axpy_f16_heads4 four heads of a group at once, q or w and acc holding 4 rows, same hint
  *   lut_dot_bits, lut_axpy_bits     lut_dot and lut_axpy for a bit width that is a constant once inlined
  *   lut_dot_heads4, lut_axpy_heads4 the same for four heads, strides as in lut_*_group
- *   dot_i8_core, axpy_i16_core      the integer sums of lut_dot_i8_group and lut_axpy_i16_group alone:
+ *   dot_i8_core, axpy_i16_width     the integer sums of lut_dot_i8_group and lut_axpy_i16_group alone:
  *                                   dot_i8_core(bits, m, n, codes, stride, lut, g, q, q_stride, int32 out[g*n]) sets
- *                                   out[h*n + i] = S(h, i); axpy_i16_core(bits, m, n, codes, stride, lut16, g,
- *                                   int16 w[g*n], int32 acc, acc_stride) adds sum_i w[h*n + i] * lut[code(i, j)]
- *                                   to acc[h*acc_stride + j]; the float steps around them are below
+ *                                   out[h*n + i] = S(h, i); axpy_i16_width(bits, ...) (bits a constant once
+ *                                   inlined; the same arguments as axpy_i16_core below: lut16, g, int16 w[g*n],
+ *                                   int32 acc, acc_stride) adds sum_i w[h*n + i] * lut[code(i, j)] to
+ *                                   acc[h*acc_stride + j]; the float steps around them are below
  *   or, with KVP_ISA_FUSED_LOOKUPS defined, lut_dot_i8_group and lut_axpy_i16_group themselves
  *   fwht_blocks16 (with KVP_ISA_FWHT defined)
  *                                   stages 1, 2, 4 and 8 of fwht on each block of 16 values of v[0..p), p >= 16
@@ -159,6 +160,18 @@ static void lut_axpy_group(unsigned bits, unsigned m, unsigned n, const uint8_t 
 	}
 
 KVP_DOT_I8_GROUP(lut_dot_i8_group, dot_i8_core)
+
+/* One case per width, as lut_dot's. */
+static void axpy_i16_core(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			  const int16_t *lut, unsigned g, const int16_t *w, int32_t *acc, size_t acc_stride)
+{
+	switch (bits) {
+	case 1: axpy_i16_width(1, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
+	case 2: axpy_i16_width(2, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
+	case 3: axpy_i16_width(3, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
+	default: axpy_i16_width(4, m, n, codes, stride, lut, g, w, acc, acc_stride); break;
+	}
+}
 
 /* Columns 64 at a time (a multiple of 8, so each chunk's codes start on a byte), four heads at a time. */
 static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
