@@ -1198,23 +1198,9 @@ INLINE void sym_codes_width(unsigned bits, unsigned m, const float *y, const int
 		th[k] = _mm256_set1_epi32(t[k]);
 	for (unsigned j = 0; j < m; j += 8, out += bits) {
 		int32_t code[8];
-		uint64_t word = 0;
 
 		_mm256_storeu_si256((__m256i *)code, sym_count8(y + j, th, half));
-		for (unsigned l = 0; l < 8; l++)
-			word |= (uint64_t)(uint32_t)code[l] << (bits * l);
-		for (unsigned q = 0; q < bits; q++)
-			out[q] = (uint8_t)(word >> (8 * q));
-	}
-}
-
-static void sym_codes(unsigned bits, unsigned m, const float *y, const int32_t *t, uint8_t *out)
-{
-	switch (bits) {
-	case 1: sym_codes_width(1, m, y, t, out); break;
-	case 2: sym_codes_width(2, m, y, t, out); break;
-	case 3: sym_codes_width(3, m, y, t, out); break;
-	default: sym_codes_width(4, m, y, t, out); break;
+		kvp_pack8(code, bits, out);
 	}
 }
 

@@ -1122,16 +1122,6 @@ INLINE void sym_codes_width(unsigned bits, unsigned m, const float *y, const int
 	}
 }
 
-static void sym_codes(unsigned bits, unsigned m, const float *y, const int32_t *t, uint8_t *out)
-{
-	switch (bits) {
-	case 1: sym_codes_width(1, m, y, t, out); break;
-	case 2: sym_codes_width(2, m, y, t, out); break;
-	case 3: sym_codes_width(3, m, y, t, out); break;
-	default: sym_codes_width(4, m, y, t, out); break;
-	}
-}
-
 /* Eight double lanes are the definition's eight running sums: each square is exact in double. */
 static double sum_squares(unsigned m, const float *y)
 {

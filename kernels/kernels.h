@@ -231,6 +231,17 @@ static inline double kvp_sum_squares_end(double a[8], unsigned j, unsigned m, co
 	return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
+/* Eight codes of `bits` bits into `bits` bytes, LSB first (sym_codes' packing without BMI2). */
+static inline void kvp_pack8(const int32_t code[8], unsigned bits, uint8_t *out)
+{
+	uint64_t word = 0;
+
+	for (unsigned l = 0; l < 8; l++)
+		word |= (uint64_t)(uint32_t)code[l] << (bits * l);
+	for (unsigned q = 0; q < bits; q++)
+		out[q] = (uint8_t)(word >> (8 * q));
+}
+
 /* Code j of `bits` bits into a zeroed row, LSB first (a code spans at most two bytes). */
 static inline void kvp_code_put(uint8_t *row, unsigned j, unsigned bits, unsigned v)
 {

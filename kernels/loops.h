@@ -21,6 +21,8 @@
  *                                   int32 acc, acc_stride) adds sum_i w[h*n + i] * lut[code(i, j)] to
  *                                   acc[h*acc_stride + j]; the float steps around them are below
  *   or, with KVP_ISA_FUSED_LOOKUPS defined, lut_dot_i8_group and lut_axpy_i16_group themselves
+ *   sym_codes_width, sum_squares (with KVP_ISA_ENCODE defined)
+ *                                   sym_codes for a width that is a constant once inlined, and sum_squares
  *   fwht_blocks16 (with KVP_ISA_FWHT defined)
  *                                   stages 1, 2, 4 and 8 of fwht on each block of 16 values of v[0..p), p >= 16
  *   mask_expand_row                 one row of mask_expand: (d, mask, sign or NULL, kept, scale, mag, x)
@@ -278,50 +280,47 @@ static void fwht(unsigned p, float *v)
 
 #ifndef KVP_ISA_ENCODE
 /*
- * sym_codes and sum_squares in fixed-size blocks a compiler vectorizes: sixteen codes counted on integers
- * (b = a, or min(a, 2^31 - 2) + 1 at or below zero, so that one compare serves both signs), eight packed
- * into `bits` bytes by shifts; the squares in the definition's eight running sums.
+ * sym_codes_width and sum_squares as plain code: sixteen codes at a time counted on integers (b = a, or
+ * min(a, 2^31 - 2) + 1 at or below zero, so that one compare serves both signs), eight packed into `bits`
+ * bytes by shifts; the squares in the scalar loop, whose order is the definition's.
  */
-static inline __attribute__((always_inline)) void sym_codes16(unsigned bits, const float *restrict y,
-							      const int32_t *restrict t, uint8_t *restrict out)
+static inline __attribute__((always_inline)) void sym_codes_width(unsigned bits, unsigned m, const float *y,
+								  const int32_t *t, uint8_t *out)
 {
 	const int32_t half = 1 << (bits - 1);
-	int32_t u[16], code[16];
 
-	memcpy(u, y, sizeof u);
-	for (unsigned l = 0; l < 16; l++) {
-		int32_t a = u[l] & 0x7fffffff, pos = u[l] > 0, b = pos ? a : (a < 0x7ffffffe ? a : 0x7ffffffe) + 1;
-		int32_t cnt = 0;
-		for (int32_t k = 0; k + 1 < half; k++)
-			cnt += b > t[k];
-		code[l] = pos ? half + cnt : half - 1 - cnt;
-	}
-	for (unsigned g = 0; g < 16; g += 8, out += bits) {
-		uint64_t word = 0;
-		for (unsigned l = 0; l < 8; l++)
-			word |= (uint64_t)(uint32_t)code[g + l] << (bits * l);
-		for (unsigned q = 0; q < bits; q++)
-			out[q] = (uint8_t)(word >> (8 * q));
-	}
-}
+	for (unsigned j = 0; j < m; j += 16, out += 2 * bits) {
+		int32_t u[16], code[16];
 
-static void sym_codes(unsigned bits, unsigned m, const float *y, const int32_t *t, uint8_t *out)
-{
-	for (unsigned j = 0; j < m; j += 16, out += 2 * bits)
-		switch (bits) {
-		case 1: sym_codes16(1, y + j, t, out); break;
-		case 2: sym_codes16(2, y + j, t, out); break;
-		case 3: sym_codes16(3, y + j, t, out); break;
-		default: sym_codes16(4, y + j, t, out); break;
+		memcpy(u, y + j, sizeof u);
+		for (unsigned l = 0; l < 16; l++) {
+			int32_t a = u[l] & 0x7fffffff, pos = u[l] > 0;
+			int32_t b = pos ? a : (a < 0x7ffffffe ? a : 0x7ffffffe) + 1, cnt = 0;
+			for (int32_t k = 0; k + 1 < half; k++)
+				cnt += b > t[k];
+			code[l] = pos ? half + cnt : half - 1 - cnt;
 		}
+		kvp_pack8(code, bits, out);
+		kvp_pack8(code + 8, bits, out + bits);
+	}
 }
 
-/* The definition's order is the scalar loop's: a compiler may vectorize it there, or not. */
 static double sum_squares(unsigned m, const float *y)
 {
 	return kvp_kernels_scalar.sum_squares(m, y);
 }
 #endif
+
+/* One case per width, on the file's sym_codes_width or the plain one above. */
+static void sym_codes(unsigned bits, unsigned m, const float *y, const int32_t *t, uint8_t *out)
+{
+	switch (bits) {
+	case 1: sym_codes_width(1, m, y, t, out); break;
+	case 2: sym_codes_width(2, m, y, t, out); break;
+	case 3: sym_codes_width(3, m, y, t, out); break;
+	default: sym_codes_width(4, m, y, t, out); break;
+	}
+}
 
 static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint8_t *signs, size_t stride,
 			const float *kept, size_t kept_stride, const float *scale, const float *mag, float *x)
