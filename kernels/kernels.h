@@ -223,6 +223,23 @@ static inline float kvp_load_f32(const uint8_t *p)
 	return v;
 }
 
+/* One head's weights as lut_axpy_i16_group rounds them, in plain code; returns top / KVP_WEIGHT_MAX. */
+static inline float kvp_weights_i16(unsigned n, const float *w, const uint8_t *row_scale, size_t scale_stride,
+				    int16_t *w16)
+{
+	float top = 0.0f, inv;
+
+	for (unsigned i = 0; i < n; i++) {
+		float u = w[i] * kvp_load_f32(row_scale + i * scale_stride);
+		top = fabsf(u) > top ? fabsf(u) : top;
+	}
+	inv = kvp_weight_inv(top);
+	for (unsigned i = 0; i < n; i++)
+		w16[i] = (int16_t)kvp_nearest((w[i] * kvp_load_f32(row_scale + i * scale_stride)) * inv);
+	return top / KVP_WEIGHT_MAX;
+}
+
+
 /* The end of sum_squares (contract in struct kvp_kernels): the values from j on into a[0], then the tree. */
 static inline double kvp_sum_squares_end(double a[8], unsigned j, unsigned m, const float *y)
 {

@@ -187,18 +187,8 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
 	for (unsigned h0 = 0; h0 < g; h0 += 4) {
 		const unsigned gn = g - h0 < 4 ? g - h0 : 4;
 
-		for (unsigned h = 0; h < gn; h++) {
-			const float *wh = w + (h0 + h) * w_stride;
-			float top = 0.0f, inv;
-			for (unsigned i = 0; i < n; i++) {
-				float u = wh[i] * kvp_load_f32(row_scale + i * scale_stride);
-				top = fabsf(u) > top ? fabsf(u) : top;
-			}
-			inv = kvp_weight_inv(top);
-			for (unsigned i = 0; i < n; i++)
-				w16[h * n + i] = (int16_t)kvp_nearest((wh[i] * kvp_load_f32(row_scale + i * scale_stride)) * inv);
-			f[h] = unit * (top / KVP_WEIGHT_MAX);
-		}
+		for (unsigned h = 0; h < gn; h++)
+			f[h] = unit * kvp_weights_i16(n, w + (h0 + h) * w_stride, row_scale, scale_stride, w16 + h * n);
 		for (unsigned j = 0; j < m; j += 64) {
 			const unsigned k = m - j < 64 ? m - j : 64;
 

@@ -220,21 +220,6 @@ static void lut_dot_i8_group(unsigned bits, unsigned m, unsigned n, const uint8_
 		}
 }
 
-/* One head's weights as lut_axpy_i16_group rounds them; returns top / KVP_WEIGHT_MAX. */
-static float weights_i16(unsigned n, const float *w, const uint8_t *row_scale, size_t scale_stride, int16_t *w16)
-{
-	float top = 0.0f, inv;
-
-	for (unsigned i = 0; i < n; i++) {
-		float u = w[i] * kvp_load_f32(row_scale + i * scale_stride);
-		top = fabsf(u) > top ? fabsf(u) : top;
-	}
-	inv = kvp_weight_inv(top);
-	for (unsigned i = 0; i < n; i++)
-		w16[i] = (int16_t)kvp_nearest((w[i] * kvp_load_f32(row_scale + i * scale_stride)) * inv);
-	return top / KVP_WEIGHT_MAX;
-}
-
 static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			       const int16_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
 			       const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
@@ -242,7 +227,7 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
 	int16_t w16[KVP_AXPY_I16_ROWS];
 
 	for (unsigned h = 0; h < g; h++) {
-		float f = unit * weights_i16(n, w + h * w_stride, row_scale, scale_stride, w16);
+		float f = unit * kvp_weights_i16(n, w + h * w_stride, row_scale, scale_stride, w16);
 		float *a = acc + h * acc_stride;
 
 		for (unsigned j = 0; j < m; j++) {
