@@ -16,6 +16,9 @@
 #include "pager.h"
 #include "policies/policy.h"
 
+/* a GQA group's heads go to the codecs' group paths in one call */
+_Static_assert(KVP_GROUP_MAX <= KVP_CODEC_GROUP_MAX, "a GQA group larger than the codecs' group paths take");
+
 struct head_state {
 	float m, l;
 };
