@@ -7,6 +7,8 @@
  * Compressed configurations also print their output's relative error against exact attention over the
  * vectors their codes decode to (kvp_gather), the worst of the 32 query heads.
  * Shape: 8 KV heads, 32 query heads (GQA 4), d = 128 and 64, 4K and 32K tokens.
+ * `bench_attend WORD` runs only the compressed configurations whose name contains WORD (the baselines
+ * always run): `bench_attend kivi`.
  */
 #include <math.h>
 #include <stdio.h>
@@ -190,7 +192,7 @@ static const struct {
 	  "block=64,window=128,store=fp16,k=spark(keep=0.5)|turboquant(bits=3),v=turboquant(bits=3)" },
 };
 
-static void run(kvp_pool *pool, uint32_t n, uint32_t d, double bandwidth, int reps)
+static void run(kvp_pool *pool, uint32_t n, uint32_t d, double bandwidth, int reps, const char *only)
 {
 	struct dense dn = { n, d, malloc((size_t)NKV * n * d * 4), malloc((size_t)NKV * n * d * 4),
 			    malloc(NH * d * 4), malloc(NH * d * 4), malloc((size_t)n * 4) };
@@ -214,6 +216,8 @@ static void run(kvp_pool *pool, uint32_t n, uint32_t d, double bandwidth, int re
 		t_fp16 = t;
 	}
 	for (size_t c = 0; c < sizeof cold / sizeof cold[0]; c++) {
+		if (only && !strstr(cold[c].name, only))
+			continue;
 		double err, t = run_spec(pool, cold[c].spec, &dn, reps, &bytes, &err);
 		snprintf(config, sizeof config, "kvp_attend %s, %uK, d=%u", cold[c].name, n / 1024, d);
 		bench_row(config, "decode latency", t, t_fp16, 1e3, "ms", "kvp_attend fp16");
@@ -223,8 +227,9 @@ static void run(kvp_pool *pool, uint32_t n, uint32_t d, double bandwidth, int re
 	free(dn.k), free(dn.v), free(dn.q), free(dn.out), free(dn.scores);
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+	const char *only = argc > 1 ? argv[1] : NULL;
 	kvp_pool *pool;
 	double bw = bench_memcpy_bandwidth((size_t)256 << 20);
 	int reps = bench_reps(10);
@@ -234,8 +239,8 @@ int main(void)
 	bench_header("Attention, one decode token over one layer: 8 KV heads, 32 query heads");
 	printf("memcpy bandwidth %.2f GB/s; kernels: %s\n", bw / 1e9, kvp_kernels()->name);
 	for (uint32_t d = 128; d >= 64; d /= 2) {
-		run(pool, 4096, d, bw, reps);
-		run(pool, 32768, d, bw, reps);
+		run(pool, 4096, d, bw, reps, only);
+		run(pool, 32768, d, bw, reps, only);
 	}
 	kvp_pool_close(pool);
 	return 0;
