@@ -347,7 +347,7 @@ static void f16_to_f32(size_t n, const uint16_t *x, float *y)
 
 /* e^x for a vector: avx2.c's exp_ps (same reduction, polynomial and two-step 2^n) on sixteen lanes, so
  * each lane's result is the same bits as there. */
-static __m512 exp_ps(__m512 x)
+INLINE __m512 exp_ps(__m512 x)
 {
 	const __m512 ln2_hi = _mm512_set1_ps(0x1.62e4p-1f);   /* 15 significant bits: n*ln2_hi is exact */
 	const __m512 ln2_lo = _mm512_set1_ps(0x1.7f7d1cp-20f);
