@@ -469,8 +469,8 @@ static float softmax_step(unsigned n, float *s, float *m, float *l)
 		sum = _mm256_add_ps(sum, e);
 	}
 
-	/* one exponential per block: libm's is not worth replacing here */
-	float corr = expf(*m - mx);
+	/* one exponential per block, and none when the running maximum stays (e^0 is 1): libm is fine here */
+	float corr = mx == *m ? 1.0f : expf(*m - mx);
 
 	*l = *l * corr + hsum(sum);
 	*m = mx;
