@@ -42,6 +42,9 @@ struct ab_result {
 	double compression;       /* on the mean: sum of bytes_dense_fp16 / sum of held over the samples */
 	double compression_final; /* bytes_dense_fp16 / held after the last step */
 	uint64_t bytes_peak;      /* most bytes held */
+	/* bytes_meta after the last step per token appended per stream, a stream being one layer's K or V
+	 * of one KV head (so 2 x n_layers x n_kv_heads of them): what the pager's bookkeeping costs */
+	double meta_per_token_stream;
 	int cold_tier;            /* the spec has k= or v= */
 	int cold_tier_used;       /* compressed bytes were held at a sample or at the end */
 	struct ab_bytes_meter meter;

@@ -234,6 +234,8 @@ void ab_result_bytes(struct ab_result *r, const kvp_stats *st, uint64_t tokens)
 	r->bytes_peak = held > m->held_peak ? held : m->held_peak;
 	r->bytes_per_token_final = share((double)held, (double)tokens);
 	r->compression_final = share((double)st->bytes_dense_fp16, (double)held);
+	/* tokens_appended is summed over the (layer, KV head) streams, each holding a K and a V */
+	r->meta_per_token_stream = st->tokens_appended ? (double)st->bytes_meta / (2.0 * (double)st->tokens_appended) : NAN;
 	/* without samples there is no mean: n/a, rather than the final snapshot under the mean's name */
 	r->bytes_per_token = m->positions ? share(m->held_sum, m->positions_sum) : NAN;
 	r->bytes_per_token_peak = m->positions ? share((double)r->bytes_peak, (double)tokens) : NAN;
