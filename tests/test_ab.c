@@ -30,7 +30,7 @@ enum column {
 	COL_ATTENTION_ERROR, COL_ATTENTION_ERROR_MAX, COL_TOKENS_PER_S, COL_BYTES_EXACT, COL_BYTES_COMPRESSED,
 	COL_BYTES_META, COL_BYTES_DENSE_FP16, COL_BYTES_PER_TOKEN_PEAK, COL_BYTES_PER_TOKEN_FINAL,
 	COL_COMPRESSION_FINAL, COL_BYTES_PEAK, COL_BYTES_COMPRESSED_PEAK, COL_COLD_TIER, COL_COLD_TIER_USED,
-	COL_PERPLEXITY, N_COLUMNS
+	COL_PERPLEXITY, COL_META_PER_TOKEN_STREAM, N_COLUMNS
 };
 
 struct row {
@@ -106,7 +106,8 @@ static int read_csv(const char *path, struct row *rows, int cap)
 				     "top1_agreement,attention_rel_error,attention_rel_error_max,tokens_per_s,"
 				     "bytes_exact,bytes_compressed,bytes_meta,bytes_dense_fp16,bytes_per_token_peak,"
 				     "bytes_per_token_final,compression_vs_fp16_final,bytes_peak,"
-				     "bytes_compressed_peak,cold_tier,cold_tier_used,perplexity\n";
+				     "bytes_compressed_peak,cold_tier,cold_tier_used,perplexity,"
+				     "meta_bytes_per_token_stream\n";
 	char line[4096];
 	FILE *f = fopen(path, "r");
 	int n = 0;
