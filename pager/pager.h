@@ -89,21 +89,36 @@ struct kvp_tenant_obj {
 	int (*relieve)(struct kvp_tenant_obj *t, uint64_t bytes, struct kvp_call *call);
 };
 
+/* The positions of a block's tokens when they are not a run (pos_base, pos_base + 1, ...): immutable once
+ * made, reference counted so a copy, a cold encoding or a parked record of the block shares them, and
+ * charged to the tenant as metadata (tier/block.c). Either a survivor bitmap over [pos_base, pos_base +
+ * span) or, where that would be larger, every position as an int32. */
+enum kvp_positions_kind { KVP_POSITIONS_BITMAP, KVP_POSITIONS_INT32 };
+struct kvp_positions {
+	_Atomic uint32_t refs;
+	uint32_t kind;  /* enum kvp_positions_kind */
+	uint32_t n;     /* positions held */
+	uint32_t bytes; /* the allocation, as asked */
+	uint64_t word[]; /* BITMAP: bit i set for position pos_base + i; INT32: n int32 values */
+};
+
+/* 64 bytes, one jemalloc size class: the header is the bookkeeping every block of every stream pays. */
 struct kvp_block {
 	_Atomic uint32_t refs;
-	uint32_t n, cap;
-	enum kvp_store store;
-	size_t size;      /* the header allocation (this struct and pos), as asked of jemalloc */
-	size_t data_size; /* the allocation k and v live in, as asked */
-	size_t payload;   /* bytes of k and v together, as counted in stats */
-	uint32_t level;   /* codec-encoded blocks: the ladder level whose codecs encoded it (0 without) */
-	int32_t *pos;
+	uint16_t n, cap; /* at most KVP_BLOCK_MAX */
+	uint8_t store;   /* enum kvp_store */
+	uint8_t level;   /* codec-encoded blocks: the ladder level whose codecs encoded it (0 without) */
+	int32_t pos_base; /* the first token's position */
+	/* NULL while the positions are the run pos_base, pos_base + 1, ... (appended tokens), else theirs */
+	struct kvp_positions *positions;
+	uint32_t data_size; /* the allocation k and v live in, as asked */
+	uint32_t payload;   /* bytes of k and v together, as counted in stats */
+	uint32_t v_offset;  /* where v starts in the allocation k points to: what a restore rebuilds */
 	void *k, *v; /* [cap][head_dim] in the block's store, or the codecs' bytes for n tokens */
 	/* Non-NULL while the block is spilled (tier/restore.c): k and v are NULL, the allocation they lived in
 	 * is freed, and this record holds their bytes; the header (n, cap, positions) stays in memory.
 	 * Only private blocks are spilled, so only their sequence ever sees this. */
 	struct kvp_spilled *spilled;
-	size_t v_offset; /* where v starts in the allocation k points to: what a restore rebuilds */
 };
 
 /* Codec contexts of one stream (outlier channels and the like), fitted on its first cold block and

@@ -174,7 +174,7 @@ Test(evict, compacted_cold_tokens_decode_bit_identically)
 		cr_assert_eq(kvp_seq_step(c.seq), KVP_OK, "%s", kvp_last_error());
 		keys_by_position(&c, 0, after, is);
 		const struct kvp_stream *st = kvp_seq_stream(kvp_seq_from_handle(c.seq), 0, 0);
-		int32_t cold_end = st->n_cold ? st->blocks[st->n_cold - 1]->pos[st->blocks[st->n_cold - 1]->n - 1] : -1;
+		int32_t cold_end = st->n_cold ? kvp_block_last(st->blocks[st->n_cold - 1]) : -1;
 		for (int32_t p = 0; p <= (cold_end < cold_before ? cold_end : cold_before); p++) {
 			if (was[p] && !is[p] && p > 3)
 				dropped_cold++;
