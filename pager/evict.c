@@ -121,17 +121,19 @@ void kvp_evict_close(struct kvp_tenant_obj *t, struct kvp_seq_obj *s)
 	memset(&s->observe, 0, sizeof s->observe);
 }
 
+/* Room for n tokens and an eighth more (a stream grows by a token a step, so it reallocates every n/8
+ * steps), in multiples of 16: not a power of two, which could leave up to half of it unused. */
 kvp_status kvp_observe_reserve(struct kvp_seq_obj *s, uint32_t n)
 {
 	struct kvp_observe_buf *o = &s->observe;
-	uint32_t cap = o->cap ? o->cap : 256;
+	uint64_t cap = ((uint64_t)n + n / 8 + 15) / 16 * 16;
 	size_t bytes;
 	void *mem;
 
 	if (n <= o->cap)
 		return KVP_OK;
-	while (cap < n)
-		cap *= 2;
+	if (cap > UINT32_MAX)
+		cap = n;
 	bytes = (size_t)cap * (s->group * sizeof(float) + sizeof(int32_t));
 	if (!(mem = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0, s->call)))
 		return kvp_fail_context(KVP_ENOMEM, "kvp_attend: room to observe %u tokens for the policy", n);
@@ -139,7 +141,7 @@ kvp_status kvp_observe_reserve(struct kvp_seq_obj *s, uint32_t n)
 		kvp_free(s->tenant, o->weights, o->bytes, KVP_BYTES_META, 0);
 	o->weights = mem;
 	o->pos = (int32_t *)(o->weights + (size_t)s->group * cap);
-	o->cap = cap;
+	o->cap = (uint32_t)cap;
 	o->bytes = bytes;
 	return KVP_OK;
 }
