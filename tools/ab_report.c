@@ -149,7 +149,8 @@ void ab_print_table(FILE *f, const char *title, const struct ab_result *r, int n
 	}
 	fputs("bytes/tok: the run's mean (bytes held after each position, summed, over the positions summed); "
 	      "final: held at the end per token; peak: the most held at once; vs fp16: on the mean; "
-	      "meta/tok: bytes_meta at the end per token per stream (one layer's K or V of one KV head)\n", f);
+	      "meta/tok: what bytes_meta grew by after the first position, per token per stream (one layer's K or "
+	      "V of one KV head)\n", f);
 	for (i = 0; i < n; i++)
 		if (r[i].cold_tier && !r[i].cold_tier_used)
 			print_unused_cold_tier(f, &r[i]);
@@ -209,7 +210,8 @@ int ab_write_csv(const char *path, const struct ab_result *r, int n, char messag
 	fputs("spec,tokens,bytes_per_token_mean,compression_vs_fp16_mean,kl_mean,kl_p99,top1_agreement,"
 	      "attention_rel_error,attention_rel_error_max,tokens_per_s,bytes_exact,bytes_compressed,"
 	      "bytes_meta,bytes_dense_fp16,bytes_per_token_peak,bytes_per_token_final,compression_vs_fp16_final,"
-	      "bytes_peak,bytes_compressed_peak,cold_tier,cold_tier_used,perplexity,meta_bytes_per_token_stream\n", f);
+	      "bytes_peak,bytes_compressed_peak,cold_tier,cold_tier_used,perplexity,meta_bytes_per_token_stream,"
+	      "meta_bytes_sequence\n", f);
 	for (i = 0; i < n; i++) {
 		csv_text(f, r[i].spec);
 		fprintf(f, ",%llu", (unsigned long long)r[i].tokens);
@@ -236,6 +238,7 @@ int ab_write_csv(const char *path, const struct ab_result *r, int n, char messag
 			fputs(",", f);
 		csv_number(f, r[i].perplexity); /* --text only */
 		csv_number(f, r[i].meta_per_token_stream);
+		csv_number(f, r[i].meta_sequence);
 		fputs("\n", f);
 	}
 	return finish_file(f, path, message);
