@@ -116,17 +116,21 @@ void kvp_evict_close(struct kvp_tenant_obj *t, struct kvp_seq_obj *s)
 	round_space_release(t, &s->round_space);
 	kvp_policy_free(s->policy);
 	s->policy = NULL;
+	kvp_observe_release(s);
+}
+
+void kvp_observe_release(struct kvp_seq_obj *s)
+{
 	if (s->observe.bytes)
-		kvp_free(t, s->observe.weights, s->observe.bytes, KVP_BYTES_META, 0);
+		kvp_free(s->tenant, s->observe.weights, s->observe.bytes, KVP_BYTES_META, 0);
 	memset(&s->observe, 0, sizeof s->observe);
 }
 
-/* Room for n tokens and an eighth more (a stream grows by a token a step, so it reallocates every n/8
- * steps), in multiples of 16: not a power of two, which could leave up to half of it unused. */
+/* Room for n tokens, in multiples of 16. */
 kvp_status kvp_observe_reserve(struct kvp_seq_obj *s, uint32_t n)
 {
 	struct kvp_observe_buf *o = &s->observe;
-	uint64_t cap = ((uint64_t)n + n / 8 + 15) / 16 * 16;
+	uint64_t cap = ((uint64_t)n + 15) / 16 * 16;
 	size_t bytes;
 	void *mem;
 

@@ -178,7 +178,7 @@ struct kvp_seq_obj {
 	struct kvp_gating *gating; /* NULL when gate=off (gating/gating.h) */
 	int64_t t0;                /* one past the highest position appended */
 	int32_t prompt_end;        /* the prompt's end, fixed at the first kvp_seq_step; -1 before */
-	struct kvp_observe_buf {   /* what attend hands the policy: weights over one stream */
+	struct kvp_observe_buf {   /* what attend hands the policy: weights over one stream, during one attend */
 		uint32_t cap;
 		size_t bytes;
 		float *weights; /* [group][cap] */
@@ -264,8 +264,11 @@ void kvp_evict_close(struct kvp_tenant_obj *t, struct kvp_seq_obj *s);
 kvp_status kvp_evict_fork(struct kvp_tenant_obj *t, const struct kvp_seq_obj *src, struct kvp_seq_obj *s);
 /* Rounds that are due, then the cold conversion of what they scored. */
 kvp_status kvp_evict_step(struct kvp_seq_obj *s);
-/* Room for attend's observation of streams of up to n tokens; KVP_ENOMEM leaves the old buffer. */
+/* Room for attend's observation of streams of up to n tokens; KVP_ENOMEM leaves the old buffer. The
+ * room lives for one kvp_attend (released at its end): sized by the longest stream, it would otherwise be
+ * bookkeeping every token pays for between calls. */
 kvp_status kvp_observe_reserve(struct kvp_seq_obj *s, uint32_t n);
+void kvp_observe_release(struct kvp_seq_obj *s);
 
 /* ---- coherence gating (gating/gating.h) of a sequence, and the public calls on heads (evict.c) ---- */
 /* The state comes from kvp_seq_allocator: its bytes count in state_bytes. */
