@@ -16,7 +16,8 @@
  * tokens round after round); from then on survivors are packed into full blocks, except when the losses
  * are a prefix of the region (StreamingLLM drops the oldest): then the blocks after it are kept as they
  * are, and the prefix's last packed block may stay partly filled.
- * Single-stream rounds load into the sequence's round space (kept between rounds, charged as metadata).
+ * Single-stream rounds load into the sequence's round space (kept between rounds while it is small beside
+ * the sequence's tokens, charged as metadata).
  * Cold tokens are scored from their decoded keys; a block is encoded only after a round has scored
  * it (cold.c), so every token's first decision is made while it is exact. Until a stream's first round
  * (it holds fewer than budget + every tokens) its blocks therefore stay exact.
@@ -754,6 +755,26 @@ static kvp_status encode_scored(struct kvp_seq_obj *s)
 	return KVP_OK;
 }
 
+/*
+ * The round space saves a long stream's rounds from faulting in fresh pages, but it is sized by the
+ * longest stream: in a sequence of few streams it is bookkeeping every token pays for (an fp32 key per
+ * token of one stream, shared by all). It is kept only while it is at most 1/128 of the sequence's
+ * retained tokens as dense fp16 K and V, at most head_dim / 64 bytes per token per stream: with streams
+ * of equal length, a sequence of more than about 150 (layer, KV head) streams keeps it (32 layers x 8 KV
+ * heads do), one of fewer allocates it per round.
+ */
+static void round_space_trim(struct kvp_seq_obj *s)
+{
+	uint64_t retained = 0;
+
+	if (!s->round_space.bytes)
+		return;
+	for (size_t i = 0; i < (size_t)s->shape.n_layers * s->shape.n_kv_heads; i++)
+		retained += s->streams[i].n_tokens;
+	if ((uint64_t)s->round_space.bytes * 128 > retained * s->shape.head_dim * 4)
+		round_space_release(s->tenant, &s->round_space);
+}
+
 kvp_status kvp_evict_step(struct kvp_seq_obj *s)
 {
 	kvp_status st;
@@ -770,7 +791,9 @@ kvp_status kvp_evict_step(struct kvp_seq_obj *s)
 	if ((st = kvp_gating_step(s->gating, s->policy, s->t0,
 				   (uint64_t)s->tenant->cfg.sinks + s->tenant->cfg.window)) != KVP_OK)
 		return st;
-	if ((st = rounds(s)) != KVP_OK)
+	st = rounds(s);
+	round_space_trim(s);
+	if (st != KVP_OK)
 		return st;
 	return encode_scored(s);
 }

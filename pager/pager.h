@@ -185,7 +185,8 @@ struct kvp_seq_obj {
 		int32_t *pos;   /* [cap] */
 	} observe;
 	/* One stream's positions, fp32 keys and verdict for single-stream policy rounds, kept between rounds
-	 * (charged as metadata) so a long stream's round does not fault in fresh pages each time (evict.c). */
+	 * (charged as metadata) so a long stream's round does not fault in fresh pages each time, while it
+	 * is small beside the sequence's tokens (evict.c). */
 	struct kvp_round_space {
 		uint32_t cap;   /* tokens */
 		size_t bytes;

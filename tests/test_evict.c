@@ -851,3 +851,22 @@ Test(evict, the_observation_buffer_is_not_held_between_attends)
 	kvp_tenant_close(c.tenant);
 	kvp_pool_close(c.pool);
 }
+
+/* A sequence of few streams does not keep its round space between rounds: sized by its longest stream,
+ * an fp32 key per token, it would be most of the sequence's metadata (TriAttention per layer and head). */
+Test(evict, the_round_space_of_a_sequence_of_few_streams_is_not_kept)
+{
+	static float k[MAXT * ROW], v[MAXT * ROW];
+	struct cache c;
+
+	fixture_fill(k, MAXT * ROW, 6, 1.0f);
+	fixture_fill(v, MAXT * ROW, 7, 1.0f);
+	cache_open(&c, "block=16,sinks=4,window=16,policy=triattention(budget=64,every=16,select=per_layer_head)");
+	cr_assert_eq(append(&c, 200, k, v), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_step(c.seq), KVP_OK, "%s", kvp_last_error());
+	cr_assert_leq(kvp_seq_stream(kvp_seq_from_handle(c.seq), 0, 0)->n_tokens, 64, "a round ran");
+	cr_assert_eq(kvp_seq_from_handle(c.seq)->round_space.bytes, 0, "the round space outlived the step");
+	kvp_seq_close(c.seq);
+	kvp_tenant_close(c.tenant);
+	kvp_pool_close(c.pool);
+}
