@@ -359,7 +359,7 @@ Test(ab, kjv64_exact_streaming_triattention_and_stacked_specs)
 
 /* The pager's bookkeeping at block=64 on a real run: what it grows by is at most a byte per token per
  * stream (one layer's K or V of one KV head), for the plain cache and with each policy stacked on a cold
- * tier. The column is bytes_meta's growth after the first position over twice the tokens appended since. */
+ * tier (TriAttention per KV head and per layer and head). The column is bytes_meta's growth after the first position over twice the tokens appended since. */
 Test(ab, kjv64_metadata_is_at_most_a_byte_per_token_per_stream_at_block_64)
 {
 	static const char *const specs[] = {
@@ -367,17 +367,19 @@ Test(ab, kjv64_metadata_is_at_most_a_byte_per_token_per_stream_at_block_64)
 		"block=64,window=64,store=fp16,policy=streaming(sinks=4,window=124)," TQ3,
 		"block=64,window=64,store=fp16,policy=h2o(heavy=0.0625,recent=0.0625,every=16)," TQ3,
 		"block=64,window=64,store=fp16,policy=triattention(budget=128)," TQ3,
+		"block=64,window=64,store=fp16,policy=triattention(budget=128,select=per_layer_head)," TQ3,
 	};
 	char csv[256], args[2048], out[16384];
-	struct row rows[4];
+	struct row rows[5];
 
 	temp_path(csv, sizeof(csv), ".csv");
-	snprintf(args, sizeof(args), "--model %s --steps 512 --spec '%s' --spec '%s' --spec '%s' --spec '%s' --csv %s",
-		 model_path("kjv-64.bin"), specs[0], specs[1], specs[2], specs[3], csv);
+	snprintf(args, sizeof(args),
+		 "--model %s --steps 512 --spec '%s' --spec '%s' --spec '%s' --spec '%s' --spec '%s' --csv %s",
+		 model_path("kjv-64.bin"), specs[0], specs[1], specs[2], specs[3], specs[4], csv);
 	cr_assert_eq(run("kvpager-ab", args, out, sizeof(out)), 0, "%s", out);
-	cr_assert_eq(read_csv(csv, rows, 4), 4);
+	cr_assert_eq(read_csv(csv, rows, 5), 5);
 	cr_assert_not_null(strstr(out, "meta/tok"), "the table shows the figure: %s", out);
-	for (int i = 0; i < 4; i++) {
+	for (int i = 0; i < 5; i++) {
 		const double *v = rows[i].value;
 		/* kjv-64: 4 layers x 2 KV heads, a K and a V stream each; one token each after the first position */
 		double want = (v[COL_BYTES_META] - v[COL_META_SEQUENCE]) / (2.0 * 4 * 2 * (v[COL_TOKENS] - 1));
