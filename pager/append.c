@@ -15,6 +15,8 @@ struct stream_plan {
 	struct kvp_block **table; /* grown block table */
 	uint32_t table_cap;
 	struct kvp_block **fresh;
+	/* the positions of the sink, the tail and each fresh block once written, made in advance */
+	struct kvp_positions_plan sink_pos, tail_pos, *fresh_pos;
 	struct kvp_cold_plan cold;
 };
 
@@ -30,7 +32,12 @@ static void plan_unwind(struct kvp_tenant_obj *t, struct stream_plan *p)
 	kvp_block_put(t, p->tail);
 	for (uint32_t i = 0; i < p->n_fresh && p->fresh; i++)
 		kvp_block_put(t, p->fresh[i]);
+	kvp_positions_plan_unwind(t, &p->sink_pos);
+	kvp_positions_plan_unwind(t, &p->tail_pos);
+	for (uint32_t i = 0; i < p->n_fresh && p->fresh_pos; i++)
+		kvp_positions_plan_unwind(t, &p->fresh_pos[i]);
 	free(p->fresh);
+	free(p->fresh_pos);
 	if (p->table)
 		kvp_free(t, p->table, table_bytes(p->table_cap), KVP_BYTES_META, 0);
 	memset(p, 0, sizeof *p);
@@ -39,6 +46,27 @@ static void plan_unwind(struct kvp_tenant_obj *t, struct stream_plan *p)
 static int shared(struct kvp_block *b)
 {
 	return atomic_load_explicit(&b->refs, memory_order_acquire) > 1;
+}
+
+/* The positions every block written by the append holds afterwards. */
+static kvp_status plan_positions(struct kvp_tenant_obj *t, const struct kvp_stream *s, uint32_t n, const int32_t *pos,
+				 struct stream_plan *p, struct kvp_call *call)
+{
+	uint32_t at = p->sink_take + p->tail_take, block = t->cfg.block;
+	kvp_status st = KVP_OK;
+
+	if (p->sink_take)
+		st = kvp_block_positions_plan(t, s->sink, pos, p->sink_take, call, &p->sink_pos);
+	if (st == KVP_OK && p->tail_take)
+		st = kvp_block_positions_plan(t, s->blocks[s->n_blocks - 1], pos + p->sink_take, p->tail_take, call,
+					      &p->tail_pos);
+	if (st != KVP_OK || !p->n_fresh)
+		return st;
+	if (!(p->fresh_pos = calloc(p->n_fresh, sizeof *p->fresh_pos)))
+		return kvp_fail(KVP_ENOMEM, "out of memory planning an append");
+	for (uint32_t f = 0; st == KVP_OK && f < p->n_fresh; f++, at += block)
+		st = kvp_block_positions_plan(t, NULL, pos + at, n - at < block ? n - at : block, call, &p->fresh_pos[f]);
+	return st;
 }
 
 static kvp_status plan_blocks(struct kvp_tenant_obj *t, const struct kvp_stream *s, uint32_t n, uint32_t dim,
@@ -58,7 +86,8 @@ static kvp_status plan_blocks(struct kvp_tenant_obj *t, const struct kvp_stream 
 	}
 	rest = n - p->sink_take;
 	if (tail && tail->store != KVP_STORE_CODEC && tail->n < tail->cap) {
-		p->tail_take = rest < tail->cap - tail->n ? rest : tail->cap - tail->n;
+		uint32_t room = (uint32_t)tail->cap - tail->n;
+		p->tail_take = rest < room ? rest : room;
 		if (p->tail_take && shared(tail) && !(p->tail = kvp_block_copy(t, tail, dim, call)))
 			return KVP_ENOMEM;
 	}
@@ -88,18 +117,19 @@ static kvp_status plan_blocks(struct kvp_tenant_obj *t, const struct kvp_stream 
 }
 
 static kvp_status plan_stream(struct kvp_tenant_obj *t, const struct kvp_seq_obj *seq, const struct kvp_stream *s,
-			      uint32_t n, struct stream_plan *p)
+			      uint32_t n, const int32_t *pos, struct stream_plan *p)
 {
 	kvp_status st = plan_blocks(t, s, n, seq->shape.head_dim, p, seq->call);
 
+	if (st == KVP_OK)
+		st = plan_positions(t, s, n, pos, p, seq->call);
 	if (st == KVP_OK)
 		st = kvp_cold_plan(t, seq, s, n - p->sink_take, &p->cold);
 	return st;
 }
 
 static void commit_stream(struct kvp_tenant_obj *t, const struct kvp_seq_obj *seq, struct kvp_stream *s,
-			  struct stream_plan *p, uint32_t n, const int32_t *pos, const float *k, const float *v,
-			  size_t stride)
+			  struct stream_plan *p, uint32_t n, const float *k, const float *v, size_t stride)
 {
 	const uint32_t dim = seq->shape.head_dim;
 	uint32_t i = 0;
@@ -108,7 +138,8 @@ static void commit_stream(struct kvp_tenant_obj *t, const struct kvp_seq_obj *se
 		s->sink = p->sink;
 	}
 	if (p->sink_take) {
-		kvp_block_write(s->sink, s->sink->n, p->sink_take, dim, pos, k, v, stride);
+		kvp_block_positions_commit(t, s->sink, &p->sink_pos);
+		kvp_block_write(s->sink, s->sink->n, p->sink_take, dim, k, v, stride);
 		i += p->sink_take;
 	}
 	if (p->tail) {
@@ -117,7 +148,8 @@ static void commit_stream(struct kvp_tenant_obj *t, const struct kvp_seq_obj *se
 	}
 	if (p->tail_take) {
 		struct kvp_block *tail = s->blocks[s->n_blocks - 1];
-		kvp_block_write(tail, tail->n, p->tail_take, dim, pos + i, k + i * stride, v + i * stride, stride);
+		kvp_block_positions_commit(t, tail, &p->tail_pos);
+		kvp_block_write(tail, tail->n, p->tail_take, dim, k + i * stride, v + i * stride, stride);
 		i += p->tail_take;
 	}
 	if (p->table) {
@@ -130,11 +162,13 @@ static void commit_stream(struct kvp_tenant_obj *t, const struct kvp_seq_obj *se
 	}
 	for (uint32_t f = 0; f < p->n_fresh; f++) {
 		uint32_t take = n - i < t->cfg.block ? n - i : t->cfg.block;
-		kvp_block_write(p->fresh[f], 0, take, dim, pos + i, k + i * stride, v + i * stride, stride);
+		kvp_block_positions_commit(t, p->fresh[f], &p->fresh_pos[f]);
+		kvp_block_write(p->fresh[f], 0, take, dim, k + i * stride, v + i * stride, stride);
 		s->blocks[s->n_blocks++] = p->fresh[f];
 		i += take;
 	}
 	free(p->fresh);
+	free(p->fresh_pos);
 	s->n_tokens += n;
 	kvp_cold_commit(t, seq, s, &p->cold);
 }
@@ -148,8 +182,8 @@ static int64_t last_position(const struct kvp_seq_obj *s, uint32_t layer)
 	for (uint32_t g = 0; g < s->shape.n_kv_heads; g++) {
 		const struct kvp_stream *st = kvp_seq_stream(s, layer, g);
 		const struct kvp_block *b = st->n_blocks ? st->blocks[st->n_blocks - 1] : st->sink;
-		if (b && b->n && b->pos[b->n - 1] > last)
-			last = b->pos[b->n - 1];
+		if (b && b->n && kvp_block_last(b) > last)
+			last = kvp_block_last(b);
 	}
 	return last;
 }
@@ -216,14 +250,14 @@ kvp_status kvp_append_resident(struct kvp_seq_obj *s, uint32_t layer, uint32_t n
 	if (nkv > sizeof plans / sizeof plans[0] && !(plan = calloc(nkv, sizeof *plan)))
 		return kvp_fail(KVP_ENOMEM, "kvp_append: out of memory");
 	for (g = 0; g < nkv && st == KVP_OK; g++)
-		st = plan_stream(s->tenant, s, kvp_seq_stream(s, layer, g), n, &plan[g]);
+		st = plan_stream(s->tenant, s, kvp_seq_stream(s, layer, g), n, pos, &plan[g]);
 	if (st != KVP_OK) {
 		st = kvp_fail_context(st, "kvp_append: %u tokens to layer %u not appended", n, layer);
 		for (uint32_t u = 0; u < g; u++)
 			plan_unwind(s->tenant, &plan[u]);
 	} else {
 		for (g = 0; g < nkv; g++)
-			commit_stream(s->tenant, s, kvp_seq_stream(s, layer, g), &plan[g], n, pos,
+			commit_stream(s->tenant, s, kvp_seq_stream(s, layer, g), &plan[g], n,
 				      k + (size_t)g * dim, v + (size_t)g * dim, (size_t)nkv * dim);
 		s->tokens_appended += (uint64_t)n * nkv;
 		if ((int64_t)pos[n - 1] + 1 > s->t0)

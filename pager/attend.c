@@ -277,7 +277,7 @@ kvp_status kvp_attend_resident(struct kvp_seq_obj *s, uint32_t layer, const floa
 {
 	struct stream_attention a;
 	int observing;
-	kvp_status st;
+	kvp_status st = KVP_OK;
 
 	if (!s || s->magic != KVP_SEQ_MAGIC)
 		return kvp_fail(KVP_EINVAL, "kvp_attend: not an open sequence");
@@ -289,9 +289,11 @@ kvp_status kvp_attend_resident(struct kvp_seq_obj *s, uint32_t layer, const floa
 	if (observing && (st = observe_reserve(s, layer)) != KVP_OK)
 		return st;
 	/* cold blocks pressure spilled come back, and the next layer's start coming (tier/restore.c) */
-	if (s->n_spilled && (st = kvp_restore_layer(s, layer, s->call)) != KVP_OK)
+	if (s->n_spilled && (st = kvp_restore_layer(s, layer, s->call)) != KVP_OK) {
+		kvp_observe_release(s);
 		return kvp_fail_context(st, "kvp_attend");
-	for (uint32_t g = 0; g < s->shape.n_kv_heads; g++) {
+	}
+	for (uint32_t g = 0; st == KVP_OK && g < s->shape.n_kv_heads; g++) {
 		size_t at = (size_t)g * s->group * s->shape.head_dim;
 		const struct kvp_stream *stream = kvp_seq_stream(s, layer, g);
 		kvp_cold_note_queries(s, kvp_seq_stream(s, layer, g), q + at);
@@ -300,7 +302,8 @@ kvp_status kvp_attend_resident(struct kvp_seq_obj *s, uint32_t layer, const floa
 		/* a stream without tokens gave zeros and weighed nothing: there is nothing to observe, and before
 		 * the first append there is no query position either */
 		if (observing && a.seen && (st = observe(&a, s, stream, layer, g)) != KVP_OK)
-			return kvp_fail_context(st, "kvp_attend: the policy could not observe layer %u", layer);
+			st = kvp_fail_context(st, "kvp_attend: the policy could not observe layer %u", layer);
 	}
-	return KVP_OK;
+	kvp_observe_release(s);
+	return st;
 }

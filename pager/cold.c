@@ -243,7 +243,7 @@ static uint32_t cold_count(const struct kvp_tenant_config *cfg, const struct kvp
 		return want;
 	for (uint32_t i = st->n_cold; i < st->n_blocks && ok < want; i++, ok++) {
 		const struct kvp_block *b = st->blocks[i];
-		if (b->n != cfg->block || b->pos[b->n - 1] >= st->scored_upto)
+		if (b->n != cfg->block || kvp_block_last(b) >= st->scored_upto)
 			break;
 	}
 	return ok;
@@ -357,8 +357,8 @@ static kvp_status fit(const struct kvp_cold *c, const struct kvp_stream *st, str
 	return st_;
 }
 
-static kvp_status encode(const struct kvp_seq_obj *s, struct kvp_stream *st, struct kvp_cold_plan *p,
-			 const struct kvp_block *exact, struct kvp_block *cold)
+static kvp_status encode(struct kvp_tenant_obj *t, const struct kvp_seq_obj *s, struct kvp_stream *st,
+			 struct kvp_cold_plan *p, const struct kvp_block *exact, struct kvp_block *cold)
 {
 	const struct kvp_cold *c = &s->cold;
 	uint32_t dim = s->shape.head_dim, n = exact->n;
@@ -379,8 +379,9 @@ static kvp_status encode(const struct kvp_seq_obj *s, struct kvp_stream *st, str
 							    v, cold->v);
 	if (rc != KVP_OK)
 		return rc;
-	memcpy(cold->pos, exact->pos, n * sizeof *cold->pos);
-	cold->n = n;
+	/* the same tokens: the exact block's positions, shared */
+	kvp_block_set_positions(t, cold, exact->pos_base, kvp_positions_get(exact->positions));
+	cold->n = (uint16_t)n;
 	return KVP_OK;
 }
 
@@ -392,7 +393,7 @@ void kvp_cold_commit(struct kvp_tenant_obj *t, const struct kvp_seq_obj *s, stru
 	while (done < p->n) {
 		struct kvp_block *exact = st->blocks[st->n_cold];
 		if (exact->store == KVP_STORE_CODEC || exact->n != t->cfg.block ||
-		    encode(s, st, p, exact, p->blocks[done]) != KVP_OK)
+		    encode(t, s, st, p, exact, p->blocks[done]) != KVP_OK)
 			break;
 		st->blocks[st->n_cold++] = p->blocks[done];
 		p->blocks[done++] = NULL;

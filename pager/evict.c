@@ -16,7 +16,8 @@
  * tokens round after round); from then on survivors are packed into full blocks, except when the losses
  * are a prefix of the region (StreamingLLM drops the oldest): then the blocks after it are kept as they
  * are, and the prefix's last packed block may stay partly filled.
- * Single-stream rounds load into the sequence's round space (kept between rounds, charged as metadata).
+ * Single-stream rounds load into the sequence's round space (kept between rounds while it is small beside
+ * the sequence's tokens, charged as metadata).
  * Cold tokens are scored from their decoded keys; a block is encoded only after a round has scored
  * it (cold.c), so every token's first decision is made while it is exact. Until a stream's first round
  * (it holds fewer than budget + every tokens) its blocks therefore stay exact.
@@ -116,22 +117,28 @@ void kvp_evict_close(struct kvp_tenant_obj *t, struct kvp_seq_obj *s)
 	round_space_release(t, &s->round_space);
 	kvp_policy_free(s->policy);
 	s->policy = NULL;
+	kvp_observe_release(s);
+}
+
+void kvp_observe_release(struct kvp_seq_obj *s)
+{
 	if (s->observe.bytes)
-		kvp_free(t, s->observe.weights, s->observe.bytes, KVP_BYTES_META, 0);
+		kvp_free(s->tenant, s->observe.weights, s->observe.bytes, KVP_BYTES_META, 0);
 	memset(&s->observe, 0, sizeof s->observe);
 }
 
+/* Room for n tokens, in multiples of 16. */
 kvp_status kvp_observe_reserve(struct kvp_seq_obj *s, uint32_t n)
 {
 	struct kvp_observe_buf *o = &s->observe;
-	uint32_t cap = o->cap ? o->cap : 256;
+	uint64_t cap = ((uint64_t)n + 15) / 16 * 16;
 	size_t bytes;
 	void *mem;
 
 	if (n <= o->cap)
 		return KVP_OK;
-	while (cap < n)
-		cap *= 2;
+	if (cap > UINT32_MAX)
+		cap = n;
 	bytes = (size_t)cap * (s->group * sizeof(float) + sizeof(int32_t));
 	if (!(mem = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0, s->call)))
 		return kvp_fail_context(KVP_ENOMEM, "kvp_attend: room to observe %u tokens for the policy", n);
@@ -139,7 +146,7 @@ kvp_status kvp_observe_reserve(struct kvp_seq_obj *s, uint32_t n)
 		kvp_free(s->tenant, o->weights, o->bytes, KVP_BYTES_META, 0);
 	o->weights = mem;
 	o->pos = (int32_t *)(o->weights + (size_t)s->group * cap);
-	o->cap = cap;
+	o->cap = (uint32_t)cap;
 	o->bytes = bytes;
 	return KVP_OK;
 }
@@ -285,13 +292,24 @@ static uint32_t reuse_from(const struct kvp_seq_obj *s, const struct kvp_stream 
 	return reused_blocks <= packed_blocks || tokens >= 8 * (uint64_t)B ? prefix_end : r->to;
 }
 
+/* Planning a compaction: the survivors' positions, packed, and where each fresh block's begin, so every
+ * fresh block gets its positions made (and charged) before anything is committed. */
+struct packing {
+	int32_t *pos;       /* [stream tokens] */
+	uint32_t n;
+	uint32_t *starts;   /* [stream blocks + 1]: the index in pos of each fresh block's first token */
+	uint32_t n_starts, assigned; /* fresh blocks begun; fresh blocks given their positions */
+	int32_t *block_pos; /* [KVP_BLOCK_MAX]: one old block's positions */
+};
+
 /*
  * Walks one region: fully kept blocks are reused while nothing is pending (and from reuse_from on in
  * any case), survivors of the others are packed into fresh blocks. With c == NULL it only counts the
- * fresh blocks needed (*fresh). *at, the stream index of the region's first token, is advanced past it.
+ * fresh blocks needed (*fresh) and packs the survivors' positions into pk. *at, the stream index of the
+ * region's first token, is advanced past it.
  */
 static void walk_region(const struct kvp_seq_obj *s, const struct kvp_stream *st, const struct region *r,
-			const struct verdict *v, uint32_t *at, struct compaction *c, uint32_t *fresh)
+			const struct verdict *v, uint32_t *at, struct compaction *c, uint32_t *fresh, struct packing *pk)
 {
 	const uint32_t B = s->tenant->cfg.block, reuse = reuse_from(s, st, r, v, *at);
 	struct kvp_block *cur = NULL;
@@ -316,6 +334,8 @@ static void walk_region(const struct kvp_seq_obj *s, const struct kvp_stream *st
 			*at += b->n;
 			continue;
 		}
+		if (pk)
+			kvp_block_positions(b, pk->block_pos);
 		for (uint32_t j = 0; j < b->n; j++) {
 			if (!kept_at(v, *at + j)) {
 				if (c)
@@ -324,18 +344,22 @@ static void walk_region(const struct kvp_seq_obj *s, const struct kvp_stream *st
 			}
 			if (!pending)
 				*fresh += 1;
+			if (pk) {
+				if (!pending)
+					pk->starts[pk->n_starts++] = pk->n;
+				pk->pos[pk->n++] = pk->block_pos[j];
+			}
 			if (c) {
 				if (!pending) {
 					cur = c->fresh[c->used++];
 					c->table[c->n++] = cur;
 					c->n_cold += r->cold;
 				}
-				cur->pos[pending] = b->pos[j];
 				memcpy((char *)cur->k + pending * r->k_stride, (const char *)b->k + j * r->k_stride,
 				       r->k_stride);
 				memcpy((char *)cur->v + pending * r->v_stride, (const char *)b->v + j * r->v_stride,
 				       r->v_stride);
-				cur->n = pending + 1;
+				cur->n = (uint16_t)(pending + 1);
 			}
 			pending = pending + 1 == B ? 0 : pending + 1;
 		}
@@ -354,21 +378,28 @@ static void compaction_free(struct kvp_tenant_obj *t, struct compaction *c)
 	memset(c, 0, sizeof *c);
 }
 
-/* Fresh blocks for `n` survivors' blocks of a region, appended to c->fresh. */
+/* Fresh blocks for `n` survivors' blocks of a region, appended to c->fresh, each with the positions it
+ * will hold (pk's next n). */
 static kvp_status fresh_blocks(struct kvp_tenant_obj *t, const struct kvp_seq_obj *s, const struct region *r,
-			       uint32_t level, uint32_t n, struct compaction *c)
+			       uint32_t level, uint32_t n, struct compaction *c, struct packing *pk)
 {
 	const struct kvp_codec *k = s->cold.k_level[level], *v = s->cold.v_level[level];
 	uint32_t B = t->cfg.block;
 
-	for (uint32_t i = 0; i < n; i++) {
+	for (uint32_t i = 0; i < n; i++, pk->assigned++) {
+		uint32_t from = pk->starts[pk->assigned];
+		uint32_t to = pk->assigned + 1 < pk->n_starts ? pk->starts[pk->assigned + 1] : pk->n;
+		struct kvp_positions *positions;
 		struct kvp_block *b = r->cold ?
 			kvp_block_new_cold(t, B, k->ops->bytes(k, B), v->ops->bytes(v, B), s->call) :
 			kvp_block_new(t, B, s->shape.head_dim, t->cfg.store, s->call);
 		if (!b)
 			return KVP_ENOMEM;
-		b->level = r->cold ? level : 0;
+		b->level = (uint8_t)(r->cold ? level : 0);
 		c->fresh[c->n_fresh++] = b;
+		if (kvp_positions_make(t, pk->pos + from, to - from, s->call, &positions) != KVP_OK)
+			return KVP_ENOMEM;
+		kvp_block_set_positions(t, b, pk->pos[from], positions);
 	}
 	return KVP_OK;
 }
@@ -378,7 +409,7 @@ static kvp_status fresh_blocks(struct kvp_tenant_obj *t, const struct kvp_seq_ob
  * Planning (plan != 0) allocates each region's fresh blocks; committing packs survivors into them.
  */
 static kvp_status walk_stream(struct kvp_tenant_obj *t, const struct kvp_seq_obj *s, const struct kvp_stream *st,
-			      const struct verdict *v, struct compaction *c, int plan)
+			      const struct verdict *v, struct compaction *c, struct packing *plan)
 {
 	uint32_t at = st->sink ? st->sink->n : 0;
 	kvp_status rc = KVP_OK;
@@ -387,17 +418,17 @@ static kvp_status walk_stream(struct kvp_tenant_obj *t, const struct kvp_seq_obj
 	for (uint32_t from = 0; rc == KVP_OK && from < st->n_cold;) {
 		uint32_t to = level_run_end(st, from), level = st->blocks[from]->level;
 		struct region r = cold_region(s, level, from, to);
-		walk_region(s, st, &r, v, &at, plan ? NULL : c, &n);
+		walk_region(s, st, &r, v, &at, plan ? NULL : c, &n, plan);
 		if (plan)
-			rc = fresh_blocks(t, s, &r, level, n, c);
+			rc = fresh_blocks(t, s, &r, level, n, c, plan);
 		n = 0;
 		from = to;
 	}
 	if (rc == KVP_OK) {
 		struct region r = exact_region(s, st);
-		walk_region(s, st, &r, v, &at, plan ? NULL : c, &n);
+		walk_region(s, st, &r, v, &at, plan ? NULL : c, &n, plan);
 		if (plan)
-			rc = fresh_blocks(t, s, &r, 0, n, c);
+			rc = fresh_blocks(t, s, &r, 0, n, c, plan);
 	}
 	return rc;
 }
@@ -407,12 +438,23 @@ static kvp_status compaction_plan(struct kvp_tenant_obj *t, const struct kvp_seq
 {
 	kvp_status rc;
 
+	struct packing pk = { 0 };
+
 	memset(c, 0, sizeof *c);
 	/* a region of m blocks needs at most m fresh ones */
 	if (st->n_blocks && (!(c->fresh = calloc(st->n_blocks, sizeof *c->fresh)) ||
-			     !(c->reused = calloc(st->n_blocks, sizeof *c->reused))))
-		return kvp_fail(KVP_ENOMEM, "policy round: out of memory");
-	if ((rc = walk_stream(t, s, st, v, c, 1)) != KVP_OK)
+			     !(c->reused = calloc(st->n_blocks, sizeof *c->reused)) ||
+			     !(pk.pos = malloc(((size_t)st->n_tokens + 1) * sizeof *pk.pos)) ||
+			     !(pk.starts = malloc(((size_t)st->n_blocks + 1) * sizeof *pk.starts)) ||
+			     !(pk.block_pos = malloc(KVP_BLOCK_MAX * sizeof *pk.block_pos)))) {
+		rc = kvp_fail(KVP_ENOMEM, "policy round: out of memory");
+	} else {
+		rc = walk_stream(t, s, st, v, c, &pk);
+	}
+	free(pk.pos);
+	free(pk.starts);
+	free(pk.block_pos);
+	if (rc != KVP_OK)
 		return rc;
 	c->cap = st->n_blocks + c->n_fresh;
 	c->table = kvp_alloc(t, (size_t)(c->cap ? c->cap : 1) * sizeof *c->table, KVP_BYTES_META, 0, s->call);
@@ -424,7 +466,7 @@ static kvp_status compaction_plan(struct kvp_tenant_obj *t, const struct kvp_seq
 static void compaction_commit(struct kvp_tenant_obj *t, struct kvp_seq_obj *s, struct kvp_stream *st,
 			      const struct verdict *v, struct compaction *c)
 {
-	walk_stream(t, s, st, v, c, 0);
+	walk_stream(t, s, st, v, c, NULL);
 	for (uint32_t i = 0; i < st->n_blocks; i++)
 		if (!c->reused[i])
 			kvp_block_put(t, st->blocks[i]);
@@ -597,9 +639,9 @@ static uint32_t block_tokens_before(const struct kvp_block *b, int32_t end)
 {
 	uint32_t n = 0;
 
-	if (!b->n || b->pos[b->n - 1] < end)
+	if (!b->n || kvp_block_last(b) < end)
 		return b->n;
-	while (b->pos[n] < end)
+	while (kvp_block_pos(b, n) < end)
 		n++;
 	return n;
 }
@@ -713,6 +755,26 @@ static kvp_status encode_scored(struct kvp_seq_obj *s)
 	return KVP_OK;
 }
 
+/*
+ * The round space saves a long stream's rounds from faulting in fresh pages, but it is sized by the
+ * longest stream: in a sequence of few streams it is bookkeeping every token pays for (an fp32 key per
+ * token of one stream, shared by all). It is kept only while it is at most 1/128 of the sequence's
+ * retained tokens as dense fp16 K and V, at most head_dim / 64 bytes per token per stream: with streams
+ * of equal length, a sequence of more than about 150 (layer, KV head) streams keeps it (32 layers x 8 KV
+ * heads do), one of fewer allocates it per round.
+ */
+static void round_space_trim(struct kvp_seq_obj *s)
+{
+	uint64_t retained = 0;
+
+	if (!s->round_space.bytes)
+		return;
+	for (size_t i = 0; i < (size_t)s->shape.n_layers * s->shape.n_kv_heads; i++)
+		retained += s->streams[i].n_tokens;
+	if ((uint64_t)s->round_space.bytes * 128 > retained * s->shape.head_dim * 4)
+		round_space_release(s->tenant, &s->round_space);
+}
+
 kvp_status kvp_evict_step(struct kvp_seq_obj *s)
 {
 	kvp_status st;
@@ -729,7 +791,9 @@ kvp_status kvp_evict_step(struct kvp_seq_obj *s)
 	if ((st = kvp_gating_step(s->gating, s->policy, s->t0,
 				   (uint64_t)s->tenant->cfg.sinks + s->tenant->cfg.window)) != KVP_OK)
 		return st;
-	if ((st = rounds(s)) != KVP_OK)
+	st = rounds(s);
+	round_space_trim(s);
+	if (st != KVP_OK)
 		return st;
 	return encode_scored(s);
 }

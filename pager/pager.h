@@ -89,21 +89,36 @@ struct kvp_tenant_obj {
 	int (*relieve)(struct kvp_tenant_obj *t, uint64_t bytes, struct kvp_call *call);
 };
 
+/* The positions of a block's tokens when they are not a run (pos_base, pos_base + 1, ...): immutable once
+ * made, reference counted so a copy, a cold encoding or a parked record of the block shares them, and
+ * charged to the tenant as metadata (tier/block.c). Either a survivor bitmap over [pos_base, pos_base +
+ * span) or, where that would be larger, every position as an int32. */
+enum kvp_positions_kind { KVP_POSITIONS_BITMAP, KVP_POSITIONS_INT32 };
+struct kvp_positions {
+	_Atomic uint32_t refs;
+	uint32_t kind;  /* enum kvp_positions_kind */
+	uint32_t n;     /* positions held */
+	uint32_t bytes; /* the allocation, as asked */
+	uint64_t word[]; /* BITMAP: bit i set for position pos_base + i; INT32: n int32 values */
+};
+
+/* 64 bytes, one jemalloc size class: the header is the bookkeeping every block of every stream pays. */
 struct kvp_block {
 	_Atomic uint32_t refs;
-	uint32_t n, cap;
-	enum kvp_store store;
-	size_t size;      /* the header allocation (this struct and pos), as asked of jemalloc */
-	size_t data_size; /* the allocation k and v live in, as asked */
-	size_t payload;   /* bytes of k and v together, as counted in stats */
-	uint32_t level;   /* codec-encoded blocks: the ladder level whose codecs encoded it (0 without) */
-	int32_t *pos;
+	uint16_t n, cap; /* at most KVP_BLOCK_MAX */
+	uint8_t store;   /* enum kvp_store */
+	uint8_t level;   /* codec-encoded blocks: the ladder level whose codecs encoded it (0 without) */
+	int32_t pos_base; /* the first token's position */
+	/* NULL while the positions are the run pos_base, pos_base + 1, ... (appended tokens), else theirs */
+	struct kvp_positions *positions;
+	uint32_t data_size; /* the allocation k and v live in, as asked */
+	uint32_t payload;   /* bytes of k and v together, as counted in stats */
+	uint32_t v_offset;  /* where v starts in the allocation k points to: what a restore rebuilds */
 	void *k, *v; /* [cap][head_dim] in the block's store, or the codecs' bytes for n tokens */
 	/* Non-NULL while the block is spilled (tier/restore.c): k and v are NULL, the allocation they lived in
 	 * is freed, and this record holds their bytes; the header (n, cap, positions) stays in memory.
 	 * Only private blocks are spilled, so only their sequence ever sees this. */
 	struct kvp_spilled *spilled;
-	size_t v_offset; /* where v starts in the allocation k points to: what a restore rebuilds */
 };
 
 /* Codec contexts of one stream (outlier channels and the like), fitted on its first cold block and
@@ -163,14 +178,15 @@ struct kvp_seq_obj {
 	struct kvp_gating *gating; /* NULL when gate=off (gating/gating.h) */
 	int64_t t0;                /* one past the highest position appended */
 	int32_t prompt_end;        /* the prompt's end, fixed at the first kvp_seq_step; -1 before */
-	struct kvp_observe_buf {   /* what attend hands the policy: weights over one stream */
+	struct kvp_observe_buf {   /* what attend hands the policy: weights over one stream, during one attend */
 		uint32_t cap;
 		size_t bytes;
 		float *weights; /* [group][cap] */
 		int32_t *pos;   /* [cap] */
 	} observe;
 	/* One stream's positions, fp32 keys and verdict for single-stream policy rounds, kept between rounds
-	 * (charged as metadata) so a long stream's round does not fault in fresh pages each time (evict.c). */
+	 * (charged as metadata) so a long stream's round does not fault in fresh pages each time, while it
+	 * is small beside the sequence's tokens (evict.c). */
 	struct kvp_round_space {
 		uint32_t cap;   /* tokens */
 		size_t bytes;
@@ -249,8 +265,11 @@ void kvp_evict_close(struct kvp_tenant_obj *t, struct kvp_seq_obj *s);
 kvp_status kvp_evict_fork(struct kvp_tenant_obj *t, const struct kvp_seq_obj *src, struct kvp_seq_obj *s);
 /* Rounds that are due, then the cold conversion of what they scored. */
 kvp_status kvp_evict_step(struct kvp_seq_obj *s);
-/* Room for attend's observation of streams of up to n tokens; KVP_ENOMEM leaves the old buffer. */
+/* Room for attend's observation of streams of up to n tokens; KVP_ENOMEM leaves the old buffer. The
+ * room lives for one kvp_attend (released at its end): sized by the longest stream, it would otherwise be
+ * bookkeeping every token pays for between calls. */
 kvp_status kvp_observe_reserve(struct kvp_seq_obj *s, uint32_t n);
+void kvp_observe_release(struct kvp_seq_obj *s);
 
 /* ---- coherence gating (gating/gating.h) of a sequence, and the public calls on heads (evict.c) ---- */
 /* The state comes from kvp_seq_allocator: its bytes count in state_bytes. */

@@ -48,7 +48,7 @@ static void gather_block(const struct kvp_seq_obj *s, const struct kvp_stream *s
 	const uint32_t dim = s->shape.head_dim;
 	size_t off = (size_t)at * dim, rows = (size_t)b->n * dim;
 	if (pos)
-		memcpy(pos + at, b->pos, b->n * sizeof *pos);
+		kvp_block_positions(b, pos + at);
 	if (b->store == KVP_STORE_CODEC) {
 		kvp_cold_gather(s, st, b, k ? k + off : NULL, v ? v + off : NULL);
 	} else if (b->store == KVP_STORE_FP16) {

@@ -138,14 +138,14 @@ static int fits_in_place(const struct accumulator *a, uint32_t n, const int32_t 
 	return 1;
 }
 
-/* Capacity for n tokens: the next power of two, so a growing stream reallocates O(log n) times. */
+/* Capacity for n tokens: an eighth more, so a stream that grows by a token a step reallocates every n/8
+ * steps (O(log n) times to reach n), while its pairs stay within an eighth of the tokens it holds (a
+ * power of two would leave up to half of them unused: bookkeeping paid per token). */
 static uint32_t capacity_for(uint32_t n)
 {
-	uint32_t cap = H2O_MIN_CAP;
+	uint32_t cap = n + n / 8 > n ? n + n / 8 : n;
 
-	while (cap < n && cap < UINT32_MAX / 2)
-		cap *= 2;
-	return cap < n ? n : cap;
+	return cap < H2O_MIN_CAP ? H2O_MIN_CAP : cap;
 }
 
 /* Re-keys the stream's pairs to the observed positions; the only step of observe that can fail. */
@@ -153,8 +153,8 @@ static kvp_status rekey(const struct kvp_allocator *mem, struct accumulator *a, 
 {
 	struct accumulator fresh;
 
-	/* shrink too once a round has evicted most of what the stream held */
-	if (n <= a->cap && !(a->cap > H2O_MIN_CAP && n <= a->cap / 4) && fits_in_place(a, n, at)) {
+	/* shrink too once a round has evicted a good part of what the stream held */
+	if (n <= a->cap && !(a->cap > H2O_MIN_CAP && n < a->cap / 2) && fits_in_place(a, n, at)) {
 		carry(a->pos, a->sum, a->n, n, at, a->pos, a->sum);
 		a->n = n;
 		return KVP_OK;

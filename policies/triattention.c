@@ -24,7 +24,8 @@
  * with every observed query. Until a head has seen a query its scores are all zero (ties: recency).
  *
  * Memory: the tables, online statistics and fixed scratch are one allocation from the policy's allocator
- * (the pager's charges the sequence's tenant), laid out by tria_layout; score's rows grow with the stream.
+ * (the pager's charges the sequence's tenant), laid out by tria_layout; score's rows, sized by the stream,
+ * live for one call.
  * A stats file's statistics are read once and shared read-only (struct tria_file).
  */
 #include <math.h>
@@ -48,9 +49,8 @@ struct online_sums {
 };
 
 /*
- * What score works in, kept between calls so a round over a long stream does not fault in fresh pages
- * every time: the GQA group's coefficients, one raw row per query head (grown with the stream), and one
- * tile of band magnitudes.
+ * What score works in: the GQA group's coefficients and one tile of band magnitudes, fixed and kept
+ * between calls, and one raw row per query head, sized for the stream and released after each call.
  */
 struct tria_scratch {
 	uint32_t cap;        /* tokens the rows hold */
@@ -238,24 +238,37 @@ static void layout_coefficients(const struct tria *t, const kvp_shape *s, unsign
  */
 #define TILE 256
 
+/* The rows go back after each call: they grow with the stream, and a policy's memory between rounds is
+ * bookkeeping every token pays for (rounds are every `every` steps, so this costs little). */
+static void scratch_release(struct kvp_policy *p, struct tria *t)
+{
+	unsigned group = p->shape.n_heads / p->shape.n_kv_heads;
+
+	if (t->scratch.rows)
+		kvp_release(&p->mem, t->scratch.rows, (size_t)group * t->scratch.cap * sizeof(float));
+	t->scratch.rows = NULL;
+	t->scratch.cap = 0;
+}
+
 /* Rows for n tokens; the only step of score that can fail, so it runs first. */
 static kvp_status scratch_reserve(struct kvp_policy *p, struct tria *t, uint32_t n)
 {
 	struct tria_scratch *w = &t->scratch;
 	unsigned group = p->shape.n_heads / p->shape.n_kv_heads;
-	uint32_t cap = w->cap ? w->cap : TILE;
+	/* an eighth more than n, so a growing stream reallocates rarely, without a power of two's slack */
+	uint64_t cap = ((uint64_t)n + n / 8 + 15) / 16 * 16;
 	float *grown;
 
 	if (w->rows && n <= w->cap)
 		return KVP_OK;
-	while (cap < n)
-		cap *= 2;
+	if (cap > UINT32_MAX)
+		cap = n;
 	if (!(grown = kvp_allocate_array(&p->mem, (size_t)group * cap, sizeof(float), "score rows")))
 		return kvp_fail_context(KVP_ENOMEM, "triattention: scoring %u tokens", n);
 	if (w->rows)
 		kvp_release(&p->mem, w->rows, (size_t)group * w->cap * sizeof(float));
 	w->rows = grown;
-	w->cap = cap;
+	w->cap = (uint32_t)cap;
 	return KVP_OK;
 }
 
@@ -320,6 +333,7 @@ static kvp_status score(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, 
 		for (uint32_t i = 0; i < n; i++)
 			scores[i] = row[i] > scores[i] ? row[i] : scores[i];
 	}
+	scratch_release(p, t);
 	return KVP_OK;
 }
 

@@ -94,7 +94,7 @@ static void slot_seeds(void)
 {
 	char dir[] = "/tmp/kvp-seeds-XXXXXX", file[64], spec[128];
 	static struct slot_stub slot;
-	unsigned char rec[sizeof slot.stub.header + sizeof slot.pos + sizeof slot.kv];
+	unsigned char rec[sizeof slot.stub.header + sizeof slot.kv];
 	kvp_pool *pool;
 	if (!mkdtemp(dir)) {
 		perror(dir);

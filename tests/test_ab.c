@@ -30,7 +30,7 @@ enum column {
 	COL_ATTENTION_ERROR, COL_ATTENTION_ERROR_MAX, COL_TOKENS_PER_S, COL_BYTES_EXACT, COL_BYTES_COMPRESSED,
 	COL_BYTES_META, COL_BYTES_DENSE_FP16, COL_BYTES_PER_TOKEN_PEAK, COL_BYTES_PER_TOKEN_FINAL,
 	COL_COMPRESSION_FINAL, COL_BYTES_PEAK, COL_BYTES_COMPRESSED_PEAK, COL_COLD_TIER, COL_COLD_TIER_USED,
-	COL_PERPLEXITY, N_COLUMNS
+	COL_PERPLEXITY, COL_META_PER_TOKEN_STREAM, COL_META_SEQUENCE, N_COLUMNS
 };
 
 struct row {
@@ -106,7 +106,8 @@ static int read_csv(const char *path, struct row *rows, int cap)
 				     "top1_agreement,attention_rel_error,attention_rel_error_max,tokens_per_s,"
 				     "bytes_exact,bytes_compressed,bytes_meta,bytes_dense_fp16,bytes_per_token_peak,"
 				     "bytes_per_token_final,compression_vs_fp16_final,bytes_peak,"
-				     "bytes_compressed_peak,cold_tier,cold_tier_used,perplexity\n";
+				     "bytes_compressed_peak,cold_tier,cold_tier_used,perplexity,"
+				     "meta_bytes_per_token_stream,meta_bytes_sequence\n";
 	char line[4096];
 	FILE *f = fopen(path, "r");
 	int n = 0;
@@ -353,6 +354,43 @@ Test(ab, kjv64_exact_streaming_triattention_and_stacked_specs)
 	/* a 68-token budget drops tokens from position 69 on: the output must move */
 	cr_assert_gt(rows[1].value[COL_KL_MEAN], 0);
 	cr_assert_gt(rows[3].value[COL_KL_MEAN], 0);
+	unlink(csv);
+}
+
+/* The pager's bookkeeping at block=64 on a real run: what it grows by is at most a byte per token per
+ * stream (one layer's K or V of one KV head), for the plain cache and with each policy stacked on a cold
+ * tier (TriAttention per KV head and per layer and head). The column is bytes_meta's growth after the first position over twice the tokens appended since. */
+Test(ab, kjv64_metadata_is_at_most_a_byte_per_token_per_stream_at_block_64)
+{
+	static const char *const specs[] = {
+		"block=64,store=fp16",
+		"block=64,window=64,store=fp16,policy=streaming(sinks=4,window=124)," TQ3,
+		"block=64,window=64,store=fp16,policy=h2o(heavy=0.0625,recent=0.0625,every=16)," TQ3,
+		"block=64,window=64,store=fp16,policy=triattention(budget=128)," TQ3,
+		"block=64,window=64,store=fp16,policy=triattention(budget=128,select=per_layer_head)," TQ3,
+	};
+	char csv[256], args[2048], out[16384];
+	struct row rows[5];
+
+	temp_path(csv, sizeof(csv), ".csv");
+	snprintf(args, sizeof(args),
+		 "--model %s --steps 512 --spec '%s' --spec '%s' --spec '%s' --spec '%s' --spec '%s' --csv %s",
+		 model_path("kjv-64.bin"), specs[0], specs[1], specs[2], specs[3], specs[4], csv);
+	cr_assert_eq(run("kvpager-ab", args, out, sizeof(out)), 0, "%s", out);
+	cr_assert_eq(read_csv(csv, rows, 5), 5);
+	cr_assert_not_null(strstr(out, "meta/tok"), "the table shows the figure: %s", out);
+	for (int i = 0; i < 5; i++) {
+		const double *v = rows[i].value;
+		/* kjv-64: 4 layers x 2 KV heads, a K and a V stream each; one token each after the first position */
+		double want = (v[COL_BYTES_META] - v[COL_META_SEQUENCE]) / (2.0 * 4 * 2 * (v[COL_TOKENS] - 1));
+		cr_assert_str_eq(rows[i].spec, specs[i]);
+		cr_assert(v[COL_META_SEQUENCE] > 0 && v[COL_META_SEQUENCE] < v[COL_BYTES_META], "%s: %g of %g", specs[i],
+			  v[COL_META_SEQUENCE], v[COL_BYTES_META]);
+		cr_assert_float_eq(v[COL_META_PER_TOKEN_STREAM], want, 1e-6 * want, "%s: %g, not %g", specs[i],
+				   v[COL_META_PER_TOKEN_STREAM], want);
+		cr_assert(v[COL_META_PER_TOKEN_STREAM] > 0 && v[COL_META_PER_TOKEN_STREAM] <= 1.0,
+			  "%s: %g bytes of metadata per token per stream", specs[i], v[COL_META_PER_TOKEN_STREAM]);
+	}
 	unlink(csv);
 }
 

@@ -174,7 +174,7 @@ Test(evict, compacted_cold_tokens_decode_bit_identically)
 		cr_assert_eq(kvp_seq_step(c.seq), KVP_OK, "%s", kvp_last_error());
 		keys_by_position(&c, 0, after, is);
 		const struct kvp_stream *st = kvp_seq_stream(kvp_seq_from_handle(c.seq), 0, 0);
-		int32_t cold_end = st->n_cold ? st->blocks[st->n_cold - 1]->pos[st->blocks[st->n_cold - 1]->n - 1] : -1;
+		int32_t cold_end = st->n_cold ? kvp_block_last(st->blocks[st->n_cold - 1]) : -1;
 		for (int32_t p = 0; p <= (cold_end < cold_before ? cold_end : cold_before); p++) {
 			if (was[p] && !is[p] && p > 3)
 				dropped_cold++;
@@ -778,4 +778,95 @@ Test(evict, kjv64_at_half_the_tokens_triattention_beats_streaming_and_stacks_wit
 	cr_assert_geq(agree, STEPS * 9 / 10, "argmax agreement %d / %d", agree, STEPS);
 	free(exact.out), free(tri.out), free(stream.out), free(stacked.out);
 	llama_model_free(&m);
+}
+
+/*
+ * A block's positions: a run of appended tokens stores none; gaps make a survivor bitmap when that is
+ * smaller than an int32 each, else int32s; a tail whose run a later append breaks gets them made whole.
+ * kvp_gather reads back every position exactly, and bytes_meta counts what is stored.
+ */
+Test(evict, block_positions_are_a_run_a_bitmap_or_int32s_and_read_back_exactly)
+{
+	static float k[MAXT * ROW], v[MAXT * ROW];
+	int32_t want[64], got[MAXT];
+	struct cache c;
+	uint32_t n = 0, got_n;
+	kvp_stats before = { .size = sizeof before }, after = { .size = sizeof after };
+
+	fixture_fill(k, MAXT * ROW, 1, 1.0f);
+	fixture_fill(v, MAXT * ROW, 2, 1.0f);
+	cache_open(&c, "block=16,sinks=0,window=0,store=fp16");
+	for (int32_t i = 0; i < 16; i++)
+		want[n++] = i;             /* block 0: a run */
+	for (int32_t i = 0; i < 16; i++)
+		want[n++] = 100 + 2 * i;   /* block 1: every other position, a bitmap of 31 bits */
+	for (int32_t i = 0; i < 16; i++)
+		want[n++] = 1000 + 4000 * i; /* block 2: far apart, int32s */
+	for (int32_t i = 0; i < 8; i++)
+		want[n++] = 70000 + i;     /* block 3: a run, then broken by the next append */
+	cr_assert_eq(kvp_append(c.seq, 0, n, want, k, v), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_stats(c.seq, &before), KVP_OK);
+	for (int32_t i = 0; i < 8; i++)
+		want[n++] = 70010 + i;
+	cr_assert_eq(kvp_append(c.seq, 0, 8, want + 56, k, v), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_stats(c.seq, &after), KVP_OK);
+	for (uint32_t h = 0; h < NKV; h++) {
+		const struct kvp_stream *st = kvp_seq_stream(kvp_seq_from_handle(c.seq), 0, h);
+		cr_assert_eq(kvp_gather(c.seq, 0, h, MAXT, got, NULL, NULL, &got_n), KVP_OK, "%s", kvp_last_error());
+		cr_assert_eq(got_n, n);
+		cr_assert_eq(memcmp(got, want, n * sizeof *got), 0, "KV head %u reads back its positions", h);
+		cr_assert_eq(st->n_blocks, 4);
+		cr_assert_null(st->blocks[0]->positions, "a run stores no positions");
+		cr_assert_eq(st->blocks[1]->positions->kind, KVP_POSITIONS_BITMAP);
+		cr_assert_eq(st->blocks[2]->positions->kind, KVP_POSITIONS_INT32);
+		cr_assert_eq(st->blocks[3]->positions->kind, KVP_POSITIONS_BITMAP, "the broken run is a bitmap now");
+		for (uint32_t i = 0; i < 16; i++)
+			cr_assert_eq(kvp_block_pos(st->blocks[3], i), want[48 + i], "token %u of the last block", i);
+	}
+	/* the last block's bitmap (18 bits: one word) is what the second append added to the metadata */
+	cr_assert_eq(after.bytes_meta - before.bytes_meta, (uint64_t)NKV * 32, "%llu",
+		     (unsigned long long)(after.bytes_meta - before.bytes_meta));
+	kvp_seq_close(c.seq);
+	kvp_tenant_close(c.tenant);
+	kvp_pool_close(c.pool);
+}
+
+/* What attend hands the policy (the weights of a stream's tokens) lives for one kvp_attend: sized by the
+ * longest stream, it would otherwise be metadata every token pays for between calls. */
+Test(evict, the_observation_buffer_is_not_held_between_attends)
+{
+	static float k[MAXT * ROW], v[MAXT * ROW], q[NH * D], out[NH * D];
+	struct cache c;
+
+	fixture_fill(k, MAXT * ROW, 3, 1.0f);
+	fixture_fill(v, MAXT * ROW, 4, 1.0f);
+	fixture_fill(q, NH * D, 5, 1.0f);
+	cache_open(&c, "block=16,sinks=4,window=16,policy=h2o(heavy=0.25,recent=0.25)");
+	cr_assert_eq(append(&c, 300, k, v), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_attend(c.seq, 0, q, out), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_from_handle(c.seq)->observe.bytes, 0, "the observation outlived its attend");
+	cr_assert_eq(kvp_seq_step(c.seq), KVP_OK, "%s", kvp_last_error());
+	cr_assert_lt(kvp_seq_stream(kvp_seq_from_handle(c.seq), 0, 0)->n_tokens, 300, "H2O saw the weights and ran");
+	kvp_seq_close(c.seq);
+	kvp_tenant_close(c.tenant);
+	kvp_pool_close(c.pool);
+}
+
+/* A sequence of few streams does not keep its round space between rounds: sized by its longest stream,
+ * an fp32 key per token, it would be most of the sequence's metadata (TriAttention per layer and head). */
+Test(evict, the_round_space_of_a_sequence_of_few_streams_is_not_kept)
+{
+	static float k[MAXT * ROW], v[MAXT * ROW];
+	struct cache c;
+
+	fixture_fill(k, MAXT * ROW, 6, 1.0f);
+	fixture_fill(v, MAXT * ROW, 7, 1.0f);
+	cache_open(&c, "block=16,sinks=4,window=16,policy=triattention(budget=64,every=16,select=per_layer_head)");
+	cr_assert_eq(append(&c, 200, k, v), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_step(c.seq), KVP_OK, "%s", kvp_last_error());
+	cr_assert_leq(kvp_seq_stream(kvp_seq_from_handle(c.seq), 0, 0)->n_tokens, 64, "a round ran");
+	cr_assert_eq(kvp_seq_from_handle(c.seq)->round_space.bytes, 0, "the round space outlived the step");
+	kvp_seq_close(c.seq);
+	kvp_tenant_close(c.tenant);
+	kvp_pool_close(c.pool);
 }

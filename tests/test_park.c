@@ -361,3 +361,41 @@ Test(park, a_step_while_parked_with_no_round_due_leaves_the_cold_tier_to_unpark)
 	a_step_while_parked_waits_for_unpark("block=16,sinks=4,window=16,k=turboquant(bits=4),v=turboquant(bits=4),"
 					      "policy=triattention(budget=64,every=64,stats=online)", 1);
 }
+
+/* Positions stay in memory while a block's K and V are on the device: an H2O round packs survivors with
+ * gaps into blocks that hold their positions (a bitmap or int32s), and after a park and an unpark every
+ * stream reads back the positions of a twin that was never parked. */
+Test(park, packed_positions_come_back_with_unpark)
+{
+	static int32_t a[1024], b[1024];
+	uint32_t na, nb, packed = 0;
+	kvp_seq *s, *ref;
+	park_open("16MiB", "block=16,sinks=4,window=16,policy=h2o(heavy=0.2,recent=0.2)");
+	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &s), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &ref), KVP_OK, "%s", kvp_last_error());
+	for (kvp_seq *x = s; x; x = x == s ? ref : NULL) {
+		static float out[PARK_LAYERS * PARK_OUT];
+		park_fill(x, 0, 200, 1);
+		park_attend(x, out);
+		cr_assert_eq(kvp_seq_step(x), KVP_OK, "%s", kvp_last_error());
+	}
+	for (uint32_t i = 0; i < PARK_LAYERS * PARK_KV; i++) {
+		const struct kvp_stream *st = &kvp_seq_from_handle(s)->streams[i];
+		for (uint32_t j = 0; j < st->n_blocks; j++)
+			packed += st->blocks[j]->positions != NULL;
+	}
+	cr_assert_gt(packed, 0, "the round packed survivors with gaps into blocks");
+	cr_assert_eq(kvp_seq_park(s), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_seq_unpark(s), KVP_OK, "%s", kvp_last_error());
+	for (uint32_t l = 0; l < PARK_LAYERS; l++)
+		for (uint32_t h = 0; h < PARK_KV; h++) {
+			cr_assert_eq(kvp_gather(s, l, h, 1024, a, NULL, NULL, &na), KVP_OK, "%s", kvp_last_error());
+			cr_assert_eq(kvp_gather(ref, l, h, 1024, b, NULL, NULL, &nb), KVP_OK, "%s", kvp_last_error());
+			cr_assert_eq(na, nb);
+			cr_assert_lt(na, 200, "the round dropped tokens");
+			cr_assert_eq(memcmp(a, b, na * sizeof *a), 0, "layer %u, KV head %u: positions after unpark", l, h);
+		}
+	kvp_seq_close(s);
+	kvp_seq_close(ref);
+	park_close();
+}

@@ -620,8 +620,9 @@ Test(triattention, a_pinned_prompt_does_not_enter_the_decode_tokens_z_scores)
 
 /*
  * Tables, statistics and score rows come from the policy's allocator: a score that needs rows it refuses
- * fails with KVP_ENOMEM and a message, and the policy scores as before afterwards; a clone takes its own
- * memory from its own allocator; every byte comes back at close.
+ * fails with KVP_ENOMEM and a message, and the policy scores as before afterwards; the rows, sized by the
+ * stream, are not held between calls (bookkeeping every token would pay); a clone takes its own memory
+ * from its own allocator; every byte comes back at close.
  */
 Test(triattention, memory_comes_from_its_allocator_and_all_of_it_comes_back)
 {
@@ -646,10 +647,13 @@ Test(triattention, memory_comes_from_its_allocator_and_all_of_it_comes_back)
 	cr_assert_eq(kvp_policy_parse_in(spec, strlen(spec), &sh, &mem.ops, &p), KVP_OK, "%s", kvp_last_error());
 	cr_assert_gt(mem.held, 0, "the statistics come from the allocator");
 	cr_assert_eq(kvp_policy_observe(p, 1, 1, 5, &q[0][0], 0, NULL, NULL), KVP_OK);
+	size_t between_calls = mem.held;
 	cr_assert_eq(kvp_policy_score(p, 1, 1, N, 100, pos, &k[0][0], a), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(mem.held, between_calls, "a score keeps %zu bytes after it returns", mem.held - between_calls);
 	mem.left = 0;
 	cr_assert_eq(kvp_policy_score(p, 1, 1, N, N, pos, &k[0][0], b), KVP_ENOMEM);
 	cr_assert(strstr(kvp_last_error(), "triattention"), "%s", kvp_last_error());
+	mem.left = 1 << 20;
 	cr_assert_eq(kvp_policy_score(p, 1, 1, N, 100, pos, &k[0][0], b), KVP_OK, "%s", kvp_last_error());
 	for (int i = 0; i < 100; i++)
 		cr_assert_float_eq(a[i], b[i], 0, "token %d scores differently after a refused call", i);

@@ -101,14 +101,15 @@ static kvp_status park_plan(struct kvp_spill *d, struct kvp_seq_obj *s, const st
 }
 
 /* What a park's commit surely frees: the blocks only this sequence holds (the claim or the call keeps
- * forks out). A block a sibling shares may live on in it. */
+ * forks out), less their positions, which their records keep in memory. A block a sibling shares may
+ * live on in it. */
 static uint64_t private_bytes(const struct kvp_seq_obj *s, const struct position *pos, size_t n)
 {
 	uint64_t bytes = 0;
 	for (size_t i = 0; i < n; i++) {
 		const struct kvp_block *b = *pos[i].where;
 		if (b && atomic_load_explicit(&b->refs, memory_order_acquire) == 1)
-			bytes += kvp_block_bytes(s->tenant, b);
+			bytes += kvp_block_bytes(s->tenant, b) - kvp_block_positions_bytes(s->tenant, b);
 	}
 	return bytes;
 }
@@ -226,6 +227,8 @@ static kvp_status unpark_plan(struct kvp_spill *d, struct kvp_seq_obj *s, struct
 			blocks[i] = kvp_block_new(s->tenant, h->cap, s->shape.head_dim, (enum kvp_store)h->store, call);
 		if (!blocks[i])
 			return KVP_ENOMEM;
+		kvp_block_set_positions(s->tenant, blocks[i], h->n ? p->stubs[i]->pos_base : 0,
+					kvp_positions_get(p->stubs[i]->positions));
 		io[(*n_io)++] = (struct kvp_spill_io){ p->stubs[i], blocks[i] };
 	}
 	return KVP_OK;
@@ -315,7 +318,9 @@ uint64_t kvp_seq_parked_meta(const struct kvp_seq_obj *s)
 	bytes = kvp_alloc_size(s->tenant, parked_bytes(s->parked->n));
 	for (size_t i = 0; i < s->parked->n; i++)
 		if (s->parked->stubs[i])
-			bytes += kvp_alloc_size(s->tenant, sizeof(struct kvp_spilled));
+			bytes += kvp_alloc_size(s->tenant, sizeof(struct kvp_spilled)) +
+				 (s->parked->stubs[i]->positions ?
+					  kvp_alloc_size(s->tenant, s->parked->stubs[i]->positions->bytes) : 0);
 	return bytes;
 }
 

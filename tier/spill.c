@@ -468,11 +468,11 @@ uint64_t kvp_spill_record_pages(uint64_t payload)
 
 void kvp_spill_block_image(const struct kvp_block *b, uint32_t dim, struct kvp_block_image *im)
 {
-	/* Opaque bytes: whatever a block holds (exact rows or codec bytes), its positions and the one
-	 * allocation its K and V live in are what spills. */
+	/* Opaque bytes: whatever a block holds (exact rows or codec bytes), the one allocation its K and V
+	 * live in is what spills; its positions stay in memory (the header, or the stub of a parked block). */
 	(void)dim;
-	im->part[0] = b->pos;
-	im->bytes[0] = (size_t)b->cap * sizeof *b->pos;
+	im->part[0] = NULL;
+	im->bytes[0] = 0;
 	im->part[1] = b->k;
 	im->bytes[1] = b->data_size;
 }
@@ -492,7 +492,8 @@ static void record_pack(struct kvp_spilled *stub, const struct kvp_block *block,
 	size_t at = sizeof stub->header;
 	kvp_spill_block_image(block, dim, &im);
 	for (int i = 0; i < KVP_IMAGE_PARTS; i++) {
-		memcpy(dst + at, im.part[i], im.bytes[i]);
+		if (im.bytes[i])
+			memcpy(dst + at, im.part[i], im.bytes[i]);
 		at += im.bytes[i];
 	}
 	memset(dst + at, 0, record_bytes(stub) - at);
@@ -527,7 +528,8 @@ kvp_status kvp_spill_record_unpack(const struct kvp_spilled *stub, struct kvp_bl
 				"not the %llu it was written with", (unsigned long long)stub->first_page,
 				im.bytes[0] + im.bytes[1], (unsigned long long)stub->header.payload);
 	for (int i = 0; i < KVP_IMAGE_PARTS; i++) {
-		memcpy(im.part[i], src + at, im.bytes[i]);
+		if (im.bytes[i])
+			memcpy(im.part[i], src + at, im.bytes[i]);
 		at += im.bytes[i];
 	}
 	block->n = stub->header.n;

@@ -60,6 +60,9 @@ struct kvp_spilled {
 	uint32_t dim; /* of the sequence's streams: block accounting needs it */
 	size_t k_bytes, v_bytes; /* what a codec-encoded block is rebuilt with (kvp_block_new_cold) */
 	uint32_t level;          /* and the ladder level whose codecs read it */
+	/* The block's positions stay in memory (a reference): they are what a rebuilt block gets back. */
+	int32_t pos_base;
+	struct kvp_positions *positions;
 };
 
 /* Twins by block: open addressing, linear probing, backward-shift deletion. Under the device lock. */
@@ -110,7 +113,7 @@ uint64_t kvp_spill_record_pages(uint64_t payload);
 /* The block's image as the device sees it: the one place its byte size is computed. */
 #define KVP_IMAGE_PARTS 2
 struct kvp_block_image {
-	void *part[KVP_IMAGE_PARTS]; /* positions, then the allocation K and V live in */
+	void *part[KVP_IMAGE_PARTS]; /* nothing (positions stay in memory, with the stub), then K and V's allocation */
 	size_t bytes[KVP_IMAGE_PARTS];
 };
 void kvp_spill_block_image(const struct kvp_block *b, uint32_t dim, struct kvp_block_image *im);

@@ -88,9 +88,35 @@ void kvp_block_put(struct kvp_tenant_obj *t, struct kvp_block *b);
 void kvp_block_put_during(struct kvp_tenant_obj *t, struct kvp_block *b, struct kvp_call *call);
 size_t kvp_block_token_bytes(const struct kvp_block *b); /* k and v storage */
 size_t kvp_block_bytes(const struct kvp_tenant_obj *t, const struct kvp_block *b); /* both allocations */
-/* Writes rows [at, at+n) of the block from fp32 k/v with the given row stride (floats). */
-void kvp_block_write(struct kvp_block *b, uint32_t at, uint32_t n, uint32_t dim, const int32_t *pos,
-		     const float *k, const float *v, size_t stride);
+/* Writes rows [at, at+n) of the block from fp32 k/v with the given row stride (floats); the positions are
+ * the plan's (kvp_block_positions_plan/commit). */
+void kvp_block_write(struct kvp_block *b, uint32_t at, uint32_t n, uint32_t dim, const float *k, const float *v,
+		     size_t stride);
+
+/* ---- positions of a block's tokens (block.c; struct kvp_positions in pager/pager.h) ---- */
+struct kvp_positions;
+/* The positions pos[0..n), increasing: *out NULL when they are a run (nothing to store), else made. */
+kvp_status kvp_positions_make(struct kvp_tenant_obj *t, const int32_t *pos, uint32_t n, struct kvp_call *call,
+			      struct kvp_positions **out);
+struct kvp_positions *kvp_positions_get(struct kvp_positions *p); /* another reference; p may be NULL */
+void kvp_positions_put(struct kvp_tenant_obj *t, struct kvp_positions *p, struct kvp_call *call);
+/* Installs base and p (the block's reference to it) in place of the block's positions. */
+void kvp_block_set_positions(struct kvp_tenant_obj *t, struct kvp_block *b, int32_t base, struct kvp_positions *p);
+void kvp_block_positions(const struct kvp_block *b, int32_t *out); /* all n of them */
+int32_t kvp_block_pos(const struct kvp_block *b, uint32_t i);
+int32_t kvp_block_last(const struct kvp_block *b); /* n >= 1 */
+size_t kvp_block_positions_bytes(const struct kvp_tenant_obj *t, const struct kvp_block *b);
+/* The block's positions once pos[0..n) are appended to b (NULL: a fresh block), made in advance so the
+ * commit cannot fail. */
+struct kvp_positions_plan {
+	int32_t base;
+	int changed;                     /* positions holds what the block gets (NULL: a run) */
+	struct kvp_positions *positions;
+};
+kvp_status kvp_block_positions_plan(struct kvp_tenant_obj *t, const struct kvp_block *b, const int32_t *pos,
+				    uint32_t n, struct kvp_call *call, struct kvp_positions_plan *out);
+void kvp_block_positions_commit(struct kvp_tenant_obj *t, struct kvp_block *b, struct kvp_positions_plan *p);
+void kvp_positions_plan_unwind(struct kvp_tenant_obj *t, struct kvp_positions_plan *p);
 /* Drop the rows of a private block whose record is written, or take new rows to read it into. */
 void kvp_block_spill_out(struct kvp_tenant_obj *t, struct kvp_block *b, struct kvp_spilled *stub,
 			 struct kvp_call *call);

@@ -25,6 +25,7 @@ struct ab_bytes_meter {
 	double positions_sum;          /* 1 + 2 + ... + positions */
 	uint64_t held_peak, compressed_peak;
 	double retained_peak;          /* most tokens retained per stream (tokens_retained / streams) */
+	uint64_t meta_first, appended_first; /* bytes_meta and tokens_appended at the first sample */
 };
 
 /* Takes one sample: the stats of the sequence after its position `meter->positions + 1`. */
@@ -42,6 +43,11 @@ struct ab_result {
 	double compression;       /* on the mean: sum of bytes_dense_fp16 / sum of held over the samples */
 	double compression_final; /* bytes_dense_fp16 / held after the last step */
 	uint64_t bytes_peak;      /* most bytes held */
+	/* The pager's bookkeeping (bytes_meta): what the sequence held after its first position, whatever its
+	 * length (its structs, scratch, the codecs' and the policy's fixed state), and what it grew by from
+	 * there to the end per token appended per stream, a stream being one layer's K or V of one KV head
+	 * (2 x n_layers x n_kv_heads of them). NAN without samples. */
+	double meta_sequence, meta_per_token_stream;
 	int cold_tier;            /* the spec has k= or v= */
 	int cold_tier_used;       /* compressed bytes were held at a sample or at the end */
 	struct ab_bytes_meter meter;

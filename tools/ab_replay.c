@@ -208,6 +208,10 @@ void ab_bytes_sample(struct ab_bytes_meter *m, const kvp_stats *st)
 	double retained;
 
 	m->positions++;
+	if (m->positions == 1) {
+		m->meta_first = st->bytes_meta;
+		m->appended_first = st->tokens_appended;
+	}
 	m->positions_sum += (double)m->positions;
 	m->held_sum += (double)held;
 	m->dense_sum += (double)st->bytes_dense_fp16;
@@ -234,6 +238,11 @@ void ab_result_bytes(struct ab_result *r, const kvp_stats *st, uint64_t tokens)
 	r->bytes_peak = held > m->held_peak ? held : m->held_peak;
 	r->bytes_per_token_final = share((double)held, (double)tokens);
 	r->compression_final = share((double)st->bytes_dense_fp16, (double)held);
+	/* tokens_appended is summed over the (layer, KV head) streams, each holding a K and a V */
+	r->meta_sequence = m->positions ? (double)m->meta_first : NAN;
+	r->meta_per_token_stream = m->positions && st->tokens_appended > m->appended_first ?
+		((double)st->bytes_meta - (double)m->meta_first) / (2.0 * (double)(st->tokens_appended - m->appended_first)) :
+		NAN;
 	/* without samples there is no mean: n/a, rather than the final snapshot under the mean's name */
 	r->bytes_per_token = m->positions ? share(m->held_sum, m->positions_sum) : NAN;
 	r->bytes_per_token_peak = m->positions ? share((double)r->bytes_peak, (double)tokens) : NAN;

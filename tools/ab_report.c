@@ -125,8 +125,8 @@ void ab_print_table(FILE *f, const char *title, const struct ab_result *r, int n
 		width = w > width ? w : width;
 	}
 	fprintf(f, "%s\n", title);
-	fprintf(f, "%-*s %11s %8s %9s %8s %9s %9s %8s %9s %9s\n", width, "spec", "bytes/tok", "final",
-		"peak KiB", "vs fp16", "KL mean", "KL p99", "top-1", "attn err", "tok/s");
+	fprintf(f, "%-*s %11s %8s %9s %8s %9s %9s %8s %9s %9s %9s\n", width, "spec", "bytes/tok", "final",
+		"peak KiB", "vs fp16", "KL mean", "KL p99", "top-1", "attn err", "tok/s", "meta/tok");
 	for (i = 0; i < n; i++) {
 		fprintf(f, "%-*s", width, spec_label(r[i].spec));
 		cell(f, 11, " %*.1f", r[i].bytes_per_token);
@@ -144,10 +144,13 @@ void ab_print_table(FILE *f, const char *title, const struct ab_result *r, int n
 			fprintf(f, " %7.2f%%", 100.0 * r[i].top1);
 		cell(f, 9, " %*.2e", r[i].attention_error);
 		cell(f, 9, " %*.0f", r[i].tokens_per_s);
+		cell(f, 9, " %*.2f", r[i].meta_per_token_stream);
 		fputc('\n', f);
 	}
 	fputs("bytes/tok: the run's mean (bytes held after each position, summed, over the positions summed); "
-	      "final: held at the end per token; peak: the most held at once; vs fp16: on the mean\n", f);
+	      "final: held at the end per token; peak: the most held at once; vs fp16: on the mean; "
+	      "meta/tok: what bytes_meta grew by after the first position, per token per stream (one layer's K or "
+	      "V of one KV head)\n", f);
 	for (i = 0; i < n; i++)
 		if (r[i].cold_tier && !r[i].cold_tier_used)
 			print_unused_cold_tier(f, &r[i]);
@@ -207,7 +210,8 @@ int ab_write_csv(const char *path, const struct ab_result *r, int n, char messag
 	fputs("spec,tokens,bytes_per_token_mean,compression_vs_fp16_mean,kl_mean,kl_p99,top1_agreement,"
 	      "attention_rel_error,attention_rel_error_max,tokens_per_s,bytes_exact,bytes_compressed,"
 	      "bytes_meta,bytes_dense_fp16,bytes_per_token_peak,bytes_per_token_final,compression_vs_fp16_final,"
-	      "bytes_peak,bytes_compressed_peak,cold_tier,cold_tier_used,perplexity\n", f);
+	      "bytes_peak,bytes_compressed_peak,cold_tier,cold_tier_used,perplexity,meta_bytes_per_token_stream,"
+	      "meta_bytes_sequence\n", f);
 	for (i = 0; i < n; i++) {
 		csv_text(f, r[i].spec);
 		fprintf(f, ",%llu", (unsigned long long)r[i].tokens);
@@ -233,6 +237,8 @@ int ab_write_csv(const char *path, const struct ab_result *r, int n, char messag
 		else
 			fputs(",", f);
 		csv_number(f, r[i].perplexity); /* --text only */
+		csv_number(f, r[i].meta_per_token_stream);
+		csv_number(f, r[i].meta_sequence);
 		fputs("\n", f);
 	}
 	return finish_file(f, path, message);
