@@ -39,7 +39,7 @@ static void plan_unwind(struct kvp_tenant_obj *t, struct stream_plan *p)
 	free(p->fresh);
 	free(p->fresh_pos);
 	if (p->table)
-		kvp_free(t, p->table, table_bytes(p->table_cap), KVP_BYTES_META, 0);
+		kvp_free(t, p->table, table_bytes(p->table_cap), KVP_BYTES_META);
 	memset(p, 0, sizeof *p);
 }
 
@@ -102,7 +102,7 @@ static kvp_status plan_blocks(struct kvp_tenant_obj *t, const struct kvp_stream 
 		if (cap > UINT32_MAX || cap > SIZE_MAX / sizeof(struct kvp_block *))
 			return kvp_fail(KVP_ENOMEM, "a table of %llu blocks does not fit this machine",
 					(unsigned long long)cap);
-		p->table = kvp_alloc(t, table_bytes((uint32_t)cap), KVP_BYTES_META, 0, call);
+		p->table = kvp_alloc(t, table_bytes((uint32_t)cap), KVP_BYTES_META, call);
 		if (!p->table)
 			return KVP_ENOMEM;
 		p->table_cap = (uint32_t)cap;
@@ -156,7 +156,7 @@ static void commit_stream(struct kvp_tenant_obj *t, const struct kvp_seq_obj *se
 		if (s->n_blocks)
 			memcpy(p->table, s->blocks, table_bytes(s->n_blocks));
 		if (s->blocks)
-			kvp_free(t, s->blocks, table_bytes(s->cap_blocks), KVP_BYTES_META, 0);
+			kvp_free(t, s->blocks, table_bytes(s->cap_blocks), KVP_BYTES_META);
 		s->blocks = p->table;
 		s->cap_blocks = p->table_cap;
 	}

@@ -154,7 +154,7 @@ kvp_status kvp_numa_check(int node)
 static void *state_alloc(void *ctx, size_t bytes)
 {
 	struct kvp_seq_obj *s = ctx;
-	void *p = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0, s->call);
+	void *p = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, s->call);
 
 	if (p)
 		s->state_bytes += kvp_alloc_size(s->tenant, bytes);
@@ -165,7 +165,7 @@ static void state_free(void *ctx, void *p, size_t bytes)
 {
 	struct kvp_seq_obj *s = ctx;
 
-	kvp_free(s->tenant, p, bytes, KVP_BYTES_META, 0);
+	kvp_free(s->tenant, p, bytes, KVP_BYTES_META);
 	s->state_bytes -= kvp_alloc_size(s->tenant, bytes);
 }
 
@@ -181,12 +181,12 @@ static void *tenant_alloc(void *ctx, size_t bytes)
 {
 	struct kvp_call call = { .no_relief = 1 };
 
-	return kvp_alloc(ctx, bytes, KVP_BYTES_META, 0, &call);
+	return kvp_alloc(ctx, bytes, KVP_BYTES_META, &call);
 }
 
 static void tenant_free(void *ctx, void *p, size_t bytes)
 {
-	kvp_free(ctx, p, bytes, KVP_BYTES_META, 0);
+	kvp_free(ctx, p, bytes, KVP_BYTES_META);
 }
 
 struct kvp_allocator kvp_tenant_allocator(struct kvp_tenant_obj *t)

@@ -168,7 +168,7 @@ kvp_status kvp_cold_open(struct kvp_tenant_obj *t, struct kvp_seq_obj *s)
 		c->scores_cap = scores_cap(&t->cfg, s->group);
 		c->scratch_bytes = c->scores_cap * sizeof(float) +
 				   s->group * (c->qprep_max + c->acc_max * sizeof(float));
-		c->scratch = kvp_alloc(t, c->scratch_bytes, KVP_BYTES_META, 0, s->call);
+		c->scratch = kvp_alloc(t, c->scratch_bytes, KVP_BYTES_META, s->call);
 		if (!c->scratch)
 			st = kvp_fail_context(KVP_ENOMEM, "kvp_seq_open: attention scratch");
 	}
@@ -182,7 +182,7 @@ void kvp_cold_close(struct kvp_tenant_obj *t, struct kvp_seq_obj *s)
 	struct kvp_cold *c = &s->cold;
 
 	if (c->scratch)
-		kvp_free(t, c->scratch, c->scratch_bytes, KVP_BYTES_META, 0);
+		kvp_free(t, c->scratch, c->scratch_bytes, KVP_BYTES_META);
 	for (unsigned l = 0; l < KVP_LADDER_MAX; l++) {
 		kvp_codec_free(c->k_level[l]);
 		kvp_codec_free(c->v_level[l]);
@@ -203,7 +203,7 @@ static struct kvp_stream_ctx *ctx_new(struct kvp_tenant_obj *t, const struct kvp
 
 	for (unsigned l = 0; l < c->n_levels; l++)
 		size += room(c->k_level[l]->ctx_bytes) + room(c->v_level[l]->ctx_bytes);
-	if (!(x = kvp_alloc(t, size, KVP_BYTES_META, 0, call)))
+	if (!(x = kvp_alloc(t, size, KVP_BYTES_META, call)))
 		return NULL;
 	memset(x, 0, sizeof *x);
 	atomic_init(&x->refs, 1);
@@ -223,7 +223,7 @@ static struct kvp_stream_ctx *ctx_new(struct kvp_tenant_obj *t, const struct kvp
 void kvp_stream_ctx_put(struct kvp_tenant_obj *t, struct kvp_stream_ctx *x)
 {
 	if (x && atomic_fetch_sub_explicit(&x->refs, 1, memory_order_acq_rel) == 1)
-		kvp_free(t, x, x->size, KVP_BYTES_META, 0);
+		kvp_free(t, x, x->size, KVP_BYTES_META);
 }
 
 /*
@@ -318,7 +318,7 @@ void kvp_cold_note_queries(struct kvp_seq_obj *s, struct kvp_stream *st, const f
 	if (!r) {
 		cap = k->fit_steps * s->group;
 		size_t bytes = sizeof *r + (size_t)cap * dim * sizeof(float);
-		if (!(r = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0, s->call)))
+		if (!(r = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, s->call)))
 			return;
 		r->bytes = bytes;
 		r->cap = cap;
@@ -335,7 +335,7 @@ void kvp_cold_note_queries(struct kvp_seq_obj *s, struct kvp_stream *st, const f
 void kvp_cold_forget_queries(struct kvp_tenant_obj *t, struct kvp_stream *st)
 {
 	if (st->recent)
-		kvp_free(t, st->recent, st->recent->bytes, KVP_BYTES_META, 0);
+		kvp_free(t, st->recent, st->recent->bytes, KVP_BYTES_META);
 	st->recent = NULL;
 }
 

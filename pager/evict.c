@@ -108,7 +108,7 @@ kvp_status kvp_evict_fork(struct kvp_tenant_obj *t, const struct kvp_seq_obj *sr
 static void round_space_release(struct kvp_tenant_obj *t, struct kvp_round_space *r)
 {
 	if (r->bytes) /* one allocation: the keys first when there are any */
-		kvp_free(t, r->k ? (void *)r->k : (void *)r->pos, r->bytes, KVP_BYTES_META, 0);
+		kvp_free(t, r->k ? (void *)r->k : (void *)r->pos, r->bytes, KVP_BYTES_META);
 	memset(r, 0, sizeof *r);
 }
 
@@ -123,7 +123,7 @@ void kvp_evict_close(struct kvp_tenant_obj *t, struct kvp_seq_obj *s)
 void kvp_observe_release(struct kvp_seq_obj *s)
 {
 	if (s->observe.bytes)
-		kvp_free(s->tenant, s->observe.weights, s->observe.bytes, KVP_BYTES_META, 0);
+		kvp_free(s->tenant, s->observe.weights, s->observe.bytes, KVP_BYTES_META);
 	memset(&s->observe, 0, sizeof s->observe);
 }
 
@@ -140,10 +140,10 @@ kvp_status kvp_observe_reserve(struct kvp_seq_obj *s, uint32_t n)
 	if (cap > UINT32_MAX)
 		cap = n;
 	bytes = (size_t)cap * (s->group * sizeof(float) + sizeof(int32_t));
-	if (!(mem = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0, s->call)))
+	if (!(mem = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, s->call)))
 		return kvp_fail_context(KVP_ENOMEM, "kvp_attend: room to observe %u tokens for the policy", n);
 	if (o->bytes)
-		kvp_free(s->tenant, o->weights, o->bytes, KVP_BYTES_META, 0);
+		kvp_free(s->tenant, o->weights, o->bytes, KVP_BYTES_META);
 	o->weights = mem;
 	o->pos = (int32_t *)(o->weights + (size_t)s->group * cap);
 	o->cap = (uint32_t)cap;
@@ -374,7 +374,7 @@ static void compaction_free(struct kvp_tenant_obj *t, struct compaction *c)
 	free(c->fresh);
 	free(c->reused);
 	if (c->table)
-		kvp_free(t, c->table, (size_t)c->cap * sizeof *c->table, KVP_BYTES_META, 0);
+		kvp_free(t, c->table, (size_t)c->cap * sizeof *c->table, KVP_BYTES_META);
 	memset(c, 0, sizeof *c);
 }
 
@@ -457,7 +457,7 @@ static kvp_status compaction_plan(struct kvp_tenant_obj *t, const struct kvp_seq
 	if (rc != KVP_OK)
 		return rc;
 	c->cap = st->n_blocks + c->n_fresh;
-	c->table = kvp_alloc(t, (size_t)(c->cap ? c->cap : 1) * sizeof *c->table, KVP_BYTES_META, 0, s->call);
+	c->table = kvp_alloc(t, (size_t)(c->cap ? c->cap : 1) * sizeof *c->table, KVP_BYTES_META, s->call);
 	if (!c->table)
 		return KVP_ENOMEM;
 	return KVP_OK;
@@ -471,7 +471,7 @@ static void compaction_commit(struct kvp_tenant_obj *t, struct kvp_seq_obj *s, s
 		if (!c->reused[i])
 			kvp_block_put(t, st->blocks[i]);
 	if (st->blocks)
-		kvp_free(t, st->blocks, (size_t)st->cap_blocks * sizeof *st->blocks, KVP_BYTES_META, 0);
+		kvp_free(t, st->blocks, (size_t)st->cap_blocks * sizeof *st->blocks, KVP_BYTES_META);
 	st->blocks = c->table;
 	st->cap_blocks = c->cap;
 	st->n_blocks = c->n;
@@ -517,7 +517,7 @@ static int round_space_alloc(struct kvp_seq_obj *s, uint32_t n, int keys, int re
 	size_t bytes = (size_t)cap * ((keys ? dim * sizeof(float) : 0) + sizeof(int32_t) + 1);
 	char *mem;
 
-	mem = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, 0, relief ? s->call : &quiet);
+	mem = kvp_alloc(s->tenant, bytes, KVP_BYTES_META, relief ? s->call : &quiet);
 	if (!mem)
 		return 0;
 	r->k = keys ? (float *)mem : NULL;

@@ -112,7 +112,7 @@ struct kvp_block {
 	/* NULL while the positions are the run pos_base, pos_base + 1, ... (appended tokens), else theirs */
 	struct kvp_positions *positions;
 	uint32_t data_size; /* the allocation k and v live in, as asked */
-	uint32_t payload;   /* bytes of k and v together, as counted in stats */
+	uint32_t payload;   /* bytes of k and v together: what a spill record holds */
 	uint32_t v_offset;  /* where v starts in the allocation k points to: what a restore rebuilds */
 	void *k, *v; /* [cap][head_dim] in the block's store, or the codecs' bytes for n tokens */
 	/* Non-NULL while the block is spilled (tier/restore.c): k and v are NULL, the allocation they lived in

@@ -48,19 +48,19 @@ static void link_seq(struct kvp_tenant_obj *t, struct kvp_seq_obj *s)
  * use it until the call is done with it. */
 static struct kvp_seq_obj *seq_alloc(struct kvp_tenant_obj *t, const kvp_shape *shape, struct kvp_call *call)
 {
-	struct kvp_seq_obj *s = kvp_alloc(t, sizeof *s, KVP_BYTES_META, 0, call);
+	struct kvp_seq_obj *s = kvp_alloc(t, sizeof *s, KVP_BYTES_META, call);
 	if (!s)
 		return NULL;
 	memset(s, 0, sizeof *s);
-	s->streams = kvp_alloc(t, streams_bytes(shape), KVP_BYTES_META, 0, call);
+	s->streams = kvp_alloc(t, streams_bytes(shape), KVP_BYTES_META, call);
 	if (!s->streams) {
-		kvp_free(t, s, sizeof *s, KVP_BYTES_META, 0);
+		kvp_free(t, s, sizeof *s, KVP_BYTES_META);
 		return NULL;
 	}
 	memset(s->streams, 0, streams_bytes(shape));
 	if (!kvp_seq_handle_new(s)) {
-		kvp_free(t, s->streams, streams_bytes(shape), KVP_BYTES_META, 0);
-		kvp_free(t, s, sizeof *s, KVP_BYTES_META, 0);
+		kvp_free(t, s->streams, streams_bytes(shape), KVP_BYTES_META);
+		kvp_free(t, s, sizeof *s, KVP_BYTES_META);
 		return NULL;
 	}
 	s->magic = KVP_SEQ_MAGIC;
@@ -151,9 +151,9 @@ void kvp_seq_destroy(struct kvp_seq_obj *s)
 	kvp_cold_close(t, s);
 	kvp_evict_close(t, s);
 	kvp_gate_close(t, s);
-	kvp_free(t, s->streams, streams_bytes(&s->shape), KVP_BYTES_META, 0);
+	kvp_free(t, s->streams, streams_bytes(&s->shape), KVP_BYTES_META);
 	s->magic = 0;
-	kvp_free(t, s, sizeof *s, KVP_BYTES_META, 0);
+	kvp_free(t, s, sizeof *s, KVP_BYTES_META);
 }
 
 void kvp_seq_close_entered(struct kvp_seq_obj *s)
@@ -207,10 +207,10 @@ static void stats_stream(const struct kvp_tenant_obj *t, const struct kvp_stream
 		if (!b)
 			continue;
 		if (b->store == KVP_STORE_CODEC)
-			o->bytes_compressed += kvp_block_token_bytes(b);
+			o->bytes_compressed += kvp_block_token_bytes(t, b);
 		else
-			o->bytes_exact += kvp_block_token_bytes(b);
-		o->bytes_meta += kvp_block_bytes(t, b) - kvp_block_token_bytes(b);
+			o->bytes_exact += kvp_block_token_bytes(t, b);
+		o->bytes_meta += kvp_block_bytes(t, b) - kvp_block_token_bytes(t, b);
 		if (b->spilled) { /* its rows are a record on the device, described by a stub in memory */
 			o->bytes_spilled += b->spilled->pages * KVP_SPILL_PAGE;
 			o->bytes_meta += kvp_alloc_size(t, sizeof *b->spilled);

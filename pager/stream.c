@@ -11,7 +11,7 @@ kvp_status kvp_stream_share(struct kvp_tenant_obj *t, struct kvp_stream *dst, co
 	dst->blocks = NULL;
 	dst->cap_blocks = 0;
 	if (src->n_blocks) {
-		dst->blocks = kvp_alloc(t, src->n_blocks * sizeof *dst->blocks, KVP_BYTES_META, 0, call);
+		dst->blocks = kvp_alloc(t, src->n_blocks * sizeof *dst->blocks, KVP_BYTES_META, call);
 		if (!dst->blocks) {
 			memset(dst, 0, sizeof *dst);
 			return KVP_ENOMEM;
@@ -35,7 +35,7 @@ void kvp_stream_release(struct kvp_tenant_obj *t, struct kvp_stream *s)
 	for (uint32_t i = 0; i < s->n_blocks; i++)
 		kvp_block_put(t, s->blocks[i]);
 	if (s->blocks)
-		kvp_free(t, s->blocks, s->cap_blocks * sizeof *s->blocks, KVP_BYTES_META, 0);
+		kvp_free(t, s->blocks, s->cap_blocks * sizeof *s->blocks, KVP_BYTES_META);
 	kvp_stream_ctx_put(t, s->ctx);
 	kvp_cold_forget_queries(t, s);
 	memset(s, 0, sizeof *s);

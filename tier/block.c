@@ -80,7 +80,7 @@ kvp_status kvp_positions_make(struct kvp_tenant_obj *t, const int32_t *pos, uint
 	    positions_bytes(KVP_POSITIONS_INT32, pos, n) < positions_bytes(KVP_POSITIONS_BITMAP, pos, n))
 		kind = KVP_POSITIONS_INT32;
 	bytes = positions_bytes(kind, pos, n);
-	if (!(p = kvp_alloc(t, bytes, KVP_BYTES_META, 0, call)))
+	if (!(p = kvp_alloc(t, bytes, KVP_BYTES_META, call)))
 		return KVP_ENOMEM;
 	atomic_init(&p->refs, 1);
 	p->kind = kind;
@@ -102,7 +102,7 @@ kvp_status kvp_positions_make(struct kvp_tenant_obj *t, const int32_t *pos, uint
 void kvp_positions_put(struct kvp_tenant_obj *t, struct kvp_positions *p, struct kvp_call *call)
 {
 	if (p && atomic_fetch_sub_explicit(&p->refs, 1, memory_order_acq_rel) == 1)
-		kvp_free_during(t, p, p->bytes, KVP_BYTES_META, 0, call);
+		kvp_free_during(t, p, p->bytes, KVP_BYTES_META, call);
 }
 
 struct kvp_positions *kvp_positions_get(struct kvp_positions *p)
@@ -212,9 +212,9 @@ size_t kvp_block_bytes(const struct kvp_tenant_obj *t, const struct kvp_block *b
 	       (b->spilled ? 0 : kvp_alloc_size(t, b->data_size));
 }
 
-size_t kvp_block_token_bytes(const struct kvp_block *b)
+size_t kvp_block_token_bytes(const struct kvp_tenant_obj *t, const struct kvp_block *b)
 {
-	return b->spilled ? 0 : b->payload; /* a spilled block's tokens are counted by its record */
+	return b->spilled ? 0 : kvp_alloc_size(t, b->data_size); /* a spilled block's tokens are counted by its record */
 }
 
 static enum kvp_bytes_kind block_kind(const struct kvp_block *b)
@@ -235,10 +235,10 @@ static struct kvp_block *block_new(struct kvp_tenant_obj *t, uint32_t cap, enum 
 		kvp_fail(KVP_ENOMEM, "a block of %u tokens and %zu bytes is larger than the pager serves", cap, data);
 		return NULL;
 	}
-	if (!(b = kvp_alloc(t, header_bytes(), KVP_BYTES_META, 0, call)))
+	if (!(b = kvp_alloc(t, header_bytes(), KVP_BYTES_META, call)))
 		return NULL;
-	if (!(rows = kvp_alloc(t, data, kind, k_bytes + v_bytes, call))) {
-		kvp_free(t, b, header_bytes(), KVP_BYTES_META, 0);
+	if (!(rows = kvp_alloc(t, data, kind, call))) {
+		kvp_free(t, b, header_bytes(), KVP_BYTES_META);
 		return NULL;
 	}
 	memset(b, 0, sizeof *b);
@@ -298,7 +298,7 @@ void kvp_block_put_during(struct kvp_tenant_obj *t, struct kvp_block *b, struct 
 	}
 	kvp_block_rows_free(t, b, call);
 	kvp_positions_put(t, b->positions, call);
-	kvp_free_during(t, b, header_bytes(), KVP_BYTES_META, 0, call);
+	kvp_free_during(t, b, header_bytes(), KVP_BYTES_META, call);
 }
 
 void kvp_block_put(struct kvp_tenant_obj *t, struct kvp_block *b)
@@ -308,7 +308,7 @@ void kvp_block_put(struct kvp_tenant_obj *t, struct kvp_block *b)
 
 void kvp_block_rows_free(struct kvp_tenant_obj *t, struct kvp_block *b, struct kvp_call *call)
 {
-	kvp_free_during(t, b->k, b->data_size, block_kind(b), b->payload, call);
+	kvp_free_during(t, b->k, b->data_size, block_kind(b), call);
 	b->k = b->v = NULL;
 }
 
@@ -323,7 +323,7 @@ void kvp_block_spill_out(struct kvp_tenant_obj *t, struct kvp_block *b, struct k
 /* Rows for a spilled block to be read into: the same size class, charged again. */
 kvp_status kvp_block_rows_alloc(struct kvp_tenant_obj *t, struct kvp_block *b, struct kvp_call *call)
 {
-	char *rows = kvp_alloc(t, b->data_size, block_kind(b), b->payload, call);
+	char *rows = kvp_alloc(t, b->data_size, block_kind(b), call);
 
 	if (!rows)
 		return KVP_ENOMEM;
@@ -465,7 +465,7 @@ static void stub_drop(struct kvp_spill *d, struct kvp_spilled *stub, struct kvp_
 	kvp_spill_slot_free(d, stub->first_page, stub->pages);
 	kvp_positions_put(stub->tenant, stub->positions, call);
 	atomic_fetch_sub(&stub->tenant->bytes_spilled, stub->pages * KVP_SPILL_PAGE);
-	kvp_free_during(stub->tenant, stub, sizeof *stub, KVP_BYTES_META, 0, call);
+	kvp_free_during(stub->tenant, stub, sizeof *stub, KVP_BYTES_META, call);
 }
 
 kvp_status kvp_spill_stub_new(struct kvp_spill *d, struct kvp_seq_obj *s, uint32_t layer, uint32_t kv_head,
@@ -481,7 +481,7 @@ kvp_status kvp_spill_stub_new(struct kvp_spill *d, struct kvp_seq_obj *s, uint32
 	payload = im.bytes[0] + im.bytes[1];
 	if ((st = kvp_spill_slot_alloc(d, kvp_spill_record_pages(payload), &first)) != KVP_OK)
 		return st;
-	if (!(stub = kvp_alloc(t, sizeof *stub, KVP_BYTES_META, 0, call))) {
+	if (!(stub = kvp_alloc(t, sizeof *stub, KVP_BYTES_META, call))) {
 		kvp_spill_slot_free(d, first, kvp_spill_record_pages(payload));
 		return KVP_ENOMEM;
 	}

@@ -95,21 +95,16 @@ size_t kvp_alloc_size(const struct kvp_tenant_obj *t, size_t bytes)
 	return kvp_je_nallocx(bytes, t->flags);
 }
 
-/* The payload bytes count under kind; headers and jemalloc's size-class slack count as metadata. */
-static void count(struct kvp_tenant_obj *t, size_t real, enum kvp_bytes_kind kind, size_t payload, int sign)
+/* An allocation counts under its kind whole: jemalloc's size-class slack is the storage's own. */
+static void count(struct kvp_tenant_obj *t, size_t real, enum kvp_bytes_kind kind, int sign)
 {
-	uint64_t meta = real - payload;
-	if (sign > 0) {
-		atomic_fetch_add(&t->bytes[kind], payload);
-		atomic_fetch_add(&t->bytes[KVP_BYTES_META], meta);
-	} else {
-		atomic_fetch_sub(&t->bytes[kind], payload);
-		atomic_fetch_sub(&t->bytes[KVP_BYTES_META], meta);
-	}
+	if (sign > 0)
+		atomic_fetch_add(&t->bytes[kind], real);
+	else
+		atomic_fetch_sub(&t->bytes[kind], real);
 }
 
-void *kvp_alloc(struct kvp_tenant_obj *t, size_t bytes, enum kvp_bytes_kind kind, size_t payload,
-		struct kvp_call *call)
+void *kvp_alloc(struct kvp_tenant_obj *t, size_t bytes, enum kvp_bytes_kind kind, struct kvp_call *call)
 {
 	size_t real = kvp_alloc_size(t, bytes);
 	void *p;
@@ -125,11 +120,11 @@ void *kvp_alloc(struct kvp_tenant_obj *t, size_t bytes, enum kvp_bytes_kind kind
 		kvp_fail(KVP_ENOMEM, "tenant '%s': the system is out of memory (%zu bytes)", t->name, bytes);
 		return NULL;
 	}
-	count(t, real, kind, payload, +1);
+	count(t, real, kind, +1);
 	return p;
 }
 
-void kvp_free_during(struct kvp_tenant_obj *t, void *p, size_t bytes, enum kvp_bytes_kind kind, size_t payload,
+void kvp_free_during(struct kvp_tenant_obj *t, void *p, size_t bytes, enum kvp_bytes_kind kind,
 		     struct kvp_call *call)
 {
 	size_t real;
@@ -137,11 +132,11 @@ void kvp_free_during(struct kvp_tenant_obj *t, void *p, size_t bytes, enum kvp_b
 		return;
 	real = kvp_alloc_size(t, bytes);
 	kvp_je_dallocx(p, t->flags);
-	count(t, real, kind, payload, -1);
+	count(t, real, kind, -1);
 	kvp_uncharge(t, real, call);
 }
 
-void kvp_free(struct kvp_tenant_obj *t, void *p, size_t bytes, enum kvp_bytes_kind kind, size_t payload)
+void kvp_free(struct kvp_tenant_obj *t, void *p, size_t bytes, enum kvp_bytes_kind kind)
 {
-	kvp_free_during(t, p, bytes, kind, payload, NULL);
+	kvp_free_during(t, p, bytes, kind, NULL);
 }

@@ -169,7 +169,7 @@ kvp_status kvp_park_sequence(struct kvp_seq_obj *s, struct kvp_call *call)
 	 * anything else, and a park the quota has no room for fails whole. */
 	call->no_relief = 1;
 	kvp_prepay_begin(call, s->tenant, pos ? private_bytes(s, pos, n) : 0);
-	parked = kvp_alloc(s->tenant, parked_bytes(n), KVP_BYTES_META, 0, call);
+	parked = kvp_alloc(s->tenant, parked_bytes(n), KVP_BYTES_META, call);
 	if (!pos || !io || !parked) {
 		st = kvp_fail(KVP_ENOMEM, "kvp_seq_park: out of memory for the table of %zu records", n);
 		goto out;
@@ -193,7 +193,7 @@ kvp_status kvp_park_sequence(struct kvp_seq_obj *s, struct kvp_call *call)
 	}
 out:
 	if (parked)
-		kvp_free_during(s->tenant, parked, parked_bytes(n), KVP_BYTES_META, 0, call);
+		kvp_free_during(s->tenant, parked, parked_bytes(n), KVP_BYTES_META, call);
 	kvp_prepay_end(call, s->tenant);
 	call->no_relief = mode;
 	free(pos);
@@ -250,7 +250,7 @@ static void unpark_commit(struct kvp_spill *d, struct kvp_seq_obj *s, struct pos
 	s->parked = NULL;
 	atomic_store(&s->parked_flag, 0);
 	s->pressure_parked = 0;
-	kvp_free(s->tenant, p, parked_bytes(p->n), KVP_BYTES_META, 0);
+	kvp_free(s->tenant, p, parked_bytes(p->n), KVP_BYTES_META);
 }
 
 kvp_status kvp_unpark_sequence(struct kvp_seq_obj *s, struct kvp_call *call)
@@ -306,7 +306,7 @@ void kvp_seq_parked_release(struct kvp_seq_obj *s)
 	kvp_spill_lock(d);
 	parked_drop(d, s->parked, NULL);
 	kvp_spill_unlock(d);
-	kvp_free(s->tenant, s->parked, parked_bytes(s->parked->n), KVP_BYTES_META, 0);
+	kvp_free(s->tenant, s->parked, parked_bytes(s->parked->n), KVP_BYTES_META);
 	s->parked = NULL;
 }
 

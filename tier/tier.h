@@ -60,13 +60,13 @@ struct kvp_call {
 kvp_status kvp_charge(struct kvp_tenant_obj *t, uint64_t bytes, struct kvp_call *call);
 void kvp_uncharge(struct kvp_tenant_obj *t, uint64_t bytes, struct kvp_call *call);
 size_t kvp_alloc_size(const struct kvp_tenant_obj *t, size_t bytes); /* what jemalloc will really give */
-/* Charged allocation: payload bytes count under kind, the rest (headers, size-class slack) as
- * metadata. NULL with KVP_ENOMEM set on failure. kvp_free takes the same three numbers; only a spill's
- * own frees (kvp_free_during) settle its prepaid charges. */
-void *kvp_alloc(struct kvp_tenant_obj *t, size_t bytes, enum kvp_bytes_kind kind, size_t payload,
-		struct kvp_call *call);
-void kvp_free(struct kvp_tenant_obj *t, void *p, size_t bytes, enum kvp_bytes_kind kind, size_t payload);
-void kvp_free_during(struct kvp_tenant_obj *t, void *p, size_t bytes, enum kvp_bytes_kind kind, size_t payload,
+/* Charged allocation: all of what jemalloc gives (its size-class slack too) counts under kind, so token
+ * storage is counted as allocated and metadata is only what is metadata. NULL with KVP_ENOMEM set on
+ * failure. kvp_free takes the same numbers; only a spill's own frees (kvp_free_during) settle its
+ * prepaid charges. */
+void *kvp_alloc(struct kvp_tenant_obj *t, size_t bytes, enum kvp_bytes_kind kind, struct kvp_call *call);
+void kvp_free(struct kvp_tenant_obj *t, void *p, size_t bytes, enum kvp_bytes_kind kind);
+void kvp_free_during(struct kvp_tenant_obj *t, void *p, size_t bytes, enum kvp_bytes_kind kind,
 		     struct kvp_call *call);
 /* Until end, the call's charges to t, up to cap bytes, are paid from the memory the spill in progress
  * frees: the metadata of a spill never takes a tenant past its quota. */
@@ -86,7 +86,7 @@ void kvp_block_get(struct kvp_block *b);
 void kvp_block_put(struct kvp_tenant_obj *t, struct kvp_block *b);
 /* kvp_block_put inside a spill, whose frees settle the call's prepaid charges. */
 void kvp_block_put_during(struct kvp_tenant_obj *t, struct kvp_block *b, struct kvp_call *call);
-size_t kvp_block_token_bytes(const struct kvp_block *b); /* k and v storage */
+size_t kvp_block_token_bytes(const struct kvp_tenant_obj *t, const struct kvp_block *b); /* k and v, as allocated */
 size_t kvp_block_bytes(const struct kvp_tenant_obj *t, const struct kvp_block *b); /* both allocations */
 /* Writes rows [at, at+n) of the block from fp32 k/v with the given row stride (floats); the positions are
  * the plan's (kvp_block_positions_plan/commit). */
