@@ -52,12 +52,15 @@ static void step_with(struct cache *c, int n, int rope)
 			k[i * ROW + 0] = 40.0f;
 	}
 	/* rope: one pre-RoPE direction, band 0 (channels 0 and D/2 in the half layout, frequency 1), turned
-	 * by RoPE to the query's position; otherwise one fixed vector */
+	 * by RoPE to the query's position; otherwise one fixed vector. rope 2: KV head 1's query heads point
+	 * somewhere new at every step (their mean resultant length is low). */
 	memset(q, 0, sizeof q);
 	for (int h = 0; h < NH; h++) {
 		q[h * D] = rope ? cosf((float)(c->t - 1)) : 1.0f;
 		q[h * D + D / 2] = rope ? sinf((float)(c->t - 1)) : 0.0f;
 	}
+	if (rope == 2)
+		fixture_fill(q + (NH / NKV) * D, (size_t)(NH / NKV) * D, 900 + c->t, 1.0f);
 	cr_assert_eq(kvp_append(c->seq, 0, (uint32_t)n, pos, k, v), KVP_OK, "%s", kvp_last_error());
 	c->t += n;
 	cr_assert_eq(kvp_attend(c->seq, 0, q, out), KVP_OK, "%s", kvp_last_error());
@@ -300,5 +303,25 @@ Test(gating, budgets_move_in_whole_blocks)
 	cr_assert_eq(sharp.budget + diffuse.budget, 2 * 61);
 	cr_assert_eq((61 - sharp.budget) % 8, 0, "budget %u", sharp.budget);
 	cr_assert_eq((diffuse.budget - 61) % 8, 0, "budget %u", diffuse.budget);
+	kvp_pool_close(c.pool);
+}
+
+/* gate=mrl moves budget by how concentrated each KV head's queries are: KV head 1's scatter. */
+Test(gating, mrl_moves_budget_to_the_head_whose_queries_scatter)
+{
+	struct cache c;
+
+	cache_open(&c, "block=8,sinks=4,window=8,gate=mrl,policy=triattention(budget=48,every=8,stats=online,"
+		       "select=per_layer_head)");
+	step_with(&c, 40, 2);
+	for (int i = 0; i < 60; i++)
+		step_with(&c, 1, 2);
+	kvp_head_level sharp = level(&c, 0), scattered = level(&c, 1);
+	cr_log_info("coherence %.3f and %.3f, budgets %u and %u", sharp.coherence, scattered.coherence, sharp.budget,
+		    scattered.budget);
+	cr_assert_gt(sharp.coherence, scattered.coherence + 0.3f);
+	cr_assert_lt(sharp.budget, scattered.budget);
+	cr_assert_eq(sharp.budget + scattered.budget, 2 * 48);
+	cr_assert_gt(tokens(&c, 1), tokens(&c, 0), "the streams follow their budgets");
 	kvp_pool_close(c.pool);
 }
