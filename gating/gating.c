@@ -9,7 +9,8 @@
  * picks the bits of its cold blocks (per stream, whatever the round scope is). Levels go by rank: at each
  * step the sequence's heads are ranked by coherence and split into equal shares, one per level, so the
  * levels are used whatever range the coherence spans (a fixed threshold put every head of kjv-64 on the
- * middle of three levels).
+ * middle of three levels). A head moves to another level once its rank has asked for it HOLD steps in a
+ * row.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +30,8 @@ struct kvp_gating {
 	uint32_t *samples;   /* entropy observations folded into coherence */
 	uint32_t *budget;    /* the stream's budget at the last step, 0 before */
 	uint32_t *level;     /* with a ladder: the head's level by rank of coherence at the last step */
+	uint32_t *want, *streak; /* the level its rank asks for that differs from level, and for how many steps */
+	uint64_t steps;
 	float *override;     /* aggressiveness set through kvp_seq_set_head_level, or -1 */
 	struct ranked { double c; uint32_t i; } *ranked; /* scratch of a step's ranking */
 };
@@ -37,7 +40,7 @@ kvp_status kvp_gating_open(const struct kvp_gating_config *cfg, const kvp_shape 
 			   const struct kvp_allocator *mem, struct kvp_gating **out)
 {
 	size_t n = (size_t)shape->n_layers * shape->n_kv_heads;
-	size_t bytes = sizeof(struct kvp_gating) + n * (sizeof(struct ranked) + sizeof(double) + 3 * sizeof(uint32_t) +
+	size_t bytes = sizeof(struct kvp_gating) + n * (sizeof(struct ranked) + sizeof(double) + 5 * sizeof(uint32_t) +
 							 sizeof(float));
 	struct kvp_gating *g;
 
@@ -57,7 +60,9 @@ kvp_status kvp_gating_open(const struct kvp_gating_config *cfg, const kvp_shape 
 	g->samples = (uint32_t *)(g->coherence + n);
 	g->budget = g->samples + n;
 	g->level = g->budget + n;
-	g->override = (float *)(g->level + n);
+	g->want = g->level + n;
+	g->streak = g->want + n;
+	g->override = (float *)(g->streak + n);
 	for (size_t i = 0; i < n; i++)
 		g->override[i] = -1.0f;
 	*out = g;
@@ -75,8 +80,10 @@ kvp_status kvp_gating_fork(const struct kvp_gating *src, const struct kvp_alloca
 	shape.n_layers = src->n_layers;
 	shape.n_kv_heads = src->n_kv_heads;
 	shape.n_heads = src->n_kv_heads * src->group;
-	if ((st = kvp_gating_open(src->cfg, &shape, mem, out)) == KVP_OK)
+	if ((st = kvp_gating_open(src->cfg, &shape, mem, out)) == KVP_OK) {
 		memcpy(*out + 1, src + 1, src->bytes - sizeof *src);
+		(*out)->steps = src->steps;
+	}
 	return st;
 }
 
@@ -146,6 +153,24 @@ static int by_coherence(const void *a, const void *b)
 	return x->c < y->c ? -1 : x->c > y->c ? 1 : (x->i > y->i) - (x->i < y->i);
 }
 
+/* A head takes the level its rank asks for once it has asked for HOLD steps in a row (at once at the
+ * first step): heads of nearly equal coherence swap ranks often, and each change of level leaves a partly
+ * filled cold block at the old one (compaction packs blocks of one level only). */
+#define HOLD 32
+static void settle(struct kvp_gating *g, uint32_t i, uint32_t level)
+{
+	if (!g->steps || level == g->level[i]) {
+		g->level[i] = level;
+		g->streak[i] = 0;
+	} else if (level != g->want[i] || !g->streak[i]) {
+		g->want[i] = level;
+		g->streak[i] = 1;
+	} else if (++g->streak[i] >= HOLD) {
+		g->level[i] = level;
+		g->streak[i] = 0;
+	}
+}
+
 /* Every head's level by the rank of its coherence among the sequence's heads; equal coherences share one. */
 static void rank_levels(struct kvp_gating *g)
 {
@@ -158,8 +183,9 @@ static void rank_levels(struct kvp_gating *g)
 		for (to = from + 1; to < n && g->ranked[to].c == g->ranked[from].c;)
 			to++;
 		for (uint32_t j = from; j < to; j++)
-			g->level[g->ranked[j].i] = kvp_ladder_rank_level(g->cfg->ladder.n, from, to - from, n);
+			settle(g, g->ranked[j].i, kvp_ladder_rank_level(g->cfg->ladder.n, from, to - from, n));
 	}
+	g->steps++;
 }
 
 /*

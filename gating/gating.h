@@ -11,7 +11,8 @@
  * layer's total is conserved exactly, in whole blocks (coherence.c). No head goes below what a round
  * protects (sinks + window of the tenant and the policy) while the budget allows. With ladder= (ladder.c)
  * the sequence's heads are ranked by c and split into n equal shares, one per level (bits, keep), gentle
- * to aggressive (an overridden head sits at level round(a (n - 1))): its budget share is the level's keep
+ * to aggressive, a head moving once its rank has asked for another level 32 steps in a row (an
+ * overridden head sits at level round(a (n - 1)) at once): its budget share is the level's keep
  * and the bits of its cold blocks are the level's, set through the codecs' with_bits.
  * The tenant's check refuses what gating cannot act on: a policy that protects its whole budget
  * (keeps_newest), rounds whose verdict covers several streams unless the ladder only sets bits, and a

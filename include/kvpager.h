@@ -116,7 +116,8 @@ KVP_API void kvp_pool_close(kvp_pool *pool);
  *   ladder=B:K or ladder=(B:K,B:K,...)  with gate=: two or more levels from gentle to aggressive (bits B,
  *                   budget share K in (0, 1]), e.g. ladder=(4:1.0,3:0.5,2:0.25). At every kvp_seq_step the
  *                   sequence's heads are ranked by coherence and split into equal shares, one per level,
- *                   the least coherent on level 1 (an overridden head sits at round(a x (levels - 1))):
+ *                   the least coherent on level 1 (an overridden head sits at round(a x (levels - 1)));
+ *                   a head moves once its rank has asked for another level 32 steps in a row:
  *                   its share of the layer's budget is K (total conserved), and its cold blocks encoded
  *                   from then on use bits=B on every codec of k= and v= that takes bits (turboquant, kivi;
  *                   at least one must). Blocks keep the level they were encoded at and are always read
@@ -210,8 +211,9 @@ typedef struct {
 	int32_t overridden;   /* 1 when kvp_seq_set_head_level set it */
 	uint32_t budget;      /* the stream's token budget at the last kvp_seq_step (0 before) */
 	/* with ladder=: the level, 0 = gentlest (by the rank of the head's coherence among the sequence's
-	 * heads at the last kvp_seq_step, or round(aggressiveness x (levels - 1)) when overridden), and the
-	 * codec bits of the head's cold blocks encoded from now on; 0 and 0 without a ladder */
+	 * heads, changed once the rank has asked for another level 32 steps in a row; when overridden,
+	 * round(aggressiveness x (levels - 1))), and the codec bits of the head's cold blocks encoded from
+	 * now on; 0 and 0 without a ladder */
 	uint32_t level, bits;
 } kvp_head_level;
 KVP_API kvp_status kvp_seq_head_level(kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_head_level *out);

@@ -270,3 +270,45 @@ Test(gate, a_ladders_levels_spread_heads_whose_coherence_is_close)
 	kvp_gating_close(g);
 	kvp_policy_close(p);
 }
+
+/*
+ * Heads whose ranks swap at every step keep their levels: a head moves once its rank has asked for the
+ * other level 32 steps in a row (each change leaves a partly filled cold block behind). Observations of
+ * one token give coherence 1, of two zero weights 0, so the running means are fractions of ones.
+ */
+Test(gate, a_level_changes_only_after_its_rank_holds)
+{
+	struct kvp_gating_config cfg = gating_config(KVP_GATE_ENTROPY, "4:1,2:1");
+	kvp_shape s = fixture_shape(1, 2, 2, 8, 1e4f, KVP_ROPE_HALF);
+	float one[1] = { 1 }, zeros[2] = { 0, 0 };
+	struct fixture_memory mem;
+	struct kvp_gating *g;
+	kvp_policy *p;
+	int step;
+
+	fixture_memory_init(&mem, 1 << 20);
+	cr_assert_eq(kvp_policy_open("h2o(heavy=0.2,recent=0.2)", &s, &p), KVP_OK);
+	cr_assert_eq(kvp_gating_open(&cfg, &s, &mem.ops, &g), KVP_OK, "%s", kvp_last_error());
+	for (step = 0; step < 21; step++) { /* means 1 and 0, then 1/2 and 1/2 (tied: both on level 0), ... */
+		kvp_gating_observe(g, 0, 0, step % 2 ? 2 : 1, step % 2 ? zeros : one);
+		kvp_gating_observe(g, 0, 1, step % 2 ? 1 : 2, step % 2 ? one : zeros);
+		cr_assert_eq(kvp_gating_step(g, p, 1000, 8, 16), KVP_OK, "%s", kvp_last_error());
+		cr_assert_eq(kvp_gating_level(g, 0, 0), 1, "step %d: head 0 keeps the aggressive level", step);
+		cr_assert_eq(kvp_gating_level(g, 0, 1), 0, "step %d", step);
+	}
+	int moved[2] = { 0, 0 };
+	for (step = 1; step <= 40; step++) { /* head 1 turns coherent: tied at the first step, then above */
+		kvp_gating_observe(g, 0, 0, 2, zeros);
+		kvp_gating_observe(g, 0, 1, 1, one);
+		cr_assert_eq(kvp_gating_step(g, p, 1000, 8, 16), KVP_OK);
+		for (uint32_t h = 0; h < 2; h++)
+			if (!moved[h] && kvp_gating_level(g, 0, h) != 1 - h)
+				moved[h] = step;
+	}
+	cr_assert_eq(moved[0], 32, "head 0 leaves the aggressive level after 32 steps asking, not %d", moved[0]);
+	cr_assert_eq(moved[1], 33, "head 1 asks from the second step on: %d", moved[1]);
+	cr_assert_eq(kvp_gating_level(g, 0, 0), 0);
+	cr_assert_eq(kvp_gating_level(g, 0, 1), 1);
+	kvp_gating_close(g);
+	kvp_policy_close(p);
+}
