@@ -101,6 +101,8 @@ kvp_status kvp_gate_distribute_blocks(uint32_t n, const double *coherence, doubl
 
 	if (floor_each > r)
 		floor_units = (floor_each - r + unit - 1) / unit;
+	if (!floor_units && !r)
+		floor_units = 1; /* a budget of 0 would read as "the policy's own" */
 	if (floor_units > q)
 		floor_units = q; /* the protected tiers outgrow the budget: every head keeps the policy's */
 	st = kvp_gate_distribute(n, coherence, strength, q * n, floor_units, out);

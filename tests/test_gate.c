@@ -213,6 +213,12 @@ Test(gate, distribution_in_blocks_moves_whole_blocks)
 	/* a floor above the budget leaves every head at the budget */
 	cr_assert_eq(kvp_gate_distribute_blocks(3, c, 0.75, 100, 120, 16, out), KVP_OK);
 	cr_assert(out[0] == 100 && out[1] == 100 && out[2] == 100);
+	/* no head is given 0 tokens (the policy's own budget to a round), even without a floor */
+	double sharp[2] = { 1.0, 0.0 };
+	cr_assert_eq(kvp_gate_distribute_blocks(2, sharp, 0.9, 64, 0, 64, out), KVP_OK);
+	cr_assert(out[0] == 64 && out[1] == 64, "%llu and %llu", (unsigned long long)out[0], (unsigned long long)out[1]);
+	cr_assert_eq(kvp_gate_distribute_blocks(2, sharp, 0.9, 128, 0, 32, out), KVP_OK);
+	cr_assert(out[0] == 64 && out[1] == 192, "%llu and %llu", (unsigned long long)out[0], (unsigned long long)out[1]);
 	/* block 1 is kvp_gate_distribute itself */
 	uint64_t tokens[3];
 	cr_assert_eq(kvp_gate_distribute_blocks(3, c, 0.75, 100, 20, 1, out), KVP_OK);
