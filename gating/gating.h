@@ -103,8 +103,8 @@ kvp_status kvp_gate_distribute(uint32_t n, const double *coherence, double stren
 /*
  * kvp_gate_distribute over heads whose budget is each tokens, in whole blocks: each = q blocks + r, every
  * head gets r + a whole number of blocks, the n x q blocks split by kvp_gate_distribute with the floor
- * rounded up to blocks (and capped at q), so the parts sum to n x each and differ from each by whole
- * blocks. block 0 or 1: tokens.
+ * rounded up to blocks (at least one when r is 0, so no head gets 0; capped at q), so the parts sum to
+ * n x each and differ from each by whole blocks. block 0 or 1: tokens.
  */
 kvp_status kvp_gate_distribute_blocks(uint32_t n, const double *coherence, double strength, uint64_t each,
 				      uint64_t floor_each, uint32_t block, uint64_t *out);
