@@ -91,3 +91,22 @@ kvp_status kvp_gate_distribute(uint32_t n, const double *coherence, double stren
 	free(share), free(frac);
 	return KVP_OK;
 }
+
+kvp_status kvp_gate_distribute_blocks(uint32_t n, const double *coherence, double strength, uint64_t each,
+				      uint64_t floor_each, uint32_t block, uint64_t *out)
+{
+	/* each = q blocks + r tokens: every head keeps the r tokens, and the n q blocks move */
+	uint64_t unit = block ? block : 1, q = each / unit, r = each % unit, floor_units = 0;
+	kvp_status st;
+
+	if (floor_each > r)
+		floor_units = (floor_each - r + unit - 1) / unit;
+	if (!floor_units && !r)
+		floor_units = 1; /* a budget of 0 would read as "the policy's own" */
+	if (floor_units > q)
+		floor_units = q; /* the protected tiers outgrow the budget: every head keeps the policy's */
+	st = kvp_gate_distribute(n, coherence, strength, q * n, floor_units, out);
+	for (uint32_t i = 0; st == KVP_OK && i < n; i++)
+		out[i] = r + out[i] * unit;
+	return st;
+}

@@ -1,9 +1,16 @@
 /*
  * One sequence's gating: per (layer, KV head) the coherence measured so far, the host's override, and the
  * budget they yield at each kvp_seq_step (see gating.h). Rounds of a KVP_ROUND_STREAM policy use each
- * stream's budget; rounds whose verdict covers several streams (select=per_head, union) keep the policy's.
+ * stream's budget; rounds whose verdict covers several streams (select=per_head, union) keep the policy's
+ * (the tenant's check lets gating there only pick a ladder's bits).
+ * Budgets move in whole blocks: every head's budget differs from the policy's by a multiple of the tenant's
+ * block, so gating leaves no more partly filled blocks than the ungated cache has.
  * With a ladder a head's share is its level's keep fraction instead of 1 - STRENGTH * a, and its level also
- * picks the bits of its cold blocks (per stream, whatever the round scope is).
+ * picks the bits of its cold blocks (per stream, whatever the round scope is). Levels go by rank: at each
+ * step the sequence's heads are ranked by coherence and split into equal shares, one per level, so the
+ * levels are used whatever range the coherence spans (a fixed threshold put every head of kjv-64 on the
+ * middle of three levels). A head moves to another level once its rank has asked for it HOLD steps in a
+ * row.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -22,14 +29,19 @@ struct kvp_gating {
 	double *coherence;   /* [layers][kv_heads] in [0, 1] */
 	uint32_t *samples;   /* entropy observations folded into coherence */
 	uint32_t *budget;    /* the stream's budget at the last step, 0 before */
+	uint32_t *level;     /* with a ladder: the head's level by rank of coherence at the last step */
+	uint32_t *want, *streak; /* the level its rank asks for that differs from level, and for how many steps */
+	uint64_t steps;
 	float *override;     /* aggressiveness set through kvp_seq_set_head_level, or -1 */
+	struct ranked { double c; uint32_t i; } *ranked; /* scratch of a step's ranking */
 };
 
 kvp_status kvp_gating_open(const struct kvp_gating_config *cfg, const kvp_shape *shape,
 			   const struct kvp_allocator *mem, struct kvp_gating **out)
 {
 	size_t n = (size_t)shape->n_layers * shape->n_kv_heads;
-	size_t bytes = sizeof(struct kvp_gating) + n * (sizeof(double) + 2 * sizeof(uint32_t) + sizeof(float));
+	size_t bytes = sizeof(struct kvp_gating) + n * (sizeof(struct ranked) + sizeof(double) + 5 * sizeof(uint32_t) +
+							 sizeof(float));
 	struct kvp_gating *g;
 
 	*out = NULL;
@@ -43,10 +55,14 @@ kvp_status kvp_gating_open(const struct kvp_gating_config *cfg, const kvp_shape 
 	g->n_layers = shape->n_layers;
 	g->n_kv_heads = shape->n_kv_heads;
 	g->group = shape->n_heads / shape->n_kv_heads;
-	g->coherence = (double *)(g + 1);
+	g->ranked = (struct ranked *)(g + 1);
+	g->coherence = (double *)(g->ranked + n);
 	g->samples = (uint32_t *)(g->coherence + n);
 	g->budget = g->samples + n;
-	g->override = (float *)(g->budget + n);
+	g->level = g->budget + n;
+	g->want = g->level + n;
+	g->streak = g->want + n;
+	g->override = (float *)(g->streak + n);
 	for (size_t i = 0; i < n; i++)
 		g->override[i] = -1.0f;
 	*out = g;
@@ -64,8 +80,10 @@ kvp_status kvp_gating_fork(const struct kvp_gating *src, const struct kvp_alloca
 	shape.n_layers = src->n_layers;
 	shape.n_kv_heads = src->n_kv_heads;
 	shape.n_heads = src->n_kv_heads * src->group;
-	if ((st = kvp_gating_open(src->cfg, &shape, mem, out)) == KVP_OK)
+	if ((st = kvp_gating_open(src->cfg, &shape, mem, out)) == KVP_OK) {
 		memcpy(*out + 1, src + 1, src->bytes - sizeof *src);
+		(*out)->steps = src->steps;
+	}
 	return st;
 }
 
@@ -120,9 +138,54 @@ static double aggressiveness(const struct kvp_gating *g, size_t i)
 
 uint32_t kvp_gating_level(const struct kvp_gating *g, uint32_t layer, uint32_t kv_head)
 {
+	size_t i;
+
 	if (!g || !g->cfg->ladder.n)
 		return 0;
-	return kvp_ladder_level(&g->cfg->ladder, aggressiveness(g, at(g, layer, kv_head)));
+	i = at(g, layer, kv_head);
+	return g->override[i] >= 0 ? kvp_ladder_level(&g->cfg->ladder, g->override[i]) : g->level[i];
+}
+
+static int by_coherence(const void *a, const void *b)
+{
+	const struct ranked *x = a, *y = b;
+
+	return x->c < y->c ? -1 : x->c > y->c ? 1 : (x->i > y->i) - (x->i < y->i);
+}
+
+/* A head takes the level its rank asks for once it has asked for HOLD steps in a row (at once at the
+ * first step): heads of nearly equal coherence swap ranks often, and each change of level leaves a partly
+ * filled cold block at the old one (compaction packs blocks of one level only). */
+#define HOLD 32
+static void settle(struct kvp_gating *g, uint32_t i, uint32_t level)
+{
+	if (!g->steps || level == g->level[i]) {
+		g->level[i] = level;
+		g->streak[i] = 0;
+	} else if (level != g->want[i] || !g->streak[i]) {
+		g->want[i] = level;
+		g->streak[i] = 1;
+	} else if (++g->streak[i] >= HOLD) {
+		g->level[i] = level;
+		g->streak[i] = 0;
+	}
+}
+
+/* Every head's level by the rank of its coherence among the sequence's heads; equal coherences share one. */
+static void rank_levels(struct kvp_gating *g)
+{
+	const uint32_t n = g->n_layers * g->n_kv_heads;
+
+	for (uint32_t i = 0; i < n; i++)
+		g->ranked[i] = (struct ranked){ g->coherence[i], i };
+	qsort(g->ranked, n, sizeof *g->ranked, by_coherence);
+	for (uint32_t from = 0, to; from < n; from = to) {
+		for (to = from + 1; to < n && g->ranked[to].c == g->ranked[from].c;)
+			to++;
+		for (uint32_t j = from; j < to; j++)
+			settle(g, g->ranked[j].i, kvp_ladder_rank_level(g->cfg->ladder.n, from, to - from, n));
+	}
+	g->steps++;
 }
 
 /*
@@ -146,7 +209,8 @@ static void ladder_shares(const struct kvp_gating *g, uint32_t layer, double *a,
 	}
 }
 
-kvp_status kvp_gating_step(struct kvp_gating *g, const struct kvp_policy *policy, int64_t t0, uint64_t floor_each)
+kvp_status kvp_gating_step(struct kvp_gating *g, const struct kvp_policy *policy, int64_t t0, uint64_t floor_each,
+			   uint32_t block)
 {
 	const uint32_t H = g ? g->n_kv_heads : 0;
 	double *a;
@@ -157,6 +221,8 @@ kvp_status kvp_gating_step(struct kvp_gating *g, const struct kvp_policy *policy
 		return KVP_OK;
 	if (g->cfg->gate == KVP_GATE_MRL && (st = measure(g, policy)) != KVP_OK)
 		return st;
+	if (g->cfg->ladder.n)
+		rank_levels(g);
 	a = malloc(H * sizeof *a);
 	out = malloc(H * sizeof *out);
 	if (!a || !out) {
@@ -164,15 +230,13 @@ kvp_status kvp_gating_step(struct kvp_gating *g, const struct kvp_policy *policy
 		return kvp_fail(KVP_ENOMEM, "kvp_seq_step: gating %u heads", H);
 	}
 	for (uint32_t l = 0; l < g->n_layers; l++) {
-		uint64_t total = (uint64_t)kvp_policy_budget(policy, t0) * H, floor = floor_each;
 		double strength = STRENGTH;
 		for (uint32_t h = 0; h < H; h++)
 			a[h] = aggressiveness(g, at(g, l, h));
 		if (g->cfg->ladder.n)
 			ladder_shares(g, l, a, &strength);
-		if (floor > total / H)
-			floor = total / H;
-		if ((st = kvp_gate_distribute(H, a, strength, total, floor, out)) != KVP_OK) {
+		st = kvp_gate_distribute_blocks(H, a, strength, kvp_policy_budget(policy, t0), floor_each, block, out);
+		if (st != KVP_OK) {
 			st = kvp_fail_context(st, "kvp_seq_step: gating layer %u", l);
 			break;
 		}

@@ -47,6 +47,52 @@ kvp_status kvp_gating_config(struct kvp_args *args, struct kvp_gating_config *cf
 	return st == KVP_OK ? ladder_config(args, cfg) : st;
 }
 
+/* 1 when the ladder gives its levels different budget shares (some keep differs from the first). */
+static int ladder_moves_budget(const struct kvp_ladder *l)
+{
+	for (unsigned i = 1; i < l->n; i++)
+		if (l->keep[i] != l->keep[0])
+			return 1;
+	return 0;
+}
+
+static const char *gate_name(const struct kvp_gating_config *cfg)
+{
+	return cfg->gate == KVP_GATE_MRL ? "mrl" : "entropy";
+}
+
+/*
+ * What gating can change under the policy's rounds. A policy that keeps the newest tokens protects its whole
+ * budget (sinks + window) in every stream: no head can give tokens away. Rounds whose verdict covers
+ * several streams keep the policy's budget, so per-head budgets change nothing there: only a ladder's bits
+ * can, and then the ladder must not promise budget shares (its keeps all equal).
+ */
+static kvp_status gate_fits_rounds(const struct kvp_gating_config *cfg, const char *policy,
+				   const struct kvp_policy_spec *spec)
+{
+	enum kvp_round_scope scope;
+	kvp_status st;
+
+	if (kvp_policy_spec_ops(spec)->keeps_newest)
+		return kvp_fail(KVP_EINVAL, "tenant: gate=%s with policy=%s: this policy keeps its whole budget (sinks + "
+				"window, the newest tokens) in every stream, so there is no budget to move between heads; "
+				"gate= needs a policy that scores tokens", gate_name(cfg), policy);
+	if ((st = kvp_policy_spec_scope(spec, &scope)) != KVP_OK)
+		return kvp_fail_context(st, "tenant: policy=%s", policy);
+	if (scope == KVP_ROUND_STREAM || (cfg->ladder.n > 1 && !ladder_moves_budget(&cfg->ladder)))
+		return KVP_OK;
+	if (cfg->ladder.n > 1)
+		return kvp_fail(KVP_EINVAL, "tenant: gate=%s,ladder=%s with policy=%s: its rounds keep one set of tokens "
+				"for %s, so the ladder's budget shares (keeps) cannot apply; give every level the same "
+				"keep (bits alone) or rounds that decide each stream (select=per_layer_head)",
+				gate_name(cfg), cfg->ladder_spec, policy,
+				scope == KVP_ROUND_HEAD ? "every layer of a KV head" : "every KV head of a layer");
+	return kvp_fail(KVP_EINVAL, "tenant: gate=%s with policy=%s: its rounds keep one set of tokens for %s, so "
+			"per-head budgets would change nothing; use rounds that decide each stream "
+			"(select=per_layer_head), or a ladder= of bits alone (every keep the same)", gate_name(cfg),
+			policy, scope == KVP_ROUND_HEAD ? "every layer of a KV head" : "every KV head of a layer");
+}
+
 /* gate= moves a policy's budget; gate=mrl reads the policy's coherence op. */
 static kvp_status gate_check(const struct kvp_gating_config *cfg, const char *policy)
 {
@@ -58,15 +104,15 @@ static kvp_status gate_check(const struct kvp_gating_config *cfg, const char *po
 		return KVP_OK;
 	if (!policy[0])
 		return kvp_fail(KVP_EINVAL, "tenant: gate=%s moves a policy's budget between heads, and no policy= "
-				"is set", cfg->gate == KVP_GATE_MRL ? "mrl" : "entropy");
-	if (cfg->gate != KVP_GATE_MRL)
-		return KVP_OK;
+				"is set", gate_name(cfg));
 	if ((st = kvp_policy_spec_parse(policy, strlen(policy), &spec)) != KVP_OK)
 		return kvp_fail_context(st, "tenant: policy=%s", policy);
-	if (!kvp_policy_spec_ops(spec)->coherence) {
+	if (cfg->gate == KVP_GATE_MRL && !kvp_policy_spec_ops(spec)->coherence) {
 		kvp_policy_names(1, known, sizeof known);
 		st = kvp_fail(KVP_EINVAL, "tenant: gate=mrl reads the coherence signal of a policy that offers one "
 			      "(%s); policy=%s has none (gate=entropy works with any policy)", known, policy);
+	} else {
+		st = gate_fits_rounds(cfg, policy, spec);
 	}
 	kvp_policy_spec_free(spec);
 	return st;
@@ -96,6 +142,9 @@ static kvp_status ladder_check(const struct kvp_gating_config *cfg, const char *
 	if (cfg->gate == KVP_GATE_OFF)
 		return kvp_fail(KVP_EINVAL, "tenant: ladder=%s needs gate=mrl or gate=entropy to pick the levels",
 				cfg->ladder_spec);
+	if (cfg->ladder.n == 1)
+		return kvp_fail(KVP_EINVAL, "tenant: ladder=%s has one level, so every head sits on it: that is k=/v= "
+				"with bits=%u, not gating; give two levels or more", cfg->ladder_spec, cfg->ladder.bits[0]);
 	if (bits_members(k) || bits_members(v))
 		return KVP_OK;
 	kvp_codec_names(KVP_CODEC_BITS, known, sizeof known);
@@ -198,4 +247,16 @@ unsigned kvp_ladder_level(const struct kvp_ladder *l, double coherence)
 {
 	double c = coherence < 0 ? 0 : coherence > 1 ? 1 : coherence;
 	return l->n ? (unsigned)lround(c * (l->n - 1)) : 0;
+}
+
+unsigned kvp_ladder_rank_level(unsigned levels, uint32_t below, uint32_t equal, uint32_t total)
+{
+	/* the middle of the tied run, as a share of all heads, picks one of `levels` equal shares; a share
+	 * exactly on a boundary takes the gentler level */
+	double mid = ((double)below + equal / 2.0) / total * levels;
+	double level = ceil(mid) - 1;
+
+	if (!levels || !total || level < 0)
+		return 0;
+	return level > levels - 1 ? levels - 1 : (unsigned)level;
 }

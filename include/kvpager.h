@@ -108,14 +108,20 @@ KVP_API void kvp_pool_close(kvp_pool *pool);
  *   sinks=N         first N tokens of every stream are kept exact (default 4)
  *   window=N        last N tokens of every stream are kept exact (default 128)
  *   store=fp32|fp16 storage of the exact tiers (default fp32)
- *   gate=off|mrl|entropy  coherence gating of a policy's budget (see kvp_head_level; default off)
- *   ladder=B:K or ladder=(B:K,B:K,...)  with gate=: levels from gentle to aggressive (bits B, budget share
- *                   K in (0, 1]), e.g. ladder=(4:1.0,3:0.5,2:0.25). A head at aggressiveness a sits at level
- *                   round(a x (levels - 1)): its share of the layer's budget is K (total conserved), and
- *                   its cold blocks encoded from then on use bits=B on every codec of k= and v= that takes
- *                   bits (turboquant, kivi; at least one must). Blocks keep the level they were encoded at
- *                   and are always read with its codecs. The parentheses are needed because ',' separates
- *                   the tenant's keys.
+ *   gate=off|mrl|entropy  coherence gating of a policy's budget (see kvp_head_level; default off). Needs a
+ *                   policy that scores tokens (StreamingLLM protects its whole budget: KVP_EINVAL) whose
+ *                   rounds decide each stream (TriAttention's select=per_head and union keep one set for
+ *                   several streams: KVP_EINVAL unless ladder= sets bits alone, every keep the same).
+ *                   Budgets move in whole blocks, and never below what a round protects (sinks + window).
+ *   ladder=B:K or ladder=(B:K,B:K,...)  with gate=: two or more levels from gentle to aggressive (bits B,
+ *                   budget share K in (0, 1]), e.g. ladder=(4:1.0,3:0.5,2:0.25). At every kvp_seq_step the
+ *                   sequence's heads are ranked by coherence and split into equal shares, one per level,
+ *                   the least coherent on level 1 (an overridden head sits at round(a x (levels - 1)));
+ *                   a head moves once its rank has asked for another level 32 steps in a row:
+ *                   its share of the layer's budget is K (total conserved), and its cold blocks encoded
+ *                   from then on use bits=B on every codec of k= and v= that takes bits (turboquant, kivi;
+ *                   at least one must). Blocks keep the level they were encoded at and are always read
+ *                   with its codecs. The parentheses are needed because ',' separates the tenant's keys.
  * Names are unique within a pool.
  */
 KVP_API kvp_status kvp_tenant_open(kvp_pool *pool, const char *name, const char *spec, kvp_tenant **out);
@@ -204,8 +210,10 @@ typedef struct {
 	float aggressiveness; /* what the budget follows: the override when set, else the coherence */
 	int32_t overridden;   /* 1 when kvp_seq_set_head_level set it */
 	uint32_t budget;      /* the stream's token budget at the last kvp_seq_step (0 before) */
-	/* with ladder=: the level round(aggressiveness x (levels - 1)), 0 = gentlest, and the codec bits of
-	 * the head's cold blocks encoded from now on; 0 and 0 without a ladder */
+	/* with ladder=: the level, 0 = gentlest (by the rank of the head's coherence among the sequence's
+	 * heads, changed once the rank has asked for another level 32 steps in a row; when overridden,
+	 * round(aggressiveness x (levels - 1))), and the codec bits of the head's cold blocks encoded from
+	 * now on; 0 and 0 without a ladder */
 	uint32_t level, bits;
 } kvp_head_level;
 KVP_API kvp_status kvp_seq_head_level(kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_head_level *out);

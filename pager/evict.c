@@ -777,6 +777,7 @@ static void round_space_trim(struct kvp_seq_obj *s)
 
 kvp_status kvp_evict_step(struct kvp_seq_obj *s)
 {
+	uint64_t floor;
 	kvp_status st;
 
 	if (!s->policy)
@@ -788,8 +789,9 @@ kvp_status kvp_evict_step(struct kvp_seq_obj *s)
 	 * size, which does not change while the sequence is parked. */
 	if (s->parked)
 		return KVP_OK;
-	if ((st = kvp_gating_step(s->gating, s->policy, s->t0,
-				   (uint64_t)s->tenant->cfg.sinks + s->tenant->cfg.window)) != KVP_OK)
+	/* a head never gives away what its rounds protect, so the layer's total holds */
+	floor = kvp_policy_protected(s->policy, s->t0, s->tenant->cfg.sinks, s->tenant->cfg.window);
+	if ((st = kvp_gating_step(s->gating, s->policy, s->t0, floor, s->tenant->cfg.block)) != KVP_OK)
 		return st;
 	st = rounds(s);
 	round_space_trim(s);

@@ -78,6 +78,9 @@ struct kvp_policy_ops {
 	 * attention of (layer, kv_head) is, in [0, 1], from what the policy knows now (arguments checked).
 	 * NULL for policies without one. */
 	kvp_status (*coherence)(const struct kvp_policy *p, uint32_t layer, uint32_t kv_head, double *out);
+	/* The scope of the rounds a spec's args ask for, read from them alone (no shape, no file), so a tenant
+	 * knows it before any sequence opens; open sets p->plan.scope through it too. NULL: KVP_ROUND_STREAM. */
+	kvp_status (*scope)(struct kvp_args *args, enum kvp_round_scope *out);
 	void (*close)(struct kvp_policy *p);
 };
 
@@ -140,6 +143,8 @@ void kvp_policy_spec_free(struct kvp_policy_spec *spec);
 const struct kvp_policy_ops *kvp_policy_spec_ops(const struct kvp_policy_spec *spec);
 kvp_status kvp_policy_spec_open(const struct kvp_policy_spec *spec, const kvp_shape *shape,
 				const struct kvp_allocator *mem, struct kvp_policy **out);
+/* The scope of the rounds of the spec's policies (its ops' scope on its args). */
+kvp_status kvp_policy_spec_scope(const struct kvp_policy_spec *spec, enum kvp_round_scope *out);
 /* The registry's policy names, joined by ", "; with coherence set, only those that offer a coherence op. */
 void kvp_policy_names(int coherence, char *out, size_t cap);
 /* The policy's coherence for (layer, kv_head); KVP_EINVAL for a policy that offers none. */
@@ -156,6 +161,9 @@ kvp_status kvp_policy_learn(struct kvp_policy *p, const struct kvp_observation *
 /* budget(t0), window(t0) and "is a round due for a stream of n tokens" from the plan. */
 uint32_t kvp_policy_budget(const struct kvp_policy *p, int64_t t0);
 uint32_t kvp_policy_window(const struct kvp_policy *p, int64_t t0);
+/* Tokens a round of a stream keeps whatever its budget: the larger of the pager's sinks and the plan's,
+ * plus the larger of the pager's window and window(t0) (the protection a round applies). */
+uint64_t kvp_policy_protected(const struct kvp_policy *p, int64_t t0, uint32_t sinks, uint32_t window);
 int kvp_policy_due(const struct kvp_policy *p, int64_t t0, uint32_t n);
 
 /* ---- Survivor selection (policies/select.c) ---- */

@@ -233,6 +233,14 @@ const struct kvp_policy_ops *kvp_policy_spec_ops(const struct kvp_policy_spec *s
 	return spec->ops;
 }
 
+kvp_status kvp_policy_spec_scope(const struct kvp_policy_spec *spec, enum kvp_round_scope *out)
+{
+	struct kvp_args args = spec->args; /* a copy: the spec's keys stay unread for open */
+
+	*out = KVP_ROUND_STREAM;
+	return spec->ops->scope ? spec->ops->scope(&args, out) : KVP_OK;
+}
+
 kvp_status kvp_policy_spec_open(const struct kvp_policy_spec *spec, const kvp_shape *shape,
 				const struct kvp_allocator *mem, struct kvp_policy **out)
 {
@@ -308,6 +316,13 @@ uint32_t kvp_policy_window(const struct kvp_policy *p, int64_t t0)
 {
 	uint64_t w = (uint64_t)p->plan.window + ceil_fraction(p->plan.window_ratio, t0);
 	return w > UINT32_MAX ? UINT32_MAX : (uint32_t)w;
+}
+
+uint64_t kvp_policy_protected(const struct kvp_policy *p, int64_t t0, uint32_t sinks, uint32_t window)
+{
+	uint32_t w = kvp_policy_window(p, t0);
+
+	return (uint64_t)(sinks > p->plan.sinks ? sinks : p->plan.sinks) + (window > w ? window : w);
 }
 
 int kvp_policy_due(const struct kvp_policy *p, int64_t t0, uint32_t n)

@@ -568,12 +568,21 @@ static kvp_status parse_stats(struct tria *t, struct kvp_policy *p, struct kvp_a
 	return st;
 }
 
+/* select=per_head (the reference: one kept set per KV head for every layer), per_layer_head or union. */
+static kvp_status scope(struct kvp_args *args, enum kvp_round_scope *out)
+{
+	static const char *const selects[] = { "per_head", "per_layer_head", "union", NULL };
+	unsigned select = SELECT_PER_HEAD;
+	kvp_status st = kvp_args_choice(args, "select", selects, &select);
+
+	*out = select == SELECT_PER_HEAD ? KVP_ROUND_HEAD : select == SELECT_UNION ? KVP_ROUND_LAYER : KVP_ROUND_STREAM;
+	return st;
+}
+
 static kvp_status open_tria(struct kvp_policy *p, struct kvp_args *args)
 {
 	static const char *const aggregates[] = { "mean", "max", NULL };
-	static const char *const selects[] = { "per_head", "per_layer_head", "union", NULL };
 	struct tria *t = kvp_allocate(&p->mem, sizeof *t, "triattention: its state");
-	unsigned select = SELECT_PER_HEAD;
 	uint32_t offsets = 17, every = 128;
 	kvp_status st;
 
@@ -587,7 +596,7 @@ static kvp_status open_tria(struct kvp_policy *p, struct kvp_args *args)
 	if (st == KVP_OK)
 		st = kvp_args_choice(args, "aggregate", aggregates, &t->aggregate);
 	if (st == KVP_OK)
-		st = kvp_args_choice(args, "select", selects, &select);
+		st = scope(args, &p->plan.scope);
 	t->n_offsets = offsets;
 	if (st == KVP_OK)
 		st = parse_stats(t, p, args);
@@ -599,9 +608,6 @@ static kvp_status open_tria(struct kvp_policy *p, struct kvp_args *args)
 	}
 	p->plan.every = every;
 	p->plan.pin_prompt = 1; /* the reference keeps the prompt */
-	p->plan.scope = select == SELECT_PER_HEAD ? KVP_ROUND_HEAD :
-			select == SELECT_UNION	  ? KVP_ROUND_LAYER :
-						    KVP_ROUND_STREAM;
 	p->state = t;
 	return KVP_OK;
 }
@@ -677,5 +683,6 @@ const struct kvp_policy_ops kvp_policy_triattention = {
 	.score = score,
 	.clone = clone_tria,
 	.coherence = coherence,
+	.scope = scope,
 	.close = close_tria,
 };

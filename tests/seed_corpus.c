@@ -146,7 +146,7 @@ static void spec_seed(const char *name, unsigned char which, const char *spec)
 static void config_seeds(void)
 {
 	spec_seed("tenant-triattention", 0, "quota=1GiB,block=64,sinks=4,window=128,policy=triattention(budget=2048,"
-		  "every=128),k=spark(keep=0.75)|turboquant(bits=3),v=turboquant(bits=3),gate=mrl");
+		  "every=128,select=per_layer_head),k=spark(keep=0.75)|turboquant(bits=3),v=turboquant(bits=3),gate=mrl");
 	spec_seed("tenant-ladder", 0, "block=32,store=fp16,k=kivi(bits=2),v=kivi(bits=2),gate=entropy,"
 		  "ladder=(4:1.0,3:0.5,2:0.25),policy=h2o(heavy=0.1,recent=0.1),pin_prompt=1");
 	spec_seed("codec-turboquant", 1, "turboquant(bits=2,qjl=1,seed=7,outliers=8,outlier_bits=3)");

@@ -1072,3 +1072,33 @@ Test(ab, text_bad_inputs_exit_2)
 	unlink(nul);
 	unlink(shortened);
 }
+
+/* --heads: per spec, every (layer, KV head)'s level, bits and budget; a 3-level bits ladder over kjv-64's 8
+ * heads uses every level (3/2/3 by rank), its mean bits are the middle level's, and gate=off says so. */
+Test(ab, heads_show_every_heads_level_bits_and_budget)
+{
+	const char *gated = "block=16,sinks=4,window=16,gate=entropy,ladder=(4:1,3:1,2:1)," TQ3
+			    ",policy=triattention(budget=96,every=16,stats=online,select=per_layer_head)";
+	char args[2048], out[16384];
+	unsigned levels[3] = { 0 }, rows = 0, layer, kv, level, bits, budget;
+	const char *at;
+
+	snprintf(args, sizeof(args), "--heads --model %s --steps 160 --spec '" TQ3 "' --spec '%s'",
+		 model_path("kjv-64.bin"), gated);
+	cr_assert_eq(run("kvpager-ab", args, out, sizeof(out)), 0, "%s", out);
+	cr_assert(strstr(out, "gate=off: no per-head levels"), "%s", out);
+	at = strstr(out, "aggressiveness level bits  budget");
+	cr_assert(at, "%s", out);
+	for (at = strchr(at, '\n') + 1; sscanf(at, " %u %u %*f %*f %u %u %u", &layer, &kv, &level, &bits, &budget) == 5;
+	     at = strchr(at, '\n') + 1) {
+		cr_assert_lt(level, 3, "%s", at);
+		cr_assert_eq(bits, 4 - level, "level %u has %u bits", level, bits);
+		cr_assert_eq(budget, 96, "a bits-only ladder keeps the policy's budget");
+		levels[level]++;
+		rows++;
+	}
+	cr_assert_eq(rows, 4 * 2, "one row per layer and KV head: %s", out);
+	cr_assert(levels[0] == 3 && levels[1] == 2 && levels[2] == 3, "levels %u/%u/%u", levels[0], levels[1],
+		  levels[2]);
+	cr_assert(strstr(out, "heads per level: 0:3 1:2 2:3; mean bits 3.00; budgets 96..96 tokens"), "%s", out);
+}

@@ -163,7 +163,7 @@ Test(attend, an_empty_sequence_with_an_observing_policy_gives_zeros)
 	static const char *const specs[] = {
 		"policy=h2o(heavy=0.1,recent=0.1)",
 		"policy=triattention(budget=64,stats=online)",
-		"gate=entropy,policy=streaming(sinks=4,window=20)",
+		"gate=entropy,policy=triattention(budget=64,stats=online,select=per_layer_head)",
 	};
 	kvp_shape sh = { 2, 4, 2, 8, 1e4f, KVP_ROPE_HALF };
 	float q[32], out[32], k[3 * 16], v[3 * 16];

@@ -31,6 +31,18 @@ struct ab_bytes_meter {
 /* Takes one sample: the stats of the sequence after its position `meter->positions + 1`. */
 void ab_bytes_sample(struct ab_bytes_meter *m, const kvp_stats *st);
 
+/* --heads (ab_heads.c): every (layer, KV head)'s gating at the end of a spec's run. */
+enum ab_heads_state { AB_HEADS_NONE, AB_HEADS_OFF, AB_HEADS_READ, AB_HEADS_UNSUPPORTED };
+struct ab_heads {
+	enum ab_heads_state state; /* NONE: not asked for or not read; OFF: the spec has gate=off */
+	uint32_t n_layers, n_kv_heads;
+	kvp_head_level *level; /* [n_layers][n_kv_heads] when READ */
+};
+/* Reads every head's level of seq (shape's layers and KV heads) into out, replacing what it held; 0, or -1
+ * out of memory. */
+int ab_heads_read(const kvp_plugin_v1 *api, kvp_seq *seq, const kvp_shape *shape, struct ab_heads *out);
+void ab_heads_free(struct ab_heads *h);
+
 /* What one spec measured. Values that the source cannot give (KL without logits) are NAN. */
 struct ab_result {
 	const char *spec;
@@ -58,7 +70,11 @@ struct ab_result {
 	double tokens_per_s;
 	double perplexity;       /* exp(mean NLL) over the scored positions of --text; NAN without it */
 	kvp_stats stats;
+	struct ab_heads heads;   /* with --heads */
 };
+
+/* Per spec, the table of its heads' levels, bits and budgets (--heads). */
+void ab_heads_print(FILE *f, const struct ab_result *r, int n);
 
 /* A progress bar on stderr: drawn only on a terminal, and only once the run has taken a second. */
 struct ab_progress {
@@ -126,11 +142,12 @@ int ab_replay_reference(const struct ab_source *src, uint32_t every, struct ab_r
 			struct ab_progress *progress, char message[AB_MESSAGE_MAX]);
 void ab_reference_free(struct ab_reference *ref);
 /*
- * Replays the source through one cache spec of the plugin. Returns 0, 2 when the library refuses the
- * spec or its input, 1 otherwise; message says why.
+ * Replays the source through one cache spec of the plugin; with heads, reads every head's gating at the
+ * end into out->heads. Returns 0, 2 when the library refuses the spec or its input, 1 otherwise; message
+ * says why.
  */
 int ab_replay_spec(const kvp_plugin_v1 *api, const char *pool_spec, const struct ab_source *src,
-		   const struct ab_reference *ref, const char *spec, struct ab_result *out,
+		   const struct ab_reference *ref, const char *spec, int heads, struct ab_result *out,
 		   struct ab_progress *progress, char message[AB_MESSAGE_MAX]);
 
 /* Opens and closes a sequence of this shape under spec: 0, or 2 / 1 as ab_replay_spec says. */

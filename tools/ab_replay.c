@@ -520,7 +520,7 @@ static int replay_steps(struct ab_cache *c, const struct ab_source *src, const s
 }
 
 int ab_replay_spec(const kvp_plugin_v1 *api, const char *pool_spec, const struct ab_source *src,
-		   const struct ab_reference *ref, const char *spec, struct ab_result *out,
+		   const struct ab_reference *ref, const char *spec, int heads, struct ab_result *out,
 		   struct ab_progress *progress, char message[AB_MESSAGE_MAX])
 {
 	kvp_stats st = { .size = sizeof(st) };
@@ -542,6 +542,8 @@ int ab_replay_spec(const kvp_plugin_v1 *api, const char *pool_spec, const struct
 		rc = ab_fail(message, 1, "stats: %s", api->last_error());
 	if (!rc)
 		ab_result_bytes(out, &st, src->n_steps);
+	if (!rc && heads && ab_heads_read(api, c.seq, &src->shape, &out->heads))
+		rc = ab_fail(message, 1, "no memory for the heads' levels");
 	buffers_close(&b);
 	cache_close(&c);
 	return rc;

@@ -4,7 +4,8 @@
  *
  *   kvpager-ab [--model PATH [--tokenizer PATH] [--prompt TEXT] [--steps N | --text FILE [--ctx N]
  *               [--chunks N]] | --trace FILE | --tokens N --seed N] [--spec SPEC]... [--every N]
- *              [--plugin PATH] [--pool SPEC] [--csv FILE] [--plot FILE.svg] [--report FILE.html] [--quiet]
+ *              [--plugin PATH] [--pool SPEC] [--csv FILE] [--plot FILE.svg] [--report FILE.html] [--heads]
+ *              [--quiet]
  *
  * Three sources of the stream:
  *   --model   a llama2.c checkpoint: the full cache (an exact in-process dense cache) generates greedily
@@ -63,7 +64,7 @@ static const char *const default_specs[] = {
 struct options {
 	const char *model, *tokenizer, *prompt, *trace, *plugin, *pool, *csv, *plot, *report, *text;
 	const char *specs[MAX_SPECS];
-	int n_specs, quiet, seeded;
+	int n_specs, quiet, seeded, heads;
 	long steps, tokens, every, ctx, chunks;
 	unsigned long long seed;
 	char tokenizer_buf[CLI_PATH_CAP], plugin_buf[CLI_PATH_CAP];
@@ -111,6 +112,9 @@ static void usage(FILE *f)
 	      "                    attention error when there is no KL), log axes, labels S1..Sn\n"
 	      "  --report FILE.html  write one self-contained page (no network): the table, sortable by\n"
 	      "                    a click on a column, and the plot\n"
+	      "  --heads           after the table, per spec and per layer and KV head: the gating it chose\n"
+	      "                    at the end of the run (coherence, aggressiveness, ladder level and bits,\n"
+	      "                    token budget; with --text, of the last chunk)\n"
 	      "  --quiet           no progress bar\n"
 	      "Exit status: 0 done, 2 bad input or a spec the library refuses, 1 other failures.\n", f);
 }
@@ -225,8 +229,8 @@ static int parse_options(struct options *o, int argc, char **argv)
 	int i, rc;
 
 	for (i = 1; i < argc; i++) {
-		if (!strcmp(argv[i], "--quiet")) {
-			o->quiet = 1;
+		if (!strcmp(argv[i], "--quiet") || !strcmp(argv[i], "--heads")) {
+			*(argv[i][2] == 'q' ? &o->quiet : &o->heads) = 1;
 			continue;
 		}
 		if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
@@ -524,7 +528,7 @@ static int spec_forward(struct model_run *m, struct llama_plugin_cache *c, struc
 }
 
 static int model_spec(struct model_run *m, const kvp_plugin_v1 *api, const char *pool, const char *spec,
-		      struct ab_result *r, struct ab_progress *progress)
+		      int heads, struct ab_result *r, struct ab_progress *progress)
 {
 	struct llama_plugin_cache c;
 	kvp_stats st = { .size = sizeof(st) };
@@ -541,6 +545,11 @@ static int model_spec(struct model_run *m, const kvp_plugin_v1 *api, const char 
 	rc = spec_forward(m, &c, r, progress);
 	if (!rc && api->seq_stats(c.seq, &st) == KVP_OK)
 		ab_result_bytes(r, &st, (uint64_t)m->n);
+	if (!rc && heads) {
+		kvp_shape shape = llama_model_shape(&m->model.config);
+		if (ab_heads_read(api, c.seq, &shape, &r->heads))
+			rc = 1;
+	}
 	llama_plugin_cache_close(&c);
 	return rc;
 }
@@ -572,6 +581,8 @@ static int report(struct run *r)
 	char message[AB_MESSAGE_MAX];
 
 	ab_print_table(stdout, r->title, r->results, r->opt.n_specs);
+	if (r->opt.heads)
+		ab_heads_print(stdout, r->results, r->opt.n_specs);
 	fflush(stdout);
 	if (r->opt.csv && ab_write_csv(r->opt.csv, r->results, r->opt.n_specs, message))
 		return cli_bad_input("%s", message);
@@ -607,7 +618,7 @@ static int run_model(struct run *r)
 	ab_progress_start(&progress, (uint64_t)m.n * (uint64_t)(1 + r->opt.n_specs), !r->opt.quiet);
 	rc = model_reference(&m, &progress);
 	for (i = 0; i < r->opt.n_specs && !rc; i++)
-		rc = model_spec(&m, r->api, r->opt.pool, r->opt.specs[i], &r->results[i], &progress);
+		rc = model_spec(&m, r->api, r->opt.pool, r->opt.specs[i], r->opt.heads, &r->results[i], &progress);
 	ab_progress_end(&progress);
 	model_free(&m);
 	return rc ? rc : report(r);
@@ -621,6 +632,7 @@ struct text_run {
 	struct ab_text text;
 	struct ab_text_model scorer;
 	struct ab_text_score full, specs[MAX_SPECS];
+	struct ab_heads heads[MAX_SPECS]; /* --heads: each spec's at the end of the last chunk */
 	struct ab_progress progress;
 	char label[128];
 };
@@ -662,8 +674,10 @@ static void text_free(struct text_run *t, int n_specs)
 {
 	int i;
 
-	for (i = 0; i < n_specs; i++)
+	for (i = 0; i < n_specs; i++) {
 		ab_text_score_close(&t->specs[i]);
+		ab_heads_free(&t->heads[i]);
+	}
 	ab_text_score_close(&t->full);
 	ab_text_model_close(&t->scorer);
 	ab_text_close(&t->text);
@@ -696,7 +710,7 @@ static int text_reference(struct text_run *t, struct llama_dense_cache *dense, i
 
 /* One spec on one chunk, in a sequence of its own, like a fresh context in llama-perplexity. */
 static int text_spec(struct text_run *t, const kvp_plugin_v1 *api, const char *pool, const char *spec,
-		     int chunk, int index, int n_specs)
+		     int heads, int chunk, int index, int n_specs)
 {
 	struct llama_plugin_cache c;
 	struct llama_attention att;
@@ -718,6 +732,10 @@ static int text_spec(struct text_run *t, const kvp_plugin_v1 *api, const char *p
 	} else if (api->seq_stats(c.seq, &st) == KVP_OK) {
 		ab_text_add_stats(&t->specs[index], &st);
 	}
+	if (!rc && heads && chunk == t->text.n_chunks - 1) {
+		kvp_shape shape = llama_model_shape(&t->model.config);
+		rc = ab_heads_read(api, c.seq, &shape, &t->heads[index]) ? 1 : 0;
+	}
 	llama_plugin_cache_close(&c);
 	return rc;
 }
@@ -737,7 +755,7 @@ static int text_chunks(struct text_run *t, struct run *r)
 	for (chunk = 0; chunk < t->text.n_chunks && !rc; chunk++) {
 		rc = text_reference(t, &dense, chunk, n);
 		for (i = 0; i < n && !rc; i++)
-			rc = text_spec(t, r->api, r->opt.pool, r->opt.specs[i], chunk, i, n);
+			rc = text_spec(t, r->api, r->opt.pool, r->opt.specs[i], r->opt.heads, chunk, i, n);
 	}
 	ab_progress_end(&t->progress);
 	llama_dense_cache_free(&dense);
@@ -755,6 +773,8 @@ static int text_report(struct text_run *t, struct run *r)
 	for (i = 0; i < r->opt.n_specs; i++) {
 		memset(&r->results[i], 0, sizeof(r->results[i]));
 		r->results[i].spec = r->opt.specs[i];
+		r->results[i].heads = t->heads[i]; /* the result owns it from here */
+		memset(&t->heads[i], 0, sizeof(t->heads[i]));
 		ab_text_result(&t->specs[i], &t->text, &r->results[i]);
 	}
 	snprintf(r->title, sizeof(r->title), "kvpager-ab: %s on %s: %d tokens, %d chunks of %d (BOS first), "
@@ -763,6 +783,8 @@ static int text_report(struct text_run *t, struct run *r)
 		 t->text.n_chunks, n_ctx, ab_text_scored_per_chunk(&t->text), ab_text_first_scored(&t->text),
 		 n_ctx - 2);
 	ab_print_text_table(stdout, r->title, full.perplexity, r->results, r->opt.n_specs);
+	if (r->opt.heads)
+		ab_heads_print(stdout, r->results, r->opt.n_specs);
 	fflush(stdout);
 	if (r->opt.csv && ab_write_csv(r->opt.csv, r->results, r->opt.n_specs, message))
 		return cli_bad_input("%s", message);
@@ -833,7 +855,7 @@ static int replay(struct run *r, const struct ab_source *src)
 	if (rc)
 		fprintf(stderr, "kvpager-ab: %s\n", message);
 	for (i = 0; i < r->opt.n_specs && !rc; i++) {
-		rc = ab_replay_spec(r->api, r->opt.pool, src, &ref, r->opt.specs[i], &r->results[i], &progress,
+		rc = ab_replay_spec(r->api, r->opt.pool, src, &ref, r->opt.specs[i], r->opt.heads, &r->results[i], &progress,
 				    message);
 		r->results[i].perplexity = NAN;
 		if (rc)
@@ -916,6 +938,8 @@ int main(int argc, char **argv)
 	if (!rc)
 		rc = r.opt.text ? run_text(&r) : r.opt.model ? run_model(&r) : r.opt.trace ? run_trace(&r)
 									       : run_synthetic(&r);
+	for (int i = 0; i < r.opt.n_specs; i++)
+		ab_heads_free(&r.results[i].heads);
 	if (r.library)
 		dlclose(r.library);
 	return rc;
