@@ -44,6 +44,18 @@
  * faster; about 40% of its time goes to the per-row horizontal sums), and lut_dot_i8_group with the query
  * times the scales in int8 per group (slower: its per-call setup, and the quantization, come once per 32
  * tokens and outweigh its cheaper products).
+ * Tried again with keys stored token-major (a row of dim codes per token, so one lut_dot_i8_group per group
+ * and 4 heads), and not kept: with the exact step max |q_j s_j| / 127 per head and group, the plain-C
+ * quantization took 2.4x the kernel's time (perf: the codec's own 11.6% of samples against the kernel's
+ * 4.9%); with the looser step max |q| * max s / 127 (q / max |q| prepared once, s / max s once per group:
+ * one product and a rounding per head and channel) dot_group over 8 heads x 32K tokens took 4.4-6.4 ms of
+ * thread CPU time against 6.5-8.3 ms at d=128, but 3.8-4.2 ms against 2.8-2.9 ms at d=64 (a loaded 2-core
+ * machine: no clear gain). Values through lut_axpy_i16_group per channel group (weights w_t s_tg) took
+ * 9.4-10.2 ms against 8.7-9.3 ms for the float lut_axpy_group: its AVX-512 version works on 64-column
+ * chunks, half idle at G = 32, and rounds every head's weights again for each channel group of each
+ * 64-token block. What would pay: kernels that take a group's float scales themselves (the int8 query
+ * q * s made in 512-bit lanes inside the key kernel, several key groups per call; for values, one row
+ * scale per (token, channel group), so that one call covers all dim channels in full chunks).
  *
  * Encode and decode run in blocks of fixed size that the compiler vectorizes (ranges over rows of
  * channels, fp16 rounding by the kernels' converters, rounding by adding 1.5 * 2^23, key codes put into
