@@ -1065,6 +1065,107 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
 }
 
 /*
+ * dot_i8_scaled, 2-bit codes (KIVI's keys; other widths and m > 1024 take the plain code of kernels.h).
+ * Column byte k of sixteen rows is one 16-byte load: a zero-extension gives each row a lane, and
+ * vpmultishiftqb copies its four codes (bits 0, 2, 4, 6 of the lane) to the lane's four bytes, which
+ * vpdpbusd multiplies with the head's int8 query of channels 4k..4k+3, broadcast as one int32. The sums
+ * stay in one register per head and sixteen rows: no horizontal sums.
+ */
+#define SCALED_QUADS 256 /* 1024 channels */
+
+/* kvp_scaled_query_i8 in sixteen lanes (the same products, maximum and rounding) */
+INLINE float scaled_query_i8(unsigned m, const float *q, const float *s, int8_t *q8)
+{
+	const __m512 half = _mm512_set1_ps(0.5f), minus_half = _mm512_set1_ps(-0.5f), zero = _mm512_setzero_ps();
+	__m512 top = zero, inv;
+	float t;
+
+	for (unsigned j = 0; j < m; j += 16) {
+		const __mmask16 in = tail16(m - j < 16 ? m - j : 16);
+		top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, q + j),
+								     _mm512_maskz_loadu_ps(in, s + j))));
+	}
+	t = _mm512_reduce_max_ps(top);
+	inv = _mm512_set1_ps(t > 127.0f / 3.0e38f ? 127.0f / t : 0.0f);
+	for (unsigned j = 0; j < m; j += 16) {
+		const __mmask16 in = tail16(m - j < 16 ? m - j : 16);
+		const __m512 x = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, q + j), _mm512_maskz_loadu_ps(in, s + j)),
+					       inv);
+		const __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), half, minus_half);
+		_mm512_mask_cvtepi32_storeu_epi8(q8 + j, in, _mm512_cvttps_epi32(_mm512_add_ps(x, r)));
+	}
+	return t / 127.0f;
+}
+
+/* One head's step of the sums: the lane's four codes times the head's query of column byte k. */
+#define SCALED_HEAD(acc, quads) acc = _mm512_dpbusd_epi32(acc, c, _mm512_set1_epi32((quads)[k]))
+
+INLINE void dot_i8_scaled_heads(unsigned hn, unsigned bytes, unsigned n, const uint8_t *codes,
+				const int32_t (*quads)[SCALED_QUADS], const float *step, float *out, size_t os)
+{
+	const __m512i pick = _mm512_set1_epi64(0x2624222006040200ll), three = _mm512_set1_epi8(3);
+
+	for (unsigned i0 = 0; i0 < n; i0 += 16) {
+		const unsigned rows = n - i0 < 16 ? n - i0 : 16;
+		const __mmask16 keep = tail16(rows);
+		__m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+
+		for (unsigned k = 0; k < bytes; k++) {
+			const __m128i x = _mm_maskz_loadu_epi8(keep, codes + (size_t)k * n + i0);
+			const __m512i c = _mm512_and_si512(_mm512_multishift_epi64_epi8(pick, _mm512_cvtepu8_epi32(x)), three);
+
+			SCALED_HEAD(a0, quads[0]);
+			if (hn > 1)
+				SCALED_HEAD(a1, quads[1]);
+			if (hn > 2)
+				SCALED_HEAD(a2, quads[2]);
+			if (hn > 3)
+				SCALED_HEAD(a3, quads[3]);
+		}
+		{
+			const __m512i a[4] = { a0, a1, a2, a3 };
+			for (unsigned h = 0; h < hn; h++) {
+				float *o = out + h * os + i0;
+				const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a[h]), _mm512_set1_ps(step[h]));
+				_mm512_mask_storeu_ps(o, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, o), v));
+			}
+		}
+	}
+}
+
+#undef SCALED_HEAD
+
+static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, unsigned g, const float *q,
+			  size_t q_stride, const float *s, float *out, size_t out_stride)
+{
+	int32_t quads[4][SCALED_QUADS];
+	const unsigned bytes = (m + 3) / 4;
+	float step[4];
+
+	if (bits != 2 || m > 4 * SCALED_QUADS) {
+		kvp_dot_i8_scaled_plain(bits, m, n, codes, g, q, q_stride, s, out, out_stride);
+		return;
+	}
+	for (unsigned h0 = 0; h0 < g; h0 += 4) {
+		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
+		float *o = out + h0 * out_stride;
+
+		for (unsigned h = 0; h < hn; h++) {
+			memset(quads[h], 0, sizeof(int32_t) * bytes); /* channels past m weigh 0 */
+			step[h] = scaled_query_i8(m, q + (h0 + h) * q_stride, s, (int8_t *)quads[h]);
+		}
+		switch (hn) {
+		case 4: dot_i8_scaled_heads(4, bytes, n, codes, quads, step, o, out_stride); break;
+		case 3: dot_i8_scaled_heads(3, bytes, n, codes, quads, step, o, out_stride); break;
+		case 2: dot_i8_scaled_heads(2, bytes, n, codes, quads, step, o, out_stride); break;
+		default: dot_i8_scaled_heads(1, bytes, n, codes, quads, step, o, out_stride); break;
+		}
+	}
+}
+
+#define KVP_ISA_DOT_I8_SCALED
+
+/*
  * fwht's stages within 16 values, in one register: each lane meets its partner (lane ^ h) by a permute,
  * a lane with bit h clear keeps self + partner, one with it set partner - self: the sums of the definition.
  */
