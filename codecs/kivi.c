@@ -898,16 +898,15 @@ static void dot_channel_i8(const struct kvp_codec *c, unsigned n, const unsigned
 
 /* The z and s of a pass of cn value tokens from p on, as fp16 in h16, planar: h16[g * cn + i] is z of token i's
  * channel group g, h16[(ng + g) * cn + i] its s, so that the loops over tokens below run on contiguous rows.
- * Rows from `from` on are converted to floats in zs (from row 0 on at zs). */
+ * The first `rows` rows are gathered (ng: the z alone), and rows [from, rows) converted to floats in zs. */
 static void slice_scalars(const struct kvp_kernels *kern, const struct kivi *k, unsigned cn, const unsigned char *p,
-			  uint16_t *h16, unsigned from, float *zs)
+			  uint16_t *h16, unsigned rows, unsigned from, float *zs)
 {
-	const unsigned per = 2 * k->ng;
-
 	for (unsigned i = 0; i < cn; i++, p += k->stride)
-		for (unsigned e = 0; e < per; e++)
+		for (unsigned e = 0; e < rows; e++)
 			memcpy(h16 + (size_t)e * cn + i, p + 2 * e, sizeof(uint16_t));
-	kern->f16_to_f32((size_t)cn * (per - from), h16 + (size_t)from * cn, zs);
+	if (from < rows)
+		kern->f16_to_f32((size_t)cn * (rows - from), h16 + (size_t)from * cn, zs);
 }
 
 /* Tokens per pass of the per-token paths: as many as SLICE_SCALARS and SLICE allow, at least one. */
@@ -929,7 +928,7 @@ static void dot_token(const struct kvp_codec *c, unsigned n, const unsigned char
 	for (unsigned i0 = 0; i0 < n; i0 += slice, p += k->stride * slice, out += slice) {
 		const unsigned cn = n - i0 < slice ? n - i0 : slice;
 
-		slice_scalars(kern, k, cn, p, h16, 0, zs);
+		slice_scalars(kern, k, cn, p, h16, 2 * k->ng, 0, zs);
 		fill(cn, out, 0.0f);
 		for (unsigned g = 0; g < k->ng; g++) {
 			const unsigned j0 = g * k->g, m = d - j0 < k->g ? d - j0 : k->g;
@@ -972,32 +971,45 @@ static void kivi_dot_group(const struct kvp_codec *c, const void *ctx, unsigned 
 /*
  * axis=token, hn <= HEADS heads (weights w + h * w_stride, accumulators acc + h * acc_dim): per pass of
  * tokens, each head's sums of w_i z_ig (a dot straight from the fp16 z, rows: the channel groups) go to
- * acc[dim + g], which finish adds to the group's channels; per channel group, weights w_i s_ig for every
- * head, and one lut_axpy_group over the group's channels.
+ * acc[dim + g], which finish adds to the group's channels. Then sum_i (w_i s_ig) code_ij: in floats (axpy's
+ * reference) by one lut_axpy_group per channel group; with `integer` (axpy_group, attention's path) by one
+ * axpy_i16_scaled over all channels, which rounds each head's w_i s_ig to 12 bits of their largest
+ * (kernels.h: within about 1e-4 of the float sum) and reads s_ig from the tokens themselves.
  */
+/* Each head's sums of w_i z_ig over cn tokens (z rows of cn in h16), added to acc[dim + g]. */
+static void add_weighted_z(const struct kvp_codec *c, unsigned cn, const uint16_t *h16, unsigned hn, const float *w,
+			   size_t w_stride, float *acc)
+{
+	const struct kvp_kernels *kern = kvp_kernels();
+	const struct kivi *k = c->state;
+	float *wz = scratch_of(c).ws; /* hn rows of ng */
+
+	if (w_stride == cn) /* the heads' weights are hn rows of cn */
+		kern->dot_f16_group(cn, k->ng, h16, hn, w, 1.0f, wz, NULL);
+	else
+		for (unsigned h = 0; h < hn; h++)
+			kern->dot_f16(cn, k->ng, h16, w + h * w_stride, 1.0f, wz + h * k->ng);
+	for (unsigned h = 0; h < hn; h++) {
+		float *a = acc + (size_t)h * c->acc_dim + c->dim;
+		for (unsigned g = 0; g < k->ng; g++)
+			a[g] += wz[h * k->ng + g];
+	}
+}
+
 static void axpy_token(const struct kvp_codec *c, unsigned n, const unsigned char *p, unsigned hn, const float *w,
 		       size_t w_stride, float *acc)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct kivi *k = c->state;
 	const unsigned d = c->dim, slice = token_slice(k), ng = k->ng;
-	float sc[SLICE_SCALARS / 2], ws[HEADS * SLICE], *wz = scratch_of(c).ws; /* hn rows of ng */
+	float sc[SLICE_SCALARS / 2], ws[HEADS * SLICE];
 	uint16_t h16[SLICE_SCALARS];
 
 	for (unsigned i0 = 0; i0 < n; i0 += slice, p += k->stride * slice, w += slice) {
 		const unsigned cn = n - i0 < slice ? n - i0 : slice;
 
-		slice_scalars(kern, k, cn, p, h16, ng, sc);
-		if (w_stride == cn) /* the heads' weights are hn rows of cn */
-			kern->dot_f16_group(cn, ng, h16, hn, w, 1.0f, wz, NULL);
-		else
-			for (unsigned h = 0; h < hn; h++)
-				kern->dot_f16(cn, ng, h16, w + h * w_stride, 1.0f, wz + h * ng);
-		for (unsigned h = 0; h < hn; h++) {
-			float *a = acc + (size_t)h * c->acc_dim + d;
-			for (unsigned g = 0; g < ng; g++)
-				a[g] += wz[h * ng + g];
-		}
+		slice_scalars(kern, k, cn, p, h16, 2 * ng, ng, sc);
+		add_weighted_z(c, cn, h16, hn, w, w_stride, acc);
 		for (unsigned g = 0; g < ng; g++) {
 			const unsigned j0 = g * k->g, m = d - j0 < k->g ? d - j0 : k->g;
 
@@ -1006,6 +1018,27 @@ static void axpy_token(const struct kvp_codec *c, unsigned n, const unsigned cha
 			kern->lut_axpy_group(k->bits, m, cn, p + 4 * ng + (size_t)j0 * k->bits / 8, k->stride, integers, hn,
 					     ws, acc + j0, c->acc_dim);
 		}
+	}
+}
+
+/* axpy_token on the integer kernel (axpy_group, attention's path): the z sums as there, then one
+ * axpy_i16_scaled over all channels, which rounds each head's w_i s_ig to 12 bits of their largest (kernels.h:
+ * within about 1e-4 of the float sum) and reads s_ig from the tokens themselves. */
+static void axpy_token_i16(const struct kvp_codec *c, unsigned n, const unsigned char *p, unsigned hn,
+			   const float *w, size_t w_stride, float *acc)
+{
+	const struct kvp_kernels *kern = kvp_kernels();
+	const struct kivi *k = c->state;
+	const unsigned slice = token_slice(k), ng = k->ng;
+	uint16_t h16[SLICE_SCALARS];
+
+	for (unsigned i0 = 0; i0 < n; i0 += slice, p += k->stride * slice, w += slice) {
+		const unsigned cn = n - i0 < slice ? n - i0 : slice;
+
+		slice_scalars(kern, k, cn, p, h16, ng, ng, NULL);
+		add_weighted_z(c, cn, h16, hn, w, w_stride, acc);
+		kern->axpy_i16_scaled(k->bits, c->dim, k->g, cn, p + 4 * ng, k->stride, p + 2 * ng, hn, w, w_stride, acc,
+				      c->acc_dim);
 	}
 }
 
@@ -1065,7 +1098,7 @@ static void kivi_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned
 		float *ah = acc + (size_t)h * c->acc_dim;
 
 		if (k->per_token)
-			axpy_token(c, n, src, hn, wh, n, ah);
+			axpy_token_i16(c, n, src, hn, wh, n, ah);
 		else
 			axpy_channel(c, n, src, hn, wh, n, ah);
 	}

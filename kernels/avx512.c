@@ -1143,7 +1143,8 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 	float step[4];
 
 	if (bits != 2 || m > 4 * SCALED_QUADS) {
-		kvp_dot_i8_scaled_plain(bits, m, n, codes, g, q, q_stride, s, out, out_stride);
+		/* through the table, not inlined: this frame stays small */
+		kvp_kernels_scalar.dot_i8_scaled(bits, m, n, codes, g, q, q_stride, s, out, out_stride);
 		return;
 	}
 	for (unsigned h0 = 0; h0 < g; h0 += 4) {
@@ -1164,6 +1165,177 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 }
 
 #define KVP_ISA_DOT_I8_SCALED
+
+/*
+ * axpy_i16_scaled, 2-bit codes, column groups of a multiple of 16, m a multiple of 64 (KIVI's values at
+ * d = 64, 128, ...; otherwise the plain code). Each head's weights are rounded once per (row, group) into
+ * wq[h][c][i]; columns go in passes of 64, rows in pairs. A 16-byte load of each row's 64 codes, and per
+ * 16 columns one vpermb puts the two rows' bytes of column L into the low bytes of lane L's two int16
+ * halves, a variable shift by 2 (L % 4) and a mask leave the codes: the pairs vpdpwssd multiplies by the
+ * rows' two weights of that column group, broadcast as one int32. Lanes are columns: no horizontal sums.
+ */
+#define SCALED_WEIGHTS 528 /* (rows + 2) * groups per head: 128 rows of 4 groups, 64 of 8 */
+
+/* Per 16 columns e of a 64-column pass: byte 4L of lane L from byte 4e + L/4 of the first row (bytes 0-15),
+ * byte 4L + 2 from the second row's (bytes 16-31); bytes 4L + 1 and 4L + 3 are masked to zero. */
+#define PAIR_BYTE(e, i) (char)((i) % 4 == 0 ? 4 * (e) + (i) / 16 : (i) % 4 == 2 ? 16 + 4 * (e) + (i) / 16 : 0)
+#define PAIR8(e, i) PAIR_BYTE(e, i), PAIR_BYTE(e, i + 1), PAIR_BYTE(e, i + 2), PAIR_BYTE(e, i + 3), \
+		    PAIR_BYTE(e, i + 4), PAIR_BYTE(e, i + 5), PAIR_BYTE(e, i + 6), PAIR_BYTE(e, i + 7)
+#define PAIR64(e) { PAIR8(e, 0), PAIR8(e, 8), PAIR8(e, 16), PAIR8(e, 24), PAIR8(e, 32), PAIR8(e, 40), PAIR8(e, 48), \
+		    PAIR8(e, 56) }
+static const char pair_bytes[4][64] = { PAIR64(0), PAIR64(1), PAIR64(2), PAIR64(3) };
+
+/* One head's weights W(i, c) in int16, rows of n + 2 per group (the pad rows weigh 0); returns top / 4095. */
+INLINE float scaled_weights_i16(unsigned n, unsigned ng, const float *w, const float *sf, int16_t *wq)
+{
+	const __m512 half = _mm512_set1_ps(0.5f), minus_half = _mm512_set1_ps(-0.5f), zero = _mm512_setzero_ps();
+	__m512 top = zero, inv;
+	float t;
+
+	for (unsigned c = 0; c < ng; c++)
+		for (unsigned i = 0; i < n; i += 16) {
+			const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
+			top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, w + i),
+									     _mm512_maskz_loadu_ps(in, sf + c * n + i))));
+		}
+	t = _mm512_reduce_max_ps(top);
+	inv = _mm512_set1_ps(kvp_weight_inv(t));
+	for (unsigned c = 0; c < ng; c++) {
+		int16_t *row = wq + c * (n + 2);
+		for (unsigned i = 0; i < n; i += 16) {
+			const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
+			const __m512 x = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, w + i),
+								     _mm512_maskz_loadu_ps(in, sf + c * n + i)),
+						       inv);
+			const __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), half, minus_half);
+			_mm256_mask_storeu_epi16(row + i, in, _mm512_cvtsepi32_epi16(_mm512_cvttps_epi32(_mm512_add_ps(x, r))));
+		}
+		row[n] = row[n + 1] = 0;
+	}
+	return t / KVP_WEIGHT_MAX;
+}
+
+/* Head h's step: the two rows' weights of each 16 columns' group (one broadcast per group when groups
+ * span 32 columns or more: `wide`). */
+#define SCALED_AXPY_HEAD(h, wrow)                                                                              \
+	do {                                                                                                   \
+		const __m512i b0 = _mm512_set1_epi32(pair_at((wrow) + c0 * (n + 2) + i));                      \
+		const __m512i b2 = _mm512_set1_epi32(pair_at((wrow) + c2 * (n + 2) + i));                      \
+		const __m512i b1 = wide ? b0 : _mm512_set1_epi32(pair_at((wrow) + c1 * (n + 2) + i));           \
+		const __m512i b3 = wide ? b2 : _mm512_set1_epi32(pair_at((wrow) + c3 * (n + 2) + i));           \
+		a##h##0 = _mm512_dpwssd_epi32(a##h##0, d0, b0);                                                 \
+		a##h##1 = _mm512_dpwssd_epi32(a##h##1, d1, b1);                                                 \
+		a##h##2 = _mm512_dpwssd_epi32(a##h##2, d2, b2);                                                 \
+		a##h##3 = _mm512_dpwssd_epi32(a##h##3, d3, b3);                                                 \
+	} while (0)
+
+/* acc[0..64) += f * a pass's four registers of sums */
+INLINE void add_pass(float *o, float f, __m512i s0, __m512i s1, __m512i s2, __m512i s3)
+{
+	const __m512 fv = _mm512_set1_ps(f);
+
+	_mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_mul_ps(fv, _mm512_cvtepi32_ps(s0))));
+	_mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_loadu_ps(o + 16), _mm512_mul_ps(fv, _mm512_cvtepi32_ps(s1))));
+	_mm512_storeu_ps(o + 32, _mm512_add_ps(_mm512_loadu_ps(o + 32), _mm512_mul_ps(fv, _mm512_cvtepi32_ps(s2))));
+	_mm512_storeu_ps(o + 48, _mm512_add_ps(_mm512_loadu_ps(o + 48), _mm512_mul_ps(fv, _mm512_cvtepi32_ps(s3))));
+}
+
+INLINE void axpy_i16_scaled_heads(unsigned hn, int wide, unsigned m, unsigned gsize, unsigned n, const uint8_t *codes,
+				  size_t stride, const int16_t *wq, const float *f, float *acc, size_t as)
+{
+	const __m512i p0 = _mm512_loadu_si512(pair_bytes[0]), p1 = _mm512_loadu_si512(pair_bytes[1]);
+	const __m512i p2 = _mm512_loadu_si512(pair_bytes[2]), p3 = _mm512_loadu_si512(pair_bytes[3]);
+	const __m512i low = _mm512_set1_epi16(3);
+	/* lane L's two int16 halves shift by 2 (L % 4) */
+	const __m512i by = _mm512_set_epi16(6, 6, 4, 4, 2, 2, 0, 0, 6, 6, 4, 4, 2, 2, 0, 0, 6, 6, 4, 4, 2, 2, 0, 0, 6, 6, 4,
+					    4, 2, 2, 0, 0);
+	const __mmask64 even = 0x5555555555555555ull;
+	const size_t ws = (size_t)(m / gsize + (m % gsize != 0)) * (n + 2);
+	const int16_t *w0 = wq, *w1 = wq + ws, *w2 = wq + 2 * ws, *w3 = wq + 3 * ws;
+
+	for (unsigned j0 = 0; j0 < m; j0 += 64) {
+		const unsigned c0 = j0 / gsize, c1 = (j0 + 16) / gsize, c2 = (j0 + 32) / gsize, c3 = (j0 + 48) / gsize;
+		__m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00;
+		__m512i a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+
+		for (unsigned i = 0; i < n; i += 2) {
+			const __m128i x = _mm_loadu_si128((const __m128i *)(codes + (size_t)i * stride + j0 / 4));
+			const __m128i y = i + 1 < n ? _mm_loadu_si128((const __m128i *)(codes + (size_t)(i + 1) * stride + j0 / 4))
+						    : _mm_setzero_si128();
+			const __m512i xy = _mm512_inserti32x4(_mm512_castsi128_si512(x), y, 1);
+			const __m512i d0 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_maskz_permutexvar_epi8(even, p0, xy), by), low);
+			const __m512i d1 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_maskz_permutexvar_epi8(even, p1, xy), by), low);
+			const __m512i d2 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_maskz_permutexvar_epi8(even, p2, xy), by), low);
+			const __m512i d3 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_maskz_permutexvar_epi8(even, p3, xy), by), low);
+
+			SCALED_AXPY_HEAD(0, w0);
+			if (hn > 1)
+				SCALED_AXPY_HEAD(1, w1);
+			if (hn > 2)
+				SCALED_AXPY_HEAD(2, w2);
+			if (hn > 3)
+				SCALED_AXPY_HEAD(3, w3);
+		}
+		add_pass(acc + j0, f[0], a00, a01, a02, a03);
+		if (hn > 1)
+			add_pass(acc + as + j0, f[1], a10, a11, a12, a13);
+		if (hn > 2)
+			add_pass(acc + 2 * as + j0, f[2], a20, a21, a22, a23);
+		if (hn > 3)
+			add_pass(acc + 3 * as + j0, f[3], a30, a31, a32, a33);
+	}
+}
+
+#undef SCALED_AXPY_HEAD
+
+static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *codes, size_t stride,
+			    const uint8_t *scales, unsigned g, const float *w, size_t w_stride, float *acc,
+			    size_t acc_stride)
+{
+	const unsigned ng = (m + gsize - 1) / gsize;
+	int16_t wq[4 * SCALED_WEIGHTS] __attribute__((aligned(4)));
+	uint16_t h16[16];
+	float sf[SCALED_WEIGHTS], f[4];
+
+	if (bits != 2 || gsize % 16 || m % 64 || (size_t)ng * (n + 2) > SCALED_WEIGHTS) {
+		kvp_kernels_scalar.axpy_i16_scaled(bits, m, gsize, n, codes, stride, scales, g, w, w_stride, acc, acc_stride);
+		return;
+	}
+	for (unsigned c = 0; c < ng; c++) /* every row's scales as floats, group by group, 16 rows at a time */
+		for (unsigned i0 = 0; i0 < n; i0 += 16) {
+			const unsigned k = n - i0 < 16 ? n - i0 : 16;
+			for (unsigned i = 0; i < k; i++)
+				memcpy(h16 + i, scales + (i0 + i) * stride + 2 * (size_t)c, sizeof(uint16_t));
+			_mm512_mask_storeu_ps(sf + c * n + i0, tail16(k), load_f16_tail(h16, k));
+		}
+	for (unsigned h0 = 0; h0 < g; h0 += 4) {
+		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
+		const size_t ws = (size_t)ng * (n + 2);
+
+		for (unsigned h = 0; h < hn; h++)
+			f[h] = scaled_weights_i16(n, ng, w + (h0 + h) * w_stride, sf, wq + h * ws);
+#define SCALED_HEADS(hn, wide) \
+	axpy_i16_scaled_heads(hn, wide, m, gsize, n, codes, stride, wq, f, acc + h0 * acc_stride, acc_stride)
+		if (gsize % 32 == 0) {
+			switch (hn) {
+			case 4: SCALED_HEADS(4, 1); break;
+			case 3: SCALED_HEADS(3, 1); break;
+			case 2: SCALED_HEADS(2, 1); break;
+			default: SCALED_HEADS(1, 1); break;
+			}
+		} else {
+			switch (hn) {
+			case 4: SCALED_HEADS(4, 0); break;
+			case 3: SCALED_HEADS(3, 0); break;
+			case 2: SCALED_HEADS(2, 0); break;
+			default: SCALED_HEADS(1, 0); break;
+			}
+		}
+#undef SCALED_HEADS
+	}
+}
+
+#define KVP_ISA_AXPY_I16_SCALED
 
 /*
  * fwht's stages within 16 values, in one register: each lane meets its partner (lane ^ h) by a permute,

@@ -14,6 +14,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "base/base.h"
+
 struct kvp_kernels {
 	const char *name;
 	/* out[i] = scale * <q, row_i> for i < n */
@@ -111,6 +113,18 @@ struct kvp_kernels {
 	 */
 	void (*dot_i8_scaled)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, unsigned g, const float *q,
 			      size_t q_stride, const float *s, float *out, size_t out_stride);
+	/*
+	 * axpy_i16_scaled: weighted sums of integer codes whose rows carry a scale per group of gsize columns
+	 * (KIVI's value tokens: w_t s_tg). Rows as for lut_axpy (codes + i*stride, LSB first); row i's scale of
+	 * column group c (columns [c*gsize, (c+1)*gsize), c < ceil(m/gsize)) is the little-endian fp16 at
+	 * scales + i*stride + 2c. n <= KVP_AXPY_I16_ROWS. Per head, u(i, c) = w[h*w_stride + i] * scale(i, c);
+	 * top = max |u|; W(i, c) = nearest(u(i, c) * kvp_weight_inv(top)) as lut_axpy_i16_group rounds, and
+	 *   acc[h*acc_stride + j] += (top / 4095) * (float)sum_i W(i, j / gsize) * code(i, j)  (exact int32).
+	 * Every implementation gives the same bits.
+	 */
+	void (*axpy_i16_scaled)(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *codes,
+				size_t stride, const uint8_t *scales, unsigned g, const float *w, size_t w_stride,
+				float *acc, size_t acc_stride);
 	/*
 	 * The Walsh-Hadamard transform of v[0..p), p a power of two, in place and unnormalized: stages
 	 * h = 1, 2, 4, ..., p/2, each taking (v[j], v[j+h]) to (v[j] + v[j+h], v[j] - v[j+h]) for j with bit h
@@ -296,6 +310,62 @@ static inline void kvp_dot_i8_scaled_plain(unsigned bits, unsigned m, unsigned n
 			for (unsigned j = 0; j < m; j++)
 				sum += q8[j] * (int32_t)kvp_column_code(codes, n, i, j, bits);
 			out[h * out_stride + i] += (float)sum * step;
+		}
+	}
+}
+
+/* Code j of a row packed LSB first. */
+static inline unsigned kvp_row_code(const uint8_t *row, unsigned j, unsigned bits)
+{
+	const size_t o = (size_t)j * bits;
+	const unsigned shift = (unsigned)(o & 7);
+	unsigned v = (unsigned)row[o >> 3] >> shift;
+
+	if (shift + bits > 8)
+		v |= (unsigned)row[(o >> 3) + 1] << (8 - shift);
+	return v & ((1u << bits) - 1);
+}
+
+/* Row i's scale of column group c in axpy_i16_scaled's layout. */
+static inline float kvp_group_scale(const uint8_t *scales, size_t stride, unsigned i, unsigned c)
+{
+	const uint8_t *p = scales + i * stride + 2 * (size_t)c;
+
+	return kvp_f16_to_f32((uint16_t)(p[0] | p[1] << 8));
+}
+
+/* axpy_i16_scaled in plain code: the scalar reference, and the tables without a vector version. Columns in
+ * passes of 256, whose int32 sums live on the stack. */
+static inline void kvp_axpy_i16_scaled_plain(unsigned bits, unsigned m, unsigned gsize, unsigned n,
+					     const uint8_t *codes, size_t stride, const uint8_t *scales, unsigned g,
+					     const float *w, size_t w_stride, float *acc, size_t acc_stride)
+{
+	const unsigned ng = (m + gsize - 1) / gsize;
+	int32_t sums[256];
+
+	for (unsigned h = 0; h < g; h++) {
+		const float *wh = w + h * w_stride;
+		float top = 0.0f, inv, f;
+
+		for (unsigned i = 0; i < n; i++)
+			for (unsigned c = 0; c < ng; c++) {
+				float u = wh[i] * kvp_group_scale(scales, stride, i, c);
+				top = fabsf(u) > top ? fabsf(u) : top;
+			}
+		inv = kvp_weight_inv(top);
+		f = top / KVP_WEIGHT_MAX;
+		for (unsigned j0 = 0; j0 < m; j0 += 256) {
+			const unsigned k = m - j0 < 256 ? m - j0 : 256;
+
+			memset(sums, 0, sizeof sums);
+			for (unsigned i = 0; i < n; i++)
+				for (unsigned j = 0; j < k; j++) {
+					const unsigned c = (j0 + j) / gsize;
+					const int32_t wq = kvp_nearest((wh[i] * kvp_group_scale(scales, stride, i, c)) * inv);
+					sums[j] += wq * (int32_t)kvp_row_code(codes + i * stride, j0 + j, bits);
+				}
+			for (unsigned j = 0; j < k; j++)
+				acc[h * acc_stride + j0 + j] += f * (float)sums[j];
 		}
 	}
 }

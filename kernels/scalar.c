@@ -308,6 +308,7 @@ const struct kvp_kernels kvp_kernels_scalar = {
 	.lut_dot_i8_group = lut_dot_i8_group,
 	.lut_axpy_i16_group = lut_axpy_i16_group,
 	.dot_i8_scaled = kvp_dot_i8_scaled_plain,
+	.axpy_i16_scaled = kvp_axpy_i16_scaled_plain,
 	.fwht = fwht,
 	.sym_codes = sym_codes,
 	.sum_squares = sum_squares,
