@@ -38,7 +38,10 @@
  *     tests/test_attend.c the attention's error at 32K tokens). dot, the float reference, gathers each
  *     token's row and runs lut_dot on q * s.
  *   values (per token): sum_t w_t x_tj = sum_t (w_t s_tg) code_tj + sum_t w_t z_tg over each channel group
- *     g: one lut_axpy (lut_axpy_group for all heads) per channel group with weights w_t s_tg. The sums of
+ *     g. axpy_group (attention's path): one axpy_i16_scaled over all channels, which rounds each head's
+ *     w_t s_tg to 12 bits of their largest (step = max / 4095; a channel's sum moves by at most
+ *     step / 2 * sum_t code_tj, tested) and reads s_tg from the tokens (AVX-512: vpdpwssd with channels as
+ *     lanes). axpy, the float reference: one lut_axpy per channel group with weights w_t s_tg. The sums of
  *     w_t z_tg, one per channel group, accumulate in ng more floats (acc_dim = dim + ng), which finish adds
  *     to the group's channels once per step.
  *   The other two combinations (explicit axis=): keys per token one lut_dot per channel group, values per
@@ -49,7 +52,8 @@
  * tokens in SSE2, took 2.4x the kernel's time, and the kernel's per-call setup and per-row horizontal sums
  * come once per 32 tokens). Values through lut_axpy_i16_group per channel group (weights w_t s_tg) were
  * slower than the float lut_axpy_group: its AVX-512 version works on 64-column chunks, half idle at
- * G = 32, and rounds every head's weights again for each channel group of each 64-token block.
+ * G = 32, and rounds every head's weights again for each channel group of each 64-token block; hence the
+ * two kernels of KIVI's own shape (dot_i8_scaled, axpy_i16_scaled).
  *
  * Encode and decode run in blocks of fixed size that the compiler vectorizes (ranges over rows of
  * channels, fp16 rounding by the kernels' converters, rounding by adding 1.5 * 2^23, a token's codes
