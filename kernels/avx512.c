@@ -1215,18 +1215,28 @@ INLINE float scaled_weights_i16(unsigned n, unsigned ng, const float *w, const f
 	return t / KVP_WEIGHT_MAX;
 }
 
-/* Head h's step: the two rows' weights of each 16 columns' group (one broadcast per group when groups
- * span 32 columns or more: `wide`). */
-#define SCALED_AXPY_HEAD(h, wrow)                                                                              \
+/* The step of 16 columns e: their codes of the two rows as int16 pairs, against each head's two weights of
+ * their group, broadcast as one int32 (per 32 columns when groups span 32 or more: `wide`). */
+#define SCALED_COLUMNS(e, pe, ce)                                                                              \
 	do {                                                                                                   \
-		const __m512i b0 = _mm512_set1_epi32(pair_at((wrow) + c0 * (n + 2) + i));                      \
-		const __m512i b2 = _mm512_set1_epi32(pair_at((wrow) + c2 * (n + 2) + i));                      \
-		const __m512i b1 = wide ? b0 : _mm512_set1_epi32(pair_at((wrow) + c1 * (n + 2) + i));           \
-		const __m512i b3 = wide ? b2 : _mm512_set1_epi32(pair_at((wrow) + c3 * (n + 2) + i));           \
-		a##h##0 = _mm512_dpwssd_epi32(a##h##0, d0, b0);                                                 \
-		a##h##1 = _mm512_dpwssd_epi32(a##h##1, d1, b1);                                                 \
-		a##h##2 = _mm512_dpwssd_epi32(a##h##2, d2, b2);                                                 \
-		a##h##3 = _mm512_dpwssd_epi32(a##h##3, d3, b3);                                                 \
+		const __m512i de = _mm512_and_si512(_mm512_srlv_epi16(_mm512_maskz_permutexvar_epi8(even, pe, xy), by), low); \
+		const unsigned at = (ce) * (n + 2) + i;                                                         \
+		if (!wide || (e) % 2 == 0) {                                                                    \
+			bw0 = _mm512_set1_epi32(pair_at(w0 + at));                                              \
+			if (hn > 1)                                                                             \
+				bw1 = _mm512_set1_epi32(pair_at(w1 + at));                                      \
+			if (hn > 2)                                                                             \
+				bw2 = _mm512_set1_epi32(pair_at(w2 + at));                                      \
+			if (hn > 3)                                                                             \
+				bw3 = _mm512_set1_epi32(pair_at(w3 + at));                                      \
+		}                                                                                               \
+		a0##e = _mm512_dpwssd_epi32(a0##e, de, bw0);                                                    \
+		if (hn > 1)                                                                                     \
+			a1##e = _mm512_dpwssd_epi32(a1##e, de, bw1);                                            \
+		if (hn > 2)                                                                                     \
+			a2##e = _mm512_dpwssd_epi32(a2##e, de, bw2);                                            \
+		if (hn > 3)                                                                                     \
+			a3##e = _mm512_dpwssd_epi32(a3##e, de, bw3);                                            \
 	} while (0)
 
 /* acc[0..64) += f * a pass's four registers of sums */
@@ -1263,18 +1273,12 @@ INLINE void axpy_i16_scaled_heads(unsigned hn, int wide, unsigned m, unsigned gs
 			const __m128i y = i + 1 < n ? _mm_loadu_si128((const __m128i *)(codes + (size_t)(i + 1) * stride + j0 / 4))
 						    : _mm_setzero_si128();
 			const __m512i xy = _mm512_inserti32x4(_mm512_castsi128_si512(x), y, 1);
-			const __m512i d0 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_maskz_permutexvar_epi8(even, p0, xy), by), low);
-			const __m512i d1 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_maskz_permutexvar_epi8(even, p1, xy), by), low);
-			const __m512i d2 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_maskz_permutexvar_epi8(even, p2, xy), by), low);
-			const __m512i d3 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_maskz_permutexvar_epi8(even, p3, xy), by), low);
+			__m512i bw0 = _mm512_setzero_si512(), bw1 = bw0, bw2 = bw0, bw3 = bw0;
 
-			SCALED_AXPY_HEAD(0, w0);
-			if (hn > 1)
-				SCALED_AXPY_HEAD(1, w1);
-			if (hn > 2)
-				SCALED_AXPY_HEAD(2, w2);
-			if (hn > 3)
-				SCALED_AXPY_HEAD(3, w3);
+			SCALED_COLUMNS(0, p0, c0);
+			SCALED_COLUMNS(1, p1, c1);
+			SCALED_COLUMNS(2, p2, c2);
+			SCALED_COLUMNS(3, p3, c3);
 		}
 		add_pass(acc + j0, f[0], a00, a01, a02, a03);
 		if (hn > 1)
@@ -1286,7 +1290,7 @@ INLINE void axpy_i16_scaled_heads(unsigned hn, int wide, unsigned m, unsigned gs
 	}
 }
 
-#undef SCALED_AXPY_HEAD
+#undef SCALED_COLUMNS
 
 static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *codes, size_t stride,
 			    const uint8_t *scales, unsigned g, const float *w, size_t w_stride, float *acc,
