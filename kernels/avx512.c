@@ -1097,37 +1097,57 @@ INLINE float scaled_query_i8(unsigned m, const float *q, const float *s, int8_t 
 	return t / 127.0f;
 }
 
-/* One head's step of the sums: the lane's four codes times the head's query of column byte k. */
-#define SCALED_HEAD(acc, quads) acc = _mm512_dpbusd_epi32(acc, c, _mm512_set1_epi32((quads)[k]))
+/* One head's step of the sums: the lanes' four codes of two blocks of 16 rows times the head's query of
+ * column byte k, broadcast once for both. */
+#define SCALED_HEAD(acc, acc2, quads)                                   \
+	do {                                                            \
+		const __m512i qk = _mm512_set1_epi32((quads)[k]);       \
+		acc = _mm512_dpbusd_epi32(acc, c, qk);                  \
+		acc2 = _mm512_dpbusd_epi32(acc2, c2, qk);               \
+	} while (0)
 
+/* out[0..rows) += step * the sums of a block of rows */
+INLINE void add_rows(float *o, unsigned rows, float step, __m512i sums)
+{
+	const __mmask16 keep = tail16(rows);
+	const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(step));
+
+	_mm512_mask_storeu_ps(o, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, o), v));
+}
+
+/* Rows 32 at a time, in two blocks of 16 lanes (the second empty past n: its loads are masked off). */
 INLINE void dot_i8_scaled_heads(unsigned hn, unsigned bytes, unsigned n, const uint8_t *codes,
 				const int32_t (*quads)[SCALED_QUADS], const float *step, float *out, size_t os)
 {
 	const __m512i pick = _mm512_set1_epi64(0x2624222006040200ll), three = _mm512_set1_epi8(3);
 
-	for (unsigned i0 = 0; i0 < n; i0 += 16) {
-		const unsigned rows = n - i0 < 16 ? n - i0 : 16;
-		const __mmask16 keep = tail16(rows);
-		__m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+	for (unsigned i0 = 0; i0 < n; i0 += 32) {
+		const unsigned rows = n - i0 < 16 ? n - i0 : 16, rows2 = n - i0 > 16 ? (n - i0 - 16 < 16 ? n - i0 - 16 : 16) : 0;
+		const __mmask16 keep = tail16(rows), keep2 = tail16(rows2);
+		__m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
 
 		for (unsigned k = 0; k < bytes; k++) {
-			const __m128i x = _mm_maskz_loadu_epi8(keep, codes + (size_t)k * n + i0);
-			const __m512i c = _mm512_and_si512(_mm512_multishift_epi64_epi8(pick, _mm512_cvtepu8_epi32(x)), three);
+			const uint8_t *col = codes + (size_t)k * n + i0;
+			const __m512i c = _mm512_and_si512(
+				_mm512_multishift_epi64_epi8(pick, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(keep, col))), three);
+			const __m512i c2 = _mm512_and_si512(
+				_mm512_multishift_epi64_epi8(pick, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(keep2, col + 16))),
+				three);
 
-			SCALED_HEAD(a0, quads[0]);
+			SCALED_HEAD(a0, b0, quads[0]);
 			if (hn > 1)
-				SCALED_HEAD(a1, quads[1]);
+				SCALED_HEAD(a1, b1, quads[1]);
 			if (hn > 2)
-				SCALED_HEAD(a2, quads[2]);
+				SCALED_HEAD(a2, b2, quads[2]);
 			if (hn > 3)
-				SCALED_HEAD(a3, quads[3]);
+				SCALED_HEAD(a3, b3, quads[3]);
 		}
 		{
-			const __m512i a[4] = { a0, a1, a2, a3 };
+			const __m512i a[4] = { a0, a1, a2, a3 }, b[4] = { b0, b1, b2, b3 };
 			for (unsigned h = 0; h < hn; h++) {
-				float *o = out + h * os + i0;
-				const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a[h]), _mm512_set1_ps(step[h]));
-				_mm512_mask_storeu_ps(o, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, o), v));
+				add_rows(out + h * os + i0, rows, step[h], a[h]);
+				if (rows2)
+					add_rows(out + h * os + i0 + 16, rows2, step[h], b[h]);
 			}
 		}
 	}
