@@ -846,8 +846,8 @@ static unsigned channel_scalars(const struct kvp_codec *c, const struct kivi_scr
 }
 
 /*
- * axis=channel, one head, in floats (dot's reference): per group the query times the scales, then per
- * token <q * s, codes_t> by a lut_dot over the token's row (gathered from the columns) plus <q, z>.
+ * axis=channel, one head, in floats (dot's reference): per group the query times the scales, then for
+ * eight tokens at a time their rows, gathered from the columns, and one lut_dot over them; <q, z> added.
  */
 static void dot_channel(const struct kvp_codec *c, unsigned n, const unsigned char *p, const float *q, float *out)
 {
@@ -855,7 +855,8 @@ static void dot_channel(const struct kvp_codec *c, unsigned n, const unsigned ch
 	const struct kivi *k = c->state;
 	const struct kivi_scratch w = scratch_of(c);
 	const unsigned d = c->dim, groups = n / k->g;
-	uint8_t *row = (uint8_t *)(w.ws + d); /* w.row is in the s rows' way here */
+	/* 8 rows of at most dim/2 bytes in scratch rows 3-5 (w.row is in the s rows' way here) */
+	uint8_t *rows = (uint8_t *)(w.ws + d);
 	float zq[GROUPS];
 
 	for (unsigned a = 0, an; a < groups; a += an, p += k->stride * an) {
@@ -864,9 +865,10 @@ static void dot_channel(const struct kvp_codec *c, unsigned n, const unsigned ch
 			float *o = out + (size_t)(a + e) * k->g;
 
 			mul_rows(d, w.ws, q, w.zs + (size_t)e * d);
-			for (unsigned t = 0; t < k->g; t++) {
-				row_of_columns(k->row, k->g, t, p + e * k->stride + 4 * (size_t)d, row);
-				kern->lut_dot(k->bits, d, 1, row, k->row, integers, w.ws, o + t);
+			for (unsigned t = 0; t < k->g; t += 8) {
+				for (unsigned r = 0; r < 8; r++)
+					row_of_columns(k->row, k->g, t + r, p + e * k->stride + 4 * (size_t)d, rows + r * k->row);
+				kern->lut_dot(k->bits, d, 8, rows, k->row, integers, w.ws, o + t);
 			}
 			add_scalar(k->g, o, zq[e]);
 		}
