@@ -20,35 +20,45 @@
  *
  * Layout, codes packed LSB first into rows (code i of a row at bits [i*bits, (i+1)*bits)), zero padded
  * to a byte:
- *   axis=channel, per group of G tokens:  fp16 z[dim], fp16 s[dim], then one row per channel of its G
- *     codes, token by token (packed along tokens, as the reference packs keys; row = G*bits/8 bytes).
- *     bytes(n) = n/G * (4*dim + dim*G*bits/8)
+ *   axis=channel, per group of G tokens:  fp16 z[dim], fp16 s[dim], then each token's row of its dim codes
+ *     (row = ceil(dim*bits/8) bytes), stored by columns: byte b of token t's row at b*G + t, so that the
+ *     G tokens' bytes b are contiguous (kernels.h, dot_i8_scaled: the kernel's lanes are tokens).
+ *     bytes(n) = n/G * (4*dim + G*ceil(dim*bits/8)); the same as the reference's n/G * (4*dim + dim*G*bits/8)
+ *     whenever dim*bits is a multiple of 8 (every dim that is a multiple of 8), else < 1 byte per token more.
  *   axis=token, per token (ng = ceil(dim/G)): fp16 z[ng], fp16 s[ng], one row of the dim channels' codes.
  *     bytes(n) = n * (4*ng + ceil(dim*bits / 8))
  * d=128, G=32, bits=2: 3.0 bits per value on either axis; bits=4: 5.0 (bits=1: 2.0, bits=3: 4.0).
  *
- * Attention works on the codes with the kernels' lookups, the integers 0, 1, 2, ... as the table, and in
- * their axpy form wherever it can: a lookup dot ends each row with a horizontal sum, which costs as much as
- * the row's lookups (rows of 128 2-bit codes); an axpy keeps its sums in registers across rows.
- *   keys (per channel): <q, x_t> = sum_j q_j z_j + sum_j (q_j s_j) code_jt. Per group of G tokens, the
- *     query times the scales, then one lut_axpy over the channels' rows (columns: tokens), for all the
- *     heads of a GQA group at once in dot_group (lut_axpy_group); <q, z> of every head by one dot_f16_group
- *     on the stored fp16 z.
+ * Attention works on the codes with the integers 0, 1, 2, ... as the table.
+ *   keys (per channel): <q, x_t> = sum_j q_j z_j + sum_j (q_j s_j) code_jt. dot_group (attention's path),
+ *     per group of G tokens and for all the heads of a GQA group: <q, z> by one dot_f16_group on the stored
+ *     fp16 z, then one dot_i8_scaled, which makes each head's q * s an int8 query on the step
+ *     max_j |q_j s_j| / 127 and sums it against the codes exactly (AVX-512: vpdpbusd with tokens as lanes,
+ *     no horizontal sums). A score moves by at most step / 2 * sum_j code_jt (tests/test_kivi.c checks this;
+ *     tests/test_attend.c the attention's error at 32K tokens). dot, the float reference, gathers each
+ *     token's row and runs lut_dot on q * s.
  *   values (per token): sum_t w_t x_tj = sum_t (w_t s_tg) code_tj + sum_t w_t z_tg over each channel group
- *     g: one lut_axpy (lut_axpy_group for all heads) per channel group with weights w_t s_tg. The sums of
+ *     g. axpy_group (attention's path): one axpy_i16_scaled over all channels, which rounds each head's
+ *     w_t s_tg to 12 bits of their largest (step = max / 4095; a channel's sum moves by at most
+ *     step / 2 * sum_t code_tj, tested) and reads s_tg from the tokens (AVX-512: vpdpwssd with channels as
+ *     lanes). axpy, the float reference: one lut_axpy per channel group with weights w_t s_tg. The sums of
  *     w_t z_tg, one per channel group, accumulate in ng more floats (acc_dim = dim + ng), which finish adds
  *     to the group's channels once per step.
- *   The other two combinations (explicit axis=) run the lookup dot: keys per token one lut_dot per channel
- *   group, values per channel one lut_dot (lut_dot_group) per group of tokens.
+ *   The other two combinations (explicit axis=): keys per token one lut_dot per channel group, values per
+ *   channel one lut_axpy per token's row (gathered from the columns).
  * Tried at G=32 (pager attention, d=128, GQA 4) and not kept: key rows of tokens with lut_dot_group (no
  * faster; about 40% of its time goes to the per-row horizontal sums), and lut_dot_i8_group with the query
- * times the scales in int8 per group (slower: its per-call setup, and the quantization, come once per 32
- * tokens and outweigh its cheaper products).
+ * times the scales in int8 per group, from plain C (slower: the quantization, 4 heads x dim values per 32
+ * tokens in SSE2, took 2.4x the kernel's time, and the kernel's per-call setup and per-row horizontal sums
+ * come once per 32 tokens). Values through lut_axpy_i16_group per channel group (weights w_t s_tg) were
+ * slower than the float lut_axpy_group: its AVX-512 version works on 64-column chunks, half idle at
+ * G = 32, and rounds every head's weights again for each channel group of each 64-token block; hence the
+ * two kernels of KIVI's own shape (dot_i8_scaled, axpy_i16_scaled).
  *
  * Encode and decode run in blocks of fixed size that the compiler vectorizes (ranges over rows of
- * channels, fp16 rounding by the kernels' converters, rounding by adding 1.5 * 2^23, key codes put into
- * the channels' rows eight tokens at a time, a token's codes packed eight at a time by shifts within a
- * 64-bit word; the host is little-endian, as kernels.h's code words take it), and give the same bytes
+ * channels, fp16 rounding by the kernels' converters, rounding by adding 1.5 * 2^23, a token's codes
+ * packed eight at a time by shifts within a 64-bit word, a key token's row then put into its group's
+ * columns byte by byte; the host is little-endian, as kernels.h's code words take it), and give the same bytes
  * and floats as the scalar reference kept below (kvp_kivi_encode_reference, kvp_kivi_decode_reference),
  * which tests/test_kivi.c compares them with.
  */
@@ -61,7 +71,7 @@
 
 struct kivi {
 	unsigned bits, g, per_token, ng;
-	size_t row;    /* bytes of a row of codes: a channel's G (channel) or a token's dim (token) */
+	size_t row;    /* bytes of a token's row of dim codes (either axis) */
 	size_t stride; /* bytes of one group of G tokens (channel) or of one token (token) */
 };
 
@@ -80,16 +90,15 @@ struct kivi {
  *   2-4 lo, hi, bad         encode's ranges (encode per token: every group's lo, hi, bad, z, s in 2-4)
  *   2-5 ws                  HEADS rows: queries or weights times the scales (dot, axpy)
  *   6-9 zs                  2 GROUPS rows: dot's z and s of GROUPS key groups
- *   6 words, 7-8 codes      encode and decode: eight codes of each channel as a word, 8 rows of code bytes
+ *   6 codes, 7 row          encode and decode: a token's codes, one per byte, and its packed row
  *   10-11 h16               2 GROUPS rows of fp16 scalars
  */
 #define SCRATCH_ROWS 12
 
 struct kivi_scratch {
 	float *zf, *sf, *lo, *hi, *bad, *ws, *zs;
-	uint32_t *words;
 	uint16_t *h16;
-	uint8_t *codes;
+	uint8_t *codes, *row;
 };
 
 static struct kivi_scratch scratch_of(const struct kvp_codec *c)
@@ -100,8 +109,8 @@ static struct kivi_scratch scratch_of(const struct kvp_codec *c)
 
 	s.zf = f, s.sf = f + d, s.lo = f + 2 * d, s.hi = f + 3 * d, s.bad = f + 4 * d;
 	s.ws = f + 2 * d, s.zs = f + (2 + HEADS) * d;
-	s.words = (uint32_t *)s.zs;
-	s.codes = (uint8_t *)(s.zs + d);
+	s.codes = (uint8_t *)s.zs;
+	s.row = (uint8_t *)(s.zs + d);
 	s.h16 = (uint16_t *)(s.zs + 2 * GROUPS * d);
 	return s;
 }
@@ -135,8 +144,8 @@ static kvp_status kivi_open(struct kvp_codec *c, struct kvp_args *args, unsigned
 		c->acc_dim = dim + k->ng; /* then the sums of w z per channel group, added to its channels by finish */
 	} else {
 		k->ng = dim;
-		k->row = (size_t)g * bits / 8;
-		k->stride = 4 * (size_t)dim + dim * k->row;
+		k->row = ((size_t)dim * bits + 7) / 8;
+		k->stride = 4 * (size_t)dim + g * k->row;
 		c->group = g;
 		c->flags &= ~KVP_CODEC_SEPARABLE;
 		c->qprep_bytes = sizeof(float) * dim;
@@ -174,15 +183,16 @@ static float load16(const unsigned char *p)
 }
 
 /*
- * Quantizes the m values x[0], x[step], ... into codes at bit offset o, storing z at zp and s at sp.
- * The scale is rounded to fp16 first and the codes measured against it.
+ * Quantizes the m values x[0], x[step], ... into codes (one per byte, all 0 when the range is 0), storing z
+ * at zp and s at sp. The scale is rounded to fp16 first and the codes measured against it.
  */
 static kvp_status quantize(unsigned bits, unsigned m, const float *x, size_t step, unsigned char *zp,
-			   unsigned char *sp, unsigned char *codes, size_t o)
+			   unsigned char *sp, uint8_t *codes)
 {
 	float lo = x[0], hi = x[0], z, s;
 	unsigned top = (1u << bits) - 1;
 
+	memset(codes, 0, m);
 	/* comparisons skip NaNs, so every value is checked on its own */
 	for (unsigned i = 0; i < m; i++) {
 		if (!isfinite(x[i * step]))
@@ -203,36 +213,62 @@ static kvp_status quantize(unsigned bits, unsigned m, const float *x, size_t ste
 		return KVP_OK;
 	for (unsigned i = 0; i < m; i++) {
 		float q = rintf((x[i * step] - z) / s);
-		unsigned v = q <= 0.0f ? 0 : q >= (float)top ? top : (unsigned)q;
-		kvp_bits_put(codes, o + (size_t)i * bits, bits, v);
+		codes[i] = (uint8_t)(q <= 0.0f ? 0 : q >= (float)top ? top : (unsigned)q);
 	}
 	return KVP_OK;
+}
+
+/* Key groups store their tokens' rows by columns: byte b of token t's row at cols[b * G + t]. */
+static void column_put(uint8_t *cols, unsigned g, unsigned t, size_t o, unsigned bits, unsigned v)
+{
+	const size_t b = o >> 3;
+	const unsigned shift = (unsigned)(o & 7);
+
+	cols[b * g + t] |= (uint8_t)(v << shift);
+	if (shift + bits > 8)
+		cols[(b + 1) * g + t] |= (uint8_t)(v >> (8 - shift));
+}
+
+static unsigned column_get(const uint8_t *cols, unsigned g, unsigned t, size_t o, unsigned bits)
+{
+	const size_t b = o >> 3;
+	const unsigned shift = (unsigned)(o & 7);
+	unsigned v = (unsigned)cols[b * g + t] >> shift;
+
+	if (shift + bits > 8)
+		v |= (unsigned)cols[(b + 1) * g + t] << (8 - shift);
+	return v & ((1u << bits) - 1);
 }
 
 /* One group of G key tokens (channel) into p. */
 static kvp_status encode_group_reference(const struct kivi *k, unsigned d, const float *x, unsigned char *p)
 {
+	uint8_t codes[4096]; /* G <= 4096 */
 	kvp_status st;
 
 	memset(p, 0, k->stride);
-	for (unsigned j = 0; j < d; j++)
-		if ((st = quantize(k->bits, k->g, x + j, d, p + 2 * j, p + 2 * (d + j), p + 4 * (size_t)d,
-				   (size_t)j * k->g * k->bits)) != KVP_OK)
+	for (unsigned j = 0; j < d; j++) {
+		if ((st = quantize(k->bits, k->g, x + j, d, p + 2 * j, p + 2 * (d + j), codes)) != KVP_OK)
 			return st;
+		for (unsigned t = 0; t < k->g; t++)
+			column_put(p + 4 * (size_t)d, k->g, t, (size_t)j * k->bits, k->bits, codes[t]);
+	}
 	return KVP_OK;
 }
 
 /* One value token (token) into p. */
 static kvp_status encode_token_reference(const struct kivi *k, unsigned d, const float *x, unsigned char *p)
 {
+	uint8_t codes[4096]; /* G <= 4096 */
 	kvp_status st;
 
 	memset(p, 0, k->stride);
 	for (unsigned g = 0; g < k->ng; g++) {
 		unsigned j0 = g * k->g, m = d - j0 < k->g ? d - j0 : k->g;
-		if ((st = quantize(k->bits, m, x + j0, 1, p + 2 * g, p + 2 * (k->ng + g), p + 4 * k->ng,
-				   (size_t)j0 * k->bits)) != KVP_OK)
+		if ((st = quantize(k->bits, m, x + j0, 1, p + 2 * g, p + 2 * (k->ng + g), codes)) != KVP_OK)
 			return st;
+		for (unsigned i = 0; i < m; i++)
+			kvp_bits_put(p + 4 * k->ng, (size_t)(j0 + i) * k->bits, k->bits, codes[i]);
 	}
 	return KVP_OK;
 }
@@ -279,7 +315,8 @@ kvp_status kvp_kivi_decode_reference(const struct kvp_codec *c, const void *ctx,
 		for (unsigned j = 0; j < d; j++) {
 			float z = load16(p + 2 * j), s = load16(p + 2 * (d + j));
 			for (unsigned t = 0; t < k->g; t++)
-				x[(size_t)t * d + j] = z + s * code_at(k, p + 4 * (size_t)d, (size_t)j * k->g + t);
+				x[(size_t)t * d + j] =
+					z + s * (float)column_get(p + 4 * (size_t)d, k->g, t, (size_t)j * k->bits, k->bits);
 		}
 	return KVP_OK;
 }
@@ -522,53 +559,6 @@ static inline __attribute__((always_inline)) void unpack_bits(unsigned bits, uns
 		codes[j] = (uint8_t)kvp_bits_get(row, (size_t)j * bits, bits);
 }
 
-static void or_shifted16(uint32_t *restrict words, const uint8_t *restrict codes, unsigned shift)
-{
-	for (unsigned l = 0; l < BLOCK; l++)
-		words[l] |= (uint32_t)codes[l] << shift;
-}
-
-static void split16(uint8_t *restrict codes, const uint32_t *restrict words, unsigned shift, uint32_t mask)
-{
-	for (unsigned l = 0; l < BLOCK; l++)
-		codes[l] = (uint8_t)((words[l] >> shift) & mask);
-}
-
-static inline __attribute__((always_inline)) void put_columns_bits(unsigned bits, unsigned d, const uint8_t *codes,
-								    uint32_t *words, uint8_t *rows, size_t row)
-{
-	memset(words, 0, sizeof(uint32_t) * d);
-	for (unsigned r = 0; r < 8; r++) {
-		const uint8_t *c = codes + (size_t)r * d;
-		unsigned j = 0;
-
-		for (; j + BLOCK <= d; j += BLOCK)
-			or_shifted16(words + j, c + j, r * bits);
-		for (; j < d; j++)
-			words[j] |= (uint32_t)c[j] << (r * bits);
-	}
-	for (unsigned j = 0; j < d; j++)
-		put_word(rows + j * row, words[j], bits);
-}
-
-static inline __attribute__((always_inline)) void get_columns_bits(unsigned bits, unsigned d, const uint8_t *rows,
-								    size_t row, uint32_t *words, uint8_t *codes)
-{
-	const uint32_t mask = (1u << bits) - 1;
-
-	for (unsigned j = 0; j < d; j++)
-		words[j] = kvp_code_word(rows + j * row, bits);
-	for (unsigned r = 0; r < 8; r++) {
-		uint8_t *c = codes + (size_t)r * d;
-		unsigned j = 0;
-
-		for (; j + BLOCK <= d; j += BLOCK)
-			split16(c + j, words + j, r * bits, mask);
-		for (; j < d; j++)
-			c[j] = (uint8_t)((words[j] >> (r * bits)) & mask);
-	}
-}
-
 /* One case per width: the *_bits functions inline into each with bits a constant. */
 #define BY_WIDTH(bits, call) \
 	switch (bits) { \
@@ -592,18 +582,17 @@ static void unpack(unsigned bits, unsigned m, const uint8_t *row, uint8_t *codes
 #undef UNPACK
 }
 
-static void put_columns(unsigned bits, unsigned d, const uint8_t *codes, uint32_t *words, uint8_t *rows, size_t row)
+/* Token t's row of `row` bytes into the columns of a key group of g tokens, and back. */
+static void row_to_columns(size_t row, unsigned g, unsigned t, const uint8_t *bytes, uint8_t *cols)
 {
-#define PUT(b) put_columns_bits(b, d, codes, words, rows, row)
-	BY_WIDTH(bits, PUT)
-#undef PUT
+	for (size_t b = 0; b < row; b++)
+		cols[b * g + t] = bytes[b];
 }
 
-static void get_columns(unsigned bits, unsigned d, const uint8_t *rows, size_t row, uint32_t *words, uint8_t *codes)
+static void row_of_columns(size_t row, unsigned g, unsigned t, const uint8_t *cols, uint8_t *bytes)
 {
-#define GET(b) get_columns_bits(b, d, rows, row, words, codes)
-	BY_WIDTH(bits, GET)
-#undef GET
+	for (size_t b = 0; b < row; b++)
+		bytes[b] = cols[b * g + t];
 }
 
 /* m little-endian fp16 numbers at p as floats (copied to h16 first: p need not be aligned; the host is
@@ -633,8 +622,8 @@ static int scalars_fine(float lo, float hi, float bad, float z, float s)
 
 /*
  * One group of G key tokens: every channel's range over the tokens (row by row, along the channels), z
- * and s rounded to fp16 in one pass each, then the codes of eight tokens at a time, put into the channels'
- * rows as words. A group with a fault goes to the reference, which finds the first and says what it was.
+ * and s rounded to fp16 in one pass each, then each token's codes, packed into its row and put into the
+ * group's columns. A group with a fault goes to the reference, which finds the first and says what it was.
  */
 static kvp_status encode_group(const struct kvp_codec *c, const struct kivi_scratch *w, const float *x,
 			       unsigned char *p)
@@ -656,10 +645,10 @@ static kvp_status encode_group(const struct kvp_codec *c, const struct kivi_scra
 	for (unsigned j = 0; j < d; j++)
 		if (!scalars_fine(w->lo[j], w->hi[j], w->bad[j], w->zf[j], w->sf[j]))
 			return encode_group_reference(k, d, x, p);
-	for (unsigned t = 0; t < k->g; t += 8) {
-		for (unsigned r = 0; r < 8; r++)
-			codes_of(k->bits, d, x + (size_t)(t + r) * d, w->zf, w->sf, w->codes + (size_t)r * d);
-		put_columns(k->bits, d, w->codes, w->words, p + 4 * (size_t)d + t / 8 * k->bits, k->row);
+	for (unsigned t = 0; t < k->g; t++) {
+		codes_of(k->bits, d, x + (size_t)t * d, w->zf, w->sf, w->codes);
+		pack(k->bits, d, w->codes, w->row);
+		row_to_columns(k->row, k->g, t, w->row, p + 4 * (size_t)d);
 	}
 	return KVP_OK;
 }
@@ -806,10 +795,10 @@ static kvp_status kivi_decode(const struct kvp_codec *c, const void *ctx, unsign
 	for (unsigned i = 0; i < n; i += k->g, p += k->stride) {
 		load16_row(kern, d, p, w.h16, w.zf);
 		load16_row(kern, d, p + 2 * (size_t)d, w.h16, w.sf);
-		for (unsigned t = 0; t < k->g; t += 8) {
-			get_columns(k->bits, d, p + 4 * (size_t)d + t / 8 * k->bits, k->row, w.words, w.codes);
-			for (unsigned r = 0; r < 8; r++, x += d)
-				decode_row(d, w.zf, w.sf, w.codes + (size_t)r * d, x);
+		for (unsigned t = 0; t < k->g; t++, x += d) {
+			row_of_columns(k->row, k->g, t, p + 4 * (size_t)d, w.row);
+			unpack(k->bits, d, w.row, w.codes);
+			decode_row(d, w.zf, w.sf, w.codes, x);
 		}
 	}
 	return KVP_OK;
@@ -836,56 +825,94 @@ static void kivi_prepare_query(const struct kvp_codec *c, const void *ctx, const
 static const float integers[16] = { 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15 };
 
 /*
- * axis=channel, hn <= HEADS heads (queries qprep + h * dim; out holds hn rows of out_stride). Groups of G
- * tokens are taken GROUPS at a time: their z and s converted in one pass, each head's <q, z> of every group
- * by one dot (rows: the groups' z). Per group, each head's query times the scales, out = <q, z>, and one
- * lut_axpy_group over the channels' rows adds sum_j (q_j s_j) code_jt.
+ * Key groups (axis=channel) GROUPS at a time, for g heads (queries qprep + h * dim): their z and s
+ * converted in one pass, every head's <q, z> of every group by one dot straight from the fp16 z (zq: g rows
+ * of an), the s rows as floats in w->zs. Returns how many groups (an) it took.
  */
-static void dot_channel(const struct kvp_codec *c, unsigned n, const unsigned char *p, unsigned hn,
-			const float *qprep, float *out, size_t out_stride)
+static unsigned channel_scalars(const struct kvp_codec *c, const struct kivi_scratch *w, unsigned groups,
+				const unsigned char *p, unsigned g, const float *qprep, float *zq)
+{
+	const struct kvp_kernels *kern = kvp_kernels();
+	const struct kivi *k = c->state;
+	const unsigned d = c->dim, an = groups < GROUPS ? groups : GROUPS;
+
+	for (unsigned e = 0; e < an; e++) {
+		memcpy(w->h16 + (size_t)e * d, p + e * k->stride, sizeof(uint16_t) * d);
+		memcpy(w->h16 + (size_t)(an + e) * d, p + e * k->stride + 2 * (size_t)d, sizeof(uint16_t) * d);
+	}
+	kern->dot_f16_group(d, an, w->h16, g, qprep, 1.0f, zq, NULL);
+	kern->f16_to_f32((size_t)an * d, w->h16 + (size_t)an * d, w->zs);
+	return an;
+}
+
+/*
+ * axis=channel, one head, in floats (dot's reference): per group the query times the scales, then for
+ * eight tokens at a time their rows, gathered from the columns, and one lut_dot over them; <q, z> added.
+ */
+static void dot_channel(const struct kvp_codec *c, unsigned n, const unsigned char *p, const float *q, float *out)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct kivi *k = c->state;
 	const struct kivi_scratch w = scratch_of(c);
 	const unsigned d = c->dim, groups = n / k->g;
+	/* 8 rows of at most dim/2 bytes in scratch rows 3-5 (w.row is in the s rows' way here) */
+	uint8_t *rows = (uint8_t *)(w.ws + d);
+	float zq[GROUPS];
 
-	for (unsigned a = 0; a < groups; a += GROUPS, p += k->stride * GROUPS) {
-		const unsigned an = groups - a < GROUPS ? groups - a : GROUPS;
-		float zq[HEADS * GROUPS];
-
-		/* z rows of the an groups, then their s rows; <q, z> straight from fp16 for every head */
+	for (unsigned a = 0, an; a < groups; a += an, p += k->stride * an) {
+		an = channel_scalars(c, &w, groups - a, p, 1, q, zq);
 		for (unsigned e = 0; e < an; e++) {
-			memcpy(w.h16 + (size_t)e * d, p + e * k->stride, sizeof(uint16_t) * d);
-			memcpy(w.h16 + (size_t)(an + e) * d, p + e * k->stride + 2 * (size_t)d, sizeof(uint16_t) * d);
-		}
-		kern->dot_f16_group(d, an, w.h16, hn, qprep, 1.0f, zq, NULL);
-		kern->f16_to_f32((size_t)an * d, w.h16 + (size_t)an * d, w.zs);
-		for (unsigned e = 0; e < an; e++) {
-			const unsigned i = (a + e) * k->g;
-			const float *sf = w.zs + (size_t)e * d;
+			float *o = out + (size_t)(a + e) * k->g;
 
-			for (unsigned h = 0; h < hn; h++) {
-				mul_rows(d, w.ws + (size_t)h * d, qprep + (size_t)h * d, sf);
-				fill(k->g, out + h * out_stride + i, zq[h * an + e]);
+			mul_rows(d, w.ws, q, w.zs + (size_t)e * d);
+			for (unsigned t = 0; t < k->g; t += 8) {
+				for (unsigned r = 0; r < 8; r++)
+					row_of_columns(k->row, k->g, t + r, p + e * k->stride + 4 * (size_t)d, rows + r * k->row);
+				kern->lut_dot(k->bits, d, 8, rows, k->row, integers, w.ws, o + t);
 			}
-			kern->lut_axpy_group(k->bits, k->g, d, p + e * k->stride + 4 * (size_t)d, k->row, integers, hn,
-					     w.ws, out + i, out_stride);
+			add_scalar(k->g, o, zq[e]);
+		}
+	}
+}
+
+/*
+ * dot_channel for the g heads of a GQA group on the integer kernel (attention's path): per group, out =
+ * <q, z>, then dot_i8_scaled adds each head's sum_j (q_j s_j) code_jt with q * s in int8 on the step
+ * max_j |q_j s_j| / 127: a score moves by at most step / 2 * sum_j code_jt (tests/test_kivi.c checks it).
+ */
+static void dot_channel_i8(const struct kvp_codec *c, unsigned n, const unsigned char *p, unsigned g,
+			   const float *qprep, float *out)
+{
+	const struct kvp_kernels *kern = kvp_kernels();
+	const struct kivi *k = c->state;
+	const struct kivi_scratch w = scratch_of(c);
+	const unsigned d = c->dim, groups = n / k->g;
+	float zq[KVP_CODEC_GROUP_MAX * GROUPS];
+
+	for (unsigned a = 0, an; a < groups; a += an, p += k->stride * an) {
+		an = channel_scalars(c, &w, groups - a, p, g, qprep, zq);
+		for (unsigned e = 0; e < an; e++) {
+			const size_t i = (size_t)(a + e) * k->g;
+
+			for (unsigned h = 0; h < g; h++)
+				fill(k->g, out + h * (size_t)n + i, zq[h * an + e]);
+			kern->dot_i8_scaled(k->bits, d, k->g, p + e * k->stride + 4 * (size_t)d, g, qprep, d,
+					    w.zs + (size_t)e * d, out + i, n);
 		}
 	}
 }
 
 /* The z and s of a pass of cn value tokens from p on, as fp16 in h16, planar: h16[g * cn + i] is z of token i's
  * channel group g, h16[(ng + g) * cn + i] its s, so that the loops over tokens below run on contiguous rows.
- * Rows from `from` on are converted to floats in zs (from row 0 on at zs). */
+ * The first `rows` rows are gathered (ng: the z alone), and rows [from, rows) converted to floats in zs. */
 static void slice_scalars(const struct kvp_kernels *kern, const struct kivi *k, unsigned cn, const unsigned char *p,
-			  uint16_t *h16, unsigned from, float *zs)
+			  uint16_t *h16, unsigned rows, unsigned from, float *zs)
 {
-	const unsigned per = 2 * k->ng;
-
 	for (unsigned i = 0; i < cn; i++, p += k->stride)
-		for (unsigned e = 0; e < per; e++)
+		for (unsigned e = 0; e < rows; e++)
 			memcpy(h16 + (size_t)e * cn + i, p + 2 * e, sizeof(uint16_t));
-	kern->f16_to_f32((size_t)cn * (per - from), h16 + (size_t)from * cn, zs);
+	if (from < rows)
+		kern->f16_to_f32((size_t)cn * (rows - from), h16 + (size_t)from * cn, zs);
 }
 
 /* Tokens per pass of the per-token paths: as many as SLICE_SCALARS and SLICE allow, at least one. */
@@ -907,7 +934,7 @@ static void dot_token(const struct kvp_codec *c, unsigned n, const unsigned char
 	for (unsigned i0 = 0; i0 < n; i0 += slice, p += k->stride * slice, out += slice) {
 		const unsigned cn = n - i0 < slice ? n - i0 : slice;
 
-		slice_scalars(kern, k, cn, p, h16, 0, zs);
+		slice_scalars(kern, k, cn, p, h16, 2 * k->ng, 0, zs);
 		fill(cn, out, 0.0f);
 		for (unsigned g = 0; g < k->ng; g++) {
 			const unsigned j0 = g * k->g, m = d - j0 < k->g ? d - j0 : k->g;
@@ -928,7 +955,7 @@ static void kivi_dot(const struct kvp_codec *c, const void *ctx, unsigned n, con
 	if (k->per_token)
 		dot_token(c, n, src, qprep, out);
 	else
-		dot_channel(c, n, src, 1, qprep, out, n);
+		dot_channel(c, n, src, qprep, out);
 }
 
 static void kivi_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
@@ -939,43 +966,56 @@ static void kivi_dot_group(const struct kvp_codec *c, const void *ctx, unsigned 
 	const float *q = qprep;
 
 	(void)ctx;
-	for (unsigned h = 0; h < g; h += k->per_token ? 1 : HEADS) {
-		if (k->per_token)
-			dot_token(c, n, src, q + h * qs, out + (size_t)h * n);
-		else
-			dot_channel(c, n, src, g - h < HEADS ? g - h : HEADS, q + h * qs, out + (size_t)h * n, n);
+	if (!k->per_token) {
+		dot_channel_i8(c, n, src, g, q, out);
+		return;
 	}
+	for (unsigned h = 0; h < g; h++)
+		dot_token(c, n, src, q + h * qs, out + (size_t)h * n);
 }
 
 /*
  * axis=token, hn <= HEADS heads (weights w + h * w_stride, accumulators acc + h * acc_dim): per pass of
  * tokens, each head's sums of w_i z_ig (a dot straight from the fp16 z, rows: the channel groups) go to
- * acc[dim + g], which finish adds to the group's channels; per channel group, weights w_i s_ig for every
- * head, and one lut_axpy_group over the group's channels.
+ * acc[dim + g], which finish adds to the group's channels. Then sum_i (w_i s_ig) code_ij: in floats (axpy's
+ * reference) by one lut_axpy_group per channel group; with `integer` (axpy_group, attention's path) by one
+ * axpy_i16_scaled over all channels, which rounds each head's w_i s_ig to 12 bits of their largest
+ * (kernels.h: within about 1e-4 of the float sum) and reads s_ig from the tokens themselves.
  */
+/* Each head's sums of w_i z_ig over cn tokens (z rows of cn in h16), added to acc[dim + g]. */
+static void add_weighted_z(const struct kvp_codec *c, unsigned cn, const uint16_t *h16, unsigned hn, const float *w,
+			   size_t w_stride, float *acc)
+{
+	const struct kvp_kernels *kern = kvp_kernels();
+	const struct kivi *k = c->state;
+	float *wz = scratch_of(c).ws; /* hn rows of ng */
+
+	if (w_stride == cn) /* the heads' weights are hn rows of cn */
+		kern->dot_f16_group(cn, k->ng, h16, hn, w, 1.0f, wz, NULL);
+	else
+		for (unsigned h = 0; h < hn; h++)
+			kern->dot_f16(cn, k->ng, h16, w + h * w_stride, 1.0f, wz + h * k->ng);
+	for (unsigned h = 0; h < hn; h++) {
+		float *a = acc + (size_t)h * c->acc_dim + c->dim;
+		for (unsigned g = 0; g < k->ng; g++)
+			a[g] += wz[h * k->ng + g];
+	}
+}
+
 static void axpy_token(const struct kvp_codec *c, unsigned n, const unsigned char *p, unsigned hn, const float *w,
 		       size_t w_stride, float *acc)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct kivi *k = c->state;
 	const unsigned d = c->dim, slice = token_slice(k), ng = k->ng;
-	float sc[SLICE_SCALARS / 2], ws[HEADS * SLICE], *wz = scratch_of(c).ws; /* hn rows of ng */
+	float sc[SLICE_SCALARS / 2], ws[HEADS * SLICE];
 	uint16_t h16[SLICE_SCALARS];
 
 	for (unsigned i0 = 0; i0 < n; i0 += slice, p += k->stride * slice, w += slice) {
 		const unsigned cn = n - i0 < slice ? n - i0 : slice;
 
-		slice_scalars(kern, k, cn, p, h16, ng, sc);
-		if (w_stride == cn) /* the heads' weights are hn rows of cn */
-			kern->dot_f16_group(cn, ng, h16, hn, w, 1.0f, wz, NULL);
-		else
-			for (unsigned h = 0; h < hn; h++)
-				kern->dot_f16(cn, ng, h16, w + h * w_stride, 1.0f, wz + h * ng);
-		for (unsigned h = 0; h < hn; h++) {
-			float *a = acc + (size_t)h * c->acc_dim + d;
-			for (unsigned g = 0; g < ng; g++)
-				a[g] += wz[h * ng + g];
-		}
+		slice_scalars(kern, k, cn, p, h16, 2 * ng, ng, sc);
+		add_weighted_z(c, cn, h16, hn, w, w_stride, acc);
 		for (unsigned g = 0; g < ng; g++) {
 			const unsigned j0 = g * k->g, m = d - j0 < k->g ? d - j0 : k->g;
 
@@ -987,8 +1027,29 @@ static void axpy_token(const struct kvp_codec *c, unsigned n, const unsigned cha
 	}
 }
 
-/* axis=channel, hn <= HEADS heads: per group of tokens, acc_j += z_j * sum(w) + s_j * sum_t w_t code_jt,
- * the sums over tokens by one lut_dot_group over the channels' rows. */
+/* axpy_token on the integer kernel (axpy_group, attention's path): the z sums as there, then one
+ * axpy_i16_scaled over all channels, which rounds each head's w_i s_ig to 12 bits of their largest (kernels.h:
+ * within about 1e-4 of the float sum) and reads s_ig from the tokens themselves. */
+static void axpy_token_i16(const struct kvp_codec *c, unsigned n, const unsigned char *p, unsigned hn,
+			   const float *w, size_t w_stride, float *acc)
+{
+	const struct kvp_kernels *kern = kvp_kernels();
+	const struct kivi *k = c->state;
+	const unsigned slice = token_slice(k), ng = k->ng;
+	uint16_t h16[SLICE_SCALARS];
+
+	for (unsigned i0 = 0; i0 < n; i0 += slice, p += k->stride * slice, w += slice) {
+		const unsigned cn = n - i0 < slice ? n - i0 : slice;
+
+		slice_scalars(kern, k, cn, p, h16, ng, ng, NULL);
+		add_weighted_z(c, cn, h16, hn, w, w_stride, acc);
+		kern->axpy_i16_scaled(k->bits, c->dim, k->g, cn, p + 4 * ng, k->stride, p + 2 * ng, hn, w, w_stride, acc,
+				      c->acc_dim);
+	}
+}
+
+/* axis=channel, hn <= HEADS heads: per group of tokens, acc_j += z_j * sum(w) + s_j * sum_t w_t code_tj,
+ * the sums over tokens by one lut_axpy per token's row (gathered from the columns) and head. */
 static void axpy_channel(const struct kvp_codec *c, unsigned n, const unsigned char *p, unsigned hn,
 			 const float *w, size_t w_stride, float *acc)
 {
@@ -1001,7 +1062,13 @@ static void axpy_channel(const struct kvp_codec *c, unsigned n, const unsigned c
 	for (unsigned i = 0; i < n; i += k->g, p += k->stride) {
 		load16_row(kern, d, p, s.h16, s.zf);
 		load16_row(kern, d, p + 2 * (size_t)d, s.h16, s.sf);
-		kern->lut_dot_group(k->bits, k->g, d, p + 4 * (size_t)d, k->row, integers, hn, w + i, w_stride, sums);
+		fill(hn * d, sums, 0.0f);
+		for (unsigned t = 0; t < k->g; t++) {
+			row_of_columns(k->row, k->g, t, p + 4 * (size_t)d, s.row);
+			for (unsigned h = 0; h < hn; h++)
+				kern->lut_axpy(k->bits, d, 1, s.row, k->row, integers, w + h * w_stride + i + t,
+					       sums + (size_t)h * d);
+		}
 		for (unsigned h = 0; h < hn; h++) {
 			const float *wh = w + h * w_stride + i;
 			float wsum = 0.0f;
@@ -1037,7 +1104,7 @@ static void kivi_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned
 		float *ah = acc + (size_t)h * c->acc_dim;
 
 		if (k->per_token)
-			axpy_token(c, n, src, hn, wh, n, ah);
+			axpy_token_i16(c, n, src, hn, wh, n, ah);
 		else
 			axpy_channel(c, n, src, hn, wh, n, ah);
 	}

@@ -1178,6 +1178,303 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
 }
 
 /*
+ * dot_i8_scaled, 2-bit codes (KIVI's keys; other widths and m > 1024 take the plain code of kernels.h).
+ * Column byte k of sixteen rows is one 16-byte load: a zero-extension gives each row a lane, and
+ * vpmultishiftqb copies its four codes (bits 0, 2, 4, 6 of the lane) to the lane's four bytes, which
+ * vpdpbusd multiplies with the head's int8 query of channels 4k..4k+3, broadcast as one int32. The sums
+ * stay in one register per head and sixteen rows: no horizontal sums.
+ */
+#define SCALED_QUADS 256 /* 1024 channels */
+
+/* kvp_scaled_query_i8 in sixteen lanes (the same products, maximum and rounding) */
+INLINE float scaled_query_i8(unsigned m, const float *q, const float *s, int8_t *q8)
+{
+	const __m512 half = _mm512_set1_ps(0.5f), minus_half = _mm512_set1_ps(-0.5f), zero = _mm512_setzero_ps();
+	__m512 top = zero, inv;
+	float t;
+
+	for (unsigned j = 0; j < m; j += 16) {
+		const __mmask16 in = tail16(m - j < 16 ? m - j : 16);
+		top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, q + j),
+								     _mm512_maskz_loadu_ps(in, s + j))));
+	}
+	t = _mm512_reduce_max_ps(top);
+	inv = _mm512_set1_ps(t > 127.0f / 3.0e38f ? 127.0f / t : 0.0f);
+	for (unsigned j = 0; j < m; j += 16) {
+		const __mmask16 in = tail16(m - j < 16 ? m - j : 16);
+		const __m512 x = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, q + j), _mm512_maskz_loadu_ps(in, s + j)),
+					       inv);
+		const __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), half, minus_half);
+		_mm512_mask_cvtepi32_storeu_epi8(q8 + j, in, _mm512_cvttps_epi32(_mm512_add_ps(x, r)));
+	}
+	return t / 127.0f;
+}
+
+/* One head's step of the sums: the lanes' four codes of two blocks of 16 rows times the head's query of
+ * column byte k, broadcast once for both. */
+#define SCALED_HEAD(acc, acc2, quads)                                   \
+	do {                                                            \
+		const __m512i qk = _mm512_set1_epi32((quads)[k]);       \
+		acc = _mm512_dpbusd_epi32(acc, c, qk);                  \
+		acc2 = _mm512_dpbusd_epi32(acc2, c2, qk);               \
+	} while (0)
+
+/* out[0..rows) += step * the sums of a block of rows */
+INLINE void add_rows(float *o, unsigned rows, float step, __m512i sums)
+{
+	const __mmask16 keep = tail16(rows);
+	const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(step));
+
+	_mm512_mask_storeu_ps(o, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, o), v));
+}
+
+/* Rows 32 at a time, in two blocks of 16 lanes (the second empty past n: its loads are masked off). */
+INLINE void dot_i8_scaled_heads(unsigned hn, unsigned bytes, unsigned n, const uint8_t *codes,
+				const int32_t (*quads)[SCALED_QUADS], const float *step, float *out, size_t os)
+{
+	const __m512i pick = _mm512_set1_epi64(0x2624222006040200ll), three = _mm512_set1_epi8(3);
+
+	for (unsigned i0 = 0; i0 < n; i0 += 32) {
+		const unsigned rows = n - i0 < 16 ? n - i0 : 16, rows2 = n - i0 > 16 ? (n - i0 - 16 < 16 ? n - i0 - 16 : 16) : 0;
+		const __mmask16 keep = tail16(rows), keep2 = tail16(rows2);
+		__m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+
+		for (unsigned k = 0; k < bytes; k++) {
+			const uint8_t *col = codes + (size_t)k * n + i0;
+			const __m512i c = _mm512_and_si512(
+				_mm512_multishift_epi64_epi8(pick, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(keep, col))), three);
+			const __m512i c2 = _mm512_and_si512(
+				_mm512_multishift_epi64_epi8(pick, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(keep2, col + 16))),
+				three);
+
+			SCALED_HEAD(a0, b0, quads[0]);
+			if (hn > 1)
+				SCALED_HEAD(a1, b1, quads[1]);
+			if (hn > 2)
+				SCALED_HEAD(a2, b2, quads[2]);
+			if (hn > 3)
+				SCALED_HEAD(a3, b3, quads[3]);
+		}
+		{
+			const __m512i a[4] = { a0, a1, a2, a3 }, b[4] = { b0, b1, b2, b3 };
+			for (unsigned h = 0; h < hn; h++) {
+				add_rows(out + h * os + i0, rows, step[h], a[h]);
+				if (rows2)
+					add_rows(out + h * os + i0 + 16, rows2, step[h], b[h]);
+			}
+		}
+	}
+}
+
+#undef SCALED_HEAD
+
+static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, unsigned g, const float *q,
+			  size_t q_stride, const float *s, float *out, size_t out_stride)
+{
+	int32_t quads[4][SCALED_QUADS];
+	const unsigned bytes = (m + 3) / 4;
+	float step[4];
+
+	if (bits != 2 || m > 4 * SCALED_QUADS) {
+		/* through the table, not inlined: this frame stays small */
+		kvp_kernels_scalar.dot_i8_scaled(bits, m, n, codes, g, q, q_stride, s, out, out_stride);
+		return;
+	}
+	for (unsigned h0 = 0; h0 < g; h0 += 4) {
+		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
+		float *o = out + h0 * out_stride;
+
+		for (unsigned h = 0; h < hn; h++) {
+			memset(quads[h], 0, sizeof(int32_t) * bytes); /* channels past m weigh 0 */
+			step[h] = scaled_query_i8(m, q + (h0 + h) * q_stride, s, (int8_t *)quads[h]);
+		}
+		switch (hn) {
+		case 4: dot_i8_scaled_heads(4, bytes, n, codes, quads, step, o, out_stride); break;
+		case 3: dot_i8_scaled_heads(3, bytes, n, codes, quads, step, o, out_stride); break;
+		case 2: dot_i8_scaled_heads(2, bytes, n, codes, quads, step, o, out_stride); break;
+		default: dot_i8_scaled_heads(1, bytes, n, codes, quads, step, o, out_stride); break;
+		}
+	}
+}
+
+#define KVP_ISA_DOT_I8_SCALED
+
+/*
+ * axpy_i16_scaled, 2-bit codes, column groups of a multiple of 16, m a multiple of 64 (KIVI's values at
+ * d = 64, 128, ...; otherwise the plain code). Each head's weights are rounded once per (row, group) into
+ * wq[h][c][i]; columns go in passes of 64, rows in pairs. A 16-byte load of each row's 64 codes, and per
+ * 16 columns one vpermb puts the two rows' bytes of column L into the low bytes of lane L's two int16
+ * halves, a variable shift by 2 (L % 4) and a mask leave the codes: the pairs vpdpwssd multiplies by the
+ * rows' two weights of that column group, broadcast as one int32. Lanes are columns: no horizontal sums.
+ */
+#define SCALED_WEIGHTS 528 /* (rows + 2) * groups per head: 128 rows of 4 groups, 64 of 8 */
+
+/* Per 16 columns e of a 64-column pass: byte 4L of lane L from byte 4e + L/4 of the first row (bytes 0-15),
+ * byte 4L + 2 from the second row's (bytes 16-31); bytes 4L + 1 and 4L + 3 are masked to zero. */
+#define PAIR_BYTE(e, i) (char)((i) % 4 == 0 ? 4 * (e) + (i) / 16 : (i) % 4 == 2 ? 16 + 4 * (e) + (i) / 16 : 0)
+#define PAIR8(e, i) PAIR_BYTE(e, i), PAIR_BYTE(e, i + 1), PAIR_BYTE(e, i + 2), PAIR_BYTE(e, i + 3), \
+		    PAIR_BYTE(e, i + 4), PAIR_BYTE(e, i + 5), PAIR_BYTE(e, i + 6), PAIR_BYTE(e, i + 7)
+#define PAIR64(e) { PAIR8(e, 0), PAIR8(e, 8), PAIR8(e, 16), PAIR8(e, 24), PAIR8(e, 32), PAIR8(e, 40), PAIR8(e, 48), \
+		    PAIR8(e, 56) }
+static const char pair_bytes[4][64] = { PAIR64(0), PAIR64(1), PAIR64(2), PAIR64(3) };
+
+/* One head's weights W(i, c) in int16, rows of n + 2 per group (the pad rows weigh 0); returns top / 4095. */
+INLINE float scaled_weights_i16(unsigned n, unsigned ng, const float *w, const float *sf, int16_t *wq)
+{
+	const __m512 half = _mm512_set1_ps(0.5f), minus_half = _mm512_set1_ps(-0.5f), zero = _mm512_setzero_ps();
+	__m512 top = zero, inv;
+	float t;
+
+	for (unsigned c = 0; c < ng; c++)
+		for (unsigned i = 0; i < n; i += 16) {
+			const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
+			top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, w + i),
+									     _mm512_maskz_loadu_ps(in, sf + c * n + i))));
+		}
+	t = _mm512_reduce_max_ps(top);
+	inv = _mm512_set1_ps(kvp_weight_inv(t));
+	for (unsigned c = 0; c < ng; c++) {
+		int16_t *row = wq + c * (n + 2);
+		for (unsigned i = 0; i < n; i += 16) {
+			const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
+			const __m512 x = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, w + i),
+								     _mm512_maskz_loadu_ps(in, sf + c * n + i)),
+						       inv);
+			const __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), half, minus_half);
+			_mm256_mask_storeu_epi16(row + i, in, _mm512_cvtsepi32_epi16(_mm512_cvttps_epi32(_mm512_add_ps(x, r))));
+		}
+		row[n] = row[n + 1] = 0;
+	}
+	return t / KVP_WEIGHT_MAX;
+}
+
+/* The step of 16 columns e: their codes of the two rows as int16 pairs, against each head's two weights of
+ * their group, broadcast as one int32 (per 32 columns when groups span 32 or more: `wide`). */
+#define SCALED_COLUMNS(e, pe, ce)                                                                              \
+	do {                                                                                                   \
+		const __m512i de = _mm512_and_si512(_mm512_srlv_epi16(_mm512_maskz_permutexvar_epi8(even, pe, xy), by), low); \
+		const unsigned at = (ce) * (n + 2) + i;                                                         \
+		if (!wide || (e) % 2 == 0) {                                                                    \
+			bw0 = _mm512_set1_epi32(pair_at(w0 + at));                                              \
+			if (hn > 1)                                                                             \
+				bw1 = _mm512_set1_epi32(pair_at(w1 + at));                                      \
+			if (hn > 2)                                                                             \
+				bw2 = _mm512_set1_epi32(pair_at(w2 + at));                                      \
+			if (hn > 3)                                                                             \
+				bw3 = _mm512_set1_epi32(pair_at(w3 + at));                                      \
+		}                                                                                               \
+		a0##e = _mm512_dpwssd_epi32(a0##e, de, bw0);                                                    \
+		if (hn > 1)                                                                                     \
+			a1##e = _mm512_dpwssd_epi32(a1##e, de, bw1);                                            \
+		if (hn > 2)                                                                                     \
+			a2##e = _mm512_dpwssd_epi32(a2##e, de, bw2);                                            \
+		if (hn > 3)                                                                                     \
+			a3##e = _mm512_dpwssd_epi32(a3##e, de, bw3);                                            \
+	} while (0)
+
+/* acc[0..64) += f * a pass's four registers of sums */
+INLINE void add_pass(float *o, float f, __m512i s0, __m512i s1, __m512i s2, __m512i s3)
+{
+	const __m512 fv = _mm512_set1_ps(f);
+
+	_mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_mul_ps(fv, _mm512_cvtepi32_ps(s0))));
+	_mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_loadu_ps(o + 16), _mm512_mul_ps(fv, _mm512_cvtepi32_ps(s1))));
+	_mm512_storeu_ps(o + 32, _mm512_add_ps(_mm512_loadu_ps(o + 32), _mm512_mul_ps(fv, _mm512_cvtepi32_ps(s2))));
+	_mm512_storeu_ps(o + 48, _mm512_add_ps(_mm512_loadu_ps(o + 48), _mm512_mul_ps(fv, _mm512_cvtepi32_ps(s3))));
+}
+
+INLINE void axpy_i16_scaled_heads(unsigned hn, int wide, unsigned m, unsigned gsize, unsigned n, const uint8_t *codes,
+				  size_t stride, const int16_t *wq, const float *f, float *acc, size_t as)
+{
+	const __m512i p0 = _mm512_loadu_si512(pair_bytes[0]), p1 = _mm512_loadu_si512(pair_bytes[1]);
+	const __m512i p2 = _mm512_loadu_si512(pair_bytes[2]), p3 = _mm512_loadu_si512(pair_bytes[3]);
+	const __m512i low = _mm512_set1_epi16(3);
+	/* lane L's two int16 halves shift by 2 (L % 4) */
+	const __m512i by = _mm512_set_epi16(6, 6, 4, 4, 2, 2, 0, 0, 6, 6, 4, 4, 2, 2, 0, 0, 6, 6, 4, 4, 2, 2, 0, 0, 6, 6, 4,
+					    4, 2, 2, 0, 0);
+	const __mmask64 even = 0x5555555555555555ull;
+	const size_t ws = (size_t)(m / gsize + (m % gsize != 0)) * (n + 2);
+	const int16_t *w0 = wq, *w1 = wq + ws, *w2 = wq + 2 * ws, *w3 = wq + 3 * ws;
+
+	for (unsigned j0 = 0; j0 < m; j0 += 64) {
+		const unsigned c0 = j0 / gsize, c1 = (j0 + 16) / gsize, c2 = (j0 + 32) / gsize, c3 = (j0 + 48) / gsize;
+		__m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00;
+		__m512i a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+
+		for (unsigned i = 0; i < n; i += 2) {
+			const __m128i x = _mm_loadu_si128((const __m128i *)(codes + (size_t)i * stride + j0 / 4));
+			const __m128i y = i + 1 < n ? _mm_loadu_si128((const __m128i *)(codes + (size_t)(i + 1) * stride + j0 / 4))
+						    : _mm_setzero_si128();
+			const __m512i xy = _mm512_inserti32x4(_mm512_castsi128_si512(x), y, 1);
+			__m512i bw0 = _mm512_setzero_si512(), bw1 = bw0, bw2 = bw0, bw3 = bw0;
+
+			SCALED_COLUMNS(0, p0, c0);
+			SCALED_COLUMNS(1, p1, c1);
+			SCALED_COLUMNS(2, p2, c2);
+			SCALED_COLUMNS(3, p3, c3);
+		}
+		add_pass(acc + j0, f[0], a00, a01, a02, a03);
+		if (hn > 1)
+			add_pass(acc + as + j0, f[1], a10, a11, a12, a13);
+		if (hn > 2)
+			add_pass(acc + 2 * as + j0, f[2], a20, a21, a22, a23);
+		if (hn > 3)
+			add_pass(acc + 3 * as + j0, f[3], a30, a31, a32, a33);
+	}
+}
+
+#undef SCALED_COLUMNS
+
+static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *codes, size_t stride,
+			    const uint8_t *scales, unsigned g, const float *w, size_t w_stride, float *acc,
+			    size_t acc_stride)
+{
+	const unsigned ng = (m + gsize - 1) / gsize;
+	int16_t wq[4 * SCALED_WEIGHTS] __attribute__((aligned(4)));
+	uint16_t h16[16];
+	float sf[SCALED_WEIGHTS], f[4];
+
+	if (bits != 2 || gsize % 16 || m % 64 || (size_t)ng * (n + 2) > SCALED_WEIGHTS) {
+		kvp_kernels_scalar.axpy_i16_scaled(bits, m, gsize, n, codes, stride, scales, g, w, w_stride, acc, acc_stride);
+		return;
+	}
+	for (unsigned c = 0; c < ng; c++) /* every row's scales as floats, group by group, 16 rows at a time */
+		for (unsigned i0 = 0; i0 < n; i0 += 16) {
+			const unsigned k = n - i0 < 16 ? n - i0 : 16;
+			for (unsigned i = 0; i < k; i++)
+				memcpy(h16 + i, scales + (i0 + i) * stride + 2 * (size_t)c, sizeof(uint16_t));
+			_mm512_mask_storeu_ps(sf + c * n + i0, tail16(k), load_f16_tail(h16, k));
+		}
+	for (unsigned h0 = 0; h0 < g; h0 += 4) {
+		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
+		const size_t ws = (size_t)ng * (n + 2);
+
+		for (unsigned h = 0; h < hn; h++)
+			f[h] = scaled_weights_i16(n, ng, w + (h0 + h) * w_stride, sf, wq + h * ws);
+#define SCALED_HEADS(hn, wide) \
+	axpy_i16_scaled_heads(hn, wide, m, gsize, n, codes, stride, wq, f, acc + h0 * acc_stride, acc_stride)
+		if (gsize % 32 == 0) {
+			switch (hn) {
+			case 4: SCALED_HEADS(4, 1); break;
+			case 3: SCALED_HEADS(3, 1); break;
+			case 2: SCALED_HEADS(2, 1); break;
+			default: SCALED_HEADS(1, 1); break;
+			}
+		} else {
+			switch (hn) {
+			case 4: SCALED_HEADS(4, 0); break;
+			case 3: SCALED_HEADS(3, 0); break;
+			case 2: SCALED_HEADS(2, 0); break;
+			default: SCALED_HEADS(1, 0); break;
+			}
+		}
+#undef SCALED_HEADS
+	}
+}
+
+#define KVP_ISA_AXPY_I16_SCALED
+
+/*
  * fwht's stages within 16 values, in one register: each lane meets its partner (lane ^ h) by a permute,
  * a lane with bit h clear keeps self + partner, one with it set partner - self: the sums of the definition.
  */

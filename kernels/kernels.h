@@ -14,6 +14,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "base/base.h"
+
 struct kvp_kernels {
 	const char *name;
 	/* out[i] = scale * <q, row_i> for i < n */
@@ -100,6 +102,29 @@ struct kvp_kernels {
 	void (*lut_axpy_i16_group)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 				   const int16_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
 				   const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride);
+	/*
+	 * dot_i8_scaled: unsigned integer codes against a query scaled per channel, for the g heads of a GQA
+	 * group (KIVI's key groups: the scales are a group's s). Row i of n holds m codes of `bits` bits, packed
+	 * LSB first into ceil(m*bits/8) bytes and stored by columns: byte k of row i is codes[k*n + i]. Per head
+	 * (q + h*q_stride), the int8 query of kvp_scaled_query_i8 below (u_j = q_j * s_j rounded to int8 on the
+	 * step max |u| / 127), then
+	 *   out[h*out_stride + i] += (float)S(h, i) * step(h),  S(h, i) = sum_j Q(h, j) * code(i, j)  (exact int32).
+	 * m <= KVP_SCALED_DOT_DIM_MAX. Every implementation gives the same bits.
+	 */
+	void (*dot_i8_scaled)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, unsigned g, const float *q,
+			      size_t q_stride, const float *s, float *out, size_t out_stride);
+	/*
+	 * axpy_i16_scaled: weighted sums of integer codes whose rows carry a scale per group of gsize columns
+	 * (KIVI's value tokens: w_t s_tg). Rows as for lut_axpy (codes + i*stride, LSB first); row i's scale of
+	 * column group c (columns [c*gsize, (c+1)*gsize), c < ceil(m/gsize)) is the little-endian fp16 at
+	 * scales + i*stride + 2c. n <= KVP_AXPY_I16_ROWS. Per head, u(i, c) = w[h*w_stride + i] * scale(i, c);
+	 * top = max |u|; W(i, c) = nearest(u(i, c) * kvp_weight_inv(top)) as lut_axpy_i16_group rounds, and
+	 *   acc[h*acc_stride + j] += (top / 4095) * (float)sum_i W(i, j / gsize) * code(i, j)  (exact int32).
+	 * Every implementation gives the same bits.
+	 */
+	void (*axpy_i16_scaled)(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *codes,
+				size_t stride, const uint8_t *scales, unsigned g, const float *w, size_t w_stride,
+				float *acc, size_t acc_stride);
 	/*
 	 * The Walsh-Hadamard transform of v[0..p), p a power of two, in place and unnormalized: stages
 	 * h = 1, 2, 4, ..., p/2, each taking (v[j], v[j+h]) to (v[j] + v[j+h], v[j] - v[j+h]) for j with bit h
@@ -239,6 +264,111 @@ static inline float kvp_weights_i16(unsigned n, const float *w, const uint8_t *r
 	return top / KVP_WEIGHT_MAX;
 }
 
+/* The most channels dot_i8_scaled takes. */
+#define KVP_SCALED_DOT_DIM_MAX 4096u
+
+/* dot_i8_scaled's query: Q_j = nearest((q_j * s_j) * inv), inv = 127 / max_j |q_j * s_j| (0 where that is
+ * not a finite float); returns the step, max / 127. */
+static inline float kvp_scaled_query_i8(unsigned m, const float *q, const float *s, int8_t *q8)
+{
+	float top = 0.0f, inv;
+
+	for (unsigned j = 0; j < m; j++) {
+		float u = q[j] * s[j];
+		top = fabsf(u) > top ? fabsf(u) : top;
+	}
+	inv = top > 127.0f / 3.0e38f ? 127.0f / top : 0.0f;
+	for (unsigned j = 0; j < m; j++)
+		q8[j] = (int8_t)kvp_nearest((q[j] * s[j]) * inv);
+	return top / 127.0f;
+}
+
+/* Code j of row i of n rows stored by columns (dot_i8_scaled's layout). */
+static inline unsigned kvp_column_code(const uint8_t *codes, unsigned n, unsigned i, unsigned j, unsigned bits)
+{
+	const size_t o = (size_t)j * bits, k = o >> 3;
+	const unsigned shift = (unsigned)(o & 7);
+	unsigned v = (unsigned)codes[k * n + i] >> shift;
+
+	if (shift + bits > 8)
+		v |= (unsigned)codes[(k + 1) * n + i] << (8 - shift);
+	return v & ((1u << bits) - 1);
+}
+
+/* dot_i8_scaled in plain code: the scalar reference, and the tables without a vector version. */
+static inline void kvp_dot_i8_scaled_plain(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, unsigned g,
+					   const float *q, size_t q_stride, const float *s, float *out,
+					   size_t out_stride)
+{
+	int8_t q8[KVP_SCALED_DOT_DIM_MAX];
+
+	for (unsigned h = 0; h < g; h++) {
+		const float step = kvp_scaled_query_i8(m, q + h * q_stride, s, q8);
+
+		for (unsigned i = 0; i < n; i++) {
+			int32_t sum = 0;
+			for (unsigned j = 0; j < m; j++)
+				sum += q8[j] * (int32_t)kvp_column_code(codes, n, i, j, bits);
+			out[h * out_stride + i] += (float)sum * step;
+		}
+	}
+}
+
+/* Code j of a row packed LSB first. */
+static inline unsigned kvp_row_code(const uint8_t *row, unsigned j, unsigned bits)
+{
+	const size_t o = (size_t)j * bits;
+	const unsigned shift = (unsigned)(o & 7);
+	unsigned v = (unsigned)row[o >> 3] >> shift;
+
+	if (shift + bits > 8)
+		v |= (unsigned)row[(o >> 3) + 1] << (8 - shift);
+	return v & ((1u << bits) - 1);
+}
+
+/* Row i's scale of column group c in axpy_i16_scaled's layout. */
+static inline float kvp_group_scale(const uint8_t *scales, size_t stride, unsigned i, unsigned c)
+{
+	const uint8_t *p = scales + i * stride + 2 * (size_t)c;
+
+	return kvp_f16_to_f32((uint16_t)(p[0] | p[1] << 8));
+}
+
+/* axpy_i16_scaled in plain code: the scalar reference, and the tables without a vector version. Columns in
+ * passes of 256, whose int32 sums live on the stack. */
+static inline void kvp_axpy_i16_scaled_plain(unsigned bits, unsigned m, unsigned gsize, unsigned n,
+					     const uint8_t *codes, size_t stride, const uint8_t *scales, unsigned g,
+					     const float *w, size_t w_stride, float *acc, size_t acc_stride)
+{
+	const unsigned ng = (m + gsize - 1) / gsize;
+	int32_t sums[256];
+
+	for (unsigned h = 0; h < g; h++) {
+		const float *wh = w + h * w_stride;
+		float top = 0.0f, inv, f;
+
+		for (unsigned i = 0; i < n; i++)
+			for (unsigned c = 0; c < ng; c++) {
+				float u = wh[i] * kvp_group_scale(scales, stride, i, c);
+				top = fabsf(u) > top ? fabsf(u) : top;
+			}
+		inv = kvp_weight_inv(top);
+		f = top / KVP_WEIGHT_MAX;
+		for (unsigned j0 = 0; j0 < m; j0 += 256) {
+			const unsigned k = m - j0 < 256 ? m - j0 : 256;
+
+			memset(sums, 0, sizeof sums);
+			for (unsigned i = 0; i < n; i++)
+				for (unsigned j = 0; j < k; j++) {
+					const unsigned c = (j0 + j) / gsize;
+					const int32_t wq = kvp_nearest((wh[i] * kvp_group_scale(scales, stride, i, c)) * inv);
+					sums[j] += wq * (int32_t)kvp_row_code(codes + i * stride, j0 + j, bits);
+				}
+			for (unsigned j = 0; j < k; j++)
+				acc[h * acc_stride + j0 + j] += f * (float)sums[j];
+		}
+	}
+}
 
 /* The end of sum_squares (contract in struct kvp_kernels): the values from j on into a[0], then the tree. */
 static inline double kvp_sum_squares_end(double a[8], unsigned j, unsigned m, const float *y)

@@ -21,6 +21,8 @@
  *                                   int32 acc, acc_stride) adds sum_i w[h*n + i] * lut[code(i, j)] to
  *                                   acc[h*acc_stride + j]; the float steps around them are below
  *   or, with KVP_ISA_FUSED_LOOKUPS defined, lut_dot_i8_group and lut_axpy_i16_group themselves
+ *   dot_i8_scaled, axpy_i16_scaled (with KVP_ISA_DOT_I8_SCALED, KVP_ISA_AXPY_I16_SCALED defined; otherwise
+ *                                   the plain code of kernels.h)
  *   sym_codes_width, sum_squares (with KVP_ISA_ENCODE defined)
  *                                   sym_codes for a width that is a constant once inlined, and sum_squares
  *   fwht_blocks16 (with KVP_ISA_FWHT defined)
@@ -334,6 +336,25 @@ static void band_norms(unsigned d, unsigned n, int interleaved, const float *row
 	}
 }
 
+#ifndef KVP_ISA_DOT_I8_SCALED
+/* No vector version in this table yet: the plain code of kernels.h. */
+static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, unsigned g, const float *q,
+			  size_t q_stride, const float *s, float *out, size_t out_stride)
+{
+	kvp_dot_i8_scaled_plain(bits, m, n, codes, g, q, q_stride, s, out, out_stride);
+}
+#endif
+
+#ifndef KVP_ISA_AXPY_I16_SCALED
+/* No vector version in this table yet: the plain code of kernels.h. */
+static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *codes, size_t stride,
+			    const uint8_t *scales, unsigned g, const float *w, size_t w_stride, float *acc,
+			    size_t acc_stride)
+{
+	kvp_axpy_i16_scaled_plain(bits, m, gsize, n, codes, stride, scales, g, w, w_stride, acc, acc_stride);
+}
+#endif
+
 /*
  * The table's entries but its name, with dot_i8 as lut_dot_i8_group: a file can build a second table that
  * differs from the first only there (neon.c: neon-dotprod, whose keys need an extension).
@@ -356,6 +377,8 @@ static void band_norms(unsigned d, unsigned n, int interleaved, const float *row
 	.lut_axpy_group = lut_axpy_group, \
 	.lut_dot_i8_group = (dot_i8), \
 	.lut_axpy_i16_group = lut_axpy_i16_group, \
+	.dot_i8_scaled = dot_i8_scaled, \
+	.axpy_i16_scaled = axpy_i16_scaled, \
 	.fwht = fwht, \
 	.sym_codes = sym_codes, \
 	.sum_squares = sum_squares, \

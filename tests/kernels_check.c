@@ -23,6 +23,7 @@
  *   band_norms  bit-identical (products, sum and square root each rounded, never fused)
  *   mask_expand bit-identical
  *   lut_dot_i8_group, lut_axpy_i16_group   equal (exact integers)
+ *   dot_i8_scaled, axpy_i16_scaled         equal (exact integers, the same float steps)
  *   softmax     weights, running sum and factor within 1e-6 relative (+1e-30 absolute for underflow);
  *               the running maximum exact
  *   crc32c      equal
@@ -1214,6 +1215,235 @@ static void integer_lookups_equal_scalar_on_long_rows(const struct kvp_kernels *
 			lut_int_case(k, bits, lengths[a], 5, 5, 1, 0);
 }
 
+/* ---- dot_i8_scaled: the scalar reference's bits ---- */
+
+/*
+ * g heads over n rows of m codes stored by columns, `off` bytes into their allocations (codes, query,
+ * scales), query rows m + 3 apart, out rows n + 2 apart with random contents to add to. Equal bit for bit.
+ */
+static void scaled_case(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned n, unsigned g,
+			unsigned off)
+{
+	const size_t bytes = ((size_t)m * bits + 7) / 8 * n, qs = m + 3, os = n + 2;
+	uint8_t *codes = rand_codes(1, bytes, bytes, off);
+	float *q = rand_f32(g * qs + off, 0), *s = rand_f32(m + off, 0);
+	float *got = rand_f32(g * os, 0), *want = copy_f32(got, g * os);
+
+	for (unsigned j = 0; j < m; j++) /* KIVI's scales are at least 0; a few channels of 0 */
+		s[off + j] = j % 7 == 3 ? 0.0f : fabsf(s[off + j]);
+	k->dot_i8_scaled(bits, m, n, codes + off, g, q + off, qs, s + off, got, os);
+	kvp_kernels_scalar.dot_i8_scaled(bits, m, n, codes + off, g, q + off, qs, s + off, want, os);
+	for (size_t i = 0; i < g * os; i++)
+		check(same_bits(got[i], want[i]), "%s dot_i8_scaled bits=%u m=%u n=%u g=%u off=%u head %zu row %zu: %.9g, scalar %.9g",
+		      k->name, bits, m, n, g, off, i / os, i % os, got[i], want[i]);
+	free(codes), free(q), free(s), free(got), free(want);
+}
+
+/* The contract of kernels.h in the test's own words: int8 query on the step max |q s| / 127, exact sums. */
+static void scalar_dot_i8_scaled_matches_its_definition(void)
+{
+	for (unsigned bits = 1; bits <= 4; bits++) {
+		enum { M = 37, N = 5 };
+		const size_t rb = (M * bits + 7) / 8;
+		uint8_t *codes = rand_codes(1, rb * N, rb * N, 0);
+		float q[M], s[M], out[N] = { 0 }, top = 0;
+
+		for (unsigned j = 0; j < M; j++) {
+			q[j] = (float)rand_int(-1000, 1000) / 999.0f, s[j] = (float)rand_int(0, 1000) / 333.0f;
+			top = fabsf(q[j] * s[j]) > top ? fabsf(q[j] * s[j]) : top;
+		}
+		kvp_kernels_scalar.dot_i8_scaled(bits, M, N, codes, 1, q, M, s, out, N);
+		for (unsigned i = 0; i < N; i++) {
+			int64_t sum = 0;
+			for (unsigned j = 0; j < M; j++) {
+				unsigned at = j * bits, code = 0;
+				for (unsigned b = 0; b < bits; b++, at++) /* bit b of the code: bit at of the row */
+					code |= (unsigned)(codes[(at / 8) * N + i] >> (at % 8) & 1) << b;
+				float x = (q[j] * s[j]) * (127.0f / top);
+				sum += (int64_t)code * (int32_t)(x + (x < 0 ? -0.5f : 0.5f));
+			}
+			check(same_bits(out[i], (float)sum * (top / 127.0f)), "scalar dot_i8_scaled bits=%u row %u: %.9g, defined %.9g",
+			      bits, i, out[i], (float)sum * (top / 127.0f));
+		}
+		free(codes);
+	}
+}
+
+static void dot_i8_scaled_equals_scalar_on_odd_lengths_and_unaligned_pointers(const struct kvp_kernels *k)
+{
+	static const unsigned rows[] = { 1, 5, 16, 17, 32, 33, 64 }, heads[] = { 1, 3, 4, 5, 9 };
+
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(lut_dims); a++)
+			for (size_t b = 0; b < COUNT(rows); b++)
+				for (size_t c = 0; c < COUNT(heads); c++)
+					scaled_case(k, bits, lut_dims[a], rows[b], heads[c], (unsigned)(a + b) % 3);
+	for (unsigned bits = 1; bits <= 4; bits++) /* past the vector version's 1024 channels too */
+		for (unsigned m = 1023; m <= 1025; m++)
+			scaled_case(k, bits, m, 17, 4, 1);
+}
+
+/* The codes, the query, the scales and out each end where an unreadable page begins. In a child process. */
+static void dot_i8_scaled_reads_nothing_past_its_inputs(const struct kvp_kernels *k)
+{
+	static const unsigned rows[] = { 1, 5, 17 }, heads[] = { 1, 4, 5 };
+	int status = 0;
+	pid_t pid;
+
+	fflush(stdout);
+	pid = fork();
+	if (pid == 0) {
+		for (unsigned bits = 1; bits <= 4; bits++)
+			for (size_t a = 0; a < COUNT(lut_dims); a++)
+				for (size_t b = 0; b < COUNT(rows); b++)
+					for (size_t c = 0; c < COUNT(heads); c++) {
+						const unsigned m = lut_dims[a], n = rows[b], g = heads[c];
+						const size_t cb = ((size_t)m * bits + 7) / 8 * n;
+						uint8_t *codes = guarded(cb);
+						float *q = guarded(sizeof(float) * g * m), *s = guarded(sizeof(float) * m);
+						float *out = guarded(sizeof(float) * g * n), want[5 * 17] = { 0 };
+
+						for (size_t i = 0; i < cb; i++)
+							codes[i] = (uint8_t)rnd32();
+						for (size_t j = 0; j < (size_t)g * m; j++)
+							q[j] = (float)rand_int(-99, 99);
+						for (unsigned j = 0; j < m; j++)
+							s[j] = (float)rand_int(0, 9);
+						memset(out, 0, sizeof(float) * g * n);
+						k->dot_i8_scaled(bits, m, n, codes, g, q, m, s, out, n);
+						kvp_kernels_scalar.dot_i8_scaled(bits, m, n, codes, g, q, m, s, want, n);
+						check(!memcmp(out, want, sizeof(float) * g * n),
+						      "%s dot_i8_scaled bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
+						unguard(codes, cb), unguard(q, sizeof(float) * g * m), unguard(s, sizeof(float) * m);
+						unguard(out, sizeof(float) * g * n);
+					}
+		fflush(stdout);
+		_exit(0);
+	}
+	if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+		check(0, "%s: its process %s", k->name, pid < 0 ? "could not start" : "died (a read past an input?)");
+}
+
+/* ---- axpy_i16_scaled: the scalar reference's bits ---- */
+
+/* n rows of m codes at `stride` (scales first: ceil(m/gsize) fp16 numbers, then the codes), `off` bytes into
+ * the allocation; g heads' weights at w_stride n + 3, accumulators at m + 5. Equal bit for bit. */
+static void scaled_axpy_case(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned gsize, unsigned n,
+			     unsigned g, unsigned off)
+{
+	const unsigned ng = (m + gsize - 1) / gsize;
+	const size_t rowbytes = ((size_t)m * bits + 7) / 8, stride = 2 * ng + rowbytes + (m & 1), ws = n + 3, as = m + 5;
+	uint8_t *p = rand_codes(n, stride, stride, off);
+	float *w = rand_f32(g * ws, 0), *acc = rand_f32(g * as, 0), *want = copy_f32(acc, g * as);
+
+	for (unsigned i = 0; i < n; i++) /* scales: positive fp16 numbers, a few zeros */
+		for (unsigned c = 0; c < ng; c++) {
+			uint16_t h = (i + c) % 5 == 2 ? 0 : kvp_f32_to_f16(0.01f + (float)(rnd32() % 1000) / 300.0f);
+			memcpy(p + off + i * stride + 2 * c, &h, sizeof h);
+		}
+	for (size_t i = 0; i < g * ws; i++) /* softmax weights are at least 0 */
+		w[i] = fabsf(w[i]);
+	k->axpy_i16_scaled(bits, m, gsize, n, p + off + 2 * ng, stride, p + off, g, w, ws, acc, as);
+	kvp_kernels_scalar.axpy_i16_scaled(bits, m, gsize, n, p + off + 2 * ng, stride, p + off, g, w, ws, want, as);
+	for (size_t j = 0; j < g * as; j++)
+		check(same_bits(acc[j], want[j]),
+		      "%s axpy_i16_scaled bits=%u m=%u gsize=%u n=%u g=%u off=%u head %zu column %zu: %.9g, scalar %.9g",
+		      k->name, bits, m, gsize, n, g, off, j / as, j % as, acc[j], want[j]);
+	free(p), free(w), free(acc), free(want);
+}
+
+/* The contract of kernels.h in the test's own words, for one head. */
+static void scalar_axpy_i16_scaled_matches_its_definition(void)
+{
+	for (unsigned bits = 1; bits <= 4; bits++) {
+		enum { M = 37, G = 8, NG = 5, N = 6 };
+		const size_t stride = 2 * NG + (M * bits + 7) / 8;
+		uint8_t *p = rand_codes(N, stride, stride, 0);
+		float w[N], acc[M] = { 0 }, top = 0;
+
+		for (unsigned i = 0; i < N; i++) {
+			w[i] = (float)rand_int(0, 1000) / 999.0f;
+			for (unsigned c = 0; c < NG; c++) {
+				uint16_t h = kvp_f32_to_f16((float)rand_int(1, 99) / 8.0f);
+				memcpy(p + i * stride + 2 * c, &h, sizeof h);
+				top = fmaxf(top, fabsf(w[i] * kvp_f16_to_f32(h)));
+			}
+		}
+		kvp_kernels_scalar.axpy_i16_scaled(bits, M, G, N, p + 2 * NG, stride, p, 1, w, N, acc, M);
+		for (unsigned j = 0; j < M; j++) {
+			int64_t sum = 0;
+			for (unsigned i = 0; i < N; i++) {
+				uint16_t h;
+				unsigned code = 0;
+				memcpy(&h, p + i * stride + 2 * (j / G), sizeof h);
+				for (unsigned b = 0; b < bits; b++) /* bit b of the code: bit j * bits + b of the row */
+					code |= (unsigned)(p[i * stride + 2 * NG + (j * bits + b) / 8] >> ((j * bits + b) % 8) & 1) << b;
+				float x = (w[i] * kvp_f16_to_f32(h)) * (4095.0f / top);
+				sum += (int64_t)code * (int32_t)(x + (x < 0 ? -0.5f : 0.5f));
+			}
+			check(same_bits(acc[j], (top / 4095.0f) * (float)sum), "scalar axpy_i16_scaled bits=%u column %u: %.9g, defined %.9g",
+			      bits, j, acc[j], (top / 4095.0f) * (float)sum);
+		}
+		free(p);
+	}
+}
+
+static void axpy_i16_scaled_equals_scalar_on_odd_lengths_and_unaligned_pointers(const struct kvp_kernels *k)
+{
+	static const unsigned widths[] = { 1, 31, 48, 64, 65, 128, 192, 256 }, gsizes[] = { 8, 16, 32, 48, 64 };
+	static const unsigned rows[] = { 1, 2, 5, 17, 64, 127, 128, 256 }, heads[] = { 1, 3, 4, 5 };
+
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(widths); a++)
+			for (size_t b = 0; b < COUNT(gsizes); b++)
+				for (size_t r = 0; r < COUNT(rows); r++)
+					for (size_t c = 0; c < COUNT(heads); c++)
+						scaled_axpy_case(k, bits, widths[a], gsizes[b], rows[r], heads[c], (unsigned)(a + r) % 3);
+}
+
+/* The last row ends where an unreadable page begins, and so do the weights and accumulators. In a child. */
+static void axpy_i16_scaled_reads_nothing_past_its_inputs(const struct kvp_kernels *k)
+{
+	static const unsigned widths[] = { 64, 128, 65 }, rows[] = { 1, 5, 64 }, heads[] = { 1, 4, 5 };
+	int status = 0;
+	pid_t pid;
+
+	fflush(stdout);
+	pid = fork();
+	if (pid == 0) {
+		for (unsigned bits = 1; bits <= 4; bits++)
+			for (size_t a = 0; a < COUNT(widths); a++)
+				for (size_t b = 0; b < COUNT(rows); b++)
+					for (size_t c = 0; c < COUNT(heads); c++) {
+						const unsigned m = widths[a], n = rows[b], g = heads[c], gs = 32, ng = (m + gs - 1) / gs;
+						const size_t stride = 2 * ng + ((size_t)m * bits + 7) / 8, cb = n * stride;
+						uint8_t *p = guarded(cb);
+						float *w = guarded(sizeof(float) * g * n), *acc = guarded(sizeof(float) * g * m);
+						float want[5 * 128] = { 0 };
+
+						for (size_t i = 0; i < cb; i++)
+							p[i] = (uint8_t)rnd32();
+						for (unsigned i = 0; i < n; i++)
+							for (unsigned e = 0; e < ng; e++) {
+								uint16_t h = kvp_f32_to_f16((float)rand_int(1, 9));
+								memcpy(p + i * stride + 2 * e, &h, sizeof h);
+							}
+						for (size_t i = 0; i < (size_t)g * n; i++)
+							w[i] = (float)rand_int(0, 99);
+						memset(acc, 0, sizeof(float) * g * m);
+						k->axpy_i16_scaled(bits, m, gs, n, p + 2 * ng, stride, p, g, w, n, acc, m);
+						kvp_kernels_scalar.axpy_i16_scaled(bits, m, gs, n, p + 2 * ng, stride, p, g, w, n, want, m);
+						check(!memcmp(acc, want, sizeof(float) * g * m),
+						      "%s axpy_i16_scaled bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
+						unguard(p, cb), unguard(w, sizeof(float) * g * n), unguard(acc, sizeof(float) * g * m);
+					}
+		fflush(stdout);
+		_exit(0);
+	}
+	if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+		check(0, "%s: its process %s", k->name, pid < 0 ? "could not start" : "died (a read past an input?)");
+}
+
 /* ---- fwht: the same bits as the scalar reference, at every power of two up to 4096 ---- */
 
 static void fwht_is_bit_identical_to_scalar_at_every_power_of_two(const struct kvp_kernels *k)
@@ -1501,7 +1731,7 @@ static void dispatch_tables_are_complete_and_named_for_their_name(void)
 		check(!strcmp(k->name, names[i]), "%s is named %s", names[i], k->name);
 		check(k->dot_f32 && k->dot_f16 && k->axpy_f32 && k->axpy_f16 && k->f32_to_f16 &&
 			  k->f16_to_f32 && k->softmax_step && k->scale && k->lut_dot && k->lut_axpy &&
-			  k->lut_dot_group && k->lut_axpy_group && k->lut_dot_i8_group && k->lut_axpy_i16_group && k->fwht &&
+			  k->lut_dot_group && k->lut_axpy_group && k->lut_dot_i8_group && k->lut_axpy_i16_group && k->dot_i8_scaled && k->axpy_i16_scaled && k->fwht &&
 			  k->sym_codes && k->sum_squares &&
 			  k->dot_f16_group && k->axpy_f16_group && k->mask_expand && k->band_norms,
 		      "%s has an empty slot", names[i]);
@@ -1722,6 +1952,8 @@ static const struct test reference_tests[] = {
 	TEST(scalar_softmax_step_composed_over_blocks_matches_double_reference),
 	TEST(scalar_lut_dot_and_axpy_match_double_precision_at_every_width),
 	TEST(scalar_integer_lookups_match_their_definition),
+	TEST(scalar_dot_i8_scaled_matches_its_definition),
+	TEST(scalar_axpy_i16_scaled_matches_its_definition),
 	TEST(scalar_fwht_matches_the_hadamard_matrix),
 	TEST(scalar_sym_codes_count_the_thresholds_below),
 	TEST(scalar_mask_expand_places_kept_values_and_signed_recoveries),
@@ -1784,6 +2016,10 @@ static const struct vector_test vector_tests[] = {
 	TEST(sum_squares_equals_scalar_bit_for_bit),
 	TEST(integer_lookups_equal_scalar_at_the_ends_of_their_ranges),
 	TEST(integer_lookups_read_nothing_past_their_inputs),
+	TEST(dot_i8_scaled_equals_scalar_on_odd_lengths_and_unaligned_pointers),
+	TEST(dot_i8_scaled_reads_nothing_past_its_inputs),
+	TEST(axpy_i16_scaled_equals_scalar_on_odd_lengths_and_unaligned_pointers),
+	TEST(axpy_i16_scaled_reads_nothing_past_its_inputs),
 	TEST(mask_expand_matches_scalar_bit_for_bit_on_odd_lengths),
 	TEST(mask_expand_matches_scalar_on_unaligned_pointers),
 	TEST(band_norms_is_bit_identical_to_scalar_in_both_layouts),

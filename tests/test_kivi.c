@@ -6,6 +6,7 @@
 #include <stdio.h>
 
 #include "codec_fixture.h"
+#include "kernels/kernels.h"
 
 static kvp_codec *open_role(const char *spec, unsigned d, unsigned role)
 {
@@ -113,8 +114,9 @@ Test(kivi, bytes_follow_the_documented_layout)
 		unsigned role, d, n;
 		size_t bytes;
 	} cases[] = {
-		{ "kivi(bits=2,group=32)", KVP_CODEC_KEYS, 128, 32, 4 * 128 + 128 * 32 * 2 / 8 },
-		{ "kivi(bits=4,group=32)", KVP_CODEC_KEYS, 128, 64, 2 * (4 * 128 + 128 * 32 * 4 / 8) },
+		{ "kivi(bits=2,group=32)", KVP_CODEC_KEYS, 128, 32, 4 * 128 + 32 * (128 * 2 / 8) },
+		{ "kivi(bits=4,group=32)", KVP_CODEC_KEYS, 128, 64, 2 * (4 * 128 + 32 * (128 * 4 / 8)) },
+		{ "kivi(bits=2,group=8)", KVP_CODEC_KEYS, 44, 16, 2 * (4 * 44 + 8 * 11) }, /* rows of 88 bits */
 		{ "kivi(bits=2,group=32)", KVP_CODEC_VALUES, 128, 1, 4 * 4 + 128 * 2 / 8 },
 		{ "kivi(bits=4,group=32)", KVP_CODEC_VALUES, 128, 3, 3 * (4 * 4 + 128 * 4 / 8) },
 		{ "kivi(bits=2,group=32)", KVP_CODEC_VALUES, 80, 1, 4 * 3 + 80 * 2 / 8 }, /* last group of 16 */
@@ -324,8 +326,53 @@ Test(kivi, a_key_group_with_a_fault_is_reported_as_the_reference_reports_it)
 
 /*
  * dot_group and axpy_group for g heads give what dot and axpy give one head at a time, within float
- * rounding (the kernels sum in other orders): 1e-5 of the sum of the terms' magnitudes.
+ * rounding (the kernels sum in other orders): 1e-5 of the sum of the terms' magnitudes. Keys per channel
+ * take the integer kernel (an int8 query q * s per group on the step max_j |q_j s_j| / 127): their scores
+ * may move by half a step per unit of code, step / 2 * sum_j code_jt, more. Values per token take
+ * axpy_i16_scaled (each head's w_t s_tg in 12 bits of their largest, step = max / 4095): a channel's sum may
+ * move by step / 2 * sum_t code_tj.
  */
+static double int8_query_bound(const struct kvp_codec *c, const void *bytes, const float *q, unsigned i)
+{
+	const unsigned d = c->dim, g = c->group;
+	const size_t stride = c->ops->bytes(c, g), row = (stride - 4 * (size_t)d) / g;
+	const uint8_t *p = (const uint8_t *)bytes + i / g * stride;
+	const unsigned bits = (unsigned)(row * 8 / d);
+	double top = 0, codes = 0;
+
+	if (g == 1)
+		return 0;
+	for (unsigned j = 0; j < d; j++) {
+		uint16_t h;
+		memcpy(&h, p + 2 * (d + j), sizeof h);
+		top = fmax(top, fabs((double)q[j] * kvp_f16_to_f32(h)));
+		codes += kvp_column_code(p + 4 * (size_t)d, g, i % g, j, bits);
+	}
+	return top / 127 / 2 * codes;
+}
+
+static double weights_i16_bound(const struct kvp_codec *c, const void *bytes, unsigned n, const float *w,
+				unsigned j)
+{
+	const unsigned d = c->dim, ng = c->acc_dim - d;
+	const size_t stride = c->ops->bytes(c, 1);
+	const unsigned bits = (unsigned)((stride - 4 * (size_t)ng) * 8 / d);
+	double top = 0, codes = 0;
+
+	if (c->group != 1 || ng == 0)
+		return 0;
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *p = (const uint8_t *)bytes + i * stride;
+		for (unsigned g = 0; g < ng; g++) {
+			uint16_t h;
+			memcpy(&h, p + 2 * (ng + g), sizeof h);
+			top = fmax(top, fabs((double)w[i] * kvp_f16_to_f32(h)));
+		}
+		codes += kvp_row_code(p + 4 * (size_t)ng, j, bits);
+	}
+	return top / 4095 / 2 * codes;
+}
+
 static void group_matches_heads(const char *spec, unsigned role, unsigned d, unsigned n, unsigned g)
 {
 	struct rng r = { 17 + g };
@@ -356,7 +403,8 @@ static void group_matches_heads(const char *spec, unsigned role, unsigned d, uns
 			double mag = 0;
 			for (unsigned j = 0; j < d; j++)
 				mag += fabs(q[(size_t)h * d + j] * y[(size_t)i * d + j]);
-			cr_assert(fabs(out[(size_t)h * n + i] - one[i]) <= 1e-5 * mag + 1e-6,
+			cr_assert(fabs(out[(size_t)h * n + i] - one[i]) <=
+					  1e-5 * mag + 1e-6 + int8_query_bound(c, bytes, q + (size_t)h * d, i),
 				  "%s role %u d=%u g=%u head %u token %u: dot_group %.7g, dot %.7g", spec, role, d, g, h, i,
 				  out[(size_t)h * n + i], one[i]);
 		}
@@ -370,7 +418,8 @@ static void group_matches_heads(const char *spec, unsigned role, unsigned d, uns
 			double mag = 0;
 			for (unsigned i = 0; i < n; i++)
 				mag += fabs(w[(size_t)h * n + i] * y[(size_t)i * d + j]);
-			cr_assert(fabs(sum[j] - sum1[j]) <= 1e-5 * mag + 1e-6,
+			cr_assert(fabs(sum[j] - sum1[j]) <=
+					  1e-5 * mag + 1e-6 + weights_i16_bound(c, bytes, n, w + (size_t)h * n, j),
 				  "%s role %u d=%u g=%u head %u channel %u: axpy_group %.7g, axpy %.7g", spec, role, d, g, h,
 				  j, sum[j], sum1[j]);
 		}
