@@ -1137,6 +1137,156 @@ static double sum_squares(unsigned m, const float *y)
 	return kvp_sum_squares_end(a, j, m, y);
 }
 
+/*
+ * spark_dot_i16_group (contract in kernels.h). A row's codes become int8 values by the lookup above,
+ * widened to int16 in two registers (ranks 0..31 and 32..63). The Hadamard stages inside a register pair
+ * each lane with its partner through a rotation or a shuffle (lanes with bit h set take partner - own,
+ * the others own + partner); the stage across the two registers is one add and one subtract. Lanes of
+ * ranks >= T only ever meet each other. Signs and shift follow; then per 32 channels the pruned values
+ * (rho * ell by vpmulhrsw, which rounds as the contract does, negated where the pruned signs, placed by
+ * pdep, are set) take the kept values in the kept lanes by an expanding load (VBMI2), and each head adds
+ * its vpdpwssd. Rows with d a multiple of 32 up to 128 and at most 64 pruned channels; the rest go
+ * through the plain loop of loops.h.
+ */
+static void spark_dot_i16_plain(const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
+				const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q,
+				size_t q_stride, const float *head_scale, float *out, size_t out_stride);
+
+INLINE __m512i fwht_stage_i16(__m512i x, unsigned h)
+{
+	__m512i p;
+	__mmask32 upper;
+
+	switch (h) {
+	case 1: p = _mm512_rol_epi32(x, 16), upper = 0xaaaaaaaau; break;
+	case 2: p = _mm512_shuffle_epi32(x, _MM_PERM_CDAB), upper = 0xccccccccu; break;
+	case 4: p = _mm512_shuffle_epi32(x, _MM_PERM_BADC), upper = 0xf0f0f0f0u; break;
+	case 8: p = _mm512_shuffle_i64x2(x, x, _MM_SHUFFLE(2, 3, 0, 1)), upper = 0xff00ff00u; break;
+	default: p = _mm512_shuffle_i64x2(x, x, _MM_SHUFFLE(1, 0, 3, 2)), upper = 0xffff0000u; break;
+	}
+	return _mm512_mask_sub_epi16(_mm512_add_epi16(x, p), upper, p, x);
+}
+
+/* Row i's int16 x, d/32 registers, into x[0..d/32). */
+INLINE void spark_x_regs(const struct kvp_masked_codes *rc, const struct int_regs *r, __mmask64 neg_sgn,
+			 const uint8_t *row, int16_t ell, __m512i *x)
+{
+	const __m512i zero = _mm512_setzero_si512(), ellv = _mm512_set1_epi16(ell);
+	const __m128i sh = _mm_cvtsi32_si128((int)rc->shift);
+	const unsigned T = rc->kept, P = rc->d - T;
+	const __m512i c8 = _mm512_permutexvar_epi8(code_bytes(rc->bits, row + rc->code_at, 0, T, r), r->tab8);
+	__m512i lo = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(c8));
+	__m512i hi = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(c8, 1));
+	int16_t z[64];
+	uint64_t m[2] = { 0, 0 }, neg[2], sw;
+	unsigned at = 0;
+
+	for (unsigned h = 1; h < T && h < 32; h *= 2)
+		lo = fwht_stage_i16(lo, h), hi = fwht_stage_i16(hi, h);
+	if (T == 64) {
+		__m512i a = _mm512_add_epi16(lo, hi);
+		hi = _mm512_sub_epi16(lo, hi);
+		lo = a;
+	}
+	lo = _mm512_sll_epi16(lo, sh), hi = _mm512_sll_epi16(hi, sh);
+	lo = _mm512_mask_sub_epi16(lo, (__mmask32)neg_sgn, zero, lo);
+	hi = _mm512_mask_sub_epi16(hi, (__mmask32)(neg_sgn >> 32), zero, hi);
+	_mm512_storeu_si512(z, lo), _mm512_storeu_si512(z + 32, hi);
+
+	{
+		const __m128i mb = _mm_maskz_loadu_epi8((__mmask16)((1u << (rc->d / 8)) - 1), row + rc->mask_at);
+		m[0] = (uint64_t)_mm_cvtsi128_si64(mb), m[1] = (uint64_t)_mm_extract_epi64(mb, 1);
+	}
+	sw = (uint64_t)_mm_cvtsi128_si64(_mm_maskz_loadu_epi8((__mmask16)((1u << ((P + 7) / 8)) - 1), row + rc->sign_at));
+	{
+		const uint64_t valid0 = rc->d >= 64 ? ~(uint64_t)0 : ((uint64_t)1 << rc->d) - 1;
+		const uint64_t valid1 = rc->d >= 128 ? ~(uint64_t)0 : rc->d > 64 ? ((uint64_t)1 << (rc->d - 64)) - 1 : 0;
+		const unsigned p0 = (unsigned)__builtin_popcountll(~m[0] & valid0);
+
+		neg[0] = _pdep_u64(sw, ~m[0] & valid0);
+		neg[1] = _pdep_u64(p0 < 64 ? sw >> p0 : 0, ~m[1] & valid1);
+	}
+	for (unsigned k = 0; k < rc->d / 32; k++) {
+		const __mmask32 keep = (__mmask32)(m[k / 2] >> (32 * (k & 1)));
+		const __mmask32 minus = (__mmask32)(neg[k / 2] >> (32 * (k & 1)));
+		__m512i v = _mm512_mulhrs_epi16(_mm512_loadu_si512(rc->rho + 32 * k), ellv);
+
+		v = _mm512_mask_sub_epi16(v, minus, zero, v);
+		x[k] = _mm512_mask_expandloadu_epi16(v, keep, z + at);
+		at += (unsigned)__builtin_popcount(keep);
+	}
+}
+
+/* hn <= 4 heads, a constant once inlined; rows sixteen at a time as in dot_i8_heads. */
+INLINE void spark_heads(unsigned hn, const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
+			const int16_t *ell, const float *row_scale, const int16_t *q, size_t qs,
+			const float *head_scale, float *out, size_t os)
+{
+	const struct int_regs r = int_regs(rc->bits, rc->lut, NULL, 0);
+	const unsigned regs = rc->d / 32;
+	__mmask64 neg_sgn = 0;
+	int32_t sums[16 * 4];
+
+	for (unsigned k = 0; k < rc->kept; k++)
+		neg_sgn |= (__mmask64)(rc->sgn[k] < 0) << k;
+	for (unsigned i0 = 0; i0 < n; i0 += 16) {
+		const unsigned rows = n - i0 < 16 ? n - i0 : 16;
+		__m512i R[4], H[4];
+
+		for (unsigned t = 0; t < rows; t++) {
+			__m512i x[4], a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+
+			spark_x_regs(rc, &r, neg_sgn, base + (size_t)(i0 + t) * rc->stride, ell[i0 + t], x);
+			for (unsigned k = 0; k < regs; k++) {
+				a0 = _mm512_dpwssd_epi32(a0, x[k], _mm512_loadu_si512(q + 32 * k));
+				if (hn > 1)
+					a1 = _mm512_dpwssd_epi32(a1, x[k], _mm512_loadu_si512(q + qs + 32 * k));
+				if (hn > 2)
+					a2 = _mm512_dpwssd_epi32(a2, x[k], _mm512_loadu_si512(q + 2 * qs + 32 * k));
+				if (hn > 3)
+					a3 = _mm512_dpwssd_epi32(a3, x[k], _mm512_loadu_si512(q + 3 * qs + 32 * k));
+			}
+			_mm_storeu_si128((__m128i *)(sums + 4 * t), hsum4_epi32(a0, a1, a2, a3));
+		}
+		if (rows < 16)
+			memset(sums + 4 * rows, 0, sizeof(int32_t) * 4 * (16 - rows));
+		for (unsigned k = 0; k < 4; k++)
+			R[k] = _mm512_loadu_si512(sums + 16 * k);
+		rows_to_heads(R, H);
+		for (unsigned h = 0; h < hn; h++) {
+			const __mmask16 keep = tail16(rows);
+			__m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(H[h]), _mm512_set1_ps(head_scale[h])),
+						 _mm512_maskz_loadu_ps(keep, row_scale + i0));
+			_mm512_mask_storeu_ps(out + h * os + i0, keep, v);
+		}
+	}
+}
+
+static void spark_dot_i16_group(const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
+				const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q,
+				size_t q_stride, const float *head_scale, float *out, size_t out_stride)
+{
+	unsigned h = 0;
+
+	if (rc->d % 32 || rc->d > 128 || rc->d - rc->kept > 64) {
+		spark_dot_i16_plain(rc, n, base, ell, row_scale, g, q, q_stride, head_scale, out, out_stride);
+		return;
+	}
+	for (; h + 4 <= g; h += 4)
+		spark_heads(4, rc, n, base, ell, row_scale, q + h * q_stride, q_stride, head_scale + h,
+			    out + h * out_stride, out_stride);
+	switch (g - h) {
+	case 3: spark_heads(3, rc, n, base, ell, row_scale, q + h * q_stride, q_stride, head_scale + h,
+			    out + h * out_stride, out_stride); break;
+	case 2: spark_heads(2, rc, n, base, ell, row_scale, q + h * q_stride, q_stride, head_scale + h,
+			    out + h * out_stride, out_stride); break;
+	case 1: spark_heads(1, rc, n, base, ell, row_scale, q + h * q_stride, q_stride, head_scale + h,
+			    out + h * out_stride, out_stride); break;
+	default: break;
+	}
+}
+
+#define KVP_ISA_SPARK
 #define KVP_ISA_ENCODE
 #define KVP_ISA_FUSED_LOOKUPS
 #define KVP_ISA_NAME "avx512"
