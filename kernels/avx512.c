@@ -1167,67 +1167,77 @@ INLINE __m512i fwht_stage_i16(__m512i x, unsigned h)
 	return _mm512_mask_sub_epi16(_mm512_add_epi16(x, p), upper, p, x);
 }
 
-/* Row i's int16 x, d/32 registers, into x[0..d/32). */
-INLINE void spark_x_regs(const struct kvp_masked_codes *rc, const struct int_regs *r, __mmask64 neg_sgn,
-			 const uint8_t *row, int16_t ell, __m512i *x)
+/* A row's int16 x, D/32 registers (D and T constants once inlined, so every loop unrolls), into x[0..D/32).
+ * The kept values come from registers: the values from rank `at` on by one two-source permute, then the
+ * expand, where a load from z stored just before would wait on the store. */
+INLINE void spark_x_regs(unsigned D, unsigned T, const struct kvp_masked_codes *rc, const struct int_regs *r,
+			 __mmask64 neg_sgn, const uint8_t *row, int16_t ell, __m512i *x)
 {
 	const __m512i zero = _mm512_setzero_si512(), ellv = _mm512_set1_epi16(ell);
+	const __m512i iota16 = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14,
+						13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
 	const __m128i sh = _mm_cvtsi32_si128((int)rc->shift);
-	const unsigned T = rc->kept, P = rc->d - T;
+	const unsigned P = D - T;
 	const __m512i c8 = _mm512_permutexvar_epi8(code_bytes(rc->bits, row + rc->code_at, 0, T, r), r->tab8);
-	__m512i lo = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(c8));
-	__m512i hi = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(c8, 1));
-	int16_t z[64];
-	uint64_t m[2] = { 0, 0 }, neg[2], sw;
+	__m512i lo = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(c8)), hi = zero;
+	uint64_t m[2], neg[2], sw;
 	unsigned at = 0;
 
-	for (unsigned h = 1; h < T && h < 32; h *= 2)
-		lo = fwht_stage_i16(lo, h), hi = fwht_stage_i16(hi, h);
-	if (T == 64) {
+	if (T > 32)
+		hi = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(c8, 1));
+#pragma GCC unroll 5
+	for (unsigned h = 1; h < T && h < 32; h *= 2) {
+		lo = fwht_stage_i16(lo, h);
+		if (T > 32)
+			hi = fwht_stage_i16(hi, h);
+	}
+	if (T > 32) {
 		__m512i a = _mm512_add_epi16(lo, hi);
 		hi = _mm512_sub_epi16(lo, hi);
 		lo = a;
+		hi = _mm512_mask_sub_epi16(_mm512_sll_epi16(hi, sh), (__mmask32)(neg_sgn >> 32), zero,
+					   _mm512_sll_epi16(hi, sh));
 	}
-	lo = _mm512_sll_epi16(lo, sh), hi = _mm512_sll_epi16(hi, sh);
+	lo = _mm512_sll_epi16(lo, sh);
 	lo = _mm512_mask_sub_epi16(lo, (__mmask32)neg_sgn, zero, lo);
-	hi = _mm512_mask_sub_epi16(hi, (__mmask32)(neg_sgn >> 32), zero, hi);
-	_mm512_storeu_si512(z, lo), _mm512_storeu_si512(z + 32, hi);
-
 	{
-		const __m128i mb = _mm_maskz_loadu_epi8((__mmask16)((1u << (rc->d / 8)) - 1), row + rc->mask_at);
+		const __m128i mb = _mm_maskz_loadu_epi8((__mmask16)((1u << (D / 8)) - 1), row + rc->mask_at);
+		const uint64_t valid0 = D >= 64 ? ~(uint64_t)0 : ((uint64_t)1 << (D % 64)) - 1;
+		const uint64_t valid1 = D >= 128 ? ~(uint64_t)0 : D > 64 ? ((uint64_t)1 << (D - 64)) - 1 : 0;
+		unsigned p0;
+
 		m[0] = (uint64_t)_mm_cvtsi128_si64(mb), m[1] = (uint64_t)_mm_extract_epi64(mb, 1);
-	}
-	sw = (uint64_t)_mm_cvtsi128_si64(_mm_maskz_loadu_epi8((__mmask16)((1u << ((P + 7) / 8)) - 1), row + rc->sign_at));
-	{
-		const uint64_t valid0 = rc->d >= 64 ? ~(uint64_t)0 : ((uint64_t)1 << rc->d) - 1;
-		const uint64_t valid1 = rc->d >= 128 ? ~(uint64_t)0 : rc->d > 64 ? ((uint64_t)1 << (rc->d - 64)) - 1 : 0;
-		const unsigned p0 = (unsigned)__builtin_popcountll(~m[0] & valid0);
-
+		sw = (uint64_t)_mm_cvtsi128_si64(
+			_mm_maskz_loadu_epi8((__mmask16)((1u << ((P + 7) / 8)) - 1), row + rc->sign_at));
+		p0 = (unsigned)__builtin_popcountll(~m[0] & valid0);
 		neg[0] = _pdep_u64(sw, ~m[0] & valid0);
-		neg[1] = _pdep_u64(p0 < 64 ? sw >> p0 : 0, ~m[1] & valid1);
+		neg[1] = D > 64 ? _pdep_u64(p0 < 64 ? sw >> p0 : 0, ~m[1] & valid1) : 0;
 	}
-	for (unsigned k = 0; k < rc->d / 32; k++) {
+#pragma GCC unroll 4
+	for (unsigned k = 0; k < D / 32; k++) {
 		const __mmask32 keep = (__mmask32)(m[k / 2] >> (32 * (k & 1)));
 		const __mmask32 minus = (__mmask32)(neg[k / 2] >> (32 * (k & 1)));
-		__m512i v = _mm512_mulhrs_epi16(_mm512_loadu_si512(rc->rho + 32 * k), ellv);
+		__m512i v = _mm512_mulhrs_epi16(_mm512_loadu_si512(rc->rho + 32 * k), ellv), src = lo;
 
+		if (k)
+			src = T > 32 ? _mm512_permutex2var_epi16(lo, _mm512_add_epi16(iota16, _mm512_set1_epi16((short)at)), hi)
+				     : _mm512_permutexvar_epi16(_mm512_add_epi16(iota16, _mm512_set1_epi16((short)at)), lo);
 		v = _mm512_mask_sub_epi16(v, minus, zero, v);
-		x[k] = _mm512_mask_expandloadu_epi16(v, keep, z + at);
+		x[k] = _mm512_mask_expand_epi16(v, keep, src);
 		at += (unsigned)__builtin_popcount(keep);
 	}
 }
 
-/* hn <= 4 heads, a constant once inlined; rows sixteen at a time as in dot_i8_heads. */
-INLINE void spark_heads(unsigned hn, const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
-			const int16_t *ell, const float *row_scale, const int16_t *q, size_t qs,
+/* hn <= 4 heads; hn, D and T constants once inlined; rows sixteen at a time as in dot_i8_heads. */
+INLINE void spark_heads(unsigned hn, unsigned D, unsigned T, const struct kvp_masked_codes *rc, unsigned n,
+			const uint8_t *base, const int16_t *ell, const float *row_scale, const int16_t *q, size_t qs,
 			const float *head_scale, float *out, size_t os)
 {
 	const struct int_regs r = int_regs(rc->bits, rc->lut, NULL, 0);
-	const unsigned regs = rc->d / 32;
 	__mmask64 neg_sgn = 0;
 	int32_t sums[16 * 4];
 
-	for (unsigned k = 0; k < rc->kept; k++)
+	for (unsigned k = 0; k < T; k++)
 		neg_sgn |= (__mmask64)(rc->sgn[k] < 0) << k;
 	for (unsigned i0 = 0; i0 < n; i0 += 16) {
 		const unsigned rows = n - i0 < 16 ? n - i0 : 16;
@@ -1236,8 +1246,9 @@ INLINE void spark_heads(unsigned hn, const struct kvp_masked_codes *rc, unsigned
 		for (unsigned t = 0; t < rows; t++) {
 			__m512i x[4], a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
 
-			spark_x_regs(rc, &r, neg_sgn, base + (size_t)(i0 + t) * rc->stride, ell[i0 + t], x);
-			for (unsigned k = 0; k < regs; k++) {
+			spark_x_regs(D, T, rc, &r, neg_sgn, base + (size_t)(i0 + t) * rc->stride, ell[i0 + t], x);
+#pragma GCC unroll 4
+			for (unsigned k = 0; k < D / 32; k++) {
 				a0 = _mm512_dpwssd_epi32(a0, x[k], _mm512_loadu_si512(q + 32 * k));
 				if (hn > 1)
 					a1 = _mm512_dpwssd_epi32(a1, x[k], _mm512_loadu_si512(q + qs + 32 * k));
@@ -1262,28 +1273,41 @@ INLINE void spark_heads(unsigned hn, const struct kvp_masked_codes *rc, unsigned
 	}
 }
 
+/* The heads of a group four at a time, then the rest, for one shape. */
+INLINE void spark_shape(unsigned D, unsigned T, const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
+			const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q, size_t q_stride,
+			const float *head_scale, float *out, size_t out_stride)
+{
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4)
+		spark_heads(4, D, T, rc, n, base, ell, row_scale, q + h * q_stride, q_stride, head_scale + h,
+			    out + h * out_stride, out_stride);
+	switch (g - h) {
+	case 3: spark_heads(3, D, T, rc, n, base, ell, row_scale, q + h * q_stride, q_stride, head_scale + h,
+			    out + h * out_stride, out_stride); break;
+	case 2: spark_heads(2, D, T, rc, n, base, ell, row_scale, q + h * q_stride, q_stride, head_scale + h,
+			    out + h * out_stride, out_stride); break;
+	case 1: spark_heads(1, D, T, rc, n, base, ell, row_scale, q + h * q_stride, q_stride, head_scale + h,
+			    out + h * out_stride, out_stride); break;
+	default: break;
+	}
+}
+
+/* The two shapes of SparK at keep=0.5 (d=128 and d=64) get loops of their own; other shapes in reach of the
+ * registers take the same code with the sizes at run time. */
 static void spark_dot_i16_group(const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
 				const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q,
 				size_t q_stride, const float *head_scale, float *out, size_t out_stride)
 {
-	unsigned h = 0;
-
-	if (rc->d % 32 || rc->d > 128 || rc->d - rc->kept > 64) {
+	if (rc->d % 32 || rc->d > 128 || rc->d - rc->kept > 64)
 		spark_dot_i16_plain(rc, n, base, ell, row_scale, g, q, q_stride, head_scale, out, out_stride);
-		return;
-	}
-	for (; h + 4 <= g; h += 4)
-		spark_heads(4, rc, n, base, ell, row_scale, q + h * q_stride, q_stride, head_scale + h,
-			    out + h * out_stride, out_stride);
-	switch (g - h) {
-	case 3: spark_heads(3, rc, n, base, ell, row_scale, q + h * q_stride, q_stride, head_scale + h,
-			    out + h * out_stride, out_stride); break;
-	case 2: spark_heads(2, rc, n, base, ell, row_scale, q + h * q_stride, q_stride, head_scale + h,
-			    out + h * out_stride, out_stride); break;
-	case 1: spark_heads(1, rc, n, base, ell, row_scale, q + h * q_stride, q_stride, head_scale + h,
-			    out + h * out_stride, out_stride); break;
-	default: break;
-	}
+	else if (rc->d == 128 && rc->kept == 64)
+		spark_shape(128, 64, rc, n, base, ell, row_scale, g, q, q_stride, head_scale, out, out_stride);
+	else if (rc->d == 64 && rc->kept == 32)
+		spark_shape(64, 32, rc, n, base, ell, row_scale, g, q, q_stride, head_scale, out, out_stride);
+	else
+		spark_shape(rc->d, rc->kept, rc, n, base, ell, row_scale, g, q, q_stride, head_scale, out, out_stride);
 }
 
 #define KVP_ISA_SPARK
