@@ -830,8 +830,9 @@ static void dense_dot_group(const struct kvp_codec *c, const void *ctx, unsigned
 
 /*
  * Tokens per call of the integer kernel. A chunk takes the float path instead when one of its tokens has a
- * mask the encoder did not write (decoded as zeros there) or a recovery too large for int16 beside its kept
- * values (ell above 32767: a channel whose ||Q_j|| is thousands of times below the largest).
+ * recovery too large for int16 beside its kept values (ell above 32767: a channel whose ||Q_j|| is
+ * thousands of times below the largest) or a zero norm. A token whose mask the encoder did not write scores
+ * 0 in the kernel, as it decodes to zeros.
  */
 #define FAST_CHUNK 128
 
@@ -841,16 +842,16 @@ static int fast_scalars(const struct kvp_codec *c, unsigned n, const unsigned ch
 {
 	const struct spark *s = c->state;
 	const float k = rq_top * (32768.0f / 32767.0f);
+	unsigned bad = 0;
 
 	for (unsigned i = 0; i < n; i++, p += s->stride) {
-		float scale = kvp_load_f32(p + s->norm_at) * s->unit, l = sqrtf(load_sbar(s, p)) * k / scale;
+		float scale = kvp_load_f32(p + s->norm_at) * s->unit, l = sqrtf(kvp_load_f32(p)) * k / scale;
 
-		if (!mask_is_sound(c, p + s->mask_at) || !(l <= 32767.0f))
-			return 0;
-		ell[i] = (int16_t)kvp_nearest(l);
+		bad |= !(l <= 32767.0f);
+		ell[i] = (int16_t)(l <= 32767.0f ? (int32_t)(l + 0.5f) : 0);
 		row_scale[i] = scale;
 	}
-	return 1;
+	return !bad;
 }
 
 /*

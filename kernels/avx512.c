@@ -1226,6 +1226,9 @@ INLINE void spark_x_regs(unsigned D, unsigned T, const struct kvp_masked_codes *
 		x[k] = _mm512_mask_expand_epi16(v, keep, src);
 		at += (unsigned)__builtin_popcount(keep);
 	}
+	if (at != T) /* bytes the encoder never wrote: the row scores 0 */
+		for (unsigned k = 0; k < D / 32; k++)
+			x[k] = zero;
 }
 
 /* hn <= 4 heads; hn, D and T constants once inlined; rows sixteen at a time as in dot_i8_heads. */

@@ -148,8 +148,8 @@ struct kvp_kernels {
 	/*
 	 * SparK keys whose kept values are coded by one Hadamard pass (spark|turboquant), scored for the g heads
 	 * of a GQA group in integers, each row decoded once for the whole group. Rows as described by *rows
-	 * (struct kvp_masked_codes below); every row's mask keeps exactly rows->kept = T channels (the caller
-	 * checks), T a power of two in [2, 64]:
+	 * (struct kvp_masked_codes below), T = rows->kept a power of two in [2, 64], d <= 256. A row whose mask
+	 * does not keep exactly T channels (bytes the encoder never wrote) has x_i = 0, so S(h, i) = 0:
 	 *   z_i[r] = sgn[r] * ((H lut[code(i, 0..T)])[r] << shift)     r < T, H the unnormalized Walsh-Hadamard
 	 *   x_i[j] = z_i[kept channels of row i below j]                   j kept
 	 *            (neg ? -1 : 1) * ((rho[j] * ell[i] + 2^14) >> 15)     j pruned, neg its sign bit

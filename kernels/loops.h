@@ -358,13 +358,15 @@ static void spark_x_row(const struct kvp_masked_codes *rc, const uint8_t *row, i
 		int32_t v = (rc->rho[j] * ell + (1 << 14)) >> 15;
 
 		if (mask[j >> 3] >> (j & 7) & 1) {
-			x[j] = (int16_t)(rc->sgn[t] * (z[t] * (1 << rc->shift)));
+			x[j] = t < rc->kept ? (int16_t)(rc->sgn[t] * (z[t] * (1 << rc->shift))) : 0;
 			t++;
 		} else {
 			x[j] = (int16_t)(sign[r >> 3] >> (r & 7) & 1 ? -v : v);
 			r++;
 		}
 	}
+	if (t != rc->kept)
+		memset(x, 0, sizeof *x * rc->d);
 }
 
 static void spark_dot_i16_plain(const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,

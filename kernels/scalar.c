@@ -302,13 +302,15 @@ static void spark_row(const struct kvp_masked_codes *rc, const uint8_t *row, int
 			}
 	for (unsigned j = 0; j < rc->d; j++) {
 		if (bits_at(row + rc->mask_at, j, 1)) {
-			x[j] = (int16_t)(rc->sgn[t] * (z[t] * (1 << rc->shift)));
+			x[j] = t < rc->kept ? (int16_t)(rc->sgn[t] * (z[t] * (1 << rc->shift))) : 0;
 			t++;
 		} else {
 			int32_t v = (rc->rho[j] * ell + (1 << 14)) >> 15;
 			x[j] = (int16_t)(bits_at(row + rc->sign_at, r++, 1) ? -v : v);
 		}
 	}
+	if (t != rc->kept)
+		memset(x, 0, sizeof *x * rc->d);
 }
 
 static void spark_dot_i16_group(const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
