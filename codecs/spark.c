@@ -37,9 +37,8 @@
  * the inner codec's). d=128 with |turboquant(bits=3): 52 bytes, 3.25 bits per value. Measured on kjv-64
  * (kvpager-ab, 512 steps, block=16,sinks=4,window=16, v=turboquant(bits=3)): next-token KL 1.13e-3
  * against 1.28e-3 for quantize=kept, at 92% of its bytes per token; turboquant(bits=3) keys alone: 8.7e-4.
- * quantize=kept cannot score without rotating each token back (its kept channels differ per token): a layer
- * at 32K tokens (d=128, GQA 4, values turboquant(bits=3)) took 3.7x the fp16 cache's time, quantize=all
- * 0.98x, turboquant(bits=3) keys 0.95x.
+ * (When quantize=kept still rotated each token back, a layer at 32K tokens took 3.7x the fp16 cache's time
+ * and quantize=all 0.98x; see the query paths below.)
  *
  * The inner codec must be separable with group 1 (each token's kept channels differ, so a codec grouping
  * tokens or channels across tokens has nothing consistent to group): kivi on keys is rejected.
@@ -51,12 +50,28 @@
  * Query paths: decode, dot and axpy take tokens in chunks of 1024 floats of dense rows (at least one
  * token), which the codec's scratch holds with the chunk's kept values. A chunk's kept values are
  * widened from fp16, or decoded by one call of the inner codec on a copy of the chunk's inner records
- * placed side by side (each token has its own kept channels, so the inner codec cannot score them
- * against one prepared query: a quantizer that rotates, like TurboQuant, rotates every token back),
- * then the kernel mask_expand places them and the recovered pruned values
+ * placed side by side, then the kernel mask_expand places them and the recovered pruned values
  * (sign * sqrt(s) * 1/sqrt(||Q_j||)) into dense rows, and the dense kernels dot_f32 and axpy_f32 run on
- * those rows: once per head, so dot_group and axpy_group expand each token once for a whole GQA group.
- * acc_dim = D and qprep is the query itself.
+ * those rows: once per head, so axpy_group expands each token once for a whole GQA group. dot is this float
+ * path, the reference (acc_dim = D).
+ *
+ * dot_group, attention's path, scores keys in integers when the inner codec's tokens decode as one Hadamard
+ * pass over int8 codes (hadamard_codes: TurboQuant without QJL or outliers; kept a power of two up to 64,
+ * recover=avg). The algebra: with z = sgn .* H lut8[codes] the token's kept values are A * z, A = norm *
+ * unit8 / sqrt(T), so score = sum over kept j of q_j * A * z_rank(j) + sum over pruned j of q_j * sign_j *
+ * sqrt(s) * rq_j. Both sums are over the token's dense row x (kept lanes z, pruned lanes sign * rq_j *
+ * sqrt(s) / A on the same integer grid), so one int16 row per token serves every head of the group: the
+ * kernel spark_dot_i16_group builds it once (the T-point transform in int16 registers, a few adds and
+ * shuffles, where the float path rotated each token back and expanded it in floats) and each head takes
+ * d/32 vpdpwssd. The query is prepared once per head: int16 on a step that keeps d * 32767 * |q| in int32,
+ * and rho_j = rq_j / max rq in int16, so that a token's pruned value is (rho_j * ell + 2^14) >> 15 with
+ * ell = sqrt(s) * max rq / (A / 2^shift) rounded per token (the prepared query grows to 8 bytes per channel;
+ * a token's bytes do not change). Its scores differ from dot's by the int8 codebook's rounding (as
+ * TurboQuant's own group path), the query's int16 rounding and the pruned values' rounding to the grid:
+ * about 0.2% of the scores' spread, and at 32K tokens the attention output stays within 2e-3 of attention
+ * over the decoded keys (tests/test_attend.c). A chunk whose ell would pass 32767 takes the float path.
+ * At 32K tokens (GQA 4, values turboquant(bits=3)) a layer took 3.6x the fp16 cache's time before and
+ * about 0.65-0.75x with it (README's Benchmarks).
  *
  * Encode branches on no value: the scores' bits are int32 keys, the kept-th largest key is found bit by
  * bit with vector counts, and the mask, the pruned signs and the kept values are packed by loops whose
