@@ -73,7 +73,7 @@ $(BUILD)/obj/%avx2.o: %avx2.c
 
 $(BUILD)/obj/%avx512.o: %avx512.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vbmi -mavx512vnni -mbmi2 -mfma -mf16c -MMD -MP -c $< -o $@
+	$(CC) $(CFLAGS) -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vbmi -mavx512vbmi2 -mavx512vnni -mbmi2 -mfma -mf16c -MMD -MP -c $< -o $@
 
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)

@@ -46,6 +46,15 @@
 
 struct kvp_codec;
 
+/* What hadamard_codes describes (in struct kvp_codec_ops). */
+struct kvp_hadamard_codes {
+	unsigned bits;
+	size_t norm_at, code_at;
+	const int8_t *lut;
+	float unit;
+	const float *sign;
+};
+
 struct kvp_codec_ops {
 	const char *name;
 	unsigned flags; /* what every instance can do; struct kvp_codec.flags is what this one does */
@@ -87,6 +96,15 @@ struct kvp_codec_ops {
 			  const void *qprep, float *out);
 	void (*axpy_group)(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
 			   const float *w, float *acc);
+	/*
+	 * Optional (NULL otherwise): whether every token decodes as norm * (1/sqrt(dim)) * sign .* H (lut[code] *
+	 * unit), H the unnormalized Walsh-Hadamard transform of size dim (a power of two), norm the float at
+	 * byte norm_at of the token and code the `bits`-bit codes at code_at (packed as for the lut kernels),
+	 * with lut the codec's int8 codebook; sign holds dim floats of +1 or -1. Fills *out and returns 1 when
+	 * so (TurboQuant with one rotation pass, no QJL, no outliers), 0 otherwise. A stack scores such
+	 * codes in integers without rotating each token back (SparK's kept values).
+	 */
+	int (*hadamard_codes)(const struct kvp_codec *c, struct kvp_hadamard_codes *out);
 	/* out[0..dim) += acc mapped back from the accumulation space (e.g. the inverse rotation) */
 	void (*finish)(const struct kvp_codec *c, const void *ctx, const float *acc, float *out);
 	void (*close)(struct kvp_codec *c);

@@ -37,9 +37,8 @@
  * the inner codec's). d=128 with |turboquant(bits=3): 52 bytes, 3.25 bits per value. Measured on kjv-64
  * (kvpager-ab, 512 steps, block=16,sinks=4,window=16, v=turboquant(bits=3)): next-token KL 1.13e-3
  * against 1.28e-3 for quantize=kept, at 92% of its bytes per token; turboquant(bits=3) keys alone: 8.7e-4.
- * quantize=kept cannot score without rotating each token back (its kept channels differ per token): a layer
- * at 32K tokens (d=128, GQA 4, values turboquant(bits=3)) took 3.7x the fp16 cache's time, quantize=all
- * 0.98x, turboquant(bits=3) keys 0.95x.
+ * (When quantize=kept still rotated each token back, a layer at 32K tokens took 3.7x the fp16 cache's time
+ * and quantize=all 0.98x; see the query paths below.)
  *
  * The inner codec must be separable with group 1 (each token's kept channels differ, so a codec grouping
  * tokens or channels across tokens has nothing consistent to group): kivi on keys is rejected.
@@ -51,12 +50,28 @@
  * Query paths: decode, dot and axpy take tokens in chunks of 1024 floats of dense rows (at least one
  * token), which the codec's scratch holds with the chunk's kept values. A chunk's kept values are
  * widened from fp16, or decoded by one call of the inner codec on a copy of the chunk's inner records
- * placed side by side (each token has its own kept channels, so the inner codec cannot score them
- * against one prepared query: a quantizer that rotates, like TurboQuant, rotates every token back),
- * then the kernel mask_expand places them and the recovered pruned values
+ * placed side by side, then the kernel mask_expand places them and the recovered pruned values
  * (sign * sqrt(s) * 1/sqrt(||Q_j||)) into dense rows, and the dense kernels dot_f32 and axpy_f32 run on
- * those rows: once per head, so dot_group and axpy_group expand each token once for a whole GQA group.
- * acc_dim = D and qprep is the query itself.
+ * those rows: once per head, so axpy_group expands each token once for a whole GQA group. dot is this float
+ * path, the reference (acc_dim = D).
+ *
+ * dot_group, attention's path, scores keys in integers when the inner codec's tokens decode as one Hadamard
+ * pass over int8 codes (hadamard_codes: TurboQuant without QJL or outliers; kept a power of two up to 64,
+ * recover=avg). The algebra: with z = sgn .* H lut8[codes] the token's kept values are A * z, A = norm *
+ * unit8 / sqrt(T), so score = sum over kept j of q_j * A * z_rank(j) + sum over pruned j of q_j * sign_j *
+ * sqrt(s) * rq_j. Both sums are over the token's dense row x (kept lanes z, pruned lanes sign * rq_j *
+ * sqrt(s) / A on the same integer grid), so one int16 row per token serves every head of the group: the
+ * kernel spark_dot_i16_group builds it once (the T-point transform in int16 registers, a few adds and
+ * shuffles, where the float path rotated each token back and expanded it in floats) and each head takes
+ * d/32 vpdpwssd. The query is prepared once per head: int16 on a step that keeps d * 32767 * |q| in int32,
+ * and rho_j = rq_j / max rq in int16, so that a token's pruned value is (rho_j * ell + 2^14) >> 15 with
+ * ell = sqrt(s) * max rq / (A / 2^shift) rounded per token (the prepared query grows to 8 bytes per channel;
+ * a token's bytes do not change). Its scores differ from dot's by the int8 codebook's rounding (as
+ * TurboQuant's own group path), the query's int16 rounding and the pruned values' rounding to the grid:
+ * about 0.2% of the scores' spread, and at 32K tokens the attention output stays within 2e-3 of attention
+ * over the decoded keys (tests/test_attend.c). A chunk whose ell would pass 32767 takes the float path.
+ * At 32K tokens (GQA 4, values turboquant(bits=3)) a layer took 3.6x the fp16 cache's time before and
+ * about 0.65-0.75x with it (README's Benchmarks).
  *
  * Encode branches on no value: the scores' bits are int32 keys, the kept-th largest key is found bit by
  * bit with vector counts, and the mask, the pruned signs and the kept values are packed by loops whose
@@ -75,6 +90,12 @@ struct spark {
 	size_t mask_at, sign_at, kept_at, stride;
 	size_t kept_bytes; /* inner bytes(1), or 2 * kept */
 	unsigned all;      /* quantize=all: the inner codec takes the whole recovered vector */
+	/* the integer group path (spark_dot_i16_group), when the inner codec's codes are Hadamard ones */
+	unsigned fast;
+	struct kvp_masked_codes rows; /* its rho is each call's, from the prepared query */
+	size_t norm_at;               /* the inner norm's byte in a token */
+	float unit;                   /* the inner codebook's int8 step over sqrt(kept) and 2^shift */
+	int8_t sgn[64];
 };
 
 static const char *const recover_modes[] = { "zero", "avg", NULL };
@@ -166,6 +187,31 @@ static struct spark_scratch scratch_of(const struct kvp_codec *c)
 	return w;
 }
 
+/*
+ * The integer group path (spark_dot_i16_group) needs the inner codec's tokens to decode as one Hadamard pass
+ * over int8 codes (TurboQuant, no QJL, no outliers), kept a power of two up to 64, recover=avg and d up to
+ * 256. The shift puts the transformed codes (at most 127 * kept) just under 2^15.
+ */
+static void open_fast(struct kvp_codec *c, struct spark *s, struct kvp_codec *inner)
+{
+	struct kvp_hadamard_codes hc;
+
+	s->fast = 0;
+	if (!inner || s->all || !s->avg || !s->pruned || c->dim > 256 || s->kept > 64 || (s->kept & (s->kept - 1)) ||
+	    s->kept < 2 || !inner->ops->hadamard_codes || !inner->ops->hadamard_codes(inner, &hc))
+		return;
+	s->fast = 1;
+	s->rows = (struct kvp_masked_codes){ .d = c->dim, .kept = s->kept, .bits = hc.bits, .stride = s->stride,
+					     .mask_at = s->mask_at, .sign_at = s->sign_at,
+					     .code_at = s->kept_at + hc.code_at, .lut = hc.lut, .sgn = s->sgn };
+	while ((127u * s->kept) << (s->rows.shift + 1) <= 32767u)
+		s->rows.shift++;
+	for (unsigned r = 0; r < s->kept; r++)
+		s->sgn[r] = hc.sign[r] < 0.0f ? -1 : 1;
+	s->norm_at = s->kept_at + hc.norm_at;
+	s->unit = hc.unit / sqrtf((float)s->kept) / (float)(1u << s->rows.shift);
+}
+
 static kvp_status spark_open(struct kvp_codec *c, struct kvp_args *args, unsigned dim, struct kvp_codec *inner)
 {
 	struct spark *s;
@@ -205,6 +251,9 @@ static kvp_status spark_open(struct kvp_codec *c, struct kvp_args *args, unsigne
 		c->qprep_bytes = inner->qprep_bytes;
 		c->acc_dim = inner->acc_dim;
 	}
+	open_fast(c, s, inner);
+	if (s->fast)
+		c->qprep_bytes = (sizeof(float) * (dim + 2) + 2 * sizeof(int16_t) * dim + 15) / 16 * 16;
 	return KVP_OK;
 }
 
@@ -690,14 +739,60 @@ static kvp_status spark_decode(const struct kvp_codec *c, const void *ctx, unsig
 
 /* ---- Query paths: a chunk is expanded to dense rows once, then the dense kernels run on it. ---- */
 
+/*
+ * The prepared query of the integer path: the float query (what dot, the reference, reads), then the query
+ * in int16 on a step of its own, rho (the pruned channels' 1/sqrt(||Q_j||) in int16 on the step rq_top /
+ * 32767), the query's step and rq_top. The query's range keeps every sum in int32: d * 32767 * range < 2^31.
+ */
+struct spark_query {
+	float *f;
+	int16_t *q16, *rho;
+	float *step, *rq_top;
+};
+
+static struct spark_query spark_query_at(const struct kvp_codec *c, const void *qprep)
+{
+	struct spark_query q;
+
+	q.f = (float *)qprep;
+	q.q16 = (int16_t *)(q.f + c->dim);
+	q.rho = q.q16 + c->dim;
+	q.step = (float *)(q.rho + c->dim);
+	q.rq_top = q.step + 1;
+	return q;
+}
+
+static void prepare_integers(const struct kvp_codec *c, const void *ctx, const float *q, void *qprep)
+{
+	const struct spark_query out = spark_query_at(c, qprep);
+	const float range = (float)(2147483647u / (c->dim * 32767u));
+	const float *rq = rq_of(c, ctx);
+	float top = 0.0f, rq_top = 0.0f, inv;
+
+	for (unsigned j = 0; j < c->dim; j++) {
+		top = fmaxf(top, fabsf(q[j]));
+		rq_top = fmaxf(rq_top, rq[j]);
+	}
+	inv = top > range / 3.0e38f ? range / top : 0.0f; /* no infinite factor for tiny queries */
+	for (unsigned j = 0; j < c->dim; j++) {
+		out.q16[j] = (int16_t)kvp_nearest(q[j] * inv);
+		out.rho[j] = (int16_t)kvp_nearest(rq[j] / rq_top * 32767.0f);
+	}
+	memcpy(out.step, &(float){ top / range }, sizeof(float));
+	memcpy(out.rq_top, &rq_top, sizeof rq_top);
+}
+
 static void spark_prepare_query(const struct kvp_codec *c, const void *ctx, const float *q, void *qprep)
 {
 	const struct spark *s = c->state;
 
-	if (s->all)
+	if (s->all) {
 		c->inner->ops->prepare_query(c->inner, inner_ctx(c, ctx), q, qprep);
-	else
-		memcpy(qprep, q, sizeof(float) * c->dim);
+		return;
+	}
+	memcpy(qprep, q, sizeof(float) * c->dim);
+	if (s->fast)
+		prepare_integers(c, ctx, q, qprep);
 }
 
 /* quantize=all: the inner codec's own group paths, or its single-head ones once per head. */
@@ -728,30 +823,94 @@ static void inner_axpy_group(const struct kvp_codec *c, const void *ctx, unsigne
 		in->ops->axpy(in, inner_ctx(c, ctx), n, src, w + (size_t)h * n, acc + (size_t)h * in->acc_dim);
 }
 
-static void spark_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
-			    const void *qprep, float *out)
+/* The float path: each chunk decoded to dense rows once, then the dense dot once per head. out holds g rows
+ * of out_stride. */
+static void dense_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
+			    const void *qprep, float *out, size_t out_stride)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct spark *s = c->state;
 	const unsigned step = chunk_tokens(c->dim);
 	float *x = scratch_of(c).rows;
 
-	if (s->all) {
-		inner_dot_group(c, ctx, n, src, g, qprep, out);
-		return;
-	}
 	for (unsigned i = 0; i < n; i += step) {
 		unsigned cn = n - i < step ? n - i : step;
 
 		decode_chunk(c, ctx, cn, (const unsigned char *)src + (size_t)i * s->stride, x);
 		for (unsigned h = 0; h < g; h++)
-			kern->dot_f32(c->dim, cn, x, (const float *)qprep + (size_t)h * c->dim, 1.0f,
-				      out + (size_t)h * n + i);
+			kern->dot_f32(c->dim, cn, x, (const float *)((const char *)qprep + h * c->qprep_bytes), 1.0f,
+				      out + h * out_stride + i);
+	}
+}
+
+/*
+ * Tokens per call of the integer kernel. A chunk takes the float path instead when one of its tokens has a
+ * recovery too large for int16 beside its kept values (ell above 32767: a channel whose ||Q_j|| is
+ * thousands of times below the largest) or a zero norm. A token whose mask the encoder did not write scores
+ * 0 in the kernel, as it decodes to zeros.
+ */
+#define FAST_CHUNK 128
+
+/* The tokens' ell and row scales (spark_dot_i16_group), or 0 when the chunk must take the float path. */
+static int fast_scalars(const struct kvp_codec *c, unsigned n, const unsigned char *p, float rq_top, int16_t *ell,
+			float *row_scale)
+{
+	const struct spark *s = c->state;
+	const float k = rq_top * (32768.0f / 32767.0f);
+	unsigned bad = 0;
+
+	for (unsigned i = 0; i < n; i++, p += s->stride) {
+		float scale = kvp_load_f32(p + s->norm_at) * s->unit, l = sqrtf(kvp_load_f32(p)) * k / scale;
+
+		bad |= !(l <= 32767.0f);
+		ell[i] = (int16_t)(l <= 32767.0f ? (int32_t)(l + 0.5f) : 0);
+		row_scale[i] = scale;
+	}
+	return !bad;
+}
+
+/*
+ * Attention's path. With Hadamard-coded kept values (spark|turboquant): the integer kernel, each token
+ * decoded once for the group and nothing rotated back; its scores differ from dot's (the float inner product
+ * with the decoded vector) by the int8 codebook's rounding (as TurboQuant's own group path), the query's
+ * rounding to int16 and the pruned values' rounding to the integer grid of the kept ones: tests/test_spark.c
+ * bounds the attention output's error against the decoded keys. Otherwise the float path.
+ */
+static void spark_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
+			    const void *qprep, float *out)
+{
+	const struct spark *s = c->state;
+	int16_t ell[FAST_CHUNK];
+	float row_scale[FAST_CHUNK], head_scale[KVP_CODEC_GROUP_MAX];
+	struct kvp_masked_codes rows;
+
+	if (s->all) {
+		inner_dot_group(c, ctx, n, src, g, qprep, out);
+		return;
+	}
+	if (!s->fast) {
+		dense_dot_group(c, ctx, n, src, g, qprep, out, n);
+		return;
+	}
+	rows = s->rows;
+	rows.rho = spark_query_at(c, qprep).rho;
+	for (unsigned h = 0; h < g; h++)
+		head_scale[h] = *spark_query_at(c, (const char *)qprep + h * c->qprep_bytes).step;
+	for (unsigned i = 0; i < n; i += FAST_CHUNK) {
+		const unsigned cn = n - i < FAST_CHUNK ? n - i : FAST_CHUNK;
+		const unsigned char *p = (const unsigned char *)src + (size_t)i * s->stride;
+
+		if (fast_scalars(c, cn, p, *spark_query_at(c, qprep).rq_top, ell, row_scale))
+			kvp_kernels()->spark_dot_i16_group(&rows, cn, p, ell, row_scale, g, spark_query_at(c, qprep).q16,
+							   c->qprep_bytes / sizeof(int16_t), head_scale, out + i, n);
+		else
+			dense_dot_group(c, ctx, cn, p, g, qprep, out + i, n);
 	}
 }
 
 /* One head: with quantize=all the inner codec's own dot, which its group path approximates (TurboQuant's
- * runs on integers), so that dot stays the inner product with the decoded vector. */
+ * runs on integers), so that dot stays the inner product with the decoded vector; the float path otherwise,
+ * which the integer group path approximates likewise. */
 static void spark_dot(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, const void *qprep,
 		      float *out)
 {
@@ -760,7 +919,7 @@ static void spark_dot(const struct kvp_codec *c, const void *ctx, unsigned n, co
 	if (s->all)
 		c->inner->ops->dot(c->inner, inner_ctx(c, ctx), n, src, qprep, out);
 	else
-		spark_dot_group(c, ctx, n, src, 1, qprep, out);
+		dense_dot_group(c, ctx, n, src, 1, qprep, out, n);
 }
 
 static void spark_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,

@@ -1183,6 +1183,17 @@ static void tq_finish(const struct kvp_codec *c, const void *ctx, const float *a
 	}
 }
 
+static int tq_hadamard_codes(const struct kvp_codec *c, struct kvp_hadamard_codes *out)
+{
+	const struct tq *t = c->state;
+	const struct tq_part *pt = &t->part[0];
+
+	if (t->nparts != 1 || t->qjl || pt->npass != 1 || !pt->bits)
+		return 0;
+	*out = (struct kvp_hadamard_codes){ pt->bits, 0, pt->code_at, pt->lut8, pt->unit8, pt->sign[0] };
+	return 1;
+}
+
 const struct kvp_codec_ops kvp_codec_turboquant = {
 	.name = "turboquant",
 	.flags = KVP_CODEC_SEPARABLE | KVP_CODEC_BITS,
@@ -1197,6 +1208,7 @@ const struct kvp_codec_ops kvp_codec_turboquant = {
 	.axpy = tq_axpy,
 	.dot_group = tq_dot_group,
 	.axpy_group = tq_axpy_group,
+	.hadamard_codes = tq_hadamard_codes,
 	.finish = tq_finish,
 	.close = tq_close,
 };

@@ -1547,6 +1547,183 @@ static double sum_squares(unsigned m, const float *y)
 	return kvp_sum_squares_end(a, j, m, y);
 }
 
+/*
+ * spark_dot_i16_group (contract in kernels.h). A row's codes become int8 values by the lookup above,
+ * widened to int16 in two registers (ranks 0..31 and 32..63). The Hadamard stages inside a register pair
+ * each lane with its partner through a rotation or a shuffle (lanes with bit h set take partner - own,
+ * the others own + partner); the stage across the two registers is one add and one subtract. Lanes of
+ * ranks >= T only ever meet each other. Signs and shift follow; then per 32 channels the pruned values
+ * (rho * ell by vpmulhrsw, which rounds as the contract does, negated where the pruned signs, placed by
+ * pdep, are set) take the kept values in the kept lanes by an expanding load (VBMI2), and each head adds
+ * its vpdpwssd. Rows with d a multiple of 32 up to 128 and at most 64 pruned channels; the rest go
+ * through the plain loop of loops.h.
+ */
+static void spark_dot_i16_plain(const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
+				const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q,
+				size_t q_stride, const float *head_scale, float *out, size_t out_stride);
+
+INLINE __m512i fwht_stage_i16(__m512i x, unsigned h)
+{
+	__m512i p;
+	__mmask32 upper;
+
+	switch (h) {
+	case 1: p = _mm512_rol_epi32(x, 16), upper = 0xaaaaaaaau; break;
+	case 2: p = _mm512_shuffle_epi32(x, _MM_PERM_CDAB), upper = 0xccccccccu; break;
+	case 4: p = _mm512_shuffle_epi32(x, _MM_PERM_BADC), upper = 0xf0f0f0f0u; break;
+	case 8: p = _mm512_shuffle_i64x2(x, x, _MM_SHUFFLE(2, 3, 0, 1)), upper = 0xff00ff00u; break;
+	default: p = _mm512_shuffle_i64x2(x, x, _MM_SHUFFLE(1, 0, 3, 2)), upper = 0xffff0000u; break;
+	}
+	return _mm512_mask_sub_epi16(_mm512_add_epi16(x, p), upper, p, x);
+}
+
+/* A row's int16 x, D/32 registers (D and T constants once inlined, so every loop unrolls), into x[0..D/32).
+ * The kept values come from registers: the values from rank `at` on by one two-source permute, then the
+ * expand, where a load from z stored just before would wait on the store. */
+INLINE void spark_x_regs(unsigned D, unsigned T, const struct kvp_masked_codes *rc, const struct int_regs *r,
+			 __mmask64 neg_sgn, const uint8_t *row, int16_t ell, __m512i *x)
+{
+	const __m512i zero = _mm512_setzero_si512(), ellv = _mm512_set1_epi16(ell);
+	const __m512i iota16 = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14,
+						13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+	const __m128i sh = _mm_cvtsi32_si128((int)rc->shift);
+	const unsigned P = D - T;
+	const __m512i c8 = _mm512_permutexvar_epi8(code_bytes(rc->bits, row + rc->code_at, 0, T, r), r->tab8);
+	__m512i lo = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(c8)), hi = zero;
+	uint64_t m[2], neg[2], sw;
+	unsigned at = 0;
+
+	if (T > 32)
+		hi = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(c8, 1));
+#pragma GCC unroll 5
+	for (unsigned h = 1; h < T && h < 32; h *= 2) {
+		lo = fwht_stage_i16(lo, h);
+		if (T > 32)
+			hi = fwht_stage_i16(hi, h);
+	}
+	if (T > 32) {
+		__m512i a = _mm512_add_epi16(lo, hi);
+		hi = _mm512_sub_epi16(lo, hi);
+		lo = a;
+		hi = _mm512_mask_sub_epi16(_mm512_sll_epi16(hi, sh), (__mmask32)(neg_sgn >> 32), zero,
+					   _mm512_sll_epi16(hi, sh));
+	}
+	lo = _mm512_sll_epi16(lo, sh);
+	lo = _mm512_mask_sub_epi16(lo, (__mmask32)neg_sgn, zero, lo);
+	{
+		const __m128i mb = _mm_maskz_loadu_epi8((__mmask16)((1u << (D / 8)) - 1), row + rc->mask_at);
+		const uint64_t valid0 = D >= 64 ? ~(uint64_t)0 : ((uint64_t)1 << (D % 64)) - 1;
+		const uint64_t valid1 = D >= 128 ? ~(uint64_t)0 : D > 64 ? ((uint64_t)1 << (D - 64)) - 1 : 0;
+		unsigned p0;
+
+		m[0] = (uint64_t)_mm_cvtsi128_si64(mb), m[1] = (uint64_t)_mm_extract_epi64(mb, 1);
+		sw = (uint64_t)_mm_cvtsi128_si64(
+			_mm_maskz_loadu_epi8((__mmask16)((1u << ((P + 7) / 8)) - 1), row + rc->sign_at));
+		p0 = (unsigned)__builtin_popcountll(~m[0] & valid0);
+		neg[0] = _pdep_u64(sw, ~m[0] & valid0);
+		neg[1] = D > 64 ? _pdep_u64(p0 < 64 ? sw >> p0 : 0, ~m[1] & valid1) : 0;
+	}
+#pragma GCC unroll 4
+	for (unsigned k = 0; k < D / 32; k++) {
+		const __mmask32 keep = (__mmask32)(m[k / 2] >> (32 * (k & 1)));
+		const __mmask32 minus = (__mmask32)(neg[k / 2] >> (32 * (k & 1)));
+		__m512i v = _mm512_mulhrs_epi16(_mm512_loadu_si512(rc->rho + 32 * k), ellv), src = lo;
+
+		if (k)
+			src = T > 32 ? _mm512_permutex2var_epi16(lo, _mm512_add_epi16(iota16, _mm512_set1_epi16((short)at)), hi)
+				     : _mm512_permutexvar_epi16(_mm512_add_epi16(iota16, _mm512_set1_epi16((short)at)), lo);
+		v = _mm512_mask_sub_epi16(v, minus, zero, v);
+		x[k] = _mm512_mask_expand_epi16(v, keep, src);
+		at += (unsigned)__builtin_popcount(keep);
+	}
+	if (at != T) /* bytes the encoder never wrote: the row scores 0 */
+		for (unsigned k = 0; k < D / 32; k++)
+			x[k] = zero;
+}
+
+/* hn <= 4 heads; hn, D and T constants once inlined; rows sixteen at a time as in dot_i8_heads. */
+INLINE void spark_heads(unsigned hn, unsigned D, unsigned T, const struct kvp_masked_codes *rc, unsigned n,
+			const uint8_t *base, const int16_t *ell, const float *row_scale, const int16_t *q, size_t qs,
+			const float *head_scale, float *out, size_t os)
+{
+	const struct int_regs r = int_regs(rc->bits, rc->lut, NULL, 0);
+	__mmask64 neg_sgn = 0;
+	int32_t sums[16 * 4];
+
+	for (unsigned k = 0; k < T; k++)
+		neg_sgn |= (__mmask64)(rc->sgn[k] < 0) << k;
+	for (unsigned i0 = 0; i0 < n; i0 += 16) {
+		const unsigned rows = n - i0 < 16 ? n - i0 : 16;
+		__m512i R[4], H[4];
+
+		for (unsigned t = 0; t < rows; t++) {
+			__m512i x[4], a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+
+			spark_x_regs(D, T, rc, &r, neg_sgn, base + (size_t)(i0 + t) * rc->stride, ell[i0 + t], x);
+#pragma GCC unroll 4
+			for (unsigned k = 0; k < D / 32; k++) {
+				a0 = _mm512_dpwssd_epi32(a0, x[k], _mm512_loadu_si512(q + 32 * k));
+				if (hn > 1)
+					a1 = _mm512_dpwssd_epi32(a1, x[k], _mm512_loadu_si512(q + qs + 32 * k));
+				if (hn > 2)
+					a2 = _mm512_dpwssd_epi32(a2, x[k], _mm512_loadu_si512(q + 2 * qs + 32 * k));
+				if (hn > 3)
+					a3 = _mm512_dpwssd_epi32(a3, x[k], _mm512_loadu_si512(q + 3 * qs + 32 * k));
+			}
+			_mm_storeu_si128((__m128i *)(sums + 4 * t), hsum4_epi32(a0, a1, a2, a3));
+		}
+		if (rows < 16)
+			memset(sums + 4 * rows, 0, sizeof(int32_t) * 4 * (16 - rows));
+		for (unsigned k = 0; k < 4; k++)
+			R[k] = _mm512_loadu_si512(sums + 16 * k);
+		rows_to_heads(R, H);
+		for (unsigned h = 0; h < hn; h++) {
+			const __mmask16 keep = tail16(rows);
+			__m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(H[h]), _mm512_set1_ps(head_scale[h])),
+						 _mm512_maskz_loadu_ps(keep, row_scale + i0));
+			_mm512_mask_storeu_ps(out + h * os + i0, keep, v);
+		}
+	}
+}
+
+/* The heads of a group four at a time, then the rest, for one shape. */
+INLINE void spark_shape(unsigned D, unsigned T, const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
+			const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q, size_t q_stride,
+			const float *head_scale, float *out, size_t out_stride)
+{
+	unsigned h = 0;
+
+	for (; h + 4 <= g; h += 4)
+		spark_heads(4, D, T, rc, n, base, ell, row_scale, q + h * q_stride, q_stride, head_scale + h,
+			    out + h * out_stride, out_stride);
+	switch (g - h) {
+	case 3: spark_heads(3, D, T, rc, n, base, ell, row_scale, q + h * q_stride, q_stride, head_scale + h,
+			    out + h * out_stride, out_stride); break;
+	case 2: spark_heads(2, D, T, rc, n, base, ell, row_scale, q + h * q_stride, q_stride, head_scale + h,
+			    out + h * out_stride, out_stride); break;
+	case 1: spark_heads(1, D, T, rc, n, base, ell, row_scale, q + h * q_stride, q_stride, head_scale + h,
+			    out + h * out_stride, out_stride); break;
+	default: break;
+	}
+}
+
+/* The two shapes of SparK at keep=0.5 (d=128 and d=64) get loops of their own; other shapes in reach of the
+ * registers take the same code with the sizes at run time. */
+static void spark_dot_i16_group(const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
+				const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q,
+				size_t q_stride, const float *head_scale, float *out, size_t out_stride)
+{
+	if (rc->d % 32 || rc->d > 128 || rc->d - rc->kept > 64)
+		spark_dot_i16_plain(rc, n, base, ell, row_scale, g, q, q_stride, head_scale, out, out_stride);
+	else if (rc->d == 128 && rc->kept == 64)
+		spark_shape(128, 64, rc, n, base, ell, row_scale, g, q, q_stride, head_scale, out, out_stride);
+	else if (rc->d == 64 && rc->kept == 32)
+		spark_shape(64, 32, rc, n, base, ell, row_scale, g, q, q_stride, head_scale, out, out_stride);
+	else
+		spark_shape(rc->d, rc->kept, rc, n, base, ell, row_scale, g, q, q_stride, head_scale, out, out_stride);
+}
+
+#define KVP_ISA_SPARK
 #define KVP_ISA_ENCODE
 #define KVP_ISA_FUSED_LOOKUPS
 #define KVP_ISA_NAME "avx512"

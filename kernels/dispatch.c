@@ -55,14 +55,15 @@ static int os_saves_zmm(void)
 	return (lo & 0xe6u) == 0xe6u;
 }
 
-/* avx512.c is built with F, BW, VL and DQ (every AVX-512 CPU with BW and VL has DQ), VBMI and VNNI (Ice Lake,
- * Zen 4 and later: the integer lookups of the codecs), BMI2, FMA and F16C. Older AVX-512 CPUs run avx2. */
+/* avx512.c is built with F, BW, VL and DQ (every AVX-512 CPU with BW and VL has DQ), VBMI, VBMI2 and VNNI
+ * (Ice Lake, Zen 4 and later: the integer lookups of the codecs, SparK's expanding loads), BMI2, FMA and F16C. Older AVX-512 CPUs run avx2. */
 static int avx512_runnable(void)
 {
 	__builtin_cpu_init();
 	return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
 	       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-	       __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni") &&
+	       __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2") &&
+	       __builtin_cpu_supports("avx512vnni") &&
 	       __builtin_cpu_supports("bmi2") &&
 	       __builtin_cpu_supports("fma") && f16c_present() && os_saves_zmm();
 }

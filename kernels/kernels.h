@@ -16,6 +16,20 @@
 
 #include "base/base.h"
 
+/*
+ * Rows of SparK keys over Hadamard-coded kept values (spark_dot_i16_group): row i starts at
+ * base + i*stride and holds its keep mask (d bits, LSB first) at mask_at, the signs of its pruned channels
+ * (d - kept bits, in channel order, 1 = negative) at sign_at, and `kept` codes of `bits` bits (packed as
+ * for the lut kernels) at code_at. lut has 1 << bits entries in [-127, 127]; sgn[r] is +1 or -1; rho has
+ * d entries in [0, 32767].
+ */
+struct kvp_masked_codes {
+	unsigned d, kept, bits, shift;
+	size_t stride, mask_at, sign_at, code_at;
+	const int8_t *lut, *sgn;
+	const int16_t *rho;
+};
+
 struct kvp_kernels {
 	const char *name;
 	/* out[i] = scale * <q, row_i> for i < n */
@@ -156,6 +170,22 @@ struct kvp_kernels {
 	 */
 	void (*mask_expand)(unsigned d, unsigned n, const uint8_t *masks, const uint8_t *signs, size_t stride,
 			    const float *kept, size_t kept_stride, const float *scale, const float *mag, float *x);
+	/*
+	 * SparK keys whose kept values are coded by one Hadamard pass (spark|turboquant), scored for the g heads
+	 * of a GQA group in integers, each row decoded once for the whole group. Rows as described by *rows
+	 * (struct kvp_masked_codes below), T = rows->kept a power of two in [2, 64], d <= 256. A row whose mask
+	 * does not keep exactly T channels (bytes the encoder never wrote) has x_i = 0, so S(h, i) = 0:
+	 *   z_i[r] = sgn[r] * ((H lut[code(i, 0..T)])[r] << shift)     r < T, H the unnormalized Walsh-Hadamard
+	 *   x_i[j] = z_i[kept channels of row i below j]                   j kept
+	 *            (neg ? -1 : 1) * ((rho[j] * ell[i] + 2^14) >> 15)     j pruned, neg its sign bit
+	 *   S(h, i) = sum_j x_i[j] * q[h*q_stride + j]                      (int32)
+	 *   out[h*out_stride + i] = ((float)S(h, i) * head_scale[h]) * row_scale[i]
+	 * The caller keeps every x in int16 (127 * T << shift <= 32767, rho and ell in [0, 32767]) and the sums
+	 * in int32 (d * 32767 * max |q| < 2^31), so every implementation gives the same bits.
+	 */
+	void (*spark_dot_i16_group)(const struct kvp_masked_codes *rows, unsigned n, const uint8_t *base,
+				    const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q,
+				    size_t q_stride, const float *head_scale, float *out, size_t out_stride);
 };
 
 /*

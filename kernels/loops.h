@@ -322,6 +322,78 @@ static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint
 				kept + (size_t)i * kept_stride, signs ? scale[i] : 0.0f, mag, x + (size_t)i * d);
 }
 
+/*
+ * spark_dot_i16_group in plain code, for the tables without a version of their own (and the shapes a
+ * table's own version leaves): a row's transform in
+ * int32 (stages as loops the compiler vectorizes), its channels placed by the mask, then one dot per head
+ * over int16 products summed in int32, which the vectorizer takes (pmaddwd, smlal).
+ */
+static int32_t spark_dot_row(unsigned d, const int16_t *restrict x, const int16_t *restrict q)
+{
+	int32_t s = 0;
+
+	for (unsigned j = 0; j < d; j++)
+		s += x[j] * q[j];
+	return s;
+}
+
+static void spark_x_row(const struct kvp_masked_codes *rc, const uint8_t *row, int16_t ell, int16_t *x)
+{
+	const uint8_t *mask = row + rc->mask_at, *sign = row + rc->sign_at, *codes = row + rc->code_at;
+	const unsigned b = rc->bits;
+	int32_t z[64];
+	unsigned t = 0, r = 0;
+
+	for (unsigned k = 0; k < rc->kept; k++) {
+		size_t at = (size_t)k * b;
+		unsigned w = codes[at >> 3] | (((at & 7) + b > 8) ? (unsigned)codes[(at >> 3) + 1] << 8 : 0u);
+		z[k] = rc->lut[(w >> (at & 7)) & ((1u << b) - 1)];
+	}
+	for (unsigned h = 1; h < rc->kept; h *= 2)
+		for (unsigned k0 = 0; k0 < rc->kept; k0 += 2 * h)
+			for (unsigned k = k0; k < k0 + h; k++) {
+				int32_t a = z[k], c = z[k + h];
+				z[k] = a + c;
+				z[k + h] = a - c;
+			}
+	for (unsigned j = 0; j < rc->d; j++) {
+		int32_t v = (rc->rho[j] * ell + (1 << 14)) >> 15;
+
+		if (mask[j >> 3] >> (j & 7) & 1) {
+			x[j] = t < rc->kept ? (int16_t)(rc->sgn[t] * (z[t] * (1 << rc->shift))) : 0;
+			t++;
+		} else {
+			x[j] = (int16_t)(sign[r >> 3] >> (r & 7) & 1 ? -v : v);
+			r++;
+		}
+	}
+	if (t != rc->kept)
+		memset(x, 0, sizeof *x * rc->d);
+}
+
+static void spark_dot_i16_plain(const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
+				const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q,
+				size_t q_stride, const float *head_scale, float *out, size_t out_stride)
+{
+	int16_t x[256];
+
+	for (unsigned i = 0; i < n; i++) {
+		spark_x_row(rc, base + (size_t)i * rc->stride, ell[i], x);
+		for (unsigned h = 0; h < g; h++)
+			out[h * out_stride + i] =
+				((float)spark_dot_row(rc->d, x, q + h * q_stride) * head_scale[h]) * row_scale[i];
+	}
+}
+
+#ifndef KVP_ISA_SPARK
+static void spark_dot_i16_group(const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
+				const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q,
+				size_t q_stride, const float *head_scale, float *out, size_t out_stride)
+{
+	spark_dot_i16_plain(rc, n, base, ell, row_scale, g, q, q_stride, head_scale, out, out_stride);
+}
+#endif
+
 /* The vector part of each row, then the bands short of a whole vector as the scalar reference does them. */
 static void band_norms(unsigned d, unsigned n, int interleaved, const float *rows, float *out)
 {
@@ -382,7 +454,8 @@ static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned 
 	.fwht = fwht, \
 	.sym_codes = sym_codes, \
 	.sum_squares = sum_squares, \
-	.mask_expand = mask_expand,
+	.mask_expand = mask_expand, \
+	.spark_dot_i16_group = spark_dot_i16_group,
 
 const struct kvp_kernels KVP_ISA_TABLE = {
 	.name = KVP_ISA_NAME,

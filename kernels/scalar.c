@@ -275,6 +275,61 @@ static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint
 	}
 }
 
+/* Bit `at` of p onwards, w <= 8 bits, LSB first. */
+static unsigned bits_at(const uint8_t *p, size_t at, unsigned w)
+{
+	unsigned v = 0;
+
+	for (unsigned b = 0; b < w; b++)
+		v |= (unsigned)(p[(at + b) >> 3] >> ((at + b) & 7) & 1) << b;
+	return v;
+}
+
+/* One row's x (contract in kernels.h): the transform in int32, then the kept and pruned channels in order. */
+static void spark_row(const struct kvp_masked_codes *rc, const uint8_t *row, int16_t ell, int16_t *x)
+{
+	int32_t z[64];
+	unsigned t = 0, r = 0;
+
+	for (unsigned k = 0; k < rc->kept; k++)
+		z[k] = rc->lut[bits_at(row + rc->code_at, (size_t)k * rc->bits, rc->bits)];
+	for (unsigned h = 1; h < rc->kept; h *= 2)
+		for (unsigned k = 0; k < rc->kept; k++)
+			if (!(k & h)) {
+				int32_t a = z[k], b = z[k + h];
+				z[k] = a + b;
+				z[k + h] = a - b;
+			}
+	for (unsigned j = 0; j < rc->d; j++) {
+		if (bits_at(row + rc->mask_at, j, 1)) {
+			x[j] = t < rc->kept ? (int16_t)(rc->sgn[t] * (z[t] * (1 << rc->shift))) : 0;
+			t++;
+		} else {
+			int32_t v = (rc->rho[j] * ell + (1 << 14)) >> 15;
+			x[j] = (int16_t)(bits_at(row + rc->sign_at, r++, 1) ? -v : v);
+		}
+	}
+	if (t != rc->kept)
+		memset(x, 0, sizeof *x * rc->d);
+}
+
+static void spark_dot_i16_group(const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
+				const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q,
+				size_t q_stride, const float *head_scale, float *out, size_t out_stride)
+{
+	int16_t x[256];
+
+	for (unsigned i = 0; i < n; i++) {
+		spark_row(rc, base + (size_t)i * rc->stride, ell[i], x);
+		for (unsigned h = 0; h < g; h++) {
+			int32_t s = 0;
+			for (unsigned j = 0; j < rc->d; j++)
+				s += x[j] * q[h * q_stride + j];
+			out[h * out_stride + i] = ((float)s * head_scale[h]) * row_scale[i];
+		}
+	}
+}
+
 static void band_norms(unsigned d, unsigned n, int interleaved, const float *rows, float *out)
 {
 	const unsigned F = d / 2;
@@ -313,4 +368,5 @@ const struct kvp_kernels kvp_kernels_scalar = {
 	.sym_codes = sym_codes,
 	.sum_squares = sum_squares,
 	.mask_expand = mask_expand,
+	.spark_dot_i16_group = spark_dot_i16_group,
 };

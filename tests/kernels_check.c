@@ -1648,6 +1648,154 @@ static void mask_expand_matches_scalar_on_unaligned_pointers(const struct kvp_ke
 }
 
 
+/* ---- SparK keys over Hadamard codes (spark_dot_i16_group): equal to the scalar integers ---- */
+
+/* A row layout of d channels, T kept, `bits`-bit codes: mask, signs, codes, then `pad` bytes. */
+static struct kvp_masked_codes spark_rows(unsigned d, unsigned T, unsigned bits, unsigned pad, int8_t *lut, int8_t *sgn,
+					  int16_t *rho, int ends)
+{
+	struct kvp_masked_codes rc = { .d = d, .kept = T, .bits = bits, .lut = lut, .sgn = sgn, .rho = rho };
+
+	rc.mask_at = 0;
+	rc.sign_at = (d + 7) / 8;
+	rc.code_at = rc.sign_at + (d - T + 7) / 8;
+	rc.stride = rc.code_at + (T * bits + 7) / 8 + pad;
+	while ((127u * T) << (rc.shift + 1) <= 32767u)
+		rc.shift++;
+	for (unsigned v = 0; v < 16; v++)
+		lut[v] = (int8_t)rand_in(ends, -127, 127);
+	for (unsigned r = 0; r < T; r++)
+		sgn[r] = rnd32() & 1 ? -1 : 1;
+	for (unsigned j = 0; j < d; j++)
+		rho[j] = (int16_t)rand_in(ends, 0, 32767);
+	return rc;
+}
+
+/* n rows of random bytes, each row's mask then rewritten to keep exactly T channels at random; rows 3 and 5
+ * of every 7 keep one more and one fewer (bytes no encoder wrote, which score 0). */
+static uint8_t *spark_bytes(const struct kvp_masked_codes *rc, unsigned n, unsigned off)
+{
+	uint8_t *p = rand_codes(n, rc->stride, rc->code_at + (rc->kept * rc->bits + 7) / 8, off);
+
+	for (unsigned i = 0; i < n; i++) {
+		uint8_t *mask = p + off + (size_t)i * rc->stride + rc->mask_at;
+		unsigned have = 0, want = rc->kept + (i % 7 == 3 && rc->kept < rc->d) - (i % 7 == 5);
+
+		memset(mask, 0, (rc->d + 7) / 8);
+		while (have < want) {
+			unsigned j = rnd32() % rc->d;
+			if (!(mask[j >> 3] >> (j & 7) & 1))
+				mask[j >> 3] |= (uint8_t)(1u << (j & 7)), have++;
+		}
+	}
+	return p;
+}
+
+static void spark_case(const struct kvp_kernels *k, unsigned d, unsigned T, unsigned bits, unsigned n, unsigned g,
+		       unsigned off, int ends)
+{
+	const int32_t top = (int32_t)(2147483647u / (d * 32767u));
+	const size_t qs = d + 3;
+	int8_t lut[16], sgn[64];
+	int16_t *rho = xmalloc(sizeof *rho * (d + off)), *ell = xmalloc(sizeof *ell * (n + off));
+	int16_t *q = xmalloc(sizeof *q * (g * qs + off));
+	const struct kvp_masked_codes rc = spark_rows(d, T, bits, 1 + (d & 1), lut, sgn, rho + off, ends);
+	uint8_t *rows = spark_bytes(&rc, n, off);
+	float *rs = rand_f32(n, off), *hs = rand_f32(g, 0);
+	float *got = rand_f32((size_t)g * n + off, 0), *want = copy_f32(got, (size_t)g * n + off);
+
+	for (unsigned i = 0; i < n; i++)
+		ell[off + i] = (int16_t)rand_in(ends, 0, 32767);
+	for (size_t j = 0; j < g * qs; j++)
+		q[off + j] = (int16_t)rand_in(ends, -top, top);
+	k->spark_dot_i16_group(&rc, n, rows + off, ell + off, rs + off, g, q + off, qs, hs, got + off, n);
+	kvp_kernels_scalar.spark_dot_i16_group(&rc, n, rows + off, ell + off, rs + off, g, q + off, qs, hs, want + off,
+					       n);
+	for (size_t i = 0; i < (size_t)g * n + off; i++)
+		check(same_bits(got[i], want[i]),
+		      "%s spark_dot_i16_group d=%u T=%u bits=%u n=%u g=%u off=%u ends=%d: out[%zu] %.9g, scalar %.9g",
+		      k->name, d, T, bits, n, g, off, ends, i, got[i], want[i]);
+	free(rho), free(ell), free(q), free(rows), free(rs), free(hs), free(got), free(want);
+}
+
+/* The shapes of a table's own version (d a multiple of 32 up to 128, at most 64 pruned; T below 32 leaves
+ * lanes of the register unused) and the plain loop's (odd d, 96 pruned). */
+static void spark_shapes(const struct kvp_kernels *k, unsigned off, int ends)
+{
+	static const unsigned shapes[][2] = { { 128, 64 }, { 64, 32 }, { 96, 32 }, { 32, 16 }, { 64, 2 }, { 128, 32 },
+					      { 37, 16 }, { 8, 4 }, { 130, 64 } };
+	static const unsigned ns[] = { 1, 15, 16, 17, 70 }, gs[] = { 1, 3, 4, 5, 8 };
+
+	for (size_t s = 0; s < COUNT(shapes); s++)
+		for (unsigned bits = 1; bits <= 4; bits++)
+			for (size_t a = 0; a < COUNT(ns); a++)
+				spark_case(k, shapes[s][0], shapes[s][1], bits, ns[a], gs[(s + bits + a) % COUNT(gs)], off,
+					   ends);
+}
+
+static void spark_dot_i16_equals_scalar_on_odd_lengths(const struct kvp_kernels *k)
+{
+	spark_shapes(k, 0, 0);
+}
+
+static void spark_dot_i16_equals_scalar_on_unaligned_pointers(const struct kvp_kernels *k)
+{
+	spark_shapes(k, 1, 0);
+	spark_shapes(k, 3, 0);
+}
+
+static void spark_dot_i16_equals_scalar_at_the_ends_of_its_ranges(const struct kvp_kernels *k)
+{
+	spark_shapes(k, 0, 1);
+}
+
+/* The contract of kernels.h in the test's own words: H[k][r] = (-1)^popcount(k & r). */
+static void scalar_spark_dot_i16_matches_its_definition(void)
+{
+	const unsigned d = 12, T = 4, bits = 3, n = 6, g = 2;
+	int8_t lut[16], sgn[64];
+	int16_t rho[12], ell[6], q[2 * 12];
+	const struct kvp_masked_codes rc = spark_rows(d, T, bits, 2, lut, sgn, rho, 0);
+	uint8_t *rows = spark_bytes(&rc, n, 0);
+	float rs[6], hs[2] = { 0.5f, -1.25f }, out[2 * 6];
+
+	for (unsigned i = 0; i < n; i++)
+		ell[i] = (int16_t)rand_int(0, 32767), rs[i] = 0.25f + (float)i;
+	for (unsigned j = 0; j < g * d; j++)
+		q[j] = (int16_t)rand_int(-5000, 5000);
+	kvp_kernels_scalar.spark_dot_i16_group(&rc, n, rows, ell, rs, g, q, d, hs, out, n);
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *row = rows + i * rc.stride;
+		int32_t z[4], x[12];
+		unsigned t = 0, p = 0;
+
+		for (unsigned r = 0; r < T; r++) {
+			z[r] = 0;
+			for (unsigned c = 0; c < T; c++)
+				z[r] += (__builtin_popcount(r & c) & 1 ? -1 : 1) * lut[code_of(row + rc.code_at, bits, c)];
+			z[r] = sgn[r] * z[r] * (1 << rc.shift);
+		}
+		for (unsigned j = 0; j < d; j++) {
+			if (row[j / 8] >> (j % 8) & 1) {
+				x[j] = t < T ? z[t] : 0;
+				t++;
+			} else {
+				int32_t v = (int32_t)floor(((double)rho[j] * ell[i]) / 32768.0 + 0.5);
+				x[j] = row[rc.sign_at + p / 8] >> (p % 8) & 1 ? -v : v;
+				p++;
+			}
+		}
+		for (unsigned h = 0; h < g; h++) {
+			int32_t s = 0;
+			for (unsigned j = 0; j < d && t == T; j++)
+				s += x[j] * q[h * d + j];
+			check(same_bits(out[h * n + i], ((float)s * hs[h]) * rs[i]), "row %u head %u: %.9g", i, h,
+			      out[h * n + i]);
+		}
+	}
+	free(rows);
+}
+
 /* ---- band_norms ---- */
 
 static void scalar_band_norms_reads_both_layouts(void)
@@ -1733,7 +1881,8 @@ static void dispatch_tables_are_complete_and_named_for_their_name(void)
 			  k->f16_to_f32 && k->softmax_step && k->scale && k->lut_dot && k->lut_axpy &&
 			  k->lut_dot_group && k->lut_axpy_group && k->lut_dot_i8_group && k->lut_axpy_i16_group && k->dot_i8_scaled && k->axpy_i16_scaled && k->fwht &&
 			  k->sym_codes && k->sum_squares &&
-			  k->dot_f16_group && k->axpy_f16_group && k->mask_expand && k->band_norms,
+			  k->dot_f16_group && k->axpy_f16_group && k->mask_expand && k->band_norms &&
+			  k->spark_dot_i16_group,
 		      "%s has an empty slot", names[i]);
 	}
 }
@@ -1957,6 +2106,7 @@ static const struct test reference_tests[] = {
 	TEST(scalar_fwht_matches_the_hadamard_matrix),
 	TEST(scalar_sym_codes_count_the_thresholds_below),
 	TEST(scalar_mask_expand_places_kept_values_and_signed_recoveries),
+	TEST(scalar_spark_dot_i16_matches_its_definition),
 	TEST(scalar_band_norms_reads_both_layouts),
 	TEST(crc32c_reference_gives_the_published_check_values),
 	TEST(crc32c_hardware_versions_match_the_reference),
@@ -2022,6 +2172,9 @@ static const struct vector_test vector_tests[] = {
 	TEST(axpy_i16_scaled_reads_nothing_past_its_inputs),
 	TEST(mask_expand_matches_scalar_bit_for_bit_on_odd_lengths),
 	TEST(mask_expand_matches_scalar_on_unaligned_pointers),
+	TEST(spark_dot_i16_equals_scalar_on_odd_lengths),
+	TEST(spark_dot_i16_equals_scalar_on_unaligned_pointers),
+	TEST(spark_dot_i16_equals_scalar_at_the_ends_of_its_ranges),
 	TEST(band_norms_is_bit_identical_to_scalar_in_both_layouts),
 };
 

@@ -331,8 +331,10 @@ Test(spark, encode_writes_the_bytes_of_the_plain_reference)
 
 /* dot_group and axpy_group over 4 heads give each head what dot and axpy give it, within 1e-5 relative:
  * the same rows expanded once for the group instead of once per head. (With quantize=all both are the
- * inner codec's: TurboQuant's group paths run on integers and have their bound in test_turboquant.) */
-static void group_paths_match(const char *spec)
+ * inner codec's: TurboQuant's group paths run on integers and have their bound in test_turboquant.)
+ * With TurboQuant under SparK, dot_group runs on integers (spark_dot_i16_group): its scores are within
+ * `spread` of the RMS of the head's scores of dot's. */
+static void group_paths_match(const char *spec, float spread)
 {
 	const unsigned d = 128, n = 70, g = 4;
 	kvp_codec *c = codec_open(spec, d);
@@ -347,9 +349,14 @@ static void group_paths_match(const char *spec)
 	c->ops->dot_group(c, c->own_ctx, n, bytes, g, qprep, all);
 	c->ops->axpy_group(c, c->own_ctx, n, bytes, g, w, accg);
 	for (unsigned h = 0; h < g; h++) {
+		double rms = 0.0;
+
 		c->ops->dot(c, c->own_ctx, n, bytes, qprep + h * c->qprep_bytes, one);
 		for (unsigned i = 0; i < n; i++)
-			cr_assert(fabsf(one[i] - all[(size_t)h * n + i]) <= 1e-5f * (1 + fabsf(one[i])),
+			rms += (double)one[i] * one[i] / n;
+		rms = sqrt(rms);
+		for (unsigned i = 0; i < n; i++)
+			cr_assert(fabsf(one[i] - all[(size_t)h * n + i]) <= 1e-5f * (1 + fabsf(one[i])) + spread * rms,
 				  "%s head %u token %u: dot_group %g, dot %g", spec, h, i, all[(size_t)h * n + i], one[i]);
 		memset(acc1, 0, sizeof *acc1 * c->acc_dim);
 		c->ops->axpy(c, c->own_ctx, n, bytes, w + (size_t)h * n, acc1);
@@ -372,8 +379,74 @@ static void group_paths_match(const char *spec)
 
 Test(spark, group_paths_equal_the_per_head_paths)
 {
-	group_paths_match("spark(keep=0.5)|turboquant(bits=3)");
-	group_paths_match("spark(keep=0.5)");
+	group_paths_match("spark(keep=0.5)|turboquant(bits=3)", 0.02f);
+	group_paths_match("spark(keep=0.5,recover=zero)|turboquant(bits=3)", 0.0f); /* the float path */
+	group_paths_match("spark(keep=0.5)", 0.0f);
+}
+
+/*
+ * dot_group's integer path and the float path it falls back on, over tokens fitted with queries that leave
+ * channels 0..15 nearly unqueried (||Q_j|| at `weak` of the others'): their recovered values are large,
+ * so beside the kept values they may not fit int16 (ell above 32767), and such a chunk is scored in floats.
+ * Returns the worst |dot_group - dot| over the RMS of dot's scores; *unsound_scores is dot_group's score of a
+ * token whose mask was corrupted (dot gives 0 for it: it decodes to zeros).
+ */
+static double integer_path_error(float weak, float *unsound_score)
+{
+	const unsigned d = 128, n = 300, nq = 32, g = 4, bad = 77;
+	float *x = gaussian_rows(n, d, 61), *q = gaussian_rows(nq, d, 62), *probe = gaussian_rows(g, d, 63);
+	float *one = xcalloc(n, sizeof *one), *all = xcalloc((size_t)g * n, sizeof *all);
+	struct kvp_codec *c;
+	unsigned char *bytes;
+	char *qprep;
+	void *ctx;
+	double worst = 0.0;
+
+	for (unsigned i = 0; i < nq; i++)
+		for (unsigned j = 0; j < 16; j++)
+			q[(size_t)i * d + j] *= weak;
+	cr_assert_eq(kvp_codec_parse("spark(keep=0.5)|turboquant(bits=3)", 34, d, &c), KVP_OK, "%s", kvp_last_error());
+	ctx = xcalloc(1, c->ctx_bytes);
+	bytes = xcalloc(1, c->ops->bytes(c, n));
+	qprep = xcalloc(g, c->qprep_bytes);
+	cr_assert_eq(c->ops->fit(c, ctx, n, x, nq, q), KVP_OK);
+	cr_assert_eq(c->ops->encode(c, ctx, n, x, bytes), KVP_OK);
+	bytes[(size_t)bad * c->ops->bytes(c, 1) + 4] ^= 1; /* channel 0's keep bit: one channel more or fewer */
+	for (unsigned h = 0; h < g; h++)
+		c->ops->prepare_query(c, ctx, probe + (size_t)h * d, qprep + h * c->qprep_bytes);
+	c->ops->dot_group(c, ctx, n, bytes, g, qprep, all);
+	for (unsigned h = 0; h < g; h++) {
+		double rms = 0.0;
+
+		c->ops->dot(c, ctx, n, bytes, qprep + h * c->qprep_bytes, one);
+		cr_assert_eq(one[bad], 0.0f, "a corrupted mask decodes to zeros");
+		for (unsigned i = 0; i < n; i++)
+			rms += (double)one[i] * one[i] / n;
+		for (unsigned i = 0; i < n; i++)
+			worst = fmax(worst, fabs(one[i] - all[(size_t)h * n + i]) / sqrt(rms));
+	}
+	*unsound_score = all[bad];
+	kvp_codec_free(c);
+	free(x), free(q), free(probe), free(one), free(all), free(ctx), free(bytes), free(qprep);
+	return worst;
+}
+
+Test(spark, integer_group_path_stays_within_its_bound_and_scores_a_corrupted_mask_0)
+{
+	float unsound;
+	double e = integer_path_error(1.0f, &unsound);
+
+	cr_assert(e > 1e-6 && e < 0.02, "the integer path: worst error %g of the scores' RMS", e);
+	cr_assert_eq(unsound, 0.0f);
+}
+
+Test(spark, recoveries_too_large_for_int16_take_the_float_path)
+{
+	float unsound;
+	double e = integer_path_error(1e-5f, &unsound);
+
+	cr_assert(e < 1e-5, "the float path: worst error %g of the scores' RMS", e);
+	cr_assert_eq(unsound, 0.0f);
 }
 
 /* quantize=all hands the inner codec SparK's own decode of the token (kept values, recovered pruned ones):
