@@ -1269,3 +1269,23 @@ Test(ab, calibrate_shows_progress_on_a_terminal_unless_quiet)
 	cr_assert_null(strstr(out, "tokens"), "--quiet: %s", out);
 	unlink(out_file);
 }
+
+/* kvpager-ab on a terminal: the progress line names the spec by what sets it apart; --quiet: nothing. */
+Test(ab, progress_on_a_terminal_names_spec_i_of_n)
+{
+	char cmd[4096], out[65536];
+
+	snprintf(cmd, sizeof(cmd), "COLUMNS=200 %s --model %s --text %s --ctx 256 --chunks 3 "
+		 "--spec 'block=16,sinks=4,window=16,store=fp16,policy=streaming(sinks=4,window=60)' "
+		 "--spec 'block=16,sinks=4,window=16,store=fp16,policy=h2o(heavy=0.1,recent=0.1)'",
+		 tool_path("kvpager-ab"), model_path("kjv-64.bin"), model_path("kjv-heldout.txt"));
+	run_in_terminal(cmd, out, sizeof(out));
+	cr_assert_not_null(strstr(out, "/2304 tokens"), "tokens done of all: %s", out);
+	cr_assert_not_null(strstr(out, "ETA "), "%s", out);
+	cr_assert(strstr(out, "spec 1 of 2 S1 policy=streaming(sinks=4,window=60), chunk ") ||
+		  strstr(out, "spec 2 of 2 S2 policy=h2o(heavy=0.1,recent=0.1), chunk "), "which spec: %s", out);
+	cr_assert_null(strstr(out, "S1 block=16"), "not the prefix both specs share: %s", out);
+	strcat(cmd, " --quiet");
+	run_in_terminal(cmd, out, sizeof(out));
+	cr_assert_null(strstr(out, " tokens "), "--quiet: %s", out);
+}
