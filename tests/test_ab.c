@@ -806,7 +806,8 @@ Test(ab, mean_bytes_follow_the_run_not_the_last_round)
 	cr_assert_gt(rows[1].value[COL_BYTES_PEAK], 1.8 * held_at_end(&rows[1]));
 }
 
-/* The row of spec in the table (the first line that starts with it followed by a space). */
+/* The row of a label (S1..Sn, or "full") in the table: the first line that starts with it followed by a
+ * space. */
 static const char *table_row(const char *out, const char *spec)
 {
 	size_t n = strlen(spec);
@@ -835,7 +836,7 @@ Test(ab, vs_fp16_is_the_ratio_of_the_means)
 	cr_assert_gt(v[COL_COMPRESSION_FINAL], 0.8);
 	snprintf(mean, sizeof(mean), " %.2fx ", v[COL_COMPRESSION]);
 	snprintf(final, sizeof(final), " %.2fx ", v[COL_COMPRESSION_FINAL]);
-	line = table_row(out, specs[0]);
+	line = table_row(out, "S1");
 	eol = strchr(line, '\n');
 	cr_assert(strstr(line, mean) && strstr(line, mean) < eol, "the table shows%son the mean: %s", mean, out);
 	cr_assert(!strstr(line, final) || strstr(line, final) > eol, "not%sat the end: %s", final, out);
@@ -978,10 +979,9 @@ static double dense_perplexity(const char *model, const char *text, int n_ctx, i
 /* The perplexity on the table line that starts with label. */
 static double table_perplexity(const char *out, const char *label)
 {
-	const char *line = strstr(out, label);
+	const char *line = table_row(out, label);
 	double v;
 
-	cr_assert_not_null(line, "no row '%s' in: %s", label, out);
 	cr_assert_eq(sscanf(line + strlen(label), "%lf", &v), 1, "%s", line);
 	return v;
 }
@@ -1001,10 +1001,10 @@ Test(ab, text_perplexity_of_the_exact_cache_matches_the_rule)
 	cr_assert_eq(run("kvpager-ab", args, out, sizeof(out)), 0, "%s", out);
 	cr_assert_not_null(strstr(out, "3 chunks of 512"), "%s", out);
 	cr_assert_not_null(strstr(out, "255 predictions scored per chunk (positions 256..510"), "%s", out);
-	full = table_perplexity(out, "full cache (reference)");
-	exact = table_perplexity(out, "\"\" (default)");
-	tq = table_perplexity(out, TQ3);
-	streaming = table_perplexity(out, "policy=streaming(sinks=4,window=60)");
+	full = table_perplexity(out, "full");
+	exact = table_perplexity(out, "S1");
+	tq = table_perplexity(out, "S2");
+	streaming = table_perplexity(out, "S3");
 	/* printed with 6 decimals */
 	cr_assert(fabs(full - want) <= 1e-6, "full cache %.6f, the rule %.7f", full, want);
 	cr_assert(fabs(exact - want) <= 1e-6, "exact spec %.6f, the rule %.7f", exact, want);
@@ -1101,4 +1101,259 @@ Test(ab, heads_show_every_heads_level_bits_and_budget)
 	cr_assert(levels[0] == 3 && levels[1] == 2 && levels[2] == 3, "levels %u/%u/%u", levels[0], levels[1],
 		  levels[2]);
 	cr_assert(strstr(out, "heads per level: 0:3 1:2 2:3; mean bits 3.00; budgets 96..96 tokens"), "%s", out);
+}
+
+/* ---- the text mode's bytes, its plots; the table's labels; the progress lines ---- */
+
+/* Each chunk is a sequence of its own from position 0: a 64-token window's bytes stop growing at
+ * position 64, so over a 512-token chunk its mean per token is about twice its end's (a snapshot at each
+ * chunk's end, as the text mode once reported, shows the end's). */
+Test(ab, text_bytes_are_the_mean_over_every_position_of_every_chunk)
+{
+	char csv[256], args[4096], out[16384];
+	const char *model = model_path("kjv-64.bin"), *text = model_path("kjv-heldout.txt");
+	struct row rows[2];
+	const double *full, *window;
+
+	temp_path(csv, sizeof(csv), ".csv");
+	snprintf(args, sizeof(args), "--model %s --text %s --ctx 512 --chunks 2 --spec 'store=fp16' "
+		 "--spec 'store=fp16,policy=streaming(sinks=4,window=60)' --csv %s", model, text, csv);
+	cr_assert_eq(run("kvpager-ab", args, out, sizeof(out)), 0, "%s", out);
+	cr_assert_eq(read_csv(csv, rows, 2), 2);
+	unlink(csv);
+	full = rows[0].value;
+	window = rows[1].value;
+	cr_assert_eq(full[COL_TOKENS], 1024);
+	/* every token kept: the mean is near the end's, a little above (blocks are allocated whole) */
+	cr_assert(full[COL_BYTES_PER_TOKEN] >= full[COL_BYTES_PER_TOKEN_FINAL] &&
+		  full[COL_BYTES_PER_TOKEN] < 1.3 * full[COL_BYTES_PER_TOKEN_FINAL], "full: mean %g, final %g",
+		  full[COL_BYTES_PER_TOKEN], full[COL_BYTES_PER_TOKEN_FINAL]);
+	cr_assert_gt(window[COL_BYTES_PER_TOKEN], 1.5 * window[COL_BYTES_PER_TOKEN_FINAL], "window: mean %g, final %g",
+		     window[COL_BYTES_PER_TOKEN], window[COL_BYTES_PER_TOKEN_FINAL]);
+	cr_assert_lt(window[COL_BYTES_PER_TOKEN], full[COL_BYTES_PER_TOKEN]);
+	/* the ratio on the mean: dense fp16 grows alike in every chunk */
+	cr_assert_float_eq(window[COL_COMPRESSION],
+			   window[COL_BYTES_DENSE_FP16] / window[COL_TOKENS] / window[COL_BYTES_PER_TOKEN], 1e-6);
+	/* the peak is one chunk's sequence, not the two chunks' ends added up: per token, over one chunk */
+	cr_assert_lt(full[COL_BYTES_PEAK], 0.6 * held_at_end(&rows[0]));
+	cr_assert_float_eq(full[COL_BYTES_PER_TOKEN_PEAK] * 512, full[COL_BYTES_PEAK], 1e-3);
+	/* the table shows the mean */
+	snprintf(args, sizeof(args), " %.1f ", window[COL_BYTES_PER_TOKEN]);
+	cr_assert_not_null(strstr(table_row(out, "S2"), args), "%s in %s", args, out);
+}
+
+/* Results of a --text run as the plots see them. */
+static struct ab_result text_plotted(const char *spec, double bytes_per_token, double kl, double perplexity)
+{
+	struct ab_result r = plotted(spec, bytes_per_token, kl);
+
+	r.perplexity = perplexity;
+	r.attention_error = r.attention_error_max = NAN;
+	return r;
+}
+
+/* The y of label's point in the part of the SVG from `from` on. */
+static double point_y(const char *from, const char *label)
+{
+	double x, y;
+
+	cr_assert(point_at(from, label, &x, &y), "%s is drawn", label);
+	return y;
+}
+
+/* With perplexities, a second plot under the first: bytes against perplexity on a log axis whose ticks
+ * resolve tenths of a percent; without them, one plot, as before. */
+Test(ab, text_plot_has_a_second_plot_of_perplexity)
+{
+	struct ab_result r[3] = { text_plotted("a", 2000, 1e-8, 5.3806), text_plotted("b", 500, 2e-3, 5.3901),
+				  text_plotted("c", 250, 1e-2, 5.4500) };
+	char *svg = svg_of(r, 3, "text run"), *second;
+	double y[3];
+	int i;
+
+	second = strstr(svg, "class=\"ab-plot-perplexity\"");
+	cr_assert_not_null(second, "a second plot: %.400s", svg);
+	cr_assert_not_null(strstr(second, ">perplexity (log scale)</text>"), "its y axis");
+	for (i = 0; i < 3; i++) {
+		char label[8];
+
+		snprintf(label, sizeof(label), "S%d", i + 1);
+		y[i] = point_y(second, label);
+	}
+	/* higher perplexity, higher up (smaller y); 5.3806 and 5.3901 (0.18% apart) more than 10 px apart */
+	cr_assert_gt(y[0], y[1] + 10, "5.3806 at %g, 5.3901 at %g", y[0], y[1]);
+	cr_assert_gt(y[1], y[2]);
+	/* ticks at round values within the range: 5.4 is one */
+	cr_assert_not_null(strstr(second, ">5.4</text>"), "a tick at 5.4: %s", second);
+	/* the KL plot comes first and keeps the legend; the second refers to it */
+	cr_assert_lt(strstr(svg, "class=\"legend\" data-label=\"S1\""), second);
+	cr_assert_not_null(strstr(second, "the specs of the legend above"));
+	free(svg);
+	for (i = 0; i < 3; i++)
+		r[i].perplexity = NAN;
+	svg = svg_of(r, 3, "no text");
+	cr_assert_null(strstr(svg, "ab-plot-perplexity"), "no perplexity, no second plot");
+	free(svg);
+}
+
+/* --text --report: the page has both plots and a perplexity column; --plot the same SVG. */
+Test(ab, text_report_and_plot_show_perplexity)
+{
+	char html[256], svg[256], args[4096], out[16384], *page;
+	const char *model = model_path("kjv-64.bin"), *text = model_path("kjv-heldout.txt");
+
+	temp_path(html, sizeof(html), ".html");
+	temp_path(svg, sizeof(svg), ".svg");
+	snprintf(args, sizeof(args), "--model %s --text %s --ctx 128 --chunks 2 --spec '' --spec '" TQ3 "' "
+		 "--report %s --plot %s", model, text, html, svg);
+	cr_assert_eq(run("kvpager-ab", args, out, sizeof(out)), 0, "%s", out);
+	page = read_all(html);
+	cr_assert_not_null(strstr(page, "class=\"ab-plot-perplexity\""), "the perplexity plot in the page");
+	cr_assert_not_null(strstr(page, "<th data-type=\"num\">perplexity</th>"));
+	cr_assert_not_null(strstr(page, "<td class=\"spec\">" "k=turboquant(bits=3),v=turboquant(bits=3)</td>"));
+	free(page);
+	page = read_all(svg);
+	cr_assert_not_null(strstr(page, "class=\"ab-plot-perplexity\""), "and in the SVG");
+	free(page);
+	unlink(html);
+	unlink(svg);
+}
+
+/* Long specs do not push the figures off the screen: rows are S1..Sn, each under 110 columns, the specs
+ * are in a key under the table, whole; the CSV keeps them whole too. */
+Test(ab, table_rows_are_labels_keyed_to_the_full_specs)
+{
+	static const char *const specs[] = {
+		("block=16,sinks=4,window=16,store=fp16,policy=streaming(sinks=4,window=60),k=turboquant(bits=3),"
+		 "v=turboquant(bits=3)"),
+		("block=16,sinks=4,window=16,store=fp16,policy=triattention(budget=64,every=16),k=turboquant(bits=2),"
+		 "v=turboquant(bits=3)"),
+		NULL
+	};
+	char out[16384], key[512];
+	struct row rows[2];
+	const char *line, *eol;
+	int i;
+
+	cr_assert_eq(run_kjv(128, specs, rows, 2, out, sizeof(out)), 2);
+	for (i = 0; i < 2; i++) {
+		char label[8];
+
+		snprintf(label, sizeof(label), "S%d", i + 1);
+		line = table_row(out, label);
+		eol = strchr(line, '\n');
+		cr_assert_lt(eol - line, 110, "row %s is %td characters: %s", label, eol - line, out);
+		snprintf(key, sizeof(key), "\n  S%d   %s\n", i + 1, specs[i]);
+		cr_assert_not_null(strstr(out, key), "the key has %s: %s", specs[i], out);
+		cr_assert_str_eq(rows[i].spec, specs[i], "the CSV has the spec whole");
+	}
+	cr_assert_lt(table_row(out, "S2"), strstr(out, "\nspec:\n"), "the key under the table");
+}
+
+/* The progress label: spec i of N, its S label, and what sets it apart, neither the items all specs
+ * begin with nor those they end with, and not cut at 40 characters. */
+Test(ab, progress_label_names_the_spec_by_what_sets_it_apart)
+{
+	static const char *const specs[] = {
+		"block=16,sinks=4,window=16,store=fp16,policy=streaming(sinks=4,window=1020),k=turboquant(bits=3)",
+		("block=16,sinks=4,window=16,store=fp16,policy=triattention(budget=1024,every=16,select=union),"
+		 "k=turboquant(bits=3)"),
+		"block=16,sinks=4,window=16,store=fp16,policy=h2o(heavy=0.25,recent=0.25),k=turboquant(bits=3)",
+	};
+	char buf[AB_PROGRESS_LABEL_MAX];
+
+	cr_assert_str_eq(ab_progress_spec_label(buf, sizeof(buf), specs, 3, 1),
+			 "spec 2 of 3 S2 policy=triattention(budget=1024,every=16,select=union)");
+	cr_assert_str_eq(ab_progress_spec_label(buf, sizeof(buf), specs, 3, 0),
+			 "spec 1 of 3 S1 policy=streaming(sinks=4,window=1020)");
+	/* one spec: the whole of it; an empty one: named */
+	cr_assert_str_eq(ab_progress_spec_label(buf, sizeof(buf), specs, 1, 0), "spec 1 of 1 S1 block=16,sinks=4,"
+			 "window=16,store=fp16,policy=streaming(sinks=4,window=1020),k=turboquant(bits=3)");
+	cr_assert_str_eq(ab_progress_spec_label(buf, sizeof(buf), (const char *const[]){ "", "store=fp16" }, 2, 0),
+			 "spec 1 of 2 S1 \"\" (default)");
+	/* the same spec twice: nothing sets it apart, so all of it */
+	cr_assert_str_eq(ab_progress_spec_label(buf, sizeof(buf), (const char *const[]){ "a=1,b=2", "a=1,b=2" }, 2, 1),
+			 "spec 2 of 2 S2 a=1,b=2");
+}
+
+/* The line: tokens done of all, the rate, an ETA, then the label; within the terminal's width, a long
+ * label losing its middle but keeping its beginning (which spec) and its end (which chunk). */
+Test(ab, progress_line_shows_tokens_eta_and_fits_the_terminal)
+{
+	struct ab_progress p;
+	char line[2 * AB_PROGRESS_LABEL_MAX], label[400];
+	int i;
+
+	ab_progress_start(&p, 4000, 0);
+	p.done = 1000;
+	ab_progress_format(&p, p.start + 10.0, "spec 2 of 3 S2 policy=h2o(heavy=0.25,recent=0.25), chunk 1 of 8", 200,
+			   line, sizeof(line));
+	cr_assert_not_null(strstr(line, " 25% 1000/4000 tokens 100 tok/s ETA 0:30 spec 2 of 3 S2 "
+				  "policy=h2o(heavy=0.25,recent=0.25), chunk 1 of 8"), "%s", line);
+	snprintf(label, sizeof(label), "spec 7 of 40 S7 ");
+	for (i = 0; i < 30; i++)
+		strcat(label, "x=1,");
+	strcat(label, " chunk 3 of 8");
+	ab_progress_format(&p, p.start + 10.0, label, 100, line, sizeof(line));
+	cr_assert_leq(strlen(line), 99, "%zu characters: %s", strlen(line), line);
+	cr_assert_not_null(strstr(line, "ETA 0:30 spec 7 of 40 S7 x=1,"), "%s", line);
+	cr_assert_not_null(strstr(line, "..."), "the middle left out: %s", line);
+	cr_assert_eq(strcmp(line + strlen(line) - strlen(" chunk 3 of 8"), " chunk 3 of 8"), 0, "%s", line);
+}
+
+/* Runs cmd in a pseudo-terminal (script(1)), as a user at a terminal would; its output into out. */
+static void run_in_terminal(const char *cmd, char *out, size_t cap)
+{
+	char line[8192];
+	size_t n;
+	FILE *f;
+
+	if (system("command -v script >/dev/null 2>&1") != 0)
+		cr_skip_test("script(1) is not installed (util-linux)");
+	snprintf(line, sizeof(line), "script -qec \"%s\" /dev/null", cmd);
+	f = popen(line, "r");
+	cr_assert_not_null(f);
+	n = fread(out, 1, cap - 1, f);
+	out[n] = '\0';
+	cr_assert_eq(pclose(f), 0, "%s: %s", cmd, out);
+}
+
+/* kvpager-calibrate on a terminal: tokens run of all and an ETA while it runs; --quiet: nothing. */
+Test(ab, calibrate_shows_progress_on_a_terminal_unless_quiet)
+{
+	char out_file[256], cmd[2048], out[65536];
+	const char *model = model_path("kjv-64.bin"), *text = model_path("kjv-heldout.txt");
+
+	temp_path(out_file, sizeof(out_file), ".kvtria");
+	/* 1536 tokens take a few seconds: past the second before the first draw */
+	snprintf(cmd, sizeof(cmd), "%s --model %s --text %s --max-tokens 1536 --out %s", tool_path("kvpager-calibrate"),
+		 model, text, out_file);
+	run_in_terminal(cmd, out, sizeof(out));
+	cr_assert_not_null(strstr(out, "/1536 tokens"), "progress: %s", out);
+	cr_assert_not_null(strstr(out, "ETA "), "%s", out);
+	cr_assert_not_null(strstr(out, "calibrating "), "%s", out);
+	strcat(cmd, " --quiet");
+	run_in_terminal(cmd, out, sizeof(out));
+	cr_assert_null(strstr(out, "tokens"), "--quiet: %s", out);
+	unlink(out_file);
+}
+
+/* kvpager-ab on a terminal: the progress line names the spec by what sets it apart; --quiet: nothing. */
+Test(ab, progress_on_a_terminal_names_spec_i_of_n)
+{
+	char cmd[4096], out[65536];
+
+	snprintf(cmd, sizeof(cmd), "COLUMNS=200 %s --model %s --text %s --ctx 256 --chunks 3 "
+		 "--spec 'block=16,sinks=4,window=16,store=fp16,policy=streaming(sinks=4,window=60)' "
+		 "--spec 'block=16,sinks=4,window=16,store=fp16,policy=h2o(heavy=0.1,recent=0.1)'",
+		 tool_path("kvpager-ab"), model_path("kjv-64.bin"), model_path("kjv-heldout.txt"));
+	run_in_terminal(cmd, out, sizeof(out));
+	cr_assert_not_null(strstr(out, "/2304 tokens"), "tokens done of all: %s", out);
+	cr_assert_not_null(strstr(out, "ETA "), "%s", out);
+	cr_assert(strstr(out, "spec 1 of 2 S1 policy=streaming(sinks=4,window=60), chunk ") ||
+		  strstr(out, "spec 2 of 2 S2 policy=h2o(heavy=0.1,recent=0.1), chunk "), "which spec: %s", out);
+	cr_assert_null(strstr(out, "S1 block=16"), "not the prefix both specs share: %s", out);
+	strcat(cmd, " --quiet");
+	run_in_terminal(cmd, out, sizeof(out));
+	cr_assert_null(strstr(out, " tokens "), "--quiet: %s", out);
 }

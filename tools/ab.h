@@ -30,6 +30,9 @@ struct ab_bytes_meter {
 
 /* Takes one sample: the stats of the sequence after its position `meter->positions + 1`. */
 void ab_bytes_sample(struct ab_bytes_meter *m, const kvp_stats *st);
+/* Adds the samples of one sequence's meter to into: a run over several sequences (the chunks of --text,
+ * each from position 0) as one, its mean over every position of every sequence, its peak the largest. */
+void ab_bytes_merge(struct ab_bytes_meter *into, const struct ab_bytes_meter *from);
 
 /* --heads (ab_heads.c): every (layer, KV head)'s gating at the end of a spec's run. */
 enum ab_heads_state { AB_HEADS_NONE, AB_HEADS_OFF, AB_HEADS_READ, AB_HEADS_UNSUPPORTED };
@@ -76,20 +79,44 @@ struct ab_result {
 /* Per spec, the table of its heads' levels, bits and budgets (--heads). */
 void ab_heads_print(FILE *f, const struct ab_result *r, int n);
 
+#define AB_PROGRESS_LABEL_MAX 1024
+
 /* A progress bar on stderr: drawn only on a terminal, and only once the run has taken a second. */
 struct ab_progress {
 	int enabled, drawn;
 	double start, last_draw;
 	uint64_t done, total;
+	char label[AB_PROGRESS_LABEL_MAX]; /* what advance shows when it is given no label */
 };
 
 void ab_progress_start(struct ab_progress *p, uint64_t total, int allowed);
+/* n more tokens done; label, or p->label when label is NULL, is what is being done. */
 void ab_progress_advance(struct ab_progress *p, uint64_t n, const char *label);
 void ab_progress_end(struct ab_progress *p);
+/*
+ * The line the bar draws, into out: "[bar] 42% 1234/5000 tokens 612 tok/s ETA 0:12 label", at most
+ * `columns` characters (the terminal's width): the bar is left out where it would leave the label less
+ * than 60 columns, and a label too long for the rest loses its middle to "...",
+ * keeping its beginning (which spec) and its end (which chunk). Returns out.
+ */
+char *ab_progress_format(const struct ab_progress *p, double now, const char *label, int columns, char *out,
+			 size_t cap);
+/*
+ * Spec i (0-based) of specs[0..n-1] for the progress line: "spec 3 of 36 S3 policy=h2o(heavy=0.25)", the
+ * S label of the table and plot, then what sets the spec apart: its text without the comma-separated
+ * items every spec begins with, nor those they all end with (the whole spec when n is 1 or nothing is
+ * left). Into buf; returns buf.
+ */
+char *ab_progress_spec_label(char *buf, size_t cap, const char *const *specs, int n, int i);
 double ab_now(void);
 
-/* The table on f: one row per spec. title is printed above it. */
+/* The table on f: one row per spec, labelled S1..Sn as in the plot, so that long specs keep the figures on
+ * the screen; the full specs follow in a key (ab_print_spec_key). title is printed above it. */
 void ab_print_table(FILE *f, const char *title, const struct ab_result *r, int n);
+/* "spec:" and one line per spec, "  S3   policy=...", the whole spec. */
+void ab_print_spec_key(FILE *f, const struct ab_result *r, int n);
+/* The width of the label column for n specs: "S" and n's digits, at least 4. */
+int ab_label_width(int n);
 /* The CSV and the SVG plot; 0, or -1 with message set. */
 int ab_write_csv(const char *path, const struct ab_result *r, int n, char message[AB_MESSAGE_MAX]);
 int ab_write_svg(const char *path, const char *title, const struct ab_result *r, int n,
@@ -203,6 +230,8 @@ struct ab_text_score {
 	uint64_t n_scored, agreed;
 	double seconds;    /* forward passes of the chunks */
 	kvp_stats summed;  /* the sequence's stats at each chunk's end, summed over chunks */
+	uint64_t end_held_peak;      /* the most held at a chunk's end */
+	struct ab_bytes_meter meter; /* every position of every chunk, merged (ab_bytes_merge) */
 };
 
 /* The model side: activations, and the full cache's log-probabilities on the current chunk. */
@@ -221,18 +250,20 @@ void ab_text_score_close(struct ab_text_score *s);
 /*
  * Runs chunk through the model with att as its cache (fresh: the caller opens it), scoring the second
  * half; the reference run (the full cache) keeps its log-probabilities, every other run is compared
- * with them. progress advances one per position, labelled with label, the rate so far and the time
- * left. Returns 0, or llama_forward's failure.
+ * with them. progress advances one per position, labelled with label. Returns 0, or llama_forward's failure.
  */
 int ab_text_run_chunk(struct ab_text_model *m, const struct ab_text *t, int chunk,
 		      const struct llama_attention *att, int is_reference, struct ab_text_score *s,
 		      struct ab_progress *progress, const char *label);
-/* Adds a sequence's stats at the end of a chunk. */
-void ab_text_add_stats(struct ab_text_score *s, const kvp_stats *st);
-/* Fills perplexity, KL, top-1, tokens/s and the byte columns (per token appended, from the summed
- * end-of-chunk stats) of r from s. */
+/* Adds a sequence's stats at the end of a chunk, and the meter of its positions. */
+void ab_text_add_stats(struct ab_text_score *s, const kvp_stats *st, const struct ab_bytes_meter *chunk);
+/* Fills perplexity, KL, top-1, tokens/s and the byte columns of r from s: the mean over every position
+ * of every chunk (sum of held over the samples / sum of the positions, as the other sources), the peak
+ * as the most one chunk's sequence held (per token: over n_ctx), the final from the summed end-of-chunk
+ * stats over every token appended. */
 void ab_text_result(const struct ab_text_score *s, const struct ab_text *t, struct ab_result *r);
-/* The table of the text mode: the full cache's perplexity, then one row per spec. */
+/* The table of the text mode: the full cache's perplexity (row "full"), then one row per spec labelled
+ * S1..Sn, and the key of the labels. */
 void ab_print_text_table(FILE *f, const char *title, double full_perplexity, const struct ab_result *r, int n);
 
 /* log-softmax of n logits into out, in double inside */

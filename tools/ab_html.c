@@ -1,7 +1,7 @@
 /*
  * tools/ab_html.c — kvpager-ab's HTML report: one page that needs no network (its style, script and
  * plot are inline), with the results table, sorted by a click on a column's header, and the trade-off
- * plot of ab_svg_plot. Every spec and the title are escaped: a spec is user input.
+ * plot of ab_svg_plot (with --text, a second plot of perplexity). Every spec and the title are escaped: a spec is user input.
  */
 #include <errno.h>
 #include <math.h>
@@ -78,7 +78,8 @@ static void table_head(FILE *f, int use_kl)
 {
 	static const char *const text_columns[] = { "spec" };
 	static const char *const number_columns[] = { "tokens", "bytes/token", "vs fp16", "KL mean", "KL p99",
-						      "top-1", "attn err", "attn err max", "tok/s" };
+						      "top-1", "attn err", "attn err max", "tok/s",
+						      "perplexity" };
 	size_t i;
 
 	fprintf(f, "<table id=\"results\">\n<thead><tr><th data-type=\"num\" title=\"the label in the plot\">"
@@ -106,6 +107,7 @@ static void table_row(FILE *f, const struct ab_result *r, int i, int on_front)
 	number_cell(f, "%.2e", r->attention_error, r->attention_error);
 	number_cell(f, "%.2e", r->attention_error_max, r->attention_error_max);
 	number_cell(f, "%.0f", r->tokens_per_s, r->tokens_per_s);
+	number_cell(f, "%.4f", r->perplexity, r->perplexity); /* --text only */
 	fputs("</tr>\n", f);
 }
 

@@ -223,6 +223,18 @@ void ab_bytes_sample(struct ab_bytes_meter *m, const kvp_stats *st)
 	m->retained_peak = retained > m->retained_peak ? retained : m->retained_peak;
 }
 
+void ab_bytes_merge(struct ab_bytes_meter *into, const struct ab_bytes_meter *from)
+{
+	into->positions += from->positions;
+	into->positions_sum += from->positions_sum;
+	into->held_sum += from->held_sum;
+	into->dense_sum += from->dense_sum;
+	into->held_peak = from->held_peak > into->held_peak ? from->held_peak : into->held_peak;
+	into->compressed_peak = from->compressed_peak > into->compressed_peak ? from->compressed_peak
+									      : into->compressed_peak;
+	into->retained_peak = from->retained_peak > into->retained_peak ? from->retained_peak : into->retained_peak;
+}
+
 static double share(double num, double den)
 {
 	return den > 0 ? num / den : 0.0;
@@ -511,7 +523,7 @@ static int replay_steps(struct ab_cache *c, const struct ab_source *src, const s
 		rc = cache_step(c, &src->shape, pos, b, check, &out->meter, &seconds, message);
 		if (!rc && check)
 			add_errors(&e, &src->shape, b->out, ref->outputs + checked++ * width);
-		ab_progress_advance(progress, 1, out->spec);
+		ab_progress_advance(progress, 1, NULL); /* the caller's label: which spec of how many */
 	}
 	out->attention_error = e.n ? e.sum / (double)e.n : NAN;
 	out->attention_error_max = e.n ? e.max : NAN;

@@ -8,11 +8,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include "tools/ab.h"
 
 #define PROGRESS_WIDTH 30
+#define PROGRESS_LABEL_ROOM 60 /* columns the label should have; the bar goes first when they lack */
 
 double ab_now(void)
 {
@@ -32,24 +34,99 @@ void ab_progress_start(struct ab_progress *p, uint64_t total, int allowed)
 	p->start = ab_now();
 }
 
-/* "[bar] 42% 1234/5000 ETA 0:12 label": a long label shows its end, where specs differ (they tend to share
- * their beginning: block=, sinks=, window=). */
-static void progress_line(const struct ab_progress *p, const char *bar, double share, double now, const char *label)
+/* The terminal's width, for a line that must not wrap (a wrapped line's \r redraws only its last row). */
+static int terminal_columns(void)
 {
-	const size_t room = 48, len = strlen(label);
-	double left = share > 0 ? (now - p->start) * (1.0 - share) / share : 0;
-	unsigned eta = left < 359999 ? (unsigned)(left + 0.5) : 359999;
+	struct winsize ws;
+	const char *env = getenv("COLUMNS");
 
-	fprintf(stderr, "\r[%s] %3.0f%% %llu/%llu ETA %u:%02u %s%s\033[K", bar, 100.0 * share,
-		(unsigned long long)p->done, (unsigned long long)p->total, eta / 60, eta % 60, len > room ? "..." : "",
-		len > room ? label + len - (room - 3) : label);
+	if (ioctl(STDERR_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0)
+		return ws.ws_col;
+	return env && atoi(env) > 0 ? atoi(env) : 120;
+}
+
+char *ab_progress_format(const struct ab_progress *p, double now, const char *label, int columns, char *out,
+			 size_t cap)
+{
+	double share = p->done >= p->total ? 1.0 : (double)p->done / (double)p->total, elapsed = now - p->start;
+	double left = share > 0 ? elapsed * (1.0 - share) / share : 0;
+	unsigned eta = left < 359999 ? (unsigned)(left + 0.5) : 359999;
+	int filled = (int)(share * PROGRESS_WIDTH), i, head;
+	size_t len = strlen(label), room;
+	char bar[PROGRESS_WIDTH + 1];
+
+	for (i = 0; i < PROGRESS_WIDTH; i++)
+		bar[i] = i < filled ? '#' : '.';
+	bar[PROGRESS_WIDTH] = '\0';
+	for (int with_bar = 1; with_bar >= 0; with_bar--) {
+		head = snprintf(out, cap, "%s%s%s%3.0f%% %llu/%llu tokens %.0f tok/s ETA %u:%02u ", with_bar ? "[" : "",
+				with_bar ? bar : "", with_bar ? "] " : "", 100.0 * share, (unsigned long long)p->done,
+				(unsigned long long)p->total, elapsed > 0 ? (double)p->done / elapsed : 0.0, eta / 60,
+				eta % 60);
+		if (columns - head >= PROGRESS_LABEL_ROOM) /* a narrow terminal: the label before the bar */
+			break;
+	}
+	if (head < 0 || (size_t)head >= cap)
+		return out;
+	room = columns - 1 > head + 8 ? (size_t)(columns - 1 - head) : 8; /* the last column would wrap */
+	room = room < cap - (size_t)head ? room : cap - (size_t)head - 1;
+	if (len <= room)
+		memcpy(out + head, label, len + 1);
+	else { /* the beginning says which spec, the end which chunk: the middle goes */
+		size_t keep = room - 3, front = keep / 2;
+
+		snprintf(out + head, cap - (size_t)head, "%.*s...%s", (int)front, label, label + len - (keep - front));
+	}
+	return out;
+}
+
+/* Whether a common prefix of n characters of spec ends an item ("a=1," or "p(") */
+static size_t prefix_at_item(const char *spec, size_t n)
+{
+	while (n > 0 && spec[n - 1] != ',' && spec[n - 1] != '(')
+		n--;
+	return n;
+}
+
+/* The common suffix of n characters, shortened to start at an item's comma (",k=turboquant(bits=3)"). */
+static size_t suffix_at_item(const char *spec, size_t len, size_t n)
+{
+	while (n > 0 && spec[len - n] != ',')
+		n--;
+	return n;
+}
+
+char *ab_progress_spec_label(char *buf, size_t cap, const char *const *specs, int n, int i)
+{
+	const char *spec = specs[i];
+	size_t len = strlen(spec), pre = len, suf = len, k;
+	int j;
+
+	for (j = 0; j < n; j++) {
+		size_t lj = strlen(specs[j]);
+
+		for (k = 0; k < pre && k < lj && specs[j][k] == spec[k]; k++)
+			;
+		pre = k;
+		for (k = 0; k < suf && k < lj && specs[j][lj - 1 - k] == spec[len - 1 - k]; k++)
+			;
+		suf = k;
+	}
+	pre = n > 1 ? prefix_at_item(spec, pre) : 0;
+	suf = n > 1 ? suffix_at_item(spec, len, suf) : 0;
+	if (pre + suf >= len) /* nothing of its own left (the same spec twice, or one inside another) */
+		pre = suf = 0;
+	if (!len)
+		snprintf(buf, cap, "spec %d of %d S%d \"\" (default)", i + 1, n, i + 1);
+	else
+		snprintf(buf, cap, "spec %d of %d S%d %.*s", i + 1, n, i + 1, (int)(len - pre - suf), spec + pre);
+	return buf;
 }
 
 void ab_progress_advance(struct ab_progress *p, uint64_t n, const char *label)
 {
-	double now, share;
-	int filled, i;
-	char bar[PROGRESS_WIDTH + 1];
+	char line[2 * AB_PROGRESS_LABEL_MAX];
+	double now;
 
 	if (!p)
 		return;
@@ -61,12 +138,8 @@ void ab_progress_advance(struct ab_progress *p, uint64_t n, const char *label)
 	if (now - p->start < 1.0 || now - p->last_draw < 0.1)
 		return;
 	p->last_draw = now;
-	share = p->done >= p->total ? 1.0 : (double)p->done / (double)p->total;
-	filled = (int)(share * PROGRESS_WIDTH);
-	for (i = 0; i < PROGRESS_WIDTH; i++)
-		bar[i] = i < filled ? '#' : '.';
-	bar[PROGRESS_WIDTH] = '\0';
-	progress_line(p, bar, share, now, label ? label : "");
+	ab_progress_format(p, now, label ? label : p->label, terminal_columns(), line, sizeof(line));
+	fprintf(stderr, "\r%s\033[K", line);
 	fflush(stderr);
 	p->drawn = 1;
 }
@@ -116,19 +189,37 @@ static void print_unused_cold_tier(FILE *f, const struct ab_result *r)
 	fputs("\n", f);
 }
 
+int ab_label_width(int n)
+{
+	char label[16];
+	int w = snprintf(label, sizeof(label), "S%d", n > 0 ? n : 1);
+
+	return w > 4 ? w : 4;
+}
+
+void ab_print_spec_key(FILE *f, const struct ab_result *r, int n)
+{
+	int width = ab_label_width(n), i;
+	char label[16];
+
+	fputs("spec:\n", f);
+	for (i = 0; i < n; i++) {
+		snprintf(label, sizeof(label), "S%d", i + 1);
+		fprintf(f, "  %-*s %s\n", width, label, spec_label(r[i].spec));
+	}
+}
+
 void ab_print_table(FILE *f, const char *title, const struct ab_result *r, int n)
 {
-	int width = 4, i, w;
+	int width = ab_label_width(n), i;
+	char label[16];
 
-	for (i = 0; i < n; i++) {
-		w = (int)strlen(spec_label(r[i].spec));
-		width = w > width ? w : width;
-	}
 	fprintf(f, "%s\n", title);
 	fprintf(f, "%-*s %11s %8s %9s %8s %9s %9s %8s %9s %9s %9s\n", width, "spec", "bytes/tok", "final",
 		"peak KiB", "vs fp16", "KL mean", "KL p99", "top-1", "attn err", "tok/s", "meta/tok");
 	for (i = 0; i < n; i++) {
-		fprintf(f, "%-*s", width, spec_label(r[i].spec));
+		snprintf(label, sizeof(label), "S%d", i + 1);
+		fprintf(f, "%-*s", width, label);
 		cell(f, 11, " %*.1f", r[i].bytes_per_token);
 		cell(f, 8, " %*.1f", r[i].bytes_per_token_final);
 		cell(f, 9, " %*.1f", (double)r[i].bytes_peak / 1024.0);
@@ -147,6 +238,7 @@ void ab_print_table(FILE *f, const char *title, const struct ab_result *r, int n
 		cell(f, 9, " %*.2f", r[i].meta_per_token_stream);
 		fputc('\n', f);
 	}
+	ab_print_spec_key(f, r, n);
 	fputs("bytes/tok: the run's mean (bytes held after each position, summed, over the positions summed); "
 	      "final: held at the end per token; peak: the most held at once; vs fp16: on the mean; "
 	      "meta/tok: what bytes_meta grew by after the first position, per token per stream (one layer's K or "
@@ -295,29 +387,45 @@ void ab_markup_text(FILE *f, const char *s)
 	markup_n(f, s, strlen(s));
 }
 
-/* The y value of the plot: KL where the source gives it, else the attention error. */
-static double plot_error(const struct ab_result *r, int use_kl)
+/* What a plot's y axis shows: KL where the source gives it, else the attention error; perplexity in a
+ * second plot with --text. */
+enum plot_y { PLOT_ATTENTION, PLOT_KL, PLOT_PERPLEXITY };
+
+static double plot_value(const struct ab_result *r, enum plot_y y)
 {
-	return use_kl ? r->kl_mean : r->attention_error;
+	return y == PLOT_KL ? r->kl_mean : y == PLOT_PERPLEXITY ? r->perplexity : r->attention_error;
 }
 
-int ab_pareto(const struct ab_result *r, int n, int on[])
+static const char *plot_name(enum plot_y y)
 {
-	int i, j, use_kl = 0;
+	return y == PLOT_KL ? "KL" : y == PLOT_PERPLEXITY ? "perplexity" : "attention error";
+}
 
-	for (i = 0; i < n; i++)
-		use_kl |= !isnan(r[i].kl_mean);
+/* on[i] = 1 when no spec has both fewer-or-equal bytes and a lower-or-equal y, one of them strictly. */
+static void front_of(const struct ab_result *r, int n, enum plot_y y, int on[])
+{
+	int i, j;
+
 	for (i = 0; i < n; i++) {
-		double xi = r[i].bytes_per_token, yi = plot_error(&r[i], use_kl);
+		double xi = r[i].bytes_per_token, yi = plot_value(&r[i], y);
 
 		on[i] = !isnan(xi) && !isnan(yi);
 		for (j = 0; j < n && on[i]; j++) {
-			double xj = r[j].bytes_per_token, yj = plot_error(&r[j], use_kl);
+			double xj = r[j].bytes_per_token, yj = plot_value(&r[j], y);
 
 			if (xj <= xi && yj <= yi && (xj < xi || yj < yi))
 				on[i] = 0;
 		}
 	}
+}
+
+int ab_pareto(const struct ab_result *r, int n, int on[])
+{
+	int i, use_kl = 0;
+
+	for (i = 0; i < n; i++)
+		use_kl |= !isnan(r[i].kl_mean);
+	front_of(r, n, use_kl ? PLOT_KL : PLOT_ATTENTION, on);
 	return use_kl;
 }
 
@@ -366,7 +474,9 @@ struct log_axis {
 	int has_zero; /* a value of 0 is drawn on the floor line, at `from` */
 };
 
-static void axis_fit(struct log_axis *a, const double *v, int n)
+/* min_span: the fewest decades the axis spans (KL: 0.4, a few ticks of 1..9; perplexity, whose values
+ * differ by tenths of a percent: 0.004) */
+static void axis_fit(struct log_axis *a, const double *v, int n, double min_span)
 {
 	double lo = INFINITY, hi = -INFINITY, pad, mid;
 	int i;
@@ -386,10 +496,10 @@ static void axis_fit(struct log_axis *a, const double *v, int n)
 		lo = -3;
 		hi = 0;
 	}
-	if (hi - lo < 0.4) { /* at least a few ticks of 1..9 */
+	if (hi - lo < min_span) {
 		mid = (lo + hi) / 2;
-		lo = mid - 0.2;
-		hi = mid + 0.2;
+		lo = mid - min_span / 2;
+		hi = mid + min_span / 2;
 	}
 	pad = 0.06 * (hi - lo);
 	a->lo = lo - pad - (a->has_zero ? 0.1 * (hi - lo) : 0); /* a band between the floor and the least */
@@ -408,32 +518,52 @@ static void tick_text(char *buf, size_t cap, double v)
 	snprintf(buf, cap, v >= 1e-3 && v < 1e6 ? "%g" : "%.0e", v);
 }
 
+static void svg_tick(FILE *f, const struct log_axis *a, int vertical, double across0, double across1, double v,
+		     int minor)
+{
+	double p = axis_pos(a, v);
+	char label[32];
+
+	tick_text(label, sizeof(label), v);
+	if (vertical)
+		fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\"/>"
+			"<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%s</text>\n",
+			across0, p, across1, p, minor ? "#eee" : "#ccc", across0 - 6, p + 4, label);
+	else
+		fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\"/>"
+			"<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%s</text>\n",
+			p, across0, p, across1, minor ? "#eee" : "#ccc", p, across1 + 16, label);
+}
+
+/* An axis within one 1..9 step (perplexities): 4-8 ticks at round steps of 1, 2 or 5 times 10^k. */
+static void svg_fine_ticks(FILE *f, const struct log_axis *a, int vertical, double across0, double across1)
+{
+	double lo = pow(10, a->lo), hi = pow(10, a->hi), step = pow(10, floor(log10((hi - lo) / 4)));
+	long k;
+
+	step *= (hi - lo) / step >= 20 ? 5 : (hi - lo) / step >= 8 ? 2 : 1;
+	for (k = (long)ceil(lo / step); (double)k * step <= hi; k++)
+		svg_tick(f, a, vertical, across0, across1, (double)k * step, 0);
+}
+
 /* Grid lines and labels at 1, 2, 5 (or 1..9, or only decades, as the range allows) times 10^k. */
 static void svg_ticks(FILE *f, const struct log_axis *a, int vertical, double across0, double across1)
 {
 	static const double all[] = { 1, 2, 3, 4, 5, 6, 7, 8, 9 }, some[] = { 1, 2, 5 }, decade[] = { 1 };
-	double decades = a->hi - a->lo, step = decades > 8 ? ceil(decades / 8) : 1, k, p;
+	double decades = a->hi - a->lo, step = decades > 8 ? ceil(decades / 8) : 1, k;
 	const double *mult = decades > 2.5 ? decade : decades > 1 ? some : all;
 	int n_mult = decades > 2.5 ? 1 : decades > 1 ? 3 : 9, m;
-	char label[32];
 
-	for (k = floor(a->lo); k <= ceil(a->hi); k += step)
-		for (m = 0; m < n_mult; m++) {
-			double v = mult[m] * pow(10, k);
+	if (decades < 0.3)
+		svg_fine_ticks(f, a, vertical, across0, across1);
+	else
+		for (k = floor(a->lo); k <= ceil(a->hi); k += step)
+			for (m = 0; m < n_mult; m++) {
+				double v = mult[m] * pow(10, k);
 
-			if (log10(v) < a->lo || log10(v) > a->hi)
-				continue;
-			p = axis_pos(a, v);
-			tick_text(label, sizeof(label), v);
-			if (vertical)
-				fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\"/>"
-					"<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%s</text>\n",
-					across0, p, across1, p, m ? "#eee" : "#ccc", across0 - 6, p + 4, label);
-			else
-				fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\"/>"
-					"<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%s</text>\n",
-					p, across0, p, across1, m ? "#eee" : "#ccc", p, across1 + 16, label);
-		}
+				if (log10(v) >= a->lo && log10(v) <= a->hi)
+					svg_tick(f, a, vertical, across0, across1, v, m);
+			}
 	if (a->has_zero && vertical)
 		fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#999\" "
 			"stroke-dasharray=\"4 3\"/><text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">0</text>\n",
@@ -521,7 +651,8 @@ struct svg_layout {
 	size_t title_cap, legend_cap;
 	struct svg_box frame;
 	struct log_axis x, y;
-	int use_kl;
+	enum plot_y y_kind;
+	int with_legend; /* else a line refers to the legend of the plot above */
 	char **entries; /* the legend's text per spec */
 	int *on_front;
 	double *px, *py; /* where each point is drawn; NAN when it is not */
@@ -540,10 +671,10 @@ static void layout_free(struct svg_layout *l, int n)
 }
 
 /* Spec i's legend entry: the spec, its bytes, compression and error, and where it is drawn. */
-static char *legend_entry(const struct ab_result *r, int use_kl)
+static char *legend_entry(const struct ab_result *r, enum plot_y y_kind)
 {
-	const char *spec = spec_label(r->spec), *name = use_kl ? "KL" : "attention error";
-	double x = r->bytes_per_token, y = plot_error(r, use_kl);
+	const char *spec = spec_label(r->spec), *name = plot_name(y_kind);
+	double x = r->bytes_per_token, y = plot_value(r, y_kind);
 	size_t cap = strlen(spec) + 160;
 	char *s = malloc(cap), where[48] = "";
 
@@ -562,7 +693,8 @@ static char *legend_entry(const struct ab_result *r, int use_kl)
 }
 
 /* The width that fits the title and legend (within the bounds), the lines they take, and the axes. */
-static int layout_plot(struct svg_layout *l, const char *title, const struct ab_result *r, int n)
+static int layout_plot(struct svg_layout *l, const char *title, const struct ab_result *r, int n,
+		       enum plot_y y_kind, int with_legend)
 {
 	double need;
 	size_t longest = 0;
@@ -575,9 +707,11 @@ static int layout_plot(struct svg_layout *l, const char *title, const struct ab_
 	l->py = calloc((size_t)n + 1, sizeof(double));
 	if (!l->entries || !l->on_front || !l->px || !l->py)
 		return -1;
-	l->use_kl = ab_pareto(r, n, l->on_front);
+	l->y_kind = y_kind;
+	l->with_legend = with_legend;
+	front_of(r, n, y_kind, l->on_front);
 	for (i = 0; i < n; i++) {
-		l->entries[i] = legend_entry(&r[i], l->use_kl);
+		l->entries[i] = legend_entry(&r[i], y_kind);
 		if (!l->entries[i])
 			return -1;
 		longest = strlen(l->entries[i]) > longest ? strlen(l->entries[i]) : longest;
@@ -588,20 +722,22 @@ static int layout_plot(struct svg_layout *l, const char *title, const struct ab_
 	l->title_cap = (size_t)((l->width - 2 * SVG_MARGIN) / SVG_TITLE_CHAR);
 	l->legend_cap = (size_t)((l->width - 2 * SVG_MARGIN - SVG_LEGEND_TEXT) / SVG_MONO_CHAR);
 	l->title_lines = wrap_lines(title, l->title_cap);
-	for (i = 0; i < n; i++)
+	for (i = 0; i < n && with_legend; i++)
 		legend_lines += wrap_lines(l->entries[i], l->legend_cap);
 	top = SVG_MARGIN + l->title_lines * SVG_TITLE_LINE + 12;
 	l->frame = (struct svg_box){ SVG_LEFT, top, l->width - SVG_RIGHT, top + SVG_PLOT_HEIGHT };
 	/* axis names, the notes line, then the legend: its first baseline 84 below the plot, its last
 	 * (legend_lines - 1) lines and (n - 1) gaps of 4 further, then 4 for descenders */
-	l->height = (int)l->frame.y1 + 84 + (legend_lines - 1) * SVG_LEGEND_LINE + (n - 1) * 4 + 4 + SVG_MARGIN;
+	l->height = with_legend ? (int)l->frame.y1 + 84 + (legend_lines - 1) * SVG_LEGEND_LINE + (n - 1) * 4 + 4 +
+					  SVG_MARGIN
+				: (int)l->frame.y1 + 84 + SVG_MARGIN;
 	/* px and py hold the values until the axes fit them, then the pixels */
 	for (i = 0; i < n; i++) {
 		l->px[i] = r[i].bytes_per_token;
-		l->py[i] = plot_error(&r[i], l->use_kl);
+		l->py[i] = plot_value(&r[i], y_kind);
 	}
-	axis_fit(&l->x, l->px, n);
-	axis_fit(&l->y, l->py, n);
+	axis_fit(&l->x, l->px, n, 0.4);
+	axis_fit(&l->y, l->py, n, y_kind == PLOT_PERPLEXITY ? 0.004 : 0.4);
 	l->x.from = l->frame.x0;
 	l->x.span = l->frame.x1 - l->frame.x0;
 	l->y.from = l->frame.y1;
@@ -686,10 +822,14 @@ static void svg_legend(FILE *f, const struct svg_layout *l, int n)
 	fprintf(f, "<line x1=\"%d\" y1=\"%.1f\" x2=\"%d\" y2=\"%.1f\" stroke=\"#444\" stroke-width=\"1.5\" "
 		"stroke-opacity=\"0.6\"/><text x=\"%d\" y=\"%.1f\">best trade-off: no other spec has both fewer "
 		"bytes and a lower %s.%s%s</text>\n", SVG_MARGIN, y - 4, SVG_MARGIN + 24, y - 4, SVG_MARGIN + 30, y,
-		l->use_kl ? "KL" : "attention error",
-		zero ? " Log axes: a value of 0 is drawn on the dashed 0 line." : " Log axes.",
+		plot_name(l->y_kind), zero ? " Log axes: a value of 0 is drawn on the dashed 0 line." : " Log axes.",
 		l->n_drawn < n ? " n/a values are not drawn." : "");
 	y += 24;
+	if (!l->with_legend) {
+		fprintf(f, "<text x=\"%d\" y=\"%.1f\">S1..S%d: the specs of the legend above.</text>\n",
+			SVG_MARGIN + 30, y, n);
+		return;
+	}
 	for (i = 0; i < n; i++) {
 		fprintf(f, "<g transform=\"translate(%.1f,%.1f)\">", SVG_MARGIN + 6.0, y - 4);
 		svg_marker(f, i);
@@ -702,35 +842,77 @@ static void svg_legend(FILE *f, const struct svg_layout *l, int n)
 	}
 }
 
-int ab_svg_plot(FILE *f, const char *title, const struct ab_result *r, int n)
+static const char *axis_name(enum plot_y y)
 {
-	struct svg_layout l;
-	int rc = layout_plot(&l, title, r, n);
+	return y == PLOT_KL ? "mean next-token KL vs the full cache, nats"
+	       : y == PLOT_PERPLEXITY ? "perplexity" : "attention output relative error";
+}
 
-	if (rc) {
-		layout_free(&l, n);
-		return rc;
-	}
-	fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"ab-plot\" width=\"%d\" height=\"%d\" "
-		"viewBox=\"0 0 %d %d\" font-family=\"sans-serif\" font-size=\"12\">\n"
-		"<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n<text font-size=\"14\">",
-		l.width, l.height, l.width, l.height);
-	svg_wrapped(f, title, l.title_cap, SVG_MARGIN, SVG_MARGIN + 14, SVG_TITLE_LINE);
+/* One plot as an <svg> element at (0, top) of the page (nested when top > 0). */
+static int svg_draw(FILE *f, const struct svg_layout *l, const char *title, const struct ab_result *r, int n,
+		    int top)
+{
+	int rc;
+
+	if (top)
+		fprintf(f, "<svg y=\"%d\" width=\"%d\" height=\"%d\" class=\"ab-plot-%s\">\n", top, l->width,
+			l->height, plot_name(l->y_kind));
+	fprintf(f, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n<text font-size=\"14\">");
+	svg_wrapped(f, title, l->title_cap, SVG_MARGIN, SVG_MARGIN + 14, SVG_TITLE_LINE);
 	fputs("</text>\n", f);
 	fprintf(f, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"#333\"/>\n",
-		l.frame.x0, l.frame.y0, l.frame.x1 - l.frame.x0, l.frame.y1 - l.frame.y0);
-	svg_ticks(f, &l.x, 0, l.frame.y0, l.frame.y1);
-	svg_ticks(f, &l.y, 1, l.frame.x0, l.frame.x1);
+		l->frame.x0, l->frame.y0, l->frame.x1 - l->frame.x0, l->frame.y1 - l->frame.y0);
+	svg_ticks(f, &l->x, 0, l->frame.y0, l->frame.y1);
+	svg_ticks(f, &l->y, 1, l->frame.x0, l->frame.x1);
 	fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">KV bytes per token, all layers and KV heads "
-		"(log scale)</text>\n", (l.frame.x0 + l.frame.x1) / 2, l.frame.y1 + 36);
+		"(log scale)</text>\n", (l->frame.x0 + l->frame.x1) / 2, l->frame.y1 + 36);
 	fprintf(f, "<text transform=\"translate(18,%.1f) rotate(-90)\" text-anchor=\"middle\">%s (log scale)</text>\n",
-		(l.frame.y0 + l.frame.y1) / 2,
-		l.use_kl ? "mean next-token KL vs the full cache, nats" : "attention output relative error");
-	svg_front(f, &l, n);
-	rc = svg_points(f, &l, r, n);
-	svg_legend(f, &l, n);
-	fputs("</svg>\n", f);
-	layout_free(&l, n);
+		(l->frame.y0 + l->frame.y1) / 2, axis_name(l->y_kind));
+	svg_front(f, l, n);
+	rc = svg_points(f, l, r, n);
+	svg_legend(f, l, n);
+	if (top)
+		fputs("</svg>\n", f);
+	return rc;
+}
+
+static int any_perplexity(const struct ab_result *r, int n)
+{
+	int i;
+
+	for (i = 0; i < n; i++)
+		if (!isnan(r[i].perplexity))
+			return 1;
+	return 0;
+}
+
+/* The second plot's title: the first one names the run. */
+#define PERPLEXITY_TITLE "Perplexity against KV bytes per token (the full cache's is in the table)"
+
+int ab_svg_plot(FILE *f, const char *title, const struct ab_result *r, int n)
+{
+	struct svg_layout first, second;
+	int use_kl = 0, rc, i, two = any_perplexity(r, n), width, height;
+
+	for (i = 0; i < n; i++)
+		use_kl |= !isnan(r[i].kl_mean);
+	memset(&second, 0, sizeof(second));
+	rc = layout_plot(&first, title, r, n, use_kl ? PLOT_KL : PLOT_ATTENTION, 1);
+	if (!rc && two)
+		rc = layout_plot(&second, PERPLEXITY_TITLE, r, n, PLOT_PERPLEXITY, 0);
+	if (!rc) {
+		width = two && second.width > first.width ? second.width : first.width;
+		height = first.height + (two ? second.height : 0);
+		fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"ab-plot\" width=\"%d\" height=\"%d\" "
+			"viewBox=\"0 0 %d %d\" font-family=\"sans-serif\" font-size=\"12\">\n", width, height, width,
+			height);
+		rc = svg_draw(f, &first, title, r, n, 0);
+		if (!rc && two)
+			rc = svg_draw(f, &second, PERPLEXITY_TITLE, r, n, first.height);
+		fputs("</svg>\n", f);
+	}
+	layout_free(&first, n);
+	layout_free(&second, n);
 	return rc;
 }
 

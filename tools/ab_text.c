@@ -214,24 +214,6 @@ static void score_position(struct ab_text_model *m, const struct ab_text *t, int
 	s->kl_sum += kl;
 }
 
-/* "<prefix> 612 tok/s ETA 3:10": the rate so far and the time left at that rate. */
-static void advance(struct ab_progress *p, const char *prefix)
-{
-	double elapsed, rate;
-	char label[160];
-	long left;
-
-	if (!p || !p->enabled) {
-		ab_progress_advance(p, 1, prefix);
-		return;
-	}
-	elapsed = ab_now() - p->start;
-	rate = elapsed > 0 ? (double)(p->done + 1) / elapsed : 0;
-	left = rate > 0 && p->total > p->done ? (long)((double)(p->total - p->done - 1) / rate) : 0;
-	snprintf(label, sizeof(label), "%s %.0f tok/s ETA %ld:%02ld", prefix, rate, left / 60, left % 60);
-	ab_progress_advance(p, 1, label);
-}
-
 int ab_text_run_chunk(struct ab_text_model *m, const struct ab_text *t, int chunk,
 		      const struct llama_attention *att, int is_reference, struct ab_text_score *s,
 		      struct ab_progress *progress, const char *label)
@@ -243,7 +225,7 @@ int ab_text_run_chunk(struct ab_text_model *m, const struct ab_text *t, int chun
 		rc = llama_forward(m->model, &m->state, att, NULL, ab_text_token(t, chunk, pos), pos);
 		if (!rc && pos >= first && pos + 1 < t->n_ctx)
 			score_position(m, t, chunk, pos, pos - first, is_reference, s);
-		advance(progress, label);
+		ab_progress_advance(progress, 1, label);
 	}
 	s->seconds += ab_now() - t0;
 	return rc;
@@ -251,8 +233,12 @@ int ab_text_run_chunk(struct ab_text_model *m, const struct ab_text *t, int chun
 
 /* ---- results ---- */
 
-void ab_text_add_stats(struct ab_text_score *s, const kvp_stats *st)
+void ab_text_add_stats(struct ab_text_score *s, const kvp_stats *st, const struct ab_bytes_meter *chunk)
 {
+	uint64_t held = st->bytes_exact + st->bytes_compressed + st->bytes_meta;
+
+	s->end_held_peak = held > s->end_held_peak ? held : s->end_held_peak;
+	ab_bytes_merge(&s->meter, chunk);
 	s->summed.tokens_appended += st->tokens_appended;
 	s->summed.tokens_retained += st->tokens_retained;
 	s->summed.bytes_exact += st->bytes_exact;
@@ -266,10 +252,11 @@ void ab_text_result(const struct ab_text_score *s, const struct ab_text *t, stru
 {
 	int n = (int)s->n_scored;
 
+	r->meter = s->meter;
 	ab_result_bytes(r, &s->summed, (uint64_t)t->n_chunks * (uint64_t)t->n_ctx);
-	/* the text mode samples at each chunk's end only: those sums are its figures (README says so) */
-	r->bytes_per_token = r->bytes_per_token_final;
-	r->compression = r->compression_final;
+	/* the summed end-of-chunk stats add up sequences that never lived at once: the peak is one chunk's */
+	r->bytes_peak = s->meter.held_peak > s->end_held_peak ? s->meter.held_peak : s->end_held_peak;
+	r->bytes_per_token_peak = s->meter.positions ? (double)r->bytes_peak / t->n_ctx : NAN;
 	r->perplexity = n ? exp(s->nll / n) : NAN;
 	r->kl_mean = n ? s->kl_sum / n : NAN;
 	r->kl_p99 = ab_percentile99(s->kl, n);
@@ -278,26 +265,23 @@ void ab_text_result(const struct ab_text_score *s, const struct ab_text *t, stru
 	r->tokens_per_s = s->seconds > 0 ? (double)r->tokens / s->seconds : 0;
 }
 
-static const char *text_spec_label(const char *spec)
-{
-	return spec[0] ? spec : "\"\" (default)";
-}
-
 void ab_print_text_table(FILE *f, const char *title, double full_perplexity, const struct ab_result *r, int n)
 {
-	int width = (int)strlen("full cache (reference)"), i, w;
+	int width = ab_label_width(n), i;
+	char label[16];
 
-	for (i = 0; i < n; i++) {
-		w = (int)strlen(text_spec_label(r[i].spec));
-		width = w > width ? w : width;
-	}
 	fprintf(f, "%s\n", title);
 	fprintf(f, "%-*s %10s %9s %9s %9s %8s %11s %8s %8s\n", width, "spec", "perplexity", "vs full", "KL mean",
 		"KL p99", "top-1", "bytes/tok", "vs fp16", "tok/s");
-	fprintf(f, "%-*s %10.6f\n", width, "full cache (reference)", full_perplexity);
-	for (i = 0; i < n; i++)
-		fprintf(f, "%-*s %10.6f %+8.3f%% %9.2e %9.2e %7.2f%% %11.1f %7.2fx %8.0f\n", width,
-			text_spec_label(r[i].spec), r[i].perplexity,
-			100.0 * (r[i].perplexity / full_perplexity - 1.0), r[i].kl_mean, r[i].kl_p99,
+	fprintf(f, "%-*s %10.6f\n", width, "full", full_perplexity);
+	for (i = 0; i < n; i++) {
+		snprintf(label, sizeof(label), "S%d", i + 1);
+		fprintf(f, "%-*s %10.6f %+8.3f%% %9.2e %9.2e %7.2f%% %11.1f %7.2fx %8.0f\n", width, label,
+			r[i].perplexity, 100.0 * (r[i].perplexity / full_perplexity - 1.0), r[i].kl_mean, r[i].kl_p99,
 			100.0 * r[i].top1, r[i].bytes_per_token, r[i].compression, r[i].tokens_per_s);
+	}
+	fputs("full: the full cache (exact attention over every token), the reference of KL and top-1\n", f);
+	ab_print_spec_key(f, r, n);
+	fputs("bytes/tok: the mean over every position of every chunk (bytes held after each position, summed, "
+	      "over the positions summed); vs fp16: on the mean\n", f);
 }

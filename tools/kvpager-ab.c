@@ -46,7 +46,7 @@
 #include "tools/synthetic.h"
 #include "tools/trace.h"
 
-#define MAX_SPECS 32
+#define MAX_SPECS 64
 #define SYNTHETIC_TOKENS 8192
 #define SYNTHETIC_EVERY 64
 
@@ -109,13 +109,17 @@ static void usage(FILE *f)
 	      "  --pool SPEC       pool spec for every run (default \"\")\n"
 	      "  --csv FILE        write the table as CSV (unmeasured values are empty fields)\n"
 	      "  --plot FILE.svg   write an SVG plot of bytes per token against mean KL (against the\n"
-	      "                    attention error when there is no KL), log axes, labels S1..Sn\n"
+	      "                    attention error when there is no KL), log axes, labels S1..Sn; with\n"
+	      "                    --text a second plot, of bytes per token against perplexity\n"
 	      "  --report FILE.html  write one self-contained page (no network): the table, sortable by\n"
 	      "                    a click on a column, and the plot\n"
 	      "  --heads           after the table, per spec and per layer and KV head: the gating it chose\n"
 	      "                    at the end of the run (coherence, aggressiveness, ladder level and bits,\n"
 	      "                    token budget; with --text, of the last chunk)\n"
-	      "  --quiet           no progress bar\n"
+	      "  --quiet           no progress line (on a terminal, stderr shows spec i of N, its label\n"
+	      "                    S1..Sn and what sets it apart, tokens done of all, the rate, an ETA)\n"
+	      "The table labels the specs S1..Sn, as the plot does, and keys the labels to the full specs\n"
+	      "under it; the CSV has every spec in full.\n"
 	      "Exit status: 0 done, 2 bad input or a spec the library refuses, 1 other failures.\n", f);
 }
 
@@ -308,6 +312,12 @@ static int check_specs(const struct options *o, const kvp_plugin_v1 *api, const 
 				"block: %s\n", o->specs[i], message);
 	}
 	return 0;
+}
+
+/* The progress line's label while spec i runs. */
+static void spec_progress(struct ab_progress *p, const struct options *o, int i)
+{
+	ab_progress_spec_label(p->label, sizeof(p->label), o->specs, o->n_specs, i);
 }
 
 /* ---- the model source ---- */
@@ -510,7 +520,7 @@ static int spec_forward(struct model_run *m, struct llama_plugin_cache *c, struc
 		m->kl[pos] = position_kl(m, pos, log_probs, &agree);
 		kl_sum += m->kl[pos];
 		agreed += agree;
-		ab_progress_advance(progress, 1, r->spec);
+		ab_progress_advance(progress, 1, NULL);
 	}
 	r->tokens_per_s = m->n / (ab_now() - t0);
 	free(log_probs);
@@ -576,14 +586,11 @@ struct run {
 	char title[CLI_PATH_CAP + 512];
 };
 
-static int report(struct run *r)
+/* --csv, --plot and --report of the results */
+static int write_files(struct run *r)
 {
 	char message[AB_MESSAGE_MAX];
 
-	ab_print_table(stdout, r->title, r->results, r->opt.n_specs);
-	if (r->opt.heads)
-		ab_heads_print(stdout, r->results, r->opt.n_specs);
-	fflush(stdout);
 	if (r->opt.csv && ab_write_csv(r->opt.csv, r->results, r->opt.n_specs, message))
 		return cli_bad_input("%s", message);
 	if (r->opt.plot && ab_write_svg(r->opt.plot, r->title, r->results, r->opt.n_specs, message))
@@ -591,6 +598,15 @@ static int report(struct run *r)
 	if (r->opt.report && ab_write_html(r->opt.report, r->title, r->results, r->opt.n_specs, message))
 		return cli_bad_input("%s", message);
 	return 0;
+}
+
+static int report(struct run *r)
+{
+	ab_print_table(stdout, r->title, r->results, r->opt.n_specs);
+	if (r->opt.heads)
+		ab_heads_print(stdout, r->results, r->opt.n_specs);
+	fflush(stdout);
+	return write_files(r);
 }
 
 static int run_model(struct run *r)
@@ -617,8 +633,10 @@ static int run_model(struct run *r)
 			 "teacher-forced", r->opt.model, m.n);
 	ab_progress_start(&progress, (uint64_t)m.n * (uint64_t)(1 + r->opt.n_specs), !r->opt.quiet);
 	rc = model_reference(&m, &progress);
-	for (i = 0; i < r->opt.n_specs && !rc; i++)
+	for (i = 0; i < r->opt.n_specs && !rc; i++) {
+		spec_progress(&progress, &r->opt, i);
 		rc = model_spec(&m, r->api, r->opt.pool, r->opt.specs[i], r->opt.heads, &r->results[i], &progress);
+	}
 	ab_progress_end(&progress);
 	model_free(&m);
 	return rc ? rc : report(r);
@@ -634,7 +652,7 @@ struct text_run {
 	struct ab_text_score full, specs[MAX_SPECS];
 	struct ab_heads heads[MAX_SPECS]; /* --heads: each spec's at the end of the last chunk */
 	struct ab_progress progress;
-	char label[128];
+	char label[AB_PROGRESS_LABEL_MAX + 32];
 };
 
 /* The model, the tokenized text and the scorers; 0, 2 for bad input, 1 otherwise. */
@@ -685,23 +703,24 @@ static void text_free(struct text_run *t, int n_specs)
 	llama_model_free(&t->model);
 }
 
-/* "spec 2/5 chunk 3/114" (ab_text_run_chunk adds the rate and the time left) */
-static const char *text_label(struct text_run *t, int chunk, int spec, int n_specs)
+/* "spec 2 of 5 S2 <what sets it apart>, chunk 3 of 8", or "full cache, chunk 3 of 8" */
+static const char *text_label(struct text_run *t, const struct options *o, int chunk, int spec)
 {
+	char which[AB_PROGRESS_LABEL_MAX];
+
 	if (spec)
-		snprintf(t->label, sizeof(t->label), "spec %d/%d chunk %d/%d", spec, n_specs, chunk + 1,
-			 t->text.n_chunks);
-	else
-		snprintf(t->label, sizeof(t->label), "full cache chunk %d/%d", chunk + 1, t->text.n_chunks);
+		ab_progress_spec_label(which, sizeof(which), o->specs, o->n_specs, spec - 1);
+	snprintf(t->label, sizeof(t->label), "%s, chunk %d of %d", spec ? which : "full cache", chunk + 1,
+		 t->text.n_chunks);
 	return t->label;
 }
 
 /* The full cache on one chunk: its log-probabilities become the reference of the specs. */
-static int text_reference(struct text_run *t, struct llama_dense_cache *dense, int chunk, int n_specs)
+static int text_reference(struct text_run *t, struct llama_dense_cache *dense, int chunk, const struct options *o)
 {
 	struct llama_attention att = llama_dense_attention(dense);
 	int rc = ab_text_run_chunk(&t->scorer, &t->text, chunk, &att, 1, &t->full, &t->progress,
-				   text_label(t, chunk, 0, n_specs));
+				   text_label(t, o, chunk, 0));
 
 	if (rc)
 		fprintf(stderr, "kvpager-ab: the full cache failed on chunk %d (%d)\n", chunk + 1, rc);
@@ -709,30 +728,32 @@ static int text_reference(struct text_run *t, struct llama_dense_cache *dense, i
 }
 
 /* One spec on one chunk, in a sequence of its own, like a fresh context in llama-perplexity. */
-static int text_spec(struct text_run *t, const kvp_plugin_v1 *api, const char *pool, const char *spec,
-		     int heads, int chunk, int index, int n_specs)
+static int text_spec(struct text_run *t, const kvp_plugin_v1 *api, const struct options *o, int chunk, int index)
 {
+	const char *spec = o->specs[index];
 	struct llama_plugin_cache c;
-	struct llama_attention att;
+	struct ab_bytes_meter meter = { 0 };
+	struct metered_attention metered;
+	struct llama_attention att = { &metered, metered_append, metered_attend, metered_step };
 	kvp_stats st = { .size = sizeof(st) };
-	int rc = llama_plugin_cache_open(&c, api, &t->model.config, pool, spec);
+	int rc = llama_plugin_cache_open(&c, api, &t->model.config, o->pool, spec);
 
 	if (rc) {
 		fprintf(stderr, "kvpager-ab: spec '%s': %s\n", spec, c.message);
 		return rc == LLAMA_EINPUT ? CLI_EXIT_BAD_INPUT : 1;
 	}
-	att = llama_plugin_attention(&c);
+	metered = (struct metered_attention){ llama_plugin_attention(&c), &c, &meter };
 	rc = ab_text_run_chunk(&t->scorer, &t->text, chunk, &att, 0, &t->specs[index], &t->progress,
-			       text_label(t, chunk, index + 1, n_specs));
+			       text_label(t, o, chunk, index + 1));
 	if (rc) {
 		fprintf(stderr, "kvpager-ab: spec '%s': chunk %d: %s\n", spec, chunk + 1,
 			rc == LLAMA_EATTENTION ? c.message : "the forward pass failed");
 		rc = rc == LLAMA_EATTENTION && (c.status == KVP_EINVAL || c.status == KVP_EUNSUPPORTED)
 			     ? CLI_EXIT_BAD_INPUT : 1;
 	} else if (api->seq_stats(c.seq, &st) == KVP_OK) {
-		ab_text_add_stats(&t->specs[index], &st);
+		ab_text_add_stats(&t->specs[index], &st, &meter);
 	}
-	if (!rc && heads && chunk == t->text.n_chunks - 1) {
+	if (!rc && o->heads && chunk == t->text.n_chunks - 1) {
 		kvp_shape shape = llama_model_shape(&t->model.config);
 		rc = ab_heads_read(api, c.seq, &shape, &t->heads[index]) ? 1 : 0;
 	}
@@ -753,9 +774,9 @@ static int text_chunks(struct text_run *t, struct run *r)
 	ab_progress_start(&t->progress, (uint64_t)t->text.n_chunks * (uint64_t)t->text.n_ctx * (uint64_t)(1 + n),
 			  !r->opt.quiet);
 	for (chunk = 0; chunk < t->text.n_chunks && !rc; chunk++) {
-		rc = text_reference(t, &dense, chunk, n);
+		rc = text_reference(t, &dense, chunk, &r->opt);
 		for (i = 0; i < n && !rc; i++)
-			rc = text_spec(t, r->api, r->opt.pool, r->opt.specs[i], r->opt.heads, chunk, i, n);
+			rc = text_spec(t, r->api, &r->opt, chunk, i);
 	}
 	ab_progress_end(&t->progress);
 	llama_dense_cache_free(&dense);
@@ -764,7 +785,6 @@ static int text_chunks(struct text_run *t, struct run *r)
 
 static int text_report(struct text_run *t, struct run *r)
 {
-	char message[AB_MESSAGE_MAX];
 	struct ab_result full;
 	int i, n_ctx = t->text.n_ctx;
 
@@ -779,18 +799,14 @@ static int text_report(struct text_run *t, struct run *r)
 	}
 	snprintf(r->title, sizeof(r->title), "kvpager-ab: %s on %s: %d tokens, %d chunks of %d (BOS first), "
 		 "%d predictions scored per chunk (positions %d..%d, as llama-perplexity); KL and top-1 against "
-		 "the full cache there; bytes at each chunk's end", r->opt.model, r->opt.text, t->text.n_tokens,
+		 "the full cache there; bytes/tok the mean over every position", r->opt.model, r->opt.text, t->text.n_tokens,
 		 t->text.n_chunks, n_ctx, ab_text_scored_per_chunk(&t->text), ab_text_first_scored(&t->text),
 		 n_ctx - 2);
 	ab_print_text_table(stdout, r->title, full.perplexity, r->results, r->opt.n_specs);
 	if (r->opt.heads)
 		ab_heads_print(stdout, r->results, r->opt.n_specs);
 	fflush(stdout);
-	if (r->opt.csv && ab_write_csv(r->opt.csv, r->results, r->opt.n_specs, message))
-		return cli_bad_input("%s", message);
-	if (r->opt.plot && ab_write_svg(r->opt.plot, r->title, r->results, r->opt.n_specs, message))
-		return cli_bad_input("%s", message);
-	return 0;
+	return write_files(r);
 }
 
 static int run_text(struct run *r)
@@ -855,6 +871,7 @@ static int replay(struct run *r, const struct ab_source *src)
 	if (rc)
 		fprintf(stderr, "kvpager-ab: %s\n", message);
 	for (i = 0; i < r->opt.n_specs && !rc; i++) {
+		spec_progress(&progress, &r->opt, i);
 		rc = ab_replay_spec(r->api, r->opt.pool, src, &ref, r->opt.specs[i], r->opt.heads, &r->results[i], &progress,
 				    message);
 		r->results[i].perplexity = NAN;

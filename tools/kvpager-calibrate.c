@@ -14,7 +14,8 @@
  * (default 32768, the reference calibrator's limit). Without --text: the prompt (default "Once upon a
  * time") and greedy continuation up to --steps positions (default 256). Defaults for the model follow
  * kvpager-llama ($KVP_MODELS/stories260K.bin, tok512.bin next to it). After writing, the file is read
- * back through the library's reader and checked against the model's shape.
+ * back through the library's reader and checked against the model's shape. On a terminal, stderr shows
+ * the tokens run of all, the rate and an ETA while it runs (--quiet: nothing).
  *
  * Exit status: 0 written, 2 bad input (options, checkpoint, tokenizer, text, output path), 1 otherwise.
  */
@@ -27,6 +28,7 @@
 #include <string.h>
 
 #include "policies/policy.h"
+#include "tools/ab.h"
 #include "tools/cli.h"
 #include "tools/llama.h"
 
@@ -53,6 +55,7 @@ struct run {
 	struct llama_state state;
 	struct llama_dense_cache cache;
 	struct query_sums sums;
+	struct ab_progress progress; /* tokens run of all, an ETA; on a terminal, unless --quiet */
 	int *ids;
 	int n_ids;
 };
@@ -67,7 +70,8 @@ static void usage(FILE *f)
 	      "  --max-tokens N     tokens of --text to use (default 32768)\n"
 	      "  --prompt TEXT      without --text: prompt to continue greedily (default \"Once upon a time\")\n"
 	      "  --steps N          without --text: positions to run, prompt included (default 256)\n"
-	      "  --quiet            no summary on stderr\n", f);
+	      "  --quiet            no progress line and no summary on stderr (the progress line, on a\n"
+	      "                     terminal: tokens run of all, the rate and an ETA)\n", f);
 }
 
 static int parse_count(const char *s, long hi, long *out)
@@ -275,11 +279,15 @@ static int run_text(struct run *r, const struct llama_attention *att, const stru
 {
 	int seq = r->model.config.seq_len;
 
-	for (int i = 0; i < r->n_ids; i++)
+	for (int i = 0; i < r->n_ids; i++) {
 		if (llama_forward(&r->model, &r->state, att, obs, r->ids[i], i % seq) != LLAMA_OK) {
+			ab_progress_end(&r->progress);
 			fprintf(stderr, "kvpager-calibrate: forward pass failed at token %d\n", i);
 			return 1;
 		}
+		ab_progress_advance(&r->progress, 1, NULL);
+	}
+	ab_progress_end(&r->progress);
 	return 0;
 }
 
@@ -290,11 +298,14 @@ static int run_generated(struct run *r, const struct llama_attention *att, const
 
 	for (int pos = 0; pos < r->opt.steps; pos++) {
 		if (llama_forward(&r->model, &r->state, att, obs, token, pos) != LLAMA_OK) {
+			ab_progress_end(&r->progress);
 			fprintf(stderr, "kvpager-calibrate: forward pass failed at position %d\n", pos);
 			return 1;
 		}
 		token = pos + 1 < r->n_ids ? r->ids[pos + 1] : llama_argmax(r->state.logits, r->model.config.vocab_size);
+		ab_progress_advance(&r->progress, 1, NULL);
 	}
+	ab_progress_end(&r->progress);
 	return 0;
 }
 
@@ -335,6 +346,8 @@ static int calibrate(struct run *r)
 	if (rc)
 		return rc;
 	att = llama_dense_attention(&r->cache);
+	ab_progress_start(&r->progress, (uint64_t)(r->opt.text ? r->n_ids : r->opt.steps), !r->opt.quiet);
+	snprintf(r->progress.label, sizeof(r->progress.label), "calibrating %s", r->opt.model);
 	rc = r->opt.text ? run_text(r, &att, &obs) : run_generated(r, &att, &obs);
 	return rc ? rc : write_stats(r);
 }
