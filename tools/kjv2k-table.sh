@@ -69,6 +69,15 @@ extra_specs() {
 		echo "StreamingLLM|$share|tq3 b64|$b64,policy=streaming(sinks=4,window=$((budget - 4))),$tq3"
 		echo "TriAttention|$share|tq3 b64|$b64,policy=triattention(budget=$budget,every=16),$tq3"
 	done
+	# no hot window (only the partial last block stays exact), 2-bit: the most compression
+	w0="block=16,sinks=4,window=0,store=fp16"
+	for budget in 128 64; do
+		frac=$(awk "BEGIN { print $budget / $ctx / 2 }")
+		share="1/$((ctx / budget)) ($budget)"
+		echo "StreamingLLM|$share|tq2 w0|$w0,policy=streaming(sinks=4,window=$((budget - 4))),$tq2"
+		echo "H2O|$share|tq2 w0|$w0,policy=h2o(heavy=$frac,recent=$frac),$tq2"
+		echo "TriAttention|$share|tq2 w0|$w0,policy=triattention(budget=$budget,every=16),$tq2"
+	done
 }
 
 # kvpager-ab over the specs of one list into OUTDIR/NAME.csv and NAME.txt.
