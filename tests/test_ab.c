@@ -1131,6 +1131,18 @@ Test(ab, text_bytes_are_the_mean_over_every_position_of_every_chunk)
 	cr_assert_gt(window[COL_BYTES_PER_TOKEN], 1.5 * window[COL_BYTES_PER_TOKEN_FINAL], "window: mean %g, final %g",
 		     window[COL_BYTES_PER_TOKEN], window[COL_BYTES_PER_TOKEN_FINAL]);
 	cr_assert_lt(window[COL_BYTES_PER_TOKEN], full[COL_BYTES_PER_TOKEN]);
+	/* metadata per token per stream is each chunk's growth after its first position, not its fixed part
+	 * spread over the tokens: every chunk starts a sequence of its own */
+	for (int i = 0; i < 2; i++) {
+		const double *v = rows[i].value;
+		cr_assert(v[COL_META_SEQUENCE] > 0 && v[COL_META_SEQUENCE] * 2 < v[COL_BYTES_META], "%g of %g",
+			  v[COL_META_SEQUENCE], v[COL_BYTES_META]);
+		cr_assert(v[COL_META_PER_TOKEN_STREAM] > 0 && v[COL_META_PER_TOKEN_STREAM] <= 1.0, "%g",
+			  v[COL_META_PER_TOKEN_STREAM]);
+		cr_assert_float_eq(v[COL_META_PER_TOKEN_STREAM],
+				   (v[COL_BYTES_META] - 2 * v[COL_META_SEQUENCE]) / (2.0 * 4 * 2 * (v[COL_TOKENS] - 2)),
+				   1e-6, "%g", v[COL_META_PER_TOKEN_STREAM]);
+	}
 	/* the ratio on the mean: dense fp16 grows alike in every chunk */
 	cr_assert_float_eq(window[COL_COMPRESSION],
 			   window[COL_BYTES_DENSE_FP16] / window[COL_TOKENS] / window[COL_BYTES_PER_TOKEN], 1e-6);

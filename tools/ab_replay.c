@@ -233,6 +233,9 @@ void ab_bytes_merge(struct ab_bytes_meter *into, const struct ab_bytes_meter *fr
 	into->compressed_peak = from->compressed_peak > into->compressed_peak ? from->compressed_peak
 									      : into->compressed_peak;
 	into->retained_peak = from->retained_peak > into->retained_peak ? from->retained_peak : into->retained_peak;
+	/* summed like the sequences' end stats, so that their difference is the sum of each one's growth */
+	into->meta_first += from->meta_first;
+	into->appended_first += from->appended_first;
 }
 
 static double share(double num, double den)

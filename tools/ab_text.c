@@ -257,6 +257,8 @@ void ab_text_result(const struct ab_text_score *s, const struct ab_text *t, stru
 	/* the summed end-of-chunk stats add up sequences that never lived at once: the peak is one chunk's */
 	r->bytes_peak = s->meter.held_peak > s->end_held_peak ? s->meter.held_peak : s->end_held_peak;
 	r->bytes_per_token_peak = s->meter.positions ? (double)r->bytes_peak / t->n_ctx : NAN;
+	/* the merged first samples are every chunk's: one sequence's is their mean */
+	r->meta_sequence /= t->n_chunks;
 	r->perplexity = n ? exp(s->nll / n) : NAN;
 	r->kl_mean = n ? s->kl_sum / n : NAN;
 	r->kl_p99 = ab_percentile99(s->kl, n);
