@@ -8,8 +8,8 @@
 #   tools/kjv2k-table.sh [OUTDIR]     (default build/kjv2k-table)
 #
 # Writes OUTDIR/sweep.csv and OUTDIR/extra.csv (kvpager-ab's CSV: every spec in full), their printed
-# tables (sweep.txt, extra.txt), and prints the markdown table on stdout. 50 specs x 8 chunks x about
-# 2.5 s on one core: about 17 minutes of CPU, run under nice.
+# tables (sweep.txt, extra.txt), and prints the markdown table on stdout. 56 specs x 8 chunks x about
+# 2.5 s on one core: about 19 minutes of CPU, run under nice.
 # Environment: BUILD (default build), KVP_MODELS (default ../shared/models), CHUNKS (default 8),
 # RUN (default "sweep extra": the runs to make; RUN= makes none: the table is drawn from the files in
 # OUTDIR either way).
@@ -125,7 +125,7 @@ render() {
 		for (i = 1; i <= k && i <= n; i++) {
 			if (extra[i] && !extra[i - 1]) {
 				print ""
-				print "More stacked specs (k2v3: 2-bit keys, 3-bit values; b64: block=64,window=64):"
+				print "More stacked specs (k2v3: 2-bit keys, 3-bit values; b64: block=64,window=64; w0: window=0, only the partial last block exact):"
 				print ""
 				print "| policy | budget | codec | perplexity | KL | top-1 | bytes/token (mean) | vs dense fp16 |"
 				print "|---|---|---|---:|---:|---:|---:|---:|"
