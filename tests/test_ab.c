@@ -1187,7 +1187,7 @@ Test(ab, text_plot_has_a_second_plot_of_perplexity)
 	cr_assert_not_null(second, "a second plot: %.400s", svg);
 	cr_assert_not_null(strstr(second, ">perplexity (log scale)</text>"), "its y axis");
 	for (i = 0; i < 3; i++) {
-		char label[8];
+		char label[16];
 
 		snprintf(label, sizeof(label), "S%d", i + 1);
 		y[i] = point_y(second, label);
@@ -1249,7 +1249,7 @@ Test(ab, table_rows_are_labels_keyed_to_the_full_specs)
 
 	cr_assert_eq(run_kjv(128, specs, rows, 2, out, sizeof(out)), 2);
 	for (i = 0; i < 2; i++) {
-		char label[8];
+		char label[16];
 
 		snprintf(label, sizeof(label), "S%d", i + 1);
 		line = table_row(out, label);
