@@ -1121,6 +1121,24 @@ static void integer_lookups_equal_scalar_at_the_ends_of_their_ranges(const struc
 }
 
 
+/* Runs cases(k) in a child process, so that a read past a guarded input (a fault) fails this test rather
+ * than the whole program. */
+static void in_child(const struct kvp_kernels *k, void (*cases)(const struct kvp_kernels *))
+{
+	int status = 0;
+	pid_t pid;
+
+	fflush(stdout);
+	pid = fork();
+	if (pid == 0) {
+		cases(k);
+		fflush(stdout);
+		_exit(0);
+	}
+	if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+		check(0, "%s: its process %s", k->name, pid < 0 ? "could not start" : "died (a read past an input?)");
+}
+
 /* `bytes` bytes that end where an unreadable page begins, so a read past them faults; free with unguard. */
 static void *guarded(size_t bytes)
 {
@@ -1146,62 +1164,57 @@ static void unguard(void *p, size_t bytes)
  * unreadable page begins (rows packed with no gap: stride = ceil(m*bits/8)), and the results still equal
  * the scalar ones. In a child process, so a read past any of them fails this test rather than the suite.
  */
-static void integer_lookups_read_nothing_past_their_inputs(const struct kvp_kernels *k)
+static void integer_lookups_read_nothing_past_their_inputs_cases(const struct kvp_kernels *k)
 {
 	static const unsigned rows[] = { 1, 5 }, heads[] = { 1, 3, 4, 5 };
-	int status = 0;
-	pid_t pid;
 
-	fflush(stdout);
-	pid = fork();
-	if (pid == 0) {
-		for (unsigned bits = 1; bits <= 4; bits++)
-			for (size_t a = 0; a < COUNT(lut_dims); a++)
-				for (size_t b = 0; b < COUNT(rows); b++)
-					for (size_t c = 0; c < COUNT(heads); c++) {
-						const unsigned m = lut_dims[a], n = rows[b], g = heads[c];
-						const size_t stride = ((size_t)m * bits + 7) / 8, cb = n * stride;
-						uint8_t *codes = guarded(cb);
-						float *sc = guarded(sizeof(float) * n);
-						int8_t lut8[16], *q = guarded((size_t)g * m);
-						int16_t lut16[16];
-						float *hs = guarded(sizeof *hs * g), *w = guarded(sizeof *w * g * n);
-						float *out = guarded(sizeof *out * g * n), *acc = guarded(sizeof *acc * g * m);
-						float want[8 * 5] = { 0 }, acc_want[8 * 128] = { 0 };
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(lut_dims); a++)
+			for (size_t b = 0; b < COUNT(rows); b++)
+				for (size_t c = 0; c < COUNT(heads); c++) {
+					const unsigned m = lut_dims[a], n = rows[b], g = heads[c];
+					const size_t stride = ((size_t)m * bits + 7) / 8, cb = n * stride;
+					uint8_t *codes = guarded(cb);
+					float *sc = guarded(sizeof(float) * n);
+					int8_t lut8[16], *q = guarded((size_t)g * m);
+					int16_t lut16[16];
+					float *hs = guarded(sizeof *hs * g), *w = guarded(sizeof *w * g * n);
+					float *out = guarded(sizeof *out * g * n), *acc = guarded(sizeof *acc * g * m);
+					float want[8 * 5] = { 0 }, acc_want[8 * 128] = { 0 };
 
-						for (size_t i = 0; i < cb; i++)
-							codes[i] = (uint8_t)rnd32();
-						for (unsigned v = 0; v < 16; v++)
-							lut8[v] = (int8_t)rand_int(-127, 127), lut16[v] = (int16_t)rand_int(-2047, 2047);
-						for (size_t j = 0; j < (size_t)g * m; j++)
-							q[j] = (int8_t)rand_int(-128, 127), acc[j] = 0;
-						for (size_t i = 0; i < (size_t)g * n; i++)
-							w[i] = (float)rand_int(-511, 511), out[i] = 0;
-						for (unsigned i = 0; i < n; i++)
-							sc[i] = (float)rand_int(1, 9);
-						for (unsigned h = 0; h < g; h++)
-							hs[h] = (float)rand_int(1, 9);
-						k->lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, hs, (const uint8_t *)sc,
-								    sizeof(float), out, n);
-						k->lut_axpy_i16_group(bits, m, n, codes, stride, lut16, 0.5f, g, w, n,
-								      (const uint8_t *)sc, sizeof(float), acc, m);
-						kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, hs,
-										    (const uint8_t *)sc, sizeof(float), want, n);
-						kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes, stride, lut16, 0.5f, g, w, n,
-										      (const uint8_t *)sc, sizeof(float), acc_want, m);
-						check(!memcmp(out, want, sizeof *out * g * n),
-						      "%s lut_dot_i8_group bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
-						check(!memcmp(acc, acc_want, sizeof *acc * g * m),
-						      "%s lut_axpy_i16_group bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
-						unguard(codes, cb), unguard(sc, sizeof(float) * n), unguard(q, (size_t)g * m);
-						unguard(hs, sizeof *hs * g), unguard(w, sizeof *w * g * n);
-						unguard(out, sizeof *out * g * n), unguard(acc, sizeof *acc * g * m);
-					}
-		fflush(stdout);
-		_exit(0);
-	}
-	if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
-		check(0, "%s: its process %s", k->name, pid < 0 ? "could not start" : "died (a read past an input?)");
+					for (size_t i = 0; i < cb; i++)
+						codes[i] = (uint8_t)rnd32();
+					for (unsigned v = 0; v < 16; v++)
+						lut8[v] = (int8_t)rand_int(-127, 127), lut16[v] = (int16_t)rand_int(-2047, 2047);
+					for (size_t j = 0; j < (size_t)g * m; j++)
+						q[j] = (int8_t)rand_int(-128, 127), acc[j] = 0;
+					for (size_t i = 0; i < (size_t)g * n; i++)
+						w[i] = (float)rand_int(-511, 511), out[i] = 0;
+					for (unsigned i = 0; i < n; i++)
+						sc[i] = (float)rand_int(1, 9);
+					for (unsigned h = 0; h < g; h++)
+						hs[h] = (float)rand_int(1, 9);
+					k->lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, hs, (const uint8_t *)sc,
+							    sizeof(float), out, n);
+					k->lut_axpy_i16_group(bits, m, n, codes, stride, lut16, 0.5f, g, w, n,
+							      (const uint8_t *)sc, sizeof(float), acc, m);
+					kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, hs,
+									    (const uint8_t *)sc, sizeof(float), want, n);
+					kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes, stride, lut16, 0.5f, g, w, n,
+									      (const uint8_t *)sc, sizeof(float), acc_want, m);
+					check(!memcmp(out, want, sizeof *out * g * n),
+					      "%s lut_dot_i8_group bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
+					check(!memcmp(acc, acc_want, sizeof *acc * g * m),
+					      "%s lut_axpy_i16_group bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
+					unguard(codes, cb), unguard(sc, sizeof(float) * n), unguard(q, (size_t)g * m);
+					unguard(hs, sizeof *hs * g), unguard(w, sizeof *w * g * n);
+					unguard(out, sizeof *out * g * n), unguard(acc, sizeof *acc * g * m);
+				}
+}
+
+static void integer_lookups_read_nothing_past_their_inputs(const struct kvp_kernels *k)
+{
+	in_child(k, integer_lookups_read_nothing_past_their_inputs_cases);
 }
 
 /* Rows past a few hundred codes, which a vector version may work through in passes (AVX2 widens the
@@ -1284,44 +1297,39 @@ static void dot_i8_scaled_equals_scalar_on_odd_lengths_and_unaligned_pointers(co
 }
 
 /* The codes, the query, the scales and out each end where an unreadable page begins. In a child process. */
-static void dot_i8_scaled_reads_nothing_past_its_inputs(const struct kvp_kernels *k)
+static void dot_i8_scaled_reads_nothing_past_its_inputs_cases(const struct kvp_kernels *k)
 {
 	static const unsigned rows[] = { 1, 5, 17 }, heads[] = { 1, 4, 5 };
-	int status = 0;
-	pid_t pid;
 
-	fflush(stdout);
-	pid = fork();
-	if (pid == 0) {
-		for (unsigned bits = 1; bits <= 4; bits++)
-			for (size_t a = 0; a < COUNT(lut_dims); a++)
-				for (size_t b = 0; b < COUNT(rows); b++)
-					for (size_t c = 0; c < COUNT(heads); c++) {
-						const unsigned m = lut_dims[a], n = rows[b], g = heads[c];
-						const size_t cb = ((size_t)m * bits + 7) / 8 * n;
-						uint8_t *codes = guarded(cb);
-						float *q = guarded(sizeof(float) * g * m), *s = guarded(sizeof(float) * m);
-						float *out = guarded(sizeof(float) * g * n), want[5 * 17] = { 0 };
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(lut_dims); a++)
+			for (size_t b = 0; b < COUNT(rows); b++)
+				for (size_t c = 0; c < COUNT(heads); c++) {
+					const unsigned m = lut_dims[a], n = rows[b], g = heads[c];
+					const size_t cb = ((size_t)m * bits + 7) / 8 * n;
+					uint8_t *codes = guarded(cb);
+					float *q = guarded(sizeof(float) * g * m), *s = guarded(sizeof(float) * m);
+					float *out = guarded(sizeof(float) * g * n), want[5 * 17] = { 0 };
 
-						for (size_t i = 0; i < cb; i++)
-							codes[i] = (uint8_t)rnd32();
-						for (size_t j = 0; j < (size_t)g * m; j++)
-							q[j] = (float)rand_int(-99, 99);
-						for (unsigned j = 0; j < m; j++)
-							s[j] = (float)rand_int(0, 9);
-						memset(out, 0, sizeof(float) * g * n);
-						k->dot_i8_scaled(bits, m, n, codes, g, q, m, s, out, n);
-						kvp_kernels_scalar.dot_i8_scaled(bits, m, n, codes, g, q, m, s, want, n);
-						check(!memcmp(out, want, sizeof(float) * g * n),
-						      "%s dot_i8_scaled bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
-						unguard(codes, cb), unguard(q, sizeof(float) * g * m), unguard(s, sizeof(float) * m);
-						unguard(out, sizeof(float) * g * n);
-					}
-		fflush(stdout);
-		_exit(0);
-	}
-	if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
-		check(0, "%s: its process %s", k->name, pid < 0 ? "could not start" : "died (a read past an input?)");
+					for (size_t i = 0; i < cb; i++)
+						codes[i] = (uint8_t)rnd32();
+					for (size_t j = 0; j < (size_t)g * m; j++)
+						q[j] = (float)rand_int(-99, 99);
+					for (unsigned j = 0; j < m; j++)
+						s[j] = (float)rand_int(0, 9);
+					memset(out, 0, sizeof(float) * g * n);
+					k->dot_i8_scaled(bits, m, n, codes, g, q, m, s, out, n);
+					kvp_kernels_scalar.dot_i8_scaled(bits, m, n, codes, g, q, m, s, want, n);
+					check(!memcmp(out, want, sizeof(float) * g * n),
+					      "%s dot_i8_scaled bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
+					unguard(codes, cb), unguard(q, sizeof(float) * g * m), unguard(s, sizeof(float) * m);
+					unguard(out, sizeof(float) * g * n);
+				}
+}
+
+static void dot_i8_scaled_reads_nothing_past_its_inputs(const struct kvp_kernels *k)
+{
+	in_child(k, dot_i8_scaled_reads_nothing_past_its_inputs_cases);
 }
 
 /* ---- axpy_i16_scaled: the scalar reference's bits ---- */
@@ -1402,46 +1410,41 @@ static void axpy_i16_scaled_equals_scalar_on_odd_lengths_and_unaligned_pointers(
 }
 
 /* The last row ends where an unreadable page begins, and so do the weights and accumulators. In a child. */
-static void axpy_i16_scaled_reads_nothing_past_its_inputs(const struct kvp_kernels *k)
+static void axpy_i16_scaled_reads_nothing_past_its_inputs_cases(const struct kvp_kernels *k)
 {
 	static const unsigned widths[] = { 64, 128, 65 }, rows[] = { 1, 5, 64 }, heads[] = { 1, 4, 5 };
-	int status = 0;
-	pid_t pid;
 
-	fflush(stdout);
-	pid = fork();
-	if (pid == 0) {
-		for (unsigned bits = 1; bits <= 4; bits++)
-			for (size_t a = 0; a < COUNT(widths); a++)
-				for (size_t b = 0; b < COUNT(rows); b++)
-					for (size_t c = 0; c < COUNT(heads); c++) {
-						const unsigned m = widths[a], n = rows[b], g = heads[c], gs = 32, ng = (m + gs - 1) / gs;
-						const size_t stride = 2 * ng + ((size_t)m * bits + 7) / 8, cb = n * stride;
-						uint8_t *p = guarded(cb);
-						float *w = guarded(sizeof(float) * g * n), *acc = guarded(sizeof(float) * g * m);
-						float want[5 * 128] = { 0 };
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(widths); a++)
+			for (size_t b = 0; b < COUNT(rows); b++)
+				for (size_t c = 0; c < COUNT(heads); c++) {
+					const unsigned m = widths[a], n = rows[b], g = heads[c], gs = 32, ng = (m + gs - 1) / gs;
+					const size_t stride = 2 * ng + ((size_t)m * bits + 7) / 8, cb = n * stride;
+					uint8_t *p = guarded(cb);
+					float *w = guarded(sizeof(float) * g * n), *acc = guarded(sizeof(float) * g * m);
+					float want[5 * 128] = { 0 };
 
-						for (size_t i = 0; i < cb; i++)
-							p[i] = (uint8_t)rnd32();
-						for (unsigned i = 0; i < n; i++)
-							for (unsigned e = 0; e < ng; e++) {
-								uint16_t h = kvp_f32_to_f16((float)rand_int(1, 9));
-								memcpy(p + i * stride + 2 * e, &h, sizeof h);
-							}
-						for (size_t i = 0; i < (size_t)g * n; i++)
-							w[i] = (float)rand_int(0, 99);
-						memset(acc, 0, sizeof(float) * g * m);
-						k->axpy_i16_scaled(bits, m, gs, n, p + 2 * ng, stride, p, g, w, n, acc, m);
-						kvp_kernels_scalar.axpy_i16_scaled(bits, m, gs, n, p + 2 * ng, stride, p, g, w, n, want, m);
-						check(!memcmp(acc, want, sizeof(float) * g * m),
-						      "%s axpy_i16_scaled bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
-						unguard(p, cb), unguard(w, sizeof(float) * g * n), unguard(acc, sizeof(float) * g * m);
-					}
-		fflush(stdout);
-		_exit(0);
-	}
-	if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
-		check(0, "%s: its process %s", k->name, pid < 0 ? "could not start" : "died (a read past an input?)");
+					for (size_t i = 0; i < cb; i++)
+						p[i] = (uint8_t)rnd32();
+					for (unsigned i = 0; i < n; i++)
+						for (unsigned e = 0; e < ng; e++) {
+							uint16_t h = kvp_f32_to_f16((float)rand_int(1, 9));
+							memcpy(p + i * stride + 2 * e, &h, sizeof h);
+						}
+					for (size_t i = 0; i < (size_t)g * n; i++)
+						w[i] = (float)rand_int(0, 99);
+					memset(acc, 0, sizeof(float) * g * m);
+					k->axpy_i16_scaled(bits, m, gs, n, p + 2 * ng, stride, p, g, w, n, acc, m);
+					kvp_kernels_scalar.axpy_i16_scaled(bits, m, gs, n, p + 2 * ng, stride, p, g, w, n, want, m);
+					check(!memcmp(acc, want, sizeof(float) * g * m),
+					      "%s axpy_i16_scaled bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
+					unguard(p, cb), unguard(w, sizeof(float) * g * n), unguard(acc, sizeof(float) * g * m);
+				}
+}
+
+static void axpy_i16_scaled_reads_nothing_past_its_inputs(const struct kvp_kernels *k)
+{
+	in_child(k, axpy_i16_scaled_reads_nothing_past_its_inputs_cases);
 }
 
 /* ---- fwht: the same bits as the scalar reference, at every power of two up to 4096 ---- */
