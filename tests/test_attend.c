@@ -286,50 +286,12 @@ Test(attend, spark_at_32k_tokens_is_within_2e_3_of_attention_over_its_decoded_co
  */
 Test(attend, kivi_at_32k_tokens_is_within_2e_3_of_attention_over_its_decoded_codes)
 {
-	enum { N = 32768, D = 128, NKV = 8, NH = 32, CHUNK = 1024 };
-	const kvp_shape sh = { 1, NH, NKV, D, 10000.0f, KVP_ROPE_HALF };
-	float *k = malloc(sizeof *k * CHUNK * NKV * D), *v = malloc(sizeof *v * CHUNK * NKV * D);
-	float *gk = malloc(sizeof *gk * N * D), *gv = malloc(sizeof *gv * N * D), q[NH * D], out[NH * D];
-	int32_t *pos = malloc(sizeof *pos * N);
-	double ref[D];
-	kvp_pool *p;
-
-	cr_assert_eq(kvp_pool_open("", &p), KVP_OK, "%s", kvp_last_error());
-	fixture_fill(q, NH * D, 3, 0.5f);
 	for (unsigned bits = 2; bits <= 4; bits += 2) {
 		char spec[128];
-		double worst = 0;
-		kvp_tenant *t;
-		kvp_seq *s;
-		uint32_t n;
+		double worst;
 
-		snprintf(spec, sizeof spec, "block=64,window=64,store=fp16,k=kivi(bits=%u),v=kivi(bits=%u)",
-			 bits, bits);
-		cr_assert_eq(kvp_tenant_open(p, "t", spec, &t), KVP_OK, "%s", kvp_last_error());
-		cr_assert_eq(kvp_seq_open(t, &sh, &s), KVP_OK, "%s", kvp_last_error());
-		for (uint32_t at = 0; at < N; at += CHUNK) {
-			fixture_fill(k, (size_t)CHUNK * NKV * D, 1000 + at, 0.5f);
-			fixture_fill(v, (size_t)CHUNK * NKV * D, 2000 + at, 0.5f);
-			for (uint32_t i = 0; i < CHUNK; i++)
-				pos[i] = (int32_t)(at + i);
-			cr_assert_eq(kvp_append(s, 0, CHUNK, pos, k, v), KVP_OK, "%s", kvp_last_error());
-		}
-		cr_assert_eq(kvp_attend(s, 0, q, out), KVP_OK, "%s", kvp_last_error());
-		for (uint32_t g = 0; g < NKV; g++) {
-			cr_assert_eq(kvp_gather(s, 0, g, N, pos, gk, gv, &n), KVP_OK, "%s", kvp_last_error());
-			cr_assert_eq(n, N);
-			for (uint32_t h = g * (NH / NKV); h < (g + 1) * (NH / NKV); h++) {
-				double e;
-				fixture_attend(D, n, gk, gv, q + h * D, ref);
-				e = fixture_rel_error(D, out + h * D, ref);
-				worst = e > worst ? e : worst;
-			}
-		}
-		printf("kivi(bits=%u) at %u tokens: worst head's relative error %.3g against its decoded codes\n",
-		       bits, N, worst);
+		snprintf(spec, sizeof spec, "block=64,window=64,store=fp16,k=kivi(bits=%u),v=kivi(bits=%u)", bits, bits);
+		worst = error_at_32k(spec, 128);
 		cr_assert_lt(worst, 2e-3, "kivi(bits=%u): %.3g", bits, worst);
-		kvp_tenant_close(t);
 	}
-	kvp_pool_close(p);
-	free(k), free(v), free(gk), free(gv), free(pos);
 }
