@@ -794,6 +794,19 @@ INLINE void rows_to_heads(const __m512i R[4], __m512i H[4])
 	H[3] = _mm512_permutex2var_epi32(b, high, d);
 }
 
+/* The sums of `rows` <= 16 rows, four per row as [row][head], as one vector per head (lane i: row i). The
+ * missing rows' lanes are never stored; zeros keep them defined. */
+INLINE void sums_to_heads(int32_t sums[16 * 4], unsigned rows, __m512i H[4])
+{
+	__m512i R[4];
+
+	if (rows < 16)
+		memset(sums + 4 * rows, 0, sizeof(int32_t) * 4 * (16 - rows));
+	for (unsigned k = 0; k < 4; k++)
+		R[k] = _mm512_loadu_si512(sums + 16 * k);
+	rows_to_heads(R, H);
+}
+
 /*
  * hn <= 4 heads (a constant once inlined; the accumulators are named so that they stay in registers):
  * each row's 64-code chunks are looked up once, as unsigned bytes (lut + 128), and multiplied into every
@@ -815,7 +828,7 @@ INLINE void dot_i8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, con
 	bias4 = _mm_loadu_si128((const __m128i *)bias);
 	for (unsigned i0 = 0; i0 < n; i0 += 16) {
 		const unsigned rows = n - i0 < 16 ? n - i0 : 16;
-		__m512i R[4], H[4];
+		__m512i H[4];
 
 		for (unsigned t = 0; t < rows; t++) {
 			const uint8_t *row = codes + (size_t)(i0 + t) * stride;
@@ -837,11 +850,7 @@ INLINE void dot_i8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, con
 			_mm_storeu_si128((__m128i *)(sums + 4 * t), _mm_sub_epi32(hsum4_epi32(a0, a1, a2, a3), bias4));
 			scale[t] = kvp_load_f32(row_scale + (size_t)(i0 + t) * scale_stride);
 		}
-		if (rows < 16) /* the missing rows' lanes are never stored; zeros keep them defined */
-			memset(sums + 4 * rows, 0, sizeof(int32_t) * 4 * (16 - rows));
-		for (unsigned k = 0; k < 4; k++)
-			R[k] = _mm512_loadu_si512(sums + 16 * k);
-		rows_to_heads(R, H);
+		sums_to_heads(sums, rows, H);
 		/* ((float)S * head scale) * row scale, rounded step by step as the scalar reference does */
 		for (unsigned h = 0; h < hn; h++) {
 			const __mmask16 keep = tail16(rows);
@@ -1669,7 +1678,7 @@ INLINE void spark_heads(unsigned hn, unsigned D, unsigned T, const struct kvp_ma
 		neg_sgn |= (__mmask64)(rc->sgn[k] < 0) << k;
 	for (unsigned i0 = 0; i0 < n; i0 += 16) {
 		const unsigned rows = n - i0 < 16 ? n - i0 : 16;
-		__m512i R[4], H[4];
+		__m512i H[4];
 
 		for (unsigned t = 0; t < rows; t++) {
 			__m512i x[4], a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
@@ -1687,11 +1696,7 @@ INLINE void spark_heads(unsigned hn, unsigned D, unsigned T, const struct kvp_ma
 			}
 			_mm_storeu_si128((__m128i *)(sums + 4 * t), hsum4_epi32(a0, a1, a2, a3));
 		}
-		if (rows < 16)
-			memset(sums + 4 * rows, 0, sizeof(int32_t) * 4 * (16 - rows));
-		for (unsigned k = 0; k < 4; k++)
-			R[k] = _mm512_loadu_si512(sums + 16 * k);
-		rows_to_heads(R, H);
+		sums_to_heads(sums, rows, H);
 		for (unsigned h = 0; h < hn; h++) {
 			const __mmask16 keep = tail16(rows);
 			__m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(H[h]), _mm512_set1_ps(head_scale[h])),
