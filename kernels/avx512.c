@@ -987,27 +987,26 @@ INLINE void dot_i8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *c
 	/* at 64 codes the row loop's horizontal sums cost as much as its products; at 128 they weigh half
 	 * as much and the transposes more (measured 10% slower there) */
 	const unsigned tiled = m == 64 ? n - n % 16 : 0;
-	unsigned h = 0, from;
+	unsigned h = 0;
 
 /* Head dimensions of 64 and 128 get loops of their own: constant chunks, no masks, queries in registers.
  * Rows from `from` on. */
-#define DOT_HEADS_M(hn, mm)                                                                                   \
-	dot_i8_heads(hn, bits, mm, n - from, codes + from * stride, stride, &r, q + h * qs, qs, head_scale + h,    \
-		     row_scale + from * scale_stride, scale_stride, out + h * os + from, os)
-#define DOT_HEADS(hn) (m == 128 ? DOT_HEADS_M(hn, 128) : m == 64 ? DOT_HEADS_M(hn, 64) : DOT_HEADS_M(hn, m))
+#define DOT_HEADS_M(hn, mm, from)                                                                             \
+	dot_i8_heads(hn, bits, mm, n - (from), codes + (from) * stride, stride, &r, q + h * qs, qs, head_scale + h, \
+		     row_scale + (from) * scale_stride, scale_stride, out + h * os + (from), os)
+#define DOT_HEADS(hn, from)                                                                 \
+	(m == 128 ? DOT_HEADS_M(hn, 128, from) : m == 64 ? DOT_HEADS_M(hn, 64, from) : DOT_HEADS_M(hn, m, from))
 	for (; h + 4 <= g; h += 4) {
 		if (tiled)
 			dot_i8_tiles4_64(bits, tiled, codes, stride, &r, q + h * qs, qs, head_scale + h, row_scale,
 					 scale_stride, out + h * os, os);
-		from = tiled;
-		if (from < n)
-			DOT_HEADS(4);
+		if (tiled < n)
+			DOT_HEADS(4, tiled);
 	}
-	from = 0;
 	switch (g - h) {
-	case 3: DOT_HEADS(3); break;
-	case 2: DOT_HEADS(2); break;
-	case 1: DOT_HEADS(1); break;
+	case 3: DOT_HEADS(3, 0); break;
+	case 2: DOT_HEADS(2, 0); break;
+	case 1: DOT_HEADS(1, 0); break;
 	default: break;
 	}
 #undef DOT_HEADS
