@@ -30,7 +30,7 @@ JE_CC    ?= cc
 # -ffp-contract=off: a product and a sum are never fused unless written as an FMA, so every kernel table and
 # its scalar reference round the same steps (clang fuses within an expression by default, gcc in GNU modes)
 override CFLAGS += -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden -ffp-contract=off $(WARN) -Iinclude -I. -I$(JE_DIR)/include
-LIB_LIBS := -lnuma -luring -lpthread -lm -ldl
+LIB_LIBS := -lnuma -luring -lhiredis -lpthread -lm -ldl
 LIBS     := $(LIB_LIBS)
 TESTLIBS := -lcriterion
 

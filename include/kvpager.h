@@ -91,6 +91,23 @@ KVP_API const char *kvp_last_error(void);
  *                   path is touched otherwise); required with spill=
  *   spill_buffer=SIZE  staging for spill I/O, registered with io_uring (default 2MiB; larger is faster
  *                   where RLIMIT_MEMLOCK allows it, and falls back to unregistered I/O where it does not)
+ *   remote=URL      a shared remote tier on Redis, the prefix cache's (the pool holds one client of it):
+ *                   redis://HOST:PORT, one server, or redis-cluster://HOST:PORT[|HOST:PORT...], seeds of a
+ *                   Redis Cluster ('|' between seeds: ',' separates the keys of this spec), whose slot map
+ *                   is learned with CLUSTER SLOTS and kept up to date by following MOVED (and ASK). HOST is
+ *                   resolved once, at open (an unknown name is KVP_EINVAL); an IPv6 address goes in brackets.
+ *                   A password in the URL is KVP_EINVAL: it goes in remote_auth_file. A server that does
+ *                   not answer at open is not an error: KVP_OK with a note in kvp_last_error, and lookups
+ *                   miss until it answers. Lookups take one pipelined round trip to every node at once;
+ *                   publication is write-behind, from a bounded queue, by a thread of the pool's own (a full
+ *                   queue drops, counted), so decoding never waits on the network.
+ *   remote_auth_file=PATH  AUTH's password, the file's first line; an unreadable or empty file is
+ *                   KVP_EINVAL at open. Never read from the spec.
+ *   remote_timeout=MS  connect and every round trip, 1..60000 (default 5). A server down, slow, paused or
+ *                   refusing costs a lookup at most this, and its keys miss; a node that failed is not
+ *                   tried again before a backoff (100 ms, doubling to 1 s).
+ *   remote_ttl=SECONDS  stored blocks expire after this (SET ... EX), 0..2^31-1 (default 0: never)
+ *                   The remote_* keys without remote= are KVP_EINVAL.
  * With a spill device, a charge that would pass a tenant's quota or the pool's limit first spills blocks
  * of the tenant's least recently used idle sequence, or parks it (never another tenant's); see
  * kvp_seq_park. The spill's own metadata is paid from the memory it frees: no charge passes a limit.

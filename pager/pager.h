@@ -27,6 +27,7 @@
 #include "base/base.h"
 #include "gating/gating.h"
 #include "tier/tier.h"
+#include "tier/remote.h"
 #include "policies/policy.h"
 
 #define KVP_BLOCK_MAX 4096 /* tokens per block, and per sink block */
@@ -48,6 +49,7 @@ struct kvp_pool_obj {
 	pthread_mutex_t lock; /* guards the tenant list */
 	struct kvp_tenant_obj *tenants;
 	struct kvp_spill *spill; /* NULL without spill= */
+	struct kvp_remote *remote; /* NULL without remote= (tier/remote.h) */
 };
 
 struct kvp_tenant_config {

@@ -29,7 +29,8 @@ static kvp_status spill_spec_parse(struct kvp_args *args, struct spill_spec *sp)
 	return KVP_OK;
 }
 
-static kvp_status pool_config_parse(struct kvp_pool_obj *p, const char *spec, struct spill_spec *sp)
+static kvp_status pool_config_parse(struct kvp_pool_obj *p, const char *spec, struct spill_spec *sp,
+				    struct kvp_remote_config *remote)
 {
 	struct kvp_args args;
 	uint64_t node = UINT64_MAX;
@@ -40,6 +41,8 @@ static kvp_status pool_config_parse(struct kvp_pool_obj *p, const char *spec, st
 		st = kvp_args_u64(&args, "numa", 0, 1023, &node);
 	if (st == KVP_OK)
 		st = spill_spec_parse(&args, sp);
+	if (st == KVP_OK)
+		st = kvp_remote_config_parse(&args, remote);
 	if (st == KVP_OK)
 		st = kvp_args_finish(&args);
 	p->numa_node = node == UINT64_MAX ? -1 : (int)node;
@@ -52,6 +55,7 @@ kvp_status kvp_pool_open(const char *spec, kvp_pool **out)
 {
 	struct kvp_pool_obj *p;
 	struct spill_spec sp = { .max = UINT64_MAX, .buffer = KVP_SPILL_BUFFER_DEFAULT };
+	struct kvp_remote_config remote;
 	kvp_status st;
 	if (!out)
 		return kvp_fail(KVP_EINVAL, "kvp_pool_open: out is NULL");
@@ -59,7 +63,7 @@ kvp_status kvp_pool_open(const char *spec, kvp_pool **out)
 	if (!(p = calloc(1, sizeof *p)))
 		return kvp_fail(KVP_ENOMEM, "kvp_pool_open: out of memory");
 	p->limit = UINT64_MAX;
-	if ((st = pool_config_parse(p, spec, &sp)) != KVP_OK) {
+	if ((st = pool_config_parse(p, spec, &sp, &remote)) != KVP_OK) {
 		free(p);
 		return st;
 	}
@@ -82,6 +86,11 @@ kvp_status kvp_pool_open(const char *spec, kvp_pool **out)
 		pool_destroy(p);
 		return st;
 	}
+	/* last: a server that does not answer leaves its note in kvp_last_error for the host */
+	if (remote.url[0] && (st = kvp_remote_open(&remote, &p->remote)) != KVP_OK) {
+		pool_destroy(p);
+		return st;
+	}
 	p->handle = (kvp_pool *)kvp_handle_new(KVP_HANDLE_POOL, p, &p->handle_index);
 	if (!p->handle_index) {
 		pool_destroy(p);
@@ -101,6 +110,7 @@ static void pool_destroy(struct kvp_pool_obj *p)
 	while (p->tenants)
 		tenant_unlink_destroy(p->tenants);
 	kvp_spill_close(p);
+	kvp_remote_close(p->remote);
 	p->magic = 0;
 	pthread_mutex_destroy(&p->lock);
 	free(p);

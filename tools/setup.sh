@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 
 # The build: a C toolchain, libnuma, liburing, bzip2 for jemalloc's tarball. The tests: Criterion,
 # binutils' nm and readelf, and libjemalloc2, which the plugin test preloads as a host's own allocator.
-# The Python binding's suites: numpy and pytest.
+# The Python binding's suites: numpy and pytest. The remote tier: hiredis, and the Redis server and its
+# redis-cli, which its tests start on loopback ports.
 PACKAGES="build-essential binutils bzip2 pkg-config libnuma-dev liburing-dev libcriterion-dev libjemalloc2 \
-	python3-numpy python3-pytest"
+	libhiredis-dev redis-server redis-tools python3-numpy python3-pytest"
 
 run_quick_start=1
 case "${1:-}" in
