@@ -441,6 +441,33 @@ Test(remote, killed_server_turns_into_misses_and_a_restart_serves_again)
 	kvp_remote_close(r);
 }
 
+Test(remote, connection_the_server_closed_while_idle_is_replaced_without_a_miss)
+{
+	struct kvp_remote *r;
+	redisReply *kill;
+	size_t len;
+	void *got;
+	int s;
+	redis_fixture_need();
+	s = redis_start(NULL);
+	r = remote_single(s, 1000);
+	publish_drained(r, "kvp:idle", "value", 5);
+	got = fetch_one(r, "kvp:idle", &len);
+	cr_assert_not_null(got);
+	kvp_remote_value_free(got);
+	kill = redis_run(redis_port(s), "CLIENT KILL TYPE normal");
+	cr_assert(kill && kill->type == REDIS_REPLY_INTEGER && kill->integer >= 2, "the lookup and writer links");
+	freeReplyObject(kill);
+	usleep(50000); /* the FIN reaches us */
+	got = fetch_one(r, "kvp:idle", &len);
+	cr_assert_not_null(got, "%s", counters_of(r).note);
+	kvp_remote_value_free(got);
+	publish_drained(r, "kvp:idle2", "value", 5);
+	cr_assert_eq(counters_of(r).published, 2, "%s", counters_of(r).note);
+	cr_assert_eq(counters_of(r).faults, 0, "%s", counters_of(r).note);
+	kvp_remote_close(r);
+}
+
 Test(remote, paused_server_costs_at_most_the_timeout)
 {
 	enum { TIMEOUT = 50 };
@@ -628,6 +655,44 @@ Test(remote, cluster_round_trips_keys_spread_over_every_node)
 	kvp_remote_close(r);
 }
 
+Test(remote, cluster_node_killed_misses_only_its_keys)
+{
+	enum { N = 60, TIMEOUT = 50 };
+	static char names[N][24];
+	const char *keys[N];
+	size_t key_len[N], len[N];
+	void *vals[N];
+	struct kvp_remote *r;
+	uint32_t hits, expected = 0;
+	double t0;
+	char dead[32];
+	int first;
+	redis_fixture_need();
+	first = redis_cluster_start();
+	r = remote_cluster(first, 3, TIMEOUT);
+	for (int i = 0; i < N; i++) {
+		snprintf(names[i], sizeof names[i], "kvp:d:%d", i);
+		keys[i] = names[i];
+		key_len[i] = strlen(names[i]);
+		cr_assert_eq(kvp_remote_publish(r, keys[i], key_len[i], "v", 1), 0);
+	}
+	cr_assert_eq(kvp_remote_drain(r, 5000), 0);
+	cr_assert_eq(counters_of(r).published, N, "%s", counters_of(r).note);
+	expected = (uint32_t)(N - dbsize(first + 2));
+	redis_kill(first + 2);
+	snprintf(dead, sizeof dead, "127.0.0.1:%d", redis_port(first + 2));
+	for (int round = 0; round < 3; round++) {
+		t0 = redis_fixture_ms();
+		hits = kvp_remote_fetch(r, N, keys, key_len, vals, len);
+		cr_assert_lt(redis_fixture_ms() - t0, 20.0 * TIMEOUT);
+		cr_assert_eq(hits, expected, "round %d: %s", round, counters_of(r).note);
+		for (int i = 0; i < N; i++)
+			kvp_remote_value_free(vals[i]);
+	}
+	cr_assert(strstr(counters_of(r).note, dead), "%s names %s", counters_of(r).note, dead);
+	kvp_remote_close(r);
+}
+
 static void node_id(int server, char id[48])
 {
 	redisReply *r = redis_run(redis_port(server), "CLUSTER MYID");
@@ -656,6 +721,68 @@ static void run_ok(int server, const char *fmt, const char *a, const char *b)
 	redisReply *r = redis_run(redis_port(server), fmt, a, b);
 	cr_assert(r && r->type != REDIS_REPLY_ERROR, "%s on %d: %s", fmt, redis_port(server), r ? r->str : "no reply");
 	freeReplyObject(r);
+}
+
+static void cluster_wait_ok(int server)
+{
+	double until = redis_fixture_ms() + 10000;
+	for (;;) {
+		redisReply *r = redis_run(redis_port(server), "CLUSTER INFO");
+		int ok = r && r->type == REDIS_REPLY_STRING && strstr(r->str, "cluster_state:ok");
+		if (r)
+			freeReplyObject(r);
+		if (ok)
+			return;
+		cr_assert_lt(redis_fixture_ms(), until, "node %d never reached cluster_state:ok", redis_port(server));
+		usleep(50000);
+	}
+}
+
+Test(remote, cluster_slots_of_a_dead_node_are_learned_again_from_the_others)
+{
+	enum { N = 60 };
+	static char names[N][24];
+	const char *keys[N];
+	size_t key_len[N], len[N];
+	void *vals[N];
+	struct kvp_remote *r;
+	char dead_id[48];
+	int first;
+	redis_fixture_need();
+	first = redis_cluster_start();
+	r = remote_cluster(first, 3, 1000);
+	for (int i = 0; i < N; i++) {
+		snprintf(names[i], sizeof names[i], "kvp:f:%d", i);
+		keys[i] = names[i];
+		key_len[i] = strlen(names[i]);
+		kvp_remote_publish(r, keys[i], key_len[i], "v", 1);
+	}
+	cr_assert_eq(kvp_remote_drain(r, 5000), 0);
+	cr_assert_eq(kvp_remote_fetch(r, N, keys, key_len, vals, len), N, "%s", counters_of(r).note);
+	for (int i = 0; i < N; i++)
+		kvp_remote_value_free(vals[i]);
+	/* the third node dies and the first takes its slots (redis-cli gave it 10923-16383), as a failover
+	 * would: no node ever answers MOVED for them */
+	node_id(first + 2, dead_id);
+	redis_kill(first + 2);
+	run_ok(first, "CLUSTER FORGET %s%s", dead_id, "");
+	run_ok(first + 1, "CLUSTER FORGET %s%s", dead_id, "");
+	run_ok(first, "CLUSTER ADDSLOTSRANGE %s %s", "10923", "16383");
+	cluster_wait_ok(first);
+	cluster_wait_ok(first + 1);
+	/* the first lookup and the first batch meet the dead node; the next ones ask for the map again */
+	kvp_remote_fetch(r, N, keys, key_len, vals, len);
+	for (int i = 0; i < N; i++)
+		kvp_remote_value_free(vals[i]);
+	for (int pass = 0; pass < 2; pass++) {
+		for (int i = 0; i < N; i++)
+			kvp_remote_publish(r, keys[i], key_len[i], "w", 1);
+		cr_assert_eq(kvp_remote_drain(r, 5000), 0);
+	}
+	cr_assert_eq(kvp_remote_fetch(r, N, keys, key_len, vals, len), N, "%s", counters_of(r).note);
+	for (int i = 0; i < N; i++)
+		kvp_remote_value_free(vals[i]);
+	kvp_remote_close(r);
 }
 
 Test(remote, cluster_follows_ask_during_a_migration_and_moved_after_it)

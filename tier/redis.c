@@ -131,6 +131,7 @@ static void node_fail(struct kvp_redis_link *l, struct kvp_redis_node *nd, const
 	va_end(ap);
 	kvp_redis_fault(l->faults, "redis %s: %s", nd->name, what);
 	node_close(nd);
+	l->stale = l->cluster; /* a failover may have moved its slots: ask the others at the next exchange */
 	nd->got = nd->n_expect;
 	if (!nd->backoff_ms)
 		nd->backoff_ms = KVP_REDIS_BACKOFF_MS;
@@ -370,6 +371,15 @@ static void node_service(struct kvp_redis_link *l, struct kvp_redis_node *nd, sh
 
 /* ---- one round: every pending request sent, every answer awaited until the deadline ---- */
 
+/* An idle connection has nothing to read: anything there is the server's goodbye (it closed the
+ * connection, after its idle timeout or a restart), so the connection is replaced, no fault. */
+static void node_refresh(struct kvp_redis_node *nd)
+{
+	struct pollfd p = { .fd = nd->fd, .events = POLLIN };
+	if (nd->fd >= 0 && !nd->connecting && poll(&p, 1, 0) > 0)
+		node_close(nd);
+}
+
 static void round_send(struct kvp_redis_link *l, struct kvp_redis_req *reqs, uint32_t n)
 {
 	uint64_t now = kvp_redis_now();
@@ -377,6 +387,7 @@ static void round_send(struct kvp_redis_link *l, struct kvp_redis_req *reqs, uin
 		struct kvp_redis_node *nd = &l->nodes[i];
 		nd->out_len = nd->out_off = 0;
 		nd->n_expect = nd->got = 0;
+		node_refresh(nd);
 	}
 	for (uint32_t i = 0; i < n; i++) {
 		struct kvp_redis_node *nd = &l->nodes[reqs[i].node];
@@ -459,10 +470,12 @@ static int slots_parse(struct kvp_redis_link *l, const struct kvp_redis_node *as
 	return mapped;
 }
 
-/* CLUSTER SLOTS from the first known node that answers. */
+/* CLUSTER SLOTS from the first known node that answers; a map already learned stays when none does. */
 static void slots_learn(struct kvp_redis_link *l, uint64_t deadline)
 {
-	for (uint32_t i = 0; i < l->n_nodes && !l->mapped && kvp_redis_now() < deadline; i++) {
+	int learned = 0;
+	l->stale = 0;
+	for (uint32_t i = 0; i < l->n_nodes && !learned && kvp_redis_now() < deadline; i++) {
 		struct kvp_redis_req q = { .op = KVP_REDIS_CLUSTER_SLOTS, .node = (uint16_t)i, .pending = 1 };
 		const redisReply *r;
 		if (l->nodes[i].fd < 0 && kvp_redis_now() < l->nodes[i].retry_at)
@@ -470,8 +483,8 @@ static void slots_learn(struct kvp_redis_link *l, uint64_t deadline)
 		round_run(l, &q, 1, deadline);
 		if (!(r = q.reply))
 			continue;
-		if (r->type == REDIS_REPLY_ARRAY)
-			l->mapped = slots_parse(l, &l->nodes[i], r);
+		if (r->type == REDIS_REPLY_ARRAY && r->elements > 0)
+			learned = l->mapped = slots_parse(l, &l->nodes[i], r);
 		else
 			kvp_redis_fault(l->faults, "redis %s: CLUSTER SLOTS: %.100s", l->nodes[i].name,
 					r->type == REDIS_REPLY_ERROR ? r->str : "not an array");
@@ -485,7 +498,7 @@ static int route(struct kvp_redis_link *l, struct kvp_redis_req *reqs, uint32_t 
 	int unserved = 0;
 	if (!l->cluster)
 		return 1;
-	if (!l->mapped)
+	if (!l->mapped || l->stale)
 		slots_learn(l, deadline);
 	if (!l->mapped)
 		return 0;

@@ -75,6 +75,7 @@ struct kvp_redis_link {
 	uint32_t n_nodes; /* the seeds come first */
 	uint16_t *slots;           /* cluster: node by hash slot, KVP_REDIS_NO_NODE when unknown */
 	int mapped;                /* cluster: the slot map was learned */
+	int stale;                 /* cluster: a node failed since: learn the map again first */
 	char *inbuf;               /* recv's buffer */
 	struct pollfd *poll_fds;   /* one round's, by node waited on */
 	uint16_t *poll_nodes;

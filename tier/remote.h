@@ -64,8 +64,11 @@ void kvp_remote_close(struct kvp_remote *r);
  * value (free it with kvp_remote_value_free) and val_len[i] its length, or NULL and 0 on a miss. Returns
  * the number of hits. A MOVED answer updates the slot map and an ASK is followed with ASKING; either is
  * retried once, within the same deadline; a second redirection is a fault. A node that failed is not
- * tried again before a backoff (100 ms, doubling to 1 s) has passed: its keys miss at once. Concurrent
- * fetches on one remote take turns. r NULL: every key misses.
+ * tried again before a backoff (100 ms, doubling to 1 s) has passed: its keys miss at once, with no new
+ * fault. After a fault a cluster's slot map is asked for again (from the first node that answers) at the
+ * next exchange, so slots a failover moved are found without a MOVED. Connections persist between calls;
+ * one the server closed while idle (its timeout, a restart) is replaced at the next call, no fault.
+ * Concurrent fetches on one remote take turns. r NULL: every key misses.
  */
 uint32_t kvp_remote_fetch(struct kvp_remote *r, uint32_t n, const char *const *keys, const size_t *key_len,
 			  void **vals, size_t *val_len);
