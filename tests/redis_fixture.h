@@ -1,5 +1,6 @@
 /*
- * Real Redis servers for the remote tier's tests: redis-server processes on free loopback ports, each with
+ * Real Redis servers for the remote tier's tests: redis-server processes on free loopback ports (127.0.0.1,
+ * and ::1 where the machine has it, so "localhost" reaches them whichever address it resolves to), each with
  * its own directory from mkdtemp, no persistence; a three-node cluster made by redis-cli --cluster create.
  * The suite's .fini (redis_fixture_fini) kills every server the test started and removes the directories,
  * also after a failed assertion; a server also dies with the test's process (PR_SET_PDEATHSIG) when the
@@ -128,7 +129,7 @@ static inline int redis_wait_up(int port, double ms)
 static inline pid_t redis_spawn(struct redis_server *s)
 {
 	char port[16], log[96];
-	const char *argv[32] = { "redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+	const char *argv[32] = { "redis-server", "--port", port, "--bind", "127.0.0.1 -::1", "--save", "", "--appendonly", "no",
 				 "--daemonize", "no", "--dir", s->dir };
 	int argc = 13;
 	pid_t pid;
