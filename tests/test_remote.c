@@ -229,6 +229,19 @@ Test(remote, pool_opens_with_a_note_when_the_server_is_down)
 	kvp_pool_close(p);
 }
 
+Test(remote, pool_takes_cluster_seeds_separated_by_bars)
+{
+	char spec[160];
+	kvp_pool *p = NULL;
+	snprintf(spec, sizeof spec, "remote=redis-cluster://127.0.0.1:%d|[::1]:%d|localhost:%d,remote_timeout=20",
+		 redis_fixture_port(), redis_fixture_port(), redis_fixture_port());
+	cr_assert_eq(kvp_pool_open(spec, &p), KVP_OK, "%s", kvp_last_error());
+	cr_assert(strstr(kvp_last_error(), "does not answer yet"), "%s", kvp_last_error());
+	kvp_pool_close(p);
+	cr_assert_eq(kvp_pool_open("remote=redis-cluster://127.0.0.1:1,127.0.0.1:2", &p), KVP_EINVAL,
+		     "',' ends the remote= value in a pool spec");
+}
+
 Test(remote, pool_opens_against_a_live_server_without_a_note)
 {
 	char spec[128];
@@ -721,6 +734,44 @@ static void run_ok(int server, const char *fmt, const char *a, const char *b)
 	redisReply *r = redis_run(redis_port(server), fmt, a, b);
 	cr_assert(r && r->type != REDIS_REPLY_ERROR, "%s on %d: %s", fmt, redis_port(server), r ? r->str : "no reply");
 	freeReplyObject(r);
+}
+
+Test(remote, cluster_nodes_of_unknown_endpoint_are_reached_at_the_address_asked)
+{
+	enum { N = 30 };
+	static char names[N][24];
+	const char *keys[N];
+	size_t key_len[N], len[N];
+	void *vals[N];
+	struct kvp_remote *cluster, *single;
+	char url[64];
+	int first;
+	redis_fixture_need();
+	first = redis_cluster_start();
+	for (int i = first; i < first + 3; i++)
+		run_ok(i, "CONFIG SET %s %s", "cluster-preferred-endpoint-type", "unknown-endpoint");
+	for (int i = 0; i < N; i++) {
+		snprintf(names[i], sizeof names[i], "kvp:u:%d", i);
+		keys[i] = names[i];
+		key_len[i] = strlen(names[i]);
+	}
+	/* CLUSTER SLOTS names every node "": the seed's host with each node's port */
+	cluster = remote_cluster(first, 1, 1000);
+	for (int i = 0; i < N; i++)
+		kvp_remote_publish(cluster, keys[i], key_len[i], "c", 1);
+	cr_assert_eq(kvp_remote_drain(cluster, 5000), 0);
+	cr_assert_eq(kvp_remote_fetch(cluster, N, keys, key_len, vals, len), N, "%s", counters_of(cluster).note);
+	for (int i = 0; i < N; i++)
+		kvp_remote_value_free(vals[i]);
+	kvp_remote_close(cluster);
+	/* a client that takes the cluster for one server gets "MOVED slot :port" for two thirds of the keys */
+	snprintf(url, sizeof url, "redis://127.0.0.1:%d", redis_port(first));
+	single = remote_open_at(url, 1000, NULL);
+	cr_assert_eq(kvp_remote_fetch(single, N, keys, key_len, vals, len), N, "%s", counters_of(single).note);
+	for (int i = 0; i < N; i++)
+		kvp_remote_value_free(vals[i]);
+	cr_assert_eq(counters_of(single).faults, 0, "%s", counters_of(single).note);
+	kvp_remote_close(single);
 }
 
 static void cluster_wait_ok(int server)

@@ -259,8 +259,15 @@ static void redirect(struct kvp_redis_link *l, struct kvp_redis_node *from, stru
 	char *end;
 	unsigned long slot = strtoul(p, &end, 10);
 	int to = -1;
-	if (*end == ' ' && (colon = strrchr(end + 1, ':')))
-		to = node_at(l, end + 1, (size_t)(colon - end - 1), strtol(colon + 1, NULL, 10));
+	if (*end == ' ' && (colon = strrchr(end + 1, ':'))) {
+		const char *host = end + 1;
+		size_t host_len = (size_t)(colon - host);
+		if (host_len == 0 || (host_len == 1 && *host == '?')) { /* "MOVED 3999 :6381": the asked node's host */
+			host = from->name;
+			host_len = (size_t)(strrchr(from->name, ':') - from->name);
+		}
+		to = node_at(l, host, host_len, strtol(colon + 1, NULL, 10));
+	}
 	if (to < 0 || slot >= KVP_REDIS_SLOTS || q->redirected) {
 		kvp_redis_fault(l->faults, "redis %s: %s: %.80s", from->name,
 				q->redirected ? "redirected twice" : "bad redirection", r->str);
@@ -440,21 +447,22 @@ static void round_run(struct kvp_redis_link *l, struct kvp_redis_req *reqs, uint
 
 static int slots_parse(struct kvp_redis_link *l, const struct kvp_redis_node *asked, const redisReply *r)
 {
+	uint16_t *map = l->slots_next;
 	int mapped = 0;
 	for (uint32_t s = 0; s < KVP_REDIS_SLOTS; s++)
-		l->slots[s] = KVP_REDIS_NO_NODE;
+		map[s] = KVP_REDIS_NO_NODE;
 	for (size_t i = 0; i < r->elements; i++) {
 		const redisReply *e = r->element[i], *m;
 		const char *host;
 		size_t host_len;
 		int node;
 		if (e->type != REDIS_REPLY_ARRAY || e->elements < 3 || (m = e->element[2])->type != REDIS_REPLY_ARRAY ||
-		    m->elements < 2 || m->element[0]->type != REDIS_REPLY_STRING ||
-		    m->element[1]->type != REDIS_REPLY_INTEGER)
+		    m->elements < 2 || m->element[1]->type != REDIS_REPLY_INTEGER)
 			continue;
-		host = m->element[0]->str;
-		host_len = m->element[0]->len;
-		if (host_len == 0 || !strcmp(host, "?")) { /* the node does not know its address: the one we asked */
+		host = m->element[0]->type == REDIS_REPLY_STRING ? m->element[0]->str : "";
+		host_len = m->element[0]->type == REDIS_REPLY_STRING ? m->element[0]->len : 0;
+		/* an unknown endpoint (nil, "" or "?"): the host the map came from */
+		if (host_len == 0 || !strcmp(host, "?")) {
 			host = asked->name;
 			host_len = (size_t)(strrchr(asked->name, ':') - asked->name);
 		}
@@ -463,9 +471,13 @@ static int slots_parse(struct kvp_redis_link *l, const struct kvp_redis_node *as
 			continue;
 		for (long long s = e->element[0]->integer; s <= e->element[1]->integer && s < KVP_REDIS_SLOTS; s++)
 			if (s >= 0) {
-				l->slots[s] = (uint16_t)node;
+				map[s] = (uint16_t)node;
 				mapped = 1;
 			}
+	}
+	if (mapped) { /* the map in use stays when the answer maps nothing */
+		l->slots_next = l->slots;
+		l->slots = map;
 	}
 	return mapped;
 }
@@ -483,8 +495,10 @@ static void slots_learn(struct kvp_redis_link *l, uint64_t deadline)
 		round_run(l, &q, 1, deadline);
 		if (!(r = q.reply))
 			continue;
-		if (r->type == REDIS_REPLY_ARRAY && r->elements > 0)
-			learned = l->mapped = slots_parse(l, &l->nodes[i], r);
+		if (r->type == REDIS_REPLY_ARRAY && r->elements > 0 && slots_parse(l, &l->nodes[i], r))
+			learned = l->mapped = 1;
+		else if (r->type == REDIS_REPLY_ARRAY)
+			kvp_redis_fault(l->faults, "redis %s: CLUSTER SLOTS maps no slot to an address", l->nodes[i].name);
 		else
 			kvp_redis_fault(l->faults, "redis %s: CLUSTER SLOTS: %.100s", l->nodes[i].name,
 					r->type == REDIS_REPLY_ERROR ? r->str : "not an array");
@@ -568,10 +582,11 @@ kvp_status kvp_redis_link_init(struct kvp_redis_link *l, int cluster, const stru
 	l->cluster = cluster;
 	l->nodes = calloc(KVP_REDIS_NODES_MAX, sizeof *l->nodes);
 	l->slots = calloc(KVP_REDIS_SLOTS, sizeof *l->slots);
+	l->slots_next = calloc(KVP_REDIS_SLOTS, sizeof *l->slots_next);
 	l->inbuf = malloc(INBUF_BYTES);
 	l->poll_fds = calloc(KVP_REDIS_NODES_MAX, sizeof *l->poll_fds);
 	l->poll_nodes = calloc(KVP_REDIS_NODES_MAX, sizeof *l->poll_nodes);
-	if (!l->nodes || !l->slots || !l->inbuf || !l->poll_fds || !l->poll_nodes) {
+	if (!l->nodes || !l->slots || !l->slots_next || !l->inbuf || !l->poll_fds || !l->poll_nodes) {
 		kvp_redis_link_fini(l);
 		return kvp_fail(KVP_ENOMEM, "pool: remote=: out of memory");
 	}
@@ -594,11 +609,13 @@ void kvp_redis_link_fini(struct kvp_redis_link *l)
 	}
 	free(l->nodes);
 	free(l->slots);
+	free(l->slots_next);
 	free(l->inbuf);
 	free(l->poll_fds);
 	free(l->poll_nodes);
 	l->nodes = NULL;
 	l->slots = NULL;
+	l->slots_next = NULL;
 	l->inbuf = NULL;
 	l->poll_fds = NULL;
 	l->poll_nodes = NULL;

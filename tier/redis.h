@@ -74,6 +74,7 @@ struct kvp_redis_link {
 	struct kvp_redis_node *nodes;
 	uint32_t n_nodes; /* the seeds come first */
 	uint16_t *slots;           /* cluster: node by hash slot, KVP_REDIS_NO_NODE when unknown */
+	uint16_t *slots_next;      /* where CLUSTER SLOTS is parsed before it replaces slots */
 	int mapped;                /* cluster: the slot map was learned */
 	int stale;                 /* cluster: a node failed since: learn the map again first */
 	char *inbuf;               /* recv's buffer */
