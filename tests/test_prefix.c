@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "kvpager.h"
+#include "model_fixture.h"
 #include "pager/pager.h"
 #include "pager_fixture.h"
 #include "spill_fixture.h"
@@ -320,6 +321,73 @@ Test(prefix, hit_attention_is_bit_identical_with_a_cold_tier)
 	/* the prompt's blocks turn cold in the append that fills them; the cache keeps them exact */
 	hit_matches_cold("model=m,block=8,sinks=4,window=8,k=turboquant(bits=3),v=turboquant(bits=3)");
 	hit_matches_cold("model=m,block=8,sinks=4,window=16,store=fp16,k=turboquant(bits=4),v=fp16");
+}
+
+/* The reference engine's attention through one kvpager sequence. */
+static int seq_append(void *ctx, int layer, int pos, const float *k, const float *v)
+{
+	int32_t p = pos;
+	return kvp_append(ctx, (uint32_t)layer, 1, &p, k, v) != KVP_OK;
+}
+
+static int seq_attend(void *ctx, int layer, int pos, const float *q, float *out)
+{
+	(void)pos;
+	return kvp_attend(ctx, (uint32_t)layer, q, out) != KVP_OK;
+}
+
+/* Runs tokens[from..to) through the model on seq; logits of position p land in logits[p]. */
+static void model_run(const struct llama_model *m, kvp_seq *seq, const int *tokens, int from, int to, float *logits)
+{
+	struct llama_attention att = { seq, seq_append, seq_attend, NULL };
+	struct llama_state st;
+	int vocab = m->config.vocab_size;
+	cr_assert_eq(llama_state_init(&st, &m->config), LLAMA_OK);
+	for (int pos = from; pos < to; pos++) {
+		cr_assert_eq(llama_forward(m, &st, &att, NULL, tokens[pos], pos), LLAMA_OK, "%d: %s", pos, kvp_last_error());
+		memcpy(logits + (size_t)pos * vocab, st.logits, (size_t)vocab * sizeof *logits);
+	}
+	llama_state_free(&st);
+}
+
+/* A prompt of kjv-64's own greedy text: the second sequence computes from n_cached on, and every logit
+ * from there equals the first sequence's, which computed everything. */
+static void model_hit_matches_cold(const char *spec)
+{
+	enum { PROMPT = 100, N = 130 };
+	struct llama_model m;
+	char err[LLAMA_ERROR_MAX];
+	int tokens[N];
+	int32_t prompt[PROMPT];
+	uint32_t cached;
+	cr_assert_eq(llama_model_load(&m, model_path("kjv-64.bin"), err), LLAMA_OK, "%s", err);
+	kvp_shape sh = llama_model_shape(&m.config);
+	size_t vocab = (size_t)m.config.vocab_size;
+	float *cold = malloc(N * vocab * sizeof *cold), *hit = malloc(N * vocab * sizeof *hit);
+	greedy_tokens(&m, tokens, N);
+	for (int i = 0; i < PROMPT; i++)
+		prompt[i] = tokens[i];
+	pool_open("");
+	kvp_tenant *t = tenant_open("t", spec);
+	kvp_seq *a, *b;
+	cr_assert_eq(kvp_seq_open_prefix(t, &sh, PROMPT, prompt, &a, &cached), KVP_OK, "%s", kvp_last_error());
+	model_run(&m, a, tokens, 0, N, cold);
+	cr_assert_eq(kvp_seq_open_prefix(t, &sh, PROMPT, prompt, &b, &cached), KVP_OK, "%s", kvp_last_error());
+	cr_assert_geq(cached, 84, "%s: %u", spec, cached);
+	model_run(&m, b, tokens, (int)cached, N, hit);
+	cr_assert_eq(memcmp(cold + cached * vocab, hit + cached * vocab, (N - cached) * vocab * sizeof *hit), 0,
+		     "%s: logits from position %u on differ", spec, cached);
+	kvp_pool_close(pool);
+	free(cold);
+	free(hit);
+	llama_model_free(&m);
+}
+
+Test(prefix, model_logits_after_a_hit_equal_computing_the_whole_prompt)
+{
+	model_hit_matches_cold("model=kjv-64,block=16,sinks=4,window=32");
+	model_hit_matches_cold("model=kjv-64,block=16,sinks=4,window=16,store=fp16,k=turboquant(bits=3),"
+			       "v=turboquant(bits=3)");
 }
 
 /* ---- tenants ---- */
