@@ -6,6 +6,8 @@
  * model's are of the prefix: two sequences given the same prompt append the same rows.
  */
 #include <criterion/criterion.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "kvpager.h"
@@ -37,9 +39,10 @@ static void token_rows(int32_t token, int32_t pos, uint32_t layer, float *k, flo
 /* Appends tokens[from..to) at positions from..to-1 to the given layers. */
 static kvp_status append_layers(kvp_seq *s, const int32_t *tokens, uint32_t from, uint32_t to, uint32_t l0, uint32_t l1)
 {
-	static float k[MAXT * ROW], v[MAXT * ROW];
-	static int32_t pos[MAXT];
+	float *k = malloc((size_t)(to - from) * ROW * sizeof *k), *v = malloc((size_t)(to - from) * ROW * sizeof *v);
+	int32_t *pos = malloc((to - from) * sizeof *pos);
 	kvp_status st = KVP_OK;
+	cr_assert(k && v && pos);
 	for (uint32_t l = l0; l < l1 && st == KVP_OK; l++) {
 		for (uint32_t i = from; i < to; i++) {
 			pos[i - from] = (int32_t)i;
@@ -47,6 +50,9 @@ static kvp_status append_layers(kvp_seq *s, const int32_t *tokens, uint32_t from
 		}
 		st = kvp_append(s, l, to - from, pos, k, v);
 	}
+	free(k);
+	free(v);
+	free(pos);
 	return st;
 }
 
@@ -574,6 +580,97 @@ Test(prefix, rounds_leave_cached_blocks_as_they_were)
 	append_tokens(ref, tokens, 0, 60);
 	append_tokens(b, tokens, 52, 60);
 	assert_same_attention(ref, b, "after rounds");
+	kvp_pool_close(pool);
+}
+
+/* Threads of one tenant open sequences of three prompts that share their first units, append the rest,
+ * check attention against sequences that appended everything, and close; the quota (less than the
+ * prompts' blocks and four sequences at once) keeps pressure on the cache all along, and refuses an
+ * append now and then when the other racers' sequences hold it all. */
+#define RACERS 4
+#define ROUNDS 40
+struct racer {
+	kvp_tenant *t;
+	const int32_t (*prompts)[120];
+	const float (*expected)[L][NH * D];
+	uint32_t seed, hits, refused;
+	char failure[512];
+};
+
+/* No Criterion assertion off the main thread: a racer records its first failure and stops. */
+static void *race(void *arg)
+{
+	struct racer *r = arg;
+	float q[NH * D], out[NH * D];
+	for (uint32_t i = 0; i < ROUNDS && !r->failure[0]; i++) {
+		uint32_t which = (r->seed + i * 7) % 3, cached;
+		kvp_seq *s;
+		kvp_status st = kvp_seq_open_prefix(r->t, &shape, 120, r->prompts[which], &s, &cached);
+		if (st != KVP_OK) {
+			snprintf(r->failure, sizeof r->failure, "open: %s", kvp_last_error());
+			break;
+		}
+		r->hits += cached > 0;
+		st = append_layers(s, r->prompts[which], cached, 120, 0, L);
+		if (st == KVP_ENOMEM) { /* the other racers' sequences hold the quota: a legitimate refusal */
+			r->refused++;
+			kvp_seq_close(s);
+			continue;
+		}
+		if (st != KVP_OK)
+			snprintf(r->failure, sizeof r->failure, "append after %u cached: %s", cached, kvp_last_error());
+		for (uint32_t l = 0; l < L && !r->failure[0]; l++) {
+			fixture_fill(q, NH * D, 500 + l, 1.0f);
+			if (kvp_attend(s, l, q, out) != KVP_OK)
+				snprintf(r->failure, sizeof r->failure, "attend: %s", kvp_last_error());
+			else if (memcmp(out, r->expected[which][l], sizeof out))
+				snprintf(r->failure, sizeof r->failure, "prompt %u layer %u: attention differs after %u "
+					 "cached", which, l, cached);
+		}
+		kvp_seq_close(s);
+	}
+	return NULL;
+}
+
+Test(prefix, threads_share_prompts_under_pressure_and_attention_stays_exact)
+{
+	static int32_t prompts[3][120];
+	static float expected[3][L][NH * D];
+	float q[NH * D];
+	pthread_t th[RACERS];
+	struct racer r[RACERS];
+	pool_open("");
+	kvp_tenant *plain = tenant_open("plain", "block=8,sinks=4");
+	kvp_tenant *t = tenant_open("t", "model=m,block=8,sinks=4,quota=150KiB");
+	for (uint32_t p = 0; p < 3; p++) {
+		prompt_fill(prompts[p], 120, 40);
+		for (uint32_t i = 20 + 30 * p; i < 120; i++)
+			prompts[p][i] += (int32_t)(p + 1) * 1000; /* shared up to token 20 + 30p */
+		kvp_seq *ref = run_prompt(plain, prompts[p], 120);
+		for (uint32_t l = 0; l < L; l++) {
+			fixture_fill(q, NH * D, 500 + l, 1.0f);
+			cr_assert_eq(kvp_attend(ref, l, q, expected[p][l]), KVP_OK);
+		}
+	}
+	for (uint32_t i = 0; i < RACERS; i++) {
+		r[i] = (struct racer){ .t = t, .prompts = (const int32_t (*)[120])prompts,
+				       .expected = (const float (*)[L][NH * D])expected, .seed = i };
+		cr_assert_eq(pthread_create(&th[i], NULL, race, &r[i]), 0);
+	}
+	uint32_t hits = 0, refused = 0;
+	for (uint32_t i = 0; i < RACERS; i++) {
+		pthread_join(th[i], NULL);
+		cr_expect_eq(r[i].failure[0], '\0', "racer %u: %s", i, r[i].failure);
+		hits += r[i].hits;
+		refused += r[i].refused;
+	}
+	kvp_stats st = tenant_stats(t);
+	cr_assert_gt(hits, RACERS * ROUNDS / 2, "%u hits", hits);
+	cr_assert_lt(refused, RACERS * ROUNDS / 2, "%u appends refused", refused);
+	cr_assert_eq(st.tokens_retained, 0);
+	cr_assert_eq(st.prefix_hit_tokens + st.prefix_miss_tokens, (uint64_t)RACERS * ROUNDS * 116);
+	cr_assert_gt(st.bytes_cached, 0);
+	cr_assert_leq(st.bytes_exact + st.bytes_meta, 150 * 1024);
 	kvp_pool_close(pool);
 }
 
