@@ -372,6 +372,17 @@ int kvp_prefix_relieve(struct kvp_tenant_obj *t, uint64_t bytes, struct kvp_call
 void kvp_prefix_drop_tenant(struct kvp_tenant_obj *t);
 /* Bytes of blocks of t's entries that no sequence holds. */
 uint64_t kvp_prefix_bytes_cached(const struct kvp_tenant_obj *t);
+/*
+ * Records of cached units, for a tier beyond the pool (a remote store): an entry's chain hashes, token
+ * ids and every stream's block as stored, under a CRC32C (prefix.c). record_make: unit u of the prompt
+ * `tokens` as t finds it in the cache, written to *rec (malloc'd; the caller frees). record_install:
+ * checks a record (CRC32C, sizes, and its hash recomputed from t's own identity, the parent hash and the
+ * ids: another model, shape or tenant namespace is KVP_ECORRUPT) and adds it to the cache as t's entry,
+ * in t's memory; KVP_EINVAL when its parent unit is not cached (a chain installs from its start).
+ */
+kvp_status kvp_prefix_record_make(struct kvp_tenant_obj *t, const kvp_shape *shape, const int32_t *tokens,
+				  uint32_t unit, void **rec, size_t *bytes);
+kvp_status kvp_prefix_record_install(struct kvp_tenant_obj *t, const kvp_shape *shape, const void *rec, size_t bytes);
 
 /* ---- configuration ---- */
 kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quota, const char *spec);

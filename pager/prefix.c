@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/crc32c.h"
 #include "pager.h"
 
 #define PREFIX_BUCKETS 1024u
@@ -251,7 +252,9 @@ static int unowned(const struct prefix_entry *e)
 /* ---- the seams of a remote tier ---- */
 
 /* A local miss at hashes[0] (the rest of the chain follows it): installs into the table the units
- * another tier holds and returns how many it installed. This build has no other tier. */
+ * another tier holds (kvp_prefix_record_install, the chain from hashes[0] on) and returns how many it
+ * installed. This build has no other tier. Called under the table's lock: what it installs must be made
+ * before it is taken (the installs allocate, and a charge may relieve, which takes the lock). */
 static uint32_t prefix_fetch_remote(struct kvp_prefix_table *tab, struct kvp_tenant_obj *t,
 				    const struct prefix_identity *id, const uint64_t *hashes, uint32_t n)
 {
@@ -259,7 +262,8 @@ static uint32_t prefix_fetch_remote(struct kvp_prefix_table *tab, struct kvp_ten
 	return 0;
 }
 
-/* An entry joined the table: where a record of it would be queued for another tier (write-behind). */
+/* An entry joined the table: where a record of it (record_size, record_write) would be queued for another
+ * tier, write-behind: under the table's lock, so it only copies or queues. */
 static void prefix_publish(struct kvp_prefix_table *tab, const struct prefix_entry *e)
 {
 	(void)tab, (void)e;
@@ -497,6 +501,171 @@ void kvp_prefix_register(struct kvp_seq_obj *s)
 	/* the prompt's memory goes once nothing more can be registered */
 	if (p->failed || p->next == p->n_units)
 		kvp_prefix_prompt_free(s);
+}
+
+/*
+ * ---- records: one entry as bytes, for a tier beyond the pool ----
+ * head, the unit's token ids (int32), then per stream: n and pos_base (uint32, int32) and the n rows of
+ * k then of v as stored (fp32 or fp16); last, a CRC32C of everything before it. Host byte order.
+ */
+#define RECORD_MAGIC 0x5250564bu /* "KVPR" */
+#define RECORD_VERSION 1u
+
+struct record_head {
+	uint32_t magic, version;
+	uint64_t hash, parent;
+	uint32_t unit, n_tokens, n_streams, head_dim, store, reserved;
+};
+
+static size_t row_bytes(uint32_t dim, uint32_t store)
+{
+	return (size_t)dim * (store == KVP_STORE_FP16 ? sizeof(uint16_t) : sizeof(float));
+}
+
+static size_t record_size(uint32_t n_tokens, uint32_t n_streams, uint32_t dim, uint32_t store)
+{
+	return sizeof(struct record_head) + (size_t)n_tokens * sizeof(int32_t) +
+	       (size_t)n_streams * (2 * sizeof(uint32_t) + 2 * (size_t)n_tokens * row_bytes(dim, store)) +
+	       sizeof(uint32_t);
+}
+
+static void record_write(const struct prefix_entry *e, unsigned char *out)
+{
+	const uint32_t dim = e->id.shape.head_dim;
+	const size_t rows = (size_t)e->n_tokens * row_bytes(dim, e->id.store);
+	struct record_head h = { RECORD_MAGIC, RECORD_VERSION, e->hash, e->parent, e->unit, e->n_tokens,
+				 e->n_streams, dim, e->id.store, 0 };
+	unsigned char *at = out;
+	uint32_t crc;
+	memcpy(at, &h, sizeof h);
+	at += sizeof h;
+	memcpy(at, e->tokens, e->n_tokens * sizeof *e->tokens);
+	at += e->n_tokens * sizeof *e->tokens;
+	for (uint32_t i = 0; i < e->n_streams; i++) {
+		const struct kvp_block *b = e->blocks[i];
+		uint32_t n = b->n;
+		memcpy(at, &n, sizeof n);
+		memcpy(at + sizeof n, &b->pos_base, sizeof b->pos_base);
+		memcpy(at + 2 * sizeof n, b->k, rows);
+		memcpy(at + 2 * sizeof n + rows, b->v, rows);
+		at += 2 * sizeof n + 2 * rows;
+	}
+	crc = kvp_crc32c(0, out, (size_t)(at - out));
+	memcpy(at, &crc, sizeof crc);
+}
+
+kvp_status kvp_prefix_record_make(struct kvp_tenant_obj *t, const kvp_shape *shape, const int32_t *tokens,
+				  uint32_t unit, void **rec, size_t *bytes)
+{
+	const struct kvp_tenant_config *c = &t->cfg;
+	struct kvp_prefix_table *tab = t->pool->prefix;
+	struct prefix_identity id;
+	struct prefix_entry *e;
+	uint64_t h = 0, idh;
+	*rec = NULL;
+	*bytes = 0;
+	identity_of(t, shape, &id);
+	idh = identity_hash(&id, t->pool->share_prefix ? "" : t->name);
+	for (uint32_t u = 0; u <= unit; u++)
+		h = unit_hash(idh, h, tokens + unit_start(c, u), unit_len(c, u));
+	pthread_mutex_lock(&tab->lock);
+	e = find(tab, h, &id, tokens + unit_start(c, unit), unit_len(c, unit));
+	if (e) {
+		*bytes = record_size(e->n_tokens, e->n_streams, shape->head_dim, id.store);
+		if ((*rec = malloc(*bytes)))
+			record_write(e, *rec);
+	}
+	pthread_mutex_unlock(&tab->lock);
+	if (!e)
+		return kvp_fail(KVP_EINVAL, "prefix record: unit %u of the prompt is not cached", unit);
+	return *rec ? KVP_OK : kvp_fail(KVP_ENOMEM, "prefix record: out of memory for %zu bytes", *bytes);
+}
+
+/* The head of a record that passes its CRC and fits its size, copied out. */
+static kvp_status record_check(const unsigned char *rec, size_t bytes, const struct prefix_identity *id,
+			       struct record_head *h)
+{
+	uint32_t crc, n_streams = id->shape.n_layers * id->shape.n_kv_heads;
+	if (bytes < sizeof *h + sizeof crc)
+		return kvp_fail(KVP_ECORRUPT, "prefix record: %zu bytes is shorter than a header", bytes);
+	memcpy(h, rec, sizeof *h);
+	memcpy(&crc, rec + bytes - sizeof crc, sizeof crc);
+	if (h->magic != RECORD_MAGIC || h->version != RECORD_VERSION)
+		return kvp_fail(KVP_ECORRUPT, "prefix record: not a version %u record", RECORD_VERSION);
+	if (h->n_streams != n_streams || h->head_dim != id->shape.head_dim || h->store != id->store ||
+	    !h->n_tokens || h->n_tokens > KVP_BLOCK_MAX ||
+	    bytes != record_size(h->n_tokens, h->n_streams, h->head_dim, h->store))
+		return kvp_fail(KVP_ECORRUPT, "prefix record: its streams, head_dim, store or size do not fit this "
+				"tenant and shape");
+	if (kvp_crc32c(0, rec, bytes - sizeof crc) != crc)
+		return kvp_fail(KVP_ECORRUPT, "prefix record: CRC32C mismatch");
+	return KVP_OK;
+}
+
+/* The record's blocks, made in t's memory; 0 when a block's n or position is not its unit's. */
+static kvp_status record_blocks(struct kvp_tenant_obj *t, const unsigned char *at, const struct record_head *h,
+				struct prefix_entry *e)
+{
+	const size_t rows = (size_t)h->n_tokens * row_bytes(h->head_dim, h->store);
+	int32_t start = (int32_t)unit_start(&t->cfg, h->unit);
+	for (uint32_t i = 0; i < h->n_streams; i++, at += 2 * sizeof(uint32_t) + 2 * rows) {
+		uint32_t n;
+		int32_t base;
+		memcpy(&n, at, sizeof n);
+		memcpy(&base, at + sizeof n, sizeof base);
+		if (n != h->n_tokens || base != start)
+			return kvp_fail(KVP_ECORRUPT, "prefix record: stream %u holds %u tokens from %d, not unit %u's",
+					i, n, base, h->unit);
+		if (!(e->blocks[i] = kvp_block_new(t, h->n_tokens, h->head_dim, (enum kvp_store)h->store, NULL)))
+			return KVP_ENOMEM;
+		memcpy(e->blocks[i]->k, at + 2 * sizeof n, rows);
+		memcpy(e->blocks[i]->v, at + 2 * sizeof n + rows, rows);
+		e->blocks[i]->n = (uint16_t)n;
+		e->blocks[i]->pos_base = base;
+	}
+	return KVP_OK;
+}
+
+kvp_status kvp_prefix_record_install(struct kvp_tenant_obj *t, const kvp_shape *shape, const void *rec, size_t bytes)
+{
+	const struct kvp_tenant_config *c = &t->cfg;
+	struct kvp_prefix_table *tab = t->pool->prefix;
+	struct prefix_entry *e, *parent = NULL;
+	struct prefix_identity id;
+	struct record_head h;
+	const int32_t *tokens;
+	kvp_status st;
+	identity_of(t, shape, &id);
+	if ((st = record_check(rec, bytes, &id, &h)) != KVP_OK)
+		return st;
+	tokens = (const int32_t *)((const unsigned char *)rec + sizeof h);
+	/* the namespace and identity: the hash as this tenant would compute it from the parent and the ids */
+	if (h.n_tokens != unit_len(c, h.unit) || (h.unit == 0) != (h.parent == 0) ||
+	    unit_hash(identity_hash(&id, t->pool->share_prefix ? "" : t->name), h.parent, tokens, h.n_tokens) != h.hash)
+		return kvp_fail(KVP_ECORRUPT, "prefix record: unit %u is not of this tenant's model, shape and "
+				"configuration", h.unit);
+	if (!(e = entry_new(t, &id, h.unit, tokens, h.n_tokens, h.n_streams, h.hash, h.parent)))
+		return KVP_ENOMEM;
+	if ((st = record_blocks(t, (const unsigned char *)tokens + h.n_tokens * sizeof *tokens, &h, e)) != KVP_OK) {
+		entry_free(e);
+		return st;
+	}
+	pthread_mutex_lock(&tab->lock);
+	if (h.unit && !(parent = find(tab, h.parent, &id, NULL, 0)))
+		st = kvp_fail(KVP_EINVAL, "prefix record: unit %u's parent is not cached (a chain installs from "
+			      "its start)", h.unit);
+	else if (find(tab, h.hash, &id, e->tokens, e->n_tokens))
+		st = KVP_OK; /* cached meanwhile: ours is not needed */
+	else {
+		entry_link(tab, e);
+		if (parent)
+			parent->children++;
+		e = NULL;
+	}
+	pthread_mutex_unlock(&tab->lock);
+	if (e)
+		entry_free(e);
+	return st;
 }
 
 /* ---- lookup and install ---- */

@@ -674,6 +674,68 @@ Test(prefix, threads_share_prompts_under_pressure_and_attention_stays_exact)
 	kvp_pool_close(pool);
 }
 
+/* ---- records: what a tier beyond the pool would move ---- */
+
+Test(prefix, records_carry_a_prompt_to_another_pool)
+{
+	int32_t tokens[62];
+	void *rec[8];
+	size_t bytes[8];
+	uint32_t cached;
+	kvp_pool *first;
+	prompt_fill(tokens, 62, 41);
+	pool_open("");
+	first = pool;
+	kvp_tenant *a = tenant_open("t", "model=m,block=8,sinks=4");
+	kvp_seq *sa = run_prompt(a, tokens, 62);
+	for (uint32_t u = 0; u < 8; u++)
+		cr_assert_eq(kvp_prefix_record_make(kvp_tenant_from_handle(a), &shape, tokens, u, &rec[u], &bytes[u]),
+			     KVP_OK, "%s", kvp_last_error());
+	pool_open("");
+	kvp_tenant *b = tenant_open("t", "model=m,block=8,sinks=4");
+	struct kvp_tenant_obj *tb = kvp_tenant_from_handle(b);
+	cr_assert_eq(kvp_prefix_record_install(tb, &shape, rec[1], bytes[1]), KVP_EINVAL, "a child before its parent");
+	for (uint32_t u = 0; u < 8; u++)
+		cr_assert_eq(kvp_prefix_record_install(tb, &shape, rec[u], bytes[u]), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_prefix_record_install(tb, &shape, rec[3], bytes[3]), KVP_OK, "installing twice is a no-op");
+	cr_assert_gt(tenant_stats(b).bytes_cached, 0, "b's memory holds them");
+	kvp_seq *sb = open_prompt(b, tokens, 62, &cached);
+	cr_assert_eq(cached, 60);
+	append_tokens(sb, tokens, 60, 62);
+	assert_same_attention(sa, sb, "installed from records");
+	kvp_pool_close(pool);
+	kvp_pool_close(first);
+	for (uint32_t u = 0; u < 8; u++)
+		free(rec[u]);
+}
+
+Test(prefix, records_that_fail_their_checks_are_refused)
+{
+	int32_t tokens[30];
+	void *rec;
+	size_t bytes;
+	pool_open("");
+	kvp_tenant *a = tenant_open("a", "model=m,block=8,sinks=4");
+	prompt_fill(tokens, 30, 43);
+	run_prompt(a, tokens, 30);
+	cr_assert_eq(kvp_prefix_record_make(kvp_tenant_from_handle(a), &shape, tokens, 0, &rec, &bytes), KVP_OK);
+	kvp_tenant *other = tenant_open("b", "model=m,block=8,sinks=4");
+	kvp_tenant *model = tenant_open("c", "model=n,block=8,sinks=4");
+	kvp_tenant *fp16 = tenant_open("d", "model=m,block=8,sinks=4,store=fp16");
+	cr_assert_eq(kvp_prefix_record_install(kvp_tenant_from_handle(other), &shape, rec, bytes), KVP_ECORRUPT,
+		     "another tenant's namespace");
+	cr_assert_eq(kvp_prefix_record_install(kvp_tenant_from_handle(model), &shape, rec, bytes), KVP_ECORRUPT);
+	cr_assert_eq(kvp_prefix_record_install(kvp_tenant_from_handle(fp16), &shape, rec, bytes), KVP_ECORRUPT);
+	cr_assert_eq(kvp_prefix_record_install(kvp_tenant_from_handle(a), &shape, rec, bytes - 1), KVP_ECORRUPT);
+	((unsigned char *)rec)[bytes / 2] ^= 1;
+	cr_assert_eq(kvp_prefix_record_install(kvp_tenant_from_handle(a), &shape, rec, bytes), KVP_ECORRUPT);
+	cr_assert(strstr(kvp_last_error(), "CRC32C"), "%s", kvp_last_error());
+	kvp_stats st = tenant_stats(other);
+	cr_assert_eq(st.bytes_exact + st.bytes_cached, 0, "a refused record leaves nothing");
+	free(rec);
+	kvp_pool_close(pool);
+}
+
 Test(prefix, plugin_table_serves_seq_open_prefix)
 {
 	const kvp_plugin_v1 *p = kvp_plugin(KVP_ABI_MAJOR);
