@@ -153,7 +153,9 @@ KVP_API kvp_status kvp_seq_open(kvp_tenant *t, const kvp_shape *shape, kvp_seq *
  * share_prefix=1 a hit on another tenant's entry copies the blocks into the caller's memory, charged to
  * it (a copy over the quota ends the hit there). Blocks the cache holds and no sequence does
  * (bytes_cached) are the first thing a charge over a limit frees, least recently used and deepest unit
- * first, before any sequence is spilled; closing the tenant drops its entries.
+ * first, before any sequence is spilled; closing the tenant drops its entries. What a hit cannot give
+ * is what the skipped calls would have shown the sequence: a policy's observations of the prompt's
+ * attention (H2O), and the queries a SparK key codec fits on (kvp_attend's before the first cold block).
  * A tenant with prefix off: a plain kvp_seq_open, n_cached = 0 and nothing registered. n = 0, tokens
  * NULL, out or n_cached NULL: KVP_EINVAL. On failure nothing is opened, registered or charged.
  */
