@@ -108,6 +108,9 @@ KVP_API const char *kvp_last_error(void);
  *                   tried again before a backoff (100 ms, doubling to 1 s).
  *   remote_ttl=SECONDS  stored blocks expire after this (SET ... EX), 0..2^31-1 (default 0: never)
  *                   The remote_* keys without remote= are KVP_EINVAL.
+ *   share_prefix=0|1  1: tenants find each other's cached prompts (kvp_seq_open_prefix), each hit paid
+ *                   as copies in the caller's memory; 0 (default): a tenant only ever finds its own, so
+ *                   no tenant can learn what another cached
  * With a spill device, a charge that would pass a tenant's quota or the pool's limit first spills blocks
  * of the tenant's least recently used idle sequence, or parks it (never another tenant's); see
  * kvp_seq_park. The spill's own metadata is paid from the memory it frees: no charge passes a limit.
@@ -139,6 +142,9 @@ KVP_API void kvp_pool_close(kvp_pool *pool);
  *                   from then on use bits=B on every codec of k= and v= that takes bits (turboquant, kivi;
  *                   at least one must). Blocks keep the level they were encoded at and are always read
  *                   with its codecs. The parentheses are needed because ',' separates the tenant's keys.
+ *   model=NAME      the host's name for the weights (e.g. checkpoint and revision; 1..63 printable
+ *                   characters without space , ( ) =): an identity of cached prefixes
+ *   prefix=on|off   prefix caching by kvp_seq_open_prefix (default on when model= is given; on needs it)
  * Names are unique within a pool.
  */
 KVP_API kvp_status kvp_tenant_open(kvp_pool *pool, const char *name, const char *spec, kvp_tenant **out);
@@ -147,6 +153,31 @@ KVP_API void kvp_tenant_close(kvp_tenant *t);
 
 /* Sequence: one request; the shape is copied. */
 KVP_API kvp_status kvp_seq_open(kvp_tenant *t, const kvp_shape *shape, kvp_seq **out);
+/*
+ * Prefix caching (tenant model=NAME, prefix=on): open a sequence for a prompt of n token ids, token i
+ * at position i. The cache is cut in units: the sink block (the first `sinks` tokens, when sinks > 0),
+ * then blocks of `block` tokens. *n_cached is the tokens of the longest run of whole units from the
+ * start that the cache holds, at most n - 1 (the host computes at least the last token: it needs its
+ * logits); those tokens are in the sequence already, in every layer and KV head, and attention over it
+ * equals that of a sequence that appended them. The host appends from position n_cached on.
+ * As the sequence's appends fill a prompt unit in every stream (exact, holding the unit's positions),
+ * it is registered under a chain hash of (model, shape, tenant unless the pool says share_prefix=1,
+ * block, sinks, store, the parent unit's hash, the unit's token ids); a lookup compares the token ids
+ * too, so a hash collision is a miss. The prompt's ids and the entries waiting for their blocks are the
+ * sequence's metadata until the prompt is registered (or can no longer be: a policy round or the cold
+ * tier changed a block first). Cached blocks are the registering tenant's: a hit of the same tenant
+ * shares them copy-on-write (nothing is copied: whole units are never written again); with
+ * share_prefix=1 a hit on another tenant's entry copies the blocks into the caller's memory, charged to
+ * it (a copy over the quota ends the hit there). Blocks the cache holds and no sequence does
+ * (bytes_cached) are the first thing a charge over a limit frees, least recently used and deepest unit
+ * first, before any sequence is spilled; closing the tenant drops its entries. What a hit cannot give
+ * is what the skipped calls would have shown the sequence: a policy's observations of the prompt's
+ * attention (H2O), and the queries a SparK key codec fits on (kvp_attend's before the first cold block).
+ * A tenant with prefix off: a plain kvp_seq_open, n_cached = 0 and nothing registered. n = 0, tokens
+ * NULL, out or n_cached NULL: KVP_EINVAL. On failure nothing is opened, registered or charged.
+ */
+KVP_API kvp_status kvp_seq_open_prefix(kvp_tenant *t, const kvp_shape *shape, uint32_t n, const int32_t *tokens,
+				       kvp_seq **out, uint32_t *n_cached);
 /* A copy-on-write duplicate of src: blocks are shared until either side writes to them. */
 KVP_API kvp_status kvp_seq_fork(kvp_seq *src, kvp_seq **out);
 KVP_API void kvp_seq_close(kvp_seq *s);
@@ -211,6 +242,10 @@ typedef struct {
 	uint64_t bytes_meta;       /* positions, block headers, stream tables, and the policy's and codecs' state */
 	uint64_t bytes_spilled;    /* bytes on the spill device */
 	uint64_t bytes_dense_fp16; /* what every appended token would take as dense fp16 K and V */
+	/* the prefix cache (kvp_seq_open_prefix): bytes of blocks the cache holds and no sequence does (the
+	 * tenant's entries; 0 for a sequence), and over the lookups (the sequence's own, or all the tenant's)
+	 * the tokens found, and the tokens of the whole units looked up and not found */
+	uint64_t bytes_cached, prefix_hit_tokens, prefix_miss_tokens;
 } kvp_stats;
 /* Blocks shared by forks count in every sequence that holds them; tenant stats count them once. */
 KVP_API kvp_status kvp_seq_stats(const kvp_seq *s, kvp_stats *out);
@@ -293,7 +328,7 @@ KVP_API kvp_status kvp_policy_observe(kvp_policy *p, uint32_t layer, uint32_t kv
  * knows when the table's abi_minor >= m (and size covers it).
  */
 #define KVP_ABI_MAJOR 1
-#define KVP_ABI_MINOR 2
+#define KVP_ABI_MINOR 3
 
 typedef struct kvp_plugin_v1 {
 	uint32_t abi_major, abi_minor, size;
@@ -333,6 +368,9 @@ typedef struct kvp_plugin_v1 {
 	/* abi_minor 2 */
 	kvp_status (*seq_head_level)(kvp_seq *s, uint32_t layer, uint32_t kv_head, kvp_head_level *out);
 	kvp_status (*seq_set_head_level)(kvp_seq *s, uint32_t layer, uint32_t kv_head, float aggressiveness);
+	/* abi_minor 3 */
+	kvp_status (*seq_open_prefix)(kvp_tenant *t, const kvp_shape *shape, uint32_t n, const int32_t *tokens,
+				      kvp_seq **out, uint32_t *n_cached);
 } kvp_plugin_v1;
 
 /* NULL when abi_major is not served (kvp_last_error says which majors are). */

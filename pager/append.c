@@ -170,6 +170,7 @@ static void commit_stream(struct kvp_tenant_obj *t, const struct kvp_seq_obj *se
 	free(p->fresh);
 	free(p->fresh_pos);
 	s->n_tokens += n;
+	kvp_prefix_capture(seq, s); /* the prompt's full blocks, before cold conversion replaces them */
 	kvp_cold_commit(t, seq, s, &p->cold);
 }
 
@@ -265,6 +266,7 @@ kvp_status kvp_append_resident(struct kvp_seq_obj *s, uint32_t layer, uint32_t n
 		atomic_fetch_add(&s->tenant->tokens_appended, (uint64_t)n * nkv);
 		atomic_fetch_add(&s->tenant->tokens_retained, (uint64_t)n * nkv);
 		atomic_fetch_add(&s->tenant->bytes_dense_fp16, (uint64_t)n * nkv * dim * 4);
+		kvp_prefix_register(s);
 	}
 	if (plan != plans)
 		free(plan);

@@ -50,6 +50,23 @@ kvp_status kvp_seq_open(kvp_tenant *h, const kvp_shape *shape, kvp_seq **out)
 	return st;
 }
 
+kvp_status kvp_seq_open_prefix(kvp_tenant *h, const kvp_shape *shape, uint32_t n, const int32_t *tokens,
+			       kvp_seq **out, uint32_t *n_cached)
+{
+	struct kvp_seq_obj *s;
+	void *t;
+	kvp_status st;
+	if (out)
+		*out = NULL;
+	if (n_cached)
+		*n_cached = 0;
+	if ((st = kvp_handle_get(KVP_HANDLE_TENANT, h, "kvp_seq_open_prefix", &t)) != KVP_OK)
+		return st;
+	if ((st = kvp_prefix_seq_open(t, shape, n, tokens, &s, n_cached)) == KVP_OK)
+		*out = s->handle;
+	return st;
+}
+
 kvp_status kvp_append(kvp_seq *h, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
 		      const float *v)
 {

@@ -50,6 +50,8 @@ struct kvp_pool_obj {
 	struct kvp_tenant_obj *tenants;
 	struct kvp_spill *spill; /* NULL without spill= */
 	struct kvp_remote *remote; /* NULL without remote= (tier/remote.h) */
+	uint32_t share_prefix; /* share_prefix=1: tenants find each other's cached prefixes (as copies) */
+	struct kvp_prefix_table *prefix; /* the pool's prefix cache (prefix.c) */
 };
 
 struct kvp_tenant_config {
@@ -61,6 +63,8 @@ struct kvp_tenant_config {
 	char policy_spec[KVP_CODEC_SPEC_MAX]; /* "" when every token is kept */
 	uint32_t pin_prompt;
 	struct kvp_gating_config gating; /* gate= and ladder= (gating/) */
+	char model[64];  /* model=: the host's name for the weights, "" when not set */
+	uint32_t prefix; /* prefix=on: kvp_seq_open_prefix looks prompts up and registers them */
 };
 
 struct kvp_tenant_obj {
@@ -76,6 +80,7 @@ struct kvp_tenant_obj {
 	_Atomic uint64_t used;
 	_Atomic uint64_t bytes[KVP_BYTES_KINDS];
 	_Atomic uint64_t tokens_appended, tokens_retained, bytes_dense_fp16;
+	_Atomic uint64_t prefix_hit_tokens, prefix_miss_tokens; /* over its kvp_seq_open_prefix calls */
 	struct kvp_tenant_config cfg;
 	/* The specs, parsed once at tenant open (with what the policy loads once, e.g. a .kvtria file) and
 	 * read-only until the tenant closes: NULL when not set. */
@@ -209,6 +214,10 @@ struct kvp_seq_obj {
 	uint32_t n_spilled;          /* blocks whose record is on the device, in flight or not: attend's one branch */
 	uint32_t pin_from, pin_to;   /* layers pressure must not spill from: the ones a call is using */
 	struct kvp_restore *restore; /* reads in flight (the prefetched layer), or NULL */
+	/* Opened by kvp_seq_open_prefix: its prompt's units waiting to be registered in the prefix cache, or
+	 * NULL (prefix.c); and what its lookup found. */
+	struct kvp_prefix_prompt *prompt;
+	uint64_t prefix_hit_tokens, prefix_miss_tokens;
 };
 
 #define KVP_POOL_MAGIC 0x6b76706fu
@@ -296,6 +305,9 @@ static inline struct kvp_stream *kvp_seq_stream(const struct kvp_seq_obj *s, uin
 }
 /* A new sequence of t, open and linked to it (kvp_seq_open's work); the shape is checked first. */
 kvp_status kvp_seq_create(struct kvp_tenant_obj *t, const kvp_shape *shape, struct kvp_seq_obj **out);
+/* The same, not yet linked: nothing else (memory pressure) can see it until kvp_seq_link. */
+kvp_status kvp_seq_create_unlinked(struct kvp_tenant_obj *t, const kvp_shape *shape, struct kvp_seq_obj **out);
+void kvp_seq_link(struct kvp_tenant_obj *t, struct kvp_seq_obj *s);
 void kvp_seq_destroy(struct kvp_seq_obj *s); /* without unlinking from the tenant */
 void kvp_tenant_destroy(struct kvp_tenant_obj *t);
 
@@ -337,6 +349,42 @@ int kvp_spill_is_registered(const kvp_pool *pool);
 uint64_t kvp_spill_pages_used(const kvp_pool *pool);
 uint64_t kvp_spill_pages_total(const kvp_pool *pool);
 void kvp_spill_inject(kvp_pool *pool, const struct kvp_spill_faults *f);
+
+/*
+ * ---- the prefix cache (prefix.c) ----
+ * One table per pool, guarded by its own lock, of prompt units (the sink block, then blocks of `block`
+ * tokens) registered by the sequences kvp_seq_open_prefix opened: each entry holds one block reference
+ * per stream, the unit's token ids and its chain hash. Entries are their registering tenant's (their
+ * bookkeeping is charged to it as metadata); pressure frees the ones no sequence holds first.
+ */
+kvp_status kvp_prefix_table_open(struct kvp_pool_obj *pool);
+void kvp_prefix_table_close(struct kvp_pool_obj *pool);
+/* kvp_seq_open_prefix's work, for a tenant with prefix=on. */
+kvp_status kvp_prefix_seq_open(struct kvp_tenant_obj *t, const kvp_shape *shape, uint32_t n, const int32_t *tokens,
+			       struct kvp_seq_obj **out, uint32_t *n_cached);
+/* append: takes the stream's prompt blocks that are full, before its cold conversion may replace them. */
+void kvp_prefix_capture(const struct kvp_seq_obj *s, struct kvp_stream *st);
+/* after an append: registers the prompt's units that every stream holds now. */
+void kvp_prefix_register(struct kvp_seq_obj *s);
+void kvp_prefix_prompt_free(struct kvp_seq_obj *s);
+size_t kvp_prefix_prompt_bytes(const struct kvp_seq_obj *s); /* its metadata, as allocated */
+/* The relief hook of a tenant with prefix=on: its cached entries no sequence holds first, then
+ * kvp_pressure_relieve when the pool has a spill device. */
+int kvp_prefix_relieve(struct kvp_tenant_obj *t, uint64_t bytes, struct kvp_call *call);
+void kvp_prefix_drop_tenant(struct kvp_tenant_obj *t);
+/* Bytes of blocks of t's entries that no sequence holds. */
+uint64_t kvp_prefix_bytes_cached(const struct kvp_tenant_obj *t);
+/*
+ * Records of cached units, for a tier beyond the pool (a remote store): an entry's chain hashes, token
+ * ids and every stream's block as stored, under a CRC32C (prefix.c). record_make: unit u of the prompt
+ * `tokens` as t finds it in the cache, written to *rec (malloc'd; the caller frees). record_install:
+ * checks a record (CRC32C, sizes, and its hash recomputed from t's own identity, the parent hash and the
+ * ids: another model, shape or tenant namespace is KVP_ECORRUPT) and adds it to the cache as t's entry,
+ * in t's memory; KVP_EINVAL when its parent unit is not cached (a chain installs from its start).
+ */
+kvp_status kvp_prefix_record_make(struct kvp_tenant_obj *t, const kvp_shape *shape, const int32_t *tokens,
+				  uint32_t unit, void **rec, size_t *bytes);
+kvp_status kvp_prefix_record_install(struct kvp_tenant_obj *t, const kvp_shape *shape, const void *rec, size_t bytes);
 
 /* ---- configuration ---- */
 kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quota, const char *spec);

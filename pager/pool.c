@@ -44,6 +44,8 @@ static kvp_status pool_config_parse(struct kvp_pool_obj *p, const char *spec, st
 	if (st == KVP_OK)
 		st = kvp_remote_config_parse(&args, remote);
 	if (st == KVP_OK)
+		st = kvp_args_u32(&args, "share_prefix", 0, 1, &p->share_prefix);
+	if (st == KVP_OK)
 		st = kvp_args_finish(&args);
 	p->numa_node = node == UINT64_MAX ? -1 : (int)node;
 	return st;
@@ -69,6 +71,10 @@ kvp_status kvp_pool_open(const char *spec, kvp_pool **out)
 	}
 	pthread_mutex_init(&p->lock, NULL);
 	p->magic = KVP_POOL_MAGIC;
+	if ((st = kvp_prefix_table_open(p)) != KVP_OK) {
+		pool_destroy(p);
+		return st;
+	}
 	kvp_clear_error();
 	if (p->numa_node >= 0) {
 		st = kvp_numa_check(p->numa_node);
@@ -109,6 +115,7 @@ static void pool_destroy(struct kvp_pool_obj *p)
 	p->handle_index = 0;
 	while (p->tenants)
 		tenant_unlink_destroy(p->tenants);
+	kvp_prefix_table_close(p); /* empty: each tenant dropped its entries */
 	kvp_spill_close(p);
 	kvp_remote_close(p->remote);
 	p->magic = 0;
@@ -143,6 +150,43 @@ static kvp_status codec_spec(struct kvp_args *args, const char *key, char out[KV
 	return KVP_OK;
 }
 
+/* model=NAME: an identity the host chooses, kept whole in the prefix cache's hash. */
+static kvp_status model_name(struct kvp_args *args, char out[64])
+{
+	const char *v = NULL;
+	unsigned n = 0;
+	kvp_status st = kvp_args_text(args, "model", &v, &n);
+	if (st != KVP_OK || !v)
+		return st;
+	for (unsigned i = 0; i < n && n < 64; i++)
+		if (v[i] <= ' ' || v[i] > '~' || strchr(",()=", v[i]))
+			return kvp_fail(KVP_EINVAL, "tenant: model=%.*s: character %u is not allowed (printable, no "
+					"space, ',', '(', ')' or '=')", (int)n, v, i);
+	if (n == 0 || n >= 64)
+		return kvp_fail(KVP_EINVAL, "tenant: model=%.*s must be a name of 1..63 characters",
+				(int)(n > 64 ? 64 : n), v);
+	memcpy(out, v, n);
+	out[n] = '\0';
+	return KVP_OK;
+}
+
+/* prefix=on|off, on by default when model= names the weights; on needs a model. */
+static kvp_status prefix_config(struct kvp_args *args, struct kvp_tenant_config *cfg)
+{
+	static const char *const onoff[] = { "off", "on", NULL };
+	unsigned prefix = 2; /* not given */
+	kvp_status st = model_name(args, cfg->model);
+	if (st == KVP_OK)
+		st = kvp_args_choice(args, "prefix", onoff, &prefix);
+	if (st != KVP_OK)
+		return st;
+	if (prefix == 1 && !cfg->model[0])
+		return kvp_fail(KVP_EINVAL, "tenant: prefix=on needs model=NAME (cached blocks are only valid for "
+				"the weights that made them)");
+	cfg->prefix = prefix == 2 ? cfg->model[0] != '\0' : prefix;
+	return KVP_OK;
+}
+
 kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quota, const char *spec)
 {
 	static const char *const stores[] = { "fp32", "fp16", NULL };
@@ -172,6 +216,8 @@ kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quot
 		st = kvp_args_u32(&args, "pin_prompt", 0, 1, &cfg->pin_prompt);
 	if (st == KVP_OK)
 		st = kvp_gating_config(&args, &cfg->gating);
+	if (st == KVP_OK)
+		st = prefix_config(&args, cfg);
 	if (st == KVP_OK)
 		st = kvp_args_finish(&args);
 	cfg->store = (enum kvp_store)store;
@@ -224,8 +270,9 @@ kvp_status kvp_tenant_open(kvp_pool *h, const char *name, const char *spec, kvp_
 		snprintf(t->name, sizeof t->name, "%s", name);
 		t->pool = pool;
 		t->flags = kvp_arena_flags(t->arena);
-		/* memory relief is the tier's, reached through this hook: the allocator never calls up */
-		t->relieve = pool->spill ? kvp_pressure_relieve : NULL;
+		/* memory relief is the tier's, reached through this hook: the allocator never calls up; with
+		 * prefix=on, cached blocks no sequence holds go first */
+		t->relieve = t->cfg.prefix ? kvp_prefix_relieve : pool->spill ? kvp_pressure_relieve : NULL;
 		pthread_mutex_init(&t->lock, NULL);
 		t->magic = KVP_TENANT_MAGIC;
 		/* after the arena: what the policy loads once (a statistics file) is charged to the tenant */
@@ -264,6 +311,7 @@ void kvp_tenant_destroy(struct kvp_tenant_obj *t)
 		t->seqs = s->next;
 		kvp_seq_destroy(s);
 	}
+	kvp_prefix_drop_tenant(t);
 	kvp_evict_unprepare(t);
 	kvp_cold_unprepare(t);
 	kvp_arena_destroy(t->arena);

@@ -71,8 +71,8 @@ static struct kvp_seq_obj *seq_alloc(struct kvp_tenant_obj *t, const kvp_shape *
 	return s;
 }
 
-/* A new sequence of tenant t, open and linked: its cold tier, policy and gating ready. */
-kvp_status kvp_seq_create(struct kvp_tenant_obj *t, const kvp_shape *shape, struct kvp_seq_obj **out)
+/* A new sequence of tenant t, open: its cold tier, policy and gating ready. */
+kvp_status kvp_seq_create_unlinked(struct kvp_tenant_obj *t, const kvp_shape *shape, struct kvp_seq_obj **out)
 {
 	struct kvp_seq_obj *s;
 	kvp_status st;
@@ -85,9 +85,21 @@ kvp_status kvp_seq_create(struct kvp_tenant_obj *t, const kvp_shape *shape, stru
 		kvp_seq_destroy(s);
 		return st;
 	}
-	link_seq(t, s);
 	*out = s;
 	return KVP_OK;
+}
+
+void kvp_seq_link(struct kvp_tenant_obj *t, struct kvp_seq_obj *s)
+{
+	link_seq(t, s);
+}
+
+kvp_status kvp_seq_create(struct kvp_tenant_obj *t, const kvp_shape *shape, struct kvp_seq_obj **out)
+{
+	kvp_status st = kvp_seq_create_unlinked(t, shape, out);
+	if (st == KVP_OK)
+		link_seq(t, *out);
+	return st;
 }
 
 static uint64_t seq_retained(const struct kvp_seq_obj *s)
@@ -146,6 +158,7 @@ void kvp_seq_destroy(struct kvp_seq_obj *s)
 	atomic_fetch_sub(&t->tokens_appended, s->tokens_appended);
 	atomic_fetch_sub(&t->tokens_retained, seq_retained(s));
 	atomic_fetch_sub(&t->bytes_dense_fp16, s->tokens_appended * s->shape.head_dim * 4);
+	kvp_prefix_prompt_free(s); /* before the streams: it holds references to their blocks */
 	for (size_t i = 0; i < n; i++)
 		kvp_stream_release(t, &s->streams[i]);
 	kvp_cold_close(t, s);
@@ -259,6 +272,10 @@ kvp_status kvp_seq_stats_entered(const struct kvp_seq_obj *s, kvp_stats *out)
 	full.bytes_dense_fp16 = s->tokens_appended * s->shape.head_dim * 4;
 	full.bytes_spilled += kvp_seq_parked_bytes(s);
 	full.bytes_meta += kvp_seq_parked_meta(s);
+	if (s->prompt)
+		full.bytes_meta += kvp_prefix_prompt_bytes(s);
+	full.prefix_hit_tokens = s->prefix_hit_tokens;
+	full.prefix_miss_tokens = s->prefix_miss_tokens;
 	stats_copy(out, &full);
 	return KVP_OK;
 }
@@ -281,6 +298,9 @@ kvp_status kvp_tenant_stats(const kvp_tenant *h, kvp_stats *out)
 	full.bytes_meta = atomic_load(&t->bytes[KVP_BYTES_META]);
 	full.bytes_dense_fp16 = atomic_load(&t->bytes_dense_fp16);
 	full.bytes_spilled = atomic_load(&t->bytes_spilled);
+	full.bytes_cached = kvp_prefix_bytes_cached(t);
+	full.prefix_hit_tokens = atomic_load(&t->prefix_hit_tokens);
+	full.prefix_miss_tokens = atomic_load(&t->prefix_miss_tokens);
 	stats_copy(out, &full);
 	return KVP_OK;
 }

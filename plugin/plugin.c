@@ -38,6 +38,7 @@ static const kvp_plugin_v1 table_v1 = {
 	.policy_observe = kvp_policy_observe,
 	.seq_head_level = kvp_seq_head_level,
 	.seq_set_head_level = kvp_seq_set_head_level,
+	.seq_open_prefix = kvp_seq_open_prefix,
 };
 
 const kvp_plugin_v1 *kvp_plugin(uint32_t abi_major)

@@ -9,6 +9,7 @@
  * wrong allocator would crash one of the two runs.
  */
 #include <criterion/criterion.h>
+#include <stddef.h>
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -55,6 +56,34 @@ Test(plugin, serves_major_1_with_a_full_table)
 	for (const void *const *f = (const void *const *)&api->strerror;
 	     (const char *)f < (const char *)api + sizeof *api; f++)
 		cr_assert_not_null(*f, "a null entry at offset %zu", (size_t)((const char *)f - (const char *)api));
+	dlclose(library);
+}
+
+Test(plugin, minor_3_serves_prefix_caching_through_the_table)
+{
+	const kvp_plugin_v1 *api = open_table(KVP_ABI_MAJOR);
+	const kvp_shape sh = { 1, 2, 1, 8, 10000.0f, KVP_ROPE_HALF };
+	int32_t tokens[12] = { 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16 }, pos[12];
+	float k[12 * 8], v[12 * 8];
+	kvp_pool *pool;
+	kvp_tenant *t;
+	kvp_seq *a, *b;
+	uint32_t cached = 99;
+	cr_assert_geq(api->abi_minor, 3);
+	cr_assert_geq(api->size, offsetof(kvp_plugin_v1, seq_open_prefix) + sizeof api->seq_open_prefix);
+	for (int i = 0; i < 12; i++) {
+		pos[i] = i;
+		for (int j = 0; j < 8; j++)
+			k[i * 8 + j] = v[i * 8 + j] = (float)(tokens[i] * 8 + j);
+	}
+	cr_assert_eq(api->pool_open("", &pool), KVP_OK);
+	cr_assert_eq(api->tenant_open(pool, "t", "model=m,block=4,sinks=4", &t), KVP_OK, "%s", api->last_error());
+	cr_assert_eq(api->seq_open_prefix(t, &sh, 12, tokens, &a, &cached), KVP_OK, "%s", api->last_error());
+	cr_assert_eq(cached, 0);
+	cr_assert_eq(api->append(a, 0, 12, pos, k, v), KVP_OK);
+	cr_assert_eq(api->seq_open_prefix(t, &sh, 12, tokens, &b, &cached), KVP_OK);
+	cr_assert_eq(cached, 8, "the sink and one block: the last unit holds the last token");
+	api->pool_close(pool);
 	dlclose(library);
 }
 

@@ -26,7 +26,7 @@ EABI = -7
 
 # the header this binding follows
 ABI_MAJOR = 1
-ABI_MINOR = 2
+ABI_MINOR = 3
 
 _handle = ctypes.c_void_p
 _u32 = ctypes.c_uint32
@@ -45,7 +45,9 @@ class Stats(ctypes.Structure):
     _fields_ = [("size", ctypes.c_uint32), ("tokens_appended", ctypes.c_uint64),
                 ("tokens_retained", ctypes.c_uint64), ("bytes_exact", ctypes.c_uint64),
                 ("bytes_compressed", ctypes.c_uint64), ("bytes_meta", ctypes.c_uint64),
-                ("bytes_spilled", ctypes.c_uint64), ("bytes_dense_fp16", ctypes.c_uint64)]
+                ("bytes_spilled", ctypes.c_uint64), ("bytes_dense_fp16", ctypes.c_uint64),
+                ("bytes_cached", ctypes.c_uint64), ("prefix_hit_tokens", ctypes.c_uint64),
+                ("prefix_miss_tokens", ctypes.c_uint64)]
 
 
 class HeadLevel(ctypes.Structure):
@@ -67,6 +69,7 @@ _CALLS = {
     "kvp_tenant_open": (_status, [_handle, ctypes.c_char_p, ctypes.c_char_p, _POINTER(_handle)]),
     "kvp_tenant_close": (None, [_handle]),
     "kvp_seq_open": (_status, [_handle, _POINTER(Shape), _POINTER(_handle)]),
+    "kvp_seq_open_prefix": (_status, [_handle, _POINTER(Shape), _u32, _ptr, _POINTER(_handle), _POINTER(_u32)]),
     "kvp_seq_fork": (_status, [_handle, _POINTER(_handle)]),
     "kvp_seq_close": (None, [_handle]),
     "kvp_append": (_status, [_handle, _u32, _u32, _ptr, _ptr, _ptr]),

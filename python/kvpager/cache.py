@@ -64,6 +64,9 @@ class Stats:
     bytes_meta: int
     bytes_spilled: int
     bytes_dense_fp16: int
+    bytes_cached: int  # blocks the prefix cache holds and no sequence does (0 for a sequence)
+    prefix_hit_tokens: int
+    prefix_miss_tokens: int
 
     @classmethod
     def read(cls, call, handle, name):
@@ -184,6 +187,18 @@ class Pool(_Handle):
         return f"<kvpager.Pool {'closed' if self.closed else 'open'}>"
 
 
+def _prompt_tokens(prompt):
+    """A prompt's token ids as a C-contiguous int32 array [n], each checked to fit int32."""
+    a = np.asarray(prompt)
+    if a.ndim != 1 or a.shape[0] == 0:
+        raise ValueError(f"prompt: expected a non-empty sequence of token ids, got shape {a.shape}")
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"prompt: expected integer token ids, got {a.dtype}")
+    if a.min() < -(1 << 31) or a.max() >= 1 << 31:
+        raise ValueError("prompt: a token id does not fit int32")
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
 class Tenant(_Handle):
     """A quota, a default cache configuration and a jemalloc arena, made by Pool.tenant()."""
 
@@ -205,18 +220,32 @@ class Tenant(_Handle):
     def _live_handle(self):
         return self._handle if self.pool._handle is not None else None
 
-    def sequence(self, shape):
-        """A new sequence of this shape (kvp_seq_open)."""
+    def sequence(self, shape, prompt=None):
+        """A new sequence of this shape (kvp_seq_open).
+
+        With prompt (token ids, token i at position i): kvp_seq_open_prefix. The sequence's n_cached
+        first tokens are in it already from the tenant's prefix cache (model=, prefix=on); append from
+        position n_cached on. Without it n_cached is 0.
+        """
         if not isinstance(shape, Shape):
             raise ValueError(f"shape: expected a kvpager.Shape, got {type(shape).__name__}")
         native_shape = shape.native()
+        tokens = None if prompt is None else _prompt_tokens(prompt)
         with self._lock:
             self._live()
             self._drain()
             raw = ctypes.c_void_p()
-            check(lib.native().kvp_seq_open(self._live(), ctypes.byref(native_shape), ctypes.byref(raw)),
-                  "kvp_seq_open")
-            return self._adopt(shape, raw.value)
+            if tokens is None:
+                check(lib.native().kvp_seq_open(self._live(), ctypes.byref(native_shape), ctypes.byref(raw)),
+                      "kvp_seq_open")
+                return self._adopt(shape, raw.value)
+            cached = ctypes.c_uint32()
+            check(lib.native().kvp_seq_open_prefix(self._live(), ctypes.byref(native_shape), tokens.shape[0],
+                                                    tokens.ctypes.data, ctypes.byref(raw), ctypes.byref(cached)),
+                  "kvp_seq_open_prefix")
+            s = self._adopt(shape, raw.value)
+            s.n_cached = cached.value
+            return s
 
     def _adopt(self, shape, handle):
         s = Sequence(self, shape, handle)
@@ -265,6 +294,7 @@ class Sequence(_Handle):
         self._handle = handle
         self._kv = (shape.n_kv_heads, shape.head_dim)
         self._q = (shape.n_heads, shape.head_dim)
+        self.n_cached = 0  # tokens found in the prefix cache when Tenant.sequence(prompt=) opened it
 
     def _live_handle(self):
         if self.tenant._live_handle() is None:

@@ -1,0 +1,833 @@
+/*
+ * The prefix cache: prompt units a sequence has appended, found again by their token ids.
+ *
+ * A prompt is cut in units: the sink block (its first `sinks` tokens, when sinks > 0), then blocks of
+ * `block` tokens; token i sits at position i. A unit is identified by a chain hash of the configuration
+ * that made its blocks (model=, the shape, the tenant unless the pool shares prefixes, block, sinks,
+ * store=), its parent unit's hash and its token ids, so a hit on unit u means the whole prompt up to it
+ * matches. Lookups compare the hash, the identity and the token ids: a collision is a miss, never a
+ * wrong block.
+ *
+ * A sequence opened by kvp_seq_open_prefix prepares one entry for each unit of its prompt that the
+ * cache did not have (charged to its tenant as metadata at open: registering never allocates). Its
+ * appends capture each unit's block per stream as soon as the block is full, exact and holds the
+ * unit's positions as a run (kvp_prefix_capture, before the append's cold conversion replaces it);
+ * once every stream of a unit is captured, the entry joins the table (kvp_prefix_register). Blocks are
+ * never modified in place once full (appends copy a shared tail before writing, compaction and cold
+ * conversion make fresh blocks), so a captured block keeps what was appended for good.
+ *
+ * A hit installs the entries' blocks by reference (the same tenant) or as copies charged to the hitting
+ * tenant (share_prefix=1, another tenant's entry): memory never crosses tenants. Entries no sequence
+ * holds are what pressure frees first, least recently used and deepest first (a parent outlives its
+ * children, so a chain stays reachable from its start).
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/crc32c.h"
+#include "pager.h"
+
+#define PREFIX_BUCKETS 1024u
+
+/* What made a unit's blocks: only entries of the same identity can serve a lookup. */
+struct prefix_identity {
+	char model[64];
+	kvp_shape shape;
+	uint32_t block, sinks, store;
+	const struct kvp_tenant_obj *tenant; /* NULL when the pool shares prefixes */
+};
+
+struct prefix_entry {
+	struct prefix_entry *bucket_next;
+	struct prefix_entry *prev, *next; /* every entry of the table, for relief and tenant close */
+	struct kvp_tenant_obj *owner;
+	struct prefix_identity id;
+	uint64_t hash, parent; /* parent: 0 for a chain's first unit */
+	uint64_t last_use;
+	uint32_t unit;     /* depth in its chain */
+	uint32_t children; /* entries whose parent this is */
+	uint32_t n_tokens, n_streams;
+	size_t bytes; /* the allocation */
+	int32_t *tokens;              /* [n_tokens] */
+	struct kvp_block **blocks;    /* [n_streams], NULL until captured */
+};
+
+struct kvp_prefix_table {
+	pthread_mutex_t lock;
+	uint64_t clock;
+	struct prefix_entry *all;
+	struct prefix_entry *bucket[PREFIX_BUCKETS];
+};
+
+/* A sequence's prompt units not yet registered. */
+struct kvp_prefix_prompt {
+	size_t bytes;
+	uint32_t n_units;   /* whole units within the prompt */
+	uint32_t next;      /* the first unit not registered */
+	uint32_t n_streams;
+	int failed;         /* a unit's block can no longer be captured: nothing more is registered */
+	uint32_t *cursor;   /* [n_streams]: the first unit each stream has not captured */
+	struct prefix_entry **entry; /* [n_units]: prepared entries, NULL below the first one and once registered */
+};
+
+/* ---- the hash ---- */
+
+/* One 64-bit word into the state: multiply-xorshift rounds, so every input bit reaches every state bit. */
+static uint64_t hash_word(uint64_t h, uint64_t x)
+{
+	h ^= x * 0x9fb21c651e98df25ull;
+	h = (h << 27 | h >> 37) * 0xd6e8feb86659fd93ull;
+	return h ^ (h >> 31);
+}
+
+static uint64_t hash_bytes(uint64_t h, const void *p, size_t n)
+{
+	const unsigned char *c = p;
+	uint64_t w;
+	for (; n >= 8; n -= 8, c += 8) {
+		memcpy(&w, c, 8);
+		h = hash_word(h, w);
+	}
+	w = n; /* the tail with its length: "ab" and "ab\0" differ */
+	for (size_t i = 0; i < n; i++)
+		w |= (uint64_t)c[i] << (8 * (i + 1));
+	return hash_word(h, w);
+}
+
+static uint64_t hash_end(uint64_t h)
+{
+	h ^= h >> 33;
+	h *= 0xa0761d6478bd642full;
+	h ^= h >> 29;
+	h *= 0xe7037ed1a0b428dbull;
+	h ^= h >> 32;
+	return h ? h : 1; /* 0 means "no parent" */
+}
+
+static uint64_t identity_hash(const struct prefix_identity *id, const char *tenant_name)
+{
+	uint32_t theta;
+	uint64_t h = 0x6b7670726566ull; /* "kvpref" */
+	memcpy(&theta, &id->shape.rope_theta, sizeof theta);
+	h = hash_bytes(h, id->model, strlen(id->model));
+	h = hash_word(h, (uint64_t)id->shape.n_layers << 32 | id->shape.n_heads);
+	h = hash_word(h, (uint64_t)id->shape.n_kv_heads << 32 | id->shape.head_dim);
+	h = hash_word(h, (uint64_t)theta << 32 | (uint32_t)id->shape.rope_layout);
+	h = hash_bytes(h, tenant_name, strlen(tenant_name));
+	h = hash_word(h, (uint64_t)id->block << 32 | id->sinks);
+	return hash_word(h, id->store);
+}
+
+static uint64_t unit_hash(uint64_t id_hash, uint64_t parent, const int32_t *tokens, uint32_t n)
+{
+	uint64_t h = hash_word(hash_word(id_hash, parent), n);
+	for (uint32_t i = 0; i + 1 < n; i += 2)
+		h = hash_word(h, (uint64_t)(uint32_t)tokens[i] << 32 | (uint32_t)tokens[i + 1]);
+	if (n & 1)
+		h = hash_word(h, (uint32_t)tokens[n - 1]);
+	return hash_end(h);
+}
+
+static void identity_of(const struct kvp_tenant_obj *t, const kvp_shape *shape, struct prefix_identity *id)
+{
+	memset(id, 0, sizeof *id);
+	memcpy(id->model, t->cfg.model, sizeof id->model);
+	id->shape = *shape;
+	id->block = t->cfg.block;
+	id->sinks = t->cfg.sinks;
+	id->store = t->cfg.store;
+	id->tenant = t->pool->share_prefix ? NULL : t;
+}
+
+static int identity_equal(const struct prefix_identity *a, const struct prefix_identity *b)
+{
+	return !strcmp(a->model, b->model) && a->shape.n_layers == b->shape.n_layers &&
+	       a->shape.n_heads == b->shape.n_heads && a->shape.n_kv_heads == b->shape.n_kv_heads &&
+	       a->shape.head_dim == b->shape.head_dim && !memcmp(&a->shape.rope_theta, &b->shape.rope_theta,
+								  sizeof a->shape.rope_theta) &&
+	       a->shape.rope_layout == b->shape.rope_layout && a->block == b->block && a->sinks == b->sinks &&
+	       a->store == b->store && a->tenant == b->tenant;
+}
+
+/* ---- units ---- */
+
+static uint32_t unit_start(const struct kvp_tenant_config *c, uint32_t u)
+{
+	if (!c->sinks)
+		return u * c->block;
+	return u ? c->sinks + (u - 1) * c->block : 0;
+}
+
+static uint32_t unit_len(const struct kvp_tenant_config *c, uint32_t u)
+{
+	return u == 0 && c->sinks ? c->sinks : c->block;
+}
+
+/* Whole units within the first n tokens. */
+static uint32_t units_within(const struct kvp_tenant_config *c, uint32_t n)
+{
+	if (!c->sinks)
+		return n / c->block;
+	return n < c->sinks ? 0 : 1 + (n - c->sinks) / c->block;
+}
+
+/* ---- the table (callers hold its lock) ---- */
+
+kvp_status kvp_prefix_table_open(struct kvp_pool_obj *pool)
+{
+	if (!(pool->prefix = calloc(1, sizeof *pool->prefix)))
+		return kvp_fail(KVP_ENOMEM, "kvp_pool_open: out of memory");
+	pthread_mutex_init(&pool->prefix->lock, NULL);
+	return KVP_OK;
+}
+
+/* After every tenant is closed, which dropped the entries. */
+void kvp_prefix_table_close(struct kvp_pool_obj *pool)
+{
+	if (!pool->prefix)
+		return;
+	pthread_mutex_destroy(&pool->prefix->lock);
+	free(pool->prefix);
+	pool->prefix = NULL;
+}
+
+static struct prefix_entry *find(const struct kvp_prefix_table *tab, uint64_t hash, const struct prefix_identity *id,
+				 const int32_t *tokens, uint32_t n)
+{
+	for (struct prefix_entry *e = tab->bucket[hash % PREFIX_BUCKETS]; e; e = e->bucket_next)
+		if (e->hash == hash && identity_equal(&e->id, id) &&
+		    (!tokens || (e->n_tokens == n && !memcmp(e->tokens, tokens, n * sizeof *tokens))))
+			return e;
+	return NULL;
+}
+
+static void entry_free(struct prefix_entry *e)
+{
+	for (uint32_t i = 0; i < e->n_streams; i++)
+		kvp_block_put(e->owner, e->blocks[i]);
+	kvp_free(e->owner, e, e->bytes, KVP_BYTES_META);
+}
+
+static void entry_link(struct kvp_prefix_table *tab, struct prefix_entry *e)
+{
+	struct prefix_entry **b = &tab->bucket[e->hash % PREFIX_BUCKETS];
+	e->bucket_next = *b;
+	*b = e;
+	e->prev = NULL;
+	e->next = tab->all;
+	if (tab->all)
+		tab->all->prev = e;
+	tab->all = e;
+	e->last_use = ++tab->clock;
+}
+
+static void entry_unlink_free(struct kvp_prefix_table *tab, struct prefix_entry *e)
+{
+	struct prefix_entry *parent = e->unit ? find(tab, e->parent, &e->id, NULL, 0) : NULL;
+	for (struct prefix_entry **b = &tab->bucket[e->hash % PREFIX_BUCKETS]; *b; b = &(*b)->bucket_next)
+		if (*b == e) {
+			*b = e->bucket_next;
+			break;
+		}
+	if (e->prev)
+		e->prev->next = e->next;
+	else
+		tab->all = e->next;
+	if (e->next)
+		e->next->prev = e->prev;
+	if (parent && parent->children)
+		parent->children--;
+	entry_free(e);
+}
+
+/* No sequence holds any of its blocks: freeing it frees them. */
+static int unowned(const struct prefix_entry *e)
+{
+	for (uint32_t i = 0; i < e->n_streams; i++)
+		if (atomic_load_explicit(&e->blocks[i]->refs, memory_order_acquire) > 1)
+			return 0;
+	return 1;
+}
+
+/* ---- the seams of a remote tier ---- */
+
+/* A local miss at hashes[0] (the rest of the chain follows it): installs into the table the units
+ * another tier holds (kvp_prefix_record_install, the chain from hashes[0] on) and returns how many it
+ * installed. This build has no other tier. Called under the table's lock: what it installs must be made
+ * before it is taken (the installs allocate, and a charge may relieve, which takes the lock). */
+static uint32_t prefix_fetch_remote(struct kvp_prefix_table *tab, struct kvp_tenant_obj *t,
+				    const struct prefix_identity *id, const uint64_t *hashes, uint32_t n)
+{
+	(void)tab, (void)t, (void)id, (void)hashes, (void)n;
+	return 0;
+}
+
+/* An entry joined the table: where a record of it (record_size, record_write) would be queued for another
+ * tier, write-behind: under the table's lock, so it only copies or queues. */
+static void prefix_publish(struct kvp_prefix_table *tab, const struct prefix_entry *e)
+{
+	(void)tab, (void)e;
+}
+
+/* ---- relief, stats, close ---- */
+
+/* Frees the least recently used of t's entries that no sequence holds and no entry descends from;
+ * returns 1 when there was one. */
+static int drop_one_unowned(struct kvp_tenant_obj *t)
+{
+	struct kvp_prefix_table *tab = t->pool->prefix;
+	struct prefix_entry *victim = NULL;
+	pthread_mutex_lock(&tab->lock);
+	for (struct prefix_entry *e = tab->all; e; e = e->next)
+		if (e->owner == t && !e->children && unowned(e) &&
+		    (!victim || e->last_use < victim->last_use ||
+		     (e->last_use == victim->last_use && e->unit > victim->unit)))
+			victim = e;
+	if (victim)
+		entry_unlink_free(tab, victim);
+	pthread_mutex_unlock(&tab->lock);
+	return victim != NULL;
+}
+
+int kvp_prefix_relieve(struct kvp_tenant_obj *t, uint64_t bytes, struct kvp_call *call)
+{
+	if (drop_one_unowned(t))
+		return 1;
+	return t->pool->spill ? kvp_pressure_relieve(t, bytes, call) : 0;
+}
+
+void kvp_prefix_drop_tenant(struct kvp_tenant_obj *t)
+{
+	struct kvp_prefix_table *tab = t->pool ? t->pool->prefix : NULL;
+	struct prefix_entry *e, *next;
+	if (!tab)
+		return;
+	pthread_mutex_lock(&tab->lock);
+	for (e = tab->all; e; e = next) {
+		next = e->next;
+		if (e->owner == t)
+			entry_unlink_free(tab, e);
+	}
+	pthread_mutex_unlock(&tab->lock);
+}
+
+uint64_t kvp_prefix_bytes_cached(const struct kvp_tenant_obj *t)
+{
+	struct kvp_prefix_table *tab = t->pool->prefix;
+	uint64_t bytes = 0;
+	if (!tab)
+		return 0;
+	pthread_mutex_lock(&tab->lock);
+	for (const struct prefix_entry *e = tab->all; e; e = e->next)
+		for (uint32_t i = 0; e->owner == t && i < e->n_streams; i++)
+			if (atomic_load_explicit(&e->blocks[i]->refs, memory_order_acquire) == 1)
+				bytes += kvp_block_bytes(t, e->blocks[i]);
+	pthread_mutex_unlock(&tab->lock);
+	return bytes;
+}
+
+/* ---- a sequence's prompt ---- */
+
+static size_t entry_bytes(uint32_t n_tokens, uint32_t n_streams)
+{
+	return sizeof(struct prefix_entry) + (size_t)n_streams * sizeof(struct kvp_block *) +
+	       (size_t)n_tokens * sizeof(int32_t);
+}
+
+static struct prefix_entry *entry_new(struct kvp_tenant_obj *t, const struct prefix_identity *id, uint32_t unit,
+				      const int32_t *tokens, uint32_t n_tokens, uint32_t n_streams, uint64_t hash,
+				      uint64_t parent)
+{
+	size_t bytes = entry_bytes(n_tokens, n_streams);
+	struct prefix_entry *e = kvp_alloc(t, bytes, KVP_BYTES_META, NULL);
+	if (!e)
+		return NULL;
+	memset(e, 0, bytes);
+	e->owner = t;
+	e->id = *id;
+	e->hash = hash;
+	e->parent = parent;
+	e->unit = unit;
+	e->n_tokens = n_tokens;
+	e->n_streams = n_streams;
+	e->bytes = bytes;
+	e->blocks = (struct kvp_block **)(e + 1);
+	e->tokens = (int32_t *)(e->blocks + n_streams);
+	memcpy(e->tokens, tokens, n_tokens * sizeof *tokens);
+	return e;
+}
+
+void kvp_prefix_prompt_free(struct kvp_seq_obj *s)
+{
+	struct kvp_prefix_prompt *p = s->prompt;
+	if (!p)
+		return;
+	for (uint32_t u = 0; u < p->n_units; u++)
+		if (p->entry[u])
+			entry_free(p->entry[u]);
+	kvp_free(s->tenant, p, p->bytes, KVP_BYTES_META);
+	s->prompt = NULL;
+}
+
+size_t kvp_prefix_prompt_bytes(const struct kvp_seq_obj *s)
+{
+	const struct kvp_prefix_prompt *p = s->prompt;
+	size_t bytes = p ? kvp_alloc_size(s->tenant, p->bytes) : 0;
+	for (uint32_t u = 0; p && u < p->n_units; u++)
+		if (p->entry[u])
+			bytes += kvp_alloc_size(s->tenant, p->entry[u]->bytes);
+	return bytes;
+}
+
+/* Entries for units first..n_units-1 of the prompt, with their hashes: all of them or nothing. */
+static kvp_status prompt_prepare(struct kvp_seq_obj *s, const struct prefix_identity *id, const int32_t *tokens,
+				 uint32_t n_units, uint32_t first, const uint64_t *hashes)
+{
+	struct kvp_tenant_obj *t = s->tenant;
+	uint32_t n_streams = s->shape.n_layers * s->shape.n_kv_heads;
+	size_t bytes = sizeof(struct kvp_prefix_prompt) + (size_t)n_units * sizeof(struct prefix_entry *) +
+		       (size_t)n_streams * sizeof(uint32_t);
+	struct kvp_prefix_prompt *p;
+	if (first >= n_units)
+		return KVP_OK;
+	if (!(p = kvp_alloc(t, bytes, KVP_BYTES_META, NULL)))
+		return KVP_ENOMEM;
+	memset(p, 0, bytes);
+	p->bytes = bytes;
+	p->n_units = n_units;
+	p->next = first;
+	p->n_streams = n_streams;
+	p->entry = (struct prefix_entry **)(p + 1);
+	p->cursor = (uint32_t *)(p->entry + n_units);
+	for (uint32_t i = 0; i < n_streams; i++)
+		p->cursor[i] = first;
+	s->prompt = p;
+	for (uint32_t u = first; u < n_units; u++) {
+		p->entry[u] = entry_new(t, id, u, tokens + unit_start(&t->cfg, u), unit_len(&t->cfg, u), n_streams,
+					hashes[u], u ? hashes[u - 1] : 0);
+		if (!p->entry[u]) {
+			kvp_prefix_prompt_free(s);
+			return KVP_ENOMEM;
+		}
+	}
+	return KVP_OK;
+}
+
+/* The block that holds unit u in a stream, where the stream's tokens are the appended prompt. */
+static struct kvp_block *unit_block(const struct kvp_tenant_config *c, const struct kvp_stream *st, uint32_t u,
+				    int *last)
+{
+	uint32_t i = c->sinks ? u - 1 : u;
+	if (c->sinks && u == 0) {
+		*last = 1; /* a sink block that is not full yet takes the next tokens */
+		return st->sink;
+	}
+	*last = i + 1 == st->n_blocks;
+	return i < st->n_blocks ? st->blocks[i] : NULL;
+}
+
+enum capture { CAPTURE_WAIT, CAPTURE_TAKE, CAPTURE_NEVER };
+
+/* Whether the block holds exactly the unit's appended tokens, exact and in memory. */
+static enum capture capture_state(const struct kvp_tenant_config *c, const struct kvp_block *b, int last, uint32_t u)
+{
+	if (!b || (!b->n && last))
+		return CAPTURE_WAIT;
+	if (b->store == KVP_STORE_CODEC || b->spilled || b->positions || b->pos_base != (int32_t)unit_start(c, u))
+		return CAPTURE_NEVER;
+	if (b->n < unit_len(c, u))
+		return last ? CAPTURE_WAIT : CAPTURE_NEVER;
+	return CAPTURE_TAKE;
+}
+
+void kvp_prefix_capture(const struct kvp_seq_obj *s, struct kvp_stream *st)
+{
+	struct kvp_prefix_prompt *p = s->prompt;
+	const struct kvp_tenant_config *c = &s->tenant->cfg;
+	size_t i = (size_t)(st - s->streams);
+	if (!p || p->failed)
+		return;
+	while (p->cursor[i] < p->n_units) {
+		uint32_t u = p->cursor[i];
+		int last;
+		struct kvp_block *b = unit_block(c, st, u, &last);
+		enum capture cs = capture_state(c, b, last, u);
+		if (cs == CAPTURE_NEVER)
+			p->failed = 1;
+		if (cs != CAPTURE_TAKE)
+			return;
+		kvp_block_get(b);
+		p->entry[u]->blocks[i] = b;
+		p->cursor[i]++;
+	}
+}
+
+/* Unit p->next joins the table when its parent is still there; an equal entry already there (another
+ * sequence registered the same unit) serves instead. 0 when the chain is broken. */
+static int register_next(struct kvp_prefix_table *tab, struct kvp_prefix_prompt *p)
+{
+	struct prefix_entry *e = p->entry[p->next], *parent = NULL, *same;
+	if (e->unit && !(parent = find(tab, e->parent, &e->id, NULL, 0)))
+		return 0;
+	p->entry[p->next++] = NULL;
+	if ((same = find(tab, e->hash, &e->id, e->tokens, e->n_tokens))) {
+		same->last_use = ++tab->clock;
+		entry_free(e);
+		return 1;
+	}
+	entry_link(tab, e);
+	if (parent)
+		parent->children++;
+	prefix_publish(tab, e);
+	return 1;
+}
+
+void kvp_prefix_register(struct kvp_seq_obj *s)
+{
+	struct kvp_prefix_prompt *p = s->prompt;
+	struct kvp_prefix_table *tab = s->tenant->pool->prefix;
+	uint32_t ready = UINT32_MAX;
+	if (!p)
+		return;
+	for (uint32_t i = 0; i < p->n_streams; i++)
+		ready = p->cursor[i] < ready ? p->cursor[i] : ready;
+	if (!p->failed && p->next < ready) {
+		pthread_mutex_lock(&tab->lock);
+		while (p->next < ready && !p->failed)
+			if (!register_next(tab, p))
+				p->failed = 1;
+		pthread_mutex_unlock(&tab->lock);
+	}
+	/* the prompt's memory goes once nothing more can be registered */
+	if (p->failed || p->next == p->n_units)
+		kvp_prefix_prompt_free(s);
+}
+
+/*
+ * ---- records: one entry as bytes, for a tier beyond the pool ----
+ * head, the unit's token ids (int32), then per stream: n and pos_base (uint32, int32) and the n rows of
+ * k then of v as stored (fp32 or fp16); last, a CRC32C of everything before it. Host byte order.
+ */
+#define RECORD_MAGIC 0x5250564bu /* "KVPR" */
+#define RECORD_VERSION 1u
+
+struct record_head {
+	uint32_t magic, version;
+	uint64_t hash, parent;
+	uint32_t unit, n_tokens, n_streams, head_dim, store, reserved;
+};
+
+static size_t row_bytes(uint32_t dim, uint32_t store)
+{
+	return (size_t)dim * (store == KVP_STORE_FP16 ? sizeof(uint16_t) : sizeof(float));
+}
+
+static size_t record_size(uint32_t n_tokens, uint32_t n_streams, uint32_t dim, uint32_t store)
+{
+	return sizeof(struct record_head) + (size_t)n_tokens * sizeof(int32_t) +
+	       (size_t)n_streams * (2 * sizeof(uint32_t) + 2 * (size_t)n_tokens * row_bytes(dim, store)) +
+	       sizeof(uint32_t);
+}
+
+static void record_write(const struct prefix_entry *e, unsigned char *out)
+{
+	const uint32_t dim = e->id.shape.head_dim;
+	const size_t rows = (size_t)e->n_tokens * row_bytes(dim, e->id.store);
+	struct record_head h = { RECORD_MAGIC, RECORD_VERSION, e->hash, e->parent, e->unit, e->n_tokens,
+				 e->n_streams, dim, e->id.store, 0 };
+	unsigned char *at = out;
+	uint32_t crc;
+	memcpy(at, &h, sizeof h);
+	at += sizeof h;
+	memcpy(at, e->tokens, e->n_tokens * sizeof *e->tokens);
+	at += e->n_tokens * sizeof *e->tokens;
+	for (uint32_t i = 0; i < e->n_streams; i++) {
+		const struct kvp_block *b = e->blocks[i];
+		uint32_t n = b->n;
+		memcpy(at, &n, sizeof n);
+		memcpy(at + sizeof n, &b->pos_base, sizeof b->pos_base);
+		memcpy(at + 2 * sizeof n, b->k, rows);
+		memcpy(at + 2 * sizeof n + rows, b->v, rows);
+		at += 2 * sizeof n + 2 * rows;
+	}
+	crc = kvp_crc32c(0, out, (size_t)(at - out));
+	memcpy(at, &crc, sizeof crc);
+}
+
+kvp_status kvp_prefix_record_make(struct kvp_tenant_obj *t, const kvp_shape *shape, const int32_t *tokens,
+				  uint32_t unit, void **rec, size_t *bytes)
+{
+	const struct kvp_tenant_config *c = &t->cfg;
+	struct kvp_prefix_table *tab = t->pool->prefix;
+	struct prefix_identity id;
+	struct prefix_entry *e;
+	uint64_t h = 0, idh;
+	*rec = NULL;
+	*bytes = 0;
+	identity_of(t, shape, &id);
+	idh = identity_hash(&id, t->pool->share_prefix ? "" : t->name);
+	for (uint32_t u = 0; u <= unit; u++)
+		h = unit_hash(idh, h, tokens + unit_start(c, u), unit_len(c, u));
+	pthread_mutex_lock(&tab->lock);
+	e = find(tab, h, &id, tokens + unit_start(c, unit), unit_len(c, unit));
+	if (e) {
+		*bytes = record_size(e->n_tokens, e->n_streams, shape->head_dim, id.store);
+		if ((*rec = malloc(*bytes)))
+			record_write(e, *rec);
+	}
+	pthread_mutex_unlock(&tab->lock);
+	if (!e)
+		return kvp_fail(KVP_EINVAL, "prefix record: unit %u of the prompt is not cached", unit);
+	return *rec ? KVP_OK : kvp_fail(KVP_ENOMEM, "prefix record: out of memory for %zu bytes", *bytes);
+}
+
+/* The head of a record that passes its CRC and fits its size, copied out. */
+static kvp_status record_check(const unsigned char *rec, size_t bytes, const struct prefix_identity *id,
+			       struct record_head *h)
+{
+	uint32_t crc, n_streams = id->shape.n_layers * id->shape.n_kv_heads;
+	if (bytes < sizeof *h + sizeof crc)
+		return kvp_fail(KVP_ECORRUPT, "prefix record: %zu bytes is shorter than a header", bytes);
+	memcpy(h, rec, sizeof *h);
+	memcpy(&crc, rec + bytes - sizeof crc, sizeof crc);
+	if (h->magic != RECORD_MAGIC || h->version != RECORD_VERSION)
+		return kvp_fail(KVP_ECORRUPT, "prefix record: not a version %u record", RECORD_VERSION);
+	if (h->n_streams != n_streams || h->head_dim != id->shape.head_dim || h->store != id->store ||
+	    !h->n_tokens || h->n_tokens > KVP_BLOCK_MAX ||
+	    bytes != record_size(h->n_tokens, h->n_streams, h->head_dim, h->store))
+		return kvp_fail(KVP_ECORRUPT, "prefix record: its streams, head_dim, store or size do not fit this "
+				"tenant and shape");
+	if (kvp_crc32c(0, rec, bytes - sizeof crc) != crc)
+		return kvp_fail(KVP_ECORRUPT, "prefix record: CRC32C mismatch");
+	return KVP_OK;
+}
+
+/* The record's blocks, made in t's memory; 0 when a block's n or position is not its unit's. */
+static kvp_status record_blocks(struct kvp_tenant_obj *t, const unsigned char *at, const struct record_head *h,
+				struct prefix_entry *e)
+{
+	const size_t rows = (size_t)h->n_tokens * row_bytes(h->head_dim, h->store);
+	int32_t start = (int32_t)unit_start(&t->cfg, h->unit);
+	for (uint32_t i = 0; i < h->n_streams; i++, at += 2 * sizeof(uint32_t) + 2 * rows) {
+		uint32_t n;
+		int32_t base;
+		memcpy(&n, at, sizeof n);
+		memcpy(&base, at + sizeof n, sizeof base);
+		if (n != h->n_tokens || base != start)
+			return kvp_fail(KVP_ECORRUPT, "prefix record: stream %u holds %u tokens from %d, not unit %u's",
+					i, n, base, h->unit);
+		if (!(e->blocks[i] = kvp_block_new(t, h->n_tokens, h->head_dim, (enum kvp_store)h->store, NULL)))
+			return KVP_ENOMEM;
+		memcpy(e->blocks[i]->k, at + 2 * sizeof n, rows);
+		memcpy(e->blocks[i]->v, at + 2 * sizeof n + rows, rows);
+		e->blocks[i]->n = (uint16_t)n;
+		e->blocks[i]->pos_base = base;
+	}
+	return KVP_OK;
+}
+
+kvp_status kvp_prefix_record_install(struct kvp_tenant_obj *t, const kvp_shape *shape, const void *rec, size_t bytes)
+{
+	const struct kvp_tenant_config *c = &t->cfg;
+	struct kvp_prefix_table *tab = t->pool->prefix;
+	struct prefix_entry *e, *parent = NULL;
+	struct prefix_identity id;
+	struct record_head h;
+	const int32_t *tokens;
+	kvp_status st;
+	identity_of(t, shape, &id);
+	if ((st = record_check(rec, bytes, &id, &h)) != KVP_OK)
+		return st;
+	tokens = (const int32_t *)((const unsigned char *)rec + sizeof h);
+	/* the namespace and identity: the hash as this tenant would compute it from the parent and the ids */
+	if (h.n_tokens != unit_len(c, h.unit) || (h.unit == 0) != (h.parent == 0) ||
+	    unit_hash(identity_hash(&id, t->pool->share_prefix ? "" : t->name), h.parent, tokens, h.n_tokens) != h.hash)
+		return kvp_fail(KVP_ECORRUPT, "prefix record: unit %u is not of this tenant's model, shape and "
+				"configuration", h.unit);
+	if (!(e = entry_new(t, &id, h.unit, tokens, h.n_tokens, h.n_streams, h.hash, h.parent)))
+		return KVP_ENOMEM;
+	if ((st = record_blocks(t, (const unsigned char *)tokens + h.n_tokens * sizeof *tokens, &h, e)) != KVP_OK) {
+		entry_free(e);
+		return st;
+	}
+	pthread_mutex_lock(&tab->lock);
+	if (h.unit && !(parent = find(tab, h.parent, &id, NULL, 0)))
+		st = kvp_fail(KVP_EINVAL, "prefix record: unit %u's parent is not cached (a chain installs from "
+			      "its start)", h.unit);
+	else if (find(tab, h.hash, &id, e->tokens, e->n_tokens))
+		st = KVP_OK; /* cached meanwhile: ours is not needed */
+	else {
+		entry_link(tab, e);
+		if (parent)
+			parent->children++;
+		e = NULL;
+	}
+	pthread_mutex_unlock(&tab->lock);
+	if (e)
+		entry_free(e);
+	return st;
+}
+
+/* ---- lookup and install ---- */
+
+/* What a lookup found: per unit, one block per stream (references the sequence takes over). */
+struct prefix_hit {
+	uint32_t units, n_streams;
+	struct kvp_block **blocks; /* [units][n_streams] */
+};
+
+static void hit_release(struct kvp_tenant_obj *t, struct prefix_hit *h)
+{
+	for (size_t i = 0; h->blocks && i < (size_t)h->units * h->n_streams; i++)
+		kvp_block_put(t, h->blocks[i]);
+	free(h->blocks);
+	memset(h, 0, sizeof *h);
+}
+
+/* t's references to one entry's blocks: its own, or copies in t's arena of another tenant's. Under the
+ * table lock, so the copies' charges must not relieve (relief takes the lock): KVP_ENOMEM instead. */
+static int hit_take(struct kvp_tenant_obj *t, const struct prefix_entry *e, uint32_t dim, struct kvp_block **out)
+{
+	struct kvp_call no_relief = { .no_relief = 1 };
+	for (uint32_t i = 0; i < e->n_streams; i++) {
+		if (e->owner == t) {
+			kvp_block_get(e->blocks[i]);
+			out[i] = e->blocks[i];
+		} else if (!(out[i] = kvp_block_copy(t, e->blocks[i], dim, &no_relief))) {
+			while (i--)
+				kvp_block_put(t, out[i]);
+			return 0;
+		}
+	}
+	return 1;
+}
+
+/* The longest run of units 0..n_units-1 the table holds, taken by t. */
+static kvp_status lookup(struct kvp_tenant_obj *t, const struct prefix_identity *id, const int32_t *tokens,
+			 const uint64_t *hashes, uint32_t n_units, struct prefix_hit *h)
+{
+	struct kvp_prefix_table *tab = t->pool->prefix;
+	const struct kvp_tenant_config *c = &t->cfg;
+	h->n_streams = id->shape.n_layers * id->shape.n_kv_heads;
+	if (!n_units)
+		return KVP_OK;
+	if (!(h->blocks = calloc((size_t)n_units * h->n_streams, sizeof *h->blocks)))
+		return kvp_fail(KVP_ENOMEM, "kvp_seq_open_prefix: out of memory");
+	pthread_mutex_lock(&tab->lock);
+	for (uint32_t u = 0, fetched = 0; u < n_units; u++) {
+		const int32_t *unit = tokens + unit_start(c, u);
+		struct prefix_entry *e = find(tab, hashes[u], id, unit, unit_len(c, u));
+		if (!e && !fetched++ && prefix_fetch_remote(tab, t, id, hashes + u, n_units - u))
+			e = find(tab, hashes[u], id, unit, unit_len(c, u));
+		if (!e || !hit_take(t, e, id->shape.head_dim, h->blocks + (size_t)u * h->n_streams))
+			break;
+		e->last_use = ++tab->clock;
+		h->units = u + 1;
+	}
+	pthread_mutex_unlock(&tab->lock);
+	return KVP_OK;
+}
+
+/* The hit's blocks become the sequence's streams, as if it had appended tokens 0..n-1. */
+static kvp_status install(struct kvp_seq_obj *s, struct prefix_hit *h, uint32_t n)
+{
+	struct kvp_tenant_obj *t = s->tenant;
+	uint32_t sink_units = t->cfg.sinks && h->units ? 1 : 0, n_blocks = h->units - sink_units;
+	for (uint32_t i = 0; i < h->n_streams; i++) {
+		struct kvp_stream *st = &s->streams[i];
+		if (n_blocks && !(st->blocks = kvp_alloc(t, n_blocks * sizeof *st->blocks, KVP_BYTES_META, NULL)))
+			return KVP_ENOMEM;
+		st->cap_blocks = st->n_blocks = n_blocks;
+		for (uint32_t u = 0; u < h->units; u++) {
+			struct kvp_block **b = &h->blocks[(size_t)u * h->n_streams + i];
+			if (u < sink_units)
+				st->sink = *b;
+			else
+				st->blocks[u - sink_units] = *b;
+			*b = NULL; /* the stream's now */
+		}
+		st->n_tokens = n;
+	}
+	return KVP_OK;
+}
+
+static kvp_status open_check(uint32_t n, const int32_t *tokens, struct kvp_seq_obj **out, uint32_t *n_cached)
+{
+	if (!out || !n_cached)
+		return kvp_fail(KVP_EINVAL, "kvp_seq_open_prefix: out and n_cached must not be NULL");
+	if (n == 0 || !tokens)
+		return kvp_fail(KVP_EINVAL, "kvp_seq_open_prefix: a prompt of n >= 1 tokens is required (n=%u, "
+				"tokens %s)", n, tokens ? "set" : "NULL");
+	if (n > KVP_STREAM_TOKENS_MAX)
+		return kvp_fail(KVP_EINVAL, "kvp_seq_open_prefix: n=%u tokens is more than a stream holds", n);
+	return KVP_OK;
+}
+
+static kvp_status open_hit(struct kvp_tenant_obj *t, struct kvp_seq_obj *s, uint32_t n, const int32_t *tokens,
+			   uint32_t *n_cached)
+{
+	const struct kvp_tenant_config *c = &t->cfg;
+	uint32_t all = units_within(c, n), looked = units_within(c, n - 1);
+	uint64_t *hashes = malloc(((size_t)all + 1) * sizeof *hashes), idh;
+	struct prefix_identity id;
+	struct prefix_hit h = { 0 };
+	kvp_status st;
+	if (!hashes)
+		return kvp_fail(KVP_ENOMEM, "kvp_seq_open_prefix: out of memory");
+	identity_of(t, &s->shape, &id);
+	idh = identity_hash(&id, t->pool->share_prefix ? "" : t->name);
+	for (uint32_t u = 0; u < all; u++)
+		hashes[u] = unit_hash(idh, u ? hashes[u - 1] : 0, tokens + unit_start(c, u), unit_len(c, u));
+	/* the host computes at least the prompt's last token (it needs its logits): looked <= n - 1 tokens */
+	st = lookup(t, &id, tokens, hashes, looked, &h);
+	if (st == KVP_OK)
+		st = prompt_prepare(s, &id, tokens, all, h.units, hashes);
+	*n_cached = h.units ? unit_start(c, h.units - 1) + unit_len(c, h.units - 1) : 0;
+	if (st == KVP_OK && (st = install(s, &h, *n_cached)) != KVP_OK) {
+		/* what the tenant has not counted yet goes back before the sequence is destroyed */
+		for (uint32_t i = 0; i < h.n_streams; i++)
+			kvp_stream_release(t, &s->streams[i]);
+	}
+	hit_release(t, &h);
+	if (st == KVP_OK) {
+		uint32_t missed = (looked ? unit_start(c, looked - 1) + unit_len(c, looked - 1) : 0) - *n_cached;
+		s->prefix_hit_tokens = *n_cached;
+		s->prefix_miss_tokens = missed;
+		atomic_fetch_add(&t->prefix_hit_tokens, *n_cached);
+		atomic_fetch_add(&t->prefix_miss_tokens, missed);
+	}
+	free(hashes);
+	return st;
+}
+
+kvp_status kvp_prefix_seq_open(struct kvp_tenant_obj *t, const kvp_shape *shape, uint32_t n, const int32_t *tokens,
+			       struct kvp_seq_obj **out, uint32_t *n_cached)
+{
+	struct kvp_seq_obj *s;
+	kvp_status st = open_check(n, tokens, out, n_cached);
+	uint64_t streams, held;
+	if (st != KVP_OK)
+		return st;
+	*n_cached = 0;
+	if (!t->cfg.prefix)
+		return kvp_seq_create(t, shape, out);
+	if ((st = kvp_seq_create_unlinked(t, shape, &s)) != KVP_OK)
+		return st;
+	/* not linked yet: no pressure can reach the sequence while its streams are filled */
+	if ((st = open_hit(t, s, n, tokens, n_cached)) != KVP_OK) {
+		*n_cached = 0;
+		kvp_seq_destroy(s);
+		return kvp_fail_context(st, "kvp_seq_open_prefix: no sequence was opened");
+	}
+	streams = (uint64_t)s->shape.n_layers * s->shape.n_kv_heads;
+	held = streams * *n_cached;
+	/* the installed tokens count as appended: the sequence is what appending them would have made */
+	s->tokens_appended = held;
+	s->t0 = *n_cached;
+	atomic_fetch_add(&t->tokens_appended, held);
+	atomic_fetch_add(&t->tokens_retained, held);
+	atomic_fetch_add(&t->bytes_dense_fp16, held * s->shape.head_dim * 4);
+	kvp_seq_link(t, s);
+	*out = s;
+	return KVP_OK;
+}
