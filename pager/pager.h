@@ -81,6 +81,7 @@ struct kvp_tenant_obj {
 	_Atomic uint64_t bytes[KVP_BYTES_KINDS];
 	_Atomic uint64_t tokens_appended, tokens_retained, bytes_dense_fp16;
 	_Atomic uint64_t prefix_hit_tokens, prefix_miss_tokens; /* over its kvp_seq_open_prefix calls */
+	_Atomic uint64_t remote_hit_tokens, remote_faults, remote_rejected;
 	struct kvp_tenant_config cfg;
 	/* The specs, parsed once at tenant open (with what the policy loads once, e.g. a .kvtria file) and
 	 * read-only until the tenant closes: NULL when not set. */
@@ -218,6 +219,7 @@ struct kvp_seq_obj {
 	 * NULL (prefix.c); and what its lookup found. */
 	struct kvp_prefix_prompt *prompt;
 	uint64_t prefix_hit_tokens, prefix_miss_tokens;
+	uint64_t remote_hit_tokens, remote_faults, remote_rejected; /* of those, from the remote tier */
 };
 
 #define KVP_POOL_MAGIC 0x6b76706fu
@@ -384,7 +386,8 @@ uint64_t kvp_prefix_bytes_cached(const struct kvp_tenant_obj *t);
  */
 kvp_status kvp_prefix_record_make(struct kvp_tenant_obj *t, const kvp_shape *shape, const int32_t *tokens,
 				  uint32_t unit, void **rec, size_t *bytes);
-kvp_status kvp_prefix_record_install(struct kvp_tenant_obj *t, const kvp_shape *shape, const void *rec, size_t bytes);
+kvp_status kvp_prefix_record_install(struct kvp_tenant_obj *t, const kvp_shape *shape, const int32_t *tokens,
+				     uint32_t unit, const void *rec, size_t bytes);
 
 /* ---- configuration ---- */
 kvp_status kvp_tenant_config_parse(struct kvp_tenant_config *cfg, uint64_t *quota, const char *spec);

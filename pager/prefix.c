@@ -21,11 +21,13 @@
  * holds are what pressure frees first, least recently used and deepest first (a parent outlives its
  * children, so a chain stays reachable from its start).
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernels/crc32c.h"
 #include "pager.h"
+#include "tier/remote.h"
 
 #define PREFIX_BUCKETS 1024u
 
@@ -69,6 +71,8 @@ struct kvp_prefix_prompt {
 	uint32_t *cursor;   /* [n_streams]: the first unit each stream has not captured */
 	struct prefix_entry **entry; /* [n_units]: prepared entries, NULL below the first one and once registered */
 };
+
+static void prefix_publish(const struct kvp_pool_obj *pool, const struct prefix_entry *e);
 
 /* ---- the hash ---- */
 
@@ -247,26 +251,6 @@ static int unowned(const struct prefix_entry *e)
 		if (atomic_load_explicit(&e->blocks[i]->refs, memory_order_acquire) > 1)
 			return 0;
 	return 1;
-}
-
-/* ---- the seams of a remote tier ---- */
-
-/* A local miss at hashes[0] (the rest of the chain follows it): installs into the table the units
- * another tier holds (kvp_prefix_record_install, the chain from hashes[0] on) and returns how many it
- * installed. This build has no other tier. Called under the table's lock: what it installs must be made
- * before it is taken (the installs allocate, and a charge may relieve, which takes the lock). */
-static uint32_t prefix_fetch_remote(struct kvp_prefix_table *tab, struct kvp_tenant_obj *t,
-				    const struct prefix_identity *id, const uint64_t *hashes, uint32_t n)
-{
-	(void)tab, (void)t, (void)id, (void)hashes, (void)n;
-	return 0;
-}
-
-/* An entry joined the table: where a record of it (record_size, record_write) would be queued for another
- * tier, write-behind: under the table's lock, so it only copies or queues. */
-static void prefix_publish(struct kvp_prefix_table *tab, const struct prefix_entry *e)
-{
-	(void)tab, (void)e;
 }
 
 /* ---- relief, stats, close ---- */
@@ -478,7 +462,7 @@ static int register_next(struct kvp_prefix_table *tab, struct kvp_prefix_prompt 
 	entry_link(tab, e);
 	if (parent)
 		parent->children++;
-	prefix_publish(tab, e);
+	prefix_publish(e->owner->pool, e);
 	return 1;
 }
 
@@ -504,157 +488,120 @@ void kvp_prefix_register(struct kvp_seq_obj *s)
 }
 
 /*
- * ---- records: one entry as bytes, for a tier beyond the pool ----
- * head, the unit's token ids (int32), then per stream: n and pos_base (uint32, int32) and the n rows of
- * k then of v as stored (fp32 or fp16); last, a CRC32C of everything before it. Host byte order.
+ * ---- values: one unit as a tier beyond the pool (the remote tier) stores it ----
+ * One record of tier/remote.h's format per stream, layer by layer, back to back. A record's identity is
+ * the unit's chain hash, the stream's layer and KV head, the unit's tokens, the store, and as its codec
+ * id the hash of the tenant's identity (model, shape, namespace, block, sinks, store); its payload is the
+ * block's k rows, then its v rows, as stored. Token ids are not stored: the chain hash a reader computes
+ * from its own prompt names them, and every field of every record must be what the reader expects.
  */
-#define RECORD_MAGIC 0x5250564bu /* "KVPR" */
-#define RECORD_VERSION 1u
-
-struct record_head {
-	uint32_t magic, version;
-	uint64_t hash, parent;
-	uint32_t unit, n_tokens, n_streams, head_dim, store, reserved;
-};
 
 static size_t row_bytes(uint32_t dim, uint32_t store)
 {
 	return (size_t)dim * (store == KVP_STORE_FP16 ? sizeof(uint16_t) : sizeof(float));
 }
 
-static size_t record_size(uint32_t n_tokens, uint32_t n_streams, uint32_t dim, uint32_t store)
+/* What the tenant's units are hashed under: the tenant, unless the pool shares prefixes. */
+static const char *namespace_of(const struct kvp_tenant_obj *t)
 {
-	return sizeof(struct record_head) + (size_t)n_tokens * sizeof(int32_t) +
-	       (size_t)n_streams * (2 * sizeof(uint32_t) + 2 * (size_t)n_tokens * row_bytes(dim, store)) +
-	       sizeof(uint32_t);
+	return t->pool->share_prefix ? "" : t->name;
 }
 
-static void record_write(const struct prefix_entry *e, unsigned char *out)
+static void stream_record_id(const struct prefix_identity *id, uint64_t idh, uint64_t hash, uint32_t n_tokens,
+			     uint32_t i, struct kvp_record_id *rid)
 {
-	const uint32_t dim = e->id.shape.head_dim;
-	const size_t rows = (size_t)e->n_tokens * row_bytes(dim, e->id.store);
-	struct record_head h = { RECORD_MAGIC, RECORD_VERSION, e->hash, e->parent, e->unit, e->n_tokens,
-				 e->n_streams, dim, e->id.store, 0 };
-	unsigned char *at = out;
-	uint32_t crc;
-	memcpy(at, &h, sizeof h);
-	at += sizeof h;
-	memcpy(at, e->tokens, e->n_tokens * sizeof *e->tokens);
-	at += e->n_tokens * sizeof *e->tokens;
-	for (uint32_t i = 0; i < e->n_streams; i++) {
-		const struct kvp_block *b = e->blocks[i];
-		uint32_t n = b->n;
-		memcpy(at, &n, sizeof n);
-		memcpy(at + sizeof n, &b->pos_base, sizeof b->pos_base);
-		memcpy(at + 2 * sizeof n, b->k, rows);
-		memcpy(at + 2 * sizeof n + rows, b->v, rows);
-		at += 2 * sizeof n + 2 * rows;
+	*rid = (struct kvp_record_id){
+		.chain = hash,
+		.layer = i / id->shape.n_kv_heads,
+		.kv_head = i % id->shape.n_kv_heads,
+		.tokens = n_tokens,
+		.store = id->store,
+		.codec = idh,
+		.payload = 2 * (size_t)n_tokens * row_bytes(id->shape.head_dim, id->store),
+	};
+}
+
+static size_t unit_value_bytes(const struct prefix_identity *id, uint32_t n_tokens)
+{
+	size_t rows = (size_t)n_tokens * row_bytes(id->shape.head_dim, id->store);
+	return (size_t)id->shape.n_layers * id->shape.n_kv_heads * (KVP_RECORD_HEADER + 2 * rows);
+}
+
+/* The entry's value, malloc'd (NULL when out of memory). */
+static void *unit_value_make(const struct prefix_entry *e, size_t *bytes)
+{
+	const uint64_t idh = identity_hash(&e->id, e->id.tenant ? e->owner->name : "");
+	const size_t rows = (size_t)e->n_tokens * row_bytes(e->id.shape.head_dim, e->id.store);
+	unsigned char *value, *payload = malloc(2 * rows);
+	size_t at = 0, used;
+	*bytes = unit_value_bytes(&e->id, e->n_tokens);
+	if (!payload || !(value = malloc(*bytes))) {
+		free(payload);
+		return NULL;
 	}
-	crc = kvp_crc32c(0, out, (size_t)(at - out));
-	memcpy(at, &crc, sizeof crc);
-}
-
-kvp_status kvp_prefix_record_make(struct kvp_tenant_obj *t, const kvp_shape *shape, const int32_t *tokens,
-				  uint32_t unit, void **rec, size_t *bytes)
-{
-	const struct kvp_tenant_config *c = &t->cfg;
-	struct kvp_prefix_table *tab = t->pool->prefix;
-	struct prefix_identity id;
-	struct prefix_entry *e;
-	uint64_t h = 0, idh;
-	*rec = NULL;
-	*bytes = 0;
-	identity_of(t, shape, &id);
-	idh = identity_hash(&id, t->pool->share_prefix ? "" : t->name);
-	for (uint32_t u = 0; u <= unit; u++)
-		h = unit_hash(idh, h, tokens + unit_start(c, u), unit_len(c, u));
-	pthread_mutex_lock(&tab->lock);
-	e = find(tab, h, &id, tokens + unit_start(c, unit), unit_len(c, unit));
-	if (e) {
-		*bytes = record_size(e->n_tokens, e->n_streams, shape->head_dim, id.store);
-		if ((*rec = malloc(*bytes)))
-			record_write(e, *rec);
+	for (uint32_t i = 0; i < e->n_streams; i++, at += used) {
+		struct kvp_record_id rid;
+		stream_record_id(&e->id, idh, e->hash, e->n_tokens, i, &rid);
+		memcpy(payload, e->blocks[i]->k, rows);
+		memcpy(payload + rows, e->blocks[i]->v, rows);
+		kvp_record_pack(&rid, payload, value + at, *bytes - at, &used); /* sized above: cannot fail */
 	}
-	pthread_mutex_unlock(&tab->lock);
-	if (!e)
-		return kvp_fail(KVP_EINVAL, "prefix record: unit %u of the prompt is not cached", unit);
-	return *rec ? KVP_OK : kvp_fail(KVP_ENOMEM, "prefix record: out of memory for %zu bytes", *bytes);
+	free(payload);
+	return value;
 }
 
-/* The head of a record that passes its CRC and fits its size, copied out. */
-static kvp_status record_check(const unsigned char *rec, size_t bytes, const struct prefix_identity *id,
-			       struct record_head *h)
+/* Unit u's blocks from its value, checked record by record against what t expects, into e. */
+static kvp_status unit_value_blocks(struct kvp_tenant_obj *t, uint64_t idh, const unsigned char *value, size_t bytes,
+				    struct prefix_entry *e)
 {
-	uint32_t crc, n_streams = id->shape.n_layers * id->shape.n_kv_heads;
-	if (bytes < sizeof *h + sizeof crc)
-		return kvp_fail(KVP_ECORRUPT, "prefix record: %zu bytes is shorter than a header", bytes);
-	memcpy(h, rec, sizeof *h);
-	memcpy(&crc, rec + bytes - sizeof crc, sizeof crc);
-	if (h->magic != RECORD_MAGIC || h->version != RECORD_VERSION)
-		return kvp_fail(KVP_ECORRUPT, "prefix record: not a version %u record", RECORD_VERSION);
-	if (h->n_streams != n_streams || h->head_dim != id->shape.head_dim || h->store != id->store ||
-	    !h->n_tokens || h->n_tokens > KVP_BLOCK_MAX ||
-	    bytes != record_size(h->n_tokens, h->n_streams, h->head_dim, h->store))
-		return kvp_fail(KVP_ECORRUPT, "prefix record: its streams, head_dim, store or size do not fit this "
-				"tenant and shape");
-	if (kvp_crc32c(0, rec, bytes - sizeof crc) != crc)
-		return kvp_fail(KVP_ECORRUPT, "prefix record: CRC32C mismatch");
-	return KVP_OK;
-}
-
-/* The record's blocks, made in t's memory; 0 when a block's n or position is not its unit's. */
-static kvp_status record_blocks(struct kvp_tenant_obj *t, const unsigned char *at, const struct record_head *h,
-				struct prefix_entry *e)
-{
-	const size_t rows = (size_t)h->n_tokens * row_bytes(h->head_dim, h->store);
-	int32_t start = (int32_t)unit_start(&t->cfg, h->unit);
-	for (uint32_t i = 0; i < h->n_streams; i++, at += 2 * sizeof(uint32_t) + 2 * rows) {
-		uint32_t n;
-		int32_t base;
-		memcpy(&n, at, sizeof n);
-		memcpy(&base, at + sizeof n, sizeof base);
-		if (n != h->n_tokens || base != start)
-			return kvp_fail(KVP_ECORRUPT, "prefix record: stream %u holds %u tokens from %d, not unit %u's",
-					i, n, base, h->unit);
-		if (!(e->blocks[i] = kvp_block_new(t, h->n_tokens, h->head_dim, (enum kvp_store)h->store, NULL)))
+	const size_t rows = (size_t)e->n_tokens * row_bytes(e->id.shape.head_dim, e->id.store);
+	size_t at = 0, used;
+	for (uint32_t i = 0; i < e->n_streams; i++, at += used) {
+		struct kvp_record_id rid;
+		const unsigned char *payload;
+		kvp_status st;
+		stream_record_id(&e->id, idh, e->hash, e->n_tokens, i, &rid);
+		if ((st = kvp_record_unpack(&rid, value + at, bytes - at, (const void **)&payload, &used)) != KVP_OK) {
+			char why[160];
+			snprintf(why, sizeof why, "%s", kvp_last_error());
+			return kvp_fail(st, "prefix value of unit %u, layer %u, KV head %u: %s", e->unit, rid.layer,
+					rid.kv_head, why);
+		}
+		if (!(e->blocks[i] = kvp_block_new(t, e->n_tokens, e->id.shape.head_dim, (enum kvp_store)e->id.store,
+						   NULL)))
 			return KVP_ENOMEM;
-		memcpy(e->blocks[i]->k, at + 2 * sizeof n, rows);
-		memcpy(e->blocks[i]->v, at + 2 * sizeof n + rows, rows);
-		e->blocks[i]->n = (uint16_t)n;
-		e->blocks[i]->pos_base = base;
+		memcpy(e->blocks[i]->k, payload, rows);
+		memcpy(e->blocks[i]->v, payload + rows, rows);
+		e->blocks[i]->n = (uint16_t)e->n_tokens;
+		e->blocks[i]->pos_base = (int32_t)unit_start(&t->cfg, e->unit);
 	}
+	if (at != bytes)
+		return kvp_fail(KVP_ECORRUPT, "prefix value of unit %u: %zu bytes after its records", e->unit, bytes - at);
 	return KVP_OK;
 }
 
-kvp_status kvp_prefix_record_install(struct kvp_tenant_obj *t, const kvp_shape *shape, const void *rec, size_t bytes)
+/* Installs unit u of the prompt `tokens` (hashes: the prompt's chain) from its value as t's entry. */
+static kvp_status unit_value_install(struct kvp_tenant_obj *t, const struct prefix_identity *id, uint64_t idh,
+				     const int32_t *tokens, const uint64_t *hashes, uint32_t u, const void *value,
+				     size_t bytes)
 {
 	const struct kvp_tenant_config *c = &t->cfg;
 	struct kvp_prefix_table *tab = t->pool->prefix;
 	struct prefix_entry *e, *parent = NULL;
-	struct prefix_identity id;
-	struct record_head h;
-	const int32_t *tokens;
+	uint32_t n_streams = id->shape.n_layers * id->shape.n_kv_heads;
 	kvp_status st;
-	identity_of(t, shape, &id);
-	if ((st = record_check(rec, bytes, &id, &h)) != KVP_OK)
-		return st;
-	tokens = (const int32_t *)((const unsigned char *)rec + sizeof h);
-	/* the namespace and identity: the hash as this tenant would compute it from the parent and the ids */
-	if (h.n_tokens != unit_len(c, h.unit) || (h.unit == 0) != (h.parent == 0) ||
-	    unit_hash(identity_hash(&id, t->pool->share_prefix ? "" : t->name), h.parent, tokens, h.n_tokens) != h.hash)
-		return kvp_fail(KVP_ECORRUPT, "prefix record: unit %u is not of this tenant's model, shape and "
-				"configuration", h.unit);
-	if (!(e = entry_new(t, &id, h.unit, tokens, h.n_tokens, h.n_streams, h.hash, h.parent)))
+	if (!(e = entry_new(t, id, u, tokens + unit_start(c, u), unit_len(c, u), n_streams, hashes[u],
+			    u ? hashes[u - 1] : 0)))
 		return KVP_ENOMEM;
-	if ((st = record_blocks(t, (const unsigned char *)tokens + h.n_tokens * sizeof *tokens, &h, e)) != KVP_OK) {
+	if ((st = unit_value_blocks(t, idh, value, bytes, e)) != KVP_OK) {
 		entry_free(e);
 		return st;
 	}
 	pthread_mutex_lock(&tab->lock);
-	if (h.unit && !(parent = find(tab, h.parent, &id, NULL, 0)))
-		st = kvp_fail(KVP_EINVAL, "prefix record: unit %u's parent is not cached (a chain installs from "
-			      "its start)", h.unit);
-	else if (find(tab, h.hash, &id, e->tokens, e->n_tokens))
+	if (u && !(parent = find(tab, e->parent, id, NULL, 0)))
+		st = kvp_fail(KVP_EINVAL, "prefix value: unit %u's parent is not cached (a chain installs from its "
+			      "start)", u);
+	else if (find(tab, e->hash, id, e->tokens, e->n_tokens))
 		st = KVP_OK; /* cached meanwhile: ours is not needed */
 	else {
 		entry_link(tab, e);
@@ -666,6 +613,134 @@ kvp_status kvp_prefix_record_install(struct kvp_tenant_obj *t, const kvp_shape *
 	if (e)
 		entry_free(e);
 	return st;
+}
+
+/* The chain hashes of the prompt's first n_units units under t's identity. */
+static void chain_hashes(const struct kvp_tenant_obj *t, uint64_t idh, const int32_t *tokens, uint32_t n_units,
+			 uint64_t *hashes)
+{
+	const struct kvp_tenant_config *c = &t->cfg;
+	for (uint32_t u = 0; u < n_units; u++)
+		hashes[u] = unit_hash(idh, u ? hashes[u - 1] : 0, tokens + unit_start(c, u), unit_len(c, u));
+}
+
+kvp_status kvp_prefix_record_make(struct kvp_tenant_obj *t, const kvp_shape *shape, const int32_t *tokens,
+				  uint32_t unit, void **rec, size_t *bytes)
+{
+	struct kvp_prefix_table *tab = t->pool->prefix;
+	const struct kvp_tenant_config *c = &t->cfg;
+	struct prefix_identity id;
+	struct prefix_entry *e;
+	uint64_t *hashes = malloc(((size_t)unit + 1) * sizeof *hashes);
+	*rec = NULL;
+	*bytes = 0;
+	if (!hashes)
+		return kvp_fail(KVP_ENOMEM, "prefix value: out of memory");
+	identity_of(t, shape, &id);
+	chain_hashes(t, identity_hash(&id, namespace_of(t)), tokens, unit + 1, hashes);
+	pthread_mutex_lock(&tab->lock);
+	if ((e = find(tab, hashes[unit], &id, tokens + unit_start(c, unit), unit_len(c, unit))))
+		*rec = unit_value_make(e, bytes);
+	pthread_mutex_unlock(&tab->lock);
+	free(hashes);
+	if (!e)
+		return kvp_fail(KVP_EINVAL, "prefix value: unit %u of the prompt is not cached", unit);
+	return *rec ? KVP_OK : kvp_fail(KVP_ENOMEM, "prefix value: out of memory for %zu bytes", *bytes);
+}
+
+kvp_status kvp_prefix_record_install(struct kvp_tenant_obj *t, const kvp_shape *shape, const int32_t *tokens,
+				     uint32_t unit, const void *rec, size_t bytes)
+{
+	struct prefix_identity id;
+	uint64_t idh, *hashes = malloc(((size_t)unit + 1) * sizeof *hashes);
+	kvp_status st;
+	if (!hashes)
+		return kvp_fail(KVP_ENOMEM, "prefix value: out of memory");
+	identity_of(t, shape, &id);
+	idh = identity_hash(&id, namespace_of(t));
+	chain_hashes(t, idh, tokens, unit + 1, hashes);
+	st = unit_value_install(t, &id, idh, tokens, hashes, unit, rec, bytes);
+	free(hashes);
+	return st;
+}
+
+/* ---- the remote tier (tier/remote.h) ----
+ * Keys: "kvp:<model>:<tenant>:<chain hash, 16 hex digits>", the tenant "*" when the pool shares prefixes.
+ * A registered unit is published write-behind; a lookup that misses locally asks the remote tier for the
+ * rest of the chain in one pipelined round trip and installs the run of units it gets, in order, each
+ * checked first. Whatever fails (a fault, a miss, a value that fails its checks) ends the run there. */
+
+#define KEY_MAX (4 + 64 + 1 + 64 + 1 + 16 + 1)
+
+static size_t unit_key(const struct prefix_identity *id, const struct kvp_tenant_obj *owner, uint64_t hash,
+		       char key[KEY_MAX])
+{
+	int n = snprintf(key, KEY_MAX, "kvp:%s:%s:%016llx", id->model, id->tenant ? owner->name : "*",
+			 (unsigned long long)hash);
+	return n < 0 ? 0 : (size_t)n < KEY_MAX ? (size_t)n : KEY_MAX - 1;
+}
+
+/* Under the table's lock: a copy of the value goes to the publication queue, nothing waits. */
+static void prefix_publish(const struct kvp_pool_obj *pool, const struct prefix_entry *e)
+{
+	char key[KEY_MAX];
+	size_t bytes, key_len;
+	void *value;
+	if (!pool->remote || !(value = unit_value_make(e, &bytes)))
+		return;
+	key_len = unit_key(&e->id, e->owner, e->hash, key);
+	kvp_remote_publish(pool->remote, key, key_len, value, bytes);
+	free(value);
+}
+
+/* What a remote lookup did: the units it installed, and why it stopped short, for the caller's stats. */
+struct remote_outcome {
+	uint32_t installed;
+	uint64_t faults;   /* faults the remote tier counted during the lookup */
+	uint32_t rejected; /* values that failed their checks */
+	char note[160];
+};
+
+/* Units [from, to) of the prompt from the remote tier in one round trip, installed in order until the
+ * first one that is missing or fails its checks. Outside the table's lock: installs allocate, and a
+ * charge may relieve, which takes it. */
+static void prefix_fetch_remote(struct kvp_tenant_obj *t, const struct prefix_identity *id, uint64_t idh,
+				const int32_t *tokens, const uint64_t *hashes, uint32_t from, uint32_t to,
+				struct remote_outcome *out)
+{
+	struct kvp_remote *r = t->pool->remote;
+	struct kvp_remote_counters before, after;
+	uint32_t n = to - from;
+	char *keys = malloc((size_t)n * KEY_MAX);
+	const char **key = malloc((size_t)n * sizeof *key);
+	size_t *key_len = malloc((size_t)n * sizeof *key_len), *val_len = malloc((size_t)n * sizeof *val_len);
+	void **val = calloc(n, sizeof *val);
+	memset(out, 0, sizeof *out);
+	if (keys && key && key_len && val_len && val) {
+		for (uint32_t i = 0; i < n; i++) {
+			key[i] = keys + (size_t)i * KEY_MAX;
+			key_len[i] = unit_key(id, t, hashes[from + i], keys + (size_t)i * KEY_MAX);
+		}
+		kvp_remote_counters(r, &before);
+		kvp_remote_fetch(r, n, key, key_len, val, val_len);
+		kvp_remote_counters(r, &after);
+		out->faults = after.faults - before.faults;
+		if (out->faults)
+			snprintf(out->note, sizeof out->note, "%s", after.note);
+		for (uint32_t i = 0; i < n && val[i]; i++) {
+			kvp_status st = unit_value_install(t, id, idh, tokens, hashes, from + i, val[i], val_len[i]);
+			if (st != KVP_OK) {
+				out->rejected += st == KVP_ECORRUPT;
+				if (st == KVP_ECORRUPT)
+					snprintf(out->note, sizeof out->note, "%s", kvp_last_error());
+				break;
+			}
+			out->installed++;
+		}
+		for (uint32_t i = 0; i < n; i++)
+			kvp_remote_value_free(val[i]);
+	}
+	free(keys), free(key), free(key_len), free(val_len), free(val);
 }
 
 /* ---- lookup and install ---- */
@@ -714,11 +789,9 @@ static kvp_status lookup(struct kvp_tenant_obj *t, const struct prefix_identity 
 	if (!(h->blocks = calloc((size_t)n_units * h->n_streams, sizeof *h->blocks)))
 		return kvp_fail(KVP_ENOMEM, "kvp_seq_open_prefix: out of memory");
 	pthread_mutex_lock(&tab->lock);
-	for (uint32_t u = 0, fetched = 0; u < n_units; u++) {
+	for (uint32_t u = 0; u < n_units; u++) {
 		const int32_t *unit = tokens + unit_start(c, u);
 		struct prefix_entry *e = find(tab, hashes[u], id, unit, unit_len(c, u));
-		if (!e && !fetched++ && prefix_fetch_remote(tab, t, id, hashes + u, n_units - u))
-			e = find(tab, hashes[u], id, unit, unit_len(c, u));
 		if (!e || !hit_take(t, e, id->shape.head_dim, h->blocks + (size_t)u * h->n_streams))
 			break;
 		e->last_use = ++tab->clock;
@@ -763,26 +836,69 @@ static kvp_status open_check(uint32_t n, const int32_t *tokens, struct kvp_seq_o
 	return KVP_OK;
 }
 
+/* Local first; on a local miss with a remote tier, the rest of the chain from it, then local again. */
+static kvp_status lookup_tiers(struct kvp_tenant_obj *t, const struct prefix_identity *id, uint64_t idh,
+			       const int32_t *tokens, const uint64_t *hashes, uint32_t looked, struct prefix_hit *h,
+			       uint32_t *remote_units, struct remote_outcome *remote)
+{
+	uint32_t local;
+	kvp_status st = lookup(t, id, tokens, hashes, looked, h);
+	*remote_units = 0;
+	memset(remote, 0, sizeof *remote);
+	if (st != KVP_OK || !t->pool->remote || h->units == looked)
+		return st;
+	local = h->units;
+	prefix_fetch_remote(t, id, idh, tokens, hashes, local, looked, remote);
+	if (!remote->installed)
+		return KVP_OK;
+	hit_release(t, h);
+	st = lookup(t, id, tokens, hashes, looked, h);
+	*remote_units = h->units > local ? h->units - local : 0;
+	return st;
+}
+
+static uint32_t units_tokens(const struct kvp_tenant_config *c, uint32_t units)
+{
+	return units ? unit_start(c, units - 1) + unit_len(c, units - 1) : 0;
+}
+
+static void count_lookup(struct kvp_tenant_obj *t, struct kvp_seq_obj *s, uint32_t looked, uint32_t n_cached,
+			 uint32_t remote_tokens, const struct remote_outcome *remote)
+{
+	uint32_t missed = units_tokens(&t->cfg, looked) - n_cached;
+	s->prefix_hit_tokens = n_cached;
+	s->prefix_miss_tokens = missed;
+	s->remote_hit_tokens = remote_tokens;
+	s->remote_faults = remote->faults;
+	s->remote_rejected = remote->rejected;
+	atomic_fetch_add(&t->prefix_hit_tokens, n_cached);
+	atomic_fetch_add(&t->prefix_miss_tokens, missed);
+	atomic_fetch_add(&t->remote_hit_tokens, remote_tokens);
+	atomic_fetch_add(&t->remote_faults, remote->faults);
+	atomic_fetch_add(&t->remote_rejected, remote->rejected);
+}
+
 static kvp_status open_hit(struct kvp_tenant_obj *t, struct kvp_seq_obj *s, uint32_t n, const int32_t *tokens,
 			   uint32_t *n_cached)
 {
 	const struct kvp_tenant_config *c = &t->cfg;
-	uint32_t all = units_within(c, n), looked = units_within(c, n - 1);
+	uint32_t all = units_within(c, n), looked = units_within(c, n - 1), remote_units = 0, local_tokens;
 	uint64_t *hashes = malloc(((size_t)all + 1) * sizeof *hashes), idh;
 	struct prefix_identity id;
 	struct prefix_hit h = { 0 };
+	struct remote_outcome remote = { 0 };
 	kvp_status st;
 	if (!hashes)
 		return kvp_fail(KVP_ENOMEM, "kvp_seq_open_prefix: out of memory");
 	identity_of(t, &s->shape, &id);
-	idh = identity_hash(&id, t->pool->share_prefix ? "" : t->name);
-	for (uint32_t u = 0; u < all; u++)
-		hashes[u] = unit_hash(idh, u ? hashes[u - 1] : 0, tokens + unit_start(c, u), unit_len(c, u));
+	idh = identity_hash(&id, namespace_of(t));
+	chain_hashes(t, idh, tokens, all, hashes);
 	/* the host computes at least the prompt's last token (it needs its logits): looked <= n - 1 tokens */
-	st = lookup(t, &id, tokens, hashes, looked, &h);
+	st = lookup_tiers(t, &id, idh, tokens, hashes, looked, &h, &remote_units, &remote);
 	if (st == KVP_OK)
 		st = prompt_prepare(s, &id, tokens, all, h.units, hashes);
-	*n_cached = h.units ? unit_start(c, h.units - 1) + unit_len(c, h.units - 1) : 0;
+	*n_cached = units_tokens(c, h.units);
+	local_tokens = units_tokens(c, h.units - remote_units);
 	if (st == KVP_OK && (st = install(s, &h, *n_cached)) != KVP_OK) {
 		/* what the tenant has not counted yet goes back before the sequence is destroyed */
 		for (uint32_t i = 0; i < h.n_streams; i++)
@@ -790,11 +906,9 @@ static kvp_status open_hit(struct kvp_tenant_obj *t, struct kvp_seq_obj *s, uint
 	}
 	hit_release(t, &h);
 	if (st == KVP_OK) {
-		uint32_t missed = (looked ? unit_start(c, looked - 1) + unit_len(c, looked - 1) : 0) - *n_cached;
-		s->prefix_hit_tokens = *n_cached;
-		s->prefix_miss_tokens = missed;
-		atomic_fetch_add(&t->prefix_hit_tokens, *n_cached);
-		atomic_fetch_add(&t->prefix_miss_tokens, missed);
+		count_lookup(t, s, looked, *n_cached, *n_cached - local_tokens, &remote);
+		if (remote.note[0]) /* a miss, not a failure: the host hears of it as a note */
+			kvp_fail(KVP_OK, "kvp_seq_open_prefix: remote tier: %s", remote.note);
 	}
 	free(hashes);
 	return st;

@@ -276,6 +276,9 @@ kvp_status kvp_seq_stats_entered(const struct kvp_seq_obj *s, kvp_stats *out)
 		full.bytes_meta += kvp_prefix_prompt_bytes(s);
 	full.prefix_hit_tokens = s->prefix_hit_tokens;
 	full.prefix_miss_tokens = s->prefix_miss_tokens;
+	full.remote_hit_tokens = s->remote_hit_tokens;
+	full.remote_faults = s->remote_faults;
+	full.remote_rejected = s->remote_rejected;
 	stats_copy(out, &full);
 	return KVP_OK;
 }
@@ -301,6 +304,9 @@ kvp_status kvp_tenant_stats(const kvp_tenant *h, kvp_stats *out)
 	full.bytes_cached = kvp_prefix_bytes_cached(t);
 	full.prefix_hit_tokens = atomic_load(&t->prefix_hit_tokens);
 	full.prefix_miss_tokens = atomic_load(&t->prefix_miss_tokens);
+	full.remote_hit_tokens = atomic_load(&t->remote_hit_tokens);
+	full.remote_faults = atomic_load(&t->remote_faults);
+	full.remote_rejected = atomic_load(&t->remote_rejected);
 	stats_copy(out, &full);
 	return KVP_OK;
 }

@@ -14,100 +14,10 @@
 #include "model_fixture.h"
 #include "pager/pager.h"
 #include "pager_fixture.h"
+#include "prefix_fixture.h"
 #include "spill_fixture.h"
 
-#define L 2
-#define NH 4
-#define NKV 2
-#define D 16
-#define ROW (NKV * D)
-#define MAXT 512
-
-static const kvp_shape shape = { L, NH, NKV, D, 10000.0f, KVP_ROPE_HALF };
-static kvp_pool *pool;
-
 TestSuite(prefix, .fini = spill_fixture_fini);
-
-/* One token's rows of one layer: [NKV][D], from its id and position. */
-static void token_rows(int32_t token, int32_t pos, uint32_t layer, float *k, float *v)
-{
-	uint64_t seed = ((uint64_t)(uint32_t)token * 1000003u + (uint64_t)pos) * 31u + layer;
-	fixture_fill(k, ROW, seed, 1.5f);
-	fixture_fill(v, ROW, seed ^ 0x5555u, 1.5f);
-}
-
-/* Appends tokens[from..to) at positions from..to-1 to the given layers. */
-static kvp_status append_layers(kvp_seq *s, const int32_t *tokens, uint32_t from, uint32_t to, uint32_t l0, uint32_t l1)
-{
-	float *k = malloc((size_t)(to - from) * ROW * sizeof *k), *v = malloc((size_t)(to - from) * ROW * sizeof *v);
-	int32_t *pos = malloc((to - from) * sizeof *pos);
-	kvp_status st = KVP_OK;
-	cr_assert(k && v && pos);
-	for (uint32_t l = l0; l < l1 && st == KVP_OK; l++) {
-		for (uint32_t i = from; i < to; i++) {
-			pos[i - from] = (int32_t)i;
-			token_rows(tokens[i], (int32_t)i, l, k + (size_t)(i - from) * ROW, v + (size_t)(i - from) * ROW);
-		}
-		st = kvp_append(s, l, to - from, pos, k, v);
-	}
-	free(k);
-	free(v);
-	free(pos);
-	return st;
-}
-
-static void append_tokens(kvp_seq *s, const int32_t *tokens, uint32_t from, uint32_t to)
-{
-	cr_assert_eq(append_layers(s, tokens, from, to, 0, L), KVP_OK, "%s", kvp_last_error());
-}
-
-static void prompt_fill(int32_t *tokens, uint32_t n, int32_t base)
-{
-	for (uint32_t i = 0; i < n; i++)
-		tokens[i] = base + (int32_t)(i * 7 % 101);
-}
-
-static kvp_tenant *tenant_open(const char *name, const char *spec)
-{
-	kvp_tenant *t;
-	cr_assert_eq(kvp_tenant_open(pool, name, spec, &t), KVP_OK, "%s: %s", spec, kvp_last_error());
-	return t;
-}
-
-static kvp_seq *open_prompt(kvp_tenant *t, const int32_t *tokens, uint32_t n, uint32_t *n_cached)
-{
-	kvp_seq *s;
-	cr_assert_eq(kvp_seq_open_prefix(t, &shape, n, tokens, &s, n_cached), KVP_OK, "%s", kvp_last_error());
-	return s;
-}
-
-/* A sequence of the prompt whose tokens are all appended: what registers it. */
-static kvp_seq *run_prompt(kvp_tenant *t, const int32_t *tokens, uint32_t n)
-{
-	uint32_t cached;
-	kvp_seq *s = open_prompt(t, tokens, n, &cached);
-	append_tokens(s, tokens, cached, n);
-	return s;
-}
-
-static kvp_stats tenant_stats(kvp_tenant *t)
-{
-	kvp_stats st = { .size = sizeof st };
-	cr_assert_eq(kvp_tenant_stats(t, &st), KVP_OK);
-	return st;
-}
-
-static kvp_stats seq_stats(kvp_seq *s)
-{
-	kvp_stats st = { .size = sizeof st };
-	cr_assert_eq(kvp_seq_stats(s, &st), KVP_OK);
-	return st;
-}
-
-static void pool_open(const char *spec)
-{
-	cr_assert_eq(kvp_pool_open(spec, &pool), KVP_OK, "%s", kvp_last_error());
-}
 
 /* ---- configuration ---- */
 
@@ -282,18 +192,6 @@ Test(prefix, failed_open_over_quota_leaves_nothing)
 /* ---- attention ---- */
 
 /* Every layer's attention of the two sequences, for a few queries: equal to the bit. */
-static void assert_same_attention(kvp_seq *a, kvp_seq *b, const char *what)
-{
-	float q[NH * D], oa[NH * D], ob[NH * D];
-	for (uint32_t r = 0; r < 3; r++)
-		for (uint32_t l = 0; l < L; l++) {
-			fixture_fill(q, NH * D, 100 + r * 7 + l, 1.0f);
-			cr_assert_eq(kvp_attend(a, l, q, oa), KVP_OK, "%s", kvp_last_error());
-			cr_assert_eq(kvp_attend(b, l, q, ob), KVP_OK, "%s", kvp_last_error());
-			cr_assert_eq(memcmp(oa, ob, sizeof oa), 0, "%s: layer %u differs", what, l);
-		}
-}
-
 /* A hit, appended past its prompt, against a sequence that appended everything. */
 static void hit_matches_cold(const char *spec)
 {
@@ -727,10 +625,10 @@ Test(prefix, records_carry_a_prompt_to_another_pool)
 	pool_open("");
 	kvp_tenant *b = tenant_open("t", "model=m,block=8,sinks=4");
 	struct kvp_tenant_obj *tb = kvp_tenant_from_handle(b);
-	cr_assert_eq(kvp_prefix_record_install(tb, &shape, rec[1], bytes[1]), KVP_EINVAL, "a child before its parent");
+	cr_assert_eq(kvp_prefix_record_install(tb, &shape, tokens, 1, rec[1], bytes[1]), KVP_EINVAL, "a child before its parent");
 	for (uint32_t u = 0; u < 8; u++)
-		cr_assert_eq(kvp_prefix_record_install(tb, &shape, rec[u], bytes[u]), KVP_OK, "%s", kvp_last_error());
-	cr_assert_eq(kvp_prefix_record_install(tb, &shape, rec[3], bytes[3]), KVP_OK, "installing twice is a no-op");
+		cr_assert_eq(kvp_prefix_record_install(tb, &shape, tokens, u, rec[u], bytes[u]), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_prefix_record_install(tb, &shape, tokens, 3, rec[3], bytes[3]), KVP_OK, "installing twice is a no-op");
 	cr_assert_gt(tenant_stats(b).bytes_cached, 0, "b's memory holds them");
 	kvp_seq *sb = open_prompt(b, tokens, 62, &cached);
 	cr_assert_eq(cached, 60);
@@ -755,13 +653,13 @@ Test(prefix, records_that_fail_their_checks_are_refused)
 	kvp_tenant *other = tenant_open("b", "model=m,block=8,sinks=4");
 	kvp_tenant *model = tenant_open("c", "model=n,block=8,sinks=4");
 	kvp_tenant *fp16 = tenant_open("d", "model=m,block=8,sinks=4,store=fp16");
-	cr_assert_eq(kvp_prefix_record_install(kvp_tenant_from_handle(other), &shape, rec, bytes), KVP_ECORRUPT,
+	cr_assert_eq(kvp_prefix_record_install(kvp_tenant_from_handle(other), &shape, tokens, 0, rec, bytes), KVP_ECORRUPT,
 		     "another tenant's namespace");
-	cr_assert_eq(kvp_prefix_record_install(kvp_tenant_from_handle(model), &shape, rec, bytes), KVP_ECORRUPT);
-	cr_assert_eq(kvp_prefix_record_install(kvp_tenant_from_handle(fp16), &shape, rec, bytes), KVP_ECORRUPT);
-	cr_assert_eq(kvp_prefix_record_install(kvp_tenant_from_handle(a), &shape, rec, bytes - 1), KVP_ECORRUPT);
-	((unsigned char *)rec)[bytes / 2] ^= 1;
-	cr_assert_eq(kvp_prefix_record_install(kvp_tenant_from_handle(a), &shape, rec, bytes), KVP_ECORRUPT);
+	cr_assert_eq(kvp_prefix_record_install(kvp_tenant_from_handle(model), &shape, tokens, 0, rec, bytes), KVP_ECORRUPT);
+	cr_assert_eq(kvp_prefix_record_install(kvp_tenant_from_handle(fp16), &shape, tokens, 0, rec, bytes), KVP_ECORRUPT);
+	cr_assert_eq(kvp_prefix_record_install(kvp_tenant_from_handle(a), &shape, tokens, 0, rec, bytes - 1), KVP_ECORRUPT);
+	((unsigned char *)rec)[bytes - 1] ^= 1; /* the last stream's payload */
+	cr_assert_eq(kvp_prefix_record_install(kvp_tenant_from_handle(a), &shape, tokens, 0, rec, bytes), KVP_ECORRUPT);
 	cr_assert(strstr(kvp_last_error(), "CRC32C"), "%s", kvp_last_error());
 	kvp_stats st = tenant_stats(other);
 	cr_assert_eq(st.bytes_exact + st.bytes_cached, 0, "a refused record leaves nothing");

@@ -47,7 +47,8 @@ class Stats(ctypes.Structure):
                 ("bytes_compressed", ctypes.c_uint64), ("bytes_meta", ctypes.c_uint64),
                 ("bytes_spilled", ctypes.c_uint64), ("bytes_dense_fp16", ctypes.c_uint64),
                 ("bytes_cached", ctypes.c_uint64), ("prefix_hit_tokens", ctypes.c_uint64),
-                ("prefix_miss_tokens", ctypes.c_uint64)]
+                ("prefix_miss_tokens", ctypes.c_uint64), ("remote_hit_tokens", ctypes.c_uint64),
+                ("remote_faults", ctypes.c_uint64), ("remote_rejected", ctypes.c_uint64)]
 
 
 class HeadLevel(ctypes.Structure):

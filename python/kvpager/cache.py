@@ -67,6 +67,9 @@ class Stats:
     bytes_cached: int  # blocks the prefix cache holds and no sequence does (0 for a sequence)
     prefix_hit_tokens: int
     prefix_miss_tokens: int
+    remote_hit_tokens: int  # of the hits, what the remote tier (pool remote=) supplied
+    remote_faults: int
+    remote_rejected: int
 
     @classmethod
     def read(cls, call, handle, name):
