@@ -246,9 +246,9 @@ typedef struct {
 	 * tenant's entries; 0 for a sequence), and over the lookups (the sequence's own, or all the tenant's)
 	 * the tokens found, and the tokens of the whole units looked up and not found */
 	uint64_t bytes_cached, prefix_hit_tokens, prefix_miss_tokens;
-	/* the remote tier (pool remote=): of the hit tokens, those it supplied; faults it met during the lookups
-	 * (each a miss, with a note in kvp_last_error after the open); values it returned that failed their checks
-	 * (never served) */
+	/* the remote tier (pool remote=): of the hit tokens, those it supplied; lookups a fault cut short (a server
+	 * down, slow, paused or refusing, or still in its backoff: its units miss, and kvp_last_error holds a note
+	 * after the open); values it returned that failed their checks (never served) */
 	uint64_t remote_hit_tokens, remote_faults, remote_rejected;
 } kvp_stats;
 /* Blocks shared by forks count in every sequence that holds them; tenant stats count them once. */

@@ -696,9 +696,9 @@ static void prefix_publish(const struct kvp_pool_obj *pool, const struct prefix_
 /* What a remote lookup did: the units it installed, and why it stopped short, for the caller's stats. */
 struct remote_outcome {
 	uint32_t installed;
-	uint64_t faults;   /* faults the remote tier counted during the lookup */
+	uint64_t faults;   /* 1 when a fault, a refusal or a backoff left units unanswered */
 	uint32_t rejected; /* values that failed their checks */
-	char note[160];
+	char note[256];
 };
 
 /* Units [from, to) of the prompt from the remote tier in one round trip, installed in order until the
@@ -709,8 +709,8 @@ static void prefix_fetch_remote(struct kvp_tenant_obj *t, const struct prefix_id
 				struct remote_outcome *out)
 {
 	struct kvp_remote *r = t->pool->remote;
-	struct kvp_remote_counters before, after;
-	uint32_t n = to - from;
+	struct kvp_remote_counters faults;
+	uint32_t n = to - from, unanswered;
 	char *keys = malloc((size_t)n * KEY_MAX);
 	const char **key = malloc((size_t)n * sizeof *key);
 	size_t *key_len = malloc((size_t)n * sizeof *key_len), *val_len = malloc((size_t)n * sizeof *val_len);
@@ -721,18 +721,19 @@ static void prefix_fetch_remote(struct kvp_tenant_obj *t, const struct prefix_id
 			key[i] = keys + (size_t)i * KEY_MAX;
 			key_len[i] = unit_key(id, t, hashes[from + i], keys + (size_t)i * KEY_MAX);
 		}
-		kvp_remote_counters(r, &before);
-		kvp_remote_fetch(r, n, key, key_len, val, val_len);
-		kvp_remote_counters(r, &after);
-		out->faults = after.faults - before.faults;
-		if (out->faults)
-			snprintf(out->note, sizeof out->note, "%s", after.note);
+		kvp_remote_fetch(r, n, key, key_len, val, val_len, &unanswered);
+		if (unanswered) {
+			kvp_remote_counters(r, &faults);
+			out->faults = 1;
+			snprintf(out->note, sizeof out->note, "%u of %u units unanswered (%.160s)", unanswered, n,
+				 faults.note[0] ? faults.note : "no server answered");
+		}
 		for (uint32_t i = 0; i < n && val[i]; i++) {
 			kvp_status st = unit_value_install(t, id, idh, tokens, hashes, from + i, val[i], val_len[i]);
 			if (st != KVP_OK) {
 				out->rejected += st == KVP_ECORRUPT;
 				if (st == KVP_ECORRUPT)
-					snprintf(out->note, sizeof out->note, "%s", kvp_last_error());
+					snprintf(out->note, sizeof out->note, "%.200s", kvp_last_error());
 				break;
 			}
 			out->installed++;

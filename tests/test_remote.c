@@ -52,7 +52,7 @@ static void *fetch_one(struct kvp_remote *r, const char *key, size_t *len)
 	const char *keys[1] = { key };
 	size_t key_len[1] = { strlen(key) };
 	void *val;
-	kvp_remote_fetch(r, 1, keys, key_len, &val, len);
+	kvp_remote_fetch(r, 1, keys, key_len, &val, len, NULL);
 	return val;
 }
 
@@ -321,7 +321,7 @@ Test(remote, pipelined_fetch_answers_every_key_in_order)
 		}
 	}
 	cr_assert_eq(kvp_remote_drain(r, 5000), 0);
-	cr_assert_eq(kvp_remote_fetch(r, N, keys, key_len, vals, len), N - N / 3, "%s", counters_of(r).note);
+	cr_assert_eq(kvp_remote_fetch(r, N, keys, key_len, vals, len, NULL), N - N / 3, "%s", counters_of(r).note);
 	for (int i = 0; i < N; i++) {
 		if (i % 3 == 0) {
 			cr_assert_null(vals[i], "key %d", i);
@@ -499,7 +499,7 @@ Test(remote, paused_server_costs_at_most_the_timeout)
 	cr_assert_eq(kvp_remote_drain(r, 5000), 0);
 	kill(redis_pid(s), SIGSTOP);
 	t0 = redis_fixture_ms();
-	cr_assert_eq(kvp_remote_fetch(r, 3, keys, key_len, vals, len), 0);
+	cr_assert_eq(kvp_remote_fetch(r, 3, keys, key_len, vals, len, NULL), 0);
 	elapsed = redis_fixture_ms() - t0;
 	cr_assert_lt(elapsed, 20.0 * TIMEOUT, "%.1f ms for a %d ms timeout", elapsed, TIMEOUT);
 	cr_assert_null(vals[0]);
@@ -507,13 +507,13 @@ Test(remote, paused_server_costs_at_most_the_timeout)
 	cr_assert_eq(counters_of(r).misses, 3);
 	/* while it backs off, the paused node costs nothing */
 	t0 = redis_fixture_ms();
-	cr_assert_eq(kvp_remote_fetch(r, 3, keys, key_len, vals, len), 0);
+	cr_assert_eq(kvp_remote_fetch(r, 3, keys, key_len, vals, len, NULL), 0);
 	cr_assert_lt(redis_fixture_ms() - t0, 20.0 * TIMEOUT);
 	kill(redis_pid(s), SIGCONT);
 	until = redis_fixture_ms() + 5000;
 	while (hits < 3 && redis_fixture_ms() < until) {
 		usleep(50000);
-		hits = kvp_remote_fetch(r, 3, keys, key_len, vals, len);
+		hits = kvp_remote_fetch(r, 3, keys, key_len, vals, len, NULL);
 	}
 	cr_assert_eq(hits, 3, "%s", counters_of(r).note);
 	for (int i = 0; i < 3; i++)
@@ -657,7 +657,7 @@ Test(remote, cluster_round_trips_keys_spread_over_every_node)
 	for (int i = 0; i < 3; i++)
 		cr_assert_gt(dbsize(first + i), 0, "node %d holds some of the keys", i);
 	cr_assert_eq(dbsize(first) + dbsize(first + 1) + dbsize(first + 2), N);
-	cr_assert_eq(kvp_remote_fetch(r, N, keys, key_len, vals, len), N, "%s", counters_of(r).note);
+	cr_assert_eq(kvp_remote_fetch(r, N, keys, key_len, vals, len, NULL), N, "%s", counters_of(r).note);
 	for (int i = 0; i < N; i++) {
 		value_fill(value, sizeof value, (unsigned)i);
 		cr_assert_eq(len[i], sizeof value);
@@ -696,7 +696,7 @@ Test(remote, cluster_node_killed_misses_only_its_keys)
 	snprintf(dead, sizeof dead, "127.0.0.1:%d", redis_port(first + 2));
 	for (int round = 0; round < 3; round++) {
 		t0 = redis_fixture_ms();
-		hits = kvp_remote_fetch(r, N, keys, key_len, vals, len);
+		hits = kvp_remote_fetch(r, N, keys, key_len, vals, len, NULL);
 		cr_assert_lt(redis_fixture_ms() - t0, 20.0 * TIMEOUT);
 		cr_assert_eq(hits, expected, "round %d: %s", round, counters_of(r).note);
 		for (int i = 0; i < N; i++)
@@ -760,14 +760,14 @@ Test(remote, cluster_nodes_of_unknown_endpoint_are_reached_at_the_address_asked)
 	for (int i = 0; i < N; i++)
 		kvp_remote_publish(cluster, keys[i], key_len[i], "c", 1);
 	cr_assert_eq(kvp_remote_drain(cluster, 5000), 0);
-	cr_assert_eq(kvp_remote_fetch(cluster, N, keys, key_len, vals, len), N, "%s", counters_of(cluster).note);
+	cr_assert_eq(kvp_remote_fetch(cluster, N, keys, key_len, vals, len, NULL), N, "%s", counters_of(cluster).note);
 	for (int i = 0; i < N; i++)
 		kvp_remote_value_free(vals[i]);
 	kvp_remote_close(cluster);
 	/* a client that takes the cluster for one server gets "MOVED slot :port" for two thirds of the keys */
 	snprintf(url, sizeof url, "redis://127.0.0.1:%d", redis_port(first));
 	single = remote_open_at(url, 1000, NULL);
-	cr_assert_eq(kvp_remote_fetch(single, N, keys, key_len, vals, len), N, "%s", counters_of(single).note);
+	cr_assert_eq(kvp_remote_fetch(single, N, keys, key_len, vals, len, NULL), N, "%s", counters_of(single).note);
 	for (int i = 0; i < N; i++)
 		kvp_remote_value_free(vals[i]);
 	cr_assert_eq(counters_of(single).faults, 0, "%s", counters_of(single).note);
@@ -809,7 +809,7 @@ Test(remote, cluster_slots_of_a_dead_node_are_learned_again_from_the_others)
 		kvp_remote_publish(r, keys[i], key_len[i], "v", 1);
 	}
 	cr_assert_eq(kvp_remote_drain(r, 5000), 0);
-	cr_assert_eq(kvp_remote_fetch(r, N, keys, key_len, vals, len), N, "%s", counters_of(r).note);
+	cr_assert_eq(kvp_remote_fetch(r, N, keys, key_len, vals, len, NULL), N, "%s", counters_of(r).note);
 	for (int i = 0; i < N; i++)
 		kvp_remote_value_free(vals[i]);
 	/* the third node dies and the first takes its slots (redis-cli gave it 10923-16383), as a failover
@@ -822,7 +822,7 @@ Test(remote, cluster_slots_of_a_dead_node_are_learned_again_from_the_others)
 	cluster_wait_ok(first);
 	cluster_wait_ok(first + 1);
 	/* the first lookup and the first batch meet the dead node; the next ones ask for the map again */
-	kvp_remote_fetch(r, N, keys, key_len, vals, len);
+	kvp_remote_fetch(r, N, keys, key_len, vals, len, NULL);
 	for (int i = 0; i < N; i++)
 		kvp_remote_value_free(vals[i]);
 	for (int pass = 0; pass < 2; pass++) {
@@ -830,7 +830,7 @@ Test(remote, cluster_slots_of_a_dead_node_are_learned_again_from_the_others)
 			kvp_remote_publish(r, keys[i], key_len[i], "w", 1);
 		cr_assert_eq(kvp_remote_drain(r, 5000), 0);
 	}
-	cr_assert_eq(kvp_remote_fetch(r, N, keys, key_len, vals, len), N, "%s", counters_of(r).note);
+	cr_assert_eq(kvp_remote_fetch(r, N, keys, key_len, vals, len, NULL), N, "%s", counters_of(r).note);
 	for (int i = 0; i < N; i++)
 		kvp_remote_value_free(vals[i]);
 	kvp_remote_close(r);

@@ -336,9 +336,9 @@ void kvp_remote_close(struct kvp_remote *r)
 
 /* Copies a hit out of its reply; a refused GET is a fault (counted once per lookup). */
 static uint32_t fetch_collect(struct kvp_remote *r, struct kvp_redis_req *reqs, uint32_t n, void **vals,
-			      size_t *val_len)
+			      size_t *val_len, uint32_t *unanswered)
 {
-	uint32_t hits = 0;
+	uint32_t hits = 0, lost = 0;
 	uint64_t bytes = 0;
 	const char *refused = NULL, *refused_by = NULL;
 	for (uint32_t i = 0; i < n; i++) {
@@ -348,11 +348,16 @@ static uint32_t fetch_collect(struct kvp_remote *r, struct kvp_redis_req *reqs, 
 			val_len[i] = rep->len;
 			bytes += rep->len;
 			hits++;
-		} else if (rep && rep->type == REDIS_REPLY_ERROR && !refused) {
-			refused = rep->str;
-			refused_by = r->fetch.nodes[reqs[i].node].name;
+		} else if (!rep || rep->type != REDIS_REPLY_NIL) {
+			lost++;
+			if (rep && rep->type == REDIS_REPLY_ERROR && !refused) {
+				refused = rep->str;
+				refused_by = r->fetch.nodes[reqs[i].node].name;
+			}
 		}
 	}
+	if (unanswered)
+		*unanswered = lost;
 	if (refused)
 		kvp_redis_fault(&r->faults, "redis %s: GET refused: %.100s", refused_by, refused);
 	atomic_fetch_add(&r->hits, hits);
@@ -362,7 +367,7 @@ static uint32_t fetch_collect(struct kvp_remote *r, struct kvp_redis_req *reqs, 
 }
 
 uint32_t kvp_remote_fetch(struct kvp_remote *r, uint32_t n, const char *const *keys, const size_t *key_len,
-			  void **vals, size_t *val_len)
+			  void **vals, size_t *val_len, uint32_t *unanswered)
 {
 	struct kvp_redis_req *reqs;
 	uint32_t hits;
@@ -370,6 +375,8 @@ uint32_t kvp_remote_fetch(struct kvp_remote *r, uint32_t n, const char *const *k
 		vals[i] = NULL;
 		val_len[i] = 0;
 	}
+	if (unanswered)
+		*unanswered = r ? n : 0;
 	if (!r || n == 0)
 		return 0;
 	if (!(reqs = calloc(n, sizeof *reqs))) {
@@ -381,7 +388,7 @@ uint32_t kvp_remote_fetch(struct kvp_remote *r, uint32_t n, const char *const *k
 		reqs[i] = (struct kvp_redis_req){ .op = KVP_REDIS_GET, .key = keys[i], .key_len = key_len[i] };
 	pthread_mutex_lock(&r->fetch_lock);
 	kvp_redis_exchange(&r->fetch, reqs, n, kvp_redis_now() + (uint64_t)r->cfg.timeout_ms * 1000000u);
-	hits = fetch_collect(r, reqs, n, vals, val_len);
+	hits = fetch_collect(r, reqs, n, vals, val_len, unanswered);
 	pthread_mutex_unlock(&r->fetch_lock);
 	kvp_redis_reply_free(reqs, n);
 	free(reqs);

@@ -68,10 +68,11 @@ void kvp_remote_close(struct kvp_remote *r);
  * fault. After a fault a cluster's slot map is asked for again (from the first node that answers) at the
  * next exchange, so slots a failover moved are found without a MOVED. Connections persist between calls;
  * one the server closed while idle (its timeout, a restart) is replaced at the next call, no fault.
- * Concurrent fetches on one remote take turns. r NULL: every key misses.
+ * Concurrent fetches on one remote take turns. r NULL: every key misses. *unanswered (when not NULL) gets
+ * the keys that missed for a fault, a refusal or a backoff rather than for being absent.
  */
 uint32_t kvp_remote_fetch(struct kvp_remote *r, uint32_t n, const char *const *keys, const size_t *key_len,
-			  void **vals, size_t *val_len);
+			  void **vals, size_t *val_len, uint32_t *unanswered);
 void kvp_remote_value_free(void *val);
 
 /* Write-behind publication: copies key and value into the queue and returns 0 at once, or returns

@@ -1,0 +1,298 @@
+/*
+ * Prefix caching across pools through the remote tier (pool remote=): real redis-server processes, a
+ * single server and a three-node cluster, started and stopped by the suite (tests/redis_fixture.h).
+ * What one pool registers is published; a fresh pool (another process included) finds it, installs it
+ * checked, and attends exactly as the first; every fault is a miss with a note.
+ */
+#include <criterion/criterion.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "kvpager.h"
+#include "pager/pager.h"
+#include "prefix_fixture.h"
+#include "redis_fixture.h"
+#include "tier/remote.h"
+
+TestSuite(prefix_remote, .fini = redis_fixture_fini);
+
+#define PROMPT 62 /* block=8, sinks=4: units of 4 + 7 x 8 = 60 tokens before the last two */
+#define TENANT_SPEC "model=m,block=8,sinks=4,window=16"
+
+static kvp_pool *pool_at(const char *remote, const char *more)
+{
+	char spec[512];
+	kvp_pool *p;
+	snprintf(spec, sizeof spec, "remote=%s,remote_timeout=500%s%s", remote, more ? "," : "", more ? more : "");
+	cr_assert_eq(kvp_pool_open(spec, &p), KVP_OK, "%s: %s", spec, kvp_last_error());
+	return p;
+}
+
+static kvp_tenant *tenant_in(kvp_pool *p, const char *name, const char *spec)
+{
+	kvp_tenant *t;
+	cr_assert_eq(kvp_tenant_open(p, name, spec, &t), KVP_OK, "%s: %s", spec, kvp_last_error());
+	return t;
+}
+
+static void drained(kvp_pool *p)
+{
+	cr_assert_eq(kvp_remote_drain(kvp_pool_from_handle(p)->remote, 5000), 0, "publication did not drain");
+}
+
+static void single_url(int server, char *url, size_t cap)
+{
+	snprintf(url, cap, "redis://127.0.0.1:%d", redis_port(server));
+}
+
+/* Pool a runs the prompt and publishes it; a fresh pool b opens it: the whole prefix, from the remote. */
+static void second_pool_finds_the_prompt(const char *url)
+{
+	int32_t tokens[PROMPT];
+	uint32_t cached;
+	kvp_seq *sb;
+	prompt_fill(tokens, PROMPT, 5);
+	kvp_pool *a = pool_at(url, NULL);
+	kvp_seq *sa = run_prompt(tenant_in(a, "t", TENANT_SPEC), tokens, PROMPT);
+	drained(a);
+	kvp_pool *b = pool_at(url, NULL);
+	kvp_tenant *tb = tenant_in(b, "t", TENANT_SPEC);
+	cr_assert_eq(kvp_seq_open_prefix(tb, &shape, PROMPT, tokens, &sb, &cached), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(cached, 60);
+	kvp_stats st = seq_stats(sb);
+	cr_assert_eq(st.remote_hit_tokens, 60);
+	cr_assert_eq(st.remote_faults + st.remote_rejected, 0);
+	append_tokens(sb, tokens, cached, PROMPT);
+	assert_same_attention(sa, sb, url);
+	kvp_seq_close(sb);
+	cr_assert_gt(tenant_stats(tb).bytes_cached, 0, "the fetched units stay in b's cache");
+	kvp_pool_close(b);
+	kvp_pool_close(a);
+}
+
+Test(prefix_remote, second_pool_finds_the_prompt_on_one_server)
+{
+	char url[64];
+	redis_fixture_need();
+	single_url(redis_start(NULL), url, sizeof url);
+	second_pool_finds_the_prompt(url);
+}
+
+Test(prefix_remote, second_pool_finds_the_prompt_on_a_cluster)
+{
+	char url[128];
+	redis_fixture_need();
+	int first = redis_cluster_start();
+	snprintf(url, sizeof url, "redis-cluster://127.0.0.1:%d|127.0.0.1:%d", redis_port(first), redis_port(first + 1));
+	second_pool_finds_the_prompt(url);
+	long long keys = 0;
+	for (int i = first; i < first + 3; i++) {
+		redisReply *r = redis_run(redis_port(i), "DBSIZE");
+		cr_assert(r && r->type == REDIS_REPLY_INTEGER);
+		cr_assert_gt(r->integer, 0, "node %d holds none of the 8 units", i - first);
+		keys += r->integer;
+		freeReplyObject(r);
+	}
+	cr_assert_eq(keys, 8);
+}
+
+/* The first process writes its attention outputs to a pipe; the second computes its own after a remote hit. */
+static void attention_outputs(kvp_seq *s, float *out)
+{
+	float q[NH * D];
+	for (uint32_t l = 0; l < L; l++) {
+		fixture_fill(q, NH * D, 900 + l, 1.0f);
+		cr_assert_eq(kvp_attend(s, l, q, out + (size_t)l * NH * D), KVP_OK, "%s", kvp_last_error());
+	}
+}
+
+Test(prefix_remote, two_processes_share_a_prompt_bit_for_bit)
+{
+	char url[64];
+	int32_t tokens[PROMPT];
+	float first[L * NH * D], second[L * NH * D];
+	int fd[2], status;
+	uint32_t cached;
+	kvp_seq *s;
+	redis_fixture_need();
+	single_url(redis_start(NULL), url, sizeof url);
+	prompt_fill(tokens, PROMPT, 9);
+	cr_assert_eq(pipe(fd), 0);
+	pid_t child = fork();
+	cr_assert_geq(child, 0);
+	if (child == 0) { /* the first process: its own pool, the whole prompt computed */
+		char spec[96];
+		kvp_pool *p;
+		kvp_tenant *t;
+		snprintf(spec, sizeof spec, "remote=%s", url);
+		int ok = kvp_pool_open(spec, &p) == KVP_OK &&
+			 kvp_tenant_open(p, "t", TENANT_SPEC, &t) == KVP_OK &&
+			 kvp_seq_open_prefix(t, &shape, PROMPT, tokens, &s, &cached) == KVP_OK &&
+			 append_layers(s, tokens, 0, PROMPT, 0, L) == KVP_OK;
+		if (ok) {
+			attention_outputs(s, first);
+			ok = kvp_remote_drain(kvp_pool_from_handle(p)->remote, 5000) == 0 &&
+			     write(fd[1], first, sizeof first) == (ssize_t)sizeof first;
+			kvp_pool_close(p);
+		}
+		_exit(ok ? 0 : 1);
+	}
+	close(fd[1]);
+	cr_assert_eq(read(fd[0], first, sizeof first), (ssize_t)sizeof first, "the first process failed");
+	cr_assert_eq(waitpid(child, &status, 0), child);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+	kvp_pool *p = pool_at(url, NULL);
+	cr_assert_eq(kvp_seq_open_prefix(tenant_in(p, "t", TENANT_SPEC), &shape, PROMPT, tokens, &s, &cached), KVP_OK);
+	cr_assert_eq(cached, 60, "the whole prefix");
+	append_tokens(s, tokens, cached, PROMPT);
+	attention_outputs(s, second);
+	cr_assert_eq(memcmp(first, second, sizeof first), 0, "attention differs from the first process's");
+	kvp_pool_close(p);
+}
+
+Test(prefix_remote, tenants_namespaces_stay_apart_unless_shared)
+{
+	char url[64], shared[96];
+	int32_t tokens[PROMPT];
+	uint32_t cached;
+	kvp_seq *s;
+	redis_fixture_need();
+	single_url(redis_start(NULL), url, sizeof url);
+	prompt_fill(tokens, PROMPT, 21);
+	kvp_pool *a = pool_at(url, NULL);
+	run_prompt(tenant_in(a, "alice", TENANT_SPEC), tokens, PROMPT);
+	drained(a);
+	kvp_pool *b = pool_at(url, NULL);
+	cr_assert_eq(kvp_seq_open_prefix(tenant_in(b, "bob", TENANT_SPEC), &shape, PROMPT, tokens, &s, &cached), KVP_OK);
+	cr_assert_eq(cached, 0, "bob must not find alice's prompt");
+	snprintf(shared, sizeof shared, "%s", url);
+	kvp_pool *c = pool_at(shared, "share_prefix=1");
+	run_prompt(tenant_in(c, "alice", TENANT_SPEC), tokens, PROMPT);
+	drained(c);
+	kvp_pool *d = pool_at(shared, "share_prefix=1");
+	cr_assert_eq(kvp_seq_open_prefix(tenant_in(d, "bob", TENANT_SPEC), &shape, PROMPT, tokens, &s, &cached), KVP_OK);
+	cr_assert_eq(cached, 60, "with share_prefix=1 the namespace is the model's");
+	kvp_pool_close(d), kvp_pool_close(c), kvp_pool_close(b), kvp_pool_close(a);
+}
+
+/* Every unit's value on the server, with the byte from_end bytes before its end flipped. */
+static int corrupt_keys(int server, size_t from_end)
+{
+	redisReply *keys = redis_run(redis_port(server), "KEYS kvp:*");
+	int n = 0;
+	cr_assert(keys && keys->type == REDIS_REPLY_ARRAY);
+	for (size_t i = 0; i < keys->elements; i++) {
+		redisReply *v = redis_run(redis_port(server), "GET %s", keys->element[i]->str);
+		cr_assert(v && v->type == REDIS_REPLY_STRING && v->len > from_end);
+		v->str[v->len - 1 - from_end] ^= 0x10;
+		redisReply *set = redis_run(redis_port(server), "SET %s %b", keys->element[i]->str, v->str, (size_t)v->len);
+		cr_assert(set);
+		freeReplyObject(set);
+		freeReplyObject(v);
+		n++;
+	}
+	freeReplyObject(keys);
+	return n;
+}
+
+Test(prefix_remote, values_that_fail_their_checks_are_misses_never_served)
+{
+	char url[64];
+	int32_t tokens[PROMPT];
+	uint32_t cached;
+	kvp_seq *s;
+	redis_fixture_need();
+	int server = redis_start(NULL);
+	single_url(server, url, sizeof url);
+	prompt_fill(tokens, PROMPT, 33);
+	kvp_pool *a = pool_at(url, NULL);
+	run_prompt(tenant_in(a, "t", TENANT_SPEC), tokens, PROMPT);
+	drained(a);
+	cr_assert_eq(corrupt_keys(server, 3), 8);
+	kvp_pool *b = pool_at(url, NULL);
+	kvp_tenant *tb = tenant_in(b, "t", TENANT_SPEC);
+	cr_assert_eq(kvp_seq_open_prefix(tb, &shape, PROMPT, tokens, &s, &cached), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(cached, 0);
+	cr_assert(strstr(kvp_last_error(), "CRC32C"), "the note names the check: %s", kvp_last_error());
+	kvp_stats st = seq_stats(s);
+	cr_assert_eq(st.remote_rejected, 1, "the chain stops at its first bad unit");
+	cr_assert_eq(tenant_stats(tb).bytes_cached, 0, "nothing of it is kept");
+	append_tokens(s, tokens, 0, PROMPT); /* and the sequence works as a cold one */
+	kvp_pool_close(b), kvp_pool_close(a);
+}
+
+/* A lookup against a server that is gone or paused: a miss, a fault in stats, a note, within a bound. */
+static void lookup_misses_within_the_timeout(int server, const char *url)
+{
+	int32_t tokens[PROMPT];
+	uint32_t cached;
+	kvp_seq *s;
+	prompt_fill(tokens, PROMPT, 47);
+	kvp_pool *b = pool_at(url, NULL);
+	kvp_tenant *tb = tenant_in(b, "t", TENANT_SPEC);
+	(void)server;
+	double t0 = redis_fixture_ms();
+	cr_assert_eq(kvp_seq_open_prefix(tb, &shape, PROMPT, tokens, &s, &cached), KVP_OK, "%s", kvp_last_error());
+	double ms = redis_fixture_ms() - t0;
+	cr_assert_eq(cached, 0);
+	cr_assert_lt(ms, 20 * 500.0, "%.0f ms: a fault costs at most about the timeout", ms);
+	cr_assert_eq(seq_stats(s).remote_faults, 1, "counted");
+	cr_assert_eq(tenant_stats(tb).remote_faults, 1);
+	cr_assert(strstr(kvp_last_error(), "remote tier"), "a note: %s", kvp_last_error());
+	append_tokens(s, tokens, 0, PROMPT);
+	kvp_pool_close(b);
+}
+
+Test(prefix_remote, killed_server_is_a_miss_with_a_note)
+{
+	char url[64];
+	redis_fixture_need();
+	int server = redis_start(NULL);
+	single_url(server, url, sizeof url);
+	redis_kill(server);
+	lookup_misses_within_the_timeout(server, url);
+}
+
+Test(prefix_remote, paused_server_is_a_miss_within_the_timeout)
+{
+	char url[64];
+	redis_fixture_need();
+	int server = redis_start(NULL);
+	single_url(server, url, sizeof url);
+	kvp_pool *warm = pool_at(url, NULL); /* connections made before the pause */
+	kill(redis_pid(server), SIGSTOP);
+	lookup_misses_within_the_timeout(server, url);
+	kill(redis_pid(server), SIGCONT);
+	kvp_pool_close(warm);
+}
+
+Test(prefix_remote, full_server_refuses_publication_and_nothing_breaks)
+{
+	char url[64];
+	int32_t tokens[PROMPT];
+	uint32_t cached;
+	kvp_seq *s;
+	redis_fixture_need();
+	int server = redis_start(NULL);
+	single_url(server, url, sizeof url);
+	redisReply *r = redis_run(redis_port(server), "CONFIG SET maxmemory 1");
+	cr_assert(r);
+	freeReplyObject(r);
+	prompt_fill(tokens, PROMPT, 55);
+	kvp_pool *a = pool_at(url, NULL);
+	kvp_seq *sa = run_prompt(tenant_in(a, "t", TENANT_SPEC), tokens, PROMPT);
+	drained(a);
+	struct kvp_remote_counters c;
+	kvp_remote_counters(kvp_pool_from_handle(a)->remote, &c);
+	cr_assert_eq(c.published, 0);
+	cr_assert_eq(c.dropped, 8, "every unit refused, and counted");
+	kvp_pool *b = pool_at(url, NULL);
+	cr_assert_eq(kvp_seq_open_prefix(tenant_in(b, "t", TENANT_SPEC), &shape, PROMPT, tokens, &s, &cached), KVP_OK);
+	cr_assert_eq(cached, 0);
+	append_tokens(s, tokens, 0, PROMPT);
+	assert_same_attention(sa, s, "computed again");
+	kvp_pool_close(b), kvp_pool_close(a);
+}
