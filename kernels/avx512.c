@@ -1696,14 +1696,13 @@ INLINE void spark_query_lanes(unsigned hn, unsigned D, const int16_t *q, size_t 
  * of dwords, then of qwords), then the 128-bit lanes are transposed. 44 instructions for sixteen rows,
  * where one reduction per row and head took as many for four rows.
  */
-INLINE void spark_sums_to_heads(const int32_t *acc, __m512i H[4])
+INLINE void spark_sums_to_heads(const __m512i A[16], __m512i H[4])
 {
 	__m512i C[8], Dq[4], E[4];
 
-	for (unsigned m = 0; m < 8; m++) {
-		const __m512i a = _mm512_load_si512(acc + 32 * m), b = _mm512_load_si512(acc + 32 * m + 16);
-		C[m] = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
-	}
+	for (unsigned m = 0; m < 8; m++)
+		C[m] = _mm512_add_epi32(_mm512_unpacklo_epi32(A[2 * m], A[2 * m + 1]),
+					_mm512_unpackhi_epi32(A[2 * m], A[2 * m + 1]));
 	for (unsigned m = 0; m < 4; m++)
 		Dq[m] = _mm512_add_epi32(_mm512_unpacklo_epi64(C[2 * m], C[2 * m + 1]),
 					 _mm512_unpackhi_epi64(C[2 * m], C[2 * m + 1]));
@@ -1719,6 +1718,29 @@ INLINE __m512i chunk_in_every_lane(const int16_t *p)
 	return _mm512_broadcast_i32x4(_mm_load_si128((const __m128i *)(const void *)p));
 }
 
+/* Sixteen rows' sums per head (A[t], 128-bit lane h: head h): chunks outside, rows inside, so that a chunk's
+ * four query registers are loaded once for the sixteen rows and every row's sums stay in a register. */
+INLINE void spark_products(unsigned D, const int16_t *qa, const int16_t *xs, __m512i A[16])
+{
+#pragma GCC unroll 16
+	for (unsigned t = 0; t < 16; t++)
+		A[t] = _mm512_setzero_si512();
+	for (unsigned k = 0; k < D / 32; k++) {
+		const __m512i q0 = _mm512_load_si512(qa + 128 * k), q1 = _mm512_load_si512(qa + 128 * k + 32);
+		const __m512i q2 = _mm512_load_si512(qa + 128 * k + 64), q3 = _mm512_load_si512(qa + 128 * k + 96);
+
+#pragma GCC unroll 16
+		for (unsigned t = 0; t < 16; t++) {
+			const int16_t *x = xs + D * t + 32 * k;
+
+			A[t] = _mm512_dpwssd_epi32(A[t], chunk_in_every_lane(x), q0);
+			A[t] = _mm512_dpwssd_epi32(A[t], chunk_in_every_lane(x + 8), q1);
+			A[t] = _mm512_dpwssd_epi32(A[t], chunk_in_every_lane(x + 16), q2);
+			A[t] = _mm512_dpwssd_epi32(A[t], chunk_in_every_lane(x + 24), q3);
+		}
+	}
+}
+
 /* hn <= 4 heads; D and T constants once inlined; rows sixteen at a time, in the three passes above. */
 INLINE void spark_heads(unsigned hn, unsigned D, unsigned T, const struct kvp_masked_codes *rc, unsigned n,
 			const uint8_t *base, const int16_t *ell, const float *row_scale, const int16_t *q, size_t qs,
@@ -1727,7 +1749,6 @@ INLINE void spark_heads(unsigned hn, unsigned D, unsigned T, const struct kvp_ma
 	const struct int_regs r = int_regs(rc->bits, rc->lut, NULL, 0);
 	int16_t qa[16 * 32] __attribute__((aligned(64))), xs[16 * 128] __attribute__((aligned(64)));
 	int16_t zs[16 * 64] __attribute__((aligned(64)));
-	int32_t acc[16 * 16] __attribute__((aligned(64)));
 	/* sgn[r] << shift per rank (0 past T): one multiply applies both */
 	const __m512i sg8 = _mm512_maskz_loadu_epi8(tail64(T), rc->sgn);
 	const __m128i sh = _mm_cvtsi32_si128((int)rc->shift);
@@ -1737,7 +1758,7 @@ INLINE void spark_heads(unsigned hn, unsigned D, unsigned T, const struct kvp_ma
 	spark_query_lanes(hn, D, q, qs, qa);
 	for (unsigned i0 = 0; i0 < n; i0 += 16) {
 		const unsigned rows = n - i0 < 16 ? n - i0 : 16;
-		__m512i H[4];
+		__m512i A[16], H[4];
 
 		/* every row's z, then every row's x, then the products: what a step reads back from memory was
 		 * stored rows earlier, never just before (a load waiting on a recent wider store stalls) */
@@ -1745,22 +1766,10 @@ INLINE void spark_heads(unsigned hn, unsigned D, unsigned T, const struct kvp_ma
 			spark_z(T, rc, &r, sgs, base + (size_t)(i0 + t) * rc->stride, zs + 64 * t);
 		for (unsigned t = 0; t < rows; t++)
 			spark_x_chunks(D, T, rc, base + (size_t)(i0 + t) * rc->stride, ell[i0 + t], zs + 64 * t, xs + D * t);
-		for (unsigned t = 0; t < rows; t++) {
-			const int16_t *xt = xs + D * t;
-			__m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-
-#pragma GCC unroll 4
-			for (unsigned k = 0; k < D / 32; k++) {
-				a0 = _mm512_dpwssd_epi32(a0, chunk_in_every_lane(xt + 32 * k), _mm512_load_si512(qa + 128 * k));
-				a1 = _mm512_dpwssd_epi32(a1, chunk_in_every_lane(xt + 32 * k + 8), _mm512_load_si512(qa + 128 * k + 32));
-				a2 = _mm512_dpwssd_epi32(a2, chunk_in_every_lane(xt + 32 * k + 16), _mm512_load_si512(qa + 128 * k + 64));
-				a3 = _mm512_dpwssd_epi32(a3, chunk_in_every_lane(xt + 32 * k + 24), _mm512_load_si512(qa + 128 * k + 96));
-			}
-			_mm512_store_si512(acc + 16 * t, _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)));
-		}
-		if (rows < 16)
-			memset(acc + 16 * rows, 0, sizeof(int32_t) * 16 * (16 - rows));
-		spark_sums_to_heads(acc, H);
+		if (rows < 16) /* the missing rows' sums are never stored; zeros keep them defined */
+			memset(xs + D * rows, 0, sizeof(int16_t) * D * (16 - rows));
+		spark_products(D, qa, xs, A);
+		spark_sums_to_heads(A, H);
 		for (unsigned h = 0; h < hn; h++) {
 			const __mmask16 keep = tail16(rows);
 			__m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(H[h]), _mm512_set1_ps(head_scale[h])),
