@@ -73,7 +73,8 @@
  * about 0.2% of the scores' spread, and at 32K tokens the attention output stays within 2e-3 of attention
  * over the decoded keys (tests/test_attend.c). A chunk whose ell would pass 32767 takes the float path.
  * At 32K tokens (GQA 4, values turboquant(bits=3)) a layer took 3.6x the fp16 cache's time before and
- * about 0.65-0.75x with it (README's Benchmarks).
+ * 0.99-1.11x with it on a quiet machine, then about 3.4x its bandwidth floor once the AVX-512 kernel ran in
+ * passes with the heads in the lanes (README's Known limits).
  *
  * Encode branches on no value: the scores' bits are int32 keys, the kept-th largest key is found bit by
  * bit with vector counts, and the mask, the pruned signs and the kept values are packed by loops whose
