@@ -19,7 +19,9 @@
  * accepted.
  *
  * Layout of one token (P = D - T pruned channels):
- *   float32 s                      recover=avg only
+ *   float32 sqrt(s)                recover=avg only: the pruned channels' common scale, stored as the root
+ *                                  that decoding and the integer path multiply by (one sqrt per token at
+ *                                  encode instead of one per token and query)
  *   keep mask, D bits              bit j set when channel j is kept, LSB first, padded to a byte
  *   signs, P bits                  recover=avg only: of the pruned channels in ascending order, 1 = negative
  *   kept values                    the T kept values in ascending channel order: inner codec bytes(1) of a
@@ -62,16 +64,17 @@
  * sqrt(s) * rq_j. Both sums are over the token's dense row x (kept lanes z, pruned lanes sign * rq_j *
  * sqrt(s) / A on the same integer grid), so one int16 row per token serves every head of the group: the
  * kernel spark_dot_i16_group builds it once (the T-point transform in int16 registers, a few adds and
- * shuffles, where the float path rotated each token back and expanded it in floats) and each head takes
- * d/32 vpdpwssd. The query is prepared once per head: int16 on a step that keeps d * 32767 * |q| in int32,
+ * shuffles, where the float path rotated each token back and expanded it in floats) and the heads take it
+ * together (AVX-512: d/8 vpdpwssd with the four heads in the lanes). The query is prepared once per head: int16 on a step that keeps d * 32767 * |q| in int32,
  * and rho_j = rq_j / max rq in int16, so that a token's pruned value is (rho_j * ell + 2^14) >> 15 with
- * ell = sqrt(s) * max rq / (A / 2^shift) rounded per token (the prepared query grows to 8 bytes per channel;
- * a token's bytes do not change). Its scores differ from dot's by the int8 codebook's rounding (as
+ * ell = sqrt(s) * max rq / (A / 2^shift) rounded per token, sixteen tokens per vectorized step from the
+ * stored sqrt(s) (the prepared query grows to 8 bytes per channel; a token's bytes do not change). Its scores differ from dot's by the int8 codebook's rounding (as
  * TurboQuant's own group path), the query's int16 rounding and the pruned values' rounding to the grid:
  * about 0.2% of the scores' spread, and at 32K tokens the attention output stays within 2e-3 of attention
  * over the decoded keys (tests/test_attend.c). A chunk whose ell would pass 32767 takes the float path.
  * At 32K tokens (GQA 4, values turboquant(bits=3)) a layer took 3.6x the fp16 cache's time before and
- * about 0.65-0.75x with it (README's Benchmarks).
+ * 0.99-1.11x with it on a quiet machine, then about 3.4x its bandwidth floor once the AVX-512 kernel ran in
+ * passes with the heads in the lanes (README's Known limits).
  *
  * Encode branches on no value: the scores' bits are int32 keys, the kept-th largest key is found bit by
  * bit with vector counts, and the mask, the pruned signs and the kept values are packed by loops whose
@@ -614,9 +617,11 @@ static kvp_status spark_encode(const struct kvp_codec *c, const void *ctx, unsig
 		sbar = select_channels(c, ctx, x, w.key, w.keep);
 		pack_mask(c->dim, w.keep, p + s->mask_at);
 		if (s->avg) {
+			float root = sqrtf(sbar);
+
 			if (s->pruned)
 				pack_signs(c->dim, w.keep, x, p + s->sign_at);
-			memcpy(p, &sbar, sizeof sbar);
+			memcpy(p, &root, sizeof root);
 		}
 		gather_kept(c->dim, w.keep, x, w.y);
 		st = encode_kept(c, ctx, w.y, w.half, p + s->kept_at);
@@ -626,8 +631,8 @@ static kvp_status spark_encode(const struct kvp_codec *c, const void *ctx, unsig
 	return KVP_OK;
 }
 
-/* The recovery scalar s of a token (0 with recover=zero). */
-static float load_sbar(const struct spark *s, const unsigned char *p)
+/* The recovery scale sqrt(s) of a token (0 with recover=zero). */
+static float load_root(const struct spark *s, const unsigned char *p)
 {
 	float v = 0.0f;
 
@@ -719,7 +724,7 @@ static void decode_chunk(const struct kvp_codec *c, const void *ctx, unsigned n,
 		}
 		if (!c->inner)
 			load_fp16(c, tok, kept + (size_t)i * s->kept);
-		scale[i] = sqrtf(load_sbar(s, tok));
+		scale[i] = load_root(s, tok);
 	}
 	expand_run(c, ctx, p, from, n, kept, scale, x);
 }
@@ -851,22 +856,58 @@ static void dense_dot_group(const struct kvp_codec *c, const void *ctx, unsigned
  */
 #define FAST_CHUNK 128
 
-/* The tokens' ell and row scales (spark_dot_i16_group), or 0 when the chunk must take the float path. */
+/* Tokens per step of fast_scalars: a loop of a constant count, which the compiler vectorizes (see RUN). */
+#define SCALAR_RUN 16
+_Static_assert(FAST_CHUNK % SCALAR_RUN == 0, "fast_scalars fills whole runs of tokens");
+
+/* ell (as a float) and the row scale of SCALAR_RUN tokens from their roots sqrt(s) and inner norms; nonzero
+ * when one of them has an ell too large for int16 (or not a number: a zero norm). No branch and no select
+ * in the loop, so that it vectorizes. */
+static unsigned scalars_run(float k, float unit, const float *restrict root, const float *restrict norm,
+			    float *restrict l, float *restrict row_scale)
+{
+	unsigned bad = 0;
+
+	for (unsigned i = 0; i < SCALAR_RUN; i++) {
+		float scale = norm[i] * unit;
+
+		l[i] = root[i] * k / scale;
+		bad |= !(l[i] <= 32767.0f);
+		row_scale[i] = scale;
+	}
+	return bad;
+}
+
+/* ell rounded, once every l of the run is known to fit. */
+static void ell_run(const float *restrict l, int16_t *restrict ell)
+{
+	for (unsigned i = 0; i < SCALAR_RUN; i++)
+		ell[i] = (int16_t)(int32_t)(l[i] + 0.5f);
+}
+
+/* The tokens' ell and row scales (spark_dot_i16_group), or 0 when the chunk must take the float path. ell
+ * and row_scale have room for n rounded up to SCALAR_RUN. */
 static int fast_scalars(const struct kvp_codec *c, unsigned n, const unsigned char *p, float rq_top, int16_t *ell,
 			float *row_scale)
 {
 	const struct spark *s = c->state;
 	const float k = rq_top * (32768.0f / 32767.0f);
-	unsigned bad = 0;
 
-	for (unsigned i = 0; i < n; i++, p += s->stride) {
-		float scale = kvp_load_f32(p + s->norm_at) * s->unit, l = sqrtf(kvp_load_f32(p)) * k / scale;
+	for (unsigned i = 0; i < n; i += SCALAR_RUN) {
+		float root[SCALAR_RUN], norm[SCALAR_RUN], l[SCALAR_RUN];
 
-		bad |= !(l <= 32767.0f);
-		ell[i] = (int16_t)(l <= 32767.0f ? (int32_t)(l + 0.5f) : 0);
-		row_scale[i] = scale;
+		/* past n the run repeats token i, whose results nobody reads */
+		for (unsigned t = 0; t < SCALAR_RUN; t++) {
+			const unsigned char *tok = p + (size_t)(i + t < n ? i + t : i) * s->stride;
+
+			root[t] = kvp_load_f32(tok);
+			norm[t] = kvp_load_f32(tok + s->norm_at);
+		}
+		if (scalars_run(k, s->unit, root, norm, l, row_scale + i))
+			return 0;
+		ell_run(l, ell + i);
 	}
-	return !bad;
+	return 1;
 }
 
 /*

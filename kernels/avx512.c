@@ -1571,15 +1571,22 @@ static double sum_squares(unsigned m, const float *y)
 }
 
 /*
- * spark_dot_i16_group (contract in kernels.h). A row's codes become int8 values by the lookup above,
- * widened to int16 in two registers (ranks 0..31 and 32..63). The Hadamard stages inside a register pair
- * each lane with its partner through a rotation or a shuffle (lanes with bit h set take partner - own,
- * the others own + partner); the stage across the two registers is one add and one subtract. Lanes of
- * ranks >= T only ever meet each other. Signs and shift follow; then per 32 channels the pruned values
- * (rho * ell by vpmulhrsw, which rounds as the contract does, negated where the pruned signs, placed by
- * pdep, are set) take the kept values in the kept lanes by an expanding load (VBMI2), and each head adds
- * its vpdpwssd. Rows with d a multiple of 32 up to 128 and at most 64 pruned channels; the rest go
- * through the plain loop of loops.h.
+ * spark_dot_i16_group (contract in kernels.h), sixteen rows at a time in three passes, each reading back from
+ * memory only what a pass before it stored (a load that waits on a store just made, wider than itself,
+ * stalls: that and the per-head sums cost about a quarter of the time before).
+ * 1. z: a row's codes become int8 values by the lookup above, widened to int16 in two registers (ranks
+ *    0..31 and 32..63). The Hadamard stages inside a register pair each lane with its partner through a
+ *    rotation or a shuffle (lanes with bit h set take partner - own, the others own + partner); the stage
+ *    across the two registers is one add and one subtract. Lanes of ranks >= T only ever meet each other.
+ *    One multiply by sgn << shift per register; z is stored.
+ * 2. x: per 32 channels the pruned values (rho * ell by vpmulhrsw, which rounds as the contract does,
+ *    negated where the pruned signs, placed by pdep, are set) take the kept values in the kept lanes by an
+ *    expanding load from z (VBMI2), which reads as many ranks as the chunk keeps from the one it starts at.
+ * 3. the products, with the heads in the lanes: each chunk of 8 channels of x is loaded broadcast to the
+ *    four 128-bit lanes, and one vpdpwssd against the query's chunk (lane h: head h) adds four channel
+ *    pairs to every head's sums; sixteen rows' sums become one vector per head at the end.
+ * Rows with d a multiple of 32 up to 128 and at most 64 pruned channels; the rest go through the plain
+ * loop of loops.h.
  */
 static void spark_dot_i16_plain(const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
 				const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q,
@@ -1600,21 +1607,12 @@ INLINE __m512i fwht_stage_i16(__m512i x, unsigned h)
 	return _mm512_mask_sub_epi16(_mm512_add_epi16(x, p), upper, p, x);
 }
 
-/* A row's int16 x, D/32 registers (D and T constants once inlined, so every loop unrolls), into x[0..D/32).
- * The kept values come from registers: the values from rank `at` on by one two-source permute, then the
- * expand, where a load from z stored just before would wait on the store. */
-INLINE void spark_x_regs(unsigned D, unsigned T, const struct kvp_masked_codes *rc, const struct int_regs *r,
-			 __mmask64 neg_sgn, const uint8_t *row, int16_t ell, __m512i *x)
+/* A row's z (its kept values by rank, sgn and shift applied): ranks 0..31 in z[0], 32..63 in z[1]. */
+INLINE void spark_z(unsigned T, const struct kvp_masked_codes *rc, const struct int_regs *r, const __m512i sgs[2],
+		    const uint8_t *row, int16_t *z)
 {
-	const __m512i zero = _mm512_setzero_si512(), ellv = _mm512_set1_epi16(ell);
-	const __m512i iota16 = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14,
-						13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-	const __m128i sh = _mm_cvtsi32_si128((int)rc->shift);
-	const unsigned P = D - T;
 	const __m512i c8 = _mm512_permutexvar_epi8(code_bytes(rc->bits, row + rc->code_at, 0, T, r), r->tab8);
-	__m512i lo = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(c8)), hi = zero;
-	uint64_t m[2], neg[2], sw;
-	unsigned at = 0;
+	__m512i lo = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(c8)), hi = _mm512_setzero_si512();
 
 	if (T > 32)
 		hi = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(c8, 1));
@@ -1626,13 +1624,23 @@ INLINE void spark_x_regs(unsigned D, unsigned T, const struct kvp_masked_codes *
 	}
 	if (T > 32) {
 		__m512i a = _mm512_add_epi16(lo, hi);
-		hi = _mm512_sub_epi16(lo, hi);
+		_mm512_store_si512(z + 32, _mm512_mullo_epi16(_mm512_sub_epi16(lo, hi), sgs[1]));
 		lo = a;
-		hi = _mm512_mask_sub_epi16(_mm512_sll_epi16(hi, sh), (__mmask32)(neg_sgn >> 32), zero,
-					   _mm512_sll_epi16(hi, sh));
 	}
-	lo = _mm512_sll_epi16(lo, sh);
-	lo = _mm512_mask_sub_epi16(lo, (__mmask32)neg_sgn, zero, lo);
+	_mm512_store_si512(z, _mm512_mullo_epi16(lo, sgs[0]));
+}
+
+/* A row's int16 x into x[0..D) (D and T constants once inlined, so every loop unrolls): per 32 channels the
+ * pruned values, then the kept values from z in memory by an expanding load, which reads only as many as
+ * the chunk keeps, from the rank the chunk starts at. z was stored rows earlier, not just before. */
+INLINE void spark_x_chunks(unsigned D, unsigned T, const struct kvp_masked_codes *rc, const uint8_t *row, int16_t ell,
+			const int16_t *z, int16_t *x)
+{
+	const __m512i zero = _mm512_setzero_si512(), ellv = _mm512_set1_epi16(ell);
+	const unsigned P = D - T;
+	uint64_t m[2], neg[2], sw;
+	unsigned at = 0;
+
 	{
 		const __m128i mb = _mm_maskz_loadu_epi8((__mmask16)((1u << (D / 8)) - 1), row + rc->mask_at);
 		const uint64_t valid0 = D >= 64 ? ~(uint64_t)0 : ((uint64_t)1 << (D % 64)) - 1;
@@ -1646,56 +1654,122 @@ INLINE void spark_x_regs(unsigned D, unsigned T, const struct kvp_masked_codes *
 		neg[0] = _pdep_u64(sw, ~m[0] & valid0);
 		neg[1] = D > 64 ? _pdep_u64(p0 < 64 ? sw >> p0 : 0, ~m[1] & valid1) : 0;
 	}
+	if ((unsigned)__builtin_popcountll(m[0] & (D >= 64 ? ~(uint64_t)0 : ((uint64_t)1 << (D % 64)) - 1)) +
+		    (unsigned)__builtin_popcountll(D > 64 ? m[1] & (D >= 128 ? ~(uint64_t)0 : ((uint64_t)1 << (D - 64)) - 1) : 0) !=
+	    T) {
+		/* bytes the encoder never wrote: the row scores 0 */
+		for (unsigned k = 0; k < D / 32; k++)
+			_mm512_store_si512(x + 32 * k, zero);
+		return;
+	}
 #pragma GCC unroll 4
 	for (unsigned k = 0; k < D / 32; k++) {
 		const __mmask32 keep = (__mmask32)(m[k / 2] >> (32 * (k & 1)));
 		const __mmask32 minus = (__mmask32)(neg[k / 2] >> (32 * (k & 1)));
-		__m512i v = _mm512_mulhrs_epi16(_mm512_loadu_si512(rc->rho + 32 * k), ellv), src = lo;
+		__m512i v = _mm512_mulhrs_epi16(_mm512_loadu_si512(rc->rho + 32 * k), ellv);
 
-		if (k)
-			src = T > 32 ? _mm512_permutex2var_epi16(lo, _mm512_add_epi16(iota16, _mm512_set1_epi16((short)at)), hi)
-				     : _mm512_permutexvar_epi16(_mm512_add_epi16(iota16, _mm512_set1_epi16((short)at)), lo);
 		v = _mm512_mask_sub_epi16(v, minus, zero, v);
-		x[k] = _mm512_mask_expand_epi16(v, keep, src);
+		_mm512_store_si512(x + 32 * k, _mm512_mask_expandloadu_epi16(v, keep, z + at));
 		at += (unsigned)__builtin_popcount(keep);
 	}
-	if (at != T) /* bytes the encoder never wrote: the row scores 0 */
-		for (unsigned k = 0; k < D / 32; k++)
-			x[k] = zero;
 }
 
-/* hn <= 4 heads; hn, D and T constants once inlined; rows sixteen at a time as in dot_i8_heads. */
+/*
+ * The query of hn <= 4 heads with the heads in the lanes: chunk c (channels 8c..8c+7) is one register whose
+ * 128-bit lane h holds head h's four channel pairs of the chunk (zeros for heads past hn), so that one
+ * vpdpwssd against the row's chunk broadcast to every lane adds four pairs to each head's sums.
+ */
+INLINE void spark_query_lanes(unsigned hn, unsigned D, const int16_t *q, size_t qs, int16_t *qa)
+{
+	for (unsigned c = 0; c < D / 8; c++) {
+		__m512i v = _mm512_setzero_si512();
+		for (unsigned h = 0; h < hn; h++)
+			v = _mm512_mask_broadcast_i32x4(v, (__mmask16)(0xfu << (4 * h)),
+							_mm_loadu_si128((const __m128i *)(q + h * qs + 8 * c)));
+		_mm512_store_si512(qa + 32 * c, v);
+	}
+}
+
+/*
+ * Sixteen rows' sums, A[t] holding row t's four partial sums per head (128-bit lane h: head h), become one
+ * vector per head (lane t: row t): the partial sums are added pairwise while rows are interleaved (unpacks
+ * of dwords, then of qwords), then the 128-bit lanes are transposed. 44 instructions for sixteen rows,
+ * where one reduction per row and head took as many for four rows.
+ */
+INLINE void spark_sums_to_heads(const __m512i A[16], __m512i H[4])
+{
+	__m512i C[8], Dq[4], E[4];
+
+	for (unsigned m = 0; m < 8; m++)
+		C[m] = _mm512_add_epi32(_mm512_unpacklo_epi32(A[2 * m], A[2 * m + 1]),
+					_mm512_unpackhi_epi32(A[2 * m], A[2 * m + 1]));
+	for (unsigned m = 0; m < 4; m++)
+		Dq[m] = _mm512_add_epi32(_mm512_unpacklo_epi64(C[2 * m], C[2 * m + 1]),
+					 _mm512_unpackhi_epi64(C[2 * m], C[2 * m + 1]));
+	E[0] = _mm512_shuffle_i32x4(Dq[0], Dq[1], 0x44), E[1] = _mm512_shuffle_i32x4(Dq[0], Dq[1], 0xee);
+	E[2] = _mm512_shuffle_i32x4(Dq[2], Dq[3], 0x44), E[3] = _mm512_shuffle_i32x4(Dq[2], Dq[3], 0xee);
+	H[0] = _mm512_shuffle_i32x4(E[0], E[2], 0x88), H[1] = _mm512_shuffle_i32x4(E[0], E[2], 0xdd);
+	H[2] = _mm512_shuffle_i32x4(E[1], E[3], 0x88), H[3] = _mm512_shuffle_i32x4(E[1], E[3], 0xdd);
+}
+
+/* Eight int16 channels at p (16-byte aligned) in each of the four 128-bit lanes: a load, no shuffle. */
+INLINE __m512i chunk_in_every_lane(const int16_t *p)
+{
+	return _mm512_broadcast_i32x4(_mm_load_si128((const __m128i *)(const void *)p));
+}
+
+/* Sixteen rows' sums per head (A[t], 128-bit lane h: head h): chunks outside, rows inside, so that a chunk's
+ * four query registers are loaded once for the sixteen rows and every row's sums stay in a register. */
+INLINE void spark_products(unsigned D, const int16_t *qa, const int16_t *xs, __m512i A[16])
+{
+#pragma GCC unroll 16
+	for (unsigned t = 0; t < 16; t++)
+		A[t] = _mm512_setzero_si512();
+	for (unsigned k = 0; k < D / 32; k++) {
+		const __m512i q0 = _mm512_load_si512(qa + 128 * k), q1 = _mm512_load_si512(qa + 128 * k + 32);
+		const __m512i q2 = _mm512_load_si512(qa + 128 * k + 64), q3 = _mm512_load_si512(qa + 128 * k + 96);
+
+#pragma GCC unroll 16
+		for (unsigned t = 0; t < 16; t++) {
+			const int16_t *x = xs + D * t + 32 * k;
+
+			A[t] = _mm512_dpwssd_epi32(A[t], chunk_in_every_lane(x), q0);
+			A[t] = _mm512_dpwssd_epi32(A[t], chunk_in_every_lane(x + 8), q1);
+			A[t] = _mm512_dpwssd_epi32(A[t], chunk_in_every_lane(x + 16), q2);
+			A[t] = _mm512_dpwssd_epi32(A[t], chunk_in_every_lane(x + 24), q3);
+		}
+	}
+}
+
+/* hn <= 4 heads; D and T constants once inlined; rows sixteen at a time, in the three passes above. */
 INLINE void spark_heads(unsigned hn, unsigned D, unsigned T, const struct kvp_masked_codes *rc, unsigned n,
 			const uint8_t *base, const int16_t *ell, const float *row_scale, const int16_t *q, size_t qs,
 			const float *head_scale, float *out, size_t os)
 {
 	const struct int_regs r = int_regs(rc->bits, rc->lut, NULL, 0);
-	__mmask64 neg_sgn = 0;
-	int32_t sums[16 * 4];
+	int16_t qa[16 * 32] __attribute__((aligned(64))), xs[16 * 128] __attribute__((aligned(64)));
+	int16_t zs[16 * 64] __attribute__((aligned(64)));
+	/* sgn[r] << shift per rank (0 past T): one multiply applies both */
+	const __m512i sg8 = _mm512_maskz_loadu_epi8(tail64(T), rc->sgn);
+	const __m128i sh = _mm_cvtsi32_si128((int)rc->shift);
+	const __m512i sgs[2] = { _mm512_sll_epi16(_mm512_cvtepi8_epi16(_mm512_castsi512_si256(sg8)), sh),
+				 _mm512_sll_epi16(_mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(sg8, 1)), sh) };
 
-	for (unsigned k = 0; k < T; k++)
-		neg_sgn |= (__mmask64)(rc->sgn[k] < 0) << k;
+	spark_query_lanes(hn, D, q, qs, qa);
 	for (unsigned i0 = 0; i0 < n; i0 += 16) {
 		const unsigned rows = n - i0 < 16 ? n - i0 : 16;
-		__m512i H[4];
+		__m512i A[16], H[4];
 
-		for (unsigned t = 0; t < rows; t++) {
-			__m512i x[4], a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-
-			spark_x_regs(D, T, rc, &r, neg_sgn, base + (size_t)(i0 + t) * rc->stride, ell[i0 + t], x);
-#pragma GCC unroll 4
-			for (unsigned k = 0; k < D / 32; k++) {
-				a0 = _mm512_dpwssd_epi32(a0, x[k], _mm512_loadu_si512(q + 32 * k));
-				if (hn > 1)
-					a1 = _mm512_dpwssd_epi32(a1, x[k], _mm512_loadu_si512(q + qs + 32 * k));
-				if (hn > 2)
-					a2 = _mm512_dpwssd_epi32(a2, x[k], _mm512_loadu_si512(q + 2 * qs + 32 * k));
-				if (hn > 3)
-					a3 = _mm512_dpwssd_epi32(a3, x[k], _mm512_loadu_si512(q + 3 * qs + 32 * k));
-			}
-			_mm_storeu_si128((__m128i *)(sums + 4 * t), hsum4_epi32(a0, a1, a2, a3));
-		}
-		sums_to_heads(sums, rows, H);
+		/* every row's z, then every row's x, then the products: what a step reads back from memory was
+		 * stored rows earlier, never just before (a load waiting on a recent wider store stalls) */
+		for (unsigned t = 0; t < rows; t++)
+			spark_z(T, rc, &r, sgs, base + (size_t)(i0 + t) * rc->stride, zs + 64 * t);
+		for (unsigned t = 0; t < rows; t++)
+			spark_x_chunks(D, T, rc, base + (size_t)(i0 + t) * rc->stride, ell[i0 + t], zs + 64 * t, xs + D * t);
+		if (rows < 16) /* the missing rows' sums are never stored; zeros keep them defined */
+			memset(xs + D * rows, 0, sizeof(int16_t) * D * (16 - rows));
+		spark_products(D, qa, xs, A);
+		spark_sums_to_heads(A, H);
 		for (unsigned h = 0; h < hn; h++) {
 			const __mmask16 keep = tail16(rows);
 			__m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(H[h]), _mm512_set1_ps(head_scale[h])),
@@ -1705,25 +1779,14 @@ INLINE void spark_heads(unsigned hn, unsigned D, unsigned T, const struct kvp_ma
 	}
 }
 
-/* The heads of a group four at a time, then the rest, for one shape. */
+/* The heads of a group four at a time (the last ones fewer: their lanes multiply zeros), for one shape. */
 INLINE void spark_shape(unsigned D, unsigned T, const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
 			const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q, size_t q_stride,
 			const float *head_scale, float *out, size_t out_stride)
 {
-	unsigned h = 0;
-
-	for (; h + 4 <= g; h += 4)
-		spark_heads(4, D, T, rc, n, base, ell, row_scale, q + h * q_stride, q_stride, head_scale + h,
-			    out + h * out_stride, out_stride);
-	switch (g - h) {
-	case 3: spark_heads(3, D, T, rc, n, base, ell, row_scale, q + h * q_stride, q_stride, head_scale + h,
-			    out + h * out_stride, out_stride); break;
-	case 2: spark_heads(2, D, T, rc, n, base, ell, row_scale, q + h * q_stride, q_stride, head_scale + h,
-			    out + h * out_stride, out_stride); break;
-	case 1: spark_heads(1, D, T, rc, n, base, ell, row_scale, q + h * q_stride, q_stride, head_scale + h,
-			    out + h * out_stride, out_stride); break;
-	default: break;
-	}
+	for (unsigned h = 0; h < g; h += 4)
+		spark_heads(g - h < 4 ? g - h : 4, D, T, rc, n, base, ell, row_scale, q + h * q_stride, q_stride,
+			    head_scale + h, out + h * out_stride, out_stride);
 }
 
 /* The two shapes of SparK at keep=0.5 (d=128 and d=64) get loops of their own; other shapes in reach of the

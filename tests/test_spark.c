@@ -294,8 +294,8 @@ static void reference_token(unsigned d, unsigned kept, int avg, const float *x, 
 		r++;
 	}
 	if (avg) {
-		float s = d > kept ? (float)(sum / (d - kept)) : 0.0f;
-		memcpy(p, &s, 4);
+		float s = d > kept ? (float)(sum / (d - kept)) : 0.0f, root = sqrtf(s);
+		memcpy(p, &root, 4);
 	}
 }
 

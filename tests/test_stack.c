@@ -183,6 +183,10 @@ Test(stack, attend_over_spark_and_turboquant_blocks_runs_on_a_small_stack)
 {
 	attend_runs_the_same_on_a_small_stack(
 		"block=32,sinks=0,window=16,k=spark(keep=0.5)|turboquant(bits=3,outliers=8),v=turboquant(bits=4)");
+	/* without outliers the keys take the integer kernel, whose sixteen rows' passes keep their rows in
+	 * its frame */
+	attend_runs_the_same_on_a_small_stack(
+		"block=32,sinks=0,window=16,k=spark(keep=0.5)|turboquant(bits=3),v=turboquant(bits=3)");
 }
 
 Test(stack, attend_over_fp16_blocks_runs_on_a_small_stack)
