@@ -110,8 +110,10 @@ static int cached_runs(const kvp_plugin_v1 *api, const struct llama_model *m, st
 	snprintf(spec, sizeof(spec), "%s%smodel=%s", r->spec, r->spec[0] ? "," : "", r->model_name);
 	if (ab_spec_has(r->spec, "model"))
 		snprintf(spec, sizeof(spec), "%s", r->spec);
-	if (!generated)
+	if (!generated) {
+		snprintf(message, AB_MESSAGE_MAX, "no memory for %d greedy tokens", r->steps);
 		return 1;
+	}
 	if ((st = api->pool_open(r->pool, &c.pool)) || (st = api->tenant_open(c.pool, "ab", spec, &c.tenant)))
 		rc = api_failed(api, st, c.pool ? spec : r->pool, message);
 	for (k = 0; k < r->count && !rc; k++) {
