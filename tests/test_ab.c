@@ -6,6 +6,8 @@
  * rule of llama.cpp's llama-perplexity computed here with the dense cache, and its bad inputs. Then the
  * plot's geometry (log axes, width, labels, the best trade-off curve), the HTML report's escaping, and the
  * report in headless chromium (skipped, saying so, where chromium is not installed; CI installs it).
+ * Last, --prefix-share: prompts sharing a prefix through the prefix cache, its hit rate and saved prefill
+ * tokens, and greedy tokens equal to a run without the cache.
  *
  * Models come from $KVP_MODELS (default ../shared/models); the tools from $KVP_TEST_BUILD (default build).
  */
