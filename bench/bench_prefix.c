@@ -637,6 +637,7 @@ int main(void)
 	int reps = bench_reps(3), have_redis = installed("redis-server") && installed("redis-cli") &&
 					       installed("redis-benchmark");
 	atexit(servers_stop);
+	signal(SIGPIPE, SIG_IGN); /* output piped into head: run on to the end, where the servers are removed */
 	printf("Prefix cache: time to first token of a %d-token shared prompt; best of %d\n", PROMPT, reps);
 	if (have_redis) {
 		rd.single = server_start(0);
