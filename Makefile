@@ -129,6 +129,11 @@ $(BUILD)/bench/%: bench/%.c bench/harness.c bench/harness.h $(STATIC)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $< bench/harness.c $(STATIC) $(LIBS)
 
+# The prefix benchmark runs the reference engine (tools/llama.c) for its model rows.
+$(BUILD)/bench/bench_prefix: bench/bench_prefix.c bench/harness.c bench/harness.h $(TOOL_OBJ) $(STATIC)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< bench/harness.c $(TOOL_OBJ) $(STATIC) $(LIBS)
+
 $(BUILD)/kvpager.pc: Makefile
 	@mkdir -p $(dir $@)
 	printf 'prefix=%s\nlibdir=$${prefix}/lib\nincludedir=$${prefix}/include\n\nName: kvpager\nDescription: paged, compressed KV cache for transformer inference\nVersion: %s\nLibs: -L$${libdir} -lkvpager\nLibs.private: %s\nCflags: -I$${includedir}\n' \

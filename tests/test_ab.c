@@ -6,6 +6,8 @@
  * rule of llama.cpp's llama-perplexity computed here with the dense cache, and its bad inputs. Then the
  * plot's geometry (log axes, width, labels, the best trade-off curve), the HTML report's escaping, and the
  * report in headless chromium (skipped, saying so, where chromium is not installed; CI installs it).
+ * Last, --prefix-share: prompts sharing a prefix through the prefix cache, its hit rate and saved prefill
+ * tokens, and greedy tokens equal to a run without the cache.
  *
  * Models come from $KVP_MODELS (default ../shared/models); the tools from $KVP_TEST_BUILD (default build).
  */
@@ -1368,4 +1370,71 @@ Test(ab, progress_on_a_terminal_names_spec_i_of_n)
 	strcat(cmd, " --quiet");
 	run_in_terminal(cmd, out, sizeof(out));
 	cr_assert_null(strstr(out, " tokens "), "--quiet: %s", out);
+}
+
+/* ---- --prefix-share: prompts sharing their first 3/4 through the prefix cache ---- */
+
+/* The unsigned number after what in out (the first occurrence). */
+static unsigned long number_after(const char *out, const char *what)
+{
+	const char *at = strstr(out, what);
+
+	cr_assert_not_null(at, "no '%s' in: %s", what, out);
+	return strtoul(at + strlen(what), NULL, 10);
+}
+
+/* Four prompts of 128 tokens of kjv-heldout.txt share their first 96; with block=16 and the 4 sinks the
+ * whole units inside those 96 tokens are 4 + 5 x 16 = 84 tokens, which every prompt after the first finds. */
+Test(ab, prefix_share_hits_the_shared_units_and_generates_what_a_run_without_the_cache_does)
+{
+	char args[2048], out[16384];
+
+	snprintf(args, sizeof(args), "--prefix-share --model %s --text %s --ctx 128 --prompts 4 --steps 16 "
+		 "--spec 'block=16'", model_path("kjv-64.bin"), model_path("kjv-heldout.txt"));
+	cr_assert_eq(run("kvpager-ab", args, out, sizeof(out)), 0, "%s", out);
+	cr_assert_eq(number_after(out, "hit rate: "), 3 * 84, "%s", out);
+	cr_assert_not_null(strstr(out, "hit rate: 252/512 prompt tokens (49.2%)"), "%s", out);
+	cr_assert_eq(number_after(out, "prefill tokens saved: "), 3 * 84, "%s", out);
+	cr_assert_eq(number_after(out, "prefix_hit_tokens "), 3 * 84, "the tenant's own count agrees: %s", out);
+	cr_assert_not_null(strstr(out, "equal the run without the cache: 4 of 4 prompts"), "%s", out);
+	cr_assert_not_null(strstr(out, "     1         0       128  yes"), "the first prompt finds nothing: %s", out);
+}
+
+/* The same prompts with a TurboQuant cold tier on fp16: the prompt's blocks are cached exact, so the
+ * greedy tokens still equal the run without the cache; with prefix=off nothing is found. */
+Test(ab, prefix_share_with_a_cold_tier_and_without_prefix_caching)
+{
+	char args[2048], out[16384];
+
+	snprintf(args, sizeof(args), "--prefix-share --model %s --text %s --ctx 128 --prompts 3 --steps 24 "
+		 "--spec 'block=16,window=16,store=fp16," TQ3 "'", model_path("kjv-64.bin"), model_path("kjv-heldout.txt"));
+	cr_assert_eq(run("kvpager-ab", args, out, sizeof(out)), 0, "%s", out);
+	cr_assert_eq(number_after(out, "prefill tokens saved: "), 2 * 84, "%s", out);
+	cr_assert_not_null(strstr(out, "3 of 3 prompts"), "%s", out);
+	snprintf(args, sizeof(args), "--prefix-share --model %s --text %s --ctx 128 --prompts 3 --spec "
+		 "'block=16,model=kjv,prefix=off'", model_path("kjv-64.bin"), model_path("kjv-heldout.txt"));
+	cr_assert_eq(run("kvpager-ab", args, out, sizeof(out)), 0, "%s", out);
+	cr_assert_not_null(strstr(out, "hit rate: 0/384 prompt tokens (0.0%)"), "%s", out);
+	cr_assert_eq(number_after(out, "prefill tokens saved: "), 0, "%s", out);
+}
+
+Test(ab, prefix_share_bad_inputs_exit_2)
+{
+	char args[2048], out[8192];
+	const char *model = model_path("kjv-64.bin");
+
+	snprintf(args, sizeof(args), "--prefix-share --model %s", model);
+	cr_assert_eq(run("kvpager-ab", args, out, sizeof(out)), 2, "%s", out);
+	cr_assert_not_null(strstr(out, "one of --prompt TEXT and --text FILE"), "%s", out);
+	snprintf(args, sizeof(args), "--prompts 3 --model %s", model);
+	cr_assert_eq(run("kvpager-ab", args, out, sizeof(out)), 2, "%s", out);
+	cr_assert_not_null(strstr(out, "give --prefix-share"), "%s", out);
+	snprintf(args, sizeof(args), "--prefix-share --model %s --text %s --ctx 500 --steps 20", model,
+		 model_path("kjv-heldout.txt"));
+	cr_assert_eq(run("kvpager-ab", args, out, sizeof(out)), 2, "%s", out);
+	cr_assert_not_null(strstr(out, "context of 512"), "%s", out);
+	snprintf(args, sizeof(args), "--prefix-share --model %s --prompt 'In the beginning' --spec '' --spec 'block=8'",
+		 model);
+	cr_assert_eq(run("kvpager-ab", args, out, sizeof(out)), 2, "%s", out);
+	cr_assert_not_null(strstr(out, "one cache spec"), "%s", out);
 }

@@ -271,4 +271,33 @@ void ab_log_softmax(const float *logits, int n, float *out);
 /* p99 by the nearest rank (sorts x) */
 double ab_percentile99(double *x, int n);
 
+/* ---- --prefix-share: prompts sharing a prefix through the prefix cache (ab_prefix.c) ---- */
+
+struct ab_prefix_run {
+	const char *model_path, *pool, *spec; /* spec: the tenant's, model= added unless it has one */
+	int count, length, shared, steps;      /* prompts, tokens each, tokens all share, greedy tokens after */
+	char model_name[64];                   /* model=: the checkpoint's file name */
+	int32_t *ids;                          /* [length]: the prompt handed to seq_open_prefix */
+	uint32_t *n_cached;                    /* [count] */
+	int *equal;                            /* [count]: 1 when its greedy tokens equal the run without the cache */
+	kvp_stats stats;                       /* the tenant's after the last prompt */
+};
+
+/*
+ * count prompts of length tokens into prompts[count][length]: the first 3/4 (the return value) are
+ * source's, and what follows them is the text after that in source, prompt k taking the k-th stretch;
+ * where source is too short for that, the same tail with its first token changed for each prompt. -1
+ * when source is shorter than one prompt, length < 2, count < 1 or two prompts come out equal.
+ */
+int ab_prefix_prompts(const int *source, int n_source, int length, int count, int vocab, int *prompts);
+/* Runs r->count prompts (r->length tokens each, r->steps greedy tokens after) without the prefix cache
+ * and then through it; fills r. 0; 2 for a spec or plugin that cannot serve it; 1 otherwise. message
+ * says why. */
+int ab_prefix_share(const kvp_plugin_v1 *api, const struct llama_model *m, struct ab_prefix_run *r,
+		    const int *prompts, char message[AB_MESSAGE_MAX]);
+void ab_prefix_print(FILE *f, const struct ab_prefix_run *r);
+/* 1 when every prompt's greedy tokens equal the run without the cache */
+int ab_prefix_all_equal(const struct ab_prefix_run *r);
+void ab_prefix_free(struct ab_prefix_run *r);
+
 #endif /* KVP_TOOLS_AB_H */

@@ -6,6 +6,8 @@
  *               [--chunks N]] | --trace FILE | --tokens N --seed N] [--spec SPEC]... [--every N]
  *              [--plugin PATH] [--pool SPEC] [--csv FILE] [--plot FILE.svg] [--report FILE.html] [--heads]
  *              [--quiet]
+ *   kvpager-ab --prefix-share --model PATH (--prompt TEXT | --text FILE [--ctx N]) [--prompts K] [--steps N]
+ *              [--spec SPEC] [--pool SPEC] [--plugin PATH]
  *
  * Three sources of the stream:
  *   --model   a llama2.c checkpoint: the full cache (an exact in-process dense cache) generates greedily
@@ -24,6 +26,9 @@
  * TurboQuant 4 and 3 bits and KIVI 2 bits (the default block=64, sinks=4, window=128), StreamingLLM and
  * TriAttention at 2048 tokens, and TriAttention with TurboQuant 3 bits. Options take their value as the
  * next argument or after '=' (--spec=SPEC).
+ *
+ * --prefix-share: K prompts sharing their first 3/4 through the prefix cache (tools/ab_prefix.c): the hit
+ * rate, the prefill tokens saved, and whether each prompt's greedy tokens equal a run without the cache.
  *
  * Exit status: 0 done, 2 bad input (options, files, a spec the library refuses, such as a policy it
  * does not serve yet), 1 any other failure.
@@ -64,8 +69,8 @@ static const char *const default_specs[] = {
 struct options {
 	const char *model, *tokenizer, *prompt, *trace, *plugin, *pool, *csv, *plot, *report, *text;
 	const char *specs[MAX_SPECS];
-	int n_specs, quiet, seeded, heads;
-	long steps, tokens, every, ctx, chunks;
+	int n_specs, quiet, seeded, heads, prefix_share;
+	long steps, tokens, every, ctx, chunks, prompts;
 	unsigned long long seed;
 	char tokenizer_buf[CLI_PATH_CAP], plugin_buf[CLI_PATH_CAP];
 };
@@ -116,6 +121,15 @@ static void usage(FILE *f)
 	      "  --heads           after the table, per spec and per layer and KV head: the gating it chose\n"
 	      "                    at the end of the run (coherence, aggressiveness, ladder level and bits,\n"
 	      "                    token budget; with --text, of the last chunk)\n"
+	      "  --prefix-share    with --model: K prompts (--prompts K, default 8) of --ctx tokens of\n"
+	      "                    --text FILE (default 256), or of --prompt TEXT's tokens, sharing their\n"
+	      "                    first 3/4 and differing after it (the text that follows, or a changed\n"
+	      "                    token), each through the prefix cache (seq_open_prefix on one tenant,\n"
+	      "                    model= the checkpoint's file name, --spec's cache spec, default \"\"),\n"
+	      "                    the forward pass over what it did not hold, then --steps greedy tokens\n"
+	      "                    (default 16); prints n_cached per prompt, the hit rate and the prefill\n"
+	      "                    tokens saved, and checks each prompt's greedy tokens against a run\n"
+	      "                    without the cache (exit status 1 when one differs)\n"
 	      "  --quiet           no progress line (on a terminal, stderr shows spec i of N, its label\n"
 	      "                    S1..Sn and what sets it apart, tokens done of all, the rate, an ETA)\n"
 	      "The table labels the specs S1..Sn, as the plot does, and keys the labels to the full specs\n"
@@ -192,6 +206,8 @@ static int parse_valued(struct options *o, const char *name, const char *val)
 		return parse_ctx(val, &o->ctx);
 	if (!strcmp(name, "--chunks"))
 		return parse_count(name, val, INT_MAX, &o->chunks);
+	if (!strcmp(name, "--prompts"))
+		return parse_count(name, val, 4096, &o->prompts);
 	if (!strcmp(name, "--seed")) {
 		o->seeded = 1;
 		return parse_seed(val, &o->seed);
@@ -203,12 +219,32 @@ static int takes_value(const char *name)
 {
 	static const char *const valued[] = { "--model", "--tokenizer", "--prompt", "--trace", "--plugin",
 					      "--pool", "--csv", "--plot", "--report", "--spec", "--steps",
-					      "--tokens", "--every", "--seed", "--text", "--ctx", "--chunks" };
+					      "--tokens", "--every", "--seed", "--text", "--ctx", "--chunks", "--prompts" };
 	size_t i;
 
 	for (i = 0; i < sizeof(valued) / sizeof(valued[0]); i++)
 		if (!strcmp(name, valued[i]))
 			return 1;
+	return 0;
+}
+
+/* --prefix-share runs a model on prompts from --prompt or --text, one cache spec, no table files. */
+static int check_prefix_options(const struct options *o)
+{
+	if (o->prompts && !o->prefix_share)
+		return cli_bad_input("--prompts counts the prompts of --prefix-share; give --prefix-share");
+	if (!o->prefix_share)
+		return 0;
+	if (!o->model)
+		return cli_bad_input("--prefix-share needs --model: its prompts run through the model");
+	if (!o->text == !(o->prompt && o->prompt[0]))
+		return cli_bad_input("--prefix-share takes its prompts from one of --prompt TEXT and --text FILE");
+	if (o->ctx && !o->text)
+		return cli_bad_input("--ctx is the prompts' length in tokens of --text; --prompt's are its own");
+	if (o->n_specs > 1)
+		return cli_bad_input("--prefix-share runs one cache spec, not %d", o->n_specs);
+	if (o->chunks || o->every || o->heads || o->csv || o->plot || o->report)
+		return cli_bad_input("--chunks, --every, --heads, --csv, --plot and --report are not for --prefix-share");
 	return 0;
 }
 
@@ -233,6 +269,10 @@ static int parse_options(struct options *o, int argc, char **argv)
 	int i, rc;
 
 	for (i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--prefix-share")) {
+			o->prefix_share = 1;
+			continue;
+		}
 		if (!strcmp(argv[i], "--quiet") || !strcmp(argv[i], "--heads")) {
 			*(argv[i][2] == 'q' ? &o->quiet : &o->heads) = 1;
 			continue;
@@ -269,6 +309,8 @@ static int parse_options(struct options *o, int argc, char **argv)
 		return cli_bad_input("--model and --trace are two sources; give one");
 	if ((o->tokens || o->seeded) && (o->model || o->trace))
 		return cli_bad_input("--tokens and --seed shape the synthetic trace, not a model or a trace");
+	if (o->prefix_share || o->prompts)
+		return check_prefix_options(o);
 	return check_text_options(o);
 }
 
@@ -287,6 +329,8 @@ static int default_paths(struct options *o, const char *argv0)
 			return cli_bad_input("executable path too long: %s", argv0);
 		o->plugin = o->plugin_buf;
 	}
+	if (!o->n_specs && o->prefix_share)
+		o->specs[o->n_specs++] = "";
 	if (!o->n_specs)
 		for (w = 0; w < (int)(sizeof(default_specs) / sizeof(default_specs[0])); w++)
 			o->specs[o->n_specs++] = default_specs[w];
@@ -822,6 +866,87 @@ static int run_text(struct run *r)
 	return rc;
 }
 
+/* ---- --prefix-share ---- */
+
+/* The source tokens of the prompts: --text FILE or --prompt TEXT, BOS first; their count, or -2 for a
+ * text file that cannot serve (message says why), -1 without memory. */
+static int prefix_source(const struct options *o, const struct llama_tokenizer *tok, int **out, char *message)
+{
+	struct ab_text text;
+	int rc, n;
+
+	if (o->text) {
+		rc = ab_text_open(&text, tok, o->text, o->ctx ? (int)o->ctx : 256, 1, message);
+		*out = text.tokens;
+		return rc ? -rc : text.n_tokens;
+	}
+	if (!(*out = malloc(sizeof(int) * (strlen(o->prompt) + 3))))
+		return -1;
+	n = llama_encode(tok, o->prompt, 1, 0, *out);
+	return n < 0 ? -1 : n;
+}
+
+/* The prompts made from source, run, printed: 0 when every prompt's greedy tokens equal the run without
+ * the cache, 1 when one does not (or on a failure), 2 for bad input. */
+static int prefix_runs(struct run *r, const struct llama_model *model, struct ab_prefix_run *p, const int *source,
+		       int n_source)
+{
+	char message[AB_MESSAGE_MAX];
+	int *prompts, rc;
+
+	p->length = r->opt.text ? (r->opt.ctx ? (int)r->opt.ctx : 256) : n_source;
+	if (p->length + p->steps - 1 > model->config.seq_len)
+		return cli_bad_input("prompts of %d tokens and %d greedy tokens pass %s's context of %d", p->length,
+				     p->steps, r->opt.model, model->config.seq_len);
+	if (!(prompts = malloc(sizeof(int) * (size_t)p->count * (size_t)p->length)))
+		return 1;
+	p->shared = ab_prefix_prompts(source, n_source, p->length, p->count, model->config.vocab_size, prompts);
+	if (p->shared < 0) {
+		free(prompts);
+		return cli_bad_input("cannot make %d different prompts of %d tokens from %d tokens", p->count,
+				     p->length, n_source);
+	}
+	rc = ab_prefix_share(r->api, model, p, prompts, message);
+	free(prompts);
+	if (rc) {
+		fprintf(stderr, "kvpager-ab: %s\n", message);
+		return rc;
+	}
+	ab_prefix_print(stdout, p);
+	fflush(stdout);
+	return ab_prefix_all_equal(p) ? 0 : 1;
+}
+
+static int run_prefix(struct run *r)
+{
+	static struct llama_model model;
+	static struct llama_tokenizer tok;
+	struct ab_prefix_run p;
+	char message[AB_MESSAGE_MAX];
+	int *source = NULL, n_source, rc = checkpoint_load(&model, &tok, &r->opt);
+
+	memset(&p, 0, sizeof(p));
+	p.model_path = r->opt.model;
+	p.pool = r->opt.pool;
+	p.spec = r->opt.specs[0];
+	p.count = r->opt.prompts ? (int)r->opt.prompts : 8;
+	p.steps = r->opt.steps ? (int)r->opt.steps : 16;
+	if (!rc) {
+		n_source = prefix_source(&r->opt, &tok, &source, message);
+		if (n_source == -2)
+			rc = cli_bad_input("%s", message);
+		else if (n_source < 0)
+			rc = 1, fputs("kvpager-ab: no memory for the prompts\n", stderr);
+		else
+			rc = prefix_runs(r, &model, &p, source, n_source);
+	}
+	free(source);
+	ab_prefix_free(&p);
+	llama_tokenizer_free(&tok);
+	llama_model_free(&model);
+	return rc;
+}
+
 /* ---- trace and synthetic sources ---- */
 
 static int trace_step(void *ctx, int32_t *pos, float *q, float *k, float *v)
@@ -938,7 +1063,7 @@ int main(int argc, char **argv)
 	rc = parse_options(&r.opt, argc, argv);
 	if (!r.opt.prompt)
 		r.opt.prompt = "";
-	if (!r.opt.steps)
+	if (!r.opt.steps && !r.opt.prefix_share)
 		r.opt.steps = 256;
 	if (!rc)
 		rc = default_paths(&r.opt, argv[0]);
@@ -953,7 +1078,7 @@ int main(int argc, char **argv)
 		rc = r.api ? 0 : CLI_EXIT_BAD_INPUT; /* a --plugin path that does not serve the table */
 	}
 	if (!rc)
-		rc = r.opt.text ? run_text(&r) : r.opt.model ? run_model(&r) : r.opt.trace ? run_trace(&r)
+		rc = r.opt.prefix_share ? run_prefix(&r) : r.opt.text ? run_text(&r) : r.opt.model ? run_model(&r) : r.opt.trace ? run_trace(&r)
 									       : run_synthetic(&r);
 	for (int i = 0; i < r.opt.n_specs; i++)
 		ab_heads_free(&r.results[i].heads);
