@@ -22,7 +22,8 @@
  * -d SIZE -P 16 -c 1` on the same server, SIZE the largest value (one connection, as our lookups use).
  * Bytes moved per prompt: sum of STRLEN after publication, store=fp16 and with a TurboQuant 3-bit cold
  * tier, against the dense fp16 K and V of the cached tokens.
- * Every pool spec carries remote_timeout=20000: a lookup's deadline is not what is measured here.
+ * Every pool spec carries remote_timeout=20000 (a lookup's deadline is not what is measured here) and
+ * remote_queue=512MiB (a d=128, 32-layer prompt publishes 256 MiB at once).
  * The benchmark starts its own redis-server processes on free loopback ports (and removes them); where
  * redis-server, redis-cli or redis-benchmark is missing the remote rows are skipped with a message.
  */
@@ -46,7 +47,7 @@
 
 enum { PROMPT = 2048, CHUNK = 256, SERVERS_MAX = 4 };
 
-#define TIMEOUT_SPEC "remote_timeout=20000"
+#define TIMEOUT_SPEC "remote_timeout=20000,remote_queue=512MiB"
 #define TQ3 "k=turboquant(bits=3),v=turboquant(bits=3)"
 
 static void die(const char *what, const char *why)

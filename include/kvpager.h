@@ -107,6 +107,11 @@ KVP_API const char *kvp_last_error(void);
  *                   refusing costs a lookup at most this, and its keys miss; a node that failed is not
  *                   tried again before a backoff (100 ms, doubling to 1 s).
  *   remote_ttl=SECONDS  stored blocks expire after this (SET ... EX), 0..2^31-1 (default 0: never)
+ *   remote_queue=SIZE  bound of the publication queue (default 64MiB, at least 1MiB): copies of values
+ *                   waiting for the writer, the pool's own memory (not a tenant's); a value that does not
+ *                   fit is dropped and counted. A prompt's units are published as they register: size it
+ *                   for a prompt's bytes when prompts are long (a 2048-token prompt of 32 layers, 8 KV heads,
+ *                   d=128 at fp16 is 256MiB).
  *                   The remote_* keys without remote= are KVP_EINVAL.
  *   share_prefix=0|1  1: tenants find each other's cached prompts (kvp_seq_open_prefix), each hit paid
  *                   as copies in the caller's memory; 0 (default): a tenant only ever finds its own, so

@@ -198,6 +198,9 @@ Test(remote, pool_keys_refuse_bad_values_by_name)
 		{ "remote=redis://127.0.0.1:6379,remote_ttl=-1", "remote_ttl" },
 		{ "remote_timeout=5", "without remote=" },
 		{ "remote_auth_file=/etc/hostname", "without remote=" },
+		{ "remote=redis://127.0.0.1:6379,remote_queue=64KiB", "remote_queue" },
+		{ "remote=redis://127.0.0.1:6379,remote_queue=lots", "remote_queue" },
+		{ "remote_queue=1GiB", "without remote=" },
 	};
 	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
 		kvp_pool *p = NULL;

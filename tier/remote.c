@@ -139,6 +139,7 @@ static kvp_status url_walk(const char *url, int *cluster,
 kvp_status kvp_remote_config_parse(struct kvp_args *args, struct kvp_remote_config *cfg)
 {
 	uint32_t timeout = 0, ttl = UINT32_MAX;
+	uint64_t queue = 0;
 	int cluster;
 	kvp_status st;
 	kvp_remote_config_default(cfg);
@@ -149,10 +150,17 @@ kvp_status kvp_remote_config_parse(struct kvp_args *args, struct kvp_remote_conf
 		st = kvp_args_u32(args, "remote_timeout", 1, 60000, &timeout);
 	if (st == KVP_OK)
 		st = kvp_args_u32(args, "remote_ttl", 0, INT32_MAX, &ttl);
+	if (st == KVP_OK)
+		st = kvp_args_size(args, "remote_queue", &queue);
 	if (st != KVP_OK)
 		return st;
-	if (!cfg->url[0] && (cfg->auth_file[0] || timeout || ttl != UINT32_MAX))
-		return kvp_fail(KVP_EINVAL, "pool: remote_auth_file=, remote_timeout= or remote_ttl= without remote=URL");
+	if (!cfg->url[0] && (cfg->auth_file[0] || timeout || ttl != UINT32_MAX || queue))
+		return kvp_fail(KVP_EINVAL, "pool: remote_auth_file=, remote_timeout=, remote_ttl= or remote_queue= "
+				"without remote=URL");
+	if (queue && queue < (1u << 20))
+		return kvp_fail(KVP_EINVAL, "pool: remote_queue=%llu is below 1MiB", (unsigned long long)queue);
+	if (queue)
+		cfg->queue_bytes = queue;
 	if (timeout)
 		cfg->timeout_ms = timeout;
 	if (ttl != UINT32_MAX)
