@@ -62,7 +62,18 @@ kvp_status kvp_seq_open_prefix(kvp_tenant *h, const kvp_shape *shape, uint32_t n
 		*n_cached = 0;
 	if ((st = kvp_handle_get(KVP_HANDLE_TENANT, h, "kvp_seq_open_prefix", &t)) != KVP_OK)
 		return st;
-	if ((st = kvp_prefix_seq_open(t, shape, n, tokens, &s, n_cached)) == KVP_OK)
+	if ((st = kvp_prefix_open_check(n, tokens, out, n_cached)) != KVP_OK)
+		return st;
+	if (!((struct kvp_tenant_obj *)t)->cfg.prefix)
+		st = kvp_seq_create(t, shape, &s);
+	else if ((st = kvp_seq_create_unlinked(t, shape, &s)) == KVP_OK) {
+		if ((st = kvp_prefix_seq_fill(t, s, n, tokens, n_cached)) != KVP_OK) {
+			kvp_seq_destroy(s);
+			return kvp_fail_context(st, "kvp_seq_open_prefix: no sequence was opened");
+		}
+		kvp_seq_link(t, s);
+	}
+	if (st == KVP_OK)
 		*out = s->handle;
 	return st;
 }

@@ -362,8 +362,11 @@ void kvp_spill_inject(kvp_pool *pool, const struct kvp_spill_faults *f);
 kvp_status kvp_prefix_table_open(struct kvp_pool_obj *pool);
 void kvp_prefix_table_close(struct kvp_pool_obj *pool);
 /* kvp_seq_open_prefix's work, for a tenant with prefix=on. */
-kvp_status kvp_prefix_seq_open(struct kvp_tenant_obj *t, const kvp_shape *shape, uint32_t n, const int32_t *tokens,
-			       struct kvp_seq_obj **out, uint32_t *n_cached);
+kvp_status kvp_prefix_open_check(uint32_t n, const int32_t *tokens, const void *out, const uint32_t *n_cached);
+/* Installs what the cache holds of the prompt into s, a new sequence of t not linked yet, and prepares
+ * the registration of the rest. On failure s holds nothing of the cache (destroy it). */
+kvp_status kvp_prefix_seq_fill(struct kvp_tenant_obj *t, struct kvp_seq_obj *s, uint32_t n, const int32_t *tokens,
+			       uint32_t *n_cached);
 /* append: takes the stream's prompt blocks that are full, before its cold conversion may replace them. */
 void kvp_prefix_capture(const struct kvp_seq_obj *s, struct kvp_stream *st);
 /* after an append: registers the prompt's units that every stream holds now. */

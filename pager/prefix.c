@@ -825,7 +825,7 @@ static kvp_status install(struct kvp_seq_obj *s, struct prefix_hit *h, uint32_t 
 	return KVP_OK;
 }
 
-static kvp_status open_check(uint32_t n, const int32_t *tokens, struct kvp_seq_obj **out, uint32_t *n_cached)
+kvp_status kvp_prefix_open_check(uint32_t n, const int32_t *tokens, const void *out, const uint32_t *n_cached)
 {
 	if (!out || !n_cached)
 		return kvp_fail(KVP_EINVAL, "kvp_seq_open_prefix: out and n_cached must not be NULL");
@@ -915,24 +915,15 @@ static kvp_status open_hit(struct kvp_tenant_obj *t, struct kvp_seq_obj *s, uint
 	return st;
 }
 
-kvp_status kvp_prefix_seq_open(struct kvp_tenant_obj *t, const kvp_shape *shape, uint32_t n, const int32_t *tokens,
-			       struct kvp_seq_obj **out, uint32_t *n_cached)
+/* Fills a new sequence, not linked yet (no pressure can reach it meanwhile), from the cache. */
+kvp_status kvp_prefix_seq_fill(struct kvp_tenant_obj *t, struct kvp_seq_obj *s, uint32_t n, const int32_t *tokens,
+			       uint32_t *n_cached)
 {
-	struct kvp_seq_obj *s;
-	kvp_status st = open_check(n, tokens, out, n_cached);
 	uint64_t streams, held;
-	if (st != KVP_OK)
-		return st;
-	*n_cached = 0;
-	if (!t->cfg.prefix)
-		return kvp_seq_create(t, shape, out);
-	if ((st = kvp_seq_create_unlinked(t, shape, &s)) != KVP_OK)
-		return st;
-	/* not linked yet: no pressure can reach the sequence while its streams are filled */
-	if ((st = open_hit(t, s, n, tokens, n_cached)) != KVP_OK) {
+	kvp_status st = open_hit(t, s, n, tokens, n_cached);
+	if (st != KVP_OK) {
 		*n_cached = 0;
-		kvp_seq_destroy(s);
-		return kvp_fail_context(st, "kvp_seq_open_prefix: no sequence was opened");
+		return st;
 	}
 	streams = (uint64_t)s->shape.n_layers * s->shape.n_kv_heads;
 	held = streams * *n_cached;
@@ -942,7 +933,5 @@ kvp_status kvp_prefix_seq_open(struct kvp_tenant_obj *t, const kvp_shape *shape,
 	atomic_fetch_add(&t->tokens_appended, held);
 	atomic_fetch_add(&t->tokens_retained, held);
 	atomic_fetch_add(&t->bytes_dense_fp16, held * s->shape.head_dim * 4);
-	kvp_seq_link(t, s);
-	*out = s;
 	return KVP_OK;
 }
