@@ -1201,6 +1201,263 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
 }
 
 /*
+ * lut_axpy_u8_group: four rows per int32 lane. A chunk of columns (64 at up to 2 bits, 32 at 3 and 4: up to
+ * 16 bytes of a row) of rows i..i+3 is one register, row t in 128-bit lane t. Per 16 columns, vpermb gives
+ * qword p the two bytes of each row that hold its columns 2p and 2p + 1 (row t at bytes 2t and 2t + 1),
+ * vpmultishiftqb brings code (t, c) to the low bits of byte 4c + t, and vpermb looks it up in the table
+ * repeated with the code's period (the bits above a code need no mask): int32 lane c holds the four rows'
+ * values of column c, which vpdpbusd multiplies with a head's four weights, broadcast as one int32. The
+ * codes are expanded once for all the heads, and no row is summed horizontally.
+ */
+#define QSEL(b, q, i) (char)((16 * (((i) % 8) / 2) + ((16 * (q) + 2 * ((i) / 8)) * (b)) / 8 + (i) % 2) & 63)
+#define QSHF(b, q, i) (char)(16 * ((i) % 4) + (16 * (q) + (i) / 4) * (b) - 8 * (((16 * (q) + ((i) / 4 & ~1)) * (b)) / 8))
+#define QBYTES8(F, b, q, i) F(b, q, i), F(b, q, i + 1), F(b, q, i + 2), F(b, q, i + 3), F(b, q, i + 4), \
+	F(b, q, i + 5), F(b, q, i + 6), F(b, q, i + 7)
+#define QBYTES64(F, b, q)                                                                                  \
+	{ QBYTES8(F, b, q, 0), QBYTES8(F, b, q, 8), QBYTES8(F, b, q, 16), QBYTES8(F, b, q, 24),            \
+	  QBYTES8(F, b, q, 32), QBYTES8(F, b, q, 40), QBYTES8(F, b, q, 48), QBYTES8(F, b, q, 56) }
+#define QWIDTH(F, b) { QBYTES64(F, b, 0), QBYTES64(F, b, 1), QBYTES64(F, b, 2), QBYTES64(F, b, 3) }
+
+static const char quad_select[5][4][64] = { { { 0 } }, QWIDTH(QSEL, 1), QWIDTH(QSEL, 2), QWIDTH(QSEL, 3),
+					    QWIDTH(QSEL, 4) };
+static const char quad_shift[5][4][64] = { { { 0 } }, QWIDTH(QSHF, 1), QWIDTH(QSHF, 2), QWIDTH(QSHF, 3),
+					   QWIDTH(QSHF, 4) };
+
+/* u of kernels.h's lut_axpy_u8_group: w * s where that is > 0, else 0 (lanes of a tail: 0). */
+INLINE __m512 weight_in(__mmask16 in, const float *w, __m512 s)
+{
+	const __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, w), s);
+
+	return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(p, _mm512_setzero_ps(), _CMP_GT_OQ), p);
+}
+
+/*
+ * The weights of hn heads as uint8 (kernels.h's rounding, lane by lane), each row of w8 with four zeros after
+ * its last; f[h] = unit * ((top - lo) / 255) and e[h] = unit * lo. The rows' scales are gathered once (16 at
+ * a time) for all the heads.
+ */
+INLINE void weights_u8(unsigned hn, unsigned n, const float *w, size_t ws, const uint8_t *row_scale,
+		       size_t scale_stride, float unit, uint8_t (*w8)[KVP_AXPY_I16_ROWS + 4], float *f, float *e)
+{
+	const __m512 zero = _mm512_setzero_ps(), half = _mm512_set1_ps(0.5f), inf = _mm512_set1_ps(INFINITY);
+	const __m512i most = _mm512_set1_epi32(255);
+	const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+					      _mm512_set1_epi32((int)scale_stride));
+	float scale[KVP_AXPY_I16_ROWS] __attribute__((aligned(64)));
+	__m512 top[4] = { zero, zero, zero, zero }, least[4] = { inf, inf, inf, inf }, lo[4], inv[4];
+
+	for (unsigned i = 0; i < n; i += 16) {
+		const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
+		const __m512 s = _mm512_mask_i32gather_ps(zero, in, at, row_scale + i * scale_stride, 1);
+
+		_mm512_store_ps(scale + i, s);
+		for (unsigned h = 0; h < hn; h++) {
+			const __m512 u = weight_in(in, w + h * ws + i, s);
+
+			top[h] = _mm512_max_ps(u, top[h]);
+			least[h] = _mm512_mask_min_ps(least[h], in, u, least[h]);
+		}
+	}
+	for (unsigned h = 0; h < hn; h++) {
+		const float t = _mm512_reduce_max_ps(top[h]), l = n ? _mm512_reduce_min_ps(least[h]) : 0.0f;
+
+		lo[h] = _mm512_set1_ps(l);
+		inv[h] = _mm512_set1_ps(kvp_weight_inv_u8(t - l));
+		f[h] = unit * ((t - l) / KVP_WEIGHT_MAX_U8);
+		e[h] = unit * l;
+	}
+	for (unsigned i = 0; i < n; i += 16) {
+		const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
+		const __m512 s = _mm512_load_ps(scale + i);
+
+		for (unsigned h = 0; h < hn; h++) {
+			const __m512 x = _mm512_mul_ps(_mm512_sub_ps(weight_in(in, w + h * ws + i, s), lo[h]), inv[h]);
+			const __m512i v = _mm512_maskz_cvttps_epi32(_mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ),
+								    _mm512_add_ps(x, half));
+
+			_mm512_mask_cvtepi32_storeu_epi8(w8[h] + i, in, _mm512_min_epi32(v, most));
+		}
+	}
+	for (unsigned h = 0; h < hn; h++)
+		memset(w8[h] + n, 0, 4);
+}
+
+/* nb <= 16 bytes at p, zeros after them. */
+INLINE __m128i row_chunk(const uint8_t *p, unsigned nb)
+{
+	return nb >= 16 ? _mm_loadu_si128((const __m128i *)p) : _mm_maskz_loadu_epi8((__mmask16)((1u << nb) - 1), p);
+}
+
+/* Bytes [at, at + nb) of rows i..i+3 (those below n; the others zeros), row t in 128-bit lane t. */
+INLINE __m512i four_rows(const uint8_t *codes, size_t stride, unsigned i, unsigned n, unsigned at, unsigned nb)
+{
+	const uint8_t *p = codes + (size_t)i * stride + at;
+	__m512i v = _mm512_zextsi128_si512(row_chunk(p, nb));
+
+	if (i + 1 < n)
+		v = _mm512_inserti32x4(v, row_chunk(p + stride, nb), 1);
+	if (i + 2 < n)
+		v = _mm512_inserti32x4(v, row_chunk(p + 2 * stride, nb), 2);
+	if (i + 3 < n)
+		v = _mm512_inserti32x4(v, row_chunk(p + 3 * stride, nb), 3);
+	return v;
+}
+
+/* Four weights of a row of w8 as the int32 they make in memory. */
+INLINE int32_t quad_at(const uint8_t *w8)
+{
+	int32_t v;
+
+	memcpy(&v, w8, sizeof v);
+	return v;
+}
+
+/* Four rows' int8 values of 16 columns (register q of a chunk), looked up from src as described above. */
+#define QUAD_VALUES(q) \
+	_mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(shf##q, _mm512_permutexvar_epi8(sel##q, src)), tab)
+
+/* Head h's four weights times v into its accumulators a(h)q (hn heads, constant once inlined), and the
+ * column sums (weights 1 for the rows below n) into c(q). */
+#define QUAD_HEADS(q, v)                                                        \
+	do {                                                                    \
+		c##q = _mm512_dpbusd_epi32(c##q, ones, v);                      \
+		a0##q = _mm512_dpbusd_epi32(a0##q, w0, v);                      \
+		if (hn > 1)                                                     \
+			a1##q = _mm512_dpbusd_epi32(a1##q, w1, v);              \
+		if (hn > 2)                                                     \
+			a2##q = _mm512_dpbusd_epi32(a2##q, w2, v);              \
+		if (hn > 3)                                                     \
+			a3##q = _mm512_dpbusd_epi32(a3##q, w3, v);              \
+	} while (0)
+
+/* One step of four rows from src: the heads' weights of rows i..i+3, then nq registers of columns. */
+#define QUAD_STEP(src_expr)                                                                            \
+	do {                                                                                           \
+		const __m512i src = (src_expr);                                                        \
+		const __m512i ones = _mm512_set1_epi32(quad_at(present + i));                          \
+		const __m512i w0 = _mm512_set1_epi32(quad_at(w8[0] + i));                              \
+		const __m512i w1 = hn > 1 ? _mm512_set1_epi32(quad_at(w8[1] + i)) : w0;                \
+		const __m512i w2 = hn > 2 ? _mm512_set1_epi32(quad_at(w8[2] + i)) : w0;                \
+		const __m512i w3 = hn > 3 ? _mm512_set1_epi32(quad_at(w8[3] + i)) : w0;                \
+		const __m512i v0 = QUAD_VALUES(0), v1 = QUAD_VALUES(1);                                \
+                                                                                                       \
+		QUAD_HEADS(0, v0);                                                                     \
+		QUAD_HEADS(1, v1);                                                                     \
+		if (nq > 2) {                                                                          \
+			const __m512i v2 = QUAD_VALUES(2), v3 = QUAD_VALUES(3);                        \
+			QUAD_HEADS(2, v2);                                                             \
+			QUAD_HEADS(3, v3);                                                             \
+		}                                                                                      \
+	} while (0)
+
+/* acc[0..k) += f * a chunk's weighted sums s0..s3 + e * its column sums c0..c3 (column 16q + l in lane l of
+ * register q). */
+INLINE void add_quads(float *acc, unsigned k, unsigned nq, float f, float e, __m512i s0, __m512i s1, __m512i s2,
+		      __m512i s3, const __m512i *c)
+{
+	const __m512i sums[4] = { s0, s1, s2, s3 };
+	const __m512 fv = _mm512_set1_ps(f), ev = _mm512_set1_ps(e);
+
+	for (unsigned q = 0; q < nq && 16 * q < k; q++) {
+		const __mmask16 keep = tail16(k - 16 * q < 16 ? k - 16 * q : 16);
+		const __m512 add = _mm512_add_ps(_mm512_mul_ps(fv, _mm512_cvtepi32_ps(sums[q])),
+						 _mm512_mul_ps(ev, _mm512_cvtepi32_ps(c[q])));
+		float *p = acc + 16 * q;
+
+		_mm512_mask_storeu_ps(p, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, p), add));
+	}
+}
+
+/* Rows i..i+3, all below n, whole 16-byte chunks (nb == 16): four loads and three inserts. */
+INLINE __m512i four_whole_rows(const uint8_t *codes, size_t stride, unsigned i, unsigned at)
+{
+	const uint8_t *p = codes + (size_t)i * stride + at;
+	__m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p));
+
+	v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + stride)), 1);
+	v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 2 * stride)), 2);
+	return _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 3 * stride)), 3);
+}
+
+INLINE void axpy_u8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			  __m512i tab, float unit, const float *w, size_t ws, const uint8_t *row_scale, size_t scale_stride,
+			  float *acc, size_t as)
+{
+	const unsigned cols = bits <= 2 ? 64 : 32, nq = cols / 16, row_bytes = (m * bits + 7) / 8;
+	uint8_t w8[4][KVP_AXPY_I16_ROWS + 4] __attribute__((aligned(4))), present[KVP_AXPY_I16_ROWS + 4];
+	const __m512i sel0 = _mm512_loadu_si512(quad_select[bits][0]), shf0 = _mm512_loadu_si512(quad_shift[bits][0]);
+	const __m512i sel1 = _mm512_loadu_si512(quad_select[bits][1]), shf1 = _mm512_loadu_si512(quad_shift[bits][1]);
+	const __m512i sel2 = _mm512_loadu_si512(quad_select[bits][2]), shf2 = _mm512_loadu_si512(quad_shift[bits][2]);
+	const __m512i sel3 = _mm512_loadu_si512(quad_select[bits][3]), shf3 = _mm512_loadu_si512(quad_shift[bits][3]);
+	float f[4], e[4];
+
+	weights_u8(hn, n, w, ws, row_scale, scale_stride, unit, w8, f, e);
+	memset(present, 1, n);
+	memset(present + n, 0, 4);
+	for (unsigned j = 0; j < m; j += cols) {
+		const unsigned k = m - j < cols ? m - j : cols, at = j * bits / 8;
+		const unsigned nb = row_bytes - at < 16 ? row_bytes - at : 16;
+		__m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00;
+		__m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+		__m512i a30 = a00, a31 = a00, a32 = a00, a33 = a00, c0 = a00, c1 = a00, c2 = a00, c3 = a00;
+		unsigned i = 0;
+
+		if (nb == 16)
+			for (; i + 4 <= n; i += 4)
+				QUAD_STEP(four_whole_rows(codes, stride, i, at));
+		for (; i < n; i += 4)
+			QUAD_STEP(four_rows(codes, stride, i, n, at, nb));
+		{
+			const __m512i c[4] = { c0, c1, c2, c3 };
+
+			add_quads(acc + j, k, nq, f[0], e[0], a00, a01, a02, a03, c);
+			if (hn > 1)
+				add_quads(acc + as + j, k, nq, f[1], e[1], a10, a11, a12, a13, c);
+			if (hn > 2)
+				add_quads(acc + 2 * as + j, k, nq, f[2], e[2], a20, a21, a22, a23, c);
+			if (hn > 3)
+				add_quads(acc + 3 * as + j, k, nq, f[3], e[3], a30, a31, a32, a33, c);
+		}
+	}
+}
+
+#undef QUAD_STEP
+#undef QUAD_HEADS
+#undef QUAD_VALUES
+
+INLINE void axpy_u8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride, const int8_t *lut,
+			  float unit, unsigned g, const float *w, size_t ws, const uint8_t *row_scale, size_t scale_stride,
+			  float *acc, size_t as)
+{
+	const __m512i tab = int_regs(bits, lut, NULL, 0).tab8;
+	unsigned h = 0;
+
+#define AXPY_U8_HEADS(hn) \
+	axpy_u8_heads(hn, bits, m, n, codes, stride, tab, unit, w + h * ws, ws, row_scale, scale_stride, acc + h * as, as)
+	for (; h + 4 <= g; h += 4)
+		AXPY_U8_HEADS(4);
+	switch (g - h) {
+	case 3: AXPY_U8_HEADS(3); break;
+	case 2: AXPY_U8_HEADS(2); break;
+	case 1: AXPY_U8_HEADS(1); break;
+	default: break;
+	}
+#undef AXPY_U8_HEADS
+}
+
+static void lut_axpy_u8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			      const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
+			      const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
+{
+	switch (bits) {
+	case 1: axpy_u8_width(1, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride); break;
+	case 2: axpy_u8_width(2, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride); break;
+	case 3: axpy_u8_width(3, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride); break;
+	default: axpy_u8_width(4, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride); break;
+	}
+}
+
+/*
  * dot_i8_scaled, 2-bit codes (KIVI's keys; other widths and m > 1024 take the plain code of kernels.h).
  * Column byte k of sixteen rows is one 16-byte load: a zero-extension gives each row a lane, and
  * vpmultishiftqb copies its four codes (bits 0, 2, 4, 6 of the lane) to the lane's four bytes, which
@@ -1745,6 +2002,7 @@ static void spark_dot_i16_group(const struct kvp_masked_codes *rc, unsigned n, c
 #define KVP_ISA_SPARK
 #define KVP_ISA_ENCODE
 #define KVP_ISA_FUSED_LOOKUPS
+#define KVP_ISA_AXPY_U8
 #define KVP_ISA_NAME "avx512"
 #define KVP_ISA_TABLE kvp_kernels_avx512
 #include "kernels/loops.h"
