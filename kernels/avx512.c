@@ -745,6 +745,12 @@ INLINE __mmask64 tail64(unsigned k)
 	return k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << k) - 1);
 }
 
+/* nb <= 16 bytes at p, zeros after them. */
+INLINE __m128i row_chunk(const uint8_t *p, unsigned nb)
+{
+	return nb >= 16 ? _mm_loadu_si128((const __m128i *)p) : _mm_maskz_loadu_epi8((__mmask16)((1u << nb) - 1), p);
+}
+
 /* Codes j..j+k-1 (k <= 64) of a row, one per byte; lanes past k hold zeros or stray bits. */
 INLINE __m512i code_bytes(unsigned bits, const uint8_t *row, unsigned j, unsigned k, const struct int_regs *r)
 {
@@ -900,13 +906,11 @@ INLINE void transpose16_epi32(__m512i x[16])
 	}
 }
 
-/* Four int8 query values as the int32 vpdpbusd broadcasts. */
+/* Four int8 query values as the int32 vpdpbusd broadcasts: a broadcast from memory (a load), where one from
+ * a general register would take the shuffle port the lookups need. */
 INLINE __m512i quad_of(const int8_t *q)
 {
-	int32_t v;
-
-	memcpy(&v, q, sizeof v);
-	return _mm512_set1_epi32(v);
+	return _mm512_broadcastd_epi32(_mm_loadu_si32(q));
 }
 
 /*
@@ -964,6 +968,123 @@ INLINE void dot_i8_tiles(unsigned hn, unsigned bits, unsigned m, unsigned n, con
 }
 
 /*
+ * The same sums for m = 64 at 2 to 4 bits, sixteen rows at a time with the rows in the lanes, without the
+ * transpose: a chunk of each row's code bytes (16 at 2 and 4 bits, 12 at 3) is loaded, four rows to a
+ * register (row t in 128-bit lane t % 4 of register t / 4). Per group of `gb` bytes of the chunk (4, or 3
+ * at 3 bits: whole 4-code quads), two two-source vpermb and a blend give dword t the group's bytes of row
+ * t; vpmultishiftqb then brings each quad's four codes to the low bits of the dword's four bytes, vpermb
+ * looks them up, and vpdpbusd multiplies them by the quad's four query values, broadcast: a head's sixteen
+ * row sums build up in one register, lane t for row t.
+ */
+#define ROWS16_PICK(i) (char)((((i) / 4 % 8) / 4) * 64 + ((i) / 4 % 4) * 16 + (i) % 4)
+#define ROWS16_BYTES8(i) ROWS16_PICK(i), ROWS16_PICK(i + 1), ROWS16_PICK(i + 2), ROWS16_PICK(i + 3), \
+	ROWS16_PICK(i + 4), ROWS16_PICK(i + 5), ROWS16_PICK(i + 6), ROWS16_PICK(i + 7)
+static const char rows16_pick[64] = { ROWS16_BYTES8(0), ROWS16_BYTES8(8), ROWS16_BYTES8(16), ROWS16_BYTES8(24),
+				      ROWS16_BYTES8(32), ROWS16_BYTES8(40), ROWS16_BYTES8(48), ROWS16_BYTES8(56) };
+/* byte b of dword t (t odd: the qword's high dword) takes the bits of code b of quad e of the group */
+#define QUAD_BITS(b, e, i) (char)(32 * ((i) / 4 % 2) + (e) * 4 * (b) + ((i) % 4) * (b))
+#define QUAD_BITS8(b, e, i) QUAD_BITS(b, e, i), QUAD_BITS(b, e, i + 1), QUAD_BITS(b, e, i + 2), QUAD_BITS(b, e, i + 3), \
+	QUAD_BITS(b, e, i + 4), QUAD_BITS(b, e, i + 5), QUAD_BITS(b, e, i + 6), QUAD_BITS(b, e, i + 7)
+#define QUAD_BITS64(b, e) { QUAD_BITS8(b, e, 0), QUAD_BITS8(b, e, 8), QUAD_BITS8(b, e, 16), QUAD_BITS8(b, e, 24), \
+	QUAD_BITS8(b, e, 32), QUAD_BITS8(b, e, 40), QUAD_BITS8(b, e, 48), QUAD_BITS8(b, e, 56) }
+static const char quad_bits[5][4][64] = {
+	{ { 0 } }, { { 0 } },
+	{ QUAD_BITS64(2, 0), QUAD_BITS64(2, 1), QUAD_BITS64(2, 2), QUAD_BITS64(2, 3) },
+	{ QUAD_BITS64(3, 0), QUAD_BITS64(3, 1), { 0 }, { 0 } },
+	{ QUAD_BITS64(4, 0), QUAD_BITS64(4, 1), { 0 }, { 0 } },
+};
+
+/* Bytes [at, at + nb) of rows i..i+3 (nb <= 16, zeros after them), row t in 128-bit lane t. */
+INLINE __m512i rows4_chunk(const uint8_t *codes, size_t stride, unsigned i, unsigned at, unsigned nb)
+{
+	const uint8_t *p = codes + (size_t)i * stride + at;
+	__m512i v = _mm512_castsi128_si512(row_chunk(p, nb));
+
+	v = _mm512_inserti32x4(v, row_chunk(p + stride, nb), 1);
+	v = _mm512_inserti32x4(v, row_chunk(p + 2 * stride, nb), 2);
+	return _mm512_inserti32x4(v, row_chunk(p + 3 * stride, nb), 3);
+}
+
+INLINE void dot_i8_rows16(unsigned bits, unsigned n, const uint8_t *codes, size_t stride, const struct int_regs *r,
+			  const int8_t *q, size_t qs, const float *head_scale, const uint8_t *row_scale,
+			  size_t scale_stride, float *out, size_t os)
+{
+	/* chunk bytes, group bytes, quads per group, codes per chunk */
+	const unsigned cb = bits == 3 ? 12 : 16, gb = bits == 3 ? 3 : 4, qg = 8 / bits, cc = cb * 8 / bits;
+	const unsigned row_bytes = 64 * bits / 8;
+	const int8_t *q0 = q, *q1 = q + qs, *q2 = q1 + qs, *q3 = q2 + qs;
+	const __m512i pick = _mm512_loadu_si512(rows16_pick);
+	const __m512i e0 = _mm512_loadu_si512(quad_bits[bits][0]), e1 = _mm512_loadu_si512(quad_bits[bits][1]);
+	const __m512i e2 = _mm512_loadu_si512(quad_bits[bits][2]), e3 = _mm512_loadu_si512(quad_bits[bits][3]);
+	int32_t bias[4];
+	float scale[16];
+
+	for (unsigned h = 0; h < 4; h++)
+		bias[h] = 128 * sum_i8(q + h * qs, 64);
+	for (unsigned i0 = 0; i0 < n; i0 += 16) {
+		/* two sums per head, for odd and even quads: chains of 8 vpdpbusd instead of 16 */
+		__m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+
+		for (unsigned j = 0; j < 64; j += cc) {
+			const unsigned at = j * bits / 8, nb = row_bytes - at < 16 ? row_bytes - at : 16;
+			const __m512i z0 = rows4_chunk(codes, stride, i0, at, nb), z1 = rows4_chunk(codes, stride, i0 + 4, at, nb);
+			const __m512i z2 = rows4_chunk(codes, stride, i0 + 8, at, nb), z3 = rows4_chunk(codes, stride, i0 + 12, at, nb);
+
+#pragma GCC unroll 4
+			for (unsigned k = 0; k < cb / gb; k++) {
+				const __m512i at_k = _mm512_add_epi8(pick, _mm512_set1_epi8((char)(gb * k)));
+				const __m512i g = _mm512_mask_blend_epi8(0xffffffff00000000ull, _mm512_permutex2var_epi8(z0, at_k, z1),
+									 _mm512_permutex2var_epi8(z2, at_k, z3));
+				const __m512i es[4] = { e0, e1, e2, e3 };
+
+#pragma GCC unroll 4
+				for (unsigned e = 0; e < qg; e++) {
+					const __m512i x = _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(es[e], g), r->tab8);
+					const unsigned c = j + 4 * (k * qg + e);
+
+					if (e % 2) {
+						b0 = _mm512_dpbusd_epi32(b0, x, quad_of(q0 + c));
+						b1 = _mm512_dpbusd_epi32(b1, x, quad_of(q1 + c));
+						b2 = _mm512_dpbusd_epi32(b2, x, quad_of(q2 + c));
+						b3 = _mm512_dpbusd_epi32(b3, x, quad_of(q3 + c));
+					} else {
+						a0 = _mm512_dpbusd_epi32(a0, x, quad_of(q0 + c));
+						a1 = _mm512_dpbusd_epi32(a1, x, quad_of(q1 + c));
+						a2 = _mm512_dpbusd_epi32(a2, x, quad_of(q2 + c));
+						a3 = _mm512_dpbusd_epi32(a3, x, quad_of(q3 + c));
+					}
+				}
+			}
+		}
+		a0 = _mm512_add_epi32(a0, b0), a1 = _mm512_add_epi32(a1, b1);
+		a2 = _mm512_add_epi32(a2, b2), a3 = _mm512_add_epi32(a3, b3);
+		for (unsigned t = 0; t < 16; t++)
+			scale[t] = kvp_load_f32(row_scale + (size_t)(i0 + t) * scale_stride);
+		/* ((float)S * head scale) * row scale, rounded step by step as the scalar reference does */
+		const __m512i a[4] = { a0, a1, a2, a3 };
+		for (unsigned h = 0; h < 4; h++) {
+			float *o = out + h * os + i0;
+			__m512 v = _mm512_mul_ps(
+				_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a[h], _mm512_set1_epi32(bias[h]))),
+					      _mm512_set1_ps(head_scale[h])),
+				_mm512_loadu_ps(scale));
+			_mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), v));
+		}
+	}
+}
+
+static __attribute__((noinline)) void dot_i8_rows16_64(unsigned bits, unsigned n, const uint8_t *codes, size_t stride,
+							const struct int_regs *r, const int8_t *q, size_t qs,
+							const float *hs, const uint8_t *rs, size_t ss, float *out, size_t os)
+{
+	switch (bits) {
+	case 2: dot_i8_rows16(2, n, codes, stride, r, q, qs, hs, rs, ss, out, os); break;
+	case 3: dot_i8_rows16(3, n, codes, stride, r, q, qs, hs, rs, ss, out, os); break;
+	default: dot_i8_rows16(4, n, codes, stride, r, q, qs, hs, rs, ss, out, os); break;
+	}
+}
+
+/*
  * Four heads over rows of 64 codes, sixteen rows at a time: one function each, not inlined into every
  * width's loop, so that the sixteen-register transposes (memory under AddressSanitizer) have a frame of
  * their own instead of one per width and head count in lut_dot_i8_group's.
@@ -997,7 +1118,10 @@ INLINE void dot_i8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *c
 #define DOT_HEADS(hn, from)                                                                 \
 	(m == 128 ? DOT_HEADS_M(hn, 128, from) : m == 64 ? DOT_HEADS_M(hn, 64, from) : DOT_HEADS_M(hn, m, from))
 	for (; h + 4 <= g; h += 4) {
-		if (tiled)
+		if (tiled && bits >= 2)
+			dot_i8_rows16_64(bits, tiled, codes, stride, &r, q + h * qs, qs, head_scale + h, row_scale,
+					 scale_stride, out + h * os, os);
+		else if (tiled)
 			dot_i8_tiles4_64(bits, tiled, codes, stride, &r, q + h * qs, qs, head_scale + h, row_scale,
 					 scale_stride, out + h * os, os);
 		if (tiled < n)
@@ -1280,12 +1404,6 @@ INLINE void weights_u8(unsigned hn, unsigned n, const float *w, size_t ws, const
 	}
 	for (unsigned h = 0; h < hn; h++)
 		memset(w8[h] + n, 0, 4);
-}
-
-/* nb <= 16 bytes at p, zeros after them. */
-INLINE __m128i row_chunk(const uint8_t *p, unsigned nb)
-{
-	return nb >= 16 ? _mm_loadu_si128((const __m128i *)p) : _mm_maskz_loadu_epi8((__mmask16)((1u << nb) - 1), p);
 }
 
 /* Bytes [at, at + nb) of rows i..i+3 (those below n; the others zeros), row t in 128-bit lane t. */
