@@ -1005,13 +1005,13 @@ INLINE __m512i rows4_chunk(const uint8_t *codes, size_t stride, unsigned i, unsi
 	return _mm512_inserti32x4(v, row_chunk(p + 3 * stride, nb), 3);
 }
 
-INLINE void dot_i8_rows16(unsigned bits, unsigned n, const uint8_t *codes, size_t stride, const struct int_regs *r,
+INLINE void dot_i8_rows16(unsigned bits, unsigned mm, unsigned n, const uint8_t *codes, size_t stride, const struct int_regs *r,
 			  const int8_t *q, size_t qs, const float *head_scale, const uint8_t *row_scale,
 			  size_t scale_stride, float *out, size_t os)
 {
 	/* chunk bytes, group bytes, quads per group, codes per chunk */
 	const unsigned cb = bits == 3 ? 12 : 16, gb = bits == 3 ? 3 : 4, qg = 8 / bits, cc = cb * 8 / bits;
-	const unsigned row_bytes = 64 * bits / 8;
+	const unsigned row_bytes = mm * bits / 8;
 	const int8_t *q0 = q, *q1 = q + qs, *q2 = q1 + qs, *q3 = q2 + qs;
 	const __m512i pick = _mm512_loadu_si512(rows16_pick);
 	const __m512i e0 = _mm512_loadu_si512(quad_bits[bits][0]), e1 = _mm512_loadu_si512(quad_bits[bits][1]);
@@ -1020,12 +1020,12 @@ INLINE void dot_i8_rows16(unsigned bits, unsigned n, const uint8_t *codes, size_
 	float scale[16];
 
 	for (unsigned h = 0; h < 4; h++)
-		bias[h] = 128 * sum_i8(q + h * qs, 64);
+		bias[h] = 128 * sum_i8(q + h * qs, mm);
 	for (unsigned i0 = 0; i0 < n; i0 += 16) {
 		/* two sums per head, for odd and even quads: chains of 8 vpdpbusd instead of 16 */
 		__m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
 
-		for (unsigned j = 0; j < 64; j += cc) {
+		for (unsigned j = 0; j < mm; j += cc) {
 			const unsigned at = j * bits / 8, nb = row_bytes - at < 16 ? row_bytes - at : 16;
 			const __m512i z0 = rows4_chunk(codes, stride, i0, at, nb), z1 = rows4_chunk(codes, stride, i0 + 4, at, nb);
 			const __m512i z2 = rows4_chunk(codes, stride, i0 + 8, at, nb), z3 = rows4_chunk(codes, stride, i0 + 12, at, nb);
@@ -1073,16 +1073,21 @@ INLINE void dot_i8_rows16(unsigned bits, unsigned n, const uint8_t *codes, size_
 	}
 }
 
-static __attribute__((noinline)) void dot_i8_rows16_64(unsigned bits, unsigned n, const uint8_t *codes, size_t stride,
-							const struct int_regs *r, const int8_t *q, size_t qs,
-							const float *hs, const uint8_t *rs, size_t ss, float *out, size_t os)
-{
-	switch (bits) {
-	case 2: dot_i8_rows16(2, n, codes, stride, r, q, qs, hs, rs, ss, out, os); break;
-	case 3: dot_i8_rows16(3, n, codes, stride, r, q, qs, hs, rs, ss, out, os); break;
-	default: dot_i8_rows16(4, n, codes, stride, r, q, qs, hs, rs, ss, out, os); break;
+#define DOT_ROWS16(mm)                                                                                          \
+	static __attribute__((noinline)) void dot_i8_rows16_##mm(unsigned bits, unsigned n, const uint8_t *codes,  \
+								 size_t stride, const struct int_regs *r,         \
+								 const int8_t *q, size_t qs, const float *hs,     \
+								 const uint8_t *rs, size_t ss, float *out, size_t os) \
+	{                                                                                                       \
+		switch (bits) {                                                                                 \
+		case 2: dot_i8_rows16(2, mm, n, codes, stride, r, q, qs, hs, rs, ss, out, os); break;           \
+		case 3: dot_i8_rows16(3, mm, n, codes, stride, r, q, qs, hs, rs, ss, out, os); break;           \
+		default: dot_i8_rows16(4, mm, n, codes, stride, r, q, qs, hs, rs, ss, out, os); break;          \
+		}                                                                                               \
 	}
-}
+DOT_ROWS16(64)
+DOT_ROWS16(128)
+#undef DOT_ROWS16
 
 /*
  * Four heads over rows of 64 codes, sixteen rows at a time: one function each, not inlined into every
@@ -1107,7 +1112,7 @@ INLINE void dot_i8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *c
 	const struct int_regs r = int_regs(bits, lut, NULL, 128);
 	/* at 64 codes the row loop's horizontal sums cost as much as its products; at 128 they weigh half
 	 * as much and the transposes more (measured 10% slower there) */
-	const unsigned tiled = m == 64 ? n - n % 16 : 0;
+	const unsigned tiled = m == 64 || (m == 128 && bits >= 2) ? n - n % 16 : 0;
 	unsigned h = 0;
 
 /* Head dimensions of 64 and 128 get loops of their own: constant chunks, no masks, queries in registers.
@@ -1118,7 +1123,10 @@ INLINE void dot_i8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *c
 #define DOT_HEADS(hn, from)                                                                 \
 	(m == 128 ? DOT_HEADS_M(hn, 128, from) : m == 64 ? DOT_HEADS_M(hn, 64, from) : DOT_HEADS_M(hn, m, from))
 	for (; h + 4 <= g; h += 4) {
-		if (tiled && bits >= 2)
+		if (tiled && m == 128)
+			dot_i8_rows16_128(bits, tiled, codes, stride, &r, q + h * qs, qs, head_scale + h, row_scale,
+					  scale_stride, out + h * os, os);
+		else if (tiled && bits >= 2)
 			dot_i8_rows16_64(bits, tiled, codes, stride, &r, q + h * qs, qs, head_scale + h, row_scale,
 					 scale_stride, out + h * os, os);
 		else if (tiled)
