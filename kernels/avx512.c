@@ -1571,16 +1571,30 @@ INLINE void axpy_u8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *
 #undef AXPY_U8_HEADS
 }
 
-static void lut_axpy_u8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			      const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
-			      const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
+/* Whether a weight of g rows of n has its sign bit set: the weights ORed together, sixteen at a time. */
+INLINE int any_sign(unsigned g, unsigned n, const float *w, size_t ws)
 {
+	__m512i bits = _mm512_setzero_si512();
+
+	for (unsigned h = 0; h < g; h++)
+		for (unsigned i = 0; i < n; i += 16)
+			bits = _mm512_or_si512(bits, _mm512_maskz_loadu_epi32(tail16(n - i < 16 ? n - i : 16), w + h * ws + i));
+	return _mm512_test_epi32_mask(bits, _mm512_set1_epi32(INT32_MIN)) != 0;
+}
+
+static int lut_axpy_u8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			     const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
+			     const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
+{
+	if (any_sign(g, n, w, w_stride))
+		return 0;
 	switch (bits) {
 	case 1: axpy_u8_width(1, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride); break;
 	case 2: axpy_u8_width(2, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride); break;
 	case 3: axpy_u8_width(3, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride); break;
 	default: axpy_u8_width(4, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride); break;
 	}
+	return 1;
 }
 
 /*

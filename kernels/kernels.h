@@ -126,9 +126,11 @@ struct kvp_kernels {
 	 *                              + (unit * lo) * (float)sum_i lut[code(i, j)]
 	 * (the two products summed, then added to acc), lut entries in [-128, 127]. The step is the weights'
 	 * spread, not their largest: attention that is nearly flat keeps about as many bits as 12-bit weights
-	 * on the largest would give it. Every implementation gives the same bits.
+	 * on the largest would give it. Returns 1; or 0, having changed nothing, when a weight w[h*w_stride + i]
+	 * (h < g, i < n) has its sign bit set (-0 included): the caller then takes lut_axpy_i16_group. Every
+	 * implementation gives the same bits.
 	 */
-	void (*lut_axpy_u8_group)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+	int (*lut_axpy_u8_group)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 				  const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
 				  const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride);
 	/*
@@ -370,13 +372,17 @@ static inline unsigned kvp_packed_code(const uint8_t *row, unsigned j, unsigned 
 
 /* lut_axpy_u8_group in plain code: the scalar reference, and the tables without a vector version. Columns in
  * passes of 256, whose int32 sums live on the stack. */
-static inline void kvp_lut_axpy_u8_plain(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-					 const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
-					 const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
+static inline int kvp_lut_axpy_u8_plain(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+					const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
+					const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
 {
 	uint8_t w8[KVP_AXPY_I16_ROWS];
 	int32_t sums[256], cols[256];
 
+	for (unsigned h = 0; h < g; h++)
+		for (unsigned i = 0; i < n; i++)
+			if (signbit(w[h * w_stride + i]))
+				return 0;
 	for (unsigned h = 0; h < g; h++) {
 		float lo;
 		const float f = unit * kvp_weights_u8(n, w + h * w_stride, row_scale, scale_stride, w8, &lo), e = unit * lo;
@@ -397,6 +403,7 @@ static inline void kvp_lut_axpy_u8_plain(unsigned bits, unsigned m, unsigned n, 
 				acc[h * acc_stride + j0 + j] += f * (float)sums[j] + e * (float)cols[j];
 		}
 	}
+	return 1;
 }
 
 /* The most channels dot_i8_scaled takes. */

@@ -420,11 +420,11 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 
 #ifndef KVP_ISA_AXPY_U8
 /* No vector version in this table: the plain code of kernels.h. */
-static void lut_axpy_u8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			      const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
-			      const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
+static int lut_axpy_u8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			     const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
+			     const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
 {
-	kvp_lut_axpy_u8_plain(bits, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc,
+	return kvp_lut_axpy_u8_plain(bits, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc,
 			      acc_stride);
 }
 #endif

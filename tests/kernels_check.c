@@ -1025,9 +1025,18 @@ static void lut_int_case(const struct kvp_kernels *k, unsigned bits, unsigned m,
 		q[j] = (int8_t)rand_in(ends, -128, 127);
 	for (size_t i = 0; ends && i < g * ws; i++) /* the u8 weights' largest products: every weight 0 or 255 */
 		w[i] = rnd32() & 1 ? 1.0f : -1.0f;
-	k->lut_axpy_u8_group(bits, m, n, codes + off, stride, lutu, unit, g, w, ws, scales + off, 7, acc8, qs);
-	kvp_kernels_scalar.lut_axpy_u8_group(bits, m, n, codes + off, stride, lutu, unit, g, w, ws, scales + off, 7,
+	/* u8: the weights' magnitudes (a sign bit makes it refuse: below); ends, 0 or 1 */
+	float *wa = copy_f32(w, g * ws);
+	for (size_t i = 0; i < g * ws; i++)
+		wa[i] = ends ? (w[i] > 0 ? 1.0f : 0.0f) : fabsf(w[i]);
+	check(k->lut_axpy_u8_group(bits, m, n, codes + off, stride, lutu, unit, g, wa, ws, scales + off, 7, acc8, qs) == 1,
+	      "%s lut_axpy_u8_group bits=%u m=%u n=%u g=%u: refused weights of no sign", k->name, bits, m, n, g);
+	kvp_kernels_scalar.lut_axpy_u8_group(bits, m, n, codes + off, stride, lutu, unit, g, wa, ws, scales + off, 7,
 					     acc8_want, qs);
+	wa[(size_t)(g - 1) * ws + n - 1] = -0.0f; /* the last weight read: one sign bit, and nothing is changed */
+	check(k->lut_axpy_u8_group(bits, m, n, codes + off, stride, lutu, unit, g, wa, ws, scales + off, 7, acc8, qs) == 0,
+	      "%s lut_axpy_u8_group bits=%u m=%u n=%u g=%u: took a weight of -0", k->name, bits, m, n, g);
+	free(wa);
 	k->lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, hs, scales + off, 7, got, n);
 	k->lut_axpy_i16_group(bits, m, n, codes + off, stride, lut16, unit, g, w, ws, scales + off, 7, acc, qs);
 	kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, hs, scales + off, 7, want,
@@ -1059,7 +1068,8 @@ static void scalar_integer_lookups_match_their_definition(void)
 		uint8_t *codes = rand_codes(n, stride, stride - 1, 0), *scales = rand_scales(n, 5, 1);
 		int8_t lut8[16], q[2 * 37];
 		int16_t lut16[16];
-		float hs[2] = { 0.37f, -1.5f }, w[2 * 5], out[2 * 5] = { 0 }, acc[2 * 37] = { 0 }, acc8[2 * 37] = { 0 };
+		float hs[2] = { 0.37f, -1.5f }, w[2 * 5], wa[2 * 5], out[2 * 5] = { 0 }, acc[2 * 37] = { 0 };
+		float acc8[2 * 37] = { 0 };
 		float unit = 0.01f;
 
 		for (unsigned v = 0; v < 16; v++)
@@ -1070,7 +1080,9 @@ static void scalar_integer_lookups_match_their_definition(void)
 			w[i] = (float)rand_int(-1000, 1000) / 999.0f;
 		kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, hs, scales + 1, 5, out, n);
 		kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes, stride, lut16, unit, g, w, n, scales + 1, 5, acc, m);
-		kvp_kernels_scalar.lut_axpy_u8_group(bits, m, n, codes, stride, lut8, unit, g, w, n, scales + 1, 5, acc8, m);
+		for (unsigned i = 0; i < g * n; i++)
+			wa[i] = fabsf(w[i]);
+		kvp_kernels_scalar.lut_axpy_u8_group(bits, m, n, codes, stride, lut8, unit, g, wa, n, scales + 1, 5, acc8, m);
 		for (unsigned h = 0; h < g; h++) {
 			float top = 0, u[5], f;
 			int32_t wq[5];
@@ -1099,12 +1111,13 @@ static void scalar_integer_lookups_match_their_definition(void)
 				check(same_bits(acc[h * m + j], f * (float)s), "bits=%u head %u column %u: %.9g, want %.9g",
 				      bits, h, j, acc[h * m + j], f * (float)s);
 			}
-			/* u8: negative products count as 0; 255 steps from the least to the largest, and the least
-			 * times the column sums */
+			/* u8, on |w|: 255 steps from the least to the largest, and the least times the column sums */
 			float lo = 0, e;
 			top = 0;
 			for (unsigned i = 0; i < n; i++) {
-				u[i] = u[i] > 0 ? u[i] : 0;
+				float sc;
+				memcpy(&sc, scales + 1 + i * 5, sizeof sc);
+				u[i] = wa[h * n + i] * sc;
 				top = u[i] > top ? u[i] : top;
 				lo = i == 0 || u[i] < lo ? u[i] : lo;
 			}
@@ -1241,12 +1254,14 @@ static void integer_lookups_read_nothing_past_their_inputs_cases(const struct kv
 							    sizeof(float), out, n);
 					k->lut_axpy_i16_group(bits, m, n, codes, stride, lut16, 0.5f, g, w, n,
 							      (const uint8_t *)sc, sizeof(float), acc, m);
-					k->lut_axpy_u8_group(bits, m, n, codes, stride, lut8, 0.5f, g, w, n, (const uint8_t *)sc,
-							     sizeof(float), acc, m);
 					kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, hs,
 									    (const uint8_t *)sc, sizeof(float), want, n);
 					kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes, stride, lut16, 0.5f, g, w, n,
 									      (const uint8_t *)sc, sizeof(float), acc_want, m);
+					for (size_t i = 0; i < (size_t)g * n; i++)
+						w[i] = fabsf(w[i]);
+					k->lut_axpy_u8_group(bits, m, n, codes, stride, lut8, 0.5f, g, w, n, (const uint8_t *)sc,
+							     sizeof(float), acc, m);
 					kvp_kernels_scalar.lut_axpy_u8_group(bits, m, n, codes, stride, lut8, 0.5f, g, w, n,
 									     (const uint8_t *)sc, sizeof(float), acc_want, m);
 					check(!memcmp(out, want, sizeof *out * g * n),
