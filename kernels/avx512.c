@@ -1315,6 +1315,29 @@ INLINE void axpy_i16_width(unsigned bits, unsigned m, unsigned n, const uint8_t 
 #undef AXPY_HEADS
 }
 
+/*
+ * The floats at row_scale + i * scale_stride for i < n into scale[0..n): sixteen per gather where the byte
+ * offsets fit the gather's int32 lanes, one at a time otherwise.
+ */
+INLINE void gather_scales(unsigned n, const uint8_t *row_scale, size_t scale_stride, float *scale)
+{
+	unsigned i = 0;
+
+	if (scale_stride <= INT32_MAX / KVP_AXPY_I16_ROWS) {
+		const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+						      _mm512_set1_epi32((int)scale_stride));
+
+		for (; i < n; i += 16) {
+			const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
+
+			_mm512_mask_storeu_ps(scale + i, in, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, at,
+										       row_scale + i * scale_stride, 1));
+		}
+	}
+	for (; i < n; i++)
+		scale[i] = kvp_load_f32(row_scale + i * scale_stride);
+}
+
 /* The rows' scales are gathered once into a contiguous array for every head's weights. */
 static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			       const int16_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
@@ -1322,8 +1345,7 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
 {
 	float scale[KVP_AXPY_I16_ROWS];
 
-	for (unsigned i = 0; i < n; i++)
-		scale[i] = kvp_load_f32(row_scale + i * scale_stride);
+	gather_scales(n, row_scale, scale_stride, scale);
 	switch (bits) {
 	case 1: axpy_i16_width(1, m, n, codes, stride, lut, unit, g, w, w_stride, scale, acc, acc_stride); break;
 	case 2: axpy_i16_width(2, m, n, codes, stride, lut, unit, g, w, w_stride, scale, acc, acc_stride); break;
@@ -1365,29 +1387,29 @@ INLINE __m512 weight_in(__mmask16 in, const float *w, __m512 s)
 
 /*
  * The weights of hn heads as uint8 (kernels.h's rounding, lane by lane), each row of w8 with four zeros after
- * its last; f[h] = unit * ((top - lo) / 255) and e[h] = unit * lo. The rows' scales are gathered once (16 at
- * a time) for all the heads.
+ * its last; f[h] = unit * ((top - lo) / 255) and e[h] = unit * lo. The rows' scales are gathered once for
+ * all the heads, and u is kept between the passes. u >= lo, so x = (u - lo) * inv is never below 0 nor NaN,
+ * and x + 0.5 truncated is the plain code's rounding without its test of x > 0.
  */
 INLINE void weights_u8(unsigned hn, unsigned n, const float *w, size_t ws, const uint8_t *row_scale,
 		       size_t scale_stride, float unit, uint8_t (*w8)[KVP_AXPY_I16_ROWS + 4], float *f, float *e)
 {
 	const __m512 zero = _mm512_setzero_ps(), half = _mm512_set1_ps(0.5f), inf = _mm512_set1_ps(INFINITY);
 	const __m512i most = _mm512_set1_epi32(255);
-	const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-					      _mm512_set1_epi32((int)scale_stride));
-	float scale[KVP_AXPY_I16_ROWS] __attribute__((aligned(64)));
+	float scale[KVP_AXPY_I16_ROWS], u[4][KVP_AXPY_I16_ROWS];
 	__m512 top[4] = { zero, zero, zero, zero }, least[4] = { inf, inf, inf, inf }, lo[4], inv[4];
 
+	gather_scales(n, row_scale, scale_stride, scale);
 	for (unsigned i = 0; i < n; i += 16) {
 		const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
-		const __m512 s = _mm512_mask_i32gather_ps(zero, in, at, row_scale + i * scale_stride, 1);
+		const __m512 s = _mm512_maskz_loadu_ps(in, scale + i);
 
-		_mm512_store_ps(scale + i, s);
 		for (unsigned h = 0; h < hn; h++) {
-			const __m512 u = weight_in(in, w + h * ws + i, s);
+			const __m512 v = weight_in(in, w + h * ws + i, s);
 
-			top[h] = _mm512_max_ps(u, top[h]);
-			least[h] = _mm512_mask_min_ps(least[h], in, u, least[h]);
+			_mm512_storeu_ps(u[h] + i, v);
+			top[h] = _mm512_max_ps(v, top[h]);
+			least[h] = _mm512_mask_min_ps(least[h], in, v, least[h]);
 		}
 	}
 	for (unsigned h = 0; h < hn; h++) {
@@ -1400,14 +1422,12 @@ INLINE void weights_u8(unsigned hn, unsigned n, const float *w, size_t ws, const
 	}
 	for (unsigned i = 0; i < n; i += 16) {
 		const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
-		const __m512 s = _mm512_load_ps(scale + i);
 
 		for (unsigned h = 0; h < hn; h++) {
-			const __m512 x = _mm512_mul_ps(_mm512_sub_ps(weight_in(in, w + h * ws + i, s), lo[h]), inv[h]);
-			const __m512i v = _mm512_maskz_cvttps_epi32(_mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ),
-								    _mm512_add_ps(x, half));
+			const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(u[h] + i), lo[h]), inv[h]);
 
-			_mm512_mask_cvtepi32_storeu_epi8(w8[h] + i, in, _mm512_min_epi32(v, most));
+			_mm512_mask_cvtepi32_storeu_epi8(w8[h] + i, in,
+							 _mm512_min_epi32(_mm512_cvttps_epi32(_mm512_add_ps(x, half)), most));
 		}
 	}
 	for (unsigned h = 0; h < hn; h++)
