@@ -1030,15 +1030,16 @@ INLINE void dot_i8_rows16(unsigned bits, unsigned mm, unsigned n, const uint8_t 
 			const __m512i z0 = rows4_chunk(codes, stride, i0, at, nb), z1 = rows4_chunk(codes, stride, i0 + 4, at, nb);
 			const __m512i z2 = rows4_chunk(codes, stride, i0 + 8, at, nb), z3 = rows4_chunk(codes, stride, i0 + 12, at, nb);
 
+			/* cb / gb == 4 at every width: a constant bound, which -O1 unrolls too */
 #pragma GCC unroll 4
-			for (unsigned k = 0; k < cb / gb; k++) {
+			for (unsigned k = 0; k < 4; k++) {
 				const __m512i at_k = _mm512_add_epi8(pick, _mm512_set1_epi8((char)(gb * k)));
 				const __m512i g = _mm512_mask_blend_epi8(0xffffffff00000000ull, _mm512_permutex2var_epi8(z0, at_k, z1),
 									 _mm512_permutex2var_epi8(z2, at_k, z3));
 				const __m512i es[4] = { e0, e1, e2, e3 };
 
 #pragma GCC unroll 4
-				for (unsigned e = 0; e < qg; e++) {
+				for (unsigned e = 0; e < 4 && e < qg; e++) {
 					const __m512i x = _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(es[e], g), r->tab8);
 					const unsigned c = j + 4 * (k * qg + e);
 
