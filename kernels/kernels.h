@@ -127,8 +127,10 @@ struct kvp_kernels {
 	 * (the two products summed, then added to acc), lut entries in [-128, 127]. The step is the weights'
 	 * spread, not their largest: attention that is nearly flat keeps about as many bits as 12-bit weights
 	 * on the largest would give it. Returns 1; or 0, having changed nothing, when a weight w[h*w_stride + i]
-	 * (h < g, i < n) has its sign bit set (-0 included): the caller then takes lut_axpy_i16_group. Every
-	 * implementation gives the same bits.
+	 * (h < g, i < n) has its sign bit set (-0 included), and on every call in a table without a vector
+	 * version of it (AVX2, NEON: their vector lut_axpy_i16_group beats plain code): the caller then takes
+	 * lut_axpy_i16_group. The scalar table always computes it (the reference). Every implementation that
+	 * computes it gives the same bits.
 	 */
 	int (*lut_axpy_u8_group)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 				  const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
