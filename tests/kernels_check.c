@@ -1029,11 +1029,12 @@ static void lut_int_case(const struct kvp_kernels *k, unsigned bits, unsigned m,
 	float *wa = copy_f32(w, g * ws);
 	for (size_t i = 0; i < g * ws; i++)
 		wa[i] = ends ? (w[i] > 0 ? 1.0f : 0.0f) : fabsf(w[i]);
-	/* tables without a vector version decline every call (and must leave acc8 as it was: compared below) */
+	/* only AVX-512 has a vector version: the other tables decline every call, leaving acc8 as it was (compared
+	 * below), so that callers keep their vector lut_axpy_i16_group */
 	const int took = k->lut_axpy_u8_group(bits, m, n, codes + off, stride, lutu, unit, g, wa, ws, scales + off, 7,
 					      acc8, qs);
-	check(took || strcmp(k->name, "avx512"), "%s lut_axpy_u8_group bits=%u m=%u n=%u g=%u: refused weights of no sign",
-	      k->name, bits, m, n, g);
+	check(took == !strcmp(k->name, "avx512"), "%s lut_axpy_u8_group bits=%u m=%u n=%u g=%u: %s weights of no sign",
+	      k->name, bits, m, n, g, took ? "took (only AVX-512 has a vector version)" : "refused");
 	if (took)
 		kvp_kernels_scalar.lut_axpy_u8_group(bits, m, n, codes + off, stride, lutu, unit, g, wa, ws, scales + off,
 						     7, acc8_want, qs);
