@@ -1129,7 +1129,21 @@ static void tq_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n,
 	}
 }
 
-/* Values: the kernel rounds each head's weights times the tokens' norms (or norm * gamma) itself. */
+/*
+ * The widest codes whose values take 8-bit weights against the int8 codebook. The codebook's rounding, not
+ * the weights', bounds it: on bench_attend's data (32K tokens, nearly flat attention) the worst head moved
+ * from its decode by 0.85e-3 at 2 bits (0.8e-3 on the int16 path), 2.0e-3 at 3 bits and 4.5e-3 at 4 bits,
+ * against the 2e-3 the group paths allow.
+ */
+#define TQ_U8_BITS_MAX 2
+
+/*
+ * Values: the kernel rounds each head's weights times the tokens' norms (or norm * gamma) itself. Codes of
+ * up to TQ_U8_BITS_MAX bits with weights that are not negative (attention's) take 8 bits above the least
+ * weight against the int8 codebook (lut_axpy_u8_group: four tokens per int32 lane, one byte lookup per code
+ * where the int16 codebook takes two and an interleave); it refuses any other weights, which take 12 bits
+ * against the int16 codebook, as wider codes do.
+ */
 static void tq_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
 			  const float *w, float *acc)
 {
@@ -1147,7 +1161,9 @@ static void tq_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n
 			float *a = acc + part_offset(t, k);
 			const uint8_t *norm = p + sizeof(float) * k;
 
-			if (pt->bits)
+			if (pt->bits && !(pt->bits <= TQ_U8_BITS_MAX &&
+					  kern->lut_axpy_u8_group(pt->bits, pt->m, cn, p + pt->code_at, t->stride, pt->lut8,
+								  pt->unit8, g, w + i0, n, norm, t->stride, a, c->acc_dim)))
 				kern->lut_axpy_i16_group(pt->bits, pt->m, cn, p + pt->code_at, t->stride, pt->lut16, pt->unit16,
 							 g, w + i0, n, norm, t->stride, a, c->acc_dim);
 			if (!t->qjl)

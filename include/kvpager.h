@@ -202,8 +202,9 @@ KVP_API kvp_status kvp_append(kvp_seq *s, uint32_t layer, uint32_t n, const int3
  *   query head h reading KV head h / (n_heads / n_kv_heads). A layer with no tokens gives zeros, with any
  *   policy (a policy or gate that observes attention learns nothing from a stream without tokens).
  *   Exact tiers are read in floats. Codec-encoded blocks are read by their codecs' group paths, which may
- *   work on integers: TurboQuant's quantize the query to int8 and each block's weights to 12 bits, which
- *   keeps the output within about 1e-3 (relative) of exact attention over the vectors kvp_gather returns.
+ *   work on integers: TurboQuant's quantize the query to int8 and each block's weights to 12 bits (2-bit
+ *   values with AVX-512: 8 bits above the block's least weight), which keeps the output within about 1e-3
+ *   (relative) of exact attention over the vectors kvp_gather returns.
  */
 KVP_API kvp_status kvp_attend(kvp_seq *s, uint32_t layer, const float *q, float *out);
 /*

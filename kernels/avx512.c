@@ -745,6 +745,12 @@ INLINE __mmask64 tail64(unsigned k)
 	return k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << k) - 1);
 }
 
+/* nb <= 16 bytes at p, zeros after them. */
+INLINE __m128i row_chunk(const uint8_t *p, unsigned nb)
+{
+	return nb >= 16 ? _mm_loadu_si128((const __m128i *)p) : _mm_maskz_loadu_epi8((__mmask16)((1u << nb) - 1), p);
+}
+
 /* Codes j..j+k-1 (k <= 64) of a row, one per byte; lanes past k hold zeros or stray bits. */
 INLINE __m512i code_bytes(unsigned bits, const uint8_t *row, unsigned j, unsigned k, const struct int_regs *r)
 {
@@ -900,13 +906,11 @@ INLINE void transpose16_epi32(__m512i x[16])
 	}
 }
 
-/* Four int8 query values as the int32 vpdpbusd broadcasts. */
+/* Four int8 query values as the int32 vpdpbusd broadcasts: a broadcast from memory (a load), where one from
+ * a general register would take the shuffle port the lookups need. */
 INLINE __m512i quad_of(const int8_t *q)
 {
-	int32_t v;
-
-	memcpy(&v, q, sizeof v);
-	return _mm512_set1_epi32(v);
+	return _mm512_broadcastd_epi32(_mm_loadu_si32(q));
 }
 
 /*
@@ -964,6 +968,129 @@ INLINE void dot_i8_tiles(unsigned hn, unsigned bits, unsigned m, unsigned n, con
 }
 
 /*
+ * The same sums for m = 64 at 2 to 4 bits, sixteen rows at a time with the rows in the lanes, without the
+ * transpose: a chunk of each row's code bytes (16 at 2 and 4 bits, 12 at 3) is loaded, four rows to a
+ * register (row t in 128-bit lane t % 4 of register t / 4). Per group of `gb` bytes of the chunk (4, or 3
+ * at 3 bits: whole 4-code quads), two two-source vpermb and a blend give dword t the group's bytes of row
+ * t; vpmultishiftqb then brings each quad's four codes to the low bits of the dword's four bytes, vpermb
+ * looks them up, and vpdpbusd multiplies them by the quad's four query values, broadcast: a head's sixteen
+ * row sums build up in one register, lane t for row t.
+ */
+#define ROWS16_PICK(i) (char)((((i) / 4 % 8) / 4) * 64 + ((i) / 4 % 4) * 16 + (i) % 4)
+#define ROWS16_BYTES8(i) ROWS16_PICK(i), ROWS16_PICK(i + 1), ROWS16_PICK(i + 2), ROWS16_PICK(i + 3), \
+	ROWS16_PICK(i + 4), ROWS16_PICK(i + 5), ROWS16_PICK(i + 6), ROWS16_PICK(i + 7)
+static const char rows16_pick[64] = { ROWS16_BYTES8(0), ROWS16_BYTES8(8), ROWS16_BYTES8(16), ROWS16_BYTES8(24),
+				      ROWS16_BYTES8(32), ROWS16_BYTES8(40), ROWS16_BYTES8(48), ROWS16_BYTES8(56) };
+/* byte b of dword t (t odd: the qword's high dword) takes the bits of code b of quad e of the group */
+#define QUAD_BITS(b, e, i) (char)(32 * ((i) / 4 % 2) + (e) * 4 * (b) + ((i) % 4) * (b))
+#define QUAD_BITS8(b, e, i) QUAD_BITS(b, e, i), QUAD_BITS(b, e, i + 1), QUAD_BITS(b, e, i + 2), QUAD_BITS(b, e, i + 3), \
+	QUAD_BITS(b, e, i + 4), QUAD_BITS(b, e, i + 5), QUAD_BITS(b, e, i + 6), QUAD_BITS(b, e, i + 7)
+#define QUAD_BITS64(b, e) { QUAD_BITS8(b, e, 0), QUAD_BITS8(b, e, 8), QUAD_BITS8(b, e, 16), QUAD_BITS8(b, e, 24), \
+	QUAD_BITS8(b, e, 32), QUAD_BITS8(b, e, 40), QUAD_BITS8(b, e, 48), QUAD_BITS8(b, e, 56) }
+static const char quad_bits[5][4][64] = {
+	{ { 0 } }, { { 0 } },
+	{ QUAD_BITS64(2, 0), QUAD_BITS64(2, 1), QUAD_BITS64(2, 2), QUAD_BITS64(2, 3) },
+	{ QUAD_BITS64(3, 0), QUAD_BITS64(3, 1), { 0 }, { 0 } },
+	{ QUAD_BITS64(4, 0), QUAD_BITS64(4, 1), { 0 }, { 0 } },
+};
+
+/* Bytes [at, at + nb) of rows i..i+3 (nb <= 16, zeros after them), row t in 128-bit lane t. */
+INLINE __m512i rows4_chunk(const uint8_t *codes, size_t stride, unsigned i, unsigned at, unsigned nb)
+{
+	const uint8_t *p = codes + (size_t)i * stride + at;
+	__m512i v = _mm512_castsi128_si512(row_chunk(p, nb));
+
+	v = _mm512_inserti32x4(v, row_chunk(p + stride, nb), 1);
+	v = _mm512_inserti32x4(v, row_chunk(p + 2 * stride, nb), 2);
+	return _mm512_inserti32x4(v, row_chunk(p + 3 * stride, nb), 3);
+}
+
+INLINE void dot_i8_rows16(unsigned bits, unsigned mm, unsigned n, const uint8_t *codes, size_t stride, const struct int_regs *r,
+			  const int8_t *q, size_t qs, const float *head_scale, const uint8_t *row_scale,
+			  size_t scale_stride, float *out, size_t os)
+{
+	/* chunk bytes, group bytes, quads per group, codes per chunk */
+	const unsigned cb = bits == 3 ? 12 : 16, gb = bits == 3 ? 3 : 4, qg = 8 / bits, cc = cb * 8 / bits;
+	const unsigned row_bytes = mm * bits / 8;
+	const int8_t *q0 = q, *q1 = q + qs, *q2 = q1 + qs, *q3 = q2 + qs;
+	const __m512i pick = _mm512_loadu_si512(rows16_pick);
+	const __m512i e0 = _mm512_loadu_si512(quad_bits[bits][0]), e1 = _mm512_loadu_si512(quad_bits[bits][1]);
+	const __m512i e2 = _mm512_loadu_si512(quad_bits[bits][2]), e3 = _mm512_loadu_si512(quad_bits[bits][3]);
+	int32_t bias[4];
+	float scale[16];
+
+	for (unsigned h = 0; h < 4; h++)
+		bias[h] = 128 * sum_i8(q + h * qs, mm);
+	for (unsigned i0 = 0; i0 < n; i0 += 16) {
+		/* two sums per head, for odd and even quads: chains of 8 vpdpbusd instead of 16 */
+		__m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+
+		for (unsigned j = 0; j < mm; j += cc) {
+			const unsigned at = j * bits / 8, nb = row_bytes - at < 16 ? row_bytes - at : 16;
+			const __m512i z0 = rows4_chunk(codes, stride, i0, at, nb), z1 = rows4_chunk(codes, stride, i0 + 4, at, nb);
+			const __m512i z2 = rows4_chunk(codes, stride, i0 + 8, at, nb), z3 = rows4_chunk(codes, stride, i0 + 12, at, nb);
+
+			/* cb / gb == 4 at every width: a constant bound, which -O1 unrolls too */
+#pragma GCC unroll 4
+			for (unsigned k = 0; k < 4; k++) {
+				const __m512i at_k = _mm512_add_epi8(pick, _mm512_set1_epi8((char)(gb * k)));
+				const __m512i g = _mm512_mask_blend_epi8(0xffffffff00000000ull, _mm512_permutex2var_epi8(z0, at_k, z1),
+									 _mm512_permutex2var_epi8(z2, at_k, z3));
+				const __m512i es[4] = { e0, e1, e2, e3 };
+
+#pragma GCC unroll 4
+				for (unsigned e = 0; e < 4 && e < qg; e++) {
+					const __m512i x = _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(es[e], g), r->tab8);
+					const unsigned c = j + 4 * (k * qg + e);
+
+					if (e % 2) {
+						b0 = _mm512_dpbusd_epi32(b0, x, quad_of(q0 + c));
+						b1 = _mm512_dpbusd_epi32(b1, x, quad_of(q1 + c));
+						b2 = _mm512_dpbusd_epi32(b2, x, quad_of(q2 + c));
+						b3 = _mm512_dpbusd_epi32(b3, x, quad_of(q3 + c));
+					} else {
+						a0 = _mm512_dpbusd_epi32(a0, x, quad_of(q0 + c));
+						a1 = _mm512_dpbusd_epi32(a1, x, quad_of(q1 + c));
+						a2 = _mm512_dpbusd_epi32(a2, x, quad_of(q2 + c));
+						a3 = _mm512_dpbusd_epi32(a3, x, quad_of(q3 + c));
+					}
+				}
+			}
+		}
+		a0 = _mm512_add_epi32(a0, b0), a1 = _mm512_add_epi32(a1, b1);
+		a2 = _mm512_add_epi32(a2, b2), a3 = _mm512_add_epi32(a3, b3);
+		for (unsigned t = 0; t < 16; t++)
+			scale[t] = kvp_load_f32(row_scale + (size_t)(i0 + t) * scale_stride);
+		/* ((float)S * head scale) * row scale, rounded step by step as the scalar reference does */
+		const __m512i a[4] = { a0, a1, a2, a3 };
+		for (unsigned h = 0; h < 4; h++) {
+			float *o = out + h * os + i0;
+			__m512 v = _mm512_mul_ps(
+				_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a[h], _mm512_set1_epi32(bias[h]))),
+					      _mm512_set1_ps(head_scale[h])),
+				_mm512_loadu_ps(scale));
+			_mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), v));
+		}
+	}
+}
+
+#define DOT_ROWS16(mm)                                                                                          \
+	static __attribute__((noinline)) void dot_i8_rows16_##mm(unsigned bits, unsigned n, const uint8_t *codes,  \
+								 size_t stride, const struct int_regs *r,         \
+								 const int8_t *q, size_t qs, const float *hs,     \
+								 const uint8_t *rs, size_t ss, float *out, size_t os) \
+	{                                                                                                       \
+		switch (bits) {                                                                                 \
+		case 2: dot_i8_rows16(2, mm, n, codes, stride, r, q, qs, hs, rs, ss, out, os); break;           \
+		case 3: dot_i8_rows16(3, mm, n, codes, stride, r, q, qs, hs, rs, ss, out, os); break;           \
+		default: dot_i8_rows16(4, mm, n, codes, stride, r, q, qs, hs, rs, ss, out, os); break;          \
+		}                                                                                               \
+	}
+DOT_ROWS16(64)
+DOT_ROWS16(128)
+#undef DOT_ROWS16
+
+/*
  * Four heads over rows of 64 codes, sixteen rows at a time: one function each, not inlined into every
  * width's loop, so that the sixteen-register transposes (memory under AddressSanitizer) have a frame of
  * their own instead of one per width and head count in lut_dot_i8_group's.
@@ -986,7 +1113,7 @@ INLINE void dot_i8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *c
 	const struct int_regs r = int_regs(bits, lut, NULL, 128);
 	/* at 64 codes the row loop's horizontal sums cost as much as its products; at 128 they weigh half
 	 * as much and the transposes more (measured 10% slower there) */
-	const unsigned tiled = m == 64 ? n - n % 16 : 0;
+	const unsigned tiled = m == 64 || (m == 128 && bits >= 2) ? n - n % 16 : 0;
 	unsigned h = 0;
 
 /* Head dimensions of 64 and 128 get loops of their own: constant chunks, no masks, queries in registers.
@@ -997,7 +1124,13 @@ INLINE void dot_i8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *c
 #define DOT_HEADS(hn, from)                                                                 \
 	(m == 128 ? DOT_HEADS_M(hn, 128, from) : m == 64 ? DOT_HEADS_M(hn, 64, from) : DOT_HEADS_M(hn, m, from))
 	for (; h + 4 <= g; h += 4) {
-		if (tiled)
+		if (tiled && m == 128)
+			dot_i8_rows16_128(bits, tiled, codes, stride, &r, q + h * qs, qs, head_scale + h, row_scale,
+					  scale_stride, out + h * os, os);
+		else if (tiled && bits >= 2)
+			dot_i8_rows16_64(bits, tiled, codes, stride, &r, q + h * qs, qs, head_scale + h, row_scale,
+					 scale_stride, out + h * os, os);
+		else if (tiled)
 			dot_i8_tiles4_64(bits, tiled, codes, stride, &r, q + h * qs, qs, head_scale + h, row_scale,
 					 scale_stride, out + h * os, os);
 		if (tiled < n)
@@ -1183,6 +1316,29 @@ INLINE void axpy_i16_width(unsigned bits, unsigned m, unsigned n, const uint8_t 
 #undef AXPY_HEADS
 }
 
+/*
+ * The floats at row_scale + i * scale_stride for i < n into scale[0..n): sixteen per gather where the byte
+ * offsets fit the gather's int32 lanes, one at a time otherwise.
+ */
+INLINE void gather_scales(unsigned n, const uint8_t *row_scale, size_t scale_stride, float *scale)
+{
+	unsigned i = 0;
+
+	if (scale_stride <= INT32_MAX / KVP_AXPY_I16_ROWS) {
+		const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+						      _mm512_set1_epi32((int)scale_stride));
+
+		for (; i < n; i += 16) {
+			const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
+
+			_mm512_mask_storeu_ps(scale + i, in, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, at,
+										       row_scale + i * scale_stride, 1));
+		}
+	}
+	for (; i < n; i++)
+		scale[i] = kvp_load_f32(row_scale + i * scale_stride);
+}
+
 /* The rows' scales are gathered once into a contiguous array for every head's weights. */
 static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			       const int16_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
@@ -1190,14 +1346,276 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
 {
 	float scale[KVP_AXPY_I16_ROWS];
 
-	for (unsigned i = 0; i < n; i++)
-		scale[i] = kvp_load_f32(row_scale + i * scale_stride);
+	gather_scales(n, row_scale, scale_stride, scale);
 	switch (bits) {
 	case 1: axpy_i16_width(1, m, n, codes, stride, lut, unit, g, w, w_stride, scale, acc, acc_stride); break;
 	case 2: axpy_i16_width(2, m, n, codes, stride, lut, unit, g, w, w_stride, scale, acc, acc_stride); break;
 	case 3: axpy_i16_width(3, m, n, codes, stride, lut, unit, g, w, w_stride, scale, acc, acc_stride); break;
 	default: axpy_i16_width(4, m, n, codes, stride, lut, unit, g, w, w_stride, scale, acc, acc_stride); break;
 	}
+}
+
+/*
+ * lut_axpy_u8_group: four rows per int32 lane. A chunk of columns (64 at up to 2 bits, 32 at 3 and 4: up to
+ * 16 bytes of a row) of rows i..i+3 is one register, row t in 128-bit lane t. Per 16 columns, vpermb gives
+ * qword p the two bytes of each row that hold its columns 2p and 2p + 1 (row t at bytes 2t and 2t + 1),
+ * vpmultishiftqb brings code (t, c) to the low bits of byte 4c + t, and vpermb looks it up in the table
+ * repeated with the code's period (the bits above a code need no mask): int32 lane c holds the four rows'
+ * values of column c, which vpdpbusd multiplies with a head's four weights, broadcast as one int32. The
+ * codes are expanded once for all the heads, and no row is summed horizontally.
+ */
+#define QSEL(b, q, i) (char)((16 * (((i) % 8) / 2) + ((16 * (q) + 2 * ((i) / 8)) * (b)) / 8 + (i) % 2) & 63)
+#define QSHF(b, q, i) (char)(16 * ((i) % 4) + (16 * (q) + (i) / 4) * (b) - 8 * (((16 * (q) + ((i) / 4 & ~1)) * (b)) / 8))
+#define QBYTES8(F, b, q, i) F(b, q, i), F(b, q, i + 1), F(b, q, i + 2), F(b, q, i + 3), F(b, q, i + 4), \
+	F(b, q, i + 5), F(b, q, i + 6), F(b, q, i + 7)
+#define QBYTES64(F, b, q)                                                                                  \
+	{ QBYTES8(F, b, q, 0), QBYTES8(F, b, q, 8), QBYTES8(F, b, q, 16), QBYTES8(F, b, q, 24),            \
+	  QBYTES8(F, b, q, 32), QBYTES8(F, b, q, 40), QBYTES8(F, b, q, 48), QBYTES8(F, b, q, 56) }
+#define QWIDTH(F, b) { QBYTES64(F, b, 0), QBYTES64(F, b, 1), QBYTES64(F, b, 2), QBYTES64(F, b, 3) }
+
+static const char quad_select[5][4][64] = { { { 0 } }, QWIDTH(QSEL, 1), QWIDTH(QSEL, 2), QWIDTH(QSEL, 3),
+					    QWIDTH(QSEL, 4) };
+static const char quad_shift[5][4][64] = { { { 0 } }, QWIDTH(QSHF, 1), QWIDTH(QSHF, 2), QWIDTH(QSHF, 3),
+					   QWIDTH(QSHF, 4) };
+
+/* u of kernels.h's lut_axpy_u8_group: w * s where that is > 0, else 0 (lanes of a tail: 0). */
+INLINE __m512 weight_in(__mmask16 in, const float *w, __m512 s)
+{
+	const __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, w), s);
+
+	return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(p, _mm512_setzero_ps(), _CMP_GT_OQ), p);
+}
+
+/*
+ * The weights of hn heads as uint8 (kernels.h's rounding, lane by lane), each row of w8 with four zeros after
+ * its last; f[h] = unit * ((top - lo) / 255) and e[h] = unit * lo. The rows' scales are gathered once for
+ * all the heads, and u is kept between the passes. u >= lo, so x = (u - lo) * inv is never below 0 nor NaN,
+ * and x + 0.5 truncated is the plain code's rounding without its test of x > 0.
+ */
+INLINE void weights_u8(unsigned hn, unsigned n, const float *w, size_t ws, const uint8_t *row_scale,
+		       size_t scale_stride, float unit, uint8_t (*w8)[KVP_AXPY_I16_ROWS + 4], float *f, float *e)
+{
+	const __m512 zero = _mm512_setzero_ps(), half = _mm512_set1_ps(0.5f), inf = _mm512_set1_ps(INFINITY);
+	const __m512i most = _mm512_set1_epi32(255);
+	float scale[KVP_AXPY_I16_ROWS], u[4][KVP_AXPY_I16_ROWS];
+	__m512 top[4] = { zero, zero, zero, zero }, least[4] = { inf, inf, inf, inf }, lo[4], inv[4];
+
+	gather_scales(n, row_scale, scale_stride, scale);
+	for (unsigned i = 0; i < n; i += 16) {
+		const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
+		const __m512 s = _mm512_maskz_loadu_ps(in, scale + i);
+
+		for (unsigned h = 0; h < hn; h++) {
+			const __m512 v = weight_in(in, w + h * ws + i, s);
+
+			_mm512_storeu_ps(u[h] + i, v);
+			top[h] = _mm512_max_ps(v, top[h]);
+			least[h] = _mm512_mask_min_ps(least[h], in, v, least[h]);
+		}
+	}
+	for (unsigned h = 0; h < hn; h++) {
+		const float t = _mm512_reduce_max_ps(top[h]), l = n ? _mm512_reduce_min_ps(least[h]) : 0.0f;
+
+		lo[h] = _mm512_set1_ps(l);
+		inv[h] = _mm512_set1_ps(kvp_weight_inv_u8(t - l));
+		f[h] = unit * ((t - l) / KVP_WEIGHT_MAX_U8);
+		e[h] = unit * l;
+	}
+	for (unsigned i = 0; i < n; i += 16) {
+		const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
+
+		for (unsigned h = 0; h < hn; h++) {
+			const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(u[h] + i), lo[h]), inv[h]);
+
+			_mm512_mask_cvtepi32_storeu_epi8(w8[h] + i, in,
+							 _mm512_min_epi32(_mm512_cvttps_epi32(_mm512_add_ps(x, half)), most));
+		}
+	}
+	for (unsigned h = 0; h < hn; h++)
+		memset(w8[h] + n, 0, 4);
+}
+
+/* Bytes [at, at + nb) of rows i..i+3 (those below n; the others zeros), row t in 128-bit lane t. */
+INLINE __m512i four_rows(const uint8_t *codes, size_t stride, unsigned i, unsigned n, unsigned at, unsigned nb)
+{
+	const uint8_t *p = codes + (size_t)i * stride + at;
+	__m512i v = _mm512_zextsi128_si512(row_chunk(p, nb));
+
+	if (i + 1 < n)
+		v = _mm512_inserti32x4(v, row_chunk(p + stride, nb), 1);
+	if (i + 2 < n)
+		v = _mm512_inserti32x4(v, row_chunk(p + 2 * stride, nb), 2);
+	if (i + 3 < n)
+		v = _mm512_inserti32x4(v, row_chunk(p + 3 * stride, nb), 3);
+	return v;
+}
+
+/* Four weights of a row of w8 as the int32 they make in memory. */
+INLINE int32_t quad_at(const uint8_t *w8)
+{
+	int32_t v;
+
+	memcpy(&v, w8, sizeof v);
+	return v;
+}
+
+/* Four rows' int8 values of 16 columns (register q of a chunk), looked up from src as described above. */
+#define QUAD_VALUES(q) \
+	_mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(shf##q, _mm512_permutexvar_epi8(sel##q, src)), tab)
+
+/* Head h's four weights times v into its accumulators a(h)q (hn heads, constant once inlined), and the
+ * column sums (weights 1 for the rows below n) into c(q). */
+#define QUAD_HEADS(q, v)                                                        \
+	do {                                                                    \
+		c##q = _mm512_dpbusd_epi32(c##q, ones, v);                      \
+		a0##q = _mm512_dpbusd_epi32(a0##q, w0, v);                      \
+		if (hn > 1)                                                     \
+			a1##q = _mm512_dpbusd_epi32(a1##q, w1, v);              \
+		if (hn > 2)                                                     \
+			a2##q = _mm512_dpbusd_epi32(a2##q, w2, v);              \
+		if (hn > 3)                                                     \
+			a3##q = _mm512_dpbusd_epi32(a3##q, w3, v);              \
+	} while (0)
+
+/* One step of four rows from src: the heads' weights of rows i..i+3, then nq registers of columns. */
+#define QUAD_STEP(src_expr)                                                                            \
+	do {                                                                                           \
+		const __m512i src = (src_expr);                                                        \
+		const __m512i ones = _mm512_set1_epi32(quad_at(present + i));                          \
+		const __m512i w0 = _mm512_set1_epi32(quad_at(w8[0] + i));                              \
+		const __m512i w1 = hn > 1 ? _mm512_set1_epi32(quad_at(w8[1] + i)) : w0;                \
+		const __m512i w2 = hn > 2 ? _mm512_set1_epi32(quad_at(w8[2] + i)) : w0;                \
+		const __m512i w3 = hn > 3 ? _mm512_set1_epi32(quad_at(w8[3] + i)) : w0;                \
+		const __m512i v0 = QUAD_VALUES(0), v1 = QUAD_VALUES(1);                                \
+                                                                                                       \
+		QUAD_HEADS(0, v0);                                                                     \
+		QUAD_HEADS(1, v1);                                                                     \
+		if (nq > 2) {                                                                          \
+			const __m512i v2 = QUAD_VALUES(2), v3 = QUAD_VALUES(3);                        \
+			QUAD_HEADS(2, v2);                                                             \
+			QUAD_HEADS(3, v3);                                                             \
+		}                                                                                      \
+	} while (0)
+
+/* acc[0..k) += f * a chunk's weighted sums s0..s3 + e * its column sums c0..c3 (column 16q + l in lane l of
+ * register q). */
+INLINE void add_quads(float *acc, unsigned k, unsigned nq, float f, float e, __m512i s0, __m512i s1, __m512i s2,
+		      __m512i s3, const __m512i *c)
+{
+	const __m512i sums[4] = { s0, s1, s2, s3 };
+	const __m512 fv = _mm512_set1_ps(f), ev = _mm512_set1_ps(e);
+
+	for (unsigned q = 0; q < nq && 16 * q < k; q++) {
+		const __mmask16 keep = tail16(k - 16 * q < 16 ? k - 16 * q : 16);
+		const __m512 add = _mm512_add_ps(_mm512_mul_ps(fv, _mm512_cvtepi32_ps(sums[q])),
+						 _mm512_mul_ps(ev, _mm512_cvtepi32_ps(c[q])));
+		float *p = acc + 16 * q;
+
+		_mm512_mask_storeu_ps(p, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, p), add));
+	}
+}
+
+/* Rows i..i+3, all below n, whole 16-byte chunks (nb == 16): four loads and three inserts. */
+INLINE __m512i four_whole_rows(const uint8_t *codes, size_t stride, unsigned i, unsigned at)
+{
+	const uint8_t *p = codes + (size_t)i * stride + at;
+	__m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p));
+
+	v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + stride)), 1);
+	v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 2 * stride)), 2);
+	return _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 3 * stride)), 3);
+}
+
+INLINE void axpy_u8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			  __m512i tab, float unit, const float *w, size_t ws, const uint8_t *row_scale, size_t scale_stride,
+			  float *acc, size_t as)
+{
+	const unsigned cols = bits <= 2 ? 64 : 32, nq = cols / 16, row_bytes = (m * bits + 7) / 8;
+	uint8_t w8[4][KVP_AXPY_I16_ROWS + 4] __attribute__((aligned(4))), present[KVP_AXPY_I16_ROWS + 4];
+	const __m512i sel0 = _mm512_loadu_si512(quad_select[bits][0]), shf0 = _mm512_loadu_si512(quad_shift[bits][0]);
+	const __m512i sel1 = _mm512_loadu_si512(quad_select[bits][1]), shf1 = _mm512_loadu_si512(quad_shift[bits][1]);
+	const __m512i sel2 = _mm512_loadu_si512(quad_select[bits][2]), shf2 = _mm512_loadu_si512(quad_shift[bits][2]);
+	const __m512i sel3 = _mm512_loadu_si512(quad_select[bits][3]), shf3 = _mm512_loadu_si512(quad_shift[bits][3]);
+	float f[4], e[4];
+
+	weights_u8(hn, n, w, ws, row_scale, scale_stride, unit, w8, f, e);
+	memset(present, 1, n);
+	memset(present + n, 0, 4);
+	for (unsigned j = 0; j < m; j += cols) {
+		const unsigned k = m - j < cols ? m - j : cols, at = j * bits / 8;
+		const unsigned nb = row_bytes - at < 16 ? row_bytes - at : 16;
+		__m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00;
+		__m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+		__m512i a30 = a00, a31 = a00, a32 = a00, a33 = a00, c0 = a00, c1 = a00, c2 = a00, c3 = a00;
+		unsigned i = 0;
+
+		if (nb == 16)
+			for (; i + 4 <= n; i += 4)
+				QUAD_STEP(four_whole_rows(codes, stride, i, at));
+		for (; i < n; i += 4)
+			QUAD_STEP(four_rows(codes, stride, i, n, at, nb));
+		{
+			const __m512i c[4] = { c0, c1, c2, c3 };
+
+			add_quads(acc + j, k, nq, f[0], e[0], a00, a01, a02, a03, c);
+			if (hn > 1)
+				add_quads(acc + as + j, k, nq, f[1], e[1], a10, a11, a12, a13, c);
+			if (hn > 2)
+				add_quads(acc + 2 * as + j, k, nq, f[2], e[2], a20, a21, a22, a23, c);
+			if (hn > 3)
+				add_quads(acc + 3 * as + j, k, nq, f[3], e[3], a30, a31, a32, a33, c);
+		}
+	}
+}
+
+#undef QUAD_STEP
+#undef QUAD_HEADS
+#undef QUAD_VALUES
+
+INLINE void axpy_u8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride, const int8_t *lut,
+			  float unit, unsigned g, const float *w, size_t ws, const uint8_t *row_scale, size_t scale_stride,
+			  float *acc, size_t as)
+{
+	const __m512i tab = int_regs(bits, lut, NULL, 0).tab8;
+	unsigned h = 0;
+
+#define AXPY_U8_HEADS(hn) \
+	axpy_u8_heads(hn, bits, m, n, codes, stride, tab, unit, w + h * ws, ws, row_scale, scale_stride, acc + h * as, as)
+	for (; h + 4 <= g; h += 4)
+		AXPY_U8_HEADS(4);
+	switch (g - h) {
+	case 3: AXPY_U8_HEADS(3); break;
+	case 2: AXPY_U8_HEADS(2); break;
+	case 1: AXPY_U8_HEADS(1); break;
+	default: break;
+	}
+#undef AXPY_U8_HEADS
+}
+
+/* Whether a weight of g rows of n has its sign bit set: the weights ORed together, sixteen at a time. */
+INLINE int any_sign(unsigned g, unsigned n, const float *w, size_t ws)
+{
+	__m512i bits = _mm512_setzero_si512();
+
+	for (unsigned h = 0; h < g; h++)
+		for (unsigned i = 0; i < n; i += 16)
+			bits = _mm512_or_si512(bits, _mm512_maskz_loadu_epi32(tail16(n - i < 16 ? n - i : 16), w + h * ws + i));
+	return _mm512_test_epi32_mask(bits, _mm512_set1_epi32(INT32_MIN)) != 0;
+}
+
+static int lut_axpy_u8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			     const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
+			     const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
+{
+	if (any_sign(g, n, w, w_stride))
+		return 0;
+	switch (bits) {
+	case 1: axpy_u8_width(1, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride); break;
+	case 2: axpy_u8_width(2, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride); break;
+	case 3: axpy_u8_width(3, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride); break;
+	default: axpy_u8_width(4, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride); break;
+	}
+	return 1;
 }
 
 /*
@@ -1808,6 +2226,7 @@ static void spark_dot_i16_group(const struct kvp_masked_codes *rc, unsigned n, c
 #define KVP_ISA_SPARK
 #define KVP_ISA_ENCODE
 #define KVP_ISA_FUSED_LOOKUPS
+#define KVP_ISA_AXPY_U8
 #define KVP_ISA_NAME "avx512"
 #define KVP_ISA_TABLE kvp_kernels_avx512
 #include "kernels/loops.h"

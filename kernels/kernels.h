@@ -117,6 +117,25 @@ struct kvp_kernels {
 				   const int16_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
 				   const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride);
 	/*
+	 * lut_axpy_u8_group: lut_axpy_i16_group for weights that are not negative (attention's), in 8 bits above
+	 * their least against an int8 table, four rows per int32 lane (VNNI vpdpbusd: four tokens' codes of one
+	 * column times their four weights). n <= 256. Per head, u(i) = w[h*w_stride + i] * scale(i) where that
+	 * is > 0, else 0 (a negative or NaN product counts as 0); lo and top = the least and the largest u(i);
+	 * W(i) = nearest((u(i) - lo) * kvp_weight_inv_u8(top - lo)), at most 255 (0 unless positive);
+	 *     acc[h*acc_stride + j] += (unit * ((top - lo) / 255)) * (float)sum_i W(i) * lut[code(i, j)]
+	 *                              + (unit * lo) * (float)sum_i lut[code(i, j)]
+	 * (the two products summed, then added to acc), lut entries in [-128, 127]. The step is the weights'
+	 * spread, not their largest: attention that is nearly flat keeps about as many bits as 12-bit weights
+	 * on the largest would give it. Returns 1; or 0, having changed nothing, when a weight w[h*w_stride + i]
+	 * (h < g, i < n) has its sign bit set (-0 included), and on every call in a table without a vector
+	 * version of it (AVX2, NEON: their vector lut_axpy_i16_group beats plain code): the caller then takes
+	 * lut_axpy_i16_group. The scalar table always computes it (the reference). Every implementation that
+	 * computes it gives the same bits.
+	 */
+	int (*lut_axpy_u8_group)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+				  const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
+				  const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride);
+	/*
 	 * dot_i8_scaled: unsigned integer codes against a query scaled per channel, for the g heads of a GQA
 	 * group (KIVI's key groups: the scales are a group's s). Row i of n holds m codes of `bits` bits, packed
 	 * LSB first into ceil(m*bits/8) bytes and stored by columns: byte k of row i is codes[k*n + i]. Per head
@@ -292,6 +311,101 @@ static inline float kvp_weights_i16(unsigned n, const float *w, const uint8_t *r
 	for (unsigned i = 0; i < n; i++)
 		w16[i] = (int16_t)kvp_nearest((w[i] * kvp_load_f32(row_scale + i * scale_stride)) * inv);
 	return top / KVP_WEIGHT_MAX;
+}
+
+/* The largest weight of lut_axpy_u8_group, and KVP_WEIGHT_MAX_U8 / top as kvp_weight_inv gives it. */
+#define KVP_WEIGHT_MAX_U8 255.0f
+
+static inline float kvp_weight_inv_u8(float top)
+{
+	return top > KVP_WEIGHT_MAX_U8 / 3.0e38f ? KVP_WEIGHT_MAX_U8 / top : 0.0f;
+}
+
+/* u as lut_axpy_u8_group takes it: the product where it is > 0, else 0. */
+static inline float kvp_weight_u8_in(float w, float scale)
+{
+	const float u = w * scale;
+
+	return u > 0.0f ? u : 0.0f;
+}
+
+/* One weight of lut_axpy_u8_group: x = (u - lo) * inv to the nearest integer in [0, 255]; 0 unless x > 0. */
+static inline uint8_t kvp_weight_u8(float u, float lo, float inv)
+{
+	const float x = (u - lo) * inv;
+	int32_t v;
+
+	if (!(x > 0.0f))
+		return 0;
+	v = (int32_t)(x + 0.5f);
+	return (uint8_t)(v < 255 ? v : 255);
+}
+
+/* One head's weights as lut_axpy_u8_group rounds them, in plain code; sets *lo, returns (top - lo) / 255. */
+static inline float kvp_weights_u8(unsigned n, const float *w, const uint8_t *row_scale, size_t scale_stride,
+				   uint8_t *w8, float *lo)
+{
+	float top = 0.0f, least = 0.0f, inv;
+
+	for (unsigned i = 0; i < n; i++) {
+		const float u = kvp_weight_u8_in(w[i], kvp_load_f32(row_scale + i * scale_stride));
+
+		top = u > top ? u : top;
+		least = i == 0 || u < least ? u : least;
+	}
+	inv = kvp_weight_inv_u8(top - least);
+	for (unsigned i = 0; i < n; i++)
+		w8[i] = kvp_weight_u8(kvp_weight_u8_in(w[i], kvp_load_f32(row_scale + i * scale_stride)), least, inv);
+	*lo = least;
+	return (top - least) / KVP_WEIGHT_MAX_U8;
+}
+
+/* Code j of a row packed LSB first (1 to 8 bits; a code spans at most two bytes). */
+static inline unsigned kvp_packed_code(const uint8_t *row, unsigned j, unsigned bits)
+{
+	const size_t o = (size_t)j * bits;
+	const unsigned shift = (unsigned)(o & 7);
+	unsigned v = (unsigned)row[o >> 3] >> shift;
+
+	if (shift + bits > 8)
+		v |= (unsigned)row[(o >> 3) + 1] << (8 - shift);
+	return v & ((1u << bits) - 1);
+}
+
+/* lut_axpy_u8_group in plain code: the scalar reference, and the tables without a vector version. Columns in
+ * passes of 256, whose int32 sums live on the stack. */
+static inline int kvp_lut_axpy_u8_plain(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+					const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
+					const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
+{
+	uint8_t w8[KVP_AXPY_I16_ROWS];
+	int32_t sums[256], cols[256];
+
+	for (unsigned h = 0; h < g; h++)
+		for (unsigned i = 0; i < n; i++)
+			if (signbit(w[h * w_stride + i]))
+				return 0;
+	for (unsigned h = 0; h < g; h++) {
+		float lo;
+		const float f = unit * kvp_weights_u8(n, w + h * w_stride, row_scale, scale_stride, w8, &lo), e = unit * lo;
+
+		for (unsigned j0 = 0; j0 < m; j0 += 256) {
+			const unsigned k = m - j0 < 256 ? m - j0 : 256;
+
+			memset(sums, 0, sizeof sums);
+			memset(cols, 0, sizeof cols);
+			for (unsigned i = 0; i < n; i++)
+				for (unsigned j = 0; j < k; j++) {
+					const int32_t v = lut[kvp_packed_code(codes + (size_t)i * stride, j0 + j, bits)];
+
+					sums[j] += w8[i] * v;
+					cols[j] += v;
+				}
+			for (unsigned j = 0; j < k; j++)
+				acc[h * acc_stride + j0 + j] += f * (float)sums[j] + e * (float)cols[j];
+		}
+	}
+	return 1;
 }
 
 /* The most channels dot_i8_scaled takes. */

@@ -21,6 +21,7 @@
  *                                   int32 acc, acc_stride) adds sum_i w[h*n + i] * lut[code(i, j)] to
  *                                   acc[h*acc_stride + j]; the float steps around them are below
  *   or, with KVP_ISA_FUSED_LOOKUPS defined, lut_dot_i8_group and lut_axpy_i16_group themselves
+ *   lut_axpy_u8_group (with KVP_ISA_AXPY_U8 defined; otherwise the table declines every call)
  *   dot_i8_scaled, axpy_i16_scaled (with KVP_ISA_DOT_I8_SCALED, KVP_ISA_AXPY_I16_SCALED defined; otherwise
  *                                   the plain code of kernels.h)
  *   sym_codes_width, sum_squares (with KVP_ISA_ENCODE defined)
@@ -417,6 +418,19 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 }
 #endif
 
+#ifndef KVP_ISA_AXPY_U8
+/* No vector version in this table: it declines every call (kernels.h), so that callers keep this table's
+ * vector lut_axpy_i16_group rather than the plain code. */
+static int lut_axpy_u8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			     const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
+			     const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
+{
+	(void)bits, (void)m, (void)n, (void)codes, (void)stride, (void)lut, (void)unit, (void)g, (void)w;
+	(void)w_stride, (void)row_scale, (void)scale_stride, (void)acc, (void)acc_stride;
+	return 0;
+}
+#endif
+
 #ifndef KVP_ISA_AXPY_I16_SCALED
 /* No vector version in this table yet: the plain code of kernels.h. */
 static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *codes, size_t stride,
@@ -449,6 +463,7 @@ static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned 
 	.lut_axpy_group = lut_axpy_group, \
 	.lut_dot_i8_group = (dot_i8), \
 	.lut_axpy_i16_group = lut_axpy_i16_group, \
+	.lut_axpy_u8_group = lut_axpy_u8_group, \
 	.dot_i8_scaled = dot_i8_scaled, \
 	.axpy_i16_scaled = axpy_i16_scaled, \
 	.fwht = fwht, \

@@ -362,6 +362,7 @@ const struct kvp_kernels kvp_kernels_scalar = {
 	.lut_axpy_group = lut_axpy_group,
 	.lut_dot_i8_group = lut_dot_i8_group,
 	.lut_axpy_i16_group = lut_axpy_i16_group,
+	.lut_axpy_u8_group = kvp_lut_axpy_u8_plain,
 	.dot_i8_scaled = kvp_dot_i8_scaled_plain,
 	.axpy_i16_scaled = kvp_axpy_i16_scaled_plain,
 	.fwht = fwht,

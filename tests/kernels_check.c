@@ -22,7 +22,8 @@
  *   scale       bit-identical
  *   band_norms  bit-identical (products, sum and square root each rounded, never fused)
  *   mask_expand bit-identical
- *   lut_dot_i8_group, lut_axpy_i16_group   equal (exact integers)
+ *   lut_dot_i8_group, lut_axpy_i16_group,
+ *   lut_axpy_u8_group                      equal (exact integers)
  *   dot_i8_scaled, axpy_i16_scaled         equal (exact integers, the same float steps)
  *   softmax     weights, running sum and factor within 1e-6 relative (+1e-30 absolute for underflow);
  *               the running maximum exact
@@ -968,7 +969,7 @@ static void lut_group_kernels_match_scalar_head_by_head(const struct kvp_kernels
 }
 
 
-/* ---- integer lookups (lut_dot_i8_group, lut_axpy_i16_group): equal to the scalar integers ---- */
+/* ---- integer lookups (lut_dot_i8_group, lut_axpy_i16_group, lut_axpy_u8_group): equal to the scalar integers ---- */
 
 static int32_t rand_int(int32_t lo, int32_t hi)
 {
@@ -1013,11 +1014,34 @@ static void lut_int_case(const struct kvp_kernels *k, unsigned bits, unsigned m,
 	float *hs = rand_f32(g, 0), *w = rand_f32(g * ws, 0), unit = 1e-3f * (1 + rnd32() % 100);
 	float *got = rand_f32((size_t)g * n, 0), *want = copy_f32(got, (size_t)g * n);
 	float *acc = rand_f32(g * qs, 0), *acc_want = copy_f32(acc, g * qs);
+	float *acc8 = copy_f32(acc, g * qs), *acc8_want = copy_f32(acc, g * qs);
+	int8_t lutu[16];
 
-	for (unsigned v = 0; v < 16; v++)
+	for (unsigned v = 0; v < 16; v++) {
 		lut8[v] = (int8_t)rand_in(ends, -127, 127), lut16[v] = (int16_t)rand_in(ends, -2047, 2047);
+		lutu[v] = (int8_t)rand_in(ends, -128, 127);
+	}
 	for (size_t j = 0; j < g * qs; j++)
 		q[j] = (int8_t)rand_in(ends, -128, 127);
+	for (size_t i = 0; ends && i < g * ws; i++) /* the u8 weights' largest products: every weight 0 or 255 */
+		w[i] = rnd32() & 1 ? 1.0f : -1.0f;
+	/* u8: the weights' magnitudes (a sign bit makes it refuse: below); ends, 0 or 1 */
+	float *wa = copy_f32(w, g * ws);
+	for (size_t i = 0; i < g * ws; i++)
+		wa[i] = ends ? (w[i] > 0 ? 1.0f : 0.0f) : fabsf(w[i]);
+	/* only AVX-512 has a vector version: the other tables decline every call, leaving acc8 as it was (compared
+	 * below), so that callers keep their vector lut_axpy_i16_group */
+	const int took = k->lut_axpy_u8_group(bits, m, n, codes + off, stride, lutu, unit, g, wa, ws, scales + off, 7,
+					      acc8, qs);
+	check(took == !strcmp(k->name, "avx512"), "%s lut_axpy_u8_group bits=%u m=%u n=%u g=%u: %s weights of no sign",
+	      k->name, bits, m, n, g, took ? "took (only AVX-512 has a vector version)" : "refused");
+	if (took)
+		kvp_kernels_scalar.lut_axpy_u8_group(bits, m, n, codes + off, stride, lutu, unit, g, wa, ws, scales + off,
+						     7, acc8_want, qs);
+	wa[(size_t)(g - 1) * ws + n - 1] = -0.0f; /* the last weight read: one sign bit, and nothing is changed */
+	check(k->lut_axpy_u8_group(bits, m, n, codes + off, stride, lutu, unit, g, wa, ws, scales + off, 7, acc8, qs) == 0,
+	      "%s lut_axpy_u8_group bits=%u m=%u n=%u g=%u: took a weight of -0", k->name, bits, m, n, g);
+	free(wa);
 	k->lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, hs, scales + off, 7, got, n);
 	k->lut_axpy_i16_group(bits, m, n, codes + off, stride, lut16, unit, g, w, ws, scales + off, 7, acc, qs);
 	kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, hs, scales + off, 7, want,
@@ -1032,7 +1056,12 @@ static void lut_int_case(const struct kvp_kernels *k, unsigned bits, unsigned m,
 		check(same_bits(acc[j], acc_want[j]),
 		      "%s lut_axpy_i16_group bits=%u m=%u n=%u g=%u off=%u head %zu column %zu: %.9g, scalar %.9g",
 		      k->name, bits, m, n, g, off, j / qs, j % qs, acc[j], acc_want[j]);
+	for (size_t j = 0; j < g * qs; j++)
+		check(same_bits(acc8[j], acc8_want[j]),
+		      "%s lut_axpy_u8_group bits=%u m=%u n=%u g=%u off=%u head %zu column %zu: %.9g, scalar %.9g",
+		      k->name, bits, m, n, g, off, j / qs, j % qs, acc8[j], acc8_want[j]);
 	free(codes), free(scales), free(q), free(hs), free(w), free(got), free(want), free(acc), free(acc_want);
+	free(acc8), free(acc8_want);
 }
 
 /* The contract of kernels.h written out once more, in the test's own words. */
@@ -1044,7 +1073,9 @@ static void scalar_integer_lookups_match_their_definition(void)
 		uint8_t *codes = rand_codes(n, stride, stride - 1, 0), *scales = rand_scales(n, 5, 1);
 		int8_t lut8[16], q[2 * 37];
 		int16_t lut16[16];
-		float hs[2] = { 0.37f, -1.5f }, w[2 * 5], out[2 * 5] = { 0 }, acc[2 * 37] = { 0 }, unit = 0.01f;
+		float hs[2] = { 0.37f, -1.5f }, w[2 * 5], wa[2 * 5], out[2 * 5] = { 0 }, acc[2 * 37] = { 0 };
+		float acc8[2 * 37] = { 0 };
+		float unit = 0.01f;
 
 		for (unsigned v = 0; v < 16; v++)
 			lut8[v] = (int8_t)rand_int(-127, 127), lut16[v] = (int16_t)rand_int(-2047, 2047);
@@ -1054,6 +1085,9 @@ static void scalar_integer_lookups_match_their_definition(void)
 			w[i] = (float)rand_int(-1000, 1000) / 999.0f;
 		kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, hs, scales + 1, 5, out, n);
 		kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes, stride, lut16, unit, g, w, n, scales + 1, 5, acc, m);
+		for (unsigned i = 0; i < g * n; i++)
+			wa[i] = fabsf(w[i]);
+		kvp_kernels_scalar.lut_axpy_u8_group(bits, m, n, codes, stride, lut8, unit, g, wa, n, scales + 1, 5, acc8, m);
 		for (unsigned h = 0; h < g; h++) {
 			float top = 0, u[5], f;
 			int32_t wq[5];
@@ -1081,6 +1115,33 @@ static void scalar_integer_lookups_match_their_definition(void)
 					s += wq[i] * lut16[code_of(codes + i * stride, bits, j)];
 				check(same_bits(acc[h * m + j], f * (float)s), "bits=%u head %u column %u: %.9g, want %.9g",
 				      bits, h, j, acc[h * m + j], f * (float)s);
+			}
+			/* u8, on |w|: 255 steps from the least to the largest, and the least times the column sums */
+			float lo = 0, e;
+			top = 0;
+			for (unsigned i = 0; i < n; i++) {
+				float sc;
+				memcpy(&sc, scales + 1 + i * 5, sizeof sc);
+				u[i] = wa[h * n + i] * sc;
+				top = u[i] > top ? u[i] : top;
+				lo = i == 0 || u[i] < lo ? u[i] : lo;
+			}
+			for (unsigned i = 0; i < n; i++) {
+				float x = (u[i] - lo) * (255.0f / (top - lo));
+				wq[i] = x > 0 ? (int32_t)(x + 0.5f) : 0;
+				check(wq[i] >= 0 && wq[i] <= 255, "bits=%u head %u u8 weight %u: %d", bits, h, i, wq[i]);
+			}
+			f = unit * ((top - lo) / 255.0f);
+			e = unit * lo;
+			for (unsigned j = 0; j < m; j++) {
+				int32_t s = 0, c = 0;
+				for (unsigned i = 0; i < n; i++) {
+					s += wq[i] * lut8[code_of(codes + i * stride, bits, j)];
+					c += lut8[code_of(codes + i * stride, bits, j)];
+				}
+				check(same_bits(acc8[h * m + j], 0.0f + (f * (float)s + e * (float)c)),
+				      "bits=%u head %u u8 column %u: %.9g, want %.9g", bits, h, j, acc8[h * m + j],
+				      f * (float)s + e * (float)c);
 			}
 		}
 		free(codes);
@@ -1202,6 +1263,13 @@ static void integer_lookups_read_nothing_past_their_inputs_cases(const struct kv
 									    (const uint8_t *)sc, sizeof(float), want, n);
 					kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes, stride, lut16, 0.5f, g, w, n,
 									      (const uint8_t *)sc, sizeof(float), acc_want, m);
+					for (size_t i = 0; i < (size_t)g * n; i++)
+						w[i] = fabsf(w[i]);
+					if (k->lut_axpy_u8_group(bits, m, n, codes, stride, lut8, 0.5f, g, w, n, (const uint8_t *)sc,
+								 sizeof(float), acc, m))
+						kvp_kernels_scalar.lut_axpy_u8_group(bits, m, n, codes, stride, lut8, 0.5f, g, w,
+										     n, (const uint8_t *)sc, sizeof(float),
+										     acc_want, m);
 					check(!memcmp(out, want, sizeof *out * g * n),
 					      "%s lut_dot_i8_group bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
 					check(!memcmp(acc, acc_want, sizeof *acc * g * m),
@@ -1882,7 +1950,7 @@ static void dispatch_tables_are_complete_and_named_for_their_name(void)
 		check(!strcmp(k->name, names[i]), "%s is named %s", names[i], k->name);
 		check(k->dot_f32 && k->dot_f16 && k->axpy_f32 && k->axpy_f16 && k->f32_to_f16 &&
 			  k->f16_to_f32 && k->softmax_step && k->scale && k->lut_dot && k->lut_axpy &&
-			  k->lut_dot_group && k->lut_axpy_group && k->lut_dot_i8_group && k->lut_axpy_i16_group && k->dot_i8_scaled && k->axpy_i16_scaled && k->fwht &&
+			  k->lut_dot_group && k->lut_axpy_group && k->lut_dot_i8_group && k->lut_axpy_i16_group && k->lut_axpy_u8_group && k->dot_i8_scaled && k->axpy_i16_scaled && k->fwht &&
 			  k->sym_codes && k->sum_squares &&
 			  k->dot_f16_group && k->axpy_f16_group && k->mask_expand && k->band_norms &&
 			  k->spark_dot_i16_group,

@@ -554,8 +554,10 @@ Test(turboquant, attention_on_kjv64_layer2_at_4_bits_stays_within_16_percent_mea
  *   keys:   every token within 6% of |q| |x^_i| (the int8 roundings' worst case, sqrt(d)/254 + 3/254 at
  *           d=128), and the root mean square within 0.3% of |q| rms |x^|;
  *   values: the output (after finish) within 0.3% of sum_i |w_i| |x^_i|.
+ * Weights that are all at least 0 (attention's; `attention`) take 2-bit codes' values through 8-bit weights
+ * above their least, against the int8 codebook (lut_axpy_u8_group), under the same bound.
  */
-static void group_near_per_head(const char *spec, unsigned d, unsigned g)
+static void group_near_per_head(const char *spec, unsigned d, unsigned g, int attention)
 {
 	enum { N = 300 };
 	struct rng r = { 77 };
@@ -572,6 +574,8 @@ static void group_near_per_head(const char *spec, unsigned d, unsigned g)
 	rng_gaussians(&r, x, (size_t)N * d);
 	rng_gaussians(&r, q, (size_t)g * d);
 	rng_gaussians(&r, w, (size_t)g * N);
+	for (size_t i = 0; attention && i < (size_t)g * N; i++)
+		w[i] = fabsf(w[i]);
 	cr_assert_eq(kvp_codec_encode(c, N, x, bytes), KVP_OK, "%s", kvp_last_error());
 	cr_assert_eq(kvp_codec_decode(c, N, bytes, y), KVP_OK, "%s", kvp_last_error());
 	for (unsigned i = 0; i < N; i++)
@@ -620,8 +624,23 @@ Test(turboquant, group_dot_and_axpy_stay_within_the_integer_bounds_of_the_per_he
 
 	for (size_t s = 0; s < sizeof specs / sizeof *specs; s++)
 		for (size_t g = 0; g < sizeof groups / sizeof *groups; g++) {
-			group_near_per_head(specs[s], 128, groups[g]);
-			group_near_per_head(specs[s], 80, groups[g]);
+			group_near_per_head(specs[s], 128, groups[g], 0);
+			group_near_per_head(specs[s], 80, groups[g], 0);
+		}
+}
+
+Test(turboquant, group_paths_with_weights_not_negative_stay_within_the_same_bounds)
+{
+	static const char *const specs[] = { "turboquant(bits=1)", "turboquant(bits=2)", "turboquant(bits=3)",
+					     "turboquant(bits=4)", "turboquant(bits=2,qjl=1)",
+					     "turboquant(bits=2,outliers=32,outlier_bits=3)" };
+	static const unsigned groups[] = { 1, 3, 4, 5, 8 };
+
+	for (size_t s = 0; s < sizeof specs / sizeof *specs; s++)
+		for (size_t g = 0; g < sizeof groups / sizeof *groups; g++) {
+			group_near_per_head(specs[s], 128, groups[g], 1);
+			group_near_per_head(specs[s], 64, groups[g], 1);
+			group_near_per_head(specs[s], 80, groups[g], 1);
 		}
 }
 
