@@ -1209,28 +1209,58 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
  */
 #define SCALED_QUADS 256 /* 1024 channels */
 
-/* kvp_scaled_query_i8 in sixteen lanes (the same products, maximum and rounding) */
-INLINE float scaled_query_i8(unsigned m, const float *q, const float *s, int8_t *q8)
+/* Sixteen int32 lanes of kvp_nearest(x) (halves away from zero: x plus 0.5 with x's sign, truncated). */
+INLINE __m512i nearest16(__m512 x)
 {
-	const __m512 half = _mm512_set1_ps(0.5f), minus_half = _mm512_set1_ps(-0.5f), zero = _mm512_setzero_ps();
-	__m512 top = zero, inv;
-	float t;
+	const __m512i half = _mm512_castps_si512(_mm512_set1_ps(0.5f)), sign = _mm512_set1_epi32((int)0x80000000u);
+	/* (x & sign) | half: 0.5 with the sign of x (-0.5 for -0, which truncates to 0 as the reference's +0.5 does) */
+	const __m512i r = _mm512_ternarylogic_epi32(_mm512_castps_si512(x), sign, half, 0xEA);
+
+	return _mm512_cvttps_epi32(_mm512_add_ps(x, _mm512_castsi512_ps(r)));
+}
+
+/* kvp_scaled_query_i8 for hn heads at once (the same products, maxima and rounding): the maxima in one pass
+ * over the channels, then each head's int8 query as whole 64-byte rows of quads[h] (channels past m weigh
+ * 0). Whole-row stores, not byte-masked ones: the kernel's 4-byte loads that follow are forwarded from them. */
+INLINE void scaled_queries_i8(unsigned hn, unsigned m, const float *q, size_t qs, const float *s,
+			      int32_t (*quads)[SCALED_QUADS], float *step)
+{
+	__m512 top[4] = { _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps() };
+	float inv[4];
 
 	for (unsigned j = 0; j < m; j += 16) {
 		const __mmask16 in = tail16(m - j < 16 ? m - j : 16);
-		top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, q + j),
-								     _mm512_maskz_loadu_ps(in, s + j))));
+		const __m512 sv = _mm512_maskz_loadu_ps(in, s + j);
+		for (unsigned h = 0; h < hn; h++)
+			top[h] = _mm512_max_ps(top[h], _mm512_abs_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, q + h * qs + j), sv)));
 	}
-	t = _mm512_reduce_max_ps(top);
-	inv = _mm512_set1_ps(t > 127.0f / 3.0e38f ? 127.0f / t : 0.0f);
-	for (unsigned j = 0; j < m; j += 16) {
-		const __mmask16 in = tail16(m - j < 16 ? m - j : 16);
-		const __m512 x = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, q + j), _mm512_maskz_loadu_ps(in, s + j)),
-					       inv);
-		const __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), half, minus_half);
-		_mm512_mask_cvtepi32_storeu_epi8(q8 + j, in, _mm512_cvttps_epi32(_mm512_add_ps(x, r)));
+	for (unsigned h = 0; h < hn; h++) {
+		const float t = _mm512_reduce_max_ps(top[h]);
+		inv[h] = t > 127.0f / 3.0e38f ? 127.0f / t : 0.0f;
+		step[h] = t / 127.0f;
 	}
-	return t / 127.0f;
+	for (unsigned j = 0; j < m; j += 64) {
+		const __mmask16 in0 = tail16(m - j < 16 ? m - j : 16);
+		const __mmask16 in1 = m - j > 16 ? tail16(m - j - 16 < 16 ? m - j - 16 : 16) : 0;
+		const __mmask16 in2 = m - j > 32 ? tail16(m - j - 32 < 16 ? m - j - 32 : 16) : 0;
+		const __mmask16 in3 = m - j > 48 ? tail16(m - j - 48 < 16 ? m - j - 48 : 16) : 0;
+		const __m512 s0 = _mm512_maskz_loadu_ps(in0, s + j), s1 = _mm512_maskz_loadu_ps(in1, s + j + 16);
+		const __m512 s2 = _mm512_maskz_loadu_ps(in2, s + j + 32), s3 = _mm512_maskz_loadu_ps(in3, s + j + 48);
+
+		/* packs work within 128-bit lanes: dword 4v + L of the packed row is lane L's dword v, put back in order */
+		const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+
+		for (unsigned h = 0; h < hn; h++) {
+			const float *qh = q + h * qs + j;
+			const __m512 iv = _mm512_set1_ps(inv[h]);
+#define QUERY_LANES(in, off, sv) nearest16(_mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, qh + (off)), sv), iv))
+			const __m512i r01 = _mm512_packs_epi32(QUERY_LANES(in0, 0, s0), QUERY_LANES(in1, 16, s1));
+			const __m512i r23 = _mm512_packs_epi32(QUERY_LANES(in2, 32, s2), QUERY_LANES(in3, 48, s3));
+			const __m512i row = _mm512_permutexvar_epi32(order, _mm512_packs_epi16(r01, r23));
+#undef QUERY_LANES
+			_mm512_storeu_si512(quads[h] + j / 4, row);
+		}
+	}
 }
 
 /* One head's step of the sums: the lanes' four codes of two blocks of 16 rows times the head's query of
@@ -1307,16 +1337,18 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
 		float *o = out + h0 * out_stride;
 
-		for (unsigned h = 0; h < hn; h++) {
-			memset(quads[h], 0, sizeof(int32_t) * bytes); /* channels past m weigh 0 */
-			step[h] = scaled_query_i8(m, q + (h0 + h) * q_stride, s, (int8_t *)quads[h]);
-		}
+		const float *qh = q + h0 * q_stride;
+
+#define SCALED_BLOCK(hn) \
+	scaled_queries_i8(hn, m, qh, q_stride, s, quads, step), \
+	dot_i8_scaled_heads(hn, bytes, n, codes, quads, step, o, out_stride)
 		switch (hn) {
-		case 4: dot_i8_scaled_heads(4, bytes, n, codes, quads, step, o, out_stride); break;
-		case 3: dot_i8_scaled_heads(3, bytes, n, codes, quads, step, o, out_stride); break;
-		case 2: dot_i8_scaled_heads(2, bytes, n, codes, quads, step, o, out_stride); break;
-		default: dot_i8_scaled_heads(1, bytes, n, codes, quads, step, o, out_stride); break;
+		case 4: SCALED_BLOCK(4); break;
+		case 3: SCALED_BLOCK(3); break;
+		case 2: SCALED_BLOCK(2); break;
+		default: SCALED_BLOCK(1); break;
 		}
+#undef SCALED_BLOCK
 	}
 }
 
