@@ -1027,24 +1027,20 @@ static void axpy_token(const struct kvp_codec *c, unsigned n, const unsigned cha
 	}
 }
 
-/* axpy_token on the integer kernel (axpy_group, attention's path): the z sums as there, then one
- * axpy_i16_scaled over all channels, which rounds each head's w_i s_ig to 12 bits of their largest (kernels.h:
- * within about 1e-4 of the float sum) and reads s_ig from the tokens themselves. */
+/* axpy_token on the integer kernel (axpy_group, attention's path): one axpy_i16_scaled per pass of tokens, which
+ * reads each token's z and s itself, adds the heads' sums of w_i z_ig to acc[dim + g], and rounds each head's
+ * w_i s_ig to 12 bits of their largest (kernels.h: within about 1e-4 of the float sum). */
 static void axpy_token_i16(const struct kvp_codec *c, unsigned n, const unsigned char *p, unsigned hn,
 			   const float *w, size_t w_stride, float *acc)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct kivi *k = c->state;
-	const unsigned slice = token_slice(k), ng = k->ng;
-	uint16_t h16[SLICE_SCALARS];
+	const unsigned slice = token_slice(k);
 
 	for (unsigned i0 = 0; i0 < n; i0 += slice, p += k->stride * slice, w += slice) {
 		const unsigned cn = n - i0 < slice ? n - i0 : slice;
 
-		slice_scalars(kern, k, cn, p, h16, ng, ng, NULL);
-		add_weighted_z(c, cn, h16, hn, w, w_stride, acc);
-		kern->axpy_i16_scaled(k->bits, c->dim, k->g, cn, p + 4 * ng, k->stride, p + 2 * ng, hn, w, w_stride, acc,
-				      c->acc_dim);
+		kern->axpy_i16_scaled(k->bits, c->dim, k->g, cn, p, k->stride, hn, w, w_stride, acc, c->acc_dim);
 	}
 }
 

@@ -1365,13 +1365,26 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 #define SCALED_WEIGHTS 528 /* (rows + 2) * groups per head: 128 rows of 4 groups, 64 of 8 */
 
 /* Per 16 columns e of a 64-column pass: byte 4L of lane L from byte 4e + L/4 of the first row (bytes 0-15),
- * byte 4L + 2 from the second row's (bytes 16-31); bytes 4L + 1 and 4L + 3 are masked to zero. */
+ * byte 4L + 2 from the second row's (bytes 16-31); bytes 4L + 1 and 4L + 3 take byte 0 (masked off later). */
 #define PAIR_BYTE(e, i) (char)((i) % 4 == 0 ? 4 * (e) + (i) / 16 : (i) % 4 == 2 ? 16 + 4 * (e) + (i) / 16 : 0)
 #define PAIR8(e, i) PAIR_BYTE(e, i), PAIR_BYTE(e, i + 1), PAIR_BYTE(e, i + 2), PAIR_BYTE(e, i + 3), \
 		    PAIR_BYTE(e, i + 4), PAIR_BYTE(e, i + 5), PAIR_BYTE(e, i + 6), PAIR_BYTE(e, i + 7)
 #define PAIR64(e) { PAIR8(e, 0), PAIR8(e, 8), PAIR8(e, 16), PAIR8(e, 24), PAIR8(e, 32), PAIR8(e, 40), PAIR8(e, 48), \
 		    PAIR8(e, 56) }
 static const char pair_bytes[4][64] = { PAIR64(0), PAIR64(1), PAIR64(2), PAIR64(3) };
+
+/* vpmultishiftqb's bit offsets after the byte permutation above: byte r of qword Q (lanes 2Q and 2Q + 1) takes
+ * the 8 bits from the code of its lane (column 2Q + r/4 of 16, at bit 2 (L % 4) of its byte), in the first
+ * row's byte for bytes 0, 4 of the qword and the second row's for bytes 2, 6 (odd bytes: masked off later). */
+#define SHIFT_BYTE(i) (char)(8 * ((i) % 8 / 4 * 4 + (i) % 4 / 2 * 2) + 2 * (((i) / 8 * 2 + (i) % 8 / 4) % 4))
+#define SHIFT8(i) SHIFT_BYTE(i), SHIFT_BYTE(i + 1), SHIFT_BYTE(i + 2), SHIFT_BYTE(i + 3), SHIFT_BYTE(i + 4), \
+		  SHIFT_BYTE(i + 5), SHIFT_BYTE(i + 6), SHIFT_BYTE(i + 7)
+static const char shift_bytes[64] = { SHIFT8(0), SHIFT8(8), SHIFT8(16), SHIFT8(24), SHIFT8(32), SHIFT8(40), SHIFT8(48),
+				      SHIFT8(56) };
+
+/* acc += the pairs of x times the pairs of y, in place: gcc moves the intrinsic's accumulators between registers
+ * around every use in the sixteen-accumulator loop below (41 moves for 16 products), which this keeps out. */
+#define DPWSSD(acc, x, y) __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(y))
 
 /* One head's weights W(i, c) in int16, rows of n + 2 per group (the pad rows weigh 0); returns top / 4095. */
 INLINE float scaled_weights_i16(unsigned n, unsigned ng, const float *w, const float *sf, int16_t *wq)
@@ -1403,28 +1416,19 @@ INLINE float scaled_weights_i16(unsigned n, unsigned ng, const float *w, const f
 	return t / KVP_WEIGHT_MAX;
 }
 
-/* The step of 16 columns e: their codes of the two rows as int16 pairs, against each head's two weights of
- * their group, broadcast as one int32 (per 32 columns when groups span 32 or more: `wide`). */
+/* The step of 16 columns e: their codes of the two rows as int16 pairs (byte permutation, then each lane's bits
+ * selected and masked), against each head's two weights of their group ce, broadcast as one int32. */
 #define SCALED_COLUMNS(e, pe, ce)                                                                              \
 	do {                                                                                                   \
-		const __m512i de = _mm512_and_si512(_mm512_srlv_epi16(_mm512_maskz_permutexvar_epi8(even, pe, xy), by), low); \
-		const unsigned at = (ce) * (n + 2) + i;                                                         \
-		if (!wide || (e) % 2 == 0) {                                                                    \
-			bw0 = _mm512_set1_epi32(pair_at(w0 + at));                                              \
-			if (hn > 1)                                                                             \
-				bw1 = _mm512_set1_epi32(pair_at(w1 + at));                                      \
-			if (hn > 2)                                                                             \
-				bw2 = _mm512_set1_epi32(pair_at(w2 + at));                                      \
-			if (hn > 3)                                                                             \
-				bw3 = _mm512_set1_epi32(pair_at(w3 + at));                                      \
-		}                                                                                               \
-		a0##e = _mm512_dpwssd_epi32(a0##e, de, bw0);                                                    \
+		const __m512i de = _mm512_and_si512(_mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(pe, xy)), low); \
+		const int16_t *at = wq + (size_t)(ce) * (n + 2) + i;                                            \
+		DPWSSD(a0##e, de, _mm512_set1_epi32(pair_at(at)));                                             \
 		if (hn > 1)                                                                                     \
-			a1##e = _mm512_dpwssd_epi32(a1##e, de, bw1);                                            \
+			DPWSSD(a1##e, de, _mm512_set1_epi32(pair_at(at + ws)));                                 \
 		if (hn > 2)                                                                                     \
-			a2##e = _mm512_dpwssd_epi32(a2##e, de, bw2);                                            \
+			DPWSSD(a2##e, de, _mm512_set1_epi32(pair_at(at + 2 * ws)));                             \
 		if (hn > 3)                                                                                     \
-			a3##e = _mm512_dpwssd_epi32(a3##e, de, bw3);                                            \
+			DPWSSD(a3##e, de, _mm512_set1_epi32(pair_at(at + 3 * ws)));                             \
 	} while (0)
 
 /* acc[0..64) += f * a pass's four registers of sums */
@@ -1438,18 +1442,13 @@ INLINE void add_pass(float *o, float f, __m512i s0, __m512i s1, __m512i s2, __m5
 	_mm512_storeu_ps(o + 48, _mm512_add_ps(_mm512_loadu_ps(o + 48), _mm512_mul_ps(fv, _mm512_cvtepi32_ps(s3))));
 }
 
-INLINE void axpy_i16_scaled_heads(unsigned hn, int wide, unsigned m, unsigned gsize, unsigned n, const uint8_t *codes,
+INLINE void axpy_i16_scaled_heads(unsigned hn, unsigned m, unsigned gsize, unsigned n, const uint8_t *codes,
 				  size_t stride, const int16_t *wq, const float *f, float *acc, size_t as)
 {
 	const __m512i p0 = _mm512_loadu_si512(pair_bytes[0]), p1 = _mm512_loadu_si512(pair_bytes[1]);
 	const __m512i p2 = _mm512_loadu_si512(pair_bytes[2]), p3 = _mm512_loadu_si512(pair_bytes[3]);
-	const __m512i low = _mm512_set1_epi16(3);
-	/* lane L's two int16 halves shift by 2 (L % 4) */
-	const __m512i by = _mm512_set_epi16(6, 6, 4, 4, 2, 2, 0, 0, 6, 6, 4, 4, 2, 2, 0, 0, 6, 6, 4, 4, 2, 2, 0, 0, 6, 6, 4,
-					    4, 2, 2, 0, 0);
-	const __mmask64 even = 0x5555555555555555ull;
+	const __m512i shift = _mm512_loadu_si512(shift_bytes), low = _mm512_set1_epi16(3);
 	const size_t ws = (size_t)(m / gsize + (m % gsize != 0)) * (n + 2);
-	const int16_t *w0 = wq, *w1 = wq + ws, *w2 = wq + 2 * ws, *w3 = wq + 3 * ws;
 
 	for (unsigned j0 = 0; j0 < m; j0 += 64) {
 		const unsigned c0 = j0 / gsize, c1 = (j0 + 16) / gsize, c2 = (j0 + 32) / gsize, c3 = (j0 + 48) / gsize;
@@ -1461,7 +1460,6 @@ INLINE void axpy_i16_scaled_heads(unsigned hn, int wide, unsigned m, unsigned gs
 			const __m128i y = i + 1 < n ? _mm_loadu_si128((const __m128i *)(codes + (size_t)(i + 1) * stride + j0 / 4))
 						    : _mm_setzero_si128();
 			const __m512i xy = _mm512_inserti32x4(_mm512_castsi128_si512(x), y, 1);
-			__m512i bw0 = _mm512_setzero_si512(), bw1 = bw0, bw2 = bw0, bw3 = bw0;
 
 			SCALED_COLUMNS(0, p0, c0);
 			SCALED_COLUMNS(1, p1, c1);
@@ -1479,49 +1477,69 @@ INLINE void axpy_i16_scaled_heads(unsigned hn, int wide, unsigned m, unsigned gs
 }
 
 #undef SCALED_COLUMNS
+#undef DPWSSD
 
-static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *codes, size_t stride,
-			    const uint8_t *scales, unsigned g, const float *w, size_t w_stride, float *acc,
-			    size_t acc_stride)
+/* The ns fp16 scalars at the start of each of n records (ns even) as floats, planar: out[e * n + i] is row i's
+ * scalar e. Sixteen rows at a time: dword k of each record by one gather, split into its two halves. */
+INLINE void gather_scalars(unsigned ns, unsigned n, const uint8_t *rows, size_t stride, float *out)
+{
+	const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+					      _mm512_set1_epi32((int)stride));
+
+	for (unsigned i0 = 0; i0 < n; i0 += 16) {
+		const __mmask16 in = tail16(n - i0 < 16 ? n - i0 : 16);
+		const uint8_t *base = rows + (size_t)i0 * stride;
+
+		for (unsigned k = 0; k < ns / 2; k++) {
+			const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), in, at, base + 4 * k, 1);
+			_mm512_mask_storeu_ps(out + 2 * k * n + i0, in, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)));
+			_mm512_mask_storeu_ps(out + (2 * k + 1) * n + i0, in,
+					      _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16))));
+		}
+	}
+}
+
+/* acc[c] += sum_i w[i] * z[c * n + i] for c < ng, in kvp_fold16's order (masked lanes add +0: no change) */
+INLINE void add_z_sums(unsigned n, unsigned ng, const float *w, const float *z, float *acc)
+{
+	for (unsigned c = 0; c < ng; c++) {
+		__m512 p = _mm512_setzero_ps();
+		for (unsigned i = 0; i < n; i += 16) {
+			const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
+			p = _mm512_add_ps(p, _mm512_mul_ps(_mm512_maskz_loadu_ps(in, w + i), _mm512_maskz_loadu_ps(in, z + c * n + i)));
+		}
+		acc[c] += hsum(p);
+	}
+}
+
+static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *rows, size_t stride,
+			    unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride)
 {
 	const unsigned ng = (m + gsize - 1) / gsize;
 	int16_t wq[4 * SCALED_WEIGHTS] __attribute__((aligned(4)));
-	uint16_t h16[16];
-	float sf[SCALED_WEIGHTS], f[4];
+	float zs[2 * SCALED_WEIGHTS], f[4];
+	const float *sf = zs + (size_t)ng * n;
 
 	if (bits != 2 || gsize % 16 || m % 64 || (size_t)ng * (n + 2) > SCALED_WEIGHTS) {
-		kvp_kernels_scalar.axpy_i16_scaled(bits, m, gsize, n, codes, stride, scales, g, w, w_stride, acc, acc_stride);
+		kvp_kernels_scalar.axpy_i16_scaled(bits, m, gsize, n, rows, stride, g, w, w_stride, acc, acc_stride);
 		return;
 	}
-	for (unsigned c = 0; c < ng; c++) /* every row's scales as floats, group by group, 16 rows at a time */
-		for (unsigned i0 = 0; i0 < n; i0 += 16) {
-			const unsigned k = n - i0 < 16 ? n - i0 : 16;
-			for (unsigned i = 0; i < k; i++)
-				memcpy(h16 + i, scales + (i0 + i) * stride + 2 * (size_t)c, sizeof(uint16_t));
-			_mm512_mask_storeu_ps(sf + c * n + i0, tail16(k), load_f16_tail(h16, k));
-		}
+	gather_scalars(2 * ng, n, rows, stride, zs);
 	for (unsigned h0 = 0; h0 < g; h0 += 4) {
 		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
 		const size_t ws = (size_t)ng * (n + 2);
 
-		for (unsigned h = 0; h < hn; h++)
+		for (unsigned h = 0; h < hn; h++) {
+			add_z_sums(n, ng, w + (h0 + h) * w_stride, zs, acc + (h0 + h) * acc_stride + m);
 			f[h] = scaled_weights_i16(n, ng, w + (h0 + h) * w_stride, sf, wq + h * ws);
-#define SCALED_HEADS(hn, wide) \
-	axpy_i16_scaled_heads(hn, wide, m, gsize, n, codes, stride, wq, f, acc + h0 * acc_stride, acc_stride)
-		if (gsize % 32 == 0) {
-			switch (hn) {
-			case 4: SCALED_HEADS(4, 1); break;
-			case 3: SCALED_HEADS(3, 1); break;
-			case 2: SCALED_HEADS(2, 1); break;
-			default: SCALED_HEADS(1, 1); break;
-			}
-		} else {
-			switch (hn) {
-			case 4: SCALED_HEADS(4, 0); break;
-			case 3: SCALED_HEADS(3, 0); break;
-			case 2: SCALED_HEADS(2, 0); break;
-			default: SCALED_HEADS(1, 0); break;
-			}
+		}
+#define SCALED_HEADS(hn) \
+	axpy_i16_scaled_heads(hn, m, gsize, n, rows + 4 * (size_t)ng, stride, wq, f, acc + h0 * acc_stride, acc_stride)
+		switch (hn) {
+		case 4: SCALED_HEADS(4); break;
+		case 3: SCALED_HEADS(3); break;
+		case 2: SCALED_HEADS(2); break;
+		default: SCALED_HEADS(1); break;
 		}
 #undef SCALED_HEADS
 	}

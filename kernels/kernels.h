@@ -128,17 +128,17 @@ struct kvp_kernels {
 	void (*dot_i8_scaled)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, unsigned g, const float *q,
 			      size_t q_stride, const float *s, float *out, size_t out_stride);
 	/*
-	 * axpy_i16_scaled: weighted sums of integer codes whose rows carry a scale per group of gsize columns
-	 * (KIVI's value tokens: w_t s_tg). Rows as for lut_axpy (codes + i*stride, LSB first); row i's scale of
-	 * column group c (columns [c*gsize, (c+1)*gsize), c < ceil(m/gsize)) is the little-endian fp16 at
-	 * scales + i*stride + 2c. n <= KVP_AXPY_I16_ROWS. Per head, u(i, c) = w[h*w_stride + i] * scale(i, c);
-	 * top = max |u|; W(i, c) = nearest(u(i, c) * kvp_weight_inv(top)) as lut_axpy_i16_group rounds, and
-	 *   acc[h*acc_stride + j] += (top / 4095) * (float)sum_i W(i, j / gsize) * code(i, j)  (exact int32).
+	 * axpy_i16_scaled: weighted sums of KIVI's value tokens, whose rows carry a zero point z and a scale s per
+	 * group of gsize columns. Row i's record at rows + i*stride: ng = ceil(m/gsize) little-endian fp16 z(i, c),
+	 * then ng fp16 s(i, c) (c: columns [c*gsize, (c+1)*gsize)), then its m codes, LSB first as for lut_axpy.
+	 * n <= KVP_AXPY_I16_ROWS. Per head, u(i, c) = w[h*w_stride + i] * s(i, c); top = max |u|;
+	 * W(i, c) = nearest(u(i, c) * kvp_weight_inv(top)) as lut_axpy_i16_group rounds, and
+	 *   acc[h*acc_stride + j] += (top / 4095) * (float)sum_i W(i, j / gsize) * code(i, j)  (exact int32), j < m;
+	 *   acc[h*acc_stride + m + c] += the float sum over i of w[h*w_stride + i] * z(i, c), in kvp_sum16's order.
 	 * Every implementation gives the same bits.
 	 */
-	void (*axpy_i16_scaled)(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *codes,
-				size_t stride, const uint8_t *scales, unsigned g, const float *w, size_t w_stride,
-				float *acc, size_t acc_stride);
+	void (*axpy_i16_scaled)(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *rows,
+				size_t stride, unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride);
 	/*
 	 * The Walsh-Hadamard transform of v[0..p), p a power of two, in place and unnormalized: stages
 	 * h = 1, 2, 4, ..., p/2, each taking (v[j], v[j+h]) to (v[j] + v[j+h], v[j] - v[j+h]) for j with bit h
@@ -356,30 +356,50 @@ static inline unsigned kvp_row_code(const uint8_t *row, unsigned j, unsigned bit
 	return v & ((1u << bits) - 1);
 }
 
-/* Row i's scale of column group c in axpy_i16_scaled's layout. */
-static inline float kvp_group_scale(const uint8_t *scales, size_t stride, unsigned i, unsigned c)
+/* Scalar e of row i in axpy_i16_scaled's layout (z(i, e) for e < ng, then s(i, e - ng)). */
+static inline float kvp_row_scalar(const uint8_t *rows, size_t stride, unsigned i, unsigned e)
 {
-	const uint8_t *p = scales + i * stride + 2 * (size_t)c;
+	const uint8_t *p = rows + i * stride + 2 * (size_t)e;
 
 	return kvp_f16_to_f32((uint16_t)(p[0] | p[1] << 8));
+}
+
+/*
+ * The float sum of a(i) * b(i), i < n, in one order every implementation keeps: sixteen running sums, lane
+ * i % 16 taking each rounded product in turn (from +0), then halves folded: lane l + lane l + 8 (l < 8), then
+ * l + 4, l + 2, l + 1 (the order of sixteen vector lanes reduced by halves).
+ */
+static inline float kvp_fold16(float p[16])
+{
+	for (unsigned w = 8; w; w /= 2)
+		for (unsigned l = 0; l < w; l++)
+			p[l] += p[l + w];
+	return p[0];
 }
 
 /* axpy_i16_scaled in plain code: the scalar reference, and the tables without a vector version. Columns in
  * passes of 256, whose int32 sums live on the stack. */
 static inline void kvp_axpy_i16_scaled_plain(unsigned bits, unsigned m, unsigned gsize, unsigned n,
-					     const uint8_t *codes, size_t stride, const uint8_t *scales, unsigned g,
-					     const float *w, size_t w_stride, float *acc, size_t acc_stride)
+					     const uint8_t *rows, size_t stride, unsigned g, const float *w,
+					     size_t w_stride, float *acc, size_t acc_stride)
 {
 	const unsigned ng = (m + gsize - 1) / gsize;
+	const uint8_t *codes = rows + 4 * (size_t)ng;
 	int32_t sums[256];
 
 	for (unsigned h = 0; h < g; h++) {
 		const float *wh = w + h * w_stride;
 		float top = 0.0f, inv, f;
 
+		for (unsigned c = 0; c < ng; c++) {
+			float p[16] = { 0 };
+			for (unsigned i = 0; i < n; i++)
+				p[i % 16] += wh[i] * kvp_row_scalar(rows, stride, i, c);
+			acc[h * acc_stride + m + c] += kvp_fold16(p);
+		}
 		for (unsigned i = 0; i < n; i++)
 			for (unsigned c = 0; c < ng; c++) {
-				float u = wh[i] * kvp_group_scale(scales, stride, i, c);
+				float u = wh[i] * kvp_row_scalar(rows, stride, i, ng + c);
 				top = fabsf(u) > top ? fabsf(u) : top;
 			}
 		inv = kvp_weight_inv(top);
@@ -391,7 +411,7 @@ static inline void kvp_axpy_i16_scaled_plain(unsigned bits, unsigned m, unsigned
 			for (unsigned i = 0; i < n; i++)
 				for (unsigned j = 0; j < k; j++) {
 					const unsigned c = (j0 + j) / gsize;
-					const int32_t wq = kvp_nearest((wh[i] * kvp_group_scale(scales, stride, i, c)) * inv);
+					const int32_t wq = kvp_nearest((wh[i] * kvp_row_scalar(rows, stride, i, ng + c)) * inv);
 					sums[j] += wq * (int32_t)kvp_row_code(codes + i * stride, j0 + j, bits);
 				}
 			for (unsigned j = 0; j < k; j++)

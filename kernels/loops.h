@@ -419,11 +419,10 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 
 #ifndef KVP_ISA_AXPY_I16_SCALED
 /* No vector version in this table yet: the plain code of kernels.h. */
-static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *codes, size_t stride,
-			    const uint8_t *scales, unsigned g, const float *w, size_t w_stride, float *acc,
-			    size_t acc_stride)
+static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *rows, size_t stride,
+			    unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride)
 {
-	kvp_axpy_i16_scaled_plain(bits, m, gsize, n, codes, stride, scales, g, w, w_stride, acc, acc_stride);
+	kvp_axpy_i16_scaled_plain(bits, m, gsize, n, rows, stride, g, w, w_stride, acc, acc_stride);
 }
 #endif
 

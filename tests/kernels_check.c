@@ -1334,25 +1334,28 @@ static void dot_i8_scaled_reads_nothing_past_its_inputs(const struct kvp_kernels
 
 /* ---- axpy_i16_scaled: the scalar reference's bits ---- */
 
-/* n rows of m codes at `stride` (scales first: ceil(m/gsize) fp16 numbers, then the codes), `off` bytes into
- * the allocation; g heads' weights at w_stride n + 3, accumulators at m + 5. Equal bit for bit. */
+/* n records at `stride` (ceil(m/gsize) fp16 z, as many fp16 s, then m codes), `off` bytes into the allocation;
+ * g heads' weights at w_stride n + 3, accumulators (m columns, then the z sums) at m + ng + 5. Equal bit for bit. */
 static void scaled_axpy_case(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned gsize, unsigned n,
 			     unsigned g, unsigned off)
 {
 	const unsigned ng = (m + gsize - 1) / gsize;
-	const size_t rowbytes = ((size_t)m * bits + 7) / 8, stride = 2 * ng + rowbytes + (m & 1), ws = n + 3, as = m + 5;
+	const size_t rowbytes = ((size_t)m * bits + 7) / 8, stride = 4 * ng + rowbytes + (m & 1), ws = n + 3;
+	const size_t as = m + ng + 5;
 	uint8_t *p = rand_codes(n, stride, stride, off);
 	float *w = rand_f32(g * ws, 0), *acc = rand_f32(g * as, 0), *want = copy_f32(acc, g * as);
 
-	for (unsigned i = 0; i < n; i++) /* scales: positive fp16 numbers, a few zeros */
+	for (unsigned i = 0; i < n; i++) /* z: fp16 numbers of either sign; s: positive, a few zeros */
 		for (unsigned c = 0; c < ng; c++) {
+			uint16_t z = kvp_f32_to_f16((float)((int)(rnd32() % 2001) - 1000) / 700.0f);
 			uint16_t h = (i + c) % 5 == 2 ? 0 : kvp_f32_to_f16(0.01f + (float)(rnd32() % 1000) / 300.0f);
-			memcpy(p + off + i * stride + 2 * c, &h, sizeof h);
+			memcpy(p + off + i * stride + 2 * c, &z, sizeof z);
+			memcpy(p + off + i * stride + 2 * (ng + c), &h, sizeof h);
 		}
 	for (size_t i = 0; i < g * ws; i++) /* softmax weights are at least 0 */
 		w[i] = fabsf(w[i]);
-	k->axpy_i16_scaled(bits, m, gsize, n, p + off + 2 * ng, stride, p + off, g, w, ws, acc, as);
-	kvp_kernels_scalar.axpy_i16_scaled(bits, m, gsize, n, p + off + 2 * ng, stride, p + off, g, w, ws, want, as);
+	k->axpy_i16_scaled(bits, m, gsize, n, p + off, stride, g, w, ws, acc, as);
+	kvp_kernels_scalar.axpy_i16_scaled(bits, m, gsize, n, p + off, stride, g, w, ws, want, as);
 	for (size_t j = 0; j < g * as; j++)
 		check(same_bits(acc[j], want[j]),
 		      "%s axpy_i16_scaled bits=%u m=%u gsize=%u n=%u g=%u off=%u head %zu column %zu: %.9g, scalar %.9g",
@@ -1360,37 +1363,52 @@ static void scaled_axpy_case(const struct kvp_kernels *k, unsigned bits, unsigne
 	free(p), free(w), free(acc), free(want);
 }
 
-/* The contract of kernels.h in the test's own words, for one head. */
+/* The contract of kernels.h in the test's own words, for one head: the codes' sums, then the z sums. */
 static void scalar_axpy_i16_scaled_matches_its_definition(void)
 {
 	for (unsigned bits = 1; bits <= 4; bits++) {
-		enum { M = 37, G = 8, NG = 5, N = 6 };
-		const size_t stride = 2 * NG + (M * bits + 7) / 8;
+		enum { M = 37, G = 8, NG = 5, N = 21 };
+		const size_t stride = 4 * NG + (M * bits + 7) / 8;
 		uint8_t *p = rand_codes(N, stride, stride, 0);
-		float w[N], acc[M] = { 0 }, top = 0;
+		float w[N], acc[M + NG] = { 0 }, top = 0;
 
 		for (unsigned i = 0; i < N; i++) {
 			w[i] = (float)rand_int(0, 1000) / 999.0f;
 			for (unsigned c = 0; c < NG; c++) {
+				uint16_t z = kvp_f32_to_f16((float)rand_int(-99, 99) / 7.0f);
 				uint16_t h = kvp_f32_to_f16((float)rand_int(1, 99) / 8.0f);
-				memcpy(p + i * stride + 2 * c, &h, sizeof h);
+				memcpy(p + i * stride + 2 * c, &z, sizeof z);
+				memcpy(p + i * stride + 2 * (NG + c), &h, sizeof h);
 				top = fmaxf(top, fabsf(w[i] * kvp_f16_to_f32(h)));
 			}
 		}
-		kvp_kernels_scalar.axpy_i16_scaled(bits, M, G, N, p + 2 * NG, stride, p, 1, w, N, acc, M);
+		kvp_kernels_scalar.axpy_i16_scaled(bits, M, G, N, p, stride, 1, w, N, acc, M + NG);
 		for (unsigned j = 0; j < M; j++) {
 			int64_t sum = 0;
 			for (unsigned i = 0; i < N; i++) {
 				uint16_t h;
 				unsigned code = 0;
-				memcpy(&h, p + i * stride + 2 * (j / G), sizeof h);
+				memcpy(&h, p + i * stride + 2 * (NG + j / G), sizeof h);
 				for (unsigned b = 0; b < bits; b++) /* bit b of the code: bit j * bits + b of the row */
-					code |= (unsigned)(p[i * stride + 2 * NG + (j * bits + b) / 8] >> ((j * bits + b) % 8) & 1) << b;
+					code |= (unsigned)(p[i * stride + 4 * NG + (j * bits + b) / 8] >> ((j * bits + b) % 8) & 1) << b;
 				float x = (w[i] * kvp_f16_to_f32(h)) * (4095.0f / top);
 				sum += (int64_t)code * (int32_t)(x + (x < 0 ? -0.5f : 0.5f));
 			}
 			check(same_bits(acc[j], (top / 4095.0f) * (float)sum), "scalar axpy_i16_scaled bits=%u column %u: %.9g, defined %.9g",
 			      bits, j, acc[j], (top / 4095.0f) * (float)sum);
+		}
+		for (unsigned c = 0; c < NG; c++) { /* sixteen lanes by i % 16 (rows 16-20 on lanes 0-4), then halves */
+			float lane[16] = { 0 };
+			uint16_t z;
+			for (unsigned i = 0; i < N; i++) {
+				memcpy(&z, p + i * stride + 2 * c, sizeof z);
+				lane[i % 16] += w[i] * kvp_f16_to_f32(z);
+			}
+			for (unsigned half = 8; half; half /= 2)
+				for (unsigned l = 0; l < half; l++)
+					lane[l] += lane[l + half];
+			check(same_bits(acc[M + c], lane[0]), "scalar axpy_i16_scaled bits=%u z sum %u: %.9g, defined %.9g", bits,
+			      c, acc[M + c], lane[0]);
 		}
 		free(p);
 	}
@@ -1419,26 +1437,26 @@ static void axpy_i16_scaled_reads_nothing_past_its_inputs_cases(const struct kvp
 			for (size_t b = 0; b < COUNT(rows); b++)
 				for (size_t c = 0; c < COUNT(heads); c++) {
 					const unsigned m = widths[a], n = rows[b], g = heads[c], gs = 32, ng = (m + gs - 1) / gs;
-					const size_t stride = 2 * ng + ((size_t)m * bits + 7) / 8, cb = n * stride;
+					const size_t stride = 4 * ng + ((size_t)m * bits + 7) / 8, cb = n * stride, as = m + ng;
 					uint8_t *p = guarded(cb);
-					float *w = guarded(sizeof(float) * g * n), *acc = guarded(sizeof(float) * g * m);
-					float want[5 * 128] = { 0 };
+					float *w = guarded(sizeof(float) * g * n), *acc = guarded(sizeof(float) * g * as);
+					float want[5 * 132] = { 0 };
 
 					for (size_t i = 0; i < cb; i++)
 						p[i] = (uint8_t)rnd32();
 					for (unsigned i = 0; i < n; i++)
-						for (unsigned e = 0; e < ng; e++) {
+						for (unsigned e = 0; e < 2 * ng; e++) {
 							uint16_t h = kvp_f32_to_f16((float)rand_int(1, 9));
 							memcpy(p + i * stride + 2 * e, &h, sizeof h);
 						}
 					for (size_t i = 0; i < (size_t)g * n; i++)
 						w[i] = (float)rand_int(0, 99);
-					memset(acc, 0, sizeof(float) * g * m);
-					k->axpy_i16_scaled(bits, m, gs, n, p + 2 * ng, stride, p, g, w, n, acc, m);
-					kvp_kernels_scalar.axpy_i16_scaled(bits, m, gs, n, p + 2 * ng, stride, p, g, w, n, want, m);
-					check(!memcmp(acc, want, sizeof(float) * g * m),
+					memset(acc, 0, sizeof(float) * g * as);
+					k->axpy_i16_scaled(bits, m, gs, n, p, stride, g, w, n, acc, as);
+					kvp_kernels_scalar.axpy_i16_scaled(bits, m, gs, n, p, stride, g, w, n, want, as);
+					check(!memcmp(acc, want, sizeof(float) * g * as),
 					      "%s axpy_i16_scaled bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
-					unguard(p, cb), unguard(w, sizeof(float) * g * n), unguard(acc, sizeof(float) * g * m);
+					unguard(p, cb), unguard(w, sizeof(float) * g * n), unguard(acc, sizeof(float) * g * as);
 				}
 }
 
