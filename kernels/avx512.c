@@ -1386,34 +1386,84 @@ static const char shift_bytes[64] = { SHIFT8(0), SHIFT8(8), SHIFT8(16), SHIFT8(2
  * around every use in the sixteen-accumulator loop below (41 moves for 16 products), which this keeps out. */
 #define DPWSSD(acc, x, y) __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(y))
 
-/* One head's weights W(i, c) in int16, rows of n + 2 per group (the pad rows weigh 0); returns top / 4095. */
-INLINE float scaled_weights_i16(unsigned n, unsigned ng, const float *w, const float *sf, int16_t *wq)
-{
-	const __m512 half = _mm512_set1_ps(0.5f), minus_half = _mm512_set1_ps(-0.5f), zero = _mm512_setzero_ps();
-	__m512 top = zero, inv;
-	float t;
+/*
+ * The horizontal sums of v[0..16), each in hsum's order (lane l + lane l + 8, then l + 4, l + 2, l + 1), all
+ * sixteen in one vector: each step adds halves of two vectors at once, so that 16 sums take 15 additions.
+ * Lane k of the result is the sum of v[hsum16_lane[k]].
+ */
+static const int hsum16_lane[16] = { 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15 };
 
-	for (unsigned c = 0; c < ng; c++)
-		for (unsigned i = 0; i < n; i += 16) {
-			const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
-			top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, w + i),
-									     _mm512_maskz_loadu_ps(in, sf + c * n + i))));
+INLINE __m512 hsum16(const __m512 *v)
+{
+	__m512 a[8], b[4], c[2];
+
+	for (unsigned k = 0; k < 8; k++) /* [v 2k: l + (l + 8), v 2k+1: the same] */
+		a[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+				     _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+	for (unsigned k = 0; k < 4; k++) /* blocks 0 + 1 of each half: l + (l + 4) */
+		b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x88),
+				     _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xDD));
+	for (unsigned k = 0; k < 2; k++) /* within blocks: l + (l + 2) */
+		c[k] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0x44), _mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0xEE));
+	return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD)); /* l + (l + 1) */
+}
+
+/*
+ * hn heads' weights W(i, c) in int16 (head h's rows of n + 2 per group at wq + h * ws; the pad rows weigh 0),
+ * f[h] = top / 4095, and their sums of w_i z(i, c) added to acc[h * as + c] (ng <= 4: hn * ng <= 16 sums).
+ * z and s: planar floats, zs[c * n + i] and zs[(ng + c) * n + i]. The maxima in one pass over the tokens with
+ * the z sums, then the products again, rounded and packed two vectors at a time.
+ */
+INLINE void scaled_weights_heads(unsigned hn, unsigned n, unsigned ng, const float *w, size_t w_stride,
+				 const float *zs, int16_t *wq, size_t ws, float *f, float *acc, size_t as)
+{
+	const float *sf = zs + (size_t)ng * n;
+	__m512 top[4], zsum[16], inv[4];
+	const __m512i order = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0); /* packs interleave 128-bit lanes */
+
+	for (unsigned k = 0; k < 16; k++)
+		zsum[k] = _mm512_setzero_ps();
+	for (unsigned h = 0; h < hn; h++)
+		top[h] = _mm512_setzero_ps();
+	for (unsigned i = 0; i < n; i += 16) {
+		const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
+		__m512 wv[4];
+		for (unsigned h = 0; h < hn; h++)
+			wv[h] = _mm512_maskz_loadu_ps(in, w + h * w_stride + i);
+		for (unsigned c = 0; c < ng; c++) {
+			const __m512 zv = _mm512_maskz_loadu_ps(in, zs + c * n + i), sv = _mm512_maskz_loadu_ps(in, sf + c * n + i);
+			for (unsigned h = 0; h < hn; h++) {
+				zsum[h * ng + c] = _mm512_add_ps(zsum[h * ng + c], _mm512_mul_ps(wv[h], zv));
+				top[h] = _mm512_max_ps(top[h], _mm512_abs_ps(_mm512_mul_ps(wv[h], sv)));
+			}
 		}
-	t = _mm512_reduce_max_ps(top);
-	inv = _mm512_set1_ps(kvp_weight_inv(t));
-	for (unsigned c = 0; c < ng; c++) {
-		int16_t *row = wq + c * (n + 2);
-		for (unsigned i = 0; i < n; i += 16) {
-			const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
-			const __m512 x = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, w + i),
-								     _mm512_maskz_loadu_ps(in, sf + c * n + i)),
-						       inv);
-			const __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), half, minus_half);
-			_mm256_mask_storeu_epi16(row + i, in, _mm512_cvtsepi32_epi16(_mm512_cvttps_epi32(_mm512_add_ps(x, r))));
-		}
-		row[n] = row[n + 1] = 0;
 	}
-	return t / KVP_WEIGHT_MAX;
+	{
+		float sums[16];
+		_mm512_storeu_ps(sums, hsum16(zsum));
+		for (unsigned k = 0; k < 16; k++)
+			if (hsum16_lane[k] < (int)(hn * ng))
+				acc[hsum16_lane[k] / ng * as + hsum16_lane[k] % ng] += sums[k];
+	}
+	for (unsigned h = 0; h < hn; h++) {
+		const float t = _mm512_reduce_max_ps(top[h]);
+		inv[h] = _mm512_set1_ps(kvp_weight_inv(t));
+		f[h] = t / KVP_WEIGHT_MAX;
+	}
+	for (unsigned h = 0; h < hn; h++)
+		for (unsigned c = 0; c < ng; c++) {
+			int16_t *row = wq + h * ws + c * (n + 2);
+			const float *wh = w + h * w_stride, *sc = sf + c * n;
+			for (unsigned i = 0; i < n; i += 32) {
+				const unsigned k = n - i < 32 ? n - i : 32;
+				const __mmask16 in0 = tail16(k < 16 ? k : 16), in1 = k > 16 ? tail16(k - 16) : 0;
+				const __m512 x0 = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in0, wh + i), _mm512_maskz_loadu_ps(in0, sc + i)), inv[h]);
+				const __m512 x1 = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in1, wh + i + 16), _mm512_maskz_loadu_ps(in1, sc + i + 16)), inv[h]);
+				const __m512i packed = _mm512_permutexvar_epi64(order, _mm512_packs_epi32(nearest16(x0), nearest16(x1)));
+				_mm512_mask_storeu_epi16(row + i, (__mmask32)(k == 32 ? ~0u : (1u << k) - 1), packed);
+			}
+			row[n] = row[n + 1] = 0;
+		}
 }
 
 /* The step of 16 columns e: their codes of the two rows as int16 pairs (byte permutation, then each lane's bits
@@ -1499,28 +1549,14 @@ INLINE void gather_scalars(unsigned ns, unsigned n, const uint8_t *rows, size_t 
 	}
 }
 
-/* acc[c] += sum_i w[i] * z[c * n + i] for c < ng, in kvp_fold16's order (masked lanes add +0: no change) */
-INLINE void add_z_sums(unsigned n, unsigned ng, const float *w, const float *z, float *acc)
-{
-	for (unsigned c = 0; c < ng; c++) {
-		__m512 p = _mm512_setzero_ps();
-		for (unsigned i = 0; i < n; i += 16) {
-			const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
-			p = _mm512_add_ps(p, _mm512_mul_ps(_mm512_maskz_loadu_ps(in, w + i), _mm512_maskz_loadu_ps(in, z + c * n + i)));
-		}
-		acc[c] += hsum(p);
-	}
-}
-
 static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *rows, size_t stride,
 			    unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride)
 {
 	const unsigned ng = (m + gsize - 1) / gsize;
 	int16_t wq[4 * SCALED_WEIGHTS] __attribute__((aligned(4)));
 	float zs[2 * SCALED_WEIGHTS], f[4];
-	const float *sf = zs + (size_t)ng * n;
 
-	if (bits != 2 || gsize % 16 || m % 64 || (size_t)ng * (n + 2) > SCALED_WEIGHTS) {
+	if (bits != 2 || gsize % 16 || m % 64 || ng > 4 || (size_t)ng * (n + 2) > SCALED_WEIGHTS) {
 		kvp_kernels_scalar.axpy_i16_scaled(bits, m, gsize, n, rows, stride, g, w, w_stride, acc, acc_stride);
 		return;
 	}
@@ -1529,10 +1565,23 @@ static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned 
 		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
 		const size_t ws = (size_t)ng * (n + 2);
 
-		for (unsigned h = 0; h < hn; h++) {
-			add_z_sums(n, ng, w + (h0 + h) * w_stride, zs, acc + (h0 + h) * acc_stride + m);
-			f[h] = scaled_weights_i16(n, ng, w + (h0 + h) * w_stride, sf, wq + h * ws);
+		/* both counts constants in each case: the sixteen z sums and four maxima stay in registers */
+#define WEIGHTS(hn, ng) scaled_weights_heads(hn, n, ng, w + h0 * w_stride, w_stride, zs, wq, ws, f, acc + h0 * acc_stride + m, acc_stride)
+#define WEIGHTS_NG(hn) \
+	switch (ng) { \
+	case 4: WEIGHTS(hn, 4); break; \
+	case 3: WEIGHTS(hn, 3); break; \
+	case 2: WEIGHTS(hn, 2); break; \
+	default: WEIGHTS(hn, 1); break; \
+	}
+		switch (hn) {
+		case 4: WEIGHTS_NG(4); break;
+		case 3: WEIGHTS_NG(3); break;
+		case 2: WEIGHTS_NG(2); break;
+		default: WEIGHTS_NG(1); break;
 		}
+#undef WEIGHTS_NG
+#undef WEIGHTS
 #define SCALED_HEADS(hn) \
 	axpy_i16_scaled_heads(hn, m, gsize, n, rows + 4 * (size_t)ng, stride, wq, f, acc + h0 * acc_stride, acc_stride)
 		switch (hn) {
