@@ -876,30 +876,19 @@ static void dot_channel(const struct kvp_codec *c, unsigned n, const unsigned ch
 }
 
 /*
- * dot_channel for the g heads of a GQA group on the integer kernel (attention's path): per group, out =
- * <q, z>, then dot_i8_scaled adds each head's sum_j (q_j s_j) code_jt with q * s in int8 on the step
- * max_j |q_j s_j| / 127: a score moves by at most step / 2 * sum_j code_jt (tests/test_kivi.c checks it).
+ * dot_channel for the g heads of a GQA group on the integer kernel (attention's path): one dot_i8_scaled per
+ * group, which reads the group's fp16 z and s itself, sums <q, z> in floats and adds each head's
+ * sum_j (q_j s_j) code_jt with q * s in int8 on the step max_j |q_j s_j| / 127: a score moves by at most
+ * step / 2 * sum_j code_jt (tests/test_kivi.c checks it).
  */
 static void dot_channel_i8(const struct kvp_codec *c, unsigned n, const unsigned char *p, unsigned g,
 			   const float *qprep, float *out)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct kivi *k = c->state;
-	const struct kivi_scratch w = scratch_of(c);
-	const unsigned d = c->dim, groups = n / k->g;
-	float zq[KVP_CODEC_GROUP_MAX * GROUPS];
 
-	for (unsigned a = 0, an; a < groups; a += an, p += k->stride * an) {
-		an = channel_scalars(c, &w, groups - a, p, g, qprep, zq);
-		for (unsigned e = 0; e < an; e++) {
-			const size_t i = (size_t)(a + e) * k->g;
-
-			for (unsigned h = 0; h < g; h++)
-				fill(k->g, out + h * (size_t)n + i, zq[h * an + e]);
-			kern->dot_i8_scaled(k->bits, d, k->g, p + e * k->stride + 4 * (size_t)d, g, qprep, d,
-					    w.zs + (size_t)e * d, out + i, n);
-		}
-	}
+	for (unsigned i = 0; i < n; i += k->g, p += k->stride)
+		kern->dot_i8_scaled(k->bits, c->dim, k->g, p, g, qprep, c->dim, out + i, n);
 }
 
 /* The z and s of a pass of cn value tokens from p on, as fp16 in h16, planar: h16[g * cn + i] is z of token i's

@@ -1219,33 +1219,46 @@ INLINE __m512i nearest16(__m512 x)
 	return _mm512_cvttps_epi32(_mm512_add_ps(x, _mm512_castsi512_ps(r)));
 }
 
-/* kvp_scaled_query_i8 for hn heads at once (the same products, maxima and rounding): the maxima in one pass
- * over the channels, then each head's int8 query as whole 64-byte rows of quads[h] (channels past m weigh
- * 0). Whole-row stores, not byte-masked ones: the kernel's 4-byte loads that follow are forwarded from them. */
-INLINE void scaled_queries_i8(unsigned hn, unsigned m, const float *q, size_t qs, const float *s,
-			      int32_t (*quads)[SCALED_QUADS], float *step)
+/* kvp_scaled_query_i8 for hn heads at once (the same products, maxima and rounding), and each head's float sum
+ * of q_j z_j (kvp_fold16's order) in zq: the maxima and those sums in one pass over the channels, then each
+ * head's int8 query as whole 64-byte rows of quads[h] (channels past m weigh 0). Whole-row stores, not
+ * byte-masked ones: the kernel's 4-byte loads that follow are forwarded from them. */
+INLINE __m512 f16_at(__mmask16 in, const uint8_t *p, unsigned j)
 {
-	__m512 top[4] = { _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps() };
+	return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, p + 2 * (size_t)j));
+}
+
+INLINE void scaled_queries_i8(unsigned hn, unsigned m, const float *q, size_t qs, const uint8_t *group,
+			      int32_t (*quads)[SCALED_QUADS], float *step, float *zq)
+{
+	const uint8_t *s = group + 2 * (size_t)m;
+	__m512 top[4], zs[4];
 	float inv[4];
 
+	for (unsigned h = 0; h < hn; h++)
+		top[h] = zs[h] = _mm512_setzero_ps();
 	for (unsigned j = 0; j < m; j += 16) {
 		const __mmask16 in = tail16(m - j < 16 ? m - j : 16);
-		const __m512 sv = _mm512_maskz_loadu_ps(in, s + j);
-		for (unsigned h = 0; h < hn; h++)
-			top[h] = _mm512_max_ps(top[h], _mm512_abs_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, q + h * qs + j), sv)));
+		const __m512 sv = f16_at(in, s, j), zv = f16_at(in, group, j);
+		for (unsigned h = 0; h < hn; h++) {
+			const __m512 qv = _mm512_maskz_loadu_ps(in, q + h * qs + j);
+			top[h] = _mm512_max_ps(top[h], _mm512_abs_ps(_mm512_mul_ps(qv, sv)));
+			zs[h] = _mm512_add_ps(zs[h], _mm512_mul_ps(qv, zv));
+		}
 	}
 	for (unsigned h = 0; h < hn; h++) {
 		const float t = _mm512_reduce_max_ps(top[h]);
 		inv[h] = t > 127.0f / 3.0e38f ? 127.0f / t : 0.0f;
 		step[h] = t / 127.0f;
+		zq[h] = hsum(zs[h]);
 	}
 	for (unsigned j = 0; j < m; j += 64) {
 		const __mmask16 in0 = tail16(m - j < 16 ? m - j : 16);
 		const __mmask16 in1 = m - j > 16 ? tail16(m - j - 16 < 16 ? m - j - 16 : 16) : 0;
 		const __mmask16 in2 = m - j > 32 ? tail16(m - j - 32 < 16 ? m - j - 32 : 16) : 0;
 		const __mmask16 in3 = m - j > 48 ? tail16(m - j - 48 < 16 ? m - j - 48 : 16) : 0;
-		const __m512 s0 = _mm512_maskz_loadu_ps(in0, s + j), s1 = _mm512_maskz_loadu_ps(in1, s + j + 16);
-		const __m512 s2 = _mm512_maskz_loadu_ps(in2, s + j + 32), s3 = _mm512_maskz_loadu_ps(in3, s + j + 48);
+		const __m512 s0 = f16_at(in0, s, j), s1 = f16_at(in1, s, j + 16);
+		const __m512 s2 = f16_at(in2, s, j + 32), s3 = f16_at(in3, s, j + 48);
 
 		/* packs work within 128-bit lanes: dword 4v + L of the packed row is lane L's dword v, put back in order */
 		const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
@@ -1272,18 +1285,17 @@ INLINE void scaled_queries_i8(unsigned hn, unsigned m, const float *q, size_t qs
 		acc2 = _mm512_dpbusd_epi32(acc2, c2, qk);               \
 	} while (0)
 
-/* out[0..rows) += step * the sums of a block of rows */
-INLINE void add_rows(float *o, unsigned rows, float step, __m512i sums)
+/* out[0..rows) = z + step * the sums of a block of rows */
+INLINE void add_rows(float *o, unsigned rows, float z, float step, __m512i sums)
 {
-	const __mmask16 keep = tail16(rows);
 	const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(step));
 
-	_mm512_mask_storeu_ps(o, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, o), v));
+	_mm512_mask_storeu_ps(o, tail16(rows), _mm512_add_ps(_mm512_set1_ps(z), v));
 }
 
 /* Rows 32 at a time, in two blocks of 16 lanes (the second empty past n: its loads are masked off). */
 INLINE void dot_i8_scaled_heads(unsigned hn, unsigned bytes, unsigned n, const uint8_t *codes,
-				const int32_t (*quads)[SCALED_QUADS], const float *step, float *out, size_t os)
+				const int32_t (*quads)[SCALED_QUADS], const float *step, const float *zq, float *out, size_t os)
 {
 	const __m512i pick = _mm512_set1_epi64(0x2624222006040200ll), three = _mm512_set1_epi8(3);
 
@@ -1311,9 +1323,9 @@ INLINE void dot_i8_scaled_heads(unsigned hn, unsigned bytes, unsigned n, const u
 		{
 			const __m512i a[4] = { a0, a1, a2, a3 }, b[4] = { b0, b1, b2, b3 };
 			for (unsigned h = 0; h < hn; h++) {
-				add_rows(out + h * os + i0, rows, step[h], a[h]);
+				add_rows(out + h * os + i0, rows, zq[h], step[h], a[h]);
 				if (rows2)
-					add_rows(out + h * os + i0 + 16, rows2, step[h], b[h]);
+					add_rows(out + h * os + i0 + 16, rows2, zq[h], step[h], b[h]);
 			}
 		}
 	}
@@ -1321,27 +1333,27 @@ INLINE void dot_i8_scaled_heads(unsigned hn, unsigned bytes, unsigned n, const u
 
 #undef SCALED_HEAD
 
-static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, unsigned g, const float *q,
-			  size_t q_stride, const float *s, float *out, size_t out_stride)
+static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g, const float *q,
+			  size_t q_stride, float *out, size_t out_stride)
 {
 	int32_t quads[4][SCALED_QUADS];
 	const unsigned bytes = (m + 3) / 4;
-	float step[4];
+	const uint8_t *codes = group + 4 * (size_t)m;
+	float step[4], zq[4];
 
 	if (bits != 2 || m > 4 * SCALED_QUADS) {
 		/* through the table, not inlined: this frame stays small */
-		kvp_kernels_scalar.dot_i8_scaled(bits, m, n, codes, g, q, q_stride, s, out, out_stride);
+		kvp_kernels_scalar.dot_i8_scaled(bits, m, n, group, g, q, q_stride, out, out_stride);
 		return;
 	}
 	for (unsigned h0 = 0; h0 < g; h0 += 4) {
 		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
+		const float *qh = q + h0 * q_stride;
 		float *o = out + h0 * out_stride;
 
-		const float *qh = q + h0 * q_stride;
-
 #define SCALED_BLOCK(hn) \
-	scaled_queries_i8(hn, m, qh, q_stride, s, quads, step), \
-	dot_i8_scaled_heads(hn, bytes, n, codes, quads, step, o, out_stride)
+	scaled_queries_i8(hn, m, qh, q_stride, group, quads, step, zq), \
+	dot_i8_scaled_heads(hn, bytes, n, codes, quads, step, zq, o, out_stride)
 		switch (hn) {
 		case 4: SCALED_BLOCK(4); break;
 		case 3: SCALED_BLOCK(3); break;

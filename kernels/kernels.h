@@ -117,16 +117,17 @@ struct kvp_kernels {
 				   const int16_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
 				   const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride);
 	/*
-	 * dot_i8_scaled: unsigned integer codes against a query scaled per channel, for the g heads of a GQA
-	 * group (KIVI's key groups: the scales are a group's s). Row i of n holds m codes of `bits` bits, packed
-	 * LSB first into ceil(m*bits/8) bytes and stored by columns: byte k of row i is codes[k*n + i]. Per head
-	 * (q + h*q_stride), the int8 query of kvp_scaled_query_i8 below (u_j = q_j * s_j rounded to int8 on the
-	 * step max |u| / 127), then
-	 *   out[h*out_stride + i] += (float)S(h, i) * step(h),  S(h, i) = sum_j Q(h, j) * code(i, j)  (exact int32).
-	 * m <= KVP_SCALED_DOT_DIM_MAX. Every implementation gives the same bits.
+	 * dot_i8_scaled: KIVI's key groups (keys quantized per channel over n tokens) scored for the g heads of a
+	 * GQA group. The group at `group`: m little-endian fp16 zero points z_j, m fp16 scales s_j (at least 0),
+	 * then n rows of m codes of `bits` bits, each row packed LSB first into ceil(m*bits/8) bytes and stored
+	 * by columns: byte k of row i is group[4m + k*n + i]. Per head (q + h*q_stride), the int8 query of
+	 * kvp_scaled_query_i8 below (u_j = q_j * s_j rounded to int8 on the step max |u| / 127), then
+	 *   out[h*out_stride + i] = Z(h) + (float)S(h, i) * step(h),  S(h, i) = sum_j Q(h, j) * code(i, j)  (exact int32),
+	 * Z(h) the float sum of q_j * z_j in kvp_fold16's order. m <= KVP_SCALED_DOT_DIM_MAX. Every implementation
+	 * gives the same bits.
 	 */
-	void (*dot_i8_scaled)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, unsigned g, const float *q,
-			      size_t q_stride, const float *s, float *out, size_t out_stride);
+	void (*dot_i8_scaled)(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g, const float *q,
+			      size_t q_stride, float *out, size_t out_stride);
 	/*
 	 * axpy_i16_scaled: weighted sums of KIVI's value tokens, whose rows carry a zero point z and a scale s per
 	 * group of gsize columns. Row i's record at rows + i*stride: ng = ceil(m/gsize) little-endian fp16 z(i, c),
@@ -297,19 +298,25 @@ static inline float kvp_weights_i16(unsigned n, const float *w, const uint8_t *r
 /* The most channels dot_i8_scaled takes. */
 #define KVP_SCALED_DOT_DIM_MAX 4096u
 
+/* The little-endian fp16 number at p + 2j as a float. */
+static inline float kvp_f16_at(const uint8_t *p, unsigned j)
+{
+	return kvp_f16_to_f32((uint16_t)(p[2 * (size_t)j] | p[2 * (size_t)j + 1] << 8));
+}
+
 /* dot_i8_scaled's query: Q_j = nearest((q_j * s_j) * inv), inv = 127 / max_j |q_j * s_j| (0 where that is
- * not a finite float); returns the step, max / 127. */
-static inline float kvp_scaled_query_i8(unsigned m, const float *q, const float *s, int8_t *q8)
+ * not a finite float), s_j the fp16 numbers at s; returns the step, max / 127. */
+static inline float kvp_scaled_query_i8(unsigned m, const float *q, const uint8_t *s, int8_t *q8)
 {
 	float top = 0.0f, inv;
 
 	for (unsigned j = 0; j < m; j++) {
-		float u = q[j] * s[j];
+		float u = q[j] * kvp_f16_at(s, j);
 		top = fabsf(u) > top ? fabsf(u) : top;
 	}
 	inv = top > 127.0f / 3.0e38f ? 127.0f / top : 0.0f;
 	for (unsigned j = 0; j < m; j++)
-		q8[j] = (int8_t)kvp_nearest((q[j] * s[j]) * inv);
+		q8[j] = (int8_t)kvp_nearest((q[j] * kvp_f16_at(s, j)) * inv);
 	return top / 127.0f;
 }
 
@@ -325,21 +332,45 @@ static inline unsigned kvp_column_code(const uint8_t *codes, unsigned n, unsigne
 	return v & ((1u << bits) - 1);
 }
 
-/* dot_i8_scaled in plain code: the scalar reference, and the tables without a vector version. */
-static inline void kvp_dot_i8_scaled_plain(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, unsigned g,
-					   const float *q, size_t q_stride, const float *s, float *out,
-					   size_t out_stride)
+/*
+ * The float sum of a(i) * b(i), i < n, in one order every implementation keeps: sixteen running sums, lane
+ * i % 16 taking each rounded product in turn (from +0), then halves folded: lane l + lane l + 8 (l < 8), then
+ * l + 4, l + 2, l + 1 (the order of sixteen vector lanes reduced by halves).
+ */
+static inline float kvp_fold16(float p[16])
 {
+	for (unsigned w = 8; w; w /= 2)
+		for (unsigned l = 0; l < w; l++)
+			p[l] += p[l + w];
+	return p[0];
+}
+
+/* The float sum of a[j] * (fp16 at b + 2j), j < m, in kvp_fold16's order. */
+static inline float kvp_dot_f16_fold16(unsigned m, const float *a, const uint8_t *b)
+{
+	float p[16] = { 0 };
+
+	for (unsigned j = 0; j < m; j++)
+		p[j % 16] += a[j] * kvp_f16_at(b, j);
+	return kvp_fold16(p);
+}
+
+/* dot_i8_scaled in plain code: the scalar reference, and the tables without a vector version. */
+static inline void kvp_dot_i8_scaled_plain(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g,
+					   const float *q, size_t q_stride, float *out, size_t out_stride)
+{
+	const uint8_t *codes = group + 4 * (size_t)m;
 	int8_t q8[KVP_SCALED_DOT_DIM_MAX];
 
 	for (unsigned h = 0; h < g; h++) {
-		const float step = kvp_scaled_query_i8(m, q + h * q_stride, s, q8);
+		const float step = kvp_scaled_query_i8(m, q + h * q_stride, group + 2 * (size_t)m, q8);
+		const float z = kvp_dot_f16_fold16(m, q + h * q_stride, group);
 
 		for (unsigned i = 0; i < n; i++) {
 			int32_t sum = 0;
 			for (unsigned j = 0; j < m; j++)
 				sum += q8[j] * (int32_t)kvp_column_code(codes, n, i, j, bits);
-			out[h * out_stride + i] += (float)sum * step;
+			out[h * out_stride + i] = z + (float)sum * step;
 		}
 	}
 }
@@ -362,19 +393,6 @@ static inline float kvp_row_scalar(const uint8_t *rows, size_t stride, unsigned 
 	const uint8_t *p = rows + i * stride + 2 * (size_t)e;
 
 	return kvp_f16_to_f32((uint16_t)(p[0] | p[1] << 8));
-}
-
-/*
- * The float sum of a(i) * b(i), i < n, in one order every implementation keeps: sixteen running sums, lane
- * i % 16 taking each rounded product in turn (from +0), then halves folded: lane l + lane l + 8 (l < 8), then
- * l + 4, l + 2, l + 1 (the order of sixteen vector lanes reduced by halves).
- */
-static inline float kvp_fold16(float p[16])
-{
-	for (unsigned w = 8; w; w /= 2)
-		for (unsigned l = 0; l < w; l++)
-			p[l] += p[l + w];
-	return p[0];
 }
 
 /* axpy_i16_scaled in plain code: the scalar reference, and the tables without a vector version. Columns in

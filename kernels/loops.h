@@ -410,10 +410,10 @@ static void band_norms(unsigned d, unsigned n, int interleaved, const float *row
 
 #ifndef KVP_ISA_DOT_I8_SCALED
 /* No vector version in this table yet: the plain code of kernels.h. */
-static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, unsigned g, const float *q,
-			  size_t q_stride, const float *s, float *out, size_t out_stride)
+static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g, const float *q,
+			  size_t q_stride, float *out, size_t out_stride)
 {
-	kvp_dot_i8_scaled_plain(bits, m, n, codes, g, q, q_stride, s, out, out_stride);
+	kvp_dot_i8_scaled_plain(bits, m, n, group, g, q, q_stride, out, out_stride);
 }
 #endif
 

@@ -1230,55 +1230,77 @@ static void integer_lookups_equal_scalar_on_long_rows(const struct kvp_kernels *
 
 /* ---- dot_i8_scaled: the scalar reference's bits ---- */
 
+/* A key group at p: m fp16 z (either sign), m fp16 s (at least 0, a few 0), then rows' codes as they come. */
+static void fill_key_group(uint8_t *p, unsigned m)
+{
+	for (unsigned j = 0; j < m; j++) {
+		uint16_t z = kvp_f32_to_f16((float)rand_int(-1000, 1000) / 300.0f);
+		uint16_t s = j % 7 == 3 ? 0 : kvp_f32_to_f16((float)rand_int(0, 1000) / 333.0f);
+		memcpy(p + 2 * j, &z, sizeof z);
+		memcpy(p + 2 * (m + j), &s, sizeof s);
+	}
+}
+
 /*
- * g heads over n rows of m codes stored by columns, `off` bytes into their allocations (codes, query,
- * scales), query rows m + 3 apart, out rows n + 2 apart with random contents to add to. Equal bit for bit.
+ * g heads over a group of n rows of m codes stored by columns, `off` bytes into their allocations (group,
+ * query), query rows m + 3 apart, out rows n + 2 apart with random contents to overwrite. Equal bit for bit.
  */
 static void scaled_case(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned n, unsigned g,
 			unsigned off)
 {
-	const size_t bytes = ((size_t)m * bits + 7) / 8 * n, qs = m + 3, os = n + 2;
-	uint8_t *codes = rand_codes(1, bytes, bytes, off);
-	float *q = rand_f32(g * qs + off, 0), *s = rand_f32(m + off, 0);
+	const size_t bytes = 4 * (size_t)m + ((size_t)m * bits + 7) / 8 * n, qs = m + 3, os = n + 2;
+	uint8_t *group = rand_codes(1, bytes, bytes, off);
+	float *q = rand_f32(g * qs + off, 0);
 	float *got = rand_f32(g * os, 0), *want = copy_f32(got, g * os);
 
-	for (unsigned j = 0; j < m; j++) /* KIVI's scales are at least 0; a few channels of 0 */
-		s[off + j] = j % 7 == 3 ? 0.0f : fabsf(s[off + j]);
-	k->dot_i8_scaled(bits, m, n, codes + off, g, q + off, qs, s + off, got, os);
-	kvp_kernels_scalar.dot_i8_scaled(bits, m, n, codes + off, g, q + off, qs, s + off, want, os);
+	fill_key_group(group + off, m);
+	k->dot_i8_scaled(bits, m, n, group + off, g, q + off, qs, got, os);
+	kvp_kernels_scalar.dot_i8_scaled(bits, m, n, group + off, g, q + off, qs, want, os);
 	for (size_t i = 0; i < g * os; i++)
 		check(same_bits(got[i], want[i]), "%s dot_i8_scaled bits=%u m=%u n=%u g=%u off=%u head %zu row %zu: %.9g, scalar %.9g",
 		      k->name, bits, m, n, g, off, i / os, i % os, got[i], want[i]);
-	free(codes), free(q), free(s), free(got), free(want);
+	free(group), free(q), free(got), free(want);
 }
 
-/* The contract of kernels.h in the test's own words: int8 query on the step max |q s| / 127, exact sums. */
+/* The contract of kernels.h in the test's own words: <q, z> over sixteen lanes folded by halves, plus the int8
+ * query on the step max |q s| / 127 against the codes, exactly. */
 static void scalar_dot_i8_scaled_matches_its_definition(void)
 {
 	for (unsigned bits = 1; bits <= 4; bits++) {
 		enum { M = 37, N = 5 };
 		const size_t rb = (M * bits + 7) / 8;
-		uint8_t *codes = rand_codes(1, rb * N, rb * N, 0);
-		float q[M], s[M], out[N] = { 0 }, top = 0;
+		uint8_t *group = rand_codes(1, 4 * M + rb * N, 4 * M + rb * N, 0);
+		const uint8_t *codes = group + 4 * M;
+		float q[M], out[N], top = 0, lane[16] = { 0 };
 
+		fill_key_group(group, M);
 		for (unsigned j = 0; j < M; j++) {
-			q[j] = (float)rand_int(-1000, 1000) / 999.0f, s[j] = (float)rand_int(0, 1000) / 333.0f;
-			top = fabsf(q[j] * s[j]) > top ? fabsf(q[j] * s[j]) : top;
+			uint16_t z, s;
+			memcpy(&z, group + 2 * j, sizeof z);
+			memcpy(&s, group + 2 * (M + j), sizeof s);
+			q[j] = (float)rand_int(-1000, 1000) / 999.0f;
+			top = fabsf(q[j] * kvp_f16_to_f32(s)) > top ? fabsf(q[j] * kvp_f16_to_f32(s)) : top;
+			lane[j % 16] += q[j] * kvp_f16_to_f32(z);
 		}
-		kvp_kernels_scalar.dot_i8_scaled(bits, M, N, codes, 1, q, M, s, out, N);
+		for (unsigned half = 8; half; half /= 2)
+			for (unsigned l = 0; l < half; l++)
+				lane[l] += lane[l + half];
+		kvp_kernels_scalar.dot_i8_scaled(bits, M, N, group, 1, q, M, out, N);
 		for (unsigned i = 0; i < N; i++) {
 			int64_t sum = 0;
 			for (unsigned j = 0; j < M; j++) {
 				unsigned at = j * bits, code = 0;
+				uint16_t s;
+				memcpy(&s, group + 2 * (M + j), sizeof s);
 				for (unsigned b = 0; b < bits; b++, at++) /* bit b of the code: bit at of the row */
 					code |= (unsigned)(codes[(at / 8) * N + i] >> (at % 8) & 1) << b;
-				float x = (q[j] * s[j]) * (127.0f / top);
+				float x = (q[j] * kvp_f16_to_f32(s)) * (127.0f / top);
 				sum += (int64_t)code * (int32_t)(x + (x < 0 ? -0.5f : 0.5f));
 			}
-			check(same_bits(out[i], (float)sum * (top / 127.0f)), "scalar dot_i8_scaled bits=%u row %u: %.9g, defined %.9g",
-			      bits, i, out[i], (float)sum * (top / 127.0f));
+			float want = lane[0] + (float)sum * (top / 127.0f);
+			check(same_bits(out[i], want), "scalar dot_i8_scaled bits=%u row %u: %.9g, defined %.9g", bits, i, out[i], want);
 		}
-		free(codes);
+		free(group);
 	}
 }
 
@@ -1306,24 +1328,22 @@ static void dot_i8_scaled_reads_nothing_past_its_inputs_cases(const struct kvp_k
 			for (size_t b = 0; b < COUNT(rows); b++)
 				for (size_t c = 0; c < COUNT(heads); c++) {
 					const unsigned m = lut_dims[a], n = rows[b], g = heads[c];
-					const size_t cb = ((size_t)m * bits + 7) / 8 * n;
-					uint8_t *codes = guarded(cb);
-					float *q = guarded(sizeof(float) * g * m), *s = guarded(sizeof(float) * m);
+					const size_t cb = 4 * (size_t)m + ((size_t)m * bits + 7) / 8 * n;
+					uint8_t *group = guarded(cb);
+					float *q = guarded(sizeof(float) * g * m);
 					float *out = guarded(sizeof(float) * g * n), want[5 * 17] = { 0 };
 
 					for (size_t i = 0; i < cb; i++)
-						codes[i] = (uint8_t)rnd32();
+						group[i] = (uint8_t)rnd32();
+					fill_key_group(group, m);
 					for (size_t j = 0; j < (size_t)g * m; j++)
 						q[j] = (float)rand_int(-99, 99);
-					for (unsigned j = 0; j < m; j++)
-						s[j] = (float)rand_int(0, 9);
 					memset(out, 0, sizeof(float) * g * n);
-					k->dot_i8_scaled(bits, m, n, codes, g, q, m, s, out, n);
-					kvp_kernels_scalar.dot_i8_scaled(bits, m, n, codes, g, q, m, s, want, n);
+					k->dot_i8_scaled(bits, m, n, group, g, q, m, out, n);
+					kvp_kernels_scalar.dot_i8_scaled(bits, m, n, group, g, q, m, want, n);
 					check(!memcmp(out, want, sizeof(float) * g * n),
 					      "%s dot_i8_scaled bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
-					unguard(codes, cb), unguard(q, sizeof(float) * g * m), unguard(s, sizeof(float) * m);
-					unguard(out, sizeof(float) * g * n);
+					unguard(group, cb), unguard(q, sizeof(float) * g * m), unguard(out, sizeof(float) * g * n);
 				}
 }
 
