@@ -1240,6 +1240,7 @@ INLINE void scaled_queries_i8(unsigned hn, unsigned m, const float *q, size_t qs
 	for (unsigned j = 0; j < m; j += 16) {
 		const __mmask16 in = tail16(m - j < 16 ? m - j : 16);
 		const __m512 sv = f16_at(in, s, j), zv = f16_at(in, group, j);
+#pragma GCC unroll 4
 		for (unsigned h = 0; h < hn; h++) {
 			const __m512 qv = _mm512_maskz_loadu_ps(in, q + h * qs + j);
 			top[h] = _mm512_max_ps(top[h], _mm512_abs_ps(_mm512_mul_ps(qv, sv)));
@@ -1420,6 +1421,47 @@ INLINE __m512 hsum16(const __m512 *v)
 	return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD)); /* l + (l + 1) */
 }
 
+/* Sixteen weights u * inv rounded (kvp_nearest), two vectors packed to 32 int16 in order. */
+INLINE __m512i weights32(__m512 x0, __m512 x1)
+{
+	const __m512i order = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0); /* packs interleave 128-bit lanes */
+
+	return _mm512_permutexvar_epi64(order, _mm512_packs_epi32(nearest16(x0), nearest16(x1)));
+}
+
+/*
+ * Pass 2 of scaled_weights_heads for the plane kernel (groups of 32 columns): per head h and pair of groups
+ * v (2v, 2v + 1), one qword per pair of rows p, pq[h * hs + v * pv + p] = W(2p, 2v), W(2p + 1, 2v),
+ * W(2p, 2v + 1), W(2p + 1, 2v + 1); rows past n weigh 0. Written 32 rows (16 qwords) at a time.
+ */
+INLINE void weight_pairs(unsigned hn, unsigned n, unsigned ng, const float *w, size_t w_stride, const float *sf,
+			 const __m512 *inv, int64_t *pq, size_t pv)
+{
+	const __m512i lo_order = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), hi_order = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+	const size_t hs = (size_t)ng / 2 * pv;
+
+	for (unsigned h = 0; h < hn; h++)
+		for (unsigned v = 0; v < ng / 2; v++) {
+			const float *wh = w + h * w_stride, *s0 = sf + 2 * v * (size_t)n, *s1 = s0 + n;
+			int64_t *out = pq + h * hs + v * pv;
+			for (unsigned i = 0; i < n; i += 32) {
+				const unsigned k = n - i < 32 ? n - i : 32;
+				const __mmask16 in0 = tail16(k < 16 ? k : 16), in1 = k > 16 ? tail16(k - 16) : 0;
+				const __m512 w0 = _mm512_maskz_loadu_ps(in0, wh + i), w1 = _mm512_maskz_loadu_ps(in1, wh + i + 16);
+				const __m512i r0 = weights32(
+					_mm512_mul_ps(_mm512_mul_ps(w0, _mm512_maskz_loadu_ps(in0, s0 + i)), inv[h]),
+					_mm512_mul_ps(_mm512_mul_ps(w1, _mm512_maskz_loadu_ps(in1, s0 + i + 16)), inv[h]));
+				const __m512i r1 = weights32(
+					_mm512_mul_ps(_mm512_mul_ps(w0, _mm512_maskz_loadu_ps(in0, s1 + i)), inv[h]),
+					_mm512_mul_ps(_mm512_mul_ps(w1, _mm512_maskz_loadu_ps(in1, s1 + i + 16)), inv[h]));
+				/* dwords (pairs of rows) of the two groups interleaved: qwords 0, 1, 4, 5, ... and 2, 3, 6, 7, ... */
+				const __m512i lo = _mm512_unpacklo_epi32(r0, r1), hi = _mm512_unpackhi_epi32(r0, r1);
+				_mm512_storeu_si512(out + i / 2, _mm512_permutex2var_epi64(lo, lo_order, hi));
+				_mm512_storeu_si512(out + i / 2 + 8, _mm512_permutex2var_epi64(lo, hi_order, hi));
+			}
+		}
+}
+
 /*
  * hn heads' weights W(i, c) in int16 (head h's rows of n + 2 per group at wq + h * ws; the pad rows weigh 0),
  * f[h] = top / 4095, and their sums of w_i z(i, c) added to acc[h * as + c] (ng <= 4: hn * ng <= 16 sums).
@@ -1427,23 +1469,29 @@ INLINE __m512 hsum16(const __m512 *v)
  * the z sums, then the products again, rounded and packed two vectors at a time.
  */
 INLINE void scaled_weights_heads(unsigned hn, unsigned n, unsigned ng, const float *w, size_t w_stride,
-				 const float *zs, int16_t *wq, size_t ws, float *f, float *acc, size_t as)
+				 const float *zs, int16_t *wq, size_t ws, int64_t *pq, size_t pv, float *f, float *acc,
+				 size_t as)
 {
 	const float *sf = zs + (size_t)ng * n;
 	__m512 top[4], zsum[16], inv[4];
 	const __m512i order = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0); /* packs interleave 128-bit lanes */
 
+#pragma GCC unroll 16
 	for (unsigned k = 0; k < 16; k++)
 		zsum[k] = _mm512_setzero_ps();
+#pragma GCC unroll 4
 	for (unsigned h = 0; h < hn; h++)
 		top[h] = _mm512_setzero_ps();
 	for (unsigned i = 0; i < n; i += 16) {
 		const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
 		__m512 wv[4];
+#pragma GCC unroll 4
 		for (unsigned h = 0; h < hn; h++)
 			wv[h] = _mm512_maskz_loadu_ps(in, w + h * w_stride + i);
+#pragma GCC unroll 4
 		for (unsigned c = 0; c < ng; c++) {
 			const __m512 zv = _mm512_maskz_loadu_ps(in, zs + c * n + i), sv = _mm512_maskz_loadu_ps(in, sf + c * n + i);
+#pragma GCC unroll 4
 			for (unsigned h = 0; h < hn; h++) {
 				zsum[h * ng + c] = _mm512_add_ps(zsum[h * ng + c], _mm512_mul_ps(wv[h], zv));
 				top[h] = _mm512_max_ps(top[h], _mm512_abs_ps(_mm512_mul_ps(wv[h], sv)));
@@ -1461,6 +1509,10 @@ INLINE void scaled_weights_heads(unsigned hn, unsigned n, unsigned ng, const flo
 		const float t = _mm512_reduce_max_ps(top[h]);
 		inv[h] = _mm512_set1_ps(kvp_weight_inv(t));
 		f[h] = t / KVP_WEIGHT_MAX;
+	}
+	if (pq) {
+		weight_pairs(hn, n, ng, w, w_stride, sf, inv, pq, pv);
+		return;
 	}
 	for (unsigned h = 0; h < hn; h++)
 		for (unsigned c = 0; c < ng; c++) {
@@ -1539,7 +1591,109 @@ INLINE void axpy_i16_scaled_heads(unsigned hn, unsigned m, unsigned gsize, unsig
 }
 
 #undef SCALED_COLUMNS
-#undef DPWSSD
+
+/*
+ * The plane kernel (column groups of 32): per 64-column chunk v of two rows x, y (16 bytes each: groups 2v and
+ * 2v + 1), one vpermb puts into int32 lane L the byte 8 (L & 1) + L/2 of x (low int16) and of y (high int16);
+ * that byte holds the codes of four columns (b = 4 byte + j at bits 2j). Masking plane j of every lane leaves
+ * code * 4^j in each int16, which vpdpwssd multiplies with the rows' weights of the lane's group: one qword
+ * broadcast per head (even lanes group 2v, odd lanes 2v + 1). So a chunk takes one permutation and four
+ * masks for sixteen products of four heads; plane j's sums are 4^j times the codes' and lane L of plane j is
+ * column 32 (L & 1) + 4 (L / 2) + j, which the end of the chunk undoes exactly (a power of two, then lanes).
+ */
+#define PLACE_BYTE(b) (char)((b) % 4 == 0 ? 8 * ((b) / 4 % 2) + (b) / 8 : (b) % 4 == 2 ? 16 + 8 * ((b) / 4 % 2) + (b) / 8 : 0)
+#define PLACE8(b) PLACE_BYTE(b), PLACE_BYTE(b + 1), PLACE_BYTE(b + 2), PLACE_BYTE(b + 3), PLACE_BYTE(b + 4), \
+		  PLACE_BYTE(b + 5), PLACE_BYTE(b + 6), PLACE_BYTE(b + 7)
+static const char place_bytes[64] = { PLACE8(0), PLACE8(8), PLACE8(16), PLACE8(24), PLACE8(32), PLACE8(40), PLACE8(48),
+				      PLACE8(56) };
+
+/* acc[0..64) += f * the columns of a chunk's four planes (sums times 4^j, lanes as above), in column order */
+INLINE void add_planes(float *o, float f, __m512i s0, __m512i s1, __m512i s2, __m512i s3)
+{
+	/* output vector r, lane t: plane t % 4, lane 8 (r % 2) + 2 (t / 4) + r / 2 (+16: the second source) */
+#define PLANE_LANE(r, t) (8 * ((r) % 2) + 2 * ((t) / 4) + (r) / 2 + ((t) % 2 ? 16 : 0))
+#define PLANE_IDX(r) _mm512_set_epi32(PLANE_LANE(r, 15), PLANE_LANE(r, 14), PLANE_LANE(r, 13), PLANE_LANE(r, 12), \
+				      PLANE_LANE(r, 11), PLANE_LANE(r, 10), PLANE_LANE(r, 9), PLANE_LANE(r, 8), \
+				      PLANE_LANE(r, 7), PLANE_LANE(r, 6), PLANE_LANE(r, 5), PLANE_LANE(r, 4), \
+				      PLANE_LANE(r, 3), PLANE_LANE(r, 2), PLANE_LANE(r, 1), PLANE_LANE(r, 0))
+	const __m512 fv = _mm512_set1_ps(f);
+	const __m512 p0 = _mm512_cvtepi32_ps(s0), p1 = _mm512_mul_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(0.25f));
+	const __m512 p2 = _mm512_mul_ps(_mm512_cvtepi32_ps(s2), _mm512_set1_ps(0.0625f));
+	const __m512 p3 = _mm512_mul_ps(_mm512_cvtepi32_ps(s3), _mm512_set1_ps(0.015625f));
+	const __m512i idx[4] = { PLANE_IDX(0), PLANE_IDX(1), PLANE_IDX(2), PLANE_IDX(3) };
+
+	for (unsigned r = 0; r < 4; r++) {
+		const __m512 x = _mm512_mask_blend_ps(0xCCCC, _mm512_permutex2var_ps(p0, idx[r], p1),
+						      _mm512_permutex2var_ps(p2, idx[r], p3));
+		_mm512_storeu_ps(o + 16 * r, _mm512_add_ps(_mm512_loadu_ps(o + 16 * r), _mm512_mul_ps(fv, x)));
+	}
+#undef PLANE_IDX
+#undef PLANE_LANE
+}
+
+/* One plane j of the chunk: its codes against each head's weights. */
+#define PLANE(j, mask)                                              \
+	do {                                                        \
+		const __m512i dj = _mm512_and_si512(placed, mask);  \
+		DPWSSD(a0##j, dj, b0);                              \
+		if (hn > 1)                                         \
+			DPWSSD(a1##j, dj, b1);                      \
+		if (hn > 2)                                         \
+			DPWSSD(a2##j, dj, b2);                      \
+		if (hn > 3)                                         \
+			DPWSSD(a3##j, dj, b3);                      \
+	} while (0)
+
+/* The qword at p (weights written by vector stores into an int16 buffer: read without an int64 lvalue). */
+INLINE long long qword_at(const int64_t *p)
+{
+	long long v;
+
+	memcpy(&v, p, sizeof v);
+	return v;
+}
+
+INLINE void axpy_i16_planes_heads(unsigned hn, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+				  const int64_t *pq, size_t pv, const float *f, float *acc, size_t as)
+{
+	const __m512i place = _mm512_loadu_si512(place_bytes);
+	const __m512i m0 = _mm512_set1_epi16(3), m1 = _mm512_set1_epi16(12), m2 = _mm512_set1_epi16(48);
+	const __m512i m3 = _mm512_set1_epi16(192);
+	const __mmask64 low_bytes = 0x5555555555555555ull;
+	const size_t hs = (size_t)m / 64 * pv;
+
+	for (unsigned v = 0; v < m / 64; v++) {
+		const int64_t *w = pq + v * pv;
+		__m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00;
+		__m512i a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+
+		for (unsigned i = 0; i < n; i += 2) {
+			const __m128i x = _mm_loadu_si128((const __m128i *)(codes + (size_t)i * stride + 16 * v));
+			const __m128i y = i + 1 < n ? _mm_loadu_si128((const __m128i *)(codes + (size_t)(i + 1) * stride + 16 * v))
+						    : _mm_setzero_si128();
+			const __m512i placed = _mm512_maskz_permutexvar_epi8(
+				low_bytes, place, _mm512_inserti32x4(_mm512_castsi128_si512(x), y, 1));
+			const __m512i b0 = _mm512_set1_epi64(qword_at(w + i / 2));
+			const __m512i b1 = hn > 1 ? _mm512_set1_epi64(qword_at(w + hs + i / 2)) : b0;
+			const __m512i b2 = hn > 2 ? _mm512_set1_epi64(qword_at(w + 2 * hs + i / 2)) : b0;
+			const __m512i b3 = hn > 3 ? _mm512_set1_epi64(qword_at(w + 3 * hs + i / 2)) : b0;
+
+			PLANE(0, m0);
+			PLANE(1, m1);
+			PLANE(2, m2);
+			PLANE(3, m3);
+		}
+		add_planes(acc + 64 * v, f[0], a00, a01, a02, a03);
+		if (hn > 1)
+			add_planes(acc + as + 64 * v, f[1], a10, a11, a12, a13);
+		if (hn > 2)
+			add_planes(acc + 2 * as + 64 * v, f[2], a20, a21, a22, a23);
+		if (hn > 3)
+			add_planes(acc + 3 * as + 64 * v, f[3], a30, a31, a32, a33);
+	}
+}
+
+#undef PLANE
 
 /* The ns fp16 scalars at the start of each of n records (ns even) as floats, planar: out[e * n + i] is row i's
  * scalar e. Sixteen rows at a time: dword k of each record by one gather, split into its two halves. */
@@ -1565,10 +1719,15 @@ static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned 
 			    unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride)
 {
 	const unsigned ng = (m + gsize - 1) / gsize;
-	int16_t wq[4 * SCALED_WEIGHTS] __attribute__((aligned(4)));
+	/* groups of 32 take the plane kernel (weights in pq, 32-row blocks of pairs: pv per group pair); others wq */
+	const int planes = gsize == 32;
+	const size_t pv = (size_t)(n + 31) / 32 * 16;
+	int16_t wq[4 * SCALED_WEIGHTS] __attribute__((aligned(8)));
+	int64_t *pq = planes ? (int64_t *)(void *)wq : NULL;
 	float zs[2 * SCALED_WEIGHTS], f[4];
 
-	if (bits != 2 || gsize % 16 || m % 64 || ng > 4 || (size_t)ng * (n + 2) > SCALED_WEIGHTS) {
+	if (bits != 2 || gsize % 16 || m % 64 || ng > 4 || (size_t)ng * (n + 2) > SCALED_WEIGHTS ||
+	    (planes && 4 * (size_t)ng / 2 * pv * 4 > 4 * SCALED_WEIGHTS)) {
 		kvp_kernels_scalar.axpy_i16_scaled(bits, m, gsize, n, rows, stride, g, w, w_stride, acc, acc_stride);
 		return;
 	}
@@ -1578,7 +1737,8 @@ static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned 
 		const size_t ws = (size_t)ng * (n + 2);
 
 		/* both counts constants in each case: the sixteen z sums and four maxima stay in registers */
-#define WEIGHTS(hn, ng) scaled_weights_heads(hn, n, ng, w + h0 * w_stride, w_stride, zs, wq, ws, f, acc + h0 * acc_stride + m, acc_stride)
+#define WEIGHTS(hn, ng) scaled_weights_heads(hn, n, ng, w + h0 * w_stride, w_stride, zs, wq, ws, pq, pv, f, \
+					     acc + h0 * acc_stride + m, acc_stride)
 #define WEIGHTS_NG(hn) \
 	switch (ng) { \
 	case 4: WEIGHTS(hn, 4); break; \
@@ -1595,7 +1755,8 @@ static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned 
 #undef WEIGHTS_NG
 #undef WEIGHTS
 #define SCALED_HEADS(hn) \
-	axpy_i16_scaled_heads(hn, m, gsize, n, rows + 4 * (size_t)ng, stride, wq, f, acc + h0 * acc_stride, acc_stride)
+	planes ? axpy_i16_planes_heads(hn, m, n, rows + 4 * (size_t)ng, stride, pq, pv, f, acc + h0 * acc_stride, acc_stride) \
+	       : axpy_i16_scaled_heads(hn, m, gsize, n, rows + 4 * (size_t)ng, stride, wq, f, acc + h0 * acc_stride, acc_stride)
 		switch (hn) {
 		case 4: SCALED_HEADS(4); break;
 		case 3: SCALED_HEADS(3); break;
@@ -1605,6 +1766,8 @@ static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned 
 #undef SCALED_HEADS
 	}
 }
+
+#undef DPWSSD
 
 #define KVP_ISA_AXPY_I16_SCALED
 
