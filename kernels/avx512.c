@@ -1209,14 +1209,16 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
  */
 #define SCALED_QUADS 256 /* 1024 channels */
 
-/* Sixteen int32 lanes of kvp_nearest(x) (halves away from zero: x plus 0.5 with x's sign, truncated). */
+/* Sixteen int32 lanes of kvp_nearest_even(x): one conversion with embedded round-to-nearest. */
 INLINE __m512i nearest16(__m512 x)
 {
-	const __m512i half = _mm512_castps_si512(_mm512_set1_ps(0.5f)), sign = _mm512_set1_epi32((int)0x80000000u);
-	/* (x & sign) | half: 0.5 with the sign of x (-0.5 for -0, which truncates to 0 as the reference's +0.5 does) */
-	const __m512i r = _mm512_ternarylogic_epi32(_mm512_castps_si512(x), sign, half, 0xEA);
+	return _mm512_cvt_roundps_epi32(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
 
-	return _mm512_cvttps_epi32(_mm512_add_ps(x, _mm512_castsi512_ps(r)));
+/* max(top, |u|) in one instruction (vrangeps: the larger magnitude, sign cleared; top is never negative) */
+INLINE __m512 max_abs(__m512 top, __m512 u)
+{
+	return _mm512_range_ps(top, u, 0x0B);
 }
 
 /* kvp_scaled_query_i8 for hn heads at once (the same products, maxima and rounding), and each head's float sum
@@ -1243,7 +1245,7 @@ INLINE void scaled_queries_i8(unsigned hn, unsigned m, const float *q, size_t qs
 #pragma GCC unroll 4
 		for (unsigned h = 0; h < hn; h++) {
 			const __m512 qv = _mm512_maskz_loadu_ps(in, q + h * qs + j);
-			top[h] = _mm512_max_ps(top[h], _mm512_abs_ps(_mm512_mul_ps(qv, sv)));
+			top[h] = max_abs(top[h], _mm512_mul_ps(qv, sv));
 			zs[h] = _mm512_add_ps(zs[h], _mm512_mul_ps(qv, zv));
 		}
 	}
@@ -1421,7 +1423,7 @@ INLINE __m512 hsum16(const __m512 *v)
 	return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD)); /* l + (l + 1) */
 }
 
-/* Sixteen weights u * inv rounded (kvp_nearest), two vectors packed to 32 int16 in order. */
+/* Sixteen weights u * inv rounded (kvp_nearest_even), two vectors packed to 32 int16 in order. */
 INLINE __m512i weights32(__m512 x0, __m512 x1)
 {
 	const __m512i order = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0); /* packs interleave 128-bit lanes */
@@ -1494,7 +1496,7 @@ INLINE void scaled_weights_heads(unsigned hn, unsigned n, unsigned ng, const flo
 #pragma GCC unroll 4
 			for (unsigned h = 0; h < hn; h++) {
 				zsum[h * ng + c] = _mm512_add_ps(zsum[h * ng + c], _mm512_mul_ps(wv[h], zv));
-				top[h] = _mm512_max_ps(top[h], _mm512_abs_ps(_mm512_mul_ps(wv[h], sv)));
+				top[h] = max_abs(top[h], _mm512_mul_ps(wv[h], sv));
 			}
 		}
 	}

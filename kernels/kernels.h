@@ -133,7 +133,7 @@ struct kvp_kernels {
 	 * group of gsize columns. Row i's record at rows + i*stride: ng = ceil(m/gsize) little-endian fp16 z(i, c),
 	 * then ng fp16 s(i, c) (c: columns [c*gsize, (c+1)*gsize)), then its m codes, LSB first as for lut_axpy.
 	 * n <= KVP_AXPY_I16_ROWS. Per head, u(i, c) = w[h*w_stride + i] * s(i, c); top = max |u|;
-	 * W(i, c) = nearest(u(i, c) * kvp_weight_inv(top)) as lut_axpy_i16_group rounds, and
+	 * W(i, c) = kvp_nearest_even(u(i, c) * kvp_weight_inv(top)), and
 	 *   acc[h*acc_stride + j] += (top / 4095) * (float)sum_i W(i, j / gsize) * code(i, j)  (exact int32), j < m;
 	 *   acc[h*acc_stride + m + c] += the float sum over i of w[h*w_stride + i] * z(i, c), in kvp_sum16's order.
 	 * Every implementation gives the same bits.
@@ -270,6 +270,13 @@ static inline int32_t kvp_nearest(float x)
 	return (int32_t)(x + (x < 0.0f ? -0.5f : 0.5f));
 }
 
+/* Nearest integer, ties to even (the default rounding mode, which the library runs in), as KIVI's kernels
+ * round: their vector versions convert with embedded round-to-nearest, one instruction. */
+static inline int32_t kvp_nearest_even(float x)
+{
+	return (int32_t)nearbyintf(x);
+}
+
 /* The float at p, wherever it is. */
 static inline float kvp_load_f32(const uint8_t *p)
 {
@@ -304,8 +311,8 @@ static inline float kvp_f16_at(const uint8_t *p, unsigned j)
 	return kvp_f16_to_f32((uint16_t)(p[2 * (size_t)j] | p[2 * (size_t)j + 1] << 8));
 }
 
-/* dot_i8_scaled's query: Q_j = nearest((q_j * s_j) * inv), inv = 127 / max_j |q_j * s_j| (0 where that is
- * not a finite float), s_j the fp16 numbers at s; returns the step, max / 127. */
+/* dot_i8_scaled's query: Q_j = kvp_nearest_even((q_j * s_j) * inv), inv = 127 / max_j |q_j * s_j| (0 where
+ * that is not a finite float), s_j the fp16 numbers at s; returns the step, max / 127. */
 static inline float kvp_scaled_query_i8(unsigned m, const float *q, const uint8_t *s, int8_t *q8)
 {
 	float top = 0.0f, inv;
@@ -316,7 +323,7 @@ static inline float kvp_scaled_query_i8(unsigned m, const float *q, const uint8_
 	}
 	inv = top > 127.0f / 3.0e38f ? 127.0f / top : 0.0f;
 	for (unsigned j = 0; j < m; j++)
-		q8[j] = (int8_t)kvp_nearest((q[j] * kvp_f16_at(s, j)) * inv);
+		q8[j] = (int8_t)kvp_nearest_even((q[j] * kvp_f16_at(s, j)) * inv);
 	return top / 127.0f;
 }
 
@@ -429,7 +436,7 @@ static inline void kvp_axpy_i16_scaled_plain(unsigned bits, unsigned m, unsigned
 			for (unsigned i = 0; i < n; i++)
 				for (unsigned j = 0; j < k; j++) {
 					const unsigned c = (j0 + j) / gsize;
-					const int32_t wq = kvp_nearest((wh[i] * kvp_row_scalar(rows, stride, i, ng + c)) * inv);
+					const int32_t wq = kvp_nearest_even((wh[i] * kvp_row_scalar(rows, stride, i, ng + c)) * inv);
 					sums[j] += wq * (int32_t)kvp_row_code(codes + i * stride, j0 + j, bits);
 				}
 			for (unsigned j = 0; j < k; j++)

@@ -1295,7 +1295,7 @@ static void scalar_dot_i8_scaled_matches_its_definition(void)
 				for (unsigned b = 0; b < bits; b++, at++) /* bit b of the code: bit at of the row */
 					code |= (unsigned)(codes[(at / 8) * N + i] >> (at % 8) & 1) << b;
 				float x = (q[j] * kvp_f16_to_f32(s)) * (127.0f / top);
-				sum += (int64_t)code * (int32_t)(x + (x < 0 ? -0.5f : 0.5f));
+				sum += (int64_t)code * (int32_t)nearbyintf(x) /* ties to even */;
 			}
 			float want = lane[0] + (float)sum * (top / 127.0f);
 			check(same_bits(out[i], want), "scalar dot_i8_scaled bits=%u row %u: %.9g, defined %.9g", bits, i, out[i], want);
@@ -1412,7 +1412,7 @@ static void scalar_axpy_i16_scaled_matches_its_definition(void)
 				for (unsigned b = 0; b < bits; b++) /* bit b of the code: bit j * bits + b of the row */
 					code |= (unsigned)(p[i * stride + 4 * NG + (j * bits + b) / 8] >> ((j * bits + b) % 8) & 1) << b;
 				float x = (w[i] * kvp_f16_to_f32(h)) * (4095.0f / top);
-				sum += (int64_t)code * (int32_t)(x + (x < 0 ? -0.5f : 0.5f));
+				sum += (int64_t)code * (int32_t)nearbyintf(x) /* ties to even */;
 			}
 			check(same_bits(acc[j], (top / 4095.0f) * (float)sum), "scalar axpy_i16_scaled bits=%u column %u: %.9g, defined %.9g",
 			      bits, j, acc[j], (top / 4095.0f) * (float)sum);
@@ -1483,6 +1483,65 @@ static void axpy_i16_scaled_reads_nothing_past_its_inputs_cases(const struct kvp
 static void axpy_i16_scaled_reads_nothing_past_its_inputs(const struct kvp_kernels *k)
 {
 	in_child(k, axpy_i16_scaled_reads_nothing_past_its_inputs_cases);
+}
+
+/* ---- KIVI's kernels round halves to even ---- */
+
+/* dot_i8_scaled with s = 1 and top 127 (so that the query's x_j = q_j) on exact halves, every code 1: each
+ * row's score is the sum of the rounded query. Halves away from zero would give 127 + 1 + 2 + 3 - 3 + ...;
+ * ties to even give the sum of `even`. The scalar table and table k alike. */
+static void dot_i8_scaled_rounds_halves_to_even(const struct kvp_kernels *k)
+{
+	enum { M = 16, N = 16 };
+	static const float q[M] = { 127, 0.5f, 1.5f, 2.5f, -2.5f, 3.5f, -0.5f, 4.5f, -3.5f, 5.5f, -5.5f, 6.5f, 7.5f, -7.5f, 8.5f, 9.5f };
+	static const int even[M] = { 127, 0, 2, 2, -2, 4, 0, 4, -4, 6, -6, 6, 8, -8, 8, 10 };
+	const struct kvp_kernels *tables[2] = { &kvp_kernels_scalar, k };
+	uint8_t group[4 * M + M / 4 * N];
+	int want = 0;
+
+	for (unsigned j = 0; j < M; j++) {
+		const uint16_t z = 0, one = kvp_f32_to_f16(1.0f);
+		memcpy(group + 2 * j, &z, sizeof z);
+		memcpy(group + 2 * (M + j), &one, sizeof one);
+		want += even[j];
+	}
+	memset(group + 4 * M, 0x55, M / 4 * N); /* every code 1 */
+	for (unsigned t = 0; t < 2; t++) {
+		float out[N];
+		tables[t]->dot_i8_scaled(2, M, N, group, 1, q, M, out, N);
+		for (unsigned i = 0; i < N; i++)
+			check(out[i] == (float)want, "%s dot_i8_scaled row %u: %.9g, ties to even give %d", tables[t]->name, i, out[i],
+			      want);
+	}
+}
+
+/* axpy_i16_scaled with s = 1 and top 4095 (W(i) = w_i) on exact halves, every code 1, z = 0: each column's sum
+ * is the sum of the rounded weights, the z sums 0. */
+static void axpy_i16_scaled_rounds_halves_to_even(const struct kvp_kernels *k)
+{
+	enum { M = 64, G = 32, NG = 2, N = 16, STRIDE = 4 * NG + M / 4 };
+	static const float w[N] = { 4095, 0.5f, 1.5f, 2.5f, 3.5f, 4.5f, 5.5f, 6.5f, 7.5f, 8.5f, 9.5f, 10.5f, 11.5f, 12.5f, 13.5f, 14.5f };
+	static const int even[N] = { 4095, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14 };
+	const struct kvp_kernels *tables[2] = { &kvp_kernels_scalar, k };
+	uint8_t rows[N * STRIDE];
+	int want = 0;
+
+	memset(rows, 0x55, sizeof rows); /* every code 1 */
+	for (unsigned i = 0; i < N; i++) {
+		const uint16_t z = 0, one = kvp_f32_to_f16(1.0f);
+		for (unsigned c = 0; c < NG; c++) {
+			memcpy(rows + i * STRIDE + 2 * c, &z, sizeof z);
+			memcpy(rows + i * STRIDE + 2 * (NG + c), &one, sizeof one);
+		}
+		want += even[i];
+	}
+	for (unsigned t = 0; t < 2; t++) {
+		float acc[M + NG] = { 0 };
+		tables[t]->axpy_i16_scaled(2, M, G, N, rows, STRIDE, 1, w, N, acc, M + NG);
+		for (unsigned j = 0; j < M + NG; j++)
+			check(acc[j] == (j < M ? (float)want : 0.0f), "%s axpy_i16_scaled column %u: %.9g, ties to even give %d",
+			      tables[t]->name, j, acc[j], j < M ? want : 0);
+	}
 }
 
 /* ---- fwht: the same bits as the scalar reference, at every power of two up to 4096 ---- */
@@ -2211,6 +2270,8 @@ static const struct vector_test vector_tests[] = {
 	TEST(dot_i8_scaled_reads_nothing_past_its_inputs),
 	TEST(axpy_i16_scaled_equals_scalar_on_odd_lengths_and_unaligned_pointers),
 	TEST(axpy_i16_scaled_reads_nothing_past_its_inputs),
+	TEST(dot_i8_scaled_rounds_halves_to_even),
+	TEST(axpy_i16_scaled_rounds_halves_to_even),
 	TEST(mask_expand_matches_scalar_bit_for_bit_on_odd_lengths),
 	TEST(mask_expand_matches_scalar_on_unaligned_pointers),
 	TEST(spark_dot_i16_equals_scalar_on_odd_lengths),
