@@ -59,7 +59,8 @@
  * time at first (in cache, d=128, GQA 4, per token: keys 9.8 ns, values 17.6 ns): the fp16 scalars gathered
  * two bytes at a time into planar rows, the int8 queries stored byte-masked (the kernel's loads then waited
  * on them), gcc copying vpdpwssd's accumulators around every product; folding the scalars into the kernels
- * and the fixes above took that to about 6.3 and 7.8 ns.
+ * and the fixes above took that to about 6.5 and 7-9 ns. Tried and dropped: keys by the values' plane trick
+ * (sixteen rows' four column bytes per lane by one vpermt2b, four masks): no faster than the byte columns.
  *
  * Encode and decode run in blocks of fixed size that the compiler vectorizes (ranges over rows of
  * channels, fp16 rounding by the kernels' converters, rounding by adding 1.5 * 2^23, a token's codes
