@@ -1370,11 +1370,13 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 #define KVP_ISA_DOT_I8_SCALED
 
 /*
- * axpy_i16_scaled, 2-bit codes, column groups of a multiple of 16, m a multiple of 64 (KIVI's values at
- * d = 64, 128, ...; otherwise the plain code). Each head's weights are rounded once per (row, group) into
- * wq[h][c][i]; columns go in passes of 64, rows in pairs. A 16-byte load of each row's 64 codes, and per
- * 16 columns one vpermb puts the two rows' bytes of column L into the low bytes of lane L's two int16
- * halves, a variable shift by 2 (L % 4) and a mask leave the codes: the pairs vpdpwssd multiplies by the
+ * axpy_i16_scaled, 2-bit codes, column groups of a multiple of 16 (at most 4 of them), m a multiple of 64
+ * (KIVI's values at d = 64 and 128; otherwise the plain code). The rows' fp16 z and s are gathered once into
+ * planar floats; one pass over the rows gives every head's maximum and z sums, a second its weights, rounded
+ * once per (row, group): into wq[h][c][i] for the column-pass kernel below, or as pairs of rows for the plane
+ * kernel (groups of 32, further down). Column-pass kernel: columns in passes of 64, rows in pairs; a 16-byte
+ * load of each row's 64 codes, and per 16 columns one vpermb puts the two rows' bytes of column L into lane
+ * L's two int16 halves, vpmultishiftqb and a mask leave the codes: the pairs vpdpwssd multiplies by the
  * rows' two weights of that column group, broadcast as one int32. Lanes are columns: no horizontal sums.
  */
 #define SCALED_WEIGHTS 528 /* (rows + 2) * groups per head: 128 rows of 4 groups, 64 of 8 */
