@@ -1208,6 +1208,7 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
  * stay in one register per head and sixteen rows: no horizontal sums.
  */
 #define SCALED_QUADS 256 /* 1024 channels */
+#define SCALED_PRODUCTS 256 /* channels whose products q * s the first pass keeps for the second */
 
 /* Sixteen int32 lanes of kvp_nearest_even(x): one conversion with embedded round-to-nearest. */
 INLINE __m512i nearest16(__m512 x)
@@ -1231,12 +1232,13 @@ INLINE __m512 f16_at(__mmask16 in, const uint8_t *p, unsigned j)
 }
 
 INLINE void scaled_queries_i8(unsigned hn, unsigned m, const float *q, size_t qs, const uint8_t *group,
-			      int32_t (*quads)[SCALED_QUADS], float *step, float *zq)
+			      int32_t (*quads)[SCALED_QUADS], float *step, float *zq, float (*u)[SCALED_PRODUCTS])
 {
 	const uint8_t *s = group + 2 * (size_t)m;
 	__m512 top[4], zs[4];
 	float inv[4];
 
+#pragma GCC unroll 4
 	for (unsigned h = 0; h < hn; h++)
 		top[h] = zs[h] = _mm512_setzero_ps();
 	for (unsigned j = 0; j < m; j += 16) {
@@ -1244,11 +1246,14 @@ INLINE void scaled_queries_i8(unsigned hn, unsigned m, const float *q, size_t qs
 		const __m512 sv = f16_at(in, s, j), zv = f16_at(in, group, j);
 #pragma GCC unroll 4
 		for (unsigned h = 0; h < hn; h++) {
-			const __m512 qv = _mm512_maskz_loadu_ps(in, q + h * qs + j);
-			top[h] = max_abs(top[h], _mm512_mul_ps(qv, sv));
+			const __m512 qv = _mm512_maskz_loadu_ps(in, q + h * qs + j), uv = _mm512_mul_ps(qv, sv);
+			top[h] = max_abs(top[h], uv);
+			if (u)
+				_mm512_storeu_ps(u[h] + j, uv);
 			zs[h] = _mm512_add_ps(zs[h], _mm512_mul_ps(qv, zv));
 		}
 	}
+#pragma GCC unroll 4
 	for (unsigned h = 0; h < hn; h++) {
 		const float t = _mm512_reduce_max_ps(top[h]);
 		inv[h] = t > 127.0f / 3.0e38f ? 127.0f / t : 0.0f;
@@ -1260,20 +1265,25 @@ INLINE void scaled_queries_i8(unsigned hn, unsigned m, const float *q, size_t qs
 		const __mmask16 in1 = m - j > 16 ? tail16(m - j - 16 < 16 ? m - j - 16 : 16) : 0;
 		const __mmask16 in2 = m - j > 32 ? tail16(m - j - 32 < 16 ? m - j - 32 : 16) : 0;
 		const __mmask16 in3 = m - j > 48 ? tail16(m - j - 48 < 16 ? m - j - 48 : 16) : 0;
-		const __m512 s0 = f16_at(in0, s, j), s1 = f16_at(in1, s, j + 16);
-		const __m512 s2 = f16_at(in2, s, j + 32), s3 = f16_at(in3, s, j + 48);
-
 		/* packs work within 128-bit lanes: dword 4v + L of the packed row is lane L's dword v, put back in order */
 		const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+		__m512 s0, s1, s2, s3;
 
+		if (!u)
+			s0 = f16_at(in0, s, j), s1 = f16_at(in1, s, j + 16), s2 = f16_at(in2, s, j + 32), s3 = f16_at(in3, s, j + 48);
+#pragma GCC unroll 4
 		for (unsigned h = 0; h < hn; h++) {
 			const float *qh = q + h * qs + j;
 			const __m512 iv = _mm512_set1_ps(inv[h]);
-#define QUERY_LANES(in, off, sv) nearest16(_mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, qh + (off)), sv), iv))
+			/* the products of the first pass where they were kept (the same floats), else again */
+#define PRODUCTS(in, off, sv) \
+	(u ? _mm512_maskz_loadu_ps(in, u[h] + j + (off)) : _mm512_mul_ps(_mm512_maskz_loadu_ps(in, qh + (off)), sv))
+#define QUERY_LANES(in, off, sv) nearest16(_mm512_mul_ps(PRODUCTS(in, off, sv), iv))
 			const __m512i r01 = _mm512_packs_epi32(QUERY_LANES(in0, 0, s0), QUERY_LANES(in1, 16, s1));
 			const __m512i r23 = _mm512_packs_epi32(QUERY_LANES(in2, 32, s2), QUERY_LANES(in3, 48, s3));
 			const __m512i row = _mm512_permutexvar_epi32(order, _mm512_packs_epi16(r01, r23));
 #undef QUERY_LANES
+#undef PRODUCTS
 			_mm512_storeu_si512(quads[h] + j / 4, row);
 		}
 	}
@@ -1340,6 +1350,7 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 			  size_t q_stride, float *out, size_t out_stride)
 {
 	int32_t quads[4][SCALED_QUADS];
+	float products[4][SCALED_PRODUCTS], (*u)[SCALED_PRODUCTS] = m <= SCALED_PRODUCTS ? products : NULL;
 	const unsigned bytes = (m + 3) / 4;
 	const uint8_t *codes = group + 4 * (size_t)m;
 	float step[4], zq[4];
@@ -1355,7 +1366,7 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 		float *o = out + h0 * out_stride;
 
 #define SCALED_BLOCK(hn) \
-	scaled_queries_i8(hn, m, qh, q_stride, group, quads, step, zq), \
+	scaled_queries_i8(hn, m, qh, q_stride, group, quads, step, zq, u), \
 	dot_i8_scaled_heads(hn, bytes, n, codes, quads, step, zq, o, out_stride)
 		switch (hn) {
 		case 4: SCALED_BLOCK(4); break;
