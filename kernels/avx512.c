@@ -1712,12 +1712,57 @@ INLINE void axpy_i16_planes_heads(unsigned hn, unsigned m, unsigned n, const uin
 
 /* The ns fp16 scalars at the start of each of n records (ns even) as floats, planar: out[e * n + i] is row i's
  * scalar e. Sixteen rows at a time: dword k of each record by one gather, split into its two halves. */
+/* gather_scalars for eight scalars (four groups): a row's 16 bytes by one load, four rows per register,
+ * then words to scalar-major order and qwords across the registers: shuffles instead of eight-byte gathers. */
+INLINE void load_scalars8(unsigned n, const uint8_t *rows, size_t stride, float *out)
+{
+	/* word 4e + b of each register: scalar e of its row b (word 8b + e) */
+	const __m512i by_scalar = _mm512_set_epi16(31, 23, 15, 7, 30, 22, 14, 6, 29, 21, 13, 5, 28, 20, 12, 4, 27, 19, 11, 3,
+						   26, 18, 10, 2, 25, 17, 9, 1, 24, 16, 8, 0);
+	const __m512i pairs_lo = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0), pairs_hi = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
+	const __m512i quads_lo = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), quads_hi = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+
+	for (unsigned i0 = 0; i0 + 16 <= n; i0 += 16) {
+		__m512i r[4], t01, t01b, t23, t23b, u;
+		for (unsigned a = 0; a < 4; a++) {
+			const uint8_t *p = rows + (size_t)(i0 + 4 * a) * stride;
+			__m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p));
+			v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + stride)), 1);
+			v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 2 * stride)), 2);
+			v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 3 * stride)), 3);
+			r[a] = _mm512_permutexvar_epi16(by_scalar, v); /* qword e: scalar e of the four rows */
+		}
+		t01 = _mm512_permutex2var_epi64(r[0], pairs_lo, r[1]); /* scalars 0-3 of rows 0-7, by pairs of qwords */
+		t01b = _mm512_permutex2var_epi64(r[0], pairs_hi, r[1]);
+		t23 = _mm512_permutex2var_epi64(r[2], pairs_lo, r[3]);
+		t23b = _mm512_permutex2var_epi64(r[2], pairs_hi, r[3]);
+		u = _mm512_permutex2var_epi64(t01, quads_lo, t23); /* scalars 0 and 1 of the sixteen rows */
+		_mm512_storeu_ps(out + i0, _mm512_cvtph_ps(_mm512_castsi512_si256(u)));
+		_mm512_storeu_ps(out + n + i0, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(u, 1)));
+		u = _mm512_permutex2var_epi64(t01, quads_hi, t23);
+		_mm512_storeu_ps(out + 2 * n + i0, _mm512_cvtph_ps(_mm512_castsi512_si256(u)));
+		_mm512_storeu_ps(out + 3 * n + i0, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(u, 1)));
+		u = _mm512_permutex2var_epi64(t01b, quads_lo, t23b);
+		_mm512_storeu_ps(out + 4 * n + i0, _mm512_cvtph_ps(_mm512_castsi512_si256(u)));
+		_mm512_storeu_ps(out + 5 * n + i0, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(u, 1)));
+		u = _mm512_permutex2var_epi64(t01b, quads_hi, t23b);
+		_mm512_storeu_ps(out + 6 * n + i0, _mm512_cvtph_ps(_mm512_castsi512_si256(u)));
+		_mm512_storeu_ps(out + 7 * n + i0, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(u, 1)));
+	}
+}
+
 INLINE void gather_scalars(unsigned ns, unsigned n, const uint8_t *rows, size_t stride, float *out)
 {
 	const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
 					      _mm512_set1_epi32((int)stride));
 
-	for (unsigned i0 = 0; i0 < n; i0 += 16) {
+	unsigned from = 0;
+
+	if (ns == 8) { /* whole blocks of sixteen rows by loads and shuffles, the rest gathered */
+		load_scalars8(n, rows, stride, out);
+		from = n & ~15u;
+	}
+	for (unsigned i0 = from; i0 < n; i0 += 16) {
 		const __mmask16 in = tail16(n - i0 < 16 ? n - i0 : 16);
 		const uint8_t *base = rows + (size_t)i0 * stride;
 
