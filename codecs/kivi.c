@@ -31,19 +31,21 @@
  *
  * Attention works on the codes with the integers 0, 1, 2, ... as the table.
  *   keys (per channel): <q, x_t> = sum_j q_j z_j + sum_j (q_j s_j) code_jt. dot_group (attention's path),
- *     per group of G tokens and for all the heads of a GQA group: <q, z> by one dot_f16_group on the stored
- *     fp16 z, then one dot_i8_scaled, which makes each head's q * s an int8 query on the step
- *     max_j |q_j s_j| / 127 and sums it against the codes exactly (AVX-512: vpdpbusd with tokens as lanes,
- *     no horizontal sums). A score moves by at most step / 2 * sum_j code_jt (tests/test_kivi.c checks this;
- *     tests/test_attend.c the attention's error at 32K tokens). dot, the float reference, gathers each
- *     token's row and runs lut_dot on q * s.
+ *     per group of G tokens and for all the heads of a GQA group: one dot_i8_scaled, which reads the group's
+ *     fp16 z and s itself, sums <q, z> in floats and makes each head's q * s an int8 query on the step
+ *     max_j |q_j s_j| / 127, summed against the codes exactly (AVX-512: the heads' queries in one pass,
+ *     then vpdpbusd with tokens as lanes, no horizontal sums). A score moves by at most step / 2 *
+ *     sum_j code_jt (tests/test_kivi.c checks this; tests/test_attend.c the attention's error at 32K tokens).
+ *     dot, the float reference, gathers each token's row and runs lut_dot on q * s.
  *   values (per token): sum_t w_t x_tj = sum_t (w_t s_tg) code_tj + sum_t w_t z_tg over each channel group
- *     g. axpy_group (attention's path): one axpy_i16_scaled over all channels, which rounds each head's
+ *     g. axpy_group (attention's path): one axpy_i16_scaled per pass of tokens over all channels, which reads
+ *     each token's fp16 z and s itself, adds each head's sums of w_t z_tg to acc[dim + g] (ng more floats,
+ *     acc_dim = dim + ng, which finish adds to the group's channels once per step) and rounds each head's
  *     w_t s_tg to 12 bits of their largest (step = max / 4095; a channel's sum moves by at most
- *     step / 2 * sum_t code_tj, tested) and reads s_tg from the tokens (AVX-512: vpdpwssd with channels as
- *     lanes). axpy, the float reference: one lut_axpy per channel group with weights w_t s_tg. The sums of
- *     w_t z_tg, one per channel group, accumulate in ng more floats (acc_dim = dim + ng), which finish adds
- *     to the group's channels once per step.
+ *     step / 2 * sum_t code_tj, tested). AVX-512, groups of 32: channels are the lanes of vpdpwssd, two
+ *     tokens' codes of a lane's byte placed by one vpermb and masked plane by plane (code * 4^j), against a
+ *     qword of the two tokens' weights of the chunk's two groups. axpy, the float reference: one lut_axpy per
+ *     channel group with weights w_t s_tg, the z sums by the fp16 dot kernels.
  *   The other two combinations (explicit axis=): keys per token one lut_dot per channel group, values per
  *   channel one lut_axpy per token's row (gathered from the columns).
  * Tried at G=32 (pager attention, d=128, GQA 4) and not kept: key rows of tokens with lut_dot_group (no
@@ -53,7 +55,12 @@
  * come once per 32 tokens). Values through lut_axpy_i16_group per channel group (weights w_t s_tg) were
  * slower than the float lut_axpy_group: its AVX-512 version works on 64-column chunks, half idle at
  * G = 32, and rounds every head's weights again for each channel group of each 64-token block; hence the
- * two kernels of KIVI's own shape (dot_i8_scaled, axpy_i16_scaled).
+ * two kernels of KIVI's own shape (dot_i8_scaled, axpy_i16_scaled). Their per-call work was most of their
+ * time at first (in cache, d=128, GQA 4, per token: keys 9.8 ns, values 17.6 ns): the fp16 scalars gathered
+ * two bytes at a time into planar rows, the int8 queries stored byte-masked (the kernel's loads then waited
+ * on them), gcc copying vpdpwssd's accumulators around every product; folding the scalars into the kernels
+ * and the fixes above took that to about 6.5 and 7-9 ns. Tried and dropped: keys by the values' plane trick
+ * (sixteen rows' four column bytes per lane by one vpermt2b, four masks): no faster than the byte columns.
  *
  * Encode and decode run in blocks of fixed size that the compiler vectorizes (ranges over rows of
  * channels, fp16 rounding by the kernels' converters, rounding by adding 1.5 * 2^23, a token's codes
@@ -876,30 +883,19 @@ static void dot_channel(const struct kvp_codec *c, unsigned n, const unsigned ch
 }
 
 /*
- * dot_channel for the g heads of a GQA group on the integer kernel (attention's path): per group, out =
- * <q, z>, then dot_i8_scaled adds each head's sum_j (q_j s_j) code_jt with q * s in int8 on the step
- * max_j |q_j s_j| / 127: a score moves by at most step / 2 * sum_j code_jt (tests/test_kivi.c checks it).
+ * dot_channel for the g heads of a GQA group on the integer kernel (attention's path): one dot_i8_scaled per
+ * group, which reads the group's fp16 z and s itself, sums <q, z> in floats and adds each head's
+ * sum_j (q_j s_j) code_jt with q * s in int8 on the step max_j |q_j s_j| / 127: a score moves by at most
+ * step / 2 * sum_j code_jt (tests/test_kivi.c checks it).
  */
 static void dot_channel_i8(const struct kvp_codec *c, unsigned n, const unsigned char *p, unsigned g,
 			   const float *qprep, float *out)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct kivi *k = c->state;
-	const struct kivi_scratch w = scratch_of(c);
-	const unsigned d = c->dim, groups = n / k->g;
-	float zq[KVP_CODEC_GROUP_MAX * GROUPS];
 
-	for (unsigned a = 0, an; a < groups; a += an, p += k->stride * an) {
-		an = channel_scalars(c, &w, groups - a, p, g, qprep, zq);
-		for (unsigned e = 0; e < an; e++) {
-			const size_t i = (size_t)(a + e) * k->g;
-
-			for (unsigned h = 0; h < g; h++)
-				fill(k->g, out + h * (size_t)n + i, zq[h * an + e]);
-			kern->dot_i8_scaled(k->bits, d, k->g, p + e * k->stride + 4 * (size_t)d, g, qprep, d,
-					    w.zs + (size_t)e * d, out + i, n);
-		}
-	}
+	for (unsigned i = 0; i < n; i += k->g, p += k->stride)
+		kern->dot_i8_scaled(k->bits, c->dim, k->g, p, g, qprep, c->dim, out + i, n);
 }
 
 /* The z and s of a pass of cn value tokens from p on, as fp16 in h16, planar: h16[g * cn + i] is z of token i's
@@ -975,12 +971,10 @@ static void kivi_dot_group(const struct kvp_codec *c, const void *ctx, unsigned 
 }
 
 /*
- * axis=token, hn <= HEADS heads (weights w + h * w_stride, accumulators acc + h * acc_dim): per pass of
- * tokens, each head's sums of w_i z_ig (a dot straight from the fp16 z, rows: the channel groups) go to
- * acc[dim + g], which finish adds to the group's channels. Then sum_i (w_i s_ig) code_ij: in floats (axpy's
- * reference) by one lut_axpy_group per channel group; with `integer` (axpy_group, attention's path) by one
- * axpy_i16_scaled over all channels, which rounds each head's w_i s_ig to 12 bits of their largest
- * (kernels.h: within about 1e-4 of the float sum) and reads s_ig from the tokens themselves.
+ * axis=token, hn <= HEADS heads (weights w + h * w_stride, accumulators acc + h * acc_dim), in floats (axpy's
+ * reference): per pass of tokens, each head's sums of w_i z_ig (a dot straight from the fp16 z, rows: the
+ * channel groups) go to acc[dim + g], which finish adds to the group's channels; then sum_i (w_i s_ig) code_ij
+ * by one lut_axpy_group per channel group. axpy_token_i16 below is attention's path.
  */
 /* Each head's sums of w_i z_ig over cn tokens (z rows of cn in h16), added to acc[dim + g]. */
 static void add_weighted_z(const struct kvp_codec *c, unsigned cn, const uint16_t *h16, unsigned hn, const float *w,
@@ -1027,24 +1021,20 @@ static void axpy_token(const struct kvp_codec *c, unsigned n, const unsigned cha
 	}
 }
 
-/* axpy_token on the integer kernel (axpy_group, attention's path): the z sums as there, then one
- * axpy_i16_scaled over all channels, which rounds each head's w_i s_ig to 12 bits of their largest (kernels.h:
- * within about 1e-4 of the float sum) and reads s_ig from the tokens themselves. */
+/* axpy_token on the integer kernel (axpy_group, attention's path): one axpy_i16_scaled per pass of tokens, which
+ * reads each token's z and s itself, adds the heads' sums of w_i z_ig to acc[dim + g], and rounds each head's
+ * w_i s_ig to 12 bits of their largest (kernels.h: within about 1e-4 of the float sum). */
 static void axpy_token_i16(const struct kvp_codec *c, unsigned n, const unsigned char *p, unsigned hn,
 			   const float *w, size_t w_stride, float *acc)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct kivi *k = c->state;
-	const unsigned slice = token_slice(k), ng = k->ng;
-	uint16_t h16[SLICE_SCALARS];
+	const unsigned slice = token_slice(k);
 
 	for (unsigned i0 = 0; i0 < n; i0 += slice, p += k->stride * slice, w += slice) {
 		const unsigned cn = n - i0 < slice ? n - i0 : slice;
 
-		slice_scalars(kern, k, cn, p, h16, ng, ng, NULL);
-		add_weighted_z(c, cn, h16, hn, w, w_stride, acc);
-		kern->axpy_i16_scaled(k->bits, c->dim, k->g, cn, p + 4 * ng, k->stride, p + 2 * ng, hn, w, w_stride, acc,
-				      c->acc_dim);
+		kern->axpy_i16_scaled(k->bits, c->dim, k->g, cn, p, k->stride, hn, w, w_stride, acc, c->acc_dim);
 	}
 }
 

@@ -1626,29 +1626,85 @@ static int lut_axpy_u8_group(unsigned bits, unsigned m, unsigned n, const uint8_
  * stay in one register per head and sixteen rows: no horizontal sums.
  */
 #define SCALED_QUADS 256 /* 1024 channels */
+#define SCALED_PRODUCTS 256 /* channels whose products q * s the first pass keeps for the second */
 
-/* kvp_scaled_query_i8 in sixteen lanes (the same products, maximum and rounding) */
-INLINE float scaled_query_i8(unsigned m, const float *q, const float *s, int8_t *q8)
+/* Sixteen int32 lanes of kvp_nearest_even(x): one conversion with embedded round-to-nearest. */
+INLINE __m512i nearest16(__m512 x)
 {
-	const __m512 half = _mm512_set1_ps(0.5f), minus_half = _mm512_set1_ps(-0.5f), zero = _mm512_setzero_ps();
-	__m512 top = zero, inv;
-	float t;
+	return _mm512_cvt_roundps_epi32(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
 
+/* max(top, |u|) in one instruction (vrangeps: the larger magnitude, sign cleared; top is never negative) */
+INLINE __m512 max_abs(__m512 top, __m512 u)
+{
+	return _mm512_range_ps(top, u, 0x0B);
+}
+
+/* kvp_scaled_query_i8 for hn heads at once (the same products, maxima and rounding), and each head's float sum
+ * of q_j z_j (kvp_fold16's order) in zq: the maxima and those sums in one pass over the channels, then each
+ * head's int8 query as whole 64-byte rows of quads[h] (channels past m weigh 0). Whole-row stores, not
+ * byte-masked ones: the kernel's 4-byte loads that follow are forwarded from them. */
+INLINE __m512 f16_at(__mmask16 in, const uint8_t *p, unsigned j)
+{
+	return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, p + 2 * (size_t)j));
+}
+
+INLINE void scaled_queries_i8(unsigned hn, unsigned m, const float *q, size_t qs, const uint8_t *group,
+			      int32_t (*quads)[SCALED_QUADS], float *step, float *zq, float (*u)[SCALED_PRODUCTS])
+{
+	const uint8_t *s = group + 2 * (size_t)m;
+	__m512 top[4], zs[4];
+	float inv[4];
+
+#pragma GCC unroll 4
+	for (unsigned h = 0; h < hn; h++)
+		top[h] = zs[h] = _mm512_setzero_ps();
 	for (unsigned j = 0; j < m; j += 16) {
 		const __mmask16 in = tail16(m - j < 16 ? m - j : 16);
-		top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, q + j),
-								     _mm512_maskz_loadu_ps(in, s + j))));
+		const __m512 sv = f16_at(in, s, j), zv = f16_at(in, group, j);
+#pragma GCC unroll 4
+		for (unsigned h = 0; h < hn; h++) {
+			const __m512 qv = _mm512_maskz_loadu_ps(in, q + h * qs + j), uv = _mm512_mul_ps(qv, sv);
+			top[h] = max_abs(top[h], uv);
+			if (u)
+				_mm512_storeu_ps(u[h] + j, uv);
+			zs[h] = _mm512_add_ps(zs[h], _mm512_mul_ps(qv, zv));
+		}
 	}
-	t = _mm512_reduce_max_ps(top);
-	inv = _mm512_set1_ps(t > 127.0f / 3.0e38f ? 127.0f / t : 0.0f);
-	for (unsigned j = 0; j < m; j += 16) {
-		const __mmask16 in = tail16(m - j < 16 ? m - j : 16);
-		const __m512 x = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, q + j), _mm512_maskz_loadu_ps(in, s + j)),
-					       inv);
-		const __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), half, minus_half);
-		_mm512_mask_cvtepi32_storeu_epi8(q8 + j, in, _mm512_cvttps_epi32(_mm512_add_ps(x, r)));
+#pragma GCC unroll 4
+	for (unsigned h = 0; h < hn; h++) {
+		const float t = _mm512_reduce_max_ps(top[h]);
+		inv[h] = t > 127.0f / 3.0e38f ? 127.0f / t : 0.0f;
+		step[h] = t / 127.0f;
+		zq[h] = hsum(zs[h]);
 	}
-	return t / 127.0f;
+	for (unsigned j = 0; j < m; j += 64) {
+		const __mmask16 in0 = tail16(m - j < 16 ? m - j : 16);
+		const __mmask16 in1 = m - j > 16 ? tail16(m - j - 16 < 16 ? m - j - 16 : 16) : 0;
+		const __mmask16 in2 = m - j > 32 ? tail16(m - j - 32 < 16 ? m - j - 32 : 16) : 0;
+		const __mmask16 in3 = m - j > 48 ? tail16(m - j - 48 < 16 ? m - j - 48 : 16) : 0;
+		/* packs work within 128-bit lanes: dword 4v + L of the packed row is lane L's dword v, put back in order */
+		const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+		__m512 s0, s1, s2, s3;
+
+		if (!u)
+			s0 = f16_at(in0, s, j), s1 = f16_at(in1, s, j + 16), s2 = f16_at(in2, s, j + 32), s3 = f16_at(in3, s, j + 48);
+#pragma GCC unroll 4
+		for (unsigned h = 0; h < hn; h++) {
+			const float *qh = q + h * qs + j;
+			const __m512 iv = _mm512_set1_ps(inv[h]);
+			/* the products of the first pass where they were kept (the same floats), else again */
+#define PRODUCTS(in, off, sv) \
+	(u ? _mm512_maskz_loadu_ps(in, u[h] + j + (off)) : _mm512_mul_ps(_mm512_maskz_loadu_ps(in, qh + (off)), sv))
+#define QUERY_LANES(in, off, sv) nearest16(_mm512_mul_ps(PRODUCTS(in, off, sv), iv))
+			const __m512i r01 = _mm512_packs_epi32(QUERY_LANES(in0, 0, s0), QUERY_LANES(in1, 16, s1));
+			const __m512i r23 = _mm512_packs_epi32(QUERY_LANES(in2, 32, s2), QUERY_LANES(in3, 48, s3));
+			const __m512i row = _mm512_permutexvar_epi32(order, _mm512_packs_epi16(r01, r23));
+#undef QUERY_LANES
+#undef PRODUCTS
+			_mm512_storeu_si512(quads[h] + j / 4, row);
+		}
+	}
 }
 
 /* One head's step of the sums: the lanes' four codes of two blocks of 16 rows times the head's query of
@@ -1660,18 +1716,17 @@ INLINE float scaled_query_i8(unsigned m, const float *q, const float *s, int8_t 
 		acc2 = _mm512_dpbusd_epi32(acc2, c2, qk);               \
 	} while (0)
 
-/* out[0..rows) += step * the sums of a block of rows */
-INLINE void add_rows(float *o, unsigned rows, float step, __m512i sums)
+/* out[0..rows) = z + step * the sums of a block of rows */
+INLINE void add_rows(float *o, unsigned rows, float z, float step, __m512i sums)
 {
-	const __mmask16 keep = tail16(rows);
 	const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(step));
 
-	_mm512_mask_storeu_ps(o, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, o), v));
+	_mm512_mask_storeu_ps(o, tail16(rows), _mm512_add_ps(_mm512_set1_ps(z), v));
 }
 
 /* Rows 32 at a time, in two blocks of 16 lanes (the second empty past n: its loads are masked off). */
 INLINE void dot_i8_scaled_heads(unsigned hn, unsigned bytes, unsigned n, const uint8_t *codes,
-				const int32_t (*quads)[SCALED_QUADS], const float *step, float *out, size_t os)
+				const int32_t (*quads)[SCALED_QUADS], const float *step, const float *zq, float *out, size_t os)
 {
 	const __m512i pick = _mm512_set1_epi64(0x2624222006040200ll), three = _mm512_set1_epi8(3);
 
@@ -1699,9 +1754,9 @@ INLINE void dot_i8_scaled_heads(unsigned hn, unsigned bytes, unsigned n, const u
 		{
 			const __m512i a[4] = { a0, a1, a2, a3 }, b[4] = { b0, b1, b2, b3 };
 			for (unsigned h = 0; h < hn; h++) {
-				add_rows(out + h * os + i0, rows, step[h], a[h]);
+				add_rows(out + h * os + i0, rows, zq[h], step[h], a[h]);
 				if (rows2)
-					add_rows(out + h * os + i0 + 16, rows2, step[h], b[h]);
+					add_rows(out + h * os + i0 + 16, rows2, zq[h], step[h], b[h]);
 			}
 		}
 	}
@@ -1709,49 +1764,54 @@ INLINE void dot_i8_scaled_heads(unsigned hn, unsigned bytes, unsigned n, const u
 
 #undef SCALED_HEAD
 
-static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, unsigned g, const float *q,
-			  size_t q_stride, const float *s, float *out, size_t out_stride)
+static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g, const float *q,
+			  size_t q_stride, float *out, size_t out_stride)
 {
 	int32_t quads[4][SCALED_QUADS];
+	float products[4][SCALED_PRODUCTS], (*u)[SCALED_PRODUCTS] = m <= SCALED_PRODUCTS ? products : NULL;
 	const unsigned bytes = (m + 3) / 4;
-	float step[4];
+	const uint8_t *codes = group + 4 * (size_t)m;
+	float step[4], zq[4];
 
 	if (bits != 2 || m > 4 * SCALED_QUADS) {
 		/* through the table, not inlined: this frame stays small */
-		kvp_kernels_scalar.dot_i8_scaled(bits, m, n, codes, g, q, q_stride, s, out, out_stride);
+		kvp_kernels_scalar.dot_i8_scaled(bits, m, n, group, g, q, q_stride, out, out_stride);
 		return;
 	}
 	for (unsigned h0 = 0; h0 < g; h0 += 4) {
 		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
+		const float *qh = q + h0 * q_stride;
 		float *o = out + h0 * out_stride;
 
-		for (unsigned h = 0; h < hn; h++) {
-			memset(quads[h], 0, sizeof(int32_t) * bytes); /* channels past m weigh 0 */
-			step[h] = scaled_query_i8(m, q + (h0 + h) * q_stride, s, (int8_t *)quads[h]);
-		}
+#define SCALED_BLOCK(hn) \
+	scaled_queries_i8(hn, m, qh, q_stride, group, quads, step, zq, u), \
+	dot_i8_scaled_heads(hn, bytes, n, codes, quads, step, zq, o, out_stride)
 		switch (hn) {
-		case 4: dot_i8_scaled_heads(4, bytes, n, codes, quads, step, o, out_stride); break;
-		case 3: dot_i8_scaled_heads(3, bytes, n, codes, quads, step, o, out_stride); break;
-		case 2: dot_i8_scaled_heads(2, bytes, n, codes, quads, step, o, out_stride); break;
-		default: dot_i8_scaled_heads(1, bytes, n, codes, quads, step, o, out_stride); break;
+		case 4: SCALED_BLOCK(4); break;
+		case 3: SCALED_BLOCK(3); break;
+		case 2: SCALED_BLOCK(2); break;
+		default: SCALED_BLOCK(1); break;
 		}
+#undef SCALED_BLOCK
 	}
 }
 
 #define KVP_ISA_DOT_I8_SCALED
 
 /*
- * axpy_i16_scaled, 2-bit codes, column groups of a multiple of 16, m a multiple of 64 (KIVI's values at
- * d = 64, 128, ...; otherwise the plain code). Each head's weights are rounded once per (row, group) into
- * wq[h][c][i]; columns go in passes of 64, rows in pairs. A 16-byte load of each row's 64 codes, and per
- * 16 columns one vpermb puts the two rows' bytes of column L into the low bytes of lane L's two int16
- * halves, a variable shift by 2 (L % 4) and a mask leave the codes: the pairs vpdpwssd multiplies by the
+ * axpy_i16_scaled, 2-bit codes, column groups of a multiple of 16 (at most 4 of them), m a multiple of 64
+ * (KIVI's values at d = 64 and 128; otherwise the plain code). The rows' fp16 z and s are gathered once into
+ * planar floats; one pass over the rows gives every head's maximum and z sums, a second its weights, rounded
+ * once per (row, group): into wq[h][c][i] for the column-pass kernel below, or as pairs of rows for the plane
+ * kernel (groups of 32, further down). Column-pass kernel: columns in passes of 64, rows in pairs; a 16-byte
+ * load of each row's 64 codes, and per 16 columns one vpermb puts the two rows' bytes of column L into lane
+ * L's two int16 halves, vpmultishiftqb and a mask leave the codes: the pairs vpdpwssd multiplies by the
  * rows' two weights of that column group, broadcast as one int32. Lanes are columns: no horizontal sums.
  */
 #define SCALED_WEIGHTS 528 /* (rows + 2) * groups per head: 128 rows of 4 groups, 64 of 8 */
 
 /* Per 16 columns e of a 64-column pass: byte 4L of lane L from byte 4e + L/4 of the first row (bytes 0-15),
- * byte 4L + 2 from the second row's (bytes 16-31); bytes 4L + 1 and 4L + 3 are masked to zero. */
+ * byte 4L + 2 from the second row's (bytes 16-31); bytes 4L + 1 and 4L + 3 take byte 0 (masked off later). */
 #define PAIR_BYTE(e, i) (char)((i) % 4 == 0 ? 4 * (e) + (i) / 16 : (i) % 4 == 2 ? 16 + 4 * (e) + (i) / 16 : 0)
 #define PAIR8(e, i) PAIR_BYTE(e, i), PAIR_BYTE(e, i + 1), PAIR_BYTE(e, i + 2), PAIR_BYTE(e, i + 3), \
 		    PAIR_BYTE(e, i + 4), PAIR_BYTE(e, i + 5), PAIR_BYTE(e, i + 6), PAIR_BYTE(e, i + 7)
@@ -1759,58 +1819,163 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 		    PAIR8(e, 56) }
 static const char pair_bytes[4][64] = { PAIR64(0), PAIR64(1), PAIR64(2), PAIR64(3) };
 
-/* One head's weights W(i, c) in int16, rows of n + 2 per group (the pad rows weigh 0); returns top / 4095. */
-INLINE float scaled_weights_i16(unsigned n, unsigned ng, const float *w, const float *sf, int16_t *wq)
-{
-	const __m512 half = _mm512_set1_ps(0.5f), minus_half = _mm512_set1_ps(-0.5f), zero = _mm512_setzero_ps();
-	__m512 top = zero, inv;
-	float t;
+/* vpmultishiftqb's bit offsets after the byte permutation above: byte r of qword Q (lanes 2Q and 2Q + 1) takes
+ * the 8 bits from the code of its lane (column 2Q + r/4 of 16, at bit 2 (L % 4) of its byte), in the first
+ * row's byte for bytes 0, 4 of the qword and the second row's for bytes 2, 6 (odd bytes: masked off later). */
+#define SHIFT_BYTE(i) (char)(8 * ((i) % 8 / 4 * 4 + (i) % 4 / 2 * 2) + 2 * (((i) / 8 * 2 + (i) % 8 / 4) % 4))
+#define SHIFT8(i) SHIFT_BYTE(i), SHIFT_BYTE(i + 1), SHIFT_BYTE(i + 2), SHIFT_BYTE(i + 3), SHIFT_BYTE(i + 4), \
+		  SHIFT_BYTE(i + 5), SHIFT_BYTE(i + 6), SHIFT_BYTE(i + 7)
+static const char shift_bytes[64] = { SHIFT8(0), SHIFT8(8), SHIFT8(16), SHIFT8(24), SHIFT8(32), SHIFT8(40), SHIFT8(48),
+				      SHIFT8(56) };
 
-	for (unsigned c = 0; c < ng; c++)
-		for (unsigned i = 0; i < n; i += 16) {
-			const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
-			top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, w + i),
-									     _mm512_maskz_loadu_ps(in, sf + c * n + i))));
-		}
-	t = _mm512_reduce_max_ps(top);
-	inv = _mm512_set1_ps(kvp_weight_inv(t));
-	for (unsigned c = 0; c < ng; c++) {
-		int16_t *row = wq + c * (n + 2);
-		for (unsigned i = 0; i < n; i += 16) {
-			const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
-			const __m512 x = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, w + i),
-								     _mm512_maskz_loadu_ps(in, sf + c * n + i)),
-						       inv);
-			const __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), half, minus_half);
-			_mm256_mask_storeu_epi16(row + i, in, _mm512_cvtsepi32_epi16(_mm512_cvttps_epi32(_mm512_add_ps(x, r))));
-		}
-		row[n] = row[n + 1] = 0;
-	}
-	return t / KVP_WEIGHT_MAX;
+/* acc += the pairs of x times the pairs of y, in place: gcc moves the intrinsic's accumulators between registers
+ * around every use in the sixteen-accumulator loop below (41 moves for 16 products), which this keeps out. */
+#define DPWSSD(acc, x, y) __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(y))
+
+/*
+ * The horizontal sums of v[0..16), each in hsum's order (lane l + lane l + 8, then l + 4, l + 2, l + 1), all
+ * sixteen in one vector: each step adds halves of two vectors at once, so that 16 sums take 15 additions.
+ * Lane k of the result is the sum of v[hsum16_lane[k]].
+ */
+static const int hsum16_lane[16] = { 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15 };
+
+INLINE __m512 hsum16(const __m512 *v)
+{
+	__m512 a[8], b[4], c[2];
+
+	for (unsigned k = 0; k < 8; k++) /* [v 2k: l + (l + 8), v 2k+1: the same] */
+		a[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+				     _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+	for (unsigned k = 0; k < 4; k++) /* blocks 0 + 1 of each half: l + (l + 4) */
+		b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x88),
+				     _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xDD));
+	for (unsigned k = 0; k < 2; k++) /* within blocks: l + (l + 2) */
+		c[k] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0x44), _mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0xEE));
+	return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD)); /* l + (l + 1) */
 }
 
-/* The step of 16 columns e: their codes of the two rows as int16 pairs, against each head's two weights of
- * their group, broadcast as one int32 (per 32 columns when groups span 32 or more: `wide`). */
+/* Sixteen weights u * inv rounded (kvp_nearest_even), two vectors packed to 32 int16 in order. */
+INLINE __m512i weights32(__m512 x0, __m512 x1)
+{
+	const __m512i order = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0); /* packs interleave 128-bit lanes */
+
+	return _mm512_permutexvar_epi64(order, _mm512_packs_epi32(nearest16(x0), nearest16(x1)));
+}
+
+/*
+ * Pass 2 of scaled_weights_heads for the plane kernel (groups of 32 columns): per head h and pair of groups
+ * v (2v, 2v + 1), one qword per pair of rows p, pq[h * hs + v * pv + p] = W(2p, 2v), W(2p + 1, 2v),
+ * W(2p, 2v + 1), W(2p + 1, 2v + 1); rows past n weigh 0. Written 32 rows (16 qwords) at a time.
+ */
+INLINE void weight_pairs(unsigned hn, unsigned n, unsigned ng, const float *w, size_t w_stride, const float *sf,
+			 const __m512 *inv, int64_t *pq, size_t pv)
+{
+	const __m512i lo_order = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), hi_order = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+	const size_t hs = (size_t)ng / 2 * pv;
+
+	for (unsigned h = 0; h < hn; h++)
+		for (unsigned v = 0; v < ng / 2; v++) {
+			const float *wh = w + h * w_stride, *s0 = sf + 2 * v * (size_t)n, *s1 = s0 + n;
+			int64_t *out = pq + h * hs + v * pv;
+			for (unsigned i = 0; i < n; i += 32) {
+				const unsigned k = n - i < 32 ? n - i : 32;
+				const __mmask16 in0 = tail16(k < 16 ? k : 16), in1 = k > 16 ? tail16(k - 16) : 0;
+				const __m512 w0 = _mm512_maskz_loadu_ps(in0, wh + i), w1 = _mm512_maskz_loadu_ps(in1, wh + i + 16);
+				const __m512i r0 = weights32(
+					_mm512_mul_ps(_mm512_mul_ps(w0, _mm512_maskz_loadu_ps(in0, s0 + i)), inv[h]),
+					_mm512_mul_ps(_mm512_mul_ps(w1, _mm512_maskz_loadu_ps(in1, s0 + i + 16)), inv[h]));
+				const __m512i r1 = weights32(
+					_mm512_mul_ps(_mm512_mul_ps(w0, _mm512_maskz_loadu_ps(in0, s1 + i)), inv[h]),
+					_mm512_mul_ps(_mm512_mul_ps(w1, _mm512_maskz_loadu_ps(in1, s1 + i + 16)), inv[h]));
+				/* dwords (pairs of rows) of the two groups interleaved: qwords 0, 1, 4, 5, ... and 2, 3, 6, 7, ... */
+				const __m512i lo = _mm512_unpacklo_epi32(r0, r1), hi = _mm512_unpackhi_epi32(r0, r1);
+				_mm512_storeu_si512(out + i / 2, _mm512_permutex2var_epi64(lo, lo_order, hi));
+				_mm512_storeu_si512(out + i / 2 + 8, _mm512_permutex2var_epi64(lo, hi_order, hi));
+			}
+		}
+}
+
+/*
+ * hn heads' weights W(i, c) in int16 (head h's rows of n + 2 per group at wq + h * ws; the pad rows weigh 0),
+ * f[h] = top / 4095, and their sums of w_i z(i, c) added to acc[h * as + c] (ng <= 4: hn * ng <= 16 sums).
+ * z and s: planar floats, zs[c * n + i] and zs[(ng + c) * n + i]. The maxima in one pass over the tokens with
+ * the z sums, then the products again, rounded and packed two vectors at a time.
+ */
+INLINE void scaled_weights_heads(unsigned hn, unsigned n, unsigned ng, const float *w, size_t w_stride,
+				 const float *zs, int16_t *wq, size_t ws, int64_t *pq, size_t pv, float *f, float *acc,
+				 size_t as)
+{
+	const float *sf = zs + (size_t)ng * n;
+	__m512 top[4], zsum[16], inv[4];
+	const __m512i order = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0); /* packs interleave 128-bit lanes */
+
+#pragma GCC unroll 16
+	for (unsigned k = 0; k < 16; k++)
+		zsum[k] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+	for (unsigned h = 0; h < hn; h++)
+		top[h] = _mm512_setzero_ps();
+	for (unsigned i = 0; i < n; i += 16) {
+		const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
+		__m512 wv[4];
+#pragma GCC unroll 4
+		for (unsigned h = 0; h < hn; h++)
+			wv[h] = _mm512_maskz_loadu_ps(in, w + h * w_stride + i);
+#pragma GCC unroll 4
+		for (unsigned c = 0; c < ng; c++) {
+			const __m512 zv = _mm512_maskz_loadu_ps(in, zs + c * n + i), sv = _mm512_maskz_loadu_ps(in, sf + c * n + i);
+#pragma GCC unroll 4
+			for (unsigned h = 0; h < hn; h++) {
+				zsum[h * ng + c] = _mm512_add_ps(zsum[h * ng + c], _mm512_mul_ps(wv[h], zv));
+				top[h] = max_abs(top[h], _mm512_mul_ps(wv[h], sv));
+			}
+		}
+	}
+	{
+		float sums[16];
+		_mm512_storeu_ps(sums, hsum16(zsum));
+		for (unsigned k = 0; k < 16; k++)
+			if (hsum16_lane[k] < (int)(hn * ng))
+				acc[hsum16_lane[k] / ng * as + hsum16_lane[k] % ng] += sums[k];
+	}
+	for (unsigned h = 0; h < hn; h++) {
+		const float t = _mm512_reduce_max_ps(top[h]);
+		inv[h] = _mm512_set1_ps(kvp_weight_inv(t));
+		f[h] = t / KVP_WEIGHT_MAX;
+	}
+	if (pq) {
+		weight_pairs(hn, n, ng, w, w_stride, sf, inv, pq, pv);
+		return;
+	}
+	for (unsigned h = 0; h < hn; h++)
+		for (unsigned c = 0; c < ng; c++) {
+			int16_t *row = wq + h * ws + c * (n + 2);
+			const float *wh = w + h * w_stride, *sc = sf + c * n;
+			for (unsigned i = 0; i < n; i += 32) {
+				const unsigned k = n - i < 32 ? n - i : 32;
+				const __mmask16 in0 = tail16(k < 16 ? k : 16), in1 = k > 16 ? tail16(k - 16) : 0;
+				const __m512 x0 = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in0, wh + i), _mm512_maskz_loadu_ps(in0, sc + i)), inv[h]);
+				const __m512 x1 = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in1, wh + i + 16), _mm512_maskz_loadu_ps(in1, sc + i + 16)), inv[h]);
+				const __m512i packed = _mm512_permutexvar_epi64(order, _mm512_packs_epi32(nearest16(x0), nearest16(x1)));
+				_mm512_mask_storeu_epi16(row + i, (__mmask32)(k == 32 ? ~0u : (1u << k) - 1), packed);
+			}
+			row[n] = row[n + 1] = 0;
+		}
+}
+
+/* The step of 16 columns e: their codes of the two rows as int16 pairs (byte permutation, then each lane's bits
+ * selected and masked), against each head's two weights of their group ce, broadcast as one int32. */
 #define SCALED_COLUMNS(e, pe, ce)                                                                              \
 	do {                                                                                                   \
-		const __m512i de = _mm512_and_si512(_mm512_srlv_epi16(_mm512_maskz_permutexvar_epi8(even, pe, xy), by), low); \
-		const unsigned at = (ce) * (n + 2) + i;                                                         \
-		if (!wide || (e) % 2 == 0) {                                                                    \
-			bw0 = _mm512_set1_epi32(pair_at(w0 + at));                                              \
-			if (hn > 1)                                                                             \
-				bw1 = _mm512_set1_epi32(pair_at(w1 + at));                                      \
-			if (hn > 2)                                                                             \
-				bw2 = _mm512_set1_epi32(pair_at(w2 + at));                                      \
-			if (hn > 3)                                                                             \
-				bw3 = _mm512_set1_epi32(pair_at(w3 + at));                                      \
-		}                                                                                               \
-		a0##e = _mm512_dpwssd_epi32(a0##e, de, bw0);                                                    \
+		const __m512i de = _mm512_and_si512(_mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(pe, xy)), low); \
+		const int16_t *at = wq + (size_t)(ce) * (n + 2) + i;                                            \
+		DPWSSD(a0##e, de, _mm512_set1_epi32(pair_at(at)));                                             \
 		if (hn > 1)                                                                                     \
-			a1##e = _mm512_dpwssd_epi32(a1##e, de, bw1);                                            \
+			DPWSSD(a1##e, de, _mm512_set1_epi32(pair_at(at + ws)));                                 \
 		if (hn > 2)                                                                                     \
-			a2##e = _mm512_dpwssd_epi32(a2##e, de, bw2);                                            \
+			DPWSSD(a2##e, de, _mm512_set1_epi32(pair_at(at + 2 * ws)));                             \
 		if (hn > 3)                                                                                     \
-			a3##e = _mm512_dpwssd_epi32(a3##e, de, bw3);                                            \
+			DPWSSD(a3##e, de, _mm512_set1_epi32(pair_at(at + 3 * ws)));                             \
 	} while (0)
 
 /* acc[0..64) += f * a pass's four registers of sums */
@@ -1824,18 +1989,13 @@ INLINE void add_pass(float *o, float f, __m512i s0, __m512i s1, __m512i s2, __m5
 	_mm512_storeu_ps(o + 48, _mm512_add_ps(_mm512_loadu_ps(o + 48), _mm512_mul_ps(fv, _mm512_cvtepi32_ps(s3))));
 }
 
-INLINE void axpy_i16_scaled_heads(unsigned hn, int wide, unsigned m, unsigned gsize, unsigned n, const uint8_t *codes,
+INLINE void axpy_i16_scaled_heads(unsigned hn, unsigned m, unsigned gsize, unsigned n, const uint8_t *codes,
 				  size_t stride, const int16_t *wq, const float *f, float *acc, size_t as)
 {
 	const __m512i p0 = _mm512_loadu_si512(pair_bytes[0]), p1 = _mm512_loadu_si512(pair_bytes[1]);
 	const __m512i p2 = _mm512_loadu_si512(pair_bytes[2]), p3 = _mm512_loadu_si512(pair_bytes[3]);
-	const __m512i low = _mm512_set1_epi16(3);
-	/* lane L's two int16 halves shift by 2 (L % 4) */
-	const __m512i by = _mm512_set_epi16(6, 6, 4, 4, 2, 2, 0, 0, 6, 6, 4, 4, 2, 2, 0, 0, 6, 6, 4, 4, 2, 2, 0, 0, 6, 6, 4,
-					    4, 2, 2, 0, 0);
-	const __mmask64 even = 0x5555555555555555ull;
+	const __m512i shift = _mm512_loadu_si512(shift_bytes), low = _mm512_set1_epi16(3);
 	const size_t ws = (size_t)(m / gsize + (m % gsize != 0)) * (n + 2);
-	const int16_t *w0 = wq, *w1 = wq + ws, *w2 = wq + 2 * ws, *w3 = wq + 3 * ws;
 
 	for (unsigned j0 = 0; j0 < m; j0 += 64) {
 		const unsigned c0 = j0 / gsize, c1 = (j0 + 16) / gsize, c2 = (j0 + 32) / gsize, c3 = (j0 + 48) / gsize;
@@ -1847,7 +2007,6 @@ INLINE void axpy_i16_scaled_heads(unsigned hn, int wide, unsigned m, unsigned gs
 			const __m128i y = i + 1 < n ? _mm_loadu_si128((const __m128i *)(codes + (size_t)(i + 1) * stride + j0 / 4))
 						    : _mm_setzero_si128();
 			const __m512i xy = _mm512_inserti32x4(_mm512_castsi128_si512(x), y, 1);
-			__m512i bw0 = _mm512_setzero_si512(), bw1 = bw0, bw2 = bw0, bw3 = bw0;
 
 			SCALED_COLUMNS(0, p0, c0);
 			SCALED_COLUMNS(1, p1, c1);
@@ -1866,52 +2025,227 @@ INLINE void axpy_i16_scaled_heads(unsigned hn, int wide, unsigned m, unsigned gs
 
 #undef SCALED_COLUMNS
 
-static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *codes, size_t stride,
-			    const uint8_t *scales, unsigned g, const float *w, size_t w_stride, float *acc,
-			    size_t acc_stride)
+/*
+ * The plane kernel (column groups of 32): per 64-column chunk v of two rows x, y (16 bytes each: groups 2v and
+ * 2v + 1), one vpermb puts into int32 lane L the byte 8 (L & 1) + L/2 of x (low int16) and of y (high int16);
+ * that byte holds the codes of four columns (b = 4 byte + j at bits 2j). Masking plane j of every lane leaves
+ * code * 4^j in each int16, which vpdpwssd multiplies with the rows' weights of the lane's group: one qword
+ * broadcast per head (even lanes group 2v, odd lanes 2v + 1). So a chunk takes one permutation and four
+ * masks for sixteen products of four heads; plane j's sums are 4^j times the codes' and lane L of plane j is
+ * column 32 (L & 1) + 4 (L / 2) + j, which the end of the chunk undoes exactly (a power of two, then lanes).
+ */
+#define PLACE_BYTE(b) (char)((b) % 4 == 0 ? 8 * ((b) / 4 % 2) + (b) / 8 : (b) % 4 == 2 ? 16 + 8 * ((b) / 4 % 2) + (b) / 8 : 0)
+#define PLACE8(b) PLACE_BYTE(b), PLACE_BYTE(b + 1), PLACE_BYTE(b + 2), PLACE_BYTE(b + 3), PLACE_BYTE(b + 4), \
+		  PLACE_BYTE(b + 5), PLACE_BYTE(b + 6), PLACE_BYTE(b + 7)
+static const char place_bytes[64] = { PLACE8(0), PLACE8(8), PLACE8(16), PLACE8(24), PLACE8(32), PLACE8(40), PLACE8(48),
+				      PLACE8(56) };
+
+/* acc[0..64) += f * the columns of a chunk's four planes (sums times 4^j, lanes as above), in column order */
+INLINE void add_planes(float *o, float f, __m512i s0, __m512i s1, __m512i s2, __m512i s3)
+{
+	/* output vector r, lane t: plane t % 4, lane 8 (r % 2) + 2 (t / 4) + r / 2 (+16: the second source) */
+#define PLANE_LANE(r, t) (8 * ((r) % 2) + 2 * ((t) / 4) + (r) / 2 + ((t) % 2 ? 16 : 0))
+#define PLANE_IDX(r) _mm512_set_epi32(PLANE_LANE(r, 15), PLANE_LANE(r, 14), PLANE_LANE(r, 13), PLANE_LANE(r, 12), \
+				      PLANE_LANE(r, 11), PLANE_LANE(r, 10), PLANE_LANE(r, 9), PLANE_LANE(r, 8), \
+				      PLANE_LANE(r, 7), PLANE_LANE(r, 6), PLANE_LANE(r, 5), PLANE_LANE(r, 4), \
+				      PLANE_LANE(r, 3), PLANE_LANE(r, 2), PLANE_LANE(r, 1), PLANE_LANE(r, 0))
+	const __m512 fv = _mm512_set1_ps(f);
+	const __m512 p0 = _mm512_cvtepi32_ps(s0), p1 = _mm512_mul_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(0.25f));
+	const __m512 p2 = _mm512_mul_ps(_mm512_cvtepi32_ps(s2), _mm512_set1_ps(0.0625f));
+	const __m512 p3 = _mm512_mul_ps(_mm512_cvtepi32_ps(s3), _mm512_set1_ps(0.015625f));
+	const __m512i idx[4] = { PLANE_IDX(0), PLANE_IDX(1), PLANE_IDX(2), PLANE_IDX(3) };
+
+	for (unsigned r = 0; r < 4; r++) {
+		const __m512 x = _mm512_mask_blend_ps(0xCCCC, _mm512_permutex2var_ps(p0, idx[r], p1),
+						      _mm512_permutex2var_ps(p2, idx[r], p3));
+		_mm512_storeu_ps(o + 16 * r, _mm512_add_ps(_mm512_loadu_ps(o + 16 * r), _mm512_mul_ps(fv, x)));
+	}
+#undef PLANE_IDX
+#undef PLANE_LANE
+}
+
+/* One plane j of the chunk: its codes against each head's weights. */
+#define PLANE(j, mask)                                              \
+	do {                                                        \
+		const __m512i dj = _mm512_and_si512(placed, mask);  \
+		DPWSSD(a0##j, dj, b0);                              \
+		if (hn > 1)                                         \
+			DPWSSD(a1##j, dj, b1);                      \
+		if (hn > 2)                                         \
+			DPWSSD(a2##j, dj, b2);                      \
+		if (hn > 3)                                         \
+			DPWSSD(a3##j, dj, b3);                      \
+	} while (0)
+
+/* The qword at p (weights written by vector stores into an int16 buffer: read without an int64 lvalue). */
+INLINE long long qword_at(const int64_t *p)
+{
+	long long v;
+
+	memcpy(&v, p, sizeof v);
+	return v;
+}
+
+INLINE void axpy_i16_planes_heads(unsigned hn, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+				  const int64_t *pq, size_t pv, const float *f, float *acc, size_t as)
+{
+	const __m512i place = _mm512_loadu_si512(place_bytes);
+	const __m512i m0 = _mm512_set1_epi16(3), m1 = _mm512_set1_epi16(12), m2 = _mm512_set1_epi16(48);
+	const __m512i m3 = _mm512_set1_epi16(192);
+	const __mmask64 low_bytes = 0x5555555555555555ull;
+	const size_t hs = (size_t)m / 64 * pv;
+
+	for (unsigned v = 0; v < m / 64; v++) {
+		const int64_t *w = pq + v * pv;
+		__m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00;
+		__m512i a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+
+		for (unsigned i = 0; i < n; i += 2) {
+			const __m128i x = _mm_loadu_si128((const __m128i *)(codes + (size_t)i * stride + 16 * v));
+			const __m128i y = i + 1 < n ? _mm_loadu_si128((const __m128i *)(codes + (size_t)(i + 1) * stride + 16 * v))
+						    : _mm_setzero_si128();
+			const __m512i placed = _mm512_maskz_permutexvar_epi8(
+				low_bytes, place, _mm512_inserti32x4(_mm512_castsi128_si512(x), y, 1));
+			const __m512i b0 = _mm512_set1_epi64(qword_at(w + i / 2));
+			const __m512i b1 = hn > 1 ? _mm512_set1_epi64(qword_at(w + hs + i / 2)) : b0;
+			const __m512i b2 = hn > 2 ? _mm512_set1_epi64(qword_at(w + 2 * hs + i / 2)) : b0;
+			const __m512i b3 = hn > 3 ? _mm512_set1_epi64(qword_at(w + 3 * hs + i / 2)) : b0;
+
+			PLANE(0, m0);
+			PLANE(1, m1);
+			PLANE(2, m2);
+			PLANE(3, m3);
+		}
+		add_planes(acc + 64 * v, f[0], a00, a01, a02, a03);
+		if (hn > 1)
+			add_planes(acc + as + 64 * v, f[1], a10, a11, a12, a13);
+		if (hn > 2)
+			add_planes(acc + 2 * as + 64 * v, f[2], a20, a21, a22, a23);
+		if (hn > 3)
+			add_planes(acc + 3 * as + 64 * v, f[3], a30, a31, a32, a33);
+	}
+}
+
+#undef PLANE
+
+/* The ns fp16 scalars at the start of each of n records (ns even) as floats, planar: out[e * n + i] is row i's
+ * scalar e. Sixteen rows at a time: dword k of each record by one gather, split into its two halves. */
+/* gather_scalars for eight scalars (four groups): a row's 16 bytes by one load, four rows per register,
+ * then words to scalar-major order and qwords across the registers: shuffles instead of eight-byte gathers. */
+INLINE void load_scalars8(unsigned n, const uint8_t *rows, size_t stride, float *out)
+{
+	/* word 4e + b of each register: scalar e of its row b (word 8b + e) */
+	const __m512i by_scalar = _mm512_set_epi16(31, 23, 15, 7, 30, 22, 14, 6, 29, 21, 13, 5, 28, 20, 12, 4, 27, 19, 11, 3,
+						   26, 18, 10, 2, 25, 17, 9, 1, 24, 16, 8, 0);
+	const __m512i pairs_lo = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0), pairs_hi = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
+	const __m512i quads_lo = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), quads_hi = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+
+	for (unsigned i0 = 0; i0 + 16 <= n; i0 += 16) {
+		__m512i r[4], t01, t01b, t23, t23b, u;
+		for (unsigned a = 0; a < 4; a++) {
+			const uint8_t *p = rows + (size_t)(i0 + 4 * a) * stride;
+			__m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p));
+			v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + stride)), 1);
+			v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 2 * stride)), 2);
+			v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 3 * stride)), 3);
+			r[a] = _mm512_permutexvar_epi16(by_scalar, v); /* qword e: scalar e of the four rows */
+		}
+		t01 = _mm512_permutex2var_epi64(r[0], pairs_lo, r[1]); /* scalars 0-3 of rows 0-7, by pairs of qwords */
+		t01b = _mm512_permutex2var_epi64(r[0], pairs_hi, r[1]);
+		t23 = _mm512_permutex2var_epi64(r[2], pairs_lo, r[3]);
+		t23b = _mm512_permutex2var_epi64(r[2], pairs_hi, r[3]);
+		u = _mm512_permutex2var_epi64(t01, quads_lo, t23); /* scalars 0 and 1 of the sixteen rows */
+		_mm512_storeu_ps(out + i0, _mm512_cvtph_ps(_mm512_castsi512_si256(u)));
+		_mm512_storeu_ps(out + n + i0, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(u, 1)));
+		u = _mm512_permutex2var_epi64(t01, quads_hi, t23);
+		_mm512_storeu_ps(out + 2 * n + i0, _mm512_cvtph_ps(_mm512_castsi512_si256(u)));
+		_mm512_storeu_ps(out + 3 * n + i0, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(u, 1)));
+		u = _mm512_permutex2var_epi64(t01b, quads_lo, t23b);
+		_mm512_storeu_ps(out + 4 * n + i0, _mm512_cvtph_ps(_mm512_castsi512_si256(u)));
+		_mm512_storeu_ps(out + 5 * n + i0, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(u, 1)));
+		u = _mm512_permutex2var_epi64(t01b, quads_hi, t23b);
+		_mm512_storeu_ps(out + 6 * n + i0, _mm512_cvtph_ps(_mm512_castsi512_si256(u)));
+		_mm512_storeu_ps(out + 7 * n + i0, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(u, 1)));
+	}
+}
+
+INLINE void gather_scalars(unsigned ns, unsigned n, const uint8_t *rows, size_t stride, float *out)
+{
+	const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+					      _mm512_set1_epi32((int)stride));
+
+	unsigned from = 0;
+
+	if (ns == 8) { /* whole blocks of sixteen rows by loads and shuffles, the rest gathered */
+		load_scalars8(n, rows, stride, out);
+		from = n & ~15u;
+	}
+	for (unsigned i0 = from; i0 < n; i0 += 16) {
+		const __mmask16 in = tail16(n - i0 < 16 ? n - i0 : 16);
+		const uint8_t *base = rows + (size_t)i0 * stride;
+
+		for (unsigned k = 0; k < ns / 2; k++) {
+			const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), in, at, base + 4 * k, 1);
+			_mm512_mask_storeu_ps(out + 2 * k * n + i0, in, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)));
+			_mm512_mask_storeu_ps(out + (2 * k + 1) * n + i0, in,
+					      _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16))));
+		}
+	}
+}
+
+static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *rows, size_t stride,
+			    unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride)
 {
 	const unsigned ng = (m + gsize - 1) / gsize;
-	int16_t wq[4 * SCALED_WEIGHTS] __attribute__((aligned(4)));
-	uint16_t h16[16];
-	float sf[SCALED_WEIGHTS], f[4];
+	/* groups of 32 take the plane kernel (weights in pq, 32-row blocks of pairs: pv per group pair); others wq */
+	const int planes = gsize == 32;
+	const size_t pv = (size_t)(n + 31) / 32 * 16;
+	int16_t wq[4 * SCALED_WEIGHTS] __attribute__((aligned(8)));
+	int64_t *pq = planes ? (int64_t *)(void *)wq : NULL;
+	float zs[2 * SCALED_WEIGHTS], f[4];
 
-	if (bits != 2 || gsize % 16 || m % 64 || (size_t)ng * (n + 2) > SCALED_WEIGHTS) {
-		kvp_kernels_scalar.axpy_i16_scaled(bits, m, gsize, n, codes, stride, scales, g, w, w_stride, acc, acc_stride);
+	if (bits != 2 || gsize % 16 || m % 64 || ng > 4 || (size_t)ng * (n + 2) > SCALED_WEIGHTS ||
+	    (planes && 4 * (size_t)ng / 2 * pv * 4 > 4 * SCALED_WEIGHTS)) {
+		kvp_kernels_scalar.axpy_i16_scaled(bits, m, gsize, n, rows, stride, g, w, w_stride, acc, acc_stride);
 		return;
 	}
-	for (unsigned c = 0; c < ng; c++) /* every row's scales as floats, group by group, 16 rows at a time */
-		for (unsigned i0 = 0; i0 < n; i0 += 16) {
-			const unsigned k = n - i0 < 16 ? n - i0 : 16;
-			for (unsigned i = 0; i < k; i++)
-				memcpy(h16 + i, scales + (i0 + i) * stride + 2 * (size_t)c, sizeof(uint16_t));
-			_mm512_mask_storeu_ps(sf + c * n + i0, tail16(k), load_f16_tail(h16, k));
-		}
+	gather_scalars(2 * ng, n, rows, stride, zs);
 	for (unsigned h0 = 0; h0 < g; h0 += 4) {
 		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
 		const size_t ws = (size_t)ng * (n + 2);
 
-		for (unsigned h = 0; h < hn; h++)
-			f[h] = scaled_weights_i16(n, ng, w + (h0 + h) * w_stride, sf, wq + h * ws);
-#define SCALED_HEADS(hn, wide) \
-	axpy_i16_scaled_heads(hn, wide, m, gsize, n, codes, stride, wq, f, acc + h0 * acc_stride, acc_stride)
-		if (gsize % 32 == 0) {
-			switch (hn) {
-			case 4: SCALED_HEADS(4, 1); break;
-			case 3: SCALED_HEADS(3, 1); break;
-			case 2: SCALED_HEADS(2, 1); break;
-			default: SCALED_HEADS(1, 1); break;
-			}
-		} else {
-			switch (hn) {
-			case 4: SCALED_HEADS(4, 0); break;
-			case 3: SCALED_HEADS(3, 0); break;
-			case 2: SCALED_HEADS(2, 0); break;
-			default: SCALED_HEADS(1, 0); break;
-			}
+		/* both counts constants in each case: the sixteen z sums and four maxima stay in registers */
+#define WEIGHTS(hn, ng) scaled_weights_heads(hn, n, ng, w + h0 * w_stride, w_stride, zs, wq, ws, pq, pv, f, \
+					     acc + h0 * acc_stride + m, acc_stride)
+#define WEIGHTS_NG(hn) \
+	switch (ng) { \
+	case 4: WEIGHTS(hn, 4); break; \
+	case 3: WEIGHTS(hn, 3); break; \
+	case 2: WEIGHTS(hn, 2); break; \
+	default: WEIGHTS(hn, 1); break; \
+	}
+		switch (hn) {
+		case 4: WEIGHTS_NG(4); break;
+		case 3: WEIGHTS_NG(3); break;
+		case 2: WEIGHTS_NG(2); break;
+		default: WEIGHTS_NG(1); break;
+		}
+#undef WEIGHTS_NG
+#undef WEIGHTS
+#define SCALED_HEADS(hn) \
+	planes ? axpy_i16_planes_heads(hn, m, n, rows + 4 * (size_t)ng, stride, pq, pv, f, acc + h0 * acc_stride, acc_stride) \
+	       : axpy_i16_scaled_heads(hn, m, gsize, n, rows + 4 * (size_t)ng, stride, wq, f, acc + h0 * acc_stride, acc_stride)
+		switch (hn) {
+		case 4: SCALED_HEADS(4); break;
+		case 3: SCALED_HEADS(3); break;
+		case 2: SCALED_HEADS(2); break;
+		default: SCALED_HEADS(1); break;
 		}
 #undef SCALED_HEADS
 	}
 }
+
+#undef DPWSSD
 
 #define KVP_ISA_AXPY_I16_SCALED
 

@@ -136,28 +136,29 @@ struct kvp_kernels {
 				  const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
 				  const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride);
 	/*
-	 * dot_i8_scaled: unsigned integer codes against a query scaled per channel, for the g heads of a GQA
-	 * group (KIVI's key groups: the scales are a group's s). Row i of n holds m codes of `bits` bits, packed
-	 * LSB first into ceil(m*bits/8) bytes and stored by columns: byte k of row i is codes[k*n + i]. Per head
-	 * (q + h*q_stride), the int8 query of kvp_scaled_query_i8 below (u_j = q_j * s_j rounded to int8 on the
-	 * step max |u| / 127), then
-	 *   out[h*out_stride + i] += (float)S(h, i) * step(h),  S(h, i) = sum_j Q(h, j) * code(i, j)  (exact int32).
-	 * m <= KVP_SCALED_DOT_DIM_MAX. Every implementation gives the same bits.
+	 * dot_i8_scaled: KIVI's key groups (keys quantized per channel over n tokens) scored for the g heads of a
+	 * GQA group. The group at `group`: m little-endian fp16 zero points z_j, m fp16 scales s_j (at least 0),
+	 * then n rows of m codes of `bits` bits, each row packed LSB first into ceil(m*bits/8) bytes and stored
+	 * by columns: byte k of row i is group[4m + k*n + i]. Per head (q + h*q_stride), the int8 query of
+	 * kvp_scaled_query_i8 below (u_j = q_j * s_j rounded to int8 on the step max |u| / 127), then
+	 *   out[h*out_stride + i] = Z(h) + (float)S(h, i) * step(h),  S(h, i) = sum_j Q(h, j) * code(i, j)  (exact int32),
+	 * Z(h) the float sum of q_j * z_j in kvp_fold16's order. m <= KVP_SCALED_DOT_DIM_MAX. Every implementation
+	 * gives the same bits.
 	 */
-	void (*dot_i8_scaled)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, unsigned g, const float *q,
-			      size_t q_stride, const float *s, float *out, size_t out_stride);
+	void (*dot_i8_scaled)(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g, const float *q,
+			      size_t q_stride, float *out, size_t out_stride);
 	/*
-	 * axpy_i16_scaled: weighted sums of integer codes whose rows carry a scale per group of gsize columns
-	 * (KIVI's value tokens: w_t s_tg). Rows as for lut_axpy (codes + i*stride, LSB first); row i's scale of
-	 * column group c (columns [c*gsize, (c+1)*gsize), c < ceil(m/gsize)) is the little-endian fp16 at
-	 * scales + i*stride + 2c. n <= KVP_AXPY_I16_ROWS. Per head, u(i, c) = w[h*w_stride + i] * scale(i, c);
-	 * top = max |u|; W(i, c) = nearest(u(i, c) * kvp_weight_inv(top)) as lut_axpy_i16_group rounds, and
-	 *   acc[h*acc_stride + j] += (top / 4095) * (float)sum_i W(i, j / gsize) * code(i, j)  (exact int32).
+	 * axpy_i16_scaled: weighted sums of KIVI's value tokens, whose rows carry a zero point z and a scale s per
+	 * group of gsize columns. Row i's record at rows + i*stride: ng = ceil(m/gsize) little-endian fp16 z(i, c),
+	 * then ng fp16 s(i, c) (c: columns [c*gsize, (c+1)*gsize)), then its m codes, LSB first as for lut_axpy.
+	 * n <= KVP_AXPY_I16_ROWS. Per head, u(i, c) = w[h*w_stride + i] * s(i, c); top = max |u|;
+	 * W(i, c) = kvp_nearest_even(u(i, c) * kvp_weight_inv(top)), and
+	 *   acc[h*acc_stride + j] += (top / 4095) * (float)sum_i W(i, j / gsize) * code(i, j)  (exact int32), j < m;
+	 *   acc[h*acc_stride + m + c] += the float sum over i of w[h*w_stride + i] * z(i, c), in kvp_sum16's order.
 	 * Every implementation gives the same bits.
 	 */
-	void (*axpy_i16_scaled)(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *codes,
-				size_t stride, const uint8_t *scales, unsigned g, const float *w, size_t w_stride,
-				float *acc, size_t acc_stride);
+	void (*axpy_i16_scaled)(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *rows,
+				size_t stride, unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride);
 	/*
 	 * The Walsh-Hadamard transform of v[0..p), p a power of two, in place and unnormalized: stages
 	 * h = 1, 2, 4, ..., p/2, each taking (v[j], v[j+h]) to (v[j] + v[j+h], v[j] - v[j+h]) for j with bit h
@@ -288,6 +289,13 @@ static inline int32_t kvp_nearest(float x)
 	return (int32_t)(x + (x < 0.0f ? -0.5f : 0.5f));
 }
 
+/* Nearest integer, ties to even (the default rounding mode, which the library runs in), as KIVI's kernels
+ * round: their vector versions convert with embedded round-to-nearest, one instruction. */
+static inline int32_t kvp_nearest_even(float x)
+{
+	return (int32_t)nearbyintf(x);
+}
+
 /* The float at p, wherever it is. */
 static inline float kvp_load_f32(const uint8_t *p)
 {
@@ -411,19 +419,25 @@ static inline int kvp_lut_axpy_u8_plain(unsigned bits, unsigned m, unsigned n, c
 /* The most channels dot_i8_scaled takes. */
 #define KVP_SCALED_DOT_DIM_MAX 4096u
 
-/* dot_i8_scaled's query: Q_j = nearest((q_j * s_j) * inv), inv = 127 / max_j |q_j * s_j| (0 where that is
- * not a finite float); returns the step, max / 127. */
-static inline float kvp_scaled_query_i8(unsigned m, const float *q, const float *s, int8_t *q8)
+/* The little-endian fp16 number at p + 2j as a float. */
+static inline float kvp_f16_at(const uint8_t *p, unsigned j)
+{
+	return kvp_f16_to_f32((uint16_t)(p[2 * (size_t)j] | p[2 * (size_t)j + 1] << 8));
+}
+
+/* dot_i8_scaled's query: Q_j = kvp_nearest_even((q_j * s_j) * inv), inv = 127 / max_j |q_j * s_j| (0 where
+ * that is not a finite float), s_j the fp16 numbers at s; returns the step, max / 127. */
+static inline float kvp_scaled_query_i8(unsigned m, const float *q, const uint8_t *s, int8_t *q8)
 {
 	float top = 0.0f, inv;
 
 	for (unsigned j = 0; j < m; j++) {
-		float u = q[j] * s[j];
+		float u = q[j] * kvp_f16_at(s, j);
 		top = fabsf(u) > top ? fabsf(u) : top;
 	}
 	inv = top > 127.0f / 3.0e38f ? 127.0f / top : 0.0f;
 	for (unsigned j = 0; j < m; j++)
-		q8[j] = (int8_t)kvp_nearest((q[j] * s[j]) * inv);
+		q8[j] = (int8_t)kvp_nearest_even((q[j] * kvp_f16_at(s, j)) * inv);
 	return top / 127.0f;
 }
 
@@ -439,21 +453,45 @@ static inline unsigned kvp_column_code(const uint8_t *codes, unsigned n, unsigne
 	return v & ((1u << bits) - 1);
 }
 
-/* dot_i8_scaled in plain code: the scalar reference, and the tables without a vector version. */
-static inline void kvp_dot_i8_scaled_plain(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, unsigned g,
-					   const float *q, size_t q_stride, const float *s, float *out,
-					   size_t out_stride)
+/*
+ * The float sum of a(i) * b(i), i < n, in one order every implementation keeps: sixteen running sums, lane
+ * i % 16 taking each rounded product in turn (from +0), then halves folded: lane l + lane l + 8 (l < 8), then
+ * l + 4, l + 2, l + 1 (the order of sixteen vector lanes reduced by halves).
+ */
+static inline float kvp_fold16(float p[16])
 {
+	for (unsigned w = 8; w; w /= 2)
+		for (unsigned l = 0; l < w; l++)
+			p[l] += p[l + w];
+	return p[0];
+}
+
+/* The float sum of a[j] * (fp16 at b + 2j), j < m, in kvp_fold16's order. */
+static inline float kvp_dot_f16_fold16(unsigned m, const float *a, const uint8_t *b)
+{
+	float p[16] = { 0 };
+
+	for (unsigned j = 0; j < m; j++)
+		p[j % 16] += a[j] * kvp_f16_at(b, j);
+	return kvp_fold16(p);
+}
+
+/* dot_i8_scaled in plain code: the scalar reference, and the tables without a vector version. */
+static inline void kvp_dot_i8_scaled_plain(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g,
+					   const float *q, size_t q_stride, float *out, size_t out_stride)
+{
+	const uint8_t *codes = group + 4 * (size_t)m;
 	int8_t q8[KVP_SCALED_DOT_DIM_MAX];
 
 	for (unsigned h = 0; h < g; h++) {
-		const float step = kvp_scaled_query_i8(m, q + h * q_stride, s, q8);
+		const float step = kvp_scaled_query_i8(m, q + h * q_stride, group + 2 * (size_t)m, q8);
+		const float z = kvp_dot_f16_fold16(m, q + h * q_stride, group);
 
 		for (unsigned i = 0; i < n; i++) {
 			int32_t sum = 0;
 			for (unsigned j = 0; j < m; j++)
 				sum += q8[j] * (int32_t)kvp_column_code(codes, n, i, j, bits);
-			out[h * out_stride + i] += (float)sum * step;
+			out[h * out_stride + i] = z + (float)sum * step;
 		}
 	}
 }
@@ -470,10 +508,10 @@ static inline unsigned kvp_row_code(const uint8_t *row, unsigned j, unsigned bit
 	return v & ((1u << bits) - 1);
 }
 
-/* Row i's scale of column group c in axpy_i16_scaled's layout. */
-static inline float kvp_group_scale(const uint8_t *scales, size_t stride, unsigned i, unsigned c)
+/* Scalar e of row i in axpy_i16_scaled's layout (z(i, e) for e < ng, then s(i, e - ng)). */
+static inline float kvp_row_scalar(const uint8_t *rows, size_t stride, unsigned i, unsigned e)
 {
-	const uint8_t *p = scales + i * stride + 2 * (size_t)c;
+	const uint8_t *p = rows + i * stride + 2 * (size_t)e;
 
 	return kvp_f16_to_f32((uint16_t)(p[0] | p[1] << 8));
 }
@@ -481,19 +519,26 @@ static inline float kvp_group_scale(const uint8_t *scales, size_t stride, unsign
 /* axpy_i16_scaled in plain code: the scalar reference, and the tables without a vector version. Columns in
  * passes of 256, whose int32 sums live on the stack. */
 static inline void kvp_axpy_i16_scaled_plain(unsigned bits, unsigned m, unsigned gsize, unsigned n,
-					     const uint8_t *codes, size_t stride, const uint8_t *scales, unsigned g,
-					     const float *w, size_t w_stride, float *acc, size_t acc_stride)
+					     const uint8_t *rows, size_t stride, unsigned g, const float *w,
+					     size_t w_stride, float *acc, size_t acc_stride)
 {
 	const unsigned ng = (m + gsize - 1) / gsize;
+	const uint8_t *codes = rows + 4 * (size_t)ng;
 	int32_t sums[256];
 
 	for (unsigned h = 0; h < g; h++) {
 		const float *wh = w + h * w_stride;
 		float top = 0.0f, inv, f;
 
+		for (unsigned c = 0; c < ng; c++) {
+			float p[16] = { 0 };
+			for (unsigned i = 0; i < n; i++)
+				p[i % 16] += wh[i] * kvp_row_scalar(rows, stride, i, c);
+			acc[h * acc_stride + m + c] += kvp_fold16(p);
+		}
 		for (unsigned i = 0; i < n; i++)
 			for (unsigned c = 0; c < ng; c++) {
-				float u = wh[i] * kvp_group_scale(scales, stride, i, c);
+				float u = wh[i] * kvp_row_scalar(rows, stride, i, ng + c);
 				top = fabsf(u) > top ? fabsf(u) : top;
 			}
 		inv = kvp_weight_inv(top);
@@ -505,7 +550,7 @@ static inline void kvp_axpy_i16_scaled_plain(unsigned bits, unsigned m, unsigned
 			for (unsigned i = 0; i < n; i++)
 				for (unsigned j = 0; j < k; j++) {
 					const unsigned c = (j0 + j) / gsize;
-					const int32_t wq = kvp_nearest((wh[i] * kvp_group_scale(scales, stride, i, c)) * inv);
+					const int32_t wq = kvp_nearest_even((wh[i] * kvp_row_scalar(rows, stride, i, ng + c)) * inv);
 					sums[j] += wq * (int32_t)kvp_row_code(codes + i * stride, j0 + j, bits);
 				}
 			for (unsigned j = 0; j < k; j++)

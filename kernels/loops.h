@@ -411,10 +411,10 @@ static void band_norms(unsigned d, unsigned n, int interleaved, const float *row
 
 #ifndef KVP_ISA_DOT_I8_SCALED
 /* No vector version in this table yet: the plain code of kernels.h. */
-static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, unsigned g, const float *q,
-			  size_t q_stride, const float *s, float *out, size_t out_stride)
+static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g, const float *q,
+			  size_t q_stride, float *out, size_t out_stride)
 {
-	kvp_dot_i8_scaled_plain(bits, m, n, codes, g, q, q_stride, s, out, out_stride);
+	kvp_dot_i8_scaled_plain(bits, m, n, group, g, q, q_stride, out, out_stride);
 }
 #endif
 
@@ -433,11 +433,10 @@ static int lut_axpy_u8_group(unsigned bits, unsigned m, unsigned n, const uint8_
 
 #ifndef KVP_ISA_AXPY_I16_SCALED
 /* No vector version in this table yet: the plain code of kernels.h. */
-static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *codes, size_t stride,
-			    const uint8_t *scales, unsigned g, const float *w, size_t w_stride, float *acc,
-			    size_t acc_stride)
+static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *rows, size_t stride,
+			    unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride)
 {
-	kvp_axpy_i16_scaled_plain(bits, m, gsize, n, codes, stride, scales, g, w, w_stride, acc, acc_stride);
+	kvp_axpy_i16_scaled_plain(bits, m, gsize, n, rows, stride, g, w, w_stride, acc, acc_stride);
 }
 #endif
 

@@ -1298,55 +1298,77 @@ static void integer_lookups_equal_scalar_on_long_rows(const struct kvp_kernels *
 
 /* ---- dot_i8_scaled: the scalar reference's bits ---- */
 
+/* A key group at p: m fp16 z (either sign), m fp16 s (at least 0, a few 0), then rows' codes as they come. */
+static void fill_key_group(uint8_t *p, unsigned m)
+{
+	for (unsigned j = 0; j < m; j++) {
+		uint16_t z = kvp_f32_to_f16((float)rand_int(-1000, 1000) / 300.0f);
+		uint16_t s = j % 7 == 3 ? 0 : kvp_f32_to_f16((float)rand_int(0, 1000) / 333.0f);
+		memcpy(p + 2 * j, &z, sizeof z);
+		memcpy(p + 2 * (m + j), &s, sizeof s);
+	}
+}
+
 /*
- * g heads over n rows of m codes stored by columns, `off` bytes into their allocations (codes, query,
- * scales), query rows m + 3 apart, out rows n + 2 apart with random contents to add to. Equal bit for bit.
+ * g heads over a group of n rows of m codes stored by columns, `off` bytes into their allocations (group,
+ * query), query rows m + 3 apart, out rows n + 2 apart with random contents to overwrite. Equal bit for bit.
  */
 static void scaled_case(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned n, unsigned g,
 			unsigned off)
 {
-	const size_t bytes = ((size_t)m * bits + 7) / 8 * n, qs = m + 3, os = n + 2;
-	uint8_t *codes = rand_codes(1, bytes, bytes, off);
-	float *q = rand_f32(g * qs + off, 0), *s = rand_f32(m + off, 0);
+	const size_t bytes = 4 * (size_t)m + ((size_t)m * bits + 7) / 8 * n, qs = m + 3, os = n + 2;
+	uint8_t *group = rand_codes(1, bytes, bytes, off);
+	float *q = rand_f32(g * qs + off, 0);
 	float *got = rand_f32(g * os, 0), *want = copy_f32(got, g * os);
 
-	for (unsigned j = 0; j < m; j++) /* KIVI's scales are at least 0; a few channels of 0 */
-		s[off + j] = j % 7 == 3 ? 0.0f : fabsf(s[off + j]);
-	k->dot_i8_scaled(bits, m, n, codes + off, g, q + off, qs, s + off, got, os);
-	kvp_kernels_scalar.dot_i8_scaled(bits, m, n, codes + off, g, q + off, qs, s + off, want, os);
+	fill_key_group(group + off, m);
+	k->dot_i8_scaled(bits, m, n, group + off, g, q + off, qs, got, os);
+	kvp_kernels_scalar.dot_i8_scaled(bits, m, n, group + off, g, q + off, qs, want, os);
 	for (size_t i = 0; i < g * os; i++)
 		check(same_bits(got[i], want[i]), "%s dot_i8_scaled bits=%u m=%u n=%u g=%u off=%u head %zu row %zu: %.9g, scalar %.9g",
 		      k->name, bits, m, n, g, off, i / os, i % os, got[i], want[i]);
-	free(codes), free(q), free(s), free(got), free(want);
+	free(group), free(q), free(got), free(want);
 }
 
-/* The contract of kernels.h in the test's own words: int8 query on the step max |q s| / 127, exact sums. */
+/* The contract of kernels.h in the test's own words: <q, z> over sixteen lanes folded by halves, plus the int8
+ * query on the step max |q s| / 127 against the codes, exactly. */
 static void scalar_dot_i8_scaled_matches_its_definition(void)
 {
 	for (unsigned bits = 1; bits <= 4; bits++) {
 		enum { M = 37, N = 5 };
 		const size_t rb = (M * bits + 7) / 8;
-		uint8_t *codes = rand_codes(1, rb * N, rb * N, 0);
-		float q[M], s[M], out[N] = { 0 }, top = 0;
+		uint8_t *group = rand_codes(1, 4 * M + rb * N, 4 * M + rb * N, 0);
+		const uint8_t *codes = group + 4 * M;
+		float q[M], out[N], top = 0, lane[16] = { 0 };
 
+		fill_key_group(group, M);
 		for (unsigned j = 0; j < M; j++) {
-			q[j] = (float)rand_int(-1000, 1000) / 999.0f, s[j] = (float)rand_int(0, 1000) / 333.0f;
-			top = fabsf(q[j] * s[j]) > top ? fabsf(q[j] * s[j]) : top;
+			uint16_t z, s;
+			memcpy(&z, group + 2 * j, sizeof z);
+			memcpy(&s, group + 2 * (M + j), sizeof s);
+			q[j] = (float)rand_int(-1000, 1000) / 999.0f;
+			top = fabsf(q[j] * kvp_f16_to_f32(s)) > top ? fabsf(q[j] * kvp_f16_to_f32(s)) : top;
+			lane[j % 16] += q[j] * kvp_f16_to_f32(z);
 		}
-		kvp_kernels_scalar.dot_i8_scaled(bits, M, N, codes, 1, q, M, s, out, N);
+		for (unsigned half = 8; half; half /= 2)
+			for (unsigned l = 0; l < half; l++)
+				lane[l] += lane[l + half];
+		kvp_kernels_scalar.dot_i8_scaled(bits, M, N, group, 1, q, M, out, N);
 		for (unsigned i = 0; i < N; i++) {
 			int64_t sum = 0;
 			for (unsigned j = 0; j < M; j++) {
 				unsigned at = j * bits, code = 0;
+				uint16_t s;
+				memcpy(&s, group + 2 * (M + j), sizeof s);
 				for (unsigned b = 0; b < bits; b++, at++) /* bit b of the code: bit at of the row */
 					code |= (unsigned)(codes[(at / 8) * N + i] >> (at % 8) & 1) << b;
-				float x = (q[j] * s[j]) * (127.0f / top);
-				sum += (int64_t)code * (int32_t)(x + (x < 0 ? -0.5f : 0.5f));
+				float x = (q[j] * kvp_f16_to_f32(s)) * (127.0f / top);
+				sum += (int64_t)code * (int32_t)nearbyintf(x) /* ties to even */;
 			}
-			check(same_bits(out[i], (float)sum * (top / 127.0f)), "scalar dot_i8_scaled bits=%u row %u: %.9g, defined %.9g",
-			      bits, i, out[i], (float)sum * (top / 127.0f));
+			float want = lane[0] + (float)sum * (top / 127.0f);
+			check(same_bits(out[i], want), "scalar dot_i8_scaled bits=%u row %u: %.9g, defined %.9g", bits, i, out[i], want);
 		}
-		free(codes);
+		free(group);
 	}
 }
 
@@ -1374,24 +1396,22 @@ static void dot_i8_scaled_reads_nothing_past_its_inputs_cases(const struct kvp_k
 			for (size_t b = 0; b < COUNT(rows); b++)
 				for (size_t c = 0; c < COUNT(heads); c++) {
 					const unsigned m = lut_dims[a], n = rows[b], g = heads[c];
-					const size_t cb = ((size_t)m * bits + 7) / 8 * n;
-					uint8_t *codes = guarded(cb);
-					float *q = guarded(sizeof(float) * g * m), *s = guarded(sizeof(float) * m);
+					const size_t cb = 4 * (size_t)m + ((size_t)m * bits + 7) / 8 * n;
+					uint8_t *group = guarded(cb);
+					float *q = guarded(sizeof(float) * g * m);
 					float *out = guarded(sizeof(float) * g * n), want[5 * 17] = { 0 };
 
 					for (size_t i = 0; i < cb; i++)
-						codes[i] = (uint8_t)rnd32();
+						group[i] = (uint8_t)rnd32();
+					fill_key_group(group, m);
 					for (size_t j = 0; j < (size_t)g * m; j++)
 						q[j] = (float)rand_int(-99, 99);
-					for (unsigned j = 0; j < m; j++)
-						s[j] = (float)rand_int(0, 9);
 					memset(out, 0, sizeof(float) * g * n);
-					k->dot_i8_scaled(bits, m, n, codes, g, q, m, s, out, n);
-					kvp_kernels_scalar.dot_i8_scaled(bits, m, n, codes, g, q, m, s, want, n);
+					k->dot_i8_scaled(bits, m, n, group, g, q, m, out, n);
+					kvp_kernels_scalar.dot_i8_scaled(bits, m, n, group, g, q, m, want, n);
 					check(!memcmp(out, want, sizeof(float) * g * n),
 					      "%s dot_i8_scaled bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
-					unguard(codes, cb), unguard(q, sizeof(float) * g * m), unguard(s, sizeof(float) * m);
-					unguard(out, sizeof(float) * g * n);
+					unguard(group, cb), unguard(q, sizeof(float) * g * m), unguard(out, sizeof(float) * g * n);
 				}
 }
 
@@ -1402,25 +1422,28 @@ static void dot_i8_scaled_reads_nothing_past_its_inputs(const struct kvp_kernels
 
 /* ---- axpy_i16_scaled: the scalar reference's bits ---- */
 
-/* n rows of m codes at `stride` (scales first: ceil(m/gsize) fp16 numbers, then the codes), `off` bytes into
- * the allocation; g heads' weights at w_stride n + 3, accumulators at m + 5. Equal bit for bit. */
+/* n records at `stride` (ceil(m/gsize) fp16 z, as many fp16 s, then m codes), `off` bytes into the allocation;
+ * g heads' weights at w_stride n + 3, accumulators (m columns, then the z sums) at m + ng + 5. Equal bit for bit. */
 static void scaled_axpy_case(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned gsize, unsigned n,
 			     unsigned g, unsigned off)
 {
 	const unsigned ng = (m + gsize - 1) / gsize;
-	const size_t rowbytes = ((size_t)m * bits + 7) / 8, stride = 2 * ng + rowbytes + (m & 1), ws = n + 3, as = m + 5;
+	const size_t rowbytes = ((size_t)m * bits + 7) / 8, stride = 4 * ng + rowbytes + (m & 1), ws = n + 3;
+	const size_t as = m + ng + 5;
 	uint8_t *p = rand_codes(n, stride, stride, off);
 	float *w = rand_f32(g * ws, 0), *acc = rand_f32(g * as, 0), *want = copy_f32(acc, g * as);
 
-	for (unsigned i = 0; i < n; i++) /* scales: positive fp16 numbers, a few zeros */
+	for (unsigned i = 0; i < n; i++) /* z: fp16 numbers of either sign; s: positive, a few zeros */
 		for (unsigned c = 0; c < ng; c++) {
+			uint16_t z = kvp_f32_to_f16((float)((int)(rnd32() % 2001) - 1000) / 700.0f);
 			uint16_t h = (i + c) % 5 == 2 ? 0 : kvp_f32_to_f16(0.01f + (float)(rnd32() % 1000) / 300.0f);
-			memcpy(p + off + i * stride + 2 * c, &h, sizeof h);
+			memcpy(p + off + i * stride + 2 * c, &z, sizeof z);
+			memcpy(p + off + i * stride + 2 * (ng + c), &h, sizeof h);
 		}
 	for (size_t i = 0; i < g * ws; i++) /* softmax weights are at least 0 */
 		w[i] = fabsf(w[i]);
-	k->axpy_i16_scaled(bits, m, gsize, n, p + off + 2 * ng, stride, p + off, g, w, ws, acc, as);
-	kvp_kernels_scalar.axpy_i16_scaled(bits, m, gsize, n, p + off + 2 * ng, stride, p + off, g, w, ws, want, as);
+	k->axpy_i16_scaled(bits, m, gsize, n, p + off, stride, g, w, ws, acc, as);
+	kvp_kernels_scalar.axpy_i16_scaled(bits, m, gsize, n, p + off, stride, g, w, ws, want, as);
 	for (size_t j = 0; j < g * as; j++)
 		check(same_bits(acc[j], want[j]),
 		      "%s axpy_i16_scaled bits=%u m=%u gsize=%u n=%u g=%u off=%u head %zu column %zu: %.9g, scalar %.9g",
@@ -1428,37 +1451,52 @@ static void scaled_axpy_case(const struct kvp_kernels *k, unsigned bits, unsigne
 	free(p), free(w), free(acc), free(want);
 }
 
-/* The contract of kernels.h in the test's own words, for one head. */
+/* The contract of kernels.h in the test's own words, for one head: the codes' sums, then the z sums. */
 static void scalar_axpy_i16_scaled_matches_its_definition(void)
 {
 	for (unsigned bits = 1; bits <= 4; bits++) {
-		enum { M = 37, G = 8, NG = 5, N = 6 };
-		const size_t stride = 2 * NG + (M * bits + 7) / 8;
+		enum { M = 37, G = 8, NG = 5, N = 21 };
+		const size_t stride = 4 * NG + (M * bits + 7) / 8;
 		uint8_t *p = rand_codes(N, stride, stride, 0);
-		float w[N], acc[M] = { 0 }, top = 0;
+		float w[N], acc[M + NG] = { 0 }, top = 0;
 
 		for (unsigned i = 0; i < N; i++) {
 			w[i] = (float)rand_int(0, 1000) / 999.0f;
 			for (unsigned c = 0; c < NG; c++) {
+				uint16_t z = kvp_f32_to_f16((float)rand_int(-99, 99) / 7.0f);
 				uint16_t h = kvp_f32_to_f16((float)rand_int(1, 99) / 8.0f);
-				memcpy(p + i * stride + 2 * c, &h, sizeof h);
+				memcpy(p + i * stride + 2 * c, &z, sizeof z);
+				memcpy(p + i * stride + 2 * (NG + c), &h, sizeof h);
 				top = fmaxf(top, fabsf(w[i] * kvp_f16_to_f32(h)));
 			}
 		}
-		kvp_kernels_scalar.axpy_i16_scaled(bits, M, G, N, p + 2 * NG, stride, p, 1, w, N, acc, M);
+		kvp_kernels_scalar.axpy_i16_scaled(bits, M, G, N, p, stride, 1, w, N, acc, M + NG);
 		for (unsigned j = 0; j < M; j++) {
 			int64_t sum = 0;
 			for (unsigned i = 0; i < N; i++) {
 				uint16_t h;
 				unsigned code = 0;
-				memcpy(&h, p + i * stride + 2 * (j / G), sizeof h);
+				memcpy(&h, p + i * stride + 2 * (NG + j / G), sizeof h);
 				for (unsigned b = 0; b < bits; b++) /* bit b of the code: bit j * bits + b of the row */
-					code |= (unsigned)(p[i * stride + 2 * NG + (j * bits + b) / 8] >> ((j * bits + b) % 8) & 1) << b;
+					code |= (unsigned)(p[i * stride + 4 * NG + (j * bits + b) / 8] >> ((j * bits + b) % 8) & 1) << b;
 				float x = (w[i] * kvp_f16_to_f32(h)) * (4095.0f / top);
-				sum += (int64_t)code * (int32_t)(x + (x < 0 ? -0.5f : 0.5f));
+				sum += (int64_t)code * (int32_t)nearbyintf(x) /* ties to even */;
 			}
 			check(same_bits(acc[j], (top / 4095.0f) * (float)sum), "scalar axpy_i16_scaled bits=%u column %u: %.9g, defined %.9g",
 			      bits, j, acc[j], (top / 4095.0f) * (float)sum);
+		}
+		for (unsigned c = 0; c < NG; c++) { /* sixteen lanes by i % 16 (rows 16-20 on lanes 0-4), then halves */
+			float lane[16] = { 0 };
+			uint16_t z;
+			for (unsigned i = 0; i < N; i++) {
+				memcpy(&z, p + i * stride + 2 * c, sizeof z);
+				lane[i % 16] += w[i] * kvp_f16_to_f32(z);
+			}
+			for (unsigned half = 8; half; half /= 2)
+				for (unsigned l = 0; l < half; l++)
+					lane[l] += lane[l + half];
+			check(same_bits(acc[M + c], lane[0]), "scalar axpy_i16_scaled bits=%u z sum %u: %.9g, defined %.9g", bits,
+			      c, acc[M + c], lane[0]);
 		}
 		free(p);
 	}
@@ -1487,32 +1525,91 @@ static void axpy_i16_scaled_reads_nothing_past_its_inputs_cases(const struct kvp
 			for (size_t b = 0; b < COUNT(rows); b++)
 				for (size_t c = 0; c < COUNT(heads); c++) {
 					const unsigned m = widths[a], n = rows[b], g = heads[c], gs = 32, ng = (m + gs - 1) / gs;
-					const size_t stride = 2 * ng + ((size_t)m * bits + 7) / 8, cb = n * stride;
+					const size_t stride = 4 * ng + ((size_t)m * bits + 7) / 8, cb = n * stride, as = m + ng;
 					uint8_t *p = guarded(cb);
-					float *w = guarded(sizeof(float) * g * n), *acc = guarded(sizeof(float) * g * m);
-					float want[5 * 128] = { 0 };
+					float *w = guarded(sizeof(float) * g * n), *acc = guarded(sizeof(float) * g * as);
+					float want[5 * 132] = { 0 };
 
 					for (size_t i = 0; i < cb; i++)
 						p[i] = (uint8_t)rnd32();
 					for (unsigned i = 0; i < n; i++)
-						for (unsigned e = 0; e < ng; e++) {
+						for (unsigned e = 0; e < 2 * ng; e++) {
 							uint16_t h = kvp_f32_to_f16((float)rand_int(1, 9));
 							memcpy(p + i * stride + 2 * e, &h, sizeof h);
 						}
 					for (size_t i = 0; i < (size_t)g * n; i++)
 						w[i] = (float)rand_int(0, 99);
-					memset(acc, 0, sizeof(float) * g * m);
-					k->axpy_i16_scaled(bits, m, gs, n, p + 2 * ng, stride, p, g, w, n, acc, m);
-					kvp_kernels_scalar.axpy_i16_scaled(bits, m, gs, n, p + 2 * ng, stride, p, g, w, n, want, m);
-					check(!memcmp(acc, want, sizeof(float) * g * m),
+					memset(acc, 0, sizeof(float) * g * as);
+					k->axpy_i16_scaled(bits, m, gs, n, p, stride, g, w, n, acc, as);
+					kvp_kernels_scalar.axpy_i16_scaled(bits, m, gs, n, p, stride, g, w, n, want, as);
+					check(!memcmp(acc, want, sizeof(float) * g * as),
 					      "%s axpy_i16_scaled bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
-					unguard(p, cb), unguard(w, sizeof(float) * g * n), unguard(acc, sizeof(float) * g * m);
+					unguard(p, cb), unguard(w, sizeof(float) * g * n), unguard(acc, sizeof(float) * g * as);
 				}
 }
 
 static void axpy_i16_scaled_reads_nothing_past_its_inputs(const struct kvp_kernels *k)
 {
 	in_child(k, axpy_i16_scaled_reads_nothing_past_its_inputs_cases);
+}
+
+/* ---- KIVI's kernels round halves to even ---- */
+
+/* dot_i8_scaled with s = 1 and top 127 (so that the query's x_j = q_j) on exact halves, every code 1: each
+ * row's score is the sum of the rounded query. Halves away from zero would give 127 + 1 + 2 + 3 - 3 + ...;
+ * ties to even give the sum of `even`. The scalar table and table k alike. */
+static void dot_i8_scaled_rounds_halves_to_even(const struct kvp_kernels *k)
+{
+	enum { M = 16, N = 16 };
+	static const float q[M] = { 127, 0.5f, 1.5f, 2.5f, -2.5f, 3.5f, -0.5f, 4.5f, -3.5f, 5.5f, -5.5f, 6.5f, 7.5f, -7.5f, 8.5f, 9.5f };
+	static const int even[M] = { 127, 0, 2, 2, -2, 4, 0, 4, -4, 6, -6, 6, 8, -8, 8, 10 };
+	const struct kvp_kernels *tables[2] = { &kvp_kernels_scalar, k };
+	uint8_t group[4 * M + M / 4 * N];
+	int want = 0;
+
+	for (unsigned j = 0; j < M; j++) {
+		const uint16_t z = 0, one = kvp_f32_to_f16(1.0f);
+		memcpy(group + 2 * j, &z, sizeof z);
+		memcpy(group + 2 * (M + j), &one, sizeof one);
+		want += even[j];
+	}
+	memset(group + 4 * M, 0x55, M / 4 * N); /* every code 1 */
+	for (unsigned t = 0; t < 2; t++) {
+		float out[N];
+		tables[t]->dot_i8_scaled(2, M, N, group, 1, q, M, out, N);
+		for (unsigned i = 0; i < N; i++)
+			check(out[i] == (float)want, "%s dot_i8_scaled row %u: %.9g, ties to even give %d", tables[t]->name, i, out[i],
+			      want);
+	}
+}
+
+/* axpy_i16_scaled with s = 1 and top 4095 (W(i) = w_i) on exact halves, every code 1, z = 0: each column's sum
+ * is the sum of the rounded weights, the z sums 0. */
+static void axpy_i16_scaled_rounds_halves_to_even(const struct kvp_kernels *k)
+{
+	enum { M = 64, G = 32, NG = 2, N = 16, STRIDE = 4 * NG + M / 4 };
+	static const float w[N] = { 4095, 0.5f, 1.5f, 2.5f, 3.5f, 4.5f, 5.5f, 6.5f, 7.5f, 8.5f, 9.5f, 10.5f, 11.5f, 12.5f, 13.5f, 14.5f };
+	static const int even[N] = { 4095, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14 };
+	const struct kvp_kernels *tables[2] = { &kvp_kernels_scalar, k };
+	uint8_t rows[N * STRIDE];
+	int want = 0;
+
+	memset(rows, 0x55, sizeof rows); /* every code 1 */
+	for (unsigned i = 0; i < N; i++) {
+		const uint16_t z = 0, one = kvp_f32_to_f16(1.0f);
+		for (unsigned c = 0; c < NG; c++) {
+			memcpy(rows + i * STRIDE + 2 * c, &z, sizeof z);
+			memcpy(rows + i * STRIDE + 2 * (NG + c), &one, sizeof one);
+		}
+		want += even[i];
+	}
+	for (unsigned t = 0; t < 2; t++) {
+		float acc[M + NG] = { 0 };
+		tables[t]->axpy_i16_scaled(2, M, G, N, rows, STRIDE, 1, w, N, acc, M + NG);
+		for (unsigned j = 0; j < M + NG; j++)
+			check(acc[j] == (j < M ? (float)want : 0.0f), "%s axpy_i16_scaled column %u: %.9g, ties to even give %d",
+			      tables[t]->name, j, acc[j], j < M ? want : 0);
+	}
 }
 
 /* ---- fwht: the same bits as the scalar reference, at every power of two up to 4096 ---- */
@@ -2241,6 +2338,8 @@ static const struct vector_test vector_tests[] = {
 	TEST(dot_i8_scaled_reads_nothing_past_its_inputs),
 	TEST(axpy_i16_scaled_equals_scalar_on_odd_lengths_and_unaligned_pointers),
 	TEST(axpy_i16_scaled_reads_nothing_past_its_inputs),
+	TEST(dot_i8_scaled_rounds_halves_to_even),
+	TEST(axpy_i16_scaled_rounds_halves_to_even),
 	TEST(mask_expand_matches_scalar_bit_for_bit_on_odd_lengths),
 	TEST(mask_expand_matches_scalar_on_unaligned_pointers),
 	TEST(spark_dot_i16_equals_scalar_on_odd_lengths),
