@@ -369,7 +369,7 @@ static inline float kvp_weights_u8(unsigned n, const float *w, const uint8_t *ro
 }
 
 /* Code j of a row packed LSB first (1 to 8 bits; a code spans at most two bytes). */
-static inline unsigned kvp_packed_code(const uint8_t *row, unsigned j, unsigned bits)
+static inline unsigned kvp_row_code(const uint8_t *row, unsigned j, unsigned bits)
 {
 	const size_t o = (size_t)j * bits;
 	const unsigned shift = (unsigned)(o & 7);
@@ -404,7 +404,7 @@ static inline int kvp_lut_axpy_u8_plain(unsigned bits, unsigned m, unsigned n, c
 			memset(cols, 0, sizeof cols);
 			for (unsigned i = 0; i < n; i++)
 				for (unsigned j = 0; j < k; j++) {
-					const int32_t v = lut[kvp_packed_code(codes + (size_t)i * stride, j0 + j, bits)];
+					const int32_t v = lut[kvp_row_code(codes + (size_t)i * stride, j0 + j, bits)];
 
 					sums[j] += w8[i] * v;
 					cols[j] += v;
@@ -496,17 +496,6 @@ static inline void kvp_dot_i8_scaled_plain(unsigned bits, unsigned m, unsigned n
 	}
 }
 
-/* Code j of a row packed LSB first. */
-static inline unsigned kvp_row_code(const uint8_t *row, unsigned j, unsigned bits)
-{
-	const size_t o = (size_t)j * bits;
-	const unsigned shift = (unsigned)(o & 7);
-	unsigned v = (unsigned)row[o >> 3] >> shift;
-
-	if (shift + bits > 8)
-		v |= (unsigned)row[(o >> 3) + 1] << (8 - shift);
-	return v & ((1u << bits) - 1);
-}
 
 /* Scalar e of row i in axpy_i16_scaled's layout (z(i, e) for e < ng, then s(i, e - ng)). */
 static inline float kvp_row_scalar(const uint8_t *rows, size_t stride, unsigned i, unsigned e)
