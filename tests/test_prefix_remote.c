@@ -324,7 +324,8 @@ static uint64_t remote_hit_bytes(const char *url, const char *tenant, const char
 	kvp_seq *sa = run_prompt(tenant_in(a, tenant, spec), tokens, PROMPT);
 	drained(a);
 	kvp_pool *b = pool_at(url, NULL);
-	cr_assert_eq(kvp_seq_open_prefix(tenant_in(b, tenant, spec), &shape, PROMPT, tokens, &sb, &cached), KVP_OK,
+	kvp_tenant *tenant_b = tenant_in(b, tenant, spec);
+	cr_assert_eq(kvp_seq_open_prefix(tenant_b, &shape, PROMPT, tokens, &sb, &cached), KVP_OK,
 		     "%s", kvp_last_error());
 	cr_assert_eq(cached, 60, "%u cached (%s)", cached, kvp_last_error());
 	kvp_stats st = seq_stats(sb);
@@ -334,6 +335,14 @@ static uint64_t remote_hit_bytes(const char *url, const char *tenant, const char
 		cr_assert_eq(kvp_seq_from_handle(sb)->streams[i].n_cold, cold_blocks, "stream %u", i);
 	append_tokens(sb, tokens, cached, PROMPT);
 	assert_same_attention(sa, sb, spec);
+	/* the fetched units stay in b's cache: the next sequence of b finds them there, cold ones included */
+	kvp_seq *again = open_prompt(tenant_b, tokens, PROMPT, &cached);
+	cr_assert_eq(cached, 60);
+	cr_assert_eq(seq_stats(again).remote_hit_tokens, 0);
+	cr_assert_eq(kvp_seq_from_handle(again)->streams[0].n_cold, cold_blocks);
+	append_tokens(again, tokens, cached, PROMPT);
+	assert_same_attention(sa, again, "from b's own cache");
+	kvp_seq_close(again);
 	append_tokens(sa, tokens, PROMPT, PROMPT + 24);
 	append_tokens(sb, tokens, PROMPT, PROMPT + 24);
 	assert_same_attention(sa, sb, "after 24 more tokens");
@@ -422,4 +431,32 @@ Test(prefix_remote, spark_tenant_publishes_exact_only)
 {
 	redis_fixture_need();
 	publishes_exact_only(TENANT_SPEC ",k=spark(keep=0.5)|turboquant(bits=3),v=turboquant(bits=3),store=fp16");
+}
+
+/* A remote run shorter than asked has a later window start: its compressed units inside the window are
+ * cut (here all of them: 44 tokens leave 3 cold blocks, 28 leave 1, 12 none). */
+Test(prefix_remote, compressed_units_inside_a_shorter_runs_window_are_cut)
+{
+	char url[64];
+	int32_t tokens[PROMPT], other[PROMPT];
+	uint32_t cached;
+	kvp_seq *s;
+	redis_fixture_need();
+	single_url(redis_start(NULL), url, sizeof url);
+	prompt_fill(tokens, PROMPT, 97);
+	memcpy(other, tokens, sizeof other);
+	for (uint32_t i = 44; i < PROMPT; i++)
+		other[i] += 1000; /* units 0..5 shared, 6 and 7 not */
+	kvp_pool *a = pool_at(url, NULL);
+	run_prompt(tenant_in(a, "t", COLD_SPEC), tokens, PROMPT);
+	drained(a);
+	kvp_seq *fresh = run_prompt(tenant_in(a, "u", COLD_SPEC), other, PROMPT);
+	kvp_pool *b = pool_at(url, NULL);
+	kvp_tenant *tb = tenant_in(b, "t", COLD_SPEC);
+	cr_assert_eq(kvp_seq_open_prefix(tb, &shape, PROMPT, other, &s, &cached), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(cached, 4, "the sink only");
+	cr_assert_eq(kvp_seq_from_handle(s)->streams[0].n_cold, 0);
+	append_tokens(s, other, cached, PROMPT);
+	assert_same_attention(fresh, s, "after the cut");
+	kvp_pool_close(b), kvp_pool_close(a);
 }
