@@ -212,6 +212,19 @@ static struct prefix_entry *find(const struct kvp_prefix_table *tab, uint64_t ha
 	return NULL;
 }
 
+/* A cold entry of owner's whose codes are those of the codecs cold_id names (with share_prefix=1 several
+ * tenants may hold the same unit cold: each reads only its own). */
+static struct prefix_entry *find_cold(const struct kvp_prefix_table *tab, uint64_t hash,
+				      const struct prefix_identity *id, const int32_t *tokens, uint32_t n,
+				      const struct kvp_tenant_obj *owner, uint64_t cold_id)
+{
+	for (struct prefix_entry *e = tab->bucket[hash % PREFIX_BUCKETS]; e; e = e->bucket_next)
+		if (e->cold && e->owner == owner && e->cold_id == cold_id && e->hash == hash &&
+		    identity_equal(&e->id, id) && e->n_tokens == n && !memcmp(e->tokens, tokens, n * sizeof *tokens))
+			return e;
+	return NULL;
+}
+
 static void entry_free(struct prefix_entry *e)
 {
 	for (uint32_t i = 0; i < e->n_streams; i++)
@@ -690,7 +703,8 @@ static kvp_status unit_value_install(struct kvp_tenant_obj *t, const struct pref
 	if (u && !(parent = find(tab, e->parent, id, NULL, 0, FIND_ANY)))
 		st = kvp_fail(KVP_EINVAL, "prefix value: unit %u's parent is not cached (a chain installs from its "
 			      "start)", u);
-	else if (find(tab, e->hash, id, e->tokens, e->n_tokens, e->cold))
+	else if (e->cold ? find_cold(tab, e->hash, id, e->tokens, e->n_tokens, t, e->cold_id) != NULL
+			 : find(tab, e->hash, id, e->tokens, e->n_tokens, 0) != NULL)
 		st = KVP_OK; /* cached meanwhile: ours is not needed */
 	else {
 		entry_link(tab, e);
@@ -887,9 +901,7 @@ static struct prefix_entry *lookup_unit(const struct kvp_prefix_table *tab, cons
 					const int32_t *unit, uint32_t n, int cold_ok)
 {
 	struct prefix_entry *e = find(tab, hash, id, unit, n, 0);
-	if (!e && cold_ok && f->id && (e = find(tab, hash, id, unit, n, 1)) && (e->owner != t || e->cold_id != f->id))
-		e = NULL;
-	return e;
+	return e || !cold_ok || !f->id ? e : find_cold(tab, hash, id, unit, n, t, f->id);
 }
 
 /* The longest run of units 0..n_units-1 the table holds, taken by t. */
