@@ -21,6 +21,8 @@ TestSuite(prefix_remote, .fini = redis_fixture_fini);
 
 #define PROMPT 62 /* block=8, sinks=4: units of 4 + 7 x 8 = 60 tokens before the last two */
 #define TENANT_SPEC "model=m,block=8,sinks=4,window=16"
+/* a cold tier whose units travel compressed: 60 tokens leave blocks 1..5 cold */
+#define COLD_SPEC TENANT_SPEC ",k=turboquant(bits=3),v=turboquant(bits=3),store=fp16"
 
 static kvp_pool *pool_at(const char *remote, const char *more)
 {
@@ -109,7 +111,7 @@ static void attention_outputs(kvp_seq *s, float *out)
 	}
 }
 
-Test(prefix_remote, two_processes_share_a_prompt_bit_for_bit)
+static void two_processes_share_a_prompt(const char *tenant_spec, uint32_t cold_blocks)
 {
 	char url[64];
 	int32_t tokens[PROMPT];
@@ -129,7 +131,7 @@ Test(prefix_remote, two_processes_share_a_prompt_bit_for_bit)
 		kvp_tenant *t;
 		snprintf(spec, sizeof spec, "remote=%s", url);
 		int ok = kvp_pool_open(spec, &p) == KVP_OK &&
-			 kvp_tenant_open(p, "t", TENANT_SPEC, &t) == KVP_OK &&
+			 kvp_tenant_open(p, "t", tenant_spec, &t) == KVP_OK &&
 			 kvp_seq_open_prefix(t, &shape, PROMPT, tokens, &s, &cached) == KVP_OK &&
 			 append_layers(s, tokens, 0, PROMPT, 0, L) == KVP_OK;
 		if (ok) {
@@ -145,12 +147,23 @@ Test(prefix_remote, two_processes_share_a_prompt_bit_for_bit)
 	cr_assert_eq(waitpid(child, &status, 0), child);
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 	kvp_pool *p = pool_at(url, NULL);
-	cr_assert_eq(kvp_seq_open_prefix(tenant_in(p, "t", TENANT_SPEC), &shape, PROMPT, tokens, &s, &cached), KVP_OK);
+	cr_assert_eq(kvp_seq_open_prefix(tenant_in(p, "t", tenant_spec), &shape, PROMPT, tokens, &s, &cached), KVP_OK);
 	cr_assert_eq(cached, 60, "the whole prefix");
+	cr_assert_eq(kvp_seq_from_handle(s)->streams[0].n_cold, cold_blocks);
 	append_tokens(s, tokens, cached, PROMPT);
 	attention_outputs(s, second);
 	cr_assert_eq(memcmp(first, second, sizeof first), 0, "attention differs from the first process's");
 	kvp_pool_close(p);
+}
+
+Test(prefix_remote, two_processes_share_a_prompt_bit_for_bit)
+{
+	two_processes_share_a_prompt(TENANT_SPEC, 0);
+}
+
+Test(prefix_remote, two_processes_share_a_cold_tiers_prompt_bit_for_bit)
+{
+	two_processes_share_a_prompt(COLD_SPEC, 5);
 }
 
 Test(prefix_remote, tenants_namespaces_stay_apart_unless_shared)
@@ -298,8 +311,6 @@ Test(prefix_remote, full_server_refuses_publication_and_nothing_breaks)
 }
 
 /* ---- a cold tier: units that would be cold go compressed (":c"), as the owner's cold conversion encodes them ---- */
-
-#define COLD_SPEC TENANT_SPEC ",k=turboquant(bits=3),v=turboquant(bits=3),store=fp16"
 
 /* The keys on the server whose names end with ":c". */
 static long long compressed_keys(int server)
