@@ -768,7 +768,8 @@ kvp_status kvp_prefix_record_install(struct kvp_tenant_obj *t, const kvp_shape *
 }
 
 /* ---- the remote tier (tier/remote.h) ----
- * Keys: "kvp:<model>:<tenant>:<chain hash, 16 hex digits>", the tenant "*" when the pool shares prefixes.
+ * Keys: "kvp:<model>:<tenant>:<chain hash, 16 hex digits>", the tenant "*" when the pool shares prefixes;
+ * the same + ":c" for a block unit's compressed value (cold_form_of says when there is one).
  * A registered unit is published write-behind; a lookup that misses locally asks the remote tier for the
  * rest of the chain in one pipelined round trip and installs the run of units it gets, in order, each
  * checked first. Whatever fails (a fault, a miss, a value that fails its checks) ends the run there. */
