@@ -20,8 +20,10 @@
  * Fetch rate: bytes of values on the server (sum of STRLEN over its keys: what the remote-hit open had to
  * fetch when it found the whole prompt) over the remote-hit open's time, against `redis-benchmark -t get
  * -d SIZE -P 16 -c 1` on the same server, SIZE the largest value (one connection, as our lookups use).
- * Bytes moved per prompt: sum of STRLEN after publication, store=fp16 and with a TurboQuant 3-bit cold
- * tier, against the dense fp16 K and V of the cached tokens.
+ * Bytes per prompt, store=fp16 and with a TurboQuant 3-bit cold tier, against the dense fp16 K and V of the
+ * cached tokens: what publication stored (sum of STRLEN: a cold tier publishes its block units twice,
+ * exact and compressed), and what a remote hit moves (the server's INFO total_net_output_bytes across the
+ * remote-hit open of a new pool: the values it fetched, compressed where the units would be cold).
  * Every pool spec carries remote_timeout=20000 (a lookup's deadline is not what is measured here) and
  * remote_queue=512MiB (a d=128, 32-layer prompt publishes 256 MiB at once).
  * The benchmark starts its own redis-server processes on free loopback ports (and removes them); where
@@ -548,8 +550,21 @@ struct remote {
 	char single_url[128], cluster_url[160];
 };
 
-/* Bytes one prompt puts on the server with this tenant spec, against dense fp16 K and V of what is
- * cached: one cold request through a fresh pool on a flushed server, then the sum of STRLEN. */
+/* The server's total_net_output_bytes (INFO stats): what it has sent, replies and values; -1 without it. */
+static long long net_output_bytes(int port)
+{
+	redisReply *r = run(port, "INFO stats");
+	const char *at = r && r->type == REDIS_REPLY_STRING ?
+				 strstr(r->str, "total_net_output_bytes:") : NULL;
+	long long v = at ? atoll(at + strlen("total_net_output_bytes:")) : -1;
+	if (r)
+		freeReplyObject(r);
+	return v;
+}
+
+/* Bytes one prompt puts on the server with this tenant spec, and bytes a remote hit on it moves, against
+ * dense fp16 K and V of what is cached: one cold request through a fresh pool on a flushed server, the
+ * sum of STRLEN, then a request through a new pool with the server's output counted around it. */
 static void bytes_row(struct workload *w, const struct remote *rd, const char *pool_spec, const char *tenant_spec,
 		      const char *label, uint32_t n_cached)
 {
@@ -558,11 +573,22 @@ static void bytes_row(struct workload *w, const struct remote *rd, const char *p
 	double dense = 2.0 * 2 * n_cached * w->shape.n_layers * w->shape.n_kv_heads * w->shape.head_dim;
 	fresh_pools(w, pool_spec, tenant_spec, &rd->single, 1, 1, 1, &c);
 	say_published("the server", wait_published(&rd->single, 1));
+	kvp_pool_close(c.pool);
 	struct held h = held_by(&rd->single, 1);
 	snprintf(config, sizeof config, "%s: %s, %lld keys", w->name, label, h.keys);
-	bench_row(config, "bytes per prompt", (double)h.bytes, dense, 1.0 / 1048576, "MiB",
+	bench_row(config, "bytes stored per prompt", (double)h.bytes, dense, 1.0 / 1048576, "MiB",
 		  "dense fp16 K+V of n_cached");
+	c = cache_open(pool_spec, tenant_spec);
+	long long before = net_output_bytes(rd->single);
+	struct ttft hit = request(w, c.tenant, NULL);
+	long long moved = net_output_bytes(rd->single) - before;
 	kvp_pool_close(c.pool);
+	snprintf(config, sizeof config, "%s: %s, remote hit n_cached %u", w->name, label, hit.n_cached);
+	if (before < 0)
+		printf("  INFO stats has no total_net_output_bytes: the bytes a hit moves are not measured\n");
+	else
+		bench_row(config, "bytes moved per hit", (double)moved, dense, 1.0 / 1048576, "MiB",
+			  "dense fp16 K+V of n_cached");
 }
 
 static void run_workload(struct workload *w, const struct remote *rd, int reps)
@@ -625,7 +651,8 @@ static void run_workload(struct workload *w, const struct remote *rd, int reps)
 		printf("  the remote-hit open found %u of the %u tokens a local hit finds: the rate above counts "
 		       "bytes it did not fetch\n", remote.n_cached, local.n_cached);
 
-	bench_header("bytes on the remote tier per prompt (sum of STRLEN), against dense fp16 K+V of n_cached");
+	bench_header("bytes per prompt on the remote tier (stored: sum of STRLEN; moved: the server's output "
+		     "during a remote hit), against dense fp16 K+V of n_cached");
 	bytes_row(w, rd, pool_spec, tenant_spec, "store=fp16", local.n_cached);
 	bytes_row(w, rd, pool_spec, spec_with(tq_spec, sizeof tq_spec, tenant_spec, TQ3), "store=fp16, tq3 cold tier",
 		  local.n_cached);

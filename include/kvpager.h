@@ -100,7 +100,10 @@ KVP_API const char *kvp_last_error(void);
  *                   not answer at open is not an error: KVP_OK with a note in kvp_last_error, and lookups
  *                   miss until it answers. Lookups take one pipelined round trip to every node at once;
  *                   publication is write-behind, from a bounded queue, by a thread of the pool's own (a full
- *                   queue drops, counted), so decoding never waits on the network.
+ *                   queue drops, counted), so decoding never waits on the network. Units go exact; under a
+ *                   cold tier with no policy=, gate= or ladder= and codecs without a per-stream context
+ *                   (TurboQuant without outliers, KIVI; not SparK), block units go compressed too (key +
+ *                   ":c"), and a hit fetches the ones its window leaves cold that way (README).
  *   remote_auth_file=PATH  AUTH's password, the file's first line; an unreadable or empty file is
  *                   KVP_EINVAL at open. Never read from the spec.
  *   remote_timeout=MS  connect and every round trip, 1..60000 (default 5). A server down, slow, paused or

@@ -404,6 +404,32 @@ void kvp_cold_commit(struct kvp_tenant_obj *t, const struct kvp_seq_obj *s, stru
 	kvp_cold_unwind(t, p);
 }
 
+/* A full exact block's level-0 codes, the bytes kvp_cold_commit writes when the block turns cold, for codecs
+ * with no per-stream context (their encoding depends on the rows alone): what the prefix cache publishes
+ * for other pools. rows: scratch for 2 x n x head_dim floats. */
+kvp_status kvp_cold_encode_block(const struct kvp_seq_obj *s, const struct kvp_block *exact, float *rows,
+				 void *k_codes, void *v_codes)
+{
+	const struct kvp_cold *c = &s->cold;
+	uint32_t dim = s->shape.head_dim, n = exact->n;
+	const float *k, *v;
+	kvp_status rc;
+
+	if (!c->k || c->k->ctx_bytes || c->v->ctx_bytes || exact->store == KVP_STORE_CODEC)
+		return kvp_fail(KVP_EINVAL, "cold tier: this block cannot be encoded without its stream");
+	k = exact_rows(exact, exact->k, dim, rows);
+	v = exact_rows(exact, exact->v, dim, rows + (size_t)n * dim);
+	rc = c->k->ops->encode(c->k, NULL, n, k, k_codes);
+	return rc == KVP_OK ? c->v->ops->encode(c->v, NULL, n, v, v_codes) : rc;
+}
+
+kvp_status kvp_cold_stream_ctx(struct kvp_tenant_obj *t, const struct kvp_seq_obj *s, struct kvp_stream *st)
+{
+	if (st->ctx || !s->cold.k)
+		return KVP_OK;
+	return (st->ctx = ctx_new(t, &s->cold, s->call)) ? KVP_OK : KVP_ENOMEM;
+}
+
 void kvp_cold_gather(const struct kvp_seq_obj *s, const struct kvp_stream *st, const struct kvp_block *b,
 		     float *k, float *v)
 {

@@ -267,6 +267,14 @@ void kvp_cold_forget_queries(struct kvp_tenant_obj *t, struct kvp_stream *st);
 void kvp_cold_gather(const struct kvp_seq_obj *s, const struct kvp_stream *st, const struct kvp_block *b,
 		     float *k, float *v);
 
+/* Level 0's codes of a full exact block as kvp_cold_commit makes them, for codecs with ctx_bytes == 0 (else
+ * KVP_EINVAL); k_codes and v_codes hold the codecs' bytes for b->n tokens, rows 2 x n x head_dim floats. */
+kvp_status kvp_cold_encode_block(const struct kvp_seq_obj *s, const struct kvp_block *exact, float *rows,
+				 void *k_codes, void *v_codes);
+/* A stream given cold blocks by a prefix hit: its codec contexts, as its first cold block would make them
+ * (unfitted: only codecs without a context qualify). KVP_ENOMEM. */
+kvp_status kvp_cold_stream_ctx(struct kvp_tenant_obj *t, const struct kvp_seq_obj *s, struct kvp_stream *st);
+
 /* ---- token policies (evict.c) ---- */
 kvp_status kvp_evict_check(const struct kvp_tenant_config *cfg);
 /* At tenant open and close: policy= parsed once, with what every sequence's policy shares (a stats file,

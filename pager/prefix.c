@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "codecs/codec.h"
 #include "kernels/crc32c.h"
 #include "pager.h"
 #include "tier/remote.h"
@@ -49,6 +50,10 @@ struct prefix_entry {
 	uint32_t unit;     /* depth in its chain */
 	uint32_t children; /* entries whose parent this is */
 	uint32_t n_tokens, n_streams;
+	/* Installed from a compressed value (the remote tier's ":c"): its blocks hold level-0 codes of the
+	 * codecs cold_id names, and only its owner with those codecs may take it. */
+	int cold;
+	uint64_t cold_id;
 	size_t bytes; /* the allocation */
 	int32_t *tokens;              /* [n_tokens] */
 	struct kvp_block **blocks;    /* [n_streams], NULL until captured */
@@ -72,7 +77,7 @@ struct kvp_prefix_prompt {
 	struct prefix_entry **entry; /* [n_units]: prepared entries, NULL below the first one and once registered */
 };
 
-static void prefix_publish(const struct kvp_pool_obj *pool, const struct prefix_entry *e);
+static void prefix_publish(const struct kvp_seq_obj *s, const struct prefix_entry *e);
 
 /* ---- the hash ---- */
 
@@ -195,12 +200,27 @@ void kvp_prefix_table_close(struct kvp_pool_obj *pool)
 	pool->prefix = NULL;
 }
 
+#define FIND_ANY (-1) /* find's `cold`: an exact (0) or a cold (1) entry, or either */
+
 static struct prefix_entry *find(const struct kvp_prefix_table *tab, uint64_t hash, const struct prefix_identity *id,
-				 const int32_t *tokens, uint32_t n)
+				 const int32_t *tokens, uint32_t n, int cold)
 {
 	for (struct prefix_entry *e = tab->bucket[hash % PREFIX_BUCKETS]; e; e = e->bucket_next)
-		if (e->hash == hash && identity_equal(&e->id, id) &&
+		if (e->hash == hash && identity_equal(&e->id, id) && (cold == FIND_ANY || e->cold == cold) &&
 		    (!tokens || (e->n_tokens == n && !memcmp(e->tokens, tokens, n * sizeof *tokens))))
+			return e;
+	return NULL;
+}
+
+/* A cold entry of owner's whose codes are those of the codecs cold_id names (with share_prefix=1 several
+ * tenants may hold the same unit cold: each reads only its own). */
+static struct prefix_entry *find_cold(const struct kvp_prefix_table *tab, uint64_t hash,
+				      const struct prefix_identity *id, const int32_t *tokens, uint32_t n,
+				      const struct kvp_tenant_obj *owner, uint64_t cold_id)
+{
+	for (struct prefix_entry *e = tab->bucket[hash % PREFIX_BUCKETS]; e; e = e->bucket_next)
+		if (e->cold && e->owner == owner && e->cold_id == cold_id && e->hash == hash &&
+		    identity_equal(&e->id, id) && e->n_tokens == n && !memcmp(e->tokens, tokens, n * sizeof *tokens))
 			return e;
 	return NULL;
 }
@@ -227,7 +247,7 @@ static void entry_link(struct kvp_prefix_table *tab, struct prefix_entry *e)
 
 static void entry_unlink_free(struct kvp_prefix_table *tab, struct prefix_entry *e)
 {
-	struct prefix_entry *parent = e->unit ? find(tab, e->parent, &e->id, NULL, 0) : NULL;
+	struct prefix_entry *parent = e->unit ? find(tab, e->parent, &e->id, NULL, 0, FIND_ANY) : NULL;
 	for (struct prefix_entry **b = &tab->bucket[e->hash % PREFIX_BUCKETS]; *b; b = &(*b)->bucket_next)
 		if (*b == e) {
 			*b = e->bucket_next;
@@ -448,13 +468,13 @@ void kvp_prefix_capture(const struct kvp_seq_obj *s, struct kvp_stream *st)
 
 /* Unit p->next joins the table when its parent is still there; an equal entry already there (another
  * sequence registered the same unit) serves instead. 0 when the chain is broken. */
-static int register_next(struct kvp_prefix_table *tab, struct kvp_prefix_prompt *p)
+static int register_next(const struct kvp_seq_obj *s, struct kvp_prefix_table *tab, struct kvp_prefix_prompt *p)
 {
 	struct prefix_entry *e = p->entry[p->next], *parent = NULL, *same;
-	if (e->unit && !(parent = find(tab, e->parent, &e->id, NULL, 0)))
+	if (e->unit && !(parent = find(tab, e->parent, &e->id, NULL, 0, FIND_ANY)))
 		return 0;
 	p->entry[p->next++] = NULL;
-	if ((same = find(tab, e->hash, &e->id, e->tokens, e->n_tokens))) {
+	if ((same = find(tab, e->hash, &e->id, e->tokens, e->n_tokens, 0))) {
 		same->last_use = ++tab->clock;
 		entry_free(e);
 		return 1;
@@ -462,7 +482,7 @@ static int register_next(struct kvp_prefix_table *tab, struct kvp_prefix_prompt 
 	entry_link(tab, e);
 	if (parent)
 		parent->children++;
-	prefix_publish(e->owner->pool, e);
+	prefix_publish(s, e);
 	return 1;
 }
 
@@ -478,7 +498,7 @@ void kvp_prefix_register(struct kvp_seq_obj *s)
 	if (!p->failed && p->next < ready) {
 		pthread_mutex_lock(&tab->lock);
 		while (p->next < ready && !p->failed)
-			if (!register_next(tab, p))
+			if (!register_next(s, tab, p))
 				p->failed = 1;
 		pthread_mutex_unlock(&tab->lock);
 	}
@@ -507,8 +527,42 @@ static const char *namespace_of(const struct kvp_tenant_obj *t)
 	return t->pool->share_prefix ? "" : t->name;
 }
 
-static void stream_record_id(const struct prefix_identity *id, uint64_t idh, uint64_t hash, uint32_t n_tokens,
-			     uint32_t i, struct kvp_record_id *rid)
+/*
+ * How a sequence's cold tier encodes blocks, when other pools may take its units compressed: only where
+ * a block's codes depend on its rows alone and a block turns cold by its place alone. With a policy a
+ * block turns cold once a round scored it; a gate or ladder picks a level per head; a codec context is
+ * fitted on the stream's own tokens. id 0: units go exact only.
+ */
+struct cold_form {
+	uint64_t id;             /* the records' codec id: the identity's hash mixed with k= and v= */
+	size_t k_bytes, v_bytes; /* one block's codes */
+};
+
+static void cold_form_of(const struct kvp_seq_obj *s, uint64_t idh, struct cold_form *f)
+{
+	const struct kvp_tenant_config *c = &s->tenant->cfg;
+	const struct kvp_codec *k = s->cold.k, *v = s->cold.v;
+	memset(f, 0, sizeof *f);
+	if (!k || !v || c->policy_spec[0] || s->gating || kvp_gating_levels(&c->gating) != 1 || k->ctx_bytes ||
+	    v->ctx_bytes)
+		return;
+	f->id = hash_end(hash_bytes(hash_bytes(hash_word(idh, 0x636f6c64 /* "cold" */), c->k_spec, strlen(c->k_spec)),
+				    c->v_spec, strlen(c->v_spec)));
+	f->k_bytes = k->ops->bytes(k, c->block);
+	f->v_bytes = v->ops->bytes(v, c->block);
+}
+
+/* Blocks a sequence that appended the first n tokens holds cold (kvp_cold's rule without a policy: a
+ * full block turns cold once `window` tokens follow it, counted over the tokens after the sink). */
+static uint32_t cold_blocks_within(const struct kvp_tenant_config *c, uint32_t n)
+{
+	uint32_t after_sink = !c->sinks ? n : n > c->sinks ? n - c->sinks : 0;
+	return after_sink >= c->window ? (after_sink - c->window) / c->block : 0;
+}
+
+/* Stream i's record identity in a unit's value: exact rows (f NULL) or codes of f's codecs. */
+static void stream_record_id(const struct prefix_identity *id, uint64_t idh, const struct cold_form *f, uint64_t hash,
+			     uint32_t n_tokens, uint32_t i, struct kvp_record_id *rid)
 {
 	*rid = (struct kvp_record_id){
 		.chain = hash,
@@ -519,6 +573,11 @@ static void stream_record_id(const struct prefix_identity *id, uint64_t idh, uin
 		.codec = idh,
 		.payload = 2 * (size_t)n_tokens * row_bytes(id->shape.head_dim, id->store),
 	};
+	if (f) {
+		rid->store = KVP_STORE_CODEC;
+		rid->codec = f->id;
+		rid->payload = f->k_bytes + f->v_bytes;
+	}
 }
 
 static size_t unit_value_bytes(const struct prefix_identity *id, uint32_t n_tokens)
@@ -541,7 +600,7 @@ static void *unit_value_make(const struct prefix_entry *e, size_t *bytes)
 	}
 	for (uint32_t i = 0; i < e->n_streams; i++, at += used) {
 		struct kvp_record_id rid;
-		stream_record_id(&e->id, idh, e->hash, e->n_tokens, i, &rid);
+		stream_record_id(&e->id, idh, NULL, e->hash, e->n_tokens, i, &rid);
 		memcpy(payload, e->blocks[i]->k, rows);
 		memcpy(payload + rows, e->blocks[i]->v, rows);
 		kvp_record_pack(&rid, payload, value + at, *bytes - at, &used); /* sized above: cannot fail */
@@ -550,30 +609,71 @@ static void *unit_value_make(const struct prefix_entry *e, size_t *bytes)
 	return value;
 }
 
-/* Unit u's blocks from its value, checked record by record against what t expects, into e. */
-static kvp_status unit_value_blocks(struct kvp_tenant_obj *t, uint64_t idh, const unsigned char *value, size_t bytes,
-				    struct prefix_entry *e)
+/* The entry's compressed value: each block's level-0 codes as s's cold tier makes them when it turns cold,
+ * malloc'd; NULL when out of memory or a block does not encode. */
+static void *unit_value_make_cold(const struct kvp_seq_obj *s, const struct prefix_entry *e,
+				  const struct cold_form *f, size_t *bytes)
+{
+	const size_t codes = f->k_bytes + f->v_bytes;
+	unsigned char *value = NULL, *payload = malloc(codes);
+	float *rows = malloc((size_t)2 * e->n_tokens * e->id.shape.head_dim * sizeof *rows);
+	size_t at = 0, used;
+	*bytes = (size_t)e->n_streams * (KVP_RECORD_HEADER + codes);
+	if (payload && rows)
+		value = malloc(*bytes);
+	for (uint32_t i = 0; value && i < e->n_streams; i++, at += used) {
+		struct kvp_record_id rid;
+		stream_record_id(&e->id, 0, f, e->hash, e->n_tokens, i, &rid);
+		if (kvp_cold_encode_block(s, e->blocks[i], rows, payload, payload + f->k_bytes) != KVP_OK) {
+			free(value);
+			value = NULL;
+			break;
+		}
+		kvp_record_pack(&rid, payload, value + at, *bytes - at, &used); /* sized above: cannot fail */
+	}
+	free(payload);
+	free(rows);
+	return value;
+}
+
+/* One stream's block of unit e from its record's payload: exact rows (f NULL) or f's codes. */
+static struct kvp_block *unit_block_from(struct kvp_tenant_obj *t, const struct prefix_entry *e,
+					 const struct cold_form *f, const unsigned char *payload)
 {
 	const size_t rows = (size_t)e->n_tokens * row_bytes(e->id.shape.head_dim, e->id.store);
+	struct kvp_block *b;
+	if (f && (b = kvp_block_new_cold(t, e->n_tokens, f->k_bytes, f->v_bytes, NULL))) {
+		memcpy(b->k, payload, f->k_bytes);
+		memcpy(b->v, payload + f->k_bytes, f->v_bytes);
+		b->level = 0;
+	} else if (!f && (b = kvp_block_new(t, e->n_tokens, e->id.shape.head_dim, (enum kvp_store)e->id.store, NULL))) {
+		memcpy(b->k, payload, rows);
+		memcpy(b->v, payload + rows, rows);
+	} else
+		return NULL;
+	b->n = (uint16_t)e->n_tokens;
+	b->pos_base = (int32_t)unit_start(&t->cfg, e->unit);
+	return b;
+}
+
+/* Unit u's blocks from its value, checked record by record against what t expects, into e. */
+static kvp_status unit_value_blocks(struct kvp_tenant_obj *t, uint64_t idh, const struct cold_form *f,
+				    const unsigned char *value, size_t bytes, struct prefix_entry *e)
+{
 	size_t at = 0, used;
 	for (uint32_t i = 0; i < e->n_streams; i++, at += used) {
 		struct kvp_record_id rid;
 		const unsigned char *payload;
 		kvp_status st;
-		stream_record_id(&e->id, idh, e->hash, e->n_tokens, i, &rid);
+		stream_record_id(&e->id, idh, f, e->hash, e->n_tokens, i, &rid);
 		if ((st = kvp_record_unpack(&rid, value + at, bytes - at, (const void **)&payload, &used)) != KVP_OK) {
 			char why[160];
 			snprintf(why, sizeof why, "%s", kvp_last_error());
 			return kvp_fail(st, "prefix value of unit %u, layer %u, KV head %u: %s", e->unit, rid.layer,
 					rid.kv_head, why);
 		}
-		if (!(e->blocks[i] = kvp_block_new(t, e->n_tokens, e->id.shape.head_dim, (enum kvp_store)e->id.store,
-						   NULL)))
+		if (!(e->blocks[i] = unit_block_from(t, e, f, payload)))
 			return KVP_ENOMEM;
-		memcpy(e->blocks[i]->k, payload, rows);
-		memcpy(e->blocks[i]->v, payload + rows, rows);
-		e->blocks[i]->n = (uint16_t)e->n_tokens;
-		e->blocks[i]->pos_base = (int32_t)unit_start(&t->cfg, e->unit);
 	}
 	if (at != bytes)
 		return kvp_fail(KVP_ECORRUPT, "prefix value of unit %u: %zu bytes after its records", e->unit, bytes - at);
@@ -582,7 +682,7 @@ static kvp_status unit_value_blocks(struct kvp_tenant_obj *t, uint64_t idh, cons
 
 /* Installs unit u of the prompt `tokens` (hashes: the prompt's chain) from its value as t's entry. */
 static kvp_status unit_value_install(struct kvp_tenant_obj *t, const struct prefix_identity *id, uint64_t idh,
-				     const int32_t *tokens, const uint64_t *hashes, uint32_t u, const void *value,
+				     const struct cold_form *f, const int32_t *tokens, const uint64_t *hashes, uint32_t u, const void *value,
 				     size_t bytes)
 {
 	const struct kvp_tenant_config *c = &t->cfg;
@@ -593,15 +693,18 @@ static kvp_status unit_value_install(struct kvp_tenant_obj *t, const struct pref
 	if (!(e = entry_new(t, id, u, tokens + unit_start(c, u), unit_len(c, u), n_streams, hashes[u],
 			    u ? hashes[u - 1] : 0)))
 		return KVP_ENOMEM;
-	if ((st = unit_value_blocks(t, idh, value, bytes, e)) != KVP_OK) {
+	e->cold = f != NULL;
+	e->cold_id = f ? f->id : 0;
+	if ((st = unit_value_blocks(t, idh, f, value, bytes, e)) != KVP_OK) {
 		entry_free(e);
 		return st;
 	}
 	pthread_mutex_lock(&tab->lock);
-	if (u && !(parent = find(tab, e->parent, id, NULL, 0)))
+	if (u && !(parent = find(tab, e->parent, id, NULL, 0, FIND_ANY)))
 		st = kvp_fail(KVP_EINVAL, "prefix value: unit %u's parent is not cached (a chain installs from its "
 			      "start)", u);
-	else if (find(tab, e->hash, id, e->tokens, e->n_tokens))
+	else if (e->cold ? find_cold(tab, e->hash, id, e->tokens, e->n_tokens, t, e->cold_id) != NULL
+			 : find(tab, e->hash, id, e->tokens, e->n_tokens, 0) != NULL)
 		st = KVP_OK; /* cached meanwhile: ours is not needed */
 	else {
 		entry_link(tab, e);
@@ -639,7 +742,7 @@ kvp_status kvp_prefix_record_make(struct kvp_tenant_obj *t, const kvp_shape *sha
 	identity_of(t, shape, &id);
 	chain_hashes(t, identity_hash(&id, namespace_of(t)), tokens, unit + 1, hashes);
 	pthread_mutex_lock(&tab->lock);
-	if ((e = find(tab, hashes[unit], &id, tokens + unit_start(c, unit), unit_len(c, unit))))
+	if ((e = find(tab, hashes[unit], &id, tokens + unit_start(c, unit), unit_len(c, unit), 0)))
 		*rec = unit_value_make(e, bytes);
 	pthread_mutex_unlock(&tab->lock);
 	free(hashes);
@@ -659,37 +762,48 @@ kvp_status kvp_prefix_record_install(struct kvp_tenant_obj *t, const kvp_shape *
 	identity_of(t, shape, &id);
 	idh = identity_hash(&id, namespace_of(t));
 	chain_hashes(t, idh, tokens, unit + 1, hashes);
-	st = unit_value_install(t, &id, idh, tokens, hashes, unit, rec, bytes);
+	st = unit_value_install(t, &id, idh, NULL, tokens, hashes, unit, rec, bytes);
 	free(hashes);
 	return st;
 }
 
 /* ---- the remote tier (tier/remote.h) ----
- * Keys: "kvp:<model>:<tenant>:<chain hash, 16 hex digits>", the tenant "*" when the pool shares prefixes.
+ * Keys: "kvp:<model>:<tenant>:<chain hash, 16 hex digits>", the tenant "*" when the pool shares prefixes;
+ * the same + ":c" for a block unit's compressed value (cold_form_of says when there is one).
  * A registered unit is published write-behind; a lookup that misses locally asks the remote tier for the
  * rest of the chain in one pipelined round trip and installs the run of units it gets, in order, each
  * checked first. Whatever fails (a fault, a miss, a value that fails its checks) ends the run there. */
 
-#define KEY_MAX (4 + 64 + 1 + 64 + 1 + 16 + 1)
+#define KEY_MAX (4 + 64 + 1 + 64 + 1 + 16 + 2 + 1)
 
 static size_t unit_key(const struct prefix_identity *id, const struct kvp_tenant_obj *owner, uint64_t hash,
-		       char key[KEY_MAX])
+		       int cold, char key[KEY_MAX])
 {
-	int n = snprintf(key, KEY_MAX, "kvp:%s:%s:%016llx", id->model, id->tenant ? owner->name : "*",
-			 (unsigned long long)hash);
+	int n = snprintf(key, KEY_MAX, "kvp:%s:%s:%016llx%s", id->model, id->tenant ? owner->name : "*",
+			 (unsigned long long)hash, cold ? ":c" : "");
 	return n < 0 ? 0 : (size_t)n < KEY_MAX ? (size_t)n : KEY_MAX - 1;
 }
 
-/* Under the table's lock: a copy of the value goes to the publication queue, nothing waits. */
-static void prefix_publish(const struct kvp_pool_obj *pool, const struct prefix_entry *e)
+/* Under the table's lock, inside s's append (its codecs are free to use): copies of the values go to the
+ * publication queue, nothing waits. A block unit whose codes s's cold tier would make from its rows alone
+ * goes compressed too, under its key + ":c"; the sink unit never turns cold, so it goes exact only. */
+static void prefix_publish(const struct kvp_seq_obj *s, const struct prefix_entry *e)
 {
+	struct kvp_remote *r = s->tenant->pool->remote;
 	char key[KEY_MAX];
 	size_t bytes, key_len;
+	struct cold_form f;
 	void *value;
-	if (!pool->remote || !(value = unit_value_make(e, &bytes)))
+	if (!r || !(value = unit_value_make(e, &bytes)))
 		return;
-	key_len = unit_key(&e->id, e->owner, e->hash, key);
-	kvp_remote_publish(pool->remote, key, key_len, value, bytes);
+	key_len = unit_key(&e->id, e->owner, e->hash, 0, key);
+	kvp_remote_publish(r, key, key_len, value, bytes);
+	free(value);
+	cold_form_of(s, identity_hash(&e->id, namespace_of(e->owner)), &f);
+	if (!f.id || (s->tenant->cfg.sinks && e->unit == 0) || !(value = unit_value_make_cold(s, e, &f, &bytes)))
+		return;
+	key_len = unit_key(&e->id, e->owner, e->hash, 1, key);
+	kvp_remote_publish(r, key, key_len, value, bytes);
 	free(value);
 }
 
@@ -702,10 +816,11 @@ struct remote_outcome {
 };
 
 /* Units [from, to) of the prompt from the remote tier in one round trip, installed in order until the
- * first one that is missing or fails its checks. Outside the table's lock: installs allocate, and a
- * charge may relieve, which takes it. */
+ * first one that is missing or fails its checks: units [cold_from, cold_to) as f's compressed values (":c"),
+ * the rest exact. Outside the table's lock: installs allocate, and a charge may relieve, which takes it. */
 static void prefix_fetch_remote(struct kvp_tenant_obj *t, const struct prefix_identity *id, uint64_t idh,
-				const int32_t *tokens, const uint64_t *hashes, uint32_t from, uint32_t to,
+				const struct cold_form *f, const int32_t *tokens, const uint64_t *hashes,
+				uint32_t from, uint32_t to, uint32_t cold_from, uint32_t cold_to,
 				struct remote_outcome *out)
 {
 	struct kvp_remote *r = t->pool->remote;
@@ -719,7 +834,7 @@ static void prefix_fetch_remote(struct kvp_tenant_obj *t, const struct prefix_id
 	if (keys && key && key_len && val_len && val) {
 		for (uint32_t i = 0; i < n; i++) {
 			key[i] = keys + (size_t)i * KEY_MAX;
-			key_len[i] = unit_key(id, t, hashes[from + i], keys + (size_t)i * KEY_MAX);
+			key_len[i] = unit_key(id, t, hashes[from + i], from + i >= cold_from && from + i < cold_to, keys + (size_t)i * KEY_MAX);
 		}
 		kvp_remote_fetch(r, n, key, key_len, val, val_len, &unanswered);
 		if (unanswered) {
@@ -729,7 +844,8 @@ static void prefix_fetch_remote(struct kvp_tenant_obj *t, const struct prefix_id
 				 faults.note[0] ? faults.note : "no server answered");
 		}
 		for (uint32_t i = 0; i < n && val[i]; i++) {
-			kvp_status st = unit_value_install(t, id, idh, tokens, hashes, from + i, val[i], val_len[i]);
+			kvp_status st = unit_value_install(t, id, idh, from + i >= cold_from && from + i < cold_to ? f : NULL, tokens, hashes,
+							   from + i, val[i], val_len[i]);
 			if (st != KVP_OK) {
 				out->rejected += st == KVP_ECORRUPT;
 				if (st == KVP_ECORRUPT)
@@ -749,6 +865,7 @@ static void prefix_fetch_remote(struct kvp_tenant_obj *t, const struct prefix_id
 /* What a lookup found: per unit, one block per stream (references the sequence takes over). */
 struct prefix_hit {
 	uint32_t units, n_streams;
+	uint32_t cold_units; /* of those, cold: the first ones after the sink */
 	struct kvp_block **blocks; /* [units][n_streams] */
 };
 
@@ -778,12 +895,24 @@ static int hit_take(struct kvp_tenant_obj *t, const struct prefix_entry *e, uint
 	return 1;
 }
 
+/* Unit u's entry for t: exact, else (while the run holds no exact block) a cold one t installed with
+ * the codecs f names. Cold entries hold codes only t's own sequences read, so they are never copied. */
+static struct prefix_entry *lookup_unit(const struct kvp_prefix_table *tab, const struct kvp_tenant_obj *t,
+					const struct prefix_identity *id, const struct cold_form *f, uint64_t hash,
+					const int32_t *unit, uint32_t n, int cold_ok)
+{
+	struct prefix_entry *e = find(tab, hash, id, unit, n, 0);
+	return e || !cold_ok || !f->id ? e : find_cold(tab, hash, id, unit, n, t, f->id);
+}
+
 /* The longest run of units 0..n_units-1 the table holds, taken by t. */
-static kvp_status lookup(struct kvp_tenant_obj *t, const struct prefix_identity *id, const int32_t *tokens,
-			 const uint64_t *hashes, uint32_t n_units, struct prefix_hit *h)
+static kvp_status lookup(struct kvp_tenant_obj *t, const struct prefix_identity *id, const struct cold_form *f,
+			 const int32_t *tokens, const uint64_t *hashes, uint32_t n_units, struct prefix_hit *h)
 {
 	struct kvp_prefix_table *tab = t->pool->prefix;
 	const struct kvp_tenant_config *c = &t->cfg;
+	const uint32_t first_block = c->sinks ? 1 : 0;
+	uint32_t exact_blocks = 0;
 	h->n_streams = id->shape.n_layers * id->shape.n_kv_heads;
 	if (!n_units)
 		return KVP_OK;
@@ -792,9 +921,14 @@ static kvp_status lookup(struct kvp_tenant_obj *t, const struct prefix_identity 
 	pthread_mutex_lock(&tab->lock);
 	for (uint32_t u = 0; u < n_units; u++) {
 		const int32_t *unit = tokens + unit_start(c, u);
-		struct prefix_entry *e = find(tab, hashes[u], id, unit, unit_len(c, u));
+		struct prefix_entry *e = lookup_unit(tab, t, id, f, hashes[u], unit, unit_len(c, u),
+						     u >= first_block && !exact_blocks);
 		if (!e || !hit_take(t, e, id->shape.head_dim, h->blocks + (size_t)u * h->n_streams))
 			break;
+		if (e->cold)
+			h->cold_units++;
+		else
+			exact_blocks += u >= first_block;
 		e->last_use = ++tab->clock;
 		h->units = u + 1;
 	}
@@ -821,6 +955,10 @@ static kvp_status install(struct kvp_seq_obj *s, struct prefix_hit *h, uint32_t 
 			*b = NULL; /* the stream's now */
 		}
 		st->n_tokens = n;
+		/* cold blocks first, as appending would have made them; the context their codecs read */
+		st->n_cold = h->cold_units;
+		if (h->cold_units && kvp_cold_stream_ctx(t, s, st) != KVP_OK)
+			return KVP_ENOMEM;
 	}
 	return KVP_OK;
 }
@@ -837,30 +975,59 @@ kvp_status kvp_prefix_open_check(uint32_t n, const int32_t *tokens, const void *
 	return KVP_OK;
 }
 
-/* Local first; on a local miss with a remote tier, the rest of the chain from it, then local again. */
-static kvp_status lookup_tiers(struct kvp_tenant_obj *t, const struct prefix_identity *id, uint64_t idh,
-			       const int32_t *tokens, const uint64_t *hashes, uint32_t looked, struct prefix_hit *h,
-			       uint32_t *remote_units, struct remote_outcome *remote)
-{
-	uint32_t local;
-	kvp_status st = lookup(t, id, tokens, hashes, looked, h);
-	*remote_units = 0;
-	memset(remote, 0, sizeof *remote);
-	if (st != KVP_OK || !t->pool->remote || h->units == looked)
-		return st;
-	local = h->units;
-	prefix_fetch_remote(t, id, idh, tokens, hashes, local, looked, remote);
-	if (!remote->installed)
-		return KVP_OK;
-	hit_release(t, h);
-	st = lookup(t, id, tokens, hashes, looked, h);
-	*remote_units = h->units > local ? h->units - local : 0;
-	return st;
-}
-
 static uint32_t units_tokens(const struct kvp_tenant_config *c, uint32_t units)
 {
 	return units ? unit_start(c, units - 1) + unit_len(c, units - 1) : 0;
+}
+
+/* A cold unit serves only where a sequence that appended the run holds a cold block: outside the window
+ * of the run's tokens. The run ends before the first one inside it; a shorter run has a later window
+ * start, so this repeats until no cold unit is inside. */
+static void hit_cut(struct kvp_tenant_obj *t, struct prefix_hit *h)
+{
+	const struct kvp_tenant_config *c = &t->cfg;
+	uint32_t cold;
+	while (h->cold_units > (cold = cold_blocks_within(c, units_tokens(c, h->units)))) {
+		uint32_t units = (c->sinks ? 1 : 0) + cold;
+		for (size_t i = (size_t)units * h->n_streams; i < (size_t)h->units * h->n_streams; i++) {
+			kvp_block_put(t, h->blocks[i]);
+			h->blocks[i] = NULL;
+		}
+		h->units = units;
+		h->cold_units = cold;
+	}
+}
+
+/* Local first; on a local miss with a remote tier, the rest of the chain from it, then local again. A
+ * remote lookup that starts with the first block asks for the units that would be cold after `looked`
+ * compressed (f); one that starts later asks exact: a stream's cold blocks come before its exact ones. */
+static kvp_status lookup_tiers(struct kvp_tenant_obj *t, const struct prefix_identity *id, uint64_t idh,
+			       const struct cold_form *f, const int32_t *tokens, const uint64_t *hashes,
+			       uint32_t looked, struct prefix_hit *h, uint32_t *remote_units,
+			       struct remote_outcome *remote)
+{
+	const struct kvp_tenant_config *c = &t->cfg;
+	const uint32_t first_block = c->sinks ? 1 : 0;
+	uint32_t local, cold_to = 0;
+	kvp_status st = lookup(t, id, f, tokens, hashes, looked, h);
+	*remote_units = 0;
+	memset(remote, 0, sizeof *remote);
+	if (st != KVP_OK)
+		return st;
+	local = h->units;
+	if (t->pool->remote && local < looked) {
+		if (f->id && local <= first_block)
+			cold_to = first_block + cold_blocks_within(c, units_tokens(c, looked));
+		prefix_fetch_remote(t, id, idh, f, tokens, hashes, local, looked, first_block, cold_to, remote);
+		if (remote->installed) {
+			hit_release(t, h);
+			if ((st = lookup(t, id, f, tokens, hashes, looked, h)) != KVP_OK)
+				return st;
+		}
+	}
+	hit_cut(t, h);
+	*remote_units = h->units > local ? h->units - local : 0;
+	return KVP_OK;
 }
 
 static void count_lookup(struct kvp_tenant_obj *t, struct kvp_seq_obj *s, uint32_t looked, uint32_t n_cached,
@@ -888,14 +1055,16 @@ static kvp_status open_hit(struct kvp_tenant_obj *t, struct kvp_seq_obj *s, uint
 	struct prefix_identity id;
 	struct prefix_hit h = { 0 };
 	struct remote_outcome remote = { 0 };
+	struct cold_form f;
 	kvp_status st;
 	if (!hashes)
 		return kvp_fail(KVP_ENOMEM, "kvp_seq_open_prefix: out of memory");
 	identity_of(t, &s->shape, &id);
 	idh = identity_hash(&id, namespace_of(t));
 	chain_hashes(t, idh, tokens, all, hashes);
+	cold_form_of(s, idh, &f);
 	/* the host computes at least the prompt's last token (it needs its logits): looked <= n - 1 tokens */
-	st = lookup_tiers(t, &id, idh, tokens, hashes, looked, &h, &remote_units, &remote);
+	st = lookup_tiers(t, &id, idh, &f, tokens, hashes, looked, &h, &remote_units, &remote);
 	if (st == KVP_OK)
 		st = prompt_prepare(s, &id, tokens, all, h.units, hashes);
 	*n_cached = units_tokens(c, h.units);

@@ -21,6 +21,8 @@ TestSuite(prefix_remote, .fini = redis_fixture_fini);
 
 #define PROMPT 62 /* block=8, sinks=4: units of 4 + 7 x 8 = 60 tokens before the last two */
 #define TENANT_SPEC "model=m,block=8,sinks=4,window=16"
+/* a cold tier whose units travel compressed: 60 tokens leave blocks 1..5 cold */
+#define COLD_SPEC TENANT_SPEC ",k=turboquant(bits=3),v=turboquant(bits=3),store=fp16"
 
 static kvp_pool *pool_at(const char *remote, const char *more)
 {
@@ -109,7 +111,7 @@ static void attention_outputs(kvp_seq *s, float *out)
 	}
 }
 
-Test(prefix_remote, two_processes_share_a_prompt_bit_for_bit)
+static void two_processes_share_a_prompt(const char *tenant_spec, uint32_t cold_blocks)
 {
 	char url[64];
 	int32_t tokens[PROMPT];
@@ -129,7 +131,7 @@ Test(prefix_remote, two_processes_share_a_prompt_bit_for_bit)
 		kvp_tenant *t;
 		snprintf(spec, sizeof spec, "remote=%s", url);
 		int ok = kvp_pool_open(spec, &p) == KVP_OK &&
-			 kvp_tenant_open(p, "t", TENANT_SPEC, &t) == KVP_OK &&
+			 kvp_tenant_open(p, "t", tenant_spec, &t) == KVP_OK &&
 			 kvp_seq_open_prefix(t, &shape, PROMPT, tokens, &s, &cached) == KVP_OK &&
 			 append_layers(s, tokens, 0, PROMPT, 0, L) == KVP_OK;
 		if (ok) {
@@ -145,12 +147,23 @@ Test(prefix_remote, two_processes_share_a_prompt_bit_for_bit)
 	cr_assert_eq(waitpid(child, &status, 0), child);
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 	kvp_pool *p = pool_at(url, NULL);
-	cr_assert_eq(kvp_seq_open_prefix(tenant_in(p, "t", TENANT_SPEC), &shape, PROMPT, tokens, &s, &cached), KVP_OK);
+	cr_assert_eq(kvp_seq_open_prefix(tenant_in(p, "t", tenant_spec), &shape, PROMPT, tokens, &s, &cached), KVP_OK);
 	cr_assert_eq(cached, 60, "the whole prefix");
+	cr_assert_eq(kvp_seq_from_handle(s)->streams[0].n_cold, cold_blocks);
 	append_tokens(s, tokens, cached, PROMPT);
 	attention_outputs(s, second);
 	cr_assert_eq(memcmp(first, second, sizeof first), 0, "attention differs from the first process's");
 	kvp_pool_close(p);
+}
+
+Test(prefix_remote, two_processes_share_a_prompt_bit_for_bit)
+{
+	two_processes_share_a_prompt(TENANT_SPEC, 0);
+}
+
+Test(prefix_remote, two_processes_share_a_cold_tiers_prompt_bit_for_bit)
+{
+	two_processes_share_a_prompt(COLD_SPEC, 5);
 }
 
 Test(prefix_remote, tenants_namespaces_stay_apart_unless_shared)
@@ -294,5 +307,167 @@ Test(prefix_remote, full_server_refuses_publication_and_nothing_breaks)
 	cr_assert_eq(cached, 0);
 	append_tokens(s, tokens, 0, PROMPT);
 	assert_same_attention(sa, s, "computed again");
+	kvp_pool_close(b), kvp_pool_close(a);
+}
+
+/* ---- a cold tier: units that would be cold go compressed (":c"), as the owner's cold conversion encodes them ---- */
+
+/* The keys on the server whose names end with ":c". */
+static long long compressed_keys(int server)
+{
+	redisReply *keys = redis_run(redis_port(server), "KEYS kvp:*:c");
+	cr_assert(keys && keys->type == REDIS_REPLY_ARRAY);
+	long long n = (long long)keys->elements;
+	freeReplyObject(keys);
+	return n;
+}
+
+/* Pool a runs the prompt under `spec`, a fresh pool b opens it; b's sequence attends as a's does, after
+ * more appends too. Returns the value bytes b fetched. */
+static uint64_t remote_hit_bytes(const char *url, const char *tenant, const char *spec, uint32_t cold_blocks)
+{
+	int32_t tokens[PROMPT + 24];
+	uint32_t cached;
+	kvp_seq *sb;
+	struct kvp_remote_counters c;
+	prompt_fill(tokens, PROMPT + 24, 71);
+	kvp_pool *a = pool_at(url, NULL);
+	kvp_seq *sa = run_prompt(tenant_in(a, tenant, spec), tokens, PROMPT);
+	drained(a);
+	kvp_pool *b = pool_at(url, NULL);
+	kvp_tenant *tenant_b = tenant_in(b, tenant, spec);
+	cr_assert_eq(kvp_seq_open_prefix(tenant_b, &shape, PROMPT, tokens, &sb, &cached), KVP_OK,
+		     "%s", kvp_last_error());
+	cr_assert_eq(cached, 60, "%u cached (%s)", cached, kvp_last_error());
+	kvp_stats st = seq_stats(sb);
+	cr_assert_eq(st.remote_hit_tokens, 60);
+	cr_assert_eq(st.remote_faults + st.remote_rejected, 0);
+	for (uint32_t i = 0; i < L * NKV; i++)
+		cr_assert_eq(kvp_seq_from_handle(sb)->streams[i].n_cold, cold_blocks, "stream %u", i);
+	append_tokens(sb, tokens, cached, PROMPT);
+	assert_same_attention(sa, sb, spec);
+	/* the fetched units stay in b's cache: the next sequence of b finds them there, cold ones included */
+	kvp_seq *again = open_prompt(tenant_b, tokens, PROMPT, &cached);
+	cr_assert_eq(cached, 60);
+	cr_assert_eq(seq_stats(again).remote_hit_tokens, 0);
+	cr_assert_eq(kvp_seq_from_handle(again)->streams[0].n_cold, cold_blocks);
+	append_tokens(again, tokens, cached, PROMPT);
+	assert_same_attention(sa, again, "from b's own cache");
+	kvp_seq_close(again);
+	append_tokens(sa, tokens, PROMPT, PROMPT + 24);
+	append_tokens(sb, tokens, PROMPT, PROMPT + 24);
+	assert_same_attention(sa, sb, "after 24 more tokens");
+	kvp_remote_counters(kvp_pool_from_handle(b)->remote, &c);
+	kvp_pool_close(b);
+	kvp_pool_close(a);
+	return c.bytes_fetched;
+}
+
+Test(prefix_remote, cold_tier_units_travel_compressed_and_attend_bit_for_bit)
+{
+	char url[64];
+	redis_fixture_need();
+	int server = redis_start(NULL);
+	single_url(server, url, sizeof url);
+	/* 60 tokens: 56 after the sink, 16 of them in the window: blocks 1..5 cold, 6 and 7 exact */
+	uint64_t tq3 = remote_hit_bytes(url, "cold", COLD_SPEC, 5);
+	cr_assert_eq(compressed_keys(server), 7, "every block unit, never the sink, goes compressed too");
+	uint64_t fp16 = remote_hit_bytes(url, "exact", TENANT_SPEC ",store=fp16", 0);
+	cr_log_info("bytes fetched: tq3 %llu, fp16 %llu", (unsigned long long)tq3, (unsigned long long)fp16);
+	cr_assert_lt(tq3, fp16 * 6 / 10, "tq3 moved %llu bytes, fp16 %llu", (unsigned long long)tq3,
+		     (unsigned long long)fp16);
+}
+
+Test(prefix_remote, corrupt_compressed_value_is_a_miss_never_served)
+{
+	char url[64];
+	int32_t tokens[PROMPT];
+	uint32_t cached;
+	kvp_seq *s;
+	redis_fixture_need();
+	int server = redis_start(NULL);
+	single_url(server, url, sizeof url);
+	prompt_fill(tokens, PROMPT, 83);
+	kvp_pool *a = pool_at(url, NULL);
+	kvp_seq *sa = run_prompt(tenant_in(a, "t", COLD_SPEC), tokens, PROMPT);
+	drained(a);
+	redisReply *keys = redis_run(redis_port(server), "KEYS kvp:*:c");
+	cr_assert(keys && keys->type == REDIS_REPLY_ARRAY && keys->elements == 7);
+	for (size_t i = 0; i < keys->elements; i++) {
+		redisReply *v = redis_run(redis_port(server), "GET %s", keys->element[i]->str);
+		cr_assert(v && v->type == REDIS_REPLY_STRING && v->len > 10);
+		v->str[v->len - 5] ^= 0x10;
+		freeReplyObject(redis_run(redis_port(server), "SET %s %b", keys->element[i]->str, v->str, (size_t)v->len));
+		freeReplyObject(v);
+	}
+	freeReplyObject(keys);
+	kvp_pool *b = pool_at(url, NULL);
+	kvp_tenant *tb = tenant_in(b, "t", COLD_SPEC);
+	cr_assert_eq(kvp_seq_open_prefix(tb, &shape, PROMPT, tokens, &s, &cached), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(cached, 4, "only the sink, which goes exact");
+	cr_assert(strstr(kvp_last_error(), "CRC32C"), "the note names the check: %s", kvp_last_error());
+	cr_assert_eq(seq_stats(s).remote_rejected, 1);
+	append_tokens(s, tokens, cached, PROMPT);
+	assert_same_attention(sa, s, "computed again");
+	kvp_pool_close(b), kvp_pool_close(a);
+}
+
+/* Where a block's codes depend on more than its rows, or it turns cold by more than its place, units go
+ * exact only. */
+static void publishes_exact_only(const char *spec)
+{
+	char url[64];
+	int32_t tokens[PROMPT];
+	int server = redis_start(NULL);
+	single_url(server, url, sizeof url);
+	prompt_fill(tokens, PROMPT, 91);
+	kvp_pool *a = pool_at(url, NULL);
+	run_prompt(tenant_in(a, "t", spec), tokens, PROMPT);
+	drained(a);
+	redisReply *r = redis_run(redis_port(server), "DBSIZE");
+	cr_assert(r && r->type == REDIS_REPLY_INTEGER);
+	cr_assert_eq(r->integer, 8, "%s: the 8 units exact", spec);
+	freeReplyObject(r);
+	cr_assert_eq(compressed_keys(server), 0, "%s: nothing compressed", spec);
+	kvp_pool_close(a);
+}
+
+Test(prefix_remote, policy_tenant_publishes_exact_only)
+{
+	redis_fixture_need();
+	publishes_exact_only(COLD_SPEC ",policy=h2o(heavy=0.5,recent=0.25)");
+}
+
+Test(prefix_remote, spark_tenant_publishes_exact_only)
+{
+	redis_fixture_need();
+	publishes_exact_only(TENANT_SPEC ",k=spark(keep=0.5)|turboquant(bits=3),v=turboquant(bits=3),store=fp16");
+}
+
+/* A remote run shorter than asked has a later window start: its compressed units inside the window are
+ * cut (here all of them: 44 tokens leave 3 cold blocks, 28 leave 1, 12 none). */
+Test(prefix_remote, compressed_units_inside_a_shorter_runs_window_are_cut)
+{
+	char url[64];
+	int32_t tokens[PROMPT], other[PROMPT];
+	uint32_t cached;
+	kvp_seq *s;
+	redis_fixture_need();
+	single_url(redis_start(NULL), url, sizeof url);
+	prompt_fill(tokens, PROMPT, 97);
+	memcpy(other, tokens, sizeof other);
+	for (uint32_t i = 44; i < PROMPT; i++)
+		other[i] += 1000; /* units 0..5 shared, 6 and 7 not */
+	kvp_pool *a = pool_at(url, NULL);
+	run_prompt(tenant_in(a, "t", COLD_SPEC), tokens, PROMPT);
+	drained(a);
+	kvp_seq *fresh = run_prompt(tenant_in(a, "u", COLD_SPEC), other, PROMPT);
+	kvp_pool *b = pool_at(url, NULL);
+	kvp_tenant *tb = tenant_in(b, "t", COLD_SPEC);
+	cr_assert_eq(kvp_seq_open_prefix(tb, &shape, PROMPT, other, &s, &cached), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(cached, 4, "the sink only");
+	cr_assert_eq(kvp_seq_from_handle(s)->streams[0].n_cold, 0);
+	append_tokens(s, other, cached, PROMPT);
+	assert_same_attention(fresh, s, "after the cut");
 	kvp_pool_close(b), kvp_pool_close(a);
 }
