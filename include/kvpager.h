@@ -93,7 +93,8 @@ KVP_API const char *kvp_last_error(void);
  *                   where RLIMIT_MEMLOCK allows it, and falls back to unregistered I/O where it does not)
  *   remote=URL      a shared remote tier on Redis, the prefix cache's (the pool holds one client of it):
  *                   redis://HOST:PORT, one server, or redis-cluster://HOST:PORT[|HOST:PORT...], seeds of a
- *                   Redis Cluster ('|' between seeds: ',' separates the keys of this spec), whose slot map
+ *                   Redis Cluster ('|' between seeds: ',' separates the keys of this spec, unless the value
+ *                   is in parentheses: remote=(redis-cluster://HOST:PORT,HOST:PORT)), whose slot map
  *                   is learned with CLUSTER SLOTS and kept up to date by following MOVED (and ASK). HOST is
  *                   resolved once, at open (an unknown name is KVP_EINVAL); an IPv6 address goes in brackets.
  *                   A password in the URL is KVP_EINVAL: it goes in remote_auth_file. A server that does

@@ -245,6 +245,17 @@ Test(remote, pool_takes_cluster_seeds_separated_by_bars)
 		     "',' ends the remote= value in a pool spec");
 }
 
+Test(remote, pool_takes_cluster_seeds_separated_by_commas_in_parentheses)
+{
+	char spec[160];
+	kvp_pool *p = NULL;
+	snprintf(spec, sizeof spec, "remote=(redis-cluster://127.0.0.1:%d,127.0.0.1:%d),remote_timeout=20",
+		 redis_fixture_port(), redis_fixture_port());
+	cr_assert_eq(kvp_pool_open(spec, &p), KVP_OK, "%s", kvp_last_error());
+	cr_assert(strstr(kvp_last_error(), "does not answer yet"), "%s", kvp_last_error());
+	kvp_pool_close(p);
+}
+
 Test(remote, pool_opens_against_a_live_server_without_a_note)
 {
 	char spec[128];

@@ -62,6 +62,8 @@ static kvp_status text_copy(struct kvp_args *args, const char *key, char *out, s
 	kvp_status st = kvp_args_text(args, key, &v, &n);
 	if (st != KVP_OK || !v)
 		return st;
+	if (n >= 2 && v[0] == '(' && v[n - 1] == ')') /* the grammar's parentheses: ',' inside is the value's */
+		v++, n -= 2;
 	if (n == 0 || n >= cap)
 		return kvp_fail(KVP_EINVAL, "pool: %s= takes 1..%zu characters", key, cap - 1);
 	memcpy(out, v, n);
