@@ -586,10 +586,9 @@ static size_t unit_value_bytes(const struct prefix_identity *id, uint32_t n_toke
 	return (size_t)id->shape.n_layers * id->shape.n_kv_heads * (KVP_RECORD_HEADER + 2 * rows);
 }
 
-/* The entry's value, malloc'd (NULL when out of memory). */
-static void *unit_value_make(const struct prefix_entry *e, size_t *bytes)
+/* The entry's value, malloc'd (NULL when out of memory); idh: the hash of its identity. */
+static void *unit_value_make(const struct prefix_entry *e, uint64_t idh, size_t *bytes)
 {
-	const uint64_t idh = identity_hash(&e->id, e->id.tenant ? e->owner->name : "");
 	const size_t rows = (size_t)e->n_tokens * row_bytes(e->id.shape.head_dim, e->id.store);
 	unsigned char *value, *payload = malloc(2 * rows);
 	size_t at = 0, used;
@@ -734,16 +733,17 @@ kvp_status kvp_prefix_record_make(struct kvp_tenant_obj *t, const kvp_shape *sha
 	const struct kvp_tenant_config *c = &t->cfg;
 	struct prefix_identity id;
 	struct prefix_entry *e;
-	uint64_t *hashes = malloc(((size_t)unit + 1) * sizeof *hashes);
+	uint64_t idh, *hashes = malloc(((size_t)unit + 1) * sizeof *hashes);
 	*rec = NULL;
 	*bytes = 0;
 	if (!hashes)
 		return kvp_fail(KVP_ENOMEM, "prefix value: out of memory");
 	identity_of(t, shape, &id);
-	chain_hashes(t, identity_hash(&id, namespace_of(t)), tokens, unit + 1, hashes);
+	idh = identity_hash(&id, namespace_of(t));
+	chain_hashes(t, idh, tokens, unit + 1, hashes);
 	pthread_mutex_lock(&tab->lock);
 	if ((e = find(tab, hashes[unit], &id, tokens + unit_start(c, unit), unit_len(c, unit), 0)))
-		*rec = unit_value_make(e, bytes);
+		*rec = unit_value_make(e, idh, bytes);
 	pthread_mutex_unlock(&tab->lock);
 	free(hashes);
 	if (!e)
@@ -793,13 +793,17 @@ static void prefix_publish(const struct kvp_seq_obj *s, const struct prefix_entr
 	char key[KEY_MAX];
 	size_t bytes, key_len;
 	struct cold_form f;
+	uint64_t idh;
 	void *value;
-	if (!r || !(value = unit_value_make(e, &bytes)))
+	if (!r)
+		return;
+	idh = identity_hash(&e->id, namespace_of(e->owner));
+	if (!(value = unit_value_make(e, idh, &bytes)))
 		return;
 	key_len = unit_key(&e->id, e->owner, e->hash, 0, key);
 	kvp_remote_publish(r, key, key_len, value, bytes);
 	free(value);
-	cold_form_of(s, identity_hash(&e->id, namespace_of(e->owner)), &f);
+	cold_form_of(s, idh, &f);
 	if (!f.id || (s->tenant->cfg.sinks && e->unit == 0) || !(value = unit_value_make_cold(s, e, &f, &bytes)))
 		return;
 	key_len = unit_key(&e->id, e->owner, e->hash, 1, key);
