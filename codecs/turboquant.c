@@ -70,7 +70,7 @@ struct tq_part {
 	float *s;                    /* qjl=1: m x m N(0,1), row-major */
 	float centroid[TQ_LEVELS_MAX];
 	float threshold[TQ_LEVELS_MAX - 1];
-	/* the codebook for the integer kernels: centroid[v] ~ lut8[v] * unit8 ~ lut16[v] * unit16 */
+	/* the codebook for the integer kernels: centroid[v] = lut8[v] * unit8 = lut16[v] * unit16 */
 	int8_t lut8[TQ_LEVELS_MAX];
 	int16_t lut16[TQ_LEVELS_MAX];
 	float unit8, unit16;
@@ -184,11 +184,14 @@ static void lloyd_max(const struct beta_table *b, unsigned half, double *c)
 }
 
 /*
- * Keys are scored with an int8 codebook and values summed with an int16 one (kernels.h). Keys' rounding
- * moves a score by a fraction of a percent of its spread; values' would bias the output itself, so they
- * take 11 bits (2047 steps), which leaves room in int32 for 256 tokens of 12-bit weights (see axpy).
+ * Keys are scored with an int8 codebook and values summed with it too (8-bit weights above the block's
+ * least, lut_axpy_u8_group) or with an int16 one (12-bit weights, lut_axpy_i16_group: weights of either
+ * sign, and the tables without a vector u8 kernel). The codebook the codec decodes with is the int8 one
+ * itself (see integer_codebook), and the int16 one is it times 16 (at most 2032 in magnitude, which leaves
+ * room in int32 for 256 tokens of 12-bit weights), so that neither integer path moves a value away from
+ * what the codes decode to.
  */
-#define TQ_LUT16_MAX 2047
+#define TQ_LUT16_SCALE 16
 
 /* Squared error of the codebook held as round(c * k) / k. */
 static double grid_error(const struct tq_part *pt, unsigned levels, double k)
@@ -204,8 +207,12 @@ static double grid_error(const struct tq_part *pt, unsigned levels, double k)
 
 /*
  * The int8 grid's step is chosen, among steps that keep every centroid within 127, as the one that puts
- * the centroids nearest to grid points (a 4-bit codebook on a step of top / 127 moves by 0.36%, on the
- * best step by 0.28%); the int16 grid's step of top / 2047 is fine as it is.
+ * the Lloyd-Max centroids nearest to grid points (a 4-bit codebook on a step of top / 127 moves by 0.36%,
+ * on the best step by 0.28%), and the centroids then move onto the grid: the codec decodes to
+ * lut8[v] * unit8 exactly, so the integer kernels add no codebook rounding of their own (on an int8 grid
+ * apart from the decode, 3- and 4-bit values moved bench_attend's output from its decode by 2.0e-3 and
+ * 4.5e-3). The thresholds stay the Lloyd-Max ones, so the codes do not change; the cells' centroids move
+ * by at most half a step of the grid.
  */
 static void integer_codebook(struct tq_part *pt, float top)
 {
@@ -218,10 +225,11 @@ static void integer_codebook(struct tq_part *pt, float top)
 			least = e, best = k;
 	}
 	pt->unit8 = (float)(1.0 / best);
-	pt->unit16 = top / TQ_LUT16_MAX;
+	pt->unit16 = pt->unit8 / TQ_LUT16_SCALE;
 	for (unsigned v = 0; v < levels; v++) {
 		pt->lut8[v] = (int8_t)lrint(pt->centroid[v] * best);
-		pt->lut16[v] = (int16_t)lrintf(pt->centroid[v] / pt->unit16);
+		pt->lut16[v] = (int16_t)(pt->lut8[v] * TQ_LUT16_SCALE);
+		pt->centroid[v] = (float)pt->lut8[v] * pt->unit8;
 	}
 }
 
@@ -1130,19 +1138,12 @@ static void tq_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n,
 }
 
 /*
- * The widest codes whose values take 8-bit weights against the int8 codebook. The codebook's rounding, not
- * the weights', bounds it: on bench_attend's data (32K tokens, nearly flat attention) the worst head moved
- * from its decode by 0.85e-3 at 2 bits (0.8e-3 on the int16 path), 2.0e-3 at 3 bits and 4.5e-3 at 4 bits,
- * against the 2e-3 the group paths allow.
- */
-#define TQ_U8_BITS_MAX 2
-
-/*
- * Values: the kernel rounds each head's weights times the tokens' norms (or norm * gamma) itself. Codes of
- * up to TQ_U8_BITS_MAX bits with weights that are not negative (attention's) take 8 bits above the least
- * weight against the int8 codebook (lut_axpy_u8_group: four tokens per int32 lane, one byte lookup per code
- * where the int16 codebook takes two and an interleave); it refuses any other weights, which take 12 bits
- * against the int16 codebook, as wider codes do.
+ * Values: the kernel rounds each head's weights times the tokens' norms (or norm * gamma) itself. Weights
+ * that are not negative (attention's) take 8 bits above the block's least weight against the int8
+ * codebook (lut_axpy_u8_group: four tokens per int32 lane, one byte lookup per code where the int16
+ * codebook takes two and an interleave); on bench_attend's data that moved the output from its decode by
+ * 0.85e-3 at 2 bits. The kernel refuses any other weights, and tables without a vector version of it refuse
+ * every call: those take 12 bits against the int16 codebook, the same values times 16.
  */
 static void tq_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
 			  const float *w, float *acc)
@@ -1161,9 +1162,8 @@ static void tq_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n
 			float *a = acc + part_offset(t, k);
 			const uint8_t *norm = p + sizeof(float) * k;
 
-			if (pt->bits && !(pt->bits <= TQ_U8_BITS_MAX &&
-					  kern->lut_axpy_u8_group(pt->bits, pt->m, cn, p + pt->code_at, t->stride, pt->lut8,
-								  pt->unit8, g, w + i0, n, norm, t->stride, a, c->acc_dim)))
+			if (pt->bits && !kern->lut_axpy_u8_group(pt->bits, pt->m, cn, p + pt->code_at, t->stride, pt->lut8,
+								 pt->unit8, g, w + i0, n, norm, t->stride, a, c->acc_dim))
 				kern->lut_axpy_i16_group(pt->bits, pt->m, cn, p + pt->code_at, t->stride, pt->lut16, pt->unit16,
 							 g, w + i0, n, norm, t->stride, a, c->acc_dim);
 			if (!t->qjl)

@@ -644,6 +644,57 @@ Test(turboquant, group_paths_with_weights_not_negative_stay_within_the_same_boun
 		}
 }
 
+/*
+ * Head h's weights pick one token each, +1 or -1 (-1 takes the 12-bit path, +1 the 8-bit one where the
+ * table has it): the group axpy then returns that token's decode to float rounding, because the codec
+ * decodes to its integer codebook itself (on a Lloyd-Max codebook apart from the int8 and int16 grids, a
+ * 3-bit token moved by about 3e-4 of its norm on the int16 grid and by 2e-3 on the int8 one).
+ */
+static void group_axpy_of_one_token_is_its_decode(const char *spec, unsigned d, float sign)
+{
+	enum { N = 64, G = 4 };
+	struct rng r = { 91 + d };
+	kvp_codec *c = codec_open(spec, d);
+	float *x = xcalloc((size_t)N * d, sizeof *x), *y = xcalloc((size_t)N * d, sizeof *y);
+	float *w = xcalloc((size_t)G * N, sizeof *w), *acc = xcalloc((size_t)G * c->acc_dim, sizeof *acc);
+	float *o = xcalloc(d, sizeof *o);
+	void *bytes = xcalloc(1, kvp_codec_bytes(c, N));
+
+	rng_gaussians(&r, x, (size_t)N * d);
+	cr_assert_eq(kvp_codec_encode(c, N, x, bytes), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_codec_decode(c, N, bytes, y), KVP_OK, "%s", kvp_last_error());
+	for (unsigned h = 0; h < G; h++)
+		w[(size_t)h * N + 5 + 17 * h] = sign;
+	c->ops->axpy_group(c, c->own_ctx, N, bytes, G, w, acc);
+	for (unsigned h = 0; h < G; h++) {
+		const float *want = y + (size_t)(5 + 17 * h) * d;
+		double err = 0;
+
+		memset(o, 0, sizeof(float) * d);
+		c->ops->finish(c, c->own_ctx, acc + (size_t)h * c->acc_dim, o);
+		for (unsigned j = 0; j < d; j++)
+			err += ((double)o[j] - sign * want[j]) * ((double)o[j] - sign * want[j]);
+		cr_assert(sqrt(err) <= 1e-5 * sqrt(dot_d(want, want, d)), "%s d=%u weight %g head %u: %g off a norm of %g",
+			  spec, d, sign, h, sqrt(err), sqrt(dot_d(want, want, d)));
+	}
+	free(x), free(y), free(w), free(acc), free(o), free(bytes);
+	kvp_codec_close(c);
+}
+
+Test(turboquant, group_axpy_of_one_token_gives_its_decode_at_every_width_and_sign)
+{
+	static const char *const specs[] = { "turboquant(bits=1)", "turboquant(bits=2)", "turboquant(bits=3)",
+					     "turboquant(bits=4)", "turboquant(bits=3,qjl=1)",
+					     "turboquant(bits=2,outliers=32,outlier_bits=3)" };
+	static const unsigned dims[] = { 128, 64, 80 };
+
+	for (size_t s = 0; s < sizeof specs / sizeof *specs; s++)
+		for (size_t k = 0; k < sizeof dims / sizeof *dims; k++) {
+			group_axpy_of_one_token_is_its_decode(specs[s], dims[k], 1.0f);
+			group_axpy_of_one_token_is_its_decode(specs[s], dims[k], -1.0f);
+		}
+}
+
 /* ---- the fast encoder and decoder against the scalar reference (codecs/turboquant.c) ---- */
 
 /*
