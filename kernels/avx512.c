@@ -1378,61 +1378,106 @@ static const char quad_select[5][4][64] = { { { 0 } }, QWIDTH(QSEL, 1), QWIDTH(Q
 static const char quad_shift[5][4][64] = { { { 0 } }, QWIDTH(QSHF, 1), QWIDTH(QSHF, 2), QWIDTH(QSHF, 3),
 					   QWIDTH(QSHF, 4) };
 
-/* u of kernels.h's lut_axpy_u8_group: w * s where that is > 0, else 0 (lanes of a tail: 0). */
-INLINE __m512 weight_in(__mmask16 in, const float *w, __m512 s)
+/* The floats at p + k * stride for the lanes k of in (the others 0): one gather where the byte offsets fit
+ * its int32 lanes, one float at a time otherwise. */
+INLINE __m512 row_scales16(__mmask16 in, const uint8_t *p, size_t stride)
 {
-	const __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, w), s);
+	float s[16];
 
-	return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(p, _mm512_setzero_ps(), _CMP_GT_OQ), p);
+	if (stride <= INT32_MAX / 16)
+		return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in,
+						_mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4,
+										    3, 2, 1, 0),
+								   _mm512_set1_epi32((int)stride)),
+						p, 1);
+	for (unsigned k = 0; k < 16; k++)
+		s[k] = in >> k & 1 ? kvp_load_f32(p + k * stride) : 0.0f;
+	return _mm512_loadu_ps(s);
+}
+
+/* The largest lane of each of a..d, in 128-bit lane h of the result (every float of it): the four
+ * registers' halves folded by one shuffle and max each, then each 128-bit lane's four floats. */
+INLINE __m512 max_of4(__m512 a, __m512 b, __m512 c, __m512 d)
+{
+	const __m512 ab = _mm512_max_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
+	const __m512 cd = _mm512_max_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xee));
+	__m512 x = _mm512_max_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xdd));
+
+	x = _mm512_max_ps(x, _mm512_permute_ps(x, 0x4e));
+	return _mm512_max_ps(x, _mm512_permute_ps(x, 0xb1));
+}
+
+/* 128-bit lane h of x in every lane. */
+INLINE __m512 lane_of(__m512 x, unsigned h)
+{
+	switch (h) {
+	case 0: return _mm512_shuffle_f32x4(x, x, 0x00);
+	case 1: return _mm512_shuffle_f32x4(x, x, 0x55);
+	case 2: return _mm512_shuffle_f32x4(x, x, 0xaa);
+	default: return _mm512_shuffle_f32x4(x, x, 0xff);
+	}
 }
 
 /*
  * The weights of hn heads as uint8 (kernels.h's rounding, lane by lane), each row of w8 with four zeros after
- * its last; f[h] = unit * ((top - lo) / 255) and e[h] = unit * lo. The rows' scales are gathered once for
- * all the heads, and u is kept between the passes. u >= lo, so x = (u - lo) * inv is never below 0 nor NaN,
- * and x + 0.5 truncated is the plain code's rounding without its test of x > 0.
+ * its last; f[h] = unit * ((top - lo) / 255) and e[h] = unit * lo. Returns 0, having written only w8, when a
+ * weight has its sign bit set; else 1. One pass gathers sixteen rows' scales and takes every head's u,
+ * its largest and its least (u = max(w * s, 0): a product that is not > 0, NaN included, gives the second
+ * operand, 0); the four heads' largest and least are reduced together, and their steps computed in one
+ * register, head h in 128-bit lane h (the same operations as the plain code's, so the same bits).
+ * u >= lo, so x = (u - lo) * inv is never below 0 nor NaN, and x + 0.5 truncated is the plain code's
+ * rounding without its test of x > 0.
  */
-INLINE void weights_u8(unsigned hn, unsigned n, const float *w, size_t ws, const uint8_t *row_scale,
-		       size_t scale_stride, float unit, uint8_t (*w8)[KVP_AXPY_I16_ROWS + 4], float *f, float *e)
+INLINE int weights_u8(unsigned hn, unsigned n, const float *w, size_t ws, const uint8_t *row_scale,
+		      size_t scale_stride, float unit, uint8_t (*w8)[KVP_AXPY_I16_ROWS + 4], float *f, float *e)
 {
 	const __m512 zero = _mm512_setzero_ps(), half = _mm512_set1_ps(0.5f), inf = _mm512_set1_ps(INFINITY);
 	const __m512i most = _mm512_set1_epi32(255);
-	float scale[KVP_AXPY_I16_ROWS], u[4][KVP_AXPY_I16_ROWS];
-	__m512 top[4] = { zero, zero, zero, zero }, least[4] = { inf, inf, inf, inf }, lo[4], inv[4];
+	float u[4][KVP_AXPY_I16_ROWS], fe[2][16];
+	__m512 top[4] = { zero, zero, zero, zero }, least[4] = { inf, inf, inf, inf }, t, l, spread, inv;
+	__m512i bits = _mm512_setzero_si512();
 
-	gather_scales(n, row_scale, scale_stride, scale);
 	for (unsigned i = 0; i < n; i += 16) {
 		const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
-		const __m512 s = _mm512_maskz_loadu_ps(in, scale + i);
+		const __m512 s = row_scales16(in, row_scale + i * scale_stride, scale_stride);
 
 		for (unsigned h = 0; h < hn; h++) {
-			const __m512 v = weight_in(in, w + h * ws + i, s);
+			const __m512 x = _mm512_maskz_loadu_ps(in, w + h * ws + i), v = _mm512_max_ps(_mm512_mul_ps(x, s), zero);
 
+			bits = _mm512_or_si512(bits, _mm512_castps_si512(x));
 			_mm512_storeu_ps(u[h] + i, v);
 			top[h] = _mm512_max_ps(v, top[h]);
 			least[h] = _mm512_mask_min_ps(least[h], in, v, least[h]);
 		}
 	}
+	if (_mm512_test_epi32_mask(bits, _mm512_set1_epi32(INT32_MIN)))
+		return 0;
+	for (unsigned h = hn; h < 4; h++)
+		top[h] = zero, least[h] = zero;
+	t = max_of4(top[0], top[1], top[2], top[3]);
+	/* the least as minus the largest of the negated, which max_of4 folds in the same lanes */
+	l = n ? _mm512_sub_ps(zero, max_of4(_mm512_sub_ps(zero, least[0]), _mm512_sub_ps(zero, least[1]),
+					    _mm512_sub_ps(zero, least[2]), _mm512_sub_ps(zero, least[3])))
+	      : zero;
+	spread = _mm512_sub_ps(t, l);
+	inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(spread, _mm512_set1_ps(KVP_WEIGHT_MAX_U8 / 3.0e38f), _CMP_GT_OQ),
+				  _mm512_set1_ps(KVP_WEIGHT_MAX_U8), spread);
+	_mm512_storeu_ps(fe[0], _mm512_mul_ps(_mm512_set1_ps(unit), _mm512_div_ps(spread, _mm512_set1_ps(KVP_WEIGHT_MAX_U8))));
+	_mm512_storeu_ps(fe[1], _mm512_mul_ps(_mm512_set1_ps(unit), l));
 	for (unsigned h = 0; h < hn; h++) {
-		const float t = _mm512_reduce_max_ps(top[h]), l = n ? _mm512_reduce_min_ps(least[h]) : 0.0f;
+		const __m512 lo = lane_of(l, h), step = lane_of(inv, h);
 
-		lo[h] = _mm512_set1_ps(l);
-		inv[h] = _mm512_set1_ps(kvp_weight_inv_u8(t - l));
-		f[h] = unit * ((t - l) / KVP_WEIGHT_MAX_U8);
-		e[h] = unit * l;
-	}
-	for (unsigned i = 0; i < n; i += 16) {
-		const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
-
-		for (unsigned h = 0; h < hn; h++) {
-			const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(u[h] + i), lo[h]), inv[h]);
+		f[h] = fe[0][4 * h], e[h] = fe[1][4 * h];
+		for (unsigned i = 0; i < n; i += 16) {
+			const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
+			const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(u[h] + i), lo), step);
 
 			_mm512_mask_cvtepi32_storeu_epi8(w8[h] + i, in,
 							 _mm512_min_epi32(_mm512_cvttps_epi32(_mm512_add_ps(x, half)), most));
 		}
-	}
-	for (unsigned h = 0; h < hn; h++)
 		memset(w8[h] + n, 0, 4);
+	}
+	return 1;
 }
 
 /* Bytes [at, at + nb) of rows i..i+3 (those below n; the others zeros), row t in 128-bit lane t. */
@@ -1477,11 +1522,12 @@ INLINE int32_t quad_at(const uint8_t *w8)
 			a3##q = _mm512_dpbusd_epi32(a3##q, w3, v);              \
 	} while (0)
 
-/* One step of four rows from src: the heads' weights of rows i..i+3, then nq registers of columns. */
-#define QUAD_STEP(src_expr)                                                                            \
+/* One step of four rows from src: the heads' weights of rows i..i+3 (ones: 1 for each of them below n),
+ * then nq registers of columns. */
+#define QUAD_STEP(src_expr, ones_expr)                                                                 \
 	do {                                                                                           \
 		const __m512i src = (src_expr);                                                        \
-		const __m512i ones = _mm512_set1_epi32(quad_at(present + i));                          \
+		const __m512i ones = (ones_expr);                                                      \
 		const __m512i w0 = _mm512_set1_epi32(quad_at(w8[0] + i));                              \
 		const __m512i w1 = hn > 1 ? _mm512_set1_epi32(quad_at(w8[1] + i)) : w0;                \
 		const __m512i w2 = hn > 2 ? _mm512_set1_epi32(quad_at(w8[2] + i)) : w0;                \
@@ -1526,21 +1572,21 @@ INLINE __m512i four_whole_rows(const uint8_t *codes, size_t stride, unsigned i, 
 	return _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 3 * stride)), 3);
 }
 
-INLINE void axpy_u8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+INLINE int axpy_u8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			  __m512i tab, float unit, const float *w, size_t ws, const uint8_t *row_scale, size_t scale_stride,
 			  float *acc, size_t as)
 {
 	const unsigned cols = bits <= 2 ? 64 : 32, nq = cols / 16, row_bytes = (m * bits + 7) / 8;
-	uint8_t w8[4][KVP_AXPY_I16_ROWS + 4] __attribute__((aligned(4))), present[KVP_AXPY_I16_ROWS + 4];
+	uint8_t w8[4][KVP_AXPY_I16_ROWS + 4] __attribute__((aligned(4)));
+	const __m512i all4 = _mm512_set1_epi32(0x01010101);
 	const __m512i sel0 = _mm512_loadu_si512(quad_select[bits][0]), shf0 = _mm512_loadu_si512(quad_shift[bits][0]);
 	const __m512i sel1 = _mm512_loadu_si512(quad_select[bits][1]), shf1 = _mm512_loadu_si512(quad_shift[bits][1]);
 	const __m512i sel2 = _mm512_loadu_si512(quad_select[bits][2]), shf2 = _mm512_loadu_si512(quad_shift[bits][2]);
 	const __m512i sel3 = _mm512_loadu_si512(quad_select[bits][3]), shf3 = _mm512_loadu_si512(quad_shift[bits][3]);
 	float f[4], e[4];
 
-	weights_u8(hn, n, w, ws, row_scale, scale_stride, unit, w8, f, e);
-	memset(present, 1, n);
-	memset(present + n, 0, 4);
+	if (!weights_u8(hn, n, w, ws, row_scale, scale_stride, unit, w8, f, e))
+		return 0;
 	for (unsigned j = 0; j < m; j += cols) {
 		const unsigned k = m - j < cols ? m - j : cols, at = j * bits / 8;
 		const unsigned nb = row_bytes - at < 16 ? row_bytes - at : 16;
@@ -1551,9 +1597,10 @@ INLINE void axpy_u8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, co
 
 		if (nb == 16)
 			for (; i + 4 <= n; i += 4)
-				QUAD_STEP(four_whole_rows(codes, stride, i, at));
+				QUAD_STEP(four_whole_rows(codes, stride, i, at), all4);
 		for (; i < n; i += 4)
-			QUAD_STEP(four_rows(codes, stride, i, n, at, nb));
+			QUAD_STEP(four_rows(codes, stride, i, n, at, nb),
+				  n - i >= 4 ? all4 : _mm512_set1_epi32((int)(0x01010101u >> 8 * (4 - (n - i)))));
 		{
 			const __m512i c[4] = { c0, c1, c2, c3 };
 
@@ -1566,15 +1613,18 @@ INLINE void axpy_u8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, co
 				add_quads(acc + 3 * as + j, k, nq, f[3], e[3], a30, a31, a32, a33, c);
 		}
 	}
+	return 1;
 }
 
 #undef QUAD_STEP
 #undef QUAD_HEADS
 #undef QUAD_VALUES
 
-INLINE void axpy_u8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride, const int8_t *lut,
-			  float unit, unsigned g, const float *w, size_t ws, const uint8_t *row_scale, size_t scale_stride,
-			  float *acc, size_t as)
+/* Returns 0, having changed nothing, when a weight of the first (or only) four heads has its sign bit set
+ * (the caller has checked the others when there are more). */
+INLINE int axpy_u8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride, const int8_t *lut,
+			 float unit, unsigned g, const float *w, size_t ws, const uint8_t *row_scale, size_t scale_stride,
+			 float *acc, size_t as)
 {
 	const __m512i tab = int_regs(bits, lut, NULL, 0).tab8;
 	unsigned h = 0;
@@ -1582,12 +1632,13 @@ INLINE void axpy_u8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *
 #define AXPY_U8_HEADS(hn) \
 	axpy_u8_heads(hn, bits, m, n, codes, stride, tab, unit, w + h * ws, ws, row_scale, scale_stride, acc + h * as, as)
 	for (; h + 4 <= g; h += 4)
-		AXPY_U8_HEADS(4);
+		if (!AXPY_U8_HEADS(4))
+			return 0;
 	switch (g - h) {
-	case 3: AXPY_U8_HEADS(3); break;
-	case 2: AXPY_U8_HEADS(2); break;
-	case 1: AXPY_U8_HEADS(1); break;
-	default: break;
+	case 3: return AXPY_U8_HEADS(3);
+	case 2: return AXPY_U8_HEADS(2);
+	case 1: return AXPY_U8_HEADS(1);
+	default: return 1;
 	}
 #undef AXPY_U8_HEADS
 }
@@ -1607,15 +1658,16 @@ static int lut_axpy_u8_group(unsigned bits, unsigned m, unsigned n, const uint8_
 			     const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
 			     const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
 {
-	if (any_sign(g, n, w, w_stride))
+	/* up to four heads, the weights' pass finds a sign before anything is written; more, they are all
+	 * checked first */
+	if (g > 4 && any_sign(g, n, w, w_stride))
 		return 0;
 	switch (bits) {
-	case 1: axpy_u8_width(1, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride); break;
-	case 2: axpy_u8_width(2, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride); break;
-	case 3: axpy_u8_width(3, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride); break;
-	default: axpy_u8_width(4, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride); break;
+	case 1: return axpy_u8_width(1, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride);
+	case 2: return axpy_u8_width(2, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride);
+	case 3: return axpy_u8_width(3, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride);
+	default: return axpy_u8_width(4, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride);
 	}
-	return 1;
 }
 
 /*
