@@ -1579,17 +1579,24 @@ INLINE int axpy_u8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, con
 	const unsigned cols = bits <= 2 ? 64 : 32, nq = cols / 16, row_bytes = (m * bits + 7) / 8;
 	uint8_t w8[4][KVP_AXPY_I16_ROWS + 4] __attribute__((aligned(4)));
 	const __m512i all4 = _mm512_set1_epi32(0x01010101);
-	const __m512i sel0 = _mm512_loadu_si512(quad_select[bits][0]), shf0 = _mm512_loadu_si512(quad_shift[bits][0]);
-	const __m512i sel1 = _mm512_loadu_si512(quad_select[bits][1]), shf1 = _mm512_loadu_si512(quad_shift[bits][1]);
-	const __m512i sel2 = _mm512_loadu_si512(quad_select[bits][2]), shf2 = _mm512_loadu_si512(quad_shift[bits][2]);
-	const __m512i sel3 = _mm512_loadu_si512(quad_select[bits][3]), shf3 = _mm512_loadu_si512(quad_shift[bits][3]);
+	const __m512i base0 = _mm512_loadu_si512(quad_select[bits][0]), shf0 = _mm512_loadu_si512(quad_shift[bits][0]);
+	const __m512i base1 = _mm512_loadu_si512(quad_select[bits][1]), shf1 = _mm512_loadu_si512(quad_shift[bits][1]);
+	const __m512i base2 = _mm512_loadu_si512(quad_select[bits][2]), shf2 = _mm512_loadu_si512(quad_shift[bits][2]);
+	const __m512i base3 = _mm512_loadu_si512(quad_select[bits][3]), shf3 = _mm512_loadu_si512(quad_shift[bits][3]);
 	float f[4], e[4];
 
 	if (!weights_u8(hn, n, w, ws, row_scale, scale_stride, unit, w8, f, e))
 		return 0;
 	for (unsigned j = 0; j < m; j += cols) {
-		const unsigned k = m - j < cols ? m - j : cols, at = j * bits / 8;
-		const unsigned nb = row_bytes - at < 16 ? row_bytes - at : 16;
+		const unsigned k = m - j < cols ? m - j : cols, want = j * bits / 8;
+		/* a chunk shorter than 16 bytes of a row of at least 16 is read as the row's last 16 bytes, its
+		 * codes `back` bytes into each lane, where the selection looks for them (the lanes of columns past
+		 * k then select stray bytes, which add_quads leaves out) */
+		const unsigned back = row_bytes >= 16 && row_bytes - want < 16 ? 16 - (row_bytes - want) : 0;
+		const unsigned at = want - back, nb = row_bytes - at < 16 ? row_bytes - at : 16;
+		const __m512i by = _mm512_set1_epi8((char)back);
+		const __m512i sel0 = _mm512_add_epi8(base0, by), sel1 = _mm512_add_epi8(base1, by);
+		const __m512i sel2 = _mm512_add_epi8(base2, by), sel3 = _mm512_add_epi8(base3, by);
 		__m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00;
 		__m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00;
 		__m512i a30 = a00, a31 = a00, a32 = a00, a33 = a00, c0 = a00, c1 = a00, c2 = a00, c3 = a00;
