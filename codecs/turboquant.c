@@ -22,7 +22,8 @@
  * sin(t)^(m-2) on [0, pi], smooth for every m >= 2. The mass of a cell comes from a table of the
  * cumulative integral (composite Simpson, 4096 steps on [0, pi/2]) plus one Simpson panel to the
  * threshold; the first moment is exact, sin(t)^(m-1)/(m-1). Lloyd iterations (thresholds at midpoints,
- * centroids at the cell means) on the positive half run until the centroids move less than 1e-13.
+ * centroids at the cell means) on the positive half run until the centroids move less than 1e-13. The
+ * centroids then move onto an int8 grid (integer_codebook), which is what the codes decode to.
  *
  * Outliers (paper section 4.3, fractional rates): outliers=K splits the channels into K outlier channels
  * quantized at outlier_bits (default bits+1, at most 4) and dim-K regular channels at bits, by two
