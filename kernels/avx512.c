@@ -345,8 +345,12 @@ static void f16_to_f32(size_t n, const uint16_t *x, float *y)
 	}
 }
 
-/* e^x for a vector: avx2.c's exp_ps (same reduction, polynomial and two-step 2^n) on sixteen lanes, so
- * each lane's result is the same bits as there. */
+/*
+ * e^x for a vector: avx2.c's exp_ps (same clamp, reduction and polynomial) on sixteen lanes, with 2^n
+ * applied by one vscalefps instead of two multiplies by exponents built in integer lanes. Scaling by
+ * 2^n rounds once, as avx2.c's second multiply does (its first is exact), so each lane's result is the
+ * same bits as there; it saves seven of the twenty-two instructions per sixteen lanes.
+ */
 INLINE __m512 exp_ps(__m512 x)
 {
 	const __m512 ln2_hi = _mm512_set1_ps(0x1.62e4p-1f);   /* 15 significant bits: n*ln2_hi is exact */
@@ -369,15 +373,7 @@ INLINE __m512 exp_ps(__m512 x)
 	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666651219e-01f));
 	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.999998808e-01f));
 	p = _mm512_fmadd_ps(_mm512_mul_ps(r, r), p, _mm512_add_ps(r, one));
-
-	__m512i ni = _mm512_cvtps_epi32(n);
-	__m512i n1 = _mm512_srai_epi32(ni, 1);
-	__m512i n2 = _mm512_sub_epi32(ni, n1);
-	__m512i bias = _mm512_set1_epi32(127);
-	__m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n1, bias), 23));
-	__m512 s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n2, bias), 23));
-
-	return _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
+	return _mm512_scalef_ps(p, n);
 }
 
 /* Same contract and same all-masked (-inf) handling as the scalar reference; see scalar.c. */
