@@ -376,17 +376,33 @@ INLINE __m512 exp_ps(__m512 x)
 	return _mm512_scalef_ps(p, n);
 }
 
-/* Same contract and same all-masked (-inf) handling as the scalar reference; see scalar.c. */
-static float softmax_step(unsigned n, float *s, float *m, float *l)
+/*
+ * softmax_step of the scores s[0..n) times scale (written back scaled, and to raw when it is not NULL):
+ * the scaling rides on the pass that finds the maximum, instead of a pass of its own. Same contract and
+ * same all-masked (-inf) handling as the scalar reference; see scalar.c.
+ */
+INLINE float softmax_scaled(unsigned n, float scale_by, float *s, float *raw, float *m, float *l)
 {
 	const unsigned n16 = n & ~15u, k = n & 15u;
-	const __m512 ninf = _mm512_set1_ps(-INFINITY);
+	const __m512 ninf = _mm512_set1_ps(-INFINITY), vscale = _mm512_set1_ps(scale_by);
 	__m512 vmax = ninf;
 
-	for (unsigned i = 0; i < n16; i += 16)
-		vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + i));
-	if (k)
-		vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(ninf, tail16(k), s + n16));
+	for (unsigned i = 0; i < n16; i += 16) {
+		const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + i), vscale);
+
+		_mm512_storeu_ps(s + i, x);
+		if (raw)
+			_mm512_storeu_ps(raw + i, x);
+		vmax = _mm512_max_ps(vmax, x);
+	}
+	if (k) {
+		const __m512 x = _mm512_mul_ps(load_f32_tail(s + n16, k), vscale);
+
+		_mm512_mask_storeu_ps(s + n16, tail16(k), x);
+		if (raw)
+			_mm512_mask_storeu_ps(raw + n16, tail16(k), x);
+		vmax = _mm512_mask_max_ps(vmax, tail16(k), vmax, x);
+	}
 
 	float mx = fmaxf(*m, _mm512_reduce_max_ps(vmax));
 
@@ -419,6 +435,20 @@ static float softmax_step(unsigned n, float *s, float *m, float *l)
 	*l = *l * corr + hsum(sum);
 	*m = mx;
 	return corr;
+}
+
+/* x * 1 is x exactly, and the compiler drops both the multiply and the raw stores */
+static float softmax_step(unsigned n, float *s, float *m, float *l)
+{
+	return softmax_scaled(n, 1.0f, s, NULL, m, l);
+}
+
+static void softmax_group(unsigned n, unsigned g, float scale_by, float *s, float *raw, size_t raw_stride,
+			  float *m, float *l, float *corr)
+{
+	for (unsigned h = 0; h < g; h++)
+		corr[h] = softmax_scaled(n, scale_by, s + (size_t)h * n, raw ? raw + h * raw_stride : NULL,
+					 &m[h], &l[h]);
 }
 
 static void scale(unsigned d, float a, float *y)
@@ -2268,6 +2298,7 @@ static void fwht_blocks16(unsigned p, float *v)
 }
 
 #define KVP_ISA_FWHT
+#define KVP_ISA_SOFTMAX_GROUP
 
 /*
  * TurboQuant's encoder. sym_codes: sixteen values per step, each threshold one compare and one masked
