@@ -109,6 +109,15 @@ static int cold_group_fits(const struct stream_attention *a, const struct kvp_bl
 	return a->k->ops->dot_group && a->v->ops->axpy_group && (size_t)a->group * b->n <= a->scores_cap;
 }
 
+/* kvp_prefetch_span into L1: the lines that start within bytes [from, to) of base (NULL: none) */
+static void prefetch_to_l1(const void *base, size_t from, size_t to)
+{
+	if (!base)
+		return;
+	for (size_t at = (from + 63) & ~(size_t)63; at < to; at += 64)
+		__builtin_prefetch((const char *)base + at, 0, 3);
+}
+
 /*
  * A block is a separate allocation, where the hardware prefetcher starts over: without help every block
  * would begin with a wait on memory. So this block's values are asked for while its keys are scored, and
@@ -119,22 +128,26 @@ static int cold_group_fits(const struct stream_attention *a, const struct kvp_bl
  * line fill buffer until its line arrives, and a burst of a whole span fills them all, so the core
  * stalled on the burst's last instructions (7-11% of the time at 32K). In halves each burst drains
  * while the next step computes: at 32K, d=64, 2-4% off tq3 and 3-6% off spark|tq3, 1-2% at d=128, none
- * lost at 4K (thread CPU time, best of 100, both versions interleaved in one process, four runs).
+ * lost at 4K (thread CPU time, best of 100, both versions interleaved in one process, four runs). The
+ * lines go to L1, not L2 (a block's spans are a few KiB, read within a microsecond): the loads that read
+ * them then need no fill buffer of their own (tq3 at d=128: 2-10% off in four runs; at d=64 within the
+ * +-3% noise of this shared machine).
  * Measured and left: only the first lines of each span, to start the hardware streamer (20% slower);
- * every other line, for the adjacent-line prefetcher (12% slower); each span one block further ahead
- * (no better).
+ * every other line, for the adjacent-line prefetcher (12% slower); each span one block further ahead,
+ * or the next keys in one burst (no better).
  */
+
 static void block_cold_group(struct stream_attention *a, const struct kvp_block *b, const struct kvp_block *next)
 {
 	const int ahead = next && next->store == KVP_STORE_CODEC && next->level == b->level;
 	const size_t v_bytes = a->v->ops->bytes(a->v, b->n), k_next = ahead ? a->k->ops->bytes(a->k, next->n) : 0;
 
-	kvp_prefetch_span(b->v, 0, v_bytes / 2);
+	prefetch_to_l1(b->v, 0, v_bytes / 2);
 	a->k->ops->dot_group(a->k, a->k_ctx, b->n, b->k, a->group, a->qprep, a->scores);
-	kvp_prefetch_span(b->v, v_bytes / 2, v_bytes);
-	kvp_prefetch_span(ahead ? next->k : NULL, 0, k_next / 2);
+	prefetch_to_l1(b->v, v_bytes / 2, v_bytes);
+	prefetch_to_l1(ahead ? next->k : NULL, 0, k_next / 2);
 	fold_scores(a, 0, a->group, b->n, a->scale, a->scores);
-	kvp_prefetch_span(ahead ? next->k : NULL, k_next / 2, k_next);
+	prefetch_to_l1(ahead ? next->k : NULL, k_next / 2, k_next);
 	a->v->ops->axpy_group(a->v, a->v_ctx, b->n, b->v, a->group, a->scores, a->cold_acc);
 	a->seen += b->n;
 }
