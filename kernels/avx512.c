@@ -345,16 +345,20 @@ static void f16_to_f32(size_t n, const uint16_t *x, float *y)
 	}
 }
 
-/* e^x for a vector: avx2.c's exp_ps (same reduction, polynomial and two-step 2^n) on sixteen lanes, so
- * each lane's result is the same bits as there. */
-INLINE __m512 exp_ps(__m512 x)
+/*
+ * e^x for x <= 0 or NaN (softmax's score minus the maximum): avx2.c's exp_ps (same reduction and
+ * polynomial, the same clamp below) on sixteen lanes, so each lane's result is the same bits as there.
+ * Its clamp above (89) changes no x <= 0 and is left out, and 2^n is applied by one vscalefps instead of
+ * two multiplies by exponents built in integer lanes: scaling rounds once, as avx2.c's second multiply
+ * does (its first is exact). Nine of the twenty-two instructions per sixteen lanes go.
+ */
+INLINE __m512 exp_nonpositive_ps(__m512 x)
 {
 	const __m512 ln2_hi = _mm512_set1_ps(0x1.62e4p-1f);   /* 15 significant bits: n*ln2_hi is exact */
 	const __m512 ln2_lo = _mm512_set1_ps(0x1.7f7d1cp-20f);
 	const __m512 one = _mm512_set1_ps(1.0f);
 
-	x = _mm512_min_ps(_mm512_set1_ps(89.0f), x);   /* operand order keeps a NaN x */
-	x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+	x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);   /* operand order keeps a NaN x */
 
 	__m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(0x1.715476p+0f)),
 					_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -369,60 +373,112 @@ INLINE __m512 exp_ps(__m512 x)
 	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666651219e-01f));
 	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.999998808e-01f));
 	p = _mm512_fmadd_ps(_mm512_mul_ps(r, r), p, _mm512_add_ps(r, one));
-
-	__m512i ni = _mm512_cvtps_epi32(n);
-	__m512i n1 = _mm512_srai_epi32(ni, 1);
-	__m512i n2 = _mm512_sub_epi32(ni, n1);
-	__m512i bias = _mm512_set1_epi32(127);
-	__m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n1, bias), 23));
-	__m512 s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n2, bias), 23));
-
-	return _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
+	return _mm512_scalef_ps(p, n);
 }
 
-/* Same contract and same all-masked (-inf) handling as the scalar reference; see scalar.c. */
-static float softmax_step(unsigned n, float *s, float *m, float *l)
+/* fmaxf(a, b) for a that is not NaN, without the libm call gcc leaves for fmaxf (vmaxss gives b's
+ * operand... its second operand, a, when either is NaN) */
+INLINE float max_keeping(float a, float b)
+{
+	return _mm_cvtss_f32(_mm_max_ss(_mm_set_ss(b), _mm_set_ss(a)));
+}
+
+/* The largest of head h's n scores times scale, written back scaled (and to raw when it is not NULL). */
+INLINE float scaled_max(unsigned n, __m512 vscale, float *s, float *raw)
 {
 	const unsigned n16 = n & ~15u, k = n & 15u;
-	const __m512 ninf = _mm512_set1_ps(-INFINITY);
-	__m512 vmax = ninf;
+	__m512 vmax = _mm512_set1_ps(-INFINITY);
 
-	for (unsigned i = 0; i < n16; i += 16)
-		vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + i));
-	if (k)
-		vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(ninf, tail16(k), s + n16));
+	for (unsigned i = 0; i < n16; i += 16) {
+		const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + i), vscale);
 
-	float mx = fmaxf(*m, _mm512_reduce_max_ps(vmax));
-
-	if (mx == -INFINITY) {
-		memset(s, 0, n * sizeof *s);
-		*l = 0.0f;
-		return 0.0f;
+		_mm512_storeu_ps(s + i, x);
+		if (raw)
+			_mm512_storeu_ps(raw + i, x);
+		vmax = _mm512_max_ps(vmax, x);
 	}
+	if (k) {
+		const __m512 x = _mm512_mul_ps(load_f32_tail(s + n16, k), vscale);
 
+		_mm512_mask_storeu_ps(s + n16, tail16(k), x);
+		if (raw)
+			_mm512_mask_storeu_ps(raw + n16, tail16(k), x);
+		vmax = _mm512_mask_max_ps(vmax, tail16(k), vmax, x);
+	}
+	return _mm512_reduce_max_ps(vmax);
+}
+
+/* s[i] = e^(s[i] - mx), returning their sum. */
+INLINE float exp_sum(unsigned n, float mx, float *s)
+{
+	const unsigned n16 = n & ~15u, k = n & 15u;
 	const __m512 vmx = _mm512_set1_ps(mx);
 	__m512 sum = _mm512_setzero_ps();
 
 	for (unsigned i = 0; i < n16; i += 16) {
-		__m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), vmx));
+		__m512 e = exp_nonpositive_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), vmx));
 
 		_mm512_storeu_ps(s + i, e);
 		sum = _mm512_add_ps(sum, e);
 	}
 	if (k) {
 		/* masked-off lanes would give e^-mx: zero them before they reach the sum */
-		__m512 e = _mm512_maskz_mov_ps(tail16(k), exp_ps(_mm512_sub_ps(load_f32_tail(s + n16, k), vmx)));
+		__m512 e = _mm512_maskz_mov_ps(tail16(k),
+					       exp_nonpositive_ps(_mm512_sub_ps(load_f32_tail(s + n16, k), vmx)));
 
 		_mm512_mask_storeu_ps(s + n16, tail16(k), e);
 		sum = _mm512_add_ps(sum, e);
 	}
+	return hsum(sum);
+}
 
-	/* one exponential per block, and none when the running maximum stays (e^0 is 1): libm is fine here */
-	float corr = mx == *m ? 1.0f : expf(*m - mx);
+/*
+ * softmax_group for up to four heads. Each pass (scale and maximum, then exponentials and sum) runs over
+ * all of them before the next, so the heads' horizontal reductions, which end each pass, overlap instead
+ * of each head's waiting on the one before. Same contract and same all-masked (-inf) handling as the
+ * scalar reference (see scalar.c), and the same operations on each score as scale then softmax_step.
+ */
+INLINE void softmax_heads(unsigned n, unsigned c, float scale_by, float *s, float *raw, size_t raw_stride,
+			  float *m, float *l, float *corr)
+{
+	const __m512 vscale = _mm512_set1_ps(scale_by);
+	float mx[4], sum[4];
 
-	*l = *l * corr + hsum(sum);
-	*m = mx;
+	for (unsigned h = 0; h < c; h++)
+		mx[h] = max_keeping(m[h], scaled_max(n, vscale, s + (size_t)h * n, raw ? raw + h * raw_stride : NULL));
+	for (unsigned h = 0; h < c; h++) {
+		if (mx[h] == -INFINITY)
+			memset(s + (size_t)h * n, 0, n * sizeof *s);
+		else
+			sum[h] = exp_sum(n, mx[h], s + (size_t)h * n);
+	}
+	for (unsigned h = 0; h < c; h++) {
+		if (mx[h] == -INFINITY) {
+			l[h] = corr[h] = 0.0f;
+			continue;
+		}
+		/* one exponential per block, and none when the running maximum stays (e^0 is 1): libm is fine here */
+		corr[h] = mx[h] == m[h] ? 1.0f : expf(m[h] - mx[h]);
+		l[h] = l[h] * corr[h] + sum[h];
+		m[h] = mx[h];
+	}
+}
+
+/* x * 1 is x exactly, and the compiler drops both the multiply and the raw stores */
+static float softmax_step(unsigned n, float *s, float *m, float *l)
+{
+	float corr;
+
+	softmax_heads(n, 1, 1.0f, s, NULL, 0, m, l, &corr);
 	return corr;
+}
+
+static void softmax_group(unsigned n, unsigned g, float scale_by, float *s, float *raw, size_t raw_stride,
+			  float *m, float *l, float *corr)
+{
+	for (unsigned h = 0; h < g; h += 4)
+		softmax_heads(n, g - h < 4 ? g - h : 4, scale_by, s + (size_t)h * n,
+			      raw ? raw + h * raw_stride : NULL, raw_stride, m + h, l + h, corr + h);
 }
 
 static void scale(unsigned d, float a, float *y)
@@ -2331,6 +2387,7 @@ static void fwht_blocks16(unsigned p, float *v)
 }
 
 #define KVP_ISA_FWHT
+#define KVP_ISA_SOFTMAX_GROUP
 
 /*
  * TurboQuant's encoder. sym_codes: sixteen values per step, each threshold one compare and one masked

@@ -70,6 +70,16 @@ struct kvp_kernels {
 	 * on entry (first block) it returns 0. n >= 1.
 	 */
 	float (*softmax_step)(unsigned n, float *s, float *m, float *l);
+	/*
+	 * softmax_step for each of the g heads of a GQA group over one block of n scores, the scores scaled
+	 * first (attention's 1/sqrt(d), or 1 where the dot kernels applied it). Head h's scores are
+	 * s[h*n .. h*n + n): each becomes s * scale (rounded, as scale() rounds), is stored at
+	 * raw[h*raw_stride + i] as such when raw is not NULL (the scores an observing policy is shown), then
+	 * goes through softmax_step with m[h] and l[h], whose factor is corr[h]. The same bits as scale(g*n,
+	 * scale, s) then softmax_step on each head of the same table. n >= 1.
+	 */
+	void (*softmax_group)(unsigned n, unsigned g, float scale, float *s, float *raw, size_t raw_stride,
+			      float *m, float *l, float *corr);
 	/* y[j] *= a for j < d */
 	void (*scale)(unsigned d, float a, float *y);
 	/*

@@ -26,6 +26,7 @@
  *                                   the plain code of kernels.h)
  *   sym_codes_width, sum_squares (with KVP_ISA_ENCODE defined)
  *                                   sym_codes for a width that is a constant once inlined, and sum_squares
+ *   softmax_group (with KVP_ISA_SOFTMAX_GROUP defined; otherwise scale, then softmax_step per head)
  *   fwht_blocks16 (with KVP_ISA_FWHT defined)
  *                                   stages 1, 2, 4 and 8 of fwht on each block of 16 values of v[0..p), p >= 16
  *   mask_expand_row                 one row of mask_expand: (d, mask, sign or NULL, kept, scale, mag, x)
@@ -210,6 +211,19 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
  * wider stages between blocks, two at a time, on 16 columns each. The sums are those of kernels.h's
  * definition, stage after stage, so every version gives the same bits.
  */
+#ifndef KVP_ISA_SOFTMAX_GROUP
+static void softmax_group(unsigned n, unsigned g, float scale_by, float *s, float *raw, size_t raw_stride,
+			  float *m, float *l, float *corr)
+{
+	scale(g * n, scale_by, s);
+	for (unsigned h = 0; h < g; h++) {
+		if (raw)
+			memcpy(raw + h * raw_stride, s + (size_t)h * n, n * sizeof *s);
+		corr[h] = softmax_step(n, s + (size_t)h * n, &m[h], &l[h]);
+	}
+}
+#endif
+
 #ifndef KVP_ISA_FWHT
 /* Stage h of 16 values: pairs (l, l + h) for l with bit h clear, written out per h so each loop has a fixed
  * pattern a compiler can vectorize. */
@@ -455,6 +469,7 @@ static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned 
 	.f32_to_f16 = f32_to_f16, \
 	.f16_to_f32 = f16_to_f32, \
 	.softmax_step = softmax_step, \
+	.softmax_group = softmax_group, \
 	.scale = scale, \
 	.lut_dot = lut_dot, \
 	.lut_axpy = lut_axpy, \

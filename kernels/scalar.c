@@ -3,6 +3,7 @@
  * is tested against these, so they favour obviousness over speed.
  */
 #include <math.h>
+#include <string.h>
 
 #include "base/base.h"
 #include "kernels/kernels.h"
@@ -116,6 +117,17 @@ static void scale(unsigned d, float a, float *y)
 {
 	for (unsigned j = 0; j < d; j++)
 		y[j] *= a;
+}
+
+static void softmax_group(unsigned n, unsigned g, float scale_by, float *s, float *raw, size_t raw_stride,
+			  float *m, float *l, float *corr)
+{
+	scale(g * n, scale_by, s);
+	for (unsigned h = 0; h < g; h++) {
+		if (raw)
+			memcpy(raw + h * raw_stride, s + (size_t)h * n, n * sizeof *s);
+		corr[h] = softmax_step(n, s + (size_t)h * n, &m[h], &l[h]);
+	}
 }
 
 /* Code j of a row: up to 4 bits, so it spans at most two bytes. */
@@ -355,6 +367,7 @@ const struct kvp_kernels kvp_kernels_scalar = {
 	.f32_to_f16 = f32_to_f16,
 	.f16_to_f32 = f16_to_f32,
 	.softmax_step = softmax_step,
+	.softmax_group = softmax_group,
 	.scale = scale,
 	.lut_dot = lut_dot,
 	.lut_axpy = lut_axpy,

@@ -19,10 +19,6 @@
 /* a GQA group's heads go to the codecs' group paths in one call */
 _Static_assert(KVP_GROUP_MAX <= KVP_CODEC_GROUP_MAX, "a GQA group larger than the codecs' group paths take");
 
-struct head_state {
-	float m, l;
-};
-
 /* One stream's attention in progress. */
 struct stream_attention {
 	const struct kvp_kernels *kern;
@@ -32,7 +28,7 @@ struct stream_attention {
 	float *out;      /* [group][dim]: the exact tiers' accumulator, then the result */
 	float *scores;   /* scores_cap floats of the sequence's scratch (cold.c) */
 	uint32_t scores_cap;
-	struct head_state hs[KVP_GROUP_MAX];
+	float m[KVP_GROUP_MAX], l[KVP_GROUP_MAX]; /* each head's running maximum and sum */
 	/* cold blocks: the codecs with the stream's contexts, prepared queries, value accumulators */
 	const struct kvp_codec *k, *v;
 	const void *k_ctx, *v_ctx;
@@ -54,21 +50,26 @@ static void rescale(const struct stream_attention *a, uint32_t h, float f)
 		a->kern->scale(a->v->acc_dim, f, a->cold_acc + (size_t)h * a->v->acc_dim);
 }
 
-/* Head h's scores s[0..n) of the tokens from `seen` on: kept for the observer, then folded in. */
-static float softmax_step(struct stream_attention *a, uint32_t h, uint32_t n, float *s)
+/*
+ * Heads [h, h + g)'s scores s[0..g*n) of the tokens from `seen` on, times scale (1 where the dot kernel
+ * applied it): kept for the observer as scaled, then folded in, in one kernel call for the g heads.
+ */
+static void fold_scores(struct stream_attention *a, uint32_t h, uint32_t g, uint32_t n, float scale, float *s)
 {
-	if (a->raw)
-		memcpy(a->raw + (size_t)h * a->cap + a->seen, s, n * sizeof *s);
-	return a->kern->softmax_step(n, s, &a->hs[h].m, &a->hs[h].l);
+	float corr[KVP_GROUP_MAX];
+	float *raw = a->raw ? a->raw + (size_t)h * a->cap + a->seen : NULL;
+
+	a->kern->softmax_group(n, g, scale, s, raw, a->cap, a->m + h, a->l + h, corr);
+	for (uint32_t i = 0; i < g; i++)
+		if (corr[i] != 1.0f)
+			rescale(a, h + i, corr[i]);
 }
 
 static void block_f32(struct stream_attention *a, const struct kvp_block *b)
 {
 	for (uint32_t h = 0; h < a->group; h++) {
 		a->kern->dot_f32(a->dim, b->n, b->k, a->q + (size_t)h * a->dim, a->scale, a->scores);
-		float f = softmax_step(a, h, b->n, a->scores);
-		if (f != 1.0f)
-			rescale(a, h, f);
+		fold_scores(a, h, 1, b->n, 1.0f, a->scores);
 		a->kern->axpy_f32(a->dim, b->n, b->v, a->scores, a->out + (size_t)h * a->dim);
 	}
 	a->seen += b->n;
@@ -96,11 +97,7 @@ static void block_f16(struct stream_attention *a, const struct kvp_block *b, con
 		if (t + n < b->n)
 			k_ahead = k + (size_t)n * a->dim, v_ahead = v + (size_t)n * a->dim;
 		a->kern->dot_f16_group(a->dim, n, k, a->group, a->q, a->scale, a->scores, k_ahead);
-		for (uint32_t h = 0; h < a->group; h++) {
-			float f = softmax_step(a, h, n, a->scores + (size_t)h * n);
-			if (f != 1.0f)
-				rescale(a, h, f);
-		}
+		fold_scores(a, 0, a->group, n, 1.0f, a->scores);
 		a->kern->axpy_f16_group(a->dim, n, v, a->group, a->scores, a->out, v_ahead);
 		a->seen += n;
 	}
@@ -112,26 +109,45 @@ static int cold_group_fits(const struct stream_attention *a, const struct kvp_bl
 	return a->k->ops->dot_group && a->v->ops->axpy_group && (size_t)a->group * b->n <= a->scores_cap;
 }
 
+/* kvp_prefetch_span into L1: the lines that start within bytes [from, to) of base (NULL: none) */
+static void prefetch_to_l1(const void *base, size_t from, size_t to)
+{
+	if (!base)
+		return;
+	for (size_t at = (from + 63) & ~(size_t)63; at < to; at += 64)
+		__builtin_prefetch((const char *)base + at, 0, 3);
+}
+
 /*
  * A block is a separate allocation, where the hardware prefetcher starts over: without help every block
- * would begin with a wait on memory. So the whole of this block's values is asked for while its keys are
- * scored, and the next block's keys while these values are summed; each has a block's worth of arithmetic
- * to arrive in (at 32K tokens this took TurboQuant 3-bit from 7.7 to 6.3 ms, best of five).
+ * would begin with a wait on memory. So this block's values are asked for while its keys are scored, and
+ * the next block's keys before these values are summed; each has at least the values' arithmetic to
+ * arrive in (at 32K tokens this took TurboQuant 3-bit from 7.7 to 6.3 ms, best of five).
+ *
+ * The requests go in halves, between the steps, rather than as one burst per span: a prefetch holds a
+ * line fill buffer until its line arrives, and a burst of a whole span fills them all, so the core
+ * stalled on the burst's last instructions (7-11% of the time at 32K). In halves each burst drains
+ * while the next step computes: at 32K, d=64, 2-4% off tq3 and 3-6% off spark|tq3, 1-2% at d=128, none
+ * lost at 4K (thread CPU time, best of 100, both versions interleaved in one process, four runs). The
+ * lines go to L1, not L2 (a block's spans are a few KiB, read within a microsecond): the loads that read
+ * them then need no fill buffer of their own (tq3 at d=128: 2-10% off in four runs; at d=64 within the
+ * +-3% noise of this shared machine).
+ * Measured and left: only the first lines of each span, to start the hardware streamer (20% slower);
+ * every other line, for the adjacent-line prefetcher (12% slower); each span one block further ahead,
+ * or the next keys in one burst (no better).
  */
+
 static void block_cold_group(struct stream_attention *a, const struct kvp_block *b, const struct kvp_block *next)
 {
 	const int ahead = next && next->store == KVP_STORE_CODEC && next->level == b->level;
+	const size_t v_bytes = a->v->ops->bytes(a->v, b->n), k_next = ahead ? a->k->ops->bytes(a->k, next->n) : 0;
 
-	kvp_prefetch_span(b->v, 0, a->v->ops->bytes(a->v, b->n));
+	prefetch_to_l1(b->v, 0, v_bytes / 2);
 	a->k->ops->dot_group(a->k, a->k_ctx, b->n, b->k, a->group, a->qprep, a->scores);
-	a->kern->scale(a->group * b->n, a->scale, a->scores);
-	for (uint32_t h = 0; h < a->group; h++) {
-		float f = softmax_step(a, h, b->n, a->scores + (size_t)h * b->n);
-		if (f != 1.0f)
-			rescale(a, h, f);
-	}
-	if (ahead)
-		kvp_prefetch_span(next->k, 0, a->k->ops->bytes(a->k, next->n));
+	prefetch_to_l1(b->v, v_bytes / 2, v_bytes);
+	prefetch_to_l1(ahead ? next->k : NULL, 0, k_next / 2);
+	fold_scores(a, 0, a->group, b->n, a->scale, a->scores);
+	prefetch_to_l1(ahead ? next->k : NULL, k_next / 2, k_next);
 	a->v->ops->axpy_group(a->v, a->v_ctx, b->n, b->v, a->group, a->scores, a->cold_acc);
 	a->seen += b->n;
 }
@@ -165,10 +181,7 @@ static void block_cold(struct stream_attention *a, const struct kvp_block *b, co
 	}
 	for (uint32_t h = 0; h < a->group; h++) {
 		a->k->ops->dot(a->k, a->k_ctx, b->n, b->k, a->qprep + h * a->k->qprep_bytes, a->scores);
-		a->kern->scale(b->n, a->scale, a->scores);
-		float f = softmax_step(a, h, b->n, a->scores);
-		if (f != 1.0f)
-			rescale(a, h, f);
+		fold_scores(a, h, 1, b->n, a->scale, a->scores);
 		a->v->ops->axpy(a->v, a->v_ctx, b->n, b->v, a->scores, a->cold_acc + (size_t)h * a->v->acc_dim);
 	}
 	a->seen += b->n;
@@ -201,7 +214,7 @@ static void begin(struct stream_attention *a, const struct kvp_seq_obj *s, const
 	a->scores_cap = c->scores_cap;
 	memset(out, 0, (size_t)a->group * a->dim * sizeof *out);
 	for (uint32_t h = 0; h < a->group; h++)
-		a->hs[h] = (struct head_state){ -INFINITY, 0.0f };
+		a->m[h] = -INFINITY, a->l[h] = 0.0f;
 	a->raw = observing ? s->observe.weights : NULL;
 	a->cap = s->observe.cap;
 	a->seen = 0;
@@ -221,8 +234,8 @@ static void finish(struct stream_attention *a)
 		float *out_h = a->out + (size_t)h * a->dim;
 		if (a->cold_acc)
 			a->v->ops->finish(a->v, a->v_ctx, a->cold_acc + (size_t)h * a->v->acc_dim, out_h);
-		if (a->hs[h].l > 0.0f)
-			a->kern->scale(a->dim, 1.0f / a->hs[h].l, out_h);
+		if (a->l[h] > 0.0f)
+			a->kern->scale(a->dim, 1.0f / a->l[h], out_h);
 	}
 }
 
@@ -243,7 +256,7 @@ static kvp_status observe(struct stream_attention *a, struct kvp_seq_obj *s, con
 
 	for (uint32_t h = 0; h < a->group; h++) {
 		float *w = a->raw + (size_t)h * a->cap;
-		float m = a->hs[h].m, inv = a->hs[h].l > 0.0f ? 1.0f / a->hs[h].l : 0.0f;
+		float m = a->m[h], inv = a->l[h] > 0.0f ? 1.0f / a->l[h] : 0.0f;
 		for (uint32_t i = 0; i < a->seen; i++)
 			w[i] = expf(w[i] - m) * inv;
 	}

@@ -26,7 +26,8 @@
  *   lut_axpy_u8_group                      equal (exact integers)
  *   dot_i8_scaled, axpy_i16_scaled         equal (exact integers, the same float steps)
  *   softmax     weights, running sum and factor within 1e-6 relative (+1e-30 absolute for underflow);
- *               the running maximum exact
+ *               the running maximum exact; softmax_group's scaled scores (raw) bit-identical, and its
+ *               results bit-identical to the same table's scale then softmax_step
  *   crc32c      equal
  *
  * The dispatch tests call setenv before the first kvp_kernels() of their process, so each runs in a
@@ -591,6 +592,94 @@ static void softmax_composed(const struct kvp_kernels *k)
 	check(m == (float)top, "%s max %g, reference %g", k->name, m, top);
 }
 
+/*
+ * softmax_group over three consecutive blocks of g heads, scaled by scale_by, against the scalar table's
+ * softmax_group (close; the scaled scores written to raw exact, and nothing past each head's n written)
+ * and, when own_bits, against the same table's scale then softmax_step on each head (the same bits).
+ */
+enum { GROUP_MOST = 5, RAW_PAD = 3 };
+
+static void softmax_group_case(const struct kvp_kernels *k, unsigned n, unsigned g, unsigned off, float scale_by,
+			       int masked, int own_bits)
+{
+	const size_t len = (size_t)g * n + off, raw_stride = n + RAW_PAD;
+	float *want = xmalloc(len * sizeof *want), *got = xmalloc(len * sizeof *got), *own = xmalloc(len * sizeof *own);
+	float *wraw = xmalloc(g * raw_stride * sizeof *wraw), *graw = xmalloc(g * raw_stride * sizeof *graw);
+	float wm[GROUP_MOST], wl[GROUP_MOST], gm[GROUP_MOST], gl[GROUP_MOST], om[GROUP_MOST], ol[GROUP_MOST];
+	float wc[GROUP_MOST], gc[GROUP_MOST], oc[GROUP_MOST];
+
+	for (unsigned h = 0; h < g; h++)
+		wm[h] = gm[h] = om[h] = -INFINITY, wl[h] = gl[h] = ol[h] = 0.0f;
+	for (unsigned step = 0; step < 3; step++) {
+		fill_scores(want + off, g * n, 8.0f / scale_by, masked);
+		memcpy(got + off, want + off, g * n * sizeof *got);
+		memcpy(own + off, want + off, g * n * sizeof *own);
+		for (size_t i = 0; i < g * raw_stride; i++)
+			wraw[i] = graw[i] = 12345.0f;
+
+		kvp_kernels_scalar.softmax_group(n, g, scale_by, want + off, wraw, raw_stride, wm, wl, wc);
+		k->softmax_group(n, g, scale_by, got + off, graw, raw_stride, gm, gl, gc);
+		k->scale(g * n, scale_by, own + off);
+		for (unsigned h = 0; h < g; h++)
+			oc[h] = k->softmax_step(n, own + off + (size_t)h * n, &om[h], &ol[h]);
+
+		for (size_t i = 0; i < g * raw_stride; i++)
+			check(same_f32(graw[i], wraw[i]), "%s softmax_group n=%u g=%u off=%u step %u: raw[%zu] = %.9g, scalar %.9g",
+			      k->name, n, g, off, step, i, graw[i], wraw[i]);
+		for (size_t i = 0; i < (size_t)g * n; i++) {
+			check(softmax_close(got[off + i], want[off + i]),
+			      "%s softmax_group n=%u g=%u off=%u step %u: s[%zu] = %.9g, scalar %.9g",
+			      k->name, n, g, off, step, i, got[off + i], want[off + i]);
+			check(!own_bits || same_f32(got[off + i], own[off + i]),
+			      "%s softmax_group n=%u g=%u off=%u step %u: s[%zu] = %.9g, scale then softmax_step %.9g",
+			      k->name, n, g, off, step, i, got[off + i], own[off + i]);
+		}
+		for (unsigned h = 0; h < g; h++) {
+			check(same_f32(gm[h], wm[h]) && softmax_close(gl[h], wl[h]) && softmax_close(gc[h], wc[h]),
+			      "%s softmax_group n=%u g=%u step %u head %u: max %.9g sum %.9g factor %.9g, scalar %.9g %.9g %.9g",
+			      k->name, n, g, step, h, gm[h], gl[h], gc[h], wm[h], wl[h], wc[h]);
+			check(!own_bits || (same_f32(gm[h], om[h]) && same_f32(gl[h], ol[h]) && same_f32(gc[h], oc[h])),
+			      "%s softmax_group n=%u g=%u step %u head %u: max %.9g sum %.9g factor %.9g, scale then softmax_step %.9g %.9g %.9g",
+			      k->name, n, g, step, h, gm[h], gl[h], gc[h], om[h], ol[h], oc[h]);
+		}
+	}
+	free(want);
+	free(got);
+	free(own);
+	free(wraw);
+	free(graw);
+}
+
+static void softmax_group_shapes(const struct kvp_kernels *k, int own_bits)
+{
+	static const float scales[] = { 1.0f, 0.125f, 0.08838835f };
+
+	for (size_t a = 0; a < COUNT(dims); a++)
+		for (unsigned g = 1; g <= GROUP_MOST; g++)
+			for (unsigned off = 0; off < 2; off++)
+				for (int masked = 0; masked < 2; masked++)
+					softmax_group_case(k, dims[a], g, off, scales[(a + g) % COUNT(scales)], masked, own_bits);
+}
+
+/* Without raw, nothing is written but the weights, which are those of a call with raw. */
+static void softmax_group_without_raw(const struct kvp_kernels *k)
+{
+	enum { N = 65, G = 4 };
+	float s[G * N], t[G * N], raw[G * N], m1[G], l1[G], c1[G], m2[G], l2[G], c2[G];
+
+	fill_scores(s, G * N, 64.0f, 1);
+	memcpy(t, s, sizeof s);
+	for (unsigned h = 0; h < G; h++)
+		m1[h] = m2[h] = -INFINITY, l1[h] = l2[h] = 0.0f;
+	k->softmax_group(N, G, 0.125f, s, NULL, 0, m1, l1, c1);
+	k->softmax_group(N, G, 0.125f, t, raw, N, m2, l2, c2);
+	for (unsigned i = 0; i < G * N; i++)
+		check(same_f32(s[i], t[i]), "%s softmax_group without raw: s[%u] = %.9g, with raw %.9g", k->name, i, s[i], t[i]);
+	for (unsigned h = 0; h < G; h++)
+		check(same_f32(m1[h], m2[h]) && same_f32(l1[h], l2[h]) && same_f32(c1[h], c2[h]),
+		      "%s softmax_group without raw: head %u differs", k->name, h);
+}
+
 /* ---- the scalar reference on its own ---- */
 
 static void scalar_f16_round_trips_every_half(void)
@@ -700,6 +789,32 @@ static void scalar_softmax_step_composed_over_blocks_matches_double_reference(vo
 	softmax_composed(&kvp_kernels_scalar);
 }
 
+/* The scores an observer is shown are the products s * scale, each head's at its own stride. */
+static void scalar_softmax_group_shows_the_scaled_scores_and_weighs_them_per_head(void)
+{
+	enum { N = 9, G = 3, STRIDE = 11 };
+	float s[G * N], in[G * N], raw[G * STRIDE], m[G], l[G], c[G];
+
+	fill_scores(in, G * N, 30.0f, 1);
+	memcpy(s, in, sizeof s);
+	for (unsigned h = 0; h < G; h++)
+		m[h] = -INFINITY, l[h] = 0.0f;
+	kvp_kernels_scalar.softmax_group(N, G, 0.25f, s, raw, STRIDE, m, l, c);
+	for (unsigned h = 0; h < G; h++) {
+		float top = -INFINITY, sum = 0.0f;
+
+		for (unsigned i = 0; i < N; i++) {
+			check(same_f32(raw[h * STRIDE + i], in[h * N + i] * 0.25f), "head %u raw[%u] = %g, want %g", h, i,
+			      raw[h * STRIDE + i], in[h * N + i] * 0.25f);
+			top = fmaxf(top, in[h * N + i] * 0.25f);
+		}
+		for (unsigned i = 0; i < N; i++)
+			sum += expf(in[h * N + i] * 0.25f - top);
+		check(m[h] == top && c[h] == 0.0f, "head %u: max %g factor %g, want %g and 0", h, m[h], c[h], top);
+		check(fabsf(l[h] - sum) <= 1e-6f * sum, "head %u: sum %.9g, want %.9g", h, l[h], sum);
+	}
+}
+
 /* ---- each vector table against the scalar one ---- */
 
 static void dot_f32_matches_scalar_on_odd_lengths(const struct kvp_kernels *k)
@@ -779,6 +894,18 @@ static void f16_to_f32_matches_scalar_on_odd_lengths_and_unaligned_pointers(cons
 	for (size_t n = 1; n <= 20; n++)
 		for (unsigned off = 0; off < 2; off++)
 			f16_to_f32_case(k, 0x7bf0, n, off);
+}
+static void softmax_group_matches_scalar_for_every_group_size_scale_and_odd_length(const struct kvp_kernels *k)
+{
+	softmax_group_shapes(k, 0);
+}
+static void softmax_group_gives_the_bits_of_scale_then_softmax_step_per_head(const struct kvp_kernels *k)
+{
+	softmax_group_shapes(k, 1);
+}
+static void softmax_group_without_raw_gives_the_same_weights(const struct kvp_kernels *k)
+{
+	softmax_group_without_raw(k);
 }
 static void softmax_step_matches_scalar_on_odd_lengths(const struct kvp_kernels *k)
 {
@@ -2046,7 +2173,7 @@ static void dispatch_tables_are_complete_and_named_for_their_name(void)
 			continue;
 		check(!strcmp(k->name, names[i]), "%s is named %s", names[i], k->name);
 		check(k->dot_f32 && k->dot_f16 && k->axpy_f32 && k->axpy_f16 && k->f32_to_f16 &&
-			  k->f16_to_f32 && k->softmax_step && k->scale && k->lut_dot && k->lut_axpy &&
+			  k->f16_to_f32 && k->softmax_step && k->softmax_group && k->scale && k->lut_dot && k->lut_axpy &&
 			  k->lut_dot_group && k->lut_axpy_group && k->lut_dot_i8_group && k->lut_axpy_i16_group && k->lut_axpy_u8_group && k->dot_i8_scaled && k->axpy_i16_scaled && k->fwht &&
 			  k->sym_codes && k->sum_squares &&
 			  k->dot_f16_group && k->axpy_f16_group && k->mask_expand && k->band_norms &&
@@ -2267,6 +2394,7 @@ static const struct test reference_tests[] = {
 	TEST(scalar_softmax_step_on_first_block_returns_zero),
 	TEST(scalar_softmax_step_on_all_masked_block_gives_zero_weights),
 	TEST(scalar_softmax_step_composed_over_blocks_matches_double_reference),
+	TEST(scalar_softmax_group_shows_the_scaled_scores_and_weighs_them_per_head),
 	TEST(scalar_lut_dot_and_axpy_match_double_precision_at_every_width),
 	TEST(scalar_integer_lookups_match_their_definition),
 	TEST(scalar_dot_i8_scaled_matches_its_definition),
@@ -2323,6 +2451,9 @@ static const struct vector_test vector_tests[] = {
 	TEST(softmax_step_on_first_block_returns_zero),
 	TEST(softmax_step_on_all_masked_block_gives_zero_weights),
 	TEST(softmax_step_composed_over_blocks_matches_double_reference),
+	TEST(softmax_group_matches_scalar_for_every_group_size_scale_and_odd_length),
+	TEST(softmax_group_gives_the_bits_of_scale_then_softmax_step_per_head),
+	TEST(softmax_group_without_raw_gives_the_same_weights),
 	TEST(lut_dot_and_axpy_match_scalar_at_every_width_and_odd_length),
 	TEST(lut_dot_and_axpy_match_scalar_on_unaligned_pointers),
 	TEST(lut_group_kernels_match_scalar_head_by_head),
