@@ -2438,6 +2438,19 @@ INLINE void spark_z(unsigned T, const struct kvp_masked_codes *rc, const struct 
 		_mm512_store_si512(z + 32, _mm512_mullo_epi16(hi, sgs[1]));
 }
 
+/* n <= 8 bytes at p, zeros above them: plain loads for the shapes of their own (n a constant 4 or 8), where
+ * a vector load and its moves to general registers took the two vector ports; a masked load otherwise. */
+INLINE uint64_t spark_word(const uint8_t *p, unsigned n)
+{
+	uint64_t w = 0;
+
+	if (__builtin_constant_p(n) && (n == 4 || n == 8)) {
+		memcpy(&w, p, n);
+		return w;
+	}
+	return (uint64_t)_mm_cvtsi128_si64(_mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1), p));
+}
+
 /* A row's int16 x into x[0..D) (D and T constants once inlined, so every loop unrolls): per 32 channels the
  * pruned values, then the kept values from z in memory by an expanding load, which reads only as many as
  * the chunk keeps, from the rank the chunk starts at. z was stored rows earlier, not just before. */
@@ -2450,14 +2463,13 @@ INLINE void spark_x_chunks(unsigned D, unsigned T, const struct kvp_masked_codes
 	unsigned at = 0;
 
 	{
-		const __m128i mb = _mm_maskz_loadu_epi8((__mmask16)((1u << (D / 8)) - 1), row + rc->mask_at);
 		const uint64_t valid0 = D >= 64 ? ~(uint64_t)0 : ((uint64_t)1 << (D % 64)) - 1;
 		const uint64_t valid1 = D >= 128 ? ~(uint64_t)0 : D > 64 ? ((uint64_t)1 << (D - 64)) - 1 : 0;
 		unsigned p0;
 
-		m[0] = (uint64_t)_mm_cvtsi128_si64(mb), m[1] = (uint64_t)_mm_extract_epi64(mb, 1);
-		sw = (uint64_t)_mm_cvtsi128_si64(
-			_mm_maskz_loadu_epi8((__mmask16)((1u << ((P + 7) / 8)) - 1), row + rc->sign_at));
+		m[0] = spark_word(row + rc->mask_at, D / 8 < 8 ? D / 8 : 8);
+		m[1] = D > 64 ? spark_word(row + rc->mask_at + 8, D / 8 - 8) : 0;
+		sw = spark_word(row + rc->sign_at, (P + 7) / 8);
 		p0 = (unsigned)__builtin_popcountll(~m[0] & valid0);
 		neg[0] = _pdep_u64(sw, ~m[0] & valid0);
 		neg[1] = D > 64 ? _pdep_u64(p0 < 64 ? sw >> p0 : 0, ~m[1] & valid1) : 0;
