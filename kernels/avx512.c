@@ -2330,7 +2330,8 @@ static double sum_squares(unsigned m, const float *y)
  *    patterns do two Hadamard stages while they widen; vpackssdw gives two int16 registers (ranks 0..31 and
  *    32..63). The other stages pair each lane with its partner through a rotation (port 0) or a shuffle
  *    (lanes with bit h set take partner - own, the others own + partner). Lanes of ranks >= T only ever
- *    meet each other. One multiply by sgn << shift per register; z is stored. (Widening the lookups and
+ *    meet each other. One multiply by sgn << shift per register; z is stored. With T <= 32 two rows share
+ *    the registers (spark_z_pair): half the lookups and stages per row. (Widening the lookups and
  *    doing all six stages in int16, the stage across the registers by one add and one subtract, took 4%
  *    more time at d=128.)
  * 2. x: per 32 channels the pruned values (rho * ell by vpmulhrsw, which rounds as the contract does,
@@ -2381,7 +2382,21 @@ static const char spark_spread_of[5][64] = { { 0 }, BYTES64(SPARK_SPREAD, 1), BY
 static const char spark_shift_of[5][64] = { { 0 }, BYTES64(SPARK_SHIFT, 1), BYTES64(SPARK_SHIFT, 2),
 					     BYTES64(SPARK_SHIFT, 3), BYTES64(SPARK_SHIFT, 4) };
 
-/* pat[2R + s]: the +-1 of output bits 2 (s) and 5 (R) for byte e of a dword, 0 for a rank bit past T; start:
+/* Two rows of T <= 32 in one register of bytes: byte i holds row i / 32's rank w + 4 (e & 1) + 8 (L & 1) + 16 (e >> 1)
+ * (dword 4L + w, byte e): the patterns do ranks' bits 2 and 4, vpackssdw gives lane 16 row + rank, and the
+ * stages run on both rows at once. The spread indexes both rows' bytes (vpermt2b: row B's from 64 on). */
+#define SPARK2_RANK(i) ((i) / 4 % 4 + 4 * ((i) % 2) + 8 * ((i) / 16 % 2) + 16 * ((i) % 4 / 2))
+#define SPARK2_FROM(b, Q, run) (64 * ((Q) / 4) + (2 * ((Q) % 2) + 8 * ((Q) / 2 % 2) + 16 * (run)) * (b) / 8)
+#define SPARK2_SPREAD(b, i) (char)(SPARK2_FROM(b, (i) / 8, (i) % 8 / 4) + (i) % 4)
+#define SPARK2_SHIFT(b, i) \
+	(char)(32 * ((i) % 4 / 2) + SPARK2_RANK(i) * (b) - 8 * (SPARK2_FROM(b, (i) / 8, (i) % 4 / 2) - 64 * ((i) / 32)))
+
+static const char spark2_spread_of[5][64] = { { 0 }, BYTES64(SPARK2_SPREAD, 1), BYTES64(SPARK2_SPREAD, 2),
+					       BYTES64(SPARK2_SPREAD, 3), BYTES64(SPARK2_SPREAD, 4) };
+static const char spark2_shift_of[5][64] = { { 0 }, BYTES64(SPARK2_SHIFT, 1), BYTES64(SPARK2_SHIFT, 2),
+					      BYTES64(SPARK2_SHIFT, 3), BYTES64(SPARK2_SHIFT, 4) };
+
+/* pat[2R + s]: the +-1 of output bits 2 (s) and 5 (R; bit 4 for pairs of rows) for byte e of a dword, 0 for a rank bit past T; start:
  * the all-plus pattern's bias, -128 per byte it adds. */
 struct spark_regs {
 	__m512i spread, shifts, tab8, pat[4], start;
@@ -2392,14 +2407,16 @@ INLINE struct spark_regs spark_regs(unsigned T, const struct kvp_masked_codes *r
 	struct spark_regs r;
 	int used = 0;
 
-	r.spread = _mm512_loadu_si512(spark_spread_of[rc->bits]);
-	r.shifts = _mm512_loadu_si512(spark_shift_of[rc->bits]);
+	const unsigned top = T <= 32 ? 16 : 32; /* the rank bit of R */
+
+	r.spread = _mm512_loadu_si512(T <= 32 ? spark2_spread_of[rc->bits] : spark_spread_of[rc->bits]);
+	r.shifts = _mm512_loadu_si512(T <= 32 ? spark2_shift_of[rc->bits] : spark_shift_of[rc->bits]);
 	r.tab8 = int_regs(rc->bits, rc->lut, NULL, 128).tab8;
 	for (unsigned p = 0; p < 4; p++) {
 		uint32_t w = 0;
 
 		for (unsigned e = 0; e < 4; e++) {
-			const int live = (!(e & 1) || T > 4) && (!(e >> 1) || T > 32);
+			const int live = (!(e & 1) || T > 4) && (!(e >> 1) || T > top);
 			const int minus = ((e & 1) & p) ^ ((e >> 1) & (p >> 1));
 
 			w |= (uint32_t)(uint8_t)(live ? (minus ? -1 : 1) : 0) << (8 * e);
@@ -2449,6 +2466,40 @@ INLINE uint64_t spark_word(const uint8_t *p, unsigned n)
 		return w;
 	}
 	return (uint64_t)_mm_cvtsi128_si64(_mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1), p));
+}
+
+/* Two rows' z (T <= 32; layout above): rows a and b, whose z go to za and zb. sgs: sgn << shift of ranks
+ * 0..15 in both halves, then of ranks 16..31. */
+INLINE void spark_z_pair(unsigned T, const struct kvp_masked_codes *rc, const struct spark_regs *r,
+			 const __m512i sgs[2], const uint8_t *a, const uint8_t *b, int16_t *za, int16_t *zb)
+{
+	static const unsigned lane_bits[3] = { 1, 2, 8 };
+	const __mmask64 bytes = tail64((T * rc->bits + 7) / 8);
+	const __m512i raw = _mm512_permutex2var_epi8(_mm512_maskz_loadu_epi8(bytes, a + rc->code_at), r->spread,
+						    _mm512_maskz_loadu_epi8(bytes, b + rc->code_at));
+	const __m512i c8 = _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(r->shifts, raw), r->tab8);
+	const __m512i zero = _mm512_setzero_si512();
+	__m512i lo = _mm512_packs_epi32(_mm512_dpbusd_epi32(r->start, c8, r->pat[0]),
+					_mm512_dpbusd_epi32(zero, c8, r->pat[1]));
+	__m512i hi = zero;
+
+	if (T > 16)
+		hi = _mm512_packs_epi32(_mm512_dpbusd_epi32(zero, c8, r->pat[2]), _mm512_dpbusd_epi32(zero, c8, r->pat[3]));
+#pragma GCC unroll 3
+	for (unsigned i = 0; i < 3; i++)
+		if (lane_bits[i] < T) {
+			lo = fwht_stage_i16(lo, lane_bits[i]);
+			if (T > 16)
+				hi = fwht_stage_i16(hi, lane_bits[i]);
+		}
+	lo = _mm512_mullo_epi16(lo, sgs[0]);
+	_mm256_store_si256((__m256i *)(void *)za, _mm512_castsi512_si256(lo));
+	_mm256_store_si256((__m256i *)(void *)zb, _mm512_extracti64x4_epi64(lo, 1));
+	if (T > 16) {
+		hi = _mm512_mullo_epi16(hi, sgs[1]);
+		_mm256_store_si256((__m256i *)(void *)(za + 16), _mm512_castsi512_si256(hi));
+		_mm256_store_si256((__m256i *)(void *)(zb + 16), _mm512_extracti64x4_epi64(hi, 1));
+	}
 }
 
 /* A row's int16 x into x[0..D) (D and T constants once inlined, so every loop unrolls): per 32 channels the
@@ -2575,6 +2626,8 @@ INLINE void spark_heads(unsigned hn, unsigned D, unsigned T, const struct kvp_ma
 	const __m512i sgs[2] = { _mm512_sll_epi16(_mm512_cvtepi8_epi16(_mm512_castsi512_si256(sg8)), sh),
 				 _mm512_sll_epi16(_mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(sg8, 1)), sh) };
 
+	const __m512i sgp[2] = { _mm512_shuffle_i64x2(sgs[0], sgs[0], 0x44), _mm512_shuffle_i64x2(sgs[0], sgs[0], 0xee) };
+
 	spark_query_lanes(hn, D, q, qs, qa);
 	for (unsigned i0 = 0; i0 < n; i0 += 16) {
 		const unsigned rows = n - i0 < 16 ? n - i0 : 16;
@@ -2582,8 +2635,16 @@ INLINE void spark_heads(unsigned hn, unsigned D, unsigned T, const struct kvp_ma
 
 		/* every row's z, then every row's x, then the products: what a step reads back from memory was
 		 * stored rows earlier, never just before (a load waiting on a recent wider store stalls) */
-		for (unsigned t = 0; t < rows; t++)
-			spark_z(T, rc, &r, sgs, base + (size_t)(i0 + t) * rc->stride, zs + 64 * t);
+		if (T <= 32)
+			for (unsigned t = 0; t < rows; t += 2) {
+				const uint8_t *a = base + (size_t)(i0 + t) * rc->stride;
+
+				spark_z_pair(T, rc, &r, sgp, a, t + 1 < rows ? a + rc->stride : a, zs + 64 * t,
+					     zs + 64 * (t + 1));
+			}
+		else
+			for (unsigned t = 0; t < rows; t++)
+				spark_z(T, rc, &r, sgs, base + (size_t)(i0 + t) * rc->stride, zs + 64 * t);
 		for (unsigned t = 0; t < rows; t++)
 			spark_x_chunks(D, T, rc, base + (size_t)(i0 + t) * rc->stride, ell[i0 + t], zs + 64 * t, xs + D * t);
 		if (rows < 16) /* the missing rows' sums are never stored; zeros keep them defined */
