@@ -2363,60 +2363,52 @@ INLINE __m512i fwht_stage_i16(__m512i x, unsigned h)
 }
 
 /*
- * A row's z by vpdpbusd: the first two Hadamard stages (ranks' bits 2 and 5) are four dot products of four
- * code bytes with +-1 each, which also widen; the other four stages (bits 0, 1, 3, 4) run in int16 on
- * lanes, two of them by rotations (port 0). The codes are unpacked in an order of their own: dword g =
- * 4L + w of the looked-up register holds, in byte e, rank w + 4 (e & 1) + 8L + 32 (e >> 1), so that
- * vpackssdw of the two patterns of bit 2 gives lane r = rank r (its lane L, then source, then dword w).
- * Each qword of those bytes takes two runs of six codes, from four bytes of the row each: the spread and
- * shift tables below (as the shared ones above, for this order). The bytes are the lookups + 128 (vpdpbusd
- * multiplies unsigned bytes), which the all-plus pattern's start value takes back out.
+ * z two rows at a time, by vpdpbusd: per 32 ranks of both rows (one register of bytes), two Hadamard stages
+ * (ranks' bits 2 and 4) are four dot products of four code bytes with +-1 each, which also widen, and the
+ * other three within 32 ranks (bits 0, 1, 3) run in int16 on lanes, two of them by rotations (port 0); at
+ * T = 64 the stage of bit 5 is one add and one subtract across the two halves' registers. The codes are
+ * unpacked in an order of their own: byte i holds row i / 32's rank w + 4 (e & 1) + 8 (L & 1) + 16 (e >> 1)
+ * of the 32 (dword 4L + w, byte e), so that vpackssdw of the two patterns of bit 2 gives lane 16 row + rank
+ * (its lane L, then source, then dword w). Each qword of those bytes takes two runs of six codes of one row,
+ * from four bytes each: the spread (vpermt2b over both rows' bytes, row b's from 64 on) and shift tables
+ * below, as the shared ones above for this order. The bytes are the lookups + 128 (vpdpbusd multiplies
+ * unsigned bytes), which the all-plus pattern's start value takes back out.
  */
-#define SPARK_RANK(i) ((i) / 4 % 4 + 4 * ((i) % 2) + 8 * ((i) / 16) + 32 * ((i) % 4 / 2))
-#define SPARK_FROM(b, Q, run) ((2 * ((Q) % 2) + 8 * ((Q) / 2) + 32 * (run)) * (b) / 8)
+#define SPARK_RANK(i) ((i) / 4 % 4 + 4 * ((i) % 2) + 8 * ((i) / 16 % 2) + 16 * ((i) % 4 / 2))
+#define SPARK_FROM(b, Q, run) (64 * ((Q) / 4) + (2 * ((Q) % 2) + 8 * ((Q) / 2 % 2) + 16 * (run)) * (b) / 8)
 #define SPARK_SPREAD(b, i) (char)(SPARK_FROM(b, (i) / 8, (i) % 8 / 4) + (i) % 4)
-#define SPARK_SHIFT(b, i) (char)(32 * ((i) % 4 / 2) + SPARK_RANK(i) * (b) - 8 * SPARK_FROM(b, (i) / 8, (i) % 4 / 2))
+#define SPARK_SHIFT(b, i) \
+	(char)(32 * ((i) % 4 / 2) + SPARK_RANK(i) * (b) - 8 * (SPARK_FROM(b, (i) / 8, (i) % 4 / 2) - 64 * ((i) / 32)))
 
 static const char spark_spread_of[5][64] = { { 0 }, BYTES64(SPARK_SPREAD, 1), BYTES64(SPARK_SPREAD, 2),
 					      BYTES64(SPARK_SPREAD, 3), BYTES64(SPARK_SPREAD, 4) };
 static const char spark_shift_of[5][64] = { { 0 }, BYTES64(SPARK_SHIFT, 1), BYTES64(SPARK_SHIFT, 2),
 					     BYTES64(SPARK_SHIFT, 3), BYTES64(SPARK_SHIFT, 4) };
 
-/* Two rows of T <= 32 in one register of bytes: byte i holds row i / 32's rank w + 4 (e & 1) + 8 (L & 1) + 16 (e >> 1)
- * (dword 4L + w, byte e): the patterns do ranks' bits 2 and 4, vpackssdw gives lane 16 row + rank, and the
- * stages run on both rows at once. The spread indexes both rows' bytes (vpermt2b: row B's from 64 on). */
-#define SPARK2_RANK(i) ((i) / 4 % 4 + 4 * ((i) % 2) + 8 * ((i) / 16 % 2) + 16 * ((i) % 4 / 2))
-#define SPARK2_FROM(b, Q, run) (64 * ((Q) / 4) + (2 * ((Q) % 2) + 8 * ((Q) / 2 % 2) + 16 * (run)) * (b) / 8)
-#define SPARK2_SPREAD(b, i) (char)(SPARK2_FROM(b, (i) / 8, (i) % 8 / 4) + (i) % 4)
-#define SPARK2_SHIFT(b, i) \
-	(char)(32 * ((i) % 4 / 2) + SPARK2_RANK(i) * (b) - 8 * (SPARK2_FROM(b, (i) / 8, (i) % 4 / 2) - 64 * ((i) / 32)))
-
-static const char spark2_spread_of[5][64] = { { 0 }, BYTES64(SPARK2_SPREAD, 1), BYTES64(SPARK2_SPREAD, 2),
-					       BYTES64(SPARK2_SPREAD, 3), BYTES64(SPARK2_SPREAD, 4) };
-static const char spark2_shift_of[5][64] = { { 0 }, BYTES64(SPARK2_SHIFT, 1), BYTES64(SPARK2_SHIFT, 2),
-					      BYTES64(SPARK2_SHIFT, 3), BYTES64(SPARK2_SHIFT, 4) };
-
-/* pat[2R + s]: the +-1 of output bits 2 (s) and 5 (R; bit 4 for pairs of rows) for byte e of a dword, 0 for a rank bit past T; start:
- * the all-plus pattern's bias, -128 per byte it adds. */
+/* pat[2R + s]: the +-1 of output bits 2 (s) and 4 (R) for byte e of a dword, 0 for a rank bit past T; start:
+ * the all-plus pattern's bias, -128 per byte it adds. sgs[k]: sgn << shift of ranks 16k..16k+15 in both
+ * halves (0 past T). */
 struct spark_regs {
-	__m512i spread, shifts, tab8, pat[4], start;
+	__m512i spread, shifts, tab8, pat[4], start, sgs[4];
 };
 
 INLINE struct spark_regs spark_regs(unsigned T, const struct kvp_masked_codes *rc)
 {
+	const __m512i sg8 = _mm512_maskz_loadu_epi8(tail64(T), rc->sgn);
+	const __m128i sh = _mm_cvtsi32_si128((int)rc->shift);
+	const __m512i lo = _mm512_sll_epi16(_mm512_cvtepi8_epi16(_mm512_castsi512_si256(sg8)), sh);
+	const __m512i hi = _mm512_sll_epi16(_mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(sg8, 1)), sh);
 	struct spark_regs r;
 	int used = 0;
 
-	const unsigned top = T <= 32 ? 16 : 32; /* the rank bit of R */
-
-	r.spread = _mm512_loadu_si512(T <= 32 ? spark2_spread_of[rc->bits] : spark_spread_of[rc->bits]);
-	r.shifts = _mm512_loadu_si512(T <= 32 ? spark2_shift_of[rc->bits] : spark_shift_of[rc->bits]);
+	r.spread = _mm512_loadu_si512(spark_spread_of[rc->bits]);
+	r.shifts = _mm512_loadu_si512(spark_shift_of[rc->bits]);
 	r.tab8 = int_regs(rc->bits, rc->lut, NULL, 128).tab8;
 	for (unsigned p = 0; p < 4; p++) {
 		uint32_t w = 0;
 
 		for (unsigned e = 0; e < 4; e++) {
-			const int live = (!(e & 1) || T > 4) && (!(e >> 1) || T > top);
+			const int live = (!(e & 1) || T > 4) && (!(e >> 1) || T > 16);
 			const int minus = ((e & 1) & p) ^ ((e >> 1) & (p >> 1));
 
 			w |= (uint32_t)(uint8_t)(live ? (minus ? -1 : 1) : 0) << (8 * e);
@@ -2425,34 +2417,61 @@ INLINE struct spark_regs spark_regs(unsigned T, const struct kvp_masked_codes *r
 		r.pat[p] = _mm512_set1_epi32((int)w);
 	}
 	r.start = _mm512_set1_epi32(-128 * used);
+	r.sgs[0] = _mm512_shuffle_i64x2(lo, lo, 0x44), r.sgs[1] = _mm512_shuffle_i64x2(lo, lo, 0xee);
+	r.sgs[2] = _mm512_shuffle_i64x2(hi, hi, 0x44), r.sgs[3] = _mm512_shuffle_i64x2(hi, hi, 0xee);
 	return r;
 }
 
-/* A row's z (its kept values by rank, sgn and shift applied): ranks 0..31 in z[0], 32..63 in z[1]. */
-INLINE void spark_z(unsigned T, const struct kvp_masked_codes *rc, const struct spark_regs *r, const __m512i sgs[2],
-		    const uint8_t *row, int16_t *z)
+/* The 32-point transforms (T <= 32 points of them) of the codes of rows a and b from rank j on: lane 16 row +
+ * rank of h[0] (ranks 0..15) and h[1] (ranks 16..31), unsigned and unshifted. */
+INLINE void spark_h32_pair(unsigned T, const struct kvp_masked_codes *rc, const struct spark_regs *r,
+			   const uint8_t *a, const uint8_t *b, unsigned j, __m512i h[2])
 {
-	static const unsigned lane_bits[4] = { 1, 2, 8, 16 };
-	const __m512i raw = _mm512_maskz_loadu_epi8(tail64((T * rc->bits + 7) / 8), row + rc->code_at);
-	const __m512i c8 = _mm512_permutexvar_epi8(
-		_mm512_multishift_epi64_epi8(r->shifts, _mm512_permutexvar_epi8(r->spread, raw)), r->tab8);
+	static const unsigned lane_bits[3] = { 1, 2, 8 };
+	const __mmask64 bytes = tail64((T * rc->bits + 7) / 8);
+	const size_t at = rc->code_at + j * rc->bits / 8;
+	const __m512i raw = _mm512_permutex2var_epi8(_mm512_maskz_loadu_epi8(bytes, a + at), r->spread,
+						    _mm512_maskz_loadu_epi8(bytes, b + at));
+	const __m512i c8 = _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(r->shifts, raw), r->tab8);
 	const __m512i zero = _mm512_setzero_si512();
-	__m512i lo = _mm512_packs_epi32(_mm512_dpbusd_epi32(r->start, c8, r->pat[0]),
-					_mm512_dpbusd_epi32(zero, c8, r->pat[1]));
-	__m512i hi = zero;
 
-	if (T > 32)
-		hi = _mm512_packs_epi32(_mm512_dpbusd_epi32(zero, c8, r->pat[2]), _mm512_dpbusd_epi32(zero, c8, r->pat[3]));
-#pragma GCC unroll 4
-	for (unsigned i = 0; i < 4; i++)
+	h[0] = _mm512_packs_epi32(_mm512_dpbusd_epi32(r->start, c8, r->pat[0]), _mm512_dpbusd_epi32(zero, c8, r->pat[1]));
+	h[1] = zero;
+	if (T > 16)
+		h[1] = _mm512_packs_epi32(_mm512_dpbusd_epi32(zero, c8, r->pat[2]), _mm512_dpbusd_epi32(zero, c8, r->pat[3]));
+#pragma GCC unroll 3
+	for (unsigned i = 0; i < 3; i++)
 		if (lane_bits[i] < T) {
-			lo = fwht_stage_i16(lo, lane_bits[i]);
-			if (T > 32)
-				hi = fwht_stage_i16(hi, lane_bits[i]);
+			h[0] = fwht_stage_i16(h[0], lane_bits[i]);
+			if (T > 16)
+				h[1] = fwht_stage_i16(h[1], lane_bits[i]);
 		}
-	_mm512_store_si512(z, _mm512_mullo_epi16(lo, sgs[0]));
-	if (T > 32)
-		_mm512_store_si512(z + 32, _mm512_mullo_epi16(hi, sgs[1]));
+}
+
+/* Ranks 16k..16k+15 of rows a and b (v's halves) to za and zb, sgn and shift applied. */
+INLINE void spark_z_store(const struct spark_regs *r, unsigned k, __m512i v, int16_t *za, int16_t *zb)
+{
+	v = _mm512_mullo_epi16(v, r->sgs[k]);
+	_mm256_store_si256((__m256i *)(void *)(za + 16 * k), _mm512_castsi512_si256(v));
+	_mm256_store_si256((__m256i *)(void *)(zb + 16 * k), _mm512_extracti64x4_epi64(v, 1));
+}
+
+/* Rows a and b's z (their kept values by rank) to za and zb. */
+INLINE void spark_z_pair(unsigned T, const struct kvp_masked_codes *rc, const struct spark_regs *r,
+			 const uint8_t *a, const uint8_t *b, int16_t *za, int16_t *zb)
+{
+	__m512i h[2], g[2];
+
+	spark_h32_pair(T < 32 ? T : 32, rc, r, a, b, 0, h);
+	if (T > 32) {
+		spark_h32_pair(32, rc, r, a, b, 32, g);
+		spark_z_store(r, 2, _mm512_sub_epi16(h[0], g[0]), za, zb);
+		spark_z_store(r, 3, _mm512_sub_epi16(h[1], g[1]), za, zb);
+		h[0] = _mm512_add_epi16(h[0], g[0]), h[1] = _mm512_add_epi16(h[1], g[1]);
+	}
+	spark_z_store(r, 0, h[0], za, zb);
+	if (T > 16)
+		spark_z_store(r, 1, h[1], za, zb);
 }
 
 /* n <= 8 bytes at p, zeros above them: plain loads for the shapes of their own (n a constant 4 or 8), where
@@ -2466,40 +2485,6 @@ INLINE uint64_t spark_word(const uint8_t *p, unsigned n)
 		return w;
 	}
 	return (uint64_t)_mm_cvtsi128_si64(_mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1), p));
-}
-
-/* Two rows' z (T <= 32; layout above): rows a and b, whose z go to za and zb. sgs: sgn << shift of ranks
- * 0..15 in both halves, then of ranks 16..31. */
-INLINE void spark_z_pair(unsigned T, const struct kvp_masked_codes *rc, const struct spark_regs *r,
-			 const __m512i sgs[2], const uint8_t *a, const uint8_t *b, int16_t *za, int16_t *zb)
-{
-	static const unsigned lane_bits[3] = { 1, 2, 8 };
-	const __mmask64 bytes = tail64((T * rc->bits + 7) / 8);
-	const __m512i raw = _mm512_permutex2var_epi8(_mm512_maskz_loadu_epi8(bytes, a + rc->code_at), r->spread,
-						    _mm512_maskz_loadu_epi8(bytes, b + rc->code_at));
-	const __m512i c8 = _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(r->shifts, raw), r->tab8);
-	const __m512i zero = _mm512_setzero_si512();
-	__m512i lo = _mm512_packs_epi32(_mm512_dpbusd_epi32(r->start, c8, r->pat[0]),
-					_mm512_dpbusd_epi32(zero, c8, r->pat[1]));
-	__m512i hi = zero;
-
-	if (T > 16)
-		hi = _mm512_packs_epi32(_mm512_dpbusd_epi32(zero, c8, r->pat[2]), _mm512_dpbusd_epi32(zero, c8, r->pat[3]));
-#pragma GCC unroll 3
-	for (unsigned i = 0; i < 3; i++)
-		if (lane_bits[i] < T) {
-			lo = fwht_stage_i16(lo, lane_bits[i]);
-			if (T > 16)
-				hi = fwht_stage_i16(hi, lane_bits[i]);
-		}
-	lo = _mm512_mullo_epi16(lo, sgs[0]);
-	_mm256_store_si256((__m256i *)(void *)za, _mm512_castsi512_si256(lo));
-	_mm256_store_si256((__m256i *)(void *)zb, _mm512_extracti64x4_epi64(lo, 1));
-	if (T > 16) {
-		hi = _mm512_mullo_epi16(hi, sgs[1]);
-		_mm256_store_si256((__m256i *)(void *)(za + 16), _mm512_castsi512_si256(hi));
-		_mm256_store_si256((__m256i *)(void *)(zb + 16), _mm512_extracti64x4_epi64(hi, 1));
-	}
 }
 
 /* A row's int16 x into x[0..D) (D and T constants once inlined, so every loop unrolls): per 32 channels the
@@ -2620,13 +2605,6 @@ INLINE void spark_heads(unsigned hn, unsigned D, unsigned T, const struct kvp_ma
 	const struct spark_regs r = spark_regs(T, rc);
 	int16_t qa[16 * 32] __attribute__((aligned(64))), xs[16 * 128] __attribute__((aligned(64)));
 	int16_t zs[16 * 64] __attribute__((aligned(64)));
-	/* sgn[r] << shift per rank (0 past T): one multiply applies both */
-	const __m512i sg8 = _mm512_maskz_loadu_epi8(tail64(T), rc->sgn);
-	const __m128i sh = _mm_cvtsi32_si128((int)rc->shift);
-	const __m512i sgs[2] = { _mm512_sll_epi16(_mm512_cvtepi8_epi16(_mm512_castsi512_si256(sg8)), sh),
-				 _mm512_sll_epi16(_mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(sg8, 1)), sh) };
-
-	const __m512i sgp[2] = { _mm512_shuffle_i64x2(sgs[0], sgs[0], 0x44), _mm512_shuffle_i64x2(sgs[0], sgs[0], 0xee) };
 
 	spark_query_lanes(hn, D, q, qs, qa);
 	for (unsigned i0 = 0; i0 < n; i0 += 16) {
@@ -2635,16 +2613,12 @@ INLINE void spark_heads(unsigned hn, unsigned D, unsigned T, const struct kvp_ma
 
 		/* every row's z, then every row's x, then the products: what a step reads back from memory was
 		 * stored rows earlier, never just before (a load waiting on a recent wider store stalls) */
-		if (T <= 32)
-			for (unsigned t = 0; t < rows; t += 2) {
-				const uint8_t *a = base + (size_t)(i0 + t) * rc->stride;
+		for (unsigned t = 0; t < rows; t += 2) {
+			const uint8_t *a = base + (size_t)(i0 + t) * rc->stride;
 
-				spark_z_pair(T, rc, &r, sgp, a, t + 1 < rows ? a + rc->stride : a, zs + 64 * t,
-					     zs + 64 * (t + 1));
-			}
-		else
-			for (unsigned t = 0; t < rows; t++)
-				spark_z(T, rc, &r, sgs, base + (size_t)(i0 + t) * rc->stride, zs + 64 * t);
+			/* an odd last row pairs with itself */
+			spark_z_pair(T, rc, &r, a, t + 1 < rows ? a + rc->stride : a, zs + 64 * t, zs + 64 * (t + 1));
+		}
 		for (unsigned t = 0; t < rows; t++)
 			spark_x_chunks(D, T, rc, base + (size_t)(i0 + t) * rc->stride, ell[i0 + t], zs + 64 * t, xs + D * t);
 		if (rows < 16) /* the missing rows' sums are never stored; zeros keep them defined */
