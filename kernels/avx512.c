@@ -2326,14 +2326,16 @@ static double sum_squares(unsigned m, const float *y)
  * spark_dot_i16_group (contract in kernels.h), sixteen rows at a time in three passes, each reading back from
  * memory only what a pass before it stored (a load that waits on a store just made, wider than itself,
  * stalls: that and the per-head sums cost about a quarter of the time before).
- * 1. z: a row's codes become bytes by the lookup above (in spark_z's order), and four vpdpbusd with +-1
- *    patterns do two Hadamard stages while they widen; vpackssdw gives two int16 registers (ranks 0..31 and
- *    32..63). The other stages pair each lane with its partner through a rotation (port 0) or a shuffle
- *    (lanes with bit h set take partner - own, the others own + partner). Lanes of ranks >= T only ever
- *    meet each other. One multiply by sgn << shift per register; z is stored. With T <= 32 two rows share
- *    the registers (spark_z_pair): half the lookups and stages per row. (Widening the lookups and
- *    doing all six stages in int16, the stage across the registers by one add and one subtract, took 4%
- *    more time at d=128.)
+ * 1. z, two rows at a time (spark_z_pair): per 32 ranks, both rows' codes become bytes by the lookup above
+ *    (in an order of its own), four vpdpbusd with +-1 patterns do two Hadamard stages while they widen,
+ *    and vpackssdw gives two int16 registers (ranks 0..15 and 16..31, a row per 256-bit half). The other
+ *    stages pair each lane with its partner through a rotation (port 0) or a shuffle (lanes with bit h set
+ *    take partner - own, the others own + partner); at T = 64 the last is an add and a subtract across
+ *    the halves' registers. Lanes of ranks >= T only ever meet each other. One multiply by sgn << shift
+ *    per register; z is stored. Measured against the version before it (one row per register, the
+ *    lookups widened and all stages done in int16): 4-5% less time per row at d=128 and 8-10% at d=64.
+ *    Tried and slower: the x pass's masks loaded from memory into mask registers instead of moved from
+ *    general registers (+3-16%), ell broadcast as a dword from memory (+1.5%).
  * 2. x: per 32 channels the pruned values (rho * ell by vpmulhrsw, which rounds as the contract does,
  *    negated where the pruned signs, placed by pdep, are set) take the kept values in the kept lanes by an
  *    expanding load from z (VBMI2), which reads as many ranks as the chunk keeps from the one it starts at.
