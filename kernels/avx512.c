@@ -2427,13 +2427,12 @@ INLINE struct spark_regs spark_regs(unsigned T, const struct kvp_masked_codes *r
 /* The 32-point transforms (T <= 32 points of them) of the codes of rows a and b from rank j on: lane 16 row +
  * rank of h[0] (ranks 0..15) and h[1] (ranks 16..31), unsigned and unshifted. */
 INLINE void spark_h32_pair(unsigned T, const struct kvp_masked_codes *rc, const struct spark_regs *r,
-			   const uint8_t *a, const uint8_t *b, unsigned j, __m512i h[2])
+			   __m512i ra, __m512i rb, unsigned j, __m512i h[2])
 {
 	static const unsigned lane_bits[3] = { 1, 2, 8 };
-	const __mmask64 bytes = tail64((T * rc->bits + 7) / 8);
-	const size_t at = rc->code_at + j * rc->bits / 8;
-	const __m512i raw = _mm512_permutex2var_epi8(_mm512_maskz_loadu_epi8(bytes, a + at), r->spread,
-						    _mm512_maskz_loadu_epi8(bytes, b + at));
+	/* the codes from rank j on start j * bits / 8 bytes into the rows' */
+	const __m512i spread = j ? _mm512_add_epi8(r->spread, _mm512_set1_epi8((char)(j * rc->bits / 8))) : r->spread;
+	const __m512i raw = _mm512_permutex2var_epi8(ra, spread, rb);
 	const __m512i c8 = _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(r->shifts, raw), r->tab8);
 	const __m512i zero = _mm512_setzero_si512();
 
@@ -2462,11 +2461,13 @@ INLINE void spark_z_store(const struct spark_regs *r, unsigned k, __m512i v, int
 INLINE void spark_z_pair(unsigned T, const struct kvp_masked_codes *rc, const struct spark_regs *r,
 			 const uint8_t *a, const uint8_t *b, int16_t *za, int16_t *zb)
 {
+	const __mmask64 bytes = tail64((T * rc->bits + 7) / 8);
+	const __m512i ra = _mm512_maskz_loadu_epi8(bytes, a + rc->code_at), rb = _mm512_maskz_loadu_epi8(bytes, b + rc->code_at);
 	__m512i h[2], g[2];
 
-	spark_h32_pair(T < 32 ? T : 32, rc, r, a, b, 0, h);
+	spark_h32_pair(T < 32 ? T : 32, rc, r, ra, rb, 0, h);
 	if (T > 32) {
-		spark_h32_pair(32, rc, r, a, b, 32, g);
+		spark_h32_pair(32, rc, r, ra, rb, 32, g);
 		spark_z_store(r, 2, _mm512_sub_epi16(h[0], g[0]), za, zb);
 		spark_z_store(r, 3, _mm512_sub_epi16(h[1], g[1]), za, zb);
 		h[0] = _mm512_add_epi16(h[0], g[0]), h[1] = _mm512_add_epi16(h[1], g[1]);
