@@ -2333,7 +2333,7 @@ static double sum_squares(unsigned m, const float *y)
  *    take partner - own, the others own + partner); at T = 64 the last is an add and a subtract across
  *    the halves' registers. Lanes of ranks >= T only ever meet each other. One multiply by sgn << shift
  *    per register; z is stored. Measured against the version before it (one row per register, the
- *    lookups widened and all stages done in int16): 4-5% less time per row at d=128 and 8-10% at d=64.
+ *    lookups widened and all stages done in int16): about 6% less time per row at d=128 and 9% at d=64.
  *    Tried and slower: the x pass's masks loaded from memory into mask registers instead of moved from
  *    general registers (+3-16%), ell broadcast as a dword from memory (+1.5%).
  * 2. x: per 32 channels the pruned values (rho * ell by vpmulhrsw, which rounds as the contract does,
