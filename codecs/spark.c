@@ -68,13 +68,14 @@
  * together (AVX-512: d/8 vpdpwssd with the four heads in the lanes). The query is prepared once per head: int16 on a step that keeps d * 32767 * |q| in int32,
  * and rho_j = rq_j / max rq in int16, so that a token's pruned value is (rho_j * ell + 2^14) >> 15 with
  * ell = sqrt(s) * max rq / (A / 2^shift) rounded per token, sixteen tokens per vectorized step from the
- * stored sqrt(s) (the prepared query grows to 8 bytes per channel; a token's bytes do not change). Its scores differ from dot's by the int8 codebook's rounding (as
- * TurboQuant's own group path), the query's int16 rounding and the pruned values' rounding to the grid:
+ * stored sqrt(s) (the prepared query grows to 8 bytes per channel; a token's bytes do not change). Its scores differ from dot's by the
+ * query's int16 rounding and the pruned values' rounding to the grid (TurboQuant decodes to its int8 codebook):
  * about 0.2% of the scores' spread, and at 32K tokens the attention output stays within 2e-3 of attention
  * over the decoded keys (tests/test_attend.c). A chunk whose ell would pass 32767 takes the float path.
  * At 32K tokens (GQA 4, values turboquant(bits=3)) a layer took 3.6x the fp16 cache's time before and
  * 0.99-1.11x with it on a quiet machine, then about 3.4x its bandwidth floor once the AVX-512 kernel ran in
- * passes with the heads in the lanes (README's Known limits).
+ * passes with the heads in the lanes, and 0.69-0.75x (d=128; 2.6-3.1x the floor) with the kernel's z pass
+ * on vpdpbusd and TurboQuant's 8-bit-weight values (README's Known limits).
  *
  * Encode branches on no value: the scores' bits are int32 keys, the kept-th largest key is found bit by
  * bit with vector counts, and the mask, the pruned signs and the kept values are packed by loops whose
