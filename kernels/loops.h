@@ -206,11 +206,7 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
 }
 #endif
 
-/*
- * fwht: the stages within blocks of 16 (the file's own, or plain loops a compiler vectorizes), then the
- * wider stages between blocks, two at a time, on 16 columns each. The sums are those of kernels.h's
- * definition, stage after stage, so every version gives the same bits.
- */
+/* softmax_group as its definition in kernels.h reads: scale, then softmax_step per head (same bits). */
 #ifndef KVP_ISA_SOFTMAX_GROUP
 static void softmax_group(unsigned n, unsigned g, float scale_by, float *s, float *raw, size_t raw_stride,
 			  float *m, float *l, float *corr)
@@ -224,6 +220,11 @@ static void softmax_group(unsigned n, unsigned g, float scale_by, float *s, floa
 }
 #endif
 
+/*
+ * fwht: the stages within blocks of 16 (the file's own, or plain loops a compiler vectorizes), then the
+ * wider stages between blocks, two at a time, on 16 columns each. The sums are those of kernels.h's
+ * definition, stage after stage, so every version gives the same bits.
+ */
 #ifndef KVP_ISA_FWHT
 /* Stage h of 16 values: pairs (l, l + h) for l with bit h clear, written out per h so each loop has a fixed
  * pattern a compiler can vectorize. */
