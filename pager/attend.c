@@ -134,7 +134,13 @@ static void prefetch_to_l1(const void *base, size_t from, size_t to)
  * +-3% noise of this shared machine).
  * Measured and left: only the first lines of each span, to start the hardware streamer (20% slower);
  * every other line, for the adjacent-line prefetcher (12% slower); each span one block further ahead,
- * or the next keys in one burst (no better).
+ * or the next keys in one burst (no better). The values spread over the keys' own work, for
+ * spark|turboquant: a share per sixteen rows inside spark_dot_i16_group (in its loop, or out of line
+ * between its steps of sixteen rows) or the kernel called per sixteen rows with a share before each, all
+ * slower at 32K tokens: 6-25% at d=128, 2-10% at d=64; the next keys' second half spread over
+ * lut_axpy_u8_group's column chunks, 2-4% slower at d=128 (spark|tq3 and tq3), none at d=64. The burst
+ * between the steps stalls only itself; lines asked for inside the kernels slow their loads (thread CPU
+ * time, best of 150, both builds interleaved, several runs).
  */
 
 static void block_cold_group(struct stream_attention *a, const struct kvp_block *b, const struct kvp_block *next)
