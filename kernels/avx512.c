@@ -376,8 +376,8 @@ INLINE __m512 exp_nonpositive_ps(__m512 x)
 	return _mm512_scalef_ps(p, n);
 }
 
-/* fmaxf(a, b) for a that is not NaN, without the libm call gcc leaves for fmaxf (vmaxss gives b's
- * operand... its second operand, a, when either is NaN) */
+/* fmaxf(a, b) for a that is not NaN, without the libm call gcc leaves for fmaxf: vmaxss returns its second
+ * operand, a, when either is NaN, so a NaN b leaves a as fmaxf would. */
 INLINE float max_keeping(float a, float b)
 {
 	return _mm_cvtss_f32(_mm_max_ss(_mm_set_ss(b), _mm_set_ss(a)));

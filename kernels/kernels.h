@@ -219,16 +219,27 @@ struct kvp_kernels {
 };
 
 /*
- * Asks for the cache lines that start within bytes [from, to) of base, into L2 (the caller reads them
- * one loop step later, long after L1 would have kept them). Prefetches never fault, so a hint that runs
- * past base's allocation is harmless; base == NULL asks for nothing.
+ * Asks for the cache lines that start within bytes [from, to) of base, into L2, or into L1 with to_l1 (a
+ * constant once inlined). Prefetches never fault, so a hint that runs past base's allocation is harmless;
+ * base == NULL asks for nothing.
  */
-static inline void kvp_prefetch_span(const void *base, size_t from, size_t to)
+static inline void kvp_prefetch_lines(const void *base, size_t from, size_t to, int to_l1)
 {
 	if (!base)
 		return;
-	for (size_t at = (from + 63) & ~(size_t)63; at < to; at += 64)
-		__builtin_prefetch((const char *)base + at, 0, 2);
+	for (size_t at = (from + 63) & ~(size_t)63; at < to; at += 64) {
+		if (to_l1)
+			__builtin_prefetch((const char *)base + at, 0, 3);
+		else
+			__builtin_prefetch((const char *)base + at, 0, 2);
+	}
+}
+
+/* kvp_prefetch_lines into L2: the kernels' own hints, whose lines are read one loop step later, long after
+ * L1 would have kept them. */
+static inline void kvp_prefetch_span(const void *base, size_t from, size_t to)
+{
+	kvp_prefetch_lines(base, from, to, 0);
 }
 
 /* Bytes of ahead one of `steps` loop steps asks for, so that the steps cover `bytes` (0 without steps). */

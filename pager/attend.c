@@ -109,15 +109,6 @@ static int cold_group_fits(const struct stream_attention *a, const struct kvp_bl
 	return a->k->ops->dot_group && a->v->ops->axpy_group && (size_t)a->group * b->n <= a->scores_cap;
 }
 
-/* kvp_prefetch_span into L1: the lines that start within bytes [from, to) of base (NULL: none) */
-static void prefetch_to_l1(const void *base, size_t from, size_t to)
-{
-	if (!base)
-		return;
-	for (size_t at = (from + 63) & ~(size_t)63; at < to; at += 64)
-		__builtin_prefetch((const char *)base + at, 0, 3);
-}
-
 /*
  * A block is a separate allocation, where the hardware prefetcher starts over: without help every block
  * would begin with a wait on memory. So this block's values are asked for while its keys are scored, and
@@ -142,18 +133,17 @@ static void prefetch_to_l1(const void *base, size_t from, size_t to)
  * between the steps stalls only itself; lines asked for inside the kernels slow their loads (thread CPU
  * time, best of 150, both builds interleaved, several runs).
  */
-
 static void block_cold_group(struct stream_attention *a, const struct kvp_block *b, const struct kvp_block *next)
 {
 	const int ahead = next && next->store == KVP_STORE_CODEC && next->level == b->level;
 	const size_t v_bytes = a->v->ops->bytes(a->v, b->n), k_next = ahead ? a->k->ops->bytes(a->k, next->n) : 0;
 
-	prefetch_to_l1(b->v, 0, v_bytes / 2);
+	kvp_prefetch_lines(b->v, 0, v_bytes / 2, 1);
 	a->k->ops->dot_group(a->k, a->k_ctx, b->n, b->k, a->group, a->qprep, a->scores);
-	prefetch_to_l1(b->v, v_bytes / 2, v_bytes);
-	prefetch_to_l1(ahead ? next->k : NULL, 0, k_next / 2);
+	kvp_prefetch_lines(b->v, v_bytes / 2, v_bytes, 1);
+	kvp_prefetch_lines(ahead ? next->k : NULL, 0, k_next / 2, 1);
 	fold_scores(a, 0, a->group, b->n, a->scale, a->scores);
-	prefetch_to_l1(ahead ? next->k : NULL, k_next / 2, k_next);
+	kvp_prefetch_lines(ahead ? next->k : NULL, k_next / 2, k_next, 1);
 	a->v->ops->axpy_group(a->v, a->v_ctx, b->n, b->v, a->group, a->scores, a->cold_acc);
 	a->seen += b->n;
 }
