@@ -79,6 +79,25 @@ static bool node_purge_forced(extent_hooks_t *h, void *a, size_t s, size_t o, si
 static struct numa_hooks numa_table[64];
 static pthread_mutex_t numa_lock = PTHREAD_MUTEX_INITIALIZER;
 
+/* jemalloc starts on its first call, and registers its own fork handlers then (handle.c's must come after). */
+void kvp_arena_start(void)
+{
+	const char *version;
+	size_t sz = sizeof version;
+	kvp_je_mallctl("version", &version, &sz, NULL, 0);
+}
+
+/* Held across fork() (handle.c), so neither process gets a copy a vanished thread held. */
+void kvp_arena_fork_lock(void)
+{
+	pthread_mutex_lock(&numa_lock);
+}
+
+void kvp_arena_fork_unlock(void)
+{
+	pthread_mutex_unlock(&numa_lock);
+}
+
 static kvp_status numa_hooks_for(int node, extent_hooks_t **out)
 {
 	kvp_status st = KVP_OK;

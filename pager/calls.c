@@ -187,6 +187,8 @@ void kvp_seq_close(kvp_seq *h)
 	if (enter(h, "kvp_seq_close", 0, &call, &s) == KVP_OK) {
 		s->call = NULL;
 		kvp_seq_close_entered(s); /* the count goes with the sequence; it waits for reads in flight */
+	} else {
+		kvp_handle_retire_inherited(KVP_HANDLE_SEQ, h); /* a fork's child: the parent's sequence stays */
 	}
 }
 

@@ -11,11 +11,22 @@
  * when its object is closed; freed slots are reused oldest first, so a stale handle could only match
  * again after its slot has served 2^15 (32-bit) or 2^32 newer objects.
  * The table grows in chunks that never move, so lookups need no lock.
+ *
+ * fork(): the child inherits the handles but not what stands behind them as the parent runs it: no thread
+ * of the parent (the remote tier's writer, the host's threads inside a call, holding a sequence's or a
+ * pool's locks), and the spill device's io_uring ring and the remote tier's sockets are shared with the
+ * parent, so a request from the child would be answered to, or corrupt, the parent. So a handle names its
+ * object only in the process that opened it: every slot records the process's epoch, which the child
+ * handler bumps, and a child's call on an inherited handle is refused with KVP_EPERM. A close of one
+ * only retires the handle in the child: the copy of the memory behind it goes when the child exits or
+ * execs, and the parent's objects are untouched. The library's process-wide locks are held across the
+ * fork, so the child can open pools of its own.
  */
 #include <limits.h>
 #include <stdlib.h>
 
 #include "pager.h"
+#include "tier/tier.h"
 
 #ifndef KVP_HANDLE_BITS /* defined only to check the 32-bit layout on a 64-bit build */
 #define KVP_HANDLE_BITS (sizeof(uintptr_t) * CHAR_BIT)
@@ -35,6 +46,7 @@ struct slot {
 	_Atomic uint32_t gen;
 	_Atomic uint32_t kind; /* enum kvp_handle_kind while alive */
 	void *_Atomic obj;     /* NULL while free */
+	uint32_t epoch;        /* the process epoch obj was opened in */
 	uint32_t next_free;
 };
 
@@ -44,6 +56,47 @@ static uint32_t free_head, free_tail; /* 0: none */
 static uint32_t high;                 /* slots ever handed out, slot 0 included */
 
 static const char *const kind_names[] = { "", "pool", "tenant", "sequence" };
+
+/* Bumped in every child of fork(): the handles of an older epoch are the parent's. */
+static _Atomic uint32_t process_epoch;
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+
+static void fork_prepare(void)
+{
+	kvp_arena_fork_lock();
+	kvp_pressure_fork_prepare();
+	pthread_mutex_lock(&table_lock);
+}
+
+static void fork_parent(void)
+{
+	pthread_mutex_unlock(&table_lock);
+	kvp_pressure_fork_parent();
+	kvp_arena_fork_unlock();
+}
+
+static void fork_child(void)
+{
+	atomic_fetch_add(&process_epoch, 1);
+	pthread_mutex_unlock(&table_lock);
+	kvp_pressure_fork_child();
+	kvp_arena_fork_unlock();
+}
+
+static void fork_handlers_register(void)
+{
+	kvp_arena_start();
+	pthread_atfork(fork_prepare, fork_parent, fork_child);
+}
+
+/* Registered with the first pool, after jemalloc has started: handlers registered later run their
+ * prepare first, so these take the library's locks before jemalloc takes its own, the order in which a
+ * thread holding the NUMA lock takes them (it calls jemalloc). The library is linked -z nodelete, so
+ * after a host's dlclose the handlers' code is still there when the host forks. */
+void kvp_handle_fork_guard(void)
+{
+	pthread_once(&fork_once, fork_handlers_register);
+}
 
 static struct slot *slot_at(uint32_t index)
 {
@@ -106,6 +159,7 @@ uintptr_t kvp_handle_new(enum kvp_handle_kind kind, void *obj, uint32_t *index_o
 		struct slot *sl = slot_at(index);
 		uint32_t gen = atomic_load(&sl->gen) & GEN_MASK;
 		atomic_store(&sl->kind, (uint32_t)kind);
+		sl->epoch = atomic_load(&process_epoch);
 		atomic_store_explicit(&sl->obj, obj, memory_order_release);
 		h = (uintptr_t)gen << (1 + INDEX_BITS) | (uintptr_t)index << 1 | 1;
 	}
@@ -126,8 +180,9 @@ void kvp_handle_free(uint32_t index)
 }
 
 /* The object h names when it is an open handle of this kind, else NULL. The generation is read on both
- * sides of the object: when it did not move, the object is the one that generation named. */
-static void *lookup(enum kvp_handle_kind kind, const void *h, uint32_t *index_out)
+ * sides of the object: when it did not move, the object is the one that generation named. *inherited is
+ * set when the object is the parent's (opened before this process forked from it). */
+static void *lookup(enum kvp_handle_kind kind, const void *h, uint32_t *index_out, int *inherited)
 {
 	uintptr_t v = (uintptr_t)h;
 	uint32_t index = (uint32_t)(v >> 1) & INDEX_MASK, gen = (uint32_t)(v >> (1 + INDEX_BITS)) & GEN_MASK;
@@ -143,40 +198,61 @@ static void *lookup(enum kvp_handle_kind kind, const void *h, uint32_t *index_ou
 	if (before != after || (before & GEN_MASK) != gen || !obj || k != (uint32_t)kind)
 		return NULL;
 	*index_out = index;
+	*inherited = sl->epoch != atomic_load(&process_epoch);
 	return obj;
 }
 
-static kvp_status refuse(enum kvp_handle_kind kind, const void *h, const char *call)
+static kvp_status refuse(enum kvp_handle_kind kind, const void *h, const char *call, int inherited)
 {
 	if (!h)
 		return kvp_fail(KVP_EINVAL, "%s: the %s is NULL", call, kind_names[kind]);
+	if (inherited)
+		return kvp_fail(KVP_EPERM,
+				"%s: the %s %p was opened before this process forked; a child process opens its own "
+				"pools (the parent's threads, spill ring and remote links are the parent's)",
+				call, kind_names[kind], h);
 	return kvp_fail(KVP_EPERM, "%s: %p is not an open %s (closed, or never one)", call, h, kind_names[kind]);
 }
 
 kvp_status kvp_handle_get(enum kvp_handle_kind kind, const void *h, const char *call, void **out)
 {
 	uint32_t index = 0;
-	void *obj = h ? lookup(kind, h, &index) : NULL;
-	if (!obj)
-		return refuse(kind, h, call);
+	int inherited = 0;
+	void *obj = h ? lookup(kind, h, &index, &inherited) : NULL;
+	if (!obj || inherited)
+		return refuse(kind, h, call, inherited);
 	*out = obj;
 	return KVP_OK;
 }
 
+/* An inherited handle is retired here too, but its object is not handed out: the caller closes nothing. */
 kvp_status kvp_handle_take(enum kvp_handle_kind kind, const void *h, const char *call, void **out)
 {
 	uint32_t index = 0;
+	int inherited = 0;
 	void *obj = NULL;
 	if (h) {
 		pthread_mutex_lock(&table_lock);
-		if ((obj = lookup(kind, h, &index)))
+		if ((obj = lookup(kind, h, &index, &inherited)))
 			slot_release(index);
 		pthread_mutex_unlock(&table_lock);
 	}
-	if (!obj)
-		return refuse(kind, h, call);
+	if (!obj || inherited)
+		return refuse(kind, h, call, inherited);
 	*out = obj;
 	return KVP_OK;
+}
+
+void kvp_handle_retire_inherited(enum kvp_handle_kind kind, const void *h)
+{
+	uint32_t index = 0;
+	int inherited = 0;
+	if (!h)
+		return;
+	pthread_mutex_lock(&table_lock);
+	if (lookup(kind, h, &index, &inherited) && inherited)
+		slot_release(index);
+	pthread_mutex_unlock(&table_lock);
 }
 
 /* ---- sequences ---- */

@@ -235,6 +235,11 @@ struct kvp_allocator kvp_tenant_allocator(struct kvp_tenant_obj *t);
 kvp_status kvp_arena_create(const struct kvp_pool_obj *pool, unsigned *arena);
 void kvp_arena_destroy(unsigned arena);
 int kvp_arena_flags(unsigned arena);
+/* jemalloc started (its fork handlers registered); the NUMA hook table's lock, held across fork() by
+ * handle.c's handlers. */
+void kvp_arena_start(void);
+void kvp_arena_fork_lock(void);
+void kvp_arena_fork_unlock(void);
 /* KVP_EUNSUPPORTED where the machine has no NUMA, KVP_EINVAL for a node it does not have. */
 kvp_status kvp_numa_check(int node);
 
@@ -344,6 +349,10 @@ uintptr_t kvp_handle_new(enum kvp_handle_kind kind, void *obj, uint32_t *index);
 void kvp_handle_free(uint32_t index);
 kvp_status kvp_handle_get(enum kvp_handle_kind kind, const void *h, const char *call, void **out);
 kvp_status kvp_handle_take(enum kvp_handle_kind kind, const void *h, const char *call, void **out);
+/* Makes handles opened before a fork() refused in the child (handle.c says how); called by each pool open. */
+void kvp_handle_fork_guard(void);
+/* h retired when it names an object opened before this process forked (a close that took no object). */
+void kvp_handle_retire_inherited(enum kvp_handle_kind kind, const void *h);
 /* The pool or tenant behind an open handle, or NULL: for white-box tests that look inside. */
 struct kvp_pool_obj *kvp_pool_from_handle(const kvp_pool *h);
 struct kvp_tenant_obj *kvp_tenant_from_handle(const kvp_tenant *h);

@@ -97,6 +97,7 @@ kvp_status kvp_pool_open(const char *spec, kvp_pool **out)
 		pool_destroy(p);
 		return st;
 	}
+	kvp_handle_fork_guard();
 	p->handle = (kvp_pool *)kvp_handle_new(KVP_HANDLE_POOL, p, &p->handle_index);
 	if (!p->handle_index) {
 		pool_destroy(p);

@@ -34,6 +34,24 @@
 static pthread_mutex_t claim_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t claim_released = PTHREAD_COND_INITIALIZER;
 
+/* Around fork() (pager/handle.c): the lock is held across it, so the child's copy is not one a thread of
+ * the parent held; the child, whose waiters stayed behind in the parent, starts the condition anew. */
+void kvp_pressure_fork_prepare(void)
+{
+	pthread_mutex_lock(&claim_lock);
+}
+
+void kvp_pressure_fork_parent(void)
+{
+	pthread_mutex_unlock(&claim_lock);
+}
+
+void kvp_pressure_fork_child(void)
+{
+	pthread_cond_init(&claim_released, NULL);
+	pthread_mutex_unlock(&claim_lock);
+}
+
 void kvp_seq_enter(struct kvp_seq_obj *s, struct kvp_call *call)
 {
 	uint32_t c = atomic_load(&s->calls);

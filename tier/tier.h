@@ -133,6 +133,10 @@ int kvp_pressure_relieve(struct kvp_tenant_obj *t, uint64_t bytes, struct kvp_ca
  * the sequence's from enter to leave. */
 void kvp_seq_enter(struct kvp_seq_obj *s, struct kvp_call *call);
 void kvp_seq_leave(struct kvp_seq_obj *s);
+/* The pressure lock held across fork() (pager/handle.c's handlers): before, then in the parent or the child. */
+void kvp_pressure_fork_prepare(void);
+void kvp_pressure_fork_parent(void);
+void kvp_pressure_fork_child(void);
 
 /* ---- blocks of a resident sequence on the spill device (restore.c) ---- */
 /* Spills the oldest private blocks of s within reach, at least `bytes` of memory when there are that
