@@ -11,6 +11,7 @@ parallel.
 import ctypes
 import os
 import threading
+import weakref
 
 SONAME = "libkvpager.so.1"
 
@@ -99,6 +100,26 @@ _CALLS = {
 _lock = threading.Lock()
 _native = None
 _path = None
+_guarded = weakref.WeakSet()  # every object whose lock give_lock made
+
+
+def give_lock(obj):
+    """Sets obj._lock, a lock its calls take, which a fork()'s child replaces (see _after_fork_in_child)."""
+    obj._lock = threading.RLock()
+    _guarded.add(obj)
+
+
+def _after_fork_in_child():
+    """os.fork()'s child: a lock that one of the parent's threads held stays held there for good, so every
+    object gets a new one. Its calls then reach the library, which refuses the parent's pools, tenants and
+    sequences with PermissionDenied; a close only retires the handle."""
+    global _lock
+    _lock = threading.Lock()
+    for obj in list(_guarded):
+        obj._lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def candidates():

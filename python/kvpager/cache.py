@@ -14,7 +14,6 @@ the parent is busy, it hands the handle to the parent, whose next call (or close
 
 import ctypes
 import enum
-import threading
 import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -149,7 +148,7 @@ class Pool(_Handle):
     def __init__(self, spec=""):
         raw = ctypes.c_void_p()
         check(lib.native().kvp_pool_open(checks.text("spec", spec), ctypes.byref(raw)), "kvp_pool_open")
-        self._lock = threading.RLock()
+        lib.give_lock(self)
         self._children = weakref.WeakSet()
         self._orphans = []  # tenant handles their collector could not close while the pool was busy
         self._handle = raw.value
@@ -210,7 +209,7 @@ class Tenant(_Handle):
     def __init__(self, pool, name, handle):
         self.pool = pool
         self.name = name
-        self._lock = threading.RLock()
+        lib.give_lock(self)
         self._children = weakref.WeakSet()
         self._orphans = []  # sequence handles their collector could not close while the tenant was busy
         self._handle = handle
@@ -293,7 +292,7 @@ class Sequence(_Handle):
     def __init__(self, tenant, shape, handle):
         self.tenant = tenant
         self.shape = shape
-        self._lock = threading.RLock()
+        lib.give_lock(self)
         self._handle = handle
         self._kv = (shape.n_kv_heads, shape.head_dim)
         self._q = (shape.n_heads, shape.head_dim)

@@ -1,7 +1,6 @@
 """Codecs and token policies on their own, outside any sequence (kvp_codec_*, kvp_policy_*)."""
 
 import ctypes
-import threading
 
 import numpy as np
 
@@ -26,7 +25,7 @@ class Codec(_Handle):
         raw = ctypes.c_void_p()
         check(lib.native().kvp_codec_open(checks.text("spec", spec), self.dim, ctypes.byref(raw)),
               "kvp_codec_open")
-        self._lock = threading.RLock()
+        lib.give_lock(self)
         self._handle = raw.value
         self.group = lib.native().kvp_codec_group(self._handle)
 
@@ -108,7 +107,7 @@ class Policy(_Handle):
         raw = ctypes.c_void_p()
         check(lib.native().kvp_policy_open(checks.text("spec", spec), ctypes.byref(native_shape),
                                            ctypes.byref(raw)), "kvp_policy_open")
-        self._lock = threading.RLock()
+        lib.give_lock(self)
         self._handle = raw.value
 
     def _live_handle(self):

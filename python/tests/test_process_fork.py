@@ -1,6 +1,9 @@
 """os.fork(): the child is refused the pools, tenants and sequences its parent opened, and opens its own."""
 
 import os
+import signal
+import threading
+import time
 
 import numpy as np
 
@@ -48,3 +51,45 @@ def test_a_child_opens_a_pool_of_its_own(seq):
                 return attend_all(s).shape == (2, 4, 32)
 
     assert in_child(own_pool) == 0
+
+
+def test_a_child_forked_while_another_thread_held_a_sequence_is_not_stuck_on_its_lock(seq):
+    fill(seq, 0, 10, seed=4)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with seq._lock:
+            held.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+
+    def close_and_refuse():
+        seq.close()
+        try:
+            seq.attend(0, query(1))
+        except kvpager.PermissionDenied:
+            return True
+        return False
+
+    try:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if close_and_refuse() else 1)
+        status = None
+        for _ in range(2000):  # 10 s: a child stuck on the parent's lock is killed and fails the test
+            done, raw = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = os.waitstatus_to_exitcode(raw)
+                break
+            time.sleep(0.005)
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    finally:
+        release.set()
+        holder.join()
+    assert status == 0
+    assert not seq.closed
