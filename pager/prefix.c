@@ -47,8 +47,9 @@ struct prefix_entry {
 	struct prefix_identity id;
 	uint64_t hash, parent; /* parent: 0 for a chain's first unit */
 	uint64_t last_use;
-	uint32_t unit;     /* depth in its chain */
-	uint32_t children; /* entries whose parent this is */
+	uint32_t unit;       /* depth in its chain */
+	uint32_t children;   /* entries whose parent this is */
+	uint32_t publishing; /* publications reading it outside the table's lock: relief leaves it */
 	uint32_t n_tokens, n_streams;
 	/* Installed from a compressed value (the remote tier's ":c"): its blocks hold level-0 codes of the
 	 * codecs cold_id names, and only its owner with those codecs may take it. */
@@ -264,9 +265,11 @@ static void entry_unlink_free(struct kvp_prefix_table *tab, struct prefix_entry 
 	entry_free(e);
 }
 
-/* No sequence holds any of its blocks: freeing it frees them. */
+/* No sequence holds any of its blocks (and no publication reads them): freeing it frees them. */
 static int unowned(const struct prefix_entry *e)
 {
+	if (e->publishing)
+		return 0;
 	for (uint32_t i = 0; i < e->n_streams; i++)
 		if (atomic_load_explicit(&e->blocks[i]->refs, memory_order_acquire) > 1)
 			return 0;
@@ -467,10 +470,12 @@ void kvp_prefix_capture(const struct kvp_seq_obj *s, struct kvp_stream *st)
 }
 
 /* Unit p->next joins the table when its parent is still there; an equal entry already there (another
- * sequence registered the same unit) serves instead. 0 when the chain is broken. */
-static int register_next(const struct kvp_seq_obj *s, struct kvp_prefix_table *tab, struct kvp_prefix_prompt *p)
+ * sequence registered the same unit) serves instead. 0 when the chain is broken; *joined is the entry when
+ * it joined. */
+static int register_next(struct kvp_prefix_table *tab, struct kvp_prefix_prompt *p, struct prefix_entry **joined)
 {
 	struct prefix_entry *e = p->entry[p->next], *parent = NULL, *same;
+	*joined = NULL;
 	if (e->unit && !(parent = find(tab, e->parent, &e->id, NULL, 0, FIND_ANY)))
 		return 0;
 	p->entry[p->next++] = NULL;
@@ -482,24 +487,46 @@ static int register_next(const struct kvp_seq_obj *s, struct kvp_prefix_table *t
 	entry_link(tab, e);
 	if (parent)
 		parent->children++;
-	prefix_publish(s, e);
+	*joined = e;
 	return 1;
 }
 
+#define PUBLISH_BATCH 16u
+
+/*
+ * Units join the table under its lock, a batch at a time, and are published after it is released: a
+ * publication copies every stream's block and may encode them all (milliseconds for a real model's unit),
+ * which other sequences' lookups and registrations must not wait for. Meanwhile the batch's entries are
+ * marked publishing, so relief does not free them; they are immutable once in the table.
+ */
 void kvp_prefix_register(struct kvp_seq_obj *s)
 {
 	struct kvp_prefix_prompt *p = s->prompt;
 	struct kvp_prefix_table *tab = s->tenant->pool->prefix;
+	const int remote = s->tenant->pool->remote != NULL;
 	uint32_t ready = UINT32_MAX;
 	if (!p)
 		return;
 	for (uint32_t i = 0; i < p->n_streams; i++)
 		ready = p->cursor[i] < ready ? p->cursor[i] : ready;
-	if (!p->failed && p->next < ready) {
+	while (!p->failed && p->next < ready) {
+		struct prefix_entry *batch[PUBLISH_BATCH], *e;
+		uint32_t n = 0;
 		pthread_mutex_lock(&tab->lock);
-		while (p->next < ready && !p->failed)
-			if (!register_next(s, tab, p))
+		while (p->next < ready && !p->failed && n < PUBLISH_BATCH) {
+			if (!register_next(tab, p, &e))
 				p->failed = 1;
+			else if (e && remote)
+				e->publishing++, batch[n++] = e;
+		}
+		pthread_mutex_unlock(&tab->lock);
+		for (uint32_t i = 0; i < n; i++)
+			prefix_publish(s, batch[i]);
+		if (!n)
+			continue;
+		pthread_mutex_lock(&tab->lock);
+		for (uint32_t i = 0; i < n; i++)
+			batch[i]->publishing--;
 		pthread_mutex_unlock(&tab->lock);
 	}
 	/* the prompt's memory goes once nothing more can be registered */
@@ -784,19 +811,19 @@ static size_t unit_key(const struct prefix_identity *id, const struct kvp_tenant
 	return n < 0 ? 0 : (size_t)n < KEY_MAX ? (size_t)n : KEY_MAX - 1;
 }
 
-/* Under the table's lock, inside s's append (its codecs are free to use): copies of the values go to the
+/* Outside the table's lock, inside s's append (its codecs are free to use): copies of the values go to the
  * publication queue, nothing waits. A block unit whose codes s's cold tier would make from its rows alone
- * goes compressed too, under its key + ":c"; the sink unit never turns cold, so it goes exact only. */
+ * goes compressed too, under its key + ":c"; the sink unit never turns cold, so it goes exact only. The
+ * publication is best effort and the append succeeds either way: a block that does not encode leaves no
+ * message behind for kvp_last_error. */
 static void prefix_publish(const struct kvp_seq_obj *s, const struct prefix_entry *e)
 {
 	struct kvp_remote *r = s->tenant->pool->remote;
-	char key[KEY_MAX];
+	char key[KEY_MAX], note[512];
 	size_t bytes, key_len;
 	struct cold_form f;
 	uint64_t idh;
 	void *value;
-	if (!r)
-		return;
 	idh = identity_hash(&e->id, namespace_of(e->owner));
 	if (!(value = unit_value_make(e, idh, &bytes)))
 		return;
@@ -804,7 +831,12 @@ static void prefix_publish(const struct kvp_seq_obj *s, const struct prefix_entr
 	kvp_remote_publish(r, key, key_len, value, bytes);
 	free(value);
 	cold_form_of(s, idh, &f);
-	if (!f.id || (s->tenant->cfg.sinks && e->unit == 0) || !(value = unit_value_make_cold(s, e, &f, &bytes)))
+	if (!f.id || (s->tenant->cfg.sinks && e->unit == 0))
+		return;
+	snprintf(note, sizeof note, "%s", kvp_last_error());
+	value = unit_value_make_cold(s, e, &f, &bytes);
+	kvp_fail(KVP_OK, "%s", note);
+	if (!value)
 		return;
 	key_len = unit_key(&e->id, e->owner, e->hash, 1, key);
 	kvp_remote_publish(r, key, key_len, value, bytes);
