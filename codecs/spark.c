@@ -775,9 +775,10 @@ static void prepare_integers(const struct kvp_codec *c, const void *ctx, const f
 	const float *rq = rq_of(c, ctx);
 	float top = 0.0f, rq_top = 0.0f, inv;
 
+	/* comparisons, not fmaxf (a libm call per channel here): a NaN loses either way */
 	for (unsigned j = 0; j < c->dim; j++) {
-		top = fmaxf(top, fabsf(q[j]));
-		rq_top = fmaxf(rq_top, rq[j]);
+		top = fabsf(q[j]) > top ? fabsf(q[j]) : top;
+		rq_top = rq[j] > rq_top ? rq[j] : rq_top;
 	}
 	inv = top > range / 3.0e38f ? range / top : 0.0f; /* no infinite factor for tiny queries */
 	for (unsigned j = 0; j < c->dim; j++) {
