@@ -42,6 +42,18 @@ static int child_status(pid_t pid, int ms)
 	return -1;
 }
 
+/* check(s) run in a child of this process, which must end with status 0. */
+static void in_child(int (*check)(kvp_seq *), kvp_seq *s)
+{
+	pid_t pid = fork();
+	int status;
+	cr_assert_geq(pid, 0);
+	if (pid == 0)
+		_exit(check(s));
+	status = child_status(pid, 20000);
+	cr_assert_eq(status, 0, "the child's check %d failed (-1: it hung)", status);
+}
+
 static int refused_for_fork(kvp_status st)
 {
 	return st == KVP_EPERM && strstr(kvp_last_error(), "opened before this process forked");
@@ -90,32 +102,26 @@ Test(fork, a_child_is_refused_the_handles_it_inherited_and_the_parent_goes_on)
 {
 	float before[PARK_LAYERS * PARK_OUT], after[PARK_LAYERS * PARK_OUT];
 	kvp_seq *s;
-	pid_t pid;
-	int status;
 	park_open("1MiB", "");
 	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &s), KVP_OK);
 	park_fill(s, 0, 40, 7);
 	park_attend(s, before);
-	pid = fork();
-	cr_assert_geq(pid, 0);
-	if (pid == 0)
-		_exit(child_checks_refusals(s));
-	status = child_status(pid, 20000);
-	cr_assert_eq(status, 0, "the child's check %d failed", status);
+	in_child(child_checks_refusals, s);
 	park_attend(s, after);
 	cr_assert_eq(memcmp(before, after, sizeof before), 0, "the parent's sequence changed");
 	park_close();
 }
 
+static int child_opens_its_own(kvp_seq *inherited)
+{
+	(void)inherited;
+	return child_own_pool_works() ? 0 : 1;
+}
+
 Test(fork, a_child_opens_pools_of_its_own)
 {
-	pid_t pid;
 	park_open("1MiB", "");
-	pid = fork();
-	cr_assert_geq(pid, 0);
-	if (pid == 0)
-		_exit(child_own_pool_works() ? 0 : 1);
-	cr_assert_eq(child_status(pid, 20000), 0);
+	in_child(child_opens_its_own, NULL);
 	park_close();
 }
 
@@ -142,19 +148,12 @@ Test(fork, closing_inherited_handles_in_the_child_leaves_the_parents_objects_ope
 {
 	float before[PARK_LAYERS * PARK_OUT], after[PARK_LAYERS * PARK_OUT];
 	kvp_seq *s;
-	pid_t pid;
-	int status;
 	park_open("1MiB", "");
 	cr_assert_eq(kvp_seq_open(tenant, &park_shape, &s), KVP_OK);
 	park_fill(s, 0, 100, 11);
 	park_attend(s, before);
 	cr_assert_eq(kvp_seq_park(s), KVP_OK, "%s", kvp_last_error());
-	pid = fork();
-	cr_assert_geq(pid, 0);
-	if (pid == 0)
-		_exit(child_closes_inherited(s));
-	status = child_status(pid, 20000);
-	cr_assert_eq(status, 0, "the child's check %d failed", status);
+	in_child(child_closes_inherited, s);
 	cr_assert_eq(access(spill_path, F_OK), 0, "the child's close removed the parent's spill file");
 	cr_assert_eq(kvp_seq_unpark(s), KVP_OK, "%s", kvp_last_error());
 	park_attend(s, after);
