@@ -429,6 +429,13 @@ static float hmax(__m256 v)
 	return _mm_cvtss_f32(m);
 }
 
+/* fmaxf(a, b) for a that is not NaN, without the libm call gcc leaves for fmaxf: maxss returns its second
+ * operand, a, when either is NaN, so a NaN b leaves a as fmaxf would. */
+static inline float max_keeping(float a, float b)
+{
+	return _mm_cvtss_f32(_mm_max_ss(_mm_set_ss(b), _mm_set_ss(a)));
+}
+
 /* Same contract and same all-masked (-inf) handling as the scalar reference; see scalar.c. */
 static float softmax_step(unsigned n, float *s, float *m, float *l)
 {
@@ -443,7 +450,7 @@ static float softmax_step(unsigned n, float *s, float *m, float *l)
 		vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(ninf, _mm256_maskload_ps(s + n8, mask),
 							    _mm256_castsi256_ps(mask)));
 
-	float mx = fmaxf(*m, hmax(vmax));
+	float mx = max_keeping(*m, hmax(vmax)); /* *m, the running maximum, is never NaN */
 
 	if (mx == -INFINITY) {
 		memset(s, 0, n * sizeof *s);
