@@ -46,7 +46,7 @@ struct slot {
 	_Atomic uint32_t gen;
 	_Atomic uint32_t kind; /* enum kvp_handle_kind while alive */
 	void *_Atomic obj;     /* NULL while free */
-	uint32_t epoch;        /* the process epoch obj was opened in */
+	_Atomic uint32_t epoch; /* the process epoch obj was opened in */
 	uint32_t next_free;
 };
 
@@ -159,7 +159,7 @@ uintptr_t kvp_handle_new(enum kvp_handle_kind kind, void *obj, uint32_t *index_o
 		struct slot *sl = slot_at(index);
 		uint32_t gen = atomic_load(&sl->gen) & GEN_MASK;
 		atomic_store(&sl->kind, (uint32_t)kind);
-		sl->epoch = atomic_load(&process_epoch);
+		atomic_store(&sl->epoch, atomic_load(&process_epoch));
 		atomic_store_explicit(&sl->obj, obj, memory_order_release);
 		h = (uintptr_t)gen << (1 + INDEX_BITS) | (uintptr_t)index << 1 | 1;
 	}
@@ -187,18 +187,19 @@ static void *lookup(enum kvp_handle_kind kind, const void *h, uint32_t *index_ou
 	uintptr_t v = (uintptr_t)h;
 	uint32_t index = (uint32_t)(v >> 1) & INDEX_MASK, gen = (uint32_t)(v >> (1 + INDEX_BITS)) & GEN_MASK;
 	struct slot *sl = (v & 1) && index ? slot_at(index) : NULL;
-	uint32_t before, after, k;
+	uint32_t before, after, k, epoch;
 	void *obj;
 	if (!sl)
 		return NULL;
 	before = atomic_load(&sl->gen);
 	obj = atomic_load_explicit(&sl->obj, memory_order_acquire);
 	k = atomic_load(&sl->kind);
+	epoch = atomic_load(&sl->epoch);
 	after = atomic_load(&sl->gen);
 	if (before != after || (before & GEN_MASK) != gen || !obj || k != (uint32_t)kind)
 		return NULL;
 	*index_out = index;
-	*inherited = sl->epoch != atomic_load(&process_epoch);
+	*inherited = epoch != atomic_load(&process_epoch);
 	return obj;
 }
 
@@ -225,18 +226,26 @@ kvp_status kvp_handle_get(enum kvp_handle_kind kind, const void *h, const char *
 	return KVP_OK;
 }
 
-/* An inherited handle is retired here too, but its object is not handed out: the caller closes nothing. */
-kvp_status kvp_handle_take(enum kvp_handle_kind kind, const void *h, const char *call, void **out)
+/* The object h names, its handle closed at once (only when inherited, with only_inherited); NULL when h
+ * names none. */
+static void *retire(enum kvp_handle_kind kind, const void *h, int only_inherited, int *inherited)
 {
 	uint32_t index = 0;
-	int inherited = 0;
 	void *obj = NULL;
 	if (h) {
 		pthread_mutex_lock(&table_lock);
-		if ((obj = lookup(kind, h, &index, &inherited)))
+		if ((obj = lookup(kind, h, &index, inherited)) && (*inherited || !only_inherited))
 			slot_release(index);
 		pthread_mutex_unlock(&table_lock);
 	}
+	return obj;
+}
+
+/* An inherited handle is retired here too, but its object is not handed out: the caller closes nothing. */
+kvp_status kvp_handle_take(enum kvp_handle_kind kind, const void *h, const char *call, void **out)
+{
+	int inherited = 0;
+	void *obj = retire(kind, h, 0, &inherited);
 	if (!obj || inherited)
 		return refuse(kind, h, call, inherited);
 	*out = obj;
@@ -245,14 +254,8 @@ kvp_status kvp_handle_take(enum kvp_handle_kind kind, const void *h, const char 
 
 void kvp_handle_retire_inherited(enum kvp_handle_kind kind, const void *h)
 {
-	uint32_t index = 0;
 	int inherited = 0;
-	if (!h)
-		return;
-	pthread_mutex_lock(&table_lock);
-	if (lookup(kind, h, &index, &inherited) && inherited)
-		slot_release(index);
-	pthread_mutex_unlock(&table_lock);
+	retire(kind, h, 1, &inherited);
 }
 
 /* ---- sequences ---- */
