@@ -7,6 +7,7 @@
 #define KVP_TEST_PREFIX_FIXTURE_H
 
 #include <criterion/criterion.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -114,6 +115,78 @@ static inline void assert_same_attention(kvp_seq *a, kvp_seq *b, const char *wha
 			cr_assert_eq(kvp_attend(b, l, q, ob), KVP_OK, "%s", kvp_last_error());
 			cr_assert_eq(memcmp(oa, ob, sizeof oa), 0, "%s: layer %u differs", what, l);
 		}
+}
+
+/*
+ * Racers: threads of one tenant open sequences of three prompts that share their first units (race_prompts),
+ * append the rest, check attention against sequences that appended everything, and close. A quota refusal
+ * (KVP_ENOMEM, the other racers' sequences hold it all) is counted, not a failure.
+ */
+#define RACE_PROMPT 120
+
+struct racer {
+	kvp_tenant *t;
+	const int32_t (*prompts)[RACE_PROMPT];
+	const float (*expected)[L][NH * D];
+	uint32_t seed, rounds, opened, hits, refused;
+	char failure[512];
+};
+
+/* Three prompts of RACE_PROMPT tokens, prompt p sharing its first 20 + 30p with the others, and the
+ * attention a plain sequence of plain's gives after each: expected[p][layer]. */
+static inline void race_prompts(kvp_tenant *plain, int32_t prompts[3][RACE_PROMPT], float expected[3][L][NH * D])
+{
+	float q[NH * D];
+	for (uint32_t p = 0; p < 3; p++) {
+		prompt_fill(prompts[p], RACE_PROMPT, 40);
+		for (uint32_t i = 20 + 30 * p; i < RACE_PROMPT; i++)
+			prompts[p][i] += (int32_t)(p + 1) * 1000; /* shared up to token 20 + 30p */
+		kvp_seq *ref = run_prompt(plain, prompts[p], RACE_PROMPT);
+		for (uint32_t l = 0; l < L; l++) {
+			fixture_fill(q, NH * D, 500 + l, 1.0f);
+			cr_assert_eq(kvp_attend(ref, l, q, expected[p][l]), KVP_OK);
+		}
+	}
+}
+
+/* A racer's thread. No Criterion assertion off the main thread: it records its first failure and stops. */
+static inline void *race(void *arg)
+{
+	struct racer *r = arg;
+	float q[NH * D], out[NH * D];
+	for (uint32_t i = 0; i < r->rounds && !r->failure[0]; i++) {
+		uint32_t which = (r->seed + i * 7) % 3, cached;
+		kvp_seq *s;
+		kvp_status st = kvp_seq_open_prefix(r->t, &shape, RACE_PROMPT, r->prompts[which], &s, &cached);
+		if (st == KVP_ENOMEM) {
+			r->refused++;
+			continue;
+		}
+		if (st != KVP_OK) {
+			snprintf(r->failure, sizeof r->failure, "open: %s", kvp_last_error());
+			break;
+		}
+		r->opened++;
+		r->hits += cached > 0;
+		st = append_layers(s, r->prompts[which], cached, RACE_PROMPT, 0, L);
+		if (st == KVP_ENOMEM) {
+			r->refused++;
+			kvp_seq_close(s);
+			continue;
+		}
+		if (st != KVP_OK)
+			snprintf(r->failure, sizeof r->failure, "append after %u cached: %s", cached, kvp_last_error());
+		for (uint32_t l = 0; l < L && !r->failure[0]; l++) {
+			fixture_fill(q, NH * D, 500 + l, 1.0f);
+			if (kvp_attend(s, l, q, out) != KVP_OK)
+				snprintf(r->failure, sizeof r->failure, "attend: %s", kvp_last_error());
+			else if (memcmp(out, r->expected[which][l], sizeof out))
+				snprintf(r->failure, sizeof r->failure, "prompt %u layer %u: attention differs after %u "
+					 "cached", which, l, cached);
+		}
+		kvp_seq_close(s);
+	}
+	return NULL;
 }
 
 #endif

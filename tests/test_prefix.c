@@ -507,83 +507,25 @@ Test(prefix, rounds_leave_cached_blocks_as_they_were)
 	kvp_pool_close(pool);
 }
 
-/* Threads of one tenant open sequences of three prompts that share their first units, append the rest,
- * check attention against sequences that appended everything, and close. The quota is about what the
- * prompts' blocks and four sequences take: pressure frees cached units while others are looked up, and
- * refuses an open or an append now and then when the other racers' sequences hold it all. */
+/* Racers (prefix_fixture.h) under a quota about what the prompts' blocks and four sequences take: pressure
+ * frees cached units while others are looked up, and refuses an open or an append now and then when the
+ * other racers' sequences hold it all. */
 #define RACERS 4
 #define ROUNDS 40
-struct racer {
-	kvp_tenant *t;
-	const int32_t (*prompts)[120];
-	const float (*expected)[L][NH * D];
-	uint32_t seed, opened, hits, refused;
-	char failure[512];
-};
-
-/* No Criterion assertion off the main thread: a racer records its first failure and stops. */
-static void *race(void *arg)
-{
-	struct racer *r = arg;
-	float q[NH * D], out[NH * D];
-	for (uint32_t i = 0; i < ROUNDS && !r->failure[0]; i++) {
-		uint32_t which = (r->seed + i * 7) % 3, cached;
-		kvp_seq *s;
-		kvp_status st = kvp_seq_open_prefix(r->t, &shape, 120, r->prompts[which], &s, &cached);
-		if (st == KVP_ENOMEM) { /* the other racers' sequences hold the quota: a legitimate refusal */
-			r->refused++;
-			continue;
-		}
-		if (st != KVP_OK) {
-			snprintf(r->failure, sizeof r->failure, "open: %s", kvp_last_error());
-			break;
-		}
-		r->opened++;
-		r->hits += cached > 0;
-		st = append_layers(s, r->prompts[which], cached, 120, 0, L);
-		if (st == KVP_ENOMEM) { /* the other racers' sequences hold the quota: a legitimate refusal */
-			r->refused++;
-			kvp_seq_close(s);
-			continue;
-		}
-		if (st != KVP_OK)
-			snprintf(r->failure, sizeof r->failure, "append after %u cached: %s", cached, kvp_last_error());
-		for (uint32_t l = 0; l < L && !r->failure[0]; l++) {
-			fixture_fill(q, NH * D, 500 + l, 1.0f);
-			if (kvp_attend(s, l, q, out) != KVP_OK)
-				snprintf(r->failure, sizeof r->failure, "attend: %s", kvp_last_error());
-			else if (memcmp(out, r->expected[which][l], sizeof out))
-				snprintf(r->failure, sizeof r->failure, "prompt %u layer %u: attention differs after %u "
-					 "cached", which, l, cached);
-		}
-		kvp_seq_close(s);
-	}
-	return NULL;
-}
 
 Test(prefix, threads_share_prompts_under_pressure_and_attention_stays_exact)
 {
-	static int32_t prompts[3][120];
+	static int32_t prompts[3][RACE_PROMPT];
 	static float expected[3][L][NH * D];
-	float q[NH * D];
 	pthread_t th[RACERS];
 	struct racer r[RACERS];
 	pool_open("");
 	kvp_tenant *plain = tenant_open("plain", "block=8,sinks=4");
 	kvp_tenant *t = tenant_open("t", "model=m,block=8,sinks=4,quota=170KiB");
-	for (uint32_t p = 0; p < 3; p++) {
-		prompt_fill(prompts[p], 120, 40);
-		for (uint32_t i = 20 + 30 * p; i < 120; i++)
-			prompts[p][i] += (int32_t)(p + 1) * 1000; /* shared up to token 20 + 30p */
-		kvp_seq *ref = run_prompt(plain, prompts[p], 120);
-		for (uint32_t l = 0; l < L; l++) {
-			fixture_fill(q, NH * D, 500 + l, 1.0f);
-			cr_assert_eq(kvp_attend(ref, l, q, expected[p][l]), KVP_OK);
-		}
-	}
+	race_prompts(plain, prompts, expected);
 	for (uint32_t i = 0; i < RACERS; i++) {
-		r[i] = (struct racer){ .t = t, .prompts = (const int32_t (*)[120])prompts,
-				       .expected = (const float (*)[L][NH * D])expected, .seed = i };
+		r[i] = (struct racer){ .t = t, .prompts = (const int32_t (*)[RACE_PROMPT])prompts,
+				       .expected = (const float (*)[L][NH * D])expected, .seed = i, .rounds = ROUNDS };
 		cr_assert_eq(pthread_create(&th[i], NULL, race, &r[i]), 0);
 	}
 	uint32_t hits = 0, refused = 0, opened = 0;

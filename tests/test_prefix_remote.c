@@ -473,80 +473,29 @@ Test(prefix_remote, compressed_units_inside_a_shorter_runs_window_are_cut)
 	kvp_pool_close(b), kvp_pool_close(a);
 }
 
-/* Threads of one tenant run three prompts that share their first units, under a quota that makes relief
- * free cached units while others are registered and published (a unit is published after the table's
- * lock is released; relief leaves it until then). Every sequence attends exactly as one that appended
- * everything, and a fresh pool then finds each whole prompt on the server. */
+/* Racers (prefix_fixture.h) under a quota that makes relief free cached units while others are registered
+ * and published (a unit is published after the table's lock is released; relief leaves it until then).
+ * Every sequence attends exactly as one that appended everything, and a fresh pool then finds each whole
+ * prompt on the server. */
 #define PUB_RACERS 3
 #define PUB_ROUNDS 12
-#define PUB_PROMPT 120
-
-struct publisher {
-	kvp_tenant *t;
-	const int32_t (*prompts)[PUB_PROMPT];
-	const float (*expected)[L][NH * D];
-	uint32_t seed;
-	char failure[512];
-};
-
-/* No Criterion assertion off the main thread: a publisher records its first failure and stops. */
-static void *publish_race(void *arg)
-{
-	struct publisher *r = arg;
-	float q[NH * D], out[NH * D];
-	for (uint32_t i = 0; i < PUB_ROUNDS && !r->failure[0]; i++) {
-		uint32_t which = (r->seed + i) % 3, cached;
-		kvp_seq *s;
-		kvp_status st = kvp_seq_open_prefix(r->t, &shape, PUB_PROMPT, r->prompts[which], &s, &cached);
-		if (st == KVP_ENOMEM) /* the other racers hold the quota: a legitimate refusal */
-			continue;
-		if (st != KVP_OK) {
-			snprintf(r->failure, sizeof r->failure, "open: %s", kvp_last_error());
-			break;
-		}
-		st = append_layers(s, r->prompts[which], cached, PUB_PROMPT, 0, L);
-		if (st != KVP_OK && st != KVP_ENOMEM)
-			snprintf(r->failure, sizeof r->failure, "append after %u cached: %s", cached, kvp_last_error());
-		for (uint32_t l = 0; st == KVP_OK && l < L && !r->failure[0]; l++) {
-			fixture_fill(q, NH * D, 500 + l, 1.0f);
-			if (kvp_attend(s, l, q, out) != KVP_OK)
-				snprintf(r->failure, sizeof r->failure, "attend: %s", kvp_last_error());
-			else if (memcmp(out, r->expected[which][l], sizeof out))
-				snprintf(r->failure, sizeof r->failure, "prompt %u layer %u differs after %u cached", which,
-					 l, cached);
-		}
-		kvp_seq_close(s);
-	}
-	return NULL;
-}
 
 Test(prefix_remote, threads_publish_under_pressure_and_a_fresh_pool_finds_every_prompt)
 {
-	static int32_t prompts[3][PUB_PROMPT];
+	static int32_t prompts[3][RACE_PROMPT];
 	static float expected[3][L][NH * D];
 	char url[64];
-	float q[NH * D];
 	pthread_t th[PUB_RACERS];
-	struct publisher r[PUB_RACERS];
+	struct racer r[PUB_RACERS];
 	redis_fixture_need();
 	single_url(redis_start(NULL), url, sizeof url);
 	kvp_pool *a = pool_at(url, NULL);
-	kvp_tenant *plain = tenant_in(a, "plain", "block=8,sinks=4");
 	kvp_tenant *t = tenant_in(a, "t", "model=m,block=8,sinks=4,quota=170KiB");
-	for (uint32_t p = 0; p < 3; p++) {
-		prompt_fill(prompts[p], PUB_PROMPT, 40);
-		for (uint32_t i = 20 + 30 * p; i < PUB_PROMPT; i++)
-			prompts[p][i] += (int32_t)(p + 1) * 1000; /* shared up to token 20 + 30p */
-		kvp_seq *ref = run_prompt(plain, prompts[p], PUB_PROMPT);
-		for (uint32_t l = 0; l < L; l++) {
-			fixture_fill(q, NH * D, 500 + l, 1.0f);
-			cr_assert_eq(kvp_attend(ref, l, q, expected[p][l]), KVP_OK);
-		}
-	}
+	race_prompts(tenant_in(a, "plain", "block=8,sinks=4"), prompts, expected);
 	for (uint32_t i = 0; i < PUB_RACERS; i++) {
-		r[i] = (struct publisher){ .t = t, .prompts = (const int32_t (*)[PUB_PROMPT])prompts,
-					   .expected = (const float (*)[L][NH * D])expected, .seed = i };
-		cr_assert_eq(pthread_create(&th[i], NULL, publish_race, &r[i]), 0);
+		r[i] = (struct racer){ .t = t, .prompts = (const int32_t (*)[RACE_PROMPT])prompts,
+				       .expected = (const float (*)[L][NH * D])expected, .seed = i, .rounds = PUB_ROUNDS };
+		cr_assert_eq(pthread_create(&th[i], NULL, race, &r[i]), 0);
 	}
 	for (uint32_t i = 0; i < PUB_RACERS; i++) {
 		pthread_join(th[i], NULL);
@@ -558,7 +507,7 @@ Test(prefix_remote, threads_publish_under_pressure_and_a_fresh_pool_finds_every_
 	for (uint32_t p = 0; p < 3; p++) {
 		uint32_t cached;
 		kvp_seq *s;
-		cr_assert_eq(kvp_seq_open_prefix(tb, &shape, PUB_PROMPT, prompts[p], &s, &cached), KVP_OK, "%s",
+		cr_assert_eq(kvp_seq_open_prefix(tb, &shape, RACE_PROMPT, prompts[p], &s, &cached), KVP_OK, "%s",
 			     kvp_last_error());
 		cr_assert_eq(cached, 116, "prompt %u: %u of its 116 unit tokens on the server", p, cached);
 		if (p == 0) /* the later prompts find their shared first units in b's own cache */
