@@ -48,7 +48,11 @@ struct prefix_entry {
 	uint64_t hash, parent; /* parent: 0 for a chain's first unit */
 	uint64_t last_use;
 	uint32_t unit;       /* depth in its chain */
-	uint32_t children;   /* entries whose parent this is */
+	uint32_t children;   /* entries whose `up` this is */
+	/* The parent entry this one counts on: a unit may be cached more than once (exact, and compressed per
+	 * owner), and the count must come off the entry it went on. NULL for a chain's first unit, and once
+	 * the parent's tenant closed with no other entry of the parent unit left. */
+	struct prefix_entry *up;
 	uint32_t publishing; /* publications reading it outside the table's lock: relief leaves it */
 	uint32_t n_tokens, n_streams;
 	/* Installed from a compressed value (the remote tier's ":c"): its blocks hold level-0 codes of the
@@ -248,7 +252,6 @@ static void entry_link(struct kvp_prefix_table *tab, struct prefix_entry *e)
 
 static void entry_unlink_free(struct kvp_prefix_table *tab, struct prefix_entry *e)
 {
-	struct prefix_entry *parent = e->unit ? find(tab, e->parent, &e->id, NULL, 0, FIND_ANY) : NULL;
 	for (struct prefix_entry **b = &tab->bucket[e->hash % PREFIX_BUCKETS]; *b; b = &(*b)->bucket_next)
 		if (*b == e) {
 			*b = e->bucket_next;
@@ -260,8 +263,8 @@ static void entry_unlink_free(struct kvp_prefix_table *tab, struct prefix_entry 
 		tab->all = e->next;
 	if (e->next)
 		e->next->prev = e->prev;
-	if (parent && parent->children)
-		parent->children--;
+	if (e->up)
+		e->up->children--;
 	entry_free(e);
 }
 
@@ -303,6 +306,29 @@ int kvp_prefix_relieve(struct kvp_tenant_obj *t, uint64_t bytes, struct kvp_call
 	return t->pool->spill ? kvp_pressure_relieve(t, bytes, call) : 0;
 }
 
+/* An entry of the parent unit of e's not owned by t (share_prefix=1: chains cross tenants). */
+static struct prefix_entry *parent_outside(const struct kvp_prefix_table *tab, const struct prefix_entry *e,
+					   const struct kvp_tenant_obj *t)
+{
+	for (struct prefix_entry *p = tab->bucket[e->parent % PREFIX_BUCKETS]; p; p = p->bucket_next)
+		if (p->owner != t && p->hash == e->parent && identity_equal(&p->id, &e->id))
+			return p;
+	return NULL;
+}
+
+/* Relief never frees a parent with children, but a tenant's close frees all its entries: first, what
+ * counts on them moves to another entry of the same unit (an entry of t's own needs none: it goes too). */
+static void move_children_off(struct kvp_prefix_table *tab, const struct kvp_tenant_obj *t)
+{
+	for (struct prefix_entry *e = tab->all; e; e = e->next)
+		if (e->up && e->up->owner == t) {
+			e->up->children--;
+			e->up = e->owner == t ? NULL : parent_outside(tab, e, t);
+			if (e->up)
+				e->up->children++;
+		}
+}
+
 void kvp_prefix_drop_tenant(struct kvp_tenant_obj *t)
 {
 	struct kvp_prefix_table *tab = t->pool ? t->pool->prefix : NULL;
@@ -310,6 +336,7 @@ void kvp_prefix_drop_tenant(struct kvp_tenant_obj *t)
 	if (!tab)
 		return;
 	pthread_mutex_lock(&tab->lock);
+	move_children_off(tab, t);
 	for (e = tab->all; e; e = next) {
 		next = e->next;
 		if (e->owner == t)
@@ -470,8 +497,8 @@ void kvp_prefix_capture(const struct kvp_seq_obj *s, struct kvp_stream *st)
 }
 
 /* Unit p->next joins the table when its parent is still there; an equal entry already there (another
- * sequence registered the same unit) serves instead. 0 when the chain is broken; *joined is the entry when
- * it joined. */
+ * sequence registered the same unit) serves instead, and counts on the parent if it has none. 0 when the
+ * chain is broken; *joined is the entry when it joined. */
 static int register_next(struct kvp_prefix_table *tab, struct kvp_prefix_prompt *p, struct prefix_entry **joined)
 {
 	struct prefix_entry *e = p->entry[p->next], *parent = NULL, *same;
@@ -481,11 +508,13 @@ static int register_next(struct kvp_prefix_table *tab, struct kvp_prefix_prompt 
 	p->entry[p->next++] = NULL;
 	if ((same = find(tab, e->hash, &e->id, e->tokens, e->n_tokens, 0))) {
 		same->last_use = ++tab->clock;
+		if (!same->up && parent) /* its parent's tenant closed: the chain is whole again */
+			(same->up = parent)->children++;
 		entry_free(e);
 		return 1;
 	}
 	entry_link(tab, e);
-	if (parent)
+	if ((e->up = parent))
 		parent->children++;
 	*joined = e;
 	return 1;
@@ -734,7 +763,7 @@ static kvp_status unit_value_install(struct kvp_tenant_obj *t, const struct pref
 		st = KVP_OK; /* cached meanwhile: ours is not needed */
 	else {
 		entry_link(tab, e);
-		if (parent)
+		if ((e->up = parent))
 			parent->children++;
 		e = NULL;
 	}

@@ -388,6 +388,36 @@ Test(prefix, tenant_close_drops_its_entries)
 	kvp_pool_close(pool);
 }
 
+/* With share_prefix=1 a chain crosses tenants: b's units extend a's. When a closes, b's units stay (they
+ * are b's memory, relief frees them), and when b caches the start of the chain again they count on it,
+ * so relief frees b's chain from its end. */
+Test(prefix, chain_across_tenants_outlives_its_first_tenant)
+{
+	int32_t tokens[84];
+	uint32_t cached;
+	struct kvp_call call = { 0 };
+	pool_open("share_prefix=1");
+	kvp_tenant *a = tenant_open("a", "model=m,block=8,sinks=4");
+	kvp_tenant *b = tenant_open("b", "model=m,block=8,sinks=4");
+	prompt_fill(tokens, 84, 29);
+	kvp_seq_close(run_prompt(a, tokens, 60));
+	kvp_seq *s = open_prompt(b, tokens, 84, &cached);
+	cr_assert_eq(cached, 60, "a's units 0..7");
+	append_tokens(s, tokens, cached, 84);
+	kvp_seq_close(s);
+	kvp_tenant_close(a);
+	kvp_seq_close(run_prompt(b, tokens, 84)); /* units 0..7 are b's now, 8..10 were */
+	cr_assert(kvp_prefix_relieve(kvp_tenant_from_handle(b), 1, &call));
+	kvp_seq_close(open_prompt(b, tokens, 84, &cached));
+	cr_assert_eq(cached, 76, "relief took the chain's last unit, not a parent of the others: %u cached", cached);
+	unsigned freed = 1;
+	while (kvp_prefix_relieve(kvp_tenant_from_handle(b), 1, &call))
+		freed++;
+	cr_assert_eq(freed, 11, "b's 11 units: %u", freed);
+	cr_assert_eq(tenant_stats(b).bytes_cached, 0);
+	kvp_pool_close(pool);
+}
+
 /* ---- memory ---- */
 
 Test(prefix, closed_sequences_leave_their_prompt_cached)

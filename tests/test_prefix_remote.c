@@ -473,6 +473,44 @@ Test(prefix_remote, compressed_units_inside_a_shorter_runs_window_are_cut)
 	kvp_pool_close(b), kvp_pool_close(a);
 }
 
+/* A unit can be cached twice in one tenant: compressed (fetched from the remote tier) and exact (appended
+ * by a sequence whose run was cut before it). Each entry counts on the parent entry it joined under, so
+ * once no sequence holds them relief frees every unit of both chains, parents after their children. */
+Test(prefix_remote, relief_frees_every_unit_cached_both_exact_and_compressed)
+{
+	char url[64];
+	int32_t tokens[PROMPT];
+	uint32_t cached;
+	redis_fixture_need();
+	single_url(redis_start(NULL), url, sizeof url);
+	prompt_fill(tokens, PROMPT, 101);
+	kvp_pool *a = pool_at(url, NULL);
+	run_prompt(tenant_in(a, "t", COLD_SPEC), tokens, PROMPT);
+	drained(a);
+	kvp_pool *b = pool_at(url, NULL);
+	kvp_tenant *tb = tenant_in(b, "t", COLD_SPEC);
+	kvp_seq *s = open_prompt(tb, tokens, PROMPT, &cached);
+	cr_assert_eq(cached, 60);
+	cr_assert_eq(kvp_seq_from_handle(s)->streams[0].n_cold, 5, "units 1..5 arrived compressed");
+	kvp_seq_close(s);
+	/* 20 tokens: a run of 12 holds no cold block, so the compressed unit 1 is cut and units 1 and 2 are
+	 * appended and cached exact beside the compressed ones */
+	s = open_prompt(tb, tokens, 20, &cached);
+	cr_assert_eq(cached, 4, "the sink only");
+	append_tokens(s, tokens, cached, 20);
+	kvp_seq_close(s);
+	kvp_stats full = tenant_stats(tb);
+	cr_assert_gt(full.bytes_cached, 0);
+	struct kvp_call call = { 0 };
+	unsigned freed = 0;
+	while (kvp_prefix_relieve(kvp_tenant_from_handle(tb), 1, &call))
+		freed++;
+	cr_assert_eq(freed, 10, "8 units of the fetched chain and 2 exact ones: %u freed", freed);
+	cr_assert_eq(tenant_stats(tb).bytes_cached, 0, "%llu bytes of %llu still cached",
+		     (unsigned long long)tenant_stats(tb).bytes_cached, (unsigned long long)full.bytes_cached);
+	kvp_pool_close(b), kvp_pool_close(a);
+}
+
 /* Racers (prefix_fixture.h) under a quota that makes relief free cached units while others are registered
  * and published (a unit is published after the table's lock is released; relief leaves it until then).
  * Every sequence attends exactly as one that appended everything, and a fresh pool then finds each whole
