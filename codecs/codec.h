@@ -77,6 +77,13 @@ struct kvp_codec_ops {
 			  const float *q);
 	kvp_status (*encode)(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x, void *dst);
 	kvp_status (*decode)(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, float *x);
+	/*
+	 * Optional: whether the bytes of n tokens (n a multiple of group) are ones encode writes, for bytes
+	 * that come from outside the process (the remote tier): its norms and scales finite and >= 0, a
+	 * keep mask of the kept count. KVP_ECORRUPT naming the token and the field otherwise. NULL: every byte
+	 * pattern is one encode writes for some input (fp16, fp32). Reads no context.
+	 */
+	kvp_status (*check)(const struct kvp_codec *c, unsigned n, const void *src);
 	/* qprep: qprep_bytes of scratch filled once per query, then used by dot over many blocks */
 	void (*prepare_query)(const struct kvp_codec *c, const void *ctx, const float *q, void *qprep);
 	/* out[i] = <q, decode(x_i)> for i < n (no 1/sqrt(d) scaling) */
@@ -170,6 +177,18 @@ void kvp_codec_names(unsigned flags, char *out, size_t cap);
 static inline kvp_status kvp_codec_bits_arg(struct kvp_args *args, const char *bits)
 {
 	return kvp_args_put(args, "bits", bits);
+}
+
+/* ops->check, or KVP_OK for a codec that has none. */
+static inline kvp_status kvp_codec_check(const struct kvp_codec *c, unsigned n, const void *src)
+{
+	return c->ops->check ? c->ops->check(c, n, src) : KVP_OK;
+}
+
+/* A norm or a scale as encoders write them: finite and >= 0 (NaN fails both comparisons). */
+static inline int kvp_codec_scale_ok(float v)
+{
+	return v >= 0.0f && v <= 3.4028234663852886e38f;
 }
 
 /* The codecs of the registry (codecs/registry.c). */

@@ -782,6 +782,26 @@ static void token_scalars(const struct kvp_kernels *kern, const struct kivi *k, 
 	}
 }
 
+/* Every code pattern decodes; each group's z must be finite and its s finite and >= 0, as encode writes
+ * them (a record: a token, or a group of G tokens with axis=channel). */
+static kvp_status kivi_check(const struct kvp_codec *c, unsigned n, const void *src)
+{
+	const struct kivi *k = c->state;
+	const unsigned per = k->per_token ? k->ng : c->dim, records = k->per_token ? n : n / k->g;
+	const unsigned char *p = src;
+
+	for (unsigned r = 0; r < records; r++, p += k->stride)
+		for (unsigned j = 0; j < per; j++) {
+			const float z = load16(p + 2 * j), s = load16(p + 2 * (per + j));
+
+			if (!isfinite(z) || !kvp_codec_scale_ok(s))
+				return kvp_fail(KVP_ECORRUPT, "kivi: %s %u, %s %u: z %g and s %g (encode writes a finite z and "
+						"s >= 0)", k->per_token ? "token" : "group of tokens", r,
+						k->per_token ? "channel group" : "channel", j, (double)z, (double)s);
+		}
+	return KVP_OK;
+}
+
 static kvp_status kivi_decode(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, float *x)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
@@ -1122,6 +1142,7 @@ const struct kvp_codec_ops kvp_codec_kivi = {
 	.bytes = kivi_bytes,
 	.encode = kivi_encode,
 	.decode = kivi_decode,
+	.check = kivi_check,
 	.prepare_query = kivi_prepare_query,
 	.dot = kivi_dot,
 	.axpy = kivi_axpy,

@@ -83,6 +83,7 @@
  * (a quickselect per token and a branch per channel, 4-8x slower).
  */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -672,6 +673,31 @@ static int mask_is_sound(const struct kvp_codec *c, const unsigned char *mask)
 	return bits == s->kept;
 }
 
+/* Each token's mask keeps `kept` channels and its scale is what encode writes; the inner codec checks
+ * the kept values (quantize=all: the whole token). */
+static kvp_status spark_check(const struct kvp_codec *c, unsigned n, const void *src)
+{
+	const struct spark *s = c->state;
+	const unsigned char *p = src;
+
+	if (s->all)
+		return kvp_codec_check(c->inner, n, src);
+	for (unsigned i = 0; i < n; i++, p += s->stride) {
+		char why[200];
+
+		if (s->avg && !kvp_codec_scale_ok(kvp_load_f32(p)))
+			return kvp_fail(KVP_ECORRUPT, "spark: token %u's pruned scale is %g, not a finite number >= 0", i,
+					(double)kvp_load_f32(p));
+		if (!mask_is_sound(c, p + s->mask_at))
+			return kvp_fail(KVP_ECORRUPT, "spark: token %u's keep mask does not keep %u channels", i, s->kept);
+		if (c->inner && kvp_codec_check(c->inner, 1, p + s->kept_at) != KVP_OK) {
+			snprintf(why, sizeof why, "%s", kvp_last_error());
+			return kvp_fail(KVP_ECORRUPT, "spark: token %u's kept values: %s", i, why);
+		}
+	}
+	return KVP_OK;
+}
+
 /* The kept values of token p, widened from fp16 (spark alone). */
 static void load_fp16(const struct kvp_codec *c, const unsigned char *p, float *y)
 {
@@ -1018,6 +1044,7 @@ const struct kvp_codec_ops kvp_codec_spark = {
 	.fit = spark_fit,
 	.encode = spark_encode,
 	.decode = spark_decode,
+	.check = spark_check,
 	.prepare_query = spark_prepare_query,
 	.dot = spark_dot,
 	.axpy = spark_axpy,

@@ -609,6 +609,24 @@ kvp_status kvp_turboquant_encode_reference(const struct kvp_codec *c, const void
 	return KVP_OK;
 }
 
+/* Every code pattern decodes; the scalars (each part's norm, then with qjl=1 its residual's) must be what
+ * encode writes. */
+static kvp_status tq_check(const struct kvp_codec *c, unsigned n, const void *src)
+{
+	const struct tq *t = c->state;
+	const unsigned char *p = src;
+
+	for (unsigned i = 0; i < n; i++, p += t->stride)
+		for (unsigned k = 0; k < t->head / sizeof(float); k++) {
+			const float v = load_f32(p + sizeof(float) * k);
+
+			if (!kvp_codec_scale_ok(v))
+				return kvp_fail(KVP_ECORRUPT, "turboquant: token %u's %s of part %u is %g, not a finite number >= 0",
+						i, k < t->nparts ? "norm" : "residual norm", k % t->nparts, (double)v);
+		}
+	return KVP_OK;
+}
+
 static float qjl_scale(const struct tq_part *pt)
 {
 	return 1.2533141373155003f / (float)pt->m; /* sqrt(pi/2) / m */
@@ -1220,6 +1238,7 @@ const struct kvp_codec_ops kvp_codec_turboquant = {
 	.fit = tq_fit,
 	.encode = tq_encode,
 	.decode = tq_decode,
+	.check = tq_check,
 	.prepare_query = tq_prepare_query,
 	.dot = tq_dot,
 	.axpy = tq_axpy,

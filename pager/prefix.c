@@ -592,6 +592,7 @@ static const char *namespace_of(const struct kvp_tenant_obj *t)
 struct cold_form {
 	uint64_t id;             /* the records' codec id: the identity's hash mixed with k= and v= */
 	size_t k_bytes, v_bytes; /* one block's codes */
+	const struct kvp_codec *k, *v; /* which check a fetched block's codes */
 };
 
 static void cold_form_of(const struct kvp_seq_obj *s, uint64_t idh, struct cold_form *f)
@@ -606,6 +607,8 @@ static void cold_form_of(const struct kvp_seq_obj *s, uint64_t idh, struct cold_
 				    c->v_spec, strlen(c->v_spec)));
 	f->k_bytes = k->ops->bytes(k, c->block);
 	f->v_bytes = v->ops->bytes(v, c->block);
+	f->k = k;
+	f->v = v;
 }
 
 /* Blocks a sequence that appended the first n tokens holds cold (kvp_cold's rule without a policy: a
@@ -691,12 +694,18 @@ static void *unit_value_make_cold(const struct kvp_seq_obj *s, const struct pref
 	return value;
 }
 
-/* One stream's block of unit e from its record's payload: exact rows (f NULL) or f's codes. */
-static struct kvp_block *unit_block_from(struct kvp_tenant_obj *t, const struct prefix_entry *e,
-					 const struct cold_form *f, const unsigned char *payload)
+/* One stream's block of unit e from its record's payload: exact rows (f NULL) or f's codes, which must be
+ * codes its encoders write (a checksum says the bytes are the publisher's, not that they are sound). */
+static kvp_status unit_block_from(struct kvp_tenant_obj *t, const struct prefix_entry *e, const struct cold_form *f,
+				  const unsigned char *payload, struct kvp_block **out)
 {
 	const size_t rows = (size_t)e->n_tokens * row_bytes(e->id.shape.head_dim, e->id.store);
 	struct kvp_block *b;
+	kvp_status st;
+	*out = NULL;
+	if (f && ((st = kvp_codec_check(f->k, e->n_tokens, payload)) != KVP_OK ||
+		  (st = kvp_codec_check(f->v, e->n_tokens, payload + f->k_bytes)) != KVP_OK))
+		return st;
 	if (f && (b = kvp_block_new_cold(t, e->n_tokens, f->k_bytes, f->v_bytes, NULL))) {
 		memcpy(b->k, payload, f->k_bytes);
 		memcpy(b->v, payload + f->k_bytes, f->v_bytes);
@@ -705,10 +714,11 @@ static struct kvp_block *unit_block_from(struct kvp_tenant_obj *t, const struct 
 		memcpy(b->k, payload, rows);
 		memcpy(b->v, payload + rows, rows);
 	} else
-		return NULL;
+		return KVP_ENOMEM;
 	b->n = (uint16_t)e->n_tokens;
 	b->pos_base = (int32_t)unit_start(&t->cfg, e->unit);
-	return b;
+	*out = b;
+	return KVP_OK;
 }
 
 /* Unit u's blocks from its value, checked record by record against what t expects, into e. */
@@ -721,14 +731,16 @@ static kvp_status unit_value_blocks(struct kvp_tenant_obj *t, uint64_t idh, cons
 		const unsigned char *payload;
 		kvp_status st;
 		stream_record_id(&e->id, idh, f, e->hash, e->n_tokens, i, &rid);
-		if ((st = kvp_record_unpack(&rid, value + at, bytes - at, (const void **)&payload, &used)) != KVP_OK) {
+		if ((st = kvp_record_unpack(&rid, value + at, bytes - at, (const void **)&payload, &used)) == KVP_OK)
+			st = unit_block_from(t, e, f, payload, &e->blocks[i]);
+		if (st == KVP_ECORRUPT) {
 			char why[160];
 			snprintf(why, sizeof why, "%s", kvp_last_error());
 			return kvp_fail(st, "prefix value of unit %u, layer %u, KV head %u: %s", e->unit, rid.layer,
 					rid.kv_head, why);
 		}
-		if (!(e->blocks[i] = unit_block_from(t, e, f, payload)))
-			return KVP_ENOMEM;
+		if (st != KVP_OK)
+			return st;
 	}
 	if (at != bytes)
 		return kvp_fail(KVP_ECORRUPT, "prefix value of unit %u: %zu bytes after its records", e->unit, bytes - at);

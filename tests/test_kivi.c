@@ -212,6 +212,41 @@ Test(kivi, non_finite_values_and_ranges_beyond_fp16_are_rejected)
 	kvp_codec_free(c);
 }
 
+/* Bytes from outside the process are checked before use: z finite, s finite and >= 0 in every group, on
+ * either axis (keys: a record is a group of 32 tokens). */
+Test(kivi, check_passes_encoded_groups_and_names_a_scale_encode_never_writes)
+{
+	static const char *const specs[] = { "kivi(bits=2)", "kivi(bits=2,axis=token)" };
+	static const uint16_t bad[] = { 0x7e00 /* NaN */, 0x7c00 /* inf */, 0xbc00 /* -1 */ };
+
+	for (unsigned a = 0; a < 2; a++) {
+		struct kvp_codec *c = open_role(specs[a], 64, KVP_CODEC_KEYS);
+		const size_t n = 64, bytes = c->ops->bytes(c, n);
+		unsigned char *enc = xcalloc(bytes, 1), *copy = xcalloc(bytes, 1);
+		/* the second record's scale of channel (group) 1: past its z[per] and s[0] */
+		const unsigned per = a ? 2 : 64;
+		const size_t at = c->ops->bytes(c, a ? 1 : 32) + 2 * (per + 1);
+		struct rng r = { 43 };
+		float *x = xcalloc(n * 64, sizeof *x);
+
+		rng_gaussians(&r, x, n * 64);
+		cr_assert_eq(c->ops->encode(c, NULL, n, x, enc), KVP_OK, "%s", kvp_last_error());
+		cr_assert_eq(c->ops->check(c, n, enc), KVP_OK, "%s: %s", specs[a], kvp_last_error());
+		for (unsigned i = 0; i < 3; i++) {
+			memcpy(copy, enc, bytes);
+			memcpy(copy + at, &bad[i], 2);
+			cr_assert_eq(c->ops->check(c, n, copy), KVP_ECORRUPT, "%s: %#x", specs[a], bad[i]);
+			cr_assert(strstr(kvp_last_error(), a ? "token 1, channel group 1" : "group of tokens 1, channel 1"),
+				  "%s", kvp_last_error());
+		}
+		memcpy(copy, enc, bytes);
+		memcpy(copy + at - 2 * per, &bad[0], 2); /* a z */
+		cr_assert_eq(c->ops->check(c, n, copy), KVP_ECORRUPT, "%s: a NaN z", specs[a]);
+		free(x), free(enc), free(copy);
+		kvp_codec_free(c);
+	}
+}
+
 Test(kivi, bad_arguments_are_rejected_with_a_message_quoting_them)
 {
 	expect_rejected("kivi(bits=8)", 128, "8");

@@ -5,6 +5,7 @@
  * checked, and attends exactly as the first; every fault is a miss with a note.
  */
 #include <criterion/criterion.h>
+#include <math.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -12,6 +13,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "kernels/crc32c.h"
 #include "kvpager.h"
 #include "pager/pager.h"
 #include "prefix_fixture.h"
@@ -407,6 +409,57 @@ Test(prefix_remote, corrupt_compressed_value_is_a_miss_never_served)
 	cr_assert_eq(kvp_seq_open_prefix(tb, &shape, PROMPT, tokens, &s, &cached), KVP_OK, "%s", kvp_last_error());
 	cr_assert_eq(cached, 4, "only the sink, which goes exact");
 	cr_assert(strstr(kvp_last_error(), "CRC32C"), "the note names the check: %s", kvp_last_error());
+	cr_assert_eq(seq_stats(s).remote_rejected, 1);
+	append_tokens(s, tokens, cached, PROMPT);
+	assert_same_attention(sa, s, "computed again");
+	kvp_pool_close(b), kvp_pool_close(a);
+}
+
+/* The first record of every compressed value gets a NaN as its first token's norm, and a checksum that
+ * matches (tier/record.c's: the header but its CRC field, then the payload): the value is the publisher's
+ * bytes as far as the checksum can tell, but no encoder writes them. */
+static void poison_compressed_values(int server)
+{
+	static const unsigned char zero[4];
+	const float nan = NAN;
+	redisReply *keys = redis_run(redis_port(server), "KEYS kvp:*:c");
+	cr_assert(keys && keys->type == REDIS_REPLY_ARRAY && keys->elements == 7);
+	for (size_t i = 0; i < keys->elements; i++) {
+		redisReply *v = redis_run(redis_port(server), "GET %s", keys->element[i]->str);
+		unsigned char *h = (unsigned char *)v->str;
+		uint64_t payload;
+		cr_assert(v && v->type == REDIS_REPLY_STRING && v->len > KVP_RECORD_HEADER + 4);
+		memcpy(&payload, h + 48, sizeof payload);
+		memcpy(h + KVP_RECORD_HEADER, &nan, sizeof nan);
+		uint32_t crc = kvp_crc32c(kvp_crc32c(kvp_crc32c(kvp_crc32c(0, h, 8), zero, 4), h + 12, KVP_RECORD_HEADER - 12),
+					  h + KVP_RECORD_HEADER, (size_t)payload);
+		memcpy(h + 8, &crc, sizeof crc);
+		freeReplyObject(redis_run(redis_port(server), "SET %s %b", keys->element[i]->str, v->str, (size_t)v->len));
+		freeReplyObject(v);
+	}
+	freeReplyObject(keys);
+}
+
+Test(prefix_remote, compressed_value_with_a_sound_checksum_but_codes_no_encoder_writes_is_a_miss)
+{
+	char url[64];
+	int32_t tokens[PROMPT];
+	uint32_t cached;
+	kvp_seq *s;
+	redis_fixture_need();
+	int server = redis_start(NULL);
+	single_url(server, url, sizeof url);
+	prompt_fill(tokens, PROMPT, 89);
+	kvp_pool *a = pool_at(url, NULL);
+	kvp_seq *sa = run_prompt(tenant_in(a, "t", COLD_SPEC), tokens, PROMPT);
+	drained(a);
+	poison_compressed_values(server);
+	kvp_pool *b = pool_at(url, NULL);
+	kvp_tenant *tb = tenant_in(b, "t", COLD_SPEC);
+	cr_assert_eq(kvp_seq_open_prefix(tb, &shape, PROMPT, tokens, &s, &cached), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(cached, 4, "only the sink, which goes exact");
+	cr_assert(strstr(kvp_last_error(), "unit 1, layer 0, KV head 0: turboquant: token 0's norm of part 0 is nan"),
+		  "the note names the unit, the stream and the field: %s", kvp_last_error());
 	cr_assert_eq(seq_stats(s).remote_rejected, 1);
 	append_tokens(s, tokens, cached, PROMPT);
 	assert_same_attention(sa, s, "computed again");

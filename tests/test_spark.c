@@ -233,6 +233,48 @@ Test(spark, non_finite_keys_are_rejected)
 	kvp_codec_close(c);
 }
 
+/* Bytes from outside the process are checked before use: a scale encode writes, a mask of the kept count,
+ * and kept values the inner codec's check passes. */
+Test(spark, check_passes_encoded_tokens_and_names_a_mask_or_scale_encode_never_writes)
+{
+	kvp_codec *alone = codec_open("spark(keep=0.5)", 16), *stacked = codec_open("spark(keep=0.5)|turboquant(bits=3)", 16);
+	kvp_codec *all = codec_open("spark(keep=0.5,quantize=all)|turboquant(bits=3)", 16);
+	const float nan = NAN;
+	struct rng r = { 47 };
+	float x[3 * 16];
+	unsigned char bytes[3 * 64], copy[3 * 64];
+	size_t stride;
+
+	rng_gaussians(&r, x, 3 * 16);
+	cr_assert_eq(kvp_codec_encode(alone, 3, x, bytes), KVP_OK);
+	cr_assert_eq(alone->ops->check(alone, 3, bytes), KVP_OK, "%s", kvp_last_error());
+	stride = kvp_codec_bytes(alone, 1);
+	memcpy(copy, bytes, sizeof copy);
+	memcpy(copy + stride, &nan, 4);
+	cr_assert_eq(alone->ops->check(alone, 3, copy), KVP_ECORRUPT);
+	cr_assert(strstr(kvp_last_error(), "token 1's pruned scale"), "%s", kvp_last_error());
+	memcpy(copy, bytes, sizeof copy);
+	copy[2 * stride + 4] ^= 0x01; /* token 2's mask: one channel more or less */
+	cr_assert_eq(alone->ops->check(alone, 3, copy), KVP_ECORRUPT);
+	cr_assert(strstr(kvp_last_error(), "token 2's keep mask does not keep 8 channels"), "%s", kvp_last_error());
+
+	cr_assert_eq(kvp_codec_encode(stacked, 3, x, bytes), KVP_OK);
+	cr_assert_eq(stacked->ops->check(stacked, 3, bytes), KVP_OK, "%s", kvp_last_error());
+	stride = kvp_codec_bytes(stacked, 1);
+	memcpy(copy, bytes, sizeof copy);
+	memcpy(copy + stride + stride - kvp_codec_bytes(stacked->inner, 1), &nan, 4); /* token 1's inner norm */
+	cr_assert_eq(stacked->ops->check(stacked, 3, copy), KVP_ECORRUPT);
+	cr_assert(strstr(kvp_last_error(), "token 1's kept values: turboquant: token 0's norm"), "%s", kvp_last_error());
+
+	cr_assert_eq(kvp_codec_encode(all, 3, x, bytes), KVP_OK);
+	cr_assert_eq(all->ops->check(all, 3, bytes), KVP_OK, "%s", kvp_last_error());
+	memcpy(copy, bytes, sizeof copy);
+	memcpy(copy + 2 * kvp_codec_bytes(all, 1), &nan, 4);
+	cr_assert_eq(all->ops->check(all, 3, copy), KVP_ECORRUPT);
+	cr_assert(strstr(kvp_last_error(), "turboquant: token 2's norm"), "%s", kvp_last_error());
+	kvp_codec_close(alone), kvp_codec_close(stacked), kvp_codec_close(all);
+}
+
 /* Small integers, so many ties: the kept set is the top T by |x|, ties to the lower channel index. */
 Test(spark, keeps_the_largest_channels_with_ties_to_the_lower_index)
 {

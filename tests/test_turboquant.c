@@ -353,6 +353,35 @@ Test(turboquant, zero_vector_decodes_to_zero_and_non_finite_input_is_rejected)
 	kvp_codec_close(c);
 }
 
+/* Bytes from outside the process (the remote tier) are checked before use: every code pattern decodes, but
+ * a norm is finite and >= 0 as encode writes it. */
+Test(turboquant, check_passes_encoded_tokens_and_names_a_norm_encode_never_writes)
+{
+	kvp_codec *c = codec_open("turboquant(bits=3,qjl=1)", 64);
+	const size_t stride = kvp_codec_bytes(c, 1);
+	static const float bad[] = { NAN, INFINITY, -1.0f };
+	struct rng r = { 41 };
+	float x[4 * 64];
+	unsigned char bytes[4 * 64], copy[4 * 64];
+
+	cr_assert_leq(4 * stride, sizeof bytes);
+	rng_gaussians(&r, x, 4 * 64);
+	cr_assert_eq(kvp_codec_encode(c, 4, x, bytes), KVP_OK);
+	cr_assert_eq(c->ops->check(c, 4, bytes), KVP_OK, "%s", kvp_last_error());
+	for (unsigned i = 0; i < 3; i++)
+		for (unsigned field = 0; field < 2; field++) { /* the norm, then the residual's */
+			memcpy(copy, bytes, sizeof copy);
+			memcpy(copy + 2 * stride + 4 * field, &bad[i], 4);
+			cr_assert_eq(c->ops->check(c, 4, copy), KVP_ECORRUPT, "%g in field %u", (double)bad[i], field);
+			cr_assert(strstr(kvp_last_error(), field ? "token 2's residual norm" : "token 2's norm"), "%s",
+				  kvp_last_error());
+		}
+	memset(copy, 0xff, sizeof copy); /* codes alone may be anything */
+	memcpy(copy, bytes, 8);
+	cr_assert_eq(c->ops->check(c, 1, copy), KVP_OK, "%s", kvp_last_error());
+	kvp_codec_close(c);
+}
+
 Test(turboquant, seed_fixes_the_bytes)
 {
 	struct rng r = { 9 };
