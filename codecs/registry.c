@@ -438,6 +438,18 @@ static kvp_status check_fitted(const char *what, const kvp_codec *c)
 	return KVP_OK;
 }
 
+/* The caller's bytes are read as codes only when they are ones encode writes (a norm that is NaN would
+ * make every output NaN, a SparK mask of the wrong count would place values in the wrong channels). */
+static kvp_status check_bytes(const char *what, const kvp_codec *c, uint32_t n, const void *src)
+{
+	char why[200];
+
+	if (kvp_codec_check(c, n, src) == KVP_OK)
+		return KVP_OK;
+	snprintf(why, sizeof why, "%s", kvp_last_error());
+	return kvp_fail(KVP_ECORRUPT, "%s: %s", what, why);
+}
+
 KVP_API kvp_status kvp_codec_encode(kvp_codec *c, uint32_t n, const float *x, void *dst)
 {
 	kvp_status st = check_call("kvp_codec_encode", c, n, x, dst);
@@ -463,6 +475,8 @@ KVP_API kvp_status kvp_codec_decode(kvp_codec *c, uint32_t n, const void *src, f
 
 	if (st == KVP_OK && n)
 		st = check_fitted("kvp_codec_decode", c);
+	if (st == KVP_OK && n)
+		st = check_bytes("kvp_codec_decode", c, n, src);
 	if (st != KVP_OK || n == 0)
 		return st;
 	return c->ops->decode(c, c->own_ctx, n, src, x);
@@ -477,6 +491,8 @@ KVP_API kvp_status kvp_codec_dot(kvp_codec *c, uint32_t n, const void *src, cons
 		st = kvp_fail(KVP_EINVAL, "kvp_codec_dot: NULL buffer");
 	if (st == KVP_OK && n)
 		st = check_fitted("kvp_codec_dot", c);
+	if (st == KVP_OK && n)
+		st = check_bytes("kvp_codec_dot", c, n, src);
 	if (st != KVP_OK || n == 0)
 		return st;
 	qprep = malloc(c->qprep_bytes ? c->qprep_bytes : 1);

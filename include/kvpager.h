@@ -294,6 +294,8 @@ KVP_API uint32_t kvp_codec_group(const kvp_codec *c); /* tokens per group; 1 whe
 /* Bytes of n tokens, n rounded up to whole groups; SIZE_MAX when they do not fit size_t. */
 KVP_API size_t kvp_codec_bytes(const kvp_codec *c, uint32_t n);
 KVP_API kvp_status kvp_codec_encode(kvp_codec *c, uint32_t n, const float *x, void *dst);
+/* decode and dot read src only when it holds codes encode writes (finite norms and scales >= 0, SparK
+ * masks of the kept count): KVP_ECORRUPT naming the token and the field otherwise. */
 KVP_API kvp_status kvp_codec_decode(kvp_codec *c, uint32_t n, const void *src, float *x);
 /* out[i] = <q, decode(token i)>, in floats (the single-head path, not attention's integer group path). */
 KVP_API kvp_status kvp_codec_dot(kvp_codec *c, uint32_t n, const void *src, const float *q, float *out);

@@ -163,6 +163,36 @@ Test(codec, bad_calls_are_einval_not_crashes)
 	kvp_codec_close(NULL);
 }
 
+/* Bytes no encoder writes (here all 0xff: NaN norms and scales, full masks) are refused by the public
+ * decode and dot of every codec that has a check, with nothing written to the output (SparK's context is
+ * fitted by a first encode). */
+Test(codec, public_decode_and_dot_refuse_bytes_no_encoder_writes)
+{
+	static const char *const specs[] = { "turboquant(bits=3)", "kivi(bits=2)", "spark(keep=0.5)",
+					     "spark(keep=0.5)|turboquant(bits=3)" };
+	float x[32 * 64], q[64] = { 0 }, out[32];
+	unsigned char bytes[32 * 256];
+
+	for (unsigned i = 0; i < sizeof specs / sizeof specs[0]; i++) {
+		kvp_codec *c = codec_open(specs[i], 64);
+		cr_assert_leq(kvp_codec_bytes(c, 32), sizeof bytes);
+		for (unsigned j = 0; j < 32 * 64; j++)
+			x[j] = sinf((float)j);
+		cr_assert_eq(kvp_codec_encode(c, 32, x, bytes), KVP_OK, "%s fits its context", specs[i]);
+		memset(bytes, 0xff, sizeof bytes);
+		x[0] = out[0] = 7.0f;
+		cr_assert_eq(kvp_codec_decode(c, 32, bytes, x), KVP_ECORRUPT, "%s", specs[i]);
+		cr_assert(strstr(kvp_last_error(), "kvp_codec_decode: ") && strstr(kvp_last_error(), "nan"), "%s",
+			  kvp_last_error());
+		cr_assert_eq(kvp_codec_dot(c, 32, bytes, q, out), KVP_ECORRUPT, "%s", specs[i]);
+		cr_assert(x[0] == 7.0f && out[0] == 7.0f, "%s: nothing written", specs[i]);
+		kvp_codec_close(c);
+	}
+	kvp_codec *fp16 = codec_open("fp16", 64);
+	cr_assert_eq(kvp_codec_decode(fp16, 32, bytes, x), KVP_OK, "fp16 holds any bits (infinities, NaN) as stored");
+	kvp_codec_close(fp16);
+}
+
 /* kvp_codec_parse_role: the pager parses v= for values, so kivi quantizes them per token there. */
 Test(codec, role_picks_kivi_axis_and_stacks_carry_it_inward)
 {

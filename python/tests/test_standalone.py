@@ -48,6 +48,17 @@ def test_kivi_takes_whole_groups():
     assert np.abs(y - x).max() < 0.5
 
 
+def test_codes_no_encoder_writes_are_refused():
+    codec = kvpager.Codec("turboquant(bits=3)", 64)
+    codes = codec.encode(vectors(4, 64))
+    stride = codec.nbytes(1)
+    codes[2 * stride:2 * stride + 4] = 0xFF  # token 2's norm: a NaN
+    with pytest.raises(kvpager.Corrupt, match="token 2's norm of part 0 is -?nan"):
+        codec.decode(codes)
+    with pytest.raises(kvpager.Corrupt, match="kvp_codec_dot"):
+        codec.dot(codes, np.zeros(64, dtype=np.float32))
+
+
 def test_codec_arguments_are_checked():
     codec = kvpager.Codec("fp16", 16)
     with pytest.raises(ValueError, match="^x: shape is \\(3, 8\\), expected \\(3, 16\\)"):
