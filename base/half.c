@@ -1,4 +1,5 @@
-/* IEEE 754 binary16 <-> binary32, bit-exact with F16C / NEON fcvt (round to nearest even). */
+/* IEEE 754 binary16 <-> binary32, bit-exact with F16C / NEON fcvt (round to nearest even), and the scan
+ * for values that are not finite. */
 #include <string.h>
 
 #include "base.h"
@@ -52,4 +53,25 @@ float kvp_f16_to_f32(uint16_t h)
 	if (exp == 0) /* zero or subnormal: mant * 2^-24 is exact in fp32 */
 		return sign ? -(float)mant * 0x1p-24f : (float)mant * 0x1p-24f;
 	return float_of(sign | ((exp + 127 - 15) << 23) | (mant << 13));
+}
+
+/* Runs of 64 with a branchless flag, which compilers vectorize; the exact index only once a run has one. */
+size_t kvp_first_non_finite(const float *x, size_t n)
+{
+	enum { RUN = 64 };
+	size_t at = 0;
+
+	for (; at < n; at += RUN) {
+		const size_t end = n - at < RUN ? n : at + RUN;
+		unsigned bad = 0;
+
+		for (size_t i = at; i < end; i++)
+			bad |= (bits_of(x[i]) & 0x7f800000u) == 0x7f800000u;
+		if (bad)
+			break;
+	}
+	for (; at < n; at++)
+		if ((bits_of(x[at]) & 0x7f800000u) == 0x7f800000u)
+			return at;
+	return n;
 }

@@ -196,7 +196,8 @@ KVP_API void kvp_seq_close(kvp_seq *s);
  *   pos: [n] absolute positions; k, v: [n][n_kv_heads][head_dim] fp32, keys after RoPE.
  * Either every token is appended to every KV head of the layer or nothing is (KVP_ENOMEM on quota).
  * A stream holds at most 2^31 - 1 tokens: an n that would take one past that is KVP_EINVAL before pos, k
- * or v is read.
+ * or v is read. Keys and values must be finite: a NaN or an infinity is KVP_EINVAL naming its token, KV
+ * head and channel, and nothing is appended.
  */
 KVP_API kvp_status kvp_append(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos,
 			      const float *k, const float *v);
@@ -209,6 +210,7 @@ KVP_API kvp_status kvp_append(kvp_seq *s, uint32_t layer, uint32_t n, const int3
  *   work on integers: TurboQuant's quantize the query to int8 and each block's weights to 12 bits (2-bit
  *   values with AVX-512: 8 bits above the block's least weight), which keeps the output within about 1e-3
  *   (relative) of exact attention over the vectors kvp_gather returns.
+ *   q must be finite: a NaN or an infinity is KVP_EINVAL naming its head and channel, out untouched.
  */
 KVP_API kvp_status kvp_attend(kvp_seq *s, uint32_t layer, const float *q, float *out);
 /*

@@ -227,6 +227,23 @@ static kvp_status positions_check(const struct kvp_seq_obj *s, uint32_t layer, u
 	return KVP_OK;
 }
 
+/* A key or value that is not finite would make every later score of its head NaN (or be dropped unseen
+ * by a codec that refuses it when its block turns cold): refused here, naming where it is. */
+static kvp_status rows_check(const struct kvp_seq_obj *s, uint32_t n, const int32_t *pos, const float *k,
+			     const float *v)
+{
+	const size_t row = (size_t)s->shape.n_kv_heads * s->shape.head_dim, all = (size_t)n * row;
+	const size_t bad_k = kvp_first_non_finite(k, all), bad_v = bad_k < all ? all : kvp_first_non_finite(v, all);
+	const size_t at = bad_k < all ? bad_k : bad_v;
+	const float x = bad_k < all ? k[at] : bad_v < all ? v[at] : 0.0f;
+
+	if (at == all)
+		return KVP_OK;
+	return kvp_fail(KVP_EINVAL, "kvp_append: %s of token %zu (position %d), KV head %zu, channel %zu is %g: keys "
+			"and values must be finite", bad_k < all ? "k" : "v", at / row, pos[at / row],
+			at % row / s->shape.head_dim, at % s->shape.head_dim, (double)x);
+}
+
 kvp_status kvp_append_resident(struct kvp_seq_obj *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,
 			       const float *v)
 {
@@ -252,8 +269,11 @@ kvp_status kvp_append_resident(struct kvp_seq_obj *s, uint32_t layer, uint32_t n
 		return kvp_fail(KVP_ENOMEM, "kvp_append: out of memory");
 	for (g = 0; g < nkv && st == KVP_OK; g++)
 		st = plan_stream(s->tenant, s, kvp_seq_stream(s, layer, g), n, pos, &plan[g]);
-	if (st != KVP_OK) {
+	if (st != KVP_OK)
 		st = kvp_fail_context(st, "kvp_append: %u tokens to layer %u not appended", n, layer);
+	else /* the rows are read once the plans say memory holds them: a count it cannot is refused unread */
+		st = rows_check(s, n, pos, k, v);
+	if (st != KVP_OK) {
 		for (uint32_t u = 0; u < g; u++)
 			plan_unwind(s->tenant, &plan[u]);
 	} else {

@@ -282,6 +282,17 @@ static kvp_status observe_reserve(struct kvp_seq_obj *s, uint32_t layer)
 	return kvp_observe_reserve(s, most);
 }
 
+/* A query that is not finite makes NaN scores, which an observing policy or the gate would keep. */
+static kvp_status query_check(const struct kvp_seq_obj *s, const float *q)
+{
+	const size_t all = (size_t)s->shape.n_heads * s->shape.head_dim, at = kvp_first_non_finite(q, all);
+
+	if (at == all)
+		return KVP_OK;
+	return kvp_fail(KVP_EINVAL, "kvp_attend: q of head %zu, channel %zu is %g: queries must be finite",
+			at / s->shape.head_dim, at % s->shape.head_dim, (double)q[at]);
+}
+
 kvp_status kvp_attend_resident(struct kvp_seq_obj *s, uint32_t layer, const float *q, float *out)
 {
 	struct stream_attention a;
@@ -294,6 +305,8 @@ kvp_status kvp_attend_resident(struct kvp_seq_obj *s, uint32_t layer, const floa
 		return kvp_fail(KVP_EINVAL, "kvp_attend: layer %u of a %u-layer sequence", layer, s->shape.n_layers);
 	if (!q || !out)
 		return kvp_fail(KVP_EINVAL, "kvp_attend: q and out must not be NULL");
+	if ((st = query_check(s, q)) != KVP_OK)
+		return st;
 	observing = (s->policy && s->policy->ops->observe) || kvp_gating_wants_weights(s->gating);
 	if (observing && (st = observe_reserve(s, layer)) != KVP_OK)
 		return st;

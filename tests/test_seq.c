@@ -1,5 +1,6 @@
 /* Sequences: append and gather, tiers, fork with copy-on-write, and byte accounting. */
 #include <criterion/criterion.h>
+#include <math.h>
 #include <string.h>
 
 #include "base/base.h"
@@ -162,6 +163,52 @@ Test(seq, bad_arguments_are_refused_without_effect)
 	cr_assert(strlen(kvp_last_error()) > 0);
 	cr_assert_eq(kvp_gather(s, 0, 0, 1, NULL, NULL, NULL, &n), KVP_OK);
 	cr_assert_eq(n, 0);
+	kvp_pool_close(pool);
+}
+
+/* A key or value that is not finite is refused with its place named, and nothing of the call is
+ * appended (under a cold tier it would otherwise stay exact unseen, its codec refusing it). */
+Test(seq, non_finite_keys_and_values_are_refused_and_nothing_is_appended)
+{
+	static const float bad[] = { NAN, INFINITY, -INFINITY };
+	float k[10 * ROW], v[10 * ROW];
+	int32_t pos[3] = { 10, 11, 12 };
+	kvp_seq *s;
+	open_tenant("block=4,window=4,k=turboquant(bits=3),v=turboquant(bits=3)");
+	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK);
+	append_range(s, 0, 0, 10, k, v, 3);
+	for (unsigned i = 0; i < 3; i++) {
+		fixture_fill(k, 3 * ROW, 5, 2);
+		fixture_fill(v, 3 * ROW, 6, 2);
+		(i == 2 ? k : v)[2 * ROW + 32 + 7] = bad[i]; /* token 2, KV head 1, channel 7 */
+		cr_assert_eq(kvp_append(s, 0, 3, pos, k, v), KVP_EINVAL, "%g", (double)bad[i]);
+		cr_assert(strstr(kvp_last_error(), i == 2 ? "k of token 2 (position 12), KV head 1, channel 7"
+							  : "v of token 2 (position 12), KV head 1, channel 7"),
+			  "%s", kvp_last_error());
+		kvp_stats st = { .size = sizeof st };
+		cr_assert_eq(kvp_seq_stats(s, &st), KVP_OK);
+		cr_assert_eq(st.tokens_appended, 10 * 2, "nothing of the refused call");
+	}
+	(void)at;
+	append_range(s, 0, 10, 3, k, v, 7);
+	kvp_pool_close(pool);
+}
+
+/* A query that is not finite is refused before any score is made (an observing policy would keep them). */
+Test(seq, non_finite_queries_are_refused)
+{
+	float k[4 * ROW], v[4 * ROW], q[8 * 32], out[8 * 32];
+	kvp_seq *s;
+	open_tenant("policy=h2o(heavy=0.5,recent=0.25)");
+	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK);
+	append_range(s, 1, 0, 4, k, v, 9);
+	fixture_fill(q, 8 * 32, 11, 2);
+	cr_assert_eq(kvp_attend(s, 1, q, out), KVP_OK, "%s", kvp_last_error());
+	q[5 * 32 + 3] = NAN;
+	out[0] = 42.0f;
+	cr_assert_eq(kvp_attend(s, 1, q, out), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "q of head 5, channel 3 is nan"), "%s", kvp_last_error());
+	cr_assert_eq(out[0], 42.0f, "nothing written");
 	kvp_pool_close(pool);
 }
 
