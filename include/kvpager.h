@@ -334,7 +334,8 @@ KVP_API void kvp_policy_close(kvp_policy *p);
  * H2O accumulates the weights, one per token of pos: pos names every token the host still holds, and a
  * token left out is taken as evicted and its weight dropped, so H2O's memory follows the tokens held,
  * not the values of their positions. TriAttention with stats=online averages the queries (rotated back
- * to pre-RoPE with t). On failure (KVP_ENOMEM) nothing is recorded.
+ * to pre-RoPE with t). On failure (KVP_ENOMEM) nothing is recorded. Keys (kvp_policy_score), queries and
+ * weights must be finite: a NaN or an infinity is KVP_EINVAL naming its element, nothing recorded.
  */
 KVP_API kvp_status kvp_policy_observe(kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t,
 				      const float *q_post_rope, uint32_t n, const int32_t *pos,

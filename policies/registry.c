@@ -397,6 +397,18 @@ kvp_status kvp_policy_learn(struct kvp_policy *p, const struct kvp_observation *
 	return p->ops->observe ? p->ops->observe(p, o) : KVP_OK;
 }
 
+/* A host's floats: rows x cols of them, each finite (a NaN weight or query would stay in a policy's
+ * statistics for good, a NaN key make its score NaN). */
+static kvp_status check_finite(const char *what, const char *name, const float *x, size_t rows, size_t cols)
+{
+	const size_t all = rows * cols, at = kvp_first_non_finite(x, all);
+
+	if (at == all)
+		return KVP_OK;
+	return kvp_fail(KVP_EINVAL, "%s: %s[%zu][%zu] is %g: it must be finite", what, name, at / cols, at % cols,
+			(double)x[at]);
+}
+
 static kvp_status score_checked(struct kvp_policy *p, uint32_t layer, uint32_t kv_head, int64_t t0, uint32_t n,
 				const int32_t *pos, const float *k, float *scores)
 {
@@ -407,6 +419,8 @@ static kvp_status score_checked(struct kvp_policy *p, uint32_t layer, uint32_t k
 	if (!pos || !k || !scores)
 		return kvp_fail(KVP_EINVAL, "kvp_policy_score: NULL positions, keys or scores");
 	st = kvp_policy_check_positions("kvp_policy_score", n, pos);
+	if (st == KVP_OK)
+		st = check_finite("kvp_policy_score", "k_post_rope", k, n, p->shape.head_dim);
 	if (st == KVP_OK && t0 <= pos[n - 1])
 		st = kvp_fail(KVP_EINVAL, "kvp_policy_score: t0=%lld is not after the last key's position %d",
 			      (long long)t0, pos[n - 1]);
@@ -442,9 +456,14 @@ KVP_API kvp_status kvp_policy_observe(kvp_policy *p, uint32_t layer, uint32_t kv
 	};
 	kvp_status st = check_observation(p, &o);
 
-	/* a host's positions are checked here; the pager's were checked when they were appended */
+	/* a host's positions and floats are checked here; the pager's were when they were appended or given */
 	if (st == KVP_OK && weights && n)
 		st = kvp_policy_check_positions("kvp_policy_observe", n, pos);
+	if (st == KVP_OK && q_post_rope)
+		st = check_finite("kvp_policy_observe", "q_post_rope", q_post_rope, p->shape.n_heads / p->shape.n_kv_heads,
+				  p->shape.head_dim);
+	if (st == KVP_OK && weights && n)
+		st = check_finite("kvp_policy_observe", "weights", weights, p->shape.n_heads / p->shape.n_kv_heads, n);
 	if (st != KVP_OK)
 		return st;
 	return kvp_policy_learn(p, &o);

@@ -55,6 +55,33 @@ Test(policy_api, null_and_out_of_range_arguments_fail_with_a_message)
 	cr_assert_null(p);
 }
 
+/* A host's keys, queries and weights must be finite: a NaN weight would stay in H2O's sums for good. The
+ * refused observation records nothing (the scores afterwards are those of the accepted ones alone). */
+Test(policy_api, non_finite_keys_queries_and_weights_are_refused_and_nothing_is_recorded)
+{
+	kvp_shape s = fixture_shape(1, 4, 2, 4, 1e4f, KVP_ROPE_HALF);
+	kvp_policy *p = NULL;
+	int32_t pos[3] = { 0, 1, 2 };
+	float k[3][4] = { { 1, 0, 0, 0 }, { 0, 1, 0, 0 }, { 0, 0, 1, 0 } }, q[2][4] = { { 1, 1, 1, 1 }, { 1, 0, 0, 1 } };
+	float w[2][3] = { { 0.5f, 0.25f, 0.25f }, { 0.2f, 0.3f, 0.5f } }, before[3], after[3];
+
+	cr_assert_eq(kvp_policy_open("h2o(heavy=0.5,recent=0.25)", &s, &p), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_policy_observe(p, 0, 1, 3, &q[0][0], 3, pos, &w[0][0]), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_policy_score(p, 0, 1, 3, 3, pos, &k[0][0], before), KVP_OK, "%s", kvp_last_error());
+	w[1][2] = NAN;
+	cr_assert_eq(kvp_policy_observe(p, 0, 1, 3, &q[0][0], 3, pos, &w[0][0]), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "weights[1][2] is nan"), "%s", kvp_last_error());
+	w[1][2] = 0.5f, q[1][3] = INFINITY;
+	cr_assert_eq(kvp_policy_observe(p, 0, 1, 3, &q[0][0], 3, pos, &w[0][0]), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "q_post_rope[1][3] is inf"), "%s", kvp_last_error());
+	cr_assert_eq(kvp_policy_score(p, 0, 1, 3, 3, pos, &k[0][0], after), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(memcmp(before, after, sizeof before), 0, "the refused observations recorded nothing");
+	k[2][1] = -INFINITY;
+	cr_assert_eq(kvp_policy_score(p, 0, 1, 3, 3, pos, &k[0][0], after), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "k_post_rope[2][1] is -inf"), "%s", kvp_last_error());
+	kvp_policy_close(p);
+}
+
 /* Capabilities are in the ops rows and the plan: only TriAttention offers a coherence signal, its
  * select= sets the round scope, and the lists in messages come from the registry's table. */
 Test(policy_api, policies_say_what_they_offer_in_their_ops_and_plan)
