@@ -65,6 +65,20 @@ def test_a_wrong_query_or_output_raises_valueerror_naming_it(seq):
         seq.attend(0, q, np.zeros((4, 64), np.float32)[:, ::2])
 
 
+def test_values_that_are_not_finite_raise_invalidargument_naming_them(seq):
+    fill(seq, 0, 3, seed=4)
+    k = np.ones((2, 32), np.float32)
+    v = k.copy()
+    v[1, 9] = np.nan
+    with pytest.raises(kvpager.InvalidArgument, match="v of token 0 \\(position 3\\), KV head 1, channel 9 is nan"):
+        seq.append(0, 3, k, v)
+    assert seq.stats().tokens_appended == 3 * 2 * 2
+    q = np.ones((4, 32), np.float32)
+    q[2, 0] = np.inf
+    with pytest.raises(kvpager.InvalidArgument, match="q of head 2, channel 0 is inf"):
+        seq.attend(0, q)
+
+
 def test_attend_writes_into_the_given_output(seq):
     fill(seq, 0, 5, seed=2)
     out = np.full((4, 32), np.nan, np.float32)
