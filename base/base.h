@@ -94,8 +94,12 @@ void *kvp_allocate_array(const struct kvp_allocator *a, size_t count, size_t siz
 /* Gives back what kvp_allocate(a, bytes) or kvp_allocate_array(a, count, size) returned; NULL is a no-op. */
 void kvp_release(const struct kvp_allocator *a, void *p, size_t bytes);
 
-/* The index of the first of x[0..n) that is an infinity or a NaN; n when every one is finite. */
-size_t kvp_first_non_finite(const float *x, size_t n);
+/* The index of the first of x[0..n) whose magnitude is not below bound (a NaN never is); n when there is
+ * none. bound INFINITY: the first that is not finite. */
+size_t kvp_first_outside(const float *x, size_t n, float bound);
+
+/* Where a value rounds to an infinity in binary16 (round to nearest even: 65504 is the largest finite). */
+#define KVP_F16_OVERFLOW 65520.0f
 
 /* IEEE 754 binary16, round to nearest even; NaN and infinity preserved. */
 uint16_t kvp_f32_to_f16(float x);

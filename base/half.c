@@ -56,9 +56,10 @@ float kvp_f16_to_f32(uint16_t h)
 }
 
 /* Runs of 64 with a branchless flag, which compilers vectorize; the exact index only once a run has one. */
-size_t kvp_first_non_finite(const float *x, size_t n)
+size_t kvp_first_outside(const float *x, size_t n, float bound)
 {
 	enum { RUN = 64 };
+	const uint32_t limit = bits_of(bound); /* magnitudes compare as their bits; every NaN's are above */
 	size_t at = 0;
 
 	for (; at < n; at += RUN) {
@@ -66,12 +67,12 @@ size_t kvp_first_non_finite(const float *x, size_t n)
 		unsigned bad = 0;
 
 		for (size_t i = at; i < end; i++)
-			bad |= (bits_of(x[i]) & 0x7f800000u) == 0x7f800000u;
+			bad |= (bits_of(x[i]) & 0x7fffffffu) >= limit;
 		if (bad)
 			break;
 	}
 	for (; at < n; at++)
-		if ((bits_of(x[at]) & 0x7f800000u) == 0x7f800000u)
+		if ((bits_of(x[at]) & 0x7fffffffu) >= limit)
 			return at;
 	return n;
 }

@@ -196,8 +196,8 @@ KVP_API void kvp_seq_close(kvp_seq *s);
  *   pos: [n] absolute positions; k, v: [n][n_kv_heads][head_dim] fp32, keys after RoPE.
  * Either every token is appended to every KV head of the layer or nothing is (KVP_ENOMEM on quota).
  * A stream holds at most 2^31 - 1 tokens: an n that would take one past that is KVP_EINVAL before pos, k
- * or v is read. Keys and values must be finite: a NaN or an infinity is KVP_EINVAL naming its token, KV
- * head and channel, and nothing is appended.
+ * or v is read. Keys and values must be finite, and with store=fp16 within +-65504 (what would round to
+ * an infinity there): another is KVP_EINVAL naming its token, KV head and channel, and nothing is appended.
  */
 KVP_API kvp_status kvp_append(kvp_seq *s, uint32_t layer, uint32_t n, const int32_t *pos,
 			      const float *k, const float *v);

@@ -3,6 +3,7 @@
  * first (plan); only when all of them exist are tokens written and pointers swapped (commit). A failed
  * plan is unwound and the sequence is exactly as it was.
  */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -227,21 +228,26 @@ static kvp_status positions_check(const struct kvp_seq_obj *s, uint32_t layer, u
 	return KVP_OK;
 }
 
-/* A key or value that is not finite would make every later score of its head NaN (or be dropped unseen
- * by a codec that refuses it when its block turns cold): refused here, naming where it is. */
+/* A key or value that is not finite, or that store=fp16 would hold as an infinity, would make every later
+ * score of its head NaN (or stay exact unseen, refused by its codec when its block turns cold): refused
+ * here, naming where it is. */
 static kvp_status rows_check(const struct kvp_seq_obj *s, uint32_t n, const int32_t *pos, const float *k,
 			     const float *v)
 {
 	const size_t row = (size_t)s->shape.n_kv_heads * s->shape.head_dim, all = (size_t)n * row;
-	const size_t bad_k = kvp_first_non_finite(k, all), bad_v = bad_k < all ? all : kvp_first_non_finite(v, all);
+	const int half = s->tenant->cfg.store == KVP_STORE_FP16;
+	const float bound = half ? KVP_F16_OVERFLOW : INFINITY;
+	const size_t bad_k = kvp_first_outside(k, all, bound);
+	const size_t bad_v = bad_k < all ? all : kvp_first_outside(v, all, bound);
 	const size_t at = bad_k < all ? bad_k : bad_v;
 	const float x = bad_k < all ? k[at] : bad_v < all ? v[at] : 0.0f;
 
 	if (at == all)
 		return KVP_OK;
 	return kvp_fail(KVP_EINVAL, "kvp_append: %s of token %zu (position %d), KV head %zu, channel %zu is %g: keys "
-			"and values must be finite", bad_k < all ? "k" : "v", at / row, pos[at / row],
-			at % row / s->shape.head_dim, at % s->shape.head_dim, (double)x);
+			"and values must be finite%s", bad_k < all ? "k" : "v", at / row, pos[at / row],
+			at % row / s->shape.head_dim, at % s->shape.head_dim, (double)x,
+			half ? ", and within +-65504 with store=fp16" : "");
 }
 
 kvp_status kvp_append_resident(struct kvp_seq_obj *s, uint32_t layer, uint32_t n, const int32_t *pos, const float *k,

@@ -285,7 +285,7 @@ static kvp_status observe_reserve(struct kvp_seq_obj *s, uint32_t layer)
 /* A query that is not finite makes NaN scores, which an observing policy or the gate would keep. */
 static kvp_status query_check(const struct kvp_seq_obj *s, const float *q)
 {
-	const size_t all = (size_t)s->shape.n_heads * s->shape.head_dim, at = kvp_first_non_finite(q, all);
+	const size_t all = (size_t)s->shape.n_heads * s->shape.head_dim, at = kvp_first_outside(q, all, INFINITY);
 
 	if (at == all)
 		return KVP_OK;

@@ -401,7 +401,7 @@ kvp_status kvp_policy_learn(struct kvp_policy *p, const struct kvp_observation *
  * statistics for good, a NaN key make its score NaN). */
 static kvp_status check_finite(const char *what, const char *name, const float *x, size_t rows, size_t cols)
 {
-	const size_t all = rows * cols, at = kvp_first_non_finite(x, all);
+	const size_t all = rows * cols, at = kvp_first_outside(x, all, INFINITY);
 
 	if (at == all)
 		return KVP_OK;

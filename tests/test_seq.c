@@ -194,6 +194,35 @@ Test(seq, non_finite_keys_and_values_are_refused_and_nothing_is_appended)
 	kvp_pool_close(pool);
 }
 
+/* With store=fp16 a value that would round to an infinity (65520 and above) is refused too; 65504, the
+ * largest binary16, and 65519, which rounds to it, are kept. */
+Test(seq, values_beyond_fp16_are_refused_where_store_is_fp16)
+{
+	float k[ROW], v[ROW], gk[2 * 32];
+	int32_t pos[2] = { 0, 1 };
+	uint32_t n;
+	kvp_seq *s;
+	open_tenant("store=fp16");
+	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK);
+	fixture_fill(k, ROW, 13, 2);
+	fixture_fill(v, ROW, 14, 2);
+	k[3] = 65504.0f, k[4] = -65519.0f;
+	cr_assert_eq(kvp_append(s, 0, 1, pos, k, v), KVP_OK, "%s", kvp_last_error());
+	v[32 + 1] = -65520.0f;
+	cr_assert_eq(kvp_append(s, 0, 1, pos + 1, k, v), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "v of token 0 (position 1), KV head 1, channel 1 is -65520") &&
+			  strstr(kvp_last_error(), "within +-65504 with store=fp16"),
+		  "%s", kvp_last_error());
+	cr_assert_eq(kvp_gather(s, 0, 0, 2, NULL, gk, NULL, &n), KVP_OK);
+	cr_assert_eq(n, 1);
+	cr_assert(gk[3] == 65504.0f && gk[4] == -65504.0f, "%g %g", (double)gk[3], (double)gk[4]);
+	kvp_pool_close(pool);
+	open_tenant("store=fp32"); /* fp32 holds it */
+	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK);
+	cr_assert_eq(kvp_append(s, 0, 1, pos + 1, k, v), KVP_OK, "%s", kvp_last_error());
+	kvp_pool_close(pool);
+}
+
 /* A query that is not finite is refused before any score is made (an observing policy would keep them). */
 Test(seq, non_finite_queries_are_refused)
 {
