@@ -48,6 +48,18 @@ static void drained(kvp_pool *p)
 	cr_assert_eq(kvp_remote_drain(kvp_pool_from_handle(p)->remote, 5000), 0, "publication did not drain");
 }
 
+/* A pool whose tenant (under spec) ran the prompt's PROMPT tokens and published them: the server holds
+ * every value. *sa, when sa is not NULL, gets the sequence that ran it. */
+static kvp_pool *published(const char *url, const char *tenant, const char *spec, const int32_t *tokens, kvp_seq **sa)
+{
+	kvp_pool *a = pool_at(url, NULL);
+	kvp_seq *s = run_prompt(tenant_in(a, tenant, spec), tokens, PROMPT);
+	drained(a);
+	if (sa)
+		*sa = s;
+	return a;
+}
+
 static void single_url(int server, char *url, size_t cap)
 {
 	snprintf(url, cap, "redis://127.0.0.1:%d", redis_port(server));
@@ -60,9 +72,8 @@ static void second_pool_finds_the_prompt(const char *url)
 	uint32_t cached;
 	kvp_seq *sb;
 	prompt_fill(tokens, PROMPT, 5);
-	kvp_pool *a = pool_at(url, NULL);
-	kvp_seq *sa = run_prompt(tenant_in(a, "t", TENANT_SPEC), tokens, PROMPT);
-	drained(a);
+	kvp_seq *sa;
+	kvp_pool *a = published(url, "t", TENANT_SPEC, tokens, &sa);
 	kvp_pool *b = pool_at(url, NULL);
 	kvp_tenant *tb = tenant_in(b, "t", TENANT_SPEC);
 	cr_assert_eq(kvp_seq_open_prefix(tb, &shape, PROMPT, tokens, &sb, &cached), KVP_OK, "%s", kvp_last_error());
@@ -178,9 +189,7 @@ Test(prefix_remote, tenants_namespaces_stay_apart_unless_shared)
 	redis_fixture_need();
 	single_url(redis_start(NULL), url, sizeof url);
 	prompt_fill(tokens, PROMPT, 21);
-	kvp_pool *a = pool_at(url, NULL);
-	run_prompt(tenant_in(a, "alice", TENANT_SPEC), tokens, PROMPT);
-	drained(a);
+	kvp_pool *a = published(url, "alice", TENANT_SPEC, tokens, NULL);
 	kvp_pool *b = pool_at(url, NULL);
 	cr_assert_eq(kvp_seq_open_prefix(tenant_in(b, "bob", TENANT_SPEC), &shape, PROMPT, tokens, &s, &cached), KVP_OK);
 	cr_assert_eq(cached, 0, "bob must not find alice's prompt");
@@ -224,9 +233,7 @@ Test(prefix_remote, values_that_fail_their_checks_are_misses_never_served)
 	int server = redis_start(NULL);
 	single_url(server, url, sizeof url);
 	prompt_fill(tokens, PROMPT, 33);
-	kvp_pool *a = pool_at(url, NULL);
-	run_prompt(tenant_in(a, "t", TENANT_SPEC), tokens, PROMPT);
-	drained(a);
+	kvp_pool *a = published(url, "t", TENANT_SPEC, tokens, NULL);
 	cr_assert_eq(corrupt_keys(server, 3), 8);
 	kvp_pool *b = pool_at(url, NULL);
 	kvp_tenant *tb = tenant_in(b, "t", TENANT_SPEC);
@@ -298,9 +305,8 @@ Test(prefix_remote, full_server_refuses_publication_and_nothing_breaks)
 	cr_assert(r);
 	freeReplyObject(r);
 	prompt_fill(tokens, PROMPT, 55);
-	kvp_pool *a = pool_at(url, NULL);
-	kvp_seq *sa = run_prompt(tenant_in(a, "t", TENANT_SPEC), tokens, PROMPT);
-	drained(a);
+	kvp_seq *sa;
+	kvp_pool *a = published(url, "t", TENANT_SPEC, tokens, &sa);
 	struct kvp_remote_counters c;
 	kvp_remote_counters(kvp_pool_from_handle(a)->remote, &c);
 	cr_assert_eq(c.published, 0);
@@ -334,9 +340,8 @@ static uint64_t remote_hit_bytes(const char *url, const char *tenant, const char
 	kvp_seq *sb;
 	struct kvp_remote_counters c;
 	prompt_fill(tokens, PROMPT + 24, 71);
-	kvp_pool *a = pool_at(url, NULL);
-	kvp_seq *sa = run_prompt(tenant_in(a, tenant, spec), tokens, PROMPT);
-	drained(a);
+	kvp_seq *sa;
+	kvp_pool *a = published(url, tenant, spec, tokens, &sa);
 	kvp_pool *b = pool_at(url, NULL);
 	kvp_tenant *tenant_b = tenant_in(b, tenant, spec);
 	cr_assert_eq(kvp_seq_open_prefix(tenant_b, &shape, PROMPT, tokens, &sb, &cached), KVP_OK,
@@ -381,89 +386,78 @@ Test(prefix_remote, cold_tier_units_travel_compressed_and_attend_bit_for_bit)
 		     (unsigned long long)fp16);
 }
 
-Test(prefix_remote, corrupt_compressed_value_is_a_miss_never_served)
+/* Every compressed value on the server passed to `change` (its bytes, which it may rewrite in place). */
+static void rewrite_compressed_values(int server, void (*change)(unsigned char *value, size_t len))
+{
+	redisReply *keys = redis_run(redis_port(server), "KEYS kvp:*:c");
+	cr_assert(keys && keys->type == REDIS_REPLY_ARRAY && keys->elements == 7);
+	for (size_t i = 0; i < keys->elements; i++) {
+		redisReply *v = redis_run(redis_port(server), "GET %s", keys->element[i]->str);
+		cr_assert(v && v->type == REDIS_REPLY_STRING && v->len > KVP_RECORD_HEADER + 4);
+		change((unsigned char *)v->str, (size_t)v->len);
+		freeReplyObject(redis_run(redis_port(server), "SET %s %b", keys->element[i]->str, v->str, (size_t)v->len));
+		freeReplyObject(v);
+	}
+	freeReplyObject(keys);
+}
+
+/* Pool a publishes a cold tier's prompt, `change` rewrites every compressed value, and a fresh pool b
+ * opens the prompt: the values are misses, b's note names why (`note`), and b computes the rest again. */
+static void changed_compressed_values_are_misses(void (*change)(unsigned char *value, size_t len), const char *note)
 {
 	char url[64];
 	int32_t tokens[PROMPT];
 	uint32_t cached;
 	kvp_seq *s;
-	redis_fixture_need();
 	int server = redis_start(NULL);
 	single_url(server, url, sizeof url);
 	prompt_fill(tokens, PROMPT, 83);
-	kvp_pool *a = pool_at(url, NULL);
-	kvp_seq *sa = run_prompt(tenant_in(a, "t", COLD_SPEC), tokens, PROMPT);
-	drained(a);
-	redisReply *keys = redis_run(redis_port(server), "KEYS kvp:*:c");
-	cr_assert(keys && keys->type == REDIS_REPLY_ARRAY && keys->elements == 7);
-	for (size_t i = 0; i < keys->elements; i++) {
-		redisReply *v = redis_run(redis_port(server), "GET %s", keys->element[i]->str);
-		cr_assert(v && v->type == REDIS_REPLY_STRING && v->len > 10);
-		v->str[v->len - 5] ^= 0x10;
-		freeReplyObject(redis_run(redis_port(server), "SET %s %b", keys->element[i]->str, v->str, (size_t)v->len));
-		freeReplyObject(v);
-	}
-	freeReplyObject(keys);
+	kvp_seq *sa;
+	kvp_pool *a = published(url, "t", COLD_SPEC, tokens, &sa);
+	rewrite_compressed_values(server, change);
 	kvp_pool *b = pool_at(url, NULL);
 	kvp_tenant *tb = tenant_in(b, "t", COLD_SPEC);
 	cr_assert_eq(kvp_seq_open_prefix(tb, &shape, PROMPT, tokens, &s, &cached), KVP_OK, "%s", kvp_last_error());
 	cr_assert_eq(cached, 4, "only the sink, which goes exact");
-	cr_assert(strstr(kvp_last_error(), "CRC32C"), "the note names the check: %s", kvp_last_error());
+	cr_assert(strstr(kvp_last_error(), note), "the note says why: %s", kvp_last_error());
 	cr_assert_eq(seq_stats(s).remote_rejected, 1);
 	append_tokens(s, tokens, cached, PROMPT);
 	assert_same_attention(sa, s, "computed again");
 	kvp_pool_close(b), kvp_pool_close(a);
 }
 
-/* The first record of every compressed value gets a NaN as its first token's norm, and a checksum that
- * matches (tier/record.c's: the header but its CRC field, then the payload): the value is the publisher's
- * bytes as far as the checksum can tell, but no encoder writes them. */
-static void poison_compressed_values(int server)
+static void flip_a_bit(unsigned char *value, size_t len)
+{
+	value[len - 5] ^= 0x10;
+}
+
+/* The first record gets a NaN as its first token's norm, and a checksum that matches (tier/record.c's:
+ * the header but its CRC field, then the payload): the publisher's bytes as far as the checksum can
+ * tell, but no encoder writes them. */
+static void poison_a_norm(unsigned char *h, size_t len)
 {
 	static const unsigned char zero[4];
 	const float nan = NAN;
-	redisReply *keys = redis_run(redis_port(server), "KEYS kvp:*:c");
-	cr_assert(keys && keys->type == REDIS_REPLY_ARRAY && keys->elements == 7);
-	for (size_t i = 0; i < keys->elements; i++) {
-		redisReply *v = redis_run(redis_port(server), "GET %s", keys->element[i]->str);
-		unsigned char *h = (unsigned char *)v->str;
-		uint64_t payload;
-		cr_assert(v && v->type == REDIS_REPLY_STRING && v->len > KVP_RECORD_HEADER + 4);
-		memcpy(&payload, h + 48, sizeof payload);
-		memcpy(h + KVP_RECORD_HEADER, &nan, sizeof nan);
-		uint32_t crc = kvp_crc32c(kvp_crc32c(kvp_crc32c(kvp_crc32c(0, h, 8), zero, 4), h + 12, KVP_RECORD_HEADER - 12),
-					  h + KVP_RECORD_HEADER, (size_t)payload);
-		memcpy(h + 8, &crc, sizeof crc);
-		freeReplyObject(redis_run(redis_port(server), "SET %s %b", keys->element[i]->str, v->str, (size_t)v->len));
-		freeReplyObject(v);
-	}
-	freeReplyObject(keys);
+	uint64_t payload;
+	memcpy(&payload, h + 48, sizeof payload);
+	cr_assert_leq(KVP_RECORD_HEADER + payload, len);
+	memcpy(h + KVP_RECORD_HEADER, &nan, sizeof nan);
+	uint32_t crc = kvp_crc32c(kvp_crc32c(kvp_crc32c(kvp_crc32c(0, h, 8), zero, 4), h + 12, KVP_RECORD_HEADER - 12),
+				  h + KVP_RECORD_HEADER, (size_t)payload);
+	memcpy(h + 8, &crc, sizeof crc);
+}
+
+Test(prefix_remote, corrupt_compressed_value_is_a_miss_never_served)
+{
+	redis_fixture_need();
+	changed_compressed_values_are_misses(flip_a_bit, "CRC32C");
 }
 
 Test(prefix_remote, compressed_value_with_a_sound_checksum_but_codes_no_encoder_writes_is_a_miss)
 {
-	char url[64];
-	int32_t tokens[PROMPT];
-	uint32_t cached;
-	kvp_seq *s;
 	redis_fixture_need();
-	int server = redis_start(NULL);
-	single_url(server, url, sizeof url);
-	prompt_fill(tokens, PROMPT, 89);
-	kvp_pool *a = pool_at(url, NULL);
-	kvp_seq *sa = run_prompt(tenant_in(a, "t", COLD_SPEC), tokens, PROMPT);
-	drained(a);
-	poison_compressed_values(server);
-	kvp_pool *b = pool_at(url, NULL);
-	kvp_tenant *tb = tenant_in(b, "t", COLD_SPEC);
-	cr_assert_eq(kvp_seq_open_prefix(tb, &shape, PROMPT, tokens, &s, &cached), KVP_OK, "%s", kvp_last_error());
-	cr_assert_eq(cached, 4, "only the sink, which goes exact");
-	cr_assert(strstr(kvp_last_error(), "unit 1, layer 0, KV head 0: turboquant: token 0's norm of part 0 is nan"),
-		  "the note names the unit, the stream and the field: %s", kvp_last_error());
-	cr_assert_eq(seq_stats(s).remote_rejected, 1);
-	append_tokens(s, tokens, cached, PROMPT);
-	assert_same_attention(sa, s, "computed again");
-	kvp_pool_close(b), kvp_pool_close(a);
+	changed_compressed_values_are_misses(poison_a_norm,
+					     "unit 1, layer 0, KV head 0: turboquant: token 0's norm of part 0 is nan");
 }
 
 /* Where a block's codes depend on more than its rows, or it turns cold by more than its place, units go
@@ -475,9 +469,7 @@ static void publishes_exact_only(const char *spec)
 	int server = redis_start(NULL);
 	single_url(server, url, sizeof url);
 	prompt_fill(tokens, PROMPT, 91);
-	kvp_pool *a = pool_at(url, NULL);
-	run_prompt(tenant_in(a, "t", spec), tokens, PROMPT);
-	drained(a);
+	kvp_pool *a = published(url, "t", spec, tokens, NULL);
 	redisReply *r = redis_run(redis_port(server), "DBSIZE");
 	cr_assert(r && r->type == REDIS_REPLY_INTEGER);
 	cr_assert_eq(r->integer, 8, "%s: the 8 units exact", spec);
@@ -512,9 +504,7 @@ Test(prefix_remote, compressed_units_inside_a_shorter_runs_window_are_cut)
 	memcpy(other, tokens, sizeof other);
 	for (uint32_t i = 44; i < PROMPT; i++)
 		other[i] += 1000; /* units 0..5 shared, 6 and 7 not */
-	kvp_pool *a = pool_at(url, NULL);
-	run_prompt(tenant_in(a, "t", COLD_SPEC), tokens, PROMPT);
-	drained(a);
+	kvp_pool *a = published(url, "t", COLD_SPEC, tokens, NULL);
 	kvp_seq *fresh = run_prompt(tenant_in(a, "u", COLD_SPEC), other, PROMPT);
 	kvp_pool *b = pool_at(url, NULL);
 	kvp_tenant *tb = tenant_in(b, "t", COLD_SPEC);
@@ -537,9 +527,7 @@ Test(prefix_remote, relief_frees_every_unit_cached_both_exact_and_compressed)
 	redis_fixture_need();
 	single_url(redis_start(NULL), url, sizeof url);
 	prompt_fill(tokens, PROMPT, 101);
-	kvp_pool *a = pool_at(url, NULL);
-	run_prompt(tenant_in(a, "t", COLD_SPEC), tokens, PROMPT);
-	drained(a);
+	kvp_pool *a = published(url, "t", COLD_SPEC, tokens, NULL);
 	kvp_pool *b = pool_at(url, NULL);
 	kvp_tenant *tb = tenant_in(b, "t", COLD_SPEC);
 	kvp_seq *s = open_prompt(tb, tokens, PROMPT, &cached);
