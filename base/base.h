@@ -101,6 +101,14 @@ size_t kvp_first_outside(const float *x, size_t n, float bound);
 /* Where a value rounds to an infinity in binary16 (round to nearest even: 65504 is the largest finite). */
 #define KVP_F16_OVERFLOW 65520.0f
 
+/* Whether bytes [a, a + a_bytes) and [b, b + b_bytes) share one (a caller's buffers that a call reads
+ * and writes must not). */
+static inline int kvp_overlap(const void *a, size_t a_bytes, const void *b, size_t b_bytes)
+{
+	const uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+	return a_bytes && b_bytes && x < y + b_bytes && y < x + a_bytes;
+}
+
 /* IEEE 754 binary16, round to nearest even; NaN and infinity preserved. */
 uint16_t kvp_f32_to_f16(float x);
 float kvp_f16_to_f32(uint16_t h);

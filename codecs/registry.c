@@ -450,10 +450,21 @@ static kvp_status check_bytes(const char *what, const kvp_codec *c, uint32_t n, 
 	return kvp_fail(KVP_ECORRUPT, "%s: %s", what, why);
 }
 
+/* The n tokens' codes and the call's floats (after check_call: their sizes fit size_t) share no byte. */
+static kvp_status check_apart(const char *what, const kvp_codec *c, uint32_t n, const void *codes, const float *x,
+			      size_t floats)
+{
+	if (kvp_overlap(codes, (size_t)group_bytes(c, n), x, sizeof *x * floats))
+		return kvp_fail(KVP_EINVAL, "%s: the codes and the floats overlap: each needs memory of its own", what);
+	return KVP_OK;
+}
+
 KVP_API kvp_status kvp_codec_encode(kvp_codec *c, uint32_t n, const float *x, void *dst)
 {
 	kvp_status st = check_call("kvp_codec_encode", c, n, x, dst);
 
+	if (st == KVP_OK)
+		st = check_apart("kvp_codec_encode", c, n, dst, x, (size_t)n * c->dim);
 	if (st != KVP_OK || n == 0)
 		return st;
 	if (c->ctx_bytes && !c->own_ctx_fitted)
@@ -473,6 +484,8 @@ KVP_API kvp_status kvp_codec_decode(kvp_codec *c, uint32_t n, const void *src, f
 {
 	kvp_status st = check_call("kvp_codec_decode", c, n, src, x);
 
+	if (st == KVP_OK)
+		st = check_apart("kvp_codec_decode", c, n, src, x, (size_t)n * c->dim);
 	if (st == KVP_OK && n)
 		st = check_fitted("kvp_codec_decode", c);
 	if (st == KVP_OK && n)
@@ -489,6 +502,8 @@ KVP_API kvp_status kvp_codec_dot(kvp_codec *c, uint32_t n, const void *src, cons
 
 	if (st == KVP_OK && n && !out)
 		st = kvp_fail(KVP_EINVAL, "kvp_codec_dot: NULL buffer");
+	if (st == KVP_OK)
+		st = check_apart("kvp_codec_dot", c, n, src, out, n);
 	if (st == KVP_OK && n)
 		st = check_fitted("kvp_codec_dot", c);
 	if (st == KVP_OK && n)

@@ -210,7 +210,8 @@ KVP_API kvp_status kvp_append(kvp_seq *s, uint32_t layer, uint32_t n, const int3
  *   work on integers: TurboQuant's quantize the query to int8 and each block's weights to 12 bits (2-bit
  *   values with AVX-512: 8 bits above the block's least weight), which keeps the output within about 1e-3
  *   (relative) of exact attention over the vectors kvp_gather returns.
- *   q must be finite: a NaN or an infinity is KVP_EINVAL naming its head and channel, out untouched.
+ *   q must be finite: a NaN or an infinity is KVP_EINVAL naming its head and channel, out untouched; q
+ *   and out must not overlap (KVP_EINVAL: no attention in place).
  */
 KVP_API kvp_status kvp_attend(kvp_seq *s, uint32_t layer, const float *q, float *out);
 /*
@@ -225,7 +226,8 @@ KVP_API kvp_status kvp_seq_step(kvp_seq *s);
 /*
  * Copy out the retained tokens of one stream in position order, decoded to fp32.
  *   pos: [cap], k, v: [cap][head_dim] (any may be NULL); *n_out is the stream's token count. When the
- *   stream holds more than cap tokens, nothing is copied and KVP_EINVAL is returned with *n_out set.
+ *   stream holds more than cap tokens, nothing is copied and KVP_EINVAL is returned with *n_out set, as
+ *   when two of pos, k and v overlap.
  */
 KVP_API kvp_status kvp_gather(kvp_seq *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos,
 			      float *k, float *v, uint32_t *n_out);
@@ -297,7 +299,8 @@ KVP_API uint32_t kvp_codec_group(const kvp_codec *c); /* tokens per group; 1 whe
 KVP_API size_t kvp_codec_bytes(const kvp_codec *c, uint32_t n);
 KVP_API kvp_status kvp_codec_encode(kvp_codec *c, uint32_t n, const float *x, void *dst);
 /* decode and dot read src only when it holds codes encode writes (finite norms and scales >= 0, SparK
- * masks of the kept count): KVP_ECORRUPT naming the token and the field otherwise. */
+ * masks of the kept count): KVP_ECORRUPT naming the token and the field otherwise. A call's codes and its
+ * floats (x, out) must not overlap: KVP_EINVAL. */
 KVP_API kvp_status kvp_codec_decode(kvp_codec *c, uint32_t n, const void *src, float *x);
 /* out[i] = <q, decode(token i)>, in floats (the single-head path, not attention's integer group path). */
 KVP_API kvp_status kvp_codec_dot(kvp_codec *c, uint32_t n, const void *src, const float *q, float *out);

@@ -305,6 +305,10 @@ kvp_status kvp_attend_resident(struct kvp_seq_obj *s, uint32_t layer, const floa
 		return kvp_fail(KVP_EINVAL, "kvp_attend: layer %u of a %u-layer sequence", layer, s->shape.n_layers);
 	if (!q || !out)
 		return kvp_fail(KVP_EINVAL, "kvp_attend: q and out must not be NULL");
+	if (kvp_overlap(q, sizeof *q * s->shape.n_heads * s->shape.head_dim, out,
+			sizeof *out * s->shape.n_heads * s->shape.head_dim))
+		return kvp_fail(KVP_EINVAL, "kvp_attend: q and out overlap (every KV head's query heads are read after "
+				"the ones before are written): give out memory of its own");
 	if ((st = query_check(s, q)) != KVP_OK)
 		return st;
 	observing = (s->policy && s->policy->ops->observe) || kvp_gating_wants_weights(s->gating);

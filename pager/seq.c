@@ -192,6 +192,14 @@ kvp_status kvp_seq_step_entered(struct kvp_seq_obj *s)
 	return kvp_evict_step(s);
 }
 
+/* Whether two of the buffers gather writes n tokens into share a byte (NULL ones take none). */
+static int gather_overlap(const struct kvp_seq_obj *s, uint32_t n, const int32_t *pos, const float *k, const float *v)
+{
+	const size_t p = pos ? sizeof *pos * n : 0, r = sizeof(float) * n * s->shape.head_dim;
+	const size_t kr = k ? r : 0, vr = v ? r : 0;
+	return kvp_overlap(pos, p, k, kr) || kvp_overlap(pos, p, v, vr) || kvp_overlap(k, kr, v, vr);
+}
+
 kvp_status kvp_gather_resident(struct kvp_seq_obj *s, uint32_t layer, uint32_t kv_head, uint32_t cap, int32_t *pos,
 			       float *k, float *v, uint32_t *n_out)
 {
@@ -207,6 +215,8 @@ kvp_status kvp_gather_resident(struct kvp_seq_obj *s, uint32_t layer, uint32_t k
 	if (st->n_tokens > cap)
 		return kvp_fail(KVP_EINVAL, "kvp_gather: the stream holds %u tokens, more than cap %u", st->n_tokens,
 				cap);
+	if (gather_overlap(s, st->n_tokens, pos, k, v))
+		return kvp_fail(KVP_EINVAL, "kvp_gather: two of pos, k and v overlap: each needs memory of its own");
 	kvp_stream_gather(s, st, pos, k, v);
 	return KVP_OK;
 }

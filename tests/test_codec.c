@@ -193,6 +193,25 @@ Test(codec, public_decode_and_dot_refuse_bytes_no_encoder_writes)
 	kvp_codec_close(fp16);
 }
 
+/* The codes and the floats of a call must not overlap (decoding in place would read codes already
+ * overwritten by floats). */
+Test(codec, codes_and_floats_that_overlap_are_refused)
+{
+	kvp_codec *c = codec_open("turboquant(bits=4)", 64);
+	float x[4 * 64], out[4];
+	unsigned char *codes = (unsigned char *)x;
+
+	for (unsigned j = 0; j < 4 * 64; j++)
+		x[j] = sinf((float)j);
+	cr_assert_eq(kvp_codec_encode(c, 2, x, codes), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "kvp_codec_encode: the codes and the floats overlap"), "%s", kvp_last_error());
+	cr_assert_eq(kvp_codec_encode(c, 2, x, codes + 2 * 64 * sizeof(float)), KVP_OK, "adjacent: %s", kvp_last_error());
+	cr_assert_eq(kvp_codec_decode(c, 2, codes + 2 * 64 * sizeof(float), x + 2 * 64 + 1), KVP_EINVAL);
+	cr_assert_eq(kvp_codec_dot(c, 2, codes + 2 * 64 * sizeof(float), x, x + 2 * 64 + 3), KVP_EINVAL);
+	cr_assert_eq(kvp_codec_dot(c, 2, codes + 2 * 64 * sizeof(float), x, out), KVP_OK, "%s", kvp_last_error());
+	kvp_codec_close(c);
+}
+
 /* kvp_codec_parse_role: the pager parses v= for values, so kivi quantizes them per token there. */
 Test(codec, role_picks_kivi_axis_and_stacks_carry_it_inward)
 {

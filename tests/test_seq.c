@@ -241,6 +241,29 @@ Test(seq, non_finite_queries_are_refused)
 	kvp_pool_close(pool);
 }
 
+/* Buffers a call writes must not overlap what it reads or another it writes: attention in place would zero
+ * a KV head's queries before scoring them, and a gather into one buffer for k and v would keep only v. */
+Test(seq, overlapping_buffers_are_refused)
+{
+	float k[4 * ROW], v[4 * ROW], q[8 * 32 + 32], gk[4 * 32 + 8];
+	int32_t pos[4];
+	uint32_t n;
+	kvp_seq *s;
+	open_tenant("");
+	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK);
+	append_range(s, 0, 0, 4, k, v, 17);
+	fixture_fill(q, 8 * 32, 19, 2);
+	cr_assert_eq(kvp_attend(s, 0, q, q), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "q and out overlap"), "%s", kvp_last_error());
+	cr_assert_eq(kvp_attend(s, 0, q, q + 32), KVP_EINVAL, "a partial overlap too");
+	cr_assert_eq(kvp_gather(s, 0, 1, 4, pos, gk, gk, &n), KVP_EINVAL);
+	cr_assert(strstr(kvp_last_error(), "overlap"), "%s", kvp_last_error());
+	cr_assert_eq(kvp_gather(s, 0, 1, 4, (int32_t *)(void *)(gk + 4 * 32), gk, NULL, &n), KVP_OK,
+		     "adjacent, not overlapping: %s", kvp_last_error());
+	cr_assert_eq(n, 4);
+	kvp_pool_close(pool);
+}
+
 Test(fork, shares_blocks_until_either_side_writes)
 {
 	static float k[100 * ROW], v[100 * ROW], k2[ROW], v2[ROW], k3[ROW], v3[ROW], gk[101 * 32];
