@@ -1,5 +1,5 @@
 /* IEEE 754 binary16 <-> binary32, bit-exact with F16C / NEON fcvt (round to nearest even), and the scan
- * for values that are not finite. */
+ * for values outside a bound (not finite, or beyond what binary16 holds). */
 #include <string.h>
 
 #include "base.h"

@@ -20,6 +20,7 @@
 #ifndef KVP_CODEC_H
 #define KVP_CODEC_H
 
+#include <float.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -188,7 +189,7 @@ static inline kvp_status kvp_codec_check(const struct kvp_codec *c, unsigned n, 
 /* A norm or a scale as encoders write them: finite and >= 0 (NaN fails both comparisons). */
 static inline int kvp_codec_scale_ok(float v)
 {
-	return v >= 0.0f && v <= 3.4028234663852886e38f;
+	return v >= 0.0f && v <= FLT_MAX;
 }
 
 /* The codecs of the registry (codecs/registry.c). */
