@@ -3,7 +3,8 @@
  *   fuzz_kvtria/  .kvtria files written by kvp_tria_stats_write, each read back by kvp_tria_stats_read;
  *   fuzz_slot/    spill records the spill device wrote for fuzz_slot's block (tests/fuzz_slot_stub.h),
  *                 read back from the spill file, with fuzz_slot's mode byte in front;
- *   fuzz_config/  specs each parser accepts, with fuzz_config's selector byte in front.
+ *   fuzz_config/  specs each parser accepts, with fuzz_config's selector byte in front;
+ *   fuzz_codec/   tokens each of fuzz_codec's codecs encoded (a group of them), with its selector byte.
  * Without seeds the fuzzer rarely gets past the first check: a .kvtria file must have exactly the size
  * its header implies, and a spill record must match its stub's identity.
  * Usage: seed_corpus DIR (DIR/<target>/ must exist). Exits 1, saying why, when anything is refused.
@@ -16,6 +17,7 @@
 
 #include "kvpager.h"
 #include "policies/policy.h"
+#include "tests/fuzz_codec_table.h"
 #include "tests/fuzz_slot_stub.h"
 
 static const char *out_dir;
@@ -158,15 +160,40 @@ static void config_seeds(void)
 		  "select=union,stats=online,pin_prompt=0)");
 }
 
+/* ---- codes ---- */
+
+static void codec_seeds(void)
+{
+	static float x[FUZZ_CODEC_TOKENS * 128];
+	static unsigned char bytes[FUZZ_CODEC_TOKENS * 512];
+
+	for (size_t i = 0; i < FUZZ_CODECS; i++) {
+		char name[32];
+		kvp_codec *c;
+		uint32_t n;
+		if (kvp_codec_open(fuzz_codecs[i].spec, fuzz_codecs[i].dim, &c) != KVP_OK)
+			die(fuzz_codecs[i].spec);
+		n = kvp_codec_group(c) > 8 ? kvp_codec_group(c) : 8;
+		fuzz_codec_vectors(n, fuzz_codecs[i].dim, x);
+		if (kvp_codec_bytes(c, n) > sizeof bytes || kvp_codec_encode(c, n, x, bytes) != KVP_OK)
+			die(fuzz_codecs[i].spec);
+		snprintf(name, sizeof name, "codec-%zu", i);
+		seed_write("fuzz_codec", name, (unsigned char)i, bytes, kvp_codec_bytes(c, n));
+		kvp_codec_close(c);
+	}
+}
+
 int main(int argc, char **argv)
 {
 	if (argc != 2) {
-		fprintf(stderr, "usage: seed_corpus DIR (with DIR/fuzz_kvtria, DIR/fuzz_slot, DIR/fuzz_config)\n");
+		fprintf(stderr, "usage: seed_corpus DIR (with DIR/fuzz_kvtria, DIR/fuzz_slot, DIR/fuzz_config, "
+			"DIR/fuzz_codec)\n");
 		return 2;
 	}
 	out_dir = argv[1];
 	kvtria_seeds();
 	slot_seeds();
 	config_seeds();
+	codec_seeds();
 	return 0;
 }
