@@ -442,12 +442,9 @@ static kvp_status check_fitted(const char *what, const kvp_codec *c)
  * make every output NaN, a SparK mask of the wrong count would place values in the wrong channels). */
 static kvp_status check_bytes(const char *what, const kvp_codec *c, uint32_t n, const void *src)
 {
-	char why[200];
+	kvp_status st = kvp_codec_check(c, n, src);
 
-	if (kvp_codec_check(c, n, src) == KVP_OK)
-		return KVP_OK;
-	snprintf(why, sizeof why, "%s", kvp_last_error());
-	return kvp_fail(KVP_ECORRUPT, "%s: %s", what, why);
+	return st == KVP_OK ? st : kvp_fail_context(st, "%s", what);
 }
 
 /* The n tokens' codes and the call's floats (after check_call: their sizes fit size_t) share no byte. */

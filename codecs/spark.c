@@ -83,7 +83,6 @@
  * (a quickselect per token and a branch per channel, 4-8x slower).
  */
 #include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -683,17 +682,13 @@ static kvp_status spark_check(const struct kvp_codec *c, unsigned n, const void 
 	if (s->all)
 		return kvp_codec_check(c->inner, n, src);
 	for (unsigned i = 0; i < n; i++, p += s->stride) {
-		char why[200];
-
 		if (s->avg && !kvp_codec_scale_ok(kvp_load_f32(p)))
 			return kvp_fail(KVP_ECORRUPT, "spark: token %u's pruned scale is %g, not a finite number >= 0", i,
 					(double)kvp_load_f32(p));
 		if (!mask_is_sound(c, p + s->mask_at))
 			return kvp_fail(KVP_ECORRUPT, "spark: token %u's keep mask does not keep %u channels", i, s->kept);
-		if (c->inner && kvp_codec_check(c->inner, 1, p + s->kept_at) != KVP_OK) {
-			snprintf(why, sizeof why, "%s", kvp_last_error());
-			return kvp_fail(KVP_ECORRUPT, "spark: token %u's kept values: %s", i, why);
-		}
+		if (c->inner && kvp_codec_check(c->inner, 1, p + s->kept_at) != KVP_OK)
+			return kvp_fail_context(KVP_ECORRUPT, "spark: token %u's kept values", i);
 	}
 	return KVP_OK;
 }

@@ -733,12 +733,9 @@ static kvp_status unit_value_blocks(struct kvp_tenant_obj *t, uint64_t idh, cons
 		stream_record_id(&e->id, idh, f, e->hash, e->n_tokens, i, &rid);
 		if ((st = kvp_record_unpack(&rid, value + at, bytes - at, (const void **)&payload, &used)) == KVP_OK)
 			st = unit_block_from(t, e, f, payload, &e->blocks[i]);
-		if (st == KVP_ECORRUPT) {
-			char why[160];
-			snprintf(why, sizeof why, "%s", kvp_last_error());
-			return kvp_fail(st, "prefix value of unit %u, layer %u, KV head %u: %s", e->unit, rid.layer,
-					rid.kv_head, why);
-		}
+		if (st == KVP_ECORRUPT)
+			return kvp_fail_context(st, "prefix value of unit %u, layer %u, KV head %u", e->unit, rid.layer,
+						rid.kv_head);
 		if (st != KVP_OK)
 			return st;
 	}
