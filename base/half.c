@@ -55,22 +55,27 @@ float kvp_f16_to_f32(uint16_t h)
 	return float_of(sign | ((exp + 127 - 15) << 23) | (mant << 13));
 }
 
-/* Runs of 64 with a branchless flag, which compilers vectorize; the exact index only once a run has one. */
+/* Whether any of x[0..n) has its magnitude's bits at limit or above: branchless, so that a loop of a
+ * constant n vectorizes. */
+static unsigned run_outside(const float *restrict x, size_t n, uint32_t limit)
+{
+	unsigned bad = 0;
+
+	for (size_t i = 0; i < n; i++)
+		bad |= (bits_of(x[i]) & 0x7fffffffu) >= limit;
+	return bad;
+}
+
+/* Whole runs of RUN first; the exact index from the first run that has one (or the tail) on. */
 size_t kvp_first_outside(const float *x, size_t n, float bound)
 {
 	enum { RUN = 64 };
 	const uint32_t limit = bits_of(bound); /* magnitudes compare as their bits; every NaN's are above */
 	size_t at = 0;
 
-	for (; at < n; at += RUN) {
-		const size_t end = n - at < RUN ? n : at + RUN;
-		unsigned bad = 0;
-
-		for (size_t i = at; i < end; i++)
-			bad |= (bits_of(x[i]) & 0x7fffffffu) >= limit;
-		if (bad)
+	for (; at + RUN <= n; at += RUN)
+		if (run_outside(x + at, RUN, limit))
 			break;
-	}
 	for (; at < n; at++)
 		if ((bits_of(x[at]) & 0x7fffffffu) >= limit)
 			return at;

@@ -525,27 +525,6 @@ static kvp_status encode_kept(const struct kvp_codec *c, const void *ctx, const 
 	return KVP_OK;
 }
 
-static unsigned non_finite_run(const float *restrict x, unsigned n)
-{
-	unsigned bad = 0;
-
-	for (unsigned j = 0; j < n; j++) {
-		uint32_t bits;
-		memcpy(&bits, x + j, sizeof bits);
-		bad |= (bits & 0x7f800000u) == 0x7f800000u;
-	}
-	return bad;
-}
-
-static int all_finite(unsigned dim, const float *x)
-{
-	unsigned bad = 0, j = 0;
-
-	for (; j + RUN <= dim; j += RUN)
-		bad |= non_finite_run(x + j, RUN);
-	return !(bad | non_finite_run(x + j, dim - j));
-}
-
 /* The keep mask as bits, eight channels a byte. */
 static void pack_mask(unsigned dim, const unsigned char *keep, unsigned char *mask)
 {
@@ -604,7 +583,7 @@ static kvp_status spark_encode(const struct kvp_codec *c, const void *ctx, unsig
 		float sbar;
 		kvp_status st;
 
-		if (!all_finite(c->dim, x))
+		if (kvp_first_outside(x, c->dim, INFINITY) < c->dim)
 			return kvp_fail(KVP_EINVAL, "spark: token %u has a non-finite value", i);
 		if (s->all) {
 			sbar = select_channels(c, ctx, x, w.key, w.keep);
