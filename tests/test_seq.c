@@ -19,6 +19,15 @@ static void open_tenant(const char *spec)
 	cr_assert_eq(kvp_tenant_open(pool, "t", spec, &tenant), KVP_OK, "%s", kvp_last_error());
 }
 
+/* A sequence of `shape` in a new pool's tenant opened with spec. */
+static kvp_seq *seq_in(const char *spec)
+{
+	kvp_seq *s;
+	open_tenant(spec);
+	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK, "%s", kvp_last_error());
+	return s;
+}
+
 static void append_range(kvp_seq *s, uint32_t layer, int32_t first, uint32_t n, float *k, float *v, uint64_t seed)
 {
 	int32_t *pos = malloc(n * sizeof *pos);
@@ -42,8 +51,7 @@ Test(seq, gather_returns_appended_tokens_in_order_across_tiers)
 	int32_t pos[300];
 	uint32_t n;
 	kvp_seq *s;
-	open_tenant("block=16,sinks=4,window=32");
-	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK);
+	s = seq_in("block=16,sinks=4,window=32");
 	/* prefill in one call, then decode one at a time: both paths fill sink, blocks and tail */
 	append_range(s, 1, 0, 37, k, v, 1);
 	for (uint32_t i = 37; i < 300; i++)
@@ -69,8 +77,7 @@ Test(seq, fp16_store_rounds_each_element_once)
 	static float k[70 * ROW], v[70 * ROW], gk[70 * 32], gv[70 * 32];
 	uint32_t n;
 	kvp_seq *s;
-	open_tenant("store=fp16,block=8");
-	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK);
+	s = seq_in("store=fp16,block=8");
 	append_range(s, 0, 100, 70, k, v, 5);
 	cr_assert_eq(kvp_gather(s, 0, 1, 70, NULL, gk, gv, &n), KVP_OK);
 	for (uint32_t i = 0; i < n; i++)
@@ -86,8 +93,7 @@ Test(seq, gather_refuses_a_small_buffer_and_reports_the_count)
 	static float k[10 * ROW], v[10 * ROW];
 	uint32_t n = 0;
 	kvp_seq *s;
-	open_tenant("");
-	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK);
+	s = seq_in("");
 	append_range(s, 2, 0, 10, k, v, 1);
 	cr_assert_eq(kvp_gather(s, 2, 0, 9, NULL, NULL, NULL, &n), KVP_EINVAL);
 	cr_assert_eq(n, 10);
@@ -106,8 +112,7 @@ Test(seq, appends_too_large_to_count_are_einval_and_change_nothing)
 	kvp_stats st = { .size = sizeof st };
 	uint32_t n = 0;
 	kvp_seq *s;
-	open_tenant("block=64");
-	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK);
+	s = seq_in("block=64");
 	append_range(s, 0, 0, 5, k, v, 1);
 	/* layer 1 first, empty: there n + block - 1 used to wrap and the append "succeeded" */
 	for (uint32_t layer = 1; layer != UINT32_MAX; layer--)
@@ -136,8 +141,7 @@ Test(seq, a_huge_append_over_the_quota_is_enomem_and_changes_nothing)
 	int32_t pos[8] = { 0 };
 	kvp_stats before = { .size = sizeof before }, after = { .size = sizeof after };
 	kvp_seq *s;
-	open_tenant("quota=1MiB");
-	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK);
+	s = seq_in("quota=1MiB");
 	append_range(s, 0, 0, 5, k, v, 1);
 	cr_assert_eq(kvp_tenant_stats(tenant, &before), KVP_OK);
 	cr_assert_eq(kvp_append(s, 0, INT32_MAX - 5, pos, k, v), KVP_ENOMEM, "%s", kvp_last_error());
@@ -152,8 +156,7 @@ Test(seq, bad_arguments_are_refused_without_effect)
 	int32_t pos = 0;
 	uint32_t n;
 	kvp_seq *s;
-	open_tenant("");
-	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK);
+	s = seq_in("");
 	cr_assert_eq(kvp_append(s, 3, 1, &pos, k, v), KVP_EINVAL);
 	cr_assert_eq(kvp_append(s, 0, 1, NULL, k, v), KVP_EINVAL);
 	cr_assert_eq(kvp_append(NULL, 0, 1, &pos, k, v), KVP_EINVAL);
@@ -174,8 +177,7 @@ Test(seq, non_finite_keys_and_values_are_refused_and_nothing_is_appended)
 	float k[10 * ROW], v[10 * ROW];
 	int32_t pos[3] = { 10, 11, 12 };
 	kvp_seq *s;
-	open_tenant("block=4,window=4,k=turboquant(bits=3),v=turboquant(bits=3)");
-	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK);
+	s = seq_in("block=4,window=4,k=turboquant(bits=3),v=turboquant(bits=3)");
 	append_range(s, 0, 0, 10, k, v, 3);
 	for (unsigned i = 0; i < 3; i++) {
 		fixture_fill(k, 3 * ROW, 5, 2);
@@ -202,8 +204,7 @@ Test(seq, values_beyond_fp16_are_refused_where_store_is_fp16)
 	int32_t pos[2] = { 0, 1 };
 	uint32_t n;
 	kvp_seq *s;
-	open_tenant("store=fp16");
-	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK);
+	s = seq_in("store=fp16");
 	fixture_fill(k, ROW, 13, 2);
 	fixture_fill(v, ROW, 14, 2);
 	k[3] = 65504.0f, k[4] = -65519.0f;
@@ -217,8 +218,7 @@ Test(seq, values_beyond_fp16_are_refused_where_store_is_fp16)
 	cr_assert_eq(n, 1);
 	cr_assert(gk[3] == 65504.0f && gk[4] == -65504.0f, "%g %g", (double)gk[3], (double)gk[4]);
 	kvp_pool_close(pool);
-	open_tenant("store=fp32"); /* fp32 holds it */
-	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK);
+	s = seq_in("store=fp32"); /* fp32 holds it */
 	cr_assert_eq(kvp_append(s, 0, 1, pos + 1, k, v), KVP_OK, "%s", kvp_last_error());
 	kvp_pool_close(pool);
 }
@@ -228,8 +228,7 @@ Test(seq, non_finite_queries_are_refused)
 {
 	float k[4 * ROW], v[4 * ROW], q[8 * 32], out[8 * 32];
 	kvp_seq *s;
-	open_tenant("policy=h2o(heavy=0.5,recent=0.25)");
-	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK);
+	s = seq_in("policy=h2o(heavy=0.5,recent=0.25)");
 	append_range(s, 1, 0, 4, k, v, 9);
 	fixture_fill(q, 8 * 32, 11, 2);
 	cr_assert_eq(kvp_attend(s, 1, q, out), KVP_OK, "%s", kvp_last_error());
@@ -249,8 +248,7 @@ Test(seq, overlapping_buffers_are_refused)
 	int32_t pos[4];
 	uint32_t n;
 	kvp_seq *s;
-	open_tenant("");
-	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK);
+	s = seq_in("");
 	append_range(s, 0, 0, 4, k, v, 17);
 	fixture_fill(q, 8 * 32, 19, 2);
 	cr_assert_eq(kvp_attend(s, 0, q, q), KVP_EINVAL);
@@ -338,8 +336,7 @@ Test(stats, count_allocated_bytes_and_tokens)
 	static float k[130 * ROW], v[130 * ROW];
 	kvp_stats ss = { .size = sizeof ss }, ts = { .size = sizeof ts };
 	kvp_seq *s;
-	open_tenant("block=64,sinks=4,store=fp16");
-	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK);
+	s = seq_in("block=64,sinks=4,store=fp16");
 	append_range(s, 0, 0, 130, k, v, 1);
 	cr_assert_eq(kvp_seq_stats(s, &ss), KVP_OK);
 	cr_assert_eq(kvp_tenant_stats(tenant, &ts), KVP_OK);
@@ -363,8 +360,7 @@ Test(stats, older_smaller_structs_are_filled_up_to_their_size)
 	} old = { .size = sizeof(uint32_t) + 4 + sizeof(uint64_t), .guard = 0xabcdef };
 	static float k[5 * ROW], v[5 * ROW];
 	kvp_seq *s;
-	open_tenant("");
-	cr_assert_eq(kvp_seq_open(tenant, &shape, &s), KVP_OK);
+	s = seq_in("");
 	append_range(s, 0, 0, 5, k, v, 1);
 	cr_assert_eq(kvp_seq_stats(s, (kvp_stats *)&old), KVP_OK);
 	cr_assert_eq(old.tokens_appended, 10);
