@@ -191,7 +191,6 @@ Test(seq, non_finite_keys_and_values_are_refused_and_nothing_is_appended)
 		cr_assert_eq(kvp_seq_stats(s, &st), KVP_OK);
 		cr_assert_eq(st.tokens_appended, 10 * 2, "nothing of the refused call");
 	}
-	(void)at;
 	append_range(s, 0, 10, 3, k, v, 7);
 	kvp_pool_close(pool);
 }
