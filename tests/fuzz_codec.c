@@ -24,11 +24,8 @@ static void codecs_open(void)
 	static unsigned char bytes[FUZZ_CODEC_TOKENS * 512];
 
 	for (size_t i = 0; i < FUZZ_CODECS; i++) {
-		if (kvp_codec_open(fuzz_codecs[i].spec, fuzz_codecs[i].dim, &codec[i]) != KVP_OK)
-			abort();
-		fuzz_codec_vectors(FUZZ_CODEC_TOKENS, fuzz_codecs[i].dim, x);
-		if (kvp_codec_bytes(codec[i], FUZZ_CODEC_TOKENS) > sizeof bytes ||
-		    kvp_codec_encode(codec[i], FUZZ_CODEC_TOKENS, x, bytes) != KVP_OK)
+		uint32_t n = FUZZ_CODEC_TOKENS;
+		if (!(codec[i] = fuzz_codec_encoded(i, &n, x, bytes, sizeof bytes)))
 			abort();
 	}
 }

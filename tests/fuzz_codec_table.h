@@ -7,6 +7,8 @@
 
 #include <math.h>
 
+#include "kvpager.h"
+
 struct fuzz_codec {
 	const char *spec;
 	unsigned dim;
@@ -35,6 +37,24 @@ static inline void fuzz_codec_vectors(unsigned n, unsigned dim, float *x)
 	for (unsigned i = 0; i < n; i++)
 		for (unsigned j = 0; j < dim; j++)
 			x[(size_t)i * dim + j] = sinf(0.37f * (float)(i * dim + j)) * (j % 7 == 3 ? 4.0f : 1.0f);
+}
+
+/* Codec i opened, with *n tokens of the vectors above (*n raised to one group when it is less) encoded
+ * into bytes[0..cap), which fits a context on them as a standalone codec's first encode does; NULL when
+ * it does not open or they do not fit. x has room for the tokens. */
+static inline kvp_codec *fuzz_codec_encoded(size_t i, uint32_t *n, float *x, unsigned char *bytes, size_t cap)
+{
+	kvp_codec *c;
+
+	if (kvp_codec_open(fuzz_codecs[i].spec, fuzz_codecs[i].dim, &c) != KVP_OK)
+		return NULL;
+	*n = *n < kvp_codec_group(c) ? kvp_codec_group(c) : *n;
+	fuzz_codec_vectors(*n, fuzz_codecs[i].dim, x);
+	if (kvp_codec_bytes(c, *n) > cap || kvp_codec_encode(c, *n, x, bytes) != KVP_OK) {
+		kvp_codec_close(c);
+		return NULL;
+	}
+	return c;
 }
 
 #endif

@@ -168,14 +168,10 @@ static void codec_seeds(void)
 	static unsigned char bytes[FUZZ_CODEC_TOKENS * 512];
 
 	for (size_t i = 0; i < FUZZ_CODECS; i++) {
+		uint32_t n = 8; /* or a whole group where a group is more */
 		char name[32];
-		kvp_codec *c;
-		uint32_t n;
-		if (kvp_codec_open(fuzz_codecs[i].spec, fuzz_codecs[i].dim, &c) != KVP_OK)
-			die(fuzz_codecs[i].spec);
-		n = kvp_codec_group(c) > 8 ? kvp_codec_group(c) : 8;
-		fuzz_codec_vectors(n, fuzz_codecs[i].dim, x);
-		if (kvp_codec_bytes(c, n) > sizeof bytes || kvp_codec_encode(c, n, x, bytes) != KVP_OK)
+		kvp_codec *c = fuzz_codec_encoded(i, &n, x, bytes, sizeof bytes);
+		if (!c)
 			die(fuzz_codecs[i].spec);
 		snprintf(name, sizeof name, "codec-%zu", i);
 		seed_write("fuzz_codec", name, (unsigned char)i, bytes, kvp_codec_bytes(c, n));
