@@ -81,10 +81,11 @@ void ab_heads_print(FILE *f, const struct ab_result *r, int n);
 
 #define AB_PROGRESS_LABEL_MAX 1024
 
-/* A progress bar on stderr: drawn only on a terminal, and only once the run has taken a second. */
+/* A progress bar on stderr: drawn only on a terminal, and only once the run has taken a second (or the
+ * seconds KVP_PROGRESS_AFTER gives, a number >= 0: 0 draws from the first token). */
 struct ab_progress {
 	int enabled, drawn;
-	double start, last_draw;
+	double start, last_draw, after;
 	uint64_t done, total;
 	char label[AB_PROGRESS_LABEL_MAX]; /* what advance shows when it is given no label */
 };

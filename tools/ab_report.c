@@ -26,12 +26,23 @@ double ab_now(void)
 
 /* ---- progress ---- */
 
+/* KVP_PROGRESS_AFTER, or 1 second where it is unset or not a number >= 0 */
+static double progress_after(void)
+{
+	const char *env = getenv("KVP_PROGRESS_AFTER");
+	char *end;
+	double s = env ? strtod(env, &end) : 1.0;
+
+	return env && (end == env || *end || !(s >= 0.0)) ? 1.0 : s;
+}
+
 void ab_progress_start(struct ab_progress *p, uint64_t total, int allowed)
 {
 	memset(p, 0, sizeof(*p));
 	p->enabled = allowed && isatty(STDERR_FILENO);
 	p->total = total ? total : 1;
 	p->start = ab_now();
+	p->after = progress_after();
 }
 
 /* The terminal's width, for a line that must not wrap (a wrapped line's \r redraws only its last row). */
@@ -135,7 +146,7 @@ void ab_progress_advance(struct ab_progress *p, uint64_t n, const char *label)
 		return;
 	now = ab_now();
 	/* nothing for short runs, and at most ten redraws a second */
-	if (now - p->start < 1.0 || now - p->last_draw < 0.1)
+	if (now - p->start < p->after || now - p->last_draw < 0.1)
 		return;
 	p->last_draw = now;
 	ab_progress_format(p, now, label ? label : p->label, terminal_columns(), line, sizeof(line));

@@ -131,7 +131,8 @@ static void usage(FILE *f)
 	      "                    tokens saved, and checks each prompt's greedy tokens against a run\n"
 	      "                    without the cache (exit status 1 when one differs)\n"
 	      "  --quiet           no progress line (on a terminal, stderr shows spec i of N, its label\n"
-	      "                    S1..Sn and what sets it apart, tokens done of all, the rate, an ETA)\n"
+	      "                    S1..Sn and what sets it apart, tokens done of all, the rate, an ETA,\n"
+	      "                    once the run has taken a second: KVP_PROGRESS_AFTER=SECONDS sets when)\n"
 	      "The table labels the specs S1..Sn, as the plot does, and keys the labels to the full specs\n"
 	      "under it; the CSV has every spec in full.\n"
 	      "Exit status: 0 done, 2 bad input or a spec the library refuses, 1 other failures.\n", f);

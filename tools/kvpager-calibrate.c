@@ -71,7 +71,8 @@ static void usage(FILE *f)
 	      "  --prompt TEXT      without --text: prompt to continue greedily (default \"Once upon a time\")\n"
 	      "  --steps N          without --text: positions to run, prompt included (default 256)\n"
 	      "  --quiet            no progress line and no summary on stderr (the progress line, on a\n"
-	      "                     terminal: tokens run of all, the rate and an ETA)\n", f);
+	      "                     terminal: tokens run of all, the rate and an ETA, once the run has\n"
+	      "                     taken a second: KVP_PROGRESS_AFTER=SECONDS sets when)\n", f);
 }
 
 static int parse_count(const char *s, long hi, long *out)
