@@ -18,6 +18,7 @@ const char *kvp_strerror(kvp_status s)
 	case KVP_EPERM: return "handle not usable here";
 	case KVP_EUNSUPPORTED: return "not supported by this build";
 	case KVP_EABI: return "ABI version mismatch";
+	case KVP_EBUSY: return "another call on the sequence is in progress";
 	}
 	return "unknown status";
 }

@@ -52,7 +52,8 @@ typedef enum {
 	KVP_ECORRUPT = -4,     /* spilled or loaded data failed its checks */
 	KVP_EPERM = -5,        /* a handle used outside its owner */
 	KVP_EUNSUPPORTED = -6, /* valid request this build does not serve yet */
-	KVP_EABI = -7          /* host and library disagree on a structure version */
+	KVP_EABI = -7,         /* host and library disagree on a structure version */
+	KVP_EBUSY = -8         /* another call on the same sequence is in progress */
 } kvp_status;
 
 typedef enum { KVP_ROPE_HALF = 0, KVP_ROPE_INTERLEAVED = 1 } kvp_rope_layout;
@@ -160,7 +161,12 @@ KVP_API kvp_status kvp_tenant_open(kvp_pool *pool, const char *name, const char 
 /* Closes the tenant and its sequences; their handles are refused from then on. */
 KVP_API void kvp_tenant_close(kvp_tenant *t);
 
-/* Sequence: one request; the shape is copied. */
+/*
+ * Sequence: one request; the shape is copied. Calls on different sequences may run concurrently; calls on
+ * one sequence must not overlap. One that starts while another call is in the sequence returns
+ * KVP_EBUSY and does nothing (kvp_seq_close leaves the sequence open, KVP_EBUSY in kvp_last_error): the
+ * host's serialization is missing, and the sequence is left to the call that holds it.
+ */
 KVP_API kvp_status kvp_seq_open(kvp_tenant *t, const kvp_shape *shape, kvp_seq **out);
 /*
  * Prefix caching (tenant model=NAME, prefix=on): open a sequence for a prompt of n token ids, token i

@@ -11,7 +11,8 @@
 #include "pager.h"
 
 /* Enters the sequence handle h names; a call that needs the tokens gets a pressure-parked sequence
- * back, and a host-parked one refused. On failure nothing is entered. */
+ * back, and a host-parked one refused, and a call while another is in the sequence KVP_EBUSY. On failure
+ * nothing is entered. */
 static kvp_status enter(const kvp_seq *h, const char *name, int needs_tokens, struct kvp_call *call,
 			struct kvp_seq_obj **out)
 {
@@ -20,7 +21,9 @@ static kvp_status enter(const kvp_seq *h, const char *name, int needs_tokens, st
 	if ((st = kvp_seq_handle_get(h, name, &s)) != KVP_OK)
 		return st;
 	*out = s;
-	kvp_seq_enter(s, call);
+	if (kvp_seq_enter(s, call))
+		return kvp_fail(KVP_EBUSY, "%s: another call on this sequence is in progress (calls on one sequence must "
+				"not overlap; this one did nothing)", name);
 	if (!needs_tokens || !s->parked)
 		return KVP_OK;
 	if (!s->pressure_parked)
@@ -180,14 +183,16 @@ kvp_status kvp_seq_step(kvp_seq *h)
 	return st;
 }
 
+/* A close while another call is in the sequence leaves it open (KVP_EBUSY in kvp_last_error). */
 void kvp_seq_close(kvp_seq *h)
 {
 	struct kvp_call call;
 	struct kvp_seq_obj *s;
-	if (enter(h, "kvp_seq_close", 0, &call, &s) == KVP_OK) {
+	kvp_status st = enter(h, "kvp_seq_close", 0, &call, &s);
+	if (st == KVP_OK) {
 		s->call = NULL;
 		kvp_seq_close_entered(s); /* the count goes with the sequence; it waits for reads in flight */
-	} else {
+	} else if (st != KVP_EBUSY) {
 		kvp_handle_retire_inherited(KVP_HANDLE_SEQ, h); /* a fork's child: the parent's sequence stays */
 	}
 }

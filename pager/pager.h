@@ -207,7 +207,7 @@ struct kvp_seq_obj {
 	int pressure_parked; /* parked by memory pressure, not by the host: unparked on next use */
 	_Atomic int parked_flag; /* parked != NULL, for tier/pressure.c to read without entering the sequence */
 	kvp_seq *handle;       /* what the host holds */
-	_Atomic uint32_t calls; /* public calls in progress, or KVP_SEQ_CLAIMED (tier/pressure.c) */
+	_Atomic uint32_t calls; /* 1 while a public call is in it, or KVP_SEQ_CLAIMED (tier/pressure.c) */
 	struct kvp_call *call;  /* the context of the call in progress (pager/calls.c), or NULL */
 	_Atomic uint64_t last_use; /* the tenant's clock at the last call: pressure spills the oldest */
 	/* Blocks spilled one by one under pressure (tier/restore.c), read back before use. Touched only by the

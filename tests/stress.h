@@ -166,6 +166,63 @@ static void check(int ok, const char *what)
 	}
 }
 
+/*
+ * Then two threads call one sequence with no lock between them, breaking the API's rule: a call that
+ * overlaps the other's is refused with KVP_EBUSY and does nothing, so the sequence holds exactly the
+ * tokens of the appends that returned KVP_OK, and nothing else is ever returned.
+ */
+#define OVERLAP_CALLS 3000
+
+struct overlap {
+	kvp_seq *seq;
+	unsigned ok, busy;
+};
+
+static void *overlap_appender(void *arg)
+{
+	struct overlap *o = arg;
+	float k[2 * 16] = { 0.25f }, v[2 * 16] = { 0.5f };
+	for (int i = 0; i < OVERLAP_CALLS; i++) {
+		int32_t pos = (int32_t)o->ok;
+		kvp_status st = kvp_append(o->seq, 0, 1, &pos, k, v);
+		st == KVP_OK ? (void)o->ok++ : st == KVP_EBUSY ? (void)o->busy++ : fail("overlapping append", st);
+	}
+	return NULL;
+}
+
+static void *overlap_reader(void *arg)
+{
+	struct overlap *o = arg;
+	float q[4 * 16] = { 1.0f }, out[4 * 16];
+	kvp_stats st_out = { .size = sizeof st_out };
+	for (int i = 0; i < OVERLAP_CALLS; i++) {
+		kvp_status st = i & 1 ? kvp_attend(o->seq, 0, q, out) : kvp_seq_stats(o->seq, &st_out);
+		st == KVP_OK ? (void)o->ok++ : st == KVP_EBUSY ? (void)o->busy++ : fail("overlapping read", st);
+	}
+	return NULL;
+}
+
+static void overlap_run(void)
+{
+	struct overlap w = { 0 }, r = { 0 };
+	kvp_stats st = { .size = sizeof st };
+	pthread_t a, b;
+	kvp_tenant *t;
+	check(kvp_tenant_open(pool, "overlap", "block=8,window=8,k=turboquant(bits=4),v=fp16", &t) == KVP_OK, "overlap tenant");
+	check(kvp_seq_open(t, &shape, &w.seq) == KVP_OK, "overlap sequence");
+	r.seq = w.seq;
+	check(pthread_create(&a, NULL, overlap_appender, &w) == 0 && pthread_create(&b, NULL, overlap_reader, &r) == 0,
+	      "overlap threads");
+	pthread_join(a, NULL);
+	pthread_join(b, NULL);
+	check(kvp_seq_stats(w.seq, &st) == KVP_OK, "overlap stats");
+	check(st.tokens_appended == (uint64_t)w.ok * shape.n_kv_heads, "the sequence holds the appends that returned KVP_OK");
+	check(w.ok + w.busy == OVERLAP_CALLS && r.ok + r.busy == OVERLAP_CALLS, "every overlapping call is OK or KVP_EBUSY");
+	printf("stress: overlapping calls on one sequence: %u of %u appends and %u of %u reads refused\n", w.busy,
+	       OVERLAP_CALLS, r.busy, OVERLAP_CALLS);
+	kvp_tenant_close(t);
+}
+
 /* a: a cold tier of codec-encoded blocks, spilled block by block under its quota; b: a quota its sequences outgrow, and a token policy that
  * compacts blocks (shared with forks) at every step. */
 static const char *const specs[TENANTS] = {
@@ -213,6 +270,7 @@ static unsigned stress_run(const char *base)
 		check(st.tokens_retained + st.tokens_appended == 0, "tenant tokens back to zero");
 	}
 	check(kvp_spill_pages_used(pool) == 0, "every spill slot is free");
+	overlap_run();
 	kvp_pool_close(pool);
 	check(access(path, F_OK) != 0, "the spill file is removed");
 	check(rmdir(dir) == 0, "the directory is empty");

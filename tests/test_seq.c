@@ -5,6 +5,7 @@
 
 #include "base/base.h"
 #include "kvpager.h"
+#include "pager/pager.h"
 #include "pager_fixture.h"
 
 static const kvp_shape shape = { 3, 8, 2, 32, 10000.0f, KVP_ROPE_HALF };
@@ -258,6 +259,42 @@ Test(seq, overlapping_buffers_are_refused)
 	cr_assert_eq(kvp_gather(s, 0, 1, 4, (int32_t *)(void *)(gk + 4 * 32), gk, NULL, &n), KVP_OK,
 		     "adjacent, not overlapping: %s", kvp_last_error());
 	cr_assert_eq(n, 4);
+	kvp_pool_close(pool);
+}
+
+/* Another thread's call in progress is the sequence entered as the call does (tier/pressure.c), so the
+ * overlap does not depend on timing. */
+Test(seq, a_call_while_another_is_in_the_sequence_is_ebusy_and_does_nothing)
+{
+	float k[2 * ROW], v[2 * ROW], q[8 * 32], out[8 * 32];
+	int32_t pos[2] = { 2, 3 };
+	kvp_stats stats = { .size = sizeof stats };
+	struct kvp_seq_obj *obj;
+	struct kvp_call held;
+	kvp_seq *s, *f;
+	s = seq_in("");
+	append_range(s, 0, 0, 2, k, v, 23);
+	cr_assert_eq(kvp_seq_handle_get(s, "test", &obj), KVP_OK);
+	cr_assert_eq(kvp_seq_enter(obj, &held), 0);
+	cr_assert_eq(kvp_append(s, 0, 2, pos, k, v), KVP_EBUSY);
+	cr_assert(strstr(kvp_last_error(), "kvp_append: another call on this sequence is in progress"), "%s",
+		  kvp_last_error());
+	fixture_fill(q, 8 * 32, 29, 2);
+	memset(out, 0x7f, sizeof out);
+	cr_assert_eq(kvp_attend(s, 0, q, out), KVP_EBUSY);
+	for (size_t i = 0; i < sizeof out / sizeof out[0]; i++)
+		cr_assert_eq(((uint8_t *)out)[4 * i], 0x7f, "out untouched");
+	cr_assert_eq(kvp_seq_stats(s, &stats), KVP_EBUSY);
+	cr_assert_eq(kvp_seq_fork(s, &f), KVP_EBUSY);
+	cr_assert_eq(kvp_seq_step(s), KVP_EBUSY);
+	kvp_seq_close(s);
+	cr_assert(strstr(kvp_last_error(), "kvp_seq_close: another call"), "%s", kvp_last_error());
+	kvp_seq_leave(obj);
+	cr_assert_eq(kvp_seq_stats(s, &stats), KVP_OK, "the close left it open: %s", kvp_last_error());
+	cr_assert_eq(stats.tokens_appended, 2 * 2, "the refused append added nothing");
+	cr_assert_eq(kvp_append(s, 0, 2, pos, k, v), KVP_OK, "once the other call left: %s", kvp_last_error());
+	kvp_seq_close(s);
+	cr_assert_eq(kvp_seq_stats(s, &stats), KVP_EPERM, "closed now");
 	kvp_pool_close(pool);
 }
 

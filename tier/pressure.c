@@ -52,7 +52,7 @@ void kvp_pressure_fork_child(void)
 	pthread_mutex_unlock(&claim_lock);
 }
 
-void kvp_seq_enter(struct kvp_seq_obj *s, struct kvp_call *call)
+int kvp_seq_enter(struct kvp_seq_obj *s, struct kvp_call *call)
 {
 	uint32_t c = atomic_load(&s->calls);
 	for (;;) {
@@ -62,13 +62,16 @@ void kvp_seq_enter(struct kvp_seq_obj *s, struct kvp_call *call)
 				pthread_cond_wait(&claim_released, &claim_lock);
 			pthread_mutex_unlock(&claim_lock);
 			c = atomic_load(&s->calls);
-		} else if (atomic_compare_exchange_weak(&s->calls, &c, c + 1)) {
+		} else if (c) {
+			return -1;
+		} else if (atomic_compare_exchange_weak(&s->calls, &c, 1)) {
 			break;
 		}
 	}
 	atomic_store(&s->last_use, atomic_fetch_add(&s->tenant->clock, 1) + 1);
 	*call = (struct kvp_call){ .seq = s };
 	s->call = call;
+	return 0;
 }
 
 void kvp_seq_leave(struct kvp_seq_obj *s)

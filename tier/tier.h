@@ -130,8 +130,9 @@ void kvp_block_rows_free(struct kvp_tenant_obj *t, struct kvp_block *b, struct k
  * something, so the caller charges again. */
 int kvp_pressure_relieve(struct kvp_tenant_obj *t, uint64_t bytes, struct kvp_call *call);
 /* A public call enters a sequence (waiting while pressure holds it) and leaves it; the call context is
- * the sequence's from enter to leave. */
-void kvp_seq_enter(struct kvp_seq_obj *s, struct kvp_call *call);
+ * the sequence's from enter to leave. enter returns nonzero, having entered nothing, when another call is
+ * in the sequence: calls on one sequence must not overlap, and one that would is refused. */
+int kvp_seq_enter(struct kvp_seq_obj *s, struct kvp_call *call);
 void kvp_seq_leave(struct kvp_seq_obj *s);
 /* The pressure lock held across fork() (pager/handle.c's handlers): before, then in the parent or the child. */
 void kvp_pressure_fork_prepare(void);

@@ -16,7 +16,7 @@ ValueError naming it. A failing call raises the kvpager.Error subclass of its st
 from ._library import ABI_MAJOR, ABI_MINOR
 from ._library import path as library_path
 from .cache import Gathered, HeadLevel, Pool, RopeLayout, Sequence, Shape, Stats, Tenant
-from .errors import (AbiMismatch, Corrupt, Error, InvalidArgument, OutOfMemory, PermissionDenied,
+from .errors import (AbiMismatch, Busy, Corrupt, Error, InvalidArgument, OutOfMemory, PermissionDenied,
                      SpillIOError, Unsupported)
 from .standalone import Codec, Policy
 
@@ -25,5 +25,5 @@ __all__ = [
     "Pool", "Tenant", "Sequence", "Shape", "RopeLayout", "Stats", "HeadLevel", "Gathered",
     "Codec", "Policy",
     "Error", "InvalidArgument", "OutOfMemory", "SpillIOError", "Corrupt", "PermissionDenied",
-    "Unsupported", "AbiMismatch",
+    "Unsupported", "AbiMismatch", "Busy",
 ]

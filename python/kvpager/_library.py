@@ -24,6 +24,7 @@ ECORRUPT = -4
 EPERM = -5
 EUNSUPPORTED = -6
 EABI = -7
+EBUSY = -8
 
 # the header this binding follows
 ABI_MAJOR = 1

@@ -50,6 +50,10 @@ class AbiMismatch(Error):
     """KVP_EABI: host and library disagree on a structure version."""
 
 
+class Busy(Error):
+    """KVP_EBUSY: another call on the same sequence was in progress (the binding serializes its own)."""
+
+
 _BY_STATUS = {
     lib.EINVAL: InvalidArgument,
     lib.ENOMEM: OutOfMemory,
@@ -58,6 +62,7 @@ _BY_STATUS = {
     lib.EPERM: PermissionDenied,
     lib.EUNSUPPORTED: Unsupported,
     lib.EABI: AbiMismatch,
+    lib.EBUSY: Busy,
 }
 
 

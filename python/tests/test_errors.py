@@ -151,3 +151,19 @@ def test_errors_are_per_thread(pool):
     t.join()
     assert "window" in seen["thread"]
     assert last_error() == marker
+
+
+def test_every_status_has_its_own_exception_and_description():
+    statuses = [_library.EINVAL, _library.ENOMEM, _library.EIO, _library.ECORRUPT, _library.EPERM,
+                _library.EUNSUPPORTED, _library.EABI, _library.EBUSY]
+    classes = set()
+    for status in statuses:
+        with pytest.raises(kvpager.Error) as caught:
+            kvpager.errors.check(status, "test")
+        assert caught.value.status == status
+        assert type(caught.value) is not kvpager.Error
+        classes.add(type(caught.value))
+        assert kvpager.errors.strerror(status) != "unknown status"
+    assert len(classes) == len(statuses)
+    assert kvpager.errors.strerror(_library.EBUSY) == "another call on the sequence is in progress"
+    assert issubclass(kvpager.Busy, kvpager.Error)
