@@ -1228,6 +1228,15 @@ static double sum_squares(unsigned m, const float *y)
 	return kvp_sum_squares_end(a, j, m, y);
 }
 
+/* loops.h's integer lanes: eight int32 in a ymm register, and eight bytes widened into them */
+#define LOOPS_LANES 8
+typedef int32_t loops_i32v __attribute__((vector_size(32)));
+
+INLINE loops_i32v loops_bytes(const uint8_t *p)
+{
+	return (loops_i32v)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)p));
+}
+
 #define KVP_ISA_ENCODE
 #define KVP_ISA_NAME "avx2"
 #define KVP_ISA_TABLE kvp_kernels_avx2

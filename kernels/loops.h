@@ -424,12 +424,182 @@ static void band_norms(unsigned d, unsigned n, int interleaved, const float *row
 	}
 }
 
+#if !defined(KVP_ISA_DOT_I8_SCALED) || !defined(KVP_ISA_AXPY_I16_SCALED)
+/*
+ * KIVI's kernels for the tables without versions of their own: the plain code's arithmetic (kernels.h), in
+ * loops the compiler vectorizes. The plain code converted each fp16 number where it used it and unpacked
+ * each code once per head (per channel, for the values' weights): at 32K tokens, d=128, AVX2 took 559 ms for a
+ * layer, against 3 ms for AVX-512's own kernels. Here fp16 numbers go through the table's f16_to_f32 (the
+ * same bits as kvp_f16_at), and a code is unpacked once for four heads. Widths that do not divide a byte, and
+ * shapes past the buffers below, take the plain code.
+ */
+#define SCALED_CHUNK 256u /* channels or scalars converted at a time */
+#define SCALED_ROWS 64u   /* dot_i8_scaled: rows whose sums are in flight */
+#define SCALED_DIM 520u   /* the widest rows these loops take, 512, and the last byte's codes past them */
+
+/* n <= SCALED_CHUNK fp16 numbers at p (any alignment; little endian, as the hosts of these tables are) as floats */
+static void f16_run(unsigned n, const uint8_t *p, float *y)
+{
+	uint16_t h[SCALED_CHUNK];
+
+	memcpy(h, p, 2 * (size_t)n);
+	f16_to_f32(n, h, y);
+}
+
+/* LOOPS_LANES floats, and the int32 of each lane's bits */
+typedef float loops_f32v __attribute__((vector_size(LOOPS_LANES * 4)));
+
+static inline loops_f32v f32v_at(const float *p)
+{
+	loops_f32v v;
+
+	memcpy(&v, p, sizeof v);
+	return v;
+}
+
+/* kvp_fold16's sixteen running sums as vectors; x + ROUNDER - ROUNDER rounds |x| <= 2^22 to an integer, ties
+ * to even, as nearbyintf does in the default rounding mode */
+#define LOOPS_SUMS (16 / LOOPS_LANES)
+#define ROUNDER 12582912.0f
+_Static_assert(SCALED_CHUNK % 16 == 0, "scaled_query takes whole runs of sixteen channels from each chunk");
+
+/* code j of a row whose codes of `bits` bits (a divisor of 8) are packed LSB first */
+static inline unsigned byte_code(const uint8_t *row, unsigned j, unsigned bits)
+{
+	return (unsigned)row[j / (8 / bits)] >> (j % (8 / bits) * bits) & ((1u << bits) - 1);
+}
+
+#endif
+
 #ifndef KVP_ISA_DOT_I8_SCALED
-/* No vector version in this table yet: the plain code of kernels.h. */
+/*
+ * kvp_scaled_query_i8 and kvp_dot_f16_fold16 of one head: its int8 query into q8, Z into *z; returns the step.
+ * Sixteen channels at a time in vectors: kvp_fold16's sixteen running sums are lanes, and so are sixteen
+ * running maxima of |q_j s_j| (a maximum in any order is the same); the channels past the last sixteen go
+ * one at a time, after. |x| <= 128 is rounded with ROUNDER.
+ */
+
+static float scaled_query(unsigned m, const float *q, const uint8_t *group, int8_t *q8, float *z)
+{
+	float s[SCALED_CHUNK], zv[SCALED_CHUNK], p[16], top = 0.0f, inv;
+	const unsigned whole = m - m % 16;
+	loops_f32v sums[LOOPS_SUMS], tops[LOOPS_SUMS];
+
+	memset(sums, 0, sizeof sums), memset(tops, 0, sizeof tops);
+	for (unsigned j0 = 0; j0 < m; j0 += SCALED_CHUNK) {
+		const unsigned k = m - j0 < SCALED_CHUNK ? m - j0 : SCALED_CHUNK;
+
+		f16_run(k, group + 2 * ((size_t)m + j0), s);
+		f16_run(k, group + 2 * (size_t)j0, zv);
+		for (unsigned j = 0; j < k && j0 + j < whole; j += 16)
+			for (unsigned v = 0; v < LOOPS_SUMS; v++) {
+				const unsigned at = j + v * LOOPS_LANES;
+				const loops_f32v qv = f32v_at(q + j0 + at), u = qv * f32v_at(s + at);
+				const loops_i32v a = (loops_i32v)u & INT32_MAX, t = (loops_i32v)tops[v];
+				const loops_i32v more = (loops_i32v)((loops_f32v)a > tops[v]);
+
+				tops[v] = (loops_f32v)((a & more) | (t & ~more));
+				sums[v] += qv * f32v_at(zv + at);
+			}
+		memcpy(p, sums, sizeof p);
+		for (unsigned j = whole > j0 ? whole - j0 : 0; j < k; j++) {
+			const float u = q[j0 + j] * s[j];
+
+			top = fabsf(u) > top ? fabsf(u) : top;
+			p[(j0 + j) % 16] += q[j0 + j] * zv[j];
+		}
+	}
+	for (unsigned v = 0; v < LOOPS_SUMS; v++)
+		for (unsigned l = 0; l < LOOPS_LANES; l++)
+			top = tops[v][l] > top ? tops[v][l] : top;
+	*z = kvp_fold16(p);
+	inv = top > 127.0f / 3.0e38f ? 127.0f / top : 0.0f;
+	for (unsigned j0 = 0; j0 < m; j0 += SCALED_CHUNK) {
+		const unsigned k = m - j0 < SCALED_CHUNK ? m - j0 : SCALED_CHUNK, kv = k - k % LOOPS_LANES;
+		unsigned j = 0;
+
+		f16_run(k, group + 2 * ((size_t)m + j0), s);
+		for (; j < kv; j += LOOPS_LANES) {
+			const loops_i32v x = __builtin_convertvector(
+				((f32v_at(q + j0 + j) * f32v_at(s + j)) * inv + ROUNDER) - ROUNDER, loops_i32v);
+
+			for (unsigned l = 0; l < LOOPS_LANES; l++)
+				q8[j0 + j + l] = (int8_t)x[l];
+		}
+		for (; j < k; j++)
+			q8[j0 + j] = (int8_t)kvp_nearest_even((q[j0 + j] * s[j]) * inv);
+	}
+	return top / 127.0f;
+}
+
+/* Four heads' sums S(h, i) of rows [i0, i0 + rows): a column's byte of every row is contiguous, so
+ * LOOPS_LANES rows are the vector lanes, each byte is loaded once for its codes and each code unpacked
+ * once for the four heads, whose sums stay in registers over the channels. The query is int32 (q32[h][j]),
+ * broadcast from memory. Rows short of a vector at the end go one at a time. */
+static void scaled_sums4(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, unsigned i0, unsigned rows,
+			 const int32_t (*q32)[SCALED_DIM], int32_t (*sum)[SCALED_ROWS])
+{
+	const unsigned per = 8 / bits, whole = rows - rows % LOOPS_LANES, nb = (m + per - 1) / per;
+	const int32_t mask = (int32_t)(1u << bits) - 1;
+
+	for (unsigned i = 0; i < whole; i += LOOPS_LANES) {
+		loops_i32v a0 = { 0 }, a1 = { 0 }, a2 = { 0 }, a3 = { 0 };
+
+		for (unsigned b = 0; b < nb; b++) {
+			const loops_i32v x = loops_bytes(codes + (size_t)b * n + i0 + i);
+
+			/* q32 is zero past m, up to the last byte's codes */
+			for (unsigned t = 0, j = b * per; t < per; t++, j++) {
+				const loops_i32v c = x >> (int32_t)(t * bits) & mask;
+
+				a0 += q32[0][j] * c, a1 += q32[1][j] * c, a2 += q32[2][j] * c, a3 += q32[3][j] * c;
+			}
+		}
+		memcpy(sum[0] + i, &a0, sizeof a0), memcpy(sum[1] + i, &a1, sizeof a1);
+		memcpy(sum[2] + i, &a2, sizeof a2), memcpy(sum[3] + i, &a3, sizeof a3);
+	}
+	for (unsigned i = whole; i < rows; i++) {
+		int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+
+		for (unsigned j = 0; j < m; j++) {
+			const int32_t c = (int32_t)(codes[(size_t)(j / per) * n + i0 + i] >> (j % per * bits)) & mask;
+
+			s0 += q32[0][j] * c, s1 += q32[1][j] * c, s2 += q32[2][j] * c, s3 += q32[3][j] * c;
+		}
+		sum[0][i] = s0, sum[1][i] = s1, sum[2][i] = s2, sum[3][i] = s3;
+	}
+}
+
 static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g, const float *q,
 			  size_t q_stride, float *out, size_t out_stride)
 {
-	kvp_dot_i8_scaled_plain(bits, m, n, group, g, q, q_stride, out, out_stride);
+	const uint8_t *codes = group + 4 * (size_t)m;
+	int8_t q8[SCALED_DIM];
+	int32_t q32[4][SCALED_DIM], sum[4][SCALED_ROWS];
+	float step[4], z[4];
+
+	if (8 % bits || m + 8 > SCALED_DIM) {
+		kvp_dot_i8_scaled_plain(bits, m, n, group, g, q, q_stride, out, out_stride);
+		return;
+	}
+	for (unsigned h0 = 0; h0 < g; h0 += 4) {
+		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
+
+		for (unsigned h = 0; h < 4; h++) {
+			if (h < hn)
+				step[h] = scaled_query(m, q + (h0 + h) * q_stride, group, q8, &z[h]);
+			for (unsigned j = 0; j < m + 8; j++)
+				q32[h][j] = h < hn && j < m ? q8[j] : 0;
+		}
+		for (unsigned i0 = 0; i0 < n; i0 += SCALED_ROWS) {
+			const unsigned rows = n - i0 < SCALED_ROWS ? n - i0 : SCALED_ROWS;
+
+			scaled_sums4(bits, m, n, codes, i0, rows, (const int32_t (*)[SCALED_DIM])q32, sum);
+			for (unsigned h = 0; h < hn; h++)
+				for (unsigned i = 0; i < rows; i++)
+					out[(h0 + h) * out_stride + i0 + i] = z[h] + (float)sum[h][i] * step[h];
+		}
+	}
 }
 #endif
 
@@ -447,11 +617,164 @@ static int lut_axpy_u8_group(unsigned bits, unsigned m, unsigned n, const uint8_
 #endif
 
 #ifndef KVP_ISA_AXPY_I16_SCALED
-/* No vector version in this table yet: the plain code of kernels.h. */
+#define SCALED_SCALARS 2048u /* rows x scalars per row that axpy_i16_scaled's loops convert at once */
+
+/* Every row's 2 * ng scalars (z then s) as floats, by scalar: scalar e of row i at y[e * n + i], so that a
+ * scalar of consecutive rows is a vector. */
+static void row_scalars(unsigned n, unsigned ng, const uint8_t *rows, size_t stride, float *y)
+{
+	float one[SCALED_CHUNK];
+
+	for (unsigned i = 0; i < n; i++) {
+		f16_run(2 * ng, rows + i * stride, one);
+		for (unsigned e = 0; e < 2 * ng; e++)
+			y[(size_t)e * n + i] = one[e];
+	}
+}
+
+/* Head h's weights w[0..n) (wz: the z scalars of group c, ws: its s scalars): the float sum of w_i z(i, c) in
+ * kvp_fold16's order added to *acc, and the largest |w_i s(i, c)| into *top (the plain code's maximum, taken
+ * in any order). */
+static void scaled_group_pass(unsigned n, const float *w, const float *wz, const float *ws, float *acc, float *top)
+{
+	const unsigned whole = n - n % 16;
+	loops_f32v sums[LOOPS_SUMS], tops[LOOPS_SUMS];
+	float p[16], t = *top;
+
+	memset(sums, 0, sizeof sums), memset(tops, 0, sizeof tops);
+	for (unsigned i = 0; i < whole; i += 16)
+		for (unsigned v = 0; v < LOOPS_SUMS; v++) {
+			const loops_f32v wv = f32v_at(w + i + v * LOOPS_LANES);
+			const loops_i32v a = (loops_i32v)(wv * f32v_at(ws + i + v * LOOPS_LANES)) & INT32_MAX;
+			const loops_i32v more = (loops_i32v)((loops_f32v)a > tops[v]);
+
+			tops[v] = (loops_f32v)((a & more) | ((loops_i32v)tops[v] & ~more));
+			sums[v] += wv * f32v_at(wz + i + v * LOOPS_LANES);
+		}
+	memcpy(p, sums, sizeof p);
+	for (unsigned i = whole; i < n; i++) {
+		const float u = w[i] * ws[i];
+
+		t = fabsf(u) > t ? fabsf(u) : t;
+		p[i % 16] += w[i] * wz[i];
+	}
+	for (unsigned v = 0; v < LOOPS_SUMS; v++)
+		for (unsigned l = 0; l < LOOPS_LANES; l++)
+			t = tops[v][l] > t ? tops[v][l] : t;
+	*acc += kvp_fold16(p);
+	*top = t;
+}
+
+/* W(i, c) = kvp_nearest_even((w_i * s(i, c)) * inv), |W| <= 4095, for i < n (ws: the s scalars of group c) */
+static void scaled_weights16(unsigned n, const float *w, const float *ws, float inv, int16_t *out)
+{
+	const unsigned whole = n - n % LOOPS_LANES;
+	unsigned i = 0;
+
+	for (; i < whole; i += LOOPS_LANES) {
+		const loops_i32v x = __builtin_convertvector(((f32v_at(w + i) * f32v_at(ws + i)) * inv + ROUNDER) - ROUNDER,
+							    loops_i32v);
+
+		for (unsigned l = 0; l < LOOPS_LANES; l++)
+			out[i + l] = (int16_t)x[l];
+	}
+	for (; i < n; i++)
+		out[i] = (int16_t)kvp_nearest_even((w[i] * ws[i]) * inv);
+}
+
+/*
+ * One pass of k <= 256 columns from column j0 (codes: the pass's first byte of row 0): sums[h][j] = sum_i
+ * W(h, i, (j0 + j) / gsize) * code(i, j0 + j). Where a group covers whole runs of LOOPS_LANES bytes, those
+ * bytes of a row are the vector lanes, a row's code t of each byte is taken by a shift, and four heads' sums
+ * of those columns stay in registers over the rows (the heads past hn weigh 0); the columns past the last
+ * whole run, and other group sizes, go a code at a time.
+ */
+static void scaled_pass4(unsigned bits, unsigned k, unsigned gsize, unsigned n, const uint8_t *codes, size_t stride,
+			 unsigned j0, unsigned hn, const float *w, size_t w_stride, const float *s, const float *inv,
+			 int32_t (*sums)[256])
+{
+	const unsigned per = 8 / bits, run = LOOPS_LANES * per, vec = gsize % run ? 0 : k / run * run;
+	const int32_t mask = (int32_t)(1u << bits) - 1;
+	int16_t wc[4][KVP_AXPY_I16_ROWS]; /* W(h, i, c) of the group in hand */
+	unsigned in_hand = UINT32_MAX;
+
+	memset(wc, 0, sizeof wc);
+	for (unsigned jv = 0; jv < k; jv += jv < vec ? run : 1) {
+		const unsigned c = (j0 + jv) / gsize;
+
+		for (unsigned h = 0; c != in_hand && h < hn; h++)
+			scaled_weights16(n, w + h * w_stride, s + (size_t)c * n, inv[h], wc[h]);
+		in_hand = c;
+		if (jv >= vec) { /* one column */
+			for (unsigned h = 0; h < hn; h++) {
+				int32_t sum = 0;
+
+				for (unsigned i = 0; i < n; i++)
+					sum += wc[h][i] * (int32_t)byte_code(codes + i * stride, jv, bits);
+				sums[h][jv] = sum;
+			}
+			continue;
+		}
+		for (unsigned t = 0; t < per; t++) {
+			loops_i32v a0 = { 0 }, a1 = { 0 }, a2 = { 0 }, a3 = { 0 };
+
+			for (unsigned i = 0; i < n; i++) {
+				const loops_i32v x = loops_bytes(codes + i * stride + jv / per) >> (int32_t)(t * bits) & mask;
+
+				a0 += wc[0][i] * x, a1 += wc[1][i] * x, a2 += wc[2][i] * x, a3 += wc[3][i] * x;
+			}
+			for (unsigned l = 0; l < LOOPS_LANES; l++) {
+				int32_t *at = &sums[0][jv + per * l + t];
+
+				at[0] = a0[l], at[256] = a1[l], at[512] = a2[l], at[768] = a3[l];
+			}
+		}
+	}
+}
+
+/* Heads [h0, h0 + hn), hn <= 4, of axpy_i16_scaled, the row scalars converted (sc, by scalar): each head's
+ * group sums and step, then per pass of 256 columns the four heads' integer sums. */
+static void scaled_axpy4(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *rows, size_t stride,
+			 unsigned hn, const float *w, size_t w_stride, const float *sc, float *acc, size_t acc_stride)
+{
+	const unsigned ng = (m + gsize - 1) / gsize, per = 8 / bits;
+	float inv[4], f[4];
+	int32_t sums[4][256];
+
+	for (unsigned h = 0; h < hn; h++) {
+		float top = 0.0f;
+
+		for (unsigned c = 0; c < ng; c++)
+			scaled_group_pass(n, w + h * w_stride, sc + (size_t)c * n, sc + (size_t)(ng + c) * n,
+					  &acc[h * acc_stride + m + c], &top);
+		inv[h] = kvp_weight_inv(top);
+		f[h] = top / KVP_WEIGHT_MAX;
+	}
+	for (unsigned j0 = 0; j0 < m; j0 += 256) {
+		const unsigned k = m - j0 < 256 ? m - j0 : 256;
+
+		scaled_pass4(bits, k, gsize, n, rows + 4 * (size_t)ng + j0 / per, stride, j0, hn, w, w_stride,
+			     sc + (size_t)ng * n, inv, sums);
+		for (unsigned h = 0; h < hn; h++)
+			for (unsigned j = 0; j < k; j++)
+				acc[h * acc_stride + j0 + j] += f[h] * (float)sums[h][j];
+	}
+}
+
 static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *rows, size_t stride,
 			    unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride)
 {
-	kvp_axpy_i16_scaled_plain(bits, m, gsize, n, rows, stride, g, w, w_stride, acc, acc_stride);
+	const unsigned ng = (m + gsize - 1) / gsize;
+	float sc[SCALED_SCALARS];
+
+	if (8 % bits || 2 * ng > SCALED_CHUNK || (size_t)n * 2 * ng > SCALED_SCALARS) {
+		kvp_axpy_i16_scaled_plain(bits, m, gsize, n, rows, stride, g, w, w_stride, acc, acc_stride);
+		return;
+	}
+	row_scalars(n, ng, rows, stride, sc);
+	for (unsigned h0 = 0; h0 < g; h0 += 4)
+		scaled_axpy4(bits, m, gsize, n, rows, stride, g - h0 < 4 ? g - h0 : 4, w + h0 * w_stride, w_stride, sc,
+			     acc + h0 * acc_stride, acc_stride);
 }
 #endif
 

@@ -999,6 +999,18 @@ INLINE void axpy_i16_width(unsigned bits, unsigned m, unsigned n, const uint8_t 
 	}
 }
 
+/* loops.h's integer lanes: four int32 in a q register, and four bytes widened into them */
+#define LOOPS_LANES 4
+typedef int32_t loops_i32v __attribute__((vector_size(16)));
+
+INLINE loops_i32v loops_bytes(const uint8_t *p)
+{
+	uint32_t w;
+
+	memcpy(&w, p, sizeof w);
+	return (loops_i32v)vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(w))))));
+}
+
 #define KVP_ISA_NAME "neon"
 #define KVP_ISA_TABLE kvp_kernels_neon
 #include "kernels/loops.h"
