@@ -338,6 +338,17 @@ static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint
 				kept + (size_t)i * kept_stride, signs ? scale[i] : 0.0f, mag, x + (size_t)i * d);
 }
 
+#if !defined(KVP_ISA_SPARK) || !defined(KVP_ISA_DOT_I8_SCALED) || !defined(KVP_ISA_AXPY_I16_SCALED)
+/*
+ * The integer loops below for the tables without versions of their own run on the including file's vectors
+ * through GCC's and Clang's vector extensions (at -O2 GCC 12 vectorizes only loops of a known count, so they
+ * say how they run): loops_i32v, LOOPS_LANES int32 lanes, and loops_bytes, LOOPS_LANES bytes widened into
+ * them, come from the including file; these are the same lanes as floats and uint32.
+ */
+typedef float loops_f32v __attribute__((vector_size(LOOPS_LANES * 4)));
+typedef uint32_t loops_u32v __attribute__((vector_size(LOOPS_LANES * 4)));
+#endif
+
 /*
  * spark_dot_i16_group in plain code, for the tables without a version of their own (and the shapes a
  * table's own version leaves): a row's transform in
@@ -402,11 +413,138 @@ static void spark_dot_i16_plain(const struct kvp_masked_codes *rc, unsigned n, c
 }
 
 #ifndef KVP_ISA_SPARK
+/*
+ * spark_dot_i16_group for the tables without their own (AVX2, NEON): the plain code's integers, with a
+ * row's x built without a branch per channel (its mask bit picks the kept value or the pruned one; the plain
+ * code's branches went the wrong way about half the time) and the products in vectors of int32 for four
+ * heads. Rows of at most 128 channels, a multiple of LOOPS_LANES, with at most 64 kept and 64 pruned; other
+ * shapes take the plain code. Codes and mask words are read little endian.
+ */
+#define SPARK_LOOPS_D 128u
+
+/* The row's kept values by rank: the T-point transform of its looked-up codes, exact in int32, then times
+ * sgs = sgn << shift and cut to int16 as the plain code does; z[T] is 0 (read, never used, past the last
+ * rank). */
+static void spark_z(const struct kvp_masked_codes *rc, const int32_t *sgs, const uint8_t *codes, int32_t *z)
+{
+	const unsigned b = rc->bits, T = rc->kept, mask = (1u << b) - 1;
+	const int8_t *lut = rc->lut; /* a local: z's stores could otherwise change rc->lut */
+
+	for (unsigned k0 = 0; k0 < T; k0 += 8) {
+		const unsigned run = T - k0 < 8 ? T - k0 : 8;
+		uint64_t w = 0;
+
+		memcpy(&w, codes + k0 * b / 8, (run * b + 7) / 8);
+		for (unsigned l = 0; l < run; l++)
+			z[k0 + l] = lut[w >> (l * b) & mask];
+	}
+	for (unsigned h = 1; h < T; h *= 2)
+		for (unsigned k0 = 0; k0 < T; k0 += 2 * h) {
+			unsigned k = k0;
+
+			for (; h >= LOOPS_LANES && k < k0 + h; k += LOOPS_LANES) {
+				loops_i32v a, c;
+
+				memcpy(&a, z + k, sizeof a), memcpy(&c, z + k + h, sizeof c);
+				a += c, c = a - c - c;
+				memcpy(z + k, &a, sizeof a), memcpy(z + k + h, &c, sizeof c);
+			}
+			for (; k < k0 + h; k++) {
+				const int32_t a = z[k], c = z[k + h];
+
+				z[k] = a + c, z[k + h] = a - c;
+			}
+		}
+	for (unsigned k = 0; k + LOOPS_LANES <= T; k += LOOPS_LANES) {
+		loops_i32v a, f;
+
+		memcpy(&a, z + k, sizeof a), memcpy(&f, sgs + k, sizeof f);
+		a *= f;
+		a = (loops_i32v)((loops_u32v)a << 16) >> 16; /* cut to int16 */
+		memcpy(z + k, &a, sizeof a);
+	}
+	for (unsigned k = T - T % LOOPS_LANES; k < T; k++)
+		z[k] = (int16_t)(z[k] * sgs[k]);
+	z[T] = 0;
+}
+
+/* The row's x (d int32 of int16 values); 0 everywhere when its mask does not keep `kept` channels. The
+ * pruned channels, then the kept ones, are visited by their mask bits (lowest first): no branch on a bit, and
+ * no step for a channel of the other kind. */
+static void spark_x32(const struct kvp_masked_codes *rc, const uint8_t *row, int16_t ell, const int32_t *z, int32_t *x)
+{
+	const unsigned d = rc->d;
+	const int16_t *rho = rc->rho;
+	uint64_t m[2] = { 0, 0 }, sw = 0;
+	unsigned t = 0;
+
+	memcpy(m, row + rc->mask_at, (d + 7) / 8);
+	memcpy(&sw, row + rc->sign_at, (d - rc->kept + 7) / 8);
+	if (d % 64) /* bits past d are padding */
+		m[d / 64] &= ((uint64_t)1 << (d % 64)) - 1;
+	if ((unsigned)(__builtin_popcountll(m[0]) + __builtin_popcountll(m[1])) != rc->kept) {
+		memset(x, 0, sizeof *x * d);
+		return;
+	}
+	for (unsigned w = 0; w < (d + 63) / 64; w++) {
+		uint64_t pruned = ~m[w] & (d - 64 * w >= 64 ? ~(uint64_t)0 : ((uint64_t)1 << (d % 64)) - 1);
+
+		for (; pruned; pruned &= pruned - 1, sw >>= 1) {
+			const unsigned j = 64 * w + (unsigned)__builtin_ctzll(pruned);
+			const int32_t v = (rho[j] * ell + (1 << 14)) >> 15, neg = (int32_t)(sw & 1);
+
+			x[j] = (int16_t)((v ^ -neg) + neg);
+		}
+	}
+	for (unsigned w = 0; w < 2; w++)
+		for (uint64_t kept = m[w]; kept; kept &= kept - 1)
+			x[64 * w + (unsigned)__builtin_ctzll(kept)] = z[t++];
+}
+
+/* The sum of the int32 lanes of x[j] * q[j], j < d (exact: the query's step keeps it in int32) */
+static int32_t dot32(unsigned d, const int32_t *x, const int32_t *q)
+{
+	loops_i32v a = { 0 };
+	int32_t s = 0;
+
+	for (unsigned j = 0; j < d; j += LOOPS_LANES) {
+		loops_i32v xv, qv;
+
+		memcpy(&xv, x + j, sizeof xv), memcpy(&qv, q + j, sizeof qv);
+		a += xv * qv;
+	}
+	for (unsigned l = 0; l < LOOPS_LANES; l++)
+		s += a[l];
+	return s;
+}
+
 static void spark_dot_i16_group(const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
 				const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q,
 				size_t q_stride, const float *head_scale, float *out, size_t out_stride)
 {
-	spark_dot_i16_plain(rc, n, base, ell, row_scale, g, q, q_stride, head_scale, out, out_stride);
+	int32_t z[65], sgs[64], x[SPARK_LOOPS_D], q32[4][SPARK_LOOPS_D];
+
+	if (rc->d > SPARK_LOOPS_D || rc->d % LOOPS_LANES || rc->kept > 64 || rc->d - rc->kept > 64) {
+		spark_dot_i16_plain(rc, n, base, ell, row_scale, g, q, q_stride, head_scale, out, out_stride);
+		return;
+	}
+	for (unsigned k = 0; k < rc->kept; k++)
+		sgs[k] = rc->sgn[k] * (1 << rc->shift);
+	for (unsigned h0 = 0; h0 < g; h0 += 4) {
+		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
+
+		for (unsigned h = 0; h < hn; h++)
+			for (unsigned j = 0; j < rc->d; j++)
+				q32[h][j] = q[(h0 + h) * q_stride + j];
+		for (unsigned i = 0; i < n; i++) {
+			const uint8_t *row = base + (size_t)i * rc->stride;
+
+			spark_z(rc, sgs, row + rc->code_at, z);
+			spark_x32(rc, row, ell[i], z, x);
+			for (unsigned h = 0; h < hn; h++)
+				out[(h0 + h) * out_stride + i] = ((float)dot32(rc->d, x, q32[h]) * head_scale[h0 + h]) * row_scale[i];
+		}
+	}
 }
 #endif
 
@@ -445,9 +583,6 @@ static void f16_run(unsigned n, const uint8_t *p, float *y)
 	memcpy(h, p, 2 * (size_t)n);
 	f16_to_f32(n, h, y);
 }
-
-/* LOOPS_LANES floats, and the int32 of each lane's bits */
-typedef float loops_f32v __attribute__((vector_size(LOOPS_LANES * 4)));
 
 static inline loops_f32v f32v_at(const float *p)
 {
