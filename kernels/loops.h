@@ -415,10 +415,10 @@ static void spark_dot_i16_plain(const struct kvp_masked_codes *rc, unsigned n, c
 #ifndef KVP_ISA_SPARK
 /*
  * spark_dot_i16_group for the tables without their own (AVX2, NEON): the plain code's integers, with a
- * row's x built without a branch per channel (its mask bit picks the kept value or the pruned one; the plain
- * code's branches went the wrong way about half the time) and the products in vectors of int32 for four
- * heads. Rows of at most 128 channels, a multiple of LOOPS_LANES, with at most 64 kept and 64 pruned; other
- * shapes take the plain code. Codes and mask words are read little endian.
+ * row's x built without a branch per channel (the plain code's branches on the mask bits went the wrong way
+ * about half the time), the transform's stages that span whole vectors in vectors, and the products in
+ * vectors of int32 for four heads. Rows of at most 128 channels, a multiple of LOOPS_LANES, with at most 64
+ * kept and 64 pruned; other shapes take the plain code. Codes and mask words are read little endian.
  */
 #define SPARK_LOOPS_D 128u
 
