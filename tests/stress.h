@@ -207,14 +207,22 @@ static void overlap_run(void)
 	struct overlap w = { 0 }, r = { 0 };
 	kvp_stats st = { .size = sizeof st };
 	pthread_t a, b;
+	int started_a, started_b;
 	kvp_tenant *t;
 	check(kvp_tenant_open(pool, "overlap", "block=8,window=8,k=turboquant(bits=4),v=fp16", &t) == KVP_OK, "overlap tenant");
 	check(kvp_seq_open(t, &shape, &w.seq) == KVP_OK, "overlap sequence");
 	r.seq = w.seq;
-	check(pthread_create(&a, NULL, overlap_appender, &w) == 0 && pthread_create(&b, NULL, overlap_reader, &r) == 0,
-	      "overlap threads");
-	pthread_join(a, NULL);
-	pthread_join(b, NULL);
+	started_a = pthread_create(&a, NULL, overlap_appender, &w) == 0;
+	started_b = pthread_create(&b, NULL, overlap_reader, &r) == 0;
+	check(started_a && started_b, "overlap threads");
+	if (started_a)
+		pthread_join(a, NULL);
+	if (started_b)
+		pthread_join(b, NULL);
+	if (!started_a || !started_b) {
+		kvp_tenant_close(t);
+		return;
+	}
 	check(kvp_seq_stats(w.seq, &st) == KVP_OK, "overlap stats");
 	check(st.tokens_appended == (uint64_t)w.ok * shape.n_kv_heads, "the sequence holds the appends that returned KVP_OK");
 	check(w.ok + w.busy == OVERLAP_CALLS && r.ok + r.busy == OVERLAP_CALLS, "every overlapping call is OK or KVP_EBUSY");
