@@ -475,27 +475,26 @@ static void spark_x32(const struct kvp_masked_codes *rc, const uint8_t *row, int
 {
 	const unsigned d = rc->d;
 	const int16_t *rho = rc->rho;
+	/* the mask's bits of channels below d (those past it are padding) */
+	const uint64_t valid[2] = { d >= 64 ? ~(uint64_t)0 : ((uint64_t)1 << d) - 1,
+				    d >= 128 ? ~(uint64_t)0 : d > 64 ? ((uint64_t)1 << (d - 64)) - 1 : 0 };
 	uint64_t m[2] = { 0, 0 }, sw = 0;
 	unsigned t = 0;
 
 	memcpy(m, row + rc->mask_at, (d + 7) / 8);
 	memcpy(&sw, row + rc->sign_at, (d - rc->kept + 7) / 8);
-	if (d % 64) /* bits past d are padding */
-		m[d / 64] &= ((uint64_t)1 << (d % 64)) - 1;
+	m[0] &= valid[0], m[1] &= valid[1];
 	if ((unsigned)(__builtin_popcountll(m[0]) + __builtin_popcountll(m[1])) != rc->kept) {
 		memset(x, 0, sizeof *x * d);
 		return;
 	}
-	for (unsigned w = 0; w < (d + 63) / 64; w++) {
-		uint64_t pruned = ~m[w] & (d - 64 * w >= 64 ? ~(uint64_t)0 : ((uint64_t)1 << (d % 64)) - 1);
-
-		for (; pruned; pruned &= pruned - 1, sw >>= 1) {
+	for (unsigned w = 0; w < 2; w++)
+		for (uint64_t pruned = ~m[w] & valid[w]; pruned; pruned &= pruned - 1, sw >>= 1) {
 			const unsigned j = 64 * w + (unsigned)__builtin_ctzll(pruned);
 			const int32_t v = (rho[j] * ell + (1 << 14)) >> 15, neg = (int32_t)(sw & 1);
 
 			x[j] = (int16_t)((v ^ -neg) + neg);
 		}
-	}
 	for (unsigned w = 0; w < 2; w++)
 		for (uint64_t kept = m[w]; kept; kept &= kept - 1)
 			x[64 * w + (unsigned)__builtin_ctzll(kept)] = z[t++];
@@ -598,6 +597,30 @@ static inline loops_f32v f32v_at(const float *p)
 #define ROUNDER 12582912.0f
 _Static_assert(SCALED_CHUNK % 16 == 0, "scaled_query takes whole runs of sixteen channels from each chunk");
 
+/* top with each lane raised to |u| where that is larger: the plain code's running maximum of |u| (a NaN u
+ * raises nothing), lane by lane */
+static inline loops_f32v max_abs_lanes(loops_f32v top, loops_f32v u)
+{
+	const loops_i32v a = (loops_i32v)u & INT32_MAX, more = (loops_i32v)((loops_f32v)a > top);
+
+	return (loops_f32v)((a & more) | ((loops_i32v)top & ~more));
+}
+
+/* The largest of t and the lanes of tops[0..LOOPS_SUMS), as the plain code's comparisons take it */
+static inline float lanes_max(const loops_f32v *tops, float t)
+{
+	for (unsigned v = 0; v < LOOPS_SUMS; v++)
+		for (unsigned l = 0; l < LOOPS_LANES; l++)
+			t = tops[v][l] > t ? tops[v][l] : t;
+	return t;
+}
+
+/* Each lane of x, |x| <= 2^22, to the nearest integer, ties to even (kvp_nearest_even's bits) */
+static inline loops_i32v nearest_lanes(loops_f32v x)
+{
+	return __builtin_convertvector((x + ROUNDER) - ROUNDER, loops_i32v);
+}
+
 /* code j of a row whose codes of `bits` bits (a divisor of 8) are packed LSB first */
 static inline unsigned byte_code(const uint8_t *row, unsigned j, unsigned bits)
 {
@@ -608,13 +631,12 @@ static inline unsigned byte_code(const uint8_t *row, unsigned j, unsigned bits)
 
 #ifndef KVP_ISA_DOT_I8_SCALED
 /*
- * kvp_scaled_query_i8 and kvp_dot_f16_fold16 of one head: its int8 query into q8, Z into *z; returns the step.
- * Sixteen channels at a time in vectors: kvp_fold16's sixteen running sums are lanes, and so are sixteen
- * running maxima of |q_j s_j| (a maximum in any order is the same); the channels past the last sixteen go
- * one at a time, after. |x| <= 128 is rounded with ROUNDER.
+ * kvp_scaled_query_i8 and kvp_dot_f16_fold16 of one head: its int8 query into q32 (as int32), Z into *z;
+ * returns the step. Sixteen channels at a time in vectors: kvp_fold16's sixteen running sums are lanes, and
+ * so are sixteen running maxima of |q_j s_j| (a maximum in any order is the same); the channels past the last
+ * sixteen go one at a time, after.
  */
-
-static float scaled_query(unsigned m, const float *q, const uint8_t *group, int8_t *q8, float *z)
+static float scaled_query(unsigned m, const float *q, const uint8_t *group, int32_t *q32, float *z)
 {
 	float s[SCALED_CHUNK], zv[SCALED_CHUNK], p[16], top = 0.0f, inv;
 	const unsigned whole = m - m % 16;
@@ -629,11 +651,9 @@ static float scaled_query(unsigned m, const float *q, const uint8_t *group, int8
 		for (unsigned j = 0; j < k && j0 + j < whole; j += 16)
 			for (unsigned v = 0; v < LOOPS_SUMS; v++) {
 				const unsigned at = j + v * LOOPS_LANES;
-				const loops_f32v qv = f32v_at(q + j0 + at), u = qv * f32v_at(s + at);
-				const loops_i32v a = (loops_i32v)u & INT32_MAX, t = (loops_i32v)tops[v];
-				const loops_i32v more = (loops_i32v)((loops_f32v)a > tops[v]);
+				const loops_f32v qv = f32v_at(q + j0 + at);
 
-				tops[v] = (loops_f32v)((a & more) | (t & ~more));
+				tops[v] = max_abs_lanes(tops[v], qv * f32v_at(s + at));
 				sums[v] += qv * f32v_at(zv + at);
 			}
 		memcpy(p, sums, sizeof p);
@@ -644,25 +664,23 @@ static float scaled_query(unsigned m, const float *q, const uint8_t *group, int8
 			p[(j0 + j) % 16] += q[j0 + j] * zv[j];
 		}
 	}
-	for (unsigned v = 0; v < LOOPS_SUMS; v++)
-		for (unsigned l = 0; l < LOOPS_LANES; l++)
-			top = tops[v][l] > top ? tops[v][l] : top;
+	top = lanes_max(tops, top);
 	*z = kvp_fold16(p);
 	inv = top > 127.0f / 3.0e38f ? 127.0f / top : 0.0f;
 	for (unsigned j0 = 0; j0 < m; j0 += SCALED_CHUNK) {
 		const unsigned k = m - j0 < SCALED_CHUNK ? m - j0 : SCALED_CHUNK, kv = k - k % LOOPS_LANES;
 		unsigned j = 0;
 
-		f16_run(k, group + 2 * ((size_t)m + j0), s);
+		if (m > SCALED_CHUNK) /* in one chunk, s still holds its scales */
+			f16_run(k, group + 2 * ((size_t)m + j0), s);
 		for (; j < kv; j += LOOPS_LANES) {
-			const loops_i32v x = __builtin_convertvector(
-				((f32v_at(q + j0 + j) * f32v_at(s + j)) * inv + ROUNDER) - ROUNDER, loops_i32v);
+			const loops_i32v x = nearest_lanes((f32v_at(q + j0 + j) * f32v_at(s + j)) * inv);
 
 			for (unsigned l = 0; l < LOOPS_LANES; l++)
-				q8[j0 + j + l] = (int8_t)x[l];
+				q32[j0 + j + l] = (int8_t)x[l];
 		}
 		for (; j < k; j++)
-			q8[j0 + j] = (int8_t)kvp_nearest_even((q[j0 + j] * s[j]) * inv);
+			q32[j0 + j] = (int8_t)kvp_nearest_even((q[j0 + j] * s[j]) * inv);
 	}
 	return top / 127.0f;
 }
@@ -709,7 +727,6 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 			  size_t q_stride, float *out, size_t out_stride)
 {
 	const uint8_t *codes = group + 4 * (size_t)m;
-	int8_t q8[SCALED_DIM];
 	int32_t q32[4][SCALED_DIM], sum[4][SCALED_ROWS];
 	float step[4], z[4];
 
@@ -720,12 +737,14 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 	for (unsigned h0 = 0; h0 < g; h0 += 4) {
 		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
 
-		for (unsigned h = 0; h < 4; h++) {
-			if (h < hn)
-				step[h] = scaled_query(m, q + (h0 + h) * q_stride, group, q8, &z[h]);
-			for (unsigned j = 0; j < m + 8; j++)
-				q32[h][j] = h < hn && j < m ? q8[j] : 0;
-		}
+		/* the last byte's codes past m weigh 0, and so do the heads past hn */
+		for (unsigned h = 0; h < 4; h++)
+			if (h < hn) {
+				step[h] = scaled_query(m, q + (h0 + h) * q_stride, group, q32[h], &z[h]);
+				memset(q32[h] + m, 0, 8 * sizeof **q32);
+			} else {
+				memset(q32[h], 0, (m + 8) * sizeof **q32);
+			}
 		for (unsigned i0 = 0; i0 < n; i0 += SCALED_ROWS) {
 			const unsigned rows = n - i0 < SCALED_ROWS ? n - i0 : SCALED_ROWS;
 
@@ -780,10 +799,8 @@ static void scaled_group_pass(unsigned n, const float *w, const float *wz, const
 	for (unsigned i = 0; i < whole; i += 16)
 		for (unsigned v = 0; v < LOOPS_SUMS; v++) {
 			const loops_f32v wv = f32v_at(w + i + v * LOOPS_LANES);
-			const loops_i32v a = (loops_i32v)(wv * f32v_at(ws + i + v * LOOPS_LANES)) & INT32_MAX;
-			const loops_i32v more = (loops_i32v)((loops_f32v)a > tops[v]);
 
-			tops[v] = (loops_f32v)((a & more) | ((loops_i32v)tops[v] & ~more));
+			tops[v] = max_abs_lanes(tops[v], wv * f32v_at(ws + i + v * LOOPS_LANES));
 			sums[v] += wv * f32v_at(wz + i + v * LOOPS_LANES);
 		}
 	memcpy(p, sums, sizeof p);
@@ -793,11 +810,8 @@ static void scaled_group_pass(unsigned n, const float *w, const float *wz, const
 		t = fabsf(u) > t ? fabsf(u) : t;
 		p[i % 16] += w[i] * wz[i];
 	}
-	for (unsigned v = 0; v < LOOPS_SUMS; v++)
-		for (unsigned l = 0; l < LOOPS_LANES; l++)
-			t = tops[v][l] > t ? tops[v][l] : t;
 	*acc += kvp_fold16(p);
-	*top = t;
+	*top = lanes_max(tops, t);
 }
 
 /* W(i, c) = kvp_nearest_even((w_i * s(i, c)) * inv), |W| <= 4095, for i < n (ws: the s scalars of group c) */
@@ -807,8 +821,7 @@ static void scaled_weights16(unsigned n, const float *w, const float *ws, float 
 	unsigned i = 0;
 
 	for (; i < whole; i += LOOPS_LANES) {
-		const loops_i32v x = __builtin_convertvector(((f32v_at(w + i) * f32v_at(ws + i)) * inv + ROUNDER) - ROUNDER,
-							    loops_i32v);
+		const loops_i32v x = nearest_lanes((f32v_at(w + i) * f32v_at(ws + i)) * inv);
 
 		for (unsigned l = 0; l < LOOPS_LANES; l++)
 			out[i + l] = (int16_t)x[l];

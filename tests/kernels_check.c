@@ -1501,17 +1501,19 @@ static void scalar_dot_i8_scaled_matches_its_definition(void)
 
 static void dot_i8_scaled_equals_scalar_on_odd_lengths_and_unaligned_pointers(const struct kvp_kernels *k)
 {
-	/* 100: past the 64 rows the plain tables' loops sum at once */
+	/* 100 rows: past the 64 the plain tables' loops sum at once; wide: past those loops' 256-channel chunks
+	 * and their 512 channels, and past AVX-512's 1024 */
 	static const unsigned rows[] = { 1, 5, 16, 17, 32, 33, 64, 100 }, heads[] = { 1, 3, 4, 5, 9 };
+	static const unsigned wide[] = { 255, 256, 257, 300, 511, 512, 513, 1023, 1024, 1025 };
 
 	for (unsigned bits = 1; bits <= 4; bits++)
 		for (size_t a = 0; a < COUNT(lut_dims); a++)
 			for (size_t b = 0; b < COUNT(rows); b++)
 				for (size_t c = 0; c < COUNT(heads); c++)
 					scaled_case(k, bits, lut_dims[a], rows[b], heads[c], (unsigned)(a + b) % 3);
-	for (unsigned bits = 1; bits <= 4; bits++) /* past the vector version's 1024 channels too */
-		for (unsigned m = 1023; m <= 1025; m++)
-			scaled_case(k, bits, m, 17, 4, 1);
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(wide); a++)
+			scaled_case(k, bits, wide[a], 17, 4, 1);
 }
 
 /* The codes, the query, the scales and out each end where an unreadable page begins. In a child process. */
