@@ -2779,7 +2779,119 @@ static void spark_dot_i16_group(const struct kvp_masked_codes *rc, unsigned n, c
 		spark_shape(rc->d, rc->kept, rc, n, base, ell, row_scale, g, q, q_stride, head_scale, out, out_stride);
 }
 
+/*
+ * spark_choose (contract in kernels.h) for d <= 256, the plain code beyond: the keys stay in up to sixteen
+ * registers through the bit-by-bit search (a compare and a popcount per sixteen keys and bit, where the plain
+ * loop took a pass over memory), and the masks it leaves give the rest: ties dropped from the top by clearing
+ * mask bits, the pruned signs by pext of the sign bits, the kept values by vcompressps, and the pruned
+ * scores summed in eight double lanes in the plain code's order.
+ */
+#define CHOOSE_VECTORS 16
+
+INLINE unsigned count_at_least16(unsigned nv, const __m512i *k, int32_t cand)
+{
+	const __m512i c = _mm512_set1_epi32(cand);
+	unsigned n = 0;
+
+#pragma GCC unroll 16
+	for (unsigned v = 0; v < CHOOSE_VECTORS; v++)
+		if (v < nv)
+			n += (unsigned)__builtin_popcount(_mm512_cmpge_epi32_mask(k[v], c));
+	return n;
+}
+
+static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const float *x, uint8_t *mask,
+			   uint8_t *signs, float *y)
+{
+	const unsigned nv = (d + 15) / 16;
+	__m512i k[CHOOSE_VECTORS];
+	__mmask16 keep[CHOOSE_VECTORS];
+	__m512d acc = _mm512_setzero_pd();
+	uint8_t sign_bytes[CHOOSE_VECTORS * 2 + 4] = { 0 };
+	double a[8];
+	unsigned have = d, above = 0, ties, r = 0, n = 0;
+	int32_t t = 0;
+
+	if (d > 16 * CHOOSE_VECTORS)
+		return kvp_spark_choose_plain(d, kept, key, x, mask, signs, y);
+	/* lanes past d load as 0, which no candidate (>= 1) counts */
+	for (unsigned v = 0; v < nv; v++)
+		k[v] = _mm512_maskz_loadu_epi32(tail16(d - 16 * v < 16 ? d - 16 * v : 16), key + 16 * v);
+	for (int b = 30; b >= 0; b--) {
+		const int32_t cand = t | (int32_t)1 << b;
+		const unsigned c = count_at_least16(nv, k, cand);
+
+		if (c >= kept) {
+			t = cand, have = c;
+			if (c == kept)
+				break;
+		}
+	}
+	(void)have;
+	for (unsigned v = 0; v < nv; v++) {
+		const __mmask16 in = tail16(d - 16 * v < 16 ? d - 16 * v : 16);
+
+		keep[v] = _mm512_mask_cmpge_epi32_mask(in, k[v], _mm512_set1_epi32(t));
+		above += (unsigned)__builtin_popcount(_mm512_mask_cmpgt_epi32_mask(in, k[v], _mm512_set1_epi32(t)));
+	}
+	/* of the keys equal to t, the lowest channels' stay: the others' bits are cleared from the top */
+	ties = kept - above;
+	for (unsigned v = 0; v < nv; v++) {
+		const __mmask16 in = tail16(d - 16 * v < 16 ? d - 16 * v : 16);
+		unsigned eq = _mm512_mask_cmpeq_epi32_mask(in, k[v], _mm512_set1_epi32(t));
+
+		while (eq) {
+			const unsigned low = eq & -eq;
+
+			if (ties)
+				ties--;
+			else
+				keep[v] = (__mmask16)(keep[v] & ~low);
+			eq &= eq - 1;
+		}
+	}
+	for (unsigned v = 0; v < nv; v++) {
+		const unsigned live = d - 16 * v < 16 ? d - 16 * v : 16;
+		const __mmask16 in = tail16(live), pruned = (__mmask16)(~keep[v] & in);
+		const __m512 xv = _mm512_maskz_loadu_ps(in, x + 16 * v);
+		const __m512 sv = _mm512_maskz_mov_ps(pruned, _mm512_castsi512_ps(k[v]));
+		const unsigned np = (unsigned)__builtin_popcount(pruned), nk = live - np;
+		const uint32_t sb = (uint32_t)_pext_u32(_mm512_movepi32_mask(_mm512_castps_si512(xv)), pruned);
+		uint32_t w;
+
+		/* mask bytes: two per vector, one for a last vector of at most eight channels */
+		mask[2 * v] = (uint8_t)keep[v];
+		if (live > 8)
+			mask[2 * v + 1] = (uint8_t)(keep[v] >> 8);
+		memcpy(&w, sign_bytes + r / 8, sizeof w);
+		w |= sb << (r % 8);
+		memcpy(sign_bytes + r / 8, &w, sizeof w);
+		r += np;
+		_mm512_mask_storeu_ps(y + n, tail16(nk), _mm512_maskz_compress_ps(keep[v], xv));
+		n += nk;
+		/* whole groups of eight in their lanes; a last group shorter than eight, channel by channel into a0 */
+		if (16 * v + 8 <= (d & ~7u))
+			acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_castps512_ps256(sv)));
+		if (16 * v + 16 <= (d & ~7u))
+			acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_extractf32x8_ps(sv, 1)));
+	}
+	if (signs)
+		memcpy(signs, sign_bytes, (d - kept + 7) / 8);
+	_mm512_storeu_pd(a, acc);
+	for (unsigned j = d & ~7u; j < d; j++) {
+		float score;
+
+		memcpy(&score, key + j, sizeof score);
+		if (!(keep[j / 16] >> (j % 16) & 1))
+			a[0] += score;
+	}
+	return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+#undef CHOOSE_VECTORS
+
 #define KVP_ISA_SPARK
+#define KVP_ISA_SPARK_CHOOSE
 #define KVP_ISA_ENCODE
 #define KVP_ISA_FUSED_LOOKUPS
 #define KVP_ISA_AXPY_U8

@@ -216,6 +216,22 @@ struct kvp_kernels {
 	void (*spark_dot_i16_group)(const struct kvp_masked_codes *rows, unsigned n, const uint8_t *base,
 				    const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q,
 				    size_t q_stride, const float *head_scale, float *out, size_t out_stride);
+	/*
+	 * SparK's choice of channels for one token x of d channels, 0 < kept <= d. key[j] holds the bits of
+	 * channel j's score, a float >= 0 and not NaN, so that the keys order as the scores do. The kept
+	 * channels are those of the kept largest keys, ties to the lower index: t is the largest key with at
+	 * least kept keys >= t, found bit by bit from bit 30 down (stopping once exactly kept keys reach it), and
+	 * of the keys equal to t the highest channels go until kept remain. Writes
+	 *   mask:  ceil(d/8) bytes, bit j (LSB first) set when channel j is kept, bits past d clear;
+	 *   signs: unless NULL, ceil((d-kept)/8) bytes: the sign bits of x's pruned channels in channel order,
+	 *          LSB first from bit 0, the bits past them clear;
+	 *   y:     x's kept values in channel order in y[0..kept); y has room for d floats, the rest scratch;
+	 * and returns the pruned channels' scores summed in double: a[j % 8] += score j for the channels below
+	 * d rounded down to 8, in channel order, those past it into a[0] after them, then
+	 * ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)). Every implementation gives the same bits.
+	 */
+	double (*spark_choose)(unsigned d, unsigned kept, const int32_t *key, const float *x, uint8_t *mask,
+			       uint8_t *signs, float *y);
 };
 
 /*
@@ -435,6 +451,81 @@ static inline int kvp_lut_axpy_u8_plain(unsigned bits, unsigned m, unsigned n, c
 		}
 	}
 	return 1;
+}
+
+/* How many of n keys are >= t: with n a constant 16, a loop gcc vectorizes at -O2 (it takes none of unknown
+ * count). */
+static inline unsigned kvp_count_at_least(const int32_t *restrict key, int32_t t, unsigned n)
+{
+	unsigned c = 0;
+
+	for (unsigned j = 0; j < n; j++)
+		c += key[j] >= t;
+	return c;
+}
+
+/* spark_choose in plain code: the scalar reference, and the tables without a vector version. */
+static inline int32_t kvp_spark_threshold(unsigned d, unsigned kept, const int32_t *key, unsigned *at_least)
+{
+	int32_t t = 0;
+	unsigned have = d;
+
+	for (int b = 30; b >= 0; b--) {
+		const int32_t cand = t | (int32_t)1 << b;
+		unsigned c = 0, j = 0;
+
+		for (; j + 16 <= d; j += 16)
+			c += kvp_count_at_least(key + j, cand, 16);
+		c += kvp_count_at_least(key + j, cand, d - j);
+		if (c >= kept) {
+			t = cand, have = c;
+			if (c == kept)
+				break;
+		}
+	}
+	*at_least = have;
+	return t;
+}
+
+/* Without a branch on the data (half the channels go, at random): the kept value is written wherever the next
+ * one goes and counted only when kept, a kept channel adds +0 to its sum, and the signs collect in a word. */
+static inline double kvp_spark_choose_plain(unsigned d, unsigned kept, const int32_t *key, const float *x,
+					    uint8_t *mask, uint8_t *signs, float *y)
+{
+	unsigned at_least, above = 0, ties, r = 0, n = 0, nbits = 0;
+	const int32_t t = kvp_spark_threshold(d, kept, key, &at_least);
+	double a[8] = { 0 };
+	uint64_t word = 0;
+
+	for (unsigned j = 0; j < d; j++)
+		above += key[j] > t;
+	ties = kept - above; /* the keys equal to t that stay: the lowest channels' */
+	memset(mask, 0, (d + 7) / 8);
+	for (unsigned j = 0; j < d; j++) {
+		const unsigned eq = key[j] == t, keep = (key[j] > t) | (eq & (ties != 0)), go = keep ^ 1u;
+		const int32_t bits = key[j] & -(int32_t)go;
+		uint32_t xb;
+		float score;
+
+		ties -= eq & keep;
+		mask[j >> 3] |= (uint8_t)(keep << (j & 7));
+		y[n] = x[j];
+		n += keep;
+		memcpy(&score, &bits, sizeof score);
+		a[j < (d & ~7u) ? j % 8 : 0] += score;
+		memcpy(&xb, x + j, sizeof xb);
+		word |= (uint64_t)((xb >> 31) & go) << nbits;
+		nbits += go;
+		if (nbits == 64) {
+			if (signs)
+				memcpy(signs + r / 8, &word, sizeof word);
+			r += 64, nbits = 0, word = 0;
+		}
+	}
+	if (signs)
+		for (unsigned i = 0; i < (nbits + 7) / 8; i++)
+			signs[r / 8 + i] = (uint8_t)(word >> 8 * i);
+	return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
 /* The most channels dot_i8_scaled takes. */

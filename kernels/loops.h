@@ -27,6 +27,7 @@
  *   sym_codes_width, sum_squares (with KVP_ISA_ENCODE defined)
  *                                   sym_codes for a width that is a constant once inlined, and sum_squares
  *   softmax_group (with KVP_ISA_SOFTMAX_GROUP defined; otherwise scale, then softmax_step per head)
+ *   spark_choose (with KVP_ISA_SPARK_CHOOSE defined; otherwise the plain code of kernels.h)
  *   fwht_blocks16 (with KVP_ISA_FWHT defined)
  *                                   stages 1, 2, 4 and 8 of fwht on each block of 16 values of v[0..p), p >= 16
  *   mask_expand_row                 one row of mask_expand: (d, mask, sign or NULL, kept, scale, mag, x)
@@ -930,6 +931,14 @@ static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned 
  * The table's entries but its name, with dot_i8 as lut_dot_i8_group: a file can build a second table that
  * differs from the first only there (neon.c: neon-dotprod, whose keys need an extension).
  */
+#ifndef KVP_ISA_SPARK_CHOOSE
+static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const float *x, uint8_t *mask,
+			   uint8_t *signs, float *y)
+{
+	return kvp_spark_choose_plain(d, kept, key, x, mask, signs, y);
+}
+#endif
+
 #define KVP_ISA_ENTRIES(dot_i8) \
 	.dot_f32 = dot_f32, \
 	.dot_f16 = dot_f16, \
@@ -956,7 +965,8 @@ static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned 
 	.sym_codes = sym_codes, \
 	.sum_squares = sum_squares, \
 	.mask_expand = mask_expand, \
-	.spark_dot_i16_group = spark_dot_i16_group,
+	.spark_dot_i16_group = spark_dot_i16_group, \
+	.spark_choose = spark_choose,
 
 const struct kvp_kernels KVP_ISA_TABLE = {
 	.name = KVP_ISA_NAME,

@@ -383,4 +383,5 @@ const struct kvp_kernels kvp_kernels_scalar = {
 	.sum_squares = sum_squares,
 	.mask_expand = mask_expand,
 	.spark_dot_i16_group = spark_dot_i16_group,
+	.spark_choose = kvp_spark_choose_plain,
 };

@@ -1863,6 +1863,90 @@ static unsigned kept_count(const uint8_t *mask, unsigned d)
 	return c;
 }
 
+/* ---- SparK's choice of channels (spark_choose) against the scalar reference, bit for bit ---- */
+
+/*
+ * One token of d channels: keys drawn from `spread` values (few values: many ties at the threshold), x of
+ * random signs; the outputs sit `off` bytes into their buffers and signs end exactly at their allocation's
+ * end, so a byte written past them is caught under ASan.
+ */
+static void choose_case(const struct kvp_kernels *k, unsigned d, unsigned kept, unsigned spread, unsigned off)
+{
+	const size_t mb = (d + 7) / 8, sb = (d - kept + 7) / 8;
+	int32_t *key = xmalloc(sizeof(int32_t) * d + off);
+	int32_t *kv = (int32_t *)(void *)((char *)key + off);
+	float *x = rand_f32(d, off), *yg = rand_f32(d, off), *yw = rand_f32(d, off);
+	uint8_t *mg = xmalloc(mb + off), *mw = xmalloc(mb + off), *sg = xmalloc(sb + off), *sw = xmalloc(sb + off);
+	double got, want;
+
+	for (unsigned j = 0; j < d; j++) {
+		const float score = (float)(rnd32() % spread) * 0.375f;
+		memcpy(kv + j, &score, sizeof score);
+	}
+	memset(mg, 0xa5, mb + off), memset(mw, 0x5a, mb + off), memset(sg, 0xa5, sb + off), memset(sw, 0x5a, sb + off);
+	got = k->spark_choose(d, kept, kv, x + off, mg + off, sb ? sg + off : NULL, yg + off);
+	want = kvp_kernels_scalar.spark_choose(d, kept, kv, x + off, mw + off, sb ? sw + off : NULL, yw + off);
+	check(!memcmp(&got, &want, sizeof got), "%s spark_choose d=%u kept=%u spread=%u off=%u: sum %.17g, scalar %.17g",
+	      k->name, d, kept, spread, off, got, want);
+	check(!memcmp(mg + off, mw + off, mb), "%s spark_choose d=%u kept=%u spread=%u off=%u: masks differ", k->name, d,
+	      kept, spread, off);
+	check(!memcmp(sg + off, sw + off, sb), "%s spark_choose d=%u kept=%u spread=%u off=%u: signs differ", k->name, d,
+	      kept, spread, off);
+	check(kept_count(mw + off, d) == kept, "scalar spark_choose d=%u kept=%u: the mask keeps %u", d, kept,
+	      kept_count(mw + off, d));
+	for (unsigned i = 0; i < kept; i++)
+		check(bits_of(yg[off + i]) == bits_of(yw[off + i]), "%s spark_choose d=%u kept=%u off=%u: y[%u] %.9g, scalar %.9g",
+		      k->name, d, kept, off, i, yg[off + i], yw[off + i]);
+	free(key), free(x), free(yg), free(yw), free(mg), free(mw), free(sg), free(sw);
+}
+
+static void choose_shapes(const struct kvp_kernels *k, unsigned off)
+{
+	static const unsigned widths[] = { 1, 7, 8, 9, 15, 16, 17, 64, 100, 128, 129, 255, 256, 257, 300 };
+	static const unsigned spreads[] = { 1, 3, 50, 1u << 20 };
+
+	for (size_t a = 0; a < COUNT(widths); a++) {
+		const unsigned d = widths[a], kepts[] = { 1, d / 2 ? d / 2 : 1, d > 1 ? d - 1 : 1, d };
+
+		for (size_t b = 0; b < COUNT(kepts); b++)
+			for (size_t c = 0; c < COUNT(spreads); c++)
+				for (int rep = 0; rep < 4; rep++)
+					choose_case(k, d, kepts[b], spreads[c], off);
+	}
+}
+
+/* The reference's own meaning on one hand-made token: d=10, kept 4, scores 5 at channels 1, 4, 6 and 8 (a
+ * tie at the threshold: the lowest three of them stay with channel 2's 7), x negative at channels 0 and 9. */
+static void scalar_spark_choose_keeps_the_largest_and_the_lowest_ties(void)
+{
+	const float score[10] = { 1, 5, 7, 0, 5, 2, 5, 3, 5, 4 };
+	const float x[10] = { -1, 2, 3, 4, 5, 6, 7, 8, 9, -10 };
+	int32_t key[10];
+	uint8_t mask[2], signs[1];
+	float y[10];
+	double pruned;
+
+	memcpy(key, score, sizeof key);
+	pruned = kvp_kernels_scalar.spark_choose(10, 4, key, x, mask, signs, y);
+	/* kept: 1, 2, 4, 6 (8 goes); pruned 0, 3, 5, 7, 8, 9 with signs - + + + + -: bits 0 and 5 */
+	check(mask[0] == 0x56 && mask[1] == 0x00, "mask %02x %02x, want 56 00", mask[0], mask[1]);
+	check(signs[0] == 0x21, "signs %02x, want 21", signs[0]);
+	check(y[0] == 2 && y[1] == 3 && y[2] == 5 && y[3] == 7, "kept values %g %g %g %g", y[0], y[1], y[2], y[3]);
+	check(pruned == 1 + 0 + 2 + 3 + 5 + 4, "pruned sum %g, want 15", pruned);
+}
+
+static void spark_choose_equals_scalar_on_odd_lengths_and_ties(const struct kvp_kernels *k)
+{
+	choose_shapes(k, 0);
+}
+
+static void spark_choose_equals_scalar_on_unaligned_pointers(const struct kvp_kernels *k)
+{
+	choose_shapes(k, 1);
+	choose_shapes(k, 3);
+}
+
+
 /*
  * n rows of [mask][signs] at stride bytes, and their kept values kept_stride floats apart; the last row
  * and its kept values end exactly at the end of their allocations, so a read past them is caught under
@@ -2180,7 +2264,7 @@ static void dispatch_tables_are_complete_and_named_for_their_name(void)
 			  k->lut_dot_group && k->lut_axpy_group && k->lut_dot_i8_group && k->lut_axpy_i16_group && k->lut_axpy_u8_group && k->dot_i8_scaled && k->axpy_i16_scaled && k->fwht &&
 			  k->sym_codes && k->sum_squares &&
 			  k->dot_f16_group && k->axpy_f16_group && k->mask_expand && k->band_norms &&
-			  k->spark_dot_i16_group,
+			  k->spark_dot_i16_group && k->spark_choose,
 		      "%s has an empty slot", names[i]);
 	}
 }
@@ -2405,6 +2489,7 @@ static const struct test reference_tests[] = {
 	TEST(scalar_fwht_matches_the_hadamard_matrix),
 	TEST(scalar_sym_codes_count_the_thresholds_below),
 	TEST(scalar_mask_expand_places_kept_values_and_signed_recoveries),
+	TEST(scalar_spark_choose_keeps_the_largest_and_the_lowest_ties),
 	TEST(scalar_spark_dot_i16_matches_its_definition),
 	TEST(scalar_band_norms_reads_both_layouts),
 	TEST(crc32c_reference_gives_the_published_check_values),
@@ -2479,6 +2564,8 @@ static const struct vector_test vector_tests[] = {
 	TEST(spark_dot_i16_equals_scalar_on_odd_lengths),
 	TEST(spark_dot_i16_equals_scalar_on_unaligned_pointers),
 	TEST(spark_dot_i16_equals_scalar_at_the_ends_of_its_ranges),
+	TEST(spark_choose_equals_scalar_on_odd_lengths_and_ties),
+	TEST(spark_choose_equals_scalar_on_unaligned_pointers),
 	TEST(band_norms_is_bit_identical_to_scalar_in_both_layouts),
 };
 
