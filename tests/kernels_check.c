@@ -1867,14 +1867,13 @@ static unsigned kept_count(const uint8_t *mask, unsigned d)
 
 /*
  * One token of d channels: keys drawn from `spread` values (few values: many ties at the threshold), x of
- * random signs; the outputs sit `off` bytes into their buffers and signs end exactly at their allocation's
- * end, so a byte written past them is caught under ASan.
+ * random signs; every array starts `off` elements into its buffer, and signs end exactly at their
+ * allocation's end, so a byte written past them is caught under ASan.
  */
 static void choose_case(const struct kvp_kernels *k, unsigned d, unsigned kept, unsigned spread, unsigned off)
 {
 	const size_t mb = (d + 7) / 8, sb = (d - kept + 7) / 8;
-	int32_t *key = xmalloc(sizeof(int32_t) * d + off);
-	int32_t *kv = (int32_t *)(void *)((char *)key + off);
+	int32_t *key = xmalloc(sizeof(int32_t) * (d + off)), *kv = key + off;
 	float *x = rand_f32(d, off), *yg = rand_f32(d, off), *yw = rand_f32(d, off);
 	uint8_t *mg = xmalloc(mb + off), *mw = xmalloc(mb + off), *sg = xmalloc(sb + off), *sw = xmalloc(sb + off);
 	double got, want;
