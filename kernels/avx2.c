@@ -1228,6 +1228,148 @@ static double sum_squares(unsigned m, const float *y)
 	return kvp_sum_squares_end(a, j, m, y);
 }
 
+/*
+ * spark_choose (contract in kernels.h) for d <= 256, the plain code beyond: the keys in registers, eight to a
+ * register, through the bit-by-bit search (a compare and a movemask's popcount per register and bit); then
+ * per eight channels the keep bits by movemask, the kept values placed by vpermps with indices from a table of
+ * the 256 masks, the pruned signs taken lane by lane over the pruned bits (this table has no pext), and the
+ * pruned scores summed in two registers of four doubles, the plain code's a[0..3] and a[4..7].
+ */
+#define CHOOSE_BIT(m, j) (((m) >> (j)) & 1u)
+#define CHOOSE_BELOW(m, j)                                                                                  \
+	(((j) > 0 ? CHOOSE_BIT(m, 0) : 0) + ((j) > 1 ? CHOOSE_BIT(m, 1) : 0) + ((j) > 2 ? CHOOSE_BIT(m, 2) : 0) + \
+	 ((j) > 3 ? CHOOSE_BIT(m, 3) : 0) + ((j) > 4 ? CHOOSE_BIT(m, 4) : 0) + ((j) > 5 ? CHOOSE_BIT(m, 5) : 0) + \
+	 ((j) > 6 ? CHOOSE_BIT(m, 6) : 0))
+/* nibble k: the lane of the k-th set bit of m */
+#define CHOOSE_LANE(m, j) (CHOOSE_BIT(m, j) ? (uint32_t)(j) << (4 * CHOOSE_BELOW(m, j)) : 0u)
+#define CHOOSE_PERM(m)                                                                                        \
+	(CHOOSE_LANE(m, 0) | CHOOSE_LANE(m, 1) | CHOOSE_LANE(m, 2) | CHOOSE_LANE(m, 3) | CHOOSE_LANE(m, 4) |     \
+	 CHOOSE_LANE(m, 5) | CHOOSE_LANE(m, 6) | CHOOSE_LANE(m, 7))
+#define CHOOSE_PERM4(m) CHOOSE_PERM(m), CHOOSE_PERM((m) + 1), CHOOSE_PERM((m) + 2), CHOOSE_PERM((m) + 3)
+#define CHOOSE_PERM16(m) CHOOSE_PERM4(m), CHOOSE_PERM4((m) + 4), CHOOSE_PERM4((m) + 8), CHOOSE_PERM4((m) + 12)
+#define CHOOSE_PERM64(m) CHOOSE_PERM16(m), CHOOSE_PERM16((m) + 16), CHOOSE_PERM16((m) + 32), CHOOSE_PERM16((m) + 48)
+static const uint32_t choose_perm[256] = { CHOOSE_PERM64(0), CHOOSE_PERM64(64), CHOOSE_PERM64(128), CHOOSE_PERM64(192) };
+
+#define CHOOSE_VECTORS 32
+
+/* How many keys exceed `below`: the compares' -1 lanes summed in two registers, one horizontal sum a pass. */
+INLINE unsigned count_above8(unsigned nv, const __m256i *k, int32_t below)
+{
+	const __m256i c = _mm256_set1_epi32(below);
+	__m256i a0 = _mm256_setzero_si256(), a1 = a0;
+	__m128i h;
+
+	for (unsigned v = 0; v + 1 < nv; v += 2) {
+		a0 = _mm256_sub_epi32(a0, _mm256_cmpgt_epi32(k[v], c));
+		a1 = _mm256_sub_epi32(a1, _mm256_cmpgt_epi32(k[v + 1], c));
+	}
+	if (nv & 1)
+		a0 = _mm256_sub_epi32(a0, _mm256_cmpgt_epi32(k[nv - 1], c));
+	a0 = _mm256_add_epi32(a0, a1);
+	h = _mm_add_epi32(_mm256_castsi256_si128(a0), _mm256_extracti128_si256(a0, 1));
+	h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+	h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+	return (unsigned)_mm_cvtsi128_si32(h);
+}
+
+static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const float *x, uint8_t *mask,
+			   uint8_t *signs, float *y)
+{
+	const unsigned nv = (d + 7) / 8, whole = d / 8;
+	int32_t key_tail[8] = { 0 };
+	float x_tail[8] = { 0 }, y_tail[8];
+	__m256i k[CHOOSE_VECTORS];
+	unsigned keep[CHOOSE_VECTORS];
+	__m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+	const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128), shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+	double a[8];
+	uint64_t word = 0;
+	unsigned above = 0, ties, r = 0, n = 0, nbits = 0;
+	int32_t t = 0;
+
+	if (d > 8 * CHOOSE_VECTORS)
+		return kvp_spark_choose_plain(d, kept, key, x, mask, signs, y);
+	/* a last vector shorter than eight: its lanes past d are keys of 0, which no candidate (>= 1) counts */
+	memcpy(key_tail, key + 8 * whole, sizeof *key * (d - 8 * whole));
+	memcpy(x_tail, x + 8 * whole, sizeof *x * (d - 8 * whole));
+	for (unsigned v = 0; v < nv; v++)
+		k[v] = _mm256_loadu_si256((const __m256i *)(const void *)(v < whole ? key + 8 * v : key_tail));
+	for (int b = 30; b >= 0; b--) {
+		const int32_t cand = t | (int32_t)1 << b;
+		const unsigned c = count_above8(nv, k, cand - 1);
+
+		if (c >= kept) {
+			t = cand;
+			if (c == kept)
+				break;
+		}
+	}
+	for (unsigned v = 0; v < nv; v++) {
+		const unsigned live = d - 8 * v < 8 ? d - 8 * v : 8, in = (1u << live) - 1;
+		const __m256i tv = _mm256_set1_epi32(t);
+
+		keep[v] = in & (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(
+				       _mm256_or_si256(_mm256_cmpgt_epi32(k[v], tv), _mm256_cmpeq_epi32(k[v], tv))));
+		above += (unsigned)__builtin_popcount(in & (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(k[v], tv))));
+	}
+	/* of the keys equal to t, the lowest channels' stay */
+	ties = kept - above;
+	for (unsigned v = 0; v < nv; v++) {
+		const unsigned live = d - 8 * v < 8 ? d - 8 * v : 8, in = (1u << live) - 1;
+		unsigned eq = in & (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(k[v], _mm256_set1_epi32(t))));
+
+		for (; eq; eq &= eq - 1) {
+			if (ties)
+				ties--;
+			else
+				keep[v] &= ~(eq & -eq);
+		}
+	}
+	for (unsigned v = 0; v < nv; v++) {
+		const unsigned live = d - 8 * v < 8 ? d - 8 * v : 8, in = (1u << live) - 1, pruned = ~keep[v] & in;
+		const __m256 xv = _mm256_loadu_ps(v < whole ? x + 8 * v : x_tail);
+		const __m256i kv = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)keep[v]), lanes), lanes);
+		const __m256 sv = _mm256_andnot_ps(_mm256_castsi256_ps(kv), _mm256_castsi256_ps(k[v]));
+		const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)choose_perm[keep[v]]), shifts),
+						     _mm256_set1_epi32(7));
+		const unsigned sb = (unsigned)_mm256_movemask_ps(xv);
+
+		mask[v] = (uint8_t)keep[v];
+		/* eight floats from y + n stay within y's d until a last vector shorter than eight */
+		_mm256_storeu_ps(v < whole ? y + n : y_tail, _mm256_permutevar8x32_ps(xv, idx));
+		if (v == whole)
+			memcpy(y + n, y_tail, sizeof *y * (unsigned)__builtin_popcount(keep[v]));
+		n += (unsigned)__builtin_popcount(keep[v]);
+		for (unsigned p = pruned; p; p &= p - 1) {
+			word |= (uint64_t)(sb >> __builtin_ctz(p) & 1u) << nbits;
+			if (++nbits == 64) {
+				if (signs)
+					memcpy(signs + r / 8, &word, sizeof word);
+				r += 64, nbits = 0, word = 0;
+			}
+		}
+		if (8 * v + 8 <= (d & ~7u)) {
+			lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(sv)));
+			hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(sv, 1)));
+		}
+	}
+	if (signs)
+		for (unsigned i = 0; i < (nbits + 7) / 8; i++)
+			signs[r / 8 + i] = (uint8_t)(word >> 8 * i);
+	_mm256_storeu_pd(a, lo);
+	_mm256_storeu_pd(a + 4, hi);
+	for (unsigned j = d & ~7u; j < d; j++) {
+		float score;
+
+		memcpy(&score, key + j, sizeof score);
+		if (!(keep[j / 8] >> (j % 8) & 1))
+			a[0] += score;
+	}
+	return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+#undef CHOOSE_VECTORS
+
 /* loops.h's integer lanes: eight int32 in a ymm register, and eight bytes widened into them */
 #define LOOPS_LANES 8
 typedef int32_t loops_i32v __attribute__((vector_size(32)));
@@ -1238,6 +1380,7 @@ INLINE loops_i32v loops_bytes(const uint8_t *p)
 }
 
 #define KVP_ISA_ENCODE
+#define KVP_ISA_SPARK_CHOOSE
 #define KVP_ISA_NAME "avx2"
 #define KVP_ISA_TABLE kvp_kernels_avx2
 #include "kernels/loops.h"
