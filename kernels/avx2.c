@@ -499,6 +499,95 @@ static void scale(unsigned d, float a, float *y)
 }
 
 /*
+ * softmax_group for up to four heads at a time, as scale then softmax_step per head (the same operations on
+ * every score, in the same order, so the same bits), with two passes over each head's scores instead of
+ * three: the scale is applied in the pass that finds the maximum. Each pass runs over all the heads before
+ * the next, so that their horizontal reductions overlap instead of each head waiting on the one before.
+ */
+static inline float scaled_max8(unsigned n, __m256 vscale, float *s, float *raw)
+{
+	const unsigned n8 = n & ~7u, k = n & 7u;
+	const __m256 ninf = _mm256_set1_ps(-INFINITY);
+	__m256 vmax = ninf;
+
+	for (unsigned i = 0; i < n8; i += 8) {
+		const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + i), vscale);
+
+		_mm256_storeu_ps(s + i, x);
+		if (raw)
+			_mm256_storeu_ps(raw + i, x);
+		vmax = _mm256_max_ps(vmax, x);
+	}
+	if (k) {
+		const __m256i mask = tail_mask(k);
+		const __m256 x = _mm256_mul_ps(_mm256_maskload_ps(s + n8, mask), vscale);
+
+		_mm256_maskstore_ps(s + n8, mask, x);
+		if (raw)
+			_mm256_maskstore_ps(raw + n8, mask, x);
+		vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(ninf, x, _mm256_castsi256_ps(mask)));
+	}
+	return hmax(vmax);
+}
+
+/* s[i] = e^(s[i] - mx), returning their sum: softmax_step's second pass */
+static inline float exp_sum8(unsigned n, float mx, float *s)
+{
+	const unsigned n8 = n & ~7u, k = n & 7u;
+	const __m256 vmx = _mm256_set1_ps(mx);
+	__m256 sum = _mm256_setzero_ps();
+
+	for (unsigned i = 0; i < n8; i += 8) {
+		__m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + i), vmx));
+
+		_mm256_storeu_ps(s + i, e);
+		sum = _mm256_add_ps(sum, e);
+	}
+	if (k) {
+		const __m256i mask = tail_mask(k);
+		__m256 e = exp_ps(_mm256_sub_ps(_mm256_maskload_ps(s + n8, mask), vmx));
+
+		e = _mm256_and_ps(e, _mm256_castsi256_ps(mask));
+		_mm256_maskstore_ps(s + n8, mask, e);
+		sum = _mm256_add_ps(sum, e);
+	}
+	return hsum(sum);
+}
+
+static inline void softmax_heads(unsigned n, unsigned c, float scale_by, float *s, float *raw, size_t raw_stride,
+			  float *m, float *l, float *corr)
+{
+	const __m256 vscale = _mm256_set1_ps(scale_by);
+	float mx[4], sum[4];
+
+	for (unsigned h = 0; h < c; h++)
+		mx[h] = max_keeping(m[h], scaled_max8(n, vscale, s + (size_t)h * n, raw ? raw + h * raw_stride : NULL));
+	for (unsigned h = 0; h < c; h++) {
+		if (mx[h] == -INFINITY)
+			memset(s + (size_t)h * n, 0, n * sizeof *s);
+		else
+			sum[h] = exp_sum8(n, mx[h], s + (size_t)h * n);
+	}
+	for (unsigned h = 0; h < c; h++) {
+		if (mx[h] == -INFINITY) {
+			l[h] = corr[h] = 0.0f;
+			continue;
+		}
+		corr[h] = mx[h] == m[h] ? 1.0f : expf(m[h] - mx[h]);
+		l[h] = l[h] * corr[h] + sum[h];
+		m[h] = mx[h];
+	}
+}
+
+static void softmax_group(unsigned n, unsigned g, float scale_by, float *s, float *raw, size_t raw_stride,
+			  float *m, float *l, float *corr)
+{
+	for (unsigned h = 0; h < g; h += 4)
+		softmax_heads(n, g - h < 4 ? g - h : 4, scale_by, s + (size_t)h * n,
+			      raw ? raw + h * raw_stride : NULL, raw_stride, m + h, l + h, corr + h);
+}
+
+/*
  * Packed codes. Eight codes of b bits fill exactly b bytes, so the block of codes j..j+7 (j a multiple of
  * 8) is one little-endian word of b <= 4 bytes at byte j*b/8. The word is broadcast and each lane shifted
  * right by its own multiple of b (srlv): eight indices, with the next codes' bits above them. The lookup
@@ -1381,6 +1470,7 @@ INLINE loops_i32v loops_bytes(const uint8_t *p)
 
 #define KVP_ISA_ENCODE
 #define KVP_ISA_SPARK_CHOOSE
+#define KVP_ISA_SOFTMAX_GROUP
 #define KVP_ISA_NAME "avx2"
 #define KVP_ISA_TABLE kvp_kernels_avx2
 #include "kernels/loops.h"
