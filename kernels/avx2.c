@@ -436,54 +436,6 @@ static inline float max_keeping(float a, float b)
 	return _mm_cvtss_f32(_mm_max_ss(_mm_set_ss(b), _mm_set_ss(a)));
 }
 
-/* Same contract and same all-masked (-inf) handling as the scalar reference; see scalar.c. */
-static float softmax_step(unsigned n, float *s, float *m, float *l)
-{
-	const unsigned n8 = n & ~7u, k = n & 7u;
-	const __m256i mask = k ? tail_mask(k) : _mm256_setzero_si256();
-	const __m256 ninf = _mm256_set1_ps(-INFINITY);
-	__m256 vmax = ninf;
-
-	for (unsigned i = 0; i < n8; i += 8)
-		vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + i));
-	if (k)
-		vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(ninf, _mm256_maskload_ps(s + n8, mask),
-							    _mm256_castsi256_ps(mask)));
-
-	float mx = max_keeping(*m, hmax(vmax)); /* *m, the running maximum, is never NaN */
-
-	if (mx == -INFINITY) {
-		memset(s, 0, n * sizeof *s);
-		*l = 0.0f;
-		return 0.0f;
-	}
-
-	const __m256 vmx = _mm256_set1_ps(mx);
-	__m256 sum = _mm256_setzero_ps();
-
-	for (unsigned i = 0; i < n8; i += 8) {
-		__m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + i), vmx));
-
-		_mm256_storeu_ps(s + i, e);
-		sum = _mm256_add_ps(sum, e);
-	}
-	if (k) {
-		/* masked-off lanes load 0, giving e^-mx: zero them before they reach the sum */
-		__m256 e = exp_ps(_mm256_sub_ps(_mm256_maskload_ps(s + n8, mask), vmx));
-
-		e = _mm256_and_ps(e, _mm256_castsi256_ps(mask));
-		_mm256_maskstore_ps(s + n8, mask, e);
-		sum = _mm256_add_ps(sum, e);
-	}
-
-	/* one exponential per block, and none when the running maximum stays (e^0 is 1): libm is fine here */
-	float corr = mx == *m ? 1.0f : expf(*m - mx);
-
-	*l = *l * corr + hsum(sum);
-	*m = mx;
-	return corr;
-}
-
 static void scale(unsigned d, float a, float *y)
 {
 	const __m256 va = _mm256_set1_ps(a);
@@ -498,16 +450,12 @@ static void scale(unsigned d, float a, float *y)
 	}
 }
 
-/*
- * softmax_group for up to four heads at a time, as scale then softmax_step per head (the same operations on
- * every score, in the same order, so the same bits), with two passes over each head's scores instead of
- * three: the scale is applied in the pass that finds the maximum. Each pass runs over all the heads before
- * the next, so that their horizontal reductions overlap instead of each head waiting on the one before.
- */
-static inline float scaled_max8(unsigned n, __m256 vscale, float *s, float *raw)
+/* The largest of head h's n scores times scale, written back scaled (and to raw when it is not NULL):
+ * loops.h's softmax_group (KVP_ISA_SOFTMAX_GROUP) runs it before exp_sum below. */
+static inline float scaled_max(unsigned n, float scale_by, float *s, float *raw)
 {
 	const unsigned n8 = n & ~7u, k = n & 7u;
-	const __m256 ninf = _mm256_set1_ps(-INFINITY);
+	const __m256 vscale = _mm256_set1_ps(scale_by), ninf = _mm256_set1_ps(-INFINITY);
 	__m256 vmax = ninf;
 
 	for (unsigned i = 0; i < n8; i += 8) {
@@ -530,8 +478,8 @@ static inline float scaled_max8(unsigned n, __m256 vscale, float *s, float *raw)
 	return hmax(vmax);
 }
 
-/* s[i] = e^(s[i] - mx), returning their sum: softmax_step's second pass */
-static inline float exp_sum8(unsigned n, float mx, float *s)
+/* s[i] = e^(s[i] - mx), returning their sum. */
+static inline float exp_sum(unsigned n, float mx, float *s)
 {
 	const unsigned n8 = n & ~7u, k = n & 7u;
 	const __m256 vmx = _mm256_set1_ps(mx);
@@ -552,39 +500,6 @@ static inline float exp_sum8(unsigned n, float mx, float *s)
 		sum = _mm256_add_ps(sum, e);
 	}
 	return hsum(sum);
-}
-
-static inline void softmax_heads(unsigned n, unsigned c, float scale_by, float *s, float *raw, size_t raw_stride,
-			  float *m, float *l, float *corr)
-{
-	const __m256 vscale = _mm256_set1_ps(scale_by);
-	float mx[4], sum[4];
-
-	for (unsigned h = 0; h < c; h++)
-		mx[h] = max_keeping(m[h], scaled_max8(n, vscale, s + (size_t)h * n, raw ? raw + h * raw_stride : NULL));
-	for (unsigned h = 0; h < c; h++) {
-		if (mx[h] == -INFINITY)
-			memset(s + (size_t)h * n, 0, n * sizeof *s);
-		else
-			sum[h] = exp_sum8(n, mx[h], s + (size_t)h * n);
-	}
-	for (unsigned h = 0; h < c; h++) {
-		if (mx[h] == -INFINITY) {
-			l[h] = corr[h] = 0.0f;
-			continue;
-		}
-		corr[h] = mx[h] == m[h] ? 1.0f : expf(m[h] - mx[h]);
-		l[h] = l[h] * corr[h] + sum[h];
-		m[h] = mx[h];
-	}
-}
-
-static void softmax_group(unsigned n, unsigned g, float scale_by, float *s, float *raw, size_t raw_stride,
-			  float *m, float *l, float *corr)
-{
-	for (unsigned h = 0; h < g; h += 4)
-		softmax_heads(n, g - h < 4 ? g - h : 4, scale_by, s + (size_t)h * n,
-			      raw ? raw + h * raw_stride : NULL, raw_stride, m + h, l + h, corr + h);
 }
 
 /*
@@ -1371,9 +1286,9 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 	unsigned keep[CHOOSE_VECTORS];
 	__m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
 	const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128), shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+	struct kvp_bit_run sign = { .out = signs };
 	double a[8];
-	uint64_t word = 0;
-	unsigned above = 0, ties, r = 0, n = 0, nbits = 0;
+	unsigned above = 0, ties, n = 0;
 	int32_t t = 0;
 
 	if (d > 8 * CHOOSE_VECTORS)
@@ -1429,32 +1344,17 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 		if (v == whole)
 			memcpy(y + n, y_tail, sizeof *y * (unsigned)__builtin_popcount(keep[v]));
 		n += (unsigned)__builtin_popcount(keep[v]);
-		for (unsigned p = pruned; p; p &= p - 1) {
-			word |= (uint64_t)(sb >> __builtin_ctz(p) & 1u) << nbits;
-			if (++nbits == 64) {
-				if (signs)
-					memcpy(signs + r / 8, &word, sizeof word);
-				r += 64, nbits = 0, word = 0;
-			}
-		}
+		for (unsigned p = pruned; p; p &= p - 1)
+			kvp_bit_put(&sign, sb >> __builtin_ctz(p) & 1u, 1);
 		if (8 * v + 8 <= (d & ~7u)) {
 			lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(sv)));
 			hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(sv, 1)));
 		}
 	}
-	if (signs)
-		for (unsigned i = 0; i < (nbits + 7) / 8; i++)
-			signs[r / 8 + i] = (uint8_t)(word >> 8 * i);
+	kvp_bit_end(&sign);
 	_mm256_storeu_pd(a, lo);
 	_mm256_storeu_pd(a + 4, hi);
-	for (unsigned j = d & ~7u; j < d; j++) {
-		float score;
-
-		memcpy(&score, key + j, sizeof score);
-		if (!(keep[j / 8] >> (j % 8) & 1))
-			a[0] += score;
-	}
-	return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+	return kvp_spark_pruned_sum(d, key, mask, a);
 }
 
 #undef CHOOSE_VECTORS

@@ -384,9 +384,10 @@ INLINE float max_keeping(float a, float b)
 }
 
 /* The largest of head h's n scores times scale, written back scaled (and to raw when it is not NULL). */
-INLINE float scaled_max(unsigned n, __m512 vscale, float *s, float *raw)
+INLINE float scaled_max(unsigned n, float scale_by, float *s, float *raw)
 {
 	const unsigned n16 = n & ~15u, k = n & 15u;
+	const __m512 vscale = _mm512_set1_ps(scale_by);
 	__m512 vmax = _mm512_set1_ps(-INFINITY);
 
 	for (unsigned i = 0; i < n16; i += 16) {
@@ -430,55 +431,6 @@ INLINE float exp_sum(unsigned n, float mx, float *s)
 		sum = _mm512_add_ps(sum, e);
 	}
 	return hsum(sum);
-}
-
-/*
- * softmax_group for up to four heads. Each pass (scale and maximum, then exponentials and sum) runs over
- * all of them before the next, so the heads' horizontal reductions, which end each pass, overlap instead
- * of each head's waiting on the one before. Same contract and same all-masked (-inf) handling as the
- * scalar reference (see scalar.c), and the same operations on each score as scale then softmax_step.
- */
-INLINE void softmax_heads(unsigned n, unsigned c, float scale_by, float *s, float *raw, size_t raw_stride,
-			  float *m, float *l, float *corr)
-{
-	const __m512 vscale = _mm512_set1_ps(scale_by);
-	float mx[4], sum[4];
-
-	for (unsigned h = 0; h < c; h++)
-		mx[h] = max_keeping(m[h], scaled_max(n, vscale, s + (size_t)h * n, raw ? raw + h * raw_stride : NULL));
-	for (unsigned h = 0; h < c; h++) {
-		if (mx[h] == -INFINITY)
-			memset(s + (size_t)h * n, 0, n * sizeof *s);
-		else
-			sum[h] = exp_sum(n, mx[h], s + (size_t)h * n);
-	}
-	for (unsigned h = 0; h < c; h++) {
-		if (mx[h] == -INFINITY) {
-			l[h] = corr[h] = 0.0f;
-			continue;
-		}
-		/* one exponential per block, and none when the running maximum stays (e^0 is 1): libm is fine here */
-		corr[h] = mx[h] == m[h] ? 1.0f : expf(m[h] - mx[h]);
-		l[h] = l[h] * corr[h] + sum[h];
-		m[h] = mx[h];
-	}
-}
-
-/* x * 1 is x exactly, and the compiler drops both the multiply and the raw stores */
-static float softmax_step(unsigned n, float *s, float *m, float *l)
-{
-	float corr;
-
-	softmax_heads(n, 1, 1.0f, s, NULL, 0, m, l, &corr);
-	return corr;
-}
-
-static void softmax_group(unsigned n, unsigned g, float scale_by, float *s, float *raw, size_t raw_stride,
-			  float *m, float *l, float *corr)
-{
-	for (unsigned h = 0; h < g; h += 4)
-		softmax_heads(n, g - h < 4 ? g - h : 4, scale_by, s + (size_t)h * n,
-			      raw ? raw + h * raw_stride : NULL, raw_stride, m + h, l + h, corr + h);
 }
 
 static void scale(unsigned d, float a, float *y)
@@ -2809,7 +2761,7 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 	__m512d acc = _mm512_setzero_pd();
 	uint8_t sign_bytes[CHOOSE_VECTORS * 2 + 4] = { 0 };
 	double a[8];
-	unsigned have = d, above = 0, ties, r = 0, n = 0;
+	unsigned above = 0, ties, r = 0, n = 0;
 	int32_t t = 0;
 
 	if (d > 16 * CHOOSE_VECTORS)
@@ -2822,12 +2774,11 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 		const unsigned c = count_at_least16(nv, k, cand);
 
 		if (c >= kept) {
-			t = cand, have = c;
+			t = cand;
 			if (c == kept)
 				break;
 		}
 	}
-	(void)have;
 	for (unsigned v = 0; v < nv; v++) {
 		const __mmask16 in = tail16(d - 16 * v < 16 ? d - 16 * v : 16);
 
@@ -2878,14 +2829,7 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 	if (signs)
 		memcpy(signs, sign_bytes, (d - kept + 7) / 8);
 	_mm512_storeu_pd(a, acc);
-	for (unsigned j = d & ~7u; j < d; j++) {
-		float score;
-
-		memcpy(&score, key + j, sizeof score);
-		if (!(keep[j / 16] >> (j % 16) & 1))
-			a[0] += score;
-	}
-	return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+	return kvp_spark_pruned_sum(d, key, mask, a);
 }
 
 #undef CHOOSE_VECTORS

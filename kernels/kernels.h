@@ -465,10 +465,9 @@ static inline unsigned kvp_count_at_least(const int32_t *restrict key, int32_t t
 }
 
 /* spark_choose in plain code: the scalar reference, and the tables without a vector version. */
-static inline int32_t kvp_spark_threshold(unsigned d, unsigned kept, const int32_t *key, unsigned *at_least)
+static inline int32_t kvp_spark_threshold(unsigned d, unsigned kept, const int32_t *key)
 {
 	int32_t t = 0;
-	unsigned have = d;
 
 	for (int b = 30; b >= 0; b--) {
 		const int32_t cand = t | (int32_t)1 << b;
@@ -478,13 +477,52 @@ static inline int32_t kvp_spark_threshold(unsigned d, unsigned kept, const int32
 			c += kvp_count_at_least(key + j, cand, 16);
 		c += kvp_count_at_least(key + j, cand, d - j);
 		if (c >= kept) {
-			t = cand, have = c;
+			t = cand;
 			if (c == kept)
 				break;
 		}
 	}
-	*at_least = have;
 	return t;
+}
+
+/* spark_choose's sign bits, appended LSB first a 64-bit word at a time into out (NULL: only counted). */
+struct kvp_bit_run {
+	uint8_t *out;
+	uint64_t word;
+	unsigned done, n; /* bits written out, bits in word */
+};
+
+/* Appends bit (0 or 1) when take is 1; nothing when it is 0 (so the caller need not branch). */
+static inline void kvp_bit_put(struct kvp_bit_run *b, unsigned bit, unsigned take)
+{
+	b->word |= (uint64_t)(bit & take) << b->n;
+	b->n += take;
+	if (b->n == 64) {
+		if (b->out)
+			memcpy(b->out + b->done / 8, &b->word, sizeof b->word);
+		b->done += 64, b->n = 0, b->word = 0;
+	}
+}
+
+/* The bytes of the bits still in the word. */
+static inline void kvp_bit_end(const struct kvp_bit_run *b)
+{
+	for (unsigned i = 0; b->out && i < (b->n + 7) / 8; i++)
+		b->out[b->done / 8 + i] = (uint8_t)(b->word >> 8 * i);
+}
+
+/* spark_choose's sum of the pruned scores, from a[j % 8], the pruned scores of the channels below d rounded
+ * down to 8: the pruned channels past them (mask bit clear) go into a[0], then the sums are folded. */
+static inline double kvp_spark_pruned_sum(unsigned d, const int32_t *key, const uint8_t *mask, double a[8])
+{
+	for (unsigned j = d & ~7u; j < d; j++) {
+		float score;
+
+		memcpy(&score, key + j, sizeof score);
+		if (!(mask[j >> 3] >> (j & 7) & 1))
+			a[0] += score;
+	}
+	return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
 /* Without a branch on the data (half the channels go, at random): the kept value is written wherever the next
@@ -492,10 +530,10 @@ static inline int32_t kvp_spark_threshold(unsigned d, unsigned kept, const int32
 static inline double kvp_spark_choose_plain(unsigned d, unsigned kept, const int32_t *key, const float *x,
 					    uint8_t *mask, uint8_t *signs, float *y)
 {
-	unsigned at_least, above = 0, ties, r = 0, n = 0, nbits = 0;
-	const int32_t t = kvp_spark_threshold(d, kept, key, &at_least);
+	const int32_t t = kvp_spark_threshold(d, kept, key);
+	struct kvp_bit_run sign = { .out = signs };
+	unsigned above = 0, ties, n = 0;
 	double a[8] = { 0 };
-	uint64_t word = 0;
 
 	for (unsigned j = 0; j < d; j++)
 		above += key[j] > t;
@@ -512,20 +550,13 @@ static inline double kvp_spark_choose_plain(unsigned d, unsigned kept, const int
 		y[n] = x[j];
 		n += keep;
 		memcpy(&score, &bits, sizeof score);
-		a[j < (d & ~7u) ? j % 8 : 0] += score;
+		if (j < (d & ~7u))
+			a[j % 8] += score;
 		memcpy(&xb, x + j, sizeof xb);
-		word |= (uint64_t)((xb >> 31) & go) << nbits;
-		nbits += go;
-		if (nbits == 64) {
-			if (signs)
-				memcpy(signs + r / 8, &word, sizeof word);
-			r += 64, nbits = 0, word = 0;
-		}
+		kvp_bit_put(&sign, xb >> 31, go);
 	}
-	if (signs)
-		for (unsigned i = 0; i < (nbits + 7) / 8; i++)
-			signs[r / 8 + i] = (uint8_t)(word >> 8 * i);
-	return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+	kvp_bit_end(&sign);
+	return kvp_spark_pruned_sum(d, key, mask, a);
 }
 
 /* The most channels dot_i8_scaled takes. */

@@ -8,7 +8,7 @@
  * primitives (static, mostly always inlined) inline into them as if written there.
  *
  * The including file defines, as static functions:
- *   dot_f32, axpy_f32, f32_to_f16, f16_to_f32, softmax_step, scale
+ *   dot_f32, axpy_f32, f32_to_f16, f16_to_f32, scale
  *                                   the table's entries of those names (contracts in kernels.h)
  *   dot_f16_ahead, axpy_f16_ahead   dot_f16 and axpy_f16 with the prefetch hint `ahead` (see kernels.h)
  *   dot_f16_heads4, axpy_f16_heads4 four heads of a group at once, q or w and acc holding 4 rows, same hint
@@ -26,7 +26,10 @@
  *                                   the plain code of kernels.h)
  *   sym_codes_width, sum_squares (with KVP_ISA_ENCODE defined)
  *                                   sym_codes for a width that is a constant once inlined, and sum_squares
- *   softmax_group (with KVP_ISA_SOFTMAX_GROUP defined; otherwise scale, then softmax_step per head)
+ *   scaled_max, exp_sum, max_keeping (with KVP_ISA_SOFTMAX_GROUP defined) the two passes over one head's
+ *                                   scores and the running maximum's update, from which softmax_step and
+ *                                   softmax_group are built here; otherwise softmax_step itself (contract in
+ *                                   kernels.h), and softmax_group is scale, then softmax_step per head
  *   spark_choose (with KVP_ISA_SPARK_CHOOSE defined; otherwise the plain code of kernels.h)
  *   fwht_blocks16 (with KVP_ISA_FWHT defined)
  *                                   stages 1, 2, 4 and 8 of fwht on each block of 16 values of v[0..p), p >= 16
@@ -207,8 +210,60 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
 }
 #endif
 
+#ifdef KVP_ISA_SOFTMAX_GROUP
+/*
+ * softmax_step and softmax_group on the file's two passes over one head's scores: scaled_max (the scores
+ * times scale written back, and to raw unless NULL; returns their largest) and exp_sum (s[i] = e^(s[i] - mx);
+ * returns their sum), with max_keeping (fmaxf of a running maximum that is not NaN). Up to four heads at a
+ * time, each pass over all of them before the next, so that the heads' horizontal reductions, which end each
+ * pass, overlap instead of each head's waiting on the one before. Same contract and same all-masked (-inf)
+ * handling as the scalar reference (see scalar.c), and the same operations on each score as scale then
+ * softmax_step.
+ */
+static inline __attribute__((always_inline)) void softmax_heads(unsigned n, unsigned c, float scale_by, float *s,
+								  float *raw, size_t raw_stride, float *m, float *l,
+								  float *corr)
+{
+	float mx[4], sum[4];
+
+	for (unsigned h = 0; h < c; h++)
+		mx[h] = max_keeping(m[h], scaled_max(n, scale_by, s + (size_t)h * n, raw ? raw + h * raw_stride : NULL));
+	for (unsigned h = 0; h < c; h++) {
+		if (mx[h] == -INFINITY)
+			memset(s + (size_t)h * n, 0, n * sizeof *s);
+		else
+			sum[h] = exp_sum(n, mx[h], s + (size_t)h * n);
+	}
+	for (unsigned h = 0; h < c; h++) {
+		if (mx[h] == -INFINITY) {
+			l[h] = corr[h] = 0.0f;
+			continue;
+		}
+		/* one exponential per block, and none when the running maximum stays (e^0 is 1): libm is fine here */
+		corr[h] = mx[h] == m[h] ? 1.0f : expf(m[h] - mx[h]);
+		l[h] = l[h] * corr[h] + sum[h];
+		m[h] = mx[h];
+	}
+}
+
+/* x * 1 is x exactly, and the compiler drops both the multiply and the raw stores */
+static float softmax_step(unsigned n, float *s, float *m, float *l)
+{
+	float corr;
+
+	softmax_heads(n, 1, 1.0f, s, NULL, 0, m, l, &corr);
+	return corr;
+}
+
+static void softmax_group(unsigned n, unsigned g, float scale_by, float *s, float *raw, size_t raw_stride,
+			  float *m, float *l, float *corr)
+{
+	for (unsigned h = 0; h < g; h += 4)
+		softmax_heads(n, g - h < 4 ? g - h : 4, scale_by, s + (size_t)h * n,
+			      raw ? raw + h * raw_stride : NULL, raw_stride, m + h, l + h, corr + h);
+}
+#else
 /* softmax_group as its definition in kernels.h reads: scale, then softmax_step per head (same bits). */
-#ifndef KVP_ISA_SOFTMAX_GROUP
 static void softmax_group(unsigned n, unsigned g, float scale_by, float *s, float *raw, size_t raw_stride,
 			  float *m, float *l, float *corr)
 {
