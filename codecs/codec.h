@@ -47,6 +47,20 @@
 
 struct kvp_codec;
 
+/*
+ * Consecutive blocks of one stream read as one (axpy_span): n tokens, block b holding tokens [b * run,
+ * b * run + run) of them at src[b]; run is a multiple of KVP_CODEC_SPAN_RUN, every block but the last
+ * holds run tokens, and n <= KVP_CODEC_SPAN_TOKENS.
+ */
+#define KVP_CODEC_SPAN_BLOCKS 4u
+#define KVP_CODEC_SPAN_RUN 16u
+#define KVP_CODEC_SPAN_TOKENS 256u
+
+struct kvp_code_span {
+	unsigned n, run;
+	const void *src[KVP_CODEC_SPAN_BLOCKS];
+};
+
 /* What hadamard_codes describes (in struct kvp_codec_ops). */
 struct kvp_hadamard_codes {
 	unsigned bits;
@@ -95,15 +109,25 @@ struct kvp_codec_ops {
 		     float *acc);
 	/*
 	 * Optional: dot and axpy for the g query heads of a GQA group at once, so each code is unpacked
-	 * once for the group. Head h's prepared query is at qprep + h * c->qprep_bytes; out and w hold g rows
-	 * of n; acc holds g rows of c->acc_dim, g <= KVP_CODEC_GROUP_MAX. NULL: callers run dot and axpy once
-	 * per head. Attention's fast path: it may approximate dot and axpy (TurboQuant's runs on the integer
-	 * kernels), within a bound its codec states and tests; dot and axpy stay the float reference.
+	 * once for the group. Head h's prepared query is at qprep + h * c->qprep_bytes; head h's n scores go
+	 * to out + h * out_stride and its n weights are read at w + h * w_stride (strides >= n); acc holds g
+	 * rows of c->acc_dim, g <= KVP_CODEC_GROUP_MAX. NULL: callers run dot and axpy once per head.
+	 * Attention's fast path: it may approximate dot and axpy (TurboQuant's runs on the integer kernels),
+	 * within a bound its codec states and tests; dot and axpy stay the float reference.
 	 */
 	void (*dot_group)(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
-			  const void *qprep, float *out);
+			  const void *qprep, float *out, size_t out_stride);
 	void (*axpy_group)(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
-			   const float *w, float *acc);
+			   const float *w, size_t w_stride, float *acc);
+	/*
+	 * Optional, with axpy_group: axpy_group over the consecutive blocks of a span as over one block of
+	 * span->n tokens (w: g rows of w_stride >= span->n). It may differ from axpy_group on each block in
+	 * turn as much as axpy_group may differ from axpy: TurboQuant's weights share one 8-bit step over the
+	 * whole span, where each block's call pays for its own step and its own sums. NULL: callers take
+	 * axpy_group per block.
+	 */
+	void (*axpy_span)(const struct kvp_codec *c, const void *ctx, const struct kvp_code_span *span, unsigned g,
+			  const float *w, size_t w_stride, float *acc);
 	/*
 	 * Optional (NULL otherwise): whether every token decodes as norm * (1/sqrt(dim)) * sign .* H (lut[code] *
 	 * unit), H the unnormalized Walsh-Hadamard transform of size dim (a power of two), norm the float at

@@ -909,13 +909,13 @@ static void dot_channel(const struct kvp_codec *c, unsigned n, const unsigned ch
  * step / 2 * sum_j code_jt (tests/test_kivi.c checks it).
  */
 static void dot_channel_i8(const struct kvp_codec *c, unsigned n, const unsigned char *p, unsigned g,
-			   const float *qprep, float *out)
+			   const float *qprep, float *out, size_t out_stride)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct kivi *k = c->state;
 
 	for (unsigned i = 0; i < n; i += k->g, p += k->stride)
-		kern->dot_i8_scaled(k->bits, c->dim, k->g, p, g, qprep, c->dim, out + i, n);
+		kern->dot_i8_scaled(k->bits, c->dim, k->g, p, g, qprep, c->dim, out + i, out_stride);
 }
 
 /* The z and s of a pass of cn value tokens from p on, as fp16 in h16, planar: h16[g * cn + i] is z of token i's
@@ -975,7 +975,7 @@ static void kivi_dot(const struct kvp_codec *c, const void *ctx, unsigned n, con
 }
 
 static void kivi_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
-			   const void *qprep, float *out)
+			   const void *qprep, float *out, size_t out_stride)
 {
 	const struct kivi *k = c->state;
 	const size_t qs = c->qprep_bytes / sizeof(float);
@@ -983,11 +983,11 @@ static void kivi_dot_group(const struct kvp_codec *c, const void *ctx, unsigned 
 
 	(void)ctx;
 	if (!k->per_token) {
-		dot_channel_i8(c, n, src, g, q, out);
+		dot_channel_i8(c, n, src, g, q, out, out_stride);
 		return;
 	}
 	for (unsigned h = 0; h < g; h++)
-		dot_token(c, n, src, q + h * qs, out + (size_t)h * n);
+		dot_token(c, n, src, q + h * qs, out + h * out_stride);
 }
 
 /*
@@ -1103,20 +1103,20 @@ static void kivi_axpy(const struct kvp_codec *c, const void *ctx, unsigned n, co
 }
 
 static void kivi_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
-			    const float *w, float *acc)
+			    const float *w, size_t w_stride, float *acc)
 {
 	const struct kivi *k = c->state;
 
 	(void)ctx;
 	for (unsigned h = 0; h < g; h += HEADS) {
 		const unsigned hn = g - h < HEADS ? g - h : HEADS;
-		const float *wh = w + (size_t)h * n;
+		const float *wh = w + h * w_stride;
 		float *ah = acc + (size_t)h * c->acc_dim;
 
 		if (k->per_token)
-			axpy_token_i16(c, n, src, hn, wh, n, ah);
+			axpy_token_i16(c, n, src, hn, wh, w_stride, ah);
 		else
-			axpy_channel(c, n, src, hn, wh, n, ah);
+			axpy_channel(c, n, src, hn, wh, w_stride, ah);
 	}
 }
 

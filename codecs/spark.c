@@ -662,30 +662,30 @@ static void spark_prepare_query(const struct kvp_codec *c, const void *ctx, cons
 
 /* quantize=all: the inner codec's own group paths, or its single-head ones once per head. */
 static void inner_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
-			    const void *qprep, float *out)
+			    const void *qprep, float *out, size_t out_stride)
 {
 	const struct kvp_codec *in = c->inner;
 
 	if (in->ops->dot_group) {
-		in->ops->dot_group(in, inner_ctx(c, ctx), n, src, g, qprep, out);
+		in->ops->dot_group(in, inner_ctx(c, ctx), n, src, g, qprep, out, out_stride);
 		return;
 	}
 	for (unsigned h = 0; h < g; h++)
 		in->ops->dot(in, inner_ctx(c, ctx), n, src, (const char *)qprep + h * in->qprep_bytes,
-			     out + (size_t)h * n);
+			     out + h * out_stride);
 }
 
 static void inner_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
-			     const float *w, float *acc)
+			     const float *w, size_t w_stride, float *acc)
 {
 	const struct kvp_codec *in = c->inner;
 
 	if (in->ops->axpy_group) {
-		in->ops->axpy_group(in, inner_ctx(c, ctx), n, src, g, w, acc);
+		in->ops->axpy_group(in, inner_ctx(c, ctx), n, src, g, w, w_stride, acc);
 		return;
 	}
 	for (unsigned h = 0; h < g; h++)
-		in->ops->axpy(in, inner_ctx(c, ctx), n, src, w + (size_t)h * n, acc + (size_t)h * in->acc_dim);
+		in->ops->axpy(in, inner_ctx(c, ctx), n, src, w + h * w_stride, acc + (size_t)h * in->acc_dim);
 }
 
 /* The float path: each chunk decoded to dense rows once, then the dense dot once per head. out holds g rows
@@ -778,7 +778,7 @@ static int fast_scalars(const struct kvp_codec *c, unsigned n, const unsigned ch
  * bounds the attention output's error against the decoded keys. Otherwise the float path.
  */
 static void spark_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
-			    const void *qprep, float *out)
+			    const void *qprep, float *out, size_t out_stride)
 {
 	const struct spark *s = c->state;
 	int16_t ell[FAST_CHUNK];
@@ -786,11 +786,11 @@ static void spark_dot_group(const struct kvp_codec *c, const void *ctx, unsigned
 	struct kvp_masked_codes rows;
 
 	if (s->all) {
-		inner_dot_group(c, ctx, n, src, g, qprep, out);
+		inner_dot_group(c, ctx, n, src, g, qprep, out, out_stride);
 		return;
 	}
 	if (!s->fast) {
-		dense_dot_group(c, ctx, n, src, g, qprep, out, n);
+		dense_dot_group(c, ctx, n, src, g, qprep, out, out_stride);
 		return;
 	}
 	rows = s->rows;
@@ -803,9 +803,9 @@ static void spark_dot_group(const struct kvp_codec *c, const void *ctx, unsigned
 
 		if (fast_scalars(c, cn, p, *spark_query_at(c, qprep).rq_top, ell, row_scale))
 			kvp_kernels()->spark_dot_i16_group(&rows, cn, p, ell, row_scale, g, spark_query_at(c, qprep).q16,
-							   c->qprep_bytes / sizeof(int16_t), head_scale, out + i, n);
+							   c->qprep_bytes / sizeof(int16_t), head_scale, out + i, out_stride);
 		else
-			dense_dot_group(c, ctx, cn, p, g, qprep, out + i, n);
+			dense_dot_group(c, ctx, cn, p, g, qprep, out + i, out_stride);
 	}
 }
 
@@ -824,7 +824,7 @@ static void spark_dot(const struct kvp_codec *c, const void *ctx, unsigned n, co
 }
 
 static void spark_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
-			     const float *w, float *acc)
+			     const float *w, size_t w_stride, float *acc)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct spark *s = c->state;
@@ -832,7 +832,7 @@ static void spark_axpy_group(const struct kvp_codec *c, const void *ctx, unsigne
 	float *x = scratch_of(c).rows;
 
 	if (s->all) {
-		inner_axpy_group(c, ctx, n, src, g, w, acc);
+		inner_axpy_group(c, ctx, n, src, g, w, w_stride, acc);
 		return;
 	}
 	for (unsigned i = 0; i < n; i += step) {
@@ -840,7 +840,7 @@ static void spark_axpy_group(const struct kvp_codec *c, const void *ctx, unsigne
 
 		decode_chunk(c, ctx, cn, (const unsigned char *)src + (size_t)i * s->stride, x);
 		for (unsigned h = 0; h < g; h++)
-			kern->axpy_f32(c->dim, cn, x, w + (size_t)h * n + i, acc + (size_t)h * c->acc_dim);
+			kern->axpy_f32(c->dim, cn, x, w + h * w_stride + i, acc + (size_t)h * c->acc_dim);
 	}
 }
 
@@ -852,7 +852,7 @@ static void spark_axpy(const struct kvp_codec *c, const void *ctx, unsigned n, c
 	if (s->all)
 		c->inner->ops->axpy(c->inner, inner_ctx(c, ctx), n, src, w, acc);
 	else
-		spark_axpy_group(c, ctx, n, src, 1, w, acc);
+		spark_axpy_group(c, ctx, n, src, 1, w, n, acc);
 }
 
 static void spark_finish(const struct kvp_codec *c, const void *ctx, const float *acc, float *out)

@@ -1121,7 +1121,7 @@ static void head_scales(const struct kvp_codec *c, const struct tq_query *q, uns
 }
 
 static void tq_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
-			 const void *qprep, float *out)
+			 const void *qprep, float *out, size_t out_stride)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct tq *t = c->state;
@@ -1129,7 +1129,8 @@ static void tq_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n,
 	float hs[KVP_CODEC_GROUP_MAX], both[SLICE];
 
 	(void)ctx;
-	memset(out, 0, sizeof(float) * g * n);
+	for (unsigned h = 0; h < g; h++)
+		memset(out + h * out_stride, 0, sizeof(float) * n);
 	for (unsigned i0 = 0; i0 < n; i0 += SLICE) {
 		const unsigned char *p = (const unsigned char *)src + (size_t)i0 * t->stride;
 		const unsigned cn = n - i0 < SLICE ? n - i0 : SLICE;
@@ -1142,7 +1143,7 @@ static void tq_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n,
 			if (pt->bits) {
 				head_scales(c, &q, g, 2 * k, pt->unit8, hs);
 				kern->lut_dot_i8_group(pt->bits, pt->m, cn, p + pt->code_at, t->stride, pt->lut8, g, q.q8 + at,
-						       c->qprep_bytes, hs, norm, t->stride, out + i0, n);
+						       c->qprep_bytes, hs, norm, t->stride, out + i0, out_stride);
 			}
 			if (!t->qjl)
 				continue;
@@ -1151,7 +1152,8 @@ static void tq_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n,
 				both[i] *= load_f32(norm + (size_t)i * t->stride);
 			head_scales(c, &q, g, 2 * k + 1, qjl_scale(pt), hs);
 			kern->lut_dot_i8_group(1, pt->m, cn, p + pt->sign_at, t->stride, sign8, g, q.q8 + at + pt->m,
-					       c->qprep_bytes, hs, (const uint8_t *)both, sizeof(float), out + i0, n);
+					       c->qprep_bytes, hs, (const uint8_t *)both, sizeof(float), out + i0,
+					       out_stride);
 		}
 	}
 }
@@ -1164,12 +1166,46 @@ static void tq_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n,
  * 0.85e-3 at 2 bits. The kernel refuses any other weights, and tables without a vector version of it refuse
  * every call: those take 12 bits against the int16 codebook, the same values times 16.
  */
-static void tq_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
-			  const float *w, float *acc)
+/* The signs (qjl=1) of a slice of cn tokens from p, weighted by norm * gamma. */
+static void axpy_signs(const struct kvp_codec *c, unsigned k, unsigned cn, const unsigned char *p, unsigned g,
+		       const float *w, size_t w_stride, float *acc)
+{
+	const struct tq *t = c->state;
+	const struct tq_part *pt = &t->part[k];
+	const uint8_t *norm = p + sizeof(float) * k;
+	float both[SLICE];
+
+	scalars(t, k, 1, cn, p, NULL, both);
+	for (unsigned i = 0; i < cn; i++)
+		both[i] *= load_f32(norm + (size_t)i * t->stride);
+	/* finish applies sqrt(pi/2) / m, as for the float axpy */
+	kvp_kernels()->lut_axpy_i16_group(1, pt->m, cn, p + pt->sign_at, t->stride, sign16, 1.0f, g, w, w_stride,
+					  (const uint8_t *)both, sizeof(float), acc + part_offset(t, k) + pt->m,
+					  c->acc_dim);
+}
+
+/* Part k's codes of the tokens in rows (runs of one block each, or one slice): 8-bit weights when the
+ * kernel takes them, else 12-bit ones run by run. */
+static void axpy_codes(const struct kvp_codec *c, unsigned k, const struct kvp_row_runs *rows, unsigned g,
+		       const float *w, size_t w_stride, float *acc)
 {
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct tq *t = c->state;
-	float both[SLICE];
+	const struct tq_part *pt = &t->part[k];
+	float *a = acc + part_offset(t, k);
+
+	if (kern->lut_axpy_u8_group(pt->bits, pt->m, rows, pt->lut8, pt->unit8, g, w, w_stride, a, c->acc_dim))
+		return;
+	for (unsigned r = 0, i0 = 0; i0 < rows->n; r++, i0 += rows->run)
+		kern->lut_axpy_i16_group(pt->bits, pt->m, rows->n - i0 < rows->run ? rows->n - i0 : rows->run,
+					 rows->code[r], t->stride, pt->lut16, pt->unit16, g, w + i0, w_stride,
+					 rows->scale[r], t->stride, a, c->acc_dim);
+}
+
+static void tq_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
+			  const float *w, size_t w_stride, float *acc)
+{
+	const struct tq *t = c->state;
 
 	(void)ctx;
 	for (unsigned i0 = 0; i0 < n; i0 += SLICE) {
@@ -1178,22 +1214,44 @@ static void tq_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n
 
 		for (unsigned k = 0; k < t->nparts; k++) {
 			const struct tq_part *pt = &t->part[k];
-			float *a = acc + part_offset(t, k);
-			const uint8_t *norm = p + sizeof(float) * k;
+			const struct kvp_row_runs rows = kvp_one_run(cn, p + pt->code_at, t->stride, p + sizeof(float) * k,
+								     t->stride);
 
-			if (pt->bits && !kern->lut_axpy_u8_group(pt->bits, pt->m, cn, p + pt->code_at, t->stride, pt->lut8,
-								 pt->unit8, g, w + i0, n, norm, t->stride, a, c->acc_dim))
-				kern->lut_axpy_i16_group(pt->bits, pt->m, cn, p + pt->code_at, t->stride, pt->lut16, pt->unit16,
-							 g, w + i0, n, norm, t->stride, a, c->acc_dim);
-			if (!t->qjl)
-				continue;
-			scalars(t, k, 1, cn, p, NULL, both);
-			for (unsigned i = 0; i < cn; i++)
-				both[i] *= load_f32(norm + (size_t)i * t->stride);
-			/* finish applies sqrt(pi/2) / m, as for the float axpy */
-			kern->lut_axpy_i16_group(1, pt->m, cn, p + pt->sign_at, t->stride, sign16, 1.0f, g, w + i0, n,
-						 (const uint8_t *)both, sizeof(float), a + pt->m, c->acc_dim);
+			if (pt->bits)
+				axpy_codes(c, k, &rows, g, w + i0, w_stride, acc);
+			if (t->qjl)
+				axpy_signs(c, k, cn, p, g, w + i0, w_stride, acc);
 		}
+	}
+}
+
+/* A span's blocks as the runs of one call per part (KVP_CODEC_SPAN_TOKENS <= SLICE): one weight step and one
+ * flush of the sums per part for the span, where a block at a time pays for both on each block. */
+_Static_assert(KVP_CODEC_SPAN_BLOCKS <= KVP_RUNS_MAX && KVP_CODEC_SPAN_RUN % KVP_RUN_ROWS == 0 &&
+		       KVP_CODEC_SPAN_TOKENS <= SLICE,
+	       "a span is one call of the kernel");
+
+static void tq_axpy_span(const struct kvp_codec *c, const void *ctx, const struct kvp_code_span *span, unsigned g,
+			 const float *w, size_t w_stride, float *acc)
+{
+	const struct tq *t = c->state;
+
+	(void)ctx;
+	for (unsigned k = 0; k < t->nparts; k++) {
+		const struct tq_part *pt = &t->part[k];
+		struct kvp_row_runs rows = { .n = span->n, .run = span->run, .stride = t->stride,
+					     .scale_stride = t->stride };
+
+		for (unsigned b = 0, i0 = 0; i0 < span->n; b++, i0 += span->run) {
+			const unsigned char *p = span->src[b];
+
+			rows.code[b] = p + pt->code_at, rows.scale[b] = p + sizeof(float) * k;
+			if (t->qjl)
+				axpy_signs(c, k, span->n - i0 < span->run ? span->n - i0 : span->run, p, g, w + i0,
+					   w_stride, acc);
+		}
+		if (pt->bits)
+			axpy_codes(c, k, &rows, g, w, w_stride, acc);
 	}
 }
 
@@ -1244,6 +1302,7 @@ const struct kvp_codec_ops kvp_codec_turboquant = {
 	.axpy = tq_axpy,
 	.dot_group = tq_dot_group,
 	.axpy_group = tq_axpy_group,
+	.axpy_span = tq_axpy_span,
 	.hadamard_codes = tq_hadamard_codes,
 	.finish = tq_finish,
 	.close = tq_close,

@@ -1436,9 +1436,10 @@ INLINE __m512 lane_of(__m512 x, unsigned h)
  * u >= lo, so x = (u - lo) * inv is never below 0 nor NaN, and x + 0.5 truncated is the plain code's
  * rounding without its test of x > 0.
  */
-INLINE int weights_u8(unsigned hn, unsigned n, const float *w, size_t ws, const uint8_t *row_scale,
-		      size_t scale_stride, float unit, uint8_t (*w8)[KVP_AXPY_I16_ROWS + 4], float *f, float *e)
+INLINE int weights_u8(unsigned hn, const struct kvp_row_runs *rows, const float *w, size_t ws, float unit,
+		      uint8_t (*w8)[KVP_AXPY_I16_ROWS + 4], float *f, float *e)
 {
+	const unsigned n = rows->n;
 	const __m512 zero = _mm512_setzero_ps(), half = _mm512_set1_ps(0.5f), inf = _mm512_set1_ps(INFINITY);
 	const __m512i most = _mm512_set1_epi32(255);
 	float u[4][KVP_AXPY_I16_ROWS], fe[2][16];
@@ -1447,7 +1448,8 @@ INLINE int weights_u8(unsigned hn, unsigned n, const float *w, size_t ws, const 
 
 	for (unsigned i = 0; i < n; i += 16) {
 		const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
-		const __m512 s = row_scales16(in, row_scale + i * scale_stride, scale_stride);
+		/* sixteen rows never straddle two runs */
+		const __m512 s = row_scales16(in, kvp_run_scale(rows, i), rows->scale_stride);
 
 		for (unsigned h = 0; h < hn; h++) {
 			const __m512 x = _mm512_maskz_loadu_ps(in, w + h * ws + i), v = _mm512_max_ps(_mm512_mul_ps(x, s), zero);
@@ -1580,11 +1582,11 @@ INLINE __m512i four_whole_rows(const uint8_t *codes, size_t stride, unsigned i, 
 	return _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 3 * stride)), 3);
 }
 
-INLINE int axpy_u8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			  __m512i tab, float unit, const float *w, size_t ws, const uint8_t *row_scale, size_t scale_stride,
-			  float *acc, size_t as)
+INLINE int axpy_u8_heads(unsigned hn, unsigned bits, unsigned m, const struct kvp_row_runs *rows, __m512i tab,
+			  float unit, const float *w, size_t ws, float *acc, size_t as)
 {
-	const unsigned cols = bits <= 2 ? 64 : 32, nq = cols / 16, row_bytes = (m * bits + 7) / 8;
+	const unsigned cols = bits <= 2 ? 64 : 32, nq = cols / 16, row_bytes = (m * bits + 7) / 8, n = rows->n;
+	const size_t stride = rows->stride;
 	uint8_t w8[4][KVP_AXPY_I16_ROWS + 4] __attribute__((aligned(4)));
 	const __m512i all4 = _mm512_set1_epi32(0x01010101);
 	const __m512i base0 = _mm512_loadu_si512(quad_select[bits][0]), shf0 = _mm512_loadu_si512(quad_shift[bits][0]);
@@ -1593,7 +1595,7 @@ INLINE int axpy_u8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, con
 	const __m512i base3 = _mm512_loadu_si512(quad_select[bits][3]), shf3 = _mm512_loadu_si512(quad_shift[bits][3]);
 	float f[4], e[4];
 
-	if (!weights_u8(hn, n, w, ws, row_scale, scale_stride, unit, w8, f, e))
+	if (!weights_u8(hn, rows, w, ws, unit, w8, f, e))
 		return 0;
 	for (unsigned j = 0; j < m; j += cols) {
 		const unsigned k = m - j < cols ? m - j : cols, want = j * bits / 8;
@@ -1608,14 +1610,20 @@ INLINE int axpy_u8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, con
 		__m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00;
 		__m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00;
 		__m512i a30 = a00, a31 = a00, a32 = a00, a33 = a00, c0 = a00, c1 = a00, c2 = a00, c3 = a00;
-		unsigned i = 0;
 
-		if (nb == 16)
-			for (; i + 4 <= n; i += 4)
-				QUAD_STEP(four_whole_rows(codes, stride, i, at), all4);
-		for (; i < n; i += 4)
-			QUAD_STEP(four_rows(codes, stride, i, n, at, nb),
-				  n - i >= 4 ? all4 : _mm512_set1_epi32((int)(0x01010101u >> 8 * (4 - (n - i)))));
+		/* run by run: row i of the run from i0 is row i - i0 of its codes */
+		for (unsigned r = 0, i0 = 0; i0 < n; r++, i0 += rows->run) {
+			const uint8_t *codes = rows->code[r];
+			const unsigned end = n - i0 < rows->run ? n : i0 + rows->run;
+			unsigned i = i0;
+
+			if (nb == 16)
+				for (; i + 4 <= end; i += 4)
+					QUAD_STEP(four_whole_rows(codes, stride, i - i0, at), all4);
+			for (; i < end; i += 4)
+				QUAD_STEP(four_rows(codes, stride, i - i0, end - i0, at, nb),
+					  end - i >= 4 ? all4 : _mm512_set1_epi32((int)(0x01010101u >> 8 * (4 - (end - i)))));
+		}
 		{
 			const __m512i c[4] = { c0, c1, c2, c3 };
 
@@ -1637,15 +1645,14 @@ INLINE int axpy_u8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, con
 
 /* Returns 0, having changed nothing, when a weight of the first (or only) four heads has its sign bit set
  * (the caller has checked the others when there are more). */
-INLINE int axpy_u8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride, const int8_t *lut,
-			 float unit, unsigned g, const float *w, size_t ws, const uint8_t *row_scale, size_t scale_stride,
-			 float *acc, size_t as)
+INLINE int axpy_u8_width(unsigned bits, unsigned m, const struct kvp_row_runs *rows, const int8_t *lut, float unit,
+			 unsigned g, const float *w, size_t ws, float *acc, size_t as)
 {
 	const __m512i tab = int_regs(bits, lut, NULL, 0).tab8;
 	unsigned h = 0;
 
 #define AXPY_U8_HEADS(hn) \
-	axpy_u8_heads(hn, bits, m, n, codes, stride, tab, unit, w + h * ws, ws, row_scale, scale_stride, acc + h * as, as)
+	axpy_u8_heads(hn, bits, m, rows, tab, unit, w + h * ws, ws, acc + h * as, as)
 	for (; h + 4 <= g; h += 4)
 		if (!AXPY_U8_HEADS(4))
 			return 0;
@@ -1669,19 +1676,18 @@ INLINE int any_sign(unsigned g, unsigned n, const float *w, size_t ws)
 	return _mm512_test_epi32_mask(bits, _mm512_set1_epi32(INT32_MIN)) != 0;
 }
 
-static int lut_axpy_u8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			     const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
-			     const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
+static int lut_axpy_u8_group(unsigned bits, unsigned m, const struct kvp_row_runs *rows, const int8_t *lut,
+			     float unit, unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride)
 {
 	/* up to four heads, the weights' pass finds a sign before anything is written; more, they are all
 	 * checked first */
-	if (g > 4 && any_sign(g, n, w, w_stride))
+	if (g > 4 && any_sign(g, rows->n, w, w_stride))
 		return 0;
 	switch (bits) {
-	case 1: return axpy_u8_width(1, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride);
-	case 2: return axpy_u8_width(2, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride);
-	case 3: return axpy_u8_width(3, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride);
-	default: return axpy_u8_width(4, m, n, codes, stride, lut, unit, g, w, w_stride, row_scale, scale_stride, acc, acc_stride);
+	case 1: return axpy_u8_width(1, m, rows, lut, unit, g, w, w_stride, acc, acc_stride);
+	case 2: return axpy_u8_width(2, m, rows, lut, unit, g, w, w_stride, acc, acc_stride);
+	case 3: return axpy_u8_width(3, m, rows, lut, unit, g, w, w_stride, acc, acc_stride);
+	default: return axpy_u8_width(4, m, rows, lut, unit, g, w, w_stride, acc, acc_stride);
 	}
 }
 

@@ -30,6 +30,44 @@ struct kvp_masked_codes {
 	const int16_t *rho;
 };
 
+/*
+ * Rows in runs (lut_axpy_u8_group): n rows, run r holding rows [r*run, r*run + run) of them; row r*run + t
+ * has its codes at code[r] + t*stride and its scale (a float, no alignment needed) at scale[r] +
+ * t*scale_stride. run is a multiple of KVP_RUN_ROWS, and n <= KVP_RUNS_MAX * run. The rows of one array are
+ * one run (run >= n); a cache's consecutive blocks, separate allocations, are a run each.
+ */
+#define KVP_RUNS_MAX 4u
+#define KVP_RUN_ROWS 16u
+
+struct kvp_row_runs {
+	unsigned n, run;
+	size_t stride, scale_stride;
+	const uint8_t *code[KVP_RUNS_MAX], *scale[KVP_RUNS_MAX];
+};
+
+/* Row i of runs: its codes, and its scale's bytes. */
+static inline const uint8_t *kvp_run_codes(const struct kvp_row_runs *r, unsigned i)
+{
+	return r->code[i / r->run] + (size_t)(i % r->run) * r->stride;
+}
+
+static inline const uint8_t *kvp_run_scale(const struct kvp_row_runs *r, unsigned i)
+{
+	return r->scale[i / r->run] + (size_t)(i % r->run) * r->scale_stride;
+}
+
+/* The rows of an array as one run. */
+static inline struct kvp_row_runs kvp_one_run(unsigned n, const uint8_t *codes, size_t stride,
+					      const uint8_t *row_scale, size_t scale_stride)
+{
+	struct kvp_row_runs r = { .n = n, .run = (n + KVP_RUN_ROWS - 1) / KVP_RUN_ROWS * KVP_RUN_ROWS,
+				  .stride = stride, .scale_stride = scale_stride };
+
+	r.run = r.run ? r.run : KVP_RUN_ROWS;
+	r.code[0] = codes, r.scale[0] = row_scale;
+	return r;
+}
+
 struct kvp_kernels {
 	const char *name;
 	/* out[i] = scale * <q, row_i> for i < n */
@@ -129,7 +167,9 @@ struct kvp_kernels {
 	/*
 	 * lut_axpy_u8_group: lut_axpy_i16_group for weights that are not negative (attention's), in 8 bits above
 	 * their least against an int8 table, four rows per int32 lane (VNNI vpdpbusd: four tokens' codes of one
-	 * column times their four weights). n <= 256. Per head, u(i) = w[h*w_stride + i] * scale(i) where that
+	 * column times their four weights), rows given as runs (struct kvp_row_runs below: one run is an array of
+	 * rows, several are consecutive blocks of a cache, which then share one weight step). n = rows->n <= 256.
+	 * Per head, u(i) = w[h*w_stride + i] * scale(i) where that
 	 * is > 0, else 0 (a negative or NaN product counts as 0); lo and top = the least and the largest u(i);
 	 * W(i) = nearest((u(i) - lo) * kvp_weight_inv_u8(top - lo)), at most 255 (0 unless positive);
 	 *     acc[h*acc_stride + j] += (unit * ((top - lo) / 255)) * (float)sum_i W(i) * lut[code(i, j)]
@@ -142,9 +182,8 @@ struct kvp_kernels {
 	 * lut_axpy_i16_group. The scalar table always computes it (the reference). Every implementation that
 	 * computes it gives the same bits.
 	 */
-	int (*lut_axpy_u8_group)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-				  const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
-				  const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride);
+	int (*lut_axpy_u8_group)(unsigned bits, unsigned m, const struct kvp_row_runs *rows, const int8_t *lut,
+				 float unit, unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride);
 	/*
 	 * dot_i8_scaled: KIVI's key groups (keys quantized per channel over n tokens) scored for the g heads of a
 	 * GQA group. The group at `group`: m little-endian fp16 zero points z_j, m fp16 scales s_j (at least 0),
@@ -387,20 +426,20 @@ static inline uint8_t kvp_weight_u8(float u, float lo, float inv)
 }
 
 /* One head's weights as lut_axpy_u8_group rounds them, in plain code; sets *lo, returns (top - lo) / 255. */
-static inline float kvp_weights_u8(unsigned n, const float *w, const uint8_t *row_scale, size_t scale_stride,
-				   uint8_t *w8, float *lo)
+static inline float kvp_weights_u8(const struct kvp_row_runs *rows, const float *w, uint8_t *w8, float *lo)
 {
+	const unsigned n = rows->n;
 	float top = 0.0f, least = 0.0f, inv;
 
 	for (unsigned i = 0; i < n; i++) {
-		const float u = kvp_weight_u8_in(w[i], kvp_load_f32(row_scale + i * scale_stride));
+		const float u = kvp_weight_u8_in(w[i], kvp_load_f32(kvp_run_scale(rows, i)));
 
 		top = u > top ? u : top;
 		least = i == 0 || u < least ? u : least;
 	}
 	inv = kvp_weight_inv_u8(top - least);
 	for (unsigned i = 0; i < n; i++)
-		w8[i] = kvp_weight_u8(kvp_weight_u8_in(w[i], kvp_load_f32(row_scale + i * scale_stride)), least, inv);
+		w8[i] = kvp_weight_u8(kvp_weight_u8_in(w[i], kvp_load_f32(kvp_run_scale(rows, i))), least, inv);
 	*lo = least;
 	return (top - least) / KVP_WEIGHT_MAX_U8;
 }
@@ -419,10 +458,11 @@ static inline unsigned kvp_row_code(const uint8_t *row, unsigned j, unsigned bit
 
 /* lut_axpy_u8_group in plain code: the scalar reference, and the tables without a vector version. Columns in
  * passes of 256, whose int32 sums live on the stack. */
-static inline int kvp_lut_axpy_u8_plain(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+static inline int kvp_lut_axpy_u8_plain(unsigned bits, unsigned m, const struct kvp_row_runs *rows,
 					const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
-					const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
+					float *acc, size_t acc_stride)
 {
+	const unsigned n = rows->n;
 	uint8_t w8[KVP_AXPY_I16_ROWS];
 	int32_t sums[256], cols[256];
 
@@ -432,7 +472,7 @@ static inline int kvp_lut_axpy_u8_plain(unsigned bits, unsigned m, unsigned n, c
 				return 0;
 	for (unsigned h = 0; h < g; h++) {
 		float lo;
-		const float f = unit * kvp_weights_u8(n, w + h * w_stride, row_scale, scale_stride, w8, &lo), e = unit * lo;
+		const float f = unit * kvp_weights_u8(rows, w + h * w_stride, w8, &lo), e = unit * lo;
 
 		for (unsigned j0 = 0; j0 < m; j0 += 256) {
 			const unsigned k = m - j0 < 256 ? m - j0 : 256;
@@ -441,7 +481,7 @@ static inline int kvp_lut_axpy_u8_plain(unsigned bits, unsigned m, unsigned n, c
 			memset(cols, 0, sizeof cols);
 			for (unsigned i = 0; i < n; i++)
 				for (unsigned j = 0; j < k; j++) {
-					const int32_t v = lut[kvp_row_code(codes + (size_t)i * stride, j0 + j, bits)];
+					const int32_t v = lut[kvp_row_code(kvp_run_codes(rows, i), j0 + j, bits)];
 
 					sums[j] += w8[i] * v;
 					cols[j] += v;

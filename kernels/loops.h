@@ -816,12 +816,11 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 #ifndef KVP_ISA_AXPY_U8
 /* No vector version in this table: it declines every call (kernels.h), so that callers keep this table's
  * vector lut_axpy_i16_group rather than the plain code. */
-static int lut_axpy_u8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			     const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
-			     const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
+static int lut_axpy_u8_group(unsigned bits, unsigned m, const struct kvp_row_runs *rows, const int8_t *lut,
+			     float unit, unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride)
 {
-	(void)bits, (void)m, (void)n, (void)codes, (void)stride, (void)lut, (void)unit, (void)g, (void)w;
-	(void)w_stride, (void)row_scale, (void)scale_stride, (void)acc, (void)acc_stride;
+	(void)bits, (void)m, (void)rows, (void)lut, (void)unit, (void)g, (void)w, (void)w_stride, (void)acc;
+	(void)acc_stride;
 	return 0;
 }
 #endif

@@ -109,6 +109,47 @@ static int cold_group_fits(const struct stream_attention *a, const struct kvp_bl
 	return a->k->ops->dot_group && a->v->ops->axpy_group && (size_t)a->group * b->n <= a->scores_cap;
 }
 
+/* A block of another ladder level: what the old codecs accumulated is mapped back into out (it shares
+ * out's running maximum, so this is exact), and the queries are prepared for the new codecs. */
+static void use_level(struct stream_attention *a, uint32_t level, int flush)
+{
+	for (uint32_t h = 0; flush && h < a->group; h++) {
+		float *acc = a->cold_acc + (size_t)h * a->v->acc_dim;
+		a->v->ops->finish(a->v, a->v_ctx, acc, a->out + (size_t)h * a->dim);
+		memset(acc, 0, a->v->acc_dim * sizeof *acc);
+	}
+	a->level = level;
+	a->k = a->cold->k_level[level];
+	a->v = a->cold->v_level[level];
+	a->k_ctx = a->ctx->k_level[level];
+	a->v_ctx = a->ctx->v_level[level];
+	for (uint32_t h = 0; h < a->group; h++)
+		a->k->ops->prepare_query(a->k, a->k_ctx, a->q + (size_t)h * a->dim, a->qprep + h * a->k->qprep_bytes);
+	memset(a->cold_acc, 0, (size_t)a->group * a->v->acc_dim * sizeof *a->cold_acc);
+}
+
+/*
+ * Cold blocks that follow each other in a stream are read as one span of up to KVP_CODEC_SPAN_BLOCKS: keys
+ * scored block by block into one row of scores per head, one softmax step over the span, and the values
+ * summed by the codec's axpy_span in one call (or axpy_group per block). Every block costs fixed work in
+ * each call (the softmax's reductions, the value kernel's weight step and its flush of the sums into
+ * acc); at 64 tokens a block, that was 12-15% of TurboQuant's time at 32K tokens (block=256 against
+ * block=64). A span is blocks of one ladder level, all but the last holding `run` tokens (a multiple of
+ * KVP_CODEC_SPAN_RUN), within KVP_CODEC_SPAN_TOKENS and the scores' room.
+ */
+static uint32_t span_length(const struct stream_attention *a, const struct kvp_block *const *b, uint32_t left)
+{
+	const uint32_t run = b[0]->n, room = a->scores_cap / a->group;
+	uint32_t m = 1, n = run;
+
+	if (run % KVP_CODEC_SPAN_RUN)
+		return 1;
+	while (m < left && m < KVP_CODEC_SPAN_BLOCKS && b[m - 1]->n == run && b[m]->store == KVP_STORE_CODEC &&
+	       b[m]->level == a->level && b[m]->n && n + b[m]->n <= KVP_CODEC_SPAN_TOKENS && n + b[m]->n <= room)
+		n += b[m++]->n;
+	return m;
+}
+
 /*
  * A block is a separate allocation, where the hardware prefetcher starts over: without help every block
  * would begin with a wait on memory. So this block's values are asked for while its keys are scored, and
@@ -133,66 +174,76 @@ static int cold_group_fits(const struct stream_attention *a, const struct kvp_bl
  * between the steps stalls only itself; lines asked for inside the kernels slow their loads (thread CPU
  * time, best of 150, both builds interleaved, several runs).
  */
-static void block_cold_group(struct stream_attention *a, const struct kvp_block *b, const struct kvp_block *next)
+static void span_cold_group(struct stream_attention *a, const struct kvp_block *const *b, uint32_t m,
+			    const struct kvp_block *next)
 {
-	const int ahead = next && next->store == KVP_STORE_CODEC && next->level == b->level;
-	const size_t v_bytes = a->v->ops->bytes(a->v, b->n), k_next = ahead ? a->k->ops->bytes(a->k, next->n) : 0;
+	const int ahead = next && next->store == KVP_STORE_CODEC && next->level == a->level;
+	const size_t k_next = ahead ? a->k->ops->bytes(a->k, next->n) : 0;
+	struct kvp_code_span span = { .n = 0, .run = b[0]->n };
 
-	kvp_prefetch_lines(b->v, 0, v_bytes / 2, 1);
-	a->k->ops->dot_group(a->k, a->k_ctx, b->n, b->k, a->group, a->qprep, a->scores);
-	kvp_prefetch_lines(b->v, v_bytes / 2, v_bytes, 1);
-	kvp_prefetch_lines(ahead ? next->k : NULL, 0, k_next / 2, 1);
-	fold_scores(a, 0, a->group, b->n, a->scale, a->scores);
-	kvp_prefetch_lines(ahead ? next->k : NULL, k_next / 2, k_next, 1);
-	a->v->ops->axpy_group(a->v, a->v_ctx, b->n, b->v, a->group, a->scores, a->cold_acc);
-	a->seen += b->n;
-}
+	for (uint32_t j = 0; j < m; j++)
+		span.src[j] = b[j]->v, span.n += b[j]->n;
+	for (uint32_t j = 0, at = 0; j < m; at += b[j++]->n) {
+		const size_t v_bytes = a->v->ops->bytes(a->v, b[j]->n);
+		const void *k_on = j + 1 < m ? b[j + 1]->k : NULL;
+		const size_t k_bytes = k_on ? a->k->ops->bytes(a->k, b[j + 1]->n) : 0;
 
-/* A block of another ladder level: what the old codecs accumulated is mapped back into out (it shares
- * out's running maximum, so this is exact), and the queries are prepared for the new codecs. */
-static void use_level(struct stream_attention *a, uint32_t level, int flush)
-{
-	for (uint32_t h = 0; flush && h < a->group; h++) {
-		float *acc = a->cold_acc + (size_t)h * a->v->acc_dim;
-		a->v->ops->finish(a->v, a->v_ctx, acc, a->out + (size_t)h * a->dim);
-		memset(acc, 0, a->v->acc_dim * sizeof *acc);
+		kvp_prefetch_lines(b[j]->v, 0, v_bytes / 2, 1);
+		kvp_prefetch_lines(k_on, 0, k_bytes / 2, 1);
+		a->k->ops->dot_group(a->k, a->k_ctx, b[j]->n, b[j]->k, a->group, a->qprep, a->scores + at, span.n);
+		kvp_prefetch_lines(b[j]->v, v_bytes / 2, v_bytes, 1);
+		kvp_prefetch_lines(k_on, k_bytes / 2, k_bytes, 1);
 	}
-	a->level = level;
-	a->k = a->cold->k_level[level];
-	a->v = a->cold->v_level[level];
-	a->k_ctx = a->ctx->k_level[level];
-	a->v_ctx = a->ctx->v_level[level];
-	for (uint32_t h = 0; h < a->group; h++)
-		a->k->ops->prepare_query(a->k, a->k_ctx, a->q + (size_t)h * a->dim, a->qprep + h * a->k->qprep_bytes);
-	memset(a->cold_acc, 0, (size_t)a->group * a->v->acc_dim * sizeof *a->cold_acc);
+	kvp_prefetch_lines(ahead ? next->k : NULL, 0, k_next / 2, 1);
+	fold_scores(a, 0, a->group, span.n, a->scale, a->scores);
+	kvp_prefetch_lines(ahead ? next->k : NULL, k_next / 2, k_next, 1);
+	if (a->v->ops->axpy_span && m > 1)
+		a->v->ops->axpy_span(a->v, a->v_ctx, &span, a->group, a->scores, span.n, a->cold_acc);
+	else
+		for (uint32_t j = 0, at = 0; j < m; at += b[j++]->n)
+			a->v->ops->axpy_group(a->v, a->v_ctx, b[j]->n, b[j]->v, a->group, a->scores + at, span.n,
+					      a->cold_acc);
+	a->seen += span.n;
 }
 
-static void block_cold(struct stream_attention *a, const struct kvp_block *b, const struct kvp_block *next)
+/* The cold block b[0], or the span that starts with it; returns how many blocks it read. */
+static uint32_t block_cold(struct stream_attention *a, const struct kvp_block *const *b, uint32_t left,
+			   const struct kvp_block *after)
 {
-	if (b->level != a->level)
-		use_level(a, b->level, 1);
-	if (cold_group_fits(a, b)) {
-		block_cold_group(a, b, next);
-		return;
+	uint32_t m;
+
+	if (b[0]->level != a->level)
+		use_level(a, b[0]->level, 1);
+	if (cold_group_fits(a, b[0])) {
+		m = span_length(a, b, left);
+		span_cold_group(a, b, m, m < left ? b[m] : after);
+		return m;
 	}
 	for (uint32_t h = 0; h < a->group; h++) {
-		a->k->ops->dot(a->k, a->k_ctx, b->n, b->k, a->qprep + h * a->k->qprep_bytes, a->scores);
-		fold_scores(a, h, 1, b->n, a->scale, a->scores);
-		a->v->ops->axpy(a->v, a->v_ctx, b->n, b->v, a->scores, a->cold_acc + (size_t)h * a->v->acc_dim);
+		a->k->ops->dot(a->k, a->k_ctx, b[0]->n, b[0]->k, a->qprep + h * a->k->qprep_bytes, a->scores);
+		fold_scores(a, h, 1, b[0]->n, a->scale, a->scores);
+		a->v->ops->axpy(a->v, a->v_ctx, b[0]->n, b[0]->v, a->scores, a->cold_acc + (size_t)h * a->v->acc_dim);
 	}
-	a->seen += b->n;
+	a->seen += b[0]->n;
+	return 1;
 }
 
-static void block(struct stream_attention *a, const struct kvp_block *b, const struct kvp_block *next)
+/* Block b[0] (a cold one with those after it as a span); returns how many of the left blocks it read. after:
+ * the block that follows the left ones, if any. */
+static uint32_t blocks(struct stream_attention *a, const struct kvp_block *const *b, uint32_t left,
+		       const struct kvp_block *after)
 {
-	if (!b->n)
-		return;
-	if (b->store == KVP_STORE_CODEC)
-		block_cold(a, b, next);
-	else if (b->store == KVP_STORE_FP16)
-		block_f16(a, b, next);
+	const struct kvp_block *next = left > 1 ? b[1] : after;
+
+	if (!b[0]->n)
+		return 1;
+	if (b[0]->store == KVP_STORE_CODEC)
+		return block_cold(a, b, left, after);
+	if (b[0]->store == KVP_STORE_FP16)
+		block_f16(a, b[0], next);
 	else
-		block_f32(a, b);
+		block_f32(a, b[0]);
+	return 1;
 }
 
 static void begin(struct stream_attention *a, const struct kvp_seq_obj *s, const struct kvp_stream *st,
@@ -237,10 +288,12 @@ static void finish(struct stream_attention *a)
 
 static void attend_stream(struct stream_attention *a, const struct kvp_stream *st)
 {
+	const struct kvp_block *const *b = (const struct kvp_block *const *)st->blocks;
+
 	if (st->sink)
-		block(a, st->sink, st->n_blocks ? st->blocks[0] : NULL);
-	for (uint32_t i = 0; i < st->n_blocks; i++)
-		block(a, st->blocks[i], i + 1 < st->n_blocks ? st->blocks[i + 1] : NULL);
+		blocks(a, (const struct kvp_block *const *)&st->sink, 1, st->n_blocks ? b[0] : NULL);
+	for (uint32_t i = 0; i < st->n_blocks;)
+		i += blocks(a, b + i, st->n_blocks - i, NULL);
 	finish(a);
 }
 

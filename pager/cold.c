@@ -137,11 +137,14 @@ void kvp_cold_unprepare(struct kvp_tenant_obj *t)
 	t->k_codec = t->v_codec = NULL;
 }
 
-/* Attend's scores: one block's tokens for each query head of a GQA group, at most KVP_BLOCK_MAX (attend.c
- * takes longer fp16 blocks in slices). A block holds at most block= (or, the sink block, sinks=) tokens. */
+/* Attend's scores: one block's tokens, or a span's of cold blocks (KVP_CODEC_SPAN_TOKENS), for each query
+ * head of a GQA group, at most KVP_BLOCK_MAX (attend.c takes longer fp16 blocks in slices, and shorter
+ * spans). A block holds at most block= (or, the sink block, sinks=) tokens. */
 static uint32_t scores_cap(const struct kvp_tenant_config *cfg, uint32_t group)
 {
-	uint64_t most = (uint64_t)(cfg->block > cfg->sinks ? cfg->block : cfg->sinks) * group;
+	uint64_t most = cfg->block > cfg->sinks ? cfg->block : cfg->sinks;
+
+	most = (most > KVP_CODEC_SPAN_TOKENS ? most : KVP_CODEC_SPAN_TOKENS) * group;
 
 	return most < KVP_BLOCK_MAX ? (uint32_t)most : KVP_BLOCK_MAX;
 }

@@ -164,7 +164,7 @@ struct kvp_cold {
 	unsigned n_levels; /* 1 without a ladder */
 	struct kvp_codec *k_level[KVP_LADDER_MAX], *v_level[KVP_LADDER_MAX];
 	size_t qprep_max, acc_max; /* largest qprep_bytes and acc_dim over the levels */
-	uint32_t scores_cap;       /* floats of scores: one block's tokens x group, at most KVP_BLOCK_MAX */
+	uint32_t scores_cap;       /* floats of scores: a block's or a span's tokens x group, at most KVP_BLOCK_MAX */
 	size_t scratch_bytes;
 	void *scratch; /* scores_cap floats, then group x qprep_max bytes, then group x acc_max floats */
 };

@@ -41,11 +41,11 @@ static void group_paths(kvp_codec *c, unsigned n, const unsigned char *codes, co
 	for (unsigned h = 0; h < HEADS; h++)
 		c->ops->prepare_query(c, c->own_ctx, q + (size_t)h * c->dim, qprep + h * c->qprep_bytes);
 	if (c->ops->dot_group)
-		c->ops->dot_group(c, c->own_ctx, n, codes, HEADS, qprep, scores);
+		c->ops->dot_group(c, c->own_ctx, n, codes, HEADS, qprep, scores, n);
 	for (unsigned i = 0; i < HEADS * n; i++)
 		scores[i] = 1.0f / (float)n;
 	if (c->ops->axpy_group)
-		c->ops->axpy_group(c, c->own_ctx, n, codes, HEADS, scores, acc);
+		c->ops->axpy_group(c, c->own_ctx, n, codes, HEADS, scores, n, acc);
 	free(qprep), free(scores), free(acc);
 }
 

@@ -1158,15 +1158,14 @@ static void lut_int_case(const struct kvp_kernels *k, unsigned bits, unsigned m,
 		wa[i] = ends ? (w[i] > 0 ? 1.0f : 0.0f) : fabsf(w[i]);
 	/* only AVX-512 has a vector version: the other tables decline every call, leaving acc8 as it was (compared
 	 * below), so that callers keep their vector lut_axpy_i16_group */
-	const int took = k->lut_axpy_u8_group(bits, m, n, codes + off, stride, lutu, unit, g, wa, ws, scales + off, 7,
-					      acc8, qs);
+	const struct kvp_row_runs rows = kvp_one_run(n, codes + off, stride, scales + off, 7);
+	const int took = k->lut_axpy_u8_group(bits, m, &rows, lutu, unit, g, wa, ws, acc8, qs);
 	check(took == !strcmp(k->name, "avx512"), "%s lut_axpy_u8_group bits=%u m=%u n=%u g=%u: %s weights of no sign",
 	      k->name, bits, m, n, g, took ? "took (only AVX-512 has a vector version)" : "refused");
 	if (took)
-		kvp_kernels_scalar.lut_axpy_u8_group(bits, m, n, codes + off, stride, lutu, unit, g, wa, ws, scales + off,
-						     7, acc8_want, qs);
+		kvp_kernels_scalar.lut_axpy_u8_group(bits, m, &rows, lutu, unit, g, wa, ws, acc8_want, qs);
 	wa[(size_t)(g - 1) * ws + n - 1] = -0.0f; /* the last weight read: one sign bit, and nothing is changed */
-	check(k->lut_axpy_u8_group(bits, m, n, codes + off, stride, lutu, unit, g, wa, ws, scales + off, 7, acc8, qs) == 0,
+	check(k->lut_axpy_u8_group(bits, m, &rows, lutu, unit, g, wa, ws, acc8, qs) == 0,
 	      "%s lut_axpy_u8_group bits=%u m=%u n=%u g=%u: took a weight of -0", k->name, bits, m, n, g);
 	free(wa);
 	k->lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, hs, scales + off, 7, got, n);
@@ -1214,7 +1213,9 @@ static void scalar_integer_lookups_match_their_definition(void)
 		kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes, stride, lut16, unit, g, w, n, scales + 1, 5, acc, m);
 		for (unsigned i = 0; i < g * n; i++)
 			wa[i] = fabsf(w[i]);
-		kvp_kernels_scalar.lut_axpy_u8_group(bits, m, n, codes, stride, lut8, unit, g, wa, n, scales + 1, 5, acc8, m);
+		const struct kvp_row_runs rows = kvp_one_run(n, codes, stride, scales + 1, 5);
+
+		kvp_kernels_scalar.lut_axpy_u8_group(bits, m, &rows, lut8, unit, g, wa, n, acc8, m);
 		for (unsigned h = 0; h < g; h++) {
 			float top = 0, u[5], f;
 			int32_t wq[5];
@@ -1289,6 +1290,65 @@ static void integer_lookups_equal_scalar_for_every_width_group_and_length(const 
 		for (size_t c = 0; c < COUNT(heads); c++)
 			lut_int_case(k, bits, 192, 67, heads[c], 0, 0);
 	}
+}
+
+/*
+ * lut_axpy_u8_group's rows in runs (a cache's consecutive blocks): n rows copied into runs of `run` rows, each
+ * its own allocation `off` bytes in, give the bits of the same rows in one array, on the scalar table and
+ * on this one (which may decline, as it does every call without a vector version).
+ */
+static void u8_runs_case(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned n, unsigned run,
+			 unsigned g, unsigned off)
+{
+	const size_t rowbytes = ((size_t)m * bits + 7) / 8, stride = rowbytes + 3, qs = m + 2, ws = n + 1;
+	uint8_t *codes = rand_codes(n, stride, rowbytes, 0), *scales = rand_scales(n, 6, 0);
+	uint8_t *code_runs[KVP_RUNS_MAX], *scale_runs[KVP_RUNS_MAX];
+	struct kvp_row_runs runs = { .n = n, .run = run, .stride = stride, .scale_stride = 6 };
+	const struct kvp_row_runs one = kvp_one_run(n, codes, stride, scales, 6);
+	float *w = rand_f32(g * ws, 0), *want = rand_f32(g * qs, 0), *got = copy_f32(want, g * qs);
+	float *ref = copy_f32(want, g * qs);
+	const float unit = 1e-3f * (1 + rnd32() % 100);
+	int8_t lut[16];
+	unsigned r = 0;
+
+	for (unsigned v = 0; v < 16; v++)
+		lut[v] = (int8_t)rand_int(-128, 127);
+	for (size_t i = 0; i < g * ws; i++)
+		w[i] = fabsf(w[i]);
+	for (unsigned i0 = 0; i0 < n; i0 += run, r++) {
+		const unsigned rows = n - i0 < run ? n - i0 : run;
+
+		code_runs[r] = xmalloc(off + (size_t)rows * stride), scale_runs[r] = xmalloc(off + (size_t)rows * 6);
+		memcpy(code_runs[r] + off, codes + (size_t)i0 * stride, (size_t)rows * stride - (stride - rowbytes));
+		memcpy(scale_runs[r] + off, scales + (size_t)i0 * 6, (size_t)rows * 6);
+		runs.code[r] = code_runs[r] + off, runs.scale[r] = scale_runs[r] + off;
+	}
+	check(kvp_kernels_scalar.lut_axpy_u8_group(bits, m, &one, lut, unit, g, w, ws, want, qs) == 1,
+	      "scalar lut_axpy_u8_group: declined weights of no sign");
+	kvp_kernels_scalar.lut_axpy_u8_group(bits, m, &runs, lut, unit, g, w, ws, ref, qs);
+	for (size_t j = 0; j < g * qs; j++)
+		check(same_bits(ref[j], want[j]),
+		      "scalar lut_axpy_u8_group bits=%u m=%u n=%u run=%u g=%u column %zu: %.9g in runs, %.9g in one array",
+		      bits, m, n, run, g, j, ref[j], want[j]);
+	if (k->lut_axpy_u8_group(bits, m, &runs, lut, unit, g, w, ws, got, qs))
+		for (size_t j = 0; j < g * qs; j++)
+			check(same_bits(got[j], want[j]),
+			      "%s lut_axpy_u8_group bits=%u m=%u n=%u run=%u g=%u off=%u column %zu: %.9g, %.9g in one array",
+			      k->name, bits, m, n, run, g, off, j, got[j], want[j]);
+	while (r--)
+		free(code_runs[r]), free(scale_runs[r]);
+	free(codes), free(scales), free(w), free(want), free(got), free(ref);
+}
+
+static void u8_lookups_read_rows_in_runs_as_one_array(const struct kvp_kernels *k)
+{
+	static const unsigned shapes[][2] = { { 256, 64 }, { 250, 64 }, { 64, 16 }, { 61, 16 }, { 200, 112 }, { 17, 16 } };
+
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(lut_dims); a++)
+			for (size_t b = 0; b < COUNT(shapes); b++)
+				u8_runs_case(k, bits, lut_dims[a], shapes[b][0], shapes[b][1], 1 + (unsigned)(a + b) % 5,
+					     (unsigned)b % 3);
 }
 
 static void integer_lookups_equal_scalar_on_unaligned_pointers(const struct kvp_kernels *k)
@@ -1392,11 +1452,11 @@ static void integer_lookups_read_nothing_past_their_inputs_cases(const struct kv
 									      (const uint8_t *)sc, sizeof(float), acc_want, m);
 					for (size_t i = 0; i < (size_t)g * n; i++)
 						w[i] = fabsf(w[i]);
-					if (k->lut_axpy_u8_group(bits, m, n, codes, stride, lut8, 0.5f, g, w, n, (const uint8_t *)sc,
-								 sizeof(float), acc, m))
-						kvp_kernels_scalar.lut_axpy_u8_group(bits, m, n, codes, stride, lut8, 0.5f, g, w,
-										     n, (const uint8_t *)sc, sizeof(float),
-										     acc_want, m);
+					const struct kvp_row_runs run = kvp_one_run(n, codes, stride, (const uint8_t *)sc,
+										    sizeof(float));
+
+					if (k->lut_axpy_u8_group(bits, m, &run, lut8, 0.5f, g, w, n, acc, m))
+						kvp_kernels_scalar.lut_axpy_u8_group(bits, m, &run, lut8, 0.5f, g, w, n, acc_want, m);
 					check(!memcmp(out, want, sizeof *out * g * n),
 					      "%s lut_dot_i8_group bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
 					check(!memcmp(acc, acc_want, sizeof *acc * g * m),
@@ -2547,6 +2607,7 @@ static const struct vector_test vector_tests[] = {
 	TEST(integer_lookups_equal_scalar_for_every_width_group_and_length),
 	TEST(integer_lookups_equal_scalar_on_unaligned_pointers),
 	TEST(integer_lookups_equal_scalar_on_long_rows),
+	TEST(u8_lookups_read_rows_in_runs_as_one_array),
 	TEST(fwht_is_bit_identical_to_scalar_at_every_power_of_two),
 	TEST(sym_codes_equal_scalar_at_every_width_with_ties_and_zeros),
 	TEST(sum_squares_equals_scalar_bit_for_bit),

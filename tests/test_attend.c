@@ -204,6 +204,57 @@ Test(attend, every_kernel_set_gives_the_same_answer)
 	cr_assert_lt(run_case(&c, 1), 1e-5);
 }
 
+/* kvp_attend's output on the last of n tokens of fixture data appended to a new sequence under spec. */
+static void attend_output(const char *spec, const kvp_shape *sh, uint32_t n, float *out)
+{
+	const size_t row = (size_t)sh->n_kv_heads * sh->head_dim;
+	float *k = malloc(sizeof *k * n * row), *v = malloc(sizeof *v * n * row), *q = malloc(sizeof *q * sh->n_heads * sh->head_dim);
+	int32_t *pos = malloc(sizeof *pos * n);
+	kvp_pool *p;
+	kvp_tenant *t;
+	kvp_seq *s;
+
+	fixture_fill(k, n * row, 21, 1);
+	fixture_fill(v, n * row, 22, 1);
+	fixture_fill(q, sh->n_heads * sh->head_dim, 23, 1);
+	for (uint32_t i = 0; i < n; i++)
+		pos[i] = (int32_t)i;
+	cr_assert_eq(kvp_pool_open("", &p), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_tenant_open(p, "t", spec, &t), KVP_OK, "%s: %s", spec, kvp_last_error());
+	cr_assert_eq(kvp_seq_open(t, sh, &s), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_append(s, 0, n, pos, k, v), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_attend(s, 0, q, out), KVP_OK, "%s", kvp_last_error());
+	kvp_pool_close(p);
+	free(k), free(v), free(q), free(pos);
+}
+
+/*
+ * Cold blocks that follow each other are read as spans of up to four (one softmax step, one call of the
+ * values' kernel with the blocks as runs of rows): sixteen cold blocks of 64 tokens give the very bits of
+ * four cold blocks of 256, which are read one at a time. On the scalar table, whose value kernel takes
+ * every call (a vector table without one takes 12-bit weights a block at a time instead).
+ */
+Test(attend, cold_blocks_read_as_spans_give_the_bits_of_blocks_as_long_as_the_span)
+{
+	const kvp_shape sh = { 1, 8, 2, 64, 1e4f, KVP_ROPE_HALF };
+	float by64[8 * 64], by256[8 * 64];
+
+	setenv("KVP_KERNELS", "scalar", 1);
+	for (unsigned bits = 2; bits <= 4; bits++) {
+		char a[160], b[160];
+
+		snprintf(a, sizeof a, "block=64,sinks=0,window=1,store=fp16,k=turboquant(bits=%u),v=turboquant(bits=%u)",
+			 bits, bits);
+		snprintf(b, sizeof b, "block=256,sinks=0,window=1,store=fp16,k=turboquant(bits=%u),v=turboquant(bits=%u)",
+			 bits, bits);
+		attend_output(a, &sh, 1025, by64);
+		attend_output(b, &sh, 1025, by256);
+		for (unsigned j = 0; j < 8 * 64; j++)
+			cr_assert(!memcmp(by64 + j, by256 + j, sizeof(float)), "bits=%u, output %u: %.9g in spans, %.9g", bits,
+				  j, by64[j], by256[j]);
+	}
+}
+
 /* The worst head's relative error of kvp_attend at 32K tokens of the benchmark's data (uniform keys and
  * values, GQA 4) against exact attention over the very vectors the codes decode to, which kvp_gather returns. */
 static double error_at_32k(const char *spec, unsigned d)

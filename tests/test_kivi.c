@@ -430,8 +430,8 @@ static void group_matches_heads(const char *spec, unsigned role, unsigned d, uns
 	cr_assert_eq(c->ops->decode(c, NULL, n, bytes, y), KVP_OK);
 	for (unsigned h = 0; h < g; h++)
 		c->ops->prepare_query(c, NULL, q + (size_t)h * d, qprep + h * qs);
-	c->ops->dot_group(c, NULL, n, bytes, g, qprep, out);
-	c->ops->axpy_group(c, NULL, n, bytes, g, w, acc);
+	c->ops->dot_group(c, NULL, n, bytes, g, qprep, out, n);
+	c->ops->axpy_group(c, NULL, n, bytes, g, w, n, acc);
 	for (unsigned h = 0; h < g; h++) {
 		c->ops->dot(c, NULL, n, bytes, qprep + h * qs, one);
 		for (unsigned i = 0; i < n; i++) {

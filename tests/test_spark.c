@@ -388,8 +388,8 @@ static void group_paths_match(const char *spec, float spread)
 
 	for (unsigned h = 0; h < g; h++)
 		c->ops->prepare_query(c, c->own_ctx, q + (size_t)h * d, qprep + h * c->qprep_bytes);
-	c->ops->dot_group(c, c->own_ctx, n, bytes, g, qprep, all);
-	c->ops->axpy_group(c, c->own_ctx, n, bytes, g, w, accg);
+	c->ops->dot_group(c, c->own_ctx, n, bytes, g, qprep, all, n);
+	c->ops->axpy_group(c, c->own_ctx, n, bytes, g, w, n, accg);
 	for (unsigned h = 0; h < g; h++) {
 		double rms = 0.0;
 
@@ -456,7 +456,7 @@ static double integer_path_error(float weak, float *unsound_score)
 	bytes[(size_t)bad * c->ops->bytes(c, 1) + 4] ^= 1; /* channel 0's keep bit: one channel more or fewer */
 	for (unsigned h = 0; h < g; h++)
 		c->ops->prepare_query(c, ctx, probe + (size_t)h * d, qprep + h * c->qprep_bytes);
-	c->ops->dot_group(c, ctx, n, bytes, g, qprep, all);
+	c->ops->dot_group(c, ctx, n, bytes, g, qprep, all, n);
 	for (unsigned h = 0; h < g; h++) {
 		double rms = 0.0;
 

@@ -611,8 +611,8 @@ static void group_near_per_head(const char *spec, unsigned d, unsigned g, int at
 		norm[i] = sqrt(dot_d(y + (size_t)i * d, y + (size_t)i * d, d)), sum_sq += norm[i] * norm[i];
 	for (unsigned h = 0; h < g; h++)
 		c->ops->prepare_query(c, c->own_ctx, q + (size_t)h * d, qprep + h * c->qprep_bytes);
-	c->ops->dot_group(c, c->own_ctx, N, bytes, g, qprep, out);
-	c->ops->axpy_group(c, c->own_ctx, N, bytes, g, w, acc);
+	c->ops->dot_group(c, c->own_ctx, N, bytes, g, qprep, out, N);
+	c->ops->axpy_group(c, c->own_ctx, N, bytes, g, w, N, acc);
 	for (unsigned h = 0; h < g; h++) {
 		const double qn = sqrt(dot_d(q + (size_t)h * d, q + (size_t)h * d, d));
 		double err2 = 0, err = 0, mag = 0;
@@ -694,7 +694,7 @@ static void group_axpy_of_one_token_is_its_decode(const char *spec, unsigned d, 
 	cr_assert_eq(kvp_codec_decode(c, N, bytes, y), KVP_OK, "%s", kvp_last_error());
 	for (unsigned h = 0; h < G; h++)
 		w[(size_t)h * N + 5 + 17 * h] = sign;
-	c->ops->axpy_group(c, c->own_ctx, N, bytes, G, w, acc);
+	c->ops->axpy_group(c, c->own_ctx, N, bytes, G, w, N, acc);
 	for (unsigned h = 0; h < G; h++) {
 		const float *want = y + (size_t)(5 + 17 * h) * d;
 		double err = 0;
