@@ -144,28 +144,32 @@ static uint32_t span_length(const struct stream_attention *a, const struct kvp_b
 
 	if (run % KVP_CODEC_SPAN_RUN)
 		return 1;
+	/* a policy's rounds leave blocks of any length: a span ends before a longer one */
 	while (m < left && m < KVP_CODEC_SPAN_BLOCKS && b[m - 1]->n == run && b[m]->store == KVP_STORE_CODEC &&
-	       b[m]->level == a->level && b[m]->n && n + b[m]->n <= KVP_CODEC_SPAN_TOKENS && n + b[m]->n <= room)
+	       b[m]->level == a->level && b[m]->n && b[m]->n <= run && n + b[m]->n <= KVP_CODEC_SPAN_TOKENS &&
+	       n + b[m]->n <= room)
 		n += b[m++]->n;
 	return m;
 }
 
 /*
  * A block is a separate allocation, where the hardware prefetcher starts over: without help every block
- * would begin with a wait on memory. So this block's values are asked for while its keys are scored, and
- * the next block's keys before these values are summed; each has at least the values' arithmetic to
- * arrive in (at 32K tokens this took TurboQuant 3-bit from 7.7 to 6.3 ms, best of five).
+ * would begin with a wait on memory. So a block's values are asked for while its keys are scored, and the
+ * next block's keys before these values are summed; each has at least the values' arithmetic to arrive in
+ * (at 32K tokens this took TurboQuant 3-bit from 7.7 to 6.3 ms, best of five). In a span, block j's
+ * values and block j + 1's keys are asked for while block j's keys are scored, and the next span's first
+ * keys around the softmax step.
  *
- * The requests go in halves, between the steps, rather than as one burst per span: a prefetch holds a
- * line fill buffer until its line arrives, and a burst of a whole span fills them all, so the core
+ * The requests go in halves, between the steps, rather than as one burst per range: a prefetch holds a
+ * line fill buffer until its line arrives, and a burst of a whole range fills them all, so the core
  * stalled on the burst's last instructions (7-11% of the time at 32K). In halves each burst drains
  * while the next step computes: at 32K, d=64, 2-4% off tq3 and 3-6% off spark|tq3, 1-2% at d=128, none
  * lost at 4K (thread CPU time, best of 100, both versions interleaved in one process, four runs). The
- * lines go to L1, not L2 (a block's spans are a few KiB, read within a microsecond): the loads that read
- * them then need no fill buffer of their own (tq3 at d=128: 2-10% off in four runs; at d=64 within the
- * +-3% noise of this shared machine).
- * Measured and left: only the first lines of each span, to start the hardware streamer (20% slower);
- * every other line, for the adjacent-line prefetcher (12% slower); each span one block further ahead,
+ * lines go to L1, not L2 (a block's keys or values are a few KiB, read within a microsecond): the loads
+ * that read them then need no fill buffer of their own (tq3 at d=128: 2-10% off in four runs; at d=64
+ * within the +-3% noise of this shared machine).
+ * Measured and left: only the first lines of each range, to start the hardware streamer (20% slower);
+ * every other line, for the adjacent-line prefetcher (12% slower); each range one block further ahead,
  * or the next keys in one burst (no better). The values spread over the keys' own work, for
  * spark|turboquant: a share per sixteen rows inside spark_dot_i16_group (in its loop, or out of line
  * between its steps of sixteen rows) or the kernel called per sixteen rows with a share before each, all

@@ -137,14 +137,20 @@ void kvp_cold_unprepare(struct kvp_tenant_obj *t)
 	t->k_codec = t->v_codec = NULL;
 }
 
-/* Attend's scores: one block's tokens, or a span's of cold blocks (KVP_CODEC_SPAN_TOKENS), for each query
- * head of a GQA group, at most KVP_BLOCK_MAX (attend.c takes longer fp16 blocks in slices, and shorter
- * spans). A block holds at most block= (or, the sink block, sinks=) tokens. */
-static uint32_t scores_cap(const struct kvp_tenant_config *cfg, uint32_t group)
+/* Attend's scores: one block's tokens, or with a cold tier a span's of cold blocks (up to
+ * KVP_CODEC_SPAN_BLOCKS blocks of a multiple of KVP_CODEC_SPAN_RUN tokens, KVP_CODEC_SPAN_TOKENS in all), for
+ * each query head of a GQA group, at most KVP_BLOCK_MAX (attend.c takes longer fp16 blocks in slices, and
+ * shorter spans). A block holds at most block= (or, the sink block, sinks=) tokens. */
+static uint32_t scores_cap(const struct kvp_tenant_config *cfg, int cold, uint32_t group)
 {
 	uint64_t most = cfg->block > cfg->sinks ? cfg->block : cfg->sinks;
+	uint64_t span = (uint64_t)cfg->block * KVP_CODEC_SPAN_BLOCKS;
 
-	most = (most > KVP_CODEC_SPAN_TOKENS ? most : KVP_CODEC_SPAN_TOKENS) * group;
+	if (span > KVP_CODEC_SPAN_TOKENS)
+		span = KVP_CODEC_SPAN_TOKENS;
+	if (cold && cfg->block % KVP_CODEC_SPAN_RUN == 0 && most < span)
+		most = span;
+	most *= group;
 
 	return most < KVP_BLOCK_MAX ? (uint32_t)most : KVP_BLOCK_MAX;
 }
@@ -168,7 +174,7 @@ kvp_status kvp_cold_open(struct kvp_tenant_obj *t, struct kvp_seq_obj *s)
 	c->k = c->k_level[0];
 	c->v = c->v_level[0];
 	if (st == KVP_OK) {
-		c->scores_cap = scores_cap(&t->cfg, s->group);
+		c->scores_cap = scores_cap(&t->cfg, c->n_levels > 0, s->group);
 		c->scratch_bytes = c->scores_cap * sizeof(float) +
 				   s->group * (c->qprep_max + c->acc_max * sizeof(float));
 		c->scratch = kvp_alloc(t, c->scratch_bytes, KVP_BYTES_META, s->call);
