@@ -25,6 +25,7 @@
 #include <stdint.h>
 
 #include "base/base.h"
+#include "kernels/kernels.h"
 
 /* Each token's bytes stand alone at a fixed stride: a block can be compacted by moving bytes. */
 #define KVP_CODEC_SEPARABLE 1u
@@ -123,11 +124,11 @@ struct kvp_codec_ops {
 	 * Optional, with axpy_group: axpy_group over the consecutive blocks of a span as over one block of
 	 * span->n tokens (w: g rows of w_stride >= span->n). It may differ from axpy_group on each block in
 	 * turn as much as axpy_group may differ from axpy: TurboQuant's weights share one 8-bit step over the
-	 * whole span, where each block's call pays for its own step and its own sums. NULL: callers take
-	 * axpy_group per block.
+	 * whole span, where each block's call pays for its own step and its own sums. ahead (NULL: none): what
+	 * the caller reads next, asked for while the values are summed. NULL: callers take axpy_group per block.
 	 */
 	void (*axpy_span)(const struct kvp_codec *c, const void *ctx, const struct kvp_code_span *span, unsigned g,
-			  const float *w, size_t w_stride, float *acc);
+			  const float *w, size_t w_stride, float *acc, const struct kvp_ahead *ahead);
 	/*
 	 * Optional (NULL otherwise): whether every token decodes as norm * (1/sqrt(dim)) * sign .* H (lut[code] *
 	 * unit), H the unnormalized Walsh-Hadamard transform of size dim (a power of two), norm the float at

@@ -1185,21 +1185,24 @@ static void axpy_signs(const struct kvp_codec *c, unsigned k, unsigned cn, const
 }
 
 /* Part k's codes of the tokens in rows (runs of one block each, or one slice): 8-bit weights when the
- * kernel takes them, else 12-bit ones run by run. */
+ * kernel takes them, else 12-bit ones run by run, with a share of ahead before each. */
 static void axpy_codes(const struct kvp_codec *c, unsigned k, const struct kvp_row_runs *rows, unsigned g,
-		       const float *w, size_t w_stride, float *acc)
+		       const float *w, size_t w_stride, float *acc, const struct kvp_ahead *ahead)
 {
+	const unsigned runs = (rows->n + rows->run - 1) / rows->run;
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct tq *t = c->state;
 	const struct tq_part *pt = &t->part[k];
 	float *a = acc + part_offset(t, k);
 
-	if (kern->lut_axpy_u8_group(pt->bits, pt->m, rows, pt->lut8, pt->unit8, g, w, w_stride, a, c->acc_dim))
+	if (kern->lut_axpy_u8_group(pt->bits, pt->m, rows, pt->lut8, pt->unit8, g, w, w_stride, a, c->acc_dim, ahead))
 		return;
-	for (unsigned r = 0, i0 = 0; i0 < rows->n; r++, i0 += rows->run)
+	for (unsigned r = 0, i0 = 0; i0 < rows->n; r++, i0 += rows->run) {
+		kvp_ahead_share(ahead, r, runs);
 		kern->lut_axpy_i16_group(pt->bits, pt->m, rows->n - i0 < rows->run ? rows->n - i0 : rows->run,
 					 rows->code[r], t->stride, pt->lut16, pt->unit16, g, w + i0, w_stride,
 					 rows->scale[r], t->stride, a, c->acc_dim);
+	}
 }
 
 static void tq_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
@@ -1218,7 +1221,7 @@ static void tq_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n
 								     t->stride);
 
 			if (pt->bits)
-				axpy_codes(c, k, &rows, g, w + i0, w_stride, acc);
+				axpy_codes(c, k, &rows, g, w + i0, w_stride, acc, NULL);
 			if (t->qjl)
 				axpy_signs(c, k, cn, p, g, w + i0, w_stride, acc);
 		}
@@ -1232,7 +1235,7 @@ _Static_assert(KVP_CODEC_SPAN_BLOCKS <= KVP_RUNS_MAX && KVP_CODEC_SPAN_RUN % KVP
 	       "a span is one call of the kernel");
 
 static void tq_axpy_span(const struct kvp_codec *c, const void *ctx, const struct kvp_code_span *span, unsigned g,
-			 const float *w, size_t w_stride, float *acc)
+			 const float *w, size_t w_stride, float *acc, const struct kvp_ahead *ahead)
 {
 	const struct tq *t = c->state;
 
@@ -1250,8 +1253,9 @@ static void tq_axpy_span(const struct kvp_codec *c, const void *ctx, const struc
 				axpy_signs(c, k, span->n - i0 < span->run ? span->n - i0 : span->run, p, g, w + i0,
 					   w_stride, acc);
 		}
+		/* the last part's call asks for ahead */
 		if (pt->bits)
-			axpy_codes(c, k, &rows, g, w, w_stride, acc);
+			axpy_codes(c, k, &rows, g, w, w_stride, acc, k + 1 == t->nparts ? ahead : NULL);
 	}
 }
 

@@ -1583,9 +1583,12 @@ INLINE __m512i four_whole_rows(const uint8_t *codes, size_t stride, unsigned i, 
 }
 
 INLINE int axpy_u8_heads(unsigned hn, unsigned bits, unsigned m, const struct kvp_row_runs *rows, __m512i tab,
-			  float unit, const float *w, size_t ws, float *acc, size_t as)
+			  float unit, const float *w, size_t ws, float *acc, size_t as, const struct kvp_ahead *ahead)
 {
 	const unsigned cols = bits <= 2 ? 64 : 32, nq = cols / 16, row_bytes = (m * bits + 7) / 8, n = rows->n;
+	/* ahead in a share per run of each chunk of columns */
+	const unsigned steps = (m + cols - 1) / cols * ((n + rows->run - 1) / rows->run);
+	unsigned step = 0;
 	const size_t stride = rows->stride;
 	uint8_t w8[4][KVP_AXPY_I16_ROWS + 4] __attribute__((aligned(4)));
 	const __m512i all4 = _mm512_set1_epi32(0x01010101);
@@ -1617,6 +1620,7 @@ INLINE int axpy_u8_heads(unsigned hn, unsigned bits, unsigned m, const struct kv
 			const unsigned end = n - i0 < rows->run ? n : i0 + rows->run;
 			unsigned i = i0;
 
+			kvp_ahead_share(ahead, step++, steps);
 			if (nb == 16)
 				for (; i + 4 <= end; i += 4)
 					QUAD_STEP(four_whole_rows(codes, stride, i - i0, at), all4);
@@ -1646,13 +1650,13 @@ INLINE int axpy_u8_heads(unsigned hn, unsigned bits, unsigned m, const struct kv
 /* Returns 0, having changed nothing, when a weight of the first (or only) four heads has its sign bit set
  * (the caller has checked the others when there are more). */
 INLINE int axpy_u8_width(unsigned bits, unsigned m, const struct kvp_row_runs *rows, const int8_t *lut, float unit,
-			 unsigned g, const float *w, size_t ws, float *acc, size_t as)
+			 unsigned g, const float *w, size_t ws, float *acc, size_t as, const struct kvp_ahead *ahead)
 {
 	const __m512i tab = int_regs(bits, lut, NULL, 0).tab8;
 	unsigned h = 0;
 
 #define AXPY_U8_HEADS(hn) \
-	axpy_u8_heads(hn, bits, m, rows, tab, unit, w + h * ws, ws, acc + h * as, as)
+	axpy_u8_heads(hn, bits, m, rows, tab, unit, w + h * ws, ws, acc + h * as, as, h ? NULL : ahead)
 	for (; h + 4 <= g; h += 4)
 		if (!AXPY_U8_HEADS(4))
 			return 0;
@@ -1677,17 +1681,18 @@ INLINE int any_sign(unsigned g, unsigned n, const float *w, size_t ws)
 }
 
 static int lut_axpy_u8_group(unsigned bits, unsigned m, const struct kvp_row_runs *rows, const int8_t *lut,
-			     float unit, unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride)
+			     float unit, unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride,
+			     const struct kvp_ahead *ahead)
 {
 	/* up to four heads, the weights' pass finds a sign before anything is written; more, they are all
 	 * checked first */
 	if (g > 4 && any_sign(g, rows->n, w, w_stride))
 		return 0;
 	switch (bits) {
-	case 1: return axpy_u8_width(1, m, rows, lut, unit, g, w, w_stride, acc, acc_stride);
-	case 2: return axpy_u8_width(2, m, rows, lut, unit, g, w, w_stride, acc, acc_stride);
-	case 3: return axpy_u8_width(3, m, rows, lut, unit, g, w, w_stride, acc, acc_stride);
-	default: return axpy_u8_width(4, m, rows, lut, unit, g, w, w_stride, acc, acc_stride);
+	case 1: return axpy_u8_width(1, m, rows, lut, unit, g, w, w_stride, acc, acc_stride, ahead);
+	case 2: return axpy_u8_width(2, m, rows, lut, unit, g, w, w_stride, acc, acc_stride, ahead);
+	case 3: return axpy_u8_width(3, m, rows, lut, unit, g, w, w_stride, acc, acc_stride, ahead);
+	default: return axpy_u8_width(4, m, rows, lut, unit, g, w, w_stride, acc, acc_stride, ahead);
 	}
 }
 

@@ -45,6 +45,8 @@ struct kvp_row_runs {
 	const uint8_t *code[KVP_RUNS_MAX], *scale[KVP_RUNS_MAX];
 };
 
+struct kvp_ahead; /* below: what a caller reads next */
+
 /* Row i of runs: its codes, and its scale's bytes. */
 static inline const uint8_t *kvp_run_codes(const struct kvp_row_runs *r, unsigned i)
 {
@@ -180,10 +182,12 @@ struct kvp_kernels {
 	 * (h < g, i < n) has its sign bit set (-0 included), and on every call in a table without a vector
 	 * version of it (AVX2, NEON: their vector lut_axpy_i16_group beats plain code): the caller then takes
 	 * lut_axpy_i16_group. The scalar table always computes it (the reference). Every implementation that
-	 * computes it gives the same bits.
+	 * computes it gives the same bits. ahead (NULL: none) is what the caller reads next, asked for while it
+	 * computes (struct kvp_ahead below).
 	 */
 	int (*lut_axpy_u8_group)(unsigned bits, unsigned m, const struct kvp_row_runs *rows, const int8_t *lut,
-				 float unit, unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride);
+				 float unit, unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride,
+				 const struct kvp_ahead *ahead);
 	/*
 	 * dot_i8_scaled: KIVI's key groups (keys quantized per channel over n tokens) scored for the g heads of a
 	 * GQA group. The group at `group`: m little-endian fp16 zero points z_j, m fp16 scales s_j (at least 0),
@@ -295,6 +299,33 @@ static inline void kvp_prefetch_lines(const void *base, size_t from, size_t to, 
 static inline void kvp_prefetch_span(const void *base, size_t from, size_t to)
 {
 	kvp_prefetch_lines(base, from, to, 0);
+}
+
+/*
+ * Byte ranges a caller reads next (lut_axpy_u8_group's ahead, a span's keys): a kernel asks for their lines
+ * into L1, one share per step of its loop, while it computes; results never depend on them.
+ */
+struct kvp_ahead {
+	unsigned n;
+	const void *base[KVP_RUNS_MAX];
+	size_t bytes[KVP_RUNS_MAX];
+};
+
+/* Share `step` of `steps` of the ranges' lines, the ranges taken as one run of bytes cut in equal shares
+ * (nothing for a NULL ahead). */
+static inline void kvp_ahead_share(const struct kvp_ahead *a, unsigned step, unsigned steps)
+{
+	size_t total = 0, from, to, at = 0;
+
+	if (!a || !steps)
+		return;
+	for (unsigned i = 0; i < a->n; i++)
+		total += a->bytes[i];
+	from = total * step / steps, to = total * (step + 1) / steps;
+	for (unsigned i = 0; i < a->n && at < to; at += a->bytes[i++])
+		if (at + a->bytes[i] > from)
+			kvp_prefetch_lines(a->base[i], from > at ? from - at : 0,
+					   to < at + a->bytes[i] ? to - at : a->bytes[i], 1);
 }
 
 /* Bytes of ahead one of `steps` loop steps asks for, so that the steps cover `bytes` (0 without steps). */
@@ -460,12 +491,13 @@ static inline unsigned kvp_row_code(const uint8_t *row, unsigned j, unsigned bit
  * passes of 256, whose int32 sums live on the stack. */
 static inline int kvp_lut_axpy_u8_plain(unsigned bits, unsigned m, const struct kvp_row_runs *rows,
 					const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
-					float *acc, size_t acc_stride)
+					float *acc, size_t acc_stride, const struct kvp_ahead *ahead)
 {
 	const unsigned n = rows->n;
 	uint8_t w8[KVP_AXPY_I16_ROWS];
 	int32_t sums[256], cols[256];
 
+	(void)ahead; /* plain code: the hardware's own prefetcher */
 	for (unsigned h = 0; h < g; h++)
 		for (unsigned i = 0; i < n; i++)
 			if (signbit(w[h * w_stride + i]))

@@ -817,10 +817,11 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 /* No vector version in this table: it declines every call (kernels.h), so that callers keep this table's
  * vector lut_axpy_i16_group rather than the plain code. */
 static int lut_axpy_u8_group(unsigned bits, unsigned m, const struct kvp_row_runs *rows, const int8_t *lut,
-			     float unit, unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride)
+			     float unit, unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride,
+			     const struct kvp_ahead *ahead)
 {
 	(void)bits, (void)m, (void)rows, (void)lut, (void)unit, (void)g, (void)w, (void)w_stride, (void)acc;
-	(void)acc_stride;
+	(void)acc_stride, (void)ahead;
 	return 0;
 }
 #endif

@@ -178,35 +178,50 @@ static uint32_t span_length(const struct stream_attention *a, const struct kvp_b
  * between the steps stalls only itself; lines asked for inside the kernels slow their loads (thread CPU
  * time, best of 150, both builds interleaved, several runs).
  */
-static void span_cold_group(struct stream_attention *a, const struct kvp_block *const *b, uint32_t m,
-			    const struct kvp_block *next)
+/* The keys of up to KVP_CODEC_SPAN_BLOCKS cold blocks of this level from b on (left of them, then after):
+ * what the next span will score first. */
+static struct kvp_ahead keys_ahead(const struct stream_attention *a, const struct kvp_block *const *b,
+				   uint32_t left, const struct kvp_block *after)
 {
-	const int ahead = next && next->store == KVP_STORE_CODEC && next->level == a->level;
-	const size_t k_next = ahead ? a->k->ops->bytes(a->k, next->n) : 0;
+	struct kvp_ahead k = { .n = 0 };
+
+	_Static_assert(KVP_CODEC_SPAN_BLOCKS <= KVP_RUNS_MAX, "a span's keys are one ahead");
+	for (; k.n < KVP_CODEC_SPAN_BLOCKS; k.n++) {
+		const struct kvp_block *x = k.n < left ? b[k.n] : k.n == left ? after : NULL;
+
+		if (!x || x->store != KVP_STORE_CODEC || x->level != a->level || !x->n)
+			break;
+		k.base[k.n] = x->k, k.bytes[k.n] = a->k->ops->bytes(a->k, x->n);
+	}
+	return k;
+}
+
+static void span_cold_group(struct stream_attention *a, const struct kvp_block *const *b, uint32_t m,
+			    uint32_t left, const struct kvp_block *after)
+{
+	const struct kvp_ahead next = keys_ahead(a, b + m, left - m, after);
 	struct kvp_code_span span = { .n = 0, .run = b[0]->n };
 
 	for (uint32_t j = 0; j < m; j++)
 		span.src[j] = b[j]->v, span.n += b[j]->n;
 	for (uint32_t j = 0, at = 0; j < m; at += b[j++]->n) {
 		const size_t v_bytes = a->v->ops->bytes(a->v, b[j]->n);
-		const void *k_on = j + 1 < m ? b[j + 1]->k : NULL;
-		const size_t k_bytes = k_on ? a->k->ops->bytes(a->k, b[j + 1]->n) : 0;
 
 		kvp_prefetch_lines(b[j]->v, 0, v_bytes / 2, 1);
-		kvp_prefetch_lines(k_on, 0, k_bytes / 2, 1);
 		a->k->ops->dot_group(a->k, a->k_ctx, b[j]->n, b[j]->k, a->group, a->qprep, a->scores + at, span.n);
 		kvp_prefetch_lines(b[j]->v, v_bytes / 2, v_bytes, 1);
-		kvp_prefetch_lines(k_on, k_bytes / 2, k_bytes, 1);
 	}
-	kvp_prefetch_lines(ahead ? next->k : NULL, 0, k_next / 2, 1);
 	fold_scores(a, 0, a->group, span.n, a->scale, a->scores);
-	kvp_prefetch_lines(ahead ? next->k : NULL, k_next / 2, k_next, 1);
-	if (a->v->ops->axpy_span && m > 1)
-		a->v->ops->axpy_span(a->v, a->v_ctx, &span, a->group, a->scores, span.n, a->cold_acc);
-	else
-		for (uint32_t j = 0, at = 0; j < m; at += b[j++]->n)
+	if (a->v->ops->axpy_span && m > 1) {
+		a->v->ops->axpy_span(a->v, a->v_ctx, &span, a->group, a->scores, span.n, a->cold_acc, &next);
+	} else {
+		for (uint32_t j = 0, at = 0; j < m; at += b[j++]->n) {
+			kvp_ahead_share(&next, 2 * j, 2 * m);
 			a->v->ops->axpy_group(a->v, a->v_ctx, b[j]->n, b[j]->v, a->group, a->scores + at, span.n,
 					      a->cold_acc);
+			kvp_ahead_share(&next, 2 * j + 1, 2 * m);
+		}
+	}
 	a->seen += span.n;
 }
 
@@ -220,7 +235,7 @@ static uint32_t block_cold(struct stream_attention *a, const struct kvp_block *c
 		use_level(a, b[0]->level, 1);
 	if (cold_group_fits(a, b[0])) {
 		m = span_length(a, b, left);
-		span_cold_group(a, b, m, m < left ? b[m] : after);
+		span_cold_group(a, b, m, left, after);
 		return m;
 	}
 	for (uint32_t h = 0; h < a->group; h++) {

@@ -1159,13 +1159,13 @@ static void lut_int_case(const struct kvp_kernels *k, unsigned bits, unsigned m,
 	/* only AVX-512 has a vector version: the other tables decline every call, leaving acc8 as it was (compared
 	 * below), so that callers keep their vector lut_axpy_i16_group */
 	const struct kvp_row_runs rows = kvp_one_run(n, codes + off, stride, scales + off, 7);
-	const int took = k->lut_axpy_u8_group(bits, m, &rows, lutu, unit, g, wa, ws, acc8, qs);
+	const int took = k->lut_axpy_u8_group(bits, m, &rows, lutu, unit, g, wa, ws, acc8, qs, NULL);
 	check(took == !strcmp(k->name, "avx512"), "%s lut_axpy_u8_group bits=%u m=%u n=%u g=%u: %s weights of no sign",
 	      k->name, bits, m, n, g, took ? "took (only AVX-512 has a vector version)" : "refused");
 	if (took)
-		kvp_kernels_scalar.lut_axpy_u8_group(bits, m, &rows, lutu, unit, g, wa, ws, acc8_want, qs);
+		kvp_kernels_scalar.lut_axpy_u8_group(bits, m, &rows, lutu, unit, g, wa, ws, acc8_want, qs, NULL);
 	wa[(size_t)(g - 1) * ws + n - 1] = -0.0f; /* the last weight read: one sign bit, and nothing is changed */
-	check(k->lut_axpy_u8_group(bits, m, &rows, lutu, unit, g, wa, ws, acc8, qs) == 0,
+	check(k->lut_axpy_u8_group(bits, m, &rows, lutu, unit, g, wa, ws, acc8, qs, NULL) == 0,
 	      "%s lut_axpy_u8_group bits=%u m=%u n=%u g=%u: took a weight of -0", k->name, bits, m, n, g);
 	free(wa);
 	k->lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, hs, scales + off, 7, got, n);
@@ -1215,7 +1215,7 @@ static void scalar_integer_lookups_match_their_definition(void)
 			wa[i] = fabsf(w[i]);
 		const struct kvp_row_runs rows = kvp_one_run(n, codes, stride, scales + 1, 5);
 
-		kvp_kernels_scalar.lut_axpy_u8_group(bits, m, &rows, lut8, unit, g, wa, n, acc8, m);
+		kvp_kernels_scalar.lut_axpy_u8_group(bits, m, &rows, lut8, unit, g, wa, n, acc8, m, NULL);
 		for (unsigned h = 0; h < g; h++) {
 			float top = 0, u[5], f;
 			int32_t wq[5];
@@ -1295,7 +1295,7 @@ static void integer_lookups_equal_scalar_for_every_width_group_and_length(const 
 /*
  * lut_axpy_u8_group's rows in runs (a cache's consecutive blocks): n rows copied into runs of `run` rows, each
  * its own allocation `off` bytes in, give the bits of the same rows in one array, on the scalar table and
- * on this one (which may decline, as it does every call without a vector version).
+ * on this one (which may decline, as it does every call without a vector version), whatever it prefetches.
  */
 static void u8_runs_case(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned n, unsigned run,
 			 unsigned g, unsigned off)
@@ -1323,14 +1323,17 @@ static void u8_runs_case(const struct kvp_kernels *k, unsigned bits, unsigned m,
 		memcpy(scale_runs[r] + off, scales + (size_t)i0 * 6, (size_t)rows * 6);
 		runs.code[r] = code_runs[r] + off, runs.scale[r] = scale_runs[r] + off;
 	}
-	check(kvp_kernels_scalar.lut_axpy_u8_group(bits, m, &one, lut, unit, g, w, ws, want, qs) == 1,
+	check(kvp_kernels_scalar.lut_axpy_u8_group(bits, m, &one, lut, unit, g, w, ws, want, qs, NULL) == 1,
 	      "scalar lut_axpy_u8_group: declined weights of no sign");
-	kvp_kernels_scalar.lut_axpy_u8_group(bits, m, &runs, lut, unit, g, w, ws, ref, qs);
+	kvp_kernels_scalar.lut_axpy_u8_group(bits, m, &runs, lut, unit, g, w, ws, ref, qs, NULL);
 	for (size_t j = 0; j < g * qs; j++)
 		check(same_bits(ref[j], want[j]),
 		      "scalar lut_axpy_u8_group bits=%u m=%u n=%u run=%u g=%u column %zu: %.9g in runs, %.9g in one array",
 		      bits, m, n, run, g, j, ref[j], want[j]);
-	if (k->lut_axpy_u8_group(bits, m, &runs, lut, unit, g, w, ws, got, qs))
+	/* and whatever it is asked to prefetch meanwhile: here the one array's rows and scales */
+	const struct kvp_ahead ahead = { .n = 2, .base = { codes, scales }, .bytes = { (size_t)(n - 1) * stride + rowbytes, (size_t)n * 6 } };
+
+	if (k->lut_axpy_u8_group(bits, m, &runs, lut, unit, g, w, ws, got, qs, &ahead))
 		for (size_t j = 0; j < g * qs; j++)
 			check(same_bits(got[j], want[j]),
 			      "%s lut_axpy_u8_group bits=%u m=%u n=%u run=%u g=%u off=%u column %zu: %.9g, %.9g in one array",
@@ -1455,8 +1458,8 @@ static void integer_lookups_read_nothing_past_their_inputs_cases(const struct kv
 					const struct kvp_row_runs run = kvp_one_run(n, codes, stride, (const uint8_t *)sc,
 										    sizeof(float));
 
-					if (k->lut_axpy_u8_group(bits, m, &run, lut8, 0.5f, g, w, n, acc, m))
-						kvp_kernels_scalar.lut_axpy_u8_group(bits, m, &run, lut8, 0.5f, g, w, n, acc_want, m);
+					if (k->lut_axpy_u8_group(bits, m, &run, lut8, 0.5f, g, w, n, acc, m, NULL))
+						kvp_kernels_scalar.lut_axpy_u8_group(bits, m, &run, lut8, 0.5f, g, w, n, acc_want, m, NULL);
 					check(!memcmp(out, want, sizeof *out * g * n),
 					      "%s lut_dot_i8_group bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
 					check(!memcmp(acc, acc_want, sizeof *acc * g * m),
