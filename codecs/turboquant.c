@@ -1181,11 +1181,11 @@ static void axpy_signs(const struct kvp_codec *c, unsigned k, unsigned cn, const
 	/* finish applies sqrt(pi/2) / m, as for the float axpy */
 	kvp_kernels()->lut_axpy_i16_group(1, pt->m, cn, p + pt->sign_at, t->stride, sign16, 1.0f, g, w, w_stride,
 					  (const uint8_t *)both, sizeof(float), acc + part_offset(t, k) + pt->m,
-					  c->acc_dim);
+					  c->acc_dim, NULL);
 }
 
 /* Part k's codes of the tokens in rows (runs of one block each, or one slice): 8-bit weights when the
- * kernel takes them, else 12-bit ones run by run, with a share of ahead before each. */
+ * kernel takes them, else 12-bit ones run by run, each asking for its part of ahead. */
 static void axpy_codes(const struct kvp_codec *c, unsigned k, const struct kvp_row_runs *rows, unsigned g,
 		       const float *w, size_t w_stride, float *acc, const struct kvp_ahead *ahead)
 {
@@ -1198,10 +1198,11 @@ static void axpy_codes(const struct kvp_codec *c, unsigned k, const struct kvp_r
 	if (kern->lut_axpy_u8_group(pt->bits, pt->m, rows, pt->lut8, pt->unit8, g, w, w_stride, a, c->acc_dim, ahead))
 		return;
 	for (unsigned r = 0, i0 = 0; i0 < rows->n; r++, i0 += rows->run) {
-		kvp_ahead_share(ahead, r, runs);
+		const struct kvp_ahead part = kvp_ahead_part(ahead, r, runs);
+
 		kern->lut_axpy_i16_group(pt->bits, pt->m, rows->n - i0 < rows->run ? rows->n - i0 : rows->run,
 					 rows->code[r], t->stride, pt->lut16, pt->unit16, g, w + i0, w_stride,
-					 rows->scale[r], t->stride, a, c->acc_dim);
+					 rows->scale[r], t->stride, a, c->acc_dim, &part);
 	}
 }
 

@@ -1350,10 +1350,14 @@ INLINE void gather_scales(unsigned n, const uint8_t *row_scale, size_t scale_str
 /* The rows' scales are gathered once into a contiguous array for every head's weights. */
 static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			       const int16_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
-			       const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
+			       const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride,
+			       const struct kvp_ahead *ahead)
 {
 	float scale[KVP_AXPY_I16_ROWS];
 
+	/* this table's values take lut_axpy_u8_group, which spreads ahead; here (weights of either sign, QJL's
+	 * signs) it goes in one request before the sums */
+	kvp_ahead_share(ahead, 0, 1);
 	gather_scales(n, row_scale, scale_stride, scale);
 	switch (bits) {
 	case 1: axpy_i16_width(1, m, n, codes, stride, lut, unit, g, w, w_stride, scale, acc, acc_stride); break;

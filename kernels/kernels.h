@@ -158,14 +158,16 @@ struct kvp_kernels {
 	 *     W(i) = nearest(u(i) * kvp_weight_inv(top)) (halves away from zero; 0 when top is 0 or tiny);
 	 *     acc[h*acc_stride + j] += (unit * (top / 4095)) * (float)sum_i W(i) * lut[code(i, j)];
 	 *     lut entries in [-2047, 2047], so that 256 rows stay within int32. 12-bit weights keep the output
-	 *     within about 1e-4 of the float sum, where 8 bits would move it by 1e-3.
+	 *     within about 1e-4 of the float sum, where 8 bits would move it by 1e-3. ahead (NULL: none) is what
+	 *     the caller reads next, asked for while it computes (struct kvp_ahead below).
 	 */
 	void (*lut_dot_i8_group)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 				 const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, const float *head_scale,
 				 const uint8_t *row_scale, size_t scale_stride, float *out, size_t out_stride);
 	void (*lut_axpy_i16_group)(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 				   const int16_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
-				   const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride);
+				   const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride,
+				   const struct kvp_ahead *ahead);
 	/*
 	 * lut_axpy_u8_group: lut_axpy_i16_group for weights that are not negative (attention's), in 8 bits above
 	 * their least against an int8 table, four rows per int32 lane (VNNI vpdpbusd: four tokens' codes of one
@@ -326,6 +328,27 @@ static inline void kvp_ahead_share(const struct kvp_ahead *a, unsigned step, uns
 		if (at + a->bytes[i] > from)
 			kvp_prefetch_lines(a->base[i], from > at ? from - at : 0,
 					   to < at + a->bytes[i] ? to - at : a->bytes[i], 1);
+}
+
+/* Part `part` of `parts` of the ranges, cut as kvp_ahead_share cuts them: an ahead of its own for one of
+ * several calls. */
+static inline struct kvp_ahead kvp_ahead_part(const struct kvp_ahead *a, unsigned part, unsigned parts)
+{
+	struct kvp_ahead p = { .n = 0 };
+	size_t total = 0, from, to, at = 0;
+
+	if (!a || !parts)
+		return p;
+	for (unsigned i = 0; i < a->n; i++)
+		total += a->bytes[i];
+	from = total * part / parts, to = total * (part + 1) / parts;
+	for (unsigned i = 0; i < a->n && at < to; at += a->bytes[i++]) {
+		const size_t lo = from > at ? from - at : 0, hi = to < at + a->bytes[i] ? to - at : a->bytes[i];
+
+		if (at + a->bytes[i] > from)
+			p.base[p.n] = (const char *)a->base[i] + lo, p.bytes[p.n++] = hi - lo;
+	}
+	return p;
 }
 
 /* Bytes of ahead one of `steps` loop steps asks for, so that the steps cover `bytes` (0 without steps). */

@@ -186,11 +186,14 @@ static void axpy_i16_core(unsigned bits, unsigned m, unsigned n, const uint8_t *
 /* Columns 64 at a time (a multiple of 8, so each chunk's codes start on a byte), four heads at a time. */
 static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			       const int16_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
-			       const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
+			       const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride,
+			       const struct kvp_ahead *ahead)
 {
+	const unsigned steps = (g + 3) / 4 * ((m + 63) / 64); /* ahead: a share per chunk of columns */
 	int16_t w16[4 * KVP_AXPY_I16_ROWS];
 	int32_t sums[4 * 64];
 	float f[4];
+	unsigned step = 0;
 
 	for (unsigned h0 = 0; h0 < g; h0 += 4) {
 		const unsigned gn = g - h0 < 4 ? g - h0 : 4;
@@ -200,6 +203,7 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
 		for (unsigned j = 0; j < m; j += 64) {
 			const unsigned k = m - j < 64 ? m - j : 64;
 
+			kvp_ahead_share(ahead, step++, steps);
 			memset(sums, 0, sizeof sums);
 			axpy_i16_core(bits, k, n, codes + j * bits / 8, stride, lut, gn, w16, sums, 64);
 			for (unsigned h = 0; h < gn; h++)

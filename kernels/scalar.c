@@ -234,9 +234,12 @@ static void lut_dot_i8_group(unsigned bits, unsigned m, unsigned n, const uint8_
 
 static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			       const int16_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
-			       const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride)
+			       const uint8_t *row_scale, size_t scale_stride, float *acc, size_t acc_stride,
+			       const struct kvp_ahead *ahead)
 {
 	int16_t w16[KVP_AXPY_I16_ROWS];
+
+	(void)ahead; /* the reference: no hints */
 
 	for (unsigned h = 0; h < g; h++) {
 		float f = unit * kvp_weights_i16(n, w + h * w_stride, row_scale, scale_stride, w16);

@@ -1169,11 +1169,13 @@ static void lut_int_case(const struct kvp_kernels *k, unsigned bits, unsigned m,
 	      "%s lut_axpy_u8_group bits=%u m=%u n=%u g=%u: took a weight of -0", k->name, bits, m, n, g);
 	free(wa);
 	k->lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, hs, scales + off, 7, got, n);
-	k->lut_axpy_i16_group(bits, m, n, codes + off, stride, lut16, unit, g, w, ws, scales + off, 7, acc, qs);
+	/* i16 asked to prefetch meanwhile (the codes themselves): the same bits */
+	const struct kvp_ahead ahead = { .n = 1, .base = { codes }, .bytes = { off + (size_t)(n - 1) * stride + rowbytes } };
+	k->lut_axpy_i16_group(bits, m, n, codes + off, stride, lut16, unit, g, w, ws, scales + off, 7, acc, qs, &ahead);
 	kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, hs, scales + off, 7, want,
 					    n);
 	kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes + off, stride, lut16, unit, g, w, ws, scales + off, 7,
-					      acc_want, qs);
+					      acc_want, qs, NULL);
 	for (size_t i = 0; i < (size_t)g * n; i++)
 		check(same_bits(got[i], want[i]),
 		      "%s lut_dot_i8_group bits=%u m=%u n=%u g=%u off=%u head %zu row %zu: %.9g, scalar %.9g", k->name,
@@ -1210,7 +1212,7 @@ static void scalar_integer_lookups_match_their_definition(void)
 		for (unsigned i = 0; i < g * n; i++)
 			w[i] = (float)rand_int(-1000, 1000) / 999.0f;
 		kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, hs, scales + 1, 5, out, n);
-		kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes, stride, lut16, unit, g, w, n, scales + 1, 5, acc, m);
+		kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes, stride, lut16, unit, g, w, n, scales + 1, 5, acc, m, NULL);
 		for (unsigned i = 0; i < g * n; i++)
 			wa[i] = fabsf(w[i]);
 		const struct kvp_row_runs rows = kvp_one_run(n, codes, stride, scales + 1, 5);
@@ -1448,11 +1450,11 @@ static void integer_lookups_read_nothing_past_their_inputs_cases(const struct kv
 					k->lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, hs, (const uint8_t *)sc,
 							    sizeof(float), out, n);
 					k->lut_axpy_i16_group(bits, m, n, codes, stride, lut16, 0.5f, g, w, n,
-							      (const uint8_t *)sc, sizeof(float), acc, m);
+							      (const uint8_t *)sc, sizeof(float), acc, m, NULL);
 					kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, hs,
 									    (const uint8_t *)sc, sizeof(float), want, n);
 					kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes, stride, lut16, 0.5f, g, w, n,
-									      (const uint8_t *)sc, sizeof(float), acc_want, m);
+									      (const uint8_t *)sc, sizeof(float), acc_want, m, NULL);
 					for (size_t i = 0; i < (size_t)g * n; i++)
 						w[i] = fabsf(w[i]);
 					const struct kvp_row_runs run = kvp_one_run(n, codes, stride, (const uint8_t *)sc,
