@@ -11,6 +11,11 @@
 double bench_now(void);
 /* Seconds per call of fn(arg): best of `reps` timed runs after one warm-up. */
 double bench_time(void (*fn)(void *), void *arg, int reps);
+/* bench_time with the caches emptied before every run (by writing BENCH_EVICT_BYTES, four times a
+ * server CPU's L3 slice), untimed: a call that finds none of its data in cache, as one layer of a model
+ * does after every other layer has been read. */
+#define BENCH_EVICT_BYTES ((size_t)128 << 20)
+double bench_time_cold(void (*fn)(void *), void *arg, int reps);
 /* memcpy bandwidth in bytes/s over buffers of `bytes`, best of a few runs. */
 double bench_memcpy_bandwidth(size_t bytes);
 /* Reps from the environment (KVP_BENCH_REPS) or the given default: CI can make runs short. */
