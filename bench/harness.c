@@ -12,20 +12,6 @@ double bench_now(void)
 	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-double bench_time(void (*fn)(void *), void *arg, int reps)
-{
-	double best = 1e30;
-	fn(arg);
-	for (int r = 0; r < reps; r++) {
-		double t0 = bench_now();
-		fn(arg);
-		double t = bench_now() - t0;
-		if (t < best)
-			best = t;
-	}
-	return best;
-}
-
 /* Writes the eviction buffer, a different byte each time so no write is elided. */
 static void evict_caches(void)
 {
@@ -40,13 +26,15 @@ static void evict_caches(void)
 	__asm__ volatile("" : : "r"(buf) : "memory");
 }
 
-double bench_time_cold(void (*fn)(void *), void *arg, int reps)
+/* Best of reps timed calls after one warm-up, with before() (unless NULL) untimed ahead of each. */
+static double best_time(void (*fn)(void *), void *arg, int reps, void (*before)(void))
 {
 	double best = 1e30;
 
 	fn(arg);
 	for (int r = 0; r < reps; r++) {
-		evict_caches();
+		if (before)
+			before();
 		double t0 = bench_now();
 		fn(arg);
 		double t = bench_now() - t0;
@@ -54,6 +42,16 @@ double bench_time_cold(void (*fn)(void *), void *arg, int reps)
 			best = t;
 	}
 	return best;
+}
+
+double bench_time(void (*fn)(void *), void *arg, int reps)
+{
+	return best_time(fn, arg, reps, NULL);
+}
+
+double bench_time_cold(void (*fn)(void *), void *arg, int reps)
+{
+	return best_time(fn, arg, reps, evict_caches);
 }
 
 struct copy {
