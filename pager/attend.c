@@ -152,32 +152,6 @@ static uint32_t span_length(const struct stream_attention *a, const struct kvp_b
 	return m;
 }
 
-/*
- * A block is a separate allocation, where the hardware prefetcher starts over: without help every block
- * would begin with a wait on memory. So a block's values are asked for while its keys are scored, and the
- * next block's keys before these values are summed; each has at least the values' arithmetic to arrive in
- * (at 32K tokens this took TurboQuant 3-bit from 7.7 to 6.3 ms, best of five). In a span, block j's
- * values and block j + 1's keys are asked for while block j's keys are scored, and the next span's first
- * keys around the softmax step.
- *
- * The requests go in halves, between the steps, rather than as one burst per range: a prefetch holds a
- * line fill buffer until its line arrives, and a burst of a whole range fills them all, so the core
- * stalled on the burst's last instructions (7-11% of the time at 32K). In halves each burst drains
- * while the next step computes: at 32K, d=64, 2-4% off tq3 and 3-6% off spark|tq3, 1-2% at d=128, none
- * lost at 4K (thread CPU time, best of 100, both versions interleaved in one process, four runs). The
- * lines go to L1, not L2 (a block's keys or values are a few KiB, read within a microsecond): the loads
- * that read them then need no fill buffer of their own (tq3 at d=128: 2-10% off in four runs; at d=64
- * within the +-3% noise of this shared machine).
- * Measured and left: only the first lines of each range, to start the hardware streamer (20% slower);
- * every other line, for the adjacent-line prefetcher (12% slower); each range one block further ahead,
- * or the next keys in one burst (no better). The values spread over the keys' own work, for
- * spark|turboquant: a share per sixteen rows inside spark_dot_i16_group (in its loop, or out of line
- * between its steps of sixteen rows) or the kernel called per sixteen rows with a share before each, all
- * slower at 32K tokens: 6-25% at d=128, 2-10% at d=64; the next keys' second half spread over
- * lut_axpy_u8_group's column chunks, 2-4% slower at d=128 (spark|tq3 and tq3), none at d=64. The burst
- * between the steps stalls only itself; lines asked for inside the kernels slow their loads (thread CPU
- * time, best of 150, both builds interleaved, several runs).
- */
 /* The keys of up to KVP_CODEC_SPAN_BLOCKS cold blocks of this level from b on (left of them, then after):
  * what the next span will score first. */
 static struct kvp_ahead keys_ahead(const struct stream_attention *a, const struct kvp_block *const *b,
@@ -196,6 +170,35 @@ static struct kvp_ahead keys_ahead(const struct stream_attention *a, const struc
 	return k;
 }
 
+/*
+ * A block is a separate allocation, where the hardware prefetcher starts over: without help every block
+ * would begin with a wait on memory. So a block's values are asked for while its keys are scored, and the
+ * next keys while values are summed; each has at least the other step's arithmetic to arrive in (at 32K
+ * tokens this took TurboQuant 3-bit from 7.7 to 6.3 ms, best of five). In a span, block j's values go
+ * while block j's keys are scored, and the next span's keys (keys_ahead) while this span's values are
+ * summed: the value kernels take them as their ahead and ask for a share per step of their loops, or,
+ * block by block, a share goes before and after each block's call. Asking for this span's next keys
+ * beside its values instead left the memory idle through the values' one call: 5-15% slower than blocks
+ * one at a time at d=128 (32K tokens, interleaved runs).
+ *
+ * The requests go in halves, between the steps, rather than as one burst per range: a prefetch holds a
+ * line fill buffer until its line arrives, and a burst of a whole range fills them all, so the core
+ * stalled on the burst's last instructions (7-11% of the time at 32K). In halves each burst drains
+ * while the next step computes: at 32K, d=64, 2-4% off tq3 and 3-6% off spark|tq3, 1-2% at d=128, none
+ * lost at 4K (thread CPU time, best of 100, both versions interleaved in one process, four runs). The
+ * lines go to L1, not L2 (a block's keys or values are a few KiB, read within a microsecond): the loads
+ * that read them then need no fill buffer of their own (tq3 at d=128: 2-10% off in four runs; at d=64
+ * within the +-3% noise of this shared machine).
+ * Measured and left: only the first lines of each range, to start the hardware streamer (20% slower);
+ * every other line, for the adjacent-line prefetcher (12% slower); each range one block further ahead,
+ * or the next keys in one burst (no better). The values spread over the keys' own work, for
+ * spark|turboquant: a share per sixteen rows inside spark_dot_i16_group (in its loop, or out of line
+ * between its steps of sixteen rows) or the kernel called per sixteen rows with a share before each, all
+ * slower at 32K tokens: 6-25% at d=128, 2-10% at d=64; with blocks one at a time, the next block's keys'
+ * second half spread over lut_axpy_u8_group's column chunks, 2-4% slower at d=128 (spark|tq3 and tq3),
+ * none at d=64 (thread CPU time, best of 150, both builds interleaved, several runs). A span's value call
+ * is four blocks long, and there the shares inside it are what measured best (above).
+ */
 static void span_cold_group(struct stream_attention *a, const struct kvp_block *const *b, uint32_t m,
 			    uint32_t left, const struct kvp_block *after)
 {
