@@ -1158,14 +1158,6 @@ static void tq_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n,
 	}
 }
 
-/*
- * Values: the kernel rounds each head's weights times the tokens' norms (or norm * gamma) itself. Weights
- * that are not negative (attention's) take 8 bits above the block's least weight against the int8
- * codebook (lut_axpy_u8_group: four tokens per int32 lane, one byte lookup per code where the int16
- * codebook takes two and an interleave); on bench_attend's data that moved the output from its decode by
- * 0.85e-3 at 2 bits. The kernel refuses any other weights, and tables without a vector version of it refuse
- * every call: those take 12 bits against the int16 codebook, the same values times 16.
- */
 /* The signs (qjl=1) of a slice of cn tokens from p, weighted by norm * gamma. */
 static void axpy_signs(const struct kvp_codec *c, unsigned k, unsigned cn, const unsigned char *p, unsigned g,
 		       const float *w, size_t w_stride, float *acc)
@@ -1206,6 +1198,14 @@ static void axpy_codes(const struct kvp_codec *c, unsigned k, const struct kvp_r
 	}
 }
 
+/*
+ * Values: the kernel rounds each head's weights times the tokens' norms (or norm * gamma) itself. Weights
+ * that are not negative (attention's) take 8 bits above the call's least weight (a block's, or a span's) against the int8
+ * codebook (lut_axpy_u8_group: four tokens per int32 lane, one byte lookup per code where the int16
+ * codebook takes two and an interleave); on bench_attend's data that moved the output from its decode by
+ * 0.85e-3 at 2 bits. The kernel refuses any other weights, and tables without a vector version of it refuse
+ * every call: those take 12 bits against the int16 codebook, the same values times 16.
+ */
 static void tq_axpy_group(const struct kvp_codec *c, const void *ctx, unsigned n, const void *src, unsigned g,
 			  const float *w, size_t w_stride, float *acc)
 {

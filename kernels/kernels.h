@@ -313,42 +313,52 @@ struct kvp_ahead {
 	size_t bytes[KVP_RUNS_MAX];
 };
 
-/* Share `step` of `steps` of the ranges' lines, the ranges taken as one run of bytes cut in equal shares
- * (nothing for a NULL ahead). */
-static inline void kvp_ahead_share(const struct kvp_ahead *a, unsigned step, unsigned steps)
+/* Part `part` of `parts` of the ranges taken as one run of bytes cut in equal parts, as bytes [*from, *to)
+ * of that run; 0 for a NULL ahead or no parts. */
+static inline int kvp_ahead_bounds(const struct kvp_ahead *a, unsigned part, unsigned parts, size_t *from, size_t *to)
 {
-	size_t total = 0, from, to, at = 0;
+	size_t total = 0;
 
-	if (!a || !steps)
-		return;
+	if (!a || !parts)
+		return 0;
 	for (unsigned i = 0; i < a->n; i++)
 		total += a->bytes[i];
-	from = total * step / steps, to = total * (step + 1) / steps;
-	for (unsigned i = 0; i < a->n && at < to; at += a->bytes[i++])
-		if (at + a->bytes[i] > from)
-			kvp_prefetch_lines(a->base[i], from > at ? from - at : 0,
-					   to < at + a->bytes[i] ? to - at : a->bytes[i], 1);
+	*from = total * part / parts, *to = total * (part + 1) / parts;
+	return 1;
 }
 
-/* Part `part` of `parts` of the ranges, cut as kvp_ahead_share cuts them: an ahead of its own for one of
- * several calls. */
+/* The bytes [*lo, *hi) of the range starting `at` bytes into the run, `bytes` long, that lie in [from, to);
+ * 0 when none do. */
+static inline int kvp_ahead_clip(size_t at, size_t bytes, size_t from, size_t to, size_t *lo, size_t *hi)
+{
+	*lo = from > at ? from - at : 0, *hi = to < at + bytes ? to - at : bytes;
+	return at < to && at + bytes > from;
+}
+
+/* Part `part` of `parts` of the ranges (kvp_ahead_bounds): an ahead of its own for one of several calls. */
 static inline struct kvp_ahead kvp_ahead_part(const struct kvp_ahead *a, unsigned part, unsigned parts)
 {
 	struct kvp_ahead p = { .n = 0 };
-	size_t total = 0, from, to, at = 0;
+	size_t from, to, lo, hi, at = 0;
 
-	if (!a || !parts)
+	if (!kvp_ahead_bounds(a, part, parts, &from, &to))
 		return p;
-	for (unsigned i = 0; i < a->n; i++)
-		total += a->bytes[i];
-	from = total * part / parts, to = total * (part + 1) / parts;
-	for (unsigned i = 0; i < a->n && at < to; at += a->bytes[i++]) {
-		const size_t lo = from > at ? from - at : 0, hi = to < at + a->bytes[i] ? to - at : a->bytes[i];
-
-		if (at + a->bytes[i] > from)
+	for (unsigned i = 0; i < a->n; at += a->bytes[i++])
+		if (kvp_ahead_clip(at, a->bytes[i], from, to, &lo, &hi))
 			p.base[p.n] = (const char *)a->base[i] + lo, p.bytes[p.n++] = hi - lo;
-	}
 	return p;
+}
+
+/* Share `step` of `steps` of the ranges' lines (kvp_ahead_bounds), each line as its range's alignment puts it. */
+static inline void kvp_ahead_share(const struct kvp_ahead *a, unsigned step, unsigned steps)
+{
+	size_t from, to, lo, hi, at = 0;
+
+	if (!kvp_ahead_bounds(a, step, steps, &from, &to))
+		return;
+	for (unsigned i = 0; i < a->n; at += a->bytes[i++])
+		if (kvp_ahead_clip(at, a->bytes[i], from, to, &lo, &hi))
+			kvp_prefetch_lines(a->base[i], lo, hi, 1);
 }
 
 /* Bytes of ahead one of `steps` loop steps asks for, so that the steps cover `bytes` (0 without steps). */
