@@ -111,21 +111,6 @@ static inline redisReply *redis_run(int port, const char *fmt, ...)
 	return r;
 }
 
-/* Waits until the server answers PING (an error such as NOAUTH is an answer too). */
-static inline int redis_wait_up(int port, double ms)
-{
-	double until = redis_fixture_ms() + ms;
-	do {
-		redisReply *r = redis_run(port, "PING");
-		if (r) {
-			freeReplyObject(r);
-			return 1;
-		}
-		usleep(20000);
-	} while (redis_fixture_ms() < until);
-	return 0;
-}
-
 static inline pid_t redis_spawn(struct redis_server *s)
 {
 	char port[16], log[96];
@@ -150,6 +135,45 @@ static inline pid_t redis_spawn(struct redis_server *s)
 	return pid;
 }
 
+/* Whether the server's log has a line of its own process (a restart appends to the same log) saying it
+ * listens. A server whose port another test's server took in the meantime fails to bind and exits, while
+ * PING on that port is answered by the other one, so PING alone does not say which server is up. */
+static inline int redis_log_ready(const struct redis_server *s)
+{
+	char path[96], line[512], mine[24];
+	FILE *f;
+	int ready = 0;
+	snprintf(path, sizeof path, "%s/log", s->dir);
+	snprintf(mine, sizeof mine, "%d:", (int)s->pid);
+	f = fopen(path, "r");
+	if (!f)
+		return 0;
+	while (!ready && fgets(line, sizeof line, f))
+		ready = strncmp(line, mine, strlen(mine)) == 0 && strstr(line, "Ready to accept connections");
+	fclose(f);
+	return ready;
+}
+
+/* Waits until this server (not another on its port) listens and answers PING (an error such as NOAUTH is
+ * an answer too); 0 when it exited or the time ran out. */
+static inline int redis_wait_up(struct redis_server *s, double ms)
+{
+	double until = redis_fixture_ms() + ms;
+	do {
+		redisReply *r;
+		if (waitpid(s->pid, NULL, WNOHANG) == s->pid) {
+			s->pid = 0;
+			return 0;
+		}
+		if (redis_log_ready(s) && (r = redis_run(s->port, "PING"))) {
+			freeReplyObject(r);
+			return 1;
+		}
+		usleep(20000);
+	} while (redis_fixture_ms() < until);
+	return 0;
+}
+
 /* Starts one more server (extra: more arguments, NULL-terminated); its index. Fails the test when it
  * does not come up on any of a few ports. */
 static inline int redis_start(const char *const *extra)
@@ -166,10 +190,12 @@ static inline int redis_start(const char *const *extra)
 		s->port = redis_fixture_port();
 		s->pid = redis_spawn(s);
 		cr_assert_gt(s->pid, 0);
-		if (redis_wait_up(s->port, 5000))
+		if (redis_wait_up(s, 5000))
 			return redis_n++;
-		kill(s->pid, SIGKILL);
-		waitpid(s->pid, NULL, 0);
+		if (s->pid > 0) {
+			kill(s->pid, SIGKILL);
+			waitpid(s->pid, NULL, 0);
+		}
 	}
 	cr_assert_fail("redis-server did not come up (log in %s)", s->dir);
 	return -1;
@@ -190,7 +216,7 @@ static inline void redis_restart(int i)
 {
 	struct redis_server *s = &redis_servers[i];
 	s->pid = redis_spawn(s);
-	cr_assert(redis_wait_up(s->port, 5000), "redis-server did not come back on %d", s->port);
+	cr_assert(redis_wait_up(s, 5000), "redis-server did not come back on %d", s->port);
 }
 
 static inline int redis_port(int i)
