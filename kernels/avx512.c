@@ -2210,17 +2210,26 @@ INLINE void axpy_i16_planes_heads(unsigned hn, unsigned m, unsigned n, const uin
 
 #undef PLANE
 
-/* The ns fp16 scalars at the start of each of n records (ns even) as floats, planar: out[e * n + i] is row i's
- * scalar e. Sixteen rows at a time: dword k of each record by one gather, split into its two halves. */
+/* Sixteen fp16 scalars h to fo[at..at+16) as floats, or to ho as they are (where fo is NULL: a constant once
+ * inlined), in the lanes of in. */
+INLINE void store_scalars16(float *fo, uint16_t *ho, size_t at, __mmask16 in, __m256i h)
+{
+	if (fo)
+		_mm512_mask_storeu_ps(fo + at, in, _mm512_cvtph_ps(h));
+	else
+		_mm256_mask_storeu_epi16(ho + at, in, h);
+}
+
 /* gather_scalars for eight scalars (four groups): a row's 16 bytes by one load, four rows per register,
  * then words to scalar-major order and qwords across the registers: shuffles instead of eight-byte gathers. */
-INLINE void load_scalars8(unsigned n, const uint8_t *rows, size_t stride, float *out)
+INLINE void load_scalars8(unsigned n, const uint8_t *rows, size_t stride, float *fo, uint16_t *ho, size_t pitch)
 {
 	/* word 4e + b of each register: scalar e of its row b (word 8b + e) */
 	const __m512i by_scalar = _mm512_set_epi16(31, 23, 15, 7, 30, 22, 14, 6, 29, 21, 13, 5, 28, 20, 12, 4, 27, 19, 11, 3,
 						   26, 18, 10, 2, 25, 17, 9, 1, 24, 16, 8, 0);
 	const __m512i pairs_lo = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0), pairs_hi = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
 	const __m512i quads_lo = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), quads_hi = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+	const __mmask16 all = 0xffff;
 
 	for (unsigned i0 = 0; i0 + 16 <= n; i0 += 16) {
 		__m512i r[4], t01, t01b, t23, t23b, u;
@@ -2237,21 +2246,25 @@ INLINE void load_scalars8(unsigned n, const uint8_t *rows, size_t stride, float 
 		t23 = _mm512_permutex2var_epi64(r[2], pairs_lo, r[3]);
 		t23b = _mm512_permutex2var_epi64(r[2], pairs_hi, r[3]);
 		u = _mm512_permutex2var_epi64(t01, quads_lo, t23); /* scalars 0 and 1 of the sixteen rows */
-		_mm512_storeu_ps(out + i0, _mm512_cvtph_ps(_mm512_castsi512_si256(u)));
-		_mm512_storeu_ps(out + n + i0, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(u, 1)));
+		store_scalars16(fo, ho, i0, all, _mm512_castsi512_si256(u));
+		store_scalars16(fo, ho, pitch + i0, all, _mm512_extracti64x4_epi64(u, 1));
 		u = _mm512_permutex2var_epi64(t01, quads_hi, t23);
-		_mm512_storeu_ps(out + 2 * n + i0, _mm512_cvtph_ps(_mm512_castsi512_si256(u)));
-		_mm512_storeu_ps(out + 3 * n + i0, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(u, 1)));
+		store_scalars16(fo, ho, 2 * pitch + i0, all, _mm512_castsi512_si256(u));
+		store_scalars16(fo, ho, 3 * pitch + i0, all, _mm512_extracti64x4_epi64(u, 1));
 		u = _mm512_permutex2var_epi64(t01b, quads_lo, t23b);
-		_mm512_storeu_ps(out + 4 * n + i0, _mm512_cvtph_ps(_mm512_castsi512_si256(u)));
-		_mm512_storeu_ps(out + 5 * n + i0, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(u, 1)));
+		store_scalars16(fo, ho, 4 * pitch + i0, all, _mm512_castsi512_si256(u));
+		store_scalars16(fo, ho, 5 * pitch + i0, all, _mm512_extracti64x4_epi64(u, 1));
 		u = _mm512_permutex2var_epi64(t01b, quads_hi, t23b);
-		_mm512_storeu_ps(out + 6 * n + i0, _mm512_cvtph_ps(_mm512_castsi512_si256(u)));
-		_mm512_storeu_ps(out + 7 * n + i0, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(u, 1)));
+		store_scalars16(fo, ho, 6 * pitch + i0, all, _mm512_castsi512_si256(u));
+		store_scalars16(fo, ho, 7 * pitch + i0, all, _mm512_extracti64x4_epi64(u, 1));
 	}
 }
 
-INLINE void gather_scalars(unsigned ns, unsigned n, const uint8_t *rows, size_t stride, float *out)
+/* The ns fp16 scalars at the start of each of n records (ns even), planar: scalar e of row i at [e * pitch + i]
+ * (pitch >= n) of fo as a float, or of ho as it is (fo NULL). Sixteen rows at a time: dword k of each record
+ * by one gather, split into its two halves. */
+INLINE void gather_scalars(unsigned ns, unsigned n, const uint8_t *rows, size_t stride, float *fo, uint16_t *ho,
+			   size_t pitch)
 {
 	const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
 					      _mm512_set1_epi32((int)stride));
@@ -2259,7 +2272,7 @@ INLINE void gather_scalars(unsigned ns, unsigned n, const uint8_t *rows, size_t 
 	unsigned from = 0;
 
 	if (ns == 8) { /* whole blocks of sixteen rows by loads and shuffles, the rest gathered */
-		load_scalars8(n, rows, stride, out);
+		load_scalars8(n, rows, stride, fo, ho, pitch);
 		from = n & ~15u;
 	}
 	for (unsigned i0 = from; i0 < n; i0 += 16) {
@@ -2268,9 +2281,8 @@ INLINE void gather_scalars(unsigned ns, unsigned n, const uint8_t *rows, size_t 
 
 		for (unsigned k = 0; k < ns / 2; k++) {
 			const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), in, at, base + 4 * k, 1);
-			_mm512_mask_storeu_ps(out + 2 * k * n + i0, in, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)));
-			_mm512_mask_storeu_ps(out + (2 * k + 1) * n + i0, in,
-					      _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16))));
+			store_scalars16(fo, ho, 2 * k * pitch + i0, in, _mm512_cvtepi32_epi16(v));
+			store_scalars16(fo, ho, (2 * k + 1) * pitch + i0, in, _mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16)));
 		}
 	}
 }
@@ -2291,7 +2303,7 @@ static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned 
 		kvp_kernels_scalar.axpy_i16_scaled(bits, m, gsize, n, rows, stride, g, w, w_stride, acc, acc_stride);
 		return;
 	}
-	gather_scalars(2 * ng, n, rows, stride, zs);
+	gather_scalars(2 * ng, n, rows, stride, zs, NULL, n);
 	for (unsigned h0 = 0; h0 < g; h0 += 4) {
 		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
 		const size_t ws = (size_t)ng * (n + 2);
@@ -2330,6 +2342,231 @@ static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned 
 #undef DPWSSD
 
 #define KVP_ISA_AXPY_I16_SCALED
+
+/*
+ * axpy_u8_scaled (contract in kernels.h): codes of 2 or 4 bits, column groups of a multiple of 16 (at most
+ * U8_SCALED_GROUPS of them), m a multiple of 64 (KIVI's values at d = 64 and 128); other shapes are declined,
+ * and take axpy_i16_scaled. The records' fp16 z and s are gathered run by run into planar floats; one pass over
+ * them gives every head's z sums, largest and least u, a second its weights as bytes, a row per (head,
+ * group). Then lut_axpy_u8_group's loop (above) without its table: four rows' codes of a chunk are one
+ * register (row t in 128-bit lane t), vpermb and vpmultishiftqb bring code (t, c) to byte 4c + t, a vpermb
+ * looks up its centred value, and vpdpbusd multiplies that with the four rows' weights of its column's
+ * group, broadcast as one int32; the column sums (weights 1) carry the least weight's term. Against
+ * axpy_i16_scaled's vpdpwssd on two rows, a vpdpbusd takes four, and the codes need no plane masks.
+ */
+#define U8_SCALED_GROUPS 4
+#define U8_HEAD (U8_SCALED_GROUPS * (KVP_AXPY_I16_ROWS + 4)) /* bytes from a head's weights to the next's */
+
+struct u8_scaled {
+	unsigned bits, m, gsize, ng, n;
+	const struct kvp_row_runs *rows;
+	uint8_t (*w8)[U8_SCALED_GROUPS][KVP_AXPY_I16_ROWS + 4]; /* [head][group][row], four zeros past the last row */
+	float f[4], e[4]; /* (top - lo) / 510 and lo / 2, per head */
+	int8_t centred[64]; /* 2 (b mod 2^bits) - L for every byte b */
+};
+
+/* Every head's z sums into acc (as axpy_i16_scaled's pass, the same bits), the largest and least u, then the
+ * weights. zh: planar fp16, z(i, c) at zh[c * n + i] and s(i, c) at zh[(ng + c) * n + i]. */
+INLINE void u8_scaled_weights(unsigned hn, unsigned ng, struct u8_scaled *k, const float *w, size_t ws,
+			      const uint16_t *zh, float *acc, size_t as)
+{
+	const unsigned n = k->n;
+	const uint16_t *sh = zh + (size_t)ng * n;
+	const __m512 half_levels = _mm512_set1_ps((float)((1u << k->bits) - 1) * 0.5f);
+	const __m512 zero = _mm512_setzero_ps(), half = _mm512_set1_ps(0.5f), inf = _mm512_set1_ps(INFINITY);
+	const __m512i most = _mm512_set1_epi32(255);
+	__m512 zsum[16], top[4], least[4];
+	float sums[16];
+
+#pragma GCC unroll 16
+	for (unsigned c = 0; c < 16; c++)
+		zsum[c] = zero;
+#pragma GCC unroll 4
+	for (unsigned h = 0; h < hn; h++)
+		top[h] = zero, least[h] = inf;
+	for (unsigned i = 0; i < n; i += 16) {
+		const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
+		__m512 wv[4];
+#pragma GCC unroll 4
+		for (unsigned h = 0; h < hn; h++)
+			wv[h] = _mm512_maskz_loadu_ps(in, w + h * ws + i);
+#pragma GCC unroll 4
+		for (unsigned c = 0; c < ng; c++) {
+			const __m512 sv = f16_at(in, (const uint8_t *)(sh + c * n), i);
+			/* z + s * L / 2: the codes' centre (kernels.h) */
+			const __m512 zc = _mm512_add_ps(f16_at(in, (const uint8_t *)(zh + c * n), i), _mm512_mul_ps(sv, half_levels));
+#pragma GCC unroll 4
+			for (unsigned h = 0; h < hn; h++) {
+				/* a product that is not > 0, NaN included, gives the second operand: 0 */
+				const __m512 u = _mm512_max_ps(_mm512_mul_ps(wv[h], sv), zero);
+
+				zsum[h * ng + c] = _mm512_add_ps(zsum[h * ng + c], _mm512_mul_ps(wv[h], zc));
+				top[h] = _mm512_max_ps(u, top[h]);
+				least[h] = _mm512_mask_min_ps(least[h], in, u, least[h]);
+			}
+		}
+	}
+	_mm512_storeu_ps(sums, hsum16(zsum));
+	for (unsigned l = 0; l < 16; l++)
+		if (hsum16_lane[l] < (int)(hn * ng))
+			acc[hsum16_lane[l] / ng * as + k->m + hsum16_lane[l] % ng] += sums[l];
+	for (unsigned h = 0; h < hn; h++) {
+		const float t = _mm512_reduce_max_ps(top[h]), lo = n ? _mm512_reduce_min_ps(least[h]) : 0.0f;
+		const __m512 lov = _mm512_set1_ps(lo), inv = _mm512_set1_ps(kvp_weight_inv_u8(t - lo));
+
+		k->f[h] = (t - lo) / (2.0f * KVP_WEIGHT_MAX_U8), k->e[h] = lo * 0.5f;
+		for (unsigned c = 0; c < ng; c++) {
+			uint8_t *row = k->w8[h][c];
+
+			for (unsigned i = 0; i < n; i += 16) {
+				const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
+				const __m512 u = _mm512_max_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, w + h * ws + i),
+									     f16_at(in, (const uint8_t *)(sh + c * n), i)),
+							       zero);
+				const __m512 x = _mm512_mul_ps(_mm512_sub_ps(u, lov), inv);
+
+				_mm512_mask_cvtepi32_storeu_epi8(row + i, in,
+								 _mm512_min_epi32(_mm512_cvttps_epi32(_mm512_add_ps(x, half)), most));
+			}
+			memset(row + n, 0, 4);
+		}
+	}
+}
+
+/* Four rows' centred codes of 16 columns (register q of a chunk): the lookup's selection and shift, then the
+ * table of 2 code - L (its period the codes' range, so the bits above a code need no mask). */
+#define U8_CODES(q) _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(shf##q, _mm512_permutexvar_epi8(sel##q, src)), tab)
+
+/* Register q's codes v into the column sums c(q) and into each head's sums a(h)q, against the four rows'
+ * weights of its group. */
+#define U8_SCALED_HEADS(q, v)                                                                  \
+	do {                                                                                   \
+		c##q = _mm512_dpbusd_epi32(c##q, ones, v);                                     \
+		a0##q = _mm512_dpbusd_epi32(a0##q, _mm512_set1_epi32(quad_at(wq##q + i)), v);     \
+		if (hn > 1)                                                            \
+			a1##q = _mm512_dpbusd_epi32(a1##q, _mm512_set1_epi32(quad_at(wq##q + U8_HEAD + i)), v); \
+		if (hn > 2)                                                            \
+			a2##q = _mm512_dpbusd_epi32(a2##q, _mm512_set1_epi32(quad_at(wq##q + 2 * U8_HEAD + i)), v); \
+		if (hn > 3)                                                            \
+			a3##q = _mm512_dpbusd_epi32(a3##q, _mm512_set1_epi32(quad_at(wq##q + 3 * U8_HEAD + i)), v); \
+	} while (0)
+
+#define U8_SCALED_STEP(src_expr, ones_expr)                      \
+	do {                                                     \
+		const __m512i src = (src_expr), ones = (ones_expr); \
+		const __m512i v0 = U8_CODES(0), v1 = U8_CODES(1); \
+                                                                 \
+		U8_SCALED_HEADS(0, v0);                          \
+		U8_SCALED_HEADS(1, v1);                          \
+		if (nq > 2) {                                    \
+			const __m512i v2 = U8_CODES(2), v3 = U8_CODES(3); \
+			U8_SCALED_HEADS(2, v2);                  \
+			U8_SCALED_HEADS(3, v3);                  \
+		}                                                \
+	} while (0)
+
+/* hn <= 4 heads and the width (bits) constants once inlined: the chunks of columns, the runs inside them. */
+INLINE void u8_scaled_heads(unsigned hn, unsigned bits, const struct u8_scaled *k, float *acc, size_t as,
+			    const struct kvp_ahead *ahead)
+{
+	const unsigned cols = bits == 2 ? 64 : 32, nq = cols / 16, n = k->n, runs = (n + k->rows->run - 1) / k->rows->run;
+	const unsigned steps = k->m / cols * runs;
+	const size_t stride = k->rows->stride;
+	const __m512i all4 = _mm512_set1_epi32(0x01010101), tab = _mm512_loadu_si512(k->centred);
+	const __m512i sel0 = _mm512_loadu_si512(quad_select[bits][0]), shf0 = _mm512_loadu_si512(quad_shift[bits][0]);
+	const __m512i sel1 = _mm512_loadu_si512(quad_select[bits][1]), shf1 = _mm512_loadu_si512(quad_shift[bits][1]);
+	const __m512i sel2 = _mm512_loadu_si512(quad_select[bits][2]), shf2 = _mm512_loadu_si512(quad_shift[bits][2]);
+	const __m512i sel3 = _mm512_loadu_si512(quad_select[bits][3]), shf3 = _mm512_loadu_si512(quad_shift[bits][3]);
+	unsigned step = 0;
+
+	for (unsigned j = 0; j < k->m; j += cols) {
+		/* register q's columns j + 16q.. lie in one group: its weights' row for head 0, the others U8_HEAD on */
+		const uint8_t *const wq0 = k->w8[0][j / k->gsize], *const wq1 = k->w8[0][(j + 16) / k->gsize];
+		const uint8_t *const wq2 = nq > 2 ? k->w8[0][(j + 32) / k->gsize] : wq0;
+		const uint8_t *const wq3 = nq > 2 ? k->w8[0][(j + 48) / k->gsize] : wq0;
+		__m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00;
+		__m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+		__m512i a30 = a00, a31 = a00, a32 = a00, a33 = a00, c0 = a00, c1 = a00, c2 = a00, c3 = a00;
+
+		for (unsigned r = 0, i0 = 0; i0 < n; r++, i0 += k->rows->run) {
+			const uint8_t *codes = k->rows->code[r] + 4 * (size_t)k->ng;
+			const unsigned end = n - i0 < k->rows->run ? n : i0 + k->rows->run, at = j * bits / 8;
+			unsigned i = i0;
+
+			kvp_ahead_share(ahead, step++, steps);
+			for (; i + 4 <= end; i += 4)
+				U8_SCALED_STEP(four_whole_rows(codes, stride, i - i0, at), all4);
+			for (; i < end; i += 4)
+				U8_SCALED_STEP(four_rows(codes, stride, i - i0, end - i0, at, 16),
+					       _mm512_set1_epi32((int)(0x01010101u >> 8 * (4 - (end - i)))));
+		}
+		{
+			const __m512i c[4] = { c0, c1, c2, c3 };
+
+			add_quads(acc + j, cols, nq, k->f[0], k->e[0], a00, a01, a02, a03, c);
+			if (hn > 1)
+				add_quads(acc + as + j, cols, nq, k->f[1], k->e[1], a10, a11, a12, a13, c);
+			if (hn > 2)
+				add_quads(acc + 2 * as + j, cols, nq, k->f[2], k->e[2], a20, a21, a22, a23, c);
+			if (hn > 3)
+				add_quads(acc + 3 * as + j, cols, nq, k->f[3], k->e[3], a30, a31, a32, a33, c);
+		}
+	}
+}
+
+#undef U8_SCALED_STEP
+#undef U8_SCALED_HEADS
+#undef U8_CODES
+#undef U8_HEAD
+
+static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struct kvp_row_runs *rows, unsigned g,
+			  const float *w, size_t w_stride, float *acc, size_t acc_stride, const struct kvp_ahead *ahead)
+{
+	const unsigned ng = gsize ? (m + gsize - 1) / gsize : 0, n = rows->n;
+	uint8_t w8[4][U8_SCALED_GROUPS][KVP_AXPY_I16_ROWS + 4] __attribute__((aligned(4)));
+	uint16_t zh[2 * U8_SCALED_GROUPS * KVP_AXPY_I16_ROWS]; /* fp16: the frame stays small (tests/test_stack.c) */
+	struct u8_scaled k = { bits, m, gsize, ng, n, rows, w8, { 0 }, { 0 }, { 0 } };
+
+	if ((bits != 2 && bits != 4) || !gsize || gsize % 16 || m % 64 || ng > U8_SCALED_GROUPS || n > KVP_AXPY_I16_ROWS ||
+	    rows->run % KVP_RUN_ROWS || any_sign(g, n, w, w_stride))
+		return 0;
+	for (unsigned b = 0; b < 64; b++)
+		k.centred[b] = (int8_t)kvp_centred_code(b & ((1u << bits) - 1), bits);
+	for (unsigned r = 0, i0 = 0; i0 < n; r++, i0 += rows->run)
+		gather_scalars(2 * ng, n - i0 < rows->run ? n - i0 : rows->run, rows->code[r], rows->stride, NULL, zh + i0, n);
+	for (unsigned h0 = 0; h0 < g; h0 += 4) {
+		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
+		const float *wh = w + h0 * w_stride;
+		float *ah = acc + h0 * acc_stride;
+
+		/* both counts constants in each case: the sums, maxima and least stay in registers */
+#define U8_WEIGHTS(hn, ng) u8_scaled_weights(hn, ng, &k, wh, w_stride, zh, ah, acc_stride)
+#define U8_WEIGHTS_NG(hn) \
+	switch (ng) { \
+	case 4: U8_WEIGHTS(hn, 4); break; \
+	case 3: U8_WEIGHTS(hn, 3); break; \
+	case 2: U8_WEIGHTS(hn, 2); break; \
+	default: U8_WEIGHTS(hn, 1); break; \
+	}
+#define U8_HEADS(hn) \
+	if (bits == 2) \
+		u8_scaled_heads(hn, 2, &k, ah, acc_stride, h0 ? NULL : ahead); \
+	else \
+		u8_scaled_heads(hn, 4, &k, ah, acc_stride, h0 ? NULL : ahead);
+		switch (hn) {
+		case 4: U8_WEIGHTS_NG(4); U8_HEADS(4); break;
+		case 3: U8_WEIGHTS_NG(3); U8_HEADS(3); break;
+		case 2: U8_WEIGHTS_NG(2); U8_HEADS(2); break;
+		default: U8_WEIGHTS_NG(1); U8_HEADS(1); break;
+		}
+#undef U8_HEADS
+#undef U8_WEIGHTS_NG
+#undef U8_WEIGHTS
+	}
+	return 1;
+}
+
+#define KVP_ISA_AXPY_U8_SCALED
 
 /*
  * fwht's stages within 16 values, in one register: each lane meets its partner (lane ^ h) by a permute,

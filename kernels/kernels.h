@@ -215,6 +215,30 @@ struct kvp_kernels {
 	void (*axpy_i16_scaled)(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *rows,
 				size_t stride, unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride);
 	/*
+	 * axpy_u8_scaled: axpy_i16_scaled for weights that are not negative (attention's), in 8 bits above their
+	 * least, four rows per int32 lane (VNNI vpdpbusd: four tokens' codes of one column times their four
+	 * weights of its group), with the records given as runs (struct kvp_row_runs: record i at
+	 * kvp_run_codes(rows, i), each laid out as for axpy_i16_scaled; rows->scale is not read), so that a span
+	 * of a cache's blocks shares one weight step. n = rows->n <= KVP_AXPY_I16_ROWS. The codes are centred:
+	 * z + s * code = (z + s * (L / 2)) + (s / 2) * (2 code - L), L = 2^bits - 1, so that the integers
+	 * 2 code - L the weights multiply have no common part for the weights' rounding to add up in. Per head,
+	 * u(i, c) = w[h*w_stride + i] * s(i, c) where that is > 0, else 0; lo and top = the least and the largest
+	 * u(i, c) over i < n, c < ng; W(i, c) = nearest((u(i, c) - lo) * kvp_weight_inv_u8(top - lo)), at most 255;
+	 *   acc[h*acc_stride + j] += ((top - lo) / 510) * (float)sum_i W(i, j / gsize) * (2 code(i, j) - L)
+	 *                            + (lo * 0.5f) * (float)sum_i (2 code(i, j) - L)   (summed, then added), j < m;
+	 *   acc[h*acc_stride + m + c] += the float sum over i of w[h*w_stride + i] * (z(i, c) + s(i, c) * (L * 0.5f))
+	 *                                in kvp_fold16's order.
+	 * A channel's sum moves by at most (top - lo) / 510 / 2 * sum_i |2 code(i, j) - L| from the float one.
+	 * Returns 1; or 0, having changed nothing, when a weight (h < g, i < n) has its sign bit set (-0
+	 * included), for shapes a table's vector version leaves (AVX-512: codes of 2 or 4 bits, groups of a
+	 * multiple of 16 columns, at most 4 of them, m a multiple of 64), and on every call in a table without a
+	 * vector version: the caller then takes axpy_i16_scaled. The scalar table always computes it (the
+	 * reference). Every implementation that computes it gives the same bits. ahead (NULL: none) is what the
+	 * caller reads next, asked for while it computes.
+	 */
+	int (*axpy_u8_scaled)(unsigned bits, unsigned m, unsigned gsize, const struct kvp_row_runs *rows, unsigned g,
+			      const float *w, size_t w_stride, float *acc, size_t acc_stride, const struct kvp_ahead *ahead);
+	/*
 	 * The Walsh-Hadamard transform of v[0..p), p a power of two, in place and unnormalized: stages
 	 * h = 1, 2, 4, ..., p/2, each taking (v[j], v[j+h]) to (v[j] + v[j+h], v[j] - v[j+h]) for j with bit h
 	 * clear. Every output is the same tree of sums in every implementation, so all give the same bits.
@@ -794,6 +818,74 @@ static inline void kvp_axpy_i16_scaled_plain(unsigned bits, unsigned m, unsigned
 				acc[h * acc_stride + j0 + j] += f * (float)sums[j];
 		}
 	}
+}
+
+/* axpy_u8_scaled's integer value of a code: 2 code - (2^bits - 1), odd and centred on 0. */
+static inline int32_t kvp_centred_code(unsigned code, unsigned bits)
+{
+	return 2 * (int32_t)code - (int32_t)((1u << bits) - 1);
+}
+
+/* axpy_u8_scaled in plain code: the scalar reference. Columns in passes of 256, whose int32 sums live on the
+ * stack. */
+static inline int kvp_axpy_u8_scaled_plain(unsigned bits, unsigned m, unsigned gsize, const struct kvp_row_runs *rows,
+					   unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride,
+					   const struct kvp_ahead *ahead)
+{
+	const unsigned n = rows->n, ng = (m + gsize - 1) / gsize;
+	const float half_levels = (float)((1u << bits) - 1) * 0.5f;
+	int32_t sums[256], cols[256];
+
+	(void)ahead; /* plain code: the hardware's own prefetcher */
+	for (unsigned h = 0; h < g; h++)
+		for (unsigned i = 0; i < n; i++)
+			if (signbit(w[h * w_stride + i]))
+				return 0;
+	for (unsigned h = 0; h < g; h++) {
+		const float *wh = w + h * w_stride;
+		float *ah = acc + h * acc_stride, top = 0.0f, lo = 0.0f, inv, f;
+
+		for (unsigned c = 0; c < ng; c++) {
+			float p[16] = { 0 };
+
+			for (unsigned i = 0; i < n; i++) {
+				const uint8_t *rec = kvp_run_codes(rows, i);
+
+				p[i % 16] += wh[i] * (kvp_row_scalar(rec, 0, 0, c) + kvp_row_scalar(rec, 0, 0, ng + c) * half_levels);
+			}
+			ah[m + c] += kvp_fold16(p);
+		}
+		for (unsigned i = 0; i < n; i++)
+			for (unsigned c = 0; c < ng; c++) {
+				const float u = kvp_weight_u8_in(wh[i], kvp_row_scalar(kvp_run_codes(rows, i), 0, 0, ng + c));
+
+				top = u > top ? u : top;
+				lo = (i == 0 && c == 0) || u < lo ? u : lo;
+			}
+		inv = kvp_weight_inv_u8(top - lo);
+		f = (top - lo) / (2.0f * KVP_WEIGHT_MAX_U8);
+		for (unsigned j0 = 0; j0 < m; j0 += 256) {
+			const unsigned k = m - j0 < 256 ? m - j0 : 256;
+
+			memset(sums, 0, sizeof sums);
+			memset(cols, 0, sizeof cols);
+			for (unsigned i = 0; i < n; i++) {
+				const uint8_t *rec = kvp_run_codes(rows, i);
+
+				for (unsigned j = 0; j < k; j++) {
+					const unsigned c = (j0 + j) / gsize;
+					const int32_t v = kvp_centred_code(kvp_row_code(rec + 4 * (size_t)ng, j0 + j, bits), bits);
+					const float u = kvp_weight_u8_in(wh[i], kvp_row_scalar(rec, 0, 0, ng + c));
+
+					sums[j] += kvp_weight_u8(u, lo, inv) * v;
+					cols[j] += v;
+				}
+			}
+			for (unsigned j = 0; j < k; j++)
+				ah[j0 + j] += f * (float)sums[j] + (lo * 0.5f) * (float)cols[j];
+		}
+	}
+	return 1;
 }
 
 /* The end of sum_squares (contract in struct kvp_kernels): the values from j on into a[0], then the tree. */

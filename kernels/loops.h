@@ -22,6 +22,7 @@
  *                                   acc[h*acc_stride + j]; the float steps around them are below
  *   or, with KVP_ISA_FUSED_LOOKUPS defined, lut_dot_i8_group and lut_axpy_i16_group themselves
  *   lut_axpy_u8_group (with KVP_ISA_AXPY_U8 defined; otherwise the table declines every call)
+ *   axpy_u8_scaled (with KVP_ISA_AXPY_U8_SCALED defined; otherwise the table declines every call)
  *   dot_i8_scaled, axpy_i16_scaled (with KVP_ISA_DOT_I8_SCALED, KVP_ISA_AXPY_I16_SCALED defined; otherwise
  *                                   the plain code of kernels.h)
  *   sym_codes_width, sum_squares (with KVP_ISA_ENCODE defined)
@@ -830,6 +831,17 @@ static int lut_axpy_u8_group(unsigned bits, unsigned m, const struct kvp_row_run
 }
 #endif
 
+#ifndef KVP_ISA_AXPY_U8_SCALED
+/* No vector version in this table: it declines every call, as lut_axpy_u8_group does above. */
+static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struct kvp_row_runs *rows, unsigned g,
+			  const float *w, size_t w_stride, float *acc, size_t acc_stride, const struct kvp_ahead *ahead)
+{
+	(void)bits, (void)m, (void)gsize, (void)rows, (void)g, (void)w, (void)w_stride, (void)acc, (void)acc_stride;
+	(void)ahead;
+	return 0;
+}
+#endif
+
 #ifndef KVP_ISA_AXPY_I16_SCALED
 #define SCALED_SCALARS 2048u /* rows x scalars per row that axpy_i16_scaled's loops convert at once */
 
@@ -1020,6 +1032,7 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 	.lut_axpy_u8_group = lut_axpy_u8_group, \
 	.dot_i8_scaled = dot_i8_scaled, \
 	.axpy_i16_scaled = axpy_i16_scaled, \
+	.axpy_u8_scaled = axpy_u8_scaled, \
 	.fwht = fwht, \
 	.sym_codes = sym_codes, \
 	.sum_squares = sum_squares, \

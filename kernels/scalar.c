@@ -381,6 +381,7 @@ const struct kvp_kernels kvp_kernels_scalar = {
 	.lut_axpy_u8_group = kvp_lut_axpy_u8_plain,
 	.dot_i8_scaled = kvp_dot_i8_scaled_plain,
 	.axpy_i16_scaled = kvp_axpy_i16_scaled_plain,
+	.axpy_u8_scaled = kvp_axpy_u8_scaled_plain,
 	.fwht = fwht,
 	.sym_codes = sym_codes,
 	.sum_squares = sum_squares,

@@ -24,7 +24,8 @@
  *   mask_expand bit-identical
  *   lut_dot_i8_group, lut_axpy_i16_group,
  *   lut_axpy_u8_group                      equal (exact integers)
- *   dot_i8_scaled, axpy_i16_scaled         equal (exact integers, the same float steps)
+ *   dot_i8_scaled, axpy_i16_scaled,
+ *   axpy_u8_scaled                         equal (exact integers, the same float steps)
  *   softmax     weights, running sum and factor within 1e-6 relative (+1e-30 absolute for underflow);
  *               the running maximum exact; softmax_group's scaled scores (raw) bit-identical, and its
  *               results bit-identical to the same table's scale then softmax_step
@@ -1748,6 +1749,201 @@ static void axpy_i16_scaled_reads_nothing_past_its_inputs(const struct kvp_kerne
 	in_child(k, axpy_i16_scaled_reads_nothing_past_its_inputs_cases);
 }
 
+/* ---- axpy_u8_scaled: the scalar reference's bits, in runs as in one array ---- */
+
+/* n records (ng fp16 z of either sign, ng fp16 s >= 0 with a few zeros, then m codes) at `stride`, `off` bytes
+ * into an allocation. */
+static uint8_t *scaled_records(unsigned bits, unsigned m, unsigned ng, unsigned n, size_t stride, unsigned off)
+{
+	uint8_t *p = rand_codes(n, stride, stride, off);
+
+	(void)bits;
+	for (unsigned i = 0; i < n; i++)
+		for (unsigned c = 0; c < ng; c++) {
+			uint16_t z = kvp_f32_to_f16((float)((int)(rnd32() % 2001) - 1000) / 700.0f);
+			uint16_t h = (i + c) % 5 == 2 ? 0 : kvp_f32_to_f16(0.01f + (float)(rnd32() % 1000) / 300.0f);
+			memcpy(p + off + i * stride + 2 * c, &z, sizeof z);
+			memcpy(p + off + i * stride + 2 * (ng + c), &h, sizeof h);
+		}
+	(void)m;
+	return p;
+}
+
+/* Whether table k's vector axpy_u8_scaled takes this shape (kernels.h: the scalar table takes every one). */
+static int u8_scaled_covers(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned gsize)
+{
+	if (k == &kvp_kernels_scalar)
+		return 1;
+	return !strcmp(k->name, "avx512") && (bits == 2 || bits == 4) && gsize % 16 == 0 && m % 64 == 0 &&
+	       (m + gsize - 1) / gsize <= 4;
+}
+
+/*
+ * n records copied into runs of `run` rows, each its own allocation `off` bytes in, give the bits of the same
+ * rows in one array on the scalar table; table k gives those bits where it takes the call, leaves acc as it
+ * was where it declines, and declines only the shapes kernels.h lets it, and weights with a sign bit (-0).
+ */
+static void u8_scaled_case(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned gsize, unsigned n,
+			   unsigned run, unsigned g, unsigned off)
+{
+	const unsigned ng = (m + gsize - 1) / gsize;
+	const size_t stride = 4 * ng + ((size_t)m * bits + 7) / 8 + (m & 1), ws = n + 3, as = m + ng + 5;
+	uint8_t *p = scaled_records(bits, m, ng, n, stride, off), *blocks[KVP_RUNS_MAX];
+	const struct kvp_row_runs one = kvp_one_run(n, p + off, stride, NULL, 0);
+	struct kvp_row_runs runs = { .n = n, .run = run, .stride = stride };
+	float *w = rand_f32(g * ws, 0), *want = rand_f32(g * as, 0), *got = copy_f32(want, g * as);
+	float *ref = copy_f32(want, g * as), *before = copy_f32(want, g * as);
+	const struct kvp_ahead ahead = { .n = 1, .base = { p }, .bytes = { off + (size_t)n * stride } };
+	unsigned r = 0;
+	int took;
+
+	for (size_t i = 0; i < g * ws; i++) /* softmax weights are at least 0 */
+		w[i] = fabsf(w[i]);
+	for (unsigned i0 = 0; i0 < n; i0 += run, r++) {
+		const unsigned rows = n - i0 < run ? n - i0 : run;
+
+		blocks[r] = xmalloc(off + (size_t)rows * stride);
+		memcpy(blocks[r] + off, p + off + (size_t)i0 * stride, (size_t)rows * stride);
+		runs.code[r] = blocks[r] + off;
+	}
+	check(kvp_kernels_scalar.axpy_u8_scaled(bits, m, gsize, &one, g, w, ws, want, as, NULL) == 1,
+	      "scalar axpy_u8_scaled: declined weights of no sign");
+	kvp_kernels_scalar.axpy_u8_scaled(bits, m, gsize, &runs, g, w, ws, ref, as, NULL);
+	for (size_t j = 0; j < g * as; j++)
+		check(same_bits(ref[j], want[j]),
+		      "scalar axpy_u8_scaled bits=%u m=%u gsize=%u n=%u run=%u g=%u column %zu: %.9g in runs, %.9g in one array",
+		      bits, m, gsize, n, run, g, j, ref[j], want[j]);
+	took = k->axpy_u8_scaled(bits, m, gsize, &runs, g, w, ws, got, as, &ahead);
+	check(took == u8_scaled_covers(k, bits, m, gsize), "%s axpy_u8_scaled bits=%u m=%u gsize=%u n=%u g=%u: took %d",
+	      k->name, bits, m, gsize, n, g, took);
+	for (size_t j = 0; j < g * as; j++)
+		check(same_bits(got[j], took ? want[j] : before[j]),
+		      "%s axpy_u8_scaled bits=%u m=%u gsize=%u n=%u run=%u g=%u off=%u head %zu column %zu: %.9g, %.9g",
+		      k->name, bits, m, gsize, n, run, g, off, j / as, j % as, got[j], took ? want[j] : before[j]);
+	w[(g - 1) * ws + n - 1] = -0.0f;
+	memcpy(got, before, sizeof(float) * g * as);
+	check(k->axpy_u8_scaled(bits, m, gsize, &runs, g, w, ws, got, as, NULL) == 0 &&
+		      !memcmp(got, before, sizeof(float) * g * as),
+	      "%s axpy_u8_scaled bits=%u m=%u n=%u g=%u: took a weight of -0, or changed acc", k->name, bits, m, n, g);
+	while (r--)
+		free(blocks[r]);
+	free(p), free(w), free(want), free(got), free(ref), free(before);
+}
+
+static void axpy_u8_scaled_equals_scalar_in_runs_on_odd_lengths_and_unaligned_pointers(const struct kvp_kernels *k)
+{
+	static const unsigned widths[] = { 31, 64, 65, 128, 192, 256 }, gsizes[] = { 8, 16, 32, 48, 64 };
+	static const unsigned shapes[][2] = { { 1, 16 }, { 17, 16 }, { 64, 64 }, { 61, 16 }, { 250, 64 }, { 256, 64 },
+					      { 200, 112 } };
+
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(widths); a++)
+			for (size_t b = 0; b < COUNT(gsizes); b++)
+				for (size_t c = 0; c < COUNT(shapes); c++)
+					u8_scaled_case(k, bits, widths[a], gsizes[b], shapes[c][0], shapes[c][1],
+						       1 + (unsigned)(a + b + c) % 5, (unsigned)(a + c) % 3);
+}
+
+/* The contract of kernels.h in the test's own words, for one head and one run: the centred codes' sums on
+ * 8-bit weights above the least, then the z sums with the codes' centre. */
+static void scalar_axpy_u8_scaled_matches_its_definition(void)
+{
+	for (unsigned bits = 1; bits <= 4; bits++) {
+		enum { M = 37, G = 8, NG = 5, N = 21 };
+		const size_t stride = 4 * NG + (M * bits + 7) / 8;
+		const float L = (float)((1u << bits) - 1);
+		uint8_t *p = rand_codes(N, stride, stride, 0);
+		const struct kvp_row_runs rows = kvp_one_run(N, p, stride, NULL, 0);
+		float w[N], acc[M + NG] = { 0 }, top = 0, lo = INFINITY;
+
+		for (unsigned i = 0; i < N; i++) {
+			w[i] = (float)rand_int(0, 1000) / 999.0f;
+			for (unsigned c = 0; c < NG; c++) {
+				uint16_t z = kvp_f32_to_f16((float)rand_int(-99, 99) / 7.0f);
+				uint16_t h = kvp_f32_to_f16((float)rand_int(1, 99) / 8.0f);
+				memcpy(p + i * stride + 2 * c, &z, sizeof z);
+				memcpy(p + i * stride + 2 * (NG + c), &h, sizeof h);
+				top = fmaxf(top, w[i] * kvp_f16_to_f32(h));
+				lo = fminf(lo, w[i] * kvp_f16_to_f32(h));
+			}
+		}
+		check(kvp_kernels_scalar.axpy_u8_scaled(bits, M, G, &rows, 1, w, N, acc, M + NG, NULL) == 1,
+		      "scalar axpy_u8_scaled bits=%u: declined", bits);
+		for (unsigned j = 0; j < M; j++) {
+			int64_t sum = 0, cols = 0;
+			for (unsigned i = 0; i < N; i++) {
+				uint16_t h;
+				unsigned code = 0;
+				memcpy(&h, p + i * stride + 2 * (NG + j / G), sizeof h);
+				for (unsigned b = 0; b < bits; b++) /* bit b of the code: bit j * bits + b of the row */
+					code |= (unsigned)(p[i * stride + 4 * NG + (j * bits + b) / 8] >> ((j * bits + b) % 8) & 1) << b;
+				float x = (w[i] * kvp_f16_to_f32(h) - lo) * (255.0f / (top - lo));
+				int32_t wq = (int32_t)(x + 0.5f); /* x >= 0: halves away from zero */
+				sum += (int64_t)(2 * (int)code - (int)L) * (wq < 255 ? wq : 255);
+				cols += 2 * (int)code - (int)L;
+			}
+			const float defined = (top - lo) / 510.0f * (float)sum + lo * 0.5f * (float)cols;
+			check(same_bits(acc[j], defined), "scalar axpy_u8_scaled bits=%u column %u: %.9g, defined %.9g", bits, j,
+			      acc[j], defined);
+		}
+		for (unsigned c = 0; c < NG; c++) { /* sixteen lanes by i % 16, then halves */
+			float lane[16] = { 0 };
+			uint16_t z, h;
+			for (unsigned i = 0; i < N; i++) {
+				memcpy(&z, p + i * stride + 2 * c, sizeof z);
+				memcpy(&h, p + i * stride + 2 * (NG + c), sizeof h);
+				lane[i % 16] += w[i] * (kvp_f16_to_f32(z) + kvp_f16_to_f32(h) * (L * 0.5f));
+			}
+			for (unsigned half = 8; half; half /= 2)
+				for (unsigned l = 0; l < half; l++)
+					lane[l] += lane[l + half];
+			check(same_bits(acc[M + c], lane[0]), "scalar axpy_u8_scaled bits=%u z sum %u: %.9g, defined %.9g", bits,
+			      c, acc[M + c], lane[0]);
+		}
+		free(p);
+	}
+}
+
+/* The last record ends where an unreadable page begins, and so do the weights and accumulators. In a child. */
+static void axpy_u8_scaled_reads_nothing_past_its_inputs_cases(const struct kvp_kernels *k)
+{
+	static const unsigned widths[] = { 64, 128 }, rows[] = { 1, 5, 64, 256 }, heads[] = { 1, 4, 5 };
+
+	for (unsigned bits = 2; bits <= 4; bits += 2)
+		for (size_t a = 0; a < COUNT(widths); a++)
+			for (size_t b = 0; b < COUNT(rows); b++)
+				for (size_t c = 0; c < COUNT(heads); c++) {
+					const unsigned m = widths[a], n = rows[b], g = heads[c], gs = 32, ng = (m + gs - 1) / gs;
+					const size_t stride = 4 * ng + ((size_t)m * bits + 7) / 8, cb = n * stride, as = m + ng;
+					uint8_t *p = guarded(cb);
+					float *w = guarded(sizeof(float) * g * n), *acc = guarded(sizeof(float) * g * as);
+					float want[5 * 132] = { 0 };
+					const struct kvp_row_runs one = kvp_one_run(n, p, stride, NULL, 0);
+
+					for (size_t i = 0; i < cb; i++)
+						p[i] = (uint8_t)rnd32();
+					for (unsigned i = 0; i < n; i++)
+						for (unsigned e = 0; e < 2 * ng; e++) {
+							uint16_t h = kvp_f32_to_f16((float)rand_int(1, 9));
+							memcpy(p + i * stride + 2 * e, &h, sizeof h);
+						}
+					for (size_t i = 0; i < (size_t)g * n; i++)
+						w[i] = (float)rand_int(0, 99);
+					memset(acc, 0, sizeof(float) * g * as);
+					if (k->axpy_u8_scaled(bits, m, gs, &one, g, w, n, acc, as, NULL)) {
+						kvp_kernels_scalar.axpy_u8_scaled(bits, m, gs, &one, g, w, n, want, as, NULL);
+						check(!memcmp(acc, want, sizeof(float) * g * as),
+						      "%s axpy_u8_scaled bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
+					}
+					unguard(p, cb), unguard(w, sizeof(float) * g * n), unguard(acc, sizeof(float) * g * as);
+				}
+}
+
+static void axpy_u8_scaled_reads_nothing_past_its_inputs(const struct kvp_kernels *k)
+{
+	in_child(k, axpy_u8_scaled_reads_nothing_past_its_inputs_cases);
+}
+
 /* ---- KIVI's kernels round halves to even ---- */
 
 /* dot_i8_scaled with s = 1 and top 127 (so that the query's x_j = q_j) on exact halves, every code 1: each
@@ -2550,6 +2746,7 @@ static const struct test reference_tests[] = {
 	TEST(scalar_integer_lookups_match_their_definition),
 	TEST(scalar_dot_i8_scaled_matches_its_definition),
 	TEST(scalar_axpy_i16_scaled_matches_its_definition),
+	TEST(scalar_axpy_u8_scaled_matches_its_definition),
 	TEST(scalar_fwht_matches_the_hadamard_matrix),
 	TEST(scalar_sym_codes_count_the_thresholds_below),
 	TEST(scalar_mask_expand_places_kept_values_and_signed_recoveries),
@@ -2622,6 +2819,8 @@ static const struct vector_test vector_tests[] = {
 	TEST(dot_i8_scaled_reads_nothing_past_its_inputs),
 	TEST(axpy_i16_scaled_equals_scalar_on_odd_lengths_and_unaligned_pointers),
 	TEST(axpy_i16_scaled_reads_nothing_past_its_inputs),
+	TEST(axpy_u8_scaled_equals_scalar_in_runs_on_odd_lengths_and_unaligned_pointers),
+	TEST(axpy_u8_scaled_reads_nothing_past_its_inputs),
 	TEST(dot_i8_scaled_rounds_halves_to_even),
 	TEST(axpy_i16_scaled_rounds_halves_to_even),
 	TEST(mask_expand_matches_scalar_bit_for_bit_on_odd_lengths),

@@ -236,21 +236,21 @@ static void attend_output(const char *spec, const kvp_shape *sh, uint32_t n, flo
  */
 Test(attend, cold_blocks_read_as_spans_give_the_bits_of_blocks_as_long_as_the_span)
 {
+	static const char *const codecs[] = { "turboquant(bits=2)", "turboquant(bits=3)", "turboquant(bits=4)",
+					      "kivi(bits=2)", "kivi(bits=4)" };
 	const kvp_shape sh = { 1, 8, 2, 64, 1e4f, KVP_ROPE_HALF };
 	float by64[8 * 64], by256[8 * 64];
 
 	setenv("KVP_KERNELS", "scalar", 1);
-	for (unsigned bits = 2; bits <= 4; bits++) {
+	for (size_t c = 0; c < sizeof codecs / sizeof codecs[0]; c++) {
 		char a[160], b[160];
 
-		snprintf(a, sizeof a, "block=64,sinks=0,window=1,store=fp16,k=turboquant(bits=%u),v=turboquant(bits=%u)",
-			 bits, bits);
-		snprintf(b, sizeof b, "block=256,sinks=0,window=1,store=fp16,k=turboquant(bits=%u),v=turboquant(bits=%u)",
-			 bits, bits);
+		snprintf(a, sizeof a, "block=64,sinks=0,window=1,store=fp16,k=%s,v=%s", codecs[c], codecs[c]);
+		snprintf(b, sizeof b, "block=256,sinks=0,window=1,store=fp16,k=%s,v=%s", codecs[c], codecs[c]);
 		attend_output(a, &sh, 1025, by64);
 		attend_output(b, &sh, 1025, by256);
 		for (unsigned j = 0; j < 8 * 64; j++)
-			cr_assert(!memcmp(by64 + j, by256 + j, sizeof(float)), "bits=%u, output %u: %.9g in spans, %.9g", bits,
+			cr_assert(!memcmp(by64 + j, by256 + j, sizeof(float)), "%s, output %u: %.9g in spans, %.9g", codecs[c],
 				  j, by64[j], by256[j]);
 	}
 }
