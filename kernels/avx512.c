@@ -1700,8 +1700,16 @@ static int lut_axpy_u8_group(unsigned bits, unsigned m, const struct kvp_row_run
 	}
 }
 
+/* loops.h's KIVI kernels on this table's vectors (LOOPS_LANES below), for the shapes these versions leave; not
+ * inlined, so that their frames and these stay apart (make stack) */
+static void loops_dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g,
+				const float *q, size_t q_stride, float *out, size_t out_stride) __attribute__((noinline));
+static void loops_axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *rows,
+				  size_t stride, unsigned g, const float *w, size_t w_stride, float *acc,
+				  size_t acc_stride) __attribute__((noinline));
+
 /*
- * dot_i8_scaled, 2-bit codes (KIVI's keys; other widths and m > 1024 take the plain code of kernels.h).
+ * dot_i8_scaled, 2-bit codes (KIVI's keys; other widths and m > 1024 take loops.h's).
  * Column byte k of sixteen rows is one 16-byte load: a zero-extension gives each row a lane, and
  * vpmultishiftqb copies its four codes (bits 0, 2, 4, 6 of the lane) to the lane's four bytes, which
  * vpdpbusd multiplies with the head's int8 query of channels 4k..4k+3, broadcast as one int32. The sums
@@ -1856,8 +1864,7 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 	float step[4], zq[4];
 
 	if (bits != 2 || m > 4 * SCALED_QUADS) {
-		/* through the table, not inlined: this frame stays small */
-		kvp_kernels_scalar.dot_i8_scaled(bits, m, n, group, g, q, q_stride, out, out_stride);
+		loops_dot_i8_scaled(bits, m, n, group, g, q, q_stride, out, out_stride);
 		return;
 	}
 	for (unsigned h0 = 0; h0 < g; h0 += 4) {
@@ -1882,7 +1889,7 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 
 /*
  * axpy_i16_scaled, 2-bit codes, column groups of a multiple of 16 (at most 4 of them), m a multiple of 64
- * (KIVI's values at d = 64 and 128; otherwise the plain code). The rows' fp16 z and s are gathered once into
+ * (KIVI's values at d = 64 and 128; otherwise loops.h's). The rows' fp16 z and s are gathered once into
  * planar floats; one pass over the rows gives every head's maximum and z sums, a second its weights, rounded
  * once per (row, group): into wq[h][c][i] for the column-pass kernel below, or as pairs of rows for the plane
  * kernel (groups of 32, further down). Column-pass kernel: columns in passes of 64, rows in pairs; a 16-byte
@@ -2304,7 +2311,7 @@ static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned 
 
 	if (bits != 2 || gsize % 16 || m % 64 || ng > 4 || (size_t)ng * (n + 2) > SCALED_WEIGHTS ||
 	    (planes && 4 * (size_t)ng / 2 * pv * 4 > 4 * SCALED_WEIGHTS)) {
-		kvp_kernels_scalar.axpy_i16_scaled(bits, m, gsize, n, rows, stride, g, w, w_stride, acc, acc_stride);
+		loops_axpy_i16_scaled(bits, m, gsize, n, rows, stride, g, w, w_stride, acc, acc_stride);
 		return;
 	}
 	gather_scalars(2 * ng, n, rows, stride, zs, NULL, n);
@@ -3089,6 +3096,15 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 }
 
 #undef CHOOSE_VECTORS
+
+/* loops.h's integer lanes: sixteen int32 in a zmm register, and sixteen bytes widened into them */
+#define LOOPS_LANES 16
+typedef int32_t loops_i32v __attribute__((vector_size(64)));
+
+INLINE loops_i32v loops_bytes(const uint8_t *p)
+{
+	return (loops_i32v)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(const void *)p));
+}
 
 #define KVP_ISA_SPARK
 #define KVP_ISA_SPARK_CHOOSE

@@ -24,7 +24,8 @@
  *   lut_axpy_u8_group (with KVP_ISA_AXPY_U8 defined; otherwise the table declines every call)
  *   axpy_u8_scaled (with KVP_ISA_AXPY_U8_SCALED defined; otherwise the table declines every call)
  *   dot_i8_scaled, axpy_i16_scaled (with KVP_ISA_DOT_I8_SCALED, KVP_ISA_AXPY_I16_SCALED defined; otherwise
- *                                   the plain code of kernels.h)
+ *                                   the loops here, loops_dot_i8_scaled and loops_axpy_i16_scaled, which an
+ *                                   own version calls for the shapes it leaves)
  *   sym_codes_width, sum_squares (with KVP_ISA_ENCODE defined)
  *                                   sym_codes for a width that is a constant once inlined, and sum_squares
  *   scaled_max, exp_sum, max_keeping (with KVP_ISA_SOFTMAX_GROUP defined) the two passes over one head's
@@ -399,16 +400,15 @@ static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint
 				kept + (size_t)i * kept_stride, signs ? scale[i] : 0.0f, mag, x + (size_t)i * d);
 }
 
-#if !defined(KVP_ISA_SPARK) || !defined(KVP_ISA_DOT_I8_SCALED) || !defined(KVP_ISA_AXPY_I16_SCALED)
 /*
- * The integer loops below for the tables without versions of their own run on the including file's vectors
+ * The integer loops below for the tables without versions of their own (and the shapes a table's own
+ * version leaves) run on the including file's vectors
  * through GCC's and Clang's vector extensions (at -O2 GCC 12 vectorizes only loops of a known count, so they
  * say how they run): loops_i32v, LOOPS_LANES int32 lanes, and loops_bytes, LOOPS_LANES bytes widened into
  * them, come from the including file; these are the same lanes as floats and uint32.
  */
 typedef float loops_f32v __attribute__((vector_size(LOOPS_LANES * 4)));
 typedef uint32_t loops_u32v __attribute__((vector_size(LOOPS_LANES * 4)));
-#endif
 
 /*
  * spark_dot_i16_group in plain code, for the tables without a version of their own (and the shapes a
@@ -622,9 +622,10 @@ static void band_norms(unsigned d, unsigned n, int interleaved, const float *row
 	}
 }
 
-#if !defined(KVP_ISA_DOT_I8_SCALED) || !defined(KVP_ISA_AXPY_I16_SCALED)
 /*
- * KIVI's kernels for the tables without versions of their own: the plain code's arithmetic (kernels.h), in
+ * KIVI's kernels for the tables without versions of their own, and for the shapes a table's own version
+ * leaves (AVX-512's take 2-bit codes: keys of 4 bits ran the plain code there, slower than AVX2's
+ * loops): the plain code's arithmetic (kernels.h), in
  * loops the compiler vectorizes. The plain code converted each fp16 number where it used it and unpacked
  * each code once per head (per channel, for the values' weights): at 32K tokens, d=128, AVX2 took 559 ms for a
  * layer, against 3 ms for AVX-512's own kernels. Here fp16 numbers go through the table's f16_to_f32 (the
@@ -688,9 +689,6 @@ static inline unsigned byte_code(const uint8_t *row, unsigned j, unsigned bits)
 	return (unsigned)row[j / (8 / bits)] >> (j % (8 / bits) * bits) & ((1u << bits) - 1);
 }
 
-#endif
-
-#ifndef KVP_ISA_DOT_I8_SCALED
 /*
  * kvp_scaled_query_i8 and kvp_dot_f16_fold16 of one head: its int8 query into q32 (as int32), Z into *z;
  * returns the step. Sixteen channels at a time in vectors: kvp_fold16's sixteen running sums are lanes, and
@@ -784,8 +782,8 @@ static void scaled_sums4(unsigned bits, unsigned m, unsigned n, const uint8_t *c
 	}
 }
 
-static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g, const float *q,
-			  size_t q_stride, float *out, size_t out_stride)
+static void loops_dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g,
+				const float *q, size_t q_stride, float *out, size_t out_stride)
 {
 	const uint8_t *codes = group + 4 * (size_t)m;
 	int32_t q32[4][SCALED_DIM], sum[4][SCALED_ROWS];
@@ -816,6 +814,11 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 		}
 	}
 }
+
+#ifdef KVP_ISA_DOT_I8_SCALED
+#define LOOPS_DOT_I8_SCALED dot_i8_scaled
+#else
+#define LOOPS_DOT_I8_SCALED loops_dot_i8_scaled
 #endif
 
 #ifndef KVP_ISA_AXPY_U8
@@ -842,7 +845,6 @@ static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struc
 }
 #endif
 
-#ifndef KVP_ISA_AXPY_I16_SCALED
 #define SCALED_SCALARS 2048u /* rows x scalars per row that axpy_i16_scaled's loops convert at once */
 
 /* Every row's 2 * ng scalars (z then s) as floats, by scalar: scalar e of row i at y[e * n + i], so that a
@@ -981,8 +983,8 @@ static void scaled_axpy4(unsigned bits, unsigned m, unsigned gsize, unsigned n, 
 	}
 }
 
-static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *rows, size_t stride,
-			    unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride)
+static void loops_axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned n, const uint8_t *rows,
+				  size_t stride, unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride)
 {
 	const unsigned ng = (m + gsize - 1) / gsize;
 	float sc[SCALED_SCALARS];
@@ -996,6 +998,11 @@ static void axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, unsigned 
 		scaled_axpy4(bits, m, gsize, n, rows, stride, g - h0 < 4 ? g - h0 : 4, w + h0 * w_stride, w_stride, sc,
 			     acc + h0 * acc_stride, acc_stride);
 }
+
+#ifdef KVP_ISA_AXPY_I16_SCALED
+#define LOOPS_AXPY_I16_SCALED axpy_i16_scaled
+#else
+#define LOOPS_AXPY_I16_SCALED loops_axpy_i16_scaled
 #endif
 
 /*
@@ -1030,8 +1037,8 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 	.lut_dot_i8_group = (dot_i8), \
 	.lut_axpy_i16_group = lut_axpy_i16_group, \
 	.lut_axpy_u8_group = lut_axpy_u8_group, \
-	.dot_i8_scaled = dot_i8_scaled, \
-	.axpy_i16_scaled = axpy_i16_scaled, \
+	.dot_i8_scaled = LOOPS_DOT_I8_SCALED, \
+	.axpy_i16_scaled = LOOPS_AXPY_I16_SCALED, \
 	.axpy_u8_scaled = axpy_u8_scaled, \
 	.fwht = fwht, \
 	.sym_codes = sym_codes, \
