@@ -544,6 +544,17 @@ static inline unsigned kvp_row_code(const uint8_t *row, unsigned j, unsigned bit
 	return v & ((1u << bits) - 1);
 }
 
+/* Whether a weight w[h*w_stride + i] (h < g, i < n) has its sign bit set (-0 included): the 8-bit kernels
+ * decline those. */
+static inline int kvp_any_sign_bit(unsigned g, unsigned n, const float *w, size_t w_stride)
+{
+	for (unsigned h = 0; h < g; h++)
+		for (unsigned i = 0; i < n; i++)
+			if (signbit(w[h * w_stride + i]))
+				return 1;
+	return 0;
+}
+
 /* lut_axpy_u8_group in plain code: the scalar reference, and the tables without a vector version. Columns in
  * passes of 256, whose int32 sums live on the stack. */
 static inline int kvp_lut_axpy_u8_plain(unsigned bits, unsigned m, const struct kvp_row_runs *rows,
@@ -555,10 +566,8 @@ static inline int kvp_lut_axpy_u8_plain(unsigned bits, unsigned m, const struct 
 	int32_t sums[256], cols[256];
 
 	(void)ahead; /* plain code: the hardware's own prefetcher */
-	for (unsigned h = 0; h < g; h++)
-		for (unsigned i = 0; i < n; i++)
-			if (signbit(w[h * w_stride + i]))
-				return 0;
+	if (kvp_any_sign_bit(g, n, w, w_stride))
+		return 0;
 	for (unsigned h = 0; h < g; h++) {
 		float lo;
 		const float f = unit * kvp_weights_u8(rows, w + h * w_stride, w8, &lo), e = unit * lo;
@@ -837,10 +846,8 @@ static inline int kvp_axpy_u8_scaled_plain(unsigned bits, unsigned m, unsigned g
 	int32_t sums[256], cols[256];
 
 	(void)ahead; /* plain code: the hardware's own prefetcher */
-	for (unsigned h = 0; h < g; h++)
-		for (unsigned i = 0; i < n; i++)
-			if (signbit(w[h * w_stride + i]))
-				return 0;
+	if (kvp_any_sign_bit(g, n, w, w_stride))
+		return 0;
 	for (unsigned h = 0; h < g; h++) {
 		const float *wh = w + h * w_stride;
 		float *ah = acc + h * acc_stride, top = 0.0f, lo = 0.0f, inv, f;

@@ -1647,6 +1647,15 @@ static void scaled_axpy_case(const struct kvp_kernels *k, unsigned bits, unsigne
 	free(p), free(w), free(acc), free(want);
 }
 
+/* Sixteen running sums added by halves (lane l + lane l + 8, then + 4, + 2, + 1): lane[0] is the total. */
+static float fold_halves(float lane[16])
+{
+	for (unsigned half = 8; half; half /= 2)
+		for (unsigned l = 0; l < half; l++)
+			lane[l] += lane[l + half];
+	return lane[0];
+}
+
 /* The contract of kernels.h in the test's own words, for one head: the codes' sums, then the z sums. */
 static void scalar_axpy_i16_scaled_matches_its_definition(void)
 {
@@ -1688,11 +1697,8 @@ static void scalar_axpy_i16_scaled_matches_its_definition(void)
 				memcpy(&z, p + i * stride + 2 * c, sizeof z);
 				lane[i % 16] += w[i] * kvp_f16_to_f32(z);
 			}
-			for (unsigned half = 8; half; half /= 2)
-				for (unsigned l = 0; l < half; l++)
-					lane[l] += lane[l + half];
-			check(same_bits(acc[M + c], lane[0]), "scalar axpy_i16_scaled bits=%u z sum %u: %.9g, defined %.9g", bits,
-			      c, acc[M + c], lane[0]);
+			check(same_bits(acc[M + c], fold_halves(lane)), "scalar axpy_i16_scaled bits=%u z sum %u: %.9g, defined %.9g",
+			      bits, c, acc[M + c], lane[0]);
 		}
 		free(p);
 	}
@@ -1711,7 +1717,43 @@ static void axpy_i16_scaled_equals_scalar_on_odd_lengths_and_unaligned_pointers(
 						scaled_axpy_case(k, bits, widths[a], gsizes[b], rows[r], heads[c], (unsigned)(a + r) % 3);
 }
 
-/* The last row ends where an unreadable page begins, and so do the weights and accumulators. In a child. */
+/*
+ * The last record ends where an unreadable page begins, and so do the weights and accumulators (n records of
+ * m codes of `bits` bits in groups of 32, g heads): axpy_i16_scaled, or axpy_u8_scaled (u8) where table k
+ * takes the call, equals the scalar table. Run in a child.
+ */
+static void scaled_axpy_guarded_case(const struct kvp_kernels *k, int u8, unsigned bits, unsigned m, unsigned n,
+				     unsigned g)
+{
+	const unsigned gs = 32, ng = (m + gs - 1) / gs;
+	const size_t stride = 4 * ng + ((size_t)m * bits + 7) / 8, cb = n * stride, as = m + ng;
+	uint8_t *p = guarded(cb);
+	float *w = guarded(sizeof(float) * g * n), *acc = guarded(sizeof(float) * g * as);
+	float want[5 * 132] = { 0 };
+	const struct kvp_row_runs one = kvp_one_run(n, p, stride, NULL, 0);
+	int took = 1;
+
+	for (size_t i = 0; i < cb; i++)
+		p[i] = (uint8_t)rnd32();
+	for (unsigned i = 0; i < n; i++)
+		for (unsigned e = 0; e < 2 * ng; e++) {
+			uint16_t h = kvp_f32_to_f16((float)rand_int(1, 9));
+			memcpy(p + i * stride + 2 * e, &h, sizeof h);
+		}
+	for (size_t i = 0; i < (size_t)g * n; i++)
+		w[i] = (float)rand_int(0, 99);
+	memset(acc, 0, sizeof(float) * g * as);
+	if (u8 && (took = k->axpy_u8_scaled(bits, m, gs, &one, g, w, n, acc, as, NULL)))
+		kvp_kernels_scalar.axpy_u8_scaled(bits, m, gs, &one, g, w, n, want, as, NULL);
+	if (!u8) {
+		k->axpy_i16_scaled(bits, m, gs, n, p, stride, g, w, n, acc, as);
+		kvp_kernels_scalar.axpy_i16_scaled(bits, m, gs, n, p, stride, g, w, n, want, as);
+	}
+	check(!took || !memcmp(acc, want, sizeof(float) * g * as), "%s %s bits=%u m=%u n=%u g=%u: differs from scalar",
+	      k->name, u8 ? "axpy_u8_scaled" : "axpy_i16_scaled", bits, m, n, g);
+	unguard(p, cb), unguard(w, sizeof(float) * g * n), unguard(acc, sizeof(float) * g * as);
+}
+
 static void axpy_i16_scaled_reads_nothing_past_its_inputs_cases(const struct kvp_kernels *k)
 {
 	static const unsigned widths[] = { 64, 128, 65 }, rows[] = { 1, 5, 64 }, heads[] = { 1, 4, 5 };
@@ -1719,29 +1761,8 @@ static void axpy_i16_scaled_reads_nothing_past_its_inputs_cases(const struct kvp
 	for (unsigned bits = 1; bits <= 4; bits++)
 		for (size_t a = 0; a < COUNT(widths); a++)
 			for (size_t b = 0; b < COUNT(rows); b++)
-				for (size_t c = 0; c < COUNT(heads); c++) {
-					const unsigned m = widths[a], n = rows[b], g = heads[c], gs = 32, ng = (m + gs - 1) / gs;
-					const size_t stride = 4 * ng + ((size_t)m * bits + 7) / 8, cb = n * stride, as = m + ng;
-					uint8_t *p = guarded(cb);
-					float *w = guarded(sizeof(float) * g * n), *acc = guarded(sizeof(float) * g * as);
-					float want[5 * 132] = { 0 };
-
-					for (size_t i = 0; i < cb; i++)
-						p[i] = (uint8_t)rnd32();
-					for (unsigned i = 0; i < n; i++)
-						for (unsigned e = 0; e < 2 * ng; e++) {
-							uint16_t h = kvp_f32_to_f16((float)rand_int(1, 9));
-							memcpy(p + i * stride + 2 * e, &h, sizeof h);
-						}
-					for (size_t i = 0; i < (size_t)g * n; i++)
-						w[i] = (float)rand_int(0, 99);
-					memset(acc, 0, sizeof(float) * g * as);
-					k->axpy_i16_scaled(bits, m, gs, n, p, stride, g, w, n, acc, as);
-					kvp_kernels_scalar.axpy_i16_scaled(bits, m, gs, n, p, stride, g, w, n, want, as);
-					check(!memcmp(acc, want, sizeof(float) * g * as),
-					      "%s axpy_i16_scaled bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
-					unguard(p, cb), unguard(w, sizeof(float) * g * n), unguard(acc, sizeof(float) * g * as);
-				}
+				for (size_t c = 0; c < COUNT(heads); c++)
+					scaled_axpy_guarded_case(k, 0, bits, widths[a], rows[b], heads[c]);
 }
 
 static void axpy_i16_scaled_reads_nothing_past_its_inputs(const struct kvp_kernels *k)
@@ -1894,17 +1915,13 @@ static void scalar_axpy_u8_scaled_matches_its_definition(void)
 				memcpy(&h, p + i * stride + 2 * (NG + c), sizeof h);
 				lane[i % 16] += w[i] * (kvp_f16_to_f32(z) + kvp_f16_to_f32(h) * (L * 0.5f));
 			}
-			for (unsigned half = 8; half; half /= 2)
-				for (unsigned l = 0; l < half; l++)
-					lane[l] += lane[l + half];
-			check(same_bits(acc[M + c], lane[0]), "scalar axpy_u8_scaled bits=%u z sum %u: %.9g, defined %.9g", bits,
-			      c, acc[M + c], lane[0]);
+			check(same_bits(acc[M + c], fold_halves(lane)), "scalar axpy_u8_scaled bits=%u z sum %u: %.9g, defined %.9g",
+			      bits, c, acc[M + c], lane[0]);
 		}
 		free(p);
 	}
 }
 
-/* The last record ends where an unreadable page begins, and so do the weights and accumulators. In a child. */
 static void axpy_u8_scaled_reads_nothing_past_its_inputs_cases(const struct kvp_kernels *k)
 {
 	static const unsigned widths[] = { 64, 128 }, rows[] = { 1, 5, 64, 256 }, heads[] = { 1, 4, 5 };
@@ -1912,31 +1929,8 @@ static void axpy_u8_scaled_reads_nothing_past_its_inputs_cases(const struct kvp_
 	for (unsigned bits = 2; bits <= 4; bits += 2)
 		for (size_t a = 0; a < COUNT(widths); a++)
 			for (size_t b = 0; b < COUNT(rows); b++)
-				for (size_t c = 0; c < COUNT(heads); c++) {
-					const unsigned m = widths[a], n = rows[b], g = heads[c], gs = 32, ng = (m + gs - 1) / gs;
-					const size_t stride = 4 * ng + ((size_t)m * bits + 7) / 8, cb = n * stride, as = m + ng;
-					uint8_t *p = guarded(cb);
-					float *w = guarded(sizeof(float) * g * n), *acc = guarded(sizeof(float) * g * as);
-					float want[5 * 132] = { 0 };
-					const struct kvp_row_runs one = kvp_one_run(n, p, stride, NULL, 0);
-
-					for (size_t i = 0; i < cb; i++)
-						p[i] = (uint8_t)rnd32();
-					for (unsigned i = 0; i < n; i++)
-						for (unsigned e = 0; e < 2 * ng; e++) {
-							uint16_t h = kvp_f32_to_f16((float)rand_int(1, 9));
-							memcpy(p + i * stride + 2 * e, &h, sizeof h);
-						}
-					for (size_t i = 0; i < (size_t)g * n; i++)
-						w[i] = (float)rand_int(0, 99);
-					memset(acc, 0, sizeof(float) * g * as);
-					if (k->axpy_u8_scaled(bits, m, gs, &one, g, w, n, acc, as, NULL)) {
-						kvp_kernels_scalar.axpy_u8_scaled(bits, m, gs, &one, g, w, n, want, as, NULL);
-						check(!memcmp(acc, want, sizeof(float) * g * as),
-						      "%s axpy_u8_scaled bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
-					}
-					unguard(p, cb), unguard(w, sizeof(float) * g * n), unguard(acc, sizeof(float) * g * as);
-				}
+				for (size_t c = 0; c < COUNT(heads); c++)
+					scaled_axpy_guarded_case(k, 1, bits, widths[a], rows[b], heads[c]);
 }
 
 static void axpy_u8_scaled_reads_nothing_past_its_inputs(const struct kvp_kernels *k)
