@@ -2690,7 +2690,8 @@ static double sum_squares(unsigned m, const float *y)
  *    per register; z is stored. Measured against the version before it (one row per register, the
  *    lookups widened and all stages done in int16): about 6% less time per row at d=128 and 9% at d=64.
  *    Tried and slower: the x pass's masks loaded from memory into mask registers instead of moved from
- *    general registers (+3-16%), ell broadcast as a dword from memory (+1.5%).
+ *    general registers (+3-16%), ell broadcast as a dword from memory (+1.5%), the kept values by a plain
+ *    load and a register expand instead of the expanding load (+1-3% at 32K tokens, 5 interleaved rounds).
  * 2. x: per 32 channels the pruned values (rho * ell by vpmulhrsw, which rounds as the contract does,
  *    negated where the pruned signs, placed by pdep, are set) take the kept values in the kept lanes by an
  *    expanding load from z (VBMI2), which reads as many ranks as the chunk keeps from the one it starts at.
