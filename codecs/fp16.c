@@ -1,6 +1,9 @@
 /*
  * fp16: IEEE binary16 storage, rounded to nearest even (kvp_f32_to_f16). Separable, group 1, no
- * per-stream context. Values beyond the binary16 range become infinities, as in any fp16 cache.
+ * per-stream context. encode refuses (KVP_EINVAL, naming the value) what binary16 cannot hold as a finite
+ * number: infinities, NaNs and magnitudes that round to an infinity (65520 and above), as TurboQuant and
+ * KIVI refuse values that are not finite and kvp_append with store=fp16 refuses the same ones; decode
+ * takes any bits as they are.
  *
  * Layout of one token: dim binary16 values, little endian (2*dim bytes). bytes(n) = 2 * dim * n.
  * Every path is a dense kernel (f32_to_f16, f16_to_f32, dot_f16, axpy_f16; bit-identical conversions
@@ -39,13 +42,17 @@ static int aligned(const void *p)
 static kvp_status fp16_encode(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x, void *dst)
 {
 	unsigned char *p = dst;
+	const size_t all = (size_t)n * c->dim, bad = kvp_first_outside(x, all, KVP_F16_OVERFLOW);
 
 	(void)ctx;
+	if (bad < all)
+		return kvp_fail(KVP_EINVAL, "fp16: token %zu, channel %zu is %g: values must be finite and within +-65504",
+				bad / c->dim, bad % c->dim, (double)x[bad]);
 	if (aligned(dst)) {
 		kvp_kernels()->f32_to_f16((size_t)n * c->dim, x, dst);
 		return KVP_OK;
 	}
-	for (size_t i = 0; i < (size_t)n * c->dim; i++) {
+	for (size_t i = 0; i < all; i++) {
 		uint16_t h = kvp_f32_to_f16(x[i]);
 		p[2 * i] = (unsigned char)h;
 		p[2 * i + 1] = (unsigned char)(h >> 8);

@@ -24,9 +24,15 @@ static size_t fp32_bytes(const struct kvp_codec *c, unsigned n)
 	return sizeof(float) * (size_t)c->dim * n;
 }
 
+/* Values that are not finite are refused (KVP_EINVAL, naming the first), as every other codec refuses them. */
 static kvp_status fp32_encode(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x, void *dst)
 {
+	const size_t all = (size_t)n * c->dim, bad = kvp_first_outside(x, all, INFINITY);
+
 	(void)ctx;
+	if (bad < all)
+		return kvp_fail(KVP_EINVAL, "fp32: token %zu, channel %zu is %g: values must be finite", bad / c->dim,
+				bad % c->dim, (double)x[bad]);
 	memcpy(dst, x, fp32_bytes(c, n));
 	return KVP_OK;
 }

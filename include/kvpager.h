@@ -303,6 +303,8 @@ KVP_API kvp_status kvp_codec_open(const char *spec, uint32_t dim, kvp_codec **ou
 KVP_API uint32_t kvp_codec_group(const kvp_codec *c); /* tokens per group; 1 when separable */
 /* Bytes of n tokens, n rounded up to whole groups; SIZE_MAX when they do not fit size_t. */
 KVP_API size_t kvp_codec_bytes(const kvp_codec *c, uint32_t n);
+/* x must be finite (fp16 also refuses what rounds to an infinity, 65520 and above): KVP_EINVAL naming the token
+ * and channel, dst untouched. */
 KVP_API kvp_status kvp_codec_encode(kvp_codec *c, uint32_t n, const float *x, void *dst);
 /* decode and dot read src only when it holds codes encode writes (finite norms and scales >= 0, SparK
  * masks of the kept count): KVP_ECORRUPT naming the token and the field otherwise. A call's codes and its

@@ -193,6 +193,35 @@ Test(codec, public_decode_and_dot_refuse_bytes_no_encoder_writes)
 	kvp_codec_close(fp16);
 }
 
+/* fp16 and fp32 refuse what they could not hold as a finite number, naming the token and channel, and write
+ * nothing; 65504, fp16's largest, and what rounds to it are held. */
+Test(codec, the_dense_codecs_refuse_values_they_cannot_hold_finite)
+{
+	static const struct {
+		const char *spec;
+		float bad;
+	} cases[] = { { "fp16", INFINITY }, { "fp16", NAN }, { "fp16", 65520.0f }, { "fp16", -1e6f },
+		      { "fp32", INFINITY }, { "fp32", -INFINITY }, { "fp32", NAN } };
+	float x[4 * 8];
+	unsigned char bytes[4 * 8 * 4];
+
+	for (unsigned i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		kvp_codec *c = codec_open(cases[i].spec, 8);
+
+		for (unsigned j = 0; j < 4 * 8; j++)
+			x[j] = (float)j - 16.0f;
+		x[3] = 65504.0f, x[4] = -65519.0f; /* the largest, and what rounds to it */
+		cr_assert_eq(kvp_codec_encode(c, 4, x, bytes), KVP_OK, "%s: %s", cases[i].spec, kvp_last_error());
+		x[2 * 8 + 5] = cases[i].bad;
+		memset(bytes, 0xa5, sizeof bytes);
+		cr_assert_eq(kvp_codec_encode(c, 4, x, bytes), KVP_EINVAL, "%s takes %g", cases[i].spec, (double)cases[i].bad);
+		cr_assert(strstr(kvp_last_error(), "token 2, channel 5"), "%s", kvp_last_error());
+		for (unsigned j = 0; j < sizeof bytes; j++)
+			cr_assert_eq(bytes[j], 0xa5, "%s: byte %u written", cases[i].spec, j);
+		kvp_codec_close(c);
+	}
+}
+
 /* The codes and the floats of a call must not overlap (decoding in place would read codes already
  * overwritten by floats). */
 Test(codec, codes_and_floats_that_overlap_are_refused)
