@@ -1430,22 +1430,36 @@ INLINE __m512 lane_of(__m512 x, unsigned h)
 	}
 }
 
+/* kvp_weight_u8_in in lanes: u = w * s where that is > 0, else 0 (a product that is not > 0, NaN included,
+ * gives vmaxps's second operand, 0). */
+INLINE __m512 weight_u8_in(__m512 w, __m512 s)
+{
+	return _mm512_max_ps(_mm512_mul_ps(w, s), _mm512_setzero_ps());
+}
+
+/* kvp_weight_u8 in the lanes of in, stored as bytes at out: u >= lo, so x = (u - lo) * inv is never below 0
+ * nor NaN, and x + 0.5 truncated is the plain code's rounding without its test of x > 0. */
+INLINE void store_weights_u8(uint8_t *out, __mmask16 in, __m512 u, __m512 lo, __m512 inv)
+{
+	const __m512 x = _mm512_mul_ps(_mm512_sub_ps(u, lo), inv);
+
+	_mm512_mask_cvtepi32_storeu_epi8(out, in, _mm512_min_epi32(_mm512_cvttps_epi32(_mm512_add_ps(x, _mm512_set1_ps(0.5f))),
+								   _mm512_set1_epi32(255)));
+}
+
 /*
  * The weights of hn heads as uint8 (kernels.h's rounding, lane by lane), each row of w8 with four zeros after
  * its last; f[h] = unit * ((top - lo) / 255) and e[h] = unit * lo. Returns 0, having written only w8, when a
  * weight has its sign bit set; else 1. One pass gathers sixteen rows' scales and takes every head's u,
- * its largest and its least (u = max(w * s, 0): a product that is not > 0, NaN included, gives the second
- * operand, 0); the four heads' largest and least are reduced together, and their steps computed in one
- * register, head h in 128-bit lane h (the same operations as the plain code's, so the same bits).
- * u >= lo, so x = (u - lo) * inv is never below 0 nor NaN, and x + 0.5 truncated is the plain code's
- * rounding without its test of x > 0.
+ * its largest and its least (weight_u8_in); the four heads' largest and least are reduced together, and
+ * their steps computed in one register, head h in 128-bit lane h (the same operations as the plain code's,
+ * so the same bits), then store_weights_u8 rounds them.
  */
 INLINE int weights_u8(unsigned hn, const struct kvp_row_runs *rows, const float *w, size_t ws, float unit,
 		      uint8_t (*w8)[KVP_AXPY_I16_ROWS + 4], float *f, float *e)
 {
 	const unsigned n = rows->n;
-	const __m512 zero = _mm512_setzero_ps(), half = _mm512_set1_ps(0.5f), inf = _mm512_set1_ps(INFINITY);
-	const __m512i most = _mm512_set1_epi32(255);
+	const __m512 zero = _mm512_setzero_ps(), inf = _mm512_set1_ps(INFINITY);
 	float u[4][KVP_AXPY_I16_ROWS], fe[2][16];
 	__m512 top[4] = { zero, zero, zero, zero }, least[4] = { inf, inf, inf, inf }, t, l, spread, inv;
 	__m512i bits = _mm512_setzero_si512();
@@ -1456,7 +1470,7 @@ INLINE int weights_u8(unsigned hn, const struct kvp_row_runs *rows, const float 
 		const __m512 s = row_scales16(in, kvp_run_scale(rows, i), rows->scale_stride);
 
 		for (unsigned h = 0; h < hn; h++) {
-			const __m512 x = _mm512_maskz_loadu_ps(in, w + h * ws + i), v = _mm512_max_ps(_mm512_mul_ps(x, s), zero);
+			const __m512 x = _mm512_maskz_loadu_ps(in, w + h * ws + i), v = weight_u8_in(x, s);
 
 			bits = _mm512_or_si512(bits, _mm512_castps_si512(x));
 			_mm512_storeu_ps(u[h] + i, v);
@@ -1482,13 +1496,8 @@ INLINE int weights_u8(unsigned hn, const struct kvp_row_runs *rows, const float 
 		const __m512 lo = lane_of(l, h), step = lane_of(inv, h);
 
 		f[h] = fe[0][4 * h], e[h] = fe[1][4 * h];
-		for (unsigned i = 0; i < n; i += 16) {
-			const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
-			const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(u[h] + i), lo), step);
-
-			_mm512_mask_cvtepi32_storeu_epi8(w8[h] + i, in,
-							 _mm512_min_epi32(_mm512_cvttps_epi32(_mm512_add_ps(x, half)), most));
-		}
+		for (unsigned i = 0; i < n; i += 16)
+			store_weights_u8(w8[h] + i, tail16(n - i < 16 ? n - i : 16), _mm512_loadu_ps(u[h] + i), lo, step);
 		memset(w8[h] + n, 0, 4);
 	}
 	return 1;
@@ -2408,8 +2417,7 @@ INLINE void u8_scaled_weights(unsigned hn, unsigned ng, struct u8_scaled *k, con
 	const unsigned n = k->n;
 	const uint16_t *sh = zh + (size_t)ng * n;
 	const __m512 half_levels = _mm512_set1_ps((float)((1u << k->bits) - 1) * 0.5f);
-	const __m512 zero = _mm512_setzero_ps(), half = _mm512_set1_ps(0.5f), inf = _mm512_set1_ps(INFINITY);
-	const __m512i most = _mm512_set1_epi32(255);
+	const __m512 zero = _mm512_setzero_ps(), inf = _mm512_set1_ps(INFINITY);
 	__m512 zsum[16], top[4], least[4];
 	float sums[16];
 
@@ -2432,8 +2440,7 @@ INLINE void u8_scaled_weights(unsigned hn, unsigned ng, struct u8_scaled *k, con
 			const __m512 zc = _mm512_add_ps(f16_at(in, (const uint8_t *)(zh + c * n), i), _mm512_mul_ps(sv, half_levels));
 #pragma GCC unroll 4
 			for (unsigned h = 0; h < hn; h++) {
-				/* a product that is not > 0, NaN included, gives the second operand: 0 */
-				const __m512 u = _mm512_max_ps(_mm512_mul_ps(wv[h], sv), zero);
+				const __m512 u = weight_u8_in(wv[h], sv);
 
 				zsum[h * ng + c] = _mm512_add_ps(zsum[h * ng + c], _mm512_mul_ps(wv[h], zc));
 				top[h] = _mm512_max_ps(u, top[h]);
@@ -2455,13 +2462,10 @@ INLINE void u8_scaled_weights(unsigned hn, unsigned ng, struct u8_scaled *k, con
 
 			for (unsigned i = 0; i < n; i += 16) {
 				const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
-				const __m512 u = _mm512_max_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, w + h * ws + i),
-									     f16_at(in, (const uint8_t *)(sh + c * n), i)),
-							       zero);
-				const __m512 x = _mm512_mul_ps(_mm512_sub_ps(u, lov), inv);
 
-				_mm512_mask_cvtepi32_storeu_epi8(row + i, in,
-								 _mm512_min_epi32(_mm512_cvttps_epi32(_mm512_add_ps(x, half)), most));
+				store_weights_u8(row + i, in, weight_u8_in(_mm512_maskz_loadu_ps(in, w + h * ws + i),
+									   f16_at(in, (const uint8_t *)(sh + c * n), i)),
+						 lov, inv);
 			}
 			memset(row + n, 0, 4);
 		}
