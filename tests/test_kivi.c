@@ -409,33 +409,53 @@ static int weights_take_u8(const struct kvp_codec *c, unsigned gsize, unsigned b
 	return took;
 }
 
-/* How far the kernel's rounding of the weights may move channel j's sum: 12 bits of the largest w_t s_tg
- * (axpy_i16_scaled) or 8 bits above their least against the centred codes (axpy_u8_scaled). */
-static double weights_bound(const struct kvp_codec *c, unsigned gsize, const void *bytes, unsigned n, const float *w,
-			    unsigned j)
+/* The rounding of one head's weights w_t s_tg by the kernel axpy_group takes: 12 bits of their largest
+ * (axpy_i16_scaled, against the codes themselves) or 8 bits above their least (axpy_u8_scaled, against the
+ * centred codes 2 code - L). half_step is 0 where there is no such rounding (keys per channel). */
+struct weights_rounding {
+	unsigned bits, ng;
+	int centred;
+	double half_step;
+};
+
+static struct weights_rounding weights_rounding(const struct kvp_codec *c, unsigned gsize, const void *bytes,
+						unsigned n, const float *w)
 {
 	const unsigned d = c->dim, ng = c->acc_dim - d;
 	const size_t stride = c->ops->bytes(c, 1);
-	const unsigned bits = (unsigned)((stride - 4 * (size_t)ng) * 8 / d);
-	double top = 0, lo = INFINITY, codes = 0, centred = 0;
-	int u8;
+	struct weights_rounding r = { .ng = ng };
+	double top = 0, lo = INFINITY;
 
 	if (c->group != 1 || ng == 0)
-		return 0;
-	u8 = weights_take_u8(c, gsize, bits, bytes, n, w);
-	for (unsigned i = 0; i < n; i++) {
-		const uint8_t *p = (const uint8_t *)bytes + i * stride;
-		const unsigned code = kvp_row_code(p + 4 * (size_t)ng, j, bits);
+		return r;
+	r.bits = (unsigned)((stride - 4 * (size_t)ng) * 8 / d);
+	r.centred = weights_take_u8(c, gsize, r.bits, bytes, n, w);
+	for (unsigned i = 0; i < n; i++)
 		for (unsigned g = 0; g < ng; g++) {
 			uint16_t h;
-			memcpy(&h, p + 2 * (ng + g), sizeof h);
+			memcpy(&h, (const uint8_t *)bytes + i * stride + 2 * (ng + g), sizeof h);
 			top = fmax(top, fabs((double)w[i] * kvp_f16_to_f32(h)));
 			lo = fmin(lo, fabs((double)w[i] * kvp_f16_to_f32(h)));
 		}
-		codes += code;
-		centred += fabs(2.0 * code - ((1u << bits) - 1));
+	r.half_step = r.centred ? (top - lo) / 510 / 2 : top / 4095 / 2;
+	return r;
+}
+
+/* How far that rounding may move channel j's sum: half a step per unit of each token's integer code. */
+static double weights_bound(const struct kvp_codec *c, const struct weights_rounding *r, const void *bytes,
+			    unsigned n, unsigned j)
+{
+	const size_t stride = c->ops->bytes(c, 1);
+	double codes = 0;
+
+	if (r->half_step == 0)
+		return 0;
+	for (unsigned i = 0; i < n; i++) {
+		const unsigned code = kvp_row_code((const uint8_t *)bytes + i * stride + 4 * (size_t)r->ng, j, r->bits);
+
+		codes += r->centred ? fabs(2.0 * code - ((1u << r->bits) - 1)) : code;
 	}
-	return u8 ? (top - lo) / 510 / 2 * centred : top / 4095 / 2 * codes;
+	return r->half_step * codes;
 }
 
 static void group_matches_heads(const char *spec, unsigned role, unsigned d, unsigned n, unsigned g)
@@ -450,6 +470,7 @@ static void group_matches_heads(const char *spec, unsigned role, unsigned d, uns
 	float *sum = xcalloc(d, sizeof *sum), *sum1 = xcalloc(d, sizeof *sum1);
 	char *qprep = xcalloc(g, qs);
 	void *bytes = xcalloc(1, c->ops->bytes(c, n));
+	struct weights_rounding rounding;
 
 	cr_assert(c->ops->dot_group && c->ops->axpy_group, "kivi offers the group paths");
 	rng_gaussians(&r, x, (size_t)n * d);
@@ -479,12 +500,13 @@ static void group_matches_heads(const char *spec, unsigned role, unsigned d, uns
 		c->ops->axpy(c, NULL, n, bytes, w + (size_t)h * n, acc1);
 		c->ops->finish(c, NULL, acc + h * ad, sum);
 		c->ops->finish(c, NULL, acc1, sum1);
+		rounding = weights_rounding(c, spec_group(spec), bytes, n, w + (size_t)h * n);
 		for (unsigned j = 0; j < d; j++) {
 			double mag = 0;
 			for (unsigned i = 0; i < n; i++)
 				mag += fabs(w[(size_t)h * n + i] * y[(size_t)i * d + j]);
 			cr_assert(fabs(sum[j] - sum1[j]) <=
-					  1e-5 * mag + 1e-6 + weights_bound(c, spec_group(spec), bytes, n, w + (size_t)h * n, j),
+					  1e-5 * mag + 1e-6 + weights_bound(c, &rounding, bytes, n, j),
 				  "%s role %u d=%u g=%u head %u channel %u: axpy_group %.7g, axpy %.7g", spec, role, d, g, h,
 				  j, sum[j], sum1[j]);
 		}
