@@ -49,7 +49,7 @@ static kvp_status fp16_encode(const struct kvp_codec *c, const void *ctx, unsign
 		return kvp_fail(KVP_EINVAL, "fp16: token %zu, channel %zu is %g: values must be finite and within +-65504",
 				bad / c->dim, bad % c->dim, (double)x[bad]);
 	if (aligned(dst)) {
-		kvp_kernels()->f32_to_f16((size_t)n * c->dim, x, dst);
+		kvp_kernels()->f32_to_f16(all, x, dst);
 		return KVP_OK;
 	}
 	for (size_t i = 0; i < all; i++) {
