@@ -402,9 +402,8 @@ static void mask_expand(unsigned d, unsigned n, const uint8_t *masks, const uint
 
 /*
  * The integer loops below for the tables without versions of their own (and the shapes a table's own
- * version leaves) run on the including file's vectors
- * through GCC's and Clang's vector extensions (at -O2 GCC 12 vectorizes only loops of a known count, so they
- * say how they run): loops_i32v, LOOPS_LANES int32 lanes, and loops_bytes, LOOPS_LANES bytes widened into
+ * version leaves) run on the including file's vectors through GCC's and Clang's vector extensions (at -O2
+ * GCC 12 vectorizes only loops of a known count, so they say how they run): loops_i32v, LOOPS_LANES int32 lanes, and loops_bytes, LOOPS_LANES bytes widened into
  * them, come from the including file; these are the same lanes as floats and uint32.
  */
 typedef float loops_f32v __attribute__((vector_size(LOOPS_LANES * 4)));
@@ -624,9 +623,8 @@ static void band_norms(unsigned d, unsigned n, int interleaved, const float *row
 
 /*
  * KIVI's kernels for the tables without versions of their own, and for the shapes a table's own version
- * leaves (AVX-512's take 2-bit codes: keys of 4 bits ran the plain code there, slower than AVX2's
- * loops): the plain code's arithmetic (kernels.h), in
- * loops the compiler vectorizes. The plain code converted each fp16 number where it used it and unpacked
+ * leaves (AVX-512's other widths, which ran the plain code before, slower than AVX2's loops): the plain
+ * code's arithmetic (kernels.h), in loops the compiler vectorizes. The plain code converted each fp16 number where it used it and unpacked
  * each code once per head (per channel, for the values' weights): at 32K tokens, d=128, AVX2 took 559 ms for a
  * layer, against 3 ms for AVX-512's own kernels. Here fp16 numbers go through the table's f16_to_f32 (the
  * same bits as kvp_f16_at), and a code is unpacked once for four heads. Widths that do not divide a byte, and
