@@ -624,11 +624,11 @@ static void band_norms(unsigned d, unsigned n, int interleaved, const float *row
 /*
  * KIVI's kernels for the tables without versions of their own, and for the shapes a table's own version
  * leaves (AVX-512's other widths, which ran the plain code before, slower than AVX2's loops): the plain
- * code's arithmetic (kernels.h), in loops the compiler vectorizes. The plain code converted each fp16 number where it used it and unpacked
- * each code once per head (per channel, for the values' weights): at 32K tokens, d=128, AVX2 took 559 ms for a
- * layer, against 3 ms for AVX-512's own kernels. Here fp16 numbers go through the table's f16_to_f32 (the
- * same bits as kvp_f16_at), and a code is unpacked once for four heads. Widths that do not divide a byte, and
- * shapes past the buffers below, take the plain code.
+ * code's arithmetic (kernels.h), in loops the compiler vectorizes. The plain code converted each fp16 number
+ * where it used it and unpacked each code once per head (per channel, for the values' weights): at 32K
+ * tokens, d=128, AVX2 took 559 ms for a layer, against 3 ms for AVX-512's own kernels. Here fp16 numbers go
+ * through the table's f16_to_f32 (the same bits as kvp_f16_at), and a code is unpacked once for four heads.
+ * Widths that do not divide a byte, and shapes past the buffers below, take the plain code.
  */
 #define SCALED_CHUNK 256u /* channels or scalars converted at a time */
 #define SCALED_ROWS 64u   /* dot_i8_scaled: rows whose sums are in flight */
