@@ -54,32 +54,64 @@ double bench_time_cold(void (*fn)(void *), void *arg, int reps)
 	return best_time(fn, arg, reps, evict_caches);
 }
 
-struct copy {
+void bench_time_cold_turns(const struct bench_call *calls, unsigned n, int reps, double *best)
+{
+	for (unsigned k = 0; k < n; k++) {
+		calls[k].fn(calls[k].arg);
+		best[k] = 1e30;
+	}
+	for (int r = 0; r < reps; r++)
+		for (unsigned k = 0; k < n; k++) {
+			evict_caches();
+			double t0 = bench_now();
+			calls[k].fn(calls[k].arg);
+			double t = bench_now() - t0;
+			if (t < best[k])
+				best[k] = t;
+		}
+}
+
+struct bench_copy {
 	void *dst;
-	const void *src;
+	void *src;
 	size_t bytes;
 };
 
-static void do_copy(void *arg)
+struct bench_copy *bench_copy_open(size_t bytes)
 {
-	struct copy *c = arg;
+	struct bench_copy *c = malloc(sizeof *c);
+
+	if (!c || !(c->dst = malloc(bytes)) || !(c->src = malloc(bytes))) {
+		fprintf(stderr, "bench: cannot allocate %zu bytes for the memcpy probe\n", bytes);
+		exit(1);
+	}
+	c->bytes = bytes;
+	memset(c->src, 1, bytes);
+	memset(c->dst, 2, bytes);
+	return c;
+}
+
+void bench_copy_run(void *copy)
+{
+	struct bench_copy *c = copy;
+
 	memcpy(c->dst, c->src, c->bytes);
 	__asm__ volatile("" : : "r"(c->dst) : "memory");
 }
 
+void bench_copy_close(struct bench_copy *c)
+{
+	free(c->dst);
+	free(c->src);
+	free(c);
+}
+
 double bench_memcpy_bandwidth(size_t bytes)
 {
-	struct copy c = { malloc(bytes), malloc(bytes), bytes };
-	double t;
-	if (!c.dst || !c.src) {
-		fprintf(stderr, "bench: cannot allocate %zu bytes for the memcpy probe\n", bytes);
-		exit(1);
-	}
-	memset((void *)c.src, 1, bytes);
-	memset(c.dst, 2, bytes);
-	t = bench_time(do_copy, &c, 5);
-	free(c.dst);
-	free((void *)c.src);
+	struct bench_copy *c = bench_copy_open(bytes);
+	double t = bench_time(bench_copy_run, c, 5);
+
+	bench_copy_close(c);
 	return (double)bytes / t;
 }
 

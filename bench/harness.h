@@ -16,6 +16,20 @@ double bench_time(void (*fn)(void *), void *arg, int reps);
  * does after every other layer has been read. */
 #define BENCH_EVICT_BYTES ((size_t)128 << 20)
 double bench_time_cold(void (*fn)(void *), void *arg, int reps);
+/* bench_time_cold of n calls taken in turn, fn[0], fn[1], .., fn[n-1], reps times, so that each one's
+ * best (into best[k]) comes from the same stretch of a shared machine's load as the others': a ratio of
+ * two of them then moves with the code, not with what ran beside it. */
+struct bench_call {
+	void (*fn)(void *);
+	void *arg;
+};
+void bench_time_cold_turns(const struct bench_call *calls, unsigned n, int reps, double *best);
+/* A memcpy of `bytes` between two buffers of its own, as a bench_call (bench_copy_run): bytes over its
+ * time is the memcpy bandwidth. */
+struct bench_copy;
+struct bench_copy *bench_copy_open(size_t bytes);
+void bench_copy_run(void *copy);
+void bench_copy_close(struct bench_copy *copy);
 /* memcpy bandwidth in bytes/s over buffers of `bytes`, best of a few runs. */
 double bench_memcpy_bandwidth(size_t bytes);
 /* Reps from the environment (KVP_BENCH_REPS) or the given default: CI can make runs short. */
