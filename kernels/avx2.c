@@ -1359,6 +1359,191 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 
 #undef CHOOSE_VECTORS
 
+/* loops.h's own version, for the shapes dot_i8_scaled below leaves; not inlined, so that its frame and this one
+ * stay apart (make stack) */
+static void loops_dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g,
+				const float *q, size_t q_stride, float *out, size_t out_stride) __attribute__((noinline));
+
+/*
+ * dot_i8_scaled (contract in kernels.h), 2- and 4-bit codes, m <= 256 (KIVI's keys; other shapes take
+ * loops.h's). Eight rows at a time, a row per dword: the row's codes of channels 4k..4k+3 (column byte k of
+ * 2-bit codes, bytes 2k and 2k + 1 of 4-bit ones) go a code per byte by shifts and ors, and vpmaddubsw
+ * multiplies them with the head's int8 query of those channels, broadcast as one int32: two products per
+ * word, at most 2 * 15 * 127 apart from zero, so nothing saturates. The words add up in int16 for as many
+ * quads as stay below 2^15 (32 at 2 bits, 8 at 4), then vpmaddwd with ones joins each row's two words
+ * into its int32 sum. Where loops.h's lanes multiplied every code by an int32 query, this takes about a
+ * third of the instructions.
+ */
+#define SCALED_QUAD_MAX 64 /* 256 channels */
+
+/* Eight rows' codes of channels 4k..4k+3 at col (4-bit: the second byte a column, n bytes, later), a row per
+ * dword and a code per byte. */
+INLINE __m256i scaled_quads8(unsigned bits, const uint8_t *col, size_t n)
+{
+	const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)col));
+
+	if (bits == 2) {
+		/* copies of the byte at bits 0, 6, 12 and 18: code t lands at bits 8t..8t+1 */
+		const __m256i t = _mm256_or_si256(x, _mm256_slli_epi32(x, 6));
+
+		return _mm256_and_si256(_mm256_or_si256(t, _mm256_slli_epi32(t, 12)), _mm256_set1_epi32(0x03030303));
+	}
+	{
+		const __m256i y = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(col + n)));
+		const __m256i d = _mm256_or_si256(x, _mm256_slli_epi32(y, 16)); /* bytes x, 0, y, 0 */
+
+		return _mm256_or_si256(_mm256_and_si256(d, _mm256_set1_epi32(0x000f000f)),
+				       _mm256_and_si256(_mm256_slli_epi32(d, 4), _mm256_set1_epi32(0x0f000f00)));
+	}
+}
+
+/* Four heads' sums of the eight rows whose codes start at codes, q8[h] the head's int8 query (four bytes a quad
+ * of channels); per_quad bytes from one quad's first column to the next's. */
+INLINE void scaled_sums8(unsigned bits, unsigned nq, size_t n, const uint8_t *codes, size_t per_quad,
+			 const uint8_t (*q8)[4 * SCALED_QUAD_MAX], __m256i s[4])
+{
+	const unsigned flush = bits == 2 ? 32 : 8; /* quads of int16 sums below 2^15 */
+	const __m256i ones = _mm256_set1_epi16(1);
+	__m256i w0 = _mm256_setzero_si256(), w1 = w0, w2 = w0, w3 = w0;
+
+	s[0] = s[1] = s[2] = s[3] = w0;
+	for (unsigned k = 0; k < nq; k++) {
+		const __m256i c = scaled_quads8(bits, codes + k * per_quad, n);
+		uint32_t q[4];
+
+		memcpy(q, q8[0] + 4 * k, 4), memcpy(q + 1, q8[1] + 4 * k, 4);
+		memcpy(q + 2, q8[2] + 4 * k, 4), memcpy(q + 3, q8[3] + 4 * k, 4);
+		w0 = _mm256_add_epi16(w0, _mm256_maddubs_epi16(c, _mm256_set1_epi32((int)q[0])));
+		w1 = _mm256_add_epi16(w1, _mm256_maddubs_epi16(c, _mm256_set1_epi32((int)q[1])));
+		w2 = _mm256_add_epi16(w2, _mm256_maddubs_epi16(c, _mm256_set1_epi32((int)q[2])));
+		w3 = _mm256_add_epi16(w3, _mm256_maddubs_epi16(c, _mm256_set1_epi32((int)q[3])));
+		if ((k + 1) % flush == 0 || k + 1 == nq) {
+			s[0] = _mm256_add_epi32(s[0], _mm256_madd_epi16(w0, ones));
+			s[1] = _mm256_add_epi32(s[1], _mm256_madd_epi16(w1, ones));
+			s[2] = _mm256_add_epi32(s[2], _mm256_madd_epi16(w2, ones));
+			s[3] = _mm256_add_epi32(s[3], _mm256_madd_epi16(w3, ones));
+			w0 = w1 = w2 = w3 = _mm256_setzero_si256();
+		}
+	}
+}
+
+/* k <= 8 fp16 numbers at p + 2j as floats, zeros past them; nothing past them is read. */
+INLINE __m256 f16_run8(const uint8_t *p, unsigned j, unsigned k)
+{
+	uint16_t t[8] = { 0 };
+
+	if (k == 8)
+		return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(p + 2 * (size_t)j)));
+	memcpy(t, p + 2 * (size_t)j, 2 * k);
+	return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)t));
+}
+
+/* The first k <= 8 floats at p, zeros past them; nothing past them is read. */
+INLINE __m256 f32_run8(const float *p, unsigned k)
+{
+	return k == 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, tail_mask(k));
+}
+
+/*
+ * kvp_scaled_query_i8 for hn <= 4 heads at once (the same products, maxima and rounding) into q8 (zeros for
+ * the heads past hn and the channels past m, to the end of the last quad), each head's step into step and its
+ * float sum of q_j z_j in kvp_fold16's order into z: running sums of channels j % 16 < 8 in one register and
+ * of the others in a second, the lanes of channels past m adding +0 (a lane's sum starts at +0, so that
+ * changes no bit).
+ */
+static void scaled_queries_q8(unsigned hn, unsigned m, const float *q, size_t qs, const uint8_t *group,
+			      uint8_t (*q8)[4 * SCALED_QUAD_MAX], float *step, float *z)
+{
+	const uint8_t *s = group + 2 * (size_t)m;
+	const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+	__m256 top[4], sums[4][2];
+	float inv[4];
+
+	memset(q8, 0, 4 * sizeof *q8);
+	for (unsigned h = 0; h < hn; h++)
+		top[h] = sums[h][0] = sums[h][1] = _mm256_setzero_ps();
+	for (unsigned j = 0; j < m; j += 8) {
+		const unsigned k = m - j < 8 ? m - j : 8;
+		const __m256 sv = f16_run8(s, j, k), zv = f16_run8(group, j, k);
+
+		for (unsigned h = 0; h < hn; h++) {
+			const __m256 qv = f32_run8(q + h * qs + j, k);
+
+			top[h] = _mm256_max_ps(top[h], _mm256_and_ps(_mm256_mul_ps(qv, sv), magnitude));
+			sums[h][j / 8 % 2] = _mm256_add_ps(sums[h][j / 8 % 2], _mm256_mul_ps(qv, zv));
+		}
+	}
+	for (unsigned h = 0; h < hn; h++) {
+		float lanes[16], t = 0.0f;
+
+		_mm256_storeu_ps(lanes, top[h]);
+		for (unsigned l = 0; l < 8; l++)
+			t = lanes[l] > t ? lanes[l] : t;
+		inv[h] = t > 127.0f / 3.0e38f ? 127.0f / t : 0.0f;
+		step[h] = t / 127.0f;
+		_mm256_storeu_ps(lanes, sums[h][0]);
+		_mm256_storeu_ps(lanes + 8, sums[h][1]);
+		z[h] = kvp_fold16(lanes);
+	}
+	for (unsigned j = 0; j < m; j += 8) {
+		const unsigned k = m - j < 8 ? m - j : 8;
+		const __m256 sv = f16_run8(s, j, k);
+
+		for (unsigned h = 0; h < hn; h++) {
+			const __m256 u = _mm256_mul_ps(_mm256_mul_ps(f32_run8(q + h * qs + j, k), sv), _mm256_set1_ps(inv[h]));
+			const __m256i x = _mm256_cvtps_epi32(u); /* to nearest even, as nearbyintf */
+			const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+
+			_mm_storel_epi64((__m128i *)(void *)(q8[h] + j), _mm_packs_epi16(w, w));
+		}
+	}
+}
+
+static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g, const float *q,
+			  size_t q_stride, float *out, size_t out_stride)
+{
+	const unsigned nq = (m + 3) / 4;
+	const size_t per_quad = bits / 2 * (size_t)n;
+	const uint8_t *codes = group + 4 * (size_t)m;
+	uint8_t q8[4][4 * SCALED_QUAD_MAX];
+	float step[4], z[4];
+
+	/* 4-bit quads read two column bytes: whole ones only */
+	if ((bits != 2 && (bits != 4 || m % 4)) || m > 4 * SCALED_QUAD_MAX || !m) {
+		loops_dot_i8_scaled(bits, m, n, group, g, q, q_stride, out, out_stride);
+		return;
+	}
+	for (unsigned h0 = 0; h0 < g; h0 += 4) {
+		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
+
+		scaled_queries_q8(hn, m, q + h0 * q_stride, q_stride, group, q8, step, z);
+		for (unsigned i = 0; i < n; i += 8) {
+			const unsigned rows = n - i < 8 ? n - i : 8;
+			uint8_t tail[2 * SCALED_QUAD_MAX][16];
+			float o[8];
+			__m256i s[4];
+
+			if (rows == 8) {
+				scaled_sums8(bits, nq, n, codes + i, per_quad, (const uint8_t (*)[4 * SCALED_QUAD_MAX])q8, s);
+			} else {
+				/* the last rows' bytes, column by column, into eight zeroed ones: no read past the codes */
+				memset(tail, 0, sizeof tail);
+				for (unsigned c = 0; c < nq * bits / 2; c++)
+					memcpy(tail[c], codes + (size_t)c * n + i, rows);
+				scaled_sums8(bits, nq, 16, tail[0], bits / 2 * 16, (const uint8_t (*)[4 * SCALED_QUAD_MAX])q8, s);
+			}
+			for (unsigned h = 0; h < hn; h++) {
+				const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(s[h]), _mm256_set1_ps(step[h]));
+
+				_mm256_storeu_ps(o, _mm256_add_ps(_mm256_set1_ps(z[h]), v));
+				memcpy(out + (h0 + h) * out_stride + i, o, rows * sizeof(float));
+			}
+		}
+	}
+}
+
+#define KVP_ISA_DOT_I8_SCALED
+
 /* loops.h's integer lanes: eight int32 in a ymm register, and eight bytes widened into them */
 #define LOOPS_LANES 8
 typedef int32_t loops_i32v __attribute__((vector_size(32)));

@@ -1582,6 +1582,40 @@ static void dot_i8_scaled_equals_scalar_on_odd_lengths_and_unaligned_pointers(co
 			scaled_case(k, bits, wide[a], 17, 4, 1);
 }
 
+/*
+ * Every code at its largest and every channel's int8 query at +127 or -127 (q_j s_j all of one size): the
+ * sums as far from zero as the contract lets them go, where a kernel that adds products in narrower integers
+ * on the way would overflow. Bit for bit with the scalar table.
+ */
+static void dot_i8_scaled_sums_the_largest_codes_exactly(const struct kvp_kernels *k)
+{
+	static const unsigned widths[] = { 64, 128, 252, 256, 1024 };
+
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(widths); a++)
+			for (int sign = -1; sign <= 1; sign += 2) {
+				const unsigned m = widths[a], n = 9, g = 4;
+				const size_t bytes = 4 * (size_t)m + ((size_t)m * bits + 7) / 8 * n;
+				uint8_t *group = xmalloc(bytes);
+				float *q = xmalloc(sizeof *q * g * m), got[4 * 9], want[4 * 9];
+				const uint16_t one = kvp_f32_to_f16(1.0f), zero = 0;
+
+				memset(group + 4 * (size_t)m, 0xff, bytes - 4 * (size_t)m);
+				for (unsigned j = 0; j < m; j++)
+					memcpy(group + 2 * j, &zero, 2), memcpy(group + 2 * ((size_t)m + j), &one, 2);
+				for (size_t i = 0; i < (size_t)g * m; i++)
+					q[i] = (float)sign * 2.0f;
+				k->dot_i8_scaled(bits, m, n, group, g, q, m, got, n);
+				kvp_kernels_scalar.dot_i8_scaled(bits, m, n, group, g, q, m, want, n);
+				for (unsigned i = 0; i < g * n; i++)
+					check(same_bits(got[i], want[i]) &&
+						      fabs(got[i] - sign * 2.0 * ((1u << bits) - 1) * m) <= 1e-5 * 2.0 * ((1u << bits) - 1) * m,
+					      "%s dot_i8_scaled bits=%u m=%u sign %d head %u row %u: %.9g, scalar %.9g", k->name, bits, m,
+					      sign, i / n, i % n, got[i], want[i]);
+				free(group), free(q);
+			}
+}
+
 /* The codes, the query, the scales and out each end where an unreadable page begins. In a child process. */
 static void dot_i8_scaled_reads_nothing_past_its_inputs_cases(const struct kvp_kernels *k)
 {
@@ -2810,6 +2844,7 @@ static const struct vector_test vector_tests[] = {
 	TEST(integer_lookups_equal_scalar_at_the_ends_of_their_ranges),
 	TEST(integer_lookups_read_nothing_past_their_inputs),
 	TEST(dot_i8_scaled_equals_scalar_on_odd_lengths_and_unaligned_pointers),
+	TEST(dot_i8_scaled_sums_the_largest_codes_exactly),
 	TEST(dot_i8_scaled_reads_nothing_past_its_inputs),
 	TEST(axpy_i16_scaled_equals_scalar_on_odd_lengths_and_unaligned_pointers),
 	TEST(axpy_i16_scaled_reads_nothing_past_its_inputs),
