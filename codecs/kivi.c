@@ -34,26 +34,29 @@
  *     per group of G tokens and for all the heads of a GQA group: one dot_i8_scaled, which reads the group's
  *     fp16 z and s itself, sums <q, z> in floats and makes each head's q * s an int8 query on the step
  *     max_j |q_j s_j| / 127, summed against the codes exactly (AVX-512: the heads' queries in one pass,
- *     then vpdpbusd with tokens as lanes, no horizontal sums). A score moves by at most step / 2 *
+ *     then vpdpbusd with tokens as lanes, no horizontal sums; AVX2: vpmaddubsw with a token per dword lane,
+ *     the int16 sums widened before they could overflow). A score moves by at most step / 2 *
  *     sum_j code_jt (tests/test_kivi.c checks this; tests/test_attend.c the attention's error at 32K tokens).
  *     dot, the float reference, gathers each token's row and runs lut_dot on q * s.
- *   values (per token): sum_t w_t x_tj = sum_t (w_t s_tg) code_tj + sum_t w_t z_tg over each channel group
- *     g. axpy_group (attention's path) reads each token's fp16 z and s in the kernel and adds each head's sums
- *     of w_t z_tg to acc[dim + g] (ng more floats, acc_dim = dim + ng, which finish adds to the group's
- *     channels once per step). Weights that are not negative (attention's) take axpy_u8_scaled: 8 bits above
- *     the call's least w_t s_tg, against the centred codes 2 code - L (z + s L / 2 joins the z sums), four
- *     tokens per vpdpbusd lane; a span's blocks are its runs of rows (axpy_span), so that the weight step and
- *     the flush of the sums come once per span. Centring matters: with the codes 0..L themselves every
- *     token's rounding error adds up in the sums' common part, and at 32K tokens attention moved 1.8e-3
- *     (2 bits) and 2.3e-3 (4 bits) from the decode, 1.1e-3 and 1.0e-3 centred (0.76e-3 and 0.78e-3 on
- *     12-bit weights); kvpager-ab's KL on kjv-64 is 1.09e-3 either way. At 32K tokens, d=128, a layer took
- *     12% less time than with axpy_i16_scaled (interleaved runs). Other weights, shapes the kernel's vector
- *     version leaves and tables without one (AVX2, NEON) take axpy_i16_scaled per pass of tokens: 12 bits of
- *     the largest (step = max / 4095; a channel's sum moves by at most step / 2 * sum_t code_tj, tested).
- *     Its AVX-512 version, groups of 32: channels are the lanes of vpdpwssd, two tokens' codes of a lane's
- *     byte placed by one vpermb and masked plane by plane (code * 4^j), against a qword of the two tokens'
- *     weights of the chunk's two groups. axpy, the float reference: one lut_axpy per channel group with
- *     weights w_t s_tg, the z sums by the fp16 dot kernels.
+ *   values (per token): sum_t w_t x_tj = sum_t (w_t s_tg) code_tj + sum_t w_t z_tg over each channel
+ *     group g. axpy_group (attention's path) reads each token's fp16 z and s in the kernel and adds each
+ *     head's sums of w_t z_tg to acc[dim + g] (ng more floats, acc_dim = dim + ng, which finish adds to the
+ *     group's channels once per step). Weights that are not negative (attention's) take axpy_u8_scaled: 8
+ *     bits above the call's least w_t s_tg, against the centred codes 2 code - L (z + s L / 2 joins the z
+ *     sums), four tokens per vpdpbusd lane (AVX2: per vpmaddubsw dword); a span's blocks are its runs of
+ *     rows (axpy_span), so that the weight step and the flush of the sums come once per span. Centring
+ *     matters: with the codes 0..L themselves every token's rounding error adds up in the sums' common
+ *     part, and at 32K tokens attention moved 1.8e-3 (2 bits) and 2.3e-3 (4 bits) from the decode, 1.1e-3
+ *     and 1.0e-3 centred (0.76e-3 and 0.78e-3 on 12-bit weights); kvpager-ab's KL on kjv-64 is 1.09e-3
+ *     either way. At 32K tokens, d=128, a layer took 12% less time than with axpy_i16_scaled (interleaved
+ *     runs); with the AVX2 table, where loops.h's loops ran keys and values before, 24.5 ms, now 10.1 ms
+ *     (with the keys' AVX2 kernel). Other weights, shapes the kernel's vector version leaves and tables
+ *     without one (NEON) take axpy_i16_scaled per pass of tokens: 12 bits of the largest (step = max /
+ *     4095; a channel's sum moves by at most step / 2 * sum_t code_tj, tested). Its AVX-512 version, groups
+ *     of 32: channels are the lanes of vpdpwssd, two tokens' codes of a lane's byte placed by one vpermb
+ *     and masked plane by plane (code * 4^j), against a qword of the two tokens' weights of the chunk's two
+ *     groups. axpy, the float reference: one lut_axpy per channel group with weights w_t s_tg, the z sums
+ *     by the fp16 dot kernels.
  *   The other two combinations (explicit axis=): keys per token one lut_dot per channel group, values per
  *   channel one lut_axpy per token's row (gathered from the columns).
  * Tried at G=32 (pager attention, d=128, GQA 4) and not kept: key rows of tokens with lut_dot_group (no

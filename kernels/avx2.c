@@ -1544,6 +1544,363 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 
 #define KVP_ISA_DOT_I8_SCALED
 
+/*
+ * axpy_u8_scaled (contract in kernels.h): codes of 2 or 4 bits, column groups of a multiple of 8 (at most
+ * U8_GROUPS of them), m a multiple of 8 (KIVI's values); other shapes are declined, and take axpy_i16_scaled.
+ * The records' fp16 z and s go planar, one pass over them gives every head's z sums, largest and least u,
+ * a second its weights as bytes, a row per (head, group). Then per eight columns, four rows at a time: the
+ * rows' bytes of those columns in one register, vpshufb gives each column's dword the four rows' byte that
+ * holds it, vpsrlvd brings the code to the bottom of each byte, and a vpshufb table its centred value
+ * 2 code - L; vpmaddubsw multiplies those with the four rows' weights of the column's group (unsigned bytes
+ * against signed ones, pairs at most 2 * 255 * 15 from zero: nothing saturates), and the words add up for as
+ * many quads of rows as stay below 2^15 before vpmaddwd joins each column's two. Column sums (weights 1) carry
+ * the least weight's term. Before it, AVX2 declined every call and KIVI's values took loops.h's 12-bit loops.
+ */
+#define U8_GROUPS 4
+
+struct u8_values {
+	unsigned bits, m, gsize, ng, n;
+	const struct kvp_row_runs *rows;
+	uint16_t (*zs)[KVP_AXPY_I16_ROWS + 8]; /* z(i, c) at [c][i], s(i, c) at [ng + c][i]; zeros past n */
+	uint8_t (*w8)[U8_GROUPS][KVP_AXPY_I16_ROWS + 4]; /* [head][group][row], four zeros past the last row */
+	float f[4], e[4]; /* (top - lo) / 510 and lo / 2, per head */
+	__m256i centred;  /* 2 code - L at byte `code` of each 128-bit lane */
+};
+
+/* Eight fp16 numbers at p as floats (p 16-byte readable). */
+INLINE __m256 f16_8(const uint16_t *p)
+{
+	return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)p));
+}
+
+/* kvp_any_sign_bit: the sign bits of every weight or'ed together */
+static int any_sign(unsigned g, unsigned n, const float *w, size_t ws)
+{
+	__m256 bits = _mm256_setzero_ps();
+
+	for (unsigned h = 0; h < g; h++)
+		for (unsigned i = 0; i < n; i += 8)
+			bits = _mm256_or_ps(bits, f32_run8(w + h * ws + i, n - i < 8 ? n - i : 8));
+	return _mm256_movemask_ps(bits) != 0;
+}
+
+/* Every row's 2 ng scalars, planar, zeros past n to a multiple of eight. Eight rows at a time where a record
+ * holds the sixteen bytes that one load takes: their 8 x 8 words transposed by three rounds of unpacks. */
+static void u8_values_scalars(struct u8_values *k)
+{
+	const size_t record = 4 * (size_t)k->ng + (size_t)k->m * k->bits / 8;
+	unsigned i = 0;
+
+	for (unsigned r = 0, i0 = 0; record >= 16 && i0 < k->n; r++, i0 += k->rows->run) {
+		const unsigned end = k->n - i0 < k->rows->run ? k->n : i0 + k->rows->run;
+		const uint8_t *p = k->rows->code[r];
+
+		for (i = i0; i + 8 <= end; i += 8, p += 8 * k->rows->stride) {
+			__m128i x[8], y[8], t[8];
+
+			for (unsigned a = 0; a < 8; a++)
+				x[a] = _mm_loadu_si128((const __m128i *)(const void *)(p + a * k->rows->stride));
+			for (unsigned a = 0; a < 4; a++) /* words of rows 2a, 2a + 1 interleaved */
+				y[2 * a] = _mm_unpacklo_epi16(x[2 * a], x[2 * a + 1]), y[2 * a + 1] = _mm_unpackhi_epi16(x[2 * a], x[2 * a + 1]);
+			for (unsigned a = 0; a < 2; a++) /* dwords of row pairs 2a, 2a + 1 */
+				for (unsigned b = 0; b < 2; b++) {
+					t[4 * a + 2 * b] = _mm_unpacklo_epi32(y[4 * a + b], y[4 * a + 2 + b]);
+					t[4 * a + 2 * b + 1] = _mm_unpackhi_epi32(y[4 * a + b], y[4 * a + 2 + b]);
+				}
+			/* t[4a + e'] holds scalars 2e'', 2e'' + 1 of rows 4a..4a+3: qwords of both halves of the rows */
+			for (unsigned e = 0; e < 2 * k->ng; e++) {
+				const unsigned at = e / 4 * 2 + e % 4 / 2; /* the t holding scalar e (words 2 (e % 2).. of it) */
+				const __m128i v = e % 2 ? _mm_unpackhi_epi64(t[at], t[4 + at]) : _mm_unpacklo_epi64(t[at], t[4 + at]);
+
+				_mm_storeu_si128((__m128i *)(void *)(k->zs[e] + i), v);
+			}
+		}
+		if (i < end)
+			break;
+	}
+	for (; i < k->n; i++) {
+		uint16_t one[2 * U8_GROUPS];
+
+		memcpy(one, kvp_run_codes(k->rows, i), 4 * (size_t)k->ng);
+		for (unsigned e = 0; e < 2 * k->ng; e++)
+			k->zs[e][i] = one[e];
+	}
+	for (unsigned e = 0; e < 2 * k->ng; e++)
+		memset(k->zs[e] + k->n, 0, 8 * sizeof **k->zs);
+}
+
+INLINE float hmax8(__m256 v)
+{
+	__m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+
+	x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+	return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+
+INLINE float hmin8(__m256 v)
+{
+	__m128 x = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+
+	x = _mm_min_ps(x, _mm_movehl_ps(x, x));
+	return _mm_cvtss_f32(_mm_min_ss(x, _mm_movehdup_ps(x)));
+}
+
+/* kvp_weight_u8_in over eight lanes */
+INLINE __m256 weight_u8_in8(__m256 w, __m256 s)
+{
+	return _mm256_max_ps(_mm256_mul_ps(w, s), _mm256_setzero_ps());
+}
+
+/* hn <= 4 heads' z sums into acc (kvp_fold16's order: channels' rows i % 16 < 8 in one register, the others in
+ * a second; lanes past n add +0, which changes no bit of a sum that starts at +0), their largest and least u,
+ * then their weights as bytes, with the same operations as the plain code's. */
+static void u8_values_weights(unsigned hn, struct u8_values *k, const float *w, size_t ws, float *acc, size_t as)
+{
+	const unsigned n = k->n, ng = k->ng;
+	const __m256 half_levels = _mm256_set1_ps((float)((1u << k->bits) - 1) * 0.5f);
+	const __m256 inf = _mm256_set1_ps(INFINITY);
+	__m256 top[4], least[4];
+
+	for (unsigned h = 0; h < hn; h++)
+		top[h] = _mm256_setzero_ps(), least[h] = inf;
+	for (unsigned c = 0; c < ng; c++) {
+		__m256 sums[4][2];
+
+		for (unsigned h = 0; h < hn; h++)
+			sums[h][0] = sums[h][1] = _mm256_setzero_ps();
+		for (unsigned i = 0; i < n; i += 8) {
+			const unsigned rows = n - i < 8 ? n - i : 8;
+			const __m256 in = _mm256_castsi256_ps(tail_mask(rows));
+			const __m256 sv = f16_8(k->zs[ng + c] + i);
+			/* z + s * L / 2: the codes' centre (kernels.h) */
+			const __m256 zc = _mm256_add_ps(f16_8(k->zs[c] + i), _mm256_mul_ps(sv, half_levels));
+
+			for (unsigned h = 0; h < hn; h++) {
+				const __m256 wv = f32_run8(w + h * ws + i, rows), u = weight_u8_in8(wv, sv);
+
+				top[h] = _mm256_max_ps(top[h], u);
+				least[h] = _mm256_min_ps(least[h], _mm256_blendv_ps(inf, u, in));
+				sums[h][i / 8 % 2] = _mm256_add_ps(sums[h][i / 8 % 2], _mm256_mul_ps(wv, zc));
+			}
+		}
+		for (unsigned h = 0; h < hn; h++) {
+			float lanes[16];
+
+			_mm256_storeu_ps(lanes, sums[h][0]);
+			_mm256_storeu_ps(lanes + 8, sums[h][1]);
+			acc[h * as + k->m + c] += kvp_fold16(lanes);
+		}
+	}
+	for (unsigned h = 0; h < hn; h++) {
+		const float t = hmax8(top[h]), lo = n ? hmin8(least[h]) : 0.0f;
+		const __m256 lov = _mm256_set1_ps(lo), inv = _mm256_set1_ps(kvp_weight_inv_u8(t - lo));
+
+		k->f[h] = (t - lo) / (2.0f * KVP_WEIGHT_MAX_U8), k->e[h] = lo * 0.5f;
+		for (unsigned c = 0; c < ng; c++) {
+			uint8_t *row = k->w8[h][c];
+
+			for (unsigned i = 0; i < n; i += 8) {
+				const unsigned rows = n - i < 8 ? n - i : 8;
+				const __m256 u = weight_u8_in8(f32_run8(w + h * ws + i, rows), f16_8(k->zs[ng + c] + i));
+				/* u >= lo: x is never below 0 nor NaN, and x + 0.5 truncated is kvp_weight_u8's rounding */
+				const __m256 x = _mm256_mul_ps(_mm256_sub_ps(u, lov), inv);
+				const __m256i v = _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_add_ps(x, _mm256_set1_ps(0.5f))),
+								   _mm256_set1_epi32(255));
+				const __m128i wd = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+				const __m128i b = _mm_packus_epi16(wd, wd);
+
+				if (rows == 8) {
+					_mm_storel_epi64((__m128i *)(void *)(row + i), b);
+				} else {
+					uint8_t tail[16];
+
+					_mm_storeu_si128((__m128i *)(void *)tail, b);
+					memcpy(row + i, tail, rows);
+				}
+			}
+			memset(row + n, 0, 4);
+		}
+	}
+}
+
+/* The eight columns' bytes of rows a..d in each 128-bit lane as u8_values_rows gives them. Loaded into general
+ * registers each at its own width: a narrower store to a buffer read back wider stalls the load. */
+INLINE __m256i u8_values_words(unsigned bits, uint32_t a, uint32_t b, uint32_t c, uint32_t d)
+{
+	if (bits == 2)
+		return _mm256_set1_epi64x((long long)((uint64_t)a | (uint64_t)b << 16 | (uint64_t)c << 32 | (uint64_t)d << 48));
+	return _mm256_broadcastsi128_si256(_mm_setr_epi32((int)a, (int)b, (int)c, (int)d));
+}
+
+/* Row p's `bits` bytes (2 or 4) as an integer. */
+INLINE uint32_t u8_values_load(unsigned bits, const uint8_t *p)
+{
+	uint16_t h;
+	uint32_t w;
+
+	if (bits == 2) {
+		memcpy(&h, p, 2);
+		return h;
+	}
+	memcpy(&w, p, 4);
+	return w;
+}
+
+/* Four whole rows from p on, `stride` apart. */
+INLINE __m256i u8_values_four(unsigned bits, const uint8_t *p, size_t stride)
+{
+	return u8_values_words(bits, u8_values_load(bits, p), u8_values_load(bits, p + stride),
+			       u8_values_load(bits, p + 2 * stride), u8_values_load(bits, p + 3 * stride));
+}
+
+/* The first k < 4 rows from p on, `stride` apart, the others zeros. */
+INLINE __m256i u8_values_some(unsigned bits, const uint8_t *p, size_t stride, unsigned k)
+{
+	uint32_t v[3] = { 0, 0, 0 };
+
+	for (unsigned t = 0; t < k; t++)
+		v[t] = u8_values_load(bits, p + t * stride);
+	return u8_values_words(bits, v[0], v[1], v[2], 0);
+}
+
+/* One quad of rows from i: its centred codes (x: the rows' bytes) into the column sums (ones: 1 for each row
+ * present) and into each head's sums against the four rows' weights of the group (wc + h * U8_HEAD). */
+#define U8_HEAD (U8_GROUPS * (KVP_AXPY_I16_ROWS + 4)) /* bytes from a head's weights to the next's */
+#define U8V_HEAD(a, h, cv) \
+	a = _mm256_add_epi16(a, _mm256_maddubs_epi16(_mm256_set1_epi32(quad_u32(wc + (h) * U8_HEAD + i)), cv))
+#define U8V_STEP(x, ones)                                                                                        \
+	do {                                                                                                     \
+		const __m256i cv = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(x, sel), \
+											      shift), low));         \
+		U8V_HEAD(a0, 0, cv);                                                                             \
+		if (hn > 1)                                                                                      \
+			U8V_HEAD(a1, 1, cv);                                                                     \
+		if (hn > 2)                                                                                      \
+			U8V_HEAD(a2, 2, cv);                                                                     \
+		if (hn > 3)                                                                                      \
+			U8V_HEAD(a3, 3, cv);                                                                     \
+		c16 = _mm256_add_epi16(c16, _mm256_maddubs_epi16(ones, cv));                                     \
+		if (++quads == flush) {                                                                          \
+			s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(a0, ones16)), a0 = _mm256_setzero_si256();   \
+			s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(a1, ones16)), a1 = _mm256_setzero_si256();   \
+			s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(a2, ones16)), a2 = _mm256_setzero_si256();   \
+			s3 = _mm256_add_epi32(s3, _mm256_madd_epi16(a3, ones16)), a3 = _mm256_setzero_si256();   \
+			c32 = _mm256_add_epi32(c32, _mm256_madd_epi16(c16, ones16)), c16 = _mm256_setzero_si256(); \
+			quads = 0;                                                                               \
+		}                                                                                                \
+	} while (0)
+
+INLINE uint32_t quad_u32(const uint8_t *p)
+{
+	uint32_t v;
+
+	memcpy(&v, p, 4);
+	return v;
+}
+
+/* acc[0..8) += f * (float)s + e * (float)c, as the plain code adds a column */
+INLINE void u8_values_add(float *acc, float f, float e, __m256i s, __m256i c)
+{
+	const __m256 add = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(f), _mm256_cvtepi32_ps(s)),
+					 _mm256_mul_ps(_mm256_set1_ps(e), _mm256_cvtepi32_ps(c)));
+
+	_mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), add));
+}
+
+/* hn <= 4 heads over columns [j, j + 8) of every row (hn and bits constants once inlined): per four rows, their
+ * centred codes a column per dword (sel: each dword's four source bytes, shift: its code's place in them, tab:
+ * 2 code - L by code). */
+INLINE void u8_values_columns(unsigned hn, unsigned bits, const struct u8_values *k, unsigned j, float *acc, size_t as,
+			      const struct kvp_ahead *ahead, unsigned *step, unsigned steps)
+{
+	const unsigned flush = bits == 2 ? 16 : 4; /* quads of rows whose int16 sums stay below 2^15 */
+	const unsigned n = k->n, at = 4 * k->ng + j * bits / 8;
+	const size_t stride = k->rows->stride;
+	const uint8_t *const wc = k->w8[0][j / k->gsize];
+	const __m256i sel = bits == 2 ? _mm256_setr_epi8(0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 1, 3, 5, 7, 1, 3, 5,
+							  7, 1, 3, 5, 7, 1, 3, 5, 7)
+				      : _mm256_setr_epi8(0, 4, 8, 12, 0, 4, 8, 12, 1, 5, 9, 13, 1, 5, 9, 13, 2, 6, 10, 14, 2,
+							  6, 10, 14, 3, 7, 11, 15, 3, 7, 11, 15);
+	const __m256i shift = bits == 2 ? _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6) : _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+	const __m256i low = _mm256_set1_epi8((char)((1u << bits) - 1)), ones16 = _mm256_set1_epi16(1);
+	const __m256i all4 = _mm256_set1_epi32(0x01010101), tab = k->centred;
+	__m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, s0 = a0, s1 = a0, s2 = a0, s3 = a0;
+	__m256i c16 = a0, c32 = a0;
+	unsigned quads = 0;
+
+	for (unsigned r = 0, i0 = 0; i0 < n; r++, i0 += k->rows->run) {
+		const unsigned end = n - i0 < k->rows->run ? n : i0 + k->rows->run;
+		const uint8_t *codes = k->rows->code[r] + at;
+		unsigned i = i0;
+
+		kvp_ahead_share(ahead, (*step)++, steps);
+		for (; i + 4 <= end; i += 4, codes += 4 * stride)
+			U8V_STEP(u8_values_four(bits, codes, stride), all4);
+		if (i < end)
+			U8V_STEP(u8_values_some(bits, codes, stride, end - i),
+				 _mm256_set1_epi32((int)(0x01010101u >> 8 * (4 - (end - i)))));
+	}
+	c32 = _mm256_add_epi32(c32, _mm256_madd_epi16(c16, ones16));
+	u8_values_add(acc + j, k->f[0], k->e[0], _mm256_add_epi32(s0, _mm256_madd_epi16(a0, ones16)), c32);
+	if (hn > 1)
+		u8_values_add(acc + as + j, k->f[1], k->e[1], _mm256_add_epi32(s1, _mm256_madd_epi16(a1, ones16)), c32);
+	if (hn > 2)
+		u8_values_add(acc + 2 * as + j, k->f[2], k->e[2], _mm256_add_epi32(s2, _mm256_madd_epi16(a2, ones16)), c32);
+	if (hn > 3)
+		u8_values_add(acc + 3 * as + j, k->f[3], k->e[3], _mm256_add_epi32(s3, _mm256_madd_epi16(a3, ones16)), c32);
+}
+
+#undef U8V_STEP
+#undef U8V_HEAD
+#undef U8_HEAD
+
+/* Every eight columns of hn heads, hn and bits constants once inlined. */
+INLINE void u8_values_heads(unsigned hn, unsigned bits, const struct u8_values *k, float *acc, size_t as,
+			    const struct kvp_ahead *ahead)
+{
+	const unsigned steps = k->m / 8 * ((k->n + k->rows->run - 1) / k->rows->run);
+	unsigned step = 0;
+
+	for (unsigned j = 0; j < k->m; j += 8)
+		u8_values_columns(hn, bits, k, j, acc, as, ahead, &step, steps);
+}
+
+static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struct kvp_row_runs *rows, unsigned g,
+			  const float *w, size_t w_stride, float *acc, size_t acc_stride, const struct kvp_ahead *ahead)
+{
+	const unsigned ng = gsize ? (m + gsize - 1) / gsize : 0, n = rows->n;
+	uint8_t w8[4][U8_GROUPS][KVP_AXPY_I16_ROWS + 4];
+	uint16_t zs[2 * U8_GROUPS][KVP_AXPY_I16_ROWS + 8];
+	struct u8_values k = { bits, m, gsize, ng, n, rows, zs, w8, { 0 }, { 0 }, _mm256_setzero_si256() };
+	int8_t centred[16] = { 0 };
+
+	if ((bits != 2 && bits != 4) || !gsize || gsize % 8 || m % 8 || ng > U8_GROUPS || n > KVP_AXPY_I16_ROWS ||
+	    rows->run % KVP_RUN_ROWS || any_sign(g, n, w, w_stride))
+		return 0;
+	for (unsigned v = 0; v < (1u << bits); v++)
+		centred[v] = (int8_t)kvp_centred_code(v, bits);
+	k.centred = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(const void *)centred));
+	u8_values_scalars(&k);
+	for (unsigned h0 = 0; h0 < g; h0 += 4) {
+		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
+		const struct kvp_ahead *a = h0 ? NULL : ahead;
+		float *ah = acc + h0 * acc_stride;
+
+		u8_values_weights(hn, &k, w + h0 * w_stride, w_stride, ah, acc_stride);
+#define U8V_HEADS(hn) (bits == 2 ? u8_values_heads(hn, 2, &k, ah, acc_stride, a) : u8_values_heads(hn, 4, &k, ah, acc_stride, a))
+		switch (hn) {
+		case 4: U8V_HEADS(4); break;
+		case 3: U8V_HEADS(3); break;
+		case 2: U8V_HEADS(2); break;
+		default: U8V_HEADS(1); break;
+		}
+#undef U8V_HEADS
+	}
+	return 1;
+}
+
+#define KVP_ISA_AXPY_U8_SCALED
+
 /* loops.h's integer lanes: eight int32 in a ymm register, and eight bytes widened into them */
 #define LOOPS_LANES 8
 typedef int32_t loops_i32v __attribute__((vector_size(32)));

@@ -1829,6 +1829,8 @@ static int u8_scaled_covers(const struct kvp_kernels *k, unsigned bits, unsigned
 {
 	if (k == &kvp_kernels_scalar)
 		return 1;
+	if (!strcmp(k->name, "avx2"))
+		return (bits == 2 || bits == 4) && gsize % 8 == 0 && m % 8 == 0 && (m + gsize - 1) / gsize <= 4;
 	return !strcmp(k->name, "avx512") && (bits == 2 || bits == 4) && gsize % 16 == 0 && m % 64 == 0 &&
 	       (m + gsize - 1) / gsize <= 4;
 }
@@ -1897,6 +1899,41 @@ static void axpy_u8_scaled_equals_scalar_in_runs_on_odd_lengths_and_unaligned_po
 				for (size_t c = 0; c < COUNT(shapes); c++)
 					u8_scaled_case(k, bits, widths[a], gsizes[b], shapes[c][0], shapes[c][1],
 						       1 + (unsigned)(a + b + c) % 5, (unsigned)(a + c) % 3);
+}
+
+/*
+ * Every code at its largest (or least), the weights 0 for the first row and equal for the rest (all of them
+ * 255 above the least), over 256 rows: the sums as far from zero as the contract lets them go, where a kernel
+ * that adds products in narrower integers on the way would overflow. Bit for bit with the scalar table, where
+ * the table takes the call.
+ */
+static void axpy_u8_scaled_sums_the_largest_codes_exactly(const struct kvp_kernels *k)
+{
+	enum { M = 128, G = 32, NG = M / G, N = 256, H = 4 };
+	const size_t stride = 4 * NG + M / 2, as = M + NG;
+	uint8_t *p = xmalloc(stride * N);
+	float *w = xmalloc(sizeof *w * H * N), *got = xmalloc(sizeof *got * H * as), *want = xmalloc(sizeof *want * H * as);
+	const struct kvp_row_runs one = kvp_one_run(N, p, stride, NULL, 0);
+	const uint16_t unit = kvp_f32_to_f16(1.0f), zero = 0;
+
+	for (size_t i = 0; i < (size_t)H * N; i++)
+		w[i] = i % N ? 1.0f : 0.0f;
+	for (unsigned bits = 2; bits <= 4; bits += 2)
+		for (int fill = 0; fill <= 0xff; fill += 0xff) {
+			for (unsigned i = 0; i < N; i++) {
+				memset(p + i * stride + 4 * NG, fill, M * bits / 8);
+				for (unsigned c = 0; c < NG; c++)
+					memcpy(p + i * stride + 2 * c, &zero, 2), memcpy(p + i * stride + 2 * (NG + c), &unit, 2);
+			}
+			memset(got, 0, sizeof *got * H * as), memset(want, 0, sizeof *want * H * as);
+			if (!k->axpy_u8_scaled(bits, M, G, &one, H, w, N, got, as, NULL))
+				continue;
+			kvp_kernels_scalar.axpy_u8_scaled(bits, M, G, &one, H, w, N, want, as, NULL);
+			for (size_t j = 0; j < (size_t)H * as; j++)
+				check(same_bits(got[j], want[j]), "%s axpy_u8_scaled bits=%u codes 0x%02x head %zu column %zu: %.9g, scalar %.9g",
+				      k->name, bits, fill, j / as, j % as, got[j], want[j]);
+		}
+	free(p), free(w), free(got), free(want);
 }
 
 /* The contract of kernels.h in the test's own words, for one head and one run: the centred codes' sums on
@@ -2849,6 +2886,7 @@ static const struct vector_test vector_tests[] = {
 	TEST(axpy_i16_scaled_equals_scalar_on_odd_lengths_and_unaligned_pointers),
 	TEST(axpy_i16_scaled_reads_nothing_past_its_inputs),
 	TEST(axpy_u8_scaled_equals_scalar_in_runs_on_odd_lengths_and_unaligned_pointers),
+	TEST(axpy_u8_scaled_sums_the_largest_codes_exactly),
 	TEST(axpy_u8_scaled_reads_nothing_past_its_inputs),
 	TEST(dot_i8_scaled_rounds_halves_to_even),
 	TEST(axpy_i16_scaled_rounds_halves_to_even),
