@@ -1901,6 +1901,241 @@ static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struc
 
 #define KVP_ISA_AXPY_U8_SCALED
 
+/*
+ * spark_dot_i16_group (contract in kernels.h) for SparK's shapes at keep=0.5, d = 128 and 64 (T = d / 2 kept,
+ * codes of 2 to 4 bits); other shapes take loops.h's. Per row:
+ * 1. z: the T codes looked up as TurboQuant's keys are (key_window, key_values: sixteen int16 lanes a
+ *    register, natural order), the T-point transform in those registers (a stage across registers is an add
+ *    and a subtract; one within a register a shuffle to the partner, an add, a subtract and a blend), times
+ *    sgn << shift, stored;
+ * 2. x, sixteen channels at a time: a vpshufb per 128-bit lane whose control a table gives for the mask byte
+ *    (spark_expand: lane l takes the rank-th value from where the byte's ranks start, or zero) places the
+ *    kept values from z; the same control for the complement places the pruned channels' sign masks (the
+ *    sign bits spread to int16 masks once per row) and marks the pruned lanes, where the pruned value
+ *    (rho * ell by vpmulhrsw, which rounds as the contract does) goes, negated under its mask;
+ * 3. vpmaddwd of x against each head's query, the four heads' sums reduced together.
+ * Loops.h's version ran this shape at 32K tokens, d=128, in 93 ms a layer (with TurboQuant 3-bit values).
+ */
+#define SPARK_POP8(m) (((m) & 1) + ((m) >> 1 & 1) + ((m) >> 2 & 1) + ((m) >> 3 & 1) + ((m) >> 4 & 1) + ((m) >> 5 & 1) + \
+		       ((m) >> 6 & 1) + ((m) >> 7 & 1))
+/* byte b of the control for mask byte m: word b / 2 takes word rank (of the set bits below it), or zero */
+#define SPARK_CTL(m, b) \
+	(char)((m) >> ((b) / 2) & 1 ? 2 * SPARK_POP8((m) & ((1 << ((b) / 2)) - 1)) + (b) % 2 : 0x80)
+#define SPARK_ROW(m)                                                                                                    \
+	{ SPARK_CTL(m, 0), SPARK_CTL(m, 1), SPARK_CTL(m, 2), SPARK_CTL(m, 3), SPARK_CTL(m, 4), SPARK_CTL(m, 5),          \
+	  SPARK_CTL(m, 6), SPARK_CTL(m, 7), SPARK_CTL(m, 8), SPARK_CTL(m, 9), SPARK_CTL(m, 10), SPARK_CTL(m, 11),       \
+	  SPARK_CTL(m, 12), SPARK_CTL(m, 13), SPARK_CTL(m, 14), SPARK_CTL(m, 15) }
+#define SPARK_ROWS16(m)                                                                                                 \
+	SPARK_ROW(m), SPARK_ROW(m + 1), SPARK_ROW(m + 2), SPARK_ROW(m + 3), SPARK_ROW(m + 4), SPARK_ROW(m + 5),          \
+	SPARK_ROW(m + 6), SPARK_ROW(m + 7), SPARK_ROW(m + 8), SPARK_ROW(m + 9), SPARK_ROW(m + 10), SPARK_ROW(m + 11),    \
+	SPARK_ROW(m + 12), SPARK_ROW(m + 13), SPARK_ROW(m + 14), SPARK_ROW(m + 15)
+
+static const char spark_expand[256][16] __attribute__((aligned(16))) = {
+	SPARK_ROWS16(0),   SPARK_ROWS16(16),  SPARK_ROWS16(32),  SPARK_ROWS16(48),  SPARK_ROWS16(64),  SPARK_ROWS16(80),
+	SPARK_ROWS16(96),  SPARK_ROWS16(112), SPARK_ROWS16(128), SPARK_ROWS16(144), SPARK_ROWS16(160), SPARK_ROWS16(176),
+	SPARK_ROWS16(192), SPARK_ROWS16(208), SPARK_ROWS16(224), SPARK_ROWS16(240)
+};
+
+#undef SPARK_ROWS16
+#undef SPARK_ROW
+#undef SPARK_CTL
+#undef SPARK_POP8
+
+static void loops_spark_dot_i16_group(const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
+				      const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q,
+				      size_t q_stride, const float *head_scale, float *out, size_t out_stride)
+	__attribute__((noinline));
+
+/* One stage of the transform within a register: lanes with bit h of their rank clear keep self + partner, the
+ * others partner - self (the definition's a + c and a - c). */
+INLINE __m256i spark_stage(__m256i x, unsigned h)
+{
+	__m256i p;
+
+	switch (h) {
+	case 1: p = _mm256_shufflehi_epi16(_mm256_shufflelo_epi16(x, 0xb1), 0xb1); break;
+	case 2: p = _mm256_shuffle_epi32(x, 0xb1); break;
+	case 4: p = _mm256_shuffle_epi32(x, 0x4e); break;
+	default: p = _mm256_permute2x128_si256(x, x, 0x01); break;
+	}
+	{
+		const __m256i sum = _mm256_add_epi16(x, p), diff = _mm256_sub_epi16(p, x);
+
+		switch (h) {
+		case 1: return _mm256_blend_epi16(sum, diff, 0xaa);
+		case 2: return _mm256_blend_epi16(sum, diff, 0xcc);
+		case 4: return _mm256_blend_epi16(sum, diff, 0xf0);
+		default: return _mm256_blend_epi32(sum, diff, 0xf0);
+		}
+	}
+}
+
+/* Row `codes`' z (T / 16 registers of int16, T a constant once inlined) into z[0..T), sgs[k]: sgn << shift of
+ * ranks 16k..16k+15; early: the four bytes before codes belong to the row. */
+INLINE void spark_z16(unsigned bits, unsigned T, const uint8_t *codes, int early, const struct spread *sp, __m256i tab,
+		      const __m256i *sgs, int16_t *z)
+{
+	__m256i r[4];
+
+	for (unsigned j = 0; j < T; j += 32) {
+		/* 3-bit rows of 32 codes end 4 bytes short of a 16-byte load: it starts 4 bytes early (the row's
+		 * mask lies before its codes), where key_window would copy them */
+		const __m256i window = bits == 3 && T == 32 && early
+					       ? _mm256_srli_si256(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(const void *)(codes - 4))), 4)
+					       : key_window(bits, codes, j, T);
+
+		r[j / 16] = key_values(bits, sp, 0, window, tab);
+		r[j / 16 + 1] = key_values(bits, sp, 1, window, tab);
+	}
+	for (unsigned k = 0; k < T / 16; k++)
+		for (unsigned h = 1; h < 16; h *= 2)
+			r[k] = spark_stage(r[k], h);
+	for (unsigned h = 16; h < T; h *= 2)
+		for (unsigned k = 0; k < T / 16; k++)
+			if (!(k & h / 16)) {
+				const __m256i a = r[k], c = r[k + h / 16];
+
+				r[k] = _mm256_add_epi16(a, c), r[k + h / 16] = _mm256_sub_epi16(a, c);
+			}
+	for (unsigned k = 0; k < T / 16; k++)
+		_mm256_storeu_si256((__m256i *)(void *)(z + 16 * k), _mm256_mullo_epi16(r[k], sgs[k]));
+}
+
+/* The bytes' popcounts below each byte of w, byte k holding those of bytes 0..k-1 (all below 64). */
+INLINE uint64_t spark_ranks(uint64_t w)
+{
+	w = w - (w >> 1 & 0x5555555555555555ull);
+	w = (w & 0x3333333333333333ull) + (w >> 2 & 0x3333333333333333ull);
+	w = (w + (w >> 4)) & 0x0f0f0f0f0f0f0f0full;
+	return (w * 0x0101010101010101ull) << 8;
+}
+
+/* Eight int16 at p (in the first 128-bit lane) and at p2 (in the second). */
+INLINE __m256i spark_pair(const void *p, const void *p2)
+{
+	return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p)),
+				       _mm_loadu_si128((const __m128i *)p2), 1);
+}
+
+/* Row `row`'s x into x[0..D) (D, T constants once inlined); z: its kept values by rank. Returns 0, x untouched,
+ * when its mask does not keep T channels. */
+INLINE int spark_x16(unsigned D, unsigned T, const struct kvp_masked_codes *rc, const uint8_t *row, int16_t ell,
+		     const int16_t *z, int16_t *x)
+{
+	const __m256i bit = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
+					      (short)0x8000);
+	const __m256i ones = _mm256_set1_epi16(-1), ellv = _mm256_set1_epi16(ell);
+	const unsigned P = D - T;
+	int16_t neg[64 + 8];
+	uint64_t m[2] = { 0, 0 }, sw = 0, kr[2], pr[2];
+
+	memcpy(m, row + rc->mask_at, D / 8);
+	memcpy(&sw, row + rc->sign_at, P / 8);
+	if ((unsigned)(__builtin_popcountll(m[0]) + __builtin_popcountll(m[1])) != T)
+		return 0;
+	for (unsigned k = 0; k < P / 16; k++) /* the pruned signs as int16 masks, in the pruned channels' order */
+		_mm256_storeu_si256((__m256i *)(void *)(neg + 16 * k),
+				    _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16((short)(sw >> 16 * k)), bit), bit));
+	memset(neg + P, 0, 8 * sizeof *neg);
+	kr[0] = spark_ranks(m[0]), kr[1] = spark_ranks(m[1]) + (uint64_t)(unsigned)__builtin_popcountll(m[0]) * 0x0101010101010101ull;
+	pr[0] = spark_ranks(~m[0]), pr[1] = spark_ranks(D > 64 ? ~m[1] : 0) + (uint64_t)(64 - __builtin_popcountll(m[0])) * 0x0101010101010101ull;
+	for (unsigned c = 0; c < D / 16; c++) {
+		const unsigned b0 = 2 * c, b1 = 2 * c + 1; /* the mask bytes of the two lanes */
+		const unsigned k0 = (unsigned)(m[b0 / 8] >> 8 * (b0 % 8)) & 0xff, k1 = (unsigned)(m[b1 / 8] >> 8 * (b1 % 8)) & 0xff;
+		const unsigned a0 = (unsigned)(kr[b0 / 8] >> 8 * (b0 % 8)) & 0xff, a1 = (unsigned)(kr[b1 / 8] >> 8 * (b1 % 8)) & 0xff;
+		const unsigned p0 = (unsigned)(pr[b0 / 8] >> 8 * (b0 % 8)) & 0xff, p1 = (unsigned)(pr[b1 / 8] >> 8 * (b1 % 8)) & 0xff;
+		const __m256i kc = spark_pair(spark_expand[k0], spark_expand[k1]);
+		const __m256i pc = spark_pair(spark_expand[k0 ^ 0xff], spark_expand[k1 ^ 0xff]);
+		const __m256i kept = _mm256_shuffle_epi8(spark_pair(z + a0, z + a1), kc);
+		const __m256i nm = _mm256_shuffle_epi8(spark_pair(neg + p0, neg + p1), pc);
+		__m256i v = _mm256_and_si256(_mm256_mulhrs_epi16(_mm256_loadu_si256((const __m256i *)(const void *)(rc->rho + 16 * c)), ellv),
+					     _mm256_shuffle_epi8(ones, pc));
+
+		v = _mm256_sub_epi16(_mm256_xor_si256(v, nm), nm);
+		_mm256_storeu_si256((__m256i *)(void *)(x + 16 * c), _mm256_or_si256(v, kept));
+	}
+	return 1;
+}
+
+/* The rows for hn <= 4 heads (q16: their queries, D int16 each), D and T constants once inlined. */
+INLINE void spark_rows(unsigned D, unsigned T, const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
+		       const int16_t *ell, const float *row_scale, unsigned hn, const int16_t (*q16)[128],
+		       const float *head_scale, float *out, size_t os)
+{
+	unsigned pos[2][2][8];
+	struct spread sp;
+	__m256i sgs[4];
+	const __m256i tab = byte_table((const uint8_t *)rc->lut, 1u << rc->bits, 1);
+	int16_t z[64 + 8], x[128];
+
+	for (unsigned v = 0; v < 2; v++)
+		for (unsigned l = 0; l < 2; l++)
+			for (unsigned t = 0; t < 8; t++)
+				pos[v][l][t] = (16 * v + 8 * l + t) * rc->bits;
+	sp = spread_of(rc->bits, pos);
+	for (unsigned k = 0; k < T / 16; k++) {
+		int16_t s16[16];
+
+		for (unsigned l = 0; l < 16; l++)
+			s16[l] = (int16_t)(rc->sgn[16 * k + l] * (1 << rc->shift));
+		sgs[k] = _mm256_loadu_si256((const __m256i *)(void *)s16);
+	}
+	memset(z + T, 0, 8 * sizeof *z);
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *row = base + (size_t)i * rc->stride;
+		int32_t sum[4];
+
+		spark_z16(rc->bits, T, row + rc->code_at, rc->code_at >= 4, &sp, tab, sgs, z);
+		if (!spark_x16(D, T, rc, row, ell[i], z, x)) {
+			memset(sum, 0, sizeof sum); /* bytes the encoder never wrote: the row scores 0 */
+		} else {
+			/* written out per head: GCC keeps a loop over heads, and with it the sums, in memory */
+			__m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+
+#define SPARK_HEAD(a, h) a = _mm256_add_epi32(a, _mm256_madd_epi16(xv, _mm256_loadu_si256((const __m256i *)(const void *)(q16[h] + 16 * c))))
+			for (unsigned c = 0; c < D / 16; c++) {
+				const __m256i xv = _mm256_loadu_si256((const __m256i *)(void *)(x + 16 * c));
+
+				SPARK_HEAD(a0, 0);
+				SPARK_HEAD(a1, 1);
+				SPARK_HEAD(a2, 2);
+				SPARK_HEAD(a3, 3);
+			}
+#undef SPARK_HEAD
+			_mm_storeu_si128((__m128i *)(void *)sum, hsum4_epi32(a0, a1, a2, a3));
+		}
+		for (unsigned h = 0; h < hn; h++)
+			out[h * os + i] = ((float)sum[h] * head_scale[h]) * row_scale[i];
+	}
+}
+
+static void spark_dot_i16_group(const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
+				const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q,
+				size_t q_stride, const float *head_scale, float *out, size_t out_stride)
+{
+	int16_t q16[4][128];
+
+	if (!((rc->d == 128 && rc->kept == 64) || (rc->d == 64 && rc->kept == 32)) || rc->bits < 2 || rc->bits > 4) {
+		loops_spark_dot_i16_group(rc, n, base, ell, row_scale, g, q, q_stride, head_scale, out, out_stride);
+		return;
+	}
+	for (unsigned h0 = 0; h0 < g; h0 += 4) {
+		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
+
+		memset(q16, 0, sizeof q16);
+		for (unsigned h = 0; h < hn; h++)
+			memcpy(q16[h], q + (h0 + h) * q_stride, rc->d * sizeof *q);
+		if (rc->d == 128)
+			spark_rows(128, 64, rc, n, base, ell, row_scale, hn, (const int16_t (*)[128])q16, head_scale + h0,
+				   out + h0 * out_stride, out_stride);
+		else
+			spark_rows(64, 32, rc, n, base, ell, row_scale, hn, (const int16_t (*)[128])q16, head_scale + h0,
+				   out + h0 * out_stride, out_stride);
+	}
+}
+
+#define KVP_ISA_SPARK
+
 /* loops.h's integer lanes: eight int32 in a ymm register, and eight bytes widened into them */
 #define LOOPS_LANES 8
 typedef int32_t loops_i32v __attribute__((vector_size(32)));

@@ -2702,12 +2702,12 @@ static double sum_squares(unsigned m, const float *y)
  * 3. the products, with the heads in the lanes: each chunk of 8 channels of x is loaded broadcast to the
  *    four 128-bit lanes, and one vpdpwssd against the query's chunk (lane h: head h) adds four channel
  *    pairs to every head's sums; sixteen rows' sums become one vector per head at the end.
- * Rows with d a multiple of 32 up to 128 and at most 64 pruned channels; the rest go through the plain
- * loop of loops.h.
+ * Rows with d a multiple of 32 up to 128 and at most 64 pruned channels; the rest go through loops.h's.
  */
-static void spark_dot_i16_plain(const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
-				const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q,
-				size_t q_stride, const float *head_scale, float *out, size_t out_stride);
+static void loops_spark_dot_i16_group(const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
+				      const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q,
+				      size_t q_stride, const float *head_scale, float *out, size_t out_stride)
+	__attribute__((noinline));
 
 INLINE __m512i fwht_stage_i16(__m512i x, unsigned h)
 {
@@ -3014,7 +3014,7 @@ static void spark_dot_i16_group(const struct kvp_masked_codes *rc, unsigned n, c
 				size_t q_stride, const float *head_scale, float *out, size_t out_stride)
 {
 	if (rc->d % 32 || rc->d > 128 || rc->d - rc->kept > 64)
-		spark_dot_i16_plain(rc, n, base, ell, row_scale, g, q, q_stride, head_scale, out, out_stride);
+		loops_spark_dot_i16_group(rc, n, base, ell, row_scale, g, q, q_stride, head_scale, out, out_stride);
 	else if (rc->d == 128 && rc->kept == 64)
 		spark_shape(128, 64, rc, n, base, ell, row_scale, g, q, q_stride, head_scale, out, out_stride);
 	else if (rc->d == 64 && rc->kept == 32)

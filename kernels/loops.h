@@ -28,6 +28,8 @@
  *                                   own version calls for the shapes it leaves)
  *   sym_codes_width, sum_squares (with KVP_ISA_ENCODE defined)
  *                                   sym_codes for a width that is a constant once inlined, and sum_squares
+ *   spark_dot_i16_group (with KVP_ISA_SPARK defined; otherwise loops_spark_dot_i16_group here, which an own
+ *                                   version calls for the shapes it leaves)
  *   scaled_max, exp_sum, max_keeping (with KVP_ISA_SOFTMAX_GROUP defined) the two passes over one head's
  *                                   scores and the running maximum's update, from which softmax_step and
  *                                   softmax_group are built here; otherwise softmax_step itself (contract in
@@ -472,9 +474,8 @@ static void spark_dot_i16_plain(const struct kvp_masked_codes *rc, unsigned n, c
 	}
 }
 
-#ifndef KVP_ISA_SPARK
 /*
- * spark_dot_i16_group for the tables without their own (AVX2, NEON): the plain code's integers, with a
+ * spark_dot_i16_group for the tables without their own (NEON), and the shapes a table's own leaves: the plain code's integers, with a
  * row's x built without a branch per channel (the plain code's branches on the mask bits went the wrong way
  * about half the time), the transform's stages that span whole vectors in vectors, and the products in
  * vectors of int32 for four heads. Rows of at most 128 channels, a multiple of LOOPS_LANES, with at most 64
@@ -577,9 +578,9 @@ static int32_t dot32(unsigned d, const int32_t *x, const int32_t *q)
 	return s;
 }
 
-static void spark_dot_i16_group(const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
-				const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q,
-				size_t q_stride, const float *head_scale, float *out, size_t out_stride)
+static void loops_spark_dot_i16_group(const struct kvp_masked_codes *rc, unsigned n, const uint8_t *base,
+				      const int16_t *ell, const float *row_scale, unsigned g, const int16_t *q,
+				      size_t q_stride, const float *head_scale, float *out, size_t out_stride)
 {
 	int32_t z[65], sgs[64], x[SPARK_LOOPS_D], q32[4][SPARK_LOOPS_D];
 
@@ -605,6 +606,11 @@ static void spark_dot_i16_group(const struct kvp_masked_codes *rc, unsigned n, c
 		}
 	}
 }
+
+#ifdef KVP_ISA_SPARK
+#define LOOPS_SPARK_DOT_I16_GROUP spark_dot_i16_group
+#else
+#define LOOPS_SPARK_DOT_I16_GROUP loops_spark_dot_i16_group
 #endif
 
 /* The vector part of each row, then the bands short of a whole vector as the scalar reference does them. */
@@ -1042,7 +1048,7 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 	.sym_codes = sym_codes, \
 	.sum_squares = sum_squares, \
 	.mask_expand = mask_expand, \
-	.spark_dot_i16_group = spark_dot_i16_group, \
+	.spark_dot_i16_group = LOOPS_SPARK_DOT_I16_GROUP, \
 	.spark_choose = spark_choose,
 
 const struct kvp_kernels KVP_ISA_TABLE = {
