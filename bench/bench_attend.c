@@ -273,7 +273,7 @@ int main(int argc, char **argv)
 	const size_t copy_bytes = (size_t)256 << 20;
 	struct bench_copy *copy = bench_copy_open(copy_bytes);
 	kvp_pool *pool;
-	double bw = bench_memcpy_bandwidth(copy_bytes);
+	double bw = bench_memcpy_bandwidth(copy);
 	int reps = bench_reps(10);
 
 	if (kvp_pool_open("", &pool) != KVP_OK)

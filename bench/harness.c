@@ -26,18 +26,24 @@ static void evict_caches(void)
 	__asm__ volatile("" : : "r"(buf) : "memory");
 }
 
-/* Best of reps timed calls after one warm-up, with before() (unless NULL) untimed ahead of each. */
+/* One timed call of fn(arg), with before() (unless NULL) untimed ahead of it. */
+static double timed_call(void (*fn)(void *), void *arg, void (*before)(void))
+{
+	if (before)
+		before();
+	double t0 = bench_now();
+	fn(arg);
+	return bench_now() - t0;
+}
+
+/* Best of reps timed calls after one warm-up. */
 static double best_time(void (*fn)(void *), void *arg, int reps, void (*before)(void))
 {
 	double best = 1e30;
 
 	fn(arg);
 	for (int r = 0; r < reps; r++) {
-		if (before)
-			before();
-		double t0 = bench_now();
-		fn(arg);
-		double t = bench_now() - t0;
+		double t = timed_call(fn, arg, before);
 		if (t < best)
 			best = t;
 	}
@@ -62,10 +68,7 @@ void bench_time_cold_turns(const struct bench_call *calls, unsigned n, int reps,
 	}
 	for (int r = 0; r < reps; r++)
 		for (unsigned k = 0; k < n; k++) {
-			evict_caches();
-			double t0 = bench_now();
-			calls[k].fn(calls[k].arg);
-			double t = bench_now() - t0;
+			double t = timed_call(calls[k].fn, calls[k].arg, evict_caches);
 			if (t < best[k])
 				best[k] = t;
 		}
@@ -106,13 +109,9 @@ void bench_copy_close(struct bench_copy *c)
 	free(c);
 }
 
-double bench_memcpy_bandwidth(size_t bytes)
+double bench_memcpy_bandwidth(struct bench_copy *c)
 {
-	struct bench_copy *c = bench_copy_open(bytes);
-	double t = bench_time(bench_copy_run, c, 5);
-
-	bench_copy_close(c);
-	return (double)bytes / t;
+	return (double)c->bytes / bench_time(bench_copy_run, c, 5);
 }
 
 int bench_reps(int fallback)

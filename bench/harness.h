@@ -30,8 +30,8 @@ struct bench_copy;
 struct bench_copy *bench_copy_open(size_t bytes);
 void bench_copy_run(void *copy);
 void bench_copy_close(struct bench_copy *copy);
-/* memcpy bandwidth in bytes/s over buffers of `bytes`, best of a few runs. */
-double bench_memcpy_bandwidth(size_t bytes);
+/* memcpy bandwidth in bytes/s of copy's buffers, best of a few runs. */
+double bench_memcpy_bandwidth(struct bench_copy *copy);
 /* Reps from the environment (KVP_BENCH_REPS) or the given default: CI can make runs short. */
 int bench_reps(int fallback);
 
