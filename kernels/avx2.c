@@ -1409,14 +1409,11 @@ INLINE void scaled_sums8(unsigned bits, unsigned nq, size_t n, const uint8_t *co
 	s[0] = s[1] = s[2] = s[3] = w0;
 	for (unsigned k = 0; k < nq; k++) {
 		const __m256i c = scaled_quads8(bits, codes + k * per_quad, n);
-		uint32_t q[4];
 
-		memcpy(q, q8[0] + 4 * k, 4), memcpy(q + 1, q8[1] + 4 * k, 4);
-		memcpy(q + 2, q8[2] + 4 * k, 4), memcpy(q + 3, q8[3] + 4 * k, 4);
-		w0 = _mm256_add_epi16(w0, _mm256_maddubs_epi16(c, _mm256_set1_epi32((int)q[0])));
-		w1 = _mm256_add_epi16(w1, _mm256_maddubs_epi16(c, _mm256_set1_epi32((int)q[1])));
-		w2 = _mm256_add_epi16(w2, _mm256_maddubs_epi16(c, _mm256_set1_epi32((int)q[2])));
-		w3 = _mm256_add_epi16(w3, _mm256_maddubs_epi16(c, _mm256_set1_epi32((int)q[3])));
+		w0 = _mm256_add_epi16(w0, _mm256_maddubs_epi16(c, broadcast_bytes(q8[0] + 4 * k, 4)));
+		w1 = _mm256_add_epi16(w1, _mm256_maddubs_epi16(c, broadcast_bytes(q8[1] + 4 * k, 4)));
+		w2 = _mm256_add_epi16(w2, _mm256_maddubs_epi16(c, broadcast_bytes(q8[2] + 4 * k, 4)));
+		w3 = _mm256_add_epi16(w3, _mm256_maddubs_epi16(c, broadcast_bytes(q8[3] + 4 * k, 4)));
 		if ((k + 1) % flush == 0 || k + 1 == nq) {
 			s[0] = _mm256_add_epi32(s[0], _mm256_madd_epi16(w0, ones));
 			s[1] = _mm256_add_epi32(s[1], _mm256_madd_epi16(w1, ones));
@@ -1474,11 +1471,9 @@ static void scaled_queries_q8(unsigned hn, unsigned m, const float *q, size_t qs
 		}
 	}
 	for (unsigned h = 0; h < hn; h++) {
-		float lanes[16], t = 0.0f;
+		const float t = hmax(top[h]); /* magnitudes, from +0: the plain code's maximum in any order */
+		float lanes[16];
 
-		_mm256_storeu_ps(lanes, top[h]);
-		for (unsigned l = 0; l < 8; l++)
-			t = lanes[l] > t ? lanes[l] : t;
 		inv[h] = t > 127.0f / 3.0e38f ? 127.0f / t : 0.0f;
 		step[h] = t / 127.0f;
 		_mm256_storeu_ps(lanes, sums[h][0]);
@@ -1568,12 +1563,6 @@ struct u8_values {
 	__m256i centred;  /* 2 code - L at byte `code` of each 128-bit lane */
 };
 
-/* Eight fp16 numbers at p as floats (p 16-byte readable). */
-INLINE __m256 f16_8(const uint16_t *p)
-{
-	return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)p));
-}
-
 /* kvp_any_sign_bit: the sign bits of every weight or'ed together */
 static int any_sign(unsigned g, unsigned n, const float *w, size_t ws)
 {
@@ -1630,20 +1619,14 @@ static void u8_values_scalars(struct u8_values *k)
 		memset(k->zs[e] + k->n, 0, 8 * sizeof **k->zs);
 }
 
-INLINE float hmax8(__m256 v)
+/* hmax's twin for the least lane */
+INLINE float hmin(__m256 v)
 {
-	__m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+	__m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
 
-	x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-	return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
-}
-
-INLINE float hmin8(__m256 v)
-{
-	__m128 x = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-
-	x = _mm_min_ps(x, _mm_movehl_ps(x, x));
-	return _mm_cvtss_f32(_mm_min_ss(x, _mm_movehdup_ps(x)));
+	m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+	m = _mm_min_ss(m, _mm_movehdup_ps(m));
+	return _mm_cvtss_f32(m);
 }
 
 /* kvp_weight_u8_in over eight lanes */
@@ -1672,9 +1655,9 @@ static void u8_values_weights(unsigned hn, struct u8_values *k, const float *w, 
 		for (unsigned i = 0; i < n; i += 8) {
 			const unsigned rows = n - i < 8 ? n - i : 8;
 			const __m256 in = _mm256_castsi256_ps(tail_mask(rows));
-			const __m256 sv = f16_8(k->zs[ng + c] + i);
+			const __m256 sv = f16_run8((const uint8_t *)k->zs[ng + c], i, 8);
 			/* z + s * L / 2: the codes' centre (kernels.h) */
-			const __m256 zc = _mm256_add_ps(f16_8(k->zs[c] + i), _mm256_mul_ps(sv, half_levels));
+			const __m256 zc = _mm256_add_ps(f16_run8((const uint8_t *)k->zs[c], i, 8), _mm256_mul_ps(sv, half_levels));
 
 			for (unsigned h = 0; h < hn; h++) {
 				const __m256 wv = f32_run8(w + h * ws + i, rows), u = weight_u8_in8(wv, sv);
@@ -1693,7 +1676,7 @@ static void u8_values_weights(unsigned hn, struct u8_values *k, const float *w, 
 		}
 	}
 	for (unsigned h = 0; h < hn; h++) {
-		const float t = hmax8(top[h]), lo = n ? hmin8(least[h]) : 0.0f;
+		const float t = hmax(top[h]), lo = n ? hmin(least[h]) : 0.0f;
 		const __m256 lov = _mm256_set1_ps(lo), inv = _mm256_set1_ps(kvp_weight_inv_u8(t - lo));
 
 		k->f[h] = (t - lo) / (2.0f * KVP_WEIGHT_MAX_U8), k->e[h] = lo * 0.5f;
@@ -1702,7 +1685,7 @@ static void u8_values_weights(unsigned hn, struct u8_values *k, const float *w, 
 
 			for (unsigned i = 0; i < n; i += 8) {
 				const unsigned rows = n - i < 8 ? n - i : 8;
-				const __m256 u = weight_u8_in8(f32_run8(w + h * ws + i, rows), f16_8(k->zs[ng + c] + i));
+				const __m256 u = weight_u8_in8(f32_run8(w + h * ws + i, rows), f16_run8((const uint8_t *)k->zs[ng + c], i, 8));
 				/* u >= lo: x is never below 0 nor NaN, and x + 0.5 truncated is kvp_weight_u8's rounding */
 				const __m256 x = _mm256_mul_ps(_mm256_sub_ps(u, lov), inv);
 				const __m256i v = _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_add_ps(x, _mm256_set1_ps(0.5f))),
@@ -1724,8 +1707,8 @@ static void u8_values_weights(unsigned hn, struct u8_values *k, const float *w, 
 	}
 }
 
-/* The eight columns' bytes of rows a..d in each 128-bit lane as u8_values_rows gives them. Loaded into general
- * registers each at its own width: a narrower store to a buffer read back wider stalls the load. */
+/* The eight columns' bytes of rows a..d in each 128-bit lane, row t's `bits` bytes from byte t * bits. Loaded
+ * into general registers each at its own width: a narrower store to a buffer read back wider stalls the load. */
 INLINE __m256i u8_values_words(unsigned bits, uint32_t a, uint32_t b, uint32_t c, uint32_t d)
 {
 	if (bits == 2)
@@ -1768,7 +1751,7 @@ INLINE __m256i u8_values_some(unsigned bits, const uint8_t *p, size_t stride, un
  * present) and into each head's sums against the four rows' weights of the group (wc + h * U8_HEAD). */
 #define U8_HEAD (U8_GROUPS * (KVP_AXPY_I16_ROWS + 4)) /* bytes from a head's weights to the next's */
 #define U8V_HEAD(a, h, cv) \
-	a = _mm256_add_epi16(a, _mm256_maddubs_epi16(_mm256_set1_epi32(quad_u32(wc + (h) * U8_HEAD + i)), cv))
+	a = _mm256_add_epi16(a, _mm256_maddubs_epi16(broadcast_bytes(wc + (h) * U8_HEAD + i, 4), cv))
 #define U8V_STEP(x, ones)                                                                                        \
 	do {                                                                                                     \
 		const __m256i cv = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(x, sel), \
@@ -1790,14 +1773,6 @@ INLINE __m256i u8_values_some(unsigned bits, const uint8_t *p, size_t stride, un
 			quads = 0;                                                                               \
 		}                                                                                                \
 	} while (0)
-
-INLINE uint32_t quad_u32(const uint8_t *p)
-{
-	uint32_t v;
-
-	memcpy(&v, p, 4);
-	return v;
-}
 
 /* acc[0..8) += f * (float)s + e * (float)c, as the plain code adds a column */
 INLINE void u8_values_add(float *acc, float f, float e, __m256i s, __m256i c)
@@ -2011,6 +1986,12 @@ INLINE uint64_t spark_ranks(uint64_t w)
 	return (w * 0x0101010101010101ull) << 8;
 }
 
+/* Byte b of the 16 bytes in w[0] (low first), then w[1]. */
+INLINE unsigned spark_byte(const uint64_t w[2], unsigned b)
+{
+	return (unsigned)(w[b / 8] >> 8 * (b % 8)) & 0xff;
+}
+
 /* Eight int16 at p (in the first 128-bit lane) and at p2 (in the second). */
 INLINE __m256i spark_pair(const void *p, const void *p2)
 {
@@ -2041,10 +2022,10 @@ INLINE int spark_x16(unsigned D, unsigned T, const struct kvp_masked_codes *rc, 
 	kr[0] = spark_ranks(m[0]), kr[1] = spark_ranks(m[1]) + (uint64_t)(unsigned)__builtin_popcountll(m[0]) * 0x0101010101010101ull;
 	pr[0] = spark_ranks(~m[0]), pr[1] = spark_ranks(D > 64 ? ~m[1] : 0) + (uint64_t)(64 - __builtin_popcountll(m[0])) * 0x0101010101010101ull;
 	for (unsigned c = 0; c < D / 16; c++) {
-		const unsigned b0 = 2 * c, b1 = 2 * c + 1; /* the mask bytes of the two lanes */
-		const unsigned k0 = (unsigned)(m[b0 / 8] >> 8 * (b0 % 8)) & 0xff, k1 = (unsigned)(m[b1 / 8] >> 8 * (b1 % 8)) & 0xff;
-		const unsigned a0 = (unsigned)(kr[b0 / 8] >> 8 * (b0 % 8)) & 0xff, a1 = (unsigned)(kr[b1 / 8] >> 8 * (b1 % 8)) & 0xff;
-		const unsigned p0 = (unsigned)(pr[b0 / 8] >> 8 * (b0 % 8)) & 0xff, p1 = (unsigned)(pr[b1 / 8] >> 8 * (b1 % 8)) & 0xff;
+		/* the lanes' mask bytes 2c and 2c + 1, and the ranks of kept and pruned channels they start at */
+		const unsigned k0 = spark_byte(m, 2 * c), k1 = spark_byte(m, 2 * c + 1);
+		const unsigned a0 = spark_byte(kr, 2 * c), a1 = spark_byte(kr, 2 * c + 1);
+		const unsigned p0 = spark_byte(pr, 2 * c), p1 = spark_byte(pr, 2 * c + 1);
 		const __m256i kc = spark_pair(spark_expand[k0], spark_expand[k1]);
 		const __m256i pc = spark_pair(spark_expand[k0 ^ 0xff], spark_expand[k1 ^ 0xff]);
 		const __m256i kept = _mm256_shuffle_epi8(spark_pair(z + a0, z + a1), kc);
