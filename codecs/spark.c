@@ -40,7 +40,9 @@
  * (kvpager-ab, 512 steps, block=16,sinks=4,window=16, v=turboquant(bits=3)): next-token KL 1.13e-3
  * against 1.28e-3 for quantize=kept, at 92% of its bytes per token; turboquant(bits=3) keys alone: 8.7e-4.
  * (When quantize=kept still rotated each token back, a layer at 32K tokens took 3.7x the fp16 cache's time
- * and quantize=all 0.98x; see the query paths below.)
+ * and quantize=all 0.98x; see the query paths below.) At d=64 neither pays over TurboQuant alone: the mask,
+ * signs and s (16 bytes) outweigh the kept=0.5 codes saved (12 bytes at 3 bits), and kjv-2k and kjv-64 move
+ * less with turboquant(bits=3) or (bits=4) keys than with SparK over either (README, codecs).
  *
  * The inner codec must be separable with group 1 (each token's kept channels differ, so a codec grouping
  * tokens or channels across tokens has nothing consistent to group): kivi on keys is rejected.
