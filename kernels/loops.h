@@ -1021,7 +1021,7 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 }
 #endif
 
-#define KVP_ISA_ENTRIES(dot_i8) \
+#define KVP_ISA_ENTRIES(dot_i8, dot_i8_scaled_fn) \
 	.dot_f32 = dot_f32, \
 	.dot_f16 = dot_f16, \
 	.axpy_f32 = axpy_f32, \
@@ -1041,7 +1041,7 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 	.lut_dot_i8_group = (dot_i8), \
 	.lut_axpy_i16_group = lut_axpy_i16_group, \
 	.lut_axpy_u8_group = lut_axpy_u8_group, \
-	.dot_i8_scaled = LOOPS_DOT_I8_SCALED, \
+	.dot_i8_scaled = (dot_i8_scaled_fn), \
 	.axpy_i16_scaled = LOOPS_AXPY_I16_SCALED, \
 	.axpy_u8_scaled = axpy_u8_scaled, \
 	.fwht = fwht, \
@@ -1053,5 +1053,5 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 
 const struct kvp_kernels KVP_ISA_TABLE = {
 	.name = KVP_ISA_NAME,
-	KVP_ISA_ENTRIES(lut_dot_i8_group)
+	KVP_ISA_ENTRIES(lut_dot_i8_group, LOOPS_DOT_I8_SCALED)
 };

@@ -1018,9 +1018,170 @@ INLINE loops_i32v loops_bytes(const uint8_t *p)
 /* The same table but for the keys' integer lookups, which use sdot (Armv8.2 dot product). */
 KVP_DOT_I8_GROUP(lut_dot_i8_group_dotprod, dot_i8_core_dotprod)
 
+/*
+ * dot_i8_scaled on sdot (KIVI's keys; 2- and 4-bit codes, m <= 512, and m a multiple of 4 at 4 bits; the rest
+ * take loops.h's): each head's int8 query as loops.h's scaled_query makes it, then eight rows at a time, a row
+ * per int32 lane of two registers. A key group stores its rows by columns, so a column byte of eight rows is
+ * one load (at 4 bits, the two bytes of a quad of channels are zipped); a table lookup repeats each row's byte
+ * over its lane's four bytes, a shift per byte and a mask leave the codes of channels 4k..4k+3 one per byte,
+ * and one sdot per head multiplies them with the head's query of those channels, duplicated to every lane.
+ * The sums are the plain code's integers (at most 512 * 15 * 127), so the rows' scores are its bits. Eight
+ * rows, not sixteen: sixteen rows' sums of four heads, their codes, queries and tables outnumber the 32
+ * registers, and gcc kept the sums in memory. loops.h's version takes a multiply and an add per code, for
+ * four rows and one head.
+ */
+struct scaled_spread {
+	uint8x16_t pick[2];
+	int8x16_t shift;
+	uint8x16_t mask;
+};
+
+static struct scaled_spread scaled_spread(unsigned bits)
+{
+	struct scaled_spread r;
+	uint8_t pick[16];
+	int8_t shift[16];
+
+	for (unsigned reg = 0; reg < 2; reg++) {
+		/* byte b: row 4 reg + b / 4's byte; at 4 bits its zipped pair's byte b % 4 / 2 */
+		for (unsigned b = 0; b < 16; b++)
+			pick[b] = (uint8_t)(bits == 2 ? 4 * reg + b / 4 : 8 * reg + 2 * (b / 4) + b % 4 / 2);
+		r.pick[reg] = vld1q_u8(pick);
+	}
+	for (unsigned b = 0; b < 16; b++)
+		shift[b] = (int8_t)(bits == 2 ? -2 * (int)(b % 4) : -4 * (int)(b % 2));
+	r.shift = vld1q_s8(shift);
+	r.mask = vdupq_n_u8((uint8_t)((1u << bits) - 1));
+	return r;
+}
+
+/* Column byte b of rows i..i+7; in the last block (tail, a constant once inlined) rows past n read as 0 from a
+ * copy, so that nothing past the group is read. */
+INLINE uint8x8_t scaled_column(int tail, const uint8_t *codes, unsigned n, unsigned b, unsigned i)
+{
+	uint8_t part[8] = { 0 };
+
+	if (!tail)
+		return vld1_u8(codes + (size_t)b * n + i);
+	memcpy(part, codes + (size_t)b * n + i, n - i);
+	return vld1_u8(part);
+}
+
+/* The codes of channels 4k..4k+3 of rows i..i+7, in two registers (rows 4 reg + lane). */
+INLINE void scaled_codes(int tail, unsigned bits, const uint8_t *codes, unsigned n, unsigned k, unsigned i,
+			 const struct scaled_spread *r, int8x16_t c[2])
+{
+	uint8x16_t src;
+
+	if (bits == 2) {
+		src = vcombine_u8(scaled_column(tail, codes, n, k, i), vdup_n_u8(0));
+	} else {
+		const uint8x8_t x = scaled_column(tail, codes, n, 2 * k, i), y = scaled_column(tail, codes, n, 2 * k + 1, i);
+
+		src = vcombine_u8(vzip1_u8(x, y), vzip2_u8(x, y));
+	}
+	for (unsigned reg = 0; reg < 2; reg++)
+		c[reg] = vreinterpretq_s8_u8(vandq_u8(vshlq_u8(vqtbl1q_u8(src, r->pick[reg]), r->shift), r->mask));
+}
+
+DOTPROD_TARGET INLINE void scaled_rows8(int tail, unsigned hn, unsigned bits, unsigned nquads, unsigned n,
+					const uint8_t *codes, unsigned i, const uint32_t (*quads)[SCALED_DIM / 4],
+					const struct scaled_spread *r, const float *step, const float *z, float *out,
+					size_t os)
+{
+	int32x4_t a[4][2];
+
+	/* every loop over a[][] unrolled, or gcc keeps it in memory */
+#pragma GCC unroll 4
+	for (unsigned h = 0; h < 4; h++)
+		a[h][0] = a[h][1] = vdupq_n_s32(0);
+	for (unsigned k = 0; k < nquads; k++) {
+		int8x16_t c[2];
+
+		scaled_codes(tail, bits, codes, n, k, i, r, c);
+#pragma GCC unroll 4
+		for (unsigned h = 0; h < hn; h++) {
+			const int8x16_t qk = vreinterpretq_s8_u32(vdupq_n_u32(quads[h][k]));
+
+			a[h][0] = sdot16(a[h][0], c[0], qk);
+			a[h][1] = sdot16(a[h][1], c[1], qk);
+		}
+	}
+#pragma GCC unroll 4
+	for (unsigned h = 0; h < hn; h++)
+#pragma GCC unroll 2
+		for (unsigned reg = 0; reg < 2; reg++) {
+			const float32x4_t v = vaddq_f32(vdupq_n_f32(z[h]),
+							vmulq_f32(vcvtq_f32_s32(a[h][reg]), vdupq_n_f32(step[h])));
+			float *o = out + h * os + i + 4 * reg;
+
+			if (i + 4 * reg + 4 <= n) {
+				vst1q_f32(o, v);
+			} else if (i + 4 * reg < n) {
+				float part[4];
+
+				vst1q_f32(part, v);
+				memcpy(o, part, (n - i - 4 * reg) * sizeof *o);
+			}
+		}
+}
+
+DOTPROD_TARGET INLINE void scaled_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes,
+					const uint32_t (*quads)[SCALED_DIM / 4], const float *step, const float *z,
+					float *out, size_t os)
+{
+	const struct scaled_spread r = scaled_spread(bits);
+	const unsigned nquads = (m + 3) / 4;
+	unsigned i = 0;
+
+	for (; i + 8 <= n; i += 8)
+		scaled_rows8(0, hn, bits, nquads, n, codes, i, quads, &r, step, z, out, os);
+	if (i < n)
+		scaled_rows8(1, hn, bits, nquads, n, codes, i, quads, &r, step, z, out, os);
+}
+
+DOTPROD_TARGET __attribute__((flatten)) static void dot_i8_scaled_dotprod(unsigned bits, unsigned m, unsigned n,
+									    const uint8_t *group, unsigned g,
+									    const float *q, size_t q_stride,
+									    float *out, size_t out_stride)
+{
+	const uint8_t *codes = group + 4 * (size_t)m;
+	int32_t q32[SCALED_DIM];
+	uint32_t quads[4][SCALED_DIM / 4];
+	float step[4], z[4];
+
+	if ((bits != 2 && (bits != 4 || m % 4)) || m + 8 > SCALED_DIM) {
+		loops_dot_i8_scaled(bits, m, n, group, g, q, q_stride, out, out_stride);
+		return;
+	}
+	for (unsigned h0 = 0; h0 < g; h0 += 4) {
+		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
+
+		for (unsigned h = 0; h < hn; h++) {
+			step[h] = scaled_query(m, q + (h0 + h) * q_stride, group, q32, &z[h]);
+			/* the last byte's codes past m weigh 0 */
+			memset(q32 + m, 0, 8 * sizeof *q32);
+			for (unsigned k = 0; k < (m + 3) / 4; k++)
+				quads[h][k] = (uint32_t)(uint8_t)q32[4 * k] | (uint32_t)(uint8_t)q32[4 * k + 1] << 8 |
+					      (uint32_t)(uint8_t)q32[4 * k + 2] << 16 | (uint32_t)(uint8_t)q32[4 * k + 3] << 24;
+		}
+		/* the head count and the width constants in each case */
+#define SCALED_HEADS(hn) \
+	(bits == 2 ? scaled_heads(hn, 2, m, n, codes, quads, step, z, out + h0 * out_stride, out_stride) \
+		   : scaled_heads(hn, 4, m, n, codes, quads, step, z, out + h0 * out_stride, out_stride))
+		switch (hn) {
+		case 4: SCALED_HEADS(4); break;
+		case 3: SCALED_HEADS(3); break;
+		case 2: SCALED_HEADS(2); break;
+		default: SCALED_HEADS(1); break;
+		}
+#undef SCALED_HEADS
+	}
+}
+
 const struct kvp_kernels kvp_kernels_neon_dotprod = {
 	.name = "neon-dotprod",
-	KVP_ISA_ENTRIES(lut_dot_i8_group_dotprod)
+	KVP_ISA_ENTRIES(lut_dot_i8_group_dotprod, dot_i8_scaled_dotprod)
 };
 
 #else

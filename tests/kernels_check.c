@@ -1619,7 +1619,8 @@ static void dot_i8_scaled_sums_the_largest_codes_exactly(const struct kvp_kernel
 /* The codes, the query, the scales and out each end where an unreadable page begins. In a child process. */
 static void dot_i8_scaled_reads_nothing_past_its_inputs_cases(const struct kvp_kernels *k)
 {
-	static const unsigned rows[] = { 1, 5, 17 }, heads[] = { 1, 4, 5 };
+	/* 12 and 29: a last block of sixteen rows with more than half of them missing, and with fewer */
+	static const unsigned rows[] = { 1, 5, 12, 17, 29 }, heads[] = { 1, 4, 5 };
 
 	for (unsigned bits = 1; bits <= 4; bits++)
 		for (size_t a = 0; a < COUNT(lut_dims); a++)
@@ -1629,7 +1630,7 @@ static void dot_i8_scaled_reads_nothing_past_its_inputs_cases(const struct kvp_k
 					const size_t cb = 4 * (size_t)m + ((size_t)m * bits + 7) / 8 * n;
 					uint8_t *group = guarded(cb);
 					float *q = guarded(sizeof(float) * g * m);
-					float *out = guarded(sizeof(float) * g * n), want[5 * 17] = { 0 };
+					float *out = guarded(sizeof(float) * g * n), want[5 * 29] = { 0 };
 
 					for (size_t i = 0; i < cb; i++)
 						group[i] = (uint8_t)rnd32();
