@@ -1010,8 +1010,9 @@ static void loops_axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, uns
 #endif
 
 /*
- * The table's entries but its name, with dot_i8 as lut_dot_i8_group: a file can build a second table that
- * differs from the first only there (neon.c: neon-dotprod, whose keys need an extension).
+ * The table's entries but its name, with dot_i8 as lut_dot_i8_group and dot_i8_scaled_fn as dot_i8_scaled: a
+ * file can build a second table that differs from the first only there (neon.c: neon-dotprod, whose keys
+ * need an extension).
  */
 #ifndef KVP_ISA_SPARK_CHOOSE
 static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const float *x, uint8_t *mask,
