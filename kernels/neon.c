@@ -1180,9 +1180,223 @@ DOTPROD_TARGET __attribute__((flatten)) static void dot_i8_scaled_dotprod(unsign
 	}
 }
 
+/*
+ * axpy_u8_scaled on sdot (KIVI's values; 2- and 4-bit codes, column groups of a multiple of 8, at most
+ * U8_GROUPS of them, m a multiple of 8; the rest are declined, and take axpy_i16_scaled). Each head's z sums,
+ * least and largest u and 8-bit weights as the plain code makes them; then eight columns at a time over every
+ * row, four rows a step: a column per int32 lane of two registers, a row per byte (the four rows' code bytes
+ * are one register, a table lookup puts each column's bytes in its lane, a shift and a mask leave the codes,
+ * a second lookup their centred values 2 code - L). sdot multiplies signed bytes, so the weights go in as
+ * W - 128, and the column sums (sdot with ones), which the least weight's term needs anyway, add the 128 W
+ * back: sum_i W v = sum_i (W - 128) v + 128 sum_i v, exact in int32. Rows past a run's end are zeroed values.
+ */
+#define U8_GROUPS 4
+#define U8_ROWS (KVP_AXPY_I16_ROWS + 4) /* a head's weights of a group, with room for a last step of four */
+
+struct u8_spread {
+	uint8x16_t pick[2], mask;
+	int8x16_t shift, centred;
+};
+
+static struct u8_spread u8_spread(unsigned bits)
+{
+	struct u8_spread r;
+	uint8_t pick[16];
+	int8_t shift[16], centred[16];
+
+	/* lane t of register R: column 4R + t; byte e: row e, whose code bytes are at 2e (2 bits) or 4e (4 bits) */
+	for (unsigned R = 0; R < 2; R++) {
+		for (unsigned b = 0; b < 16; b++)
+			pick[b] = (uint8_t)(bits == 2 ? 2 * (b % 4) + R : 4 * (b % 4) + 2 * R + b / 4 / 2);
+		r.pick[R] = vld1q_u8(pick);
+	}
+	for (unsigned b = 0; b < 16; b++) {
+		shift[b] = (int8_t)(bits == 2 ? -2 * (int)(b / 4) : -4 * (int)(b / 4 % 2));
+		centred[b] = (int8_t)kvp_centred_code(b & ((1u << bits) - 1), bits);
+	}
+	r.shift = vld1q_s8(shift);
+	r.centred = vld1q_s8(centred);
+	r.mask = vdupq_n_u8((uint8_t)((1u << bits) - 1));
+	return r;
+}
+
+/* Head h's z sums into acc[m..m+ng), and its weights W - 128 into w8[c][0..n) (zeros past n); returns f and e,
+ * the factors of the sums and the column sums: the plain code's steps on zc = z + s L / 2 and s. */
+static void u8_weights(unsigned n, unsigned m, unsigned ng, const float *w, const float (*zc)[KVP_AXPY_I16_ROWS],
+		       const float (*sf)[KVP_AXPY_I16_ROWS], int8_t (*w8)[U8_ROWS], float *acc, float *f, float *e)
+{
+	float top = 0.0f, lo = 0.0f, inv;
+
+	for (unsigned c = 0; c < ng; c++) {
+		float p[16] = { 0 };
+
+		for (unsigned i = 0; i < n; i++)
+			p[i % 16] += w[i] * zc[c][i];
+		acc[m + c] += kvp_fold16(p);
+	}
+	for (unsigned i = 0; i < n; i++)
+		for (unsigned c = 0; c < ng; c++) {
+			const float u = kvp_weight_u8_in(w[i], sf[c][i]);
+
+			top = u > top ? u : top;
+			lo = (i == 0 && c == 0) || u < lo ? u : lo;
+		}
+	inv = kvp_weight_inv_u8(top - lo);
+	for (unsigned c = 0; c < ng; c++) {
+		for (unsigned i = 0; i < n; i++)
+			w8[c][i] = (int8_t)(kvp_weight_u8(kvp_weight_u8_in(w[i], sf[c][i]), lo, inv) - 128);
+		memset(w8[c] + n, 0, 4);
+	}
+	*f = (top - lo) / (2.0f * KVP_WEIGHT_MAX_U8);
+	*e = lo * 0.5f;
+}
+
+/* The centred values of eight columns of four rows (rows e < live), whose code bytes start at row[e]. */
+INLINE void u8_values(unsigned bits, const uint8_t *const row[4], unsigned live, const struct u8_spread *r,
+		      int8x16_t v[2])
+{
+	uint8x16_t src;
+
+	/* lane e of x: row e's code bytes (clang wants each lane number a constant) */
+#define U8_LANE(e, set)                                           \
+	do {                                                      \
+		if ((e) < live)                                   \
+			memcpy(&b, row[e], sizeof b), x = set(b, x, e);      \
+	} while (0)
+	if (bits == 2) {
+		uint16x8_t x = vdupq_n_u16(0);
+		uint16_t b;
+
+		U8_LANE(0, vsetq_lane_u16);
+		U8_LANE(1, vsetq_lane_u16);
+		U8_LANE(2, vsetq_lane_u16);
+		U8_LANE(3, vsetq_lane_u16);
+		src = vreinterpretq_u8_u16(x);
+	} else {
+		uint32x4_t x = vdupq_n_u32(0);
+		uint32_t b;
+
+		U8_LANE(0, vsetq_lane_u32);
+		U8_LANE(1, vsetq_lane_u32);
+		U8_LANE(2, vsetq_lane_u32);
+		U8_LANE(3, vsetq_lane_u32);
+		src = vreinterpretq_u8_u32(x);
+	}
+#undef U8_LANE
+	for (unsigned R = 0; R < 2; R++) {
+		const uint8x16_t code = vandq_u8(vshlq_u8(vqtbl1q_u8(src, r->pick[R]), r->shift), r->mask);
+
+		v[R] = vqtbl1q_s8(r->centred, code);
+	}
+	if (live < 4) {
+		/* byte e of every lane is row e: the missing rows' values are 0 */
+		const uint32x4_t keep = vdupq_n_u32(0xffffffffu >> (8 * (4 - live)));
+
+		v[0] = vandq_s8(v[0], vreinterpretq_s8_u32(keep)), v[1] = vandq_s8(v[1], vreinterpretq_s8_u32(keep));
+	}
+}
+
+DOTPROD_TARGET INLINE void u8_columns(unsigned hn, unsigned bits, unsigned j, const struct kvp_row_runs *rows,
+				      unsigned ng, int8_t (*const w8[4])[U8_ROWS], unsigned c, const float *f,
+				      const float *e, const struct u8_spread *r, float *acc, size_t as)
+{
+	const int8x16_t ones = vdupq_n_s8(1);
+	const size_t at = 4 * (size_t)ng + j * bits / 8;
+	int32x4_t a[4][2], col[2] = { vdupq_n_s32(0), vdupq_n_s32(0) };
+
+#pragma GCC unroll 4
+	for (unsigned h = 0; h < 4; h++)
+		a[h][0] = a[h][1] = vdupq_n_s32(0);
+	/* runs are multiples of KVP_RUN_ROWS rows: a step's four rows lie in one */
+	for (unsigned k = 0, i0 = 0; i0 < rows->n; k++, i0 += rows->run) {
+		const unsigned end = rows->n - i0 < rows->run ? rows->n : i0 + rows->run;
+		const uint8_t *p = rows->code[k] + at;
+
+		for (unsigned i = i0; i < end; i += 4, p += 4 * rows->stride) {
+			const uint8_t *const row[4] = { p, p + rows->stride, p + 2 * rows->stride, p + 3 * rows->stride };
+			int8x16_t v[2];
+
+			/* whole steps with a constant count: no test per row */
+			if (end - i >= 4)
+				u8_values(bits, row, 4, r, v);
+			else
+				u8_values(bits, row, end - i, r, v);
+			col[0] = sdot16(col[0], v[0], ones), col[1] = sdot16(col[1], v[1], ones);
+#pragma GCC unroll 4
+			for (unsigned h = 0; h < hn; h++) {
+				int32_t word;
+				int8x16_t wq;
+
+				memcpy(&word, w8[h][c] + i, 4);
+				wq = vreinterpretq_s8_s32(vdupq_n_s32(word));
+				a[h][0] = sdot16(a[h][0], v[0], wq), a[h][1] = sdot16(a[h][1], v[1], wq);
+			}
+		}
+	}
+#pragma GCC unroll 4
+	for (unsigned h = 0; h < hn; h++)
+#pragma GCC unroll 2
+		for (unsigned R = 0; R < 2; R++) {
+			const int32x4_t sums = vaddq_s32(a[h][R], vshlq_n_s32(col[R], 7));
+			const float32x4_t add = vaddq_f32(vmulq_n_f32(vcvtq_f32_s32(sums), f[h]),
+							  vmulq_n_f32(vcvtq_f32_s32(col[R]), e[h]));
+			float *p = acc + h * as + j + 4 * R;
+
+			vst1q_f32(p, vaddq_f32(vld1q_f32(p), add));
+		}
+}
+
+DOTPROD_TARGET __attribute__((flatten)) static int axpy_u8_scaled_dotprod(unsigned bits, unsigned m, unsigned gsize,
+									    const struct kvp_row_runs *rows, unsigned g,
+									    const float *w, size_t w_stride, float *acc,
+									    size_t acc_stride, const struct kvp_ahead *ahead)
+{
+	const unsigned ng = gsize ? (m + gsize - 1) / gsize : 0, n = rows->n;
+	const float half_levels = (float)((1u << bits) - 1) * 0.5f;
+	float zc[U8_GROUPS][KVP_AXPY_I16_ROWS], sf[U8_GROUPS][KVP_AXPY_I16_ROWS], f[4], e[4];
+	int8_t w8[4][U8_GROUPS][U8_ROWS];
+	int8_t (*const w8h[4])[U8_ROWS] = { w8[0], w8[1], w8[2], w8[3] };
+	struct u8_spread r;
+
+	(void)ahead; /* the hardware's own prefetcher, as the loops have */
+	if ((bits != 2 && bits != 4) || !gsize || gsize % 8 || m % 8 || ng > U8_GROUPS || n > KVP_AXPY_I16_ROWS ||
+	    rows->run % KVP_RUN_ROWS || kvp_any_sign_bit(g, n, w, w_stride))
+		return 0;
+	r = u8_spread(bits);
+	for (unsigned i = 0; i < n; i++)
+		for (unsigned c = 0; c < ng; c++) {
+			const uint8_t *rec = kvp_run_codes(rows, i);
+
+			sf[c][i] = kvp_row_scalar(rec, 0, 0, ng + c);
+			zc[c][i] = kvp_row_scalar(rec, 0, 0, c) + sf[c][i] * half_levels;
+		}
+	for (unsigned h0 = 0; h0 < g; h0 += 4) {
+		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
+		float *ah = acc + h0 * acc_stride;
+
+		for (unsigned h = 0; h < hn; h++)
+			u8_weights(n, m, ng, w + (h0 + h) * w_stride, (const float (*)[KVP_AXPY_I16_ROWS])zc,
+				   (const float (*)[KVP_AXPY_I16_ROWS])sf, w8[h], ah + h * acc_stride, &f[h], &e[h]);
+		for (unsigned j = 0; j < m; j += 8) {
+			/* the head count and the width constants in each case */
+#define U8_COLUMNS(hn) \
+	(bits == 2 ? u8_columns(hn, 2, j, rows, ng, w8h, j / gsize, f, e, &r, ah, acc_stride) \
+		   : u8_columns(hn, 4, j, rows, ng, w8h, j / gsize, f, e, &r, ah, acc_stride))
+			switch (hn) {
+			case 4: U8_COLUMNS(4); break;
+			case 3: U8_COLUMNS(3); break;
+			case 2: U8_COLUMNS(2); break;
+			default: U8_COLUMNS(1); break;
+			}
+#undef U8_COLUMNS
+		}
+	}
+	return 1;
+}
+
 const struct kvp_kernels kvp_kernels_neon_dotprod = {
 	.name = "neon-dotprod",
-	KVP_ISA_ENTRIES(lut_dot_i8_group_dotprod, dot_i8_scaled_dotprod)
+	KVP_ISA_ENTRIES(lut_dot_i8_group_dotprod, dot_i8_scaled_dotprod, axpy_u8_scaled_dotprod)
 };
 
 #else
