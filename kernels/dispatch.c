@@ -81,7 +81,7 @@ static int neon_runnable(void)
 	return (getauxval(AT_HWCAP) & HWCAP_ASIMD) != 0;
 }
 
-/* sdot and udot (Armv8.2 dot product): neon-dotprod's keys */
+/* sdot and udot (Armv8.2 dot product): neon-dotprod's integer kernels */
 static int neon_dotprod_runnable(void)
 {
 	return neon_runnable() && (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;

@@ -2,7 +2,8 @@
  * kernels/ — the hot loops, each with a scalar reference (scalar.c) and vector versions (avx512.c,
  * avx2.c, neon.c, sharing the loops of loops.h), chosen once at start-up from the CPU's features by
  * dispatch.c, together with the CRC32C version (crc32c.h). KVP_KERNELS=scalar|avx2|avx512|neon|neon-dotprod
- * forces one (neon-dotprod is neon with sdot for the keys' integer scoring, on CPUs with the dot product).
+ * forces one (neon-dotprod is neon with sdot for TurboQuant's keys and KIVI's keys and values, on CPUs with
+ * the dot product).
  *
  * Rows are contiguous: rows[i*d + j] is element j of row i. No alignment is required of any pointer.
  */

@@ -4,8 +4,8 @@
  * FPCR, matching base/half.c and F16C bit for bit. Tails shorter than a vector go through zero-padded
  * copies so no load runs past the caller's buffers. The loops that do not depend on the instruction set
  * (over heads, bit widths and rows) are in loops.h, included at the end. Two tables come out: neon, and
- * neon-dotprod, the same but for the keys' integer scoring (TurboQuant's lookups and KIVI's scaled codes),
- * which uses sdot (Armv8.2 dot product).
+ * neon-dotprod, the same but for the integer kernels of TurboQuant's keys and KIVI's keys and values, which
+ * use sdot (Armv8.2 dot product).
  */
 #if defined(__aarch64__)
 
