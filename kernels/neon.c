@@ -1056,16 +1056,13 @@ static struct scaled_spread scaled_spread(unsigned bits)
 	return r;
 }
 
-/* Column byte b of rows i..i+7; in the last block (tail, a constant once inlined) rows past n read as 0 from a
- * copy, so that nothing past the group is read. */
+/* Column byte b of rows i..i+7; in the last block (tail, a constant once inlined) rows past n read as 0
+ * (tail_word), so that nothing past the group is read. */
 INLINE uint8x8_t scaled_column(int tail, const uint8_t *codes, unsigned n, unsigned b, unsigned i)
 {
-	uint8_t part[8] = { 0 };
-
 	if (!tail)
 		return vld1_u8(codes + (size_t)b * n + i);
-	memcpy(part, codes + (size_t)b * n + i, n - i);
-	return vld1_u8(part);
+	return vcreate_u8(tail_word(codes + (size_t)b * n + i, n - i));
 }
 
 /* The codes of channels 4k..4k+3 of rows i..i+7, in two registers (rows 4 reg + lane). */
@@ -1363,13 +1360,14 @@ DOTPROD_TARGET __attribute__((flatten)) static int axpy_u8_scaled_dotprod(unsign
 	    rows->run % KVP_RUN_ROWS || kvp_any_sign_bit(g, n, w, w_stride))
 		return 0;
 	r = u8_spread(bits);
-	for (unsigned i = 0; i < n; i++)
-		for (unsigned c = 0; c < ng; c++) {
-			const uint8_t *rec = kvp_run_codes(rows, i);
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *rec = kvp_run_codes(rows, i);
 
+		for (unsigned c = 0; c < ng; c++) {
 			sf[c][i] = kvp_row_scalar(rec, 0, 0, ng + c);
 			zc[c][i] = kvp_row_scalar(rec, 0, 0, c) + sf[c][i] * half_levels;
 		}
+	}
 	for (unsigned h0 = 0; h0 < g; h0 += 4) {
 		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
 		float *ah = acc + h0 * acc_stride;
