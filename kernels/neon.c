@@ -3,9 +3,9 @@
  * HWCAP. Conversions use fcvt, which rounds to nearest even and keeps NaN payloads under Linux's default
  * FPCR, matching base/half.c and F16C bit for bit. Tails shorter than a vector go through zero-padded
  * copies so no load runs past the caller's buffers. The loops that do not depend on the instruction set
- * (over heads, bit widths and rows) are in loops.h, included at the end. Two tables come out: neon, and
- * neon-dotprod, the same but for the integer kernels of TurboQuant's keys and KIVI's keys and values, which
- * use sdot (Armv8.2 dot product).
+ * (over heads, bit widths and rows) are in loops.h, included at the end. Two tables come out: neon (KIVI's
+ * keys on int16 multiply-adds by lane), and neon-dotprod, the same but for the integer kernels of
+ * TurboQuant's keys and KIVI's keys and values, which use sdot (Armv8.2 dot product).
  */
 #if defined(__aarch64__)
 
@@ -1014,6 +1014,12 @@ INLINE loops_i32v loops_bytes(const uint8_t *p)
 
 #define KVP_ISA_NAME "neon"
 #define KVP_ISA_TABLE kvp_kernels_neon
+#define KVP_ISA_DOT_I8_SCALED
+static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g, const float *q,
+			  size_t q_stride, float *out, size_t out_stride);
+/* the fallback of both tables' versions stays out of their flattened frames (its own is 8 KiB) */
+static void loops_dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g,
+				const float *q, size_t q_stride, float *out, size_t out_stride) __attribute__((noinline));
 #include "kernels/loops.h"
 
 /* The same table but for the keys' integer lookups, which use sdot (Armv8.2 dot product). */
@@ -1082,6 +1088,29 @@ INLINE void scaled_codes(int tail, unsigned bits, const uint8_t *codes, unsigned
 		c[reg] = vreinterpretq_s8_u8(vandq_u8(vshlq_u8(vqtbl1q_u8(src, r->pick[reg]), r->shift), r->mask));
 }
 
+/* out[h][i..i+8) = z + step * the sums of rows i..i+7 (a[h][reg]: rows i + 4 reg + lane), rows past n not stored */
+INLINE void scaled_out8(unsigned hn, unsigned n, unsigned i, int32x4_t (*a)[2], const float *step, const float *z,
+			float *out, size_t os)
+{
+#pragma GCC unroll 4
+	for (unsigned h = 0; h < hn; h++)
+#pragma GCC unroll 2
+		for (unsigned reg = 0; reg < 2; reg++) {
+			const float32x4_t v = vaddq_f32(vdupq_n_f32(z[h]),
+							vmulq_f32(vcvtq_f32_s32(a[h][reg]), vdupq_n_f32(step[h])));
+			float *o = out + h * os + i + 4 * reg;
+
+			if (i + 4 * reg + 4 <= n) {
+				vst1q_f32(o, v);
+			} else if (i + 4 * reg < n) {
+				float part[4];
+
+				vst1q_f32(part, v);
+				memcpy(o, part, (n - i - 4 * reg) * sizeof *o);
+			}
+		}
+}
+
 DOTPROD_TARGET INLINE void scaled_rows8(int tail, unsigned hn, unsigned bits, unsigned nquads, unsigned n,
 					const uint8_t *codes, unsigned i, const uint32_t (*quads)[SCALED_DIM / 4],
 					const struct scaled_spread *r, const float *step, const float *z, float *out,
@@ -1105,23 +1134,7 @@ DOTPROD_TARGET INLINE void scaled_rows8(int tail, unsigned hn, unsigned bits, un
 			a[h][1] = sdot16(a[h][1], c[1], qk);
 		}
 	}
-#pragma GCC unroll 4
-	for (unsigned h = 0; h < hn; h++)
-#pragma GCC unroll 2
-		for (unsigned reg = 0; reg < 2; reg++) {
-			const float32x4_t v = vaddq_f32(vdupq_n_f32(z[h]),
-							vmulq_f32(vcvtq_f32_s32(a[h][reg]), vdupq_n_f32(step[h])));
-			float *o = out + h * os + i + 4 * reg;
-
-			if (i + 4 * reg + 4 <= n) {
-				vst1q_f32(o, v);
-			} else if (i + 4 * reg < n) {
-				float part[4];
-
-				vst1q_f32(part, v);
-				memcpy(o, part, (n - i - 4 * reg) * sizeof *o);
-			}
-		}
+	scaled_out8(hn, n, i, a, step, z, out, os);
 }
 
 DOTPROD_TARGET INLINE void scaled_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes,
@@ -1167,6 +1180,131 @@ DOTPROD_TARGET __attribute__((flatten)) static void dot_i8_scaled_dotprod(unsign
 #define SCALED_HEADS(hn) \
 	(bits == 2 ? scaled_heads(hn, 2, m, n, codes, quads, step, z, out + h0 * out_stride, out_stride) \
 		   : scaled_heads(hn, 4, m, n, codes, quads, step, z, out + h0 * out_stride, out_stride))
+		switch (hn) {
+		case 4: SCALED_HEADS(4); break;
+		case 3: SCALED_HEADS(3); break;
+		case 2: SCALED_HEADS(2); break;
+		default: SCALED_HEADS(1); break;
+		}
+#undef SCALED_HEADS
+	}
+}
+
+/*
+ * dot_i8_scaled for the plain table (KIVI's keys, same shapes as the sdot version above): eight rows at a
+ * time, a row per int16 lane. A column byte of eight rows is one load, widened to int16; a shift and a mask
+ * per code leave the codes of one channel, and one multiply-add by lane per code and head adds the head's
+ * int16 query of that channel. The int16 sums are exact for a run of channels (64 at 2 bits: 64 * 3 * 127 <
+ * 32767; 16 at 4 bits: 16 * 15 * 127 < 32767), then widened into int32: the plain code's integers, so its
+ * bits. Per eight rows and eight channels for four heads: 32 multiply-adds, 4 query loads, and 2 column bytes
+ * at 2 bits (4 at 4 bits) loaded, widened, shifted and masked; loops.h's take 18 instructions per four rows and
+ * one channel, 288 for the same work (64 multiply-adds on int32).
+ */
+#define SCALED_RUN(bits) ((bits) == 2 ? 64u : 16u) /* channels whose int16 sums stay exact */
+
+/* The codes of channels j..j+7 of rows i..i+7, a row per int16 lane. Unless whole (the chunk inside the rows'
+ * bytes; a constant once inlined), column bytes from nb on read as 0: nothing past the group is read. */
+INLINE void scaled_codes8(int whole, int tail, unsigned bits, const uint8_t *codes, unsigned n, unsigned nb,
+			  unsigned j, unsigned i, int16x8_t c[8])
+{
+	const unsigned per = 8 / bits, b0 = j / per;
+	const uint16x8_t mask = vdupq_n_u16((uint16_t)((1u << bits) - 1));
+
+#pragma GCC unroll 4
+	for (unsigned b = 0; b < 8 / per; b++) {
+		const uint16x8_t x = whole || b0 + b < nb ? vmovl_u8(scaled_column(tail, codes, n, b0 + b, i)) : vdupq_n_u16(0);
+
+#pragma GCC unroll 4
+		for (unsigned t = 0; t < per; t++)
+			c[b * per + t] = vreinterpretq_s16_u16(vandq_u16(vshlq_u16(x, vdupq_n_s16((int16_t)(-(int)(t * bits)))), mask));
+	}
+}
+
+/* Each head's int16 sums s[h] of rows i..i+7 plus channels j..j+7 (whole: as in scaled_codes8) */
+INLINE void scaled_chunk8(int whole, int tail, unsigned hn, unsigned bits, const uint8_t *codes, unsigned n,
+			  unsigned nb, unsigned j, unsigned i, const int16_t (*q16)[SCALED_DIM], int16x8_t s[4])
+{
+	int16x8_t c[8];
+
+	scaled_codes8(whole, tail, bits, codes, n, nb, j, i, c);
+#pragma GCC unroll 4
+	for (unsigned h = 0; h < hn; h++) {
+		const int16x8_t qv = vld1q_s16(q16[h] + j);
+
+		s[h] = vmlaq_laneq_s16(s[h], c[0], qv, 0), s[h] = vmlaq_laneq_s16(s[h], c[1], qv, 1);
+		s[h] = vmlaq_laneq_s16(s[h], c[2], qv, 2), s[h] = vmlaq_laneq_s16(s[h], c[3], qv, 3);
+		s[h] = vmlaq_laneq_s16(s[h], c[4], qv, 4), s[h] = vmlaq_laneq_s16(s[h], c[5], qv, 5);
+		s[h] = vmlaq_laneq_s16(s[h], c[6], qv, 6), s[h] = vmlaq_laneq_s16(s[h], c[7], qv, 7);
+	}
+}
+
+INLINE void scaled_rows8_mla(int tail, unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes,
+			     unsigned i, const int16_t (*q16)[SCALED_DIM], const float *step, const float *z, float *out,
+			     size_t os)
+{
+	const unsigned nb = (m * bits + 7) / 8;
+	int32x4_t a[4][2];
+
+#pragma GCC unroll 4
+	for (unsigned h = 0; h < 4; h++)
+		a[h][0] = a[h][1] = vdupq_n_s32(0);
+	for (unsigned j0 = 0; j0 < m; j0 += SCALED_RUN(bits)) {
+		const unsigned end = m - j0 < SCALED_RUN(bits) ? m : j0 + SCALED_RUN(bits);
+		int16x8_t s[4];
+
+#pragma GCC unroll 4
+		for (unsigned h = 0; h < 4; h++)
+			s[h] = vdupq_n_s16(0);
+		/* q16 is zero past m, up to the last chunk's eight channels */
+		for (unsigned j = j0; j < end; j += 8)
+			if (j + 8 <= m)
+				scaled_chunk8(1, tail, hn, bits, codes, n, nb, j, i, q16, s);
+			else
+				scaled_chunk8(0, tail, hn, bits, codes, n, nb, j, i, q16, s);
+#pragma GCC unroll 4
+		for (unsigned h = 0; h < hn; h++)
+			a[h][0] = vaddw_s16(a[h][0], vget_low_s16(s[h])), a[h][1] = vaddw_high_s16(a[h][1], s[h]);
+	}
+	scaled_out8(hn, n, i, a, step, z, out, os);
+}
+
+INLINE void scaled_heads_mla(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes,
+			     const int16_t (*q16)[SCALED_DIM], const float *step, const float *z, float *out, size_t os)
+{
+	unsigned i = 0;
+
+	for (; i + 8 <= n; i += 8)
+		scaled_rows8_mla(0, hn, bits, m, n, codes, i, q16, step, z, out, os);
+	if (i < n)
+		scaled_rows8_mla(1, hn, bits, m, n, codes, i, q16, step, z, out, os);
+}
+
+__attribute__((flatten)) static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *group,
+						     unsigned g, const float *q, size_t q_stride, float *out,
+						     size_t out_stride)
+{
+	const uint8_t *codes = group + 4 * (size_t)m;
+	int32_t q32[SCALED_DIM];
+	int16_t q16[4][SCALED_DIM];
+	float step[4], z[4];
+
+	if ((bits != 2 && (bits != 4 || m % 4)) || m + 8 > SCALED_DIM) {
+		loops_dot_i8_scaled(bits, m, n, group, g, q, q_stride, out, out_stride);
+		return;
+	}
+	for (unsigned h0 = 0; h0 < g; h0 += 4) {
+		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
+
+		for (unsigned h = 0; h < hn; h++) {
+			step[h] = scaled_query(m, q + (h0 + h) * q_stride, group, q32, &z[h]);
+			for (unsigned j = 0; j < m; j++)
+				q16[h][j] = (int16_t)q32[j];
+			/* the last chunk's channels past m weigh 0 */
+			memset(q16[h] + m, 0, 8 * sizeof **q16);
+		}
+#define SCALED_HEADS(hn) \
+	(bits == 2 ? scaled_heads_mla(hn, 2, m, n, codes, q16, step, z, out + h0 * out_stride, out_stride) \
+		   : scaled_heads_mla(hn, 4, m, n, codes, q16, step, z, out + h0 * out_stride, out_stride))
 		switch (hn) {
 		case 4: SCALED_HEADS(4); break;
 		case 3: SCALED_HEADS(3); break;
