@@ -1015,6 +1015,9 @@ INLINE loops_i32v loops_bytes(const uint8_t *p)
 #define KVP_ISA_NAME "neon"
 #define KVP_ISA_TABLE kvp_kernels_neon
 #define KVP_ISA_DOT_I8_SCALED
+#define KVP_ISA_AXPY_U8_SCALED
+static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struct kvp_row_runs *rows, unsigned g,
+			  const float *w, size_t w_stride, float *acc, size_t acc_stride, const struct kvp_ahead *ahead);
 static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g, const float *q,
 			  size_t q_stride, float *out, size_t out_stride);
 /* the fallback of both tables' versions stays out of their flattened frames (its own is 8 KiB) */
@@ -1326,7 +1329,7 @@ __attribute__((flatten)) static void dot_i8_scaled(unsigned bits, unsigned m, un
  * back: sum_i W v = sum_i (W - 128) v + 128 sum_i v, exact in int32. Rows past a run's end are zeroed values.
  */
 #define U8_GROUPS 4
-#define U8_ROWS (KVP_AXPY_I16_ROWS + 4) /* a head's weights of a group, with room for a last step of four */
+#define U8_ROWS (KVP_AXPY_I16_ROWS + 8) /* a head's weights of a group, with room for a last step of eight */
 
 struct u8_spread {
 	uint8x16_t pick[2], mask;
@@ -1355,7 +1358,7 @@ static struct u8_spread u8_spread(unsigned bits)
 	return r;
 }
 
-/* Head h's z sums into acc[m..m+ng), and its weights W - 128 into w8[c][0..n) (zeros past n); returns f and e,
+/* Head h's z sums into acc[m..m+ng), and its weights W - 128 into w8[c][0..n) (eight zeros past n); returns f and e,
  * the factors of the sums and the column sums: the plain code's steps on zc = z + s L / 2 and s. */
 static void u8_weights(unsigned n, unsigned m, unsigned ng, const float *w, const float (*zc)[KVP_AXPY_I16_ROWS],
 		       const float (*sf)[KVP_AXPY_I16_ROWS], int8_t (*w8)[U8_ROWS], float *acc, float *f, float *e)
@@ -1380,7 +1383,7 @@ static void u8_weights(unsigned n, unsigned m, unsigned ng, const float *w, cons
 	for (unsigned c = 0; c < ng; c++) {
 		for (unsigned i = 0; i < n; i++)
 			w8[c][i] = (int8_t)(kvp_weight_u8(kvp_weight_u8_in(w[i], sf[c][i]), lo, inv) - 128);
-		memset(w8[c] + n, 0, 4);
+		memset(w8[c] + n, 0, 8);
 	}
 	*f = (top - lo) / (2.0f * KVP_WEIGHT_MAX_U8);
 	*e = lo * 0.5f;
@@ -1481,23 +1484,153 @@ DOTPROD_TARGET INLINE void u8_columns(unsigned hn, unsigned bits, unsigned j, co
 		}
 }
 
-DOTPROD_TARGET __attribute__((flatten)) static int axpy_u8_scaled_dotprod(unsigned bits, unsigned m, unsigned gsize,
-									    const struct kvp_row_runs *rows, unsigned g,
-									    const float *w, size_t w_stride, float *acc,
-									    size_t acc_stride, const struct kvp_ahead *ahead)
+/*
+ * Plain NEON's columns (the neon table's axpy_u8_scaled; neon-dotprod's shapes and bits): eight columns j..j+7
+ * of group c, a column per int16 lane, over every row, eight rows a step. A row's code bytes of the eight
+ * columns (2 or 4) are one load, a lookup gives each lane its byte, a shift and a mask its code, a second
+ * lookup its centred value; then one multiply-add by lane per row and head against the eight rows' weights
+ * W - 128, widened once. The int16 sums are exact for U8_RUN rows (|W - 128| <= 128: 64 * 128 * 3 and
+ * 16 * 128 * 15 stay under 32768), then widened into int32, and 128 times the column sums added back as
+ * neon-dotprod does. Per eight rows and eight columns for four heads, gcc 12's loop is 113 instructions, 32
+ * of them multiply-adds (each row's values take a load, a dup, two lookups, a shift, a mask, a widening and
+ * the column sum's add); axpy_i16_scaled's loops, which this table took before, take 21 per row and four
+ * columns (336).
+ */
+#define U8_RUN(bits) ((bits) == 2 ? 64u : 16u)
+
+struct u8_lanes {
+	uint8x8_t pick, mask;
+	int8x8_t shift;
+};
+
+static struct u8_lanes u8_lanes(unsigned bits)
+{
+	struct u8_lanes r;
+	uint8_t pick[8];
+	int8_t shift[8];
+
+	/* lane t: column t's byte and its place in it */
+	for (unsigned t = 0; t < 8; t++) {
+		pick[t] = (uint8_t)(t * bits / 8);
+		shift[t] = (int8_t)-(int)(t * bits % 8);
+	}
+	r.pick = vld1_u8(pick), r.shift = vld1_s8(shift);
+	r.mask = vdup_n_u8((uint8_t)((1u << bits) - 1));
+	return r;
+}
+
+/* The centred values of a row's eight columns whose code bytes start at p (2 or 4 of them). */
+INLINE int16x8_t u8_row_values(unsigned bits, const uint8_t *p, const struct u8_lanes *l, int8x16_t centred)
+{
+	uint8x16_t src;
+	uint8x8_t x;
+
+	/* the bytes repeated over a whole register, for a lookup with no upper half to clear */
+	if (bits == 2) {
+		uint16_t b;
+
+		memcpy(&b, p, sizeof b);
+		src = vreinterpretq_u8_u16(vdupq_n_u16(b));
+	} else {
+		uint32_t b;
+
+		memcpy(&b, p, sizeof b);
+		src = vreinterpretq_u8_u32(vdupq_n_u32(b));
+	}
+	x = vand_u8(vshl_u8(vqtbl1_u8(src, l->pick), l->shift), l->mask);
+	return vmovl_s8(vqtbl1_s8(centred, x));
+}
+
+/* Rows i..i+live-1 (live <= 8, a constant once inlined; the rest weigh nothing) into each head's int16 sums s and
+ * the int16 column sums col. */
+INLINE void u8_rows8(unsigned hn, unsigned bits, unsigned live, const uint8_t *p, size_t stride,
+		     int8_t (*const w8[4])[U8_ROWS], unsigned c, unsigned i, const struct u8_lanes *l, int8x16_t centred,
+		     int16x8_t s[4], int16x8_t *col)
+{
+	int16x8_t v[8];
+
+#pragma GCC unroll 8
+	for (unsigned e = 0; e < 8; e++) {
+		v[e] = e < live ? u8_row_values(bits, p + e * stride, l, centred) : vdupq_n_s16(0);
+		*col = vaddq_s16(*col, v[e]);
+	}
+#pragma GCC unroll 4
+	for (unsigned h = 0; h < hn; h++) {
+		const int16x8_t wv = vmovl_s8(vld1_s8(w8[h][c] + i));
+
+		s[h] = vmlaq_laneq_s16(s[h], v[0], wv, 0), s[h] = vmlaq_laneq_s16(s[h], v[1], wv, 1);
+		s[h] = vmlaq_laneq_s16(s[h], v[2], wv, 2), s[h] = vmlaq_laneq_s16(s[h], v[3], wv, 3);
+		s[h] = vmlaq_laneq_s16(s[h], v[4], wv, 4), s[h] = vmlaq_laneq_s16(s[h], v[5], wv, 5);
+		s[h] = vmlaq_laneq_s16(s[h], v[6], wv, 6), s[h] = vmlaq_laneq_s16(s[h], v[7], wv, 7);
+	}
+}
+
+/* The int16 sums widened into the int32 ones (a[h][0]: columns 0-3, a[h][1]: 4-7), and cleared. */
+INLINE void u8_widen(unsigned hn, int16x8_t s[4], int16x8_t *col, int32x4_t (*a)[2], int32x4_t cs[2])
+{
+#pragma GCC unroll 4
+	for (unsigned h = 0; h < hn; h++) {
+		a[h][0] = vaddw_s16(a[h][0], vget_low_s16(s[h])), a[h][1] = vaddw_high_s16(a[h][1], s[h]);
+		s[h] = vdupq_n_s16(0);
+	}
+	cs[0] = vaddw_s16(cs[0], vget_low_s16(*col)), cs[1] = vaddw_high_s16(cs[1], *col);
+	*col = vdupq_n_s16(0);
+}
+
+INLINE void u8_columns_mla(unsigned hn, unsigned bits, unsigned j, const struct kvp_row_runs *rows, unsigned ng,
+			   int8_t (*const w8[4])[U8_ROWS], unsigned c, const float *f, const float *e,
+			   const struct u8_spread *r, float *acc, size_t as)
+{
+	const struct u8_lanes l = u8_lanes(bits);
+	const size_t at = 4 * (size_t)ng + j * bits / 8;
+	int32x4_t a[4][2], col[2] = { vdupq_n_s32(0), vdupq_n_s32(0) };
+	int16x8_t s[4], cs = vdupq_n_s16(0);
+	unsigned since = 0;
+
+#pragma GCC unroll 4
+	for (unsigned h = 0; h < 4; h++)
+		a[h][0] = a[h][1] = vdupq_n_s32(0), s[h] = vdupq_n_s16(0);
+	for (unsigned k = 0, i0 = 0; i0 < rows->n; k++, i0 += rows->run) {
+		const unsigned end = rows->n - i0 < rows->run ? rows->n : i0 + rows->run;
+		const uint8_t *p = rows->code[k] + at;
+
+		unsigned i = i0;
+
+		/* runs are multiples of KVP_RUN_ROWS rows: whole steps of eight lie in one, and only the last run ends
+		 * in a part of one */
+		for (; i + 8 <= end; i += 8, p += 8 * rows->stride) {
+			u8_rows8(hn, bits, 8, p, rows->stride, w8, c, i, &l, r->centred, s, &cs);
+			if ((since += 8) == U8_RUN(bits))
+				u8_widen(hn, s, &cs, a, col), since = 0;
+		}
+		if (i < end)
+			u8_rows8(hn, bits, end - i, p, rows->stride, w8, c, i, &l, r->centred, s, &cs);
+	}
+	u8_widen(hn, s, &cs, a, col);
+#pragma GCC unroll 4
+	for (unsigned h = 0; h < hn; h++)
+#pragma GCC unroll 2
+		for (unsigned R = 0; R < 2; R++) {
+			const int32x4_t sums = vaddq_s32(a[h][R], vshlq_n_s32(col[R], 7));
+			const float32x4_t add = vaddq_f32(vmulq_n_f32(vcvtq_f32_s32(sums), f[h]),
+							  vmulq_n_f32(vcvtq_f32_s32(col[R]), e[h]));
+			float *o = acc + h * as + j + 4 * R;
+
+			vst1q_f32(o, vaddq_f32(vld1q_f32(o), add));
+		}
+}
+
+/* What both tables' axpy_u8_scaled need before their columns: whether they take the call (kernels.h), then
+ * every row's s and z + s L / 2 as planar floats. */
+static int u8_scalars(unsigned bits, unsigned m, unsigned gsize, const struct kvp_row_runs *rows, unsigned g,
+		      const float *w, size_t w_stride, float (*zc)[KVP_AXPY_I16_ROWS], float (*sf)[KVP_AXPY_I16_ROWS])
 {
 	const unsigned ng = gsize ? (m + gsize - 1) / gsize : 0, n = rows->n;
 	const float half_levels = (float)((1u << bits) - 1) * 0.5f;
-	float zc[U8_GROUPS][KVP_AXPY_I16_ROWS], sf[U8_GROUPS][KVP_AXPY_I16_ROWS], f[4], e[4];
-	int8_t w8[4][U8_GROUPS][U8_ROWS];
-	int8_t (*const w8h[4])[U8_ROWS] = { w8[0], w8[1], w8[2], w8[3] };
-	struct u8_spread r;
 
-	(void)ahead; /* the hardware's own prefetcher, as the loops have */
 	if ((bits != 2 && bits != 4) || !gsize || gsize % 8 || m % 8 || ng > U8_GROUPS || n > KVP_AXPY_I16_ROWS ||
 	    rows->run % KVP_RUN_ROWS || kvp_any_sign_bit(g, n, w, w_stride))
 		return 0;
-	r = u8_spread(bits);
 	for (unsigned i = 0; i < n; i++) {
 		const uint8_t *rec = kvp_run_codes(rows, i);
 
@@ -1506,29 +1639,76 @@ DOTPROD_TARGET __attribute__((flatten)) static int axpy_u8_scaled_dotprod(unsign
 			zc[c][i] = kvp_row_scalar(rec, 0, 0, c) + sf[c][i] * half_levels;
 		}
 	}
-	for (unsigned h0 = 0; h0 < g; h0 += 4) {
-		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
-		float *ah = acc + h0 * acc_stride;
-
-		for (unsigned h = 0; h < hn; h++)
-			u8_weights(n, m, ng, w + (h0 + h) * w_stride, (const float (*)[KVP_AXPY_I16_ROWS])zc,
-				   (const float (*)[KVP_AXPY_I16_ROWS])sf, w8[h], ah + h * acc_stride, &f[h], &e[h]);
-		for (unsigned j = 0; j < m; j += 8) {
-			/* the head count and the width constants in each case */
-#define U8_COLUMNS(hn) \
-	(bits == 2 ? u8_columns(hn, 2, j, rows, ng, w8h, j / gsize, f, e, &r, ah, acc_stride) \
-		   : u8_columns(hn, 4, j, rows, ng, w8h, j / gsize, f, e, &r, ah, acc_stride))
-			switch (hn) {
-			case 4: U8_COLUMNS(4); break;
-			case 3: U8_COLUMNS(3); break;
-			case 2: U8_COLUMNS(2); break;
-			default: U8_COLUMNS(1); break;
-			}
-#undef U8_COLUMNS
-		}
-	}
 	return 1;
 }
+
+/* The hn heads from h0 on: their z sums into acc, their weights into w8, their factors into f and e. */
+static void u8_heads_weights(unsigned hn, unsigned m, unsigned ng, unsigned n, const float *w, size_t w_stride,
+			     const float (*zc)[KVP_AXPY_I16_ROWS], const float (*sf)[KVP_AXPY_I16_ROWS],
+			     int8_t (*w8)[U8_GROUPS][U8_ROWS], float *acc, size_t acc_stride, float *f, float *e)
+{
+	for (unsigned h = 0; h < hn; h++)
+		u8_weights(n, m, ng, w + h * w_stride, zc, sf, w8[h], acc + h * acc_stride, &f[h], &e[h]);
+}
+
+/* The frame of an axpy_u8_scaled: scalars, weights and factors. */
+struct u8_frame {
+	float zc[U8_GROUPS][KVP_AXPY_I16_ROWS], sf[U8_GROUPS][KVP_AXPY_I16_ROWS], f[4], e[4];
+	int8_t w8[4][U8_GROUPS][U8_ROWS];
+};
+
+/* Both tables' axpy_u8_scaled: the columns eight at a time by COLUMNS(hn, bits), for every four heads. */
+#define U8_SCALED(COLUMNS)                                                                                      \
+	const unsigned ng = gsize ? (m + gsize - 1) / gsize : 0, n = rows->n;                                   \
+	struct u8_frame t;                                                                                      \
+	int8_t (*const w8h[4])[U8_ROWS] = { t.w8[0], t.w8[1], t.w8[2], t.w8[3] };                             \
+	const struct u8_spread r = u8_spread(bits);                                                             \
+                                                                                                                \
+	(void)ahead; /* the hardware's own prefetcher, as the loops have */                                     \
+	if (!u8_scalars(bits, m, gsize, rows, g, w, w_stride, t.zc, t.sf))                                      \
+		return 0;                                                                                       \
+	for (unsigned h0 = 0; h0 < g; h0 += 4) {                                                                \
+		const unsigned hn = g - h0 < 4 ? g - h0 : 4;                                                    \
+		float *ah = acc + h0 * acc_stride;                                                              \
+                                                                                                                \
+		u8_heads_weights(hn, m, ng, n, w + h0 * w_stride, w_stride, (const float (*)[KVP_AXPY_I16_ROWS])t.zc, \
+				 (const float (*)[KVP_AXPY_I16_ROWS])t.sf, t.w8, ah, acc_stride, t.f, t.e);       \
+		for (unsigned j = 0; j < m; j += 8)                                                             \
+			/* the head count and the width constants in each case */                               \
+			switch (hn * 8 + bits) {                                                                \
+			case 34: COLUMNS(4, 2); break;                                                          \
+			case 36: COLUMNS(4, 4); break;                                                          \
+			case 26: COLUMNS(3, 2); break;                                                          \
+			case 28: COLUMNS(3, 4); break;                                                          \
+			case 18: COLUMNS(2, 2); break;                                                          \
+			case 20: COLUMNS(2, 4); break;                                                          \
+			case 10: COLUMNS(1, 2); break;                                                          \
+			default: COLUMNS(1, 4); break;                                                          \
+			}                                                                                       \
+	}                                                                                                       \
+	return 1
+
+DOTPROD_TARGET __attribute__((flatten)) static int axpy_u8_scaled_dotprod(unsigned bits, unsigned m, unsigned gsize,
+									    const struct kvp_row_runs *rows, unsigned g,
+									    const float *w, size_t w_stride, float *acc,
+									    size_t acc_stride, const struct kvp_ahead *ahead)
+{
+#define DOTPROD_COLUMNS(hn, bits) u8_columns(hn, bits, j, rows, ng, w8h, j / gsize, t.f, t.e, &r, ah, acc_stride)
+	U8_SCALED(DOTPROD_COLUMNS);
+#undef DOTPROD_COLUMNS
+}
+
+__attribute__((flatten)) static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize,
+						     const struct kvp_row_runs *rows, unsigned g, const float *w,
+						     size_t w_stride, float *acc, size_t acc_stride,
+						     const struct kvp_ahead *ahead)
+{
+#define MLA_COLUMNS(hn, bits) u8_columns_mla(hn, bits, j, rows, ng, w8h, j / gsize, t.f, t.e, &r, ah, acc_stride)
+	U8_SCALED(MLA_COLUMNS);
+#undef MLA_COLUMNS
+}
+
+#undef U8_SCALED
 
 const struct kvp_kernels kvp_kernels_neon_dotprod = {
 	.name = "neon-dotprod",

@@ -1830,7 +1830,7 @@ static int u8_scaled_covers(const struct kvp_kernels *k, unsigned bits, unsigned
 {
 	if (k == &kvp_kernels_scalar)
 		return 1;
-	if (!strcmp(k->name, "avx2") || !strcmp(k->name, "neon-dotprod"))
+	if (!strcmp(k->name, "avx2") || !strcmp(k->name, "neon") || !strcmp(k->name, "neon-dotprod"))
 		return (bits == 2 || bits == 4) && gsize % 8 == 0 && m % 8 == 0 && (m + gsize - 1) / gsize <= 4;
 	return !strcmp(k->name, "avx512") && (bits == 2 || bits == 4) && gsize % 16 == 0 && m % 64 == 0 &&
 	       (m + gsize - 1) / gsize <= 4;
