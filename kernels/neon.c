@@ -1115,7 +1115,7 @@ INLINE void scaled_out8(unsigned hn, unsigned n, unsigned i, int32x4_t (*a)[2], 
 }
 
 DOTPROD_TARGET INLINE void scaled_rows8(int tail, unsigned hn, unsigned bits, unsigned nquads, unsigned n,
-					const uint8_t *codes, unsigned i, const uint32_t (*quads)[SCALED_DIM / 4],
+					const uint8_t *codes, unsigned i, const int8_t (*q8)[SCALED_DIM],
 					const struct scaled_spread *r, const float *step, const float *z, float *out,
 					size_t os)
 {
@@ -1131,7 +1131,11 @@ DOTPROD_TARGET INLINE void scaled_rows8(int tail, unsigned hn, unsigned bits, un
 		scaled_codes(tail, bits, codes, n, k, i, r, c);
 #pragma GCC unroll 4
 		for (unsigned h = 0; h < hn; h++) {
-			const int8x16_t qk = vreinterpretq_s8_u32(vdupq_n_u32(quads[h][k]));
+			uint32_t quad;
+			int8x16_t qk;
+
+			memcpy(&quad, q8[h] + 4 * k, sizeof quad);
+			qk = vreinterpretq_s8_u32(vdupq_n_u32(quad));
 
 			a[h][0] = sdot16(a[h][0], c[0], qk);
 			a[h][1] = sdot16(a[h][1], c[1], qk);
@@ -1141,7 +1145,7 @@ DOTPROD_TARGET INLINE void scaled_rows8(int tail, unsigned hn, unsigned bits, un
 }
 
 DOTPROD_TARGET INLINE void scaled_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes,
-					const uint32_t (*quads)[SCALED_DIM / 4], const float *step, const float *z,
+					const int8_t (*q8)[SCALED_DIM], const float *step, const float *z,
 					float *out, size_t os)
 {
 	const struct scaled_spread r = scaled_spread(bits);
@@ -1149,55 +1153,71 @@ DOTPROD_TARGET INLINE void scaled_heads(unsigned hn, unsigned bits, unsigned m, 
 	unsigned i = 0;
 
 	for (; i + 8 <= n; i += 8)
-		scaled_rows8(0, hn, bits, nquads, n, codes, i, quads, &r, step, z, out, os);
+		scaled_rows8(0, hn, bits, nquads, n, codes, i, q8, &r, step, z, out, os);
 	if (i < n)
-		scaled_rows8(1, hn, bits, nquads, n, codes, i, quads, &r, step, z, out, os);
+		scaled_rows8(1, hn, bits, nquads, n, codes, i, q8, &r, step, z, out, os);
 }
+
+/* Each of hn heads' int8 query (loops.h's scaled_query) into q8[h], eight zeros past m, its step and its Z. */
+static void scaled_queries(unsigned hn, unsigned m, const float *q, size_t qs, const uint8_t *group,
+			   int8_t (*q8)[SCALED_DIM], float *step, float *z)
+{
+	int32_t q32[SCALED_DIM];
+
+	for (unsigned h = 0; h < hn; h++) {
+		step[h] = scaled_query(m, q + h * qs, group, q32, &z[h]);
+		for (unsigned j = 0; j < m; j++)
+			q8[h][j] = (int8_t)q32[j];
+		/* the codes past m in a last byte or chunk weigh 0 */
+		memset(q8[h] + m, 0, 8);
+	}
+}
+
+/* Both tables' dot_i8_scaled (2- and 4-bit codes, m <= 512, a multiple of 4 at 4 bits; loops.h's takes the
+ * rest): every four heads' queries, then their rows by HEADS(hn, bits). */
+#define SCALED_DOT(HEADS)                                                                               \
+	const uint8_t *codes = group + 4 * (size_t)m;                                                   \
+	int8_t q8[4][SCALED_DIM];                                                                       \
+	float step[4], z[4];                                                                            \
+                                                                                                        \
+	if ((bits != 2 && (bits != 4 || m % 4)) || m + 8 > SCALED_DIM) {                                \
+		loops_dot_i8_scaled(bits, m, n, group, g, q, q_stride, out, out_stride);                \
+		return;                                                                                 \
+	}                                                                                               \
+	for (unsigned h0 = 0; h0 < g; h0 += 4) {                                                        \
+		const unsigned hn = g - h0 < 4 ? g - h0 : 4;                                            \
+		float *o = out + h0 * out_stride;                                                       \
+                                                                                                        \
+		scaled_queries(hn, m, q + h0 * q_stride, q_stride, group, q8, step, z);                 \
+		/* the head count and the width constants in each case */                               \
+		switch (hn * 8 + bits) {                                                                \
+		case 34: HEADS(4, 2); break;                                                            \
+		case 36: HEADS(4, 4); break;                                                            \
+		case 26: HEADS(3, 2); break;                                                            \
+		case 28: HEADS(3, 4); break;                                                            \
+		case 18: HEADS(2, 2); break;                                                            \
+		case 20: HEADS(2, 4); break;                                                            \
+		case 10: HEADS(1, 2); break;                                                            \
+		default: HEADS(1, 4); break;                                                            \
+		}                                                                                       \
+	}
 
 DOTPROD_TARGET __attribute__((flatten)) static void dot_i8_scaled_dotprod(unsigned bits, unsigned m, unsigned n,
 									    const uint8_t *group, unsigned g,
 									    const float *q, size_t q_stride,
 									    float *out, size_t out_stride)
 {
-	const uint8_t *codes = group + 4 * (size_t)m;
-	int32_t q32[SCALED_DIM];
-	uint32_t quads[4][SCALED_DIM / 4];
-	float step[4], z[4];
-
-	if ((bits != 2 && (bits != 4 || m % 4)) || m + 8 > SCALED_DIM) {
-		loops_dot_i8_scaled(bits, m, n, group, g, q, q_stride, out, out_stride);
-		return;
-	}
-	for (unsigned h0 = 0; h0 < g; h0 += 4) {
-		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
-
-		for (unsigned h = 0; h < hn; h++) {
-			step[h] = scaled_query(m, q + (h0 + h) * q_stride, group, q32, &z[h]);
-			/* the last byte's codes past m weigh 0 */
-			memset(q32 + m, 0, 8 * sizeof *q32);
-			for (unsigned k = 0; k < (m + 3) / 4; k++)
-				quads[h][k] = (uint32_t)(uint8_t)q32[4 * k] | (uint32_t)(uint8_t)q32[4 * k + 1] << 8 |
-					      (uint32_t)(uint8_t)q32[4 * k + 2] << 16 | (uint32_t)(uint8_t)q32[4 * k + 3] << 24;
-		}
-		/* the head count and the width constants in each case */
-#define SCALED_HEADS(hn) \
-	(bits == 2 ? scaled_heads(hn, 2, m, n, codes, quads, step, z, out + h0 * out_stride, out_stride) \
-		   : scaled_heads(hn, 4, m, n, codes, quads, step, z, out + h0 * out_stride, out_stride))
-		switch (hn) {
-		case 4: SCALED_HEADS(4); break;
-		case 3: SCALED_HEADS(3); break;
-		case 2: SCALED_HEADS(2); break;
-		default: SCALED_HEADS(1); break;
-		}
-#undef SCALED_HEADS
-	}
+#define DOTPROD_HEADS(hn, bits) \
+	scaled_heads(hn, bits, m, n, codes, (const int8_t (*)[SCALED_DIM])q8, step, z, o, out_stride)
+	SCALED_DOT(DOTPROD_HEADS)
+#undef DOTPROD_HEADS
 }
 
 /*
  * dot_i8_scaled for the plain table (KIVI's keys, same shapes as the sdot version above): eight rows at a
  * time, a row per int16 lane. A column byte of eight rows is one load, widened to int16; a shift and a mask
  * per code leave the codes of one channel, and one multiply-add by lane per code and head adds the head's
- * int16 query of that channel. The int16 sums are exact for a run of channels (64 at 2 bits: 64 * 3 * 127 <
+ * query of that channel (its int8, widened once per eight channels). The int16 sums are exact for a run of channels (64 at 2 bits: 64 * 3 * 127 <
  * 32767; 16 at 4 bits: 16 * 15 * 127 < 32767), then widened into int32: the plain code's integers, so its
  * bits. Per eight rows and eight channels for four heads: 32 multiply-adds, 4 query loads, and 2 column bytes
  * at 2 bits (4 at 4 bits) loaded, widened, shifted and masked; loops.h's take 18 instructions per four rows and
@@ -1225,14 +1245,14 @@ INLINE void scaled_codes8(int whole, int tail, unsigned bits, const uint8_t *cod
 
 /* Each head's int16 sums s[h] of rows i..i+7 plus channels j..j+7 (whole: as in scaled_codes8) */
 INLINE void scaled_chunk8(int whole, int tail, unsigned hn, unsigned bits, const uint8_t *codes, unsigned n,
-			  unsigned nb, unsigned j, unsigned i, const int16_t (*q16)[SCALED_DIM], int16x8_t s[4])
+			  unsigned nb, unsigned j, unsigned i, const int8_t (*q8)[SCALED_DIM], int16x8_t s[4])
 {
 	int16x8_t c[8];
 
 	scaled_codes8(whole, tail, bits, codes, n, nb, j, i, c);
 #pragma GCC unroll 4
 	for (unsigned h = 0; h < hn; h++) {
-		const int16x8_t qv = vld1q_s16(q16[h] + j);
+		const int16x8_t qv = vmovl_s8(vld1_s8(q8[h] + j));
 
 		s[h] = vmlaq_laneq_s16(s[h], c[0], qv, 0), s[h] = vmlaq_laneq_s16(s[h], c[1], qv, 1);
 		s[h] = vmlaq_laneq_s16(s[h], c[2], qv, 2), s[h] = vmlaq_laneq_s16(s[h], c[3], qv, 3);
@@ -1242,7 +1262,7 @@ INLINE void scaled_chunk8(int whole, int tail, unsigned hn, unsigned bits, const
 }
 
 INLINE void scaled_rows8_mla(int tail, unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes,
-			     unsigned i, const int16_t (*q16)[SCALED_DIM], const float *step, const float *z, float *out,
+			     unsigned i, const int8_t (*q8)[SCALED_DIM], const float *step, const float *z, float *out,
 			     size_t os)
 {
 	const unsigned nb = (m * bits + 7) / 8;
@@ -1258,12 +1278,12 @@ INLINE void scaled_rows8_mla(int tail, unsigned hn, unsigned bits, unsigned m, u
 #pragma GCC unroll 4
 		for (unsigned h = 0; h < 4; h++)
 			s[h] = vdupq_n_s16(0);
-		/* q16 is zero past m, up to the last chunk's eight channels */
+		/* q8 is zero past m, up to the last chunk's eight channels */
 		for (unsigned j = j0; j < end; j += 8)
 			if (j + 8 <= m)
-				scaled_chunk8(1, tail, hn, bits, codes, n, nb, j, i, q16, s);
+				scaled_chunk8(1, tail, hn, bits, codes, n, nb, j, i, q8, s);
 			else
-				scaled_chunk8(0, tail, hn, bits, codes, n, nb, j, i, q16, s);
+				scaled_chunk8(0, tail, hn, bits, codes, n, nb, j, i, q8, s);
 #pragma GCC unroll 4
 		for (unsigned h = 0; h < hn; h++)
 			a[h][0] = vaddw_s16(a[h][0], vget_low_s16(s[h])), a[h][1] = vaddw_high_s16(a[h][1], s[h]);
@@ -1272,51 +1292,27 @@ INLINE void scaled_rows8_mla(int tail, unsigned hn, unsigned bits, unsigned m, u
 }
 
 INLINE void scaled_heads_mla(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes,
-			     const int16_t (*q16)[SCALED_DIM], const float *step, const float *z, float *out, size_t os)
+			     const int8_t (*q8)[SCALED_DIM], const float *step, const float *z, float *out, size_t os)
 {
 	unsigned i = 0;
 
 	for (; i + 8 <= n; i += 8)
-		scaled_rows8_mla(0, hn, bits, m, n, codes, i, q16, step, z, out, os);
+		scaled_rows8_mla(0, hn, bits, m, n, codes, i, q8, step, z, out, os);
 	if (i < n)
-		scaled_rows8_mla(1, hn, bits, m, n, codes, i, q16, step, z, out, os);
+		scaled_rows8_mla(1, hn, bits, m, n, codes, i, q8, step, z, out, os);
 }
 
 __attribute__((flatten)) static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *group,
 						     unsigned g, const float *q, size_t q_stride, float *out,
 						     size_t out_stride)
 {
-	const uint8_t *codes = group + 4 * (size_t)m;
-	int32_t q32[SCALED_DIM];
-	int16_t q16[4][SCALED_DIM];
-	float step[4], z[4];
-
-	if ((bits != 2 && (bits != 4 || m % 4)) || m + 8 > SCALED_DIM) {
-		loops_dot_i8_scaled(bits, m, n, group, g, q, q_stride, out, out_stride);
-		return;
-	}
-	for (unsigned h0 = 0; h0 < g; h0 += 4) {
-		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
-
-		for (unsigned h = 0; h < hn; h++) {
-			step[h] = scaled_query(m, q + (h0 + h) * q_stride, group, q32, &z[h]);
-			for (unsigned j = 0; j < m; j++)
-				q16[h][j] = (int16_t)q32[j];
-			/* the last chunk's channels past m weigh 0 */
-			memset(q16[h] + m, 0, 8 * sizeof **q16);
-		}
-#define SCALED_HEADS(hn) \
-	(bits == 2 ? scaled_heads_mla(hn, 2, m, n, codes, q16, step, z, out + h0 * out_stride, out_stride) \
-		   : scaled_heads_mla(hn, 4, m, n, codes, q16, step, z, out + h0 * out_stride, out_stride))
-		switch (hn) {
-		case 4: SCALED_HEADS(4); break;
-		case 3: SCALED_HEADS(3); break;
-		case 2: SCALED_HEADS(2); break;
-		default: SCALED_HEADS(1); break;
-		}
-#undef SCALED_HEADS
-	}
+#define MLA_HEADS(hn, bits) \
+	scaled_heads_mla(hn, bits, m, n, codes, (const int8_t (*)[SCALED_DIM])q8, step, z, o, out_stride)
+	SCALED_DOT(MLA_HEADS)
+#undef MLA_HEADS
 }
+
+#undef SCALED_DOT
 
 /*
  * axpy_u8_scaled on sdot (KIVI's values; 2- and 4-bit codes, column groups of a multiple of 8, at most
