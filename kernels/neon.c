@@ -1217,11 +1217,12 @@ DOTPROD_TARGET __attribute__((flatten)) static void dot_i8_scaled_dotprod(unsign
  * dot_i8_scaled for the plain table (KIVI's keys, same shapes as the sdot version above): eight rows at a
  * time, a row per int16 lane. A column byte of eight rows is one load, widened to int16; a shift and a mask
  * per code leave the codes of one channel, and one multiply-add by lane per code and head adds the head's
- * query of that channel (its int8, widened once per eight channels). The int16 sums are exact for a run of channels (64 at 2 bits: 64 * 3 * 127 <
- * 32767; 16 at 4 bits: 16 * 15 * 127 < 32767), then widened into int32: the plain code's integers, so its
- * bits. Per eight rows and eight channels for four heads: 32 multiply-adds, 4 query loads, and 2 column bytes
- * at 2 bits (4 at 4 bits) loaded, widened, shifted and masked; loops.h's take 18 instructions per four rows and
- * one channel, 288 for the same work (64 multiply-adds on int32).
+ * query of that channel (its int8, widened once per eight channels). The int16 sums are exact for a run of
+ * channels (64 at 2 bits: 64 * 3 * 127 < 32767; 16 at 4 bits: 16 * 15 * 127 < 32767), then widened into
+ * int32: the plain code's integers, so its bits. Per eight rows and eight channels for four heads: 32
+ * multiply-adds, 4 query loads and widenings, and 2 column bytes at 2 bits (4 at 4 bits) loaded, widened,
+ * shifted and masked; loops.h's take 18 instructions per four rows and one channel, 288 for the same work
+ * (64 multiply-adds on int32).
  */
 #define SCALED_RUN(bits) ((bits) == 2 ? 64u : 16u) /* channels whose int16 sums stay exact */
 
