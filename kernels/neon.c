@@ -390,26 +390,43 @@ static float32x4_t exp_f32x4(float32x4_t x)
 	return vmulq_f32(vmulq_f32(p, s1), s2);
 }
 
-/* Same contract and same all-masked (-inf) handling as the scalar reference; see scalar.c. */
-static float softmax_step(unsigned n, float *s, float *m, float *l)
+/* fmaxf(a, b) for a that is not NaN: fmaxnm, which ignores a NaN operand */
+static inline float max_keeping(float a, float b)
+{
+	return fmaxf(a, b);
+}
+
+/* The largest of a head's n scores times scale_by, written back scaled (and to raw unless NULL): loops.h's
+ * softmax_step and softmax_group (KVP_ISA_SOFTMAX_GROUP) run it before exp_sum below. maxnm, like fmaxf,
+ * ignores a NaN score. */
+static inline float scaled_max(unsigned n, float scale_by, float *s, float *raw)
+{
+	const unsigned n4 = n & ~3u;
+	float32x4_t vmax = vdupq_n_f32(-INFINITY);
+	float mx;
+
+	for (unsigned i = 0; i < n4; i += 4) {
+		const float32x4_t x = vmulq_n_f32(vld1q_f32(s + i), scale_by);
+
+		vst1q_f32(s + i, x);
+		if (raw)
+			vst1q_f32(raw + i, x);
+		vmax = vmaxnmq_f32(vmax, x);
+	}
+	mx = vmaxnmvq_f32(vmax);
+	for (unsigned i = n4; i < n; i++) {
+		s[i] *= scale_by;
+		if (raw)
+			raw[i] = s[i];
+		mx = fmaxf(mx, s[i]);
+	}
+	return mx;
+}
+
+/* s[i] = e^(s[i] - mx), returning their sum (four running sums, then across them). */
+static inline float exp_sum(unsigned n, float mx, float *s)
 {
 	const unsigned n4 = n & ~3u, k = n & 3u;
-	/* maxnm, like fmaxf, ignores a NaN operand */
-	float32x4_t vmax = vdupq_n_f32(-INFINITY);
-
-	for (unsigned i = 0; i < n4; i += 4)
-		vmax = vmaxnmq_f32(vmax, vld1q_f32(s + i));
-
-	float mx = fmaxf(*m, vmaxnmvq_f32(vmax));
-
-	for (unsigned i = n4; i < n; i++)
-		mx = fmaxf(mx, s[i]);
-	if (mx == -INFINITY) {
-		memset(s, 0, n * sizeof *s);
-		*l = 0.0f;
-		return 0.0f;
-	}
-
 	const float32x4_t vmx = vdupq_n_f32(mx);
 	float32x4_t sum = vdupq_n_f32(0.0f);
 
@@ -430,13 +447,7 @@ static float softmax_step(unsigned n, float *s, float *m, float *l)
 		store_f32_tail(s + n4, e, k);
 		sum = vaddq_f32(sum, e);
 	}
-
-	/* one exponential per block, and none when the running maximum stays (e^0 is 1): libm is fine here */
-	float corr = mx == *m ? 1.0f : expf(*m - mx);
-
-	*l = *l * corr + vaddvq_f32(sum);
-	*m = mx;
-	return corr;
+	return vaddvq_f32(sum);
 }
 
 static void scale(unsigned d, float a, float *y)
@@ -1014,6 +1025,7 @@ INLINE loops_i32v loops_bytes(const uint8_t *p)
 
 #define KVP_ISA_NAME "neon"
 #define KVP_ISA_TABLE kvp_kernels_neon
+#define KVP_ISA_SOFTMAX_GROUP
 #define KVP_ISA_DOT_I8_SCALED
 #define KVP_ISA_AXPY_U8_SCALED
 static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struct kvp_row_runs *rows, unsigned g,
