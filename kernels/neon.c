@@ -4,8 +4,8 @@
  * FPCR, matching base/half.c and F16C bit for bit. Tails shorter than a vector go through zero-padded
  * copies so no load runs past the caller's buffers. The loops that do not depend on the instruction set
  * (over heads, bit widths and rows) are in loops.h, included at the end. Two tables come out: neon (KIVI's
- * keys on int16 multiply-adds by lane), and neon-dotprod, the same but for the integer kernels of
- * TurboQuant's keys and KIVI's keys and values, which use sdot (Armv8.2 dot product).
+ * keys and values on int16 multiply-adds by lane), and neon-dotprod, the same but for the integer kernels
+ * of TurboQuant's keys and KIVI's keys and values, which use sdot (Armv8.2 dot product).
  */
 #if defined(__aarch64__)
 
@@ -1248,11 +1248,15 @@ INLINE void scaled_codes8(int whole, int tail, unsigned bits, const uint8_t *cod
 
 #pragma GCC unroll 4
 	for (unsigned b = 0; b < 8 / per; b++) {
-		const uint16x8_t x = whole || b0 + b < nb ? vmovl_u8(scaled_column(tail, codes, n, b0 + b, i)) : vdupq_n_u16(0);
+		const uint16x8_t x =
+			whole || b0 + b < nb ? vmovl_u8(scaled_column(tail, codes, n, b0 + b, i)) : vdupq_n_u16(0);
 
 #pragma GCC unroll 4
-		for (unsigned t = 0; t < per; t++)
-			c[b * per + t] = vreinterpretq_s16_u16(vandq_u16(vshlq_u16(x, vdupq_n_s16((int16_t)(-(int)(t * bits)))), mask));
+		for (unsigned t = 0; t < per; t++) {
+			const int16x8_t right = vdupq_n_s16((int16_t)-(int)(t * bits));
+
+			c[b * per + t] = vreinterpretq_s16_u16(vandq_u16(vshlq_u16(x, right), mask));
+		}
 	}
 }
 
