@@ -1236,7 +1236,9 @@ DOTPROD_TARGET __attribute__((flatten)) static void dot_i8_scaled_dotprod(unsign
  * shifted and masked; loops.h's take 18 instructions per four rows and one channel, 288 for the same work
  * (64 multiply-adds on int32).
  */
-#define SCALED_RUN(bits) ((bits) == 2 ? 64u : 16u) /* channels whose int16 sums stay exact */
+/* Products of a code (at most 3 or 15 in size, centred or not) and an int8 factor (at most 128 in size, the
+ * query or W - 128) that an int16 sum holds exactly: 64 * 3 * 128 and 16 * 15 * 128 stay under 32768. */
+#define I16_RUN(bits) ((bits) == 2 ? 64u : 16u)
 
 /* The codes of channels j..j+7 of rows i..i+7, a row per int16 lane. Unless whole (the chunk inside the rows'
  * bytes; a constant once inlined), column bytes from nb on read as 0: nothing past the group is read. */
@@ -1288,8 +1290,8 @@ INLINE void scaled_rows8_mla(int tail, unsigned hn, unsigned bits, unsigned m, u
 #pragma GCC unroll 4
 	for (unsigned h = 0; h < 4; h++)
 		a[h][0] = a[h][1] = vdupq_n_s32(0);
-	for (unsigned j0 = 0; j0 < m; j0 += SCALED_RUN(bits)) {
-		const unsigned end = m - j0 < SCALED_RUN(bits) ? m : j0 + SCALED_RUN(bits);
+	for (unsigned j0 = 0; j0 < m; j0 += I16_RUN(bits)) {
+		const unsigned end = m - j0 < I16_RUN(bits) ? m : j0 + I16_RUN(bits);
 		int16x8_t s[4];
 
 #pragma GCC unroll 4
@@ -1344,9 +1346,13 @@ __attribute__((flatten)) static void dot_i8_scaled(unsigned bits, unsigned m, un
 #define U8_GROUPS 4
 #define U8_ROWS (KVP_AXPY_I16_ROWS + 8) /* a head's weights of a group, with room for a last step of eight */
 
+/* neon-dotprod's lookups (pick, shift, mask: four rows' bytes to a column's lane), plain NEON's (lane_*: a row's
+ * bytes to each column's lane), and both tables' centred values */
 struct u8_spread {
 	uint8x16_t pick[2], mask;
 	int8x16_t shift, centred;
+	uint8x8_t lane_pick, lane_mask;
+	int8x8_t lane_shift;
 };
 
 static struct u8_spread u8_spread(unsigned bits)
@@ -1368,6 +1374,13 @@ static struct u8_spread u8_spread(unsigned bits)
 	r.shift = vld1q_s8(shift);
 	r.centred = vld1q_s8(centred);
 	r.mask = vdupq_n_u8((uint8_t)((1u << bits) - 1));
+	/* lane t: column t's byte and its place in it */
+	for (unsigned t = 0; t < 8; t++) {
+		pick[t] = (uint8_t)(t * bits / 8);
+		shift[t] = (int8_t)-(int)(t * bits % 8);
+	}
+	r.lane_pick = vld1_u8(pick), r.lane_shift = vld1_s8(shift);
+	r.lane_mask = vdup_n_u8((uint8_t)((1u << bits) - 1));
 	return r;
 }
 
@@ -1447,6 +1460,25 @@ INLINE void u8_values(unsigned bits, const uint8_t *const row[4], unsigned live,
 	}
 }
 
+/* Eight columns' sums into each head's acc (from its column j on): a[h][R] of its W - 128 times the values,
+ * col[R] of the values (R: columns 4R..4R+3), so that sum W v = a + 128 col, and the least weight's term
+ * e * col. */
+INLINE void u8_add_sums(unsigned hn, int32x4_t (*a)[2], const int32x4_t col[2], const float *f, const float *e,
+			float *acc, size_t as)
+{
+#pragma GCC unroll 4
+	for (unsigned h = 0; h < hn; h++)
+#pragma GCC unroll 2
+		for (unsigned R = 0; R < 2; R++) {
+			const int32x4_t sums = vaddq_s32(a[h][R], vshlq_n_s32(col[R], 7));
+			const float32x4_t add = vaddq_f32(vmulq_n_f32(vcvtq_f32_s32(sums), f[h]),
+							  vmulq_n_f32(vcvtq_f32_s32(col[R]), e[h]));
+			float *o = acc + h * as + 4 * R;
+
+			vst1q_f32(o, vaddq_f32(vld1q_f32(o), add));
+		}
+}
+
 DOTPROD_TARGET INLINE void u8_columns(unsigned hn, unsigned bits, unsigned j, const struct kvp_row_runs *rows,
 				      unsigned ng, int8_t (*const w8[4])[U8_ROWS], unsigned c, const float *f,
 				      const float *e, const struct u8_spread *r, float *acc, size_t as)
@@ -1484,17 +1516,7 @@ DOTPROD_TARGET INLINE void u8_columns(unsigned hn, unsigned bits, unsigned j, co
 			}
 		}
 	}
-#pragma GCC unroll 4
-	for (unsigned h = 0; h < hn; h++)
-#pragma GCC unroll 2
-		for (unsigned R = 0; R < 2; R++) {
-			const int32x4_t sums = vaddq_s32(a[h][R], vshlq_n_s32(col[R], 7));
-			const float32x4_t add = vaddq_f32(vmulq_n_f32(vcvtq_f32_s32(sums), f[h]),
-							  vmulq_n_f32(vcvtq_f32_s32(col[R]), e[h]));
-			float *p = acc + h * as + j + 4 * R;
-
-			vst1q_f32(p, vaddq_f32(vld1q_f32(p), add));
-		}
+	u8_add_sums(hn, a, col, f, e, acc + j, as);
 }
 
 /*
@@ -1502,38 +1524,15 @@ DOTPROD_TARGET INLINE void u8_columns(unsigned hn, unsigned bits, unsigned j, co
  * of group c, a column per int16 lane, over every row, eight rows a step. A row's code bytes of the eight
  * columns (2 or 4) are one load, a lookup gives each lane its byte, a shift and a mask its code, a second
  * lookup its centred value; then one multiply-add by lane per row and head against the eight rows' weights
- * W - 128, widened once. The int16 sums are exact for U8_RUN rows (|W - 128| <= 128: 64 * 128 * 3 and
- * 16 * 128 * 15 stay under 32768), then widened into int32, and 128 times the column sums added back as
- * neon-dotprod does. Per eight rows and eight columns for four heads, gcc 12's loop is 113 instructions, 32
- * of them multiply-adds (each row's values take a load, a dup, two lookups, a shift, a mask, a widening and
- * the column sum's add); axpy_i16_scaled's loops, which this table took before, take 21 per row and four
- * columns (336).
+ * W - 128, widened once. The int16 sums are exact for I16_RUN rows, then widened into int32, and 128 times
+ * the column sums added back as neon-dotprod does. Per eight rows and eight columns for four heads, gcc 12's
+ * loop is 113 instructions, 32 of them multiply-adds (each row's values take a load, a dup, two lookups, a
+ * shift, a mask, a widening and the column sum's add); axpy_i16_scaled's loops, which this table took
+ * before, take 21 per row and four columns (336).
  */
-#define U8_RUN(bits) ((bits) == 2 ? 64u : 16u)
-
-struct u8_lanes {
-	uint8x8_t pick, mask;
-	int8x8_t shift;
-};
-
-static struct u8_lanes u8_lanes(unsigned bits)
-{
-	struct u8_lanes r;
-	uint8_t pick[8];
-	int8_t shift[8];
-
-	/* lane t: column t's byte and its place in it */
-	for (unsigned t = 0; t < 8; t++) {
-		pick[t] = (uint8_t)(t * bits / 8);
-		shift[t] = (int8_t)-(int)(t * bits % 8);
-	}
-	r.pick = vld1_u8(pick), r.shift = vld1_s8(shift);
-	r.mask = vdup_n_u8((uint8_t)((1u << bits) - 1));
-	return r;
-}
 
 /* The centred values of a row's eight columns whose code bytes start at p (2 or 4 of them). */
-INLINE int16x8_t u8_row_values(unsigned bits, const uint8_t *p, const struct u8_lanes *l, int8x16_t centred)
+INLINE int16x8_t u8_row_values(unsigned bits, const uint8_t *p, const struct u8_spread *r)
 {
 	uint8x16_t src;
 	uint8x8_t x;
@@ -1550,21 +1549,21 @@ INLINE int16x8_t u8_row_values(unsigned bits, const uint8_t *p, const struct u8_
 		memcpy(&b, p, sizeof b);
 		src = vreinterpretq_u8_u32(vdupq_n_u32(b));
 	}
-	x = vand_u8(vshl_u8(vqtbl1_u8(src, l->pick), l->shift), l->mask);
-	return vmovl_s8(vqtbl1_s8(centred, x));
+	x = vand_u8(vshl_u8(vqtbl1_u8(src, r->lane_pick), r->lane_shift), r->lane_mask);
+	return vmovl_s8(vqtbl1_s8(r->centred, x));
 }
 
 /* Rows i..i+live-1 (live <= 8, a constant once inlined; the rest weigh nothing) into each head's int16 sums s and
  * the int16 column sums col. */
 INLINE void u8_rows8(unsigned hn, unsigned bits, unsigned live, const uint8_t *p, size_t stride,
-		     int8_t (*const w8[4])[U8_ROWS], unsigned c, unsigned i, const struct u8_lanes *l, int8x16_t centred,
-		     int16x8_t s[4], int16x8_t *col)
+		     int8_t (*const w8[4])[U8_ROWS], unsigned c, unsigned i, const struct u8_spread *r, int16x8_t s[4],
+		     int16x8_t *col)
 {
 	int16x8_t v[8];
 
 #pragma GCC unroll 8
 	for (unsigned e = 0; e < 8; e++) {
-		v[e] = e < live ? u8_row_values(bits, p + e * stride, l, centred) : vdupq_n_s16(0);
+		v[e] = e < live ? u8_row_values(bits, p + e * stride, r) : vdupq_n_s16(0);
 		*col = vaddq_s16(*col, v[e]);
 	}
 #pragma GCC unroll 4
@@ -1594,7 +1593,6 @@ INLINE void u8_columns_mla(unsigned hn, unsigned bits, unsigned j, const struct 
 			   int8_t (*const w8[4])[U8_ROWS], unsigned c, const float *f, const float *e,
 			   const struct u8_spread *r, float *acc, size_t as)
 {
-	const struct u8_lanes l = u8_lanes(bits);
 	const size_t at = 4 * (size_t)ng + j * bits / 8;
 	int32x4_t a[4][2], col[2] = { vdupq_n_s32(0), vdupq_n_s32(0) };
 	int16x8_t s[4], cs = vdupq_n_s16(0);
@@ -1606,31 +1604,20 @@ INLINE void u8_columns_mla(unsigned hn, unsigned bits, unsigned j, const struct 
 	for (unsigned k = 0, i0 = 0; i0 < rows->n; k++, i0 += rows->run) {
 		const unsigned end = rows->n - i0 < rows->run ? rows->n : i0 + rows->run;
 		const uint8_t *p = rows->code[k] + at;
-
 		unsigned i = i0;
 
 		/* runs are multiples of KVP_RUN_ROWS rows: whole steps of eight lie in one, and only the last run ends
 		 * in a part of one */
 		for (; i + 8 <= end; i += 8, p += 8 * rows->stride) {
-			u8_rows8(hn, bits, 8, p, rows->stride, w8, c, i, &l, r->centred, s, &cs);
-			if ((since += 8) == U8_RUN(bits))
+			u8_rows8(hn, bits, 8, p, rows->stride, w8, c, i, r, s, &cs);
+			if ((since += 8) == I16_RUN(bits))
 				u8_widen(hn, s, &cs, a, col), since = 0;
 		}
 		if (i < end)
-			u8_rows8(hn, bits, end - i, p, rows->stride, w8, c, i, &l, r->centred, s, &cs);
+			u8_rows8(hn, bits, end - i, p, rows->stride, w8, c, i, r, s, &cs);
 	}
 	u8_widen(hn, s, &cs, a, col);
-#pragma GCC unroll 4
-	for (unsigned h = 0; h < hn; h++)
-#pragma GCC unroll 2
-		for (unsigned R = 0; R < 2; R++) {
-			const int32x4_t sums = vaddq_s32(a[h][R], vshlq_n_s32(col[R], 7));
-			const float32x4_t add = vaddq_f32(vmulq_n_f32(vcvtq_f32_s32(sums), f[h]),
-							  vmulq_n_f32(vcvtq_f32_s32(col[R]), e[h]));
-			float *o = acc + h * as + j + 4 * R;
-
-			vst1q_f32(o, vaddq_f32(vld1q_f32(o), add));
-		}
+	u8_add_sums(hn, a, col, f, e, acc + j, as);
 }
 
 /* What both tables' axpy_u8_scaled need before their columns: whether they take the call (kernels.h), then
