@@ -1875,8 +1875,6 @@ static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struc
 	return 1;
 }
 
-#define KVP_ISA_AXPY_U8_SCALED
-
 /*
  * spark_dot_i16_group (contract in kernels.h) for SparK's shapes at keep=0.5, d = 128 and 64 (T = d / 2 kept,
  * codes of 2 to 4 bits); other shapes take loops.h's. Per row:

@@ -2605,8 +2605,6 @@ static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struc
 	return 1;
 }
 
-#define KVP_ISA_AXPY_U8_SCALED
-
 /*
  * fwht's stages within 16 values, in one register: each lane meets its partner (lane ^ h) by a permute,
  * a lane with bit h clear keeps self + partner, one with it set partner - self: the sums of the definition.

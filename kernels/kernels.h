@@ -231,12 +231,12 @@ struct kvp_kernels {
 	 *                                in kvp_fold16's order.
 	 * A channel's sum moves by at most (top - lo) / 510 / 2 * sum_i |2 code(i, j) - L| from the float one.
 	 * Returns 1; or 0, having changed nothing, when a weight (h < g, i < n) has its sign bit set (-0
-	 * included), for shapes a table's vector version leaves (AVX-512: codes of 2 or 4 bits, groups of a
-	 * multiple of 16 columns, at most 4 of them, m a multiple of 64; AVX2, neon and neon-dotprod: codes of 2 or 4 bits,
-	 * groups of a multiple of 8 columns, at most 4 of them, m a multiple of 8), and on every call in a table without a
-	 * vector version: the caller then takes axpy_i16_scaled. The scalar table always computes it (the
-	 * reference). Every implementation that computes it gives the same bits. ahead (NULL: none) is what the
-	 * caller reads next, asked for while it computes.
+	 * included), and for shapes a table's vector version leaves (AVX-512: codes of 2 or 4 bits, groups of a
+	 * multiple of 16 columns, at most 4 of them, m a multiple of 64; AVX2, neon and neon-dotprod: codes of 2
+	 * or 4 bits, groups of a multiple of 8 columns, at most 4 of them, m a multiple of 8): the caller then
+	 * takes axpy_i16_scaled. The scalar table always computes it (the reference). Every implementation that
+	 * computes it gives the same bits. ahead (NULL: none) is what the caller reads next, asked for while it
+	 * computes.
 	 */
 	int (*axpy_u8_scaled)(unsigned bits, unsigned m, unsigned gsize, const struct kvp_row_runs *rows, unsigned g,
 			      const float *w, size_t w_stride, float *acc, size_t acc_stride, const struct kvp_ahead *ahead);

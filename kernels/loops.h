@@ -22,7 +22,7 @@
  *                                   acc[h*acc_stride + j]; the float steps around them are below
  *   or, with KVP_ISA_FUSED_LOOKUPS defined, lut_dot_i8_group and lut_axpy_i16_group themselves
  *   lut_axpy_u8_group (with KVP_ISA_AXPY_U8 defined; otherwise the table declines every call)
- *   axpy_u8_scaled (with KVP_ISA_AXPY_U8_SCALED defined; otherwise the table declines every call)
+ *   axpy_u8_scaled                  the table's entry (contract in kernels.h: it declines the shapes it leaves)
  *   dot_i8_scaled, axpy_i16_scaled (with KVP_ISA_DOT_I8_SCALED, KVP_ISA_AXPY_I16_SCALED defined; otherwise
  *                                   the loops here, loops_dot_i8_scaled and loops_axpy_i16_scaled, which an
  *                                   own version calls for the shapes it leaves)
@@ -834,17 +834,6 @@ static int lut_axpy_u8_group(unsigned bits, unsigned m, const struct kvp_row_run
 {
 	(void)bits, (void)m, (void)rows, (void)lut, (void)unit, (void)g, (void)w, (void)w_stride, (void)acc;
 	(void)acc_stride, (void)ahead;
-	return 0;
-}
-#endif
-
-#ifndef KVP_ISA_AXPY_U8_SCALED
-/* No vector version in this table: it declines every call, as lut_axpy_u8_group does above. */
-static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struct kvp_row_runs *rows, unsigned g,
-			  const float *w, size_t w_stride, float *acc, size_t acc_stride, const struct kvp_ahead *ahead)
-{
-	(void)bits, (void)m, (void)gsize, (void)rows, (void)g, (void)w, (void)w_stride, (void)acc, (void)acc_stride;
-	(void)ahead;
 	return 0;
 }
 #endif

@@ -1027,7 +1027,6 @@ INLINE loops_i32v loops_bytes(const uint8_t *p)
 #define KVP_ISA_TABLE kvp_kernels_neon
 #define KVP_ISA_SOFTMAX_GROUP
 #define KVP_ISA_DOT_I8_SCALED
-#define KVP_ISA_AXPY_U8_SCALED
 static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struct kvp_row_runs *rows, unsigned g,
 			  const float *w, size_t w_stride, float *acc, size_t acc_stride, const struct kvp_ahead *ahead);
 static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g, const float *q,
