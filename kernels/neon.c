@@ -1169,6 +1169,19 @@ DOTPROD_TARGET INLINE void scaled_heads(unsigned hn, unsigned bits, unsigned m, 
 		scaled_rows8(1, hn, bits, nquads, n, codes, i, q8, &r, step, z, out, os);
 }
 
+/* CALL(hn, bits) with both counts constants, for the hn <= 4 heads and the width (2 or 4) at hand */
+#define BY_HEADS_AND_WIDTH(CALL)                        \
+	switch (hn * 8 + bits) {                        \
+	case 34: CALL(4, 2); break;                     \
+	case 36: CALL(4, 4); break;                     \
+	case 26: CALL(3, 2); break;                     \
+	case 28: CALL(3, 4); break;                     \
+	case 18: CALL(2, 2); break;                     \
+	case 20: CALL(2, 4); break;                     \
+	case 10: CALL(1, 2); break;                     \
+	default: CALL(1, 4); break;                     \
+	}
+
 /* Each of hn heads' int8 query (loops.h's scaled_query) into q8[h], eight zeros past m, its step and its Z. */
 static void scaled_queries(unsigned hn, unsigned m, const float *q, size_t qs, const uint8_t *group,
 			   int8_t (*q8)[SCALED_DIM], float *step, float *z)
@@ -1200,17 +1213,7 @@ static void scaled_queries(unsigned hn, unsigned m, const float *q, size_t qs, c
 		float *o = out + h0 * out_stride;                                                       \
                                                                                                         \
 		scaled_queries(hn, m, q + h0 * q_stride, q_stride, group, q8, step, z);                 \
-		/* the head count and the width constants in each case */                               \
-		switch (hn * 8 + bits) {                                                                \
-		case 34: HEADS(4, 2); break;                                                            \
-		case 36: HEADS(4, 4); break;                                                            \
-		case 26: HEADS(3, 2); break;                                                            \
-		case 28: HEADS(3, 4); break;                                                            \
-		case 18: HEADS(2, 2); break;                                                            \
-		case 20: HEADS(2, 4); break;                                                            \
-		case 10: HEADS(1, 2); break;                                                            \
-		default: HEADS(1, 4); break;                                                            \
-		}                                                                                       \
+		BY_HEADS_AND_WIDTH(HEADS)                                                               \
 	}
 
 DOTPROD_TARGET __attribute__((flatten)) static void dot_i8_scaled_dotprod(unsigned bits, unsigned m, unsigned n,
@@ -1673,17 +1676,7 @@ struct u8_frame {
 		u8_heads_weights(hn, m, ng, n, w + h0 * w_stride, w_stride, (const float (*)[KVP_AXPY_I16_ROWS])t.zc, \
 				 (const float (*)[KVP_AXPY_I16_ROWS])t.sf, t.w8, ah, acc_stride, t.f, t.e);       \
 		for (unsigned j = 0; j < m; j += 8)                                                             \
-			/* the head count and the width constants in each case */                               \
-			switch (hn * 8 + bits) {                                                                \
-			case 34: COLUMNS(4, 2); break;                                                          \
-			case 36: COLUMNS(4, 4); break;                                                          \
-			case 26: COLUMNS(3, 2); break;                                                          \
-			case 28: COLUMNS(3, 4); break;                                                          \
-			case 18: COLUMNS(2, 2); break;                                                          \
-			case 20: COLUMNS(2, 4); break;                                                          \
-			case 10: COLUMNS(1, 2); break;                                                          \
-			default: COLUMNS(1, 4); break;                                                          \
-			}                                                                                       \
+			BY_HEADS_AND_WIDTH(COLUMNS)                                                             \
 	}                                                                                                       \
 	return 1
 
@@ -1708,6 +1701,7 @@ __attribute__((flatten)) static int axpy_u8_scaled(unsigned bits, unsigned m, un
 }
 
 #undef U8_SCALED
+#undef BY_HEADS_AND_WIDTH
 
 const struct kvp_kernels kvp_kernels_neon_dotprod = {
 	.name = "neon-dotprod",
