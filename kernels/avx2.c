@@ -1876,6 +1876,274 @@ static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struc
 }
 
 /*
+ * lut_axpy_u8_group on AVX-VNNI (the avx2-vnni table: AVX2 CPUs with the VEX-encoded vpdpbusd, Intel's client
+ * cores since Alder Lake, Sierra Forest, AMD Zen 5), the same bits as AVX-512's. The plain avx2 table declines
+ * it: vpmaddubsw's pairs of an int8 table against 8-bit weights reach 2 * 255 * 128 and saturate, so its
+ * values take the 12-bit lut_axpy_i16_group, two rows per vpmaddwd lane and an add. Here four rows' values of
+ * a column share a dword, and one vpdpbusd multiplies them with the four rows' weights and adds.
+ * Per eight columns (a multiple of 8, so a row's codes of them start on a byte and fill `bits` bytes), four
+ * rows at a time: the rows' bytes go to the four dwords of a 128-bit lane, repeated in both; vpshufb gives
+ * each (column, row) word the row's two bytes around the code (the second only where the code crosses into
+ * it), vpmullw by a power of two lifts the code to the word's top and a shift brings it down (the bits above
+ * it leave the word, those below are shifted out), and vpackuswb of the two registers (columns 4L, 4L + 1 of
+ * lane L in one, 4L + 2, 4L + 3 in the other) leaves dword q of lane L holding column 4L + q's four rows, in
+ * column order. A vpshufb of the table gives their values. Column sums (weights 1) carry the least weight's term.
+ */
+#define VNNI_TARGET __attribute__((target("avxvnni")))
+#define VNNI_INLINE static inline __attribute__((always_inline, target("avxvnni")))
+
+struct vnni_values {
+	unsigned bits, m, n;
+	const struct kvp_row_runs *rows;
+	float *scale;                           /* each row's, zeros past n to a multiple of 8 */
+	uint8_t (*w8)[KVP_AXPY_I16_ROWS + 8];   /* [head][row], zeros past n */
+	float f[4], e[4];                       /* unit * (top - lo) / 255 and unit * lo, per head */
+	__m256i ctl[2], mul[2], tab;
+};
+
+/* Word 4d + t of lane L of register v: the bytes of row t (at 4t) around column c = 4L + 2v + d's code, and
+ * the power of two that lifts it to the word's top. */
+static void vnni_spread(struct vnni_values *k)
+{
+	uint8_t ctl[2][32];
+	int16_t mul[2][16];
+
+	for (unsigned v = 0; v < 2; v++)
+		for (unsigned L = 0; L < 2; L++)
+			for (unsigned d = 0; d < 2; d++)
+				for (unsigned t = 0; t < 4; t++) {
+					const unsigned c = 4 * L + 2 * v + d, bit = c * k->bits, s = bit % 8;
+					const unsigned word = 8 * L + 4 * d + t;
+
+					ctl[v][2 * word] = (uint8_t)(4 * t + bit / 8);
+					ctl[v][2 * word + 1] = s + k->bits > 8 ? (uint8_t)(4 * t + bit / 8 + 1) : 0x80;
+					mul[v][word] = (int16_t)(uint16_t)(1u << (16 - k->bits - s));
+				}
+	for (unsigned v = 0; v < 2; v++) {
+		k->ctl[v] = _mm256_loadu_si256((const __m256i *)(const void *)ctl[v]);
+		k->mul[v] = _mm256_loadu_si256((const __m256i *)(const void *)mul[v]);
+	}
+}
+
+/* kvp_weights_u8 for hn <= 4 heads (the same products, least and largest, rounding), eight rows at a time. */
+static void vnni_weights(unsigned hn, struct vnni_values *k, float unit, const float *w, size_t ws)
+{
+	const unsigned n = k->n;
+	const __m256 inf = _mm256_set1_ps(INFINITY);
+
+	for (unsigned h = 0; h < hn; h++) {
+		__m256 top = _mm256_setzero_ps(), least = inf;
+		float t, lo;
+
+		for (unsigned i = 0; i < n; i += 8) {
+			const unsigned rows = n - i < 8 ? n - i : 8;
+			const __m256 u = weight_u8_in8(f32_run8(w + h * ws + i, rows), _mm256_loadu_ps(k->scale + i));
+
+			top = _mm256_max_ps(top, u);
+			least = _mm256_min_ps(least, _mm256_blendv_ps(inf, u, _mm256_castsi256_ps(tail_mask(rows))));
+		}
+		t = hmax(top), lo = n ? hmin(least) : 0.0f;
+		k->f[h] = unit * ((t - lo) / KVP_WEIGHT_MAX_U8), k->e[h] = unit * lo;
+		const __m256 lov = _mm256_set1_ps(lo), inv = _mm256_set1_ps(kvp_weight_inv_u8(t - lo));
+
+		for (unsigned i = 0; i < n; i += 8) {
+			const unsigned rows = n - i < 8 ? n - i : 8;
+			const __m256 u = weight_u8_in8(f32_run8(w + h * ws + i, rows), _mm256_loadu_ps(k->scale + i));
+			/* u >= lo, so x is not below 0; a NaN x converts to INT_MIN, which the pack takes to 0 as
+			 * kvp_weight_u8 does */
+			const __m256 x = _mm256_mul_ps(_mm256_sub_ps(u, lov), inv);
+			const __m256i v = _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_add_ps(x, _mm256_set1_ps(0.5f))),
+							   _mm256_set1_epi32(255));
+			const __m128i wd = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+
+			_mm_storel_epi64((__m128i *)(void *)(k->w8[h] + i), _mm_packus_epi16(wd, wd));
+		}
+		memset(k->w8[h] + n, 0, 8); /* the tail's lanes past n held u = 0, which need not round to 0 */
+	}
+}
+
+/* The nbytes <= 4 bytes at p as an integer, nothing past them read. */
+INLINE uint32_t vnni_row_bytes(const uint8_t *p, unsigned nbytes)
+{
+	uint32_t v = 0;
+
+	switch (nbytes) {
+	case 4: memcpy(&v, p, 4); break;
+	case 3: memcpy(&v, p, 2), v |= (uint32_t)p[2] << 16; break;
+	case 2: memcpy(&v, p, 2); break;
+	default: v = p[0]; break;
+	}
+	return v;
+}
+
+/* Four rows' nbytes from p on, `stride` apart, row t at bytes 4t of both lanes: built in registers (four
+ * narrow stores read back as one wide load would stall it). */
+INLINE __m256i vnni_four(const uint8_t *p, size_t stride, unsigned nbytes)
+{
+	__m128i x = _mm_cvtsi32_si128((int)vnni_row_bytes(p, nbytes));
+
+	x = _mm_insert_epi32(x, (int)vnni_row_bytes(p + stride, nbytes), 1);
+	x = _mm_insert_epi32(x, (int)vnni_row_bytes(p + 2 * stride, nbytes), 2);
+	x = _mm_insert_epi32(x, (int)vnni_row_bytes(p + 3 * stride, nbytes), 3);
+	return _mm256_broadcastsi128_si256(x);
+}
+
+/* The first k < 4 rows the same way, zeros past them. */
+INLINE __m256i vnni_some(const uint8_t *p, size_t stride, unsigned nbytes, unsigned k)
+{
+	__m128i x = _mm_cvtsi32_si128((int)vnni_row_bytes(p, nbytes));
+
+	if (k > 1)
+		x = _mm_insert_epi32(x, (int)vnni_row_bytes(p + stride, nbytes), 1);
+	if (k > 2)
+		x = _mm_insert_epi32(x, (int)vnni_row_bytes(p + 2 * stride, nbytes), 2);
+	return _mm256_broadcastsi128_si256(x);
+}
+
+/* The table's values of the four rows' codes in x, column q of lane L in dword 4L + q (byte t: row t). */
+INLINE __m256i vnni_values_of(unsigned bits, const struct vnni_values *k, __m256i x)
+{
+	const int down = 16 - (int)bits;
+	const __m256i a = _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(x, k->ctl[0]), k->mul[0]), down);
+	const __m256i b = _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(x, k->ctl[1]), k->mul[1]), down);
+
+	return _mm256_shuffle_epi8(k->tab, _mm256_packus_epi16(a, b));
+}
+
+/* acc[0..kc) += f * (float)s + e * (float)c, as the plain code adds a column */
+INLINE void vnni_add(float *acc, unsigned kc, float f, float e, __m256i s, __m256i c)
+{
+	const __m256 add = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(f), _mm256_cvtepi32_ps(s)),
+					 _mm256_mul_ps(_mm256_set1_ps(e), _mm256_cvtepi32_ps(c)));
+
+	if (kc == 8) {
+		_mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), add));
+		return;
+	}
+	const __m256i in = tail_mask(kc);
+
+	_mm256_maskstore_ps(acc, in, _mm256_add_ps(_mm256_maskload_ps(acc, in), add));
+}
+
+#define VNNI_HEAD(a, h) a = _mm256_dpbusd_avx_epi32(a, _mm256_set1_epi32((int)vnni_weights4(k->w8[h] + i)), cv)
+#define VNNI_STEP(x, ones)                                  \
+	do {                                                \
+		const __m256i cv = vnni_values_of(bits, k, x); \
+		VNNI_HEAD(a0, 0);                           \
+		if (hn > 1)                                 \
+			VNNI_HEAD(a1, 1);                   \
+		if (hn > 2)                                 \
+			VNNI_HEAD(a2, 2);                   \
+		if (hn > 3)                                 \
+			VNNI_HEAD(a3, 3);                   \
+		c = _mm256_dpbusd_avx_epi32(c, ones, cv);   \
+	} while (0)
+
+/* Rows i..i+3's weights of one head as a dword, row i's lowest. */
+INLINE uint32_t vnni_weights4(const uint8_t *w)
+{
+	uint32_t v;
+
+	memcpy(&v, w, 4);
+	return v;
+}
+
+/* hn <= 4 heads over columns [j, j + 8) of every row, hn and bits constants once inlined. */
+VNNI_INLINE void vnni_columns(unsigned hn, unsigned bits, const struct vnni_values *k, unsigned j, float *acc,
+			      size_t as, const struct kvp_ahead *ahead, unsigned *step, unsigned steps)
+{
+	const unsigned n = k->n, kc = k->m - j < 8 ? k->m - j : 8, nbytes = (kc * bits + 7) / 8;
+	const size_t at = (size_t)j * bits / 8, stride = k->rows->stride;
+	/* four bytes where the row has them (the codes past the chunk's are never looked at), else only its own */
+	const int wide = at + 4 <= ((size_t)k->m * bits + 7) / 8;
+	const __m256i all4 = _mm256_set1_epi32(0x01010101);
+	__m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, c = a0;
+
+	for (unsigned r = 0, i0 = 0; i0 < n; r++, i0 += k->rows->run) {
+		const unsigned end = n - i0 < k->rows->run ? n : i0 + k->rows->run;
+		const uint8_t *codes = k->rows->code[r] + at;
+		unsigned i = i0;
+
+		kvp_ahead_share(ahead, (*step)++, steps);
+		if (wide)
+			for (; i + 4 <= end; i += 4, codes += 4 * stride)
+				VNNI_STEP(vnni_four(codes, stride, 4), all4);
+		else
+			for (; i + 4 <= end; i += 4, codes += 4 * stride)
+				VNNI_STEP(vnni_four(codes, stride, nbytes), all4);
+		if (i < end)
+			VNNI_STEP(vnni_some(codes, stride, nbytes, end - i),
+				  _mm256_set1_epi32((int)(0x01010101u >> 8 * (4 - (end - i)))));
+	}
+	vnni_add(acc + j, kc, k->f[0], k->e[0], a0, c);
+	if (hn > 1)
+		vnni_add(acc + as + j, kc, k->f[1], k->e[1], a1, c);
+	if (hn > 2)
+		vnni_add(acc + 2 * as + j, kc, k->f[2], k->e[2], a2, c);
+	if (hn > 3)
+		vnni_add(acc + 3 * as + j, kc, k->f[3], k->e[3], a3, c);
+}
+
+#undef VNNI_STEP
+#undef VNNI_HEAD
+
+VNNI_INLINE void vnni_heads(unsigned hn, unsigned bits, const struct vnni_values *k, float *acc, size_t as,
+			    const struct kvp_ahead *ahead)
+{
+	const unsigned steps = (k->m + 7) / 8 * ((k->n + k->rows->run - 1) / k->rows->run);
+	unsigned step = 0;
+
+	for (unsigned j = 0; j < k->m; j += 8)
+		vnni_columns(hn, bits, k, j, acc, as, ahead, &step, steps);
+}
+
+/* One width's heads, four at a time. */
+VNNI_INLINE void vnni_width(unsigned bits, struct vnni_values *k, float unit, unsigned g, const float *w,
+			    size_t ws, float *acc, size_t as, const struct kvp_ahead *ahead)
+{
+	for (unsigned h0 = 0; h0 < g; h0 += 4) {
+		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
+		const struct kvp_ahead *a = h0 ? NULL : ahead;
+		float *ah = acc + h0 * as;
+
+		vnni_weights(hn, k, unit, w + h0 * ws, ws);
+		switch (hn) {
+		case 4: vnni_heads(4, bits, k, ah, as, a); break;
+		case 3: vnni_heads(3, bits, k, ah, as, a); break;
+		case 2: vnni_heads(2, bits, k, ah, as, a); break;
+		default: vnni_heads(1, bits, k, ah, as, a); break;
+		}
+	}
+}
+
+VNNI_TARGET static int lut_axpy_u8_group_vnni(unsigned bits, unsigned m, const struct kvp_row_runs *rows,
+					      const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
+					      float *acc, size_t acc_stride, const struct kvp_ahead *ahead)
+{
+	const unsigned n = rows->n;
+	float scale[KVP_AXPY_I16_ROWS + 8];
+	uint8_t w8[4][KVP_AXPY_I16_ROWS + 8];
+	struct vnni_values k = { .bits = bits, .m = m, .n = n, .rows = rows, .scale = scale, .w8 = w8 };
+	int8_t tab[16] = { 0 };
+
+	if (any_sign(g, n, w, w_stride))
+		return 0;
+	for (unsigned i = 0; i < n; i++)
+		scale[i] = kvp_load_f32(kvp_run_scale(rows, i));
+	memset(scale + n, 0, 8 * sizeof *scale);
+	memcpy(tab, lut, (size_t)1 << bits);
+	k.tab = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(const void *)tab));
+	vnni_spread(&k);
+	switch (bits) {
+	case 1: vnni_width(1, &k, unit, g, w, w_stride, acc, acc_stride, ahead); break;
+	case 2: vnni_width(2, &k, unit, g, w, w_stride, acc, acc_stride, ahead); break;
+	case 3: vnni_width(3, &k, unit, g, w, w_stride, acc, acc_stride, ahead); break;
+	default: vnni_width(4, &k, unit, g, w, w_stride, acc, acc_stride, ahead); break;
+	}
+	return 1;
+}
+
+/*
  * spark_dot_i16_group (contract in kernels.h) for SparK's shapes at keep=0.5, d = 128 and 64 (T = d / 2 kept,
  * codes of 2 to 4 bits); other shapes take loops.h's. Per row:
  * 1. z: the T codes looked up as TurboQuant's keys are (key_window, key_values: sixteen int16 lanes a
@@ -2131,3 +2399,8 @@ INLINE loops_i32v loops_bytes(const uint8_t *p)
 #define KVP_ISA_NAME "avx2"
 #define KVP_ISA_TABLE kvp_kernels_avx2
 #include "kernels/loops.h"
+
+const struct kvp_kernels kvp_kernels_avx2_vnni = {
+	.name = "avx2-vnni",
+	KVP_ISA_ENTRIES(lut_dot_i8_group, lut_axpy_u8_group_vnni, LOOPS_DOT_I8_SCALED, axpy_u8_scaled)
+};

@@ -38,6 +38,15 @@ static int avx2_runnable(void)
 	return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c_present();
 }
 
+/* AVX-VNNI (CPUID leaf 7, subleaf 1, EAX bit 4: the VEX-encoded vpdpbusd on ymm registers), asked of CPUID
+ * directly: clang 14's __builtin_cpu_supports does not know it. */
+static int avx2_vnni_runnable(void)
+{
+	unsigned a, b, c, d;
+
+	return avx2_runnable() && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 4));
+}
+
 /*
  * XCR0 bits 1-2 (SSE, AVX) and 5-7 (opmask, upper halves of zmm0-15, zmm16-31): without them the OS
  * does not save the AVX-512 registers across a context switch, and an AVX-512 instruction faults. Read
@@ -106,6 +115,7 @@ static const struct kernels_version {
 } tables[] = {
 #if defined(__x86_64__)
 	{ "avx512", avx512_runnable, &kvp_kernels_avx512 },
+	{ "avx2-vnni", avx2_vnni_runnable, &kvp_kernels_avx2_vnni },
 	{ "avx2", avx2_runnable, &kvp_kernels_avx2 },
 #endif
 #if defined(__aarch64__)

@@ -938,6 +938,7 @@ const struct kvp_kernels *kvp_kernels_named(const char *name);
 extern const struct kvp_kernels kvp_kernels_scalar;
 #if defined(__x86_64__)
 extern const struct kvp_kernels kvp_kernels_avx2;
+extern const struct kvp_kernels kvp_kernels_avx2_vnni;
 extern const struct kvp_kernels kvp_kernels_avx512;
 #endif
 #if defined(__aarch64__)

@@ -999,9 +999,10 @@ static void loops_axpy_i16_scaled(unsigned bits, unsigned m, unsigned gsize, uns
 #endif
 
 /*
- * The table's entries but its name, with dot_i8 as lut_dot_i8_group, dot_i8_scaled_fn as dot_i8_scaled and
- * axpy_u8_scaled_fn as axpy_u8_scaled: a file can build a second table that differs from the first only there
- * (neon.c: neon-dotprod, whose integer kernels need an extension).
+ * The table's entries but its name, with dot_i8 as lut_dot_i8_group, lut_axpy_u8 as lut_axpy_u8_group,
+ * dot_i8_scaled_fn as dot_i8_scaled and axpy_u8_scaled_fn as axpy_u8_scaled: a file can build a second table
+ * that differs from the first only there (neon.c: neon-dotprod, avx2.c: avx2-vnni, whose integer kernels
+ * need an extension).
  */
 #ifndef KVP_ISA_SPARK_CHOOSE
 static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const float *x, uint8_t *mask,
@@ -1011,7 +1012,7 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 }
 #endif
 
-#define KVP_ISA_ENTRIES(dot_i8, dot_i8_scaled_fn, axpy_u8_scaled_fn) \
+#define KVP_ISA_ENTRIES(dot_i8, lut_axpy_u8, dot_i8_scaled_fn, axpy_u8_scaled_fn) \
 	.dot_f32 = dot_f32, \
 	.dot_f16 = dot_f16, \
 	.axpy_f32 = axpy_f32, \
@@ -1030,7 +1031,7 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 	.lut_axpy_group = lut_axpy_group, \
 	.lut_dot_i8_group = (dot_i8), \
 	.lut_axpy_i16_group = lut_axpy_i16_group, \
-	.lut_axpy_u8_group = lut_axpy_u8_group, \
+	.lut_axpy_u8_group = (lut_axpy_u8), \
 	.dot_i8_scaled = (dot_i8_scaled_fn), \
 	.axpy_i16_scaled = LOOPS_AXPY_I16_SCALED, \
 	.axpy_u8_scaled = (axpy_u8_scaled_fn), \
@@ -1043,5 +1044,5 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 
 const struct kvp_kernels KVP_ISA_TABLE = {
 	.name = KVP_ISA_NAME,
-	KVP_ISA_ENTRIES(lut_dot_i8_group, LOOPS_DOT_I8_SCALED, axpy_u8_scaled)
+	KVP_ISA_ENTRIES(lut_dot_i8_group, lut_axpy_u8_group, LOOPS_DOT_I8_SCALED, axpy_u8_scaled)
 };

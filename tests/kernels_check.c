@@ -9,7 +9,8 @@
  *   "K comparisons: N passed, M failed"   values compared
  *   "N passed, M failed"                  tests (a test passes when all its comparisons do)
  * and the exit status is 0 iff no test failed. The vector tests run once per vector table runnable here
- * (named "avx2_...", "avx512_...", "neon_...", "neon-dotprod_..."); those of a table this build or CPU cannot
+ * (named "avx2_...", "avx2-vnni_...", "avx512_...", "neon_...", "neon-dotprod_..."); those of a table this build
+ * or CPU cannot
  * run are counted as skipped.
  *
  * Tolerances:
@@ -1127,6 +1128,12 @@ static int32_t rand_in(int ends, int32_t lo, int32_t hi)
 	return ends ? (rnd32() & 1 ? hi : lo) : rand_int(lo, hi);
 }
 
+/* Whether table k has a vector lut_axpy_u8_group (kernels.h: the others decline every call). */
+static int u8_lookups_vector(const struct kvp_kernels *k)
+{
+	return !strcmp(k->name, "avx512") || !strcmp(k->name, "avx2-vnni");
+}
+
 /*
  * g heads over n rows of m codes starting `off` bytes into their allocation, q and acc rows a stride wider
  * than m apart, the rows' scales at an odd stride. Outputs must equal the scalar reference bit for bit,
@@ -1157,12 +1164,13 @@ static void lut_int_case(const struct kvp_kernels *k, unsigned bits, unsigned m,
 	float *wa = copy_f32(w, g * ws);
 	for (size_t i = 0; i < g * ws; i++)
 		wa[i] = ends ? (w[i] > 0 ? 1.0f : 0.0f) : fabsf(w[i]);
-	/* only AVX-512 has a vector version: the other tables decline every call, leaving acc8 as it was (compared
+	/* only AVX-512 and avx2-vnni have a vector version: the other tables decline every call, leaving acc8 as it
+	 * was (compared
 	 * below), so that callers keep their vector lut_axpy_i16_group */
 	const struct kvp_row_runs rows = kvp_one_run(n, codes + off, stride, scales + off, 7);
 	const int took = k->lut_axpy_u8_group(bits, m, &rows, lutu, unit, g, wa, ws, acc8, qs, NULL);
-	check(took == !strcmp(k->name, "avx512"), "%s lut_axpy_u8_group bits=%u m=%u n=%u g=%u: %s weights of no sign",
-	      k->name, bits, m, n, g, took ? "took (only AVX-512 has a vector version)" : "refused");
+	check(took == u8_lookups_vector(k), "%s lut_axpy_u8_group bits=%u m=%u n=%u g=%u: %s weights of no sign",
+	      k->name, bits, m, n, g, took ? "took (only AVX-512 and avx2-vnni have a vector version)" : "refused");
 	if (took)
 		kvp_kernels_scalar.lut_axpy_u8_group(bits, m, &rows, lutu, unit, g, wa, ws, acc8_want, qs, NULL);
 	wa[(size_t)(g - 1) * ws + n - 1] = -0.0f; /* the last weight read: one sign bit, and nothing is changed */
@@ -1830,7 +1838,8 @@ static int u8_scaled_covers(const struct kvp_kernels *k, unsigned bits, unsigned
 {
 	if (k == &kvp_kernels_scalar)
 		return 1;
-	if (!strcmp(k->name, "avx2") || !strcmp(k->name, "neon") || !strcmp(k->name, "neon-dotprod"))
+	if (!strcmp(k->name, "avx2") || !strcmp(k->name, "avx2-vnni") || !strcmp(k->name, "neon") ||
+	    !strcmp(k->name, "neon-dotprod"))
 		return (bits == 2 || bits == 4) && gsize % 8 == 0 && m % 8 == 0 && (m + gsize - 1) / gsize <= 4;
 	return !strcmp(k->name, "avx512") && (bits == 2 || bits == 4) && gsize % 16 == 0 && m % 64 == 0 &&
 	       (m + gsize - 1) / gsize <= 4;
@@ -2545,7 +2554,7 @@ static void band_norms_is_bit_identical_to_scalar_in_both_layouts(const struct k
 
 static const struct kvp_kernels *best_here(void)
 {
-	static const char *const order[] = { "avx512", "avx2", "neon-dotprod", "neon", "scalar" };
+	static const char *const order[] = { "avx512", "avx2-vnni", "avx2", "neon-dotprod", "neon", "scalar" };
 	const struct kvp_kernels *k = NULL;
 
 	for (size_t i = 0; !k && i < COUNT(order); i++)
@@ -2571,13 +2580,14 @@ static void dispatch_returns_null_for_unknown_or_foreign_names(void)
 	check(kvp_kernels_named("avx512f") == NULL, "kvp_kernels_named(\"avx512f\") is not NULL");
 #elif defined(__aarch64__)
 	check(kvp_kernels_named("avx2") == NULL, "kvp_kernels_named(\"avx2\") is not NULL");
+	check(kvp_kernels_named("avx2-vnni") == NULL, "kvp_kernels_named(\"avx2-vnni\") is not NULL");
 	check(kvp_kernels_named("avx512") == NULL, "kvp_kernels_named(\"avx512\") is not NULL");
 #endif
 }
 
 static void dispatch_tables_are_complete_and_named_for_their_name(void)
 {
-	static const char *const names[] = { "scalar", "avx2", "avx512", "neon", "neon-dotprod" };
+	static const char *const names[] = { "scalar", "avx2", "avx2-vnni", "avx512", "neon", "neon-dotprod" };
 
 	for (size_t i = 0; i < COUNT(names); i++) {
 		const struct kvp_kernels *k = kvp_kernels_named(names[i]);
@@ -2673,7 +2683,45 @@ static int avx512_here(void)
 		return 0;
 	return (b & bit_AVX512F) && (b & bit_AVX512BW) && (b & bit_AVX512VL) && (b & bit_AVX512DQ);
 }
+
+/* AVX-VNNI (CPUID leaf 7, subleaf 1, EAX bit 4), asked of the CPU directly. */
+static int avx_vnni_here(void)
+{
+	unsigned a, b, c, d;
+
+	return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 4));
+}
 #endif
+
+/* KVP_KERNELS=avx2 picks the plain AVX2 table even where avx2-vnni (or avx512) would be the best; where AVX2
+ * does not run, it falls back to the best that does. */
+static void dispatch_honours_kvp_kernels_avx2_where_avx2_vnni_runs_too(void)
+{
+	check(setenv("KVP_KERNELS", "avx2", 1) == 0, "setenv");
+#if defined(__x86_64__)
+	if (kvp_kernels_named("avx2")) {
+		check(kvp_kernels() == &kvp_kernels_avx2, "chose %s, not avx2", kvp_kernels()->name);
+		return;
+	}
+#endif
+	check(kvp_kernels() == best_here(), "chose %s, best is %s", kvp_kernels()->name, best_here()->name);
+}
+
+/* KVP_KERNELS=avx2-vnni picks that table where the CPU has AVX2 and AVX-VNNI, and anywhere else falls back to
+ * the best table that runs (avx2 on an AVX2 CPU without AVX-VNNI). */
+static void dispatch_honours_kvp_kernels_avx2_vnni_where_the_cpu_has_avx_vnni(void)
+{
+	check(setenv("KVP_KERNELS", "avx2-vnni", 1) == 0, "setenv");
+#if defined(__x86_64__)
+	if (kvp_kernels_named("avx2") && avx_vnni_here()) {
+		check(kvp_kernels() == &kvp_kernels_avx2_vnni, "chose %s, not avx2-vnni", kvp_kernels()->name);
+		check(!strcmp(kvp_kernels()->name, "avx2-vnni"), "the table is named %s", kvp_kernels()->name);
+		return;
+	}
+	check(kvp_kernels_named("avx2-vnni") == NULL, "avx2-vnni is named although the CPU cannot run it");
+#endif
+	check(kvp_kernels() == best_here(), "chose %s, best is %s", kvp_kernels()->name, best_here()->name);
+}
 
 /* KVP_KERNELS=avx512 picks the AVX-512 table where the CPU runs it, and anywhere else falls back to
  * the best table that does run, as for any name this build or CPU cannot run. */
@@ -2705,6 +2753,8 @@ static void dispatch_picks_the_best_the_cpu_runs_without_kvp_kernels(void)
 
 	if (avx2 && avx512_here())
 		check(!strcmp(kvp_kernels()->name, "avx512"), "chose %s, not avx512", kvp_kernels()->name);
+	else if (avx2 && avx_vnni_here())
+		check(!strcmp(kvp_kernels()->name, "avx2-vnni"), "chose %s, not avx2-vnni", kvp_kernels()->name);
 	else if (avx2)
 		check(!strcmp(kvp_kernels()->name, "avx2"), "chose %s, not avx2", kvp_kernels()->name);
 #elif defined(__aarch64__)
@@ -2831,6 +2881,8 @@ static const struct test own_process_tests[] = {
 	TEST(dispatch_honours_kvp_kernels_scalar),
 	TEST(dispatch_honours_kvp_kernels_naming_a_vector_table),
 	TEST(dispatch_honours_kvp_kernels_avx512),
+	TEST(dispatch_honours_kvp_kernels_avx2_where_avx2_vnni_runs_too),
+	TEST(dispatch_honours_kvp_kernels_avx2_vnni_where_the_cpu_has_avx_vnni),
 	TEST(dispatch_honours_kvp_kernels_neon_where_neon_dotprod_runs_too),
 	TEST(dispatch_honours_kvp_kernels_neon_dotprod_where_the_cpu_has_the_dot_product),
 	TEST(dispatch_falls_back_to_the_best_for_an_unknown_kvp_kernels),
@@ -2959,7 +3011,7 @@ static void run_vector_tests(const char *table)
 
 int main(void)
 {
-	static const char *const vector_tables[] = { "avx2", "avx512", "neon", "neon-dotprod" };
+	static const char *const vector_tables[] = { "avx2", "avx2-vnni", "avx512", "neon", "neon-dotprod" };
 
 	tally = mmap(NULL, sizeof *tally, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	if (tally == MAP_FAILED) {
