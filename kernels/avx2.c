@@ -2144,6 +2144,119 @@ VNNI_TARGET static int lut_axpy_u8_group_vnni(unsigned bits, unsigned m, const s
 }
 
 /*
+ * Keys on AVX-VNNI (avx2-vnni's lut_dot_i8_group, the same integers as every table's): a chunk's 32 codes go to
+ * bytes in column order (the spread's two word registers, lane l of the first holding codes 16l..16l+7 and of
+ * the second 16l+8..16l+15, packed), a vpshufb gives lut + 128 as unsigned bytes, and one vpdpbusd per head
+ * multiplies them with the head's 32 query bytes as they are: sum (v + 128) q = sum v q + 128 sum q, whose
+ * last term each row gives back. The avx2 table widens both to int16 for two vpmaddwd and two adds per head
+ * and chunk (vpmaddubsw would saturate on full-range tables and queries).
+ */
+VNNI_INLINE void vnni_key_chunk(unsigned hn, unsigned bits, const struct spread *s, __m256i tab, __m256i window,
+				int8_t q8[][KEY_COLUMNS], unsigned t, __m256i *a)
+{
+	const __m256i lo = _mm256_srli_epi16(spread_top(s, 0, window), 16 - (int)bits);
+	const __m256i hi = _mm256_srli_epi16(spread_top(s, 1, window), 16 - (int)bits);
+	const __m256i v = _mm256_shuffle_epi8(tab, _mm256_packus_epi16(lo, hi));
+
+	a[0] = _mm256_dpbusd_avx_epi32(a[0], v, _mm256_loadu_si256((const __m256i *)(const void *)(q8[0] + t)));
+	if (hn > 1)
+		a[1] = _mm256_dpbusd_avx_epi32(a[1], v, _mm256_loadu_si256((const __m256i *)(const void *)(q8[1] + t)));
+	if (hn > 2)
+		a[2] = _mm256_dpbusd_avx_epi32(a[2], v, _mm256_loadu_si256((const __m256i *)(const void *)(q8[2] + t)));
+	if (hn > 3)
+		a[3] = _mm256_dpbusd_avx_epi32(a[3], v, _mm256_loadu_si256((const __m256i *)(const void *)(q8[3] + t)));
+}
+
+/* dot_i8_heads on vpdpbusd: the queries copied once per pass, zeros past len to a multiple of 32, and their
+ * sums (128 times which each row's sums lose). */
+VNNI_INLINE void vnni_key_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes,
+				size_t stride, const struct spread *s, __m256i tab, const int8_t *q, size_t qs,
+				unsigned j0, unsigned len, int first, int32_t *out)
+{
+	int8_t q8[4][KEY_COLUMNS];
+	const unsigned len32 = (len + 31) & ~31u;
+	unsigned direct = 0;
+	int32_t sum[4], bias[4] = { 0, 0, 0, 0 };
+
+	for (unsigned h = 0; h < hn; h++) {
+		memset(q8[h], 0, len32);
+		memcpy(q8[h], q + h * qs + j0, len);
+		for (unsigned t = 0; t < len; t++)
+			bias[h] += 128 * q8[h][t];
+	}
+	/* chunks before `direct` are whole and read by one load each; key_window sorts out the rest */
+	while (direct + 32 <= len && (bits != 3 || j0 + direct + 48 <= m))
+		direct += 32;
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *row = codes + (size_t)i * stride;
+		__m256i a[4] = { _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+				 _mm256_setzero_si256() };
+		unsigned t = 0;
+
+		for (; t < direct; t += 32)
+			vnni_key_chunk(hn, bits, s, tab, key_direct(bits, row + (j0 + t) * bits / 8), q8, t, a);
+		for (; t < len32; t += 32)
+			vnni_key_chunk(hn, bits, s, tab, key_window(bits, row, j0 + t, m), q8, t, a);
+		_mm_storeu_si128((__m128i *)sum, hsum4_epi32(a[0], a[1], a[2], a[3]));
+		for (unsigned h = 0; h < hn; h++)
+			out[(size_t)h * n + i] = (first ? 0 : out[(size_t)h * n + i]) + (sum[h] - bias[h]);
+	}
+}
+
+VNNI_INLINE void vnni_key_width(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+				const int8_t *lut, unsigned g, const int8_t *q, size_t qs, int32_t *out)
+{
+	unsigned pos[2][2][8];
+	uint8_t biased[16];
+	struct spread s;
+	__m256i tab;
+
+	/* vector v, lane l, word t: code 16l + 8v + t of the chunk, so that the pack leaves them in order */
+	for (unsigned v = 0; v < 2; v++)
+		for (unsigned l = 0; l < 2; l++)
+			for (unsigned t = 0; t < 8; t++)
+				pos[v][l][t] = (16 * l + 8 * v + t) * bits;
+	s = spread_of(bits, pos);
+	for (unsigned v = 0; v < 16; v++)
+		biased[v] = (uint8_t)(lut[v < (1u << bits) ? v : 0] + 128);
+	tab = byte_table(biased, 16, 1);
+	for (unsigned j0 = 0; j0 < m; j0 += KEY_COLUMNS) {
+		const unsigned len = m - j0 < KEY_COLUMNS ? m - j0 : KEY_COLUMNS;
+		unsigned h = 0;
+
+		for (; h + 4 <= g; h += 4)
+			vnni_key_heads(4, bits, m, n, codes, stride, &s, tab, q + h * qs, qs, j0, len, j0 == 0,
+				       out + (size_t)h * n);
+		switch (g - h) {
+		case 3: vnni_key_heads(3, bits, m, n, codes, stride, &s, tab, q + h * qs, qs, j0, len, j0 == 0,
+				       out + (size_t)h * n); break;
+		case 2: vnni_key_heads(2, bits, m, n, codes, stride, &s, tab, q + h * qs, qs, j0, len, j0 == 0,
+				       out + (size_t)h * n); break;
+		case 1: vnni_key_heads(1, bits, m, n, codes, stride, &s, tab, q + h * qs, qs, j0, len, j0 == 0,
+				       out + (size_t)h * n); break;
+		default: break;
+		}
+	}
+}
+
+/* dot_i8_core's contract, for loops.h's lut_dot_i8_group (KVP_DOT_I8_GROUP) */
+VNNI_TARGET static void dot_i8_core_vnni(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+					 const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, int32_t *out)
+{
+	if (m == 0) {
+		for (size_t i = 0; i < (size_t)g * n; i++)
+			out[i] = 0;
+		return;
+	}
+	switch (bits) {
+	case 1: vnni_key_width(1, m, n, codes, stride, lut, g, q, q_stride, out); break;
+	case 2: vnni_key_width(2, m, n, codes, stride, lut, g, q, q_stride, out); break;
+	case 3: vnni_key_width(3, m, n, codes, stride, lut, g, q, q_stride, out); break;
+	default: vnni_key_width(4, m, n, codes, stride, lut, g, q, q_stride, out); break;
+	}
+}
+
+/*
  * spark_dot_i16_group (contract in kernels.h) for SparK's shapes at keep=0.5, d = 128 and 64 (T = d / 2 kept,
  * codes of 2 to 4 bits); other shapes take loops.h's. Per row:
  * 1. z: the T codes looked up as TurboQuant's keys are (key_window, key_values: sixteen int16 lanes a
@@ -2400,7 +2513,9 @@ INLINE loops_i32v loops_bytes(const uint8_t *p)
 #define KVP_ISA_TABLE kvp_kernels_avx2
 #include "kernels/loops.h"
 
+KVP_DOT_I8_GROUP(lut_dot_i8_group_vnni, dot_i8_core_vnni)
+
 const struct kvp_kernels kvp_kernels_avx2_vnni = {
 	.name = "avx2-vnni",
-	KVP_ISA_ENTRIES(lut_dot_i8_group, lut_axpy_u8_group_vnni, LOOPS_DOT_I8_SCALED, axpy_u8_scaled)
+	KVP_ISA_ENTRIES(lut_dot_i8_group_vnni, lut_axpy_u8_group_vnni, LOOPS_DOT_I8_SCALED, axpy_u8_scaled)
 };
