@@ -2179,11 +2179,17 @@ VNNI_INLINE void vnni_key_heads(unsigned hn, unsigned bits, unsigned m, unsigned
 	int32_t sum[4], bias[4] = { 0, 0, 0, 0 };
 
 	for (unsigned h = 0; h < hn; h++) {
+		__m256i qsum = _mm256_setzero_si256();
+
 		memset(q8[h], 0, len32);
 		memcpy(q8[h], q + h * qs + j0, len);
-		for (unsigned t = 0; t < len; t++)
-			bias[h] += 128 * q8[h][t];
+		for (unsigned t = 0; t < len32; t += 32)
+			qsum = _mm256_dpbusd_avx_epi32(qsum, _mm256_set1_epi8(1),
+						       _mm256_loadu_si256((const __m256i *)(const void *)(q8[h] + t)));
+		bias[h] = 128 * _mm_cvtsi128_si32(hsum4_epi32(qsum, qsum, qsum, qsum));
 	}
+	const __m128i biases = _mm_loadu_si128((const __m128i *)(const void *)bias);
+
 	/* chunks before `direct` are whole and read by one load each; key_window sorts out the rest */
 	while (direct + 32 <= len && (bits != 3 || j0 + direct + 48 <= m))
 		direct += 32;
@@ -2197,9 +2203,9 @@ VNNI_INLINE void vnni_key_heads(unsigned hn, unsigned bits, unsigned m, unsigned
 			vnni_key_chunk(hn, bits, s, tab, key_direct(bits, row + (j0 + t) * bits / 8), q8, t, a);
 		for (; t < len32; t += 32)
 			vnni_key_chunk(hn, bits, s, tab, key_window(bits, row, j0 + t, m), q8, t, a);
-		_mm_storeu_si128((__m128i *)sum, hsum4_epi32(a[0], a[1], a[2], a[3]));
+		_mm_storeu_si128((__m128i *)sum, _mm_sub_epi32(hsum4_epi32(a[0], a[1], a[2], a[3]), biases));
 		for (unsigned h = 0; h < hn; h++)
-			out[(size_t)h * n + i] = (first ? 0 : out[(size_t)h * n + i]) + (sum[h] - bias[h]);
+			out[(size_t)h * n + i] = first ? sum[h] : out[(size_t)h * n + i] + sum[h];
 	}
 }
 
