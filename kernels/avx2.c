@@ -2167,6 +2167,48 @@ VNNI_INLINE void vnni_key_chunk(unsigned hn, unsigned bits, const struct spread 
 		a[3] = _mm256_dpbusd_avx_epi32(a[3], v, _mm256_loadu_si256((const __m256i *)(const void *)(q8[3] + t)));
 }
 
+/* One row's sums of the hn heads over the pass's columns, less the bias: head h in lane h. */
+VNNI_INLINE __m128i vnni_key_row(unsigned hn, unsigned bits, unsigned m, const uint8_t *row, const struct spread *s,
+				 __m256i tab, int8_t q8[][KEY_COLUMNS], unsigned j0, unsigned len32, unsigned direct,
+				 __m128i biases)
+{
+	__m256i a[4] = { _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256() };
+	unsigned t = 0;
+
+	for (; t < direct; t += 32)
+		vnni_key_chunk(hn, bits, s, tab, key_direct(bits, row + (j0 + t) * bits / 8), q8, t, a);
+	for (; t < len32; t += 32)
+		vnni_key_chunk(hn, bits, s, tab, key_window(bits, row, j0 + t, m), q8, t, a);
+	return _mm_sub_epi32(hsum4_epi32(a[0], a[1], a[2], a[3]), biases);
+}
+
+/* k <= 4 rows' sums r[t] (head h in lane h) to out[h * n + t], added to what is there unless first: the 4 x 4
+ * transposed, so that each head's rows go by one store (stored per row, the sums were read back from memory
+ * as soon as written, which stalled every row). */
+INLINE void vnni_key_out(unsigned hn, unsigned k, const __m128i r[4], int first, int32_t *out, size_t n)
+{
+	const __m128i a = _mm_unpacklo_epi32(r[0], r[1]), b = _mm_unpacklo_epi32(r[2], r[3]);
+	const __m128i c = _mm_unpackhi_epi32(r[0], r[1]), d = _mm_unpackhi_epi32(r[2], r[3]);
+	const __m128i by_head[4] = { _mm_unpacklo_epi64(a, b), _mm_unpackhi_epi64(a, b), _mm_unpacklo_epi64(c, d),
+				     _mm_unpackhi_epi64(c, d) };
+
+	for (unsigned h = 0; h < hn; h++) {
+		int32_t *o = out + h * n;
+
+		if (k == 4) {
+			const __m128i v = first ? by_head[h] : _mm_add_epi32(by_head[h], _mm_loadu_si128((const __m128i *)(void *)o));
+
+			_mm_storeu_si128((__m128i *)(void *)o, v);
+		} else {
+			int32_t lanes[4];
+
+			_mm_storeu_si128((__m128i *)(void *)lanes, by_head[h]);
+			for (unsigned t = 0; t < k; t++)
+				o[t] = first ? lanes[t] : o[t] + lanes[t];
+		}
+	}
+}
+
 /* dot_i8_heads on vpdpbusd: the queries copied once per pass, zeros past len to a multiple of 32, and their
  * sums (128 times which each row's sums lose). */
 VNNI_INLINE void vnni_key_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes,
@@ -2176,7 +2218,7 @@ VNNI_INLINE void vnni_key_heads(unsigned hn, unsigned bits, unsigned m, unsigned
 	int8_t q8[4][KEY_COLUMNS];
 	const unsigned len32 = (len + 31) & ~31u;
 	unsigned direct = 0;
-	int32_t sum[4], bias[4] = { 0, 0, 0, 0 };
+	int32_t bias[4] = { 0, 0, 0, 0 };
 
 	for (unsigned h = 0; h < hn; h++) {
 		__m256i qsum = _mm256_setzero_si256();
@@ -2193,19 +2235,14 @@ VNNI_INLINE void vnni_key_heads(unsigned hn, unsigned bits, unsigned m, unsigned
 	/* chunks before `direct` are whole and read by one load each; key_window sorts out the rest */
 	while (direct + 32 <= len && (bits != 3 || j0 + direct + 48 <= m))
 		direct += 32;
-	for (unsigned i = 0; i < n; i++) {
-		const uint8_t *row = codes + (size_t)i * stride;
-		__m256i a[4] = { _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-				 _mm256_setzero_si256() };
-		unsigned t = 0;
+	for (unsigned i = 0; i < n; i += 4) {
+		__m128i r[4];
 
-		for (; t < direct; t += 32)
-			vnni_key_chunk(hn, bits, s, tab, key_direct(bits, row + (j0 + t) * bits / 8), q8, t, a);
-		for (; t < len32; t += 32)
-			vnni_key_chunk(hn, bits, s, tab, key_window(bits, row, j0 + t, m), q8, t, a);
-		_mm_storeu_si128((__m128i *)sum, _mm_sub_epi32(hsum4_epi32(a[0], a[1], a[2], a[3]), biases));
-		for (unsigned h = 0; h < hn; h++)
-			out[(size_t)h * n + i] = first ? sum[h] : out[(size_t)h * n + i] + sum[h];
+		for (unsigned t = 0; t < 4; t++)
+			r[t] = i + t < n ? vnni_key_row(hn, bits, m, codes + (size_t)(i + t) * stride, s, tab, q8, j0, len32,
+							direct, biases)
+					 : _mm_setzero_si128();
+		vnni_key_out(hn, n - i < 4 ? n - i : 4, r, first, out + i, n);
 	}
 }
 
