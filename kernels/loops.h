@@ -36,6 +36,7 @@
  *                                   kernels.h), and softmax_group is scale, then softmax_step per head
  *   spark_choose (with KVP_ISA_SPARK_CHOOSE defined; otherwise the plain code of kernels.h)
  *   fwht_blocks16 (with KVP_ISA_FWHT defined)
+ *   dot_i8_step (with KVP_ISA_DOT_I8_STEP defined) lut_dot_i8_group's float step on a slice of rows' sums
  *                                   stages 1, 2, 4 and 8 of fwht on each block of 16 values of v[0..p), p >= 16
  *   mask_expand_row                 one row of mask_expand: (d, mask, sign or NULL, kept, scale, mag, x)
  *   band_norms_vector               the bands [0, returned) of one row of band_norms, F = d / 2
@@ -148,6 +149,19 @@ static void lut_axpy_group(unsigned bits, unsigned m, unsigned n, const uint8_t 
 /* The float steps of kernels.h around the integer cores, in slices of rows whose sums fit the stack. */
 #define CORE_INTS 1024
 
+#ifndef KVP_ISA_DOT_I8_STEP
+/* The float step of lut_dot_i8_group on a slice of rows' integer sums s[h * n + i]: a file may vectorize it
+ * (KVP_ISA_DOT_I8_STEP), with the same operations in the same order. */
+static inline void dot_i8_step(unsigned g, unsigned n, const int32_t *s, const float *head_scale,
+			       const uint8_t *row_scale, size_t scale_stride, float *out, size_t out_stride)
+{
+	for (unsigned h = 0; h < g; h++)
+		for (unsigned i = 0; i < n; i++)
+			out[h * out_stride + i] += ((float)s[h * n + i] * head_scale[h]) *
+						   kvp_load_f32(row_scale + (size_t)i * scale_stride);
+}
+#endif
+
 /* lut_dot_i8_group as `name`, on the integer sums of `core` (a file with two cores builds two of these). */
 #define KVP_DOT_I8_GROUP(name, core)                                                                            \
 	static void name(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,            \
@@ -164,11 +178,8 @@ static void lut_axpy_group(unsigned bits, unsigned m, unsigned n, const uint8_t 
                                                                                                                  \
 				core(bits, m, cn, codes + (size_t)i0 * stride, stride, lut, gn, q + h0 * q_stride, \
 				     q_stride, s);                                                               \
-				for (unsigned h = 0; h < gn; h++)                                                \
-					for (unsigned i = 0; i < cn; i++)                                        \
-						out[(h0 + h) * out_stride + i0 + i] +=                           \
-							((float)s[h * cn + i] * head_scale[h0 + h]) *            \
-							kvp_load_f32(row_scale + (size_t)(i0 + i) * scale_stride); \
+				dot_i8_step(gn, cn, s, head_scale + h0, row_scale + (size_t)i0 * scale_stride,   \
+					    scale_stride, out + h0 * out_stride + i0, out_stride);               \
 			}                                                                                        \
 		}                                                                                                \
 	}
