@@ -812,6 +812,15 @@ INLINE __m256i broadcast_bytes(const uint8_t *p, unsigned nbytes)
 	}
 }
 
+/* acc + vpdpbusd of a (unsigned bytes) and b (signed bytes): AVX-VNNI's VEX form, written as assembly so that the
+ * kernels the avx2 and avx2-vnni tables share (KIVI's) need no target attribute and the file no -mavxvnni; only
+ * avx2-vnni's calls reach it. (This file is built without AVX-512, so "x" is one of ymm0-15, which VEX encodes.) */
+INLINE __m256i dpbusd_vex(__m256i acc, __m256i a, __m256i b)
+{
+	__asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(a), "xm"(b));
+	return acc;
+}
+
 /* key_window for a whole chunk that one load of 4b bytes (16 for 3 bits) reads within the row. */
 INLINE __m256i key_direct(unsigned bits, const uint8_t *p)
 {
@@ -932,53 +941,68 @@ INLINE void dot_i8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, con
 	}
 }
 
-INLINE void dot_i8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			 const int8_t *lut, unsigned g, const int8_t *q, size_t qs, int32_t *out)
+/* The passes of KEY_COLUMNS columns over every row, four heads at a time and then the rest, through `heads`
+ * (dot_i8_heads, or avx2-vnni's vnni_key_heads below: the same arguments). */
+#define KEY_PASS(heads, hn) \
+	heads(hn, bits, m, n, codes, stride, &s, tab, q + h * qs, qs, j0, len, j0 == 0, out + (size_t)h * n)
+#define KEY_PASSES(heads)                                                                \
+	for (unsigned j0 = 0; j0 < m; j0 += KEY_COLUMNS) {                                \
+		const unsigned len = m - j0 < KEY_COLUMNS ? m - j0 : KEY_COLUMNS;         \
+		unsigned h = 0;                                                            \
+                                                                                           \
+		for (; h + 4 <= g; h += 4)                                                 \
+			KEY_PASS(heads, 4);                                                \
+		switch (g - h) {                                                           \
+		case 3: KEY_PASS(heads, 3); break;                                         \
+		case 2: KEY_PASS(heads, 2); break;                                         \
+		case 1: KEY_PASS(heads, 1); break;                                         \
+		default: break;                                                            \
+		}                                                                          \
+	}
+
+/* The spread of a key chunk whose vector v, lane l, word t reads code per_vector * v + per_lane * l + t. */
+INLINE struct spread key_spread(unsigned bits, unsigned per_vector, unsigned per_lane)
 {
 	unsigned pos[2][2][8];
-	struct spread s;
-	__m256i tab;
 
-	/* natural order: vector v, lane l, word t holds code 16v + 8l + t of the chunk */
 	for (unsigned v = 0; v < 2; v++)
 		for (unsigned l = 0; l < 2; l++)
 			for (unsigned t = 0; t < 8; t++)
-				pos[v][l][t] = (16 * v + 8 * l + t) * bits;
-	s = spread_of(bits, pos);
-	tab = byte_table((const uint8_t *)lut, 1u << bits, 1);
-	for (unsigned j0 = 0; j0 < m; j0 += KEY_COLUMNS) {
-		const unsigned len = m - j0 < KEY_COLUMNS ? m - j0 : KEY_COLUMNS;
-		unsigned h = 0;
-
-		for (; h + 4 <= g; h += 4)
-			dot_i8_heads(4, bits, m, n, codes, stride, &s, tab, q + h * qs, qs, j0, len, j0 == 0,
-				     out + (size_t)h * n);
-		switch (g - h) {
-		case 3: dot_i8_heads(3, bits, m, n, codes, stride, &s, tab, q + h * qs, qs, j0, len, j0 == 0,
-				     out + (size_t)h * n); break;
-		case 2: dot_i8_heads(2, bits, m, n, codes, stride, &s, tab, q + h * qs, qs, j0, len, j0 == 0,
-				     out + (size_t)h * n); break;
-		case 1: dot_i8_heads(1, bits, m, n, codes, stride, &s, tab, q + h * qs, qs, j0, len, j0 == 0,
-				     out + (size_t)h * n); break;
-		default: break;
-		}
-	}
+				pos[v][l][t] = (per_vector * v + per_lane * l + t) * bits;
+	return spread_of(bits, pos);
 }
+
+INLINE void dot_i8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+			 const int8_t *lut, unsigned g, const int8_t *q, size_t qs, int32_t *out)
+{
+	/* natural order: vector v, lane l, word t holds code 16v + 8l + t of the chunk */
+	const struct spread s = key_spread(bits, 16, 8);
+	__m256i tab;
+
+	tab = byte_table((const uint8_t *)lut, 1u << bits, 1);
+	KEY_PASSES(dot_i8_heads);
+}
+
+/* dot_i8_core's body on `width` (dot_i8_width, or avx2-vnni's vnni_key_width below) */
+#define KEY_WIDTHS(width)                                                               \
+	do {                                                                            \
+		if (m == 0) {                                                           \
+			for (size_t i = 0; i < (size_t)g * n; i++)                      \
+				out[i] = 0;                                             \
+			return;                                                         \
+		}                                                                       \
+		switch (bits) {                                                         \
+		case 1: width(1, m, n, codes, stride, lut, g, q, q_stride, out); break; \
+		case 2: width(2, m, n, codes, stride, lut, g, q, q_stride, out); break; \
+		case 3: width(3, m, n, codes, stride, lut, g, q, q_stride, out); break; \
+		default: width(4, m, n, codes, stride, lut, g, q, q_stride, out); break; \
+		}                                                                       \
+	} while (0)
 
 static void dot_i8_core(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			     const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, int32_t *out)
 {
-	if (m == 0) {
-		for (size_t i = 0; i < (size_t)g * n; i++)
-			out[i] = 0;
-		return;
-	}
-	switch (bits) {
-	case 1: dot_i8_width(1, m, n, codes, stride, lut, g, q, q_stride, out); break;
-	case 2: dot_i8_width(2, m, n, codes, stride, lut, g, q, q_stride, out); break;
-	case 3: dot_i8_width(3, m, n, codes, stride, lut, g, q, q_stride, out); break;
-	default: dot_i8_width(4, m, n, codes, stride, lut, g, q, q_stride, out); break;
-	}
+	KEY_WIDTHS(dot_i8_width);
 }
 
 /*
@@ -1398,8 +1422,9 @@ INLINE __m256i scaled_quads8(unsigned bits, const uint8_t *col, size_t n)
 }
 
 /* Four heads' sums of the eight rows whose codes start at codes, q8[h] the head's int8 query (four bytes a quad
- * of channels); per_quad bytes from one quad's first column to the next's. */
-INLINE void scaled_sums8(unsigned bits, unsigned nq, size_t n, const uint8_t *codes, size_t per_quad,
+ * of channels); per_quad bytes from one quad's first column to the next's. With vnni (avx2-vnni), vpdpbusd
+ * multiplies and adds in int32 at once. */
+INLINE void scaled_sums8(int vnni, unsigned bits, unsigned nq, size_t n, const uint8_t *codes, size_t per_quad,
 			 const uint8_t (*q8)[4 * SCALED_QUAD_MAX], __m256i s[4])
 {
 	const unsigned flush = bits == 2 ? 32 : 8; /* quads of int16 sums below 2^15 */
@@ -1410,6 +1435,13 @@ INLINE void scaled_sums8(unsigned bits, unsigned nq, size_t n, const uint8_t *co
 	for (unsigned k = 0; k < nq; k++) {
 		const __m256i c = scaled_quads8(bits, codes + k * per_quad, n);
 
+		if (vnni) {
+			s[0] = dpbusd_vex(s[0], c, broadcast_bytes(q8[0] + 4 * k, 4));
+			s[1] = dpbusd_vex(s[1], c, broadcast_bytes(q8[1] + 4 * k, 4));
+			s[2] = dpbusd_vex(s[2], c, broadcast_bytes(q8[2] + 4 * k, 4));
+			s[3] = dpbusd_vex(s[3], c, broadcast_bytes(q8[3] + 4 * k, 4));
+			continue;
+		}
 		w0 = _mm256_add_epi16(w0, _mm256_maddubs_epi16(c, broadcast_bytes(q8[0] + 4 * k, 4)));
 		w1 = _mm256_add_epi16(w1, _mm256_maddubs_epi16(c, broadcast_bytes(q8[1] + 4 * k, 4)));
 		w2 = _mm256_add_epi16(w2, _mm256_maddubs_epi16(c, broadcast_bytes(q8[2] + 4 * k, 4)));
@@ -1494,8 +1526,8 @@ static void scaled_queries_q8(unsigned hn, unsigned m, const float *q, size_t qs
 	}
 }
 
-static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g, const float *q,
-			  size_t q_stride, float *out, size_t out_stride)
+INLINE void scaled_dot(int vnni, unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g,
+		       const float *q, size_t q_stride, float *out, size_t out_stride)
 {
 	const unsigned nq = (m + 3) / 4;
 	const size_t per_quad = bits / 2 * (size_t)n;
@@ -1519,13 +1551,13 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 			__m256i s[4];
 
 			if (rows == 8) {
-				scaled_sums8(bits, nq, n, codes + i, per_quad, (const uint8_t (*)[4 * SCALED_QUAD_MAX])q8, s);
+				scaled_sums8(vnni, bits, nq, n, codes + i, per_quad, (const uint8_t (*)[4 * SCALED_QUAD_MAX])q8, s);
 			} else {
 				/* the last rows' bytes, column by column, into eight zeroed ones: no read past the codes */
 				memset(tail, 0, sizeof tail);
 				for (unsigned c = 0; c < nq * bits / 2; c++)
 					memcpy(tail[c], codes + (size_t)c * n + i, rows);
-				scaled_sums8(bits, nq, 16, tail[0], bits / 2 * 16, (const uint8_t (*)[4 * SCALED_QUAD_MAX])q8, s);
+				scaled_sums8(vnni, bits, nq, 16, tail[0], bits / 2 * 16, (const uint8_t (*)[4 * SCALED_QUAD_MAX])q8, s);
 			}
 			for (unsigned h = 0; h < hn; h++) {
 				const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(s[h]), _mm256_set1_ps(step[h]));
@@ -1535,6 +1567,19 @@ static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *
 			}
 		}
 	}
+}
+
+static void dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g, const float *q,
+			  size_t q_stride, float *out, size_t out_stride)
+{
+	scaled_dot(0, bits, m, n, group, g, q, q_stride, out, out_stride);
+}
+
+/* avx2-vnni's */
+static void dot_i8_scaled_vnni(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g,
+			       const float *q, size_t q_stride, float *out, size_t out_stride)
+{
+	scaled_dot(1, bits, m, n, group, g, q, q_stride, out, out_stride);
 }
 
 #define KVP_ISA_DOT_I8_SCALED
@@ -1750,21 +1795,31 @@ INLINE __m256i u8_values_some(unsigned bits, const uint8_t *p, size_t stride, un
 /* One quad of rows from i: its centred codes (x: the rows' bytes) into the column sums (ones: 1 for each row
  * present) and into each head's sums against the four rows' weights of the group (wc + h * U8_HEAD). */
 #define U8_HEAD (U8_GROUPS * (KVP_AXPY_I16_ROWS + 4)) /* bytes from a head's weights to the next's */
-#define U8V_HEAD(a, h, cv) \
-	a = _mm256_add_epi16(a, _mm256_maddubs_epi16(broadcast_bytes(wc + (h) * U8_HEAD + i, 4), cv))
+#define U8V_HEAD(a, s, h, cv)                                                                          \
+	do {                                                                                           \
+		const __m256i w4 = broadcast_bytes(wc + (h) * U8_HEAD + i, 4);                         \
+                                                                                                       \
+		if (vnni)                                                                              \
+			s = dpbusd_vex(s, w4, cv);                                                     \
+		else                                                                                   \
+			a = _mm256_add_epi16(a, _mm256_maddubs_epi16(w4, cv));                         \
+	} while (0)
 #define U8V_STEP(x, ones)                                                                                        \
 	do {                                                                                                     \
 		const __m256i cv = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(x, sel), \
 											      shift), low));         \
-		U8V_HEAD(a0, 0, cv);                                                                             \
+		U8V_HEAD(a0, s0, 0, cv);                                                                         \
 		if (hn > 1)                                                                                      \
-			U8V_HEAD(a1, 1, cv);                                                                     \
+			U8V_HEAD(a1, s1, 1, cv);                                                                 \
 		if (hn > 2)                                                                                      \
-			U8V_HEAD(a2, 2, cv);                                                                     \
+			U8V_HEAD(a2, s2, 2, cv);                                                                 \
 		if (hn > 3)                                                                                      \
-			U8V_HEAD(a3, 3, cv);                                                                     \
-		c16 = _mm256_add_epi16(c16, _mm256_maddubs_epi16(ones, cv));                                     \
-		if (++quads == flush) {                                                                          \
+			U8V_HEAD(a3, s3, 3, cv);                                                                 \
+		if (vnni)                                                                                        \
+			c32 = dpbusd_vex(c32, ones, cv);                                                         \
+		else                                                                                             \
+			c16 = _mm256_add_epi16(c16, _mm256_maddubs_epi16(ones, cv));                             \
+		if (!vnni && ++quads == flush) {                                                                 \
 			s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(a0, ones16)), a0 = _mm256_setzero_si256();   \
 			s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(a1, ones16)), a1 = _mm256_setzero_si256();   \
 			s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(a2, ones16)), a2 = _mm256_setzero_si256();   \
@@ -1786,7 +1841,7 @@ INLINE void u8_values_add(float *acc, float f, float e, __m256i s, __m256i c)
 /* hn <= 4 heads over columns [j, j + 8) of every row (hn and bits constants once inlined): per four rows, their
  * centred codes a column per dword (sel: each dword's four source bytes, shift: its code's place in them, tab:
  * 2 code - L by code). */
-INLINE void u8_values_columns(unsigned hn, unsigned bits, const struct u8_values *k, unsigned j, float *acc, size_t as,
+INLINE void u8_values_columns(int vnni, unsigned hn, unsigned bits, const struct u8_values *k, unsigned j, float *acc, size_t as,
 			      const struct kvp_ahead *ahead, unsigned *step, unsigned steps)
 {
 	const unsigned flush = bits == 2 ? 16 : 4; /* quads of rows whose int16 sums stay below 2^15 */
@@ -1831,18 +1886,18 @@ INLINE void u8_values_columns(unsigned hn, unsigned bits, const struct u8_values
 #undef U8_HEAD
 
 /* Every eight columns of hn heads, hn and bits constants once inlined. */
-INLINE void u8_values_heads(unsigned hn, unsigned bits, const struct u8_values *k, float *acc, size_t as,
+INLINE void u8_values_heads(int vnni, unsigned hn, unsigned bits, const struct u8_values *k, float *acc, size_t as,
 			    const struct kvp_ahead *ahead)
 {
 	const unsigned steps = k->m / 8 * ((k->n + k->rows->run - 1) / k->rows->run);
 	unsigned step = 0;
 
 	for (unsigned j = 0; j < k->m; j += 8)
-		u8_values_columns(hn, bits, k, j, acc, as, ahead, &step, steps);
+		u8_values_columns(vnni, hn, bits, k, j, acc, as, ahead, &step, steps);
 }
 
-static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struct kvp_row_runs *rows, unsigned g,
-			  const float *w, size_t w_stride, float *acc, size_t acc_stride, const struct kvp_ahead *ahead)
+INLINE int u8_scaled(int vnni, unsigned bits, unsigned m, unsigned gsize, const struct kvp_row_runs *rows, unsigned g,
+		     const float *w, size_t w_stride, float *acc, size_t acc_stride, const struct kvp_ahead *ahead)
 {
 	const unsigned ng = gsize ? (m + gsize - 1) / gsize : 0, n = rows->n;
 	uint8_t w8[4][U8_GROUPS][KVP_AXPY_I16_ROWS + 4];
@@ -1863,7 +1918,8 @@ static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struc
 		float *ah = acc + h0 * acc_stride;
 
 		u8_values_weights(hn, &k, w + h0 * w_stride, w_stride, ah, acc_stride);
-#define U8V_HEADS(hn) (bits == 2 ? u8_values_heads(hn, 2, &k, ah, acc_stride, a) : u8_values_heads(hn, 4, &k, ah, acc_stride, a))
+#define U8V_HEADS(hn) (bits == 2 ? u8_values_heads(vnni, hn, 2, &k, ah, acc_stride, a) \
+			       : u8_values_heads(vnni, hn, 4, &k, ah, acc_stride, a))
 		switch (hn) {
 		case 4: U8V_HEADS(4); break;
 		case 3: U8V_HEADS(3); break;
@@ -1873,6 +1929,20 @@ static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struc
 #undef U8V_HEADS
 	}
 	return 1;
+}
+
+static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struct kvp_row_runs *rows, unsigned g,
+			  const float *w, size_t w_stride, float *acc, size_t acc_stride, const struct kvp_ahead *ahead)
+{
+	return u8_scaled(0, bits, m, gsize, rows, g, w, w_stride, acc, acc_stride, ahead);
+}
+
+/* avx2-vnni's: the same steps, each quad of rows multiplied and added in int32 by vpdpbusd */
+static int axpy_u8_scaled_vnni(unsigned bits, unsigned m, unsigned gsize, const struct kvp_row_runs *rows, unsigned g,
+			       const float *w, size_t w_stride, float *acc, size_t acc_stride,
+			       const struct kvp_ahead *ahead)
+{
+	return u8_scaled(1, bits, m, gsize, rows, g, w, w_stride, acc, acc_stride, ahead);
 }
 
 /*
@@ -1889,9 +1959,6 @@ static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struc
  * lane L in one, 4L + 2, 4L + 3 in the other) leaves dword q of lane L holding column 4L + q's four rows, in
  * column order. A vpshufb of the table gives their values. Column sums (weights 1) carry the least weight's term.
  */
-#define VNNI_TARGET __attribute__((target("avxvnni")))
-#define VNNI_INLINE static inline __attribute__((always_inline, target("avxvnni")))
-
 struct vnni_values {
 	unsigned bits, m, n;
 	const struct kvp_row_runs *rows;
@@ -2025,7 +2092,7 @@ INLINE void vnni_add(float *acc, unsigned kc, float f, float e, __m256i s, __m25
 	_mm256_maskstore_ps(acc, in, _mm256_add_ps(_mm256_maskload_ps(acc, in), add));
 }
 
-#define VNNI_HEAD(a, h) a = _mm256_dpbusd_avx_epi32(a, _mm256_set1_epi32((int)vnni_weights4(k->w8[h] + i)), cv)
+#define VNNI_HEAD(a, h) a = dpbusd_vex(a, _mm256_set1_epi32((int)vnni_weights4(k->w8[h] + i)), cv)
 #define VNNI_STEP(x, ones)                                  \
 	do {                                                \
 		const __m256i cv = vnni_values_of(bits, k, x); \
@@ -2036,7 +2103,7 @@ INLINE void vnni_add(float *acc, unsigned kc, float f, float e, __m256i s, __m25
 			VNNI_HEAD(a2, 2);                   \
 		if (hn > 3)                                 \
 			VNNI_HEAD(a3, 3);                   \
-		c = _mm256_dpbusd_avx_epi32(c, ones, cv);   \
+		c = dpbusd_vex(c, ones, cv);   \
 	} while (0)
 
 /* Rows i..i+3's weights of one head as a dword, row i's lowest. */
@@ -2049,7 +2116,7 @@ INLINE uint32_t vnni_weights4(const uint8_t *w)
 }
 
 /* hn <= 4 heads over columns [j, j + 8) of every row, hn and bits constants once inlined. */
-VNNI_INLINE void vnni_columns(unsigned hn, unsigned bits, const struct vnni_values *k, unsigned j, float *acc,
+INLINE void vnni_columns(unsigned hn, unsigned bits, const struct vnni_values *k, unsigned j, float *acc,
 			      size_t as, const struct kvp_ahead *ahead, unsigned *step, unsigned steps)
 {
 	const unsigned n = k->n, kc = k->m - j < 8 ? k->m - j : 8, nbytes = (kc * bits + 7) / 8;
@@ -2087,7 +2154,7 @@ VNNI_INLINE void vnni_columns(unsigned hn, unsigned bits, const struct vnni_valu
 #undef VNNI_STEP
 #undef VNNI_HEAD
 
-VNNI_INLINE void vnni_heads(unsigned hn, unsigned bits, const struct vnni_values *k, float *acc, size_t as,
+INLINE void vnni_heads(unsigned hn, unsigned bits, const struct vnni_values *k, float *acc, size_t as,
 			    const struct kvp_ahead *ahead)
 {
 	const unsigned steps = (k->m + 7) / 8 * ((k->n + k->rows->run - 1) / k->rows->run);
@@ -2098,7 +2165,7 @@ VNNI_INLINE void vnni_heads(unsigned hn, unsigned bits, const struct vnni_values
 }
 
 /* One width's heads, four at a time. */
-VNNI_INLINE void vnni_width(unsigned bits, struct vnni_values *k, float unit, unsigned g, const float *w,
+INLINE void vnni_width(unsigned bits, struct vnni_values *k, float unit, unsigned g, const float *w,
 			    size_t ws, float *acc, size_t as, const struct kvp_ahead *ahead)
 {
 	for (unsigned h0 = 0; h0 < g; h0 += 4) {
@@ -2116,7 +2183,7 @@ VNNI_INLINE void vnni_width(unsigned bits, struct vnni_values *k, float unit, un
 	}
 }
 
-VNNI_TARGET static int lut_axpy_u8_group_vnni(unsigned bits, unsigned m, const struct kvp_row_runs *rows,
+static int lut_axpy_u8_group_vnni(unsigned bits, unsigned m, const struct kvp_row_runs *rows,
 					      const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
 					      float *acc, size_t acc_stride, const struct kvp_ahead *ahead)
 {
@@ -2151,24 +2218,24 @@ VNNI_TARGET static int lut_axpy_u8_group_vnni(unsigned bits, unsigned m, const s
  * last term each row gives back. The avx2 table widens both to int16 for two vpmaddwd and two adds per head
  * and chunk (vpmaddubsw would saturate on full-range tables and queries).
  */
-VNNI_INLINE void vnni_key_chunk(unsigned hn, unsigned bits, const struct spread *s, __m256i tab, __m256i window,
+INLINE void vnni_key_chunk(unsigned hn, unsigned bits, const struct spread *s, __m256i tab, __m256i window,
 				int8_t q8[][KEY_COLUMNS], unsigned t, __m256i *a)
 {
 	const __m256i lo = _mm256_srli_epi16(spread_top(s, 0, window), 16 - (int)bits);
 	const __m256i hi = _mm256_srli_epi16(spread_top(s, 1, window), 16 - (int)bits);
 	const __m256i v = _mm256_shuffle_epi8(tab, _mm256_packus_epi16(lo, hi));
 
-	a[0] = _mm256_dpbusd_avx_epi32(a[0], v, _mm256_loadu_si256((const __m256i *)(const void *)(q8[0] + t)));
+	a[0] = dpbusd_vex(a[0], v, _mm256_loadu_si256((const __m256i *)(const void *)(q8[0] + t)));
 	if (hn > 1)
-		a[1] = _mm256_dpbusd_avx_epi32(a[1], v, _mm256_loadu_si256((const __m256i *)(const void *)(q8[1] + t)));
+		a[1] = dpbusd_vex(a[1], v, _mm256_loadu_si256((const __m256i *)(const void *)(q8[1] + t)));
 	if (hn > 2)
-		a[2] = _mm256_dpbusd_avx_epi32(a[2], v, _mm256_loadu_si256((const __m256i *)(const void *)(q8[2] + t)));
+		a[2] = dpbusd_vex(a[2], v, _mm256_loadu_si256((const __m256i *)(const void *)(q8[2] + t)));
 	if (hn > 3)
-		a[3] = _mm256_dpbusd_avx_epi32(a[3], v, _mm256_loadu_si256((const __m256i *)(const void *)(q8[3] + t)));
+		a[3] = dpbusd_vex(a[3], v, _mm256_loadu_si256((const __m256i *)(const void *)(q8[3] + t)));
 }
 
 /* One row's sums of the hn heads over the pass's columns, less the bias: head h in lane h. */
-VNNI_INLINE __m128i vnni_key_row(unsigned hn, unsigned bits, unsigned m, const uint8_t *row, const struct spread *s,
+INLINE __m128i vnni_key_row(unsigned hn, unsigned bits, unsigned m, const uint8_t *row, const struct spread *s,
 				 __m256i tab, int8_t q8[][KEY_COLUMNS], unsigned j0, unsigned len32, unsigned direct,
 				 __m128i biases)
 {
@@ -2211,7 +2278,7 @@ INLINE void vnni_key_out(unsigned hn, unsigned k, const __m128i r[4], int first,
 
 /* dot_i8_heads on vpdpbusd: the queries copied once per pass, zeros past len to a multiple of 32, and their
  * sums (128 times which each row's sums lose). */
-VNNI_INLINE void vnni_key_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes,
+INLINE void vnni_key_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes,
 				size_t stride, const struct spread *s, __m256i tab, const int8_t *q, size_t qs,
 				unsigned j0, unsigned len, int first, int32_t *out)
 {
@@ -2226,7 +2293,7 @@ VNNI_INLINE void vnni_key_heads(unsigned hn, unsigned bits, unsigned m, unsigned
 		memset(q8[h], 0, len32);
 		memcpy(q8[h], q + h * qs + j0, len);
 		for (unsigned t = 0; t < len32; t += 32)
-			qsum = _mm256_dpbusd_avx_epi32(qsum, _mm256_set1_epi8(1),
+			qsum = dpbusd_vex(qsum, _mm256_set1_epi8(1),
 						       _mm256_loadu_si256((const __m256i *)(const void *)(q8[h] + t)));
 		bias[h] = 128 * _mm_cvtsi128_si32(hsum4_epi32(qsum, qsum, qsum, qsum));
 	}
@@ -2246,57 +2313,25 @@ VNNI_INLINE void vnni_key_heads(unsigned hn, unsigned bits, unsigned m, unsigned
 	}
 }
 
-VNNI_INLINE void vnni_key_width(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+INLINE void vnni_key_width(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 				const int8_t *lut, unsigned g, const int8_t *q, size_t qs, int32_t *out)
 {
-	unsigned pos[2][2][8];
+	/* vector v, lane l, word t: code 16l + 8v + t of the chunk, so that the pack leaves them in order */
+	const struct spread s = key_spread(bits, 8, 16);
 	uint8_t biased[16];
-	struct spread s;
 	__m256i tab;
 
-	/* vector v, lane l, word t: code 16l + 8v + t of the chunk, so that the pack leaves them in order */
-	for (unsigned v = 0; v < 2; v++)
-		for (unsigned l = 0; l < 2; l++)
-			for (unsigned t = 0; t < 8; t++)
-				pos[v][l][t] = (16 * l + 8 * v + t) * bits;
-	s = spread_of(bits, pos);
 	for (unsigned v = 0; v < 16; v++)
 		biased[v] = (uint8_t)(lut[v < (1u << bits) ? v : 0] + 128);
 	tab = byte_table(biased, 16, 1);
-	for (unsigned j0 = 0; j0 < m; j0 += KEY_COLUMNS) {
-		const unsigned len = m - j0 < KEY_COLUMNS ? m - j0 : KEY_COLUMNS;
-		unsigned h = 0;
-
-		for (; h + 4 <= g; h += 4)
-			vnni_key_heads(4, bits, m, n, codes, stride, &s, tab, q + h * qs, qs, j0, len, j0 == 0,
-				       out + (size_t)h * n);
-		switch (g - h) {
-		case 3: vnni_key_heads(3, bits, m, n, codes, stride, &s, tab, q + h * qs, qs, j0, len, j0 == 0,
-				       out + (size_t)h * n); break;
-		case 2: vnni_key_heads(2, bits, m, n, codes, stride, &s, tab, q + h * qs, qs, j0, len, j0 == 0,
-				       out + (size_t)h * n); break;
-		case 1: vnni_key_heads(1, bits, m, n, codes, stride, &s, tab, q + h * qs, qs, j0, len, j0 == 0,
-				       out + (size_t)h * n); break;
-		default: break;
-		}
-	}
+	KEY_PASSES(vnni_key_heads);
 }
 
 /* dot_i8_core's contract, for loops.h's lut_dot_i8_group (KVP_DOT_I8_GROUP) */
-VNNI_TARGET static void dot_i8_core_vnni(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
+static void dot_i8_core_vnni(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 					 const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, int32_t *out)
 {
-	if (m == 0) {
-		for (size_t i = 0; i < (size_t)g * n; i++)
-			out[i] = 0;
-		return;
-	}
-	switch (bits) {
-	case 1: vnni_key_width(1, m, n, codes, stride, lut, g, q, q_stride, out); break;
-	case 2: vnni_key_width(2, m, n, codes, stride, lut, g, q, q_stride, out); break;
-	case 3: vnni_key_width(3, m, n, codes, stride, lut, g, q, q_stride, out); break;
-	default: vnni_key_width(4, m, n, codes, stride, lut, g, q, q_stride, out); break;
-	}
+	KEY_WIDTHS(vnni_key_width);
 }
 
 /*
@@ -2589,5 +2624,5 @@ KVP_DOT_I8_GROUP(lut_dot_i8_group_vnni, dot_i8_core_vnni)
 
 const struct kvp_kernels kvp_kernels_avx2_vnni = {
 	.name = "avx2-vnni",
-	KVP_ISA_ENTRIES(lut_dot_i8_group_vnni, lut_axpy_u8_group_vnni, LOOPS_DOT_I8_SCALED, axpy_u8_scaled)
+	KVP_ISA_ENTRIES(lut_dot_i8_group_vnni, lut_axpy_u8_group_vnni, dot_i8_scaled_vnni, axpy_u8_scaled_vnni)
 };

@@ -183,8 +183,8 @@ struct kvp_kernels {
 	 * spread, not their largest: attention that is nearly flat keeps about as many bits as 12-bit weights
 	 * on the largest would give it. Returns 1; or 0, having changed nothing, when a weight w[h*w_stride + i]
 	 * (h < g, i < n) has its sign bit set (-0 included), and on every call in a table without a vector
-	 * version of it (AVX2, NEON: their vector lut_axpy_i16_group beats plain code): the caller then takes
-	 * lut_axpy_i16_group. The scalar table always computes it (the reference). Every implementation that
+	 * version of it (avx2, neon, neon-dotprod: their vector lut_axpy_i16_group beats plain code): the caller
+	 * then takes lut_axpy_i16_group. The scalar table always computes it (the reference). Every implementation that
 	 * computes it gives the same bits. ahead (NULL: none) is what the caller reads next, asked for while it
 	 * computes (struct kvp_ahead below).
 	 */
