@@ -999,8 +999,10 @@ INLINE void dot_i8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *c
 		}                                                                       \
 	} while (0)
 
-static void dot_i8_core(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-			     const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, int32_t *out)
+/* not inlined into loops.h's lut_dot_i8_group, so that their frames stay apart (make stack) */
+static __attribute__((noinline)) void dot_i8_core(unsigned bits, unsigned m, unsigned n, const uint8_t *codes,
+						  size_t stride, const int8_t *lut, unsigned g, const int8_t *q,
+						  size_t q_stride, int32_t *out)
 {
 	KEY_WIDTHS(dot_i8_width);
 }
@@ -1841,8 +1843,8 @@ INLINE void u8_values_add(float *acc, float f, float e, __m256i s, __m256i c)
 /* hn <= 4 heads over columns [j, j + 8) of every row (hn and bits constants once inlined): per four rows, their
  * centred codes a column per dword (sel: each dword's four source bytes, shift: its code's place in them, tab:
  * 2 code - L by code). */
-INLINE void u8_values_columns(int vnni, unsigned hn, unsigned bits, const struct u8_values *k, unsigned j, float *acc, size_t as,
-			      const struct kvp_ahead *ahead, unsigned *step, unsigned steps)
+INLINE void u8_values_columns(int vnni, unsigned hn, unsigned bits, const struct u8_values *k, unsigned j, float *acc,
+			      size_t as, const struct kvp_ahead *ahead, unsigned *step, unsigned steps)
 {
 	const unsigned flush = bits == 2 ? 16 : 4; /* quads of rows whose int16 sums stay below 2^15 */
 	const unsigned n = k->n, at = 4 * k->ng + j * bits / 8;
@@ -2328,8 +2330,9 @@ INLINE void vnni_key_width(unsigned bits, unsigned m, unsigned n, const uint8_t 
 }
 
 /* dot_i8_core's contract, for loops.h's lut_dot_i8_group (KVP_DOT_I8_GROUP) */
-static void dot_i8_core_vnni(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-					 const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, int32_t *out)
+static __attribute__((noinline)) void dot_i8_core_vnni(unsigned bits, unsigned m, unsigned n, const uint8_t *codes,
+						       size_t stride, const int8_t *lut, unsigned g, const int8_t *q,
+						       size_t q_stride, int32_t *out)
 {
 	KEY_WIDTHS(vnni_key_width);
 }
@@ -2603,7 +2606,9 @@ static void dot_i8_step(unsigned g, unsigned n, const int32_t *s, const float *h
 			const __m256 v = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(const void *)(s + h * n + i)));
 			float *o = out + h * out_stride + i;
 
-			_mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_mul_ps(_mm256_mul_ps(v, _mm256_set1_ps(head_scale[h])), sc)));
+			const __m256 add = _mm256_mul_ps(_mm256_mul_ps(v, _mm256_set1_ps(head_scale[h])), sc);
+
+			_mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), add));
 		}
 	}
 	for (unsigned h = 0; h < g; h++)
