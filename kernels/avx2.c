@@ -2027,7 +2027,7 @@ static void vnni_weights(unsigned hn, struct vnni_values *k, float unit, const f
 
 			_mm_storel_epi64((__m128i *)(void *)(k->w8[h] + i), _mm_packus_epi16(wd, wd));
 		}
-		memset(k->w8[h] + n, 0, 8); /* the tail's lanes past n held u = 0, which need not round to 0 */
+		memset(k->w8[h] + n, 0, 8); /* the last quad of rows may reach three past n */
 	}
 }
 
@@ -2105,7 +2105,7 @@ INLINE void vnni_add(float *acc, unsigned kc, float f, float e, __m256i s, __m25
 			VNNI_HEAD(a2, 2);                   \
 		if (hn > 3)                                 \
 			VNNI_HEAD(a3, 3);                   \
-		c = dpbusd_vex(c, ones, cv);   \
+		c = dpbusd_vex(c, ones, cv);                \
 	} while (0)
 
 /* Rows i..i+3's weights of one head as a dword, row i's lowest. */
@@ -2119,7 +2119,7 @@ INLINE uint32_t vnni_weights4(const uint8_t *w)
 
 /* hn <= 4 heads over columns [j, j + 8) of every row, hn and bits constants once inlined. */
 INLINE void vnni_columns(unsigned hn, unsigned bits, const struct vnni_values *k, unsigned j, float *acc,
-			      size_t as, const struct kvp_ahead *ahead, unsigned *step, unsigned steps)
+			 size_t as, const struct kvp_ahead *ahead, unsigned *step, unsigned steps)
 {
 	const unsigned n = k->n, kc = k->m - j < 8 ? k->m - j : 8, nbytes = (kc * bits + 7) / 8;
 	const size_t at = (size_t)j * bits / 8, stride = k->rows->stride;
@@ -2157,7 +2157,7 @@ INLINE void vnni_columns(unsigned hn, unsigned bits, const struct vnni_values *k
 #undef VNNI_HEAD
 
 INLINE void vnni_heads(unsigned hn, unsigned bits, const struct vnni_values *k, float *acc, size_t as,
-			    const struct kvp_ahead *ahead)
+		       const struct kvp_ahead *ahead)
 {
 	const unsigned steps = (k->m + 7) / 8 * ((k->n + k->rows->run - 1) / k->rows->run);
 	unsigned step = 0;
@@ -2168,7 +2168,7 @@ INLINE void vnni_heads(unsigned hn, unsigned bits, const struct vnni_values *k, 
 
 /* One width's heads, four at a time. */
 INLINE void vnni_width(unsigned bits, struct vnni_values *k, float unit, unsigned g, const float *w,
-			    size_t ws, float *acc, size_t as, const struct kvp_ahead *ahead)
+		       size_t ws, float *acc, size_t as, const struct kvp_ahead *ahead)
 {
 	for (unsigned h0 = 0; h0 < g; h0 += 4) {
 		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
@@ -2186,8 +2186,8 @@ INLINE void vnni_width(unsigned bits, struct vnni_values *k, float unit, unsigne
 }
 
 static int lut_axpy_u8_group_vnni(unsigned bits, unsigned m, const struct kvp_row_runs *rows,
-					      const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
-					      float *acc, size_t acc_stride, const struct kvp_ahead *ahead)
+				  const int8_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
+				  float *acc, size_t acc_stride, const struct kvp_ahead *ahead)
 {
 	const unsigned n = rows->n;
 	float scale[KVP_AXPY_I16_ROWS + 8];
@@ -2221,7 +2221,7 @@ static int lut_axpy_u8_group_vnni(unsigned bits, unsigned m, const struct kvp_ro
  * and chunk (vpmaddubsw would saturate on full-range tables and queries).
  */
 INLINE void vnni_key_chunk(unsigned hn, unsigned bits, const struct spread *s, __m256i tab, __m256i window,
-				int8_t q8[][KEY_COLUMNS], unsigned t, __m256i *a)
+			   int8_t q8[][KEY_COLUMNS], unsigned t, __m256i *a)
 {
 	const __m256i lo = _mm256_srli_epi16(spread_top(s, 0, window), 16 - (int)bits);
 	const __m256i hi = _mm256_srli_epi16(spread_top(s, 1, window), 16 - (int)bits);
@@ -2238,8 +2238,8 @@ INLINE void vnni_key_chunk(unsigned hn, unsigned bits, const struct spread *s, _
 
 /* One row's sums of the hn heads over the pass's columns, less the bias: head h in lane h. */
 INLINE __m128i vnni_key_row(unsigned hn, unsigned bits, unsigned m, const uint8_t *row, const struct spread *s,
-				 __m256i tab, int8_t q8[][KEY_COLUMNS], unsigned j0, unsigned len32, unsigned direct,
-				 __m128i biases)
+			    __m256i tab, int8_t q8[][KEY_COLUMNS], unsigned j0, unsigned len32, unsigned direct,
+			    __m128i biases)
 {
 	__m256i a[4] = { _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256() };
 	unsigned t = 0;
@@ -2281,8 +2281,8 @@ INLINE void vnni_key_out(unsigned hn, unsigned k, const __m128i r[4], int first,
 /* dot_i8_heads on vpdpbusd: the queries copied once per pass, zeros past len to a multiple of 32, and their
  * sums (128 times which each row's sums lose). */
 INLINE void vnni_key_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes,
-				size_t stride, const struct spread *s, __m256i tab, const int8_t *q, size_t qs,
-				unsigned j0, unsigned len, int first, int32_t *out)
+			   size_t stride, const struct spread *s, __m256i tab, const int8_t *q, size_t qs,
+			   unsigned j0, unsigned len, int first, int32_t *out)
 {
 	int8_t q8[4][KEY_COLUMNS];
 	const unsigned len32 = (len + 31) & ~31u;
@@ -2296,7 +2296,7 @@ INLINE void vnni_key_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, c
 		memcpy(q8[h], q + h * qs + j0, len);
 		for (unsigned t = 0; t < len32; t += 32)
 			qsum = dpbusd_vex(qsum, _mm256_set1_epi8(1),
-						       _mm256_loadu_si256((const __m256i *)(const void *)(q8[h] + t)));
+					  _mm256_loadu_si256((const __m256i *)(const void *)(q8[h] + t)));
 		bias[h] = 128 * _mm_cvtsi128_si32(hsum4_epi32(qsum, qsum, qsum, qsum));
 	}
 	const __m128i biases = _mm_loadu_si128((const __m128i *)(const void *)bias);
@@ -2316,7 +2316,7 @@ INLINE void vnni_key_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, c
 }
 
 INLINE void vnni_key_width(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
-				const int8_t *lut, unsigned g, const int8_t *q, size_t qs, int32_t *out)
+			   const int8_t *lut, unsigned g, const int8_t *q, size_t qs, int32_t *out)
 {
 	/* vector v, lane l, word t: code 16l + 8v + t of the chunk, so that the pack leaves them in order */
 	const struct spread s = key_spread(bits, 8, 16);
