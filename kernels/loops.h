@@ -37,6 +37,7 @@
  *   spark_choose (with KVP_ISA_SPARK_CHOOSE defined; otherwise the plain code of kernels.h)
  *   fwht_blocks16 (with KVP_ISA_FWHT defined)
  *   dot_i8_step (with KVP_ISA_DOT_I8_STEP defined) lut_dot_i8_group's float step on a slice of rows' sums
+ *   weights_i16 (with KVP_ISA_WEIGHTS_I16 defined) lut_axpy_i16_group's 12-bit weights of one head
  *                                   stages 1, 2, 4 and 8 of fwht on each block of 16 values of v[0..p), p >= 16
  *   mask_expand_row                 one row of mask_expand: (d, mask, sign or NULL, kept, scale, mag, x)
  *   band_norms_vector               the bands [0, returned) of one row of band_norms, F = d / 2
@@ -198,6 +199,16 @@ static void axpy_i16_core(unsigned bits, unsigned m, unsigned n, const uint8_t *
 	}
 }
 
+#ifndef KVP_ISA_WEIGHTS_I16
+/* One head's 12-bit weights, kernels.h's kvp_weights_i16; a file may vectorize it (KVP_ISA_WEIGHTS_I16), with
+ * the same operations. */
+static inline float weights_i16(unsigned n, const float *w, const uint8_t *row_scale, size_t scale_stride,
+				int16_t *w16)
+{
+	return kvp_weights_i16(n, w, row_scale, scale_stride, w16);
+}
+#endif
+
 /* Columns 64 at a time (a multiple of 8, so each chunk's codes start on a byte), four heads at a time. */
 static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			       const int16_t *lut, float unit, unsigned g, const float *w, size_t w_stride,
@@ -214,7 +225,7 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
 		const unsigned gn = g - h0 < 4 ? g - h0 : 4;
 
 		for (unsigned h = 0; h < gn; h++)
-			f[h] = unit * kvp_weights_i16(n, w + (h0 + h) * w_stride, row_scale, scale_stride, w16 + h * n);
+			f[h] = unit * weights_i16(n, w + (h0 + h) * w_stride, row_scale, scale_stride, w16 + h * n);
 		for (unsigned j = 0; j < m; j += 64) {
 			const unsigned k = m - j < 64 ? m - j : 64;
 
