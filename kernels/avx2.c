@@ -2587,20 +2587,23 @@ INLINE loops_i32v loops_bytes(const uint8_t *p)
 	return (loops_i32v)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)p));
 }
 
+/* Eight rows' scales, the floats at p + t * stride (anywhere), loaded one by one and put together in registers. */
+INLINE __m256 row_scales8(const uint8_t *p, size_t stride)
+{
+	return _mm256_setr_ps(kvp_load_f32(p), kvp_load_f32(p + stride), kvp_load_f32(p + 2 * stride),
+			      kvp_load_f32(p + 3 * stride), kvp_load_f32(p + 4 * stride), kvp_load_f32(p + 5 * stride),
+			      kvp_load_f32(p + 6 * stride), kvp_load_f32(p + 7 * stride));
+}
+
 /* loops.h's dot_i8_step (lut_dot_i8_group's float step) eight rows at a time: the same two products, rounded
- * one at a time, and the sum; the rows' scales loaded one by one (a stride apart, anywhere) and put together in
- * registers. The plain loop took a tenth of TurboQuant's attention at d=64. */
+ * one at a time, and the sum. The plain loop took a tenth of TurboQuant's attention at d=64. */
 static void dot_i8_step(unsigned g, unsigned n, const int32_t *s, const float *head_scale, const uint8_t *row_scale,
 			size_t scale_stride, float *out, size_t out_stride)
 {
 	unsigned i = 0;
 
 	for (; i + 8 <= n; i += 8) {
-		const uint8_t *p = row_scale + (size_t)i * scale_stride;
-		const __m256 sc = _mm256_setr_ps(kvp_load_f32(p), kvp_load_f32(p + scale_stride),
-						 kvp_load_f32(p + 2 * scale_stride), kvp_load_f32(p + 3 * scale_stride),
-						 kvp_load_f32(p + 4 * scale_stride), kvp_load_f32(p + 5 * scale_stride),
-						 kvp_load_f32(p + 6 * scale_stride), kvp_load_f32(p + 7 * scale_stride));
+		const __m256 sc = row_scales8(row_scale + (size_t)i * scale_stride, scale_stride);
 
 		for (unsigned h = 0; h < g; h++) {
 			const __m256 v = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(const void *)(s + h * n + i)));
@@ -2632,11 +2635,7 @@ static float weights_i16(unsigned n, const float *w, const uint8_t *row_scale, s
 	float t;
 
 	for (; i + 8 <= n; i += 8) {
-		const uint8_t *p = row_scale + (size_t)i * scale_stride;
-		const __m256 sc = _mm256_setr_ps(kvp_load_f32(p), kvp_load_f32(p + scale_stride),
-						 kvp_load_f32(p + 2 * scale_stride), kvp_load_f32(p + 3 * scale_stride),
-						 kvp_load_f32(p + 4 * scale_stride), kvp_load_f32(p + 5 * scale_stride),
-						 kvp_load_f32(p + 6 * scale_stride), kvp_load_f32(p + 7 * scale_stride));
+		const __m256 sc = row_scales8(row_scale + (size_t)i * scale_stride, scale_stride);
 		const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(w + i), sc);
 
 		_mm256_storeu_ps(u + i, v);
