@@ -871,6 +871,17 @@ INLINE __m128i hsum4_epi32(__m256i a, __m256i b, __m256i c, __m256i d)
 }
 
 /* Columns per pass of dot_i8_core: the widened queries of four heads stay on the stack (2 KiB). */
+
+/* The pass's columns [j0, j0 + len) before this one come in whole chunks of 32 that one load each reads
+ * (key_direct); key_window sorts out the rest. */
+INLINE unsigned key_direct_end(unsigned bits, unsigned m, unsigned j0, unsigned len)
+{
+	unsigned direct = 0;
+
+	while (direct + 32 <= len && (bits != 3 || j0 + direct + 48 <= m))
+		direct += 32;
+	return direct;
+}
 #define KEY_COLUMNS 256u
 
 /* a[h] + the products of the chunk's 32 values x0, x1 with the widened queries qw[h][0..32). */
@@ -909,7 +920,6 @@ INLINE void dot_i8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, con
 {
 	int16_t qw[4][KEY_COLUMNS];
 	const unsigned len32 = (len + 31) & ~31u;
-	unsigned direct = 0;
 	int32_t sum[4];
 
 	for (unsigned h = 0; h < hn; h++) {
@@ -922,9 +932,7 @@ INLINE void dot_i8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, con
 		for (; t < len32; t++)
 			qw[h][t] = t < len ? qh[t] : 0;
 	}
-	/* chunks before `direct` are whole and read by one load each; key_window sorts out the rest */
-	while (direct + 32 <= len && (bits != 3 || j0 + direct + 48 <= m))
-		direct += 32;
+	const unsigned direct = key_direct_end(bits, m, j0, len);
 	for (unsigned i = 0; i < n; i++) {
 		const uint8_t *row = codes + (size_t)i * stride;
 		__m256i a[4] = { _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
@@ -1831,13 +1839,20 @@ INLINE __m256i u8_values_some(unsigned bits, const uint8_t *p, size_t stride, un
 		}                                                                                                \
 	} while (0)
 
-/* acc[0..8) += f * (float)s + e * (float)c, as the plain code adds a column */
-INLINE void u8_values_add(float *acc, float f, float e, __m256i s, __m256i c)
+/* acc[0..kc) += f * (float)s + e * (float)c, as the plain code adds a column (kc <= 8): both 8-bit value
+ * kernels' last step, KIVI's (always eight columns) and avx2-vnni's TurboQuant one */
+INLINE void u8_add_columns(float *acc, unsigned kc, float f, float e, __m256i s, __m256i c)
 {
 	const __m256 add = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(f), _mm256_cvtepi32_ps(s)),
 					 _mm256_mul_ps(_mm256_set1_ps(e), _mm256_cvtepi32_ps(c)));
 
-	_mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), add));
+	if (kc == 8) {
+		_mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), add));
+		return;
+	}
+	const __m256i in = tail_mask(kc);
+
+	_mm256_maskstore_ps(acc, in, _mm256_add_ps(_mm256_maskload_ps(acc, in), add));
 }
 
 /* hn <= 4 heads over columns [j, j + 8) of every row (hn and bits constants once inlined): per four rows, their
@@ -1874,13 +1889,18 @@ INLINE void u8_values_columns(int vnni, unsigned hn, unsigned bits, const struct
 				 _mm256_set1_epi32((int)(0x01010101u >> 8 * (4 - (end - i)))));
 	}
 	c32 = _mm256_add_epi32(c32, _mm256_madd_epi16(c16, ones16));
-	u8_values_add(acc + j, k->f[0], k->e[0], _mm256_add_epi32(s0, _mm256_madd_epi16(a0, ones16)), c32);
+	/* the int16 sums left since the last flush (none with vnni) */
+	s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(a0, ones16));
+	s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(a1, ones16));
+	s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(a2, ones16));
+	s3 = _mm256_add_epi32(s3, _mm256_madd_epi16(a3, ones16));
+	u8_add_columns(acc + j, 8, k->f[0], k->e[0], s0, c32);
 	if (hn > 1)
-		u8_values_add(acc + as + j, k->f[1], k->e[1], _mm256_add_epi32(s1, _mm256_madd_epi16(a1, ones16)), c32);
+		u8_add_columns(acc + as + j, 8, k->f[1], k->e[1], s1, c32);
 	if (hn > 2)
-		u8_values_add(acc + 2 * as + j, k->f[2], k->e[2], _mm256_add_epi32(s2, _mm256_madd_epi16(a2, ones16)), c32);
+		u8_add_columns(acc + 2 * as + j, 8, k->f[2], k->e[2], s2, c32);
 	if (hn > 3)
-		u8_values_add(acc + 3 * as + j, k->f[3], k->e[3], _mm256_add_epi32(s3, _mm256_madd_epi16(a3, ones16)), c32);
+		u8_add_columns(acc + 3 * as + j, 8, k->f[3], k->e[3], s3, c32);
 }
 
 #undef U8V_STEP
@@ -2079,21 +2099,6 @@ INLINE __m256i vnni_values_of(unsigned bits, const struct vnni_values *k, __m256
 	return _mm256_shuffle_epi8(k->tab, _mm256_packus_epi16(a, b));
 }
 
-/* acc[0..kc) += f * (float)s + e * (float)c, as the plain code adds a column */
-INLINE void vnni_add(float *acc, unsigned kc, float f, float e, __m256i s, __m256i c)
-{
-	const __m256 add = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(f), _mm256_cvtepi32_ps(s)),
-					 _mm256_mul_ps(_mm256_set1_ps(e), _mm256_cvtepi32_ps(c)));
-
-	if (kc == 8) {
-		_mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), add));
-		return;
-	}
-	const __m256i in = tail_mask(kc);
-
-	_mm256_maskstore_ps(acc, in, _mm256_add_ps(_mm256_maskload_ps(acc, in), add));
-}
-
 #define VNNI_HEAD(a, h) a = dpbusd_vex(a, _mm256_set1_epi32((int)vnni_weights4(k->w8[h] + i)), cv)
 #define VNNI_STEP(x, ones)                                  \
 	do {                                                \
@@ -2144,13 +2149,13 @@ INLINE void vnni_columns(unsigned hn, unsigned bits, const struct vnni_values *k
 			VNNI_STEP(vnni_some(codes, stride, nbytes, end - i),
 				  _mm256_set1_epi32((int)(0x01010101u >> 8 * (4 - (end - i)))));
 	}
-	vnni_add(acc + j, kc, k->f[0], k->e[0], a0, c);
+	u8_add_columns(acc + j, kc, k->f[0], k->e[0], a0, c);
 	if (hn > 1)
-		vnni_add(acc + as + j, kc, k->f[1], k->e[1], a1, c);
+		u8_add_columns(acc + as + j, kc, k->f[1], k->e[1], a1, c);
 	if (hn > 2)
-		vnni_add(acc + 2 * as + j, kc, k->f[2], k->e[2], a2, c);
+		u8_add_columns(acc + 2 * as + j, kc, k->f[2], k->e[2], a2, c);
 	if (hn > 3)
-		vnni_add(acc + 3 * as + j, kc, k->f[3], k->e[3], a3, c);
+		u8_add_columns(acc + 3 * as + j, kc, k->f[3], k->e[3], a3, c);
 }
 
 #undef VNNI_STEP
@@ -2286,7 +2291,6 @@ INLINE void vnni_key_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, c
 {
 	int8_t q8[4][KEY_COLUMNS];
 	const unsigned len32 = (len + 31) & ~31u;
-	unsigned direct = 0;
 	int32_t bias[4] = { 0, 0, 0, 0 };
 
 	for (unsigned h = 0; h < hn; h++) {
@@ -2301,9 +2305,7 @@ INLINE void vnni_key_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, c
 	}
 	const __m128i biases = _mm_loadu_si128((const __m128i *)(const void *)bias);
 
-	/* chunks before `direct` are whole and read by one load each; key_window sorts out the rest */
-	while (direct + 32 <= len && (bits != 3 || j0 + direct + 48 <= m))
-		direct += 32;
+	const unsigned direct = key_direct_end(bits, m, j0, len);
 	for (unsigned i = 0; i < n; i += 4) {
 		__m128i r[4];
 

@@ -184,9 +184,9 @@ struct kvp_kernels {
 	 * on the largest would give it. Returns 1; or 0, having changed nothing, when a weight w[h*w_stride + i]
 	 * (h < g, i < n) has its sign bit set (-0 included), and on every call in a table without a vector
 	 * version of it (avx2, neon, neon-dotprod: their vector lut_axpy_i16_group beats plain code): the caller
-	 * then takes lut_axpy_i16_group. The scalar table always computes it (the reference). Every implementation that
-	 * computes it gives the same bits. ahead (NULL: none) is what the caller reads next, asked for while it
-	 * computes (struct kvp_ahead below).
+	 * then takes lut_axpy_i16_group. The scalar table always computes it (the reference). Every
+	 * implementation that computes it gives the same bits. ahead (NULL: none) is what the caller reads next,
+	 * asked for while it computes (struct kvp_ahead below).
 	 */
 	int (*lut_axpy_u8_group)(unsigned bits, unsigned m, const struct kvp_row_runs *rows, const int8_t *lut,
 				 float unit, unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride,

@@ -36,9 +36,9 @@
  *                                   kernels.h), and softmax_group is scale, then softmax_step per head
  *   spark_choose (with KVP_ISA_SPARK_CHOOSE defined; otherwise the plain code of kernels.h)
  *   fwht_blocks16 (with KVP_ISA_FWHT defined)
+ *                                   stages 1, 2, 4 and 8 of fwht on each block of 16 values of v[0..p), p >= 16
  *   dot_i8_step (with KVP_ISA_DOT_I8_STEP defined) lut_dot_i8_group's float step on a slice of rows' sums
  *   weights_i16 (with KVP_ISA_WEIGHTS_I16 defined) lut_axpy_i16_group's 12-bit weights of one head
- *                                   stages 1, 2, 4 and 8 of fwht on each block of 16 values of v[0..p), p >= 16
  *   mask_expand_row                 one row of mask_expand: (d, mask, sign or NULL, kept, scale, mag, x)
  *   band_norms_vector               the bands [0, returned) of one row of band_norms, F = d / 2
  * and the macros KVP_ISA_NAME (the table's name string) and KVP_ISA_TABLE (its identifier, declared in
