@@ -308,9 +308,11 @@ struct kvp_kernels {
 /*
  * Asks for the cache lines that start within bytes [from, to) of base, into L2, or into L1 with to_l1 (a
  * constant once inlined). Prefetches never fault, so a hint that runs past base's allocation is harmless;
- * base == NULL asks for nothing.
+ * base == NULL asks for nothing. It and the helpers below that only ask for lines are always inlined: gcc 12
+ * finds a function whose only effect is prefetches "looping pure" (-fdump-tree-local-pure-const1) and drops
+ * every call it has not inlined by then, silently (so a loop of them in a function of its own disappears).
  */
-static inline void kvp_prefetch_lines(const void *base, size_t from, size_t to, int to_l1)
+static inline __attribute__((always_inline)) void kvp_prefetch_lines(const void *base, size_t from, size_t to, int to_l1)
 {
 	if (!base)
 		return;
@@ -324,7 +326,7 @@ static inline void kvp_prefetch_lines(const void *base, size_t from, size_t to, 
 
 /* kvp_prefetch_lines into L2: the kernels' own hints, whose lines are read one loop step later, long after
  * L1 would have kept them. */
-static inline void kvp_prefetch_span(const void *base, size_t from, size_t to)
+static inline __attribute__((always_inline)) void kvp_prefetch_span(const void *base, size_t from, size_t to)
 {
 	kvp_prefetch_lines(base, from, to, 0);
 }
@@ -376,7 +378,7 @@ static inline struct kvp_ahead kvp_ahead_part(const struct kvp_ahead *a, unsigne
 }
 
 /* Share `step` of `steps` of the ranges' lines (kvp_ahead_bounds), each line as its range's alignment puts it. */
-static inline void kvp_ahead_share(const struct kvp_ahead *a, unsigned step, unsigned steps)
+static inline __attribute__((always_inline)) void kvp_ahead_share(const struct kvp_ahead *a, unsigned step, unsigned steps)
 {
 	size_t from, to, lo, hi, at = 0;
 

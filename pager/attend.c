@@ -205,8 +205,8 @@ static struct kvp_ahead keys_ahead(const struct stream_attention *a, const struc
  * all samples for kivi 2-bit at 32K tokens, d=64, on one load of the header's store). So each span asks
  * for the headers of the span after next, into L2. bench_attend, 32K tokens, d=64, four interleaved runs
  * each: against the bandwidth floor, kivi 2-bit 2.61-2.74 -> 2.49-2.60, turboquant 2-bit 2.41-2.54 ->
- * 2.29-2.44, 3-bit 2.11-2.21 -> 1.99-2.05; d=128 within the runs' spread. (The loop is written out here:
- * in a function of its own, gcc 12 took that function for one without side effects and dropped its call.)
+ * 2.29-2.44, 3-bit 2.11-2.21 -> 1.99-2.05; d=128 within the runs' spread. (The loop is written out here,
+ * not in a function of its own, which gcc would drop: kernels.h, kvp_prefetch_lines.)
  */
 static void span_cold_group(struct stream_attention *a, const struct kvp_block *const *b, uint32_t m,
 			    uint32_t left, const struct kvp_block *after)
