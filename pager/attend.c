@@ -198,8 +198,7 @@ static struct kvp_ahead keys_ahead(const struct stream_attention *a, const struc
  * second half spread over lut_axpy_u8_group's column chunks, 2-4% slower at d=128 (spark|tq3 and tq3),
  * none at d=64 (thread CPU time, best of 150, both builds interleaved, several runs). A span's value call
  * is four blocks long, and there the shares inside it are what measured best (above).
- */
-/*
+ *
  * Block headers are allocations of their own too, and keys_ahead reads the next span's as soon as a span
  * starts: a wait on memory at the start of every span, with nothing yet in flight to cover it (1.6% of
  * all samples for kivi 2-bit at 32K tokens, d=64, on one load of the header's store). So each span asks
