@@ -870,10 +870,8 @@ INLINE __m128i hsum4_epi32(__m256i a, __m256i b, __m256i c, __m256i d)
 	return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
-/* Columns per pass of dot_i8_core: the widened queries of four heads stay on the stack (2 KiB). */
-
-/* The pass's columns [j0, j0 + len) before this one come in whole chunks of 32 that one load each reads
- * (key_direct); key_window sorts out the rest. */
+/* How many of a pass's columns [j0, j0 + len), from its start, lie in whole chunks of 32 that key_direct reads
+ * (key_window's test for it); key_window sorts out the rest. */
 INLINE unsigned key_direct_end(unsigned bits, unsigned m, unsigned j0, unsigned len)
 {
 	unsigned direct = 0;
@@ -882,6 +880,8 @@ INLINE unsigned key_direct_end(unsigned bits, unsigned m, unsigned j0, unsigned 
 		direct += 32;
 	return direct;
 }
+
+/* Columns per pass of dot_i8_core: the widened queries of four heads stay on the stack (2 KiB). */
 #define KEY_COLUMNS 256u
 
 /* a[h] + the products of the chunk's 32 values x0, x1 with the widened queries qw[h][0..32). */
