@@ -2409,6 +2409,45 @@ struct u8_scaled {
 	int8_t centred[64]; /* 2 (b mod 2^bits) - L for every byte b */
 };
 
+/* The weights of u8_scaled_weights from each head's largest and least u in top and least (hn <= 4 of them; the
+ * four reduced together, the least as minus the largest of the negated), a group's scales converted once for
+ * all heads. */
+INLINE void u8_scaled_round(unsigned hn, unsigned ng, struct u8_scaled *k, const float *w, size_t ws,
+			    const uint16_t *sh, __m512 *top, __m512 *least)
+{
+	const unsigned n = k->n;
+	const __m512 zero = _mm512_setzero_ps();
+	float tops[16], lows[16];
+	__m512 lov[4], inv[4];
+
+	for (unsigned h = hn; h < 4; h++)
+		top[h] = least[h] = zero;
+	_mm512_storeu_ps(tops, max_of4(top[0], top[1], top[2], top[3]));
+	_mm512_storeu_ps(lows, max_of4(_mm512_sub_ps(zero, least[0]), _mm512_sub_ps(zero, least[1]),
+				       _mm512_sub_ps(zero, least[2]), _mm512_sub_ps(zero, least[3])));
+#pragma GCC unroll 4
+	for (unsigned h = 0; h < hn; h++) {
+		const float t = tops[4 * h], lo = n ? 0.0f - lows[4 * h] : 0.0f;
+
+		lov[h] = _mm512_set1_ps(lo), inv[h] = _mm512_set1_ps(kvp_weight_inv_u8(t - lo));
+		k->f[h] = (t - lo) / (2.0f * KVP_WEIGHT_MAX_U8), k->e[h] = lo * 0.5f;
+	}
+#pragma GCC unroll 4
+	for (unsigned c = 0; c < ng; c++) {
+		for (unsigned i = 0; i < n; i += 16) {
+			const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
+			const __m512 sv = f16_at(in, (const uint8_t *)(sh + c * n), i);
+
+#pragma GCC unroll 4
+			for (unsigned h = 0; h < hn; h++)
+				store_weights_u8(k->w8[h][c] + i, in, weight_u8_in(_mm512_maskz_loadu_ps(in, w + h * ws + i), sv),
+						 lov[h], inv[h]);
+		}
+		for (unsigned h = 0; h < hn; h++)
+			memset(k->w8[h][c] + n, 0, 4);
+	}
+}
+
 /* Every head's z sums into acc (as axpy_i16_scaled's pass, the same bits), the largest and least u, then the
  * weights. zh: planar fp16, z(i, c) at zh[c * n + i] and s(i, c) at zh[(ng + c) * n + i]. */
 INLINE void u8_scaled_weights(unsigned hn, unsigned ng, struct u8_scaled *k, const float *w, size_t ws,
@@ -2452,24 +2491,7 @@ INLINE void u8_scaled_weights(unsigned hn, unsigned ng, struct u8_scaled *k, con
 	for (unsigned l = 0; l < 16; l++)
 		if (hsum16_lane[l] < (int)(hn * ng))
 			acc[hsum16_lane[l] / ng * as + k->m + hsum16_lane[l] % ng] += sums[l];
-	for (unsigned h = 0; h < hn; h++) {
-		const float t = _mm512_reduce_max_ps(top[h]), lo = n ? _mm512_reduce_min_ps(least[h]) : 0.0f;
-		const __m512 lov = _mm512_set1_ps(lo), inv = _mm512_set1_ps(kvp_weight_inv_u8(t - lo));
-
-		k->f[h] = (t - lo) / (2.0f * KVP_WEIGHT_MAX_U8), k->e[h] = lo * 0.5f;
-		for (unsigned c = 0; c < ng; c++) {
-			uint8_t *row = k->w8[h][c];
-
-			for (unsigned i = 0; i < n; i += 16) {
-				const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
-
-				store_weights_u8(row + i, in, weight_u8_in(_mm512_maskz_loadu_ps(in, w + h * ws + i),
-									   f16_at(in, (const uint8_t *)(sh + c * n), i)),
-						 lov, inv);
-			}
-			memset(row + n, 0, 4);
-		}
-	}
+	u8_scaled_round(hn, ng, k, w, ws, sh, top, least);
 }
 
 /* Four rows' centred codes of 16 columns (register q of a chunk): the lookup's selection and shift, then the
