@@ -31,8 +31,8 @@
  *
  * Attention works on the codes with the integers 0, 1, 2, ... as the table.
  *   keys (per channel): <q, x_t> = sum_j q_j z_j + sum_j (q_j s_j) code_jt. dot_group (attention's path),
- *     per group of G tokens and for all the heads of a GQA group: one dot_i8_scaled, which reads the group's
- *     fp16 z and s itself, sums <q, z> in floats and makes each head's q * s an int8 query on the step
+ *     per block's groups of G tokens and for all the heads of a GQA group: one dot_i8_scaled, which reads each
+ *     group's fp16 z and s itself, sums <q, z> in floats and makes each head's q * s an int8 query on the step
  *     max_j |q_j s_j| / 127, summed against the codes exactly (AVX-512: the heads' queries in one pass,
  *     then vpdpbusd with tokens as lanes, no horizontal sums; AVX2: vpmaddubsw with a token per dword lane,
  *     the int16 sums widened before they could overflow). A score moves by at most step / 2 *
@@ -914,8 +914,8 @@ static void dot_channel(const struct kvp_codec *c, unsigned n, const unsigned ch
 }
 
 /*
- * dot_channel for the g heads of a GQA group on the integer kernel (attention's path): one dot_i8_scaled per
- * group, which reads the group's fp16 z and s itself, sums <q, z> in floats and adds each head's
+ * dot_channel for the g heads of a GQA group on the integer kernel (attention's path): one dot_i8_scaled for
+ * the block's groups, which reads each group's fp16 z and s itself, sums <q, z> in floats and adds each head's
  * sum_j (q_j s_j) code_jt with q * s in int8 on the step max_j |q_j s_j| / 127: a score moves by at most
  * step / 2 * sum_j code_jt (tests/test_kivi.c checks it).
  */
@@ -925,8 +925,7 @@ static void dot_channel_i8(const struct kvp_codec *c, unsigned n, const unsigned
 	const struct kvp_kernels *kern = kvp_kernels();
 	const struct kivi *k = c->state;
 
-	for (unsigned i = 0; i < n; i += k->g, p += k->stride)
-		kern->dot_i8_scaled(k->bits, c->dim, k->g, p, g, qprep, c->dim, out + i, out_stride);
+	kern->dot_i8_scaled(k->bits, c->dim, k->g, n / k->g, p, g, qprep, c->dim, out, out_stride);
 }
 
 /* The z and s of a pass of cn value tokens from p on, as fp16 in h16, planar: h16[g * cn + i] is z of token i's

@@ -2675,8 +2675,9 @@ static float weights_i16(unsigned n, const float *w, const uint8_t *row_scale, s
 #include "kernels/loops.h"
 
 KVP_DOT_I8_GROUP(lut_dot_i8_group_vnni, dot_i8_core_vnni)
+KVP_SCALED_GROUPS(dot_i8_scaled_groups_vnni, dot_i8_scaled_vnni)
 
 const struct kvp_kernels kvp_kernels_avx2_vnni = {
 	.name = "avx2-vnni",
-	KVP_ISA_ENTRIES(lut_dot_i8_group_vnni, lut_axpy_u8_group_vnni, dot_i8_scaled_vnni, axpy_u8_scaled_vnni)
+	KVP_ISA_ENTRIES(lut_dot_i8_group_vnni, lut_axpy_u8_group_vnni, dot_i8_scaled_groups_vnni, axpy_u8_scaled_vnni)
 };

@@ -198,11 +198,14 @@ struct kvp_kernels {
 	 * by columns: byte k of row i is group[4m + k*n + i]. Per head (q + h*q_stride), the int8 query of
 	 * kvp_scaled_query_i8 below (u_j = q_j * s_j rounded to int8 on the step max |u| / 127), then
 	 *   out[h*out_stride + i] = Z(h) + (float)S(h, i) * step(h),  S(h, i) = sum_j Q(h, j) * code(i, j)  (exact int32),
-	 * Z(h) the float sum of q_j * z_j in kvp_fold16's order. m <= KVP_SCALED_DOT_DIM_MAX. Every implementation
+	 * Z(h) the float sum of q_j * z_j in kvp_fold16's order. m <= KVP_SCALED_DOT_DIM_MAX. `groups` such groups
+	 * of n rows lie one after the other, group k at group + k * kvp_scaled_group_bytes(bits, m, n), and each
+	 * is scored as it would be alone, its rows into out + k*n (a cache block of several groups is one call,
+	 * so that a kernel may prepare a group's queries while it scores the group before). Every implementation
 	 * gives the same bits.
 	 */
-	void (*dot_i8_scaled)(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g, const float *q,
-			      size_t q_stride, float *out, size_t out_stride);
+	void (*dot_i8_scaled)(unsigned bits, unsigned m, unsigned n, unsigned groups, const uint8_t *group, unsigned g,
+			      const float *q, size_t q_stride, float *out, size_t out_stride);
 	/*
 	 * axpy_i16_scaled: weighted sums of KIVI's value tokens, whose rows carry a zero point z and a scale s per
 	 * group of gsize columns. Row i's record at rows + i*stride: ng = ceil(m/gsize) little-endian fp16 z(i, c),
@@ -761,9 +764,17 @@ static inline float kvp_dot_f16_fold16(unsigned m, const float *a, const uint8_t
 	return kvp_fold16(p);
 }
 
-/* dot_i8_scaled in plain code: the scalar reference, and the tables without a vector version. */
-static inline void kvp_dot_i8_scaled_plain(unsigned bits, unsigned m, unsigned n, const uint8_t *group, unsigned g,
-					   const float *q, size_t q_stride, float *out, size_t out_stride)
+/* Bytes of one of dot_i8_scaled's key groups: m fp16 z, m fp16 s, n rows of ceil(m*bits/8) code bytes. */
+static inline size_t kvp_scaled_group_bytes(unsigned bits, unsigned m, unsigned n)
+{
+	return 4 * (size_t)m + (size_t)n * (((size_t)m * bits + 7) / 8);
+}
+
+/* One group of dot_i8_scaled in plain code (the scalar reference's, and the tables' for shapes their vector
+ * versions leave). */
+static inline void kvp_dot_i8_scaled_group_plain(unsigned bits, unsigned m, unsigned n, const uint8_t *group,
+						 unsigned g, const float *q, size_t q_stride, float *out,
+						 size_t out_stride)
 {
 	const uint8_t *codes = group + 4 * (size_t)m;
 	int8_t q8[KVP_SCALED_DOT_DIM_MAX];
@@ -779,6 +790,17 @@ static inline void kvp_dot_i8_scaled_plain(unsigned bits, unsigned m, unsigned n
 			out[h * out_stride + i] = z + (float)sum * step;
 		}
 	}
+}
+
+/* dot_i8_scaled in plain code: the scalar reference. */
+static inline void kvp_dot_i8_scaled_plain(unsigned bits, unsigned m, unsigned n, unsigned groups,
+					   const uint8_t *group, unsigned g, const float *q, size_t q_stride,
+					   float *out, size_t out_stride)
+{
+	const size_t bytes = kvp_scaled_group_bytes(bits, m, n);
+
+	for (unsigned k = 0; k < groups; k++)
+		kvp_dot_i8_scaled_group_plain(bits, m, n, group + k * bytes, g, q, q_stride, out + (size_t)k * n, out_stride);
 }
 
 

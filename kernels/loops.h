@@ -816,7 +816,7 @@ static void loops_dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uin
 	float step[4], z[4];
 
 	if (8 % bits || m + 8 > SCALED_DIM) {
-		kvp_dot_i8_scaled_plain(bits, m, n, group, g, q, q_stride, out, out_stride);
+		kvp_dot_i8_scaled_group_plain(bits, m, n, group, g, q, q_stride, out, out_stride);
 		return;
 	}
 	for (unsigned h0 = 0; h0 < g; h0 += 4) {
@@ -845,6 +845,22 @@ static void loops_dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uin
 #define LOOPS_DOT_I8_SCALED dot_i8_scaled
 #else
 #define LOOPS_DOT_I8_SCALED loops_dot_i8_scaled
+#endif
+
+/* A table's dot_i8_scaled (contract in kernels.h) from its version for one group (one): the groups in turn. A
+ * file with a version of its own for groups in a row defines KVP_ISA_DOT_I8_GROUPS and dot_i8_scaled_groups. */
+#define KVP_SCALED_GROUPS(name, one)                                                                          \
+	static void name(unsigned bits, unsigned m, unsigned n, unsigned groups, const uint8_t *group, unsigned g, \
+			 const float *q, size_t q_stride, float *out, size_t out_stride)                          \
+	{                                                                                                     \
+		const size_t bytes = kvp_scaled_group_bytes(bits, m, n);                                      \
+                                                                                                              \
+		for (unsigned k = 0; k < groups; k++)                                                         \
+			one(bits, m, n, group + k * bytes, g, q, q_stride, out + (size_t)k * n, out_stride);   \
+	}
+
+#ifndef KVP_ISA_DOT_I8_GROUPS
+KVP_SCALED_GROUPS(dot_i8_scaled_groups, LOOPS_DOT_I8_SCALED)
 #endif
 
 #ifndef KVP_ISA_AXPY_U8
@@ -1066,5 +1082,5 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 
 const struct kvp_kernels KVP_ISA_TABLE = {
 	.name = KVP_ISA_NAME,
-	KVP_ISA_ENTRIES(lut_dot_i8_group, lut_axpy_u8_group, LOOPS_DOT_I8_SCALED, axpy_u8_scaled)
+	KVP_ISA_ENTRIES(lut_dot_i8_group, lut_axpy_u8_group, dot_i8_scaled_groups, axpy_u8_scaled)
 };

@@ -1703,9 +1703,11 @@ __attribute__((flatten)) static int axpy_u8_scaled(unsigned bits, unsigned m, un
 #undef U8_SCALED
 #undef BY_HEADS_AND_WIDTH
 
+KVP_SCALED_GROUPS(dot_i8_scaled_groups_dotprod, dot_i8_scaled_dotprod)
+
 const struct kvp_kernels kvp_kernels_neon_dotprod = {
 	.name = "neon-dotprod",
-	KVP_ISA_ENTRIES(lut_dot_i8_group_dotprod, lut_axpy_u8_group, dot_i8_scaled_dotprod, axpy_u8_scaled_dotprod)
+	KVP_ISA_ENTRIES(lut_dot_i8_group_dotprod, lut_axpy_u8_group, dot_i8_scaled_groups_dotprod, axpy_u8_scaled_dotprod)
 };
 
 #else

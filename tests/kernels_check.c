@@ -1512,23 +1512,27 @@ static void fill_key_group(uint8_t *p, unsigned m)
 }
 
 /*
- * g heads over a group of n rows of m codes stored by columns, `off` bytes into their allocations (group,
- * query), query rows m + 3 apart, out rows n + 2 apart with random contents to overwrite. Equal bit for bit.
+ * g heads over `groups` groups in a row of n rows of m codes stored by columns, `off` bytes into their
+ * allocations (groups, query), query rows m + 3 apart, out rows groups * n + 2 apart with random contents to
+ * overwrite. Equal bit for bit to the scalar table's call for each group alone.
  */
-static void scaled_case(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned n, unsigned g,
-			unsigned off)
+static void scaled_case(const struct kvp_kernels *k, unsigned bits, unsigned m, unsigned n, unsigned groups,
+			unsigned g, unsigned off)
 {
-	const size_t bytes = 4 * (size_t)m + ((size_t)m * bits + 7) / 8 * n, qs = m + 3, os = n + 2;
-	uint8_t *group = rand_codes(1, bytes, bytes, off);
+	const size_t bytes = kvp_scaled_group_bytes(bits, m, n), qs = m + 3, os = (size_t)groups * n + 2;
+	uint8_t *group = rand_codes(1, groups * bytes, groups * bytes, off);
 	float *q = rand_f32(g * qs + off, 0);
 	float *got = rand_f32(g * os, 0), *want = copy_f32(got, g * os);
 
-	fill_key_group(group + off, m);
-	k->dot_i8_scaled(bits, m, n, group + off, g, q + off, qs, got, os);
-	kvp_kernels_scalar.dot_i8_scaled(bits, m, n, group + off, g, q + off, qs, want, os);
+	for (unsigned x = 0; x < groups; x++) {
+		fill_key_group(group + off + x * bytes, m);
+		kvp_kernels_scalar.dot_i8_scaled(bits, m, n, 1, group + off + x * bytes, g, q + off, qs, want + (size_t)x * n, os);
+	}
+	k->dot_i8_scaled(bits, m, n, groups, group + off, g, q + off, qs, got, os);
 	for (size_t i = 0; i < g * os; i++)
-		check(same_bits(got[i], want[i]), "%s dot_i8_scaled bits=%u m=%u n=%u g=%u off=%u head %zu row %zu: %.9g, scalar %.9g",
-		      k->name, bits, m, n, g, off, i / os, i % os, got[i], want[i]);
+		check(same_bits(got[i], want[i]),
+		      "%s dot_i8_scaled bits=%u m=%u n=%u groups=%u g=%u off=%u head %zu row %zu: %.9g, scalar %.9g",
+		      k->name, bits, m, n, groups, g, off, i / os, i % os, got[i], want[i]);
 	free(group), free(q), free(got), free(want);
 }
 
@@ -1555,7 +1559,7 @@ static void scalar_dot_i8_scaled_matches_its_definition(void)
 		for (unsigned half = 8; half; half /= 2)
 			for (unsigned l = 0; l < half; l++)
 				lane[l] += lane[l + half];
-		kvp_kernels_scalar.dot_i8_scaled(bits, M, N, group, 1, q, M, out, N);
+		kvp_kernels_scalar.dot_i8_scaled(bits, M, N, 1, group, 1, q, M, out, N);
 		for (unsigned i = 0; i < N; i++) {
 			int64_t sum = 0;
 			for (unsigned j = 0; j < M; j++) {
@@ -1585,10 +1589,24 @@ static void dot_i8_scaled_equals_scalar_on_odd_lengths_and_unaligned_pointers(co
 		for (size_t a = 0; a < COUNT(lut_dims); a++)
 			for (size_t b = 0; b < COUNT(rows); b++)
 				for (size_t c = 0; c < COUNT(heads); c++)
-					scaled_case(k, bits, lut_dims[a], rows[b], heads[c], (unsigned)(a + b) % 3);
+					scaled_case(k, bits, lut_dims[a], rows[b], 1, heads[c], (unsigned)(a + b) % 3);
 	for (unsigned bits = 1; bits <= 4; bits++)
 		for (size_t a = 0; a < COUNT(wide); a++)
-			scaled_case(k, bits, wide[a], 17, 4, 1);
+			scaled_case(k, bits, wide[a], 17, 1, 4, 1);
+}
+
+/* A block's groups in one call (the AVX-512 table makes each group's queries while it scores the one before):
+ * every group scored as alone, for one group to several, each head count, and widths on both sides of the
+ * 256 channels that way takes. */
+static void dot_i8_scaled_scores_groups_in_a_row_as_each_alone(const struct kvp_kernels *k)
+{
+	static const unsigned groups[] = { 1, 2, 3, 8 }, heads[] = { 1, 2, 3, 4, 5, 8 }, widths[] = { 36, 64, 128, 256, 260 };
+
+	for (unsigned bits = 1; bits <= 4; bits++)
+		for (size_t a = 0; a < COUNT(groups); a++)
+			for (size_t b = 0; b < COUNT(heads); b++)
+				for (size_t c = 0; c < COUNT(widths); c++)
+					scaled_case(k, bits, widths[c], c % 2 ? 32 : 17, groups[a], heads[b], (unsigned)(a + c) % 3);
 }
 
 /*
@@ -1614,8 +1632,8 @@ static void dot_i8_scaled_sums_the_largest_codes_exactly(const struct kvp_kernel
 					memcpy(group + 2 * j, &zero, 2), memcpy(group + 2 * ((size_t)m + j), &one, 2);
 				for (size_t i = 0; i < (size_t)g * m; i++)
 					q[i] = (float)sign * 2.0f;
-				k->dot_i8_scaled(bits, m, n, group, g, q, m, got, n);
-				kvp_kernels_scalar.dot_i8_scaled(bits, m, n, group, g, q, m, want, n);
+				k->dot_i8_scaled(bits, m, n, 1, group, g, q, m, got, n);
+				kvp_kernels_scalar.dot_i8_scaled(bits, m, n, 1, group, g, q, m, want, n);
 				for (unsigned i = 0; i < g * n; i++)
 					check(same_bits(got[i], want[i]) &&
 						      fabs(got[i] - sign * 2.0 * ((1u << bits) - 1) * m) <= 1e-5 * 2.0 * ((1u << bits) - 1) * m,
@@ -1647,8 +1665,8 @@ static void dot_i8_scaled_reads_nothing_past_its_inputs_cases(const struct kvp_k
 					for (size_t j = 0; j < (size_t)g * m; j++)
 						q[j] = (float)rand_int(-99, 99);
 					memset(out, 0, sizeof(float) * g * n);
-					k->dot_i8_scaled(bits, m, n, group, g, q, m, out, n);
-					kvp_kernels_scalar.dot_i8_scaled(bits, m, n, group, g, q, m, want, n);
+					k->dot_i8_scaled(bits, m, n, 1, group, g, q, m, out, n);
+					kvp_kernels_scalar.dot_i8_scaled(bits, m, n, 1, group, g, q, m, want, n);
 					check(!memcmp(out, want, sizeof(float) * g * n),
 					      "%s dot_i8_scaled bits=%u m=%u n=%u g=%u: differs from scalar", k->name, bits, m, n, g);
 					unguard(group, cb), unguard(q, sizeof(float) * g * m), unguard(out, sizeof(float) * g * n);
@@ -2043,7 +2061,7 @@ static void dot_i8_scaled_rounds_halves_to_even(const struct kvp_kernels *k)
 	memset(group + 4 * M, 0x55, M / 4 * N); /* every code 1 */
 	for (unsigned t = 0; t < 2; t++) {
 		float out[N];
-		tables[t]->dot_i8_scaled(2, M, N, group, 1, q, M, out, N);
+		tables[t]->dot_i8_scaled(2, M, N, 1, group, 1, q, M, out, N);
 		for (unsigned i = 0; i < N; i++)
 			check(out[i] == (float)want, "%s dot_i8_scaled row %u: %.9g, ties to even give %d", tables[t]->name, i, out[i],
 			      want);
@@ -2935,6 +2953,7 @@ static const struct vector_test vector_tests[] = {
 	TEST(integer_lookups_equal_scalar_at_the_ends_of_their_ranges),
 	TEST(integer_lookups_read_nothing_past_their_inputs),
 	TEST(dot_i8_scaled_equals_scalar_on_odd_lengths_and_unaligned_pointers),
+	TEST(dot_i8_scaled_scores_groups_in_a_row_as_each_alone),
 	TEST(dot_i8_scaled_sums_the_largest_codes_exactly),
 	TEST(dot_i8_scaled_reads_nothing_past_its_inputs),
 	TEST(axpy_i16_scaled_equals_scalar_on_odd_lengths_and_unaligned_pointers),
