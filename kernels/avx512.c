@@ -1956,14 +1956,13 @@ INLINE void scaled_groups_heads(unsigned hn, unsigned bits, unsigned m, unsigned
 	}
 }
 
+KVP_SCALED_GROUPS(scaled_groups_in_turn, dot_i8_scaled)
+
 static void dot_i8_scaled_groups(unsigned bits, unsigned m, unsigned n, unsigned groups, const uint8_t *group,
 				 unsigned g, const float *q, size_t q_stride, float *out, size_t out_stride)
 {
-	const size_t bytes = kvp_scaled_group_bytes(bits, m, n);
-
 	if ((bits != 2 && (bits != 4 || m % 4)) || m > 4 * GROUPS_QUADS || groups < 2) {
-		for (unsigned k = 0; k < groups; k++)
-			dot_i8_scaled(bits, m, n, group + k * bytes, g, q, q_stride, out + (size_t)k * n, out_stride);
+		scaled_groups_in_turn(bits, m, n, groups, group, g, q, q_stride, out, out_stride);
 		return;
 	}
 	for (unsigned h0 = 0; h0 < g; h0 += 4) {

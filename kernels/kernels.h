@@ -792,16 +792,19 @@ static inline void kvp_dot_i8_scaled_group_plain(unsigned bits, unsigned m, unsi
 	}
 }
 
-/* dot_i8_scaled in plain code: the scalar reference. */
-static inline void kvp_dot_i8_scaled_plain(unsigned bits, unsigned m, unsigned n, unsigned groups,
-					   const uint8_t *group, unsigned g, const float *q, size_t q_stride,
-					   float *out, size_t out_stride)
-{
-	const size_t bytes = kvp_scaled_group_bytes(bits, m, n);
+/* A dot_i8_scaled (the contract above) from a version for one group (one): the groups in turn. */
+#define KVP_SCALED_GROUPS(name, one)                                                                           \
+	static inline void name(unsigned bits, unsigned m, unsigned n, unsigned groups, const uint8_t *group,  \
+				unsigned g, const float *q, size_t q_stride, float *out, size_t out_stride)    \
+	{                                                                                                      \
+		const size_t bytes = kvp_scaled_group_bytes(bits, m, n);                                       \
+                                                                                                               \
+		for (unsigned k = 0; k < groups; k++)                                                          \
+			one(bits, m, n, group + k * bytes, g, q, q_stride, out + (size_t)k * n, out_stride);    \
+	}
 
-	for (unsigned k = 0; k < groups; k++)
-		kvp_dot_i8_scaled_group_plain(bits, m, n, group + k * bytes, g, q, q_stride, out + (size_t)k * n, out_stride);
-}
+/* dot_i8_scaled in plain code: the scalar reference. */
+KVP_SCALED_GROUPS(kvp_dot_i8_scaled_plain, kvp_dot_i8_scaled_group_plain)
 
 
 /* Scalar e of row i in axpy_i16_scaled's layout (z(i, e) for e < ng, then s(i, e - ng)). */

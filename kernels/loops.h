@@ -847,18 +847,8 @@ static void loops_dot_i8_scaled(unsigned bits, unsigned m, unsigned n, const uin
 #define LOOPS_DOT_I8_SCALED loops_dot_i8_scaled
 #endif
 
-/* A table's dot_i8_scaled (contract in kernels.h) from its version for one group (one): the groups in turn. A
- * file with a version of its own for groups in a row defines KVP_ISA_DOT_I8_GROUPS and dot_i8_scaled_groups. */
-#define KVP_SCALED_GROUPS(name, one)                                                                          \
-	static void name(unsigned bits, unsigned m, unsigned n, unsigned groups, const uint8_t *group, unsigned g, \
-			 const float *q, size_t q_stride, float *out, size_t out_stride)                          \
-	{                                                                                                     \
-		const size_t bytes = kvp_scaled_group_bytes(bits, m, n);                                      \
-                                                                                                              \
-		for (unsigned k = 0; k < groups; k++)                                                         \
-			one(bits, m, n, group + k * bytes, g, q, q_stride, out + (size_t)k * n, out_stride);   \
-	}
-
+/* The table's dot_i8_scaled: its version for one group, the groups in turn (kernels.h), unless the file has a
+ * version of its own for groups in a row (KVP_ISA_DOT_I8_GROUPS, dot_i8_scaled_groups). */
 #ifndef KVP_ISA_DOT_I8_GROUPS
 KVP_SCALED_GROUPS(dot_i8_scaled_groups, LOOPS_DOT_I8_SCALED)
 #endif
