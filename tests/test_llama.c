@@ -14,7 +14,6 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "kvpager.h"
@@ -331,27 +330,22 @@ Test(llama, encode_merges_like_a_rescan_of_every_pair)
 	bench_close(&b);
 }
 
-/* kjv-heldout.txt, 108 KB, as the models README counts it; a rescan per merge took 16 s here. */
-Test(llama, encode_whole_file_in_well_under_a_second)
+/* kjv-heldout.txt, 108 KB, as the models README counts it. A rescan per merge took 16 s here and the merge
+ * queue takes about 0.1 s: the timeout fails the quadratic way without timing the fast one. */
+Test(llama, encode_whole_file_to_its_token_count, .timeout = 10)
 {
 	struct bench b;
 	FILE *f = fopen(model_path("kjv-heldout.txt"), "rb");
 	char *text = malloc(200000);
 	int *ids = malloc(sizeof(int) * 200003);
 	size_t n;
-	double t0;
-	struct timespec ts;
 
 	cr_assert(f && text && ids);
 	n = fread(text, 1, 199999, f);
 	fclose(f);
 	text[n] = '\0';
 	bench_open(&b, "kjv-64.bin");
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	t0 = (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 	cr_assert_eq(llama_encode(&b.tokenizer, text, 0, 0, ids), 58875);
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	cr_assert_lt((double)ts.tv_sec + ts.tv_nsec * 1e-9 - t0, 1.0, "encoding took too long");
 	bench_close(&b);
 	free(text);
 	free(ids);
