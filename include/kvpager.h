@@ -108,9 +108,13 @@ KVP_API const char *kvp_last_error(void);
  *                   ":c"), and a hit fetches the ones its window leaves cold that way (README).
  *   remote_auth_file=PATH  AUTH's password, the file's first line; an unreadable or empty file is
  *                   KVP_EINVAL at open. Never read from the spec.
- *   remote_timeout=MS  connect and every round trip, 1..60000 (default 5). A server down, slow, paused or
- *                   refusing costs a lookup at most this, and its keys miss; a node that failed is not
- *                   tried again before a backoff (100 ms, doubling to 1 s).
+ *   remote_timeout=MS  a lookup's connect and round trip, 1..60000 (default 5). A server down, slow, paused
+ *                   or refusing costs a lookup at most this, and its keys miss; a node that failed is not
+ *                   tried again before a backoff (100 ms, doubling to 1 s). A hit's values must arrive
+ *                   within it: raise it for long prompts (megabytes take milliseconds). The writer is
+ *                   not bound by it: a batch goes on while its bytes move, and fails when nothing has
+ *                   moved for a second (or this, when longer); kvp_pool_close gives what is queued this
+ *                   long, then drops it.
  *   remote_ttl=SECONDS  stored blocks expire after this (SET ... EX), 0..2^31-1 (default 0: never)
  *   remote_queue=SIZE  bound of the publication queue (default 64MiB, at least 1MiB): copies of values
  *                   waiting for the writer, the pool's own memory (not a tenant's); a value that does not

@@ -625,6 +625,70 @@ Test(remote, byte_bound_of_the_queue_drops_too)
 	close(fd);
 }
 
+/* Three megabytes in one batch take longer than a 1 ms timeout to reach the server: the writer waits while
+ * bytes move (a lookup's timeout is no bound on what it costs to publish a long prompt). */
+Test(remote, a_batch_longer_than_the_timeout_is_published_while_its_bytes_move)
+{
+	enum { N = 48, BYTES = 64 << 10 };
+	static unsigned char value[BYTES];
+	struct kvp_remote *r, *reader;
+	struct kvp_remote_counters c;
+	char key[32];
+	size_t len;
+	void *got;
+	int s;
+	redis_fixture_need();
+	s = redis_start(NULL);
+	r = remote_single(s, 1);
+	for (int i = 0; i < N; i++) {
+		snprintf(key, sizeof key, "kvp:long:%02d", i);
+		value_fill(value, sizeof value, (unsigned)i);
+		cr_assert_eq(kvp_remote_publish(r, key, strlen(key), value, sizeof value), 0);
+	}
+	cr_assert_eq(kvp_remote_drain(r, 10000), 0, "the writer never emptied its queue");
+	c = counters_of(r);
+	cr_assert_eq(c.published, N, "%s", c.note);
+	cr_assert_eq(c.dropped, 0, "%s", c.note);
+	cr_assert_eq(c.faults, 0, "%s", c.note);
+	kvp_remote_close(r);
+	reader = remote_single(s, 2000);
+	value_fill(value, sizeof value, N - 1);
+	got = fetch_one(reader, "kvp:long:47", &len);
+	cr_assert_not_null(got, "%s", counters_of(reader).note);
+	cr_assert_eq(len, sizeof value);
+	cr_assert_eq(memcmp(got, value, len), 0);
+	kvp_remote_value_free(got);
+	kvp_remote_close(reader);
+}
+
+/* A server that does not run for 300 ms (a busy machine's scheduler, here SIGSTOP) with a value on its way:
+ * past a lookup's 50 ms timeout, within the writer's patience of a second, so the value is stored. */
+Test(remote, publication_outlasts_a_server_that_stalls_for_less_than_a_second)
+{
+	struct kvp_remote *r;
+	struct kvp_remote_counters c;
+	size_t len;
+	void *got;
+	int s;
+	redis_fixture_need();
+	s = redis_start(NULL);
+	r = remote_single(s, 50);
+	publish_drained(r, "kvp:before", "v", 1);
+	kill(redis_pid(s), SIGSTOP);
+	cr_assert_eq(kvp_remote_publish(r, "kvp:stalled", 11, "stalled", 7), 0);
+	usleep(300000);
+	kill(redis_pid(s), SIGCONT);
+	cr_assert_eq(kvp_remote_drain(r, 5000), 0, "the writer never emptied its queue");
+	c = counters_of(r);
+	cr_assert_eq(c.published, 2, "%s", c.note);
+	cr_assert_eq(c.dropped, 0, "%s", c.note);
+	got = fetch_one(r, "kvp:stalled", &len);
+	cr_assert_not_null(got, "%s", counters_of(r).note);
+	cr_assert_eq(memcmp(got, "stalled", 7), 0);
+	kvp_remote_value_free(got);
+	kvp_remote_close(r);
+}
+
 /* ---- the cluster ---- */
 
 static struct kvp_remote *remote_cluster(int first, int seeds, uint32_t timeout_ms)

@@ -407,12 +407,27 @@ static void round_send(struct kvp_redis_link *l, struct kvp_redis_req *reqs, uin
 	}
 }
 
+/* How often a round with a cut looks at it again while it waits: what a cut brought forward may overrun. */
+#define CUT_LOOK_NS 10000000u
+
+/* When the round ends if nothing moves: its deadline, or idle_ns after the last move, or the cut. */
+static uint64_t round_end(const struct kvp_redis_link *l, uint64_t deadline, uint64_t moved)
+{
+	uint64_t end = deadline;
+	if (l->idle_ns && moved + l->idle_ns < end)
+		end = moved + l->idle_ns;
+	if (l->cut && atomic_load_explicit(l->cut, memory_order_relaxed) < end)
+		end = atomic_load_explicit(l->cut, memory_order_relaxed);
+	return end;
+}
+
 static void round_run(struct kvp_redis_link *l, struct kvp_redis_req *reqs, uint32_t n, uint64_t deadline)
 {
+	uint64_t moved = kvp_redis_now();
 	round_send(l, reqs, n);
 	for (;;) {
 		uint32_t k = 0;
-		uint64_t now;
+		uint64_t now, end, wait;
 		int ready;
 		for (uint32_t i = 0; i < l->n_nodes; i++) {
 			struct kvp_redis_node *nd = &l->nodes[i];
@@ -426,12 +441,18 @@ static void round_run(struct kvp_redis_link *l, struct kvp_redis_req *reqs, uint
 		if (k == 0)
 			return;
 		now = kvp_redis_now();
-		if (now >= deadline) {
+		end = round_end(l, deadline, moved);
+		if (now >= end) {
 			for (uint32_t j = 0; j < k; j++)
 				node_fail(l, &l->nodes[l->poll_nodes[j]], "timeout");
 			return;
 		}
-		ready = poll(l->poll_fds, k, (int)((deadline - now + 999999) / 1000000));
+		wait = end - now; /* at most a second, so that the milliseconds fit poll's int */
+		if (wait > (l->cut ? CUT_LOOK_NS : 1000000000u))
+			wait = l->cut ? CUT_LOOK_NS : 1000000000u;
+		ready = poll(l->poll_fds, k, (int)((wait + 999999) / 1000000));
+		if (ready > 0)
+			moved = kvp_redis_now();
 		if (ready < 0 && errno != EINTR) {
 			for (uint32_t j = 0; j < k; j++)
 				node_fail(l, &l->nodes[l->poll_nodes[j]], "poll: %s", strerror(errno));

@@ -69,7 +69,10 @@ struct kvp_redis_link {
 	int cluster;
 	const char *password; /* NULL for none; the remote owns it */
 	uint32_t ttl_s;
-	uint32_t timeout_ms;
+	/* A round ends at its deadline, and also (the writer's link) when no byte has moved for idle_ns (0:
+	 * never) or at *cut, which another thread may bring forward while the round waits (NULL: none). */
+	uint64_t idle_ns;
+	const _Atomic uint64_t *cut;
 	struct kvp_redis_faults *faults;
 	struct kvp_redis_node *nodes;
 	uint32_t n_nodes; /* the seeds come first */
@@ -92,7 +95,8 @@ uint64_t kvp_redis_now(void); /* CLOCK_MONOTONIC, ns */
 kvp_status kvp_redis_link_init(struct kvp_redis_link *l, int cluster, const struct kvp_redis_seed *seeds,
 			       uint32_t n_seeds);
 void kvp_redis_link_fini(struct kvp_redis_link *l);
-/* Sends every request, reads every answer until deadline (ns): reqs[i].reply is the answer, or NULL after
+/* Sends every request, reads every answer until deadline (ns; or the link's idle_ns and cut, whichever
+ * comes first): reqs[i].reply is the answer, or NULL after
  * a fault (counted, noted, the node closed and backed off). Follows one redirection per request. A
  * cluster link learns its slot map first when it has none. */
 void kvp_redis_exchange(struct kvp_redis_link *l, struct kvp_redis_req *reqs, uint32_t n, uint64_t deadline);

@@ -18,6 +18,7 @@
 #define PASSWORD_MAX 1024u
 #define BATCH_VALUES 64u
 #define BATCH_BYTES (4u << 20)
+#define WRITER_PATIENCE_MS 1000u /* or remote_timeout when longer */
 
 /* A value waiting to be published: key bytes, then value bytes. */
 struct remote_item {
@@ -39,7 +40,7 @@ struct kvp_remote {
 	uint32_t held;       /* values queued or being sent */
 	uint64_t held_bytes; /* and their bytes */
 	int stopping;
-	uint64_t stop_deadline;
+	_Atomic uint64_t stop_deadline; /* UINT64_MAX until close: then the writer's rounds end there */
 	pthread_t writer;
 	int writer_started;
 	_Atomic uint64_t hits, misses, published, dropped, bytes_fetched, bytes_published;
@@ -259,9 +260,15 @@ static kvp_status remote_init(struct kvp_remote *r, const struct kvp_remote_conf
 	for (struct kvp_redis_link *l = &r->fetch; l; l = l == &r->fetch ? &r->write : NULL) {
 		l->password = r->password;
 		l->ttl_s = cfg->ttl_s;
-		l->timeout_ms = cfg->timeout_ms;
 		l->faults = &r->faults;
 	}
+	/* Nothing waits on the writer but close, so its round trips take what their bytes take: a batch of
+	 * megabytes outlasts a lookup's few milliseconds even on a quiet machine, and on a busy one the server
+	 * may not run for longer than that. They end when nothing has moved for the writer's patience, or at
+	 * close's cut. */
+	atomic_init(&r->stop_deadline, UINT64_MAX);
+	r->write.idle_ns = (uint64_t)(cfg->timeout_ms > WRITER_PATIENCE_MS ? cfg->timeout_ms : WRITER_PATIENCE_MS) * 1000000u;
+	r->write.cut = &r->stop_deadline;
 	return writer_start(r);
 }
 
@@ -333,7 +340,7 @@ void kvp_remote_close(struct kvp_remote *r)
 		return;
 	pthread_mutex_lock(&r->queue_lock);
 	r->stopping = 1;
-	r->stop_deadline = kvp_redis_now() + (uint64_t)r->cfg.timeout_ms * 1000000u;
+	atomic_store(&r->stop_deadline, kvp_redis_now() + (uint64_t)r->cfg.timeout_ms * 1000000u);
 	pthread_cond_broadcast(&r->work);
 	pthread_mutex_unlock(&r->queue_lock);
 	if (r->writer_started)
@@ -449,7 +456,7 @@ int kvp_remote_publish(struct kvp_remote *r, const char *key, size_t key_len, co
 }
 
 /* Sends one batch as pipelined SETs and counts what the servers stored. */
-static void writer_send(struct kvp_remote *r, struct remote_item **batch, uint32_t n, uint64_t deadline)
+static void writer_send(struct kvp_remote *r, struct remote_item **batch, uint32_t n)
 {
 	struct kvp_redis_req reqs[BATCH_VALUES];
 	uint32_t stored = 0;
@@ -458,7 +465,7 @@ static void writer_send(struct kvp_remote *r, struct remote_item **batch, uint32
 	for (uint32_t i = 0; i < n; i++)
 		reqs[i] = (struct kvp_redis_req){ .op = KVP_REDIS_SET, .key = batch[i]->bytes, .key_len = batch[i]->key_len,
 						  .val = batch[i]->bytes + batch[i]->key_len, .val_len = batch[i]->val_len };
-	kvp_redis_exchange(&r->write, reqs, n, deadline);
+	kvp_redis_exchange(&r->write, reqs, n, UINT64_MAX); /* the link's patience and cut end it */
 	for (uint32_t i = 0; i < n; i++) {
 		const redisReply *rep = reqs[i].reply;
 		if (rep && rep->type == REDIS_REPLY_STATUS) {
@@ -499,21 +506,17 @@ static void *writer_main(void *arg)
 	struct remote_item *batch[BATCH_VALUES];
 	pthread_mutex_lock(&r->queue_lock);
 	for (;;) {
-		uint64_t now, deadline, bytes = 0;
+		uint64_t bytes = 0;
 		uint32_t n;
 		while (!r->head && !r->stopping)
 			pthread_cond_wait(&r->work, &r->queue_lock);
 		if (!r->head)
 			break;
-		now = kvp_redis_now();
-		if (r->stopping && now >= r->stop_deadline)
+		if (r->stopping && kvp_redis_now() >= atomic_load(&r->stop_deadline))
 			break; /* what is left is dropped by close */
-		deadline = now + (uint64_t)r->cfg.timeout_ms * 1000000u;
-		if (r->stopping && deadline > r->stop_deadline)
-			deadline = r->stop_deadline;
 		n = batch_take(r, batch);
 		pthread_mutex_unlock(&r->queue_lock);
-		writer_send(r, batch, n, deadline);
+		writer_send(r, batch, n);
 		for (uint32_t i = 0; i < n; i++) {
 			bytes += batch[i]->key_len + batch[i]->val_len;
 			free(batch[i]);
