@@ -413,16 +413,16 @@ static void round_send(struct kvp_redis_link *l, struct kvp_redis_req *reqs, uin
 /* When the round ends if nothing moves: its deadline, or idle_ns after the last move, or the cut. */
 static uint64_t round_end(const struct kvp_redis_link *l, uint64_t deadline, uint64_t moved)
 {
-	uint64_t end = deadline;
+	const uint64_t cut = l->cut ? atomic_load_explicit(l->cut, memory_order_relaxed) : UINT64_MAX;
+	uint64_t end = deadline < cut ? deadline : cut;
 	if (l->idle_ns && moved + l->idle_ns < end)
 		end = moved + l->idle_ns;
-	if (l->cut && atomic_load_explicit(l->cut, memory_order_relaxed) < end)
-		end = atomic_load_explicit(l->cut, memory_order_relaxed);
 	return end;
 }
 
 static void round_run(struct kvp_redis_link *l, struct kvp_redis_req *reqs, uint32_t n, uint64_t deadline)
 {
+	const uint64_t look = l->cut ? CUT_LOOK_NS : 1000000000u;
 	uint64_t moved = kvp_redis_now();
 	round_send(l, reqs, n);
 	for (;;) {
@@ -447,9 +447,9 @@ static void round_run(struct kvp_redis_link *l, struct kvp_redis_req *reqs, uint
 				node_fail(l, &l->nodes[l->poll_nodes[j]], "timeout");
 			return;
 		}
-		wait = end - now; /* at most a second, so that the milliseconds fit poll's int */
-		if (wait > (l->cut ? CUT_LOOK_NS : 1000000000u))
-			wait = l->cut ? CUT_LOOK_NS : 1000000000u;
+		wait = end - now;
+		if (wait > look) /* a cut is looked at again, and the milliseconds fit poll's int */
+			wait = look;
 		ready = poll(l->poll_fds, k, (int)((wait + 999999) / 1000000));
 		if (ready > 0)
 			moved = kvp_redis_now();
