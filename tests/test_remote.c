@@ -633,6 +633,7 @@ Test(remote, a_batch_longer_than_the_timeout_is_published_while_its_bytes_move)
 	static unsigned char value[BYTES];
 	struct kvp_remote *r, *reader;
 	struct kvp_remote_counters c;
+	uint64_t opened_with;
 	char key[32];
 	size_t len;
 	void *got;
@@ -640,6 +641,7 @@ Test(remote, a_batch_longer_than_the_timeout_is_published_while_its_bytes_move)
 	redis_fixture_need();
 	s = redis_start(NULL);
 	r = remote_single(s, 1);
+	opened_with = counters_of(r).faults; /* open's PING is a lookup: on a busy machine 1 ms may pass */
 	for (int i = 0; i < N; i++) {
 		snprintf(key, sizeof key, "kvp:long:%02d", i);
 		value_fill(value, sizeof value, (unsigned)i);
@@ -649,7 +651,7 @@ Test(remote, a_batch_longer_than_the_timeout_is_published_while_its_bytes_move)
 	c = counters_of(r);
 	cr_assert_eq(c.published, N, "%s", c.note);
 	cr_assert_eq(c.dropped, 0, "%s", c.note);
-	cr_assert_eq(c.faults, 0, "%s", c.note);
+	cr_assert_eq(c.faults, opened_with, "the writer faulted: %s", c.note);
 	kvp_remote_close(r);
 	reader = remote_single(s, 2000);
 	value_fill(value, sizeof value, N - 1);
