@@ -14,8 +14,8 @@
  *   cold        a fresh pool each time (with remote= when Redis is here: its lookup misses on a flushed
  *               server), after one more as a warm-up (the process's first touch of the memory);
  *   local hit   a second sequence of the same prompt in the pool that ran it;
- *   remote hit  a NEW pool with remote=redis://... after the first pool published (waited for by watching
- *               the server's DBSIZE settle), then the same with a three-node Redis Cluster.
+ *   remote hit  a NEW pool with remote=redis://... after the first pool published (kvp_pool_flush), then
+ *               the same with a three-node Redis Cluster.
  * n_cached is printed with each; a remote hit that found nothing says so plainly.
  * Fetch rate: bytes of values on the server (sum of STRLEN over its keys: what the remote-hit open had to
  * fetch when it found the whole prompt) over the remote-hit open's time, against `redis-benchmark -t get
@@ -276,23 +276,16 @@ static void flush(const int *port, int n)
 	}
 }
 
-/* The pool has no drain call: waits until the nodes' DBSIZE has stopped moving (unchanged for half a
- * second, after keys appeared), at most 3 s; the keys held then. */
-static long long wait_published(const int *port, int n)
+/* Waits until the pool's publication is flushed (at most a minute; a note when it is not), then the keys
+ * the nodes hold. */
+static long long wait_published(kvp_pool *pool, const int *port, int n)
 {
-	long long last = -1, same_since = 0;
-	for (int w = 0; w < 60; w++) {
-		long long keys = 0;
-		for (int i = 0; i < n; i++)
-			keys += run_integer(port[i], "DBSIZE");
-		if (keys != last)
-			same_since = w;
-		last = keys;
-		if (keys > 0 && w - same_since >= 10)
-			break;
-		usleep(50000);
-	}
-	return last;
+	long long keys = 0;
+	if (kvp_pool_flush(pool, 60000) != KVP_OK)
+		fprintf(stderr, "bench_prefix: %s\n", kvp_last_error());
+	for (int i = 0; i < n; i++)
+		keys += run_integer(port[i], "DBSIZE");
+	return keys;
 }
 
 /* redis-benchmark's GET rate with values of size bytes on the server at port: requests per second, or a
@@ -572,7 +565,7 @@ static void bytes_row(struct workload *w, const struct remote *rd, const char *p
 	char config[160];
 	double dense = 2.0 * 2 * n_cached * w->shape.n_layers * w->shape.n_kv_heads * w->shape.head_dim;
 	fresh_pools(w, pool_spec, tenant_spec, &rd->single, 1, 1, 1, &c);
-	say_published("the server", wait_published(&rd->single, 1));
+	say_published("the server", wait_published(c.pool, &rd->single, 1));
 	kvp_pool_close(c.pool);
 	struct held h = held_by(&rd->single, 1);
 	snprintf(config, sizeof config, "%s: %s, %lld keys", w->name, label, h.keys);
@@ -611,7 +604,7 @@ static void run_workload(struct workload *w, const struct remote *rd, int reps)
 		kvp_pool_close(first.pool);
 		return;
 	}
-	long long keys = wait_published(&rd->single, 1);
+	long long keys = wait_published(first.pool, &rd->single, 1);
 	say_published("the server", keys);
 	struct held h = held_by(&rd->single, 1);
 	kvp_pool_close(first.pool);
@@ -625,7 +618,7 @@ static void run_workload(struct workload *w, const struct remote *rd, int reps)
 	snprintf(cluster_spec, sizeof cluster_spec, "%s," TIMEOUT_SPEC, rd->cluster_url);
 	flush(rd->cluster, 3);
 	fresh_pools(w, cluster_spec, tenant_spec, NULL, 0, 0, 1, &first);
-	say_published("the cluster", wait_published(rd->cluster, 3));
+	say_published("the cluster", wait_published(first.pool, rd->cluster, 3));
 	kvp_pool_close(first.pool);
 	for (int r = 0; r < reps; r++) {
 		c = cache_open(cluster_spec, tenant_spec);

@@ -53,7 +53,7 @@ typedef enum {
 	KVP_EPERM = -5,        /* a handle used outside its owner */
 	KVP_EUNSUPPORTED = -6, /* valid request this build does not serve yet */
 	KVP_EABI = -7,         /* host and library disagree on a structure version */
-	KVP_EBUSY = -8         /* another call on the same sequence is in progress */
+	KVP_EBUSY = -8         /* another call on the same sequence is in progress; kvp_pool_flush: not yet */
 } kvp_status;
 
 typedef enum { KVP_ROPE_HALF = 0, KVP_ROPE_INTERLEAVED = 1 } kvp_rope_layout;
@@ -132,6 +132,27 @@ KVP_API const char *kvp_last_error(void);
 KVP_API kvp_status kvp_pool_open(const char *spec, kvp_pool **out);
 /* Closes the pool; tenants and sequences still open are closed with it, and their handles refused. */
 KVP_API void kvp_pool_close(kvp_pool *pool);
+/*
+ * The remote tier's publication (pool remote=), pool-wide: every tenant's prompts go through one queue.
+ * The caller sets size = sizeof(kvp_remote_stats); older, smaller structs are filled up to their size.
+ * All zero without remote=.
+ */
+typedef struct {
+	uint32_t size;
+	uint64_t queued;          /* values waiting for the writer or on their way now */
+	uint64_t published;       /* values the servers stored */
+	uint64_t dropped;         /* values not stored: the queue full, refused (maxmemory), a failed write */
+	uint64_t bytes_published; /* of the stored values */
+	uint64_t faults;          /* the remote tier's faults, lookups' and the writer's */
+} kvp_remote_stats;
+KVP_API kvp_status kvp_pool_remote_stats(const kvp_pool *pool, kvp_remote_stats *out);
+/*
+ * Waits until the publication queue is empty, every value queued before the call stored or dropped, or
+ * wait_ms has passed: KVP_OK when it is empty, KVP_EBUSY (values still queued) otherwise. A process that
+ * publishes prompts and then exits calls it before kvp_pool_close, which gives the queue only
+ * remote_timeout. KVP_OK at once without remote=.
+ */
+KVP_API kvp_status kvp_pool_flush(kvp_pool *pool, uint32_t wait_ms);
 
 /*
  * Tenant: a quota and a default cache configuration; its blocks live in its own jemalloc arena.
@@ -362,7 +383,7 @@ KVP_API kvp_status kvp_policy_observe(kvp_policy *p, uint32_t layer, uint32_t kv
  * knows when the table's abi_minor >= m (and size covers it).
  */
 #define KVP_ABI_MAJOR 1
-#define KVP_ABI_MINOR 3
+#define KVP_ABI_MINOR 4
 
 typedef struct kvp_plugin_v1 {
 	uint32_t abi_major, abi_minor, size;
@@ -405,6 +426,9 @@ typedef struct kvp_plugin_v1 {
 	/* abi_minor 3 */
 	kvp_status (*seq_open_prefix)(kvp_tenant *t, const kvp_shape *shape, uint32_t n, const int32_t *tokens,
 				      kvp_seq **out, uint32_t *n_cached);
+	/* abi_minor 4 */
+	kvp_status (*pool_remote_stats)(const kvp_pool *pool, kvp_remote_stats *out);
+	kvp_status (*pool_flush)(kvp_pool *pool, uint32_t wait_ms);
 } kvp_plugin_v1;
 
 /* NULL when abi_major is not served (kvp_last_error says which majors are). */

@@ -134,6 +134,44 @@ void kvp_pool_close(kvp_pool *h)
 	pool_destroy(p);
 }
 
+kvp_status kvp_pool_remote_stats(const kvp_pool *h, kvp_remote_stats *out)
+{
+	kvp_remote_stats full = { .size = sizeof full };
+	struct kvp_remote_counters c;
+	uint32_t size;
+	void *p;
+	kvp_status st = kvp_handle_get(KVP_HANDLE_POOL, h, "kvp_pool_remote_stats", &p);
+
+	if (st != KVP_OK)
+		return st;
+	if (!out || out->size < sizeof out->size + sizeof out->queued)
+		return kvp_fail(KVP_EABI, "kvp_pool_remote_stats: stats->size must be set to sizeof(kvp_remote_stats)");
+	kvp_remote_counters(((struct kvp_pool_obj *)p)->remote, &c);
+	full.queued = c.queued;
+	full.published = c.published;
+	full.dropped = c.dropped;
+	full.bytes_published = c.bytes_published;
+	full.faults = c.faults;
+	size = out->size < sizeof full ? out->size : (uint32_t)sizeof full;
+	memcpy((char *)out + sizeof out->size, (const char *)&full + sizeof full.size, size - sizeof out->size);
+	return KVP_OK;
+}
+
+kvp_status kvp_pool_flush(kvp_pool *h, uint32_t wait_ms)
+{
+	struct kvp_remote_counters c;
+	void *p;
+	kvp_status st = kvp_handle_get(KVP_HANDLE_POOL, h, "kvp_pool_flush", &p);
+
+	if (st != KVP_OK)
+		return st;
+	if (!kvp_remote_drain(((struct kvp_pool_obj *)p)->remote, wait_ms))
+		return KVP_OK;
+	kvp_remote_counters(((struct kvp_pool_obj *)p)->remote, &c);
+	return kvp_fail(KVP_EBUSY, "kvp_pool_flush: %llu values still queued for the remote tier after %u ms",
+			(unsigned long long)c.queued, wait_ms);
+}
+
 /* The text of a codec spec, kept for the sequences (their head_dim is known only at kvp_seq_open). */
 static kvp_status codec_spec(struct kvp_args *args, const char *key, char out[KVP_CODEC_SPEC_MAX])
 {

@@ -39,6 +39,8 @@ static const kvp_plugin_v1 table_v1 = {
 	.seq_head_level = kvp_seq_head_level,
 	.seq_set_head_level = kvp_seq_set_head_level,
 	.seq_open_prefix = kvp_seq_open_prefix,
+	.pool_remote_stats = kvp_pool_remote_stats,
+	.pool_flush = kvp_pool_flush,
 };
 
 const kvp_plugin_v1 *kvp_plugin(uint32_t abi_major)

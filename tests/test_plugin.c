@@ -87,6 +87,21 @@ Test(plugin, minor_3_serves_prefix_caching_through_the_table)
 	dlclose(library);
 }
 
+Test(plugin, minor_4_serves_the_remote_tiers_publication_through_the_table)
+{
+	const kvp_plugin_v1 *api = open_table(KVP_ABI_MAJOR);
+	kvp_remote_stats r = { .size = sizeof r, .queued = 3 };
+	kvp_pool *pool;
+	cr_assert_geq(api->abi_minor, 4);
+	cr_assert_geq(api->size, offsetof(kvp_plugin_v1, pool_flush) + sizeof api->pool_flush);
+	cr_assert_eq(api->pool_open("", &pool), KVP_OK);
+	cr_assert_eq(api->pool_remote_stats(pool, &r), KVP_OK, "%s", api->last_error());
+	cr_assert_eq(r.queued, 0, "no remote tier: nothing queued");
+	cr_assert_eq(api->pool_flush(pool, 0), KVP_OK);
+	api->pool_close(pool);
+	dlclose(library);
+}
+
 Test(plugin, refuses_an_unknown_major)
 {
 	char path[512];

@@ -8,6 +8,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/wait.h>
@@ -43,21 +44,27 @@ static kvp_tenant *tenant_in(kvp_pool *p, const char *name, const char *spec)
 	return t;
 }
 
+static kvp_remote_stats remote_stats(kvp_pool *p)
+{
+	kvp_remote_stats r = { .size = sizeof r };
+	cr_assert_eq(kvp_pool_remote_stats(p, &r), KVP_OK, "%s", kvp_last_error());
+	return r;
+}
+
 /* Every publication reached the server: the queue emptied and no write failed (a failed write is dropped,
  * as a cache may drop it, so an empty queue alone does not say the server holds the values). */
 static int all_published(kvp_pool *p)
 {
-	struct kvp_remote *r = kvp_pool_from_handle(p)->remote;
-	struct kvp_remote_counters c;
-	if (kvp_remote_drain(r, 5000) != 0)
+	kvp_remote_stats r;
+	if (kvp_pool_flush(p, 5000) != KVP_OK)
 		return 0;
-	kvp_remote_counters(r, &c);
-	return c.faults == 0 && c.dropped == 0;
+	r = remote_stats(p);
+	return r.faults == 0 && r.dropped == 0;
 }
 
 static void drained(kvp_pool *p)
 {
-	cr_assert_eq(kvp_remote_drain(kvp_pool_from_handle(p)->remote, 5000), 0, "publication did not drain");
+	cr_assert_eq(kvp_pool_flush(p, 5000), KVP_OK, "publication did not drain: %s", kvp_last_error());
 }
 
 /* A pool whose tenant (under spec) ran the prompt's PROMPT tokens and published them: the server holds
@@ -279,6 +286,98 @@ static void lookup_misses_within_the_timeout(int server, const char *url)
 	cr_assert(strstr(kvp_last_error(), "remote tier"), "a note: %s", kvp_last_error());
 	append_tokens(s, tokens, 0, PROMPT);
 	kvp_pool_close(b);
+}
+
+/* The prompt's 8 units, counted by the pool as the server counts its keys. */
+Test(prefix_remote, flush_returns_once_every_unit_is_stored)
+{
+	char url[64];
+	int32_t tokens[PROMPT];
+	kvp_remote_stats r;
+	redisReply *keys;
+	redis_fixture_need();
+	int server = redis_start(NULL);
+	single_url(server, url, sizeof url);
+	prompt_fill(tokens, PROMPT, 21);
+	kvp_pool *a = pool_at(url, NULL);
+	run_prompt(tenant_in(a, "t", TENANT_SPEC), tokens, PROMPT);
+	cr_assert_eq(kvp_pool_flush(a, 10000), KVP_OK, "%s", kvp_last_error());
+	r = remote_stats(a);
+	cr_assert_eq(r.queued, 0);
+	cr_assert_eq(r.published, 8);
+	cr_assert_eq(r.dropped, 0);
+	cr_assert_gt(r.bytes_published, 0);
+	keys = redis_run(redis_port(server), "DBSIZE");
+	cr_assert(keys && keys->type == REDIS_REPLY_INTEGER);
+	cr_assert_eq(keys->integer, 8, "the server holds what the pool counts as published");
+	freeReplyObject(keys);
+	kvp_pool_close(a);
+}
+
+/* A server that does not run holds the units in the queue: flush says so; once it runs, they are stored. */
+Test(prefix_remote, flush_is_busy_while_the_server_does_not_answer)
+{
+	char url[64];
+	int32_t tokens[PROMPT];
+	kvp_remote_stats r;
+	redis_fixture_need();
+	int server = redis_start(NULL);
+	single_url(server, url, sizeof url);
+	prompt_fill(tokens, PROMPT, 22);
+	char spec[128];
+	kvp_pool *a;
+	kvp_seq *s;
+	uint32_t cached;
+	/* a writer's patience of 3 s: the pause below never outlasts it, however busy the machine */
+	snprintf(spec, sizeof spec, "remote=%s,remote_timeout=3000", url);
+	cr_assert_eq(kvp_pool_open(spec, &a), KVP_OK, "%s", kvp_last_error());
+	s = open_prompt(tenant_in(a, "t", TENANT_SPEC), tokens, PROMPT, &cached); /* looked up while it runs */
+	kill(redis_pid(server), SIGSTOP);
+	append_tokens(s, tokens, cached, PROMPT);
+	cr_assert_eq(kvp_pool_flush(a, 20), KVP_EBUSY);
+	cr_assert(strstr(kvp_last_error(), "still queued"), "%s", kvp_last_error());
+	r = remote_stats(a);
+	cr_assert_gt(r.queued, 0);
+	cr_assert_eq(r.published, 0);
+	kill(redis_pid(server), SIGCONT);
+	cr_assert_eq(kvp_pool_flush(a, 10000), KVP_OK, "%s", kvp_last_error());
+	r = remote_stats(a);
+	cr_assert_eq(r.queued, 0);
+	cr_assert_eq(r.published + r.dropped, 8);
+	cr_assert_eq(r.dropped, 0, "the writer waited for the server");
+	kvp_pool_close(a);
+}
+
+Test(prefix_remote, without_a_remote_tier_stats_are_zero_and_flush_returns_at_once)
+{
+	kvp_pool *p;
+	kvp_remote_stats r = { .size = sizeof r, .published = 7 };
+	cr_assert_eq(kvp_pool_open("", &p), KVP_OK);
+	cr_assert_eq(kvp_pool_remote_stats(p, &r), KVP_OK);
+	cr_assert_eq(r.published + r.queued + r.dropped + r.bytes_published + r.faults, 0);
+	cr_assert_eq(kvp_pool_flush(p, 0), KVP_OK);
+	kvp_pool_close(p);
+}
+
+Test(prefix_remote, remote_stats_fill_an_older_struct_up_to_its_size_and_refuse_bad_input)
+{
+	kvp_pool *p;
+	kvp_remote_stats r;
+	cr_assert_eq(kvp_pool_open("", &p), KVP_OK);
+	memset(&r, 0xab, sizeof r);
+	r.size = offsetof(kvp_remote_stats, published); /* a host that knows only queued */
+	cr_assert_eq(kvp_pool_remote_stats(p, &r), KVP_OK);
+	cr_assert_eq(r.queued, 0);
+	cr_assert_eq(r.published, 0xababababababababull, "past its size the struct is not touched");
+	r.size = 0;
+	cr_assert_eq(kvp_pool_remote_stats(p, &r), KVP_EABI);
+	cr_assert(strstr(kvp_last_error(), "size"), "%s", kvp_last_error());
+	cr_assert_eq(kvp_pool_remote_stats(p, NULL), KVP_EABI);
+	kvp_pool_close(p);
+	r.size = sizeof r;
+	cr_assert_eq(kvp_pool_remote_stats(p, &r), KVP_EPERM, "a closed pool");
+	cr_assert_eq(kvp_pool_flush(p, 0), KVP_EPERM, "a closed pool");
+	cr_assert_eq(kvp_pool_flush(NULL, 0), KVP_EINVAL);
 }
 
 Test(prefix_remote, killed_server_is_a_miss_with_a_note)

@@ -563,6 +563,9 @@ void kvp_remote_counters(struct kvp_remote *r, struct kvp_remote_counters *out)
 	out->dropped = atomic_load(&r->dropped);
 	out->bytes_fetched = atomic_load(&r->bytes_fetched);
 	out->bytes_published = atomic_load(&r->bytes_published);
+	pthread_mutex_lock(&r->queue_lock);
+	out->queued = r->held;
+	pthread_mutex_unlock(&r->queue_lock);
 	pthread_mutex_lock(&r->faults.lock);
 	memcpy(out->note, r->faults.note, sizeof out->note);
 	pthread_mutex_unlock(&r->faults.lock);

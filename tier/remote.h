@@ -80,8 +80,7 @@ void kvp_remote_value_free(void *val);
  * SET key value [EX ttl], in pipelined batches; a value the server refuses (maxmemory) or that a fault
  * lost is counted in dropped with a note. Never waits on the network. */
 int kvp_remote_publish(struct kvp_remote *r, const char *key, size_t key_len, const void *val, size_t len);
-/* Waits up to wait_ms until nothing is queued or being sent: 0 then, nonzero on timeout. For tests and
- * benchmarks. */
+/* Waits up to wait_ms until nothing is queued or being sent: 0 then, nonzero on timeout (kvp_pool_flush). */
 int kvp_remote_drain(struct kvp_remote *r, uint32_t wait_ms);
 
 struct kvp_remote_counters {
@@ -90,6 +89,7 @@ struct kvp_remote_counters {
 	uint64_t published;     /* values the server stored */
 	uint64_t dropped;       /* values not stored: queue full, refused, lost to a fault, left at close */
 	uint64_t bytes_fetched, bytes_published; /* of values */
+	uint64_t queued;        /* values queued or being sent now */
 	char note[160];         /* the last fault, e.g. "redis 127.0.0.1:7001: timeout"; "" when none */
 };
 void kvp_remote_counters(struct kvp_remote *r, struct kvp_remote_counters *out);

@@ -15,14 +15,14 @@ ValueError naming it. A failing call raises the kvpager.Error subclass of its st
 
 from ._library import ABI_MAJOR, ABI_MINOR
 from ._library import path as library_path
-from .cache import Gathered, HeadLevel, Pool, RopeLayout, Sequence, Shape, Stats, Tenant
+from .cache import Gathered, HeadLevel, Pool, RemoteStats, RopeLayout, Sequence, Shape, Stats, Tenant
 from .errors import (AbiMismatch, Busy, Corrupt, Error, InvalidArgument, OutOfMemory, PermissionDenied,
                      SpillIOError, Unsupported)
 from .standalone import Codec, Policy
 
 __all__ = [
     "ABI_MAJOR", "ABI_MINOR", "library_path",
-    "Pool", "Tenant", "Sequence", "Shape", "RopeLayout", "Stats", "HeadLevel", "Gathered",
+    "Pool", "Tenant", "Sequence", "Shape", "RopeLayout", "Stats", "RemoteStats", "HeadLevel", "Gathered",
     "Codec", "Policy",
     "Error", "InvalidArgument", "OutOfMemory", "SpillIOError", "Corrupt", "PermissionDenied",
     "Unsupported", "AbiMismatch", "Busy",

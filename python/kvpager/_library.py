@@ -28,7 +28,7 @@ EBUSY = -8
 
 # the header this binding follows
 ABI_MAJOR = 1
-ABI_MINOR = 3
+ABI_MINOR = 4
 
 _handle = ctypes.c_void_p
 _u32 = ctypes.c_uint32
@@ -53,6 +53,12 @@ class Stats(ctypes.Structure):
                 ("remote_faults", ctypes.c_uint64), ("remote_rejected", ctypes.c_uint64)]
 
 
+class RemoteStats(ctypes.Structure):
+    """kvp_remote_stats: sized as Stats is."""
+    _fields_ = [("size", ctypes.c_uint32), ("queued", ctypes.c_uint64), ("published", ctypes.c_uint64),
+                ("dropped", ctypes.c_uint64), ("bytes_published", ctypes.c_uint64), ("faults", ctypes.c_uint64)]
+
+
 class HeadLevel(ctypes.Structure):
     """kvp_head_level"""
     _fields_ = [("size", ctypes.c_uint32), ("coherence", ctypes.c_float),
@@ -69,6 +75,8 @@ _CALLS = {
     "kvp_last_error": (ctypes.c_char_p, []),
     "kvp_pool_open": (_status, [ctypes.c_char_p, _POINTER(_handle)]),
     "kvp_pool_close": (None, [_handle]),
+    "kvp_pool_remote_stats": (_status, [_handle, _POINTER(RemoteStats)]),
+    "kvp_pool_flush": (_status, [_handle, _u32]),
     "kvp_tenant_open": (_status, [_handle, ctypes.c_char_p, ctypes.c_char_p, _POINTER(_handle)]),
     "kvp_tenant_close": (None, [_handle]),
     "kvp_seq_open": (_status, [_handle, _POINTER(Shape), _POINTER(_handle)]),

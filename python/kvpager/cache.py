@@ -78,6 +78,16 @@ class Stats:
 
 
 @dataclass(frozen=True)
+class RemoteStats:
+    """The remote tier's publication, pool-wide (kvp_remote_stats); all 0 without remote=."""
+    queued: int  # values waiting for the writer or on their way now
+    published: int  # values the servers stored
+    dropped: int  # values not stored: the queue full, refused, a failed write
+    bytes_published: int
+    faults: int  # the remote tier's faults, lookups' and the writer's
+
+
+@dataclass(frozen=True)
 class HeadLevel:
     """The gating state of one (layer, KV head) (kvp_head_level)."""
     coherence: float
@@ -172,6 +182,21 @@ class Pool(_Handle):
             t = Tenant(self, name, raw.value)
             self._children.add(t)
             return t
+
+    def remote_stats(self):
+        """What became of the prompts published to the remote tier (kvp_pool_remote_stats)."""
+        with self._lock:
+            raw = lib.RemoteStats(size=ctypes.sizeof(lib.RemoteStats))
+            check(lib.native().kvp_pool_remote_stats(self._live(), ctypes.byref(raw)), "kvp_pool_remote_stats")
+            return RemoteStats(**{f: getattr(raw, f) for f in RemoteStats.__dataclass_fields__})
+
+    def flush(self, wait_ms=10000):
+        """Waits until every value queued for the remote tier is stored or dropped; raises Busy when
+        values are still queued after wait_ms (kvp_pool_flush). Call it before closing a pool whose
+        prompts other processes should find: close gives the queue only remote_timeout."""
+        wait = checks.integer("wait_ms", wait_ms)
+        with self._lock:  # a close on another thread waits for the flush
+            check(lib.native().kvp_pool_flush(self._live(), wait), "kvp_pool_flush")
 
     def close(self):
         """Closes the pool with its tenants and sequences; a second close does nothing."""

@@ -64,6 +64,9 @@ def test_a_fresh_pool_starts_from_what_another_published(redis_port):
     with kvpager.Pool(spec) as first_pool:
         first = first_pool.tenant("t", TENANT).sequence(SHAPE, prompt=prompt)
         append_prompt(first, prompt, 0)
+        first_pool.flush()
+        stats = first_pool.remote_stats()
+        assert (stats.queued, stats.published, stats.dropped) == (0, 5, 0)
         wait_for_keys(redis_port, 5)  # the sink unit and four blocks of 16 below token 69
         expected = attend_all(first)
     with kvpager.Pool(spec) as pool:
@@ -86,3 +89,32 @@ def test_a_server_that_is_gone_is_a_miss(redis_port):
         assert seq.n_cached == 0
         assert seq.stats().remote_faults == 1
         append_prompt(seq, list(range(70)), 0)
+
+
+def test_flush_waits_for_a_server_that_pauses_its_writes(redis_port):
+    import kvpager
+    # a writer's patience of 3 s, longer than the pause however busy the machine
+    spec = f"remote=redis://127.0.0.1:{redis_port},remote_timeout=3000"
+    prompt = list(range(500, 570))
+    with kvpager.Pool(spec) as pool:
+        seq = pool.tenant("t", TENANT).sequence(SHAPE, prompt=prompt)  # looked up before the pause
+        assert redis_cli(redis_port, "CLIENT", "PAUSE", "1000", "WRITE") == "OK"
+        append_prompt(seq, prompt, 0)
+        with pytest.raises(kvpager.Busy, match="still queued"):
+            pool.flush(wait_ms=20)
+        pool.flush()
+        stats = pool.remote_stats()
+        assert (stats.queued, stats.published, stats.dropped) == (0, 5, 0)
+        assert stats.bytes_published > 0
+    assert redis_cli(redis_port, "DBSIZE") == "5"
+
+
+def test_without_a_remote_tier_flush_returns_and_stats_are_zero():
+    import kvpager
+    with kvpager.Pool("") as pool:
+        pool.flush(wait_ms=0)
+        assert pool.remote_stats() == kvpager.RemoteStats(0, 0, 0, 0, 0)
+        with pytest.raises(ValueError, match="wait_ms"):
+            pool.flush(wait_ms=-1)
+    with pytest.raises(kvpager.PermissionDenied):
+        pool.remote_stats()
