@@ -147,10 +147,11 @@ typedef struct {
 } kvp_remote_stats;
 KVP_API kvp_status kvp_pool_remote_stats(const kvp_pool *pool, kvp_remote_stats *out);
 /*
- * Waits until the publication queue is empty, every value queued before the call stored or dropped, or
- * wait_ms has passed: KVP_OK when it is empty, KVP_EBUSY (values still queued) otherwise. A process that
- * publishes prompts and then exits calls it before kvp_pool_close, which gives the queue only
- * remote_timeout. KVP_OK at once without remote=.
+ * Waits until the publication queue is empty (so every value queued before the call is stored or dropped)
+ * or wait_ms has passed: KVP_OK when it is empty, KVP_EBUSY (values still queued) otherwise; while other
+ * threads keep publishing, the queue may not empty within wait_ms. A process that publishes prompts and
+ * then exits calls it before kvp_pool_close, which gives the queue only remote_timeout. KVP_OK at once
+ * without remote=.
  */
 KVP_API kvp_status kvp_pool_flush(kvp_pool *pool, uint32_t wait_ms);
 
