@@ -8,6 +8,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "kvpager.h"
 
@@ -107,6 +108,18 @@ static inline int kvp_overlap(const void *a, size_t a_bytes, const void *b, size
 {
 	const uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
 	return a_bytes && b_bytes && x < y + b_bytes && y < x + a_bytes;
+}
+
+/* Fills a versioned public struct (kvp_stats and the like: a uint32_t size first, set by the caller, at
+ * least that size and one member) from full, a whole one of full_bytes: the members the caller's size
+ * covers, so an older, smaller struct gets what it knows; the caller's size is left as it is. */
+static inline void kvp_sized_copy(void *out, const void *full, size_t full_bytes)
+{
+	uint32_t size;
+	memcpy(&size, out, sizeof size);
+	if (size > full_bytes)
+		size = (uint32_t)full_bytes;
+	memcpy((char *)out + sizeof size, (const char *)full + sizeof size, size - sizeof size);
 }
 
 /* IEEE 754 binary16, round to nearest even; NaN and infinity preserved. */

@@ -270,8 +270,7 @@ kvp_status kvp_gating_head_level(const struct kvp_gating *g, uint32_t layer, uin
 	full.budget = g->budget[i];
 	full.level = kvp_gating_level(g, layer, kv_head);
 	full.bits = g->cfg->ladder.n ? g->cfg->ladder.bits[full.level] : 0;
-	memcpy((char *)out + sizeof out->size, (const char *)&full + sizeof full.size,
-	       (out->size < sizeof full ? out->size : sizeof full) - sizeof out->size);
+	kvp_sized_copy(out, &full, sizeof full);
 	return KVP_OK;
 }
 

@@ -138,7 +138,6 @@ kvp_status kvp_pool_remote_stats(const kvp_pool *h, kvp_remote_stats *out)
 {
 	kvp_remote_stats full = { .size = sizeof full };
 	struct kvp_remote_counters c;
-	uint32_t size;
 	void *p;
 	kvp_status st = kvp_handle_get(KVP_HANDLE_POOL, h, "kvp_pool_remote_stats", &p);
 
@@ -152,8 +151,7 @@ kvp_status kvp_pool_remote_stats(const kvp_pool *h, kvp_remote_stats *out)
 	full.dropped = c.dropped;
 	full.bytes_published = c.bytes_published;
 	full.faults = c.faults;
-	size = out->size < sizeof full ? out->size : (uint32_t)sizeof full;
-	memcpy((char *)out + sizeof out->size, (const char *)&full + sizeof full.size, size - sizeof out->size);
+	kvp_sized_copy(out, &full, sizeof full);
 	return KVP_OK;
 }
 

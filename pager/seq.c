@@ -247,12 +247,6 @@ static void stats_stream(const struct kvp_tenant_obj *t, const struct kvp_stream
 		o->bytes_meta += kvp_alloc_size(t, st->recent->bytes);
 }
 
-static void stats_copy(kvp_stats *out, const kvp_stats *full)
-{
-	uint32_t size = out->size < sizeof *full ? out->size : (uint32_t)sizeof *full;
-	memcpy((char *)out + sizeof out->size, (const char *)full + sizeof full->size, size - sizeof out->size);
-}
-
 static kvp_status stats_check(const void *h, uint32_t magic, const kvp_stats *out, const char *call)
 {
 	if (!h || *(const uint32_t *)h != magic)
@@ -289,7 +283,7 @@ kvp_status kvp_seq_stats_entered(const struct kvp_seq_obj *s, kvp_stats *out)
 	full.remote_hit_tokens = s->remote_hit_tokens;
 	full.remote_faults = s->remote_faults;
 	full.remote_rejected = s->remote_rejected;
-	stats_copy(out, &full);
+	kvp_sized_copy(out, &full, sizeof full);
 	return KVP_OK;
 }
 
@@ -317,6 +311,6 @@ kvp_status kvp_tenant_stats(const kvp_tenant *h, kvp_stats *out)
 	full.remote_hit_tokens = atomic_load(&t->remote_hit_tokens);
 	full.remote_faults = atomic_load(&t->remote_faults);
 	full.remote_rejected = atomic_load(&t->remote_rejected);
-	stats_copy(out, &full);
+	kvp_sized_copy(out, &full, sizeof full);
 	return KVP_OK;
 }
