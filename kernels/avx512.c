@@ -3207,6 +3207,158 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 
 #undef CHOOSE_VECTORS
 
+/*
+ * mask_codes (contract in kernels.h) for d a multiple of 64, the plain code otherwise. Per 64 channels: the
+ * magnitudes of the block's kept channels spread one to a byte (a vpermb gives qword Q the bytes of fields
+ * 8Q..8Q+7, vpmultishiftqb brings each field to its byte's low bits), vpexpandb places them in the kept
+ * lanes, two masked adds make the codes, and a shift, an or and vpmovwb pack them two to a byte. Hot rows
+ * cost (Zen 5, 2.1 GHz) 1.9 ns at d=64 and 4.3 ns at d=128 (keep=0.5, 2-bit magnitudes), where spreading
+ * each block's magnitudes from memory took 4.0 and 6.6.
+ */
+#define MAG_BYTE(mb, i) (char)((i) / 8 * (mb) + (i) % 8)
+#define MAG_SHIFT(mb, i) (char)((i) % 8 * (mb))
+#define MAG_BYTES8(f, mb, i) f(mb, i), f(mb, i + 1), f(mb, i + 2), f(mb, i + 3), f(mb, i + 4), f(mb, i + 5), \
+	f(mb, i + 6), f(mb, i + 7)
+#define MAG_BYTES64(f, mb) { MAG_BYTES8(f, mb, 0), MAG_BYTES8(f, mb, 8), MAG_BYTES8(f, mb, 16), MAG_BYTES8(f, mb, 24), \
+	MAG_BYTES8(f, mb, 32), MAG_BYTES8(f, mb, 40), MAG_BYTES8(f, mb, 48), MAG_BYTES8(f, mb, 56) }
+static const char mag_pick[3][64] = { { 0 }, MAG_BYTES64(MAG_BYTE, 1), MAG_BYTES64(MAG_BYTE, 2) };
+static const char mag_shift[3][64] = { { 0 }, MAG_BYTES64(MAG_SHIFT, 1), MAG_BYTES64(MAG_SHIFT, 2) };
+/* byte e takes field e of one qword (fields past the qword's 64 bits wrap, and are never expanded) */
+#define MAG_FLAT(mb, i) (char)((i) * (mb) % 64)
+static const char mag_flat[3][64] = { { 0 }, MAG_BYTES64(MAG_FLAT, 1), MAG_BYTES64(MAG_FLAT, 2) };
+
+/* Magnitudes r..r+63 (mb of 1 or 2 bits) a byte each; fields past the row's `bytes` magnitude bytes read 0. */
+INLINE __m512i mag_spread(unsigned mb, const uint8_t *mag, unsigned r, unsigned bytes)
+{
+	const unsigned at = r * mb / 8, sh = r * mb % 8, left = bytes > at ? bytes - at : 0;
+	const unsigned nb = left < 8 * mb + 1 ? left : 8 * mb + 1;
+	__m512i v = _mm512_maskz_loadu_epi8(tail64(nb), mag + at);
+
+	v = _mm512_permutexvar_epi8(_mm512_loadu_si512(mag_pick[mb]), v);
+	v = _mm512_multishift_epi64_epi8(_mm512_add_epi8(_mm512_loadu_si512(mag_shift[mb]), _mm512_set1_epi8((char)sh)), v);
+	return _mm512_and_si512(v, _mm512_set1_epi8((char)((1u << mb) - 1)));
+}
+
+INLINE uint64_t load_u64(const uint8_t *p)
+{
+	uint64_t v;
+
+	memcpy(&v, p, sizeof v);
+	return v;
+}
+
+/* The codes of 64 channels with keep mask `keep` and signs `neg`, whose kept magnitudes are the bytes of v
+ * in order, packed two to a byte into out. */
+INLINE void codes64(__mmask64 keep, __mmask64 neg, __m512i v, uint8_t *out)
+{
+	__m512i c = _mm512_maskz_expand_epi8(keep, v);
+
+	c = _mm512_mask_add_epi8(c, keep, c, _mm512_set1_epi8(1));
+	c = _mm512_mask_add_epi8(c, neg, c, _mm512_set1_epi8(8));
+	c = _mm512_or_si512(c, _mm512_srli_epi16(c, 4));
+	_mm256_storeu_si256((__m256i *)(void *)out, _mm512_cvtepi16_epi8(c));
+}
+
+/* One block of 64 channels with at most 64 bits of magnitudes (d = 64, kept * mb <= 64, the shape of keep=0.5
+ * at d=64): one broadcast of them and one vpmultishiftqb spread every field. */
+static __attribute__((noinline)) void mask_codes64(const struct kvp_mask_rows *rows, unsigned n, const uint8_t *base,
+						   uint8_t *codes)
+{
+	/* the shape in locals: the stores to codes could alias *rows, which would be read again per row */
+	const struct kvp_mask_rows r = *rows;
+	const unsigned bytes = (r.kept * r.mb + 7) / 8;
+	const __m512i shift = _mm512_loadu_si512(mag_flat[r.mb]), low = _mm512_set1_epi8((char)((1u << r.mb) - 1));
+	const __mmask16 live = (__mmask16)((1u << bytes) - 1);
+
+	for (unsigned i = 0; i < n; i++, base += r.stride, codes += 32) {
+		const uint64_t keep = load_u64(base + r.mask_at);
+		const __m512i mag = _mm512_broadcastq_epi64(_mm_maskz_loadu_epi8(live, base + r.mag_at));
+
+		if ((unsigned)__builtin_popcountll(keep) != r.kept)
+			memset(codes, 0xff, 32);
+		else
+			codes64(keep, load_u64(base + r.sign_at), _mm512_and_si512(_mm512_multishift_epi64_epi8(shift, mag), low),
+				codes);
+	}
+}
+
+/* Rows of at most 64 kept channels (keep=0.5 at d=64 and d=128): each row's magnitudes are spread once, a field
+ * to a byte (a vpermb gives qword Q the bytes of fields 8Q..8Q+7, vpmultishiftqb brings each to its byte), and
+ * each block of 64 channels takes them from its first field on (one more vpermb). */
+static __attribute__((noinline)) void mask_codes_spread(const struct kvp_mask_rows *rows, unsigned n, const uint8_t *base, uint8_t *codes)
+{
+	const unsigned d = rows->d, mb = rows->mb, bytes = (rows->kept * mb + 7) / 8;
+	const __m512i pick = _mm512_loadu_si512(mag_pick[mb]), shift = _mm512_loadu_si512(mag_shift[mb]);
+	const __m512i low = _mm512_set1_epi8((char)((1u << mb) - 1)), from = _mm512_loadu_si512(iota);
+	const __mmask16 live = (__mmask16)((1u << bytes) - 1);
+
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *row = base + (size_t)i * rows->stride;
+		uint8_t *out = codes + (size_t)i * (d / 2);
+		const __m512i raw = _mm512_castsi128_si512(_mm_maskz_loadu_epi8(live, row + rows->mag_at));
+		const __m512i spread = _mm512_and_si512(_mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(pick, raw)), low);
+		unsigned kept = 0, r = 0;
+
+		for (unsigned b = 0; b < d / 64; b++)
+			kept += (unsigned)__builtin_popcountll(load_u64(row + rows->mask_at + 8 * b));
+		if (kept != rows->kept) {
+			memset(out, 0xff, d / 2);
+			continue;
+		}
+		for (unsigned b = 0; b < d / 64; b++) {
+			const uint64_t keep = load_u64(row + rows->mask_at + 8 * b);
+
+			codes64(keep, load_u64(row + rows->sign_at + 8 * b),
+				b ? _mm512_permutexvar_epi8(_mm512_add_epi8(from, _mm512_set1_epi8((char)r)), spread) : spread,
+				out + 32 * b);
+			r += (unsigned)__builtin_popcountll(keep);
+		}
+	}
+}
+
+static void mask_codes(const struct kvp_mask_rows *rows, unsigned n, const uint8_t *base, uint8_t *codes)
+{
+	const unsigned d = rows->d, mb = rows->mb, bytes = (rows->kept * mb + 7) / 8;
+
+	if (d == 64 && bytes <= 8) {
+		mask_codes64(rows, n, base, codes);
+		return;
+	}
+	if (d % 64 == 0 && rows->kept <= 64 && mb <= 2) {
+		mask_codes_spread(rows, n, base, codes);
+		return;
+	}
+	if (d % 64 || mb > 2) {
+		kvp_mask_codes_plain(rows, n, base, codes);
+		return;
+	}
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *row = base + (size_t)i * rows->stride;
+		uint8_t *out = codes + (size_t)i * (d / 2);
+		unsigned kept = 0, r = 0;
+
+		for (unsigned b = 0; b < d / 64; b++)
+			kept += (unsigned)__builtin_popcountll(load_u64(row + rows->mask_at + 8 * b));
+		if (kept != rows->kept) {
+			memset(out, 0xff, d / 2);
+			continue;
+		}
+		for (unsigned b = 0; b < d / 64; b++) {
+			const uint64_t keep = load_u64(row + rows->mask_at + 8 * b);
+
+			codes64(keep, load_u64(row + rows->sign_at + 8 * b),
+				mb ? mag_spread(mb, row + rows->mag_at, r, bytes) : _mm512_setzero_si512(), out + 32 * b);
+			r += (unsigned)__builtin_popcountll(keep);
+		}
+	}
+}
+
+#undef MAG_BYTES64
+#undef MAG_BYTES8
+#undef MAG_FLAT
+#undef MAG_SHIFT
+#undef MAG_BYTE
+
 /* loops.h's integer lanes: sixteen int32 in a zmm register, and sixteen bytes widened into them */
 #define LOOPS_LANES 16
 typedef int32_t loops_i32v __attribute__((vector_size(64)));
@@ -3218,6 +3370,7 @@ INLINE loops_i32v loops_bytes(const uint8_t *p)
 
 #define KVP_ISA_SPARK
 #define KVP_ISA_SPARK_CHOOSE
+#define KVP_ISA_MASK_CODES
 #define KVP_ISA_ENCODE
 #define KVP_ISA_FUSED_LOOKUPS
 #define KVP_ISA_AXPY_U8

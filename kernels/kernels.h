@@ -32,6 +32,17 @@ struct kvp_masked_codes {
 };
 
 /*
+ * Rows of spark(quantize=rotated) tokens (mask_codes): row i starts at base + i*stride and holds its keep
+ * mask (d bits, LSB first) at mask_at, a sign bit for every one of its d channels (1 = negative) at sign_at,
+ * and the kept channels' magnitudes at mag_at: `kept` fields of mb bits (0 to 2; none at 0), in channel
+ * order, packed LSB first.
+ */
+struct kvp_mask_rows {
+	unsigned d, kept, mb;
+	size_t stride, mask_at, sign_at, mag_at;
+};
+
+/*
  * Rows in runs (lut_axpy_u8_group): n rows, run r holding rows [r*run, r*run + run) of them; row r*run + t
  * has its codes at code[r] + t*stride and its scale (a float, no alignment needed) at scale[r] +
  * t*scale_stride. run is a multiple of KVP_RUN_ROWS, and n <= KVP_RUNS_MAX * run. The rows of one array are
@@ -306,6 +317,16 @@ struct kvp_kernels {
 	 */
 	double (*spark_choose)(unsigned d, unsigned kept, const int32_t *key, const float *x, uint8_t *mask,
 			       uint8_t *signs, float *y);
+	/*
+	 * spark(quantize=rotated)'s tokens as dense rows of 4-bit codes, for the lut kernels: n rows as *rows
+	 * describes (struct kvp_mask_rows above; d even), row i into the d / 2 bytes at codes + i * d / 2:
+	 *   code j = (sign bit j << 3) | L_j,  L_j = 1 + the magnitude of the r-th kept channel when channel j is
+	 *            the r-th kept one, 0 when j is pruned;
+	 * code j in the low four bits of byte j / 2 when j is even, the high four when odd. A row whose mask does
+	 * not keep exactly rows->kept channels (bytes the encoder never wrote) gets code 15 everywhere, and reads
+	 * no magnitude. Every implementation gives the same bytes.
+	 */
+	void (*mask_codes)(const struct kvp_mask_rows *rows, unsigned n, const uint8_t *base, uint8_t *codes);
 };
 
 /*
@@ -951,6 +972,41 @@ static inline void kvp_code_put(uint8_t *row, unsigned j, unsigned bits, unsigne
 	row[o >> 3] |= (uint8_t)(v << (o & 7));
 	if ((o & 7) + bits > 8)
 		row[(o >> 3) + 1] |= (uint8_t)(v >> (8 - (o & 7)));
+}
+
+/* mask_codes in plain code: the scalar reference, and the tables without a vector version. */
+static inline void kvp_mask_codes_plain(const struct kvp_mask_rows *rows, unsigned n, const uint8_t *base,
+					uint8_t *codes)
+{
+	const unsigned d = rows->d, mb = rows->mb;
+
+	for (unsigned i = 0; i < n; i++) {
+		const uint8_t *row = base + (size_t)i * rows->stride;
+		const uint8_t *mask = row + rows->mask_at, *sign = row + rows->sign_at, *mag = row + rows->mag_at;
+		uint8_t *out = codes + (size_t)i * (d / 2);
+		unsigned kept = 0, r = 0;
+
+		for (unsigned j = 0; j < d; j++)
+			kept += mask[j >> 3] >> (j & 7) & 1;
+		if (kept != rows->kept) {
+			memset(out, 0xff, d / 2);
+			continue;
+		}
+		memset(out, 0, d / 2);
+		for (unsigned j = 0; j < d; j++) {
+			unsigned code = (unsigned)(sign[j >> 3] >> (j & 7) & 1) << 3;
+
+			if (mask[j >> 3] >> (j & 7) & 1) {
+				size_t o = (size_t)r++ * mb;
+				unsigned m = 0;
+
+				for (unsigned b = 0; b < mb; b++, o++)
+					m |= (unsigned)(mag[o >> 3] >> (o & 7) & 1) << b;
+				code |= 1 + m;
+			}
+			out[j / 2] |= (uint8_t)(code << 4 * (j & 1));
+		}
+	}
 }
 
 /* Byte j of entry m is the number of set bits of m below bit j: where the value of a kept channel j of a

@@ -35,6 +35,7 @@
  *                                   softmax_group are built here; otherwise softmax_step itself (contract in
  *                                   kernels.h), and softmax_group is scale, then softmax_step per head
  *   spark_choose (with KVP_ISA_SPARK_CHOOSE defined; otherwise the plain code of kernels.h)
+ *   mask_codes (with KVP_ISA_MASK_CODES defined; otherwise the plain code of kernels.h)
  *   fwht_blocks16 (with KVP_ISA_FWHT defined)
  *                                   stages 1, 2, 4 and 8 of fwht on each block of 16 values of v[0..p), p >= 16
  *   dot_i8_step (with KVP_ISA_DOT_I8_STEP defined) lut_dot_i8_group's float step on a slice of rows' sums
@@ -1040,6 +1041,13 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 }
 #endif
 
+#ifndef KVP_ISA_MASK_CODES
+static void mask_codes(const struct kvp_mask_rows *rows, unsigned n, const uint8_t *base, uint8_t *codes)
+{
+	kvp_mask_codes_plain(rows, n, base, codes);
+}
+#endif
+
 #define KVP_ISA_ENTRIES(dot_i8, lut_axpy_u8, dot_i8_scaled_fn, axpy_u8_scaled_fn) \
 	.dot_f32 = dot_f32, \
 	.dot_f16 = dot_f16, \
@@ -1068,7 +1076,8 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 	.sum_squares = sum_squares, \
 	.mask_expand = mask_expand, \
 	.spark_dot_i16_group = LOOPS_SPARK_DOT_I16_GROUP, \
-	.spark_choose = spark_choose,
+	.spark_choose = spark_choose, \
+	.mask_codes = mask_codes,
 
 const struct kvp_kernels KVP_ISA_TABLE = {
 	.name = KVP_ISA_NAME,

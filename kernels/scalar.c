@@ -388,4 +388,5 @@ const struct kvp_kernels kvp_kernels_scalar = {
 	.mask_expand = mask_expand,
 	.spark_dot_i16_group = spark_dot_i16_group,
 	.spark_choose = kvp_spark_choose_plain,
+	.mask_codes = kvp_mask_codes_plain,
 };

@@ -2301,6 +2301,96 @@ static void spark_choose_equals_scalar_on_unaligned_pointers(const struct kvp_ke
 }
 
 
+/* ---- spark(quantize=rotated)'s code rows (mask_codes) against the scalar reference, byte for byte ---- */
+
+/*
+ * n rows of [4 bytes][mask][signs][magnitudes] at their stride, starting `off` bytes into the buffer, the last
+ * row ending exactly at the allocation's end (a read past it is caught under ASan). Every fifth row has a
+ * random mask (it seldom keeps exactly `kept`: code 15 throughout); the others keep `kept` channels chosen
+ * at random. Signs and magnitudes are random bytes.
+ */
+static void mask_codes_case(const struct kvp_kernels *k, unsigned d, unsigned kept, unsigned mb, unsigned n,
+			    unsigned off)
+{
+	const size_t mbytes = (d + 7) / 8, magb = ((size_t)kept * mb + 7) / 8;
+	const struct kvp_mask_rows rows = { .d = d, .kept = kept, .mb = mb, .stride = 4 + 2 * mbytes + magb,
+					    .mask_at = 4, .sign_at = 4 + mbytes, .mag_at = 4 + 2 * mbytes };
+	const size_t len = off + n * rows.stride;
+	uint8_t *base = xmalloc(len), *got = xmalloc(n * d / 2 + off), *want = xmalloc(n * d / 2 + off);
+
+	for (size_t i = 0; i < len; i++)
+		base[i] = (uint8_t)rnd32();
+	for (unsigned i = 0; i < n; i++) {
+		uint8_t *mask = base + off + i * rows.stride + rows.mask_at;
+		unsigned left = kept;
+
+		if (i % 5 == 4)
+			continue;
+		memset(mask, 0, mbytes);
+		while (left) {
+			const unsigned j = rnd32() % d;
+			if (!(mask[j >> 3] >> (j & 7) & 1))
+				mask[j >> 3] |= (uint8_t)(1u << (j & 7)), left--;
+		}
+	}
+	memset(got, 0x5a, n * d / 2 + off), memset(want, 0xa5, n * d / 2 + off);
+	k->mask_codes(&rows, n, base + off, got + off);
+	kvp_kernels_scalar.mask_codes(&rows, n, base + off, want + off);
+	for (size_t at = 0; at < (size_t)n * d / 2; at++)
+		check(got[off + at] == want[off + at], "%s mask_codes d=%u kept=%u mb=%u n=%u off=%u row %zu byte %zu: %02x, scalar %02x",
+		      k->name, d, kept, mb, n, off, at / (d / 2), at % (d / 2), got[off + at], want[off + at]);
+	free(base), free(got), free(want);
+}
+
+static void mask_codes_shapes(const struct kvp_kernels *k, unsigned off)
+{
+	static const unsigned widths[] = { 2, 8, 16, 64, 128, 192, 256 }, ns[] = { 1, 5, 17 };
+
+	for (size_t a = 0; a < COUNT(widths); a++) {
+		const unsigned d = widths[a], kepts[] = { 1, d / 2, d - 1, d };
+
+		for (size_t b = 0; b < COUNT(kepts); b++)
+			for (unsigned mb = 0; mb <= 2; mb++)
+				for (size_t c = 0; c < COUNT(ns); c++)
+					mask_codes_case(k, d, kepts[b], mb, ns[c], off);
+	}
+}
+
+/* The reference's own meaning on one hand-made row: d=8, channels 1, 2, 5 and 7 kept with magnitudes 3, 0,
+ * 2, 1 (2 bits each), channels 0, 2 and 7 negative. */
+static void scalar_mask_codes_places_magnitudes_signs_and_the_pruned_level(void)
+{
+	const uint8_t row[4] = { 0xa6, 0x85, 0x63, 0x00 }; /* mask 1010'0110, signs 1000'0101, mags 01 10 00 11 */
+	const struct kvp_mask_rows rows = { .d = 8, .kept = 4, .mb = 2, .stride = 3, .mask_at = 0, .sign_at = 1,
+					    .mag_at = 2 };
+	const unsigned want[8] = { 8, 4, 9, 0, 0, 3, 0, 10 };
+	uint8_t codes[8];
+
+	kvp_kernels_scalar.mask_codes(&rows, 1, row, codes);
+	for (unsigned j = 0; j < 8; j++)
+		check((codes[j / 2] >> 4 * (j & 1) & 15) == want[j], "channel %u: code %u, want %u", j,
+		      codes[j / 2] >> 4 * (j & 1) & 15, want[j]);
+	/* a mask that keeps three channels, not four: code 15 throughout */
+	{
+		uint8_t bad[4] = { 0x26, 0x85, 0x63, 0x00 };
+
+		kvp_kernels_scalar.mask_codes(&rows, 1, bad, codes);
+		for (unsigned b = 0; b < 4; b++)
+			check(codes[b] == 0xff, "unsound row: byte %u is %02x, want ff", b, codes[b]);
+	}
+}
+
+static void mask_codes_equals_scalar_on_odd_lengths(const struct kvp_kernels *k)
+{
+	mask_codes_shapes(k, 0);
+}
+
+static void mask_codes_equals_scalar_on_unaligned_pointers(const struct kvp_kernels *k)
+{
+	mask_codes_shapes(k, 1);
+	mask_codes_shapes(k, 3);
+}
+
 /*
  * n rows of [mask][signs] at stride bytes, and their kept values kept_stride floats apart; the last row
  * and its kept values end exactly at the end of their allocations, so a read past them is caught under
@@ -2886,6 +2976,7 @@ static const struct test reference_tests[] = {
 	TEST(scalar_sym_codes_count_the_thresholds_below),
 	TEST(scalar_mask_expand_places_kept_values_and_signed_recoveries),
 	TEST(scalar_spark_choose_keeps_the_largest_and_the_lowest_ties),
+	TEST(scalar_mask_codes_places_magnitudes_signs_and_the_pruned_level),
 	TEST(scalar_spark_dot_i16_matches_its_definition),
 	TEST(scalar_band_norms_reads_both_layouts),
 	TEST(crc32c_reference_gives_the_published_check_values),
@@ -2970,6 +3061,8 @@ static const struct vector_test vector_tests[] = {
 	TEST(spark_dot_i16_equals_scalar_at_the_ends_of_its_ranges),
 	TEST(spark_choose_equals_scalar_on_odd_lengths_and_ties),
 	TEST(spark_choose_equals_scalar_on_unaligned_pointers),
+	TEST(mask_codes_equals_scalar_on_odd_lengths),
+	TEST(mask_codes_equals_scalar_on_unaligned_pointers),
 	TEST(band_norms_is_bit_identical_to_scalar_in_both_layouts),
 };
 
