@@ -21,6 +21,7 @@
 #define KVP_CODEC_H
 
 #include <float.h>
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -84,7 +85,8 @@ struct kvp_codec_ops {
 	 * c->ctx_bytes, c->qprep_bytes, c->scratch_bytes, c->acc_dim and c->state. inner is the rest of a
 	 * stack, already opened with the dimension inner_dim() returned, or NULL. The registry frees inner
 	 * and the scratch; close() releases only state.
-	 * On entry c->flags == ops->flags, c->group == 1 and c->role is set; open may clear flags. */
+	 * On entry c->flags == ops->flags, c->group == 1 and c->role is set; open may clear flags, and may point
+	 * c->ops at ops of a mode of its own (spark(quantize=rotated)), whose calls, close included, follow. */
 	kvp_status (*open)(struct kvp_codec *c, struct kvp_args *args, unsigned dim, struct kvp_codec *inner);
 	size_t (*bytes)(const struct kvp_codec *c, unsigned n); /* n a multiple of c->group */
 	/* Fill ctx from n >= group vectors and nq observed queries (q may be NULL when nq == 0).
@@ -205,6 +207,20 @@ static inline kvp_status kvp_codec_bits_arg(struct kvp_args *args, const char *b
 	return kvp_args_put(args, "bits", bits);
 }
 
+/* A rotated query in int8 for the integer lookups (lut_dot_i8_group): q8[j] = nearest(x[j] * 127 / max |x|);
+ * returns the step (x ~ q8 * step). */
+static inline float kvp_codec_query_i8(const float *x, unsigned m, int8_t *q8)
+{
+	float top = 0.0f, inv;
+
+	for (unsigned j = 0; j < m; j++)
+		top = fabsf(x[j]) > top ? fabsf(x[j]) : top;
+	inv = top > 127.0f / 3.0e38f ? 127.0f / top : 0.0f; /* no infinite factor for tiny queries */
+	for (unsigned j = 0; j < m; j++)
+		q8[j] = (int8_t)kvp_nearest(x[j] * inv);
+	return top / 127.0f;
+}
+
 /* ops->check, or KVP_OK for a codec that has none. */
 static inline kvp_status kvp_codec_check(const struct kvp_codec *c, unsigned n, const void *src)
 {
@@ -223,6 +239,12 @@ extern const struct kvp_codec_ops kvp_codec_fp16;
 extern const struct kvp_codec_ops kvp_codec_turboquant;
 extern const struct kvp_codec_ops kvp_codec_kivi;
 extern const struct kvp_codec_ops kvp_codec_spark;
+
+/* spark(quantize=rotated) (codecs/spark_rotated.c): spark.c's open hands a codec of that mode here, which
+ * points c->ops at the mode's own ops (named "spark" as well), so that no call of the mode goes through a
+ * test of it. kept channels of c->dim, recover=avg when avg; inner is the codec right of '|'. */
+kvp_status kvp_spark_rotated_open(struct kvp_codec *c, unsigned kept, unsigned avg, struct kvp_codec *inner);
+extern const struct kvp_codec_ops kvp_spark_rotated_ops;
 
 /* TurboQuant's scalar reference encoder and decoder, outside the vtable: its fast paths give the same
  * bytes and floats, which tests/test_turboquant.c checks against these. */

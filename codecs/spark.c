@@ -1,5 +1,5 @@
 /*
- * spark(keep=K, recover=avg|zero, quantize=kept|all), default keep=0.5, recover=avg, quantize=kept: SparK
+ * spark(keep=K, recover=avg|zero, quantize=kept|all|rotated), default keep=0.5, recover=avg, quantize=kept: SparK
  * (Liao et al., arXiv 2508.15212),
  * per-token unstructured pruning of key channels. Separable, group 1; may stand left of '|' so the kept
  * values go to a quantizer: "spark(keep=0.5)|turboquant(bits=3)". Alone, the kept values are fp16.
@@ -43,6 +43,9 @@
  * and quantize=all 0.98x; see the query paths below.) At d=64 neither pays over TurboQuant alone: the mask,
  * signs and s (16 bytes) outweigh the kept=0.5 codes saved (12 bytes at 3 bits), and kjv-2k and kjv-64 move
  * less with turboquant(bits=3) or (bits=4) keys than with SparK over either (README, codecs).
+ *
+ * quantize=rotated (stacked over turboquant at bits 1..3): SparK in TurboQuant's rotated basis, with a
+ * format and query paths of its own, in codecs/spark_rotated.c: open hands the codec there after parsing.
  *
  * The inner codec must be separable with group 1 (each token's kept channels differ, so a codec grouping
  * tokens or channels across tokens has nothing consistent to group): kivi on keys is rejected.
@@ -105,33 +108,35 @@ struct spark {
 };
 
 static const char *const recover_modes[] = { "zero", "avg", NULL };
-static const char *const quantize_modes[] = { "kept", "all", NULL };
+static const char *const quantize_modes[] = { "kept", "all", "rotated", NULL };
+enum { QUANTIZE_KEPT, QUANTIZE_ALL, QUANTIZE_ROTATED };
 
-static kvp_status parse(struct kvp_args *args, unsigned dim, unsigned *kept, unsigned *avg, unsigned *all)
+/* *mode: QUANTIZE_*. */
+static kvp_status parse(struct kvp_args *args, unsigned dim, unsigned *kept, unsigned *avg, unsigned *mode)
 {
 	double keep = 0.5; /* the reference runs prune 50% (and 80%) */
-	unsigned mode = 1;
+	unsigned recover = 1;
 	kvp_status st;
 
-	*all = 0;
+	*mode = QUANTIZE_KEPT;
 	if ((st = kvp_args_double(args, "keep", 0.0, 1.0, &keep)) != KVP_OK ||
-	    (st = kvp_args_choice(args, "recover", recover_modes, &mode)) != KVP_OK ||
-	    (st = kvp_args_choice(args, "quantize", quantize_modes, all)) != KVP_OK)
+	    (st = kvp_args_choice(args, "recover", recover_modes, &recover)) != KVP_OK ||
+	    (st = kvp_args_choice(args, "quantize", quantize_modes, mode)) != KVP_OK)
 		return st;
 	/* the epsilon keeps keep=0.7 at d=10 from losing a channel to 0.3*10 = 3.0000000000000004 */
 	*kept = dim - (unsigned)floor((1.0 - keep) * dim + 1e-9);
 	if (*kept == 0)
 		return kvp_fail(KVP_EINVAL, "spark: keep=%g keeps no channel of %u", keep, dim);
-	*avg = mode;
+	*avg = recover;
 	return KVP_OK;
 }
 
 static kvp_status spark_inner_dim(struct kvp_args *args, unsigned dim, unsigned *out)
 {
-	unsigned avg, all;
-	kvp_status st = parse(args, dim, out, &avg, &all);
+	unsigned avg, mode;
+	kvp_status st = parse(args, dim, out, &avg, &mode);
 
-	if (st == KVP_OK && all)
+	if (st == KVP_OK && mode != QUANTIZE_KEPT)
 		*out = dim;
 	return st;
 }
@@ -222,13 +227,17 @@ static void open_fast(struct kvp_codec *c, struct spark *s, struct kvp_codec *in
 static kvp_status spark_open(struct kvp_codec *c, struct kvp_args *args, unsigned dim, struct kvp_codec *inner)
 {
 	struct spark *s;
-	unsigned kept, avg, all;
-	kvp_status st = parse(args, dim, &kept, &avg, &all);
+	unsigned kept, avg, mode, all;
+	kvp_status st = parse(args, dim, &kept, &avg, &mode);
 
 	if (st != KVP_OK)
 		return st;
-	if (all && !inner)
-		return kvp_fail(KVP_EINVAL, "spark: quantize=all needs a codec right of '|' to quantize the vector");
+	if (mode != QUANTIZE_KEPT && !inner)
+		return kvp_fail(KVP_EINVAL, "spark: quantize=%s needs a codec right of '|' to quantize the vector",
+				quantize_modes[mode]);
+	if (mode == QUANTIZE_ROTATED)
+		return kvp_spark_rotated_open(c, kept, avg, inner);
+	all = mode == QUANTIZE_ALL;
 	if (inner && (!(inner->flags & KVP_CODEC_SEPARABLE) || inner->group != 1))
 		return kvp_fail(KVP_EINVAL, "spark: the codec right of '|' (%s, group %u) is not separable; SparK's "
 				"kept channels differ per token", inner->ops->name, inner->group);

@@ -983,19 +983,6 @@ static struct tq_query query_at(const struct kvp_codec *c, const void *qprep)
 	return q;
 }
 
-static float quantize_query(const float *x, unsigned m, int8_t *q8)
-{
-	float top = 0.0f, step, inv;
-
-	for (unsigned j = 0; j < m; j++)
-		top = fabsf(x[j]) > top ? fabsf(x[j]) : top;
-	step = top / 127.0f;
-	inv = top > 127.0f / 3.0e38f ? 127.0f / top : 0.0f; /* no infinite factor for tiny queries */
-	for (unsigned j = 0; j < m; j++)
-		q8[j] = (int8_t)kvp_nearest(x[j] * inv);
-	return step;
-}
-
 static void tq_prepare_query(const struct kvp_codec *c, const void *ctx, const float *q, void *qprep)
 {
 	const struct tq *t = c->state;
@@ -1008,7 +995,7 @@ static void tq_prepare_query(const struct kvp_codec *c, const void *ctx, const f
 
 		gather(pt, ctx, q, qr);
 		rotate_fast(pt, qr);
-		out.step[2 * k] = quantize_query(qr, pt->m, out.q8 + at);
+		out.step[2 * k] = kvp_codec_query_i8(qr, pt->m, out.q8 + at);
 		for (unsigned i = 0; i < pt->m && t->qjl; i++) {
 			const float *row = pt->s + (size_t)i * pt->m;
 			float s = 0.0f;
@@ -1017,7 +1004,7 @@ static void tq_prepare_query(const struct kvp_codec *c, const void *ctx, const f
 			sq[i] = s;
 		}
 		if (t->qjl)
-			out.step[2 * k + 1] = quantize_query(sq, pt->m, out.q8 + at + pt->m);
+			out.step[2 * k + 1] = kvp_codec_query_i8(sq, pt->m, out.q8 + at + pt->m);
 	}
 }
 

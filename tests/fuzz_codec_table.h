@@ -26,6 +26,7 @@ static const struct fuzz_codec fuzz_codecs[] = {
 	{ "spark(keep=0.25,recover=zero)|turboquant(bits=4)", 64 },
 	{ "spark(keep=0.5,quantize=all)|turboquant(bits=3)", 32 },
 	{ "fp16", 24 },
+	{ "spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", 64 },
 };
 
 #define FUZZ_CODECS (sizeof fuzz_codecs / sizeof fuzz_codecs[0])

@@ -148,6 +148,12 @@ Test(spark, bytes_follow_the_documented_layout)
 		/* fp16 values start on an even byte: one byte of padding after 4 + 2 + 1 */
 		{ "spark(keep=0.5)", 9, 4 + 2 + 1 + 1 + 10 },
 		{ "spark(keep=0.5)|turboquant(bits=3)", 9, 4 + 2 + 1 + 4 + 2 },
+		/* quantize=rotated: the norm, mask and signs of every coordinate, bits-1 magnitude bits per kept one */
+		{ "spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", 128, 4 + 16 + 16 + 16 },
+		{ "spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", 64, 4 + 8 + 8 + 8 },
+		{ "spark(keep=0.5,quantize=rotated)|turboquant(bits=2)", 128, 4 + 16 + 16 + 8 },
+		{ "spark(keep=0.25,quantize=rotated)|turboquant(bits=1)", 128, 4 + 16 + 16 },
+		{ "spark(keep=0.3,quantize=rotated)|turboquant(bits=3)", 8, 4 + 1 + 1 + 1 },
 	};
 
 	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -203,6 +209,10 @@ Test(spark, dot_and_axpy_equal_decode_alone_and_stacked)
 	query_paths_match_decode("spark(keep=0.5,quantize=all)|turboquant(bits=3)", 128, 50);
 	query_paths_match_decode("spark(keep=0.5,quantize=all,recover=zero)|turboquant(bits=2,outliers=8,outlier_bits=4)",
 				 64, 50);
+	query_paths_match_decode("spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", 128, 300);
+	query_paths_match_decode("spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", 64, 50);
+	query_paths_match_decode("spark(keep=0.3,quantize=rotated,recover=zero)|turboquant(bits=2)", 32, 50);
+	query_paths_match_decode("spark(keep=0.7,quantize=rotated)|turboquant(bits=1)", 8, 50);
 }
 
 Test(spark, bad_specs_are_rejected_with_a_message_quoting_them)
@@ -219,6 +229,12 @@ Test(spark, bad_specs_are_rejected_with_a_message_quoting_them)
 	expect_rejected("spark(keep=0.5,quantize=some)|turboquant(bits=3)", 128, "some");
 	/* alone there is no codec to take the whole vector */
 	expect_rejected("spark(keep=0.5,quantize=all)", 128, "quantize=all");
+	expect_rejected("spark(keep=0.5,quantize=rotated)", 128, "quantize=rotated");
+	/* rotated: one Hadamard pass over codes to take the rotation from, and 16 codes at most */
+	expect_rejected("spark(keep=0.5,quantize=rotated)|turboquant(bits=4)", 128, "bits=4");
+	expect_rejected("spark(keep=0.5,quantize=rotated)|turboquant(bits=3,qjl=1)", 128, "qjl=1");
+	expect_rejected("spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", 96, "turboquant(bits=3)");
+	expect_rejected("spark(keep=0.5,quantize=rotated)|fp16", 128, "fp16");
 }
 
 Test(spark, non_finite_keys_are_rejected)
@@ -424,6 +440,8 @@ Test(spark, group_paths_equal_the_per_head_paths)
 	group_paths_match("spark(keep=0.5)|turboquant(bits=3)", 0.02f);
 	group_paths_match("spark(keep=0.5,recover=zero)|turboquant(bits=3)", 0.0f); /* the float path */
 	group_paths_match("spark(keep=0.5)", 0.0f);
+	/* the query in int8, as TurboQuant's group path takes it: about 0.75% of the RMS per score, 5 sigma */
+	group_paths_match("spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", 0.04f);
 }
 
 /*
@@ -530,4 +548,139 @@ Test(spark, quantize_all_is_its_inner_codec_on_the_recovered_vector)
 	quantize_all_matches("avg", 128);
 	quantize_all_matches("zero", 128);
 	quantize_all_matches("avg", 52); /* runs of 16 channels and a tail of 4 */
+}
+
+/* ---- quantize=rotated ---- */
+
+/* The inner codec's signs and y = H (sgn .* x) in double, as the codec rotates. */
+static void rotated_reference(kvp_codec *c, const float *x, double *y)
+{
+	struct kvp_hadamard_codes hc;
+	const unsigned d = c->dim;
+
+	cr_assert(c->inner->ops->hadamard_codes(c->inner, &hc));
+	for (unsigned i = 0; i < d; i++) {
+		y[i] = 0.0;
+		for (unsigned j = 0; j < d; j++)
+			y[i] += (__builtin_popcount(i & j) & 1 ? -1.0 : 1.0) * hc.sign[j] * x[j];
+	}
+}
+
+/* Of y's coordinates the largest |y_j| are kept (ties to the lower index; Gaussian data has none), every
+ * sign is y's, the norm is x's, and a kept coordinate's magnitude is larger for larger |y_j|. */
+Test(spark, quantize_rotated_keeps_the_largest_rotated_coordinates_with_their_signs)
+{
+	const unsigned d = 64, n = 40, kept = 32;
+	kvp_codec *c = codec_open("spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", d);
+	float *x = gaussian_rows(n, d, 71);
+	unsigned char *bytes = encode_all(c, n, x);
+	const size_t stride = kvp_codec_bytes(c, 1);
+	double y[64];
+
+	for (unsigned i = 0; i < n; i++) {
+		const unsigned char *p = bytes + i * stride, *mask = p + 4, *sign = p + 12, *mag = p + 20;
+		double n2 = 0.0, last = 0.0;
+		unsigned r = 0, last_m = 0;
+
+		rotated_reference(c, x + (size_t)i * d, y);
+		for (unsigned j = 0; j < d; j++)
+			n2 += (double)x[(size_t)i * d + j] * x[(size_t)i * d + j];
+		cr_assert(fabs(kvp_load_f32(p) - sqrt(n2)) <= 1e-5 * sqrt(n2), "token %u: norm %g, want %g", i,
+			  kvp_load_f32(p), sqrt(n2));
+		for (unsigned j = 0; j < d; j++) {
+			unsigned above = 0, keep = mask[j / 8] >> (j % 8) & 1;
+
+			for (unsigned k = 0; k < d; k++)
+				above += fabs(y[k]) > fabs(y[j]);
+			cr_assert_eq(keep, above < kept, "token %u coordinate %u: %u larger, kept %u", i, j, above, keep);
+			cr_assert_eq(sign[j / 8] >> (j % 8) & 1, y[j] < 0, "token %u coordinate %u: sign", i, j);
+		}
+		/* magnitudes grow with |y_j|: sort-free check over the kept ones in order of |y| */
+		for (unsigned pass = 0; pass < kept; pass++) {
+			double best = INFINITY;
+			unsigned at = 0;
+			r = 0;
+			for (unsigned j = 0; j < d; j++) {
+				if (!(mask[j / 8] >> (j % 8) & 1))
+					continue;
+				if (fabs(y[j]) > last && fabs(y[j]) < best)
+					best = fabs(y[j]), at = r;
+				r++;
+			}
+			const unsigned m = mag[at * 2 / 8] >> (at * 2 % 8) & 3;
+			cr_assert(m >= last_m, "token %u: magnitude %u after %u for a larger coordinate", i, m, last_m);
+			last = best, last_m = m;
+		}
+	}
+	kvp_codec_close(c);
+	free(x);
+	free(bytes);
+}
+
+/* Relative squared error of decode against x over n Gaussian tokens. */
+static double decode_error(const char *spec, unsigned d)
+{
+	const unsigned n = 400;
+	kvp_codec *c = codec_open(spec, d);
+	float *x = gaussian_rows(n, d, 73), *y = xcalloc((size_t)n * d, sizeof *y);
+	void *bytes = encode_all(c, n, x);
+	double e = 0.0, s = 0.0;
+
+	cr_assert_eq(kvp_codec_decode(c, n, bytes, y), KVP_OK);
+	for (size_t k = 0; k < (size_t)n * d; k++)
+		e += ((double)y[k] - x[k]) * ((double)y[k] - x[k]), s += (double)x[k] * x[k];
+	kvp_codec_close(c);
+	free(x), free(y), free(bytes);
+	return e / s;
+}
+
+/* On Gaussian keys (which the rotation leaves Gaussian) the fixed levels do about as well as TurboQuant's at
+ * the same width, and better than pruning in the channels' own basis at more bytes. */
+Test(spark, quantize_rotated_errs_about_as_turboquant_at_its_width)
+{
+	const double rot3 = decode_error("spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", 128);
+	const double tq3 = decode_error("turboquant(bits=3)", 128);
+	const double kept3 = decode_error("spark(keep=0.5)|turboquant(bits=3)", 128);
+	const double rot2 = decode_error("spark(keep=0.5,quantize=rotated)|turboquant(bits=2)", 128);
+	const double zero3 = decode_error("spark(keep=0.5,quantize=rotated,recover=zero)|turboquant(bits=3)", 128);
+
+	printf("relative squared error, d=128: rotated|tq3 %.4f, tq3 %.4f, spark|tq3 %.4f, rotated|tq2 %.4f, "
+	       "rotated(recover=zero)|tq3 %.4f\n", rot3, tq3, kept3, rot2, zero3);
+	cr_assert(rot3 < 1.5 * tq3, "rotated %g against turboquant(bits=3) %g", rot3, tq3);
+	cr_assert(rot3 < kept3, "rotated %g against spark(quantize=kept) %g", rot3, kept3);
+	cr_assert(rot3 < rot2 && rot3 < zero3, "rotated bits=3 %g, bits=2 %g, recover=zero %g", rot3, rot2, zero3);
+}
+
+/* Bytes from outside: a norm encode never writes or a mask of the wrong count is named; such a mask decodes
+ * to zeros and scores 0 on every path. */
+Test(spark, quantize_rotated_checks_its_bytes_and_zeroes_a_corrupted_mask)
+{
+	const unsigned d = 64, n = 3, g = 4;
+	kvp_codec *c = codec_open("spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", d);
+	float *x = gaussian_rows(n, d, 75), *q = gaussian_rows(g, d, 76), *y = xcalloc((size_t)n * d, sizeof *y);
+	float *all = xcalloc((size_t)g * n, sizeof *all), one[3];
+	unsigned char *bytes = encode_all(c, n, x), copy[3 * 28];
+	char *qprep = xcalloc(g, c->qprep_bytes);
+	const float nan = NAN;
+
+	cr_assert_eq(kvp_codec_bytes(c, 1), 28);
+	cr_assert_eq(c->ops->check(c, n, bytes), KVP_OK, "%s", kvp_last_error());
+	memcpy(copy, bytes, sizeof copy);
+	memcpy(copy + 28, &nan, 4);
+	cr_assert_eq(c->ops->check(c, n, copy), KVP_ECORRUPT);
+	cr_assert(strstr(kvp_last_error(), "token 1's norm"), "%s", kvp_last_error());
+	memcpy(copy, bytes, sizeof copy);
+	copy[2 * 28 + 4] ^= 0x01;
+	cr_assert_eq(c->ops->check(c, n, copy), KVP_ECORRUPT);
+	cr_assert(strstr(kvp_last_error(), "token 2's keep mask does not keep 32"), "%s", kvp_last_error());
+	cr_assert_eq(c->ops->decode(c, NULL, n, copy, y), KVP_OK);
+	for (unsigned j = 0; j < d; j++)
+		cr_assert_eq(y[2 * d + j], 0.0f, "coordinate %u of the corrupted token", j);
+	for (unsigned h = 0; h < g; h++)
+		c->ops->prepare_query(c, NULL, q + (size_t)h * d, qprep + h * c->qprep_bytes);
+	c->ops->dot_group(c, NULL, n, copy, g, qprep, all, n);
+	c->ops->dot(c, NULL, n, copy, qprep, one);
+	cr_assert(all[2] == 0.0f && one[2] == 0.0f && one[0] != 0.0f, "scores %g %g", all[2], one[2]);
+	kvp_codec_close(c);
+	free(x), free(q), free(y), free(all), free(bytes), free(qprep);
 }
