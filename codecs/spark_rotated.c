@@ -125,10 +125,11 @@ static void open_levels(struct rotated *r, unsigned d, unsigned kept, unsigned a
 
 /* ---- Open. ---- */
 
-/* Tokens per pass of the query paths: their code rows (d / 2 bytes each) about 16 KiB, a multiple of 16. */
+/* Tokens per pass of the query paths: their code rows (d / 2 bytes each) about 4 KiB, a multiple of 16 (the
+ * scratch is charged to the tenant with every sequence's codec, and a call is mostly one block's tokens). */
 static unsigned chunk_tokens(unsigned d)
 {
-	unsigned n = 32768u / d;
+	unsigned n = 8192u / d;
 
 	n = n < 16 ? 16 : n > 256 ? 256 : n;
 	return n / 16 * 16;
