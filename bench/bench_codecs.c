@@ -43,6 +43,7 @@ static const struct spec specs[] = {
 	{ "spark(keep=0.5)", KVP_CODEC_KEYS },
 	{ "spark(keep=0.5)|turboquant(bits=3)", KVP_CODEC_KEYS },
 	{ "spark(keep=0.5,quantize=all)|turboquant(bits=3)", KVP_CODEC_KEYS },
+	{ "spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", KVP_CODEC_KEYS },
 };
 
 struct work {
