@@ -45,12 +45,19 @@
 
 #define LEVELS_MAX 4 /* kept magnitudes at B = 3 */
 
+/*
+ * The encoder's loops run over channels in runs of RUN: a loop of a constant count is one gcc vectorizes at -O2
+ * (its cheap cost model takes no loop of unknown count). d is a power of two; below RUN the runs pass its end
+ * in the scratch, whose arrays are rounded up to RUN.
+ */
+#define RUN 16
+
 struct rotated {
 	struct kvp_mask_rows rows;
 	const float *sgn;           /* the inner codec's D random signs, +-1 */
 	float inv_sqrt_d;
 	float unit8;                /* lut8's step in g units */
-	float thr[LEVELS_MAX - 1];  /* between consecutive kept levels, in g units */
+	float thr[LEVELS_MAX - 1];  /* between consecutive kept levels, in g units; +inf past the levels */
 	int8_t lut8[16];            /* code -> level on the int8 grid */
 	float lut[16];              /* code -> lut8 * unit8 / sqrt(D): a coordinate of the rotated unit vector */
 };
@@ -117,8 +124,8 @@ static void open_levels(struct rotated *r, unsigned d, unsigned kept, unsigned a
 		r->lut8[l] = v;
 		r->lut8[8 | l] = (int8_t)-v;
 	}
-	for (unsigned l = 0; l + 1 < k; l++)
-		r->thr[l] = 0.5f * (float)(r->lut8[l + 1] + r->lut8[l + 2]) * r->unit8;
+	for (unsigned l = 0; l + 1 < LEVELS_MAX; l++)
+		r->thr[l] = l + 1 < k ? 0.5f * (float)(r->lut8[l + 1] + r->lut8[l + 2]) * r->unit8 : INFINITY;
 	for (unsigned code = 0; code < 16; code++)
 		r->lut[code] = (float)r->lut8[code] * r->unit8 * r->inv_sqrt_d;
 }
@@ -193,7 +200,7 @@ kvp_status kvp_spark_rotated_open(struct kvp_codec *c, unsigned kept, unsigned a
 	c->fit_steps = 0;
 	c->acc_dim = d;
 	c->qprep_bytes = (sizeof(float) * (d + 1) + (d + 3) / 4 * 4 + 15) / 16 * 16;
-	c->scratch_bytes = (size_t)chunk_tokens(d) * (d / 2) + 3 * sizeof(float) * d;
+	c->scratch_bytes = (size_t)chunk_tokens(d) * (d / 2) + 3 * sizeof(float) * (d > RUN ? d : RUN);
 	return KVP_OK;
 }
 
@@ -212,50 +219,88 @@ static size_t rotated_bytes(const struct kvp_codec *c, unsigned n)
 
 /* ---- Encode. ---- */
 
-/* v = H (sgn .* x), unnormalized. */
-static void rotate(const struct rotated *r, unsigned d, const float *x, float *v)
+
+static void multiply_run(const float *restrict x, const float *restrict by, float *restrict v)
 {
-	for (unsigned j = 0; j < d; j++)
-		v[j] = x[j] * r->sgn[j];
-	kvp_kernels()->fwht(d, v);
+	for (unsigned j = 0; j < RUN; j++)
+		v[j] = x[j] * by[j];
 }
 
-/* A run of keys: the bits of y_j^2, which order as |y_j| does (see spark.c's score keys). */
-static void square_keys(const float *restrict y, int32_t *restrict key, unsigned n)
+/* Keys: the bits of y_j^2, which order as |y_j| does (see spark.c's score keys). */
+static void square_run(const float *restrict y, int32_t *restrict key)
 {
-	for (unsigned j = 0; j < n; j++) {
+	for (unsigned j = 0; j < RUN; j++) {
 		float s = y[j] * y[j];
 		memcpy(key + j, &s, sizeof s);
 	}
 }
 
-/* The magnitude of a kept value (g units): how many thresholds it passes. */
-static unsigned magnitude(const struct rotated *r, float a)
+/* Sign bits of a run, 1 = negative, channel j at bit j. */
+static unsigned sign_run(const float *restrict y)
 {
-	unsigned m = 0;
+	unsigned v = 0;
 
-	for (unsigned l = 0; l + 1 < (1u << r->rows.mb); l++)
-		m += a > r->thr[l];
-	return m;
+	for (unsigned j = 0; j < RUN; j++)
+		v |= (unsigned)(y[j] < 0.0f) << j;
+	return v;
+}
+
+/* Magnitudes of a run of kept values (|y| / norm, in g units): how many thresholds each passes (the unused
+ * ones are +inf). */
+static void magnitude_run(const float *restrict thr, const float *restrict kept, float inv, uint8_t *restrict m)
+{
+	for (unsigned t = 0; t < RUN; t++) {
+		const float a = fabsf(kept[t]) * inv;
+		m[t] = (uint8_t)((a > thr[0]) + (a > thr[1]) + (a > thr[2]));
+	}
+}
+
+/* v = H (sgn .* x), unnormalized; d below RUN (head dimensions of 2, 4 and 8) channel by channel. */
+static void rotate(const struct rotated *r, unsigned d, const float *x, float *v)
+{
+	for (unsigned j = 0; d < RUN && j < d; j++)
+		v[j] = x[j] * r->sgn[j];
+	for (unsigned j = 0; d >= RUN && j < d; j += RUN)
+		multiply_run(x + j, r->sgn + j, v + j);
+	kvp_kernels()->fwht(d, v);
+}
+
+/* v rotated and its keys. The scratch holds both rounded up to RUN. */
+static void rotate_keys(const struct rotated *r, unsigned d, const float *x, float *v, int32_t *key)
+{
+	rotate(r, d, x, v);
+	for (unsigned j = 0; j < d; j += RUN)
+		square_run(v + j, key + j);
 }
 
 static void encode_one(const struct kvp_codec *c, float norm, const float *x, unsigned char *p)
 {
 	const struct rotated *r = c->state;
-	const unsigned d = c->dim;
-	float *y = floats_of(c), *kept = y + d;
-	int32_t *key = (int32_t *)(kept + d);
+	const unsigned d = c->dim, kept = r->rows.kept, mb = r->rows.mb;
+	const unsigned w = d > RUN ? d : RUN; /* the runs may pass d by less than RUN */
+	float *y = floats_of(c), *kv = y + w;
+	int32_t *key = (int32_t *)(kv + w);
+	uint8_t m[KVP_CODEC_DIM_MAX];
 	const float inv = norm > 0.0f ? 1.0f / norm : 0.0f;
 
-	rotate(r, d, x, y);
-	square_keys(y, key, d);
+	rotate_keys(r, d, x, y, key);
 	memset(p, 0, r->rows.stride);
 	memcpy(p, &norm, sizeof norm);
-	kvp_kernels()->spark_choose(d, r->rows.kept, key, y, p + r->rows.mask_at, NULL, kept);
-	for (unsigned j = 0; j < d; j++)
-		p[r->rows.sign_at + j / 8] |= (uint8_t)((y[j] < 0.0f) << (j & 7));
-	for (unsigned t = 0; t < r->rows.kept && r->rows.mb; t++)
-		kvp_bits_put(p + r->rows.mag_at, (size_t)t * r->rows.mb, r->rows.mb, magnitude(r, fabsf(kept[t]) * inv));
+	kvp_kernels()->spark_choose(d, kept, key, y, p + r->rows.mask_at, NULL, kv);
+	for (unsigned j = 0; j < d; j += RUN) {
+		const unsigned v = d >= RUN ? sign_run(y + j) : 0;
+
+		for (unsigned k = 0; k < RUN && j + k < d; k += 8)
+			p[r->rows.sign_at + (j + k) / 8] = (uint8_t)(v >> k);
+	}
+	for (unsigned j = 0; d < RUN && j < d; j++)
+		p[r->rows.sign_at] |= (uint8_t)((y[j] < 0.0f) << j);
+	if (!mb)
+		return;
+	for (unsigned t = 0; t < kept; t += RUN)
+		magnitude_run(r->thr, kv + t, inv, m + t);
+	for (unsigned t = 0; t < kept; t++)
+		p[r->rows.mag_at + t * mb / 8] |= (uint8_t)(m[t] << (t * mb % 8));
 }
 
 static kvp_status rotated_encode(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x, void *dst)

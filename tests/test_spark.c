@@ -213,6 +213,8 @@ Test(spark, dot_and_axpy_equal_decode_alone_and_stacked)
 	query_paths_match_decode("spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", 64, 50);
 	query_paths_match_decode("spark(keep=0.3,quantize=rotated,recover=zero)|turboquant(bits=2)", 32, 50);
 	query_paths_match_decode("spark(keep=0.7,quantize=rotated)|turboquant(bits=1)", 8, 50);
+	query_paths_match_decode("spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", 4, 50);
+	query_paths_match_decode("spark(keep=0.6,quantize=rotated)|turboquant(bits=2)", 16, 50);
 }
 
 Test(spark, bad_specs_are_rejected_with_a_message_quoting_them)
