@@ -3212,8 +3212,8 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
  * magnitudes of the block's kept channels spread one to a byte (a vpermb gives qword Q the bytes of fields
  * 8Q..8Q+7, vpmultishiftqb brings each field to its byte's low bits), vpexpandb places them in the kept
  * lanes, two masked adds make the codes, and a shift, an or and vpmovwb pack them two to a byte. Hot rows
- * cost (Zen 5, 2.1 GHz) 1.9 ns at d=64 and 4.3 ns at d=128 (keep=0.5, 2-bit magnitudes), where spreading
- * each block's magnitudes from memory took 4.0 and 6.6.
+ * cost (Zen 5 VM, the load moving them) 1.9-2.5 ns at d=64 and 4.3-5.2 ns at d=128 (keep=0.5, 2-bit
+ * magnitudes), where spreading each block's magnitudes from memory took 4.0 and 6.6.
  */
 #define MAG_BYTE(mb, i) (char)((i) / 8 * (mb) + (i) % 8)
 #define MAG_SHIFT(mb, i) (char)((i) % 8 * (mb))
@@ -3282,35 +3282,37 @@ static __attribute__((noinline)) void mask_codes64(const struct kvp_mask_rows *r
 	}
 }
 
-/* Rows of at most 64 kept channels (keep=0.5 at d=64 and d=128): each row's magnitudes are spread once, a field
- * to a byte (a vpermb gives qword Q the bytes of fields 8Q..8Q+7, vpmultishiftqb brings each to its byte), and
- * each block of 64 channels takes them from its first field on (one more vpermb). */
-static __attribute__((noinline)) void mask_codes_spread(const struct kvp_mask_rows *rows, unsigned n, const uint8_t *base, uint8_t *codes)
+/* d a multiple of 64: rows of at most 64 kept channels (keep=0.5 at d=64 and d=128) spread their magnitudes
+ * once and each block takes them from its first field on (one more vpermb); longer rows spread each block's
+ * from memory. */
+static __attribute__((noinline)) void mask_codes_blocks(const struct kvp_mask_rows *rows, unsigned n,
+							const uint8_t *base, uint8_t *codes)
 {
-	const unsigned d = rows->d, mb = rows->mb, bytes = (rows->kept * mb + 7) / 8;
-	const __m512i pick = _mm512_loadu_si512(mag_pick[mb]), shift = _mm512_loadu_si512(mag_shift[mb]);
-	const __m512i low = _mm512_set1_epi8((char)((1u << mb) - 1)), from = _mm512_loadu_si512(iota);
-	const __mmask16 live = (__mmask16)((1u << bytes) - 1);
+	const struct kvp_mask_rows rs = *rows; /* the stores to codes could alias *rows */
+	const unsigned d = rs.d, mb = rs.mb, bytes = (rs.kept * mb + 7) / 8, once = rs.kept <= 64;
+	const __m512i from = _mm512_loadu_si512(iota);
 
 	for (unsigned i = 0; i < n; i++) {
-		const uint8_t *row = base + (size_t)i * rows->stride;
+		const uint8_t *row = base + (size_t)i * rs.stride;
 		uint8_t *out = codes + (size_t)i * (d / 2);
-		const __m512i raw = _mm512_castsi128_si512(_mm_maskz_loadu_epi8(live, row + rows->mag_at));
-		const __m512i spread = _mm512_and_si512(_mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(pick, raw)), low);
+		const __m512i spread = mb && once ? mag_spread(mb, row + rs.mag_at, 0, bytes) : _mm512_setzero_si512();
 		unsigned kept = 0, r = 0;
 
 		for (unsigned b = 0; b < d / 64; b++)
-			kept += (unsigned)__builtin_popcountll(load_u64(row + rows->mask_at + 8 * b));
-		if (kept != rows->kept) {
+			kept += (unsigned)__builtin_popcountll(load_u64(row + rs.mask_at + 8 * b));
+		if (kept != rs.kept) {
 			memset(out, 0xff, d / 2);
 			continue;
 		}
 		for (unsigned b = 0; b < d / 64; b++) {
-			const uint64_t keep = load_u64(row + rows->mask_at + 8 * b);
+			const uint64_t keep = load_u64(row + rs.mask_at + 8 * b);
+			__m512i v = spread;
 
-			codes64(keep, load_u64(row + rows->sign_at + 8 * b),
-				b ? _mm512_permutexvar_epi8(_mm512_add_epi8(from, _mm512_set1_epi8((char)r)), spread) : spread,
-				out + 32 * b);
+			if (mb && !once)
+				v = mag_spread(mb, row + rs.mag_at, r, bytes);
+			else if (b)
+				v = _mm512_permutexvar_epi8(_mm512_add_epi8(from, _mm512_set1_epi8((char)r)), spread);
+			codes64(keep, load_u64(row + rs.sign_at + 8 * b), v, out + 32 * b);
 			r += (unsigned)__builtin_popcountll(keep);
 		}
 	}
@@ -3318,43 +3320,14 @@ static __attribute__((noinline)) void mask_codes_spread(const struct kvp_mask_ro
 
 static void mask_codes(const struct kvp_mask_rows *rows, unsigned n, const uint8_t *base, uint8_t *codes)
 {
-	const unsigned d = rows->d, mb = rows->mb, bytes = (rows->kept * mb + 7) / 8;
-
-	if (d == 64 && bytes <= 8) {
-		mask_codes64(rows, n, base, codes);
-		return;
-	}
-	if (d % 64 == 0 && rows->kept <= 64 && mb <= 2) {
-		mask_codes_spread(rows, n, base, codes);
-		return;
-	}
-	if (d % 64 || mb > 2) {
+	if (rows->mb > 2 || rows->d % 64)
 		kvp_mask_codes_plain(rows, n, base, codes);
-		return;
-	}
-	for (unsigned i = 0; i < n; i++) {
-		const uint8_t *row = base + (size_t)i * rows->stride;
-		uint8_t *out = codes + (size_t)i * (d / 2);
-		unsigned kept = 0, r = 0;
-
-		for (unsigned b = 0; b < d / 64; b++)
-			kept += (unsigned)__builtin_popcountll(load_u64(row + rows->mask_at + 8 * b));
-		if (kept != rows->kept) {
-			memset(out, 0xff, d / 2);
-			continue;
-		}
-		for (unsigned b = 0; b < d / 64; b++) {
-			const uint64_t keep = load_u64(row + rows->mask_at + 8 * b);
-
-			codes64(keep, load_u64(row + rows->sign_at + 8 * b),
-				mb ? mag_spread(mb, row + rows->mag_at, r, bytes) : _mm512_setzero_si512(), out + 32 * b);
-			r += (unsigned)__builtin_popcountll(keep);
-		}
-	}
+	else if (rows->d == 64 && rows->kept * rows->mb <= 64)
+		mask_codes64(rows, n, base, codes);
+	else
+		mask_codes_blocks(rows, n, base, codes);
 }
 
-#undef MAG_BYTES64
-#undef MAG_BYTES8
 #undef MAG_FLAT
 #undef MAG_SHIFT
 #undef MAG_BYTE
