@@ -495,29 +495,11 @@ static float load_root(const struct spark *s, const unsigned char *p)
  * reads as many kept values as the mask has bits, so bytes that were never encoded (a caller's garbage)
  * must not reach it; such a token decodes as zeros.
  */
-/* Set bits of w by halves, quarters, ...: without -mpopcnt, __builtin_popcountll is a call into libgcc,
- * which a token's check paid on the query path. */
-static unsigned popcount64(uint64_t w)
-{
-	w -= (w >> 1) & 0x5555555555555555u;
-	w = (w & 0x3333333333333333u) + ((w >> 2) & 0x3333333333333333u);
-	w = (w + (w >> 4)) & 0x0f0f0f0f0f0f0f0fu;
-	return (unsigned)((w * 0x0101010101010101u) >> 56);
-}
-
 static int mask_is_sound(const struct kvp_codec *c, const unsigned char *mask)
 {
 	const struct spark *s = c->state;
-	unsigned bits = 0, j = 0;
 
-	for (; j + 64 <= c->dim; j += 64) {
-		uint64_t w;
-		memcpy(&w, mask + j / 8, sizeof w);
-		bits += popcount64(w);
-	}
-	for (; j < c->dim; j++)
-		bits += mask[j >> 3] >> (j & 7) & 1;
-	return bits == s->kept;
+	return kvp_mask_count(c->dim, mask) == s->kept;
 }
 
 /* Each token's mask keeps `kept` channels and its scale is what encode writes; the inner codec checks

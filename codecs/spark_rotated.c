@@ -51,6 +51,7 @@
  * in the scratch, whose arrays are rounded up to RUN.
  */
 #define RUN 16
+_Static_assert(RUN == 16, "a run's sign bits are written as two bytes");
 
 struct rotated {
 	struct kvp_mask_rows rows;
@@ -219,7 +220,6 @@ static size_t rotated_bytes(const struct kvp_codec *c, unsigned n)
 
 /* ---- Encode. ---- */
 
-
 static void multiply_run(const float *restrict x, const float *restrict by, float *restrict v)
 {
 	for (unsigned j = 0; j < RUN; j++)
@@ -287,11 +287,11 @@ static void encode_one(const struct kvp_codec *c, float norm, const float *x, un
 	memset(p, 0, r->rows.stride);
 	memcpy(p, &norm, sizeof norm);
 	kvp_kernels()->spark_choose(d, kept, key, y, p + r->rows.mask_at, NULL, kv);
-	for (unsigned j = 0; j < d; j += RUN) {
-		const unsigned v = d >= RUN ? sign_run(y + j) : 0;
+	for (unsigned j = 0; d >= RUN && j < d; j += RUN) {
+		const unsigned v = sign_run(y + j);
 
-		for (unsigned k = 0; k < RUN && j + k < d; k += 8)
-			p[r->rows.sign_at + (j + k) / 8] = (uint8_t)(v >> k);
+		p[r->rows.sign_at + j / 8] = (uint8_t)v;
+		p[r->rows.sign_at + j / 8 + 1] = (uint8_t)(v >> 8);
 	}
 	for (unsigned j = 0; d < RUN && j < d; j++)
 		p[r->rows.sign_at] |= (uint8_t)((y[j] < 0.0f) << j);
@@ -324,15 +324,6 @@ static kvp_status rotated_encode(const struct kvp_codec *c, const void *ctx, uns
 
 /* ---- Check and decode. ---- */
 
-static unsigned mask_count(const struct rotated *r, const unsigned char *mask)
-{
-	unsigned bits = 0;
-
-	for (unsigned j = 0; j < r->rows.d; j++)
-		bits += mask[j >> 3] >> (j & 7) & 1;
-	return bits;
-}
-
 static kvp_status rotated_check(const struct kvp_codec *c, unsigned n, const void *src)
 {
 	const struct rotated *r = c->state;
@@ -342,7 +333,7 @@ static kvp_status rotated_check(const struct kvp_codec *c, unsigned n, const voi
 		if (!kvp_codec_scale_ok(kvp_load_f32(p)))
 			return kvp_fail(KVP_ECORRUPT, "spark: token %u's norm is %g, not a finite number >= 0", i,
 					(double)kvp_load_f32(p));
-		if (mask_count(r, p + r->rows.mask_at) != r->rows.kept)
+		if (kvp_mask_count(r->rows.d, p + r->rows.mask_at) != r->rows.kept)
 			return kvp_fail(KVP_ECORRUPT, "spark: token %u's keep mask does not keep %u coordinates", i,
 					r->rows.kept);
 	}

@@ -974,6 +974,31 @@ static inline void kvp_code_put(uint8_t *row, unsigned j, unsigned bits, unsigne
 		row[(o >> 3) + 1] |= (uint8_t)(v >> (8 - (o & 7)));
 }
 
+/* Set bits of w by halves, quarters, ...: without -mpopcnt, __builtin_popcountll is a call into libgcc,
+ * which a token's check would pay on the query path. */
+static inline unsigned kvp_popcount64(uint64_t w)
+{
+	w -= (w >> 1) & 0x5555555555555555u;
+	w = (w & 0x3333333333333333u) + ((w >> 2) & 0x3333333333333333u);
+	w = (w + (w >> 4)) & 0x0f0f0f0f0f0f0f0fu;
+	return (unsigned)((w * 0x0101010101010101u) >> 56);
+}
+
+/* The set bits among the first d of a keep mask (LSB first; bits past d are not counted). */
+static inline unsigned kvp_mask_count(unsigned d, const uint8_t *mask)
+{
+	unsigned bits = 0, j = 0;
+
+	for (; j + 64 <= d; j += 64) {
+		uint64_t w;
+		memcpy(&w, mask + j / 8, sizeof w);
+		bits += kvp_popcount64(w);
+	}
+	for (; j < d; j++)
+		bits += mask[j >> 3] >> (j & 7) & 1;
+	return bits;
+}
+
 /* mask_codes in plain code: the scalar reference, and the tables without a vector version. */
 static inline void kvp_mask_codes_plain(const struct kvp_mask_rows *rows, unsigned n, const uint8_t *base,
 					uint8_t *codes)
@@ -984,11 +1009,9 @@ static inline void kvp_mask_codes_plain(const struct kvp_mask_rows *rows, unsign
 		const uint8_t *row = base + (size_t)i * rows->stride;
 		const uint8_t *mask = row + rows->mask_at, *sign = row + rows->sign_at, *mag = row + rows->mag_at;
 		uint8_t *out = codes + (size_t)i * (d / 2);
-		unsigned kept = 0, r = 0;
+		unsigned r = 0;
 
-		for (unsigned j = 0; j < d; j++)
-			kept += mask[j >> 3] >> (j & 7) & 1;
-		if (kept != rows->kept) {
+		if (kvp_mask_count(d, mask) != rows->kept) {
 			memset(out, 0xff, d / 2);
 			continue;
 		}
