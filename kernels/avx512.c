@@ -19,6 +19,21 @@ INLINE __mmask16 tail16(unsigned k)
 	return (__mmask16)((1u << k) - 1);
 }
 
+/*
+ * Zero, as a value the compiler cannot see is zero. Zero-masked vpexpand and vpcompress wait for their
+ * destination register's old value on the Zen 5 this was measured on: in a loop whose register allocation
+ * reuses that register, each iteration waits for the previous one (mask_codes at d=64: 2.47 against 1.21 ns
+ * a row). Merged into a copy of this zero instead (a register move, which renaming makes free), they wait
+ * for nothing; the compiler would turn a visible zero back into the zero-masked form.
+ */
+INLINE __m512i opaque_zero(void)
+{
+	__m512i z = _mm512_setzero_si512();
+
+	__asm__("" : "+v"(z));
+	return z;
+}
+
 INLINE __m512 load_f16(const uint16_t *p)
 {
 	return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
@@ -654,13 +669,13 @@ static void mask_expand_row(unsigned d, const uint8_t *mask, const uint8_t *sign
 		const unsigned bits = mask[j >> 3] | (j + 8 < d ? (unsigned)mask[(j >> 3) + 1] << 8 : 0u);
 		const __mmask16 keep = (__mmask16)(bits & tail16(k)), prune = (__mmask16)(~bits & tail16(k));
 		const unsigned nk = (unsigned)__builtin_popcount(keep), np = k - nk;
-		__m512 kv = _mm512_maskz_expandloadu_ps(keep, v + t), pv = _mm512_setzero_ps();
+		__m512 kv = _mm512_mask_expandloadu_ps(_mm512_castsi512_ps(opaque_zero()), keep, v + t), pv = _mm512_setzero_ps();
 
 		if (sign && np) {
 			/* three bytes hold the step's at most 16 sign bits from bit r & 7; clamped into the field */
 			const unsigned b = r >> 3, b1 = b + 1 < last ? b + 1 : last, b2 = b + 2 < last ? b + 2 : last;
 			const unsigned w = (sign[b] | (unsigned)sign[b1] << 8 | (unsigned)sign[b2] << 16) >> (r & 7);
-			const __m512i place = _mm512_maskz_expand_epi32(prune, lane);
+			const __m512i place = _mm512_mask_expand_epi32(opaque_zero(), prune, lane);
 			const __m512i bit = _mm512_slli_epi32(_mm512_srlv_epi32(_mm512_set1_epi32((int)w), place), 31);
 
 			pv = _mm512_xor_ps(_mm512_mul_ps(vscale, load_f32_tail(mag + j, k)), _mm512_castsi512_ps(bit));
@@ -3191,7 +3206,7 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
 		w |= sb << (r % 8);
 		memcpy(sign_bytes + r / 8, &w, sizeof w);
 		r += np;
-		_mm512_mask_storeu_ps(y + n, tail16(nk), _mm512_maskz_compress_ps(keep[v], xv));
+		_mm512_mask_storeu_ps(y + n, tail16(nk), _mm512_mask_compress_ps(_mm512_castsi512_ps(opaque_zero()), keep[v], xv));
 		n += nk;
 		/* whole groups of eight in their lanes; a last group shorter than eight, channel by channel into a0 */
 		if (16 * v + 8 <= (d & ~7u))
@@ -3212,8 +3227,10 @@ static double spark_choose(unsigned d, unsigned kept, const int32_t *key, const 
  * magnitudes of the block's kept channels spread one to a byte (a vpermb gives qword Q the bytes of fields
  * 8Q..8Q+7, vpmultishiftqb brings each field to its byte's low bits), vpexpandb places them in the kept
  * lanes, two masked adds make the codes, and a shift, an or and vpmovwb pack them two to a byte. Hot rows
- * cost (Zen 5 VM, the load moving them) 1.9-2.5 ns at d=64 and 4.3-5.2 ns at d=128 (keep=0.5, 2-bit
- * magnitudes), where spreading each block's magnitudes from memory took 4.0 and 6.6.
+ * cost (Zen 5 VM) 1.25 ns at d=64 and 2.55 ns at d=128 (keep=0.5, 2-bit magnitudes): 2.47 and 5.1 before
+ * vpexpandb merged into opaque_zero and d=128 had a loop of its own. Fusing the codes into the lookups
+ * instead (each row's looked-up bytes in registers, a 16 x 16 transpose, vpdpbusd: dot_i8_tiles' shape)
+ * was slower than these rows and dot_i8_rows16 together: 6.1 against 3.5 ns a row at d=64, four heads.
  */
 #define MAG_BYTE(mb, i) (char)((i) / 8 * (mb) + (i) % 8)
 #define MAG_SHIFT(mb, i) (char)((i) % 8 * (mb))
@@ -3251,7 +3268,7 @@ INLINE uint64_t load_u64(const uint8_t *p)
  * in order, packed two to a byte into out. */
 INLINE void codes64(__mmask64 keep, __mmask64 neg, __m512i v, uint8_t *out)
 {
-	__m512i c = _mm512_maskz_expand_epi8(keep, v);
+	__m512i c = _mm512_mask_expand_epi8(opaque_zero(), keep, v);
 
 	c = _mm512_mask_add_epi8(c, keep, c, _mm512_set1_epi8(1));
 	c = _mm512_mask_add_epi8(c, neg, c, _mm512_set1_epi8(8));
@@ -3301,7 +3318,10 @@ static __attribute__((noinline)) void mask_codes_blocks(const struct kvp_mask_ro
 		for (unsigned b = 0; b < d / 64; b++)
 			kept += (unsigned)__builtin_popcountll(load_u64(row + rs.mask_at + 8 * b));
 		if (kept != rs.kept) {
-			memset(out, 0xff, d / 2);
+			/* code 15 as codes64 writes it, not by memset: a call in the loop has its vectors spilled
+			 * around it (5.3 against 3.0 ns a row at d=128) */
+			for (unsigned b = 0; b < d / 64; b++)
+				codes64(~0ull, ~0ull, _mm512_set1_epi8(6), out + 32 * b);
 			continue;
 		}
 		for (unsigned b = 0; b < d / 64; b++) {
@@ -3318,12 +3338,43 @@ static __attribute__((noinline)) void mask_codes_blocks(const struct kvp_mask_ro
 	}
 }
 
+/* Two blocks of 64 channels keeping at most 64 (d = 128, keep=0.5's shape): mask_codes_blocks' once path
+ * written out, its constants in registers (the general loop kept them on the stack: 5.1 against 2.55 ns a
+ * row). */
+static __attribute__((noinline)) void mask_codes128(const struct kvp_mask_rows *rows, unsigned n, const uint8_t *base,
+						    uint8_t *codes)
+{
+	const struct kvp_mask_rows r = *rows; /* the stores to codes could alias *rows */
+	const unsigned bytes = (r.kept * r.mb + 7) / 8;
+	const __mmask64 live = tail64(bytes);
+	const __m512i pick = _mm512_loadu_si512(mag_pick[r.mb]), shift = _mm512_loadu_si512(mag_shift[r.mb]);
+	const __m512i low = _mm512_set1_epi8((char)((1u << r.mb) - 1)), from = _mm512_loadu_si512(iota);
+
+	for (unsigned i = 0; i < n; i++, base += r.stride, codes += 64) {
+		const uint64_t keep0 = load_u64(base + r.mask_at), keep1 = load_u64(base + r.mask_at + 8);
+		const unsigned k0 = (unsigned)__builtin_popcountll(keep0);
+		__m512i v = _mm512_permutexvar_epi8(pick, _mm512_maskz_loadu_epi8(live, base + r.mag_at));
+
+		v = _mm512_and_si512(_mm512_multishift_epi64_epi8(shift, v), low);
+		if (k0 + (unsigned)__builtin_popcountll(keep1) != r.kept) {
+			codes64(~0ull, ~0ull, _mm512_set1_epi8(6), codes);
+			codes64(~0ull, ~0ull, _mm512_set1_epi8(6), codes + 32);
+			continue;
+		}
+		codes64(keep0, load_u64(base + r.sign_at), v, codes);
+		codes64(keep1, load_u64(base + r.sign_at + 8),
+			_mm512_permutexvar_epi8(_mm512_add_epi8(from, _mm512_set1_epi8((char)k0)), v), codes + 32);
+	}
+}
+
 static void mask_codes(const struct kvp_mask_rows *rows, unsigned n, const uint8_t *base, uint8_t *codes)
 {
 	if (rows->mb > 2 || rows->d % 64)
 		kvp_mask_codes_plain(rows, n, base, codes);
 	else if (rows->d == 64 && rows->kept * rows->mb <= 64)
 		mask_codes64(rows, n, base, codes);
+	else if (rows->d == 128 && rows->kept <= 64)
+		mask_codes128(rows, n, base, codes);
 	else
 		mask_codes_blocks(rows, n, base, codes);
 }
