@@ -349,11 +349,6 @@ static const uint8_t *code_rows(const struct kvp_codec *c, const void *src, unsi
 	return codes_of(c);
 }
 
-static unsigned code_of(const uint8_t *row, unsigned j)
-{
-	return row[j / 2] >> 4 * (j & 1) & 15;
-}
-
 /* out[0..d) (+)= (1/sqrt(d)) sgn .* H v, v rotated in place. */
 static void unrotate(const struct rotated *r, unsigned d, float *v, float *out, int add)
 {
@@ -378,8 +373,8 @@ static kvp_status rotated_decode(const struct kvp_codec *c, const void *ctx, uns
 		for (unsigned t = 0; t < cn; t++) {
 			const float norm = kvp_load_f32((const uint8_t *)src + (size_t)(i + t) * r->rows.stride);
 
-			for (unsigned j = 0; j < d; j++)
-				v[j] = norm * r->lut[code_of(rows + (size_t)t * (d / 2), j)];
+			memset(v, 0, sizeof(float) * d);
+			kvp_kernels()->lut_axpy(4, d, 1, rows + (size_t)t * (d / 2), d / 2, r->lut, &norm, v);
 			unrotate(r, d, v, x + (size_t)(i + t) * d, 0);
 		}
 	}
