@@ -235,11 +235,12 @@ static void square_run(const float *restrict y, int32_t *restrict key)
 	}
 }
 
-/* Sign bits of a run, 1 = negative, channel j at bit j. */
+/* Sign bits of a run, 1 = negative, channel j at bit j (unrolled: as a loop, gcc shifted by a register). */
 static unsigned sign_run(const float *restrict y)
 {
 	unsigned v = 0;
 
+#pragma GCC unroll 16
 	for (unsigned j = 0; j < RUN; j++)
 		v |= (unsigned)(y[j] < 0.0f) << j;
 	return v;
@@ -253,6 +254,25 @@ static void magnitude_run(const float *restrict thr, const float *restrict kept,
 		const float a = fabsf(kept[t]) * inv;
 		m[t] = (uint8_t)((a > thr[0]) + (a > thr[1]) + (a > thr[2]));
 	}
+}
+
+/* kept fields of mb bits from m, LSB first, into out (zeroed): eight bytes at a time in a register, where an
+ * or into memory per field made each wait for the store before it to the same byte. */
+static void pack_magnitudes(const uint8_t *m, unsigned kept, unsigned mb, uint8_t *out)
+{
+	uint64_t w = 0;
+	unsigned bits = 0, at = 0;
+
+	for (unsigned t = 0; t < kept; t++) {
+		w |= (uint64_t)m[t] << bits;
+		bits += mb;
+		if (bits == 64) {
+			memcpy(out + at, &w, 8);
+			at += 8, w = 0, bits = 0;
+		}
+	}
+	for (unsigned b = 0; b < bits; b += 8)
+		out[at++] = (uint8_t)(w >> b);
 }
 
 /* v = H (sgn .* x), unnormalized; d below RUN (head dimensions of 2, 4 and 8) channel by channel. */
@@ -299,8 +319,7 @@ static void encode_one(const struct kvp_codec *c, float norm, const float *x, un
 		return;
 	for (unsigned t = 0; t < kept; t += RUN)
 		magnitude_run(r->thr, kv + t, inv, m + t);
-	for (unsigned t = 0; t < kept; t++)
-		p[r->rows.mag_at + t * mb / 8] |= (uint8_t)(m[t] << (t * mb % 8));
+	pack_magnitudes(m, kept, mb, p + r->rows.mag_at);
 }
 
 static kvp_status rotated_encode(const struct kvp_codec *c, const void *ctx, unsigned n, const float *x, void *dst)
