@@ -2667,10 +2667,10 @@ static float weights_i16(unsigned n, const float *w, const uint8_t *row_scale, s
 }
 
 /*
- * mask_codes (contract in kernels.h) for d a multiple of 64 up to 256 and magnitudes of at most 2 bits, the
- * plain code otherwise. AVX2 has no byte expansion, so a row goes in two steps. First its kept channels'
- * levels (1 + magnitude), one byte each in rank order, into a small array: a table gives a magnitude byte's
- * 4 (2-bit) or 8 (1-bit) levels at once. Then per 32 channels one vpshufb places them: within each 16-channel
+ * mask_codes' two steps (loops.h builds mask_codes from them, KVP_ISA_MASK_LEVELS). AVX2 has no byte
+ * expansion, so a row goes in two. First its kept channels' levels (1 + magnitude), one byte each in rank
+ * order, into a small array: each magnitude byte repeated four times by vpshufb and each field shifted
+ * into place (at 1 bit: repeated eight times and its bit tested). Then per 32 channels one vpshufb places them: within each 16-channel
  * half the control byte of a kept channel is its rank counted from the half's first kept one (the bits below
  * it in its mask byte, kvp_kernels_mask_below, plus the first mask byte's count in the second 8), a pruned
  * channel's is 0x80 (zero), and the source is the 16 levels from the half's first rank on. The signs add 8
@@ -2692,14 +2692,6 @@ INLINE __m256i bits_to_bytes(uint32_t w)
 	const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
 
 	return _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)w), which), bit), bit);
-}
-
-INLINE uint32_t load_u32(const uint8_t *p)
-{
-	uint32_t v;
-
-	memcpy(&v, p, sizeof v);
-	return v;
 }
 
 /*
@@ -2730,7 +2722,7 @@ INLINE __m256i levels32(unsigned mb, const uint8_t *mag, unsigned nb)
 }
 
 /* The kept channels' levels of one row into lv[0..kept), 32 at a time (bytes past them are scratch). */
-INLINE void row_levels(const struct kvp_mask_rows *rs, const uint8_t *mag, uint8_t *lv)
+INLINE void mask_levels(const struct kvp_mask_rows *rs, const uint8_t *mag, uint8_t *lv)
 {
 	const unsigned bytes = (rs->kept * rs->mb + 7) / 8;
 
@@ -2750,7 +2742,7 @@ INLINE unsigned byte_count(uint64_t below, unsigned m)
 
 /* 32 channels' codes (mask and sign bits w and s, the first kept one at lv[0]) packed into 16 bytes at out;
  * returns how many of them are kept. */
-INLINE unsigned codes32(uint32_t w, uint32_t s, const uint8_t *lv, uint8_t *out)
+INLINE unsigned mask_codes32(uint32_t w, uint32_t s, const uint8_t *lv, uint8_t *out)
 {
 	const uint64_t b0 = kvp_kernels_mask_below[w & 0xff], b1 = kvp_kernels_mask_below[w >> 8 & 0xff];
 	const uint64_t b2 = kvp_kernels_mask_below[w >> 16 & 0xff], b3 = kvp_kernels_mask_below[w >> 24];
@@ -2772,51 +2764,7 @@ INLINE unsigned codes32(uint32_t w, uint32_t s, const uint8_t *lv, uint8_t *out)
 	return c0 + c1 + c2 + c3;
 }
 
-/* Rows in batches: every row's levels, then every row's codes, so that the loads of the levels read stores made
- * rows before (a 16-byte load of bytes just stored four at a time waits for the stores to retire: a sixth of
- * the time when each row's codes followed its own levels). */
-#define MASK_BATCH 16u
-
-static void mask_codes(const struct kvp_mask_rows *rows, unsigned n, const uint8_t *base, uint8_t *codes)
-{
-	const struct kvp_mask_rows rs = *rows; /* the stores to codes could alias *rows */
-	/* the loads pass a row's last level: defined bytes, never used */
-	uint8_t lv[MASK_BATCH][256 + 32] = { { 0 } };
-	unsigned sound[MASK_BATCH];
-
-	if (rs.mb > 2 || rs.d % 64 || rs.d > 256) {
-		kvp_mask_codes_plain(rows, n, base, codes);
-		return;
-	}
-	for (unsigned i0 = 0; i0 < n; i0 += MASK_BATCH) {
-		const unsigned bn = n - i0 < MASK_BATCH ? n - i0 : MASK_BATCH;
-
-		for (unsigned t = 0; t < bn; t++) {
-			const uint8_t *row = base + (size_t)(i0 + t) * rs.stride;
-
-			sound[t] = kvp_mask_count(rs.d, row + rs.mask_at) == rs.kept;
-			if (sound[t])
-				row_levels(&rs, row + rs.mag_at, lv[t]);
-		}
-		for (unsigned t = 0; t < bn; t++) {
-			const uint8_t *row = base + (size_t)(i0 + t) * rs.stride;
-			uint8_t *out = codes + (size_t)(i0 + t) * (rs.d / 2);
-			unsigned r = 0;
-
-			if (!sound[t]) {
-				memset(out, 0xff, rs.d / 2);
-				continue;
-			}
-			for (unsigned j = 0; j < rs.d; j += 32)
-				r += codes32(load_u32(row + rs.mask_at + j / 8), load_u32(row + rs.sign_at + j / 8),
-					     lv[t] + r, out + j / 2);
-		}
-	}
-}
-
-#undef MASK_BATCH
-
-#define KVP_ISA_MASK_CODES
+#define KVP_ISA_MASK_LEVELS
 #define KVP_ISA_WEIGHTS_I16
 #define KVP_ISA_ENCODE
 #define KVP_ISA_SPARK_CHOOSE

@@ -1024,8 +1024,8 @@ INLINE loops_i32v loops_bytes(const uint8_t *p)
 }
 
 /*
- * mask_codes (contract in kernels.h) for d a multiple of 64 up to 256 and magnitudes of at most 2 bits, the
- * plain code otherwise: avx2.c's two steps with tbl for vpshufb. A row's kept levels (1 + magnitude) go to
+ * mask_codes' two steps (loops.h builds mask_codes from them, KVP_ISA_MASK_LEVELS), avx2.c's with tbl for
+ * vpshufb. A row's kept levels (1 + magnitude) go to
  * a byte array in rank order (each magnitude byte repeated by tbl and shifted by lane: ushl by minus the
  * field's offset); then per 16 channels one tbl over the 16 levels from the first one they keep places
  * them, its indices the ranks below each kept channel (kvp_kernels_mask_below) and 0xff (zero) where pruned;
@@ -1060,7 +1060,7 @@ INLINE uint8x16_t neon_levels16(unsigned mb, const uint8_t *mag, unsigned nb)
 }
 
 /* The kept channels' levels of one row into lv[0..kept), 16 at a time (bytes past them are scratch). */
-INLINE void neon_row_levels(const struct kvp_mask_rows *rs, const uint8_t *mag, uint8_t *lv)
+INLINE void mask_levels(const struct kvp_mask_rows *rs, const uint8_t *mag, uint8_t *lv)
 {
 	const unsigned bytes = (rs->kept * rs->mb + 7) / 8;
 
@@ -1083,58 +1083,18 @@ INLINE uint8x16_t neon_codes16(unsigned w, unsigned s, const uint8_t *lv, unsign
 	return vorrq_u8(vqtbl1q_u8(vld1q_u8(lv), ctl), vandq_u8(neon_bits_to_bytes(s), vdupq_n_u8(8)));
 }
 
-/* Rows in batches, every row's levels before any row's codes (as avx2.c's, so no load waits on a store). */
-#define MASK_BATCH 16u
-
-static void mask_codes(const struct kvp_mask_rows *rows, unsigned n, const uint8_t *base, uint8_t *codes)
+/* 32 channels' codes, packed two to a byte (code 2i low in byte i); returns how many of them are kept. */
+INLINE unsigned mask_codes32(uint32_t w, uint32_t s, const uint8_t *lv, uint8_t *out)
 {
-	const struct kvp_mask_rows rs = *rows; /* the stores to codes could alias *rows */
-	/* the loads pass a row's last level: defined bytes, never used */
-	uint8_t lv[MASK_BATCH][256 + 16] = { { 0 } };
-	unsigned sound[MASK_BATCH];
+	unsigned k0, k1;
+	const uint8x16_t a = neon_codes16(w & 0xffff, s & 0xffff, lv, &k0);
+	const uint8x16_t b = neon_codes16(w >> 16, s >> 16, lv + k0, &k1);
 
-	if (rs.mb > 2 || rs.d % 64 || rs.d > 256) {
-		kvp_mask_codes_plain(rows, n, base, codes);
-		return;
-	}
-	for (unsigned i0 = 0; i0 < n; i0 += MASK_BATCH) {
-		const unsigned bn = n - i0 < MASK_BATCH ? n - i0 : MASK_BATCH;
-
-		for (unsigned t = 0; t < bn; t++) {
-			const uint8_t *row = base + (size_t)(i0 + t) * rs.stride;
-
-			sound[t] = kvp_mask_count(rs.d, row + rs.mask_at) == rs.kept;
-			if (sound[t])
-				neon_row_levels(&rs, row + rs.mag_at, lv[t]);
-		}
-		for (unsigned t = 0; t < bn; t++) {
-			const uint8_t *row = base + (size_t)(i0 + t) * rs.stride;
-			uint8_t *out = codes + (size_t)(i0 + t) * (rs.d / 2);
-			unsigned r = 0;
-
-			if (!sound[t]) {
-				memset(out, 0xff, rs.d / 2);
-				continue;
-			}
-			for (unsigned j = 0; j < rs.d; j += 32) {
-				const uint8_t *m = row + rs.mask_at + j / 8, *g = row + rs.sign_at + j / 8;
-				unsigned k0, k1;
-				const uint8x16_t a = neon_codes16(m[0] | (unsigned)m[1] << 8, g[0] | (unsigned)g[1] << 8,
-								  lv[t] + r, &k0);
-				const uint8x16_t b = neon_codes16(m[2] | (unsigned)m[3] << 8, g[2] | (unsigned)g[3] << 8,
-								  lv[t] + r + k0, &k1);
-
-				/* codes 2i and 2i+1 of the 32 into byte i, the even one low */
-				vst1q_u8(out + j / 2, vsliq_n_u8(vuzp1q_u8(a, b), vuzp2q_u8(a, b), 4));
-				r += k0 + k1;
-			}
-		}
-	}
+	vst1q_u8(out, vsliq_n_u8(vuzp1q_u8(a, b), vuzp2q_u8(a, b), 4));
+	return k0 + k1;
 }
 
-#undef MASK_BATCH
-
-#define KVP_ISA_MASK_CODES
+#define KVP_ISA_MASK_LEVELS
 #define KVP_ISA_NAME "neon"
 #define KVP_ISA_TABLE kvp_kernels_neon
 #define KVP_ISA_SOFTMAX_GROUP
