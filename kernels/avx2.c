@@ -2705,14 +2705,9 @@ INLINE __m256i levels32(unsigned mb, const uint8_t *mag, unsigned nb)
 	__m256i v;
 
 	memcpy(&w, mag, nb);
+	if (mb == 1)
+		return _mm256_sub_epi8(_mm256_set1_epi8(1), bits_to_bytes((uint32_t)w));
 	v = _mm256_set1_epi64x((long long)w);
-	if (mb == 1) {
-		const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
-		const __m256i at = _mm256_loadu_si256((const __m256i *)(const void *)eight_each);
-
-		v = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, at), bit), bit);
-		return _mm256_sub_epi8(_mm256_set1_epi8(1), v);
-	}
 	v = _mm256_shuffle_epi8(v, _mm256_loadu_si256((const __m256i *)(const void *)four_each));
 	v = _mm256_or_si256(_mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0x00000003)),
 					    _mm256_and_si256(_mm256_srli_epi16(v, 2), _mm256_set1_epi32(0x00000300))),
@@ -2734,20 +2729,15 @@ INLINE void mask_levels(const struct kvp_mask_rows *rs, const uint8_t *mag, uint
 	}
 }
 
-/* The set bits of mask byte m, from its row of kvp_kernels_mask_below (avx2.c is built without POPCNT). */
-INLINE unsigned byte_count(uint64_t below, unsigned m)
-{
-	return (unsigned)(below >> 56) + (m >> 7);
-}
-
 /* 32 channels' codes (mask and sign bits w and s, the first kept one at lv[0]) packed into 16 bytes at out;
  * returns how many of them are kept. */
 INLINE unsigned mask_codes32(uint32_t w, uint32_t s, const uint8_t *lv, uint8_t *out)
 {
 	const uint64_t b0 = kvp_kernels_mask_below[w & 0xff], b1 = kvp_kernels_mask_below[w >> 8 & 0xff];
 	const uint64_t b2 = kvp_kernels_mask_below[w >> 16 & 0xff], b3 = kvp_kernels_mask_below[w >> 24];
-	const unsigned c0 = byte_count(b0, w & 0xff), c1 = byte_count(b1, w >> 8 & 0xff);
-	const unsigned c2 = byte_count(b2, w >> 16 & 0xff), c3 = byte_count(b3, w >> 24);
+	/* avx2.c is built without POPCNT */
+	const unsigned c0 = kvp_mask_below_count(b0, w), c1 = kvp_mask_below_count(b1, w >> 8);
+	const unsigned c2 = kvp_mask_below_count(b2, w >> 16), c3 = kvp_mask_below_count(b3, w >> 24);
 	const __m256i keep = bits_to_bytes(w);
 	__m256i ctl = _mm256_setr_epi64x((long long)b0, (long long)(b1 + c0 * 0x0101010101010101ull), (long long)b2,
 					 (long long)(b3 + c2 * 0x0101010101010101ull));

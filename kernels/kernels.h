@@ -1036,6 +1036,13 @@ static inline void kvp_mask_codes_plain(const struct kvp_mask_rows *rows, unsign
  * mask byte m sits among that byte's kept values. Shared by the vector mask_expand kernels. */
 extern const uint64_t kvp_kernels_mask_below[256];
 
+/* The set bits of mask byte m from its entry below = kvp_kernels_mask_below[m] (the bits below bit 7, and bit
+ * 7): a count without a POPCNT instruction where the entry is loaded anyway. */
+static inline unsigned kvp_mask_below_count(uint64_t below, unsigned m)
+{
+	return (unsigned)(below >> 56) + (m >> 7 & 1);
+}
+
 /* The implementation chosen for this process (KVP_KERNELS or the best the CPU supports). */
 const struct kvp_kernels *kvp_kernels(void);
 /* A named implementation, or NULL when this build or CPU cannot run it. For tests and benchmarks. */

@@ -1075,7 +1075,7 @@ INLINE void mask_levels(const struct kvp_mask_rows *rs, const uint8_t *mag, uint
 INLINE uint8x16_t neon_codes16(unsigned w, unsigned s, const uint8_t *lv, unsigned *kept)
 {
 	const uint64_t b0 = kvp_kernels_mask_below[w & 0xff], b1 = kvp_kernels_mask_below[w >> 8 & 0xff];
-	const unsigned c0 = (unsigned)(b0 >> 56) + (w >> 7 & 1), c1 = (unsigned)(b1 >> 56) + (w >> 15 & 1);
+	const unsigned c0 = kvp_mask_below_count(b0, w), c1 = kvp_mask_below_count(b1, w >> 8);
 	const uint8x16_t ctl = vorrq_u8(vcombine_u8(vcreate_u8(b0), vcreate_u8(b1 + c0 * 0x0101010101010101ull)),
 					vmvnq_u8(neon_bits_to_bytes(w)));
 
