@@ -210,10 +210,11 @@ static const struct {
 	{ "turboquant 3-bit", "block=64,window=128,store=fp16,k=turboquant(bits=3),v=turboquant(bits=3)" },
 	{ "turboquant 2-bit", "block=64,window=128,store=fp16,k=turboquant(bits=2),v=turboquant(bits=2)" },
 	{ "kivi 2-bit", "block=64,window=128,store=fp16,k=kivi(bits=2),v=kivi(bits=2)" },
+	/* the default, quantize=auto: rotated over turboquant(bits=3) */
 	{ "spark|tq3 k, tq3 v",
 	  "block=64,window=128,store=fp16,k=spark(keep=0.5)|turboquant(bits=3),v=turboquant(bits=3)" },
-	{ "spark(rotated)|tq3 k, tq3 v",
-	  "block=64,window=128,store=fp16,k=spark(keep=0.5,quantize=rotated)|turboquant(bits=3),v=turboquant(bits=3)" },
+	{ "spark(kept)|tq3 k, tq3 v",
+	  "block=64,window=128,store=fp16,k=spark(keep=0.5,quantize=kept)|turboquant(bits=3),v=turboquant(bits=3)" },
 };
 
 /* Each compressed configuration is timed in turns with the fp16 cache and the memcpy probe, and its ratios

@@ -41,9 +41,9 @@ static const struct spec specs[] = {
 	{ "kivi(bits=2)", KVP_CODEC_VALUES },
 	{ "kivi(bits=4)", KVP_CODEC_VALUES },
 	{ "spark(keep=0.5)", KVP_CODEC_KEYS },
-	{ "spark(keep=0.5)|turboquant(bits=3)", KVP_CODEC_KEYS },
+	{ "spark(keep=0.5)|turboquant(bits=3)", KVP_CODEC_KEYS }, /* quantize=auto: rotated */
+	{ "spark(keep=0.5,quantize=kept)|turboquant(bits=3)", KVP_CODEC_KEYS },
 	{ "spark(keep=0.5,quantize=all)|turboquant(bits=3)", KVP_CODEC_KEYS },
-	{ "spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", KVP_CODEC_KEYS },
 };
 
 struct work {

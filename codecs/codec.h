@@ -76,8 +76,11 @@ struct kvp_codec_ops {
 	const char *name;
 	unsigned flags; /* what every instance can do; struct kvp_codec.flags is what this one does */
 	/* STACKS codecs only (NULL otherwise): the dimension handed to the next codec of the stack for
-	 * vectors of dim floats. Reads the same args as open; the registry calls it before opening inner. */
-	kvp_status (*inner_dim)(struct kvp_args *args, unsigned dim, unsigned *out);
+	 * vectors of dim floats. Reads the same args as open. The registry calls it with inner NULL, opens
+	 * the next codec at *out, then calls it again with that codec: a codec whose mode follows what its
+	 * inner codec can do (spark(quantize=auto)) may then name another width, at which the registry opens
+	 * the next codec again before open. */
+	kvp_status (*inner_dim)(struct kvp_args *args, unsigned dim, const struct kvp_codec *inner, unsigned *out);
 	/* KVP_CODEC_BITS codecs only (NULL otherwise): args as open will read them for a width of `bits`
 	 * (decimal text that outlives args), in place of any width they hold; the other arguments stay. */
 	kvp_status (*with_bits)(struct kvp_args *args, const char *bits);
@@ -244,6 +247,9 @@ extern const struct kvp_codec_ops kvp_codec_spark;
  * points c->ops at the mode's own ops (named "spark" as well), so that no call of the mode goes through a
  * test of it. kept channels of c->dim, recover=avg when avg; inner is the codec right of '|'. */
 kvp_status kvp_spark_rotated_open(struct kvp_codec *c, unsigned kept, unsigned avg, struct kvp_codec *inner);
+/* Whether kvp_spark_rotated_open takes inner for c->dim = dim channels (quantize=auto's choice; the open
+ * says why not). */
+int kvp_spark_rotated_takes(const struct kvp_codec *inner, unsigned dim);
 extern const struct kvp_codec_ops kvp_spark_rotated_ops;
 
 /* TurboQuant's scalar reference encoder and decoder, outside the vtable: its fast paths give the same

@@ -5,8 +5,8 @@
  * A spec is one or more elements joined by '|' at parenthesis depth 0, each `name` or `name(args)`:
  *   "fp16", "turboquant(bits=3,qjl=1)", "spark(keep=0.5)|turboquant(bits=3)"
  * Every element but the last must be a KVP_CODEC_STACKS codec. The left codec decides the dimension the
- * next one sees (inner_dim), so the dimensions are computed left to right and the codecs are opened
- * right to left: each stacking codec receives its inner codec already opened.
+ * next one sees (inner_dim), and the codecs are opened right to left: each stacking codec receives its inner
+ * codec already opened (open_from).
  *
  * What a codec can do is in its ops row (flags, inner_dim, with_bits), and the messages that list codecs
  * are written from this table: adding a codec is its file and one line here.
@@ -177,29 +177,38 @@ static kvp_status open_one(struct element *e, unsigned role, const struct kvp_al
 	return KVP_OK;
 }
 
-/* Opens parsed elements (each opened once: open marks their arguments used); the caller names the spec in
- * the message. */
-static kvp_status open_elements(struct element *el, unsigned n, unsigned dim, unsigned role,
-				const struct kvp_allocator *mem, struct kvp_codec **out)
+/*
+ * Opens el[i..n) for dim channels: a stacking codec's inner codec first, at the width its inner_dim gives
+ * with nothing opened; when inner_dim, shown that inner codec, names another width (a mode chosen by
+ * what the inner codec can do), the inner codec is opened again at that one. Reopening reads the same
+ * arguments again; the caller names the spec in the message.
+ */
+static kvp_status open_from(struct element *el, unsigned i, unsigned n, unsigned dim, unsigned role,
+			    const struct kvp_allocator *mem, struct kvp_codec **out)
 {
-	struct kvp_codec *c = NULL;
+	struct kvp_codec *inner = NULL;
+	unsigned first, settled;
 	kvp_status st;
 
 	*out = NULL;
-	el[0].dim = dim;
-	for (unsigned i = 0; i + 1 < n; i++)
-		if ((st = el[i].ops->inner_dim(&el[i].args, el[i].dim, &el[i + 1].dim)) != KVP_OK)
+	el[i].dim = dim;
+	if (i + 1 < n) {
+		if ((st = el[i].ops->inner_dim(&el[i].args, dim, NULL, &first)) != KVP_OK ||
+		    (st = open_from(el, i + 1, n, first, role, mem, &inner)) != KVP_OK)
 			return st;
-	for (unsigned i = n; i-- > 0;) {
-		struct kvp_codec *outer = NULL;
-		if ((st = open_one(&el[i], role, mem, c, &outer)) != KVP_OK) {
-			kvp_codec_free(c);
+		if ((st = el[i].ops->inner_dim(&el[i].args, dim, inner, &settled)) == KVP_OK && settled != first) {
+			kvp_codec_free(inner);
+			inner = NULL;
+			st = open_from(el, i + 1, n, settled, role, mem, &inner);
+		}
+		if (st != KVP_OK) {
+			kvp_codec_free(inner);
 			return st;
 		}
-		c = outer;
 	}
-	*out = c;
-	return KVP_OK;
+	if ((st = open_one(&el[i], role, mem, inner, out)) != KVP_OK)
+		kvp_codec_free(inner);
+	return st;
 }
 
 static kvp_status check_open(const void *spec, unsigned dim, unsigned role, const struct kvp_allocator *mem,
@@ -231,7 +240,7 @@ kvp_status kvp_codec_parse_in(const char *spec, size_t len, unsigned dim, unsign
 		st = kvp_fail(KVP_EINVAL, "codec: spec of %zu bytes is too long", len);
 	if (st == KVP_OK)
 		st = parse_elements(spec, (unsigned)len, el, &n);
-	if (st == KVP_OK && (st = open_elements(el, n, dim, role, mem, out)) != KVP_OK)
+	if (st == KVP_OK && (st = open_from(el, 0, n, dim, role, mem, out)) != KVP_OK)
 		kvp_fail_context(st, "codec '%.*s'", (int)len, spec);
 	return st;
 }
@@ -324,7 +333,7 @@ kvp_status kvp_codec_spec_open(const struct kvp_codec_spec *spec, unsigned bits,
 
 	if (st == KVP_OK)
 		st = elements_at(spec, bits, el, digits);
-	if (st != KVP_OK || (st = open_elements(el, spec->n, dim, role, mem, out)) == KVP_OK)
+	if (st != KVP_OK || (st = open_from(el, 0, spec->n, dim, role, mem, out)) == KVP_OK)
 		return st;
 	/* the message quotes the spec as this width reads it */
 	if (!bits || kvp_codec_spec_write(spec, bits, text, sizeof text) != KVP_OK)

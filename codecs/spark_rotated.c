@@ -171,6 +171,14 @@ static float *floats_of(const struct kvp_codec *c)
 	return (float *)((uint8_t *)c->scratch + (size_t)chunk_tokens(c->dim) * (c->dim / 2));
 }
 
+int kvp_spark_rotated_takes(const struct kvp_codec *inner, unsigned dim)
+{
+	struct kvp_hadamard_codes hc;
+
+	return dim >= 2 && inner->dim == dim && inner->ops->hadamard_codes && inner->ops->hadamard_codes(inner, &hc) &&
+	       hc.bits <= 3;
+}
+
 kvp_status kvp_spark_rotated_open(struct kvp_codec *c, unsigned kept, unsigned avg, struct kvp_codec *inner)
 {
 	const unsigned d = c->dim, mbytes = (d + 7) / 8;

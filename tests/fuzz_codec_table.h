@@ -22,7 +22,7 @@ static const struct fuzz_codec fuzz_codecs[] = {
 	{ "kivi(bits=2)", 64 },
 	{ "kivi(bits=4,axis=token,group=16)", 40 },
 	{ "spark(keep=0.5)", 20 },
-	{ "spark(keep=0.5)|turboquant(bits=3)", 128 },
+	{ "spark(keep=0.5,quantize=kept)|turboquant(bits=3)", 128 },
 	{ "spark(keep=0.25,recover=zero)|turboquant(bits=4)", 64 },
 	{ "spark(keep=0.5,quantize=all)|turboquant(bits=3)", 32 },
 	{ "fp16", 24 },

@@ -382,14 +382,14 @@ Test(attend, turboquant_at_32k_tokens_is_within_2e_3_of_attention_over_its_decod
 	}
 }
 
-/* SparK keys over TurboQuant codes are scored by spark_dot_i16_group (an int16 query, the pruned values on
- * the kept values' integer grid), and with quantize=rotated by lut_dot_i8_group over their code rows (an int8
- * query, as TurboQuant's): the same bound, at d=128 and d=64. */
+/* SparK keys over TurboQuant codes are scored by spark_dot_i16_group with quantize=kept (an int16 query, the
+ * pruned values on the kept values' integer grid), and in the default, rotated, by lut_dot_i8_group over
+ * their code rows (an int8 query, as TurboQuant's): the same bound, at d=128 and d=64. */
 Test(attend, spark_at_32k_tokens_is_within_2e_3_of_attention_over_its_decoded_codes)
 {
 	static const char *const specs[] = {
-		"block=64,window=64,store=fp16,k=spark(keep=0.5)|turboquant(bits=3),v=turboquant(bits=3)",
-		"block=64,window=64,store=fp16,k=spark(keep=0.5,quantize=rotated)|turboquant(bits=3),v=turboquant(bits=3)",
+		"block=64,window=64,store=fp16,k=spark(keep=0.5,quantize=kept)|turboquant(bits=3),v=turboquant(bits=3)",
+		"block=64,window=64,store=fp16,k=spark(keep=0.5)|turboquant(bits=3),v=turboquant(bits=3)", /* rotated */
 	};
 
 	for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++)

@@ -491,9 +491,16 @@ Test(prefix_remote, cold_tier_units_travel_compressed_and_attend_bit_for_bit)
 	/* 60 tokens: 56 after the sink, 16 of them in the window: blocks 1..5 cold, 6 and 7 exact */
 	uint64_t tq3 = remote_hit_bytes(url, "cold", COLD_SPEC, 5);
 	cr_assert_eq(compressed_keys(server), 7, "every block unit, never the sink, goes compressed too");
+	/* SparK's default (quantize=auto, here rotated) needs no statistics of the stream: compressed as well */
+	uint64_t spark = remote_hit_bytes(url, "spark", TENANT_SPEC ",k=spark(keep=0.5)|turboquant(bits=3),"
+					  "v=turboquant(bits=3),store=fp16", 5);
+	cr_assert_eq(compressed_keys(server), 14);
 	uint64_t fp16 = remote_hit_bytes(url, "exact", TENANT_SPEC ",store=fp16", 0);
-	cr_log_info("bytes fetched: tq3 %llu, fp16 %llu", (unsigned long long)tq3, (unsigned long long)fp16);
+	cr_log_info("bytes fetched: tq3 %llu, spark|tq3 %llu, fp16 %llu", (unsigned long long)tq3,
+		    (unsigned long long)spark, (unsigned long long)fp16);
 	cr_assert_lt(tq3, fp16 * 6 / 10, "tq3 moved %llu bytes, fp16 %llu", (unsigned long long)tq3,
+		     (unsigned long long)fp16);
+	cr_assert_lt(spark, fp16 * 6 / 10, "spark|tq3 moved %llu bytes, fp16 %llu", (unsigned long long)spark,
 		     (unsigned long long)fp16);
 }
 
@@ -595,10 +602,12 @@ Test(prefix_remote, policy_tenant_publishes_exact_only)
 	publishes_exact_only(COLD_SPEC ",policy=h2o(heavy=0.5,recent=0.25)");
 }
 
-Test(prefix_remote, spark_tenant_publishes_exact_only)
+/* SparK in the channels' own basis fits its choice to the stream's queries. */
+Test(prefix_remote, spark_tenant_with_query_statistics_publishes_exact_only)
 {
 	redis_fixture_need();
-	publishes_exact_only(TENANT_SPEC ",k=spark(keep=0.5)|turboquant(bits=3),v=turboquant(bits=3),store=fp16");
+	publishes_exact_only(TENANT_SPEC ",k=spark(keep=0.5,quantize=kept)|turboquant(bits=3),v=turboquant(bits=3),"
+					 "store=fp16");
 }
 
 /* A remote run shorter than asked has a later window start: its compressed units inside the window are

@@ -139,7 +139,7 @@ Test(spark, bytes_follow_the_documented_layout)
 		{ "spark(keep=0.5)", 128, 4 + 16 + 8 + 128 },
 		{ "spark(keep=0.5,recover=zero)", 128, 16 + 128 },
 		{ "spark(keep=0.75)", 128, 4 + 16 + 4 + 192 },
-		{ "spark(keep=0.5)|turboquant(bits=3)", 128, 4 + 16 + 8 + 4 + 24 },
+		{ "spark(keep=0.5,quantize=kept)|turboquant(bits=3)", 128, 4 + 16 + 8 + 4 + 24 },
 		{ "spark(keep=0.75)|turboquant(bits=4)", 128, 4 + 16 + 4 + 4 + 48 },
 		{ "spark(keep=0.5)|turboquant(bits=3)", 80, 4 + 10 + 5 + 4 + 15 },
 		{ "spark(keep=1.0)|turboquant(bits=3)", 128, 4 + 16 + 0 + 52 },
@@ -164,6 +164,60 @@ Test(spark, bytes_follow_the_documented_layout)
 			printf("bits/value at d=128: %-40s %.4g\n", cases[i].spec, cases[i].bytes * 8.0 / 128);
 		kvp_codec_close(c);
 	}
+}
+
+/* Whether two specs open as the same codec at d channels: the same bytes a token, the same fitting, the same
+ * bytes for the same keys. */
+static int same_codec(const char *a, const char *b, unsigned d)
+{
+	const unsigned n = 20;
+	kvp_codec *ca = codec_open(a, d), *cb = codec_open(b, d);
+	float *x = gaussian_rows(n, d, 31);
+	void *ea = NULL, *eb = NULL;
+	int same = kvp_codec_bytes(ca, 1) == kvp_codec_bytes(cb, 1) && ca->fit_steps == cb->fit_steps;
+
+	if (same) {
+		ea = encode_all(ca, n, x);
+		eb = encode_all(cb, n, x);
+		same = !memcmp(ea, eb, kvp_codec_bytes(ca, n));
+	}
+	kvp_codec_close(ca), kvp_codec_close(cb);
+	free(x), free(ea), free(eb);
+	return same;
+}
+
+/* quantize=auto, the default: the rotated basis where the codec right of '|' is one Hadamard pass over at most
+ * 3-bit codes at the full width and a channel is pruned; the channels' own basis (and query statistics)
+ * otherwise. */
+Test(spark, quantize_auto_is_rotated_where_the_inner_codec_takes_it_and_kept_otherwise)
+{
+	static const struct {
+		const char *spec, *means;
+		unsigned d;
+	} cases[] = {
+		{ "spark(keep=0.5)|turboquant(bits=3)", "spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", 128 },
+		{ "spark(keep=0.5,quantize=auto)|turboquant(bits=3)", "spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", 64 },
+		{ "spark(keep=0.25,recover=zero)|turboquant(bits=2)",
+		  "spark(keep=0.25,recover=zero,quantize=rotated)|turboquant(bits=2)", 32 },
+		{ "spark(keep=0.5)|turboquant(bits=1)", "spark(keep=0.5,quantize=rotated)|turboquant(bits=1)", 8 },
+		{ "spark(keep=0.5)|turboquant(bits=4)", "spark(keep=0.5,quantize=kept)|turboquant(bits=4)", 128 },
+		{ "spark(keep=0.5)|turboquant(bits=3,qjl=1)", "spark(keep=0.5,quantize=kept)|turboquant(bits=3,qjl=1)", 128 },
+		{ "spark(keep=0.5)|turboquant(bits=3,outliers=8)",
+		  "spark(keep=0.5,quantize=kept)|turboquant(bits=3,outliers=8)", 64 },
+		{ "spark(keep=0.5)|turboquant(bits=3)", "spark(keep=0.5,quantize=kept)|turboquant(bits=3)", 96 },
+		/* 64 of 96 kept: the kept width is a power of two, but rotated needs the full one */
+		{ "spark(keep=0.666666666)|turboquant(bits=3)",
+		  "spark(keep=0.666666666,quantize=kept)|turboquant(bits=3)", 96 },
+		{ "spark(keep=1.0)|turboquant(bits=3)", "spark(keep=1.0,quantize=kept)|turboquant(bits=3)", 128 },
+		{ "spark(keep=0.5)|fp16", "spark(keep=0.5,quantize=kept)|fp16", 128 },
+		{ "spark(keep=0.5)", "spark(keep=0.5,quantize=kept)", 64 },
+	};
+
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+		cr_assert(same_codec(cases[i].spec, cases[i].means, cases[i].d), "%s at d=%u is not %s", cases[i].spec,
+			  cases[i].d, cases[i].means);
+	cr_assert(!same_codec("spark(keep=0.5)|turboquant(bits=3)", "spark(keep=0.5,quantize=kept)|turboquant(bits=3)",
+			      128));
 }
 
 static void query_paths_match_decode(const char *spec, unsigned d, unsigned n)
@@ -202,7 +256,7 @@ Test(spark, dot_and_axpy_equal_decode_alone_and_stacked)
 {
 	query_paths_match_decode("spark(keep=0.5)", 128, 50);
 	query_paths_match_decode("spark(keep=0.5,recover=zero)", 96, 50);
-	query_paths_match_decode("spark(keep=0.5)|turboquant(bits=3)", 128, 50);
+	query_paths_match_decode("spark(keep=0.5,quantize=kept)|turboquant(bits=3)", 128, 50);
 	query_paths_match_decode("spark(keep=0.7)|turboquant(bits=2,qjl=1)", 80, 50);
 	query_paths_match_decode("spark(keep=0.5)|turboquant(bits=2,outliers=8,outlier_bits=4)", 64, 50);
 	query_paths_match_decode("spark(keep=0.6)|kivi(bits=4,group=8,axis=token)", 48, 50);
@@ -255,7 +309,8 @@ Test(spark, non_finite_keys_are_rejected)
  * and kept values the inner codec's check passes. */
 Test(spark, check_passes_encoded_tokens_and_names_a_mask_or_scale_encode_never_writes)
 {
-	kvp_codec *alone = codec_open("spark(keep=0.5)", 16), *stacked = codec_open("spark(keep=0.5)|turboquant(bits=3)", 16);
+	kvp_codec *alone = codec_open("spark(keep=0.5)", 16);
+	kvp_codec *stacked = codec_open("spark(keep=0.5,quantize=kept)|turboquant(bits=3)", 16);
 	kvp_codec *all = codec_open("spark(keep=0.5,quantize=all)|turboquant(bits=3)", 16);
 	const float nan = NAN;
 	struct rng r = { 47 };
@@ -439,8 +494,8 @@ static void group_paths_match(const char *spec, float spread)
 
 Test(spark, group_paths_equal_the_per_head_paths)
 {
-	group_paths_match("spark(keep=0.5)|turboquant(bits=3)", 0.02f);
-	group_paths_match("spark(keep=0.5,recover=zero)|turboquant(bits=3)", 0.0f); /* the float path */
+	group_paths_match("spark(keep=0.5,quantize=kept)|turboquant(bits=3)", 0.02f);
+	group_paths_match("spark(keep=0.5,recover=zero,quantize=kept)|turboquant(bits=3)", 0.0f); /* the float path */
 	group_paths_match("spark(keep=0.5)", 0.0f);
 	/* the query in int8, as TurboQuant's group path takes it: about 0.75% of the RMS per score, 5 sigma */
 	group_paths_match("spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", 0.04f);
@@ -467,7 +522,7 @@ static double integer_path_error(float weak, float *unsound_score)
 	for (unsigned i = 0; i < nq; i++)
 		for (unsigned j = 0; j < 16; j++)
 			q[(size_t)i * d + j] *= weak;
-	cr_assert_eq(kvp_codec_parse("spark(keep=0.5)|turboquant(bits=3)", 34, d, &c), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_codec_parse("spark(keep=0.5,quantize=kept)|turboquant(bits=3)", 48, d, &c), KVP_OK, "%s", kvp_last_error());
 	ctx = xcalloc(1, c->ctx_bytes);
 	bytes = xcalloc(1, c->ops->bytes(c, n));
 	qprep = xcalloc(g, c->qprep_bytes);
@@ -642,7 +697,7 @@ Test(spark, quantize_rotated_errs_about_as_turboquant_at_its_width)
 {
 	const double rot3 = decode_error("spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", 128);
 	const double tq3 = decode_error("turboquant(bits=3)", 128);
-	const double kept3 = decode_error("spark(keep=0.5)|turboquant(bits=3)", 128);
+	const double kept3 = decode_error("spark(keep=0.5,quantize=kept)|turboquant(bits=3)", 128);
 	const double rot2 = decode_error("spark(keep=0.5,quantize=rotated)|turboquant(bits=2)", 128);
 	const double zero3 = decode_error("spark(keep=0.5,quantize=rotated,recover=zero)|turboquant(bits=3)", 128);
 
