@@ -243,15 +243,34 @@ static void square_run(const float *restrict y, int32_t *restrict key)
 	}
 }
 
-/* Sign bits of a run, 1 = negative, channel j at bit j (unrolled: as a loop, gcc shifted by a register). */
+/* Eight bytes of 0 or 1, byte i of x, as bits 0..7: the product puts byte i's bit at bit 56 + i, and its other
+ * terms land on distinct bits, so nothing carries into them. */
+static unsigned bytes_to_bits(uint64_t x)
+{
+	return (unsigned)((x * 0x0102040810204080ull) >> 56);
+}
+
+/* Bytes b[0..8) as x's bytes 0..7 (least significant first), whatever the byte order: one load. */
+static uint64_t eight_bytes(const uint8_t *b)
+{
+	uint64_t x;
+
+	memcpy(&x, b, sizeof x);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+	x = __builtin_bswap64(x);
+#endif
+	return x;
+}
+
+/* Sign bits of a run, 1 = negative, channel j at bit j: a byte per channel (a loop gcc vectorizes), then eight
+ * to a byte (a bit at a time took a compare, a shift and an or per channel). */
 static unsigned sign_run(const float *restrict y)
 {
-	unsigned v = 0;
+	uint8_t neg[RUN];
 
-#pragma GCC unroll 16
 	for (unsigned j = 0; j < RUN; j++)
-		v |= (unsigned)(y[j] < 0.0f) << j;
-	return v;
+		neg[j] = y[j] < 0.0f;
+	return bytes_to_bits(eight_bytes(neg)) | bytes_to_bits(eight_bytes(neg + 8)) << 8;
 }
 
 /* Magnitudes of a run of kept values (|y| / norm, in g units): how many thresholds each passes (the unused
@@ -264,23 +283,28 @@ static void magnitude_run(const float *restrict thr, const float *restrict kept,
 	}
 }
 
-/* kept fields of mb bits from m, LSB first, into out (zeroed): eight bytes at a time in a register, where an
- * or into memory per field made each wait for the store before it to the same byte. */
-static void pack_magnitudes(const uint8_t *m, unsigned kept, unsigned mb, uint8_t *out)
+/* Eight 2-bit levels, byte i of x, as 16 bits LSB first: pairs of bytes into nibbles, then nibbles into bytes. */
+static unsigned levels2_to_bits(uint64_t x)
 {
-	uint64_t w = 0;
-	unsigned bits = 0, at = 0;
+	x = (x | x >> 6) & 0x000f000f000f000full;
+	x = (x | x >> 12) & 0x000000ff000000ffull;
+	return (unsigned)(x | x >> 24) & 0xffffu;
+}
 
-	for (unsigned t = 0; t < kept; t++) {
-		w |= (uint64_t)m[t] << bits;
-		bits += mb;
-		if (bits == 64) {
-			memcpy(out + at, &w, 8);
-			at += 8, w = 0, bits = 0;
-		}
+/* kept fields of mb bits (1 or 2) from m, LSB first, into out's (kept * mb + 7) / 8 bytes, eight fields at a
+ * time; m has room for eight bytes past kept, which this zeroes. */
+static void pack_magnitudes(uint8_t *m, unsigned kept, unsigned mb, uint8_t *out)
+{
+	const unsigned bytes = (kept * mb + 7) / 8;
+
+	memset(m + kept, 0, 8);
+	for (unsigned t = 0, at = 0; t < kept; t += 8) {
+		const unsigned v = mb == 2 ? levels2_to_bits(eight_bytes(m + t)) : bytes_to_bits(eight_bytes(m + t));
+
+		out[at++] = (uint8_t)v;
+		if (mb == 2 && at < bytes)
+			out[at++] = (uint8_t)(v >> 8);
 	}
-	for (unsigned b = 0; b < bits; b += 8)
-		out[at++] = (uint8_t)(w >> b);
 }
 
 /* v = H (sgn .* x), unnormalized; d below RUN (head dimensions of 2, 4 and 8) channel by channel. */
@@ -308,7 +332,7 @@ static void encode_one(const struct kvp_codec *c, float norm, const float *x, un
 	const unsigned w = d > RUN ? d : RUN; /* the runs may pass d by less than RUN */
 	float *y = floats_of(c), *kv = y + w;
 	int32_t *key = (int32_t *)(kv + w);
-	uint8_t m[KVP_CODEC_DIM_MAX];
+	uint8_t m[KVP_CODEC_DIM_MAX + 8];
 	const float inv = norm > 0.0f ? 1.0f / norm : 0.0f;
 
 	rotate_keys(r, d, x, y, key);
