@@ -53,7 +53,8 @@
  * The rotated layout measured better on every axis here: fewer bytes (kjv-2k 687 against 762 a token),
  * less KL (2.43e-4 against 3.65e-4), and attention at 32K tokens in 0.44-0.57x the fp16 cache's time where
  * the kept layout takes 0.79-1.05x (README). quantize=kept stays SparK's reference, query statistics and all.
- * The inner codec is opened at the full width first, and again at the kept width if auto settles on kept.
+ * Where the rotated basis can be at all (a power-of-two width, keep < 1) the inner codec is opened at the full
+ * width first, and again at the kept width if auto settles on kept (turboquant at bits=4, with qjl or outliers).
  *
  * The inner codec must be separable with group 1 (each token's kept channels differ, so a codec grouping
  * tokens or channels across tokens has nothing consistent to group): kivi on keys is rejected.
@@ -147,7 +148,8 @@ static unsigned settle(unsigned mode, unsigned kept, unsigned dim, const struct 
 	return inner && kept < dim && kvp_spark_rotated_takes(inner, dim) ? QUANTIZE_ROTATED : QUANTIZE_KEPT;
 }
 
-/* quantize=auto asks for the full width first (rotated's), then, shown the inner codec, settles. */
+/* quantize=auto asks for the full width first (rotated's) where the rotated basis can be at all (a channel
+ * pruned, a power-of-two width: no inner codec is opened twice elsewhere), then, shown the inner codec, settles. */
 static kvp_status spark_inner_dim(struct kvp_args *args, unsigned dim, const struct kvp_codec *inner, unsigned *out)
 {
 	unsigned kept, avg, mode;
@@ -155,7 +157,9 @@ static kvp_status spark_inner_dim(struct kvp_args *args, unsigned dim, const str
 
 	if (st != KVP_OK)
 		return st;
-	if (mode != QUANTIZE_AUTO || inner)
+	if (mode == QUANTIZE_AUTO && !inner)
+		mode = kept < dim && !(dim & (dim - 1)) ? QUANTIZE_ROTATED : QUANTIZE_KEPT;
+	else
 		mode = settle(mode, kept, dim, inner);
 	*out = mode == QUANTIZE_KEPT ? kept : dim;
 	return KVP_OK;
