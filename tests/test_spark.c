@@ -196,12 +196,14 @@ Test(spark, quantize_auto_is_rotated_where_the_inner_codec_takes_it_and_kept_oth
 		unsigned d;
 	} cases[] = {
 		{ "spark(keep=0.5)|turboquant(bits=3)", "spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", 128 },
-		{ "spark(keep=0.5,quantize=auto)|turboquant(bits=3)", "spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", 64 },
+		{ "spark(keep=0.5,quantize=auto)|turboquant(bits=3)",
+		  "spark(keep=0.5,quantize=rotated)|turboquant(bits=3)", 64 },
 		{ "spark(keep=0.25,recover=zero)|turboquant(bits=2)",
 		  "spark(keep=0.25,recover=zero,quantize=rotated)|turboquant(bits=2)", 32 },
 		{ "spark(keep=0.5)|turboquant(bits=1)", "spark(keep=0.5,quantize=rotated)|turboquant(bits=1)", 8 },
 		{ "spark(keep=0.5)|turboquant(bits=4)", "spark(keep=0.5,quantize=kept)|turboquant(bits=4)", 128 },
-		{ "spark(keep=0.5)|turboquant(bits=3,qjl=1)", "spark(keep=0.5,quantize=kept)|turboquant(bits=3,qjl=1)", 128 },
+		{ "spark(keep=0.5)|turboquant(bits=3,qjl=1)",
+		  "spark(keep=0.5,quantize=kept)|turboquant(bits=3,qjl=1)", 128 },
 		{ "spark(keep=0.5)|turboquant(bits=3,outliers=8)",
 		  "spark(keep=0.5,quantize=kept)|turboquant(bits=3,outliers=8)", 64 },
 		{ "spark(keep=0.5)|turboquant(bits=3)", "spark(keep=0.5,quantize=kept)|turboquant(bits=3)", 96 },
@@ -511,6 +513,7 @@ Test(spark, group_paths_equal_the_per_head_paths)
 static double integer_path_error(float weak, float *unsound_score)
 {
 	const unsigned d = 128, n = 300, nq = 32, g = 4, bad = 77;
+	const char *spec = "spark(keep=0.5,quantize=kept)|turboquant(bits=3)";
 	float *x = gaussian_rows(n, d, 61), *q = gaussian_rows(nq, d, 62), *probe = gaussian_rows(g, d, 63);
 	float *one = xcalloc(n, sizeof *one), *all = xcalloc((size_t)g * n, sizeof *all);
 	struct kvp_codec *c;
@@ -522,7 +525,7 @@ static double integer_path_error(float weak, float *unsound_score)
 	for (unsigned i = 0; i < nq; i++)
 		for (unsigned j = 0; j < 16; j++)
 			q[(size_t)i * d + j] *= weak;
-	cr_assert_eq(kvp_codec_parse("spark(keep=0.5,quantize=kept)|turboquant(bits=3)", 48, d, &c), KVP_OK, "%s", kvp_last_error());
+	cr_assert_eq(kvp_codec_parse(spec, strlen(spec), d, &c), KVP_OK, "%s", kvp_last_error());
 	ctx = xcalloc(1, c->ctx_bytes);
 	bytes = xcalloc(1, c->ops->bytes(c, n));
 	qprep = xcalloc(g, c->qprep_bytes);
