@@ -1766,6 +1766,40 @@ INLINE __m512 f16_at(__mmask16 in, const uint8_t *p, unsigned j)
 	return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, p + 2 * (size_t)j));
 }
 
+/* hsum of each of a..d (the same additions in the same order, so the same bits), in lane 4h for the h-th:
+ * the four reduced together, each step adding halves of two vectors at once. */
+INLINE __m512 hsum_of4(__m512 a, __m512 b, __m512 c, __m512 d)
+{
+	/* [a | b] and [c | d], each lane l < 8 of a half: l + (l + 8) */
+	const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+	const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+	/* 128-bit lane h of x: the h-th's l + (l + 4) */
+	__m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+
+	x = _mm512_add_ps(x, _mm512_permute_ps(x, 0x4e)); /* l + (l + 2) */
+	return _mm512_add_ps(x, _mm512_permute_ps(x, 0xb1)); /* l + (l + 1) */
+}
+
+/* kvp_scaled_query_i8's step and its inverse for hn <= 4 heads' largest |u| in top, and their sums of q * z in zs
+ * (hsum's order): the four heads reduced and divided together. */
+INLINE void heads_steps(unsigned hn, __m512 *top, __m512 *zs, float *inv, float *step, float *zq)
+{
+	const __m512 zero = _mm512_setzero_ps();
+	float invs[16], steps[16], sums[16];
+	__m512 t;
+
+	for (unsigned h = hn; h < 4; h++)
+		top[h] = zs[h] = zero;
+	t = max_of4(top[0], top[1], top[2], top[3]);
+	_mm512_storeu_ps(invs, _mm512_maskz_div_ps(_mm512_cmp_ps_mask(t, _mm512_set1_ps(127.0f / 3.0e38f), _CMP_GT_OQ),
+						   _mm512_set1_ps(127.0f), t));
+	_mm512_storeu_ps(steps, _mm512_div_ps(t, _mm512_set1_ps(127.0f)));
+	_mm512_storeu_ps(sums, hsum_of4(zs[0], zs[1], zs[2], zs[3]));
+#pragma GCC unroll 4
+	for (unsigned h = 0; h < hn; h++)
+		inv[h] = invs[4 * h], step[h] = steps[4 * h], zq[h] = sums[4 * h];
+}
+
 INLINE void scaled_queries_i8(unsigned hn, unsigned m, const float *q, size_t qs, const uint8_t *group,
 			      int32_t *quads, unsigned quad_stride, float *step, float *zq, float (*u)[SCALED_PRODUCTS])
 {
@@ -1788,13 +1822,7 @@ INLINE void scaled_queries_i8(unsigned hn, unsigned m, const float *q, size_t qs
 			zs[h] = _mm512_add_ps(zs[h], _mm512_mul_ps(qv, zv));
 		}
 	}
-#pragma GCC unroll 4
-	for (unsigned h = 0; h < hn; h++) {
-		const float t = _mm512_reduce_max_ps(top[h]);
-		inv[h] = t > 127.0f / 3.0e38f ? 127.0f / t : 0.0f;
-		step[h] = t / 127.0f;
-		zq[h] = hsum(zs[h]);
-	}
+	heads_steps(hn, top, zs, inv, step, zq);
 	for (unsigned j = 0; j < m; j += 64) {
 		const __mmask16 in0 = tail16(m - j < 16 ? m - j : 16);
 		const __mmask16 in1 = m - j > 16 ? tail16(m - j - 16 < 16 ? m - j - 16 : 16) : 0;
@@ -2525,8 +2553,9 @@ INLINE void u8_scaled_round(unsigned hn, unsigned ng, struct u8_scaled *k, const
 }
 
 /* Every head's z sums into acc (as axpy_i16_scaled's pass, the same bits), the largest and least u, then the
- * weights. zh: planar fp16, z(i, c) at zh[c * n + i] and s(i, c) at zh[(ng + c) * n + i]. */
-INLINE void u8_scaled_weights(unsigned hn, unsigned ng, struct u8_scaled *k, const float *w, size_t ws,
+ * weights. zh: planar fp16, z(i, c) at zh[c * n + i] and s(i, c) at zh[(ng + c) * n + i]. Returns 0, having
+ * written nothing, when a weight has its sign bit set. */
+INLINE int u8_scaled_weights(unsigned hn, unsigned ng, struct u8_scaled *k, const float *w, size_t ws,
 			      const uint16_t *zh, float *acc, size_t as)
 {
 	const unsigned n = k->n;
@@ -2534,6 +2563,7 @@ INLINE void u8_scaled_weights(unsigned hn, unsigned ng, struct u8_scaled *k, con
 	const __m512 half_levels = _mm512_set1_ps((float)((1u << k->bits) - 1) * 0.5f);
 	const __m512 zero = _mm512_setzero_ps(), inf = _mm512_set1_ps(INFINITY);
 	__m512 zsum[16], top[4], least[4];
+	__m512i signs = _mm512_setzero_si512();
 	float sums[16];
 
 #pragma GCC unroll 16
@@ -2546,8 +2576,10 @@ INLINE void u8_scaled_weights(unsigned hn, unsigned ng, struct u8_scaled *k, con
 		const __mmask16 in = tail16(n - i < 16 ? n - i : 16);
 		__m512 wv[4];
 #pragma GCC unroll 4
-		for (unsigned h = 0; h < hn; h++)
+		for (unsigned h = 0; h < hn; h++) {
 			wv[h] = _mm512_maskz_loadu_ps(in, w + h * ws + i);
+			signs = _mm512_or_si512(signs, _mm512_castps_si512(wv[h]));
+		}
 #pragma GCC unroll 4
 		for (unsigned c = 0; c < ng; c++) {
 			const __m512 sv = f16_at(in, (const uint8_t *)(sh + c * n), i);
@@ -2563,11 +2595,14 @@ INLINE void u8_scaled_weights(unsigned hn, unsigned ng, struct u8_scaled *k, con
 			}
 		}
 	}
+	if (_mm512_test_epi32_mask(signs, _mm512_set1_epi32(INT32_MIN)))
+		return 0;
 	_mm512_storeu_ps(sums, hsum16(zsum));
 	for (unsigned l = 0; l < 16; l++)
 		if (hsum16_lane[l] < (int)(hn * ng))
 			acc[hsum16_lane[l] / ng * as + k->m + hsum16_lane[l] % ng] += sums[l];
 	u8_scaled_round(hn, ng, k, w, ws, sh, top, least);
+	return 1;
 }
 
 /* Four rows' centred codes of 16 columns (register q of a chunk): the lookup's selection and shift, then the
@@ -2663,21 +2698,24 @@ static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struc
 	uint8_t w8[4][U8_SCALED_GROUPS][KVP_AXPY_I16_ROWS + 4] __attribute__((aligned(4)));
 	uint16_t zh[2 * U8_SCALED_GROUPS * KVP_AXPY_I16_ROWS]; /* fp16: the frame stays small (tests/test_stack.c) */
 	struct u8_scaled k = { bits, m, gsize, ng, n, rows, w8, { 0 }, { 0 }, { 0 } };
+	int took = 1;
 
+	/* up to four heads, the weights' pass finds a sign before anything is written; more, they are all
+	 * checked first */
 	if ((bits != 2 && bits != 4) || !gsize || gsize % 16 || m % 64 || ng > U8_SCALED_GROUPS || n > KVP_AXPY_I16_ROWS ||
-	    rows->run % KVP_RUN_ROWS || any_sign(g, n, w, w_stride))
+	    rows->run % KVP_RUN_ROWS || (g > 4 && any_sign(g, n, w, w_stride)))
 		return 0;
 	for (unsigned b = 0; b < 64; b++)
 		k.centred[b] = (int8_t)kvp_centred_code(b & ((1u << bits) - 1), bits);
 	for (unsigned r = 0, i0 = 0; i0 < n; r++, i0 += rows->run)
 		gather_scalars(2 * ng, n - i0 < rows->run ? n - i0 : rows->run, rows->code[r], rows->stride, NULL, zh + i0, n);
-	for (unsigned h0 = 0; h0 < g; h0 += 4) {
+	for (unsigned h0 = 0; took && h0 < g; h0 += 4) {
 		const unsigned hn = g - h0 < 4 ? g - h0 : 4;
 		const float *wh = w + h0 * w_stride;
 		float *ah = acc + h0 * acc_stride;
 
 		/* both counts constants in each case: the sums, maxima and least stay in registers */
-#define U8_WEIGHTS(hn, ng) u8_scaled_weights(hn, ng, &k, wh, w_stride, zh, ah, acc_stride)
+#define U8_WEIGHTS(hn, ng) took = u8_scaled_weights(hn, ng, &k, wh, w_stride, zh, ah, acc_stride)
 #define U8_WEIGHTS_NG(hn) \
 	switch (ng) { \
 	case 4: U8_WEIGHTS(hn, 4); break; \
@@ -2686,6 +2724,8 @@ static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struc
 	default: U8_WEIGHTS(hn, 1); break; \
 	}
 #define U8_HEADS(hn) \
+	if (!took) \
+		break; \
 	if (bits == 2) \
 		u8_scaled_heads(hn, 2, &k, ah, acc_stride, h0 ? NULL : ahead); \
 	else \
@@ -2700,7 +2740,7 @@ static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struc
 #undef U8_WEIGHTS_NG
 #undef U8_WEIGHTS
 	}
-	return 1;
+	return took;
 }
 
 /*
