@@ -11,9 +11,9 @@
 double bench_now(void);
 /* Seconds per call of fn(arg): best of `reps` timed runs after one warm-up. */
 double bench_time(void (*fn)(void *), void *arg, int reps);
-/* bench_time with the caches emptied before every run (by writing BENCH_EVICT_BYTES, four times a
- * server CPU's L3 slice), untimed: a call that finds none of its data in cache, as one layer of a model
- * does after every other layer has been read. */
+/* bench_time with the caches emptied before every run (by reading every line of
+ * BENCH_EVICT_BYTES, four times a server CPU's L3 slice), untimed: a call that finds none of its data in
+ * cache, as one layer of a model does after every other layer has been read. */
 #define BENCH_EVICT_BYTES ((size_t)128 << 20)
 double bench_time_cold(void (*fn)(void *), void *arg, int reps);
 /* bench_time_cold of n calls taken in turn, fn[0], fn[1], .., fn[n-1], reps times, so that each one's
