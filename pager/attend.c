@@ -206,6 +206,14 @@ static struct kvp_ahead keys_ahead(const struct stream_attention *a, const struc
  * each: against the bandwidth floor, kivi 2-bit 2.61-2.74 -> 2.49-2.60, turboquant 2-bit 2.41-2.54 ->
  * 2.29-2.44, 3-bit 2.11-2.21 -> 1.99-2.05; d=128 within the runs' spread. (The loop is written out here,
  * not in a function of its own, which gcc would drop: kernels.h, kvp_prefetch_lines.)
+ *
+ * Measured again with the caches emptied by reading 256 MiB (kivi 2-bit, 32K tokens, d=64, best of 40 calls,
+ * builds interleaved; a memset leaves the layer in L3 on this EPYC, bench/harness.c): without any of these
+ * requests a layer took 4.36 ms against 2.02; the next span's keys and values together as the values' ahead
+ * (nothing asked around the keys), 2.11 against 2.12; those lines a few per four rows of the value kernel's
+ * loop rather than a share per run, into L1, into L2 or non-temporal, 2.06-2.18 against 2.09-2.15; the next
+ * span's blocks into L2 around this span's keys, 2.16 against 2.09; the pool's arenas on transparent huge
+ * pages, no faster. In cache a layer takes 1.68-1.79 ms.
  */
 static void span_cold_group(struct stream_attention *a, const struct kvp_block *const *b, uint32_t m,
 			    uint32_t left, const struct kvp_block *after)
