@@ -29,7 +29,7 @@ static void evict_caches(void)
 			perror("bench: eviction buffer");
 			exit(1);
 		}
-		memset(buf, 1, BENCH_EVICT_BYTES);
+		memset(buf, 1, BENCH_EVICT_BYTES); /* pages never written all read the one zero page */
 	}
 	p = buf;
 	for (size_t i = 0; i < BENCH_EVICT_BYTES; i += 64)

@@ -1767,7 +1767,9 @@ INLINE __m512 f16_at(__mmask16 in, const uint8_t *p, unsigned j)
 }
 
 /* hsum of each of a..d (the same additions in the same order, so the same bits), in lane 4h for the h-th:
- * the four reduced together, each step adding halves of two vectors at once. */
+ * the four reduced together, each step adding halves of two vectors at once. hsum16 (below) over a..d and
+ * twelve zeros gives the same lanes, but gcc keeps its work on the zeros: dot_i8_scaled at d=64 took 2.28
+ * against 1.95 ns a token with it. */
 INLINE __m512 hsum_of4(__m512 a, __m512 b, __m512 c, __m512 d)
 {
 	/* [a | b] and [c | d], each lane l < 8 of a half: l + (l + 8) */
