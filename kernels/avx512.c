@@ -998,6 +998,12 @@ INLINE void dot_i8_tiles(unsigned hn, unsigned bits, unsigned m, unsigned n, con
  * t; vpmultishiftqb then brings each quad's four codes to the low bits of the dword's four bytes, vpermb
  * looks them up, and vpdpbusd multiplies them by the quad's four query values, broadcast: a head's sixteen
  * row sums build up in one register, lane t for row t.
+ * Tried and dropped (2 bits, m = 64, 4 heads, 256 rows in L1, ns a row, best of five, builds interleaved):
+ * dword t of each group by an in-lane 4 x 4 transpose of dwords (rows a, a + 4, a + 8, a + 12 in register a,
+ * eight unpacks) instead of the two-source vpermb and blend, 1.47-1.50 against 1.48-1.50; four rows by two
+ * 64-byte loads and one two-source vpermb instead of four loads and three inserts, 2.1-2.2 against 1.5; the
+ * rows' scales by one gather, 1.63-1.71 against 1.51-1.55, or stored a step of sixteen rows early (so that
+ * the vector load finds no scalar store in flight), 1.70 and up against 1.47-1.53.
  */
 #define ROWS16_PICK(i) (char)((((i) / 4 % 8) / 4) * 64 + ((i) / 4 % 4) * 16 + (i) % 4)
 #define ROWS16_BYTES8(i) ROWS16_PICK(i), ROWS16_PICK(i + 1), ROWS16_PICK(i + 2), ROWS16_PICK(i + 3), \
@@ -1390,6 +1396,13 @@ static void lut_axpy_i16_group(unsigned bits, unsigned m, unsigned n, const uint
  * repeated with the code's period (the bits above a code need no mask): int32 lane c holds the four rows'
  * values of column c, which vpdpbusd multiplies with a head's four weights, broadcast as one int32. The
  * codes are expanded once for all the heads, and no row is summed horizontally.
+ * On this Zen 5 vpmultishiftqb issues to the two pipes vpdpbusd takes (eight of each: 8.0 cycles, eight
+ * vpdpbusd alone 4.5), where shifts do not (with eight vpsrlw, 4.5). Tried at 2 and 4 bits, whose codes never
+ * straddle a byte: vpermb putting the byte of row t that holds column c at byte 4c + t and vpsrld by the
+ * column's offset in it (the same lookups), here and in axpy_u8_scaled: lut_axpy_u8_group at d=64, 4 heads,
+ * 256 rows in L1, 2.03-2.11 against 2.08-2.15 ns a row, and bench_attend's d=64 rows within their noise
+ * (three runs each, interleaved). Not kept. The row scales by four loads, three inserts each and two
+ * permutes instead of the gather: 2.25-2.34 against 2.07-2.11.
  */
 #define QSEL(b, q, i) (char)((16 * (((i) % 8) / 2) + ((16 * (q) + 2 * ((i) / 8)) * (b)) / 8 + (i) % 2) & 63)
 #define QSHF(b, q, i) (char)(16 * ((i) % 4) + (16 * (q) + (i) / 4) * (b) - 8 * (((16 * (q) + ((i) / 4 & ~1)) * (b)) / 8))
