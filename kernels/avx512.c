@@ -1002,8 +1002,12 @@ INLINE void dot_i8_tiles(unsigned hn, unsigned bits, unsigned m, unsigned n, con
  * dword t of each group by an in-lane 4 x 4 transpose of dwords (rows a, a + 4, a + 8, a + 12 in register a,
  * eight unpacks) instead of the two-source vpermb and blend, 1.47-1.50 against 1.48-1.50; four rows by two
  * 64-byte loads and one two-source vpermb instead of four loads and three inserts, 2.1-2.2 against 1.5; the
- * rows' scales by one gather, 1.63-1.71 against 1.51-1.55, or stored a step of sixteen rows early (so that
- * the vector load finds no scalar store in flight), 1.70 and up against 1.47-1.53.
+ * rows' scales by one gather, 1.63-1.71 against 1.51-1.55, by four loads, three inserts each and two
+ * permutes, 1.59-1.63 against 1.51-1.58, stored a step of sixteen rows early (so that the vector load finds
+ * no scalar store in flight), 1.70 and up against 1.47-1.53, or the loop unrolled or _mm512_set_ps of the
+ * sixteen, 1.57-1.65 against 1.45-1.52. With the scales contiguous (one vector load, a layout the rows'
+ * records do not have: TurboQuant's are separable, which eviction relies on to move rows), 1.27-1.33
+ * against 1.45-1.47.
  */
 #define ROWS16_PICK(i) (char)((((i) / 4 % 8) / 4) * 64 + ((i) / 4 % 4) * 16 + (i) % 4)
 #define ROWS16_BYTES8(i) ROWS16_PICK(i), ROWS16_PICK(i + 1), ROWS16_PICK(i + 2), ROWS16_PICK(i + 3), \
