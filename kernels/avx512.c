@@ -1725,13 +1725,19 @@ INLINE int any_sign(unsigned g, unsigned n, const float *w, size_t ws)
 	return _mm512_test_epi32_mask(bits, _mm512_set1_epi32(INT32_MIN)) != 0;
 }
 
+/* any_sign for the u8 kernels, which take heads four at a time: up to four, their weights' pass finds a sign
+ * before anything is written; past four, a later group of heads would follow writes already made, so all are
+ * checked first. */
+INLINE int signed_past_four(unsigned g, unsigned n, const float *w, size_t ws)
+{
+	return g > 4 && any_sign(g, n, w, ws);
+}
+
 static int lut_axpy_u8_group(unsigned bits, unsigned m, const struct kvp_row_runs *rows, const int8_t *lut,
 			     float unit, unsigned g, const float *w, size_t w_stride, float *acc, size_t acc_stride,
 			     const struct kvp_ahead *ahead)
 {
-	/* up to four heads, the weights' pass finds a sign before anything is written; more, they are all
-	 * checked first */
-	if (g > 4 && any_sign(g, rows->n, w, w_stride))
+	if (signed_past_four(g, rows->n, w, w_stride))
 		return 0;
 	switch (bits) {
 	case 1: return axpy_u8_width(1, m, rows, lut, unit, g, w, w_stride, acc, acc_stride, ahead);
@@ -2725,10 +2731,8 @@ static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struc
 	struct u8_scaled k = { bits, m, gsize, ng, n, rows, w8, { 0 }, { 0 }, { 0 } };
 	int took = 1;
 
-	/* up to four heads, the weights' pass finds a sign before anything is written; more, they are all
-	 * checked first */
 	if ((bits != 2 && bits != 4) || !gsize || gsize % 16 || m % 64 || ng > U8_SCALED_GROUPS || n > KVP_AXPY_I16_ROWS ||
-	    rows->run % KVP_RUN_ROWS || (g > 4 && any_sign(g, n, w, w_stride)))
+	    rows->run % KVP_RUN_ROWS || signed_past_four(g, n, w, w_stride))
 		return 0;
 	for (unsigned b = 0; b < 64; b++)
 		k.centred[b] = (int8_t)kvp_centred_code(b & ((1u << bits) - 1), bits);
