@@ -2753,11 +2753,9 @@ static int axpy_u8_scaled(unsigned bits, unsigned m, unsigned gsize, const struc
 	default: U8_WEIGHTS(hn, 1); break; \
 	}
 #define U8_HEADS(hn) \
-	if (!took) \
-		break; \
-	if (bits == 2) \
+	if (took && bits == 2) \
 		u8_scaled_heads(hn, 2, &k, ah, acc_stride, h0 ? NULL : ahead); \
-	else \
+	else if (took) \
 		u8_scaled_heads(hn, 4, &k, ah, acc_stride, h0 ? NULL : ahead);
 		switch (hn) {
 		case 4: U8_WEIGHTS_NG(4); U8_HEADS(4); break;
