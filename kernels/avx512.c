@@ -414,9 +414,23 @@ INLINE float scaled_max(unsigned n, float scale_by, float *s, float *raw)
 {
 	const unsigned n16 = n & ~15u, k = n & 15u;
 	const __m512 vscale = _mm512_set1_ps(scale_by);
-	__m512 vmax = _mm512_set1_ps(-INFINITY);
+	__m512 vmax = _mm512_set1_ps(-INFINITY), vmax2 = vmax;
+	unsigned i = 0;
 
-	for (unsigned i = 0; i < n16; i += 16) {
+	/* two maxima, so that each vmaxps waits for the one two steps back */
+	for (; i + 32 <= n16; i += 32) {
+		const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + i), vscale);
+		const __m512 y = _mm512_mul_ps(_mm512_loadu_ps(s + i + 16), vscale);
+
+		_mm512_storeu_ps(s + i, x);
+		_mm512_storeu_ps(s + i + 16, y);
+		if (raw)
+			_mm512_storeu_ps(raw + i, x), _mm512_storeu_ps(raw + i + 16, y);
+		vmax = _mm512_max_ps(vmax, x);
+		vmax2 = _mm512_max_ps(vmax2, y);
+	}
+	vmax = _mm512_max_ps(vmax, vmax2);
+	if (i < n16) {
 		const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + i), vscale);
 
 		_mm512_storeu_ps(s + i, x);
@@ -440,10 +454,23 @@ INLINE float exp_sum(unsigned n, float mx, float *s)
 {
 	const unsigned n16 = n & ~15u, k = n & 15u;
 	const __m512 vmx = _mm512_set1_ps(mx);
-	__m512 sum = _mm512_setzero_ps();
+	__m512 sum = _mm512_setzero_ps(), sum2 = sum;
+	unsigned i = 0;
 
-	for (unsigned i = 0; i < n16; i += 16) {
-		__m512 e = exp_nonpositive_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), vmx));
+	/* two sums, as scaled_max keeps two maxima: softmax_group over four heads of 256 scores 0.146 against
+	 * 0.157 ns a score with one of each (L1, best of 50, three runs each, interleaved) */
+	for (; i + 32 <= n16; i += 32) {
+		const __m512 e = exp_nonpositive_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), vmx));
+		const __m512 f = exp_nonpositive_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i + 16), vmx));
+
+		_mm512_storeu_ps(s + i, e);
+		_mm512_storeu_ps(s + i + 16, f);
+		sum = _mm512_add_ps(sum, e);
+		sum2 = _mm512_add_ps(sum2, f);
+	}
+	sum = _mm512_add_ps(sum, sum2);
+	if (i < n16) {
+		const __m512 e = exp_nonpositive_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), vmx));
 
 		_mm512_storeu_ps(s + i, e);
 		sum = _mm512_add_ps(sum, e);
