@@ -485,17 +485,15 @@ static void rotated_dot_group(const struct kvp_codec *c, const void *ctx, unsign
 	float hs[KVP_CODEC_GROUP_MAX];
 
 	(void)ctx;
-	for (unsigned h = 0; h < g; h++) {
+	for (unsigned h = 0; h < g; h++)
 		hs[h] = *query_at(c, (const char *)qprep + (size_t)h * c->qprep_bytes).step * r->unit8 * r->inv_sqrt_d;
-		memset(out + h * out_stride, 0, sizeof(float) * n);
-	}
 	for (unsigned i = 0; i < n; i += step) {
 		const unsigned cn = n - i < step ? n - i : step;
 
 		kvp_kernels()->lut_dot_i8_group(4, c->dim, cn, code_rows(c, src, i, cn), c->dim / 2, r->lut8, g,
 						query_at(c, qprep).q8, c->qprep_bytes, hs,
 						(const uint8_t *)src + (size_t)i * r->rows.stride, r->rows.stride, out + i,
-						out_stride);
+						out_stride, 0);
 	}
 }
 

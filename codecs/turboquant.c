@@ -1116,11 +1116,10 @@ static void tq_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n,
 	float hs[KVP_CODEC_GROUP_MAX], both[SLICE];
 
 	(void)ctx;
-	for (unsigned h = 0; h < g; h++)
-		memset(out + h * out_stride, 0, sizeof(float) * n);
 	for (unsigned i0 = 0; i0 < n; i0 += SLICE) {
 		const unsigned char *p = (const unsigned char *)src + (size_t)i0 * t->stride;
 		const unsigned cn = n - i0 < SLICE ? n - i0 : SLICE;
+		int add = 0; /* the slice's first kernel call writes its scores, the others add to them */
 
 		for (unsigned k = 0; k < t->nparts; k++) {
 			const struct tq_part *pt = &t->part[k];
@@ -1130,7 +1129,8 @@ static void tq_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n,
 			if (pt->bits) {
 				head_scales(c, &q, g, 2 * k, pt->unit8, hs);
 				kern->lut_dot_i8_group(pt->bits, pt->m, cn, p + pt->code_at, t->stride, pt->lut8, g, q.q8 + at,
-						       c->qprep_bytes, hs, norm, t->stride, out + i0, out_stride);
+						       c->qprep_bytes, hs, norm, t->stride, out + i0, out_stride, add);
+				add = 1;
 			}
 			if (!t->qjl)
 				continue;
@@ -1140,8 +1140,11 @@ static void tq_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n,
 			head_scales(c, &q, g, 2 * k + 1, qjl_scale(pt), hs);
 			kern->lut_dot_i8_group(1, pt->m, cn, p + pt->sign_at, t->stride, sign8, g, q.q8 + at + pt->m,
 					       c->qprep_bytes, hs, (const uint8_t *)both, sizeof(float), out + i0,
-					       out_stride);
+					       out_stride, add);
+			add = 1;
 		}
+		for (unsigned h = 0; !add && h < g; h++) /* no part with codes: the scores are 0 */
+			memset(out + h * out_stride + i0, 0, sizeof(float) * cn);
 	}
 }
 

@@ -2600,7 +2600,7 @@ INLINE __m256 row_scales8(const uint8_t *p, size_t stride)
 /* loops.h's dot_i8_step (lut_dot_i8_group's float step) eight rows at a time: the same two products, rounded
  * one at a time, and the sum. The plain loop took a tenth of TurboQuant's attention at d=64. */
 static void dot_i8_step(unsigned g, unsigned n, const int32_t *s, const float *head_scale, const uint8_t *row_scale,
-			size_t scale_stride, float *out, size_t out_stride)
+			size_t scale_stride, float *out, size_t out_stride, int add)
 {
 	unsigned i = 0;
 
@@ -2611,15 +2611,18 @@ static void dot_i8_step(unsigned g, unsigned n, const int32_t *s, const float *h
 			const __m256 v = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(const void *)(s + h * n + i)));
 			float *o = out + h * out_stride + i;
 
-			const __m256 add = _mm256_mul_ps(_mm256_mul_ps(v, _mm256_set1_ps(head_scale[h])), sc);
+			const __m256 x = _mm256_mul_ps(_mm256_mul_ps(v, _mm256_set1_ps(head_scale[h])), sc);
 
-			_mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), add));
+			_mm256_storeu_ps(o, add ? _mm256_add_ps(_mm256_loadu_ps(o), x) : x);
 		}
 	}
 	for (unsigned h = 0; h < g; h++)
-		for (unsigned t = i; t < n; t++)
-			out[h * out_stride + t] += ((float)s[h * n + t] * head_scale[h]) *
-						   kvp_load_f32(row_scale + (size_t)t * scale_stride);
+		for (unsigned t = i; t < n; t++) {
+			float *o = out + h * out_stride + t;
+			const float x = ((float)s[h * n + t] * head_scale[h]) * kvp_load_f32(row_scale + (size_t)t * scale_stride);
+
+			*o = add ? *o + x : x;
+		}
 }
 
 #define KVP_ISA_DOT_I8_STEP

@@ -874,6 +874,19 @@ INLINE void sums_to_heads(int32_t sums[16 * 4], unsigned rows, __m512i H[4])
 	rows_to_heads(R, H);
 }
 
+/* A head's scores of the rows in keep: v added to out's (add 1), or v itself (add 0), as lut_dot_i8_group's
+ * contract reads. */
+INLINE void put_scores(float *o, __mmask16 keep, __m512 v, int add)
+{
+	_mm512_mask_storeu_ps(o, keep, add ? _mm512_add_ps(_mm512_maskz_loadu_ps(keep, o), v) : v);
+}
+
+/* put_scores of sixteen rows */
+INLINE void put_scores16(float *o, __m512 v, int add)
+{
+	_mm512_storeu_ps(o, add ? _mm512_add_ps(_mm512_loadu_ps(o), v) : v);
+}
+
 /*
  * hn <= 4 heads (a constant once inlined; the accumulators are named so that they stay in registers):
  * each row's 64-code chunks are looked up once, as unsigned bytes (lut + 128), and multiplied into every
@@ -883,7 +896,7 @@ INLINE void sums_to_heads(int32_t sums[16 * 4], unsigned rows, __m512i H[4])
  */
 INLINE void dot_i8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			 const struct int_regs *r, const int8_t *q, size_t qs, const float *head_scale,
-			 const uint8_t *row_scale, size_t scale_stride, float *out, size_t os)
+			 const uint8_t *row_scale, size_t scale_stride, float *out, size_t os, int add)
 {
 	const int8_t *q0 = q, *q1 = q + qs, *q2 = q1 + qs, *q3 = q2 + qs;
 	int32_t bias[4] = { 0, 0, 0, 0 }, sums[16 * 4];
@@ -924,7 +937,7 @@ INLINE void dot_i8_heads(unsigned hn, unsigned bits, unsigned m, unsigned n, con
 			float *o = out + h * os + i0;
 			__m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(H[h]), _mm512_set1_ps(head_scale[h])),
 						 _mm512_maskz_loadu_ps(keep, scale));
-			_mm512_mask_storeu_ps(o, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, o), v));
+			put_scores(o, keep, v, add);
 		}
 	}
 }
@@ -983,7 +996,7 @@ INLINE __m512i quad_of(const int8_t *q)
  */
 INLINE void dot_i8_tiles(unsigned hn, unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			 const struct int_regs *r, const int8_t *q, size_t qs, const float *head_scale,
-			 const uint8_t *row_scale, size_t scale_stride, float *out, size_t os)
+			 const uint8_t *row_scale, size_t scale_stride, float *out, size_t os, int add)
 {
 	const int8_t *q0 = q, *q1 = q + qs, *q2 = q1 + qs, *q3 = q2 + qs;
 	int32_t bias[4] = { 0, 0, 0, 0 };
@@ -1023,7 +1036,7 @@ INLINE void dot_i8_tiles(unsigned hn, unsigned bits, unsigned m, unsigned n, con
 				_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a[h], _mm512_set1_epi32(bias[h]))),
 					      _mm512_set1_ps(head_scale[h])),
 				_mm512_loadu_ps(scale));
-			_mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), v));
+			put_scores16(o, v, add);
 		}
 	}
 }
@@ -1078,7 +1091,7 @@ INLINE __m512i rows4_chunk(const uint8_t *codes, size_t stride, unsigned i, unsi
 
 INLINE void dot_i8_rows16(unsigned bits, unsigned mm, unsigned n, const uint8_t *codes, size_t stride, const struct int_regs *r,
 			  const int8_t *q, size_t qs, const float *head_scale, const uint8_t *row_scale,
-			  size_t scale_stride, float *out, size_t os)
+			  size_t scale_stride, float *out, size_t os, int add)
 {
 	/* chunk bytes, group bytes, quads per group, codes per chunk */
 	const unsigned cb = bits == 3 ? 12 : 16, gb = bits == 3 ? 3 : 4, qg = 8 / bits, cc = cb * 8 / bits;
@@ -1140,7 +1153,7 @@ INLINE void dot_i8_rows16(unsigned bits, unsigned mm, unsigned n, const uint8_t 
 				_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a[h], _mm512_set1_epi32(bias[h]))),
 					      _mm512_set1_ps(head_scale[h])),
 				_mm512_loadu_ps(scale));
-			_mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), v));
+			put_scores16(o, v, add);
 		}
 	}
 }
@@ -1149,12 +1162,13 @@ INLINE void dot_i8_rows16(unsigned bits, unsigned mm, unsigned n, const uint8_t 
 	static __attribute__((noinline)) void dot_i8_rows16_##mm(unsigned bits, unsigned n, const uint8_t *codes,  \
 								 size_t stride, const struct int_regs *r,         \
 								 const int8_t *q, size_t qs, const float *hs,     \
-								 const uint8_t *rs, size_t ss, float *out, size_t os) \
+								 const uint8_t *rs, size_t ss, float *out, size_t os,   \
+								 int add)                                                \
 	{                                                                                                       \
 		switch (bits) {                                                                                 \
-		case 2: dot_i8_rows16(2, mm, n, codes, stride, r, q, qs, hs, rs, ss, out, os); break;           \
-		case 3: dot_i8_rows16(3, mm, n, codes, stride, r, q, qs, hs, rs, ss, out, os); break;           \
-		default: dot_i8_rows16(4, mm, n, codes, stride, r, q, qs, hs, rs, ss, out, os); break;          \
+		case 2: dot_i8_rows16(2, mm, n, codes, stride, r, q, qs, hs, rs, ss, out, os, add); break;      \
+		case 3: dot_i8_rows16(3, mm, n, codes, stride, r, q, qs, hs, rs, ss, out, os, add); break;      \
+		default: dot_i8_rows16(4, mm, n, codes, stride, r, q, qs, hs, rs, ss, out, os, add); break;     \
 		}                                                                                               \
 	}
 DOT_ROWS16(64)
@@ -1170,16 +1184,17 @@ DOT_ROWS16(128)
 	static __attribute__((noinline)) void dot_i8_tiles4_##mm(unsigned bits, unsigned n, const uint8_t *codes, \
 								 size_t stride, const struct int_regs *r,        \
 								 const int8_t *q, size_t qs, const float *hs,    \
-								 const uint8_t *rs, size_t ss, float *out, size_t os) \
+								 const uint8_t *rs, size_t ss, float *out, size_t os,  \
+								 int add)                                               \
 	{                                                                                                      \
-		dot_i8_tiles(4, bits, mm, n, codes, stride, r, q, qs, hs, rs, ss, out, os);                    \
+		dot_i8_tiles(4, bits, mm, n, codes, stride, r, q, qs, hs, rs, ss, out, os, add);               \
 	}
 DOT_TILES4(64)
 #undef DOT_TILES4
 
 INLINE void dot_i8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			 const int8_t *lut, unsigned g, const int8_t *q, size_t qs, const float *head_scale,
-			 const uint8_t *row_scale, size_t scale_stride, float *out, size_t os)
+			 const uint8_t *row_scale, size_t scale_stride, float *out, size_t os, int add)
 {
 	const struct int_regs r = int_regs(bits, lut, NULL, 128);
 	/* at 64 codes the row loop's horizontal sums cost as much as its products; at 128 they weigh half
@@ -1191,19 +1206,19 @@ INLINE void dot_i8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *c
  * Rows from `from` on. */
 #define DOT_HEADS_M(hn, mm, from)                                                                             \
 	dot_i8_heads(hn, bits, mm, n - (from), codes + (from) * stride, stride, &r, q + h * qs, qs, head_scale + h, \
-		     row_scale + (from) * scale_stride, scale_stride, out + h * os + (from), os)
+		     row_scale + (from) * scale_stride, scale_stride, out + h * os + (from), os, add)
 #define DOT_HEADS(hn, from)                                                                 \
 	(m == 128 ? DOT_HEADS_M(hn, 128, from) : m == 64 ? DOT_HEADS_M(hn, 64, from) : DOT_HEADS_M(hn, m, from))
 	for (; h + 4 <= g; h += 4) {
 		if (tiled && m == 128)
 			dot_i8_rows16_128(bits, tiled, codes, stride, &r, q + h * qs, qs, head_scale + h, row_scale,
-					  scale_stride, out + h * os, os);
+					  scale_stride, out + h * os, os, add);
 		else if (tiled && bits >= 2)
 			dot_i8_rows16_64(bits, tiled, codes, stride, &r, q + h * qs, qs, head_scale + h, row_scale,
-					 scale_stride, out + h * os, os);
+					 scale_stride, out + h * os, os, add);
 		else if (tiled)
 			dot_i8_tiles4_64(bits, tiled, codes, stride, &r, q + h * qs, qs, head_scale + h, row_scale,
-					 scale_stride, out + h * os, os);
+					 scale_stride, out + h * os, os, add);
 		if (tiled < n)
 			DOT_HEADS(4, tiled);
 	}
@@ -1219,14 +1234,17 @@ INLINE void dot_i8_width(unsigned bits, unsigned m, unsigned n, const uint8_t *c
 
 static void lut_dot_i8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			     const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, const float *head_scale,
-			     const uint8_t *row_scale, size_t scale_stride, float *out, size_t out_stride)
+			     const uint8_t *row_scale, size_t scale_stride, float *out, size_t out_stride, int add)
 {
+#define DOT_I8_WIDTH(b) \
+	dot_i8_width(b, m, n, codes, stride, lut, g, q, q_stride, head_scale, row_scale, scale_stride, out, out_stride, add)
 	switch (bits) {
-	case 1: dot_i8_width(1, m, n, codes, stride, lut, g, q, q_stride, head_scale, row_scale, scale_stride, out, out_stride); break;
-	case 2: dot_i8_width(2, m, n, codes, stride, lut, g, q, q_stride, head_scale, row_scale, scale_stride, out, out_stride); break;
-	case 3: dot_i8_width(3, m, n, codes, stride, lut, g, q, q_stride, head_scale, row_scale, scale_stride, out, out_stride); break;
-	default: dot_i8_width(4, m, n, codes, stride, lut, g, q, q_stride, head_scale, row_scale, scale_stride, out, out_stride); break;
+	case 1: DOT_I8_WIDTH(1); break;
+	case 2: DOT_I8_WIDTH(2); break;
+	case 3: DOT_I8_WIDTH(3); break;
+	default: DOT_I8_WIDTH(4); break;
 	}
+#undef DOT_I8_WIDTH
 }
 
 /*

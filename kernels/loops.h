@@ -161,12 +161,15 @@ static void lut_axpy_group(unsigned bits, unsigned m, unsigned n, const uint8_t 
 /* The float step of lut_dot_i8_group on a slice of rows' integer sums s[h * n + i]: a file may vectorize it
  * (KVP_ISA_DOT_I8_STEP), with the same operations in the same order. */
 static inline void dot_i8_step(unsigned g, unsigned n, const int32_t *s, const float *head_scale,
-			       const uint8_t *row_scale, size_t scale_stride, float *out, size_t out_stride)
+			       const uint8_t *row_scale, size_t scale_stride, float *out, size_t out_stride, int add)
 {
 	for (unsigned h = 0; h < g; h++)
-		for (unsigned i = 0; i < n; i++)
-			out[h * out_stride + i] += ((float)s[h * n + i] * head_scale[h]) *
-						   kvp_load_f32(row_scale + (size_t)i * scale_stride);
+		for (unsigned i = 0; i < n; i++) {
+			float *o = out + h * out_stride + i;
+			const float x = ((float)s[h * n + i] * head_scale[h]) * kvp_load_f32(row_scale + (size_t)i * scale_stride);
+
+			*o = add ? *o + x : x;
+		}
 }
 #endif
 
@@ -174,7 +177,7 @@ static inline void dot_i8_step(unsigned g, unsigned n, const int32_t *s, const f
 #define KVP_DOT_I8_GROUP(name, core)                                                                            \
 	static void name(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,            \
 			 const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, const float *head_scale,  \
-			 const uint8_t *row_scale, size_t scale_stride, float *out, size_t out_stride)          \
+			 const uint8_t *row_scale, size_t scale_stride, float *out, size_t out_stride, int add) \
 	{                                                                                                        \
 		const unsigned slice = g < CORE_INTS ? CORE_INTS / g : 1;                                        \
 		int32_t s[CORE_INTS];                                                                            \
@@ -187,7 +190,7 @@ static inline void dot_i8_step(unsigned g, unsigned n, const int32_t *s, const f
 				core(bits, m, cn, codes + (size_t)i0 * stride, stride, lut, gn, q + h0 * q_stride, \
 				     q_stride, s);                                                               \
 				dot_i8_step(gn, cn, s, head_scale + h0, row_scale + (size_t)i0 * scale_stride,   \
-					    scale_stride, out + h0 * out_stride + i0, out_stride);               \
+					    scale_stride, out + h0 * out_stride + i0, out_stride, add);          \
 			}                                                                                        \
 		}                                                                                                \
 	}

@@ -219,16 +219,18 @@ static double sum_squares(unsigned m, const float *y)
 
 static void lut_dot_i8_group(unsigned bits, unsigned m, unsigned n, const uint8_t *codes, size_t stride,
 			     const int8_t *lut, unsigned g, const int8_t *q, size_t q_stride, const float *head_scale,
-			     const uint8_t *row_scale, size_t scale_stride, float *out, size_t out_stride)
+			     const uint8_t *row_scale, size_t scale_stride, float *out, size_t out_stride, int add)
 {
 	for (unsigned h = 0; h < g; h++)
 		for (unsigned i = 0; i < n; i++) {
 			const uint8_t *row = codes + (size_t)i * stride;
+			float *o = out + h * out_stride + i;
 			int32_t s = 0;
 
 			for (unsigned j = 0; j < m; j++)
 				s += lut[code_at(row, bits, j)] * q[h * q_stride + j];
-			out[h * out_stride + i] += ((float)s * head_scale[h]) * kvp_load_f32(row_scale + i * scale_stride);
+			const float x = ((float)s * head_scale[h]) * kvp_load_f32(row_scale + i * scale_stride);
+			*o = add ? *o + x : x;
 		}
 }
 

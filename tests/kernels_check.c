@@ -1177,18 +1177,28 @@ static void lut_int_case(const struct kvp_kernels *k, unsigned bits, unsigned m,
 	check(k->lut_axpy_u8_group(bits, m, &rows, lutu, unit, g, wa, ws, acc8, qs, NULL) == 0,
 	      "%s lut_axpy_u8_group bits=%u m=%u n=%u g=%u: took a weight of -0", k->name, bits, m, n, g);
 	free(wa);
-	k->lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, hs, scales + off, 7, got, n);
+	k->lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, hs, scales + off, 7, got, n, 1);
 	/* i16 asked to prefetch meanwhile (the codes themselves): the same bits */
 	const struct kvp_ahead ahead = { .n = 1, .base = { codes }, .bytes = { off + (size_t)(n - 1) * stride + rowbytes } };
 	k->lut_axpy_i16_group(bits, m, n, codes + off, stride, lut16, unit, g, w, ws, scales + off, 7, acc, qs, &ahead);
 	kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, hs, scales + off, 7, want,
-					    n);
+					    n, 1);
 	kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes + off, stride, lut16, unit, g, w, ws, scales + off, 7,
 					      acc_want, qs, NULL);
 	for (size_t i = 0; i < (size_t)g * n; i++)
 		check(same_bits(got[i], want[i]),
 		      "%s lut_dot_i8_group bits=%u m=%u n=%u g=%u off=%u head %zu row %zu: %.9g, scalar %.9g", k->name,
 		      bits, m, n, g, off, i / n, i % n, got[i], want[i]);
+	/* add 0 writes the scores over whatever out held: NaN here */
+	for (size_t i = 0; i < (size_t)g * n; i++)
+		got[i] = want[i] = NAN;
+	k->lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, hs, scales + off, 7, got, n, 0);
+	kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes + off, stride, lut8, g, q, qs, hs, scales + off, 7, want,
+					    n, 0);
+	for (size_t i = 0; i < (size_t)g * n; i++)
+		check(same_bits(got[i], want[i]) && !isnan(got[i]),
+		      "%s lut_dot_i8_group (add 0) bits=%u m=%u n=%u g=%u off=%u head %zu row %zu: %.9g, scalar %.9g",
+		      k->name, bits, m, n, g, off, i / n, i % n, got[i], want[i]);
 	for (size_t j = 0; j < g * qs; j++)
 		check(same_bits(acc[j], acc_want[j]),
 		      "%s lut_axpy_i16_group bits=%u m=%u n=%u g=%u off=%u head %zu column %zu: %.9g, scalar %.9g",
@@ -1210,7 +1220,7 @@ static void scalar_integer_lookups_match_their_definition(void)
 		uint8_t *codes = rand_codes(n, stride, stride - 1, 0), *scales = rand_scales(n, 5, 1);
 		int8_t lut8[16], q[2 * 37];
 		int16_t lut16[16];
-		float hs[2] = { 0.37f, -1.5f }, w[2 * 5], wa[2 * 5], out[2 * 5] = { 0 }, acc[2 * 37] = { 0 };
+		float hs[2] = { 0.37f, -1.5f }, w[2 * 5], wa[2 * 5], out[2 * 5], acc[2 * 37] = { 0 };
 		float acc8[2 * 37] = { 0 };
 		float unit = 0.01f;
 
@@ -1220,7 +1230,9 @@ static void scalar_integer_lookups_match_their_definition(void)
 			q[j] = (int8_t)rand_int(-128, 127);
 		for (unsigned i = 0; i < g * n; i++)
 			w[i] = (float)rand_int(-1000, 1000) / 999.0f;
-		kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, hs, scales + 1, 5, out, n);
+		for (unsigned i = 0; i < g * n; i++)
+			out[i] = NAN; /* add 0: written over */
+		kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, hs, scales + 1, 5, out, n, 0);
 		kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes, stride, lut16, unit, g, w, n, scales + 1, 5, acc, m, NULL);
 		for (unsigned i = 0; i < g * n; i++)
 			wa[i] = fabsf(w[i]);
@@ -1458,11 +1470,11 @@ static void integer_lookups_read_nothing_past_their_inputs_cases(const struct kv
 					for (unsigned h = 0; h < g; h++)
 						hs[h] = (float)rand_int(1, 9);
 					k->lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, hs, (const uint8_t *)sc,
-							    sizeof(float), out, n);
+							    sizeof(float), out, n, 1);
 					k->lut_axpy_i16_group(bits, m, n, codes, stride, lut16, 0.5f, g, w, n,
 							      (const uint8_t *)sc, sizeof(float), acc, m, NULL);
 					kvp_kernels_scalar.lut_dot_i8_group(bits, m, n, codes, stride, lut8, g, q, m, hs,
-									    (const uint8_t *)sc, sizeof(float), want, n);
+									    (const uint8_t *)sc, sizeof(float), want, n, 1);
 					kvp_kernels_scalar.lut_axpy_i16_group(bits, m, n, codes, stride, lut16, 0.5f, g, w, n,
 									      (const uint8_t *)sc, sizeof(float), acc_want, m, NULL);
 					for (size_t i = 0; i < (size_t)g * n; i++)

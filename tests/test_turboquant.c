@@ -611,6 +611,8 @@ static void group_near_per_head(const char *spec, unsigned d, unsigned g, int at
 		norm[i] = sqrt(dot_d(y + (size_t)i * d, y + (size_t)i * d, d)), sum_sq += norm[i] * norm[i];
 	for (unsigned h = 0; h < g; h++)
 		c->ops->prepare_query(c, c->own_ctx, q + (size_t)h * d, qprep + h * c->qprep_bytes);
+	for (size_t i = 0; i < (size_t)g * N; i++) /* dot_group writes every score: none may stay NaN */
+		out[i] = NAN;
 	c->ops->dot_group(c, c->own_ctx, N, bytes, g, qprep, out, N);
 	c->ops->axpy_group(c, c->own_ctx, N, bytes, g, w, N, acc);
 	for (unsigned h = 0; h < g; h++) {
