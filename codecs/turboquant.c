@@ -1119,7 +1119,9 @@ static void tq_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n,
 	for (unsigned i0 = 0; i0 < n; i0 += SLICE) {
 		const unsigned char *p = (const unsigned char *)src + (size_t)i0 * t->stride;
 		const unsigned cn = n - i0 < SLICE ? n - i0 : SLICE;
-		int add = 0; /* the slice's first kernel call writes its scores, the others add to them */
+		/* the slice's first kernel call writes its scores, the others add to them; part 0 always makes one
+		 * (a part has bits - qjl bits: without codes it has signs) */
+		int add = 0;
 
 		for (unsigned k = 0; k < t->nparts; k++) {
 			const struct tq_part *pt = &t->part[k];
@@ -1143,8 +1145,6 @@ static void tq_dot_group(const struct kvp_codec *c, const void *ctx, unsigned n,
 					       out_stride, add);
 			add = 1;
 		}
-		for (unsigned h = 0; !add && h < g; h++) /* no part with codes: the scores are 0 */
-			memset(out + h * out_stride + i0, 0, sizeof(float) * cn);
 	}
 }
 
