@@ -2617,12 +2617,10 @@ static void dot_i8_step(unsigned g, unsigned n, const int32_t *s, const float *h
 		}
 	}
 	for (unsigned h = 0; h < g; h++)
-		for (unsigned t = i; t < n; t++) {
-			float *o = out + h * out_stride + t;
-			const float x = ((float)s[h * n + t] * head_scale[h]) * kvp_load_f32(row_scale + (size_t)t * scale_stride);
-
-			*o = add ? *o + x : x;
-		}
+		for (unsigned t = i; t < n; t++)
+			kvp_put_score(out + h * out_stride + t,
+				      ((float)s[h * n + t] * head_scale[h]) * kvp_load_f32(row_scale + (size_t)t * scale_stride),
+				      add);
 }
 
 #define KVP_ISA_DOT_I8_STEP

@@ -516,6 +516,12 @@ static inline float kvp_weights_i16(unsigned n, const float *w, const uint8_t *r
 	return top / KVP_WEIGHT_MAX;
 }
 
+/* One score of lut_dot_i8_group: x added to *o (add 1) or written over it (add 0). */
+static inline void kvp_put_score(float *o, float x, int add)
+{
+	*o = add ? *o + x : x;
+}
+
 /* The largest weight of lut_axpy_u8_group, and KVP_WEIGHT_MAX_U8 / top as kvp_weight_inv gives it. */
 #define KVP_WEIGHT_MAX_U8 255.0f
 

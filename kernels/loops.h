@@ -164,12 +164,10 @@ static inline void dot_i8_step(unsigned g, unsigned n, const int32_t *s, const f
 			       const uint8_t *row_scale, size_t scale_stride, float *out, size_t out_stride, int add)
 {
 	for (unsigned h = 0; h < g; h++)
-		for (unsigned i = 0; i < n; i++) {
-			float *o = out + h * out_stride + i;
-			const float x = ((float)s[h * n + i] * head_scale[h]) * kvp_load_f32(row_scale + (size_t)i * scale_stride);
-
-			*o = add ? *o + x : x;
-		}
+		for (unsigned i = 0; i < n; i++)
+			kvp_put_score(out + h * out_stride + i,
+				      ((float)s[h * n + i] * head_scale[h]) * kvp_load_f32(row_scale + (size_t)i * scale_stride),
+				      add);
 }
 #endif
 

@@ -224,13 +224,12 @@ static void lut_dot_i8_group(unsigned bits, unsigned m, unsigned n, const uint8_
 	for (unsigned h = 0; h < g; h++)
 		for (unsigned i = 0; i < n; i++) {
 			const uint8_t *row = codes + (size_t)i * stride;
-			float *o = out + h * out_stride + i;
 			int32_t s = 0;
 
 			for (unsigned j = 0; j < m; j++)
 				s += lut[code_at(row, bits, j)] * q[h * q_stride + j];
-			const float x = ((float)s * head_scale[h]) * kvp_load_f32(row_scale + i * scale_stride);
-			*o = add ? *o + x : x;
+			kvp_put_score(out + h * out_stride + i,
+				      ((float)s * head_scale[h]) * kvp_load_f32(row_scale + i * scale_stride), add);
 		}
 }
 
