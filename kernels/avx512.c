@@ -409,6 +409,17 @@ INLINE float max_keeping(float a, float b)
 	return _mm_cvtss_f32(_mm_max_ss(_mm_set_ss(b), _mm_set_ss(a)));
 }
 
+/* Sixteen scores times scale, written back (and to raw when it is not NULL), and returned. */
+INLINE __m512 scaled16(float *s, float *raw, __m512 vscale)
+{
+	const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s), vscale);
+
+	_mm512_storeu_ps(s, x);
+	if (raw)
+		_mm512_storeu_ps(raw, x);
+	return x;
+}
+
 /* The largest of head h's n scores times scale, written back scaled (and to raw when it is not NULL). */
 INLINE float scaled_max(unsigned n, float scale_by, float *s, float *raw)
 {
@@ -419,25 +430,12 @@ INLINE float scaled_max(unsigned n, float scale_by, float *s, float *raw)
 
 	/* two maxima, so that each vmaxps waits for the one two steps back */
 	for (; i + 32 <= n16; i += 32) {
-		const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + i), vscale);
-		const __m512 y = _mm512_mul_ps(_mm512_loadu_ps(s + i + 16), vscale);
-
-		_mm512_storeu_ps(s + i, x);
-		_mm512_storeu_ps(s + i + 16, y);
-		if (raw)
-			_mm512_storeu_ps(raw + i, x), _mm512_storeu_ps(raw + i + 16, y);
-		vmax = _mm512_max_ps(vmax, x);
-		vmax2 = _mm512_max_ps(vmax2, y);
+		vmax = _mm512_max_ps(vmax, scaled16(s + i, raw ? raw + i : NULL, vscale));
+		vmax2 = _mm512_max_ps(vmax2, scaled16(s + i + 16, raw ? raw + i + 16 : NULL, vscale));
 	}
 	vmax = _mm512_max_ps(vmax, vmax2);
-	if (i < n16) {
-		const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + i), vscale);
-
-		_mm512_storeu_ps(s + i, x);
-		if (raw)
-			_mm512_storeu_ps(raw + i, x);
-		vmax = _mm512_max_ps(vmax, x);
-	}
+	if (i < n16)
+		vmax = _mm512_max_ps(vmax, scaled16(s + i, raw ? raw + i : NULL, vscale));
 	if (k) {
 		const __m512 x = _mm512_mul_ps(load_f32_tail(s + n16, k), vscale);
 
@@ -447,6 +445,15 @@ INLINE float scaled_max(unsigned n, float scale_by, float *s, float *raw)
 		vmax = _mm512_mask_max_ps(vmax, tail16(k), vmax, x);
 	}
 	return _mm512_reduce_max_ps(vmax);
+}
+
+/* Sixteen scores s[i] = e^(s[i] - mx), returned. */
+INLINE __m512 exp16(float *s, __m512 vmx)
+{
+	const __m512 e = exp_nonpositive_ps(_mm512_sub_ps(_mm512_loadu_ps(s), vmx));
+
+	_mm512_storeu_ps(s, e);
+	return e;
 }
 
 /* s[i] = e^(s[i] - mx), returning their sum. */
@@ -460,21 +467,12 @@ INLINE float exp_sum(unsigned n, float mx, float *s)
 	/* two sums, as scaled_max keeps two maxima: softmax_group over four heads of 256 scores 0.146 against
 	 * 0.157 ns a score with one of each (L1, best of 50, three runs each, interleaved) */
 	for (; i + 32 <= n16; i += 32) {
-		const __m512 e = exp_nonpositive_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), vmx));
-		const __m512 f = exp_nonpositive_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i + 16), vmx));
-
-		_mm512_storeu_ps(s + i, e);
-		_mm512_storeu_ps(s + i + 16, f);
-		sum = _mm512_add_ps(sum, e);
-		sum2 = _mm512_add_ps(sum2, f);
+		sum = _mm512_add_ps(sum, exp16(s + i, vmx));
+		sum2 = _mm512_add_ps(sum2, exp16(s + i + 16, vmx));
 	}
 	sum = _mm512_add_ps(sum, sum2);
-	if (i < n16) {
-		const __m512 e = exp_nonpositive_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), vmx));
-
-		_mm512_storeu_ps(s + i, e);
-		sum = _mm512_add_ps(sum, e);
-	}
+	if (i < n16)
+		sum = _mm512_add_ps(sum, exp16(s + i, vmx));
 	if (k) {
 		/* masked-off lanes would give e^-mx: zero them before they reach the sum */
 		__m512 e = _mm512_maskz_mov_ps(tail16(k),
